@@ -1,0 +1,798 @@
+//! The YAML configuration: schema, `${ENV}` interpolation and validation.
+//!
+//! The file format (the `Raw*` serde structs, every one with
+//! `deny_unknown_fields`) is kept apart from [`Config`], the validated model
+//! the gateway runs on: provider references are resolved to indices, keys
+//! compiled into a [`KeyIndex`], URLs parsed. Loading never stops at the
+//! first mistake: every problem is collected with the path of the key at
+//! fault (`tenants[1].keys[0]: ...`) so `runestone check` can list them all.
+
+use crate::auth::{parse_configured_key, KeyIndex};
+use serde::Deserialize;
+use serde_yaml::Value;
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+
+/// One problem found in a config file, with the path of the key at fault.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Where: `providers[0].base_url`, or the empty string for the whole file.
+    pub path: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
+/// Every problem found in a config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The file that was read.
+    pub file: String,
+    /// The problems, in file order as far as possible.
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {} problem(s)", self.file, self.problems.len())?;
+        for problem in &self.problems {
+            write!(f, "\n  {problem}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// A string that must never be printed: provider keys.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The secret itself, for the one place that sends it upstream.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("*****")
+    }
+}
+
+// ---------------------------------------------------------------- file format
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    listen: String,
+    #[serde(default)]
+    metrics_listen: Option<String>,
+    #[serde(default)]
+    threads: Option<usize>,
+    #[serde(default)]
+    max_request_body_bytes: Option<usize>,
+    #[serde(default)]
+    grace_period_seconds: Option<u64>,
+    #[serde(default)]
+    pid_file: Option<String>,
+    #[serde(default)]
+    upgrade_sock: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProvider {
+    name: String,
+    #[serde(default = "default_kind")]
+    kind: String,
+    base_url: String,
+    #[serde(default)]
+    api_key: Option<String>,
+    #[serde(default)]
+    weight: Option<u32>,
+}
+
+fn default_kind() -> String {
+    "openai".into()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTarget {
+    provider: String,
+    #[serde(default)]
+    model: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawModel {
+    name: String,
+    #[serde(default)]
+    strategy: Option<String>,
+    targets: Vec<RawTarget>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTenant {
+    id: String,
+    keys: Vec<String>,
+    #[serde(default)]
+    models: Option<Vec<String>>,
+}
+
+const TOP_LEVEL_KEYS: &[&str] = &["server", "providers", "models", "tenants"];
+
+// ---------------------------------------------------------------- validated model
+
+/// Server settings, defaults applied.
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    /// The API listener address.
+    pub listen: SocketAddr,
+    /// The Prometheus listener address, if any.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Pingora worker threads.
+    pub threads: usize,
+    /// Largest request body accepted; 413 past it.
+    pub max_request_body_bytes: usize,
+    /// Seconds a graceful shutdown or upgrade waits for in-flight requests.
+    pub grace_period_seconds: u64,
+    /// Pingora's pid file.
+    pub pid_file: String,
+    /// Pingora's socket for handing listeners to a new binary on upgrade.
+    pub upgrade_sock: String,
+}
+
+/// Default for `server.max_request_body_bytes`: 4 MiB.
+pub const DEFAULT_MAX_REQUEST_BODY_BYTES: usize = 4 * 1024 * 1024;
+
+/// The API a provider speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProviderKind {
+    /// Any OpenAI-compatible base URL; requests pass through.
+    OpenAi,
+}
+
+/// A provider's base URL, split into what a connection needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BaseUrl {
+    /// `https`?
+    pub tls: bool,
+    /// Host name or IP literal (without brackets), also used as SNI.
+    pub host: String,
+    /// TCP port (explicit or the scheme's default).
+    pub port: u16,
+    /// The path prefix without a trailing slash (`/v1`).
+    pub path: String,
+    /// The `Host` header value: `host` or `host:port` when not the default.
+    pub authority: String,
+}
+
+impl BaseUrl {
+    /// Parses and checks an `http(s)://host[:port]/path` URL.
+    pub fn parse(raw: &str) -> Result<Self, String> {
+        let url = url::Url::parse(raw).map_err(|e| format!("'{raw}' is not a valid URL: {e}"))?;
+        let tls = match url.scheme() {
+            "http" => false,
+            "https" => true,
+            other => return Err(format!("scheme '{other}' is not supported; use http or https")),
+        };
+        let host = match url.host() {
+            Some(url::Host::Domain(d)) => d.to_string(),
+            Some(url::Host::Ipv4(ip)) => ip.to_string(),
+            Some(url::Host::Ipv6(ip)) => ip.to_string(),
+            None => return Err(format!("'{raw}' has no host")),
+        };
+        if url.query().is_some() || url.fragment().is_some() {
+            return Err(format!("'{raw}' must not have a query or fragment"));
+        }
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err("credentials belong in api_key, not in the URL".into());
+        }
+        let port = url.port_or_known_default().expect("http and https have default ports");
+        let authority = match (url.port(), url.host()) {
+            (Some(p), Some(url::Host::Ipv6(ip))) => format!("[{ip}]:{p}"),
+            (None, Some(url::Host::Ipv6(ip))) => format!("[{ip}]"),
+            (Some(p), _) => format!("{host}:{p}"),
+            (None, _) => host.clone(),
+        };
+        Ok(BaseUrl {
+            tls,
+            host,
+            port,
+            path: url.path().trim_end_matches('/').to_string(),
+            authority,
+        })
+    }
+}
+
+/// A validated provider.
+#[derive(Debug, Clone)]
+pub struct ProviderSettings {
+    /// Unique name, used in metric labels and `x-runestone-provider`.
+    pub name: String,
+    /// The API it speaks.
+    pub kind: ProviderKind,
+    /// Where it is.
+    pub base_url: BaseUrl,
+    /// The gateway's key for it, if it needs one.
+    pub api_key: Option<Secret>,
+    /// Relative share for weighted routing.
+    pub weight: u32,
+}
+
+/// How a model's targets are chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Strategy {
+    /// Each request goes to the next target in turn.
+    RoundRobin,
+    /// The first target that can serve.
+    Priority,
+}
+
+/// One place a public model can be served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// Index into [`Config::providers`].
+    pub provider: usize,
+    /// The model name the provider knows.
+    pub model: String,
+}
+
+/// A public model name and where it is served.
+#[derive(Debug, Clone)]
+pub struct ModelRoute {
+    /// The public name clients send.
+    pub name: String,
+    /// How targets are chosen.
+    pub strategy: Strategy,
+    /// Where it can be served, in config order.
+    pub targets: Vec<Target>,
+}
+
+/// A validated tenant.
+#[derive(Debug, Clone)]
+pub struct TenantSettings {
+    /// Unique id, used in metric labels and logs.
+    pub id: String,
+    /// The public models it may use; `None` means all.
+    pub allowed_models: Option<HashSet<String>>,
+}
+
+impl TenantSettings {
+    /// Whether this tenant may use `model`.
+    pub fn may_use(&self, model: &str) -> bool {
+        self.allowed_models.as_ref().is_none_or(|allowed| allowed.contains(model))
+    }
+}
+
+/// The validated configuration the gateway runs on.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Listener and process settings.
+    pub server: ServerSettings,
+    /// Providers, in config order.
+    pub providers: Vec<ProviderSettings>,
+    /// Model routes, in config order.
+    pub models: Vec<ModelRoute>,
+    /// Tenants, in config order.
+    pub tenants: Vec<TenantSettings>,
+    /// Key digest -> tenant index.
+    pub keys: KeyIndex,
+    model_index: HashMap<String, usize>,
+}
+
+impl Config {
+    /// Reads, interpolates and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: file.clone(),
+            problems: vec![Problem {
+                path: String::new(),
+                message: format!("cannot read the file: {e}"),
+            }],
+        })?;
+        Self::from_yaml(&text, |name| std::env::var(name).ok()).map_err(|problems| ConfigError {
+            file,
+            problems,
+        })
+    }
+
+    /// Parses and validates YAML text; `env` looks up `${VAR}` values.
+    pub fn from_yaml(text: &str, env: impl Fn(&str) -> Option<String>) -> Result<Config, Vec<Problem>> {
+        let mut problems = Vec::new();
+        let mut root: Value = serde_yaml::from_str(text).map_err(|e| {
+            vec![Problem {
+                path: String::new(),
+                message: format!("not valid YAML: {e}"),
+            }]
+        })?;
+        interpolate(&mut root, "", &env, &mut problems);
+        let Value::Mapping(root) = root else {
+            problems.push(problem("", "the file must be a YAML mapping"));
+            return Err(problems);
+        };
+        for key in root.keys() {
+            let name = key.as_str().unwrap_or("?");
+            if !TOP_LEVEL_KEYS.contains(&name) {
+                problems.push(problem(name, format!("unknown key; expected one of {TOP_LEVEL_KEYS:?}")));
+            }
+        }
+        let section = |name: &str| root.get(name).cloned().unwrap_or(Value::Null);
+
+        let server = match section("server") {
+            Value::Null => {
+                problems.push(problem("server", "missing section"));
+                None
+            }
+            value => deserialize::<RawServer>(value, "server", &mut problems)
+                .and_then(|raw| validate_server(raw, &mut problems)),
+        };
+        let raw_providers: Vec<Option<RawProvider>> = list(section("providers"), "providers", &mut problems);
+        let raw_models: Vec<Option<RawModel>> = list(section("models"), "models", &mut problems);
+        let raw_tenants: Vec<Option<RawTenant>> = list(section("tenants"), "tenants", &mut problems);
+
+        let (providers, provider_index) = validate_providers(raw_providers, &mut problems);
+        let (models, model_index) = validate_models(raw_models, &provider_index, &mut problems);
+        let (tenants, keys) = validate_tenants(raw_tenants, &model_index, &mut problems);
+
+        match server {
+            Some(server) if problems.is_empty() => Ok(Config {
+                server,
+                providers,
+                models,
+                tenants,
+                keys,
+                model_index,
+            }),
+            _ => Err(problems),
+        }
+    }
+
+    /// The route for a public model name, with its index in [`Config::models`].
+    pub fn route(&self, model: &str) -> Option<(usize, &ModelRoute)> {
+        self.model_index.get(model).map(|&i| (i, &self.models[i]))
+    }
+}
+
+fn problem(path: &str, message: impl Into<String>) -> Problem {
+    Problem {
+        path: path.to_string(),
+        message: message.into(),
+    }
+}
+
+fn join(path: &str, key: &str) -> String {
+    if path.is_empty() {
+        key.to_string()
+    } else {
+        format!("{path}.{key}")
+    }
+}
+
+/// Replaces `${VAR}` in every string value; an unset variable is a problem
+/// at the key that uses it.
+fn interpolate(value: &mut Value, path: &str, env: &impl Fn(&str) -> Option<String>, problems: &mut Vec<Problem>) {
+    match value {
+        Value::String(s) if s.contains("${") => {
+            let mut out = String::with_capacity(s.len());
+            let mut rest = s.as_str();
+            while let Some(start) = rest.find("${") {
+                out.push_str(&rest[..start]);
+                let after = &rest[start + 2..];
+                let Some(end) = after.find('}') else {
+                    problems.push(problem(path, "unterminated '${' in value"));
+                    return;
+                };
+                let name = &after[..end];
+                match env(name) {
+                    Some(v) if !name.is_empty() => out.push_str(&v),
+                    _ => {
+                        problems.push(problem(path, format!("environment variable {name} is not set")));
+                        // Keep the reference, so later checks of this value
+                        // do not add misleading follow-up problems.
+                        out.push_str(&rest[start..start + 2 + end + 1]);
+                    }
+                }
+                rest = &after[end + 1..];
+            }
+            out.push_str(rest);
+            *s = out;
+        }
+        Value::Sequence(items) => {
+            for (i, item) in items.iter_mut().enumerate() {
+                interpolate(item, &format!("{path}[{i}]"), env, problems);
+            }
+        }
+        Value::Mapping(map) => {
+            for (key, item) in map.iter_mut() {
+                let key = key.as_str().unwrap_or("?").to_string();
+                interpolate(item, &join(path, &key), env, problems);
+            }
+        }
+        _ => {}
+    }
+}
+
+fn deserialize<T: serde::de::DeserializeOwned>(value: Value, path: &str, problems: &mut Vec<Problem>) -> Option<T> {
+    match serde_path_to_error::deserialize::<_, T>(value) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            let inner = e.path().to_string();
+            let at = if inner == "." { path.to_string() } else { join(path, &inner) };
+            problems.push(problem(&at, e.into_inner().to_string()));
+            None
+        }
+    }
+}
+
+/// Deserialises each item of a list section on its own, so one bad item
+/// does not hide the problems of the others.
+fn list<T: serde::de::DeserializeOwned>(value: Value, path: &str, problems: &mut Vec<Problem>) -> Vec<Option<T>> {
+    match value {
+        Value::Null => Vec::new(),
+        Value::Sequence(items) => items
+            .into_iter()
+            .enumerate()
+            .map(|(i, item)| deserialize(item, &format!("{path}[{i}]"), problems))
+            .collect(),
+        _ => {
+            problems.push(problem(path, "must be a list"));
+            Vec::new()
+        }
+    }
+}
+
+fn validate_server(raw: RawServer, problems: &mut Vec<Problem>) -> Option<ServerSettings> {
+    let before = problems.len();
+    let addr = |value: &str, path: &str, problems: &mut Vec<Problem>| match value.parse::<SocketAddr>() {
+        Ok(a) => Some(a),
+        Err(_) => {
+            problems.push(problem(path, format!("'{value}' is not an IP:port address")));
+            None
+        }
+    };
+    let listen = addr(&raw.listen, "server.listen", problems);
+    let metrics_listen = raw
+        .metrics_listen
+        .as_deref()
+        .and_then(|m| addr(m, "server.metrics_listen", problems));
+    let threads = raw.threads.unwrap_or(2);
+    if threads == 0 || threads > 1024 {
+        problems.push(problem("server.threads", "must be between 1 and 1024"));
+    }
+    let max_request_body_bytes = raw.max_request_body_bytes.unwrap_or(DEFAULT_MAX_REQUEST_BODY_BYTES);
+    if max_request_body_bytes == 0 {
+        problems.push(problem("server.max_request_body_bytes", "must be greater than 0"));
+    }
+    if problems.len() > before {
+        return None;
+    }
+    let listen = listen?;
+    Some(ServerSettings {
+        listen,
+        metrics_listen,
+        threads,
+        max_request_body_bytes,
+        grace_period_seconds: raw.grace_period_seconds.unwrap_or(30),
+        pid_file: raw
+            .pid_file
+            .unwrap_or_else(|| format!("/tmp/runestone-{}.pid", listen.port())),
+        upgrade_sock: raw
+            .upgrade_sock
+            .unwrap_or_else(|| format!("/tmp/runestone-{}.sock", listen.port())),
+    })
+}
+
+/// Names used in labels, logs and Redis keys: short, no separators.
+fn is_identifier(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+}
+
+fn validate_providers(
+    raw: Vec<Option<RawProvider>>,
+    problems: &mut Vec<Problem>,
+) -> (Vec<ProviderSettings>, HashMap<String, usize>) {
+    let mut providers = Vec::new();
+    let mut index = HashMap::new();
+    for (i, raw) in raw.into_iter().enumerate() {
+        let Some(raw) = raw else { continue };
+        let path = format!("providers[{i}]");
+        if !is_identifier(&raw.name) {
+            problems.push(problem(&join(&path, "name"), "must be 1-64 characters of A-Z a-z 0-9 - _ ."));
+        }
+        if index.contains_key(&raw.name) {
+            problems.push(problem(&join(&path, "name"), format!("duplicate provider name '{}'", raw.name)));
+        }
+        let kind = match raw.kind.as_str() {
+            "openai" => Some(ProviderKind::OpenAi),
+            other => {
+                problems.push(problem(
+                    &join(&path, "kind"),
+                    format!("unknown kind '{other}'; supported: openai"),
+                ));
+                None
+            }
+        };
+        let base_url = BaseUrl::parse(&raw.base_url)
+            .map_err(|e| problems.push(problem(&join(&path, "base_url"), e)))
+            .ok();
+        let weight = raw.weight.unwrap_or(1);
+        if weight == 0 {
+            problems.push(problem(&join(&path, "weight"), "must be at least 1"));
+        }
+        let api_key = raw.api_key.filter(|k| !k.is_empty()).map(Secret);
+        if let (Some(kind), Some(base_url)) = (kind, base_url) {
+            index.insert(raw.name.clone(), providers.len());
+            providers.push(ProviderSettings {
+                name: raw.name,
+                kind,
+                base_url,
+                api_key,
+                weight,
+            });
+        } else {
+            // Keep the name known so models referring to it do not add a
+            // second, misleading "unknown provider" problem.
+            index.entry(raw.name).or_insert(usize::MAX);
+        }
+    }
+    if providers.is_empty() && problems.is_empty() {
+        problems.push(problem("providers", "at least one provider is required"));
+    }
+    (providers, index)
+}
+
+fn validate_models(
+    raw: Vec<Option<RawModel>>,
+    providers: &HashMap<String, usize>,
+    problems: &mut Vec<Problem>,
+) -> (Vec<ModelRoute>, HashMap<String, usize>) {
+    let mut models = Vec::new();
+    let mut index = HashMap::new();
+    for (i, raw) in raw.into_iter().enumerate() {
+        let Some(raw) = raw else { continue };
+        let path = format!("models[{i}]");
+        if raw.name.trim().is_empty() || raw.name.len() > 256 {
+            problems.push(problem(&join(&path, "name"), "must be 1-256 characters"));
+        }
+        if index.contains_key(&raw.name) {
+            problems.push(problem(&join(&path, "name"), format!("duplicate model name '{}'", raw.name)));
+        }
+        let strategy = match raw.strategy.as_deref().unwrap_or("round_robin") {
+            "round_robin" => Strategy::RoundRobin,
+            "priority" => Strategy::Priority,
+            other => {
+                problems.push(problem(
+                    &join(&path, "strategy"),
+                    format!("unknown strategy '{other}'; supported: round_robin, priority"),
+                ));
+                Strategy::RoundRobin
+            }
+        };
+        if raw.targets.is_empty() {
+            problems.push(problem(&join(&path, "targets"), "at least one target is required"));
+        }
+        let mut targets = Vec::new();
+        for (t, target) in raw.targets.into_iter().enumerate() {
+            let tpath = format!("{path}.targets[{t}]");
+            match providers.get(&target.provider) {
+                Some(&p) => targets.push(Target {
+                    provider: p,
+                    model: target.model.unwrap_or_else(|| raw.name.clone()),
+                }),
+                None => problems.push(problem(
+                    &join(&tpath, "provider"),
+                    format!("unknown provider '{}'", target.provider),
+                )),
+            }
+        }
+        index.insert(raw.name.clone(), models.len());
+        models.push(ModelRoute {
+            name: raw.name,
+            strategy,
+            targets,
+        });
+    }
+    if models.is_empty() && problems.is_empty() {
+        problems.push(problem("models", "at least one model is required"));
+    }
+    (models, index)
+}
+
+fn validate_tenants(
+    raw: Vec<Option<RawTenant>>,
+    models: &HashMap<String, usize>,
+    problems: &mut Vec<Problem>,
+) -> (Vec<TenantSettings>, KeyIndex) {
+    let mut tenants: Vec<TenantSettings> = Vec::new();
+    let mut keys = KeyIndex::default();
+    for (i, raw) in raw.into_iter().enumerate() {
+        let Some(raw) = raw else { continue };
+        let path = format!("tenants[{i}]");
+        if !is_identifier(&raw.id) {
+            problems.push(problem(&join(&path, "id"), "must be 1-64 characters of A-Z a-z 0-9 - _ ."));
+        }
+        if tenants.iter().any(|t| t.id == raw.id) {
+            problems.push(problem(&join(&path, "id"), format!("duplicate tenant id '{}'", raw.id)));
+        }
+        if raw.keys.is_empty() {
+            problems.push(problem(&join(&path, "keys"), "at least one key is required"));
+        }
+        for (k, key) in raw.keys.iter().enumerate() {
+            let kpath = format!("{path}.keys[{k}]");
+            match parse_configured_key(key) {
+                None => problems.push(problem(&kpath, "a 'sha256:' key must be followed by 64 hex digits")),
+                Some(_) if !key.starts_with("sha256:") && key.len() < 8 => {
+                    problems.push(problem(&kpath, "a plaintext key must be at least 8 characters"))
+                }
+                Some(digest) => {
+                    if let Some(other) = keys.insert(digest, tenants.len()) {
+                        let owner = tenants.get(other).map_or(raw.id.as_str(), |t| t.id.as_str());
+                        problems.push(problem(&kpath, format!("the same key is already configured for tenant '{owner}'")));
+                    }
+                }
+            }
+        }
+        if let Some(allowed) = &raw.models {
+            for (m, model) in allowed.iter().enumerate() {
+                if !models.contains_key(model) {
+                    problems.push(problem(&format!("{path}.models[{m}]"), format!("unknown model '{model}'")));
+                }
+            }
+        }
+        tenants.push(TenantSettings {
+            id: raw.id,
+            allowed_models: raw.models.map(|m| m.into_iter().collect()),
+        });
+    }
+    (tenants, keys)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const VALID: &str = r#"
+server:
+  listen: "127.0.0.1:8080"
+  metrics_listen: "127.0.0.1:9464"
+providers:
+  - name: openai
+    base_url: "https://api.openai.com/v1"
+    api_key: "${OPENAI_API_KEY}"
+  - name: local
+    base_url: "http://127.0.0.1:9000/v1/"
+models:
+  - name: gpt-4o-mini
+    targets:
+      - { provider: openai }
+      - { provider: local, model: mock-small }
+tenants:
+  - id: acme
+    keys: ["sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08", "dev-key-acme"]
+    models: ["gpt-4o-mini"]
+"#;
+
+    fn env(name: &str) -> Option<String> {
+        (name == "OPENAI_API_KEY").then(|| "sk-provider".to_string())
+    }
+
+    fn problems(yaml: &str) -> Vec<String> {
+        Config::from_yaml(yaml, env)
+            .err()
+            .expect("expected problems")
+            .into_iter()
+            .map(|p| p.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn loads_a_valid_config_with_defaults() {
+        let config = Config::from_yaml(VALID, env).unwrap();
+        assert_eq!(config.server.threads, 2);
+        assert_eq!(config.server.max_request_body_bytes, DEFAULT_MAX_REQUEST_BODY_BYTES);
+        assert_eq!(config.providers[0].api_key.as_ref().unwrap().expose(), "sk-provider");
+        assert_eq!(format!("{:?}", config.providers[0].api_key), "Some(*****)");
+        assert_eq!(config.providers[1].base_url.path, "/v1");
+        assert_eq!(config.providers[1].base_url.authority, "127.0.0.1:9000");
+        let (_, route) = config.route("gpt-4o-mini").unwrap();
+        assert_eq!(route.targets[0], Target { provider: 0, model: "gpt-4o-mini".into() });
+        assert_eq!(route.targets[1], Target { provider: 1, model: "mock-small".into() });
+        assert_eq!(config.keys.authenticate("test"), Some(0), "sha256 of 'test'");
+        assert_eq!(config.keys.authenticate("dev-key-acme"), Some(0));
+        assert!(config.tenants[0].may_use("gpt-4o-mini"));
+        assert!(!config.tenants[0].may_use("gpt-4o"));
+    }
+
+    #[test]
+    fn reports_every_problem_with_its_key_path() {
+        let yaml = r#"
+server:
+  listen: "nowhere"
+  colour: blue
+providers:
+  - name: openai
+    base_url: "ftp://example.com"
+    api_key: "${MISSING_KEY}"
+  - name: other
+    base_url: "not a url"
+    surprise: 1
+models:
+  - name: m
+    targets: [{ provider: ghost }]
+tenants:
+  - id: acme
+    keys: ["sha256:abc"]
+    models: ["nope"]
+  - id: acme
+    keys: ["short"]
+extra: true
+"#;
+        let found = problems(yaml);
+        let expect = [
+            "extra: unknown key",
+            "server: unknown field `colour`",
+            "providers[0].api_key: environment variable MISSING_KEY is not set",
+            "providers[0].base_url: scheme 'ftp'",
+            "providers[1]: unknown field `surprise`",
+            "models[0].targets[0].provider: unknown provider 'ghost'",
+            "tenants[0].keys[0]: a 'sha256:' key must be followed by 64 hex digits",
+            "tenants[0].models[0]: unknown model 'nope'",
+            "tenants[1].id: duplicate tenant id 'acme'",
+            "tenants[1].keys[0]: a plaintext key must be at least 8 characters",
+        ];
+        for e in expect {
+            assert!(found.iter().any(|f| f.starts_with(e)), "missing {e:?} in {found:#?}");
+        }
+    }
+
+    #[test]
+    fn reports_bad_listen_address_once_server_parses() {
+        let yaml = VALID.replace("127.0.0.1:8080", "localhost");
+        assert_eq!(problems(&yaml), ["server.listen: 'localhost' is not an IP:port address"]);
+    }
+
+    #[test]
+    fn rejects_a_key_shared_by_two_tenants() {
+        let yaml = format!("{VALID}  - id: beta\n    keys: [\"dev-key-acme\"]\n");
+        assert_eq!(
+            problems(&yaml),
+            ["tenants[1].keys[0]: the same key is already configured for tenant 'acme'"]
+        );
+    }
+
+    #[test]
+    fn parses_base_urls() {
+        let url = BaseUrl::parse("https://api.openai.com/v1").unwrap();
+        assert_eq!((url.tls, url.port, url.path.as_str(), url.authority.as_str()), (true, 443, "/v1", "api.openai.com"));
+        let url = BaseUrl::parse("http://[::1]:8000/").unwrap();
+        assert_eq!((url.host.as_str(), url.port, url.path.as_str(), url.authority.as_str()), ("::1", 8000, "", "[::1]:8000"));
+        assert!(BaseUrl::parse("https://user:pw@x.com/v1").is_err());
+        assert!(BaseUrl::parse("https://x.com/v1?a=b").is_err());
+    }
+
+    #[test]
+    fn rejects_yaml_that_is_not_a_mapping() {
+        assert_eq!(problems("- 1"), ["the file must be a YAML mapping"]);
+        assert!(problems("server: [").iter().all(|p| p.starts_with("not valid YAML")));
+    }
+}

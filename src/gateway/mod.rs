@@ -1,0 +1,321 @@
+//! The Pingora glue: Runestone's `ProxyHttp` implementation.
+//!
+//! Pingora's own proxy phases replay a pre-read request body only through a
+//! 64 KiB retry buffer, and routing needs the whole body (the OpenAI SDKs
+//! put `model` after `messages`). So the gateway reads the body once in
+//! `request_filter`, decides everything there, and forwards the exchange
+//! itself through Pingora's connector ([`forward`]): one code path for every
+//! body size, with the body kept in hand for a retry on another backend.
+//! `request_filter` therefore always answers the request and returns
+//! `Ok(true)`; `logging` then records metrics. `upstream_peer` is never
+//! reached.
+
+mod forward;
+
+use crate::admin;
+use crate::auth;
+use crate::config::Config;
+use crate::metrics;
+use crate::openai::{rewrite_body, ApiError, Endpoint, RequestFields};
+use crate::upstream::Upstreams;
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use pingora::connectors::http::Connector;
+use pingora::http::ResponseHeader;
+use pingora::prelude::*;
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use std::sync::Arc;
+use std::time::Instant;
+use tracing::debug;
+
+/// Per-request state, carried from `request_filter` to `logging`.
+pub struct RequestCtx {
+    started: Instant,
+    request_id: String,
+    tenant: Option<usize>,
+    route: Option<usize>,
+    provider: Option<usize>,
+    error_reason: Option<&'static str>,
+}
+
+/// The gateway: config, upstreams and the connection pool to providers.
+pub struct Gateway {
+    config: Arc<Config>,
+    upstreams: Arc<Upstreams>,
+    connector: Connector,
+}
+
+impl Gateway {
+    /// A gateway serving `config` through `upstreams`.
+    pub fn new(config: Arc<Config>, upstreams: Arc<Upstreams>, connector: Connector) -> Self {
+        Gateway {
+            config,
+            upstreams,
+            connector,
+        }
+    }
+
+    /// Answers one request: locally, by forwarding it, or with an error.
+    async fn serve(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<(), ApiError> {
+        let method = session.req_header().method.clone();
+        let path = session.req_header().uri.path().to_string();
+        match (method.as_str(), path.as_str()) {
+            ("GET" | "HEAD", "/health") => {
+                let (status, body) = admin::health();
+                respond_json(session, ctx, status, body).await
+            }
+            ("GET" | "HEAD", "/ready") => {
+                let (status, body) = admin::ready(&self.config, &self.upstreams);
+                respond_json(session, ctx, status, body).await
+            }
+            ("GET", "/v1/models") => {
+                let tenant = self.authenticate(session, ctx)?;
+                let (status, body) = admin::models(&self.config, &self.config.tenants[tenant]);
+                respond_json(session, ctx, status, body).await
+            }
+            ("POST", _) if Endpoint::from_path(&path).is_some() => {
+                let endpoint = Endpoint::from_path(&path).expect("checked by the guard");
+                self.proxy(session, ctx, endpoint).await
+            }
+            (_, "/health" | "/ready" | "/v1/models") => {
+                Err(ApiError::method_not_allowed(method.as_str(), &path))
+            }
+            (_, _) if Endpoint::from_path(&path).is_some() => {
+                Err(ApiError::method_not_allowed(method.as_str(), &path))
+            }
+            _ => Err(ApiError::unknown_url(method.as_str(), &path)),
+        }
+    }
+
+    /// Authenticates the request; the tenant's index in the config.
+    fn authenticate(&self, session: &Session, ctx: &mut RequestCtx) -> Result<usize, ApiError> {
+        let headers = &session.req_header().headers;
+        let presented = auth::presented_key(
+            headers.get("authorization").map(|v| v.as_bytes()),
+            headers.get("x-api-key").map(|v| v.as_bytes()),
+        )
+        .ok_or_else(|| ApiError::invalid_api_key("You didn't provide an API key."))?;
+        let tenant = self
+            .config
+            .keys
+            .authenticate(presented)
+            .ok_or_else(|| ApiError::invalid_api_key("Incorrect API key provided."))?;
+        ctx.tenant = Some(tenant);
+        Ok(tenant)
+    }
+
+    /// The proxied endpoints: authenticate, read the body, route, forward.
+    async fn proxy(&self, session: &mut Session, ctx: &mut RequestCtx, endpoint: Endpoint) -> Result<(), ApiError> {
+        check_framing(session)?;
+        let tenant = self.authenticate(session, ctx)?;
+        let body = read_body(session, self.config.server.max_request_body_bytes).await?;
+        let fields = RequestFields::parse(&body)?;
+        let (route_index, route) = self
+            .config
+            .route(&fields.model)
+            .ok_or_else(|| ApiError::model_not_found(&fields.model))?;
+        ctx.route = Some(route_index);
+        if !self.config.tenants[tenant].may_use(&route.name) {
+            return Err(ApiError::model_not_allowed(&route.name));
+        }
+        debug!(request_id = %ctx.request_id, tenant = %self.config.tenants[tenant].id, model = %route.name, endpoint = endpoint.name(), "routing");
+        let request = forward::Request {
+            endpoint,
+            route_index,
+            route,
+            stream: fields.stream,
+            body_for: &|provider_model| rewrite_body(&body, &fields, provider_model),
+        };
+        forward::forward(self, session, ctx, request).await
+    }
+}
+
+/// Rejects bodies whose framing is ambiguous (request smuggling).
+fn check_framing(session: &Session) -> Result<(), ApiError> {
+    let headers = &session.req_header().headers;
+    if headers.contains_key("content-length") && headers.contains_key("transfer-encoding") {
+        return Err(ApiError::bad_request(
+            "A request must not carry both Content-Length and Transfer-Encoding.",
+        ));
+    }
+    Ok(())
+}
+
+/// Reads the whole request body, refusing it past `limit` bytes.
+async fn read_body(session: &mut Session, limit: usize) -> Result<Bytes, ApiError> {
+    let declared = session
+        .req_header()
+        .headers
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(ApiError::request_too_large(limit));
+    }
+    let mut body = BytesMut::with_capacity(declared.unwrap_or(0));
+    while let Some(chunk) = session
+        .read_request_body()
+        .await
+        .map_err(|e| ApiError::bad_request(format!("Could not read the request body: {e}")))?
+    {
+        if body.len() + chunk.len() > limit {
+            return Err(ApiError::request_too_large(limit));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
+}
+
+/// A fresh request id: 24 hex digits behind `req_`.
+fn new_request_id() -> String {
+    format!("req_{:024x}", fastrand::u128(..) >> 32)
+}
+
+/// Keeps a client's `x-request-id` when it is short and plain, so it can be
+/// logged and echoed safely.
+fn sane_request_id(value: &[u8]) -> Option<String> {
+    let ok = !value.is_empty()
+        && value.len() <= 128
+        && value.iter().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(b));
+    ok.then(|| String::from_utf8_lossy(value).into_owned())
+}
+
+/// Writes a complete JSON response with the gateway's common headers.
+async fn respond_json(
+    session: &mut Session,
+    ctx: &RequestCtx,
+    status: u16,
+    body: serde_json::Value,
+) -> Result<(), ApiError> {
+    let body = Bytes::from(body.to_string());
+    let header = response_header(status, ctx, body.len()).map_err(|e| ApiError::internal(e.to_string()))?;
+    write_complete(session, header, body).await;
+    Ok(())
+}
+
+fn response_header(status: u16, ctx: &RequestCtx, len: usize) -> pingora::Result<ResponseHeader> {
+    let mut header = ResponseHeader::build(status, Some(4))?;
+    header.insert_header("content-type", "application/json")?;
+    header.insert_header("content-length", len.to_string())?;
+    header.insert_header("x-request-id", &ctx.request_id)?;
+    Ok(header)
+}
+
+/// Writes a whole response; a client that went away is not an error.
+async fn write_complete(session: &mut Session, header: ResponseHeader, body: Bytes) {
+    let head_only = session.req_header().method == "HEAD";
+    if session.write_response_header(Box::new(header), head_only).await.is_ok() && !head_only {
+        let _ = session.write_response_body(Some(body), true).await;
+    }
+}
+
+/// Answers an error in OpenAI's shape.
+async fn respond_error(session: &mut Session, ctx: &mut RequestCtx, error: &ApiError) {
+    ctx.error_reason = Some(error.reason());
+    let body = error.body();
+    let Ok(mut header) = response_header(error.status, ctx, body.len()) else {
+        return;
+    };
+    if let Some(ms) = error.retry_after_ms {
+        let _ = header.insert_header("retry-after", ms.div_ceil(1000).to_string());
+        let _ = header.insert_header("retry-after-ms", ms.to_string());
+    }
+    if error.status == 405 {
+        let _ = header.insert_header("allow", "POST");
+    }
+    if matches!(error.status, 400 | 413) {
+        // The rest of the body may still be on the wire: do not try to
+        // read past it for the next request.
+        session.set_keepalive(None);
+    }
+    write_complete(session, header, body).await;
+}
+
+#[async_trait]
+impl ProxyHttp for Gateway {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> Self::CTX {
+        RequestCtx {
+            started: Instant::now(),
+            request_id: String::new(),
+            tenant: None,
+            route: None,
+            provider: None,
+            error_reason: None,
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
+        ctx.started = Instant::now();
+        ctx.request_id = session
+            .req_header()
+            .headers
+            .get("x-request-id")
+            .and_then(|v| sane_request_id(v.as_bytes()))
+            .unwrap_or_else(new_request_id);
+        if let Err(error) = self.serve(session, ctx).await {
+            respond_error(session, ctx, &error).await;
+        }
+        Ok(true)
+    }
+
+    async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut Self::CTX) -> Result<Box<HttpPeer>> {
+        // request_filter answers every request (see the module docs).
+        Error::e_explain(InternalError, "runestone forwards from request_filter; upstream_peer is unused")
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Self::CTX) -> FailToProxy
+    where
+        Self::CTX: Send + Sync,
+    {
+        let error = ApiError::internal(format!("The gateway failed to handle the request: {}", e.etype().as_str()));
+        respond_error(session, ctx, &error).await;
+        FailToProxy {
+            error_code: error.status,
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Self::CTX) {
+        let status = session.response_written().map_or(0, |h| h.status.as_u16());
+        let tenant = ctx.tenant.map_or("", |t| self.config.tenants[t].id.as_str());
+        let model = ctx.route.map_or("", |r| self.config.models[r].name.as_str());
+        let provider = ctx
+            .provider
+            .map_or("", |p| self.upstreams.provider(p).settings.name.as_str());
+        let status_label = status.to_string();
+        metrics::REQUESTS
+            .with_label_values(&[tenant, model, provider, status_label.as_str()])
+            .inc();
+        if ctx.route.is_some() {
+            metrics::REQUEST_DURATION
+                .with_label_values(&[model, provider])
+                .observe(ctx.started.elapsed().as_secs_f64());
+        }
+        if let Some(reason) = ctx.error_reason {
+            metrics::ERRORS.with_label_values(&[reason]).inc();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keeps_plain_client_request_ids_only() {
+        assert_eq!(sane_request_id(b"abc-123_x.y:z").as_deref(), Some("abc-123_x.y:z"));
+        assert_eq!(sane_request_id(b""), None);
+        assert_eq!(sane_request_id(b"has space"), None);
+        assert_eq!(sane_request_id(b"new\nline"), None);
+        assert_eq!(sane_request_id(&[b'a'; 129]), None);
+    }
+
+    #[test]
+    fn generated_request_ids_are_unique() {
+        let a = new_request_id();
+        assert!(a.starts_with("req_") && a.len() == 28, "{a}");
+        assert_ne!(a, new_request_id());
+    }
+}

@@ -1,0 +1,28 @@
+//! Runestone: an OpenAI-compatible LLM gateway built on Cloudflare's Pingora.
+//!
+//! # Layout
+//!
+//! Each module owns one concern; only `gateway` and `server` know about
+//! Pingora's proxy phases, the rest is plain Rust that is unit-tested
+//! without sockets.
+//!
+//! | module     | owns |
+//! |------------|------|
+//! | [`config`] | the YAML schema, `${ENV}` interpolation, validation into a [`config::Config`] that cannot be invalid |
+//! | [`auth`]   | API key -> tenant lookup by SHA-256 digest |
+//! | [`openai`] | wire types the gateway reads, the OpenAI-shaped error body, body rewriting |
+//! | [`upstream`] | providers, their resolved addresses, model routes and backend choice |
+//! | [`metrics`] | every Prometheus metric handle, in one place |
+//! | [`admin`]  | locally answered endpoints: `/health`, `/ready`, `/v1/models` |
+//! | [`gateway`] | the Pingora `ProxyHttp` implementation: each phase calls into the modules above |
+//! | [`server`] | builds the Pingora server (API listener, metrics listener, background services) |
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod auth;
+pub mod config;
+pub mod gateway;
+pub mod metrics;
+pub mod openai;
+pub mod server;
+pub mod upstream;

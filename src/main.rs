@@ -1,0 +1,102 @@
+//! The `runestone` command: run the gateway, check a config, hash a key.
+
+#![forbid(unsafe_code)]
+
+use clap::{Parser, Subcommand};
+use runestone::auth::{digest_key, format_digest};
+use runestone::config::Config;
+use runestone::server::{self, RunOptions};
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Runestone: an OpenAI-compatible LLM gateway.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// The YAML config file to run with.
+    #[arg(short, long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Run in the background (Pingora's daemon mode).
+    #[arg(short, long)]
+    daemon: bool,
+    /// Take the listening sockets over from a running instance (graceful upgrade).
+    #[arg(short, long)]
+    upgrade: bool,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate a config file: exit 0 when valid, or list every problem and exit 2.
+    Check,
+    /// Read an API key on stdin and print its `sha256:<hex>` digest for the config.
+    HashKey,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::HashKey) => hash_key(),
+        Some(Command::Check) => match load(cli.config) {
+            Ok(config) => {
+                println!(
+                    "ok: {} provider(s), {} model(s), {} tenant(s), {} key(s)",
+                    config.providers.len(),
+                    config.models.len(),
+                    config.tenants.len(),
+                    config.keys.len()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
+        None => {
+            init_tracing();
+            match load(cli.config) {
+                Ok(config) => {
+                    let options = RunOptions {
+                        daemon: cli.daemon,
+                        upgrade: cli.upgrade,
+                    };
+                    tracing::info!(listen = %config.server.listen, "runestone starting");
+                    server::build(config, options).run_forever()
+                }
+                Err(code) => code,
+            }
+        }
+    }
+}
+
+fn load(path: Option<PathBuf>) -> Result<Config, ExitCode> {
+    let Some(path) = path else {
+        eprintln!("error: --config FILE is required");
+        return Err(ExitCode::from(2));
+    };
+    Config::load(&path).map_err(|e| {
+        eprintln!("{e}");
+        ExitCode::from(2)
+    })
+}
+
+fn hash_key() -> ExitCode {
+    let mut input = String::new();
+    if let Err(e) = std::io::stdin().read_to_string(&mut input) {
+        eprintln!("error: cannot read the key from stdin: {e}");
+        return ExitCode::from(2);
+    }
+    let key = input.trim_end_matches(['\r', '\n']);
+    if key.is_empty() {
+        eprintln!("error: no key on stdin");
+        return ExitCode::from(2);
+    }
+    println!("{}", format_digest(&digest_key(key)));
+    ExitCode::SUCCESS
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).init();
+}

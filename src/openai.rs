@@ -1,0 +1,469 @@
+//! The OpenAI wire format, as far as the gateway needs it.
+//!
+//! The gateway never deserialises a whole request: [`RequestFields::parse`]
+//! borrows the handful of fields routing and accounting need, and
+//! [`rewrite_body`] splices the provider's model name into the original bytes
+//! instead of re-serialising them. [`ApiError`] is the one error type clients
+//! see; it renders the `{"error": {...}}` body the official SDKs map to their
+//! exception classes.
+
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use std::borrow::Cow;
+use std::fmt;
+
+/// An error answered to the client in OpenAI's shape.
+///
+/// `status`, `kind` (the body's `type`) and `code` follow the table in
+/// DESIGN.md so that the SDKs raise the same exception class as they would
+/// against the provider; `reason` is the low-cardinality label used in
+/// `runestone_errors_total`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiError {
+    /// HTTP status code.
+    pub status: u16,
+    /// The body's `error.type`.
+    pub kind: &'static str,
+    /// The body's `error.code`.
+    pub code: &'static str,
+    /// The body's `error.param`, when one request field is at fault.
+    pub param: Option<String>,
+    /// Human-readable message; never contains a key.
+    pub message: String,
+    /// Seconds the client should wait before retrying (`retry-after`).
+    pub retry_after_ms: Option<u64>,
+}
+
+impl ApiError {
+    fn new(status: u16, kind: &'static str, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            kind,
+            code,
+            param: None,
+            message: message.into(),
+            retry_after_ms: None,
+        }
+    }
+
+    fn with_param(mut self, param: impl Into<String>) -> Self {
+        self.param = Some(param.into());
+        self
+    }
+
+    /// 400: the body is not valid JSON (or not UTF-8).
+    pub fn invalid_json(detail: impl fmt::Display) -> Self {
+        Self::new(
+            400,
+            "invalid_request_error",
+            "invalid_json",
+            format!("We could not parse the JSON body of your request: {detail}"),
+        )
+    }
+
+    /// 400: a field has the wrong type or value.
+    pub fn invalid_field(param: &str, detail: impl fmt::Display) -> Self {
+        Self::new(
+            400,
+            "invalid_request_error",
+            "invalid_value",
+            format!("Invalid value for '{param}': {detail}"),
+        )
+        .with_param(param)
+    }
+
+    /// 400: a request the gateway cannot interpret (framing, headers).
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(400, "invalid_request_error", "invalid_request", message)
+    }
+
+    /// 400: no `model` in the body.
+    pub fn missing_model() -> Self {
+        Self::new(
+            400,
+            "invalid_request_error",
+            "missing_model",
+            "You must provide a model parameter.",
+        )
+        .with_param("model")
+    }
+
+    /// 401: missing or unknown API key.
+    pub fn invalid_api_key(detail: &str) -> Self {
+        Self::new(
+            401,
+            "invalid_request_error",
+            "invalid_api_key",
+            format!("{detail} You can obtain an API key from your gateway operator."),
+        )
+    }
+
+    /// 403: the model is outside the tenant's allow-list.
+    pub fn model_not_allowed(model: &str) -> Self {
+        Self::new(
+            403,
+            "permission_error",
+            "model_not_allowed",
+            format!("Your API key is not allowed to use the model '{model}'."),
+        )
+        .with_param("model")
+    }
+
+    /// 404: no route for the model.
+    pub fn model_not_found(model: &str) -> Self {
+        Self::new(
+            404,
+            "invalid_request_error",
+            "model_not_found",
+            format!("The model '{model}' does not exist or you do not have access to it."),
+        )
+        .with_param("model")
+    }
+
+    /// 404: unknown path.
+    pub fn unknown_url(method: &str, path: &str) -> Self {
+        Self::new(
+            404,
+            "invalid_request_error",
+            "unknown_url",
+            format!("Invalid URL ({method} {path})"),
+        )
+    }
+
+    /// 405: known path, wrong method.
+    pub fn method_not_allowed(method: &str, path: &str) -> Self {
+        Self::new(
+            405,
+            "invalid_request_error",
+            "method_not_allowed",
+            format!("Method {method} is not allowed for {path}"),
+        )
+    }
+
+    /// 413: body over `server.max_request_body_bytes`.
+    pub fn request_too_large(limit: usize) -> Self {
+        Self::new(
+            413,
+            "invalid_request_error",
+            "request_too_large",
+            format!("The request body exceeds the gateway's limit of {limit} bytes."),
+        )
+    }
+
+    /// 502: the provider failed and nothing else could serve.
+    pub fn upstream_error(message: impl Into<String>) -> Self {
+        Self::new(502, "api_error", "upstream_error", message)
+    }
+
+    /// 503: no target of the model can be tried right now.
+    pub fn no_healthy_upstream(model: &str) -> Self {
+        Self::new(
+            503,
+            "api_error",
+            "no_healthy_upstream",
+            format!("No provider for the model '{model}' can serve the request right now."),
+        )
+    }
+
+    /// 504: the provider was too slow.
+    pub fn upstream_timeout(message: impl Into<String>) -> Self {
+        Self::new(504, "api_error", "upstream_timeout", message)
+    }
+
+    /// 500: a fault inside the gateway.
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(500, "api_error", "gateway_internal", message)
+    }
+
+    /// The `runestone_errors_total{reason}` label for this error.
+    pub fn reason(&self) -> &'static str {
+        match self.code {
+            "invalid_api_key" => "auth",
+            "upstream_error" => "provider_5xx",
+            "upstream_timeout" => "provider_timeout",
+            "no_healthy_upstream" => "no_healthy_upstream",
+            "gateway_internal" => "gateway_internal",
+            _ => "invalid_request",
+        }
+    }
+
+    /// The JSON body: `{"error": {"message", "type", "param", "code"}}`.
+    pub fn body(&self) -> Bytes {
+        let body = serde_json::json!({
+            "error": {
+                "message": self.message,
+                "type": self.kind,
+                "param": self.param,
+                "code": self.code,
+            }
+        });
+        Bytes::from(body.to_string())
+    }
+
+    /// The same error as one SSE event, for a stream that breaks after
+    /// bytes reached the client (no `[DONE]` follows, so SDKs raise).
+    pub fn sse_event(&self) -> Bytes {
+        let mut event = Vec::with_capacity(128);
+        event.extend_from_slice(b"data: ");
+        event.extend_from_slice(&self.body());
+        event.extend_from_slice(b"\n\n");
+        Bytes::from(event)
+    }
+}
+
+impl fmt::Display for ApiError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}: {}", self.status, self.code, self.message)
+    }
+}
+
+impl std::error::Error for ApiError {}
+
+/// The OpenAI endpoints the gateway proxies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `POST /v1/chat/completions`
+    ChatCompletions,
+    /// `POST /v1/completions`
+    Completions,
+    /// `POST /v1/embeddings`
+    Embeddings,
+}
+
+impl Endpoint {
+    /// The endpoint for a gateway path, if it is one the gateway proxies.
+    pub fn from_path(path: &str) -> Option<Self> {
+        match path {
+            "/v1/chat/completions" => Some(Endpoint::ChatCompletions),
+            "/v1/completions" => Some(Endpoint::Completions),
+            "/v1/embeddings" => Some(Endpoint::Embeddings),
+            _ => None,
+        }
+    }
+
+    /// The path relative to a provider's OpenAI base URL (`.../v1`).
+    pub fn provider_suffix(self) -> &'static str {
+        match self {
+            Endpoint::ChatCompletions => "/chat/completions",
+            Endpoint::Completions => "/completions",
+            Endpoint::Embeddings => "/embeddings",
+        }
+    }
+
+    /// A short label for logs and metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            Endpoint::ChatCompletions => "chat",
+            Endpoint::Completions => "completions",
+            Endpoint::Embeddings => "embeddings",
+        }
+    }
+}
+
+/// `stream_options` as sent by the client.
+#[derive(Debug, Default, Deserialize, Clone, Copy, PartialEq)]
+pub struct StreamOptions {
+    /// Whether the client asked for a final usage chunk.
+    #[serde(default)]
+    pub include_usage: Option<bool>,
+}
+
+#[derive(Deserialize)]
+struct RawFields<'a> {
+    #[serde(borrow, default)]
+    model: Option<&'a RawValue>,
+    #[serde(default)]
+    stream: Option<bool>,
+    #[serde(default)]
+    stream_options: Option<StreamOptions>,
+    #[serde(default)]
+    max_tokens: Option<u64>,
+    #[serde(default)]
+    max_completion_tokens: Option<u64>,
+    #[serde(borrow, default)]
+    api_key: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    api_base: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    base_url: Option<&'a RawValue>,
+}
+
+/// The request fields the gateway reads, borrowed from the body.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RequestFields<'a> {
+    /// The public model name asked for.
+    pub model: Cow<'a, str>,
+    /// Byte range of the `model` value (with its quotes) in the body.
+    pub model_span: (usize, usize),
+    /// Whether the client asked for a stream.
+    pub stream: bool,
+    /// The client's `stream_options`, if any.
+    pub stream_options: Option<StreamOptions>,
+    /// `max_completion_tokens`, or else `max_tokens`.
+    pub max_tokens: Option<u64>,
+    /// The body carries fields that name another upstream or key
+    /// (`api_key`, `api_base`, `base_url`): they are removed before
+    /// forwarding and never honoured.
+    pub has_foreign_upstream_fields: bool,
+}
+
+impl<'a> RequestFields<'a> {
+    /// Reads the fields from a JSON body, without copying the rest.
+    pub fn parse(body: &'a [u8]) -> Result<Self, ApiError> {
+        let mut deserializer = serde_json::Deserializer::from_slice(body);
+        let raw: RawFields<'a> =
+            serde_path_to_error::deserialize(&mut deserializer).map_err(|e| {
+                let path = e.path().to_string();
+                let inner = e.into_inner();
+                match inner.classify() {
+                    serde_json::error::Category::Data if path != "." => {
+                        ApiError::invalid_field(&path, inner)
+                    }
+                    serde_json::error::Category::Data => ApiError::bad_request(format!(
+                        "The request body must be a JSON object: {inner}"
+                    )),
+                    _ => ApiError::invalid_json(inner),
+                }
+            })?;
+        deserializer.end().map_err(ApiError::invalid_json)?;
+        let model_raw = raw.model.ok_or_else(ApiError::missing_model)?;
+        let model: Cow<'a, str> = match serde_json::from_str::<Cow<'a, str>>(model_raw.get()) {
+            Ok(model) => model,
+            Err(_) if model_raw.get() == "null" => return Err(ApiError::missing_model()),
+            Err(_) => return Err(ApiError::invalid_field("model", "expected a string")),
+        };
+        if model.trim().is_empty() {
+            return Err(ApiError::missing_model());
+        }
+        let start = model_raw.get().as_ptr() as usize - body.as_ptr() as usize;
+        Ok(RequestFields {
+            model,
+            model_span: (start, start + model_raw.get().len()),
+            stream: raw.stream.unwrap_or(false),
+            stream_options: raw.stream_options,
+            max_tokens: raw.max_completion_tokens.or(raw.max_tokens),
+            has_foreign_upstream_fields: raw.api_key.is_some()
+                || raw.api_base.is_some()
+                || raw.base_url.is_some(),
+        })
+    }
+}
+
+/// Produces the body sent upstream: the provider's model name in place of
+/// the public one and any `api_key`/`api_base`/`base_url` removed. Returns
+/// the original bytes untouched (no copy) when nothing has to change.
+pub fn rewrite_body(body: &Bytes, fields: &RequestFields<'_>, provider_model: &str) -> Bytes {
+    if fields.has_foreign_upstream_fields {
+        return reserialise_without_foreign_fields(body, provider_model);
+    }
+    if fields.model == provider_model {
+        return body.clone();
+    }
+    let (start, end) = fields.model_span;
+    let quoted = serde_json::to_string(provider_model).expect("a string always serialises");
+    let mut out = Vec::with_capacity(body.len() - (end - start) + quoted.len());
+    out.extend_from_slice(&body[..start]);
+    out.extend_from_slice(quoted.as_bytes());
+    out.extend_from_slice(&body[end..]);
+    Bytes::from(out)
+}
+
+/// The rare path: a body that names another upstream is re-serialised
+/// without those fields.
+fn reserialise_without_foreign_fields(body: &Bytes, provider_model: &str) -> Bytes {
+    let mut value: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(body).expect("body was parsed as a JSON object before");
+    for field in ["api_key", "api_base", "base_url"] {
+        value.remove(field);
+    }
+    value.insert("model".into(), provider_model.into());
+    Bytes::from(serde_json::to_vec(&value).expect("a JSON map always serialises"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_model_after_messages() {
+        let body = br#"{"messages":[{"role":"user","content":"hi"}],"model":"gpt-4o-mini","stream":true}"#;
+        let fields = RequestFields::parse(body).unwrap();
+        assert_eq!(fields.model, "gpt-4o-mini");
+        assert!(fields.stream);
+        assert_eq!(&body[fields.model_span.0..fields.model_span.1], b"\"gpt-4o-mini\"");
+    }
+
+    #[test]
+    fn reads_escaped_model_names() {
+        let body = br#"{"model":"a\u0062c"}"#;
+        assert_eq!(RequestFields::parse(body).unwrap().model, "abc");
+    }
+
+    #[test]
+    fn rejects_bodies_that_are_not_json() {
+        for body in [&b"{"[..], b"not json", b"\xff\xfe", b"{\"model\": \"\xff\"}"] {
+            let err = RequestFields::parse(body).unwrap_err();
+            assert_eq!((err.status, err.code), (400, "invalid_json"), "{body:?}");
+        }
+    }
+
+    #[test]
+    fn rejects_missing_empty_or_null_model() {
+        for body in [&br#"{}"#[..], br#"{"model":""}"#, br#"{"model":null}"#, br#"{"model":"  "}"#] {
+            let err = RequestFields::parse(body).unwrap_err();
+            assert_eq!(err.code, "missing_model", "{}", String::from_utf8_lossy(body));
+        }
+    }
+
+    #[test]
+    fn rejects_wrongly_typed_fields() {
+        let err = RequestFields::parse(br#"{"model":5}"#).unwrap_err();
+        assert_eq!((err.status, err.param.as_deref()), (400, Some("model")));
+        let err = RequestFields::parse(br#"{"model":"m","stream":"yes"}"#).unwrap_err();
+        assert_eq!((err.status, err.param.as_deref()), (400, Some("stream")));
+        let err = RequestFields::parse(br#"{"model":"m","max_tokens":-1}"#).unwrap_err();
+        assert_eq!((err.status, err.param.as_deref()), (400, Some("max_tokens")));
+        let err = RequestFields::parse(br#"[1,2]"#).unwrap_err();
+        assert_eq!(err.status, 400);
+    }
+
+    #[test]
+    fn rewrite_keeps_the_body_when_the_model_name_is_the_same() {
+        let body = Bytes::from_static(br#"{"model":"m","messages":[]}"#);
+        let fields = RequestFields::parse(&body).unwrap();
+        let out = rewrite_body(&body, &fields, "m");
+        assert_eq!(out.as_ptr(), body.as_ptr(), "no copy expected");
+    }
+
+    #[test]
+    fn rewrite_splices_the_provider_model_name() {
+        let body = Bytes::from_static(br#"{"messages":[{"content":"model"}], "model" : "public","n":1}"#);
+        let fields = RequestFields::parse(&body).unwrap();
+        let out = rewrite_body(&body, &fields, "provider-\"x\"");
+        let value: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(value["model"], "provider-\"x\"");
+        assert_eq!(value["messages"][0]["content"], "model");
+        assert_eq!(value["n"], 1);
+    }
+
+    #[test]
+    fn rewrite_removes_fields_that_name_another_upstream() {
+        let body = Bytes::from_static(
+            br#"{"model":"m","api_key":"sk-x","api_base":"http://evil","base_url":"http://evil"}"#,
+        );
+        let fields = RequestFields::parse(&body).unwrap();
+        assert!(fields.has_foreign_upstream_fields);
+        let value: serde_json::Value = serde_json::from_slice(&rewrite_body(&body, &fields, "p")).unwrap();
+        assert_eq!(value, serde_json::json!({"model": "p"}));
+    }
+
+    #[test]
+    fn error_body_has_the_openai_shape() {
+        let body: serde_json::Value = serde_json::from_slice(&ApiError::missing_model().body()).unwrap();
+        assert_eq!(body["error"]["type"], "invalid_request_error");
+        assert_eq!(body["error"]["code"], "missing_model");
+        assert_eq!(body["error"]["param"], "model");
+        assert!(body["error"]["message"].is_string());
+    }
+}

@@ -1,0 +1,64 @@
+//! Builds the Pingora server: the API listener, the Prometheus listener and
+//! the background services, from a validated [`Config`].
+
+use crate::config::Config;
+use crate::gateway::Gateway;
+use crate::metrics;
+use crate::upstream::{Resolver, Upstreams};
+use pingora::connectors::http::Connector;
+use pingora::connectors::ConnectorOptions;
+use pingora::proxy::http_proxy_service_with_name;
+use pingora::server::configuration::{Opt, ServerConf};
+use pingora::server::Server;
+use pingora::services::background::background_service;
+use std::sync::Arc;
+
+/// Process-level switches from the command line, as Pingora's own.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RunOptions {
+    /// Detach and run in the background.
+    pub daemon: bool,
+    /// Take the listening sockets over from a running instance.
+    pub upgrade: bool,
+}
+
+/// Builds a ready-to-run server for `config`.
+pub fn build(config: Config, options: RunOptions) -> Server {
+    metrics::register_all();
+    let server_conf = ServerConf {
+        threads: config.server.threads,
+        grace_period_seconds: Some(config.server.grace_period_seconds),
+        graceful_shutdown_timeout_seconds: Some(config.server.grace_period_seconds.max(1)),
+        pid_file: config.server.pid_file.clone(),
+        upgrade_sock: config.server.upgrade_sock.clone(),
+        daemon: options.daemon,
+        ..ServerConf::default()
+    };
+    let opt = Opt {
+        upgrade: options.upgrade,
+        daemon: options.daemon,
+        ..Opt::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(opt, server_conf);
+    server.bootstrap();
+
+    let config = Arc::new(config);
+    let upstreams = Arc::new(Upstreams::new(&config));
+    let connector = Connector::new(Some(ConnectorOptions::from_server_conf(&server.configuration)));
+
+    let mut api = http_proxy_service_with_name(
+        &server.configuration,
+        Gateway::new(config.clone(), upstreams.clone(), connector),
+        "runestone api",
+    );
+    api.add_tcp(&config.server.listen.to_string());
+    server.add_service(api);
+
+    if let Some(addr) = config.server.metrics_listen {
+        let mut prometheus = pingora_prometheus::prometheus_http_service();
+        prometheus.add_tcp(&addr.to_string());
+        server.add_service(prometheus);
+    }
+    server.add_service(background_service("provider resolver", Resolver::new(upstreams)));
+    server
+}
