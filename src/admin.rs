@@ -19,7 +19,11 @@ pub fn ready(config: &Config, upstreams: &Upstreams) -> (u16, serde_json::Value)
         .models
         .iter()
         .map(|route| {
-            let state = if upstreams.can_serve(route) { "ok" } else { "no_resolved_target" };
+            let state = if upstreams.can_serve(route) {
+                "ok"
+            } else {
+                "no_resolved_target"
+            };
             (route.name.clone(), json!(state))
         })
         .collect();

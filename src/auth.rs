@@ -37,7 +37,10 @@ pub fn parse_configured_key(key: &str) -> Option<KeyDigest> {
 
 /// Reads the key a client presented: `Authorization: Bearer KEY` or
 /// `x-api-key: KEY`. Returns `None` when neither is there or is usable.
-pub fn presented_key<'a>(authorization: Option<&'a [u8]>, x_api_key: Option<&'a [u8]>) -> Option<&'a str> {
+pub fn presented_key<'a>(
+    authorization: Option<&'a [u8]>,
+    x_api_key: Option<&'a [u8]>,
+) -> Option<&'a str> {
     if let Some(value) = authorization {
         let value = std::str::from_utf8(value).ok()?.trim();
         let (scheme, key) = value.split_once(' ')?;
@@ -95,12 +98,22 @@ mod tests {
         let mut index = KeyIndex::default();
         let digest = format_digest(&digest_key("sk-acme-1"));
         assert!(digest.starts_with("sha256:") && digest.len() == 7 + 64);
-        assert_eq!(index.insert(parse_configured_key(&digest).unwrap(), 0), None);
-        assert_eq!(index.insert(parse_configured_key("sk-beta-1").unwrap(), 1), None);
+        assert_eq!(
+            index.insert(parse_configured_key(&digest).unwrap(), 0),
+            None
+        );
+        assert_eq!(
+            index.insert(parse_configured_key("sk-beta-1").unwrap(), 1),
+            None
+        );
         assert_eq!(index.authenticate("sk-acme-1"), Some(0));
         assert_eq!(index.authenticate("sk-beta-1"), Some(1));
         assert_eq!(index.authenticate("sk-acme-2"), None);
-        assert_eq!(index.authenticate(&digest), None, "the digest itself is not a key");
+        assert_eq!(
+            index.authenticate(&digest),
+            None,
+            "the digest itself is not a key"
+        );
     }
 
     #[test]

@@ -190,7 +190,11 @@ impl BaseUrl {
         let tls = match url.scheme() {
             "http" => false,
             "https" => true,
-            other => return Err(format!("scheme '{other}' is not supported; use http or https")),
+            other => {
+                return Err(format!(
+                    "scheme '{other}' is not supported; use http or https"
+                ))
+            }
         };
         let host = match url.host() {
             Some(url::Host::Domain(d)) => d.to_string(),
@@ -204,7 +208,9 @@ impl BaseUrl {
         if !url.username().is_empty() || url.password().is_some() {
             return Err("credentials belong in api_key, not in the URL".into());
         }
-        let port = url.port_or_known_default().expect("http and https have default ports");
+        let port = url
+            .port_or_known_default()
+            .expect("http and https have default ports");
         let authority = match (url.port(), url.host()) {
             (Some(p), Some(url::Host::Ipv6(ip))) => format!("[{ip}]:{p}"),
             (None, Some(url::Host::Ipv6(ip))) => format!("[{ip}]"),
@@ -277,7 +283,9 @@ pub struct TenantSettings {
 impl TenantSettings {
     /// Whether this tenant may use `model`.
     pub fn may_use(&self, model: &str) -> bool {
-        self.allowed_models.as_ref().is_none_or(|allowed| allowed.contains(model))
+        self.allowed_models
+            .as_ref()
+            .is_none_or(|allowed| allowed.contains(model))
     }
 }
 
@@ -308,14 +316,15 @@ impl Config {
                 message: format!("cannot read the file: {e}"),
             }],
         })?;
-        Self::from_yaml(&text, |name| std::env::var(name).ok()).map_err(|problems| ConfigError {
-            file,
-            problems,
-        })
+        Self::from_yaml(&text, |name| std::env::var(name).ok())
+            .map_err(|problems| ConfigError { file, problems })
     }
 
     /// Parses and validates YAML text; `env` looks up `${VAR}` values.
-    pub fn from_yaml(text: &str, env: impl Fn(&str) -> Option<String>) -> Result<Config, Vec<Problem>> {
+    pub fn from_yaml(
+        text: &str,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, Vec<Problem>> {
         let mut problems = Vec::new();
         let mut root: Value = serde_yaml::from_str(text).map_err(|e| {
             vec![Problem {
@@ -331,7 +340,10 @@ impl Config {
         for key in root.keys() {
             let name = key.as_str().unwrap_or("?");
             if !TOP_LEVEL_KEYS.contains(&name) {
-                problems.push(problem(name, format!("unknown key; expected one of {TOP_LEVEL_KEYS:?}")));
+                problems.push(problem(
+                    name,
+                    format!("unknown key; expected one of {TOP_LEVEL_KEYS:?}"),
+                ));
             }
         }
         let section = |name: &str| root.get(name).cloned().unwrap_or(Value::Null);
@@ -344,9 +356,11 @@ impl Config {
             value => deserialize::<RawServer>(value, "server", &mut problems)
                 .and_then(|raw| validate_server(raw, &mut problems)),
         };
-        let raw_providers: Vec<Option<RawProvider>> = list(section("providers"), "providers", &mut problems);
+        let raw_providers: Vec<Option<RawProvider>> =
+            list(section("providers"), "providers", &mut problems);
         let raw_models: Vec<Option<RawModel>> = list(section("models"), "models", &mut problems);
-        let raw_tenants: Vec<Option<RawTenant>> = list(section("tenants"), "tenants", &mut problems);
+        let raw_tenants: Vec<Option<RawTenant>> =
+            list(section("tenants"), "tenants", &mut problems);
 
         let (providers, provider_index) = validate_providers(raw_providers, &mut problems);
         let (models, model_index) = validate_models(raw_models, &provider_index, &mut problems);
@@ -388,7 +402,12 @@ fn join(path: &str, key: &str) -> String {
 
 /// Replaces `${VAR}` in every string value; an unset variable is a problem
 /// at the key that uses it.
-fn interpolate(value: &mut Value, path: &str, env: &impl Fn(&str) -> Option<String>, problems: &mut Vec<Problem>) {
+fn interpolate(
+    value: &mut Value,
+    path: &str,
+    env: &impl Fn(&str) -> Option<String>,
+    problems: &mut Vec<Problem>,
+) {
     match value {
         Value::String(s) if s.contains("${") => {
             let mut out = String::with_capacity(s.len());
@@ -404,7 +423,10 @@ fn interpolate(value: &mut Value, path: &str, env: &impl Fn(&str) -> Option<Stri
                 match env(name) {
                     Some(v) if !name.is_empty() => out.push_str(&v),
                     _ => {
-                        problems.push(problem(path, format!("environment variable {name} is not set")));
+                        problems.push(problem(
+                            path,
+                            format!("environment variable {name} is not set"),
+                        ));
                         // Keep the reference, so later checks of this value
                         // do not add misleading follow-up problems.
                         out.push_str(&rest[start..start + 2 + end + 1]);
@@ -430,12 +452,20 @@ fn interpolate(value: &mut Value, path: &str, env: &impl Fn(&str) -> Option<Stri
     }
 }
 
-fn deserialize<T: serde::de::DeserializeOwned>(value: Value, path: &str, problems: &mut Vec<Problem>) -> Option<T> {
+fn deserialize<T: serde::de::DeserializeOwned>(
+    value: Value,
+    path: &str,
+    problems: &mut Vec<Problem>,
+) -> Option<T> {
     match serde_path_to_error::deserialize::<_, T>(value) {
         Ok(v) => Some(v),
         Err(e) => {
             let inner = e.path().to_string();
-            let at = if inner == "." { path.to_string() } else { join(path, &inner) };
+            let at = if inner == "." {
+                path.to_string()
+            } else {
+                join(path, &inner)
+            };
             problems.push(problem(&at, e.into_inner().to_string()));
             None
         }
@@ -444,7 +474,11 @@ fn deserialize<T: serde::de::DeserializeOwned>(value: Value, path: &str, problem
 
 /// Deserialises each item of a list section on its own, so one bad item
 /// does not hide the problems of the others.
-fn list<T: serde::de::DeserializeOwned>(value: Value, path: &str, problems: &mut Vec<Problem>) -> Vec<Option<T>> {
+fn list<T: serde::de::DeserializeOwned>(
+    value: Value,
+    path: &str,
+    problems: &mut Vec<Problem>,
+) -> Vec<Option<T>> {
     match value {
         Value::Null => Vec::new(),
         Value::Sequence(items) => items
@@ -461,13 +495,17 @@ fn list<T: serde::de::DeserializeOwned>(value: Value, path: &str, problems: &mut
 
 fn validate_server(raw: RawServer, problems: &mut Vec<Problem>) -> Option<ServerSettings> {
     let before = problems.len();
-    let addr = |value: &str, path: &str, problems: &mut Vec<Problem>| match value.parse::<SocketAddr>() {
-        Ok(a) => Some(a),
-        Err(_) => {
-            problems.push(problem(path, format!("'{value}' is not an IP:port address")));
-            None
-        }
-    };
+    let addr =
+        |value: &str, path: &str, problems: &mut Vec<Problem>| match value.parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                problems.push(problem(
+                    path,
+                    format!("'{value}' is not an IP:port address"),
+                ));
+                None
+            }
+        };
     let listen = addr(&raw.listen, "server.listen", problems);
     let metrics_listen = raw
         .metrics_listen
@@ -477,9 +515,14 @@ fn validate_server(raw: RawServer, problems: &mut Vec<Problem>) -> Option<Server
     if threads == 0 || threads > 1024 {
         problems.push(problem("server.threads", "must be between 1 and 1024"));
     }
-    let max_request_body_bytes = raw.max_request_body_bytes.unwrap_or(DEFAULT_MAX_REQUEST_BODY_BYTES);
+    let max_request_body_bytes = raw
+        .max_request_body_bytes
+        .unwrap_or(DEFAULT_MAX_REQUEST_BODY_BYTES);
     if max_request_body_bytes == 0 {
-        problems.push(problem("server.max_request_body_bytes", "must be greater than 0"));
+        problems.push(problem(
+            "server.max_request_body_bytes",
+            "must be greater than 0",
+        ));
     }
     if problems.len() > before {
         return None;
@@ -504,7 +547,9 @@ fn validate_server(raw: RawServer, problems: &mut Vec<Problem>) -> Option<Server
 fn is_identifier(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
 }
 
 fn validate_providers(
@@ -517,10 +562,16 @@ fn validate_providers(
         let Some(raw) = raw else { continue };
         let path = format!("providers[{i}]");
         if !is_identifier(&raw.name) {
-            problems.push(problem(&join(&path, "name"), "must be 1-64 characters of A-Z a-z 0-9 - _ ."));
+            problems.push(problem(
+                &join(&path, "name"),
+                "must be 1-64 characters of A-Z a-z 0-9 - _ .",
+            ));
         }
         if index.contains_key(&raw.name) {
-            problems.push(problem(&join(&path, "name"), format!("duplicate provider name '{}'", raw.name)));
+            problems.push(problem(
+                &join(&path, "name"),
+                format!("duplicate provider name '{}'", raw.name),
+            ));
         }
         let kind = match raw.kind.as_str() {
             "openai" => Some(ProviderKind::OpenAi),
@@ -575,7 +626,10 @@ fn validate_models(
             problems.push(problem(&join(&path, "name"), "must be 1-256 characters"));
         }
         if index.contains_key(&raw.name) {
-            problems.push(problem(&join(&path, "name"), format!("duplicate model name '{}'", raw.name)));
+            problems.push(problem(
+                &join(&path, "name"),
+                format!("duplicate model name '{}'", raw.name),
+            ));
         }
         let strategy = match raw.strategy.as_deref().unwrap_or("round_robin") {
             "round_robin" => Strategy::RoundRobin,
@@ -589,7 +643,10 @@ fn validate_models(
             }
         };
         if raw.targets.is_empty() {
-            problems.push(problem(&join(&path, "targets"), "at least one target is required"));
+            problems.push(problem(
+                &join(&path, "targets"),
+                "at least one target is required",
+            ));
         }
         let mut targets = Vec::new();
         for (t, target) in raw.targets.into_iter().enumerate() {
@@ -629,25 +686,43 @@ fn validate_tenants(
         let Some(raw) = raw else { continue };
         let path = format!("tenants[{i}]");
         if !is_identifier(&raw.id) {
-            problems.push(problem(&join(&path, "id"), "must be 1-64 characters of A-Z a-z 0-9 - _ ."));
+            problems.push(problem(
+                &join(&path, "id"),
+                "must be 1-64 characters of A-Z a-z 0-9 - _ .",
+            ));
         }
         if tenants.iter().any(|t| t.id == raw.id) {
-            problems.push(problem(&join(&path, "id"), format!("duplicate tenant id '{}'", raw.id)));
+            problems.push(problem(
+                &join(&path, "id"),
+                format!("duplicate tenant id '{}'", raw.id),
+            ));
         }
         if raw.keys.is_empty() {
-            problems.push(problem(&join(&path, "keys"), "at least one key is required"));
+            problems.push(problem(
+                &join(&path, "keys"),
+                "at least one key is required",
+            ));
         }
         for (k, key) in raw.keys.iter().enumerate() {
             let kpath = format!("{path}.keys[{k}]");
             match parse_configured_key(key) {
-                None => problems.push(problem(&kpath, "a 'sha256:' key must be followed by 64 hex digits")),
-                Some(_) if !key.starts_with("sha256:") && key.len() < 8 => {
-                    problems.push(problem(&kpath, "a plaintext key must be at least 8 characters"))
-                }
+                None => problems.push(problem(
+                    &kpath,
+                    "a 'sha256:' key must be followed by 64 hex digits",
+                )),
+                Some(_) if !key.starts_with("sha256:") && key.len() < 8 => problems.push(problem(
+                    &kpath,
+                    "a plaintext key must be at least 8 characters",
+                )),
                 Some(digest) => {
                     if let Some(other) = keys.insert(digest, tenants.len()) {
-                        let owner = tenants.get(other).map_or(raw.id.as_str(), |t| t.id.as_str());
-                        problems.push(problem(&kpath, format!("the same key is already configured for tenant '{owner}'")));
+                        let owner = tenants
+                            .get(other)
+                            .map_or(raw.id.as_str(), |t| t.id.as_str());
+                        problems.push(problem(
+                            &kpath,
+                            format!("the same key is already configured for tenant '{owner}'"),
+                        ));
                     }
                 }
             }
@@ -655,7 +730,10 @@ fn validate_tenants(
         if let Some(allowed) = &raw.models {
             for (m, model) in allowed.iter().enumerate() {
                 if !models.contains_key(model) {
-                    problems.push(problem(&format!("{path}.models[{m}]"), format!("unknown model '{model}'")));
+                    problems.push(problem(
+                        &format!("{path}.models[{m}]"),
+                        format!("unknown model '{model}'"),
+                    ));
                 }
             }
         }
@@ -709,15 +787,37 @@ tenants:
     fn loads_a_valid_config_with_defaults() {
         let config = Config::from_yaml(VALID, env).unwrap();
         assert_eq!(config.server.threads, 2);
-        assert_eq!(config.server.max_request_body_bytes, DEFAULT_MAX_REQUEST_BODY_BYTES);
-        assert_eq!(config.providers[0].api_key.as_ref().unwrap().expose(), "sk-provider");
+        assert_eq!(
+            config.server.max_request_body_bytes,
+            DEFAULT_MAX_REQUEST_BODY_BYTES
+        );
+        assert_eq!(
+            config.providers[0].api_key.as_ref().unwrap().expose(),
+            "sk-provider"
+        );
         assert_eq!(format!("{:?}", config.providers[0].api_key), "Some(*****)");
         assert_eq!(config.providers[1].base_url.path, "/v1");
         assert_eq!(config.providers[1].base_url.authority, "127.0.0.1:9000");
         let (_, route) = config.route("gpt-4o-mini").unwrap();
-        assert_eq!(route.targets[0], Target { provider: 0, model: "gpt-4o-mini".into() });
-        assert_eq!(route.targets[1], Target { provider: 1, model: "mock-small".into() });
-        assert_eq!(config.keys.authenticate("test"), Some(0), "sha256 of 'test'");
+        assert_eq!(
+            route.targets[0],
+            Target {
+                provider: 0,
+                model: "gpt-4o-mini".into()
+            }
+        );
+        assert_eq!(
+            route.targets[1],
+            Target {
+                provider: 1,
+                model: "mock-small".into()
+            }
+        );
+        assert_eq!(
+            config.keys.authenticate("test"),
+            Some(0),
+            "sha256 of 'test'"
+        );
         assert_eq!(config.keys.authenticate("dev-key-acme"), Some(0));
         assert!(config.tenants[0].may_use("gpt-4o-mini"));
         assert!(!config.tenants[0].may_use("gpt-4o"));
@@ -750,10 +850,10 @@ extra: true
         let found = problems(yaml);
         let expect = [
             "extra: unknown key",
-            "server: unknown field `colour`",
+            "server.colour: unknown field `colour`",
             "providers[0].api_key: environment variable MISSING_KEY is not set",
             "providers[0].base_url: scheme 'ftp'",
-            "providers[1]: unknown field `surprise`",
+            "providers[1].surprise: unknown field `surprise`",
             "models[0].targets[0].provider: unknown provider 'ghost'",
             "tenants[0].keys[0]: a 'sha256:' key must be followed by 64 hex digits",
             "tenants[0].models[0]: unknown model 'nope'",
@@ -761,14 +861,20 @@ extra: true
             "tenants[1].keys[0]: a plaintext key must be at least 8 characters",
         ];
         for e in expect {
-            assert!(found.iter().any(|f| f.starts_with(e)), "missing {e:?} in {found:#?}");
+            assert!(
+                found.iter().any(|f| f.starts_with(e)),
+                "missing {e:?} in {found:#?}"
+            );
         }
     }
 
     #[test]
     fn reports_bad_listen_address_once_server_parses() {
         let yaml = VALID.replace("127.0.0.1:8080", "localhost");
-        assert_eq!(problems(&yaml), ["server.listen: 'localhost' is not an IP:port address"]);
+        assert_eq!(
+            problems(&yaml),
+            ["server.listen: 'localhost' is not an IP:port address"]
+        );
     }
 
     #[test]
@@ -783,9 +889,20 @@ extra: true
     #[test]
     fn parses_base_urls() {
         let url = BaseUrl::parse("https://api.openai.com/v1").unwrap();
-        assert_eq!((url.tls, url.port, url.path.as_str(), url.authority.as_str()), (true, 443, "/v1", "api.openai.com"));
+        assert_eq!(
+            (url.tls, url.port, url.path.as_str(), url.authority.as_str()),
+            (true, 443, "/v1", "api.openai.com")
+        );
         let url = BaseUrl::parse("http://[::1]:8000/").unwrap();
-        assert_eq!((url.host.as_str(), url.port, url.path.as_str(), url.authority.as_str()), ("::1", 8000, "", "[::1]:8000"));
+        assert_eq!(
+            (
+                url.host.as_str(),
+                url.port,
+                url.path.as_str(),
+                url.authority.as_str()
+            ),
+            ("::1", 8000, "", "[::1]:8000")
+        );
         assert!(BaseUrl::parse("https://user:pw@x.com/v1").is_err());
         assert!(BaseUrl::parse("https://x.com/v1?a=b").is_err());
     }
@@ -793,6 +910,8 @@ extra: true
     #[test]
     fn rejects_yaml_that_is_not_a_mapping() {
         assert_eq!(problems("- 1"), ["the file must be a YAML mapping"]);
-        assert!(problems("server: [").iter().all(|p| p.starts_with("not valid YAML")));
+        assert!(problems("server: [")
+            .iter()
+            .all(|p| p.starts_with("not valid YAML")));
     }
 }

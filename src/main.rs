@@ -95,8 +95,22 @@ fn hash_key() -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// Logs to stderr at the level of `RUST_LOG` (default `info`). Pingora's
+/// own trace-level events dump whole request headers, credentials included,
+/// so they are dropped whatever `RUST_LOG` asks for.
 fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+    use tracing_subscriber::prelude::*;
+    let level = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).init();
+    let no_header_dumps = tracing_subscriber::filter::filter_fn(|meta| {
+        !(*meta.level() == tracing::Level::TRACE && meta.target().starts_with("pingora"))
+    });
+    tracing_subscriber::registry()
+        .with(level)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_target(false)
+                .with_filter(no_header_dumps),
+        )
+        .init();
 }

@@ -6,9 +6,7 @@
 //! names) or from closed vocabularies; never keys or client-chosen strings.
 
 use once_cell::sync::Lazy;
-use prometheus::{
-    register_histogram_vec, register_int_counter_vec, HistogramVec, IntCounterVec,
-};
+use prometheus::{register_histogram_vec, register_int_counter_vec, HistogramVec, IntCounterVec};
 
 /// Latency buckets in seconds, from sub-millisecond gateway work to long
 /// generations.

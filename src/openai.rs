@@ -36,7 +36,12 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: u16, kind: &'static str, code: &'static str, message: impl Into<String>) -> Self {
+    fn new(
+        status: u16,
+        kind: &'static str,
+        code: &'static str,
+        message: impl Into<String>,
+    ) -> Self {
         ApiError {
             status,
             kind,
@@ -311,6 +316,14 @@ pub struct RequestFields<'a> {
 impl<'a> RequestFields<'a> {
     /// Reads the fields from a JSON body, without copying the rest.
     pub fn parse(body: &'a [u8]) -> Result<Self, ApiError> {
+        if body.trim_ascii_start().first() != Some(&b'{') {
+            return Err(
+                match serde_json::from_slice::<serde::de::IgnoredAny>(body) {
+                    Ok(_) => ApiError::bad_request("The request body must be a JSON object."),
+                    Err(e) => ApiError::invalid_json(e),
+                },
+            );
+        }
         let mut deserializer = serde_json::Deserializer::from_slice(body);
         let raw: RawFields<'a> =
             serde_path_to_error::deserialize(&mut deserializer).map_err(|e| {
@@ -387,11 +400,15 @@ mod tests {
 
     #[test]
     fn reads_model_after_messages() {
-        let body = br#"{"messages":[{"role":"user","content":"hi"}],"model":"gpt-4o-mini","stream":true}"#;
+        let body =
+            br#"{"messages":[{"role":"user","content":"hi"}],"model":"gpt-4o-mini","stream":true}"#;
         let fields = RequestFields::parse(body).unwrap();
         assert_eq!(fields.model, "gpt-4o-mini");
         assert!(fields.stream);
-        assert_eq!(&body[fields.model_span.0..fields.model_span.1], b"\"gpt-4o-mini\"");
+        assert_eq!(
+            &body[fields.model_span.0..fields.model_span.1],
+            b"\"gpt-4o-mini\""
+        );
     }
 
     #[test]
@@ -402,7 +419,12 @@ mod tests {
 
     #[test]
     fn rejects_bodies_that_are_not_json() {
-        for body in [&b"{"[..], b"not json", b"\xff\xfe", b"{\"model\": \"\xff\"}"] {
+        for body in [
+            &b"{"[..],
+            b"not json",
+            b"\xff\xfe",
+            b"{\"model\": \"\xff\"}",
+        ] {
             let err = RequestFields::parse(body).unwrap_err();
             assert_eq!((err.status, err.code), (400, "invalid_json"), "{body:?}");
         }
@@ -410,9 +432,19 @@ mod tests {
 
     #[test]
     fn rejects_missing_empty_or_null_model() {
-        for body in [&br#"{}"#[..], br#"{"model":""}"#, br#"{"model":null}"#, br#"{"model":"  "}"#] {
+        for body in [
+            &br#"{}"#[..],
+            br#"{"model":""}"#,
+            br#"{"model":null}"#,
+            br#"{"model":"  "}"#,
+        ] {
             let err = RequestFields::parse(body).unwrap_err();
-            assert_eq!(err.code, "missing_model", "{}", String::from_utf8_lossy(body));
+            assert_eq!(
+                err.code,
+                "missing_model",
+                "{}",
+                String::from_utf8_lossy(body)
+            );
         }
     }
 
@@ -423,7 +455,10 @@ mod tests {
         let err = RequestFields::parse(br#"{"model":"m","stream":"yes"}"#).unwrap_err();
         assert_eq!((err.status, err.param.as_deref()), (400, Some("stream")));
         let err = RequestFields::parse(br#"{"model":"m","max_tokens":-1}"#).unwrap_err();
-        assert_eq!((err.status, err.param.as_deref()), (400, Some("max_tokens")));
+        assert_eq!(
+            (err.status, err.param.as_deref()),
+            (400, Some("max_tokens"))
+        );
         let err = RequestFields::parse(br#"[1,2]"#).unwrap_err();
         assert_eq!(err.status, 400);
     }
@@ -438,7 +473,8 @@ mod tests {
 
     #[test]
     fn rewrite_splices_the_provider_model_name() {
-        let body = Bytes::from_static(br#"{"messages":[{"content":"model"}], "model" : "public","n":1}"#);
+        let body =
+            Bytes::from_static(br#"{"messages":[{"content":"model"}], "model" : "public","n":1}"#);
         let fields = RequestFields::parse(&body).unwrap();
         let out = rewrite_body(&body, &fields, "provider-\"x\"");
         let value: serde_json::Value = serde_json::from_slice(&out).unwrap();
@@ -454,13 +490,15 @@ mod tests {
         );
         let fields = RequestFields::parse(&body).unwrap();
         assert!(fields.has_foreign_upstream_fields);
-        let value: serde_json::Value = serde_json::from_slice(&rewrite_body(&body, &fields, "p")).unwrap();
+        let value: serde_json::Value =
+            serde_json::from_slice(&rewrite_body(&body, &fields, "p")).unwrap();
         assert_eq!(value, serde_json::json!({"model": "p"}));
     }
 
     #[test]
     fn error_body_has_the_openai_shape() {
-        let body: serde_json::Value = serde_json::from_slice(&ApiError::missing_model().body()).unwrap();
+        let body: serde_json::Value =
+            serde_json::from_slice(&ApiError::missing_model().body()).unwrap();
         assert_eq!(body["error"]["type"], "invalid_request_error");
         assert_eq!(body["error"]["code"], "missing_model");
         assert_eq!(body["error"]["param"], "model");

@@ -44,7 +44,9 @@ pub fn build(config: Config, options: RunOptions) -> Server {
 
     let config = Arc::new(config);
     let upstreams = Arc::new(Upstreams::new(&config));
-    let connector = Connector::new(Some(ConnectorOptions::from_server_conf(&server.configuration)));
+    let connector = Connector::new(Some(ConnectorOptions::from_server_conf(
+        &server.configuration,
+    )));
 
     let mut api = http_proxy_service_with_name(
         &server.configuration,
@@ -59,6 +61,9 @@ pub fn build(config: Config, options: RunOptions) -> Server {
         prometheus.add_tcp(&addr.to_string());
         server.add_service(prometheus);
     }
-    server.add_service(background_service("provider resolver", Resolver::new(upstreams)));
+    server.add_service(background_service(
+        "provider resolver",
+        Resolver::new(upstreams),
+    ));
     server
 }

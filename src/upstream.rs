@@ -100,7 +100,9 @@ impl Provider {
         let url = &self.settings.base_url;
         match (url.host.as_str(), url.port).to_socket_addrs() {
             Ok(addrs) => self.store(addrs.collect()),
-            Err(e) => warn!(provider = %self.settings.name, host = %url.host, error = %e, "cannot resolve provider host"),
+            Err(e) => {
+                warn!(provider = %self.settings.name, host = %url.host, error = %e, "cannot resolve provider host")
+            }
         }
     }
 
@@ -113,7 +115,9 @@ impl Provider {
             Ok(addrs) => self.store(addrs.collect()),
             // Keep the last good addresses: a DNS hiccup must not take a
             // provider out of service.
-            Err(e) => warn!(provider = %self.settings.name, host = %url.host, error = %e, "cannot re-resolve provider host"),
+            Err(e) => {
+                warn!(provider = %self.settings.name, host = %url.host, error = %e, "cannot re-resolve provider host")
+            }
         }
     }
 }
@@ -141,7 +145,12 @@ impl Upstreams {
     /// Builds the providers of a config and resolves their host names.
     pub fn new(config: &Config) -> Self {
         let upstreams = Upstreams {
-            providers: config.providers.iter().cloned().map(Provider::new).collect(),
+            providers: config
+                .providers
+                .iter()
+                .cloned()
+                .map(Provider::new)
+                .collect(),
             route_cursors: config.models.iter().map(|_| AtomicUsize::new(0)).collect(),
             timeouts: Timeouts::default(),
         };
@@ -158,25 +167,43 @@ impl Upstreams {
 
     /// Whether some target of `route` has an address.
     pub fn can_serve(&self, route: &ModelRoute) -> bool {
-        route.targets.iter().any(|t| self.providers[t.provider].is_resolved())
+        route
+            .targets
+            .iter()
+            .any(|t| self.providers[t.provider].is_resolved())
     }
 
     /// Picks a backend for `route` (the `route_index`-th model), skipping
     /// the targets in `tried`.
-    pub fn choose_backend(&self, route_index: usize, route: &ModelRoute, tried: &[usize]) -> Option<Backend> {
-        let n = route.targets.len();
-        let start = match route.strategy {
-            Strategy::RoundRobin => self.route_cursors[route_index].fetch_add(1, Ordering::Relaxed),
+    pub fn choose_backend(
+        &self,
+        route_index: usize,
+        route: &ModelRoute,
+        tried: &[usize],
+    ) -> Option<Backend> {
+        let eligible = |t: &usize| {
+            !tried.contains(t) && self.providers[route.targets[*t].provider].is_resolved()
+        };
+        let count = (0..route.targets.len()).filter(eligible).count();
+        if count == 0 {
+            return None;
+        }
+        // Pick among the eligible targets only, so a target that cannot
+        // serve does not push its share onto its neighbour.
+        let nth = match route.strategy {
+            Strategy::RoundRobin => {
+                self.route_cursors[route_index].fetch_add(1, Ordering::Relaxed) % count
+            }
             Strategy::Priority => 0,
         };
-        (0..n)
-            .map(|i| (start + i) % n)
-            .filter(|t| !tried.contains(t))
-            .find_map(|t| {
-                let provider = route.targets[t].provider;
-                let addr = self.providers[provider].next_address()?;
-                Some(Backend { provider, target: t, addr })
-            })
+        let target = (0..route.targets.len()).filter(eligible).nth(nth)?;
+        let provider = route.targets[target].provider;
+        let addr = self.providers[provider].next_address()?;
+        Some(Backend {
+            provider,
+            target,
+            addr,
+        })
     }
 
     /// The Pingora peer for a backend: TLS with SNI and certificate checks
@@ -255,9 +282,12 @@ tenants: []
         let picks: Vec<usize> = (0..6)
             .map(|_| upstreams.choose_backend(0, route, &[]).unwrap().provider)
             .collect();
-        assert_eq!(picks.iter().filter(|&&p| p == 0).count(), 4, "{picks:?}");
-        assert!(picks.contains(&1));
-        assert!(!picks.contains(&2), "unresolvable provider must not be picked");
+        assert_eq!(picks.iter().filter(|&&p| p == 0).count(), 3, "{picks:?}");
+        assert_eq!(picks.iter().filter(|&&p| p == 1).count(), 3, "{picks:?}");
+        assert!(
+            !picks.contains(&2),
+            "unresolvable provider must not be picked"
+        );
     }
 
     #[test]

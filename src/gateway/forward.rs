@@ -16,7 +16,7 @@ use bytes::Bytes;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::protocols::http::client::HttpSession;
 use pingora::proxy::Session;
-use pingora::{ErrorType, ErrorSource};
+use pingora::{ErrorSource, ErrorType};
 use tracing::warn;
 
 /// What is forwarded: the route and a way to build the body for a target.
@@ -62,9 +62,10 @@ pub(super) async fn forward(
 ) -> Result<(), ApiError> {
     let mut tried: Vec<usize> = Vec::new();
     let mut last_error = None;
-    while let Some(backend) = gateway
-        .upstreams
-        .choose_backend(request.route_index, request.route, &tried)
+    while let Some(backend) =
+        gateway
+            .upstreams
+            .choose_backend(request.route_index, request.route, &tried)
     {
         tried.push(backend.target);
         ctx.provider = Some(backend.provider);
@@ -100,8 +101,12 @@ async fn attempt(
         .get_http_session(&peer)
         .await
         .map_err(upstream_error)?;
-    let header = upstream_request(provider, request.endpoint, session, ctx, body.len())
-        .map_err(|e| Failure::Final(ApiError::internal(format!("cannot build the upstream request: {e}"))))?;
+    let header =
+        upstream_request(provider, request.endpoint, session, ctx, body.len()).map_err(|e| {
+            Failure::Final(ApiError::internal(format!(
+                "cannot build the upstream request: {e}"
+            )))
+        })?;
     upstream
         .write_request_header(Box::new(header))
         .await
@@ -110,7 +115,10 @@ async fn attempt(
         .write_request_body(body, true)
         .await
         .map_err(upstream_error)?;
-    upstream.finish_request_body().await.map_err(upstream_error)?;
+    upstream
+        .finish_request_body()
+        .await
+        .map_err(upstream_error)?;
 
     tokio::select! {
         read = upstream.read_response_header() => read.map_err(upstream_error)?,
@@ -130,9 +138,16 @@ async fn attempt(
         ))));
     }
 
-    let header = client_response(&upstream_header, ctx, &provider.name)
-        .map_err(|e| Failure::Final(ApiError::internal(format!("cannot build the response header: {e}"))))?;
-    if session.write_response_header(Box::new(header), false).await.is_err() {
+    let header = client_response(&upstream_header, ctx, &provider.name).map_err(|e| {
+        Failure::Final(ApiError::internal(format!(
+            "cannot build the response header: {e}"
+        )))
+    })?;
+    if session
+        .write_response_header(Box::new(header), false)
+        .await
+        .is_err()
+    {
         return Err(Failure::Done);
     }
     stream_body(session, &mut upstream, ctx, request.stream, provider).await;
@@ -160,7 +175,11 @@ async fn stream_body(
         };
         match read {
             Ok(Some(chunk)) => {
-                if session.write_response_body(Some(chunk), false).await.is_err() {
+                if session
+                    .write_response_body(Some(chunk), false)
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }
@@ -194,7 +213,9 @@ fn classify(provider: &ProviderSettings, backend: &Backend, e: &pingora::Error) 
     let name = &provider.name;
     match e.etype() {
         ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout => {
-            Failure::Retryable(ApiError::upstream_timeout(format!("The provider '{name}' timed out.")))
+            Failure::Retryable(ApiError::upstream_timeout(format!(
+                "The provider '{name}' timed out."
+            )))
         }
         _ if e.esource() == &ErrorSource::Downstream => Failure::Done,
         _ => Failure::Retryable(ApiError::upstream_error(format!(
@@ -241,7 +262,11 @@ fn upstream_request(
 
 /// The response header sent to the client: the provider's status and an
 /// allow-list of its headers, plus the gateway's own.
-fn client_response(upstream: &ResponseHeader, ctx: &RequestCtx, provider: &str) -> pingora::Result<ResponseHeader> {
+fn client_response(
+    upstream: &ResponseHeader,
+    ctx: &RequestCtx,
+    provider: &str,
+) -> pingora::Result<ResponseHeader> {
     let mut header = ResponseHeader::build(upstream.status, Some(8))?;
     for name in FORWARDED_RESPONSE_HEADERS {
         if let Some(value) = upstream.headers.get(*name) {

@@ -105,7 +105,12 @@ impl Gateway {
     }
 
     /// The proxied endpoints: authenticate, read the body, route, forward.
-    async fn proxy(&self, session: &mut Session, ctx: &mut RequestCtx, endpoint: Endpoint) -> Result<(), ApiError> {
+    async fn proxy(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        endpoint: Endpoint,
+    ) -> Result<(), ApiError> {
         check_framing(session)?;
         let tenant = self.authenticate(session, ctx)?;
         let body = read_body(session, self.config.server.max_request_body_bytes).await?;
@@ -131,9 +136,23 @@ impl Gateway {
 }
 
 /// Rejects bodies whose framing is ambiguous (request smuggling).
+///
+/// Pingora drops `Content-Length` when `Transfer-Encoding` is also present
+/// (RFC 9112 6.3) and turns keep-alive off; that combination on a request
+/// that did not ask to close the connection is how the gateway recognises it.
 fn check_framing(session: &Session) -> Result<(), ApiError> {
     let headers = &session.req_header().headers;
-    if headers.contains_key("content-length") && headers.contains_key("transfer-encoding") {
+    let chunked = headers.contains_key("transfer-encoding");
+    let asked_to_close = headers.get_all("connection").iter().any(|v| {
+        v.to_str()
+            .is_ok_and(|v| v.to_ascii_lowercase().contains("close"))
+    });
+    let both = chunked
+        && (headers.contains_key("content-length")
+            || (session.as_downstream().get_keepalive().is_none()
+                && !asked_to_close
+                && !session.as_downstream().is_http2()));
+    if both {
         return Err(ApiError::bad_request(
             "A request must not carry both Content-Length and Transfer-Encoding.",
         ));
@@ -176,7 +195,9 @@ fn new_request_id() -> String {
 fn sane_request_id(value: &[u8]) -> Option<String> {
     let ok = !value.is_empty()
         && value.len() <= 128
-        && value.iter().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(b));
+        && value
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(b));
     ok.then(|| String::from_utf8_lossy(value).into_owned())
 }
 
@@ -188,7 +209,8 @@ async fn respond_json(
     body: serde_json::Value,
 ) -> Result<(), ApiError> {
     let body = Bytes::from(body.to_string());
-    let header = response_header(status, ctx, body.len()).map_err(|e| ApiError::internal(e.to_string()))?;
+    let header =
+        response_header(status, ctx, body.len()).map_err(|e| ApiError::internal(e.to_string()))?;
     write_complete(session, header, body).await;
     Ok(())
 }
@@ -204,7 +226,12 @@ fn response_header(status: u16, ctx: &RequestCtx, len: usize) -> pingora::Result
 /// Writes a whole response; a client that went away is not an error.
 async fn write_complete(session: &mut Session, header: ResponseHeader, body: Bytes) {
     let head_only = session.req_header().method == "HEAD";
-    if session.write_response_header(Box::new(header), head_only).await.is_ok() && !head_only {
+    if session
+        .write_response_header(Box::new(header), head_only)
+        .await
+        .is_ok()
+        && !head_only
+    {
         let _ = session.write_response_body(Some(body), true).await;
     }
 }
@@ -260,16 +287,31 @@ impl ProxyHttp for Gateway {
         Ok(true)
     }
 
-    async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut Self::CTX) -> Result<Box<HttpPeer>> {
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        _ctx: &mut Self::CTX,
+    ) -> Result<Box<HttpPeer>> {
         // request_filter answers every request (see the module docs).
-        Error::e_explain(InternalError, "runestone forwards from request_filter; upstream_peer is unused")
+        Error::e_explain(
+            InternalError,
+            "runestone forwards from request_filter; upstream_peer is unused",
+        )
     }
 
-    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Self::CTX) -> FailToProxy
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut Self::CTX,
+    ) -> FailToProxy
     where
         Self::CTX: Send + Sync,
     {
-        let error = ApiError::internal(format!("The gateway failed to handle the request: {}", e.etype().as_str()));
+        let error = ApiError::internal(format!(
+            "The gateway failed to handle the request: {}",
+            e.etype().as_str()
+        ));
         respond_error(session, ctx, &error).await;
         FailToProxy {
             error_code: error.status,
@@ -279,8 +321,12 @@ impl ProxyHttp for Gateway {
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Self::CTX) {
         let status = session.response_written().map_or(0, |h| h.status.as_u16());
-        let tenant = ctx.tenant.map_or("", |t| self.config.tenants[t].id.as_str());
-        let model = ctx.route.map_or("", |r| self.config.models[r].name.as_str());
+        let tenant = ctx
+            .tenant
+            .map_or("", |t| self.config.tenants[t].id.as_str());
+        let model = ctx
+            .route
+            .map_or("", |r| self.config.models[r].name.as_str());
         let provider = ctx
             .provider
             .map_or("", |p| self.upstreams.provider(p).settings.name.as_str());
@@ -305,7 +351,10 @@ mod tests {
 
     #[test]
     fn keeps_plain_client_request_ids_only() {
-        assert_eq!(sane_request_id(b"abc-123_x.y:z").as_deref(), Some("abc-123_x.y:z"));
+        assert_eq!(
+            sane_request_id(b"abc-123_x.y:z").as_deref(),
+            Some("abc-123_x.y:z")
+        );
         assert_eq!(sane_request_id(b""), None);
         assert_eq!(sane_request_id(b"has space"), None);
         assert_eq!(sane_request_id(b"new\nline"), None);

@@ -1,0 +1,444 @@
+//! Test harness: real `runestone` and `runestone-mock` processes on free
+//! loopback ports, started and waited for by readiness, killed on drop.
+//!
+//! ```ignore
+//! let mock = Mock::start(&["--api-key", "provider-key"]);
+//! let gw = Gateway::start(&GatewayConfig::new(&mock).yaml());
+//! let resp = gw.post_json("/v1/chat/completions", TENANT_KEY, &json!({...}));
+//! assert_eq!(mock.requests()[0]["headers"]["authorization"], "Bearer provider-key");
+//! ```
+#![allow(dead_code)]
+
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The tenant key used by [`GatewayConfig`]'s default tenant.
+pub const TENANT_KEY: &str = "sk-tenant-acme-0123456789";
+/// A second tenant restricted to the embeddings model.
+pub const RESTRICTED_KEY: &str = "sk-tenant-restricted-987";
+/// The key the gateway sends to the mock provider.
+pub const PROVIDER_KEY: &str = "sk-provider-secret-555";
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind an ephemeral port")
+}
+
+fn scratch_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "runestone-test-{}-{name}-{}",
+        std::process::id(),
+        fastrand_suffix()
+    ));
+    std::fs::create_dir_all(&dir).expect("create scratch dir");
+    dir
+}
+
+fn fastrand_suffix() -> u64 {
+    use std::time::SystemTime;
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        % 1_000_000_007
+}
+
+/// Polls `GET url` until it answers 200, or panics after `timeout`.
+pub fn wait_ready(url: &str, child: &mut Child, timeout: Duration, what: &str) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("{what} exited during start-up: {status}");
+        }
+        match ureq::get(url).timeout(Duration::from_millis(500)).call() {
+            Ok(resp) if resp.status() == 200 => return,
+            _ if Instant::now() > deadline => panic!("{what} not ready at {url} after {timeout:?}"),
+            _ => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+/// A running `runestone-mock`.
+pub struct Mock {
+    pub port: u16,
+    child: Child,
+}
+
+impl Mock {
+    /// Starts the mock with extra CLI arguments.
+    pub fn start(args: &[&str]) -> Mock {
+        let port = free_port();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_runestone-mock"))
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn runestone-mock");
+        wait_ready(
+            &format!("http://127.0.0.1:{port}/health"),
+            &mut child,
+            Duration::from_secs(10),
+            "runestone-mock",
+        );
+        Mock { port, child }
+    }
+
+    /// The mock's OpenAI base URL.
+    pub fn base_url(&self) -> String {
+        format!("http://127.0.0.1:{}/v1", self.port)
+    }
+
+    /// `GET /_mock/stats`.
+    pub fn stats(&self) -> Value {
+        get_json(&format!("http://127.0.0.1:{}/_mock/stats", self.port))
+    }
+
+    /// Number of API requests the mock received.
+    pub fn request_count(&self) -> u64 {
+        self.stats()["requests"].as_u64().expect("stats.requests")
+    }
+
+    /// `GET /_mock/requests`: what the provider saw, oldest first.
+    pub fn requests(&self) -> Vec<Value> {
+        get_json(&format!("http://127.0.0.1:{}/_mock/requests", self.port))
+            .as_array()
+            .expect("requests array")
+            .clone()
+    }
+
+    /// Queues a fault (see the mock's docs) for the next requests.
+    pub fn fault(&self, fault: Value) {
+        ureq::post(&format!("http://127.0.0.1:{}/_mock/faults", self.port))
+            .send_json(fault)
+            .expect("set mock fault");
+    }
+}
+
+impl Drop for Mock {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Builds a gateway config around one or more mocks.
+pub struct GatewayConfig {
+    pub port: u16,
+    pub metrics_port: u16,
+    pub max_body: usize,
+    pub providers: Vec<String>,
+    pub models: String,
+    pub tenants: String,
+}
+
+impl GatewayConfig {
+    /// One provider `mock` (at `mock`), model `gpt-4o-mini` renamed to
+    /// `mock-small`, model `same-name` passed as is, an embeddings model, and
+    /// tenants `acme` (all models) and `restricted` (embeddings only).
+    pub fn new(mock: &Mock) -> Self {
+        GatewayConfig {
+            port: free_port(),
+            metrics_port: free_port(),
+            max_body: 4 * 1024 * 1024,
+            providers: vec![format!(
+                "  - {{ name: mock, kind: openai, base_url: \"{}\", api_key: \"{PROVIDER_KEY}\" }}",
+                mock.base_url()
+            )],
+            models: "
+  - name: gpt-4o-mini
+    targets: [{ provider: mock, model: mock-small }]
+  - name: same-name
+    targets: [{ provider: mock }]
+  - name: text-embedding-3-small
+    targets: [{ provider: mock }]
+"
+            .into(),
+            tenants: format!(
+                "
+  - id: acme
+    keys: [\"{TENANT_KEY}\"]
+  - id: restricted
+    keys: [\"{}\"]
+    models: [text-embedding-3-small]
+",
+                sha256_key(RESTRICTED_KEY)
+            ),
+        }
+    }
+
+    /// The YAML text.
+    pub fn yaml(&self) -> String {
+        format!(
+            "server:\n  listen: \"127.0.0.1:{}\"\n  metrics_listen: \"127.0.0.1:{}\"\n  threads: 2\n  max_request_body_bytes: {}\n  grace_period_seconds: 1\nproviders:\n{}\nmodels:{}\ntenants:{}",
+            self.port,
+            self.metrics_port,
+            self.max_body,
+            self.providers.join("\n"),
+            self.models,
+            self.tenants
+        )
+    }
+}
+
+/// The `sha256:<hex>` form of a key, as `runestone hash-key` prints it.
+pub fn sha256_key(key: &str) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_runestone"))
+        .arg("hash-key")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            child.stdin.take().unwrap().write_all(key.as_bytes())?;
+            child.wait_with_output()
+        })
+        .expect("run runestone hash-key");
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// A running gateway.
+pub struct Gateway {
+    pub port: u16,
+    pub metrics_port: u16,
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Gateway {
+    /// Starts `runestone --config` with this YAML and waits for `/health`.
+    pub fn start(config: &GatewayConfig) -> Gateway {
+        Self::start_with_env(config, &[])
+    }
+
+    /// Like [`Gateway::start`], with extra environment variables.
+    pub fn start_with_env(config: &GatewayConfig, env: &[(&str, &str)]) -> Gateway {
+        let dir = scratch_dir("gw");
+        let yaml = format!(
+            "{}\n",
+            config.yaml().replacen(
+                "  grace_period_seconds: 1\n",
+                &format!(
+                    "  grace_period_seconds: 1\n  pid_file: \"{0}/gw.pid\"\n  upgrade_sock: \"{0}/gw.sock\"\n",
+                    dir.display()
+                ),
+                1
+            )
+        );
+        let config_path = dir.join("runestone.yaml");
+        std::fs::write(&config_path, yaml).expect("write config");
+        let log = std::fs::File::create(dir.join("gateway.log")).expect("create log");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_runestone"))
+            .arg("--config")
+            .arg(&config_path)
+            .envs(env.iter().copied())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn runestone");
+        wait_ready(
+            &format!("http://127.0.0.1:{}/health", config.port),
+            &mut child,
+            Duration::from_secs(20),
+            "runestone",
+        );
+        Gateway {
+            port: config.port,
+            metrics_port: config.metrics_port,
+            child,
+            dir,
+        }
+    }
+
+    /// `http://127.0.0.1:PORT` + path.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// POSTs JSON with a Bearer key; any status is returned, not an error.
+    pub fn post_json(&self, path: &str, key: &str, body: &Value) -> Response {
+        self.post_raw(
+            path,
+            &[("authorization", &format!("Bearer {key}"))],
+            body.to_string().as_bytes(),
+        )
+    }
+
+    /// POSTs raw bytes with the given headers.
+    pub fn post_raw(&self, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Response {
+        let mut req = ureq::post(&self.url(path))
+            .timeout(Duration::from_secs(30))
+            .set("content-type", "application/json");
+        for (name, value) in headers {
+            req = req.set(name, value);
+        }
+        Response::from(req.send_bytes(body))
+    }
+
+    /// GETs a path with optional Bearer key.
+    pub fn get(&self, path: &str, key: Option<&str>) -> Response {
+        let mut req = ureq::get(&self.url(path)).timeout(Duration::from_secs(10));
+        if let Some(key) = key {
+            req = req.set("authorization", &format!("Bearer {key}"));
+        }
+        Response::from(req.call())
+    }
+
+    /// The Prometheus text on the metrics listener.
+    pub fn metrics(&self) -> String {
+        ureq::get(&format!("http://127.0.0.1:{}/metrics", self.metrics_port))
+            .call()
+            .expect("scrape metrics")
+            .into_string()
+            .unwrap()
+    }
+
+    /// Everything the gateway printed so far (stdout and stderr).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("gateway.log")).unwrap_or_default()
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A response with its status, headers and body, whatever the status.
+pub struct Response {
+    pub status: u16,
+    headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    fn from(result: Result<ureq::Response, ureq::Error>) -> Response {
+        let resp = match result {
+            Ok(resp) | Err(ureq::Error::Status(_, resp)) => resp,
+            Err(e) => panic!("request failed at the transport level: {e}"),
+        };
+        let status = resp.status();
+        let headers = resp
+            .headers_names()
+            .into_iter()
+            .flat_map(|name| {
+                resp.all(&name)
+                    .into_iter()
+                    .map(|v| (name.clone(), v.to_string()))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let mut body = Vec::new();
+        resp.into_reader()
+            .read_to_end(&mut body)
+            .expect("read body");
+        Response {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    /// A header's value (names are case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The body as JSON.
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "body is not JSON ({e}): {}",
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+
+    /// `error.code` of an OpenAI-shaped error body.
+    pub fn error_code(&self) -> String {
+        let body = self.json();
+        assert!(
+            body["error"]["message"].is_string(),
+            "not OpenAI-shaped: {body}"
+        );
+        assert!(
+            body["error"]["type"].is_string(),
+            "not OpenAI-shaped: {body}"
+        );
+        body["error"]["code"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+}
+
+/// GETs JSON, panicking on any failure.
+pub fn get_json(url: &str) -> Value {
+    ureq::get(url)
+        .call()
+        .expect("GET")
+        .into_json()
+        .expect("JSON body")
+}
+
+/// A chat request body.
+pub fn chat(model: &str, stream: bool) -> Value {
+    json!({"model": model, "messages": [{"role": "user", "content": "Say hello"}], "stream": stream})
+}
+
+/// Sends raw bytes on a fresh connection and returns everything read until
+/// the server closes it or `timeout` passes.
+pub fn raw_exchange(port: u16, request: &[u8], timeout: Duration) -> String {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    stream.set_read_timeout(Some(timeout)).unwrap();
+    stream.write_all(request).expect("write request");
+    let mut out = Vec::new();
+    let _ = stream.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Reads an SSE response line by line, calling `on_data` with each `data:`
+/// payload and the time since the request was sent.
+pub fn read_sse(
+    port: u16,
+    key: &str,
+    body: &Value,
+    mut on_data: impl FnMut(&str, Duration),
+) -> u16 {
+    let started = Instant::now();
+    let resp = match ureq::post(&format!("http://127.0.0.1:{port}/v1/chat/completions"))
+        .set("authorization", &format!("Bearer {key}"))
+        .timeout(Duration::from_secs(30))
+        .send_json(body.clone())
+    {
+        Ok(resp) | Err(ureq::Error::Status(_, resp)) => resp,
+        Err(e) => panic!("stream request failed: {e}"),
+    };
+    let status = resp.status();
+    let reader = BufReader::new(resp.into_reader());
+    for line in reader.lines() {
+        let Ok(line) = line else { break };
+        if let Some(data) = line.strip_prefix("data: ") {
+            on_data(data, started.elapsed());
+        }
+    }
+    status
+}

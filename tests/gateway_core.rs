@@ -1,0 +1,660 @@
+//! The gateway core through real processes: routing, authentication, body
+//! forwarding at every size, streaming, errors, headers, local endpoints,
+//! metrics, and the `check` / `hash-key` commands.
+
+mod common;
+
+use common::*;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use std::process::Command;
+use std::time::Duration;
+
+fn setup() -> (Mock, Gateway) {
+    let mock = Mock::start(&["--api-key", PROVIDER_KEY]);
+    let gw = Gateway::start(&GatewayConfig::new(&mock));
+    (mock, gw)
+}
+
+#[test]
+fn routes_chat_by_model_with_the_provider_model_name_and_key() {
+    let (mock, gw) = setup();
+    let resp = gw.post_json(
+        "/v1/chat/completions",
+        TENANT_KEY,
+        &chat("gpt-4o-mini", false),
+    );
+    assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
+    let body = resp.json();
+    assert_eq!(body["object"], "chat.completion");
+    assert!(body["choices"][0]["message"]["content"].is_string());
+    assert_eq!(resp.header("x-runestone-provider"), Some("mock"));
+    assert!(resp
+        .header("x-request-id")
+        .is_some_and(|id| id.starts_with("req_")));
+
+    let seen = &mock.requests()[0];
+    assert_eq!(seen["path"], "/v1/chat/completions");
+    assert_eq!(
+        seen["model"], "mock-small",
+        "provider model name substituted"
+    );
+    assert_eq!(
+        seen["headers"]["authorization"],
+        format!("Bearer {PROVIDER_KEY}")
+    );
+    let all_headers = seen["headers"].to_string();
+    assert!(
+        !all_headers.contains(TENANT_KEY),
+        "tenant key reached the provider: {all_headers}"
+    );
+}
+
+#[test]
+fn serves_completions_and_embeddings() {
+    let (mock, gw) = setup();
+    let resp = gw.post_json(
+        "/v1/completions",
+        TENANT_KEY,
+        &json!({"model": "gpt-4o-mini", "prompt": "Once"}),
+    );
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.json()["object"], "text_completion");
+    let resp = gw.post_json(
+        "/v1/embeddings",
+        TENANT_KEY,
+        &json!({"model": "text-embedding-3-small", "input": ["a", "b"]}),
+    );
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.json()["data"].as_array().unwrap().len(), 2);
+    let paths: Vec<String> = mock
+        .requests()
+        .iter()
+        .map(|r| r["path"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(paths, ["/v1/completions", "/v1/embeddings"]);
+}
+
+#[test]
+fn accepts_the_key_in_x_api_key() {
+    let (_mock, gw) = setup();
+    let body = chat("gpt-4o-mini", false).to_string();
+    let resp = gw.post_raw(
+        "/v1/chat/completions",
+        &[("x-api-key", TENANT_KEY)],
+        body.as_bytes(),
+    );
+    assert_eq!(resp.status, 200);
+}
+
+#[test]
+fn forwards_bodies_whole_at_every_size_up_to_the_limit() {
+    let (mock, gw) = setup();
+    for size in [10usize, 70 * 1024, 1024 * 1024, 4 * 1024 * 1024 - 200] {
+        let filler = "x".repeat(size.saturating_sub(120));
+        // The SDKs put `model` after `messages`: routing must read it all.
+        let body = format!(
+            r#"{{"messages":[{{"role":"user","content":"{filler}"}}],"model":"same-name"}}"#
+        );
+        let resp = gw.post_raw(
+            "/v1/chat/completions",
+            &[("authorization", &format!("Bearer {TENANT_KEY}"))],
+            body.as_bytes(),
+        );
+        assert_eq!(
+            resp.status,
+            200,
+            "size {size}: {}",
+            String::from_utf8_lossy(&resp.body)
+        );
+        let seen = mock.requests().pop().unwrap();
+        assert_eq!(seen["body_bytes"], body.len(), "size {size}");
+        assert_eq!(
+            seen["body_sha256"],
+            hex::encode(Sha256::digest(body.as_bytes())),
+            "size {size}"
+        );
+    }
+    // A renamed model at 1 MiB: spliced, not truncated.
+    let filler = "y".repeat(1024 * 1024);
+    let body = json!({"messages": [{"role": "user", "content": filler}], "model": "gpt-4o-mini"});
+    let resp = gw.post_json("/v1/chat/completions", TENANT_KEY, &body);
+    assert_eq!(resp.status, 200);
+    let expected = body
+        .to_string()
+        .replace("\"gpt-4o-mini\"", "\"mock-small\"");
+    let seen = mock.requests().pop().unwrap();
+    assert_eq!(
+        seen["body_sha256"],
+        hex::encode(Sha256::digest(expected.as_bytes()))
+    );
+    assert_eq!(seen["model"], "mock-small");
+}
+
+#[test]
+fn refuses_bodies_over_the_limit_declared_or_chunked() {
+    let mock = Mock::start(&[]);
+    let mut config = GatewayConfig::new(&mock);
+    config.max_body = 64 * 1024;
+    let gw = Gateway::start(&config);
+    let big = format!(
+        r#"{{"model":"same-name","messages":[{{"role":"user","content":"{}"}}]}}"#,
+        "z".repeat(100 * 1024)
+    );
+    let resp = gw.post_raw(
+        "/v1/chat/completions",
+        &[("authorization", &format!("Bearer {TENANT_KEY}"))],
+        big.as_bytes(),
+    );
+    assert_eq!(
+        (resp.status, resp.error_code()),
+        (413, "request_too_large".to_string())
+    );
+
+    // Chunked: no declared length, the limit is enforced while reading.
+    let mut request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TENANT_KEY}\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    .into_bytes();
+    for chunk in big.as_bytes().chunks(8192) {
+        request.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+        request.extend_from_slice(chunk);
+        request.extend_from_slice(b"\r\n");
+    }
+    request.extend_from_slice(b"0\r\n\r\n");
+    let answer = raw_exchange(gw.port, &request, Duration::from_secs(5));
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("request_too_large"), "{answer}");
+    assert_eq!(
+        mock.request_count(),
+        0,
+        "nothing over the limit reaches the provider"
+    );
+}
+
+#[test]
+fn streams_chunk_by_chunk_while_the_provider_generates() {
+    // 20 tokens at 10 tokens/s: the provider needs about two seconds.
+    let mock = Mock::start(&["--tokens-per-second", "10"]);
+    let gw = Gateway::start(&GatewayConfig::new(&mock));
+    let mut body = chat("gpt-4o-mini", true);
+    body["mock_tokens"] = json!(20);
+    let mut arrivals = Vec::new();
+    let mut events = Vec::new();
+    let status = read_sse(gw.port, TENANT_KEY, &body, |data, at| {
+        arrivals.push(at);
+        events.push(data.to_string());
+    });
+    assert_eq!(status, 200);
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let first_content = events
+        .iter()
+        .position(|e| e.contains("tok0"))
+        .expect("a content chunk");
+    let done = *arrivals.last().unwrap();
+    assert!(
+        arrivals[first_content] + Duration::from_millis(1000) < done,
+        "first token at {:?} but stream ended at {done:?}: the gateway buffered the stream",
+        arrivals[first_content]
+    );
+    let chunk: serde_json::Value = serde_json::from_str(&events[first_content]).unwrap();
+    assert_eq!(chunk["object"], "chat.completion.chunk");
+}
+
+#[test]
+fn answers_openai_shaped_errors_with_the_documented_codes() {
+    let (mock, gw) = setup();
+    let auth = format!("Bearer {TENANT_KEY}");
+    let with_key: &[(&str, &str)] = &[("authorization", &auth)];
+    let cases: Vec<(&str, &[(&str, &str)], &[u8], u16, &str)> = vec![
+        (
+            "no key",
+            &[],
+            br#"{"model":"gpt-4o-mini"}"#,
+            401,
+            "invalid_api_key",
+        ),
+        (
+            "unknown key",
+            &[("authorization", "Bearer sk-nope-nope")],
+            br#"{"model":"gpt-4o-mini"}"#,
+            401,
+            "invalid_api_key",
+        ),
+        (
+            "basic auth",
+            &[("authorization", "Basic abc")],
+            br#"{"model":"gpt-4o-mini"}"#,
+            401,
+            "invalid_api_key",
+        ),
+        (
+            "malformed json",
+            with_key,
+            b"{\"model\": ",
+            400,
+            "invalid_json",
+        ),
+        ("not json", with_key, b"hello", 400, "invalid_json"),
+        (
+            "invalid utf-8",
+            with_key,
+            b"{\"model\": \"gpt\xff\"}",
+            400,
+            "invalid_json",
+        ),
+        (
+            "missing model",
+            with_key,
+            br#"{"messages":[]}"#,
+            400,
+            "missing_model",
+        ),
+        (
+            "empty model",
+            with_key,
+            br#"{"model":""}"#,
+            400,
+            "missing_model",
+        ),
+        (
+            "model not a string",
+            with_key,
+            br#"{"model":42}"#,
+            400,
+            "invalid_value",
+        ),
+        (
+            "stream not a bool",
+            with_key,
+            br#"{"model":"gpt-4o-mini","stream":"yes"}"#,
+            400,
+            "invalid_value",
+        ),
+        (
+            "array body",
+            with_key,
+            br#"[{"model":"gpt-4o-mini"}]"#,
+            400,
+            "invalid_request",
+        ),
+        (
+            "unknown model",
+            with_key,
+            br#"{"model":"gpt-9"}"#,
+            404,
+            "model_not_found",
+        ),
+    ];
+    for (name, headers, body, status, code) in cases {
+        let resp = gw.post_raw("/v1/chat/completions", headers, body);
+        assert_eq!(
+            resp.status,
+            status,
+            "{name}: {}",
+            String::from_utf8_lossy(&resp.body)
+        );
+        assert_eq!(resp.error_code(), code, "{name}");
+        assert!(
+            resp.header("x-request-id").is_some(),
+            "{name}: x-request-id"
+        );
+    }
+    let resp = gw.post_json(
+        "/v1/chat/completions",
+        RESTRICTED_KEY,
+        &chat("gpt-4o-mini", false),
+    );
+    assert_eq!(
+        (resp.status, resp.error_code()),
+        (403, "model_not_allowed".to_string())
+    );
+    assert_eq!(resp.json()["error"]["type"], "permission_error");
+
+    let resp = gw.post_raw("/v1/nothing-here", with_key, b"{}");
+    assert_eq!(
+        (resp.status, resp.error_code()),
+        (404, "unknown_url".to_string())
+    );
+    let resp = gw.get("/v1/chat/completions", Some(TENANT_KEY));
+    assert_eq!(
+        (resp.status, resp.error_code()),
+        (405, "method_not_allowed".to_string())
+    );
+
+    assert_eq!(
+        mock.request_count(),
+        0,
+        "no refused request reached the provider"
+    );
+    let resp = gw.post_json(
+        "/v1/chat/completions",
+        TENANT_KEY,
+        &chat("gpt-4o-mini", false),
+    );
+    assert_eq!(resp.status, 200, "still serving after bad input");
+}
+
+#[test]
+fn refuses_both_content_length_and_transfer_encoding() {
+    let (mock, gw) = setup();
+    let body = r#"{"model":"gpt-4o-mini"}"#;
+    let request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TENANT_KEY}\r\nContent-Length: {}\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
+        body.len(),
+        body.len()
+    );
+    let answer = raw_exchange(gw.port, request.as_bytes(), Duration::from_secs(5));
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert_eq!(mock.request_count(), 0);
+}
+
+#[test]
+fn keeps_a_sane_client_request_id_and_replaces_others() {
+    let (mock, gw) = setup();
+    let body = chat("gpt-4o-mini", false).to_string();
+    let auth = format!("Bearer {TENANT_KEY}");
+    let resp = gw.post_raw(
+        "/v1/chat/completions",
+        &[("authorization", &auth), ("x-request-id", "trace-42.a")],
+        body.as_bytes(),
+    );
+    assert_eq!(resp.header("x-request-id"), Some("trace-42.a"));
+    assert_eq!(
+        mock.requests()[0]["headers"]["x-request-id"],
+        "trace-42.a",
+        "propagated upstream"
+    );
+    let resp = gw.post_raw(
+        "/v1/chat/completions",
+        &[
+            ("authorization", &auth),
+            ("x-request-id", "bad id <script>"),
+        ],
+        body.as_bytes(),
+    );
+    assert!(resp.header("x-request-id").unwrap().starts_with("req_"));
+}
+
+#[test]
+fn strips_hop_by_hop_headers_and_cookies_both_ways() {
+    let (mock, gw) = setup();
+    mock.fault(json!({"headers": {"set-cookie": "session=provider", "x-ratelimit-remaining-requests": "1"}, "count": 1}));
+    let body = chat("gpt-4o-mini", false).to_string();
+    let auth = format!("Bearer {TENANT_KEY}");
+    let resp = gw.post_raw(
+        "/v1/chat/completions",
+        &[
+            ("authorization", &auth),
+            ("connection", "keep-alive, x-private"),
+            ("x-private", "secret"),
+            ("proxy-authorization", "Basic Zm9vOmJhcg=="),
+            ("te", "trailers"),
+            ("cookie", "tenant=1"),
+            ("user-agent", "OpenAI/Python test"),
+        ],
+        body.as_bytes(),
+    );
+    assert_eq!(resp.status, 200);
+    assert_eq!(
+        resp.header("set-cookie"),
+        None,
+        "provider cookies are not forwarded"
+    );
+    assert_eq!(
+        resp.header("x-ratelimit-remaining-requests"),
+        None,
+        "provider account limits are not forwarded"
+    );
+    let seen = &mock.requests()[0]["headers"];
+    for name in [
+        "x-private",
+        "proxy-authorization",
+        "te",
+        "cookie",
+        "x-api-key",
+    ] {
+        assert!(
+            seen.get(name).is_none(),
+            "{name} reached the provider: {seen}"
+        );
+    }
+    assert_ne!(seen["connection"], "keep-alive, x-private");
+    assert_eq!(seen["user-agent"], "OpenAI/Python test");
+}
+
+#[test]
+fn never_honours_body_fields_that_name_another_upstream() {
+    let (mock, gw) = setup();
+    let mut body = chat("gpt-4o-mini", false);
+    body["api_base"] = json!("http://127.0.0.1:1/v1");
+    body["base_url"] = json!("http://127.0.0.1:1/v1");
+    body["api_key"] = json!("sk-from-body");
+    let resp = gw.post_json("/v1/chat/completions", TENANT_KEY, &body);
+    assert_eq!(resp.status, 200);
+    assert_eq!(mock.request_count(), 1, "served by the configured provider");
+    assert_eq!(mock.requests()[0]["model"], "mock-small");
+}
+
+#[test]
+fn provider_refusing_the_gateway_key_is_a_502_not_the_tenants_401() {
+    let mock = Mock::start(&["--api-key", "a-different-provider-key"]);
+    let gw = Gateway::start(&GatewayConfig::new(&mock));
+    let resp = gw.post_json(
+        "/v1/chat/completions",
+        TENANT_KEY,
+        &chat("gpt-4o-mini", false),
+    );
+    assert_eq!(
+        (resp.status, resp.error_code()),
+        (502, "upstream_error".to_string())
+    );
+}
+
+#[test]
+fn routes_around_a_dead_target() {
+    let mock = Mock::start(&[]);
+    let mut config = GatewayConfig::new(&mock);
+    let dead = free_port();
+    config.providers.push(format!(
+        "  - {{ name: dead, base_url: \"http://127.0.0.1:{dead}/v1\" }}"
+    ));
+    config.models = "
+  - name: gpt-4o-mini
+    targets: [{ provider: dead }, { provider: mock }]
+"
+    .into();
+    config.tenants = format!("\n  - id: acme\n    keys: [\"{TENANT_KEY}\"]\n");
+    let gw = Gateway::start(&config);
+    for _ in 0..6 {
+        let resp = gw.post_json(
+            "/v1/chat/completions",
+            TENANT_KEY,
+            &chat("gpt-4o-mini", false),
+        );
+        assert_eq!(resp.status, 200);
+        assert_eq!(resp.header("x-runestone-provider"), Some("mock"));
+    }
+    assert_eq!(mock.request_count(), 6);
+}
+
+#[test]
+fn unreachable_provider_is_a_502() {
+    let mock = Mock::start(&[]);
+    let mut config = GatewayConfig::new(&mock);
+    config.providers = vec![format!(
+        "  - {{ name: mock, base_url: \"http://127.0.0.1:{}/v1\" }}",
+        free_port()
+    )];
+    let gw = Gateway::start(&config);
+    let resp = gw.post_json(
+        "/v1/chat/completions",
+        TENANT_KEY,
+        &chat("gpt-4o-mini", false),
+    );
+    assert_eq!(
+        (resp.status, resp.error_code()),
+        (502, "upstream_error".to_string())
+    );
+}
+
+#[test]
+fn answers_health_ready_models_and_metrics() {
+    let (_mock, gw) = setup();
+    let health = gw.get("/health", None);
+    assert_eq!(
+        (health.status, health.json()["status"].as_str()),
+        (200, Some("ok"))
+    );
+    let ready = gw.get("/ready", None);
+    assert_eq!(ready.status, 200);
+    assert_eq!(ready.json()["checks"]["models"]["gpt-4o-mini"], "ok");
+
+    let models = gw.get("/v1/models", Some(TENANT_KEY)).json();
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(models["object"], "list");
+    assert_eq!(ids, ["gpt-4o-mini", "same-name", "text-embedding-3-small"]);
+    let restricted = gw.get("/v1/models", Some(RESTRICTED_KEY)).json();
+    assert_eq!(restricted["data"].as_array().unwrap().len(), 1);
+    assert_eq!(gw.get("/v1/models", None).status, 401);
+
+    gw.post_json(
+        "/v1/chat/completions",
+        TENANT_KEY,
+        &chat("gpt-4o-mini", false),
+    );
+    gw.post_json(
+        "/v1/chat/completions",
+        "sk-wrong-key-xyz",
+        &chat("gpt-4o-mini", false),
+    );
+    let metrics = gw.metrics();
+    assert!(
+        metrics.contains(r#"runestone_requests_total{model="gpt-4o-mini",provider="mock",status="200",tenant="acme"} 1"#),
+        "{metrics}"
+    );
+    assert!(metrics.contains(
+        r#"runestone_request_duration_seconds_count{model="gpt-4o-mini",provider="mock"} 1"#
+    ));
+    assert!(
+        metrics.contains(r#"runestone_errors_total{reason="auth"} 2"#),
+        "{metrics}"
+    );
+    assert!(!metrics.contains("sk-wrong-key-xyz"));
+}
+
+#[test]
+fn never_logs_keys() {
+    let mock = Mock::start(&["--api-key", PROVIDER_KEY]);
+    let config = GatewayConfig::new(&mock);
+    let gw = Gateway::start_with_env(&config, &[("RUST_LOG", "trace")]);
+    gw.post_json(
+        "/v1/chat/completions",
+        TENANT_KEY,
+        &chat("gpt-4o-mini", false),
+    );
+    gw.post_json(
+        "/v1/chat/completions",
+        TENANT_KEY,
+        &chat("gpt-4o-mini", true),
+    );
+    gw.post_json(
+        "/v1/chat/completions",
+        "sk-unknown-key-1234",
+        &chat("gpt-4o-mini", false),
+    );
+    gw.post_json(
+        "/v1/chat/completions",
+        RESTRICTED_KEY,
+        &chat("gpt-4o-mini", false),
+    );
+    mock.fault(json!({"status": 500, "count": 1}));
+    gw.post_json(
+        "/v1/chat/completions",
+        TENANT_KEY,
+        &chat("gpt-4o-mini", false),
+    );
+    let log = gw.log();
+    assert!(log.len() > 100, "the gateway logged at trace level: {log}");
+    for key in [
+        TENANT_KEY,
+        RESTRICTED_KEY,
+        PROVIDER_KEY,
+        "sk-unknown-key-1234",
+    ] {
+        assert!(!log.contains(key), "key {key} appears in the log");
+    }
+    assert!(!gw.metrics().contains(TENANT_KEY));
+}
+
+#[test]
+fn check_lists_every_problem_with_its_path_and_exits_2() {
+    let dir = std::env::temp_dir().join(format!("runestone-check-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("bad.yaml");
+    std::fs::write(
+        &bad,
+        r#"
+server: { listen: "127.0.0.1:1", extra: 1 }
+providers:
+  - { name: p, base_url: "ftp://x", api_key: "${RUNESTONE_TEST_UNSET_VAR}" }
+models:
+  - { name: m, targets: [{ provider: ghost }] }
+tenants:
+  - { id: t, keys: ["sha256:00"] }
+"#,
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_runestone"))
+        .args(["check", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for expected in [
+        "server.extra: unknown field `extra`",
+        "providers[0].base_url: scheme 'ftp' is not supported",
+        "providers[0].api_key: environment variable RUNESTONE_TEST_UNSET_VAR is not set",
+        "models[0].targets[0].provider: unknown provider 'ghost'",
+        "tenants[0].keys[0]: a 'sha256:' key must be followed by 64 hex digits",
+    ] {
+        assert!(
+            stderr.contains(expected),
+            "missing {expected:?} in:\n{stderr}"
+        );
+    }
+    let good = Command::new(env!("CARGO_BIN_EXE_runestone"))
+        .args([
+            "check",
+            "--config",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/conf/demo.yaml"),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        good.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&good.stderr)
+    );
+    let missing = Command::new(env!("CARGO_BIN_EXE_runestone"))
+        .args(["check", "--config", "/nonexistent/runestone.yaml"])
+        .output()
+        .unwrap();
+    assert_eq!(missing.status.code(), Some(2));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn hash_key_prints_the_sha256_digest() {
+    assert_eq!(
+        sha256_key("test"),
+        "sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+    );
+}
