@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The one test command (README and .ci/run call it): installs what the machine
+# lacks, checks formatting and lints, then runs `cargo test` (unit tests and
+# integration tests against the real binaries) and the OpenAI Python SDK suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/setup.sh
+
+if cargo fmt --version >/dev/null 2>&1; then
+  cargo fmt --all -- --check
+fi
+if cargo clippy --version >/dev/null 2>&1; then
+  cargo clippy --all-targets --quiet -- -D warnings
+fi
+
+cargo build --bins
+cargo test
+
+echo "== OpenAI Python SDK suite"
+RUNESTONE_BIN_DIR="$PWD/target/debug" .venv/bin/python -m pytest tests/sdk -q

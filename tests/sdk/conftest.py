@@ -1,0 +1,176 @@
+"""Fixtures for the OpenAI Python SDK suite.
+
+Starts the real `runestone-mock` and `runestone` binaries (built by
+`cargo build`, found in target/debug unless RUNESTONE_BIN_DIR says
+otherwise) on free loopback ports, waits for readiness, and stops them.
+"""
+
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import openai
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN_DIR = Path(os.environ.get("RUNESTONE_BIN_DIR", ROOT / "target" / "debug"))
+
+TENANT_KEY = "sk-sdk-tenant-key-0001"
+RESTRICTED_KEY = "sk-sdk-restricted-key-0002"
+PROVIDER_KEY = "sk-sdk-provider-key-0003"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, proc: subprocess.Popen, what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited during start-up with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=0.5) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} not ready at {url}")
+        time.sleep(0.02)
+
+
+class Mock:
+    """A running runestone-mock and its control API."""
+
+    def __init__(self, *args: str):
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [str(BIN_DIR / "runestone-mock"), "--listen", f"127.0.0.1:{self.port}", *args],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_ready(f"http://127.0.0.1:{self.port}/health", self.proc, "runestone-mock")
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def _get(self, path: str):
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}") as resp:
+            return json.load(resp)
+
+    def requests(self) -> list:
+        return self._get("/_mock/requests")
+
+    def stats(self) -> dict:
+        return self._get("/_mock/stats")
+
+    def fault(self, spec: dict) -> None:
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{self.port}/_mock/faults",
+            data=json.dumps(spec).encode(),
+            headers={"content-type": "application/json"},
+            method="POST",
+        )
+        urllib.request.urlopen(req).close()
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+class Gateway:
+    """A running runestone with a generated config."""
+
+    def __init__(self, mock: Mock, extra_models: str = ""):
+        self.port = free_port()
+        self.metrics_port = free_port()
+        self.dir = tempfile.TemporaryDirectory(prefix="runestone-sdk-")
+        restricted = "sha256:" + hashlib.sha256(RESTRICTED_KEY.encode()).hexdigest()
+        config = f"""
+server:
+  listen: "127.0.0.1:{self.port}"
+  metrics_listen: "127.0.0.1:{self.metrics_port}"
+  threads: 2
+  max_request_body_bytes: 1048576
+  grace_period_seconds: 1
+  pid_file: "{self.dir.name}/gw.pid"
+  upgrade_sock: "{self.dir.name}/gw.sock"
+providers:
+  - {{ name: mock, kind: openai, base_url: "{mock.base_url}", api_key: "{PROVIDER_KEY}" }}
+  - {{ name: dead, kind: openai, base_url: "http://127.0.0.1:{free_port()}/v1" }}
+models:
+  - name: gpt-4o-mini
+    targets: [{{ provider: mock, model: mock-small }}]
+  - name: text-embedding-3-small
+    targets: [{{ provider: mock }}]
+  - name: unreachable
+    targets: [{{ provider: dead }}]
+{extra_models}
+tenants:
+  - id: acme
+    keys: ["{TENANT_KEY}"]
+  - id: restricted
+    keys: ["{restricted}"]
+    models: [text-embedding-3-small]
+"""
+        path = Path(self.dir.name) / "runestone.yaml"
+        path.write_text(config)
+        self.log_path = Path(self.dir.name) / "gateway.log"
+        self.log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [str(BIN_DIR / "runestone"), "--config", str(path)],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "RUST_LOG": "debug"},
+        )
+        wait_ready(f"http://127.0.0.1:{self.port}/health", self.proc, "runestone")
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def client(self, key: str = TENANT_KEY) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.base_url, api_key=key, max_retries=0, timeout=30)
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics") as resp:
+            return resp.read().decode()
+
+    def output(self) -> str:
+        self.log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        self.log.close()
+        self.dir.cleanup()
+
+
+@pytest.fixture(scope="module")
+def mock():
+    m = Mock("--api-key", PROVIDER_KEY, "--tokens-per-second", "200")
+    yield m
+    m.stop()
+
+
+@pytest.fixture(scope="module")
+def gateway(mock):
+    g = Gateway(mock)
+    yield g
+    g.stop()
+
+
+@pytest.fixture()
+def client(gateway):
+    return gateway.client()
