@@ -776,8 +776,7 @@ tenants:
 
     fn problems(yaml: &str) -> Vec<String> {
         Config::from_yaml(yaml, env)
-            .err()
-            .expect("expected problems")
+            .expect_err("expected problems")
             .into_iter()
             .map(|p| p.to_string())
             .collect()

@@ -206,7 +206,9 @@ fn answers_openai_shaped_errors_with_the_documented_codes() {
     let (mock, gw) = setup();
     let auth = format!("Bearer {TENANT_KEY}");
     let with_key: &[(&str, &str)] = &[("authorization", &auth)];
-    let cases: Vec<(&str, &[(&str, &str)], &[u8], u16, &str)> = vec![
+    // (what, request headers, body, expected status, expected error code)
+    type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a [u8], u16, &'a str);
+    let cases: Vec<Case> = vec![
         (
             "no key",
             &[],
