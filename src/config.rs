@@ -133,9 +133,57 @@ struct RawTenant {
     keys: Vec<String>,
     #[serde(default)]
     models: Option<Vec<String>>,
+    #[serde(default)]
+    limits: Option<RawLimits>,
 }
 
-const TOP_LEVEL_KEYS: &[&str] = &["server", "providers", "models", "tenants"];
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    #[serde(default)]
+    requests_per_minute: Option<u32>,
+    #[serde(default)]
+    tokens_per_minute: Option<u64>,
+    #[serde(default)]
+    max_concurrent: Option<u32>,
+    #[serde(default)]
+    budget_usd: Option<RawBudget>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBudget {
+    amount: f64,
+    period: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRedis {
+    url: String,
+    #[serde(default)]
+    key_prefix: Option<String>,
+    #[serde(default)]
+    timeout_ms: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPrice {
+    input: f64,
+    output: f64,
+    #[serde(default)]
+    cached_input: Option<f64>,
+}
+
+const TOP_LEVEL_KEYS: &[&str] = &[
+    "server",
+    "redis",
+    "providers",
+    "models",
+    "pricing",
+    "tenants",
+];
 
 // ---------------------------------------------------------------- validated model
 
@@ -278,6 +326,86 @@ pub struct TenantSettings {
     pub id: String,
     /// The public models it may use; `None` means all.
     pub allowed_models: Option<HashSet<String>>,
+    /// Its admission limits; all `None` means unlimited.
+    pub limits: TenantLimits,
+}
+
+/// Money is kept in integer pico-dollars (1e-12 USD) so that sums are exact:
+/// a price of $0.075 per 1M tokens is 75,000 pUSD per token, and an `i64`
+/// holds over nine million dollars.
+pub const PICO_PER_USD: f64 = 1e12;
+
+/// A tenant's admission limits.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TenantLimits {
+    /// Requests admitted per minute (GCRA, burst of the whole minute).
+    pub requests_per_minute: Option<u32>,
+    /// Tokens admitted per minute (GCRA on estimated, then settled, tokens).
+    pub tokens_per_minute: Option<u64>,
+    /// Requests in flight at once.
+    pub max_concurrent: Option<u32>,
+    /// Spend allowed per period.
+    pub budget: Option<Budget>,
+}
+
+impl TenantLimits {
+    /// Whether any limit is set.
+    pub fn is_limited(&self) -> bool {
+        *self != TenantLimits::default()
+    }
+}
+
+/// A spending cap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budget {
+    /// The cap, in pico-dollars.
+    pub amount_pusd: i64,
+    /// The period it applies to.
+    pub period: BudgetPeriod,
+}
+
+/// The period a budget (and `/v1/usage`) covers, in UTC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BudgetPeriod {
+    /// The current UTC day.
+    Daily,
+    /// The current UTC month.
+    Monthly,
+    /// All time.
+    Total,
+}
+
+impl BudgetPeriod {
+    /// The name used in config and `/v1/usage`.
+    pub fn name(self) -> &'static str {
+        match self {
+            BudgetPeriod::Daily => "daily",
+            BudgetPeriod::Monthly => "monthly",
+            BudgetPeriod::Total => "total",
+        }
+    }
+}
+
+/// Prices of one public model, in pico-dollars per token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Price {
+    /// Per prompt token not served from the provider's cache.
+    pub input: i64,
+    /// Per completion token.
+    pub output: i64,
+    /// Per cached prompt token (defaults to the input price).
+    pub cached_input: i64,
+}
+
+/// Shared state in Redis.
+#[derive(Debug, Clone)]
+pub struct RedisSettings {
+    /// `redis://host:port/db` (credentials allowed; never logged).
+    pub url: Secret,
+    /// Prefix of every key (`runestone:{tenant}:...`).
+    pub key_prefix: String,
+    /// Bound on every Redis call.
+    pub timeout: std::time::Duration,
 }
 
 impl TenantSettings {
@@ -302,6 +430,10 @@ pub struct Config {
     pub tenants: Vec<TenantSettings>,
     /// Key digest -> tenant index.
     pub keys: KeyIndex,
+    /// Prices per public model name.
+    pub pricing: HashMap<String, Price>,
+    /// Shared state, when configured.
+    pub redis: Option<RedisSettings>,
     model_index: HashMap<String, usize>,
 }
 
@@ -365,6 +497,12 @@ impl Config {
         let (providers, provider_index) = validate_providers(raw_providers, &mut problems);
         let (models, model_index) = validate_models(raw_models, &provider_index, &mut problems);
         let (tenants, keys) = validate_tenants(raw_tenants, &model_index, &mut problems);
+        let pricing = validate_pricing(section("pricing"), &model_index, &mut problems);
+        let redis = match section("redis") {
+            Value::Null => None,
+            value => deserialize::<RawRedis>(value, "redis", &mut problems)
+                .and_then(|raw| validate_redis(raw, &mut problems)),
+        };
 
         match server {
             Some(server) if problems.is_empty() => Ok(Config {
@@ -373,10 +511,21 @@ impl Config {
                 models,
                 tenants,
                 keys,
+                pricing,
+                redis,
                 model_index,
             }),
             _ => Err(problems),
         }
+    }
+
+    /// Things that work but deserve the operator's attention.
+    pub fn warnings(&self) -> Vec<String> {
+        self.models
+            .iter()
+            .filter(|m| !self.pricing.contains_key(&m.name))
+            .map(|m| format!("pricing: model '{}' has no price; it is served and counted in tokens, at no cost", m.name))
+            .collect()
     }
 
     /// The route for a public model name, with its index in [`Config::models`].
@@ -737,12 +886,141 @@ fn validate_tenants(
                 }
             }
         }
+        let limits = raw
+            .limits
+            .map(|l| validate_limits(l, &format!("{path}.limits"), problems))
+            .unwrap_or_default();
         tenants.push(TenantSettings {
             id: raw.id,
             allowed_models: raw.models.map(|m| m.into_iter().collect()),
+            limits,
         });
     }
     (tenants, keys)
+}
+
+fn validate_limits(raw: RawLimits, path: &str, problems: &mut Vec<Problem>) -> TenantLimits {
+    let positive = |value: Option<u64>, key: &str, problems: &mut Vec<Problem>| {
+        if value == Some(0) {
+            problems.push(problem(
+                &join(path, key),
+                "must be at least 1 (leave it out for no limit)",
+            ));
+        }
+    };
+    positive(
+        raw.requests_per_minute.map(u64::from),
+        "requests_per_minute",
+        problems,
+    );
+    positive(raw.tokens_per_minute, "tokens_per_minute", problems);
+    positive(
+        raw.max_concurrent.map(u64::from),
+        "max_concurrent",
+        problems,
+    );
+    let budget = raw.budget_usd.and_then(|b| {
+        let bpath = join(path, "budget_usd");
+        let period = match b.period.as_str() {
+            "daily" => Some(BudgetPeriod::Daily),
+            "monthly" => Some(BudgetPeriod::Monthly),
+            "total" => Some(BudgetPeriod::Total),
+            other => {
+                problems.push(problem(
+                    &join(&bpath, "period"),
+                    format!("unknown period '{other}'; expected daily, monthly or total"),
+                ));
+                None
+            }
+        };
+        if !(b.amount.is_finite() && b.amount > 0.0 && b.amount < 1e6) {
+            problems.push(problem(
+                &join(&bpath, "amount"),
+                "must be a positive number of US dollars below 1,000,000",
+            ));
+            return None;
+        }
+        period.map(|period| Budget {
+            amount_pusd: (b.amount * PICO_PER_USD).round() as i64,
+            period,
+        })
+    });
+    TenantLimits {
+        requests_per_minute: raw.requests_per_minute,
+        tokens_per_minute: raw.tokens_per_minute,
+        max_concurrent: raw.max_concurrent,
+        budget,
+    }
+}
+
+fn validate_pricing(
+    value: Value,
+    models: &HashMap<String, usize>,
+    problems: &mut Vec<Problem>,
+) -> HashMap<String, Price> {
+    let mut pricing = HashMap::new();
+    let Value::Mapping(map) = value else {
+        if !value.is_null() {
+            problems.push(problem(
+                "pricing",
+                "must be a mapping of model name to prices",
+            ));
+        }
+        return pricing;
+    };
+    for (name, raw) in map {
+        let name = name.as_str().unwrap_or("?").to_string();
+        let path = format!("pricing.{name}");
+        if !models.contains_key(&name) {
+            problems.push(problem(&path, format!("unknown model '{name}'")));
+            continue;
+        }
+        let Some(raw) = deserialize::<RawPrice>(raw, &path, problems) else {
+            continue;
+        };
+        // USD per 1M tokens -> pico-dollars per token.
+        let mut per_token = |usd_per_million: f64, key: &str| {
+            if !(usd_per_million.is_finite() && (0.0..100_000.0).contains(&usd_per_million)) {
+                problems.push(problem(
+                    &join(&path, key),
+                    "must be a non-negative price in USD per 1M tokens",
+                ));
+                return 0;
+            }
+            (usd_per_million * 1e6).round() as i64
+        };
+        let price = Price {
+            input: per_token(raw.input, "input"),
+            output: per_token(raw.output, "output"),
+            cached_input: per_token(raw.cached_input.unwrap_or(raw.input), "cached_input"),
+        };
+        pricing.insert(name, price);
+    }
+    pricing
+}
+
+fn validate_redis(raw: RawRedis, problems: &mut Vec<Problem>) -> Option<RedisSettings> {
+    let before = problems.len();
+    match url::Url::parse(&raw.url) {
+        Ok(url) if matches!(url.scheme(), "redis" | "rediss") && url.host().is_some() => {}
+        _ => problems.push(problem("redis.url", "must be a redis://host:port/db URL")),
+    }
+    let key_prefix = raw.key_prefix.unwrap_or_else(|| "runestone".into());
+    if !is_identifier(&key_prefix) {
+        problems.push(problem(
+            "redis.key_prefix",
+            "must be 1-64 characters of A-Z a-z 0-9 - _ .",
+        ));
+    }
+    let timeout_ms = raw.timeout_ms.unwrap_or(50);
+    if !(1..=10_000).contains(&timeout_ms) {
+        problems.push(problem("redis.timeout_ms", "must be between 1 and 10000"));
+    }
+    (problems.len() == before).then(|| RedisSettings {
+        url: Secret(raw.url),
+        key_prefix,
+        timeout: std::time::Duration::from_millis(timeout_ms),
+    })
 }
 
 #[cfg(test)]
@@ -865,6 +1143,83 @@ extra: true
                 "missing {e:?} in {found:#?}"
             );
         }
+    }
+
+    #[test]
+    fn loads_limits_pricing_and_redis() {
+        let yaml = VALID.replace(
+            "    models: [\"gpt-4o-mini\"]\n",
+            "    models: [\"gpt-4o-mini\"]\n    limits: { requests_per_minute: 60, tokens_per_minute: 1000, max_concurrent: 2, budget_usd: { amount: 1.5, period: daily } }\n",
+        ) + "pricing:\n  gpt-4o-mini: { input: 0.15, output: 0.6, cached_input: 0.075 }\nredis: { url: \"redis://127.0.0.1:6379/0\" }\n";
+        let config = Config::from_yaml(&yaml, env).unwrap();
+        let limits = &config.tenants[0].limits;
+        assert_eq!(limits.requests_per_minute, Some(60));
+        assert_eq!(limits.tokens_per_minute, Some(1000));
+        assert_eq!(limits.max_concurrent, Some(2));
+        assert_eq!(
+            limits.budget,
+            Some(Budget {
+                amount_pusd: 1_500_000_000_000,
+                period: BudgetPeriod::Daily
+            })
+        );
+        assert_eq!(
+            config.pricing["gpt-4o-mini"],
+            Price {
+                input: 150_000,
+                output: 600_000,
+                cached_input: 75_000
+            }
+        );
+        let redis = config.redis.clone().unwrap();
+        assert_eq!(
+            (redis.key_prefix.as_str(), redis.timeout.as_millis()),
+            ("runestone", 50)
+        );
+        assert!(config.warnings().is_empty());
+    }
+
+    #[test]
+    fn reports_bad_limits_pricing_and_redis() {
+        let yaml = VALID.replace(
+            "    models: [\"gpt-4o-mini\"]\n",
+            "    limits: { requests_per_minute: 0, budget_usd: { amount: -1, period: weekly }, burst: 3 }\n",
+        ) + "pricing:\n  gpt-5: { input: 1, output: 2 }\n  gpt-4o-mini: { input: -1, output: 2 }\nredis: { url: \"http://x\", timeout_ms: 0 }\n";
+        let found = problems(&yaml);
+        for e in [
+            "tenants[0].limits.burst: unknown field `burst`",
+            "pricing.gpt-5: unknown model 'gpt-5'",
+            "pricing.gpt-4o-mini.input: must be a non-negative price",
+            "redis.url: must be a redis://",
+            "redis.timeout_ms: must be between 1 and 10000",
+        ] {
+            assert!(
+                found.iter().any(|f| f.starts_with(e)),
+                "missing {e:?} in {found:#?}"
+            );
+        }
+        let yaml = VALID.replace(
+            "    models: [\"gpt-4o-mini\"]\n",
+            "    limits: { requests_per_minute: 0, budget_usd: { amount: -1, period: weekly } }\n",
+        );
+        let found = problems(&yaml);
+        for e in [
+            "tenants[0].limits.requests_per_minute: must be at least 1",
+            "tenants[0].limits.budget_usd.period: unknown period 'weekly'",
+            "tenants[0].limits.budget_usd.amount: must be a positive number",
+        ] {
+            assert!(
+                found.iter().any(|f| f.starts_with(e)),
+                "missing {e:?} in {found:#?}"
+            );
+        }
+    }
+
+    #[test]
+    fn warns_about_models_without_a_price() {
+        let config = Config::from_yaml(VALID, env).unwrap();
+        assert_eq!(config.warnings().len(), 1);
+        assert!(config.warnings()[0].contains("'gpt-4o-mini' has no price"));
     }
 
     #[test]

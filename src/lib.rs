@@ -21,6 +21,7 @@
 pub mod admin;
 pub mod auth;
 pub mod config;
+pub mod cost;
 pub mod gateway;
 pub mod metrics;
 pub mod openai;
