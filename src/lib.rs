@@ -11,6 +11,8 @@
 //! | [`config`] | the YAML schema, `${ENV}` interpolation, validation into a [`config::Config`] that cannot be invalid |
 //! | [`auth`]   | API key -> tenant lookup by SHA-256 digest |
 //! | [`openai`] | wire types the gateway reads, the OpenAI-shaped error body, body rewriting |
+//! | [`limits`] | tenant admission: RPM/TPM (GCRA), concurrency, budgets; in-process or in Redis |
+//! | [`cost`]   | usage extraction from JSON and SSE responses, estimates, prices |
 //! | [`upstream`] | providers, their resolved addresses, model routes and backend choice |
 //! | [`metrics`] | every Prometheus metric handle, in one place |
 //! | [`admin`]  | locally answered endpoints: `/health`, `/ready`, `/v1/models` |
@@ -23,6 +25,7 @@ pub mod auth;
 pub mod config;
 pub mod cost;
 pub mod gateway;
+pub mod limits;
 pub mod metrics;
 pub mod openai;
 pub mod server;

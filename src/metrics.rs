@@ -6,7 +6,10 @@
 //! names) or from closed vocabularies; never keys or client-chosen strings.
 
 use once_cell::sync::Lazy;
-use prometheus::{register_histogram_vec, register_int_counter_vec, HistogramVec, IntCounterVec};
+use prometheus::{
+    register_counter_vec, register_histogram_vec, register_int_counter_vec, register_int_gauge,
+    register_int_gauge_vec, CounterVec, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec,
+};
 
 /// Latency buckets in seconds, from sub-millisecond gateway work to long
 /// generations.
@@ -48,9 +51,77 @@ pub static ERRORS: Lazy<IntCounterVec> = Lazy::new(|| {
     .expect("metric registers once")
 });
 
+/// `runestone_tokens_total{tenant,model,kind}`: tokens used, `kind` is
+/// `prompt` or `completion` (reported by the provider or estimated).
+pub static TOKENS: Lazy<IntCounterVec> = Lazy::new(|| {
+    register_int_counter_vec!(
+        "runestone_tokens_total",
+        "Tokens used, by tenant, public model and kind (prompt, completion).",
+        &["tenant", "model", "kind"]
+    )
+    .expect("metric registers once")
+});
+
+/// `runestone_cost_usd_total{tenant,model}`: spend at the configured prices.
+pub static COST_USD: Lazy<CounterVec> = Lazy::new(|| {
+    register_counter_vec!(
+        "runestone_cost_usd_total",
+        "Spend in US dollars at the configured prices, by tenant and public model.",
+        &["tenant", "model"]
+    )
+    .expect("metric registers once")
+});
+
+/// `runestone_rate_limited_total{tenant,limit}`: refused admissions, by the
+/// limit that refused (`rpm`, `tpm`, `concurrency`, `budget`).
+pub static RATE_LIMITED: Lazy<IntCounterVec> = Lazy::new(|| {
+    register_int_counter_vec!(
+        "runestone_rate_limited_total",
+        "Requests refused by a tenant limit, by tenant and limit (rpm, tpm, concurrency, budget).",
+        &["tenant", "limit"]
+    )
+    .expect("metric registers once")
+});
+
+/// `runestone_inflight_requests{tenant}`: admitted requests not yet settled.
+pub static INFLIGHT: Lazy<IntGaugeVec> = Lazy::new(|| {
+    register_int_gauge_vec!(
+        "runestone_inflight_requests",
+        "Admitted requests in flight, by tenant.",
+        &["tenant"]
+    )
+    .expect("metric registers once")
+});
+
+/// `runestone_redis_up`: 1 while Redis answers, 0 while the gateway runs on
+/// in-process counters.
+pub static REDIS_UP: Lazy<IntGauge> = Lazy::new(|| {
+    register_int_gauge!(
+        "runestone_redis_up",
+        "1 while Redis answers; 0 while limits fall back to in-process counters."
+    )
+    .expect("metric registers once")
+});
+
+/// `runestone_redis_errors_total{op}`: failed or timed-out Redis calls.
+pub static REDIS_ERRORS: Lazy<IntCounterVec> = Lazy::new(|| {
+    register_int_counter_vec!(
+        "runestone_redis_errors_total",
+        "Redis calls that failed or timed out, by operation.",
+        &["op"]
+    )
+    .expect("metric registers once")
+});
+
 /// Registers every metric, so that all of them appear on the first scrape.
 pub fn register_all() {
     Lazy::force(&REQUESTS);
     Lazy::force(&REQUEST_DURATION);
     Lazy::force(&ERRORS);
+    Lazy::force(&TOKENS);
+    Lazy::force(&COST_USD);
+    Lazy::force(&RATE_LIMITED);
+    Lazy::force(&INFLIGHT);
+    Lazy::force(&REDIS_UP);
+    Lazy::force(&REDIS_ERRORS);
 }

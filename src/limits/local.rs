@@ -1,0 +1,213 @@
+//! The in-process limit store: exact within one gateway process, one small
+//! mutex per tenant (no lock is shared between tenants), never held across
+//! an await.
+
+use super::{gcra_take, window, LimitKind, PeriodUsage, RateLimitState, Refusal};
+use crate::config::TenantLimits;
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+#[derive(Debug, Default)]
+struct TenantState {
+    requests_tat: f64,
+    tokens_tat: f64,
+    inflight: u32,
+    /// Usage per period id; only the current periods are ever read.
+    usage: HashMap<String, PeriodUsage>,
+}
+
+/// Per-tenant limit state held in this process.
+#[derive(Debug)]
+pub struct LocalStore {
+    tenants: Vec<Mutex<TenantState>>,
+}
+
+impl LocalStore {
+    /// State for `tenants` tenants, all idle.
+    pub fn new(tenants: usize) -> Self {
+        LocalStore {
+            tenants: (0..tenants).map(|_| Mutex::default()).collect(),
+        }
+    }
+
+    fn state(&self, tenant: usize) -> std::sync::MutexGuard<'_, TenantState> {
+        // A panic while holding the lock leaves consistent numbers behind:
+        // every update below is a plain assignment.
+        self.tenants[tenant].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Admits one request of `tokens` tokens, all limits or none.
+    /// `spent_elsewhere` is spend this store does not hold (the last known
+    /// shared spend when Redis is unavailable).
+    pub fn admit(
+        &self,
+        tenant: usize,
+        limits: &TenantLimits,
+        tokens: u64,
+        period_id: &str,
+        spent_elsewhere: i64,
+        now: f64,
+    ) -> Result<RateLimitState, Refusal> {
+        let mut state = self.state(tenant);
+        let current = |state: &TenantState| RateLimitState {
+            requests: limits
+                .requests_per_minute
+                .map(|rpm| window(state.requests_tat, now, u64::from(rpm))),
+            tokens: limits
+                .tokens_per_minute
+                .map(|tpm| window(state.tokens_tat, now, tpm)),
+        };
+        let refuse = |limit, retry_after: Option<f64>, state: &TenantState| Refusal {
+            limit,
+            retry_after_ms: retry_after.map(|ms| ms.ceil() as u64),
+            state: current(state),
+        };
+
+        if let Some(budget) = limits.budget {
+            let spent = state.usage.get(period_id).map_or(0, |u| u.cost_pusd) + spent_elsewhere;
+            if spent >= budget.amount_pusd {
+                return Err(refuse(LimitKind::Budget, None, &state));
+            }
+        }
+        let requests_tat = match limits.requests_per_minute {
+            Some(rpm) => match gcra_take(state.requests_tat, now, f64::from(rpm), 1.0) {
+                Ok(tat) => Some(tat),
+                Err(wait) => return Err(refuse(LimitKind::Requests, Some(wait), &state)),
+            },
+            None => None,
+        };
+        let tokens_tat = match limits.tokens_per_minute {
+            Some(tpm) => match gcra_take(state.tokens_tat, now, tpm as f64, tokens as f64) {
+                Ok(tat) => Some(tat),
+                Err(wait) => return Err(refuse(LimitKind::Tokens, Some(wait), &state)),
+            },
+            None => None,
+        };
+        if let Some(max) = limits.max_concurrent {
+            if state.inflight >= max {
+                return Err(refuse(LimitKind::Concurrency, None, &state));
+            }
+            state.inflight += 1;
+        }
+        if let Some(tat) = requests_tat {
+            state.requests_tat = tat;
+        }
+        if let Some(tat) = tokens_tat {
+            state.tokens_tat = tat;
+        }
+        Ok(current(&state))
+    }
+
+    /// Frees a concurrency slot taken by [`LocalStore::admit`].
+    pub fn release(&self, tenant: usize) {
+        let mut state = self.state(tenant);
+        state.inflight = state.inflight.saturating_sub(1);
+    }
+
+    /// Frees the slot and moves the token TAT by the difference between the
+    /// real usage and the reservation.
+    pub fn settle_limits(&self, tenant: usize, limits: &TenantLimits, token_delta: i64, now: f64) {
+        let mut state = self.state(tenant);
+        if limits.max_concurrent.is_some() {
+            state.inflight = state.inflight.saturating_sub(1);
+        }
+        if let Some(tpm) = limits.tokens_per_minute {
+            let shift = token_delta as f64 * super::WINDOW_MS / tpm as f64;
+            // An overrun counts from now when the limit was whole; a refund
+            // never makes it more than whole.
+            state.tokens_tat = if token_delta > 0 {
+                state.tokens_tat.max(now) + shift
+            } else {
+                (state.tokens_tat + shift).max(now)
+            };
+        }
+    }
+
+    /// Adds a finished request's usage to the period's counters.
+    pub fn record(&self, tenant: usize, period_id: &str, usage: &PeriodUsage) {
+        let mut state = self.state(tenant);
+        if !state.usage.contains_key(period_id) {
+            // A new period began: the old ones are never read again.
+            state.usage.clear();
+        }
+        state.usage.entry(period_id.to_string()).or_default().add(usage);
+    }
+
+    /// The period's counters.
+    pub fn usage(&self, tenant: usize, period_id: &str) -> PeriodUsage {
+        self.state(tenant).usage.get(period_id).cloned().unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Budget, BudgetPeriod};
+
+    fn limits() -> TenantLimits {
+        TenantLimits {
+            requests_per_minute: Some(5),
+            tokens_per_minute: Some(1000),
+            max_concurrent: Some(2),
+            budget: Some(Budget {
+                amount_pusd: 1000,
+                period: BudgetPeriod::Daily,
+            }),
+        }
+    }
+
+    #[test]
+    fn concurrency_slots_are_taken_and_released() {
+        let store = LocalStore::new(1);
+        let l = TenantLimits {
+            max_concurrent: Some(2),
+            ..TenantLimits::default()
+        };
+        assert!(store.admit(0, &l, 1, "p", 0, 0.0).is_ok());
+        assert!(store.admit(0, &l, 1, "p", 0, 0.0).is_ok());
+        let refusal = store.admit(0, &l, 1, "p", 0, 0.0).unwrap_err();
+        assert_eq!(refusal.limit, LimitKind::Concurrency);
+        store.release(0);
+        assert!(store.admit(0, &l, 1, "p", 0, 0.0).is_ok());
+    }
+
+    #[test]
+    fn a_refusal_reserves_nothing() {
+        let store = LocalStore::new(1);
+        let l = limits();
+        // 900 tokens fit, then a 200-token request is refused by TPM ...
+        assert!(store.admit(0, &l, 900, "p", 0, 0.0).is_ok());
+        let refusal = store.admit(0, &l, 200, "p", 0, 0.0).unwrap_err();
+        assert_eq!(refusal.limit, LimitKind::Tokens);
+        // ... without having taken a request or a slot.
+        let state = store.admit(0, &l, 100, "p", 0, 0.0).unwrap();
+        assert_eq!(state.requests.unwrap().remaining, 3);
+    }
+
+    #[test]
+    fn settlement_refunds_and_charges_overruns() {
+        let store = LocalStore::new(1);
+        let l = TenantLimits {
+            tokens_per_minute: Some(1000),
+            ..TenantLimits::default()
+        };
+        store.admit(0, &l, 800, "p", 0, 0.0).unwrap();
+        store.settle_limits(0, &l, -700, 0.0); // used 100
+        let state = store.admit(0, &l, 850, "p", 0, 0.0).unwrap();
+        assert_eq!(state.tokens.unwrap().remaining, 50);
+        store.settle_limits(0, &l, 150, 0.0); // used 1000 of 850 reserved
+        assert_eq!(store.admit(0, &l, 1, "p", 0, 0.0).unwrap_err().limit, LimitKind::Tokens);
+    }
+
+    #[test]
+    fn budget_refuses_once_spent_and_resets_with_the_period() {
+        let store = LocalStore::new(1);
+        let l = limits();
+        store.record(0, "d1", &PeriodUsage { requests: 1, cost_pusd: 999, ..Default::default() });
+        assert!(store.admit(0, &l, 1, "d1", 0, 0.0).is_ok());
+        store.record(0, "d1", &PeriodUsage { requests: 1, cost_pusd: 1, ..Default::default() });
+        assert_eq!(store.admit(0, &l, 1, "d1", 0, 0.0).unwrap_err().limit, LimitKind::Budget);
+        assert!(store.admit(0, &l, 1, "d2", 0, 0.0).is_ok(), "a new day");
+        assert_eq!(store.admit(0, &l, 1, "d2", 1000, 0.0).unwrap_err().limit, LimitKind::Budget);
+    }
+}

@@ -1,0 +1,522 @@
+//! Tenant admission: requests and tokens per minute, concurrency, budgets.
+//!
+//! # Algorithm
+//!
+//! Requests and tokens per minute use GCRA (the generic cell rate
+//! algorithm) over a one-minute window: a limit of N per minute admits up to
+//! N at once from idle (the burst is the whole minute) and then refills
+//! continuously at N/60 per second. State is one number per limit, the
+//! theoretical arrival time (TAT); a request of weight `w` is admitted when
+//! `max(TAT, now) + w * 60s/N - now <= 60s`. So a burst of N + k requests
+//! against an idle limit of N admits exactly N, and the refusal says exactly
+//! when the next one fits (`retry-after-ms`).
+//!
+//! Tokens are reserved at admission from an estimate (see
+//! [`crate::cost::estimate_request_tokens`]; a single request is reserved at
+//! most the whole minute's tokens, so it can always eventually run) and
+//! settled when the response ends: the difference to the real usage moves
+//! the TAT back (refund) or forward (overrun).
+//!
+//! Concurrency is a count of in-flight slots, released when the request ends
+//! however it ends. Budgets compare the period's spend with the cap; the
+//! request that crosses the cap is served, the ones after it are refused.
+//!
+//! # Stores
+//!
+//! Without `redis:` all state is in this process ([`local::LocalStore`],
+//! one small mutex per tenant). With `redis:` it is global across instances
+//! ([`redis::RedisStore`]: one Lua script round trip per admission, slots as
+//! expiring leases); when Redis fails or is slow the limiter falls back to the
+//! in-process store, counts the error, and keeps the spend locally until it
+//! can be flushed.
+
+pub mod local;
+pub mod redis;
+
+use crate::config::{BudgetPeriod, Config, TenantLimits};
+use crate::cost::Usage;
+use crate::metrics;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// The window every per-minute limit refills over, in milliseconds.
+pub const WINDOW_MS: f64 = 60_000.0;
+
+/// Floating-point slack so that exactly N requests fit in a limit of N.
+const EPSILON_MS: f64 = 1e-6;
+
+/// Which limit refused a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitKind {
+    /// `requests_per_minute`
+    Requests,
+    /// `tokens_per_minute`
+    Tokens,
+    /// `max_concurrent`
+    Concurrency,
+    /// `budget_usd`
+    Budget,
+}
+
+impl LimitKind {
+    /// The `runestone_rate_limited_total{limit}` label.
+    pub fn label(self) -> &'static str {
+        match self {
+            LimitKind::Requests => "rpm",
+            LimitKind::Tokens => "tpm",
+            LimitKind::Concurrency => "concurrency",
+            LimitKind::Budget => "budget",
+        }
+    }
+
+    fn from_label(label: &str) -> Option<Self> {
+        match label {
+            "rpm" => Some(LimitKind::Requests),
+            "tpm" => Some(LimitKind::Tokens),
+            "concurrency" => Some(LimitKind::Concurrency),
+            "budget" => Some(LimitKind::Budget),
+            _ => None,
+        }
+    }
+}
+
+/// One per-minute limit as OpenAI's `x-ratelimit-*` headers describe it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    /// The limit per minute.
+    pub limit: u64,
+    /// What could still be admitted now.
+    pub remaining: u64,
+    /// Milliseconds until the limit is whole again.
+    pub reset_ms: u64,
+}
+
+/// The tenant's per-minute limits after an admission decision.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RateLimitState {
+    /// `x-ratelimit-*-requests`, when the tenant has an RPM limit.
+    pub requests: Option<Window>,
+    /// `x-ratelimit-*-tokens`, when the tenant has a TPM limit.
+    pub tokens: Option<Window>,
+}
+
+/// A refused admission.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// The limit that refused.
+    pub limit: LimitKind,
+    /// When a retry can succeed; `None` when no wait will help (a `total`
+    /// budget that is spent).
+    pub retry_after_ms: Option<u64>,
+    /// The limits' state, for the response headers.
+    pub state: RateLimitState,
+}
+
+/// GCRA: takes `amount` from a per-minute `limit` whose TAT is `tat`.
+/// Returns the new TAT, or how many milliseconds until it would fit.
+pub fn gcra_take(tat: f64, now: f64, limit: f64, amount: f64) -> Result<f64, f64> {
+    let new_tat = tat.max(now) + amount * WINDOW_MS / limit;
+    let over = new_tat - now - WINDOW_MS;
+    if over > EPSILON_MS {
+        Err(over)
+    } else {
+        Ok(new_tat)
+    }
+}
+
+/// The header view of a per-minute limit with TAT `tat`.
+pub fn window(tat: f64, now: f64, limit: u64) -> Window {
+    let used_ms = (tat - now).max(0.0);
+    let remaining = ((WINDOW_MS - used_ms) * limit as f64 / WINDOW_MS + EPSILON_MS).floor();
+    Window {
+        limit,
+        remaining: remaining.clamp(0.0, limit as f64) as u64,
+        reset_ms: used_ms.ceil() as u64,
+    }
+}
+
+/// Milliseconds since the Unix epoch, as a float (Redis uses its own clock).
+pub fn now_ms() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+}
+
+/// The period usage and budgets are counted in for a tenant: its budget's,
+/// or the calendar month without a budget.
+pub fn accounting_period(limits: &TenantLimits) -> BudgetPeriod {
+    limits.budget.map_or(BudgetPeriod::Monthly, |b| b.period)
+}
+
+/// The current period's id (`2026-11-25`, `2026-11`, `total`) and the
+/// milliseconds until it ends (`None` for `total`), in UTC.
+pub fn period_at(period: BudgetPeriod, unix_ms: f64) -> (String, Option<u64>) {
+    let secs = (unix_ms / 1000.0).floor() as i64;
+    let days = secs.div_euclid(86_400);
+    let (y, m, d) = civil_from_days(days);
+    let ms_into_day = unix_ms - days as f64 * 86_400_000.0;
+    match period {
+        BudgetPeriod::Daily => {
+            let left = 86_400_000.0 - ms_into_day;
+            (format!("{y:04}-{m:02}-{d:02}"), Some(left.ceil() as u64))
+        }
+        BudgetPeriod::Monthly => {
+            let (ny, nm) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
+            let next = days_from_civil(ny, nm, 1);
+            let left = (next - days) as f64 * 86_400_000.0 - ms_into_day;
+            (format!("{y:04}-{m:02}"), Some(left.ceil() as u64))
+        }
+        BudgetPeriod::Total => ("total".to_string(), None),
+    }
+}
+
+/// Days since 1970-01-01 -> (year, month, day) in the proleptic Gregorian
+/// calendar (the "civil from days" algorithm of H. Hinnant).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+/// The inverse of [`civil_from_days`].
+fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = i64::from(if m > 2 { m - 3 } else { m + 9 });
+    let doy = (153 * mp + 2) / 5 + i64::from(d) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// Counters of one tenant in one period.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeriodUsage {
+    /// Requests settled.
+    pub requests: u64,
+    /// Prompt tokens.
+    pub prompt_tokens: u64,
+    /// Completion tokens.
+    pub completion_tokens: u64,
+    /// Spend in pico-dollars.
+    pub cost_pusd: i64,
+}
+
+impl PeriodUsage {
+    fn add(&mut self, other: &PeriodUsage) {
+        self.requests += other.requests;
+        self.prompt_tokens += other.prompt_tokens;
+        self.completion_tokens += other.completion_tokens;
+        self.cost_pusd = self.cost_pusd.saturating_add(other.cost_pusd);
+    }
+}
+
+/// Where an admission was decided, so the settlement goes to the same place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Decided {
+    /// The tenant has no limits: nothing was reserved.
+    Unlimited,
+    /// The in-process store (no Redis, or Redis unavailable).
+    Local,
+    /// Redis, holding the lease with this id.
+    Redis,
+}
+
+/// An admitted request's claim on its tenant's limits. Settle it with
+/// [`Limiter::settle`]; dropping it unsettled still frees its slot.
+#[derive(Debug)]
+pub struct Grant {
+    tenant: usize,
+    reserved_tokens: u64,
+    lease: String,
+    decided: Decided,
+    settled: bool,
+    limiter: Arc<Inner>,
+    /// The limits' state after admission, for the response headers.
+    pub state: RateLimitState,
+}
+
+impl Drop for Grant {
+    fn drop(&mut self) {
+        if !self.settled {
+            // Only a panic gets here; a Redis lease expires by itself.
+            if self.decided == Decided::Local {
+                self.limiter.local.release(self.tenant);
+            }
+            self.limiter.inflight_done(self.tenant);
+        }
+    }
+}
+
+/// What the limiter needs of a finished request.
+#[derive(Debug, Clone, Copy)]
+pub struct Settlement {
+    /// Tokens used (reported or estimated).
+    pub usage: Usage,
+    /// Their cost in pico-dollars.
+    pub cost_pusd: i64,
+    /// How long the request took, for the concurrency retry estimate.
+    pub duration: Duration,
+}
+
+/// The `/v1/usage` answer for one tenant.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UsageReport {
+    /// `daily`, `monthly` or `total`.
+    pub period: BudgetPeriod,
+    /// The period's id (`2026-11`).
+    pub period_id: String,
+    /// The counters.
+    pub usage: PeriodUsage,
+    /// Whether shared state could not be read and the numbers are this
+    /// instance's only.
+    pub partial: bool,
+}
+
+#[derive(Debug)]
+struct Inner {
+    limits: Vec<TenantLimits>,
+    tenant_ids: Vec<String>,
+    local: local::LocalStore,
+    redis: Option<redis::RedisStore>,
+    /// EWMA of request durations per tenant, in ms: the estimate of when a
+    /// concurrency slot frees up.
+    durations_ms: Vec<AtomicU64>,
+}
+
+impl Inner {
+    fn inflight_done(&self, tenant: usize) {
+        metrics::INFLIGHT.with_label_values(&[&self.tenant_ids[tenant]]).dec();
+    }
+}
+
+/// The admission facade the gateway uses.
+#[derive(Debug, Clone)]
+pub struct Limiter {
+    inner: Arc<Inner>,
+}
+
+impl Limiter {
+    /// A limiter for the config's tenants, with Redis when configured.
+    pub fn new(config: &Config) -> Self {
+        let n = config.tenants.len();
+        Limiter {
+            inner: Arc::new(Inner {
+                limits: config.tenants.iter().map(|t| t.limits.clone()).collect(),
+                tenant_ids: config.tenants.iter().map(|t| t.id.clone()).collect(),
+                local: local::LocalStore::new(n),
+                redis: config
+                    .redis
+                    .as_ref()
+                    .map(|settings| redis::RedisStore::new(settings, &config.tenants)),
+                durations_ms: (0..n).map(|_| AtomicU64::new(1000)).collect(),
+            }),
+        }
+    }
+
+    /// The Redis store, for its maintenance service.
+    pub fn redis(&self) -> Option<redis::RedisStore> {
+        self.inner.redis.clone()
+    }
+
+    /// Admits a request of `tokens` estimated tokens for `tenant`, or says
+    /// which limit refuses it and for how long.
+    pub async fn admit(&self, tenant: usize, tokens: u64) -> Result<Grant, Refusal> {
+        let inner = &self.inner;
+        let limits = &inner.limits[tenant];
+        let tokens = limits.tokens_per_minute.map_or(tokens, |tpm| tokens.min(tpm));
+        let lease = format!("{:032x}", fastrand::u128(..));
+        let (period_id, period_left_ms) = period_at(accounting_period(limits), now_ms());
+        let decided = if !limits.is_limited() {
+            Ok((Decided::Unlimited, RateLimitState::default()))
+        } else {
+            let from_redis = match &inner.redis {
+                Some(redis) => redis.admit(tenant, limits, tokens, &lease, &period_id).await,
+                None => None,
+            };
+            match from_redis {
+                Some(result) => result.map(|state| (Decided::Redis, state)),
+                None => {
+                    let spent_elsewhere = inner.redis.as_ref().map_or(0, |r| r.known_spend(tenant, &period_id));
+                    inner
+                        .local
+                        .admit(tenant, limits, tokens, &period_id, spent_elsewhere, now_ms())
+                        .map(|state| (Decided::Local, state))
+                }
+            }
+        };
+        match decided {
+            Ok((decided, state)) => {
+                metrics::INFLIGHT.with_label_values(&[&inner.tenant_ids[tenant]]).inc();
+                Ok(Grant {
+                    tenant,
+                    reserved_tokens: tokens,
+                    lease,
+                    decided,
+                    settled: false,
+                    limiter: inner.clone(),
+                    state,
+                })
+            }
+            Err(mut refusal) => {
+                refusal.retry_after_ms = match refusal.limit {
+                    LimitKind::Budget => period_left_ms,
+                    LimitKind::Concurrency => {
+                        let typical = inner.durations_ms[tenant].load(Ordering::Relaxed);
+                        Some(typical.clamp(100, 30_000))
+                    }
+                    _ => refusal.retry_after_ms,
+                };
+                metrics::RATE_LIMITED
+                    .with_label_values(&[&inner.tenant_ids[tenant], refusal.limit.label()])
+                    .inc();
+                Err(refusal)
+            }
+        }
+    }
+
+    /// Settles a finished request: frees its slot, corrects its token
+    /// reservation with the real usage and adds its spend.
+    pub async fn settle(&self, mut grant: Grant, settlement: Settlement) {
+        grant.settled = true;
+        let inner = &self.inner;
+        let tenant = grant.tenant;
+        inner.inflight_done(tenant);
+        let limits = &inner.limits[tenant];
+        let ewma = &inner.durations_ms[tenant];
+        let sample = settlement.duration.as_millis().min(u128::from(u32::MAX)) as u64;
+        let old = ewma.load(Ordering::Relaxed);
+        ewma.store((old * 7 + sample) / 8, Ordering::Relaxed);
+
+        let (period_id, _) = period_at(accounting_period(limits), now_ms());
+        let token_delta = settlement.usage.total() as i64 - grant.reserved_tokens as i64;
+        let record = PeriodUsage {
+            requests: 1,
+            prompt_tokens: settlement.usage.prompt_tokens,
+            completion_tokens: settlement.usage.completion_tokens,
+            cost_pusd: settlement.cost_pusd,
+        };
+        match (&inner.redis, grant.decided) {
+            (Some(redis), decided) => {
+                if decided == Decided::Local {
+                    inner.local.settle_limits(tenant, limits, token_delta, now_ms());
+                }
+                let lease = (decided == Decided::Redis).then_some(grant.lease.as_str());
+                let delta = if decided == Decided::Redis { token_delta } else { 0 };
+                redis.settle(tenant, limits, delta, lease, &period_id, &record).await;
+            }
+            (None, Decided::Unlimited) => inner.local.record(tenant, &period_id, &record),
+            (None, _) => {
+                inner.local.settle_limits(tenant, limits, token_delta, now_ms());
+                inner.local.record(tenant, &period_id, &record);
+            }
+        }
+    }
+
+    /// The tenant's usage in its current accounting period.
+    pub async fn usage(&self, tenant: usize) -> UsageReport {
+        let limits = &self.inner.limits[tenant];
+        let period = accounting_period(limits);
+        let (period_id, _) = period_at(period, now_ms());
+        let (usage, partial) = match &self.inner.redis {
+            Some(redis) => redis.usage(tenant, &period_id).await,
+            None => (self.inner.local.usage(tenant, &period_id), false),
+        };
+        UsageReport {
+            period,
+            period_id,
+            usage,
+            partial,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gcra_admits_exactly_the_limit_in_a_burst() {
+        let (limit, now) = (10.0, 1_000_000.0);
+        let mut tat = 0.0;
+        let mut admitted = 0;
+        let mut last_refusal = None;
+        for _ in 0..15 {
+            match gcra_take(tat, now, limit, 1.0) {
+                Ok(t) => {
+                    tat = t;
+                    admitted += 1;
+                }
+                Err(wait) => last_refusal = Some(wait),
+            }
+        }
+        assert_eq!(admitted, 10);
+        // The next slot frees after one emission interval: 6 s.
+        assert!((last_refusal.unwrap() - 6000.0).abs() < 1e-3);
+        assert!(gcra_take(tat, now + 6000.0, limit, 1.0).is_ok());
+        assert!(gcra_take(tat, now + 5999.0, limit, 1.0).is_err());
+    }
+
+    #[test]
+    fn gcra_admits_exactly_n_for_awkward_limits() {
+        for limit in [3u64, 7, 600, 1000, 7919] {
+            let now = 1_700_000_000_123.456;
+            let mut tat = 0.0;
+            let admitted = (0..limit + 5)
+                .filter(|_| match gcra_take(tat, now, limit as f64, 1.0) {
+                    Ok(t) => {
+                        tat = t;
+                        true
+                    }
+                    Err(_) => false,
+                })
+                .count();
+            assert_eq!(admitted as u64, limit, "limit {limit}");
+        }
+    }
+
+    #[test]
+    fn gcra_weighs_tokens() {
+        let now = 0.0;
+        let tat = gcra_take(0.0, now, 1000.0, 600.0).unwrap();
+        assert!(gcra_take(tat, now, 1000.0, 401.0).is_err());
+        let tat = gcra_take(tat, now, 1000.0, 400.0).unwrap();
+        assert_eq!(window(tat, now, 1000).remaining, 0);
+        // After 6 s, 100 tokens are back.
+        assert_eq!(window(tat, now + 6000.0, 1000).remaining, 100);
+    }
+
+    #[test]
+    fn window_describes_remaining_and_reset() {
+        let now = 10_000.0;
+        assert_eq!(window(0.0, now, 60), Window { limit: 60, remaining: 60, reset_ms: 0 });
+        let tat = now + 3000.0; // three requests of a 60/min limit used
+        assert_eq!(window(tat, now, 60), Window { limit: 60, remaining: 57, reset_ms: 3000 });
+    }
+
+    #[test]
+    fn periods_follow_the_utc_calendar() {
+        // 2026-11-25T21:00:00Z
+        let t = 1_795_640_400_000.0;
+        assert_eq!(period_at(BudgetPeriod::Daily, t), ("2026-11-25".into(), Some(3 * 3_600_000)));
+        let (id, left) = period_at(BudgetPeriod::Monthly, t);
+        assert_eq!(id, "2026-11");
+        assert_eq!(left, Some((5 * 24 + 3) * 3_600_000));
+        assert_eq!(period_at(BudgetPeriod::Total, t), ("total".into(), None));
+        // Year end and leap day.
+        assert_eq!(period_at(BudgetPeriod::Monthly, 1_798_761_599_000.0).0, "2026-12");
+        assert_eq!(period_at(BudgetPeriod::Daily, 1_709_164_800_000.0).0, "2024-02-29");
+        for days in [-1000i64, 0, 59, 60, 365, 10_957, 20_000, 100_000] {
+            let (y, m, d) = civil_from_days(days);
+            assert_eq!(days_from_civil(y, m, d), days);
+        }
+    }
+}
