@@ -3,7 +3,8 @@
 //! Each function returns the status and JSON body; the gateway glue writes
 //! them out.
 
-use crate::config::{Config, TenantSettings};
+use crate::config::{Config, TenantSettings, PICO_PER_USD};
+use crate::limits::UsageReport;
 use crate::upstream::Upstreams;
 use serde_json::json;
 
@@ -46,4 +47,30 @@ pub fn models(config: &Config, tenant: &TenantSettings) -> (u16, serde_json::Val
         .map(|route| json!({"id": route.name, "object": "model", "created": 0, "owned_by": "runestone"}))
         .collect();
     (200, json!({"object": "list", "data": data}))
+}
+
+/// `GET /v1/usage`: the calling tenant's usage in its current accounting
+/// period (its budget's, or the calendar month).
+pub fn usage(tenant: &TenantSettings, report: &UsageReport) -> (u16, serde_json::Value) {
+    let usd = |pusd: i64| pusd as f64 / PICO_PER_USD;
+    let budget = tenant.limits.budget.map(|b| {
+        json!({
+            "amount_usd": usd(b.amount_pusd),
+            "remaining_usd": usd((b.amount_pusd - report.usage.cost_pusd).max(0)),
+        })
+    });
+    let body = json!({
+        "object": "runestone.usage",
+        "tenant": tenant.id,
+        "period": report.period.name(),
+        "period_id": report.period_id,
+        "requests": report.usage.requests,
+        "prompt_tokens": report.usage.prompt_tokens,
+        "completion_tokens": report.usage.completion_tokens,
+        "total_tokens": report.usage.prompt_tokens + report.usage.completion_tokens,
+        "cost_usd": usd(report.usage.cost_pusd),
+        "budget": budget,
+        "partial": report.partial,
+    });
+    (200, body)
 }

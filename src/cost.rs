@@ -215,6 +215,11 @@ impl StreamMeter {
         }
     }
 
+    /// Whether this meter removes what the gateway asked for.
+    pub fn strips_usage(&self) -> bool {
+        self.strip_usage
+    }
+
     /// Takes one upstream chunk and returns what to send the client now.
     /// Without stripping that is the chunk itself, untouched; with it, the
     /// complete lines seen so far, edited.

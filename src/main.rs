@@ -41,6 +41,9 @@ fn main() -> ExitCode {
         Some(Command::HashKey) => hash_key(),
         Some(Command::Check) => match load(cli.config) {
             Ok(config) => {
+                for warning in config.warnings() {
+                    eprintln!("warning: {warning}");
+                }
                 println!(
                     "ok: {} provider(s), {} model(s), {} tenant(s), {} key(s)",
                     config.providers.len(),

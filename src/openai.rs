@@ -31,8 +31,11 @@ pub struct ApiError {
     pub param: Option<String>,
     /// Human-readable message; never contains a key.
     pub message: String,
-    /// Seconds the client should wait before retrying (`retry-after`).
+    /// Milliseconds the client should wait before retrying (`retry-after`
+    /// and `retry-after-ms`).
     pub retry_after_ms: Option<u64>,
+    /// Further response headers (`x-ratelimit-*` on a 429).
+    pub headers: Vec<(&'static str, String)>,
 }
 
 impl ApiError {
@@ -49,6 +52,7 @@ impl ApiError {
             param: None,
             message: message.into(),
             retry_after_ms: None,
+            headers: Vec::new(),
         }
     }
 
@@ -156,6 +160,16 @@ impl ApiError {
         )
     }
 
+    /// 429: a tenant's rate or concurrency limit.
+    pub fn rate_limit_exceeded(message: impl Into<String>) -> Self {
+        Self::new(429, "rate_limit_error", "rate_limit_exceeded", message)
+    }
+
+    /// 429: the tenant's budget for the period is spent.
+    pub fn insufficient_quota(message: impl Into<String>) -> Self {
+        Self::new(429, "insufficient_quota", "insufficient_quota", message)
+    }
+
     /// 502: the provider failed and nothing else could serve.
     pub fn upstream_error(message: impl Into<String>) -> Self {
         Self::new(502, "api_error", "upstream_error", message)
@@ -185,6 +199,8 @@ impl ApiError {
     pub fn reason(&self) -> &'static str {
         match self.code {
             "invalid_api_key" => "auth",
+            "rate_limit_exceeded" => "policy_rate_limited",
+            "insufficient_quota" => "policy_budget",
             "upstream_error" => "provider_5xx",
             "upstream_timeout" => "provider_timeout",
             "no_healthy_upstream" => "no_healthy_upstream",
@@ -280,8 +296,8 @@ struct RawFields<'a> {
     model: Option<&'a RawValue>,
     #[serde(default)]
     stream: Option<bool>,
-    #[serde(default)]
-    stream_options: Option<StreamOptions>,
+    #[serde(borrow, default)]
+    stream_options: Option<&'a RawValue>,
     #[serde(default)]
     max_tokens: Option<u64>,
     #[serde(default)]
@@ -305,6 +321,8 @@ pub struct RequestFields<'a> {
     pub stream: bool,
     /// The client's `stream_options`, if any.
     pub stream_options: Option<StreamOptions>,
+    /// Byte range of the `stream_options` value in the body.
+    pub stream_options_span: Option<(usize, usize)>,
     /// `max_completion_tokens`, or else `max_tokens`.
     pub max_tokens: Option<u64>,
     /// The body carries fields that name another upstream or key
@@ -349,12 +367,23 @@ impl<'a> RequestFields<'a> {
         if model.trim().is_empty() {
             return Err(ApiError::missing_model());
         }
-        let start = model_raw.get().as_ptr() as usize - body.as_ptr() as usize;
+        let span = |raw: &RawValue| {
+            let start = raw.get().as_ptr() as usize - body.as_ptr() as usize;
+            (start, start + raw.get().len())
+        };
+        let stream_options = match raw.stream_options {
+            Some(raw) if raw.get() != "null" => Some(
+                serde_json::from_str::<StreamOptions>(raw.get())
+                    .map_err(|e| ApiError::invalid_field("stream_options", e))?,
+            ),
+            _ => None,
+        };
         Ok(RequestFields {
             model,
-            model_span: (start, start + model_raw.get().len()),
+            model_span: span(model_raw),
             stream: raw.stream.unwrap_or(false),
-            stream_options: raw.stream_options,
+            stream_options,
+            stream_options_span: raw.stream_options.map(span),
             max_tokens: raw.max_completion_tokens.or(raw.max_tokens),
             has_foreign_upstream_fields: raw.api_key.is_some()
                 || raw.api_base.is_some()
@@ -363,34 +392,91 @@ impl<'a> RequestFields<'a> {
     }
 }
 
-/// Produces the body sent upstream: the provider's model name in place of
-/// the public one and any `api_key`/`api_base`/`base_url` removed. Returns
-/// the original bytes untouched (no copy) when nothing has to change.
-pub fn rewrite_body(body: &Bytes, fields: &RequestFields<'_>, provider_model: &str) -> Bytes {
-    if fields.has_foreign_upstream_fields {
-        return reserialise_without_foreign_fields(body, provider_model);
+impl RequestFields<'_> {
+    /// Whether the client asked for a final usage chunk in its stream.
+    pub fn client_wants_usage(&self) -> bool {
+        self.stream_options.and_then(|o| o.include_usage) == Some(true)
     }
-    if fields.model == provider_model {
+}
+
+/// Produces the body sent upstream: the provider's model name in place of
+/// the public one, `stream_options.include_usage` set when `ask_usage`, and
+/// any `api_key`/`api_base`/`base_url` removed. Edits are spliced into the
+/// original bytes; the body is returned untouched (no copy) when nothing
+/// has to change.
+pub fn rewrite_body(
+    body: &Bytes,
+    fields: &RequestFields<'_>,
+    provider_model: &str,
+    ask_usage: bool,
+) -> Bytes {
+    if fields.has_foreign_upstream_fields {
+        return reserialise(body, provider_model, ask_usage);
+    }
+    let mut edits: Vec<(usize, usize, Vec<u8>)> = Vec::with_capacity(2);
+    if fields.model != provider_model {
+        let quoted = serde_json::to_vec(provider_model).expect("a string always serialises");
+        edits.push((fields.model_span.0, fields.model_span.1, quoted));
+    }
+    if ask_usage {
+        match fields.stream_options_span {
+            Some((start, end)) => {
+                let mut options: serde_json::Map<String, serde_json::Value> =
+                    serde_json::from_slice(&body[start..end]).unwrap_or_default();
+                options.insert("include_usage".into(), true.into());
+                let value = serde_json::to_vec(&options).expect("a JSON map always serialises");
+                edits.push((start, end, value));
+            }
+            None => {
+                let open = body
+                    .iter()
+                    .position(|&b| b == b'{')
+                    .expect("the body is a JSON object");
+                edits.push((
+                    open + 1,
+                    open + 1,
+                    br#""stream_options":{"include_usage":true},"#.to_vec(),
+                ));
+            }
+        }
+    }
+    if edits.is_empty() {
         return body.clone();
     }
-    let (start, end) = fields.model_span;
-    let quoted = serde_json::to_string(provider_model).expect("a string always serialises");
-    let mut out = Vec::with_capacity(body.len() - (end - start) + quoted.len());
-    out.extend_from_slice(&body[..start]);
-    out.extend_from_slice(quoted.as_bytes());
-    out.extend_from_slice(&body[end..]);
+    edits.sort_by_key(|e| e.0);
+    let grown: usize = edits
+        .iter()
+        .map(|(s, e, v)| v.len() - (e - s).min(v.len()))
+        .sum();
+    let mut out = Vec::with_capacity(body.len() + grown);
+    let mut at = 0;
+    for (start, end, value) in edits {
+        out.extend_from_slice(&body[at..start]);
+        out.extend_from_slice(&value);
+        at = end;
+    }
+    out.extend_from_slice(&body[at..]);
     Bytes::from(out)
 }
 
 /// The rare path: a body that names another upstream is re-serialised
 /// without those fields.
-fn reserialise_without_foreign_fields(body: &Bytes, provider_model: &str) -> Bytes {
+fn reserialise(body: &Bytes, provider_model: &str, ask_usage: bool) -> Bytes {
     let mut value: serde_json::Map<String, serde_json::Value> =
         serde_json::from_slice(body).expect("body was parsed as a JSON object before");
     for field in ["api_key", "api_base", "base_url"] {
         value.remove(field);
     }
     value.insert("model".into(), provider_model.into());
+    if ask_usage {
+        let options = value
+            .entry("stream_options")
+            .or_insert_with(|| serde_json::json!({}));
+        if !options.is_object() {
+            *options = serde_json::json!({});
+        }
+        options["include_usage"] = true.into();
+    }
     Bytes::from(serde_json::to_vec(&value).expect("a JSON map always serialises"))
 }
 
@@ -467,7 +553,7 @@ mod tests {
     fn rewrite_keeps_the_body_when_the_model_name_is_the_same() {
         let body = Bytes::from_static(br#"{"model":"m","messages":[]}"#);
         let fields = RequestFields::parse(&body).unwrap();
-        let out = rewrite_body(&body, &fields, "m");
+        let out = rewrite_body(&body, &fields, "m", false);
         assert_eq!(out.as_ptr(), body.as_ptr(), "no copy expected");
     }
 
@@ -476,7 +562,7 @@ mod tests {
         let body =
             Bytes::from_static(br#"{"messages":[{"content":"model"}], "model" : "public","n":1}"#);
         let fields = RequestFields::parse(&body).unwrap();
-        let out = rewrite_body(&body, &fields, "provider-\"x\"");
+        let out = rewrite_body(&body, &fields, "provider-\"x\"", false);
         let value: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(value["model"], "provider-\"x\"");
         assert_eq!(value["messages"][0]["content"], "model");
@@ -491,8 +577,41 @@ mod tests {
         let fields = RequestFields::parse(&body).unwrap();
         assert!(fields.has_foreign_upstream_fields);
         let value: serde_json::Value =
-            serde_json::from_slice(&rewrite_body(&body, &fields, "p")).unwrap();
+            serde_json::from_slice(&rewrite_body(&body, &fields, "p", false)).unwrap();
         assert_eq!(value, serde_json::json!({"model": "p"}));
+    }
+
+    #[test]
+    fn rewrite_asks_for_usage_without_touching_the_rest() {
+        let body = Bytes::from_static(br#"{"model":"m","stream":true,"messages":[]}"#);
+        let fields = RequestFields::parse(&body).unwrap();
+        assert!(!fields.client_wants_usage());
+        let out = rewrite_body(&body, &fields, "p", true);
+        let value: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(
+            value,
+            serde_json::json!({"model": "p", "stream": true, "messages": [], "stream_options": {"include_usage": true}})
+        );
+
+        let body = Bytes::from_static(
+            br#"{"stream_options":{"include_usage":false,"x":1},"model":"m","stream":true}"#,
+        );
+        let fields = RequestFields::parse(&body).unwrap();
+        let out = rewrite_body(&body, &fields, "m", true);
+        let value: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(
+            value["stream_options"],
+            serde_json::json!({"include_usage": true, "x": 1})
+        );
+
+        let body = Bytes::from_static(
+            br#"{"model":"m","stream":true,"stream_options":{"include_usage":true}}"#,
+        );
+        assert!(RequestFields::parse(&body).unwrap().client_wants_usage());
+        let err =
+            RequestFields::parse(br#"{"model":"m","stream_options":{"include_usage":"yes"}}"#)
+                .unwrap_err();
+        assert_eq!(err.param.as_deref(), Some("stream_options"));
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 use crate::config::Config;
 use crate::gateway::Gateway;
+use crate::limits::{redis::RedisMaintenance, Limiter};
 use crate::metrics;
 use crate::upstream::{Resolver, Upstreams};
 use pingora::connectors::http::Connector;
@@ -47,10 +48,20 @@ pub fn build(config: Config, options: RunOptions) -> Server {
     let connector = Connector::new(Some(ConnectorOptions::from_server_conf(
         &server.configuration,
     )));
+    for warning in config.warnings() {
+        tracing::warn!("{warning}");
+    }
+    let limiter = Limiter::new(&config);
+    if let Some(redis) = limiter.redis() {
+        server.add_service(background_service(
+            "redis maintenance",
+            RedisMaintenance::new(redis),
+        ));
+    }
 
     let mut api = http_proxy_service_with_name(
         &server.configuration,
-        Gateway::new(config.clone(), upstreams.clone(), connector),
+        Gateway::new(config.clone(), upstreams.clone(), limiter, connector),
         "runestone api",
     );
     api.add_tcp(&config.server.listen.to_string());

@@ -10,6 +10,7 @@
 
 use super::{Gateway, RequestCtx};
 use crate::config::ProviderSettings;
+use crate::cost::{self, StreamMeter, Usage};
 use crate::openai::{ApiError, Endpoint};
 use crate::upstream::Backend;
 use bytes::Bytes;
@@ -138,7 +139,8 @@ async fn attempt(
         ))));
     }
 
-    let header = client_response(&upstream_header, ctx, &provider.name).map_err(|e| {
+    let mut meter = Meter::for_response(&upstream_header, ctx.strip_usage);
+    let header = client_response(&upstream_header, ctx, &provider.name, &meter).map_err(|e| {
         Failure::Final(ApiError::internal(format!(
             "cannot build the response header: {e}"
         )))
@@ -150,7 +152,16 @@ async fn attempt(
     {
         return Err(Failure::Done);
     }
-    stream_body(session, &mut upstream, ctx, request.stream, provider).await;
+    stream_body(
+        session,
+        &mut upstream,
+        ctx,
+        request.stream,
+        provider,
+        &mut meter,
+    )
+    .await;
+    ctx.usage = Some(meter.usage(ctx.prompt_estimate));
     if upstream.response_done() {
         gateway
             .connector
@@ -160,13 +171,87 @@ async fn attempt(
     Ok(())
 }
 
-/// Copies the response body chunk by chunk, as the provider produces it.
+/// Reads usage from a response on its way to the client.
+enum Meter {
+    /// An error answer: the provider generated nothing.
+    Nothing,
+    /// A JSON body, kept (up to a bound) to read its `usage` at the end.
+    Json { body: Vec<u8>, seen: usize },
+    /// An SSE stream, metered event by event.
+    Stream(StreamMeter),
+}
+
+impl Meter {
+    fn for_response(header: &ResponseHeader, strip_usage: bool) -> Self {
+        let is_sse = header
+            .headers
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
+        match (header.status.is_success(), is_sse) {
+            (false, _) => Meter::Nothing,
+            (true, true) => Meter::Stream(StreamMeter::new(strip_usage)),
+            (true, false) => Meter::Json {
+                body: Vec::new(),
+                seen: 0,
+            },
+        }
+    }
+
+    /// Whether the meter edits the body (so its length changes).
+    fn edits_body(&self) -> bool {
+        matches!(self, Meter::Stream(m) if m.strips_usage())
+    }
+
+    /// Takes an upstream chunk, returns what to send on.
+    fn feed(&mut self, chunk: Bytes) -> Bytes {
+        match self {
+            Meter::Nothing => chunk,
+            Meter::Json { body, seen } => {
+                *seen += chunk.len();
+                if *seen <= cost::MAX_METERED_JSON_BYTES {
+                    body.extend_from_slice(&chunk);
+                }
+                chunk
+            }
+            Meter::Stream(meter) => meter.feed(chunk),
+        }
+    }
+
+    /// The end of the upstream body: what is still to be sent.
+    fn finish(&mut self) -> Bytes {
+        match self {
+            Meter::Stream(meter) => meter.finish(),
+            _ => Bytes::new(),
+        }
+    }
+
+    fn usage(&self, prompt_estimate: u64) -> Usage {
+        match self {
+            Meter::Nothing => Usage::default(),
+            Meter::Json { body, seen } if *seen <= cost::MAX_METERED_JSON_BYTES => {
+                cost::usage_from_json(body, prompt_estimate)
+            }
+            Meter::Json { seen, .. } => Usage {
+                prompt_tokens: prompt_estimate,
+                completion_tokens: (*seen as u64).div_ceil(4),
+                cached_tokens: 0,
+                estimated: true,
+            },
+            Meter::Stream(meter) => meter.usage(prompt_estimate),
+        }
+    }
+}
+
+/// Copies the response body chunk by chunk, as the provider produces it,
+/// through the meter.
 async fn stream_body(
     session: &mut Session,
     upstream: &mut HttpSession,
     ctx: &RequestCtx,
     is_stream: bool,
     provider: &ProviderSettings,
+    meter: &mut Meter,
 ) {
     loop {
         let read = tokio::select! {
@@ -175,16 +260,14 @@ async fn stream_body(
         };
         match read {
             Ok(Some(chunk)) => {
-                if session
-                    .write_response_body(Some(chunk), false)
-                    .await
-                    .is_err()
-                {
+                let out = meter.feed(chunk);
+                if !out.is_empty() && session.write_response_body(Some(out), false).await.is_err() {
                     return;
                 }
             }
             Ok(None) => {
-                let _ = session.write_response_body(None, true).await;
+                let rest = meter.finish();
+                let _ = session.write_response_body(Some(rest), true).await;
                 return;
             }
             Err(e) => {
@@ -266,12 +349,19 @@ fn client_response(
     upstream: &ResponseHeader,
     ctx: &RequestCtx,
     provider: &str,
+    meter: &Meter,
 ) -> pingora::Result<ResponseHeader> {
-    let mut header = ResponseHeader::build(upstream.status, Some(8))?;
+    let mut header = ResponseHeader::build(upstream.status, Some(16))?;
     for name in FORWARDED_RESPONSE_HEADERS {
+        if *name == "content-length" && meter.edits_body() {
+            continue;
+        }
         if let Some(value) = upstream.headers.get(*name) {
             header.insert_header(*name, value)?;
         }
+    }
+    for (name, value) in &ctx.rate_limit_headers {
+        header.insert_header(*name, value)?;
     }
     if let Some(id) = upstream.headers.get("x-request-id") {
         header.insert_header("x-upstream-request-id", id)?;

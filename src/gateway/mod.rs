@@ -15,6 +15,8 @@ mod forward;
 use crate::admin;
 use crate::auth;
 use crate::config::Config;
+use crate::cost::{self, Usage};
+use crate::limits::{Grant, LimitKind, Limiter, RateLimitState, Refusal, Settlement, Window};
 use crate::metrics;
 use crate::openai::{rewrite_body, ApiError, Endpoint, RequestFields};
 use crate::upstream::Upstreams;
@@ -36,21 +38,38 @@ pub struct RequestCtx {
     route: Option<usize>,
     provider: Option<usize>,
     error_reason: Option<&'static str>,
+    /// The admission to settle in `logging`.
+    grant: Option<Grant>,
+    /// `x-ratelimit-*` headers for the tenant's own limits.
+    rate_limit_headers: Vec<(&'static str, String)>,
+    /// Prompt tokens estimated from the request body.
+    prompt_estimate: u64,
+    /// The gateway asked for `include_usage` on the client's behalf.
+    strip_usage: bool,
+    /// Usage read from (or estimated for) the response.
+    usage: Option<Usage>,
 }
 
-/// The gateway: config, upstreams and the connection pool to providers.
+/// The gateway: config, upstreams, limits and the connection pool to providers.
 pub struct Gateway {
     config: Arc<Config>,
     upstreams: Arc<Upstreams>,
+    limiter: Limiter,
     connector: Connector,
 }
 
 impl Gateway {
-    /// A gateway serving `config` through `upstreams`.
-    pub fn new(config: Arc<Config>, upstreams: Arc<Upstreams>, connector: Connector) -> Self {
+    /// A gateway serving `config` through `upstreams`, admitting with `limiter`.
+    pub fn new(
+        config: Arc<Config>,
+        upstreams: Arc<Upstreams>,
+        limiter: Limiter,
+        connector: Connector,
+    ) -> Self {
         Gateway {
             config,
             upstreams,
+            limiter,
             connector,
         }
     }
@@ -73,11 +92,17 @@ impl Gateway {
                 let (status, body) = admin::models(&self.config, &self.config.tenants[tenant]);
                 respond_json(session, ctx, status, body).await
             }
+            ("GET", "/v1/usage") => {
+                let tenant = self.authenticate(session, ctx)?;
+                let report = self.limiter.usage(tenant).await;
+                let (status, body) = admin::usage(&self.config.tenants[tenant], &report);
+                respond_json(session, ctx, status, body).await
+            }
             ("POST", _) if Endpoint::from_path(&path).is_some() => {
                 let endpoint = Endpoint::from_path(&path).expect("checked by the guard");
                 self.proxy(session, ctx, endpoint).await
             }
-            (_, "/health" | "/ready" | "/v1/models") => {
+            (_, "/health" | "/ready" | "/v1/models" | "/v1/usage") => {
                 Err(ApiError::method_not_allowed(method.as_str(), &path))
             }
             (_, _) if Endpoint::from_path(&path).is_some() => {
@@ -123,15 +148,100 @@ impl Gateway {
         if !self.config.tenants[tenant].may_use(&route.name) {
             return Err(ApiError::model_not_allowed(&route.name));
         }
+        let generates = endpoint != Endpoint::Embeddings;
+        let tokens = cost::estimate_request_tokens(body.len(), fields.max_tokens, generates);
+        ctx.prompt_estimate = cost::estimate_prompt_tokens(body.len());
+        let grant = self
+            .limiter
+            .admit(tenant, tokens)
+            .await
+            .map_err(refusal_error)?;
+        ctx.rate_limit_headers = rate_limit_headers(&grant.state);
+        ctx.grant = Some(grant);
+        // Usage is read from streams too: ask for it, and take it out again
+        // when the client did not ask.
+        let ask_usage = fields.stream && generates && !fields.client_wants_usage();
+        ctx.strip_usage = ask_usage;
         debug!(request_id = %ctx.request_id, tenant = %self.config.tenants[tenant].id, model = %route.name, endpoint = endpoint.name(), "routing");
         let request = forward::Request {
             endpoint,
             route_index,
             route,
             stream: fields.stream,
-            body_for: &|provider_model| rewrite_body(&body, &fields, provider_model),
+            body_for: &|provider_model| rewrite_body(&body, &fields, provider_model, ask_usage),
         };
         forward::forward(self, session, ctx, request).await
+    }
+}
+
+/// The 429 for a refused admission, with the limiter's own retry time.
+fn refusal_error(refusal: Refusal) -> ApiError {
+    let mut error = match refusal.limit {
+        LimitKind::Budget => ApiError::insufficient_quota(
+            "You exceeded your budget for the current period; it is restored when the period ends.",
+        ),
+        LimitKind::Requests => {
+            ApiError::rate_limit_exceeded("Rate limit reached for requests per minute.")
+        }
+        LimitKind::Tokens => {
+            ApiError::rate_limit_exceeded("Rate limit reached for tokens per minute.")
+        }
+        LimitKind::Concurrency => {
+            ApiError::rate_limit_exceeded("Too many concurrent requests; wait for one to finish.")
+        }
+    };
+    error.retry_after_ms = refusal.retry_after_ms;
+    error.headers = rate_limit_headers(&refusal.state);
+    if refusal.retry_after_ms.is_none() {
+        // Waiting will not help (a spent `total` budget): tell the SDKs not
+        // to retry.
+        error.headers.push(("x-should-retry", "false".into()));
+    }
+    error
+}
+
+/// OpenAI's `x-ratelimit-*` headers for the tenant's own limits.
+fn rate_limit_headers(state: &RateLimitState) -> Vec<(&'static str, String)> {
+    let mut headers = Vec::new();
+    let mut add = |window: Option<Window>, names: [&'static str; 3]| {
+        if let Some(w) = window {
+            headers.push((names[0], w.limit.to_string()));
+            headers.push((names[1], w.remaining.to_string()));
+            headers.push((names[2], format_reset(w.reset_ms)));
+        }
+    };
+    add(
+        state.requests,
+        [
+            "x-ratelimit-limit-requests",
+            "x-ratelimit-remaining-requests",
+            "x-ratelimit-reset-requests",
+        ],
+    );
+    add(
+        state.tokens,
+        [
+            "x-ratelimit-limit-tokens",
+            "x-ratelimit-remaining-tokens",
+            "x-ratelimit-reset-tokens",
+        ],
+    );
+    headers
+}
+
+/// A duration as OpenAI writes resets: `20ms`, `8.64s`, `6m0s`.
+fn format_reset(ms: u64) -> String {
+    if ms < 1000 {
+        return format!("{ms}ms");
+    }
+    let minutes = ms / 60_000;
+    let secs = (ms % 60_000) as f64 / 1000.0;
+    let secs = format!("{secs:.3}");
+    let secs = secs.trim_end_matches('0').trim_end_matches('.');
+    if minutes > 0 {
+        format!("{minutes}m{secs}s")
+    } else {
+        format!("{secs}s")
     }
 }
 
@@ -247,6 +357,9 @@ async fn respond_error(session: &mut Session, ctx: &mut RequestCtx, error: &ApiE
         let _ = header.insert_header("retry-after", ms.div_ceil(1000).to_string());
         let _ = header.insert_header("retry-after-ms", ms.to_string());
     }
+    for (name, value) in &error.headers {
+        let _ = header.insert_header(*name, value);
+    }
     if error.status == 405 {
         let _ = header.insert_header("allow", "POST");
     }
@@ -270,6 +383,11 @@ impl ProxyHttp for Gateway {
             route: None,
             provider: None,
             error_reason: None,
+            grant: None,
+            rate_limit_headers: Vec::new(),
+            prompt_estimate: 0,
+            strip_usage: false,
+            usage: None,
         }
     }
 
@@ -342,6 +460,28 @@ impl ProxyHttp for Gateway {
         if let Some(reason) = ctx.error_reason {
             metrics::ERRORS.with_label_values(&[reason]).inc();
         }
+        if let Some(grant) = ctx.grant.take() {
+            // No answer from any provider: nothing was generated.
+            let usage = ctx.usage.unwrap_or_default();
+            let cost_pusd = usage.cost_pusd(self.config.pricing.get(model));
+            if usage.total() > 0 {
+                metrics::TOKENS
+                    .with_label_values(&[tenant, model, "prompt"])
+                    .inc_by(usage.prompt_tokens);
+                metrics::TOKENS
+                    .with_label_values(&[tenant, model, "completion"])
+                    .inc_by(usage.completion_tokens);
+                metrics::COST_USD
+                    .with_label_values(&[tenant, model])
+                    .inc_by(cost_pusd as f64 / crate::config::PICO_PER_USD);
+            }
+            let settlement = Settlement {
+                usage,
+                cost_pusd,
+                duration: ctx.started.elapsed(),
+            };
+            self.limiter.settle(grant, settlement).await;
+        }
     }
 }
 
@@ -359,6 +499,16 @@ mod tests {
         assert_eq!(sane_request_id(b"has space"), None);
         assert_eq!(sane_request_id(b"new\nline"), None);
         assert_eq!(sane_request_id(&[b'a'; 129]), None);
+    }
+
+    #[test]
+    fn formats_resets_like_openai() {
+        assert_eq!(format_reset(0), "0ms");
+        assert_eq!(format_reset(20), "20ms");
+        assert_eq!(format_reset(1000), "1s");
+        assert_eq!(format_reset(8640), "8.64s");
+        assert_eq!(format_reset(360_000), "6m0s");
+        assert_eq!(format_reset(61_500), "1m1.5s");
     }
 
     #[test]

@@ -33,7 +33,9 @@ impl LocalStore {
     fn state(&self, tenant: usize) -> std::sync::MutexGuard<'_, TenantState> {
         // A panic while holding the lock leaves consistent numbers behind:
         // every update below is a plain assignment.
-        self.tenants[tenant].lock().unwrap_or_else(|e| e.into_inner())
+        self.tenants[tenant]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     /// Admits one request of `tokens` tokens, all limits or none.
@@ -130,12 +132,20 @@ impl LocalStore {
             // A new period began: the old ones are never read again.
             state.usage.clear();
         }
-        state.usage.entry(period_id.to_string()).or_default().add(usage);
+        state
+            .usage
+            .entry(period_id.to_string())
+            .or_default()
+            .add(usage);
     }
 
     /// The period's counters.
     pub fn usage(&self, tenant: usize, period_id: &str) -> PeriodUsage {
-        self.state(tenant).usage.get(period_id).cloned().unwrap_or_default()
+        self.state(tenant)
+            .usage
+            .get(period_id)
+            .cloned()
+            .unwrap_or_default()
     }
 }
 
@@ -196,18 +206,43 @@ mod tests {
         let state = store.admit(0, &l, 850, "p", 0, 0.0).unwrap();
         assert_eq!(state.tokens.unwrap().remaining, 50);
         store.settle_limits(0, &l, 150, 0.0); // used 1000 of 850 reserved
-        assert_eq!(store.admit(0, &l, 1, "p", 0, 0.0).unwrap_err().limit, LimitKind::Tokens);
+        assert_eq!(
+            store.admit(0, &l, 1, "p", 0, 0.0).unwrap_err().limit,
+            LimitKind::Tokens
+        );
     }
 
     #[test]
     fn budget_refuses_once_spent_and_resets_with_the_period() {
         let store = LocalStore::new(1);
         let l = limits();
-        store.record(0, "d1", &PeriodUsage { requests: 1, cost_pusd: 999, ..Default::default() });
+        store.record(
+            0,
+            "d1",
+            &PeriodUsage {
+                requests: 1,
+                cost_pusd: 999,
+                ..Default::default()
+            },
+        );
         assert!(store.admit(0, &l, 1, "d1", 0, 0.0).is_ok());
-        store.record(0, "d1", &PeriodUsage { requests: 1, cost_pusd: 1, ..Default::default() });
-        assert_eq!(store.admit(0, &l, 1, "d1", 0, 0.0).unwrap_err().limit, LimitKind::Budget);
+        store.record(
+            0,
+            "d1",
+            &PeriodUsage {
+                requests: 1,
+                cost_pusd: 1,
+                ..Default::default()
+            },
+        );
+        assert_eq!(
+            store.admit(0, &l, 1, "d1", 0, 0.0).unwrap_err().limit,
+            LimitKind::Budget
+        );
         assert!(store.admit(0, &l, 1, "d2", 0, 0.0).is_ok(), "a new day");
-        assert_eq!(store.admit(0, &l, 1, "d2", 1000, 0.0).unwrap_err().limit, LimitKind::Budget);
+        assert_eq!(
+            store.admit(0, &l, 1, "d2", 1000, 0.0).unwrap_err().limit,
+            LimitKind::Budget
+        );
     }
 }

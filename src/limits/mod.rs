@@ -294,7 +294,9 @@ struct Inner {
 
 impl Inner {
     fn inflight_done(&self, tenant: usize) {
-        metrics::INFLIGHT.with_label_values(&[&self.tenant_ids[tenant]]).dec();
+        metrics::INFLIGHT
+            .with_label_values(&[&self.tenant_ids[tenant]])
+            .dec();
     }
 }
 
@@ -332,30 +334,48 @@ impl Limiter {
     pub async fn admit(&self, tenant: usize, tokens: u64) -> Result<Grant, Refusal> {
         let inner = &self.inner;
         let limits = &inner.limits[tenant];
-        let tokens = limits.tokens_per_minute.map_or(tokens, |tpm| tokens.min(tpm));
+        let tokens = limits
+            .tokens_per_minute
+            .map_or(tokens, |tpm| tokens.min(tpm));
         let lease = format!("{:032x}", fastrand::u128(..));
         let (period_id, period_left_ms) = period_at(accounting_period(limits), now_ms());
         let decided = if !limits.is_limited() {
             Ok((Decided::Unlimited, RateLimitState::default()))
         } else {
             let from_redis = match &inner.redis {
-                Some(redis) => redis.admit(tenant, limits, tokens, &lease, &period_id).await,
+                Some(redis) => {
+                    redis
+                        .admit(tenant, limits, tokens, &lease, &period_id)
+                        .await
+                }
                 None => None,
             };
             match from_redis {
                 Some(result) => result.map(|state| (Decided::Redis, state)),
                 None => {
-                    let spent_elsewhere = inner.redis.as_ref().map_or(0, |r| r.known_spend(tenant, &period_id));
+                    let spent_elsewhere = inner
+                        .redis
+                        .as_ref()
+                        .map_or(0, |r| r.known_spend(tenant, &period_id));
                     inner
                         .local
-                        .admit(tenant, limits, tokens, &period_id, spent_elsewhere, now_ms())
+                        .admit(
+                            tenant,
+                            limits,
+                            tokens,
+                            &period_id,
+                            spent_elsewhere,
+                            now_ms(),
+                        )
                         .map(|state| (Decided::Local, state))
                 }
             }
         };
         match decided {
             Ok((decided, state)) => {
-                metrics::INFLIGHT.with_label_values(&[&inner.tenant_ids[tenant]]).inc();
+                metrics::INFLIGHT
+                    .with_label_values(&[&inner.tenant_ids[tenant]])
+                    .inc();
                 Ok(Grant {
                     tenant,
                     reserved_tokens: tokens,
@@ -407,15 +427,25 @@ impl Limiter {
         match (&inner.redis, grant.decided) {
             (Some(redis), decided) => {
                 if decided == Decided::Local {
-                    inner.local.settle_limits(tenant, limits, token_delta, now_ms());
+                    inner
+                        .local
+                        .settle_limits(tenant, limits, token_delta, now_ms());
                 }
                 let lease = (decided == Decided::Redis).then_some(grant.lease.as_str());
-                let delta = if decided == Decided::Redis { token_delta } else { 0 };
-                redis.settle(tenant, limits, delta, lease, &period_id, &record).await;
+                let delta = if decided == Decided::Redis {
+                    token_delta
+                } else {
+                    0
+                };
+                redis
+                    .settle(tenant, limits, delta, lease, &period_id, &record)
+                    .await;
             }
             (None, Decided::Unlimited) => inner.local.record(tenant, &period_id, &record),
             (None, _) => {
-                inner.local.settle_limits(tenant, limits, token_delta, now_ms());
+                inner
+                    .local
+                    .settle_limits(tenant, limits, token_delta, now_ms());
                 inner.local.record(tenant, &period_id, &record);
             }
         }
@@ -497,23 +527,46 @@ mod tests {
     #[test]
     fn window_describes_remaining_and_reset() {
         let now = 10_000.0;
-        assert_eq!(window(0.0, now, 60), Window { limit: 60, remaining: 60, reset_ms: 0 });
+        assert_eq!(
+            window(0.0, now, 60),
+            Window {
+                limit: 60,
+                remaining: 60,
+                reset_ms: 0
+            }
+        );
         let tat = now + 3000.0; // three requests of a 60/min limit used
-        assert_eq!(window(tat, now, 60), Window { limit: 60, remaining: 57, reset_ms: 3000 });
+        assert_eq!(
+            window(tat, now, 60),
+            Window {
+                limit: 60,
+                remaining: 57,
+                reset_ms: 3000
+            }
+        );
     }
 
     #[test]
     fn periods_follow_the_utc_calendar() {
         // 2026-11-25T21:00:00Z
         let t = 1_795_640_400_000.0;
-        assert_eq!(period_at(BudgetPeriod::Daily, t), ("2026-11-25".into(), Some(3 * 3_600_000)));
+        assert_eq!(
+            period_at(BudgetPeriod::Daily, t),
+            ("2026-11-25".into(), Some(3 * 3_600_000))
+        );
         let (id, left) = period_at(BudgetPeriod::Monthly, t);
         assert_eq!(id, "2026-11");
         assert_eq!(left, Some((5 * 24 + 3) * 3_600_000));
         assert_eq!(period_at(BudgetPeriod::Total, t), ("total".into(), None));
         // Year end and leap day.
-        assert_eq!(period_at(BudgetPeriod::Monthly, 1_798_761_599_000.0).0, "2026-12");
-        assert_eq!(period_at(BudgetPeriod::Daily, 1_709_164_800_000.0).0, "2024-02-29");
+        assert_eq!(
+            period_at(BudgetPeriod::Monthly, 1_798_761_599_000.0).0,
+            "2026-12"
+        );
+        assert_eq!(
+            period_at(BudgetPeriod::Daily, 1_709_164_800_000.0).0,
+            "2024-02-29"
+        );
         for days in [-1000i64, 0, 59, 60, 365, 10_957, 20_000, 100_000] {
             let (y, m, d) = civil_from_days(days);
             assert_eq!(days_from_civil(y, m, d), days);

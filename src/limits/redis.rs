@@ -113,9 +113,9 @@ return 1
 /// Seconds a period's usage hash is kept after its last update.
 fn usage_ttl_seconds(period_id: &str) -> u64 {
     match period_id.len() {
-        10 => 3 * 86_400,  // a day: 2026-11-25
-        7 => 70 * 86_400,  // a month: 2026-11
-        _ => 0,            // total: kept
+        10 => 3 * 86_400, // a day: 2026-11-25
+        7 => 70 * 86_400, // a month: 2026-11
+        _ => 0,           // total: kept
     }
 }
 
@@ -143,7 +143,9 @@ struct Inner {
 
 impl std::fmt::Debug for Inner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedisStore").field("up", &self.up).finish_non_exhaustive()
+        f.debug_struct("RedisStore")
+            .field("up", &self.up)
+            .finish_non_exhaustive()
     }
 }
 
@@ -166,7 +168,9 @@ impl RedisStore {
             .set_number_of_retries(1);
         let conn = redis::Client::open(settings.url.expose())
             .and_then(|client| client.get_connection_manager_lazy(config))
-            .map_err(|e| warn!(error = %e, "cannot set up the Redis client; limits stay in-process"))
+            .map_err(
+                |e| warn!(error = %e, "cannot set up the Redis client; limits stay in-process"),
+            )
             .ok();
         let keys = tenants
             .iter()
@@ -256,13 +260,17 @@ impl RedisStore {
             .await?;
         let (refused, now, requests_tat, tokens_tat, spent) = reply;
         let number = |s: &str| s.parse::<f64>().unwrap_or(0.0);
-        let (now, requests_tat, tokens_tat) = (number(&now), number(&requests_tat), number(&tokens_tat));
-        *lock(&self.inner.known_spend[tenant]) = (period_id.to_string(), spent.parse().unwrap_or(0));
+        let (now, requests_tat, tokens_tat) =
+            (number(&now), number(&requests_tat), number(&tokens_tat));
+        *lock(&self.inner.known_spend[tenant]) =
+            (period_id.to_string(), spent.parse().unwrap_or(0));
         let state = RateLimitState {
             requests: limits
                 .requests_per_minute
                 .map(|rpm| super::window(requests_tat, now, u64::from(rpm))),
-            tokens: limits.tokens_per_minute.map(|tpm| super::window(tokens_tat, now, tpm)),
+            tokens: limits
+                .tokens_per_minute
+                .map(|tpm| super::window(tokens_tat, now, tpm)),
         };
         if refused.is_empty() {
             if limits.max_concurrent.is_some() {
@@ -365,7 +373,12 @@ impl RedisStore {
             .call("usage", |mut conn| async move {
                 redis::cmd("HMGET")
                     .arg(&key)
-                    .arg(&["requests", "prompt_tokens", "completion_tokens", "cost_pusd"])
+                    .arg(&[
+                        "requests",
+                        "prompt_tokens",
+                        "completion_tokens",
+                        "cost_pusd",
+                    ])
                     .query_async(&mut conn)
                     .await
             })
@@ -401,7 +414,8 @@ impl RedisStore {
 
     /// Writes usage recorded while Redis was down.
     async fn flush_pending(&self) {
-        let pending: Vec<((usize, String), PeriodUsage)> = lock(&self.inner.pending).drain().collect();
+        let pending: Vec<((usize, String), PeriodUsage)> =
+            lock(&self.inner.pending).drain().collect();
         if pending.is_empty() {
             return;
         }
@@ -409,8 +423,10 @@ impl RedisStore {
         for ((tenant, period_id), usage) in &pending {
             let key = format!("{}{period_id}", self.inner.keys[*tenant].usage_prefix);
             pipe.hincr(&key, "requests", usage.requests).ignore();
-            pipe.hincr(&key, "prompt_tokens", usage.prompt_tokens).ignore();
-            pipe.hincr(&key, "completion_tokens", usage.completion_tokens).ignore();
+            pipe.hincr(&key, "prompt_tokens", usage.prompt_tokens)
+                .ignore();
+            pipe.hincr(&key, "completion_tokens", usage.completion_tokens)
+                .ignore();
             pipe.hincr(&key, "cost_pusd", usage.cost_pusd).ignore();
             let ttl = usage_ttl_seconds(period_id);
             if ttl > 0 {
@@ -419,7 +435,9 @@ impl RedisStore {
         }
         let pipe = &pipe;
         let written: Option<()> = self
-            .call("flush", |mut conn| async move { pipe.query_async(&mut conn).await })
+            .call("flush", |mut conn| async move {
+                pipe.query_async(&mut conn).await
+            })
             .await;
         if written.is_none() {
             let mut back = lock(&self.inner.pending);
@@ -427,7 +445,10 @@ impl RedisStore {
                 back.entry(key).or_default().add(&usage);
             }
         } else {
-            info!(entries = pending.len(), "flushed usage recorded while Redis was unavailable");
+            info!(
+                entries = pending.len(),
+                "flushed usage recorded while Redis was unavailable"
+            );
         }
     }
 
