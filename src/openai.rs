@@ -28,9 +28,9 @@ pub struct ApiError {
     /// The body's `error.code`.
     pub code: &'static str,
     /// The body's `error.param`, when one request field is at fault.
-    pub param: Option<String>,
+    pub param: Option<Box<str>>,
     /// Human-readable message; never contains a key.
-    pub message: String,
+    pub message: Box<str>,
     /// Milliseconds the client should wait before retrying (`retry-after`
     /// and `retry-after-ms`).
     pub retry_after_ms: Option<u64>,
@@ -50,14 +50,14 @@ impl ApiError {
             kind,
             code,
             param: None,
-            message: message.into(),
+            message: message.into().into_boxed_str(),
             retry_after_ms: None,
             headers: Vec::new(),
         }
     }
 
     fn with_param(mut self, param: impl Into<String>) -> Self {
-        self.param = Some(param.into());
+        self.param = Some(param.into().into_boxed_str());
         self
     }
 

@@ -121,6 +121,9 @@
 //!   * `{"drop_connection": true}`: close the connection without any response.
 //!   * `{"headers": {"set-cookie": "a=b"}}`: answer normally, with these extra
 //!     response headers (hostile-provider tests).
+//!   * `{"no_usage": true}`: answer normally but report no usage (no `usage`
+//!     in JSON, `include_usage` ignored in streams), like some
+//!     OpenAI-compatible servers.
 //!   * `{"latency_ms": M}`: set the fixed latency for all later API requests
 //!     (until reset); not queued, may be combined with one of the above.
 //!   * `"path": "/v1/chat/completions"` (optional on any queued fault): only
@@ -368,6 +371,9 @@ enum Fault {
     DropConnection,
     /// Answer normally, with these extra response headers.
     Headers(Vec<(String, String)>),
+    /// Answer normally but report no usage, like servers that ignore
+    /// `stream_options.include_usage`.
+    NoUsage,
 }
 
 /// A queued fault with its remaining uses.
@@ -400,6 +406,7 @@ impl QueuedFault {
                 stall_ms,
             } => json!({"stall_after_chunks": after_chunks, "stall_ms": stall_ms}),
             Fault::DropConnection => json!({"drop_connection": true}),
+            Fault::NoUsage => json!({"no_usage": true}),
             Fault::Headers(headers) => json!({"headers": headers
                 .iter()
                 .cloned()
@@ -562,6 +569,8 @@ struct FaultSpec {
     path: Option<String>,
     /// Extra response headers on an otherwise normal answer.
     headers: Option<std::collections::BTreeMap<String, String>>,
+    /// Report no usage.
+    no_usage: Option<bool>,
 }
 
 impl FaultSpec {
@@ -569,7 +578,9 @@ impl FaultSpec {
     fn into_parts(self) -> Result<(Option<u64>, Option<QueuedFault>), String> {
         let stall = self.stall_after_chunks.is_some() || self.stall_ms.is_some();
         let dropped = self.drop_connection == Some(true);
+        let no_usage = self.no_usage == Some(true);
         let kinds = [
+            no_usage,
             self.headers.is_some(),
             self.error_body.is_some(),
             self.disconnect_after_chunks.is_some(),
@@ -610,6 +621,8 @@ impl FaultSpec {
             })
         } else if dropped {
             Some(Fault::DropConnection)
+        } else if no_usage {
+            Some(Fault::NoUsage)
         } else if let Some(headers) = self.headers {
             Some(Fault::Headers(headers.into_iter().collect()))
         } else {
@@ -1543,6 +1556,15 @@ struct Reply {
 }
 
 impl Reply {
+    /// The same reply without its `usage` member.
+    fn without_usage(mut self) -> Self {
+        if let Ok(Value::Object(mut body)) = serde_json::from_slice::<Value>(&self.body) {
+            body.remove("usage");
+            self.body = serde_json::to_vec(&body).unwrap_or_default().into();
+        }
+        self
+    }
+
     /// A JSON reply.
     fn json(status: u16, body: Vec<u8>) -> Self {
         Reply {
@@ -1830,7 +1852,7 @@ impl MockApp {
         let path = req.uri.path();
         st.stats.count_request(path);
         let id = st.next_id.fetch_add(1, Ordering::Relaxed);
-        let call = ApiCall::parse(&req.method, path, &body);
+        let mut call = ApiCall::parse(&req.method, path, &body);
         let sha: [u8; 32] = Sha256::digest(&body).into();
         let model = call.model().map(str::to_owned);
         st.record(RecordedRequest {
@@ -1862,9 +1884,16 @@ impl MockApp {
 
         let mut disconnect_after = None;
         let mut stall_in_stream = None;
+        let mut no_usage = false;
         match fault {
             None => {}
             Some(Fault::Headers(headers)) => meta.extra_headers = headers,
+            Some(Fault::NoUsage) => {
+                no_usage = true;
+                if let ApiCall::Chat(g) | ApiCall::Completion(g) = &mut call {
+                    g.include_usage = false;
+                }
+            }
             Some(Fault::DropConnection) => return Outcome::Close,
             Some(Fault::Status {
                 status,
@@ -1977,6 +2006,11 @@ impl MockApp {
                     code: Some("unknown_url"),
                 })
             }
+        };
+        let reply = if no_usage {
+            reply.without_usage()
+        } else {
+            reply
         };
         self.reply(session, &meta, &reply, disconnect_after).await
     }

@@ -152,15 +152,19 @@ async fn attempt(
     {
         return Err(Failure::Done);
     }
-    stream_body(
-        session,
-        &mut upstream,
-        ctx,
-        request.stream,
+    let declared_len = upstream_header
+        .headers
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|_| !meter.edits_body());
+    let copy = Copy {
+        gateway,
+        is_stream: request.stream,
         provider,
-        &mut meter,
-    )
-    .await;
+        declared_len,
+    };
+    copy.run(session, &mut upstream, ctx, &mut meter).await;
     ctx.usage = Some(meter.usage(ctx.prompt_estimate));
     if upstream.response_done() {
         gateway
@@ -245,48 +249,73 @@ impl Meter {
 
 /// Copies the response body chunk by chunk, as the provider produces it,
 /// through the meter.
-async fn stream_body(
-    session: &mut Session,
-    upstream: &mut HttpSession,
-    ctx: &RequestCtx,
+struct Copy<'a> {
+    gateway: &'a Gateway,
     is_stream: bool,
-    provider: &ProviderSettings,
-    meter: &mut Meter,
-) {
-    loop {
-        let read = tokio::select! {
-            read = upstream.read_response_body() => read,
-            _ = session.downstream_session.read_body_or_idle(true) => return,
-        };
-        match read {
-            Ok(Some(chunk)) => {
-                let out = meter.feed(chunk);
-                if !out.is_empty() && session.write_response_body(Some(out), false).await.is_err() {
+    provider: &'a ProviderSettings,
+    /// The provider's `content-length`, when it sent one.
+    declared_len: Option<usize>,
+}
+
+impl Copy<'_> {
+    async fn run(
+        &self,
+        session: &mut Session,
+        upstream: &mut HttpSession,
+        ctx: &mut RequestCtx,
+        meter: &mut Meter,
+    ) {
+        let mut received = 0;
+        loop {
+            let read = tokio::select! {
+                read = upstream.read_response_body() => read,
+                _ = session.downstream_session.read_body_or_idle(true) => return,
+            };
+            match read {
+                Ok(Some(chunk)) => {
+                    received += chunk.len();
+                    let out = meter.feed(chunk);
+                    if self.declared_len.is_some_and(|n| received >= n) {
+                        // The client knows the body is whole once it has
+                        // these bytes: settle first, so a client that sends
+                        // its next request at once finds its slot free.
+                        self.settle(ctx, meter).await;
+                    }
+                    if !out.is_empty()
+                        && session.write_response_body(Some(out), false).await.is_err()
+                    {
+                        return;
+                    }
+                }
+                Ok(None) => {
+                    let rest = meter.finish();
+                    self.settle(ctx, meter).await;
+                    let _ = session.write_response_body(Some(rest), true).await;
+                    return;
+                }
+                Err(e) => {
+                    warn!(request_id = %ctx.request_id, provider = %self.provider.name, error = %e, "provider broke off the response");
+                    if self.is_stream {
+                        let event = ApiError::upstream_error(format!(
+                            "The provider '{}' broke off the stream.",
+                            self.provider.name
+                        ))
+                        .sse_event();
+                        let _ = session.write_response_body(Some(event), true).await;
+                    } else {
+                        // A JSON body cut short cannot be repaired: close the
+                        // connection so the client sees the truncation.
+                        session.set_keepalive(None);
+                    }
                     return;
                 }
             }
-            Ok(None) => {
-                let rest = meter.finish();
-                let _ = session.write_response_body(Some(rest), true).await;
-                return;
-            }
-            Err(e) => {
-                warn!(request_id = %ctx.request_id, provider = %provider.name, error = %e, "provider broke off the response");
-                if is_stream {
-                    let event = ApiError::upstream_error(format!(
-                        "The provider '{}' broke off the stream.",
-                        provider.name
-                    ))
-                    .sse_event();
-                    let _ = session.write_response_body(Some(event), true).await;
-                } else {
-                    // A JSON body cut short cannot be repaired: close the
-                    // connection so the client sees the truncation.
-                    session.set_keepalive(None);
-                }
-                return;
-            }
         }
+    }
+
+    async fn settle(&self, ctx: &mut RequestCtx, meter: &Meter) {
+        ctx.usage = Some(meter.usage(ctx.prompt_estimate));
+        self.gateway.settle(ctx).await;
     }
 }
 

@@ -174,6 +174,42 @@ impl Gateway {
     }
 }
 
+impl Gateway {
+    /// Settles the request's admission with its usage (none when no provider
+    /// answered): frees its slot, corrects its tokens, adds its spend, and
+    /// counts tokens and cost. Runs once; later calls do nothing.
+    pub(crate) async fn settle(&self, ctx: &mut RequestCtx) {
+        let Some(grant) = ctx.grant.take() else {
+            return;
+        };
+        let tenant = ctx
+            .tenant
+            .map_or("", |t| self.config.tenants[t].id.as_str());
+        let model = ctx
+            .route
+            .map_or("", |r| self.config.models[r].name.as_str());
+        let usage = ctx.usage.unwrap_or_default();
+        let cost_pusd = usage.cost_pusd(self.config.pricing.get(model));
+        if usage.total() > 0 {
+            metrics::TOKENS
+                .with_label_values(&[tenant, model, "prompt"])
+                .inc_by(usage.prompt_tokens);
+            metrics::TOKENS
+                .with_label_values(&[tenant, model, "completion"])
+                .inc_by(usage.completion_tokens);
+            metrics::COST_USD
+                .with_label_values(&[tenant, model])
+                .inc_by(cost_pusd as f64 / crate::config::PICO_PER_USD);
+        }
+        let settlement = Settlement {
+            usage,
+            cost_pusd,
+            duration: ctx.started.elapsed(),
+        };
+        self.limiter.settle(grant, settlement).await;
+    }
+}
+
 /// The 429 for a refused admission, with the limiter's own retry time.
 fn refusal_error(refusal: Refusal) -> ApiError {
     let mut error = match refusal.limit {
@@ -460,28 +496,9 @@ impl ProxyHttp for Gateway {
         if let Some(reason) = ctx.error_reason {
             metrics::ERRORS.with_label_values(&[reason]).inc();
         }
-        if let Some(grant) = ctx.grant.take() {
-            // No answer from any provider: nothing was generated.
-            let usage = ctx.usage.unwrap_or_default();
-            let cost_pusd = usage.cost_pusd(self.config.pricing.get(model));
-            if usage.total() > 0 {
-                metrics::TOKENS
-                    .with_label_values(&[tenant, model, "prompt"])
-                    .inc_by(usage.prompt_tokens);
-                metrics::TOKENS
-                    .with_label_values(&[tenant, model, "completion"])
-                    .inc_by(usage.completion_tokens);
-                metrics::COST_USD
-                    .with_label_values(&[tenant, model])
-                    .inc_by(cost_pusd as f64 / crate::config::PICO_PER_USD);
-            }
-            let settlement = Settlement {
-                usage,
-                cost_pusd,
-                duration: ctx.started.elapsed(),
-            };
-            self.limiter.settle(grant, settlement).await;
-        }
+        // Normally settled before the last byte went out; this covers
+        // requests that ended otherwise (errors, disconnects).
+        self.settle(ctx).await;
     }
 }
 

@@ -126,7 +126,11 @@ struct Keys {
 }
 
 struct Inner {
-    conn: Option<ConnectionManager>,
+    client: Option<redis::Client>,
+    manager_config: ConnectionManagerConfig,
+    /// Made on first use: the manager spawns its driver on the runtime it
+    /// is created in, which exists only once the server runs.
+    conn: std::sync::OnceLock<Option<ConnectionManager>>,
     timeout: Duration,
     keys: Vec<Keys>,
     up: AtomicBool,
@@ -166,8 +170,7 @@ impl RedisStore {
             .set_connection_timeout(Some(settings.timeout))
             .set_response_timeout(Some(settings.timeout))
             .set_number_of_retries(1);
-        let conn = redis::Client::open(settings.url.expose())
-            .and_then(|client| client.get_connection_manager_lazy(config))
+        let client = redis::Client::open(settings.url.expose())
             .map_err(
                 |e| warn!(error = %e, "cannot set up the Redis client; limits stay in-process"),
             )
@@ -186,7 +189,9 @@ impl RedisStore {
         metrics::REDIS_UP.set(1);
         RedisStore {
             inner: Arc::new(Inner {
-                conn,
+                client,
+                manager_config: config,
+                conn: std::sync::OnceLock::new(),
                 timeout: settings.timeout,
                 keys,
                 up: AtomicBool::new(true),
@@ -202,7 +207,21 @@ impl RedisStore {
 
     /// Whether Redis answered the last call.
     pub fn is_up(&self) -> bool {
-        self.inner.up.load(Ordering::Relaxed) && self.inner.conn.is_some()
+        self.inner.up.load(Ordering::Relaxed) && self.inner.client.is_some()
+    }
+
+    /// The shared connection; must be called inside the Tokio runtime.
+    fn connection(&self) -> Option<ConnectionManager> {
+        self.inner
+            .conn
+            .get_or_init(|| {
+                let client = self.inner.client.as_ref()?;
+                client
+                    .get_connection_manager_lazy(self.inner.manager_config.clone())
+                    .map_err(|e| warn!(error = %e, "cannot set up the Redis connection; limits stay in-process"))
+                    .ok()
+            })
+            .clone()
     }
 
     /// Runs one bounded Redis call; a failure marks the store down.
@@ -211,7 +230,7 @@ impl RedisStore {
         F: FnOnce(ConnectionManager) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
-        let conn = self.inner.conn.clone()?;
+        let conn = self.connection()?;
         let error = match tokio::time::timeout(self.inner.timeout, f(conn)).await {
             Ok(Ok(value)) => return Some(value),
             Ok(Err(e)) => e.to_string(),
@@ -369,7 +388,8 @@ impl RedisStore {
             return (usage, true);
         }
         let key = format!("{}{period_id}", self.inner.keys[tenant].usage_prefix);
-        let read: Option<(Option<u64>, Option<u64>, Option<u64>, Option<i64>)> = self
+        type Counters = (Option<u64>, Option<u64>, Option<u64>, Option<i64>);
+        let read: Option<Counters> = self
             .call("usage", |mut conn| async move {
                 redis::cmd("HMGET")
                     .arg(&key)
@@ -399,8 +419,9 @@ impl RedisStore {
 
     /// Probes a down Redis; marks it up when it answers.
     async fn probe(&self) {
-        let conn = self.inner.conn.clone();
-        let Some(mut conn) = conn else { return };
+        let Some(mut conn) = self.connection() else {
+            return;
+        };
         let ping = tokio::time::timeout(
             self.inner.timeout,
             redis::cmd("PING").query_async::<String>(&mut conn),

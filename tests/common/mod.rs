@@ -138,6 +138,8 @@ pub struct GatewayConfig {
     pub providers: Vec<String>,
     pub models: String,
     pub tenants: String,
+    /// Further top-level sections (`pricing:`, `redis:`), as YAML.
+    pub extra: String,
 }
 
 impl GatewayConfig {
@@ -172,19 +174,21 @@ impl GatewayConfig {
 ",
                 sha256_key(RESTRICTED_KEY)
             ),
+            extra: String::new(),
         }
     }
 
     /// The YAML text.
     pub fn yaml(&self) -> String {
         format!(
-            "server:\n  listen: \"127.0.0.1:{}\"\n  metrics_listen: \"127.0.0.1:{}\"\n  threads: 2\n  max_request_body_bytes: {}\n  grace_period_seconds: 1\nproviders:\n{}\nmodels:{}\ntenants:{}",
+            "server:\n  listen: \"127.0.0.1:{}\"\n  metrics_listen: \"127.0.0.1:{}\"\n  threads: 2\n  max_request_body_bytes: {}\n  grace_period_seconds: 1\nproviders:\n{}\nmodels:{}\ntenants:{}\n{}",
             self.port,
             self.metrics_port,
             self.max_body,
             self.providers.join("\n"),
             self.models,
-            self.tenants
+            self.tenants,
+            self.extra
         )
     }
 }
@@ -441,4 +445,116 @@ pub fn read_sse(
         }
     }
     status
+}
+
+/// A `redis-server` on a free port, without persistence, killed on drop.
+pub struct Redis {
+    pub port: u16,
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Redis {
+    /// Starts redis-server and waits until it answers PING.
+    pub fn start() -> Redis {
+        Self::start_on(free_port())
+    }
+
+    /// Starts redis-server on `port` (to restart one that was killed).
+    pub fn start_on(port: u16) -> Redis {
+        let dir = scratch_dir("redis");
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .arg("--dir")
+            .arg(&dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn redis-server (scripts/setup.sh installs it)");
+        let redis = Redis { port, child, dir };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while redis.cli(&["PING"]).trim() != "PONG" {
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not answer PING"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        redis
+    }
+
+    /// `redis://127.0.0.1:PORT/0`
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// Runs a command with redis-cli and returns its output.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .expect("run redis-cli");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// SIGSTOP: the server keeps its connections but answers nothing.
+    pub fn freeze(&self) {
+        signal(self.child.id(), "STOP");
+    }
+
+    /// SIGCONT after [`Redis::freeze`].
+    pub fn thaw(&self) {
+        signal(self.child.id(), "CONT");
+    }
+
+    /// Kills the server (SIGKILL) and waits for it.
+    pub fn kill(mut self) -> u16 {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.port
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        signal(self.child.id(), "CONT");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Sends a signal by name to a process.
+pub fn signal(pid: u32, name: &str) {
+    let _ = Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(pid.to_string())
+        .status();
+}
+
+/// The value of one sample in Prometheus text (`name{labels} value`), or 0.
+pub fn metric_value(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Polls `check` every 20 ms until it holds, or panics after `timeout`.
+pub fn wait_until(timeout: Duration, what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

@@ -1,0 +1,696 @@
+//! Tenant admission and cost accounting through real processes: exact
+//! admission counts per limit (in-process and in Redis), settlement,
+//! concurrency slots, budgets, accounting against the provider's own
+//! usage report, and Redis failures.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+const PRICING: &str = "pricing:\n  gpt-4o-mini: { input: 1.0, output: 2.0, cached_input: 0.5 }\n";
+
+/// A gateway whose tenant `acme` has these limits (YAML flow mapping).
+fn limited(mock: &Mock, limits: &str, redis: Option<&Redis>) -> GatewayConfig {
+    let mut config = GatewayConfig::new(mock);
+    config.tenants =
+        format!("\n  - id: acme\n    keys: [\"{TENANT_KEY}\"]\n    limits: {limits}\n");
+    config.extra = PRICING.to_string();
+    if let Some(redis) = redis {
+        config.extra += &format!("redis: {{ url: \"{}\", timeout_ms: 50 }}\n", redis.url());
+    }
+    config
+}
+
+/// Sends `n` chat requests at once; returns their responses.
+fn burst(gw: &Gateway, n: usize, body: &Value) -> Vec<Response> {
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..n)
+            .map(|_| scope.spawn(|| gw.post_json("/v1/chat/completions", TENANT_KEY, body)))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+fn count(responses: &[Response], status: u16) -> usize {
+    responses.iter().filter(|r| r.status == status).count()
+}
+
+fn check_exact_rpm_burst(redis: Option<&Redis>) {
+    let mock = Mock::start(&[]);
+    let gw = Gateway::start(&limited(&mock, "{ requests_per_minute: 5 }", redis));
+    let responses = burst(&gw, 8, &chat("gpt-4o-mini", false));
+    assert_eq!(count(&responses, 200), 5, "exactly the limit is admitted");
+    assert_eq!(count(&responses, 429), 3);
+    assert_eq!(
+        mock.request_count(),
+        5,
+        "refused requests never reach the provider"
+    );
+    for refused in responses.iter().filter(|r| r.status == 429) {
+        assert_eq!(refused.error_code(), "rate_limit_exceeded");
+        assert_eq!(refused.json()["error"]["type"], "rate_limit_error");
+        let ms: u64 = refused.header("retry-after-ms").unwrap().parse().unwrap();
+        // One request frees up every 60 s / 5 = 12 s.
+        assert!((11_000..=12_000).contains(&ms), "retry-after-ms {ms}");
+        assert_eq!(
+            refused.header("retry-after"),
+            Some(ms.div_ceil(1000).to_string().as_str())
+        );
+        assert_eq!(refused.header("x-ratelimit-limit-requests"), Some("5"));
+        assert_eq!(refused.header("x-ratelimit-remaining-requests"), Some("0"));
+    }
+    let metrics = gw.metrics();
+    assert_eq!(
+        metric_value(
+            &metrics,
+            r#"runestone_rate_limited_total{limit="rpm",tenant="acme"}"#
+        ),
+        3.0
+    );
+}
+
+#[test]
+fn admits_exactly_the_rpm_limit_in_a_burst_in_process() {
+    check_exact_rpm_burst(None);
+}
+
+#[test]
+fn admits_exactly_the_rpm_limit_in_a_burst_with_redis() {
+    let redis = Redis::start();
+    check_exact_rpm_burst(Some(&redis));
+    let keys = redis.cli(&["KEYS", "*"]);
+    assert!(
+        keys.contains("runestone:{acme}:rate"),
+        "tenant keys share a hash tag: {keys}"
+    );
+}
+
+#[test]
+fn admitted_responses_carry_the_tenants_rate_limit_headers() {
+    let mock = Mock::start(&[]);
+    let gw = Gateway::start(&limited(
+        &mock,
+        "{ requests_per_minute: 5, tokens_per_minute: 100000 }",
+        None,
+    ));
+    let mut remaining = Vec::new();
+    for _ in 0..5 {
+        let resp = gw.post_json(
+            "/v1/chat/completions",
+            TENANT_KEY,
+            &chat("gpt-4o-mini", false),
+        );
+        assert_eq!(resp.status, 200);
+        assert_eq!(resp.header("x-ratelimit-limit-requests"), Some("5"));
+        assert_eq!(resp.header("x-ratelimit-limit-tokens"), Some("100000"));
+        assert!(resp
+            .header("x-ratelimit-reset-requests")
+            .is_some_and(|r| r.ends_with('s')));
+        assert!(resp.header("x-ratelimit-remaining-tokens").is_some());
+        remaining.push(
+            resp.header("x-ratelimit-remaining-requests")
+                .unwrap()
+                .to_string(),
+        );
+    }
+    assert_eq!(remaining, ["4", "3", "2", "1", "0"]);
+}
+
+fn check_exact_tpm(redis: Option<&Redis>) {
+    let mock = Mock::start(&["--latency-ms", "300"]);
+    let mut body = chat("gpt-4o-mini", false);
+    body["max_tokens"] = json!(100);
+    // The documented reservation: body bytes / 4 (rounded up) + max_tokens.
+    let estimate = (body.to_string().len() as u64).div_ceil(4) + 100;
+    let tpm = 3 * estimate + estimate / 2;
+    let gw = Gateway::start(&limited(
+        &mock,
+        &format!("{{ tokens_per_minute: {tpm} }}"),
+        redis,
+    ));
+    let responses = burst(&gw, 5, &body);
+    assert_eq!(count(&responses, 200), 3, "tpm {tpm}, estimate {estimate}");
+    let refused = responses.iter().find(|r| r.status == 429).unwrap();
+    assert_eq!(refused.error_code(), "rate_limit_exceeded");
+    assert!(
+        refused
+            .header("retry-after-ms")
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+            > 0
+    );
+
+    // Settlement refunded the unused reservation: the real usage is far
+    // below the estimate, so another request fits at once.
+    let used: u64 = responses
+        .iter()
+        .filter(|r| r.status == 200)
+        .map(|r| r.json()["usage"]["total_tokens"].as_u64().unwrap())
+        .sum();
+    assert!(used < 3 * estimate);
+    let resp = gw.post_json("/v1/chat/completions", TENANT_KEY, &body);
+    assert_eq!(resp.status, 200, "refund after settlement");
+    let remaining: u64 = resp
+        .header("x-ratelimit-remaining-tokens")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        remaining + used + estimate >= tpm,
+        "remaining {remaining}, used {used}, estimate {estimate}"
+    );
+}
+
+#[test]
+fn admits_exactly_the_tpm_limit_and_refunds_at_settlement_in_process() {
+    check_exact_tpm(None);
+}
+
+#[test]
+fn admits_exactly_the_tpm_limit_and_refunds_at_settlement_with_redis() {
+    let redis = Redis::start();
+    check_exact_tpm(Some(&redis));
+}
+
+#[test]
+fn settlement_charges_overruns() {
+    let mock = Mock::start(&[]);
+    let gw = Gateway::start(&limited(&mock, "{ tokens_per_minute: 5000 }", None));
+    // No max_tokens: the gateway reserves the documented default (1024).
+    let mut body = chat("gpt-4o-mini", false);
+    body["mock_tokens"] = json!(2000);
+    let resp = gw.post_json("/v1/chat/completions", TENANT_KEY, &body);
+    assert_eq!(resp.status, 200);
+    let used = resp.json()["usage"]["total_tokens"].as_u64().unwrap();
+    assert!(
+        used > 2000,
+        "the provider generated past the estimate: {used}"
+    );
+    let small = chat("gpt-4o-mini", false);
+    let next = gw.post_json("/v1/chat/completions", TENANT_KEY, &small);
+    let remaining: u64 = next
+        .header("x-ratelimit-remaining-tokens")
+        .unwrap()
+        .parse()
+        .unwrap();
+    // 5000/min refills ~83 tokens a second; the test takes well under one.
+    assert!(
+        remaining < 5000 - used + 200,
+        "overrun charged: remaining {remaining}, used {used}"
+    );
+}
+
+fn check_concurrency(redis: Option<&Redis>) {
+    let mock = Mock::start(&["--latency-ms", "400"]);
+    let gw = Gateway::start(&limited(&mock, "{ max_concurrent: 1 }", redis));
+    let responses = burst(&gw, 3, &chat("gpt-4o-mini", false));
+    assert_eq!(count(&responses, 200), 1);
+    let refused: Vec<_> = responses.iter().filter(|r| r.status == 429).collect();
+    assert_eq!(refused.len(), 2);
+    for r in refused {
+        assert_eq!(r.error_code(), "rate_limit_exceeded");
+        assert!(r.header("retry-after-ms").is_some());
+    }
+    for _ in 0..3 {
+        let resp = gw.post_json(
+            "/v1/chat/completions",
+            TENANT_KEY,
+            &chat("gpt-4o-mini", false),
+        );
+        assert_eq!(
+            resp.status, 200,
+            "sequential requests never exceed one slot"
+        );
+    }
+    let metrics = gw.metrics();
+    assert_eq!(
+        metric_value(&metrics, r#"runestone_inflight_requests{tenant="acme"}"#),
+        0.0
+    );
+    assert_eq!(
+        metric_value(
+            &metrics,
+            r#"runestone_rate_limited_total{limit="concurrency",tenant="acme"}"#
+        ),
+        2.0
+    );
+}
+
+#[test]
+fn holds_concurrency_to_the_limit_in_process() {
+    check_concurrency(None);
+}
+
+#[test]
+fn holds_concurrency_to_the_limit_with_redis_leases() {
+    let redis = Redis::start();
+    check_concurrency(Some(&redis));
+    assert_eq!(
+        redis.cli(&["ZCARD", "runestone:{acme}:inflight"]).trim(),
+        "0",
+        "leases released"
+    );
+}
+
+fn check_slot_released_on_disconnect(redis: Option<&Redis>) {
+    let mock = Mock::start(&["--tokens-per-second", "20"]);
+    let gw = Gateway::start(&limited(&mock, "{ max_concurrent: 1 }", redis));
+    let mut body = chat("gpt-4o-mini", true);
+    body["mock_tokens"] = json!(200); // ten seconds of stream
+    let body = body.to_string();
+    let mut stream = TcpStream::connect(("127.0.0.1", gw.port)).unwrap();
+    write!(
+        stream,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TENANT_KEY}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut line = String::new();
+    while !line.starts_with("data:") {
+        line.clear();
+        reader.read_line(&mut line).unwrap();
+    }
+    let busy = gw.post_json(
+        "/v1/chat/completions",
+        TENANT_KEY,
+        &chat("gpt-4o-mini", false),
+    );
+    assert_eq!(busy.status, 429, "the stream holds the only slot");
+    drop(reader);
+    stream.shutdown(std::net::Shutdown::Both).unwrap();
+    drop(stream);
+    wait_until(Duration::from_secs(5), "the slot to be released", || {
+        metric_value(
+            &gw.metrics(),
+            r#"runestone_inflight_requests{tenant="acme"}"#,
+        ) == 0.0
+    });
+    let resp = gw.post_json(
+        "/v1/chat/completions",
+        TENANT_KEY,
+        &chat("gpt-4o-mini", false),
+    );
+    assert_eq!(resp.status, 200);
+    wait_until(
+        Duration::from_secs(5),
+        "the provider to see the cancellation",
+        || mock.stats()["disconnects"].as_u64() == Some(1),
+    );
+}
+
+#[test]
+fn releases_the_slot_when_the_client_disconnects_mid_stream() {
+    check_slot_released_on_disconnect(None);
+}
+
+#[test]
+fn releases_the_redis_lease_when_the_client_disconnects_mid_stream() {
+    let redis = Redis::start();
+    check_slot_released_on_disconnect(Some(&redis));
+}
+
+fn check_budget(redis: Option<&Redis>) {
+    let mock = Mock::start(&[]);
+    // Each request costs (7 * $1 + 16 * $2) / 1M = $0.000039.
+    let gw = Gateway::start(&limited(
+        &mock,
+        "{ budget_usd: { amount: 0.0001, period: daily } }",
+        redis,
+    ));
+    let mut spent = 0.0;
+    let mut served = 0;
+    loop {
+        let resp = gw.post_json(
+            "/v1/chat/completions",
+            TENANT_KEY,
+            &chat("gpt-4o-mini", false),
+        );
+        if resp.status == 429 {
+            assert_eq!(resp.error_code(), "insufficient_quota");
+            assert_eq!(resp.json()["error"]["type"], "insufficient_quota");
+            let secs: u64 = resp.header("retry-after").unwrap().parse().unwrap();
+            assert!(
+                (1..=86_400).contains(&secs),
+                "retry at the end of the UTC day: {secs}"
+            );
+            break;
+        }
+        assert_eq!(resp.status, 200);
+        assert!(spent < 0.0001, "served after the budget was spent");
+        let usage = &resp.json()["usage"];
+        spent += (usage["prompt_tokens"].as_f64().unwrap()
+            + 2.0 * usage["completion_tokens"].as_f64().unwrap())
+            / 1e6;
+        served += 1;
+        assert!(served < 10, "budget never enforced");
+    }
+    assert!(spent >= 0.0001);
+    assert_eq!(served, 3);
+    let usage = gw.get("/v1/usage", Some(TENANT_KEY)).json();
+    assert_eq!(usage["period"], "daily");
+    assert_eq!(usage["requests"], 3);
+    assert!(
+        (usage["cost_usd"].as_f64().unwrap() - spent).abs() < 1e-12,
+        "{usage}"
+    );
+    assert_eq!(usage["budget"]["remaining_usd"], 0.0);
+    let metrics = gw.metrics();
+    assert_eq!(
+        metric_value(
+            &metrics,
+            r#"runestone_rate_limited_total{limit="budget",tenant="acme"}"#
+        ),
+        1.0
+    );
+}
+
+#[test]
+fn refuses_with_insufficient_quota_once_the_budget_is_spent_in_process() {
+    check_budget(None);
+}
+
+#[test]
+fn refuses_with_insufficient_quota_once_the_budget_is_spent_with_redis() {
+    let redis = Redis::start();
+    check_budget(Some(&redis));
+}
+
+#[test]
+fn a_spent_total_budget_tells_clients_not_to_retry() {
+    let mock = Mock::start(&[]);
+    let gw = Gateway::start(&limited(
+        &mock,
+        "{ budget_usd: { amount: 0.00001, period: total } }",
+        None,
+    ));
+    assert_eq!(
+        gw.post_json(
+            "/v1/chat/completions",
+            TENANT_KEY,
+            &chat("gpt-4o-mini", false)
+        )
+        .status,
+        200
+    );
+    let resp = gw.post_json(
+        "/v1/chat/completions",
+        TENANT_KEY,
+        &chat("gpt-4o-mini", false),
+    );
+    assert_eq!(resp.status, 429);
+    assert_eq!(resp.header("x-should-retry"), Some("false"));
+    assert_eq!(resp.header("retry-after"), None);
+}
+
+/// Reads a whole SSE response; returns the parsed `data:` events.
+fn sse_events(gw: &Gateway, body: &Value) -> Vec<Value> {
+    let mut events = Vec::new();
+    read_sse(gw.port, TENANT_KEY, body, |data, _| {
+        if data != "[DONE]" {
+            events.push(serde_json::from_str(data).unwrap());
+        }
+    });
+    events
+}
+
+fn check_accounting_matches_the_provider(redis: Option<&Redis>) {
+    let mock = Mock::start(&[]);
+    let gw = Gateway::start(&limited(&mock, "{ requests_per_minute: 1000 }", redis));
+    gw.post_json(
+        "/v1/chat/completions",
+        TENANT_KEY,
+        &chat("gpt-4o-mini", false),
+    );
+    gw.post_json(
+        "/v1/completions",
+        TENANT_KEY,
+        &json!({"model": "gpt-4o-mini", "prompt": "Once upon a time"}),
+    );
+
+    // A stream whose client asked for usage gets the usage chunk ...
+    let mut asked = chat("gpt-4o-mini", true);
+    asked["stream_options"] = json!({"include_usage": true});
+    let events = sse_events(&gw, &asked);
+    assert!(events.last().unwrap()["usage"]["completion_tokens"]
+        .as_u64()
+        .is_some());
+    assert!(
+        events.iter().all(|e| e.get("usage").is_some()),
+        "with include_usage every chunk has usage"
+    );
+
+    // ... one that did not ask sees exactly what the provider would send.
+    let events = sse_events(&gw, &chat("gpt-4o-mini", true));
+    assert!(
+        events.iter().all(|e| e.get("usage").is_none()),
+        "no usage chunk or field: {events:?}"
+    );
+    assert_eq!(
+        events.last().unwrap()["choices"][0]["finish_reason"],
+        "stop"
+    );
+    assert!(
+        mock.requests().last().unwrap()["body_bytes"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+
+    let usage = gw.get("/v1/usage", Some(TENANT_KEY)).json();
+    let stats = mock.stats();
+    assert_eq!(usage["requests"], 4);
+    assert_eq!(
+        usage["prompt_tokens"], stats["prompt_tokens"],
+        "{usage} vs {stats}"
+    );
+    assert_eq!(
+        usage["completion_tokens"], stats["completion_tokens"],
+        "{usage} vs {stats}"
+    );
+    let expected_cost = (stats["prompt_tokens"].as_f64().unwrap()
+        + 2.0 * stats["completion_tokens"].as_f64().unwrap())
+        / 1e6;
+    assert!((usage["cost_usd"].as_f64().unwrap() - expected_cost).abs() < 1e-12);
+
+    let metrics = gw.metrics();
+    let prompt = metric_value(
+        &metrics,
+        r#"runestone_tokens_total{kind="prompt",model="gpt-4o-mini",tenant="acme"}"#,
+    );
+    let completion = metric_value(
+        &metrics,
+        r#"runestone_tokens_total{kind="completion",model="gpt-4o-mini",tenant="acme"}"#,
+    );
+    assert_eq!(prompt, stats["prompt_tokens"].as_f64().unwrap());
+    assert_eq!(completion, stats["completion_tokens"].as_f64().unwrap());
+    let cost = metric_value(
+        &metrics,
+        r#"runestone_cost_usd_total{model="gpt-4o-mini",tenant="acme"}"#,
+    );
+    assert!((cost - expected_cost).abs() < 1e-9);
+}
+
+#[test]
+fn accounts_exactly_the_providers_usage_in_process() {
+    check_accounting_matches_the_provider(None);
+}
+
+#[test]
+fn accounts_exactly_the_providers_usage_with_redis() {
+    let redis = Redis::start();
+    check_accounting_matches_the_provider(Some(&redis));
+}
+
+#[test]
+fn estimates_usage_when_the_provider_reports_none() {
+    let mock = Mock::start(&[]);
+    let gw = Gateway::start(&limited(&mock, "{ requests_per_minute: 1000 }", None));
+    mock.fault(json!({"no_usage": true}));
+    let mut body = chat("gpt-4o-mini", true);
+    body["mock_tokens"] = json!(12);
+    let events = sse_events(&gw, &body);
+    assert_eq!(events.len(), 14, "role, 12 tokens, finish");
+    let usage = gw.get("/v1/usage", Some(TENANT_KEY)).json();
+    // The documented estimate: prompt = request bytes / 4, completion =
+    // bytes of generated text (JSON strings as sent) / 4, rounded up.
+    let client_body_len = body.to_string().len() as u64;
+    let text_bytes: u64 = 2
+        + (0..12)
+            .map(|i| format!("\"tok{i} \"").len() as u64)
+            .sum::<u64>();
+    assert_eq!(usage["prompt_tokens"], client_body_len.div_ceil(4));
+    assert_eq!(usage["completion_tokens"], text_bytes.div_ceil(4));
+
+    mock.fault(json!({"no_usage": true}));
+    let resp = gw.post_json(
+        "/v1/chat/completions",
+        TENANT_KEY,
+        &chat("gpt-4o-mini", false),
+    );
+    assert!(resp.json().get("usage").is_none());
+    let after = gw.get("/v1/usage", Some(TENANT_KEY)).json();
+    assert!(
+        after["completion_tokens"].as_u64() > usage["completion_tokens"].as_u64(),
+        "never nothing"
+    );
+}
+
+#[test]
+fn counts_a_stream_cut_mid_way() {
+    let mock = Mock::start(&[]);
+    let gw = Gateway::start(&limited(&mock, "{ requests_per_minute: 1000 }", None));
+    mock.fault(json!({"disconnect_after_chunks": 5}));
+    let mut body = chat("gpt-4o-mini", true);
+    body["mock_tokens"] = json!(50);
+    let mut data = Vec::new();
+    read_sse(gw.port, TENANT_KEY, &body, |d, _| data.push(d.to_string()));
+    assert!(
+        data.last().unwrap().contains("\"error\""),
+        "the break reaches the client in-band: {data:?}"
+    );
+    assert!(!data.iter().any(|d| d == "[DONE]"));
+    let usage = gw.get("/v1/usage", Some(TENANT_KEY)).json();
+    let text_bytes: u64 = 2
+        + (0..5)
+            .map(|i| format!("\"tok{i} \"").len() as u64)
+            .sum::<u64>();
+    assert_eq!(
+        usage["completion_tokens"],
+        text_bytes.div_ceil(4),
+        "what was forwarded is counted"
+    );
+    assert!(usage["prompt_tokens"].as_u64().unwrap() > 0);
+    assert_eq!(
+        metric_value(
+            &gw.metrics(),
+            r#"runestone_inflight_requests{tenant="acme"}"#
+        ),
+        0.0
+    );
+}
+
+#[test]
+fn two_gateways_on_one_redis_enforce_one_global_limit() {
+    let redis = Redis::start();
+    let mock = Mock::start(&[]);
+    let gw1 = Gateway::start(&limited(&mock, "{ requests_per_minute: 6 }", Some(&redis)));
+    let gw2 = Gateway::start(&limited(&mock, "{ requests_per_minute: 6 }", Some(&redis)));
+    let (a, b) = std::thread::scope(|scope| {
+        let a = scope.spawn(|| burst(&gw1, 5, &chat("gpt-4o-mini", false)));
+        let b = scope.spawn(|| burst(&gw2, 5, &chat("gpt-4o-mini", false)));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    assert_eq!(count(&a, 200) + count(&b, 200), 6);
+    assert_eq!(mock.request_count(), 6);
+}
+
+#[test]
+fn keeps_serving_when_redis_is_killed_and_flushes_spend_when_it_returns() {
+    let redis = Redis::start();
+    let mock = Mock::start(&[]);
+    let gw = Gateway::start(&limited(
+        &mock,
+        "{ requests_per_minute: 1000, max_concurrent: 10 }",
+        Some(&redis),
+    ));
+    assert_eq!(
+        gw.post_json(
+            "/v1/chat/completions",
+            TENANT_KEY,
+            &chat("gpt-4o-mini", false)
+        )
+        .status,
+        200
+    );
+    let port = redis.kill();
+    for _ in 0..5 {
+        let resp = gw.post_json(
+            "/v1/chat/completions",
+            TENANT_KEY,
+            &chat("gpt-4o-mini", false),
+        );
+        assert_eq!(resp.status, 200, "served on in-process limits");
+    }
+    let metrics = gw.metrics();
+    assert_eq!(metric_value(&metrics, "runestone_redis_up"), 0.0);
+    assert!(gw.log().contains("Redis unavailable"));
+    let redis = Redis::start_on(port);
+    wait_until(
+        Duration::from_secs(10),
+        "the gateway to see Redis again",
+        || metric_value(&gw.metrics(), "runestone_redis_up") == 1.0,
+    );
+    let period = gw.get("/v1/usage", Some(TENANT_KEY)).json()["period_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let key = format!("runestone:{{acme}}:usage:{period}");
+    wait_until(
+        Duration::from_secs(10),
+        "spend kept during the outage to be flushed",
+        || redis.cli(&["HGET", &key, "requests"]).trim() == "5",
+    );
+    assert_eq!(
+        gw.post_json(
+            "/v1/chat/completions",
+            TENANT_KEY,
+            &chat("gpt-4o-mini", false)
+        )
+        .status,
+        200
+    );
+}
+
+#[test]
+fn keeps_serving_when_redis_is_frozen() {
+    let redis = Redis::start();
+    let mock = Mock::start(&[]);
+    let gw = Gateway::start(&limited(
+        &mock,
+        "{ requests_per_minute: 1000, max_concurrent: 10 }",
+        Some(&redis),
+    ));
+    assert_eq!(
+        gw.post_json(
+            "/v1/chat/completions",
+            TENANT_KEY,
+            &chat("gpt-4o-mini", false)
+        )
+        .status,
+        200
+    );
+    redis.freeze();
+    for _ in 0..5 {
+        // Each call is bounded by redis.timeout_ms: nothing hangs.
+        let resp = gw.post_json(
+            "/v1/chat/completions",
+            TENANT_KEY,
+            &chat("gpt-4o-mini", false),
+        );
+        assert_eq!(resp.status, 200);
+    }
+    let metrics = gw.metrics();
+    assert_eq!(metric_value(&metrics, "runestone_redis_up"), 0.0);
+    assert!(metric_value(&metrics, r#"runestone_redis_errors_total{op="admit"}"#) >= 1.0);
+    redis.thaw();
+    wait_until(
+        Duration::from_secs(10),
+        "the gateway to see Redis again",
+        || metric_value(&gw.metrics(), "runestone_redis_up") == 1.0,
+    );
+    assert_eq!(
+        gw.post_json(
+            "/v1/chat/completions",
+            TENANT_KEY,
+            &chat("gpt-4o-mini", false)
+        )
+        .status,
+        200
+    );
+}
