@@ -409,7 +409,6 @@ impl Limiter {
         grant.settled = true;
         let inner = &self.inner;
         let tenant = grant.tenant;
-        inner.inflight_done(tenant);
         let limits = &inner.limits[tenant];
         let ewma = &inner.durations_ms[tenant];
         let sample = settlement.duration.as_millis().min(u128::from(u32::MAX)) as u64;
@@ -449,6 +448,8 @@ impl Limiter {
                 inner.local.record(tenant, &period_id, &record);
             }
         }
+        // Only now is the slot free everywhere.
+        inner.inflight_done(tenant);
     }
 
     /// The tenant's usage in its current accounting period.

@@ -24,6 +24,8 @@ BIN_DIR = Path(os.environ.get("RUNESTONE_BIN_DIR", ROOT / "target" / "debug"))
 TENANT_KEY = "sk-sdk-tenant-key-0001"
 RESTRICTED_KEY = "sk-sdk-restricted-key-0002"
 PROVIDER_KEY = "sk-sdk-provider-key-0003"
+LIMITED_KEY = "sk-sdk-limited-key-0004"
+BROKE_KEY = "sk-sdk-broke-key-0005"
 
 
 def free_port() -> int:
@@ -122,6 +124,14 @@ tenants:
   - id: restricted
     keys: ["{restricted}"]
     models: [text-embedding-3-small]
+  - id: limited
+    keys: ["{LIMITED_KEY}"]
+    limits: {{ requests_per_minute: 2 }}
+  - id: broke
+    keys: ["{BROKE_KEY}"]
+    limits: {{ budget_usd: {{ amount: 0.000001, period: total }} }}
+pricing:
+  gpt-4o-mini: {{ input: 1.0, output: 2.0 }}
 """
         path = Path(self.dir.name) / "runestone.yaml"
         path.write_text(config)

@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import PROVIDER_KEY, RESTRICTED_KEY, TENANT_KEY
+from conftest import BROKE_KEY, LIMITED_KEY, PROVIDER_KEY, RESTRICTED_KEY, TENANT_KEY
 
 
 def test_chat_completion(client, mock):
@@ -187,3 +187,48 @@ def test_no_key_appears_in_logs_or_metrics(gateway, client):
     text = gateway.output() + gateway.metrics()
     for key in (TENANT_KEY, RESTRICTED_KEY, PROVIDER_KEY, "sk-sdk-unknown-key-77"):
         assert key not in text
+
+
+def test_rate_limit_raises_rate_limit_error(gateway):
+    client = gateway.client(LIMITED_KEY)
+    for _ in range(2):
+        raw = client.chat.completions.with_raw_response.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}]
+        )
+        assert raw.headers["x-ratelimit-limit-requests"] == "2"
+    with pytest.raises(openai.RateLimitError) as err:
+        client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+    assert err.value.code == "rate_limit_exceeded"
+    assert 0 < int(err.value.response.headers["retry-after-ms"]) <= 30_000
+
+
+def test_spent_budget_raises_insufficient_quota_without_sdk_retries(gateway, mock):
+    client = openai.OpenAI(base_url=gateway.base_url, api_key=BROKE_KEY, timeout=30)  # default retries
+    client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+    before = mock.stats()["requests"]
+    started = time.monotonic()
+    with pytest.raises(openai.RateLimitError) as err:
+        client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+    assert err.value.code == "insufficient_quota"
+    assert err.value.type == "insufficient_quota"
+    assert err.value.response.headers["x-should-retry"] == "false"
+    assert mock.stats()["requests"] == before
+    assert time.monotonic() - started < 2, "the SDK did not back off and retry"
+
+
+def test_usage_endpoint_reports_the_tenants_period(gateway):
+    try:
+        gateway.client(BROKE_KEY).chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}]
+        )
+    except openai.RateLimitError:
+        pass  # already spent by an earlier test
+    resp = httpx.get(f"{gateway.base_url}/usage", headers={"authorization": f"Bearer {BROKE_KEY}"})
+    assert resp.status_code == 200
+    usage = resp.json()
+    assert usage["object"] == "runestone.usage"
+    assert usage["tenant"] == "broke"
+    assert usage["period"] == "total"
+    assert usage["requests"] >= 1
+    assert usage["cost_usd"] > 0
+    assert usage["budget"]["remaining_usd"] == 0
