@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Offline demo: builds Runestone, starts runestone-mock (the provider) on
 # 127.0.0.1:9000 and the gateway with conf/demo.yaml on 127.0.0.1:8080, then
-# shows a chat completion, a stream, a refused key and the metrics with curl.
+# shows a chat completion (with the tenant's x-ratelimit-* headers), a stream,
+# a refused key, a refused model, the tenant's usage and the metrics with curl.
 # DEMO_KEEP=1 leaves both running until Ctrl-C.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -67,8 +68,12 @@ curl -sS http://127.0.0.1:8080/v1/chat/completions \
   -d '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}'
 echo
 
+say "the tenant's usage and budget this period"
+curl -sS http://127.0.0.1:8080/v1/usage -H "Authorization: Bearer $KEY"
+echo
+
 say "metrics on 127.0.0.1:9464/metrics"
-curl -sS http://127.0.0.1:9464/metrics | grep -E '^runestone_(requests_total|errors_total)'
+curl -sS http://127.0.0.1:9464/metrics | grep -E '^runestone_(requests_total|errors_total|tokens_total|cost_usd_total)'
 
 if [ "${DEMO_KEEP:-0}" = 1 ]; then
   say "gateway on http://127.0.0.1:8080/v1 (key $KEY); Ctrl-C to stop"

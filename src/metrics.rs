@@ -113,7 +113,8 @@ pub static REDIS_ERRORS: Lazy<IntCounterVec> = Lazy::new(|| {
     .expect("metric registers once")
 });
 
-/// Registers every metric, so that all of them appear on the first scrape.
+/// Registers every metric, so that all of them appear on the first scrape
+/// (the Redis ones appear once Redis is configured).
 pub fn register_all() {
     Lazy::force(&REQUESTS);
     Lazy::force(&REQUEST_DURATION);
@@ -122,6 +123,4 @@ pub fn register_all() {
     Lazy::force(&COST_USD);
     Lazy::force(&RATE_LIMITED);
     Lazy::force(&INFLIGHT);
-    Lazy::force(&REDIS_UP);
-    Lazy::force(&REDIS_ERRORS);
 }

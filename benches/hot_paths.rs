@@ -1,0 +1,177 @@
+//! Micro-benchmarks of the functions on every request's path: key lookup,
+//! request field extraction, admission (in-process and in Redis), and SSE
+//! usage metering.
+//!
+//! `cargo bench --bench hot_paths`; the Redis case runs when `redis-server`
+//! is installed (it starts its own on a free port).
+
+use bytes::Bytes;
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
+use runestone::config::Config;
+use runestone::cost::StreamMeter;
+use runestone::limits::Limiter;
+use runestone::openai::RequestFields;
+use std::hint::black_box;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+fn config(redis_port: Option<u16>) -> Config {
+    let tenants: String = (0..100)
+        .map(|i| {
+            format!(
+                "  - id: t{i}\n    keys: [\"sk-bench-key-{i:04}\"]\n    limits: {{ requests_per_minute: 100000000, tokens_per_minute: 1000000000000, max_concurrent: 100000 }}\n"
+            )
+        })
+        .collect();
+    let redis = redis_port.map_or(String::new(), |p| {
+        format!("redis: {{ url: \"redis://127.0.0.1:{p}/0\", timeout_ms: 200 }}\n")
+    });
+    let yaml = format!(
+        "server: {{ listen: \"127.0.0.1:1\" }}\nproviders:\n  - {{ name: p, base_url: \"http://127.0.0.1:2/v1\" }}\nmodels:\n  - {{ name: m, targets: [{{ provider: p }}] }}\ntenants:\n{tenants}{redis}"
+    );
+    Config::from_yaml(&yaml, |_| None).expect("bench config is valid")
+}
+
+fn chat_body(content_bytes: usize) -> Bytes {
+    let content = "x".repeat(content_bytes);
+    Bytes::from(format!(
+        r#"{{"messages":[{{"role":"system","content":"You are terse."}},{{"role":"user","content":"{content}"}}],"model":"m","stream":true,"max_tokens":256}}"#
+    ))
+}
+
+fn stream_text(tokens: usize) -> Vec<Bytes> {
+    let mut chunks = vec![Bytes::from_static(
+        b"data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}],\"usage\":null}\n\n",
+    )];
+    for i in 0..tokens {
+        chunks.push(Bytes::from(format!(
+            "data: {{\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"m\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"tok{i} \"}}}}],\"usage\":null}}\n\n"
+        )));
+    }
+    chunks.push(Bytes::from_static(
+        b"data: {\"id\":\"c\",\"choices\":[],\"usage\":{\"prompt_tokens\":10,\"completion_tokens\":100,\"total_tokens\":110}}\n\ndata: [DONE]\n\n",
+    ));
+    chunks
+}
+
+fn key_lookup(c: &mut Criterion) {
+    let config = config(None);
+    c.bench_function("auth/key_lookup (100 tenants)", |b| {
+        b.iter(|| config.keys.authenticate(black_box("sk-bench-key-0042")))
+    });
+}
+
+fn field_extraction(c: &mut Criterion) {
+    for size in [1_000, 100_000] {
+        let body = chat_body(size);
+        c.bench_function(&format!("openai/request_fields ({size} B content)"), |b| {
+            b.iter(|| RequestFields::parse(black_box(&body)).unwrap().max_tokens)
+        });
+    }
+}
+
+fn sse_metering(c: &mut Criterion) {
+    let chunks = stream_text(100);
+    for strip in [false, true] {
+        let name = if strip {
+            "cost/stream_meter strip usage (102 events)"
+        } else {
+            "cost/stream_meter pass-through (102 events)"
+        };
+        c.bench_function(name, |b| {
+            b.iter_batched(
+                || chunks.clone(),
+                |chunks| {
+                    let mut meter = StreamMeter::new(strip);
+                    for chunk in chunks {
+                        black_box(meter.feed(chunk));
+                    }
+                    meter.finish();
+                    meter.usage(1)
+                },
+                BatchSize::SmallInput,
+            )
+        });
+    }
+}
+
+fn admission(c: &mut Criterion, name: &str, limiter: &Limiter) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let settlement = runestone::limits::Settlement {
+        usage: runestone::cost::Usage {
+            prompt_tokens: 100,
+            completion_tokens: 100,
+            cached_tokens: 0,
+            estimated: false,
+        },
+        cost_pusd: 1,
+        duration: Duration::from_millis(10),
+    };
+    let mut tenant = 0;
+    c.bench_function(name, |b| {
+        b.to_async(&runtime).iter(|| {
+            tenant = (tenant + 1) % 100;
+            let limiter = limiter.clone();
+            async move {
+                let grant = limiter.admit(tenant, 300).await.expect("admitted");
+                limiter.settle(grant, settlement).await;
+            }
+        })
+    });
+}
+
+fn admission_in_process(c: &mut Criterion) {
+    let limiter = Limiter::new(&config(None));
+    admission(c, "limits/admit+settle in-process", &limiter);
+}
+
+struct RedisServer(Child);
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn admission_redis(c: &mut Criterion) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let Ok(child) = Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .stdout(Stdio::null())
+        .spawn()
+    else {
+        eprintln!("redis-server not found: skipping the Redis admission benchmark");
+        return;
+    };
+    let _server = RedisServer(child);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let limiter = Limiter::new(&config(Some(port)));
+    admission(c, "limits/admit+settle redis (2 round trips)", &limiter);
+}
+
+criterion_group!(
+    benches,
+    key_lookup,
+    field_extraction,
+    sse_metering,
+    admission_in_process,
+    admission_redis
+);
+criterion_main!(benches);
