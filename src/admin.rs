@@ -13,9 +13,15 @@ pub fn health() -> (u16, serde_json::Value) {
     (200, json!({"status": "ok"}))
 }
 
-/// `GET /ready`: 200 when the config is loaded and every model has at least
-/// one target with a resolved address; 503 with the failing parts otherwise.
-pub fn ready(config: &Config, upstreams: &Upstreams) -> (u16, serde_json::Value) {
+/// `GET /ready`: 200 when the config is loaded, Redis (when configured)
+/// answers, and every model has at least one backend that could take a
+/// request now; 503 otherwise. The body details each part: per model, and
+/// per provider each backend's health and circuit breaker.
+pub fn ready(
+    config: &Config,
+    upstreams: &Upstreams,
+    redis_up: Option<bool>,
+) -> (u16, serde_json::Value) {
     let models: serde_json::Map<String, serde_json::Value> = config
         .models
         .iter()
@@ -23,18 +29,45 @@ pub fn ready(config: &Config, upstreams: &Upstreams) -> (u16, serde_json::Value)
             let state = if upstreams.can_serve(route) {
                 "ok"
             } else {
-                "no_resolved_target"
+                "no_eligible_backend"
             };
             (route.name.clone(), json!(state))
         })
         .collect();
-    let all_ok = models.values().all(|v| v == "ok");
-    let status = if all_ok { 200 } else { 503 };
+    let providers: serde_json::Map<String, serde_json::Value> = upstreams
+        .providers()
+        .iter()
+        .map(|provider| {
+            let backends: Vec<serde_json::Value> = provider
+                .backend_states()
+                .into_iter()
+                .map(|(addr, healthy, breaker)| {
+                    json!({
+                        "address": addr.to_string(),
+                        "healthy": healthy,
+                        "circuit": breaker.state,
+                        "cooling_down": breaker.cooling_down,
+                    })
+                })
+                .collect();
+            (
+                provider.settings.name.clone(),
+                json!({ "backends": backends }),
+            )
+        })
+        .collect();
+    let models_ok = models.values().all(|v| v == "ok");
+    let redis_ok = redis_up.unwrap_or(true);
+    let ready = models_ok && redis_ok;
+    let mut checks = json!({ "config": "ok", "models": models, "providers": providers });
+    if let Some(up) = redis_up {
+        checks["redis"] = json!(if up { "ok" } else { "unavailable" });
+    }
     let body = json!({
-        "status": if all_ok { "ready" } else { "not_ready" },
-        "checks": { "config": "ok", "models": models },
+        "status": if ready { "ready" } else { "not_ready" },
+        "checks": checks,
     });
-    (status, body)
+    (if ready { 200 } else { 503 }, body)
 }
 
 /// `GET /v1/models`: the public models this tenant may use, in OpenAI's

@@ -14,6 +14,7 @@ use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::time::Duration;
 
 /// One problem found in a config file, with the path of the key at fault.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -103,6 +104,61 @@ struct RawProvider {
     api_key: Option<String>,
     #[serde(default)]
     weight: Option<u32>,
+    #[serde(default)]
+    health_check: Option<RawHealthCheck>,
+    #[serde(default)]
+    timeouts: Option<RawTimeouts>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealthCheck {
+    path: String,
+    #[serde(default)]
+    interval_seconds: Option<u64>,
+    #[serde(default)]
+    healthy_threshold: Option<usize>,
+    #[serde(default)]
+    unhealthy_threshold: Option<usize>,
+    #[serde(default)]
+    timeout_ms: Option<u64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawTimeouts {
+    #[serde(default)]
+    connect_ms: Option<u64>,
+    #[serde(default)]
+    first_byte_ms: Option<u64>,
+    #[serde(default)]
+    idle_ms: Option<u64>,
+    #[serde(default)]
+    total_ms: Option<u64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawBreaker {
+    #[serde(default)]
+    consecutive_failures: Option<u32>,
+    #[serde(default)]
+    open_seconds: Option<u64>,
+    #[serde(default)]
+    max_open_seconds: Option<u64>,
+    #[serde(default)]
+    half_open_probes: Option<u32>,
+    #[serde(default)]
+    probe_timeout_seconds: Option<u64>,
+    #[serde(default)]
+    rate_limit_cooldown_seconds: Option<u64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawFailover {
+    #[serde(default)]
+    max_attempts: Option<usize>,
 }
 
 fn default_kind() -> String {
@@ -124,6 +180,8 @@ struct RawModel {
     #[serde(default)]
     strategy: Option<String>,
     targets: Vec<RawTarget>,
+    #[serde(default)]
+    fallbacks: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -182,6 +240,8 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "providers",
     "models",
     "pricing",
+    "circuit_breaker",
+    "failover",
     "tenants",
 ];
 
@@ -288,6 +348,79 @@ pub struct ProviderSettings {
     pub api_key: Option<Secret>,
     /// Relative share for weighted routing.
     pub weight: u32,
+    /// Active health check, when configured.
+    pub health_check: Option<HealthCheckSettings>,
+    /// Timeouts for every request to it.
+    pub timeouts: Timeouts,
+}
+
+/// An active health check: `GET base_url + path` must answer 200.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheckSettings {
+    /// Path relative to the base URL (`/models`).
+    pub path: String,
+    /// Time between checks.
+    pub interval: Duration,
+    /// Consecutive passes that make an unhealthy backend healthy.
+    pub healthy_threshold: usize,
+    /// Consecutive failures that make a healthy backend unhealthy.
+    pub unhealthy_threshold: usize,
+    /// Bound on one check.
+    pub timeout: Duration,
+}
+
+/// Timeouts for requests to one provider.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// TCP (and TLS) connect.
+    pub connect: Duration,
+    /// From the request sent to the response header.
+    pub first_byte: Duration,
+    /// Longest gap between two chunks of the response body.
+    pub idle: Duration,
+    /// The whole exchange.
+    pub total: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            connect: Duration::from_secs(5),
+            first_byte: Duration::from_secs(120),
+            idle: Duration::from_secs(60),
+            total: Duration::from_secs(600),
+        }
+    }
+}
+
+/// Circuit breaker settings, shared by every backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BreakerSettings {
+    /// Consecutive failures (5xx, connect errors, timeouts) that open it.
+    pub consecutive_failures: u32,
+    /// How long it stays open the first time; doubled on each re-open.
+    pub open: Duration,
+    /// Cap on the doubled open time.
+    pub max_open: Duration,
+    /// Trial requests let through when half-open.
+    pub half_open_probes: u32,
+    /// A probe taking longer than this counts as failed.
+    pub probe_timeout: Duration,
+    /// Cool-down after a provider's own 429.
+    pub rate_limit_cooldown: Duration,
+}
+
+impl Default for BreakerSettings {
+    fn default() -> Self {
+        BreakerSettings {
+            consecutive_failures: 5,
+            open: Duration::from_secs(30),
+            max_open: Duration::from_secs(300),
+            half_open_probes: 1,
+            probe_timeout: Duration::from_secs(30),
+            rate_limit_cooldown: Duration::from_secs(5),
+        }
+    }
 }
 
 /// How a model's targets are chosen.
@@ -295,8 +428,14 @@ pub struct ProviderSettings {
 pub enum Strategy {
     /// Each request goes to the next target in turn.
     RoundRobin,
+    /// Targets share requests in proportion to their provider's `weight`.
+    Weighted,
+    /// The target with the lowest moving average of time to first byte.
+    LeastLatency,
     /// The first target that can serve.
     Priority,
+    /// The target with the lowest price (`pricing`), first in order on ties.
+    Cheapest,
 }
 
 /// One place a public model can be served.
@@ -317,6 +456,9 @@ pub struct ModelRoute {
     pub strategy: Strategy,
     /// Where it can be served, in config order.
     pub targets: Vec<Target>,
+    /// Other public models (indices into [`Config::models`]) to try, in
+    /// order, when no target can serve.
+    pub fallbacks: Vec<usize>,
 }
 
 /// A validated tenant.
@@ -434,6 +576,10 @@ pub struct Config {
     pub pricing: HashMap<String, Price>,
     /// Shared state, when configured.
     pub redis: Option<RedisSettings>,
+    /// Circuit breaker settings.
+    pub breaker: BreakerSettings,
+    /// Most attempts one request makes, across targets and fallbacks.
+    pub max_attempts: usize,
     model_index: HashMap<String, usize>,
 }
 
@@ -497,24 +643,43 @@ impl Config {
         let (providers, provider_index) = validate_providers(raw_providers, &mut problems);
         let (models, model_index) = validate_models(raw_models, &provider_index, &mut problems);
         let (tenants, keys) = validate_tenants(raw_tenants, &model_index, &mut problems);
-        let pricing = validate_pricing(section("pricing"), &model_index, &mut problems);
+        let pricing = validate_pricing(section("pricing"), &model_index, &providers, &mut problems);
+        let breaker = match section("circuit_breaker") {
+            Value::Null => Some(BreakerSettings::default()),
+            value => deserialize::<RawBreaker>(value, "circuit_breaker", &mut problems)
+                .map(|raw| validate_breaker(raw, &mut problems)),
+        };
+        let max_attempts = match section("failover") {
+            Value::Null => Some(3),
+            value => deserialize::<RawFailover>(value, "failover", &mut problems).map(|raw| {
+                let n = raw.max_attempts.unwrap_or(3);
+                if !(1..=16).contains(&n) {
+                    problems.push(problem("failover.max_attempts", "must be between 1 and 16"));
+                }
+                n
+            }),
+        };
         let redis = match section("redis") {
             Value::Null => None,
             value => deserialize::<RawRedis>(value, "redis", &mut problems)
                 .and_then(|raw| validate_redis(raw, &mut problems)),
         };
 
-        match server {
-            Some(server) if problems.is_empty() => Ok(Config {
-                server,
-                providers,
-                models,
-                tenants,
-                keys,
-                pricing,
-                redis,
-                model_index,
-            }),
+        match (server, breaker, max_attempts) {
+            (Some(server), Some(breaker), Some(max_attempts)) if problems.is_empty() => {
+                Ok(Config {
+                    server,
+                    providers,
+                    models,
+                    tenants,
+                    keys,
+                    pricing,
+                    redis,
+                    breaker,
+                    max_attempts,
+                    model_index,
+                })
+            }
             _ => Err(problems),
         }
     }
@@ -526,6 +691,15 @@ impl Config {
             .filter(|m| !self.pricing.contains_key(&m.name))
             .map(|m| format!("pricing: model '{}' has no price; it is served and counted in tokens, at no cost", m.name))
             .collect()
+    }
+
+    /// The price of serving `target` of `route`: the provider-specific
+    /// `provider/model` entry, else the public model's.
+    pub fn price(&self, route: &ModelRoute, target: &Target) -> Option<&Price> {
+        let provider = &self.providers[target.provider].name;
+        self.pricing
+            .get(&format!("{provider}/{}", target.model))
+            .or_else(|| self.pricing.get(&route.name))
     }
 
     /// The route for a public model name, with its index in [`Config::models`].
@@ -740,6 +914,14 @@ fn validate_providers(
             problems.push(problem(&join(&path, "weight"), "must be at least 1"));
         }
         let api_key = raw.api_key.filter(|k| !k.is_empty()).map(Secret);
+        let health_check = raw
+            .health_check
+            .map(|hc| validate_health_check(hc, &join(&path, "health_check"), problems));
+        let timeouts = validate_timeouts(
+            raw.timeouts.unwrap_or_default(),
+            &join(&path, "timeouts"),
+            problems,
+        );
         if let (Some(kind), Some(base_url)) = (kind, base_url) {
             index.insert(raw.name.clone(), providers.len());
             providers.push(ProviderSettings {
@@ -748,6 +930,8 @@ fn validate_providers(
                 base_url,
                 api_key,
                 weight,
+                health_check,
+                timeouts,
             });
         } else {
             // Keep the name known so models referring to it do not add a
@@ -768,6 +952,7 @@ fn validate_models(
 ) -> (Vec<ModelRoute>, HashMap<String, usize>) {
     let mut models = Vec::new();
     let mut index = HashMap::new();
+    let mut fallback_names = Vec::new();
     for (i, raw) in raw.into_iter().enumerate() {
         let Some(raw) = raw else { continue };
         let path = format!("models[{i}]");
@@ -782,11 +967,14 @@ fn validate_models(
         }
         let strategy = match raw.strategy.as_deref().unwrap_or("round_robin") {
             "round_robin" => Strategy::RoundRobin,
+            "weighted" => Strategy::Weighted,
+            "least_latency" => Strategy::LeastLatency,
             "priority" => Strategy::Priority,
+            "cheapest" => Strategy::Cheapest,
             other => {
                 problems.push(problem(
                     &join(&path, "strategy"),
-                    format!("unknown strategy '{other}'; supported: round_robin, priority"),
+                    format!("unknown strategy '{other}'; supported: round_robin, weighted, least_latency, priority, cheapest"),
                 ));
                 Strategy::RoundRobin
             }
@@ -812,11 +1000,29 @@ fn validate_models(
             }
         }
         index.insert(raw.name.clone(), models.len());
+        fallback_names.push((path, raw.fallbacks));
         models.push(ModelRoute {
             name: raw.name,
             strategy,
             targets,
+            fallbacks: Vec::new(),
         });
+    }
+    // Fallbacks may name models defined later in the file.
+    for (route, (path, names)) in models.iter_mut().zip(fallback_names) {
+        for (f, name) in names.iter().enumerate() {
+            match index.get(name) {
+                Some(&i) if *name != route.name => route.fallbacks.push(i),
+                Some(_) => problems.push(problem(
+                    &format!("{path}.fallbacks[{f}]"),
+                    "a model cannot fall back to itself",
+                )),
+                None => problems.push(problem(
+                    &format!("{path}.fallbacks[{f}]"),
+                    format!("unknown model '{name}'"),
+                )),
+            }
+        }
     }
     if models.is_empty() && problems.is_empty() {
         problems.push(problem("models", "at least one model is required"));
@@ -956,6 +1162,7 @@ fn validate_limits(raw: RawLimits, path: &str, problems: &mut Vec<Problem>) -> T
 fn validate_pricing(
     value: Value,
     models: &HashMap<String, usize>,
+    providers: &[ProviderSettings],
     problems: &mut Vec<Problem>,
 ) -> HashMap<String, Price> {
     let mut pricing = HashMap::new();
@@ -971,8 +1178,16 @@ fn validate_pricing(
     for (name, raw) in map {
         let name = name.as_str().unwrap_or("?").to_string();
         let path = format!("pricing.{name}");
-        if !models.contains_key(&name) {
-            problems.push(problem(&path, format!("unknown model '{name}'")));
+        // A public model name, or `provider/model` for one target's price.
+        let known = models.contains_key(&name)
+            || name
+                .split_once('/')
+                .is_some_and(|(provider, _)| providers.iter().any(|p| p.name == provider));
+        if !known {
+            problems.push(problem(
+                &path,
+                format!("unknown model '{name}' (use a public model name or provider/model)"),
+            ));
             continue;
         }
         let Some(raw) = deserialize::<RawPrice>(raw, &path, problems) else {
@@ -997,6 +1212,111 @@ fn validate_pricing(
         pricing.insert(name, price);
     }
     pricing
+}
+
+fn validate_health_check(
+    raw: RawHealthCheck,
+    path: &str,
+    problems: &mut Vec<Problem>,
+) -> HealthCheckSettings {
+    if !raw.path.starts_with('/') {
+        problems.push(problem(
+            &join(path, "path"),
+            "must start with '/' (it is relative to base_url)",
+        ));
+    }
+    let interval = raw.interval_seconds.unwrap_or(10);
+    if !(1..=3600).contains(&interval) {
+        problems.push(problem(
+            &join(path, "interval_seconds"),
+            "must be between 1 and 3600",
+        ));
+    }
+    let timeout_ms = raw.timeout_ms.unwrap_or(2000);
+    if !(1..=60_000).contains(&timeout_ms) {
+        problems.push(problem(
+            &join(path, "timeout_ms"),
+            "must be between 1 and 60000",
+        ));
+    }
+    let threshold =
+        |value: Option<usize>, key: &str, default: usize, problems: &mut Vec<Problem>| {
+            let n = value.unwrap_or(default);
+            if !(1..=100).contains(&n) {
+                problems.push(problem(&join(path, key), "must be between 1 and 100"));
+            }
+            n
+        };
+    HealthCheckSettings {
+        path: raw.path,
+        interval: Duration::from_secs(interval),
+        healthy_threshold: threshold(raw.healthy_threshold, "healthy_threshold", 1, problems),
+        unhealthy_threshold: threshold(raw.unhealthy_threshold, "unhealthy_threshold", 2, problems),
+        timeout: Duration::from_millis(timeout_ms),
+    }
+}
+
+fn validate_timeouts(raw: RawTimeouts, path: &str, problems: &mut Vec<Problem>) -> Timeouts {
+    let defaults = Timeouts::default();
+    let mut ms = |value: Option<u64>, key: &str, default: Duration| match value {
+        Some(0) => {
+            problems.push(problem(&join(path, key), "must be at least 1 ms"));
+            default
+        }
+        Some(v) => Duration::from_millis(v),
+        None => default,
+    };
+    Timeouts {
+        connect: ms(raw.connect_ms, "connect_ms", defaults.connect),
+        first_byte: ms(raw.first_byte_ms, "first_byte_ms", defaults.first_byte),
+        idle: ms(raw.idle_ms, "idle_ms", defaults.idle),
+        total: ms(raw.total_ms, "total_ms", defaults.total),
+    }
+}
+
+fn validate_breaker(raw: RawBreaker, problems: &mut Vec<Problem>) -> BreakerSettings {
+    let d = BreakerSettings::default();
+    let mut positive = |value: Option<u64>, key: &str, default: u64| {
+        let v = value.unwrap_or(default);
+        if v == 0 {
+            problems.push(problem(
+                &format!("circuit_breaker.{key}"),
+                "must be at least 1",
+            ));
+        }
+        v
+    };
+    let settings = BreakerSettings {
+        consecutive_failures: positive(
+            raw.consecutive_failures.map(u64::from),
+            "consecutive_failures",
+            5,
+        ) as u32,
+        open: Duration::from_secs(positive(raw.open_seconds, "open_seconds", d.open.as_secs())),
+        max_open: Duration::from_secs(positive(
+            raw.max_open_seconds,
+            "max_open_seconds",
+            d.max_open.as_secs(),
+        )),
+        half_open_probes: positive(raw.half_open_probes.map(u64::from), "half_open_probes", 1)
+            as u32,
+        probe_timeout: Duration::from_secs(positive(
+            raw.probe_timeout_seconds,
+            "probe_timeout_seconds",
+            d.probe_timeout.as_secs(),
+        )),
+        rate_limit_cooldown: Duration::from_secs(
+            raw.rate_limit_cooldown_seconds
+                .unwrap_or(d.rate_limit_cooldown.as_secs()),
+        ),
+    };
+    if settings.max_open < settings.open {
+        problems.push(problem(
+            "circuit_breaker.max_open_seconds",
+            "must not be less than open_seconds",
+        ));
+    }
+    settings
 }
 
 fn validate_redis(raw: RawRedis, problems: &mut Vec<Problem>) -> Option<RedisSettings> {

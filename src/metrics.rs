@@ -113,6 +113,27 @@ pub static REDIS_ERRORS: Lazy<IntCounterVec> = Lazy::new(|| {
     .expect("metric registers once")
 });
 
+/// `runestone_upstream_healthy{provider,backend}`: 1 while the backend
+/// passes its health check (always 1 without one).
+pub static UPSTREAM_HEALTHY: Lazy<IntGaugeVec> = Lazy::new(|| {
+    register_int_gauge_vec!(
+        "runestone_upstream_healthy",
+        "1 while the backend passes its health check, by provider and backend address.",
+        &["provider", "backend"]
+    )
+    .expect("metric registers once")
+});
+
+/// `runestone_circuit_state{provider,backend}`: 0 closed, 1 half-open, 2 open.
+pub static CIRCUIT_STATE: Lazy<IntGaugeVec> = Lazy::new(|| {
+    register_int_gauge_vec!(
+        "runestone_circuit_state",
+        "Circuit breaker state by provider and backend address: 0 closed, 1 half-open, 2 open.",
+        &["provider", "backend"]
+    )
+    .expect("metric registers once")
+});
+
 /// Registers every metric, so that all of them appear on the first scrape
 /// (the Redis ones appear once Redis is configured).
 pub fn register_all() {
@@ -123,4 +144,6 @@ pub fn register_all() {
     Lazy::force(&COST_USD);
     Lazy::force(&RATE_LIMITED);
     Lazy::force(&INFLIGHT);
+    Lazy::force(&UPSTREAM_HEALTHY);
+    Lazy::force(&CIRCUIT_STATE);
 }

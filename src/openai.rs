@@ -170,6 +170,17 @@ impl ApiError {
         Self::new(429, "insufficient_quota", "insufficient_quota", message)
     }
 
+    /// 429: the provider itself is rate limiting and no other target could
+    /// serve.
+    pub fn provider_rate_limited(provider: &str) -> Self {
+        Self::new(
+            429,
+            "rate_limit_error",
+            "upstream_rate_limited",
+            format!("The provider '{provider}' is rate limiting the gateway and no other provider could serve."),
+        )
+    }
+
     /// 502: the provider failed and nothing else could serve.
     pub fn upstream_error(message: impl Into<String>) -> Self {
         Self::new(502, "api_error", "upstream_error", message)
@@ -200,6 +211,7 @@ impl ApiError {
         match self.code {
             "invalid_api_key" => "auth",
             "rate_limit_exceeded" => "policy_rate_limited",
+            "upstream_rate_limited" => "provider_429",
             "insufficient_quota" => "policy_budget",
             "upstream_error" => "provider_5xx",
             "upstream_timeout" => "provider_timeout",

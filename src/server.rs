@@ -5,13 +5,13 @@ use crate::config::Config;
 use crate::gateway::Gateway;
 use crate::limits::{redis::RedisMaintenance, Limiter};
 use crate::metrics;
-use crate::upstream::{Resolver, Upstreams};
+use crate::upstream::Upstreams;
 use pingora::connectors::http::Connector;
 use pingora::connectors::ConnectorOptions;
 use pingora::proxy::http_proxy_service_with_name;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::Server;
-use pingora::services::background::background_service;
+use pingora::services::background::{background_service, GenBackgroundService};
 use std::sync::Arc;
 
 /// Process-level switches from the command line, as Pingora's own.
@@ -72,9 +72,13 @@ pub fn build(config: Config, options: RunOptions) -> Server {
         prometheus.add_tcp(&addr.to_string());
         server.add_service(prometheus);
     }
-    server.add_service(background_service(
-        "provider resolver",
-        Resolver::new(upstreams),
-    ));
+    // Each provider's balancer re-resolves its host and runs its health
+    // checks in the background.
+    for (name, balancer) in upstreams.balancers() {
+        server.add_service(GenBackgroundService::new(
+            format!("BG provider {name}"),
+            balancer,
+        ));
+    }
     server
 }

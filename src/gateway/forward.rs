@@ -1,30 +1,39 @@
-//! Forwarding one request to a provider through Pingora's connector.
+//! Forwarding one request to a provider through Pingora's connector, with
+//! failover.
 //!
-//! The body is in hand, so an attempt that fails before anything reached
-//! the client (connect error, a reused connection that was closed, the
-//! provider refusing the gateway's credentials) moves to the route's next
-//! target with the whole body replayed. Once the response header has gone
-//! to the client, the response is streamed chunk by chunk as the provider
-//! produces it; a provider that breaks off mid-stream ends the client's
-//! stream with an in-band SSE error event and no `[DONE]`.
+//! The body is in hand, so an attempt that fails before anything reached the
+//! client (connect error or timeout, no response header in time, a 5xx, the
+//! provider's own 429, the provider refusing the gateway's key) moves to the
+//! next eligible backend with the whole body replayed, then to the model's
+//! fallbacks in order, up to `failover.max_attempts` attempts. Every outcome
+//! feeds the backend's circuit breaker.
+//!
+//! Once the response header has gone to the client there is no retry: the
+//! response is streamed chunk by chunk as the provider produces it, each gap
+//! bounded by the provider's idle timeout. A provider that breaks off or
+//! stalls mid-stream ends the client's stream with an in-band SSE error
+//! event and no `[DONE]`, and counts as a failure.
 
 use super::{Gateway, RequestCtx};
-use crate::config::ProviderSettings;
+use crate::config::{ModelRoute, ProviderSettings};
 use crate::cost::{self, StreamMeter, Usage};
 use crate::openai::{ApiError, Endpoint};
+use crate::upstream::breaker::Outcome;
 use crate::upstream::Backend;
 use bytes::Bytes;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::protocols::http::client::HttpSession;
 use pingora::proxy::Session;
 use pingora::{ErrorSource, ErrorType};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
 use tracing::warn;
 
-/// What is forwarded: the route and a way to build the body for a target.
+/// What is forwarded: the routes to try and a way to build the body.
 pub(super) struct Request<'a> {
     pub endpoint: Endpoint,
-    pub route_index: usize,
-    pub route: &'a crate::config::ModelRoute,
+    /// The requested route first, then its fallbacks the tenant may use.
+    pub routes: Vec<(usize, &'a ModelRoute)>,
     pub stream: bool,
     /// The upstream body for the provider's model name.
     pub body_for: &'a (dyn Fn(&str) -> Bytes + Sync),
@@ -38,6 +47,14 @@ enum Failure {
     Final(ApiError),
     /// The client already has part of the answer, or went away.
     Done,
+}
+
+/// How copying the response body ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BodyEnd {
+    Complete,
+    ClientGone,
+    ProviderBroke,
 }
 
 /// Client request headers passed on to providers; everything else
@@ -54,33 +71,52 @@ const FORWARDED_RESPONSE_HEADERS: &[&str] = &[
     "openai-version",
 ];
 
-/// Forwards the request, trying the route's targets until one answers.
+/// Forwards the request, failing over until a backend answers.
 pub(super) async fn forward(
     gateway: &Gateway,
     session: &mut Session,
     ctx: &mut RequestCtx,
     request: Request<'_>,
 ) -> Result<(), ApiError> {
-    let mut tried: Vec<usize> = Vec::new();
-    let mut last_error = None;
-    while let Some(backend) =
-        gateway
-            .upstreams
-            .choose_backend(request.route_index, request.route, &tried)
-    {
-        tried.push(backend.target);
-        ctx.provider = Some(backend.provider);
-        match attempt(gateway, session, ctx, &request, &backend).await {
-            Ok(()) | Err(Failure::Done) => return Ok(()),
-            Err(Failure::Final(error)) => return Err(error),
-            Err(Failure::Retryable(error)) => {
-                warn!(request_id = %ctx.request_id, provider = %gateway.upstreams.provider(backend.provider).settings.name,
-                      backend = %backend.addr, error = %error, "attempt failed; trying the next target");
-                last_error = Some(error);
+    let max_attempts = gateway.config.max_attempts;
+    let mut tried: Vec<(usize, SocketAddr)> = Vec::new();
+    let mut last_error: Option<ApiError> = None;
+    let mut soonest: Option<Duration> = None;
+    'routes: for &(route_index, route) in &request.routes {
+        loop {
+            if ctx.attempts as usize >= max_attempts {
+                break 'routes;
+            }
+            let backend = match gateway.upstreams.choose_backend(route_index, route, &tried) {
+                Ok(backend) => backend,
+                Err(none) => {
+                    soonest = match (soonest, none.retry_after) {
+                        (Some(a), Some(b)) => Some(a.min(b)),
+                        (a, b) => a.or(b),
+                    };
+                    continue 'routes;
+                }
+            };
+            tried.push((backend.provider, backend.addr));
+            ctx.attempts += 1;
+            ctx.provider = Some(backend.provider);
+            ctx.route = Some(route_index);
+            match attempt(gateway, session, ctx, &request, route, &backend).await {
+                Ok(()) | Err(Failure::Done) => return Ok(()),
+                Err(Failure::Final(error)) => return Err(error),
+                Err(Failure::Retryable(error)) => {
+                    warn!(request_id = %ctx.request_id, provider = %gateway.upstreams.provider(backend.provider).settings.name,
+                          backend = %backend.addr, attempt = ctx.attempts, error = %error, "attempt failed; failing over");
+                    last_error = Some(error);
+                }
             }
         }
     }
-    Err(last_error.unwrap_or_else(|| ApiError::no_healthy_upstream(&request.route.name)))
+    Err(last_error.unwrap_or_else(|| {
+        let mut error = ApiError::no_healthy_upstream(&request.routes[0].1.name);
+        error.retry_after_ms = Some(soonest.map_or(1000, |d| d.as_millis().max(1) as u64));
+        error
+    }))
 }
 
 /// One attempt against one backend.
@@ -89,54 +125,81 @@ async fn attempt(
     session: &mut Session,
     ctx: &mut RequestCtx,
     request: &Request<'_>,
+    route: &ModelRoute,
     backend: &Backend,
 ) -> Result<(), Failure> {
-    let provider = &gateway.upstreams.provider(backend.provider).settings;
-    let target = &request.route.targets[backend.target];
-    let body = (request.body_for)(&target.model);
-    let peer = gateway.upstreams.peer(backend);
-    let upstream_error = |e: Box<pingora::Error>| classify(provider, backend, &e);
+    let upstreams = &gateway.upstreams;
+    let provider = &upstreams.provider(backend.provider).settings;
+    let timeouts = provider.timeouts;
+    let started = Instant::now();
+    let deadline = started + timeouts.total;
+    let body = (request.body_for)(&route.targets[backend.target].model);
+    let peer = upstreams.peer(backend);
+    let fail = |outcome: Outcome, failure: Failure| {
+        upstreams.record_outcome(backend, outcome, None);
+        failure
+    };
+    let io_error = |e: Box<pingora::Error>| {
+        let (outcome, failure) = classify(provider, backend, &e);
+        fail(outcome, failure)
+    };
 
-    let (mut upstream, _reused) = gateway
+    let (mut upstream, reused) = gateway
         .connector
         .get_http_session(&peer)
         .await
-        .map_err(upstream_error)?;
+        .map_err(io_error)?;
     let header =
         upstream_request(provider, request.endpoint, session, ctx, body.len()).map_err(|e| {
             Failure::Final(ApiError::internal(format!(
                 "cannot build the upstream request: {e}"
             )))
         })?;
-    upstream
-        .write_request_header(Box::new(header))
-        .await
-        .map_err(upstream_error)?;
-    upstream
-        .write_request_body(body, true)
-        .await
-        .map_err(upstream_error)?;
-    upstream
-        .finish_request_body()
-        .await
-        .map_err(upstream_error)?;
-
-    tokio::select! {
-        read = upstream.read_response_header() => read.map_err(upstream_error)?,
-        _ = session.downstream_session.read_body_or_idle(true) => return Err(Failure::Done),
+    let sent = async {
+        upstream.write_request_header(Box::new(header)).await?;
+        upstream.write_request_body(body, true).await?;
+        upstream.finish_request_body().await
+    };
+    if let Err(e) = sent.await {
+        // A pooled connection the provider had closed says nothing about it.
+        let outcome = if reused {
+            Outcome::Neutral
+        } else {
+            classify(provider, backend, &e).0
+        };
+        return Err(fail(
+            outcome,
+            Failure::Retryable(ApiError::upstream_error(format!(
+                "Sending the request to the provider '{}' failed.",
+                provider.name
+            ))),
+        ));
     }
+
+    let first_byte = timeouts
+        .first_byte
+        .min(deadline.saturating_duration_since(Instant::now()));
+    tokio::select! {
+        read = tokio::time::timeout(first_byte, upstream.read_response_header()) => match read {
+            Ok(read) => read.map_err(io_error)?,
+            Err(_) => return Err(fail(Outcome::Failure, Failure::Retryable(ApiError::upstream_timeout(format!(
+                "The provider '{}' sent no response within {first_byte:?}.", provider.name
+            ))))),
+        },
+        _ = session.downstream_session.read_body_or_idle(true) => {
+            upstreams.record_outcome(backend, Outcome::Neutral, None);
+            return Err(Failure::Done);
+        }
+    }
+    let ttfb = started.elapsed();
     let upstream_header = upstream
         .response_header()
         .expect("read_response_header succeeded")
         .clone();
-    if matches!(upstream_header.status.as_u16(), 401 | 403) {
-        // The provider refused the gateway's own key: the tenant's key was
-        // fine, so the client must not see an authentication error.
-        warn!(provider = %provider.name, status = upstream_header.status.as_u16(), "provider refused the gateway's credentials");
-        return Err(Failure::Retryable(ApiError::upstream_error(format!(
-            "The provider '{}' refused the gateway's credentials.",
-            provider.name
-        ))));
+    let status = upstream_header.status.as_u16();
+    if let Some((outcome, error)) = refused(provider, &upstream_header) {
+        warn!(request_id = %ctx.request_id, provider = %provider.name, backend = %backend.addr, status, "provider refused the attempt");
+        return Err(fail(outcome, Failure::Retryable(error)));
     }
 
     let mut meter = Meter::for_response(&upstream_header, ctx.strip_usage);
@@ -150,6 +213,7 @@ async fn attempt(
         .await
         .is_err()
     {
+        upstreams.record_outcome(backend, Outcome::Neutral, None);
         return Err(Failure::Done);
     }
     let declared_len = upstream_header
@@ -163,16 +227,58 @@ async fn attempt(
         is_stream: request.stream,
         provider,
         declared_len,
+        idle: timeouts.idle,
+        deadline,
     };
-    copy.run(session, &mut upstream, ctx, &mut meter).await;
+    let end = copy.run(session, &mut upstream, ctx, &mut meter).await;
     ctx.usage = Some(meter.usage(ctx.prompt_estimate));
-    if upstream.response_done() {
+    let outcome = match end {
+        BodyEnd::Complete => Outcome::Success,
+        BodyEnd::ProviderBroke => Outcome::Failure,
+        BodyEnd::ClientGone => Outcome::Neutral,
+    };
+    upstreams.record_outcome(backend, outcome, Some(ttfb));
+    if end == BodyEnd::Complete && upstream.response_done() {
         gateway
             .connector
             .release_http_session(upstream, &peer, peer.options.idle_timeout)
             .await;
     }
     Ok(())
+}
+
+/// A response that must not reach the client, with what the breaker should
+/// make of it: a 5xx (failure), the provider's own 429 (cool-down), or a
+/// 401/403 that means the gateway's key was refused (the tenant's key was
+/// fine, so the client must not see an authentication error).
+fn refused(provider: &ProviderSettings, header: &ResponseHeader) -> Option<(Outcome, ApiError)> {
+    let name = &provider.name;
+    let status = header.status.as_u16();
+    match status {
+        500..=599 => Some((
+            Outcome::Failure,
+            ApiError::upstream_error(format!("The provider '{name}' answered {status}.")),
+        )),
+        429 => {
+            let retry_after = header
+                .headers
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .filter(|s| s.is_finite() && *s >= 0.0)
+                .map(|s| Duration::from_secs_f64(s.min(3600.0)));
+            let mut error = ApiError::provider_rate_limited(name);
+            error.retry_after_ms = Some(retry_after.map_or(1000, |d| d.as_millis() as u64));
+            Some((Outcome::RateLimited(retry_after), error))
+        }
+        401 | 403 => Some((
+            Outcome::Neutral,
+            ApiError::upstream_error(format!(
+                "The provider '{name}' refused the gateway's credentials."
+            )),
+        )),
+        _ => None,
+    }
 }
 
 /// Reads usage from a response on its way to the client.
@@ -255,6 +361,10 @@ struct Copy<'a> {
     provider: &'a ProviderSettings,
     /// The provider's `content-length`, when it sent one.
     declared_len: Option<usize>,
+    /// Longest gap between two chunks.
+    idle: Duration,
+    /// End of the attempt's total time.
+    deadline: Instant,
 }
 
 impl Copy<'_> {
@@ -264,15 +374,18 @@ impl Copy<'_> {
         upstream: &mut HttpSession,
         ctx: &mut RequestCtx,
         meter: &mut Meter,
-    ) {
+    ) -> BodyEnd {
         let mut received = 0;
         loop {
+            let gap = self
+                .idle
+                .min(self.deadline.saturating_duration_since(Instant::now()));
             let read = tokio::select! {
-                read = upstream.read_response_body() => read,
-                _ = session.downstream_session.read_body_or_idle(true) => return,
+                read = tokio::time::timeout(gap, upstream.read_response_body()) => read,
+                _ = session.downstream_session.read_body_or_idle(true) => return BodyEnd::ClientGone,
             };
             match read {
-                Ok(Some(chunk)) => {
+                Ok(Ok(Some(chunk))) => {
                     received += chunk.len();
                     let out = meter.feed(chunk);
                     if self.declared_len.is_some_and(|n| received >= n) {
@@ -284,32 +397,50 @@ impl Copy<'_> {
                     if !out.is_empty()
                         && session.write_response_body(Some(out), false).await.is_err()
                     {
-                        return;
+                        return BodyEnd::ClientGone;
                     }
                 }
-                Ok(None) => {
+                Ok(Ok(None)) => {
                     let rest = meter.finish();
                     self.settle(ctx, meter).await;
                     let _ = session.write_response_body(Some(rest), true).await;
-                    return;
+                    return BodyEnd::Complete;
                 }
-                Err(e) => {
+                Ok(Err(e)) => {
                     warn!(request_id = %ctx.request_id, provider = %self.provider.name, error = %e, "provider broke off the response");
-                    if self.is_stream {
-                        let event = ApiError::upstream_error(format!(
-                            "The provider '{}' broke off the stream.",
+                    self.end_broken(
+                        session,
+                        format!(
+                            "The provider '{}' broke off the response.",
                             self.provider.name
-                        ))
-                        .sse_event();
-                        let _ = session.write_response_body(Some(event), true).await;
-                    } else {
-                        // A JSON body cut short cannot be repaired: close the
-                        // connection so the client sees the truncation.
-                        session.set_keepalive(None);
-                    }
-                    return;
+                        ),
+                    )
+                    .await;
+                    return BodyEnd::ProviderBroke;
+                }
+                Err(_) => {
+                    warn!(request_id = %ctx.request_id, provider = %self.provider.name, gap = ?gap, "provider stalled mid-response");
+                    self.end_broken(
+                        session,
+                        format!("The provider '{}' stalled for {gap:?}.", self.provider.name),
+                    )
+                    .await;
+                    return BodyEnd::ProviderBroke;
                 }
             }
+        }
+    }
+
+    /// Ends a response the provider did not finish: a stream gets an
+    /// in-band error event and a clean end (no `[DONE]`, so SDKs raise); a
+    /// JSON body cannot be repaired, so the connection is closed and the
+    /// client sees the truncation.
+    async fn end_broken(&self, session: &mut Session, message: String) {
+        if self.is_stream {
+            let event = ApiError::upstream_error(message).sse_event();
+            let _ = session.write_response_body(Some(event), true).await;
+        } else {
+            session.set_keepalive(None);
         }
     }
 
@@ -319,22 +450,30 @@ impl Copy<'_> {
     }
 }
 
-/// Maps a connector or I/O error to what the client should see, and whether
-/// another backend may be tried.
-fn classify(provider: &ProviderSettings, backend: &Backend, e: &pingora::Error) -> Failure {
+/// Maps a connector or I/O error to the breaker outcome and what the client
+/// should see.
+fn classify(
+    provider: &ProviderSettings,
+    backend: &Backend,
+    e: &pingora::Error,
+) -> (Outcome, Failure) {
     let name = &provider.name;
     match e.etype() {
-        ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout => {
+        _ if e.esource() == &ErrorSource::Downstream => (Outcome::Neutral, Failure::Done),
+        ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout => (
+            Outcome::Failure,
             Failure::Retryable(ApiError::upstream_timeout(format!(
                 "The provider '{name}' timed out."
-            )))
-        }
-        _ if e.esource() == &ErrorSource::Downstream => Failure::Done,
-        _ => Failure::Retryable(ApiError::upstream_error(format!(
-            "The provider '{name}' could not be reached ({}) at {}.",
-            e.etype().as_str(),
-            backend.addr
-        ))),
+            ))),
+        ),
+        _ => (
+            Outcome::Failure,
+            Failure::Retryable(ApiError::upstream_error(format!(
+                "The provider '{name}' could not be reached ({}) at {}.",
+                e.etype().as_str(),
+                backend.addr
+            ))),
+        ),
     }
 }
 
@@ -397,5 +536,6 @@ fn client_response(
     }
     header.insert_header("x-request-id", &ctx.request_id)?;
     header.insert_header("x-runestone-provider", provider)?;
+    header.insert_header("x-runestone-attempts", ctx.attempts.to_string())?;
     Ok(header)
 }

@@ -48,6 +48,8 @@ pub struct RequestCtx {
     strip_usage: bool,
     /// Usage read from (or estimated for) the response.
     usage: Option<Usage>,
+    /// Attempts made against backends.
+    attempts: u32,
 }
 
 /// The gateway: config, upstreams, limits and the connection pool to providers.
@@ -84,7 +86,8 @@ impl Gateway {
                 respond_json(session, ctx, status, body).await
             }
             ("GET" | "HEAD", "/ready") => {
-                let (status, body) = admin::ready(&self.config, &self.upstreams);
+                let redis_up = self.limiter.redis().map(|r| r.is_up());
+                let (status, body) = admin::ready(&self.config, &self.upstreams, redis_up);
                 respond_json(session, ctx, status, body).await
             }
             ("GET", "/v1/models") => {
@@ -163,10 +166,16 @@ impl Gateway {
         let ask_usage = fields.stream && generates && !fields.client_wants_usage();
         ctx.strip_usage = ask_usage;
         debug!(request_id = %ctx.request_id, tenant = %self.config.tenants[tenant].id, model = %route.name, endpoint = endpoint.name(), "routing");
+        let mut routes = vec![(route_index, route)];
+        for &fallback in &route.fallbacks {
+            let fallback_route = &self.config.models[fallback];
+            if self.config.tenants[tenant].may_use(&fallback_route.name) {
+                routes.push((fallback, fallback_route));
+            }
+        }
         let request = forward::Request {
             endpoint,
-            route_index,
-            route,
+            routes,
             stream: fields.stream,
             body_for: &|provider_model| rewrite_body(&body, &fields, provider_model, ask_usage),
         };
@@ -424,6 +433,7 @@ impl ProxyHttp for Gateway {
             prompt_estimate: 0,
             strip_usage: false,
             usage: None,
+            attempts: 0,
         }
     }
 

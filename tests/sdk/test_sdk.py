@@ -152,11 +152,19 @@ def test_unreachable_provider_raises_internal_server_error(client):
     assert err.value.code == "upstream_error"
 
 
-def test_provider_error_status_passes_through(client, mock):
-    mock.fault({"status": 500, "count": 1})
+def test_provider_5xx_with_nowhere_to_fail_over_is_a_502(client, mock):
+    mock.fault({"status": 500, "count": 1, "path": "/v1/chat/completions"})
     with pytest.raises(openai.InternalServerError) as err:
         client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
-    assert err.value.status_code == 500
+    assert err.value.status_code == 502
+    assert err.value.code == "upstream_error"
+
+
+def test_provider_client_error_passes_through(client, mock):
+    mock.fault({"status": 400, "count": 1, "path": "/v1/chat/completions"})
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+    assert err.value.status_code == 400
 
 
 def test_stream_broken_mid_way_raises_in_the_sdk(client, mock):

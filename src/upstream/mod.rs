@@ -1,0 +1,645 @@
+//! Providers, their backends, health, circuit breakers and the choice of
+//! backend for each attempt.
+//!
+//! Each provider is a Pingora `LoadBalancer` over its backends (the
+//! addresses its host name resolves to). The balancer runs as a background
+//! service: [`DnsDiscovery`] re-resolves the host every
+//! [`RESOLVE_INTERVAL`] (never on the request path) and, when the provider
+//! has a `health_check`, Pingora's `HttpHealthCheck` takes failing backends
+//! out of selection until they pass again.
+//!
+//! On top of health, every backend has a [`breaker::Breaker`] fed by real
+//! traffic. [`Upstreams::choose_backend`] picks, among a route's targets whose
+//! provider has an eligible backend (healthy, breaker allowing, not yet tried
+//! by this request), one target by the route's strategy, then one backend of
+//! that provider round robin.
+
+pub mod breaker;
+
+use crate::config::{Config, HealthCheckSettings, ModelRoute, ProviderSettings, Strategy};
+use crate::metrics;
+use async_trait::async_trait;
+use breaker::{Breaker, BreakerView, Outcome, Permit};
+use pingora::http::RequestHeader;
+use pingora::lb::discovery::ServiceDiscovery;
+use pingora::lb::health_check::{HealthObserve, HttpHealthCheck};
+use pingora::lb::selection::RoundRobin;
+use pingora::lb::{Backend as LbBackend, Backends, LoadBalancer};
+use pingora::upstreams::peer::HttpPeer;
+use std::collections::{BTreeSet, HashMap};
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tracing::{info, warn};
+
+/// How often provider host names are resolved again.
+pub const RESOLVE_INTERVAL: Duration = Duration::from_secs(30);
+
+/// A provider's balancer: round robin over its backends.
+pub type Balancer = LoadBalancer<RoundRobin>;
+
+/// Resolves a provider's host name into backends; never on the request path.
+pub struct DnsDiscovery {
+    provider: String,
+    host: String,
+    port: u16,
+    weight: usize,
+    /// The start-up resolution, answered by the first discovery without
+    /// waiting, so the balancer can serve before its service runs.
+    seed: Mutex<Option<BTreeSet<LbBackend>>>,
+}
+
+impl DnsDiscovery {
+    fn backends(&self, addrs: impl Iterator<Item = SocketAddr>) -> BTreeSet<LbBackend> {
+        addrs
+            .map(|addr| LbBackend {
+                addr: pingora::protocols::l4::socket::SocketAddr::Inet(addr),
+                weight: self.weight,
+                ext: Default::default(),
+            })
+            .collect()
+    }
+
+    /// Resolves now, blocking: for start-up only.
+    fn resolve_blocking(&self) -> BTreeSet<LbBackend> {
+        if let Ok(ip) = self.host.parse::<IpAddr>() {
+            return self.backends(std::iter::once(SocketAddr::new(ip, self.port)));
+        }
+        match (self.host.as_str(), self.port).to_socket_addrs() {
+            Ok(addrs) => self.backends(addrs),
+            Err(e) => {
+                warn!(provider = %self.provider, host = %self.host, error = %e, "cannot resolve provider host");
+                BTreeSet::new()
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl ServiceDiscovery for DnsDiscovery {
+    async fn discover(&self) -> pingora::Result<(BTreeSet<LbBackend>, HashMap<u64, bool>)> {
+        if let Some(seed) = self.seed.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            return Ok((seed, HashMap::new()));
+        }
+        if let Ok(ip) = self.host.parse::<IpAddr>() {
+            return Ok((
+                self.backends(std::iter::once(SocketAddr::new(ip, self.port))),
+                HashMap::new(),
+            ));
+        }
+        match tokio::net::lookup_host((self.host.as_str(), self.port)).await {
+            Ok(addrs) => Ok((self.backends(addrs), HashMap::new())),
+            Err(e) => {
+                // An error keeps the last good backends: a DNS hiccup must
+                // not take a provider out of service.
+                warn!(provider = %self.provider, host = %self.host, error = %e, "cannot re-resolve provider host");
+                pingora::Error::e_explain(
+                    pingora::ErrorType::ConnectNoRoute,
+                    "DNS resolution failed",
+                )
+            }
+        }
+    }
+}
+
+/// Publishes health changes as `runestone_upstream_healthy` and logs them.
+struct HealthGauge {
+    provider: String,
+}
+
+#[async_trait]
+impl HealthObserve for HealthGauge {
+    async fn observe(&self, target: &LbBackend, healthy: bool) {
+        let backend = target.addr.to_string();
+        metrics::UPSTREAM_HEALTHY
+            .with_label_values(&[&self.provider, &backend])
+            .set(i64::from(healthy));
+        if healthy {
+            info!(provider = %self.provider, %backend, "backend passed its health check");
+        } else {
+            warn!(provider = %self.provider, %backend, "backend failed its health check; out of selection");
+        }
+    }
+}
+
+fn health_check(settings: &ProviderSettings, hc: &HealthCheckSettings) -> HttpHealthCheck {
+    let url = &settings.base_url;
+    let mut check = HttpHealthCheck::new(&url.authority, url.tls);
+    let path = format!("{}{}", url.path, hc.path);
+    let mut req = RequestHeader::build("GET", path.as_bytes(), None).expect("a GET header builds");
+    let _ = req.insert_header("host", &url.authority);
+    if let Some(key) = &settings.api_key {
+        let _ = req.insert_header("authorization", format!("Bearer {}", key.expose()));
+    }
+    check.req = req;
+    check.consecutive_success = hc.healthy_threshold;
+    check.consecutive_failure = hc.unhealthy_threshold;
+    check.peer_template.options.connection_timeout = Some(hc.timeout);
+    check.peer_template.options.read_timeout = Some(hc.timeout);
+    check.health_changed_callback = Some(Box::new(HealthGauge {
+        provider: settings.name.clone(),
+    }));
+    check
+}
+
+/// A provider with its balancer and its backends' breakers.
+pub struct Provider {
+    /// Its validated settings.
+    pub settings: ProviderSettings,
+    balancer: Arc<Balancer>,
+    breakers: Mutex<HashMap<SocketAddr, Breaker>>,
+}
+
+impl Provider {
+    fn new(settings: ProviderSettings) -> Self {
+        let discovery = DnsDiscovery {
+            provider: settings.name.clone(),
+            host: settings.base_url.host.clone(),
+            port: settings.base_url.port,
+            weight: settings.weight as usize,
+            seed: Mutex::default(),
+        };
+        *discovery.seed.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(discovery.resolve_blocking());
+        let mut balancer = Balancer::from_backends(Backends::new(Box::new(discovery)));
+        if let Some(hc) = &settings.health_check {
+            balancer.set_health_check(Box::new(health_check(&settings, hc)));
+            balancer.health_check_frequency = Some(hc.interval);
+        }
+        balancer.update_frequency = Some(RESOLVE_INTERVAL);
+        // Take in the start-up resolution (the seed answers without waiting).
+        if futures_now(balancer.update()).is_none() {
+            warn!(provider = %settings.name, "provider backends will be known after the first discovery");
+        }
+        let balancer = Arc::new(balancer);
+        for backend in balancer.backends().get_backend().iter() {
+            metrics::UPSTREAM_HEALTHY
+                .with_label_values(&[&settings.name, &backend.addr.to_string()])
+                .set(1);
+        }
+        Provider {
+            settings,
+            balancer,
+            breakers: Mutex::default(),
+        }
+    }
+
+    fn breakers(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Breaker>> {
+        self.breakers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The backends with their health and breaker state, for `/ready`.
+    pub fn backend_states(&self) -> Vec<(SocketAddr, bool, BreakerView)> {
+        let now = Instant::now();
+        let breakers = self.breakers();
+        self.balancer
+            .backends()
+            .get_backend()
+            .iter()
+            .filter_map(|b| b.addr.as_inet().copied())
+            .map(|addr| {
+                let healthy = self.is_healthy(addr);
+                let view = breakers
+                    .get(&addr)
+                    .map_or(BreakerView::default(), |b| b.view(now));
+                (addr, healthy, view)
+            })
+            .collect()
+    }
+
+    fn is_healthy(&self, addr: SocketAddr) -> bool {
+        let backend = LbBackend {
+            addr: pingora::protocols::l4::socket::SocketAddr::Inet(addr),
+            weight: self.settings.weight as usize,
+            ext: Default::default(),
+        };
+        self.balancer.backends().ready(&backend)
+    }
+
+    /// Whether some backend could take an attempt now.
+    fn has_eligible(&self, tried: &[(usize, SocketAddr)], index: usize, now: Instant) -> bool {
+        let breakers = self.breakers();
+        self.balancer.backends().get_backend().iter().any(|b| {
+            let Some(addr) = b.addr.as_inet() else {
+                return false;
+            };
+            self.balancer.backends().ready(b)
+                && !tried.contains(&(index, *addr))
+                && breakers.get(addr).is_none_or(|br| br.available(now))
+        })
+    }
+
+    /// The soonest moment one of its backends may be tried again.
+    fn next_chance(&self, now: Instant) -> Option<Instant> {
+        self.breakers()
+            .values()
+            .filter_map(|b| b.next_chance(now))
+            .min()
+    }
+}
+
+/// Polls a future that is known to be ready at once.
+fn futures_now<F: std::future::Future>(f: F) -> Option<F::Output> {
+    use std::task::{Context, Poll, Waker};
+    let mut f = std::pin::pin!(f);
+    match f.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(v) => Some(v),
+        Poll::Pending => None,
+    }
+}
+
+/// The backend chosen for one attempt.
+#[derive(Debug, Clone)]
+pub struct Backend {
+    /// Index of the model route in the config.
+    pub route: usize,
+    /// Index of the target within the route.
+    pub target: usize,
+    /// Index of the provider in the config.
+    pub provider: usize,
+    /// The address connected to.
+    pub addr: SocketAddr,
+    /// What the breaker allowed: a normal attempt or a half-open probe.
+    pub permit: Permit,
+}
+
+/// Per-route selection state.
+struct RouteState {
+    cursor: AtomicUsize,
+    /// Moving average of time to first byte per target, in microseconds
+    /// (0 = no sample yet, tried first by `least_latency`).
+    ttfb_us: Vec<AtomicU64>,
+    /// Price per token (input + output, pUSD) per target, for `cheapest`.
+    prices: Vec<Option<i64>>,
+}
+
+/// Why no backend was chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NoBackend {
+    /// When one may be available again, if known.
+    pub retry_after: Option<Duration>,
+}
+
+/// All providers and the per-route selection state.
+pub struct Upstreams {
+    providers: Vec<Provider>,
+    routes: Vec<RouteState>,
+    breaker: crate::config::BreakerSettings,
+}
+
+impl std::fmt::Debug for Upstreams {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstreams")
+            .field("providers", &self.providers.len())
+            .finish()
+    }
+}
+
+impl Upstreams {
+    /// Builds the providers of a config (resolving their host names once,
+    /// at start-up) and the routes' selection state.
+    pub fn new(config: &Config) -> Self {
+        Upstreams {
+            providers: config
+                .providers
+                .iter()
+                .cloned()
+                .map(Provider::new)
+                .collect(),
+            routes: config
+                .models
+                .iter()
+                .map(|route| RouteState {
+                    cursor: AtomicUsize::new(0),
+                    ttfb_us: route.targets.iter().map(|_| AtomicU64::new(0)).collect(),
+                    prices: route
+                        .targets
+                        .iter()
+                        .map(|t| config.price(route, t).map(|p| p.input + p.output))
+                        .collect(),
+                })
+                .collect(),
+            breaker: config.breaker,
+        }
+    }
+
+    /// The balancers, to run as background services (discovery and health
+    /// checks), with their providers' names.
+    pub fn balancers(&self) -> impl Iterator<Item = (&str, Arc<Balancer>)> {
+        self.providers
+            .iter()
+            .map(|p| (p.settings.name.as_str(), p.balancer.clone()))
+    }
+
+    /// The provider at `index`.
+    pub fn provider(&self, index: usize) -> &Provider {
+        &self.providers[index]
+    }
+
+    /// All providers, in config order.
+    pub fn providers(&self) -> &[Provider] {
+        &self.providers
+    }
+
+    /// Whether some target of `route` could take a request now.
+    pub fn can_serve(&self, route: &ModelRoute) -> bool {
+        let now = Instant::now();
+        route
+            .targets
+            .iter()
+            .any(|t| self.providers[t.provider].has_eligible(&[], t.provider, now))
+    }
+
+    /// Picks a backend for the `route_index`-th route, skipping the
+    /// backends in `tried` (provider index, address).
+    pub fn choose_backend(
+        &self,
+        route_index: usize,
+        route: &ModelRoute,
+        tried: &[(usize, SocketAddr)],
+    ) -> Result<Backend, NoBackend> {
+        let now = Instant::now();
+        // A few rounds: a breaker can turn between the check and the permit.
+        for _ in 0..4 {
+            let eligible: Vec<usize> = (0..route.targets.len())
+                .filter(|&t| {
+                    let p = route.targets[t].provider;
+                    self.providers[p].has_eligible(tried, p, now)
+                })
+                .collect();
+            let Some(target) = self.pick_target(route_index, route, &eligible) else {
+                return Err(self.no_backend(route, now));
+            };
+            let p = route.targets[target].provider;
+            let provider = &self.providers[p];
+            let chosen = provider.balancer.select_with(b"", 256, |b, healthy| {
+                let Some(addr) = b.addr.as_inet() else {
+                    return false;
+                };
+                let breakers = provider.breakers();
+                healthy
+                    && !tried.contains(&(p, *addr))
+                    && breakers.get(addr).is_none_or(|br| br.available(now))
+            });
+            let Some(addr) = chosen.and_then(|b| b.addr.as_inet().copied()) else {
+                continue;
+            };
+            let permit = {
+                let mut breakers = provider.breakers();
+                breakers
+                    .entry(addr)
+                    .or_default()
+                    .acquire(now, &self.breaker)
+            };
+            if let Some(permit) = permit {
+                if permit == Permit::Probe {
+                    self.publish(p, addr);
+                }
+                return Ok(Backend {
+                    route: route_index,
+                    target,
+                    provider: p,
+                    addr,
+                    permit,
+                });
+            }
+        }
+        Err(self.no_backend(route, now))
+    }
+
+    fn pick_target(
+        &self,
+        route_index: usize,
+        route: &ModelRoute,
+        eligible: &[usize],
+    ) -> Option<usize> {
+        let state = &self.routes[route_index];
+        match route.strategy {
+            _ if eligible.is_empty() => None,
+            Strategy::RoundRobin => {
+                let n = state.cursor.fetch_add(1, Ordering::Relaxed);
+                Some(eligible[n % eligible.len()])
+            }
+            Strategy::Weighted => {
+                let weight =
+                    |t: usize| u64::from(self.providers[route.targets[t].provider].settings.weight);
+                let total: u64 = eligible.iter().map(|&t| weight(t)).sum();
+                let mut ticket = fastrand::u64(0..total.max(1));
+                eligible.iter().copied().find(|&t| {
+                    let w = weight(t);
+                    if ticket < w {
+                        true
+                    } else {
+                        ticket -= w;
+                        false
+                    }
+                })
+            }
+            Strategy::LeastLatency => eligible
+                .iter()
+                .copied()
+                .min_by_key(|&t| state.ttfb_us[t].load(Ordering::Relaxed)),
+            Strategy::Priority => eligible.first().copied(),
+            Strategy::Cheapest => eligible
+                .iter()
+                .copied()
+                .min_by_key(|&t| state.prices[t].unwrap_or(i64::MAX)),
+        }
+    }
+
+    fn no_backend(&self, route: &ModelRoute, now: Instant) -> NoBackend {
+        let soonest = route
+            .targets
+            .iter()
+            .filter_map(|t| self.providers[t.provider].next_chance(now))
+            .min();
+        let health_interval = route
+            .targets
+            .iter()
+            .filter_map(|t| self.providers[t.provider].settings.health_check.as_ref())
+            .map(|hc| hc.interval)
+            .min();
+        NoBackend {
+            retry_after: soonest
+                .map(|at| at.saturating_duration_since(now))
+                .or(health_interval),
+        }
+    }
+
+    /// Feeds an attempt's outcome to the backend's breaker (and its time to
+    /// first byte to `least_latency`).
+    pub fn record_outcome(&self, backend: &Backend, outcome: Outcome, ttfb: Option<Duration>) {
+        if let Some(ttfb) = ttfb {
+            let slot = &self.routes[backend.route].ttfb_us[backend.target];
+            let sample = ttfb.as_micros().min(u128::from(u64::MAX)) as u64;
+            let old = slot.load(Ordering::Relaxed);
+            let new = if old == 0 {
+                sample.max(1)
+            } else {
+                (old * 4 + sample) / 5
+            };
+            slot.store(new.max(1), Ordering::Relaxed);
+        }
+        let provider = &self.providers[backend.provider];
+        let changed = {
+            let mut breakers = provider.breakers();
+            let breaker = breakers.entry(backend.addr).or_default();
+            breaker.record(backend.permit, outcome, Instant::now(), &self.breaker)
+        };
+        if let Some(transition) = changed {
+            let name = &provider.settings.name;
+            match transition {
+                breaker::Transition::Opened(for_) => {
+                    warn!(provider = %name, backend = %backend.addr, open_for = ?for_, "circuit opened")
+                }
+                breaker::Transition::Closed => {
+                    info!(provider = %name, backend = %backend.addr, "circuit closed")
+                }
+            }
+        }
+        self.publish(backend.provider, backend.addr);
+    }
+
+    /// Sets `runestone_circuit_state` for one backend.
+    fn publish(&self, provider: usize, addr: SocketAddr) {
+        let provider = &self.providers[provider];
+        let state = provider
+            .breakers()
+            .get(&addr)
+            .map_or(0, |b| b.view(Instant::now()).gauge());
+        metrics::CIRCUIT_STATE
+            .with_label_values(&[&provider.settings.name, &addr.to_string()])
+            .set(state);
+    }
+
+    /// The Pingora peer for a backend: TLS with SNI and certificate checks
+    /// for https providers, and the provider's connect timeout.
+    pub fn peer(&self, backend: &Backend) -> HttpPeer {
+        let settings = &self.providers[backend.provider].settings;
+        let url = &settings.base_url;
+        let mut peer = HttpPeer::new(backend.addr, url.tls, url.host.clone());
+        peer.options.connection_timeout = Some(settings.timeouts.connect);
+        peer.options.total_connection_timeout = Some(settings.timeouts.connect * 2);
+        peer.options.idle_timeout = Some(Duration::from_secs(60));
+        peer.options.verify_cert = true;
+        peer.options.verify_hostname = true;
+        peer
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(strategy: &str, extra: &str) -> Config {
+        let yaml = format!(
+            r#"
+server: {{ listen: "127.0.0.1:1" }}
+providers:
+  - {{ name: a, base_url: "http://127.0.0.1:10/v1", weight: 3 }}
+  - {{ name: b, base_url: "http://127.0.0.2:10/v1", weight: 1 }}
+  - {{ name: c, base_url: "http://unresolvable.invalid/v1" }}
+models:
+  - name: m
+    strategy: {strategy}
+    targets: [{{ provider: a }}, {{ provider: c }}, {{ provider: b }}]
+tenants: []
+{extra}
+"#
+        );
+        Config::from_yaml(&yaml, |_| None).unwrap()
+    }
+
+    fn picks(upstreams: &Upstreams, config: &Config, n: usize) -> Vec<usize> {
+        (0..n)
+            .map(|_| {
+                upstreams
+                    .choose_backend(0, &config.models[0], &[])
+                    .unwrap()
+                    .provider
+            })
+            .collect()
+    }
+
+    #[test]
+    fn round_robin_alternates_and_skips_unresolved_targets() {
+        let config = config("round_robin", "");
+        let upstreams = Upstreams::new(&config);
+        let picks = picks(&upstreams, &config, 6);
+        assert_eq!(picks.iter().filter(|&&p| p == 0).count(), 3, "{picks:?}");
+        assert_eq!(picks.iter().filter(|&&p| p == 1).count(), 3, "{picks:?}");
+    }
+
+    #[test]
+    fn weighted_splits_by_provider_weight() {
+        let config = config("weighted", "");
+        let upstreams = Upstreams::new(&config);
+        let picks = picks(&upstreams, &config, 4000);
+        let a = picks.iter().filter(|&&p| p == 0).count() as f64 / 4000.0;
+        assert!((a - 0.75).abs() < 0.05, "share of a: {a}");
+    }
+
+    #[test]
+    fn priority_takes_the_first_untried_target() {
+        let config = config("priority", "");
+        let upstreams = Upstreams::new(&config);
+        let route = &config.models[0];
+        let first = upstreams.choose_backend(0, route, &[]).unwrap();
+        assert_eq!(first.target, 0);
+        let second = upstreams
+            .choose_backend(0, route, &[(0, first.addr)])
+            .unwrap();
+        assert_eq!(second.target, 2);
+        let none = upstreams.choose_backend(0, route, &[(0, first.addr), (1, second.addr)]);
+        assert!(none.is_err());
+    }
+
+    #[test]
+    fn cheapest_prefers_the_lowest_priced_target() {
+        let config = config(
+            "cheapest",
+            "pricing:\n  a/m: { input: 5, output: 5 }\n  b/m: { input: 1, output: 1 }\n",
+        );
+        let upstreams = Upstreams::new(&config);
+        assert!(picks(&upstreams, &config, 5).iter().all(|&p| p == 1));
+    }
+
+    #[test]
+    fn least_latency_prefers_the_fastest_target() {
+        let config = config("least_latency", "");
+        let upstreams = Upstreams::new(&config);
+        let route = &config.models[0];
+        let a = upstreams.choose_backend(0, route, &[]).unwrap();
+        upstreams.record_outcome(&a, Outcome::Success, Some(Duration::from_millis(50)));
+        let b = upstreams.choose_backend(0, route, &[]).unwrap();
+        assert_eq!(b.provider, 1, "an unmeasured target is tried first");
+        upstreams.record_outcome(&b, Outcome::Success, Some(Duration::from_millis(5)));
+        assert!(picks(&upstreams, &config, 5).iter().all(|&p| p == 1));
+    }
+
+    #[test]
+    fn an_open_breaker_takes_a_backend_out_and_reports_when_it_half_opens() {
+        let config = config(
+            "priority",
+            "circuit_breaker: { consecutive_failures: 2, open_seconds: 30 }\n",
+        );
+        let upstreams = Upstreams::new(&config);
+        let route = &config.models[0];
+        for _ in 0..2 {
+            let a = upstreams.choose_backend(0, route, &[]).unwrap();
+            assert_eq!(a.provider, 0);
+            upstreams.record_outcome(&a, Outcome::Failure, None);
+        }
+        let next = upstreams.choose_backend(0, route, &[]).unwrap();
+        assert_eq!(next.provider, 1, "a is open");
+        upstreams.record_outcome(&next, Outcome::Failure, None);
+        upstreams.record_outcome(&next, Outcome::Failure, None);
+        let none = upstreams.choose_backend(0, route, &[]).unwrap_err();
+        let wait = none.retry_after.unwrap();
+        assert!(
+            wait > Duration::from_secs(28) && wait <= Duration::from_secs(30),
+            "{wait:?}"
+        );
+    }
+}
