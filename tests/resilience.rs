@@ -1,0 +1,414 @@
+//! Upstream resilience through real processes and runestone-mock fault
+//! injection: failover, circuit breakers, health checks, strategies,
+//! fallbacks, timeouts, and no retry once a byte reached the client.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use std::time::{Duration, Instant};
+
+const CHAT: &str = "/v1/chat/completions";
+
+/// Chat requests the mock answered or refused.
+fn chats(mock: &Mock) -> u64 {
+    mock.stats()["by_path"][CHAT].as_u64().unwrap_or(0)
+}
+
+/// A gateway over providers `a` and `b` (one mock each) serving `m` from
+/// both with `strategy`; `provider_extra` is added to both providers' YAML
+/// and `extra` at the top level.
+fn pair(a: &Mock, b: &Mock, strategy: &str, provider_extra: &str, extra: &str) -> GatewayConfig {
+    let mut config = GatewayConfig::new(a);
+    config.providers = vec![
+        format!(
+            "  - {{ name: a, base_url: \"{}\", weight: 3{provider_extra} }}",
+            a.base_url()
+        ),
+        format!(
+            "  - {{ name: b, base_url: \"{}\", weight: 1{provider_extra} }}",
+            b.base_url()
+        ),
+    ];
+    config.models = format!("\n  - name: m\n    strategy: {strategy}\n    targets: [{{ provider: a }}, {{ provider: b }}]\n");
+    config.tenants = format!("\n  - id: acme\n    keys: [\"{TENANT_KEY}\"]\n");
+    config.extra = extra.to_string();
+    config
+}
+
+fn ask(gw: &Gateway) -> Response {
+    gw.post_json(CHAT, TENANT_KEY, &chat("m", false))
+}
+
+#[test]
+fn a_backends_5xx_burst_never_reaches_the_client() {
+    let (a, b) = (Mock::start(&[]), Mock::start(&[]));
+    let gw = Gateway::start(&pair(&a, &b, "round_robin", "", ""));
+    a.fault(json!({"status": 503, "count": 3, "path": CHAT}));
+    let mut attempts = Vec::new();
+    for _ in 0..8 {
+        let resp = ask(&gw);
+        assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
+        attempts.push(resp.header("x-runestone-attempts").unwrap().to_string());
+    }
+    assert_eq!(
+        attempts.iter().filter(|a| *a == "2").count(),
+        3,
+        "{attempts:?}"
+    );
+    assert_eq!(
+        chats(&a) + chats(&b),
+        11,
+        "8 answers and 3 refused attempts"
+    );
+}
+
+#[test]
+fn replays_a_1_mib_body_on_failover() {
+    let (a, b) = (Mock::start(&[]), Mock::start(&[]));
+    let gw = Gateway::start(&pair(&a, &b, "priority", "", ""));
+    a.fault(json!({"status": 502, "count": 1, "path": CHAT}));
+    let filler = "z".repeat(1024 * 1024);
+    let body = format!(r#"{{"messages":[{{"role":"user","content":"{filler}"}}],"model":"m"}}"#);
+    let resp = gw.post_raw(
+        CHAT,
+        &[("authorization", &format!("Bearer {TENANT_KEY}"))],
+        body.as_bytes(),
+    );
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.header("x-runestone-provider"), Some("b"));
+    assert_eq!(resp.header("x-runestone-attempts"), Some("2"));
+    let digest = hex::encode(Sha256::digest(body.as_bytes()));
+    for mock in [&a, &b] {
+        let seen = mock.requests().pop().unwrap();
+        assert_eq!(
+            seen["body_sha256"], digest,
+            "the whole body reached each attempt"
+        );
+    }
+}
+
+/// Sends requests until `a` sees one, returning how long that took.
+fn until_a_is_tried(gw: &Gateway, a: &Mock, limit: Duration) -> Duration {
+    let started = Instant::now();
+    let before = chats(a);
+    loop {
+        let resp = ask(gw);
+        assert!(resp.status == 200 || resp.status >= 500, "{}", resp.status);
+        if chats(a) > before {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < limit,
+            "a was not tried again within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+#[test]
+fn breaker_opens_half_opens_on_schedule_closes_and_reopens_for_longer() {
+    let (a, b) = (Mock::start(&[]), Mock::start(&[]));
+    let breaker =
+        "circuit_breaker: { consecutive_failures: 3, open_seconds: 1, max_open_seconds: 8 }\n";
+    let gw = Gateway::start(&pair(&a, &b, "priority", "", breaker));
+    let state = |gw: &Gateway| {
+        let metrics = gw.metrics();
+        metrics
+            .lines()
+            .find(|l| l.starts_with("runestone_circuit_state{") && l.contains("provider=\"a\""))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<i64>().ok())
+    };
+
+    a.fault(json!({"status": 500, "count": 3, "path": CHAT}));
+    for _ in 0..3 {
+        let resp = ask(&gw);
+        assert_eq!(
+            (resp.status, resp.header("x-runestone-provider")),
+            (200, Some("b"))
+        );
+    }
+    assert_eq!(state(&gw), Some(2), "open after 3 consecutive failures");
+    let before = chats(&a);
+    let resp = ask(&gw);
+    assert_eq!(
+        resp.header("x-runestone-attempts"),
+        Some("1"),
+        "an open backend is not tried"
+    );
+    assert_eq!(chats(&a), before);
+
+    // Half-open after open_seconds: the probe succeeds and closes it.
+    let waited = until_a_is_tried(&gw, &a, Duration::from_secs(5));
+    assert!(
+        waited >= Duration::from_millis(850),
+        "probed after {waited:?}, before the schedule"
+    );
+    assert_eq!(state(&gw), Some(0), "closed after a good probe");
+
+    // Open again, then a bad probe re-opens it for twice as long.
+    a.fault(json!({"status": 500, "count": 4, "path": CHAT}));
+    for _ in 0..3 {
+        assert_eq!(ask(&gw).status, 200);
+    }
+    assert_eq!(state(&gw), Some(2));
+    let first = until_a_is_tried(&gw, &a, Duration::from_secs(5)); // the bad probe
+    assert!(first >= Duration::from_millis(850), "{first:?}");
+    assert_eq!(state(&gw), Some(2), "re-opened after a bad probe");
+    let second = until_a_is_tried(&gw, &a, Duration::from_secs(8));
+    assert!(
+        second >= Duration::from_millis(1850),
+        "re-open lasted {second:?}, expected about 2 s"
+    );
+    assert_eq!(state(&gw), Some(0));
+}
+
+#[test]
+fn answers_503_at_once_with_the_time_the_breaker_half_opens() {
+    let a = Mock::start(&[]);
+    let mut config = GatewayConfig::new(&a);
+    config.extra = "circuit_breaker: { consecutive_failures: 2, open_seconds: 5 }\n".into();
+    let gw = Gateway::start(&config);
+    a.fault(json!({"status": 500, "count": 2, "path": CHAT}));
+    for _ in 0..2 {
+        let resp = gw.post_json(CHAT, TENANT_KEY, &chat("gpt-4o-mini", false));
+        assert_eq!(
+            (resp.status, resp.error_code()),
+            (502, "upstream_error".to_string())
+        );
+    }
+    let started = Instant::now();
+    let resp = gw.post_json(CHAT, TENANT_KEY, &chat("gpt-4o-mini", false));
+    let took = started.elapsed();
+    assert_eq!(
+        (resp.status, resp.error_code()),
+        (503, "no_healthy_upstream".to_string())
+    );
+    assert!(
+        took < Duration::from_secs(1),
+        "answered at once, not after timeouts: {took:?}"
+    );
+    let ms: u64 = resp.header("retry-after-ms").unwrap().parse().unwrap();
+    assert!((3_000..=5_000).contains(&ms), "retry-after-ms {ms}");
+    assert_eq!(
+        resp.header("retry-after"),
+        Some(ms.div_ceil(1000).to_string().as_str())
+    );
+    let ready = gw.get("/ready", None);
+    assert_eq!(ready.status, 503);
+    assert_eq!(
+        ready.json()["checks"]["providers"]["mock"]["backends"][0]["circuit"],
+        "open"
+    );
+}
+
+#[test]
+fn health_checks_remove_and_restore_a_backend() {
+    let (a, b) = (Mock::start(&[]), Mock::start(&[]));
+    let hc = ", health_check: { path: \"/models\", interval_seconds: 1, unhealthy_threshold: 1, healthy_threshold: 1, timeout_ms: 500 }";
+    let gw = Gateway::start(&pair(&a, &b, "round_robin", hc, ""));
+    let healthy = |gw: &Gateway| {
+        metric_value(
+            &gw.metrics(),
+            &format!(
+                r#"runestone_upstream_healthy{{backend="127.0.0.1:{}",provider="a"}}"#,
+                a.port
+            ),
+        )
+    };
+    wait_until(Duration::from_secs(5), "a's first health check", || {
+        a.stats()["by_path"]["/v1/models"].as_u64() > Some(0)
+    });
+    a.fault(json!({"status": 503, "count": 3, "path": "/v1/models"}));
+    wait_until(Duration::from_secs(5), "a to fail its health check", || {
+        healthy(&gw) == 0.0
+    });
+    let ready = gw.get("/ready", None).json();
+    assert_eq!(
+        ready["checks"]["providers"]["a"]["backends"][0]["healthy"],
+        false
+    );
+    let before = chats(&a);
+    for _ in 0..6 {
+        assert_eq!(ask(&gw).header("x-runestone-provider"), Some("b"));
+    }
+    assert_eq!(chats(&a), before, "an unhealthy backend leaves selection");
+    wait_until(
+        Duration::from_secs(8),
+        "a to pass its health check again",
+        || healthy(&gw) == 1.0,
+    );
+    let providers: Vec<String> = (0..6)
+        .map(|_| ask(&gw).header("x-runestone-provider").unwrap().to_string())
+        .collect();
+    assert!(
+        providers.iter().any(|p| p == "a"),
+        "a is back in selection: {providers:?}"
+    );
+}
+
+#[test]
+fn weighted_strategy_splits_by_weight() {
+    let (a, b) = (Mock::start(&[]), Mock::start(&[]));
+    let gw = Gateway::start(&pair(&a, &b, "weighted", "", ""));
+    let n = 400;
+    for _ in 0..n {
+        assert_eq!(ask(&gw).status, 200);
+    }
+    let share = chats(&a) as f64 / n as f64;
+    assert!(
+        (0.65..=0.85).contains(&share),
+        "a (weight 3 of 4) served {share}"
+    );
+}
+
+#[test]
+fn falls_back_to_the_next_model_when_no_target_can_serve() {
+    let backup = Mock::start(&[]);
+    let mut config = GatewayConfig::new(&backup);
+    config.providers.push(format!(
+        "  - {{ name: dead, base_url: \"http://127.0.0.1:{}/v1\" }}",
+        free_port()
+    ));
+    config.models = "
+  - name: primary
+    targets: [{ provider: dead }]
+    fallbacks: [backup]
+  - name: backup
+    targets: [{ provider: mock, model: backup-model }]
+"
+    .into();
+    config.tenants = format!("\n  - id: acme\n    keys: [\"{TENANT_KEY}\"]\n");
+    let gw = Gateway::start(&config);
+    let resp = gw.post_json(CHAT, TENANT_KEY, &chat("primary", false));
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.header("x-runestone-provider"), Some("mock"));
+    assert_eq!(resp.header("x-runestone-attempts"), Some("2"));
+    assert_eq!(backup.requests()[0]["model"], "backup-model");
+}
+
+#[test]
+fn never_retries_once_a_byte_reached_the_client() {
+    let (a, b) = (Mock::start(&[]), Mock::start(&[]));
+    let gw = Gateway::start(&pair(&a, &b, "priority", "", ""));
+    a.fault(json!({"disconnect_after_chunks": 3, "path": CHAT}));
+    let mut body = chat("m", true);
+    body["mock_tokens"] = json!(20);
+    let mut events = Vec::new();
+    let status = read_sse(gw.port, TENANT_KEY, &body, |data, _| {
+        events.push(data.to_string())
+    });
+    assert_eq!(status, 200);
+    let last: Value = serde_json::from_str(events.last().unwrap()).unwrap();
+    assert_eq!(
+        last["error"]["code"], "upstream_error",
+        "the break reaches the client in-band"
+    );
+    assert!(!events.iter().any(|e| e == "[DONE]"));
+    assert_eq!(chats(&b), 0, "no retry after bytes were sent");
+    assert_eq!(ask(&gw).status, 200, "the gateway stays healthy");
+}
+
+#[test]
+fn ends_a_stalled_stream_within_the_idle_timeout() {
+    let (a, b) = (Mock::start(&[]), Mock::start(&[]));
+    let timeouts = ", timeouts: { idle_ms: 300 }";
+    let gw = Gateway::start(&pair(
+        &a,
+        &b,
+        "priority",
+        timeouts,
+        "circuit_breaker: { consecutive_failures: 1 }\n",
+    ));
+    a.fault(json!({"stall_after_chunks": 2, "stall_ms": 10000, "path": CHAT}));
+    let mut body = chat("m", true);
+    body["mock_tokens"] = json!(10);
+    let started = Instant::now();
+    let mut events = Vec::new();
+    read_sse(gw.port, TENANT_KEY, &body, |data, _| {
+        events.push(data.to_string())
+    });
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(3), "stream ended after {took:?}");
+    assert!(events.last().unwrap().contains("stalled"), "{events:?}");
+    let state = metric_value(
+        &gw.metrics(),
+        &format!(
+            r#"runestone_circuit_state{{backend="127.0.0.1:{}",provider="a"}}"#,
+            a.port
+        ),
+    );
+    assert_eq!(state, 2.0, "a stall counts as a failure");
+}
+
+#[test]
+fn fails_over_when_the_first_byte_is_too_slow() {
+    let slow = Mock::start(&["--latency-ms", "2000"]);
+    let fast = Mock::start(&[]);
+    let gw = Gateway::start(&pair(
+        &slow,
+        &fast,
+        "priority",
+        ", timeouts: { first_byte_ms: 300 }",
+        "",
+    ));
+    let started = Instant::now();
+    let resp = ask(&gw);
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.header("x-runestone-provider"), Some("b"));
+    assert!(started.elapsed() < Duration::from_millis(1500));
+}
+
+#[test]
+fn a_provider_429_fails_over_and_cools_the_backend_down() {
+    let (a, b) = (Mock::start(&[]), Mock::start(&[]));
+    let gw = Gateway::start(&pair(
+        &a,
+        &b,
+        "priority",
+        "",
+        "circuit_breaker: { rate_limit_cooldown_seconds: 2 }\n",
+    ));
+    a.fault(json!({"status": 429, "path": CHAT}));
+    let resp = ask(&gw);
+    assert_eq!(
+        (resp.status, resp.header("x-runestone-provider")),
+        (200, Some("b"))
+    );
+    let before = chats(&a);
+    for _ in 0..3 {
+        assert_eq!(
+            ask(&gw).header("x-runestone-provider"),
+            Some("b"),
+            "a cools down"
+        );
+    }
+    assert_eq!(chats(&a), before);
+    let state = metric_value(
+        &gw.metrics(),
+        &format!(
+            r#"runestone_circuit_state{{backend="127.0.0.1:{}",provider="a"}}"#,
+            a.port
+        ),
+    );
+    assert_eq!(state, 0.0, "a 429 is not a breaker failure");
+    let waited = until_a_is_tried(&gw, &a, Duration::from_secs(5));
+    assert!(
+        waited >= Duration::from_millis(1500),
+        "cool-down lasted {waited:?}"
+    );
+}
+
+#[test]
+fn a_provider_429_everywhere_reaches_the_client_as_429() {
+    let a = Mock::start(&[]);
+    let gw = Gateway::start(&GatewayConfig::new(&a));
+    a.fault(json!({"status": 429, "path": CHAT}));
+    let resp = gw.post_json(CHAT, TENANT_KEY, &chat("gpt-4o-mini", false));
+    assert_eq!(
+        (resp.status, resp.error_code()),
+        (429, "upstream_rate_limited".to_string())
+    );
+    assert!(resp.header("retry-after").is_some());
+}
