@@ -13,7 +13,7 @@
 //! | [`openai`] | wire types the gateway reads, the OpenAI-shaped error body, body rewriting |
 //! | [`limits`] | tenant admission: RPM/TPM (GCRA), concurrency, budgets; in-process or in Redis |
 //! | [`cost`]   | usage extraction from JSON and SSE responses, estimates, prices |
-//! | [`upstream`] | providers, their resolved addresses, model routes and backend choice |
+//! | [`upstream`] | providers as Pingora load balancers (DNS discovery, health checks), circuit breakers, backend choice |
 //! | [`metrics`] | every Prometheus metric handle, in one place |
 //! | [`admin`]  | locally answered endpoints: `/health`, `/ready`, `/v1/models` |
 //! | [`gateway`] | the Pingora `ProxyHttp` implementation: each phase calls into the modules above |
