@@ -193,6 +193,28 @@ struct RawTenant {
     models: Option<Vec<String>>,
     #[serde(default)]
     limits: Option<RawLimits>,
+    #[serde(default)]
+    overflow: Option<RawTenantOverflow>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTenantOverflow {
+    #[serde(default)]
+    enabled: bool,
+    #[serde(default)]
+    max_wait_seconds: Option<u64>,
+    #[serde(default)]
+    max_parked: Option<usize>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawJobs {
+    #[serde(default)]
+    result_ttl_seconds: Option<u64>,
+    #[serde(default)]
+    visibility_timeout_seconds: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -242,6 +264,7 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "pricing",
     "circuit_breaker",
     "failover",
+    "jobs",
     "tenants",
 ];
 
@@ -470,6 +493,48 @@ pub struct TenantSettings {
     pub allowed_models: Option<HashSet<String>>,
     /// Its admission limits; all `None` means unlimited.
     pub limits: TenantLimits,
+    /// Whether and how requests over its limits wait instead of failing.
+    pub overflow: TenantOverflow,
+}
+
+/// A tenant's overflow queue settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TenantOverflow {
+    /// Park requests over a limit instead of refusing them.
+    pub enabled: bool,
+    /// Longest a parked request waits for admission.
+    pub max_wait: Duration,
+    /// Most requests parked for the tenant at once (async jobs included).
+    pub max_parked: usize,
+}
+
+impl Default for TenantOverflow {
+    fn default() -> Self {
+        TenantOverflow {
+            enabled: false,
+            max_wait: Duration::from_secs(30),
+            max_parked: 1000,
+        }
+    }
+}
+
+/// Async job settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JobSettings {
+    /// How long a finished job's result is kept.
+    pub result_ttl: Duration,
+    /// How long a job claimed by an instance that stopped answering stays
+    /// claimed before another instance re-queues it.
+    pub visibility_timeout: Duration,
+}
+
+impl Default for JobSettings {
+    fn default() -> Self {
+        JobSettings {
+            result_ttl: Duration::from_secs(86_400),
+            visibility_timeout: Duration::from_secs(60),
+        }
+    }
 }
 
 /// Money is kept in integer pico-dollars (1e-12 USD) so that sums are exact:
@@ -580,6 +645,8 @@ pub struct Config {
     pub breaker: BreakerSettings,
     /// Most attempts one request makes, across targets and fallbacks.
     pub max_attempts: usize,
+    /// Async job settings.
+    pub jobs: JobSettings,
     model_index: HashMap<String, usize>,
 }
 
@@ -665,8 +732,33 @@ impl Config {
                 .and_then(|raw| validate_redis(raw, &mut problems)),
         };
 
-        match (server, breaker, max_attempts) {
-            (Some(server), Some(breaker), Some(max_attempts)) if problems.is_empty() => {
+        let jobs = match section("jobs") {
+            Value::Null => Some(JobSettings::default()),
+            value => deserialize::<RawJobs>(value, "jobs", &mut problems).map(|raw| {
+                let d = JobSettings::default();
+                let ttl = raw.result_ttl_seconds.unwrap_or(d.result_ttl.as_secs());
+                let visibility = raw
+                    .visibility_timeout_seconds
+                    .unwrap_or(d.visibility_timeout.as_secs());
+                if ttl == 0 {
+                    problems.push(problem("jobs.result_ttl_seconds", "must be at least 1"));
+                }
+                if visibility < 2 {
+                    problems.push(problem(
+                        "jobs.visibility_timeout_seconds",
+                        "must be at least 2",
+                    ));
+                }
+                JobSettings {
+                    result_ttl: Duration::from_secs(ttl),
+                    visibility_timeout: Duration::from_secs(visibility),
+                }
+            }),
+        };
+        match (server, breaker, max_attempts, jobs) {
+            (Some(server), Some(breaker), Some(max_attempts), Some(jobs))
+                if problems.is_empty() =>
+            {
                 Ok(Config {
                     server,
                     providers,
@@ -677,6 +769,7 @@ impl Config {
                     redis,
                     breaker,
                     max_attempts,
+                    jobs,
                     model_index,
                 })
             }
@@ -1096,10 +1189,33 @@ fn validate_tenants(
             .limits
             .map(|l| validate_limits(l, &format!("{path}.limits"), problems))
             .unwrap_or_default();
+        let overflow = raw.overflow.map_or_else(TenantOverflow::default, |o| {
+            let d = TenantOverflow::default();
+            let max_wait = o.max_wait_seconds.unwrap_or(d.max_wait.as_secs());
+            let max_parked = o.max_parked.unwrap_or(d.max_parked);
+            if !(1..=3600).contains(&max_wait) {
+                problems.push(problem(
+                    &format!("{path}.overflow.max_wait_seconds"),
+                    "must be between 1 and 3600",
+                ));
+            }
+            if !(1..=1_000_000).contains(&max_parked) {
+                problems.push(problem(
+                    &format!("{path}.overflow.max_parked"),
+                    "must be between 1 and 1000000",
+                ));
+            }
+            TenantOverflow {
+                enabled: o.enabled,
+                max_wait: Duration::from_secs(max_wait),
+                max_parked,
+            }
+        });
         tenants.push(TenantSettings {
             id: raw.id,
             allowed_models: raw.models.map(|m| m.into_iter().collect()),
             limits,
+            overflow,
         });
     }
     (tenants, keys)

@@ -15,6 +15,7 @@
 //! | [`cost`]   | usage extraction from JSON and SSE responses, estimates, prices |
 //! | [`upstream`] | providers as Pingora load balancers (DNS discovery, health checks), circuit breakers, backend choice |
 //! | [`metrics`] | every Prometheus metric handle, in one place |
+//! | [`overflow`] | the overflow queue: parked requests, async jobs, the drain service |
 //! | [`admin`]  | locally answered endpoints: `/health`, `/ready`, `/v1/models` |
 //! | [`gateway`] | the Pingora `ProxyHttp` implementation: each phase calls into the modules above |
 //! | [`server`] | builds the Pingora server (API listener, metrics listener, background services) |
@@ -28,5 +29,6 @@ pub mod gateway;
 pub mod limits;
 pub mod metrics;
 pub mod openai;
+pub mod overflow;
 pub mod server;
 pub mod upstream;

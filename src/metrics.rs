@@ -134,6 +134,41 @@ pub static CIRCUIT_STATE: Lazy<IntGaugeVec> = Lazy::new(|| {
     .expect("metric registers once")
 });
 
+/// `runestone_overflow_parked{tenant}`: requests and jobs waiting in the
+/// tenant's overflow queue.
+pub static OVERFLOW_PARKED: Lazy<IntGaugeVec> = Lazy::new(|| {
+    register_int_gauge_vec!(
+        "runestone_overflow_parked",
+        "Requests and async jobs waiting in the tenant's overflow queue.",
+        &["tenant"]
+    )
+    .expect("metric registers once")
+});
+
+/// `runestone_overflow_total{tenant,outcome}`: what became of parked work:
+/// `admitted`, `timeout`, `full`, `abandoned`, `unavailable` (Redis down),
+/// `completed` and `failed` (async jobs).
+pub static OVERFLOW_TOTAL: Lazy<IntCounterVec> = Lazy::new(|| {
+    register_int_counter_vec!(
+        "runestone_overflow_total",
+        "Parked requests and jobs by outcome.",
+        &["tenant", "outcome"]
+    )
+    .expect("metric registers once")
+});
+
+/// `runestone_overflow_wait_seconds{tenant}`: how long admitted parked
+/// requests waited.
+pub static OVERFLOW_WAIT: Lazy<HistogramVec> = Lazy::new(|| {
+    register_histogram_vec!(
+        "runestone_overflow_wait_seconds",
+        "Time parked requests waited before admission.",
+        &["tenant"],
+        DURATION_BUCKETS.to_vec()
+    )
+    .expect("metric registers once")
+});
+
 /// Registers every metric, so that all of them appear on the first scrape
 /// (the Redis ones appear once Redis is configured).
 pub fn register_all() {
@@ -146,4 +181,7 @@ pub fn register_all() {
     Lazy::force(&INFLIGHT);
     Lazy::force(&UPSTREAM_HEALTHY);
     Lazy::force(&CIRCUIT_STATE);
+    Lazy::force(&OVERFLOW_PARKED);
+    Lazy::force(&OVERFLOW_TOTAL);
+    Lazy::force(&OVERFLOW_WAIT);
 }

@@ -130,6 +130,16 @@ impl ApiError {
         .with_param("model")
     }
 
+    /// 404: no such job for this tenant.
+    pub fn job_not_found(id: &str) -> Self {
+        Self::new(
+            404,
+            "invalid_request_error",
+            "job_not_found",
+            format!("No job '{id}' was found for your API key."),
+        )
+    }
+
     /// 404: unknown path.
     pub fn unknown_url(method: &str, path: &str) -> Self {
         Self::new(

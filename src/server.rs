@@ -5,6 +5,7 @@ use crate::config::Config;
 use crate::gateway::Gateway;
 use crate::limits::{redis::RedisMaintenance, Limiter};
 use crate::metrics;
+use crate::overflow::{Drain, Overflow};
 use crate::upstream::Upstreams;
 use pingora::connectors::http::Connector;
 use pingora::connectors::ConnectorOptions;
@@ -52,6 +53,7 @@ pub fn build(config: Config, options: RunOptions) -> Server {
         tracing::warn!("{warning}");
     }
     let limiter = Limiter::new(&config);
+    let overflow = Overflow::new(&config);
     if let Some(redis) = limiter.redis() {
         server.add_service(background_service(
             "redis maintenance",
@@ -59,11 +61,24 @@ pub fn build(config: Config, options: RunOptions) -> Server {
         ));
     }
 
-    let mut api = http_proxy_service_with_name(
-        &server.configuration,
-        Gateway::new(config.clone(), upstreams.clone(), limiter, connector),
-        "runestone api",
+    let gateway = Gateway::new(
+        config.clone(),
+        upstreams.clone(),
+        limiter.clone(),
+        overflow.clone(),
+        connector,
     );
+    let drain = Drain::new(
+        overflow,
+        limiter,
+        upstreams.clone(),
+        &config,
+        Arc::new(gateway.clone()),
+    );
+    server.add_service(background_service("overflow drain", drain));
+
+    let mut api =
+        http_proxy_service_with_name(&server.configuration, gateway.clone(), "runestone api");
     api.add_tcp(&config.server.listen.to_string());
     server.add_service(api);
 

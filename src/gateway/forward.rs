@@ -14,6 +14,7 @@
 //! stalls mid-stream ends the client's stream with an in-band SSE error
 //! event and no `[DONE]`, and counts as a failure.
 
+use super::client::Client;
 use super::{Gateway, RequestCtx};
 use crate::config::{ModelRoute, ProviderSettings};
 use crate::cost::{self, StreamMeter, Usage};
@@ -23,7 +24,6 @@ use crate::upstream::Backend;
 use bytes::Bytes;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::protocols::http::client::HttpSession;
-use pingora::proxy::Session;
 use pingora::{ErrorSource, ErrorType};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -74,7 +74,7 @@ const FORWARDED_RESPONSE_HEADERS: &[&str] = &[
 /// Forwards the request, failing over until a backend answers.
 pub(super) async fn forward(
     gateway: &Gateway,
-    session: &mut Session,
+    client: &mut dyn Client,
     ctx: &mut RequestCtx,
     request: Request<'_>,
 ) -> Result<(), ApiError> {
@@ -101,7 +101,7 @@ pub(super) async fn forward(
             ctx.attempts += 1;
             ctx.provider = Some(backend.provider);
             ctx.route = Some(route_index);
-            match attempt(gateway, session, ctx, &request, route, &backend).await {
+            match attempt(gateway, client, ctx, &request, route, &backend).await {
                 Ok(()) | Err(Failure::Done) => return Ok(()),
                 Err(Failure::Final(error)) => return Err(error),
                 Err(Failure::Retryable(error)) => {
@@ -122,7 +122,7 @@ pub(super) async fn forward(
 /// One attempt against one backend.
 async fn attempt(
     gateway: &Gateway,
-    session: &mut Session,
+    client: &mut dyn Client,
     ctx: &mut RequestCtx,
     request: &Request<'_>,
     route: &ModelRoute,
@@ -149,12 +149,18 @@ async fn attempt(
         .get_http_session(&peer)
         .await
         .map_err(io_error)?;
-    let header =
-        upstream_request(provider, request.endpoint, session, ctx, body.len()).map_err(|e| {
-            Failure::Final(ApiError::internal(format!(
-                "cannot build the upstream request: {e}"
-            )))
-        })?;
+    let header = upstream_request(
+        provider,
+        request.endpoint,
+        client.request_headers(),
+        ctx,
+        body.len(),
+    )
+    .map_err(|e| {
+        Failure::Final(ApiError::internal(format!(
+            "cannot build the upstream request: {e}"
+        )))
+    })?;
     let sent = async {
         upstream.write_request_header(Box::new(header)).await?;
         upstream.write_request_body(body, true).await?;
@@ -186,7 +192,7 @@ async fn attempt(
                 "The provider '{}' sent no response within {first_byte:?}.", provider.name
             ))))),
         },
-        _ = session.downstream_session.read_body_or_idle(true) => {
+        _ = client.gone() => {
             upstreams.record_outcome(backend, Outcome::Neutral, None);
             return Err(Failure::Done);
         }
@@ -208,11 +214,7 @@ async fn attempt(
             "cannot build the response header: {e}"
         )))
     })?;
-    if session
-        .write_response_header(Box::new(header), false)
-        .await
-        .is_err()
-    {
+    if !client.send_header(header).await {
         upstreams.record_outcome(backend, Outcome::Neutral, None);
         return Err(Failure::Done);
     }
@@ -230,7 +232,7 @@ async fn attempt(
         idle: timeouts.idle,
         deadline,
     };
-    let end = copy.run(session, &mut upstream, ctx, &mut meter).await;
+    let end = copy.run(client, &mut upstream, ctx, &mut meter).await;
     ctx.usage = Some(meter.usage(ctx.prompt_estimate));
     let outcome = match end {
         BodyEnd::Complete => Outcome::Success,
@@ -370,7 +372,7 @@ struct Copy<'a> {
 impl Copy<'_> {
     async fn run(
         &self,
-        session: &mut Session,
+        client: &mut dyn Client,
         upstream: &mut HttpSession,
         ctx: &mut RequestCtx,
         meter: &mut Meter,
@@ -382,7 +384,7 @@ impl Copy<'_> {
                 .min(self.deadline.saturating_duration_since(Instant::now()));
             let read = tokio::select! {
                 read = tokio::time::timeout(gap, upstream.read_response_body()) => read,
-                _ = session.downstream_session.read_body_or_idle(true) => return BodyEnd::ClientGone,
+                _ = client.gone() => return BodyEnd::ClientGone,
             };
             match read {
                 Ok(Ok(Some(chunk))) => {
@@ -394,22 +396,20 @@ impl Copy<'_> {
                         // its next request at once finds its slot free.
                         self.settle(ctx, meter).await;
                     }
-                    if !out.is_empty()
-                        && session.write_response_body(Some(out), false).await.is_err()
-                    {
+                    if !out.is_empty() && !client.send_body(out, false).await {
                         return BodyEnd::ClientGone;
                     }
                 }
                 Ok(Ok(None)) => {
                     let rest = meter.finish();
                     self.settle(ctx, meter).await;
-                    let _ = session.write_response_body(Some(rest), true).await;
+                    client.send_body(rest, true).await;
                     return BodyEnd::Complete;
                 }
                 Ok(Err(e)) => {
                     warn!(request_id = %ctx.request_id, provider = %self.provider.name, error = %e, "provider broke off the response");
                     self.end_broken(
-                        session,
+                        client,
                         format!(
                             "The provider '{}' broke off the response.",
                             self.provider.name
@@ -421,7 +421,7 @@ impl Copy<'_> {
                 Err(_) => {
                     warn!(request_id = %ctx.request_id, provider = %self.provider.name, gap = ?gap, "provider stalled mid-response");
                     self.end_broken(
-                        session,
+                        client,
                         format!("The provider '{}' stalled for {gap:?}.", self.provider.name),
                     )
                     .await;
@@ -435,12 +435,12 @@ impl Copy<'_> {
     /// in-band error event and a clean end (no `[DONE]`, so SDKs raise); a
     /// JSON body cannot be repaired, so the connection is closed and the
     /// client sees the truncation.
-    async fn end_broken(&self, session: &mut Session, message: String) {
+    async fn end_broken(&self, client: &mut dyn Client, message: String) {
         if self.is_stream {
             let event = ApiError::upstream_error(message).sse_event();
-            let _ = session.write_response_body(Some(event), true).await;
+            client.send_body(event, true).await;
         } else {
-            session.set_keepalive(None);
+            client.abort();
         }
     }
 
@@ -482,7 +482,7 @@ fn classify(
 fn upstream_request(
     provider: &ProviderSettings,
     endpoint: Endpoint,
-    session: &Session,
+    client_headers: &http::HeaderMap,
     ctx: &RequestCtx,
     body_len: usize,
 ) -> pingora::Result<RequestHeader> {
@@ -497,7 +497,7 @@ fn upstream_request(
     if let Some(key) = &provider.api_key {
         header.insert_header("authorization", format!("Bearer {}", key.expose()))?;
     }
-    let client = &session.req_header().headers;
+    let client = client_headers;
     for name in FORWARDED_REQUEST_HEADERS {
         if let Some(value) = client.get(*name) {
             header.insert_header(*name, value)?;

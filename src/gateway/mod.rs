@@ -10,18 +10,22 @@
 //! `Ok(true)`; `logging` then records metrics. `upstream_peer` is never
 //! reached.
 
+mod client;
 mod forward;
 
 use crate::admin;
 use crate::auth;
 use crate::config::Config;
+use crate::config::ModelRoute;
 use crate::cost::{self, Usage};
 use crate::limits::{Grant, LimitKind, Limiter, RateLimitState, Refusal, Settlement, Window};
 use crate::metrics;
 use crate::openai::{rewrite_body, ApiError, Endpoint, RequestFields};
+use crate::overflow::{Job, JobResult, JobRunner, JobState, Overflow, ParkRefusal, Waited};
 use crate::upstream::Upstreams;
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
+use client::Collected;
 use pingora::connectors::http::Connector;
 use pingora::http::ResponseHeader;
 use pingora::prelude::*;
@@ -53,11 +57,13 @@ pub struct RequestCtx {
 }
 
 /// The gateway: config, upstreams, limits and the connection pool to providers.
+#[derive(Clone)]
 pub struct Gateway {
     config: Arc<Config>,
     upstreams: Arc<Upstreams>,
     limiter: Limiter,
-    connector: Connector,
+    overflow: Overflow,
+    connector: Arc<Connector>,
 }
 
 impl Gateway {
@@ -66,13 +72,15 @@ impl Gateway {
         config: Arc<Config>,
         upstreams: Arc<Upstreams>,
         limiter: Limiter,
+        overflow: Overflow,
         connector: Connector,
     ) -> Self {
         Gateway {
             config,
             upstreams,
             limiter,
-            connector,
+            overflow,
+            connector: Arc::new(connector),
         }
     }
 
@@ -100,6 +108,11 @@ impl Gateway {
                 let report = self.limiter.usage(tenant).await;
                 let (status, body) = admin::usage(&self.config.tenants[tenant], &report);
                 respond_json(session, ctx, status, body).await
+            }
+            ("GET", _) if path.starts_with("/v1/jobs/") => {
+                let tenant = self.authenticate(session, ctx)?;
+                let id = &path["/v1/jobs/".len()..];
+                self.job_status(session, ctx, tenant, id).await
             }
             ("POST", _) if Endpoint::from_path(&path).is_some() => {
                 let endpoint = Endpoint::from_path(&path).expect("checked by the guard");
@@ -154,11 +167,37 @@ impl Gateway {
         let generates = endpoint != Endpoint::Embeddings;
         let tokens = cost::estimate_request_tokens(body.len(), fields.max_tokens, generates);
         ctx.prompt_estimate = cost::estimate_prompt_tokens(body.len());
-        let grant = self
-            .limiter
-            .admit(tenant, tokens)
-            .await
-            .map_err(refusal_error)?;
+        if wants_async(session) {
+            return self
+                .submit_job(session, ctx, tenant, route_index, endpoint, &body, tokens)
+                .await;
+        }
+        let overflow = self.overflow.settings(tenant);
+        let can_serve = self.upstreams.can_serve(route);
+        let grant = match self.limiter.admit(tenant, tokens).await {
+            Ok(grant) if can_serve || !overflow.enabled => grant,
+            Ok(grant) => {
+                // Nothing can serve the model right now: wait for it.
+                self.limiter.settle(grant, idle_settlement()).await;
+                match self
+                    .wait_in_queue(session, tenant, route_index, tokens, None)
+                    .await?
+                {
+                    Some(grant) => grant,
+                    None => return Ok(()),
+                }
+            }
+            Err(refusal) if overflow.enabled && refusal.limit != LimitKind::Budget => {
+                match self
+                    .wait_in_queue(session, tenant, route_index, tokens, Some(refusal))
+                    .await?
+                {
+                    Some(grant) => grant,
+                    None => return Ok(()),
+                }
+            }
+            Err(refusal) => return Err(refusal_error(refusal)),
+        };
         ctx.rate_limit_headers = rate_limit_headers(&grant.state);
         ctx.grant = Some(grant);
         // Usage is read from streams too: ask for it, and take it out again
@@ -166,20 +205,256 @@ impl Gateway {
         let ask_usage = fields.stream && generates && !fields.client_wants_usage();
         ctx.strip_usage = ask_usage;
         debug!(request_id = %ctx.request_id, tenant = %self.config.tenants[tenant].id, model = %route.name, endpoint = endpoint.name(), "routing");
-        let mut routes = vec![(route_index, route)];
-        for &fallback in &route.fallbacks {
-            let fallback_route = &self.config.models[fallback];
-            if self.config.tenants[tenant].may_use(&fallback_route.name) {
-                routes.push((fallback, fallback_route));
-            }
-        }
         let request = forward::Request {
             endpoint,
-            routes,
+            routes: self.routes_for(tenant, route_index),
             stream: fields.stream,
             body_for: &|provider_model| rewrite_body(&body, &fields, provider_model, ask_usage),
         };
         forward::forward(self, session, ctx, request).await
+    }
+}
+
+impl Gateway {
+    /// The route and then its fallbacks the tenant may use, in order.
+    fn routes_for(&self, tenant: usize, route_index: usize) -> Vec<(usize, &ModelRoute)> {
+        let route = &self.config.models[route_index];
+        std::iter::once(route_index)
+            .chain(route.fallbacks.iter().copied())
+            .filter(|&r| {
+                r == route_index || self.config.tenants[tenant].may_use(&self.config.models[r].name)
+            })
+            .map(|r| (r, &self.config.models[r]))
+            .collect()
+    }
+
+    /// Parks the request until the limiter admits it (and its model can be
+    /// served), the tenant's `max_wait` passes, or the client leaves
+    /// (`Ok(None)`: nothing more to send).
+    async fn wait_in_queue(
+        &self,
+        session: &mut Session,
+        tenant: usize,
+        route: usize,
+        tokens: u64,
+        refusal: Option<Refusal>,
+    ) -> Result<Option<Grant>, ApiError> {
+        let retry_after_ms = refusal
+            .as_ref()
+            .and_then(|r| r.retry_after_ms)
+            .unwrap_or(1000)
+            .max(1);
+        let mut parked = match self.overflow.park(tenant, route, tokens).await {
+            Ok(parked) => parked,
+            Err(why) => {
+                let mut error = ApiError::rate_limit_exceeded(match why {
+                    ParkRefusal::Full => "Rate limit reached and the overflow queue is full.",
+                    ParkRefusal::Unavailable => {
+                        "Rate limit reached and the overflow queue is unavailable."
+                    }
+                });
+                error.retry_after_ms = Some(retry_after_ms);
+                if let Some(refusal) = &refusal {
+                    error.headers = rate_limit_headers(&refusal.state);
+                }
+                return Err(error);
+            }
+        };
+        let waited = tokio::select! {
+            waited = self.overflow.wait(&mut parked) => Some(waited),
+            _ = session.downstream_session.read_body_or_idle(true) => None,
+        };
+        match waited {
+            Some(Waited::Admitted(grant)) => Ok(Some(grant)),
+            Some(Waited::TimedOut) => {
+                let mut error = ApiError::rate_limit_exceeded(
+                    "Rate limit reached; the request waited in the overflow queue for as long as allowed.",
+                );
+                error.retry_after_ms = Some(retry_after_ms);
+                Err(error)
+            }
+            None => {
+                self.overflow.abandon(&mut parked, &self.limiter).await;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Stores the request as an async job: 202 with its `Location`.
+    #[allow(clippy::too_many_arguments)]
+    async fn submit_job(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        tenant: usize,
+        route: usize,
+        endpoint: Endpoint,
+        body: &Bytes,
+        tokens: u64,
+    ) -> Result<(), ApiError> {
+        let headers = session.req_header().headers.clone();
+        let job = Job {
+            id: format!("job_{:024x}", fastrand::u128(..) >> 32),
+            tenant,
+            route,
+            endpoint: endpoint.name().to_string(),
+            body: non_streaming(body),
+            headers: ["accept", "user-agent", "openai-beta"]
+                .iter()
+                .filter_map(|name| {
+                    Some((
+                        name.to_string(),
+                        headers.get(*name)?.to_str().ok()?.to_string(),
+                    ))
+                })
+                .collect(),
+            tokens,
+            created_ms: crate::limits::now_ms() as u64,
+        };
+        let id = self.overflow.submit(job).await.map_err(|why| {
+            let mut error = ApiError::rate_limit_exceeded(match why {
+                ParkRefusal::Full => "The overflow queue is full.",
+                ParkRefusal::Unavailable => "The job queue is unavailable.",
+            });
+            error.retry_after_ms = Some(1000);
+            error
+        })?;
+        let body = serde_json::json!({"id": id, "object": "runestone.job", "status": "queued"});
+        let body = Bytes::from(body.to_string());
+        let mut header =
+            response_header(202, ctx, body.len()).map_err(|e| ApiError::internal(e.to_string()))?;
+        let _ = header.insert_header("location", format!("/v1/jobs/{id}"));
+        write_complete(session, header, body).await;
+        Ok(())
+    }
+
+    /// `GET /v1/jobs/{id}`: 202 while queued or running, the provider's
+    /// answer (and status) when done; another tenant's job is a 404.
+    async fn job_status(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        tenant: usize,
+        id: &str,
+    ) -> Result<(), ApiError> {
+        let state = self
+            .overflow
+            .job_state(tenant, id)
+            .await
+            .map_err(|_| ApiError::upstream_error("The job store is unavailable."))?
+            .ok_or_else(|| ApiError::job_not_found(id))?;
+        match state {
+            JobState::Queued(position) => {
+                let body = serde_json::json!({"id": id, "object": "runestone.job", "status": "queued", "position": position});
+                respond_json(session, ctx, 202, body).await
+            }
+            JobState::Running => {
+                let body =
+                    serde_json::json!({"id": id, "object": "runestone.job", "status": "running"});
+                respond_json(session, ctx, 202, body).await
+            }
+            JobState::Done(result) => {
+                let body = Bytes::from(result.body);
+                let header = response_header(result.status, ctx, body.len())
+                    .map_err(|e| ApiError::internal(e.to_string()))?;
+                write_complete(session, header, body).await;
+                Ok(())
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl JobRunner for Gateway {
+    async fn run_job(&self, job: &Job, grant: Grant) -> JobResult {
+        let mut ctx = self.new_ctx();
+        ctx.request_id = job.id.clone();
+        ctx.tenant = Some(job.tenant);
+        ctx.route = Some(job.route);
+        ctx.grant = Some(grant);
+        let body = Bytes::from(job.body.clone());
+        ctx.prompt_estimate = cost::estimate_prompt_tokens(body.len());
+        let mut client = Collected::default();
+        for (name, value) in &job.headers {
+            if let (Ok(name), Ok(value)) = (
+                http::HeaderName::try_from(name.as_str()),
+                http::HeaderValue::try_from(value.as_str()),
+            ) {
+                client.request_headers.insert(name, value);
+            }
+        }
+        let endpoint = match job.endpoint.as_str() {
+            "completions" => Endpoint::Completions,
+            "embeddings" => Endpoint::Embeddings,
+            _ => Endpoint::ChatCompletions,
+        };
+        let outcome = match RequestFields::parse(&body) {
+            Ok(fields) => {
+                let request = forward::Request {
+                    endpoint,
+                    routes: self.routes_for(job.tenant, job.route),
+                    stream: false,
+                    body_for: &|provider_model| rewrite_body(&body, &fields, provider_model, false),
+                };
+                forward::forward(self, &mut client, &mut ctx, request).await
+            }
+            Err(error) => Err(error),
+        };
+        self.settle(&mut ctx).await;
+        match outcome {
+            Ok(()) if client.complete => JobResult {
+                status: client.status.unwrap_or(200),
+                body: String::from_utf8_lossy(&client.body).into_owned(),
+            },
+            Ok(()) => {
+                let error = ApiError::upstream_error("The provider broke off the response.");
+                JobResult {
+                    status: error.status,
+                    body: String::from_utf8_lossy(&error.body()).into_owned(),
+                }
+            }
+            Err(error) => JobResult {
+                status: error.status,
+                body: String::from_utf8_lossy(&error.body()).into_owned(),
+            },
+        }
+    }
+}
+
+/// Whether the client asked for an async answer (`Prefer: respond-async`).
+fn wants_async(session: &Session) -> bool {
+    session
+        .req_header()
+        .headers
+        .get_all("prefer")
+        .iter()
+        .any(|v| {
+            v.to_str().is_ok_and(|v| {
+                v.split([',', ';'])
+                    .any(|p| p.trim().eq_ignore_ascii_case("respond-async"))
+            })
+        })
+}
+
+/// An async job runs without a client to stream to: its body with
+/// streaming turned off.
+fn non_streaming(body: &Bytes) -> String {
+    match serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(body) {
+        Ok(mut map) if map.contains_key("stream") || map.contains_key("stream_options") => {
+            map.remove("stream");
+            map.remove("stream_options");
+            serde_json::Value::Object(map).to_string()
+        }
+        _ => String::from_utf8_lossy(body).into_owned(),
+    }
+}
+
+/// A grant given back unused.
+fn idle_settlement() -> Settlement {
+    Settlement {
+        usage: Usage::default(),
+        cost_pusd: 0,
+        duration: std::time::Duration::ZERO,
     }
 }
 

@@ -1,0 +1,94 @@
+//! Who a forwarded response goes to: the downstream connection, or (for an
+//! async job) a buffer that keeps the whole answer.
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use pingora::http::ResponseHeader;
+use pingora::proxy::Session;
+
+/// The receiving end of a forwarded response.
+#[async_trait]
+pub(crate) trait Client: Send {
+    /// The client's request headers (a few are passed upstream).
+    fn request_headers(&self) -> &http::HeaderMap;
+    /// Sends the response header; false when the client is gone.
+    async fn send_header(&mut self, header: ResponseHeader) -> bool;
+    /// Sends a piece of the body (`end` on the last); false when the client
+    /// is gone.
+    async fn send_body(&mut self, body: Bytes, end: bool) -> bool;
+    /// Resolves when the client goes away.
+    async fn gone(&mut self);
+    /// The body was cut short: close instead of ending it cleanly.
+    fn abort(&mut self);
+}
+
+#[async_trait]
+impl Client for Session {
+    fn request_headers(&self) -> &http::HeaderMap {
+        &self.req_header().headers
+    }
+
+    async fn send_header(&mut self, header: ResponseHeader) -> bool {
+        self.write_response_header(Box::new(header), false)
+            .await
+            .is_ok()
+    }
+
+    async fn send_body(&mut self, body: Bytes, end: bool) -> bool {
+        self.write_response_body(Some(body), end).await.is_ok()
+    }
+
+    async fn gone(&mut self) {
+        let _ = self.downstream_session.read_body_or_idle(true).await;
+    }
+
+    fn abort(&mut self) {
+        self.set_keepalive(None);
+    }
+}
+
+/// Collects a whole response, for async jobs.
+#[derive(Debug, Default)]
+pub(crate) struct Collected {
+    /// The request headers the job was submitted with (allow-listed ones).
+    pub request_headers: http::HeaderMap,
+    /// The response status, once known.
+    pub status: Option<u16>,
+    /// The response content type.
+    pub content_type: Option<String>,
+    /// The response body.
+    pub body: BytesMut,
+    /// Whether the body is complete.
+    pub complete: bool,
+}
+
+#[async_trait]
+impl Client for Collected {
+    fn request_headers(&self) -> &http::HeaderMap {
+        &self.request_headers
+    }
+
+    async fn send_header(&mut self, header: ResponseHeader) -> bool {
+        self.status = Some(header.status.as_u16());
+        self.content_type = header
+            .headers
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        true
+    }
+
+    async fn send_body(&mut self, body: Bytes, end: bool) -> bool {
+        self.body.extend_from_slice(&body);
+        self.complete |= end;
+        true
+    }
+
+    async fn gone(&mut self) {
+        std::future::pending::<()>().await
+    }
+
+    fn abort(&mut self) {
+        self.complete = false;
+    }
+}
