@@ -1,0 +1,487 @@
+//! The overflow queue through real processes: bursts wait their turn in
+//! order, waits expire, full queues refuse, clients that leave give up their
+//! place, async jobs run once and survive a gateway crash.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const CHAT: &str = "/v1/chat/completions";
+const OTHER_KEY: &str = "sk-tenant-other-5555";
+
+/// Tenant `acme` limited to one request at a time, with overflow; tenant
+/// `other` for cross-tenant checks.
+fn queued(mock: &Mock, overflow: &str, redis: Option<&Redis>) -> GatewayConfig {
+    let mut config = GatewayConfig::new(mock);
+    config.tenants = format!(
+        "\n  - id: acme\n    keys: [\"{TENANT_KEY}\"]\n    limits: {{ max_concurrent: 1 }}\n    overflow: {overflow}\n  - id: other\n    keys: [\"{OTHER_KEY}\"]\n"
+    );
+    if let Some(redis) = redis {
+        config.extra = format!(
+            "redis: {{ url: \"{}\", timeout_ms: 100 }}\njobs: {{ visibility_timeout_seconds: 2 }}\n",
+            redis.url()
+        );
+    }
+    config
+}
+
+fn chat_with_id(gw: &Gateway, id: &str) -> Response {
+    let body = chat("gpt-4o-mini", false).to_string();
+    gw.post_raw(
+        CHAT,
+        &[
+            ("authorization", &format!("Bearer {TENANT_KEY}")),
+            ("x-request-id", id),
+        ],
+        body.as_bytes(),
+    )
+}
+
+/// The x-request-ids the mock saw on chat requests, in arrival order.
+fn seen_ids(mock: &Mock) -> Vec<String> {
+    mock.requests()
+        .iter()
+        .filter(|r| r["path"] == CHAT)
+        .filter_map(|r| r["headers"]["x-request-id"].as_str().map(str::to_string))
+        .collect()
+}
+
+fn check_burst_served_in_order(redis: Option<&Redis>) {
+    let mock = Mock::start(&["--latency-ms", "100"]);
+    let gw = Gateway::start(&queued(
+        &mock,
+        "{ enabled: true, max_wait_seconds: 20 }",
+        redis,
+    ));
+    let n = 6;
+    let statuses: Vec<u16> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..n)
+            .map(|i| {
+                let gw = &gw;
+                let handle = scope.spawn(move || chat_with_id(gw, &format!("burst-{i}")).status);
+                // Arrival order is the order of sending.
+                std::thread::sleep(Duration::from_millis(30));
+                handle
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(
+        statuses.iter().all(|&s| s == 200),
+        "every parked request is served: {statuses:?}"
+    );
+    let expected: Vec<String> = (0..n).map(|i| format!("burst-{i}")).collect();
+    assert_eq!(seen_ids(&mock), expected, "served in arrival order");
+    let metrics = gw.metrics();
+    assert_eq!(
+        metric_value(
+            &metrics,
+            r#"runestone_overflow_total{outcome="admitted",tenant="acme"}"#
+        ),
+        (n - 1) as f64
+    );
+    assert!(
+        metric_value(
+            &metrics,
+            r#"runestone_overflow_wait_seconds_count{tenant="acme"}"#
+        ) >= (n - 1) as f64
+    );
+}
+
+#[test]
+fn a_burst_over_one_slot_is_served_in_arrival_order_in_process() {
+    check_burst_served_in_order(None);
+}
+
+#[test]
+fn a_burst_over_one_slot_is_served_in_arrival_order_with_redis() {
+    let redis = Redis::start();
+    check_burst_served_in_order(Some(&redis));
+}
+
+/// Holds the tenant's only slot for the mock's latency, on a thread.
+fn hold_the_slot<'s>(
+    scope: &'s std::thread::Scope<'s, '_>,
+    gw: &'s Gateway,
+    mock: &'s Mock,
+) -> std::thread::ScopedJoinHandle<'s, u16> {
+    let handle = scope.spawn(move || chat_with_id(gw, "holder").status);
+    wait_until(
+        Duration::from_secs(5),
+        "the holder to reach the provider",
+        || seen_ids(mock).iter().any(|id| id == "holder"),
+    );
+    handle
+}
+
+#[test]
+fn a_parked_request_gives_up_after_max_wait() {
+    let mock = Mock::start(&["--latency-ms", "3000"]);
+    let gw = Gateway::start(&queued(
+        &mock,
+        "{ enabled: true, max_wait_seconds: 1 }",
+        None,
+    ));
+    std::thread::scope(|scope| {
+        let holder = hold_the_slot(scope, &gw, &mock);
+        let started = Instant::now();
+        let resp = chat_with_id(&gw, "waiter");
+        let waited = started.elapsed();
+        assert_eq!(
+            (resp.status, resp.error_code()),
+            (429, "rate_limit_exceeded".to_string())
+        );
+        assert!(resp.header("retry-after").is_some());
+        assert!(
+            waited >= Duration::from_millis(900) && waited < Duration::from_millis(2500),
+            "{waited:?}"
+        );
+        assert_eq!(holder.join().unwrap(), 200);
+    });
+    assert!(!seen_ids(&mock).contains(&"waiter".to_string()));
+    assert_eq!(
+        metric_value(
+            &gw.metrics(),
+            r#"runestone_overflow_total{outcome="timeout",tenant="acme"}"#
+        ),
+        1.0
+    );
+}
+
+#[test]
+fn a_full_queue_refuses_at_once() {
+    let mock = Mock::start(&["--latency-ms", "1500"]);
+    let gw = Gateway::start(&queued(
+        &mock,
+        "{ enabled: true, max_wait_seconds: 10, max_parked: 1 }",
+        None,
+    ));
+    std::thread::scope(|scope| {
+        let holder = hold_the_slot(scope, &gw, &mock);
+        let parked = scope.spawn(|| chat_with_id(&gw, "parked").status);
+        wait_until(Duration::from_secs(5), "one request to be parked", || {
+            metric_value(&gw.metrics(), r#"runestone_overflow_parked{tenant="acme"}"#) == 1.0
+        });
+        let started = Instant::now();
+        let resp = chat_with_id(&gw, "third");
+        assert_eq!(
+            (resp.status, resp.error_code()),
+            (429, "rate_limit_exceeded".to_string())
+        );
+        assert!(
+            started.elapsed() < Duration::from_millis(500),
+            "refused at once"
+        );
+        assert_eq!(holder.join().unwrap(), 200);
+        assert_eq!(parked.join().unwrap(), 200);
+    });
+    assert_eq!(
+        metric_value(
+            &gw.metrics(),
+            r#"runestone_overflow_total{outcome="full",tenant="acme"}"#
+        ),
+        1.0
+    );
+}
+
+#[test]
+fn a_client_that_leaves_while_parked_never_reaches_the_provider() {
+    let mock = Mock::start(&["--latency-ms", "1000"]);
+    let gw = Gateway::start(&queued(
+        &mock,
+        "{ enabled: true, max_wait_seconds: 20 }",
+        None,
+    ));
+    std::thread::scope(|scope| {
+        let holder = hold_the_slot(scope, &gw, &mock);
+        let body = chat("gpt-4o-mini", false).to_string();
+        let mut stream = TcpStream::connect(("127.0.0.1", gw.port)).unwrap();
+        write!(
+            stream,
+            "POST {CHAT} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TENANT_KEY}\r\nx-request-id: leaver\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        wait_until(Duration::from_secs(5), "the request to be parked", || {
+            metric_value(&gw.metrics(), r#"runestone_overflow_parked{tenant="acme"}"#) == 1.0
+        });
+        drop(stream);
+        wait_until(Duration::from_secs(5), "the place to be given up", || {
+            metric_value(
+                &gw.metrics(),
+                r#"runestone_overflow_total{outcome="abandoned",tenant="acme"}"#,
+            ) == 1.0
+        });
+        assert_eq!(holder.join().unwrap(), 200);
+    });
+    assert_eq!(chat_with_id(&gw, "after").status, 200);
+    assert_eq!(
+        seen_ids(&mock),
+        ["holder", "after"],
+        "nothing was sent for the leaver"
+    );
+}
+
+/// Submits an async chat job; returns its id.
+fn submit(gw: &Gateway, key: &str, content: &str) -> String {
+    let body = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": content}], "stream": true});
+    let resp = gw.post_raw(
+        CHAT,
+        &[
+            ("authorization", &format!("Bearer {key}")),
+            ("prefer", "respond-async"),
+        ],
+        body.to_string().as_bytes(),
+    );
+    assert_eq!(resp.status, 202, "{}", String::from_utf8_lossy(&resp.body));
+    let job = resp.json();
+    assert_eq!(job["object"], "runestone.job");
+    assert_eq!(job["status"], "queued");
+    let id = job["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        resp.header("location"),
+        Some(format!("/v1/jobs/{id}").as_str())
+    );
+    id
+}
+
+/// Polls a job until it is done; returns its final response.
+fn result_of(gw: &Gateway, key: &str, id: &str, limit: Duration) -> Response {
+    let started = Instant::now();
+    loop {
+        let resp = gw.get(&format!("/v1/jobs/{id}"), Some(key));
+        if resp.status != 202 {
+            return resp;
+        }
+        let status = resp.json()["status"].as_str().unwrap().to_string();
+        assert!(status == "queued" || status == "running", "{status}");
+        assert!(
+            started.elapsed() < limit,
+            "job {id} not done within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn check_async_jobs(redis: Option<&Redis>) {
+    let mock = Mock::start(&["--latency-ms", "300"]);
+    let gw = Gateway::start(&queued(&mock, "{ enabled: true }", redis));
+    let ids: Vec<String> = (0..3)
+        .map(|i| submit(&gw, TENANT_KEY, &format!("job {i}")))
+        .collect();
+    let queued = gw.get(&format!("/v1/jobs/{}", ids[2]), Some(TENANT_KEY));
+    assert_eq!(queued.status, 202);
+    let other = gw.get(&format!("/v1/jobs/{}", ids[0]), Some(OTHER_KEY));
+    assert_eq!(
+        (other.status, other.error_code()),
+        (404, "job_not_found".to_string()),
+        "another tenant's job"
+    );
+    for id in &ids {
+        let done = result_of(&gw, TENANT_KEY, id, Duration::from_secs(20));
+        assert_eq!(done.status, 200);
+        let body = done.json();
+        assert_eq!(
+            body["object"], "chat.completion",
+            "streaming requests run non-streaming"
+        );
+        assert!(body["usage"]["total_tokens"].as_u64().unwrap() > 0);
+    }
+    let mut seen = seen_ids(&mock);
+    seen.sort();
+    let mut expected = ids.clone();
+    expected.sort();
+    assert_eq!(seen, expected, "each job reached the provider once");
+    assert_eq!(
+        metric_value(
+            &gw.metrics(),
+            r#"runestone_overflow_total{outcome="completed",tenant="acme"}"#
+        ),
+        3.0
+    );
+    assert_eq!(gw.get("/v1/jobs/job_nope", Some(TENANT_KEY)).status, 404);
+}
+
+#[test]
+fn async_jobs_run_and_answer_their_tenant_only_in_process() {
+    check_async_jobs(None);
+}
+
+#[test]
+fn async_jobs_run_and_answer_their_tenant_only_with_redis() {
+    let redis = Redis::start();
+    check_async_jobs(Some(&redis));
+}
+
+#[test]
+fn two_instances_drain_one_queue_without_running_a_job_twice() {
+    let redis = Redis::start();
+    let mock = Mock::start(&["--latency-ms", "50"]);
+    let gw1 = Gateway::start(&queued(&mock, "{ enabled: true }", Some(&redis)));
+    let gw2 = Gateway::start(&queued(&mock, "{ enabled: true }", Some(&redis)));
+    let ids: Vec<String> = (0..8)
+        .map(|i| {
+            submit(
+                if i % 2 == 0 { &gw1 } else { &gw2 },
+                TENANT_KEY,
+                &format!("job {i}"),
+            )
+        })
+        .collect();
+    for id in &ids {
+        assert_eq!(
+            result_of(&gw1, TENANT_KEY, id, Duration::from_secs(20)).status,
+            200
+        );
+    }
+    let mut seen = seen_ids(&mock);
+    seen.sort();
+    let mut expected = ids.clone();
+    expected.sort();
+    assert_eq!(
+        seen, expected,
+        "every job ran exactly once across both instances"
+    );
+}
+
+#[test]
+fn parking_refuses_at_once_when_redis_is_down() {
+    let redis = Redis::start();
+    let mock = Mock::start(&["--latency-ms", "1500"]);
+    let gw = Gateway::start(&queued(
+        &mock,
+        "{ enabled: true, max_wait_seconds: 10 }",
+        Some(&redis),
+    ));
+    redis.kill();
+    std::thread::scope(|scope| {
+        let holder = hold_the_slot(scope, &gw, &mock);
+        let started = Instant::now();
+        let resp = chat_with_id(&gw, "waiter");
+        assert_eq!(
+            (resp.status, resp.error_code()),
+            (429, "rate_limit_exceeded".to_string())
+        );
+        assert!(resp.header("retry-after").is_some());
+        assert!(
+            started.elapsed() < Duration::from_millis(1000),
+            "nothing hangs"
+        );
+        assert_eq!(holder.join().unwrap(), 200);
+    });
+}
+
+/// Starts the gateway binary directly, so the test can kill -9 it.
+fn start_raw(config: &GatewayConfig, dir: &std::path::Path) -> Child {
+    let yaml = config.yaml().replacen(
+        "  grace_period_seconds: 1\n",
+        &format!("  grace_period_seconds: 1\n  pid_file: \"{0}/gw.pid\"\n  upgrade_sock: \"{0}/gw.sock\"\n", dir.display()),
+        1,
+    );
+    let path = dir.join("runestone.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_runestone"))
+        .arg("--config")
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_ready(
+        &format!("http://127.0.0.1:{}/health", config.port),
+        &mut child,
+        Duration::from_secs(20),
+        "runestone",
+    );
+    child
+}
+
+#[test]
+fn async_jobs_survive_a_gateway_crash_and_run_exactly_once() {
+    let redis = Redis::start();
+    let mock = Mock::start(&["--latency-ms", "2000"]);
+    let config = queued(&mock, "{ enabled: true }", Some(&redis));
+    let dir = std::env::temp_dir().join(format!("runestone-crash-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut first = start_raw(&config, &dir);
+    let gw = GatewayHandle { port: config.port };
+    // One job runs (holding the only slot); the rest wait in Redis.
+    let ids: Vec<String> = (0..4).map(|i| gw.submit(&format!("job {i}"))).collect();
+    wait_until(
+        Duration::from_secs(5),
+        "the first job to reach the provider",
+        || !seen_ids(&mock).is_empty(),
+    );
+    // kill -9: the running job dies with the process, the others are queued.
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let mut second = start_raw(&config, &dir);
+    for id in &ids {
+        let resp = gw.result(id, Duration::from_secs(40));
+        assert_eq!(resp.0, 200, "job {id}: {}", resp.1);
+    }
+    second.kill().unwrap();
+    second.wait().unwrap();
+    let seen = seen_ids(&mock);
+    for id in &ids[1..] {
+        assert_eq!(
+            seen.iter().filter(|s| *s == id).count(),
+            1,
+            "queued job {id} ran exactly once: {seen:?}"
+        );
+    }
+    let crashed = seen.iter().filter(|s| **s == ids[0]).count();
+    assert!(
+        (1..=2).contains(&crashed),
+        "the job running at the crash was re-queued and run again (at least once): {crashed}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Minimal client for a gateway started with [`start_raw`].
+struct GatewayHandle {
+    port: u16,
+}
+
+impl GatewayHandle {
+    fn submit(&self, content: &str) -> String {
+        let body =
+            json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": content}]});
+        let resp = ureq::post(&format!("http://127.0.0.1:{}{CHAT}", self.port))
+            .set("authorization", &format!("Bearer {TENANT_KEY}"))
+            .set("prefer", "respond-async")
+            .send_json(body)
+            .unwrap();
+        assert_eq!(resp.status(), 202);
+        let job: Value = resp.into_json().unwrap();
+        job["id"].as_str().unwrap().to_string()
+    }
+
+    fn result(&self, id: &str, limit: Duration) -> (u16, String) {
+        let started = Instant::now();
+        loop {
+            let resp = ureq::get(&format!("http://127.0.0.1:{}/v1/jobs/{id}", self.port))
+                .set("authorization", &format!("Bearer {TENANT_KEY}"))
+                .call();
+            let (status, mut reader) = match resp {
+                Ok(r) | Err(ureq::Error::Status(_, r)) => (r.status(), r.into_reader()),
+                Err(e) => panic!("{e}"),
+            };
+            let mut body = String::new();
+            reader.read_to_string(&mut body).unwrap();
+            if status != 202 {
+                return (status, body);
+            }
+            assert!(
+                started.elapsed() < limit,
+                "job {id} not done within {limit:?}: {body}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
