@@ -281,14 +281,13 @@ impl Overflow {
     /// Appends an entry unless the tenant has `max_parked` already.
     async fn push(&self, tenant: usize, entry: &Entry) -> Result<(), ParkRefusal> {
         let max = self.inner.settings[tenant].max_parked;
-        if self.inner.redis.is_some() {
+        if let Some(r) = &self.inner.redis {
             let script = redis::Script::new(
                 "if redis.call('LLEN', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end \
                  redis.call('RPUSH', KEYS[1], ARGV[1]) return 1",
             );
             let mut invocation = script.key(self.key(tenant, "queue"));
             invocation.arg(entry.encode()).arg(max);
-            let r = self.inner.redis.as_ref().expect("checked");
             let Some(mut conn) = r.conn() else {
                 return Err(ParkRefusal::Unavailable);
             };
@@ -843,7 +842,7 @@ impl Overflow {
             "failed"
         };
         self.count(job.tenant, outcome);
-        if self.inner.redis.is_some() {
+        if let Some(r) = &self.inner.redis {
             let key = self.key(job.tenant, &format!("job:{}", job.id));
             let stored = serde_json::to_string(&result).expect("a result serialises");
             let mut pipe = redis::pipe();
@@ -864,7 +863,6 @@ impl Overflow {
                 .arg(1)
                 .arg(head.encode())
                 .ignore();
-            let r = self.inner.redis.as_ref().expect("checked");
             let Some(mut conn) = r.conn() else { return };
             if !matches!(
                 tokio::time::timeout(r.timeout * 4, pipe.query_async::<()>(&mut conn)).await,
