@@ -206,6 +206,15 @@ struct RawTenantOverflow {
     max_wait_seconds: Option<u64>,
     #[serde(default)]
     max_parked: Option<usize>,
+    #[serde(default)]
+    callbacks: Option<RawCallbacks>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCallbacks {
+    allowed_urls: Vec<String>,
+    secret: String,
 }
 
 #[derive(Deserialize, Default)]
@@ -498,7 +507,7 @@ pub struct TenantSettings {
 }
 
 /// A tenant's overflow queue settings.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TenantOverflow {
     /// Park requests over a limit instead of refusing them.
     pub enabled: bool,
@@ -506,6 +515,26 @@ pub struct TenantOverflow {
     pub max_wait: Duration,
     /// Most requests parked for the tenant at once (async jobs included).
     pub max_parked: usize,
+    /// Where async job results may be POSTed, and the signing secret.
+    pub callbacks: Option<Callbacks>,
+}
+
+/// A tenant's allowed job callbacks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Callbacks {
+    /// Allowed URLs: an exact URL, or a prefix ending in `/`.
+    pub allowed_urls: Vec<String>,
+    /// The HMAC-SHA256 key results are signed with.
+    pub secret: Secret,
+}
+
+impl Callbacks {
+    /// Whether a job may post its result to `url`.
+    pub fn allows(&self, url: &str) -> bool {
+        self.allowed_urls.iter().any(|allowed| {
+            allowed == url || (allowed.ends_with('/') && url.starts_with(allowed.as_str()))
+        })
+    }
 }
 
 impl Default for TenantOverflow {
@@ -514,6 +543,7 @@ impl Default for TenantOverflow {
             enabled: false,
             max_wait: Duration::from_secs(30),
             max_parked: 1000,
+            callbacks: None,
         }
     }
 }
@@ -1205,10 +1235,31 @@ fn validate_tenants(
                     "must be between 1 and 1000000",
                 ));
             }
+            let callbacks = o.callbacks.map(|c| {
+                for (i, url) in c.allowed_urls.iter().enumerate() {
+                    if BaseUrl::parse(url).is_err() {
+                        problems.push(problem(
+                            &format!("{path}.overflow.callbacks.allowed_urls[{i}]"),
+                            format!("'{url}' is not an http(s) URL"),
+                        ));
+                    }
+                }
+                if c.secret.len() < 16 {
+                    problems.push(problem(
+                        &format!("{path}.overflow.callbacks.secret"),
+                        "must be at least 16 characters",
+                    ));
+                }
+                Callbacks {
+                    allowed_urls: c.allowed_urls,
+                    secret: Secret(c.secret),
+                }
+            });
             TenantOverflow {
                 enabled: o.enabled,
                 max_wait: Duration::from_secs(max_wait),
                 max_parked,
+                callbacks,
             }
         });
         tenants.push(TenantSettings {

@@ -130,6 +130,17 @@ impl ApiError {
         .with_param("model")
     }
 
+    /// 400: a job callback URL outside the tenant's allow-list.
+    pub fn callback_not_allowed() -> Self {
+        Self::new(
+            400,
+            "invalid_request_error",
+            "callback_not_allowed",
+            "The x-runestone-callback URL is not in your callback allow-list.",
+        )
+        .with_param("x-runestone-callback")
+    }
+
     /// 404: no such job for this tenant.
     pub fn job_not_found(id: &str) -> Self {
         Self::new(

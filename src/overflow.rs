@@ -62,6 +62,9 @@ pub struct Job {
     pub tokens: u64,
     /// Unix time of submission, ms.
     pub created_ms: u64,
+    /// Where to POST the result (checked against the tenant's allow-list).
+    #[serde(default)]
+    pub callback: Option<String>,
 }
 
 /// A finished job's answer.
@@ -89,6 +92,46 @@ pub enum JobState {
 pub trait JobRunner: Send + Sync {
     /// Forwards the job's request and returns the answer; settles `grant`.
     async fn run_job(&self, job: &Job, grant: Grant) -> JobResult;
+    /// POSTs a signed callback body to `url`; whether it was accepted (2xx).
+    async fn post_callback(&self, url: &str, body: &[u8], signature: &str) -> bool;
+}
+
+/// Delays between callback delivery attempts.
+const CALLBACK_BACKOFF: [Duration; 5] = [
+    Duration::from_millis(500),
+    Duration::from_secs(1),
+    Duration::from_secs(2),
+    Duration::from_secs(4),
+    Duration::from_secs(8),
+];
+
+/// The `x-runestone-signature` value for a callback body: `t=<unix
+/// seconds>,v1=<hex HMAC-SHA256 of "<t>.<body>" keyed with the tenant's
+/// callback secret>`. Receivers recompute it and compare in constant time,
+/// and reject old timestamps.
+pub fn sign_callback(secret: &[u8], unix_secs: u64, body: &[u8]) -> String {
+    use hmac::{Hmac, Mac};
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret).expect("HMAC takes any key length");
+    mac.update(unix_secs.to_string().as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    format!(
+        "t={unix_secs},v1={}",
+        hex::encode(mac.finalize().into_bytes())
+    )
+}
+
+/// The callback body for a finished job.
+fn callback_body(job: &Job, result: &JobResult) -> Vec<u8> {
+    let response: serde_json::Value = serde_json::from_str(&result.body)
+        .unwrap_or_else(|_| serde_json::Value::String(result.body.clone()));
+    let body = serde_json::json!({
+        "id": job.id,
+        "object": "runestone.job",
+        "status": if result.status < 400 { "completed" } else { "failed" },
+        "response": { "status": result.status, "body": response },
+    });
+    serde_json::to_vec(&body).expect("a JSON value serialises")
 }
 
 /// Why a request could not be parked.
@@ -234,7 +277,7 @@ impl Overflow {
         });
         Overflow {
             inner: Arc::new(Inner {
-                settings: config.tenants.iter().map(|t| t.overflow).collect(),
+                settings: config.tenants.iter().map(|t| t.overflow.clone()).collect(),
                 tenant_ids: config.tenants.iter().map(|t| t.id.clone()).collect(),
                 instance: format!("{:016x}", fastrand::u64(..)),
                 waiters: Mutex::default(),
@@ -248,8 +291,8 @@ impl Overflow {
     }
 
     /// The tenant's overflow settings.
-    pub fn settings(&self, tenant: usize) -> TenantOverflow {
-        self.inner.settings[tenant]
+    pub fn settings(&self, tenant: usize) -> &TenantOverflow {
+        &self.inner.settings[tenant]
     }
 
     fn key(&self, tenant: usize, suffix: &str) -> String {
@@ -337,7 +380,7 @@ impl Overflow {
         route: usize,
         tokens: u64,
     ) -> Result<Parked, ParkRefusal> {
-        let settings = self.inner.settings[tenant];
+        let settings = &self.inner.settings[tenant];
         let id = format!("{:016x}", fastrand::u64(..));
         let entry = Entry::Sync {
             id: id.clone(),
@@ -740,7 +783,10 @@ impl Drain {
         let head = head.clone();
         tokio::spawn(async move {
             let result = runner.run_job(&job, grant).await;
-            overflow.finish_job(&job, &head, &processing, result).await;
+            overflow.finish_job(&job, &head, &processing, &result).await;
+            overflow
+                .deliver_callback(runner.as_ref(), &job, &result)
+                .await;
         });
     }
 
@@ -835,7 +881,33 @@ impl Drain {
 }
 
 impl Overflow {
-    async fn finish_job(&self, job: &Job, head: &Entry, processing: &str, result: JobResult) {
+    /// POSTs the result to the job's callback URL, retrying with backoff.
+    async fn deliver_callback(&self, runner: &dyn JobRunner, job: &Job, result: &JobResult) {
+        let (Some(url), Some(callbacks)) =
+            (&job.callback, &self.inner.settings[job.tenant].callbacks)
+        else {
+            return;
+        };
+        if !callbacks.allows(url) {
+            return;
+        }
+        let body = callback_body(job, result);
+        for (attempt, delay) in std::iter::once(Duration::ZERO)
+            .chain(CALLBACK_BACKOFF)
+            .enumerate()
+        {
+            tokio::time::sleep(delay).await;
+            let now = unix_ms() / 1000;
+            let signature = sign_callback(callbacks.secret.expose().as_bytes(), now, &body);
+            if runner.post_callback(url, &body, &signature).await {
+                return;
+            }
+            warn!(job = %job.id, attempt = attempt + 1, "callback delivery failed");
+        }
+        self.count(job.tenant, "callback_failed");
+    }
+
+    async fn finish_job(&self, job: &Job, head: &Entry, processing: &str, result: &JobResult) {
         let outcome = if result.status < 400 {
             "completed"
         } else {
@@ -844,7 +916,7 @@ impl Overflow {
         self.count(job.tenant, outcome);
         if let Some(r) = &self.inner.redis {
             let key = self.key(job.tenant, &format!("job:{}", job.id));
-            let stored = serde_json::to_string(&result).expect("a result serialises");
+            let stored = serde_json::to_string(result).expect("a result serialises");
             let mut pipe = redis::pipe();
             pipe.cmd("HSET")
                 .arg(&key)
@@ -874,7 +946,7 @@ impl Overflow {
         }
         let mut local = lock(&self.inner.local);
         if let Some(entry) = local.jobs.get_mut(&job.id) {
-            entry.1 = Some(result);
+            entry.1 = Some(result.clone());
         }
     }
 }
@@ -919,6 +991,18 @@ impl BackgroundService for Drain {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn signs_callbacks_with_hmac_sha256_over_timestamp_and_body() {
+        // HMAC-SHA256("key", "1700000000.{}"), computed with Python's hmac.
+        let signature = sign_callback(b"key", 1_700_000_000, b"{}");
+        assert_eq!(
+            signature,
+            "t=1700000000,v1=9d713ed406bb7076d4123f0dc2c39d2df5c654ed4b0cd56b52c8b4c940bd63ae"
+        );
+        assert_ne!(signature, sign_callback(b"key", 1_700_000_001, b"{}"));
+        assert_ne!(signature, sign_callback(b"other", 1_700_000_000, b"{}"));
+    }
 
     #[test]
     fn entries_round_trip() {

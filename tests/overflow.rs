@@ -485,3 +485,122 @@ impl GatewayHandle {
         }
     }
 }
+
+/// A callback receiver: answers 500 to the first delivery (to exercise the
+/// retry), then 200, and hands over what it received.
+fn callback_receiver() -> (u16, std::sync::mpsc::Receiver<(String, Vec<u8>)>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for (n, stream) in listener.incoming().enumerate().take(2) {
+            let Ok(mut stream) = stream else { return };
+            let mut data = Vec::new();
+            let mut buf = [0u8; 4096];
+            let (head, body) = loop {
+                let read = stream.read(&mut buf).unwrap_or(0);
+                if read == 0 {
+                    return;
+                }
+                data.extend_from_slice(&buf[..read]);
+                if let Some(end) = data.windows(4).position(|w| w == b"\r\n\r\n") {
+                    let head = String::from_utf8_lossy(&data[..end]).to_string();
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length:")
+                                .map(|v| v.trim().parse().unwrap())
+                        })
+                        .unwrap_or(0);
+                    while data.len() < end + 4 + len {
+                        let read = stream.read(&mut buf).unwrap_or(0);
+                        if read == 0 {
+                            break;
+                        }
+                        data.extend_from_slice(&buf[..read]);
+                    }
+                    break (head, data[end + 4..end + 4 + len].to_vec());
+                }
+            };
+            let status = if n == 0 {
+                "500 Internal Server Error"
+            } else {
+                "200 OK"
+            };
+            let _ = write!(
+                stream,
+                "HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            );
+            if n == 1 {
+                let _ = tx.send((head, body));
+            }
+        }
+    });
+    (port, rx)
+}
+
+#[test]
+fn posts_a_verifiable_signed_callback_with_retries() {
+    use hmac::{Hmac, Mac};
+    let secret = "whsec-0123456789abcdef";
+    let (port, received) = callback_receiver();
+    let mock = Mock::start(&[]);
+    let overflow = format!(
+        "{{ enabled: true, callbacks: {{ allowed_urls: [\"http://127.0.0.1:{port}/hooks/\"], secret: \"{secret}\" }} }}"
+    );
+    let gw = Gateway::start(&queued(&mock, &overflow, None));
+    let body = chat("gpt-4o-mini", false).to_string();
+    let auth = format!("Bearer {TENANT_KEY}");
+    let refused = gw.post_raw(
+        CHAT,
+        &[
+            ("authorization", &auth),
+            ("prefer", "respond-async"),
+            ("x-runestone-callback", "http://127.0.0.1:1/elsewhere"),
+        ],
+        body.as_bytes(),
+    );
+    assert_eq!(
+        (refused.status, refused.error_code()),
+        (400, "callback_not_allowed".to_string())
+    );
+    let callback = format!("http://127.0.0.1:{port}/hooks/job-done");
+    let resp = gw.post_raw(
+        CHAT,
+        &[
+            ("authorization", &auth),
+            ("prefer", "respond-async"),
+            ("x-runestone-callback", &callback),
+        ],
+        body.as_bytes(),
+    );
+    assert_eq!(resp.status, 202);
+    let id = resp.json()["id"].as_str().unwrap().to_string();
+    let (head, payload) = received
+        .recv_timeout(Duration::from_secs(15))
+        .expect("the callback arrives after a retry");
+    assert!(head.starts_with("POST /hooks/job-done HTTP/1.1"), "{head}");
+    // The documented recipe: HMAC-SHA256(secret, "<t>.<body>") == v1.
+    let signature = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("x-runestone-signature:")
+                .map(|v| v.trim().to_string())
+        })
+        .expect("signed");
+    let (t, v1) = signature.split_once(',').unwrap();
+    let t = t.strip_prefix("t=").unwrap();
+    let v1 = v1.strip_prefix("v1=").unwrap();
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(format!("{t}.").as_bytes());
+    mac.update(&payload);
+    mac.verify_slice(&hex::decode(v1).unwrap())
+        .expect("signature verifies");
+    let payload: Value = serde_json::from_slice(&payload).unwrap();
+    assert_eq!(payload["id"], id.as_str());
+    assert_eq!(payload["status"], "completed");
+    assert_eq!(payload["response"]["status"], 200);
+    assert_eq!(payload["response"]["body"]["object"], "chat.completion");
+}

@@ -10,6 +10,7 @@
 //! `Ok(true)`; `logging` then records metrics. `upstream_peer` is never
 //! reached.
 
+mod callback;
 mod client;
 mod forward;
 
@@ -293,7 +294,24 @@ impl Gateway {
         tokens: u64,
     ) -> Result<(), ApiError> {
         let headers = session.req_header().headers.clone();
+        let callback = match headers.get("x-runestone-callback") {
+            None => None,
+            Some(url) => {
+                let url = url.to_str().unwrap_or_default().to_string();
+                let allowed = self
+                    .overflow
+                    .settings(tenant)
+                    .callbacks
+                    .as_ref()
+                    .is_some_and(|c| c.allows(&url));
+                if !allowed {
+                    return Err(ApiError::callback_not_allowed());
+                }
+                Some(url)
+            }
+        };
         let job = Job {
+            callback,
             id: format!("job_{:024x}", fastrand::u128(..) >> 32),
             tenant,
             route,
@@ -366,6 +384,16 @@ impl Gateway {
 
 #[async_trait]
 impl JobRunner for Gateway {
+    async fn post_callback(&self, url: &str, body: &[u8], signature: &str) -> bool {
+        match callback::post(&self.connector, url, body, signature).await {
+            Ok(status) => (200..300).contains(&status),
+            Err(e) => {
+                tracing::warn!(error = %e, "callback could not be delivered");
+                false
+            }
+        }
+    }
+
     async fn run_job(&self, job: &Job, grant: Grant) -> JobResult {
         let mut ctx = self.new_ctx();
         ctx.request_id = job.id.clone();
