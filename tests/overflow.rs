@@ -604,3 +604,24 @@ fn posts_a_verifiable_signed_callback_with_retries() {
     assert_eq!(payload["response"]["status"], 200);
     assert_eq!(payload["response"]["body"]["object"], "chat.completion");
 }
+
+#[test]
+fn waits_while_no_backend_can_serve_then_proceeds() {
+    let mock = Mock::start(&[]);
+    let mut config = queued(&mock, "{ enabled: true, max_wait_seconds: 20 }", None);
+    config.providers = vec![format!(
+        "  - {{ name: mock, base_url: \"{}\", health_check: {{ path: \"/models\", interval_seconds: 1, unhealthy_threshold: 1, healthy_threshold: 1 }} }}",
+        mock.base_url()
+    )];
+    let gw = Gateway::start(&config);
+    wait_until(Duration::from_secs(5), "the first health check", || {
+        mock.stats()["by_path"]["/v1/models"].as_u64() > Some(0)
+    });
+    mock.fault(json!({"status": 503, "count": 2, "path": "/v1/models"}));
+    wait_until(Duration::from_secs(5), "the backend to leave selection", || gw.get("/ready", None).status == 503);
+    let started = Instant::now();
+    let resp = chat_with_id(&gw, "patient");
+    assert_eq!(resp.status, 200, "parked until the backend came back");
+    assert!(started.elapsed() >= Duration::from_millis(500), "it waited: {:?}", started.elapsed());
+    assert_eq!(seen_ids(&mock), ["patient"]);
+}
