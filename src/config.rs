@@ -91,6 +91,19 @@ struct RawServer {
     pid_file: Option<String>,
     #[serde(default)]
     upgrade_sock: Option<String>,
+    #[serde(default)]
+    tls: Option<RawTls>,
+    #[serde(default)]
+    access_log: Option<bool>,
+    #[serde(default)]
+    log_level: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: String,
+    key: String,
 }
 
 #[derive(Deserialize)]
@@ -296,6 +309,21 @@ pub struct ServerSettings {
     pub pid_file: String,
     /// Pingora's socket for handing listeners to a new binary on upgrade.
     pub upgrade_sock: String,
+    /// Serve the API over HTTPS with this certificate chain and key (PEM).
+    pub tls: Option<TlsFiles>,
+    /// Write one JSON access log line per request to stdout.
+    pub access_log: bool,
+    /// Log level when `RUST_LOG` is not set (`info`, `debug`, ...).
+    pub log_level: String,
+}
+
+/// PEM files for the HTTPS listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// Certificate chain.
+    pub cert: String,
+    /// Private key.
+    pub key: String,
 }
 
 /// Default for `server.max_request_body_bytes`: 4 MiB.
@@ -964,6 +992,27 @@ fn validate_server(raw: RawServer, problems: &mut Vec<Problem>) -> Option<Server
     let max_request_body_bytes = raw
         .max_request_body_bytes
         .unwrap_or(DEFAULT_MAX_REQUEST_BODY_BYTES);
+    let tls = raw.tls.map(|tls| {
+        for (key, file) in [("cert", &tls.cert), ("key", &tls.key)] {
+            if let Err(e) = std::fs::metadata(file) {
+                problems.push(problem(
+                    &format!("server.tls.{key}"),
+                    format!("cannot read '{file}': {e}"),
+                ));
+            }
+        }
+        TlsFiles {
+            cert: tls.cert,
+            key: tls.key,
+        }
+    });
+    let log_level = raw.log_level.unwrap_or_else(|| "info".into());
+    if tracing_subscriber_level(&log_level).is_none() {
+        problems.push(problem(
+            "server.log_level",
+            "must be one of error, warn, info, debug, trace",
+        ));
+    }
     if max_request_body_bytes == 0 {
         problems.push(problem(
             "server.max_request_body_bytes",
@@ -983,10 +1032,20 @@ fn validate_server(raw: RawServer, problems: &mut Vec<Problem>) -> Option<Server
         pid_file: raw
             .pid_file
             .unwrap_or_else(|| format!("/tmp/runestone-{}.pid", listen.port())),
+        tls,
+        access_log: raw.access_log.unwrap_or(true),
+        log_level,
         upgrade_sock: raw
             .upgrade_sock
             .unwrap_or_else(|| format!("/tmp/runestone-{}.sock", listen.port())),
     })
+}
+
+/// Whether `level` is a log level name.
+fn tracing_subscriber_level(level: &str) -> Option<&'static str> {
+    ["error", "warn", "info", "debug", "trace"]
+        .into_iter()
+        .find(|l| l.eq_ignore_ascii_case(level))
 }
 
 /// Names used in labels, logs and Redis keys: short, no separators.

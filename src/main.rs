@@ -55,20 +55,18 @@ fn main() -> ExitCode {
             }
             Err(code) => code,
         },
-        None => {
-            init_tracing();
-            match load(cli.config) {
-                Ok(config) => {
-                    let options = RunOptions {
-                        daemon: cli.daemon,
-                        upgrade: cli.upgrade,
-                    };
-                    tracing::info!(listen = %config.server.listen, "runestone starting");
-                    server::build(config, options).run_forever()
-                }
-                Err(code) => code,
+        None => match load(cli.config) {
+            Ok(config) => {
+                init_tracing(&config.server.log_level);
+                let options = RunOptions {
+                    daemon: cli.daemon,
+                    upgrade: cli.upgrade,
+                };
+                tracing::info!(listen = %config.server.listen, "runestone starting");
+                server::build(config, options).run_forever()
             }
-        }
+            Err(code) => code,
+        },
     }
 }
 
@@ -98,13 +96,13 @@ fn hash_key() -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// Logs to stderr at the level of `RUST_LOG` (default `info`). Pingora's
+/// Logs to stderr at the level of `RUST_LOG`, else `server.log_level`. Pingora's
 /// own trace-level events dump whole request headers, credentials included,
 /// so they are dropped whatever `RUST_LOG` asks for.
-fn init_tracing() {
+fn init_tracing(default_level: &str) {
     use tracing_subscriber::prelude::*;
     let level = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     let no_header_dumps = tracing_subscriber::filter::filter_fn(|meta| {
         !(*meta.level() == tracing::Level::TRACE && meta.target().starts_with("pingora"))
     });

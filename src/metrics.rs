@@ -169,6 +169,29 @@ pub static OVERFLOW_WAIT: Lazy<HistogramVec> = Lazy::new(|| {
     .expect("metric registers once")
 });
 
+/// `runestone_time_to_first_token_seconds{model,provider}`: from the
+/// request's arrival to the first byte of the answer's body.
+pub static TIME_TO_FIRST_TOKEN: Lazy<HistogramVec> = Lazy::new(|| {
+    register_histogram_vec!(
+        "runestone_time_to_first_token_seconds",
+        "Time from request arrival to the first byte of the response body.",
+        &["model", "provider"],
+        DURATION_BUCKETS.to_vec()
+    )
+    .expect("metric registers once")
+});
+
+/// `runestone_gateway_overhead_seconds`: time spent in the gateway itself,
+/// total minus the time waiting on providers and parked in the queue.
+pub static GATEWAY_OVERHEAD: Lazy<prometheus::Histogram> = Lazy::new(|| {
+    prometheus::register_histogram!(
+        "runestone_gateway_overhead_seconds",
+        "Time spent in the gateway: total minus waiting on providers and in the overflow queue.",
+        vec![0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1]
+    )
+    .expect("metric registers once")
+});
+
 /// Registers every metric, so that all of them appear on the first scrape
 /// (the Redis ones appear once Redis is configured).
 pub fn register_all() {
@@ -184,4 +207,6 @@ pub fn register_all() {
     Lazy::force(&OVERFLOW_PARKED);
     Lazy::force(&OVERFLOW_TOTAL);
     Lazy::force(&OVERFLOW_WAIT);
+    Lazy::force(&TIME_TO_FIRST_TOKEN);
+    Lazy::force(&GATEWAY_OVERHEAD);
 }

@@ -79,7 +79,12 @@ pub fn build(config: Config, options: RunOptions) -> Server {
 
     let mut api =
         http_proxy_service_with_name(&server.configuration, gateway.clone(), "runestone api");
-    api.add_tcp(&config.server.listen.to_string());
+    match &config.server.tls {
+        Some(tls) => api
+            .add_tls(&config.server.listen.to_string(), &tls.cert, &tls.key)
+            .unwrap_or_else(|e| panic!("cannot serve TLS with {} and {}: {e}", tls.cert, tls.key)),
+        None => api.add_tcp(&config.server.listen.to_string()),
+    }
     server.add_service(api);
 
     if let Some(addr) = config.server.metrics_listen {

@@ -660,3 +660,136 @@ fn hash_key_prints_the_sha256_digest() {
         "sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
     );
 }
+
+#[test]
+fn writes_one_access_log_line_per_request_with_allow_listed_fields() {
+    let (_mock, gw) = setup();
+    let body = chat("gpt-4o-mini", false).to_string();
+    let resp = gw.post_raw(
+        "/v1/chat/completions",
+        &[
+            ("authorization", &format!("Bearer {TENANT_KEY}")),
+            ("x-request-id", "access-1"),
+        ],
+        body.as_bytes(),
+    );
+    assert_eq!(resp.status, 200);
+    gw.post_raw("/v1/secret-path-sk-in-url", &[], b"{}");
+    wait_until(Duration::from_secs(5), "the access log lines", || {
+        gw.log()
+            .lines()
+            .any(|l| l.contains("\"type\":\"access\"") && l.contains("\"status\":404"))
+    });
+    let lines: Vec<serde_json::Value> = gw
+        .log()
+        .lines()
+        .filter(|l| l.contains("\"type\":\"access\""))
+        .map(|l| serde_json::from_str(l).expect("each access line is JSON"))
+        .collect();
+    let line = lines
+        .iter()
+        .find(|l| l["request_id"] == "access-1")
+        .expect("the request's line");
+    assert_eq!(line["tenant"], "acme");
+    assert_eq!(line["endpoint"], "chat");
+    assert_eq!(line["model"], "gpt-4o-mini");
+    assert_eq!(line["provider"], "mock");
+    assert_eq!(line["status"], 200);
+    assert_eq!(line["attempts"], 1);
+    assert!(line["prompt_tokens"].as_u64().unwrap() > 0);
+    assert!(line["completion_tokens"].as_u64().unwrap() > 0);
+    assert!(line["duration"].as_f64().unwrap() > 0.0);
+    assert!(line["ttft"].as_f64().is_some());
+    let unknown = lines
+        .iter()
+        .find(|l| l["status"] == 404)
+        .unwrap_or_else(|| panic!("the 404's line: {lines:?}"));
+    assert_eq!(unknown["endpoint"], "other");
+    assert!(
+        !gw.log().contains("secret-path"),
+        "client-chosen paths are not logged"
+    );
+    let metrics = gw.metrics();
+    assert!(metrics.contains(
+        "runestone_time_to_first_token_seconds_count{model=\"gpt-4o-mini\",provider=\"mock\"} 1"
+    ));
+    assert!(metrics.contains("runestone_gateway_overhead_seconds_count 1"));
+}
+
+#[test]
+fn serves_https_with_the_configured_certificate() {
+    let dir = std::env::temp_dir().join(format!("runestone-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let made = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "1",
+        ])
+        .args([
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl (scripts/setup.sh installs it)");
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let mock = Mock::start(&[]);
+    let mut config = GatewayConfig::new(&mock);
+    config.tls = Some((cert.display().to_string(), key.display().to_string()));
+    let gw = Gateway::start_tls(&config);
+    let body = chat("gpt-4o-mini", false).to_string();
+    let out = Command::new("curl")
+        .args(["-sS", "--fail-with-body", "--cacert"])
+        .arg(&cert)
+        .args([
+            "-H",
+            &format!("authorization: Bearer {TENANT_KEY}"),
+            "-H",
+            "content-type: application/json",
+        ])
+        .args([
+            "-d",
+            &body,
+            &format!("https://localhost:{}/v1/chat/completions", gw.port),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(answer["object"], "chat.completion");
+    let plain = Command::new("curl")
+        .args([
+            "-sS",
+            "-o",
+            "/dev/null",
+            &format!("http://127.0.0.1:{}/health", gw.port),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        !plain.status.success(),
+        "the API listener speaks only HTTPS"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}

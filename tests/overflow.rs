@@ -618,10 +618,18 @@ fn waits_while_no_backend_can_serve_then_proceeds() {
         mock.stats()["by_path"]["/v1/models"].as_u64() > Some(0)
     });
     mock.fault(json!({"status": 503, "count": 2, "path": "/v1/models"}));
-    wait_until(Duration::from_secs(5), "the backend to leave selection", || gw.get("/ready", None).status == 503);
+    wait_until(
+        Duration::from_secs(5),
+        "the backend to leave selection",
+        || gw.get("/ready", None).status == 503,
+    );
     let started = Instant::now();
     let resp = chat_with_id(&gw, "patient");
     assert_eq!(resp.status, 200, "parked until the backend came back");
-    assert!(started.elapsed() >= Duration::from_millis(500), "it waited: {:?}", started.elapsed());
+    assert!(
+        started.elapsed() >= Duration::from_millis(500),
+        "it waited: {:?}",
+        started.elapsed()
+    );
     assert_eq!(seen_ids(&mock), ["patient"]);
 }

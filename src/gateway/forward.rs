@@ -101,7 +101,11 @@ pub(super) async fn forward(
             ctx.attempts += 1;
             ctx.provider = Some(backend.provider);
             ctx.route = Some(route_index);
-            match attempt(gateway, client, ctx, &request, route, &backend).await {
+            ctx.backend = Some(backend.addr);
+            let attempt_started = Instant::now();
+            let result = attempt(gateway, client, ctx, &request, route, &backend).await;
+            ctx.upstream_time += attempt_started.elapsed();
+            match result {
                 Ok(()) | Err(Failure::Done) => return Ok(()),
                 Err(Failure::Final(error)) => return Err(error),
                 Err(Failure::Retryable(error)) => {
@@ -396,8 +400,11 @@ impl Copy<'_> {
                         // its next request at once finds its slot free.
                         self.settle(ctx, meter).await;
                     }
-                    if !out.is_empty() && !client.send_body(out, false).await {
-                        return BodyEnd::ClientGone;
+                    if !out.is_empty() {
+                        ctx.first_byte_at.get_or_insert_with(Instant::now);
+                        if !client.send_body(out, false).await {
+                            return BodyEnd::ClientGone;
+                        }
                     }
                 }
                 Ok(Ok(None)) => {

@@ -10,6 +10,7 @@
 //! `Ok(true)`; `logging` then records metrics. `upstream_peer` is never
 //! reached.
 
+mod access_log;
 mod callback;
 mod client;
 mod forward;
@@ -55,6 +56,18 @@ pub struct RequestCtx {
     usage: Option<Usage>,
     /// Attempts made against backends.
     attempts: u32,
+    /// The endpoint, for the access log (`chat`, `models`, ...).
+    endpoint: &'static str,
+    /// The backend that served (or last failed).
+    backend: Option<std::net::SocketAddr>,
+    /// When the first body byte went to the client.
+    first_byte_at: Option<Instant>,
+    /// Time spent waiting on providers, over all attempts.
+    upstream_time: std::time::Duration,
+    /// Time spent parked in the overflow queue.
+    parked: std::time::Duration,
+    /// The request's cost, once settled.
+    cost_pusd: i64,
 }
 
 /// The gateway: config, upstreams, limits and the connection pool to providers.
@@ -91,32 +104,38 @@ impl Gateway {
         let path = session.req_header().uri.path().to_string();
         match (method.as_str(), path.as_str()) {
             ("GET" | "HEAD", "/health") => {
+                ctx.endpoint = "health";
                 let (status, body) = admin::health();
                 respond_json(session, ctx, status, body).await
             }
             ("GET" | "HEAD", "/ready") => {
+                ctx.endpoint = "ready";
                 let redis_up = self.limiter.redis().map(|r| r.is_up());
                 let (status, body) = admin::ready(&self.config, &self.upstreams, redis_up);
                 respond_json(session, ctx, status, body).await
             }
             ("GET", "/v1/models") => {
+                ctx.endpoint = "models";
                 let tenant = self.authenticate(session, ctx)?;
                 let (status, body) = admin::models(&self.config, &self.config.tenants[tenant]);
                 respond_json(session, ctx, status, body).await
             }
             ("GET", "/v1/usage") => {
+                ctx.endpoint = "usage";
                 let tenant = self.authenticate(session, ctx)?;
                 let report = self.limiter.usage(tenant).await;
                 let (status, body) = admin::usage(&self.config.tenants[tenant], &report);
                 respond_json(session, ctx, status, body).await
             }
             ("GET", _) if path.starts_with("/v1/jobs/") => {
+                ctx.endpoint = "jobs";
                 let tenant = self.authenticate(session, ctx)?;
                 let id = &path["/v1/jobs/".len()..];
                 self.job_status(session, ctx, tenant, id).await
             }
             ("POST", _) if Endpoint::from_path(&path).is_some() => {
                 let endpoint = Endpoint::from_path(&path).expect("checked by the guard");
+                ctx.endpoint = endpoint.name();
                 self.proxy(session, ctx, endpoint).await
             }
             (_, "/health" | "/ready" | "/v1/models" | "/v1/usage") => {
@@ -181,7 +200,7 @@ impl Gateway {
                 // Nothing can serve the model right now: wait for it.
                 self.limiter.settle(grant, idle_settlement()).await;
                 match self
-                    .wait_in_queue(session, tenant, route_index, tokens, None)
+                    .wait_in_queue(session, ctx, tenant, route_index, tokens, None)
                     .await?
                 {
                     Some(grant) => grant,
@@ -190,7 +209,7 @@ impl Gateway {
             }
             Err(refusal) if overflow.enabled && refusal.limit != LimitKind::Budget => {
                 match self
-                    .wait_in_queue(session, tenant, route_index, tokens, Some(refusal))
+                    .wait_in_queue(session, ctx, tenant, route_index, tokens, Some(refusal))
                     .await?
                 {
                     Some(grant) => grant,
@@ -235,6 +254,7 @@ impl Gateway {
     async fn wait_in_queue(
         &self,
         session: &mut Session,
+        ctx: &mut RequestCtx,
         tenant: usize,
         route: usize,
         tokens: u64,
@@ -261,10 +281,12 @@ impl Gateway {
                 return Err(error);
             }
         };
+        let parked_at = Instant::now();
         let waited = tokio::select! {
             waited = self.overflow.wait(&mut parked) => Some(waited),
             _ = session.downstream_session.read_body_or_idle(true) => None,
         };
+        ctx.parked = parked_at.elapsed();
         match waited {
             Some(Waited::Admitted(grant)) => Ok(Some(grant)),
             Some(Waited::TimedOut) => {
@@ -513,6 +535,7 @@ impl Gateway {
                 .with_label_values(&[tenant, model])
                 .inc_by(cost_pusd as f64 / crate::config::PICO_PER_USD);
         }
+        ctx.cost_pusd = cost_pusd;
         let settlement = Settlement {
             usage,
             cost_pusd,
@@ -737,6 +760,12 @@ impl ProxyHttp for Gateway {
             strip_usage: false,
             usage: None,
             attempts: 0,
+            endpoint: "other",
+            backend: None,
+            first_byte_at: None,
+            upstream_time: std::time::Duration::ZERO,
+            parked: std::time::Duration::ZERO,
+            cost_pusd: 0,
         }
     }
 
@@ -801,10 +830,21 @@ impl ProxyHttp for Gateway {
         metrics::REQUESTS
             .with_label_values(&[tenant, model, provider, status_label.as_str()])
             .inc();
+        let elapsed = ctx.started.elapsed();
+        let ttft = ctx.first_byte_at.map(|at| at.duration_since(ctx.started));
         if ctx.route.is_some() {
             metrics::REQUEST_DURATION
                 .with_label_values(&[model, provider])
-                .observe(ctx.started.elapsed().as_secs_f64());
+                .observe(elapsed.as_secs_f64());
+            if let Some(ttft) = ttft {
+                metrics::TIME_TO_FIRST_TOKEN
+                    .with_label_values(&[model, provider])
+                    .observe(ttft.as_secs_f64());
+            }
+            let overhead = elapsed
+                .saturating_sub(ctx.upstream_time)
+                .saturating_sub(ctx.parked);
+            metrics::GATEWAY_OVERHEAD.observe(overhead.as_secs_f64());
         }
         if let Some(reason) = ctx.error_reason {
             metrics::ERRORS.with_label_values(&[reason]).inc();
@@ -812,6 +852,28 @@ impl ProxyHttp for Gateway {
         // Normally settled before the last byte went out; this covers
         // requests that ended otherwise (errors, disconnects).
         self.settle(ctx).await;
+        if self.config.server.access_log {
+            let usage = ctx.usage.unwrap_or_default();
+            let line = access_log::Line {
+                request_id: &ctx.request_id,
+                tenant,
+                endpoint: ctx.endpoint,
+                model,
+                provider,
+                backend: ctx.backend,
+                status,
+                prompt_tokens: usage.prompt_tokens,
+                completion_tokens: usage.completion_tokens,
+                usage_estimated: usage.estimated,
+                cost_usd: ctx.cost_pusd as f64 / crate::config::PICO_PER_USD,
+                duration: elapsed,
+                ttft,
+                attempts: ctx.attempts,
+                overflow_wait: ctx.parked,
+                error: ctx.error_reason,
+            };
+            access_log::write(&line);
+        }
     }
 }
 

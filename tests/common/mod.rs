@@ -140,6 +140,8 @@ pub struct GatewayConfig {
     pub tenants: String,
     /// Further top-level sections (`pricing:`, `redis:`), as YAML.
     pub extra: String,
+    /// `server.tls` (cert, key) paths.
+    pub tls: Option<(String, String)>,
 }
 
 impl GatewayConfig {
@@ -175,6 +177,7 @@ impl GatewayConfig {
                 sha256_key(RESTRICTED_KEY)
             ),
             extra: String::new(),
+            tls: None,
         }
     }
 
@@ -189,6 +192,14 @@ impl GatewayConfig {
             self.models,
             self.tenants,
             self.extra
+        )
+        .replacen(
+            "  grace_period_seconds: 1\n",
+            &match &self.tls {
+                Some((cert, key)) => format!("  grace_period_seconds: 1\n  tls: {{ cert: \"{cert}\", key: \"{key}\" }}\n"),
+                None => "  grace_period_seconds: 1\n".to_string(),
+            },
+            1,
         )
     }
 }
@@ -222,8 +233,26 @@ impl Gateway {
         Self::start_with_env(config, &[])
     }
 
+    /// Starts a gateway whose API listener speaks HTTPS; readiness is
+    /// checked on the metrics listener.
+    pub fn start_tls(config: &GatewayConfig) -> Gateway {
+        Self::spawn(
+            config,
+            &[],
+            &format!("http://127.0.0.1:{}/metrics", config.metrics_port),
+        )
+    }
+
     /// Like [`Gateway::start`], with extra environment variables.
     pub fn start_with_env(config: &GatewayConfig, env: &[(&str, &str)]) -> Gateway {
+        Self::spawn(
+            config,
+            env,
+            &format!("http://127.0.0.1:{}/health", config.port),
+        )
+    }
+
+    fn spawn(config: &GatewayConfig, env: &[(&str, &str)], ready_url: &str) -> Gateway {
         let dir = scratch_dir("gw");
         let yaml = format!(
             "{}\n",
@@ -247,12 +276,7 @@ impl Gateway {
             .stderr(log)
             .spawn()
             .expect("spawn runestone");
-        wait_ready(
-            &format!("http://127.0.0.1:{}/health", config.port),
-            &mut child,
-            Duration::from_secs(20),
-            "runestone",
-        );
+        wait_ready(ready_url, &mut child, Duration::from_secs(20), "runestone");
         Gateway {
             port: config.port,
             metrics_port: config.metrics_port,
