@@ -25,3 +25,20 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import openai, pytest, ht
   python3 -m venv .venv
   .venv/bin/pip install -q --disable-pip-version-check -r tests/sdk/requirements.txt
 fi
+
+# promtool (for the metrics and alert-rule checks) comes inside Debian's
+# prometheus package; only the one binary is unpacked, under .tools/.
+if ! command -v promtool >/dev/null && [ ! -x .tools/bin/promtool ]; then
+  echo "setup: unpacking promtool from Debian's prometheus package"
+  sudo_cmd=""
+  [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
+  tmp=$(mktemp -d)
+  if ! (cd "$tmp" && apt-get download prometheus >/dev/null 2>&1); then
+    $sudo_cmd apt-get update -qq
+    (cd "$tmp" && apt-get download prometheus >/dev/null 2>&1)
+  fi
+  dpkg -x "$tmp"/prometheus_*.deb "$tmp/root"
+  mkdir -p .tools/bin
+  cp "$tmp/root/usr/bin/promtool" .tools/bin/promtool
+  rm -rf "$tmp"
+fi

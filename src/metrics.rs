@@ -192,6 +192,17 @@ pub static GATEWAY_OVERHEAD: Lazy<prometheus::Histogram> = Lazy::new(|| {
     .expect("metric registers once")
 });
 
+/// `runestone_budget_used_ratio{tenant}`: spend in the current budget
+/// period over the budget (1 = spent), for tenants with a budget.
+pub static BUDGET_USED: Lazy<prometheus::GaugeVec> = Lazy::new(|| {
+    prometheus::register_gauge_vec!(
+        "runestone_budget_used_ratio",
+        "Spend in the current budget period divided by the budget, by tenant.",
+        &["tenant"]
+    )
+    .expect("metric registers once")
+});
+
 /// Registers every metric, so that all of them appear on the first scrape
 /// (the Redis ones appear once Redis is configured).
 pub fn register_all() {
@@ -209,4 +220,5 @@ pub fn register_all() {
     Lazy::force(&OVERFLOW_WAIT);
     Lazy::force(&TIME_TO_FIRST_TOKEN);
     Lazy::force(&GATEWAY_OVERHEAD);
+    Lazy::force(&BUDGET_USED);
 }

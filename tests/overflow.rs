@@ -378,11 +378,7 @@ fn parking_refuses_at_once_when_redis_is_down() {
 
 /// Starts the gateway binary directly, so the test can kill -9 it.
 fn start_raw(config: &GatewayConfig, dir: &std::path::Path) -> Child {
-    let yaml = config.yaml().replacen(
-        "  grace_period_seconds: 1\n",
-        &format!("  grace_period_seconds: 1\n  pid_file: \"{0}/gw.pid\"\n  upgrade_sock: \"{0}/gw.sock\"\n", dir.display()),
-        1,
-    );
+    let yaml = config.yaml_in(dir);
     let path = dir.join("runestone.yaml");
     std::fs::write(&path, yaml).unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_runestone"))

@@ -448,6 +448,15 @@ impl Limiter {
                 inner.local.record(tenant, &period_id, &record);
             }
         }
+        if let Some(budget) = limits.budget {
+            let spent = match &inner.redis {
+                Some(redis) => redis.known_spend(tenant, &period_id) + settlement.cost_pusd,
+                None => inner.local.usage(tenant, &period_id).cost_pusd,
+            };
+            metrics::BUDGET_USED
+                .with_label_values(&[&inner.tenant_ids[tenant]])
+                .set(spent as f64 / budget.amount_pusd as f64);
+        }
         // Only now is the slot free everywhere.
         inner.inflight_done(tenant);
     }

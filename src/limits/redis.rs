@@ -187,6 +187,10 @@ impl RedisStore {
             })
             .collect();
         metrics::REDIS_UP.set(1);
+        // Every operation's error count starts at 0, so rates work at once.
+        for op in ["admit", "settle", "usage", "flush", "renew", "overflow"] {
+            metrics::REDIS_ERRORS.with_label_values(&[op]);
+        }
         RedisStore {
             inner: Arc::new(Inner {
                 client,
@@ -429,6 +433,10 @@ impl RedisStore {
         .await;
         if matches!(ping, Ok(Ok(_))) && !self.inner.up.swap(true, Ordering::Relaxed) {
             metrics::REDIS_UP.set(1);
+            // Every operation's error count starts at 0, so rates work at once.
+            for op in ["admit", "settle", "usage", "flush", "renew", "overflow"] {
+                metrics::REDIS_ERRORS.with_label_values(&[op]);
+            }
             info!("Redis is back; limits are shared again");
         }
     }

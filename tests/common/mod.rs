@@ -142,6 +142,8 @@ pub struct GatewayConfig {
     pub extra: String,
     /// `server.tls` (cert, key) paths.
     pub tls: Option<(String, String)>,
+    /// `server.grace_period_seconds`.
+    pub grace: u64,
 }
 
 impl GatewayConfig {
@@ -178,27 +180,37 @@ impl GatewayConfig {
             ),
             extra: String::new(),
             tls: None,
+            grace: 1,
         }
     }
 
-    /// The YAML text.
+    /// The YAML text; `#SERVER_EXTRA#` marks where per-process settings go.
     pub fn yaml(&self) -> String {
+        let tls = match &self.tls {
+            Some((cert, key)) => format!("  tls: {{ cert: \"{cert}\", key: \"{key}\" }}\n"),
+            None => String::new(),
+        };
         format!(
-            "server:\n  listen: \"127.0.0.1:{}\"\n  metrics_listen: \"127.0.0.1:{}\"\n  threads: 2\n  max_request_body_bytes: {}\n  grace_period_seconds: 1\nproviders:\n{}\nmodels:{}\ntenants:{}\n{}",
+            "server:\n  listen: \"127.0.0.1:{}\"\n  metrics_listen: \"127.0.0.1:{}\"\n  threads: 2\n  max_request_body_bytes: {}\n  grace_period_seconds: {}\n{tls}#SERVER_EXTRA#\nproviders:\n{}\nmodels:{}\ntenants:{}\n{}",
             self.port,
             self.metrics_port,
             self.max_body,
+            self.grace,
             self.providers.join("\n"),
             self.models,
             self.tenants,
             self.extra
         )
-        .replacen(
-            "  grace_period_seconds: 1\n",
-            &match &self.tls {
-                Some((cert, key)) => format!("  grace_period_seconds: 1\n  tls: {{ cert: \"{cert}\", key: \"{key}\" }}\n"),
-                None => "  grace_period_seconds: 1\n".to_string(),
-            },
+    }
+
+    /// The YAML with this process's pid file and upgrade socket in `dir`.
+    pub fn yaml_in(&self, dir: &std::path::Path) -> String {
+        self.yaml().replacen(
+            "#SERVER_EXTRA#",
+            &format!(
+                "  pid_file: \"{0}/gw.pid\"\n  upgrade_sock: \"{0}/gw.sock\"",
+                dir.display()
+            ),
             1,
         )
     }
@@ -254,17 +266,7 @@ impl Gateway {
 
     fn spawn(config: &GatewayConfig, env: &[(&str, &str)], ready_url: &str) -> Gateway {
         let dir = scratch_dir("gw");
-        let yaml = format!(
-            "{}\n",
-            config.yaml().replacen(
-                "  grace_period_seconds: 1\n",
-                &format!(
-                    "  grace_period_seconds: 1\n  pid_file: \"{0}/gw.pid\"\n  upgrade_sock: \"{0}/gw.sock\"\n",
-                    dir.display()
-                ),
-                1
-            )
-        );
+        let yaml = config.yaml_in(&dir);
         let config_path = dir.join("runestone.yaml");
         std::fs::write(&config_path, yaml).expect("write config");
         let log = std::fs::File::create(dir.join("gateway.log")).expect("create log");
@@ -331,6 +333,11 @@ impl Gateway {
     /// Everything the gateway printed so far (stdout and stderr).
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("gateway.log")).unwrap_or_default()
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Whether the process is still running.

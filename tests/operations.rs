@@ -1,0 +1,225 @@
+//! What operators rely on: the metrics pass `promtool check metrics`, the
+//! alert rules pass `promtool check rules`, the dashboard queries only
+//! metrics the gateway exports, and a SIGTERM drains in-flight requests.
+
+mod common;
+
+use common::*;
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// promtool: `$PROMTOOL`, else the copy scripts/setup.sh unpacks, else PATH.
+fn promtool() -> String {
+    if let Ok(path) = std::env::var("PROMTOOL") {
+        return path;
+    }
+    let local = concat!(env!("CARGO_MANIFEST_DIR"), "/.tools/bin/promtool");
+    if std::path::Path::new(local).exists() {
+        local.to_string()
+    } else {
+        "promtool".to_string()
+    }
+}
+
+/// A gateway with every feature on, after traffic that touches every metric.
+fn busy_gateway(redis: &Redis, mock: &Mock) -> Gateway {
+    let mut config = GatewayConfig::new(mock);
+    config.providers = vec![format!(
+        "  - {{ name: mock, base_url: \"{}\", api_key: \"{PROVIDER_KEY}\", health_check: {{ path: \"/models\", interval_seconds: 1 }} }}",
+        mock.base_url()
+    )];
+    config.tenants = format!(
+        "\n  - id: acme\n    keys: [\"{TENANT_KEY}\"]\n    limits: {{ requests_per_minute: 5, max_concurrent: 1, budget_usd: {{ amount: 10, period: daily }} }}\n    overflow: {{ enabled: true, max_wait_seconds: 1 }}\n"
+    );
+    config.extra = format!(
+        "pricing:\n  gpt-4o-mini: {{ input: 1, output: 2 }}\nredis: {{ url: \"{}\" }}\n",
+        redis.url()
+    );
+    let gw = Gateway::start(&config);
+    // Two at once over one slot: the second is parked, then admitted.
+    mock.fault(serde_json::json!({"latency_ms": 200}));
+    std::thread::scope(|scope| {
+        let a = scope.spawn(|| {
+            gw.post_json(
+                "/v1/chat/completions",
+                TENANT_KEY,
+                &chat("gpt-4o-mini", false),
+            )
+        });
+        let b = scope.spawn(|| {
+            gw.post_json(
+                "/v1/chat/completions",
+                TENANT_KEY,
+                &chat("gpt-4o-mini", true),
+            )
+        });
+        assert_eq!(
+            (a.join().unwrap().status, b.join().unwrap().status),
+            (200, 200)
+        );
+    });
+    // Past the RPM limit: parked, then refused when max_wait runs out.
+    for i in 0..4 {
+        gw.post_json(
+            "/v1/chat/completions",
+            TENANT_KEY,
+            &chat("gpt-4o-mini", i % 2 == 0),
+        );
+    }
+    gw.post_json(
+        "/v1/chat/completions",
+        "sk-wrong-key-xxx",
+        &chat("gpt-4o-mini", false),
+    );
+    gw
+}
+
+#[test]
+fn metrics_pass_promtool_check_metrics() {
+    let redis = Redis::start();
+    let mock = Mock::start(&[]);
+    let gw = busy_gateway(&redis, &mock);
+    let metrics = gw.metrics();
+    for name in [
+        "runestone_requests_total",
+        "runestone_request_duration_seconds",
+        "runestone_time_to_first_token_seconds",
+        "runestone_tokens_total",
+        "runestone_cost_usd_total",
+        "runestone_rate_limited_total",
+        "runestone_inflight_requests",
+        "runestone_overflow_parked",
+        "runestone_overflow_total",
+        "runestone_overflow_wait_seconds",
+        "runestone_upstream_healthy",
+        "runestone_circuit_state",
+        "runestone_redis_up",
+        "runestone_gateway_overhead_seconds",
+        "runestone_errors_total",
+        "runestone_budget_used_ratio",
+    ] {
+        assert!(
+            metrics.contains(&format!("# TYPE {name} ")),
+            "{name} is exported"
+        );
+    }
+    let mut child = Command::new(promtool())
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (scripts/setup.sh unpacks it into .tools/bin)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(metrics.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && report.trim().is_empty(),
+        "promtool: {report}"
+    );
+}
+
+#[test]
+fn alert_rules_pass_promtool_check_rules() {
+    let out = Command::new(promtool())
+        .args([
+            "check",
+            "rules",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/conf/prometheus-alerts.yaml"),
+        ])
+        .output()
+        .expect("promtool");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The metric names a PromQL expression uses.
+fn metric_names(expr: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    let mut rest = expr;
+    while let Some(start) = rest.find("runestone_") {
+        let tail = &rest[start..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        let name = &tail[..end];
+        let base = ["_bucket", "_count", "_sum"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .unwrap_or(name);
+        names.insert(base.to_string());
+        rest = &tail[end..];
+    }
+    names
+}
+
+#[test]
+fn dashboard_and_alerts_query_only_exported_metrics() {
+    let redis = Redis::start();
+    let mock = Mock::start(&[]);
+    let gw = busy_gateway(&redis, &mock);
+    let metrics = gw.metrics();
+    let dashboard: serde_json::Value =
+        serde_json::from_str(include_str!("../conf/grafana-dashboard.json"))
+            .expect("the dashboard is JSON");
+    let mut used = BTreeSet::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            used.extend(metric_names(target["expr"].as_str().unwrap()));
+        }
+    }
+    used.extend(metric_names(include_str!("../conf/prometheus-alerts.yaml")));
+    assert!(used.len() >= 15, "{used:?}");
+    for name in used {
+        assert!(
+            metrics.contains(&format!("# TYPE {name} ")),
+            "{name} is queried but not exported"
+        );
+    }
+}
+
+#[test]
+fn sigterm_lets_in_flight_requests_finish() {
+    let mock = Mock::start(&["--latency-ms", "1500"]);
+    let mut config = GatewayConfig::new(&mock);
+    config.grace = 5;
+    let gw = Gateway::start(&config);
+    std::thread::scope(|scope| {
+        let in_flight = scope.spawn(|| {
+            gw.post_json(
+                "/v1/chat/completions",
+                TENANT_KEY,
+                &chat("gpt-4o-mini", false),
+            )
+        });
+        wait_until(
+            Duration::from_secs(5),
+            "the request to reach the provider",
+            || mock.request_count() == 1,
+        );
+        let started = Instant::now();
+        signal(gw.pid(), "TERM");
+        let resp = in_flight.join().unwrap();
+        assert_eq!(
+            resp.status, 200,
+            "the in-flight request finished during the drain"
+        );
+        assert!(resp.json()["choices"][0]["message"]["content"].is_string());
+        assert!(started.elapsed() < Duration::from_secs(5));
+    });
+}
