@@ -223,3 +223,71 @@ fn sigterm_lets_in_flight_requests_finish() {
         assert!(started.elapsed() < Duration::from_secs(5));
     });
 }
+
+/// Sends requests on fresh connections until `stop`; counts (ok, failed).
+fn load(port: u16, stop: &std::sync::atomic::AtomicBool) -> (u32, u32, Vec<String>) {
+    let agent = ureq::AgentBuilder::new()
+        .max_idle_connections(0)
+        .timeout(Duration::from_secs(10))
+        .build();
+    let (mut ok, mut failed, mut errors) = (0, 0, Vec::new());
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let result = agent
+            .post(&format!("http://127.0.0.1:{port}/v1/chat/completions"))
+            .set("authorization", &format!("Bearer {TENANT_KEY}"))
+            .send_json(chat("gpt-4o-mini", false));
+        match result {
+            Ok(resp) if resp.status() == 200 => ok += 1,
+            Ok(resp) => {
+                failed += 1;
+                errors.push(format!("status {}", resp.status()));
+            }
+            Err(e) => {
+                failed += 1;
+                errors.push(e.to_string());
+            }
+        }
+    }
+    (ok, failed, errors)
+}
+
+#[test]
+fn graceful_upgrade_hands_over_the_listener_without_a_failed_request() {
+    let mock = Mock::start(&["--latency-ms", "20"]);
+    let mut gw = Gateway::start(&GatewayConfig::new(&mock));
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let port = gw.port;
+    let (ok, failed, errors, mut upgraded) = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..4).map(|_| scope.spawn(|| load(port, &stop))).collect();
+        wait_until(Duration::from_secs(5), "load to flow", || {
+            mock.request_count() > 20
+        });
+        let upgraded = gw.start_upgrade();
+        signal(gw.pid(), "QUIT");
+        assert_eq!(
+            gw.wait_exit(Duration::from_secs(15)),
+            Some(0),
+            "the old process drained and exited"
+        );
+        let served_by_old = mock.request_count();
+        wait_until(Duration::from_secs(5), "the new process to serve", || {
+            mock.request_count() > served_by_old + 20
+        });
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut totals = (0, 0, Vec::new());
+        for worker in workers {
+            let (ok, failed, errors) = worker.join().unwrap();
+            totals.0 += ok;
+            totals.1 += failed;
+            totals.2.extend(errors);
+        }
+        (totals.0, totals.1, totals.2, upgraded)
+    });
+    let _ = upgraded.kill();
+    let _ = upgraded.wait();
+    assert!(ok > 40, "{ok} requests served");
+    assert_eq!(
+        failed, 0,
+        "refused or failed during the upgrade: {errors:?}"
+    );
+}

@@ -287,6 +287,44 @@ impl Gateway {
         }
     }
 
+    /// Starts a second process on the same config with `--upgrade`, to take
+    /// the listening sockets over when this one gets SIGQUIT; it is waiting
+    /// for them once its upgrade socket exists.
+    pub fn start_upgrade(&self) -> Child {
+        let sock = self.dir.join("gw.sock");
+        let _ = std::fs::remove_file(&sock);
+        let log = std::fs::File::create(self.dir.join("gateway-upgraded.log")).expect("create log");
+        let child = Command::new(env!("CARGO_BIN_EXE_runestone"))
+            .arg("--config")
+            .arg(self.dir.join("runestone.yaml"))
+            .arg("--upgrade")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn runestone --upgrade");
+        wait_until(
+            Duration::from_secs(10),
+            "the new process's upgrade socket",
+            || sock.exists(),
+        );
+        child
+    }
+
+    /// Waits for the process to exit; its exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the gateway did not exit within {timeout:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// `http://127.0.0.1:PORT` + path.
     pub fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.port)
