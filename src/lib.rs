@@ -18,6 +18,7 @@
 //! | [`overflow`] | the overflow queue: parked requests, async jobs, the drain service |
 //! | [`admin`]  | locally answered endpoints: `/health`, `/ready`, `/v1/models` |
 //! | [`gateway`] | the Pingora `ProxyHttp` implementation: each phase calls into the modules above |
+//! | [`reload`] | config reload: validate, then a graceful upgrade onto the new config |
 //! | [`server`] | builds the Pingora server (API listener, metrics listener, background services) |
 #![forbid(unsafe_code)]
 
@@ -30,5 +31,6 @@ pub mod limits;
 pub mod metrics;
 pub mod openai;
 pub mod overflow;
+pub mod reload;
 pub mod server;
 pub mod upstream;

@@ -33,12 +33,39 @@ enum Command {
     Check,
     /// Read an API key on stdin and print its `sha256:<hex>` digest for the config.
     HashKey,
+    /// Validate the config, then have the running gateway (found through
+    /// `server.pid_file`) hand over to a new process on it, without dropping
+    /// a request. Exit 2 when the config is invalid (nothing changes).
+    Reload,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::HashKey) => hash_key(),
+        Some(Command::Reload) => {
+            let Some(path) = cli.config else {
+                eprintln!("error: --config FILE is required");
+                return ExitCode::from(2);
+            };
+            match runestone::reload::reload_running(&path) {
+                Ok(()) => {
+                    println!(
+                        "reloading: a new process is taking over on {}",
+                        path.display()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e @ runestone::reload::ReloadError::Invalid(_)) => {
+                    eprintln!("{e}");
+                    ExitCode::from(2)
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
         Some(Command::Check) => match load(cli.config) {
             Ok(config) => {
                 for warning in config.warnings() {
@@ -55,12 +82,13 @@ fn main() -> ExitCode {
             }
             Err(code) => code,
         },
-        None => match load(cli.config) {
+        None => match load(cli.config.clone()) {
             Ok(config) => {
                 init_tracing(&config.server.log_level);
                 let options = RunOptions {
                     daemon: cli.daemon,
                     upgrade: cli.upgrade,
+                    config_path: cli.config,
                 };
                 tracing::info!(listen = %config.server.listen, "runestone starting");
                 server::build(config, options).run_forever()

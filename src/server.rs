@@ -16,12 +16,14 @@ use pingora::services::background::{background_service, GenBackgroundService};
 use std::sync::Arc;
 
 /// Process-level switches from the command line, as Pingora's own.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 pub struct RunOptions {
     /// Detach and run in the background.
     pub daemon: bool,
     /// Take the listening sockets over from a running instance.
     pub upgrade: bool,
+    /// The config file, read again on SIGHUP.
+    pub config_path: Option<std::path::PathBuf>,
 }
 
 /// Builds a ready-to-run server for `config`.
@@ -43,6 +45,13 @@ pub fn build(config: Config, options: RunOptions) -> Server {
     };
     let mut server = Server::new_with_opt_and_conf(opt, server_conf);
     server.bootstrap();
+    if !options.daemon {
+        // Daemons get their pid file from Pingora; a foreground process
+        // writes its own so that `runestone reload` can find it.
+        if let Err(e) = std::fs::write(&config.server.pid_file, std::process::id().to_string()) {
+            tracing::warn!(pid_file = %config.server.pid_file, error = %e, "cannot write the pid file");
+        }
+    }
 
     let config = Arc::new(config);
     let upstreams = Arc::new(Upstreams::new(&config));
@@ -76,6 +85,12 @@ pub fn build(config: Config, options: RunOptions) -> Server {
         Arc::new(gateway.clone()),
     );
     server.add_service(background_service("overflow drain", drain));
+    if let Some(path) = options.config_path.clone() {
+        server.add_service(background_service(
+            "reload on SIGHUP",
+            crate::reload::ReloadOnHangup::new(path, options.daemon),
+        ));
+    }
 
     let mut api =
         http_proxy_service_with_name(&server.configuration, gateway.clone(), "runestone api");

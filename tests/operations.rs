@@ -291,3 +291,109 @@ fn graceful_upgrade_hands_over_the_listener_without_a_failed_request() {
         "refused or failed during the upgrade: {errors:?}"
     );
 }
+
+/// Kills whatever process the pid file names when dropped: reloads leave a
+/// new, detached process behind.
+struct PidFileGuard(std::path::PathBuf);
+
+impl PidFileGuard {
+    fn pid(&self) -> u32 {
+        std::fs::read_to_string(&self.0)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+}
+
+impl Drop for PidFileGuard {
+    fn drop(&mut self) {
+        if let Ok(pid) = std::fs::read_to_string(&self.0) {
+            signal(pid.trim().parse().unwrap_or(0), "KILL");
+        }
+    }
+}
+
+fn runestone_reload(config: &std::path::Path, dir: &std::path::Path) -> Option<i32> {
+    let log = std::fs::File::create(dir.join("reload.log")).unwrap();
+    Command::new(env!("CARGO_BIN_EXE_runestone"))
+        .args(["reload", "--config"])
+        .arg(config)
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .status()
+        .unwrap()
+        .code()
+}
+
+#[test]
+fn reload_swaps_the_config_without_a_failed_request_and_refuses_a_broken_one() {
+    const NEW_KEY: &str = "sk-tenant-beta-rotated-1";
+    let mock = Mock::start(&["--latency-ms", "10"]);
+    let mut config = GatewayConfig::new(&mock);
+    let mut gw = Gateway::start(&config);
+    let (path, dir) = gw.config_path();
+    let guard = PidFileGuard(dir.join("gw.pid"));
+    let port = config.port;
+    let ask = move |key: &str| {
+        let agent = ureq::AgentBuilder::new().max_idle_connections(0).build();
+        match agent
+            .post(&format!("http://127.0.0.1:{}/v1/chat/completions", port))
+            .set("authorization", &format!("Bearer {key}"))
+            .send_json(chat("gpt-4o-mini", false))
+        {
+            Ok(r) | Err(ureq::Error::Status(_, r)) => r.status(),
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert_eq!(ask(NEW_KEY), 401);
+
+    // Add a key (the first step of a rotation) under load.
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (ok, failed, errors) = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..3).map(|_| scope.spawn(|| load(port, &stop))).collect();
+        config.tenants = format!(
+            "\n  - id: acme\n    keys: [\"{TENANT_KEY}\", \"{NEW_KEY}\"]\n  - id: restricted\n    keys: [\"{}\"]\n    models: [text-embedding-3-small]\n",
+            sha256_key(RESTRICTED_KEY)
+        );
+        std::fs::write(&path, config.yaml_in(&dir)).unwrap();
+        assert_eq!(runestone_reload(&path, &dir), Some(0));
+        assert_eq!(
+            gw.wait_exit(Duration::from_secs(15)),
+            Some(0),
+            "the old process drained and exited"
+        );
+        wait_until(Duration::from_secs(10), "the new key to work", || {
+            ask(NEW_KEY) == 200
+        });
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        workers.into_iter().map(|w| w.join().unwrap()).fold(
+            (0, 0, Vec::new()),
+            |mut acc, (o, f, e)| {
+                acc.0 += o;
+                acc.1 += f;
+                acc.2.extend(e);
+                acc
+            },
+        )
+    });
+    assert!(ok > 10);
+    assert_eq!(failed, 0, "failed during the reload: {errors:?}");
+
+    // A broken config is refused and the running one keeps serving.
+    let serving = guard.pid();
+    std::fs::write(&path, "server: [").unwrap();
+    assert_eq!(runestone_reload(&path, &dir), Some(2));
+    assert_eq!(ask(NEW_KEY), 200);
+    assert_eq!(guard.pid(), serving);
+
+    // SIGHUP works too: drop the old key (the end of the rotation).
+    config.tenants = format!("\n  - id: acme\n    keys: [\"{NEW_KEY}\"]\n");
+    std::fs::write(&path, config.yaml_in(&dir)).unwrap();
+    signal(serving, "HUP");
+    wait_until(Duration::from_secs(10), "the old key to be refused", || {
+        ask(TENANT_KEY) == 401
+    });
+    assert_eq!(ask(NEW_KEY), 200);
+    assert_ne!(guard.pid(), serving, "a new process serves the new config");
+}

@@ -310,6 +310,11 @@ impl Gateway {
         child
     }
 
+    /// The config file the process runs on, and its scratch directory.
+    pub fn config_path(&self) -> (PathBuf, PathBuf) {
+        (self.dir.join("runestone.yaml"), self.dir.clone())
+    }
+
     /// Waits for the process to exit; its exit code.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
         let deadline = Instant::now() + timeout;
