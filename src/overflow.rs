@@ -36,6 +36,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, Notify};
+use tokio::task::JoinSet;
 use tracing::{info, warn};
 
 /// How often the drain looks at the queues while any has entries.
@@ -623,7 +624,7 @@ impl Drain {
 
     /// Tries the head of one tenant's queue; whether the queue still has
     /// work.
-    async fn visit(&self, tenant: usize) -> bool {
+    async fn visit(&self, tenant: usize, running: &mut JoinSet<()>) -> bool {
         let o = &self.overflow;
         let Some((head, len)) = self.heads(tenant).await else {
             metrics::OVERFLOW_PARKED
@@ -664,13 +665,13 @@ impl Drain {
                 true
             }
             Entry::Async { id } => {
-                self.try_job(tenant, &head, id).await;
+                self.try_job(tenant, &head, id, running).await;
                 true
             }
         }
     }
 
-    async fn try_job(&self, tenant: usize, head: &Entry, id: &str) {
+    async fn try_job(&self, tenant: usize, head: &Entry, id: &str, running: &mut JoinSet<()>) {
         let o = &self.overflow;
         let processing = o.key(tenant, &format!("processing:{}", o.inner.instance));
         let job = if o.inner.redis.is_some() {
@@ -781,7 +782,7 @@ impl Drain {
         let overflow = o.clone();
         let runner = self.runner.clone();
         let head = head.clone();
-        tokio::spawn(async move {
+        running.spawn(async move {
             let result = runner.run_job(&job, grant).await;
             overflow.finish_job(&job, &head, &processing, &result).await;
             overflow
@@ -966,6 +967,7 @@ impl BackgroundService for Drain {
         let tenants = self.overflow.inner.tenant_ids.len();
         let mut next_claims = Instant::now();
         let mut start = 0;
+        let mut running = JoinSet::new();
         loop {
             if Instant::now() >= next_claims {
                 self.keep_claims().await;
@@ -975,14 +977,25 @@ impl BackgroundService for Drain {
             // tenant each round: fair across tenants.
             let mut busy = false;
             for i in 0..tenants {
-                busy |= self.visit((start + i) % tenants).await;
+                busy |= self.visit((start + i) % tenants, &mut running).await;
             }
             start = (start + 1) % tenants.max(1);
             let pause = if busy { TICK } else { IDLE_TICK };
             tokio::select! {
                 _ = tokio::time::sleep(pause) => {}
                 _ = self.overflow.inner.wake.notified() => {}
-                _ = shutdown.changed() => return,
+                _ = shutdown.changed() => {
+                    // Stop claiming; let the jobs already running finish
+                    // (Pingora bounds this by the grace period). A job cut
+                    // off anyway stays claimed and is re-queued by another
+                    // instance after the visibility timeout.
+                    if !running.is_empty() {
+                        info!(jobs = running.len(), "waiting for running async jobs before stopping");
+                    }
+                    while running.join_next().await.is_some() {}
+                    return;
+                }
+                Some(_) = running.join_next(), if !running.is_empty() => {}
             }
         }
     }

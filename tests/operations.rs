@@ -397,3 +397,101 @@ fn reload_swaps_the_config_without_a_failed_request_and_refuses_a_broken_one() {
     assert_eq!(ask(NEW_KEY), 200);
     assert_ne!(guard.pid(), serving, "a new process serves the new config");
 }
+
+#[test]
+fn sigterm_under_load_drains_requests_and_running_jobs() {
+    let redis = Redis::start();
+    let mock = Mock::start(&["--latency-ms", "300"]);
+    let mut config = GatewayConfig::new(&mock);
+    config.grace = 5;
+    config.tenants = format!(
+        "\n  - id: acme\n    keys: [\"{TENANT_KEY}\"]\n    overflow: {{ enabled: true }}\n"
+    );
+    config.extra = format!(
+        "redis: {{ url: \"{}\" }}\njobs: {{ visibility_timeout_seconds: 2 }}\n",
+        redis.url()
+    );
+    let mut gw = Gateway::start(&config);
+    let submit = || {
+        let resp = gw.post_raw(
+            "/v1/chat/completions",
+            &[
+                ("authorization", &format!("Bearer {TENANT_KEY}")),
+                ("prefer", "respond-async"),
+            ],
+            chat("gpt-4o-mini", false).to_string().as_bytes(),
+        );
+        assert_eq!(resp.status, 202);
+        resp.json()["id"].as_str().unwrap().to_string()
+    };
+    let job = submit();
+    wait_until(Duration::from_secs(5), "the job to be running", || {
+        mock.request_count() == 1
+    });
+    let port = gw.port;
+    let (answered, failures) = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..3)
+            .map(|_| {
+                scope.spawn(move || {
+                    let agent = ureq::AgentBuilder::new().max_idle_connections(0).build();
+                    let (mut answered, mut failures) = (0, Vec::new());
+                    loop {
+                        let result = agent
+                            .post(&format!("http://127.0.0.1:{port}/v1/chat/completions"))
+                            .set("authorization", &format!("Bearer {TENANT_KEY}"))
+                            .send_json(chat("gpt-4o-mini", false));
+                        match result {
+                            Ok(resp) if resp.status() == 200 => answered += 1,
+                            Ok(resp) => failures.push(format!("status {}", resp.status())),
+                            Err(ureq::Error::Status(code, _)) => {
+                                failures.push(format!("status {code}"))
+                            }
+                            // The listener is closed: the drain has begun.
+                            Err(ureq::Error::Transport(t))
+                                if t.kind() == ureq::ErrorKind::ConnectionFailed =>
+                            {
+                                break
+                            }
+                            Err(e) => failures.push(e.to_string()),
+                        }
+                    }
+                    (answered, failures)
+                })
+            })
+            .collect();
+        wait_until(Duration::from_secs(5), "load to flow", || {
+            mock.request_count() > 4
+        });
+        signal(gw.pid(), "TERM");
+        workers
+            .into_iter()
+            .map(|w| w.join().unwrap())
+            .fold((0, Vec::new()), |mut acc, (a, f)| {
+                acc.0 += a;
+                acc.1.extend(f);
+                acc
+            })
+    });
+    assert_eq!(gw.wait_exit(Duration::from_secs(15)), Some(0));
+    assert!(answered > 3);
+    assert!(
+        failures.is_empty(),
+        "every accepted request was answered: {failures:?}"
+    );
+    // The job that was running when SIGTERM came finished and stored its
+    // answer before the process stopped: it runs once.
+    let done = Gateway::start(&config);
+    let state = done.get(&format!("/v1/jobs/{job}"), Some(TENANT_KEY));
+    assert_eq!(
+        state.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&state.body)
+    );
+    let runs = mock
+        .requests()
+        .iter()
+        .filter(|r| r["headers"]["x-request-id"] == job.as_str())
+        .count();
+    assert_eq!(runs, 1);
+}
