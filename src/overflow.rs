@@ -322,8 +322,19 @@ impl Overflow {
         }
     }
 
-    /// Appends an entry unless the tenant has `max_parked` already.
+    /// Appends an entry unless the tenant has `max_parked` already (or the
+    /// shared queue cannot be reached); a refusal is counted.
     async fn push(&self, tenant: usize, entry: &Entry) -> Result<(), ParkRefusal> {
+        let pushed = self.try_push(tenant, entry).await;
+        match pushed {
+            Err(ParkRefusal::Full) => self.count(tenant, "full"),
+            Err(ParkRefusal::Unavailable) => self.count(tenant, "unavailable"),
+            Ok(()) => {}
+        }
+        pushed
+    }
+
+    async fn try_push(&self, tenant: usize, entry: &Entry) -> Result<(), ParkRefusal> {
         let max = self.inner.settings[tenant].max_parked;
         if let Some(r) = &self.inner.redis {
             let script = redis::Script::new(
@@ -394,14 +405,6 @@ impl Overflow {
         lock(&self.inner.waiters).insert(id.clone(), tx);
         if let Err(refusal) = self.push(tenant, &entry).await {
             lock(&self.inner.waiters).remove(&id);
-            self.count(
-                tenant,
-                if refusal == ParkRefusal::Full {
-                    "full"
-                } else {
-                    "unavailable"
-                },
-            );
             return Err(refusal);
         }
         self.inner.wake.notify_one();
@@ -497,18 +500,7 @@ impl Overflow {
                 .jobs
                 .insert(id.clone(), (job, None, false));
         }
-        let pushed = self.push(tenant, &Entry::Async { id: id.clone() }).await;
-        if let Err(refusal) = pushed {
-            self.count(
-                tenant,
-                if refusal == ParkRefusal::Full {
-                    "full"
-                } else {
-                    "unavailable"
-                },
-            );
-            return Err(refusal);
-        }
+        self.push(tenant, &Entry::Async { id: id.clone() }).await?;
         self.inner.wake.notify_one();
         Ok(id)
     }

@@ -535,6 +535,12 @@ fn answers_health_ready_models_and_metrics() {
         "sk-wrong-key-xyz",
         &chat("gpt-4o-mini", false),
     );
+    // Request metrics are recorded as the request is logged, just after
+    // the client has its answer.
+    wait_until(Duration::from_secs(5), "both requests to be logged", || {
+        gw.metrics()
+            .contains(r#"runestone_errors_total{reason="auth"} 2"#)
+    });
     let metrics = gw.metrics();
     assert!(
         metrics.contains(r#"runestone_requests_total{model="gpt-4o-mini",provider="mock",status="200",tenant="acme"} 1"#),

@@ -102,6 +102,7 @@ pub(super) async fn forward(
             ctx.provider = Some(backend.provider);
             ctx.route = Some(route_index);
             ctx.backend = Some(backend.addr);
+            ctx.target = Some(backend.target);
             let attempt_started = Instant::now();
             let result = attempt(gateway, client, ctx, &request, route, &backend).await;
             ctx.upstream_time += attempt_started.elapsed();
@@ -235,15 +236,20 @@ async fn attempt(
         declared_len,
         idle: timeouts.idle,
         deadline,
+        backend,
+        ttfb,
+        finished: std::sync::atomic::AtomicBool::new(false),
     };
     let end = copy.run(client, &mut upstream, ctx, &mut meter).await;
     ctx.usage = Some(meter.usage(ctx.prompt_estimate));
-    let outcome = match end {
-        BodyEnd::Complete => Outcome::Success,
-        BodyEnd::ProviderBroke => Outcome::Failure,
-        BodyEnd::ClientGone => Outcome::Neutral,
-    };
-    upstreams.record_outcome(backend, outcome, Some(ttfb));
+    if !copy.finished.load(std::sync::atomic::Ordering::Relaxed) {
+        let outcome = match end {
+            BodyEnd::Complete => Outcome::Success,
+            BodyEnd::ProviderBroke => Outcome::Failure,
+            BodyEnd::ClientGone => Outcome::Neutral,
+        };
+        upstreams.record_outcome(backend, outcome, Some(ttfb));
+    }
     if end == BodyEnd::Complete && upstream.response_done() {
         gateway
             .connector
@@ -371,6 +377,11 @@ struct Copy<'a> {
     idle: Duration,
     /// End of the attempt's total time.
     deadline: Instant,
+    /// The backend answering, and how long its first byte took.
+    backend: &'a Backend,
+    ttfb: Duration,
+    /// Set once the response is known complete and accounted for.
+    finished: std::sync::atomic::AtomicBool,
 }
 
 impl Copy<'_> {
@@ -451,9 +462,21 @@ impl Copy<'_> {
         }
     }
 
+    /// The whole answer is in hand: settle the admission and tell the
+    /// breaker, before the client can see the end of the response (so its
+    /// next request finds the slot free and the breaker up to date).
     async fn settle(&self, ctx: &mut RequestCtx, meter: &Meter) {
+        if self
+            .finished
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            return;
+        }
         ctx.usage = Some(meter.usage(ctx.prompt_estimate));
         self.gateway.settle(ctx).await;
+        self.gateway
+            .upstreams
+            .record_outcome(self.backend, Outcome::Success, Some(self.ttfb));
     }
 }
 

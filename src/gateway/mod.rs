@@ -60,6 +60,8 @@ pub struct RequestCtx {
     endpoint: &'static str,
     /// The backend that served (or last failed).
     backend: Option<std::net::SocketAddr>,
+    /// The index of that backend's target within the route.
+    target: Option<usize>,
     /// When the first body byte went to the client.
     first_byte_at: Option<Instant>,
     /// Time spent waiting on providers, over all attempts.
@@ -509,6 +511,28 @@ fn idle_settlement() -> Settlement {
 }
 
 impl Gateway {
+    /// The tenant id and public model name of a request, for labels and logs
+    /// (empty when not known yet).
+    fn labels(&self, ctx: &RequestCtx) -> (&str, &str) {
+        let tenant = ctx
+            .tenant
+            .map_or("", |t| self.config.tenants[t].id.as_str());
+        let model = ctx
+            .route
+            .map_or("", |r| self.config.models[r].name.as_str());
+        (tenant, model)
+    }
+
+    /// The price of the target that served the request: its own
+    /// `provider/model` entry, else its public model's.
+    fn price(&self, ctx: &RequestCtx) -> Option<&crate::config::Price> {
+        let route = &self.config.models[ctx.route?];
+        match ctx.target {
+            Some(target) => self.config.price(route, &route.targets[target]),
+            None => self.config.pricing.get(&route.name),
+        }
+    }
+
     /// Settles the request's admission with its usage (none when no provider
     /// answered): frees its slot, corrects its tokens, adds its spend, and
     /// counts tokens and cost. Runs once; later calls do nothing.
@@ -516,14 +540,9 @@ impl Gateway {
         let Some(grant) = ctx.grant.take() else {
             return;
         };
-        let tenant = ctx
-            .tenant
-            .map_or("", |t| self.config.tenants[t].id.as_str());
-        let model = ctx
-            .route
-            .map_or("", |r| self.config.models[r].name.as_str());
+        let (tenant, model) = self.labels(ctx);
         let usage = ctx.usage.unwrap_or_default();
-        let cost_pusd = usage.cost_pusd(self.config.pricing.get(model));
+        let cost_pusd = usage.cost_pusd(self.price(ctx));
         if usage.total() > 0 {
             metrics::TOKENS
                 .with_label_values(&[tenant, model, "prompt"])
@@ -762,6 +781,7 @@ impl ProxyHttp for Gateway {
             attempts: 0,
             endpoint: "other",
             backend: None,
+            target: None,
             first_byte_at: None,
             upstream_time: std::time::Duration::ZERO,
             parked: std::time::Duration::ZERO,
@@ -817,12 +837,7 @@ impl ProxyHttp for Gateway {
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Self::CTX) {
         let status = session.response_written().map_or(0, |h| h.status.as_u16());
-        let tenant = ctx
-            .tenant
-            .map_or("", |t| self.config.tenants[t].id.as_str());
-        let model = ctx
-            .route
-            .map_or("", |r| self.config.models[r].name.as_str());
+        let (tenant, model) = self.labels(ctx);
         let provider = ctx
             .provider
             .map_or("", |p| self.upstreams.provider(p).settings.name.as_str());
