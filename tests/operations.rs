@@ -5,6 +5,7 @@
 mod common;
 
 use common::*;
+use serde::Deserialize;
 use std::collections::BTreeSet;
 use std::io::Write;
 use std::process::{Command, Stdio};
@@ -494,4 +495,66 @@ fn sigterm_under_load_drains_requests_and_running_jobs() {
         .filter(|r| r["headers"]["x-request-id"] == job.as_str())
         .count();
     assert_eq!(runs, 1);
+}
+
+#[test]
+fn the_kubernetes_example_carries_a_valid_config() {
+    let manifests = include_str!("../deploy/kubernetes/runestone.yaml");
+    let mut kinds = Vec::new();
+    let mut embedded = None;
+    for doc in serde_yaml::Deserializer::from_str(manifests) {
+        let value = serde_yaml::Value::deserialize(doc).expect("each manifest is YAML");
+        kinds.push(value["kind"].as_str().unwrap_or_default().to_string());
+        if value["kind"] == "ConfigMap" {
+            embedded = value["data"]["runestone.yaml"].as_str().map(str::to_string);
+        }
+        if value["kind"] == "Deployment" {
+            let container = &value["spec"]["template"]["spec"]["containers"][0];
+            assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/ready");
+            assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/health");
+        }
+    }
+    for kind in [
+        "Secret",
+        "ConfigMap",
+        "Deployment",
+        "Service",
+        "StatefulSet",
+    ] {
+        assert!(kinds.iter().any(|k| k == kind), "{kind} in {kinds:?}");
+    }
+    let dir = std::env::temp_dir().join(format!("runestone-k8s-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("runestone.yaml");
+    std::fs::write(&path, embedded.expect("the ConfigMap holds runestone.yaml")).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_runestone"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .env("OPENAI_API_KEY", "sk-test")
+        .env("ACME_DEV_KEY", "sk-acme-test-key")
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = std::fs::remove_dir_all(dir);
+    let example = Command::new(env!("CARGO_BIN_EXE_runestone"))
+        .args([
+            "check",
+            "--config",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/conf/runestone.yaml"),
+        ])
+        .env("OPENAI_API_KEY", "sk-test")
+        .env("ACME_DEV_KEY", "sk-acme-test-key")
+        .output()
+        .unwrap();
+    assert_eq!(
+        example.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&example.stderr)
+    );
 }
