@@ -118,6 +118,8 @@ struct RawProvider {
     #[serde(default)]
     weight: Option<u32>,
     #[serde(default)]
+    api_version: Option<String>,
+    #[serde(default)]
     health_check: Option<RawHealthCheck>,
     #[serde(default)]
     timeouts: Option<RawTimeouts>,
@@ -334,6 +336,8 @@ pub const DEFAULT_MAX_REQUEST_BODY_BYTES: usize = 4 * 1024 * 1024;
 pub enum ProviderKind {
     /// Any OpenAI-compatible base URL; requests pass through.
     OpenAi,
+    /// Azure OpenAI: deployment URLs, the `api-key` header, `api-version`.
+    Azure,
 }
 
 /// A provider's base URL, split into what a connection needs.
@@ -408,6 +412,8 @@ pub struct ProviderSettings {
     pub api_key: Option<Secret>,
     /// Relative share for weighted routing.
     pub weight: u32,
+    /// Azure's `api-version` query parameter.
+    pub api_version: Option<String>,
     /// Active health check, when configured.
     pub health_check: Option<HealthCheckSettings>,
     /// Timeouts for every request to it.
@@ -1080,14 +1086,34 @@ fn validate_providers(
         }
         let kind = match raw.kind.as_str() {
             "openai" => Some(ProviderKind::OpenAi),
+            "azure" => Some(ProviderKind::Azure),
             other => {
                 problems.push(problem(
                     &join(&path, "kind"),
-                    format!("unknown kind '{other}'; supported: openai"),
+                    format!("unknown kind '{other}'; supported: openai, azure"),
                 ));
                 None
             }
         };
+        match (kind, &raw.api_version) {
+            (Some(ProviderKind::Azure), None) => problems.push(problem(
+                &join(&path, "api_version"),
+                "an azure provider needs api_version (for example \"2024-10-21\")",
+            )),
+            (Some(ProviderKind::OpenAi), Some(_)) => problems.push(problem(
+                &join(&path, "api_version"),
+                "only azure providers take api_version",
+            )),
+            (_, Some(v))
+                if v.is_empty() || !v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') =>
+            {
+                problems.push(problem(
+                    &join(&path, "api_version"),
+                    "must be letters, digits and '-'",
+                ))
+            }
+            _ => {}
+        }
         let base_url = BaseUrl::parse(&raw.base_url)
             .map_err(|e| problems.push(problem(&join(&path, "base_url"), e)))
             .ok();
@@ -1112,6 +1138,7 @@ fn validate_providers(
                 base_url,
                 api_key,
                 weight,
+                api_version: raw.api_version,
                 health_check,
                 timeouts,
             });

@@ -16,7 +16,7 @@
 
 use super::client::Client;
 use super::{Gateway, RequestCtx};
-use crate::config::{ModelRoute, ProviderSettings};
+use crate::config::{ModelRoute, ProviderKind, ProviderSettings};
 use crate::cost::{self, StreamMeter, Usage};
 use crate::openai::{ApiError, Endpoint};
 use crate::upstream::breaker::Outcome;
@@ -138,7 +138,8 @@ async fn attempt(
     let timeouts = provider.timeouts;
     let started = Instant::now();
     let deadline = started + timeouts.total;
-    let body = (request.body_for)(&route.targets[backend.target].model);
+    let provider_model = &route.targets[backend.target].model;
+    let body = (request.body_for)(provider_model);
     let peer = upstreams.peer(backend);
     let fail = |outcome: Outcome, failure: Failure| {
         upstreams.record_outcome(backend, outcome, None);
@@ -156,6 +157,7 @@ async fn attempt(
         .map_err(io_error)?;
     let header = upstream_request(
         provider,
+        provider_model,
         request.endpoint,
         client.request_headers(),
         ctx,
@@ -511,12 +513,24 @@ fn classify(
 /// tenant's credentials never leave the gateway.
 fn upstream_request(
     provider: &ProviderSettings,
+    provider_model: &str,
     endpoint: Endpoint,
     client_headers: &http::HeaderMap,
     ctx: &RequestCtx,
     body_len: usize,
 ) -> pingora::Result<RequestHeader> {
-    let path = format!("{}{}", provider.base_url.path, endpoint.provider_suffix());
+    let base = &provider.base_url.path;
+    let suffix = endpoint.provider_suffix();
+    let path = match provider.kind {
+        ProviderKind::OpenAi => format!("{base}{suffix}"),
+        // The deployment is the target's model name; the version is checked
+        // at config load to be URL-safe.
+        ProviderKind::Azure => format!(
+            "{base}/openai/deployments/{}{suffix}?api-version={}",
+            url::form_urlencoded::byte_serialize(provider_model.as_bytes()).collect::<String>(),
+            provider.api_version.as_deref().unwrap_or_default()
+        ),
+    };
     let mut header = RequestHeader::build("POST", path.as_bytes(), Some(10))?;
     header.insert_header("host", &provider.base_url.authority)?;
     header.insert_header("content-type", "application/json")?;
@@ -525,15 +539,19 @@ fn upstream_request(
     header.insert_header("accept-encoding", "identity")?;
     header.insert_header("x-request-id", &ctx.request_id)?;
     if let Some(key) = &provider.api_key {
-        header.insert_header("authorization", format!("Bearer {}", key.expose()))?;
+        match provider.kind {
+            ProviderKind::OpenAi => {
+                header.insert_header("authorization", format!("Bearer {}", key.expose()))?
+            }
+            ProviderKind::Azure => header.insert_header("api-key", key.expose())?,
+        }
     }
-    let client = client_headers;
     for name in FORWARDED_REQUEST_HEADERS {
-        if let Some(value) = client.get(*name) {
+        if let Some(value) = client_headers.get(*name) {
             header.insert_header(*name, value)?;
         }
     }
-    for (name, value) in client {
+    for (name, value) in client_headers {
         if name.as_str().starts_with("x-stainless-") {
             header.append_header(name.clone(), value)?;
         }

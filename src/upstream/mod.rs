@@ -16,7 +16,9 @@
 
 pub mod breaker;
 
-use crate::config::{Config, HealthCheckSettings, ModelRoute, ProviderSettings, Strategy};
+use crate::config::{
+    Config, HealthCheckSettings, ModelRoute, ProviderKind, ProviderSettings, Strategy,
+};
 use crate::metrics;
 use async_trait::async_trait;
 use breaker::{Breaker, BreakerView, Outcome, Permit};
@@ -130,7 +132,12 @@ fn health_check(settings: &ProviderSettings, hc: &HealthCheckSettings) -> HttpHe
     let mut req = RequestHeader::build("GET", path.as_bytes(), None).expect("a GET header builds");
     let _ = req.insert_header("host", &url.authority);
     if let Some(key) = &settings.api_key {
-        let _ = req.insert_header("authorization", format!("Bearer {}", key.expose()));
+        let _ = match settings.kind {
+            ProviderKind::OpenAi => {
+                req.insert_header("authorization", format!("Bearer {}", key.expose()))
+            }
+            ProviderKind::Azure => req.insert_header("api-key", key.expose()),
+        };
     }
     check.req = req;
     check.consecutive_success = hc.healthy_threshold;
