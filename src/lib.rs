@@ -15,6 +15,7 @@
 //! | [`cost`]   | usage extraction from JSON and SSE responses, estimates, prices |
 //! | [`upstream`] | providers as Pingora load balancers (DNS discovery, health checks), circuit breakers, backend choice |
 //! | [`metrics`] | every Prometheus metric handle, in one place |
+//! | [`providers`] | per-kind adapters: the Anthropic Messages translation |
 //! | [`overflow`] | the overflow queue: parked requests, async jobs, the drain service |
 //! | [`admin`]  | locally answered endpoints: `/health`, `/ready`, `/v1/models` |
 //! | [`gateway`] | the Pingora `ProxyHttp` implementation: each phase calls into the modules above |
@@ -31,6 +32,7 @@ pub mod limits;
 pub mod metrics;
 pub mod openai;
 pub mod overflow;
+pub mod providers;
 pub mod reload;
 pub mod server;
 pub mod upstream;
