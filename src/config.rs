@@ -338,6 +338,8 @@ pub enum ProviderKind {
     OpenAi,
     /// Azure OpenAI: deployment URLs, the `api-key` header, `api-version`.
     Azure,
+    /// The Anthropic Messages API, translated to and from OpenAI's.
+    Anthropic,
 }
 
 /// A provider's base URL, split into what a connection needs.
@@ -1087,10 +1089,11 @@ fn validate_providers(
         let kind = match raw.kind.as_str() {
             "openai" => Some(ProviderKind::OpenAi),
             "azure" => Some(ProviderKind::Azure),
+            "anthropic" => Some(ProviderKind::Anthropic),
             other => {
                 problems.push(problem(
                     &join(&path, "kind"),
-                    format!("unknown kind '{other}'; supported: openai, azure"),
+                    format!("unknown kind '{other}'; supported: openai, azure, anthropic"),
                 ));
                 None
             }
@@ -1100,10 +1103,12 @@ fn validate_providers(
                 &join(&path, "api_version"),
                 "an azure provider needs api_version (for example \"2024-10-21\")",
             )),
-            (Some(ProviderKind::OpenAi), Some(_)) => problems.push(problem(
-                &join(&path, "api_version"),
-                "only azure providers take api_version",
-            )),
+            (Some(ProviderKind::OpenAi | ProviderKind::Anthropic), Some(_)) => {
+                problems.push(problem(
+                    &join(&path, "api_version"),
+                    "only azure providers take api_version",
+                ))
+            }
             (_, Some(v))
                 if v.is_empty() || !v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') =>
             {

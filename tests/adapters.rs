@@ -108,3 +108,160 @@ fn an_azure_provider_needs_an_api_version() {
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// A gateway whose `claude` model is served by the mock's Anthropic
+/// Messages endpoint, and whose `mixed` model fails over from an OpenAI
+/// target to it.
+fn anthropic(mock: &Mock) -> GatewayConfig {
+    let mut config = GatewayConfig::new(mock);
+    config.providers = vec![
+        format!(
+            "  - {{ name: claude, kind: anthropic, base_url: \"http://127.0.0.1:{}\", api_key: \"{PROVIDER_KEY}\" }}",
+            mock.port
+        ),
+        format!("  - {{ name: openai, base_url: \"{}\", api_key: \"{PROVIDER_KEY}\" }}", mock.base_url()),
+    ];
+    config.models = "
+  - name: claude
+    targets: [{ provider: claude, model: claude-test }]
+  - name: mixed
+    strategy: priority
+    targets: [{ provider: openai, model: gpt-test }, { provider: claude, model: claude-test }]
+"
+    .into();
+    config.extra = "pricing:\n  claude: { input: 3, output: 15 }\n".into();
+    config.tenants = format!("\n  - id: acme\n    keys: [\"{TENANT_KEY}\"]\n");
+    config
+}
+
+fn sse(gw: &Gateway, body: &serde_json::Value) -> Vec<String> {
+    let mut events = Vec::new();
+    let status = read_sse(gw.port, TENANT_KEY, body, |data, _| {
+        events.push(data.to_string())
+    });
+    assert_eq!(status, 200);
+    events
+}
+
+#[test]
+fn anthropic_chat_is_translated_both_ways() {
+    let mock = Mock::start(&["--api-key", PROVIDER_KEY]);
+    let gw = Gateway::start(&anthropic(&mock));
+    let mut body = chat("claude", false);
+    body["messages"] =
+        json!([{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"}]);
+    body["max_tokens"] = json!(5);
+    let resp = gw.post_json("/v1/chat/completions", TENANT_KEY, &body);
+    assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
+    let answer = resp.json();
+    assert_eq!(answer["object"], "chat.completion");
+    assert_eq!(answer["model"], "claude");
+    assert_eq!(
+        answer["choices"][0]["message"]["content"],
+        "tok0 tok1 tok2 tok3 tok4"
+    );
+    assert_eq!(answer["choices"][0]["finish_reason"], "length");
+    assert_eq!(answer["usage"]["completion_tokens"], 5);
+    let seen = &mock.requests()[0];
+    assert_eq!(seen["path"], "/v1/messages");
+    assert_eq!(seen["model"], "claude-test");
+    assert_eq!(seen["headers"]["x-api-key"], PROVIDER_KEY);
+    assert_eq!(seen["headers"]["anthropic-version"], "2023-06-01");
+    assert!(seen["headers"].get("authorization").is_none());
+    let usage = gw.get("/v1/usage", Some(TENANT_KEY)).json();
+    assert_eq!(usage["prompt_tokens"], mock.stats()["prompt_tokens"]);
+    assert_eq!(
+        usage["completion_tokens"],
+        mock.stats()["completion_tokens"]
+    );
+}
+
+#[test]
+fn anthropic_streams_are_translated_with_and_without_usage() {
+    let mock = Mock::start(&["--api-key", PROVIDER_KEY]);
+    let gw = Gateway::start(&anthropic(&mock));
+    let mut body = chat("claude", true);
+    body["max_tokens"] = json!(6);
+    let events = sse(&gw, &body);
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<serde_json::Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    assert!(
+        chunks.iter().all(|c| c.get("usage").is_none()),
+        "no usage unless asked"
+    );
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(text, "tok0 tok1 tok2 tok3 tok4 tok5 ");
+    assert_eq!(
+        chunks.last().unwrap()["choices"][0]["finish_reason"],
+        "length"
+    );
+
+    body["stream_options"] = json!({"include_usage": true});
+    let events = sse(&gw, &body);
+    let last: serde_json::Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+    assert_eq!(last["choices"], json!([]));
+    assert_eq!(last["usage"]["completion_tokens"], 6);
+    let usage = gw.get("/v1/usage", Some(TENANT_KEY)).json();
+    assert_eq!(
+        usage["completion_tokens"],
+        mock.stats()["completion_tokens"]
+    );
+    assert_eq!(usage["prompt_tokens"], mock.stats()["prompt_tokens"]);
+}
+
+#[test]
+fn anthropic_tool_calls_come_back_as_openai_tool_calls() {
+    let mock = Mock::start(&["--api-key", PROVIDER_KEY]);
+    let gw = Gateway::start(&anthropic(&mock));
+    let mut body = chat("claude", false);
+    body["tools"] = json!([{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]);
+    body["tool_choice"] = json!("required");
+    let answer = gw
+        .post_json("/v1/chat/completions", TENANT_KEY, &body)
+        .json();
+    let call = &answer["choices"][0]["message"]["tool_calls"][0];
+    assert_eq!(call["type"], "function");
+    assert_eq!(call["function"]["name"], "lookup");
+    assert_eq!(call["function"]["arguments"], "{\"mock\":true}");
+    assert_eq!(answer["choices"][0]["finish_reason"], "tool_calls");
+}
+
+#[test]
+fn anthropic_errors_map_to_openai_errors() {
+    let mock = Mock::start(&["--api-key", PROVIDER_KEY]);
+    let gw = Gateway::start(&anthropic(&mock));
+    for (status, expected_status, code) in [
+        (400, 400, "invalid_request"),
+        (404, 404, "model_not_found"),
+        (500, 502, "upstream_error"),
+        (529, 502, "upstream_error"),
+        // Last: a provider 429 also cools the backend down.
+        (429, 429, "upstream_rate_limited"),
+    ] {
+        mock.fault(json!({"status": status, "path": "/v1/messages"}));
+        let resp = gw.post_json("/v1/chat/completions", TENANT_KEY, &chat("claude", false));
+        assert_eq!(
+            (resp.status, resp.error_code()),
+            (expected_status, code.to_string()),
+            "provider {status}"
+        );
+    }
+}
+
+#[test]
+fn fails_over_from_an_openai_target_to_an_anthropic_one() {
+    let mock = Mock::start(&["--api-key", PROVIDER_KEY]);
+    let gw = Gateway::start(&anthropic(&mock));
+    mock.fault(json!({"status": 503, "path": "/v1/chat/completions"}));
+    let resp = gw.post_json("/v1/chat/completions", TENANT_KEY, &chat("mixed", false));
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.header("x-runestone-provider"), Some("claude"));
+    assert_eq!(resp.header("x-runestone-attempts"), Some("2"));
+    assert_eq!(resp.json()["object"], "chat.completion");
+}

@@ -795,6 +795,8 @@ enum Route<'a> {
     Models,
     /// `GET /v1/models/{id}`.
     Model(&'a str),
+    /// Anthropic `POST /v1/messages`.
+    Messages,
     /// Anything else.
     NotFound,
 }
@@ -808,6 +810,7 @@ fn route<'a>(method: &Method, path: &'a str) -> Route<'a> {
         "/v1/completions" if post => return Route::Completions(None),
         "/v1/embeddings" if post => return Route::Embeddings(None),
         "/v1/models" if get => return Route::Models,
+        "/v1/messages" if post => return Route::Messages,
         _ => {}
     }
     if get {
@@ -1127,6 +1130,8 @@ enum ApiCall {
     Completion(GenRequest),
     /// Embeddings.
     Embeddings(EmbeddingsRequest),
+    /// Anthropic Messages, with the first tool's name when tools were sent.
+    Messages(GenRequest, Option<String>),
     /// Model list.
     Models,
     /// One model.
@@ -1153,6 +1158,10 @@ impl ApiCall {
                 |e| ApiCall::Invalid(e, dep.map(str::to_owned)),
                 ApiCall::Embeddings,
             ),
+            Route::Messages => parse_messages(body).map_or_else(
+                |e| ApiCall::Invalid(e, None),
+                |(g, tool)| ApiCall::Messages(g, tool),
+            ),
             Route::Models => ApiCall::Models,
             Route::Model(id) => ApiCall::Model(id.to_owned()),
             Route::NotFound => ApiCall::NotFound,
@@ -1162,7 +1171,9 @@ impl ApiCall {
     /// Model named by the request, if any.
     fn model(&self) -> Option<&str> {
         match self {
-            ApiCall::Chat(g) | ApiCall::Completion(g) => g.model.as_deref(),
+            ApiCall::Chat(g) | ApiCall::Completion(g) | ApiCall::Messages(g, _) => {
+                g.model.as_deref()
+            }
             ApiCall::Embeddings(e) => e.model.as_deref(),
             ApiCall::Invalid(_, dep) => dep.as_deref(),
             ApiCall::Models | ApiCall::Model(_) | ApiCall::NotFound => None,
@@ -1171,7 +1182,7 @@ impl ApiCall {
 
     /// Whether the answer is an SSE stream.
     fn is_stream(&self) -> bool {
-        matches!(self, ApiCall::Chat(g) | ApiCall::Completion(g) if g.stream)
+        matches!(self, ApiCall::Chat(g) | ApiCall::Completion(g) | ApiCall::Messages(g, _) if g.stream)
     }
 }
 
@@ -1302,6 +1313,82 @@ fn chat_completion_body(id: &str, created: u64, model: &str, g: &GenRequest) -> 
     serde_json::to_vec(&v).unwrap_or_default()
 }
 
+/// Fields of an Anthropic `/v1/messages` request the mock reads.
+#[derive(Debug, Deserialize)]
+struct MessagesBody {
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(default)]
+    messages: Option<Vec<ChatMessage>>,
+    #[serde(default)]
+    system: Option<Value>,
+    #[serde(default)]
+    max_tokens: Option<u64>,
+    #[serde(default)]
+    stream: Option<bool>,
+    #[serde(default)]
+    tools: Option<Vec<Value>>,
+    #[serde(default)]
+    mock_tokens: Option<u64>,
+}
+
+/// Parses a Messages request; Anthropic requires `max_tokens`.
+fn parse_messages(body: &[u8]) -> Result<(GenRequest, Option<String>), ApiError> {
+    let b: MessagesBody = serde_json::from_slice(body).map_err(|e| ApiError::from_json(&e))?;
+    let Some(max_tokens) = b.max_tokens else {
+        return Err(ApiError {
+            status: 400,
+            message: "max_tokens: Field required".to_owned(),
+            kind: "invalid_request_error",
+            code: None,
+        });
+    };
+    let messages = b.messages.unwrap_or_default();
+    let system = b.system.as_ref().map_or(0, content_bytes);
+    let tool = b
+        .tools
+        .as_ref()
+        .and_then(|t| t.first())
+        .and_then(|t| t["name"].as_str())
+        .map(str::to_owned);
+    Ok((
+        GenRequest {
+            model: b.model,
+            prompt_tokens: chat_prompt_tokens(&messages) + bytes_to_tokens(system),
+            plan: plan(b.mock_tokens, &[Some(max_tokens)]),
+            stream: b.stream.unwrap_or(false),
+            include_usage: false,
+        },
+        tool,
+    ))
+}
+
+/// Non-streamed Anthropic message: the reply text, or a call of the first
+/// tool when tools were sent.
+fn messages_body(id: u64, model: &str, g: &GenRequest, tool: Option<&str>) -> Vec<u8> {
+    let (content, stop) = match tool {
+        Some(name) => (
+            json!([{"type": "tool_use", "id": format!("toolu_mock_{id}"), "name": name, "input": {"mock": true}}]),
+            "tool_use",
+        ),
+        None => (
+            json!([{"type": "text", "text": reply_text(g.plan.tokens)}]),
+            if g.plan.finish_reason == "length" {
+                "max_tokens"
+            } else {
+                "end_turn"
+            },
+        ),
+    };
+    let v = json!({
+        "id": format!("msg_mock_{id}"), "type": "message", "role": "assistant", "model": model,
+        "content": content, "stop_reason": stop, "stop_sequence": null,
+        "usage": {"input_tokens": g.prompt_tokens, "output_tokens": g.plan.tokens,
+                  "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0},
+    });
+    serde_json::to_vec(&v).unwrap_or_default()
+}
+
 /// Non-streamed `text_completion` body.
 fn text_completion_body(id: &str, created: u64, model: &str, g: &GenRequest) -> Vec<u8> {
     let v = CompletionObject {
@@ -1381,6 +1468,8 @@ enum StreamKind {
     Chat,
     /// `text_completion` events.
     Completion,
+    /// Anthropic Messages events.
+    Anthropic,
 }
 
 /// Parts shared by every SSE event of one stream.
@@ -1392,6 +1481,8 @@ struct ChunkMeta {
     prefix: String,
     /// `,"usage":null` when `include_usage`, else empty.
     usage_null: &'static str,
+    /// Prompt and completion tokens, for Anthropic's usage fields.
+    counts: (u64, u64),
 }
 
 impl ChunkMeta {
@@ -1399,7 +1490,7 @@ impl ChunkMeta {
     fn new(kind: StreamKind, id: &str, created: u64, model: &str, include_usage: bool) -> Self {
         let object = match kind {
             StreamKind::Chat => "chat.completion.chunk",
-            StreamKind::Completion => "text_completion",
+            StreamKind::Completion | StreamKind::Anthropic => "text_completion",
         };
         let quote = |s: &str| serde_json::to_string(s).unwrap_or_else(|_| "\"\"".to_owned());
         let mut prefix = format!(
@@ -1414,7 +1505,13 @@ impl ChunkMeta {
             kind,
             prefix,
             usage_null: if include_usage { ",\"usage\":null" } else { "" },
+            counts: (0, 0),
         }
+    }
+
+    /// One Anthropic SSE event.
+    fn anthropic_event(kind: &str, data: &Value) -> String {
+        format!("event: {kind}\ndata: {data}\n\n")
     }
 
     /// An event with one choice. `text` must be JSON-safe (no escaping done).
@@ -1435,7 +1532,7 @@ impl ChunkMeta {
                 };
                 format!("{{\"index\":0,\"delta\":{delta},\"logprobs\":null,\"finish_reason\":{finish}}}")
             }
-            StreamKind::Completion => format!(
+            StreamKind::Completion | StreamKind::Anthropic => format!(
                 "{{\"text\":\"{}\",\"index\":0,\"logprobs\":null,\"finish_reason\":{finish}}}",
                 text.unwrap_or("")
             ),
@@ -1446,14 +1543,39 @@ impl ChunkMeta {
         )
     }
 
-    /// First chat event: role and empty content.
+    /// First chat event: role and empty content (Anthropic: message_start
+    /// and the text block's start).
     fn role_event(&self) -> String {
+        if self.kind == StreamKind::Anthropic {
+            let start = json!({"type": "message_start", "message": {
+                "id": "msg_mock", "type": "message", "role": "assistant", "content": [],
+                "model": "mock", "stop_reason": null,
+                "usage": {"input_tokens": self.counts.0, "output_tokens": 1,
+                          "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0}}});
+            let block = json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}});
+            return Self::anthropic_event("message_start", &start)
+                + &Self::anthropic_event("ping", &json!({"type": "ping"}))
+                + &Self::anthropic_event("content_block_start", &block);
+        }
         self.choice_event(Some(""), true, None)
     }
 
     /// The event carrying token `i` (`"tok{i} "`).
     fn token_event(&self, i: u64) -> String {
+        if self.kind == StreamKind::Anthropic {
+            let delta = json!({"type": "content_block_delta", "index": 0,
+                               "delta": {"type": "text_delta", "text": format!("tok{i} ")}});
+            return Self::anthropic_event("content_block_delta", &delta);
+        }
         self.choice_event(Some(&format!("tok{i} ")), false, None)
+    }
+
+    /// The end of the stream (`[DONE]`, or Anthropic's message_stop).
+    fn done_event(&self) -> String {
+        if self.kind == StreamKind::Anthropic {
+            return Self::anthropic_event("message_stop", &json!({"type": "message_stop"}));
+        }
+        DONE_EVENT.to_owned()
     }
 
     /// The event carrying `finish_reason` (empty delta / text).
@@ -1461,6 +1583,21 @@ impl ChunkMeta {
         match self.kind {
             StreamKind::Chat => self.choice_event(None, false, Some(finish_reason)),
             StreamKind::Completion => self.choice_event(Some(""), false, Some(finish_reason)),
+            StreamKind::Anthropic => {
+                let stop = if finish_reason == "length" {
+                    "max_tokens"
+                } else {
+                    "end_turn"
+                };
+                Self::anthropic_event(
+                    "content_block_stop",
+                    &json!({"type": "content_block_stop", "index": 0}),
+                ) + &Self::anthropic_event(
+                    "message_delta",
+                    &json!({"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": null},
+                                "usage": {"output_tokens": self.counts.1}}),
+                )
+            }
         }
     }
 
@@ -1468,7 +1605,7 @@ impl ChunkMeta {
     fn usage_event(&self, prompt: u64, completion: u64) -> String {
         let usage = match self.kind {
             StreamKind::Chat => Usage::chat(prompt, completion),
-            StreamKind::Completion => Usage::plain(prompt, completion),
+            StreamKind::Completion | StreamKind::Anthropic => Usage::plain(prompt, completion),
         };
         format!(
             "data: {}\"choices\":[],\"usage\":{}}}\n\n",
@@ -1947,11 +2084,11 @@ impl MockApp {
 
         let created = unix_now();
         let reply = match &call {
-            ApiCall::Chat(g) | ApiCall::Completion(g) if g.stream => {
-                let kind = if matches!(call, ApiCall::Chat(_)) {
-                    StreamKind::Chat
-                } else {
-                    StreamKind::Completion
+            ApiCall::Chat(g) | ApiCall::Completion(g) | ApiCall::Messages(g, _) if g.stream => {
+                let kind = match call {
+                    ApiCall::Chat(_) => StreamKind::Chat,
+                    ApiCall::Messages(..) => StreamKind::Anthropic,
+                    _ => StreamKind::Completion,
                 };
                 let plan = StreamPlan {
                     kind,
@@ -1961,6 +2098,14 @@ impl MockApp {
                     stall: stall_in_stream,
                 };
                 return self.stream(session, &meta, &plan, &mut watch).await;
+            }
+            ApiCall::Messages(g, tool) => {
+                let mut r = Reply::json(
+                    200,
+                    messages_body(meta.id, meta.response_model(), g, tool.as_deref()),
+                );
+                r.tokens = Some((g.prompt_tokens, g.plan.tokens));
+                r
             }
             ApiCall::Chat(g) => {
                 let id = format!("chatcmpl-mock-{}", meta.id);
@@ -2067,6 +2212,7 @@ impl MockApp {
         let id = match plan.kind {
             StreamKind::Chat => format!("chatcmpl-mock-{}", meta.id),
             StreamKind::Completion => format!("cmpl-mock-{}", meta.id),
+            StreamKind::Anthropic => format!("msg_mock_{}", meta.id),
         };
         let chunks = ChunkMeta::new(
             plan.kind,
@@ -2089,7 +2235,9 @@ impl MockApp {
             .prompt_tokens
             .fetch_add(g.prompt_tokens, Ordering::Relaxed);
 
-        if plan.kind == StreamKind::Chat
+        let mut chunks = chunks;
+        chunks.counts = (g.prompt_tokens, g.plan.tokens);
+        if matches!(plan.kind, StreamKind::Chat | StreamKind::Anthropic)
             && session
                 .write_response_body(chunks.role_event().into(), false)
                 .await
@@ -2149,7 +2297,7 @@ impl MockApp {
         if g.include_usage {
             tail.push_str(&chunks.usage_event(g.prompt_tokens, g.plan.tokens));
         }
-        tail.push_str(DONE_EVENT);
+        tail.push_str(&chunks.done_event());
         // the tail goes out as one chunk per event so clients see normal SSE framing
         for event in tail.split_inclusive("\n\n") {
             if session

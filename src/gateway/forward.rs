@@ -19,6 +19,7 @@ use super::{Gateway, RequestCtx};
 use crate::config::{ModelRoute, ProviderKind, ProviderSettings};
 use crate::cost::{self, StreamMeter, Usage};
 use crate::openai::{ApiError, Endpoint};
+use crate::providers::anthropic;
 use crate::upstream::breaker::Outcome;
 use crate::upstream::Backend;
 use bytes::Bytes;
@@ -139,12 +140,31 @@ async fn attempt(
     let started = Instant::now();
     let deadline = started + timeouts.total;
     let provider_model = &route.targets[backend.target].model;
-    let body = (request.body_for)(provider_model);
-    let peer = upstreams.peer(backend);
     let fail = |outcome: Outcome, failure: Failure| {
         upstreams.record_outcome(backend, outcome, None);
         failure
     };
+    let body = (request.body_for)(provider_model);
+    let body = match provider.kind {
+        ProviderKind::Anthropic if request.endpoint != Endpoint::ChatCompletions => {
+            return Err(fail(
+                Outcome::Neutral,
+                Failure::Retryable(ApiError::invalid_field(
+                    "model",
+                    format!(
+                        "the provider '{}' serves chat completions only",
+                        provider.name
+                    ),
+                )),
+            ));
+        }
+        ProviderKind::Anthropic => Bytes::from(
+            anthropic::to_messages_request(&body, provider_model)
+                .map_err(|e| fail(Outcome::Neutral, Failure::Final(e)))?,
+        ),
+        ProviderKind::OpenAi | ProviderKind::Azure => body,
+    };
+    let peer = upstreams.peer(backend);
     let io_error = |e: Box<pingora::Error>| {
         let (outcome, failure) = classify(provider, backend, &e);
         fail(outcome, failure)
@@ -215,7 +235,26 @@ async fn attempt(
         return Err(fail(outcome, Failure::Retryable(error)));
     }
 
-    let mut meter = Meter::for_response(&upstream_header, ctx.strip_usage);
+    if provider.kind == ProviderKind::Anthropic && !is_event_stream(&upstream_header) {
+        return anthropic_json(
+            gateway,
+            client,
+            ctx,
+            route,
+            backend,
+            &mut upstream,
+            &upstream_header,
+            ttfb,
+        )
+        .await;
+    }
+    let mut meter = match provider.kind {
+        ProviderKind::Anthropic => Meter::Anthropic(anthropic::StreamTranslator::new(
+            &route.name,
+            !ctx.strip_usage,
+        )),
+        _ => Meter::for_response(&upstream_header, ctx.strip_usage),
+    };
     let header = client_response(&upstream_header, ctx, &provider.name, &meter).map_err(|e| {
         Failure::Final(ApiError::internal(format!(
             "cannot build the response header: {e}"
@@ -257,6 +296,82 @@ async fn attempt(
             .connector
             .release_http_session(upstream, &peer, peer.options.idle_timeout)
             .await;
+    }
+    Ok(())
+}
+
+/// Whether a response is an SSE stream.
+fn is_event_stream(header: &ResponseHeader) -> bool {
+    header
+        .headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"))
+}
+
+/// An Anthropic JSON answer is read whole and translated before anything
+/// goes to the client (its length changes); an error answer becomes the
+/// OpenAI error of the same class.
+#[allow(clippy::too_many_arguments)]
+async fn anthropic_json(
+    gateway: &Gateway,
+    client: &mut dyn Client,
+    ctx: &mut RequestCtx,
+    route: &ModelRoute,
+    backend: &Backend,
+    upstream: &mut HttpSession,
+    header: &ResponseHeader,
+    ttfb: Duration,
+) -> Result<(), Failure> {
+    let upstreams = &gateway.upstreams;
+    let provider = &upstreams.provider(backend.provider).settings;
+    let mut body = Vec::new();
+    loop {
+        match tokio::time::timeout(provider.timeouts.idle, upstream.read_response_body()).await {
+            Ok(Ok(Some(chunk))) if body.len() + chunk.len() <= cost::MAX_METERED_JSON_BYTES => {
+                body.extend_from_slice(&chunk)
+            }
+            Ok(Ok(None)) => break,
+            _ => {
+                upstreams.record_outcome(backend, Outcome::Failure, None);
+                return Err(Failure::Retryable(ApiError::upstream_error(format!(
+                    "The provider '{}' broke off its answer.",
+                    provider.name
+                ))));
+            }
+        }
+    }
+    let status = header.status.as_u16();
+    if !header.status.is_success() {
+        upstreams.record_outcome(backend, Outcome::Success, Some(ttfb));
+        return Err(Failure::Final(anthropic::to_openai_error(status, &body)));
+    }
+    let (answer, usage) = anthropic::to_chat_completion(&body, &route.name).map_err(|e| {
+        upstreams.record_outcome(backend, Outcome::Failure, None);
+        Failure::Retryable(e)
+    })?;
+    ctx.usage = Some(usage);
+    gateway.settle(ctx).await;
+    upstreams.record_outcome(backend, Outcome::Success, Some(ttfb));
+    let mut out = ResponseHeader::build(200, Some(8))
+        .map_err(|e| Failure::Final(ApiError::internal(e.to_string())))?;
+    let headers = [
+        ("content-type", "application/json".to_string()),
+        ("content-length", answer.len().to_string()),
+        ("x-request-id", ctx.request_id.clone()),
+        ("x-runestone-provider", provider.name.clone()),
+        ("x-runestone-attempts", ctx.attempts.to_string()),
+    ];
+    for (name, value) in headers
+        .into_iter()
+        .chain(ctx.rate_limit_headers.iter().map(|(n, v)| (*n, v.clone())))
+    {
+        out.insert_header(name, value)
+            .map_err(|e| Failure::Final(ApiError::internal(e.to_string())))?;
+    }
+    if client.send_header(out).await {
+        ctx.first_byte_at.get_or_insert_with(Instant::now);
+        client.send_body(Bytes::from(answer), true).await;
     }
     Ok(())
 }
@@ -303,6 +418,8 @@ enum Meter {
     Json { body: Vec<u8>, seen: usize },
     /// An SSE stream, metered event by event.
     Stream(StreamMeter),
+    /// An Anthropic SSE stream, translated event by event.
+    Anthropic(anthropic::StreamTranslator),
 }
 
 impl Meter {
@@ -324,7 +441,7 @@ impl Meter {
 
     /// Whether the meter edits the body (so its length changes).
     fn edits_body(&self) -> bool {
-        matches!(self, Meter::Stream(m) if m.strips_usage())
+        matches!(self, Meter::Stream(m) if m.strips_usage()) || matches!(self, Meter::Anthropic(_))
     }
 
     /// Takes an upstream chunk, returns what to send on.
@@ -339,6 +456,7 @@ impl Meter {
                 chunk
             }
             Meter::Stream(meter) => meter.feed(chunk),
+            Meter::Anthropic(translator) => translator.feed(&chunk),
         }
     }
 
@@ -363,6 +481,12 @@ impl Meter {
                 estimated: true,
             },
             Meter::Stream(meter) => meter.usage(prompt_estimate),
+            Meter::Anthropic(translator) => translator.usage().unwrap_or(Usage {
+                prompt_tokens: prompt_estimate,
+                completion_tokens: translator.generated_bytes().div_ceil(4),
+                cached_tokens: 0,
+                estimated: true,
+            }),
         }
     }
 }
@@ -530,6 +654,8 @@ fn upstream_request(
             url::form_urlencoded::byte_serialize(provider_model.as_bytes()).collect::<String>(),
             provider.api_version.as_deref().unwrap_or_default()
         ),
+        // As the Anthropic SDK does: the base URL, then /v1/messages.
+        ProviderKind::Anthropic => format!("{base}/v1/messages"),
     };
     let mut header = RequestHeader::build("POST", path.as_bytes(), Some(10))?;
     header.insert_header("host", &provider.base_url.authority)?;
@@ -544,7 +670,11 @@ fn upstream_request(
                 header.insert_header("authorization", format!("Bearer {}", key.expose()))?
             }
             ProviderKind::Azure => header.insert_header("api-key", key.expose())?,
+            ProviderKind::Anthropic => header.insert_header("x-api-key", key.expose())?,
         }
+    }
+    if provider.kind == ProviderKind::Anthropic {
+        header.insert_header("anthropic-version", anthropic::API_VERSION)?;
     }
     for name in FORWARDED_REQUEST_HEADERS {
         if let Some(value) = client_headers.get(*name) {

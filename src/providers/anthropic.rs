@@ -326,6 +326,7 @@ pub struct StreamTranslator {
     saw_usage: bool,
     tool_index: std::collections::HashMap<u64, usize>,
     finished: bool,
+    generated_bytes: u64,
 }
 
 impl StreamTranslator {
@@ -343,12 +344,19 @@ impl StreamTranslator {
             saw_usage: false,
             tool_index: Default::default(),
             finished: false,
+            generated_bytes: 0,
         }
     }
 
     /// Usage reported so far (cache tokens included), if any.
     pub fn usage(&self) -> Option<Usage> {
         self.saw_usage.then_some(self.usage)
+    }
+
+    /// Bytes of generated text and tool arguments seen, for an estimate
+    /// when the stream breaks before any usage.
+    pub fn generated_bytes(&self) -> u64 {
+        self.generated_bytes
     }
 
     /// Whether the stream ended properly (`message_stop` or an error event).
@@ -435,6 +443,11 @@ impl StreamTranslator {
             }
             "content_block_delta" => {
                 let delta = &event["delta"];
+                let piece = delta["text"]
+                    .as_str()
+                    .or(delta["partial_json"].as_str())
+                    .unwrap_or_default();
+                self.generated_bytes += piece.len() as u64;
                 let openai = match delta["type"].as_str() {
                     Some("text_delta") => json!({"content": delta["text"]}),
                     Some("input_json_delta") => {

@@ -137,7 +137,14 @@ fn health_check(settings: &ProviderSettings, hc: &HealthCheckSettings) -> HttpHe
                 req.insert_header("authorization", format!("Bearer {}", key.expose()))
             }
             ProviderKind::Azure => req.insert_header("api-key", key.expose()),
+            ProviderKind::Anthropic => req.insert_header("x-api-key", key.expose()),
         };
+    }
+    if settings.kind == ProviderKind::Anthropic {
+        let _ = req.insert_header(
+            "anthropic-version",
+            crate::providers::anthropic::API_VERSION,
+        );
     }
     check.req = req;
     check.consecutive_success = hc.healthy_threshold;
