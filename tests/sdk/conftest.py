@@ -110,6 +110,7 @@ server:
 providers:
   - {{ name: mock, kind: openai, base_url: "{mock.base_url}", api_key: "{PROVIDER_KEY}" }}
   - {{ name: dead, kind: openai, base_url: "http://127.0.0.1:{free_port()}/v1" }}
+  - {{ name: claude, kind: anthropic, base_url: "http://127.0.0.1:{mock.port}", api_key: "{PROVIDER_KEY}" }}
 models:
   - name: gpt-4o-mini
     targets: [{{ provider: mock, model: mock-small }}]
@@ -117,6 +118,8 @@ models:
     targets: [{{ provider: mock }}]
   - name: unreachable
     targets: [{{ provider: dead }}]
+  - name: claude
+    targets: [{{ provider: claude, model: claude-test }}]
 {extra_models}
 tenants:
   - id: acme

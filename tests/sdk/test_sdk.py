@@ -85,7 +85,7 @@ def test_embeddings(client):
 
 def test_models_lists_what_the_tenant_may_use(gateway):
     ids = [m.id for m in gateway.client().models.list()]
-    assert ids == ["gpt-4o-mini", "text-embedding-3-small", "unreachable"]
+    assert ids == ["gpt-4o-mini", "text-embedding-3-small", "unreachable", "claude"]
     restricted = [m.id for m in gateway.client(RESTRICTED_KEY).models.list()]
     assert restricted == ["text-embedding-3-small"]
 

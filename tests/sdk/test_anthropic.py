@@ -1,0 +1,81 @@
+"""The OpenAI Python SDK against an Anthropic-kind route: the gateway speaks
+the Messages API upstream and OpenAI to the client."""
+
+import openai
+import pytest
+
+
+def test_chat(client, mock):
+    resp = client.chat.completions.create(
+        model="claude",
+        max_tokens=4,
+        messages=[{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"}],
+    )
+    assert resp.object == "chat.completion"
+    assert resp.model == "claude"
+    assert resp.choices[0].message.content == "tok0 tok1 tok2 tok3"
+    assert resp.choices[0].finish_reason == "length"
+    assert resp.usage.completion_tokens == 4
+    assert mock.requests()[-1]["path"] == "/v1/messages"
+
+
+def test_stream_without_usage(client):
+    chunks = list(
+        client.chat.completions.create(
+            model="claude", max_tokens=5, stream=True, messages=[{"role": "user", "content": "Count"}]
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.split() == [f"tok{i}" for i in range(5)]
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert all(c.usage is None for c in chunks)
+
+
+def test_stream_with_usage(client):
+    chunks = list(
+        client.chat.completions.create(
+            model="claude",
+            max_tokens=3,
+            stream=True,
+            stream_options={"include_usage": True},
+            messages=[{"role": "user", "content": "Count"}],
+        )
+    )
+    assert chunks[-1].choices == []
+    assert chunks[-1].usage.completion_tokens == 3
+    assert chunks[-1].usage.prompt_tokens > 0
+
+
+def test_tools(client):
+    resp = client.chat.completions.create(
+        model="claude",
+        messages=[{"role": "user", "content": "Look it up"}],
+        tools=[{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}],
+        tool_choice="required",
+    )
+    call = resp.choices[0].message.tool_calls[0]
+    assert call.function.name == "lookup"
+    assert call.function.arguments == '{"mock":true}'
+    assert resp.choices[0].finish_reason == "tool_calls"
+
+
+@pytest.mark.parametrize(
+    "status,exception",
+    [
+        (400, openai.BadRequestError),
+        (404, openai.NotFoundError),
+        (500, openai.InternalServerError),
+        (529, openai.InternalServerError),
+    ],
+)
+def test_upstream_errors_raise_the_usual_classes(client, mock, status, exception):
+    mock.fault({"status": status, "path": "/v1/messages"})
+    with pytest.raises(exception):
+        client.chat.completions.create(model="claude", messages=[{"role": "user", "content": "hi"}])
+
+
+def test_upstream_rate_limit_raises_rate_limit_error(gateway, mock):
+    # Its own client: a provider 429 cools the backend down for a while.
+    mock.fault({"status": 429, "path": "/v1/messages"})
+    with pytest.raises(openai.RateLimitError):
+        gateway.client().chat.completions.create(model="claude", messages=[{"role": "user", "content": "hi"}])
