@@ -63,6 +63,8 @@
 //!   returns little-endian `f32` bytes in base64, as OpenAI does.
 //! * `GET /v1/models` and `GET /v1/models/{id}`: a single `mock-model` entry /
 //!   the requested id.
+//! * `POST /v1/messages`: the Anthropic Messages API (JSON and SSE with
+//!   usage; `max_tokens` required; with `tools`, a `tool_use` of the first).
 //! * Azure-style paths `/openai/deployments/{deployment}/chat/completions`,
 //!   `.../completions` and `.../embeddings` behave like the `/v1` ones; the
 //!   deployment is the model when the body has none.
