@@ -111,6 +111,7 @@ providers:
   - {{ name: mock, kind: openai, base_url: "{mock.base_url}", api_key: "{PROVIDER_KEY}" }}
   - {{ name: dead, kind: openai, base_url: "http://127.0.0.1:{free_port()}/v1" }}
   - {{ name: claude, kind: anthropic, base_url: "http://127.0.0.1:{mock.port}", api_key: "{PROVIDER_KEY}" }}
+  - {{ name: azure, kind: azure, base_url: "http://127.0.0.1:{mock.port}", api_key: "{PROVIDER_KEY}", api_version: "2024-10-21" }}
 models:
   - name: gpt-4o-mini
     targets: [{{ provider: mock, model: mock-small }}]
@@ -120,6 +121,10 @@ models:
     targets: [{{ provider: dead }}]
   - name: claude
     targets: [{{ provider: claude, model: claude-test }}]
+  - name: azure-chat
+    targets: [{{ provider: azure, model: my-chat-deployment }}]
+  - name: azure-embed
+    targets: [{{ provider: azure, model: my-embedding-deployment }}]
 {extra_models}
 tenants:
   - id: acme

@@ -85,7 +85,7 @@ def test_embeddings(client):
 
 def test_models_lists_what_the_tenant_may_use(gateway):
     ids = [m.id for m in gateway.client().models.list()]
-    assert ids == ["gpt-4o-mini", "text-embedding-3-small", "unreachable", "claude"]
+    assert ids == ["gpt-4o-mini", "text-embedding-3-small", "unreachable", "claude", "azure-chat", "azure-embed"]
     restricted = [m.id for m in gateway.client(RESTRICTED_KEY).models.list()]
     assert restricted == ["text-embedding-3-small"]
 
@@ -240,3 +240,14 @@ def test_usage_endpoint_reports_the_tenants_period(gateway):
     assert usage["requests"] >= 1
     assert usage["cost_usd"] > 0
     assert usage["budget"]["remaining_usd"] == 0
+
+
+def test_azure_chat_and_embeddings(client, mock):
+    resp = client.chat.completions.create(model="azure-chat", messages=[{"role": "user", "content": "hi"}])
+    assert resp.object == "chat.completion"
+    seen = mock.requests()[-1]
+    assert seen["path"] == "/openai/deployments/my-chat-deployment/chat/completions"
+    assert seen["headers"]["api-key"] == PROVIDER_KEY
+    emb = client.embeddings.create(model="azure-embed", input="hello")
+    assert len(emb.data[0].embedding) == 8
+    assert mock.requests()[-1]["path"] == "/openai/deployments/my-embedding-deployment/embeddings"
