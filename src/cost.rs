@@ -27,6 +27,10 @@ pub const MAX_REPORTED_TOKENS: u64 = 100_000_000;
 /// `max_tokens` nor `max_completion_tokens`.
 pub const DEFAULT_COMPLETION_ESTIMATE: u64 = 1024;
 
+/// Longest SSE line the meter holds while waiting for its end; a provider
+/// sending an endless line cannot make the gateway buffer it.
+pub const MAX_LINE_BYTES: usize = 1024 * 1024;
+
 /// Non-streamed bodies are kept for usage parsing up to this size; past it
 /// the gateway estimates.
 pub const MAX_METERED_JSON_BYTES: usize = 16 * 1024 * 1024;
@@ -198,6 +202,8 @@ pub fn usage_from_json(body: &[u8], prompt_estimate: u64) -> Usage {
 pub struct StreamMeter {
     strip_usage: bool,
     partial: BytesMut,
+    /// Inside a line longer than [`MAX_LINE_BYTES`]: pass it through.
+    oversized: bool,
     skip_blank_line: bool,
     usage: Option<Usage>,
     generated_bytes: u64,
@@ -209,6 +215,7 @@ impl StreamMeter {
         StreamMeter {
             strip_usage,
             partial: BytesMut::new(),
+            oversized: false,
             skip_blank_line: false,
             usage: None,
             generated_bytes: 0,
@@ -224,20 +231,49 @@ impl StreamMeter {
     /// Without stripping that is the chunk itself, untouched; with it, the
     /// complete lines seen so far, edited.
     pub fn feed(&mut self, chunk: Bytes) -> Bytes {
+        // The rest of a line too long to hold goes through unread.
+        let mut passed = Bytes::new();
+        let mut rest = chunk.clone();
+        if self.oversized {
+            match rest.iter().position(|&b| b == b'\n') {
+                None => {
+                    self.generated_bytes += rest.len() as u64;
+                    return chunk;
+                }
+                Some(i) => {
+                    self.generated_bytes += i as u64;
+                    passed = rest.split_to(i + 1);
+                    self.oversized = false;
+                }
+            }
+        }
         if !self.strip_usage {
-            self.meter_lines(&chunk);
+            self.meter_lines(&rest);
+            self.release_oversized();
             return chunk;
         }
-        self.partial.extend_from_slice(&chunk);
-        let Some(last_newline) = self.partial.iter().rposition(|&b| b == b'\n') else {
-            return Bytes::new();
-        };
-        let complete = self.partial.split_to(last_newline + 1).freeze();
-        let mut out = BytesMut::with_capacity(complete.len());
-        for line in complete.split_inclusive(|&b| b == b'\n') {
-            self.edit_line(line, &mut out);
+        self.partial.extend_from_slice(&rest);
+        let mut out = BytesMut::with_capacity(passed.len() + rest.len());
+        out.extend_from_slice(&passed);
+        if let Some(last_newline) = self.partial.iter().rposition(|&b| b == b'\n') {
+            let complete = self.partial.split_to(last_newline + 1).freeze();
+            for line in complete.split_inclusive(|&b| b == b'\n') {
+                self.edit_line(line, &mut out);
+            }
         }
+        out.extend_from_slice(&self.release_oversized());
         out.freeze()
+    }
+
+    /// A partial line past [`MAX_LINE_BYTES`] is not held any longer: it is
+    /// counted as generated text and (in strip mode) sent on unedited.
+    fn release_oversized(&mut self) -> Bytes {
+        if self.partial.len() <= MAX_LINE_BYTES {
+            return Bytes::new();
+        }
+        self.generated_bytes += self.partial.len() as u64;
+        self.oversized = true;
+        std::mem::take(&mut self.partial).freeze()
     }
 
     /// The end of the upstream body: whatever is left of a last line
@@ -518,6 +554,32 @@ mod tests {
         run(&mut meter, cut, 16);
         assert!(meter.usage(5).estimated);
         assert_eq!(meter.usage(5).completion_tokens, 4);
+    }
+
+    #[test]
+    fn does_not_hold_an_endless_line() {
+        for strip in [false, true] {
+            let mut meter = StreamMeter::new(strip);
+            let mut out = 0;
+            let piece = Bytes::from(vec![b'x'; 64 * 1024]);
+            for _ in 0..40 {
+                out += meter.feed(piece.clone()).len();
+                assert!(
+                    meter.partial.len() <= MAX_LINE_BYTES + piece.len(),
+                    "strip {strip}"
+                );
+            }
+            // The giant line ends; normal events after it are still metered.
+            out += meter.feed(Bytes::from_static(b"\n\n")).len();
+            let tail = stream_events(false).concat();
+            out += meter.feed(Bytes::from(tail.clone())).len();
+            assert_eq!(
+                out,
+                40 * piece.len() + 2 + tail.len(),
+                "everything went through, strip {strip}"
+            );
+            assert!(meter.usage(1).completion_tokens >= 40 * piece.len() as u64 / 4);
+        }
     }
 
     #[test]

@@ -327,6 +327,7 @@ pub struct StreamTranslator {
     tool_index: std::collections::HashMap<u64, usize>,
     finished: bool,
     generated_bytes: u64,
+    oversized: bool,
 }
 
 impl StreamTranslator {
@@ -345,6 +346,7 @@ impl StreamTranslator {
             tool_index: Default::default(),
             finished: false,
             generated_bytes: 0,
+            oversized: false,
         }
     }
 
@@ -366,6 +368,17 @@ impl StreamTranslator {
 
     /// Takes one upstream chunk; returns the OpenAI events it completes.
     pub fn feed(&mut self, chunk: &[u8]) -> Bytes {
+        let mut chunk = chunk;
+        if self.oversized {
+            // The rest of a line too long to translate is dropped.
+            match chunk.iter().position(|&b| b == b'\n') {
+                None => return Bytes::new(),
+                Some(i) => {
+                    chunk = &chunk[i + 1..];
+                    self.oversized = false;
+                }
+            }
+        }
         self.partial.extend_from_slice(chunk);
         let mut out = BytesMut::new();
         while let Some(end) = self.partial.iter().position(|&b| b == b'\n') {
@@ -386,6 +399,10 @@ impl StreamTranslator {
             } else if line.is_empty() {
                 self.event = None;
             }
+        }
+        if self.partial.len() > crate::cost::MAX_LINE_BYTES {
+            self.partial.clear();
+            self.oversized = true;
         }
         out.freeze()
     }
@@ -719,6 +736,18 @@ mod tests {
         assert!(events[..events.len() - 1]
             .iter()
             .all(|e| e["usage"].is_null()));
+    }
+
+    #[test]
+    fn drops_an_endless_line_and_goes_on() {
+        let mut translator = StreamTranslator::new("p", false);
+        for _ in 0..40 {
+            assert!(translator.feed(&[b'x'; 64 * 1024]).is_empty());
+            assert!(translator.partial.len() <= crate::cost::MAX_LINE_BYTES + 64 * 1024);
+        }
+        translator.feed(b"\n\n");
+        let out = translator.feed(STREAM.as_bytes());
+        assert!(String::from_utf8_lossy(&out).ends_with("data: [DONE]\n\n"));
     }
 
     #[test]
