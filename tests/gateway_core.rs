@@ -799,3 +799,22 @@ fn serves_https_with_the_configured_certificate() {
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn never_forwards_a_provider_key_the_provider_echoes() {
+    let (mock, gw) = setup();
+    mock.fault(json!({
+        "status": 400,
+        "error_body": format!("{{\"error\":{{\"message\":\"Incorrect API key provided: {PROVIDER_KEY}\",\"type\":\"invalid_request_error\"}}}}"),
+        "path": "/v1/chat/completions",
+    }));
+    let resp = gw.post_json(
+        "/v1/chat/completions",
+        TENANT_KEY,
+        &chat("gpt-4o-mini", false),
+    );
+    assert_eq!(resp.status, 400);
+    let body = String::from_utf8_lossy(&resp.body).to_string();
+    assert!(!body.contains(PROVIDER_KEY), "{body}");
+    assert!(body.contains("Incorrect API key provided: *****"), "{body}");
+}

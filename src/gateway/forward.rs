@@ -253,7 +253,11 @@ async fn attempt(
             &route.name,
             !ctx.strip_usage,
         )),
-        _ => Meter::for_response(&upstream_header, ctx.strip_usage),
+        _ => Meter::for_response(
+            &upstream_header,
+            ctx.strip_usage,
+            provider.api_key.as_ref().map(|k| k.expose()),
+        ),
     };
     let header = client_response(&upstream_header, ctx, &provider.name, &meter).map_err(|e| {
         Failure::Final(ApiError::internal(format!(
@@ -300,6 +304,22 @@ async fn attempt(
     Ok(())
 }
 
+/// `body` with every occurrence of `key` replaced by `*****`.
+fn mask(body: &[u8], key: Option<&str>) -> Vec<u8> {
+    let Some(key) = key.map(str::as_bytes).filter(|k| !k.is_empty()) else {
+        return body.to_vec();
+    };
+    let mut out = Vec::with_capacity(body.len());
+    let mut rest = body;
+    while let Some(at) = rest.windows(key.len()).position(|w| w == key) {
+        out.extend_from_slice(&rest[..at]);
+        out.extend_from_slice(b"*****");
+        rest = &rest[at + key.len()..];
+    }
+    out.extend_from_slice(rest);
+    out
+}
+
 /// Whether a response is an SSE stream.
 fn is_event_stream(header: &ResponseHeader) -> bool {
     header
@@ -344,7 +364,11 @@ async fn anthropic_json(
     let status = header.status.as_u16();
     if !header.status.is_success() {
         upstreams.record_outcome(backend, Outcome::Success, Some(ttfb));
-        return Err(Failure::Final(anthropic::to_openai_error(status, &body)));
+        let key = provider.api_key.as_ref().map(|k| k.expose());
+        return Err(Failure::Final(anthropic::to_openai_error(
+            status,
+            &mask(&body, key),
+        )));
     }
     let (answer, usage) = anthropic::to_chat_completion(&body, &route.name).map_err(|e| {
         upstreams.record_outcome(backend, Outcome::Failure, None);
@@ -412,8 +436,10 @@ fn refused(provider: &ProviderSettings, header: &ResponseHeader) -> Option<(Outc
 
 /// Reads usage from a response on its way to the client.
 enum Meter {
-    /// An error answer: the provider generated nothing.
-    Nothing,
+    /// An error answer: the provider generated nothing. It is held (up to
+    /// a bound) and sent with the gateway's provider key masked, in case the
+    /// provider echoes it.
+    Error { body: Vec<u8>, key: Option<String> },
     /// A JSON body, kept (up to a bound) to read its `usage` at the end.
     Json { body: Vec<u8>, seen: usize },
     /// An SSE stream, metered event by event.
@@ -423,14 +449,17 @@ enum Meter {
 }
 
 impl Meter {
-    fn for_response(header: &ResponseHeader, strip_usage: bool) -> Self {
+    fn for_response(header: &ResponseHeader, strip_usage: bool, key: Option<&str>) -> Self {
         let is_sse = header
             .headers
             .get("content-type")
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("text/event-stream"));
         match (header.status.is_success(), is_sse) {
-            (false, _) => Meter::Nothing,
+            (false, _) => Meter::Error {
+                body: Vec::new(),
+                key: key.map(str::to_string),
+            },
             (true, true) => Meter::Stream(StreamMeter::new(strip_usage)),
             (true, false) => Meter::Json {
                 body: Vec::new(),
@@ -441,13 +470,19 @@ impl Meter {
 
     /// Whether the meter edits the body (so its length changes).
     fn edits_body(&self) -> bool {
-        matches!(self, Meter::Stream(m) if m.strips_usage()) || matches!(self, Meter::Anthropic(_))
+        matches!(self, Meter::Stream(m) if m.strips_usage())
+            || matches!(self, Meter::Anthropic(_) | Meter::Error { .. })
     }
 
     /// Takes an upstream chunk, returns what to send on.
     fn feed(&mut self, chunk: Bytes) -> Bytes {
         match self {
-            Meter::Nothing => chunk,
+            Meter::Error { body, .. } => {
+                if body.len() + chunk.len() <= cost::MAX_METERED_JSON_BYTES {
+                    body.extend_from_slice(&chunk);
+                }
+                Bytes::new()
+            }
             Meter::Json { body, seen } => {
                 *seen += chunk.len();
                 if *seen <= cost::MAX_METERED_JSON_BYTES {
@@ -464,13 +499,14 @@ impl Meter {
     fn finish(&mut self) -> Bytes {
         match self {
             Meter::Stream(meter) => meter.finish(),
+            Meter::Error { body, key } => Bytes::from(mask(body, key.as_deref())),
             _ => Bytes::new(),
         }
     }
 
     fn usage(&self, prompt_estimate: u64) -> Usage {
         match self {
-            Meter::Nothing => Usage::default(),
+            Meter::Error { .. } => Usage::default(),
             Meter::Json { body, seen } if *seen <= cost::MAX_METERED_JSON_BYTES => {
                 cost::usage_from_json(body, prompt_estimate)
             }
