@@ -8,6 +8,8 @@
 
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Mutex;
 
 /// A SHA-256 digest of an API key.
 pub type KeyDigest = [u8; 32];
@@ -89,6 +91,65 @@ impl KeyIndex {
     }
 }
 
+/// Limits failed authentications per client address (GCRA over a minute):
+/// an address past its budget is refused without its key being checked,
+/// which slows key guessing and keeps a flood of bad keys cheap.
+#[derive(Debug)]
+pub struct FailureThrottle {
+    per_minute: u32,
+    /// Theoretical arrival time (ms) per address.
+    state: Mutex<HashMap<IpAddr, f64>>,
+}
+
+/// Addresses remembered before idle ones are swept out.
+const THROTTLE_SWEEP_AT: usize = 10_000;
+
+impl FailureThrottle {
+    /// A throttle allowing `per_minute` failures per address (0: off).
+    pub fn new(per_minute: u32) -> Self {
+        FailureThrottle {
+            per_minute,
+            state: Mutex::default(),
+        }
+    }
+
+    /// `Err(retry_after_ms)` when `ip` has used up its failures.
+    pub fn check(&self, ip: IpAddr, now_ms: f64) -> Result<(), u64> {
+        if self.per_minute == 0 {
+            return Ok(());
+        }
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(&tat) = state.get(&ip) else {
+            return Ok(());
+        };
+        // Would one more failure go past the minute's budget?
+        let over = tat.max(now_ms) + self.interval() - now_ms - crate::limits::WINDOW_MS;
+        if over > 1e-6 {
+            Err(over.ceil() as u64)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Counts one failed authentication from `ip`.
+    pub fn record_failure(&self, ip: IpAddr, now_ms: f64) {
+        if self.per_minute == 0 {
+            return;
+        }
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if state.len() >= THROTTLE_SWEEP_AT {
+            state.retain(|_, tat| *tat > now_ms);
+        }
+        let interval = self.interval();
+        let tat = state.entry(ip).or_insert(now_ms);
+        *tat = tat.max(now_ms) + interval;
+    }
+
+    fn interval(&self) -> f64 {
+        crate::limits::WINDOW_MS / f64::from(self.per_minute)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -127,6 +188,27 @@ mod tests {
     fn malformed_digests_are_rejected() {
         assert!(parse_configured_key("sha256:zz").is_none());
         assert!(parse_configured_key("sha256:abcd").is_none());
+    }
+
+    #[test]
+    fn throttles_an_address_after_its_failures() {
+        let throttle = FailureThrottle::new(3);
+        let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        for _ in 0..3 {
+            assert!(throttle.check(a, 0.0).is_ok());
+            throttle.record_failure(a, 0.0);
+        }
+        assert_eq!(
+            throttle.check(a, 0.0),
+            Err(20_000),
+            "one failure's worth of the minute"
+        );
+        assert!(
+            throttle.check(b, 0.0).is_ok(),
+            "other addresses are not affected"
+        );
+        assert!(throttle.check(a, 20_000.0).is_ok(), "the budget refills");
+        assert!(FailureThrottle::new(0).check(a, 0.0).is_ok());
     }
 
     #[test]

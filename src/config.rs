@@ -97,6 +97,8 @@ struct RawServer {
     access_log: Option<bool>,
     #[serde(default)]
     log_level: Option<String>,
+    #[serde(default)]
+    auth_failures_per_minute: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -317,6 +319,9 @@ pub struct ServerSettings {
     pub access_log: bool,
     /// Log level when `RUST_LOG` is not set (`info`, `debug`, ...).
     pub log_level: String,
+    /// Failed authentications allowed per client address per minute (0: no
+    /// limit).
+    pub auth_failures_per_minute: u32,
 }
 
 /// PEM files for the HTTPS listener.
@@ -1042,6 +1047,7 @@ fn validate_server(raw: RawServer, problems: &mut Vec<Problem>) -> Option<Server
             .unwrap_or_else(|| format!("/tmp/runestone-{}.pid", listen.port())),
         tls,
         access_log: raw.access_log.unwrap_or(true),
+        auth_failures_per_minute: raw.auth_failures_per_minute.unwrap_or(60),
         log_level,
         upgrade_sock: raw
             .upgrade_sock

@@ -818,3 +818,38 @@ fn never_forwards_a_provider_key_the_provider_echoes() {
     assert!(!body.contains(PROVIDER_KEY), "{body}");
     assert!(body.contains("Incorrect API key provided: *****"), "{body}");
 }
+
+#[test]
+fn throttles_failed_authentication_per_client_address() {
+    let mock = Mock::start(&[]);
+    let mut config = GatewayConfig::new(&mock);
+    config.server_extra = "  auth_failures_per_minute: 3\n".into();
+    let gw = Gateway::start(&config);
+    for _ in 0..3 {
+        let resp = gw.post_json(
+            "/v1/chat/completions",
+            "sk-guess-guess-guess",
+            &chat("gpt-4o-mini", false),
+        );
+        assert_eq!(resp.status, 401);
+    }
+    let resp = gw.post_json(
+        "/v1/chat/completions",
+        "sk-guess-guess-guess",
+        &chat("gpt-4o-mini", false),
+    );
+    assert_eq!(
+        (resp.status, resp.error_code()),
+        (429, "rate_limit_exceeded".to_string())
+    );
+    let ms: u64 = resp.header("retry-after-ms").unwrap().parse().unwrap();
+    assert!((1..=20_000).contains(&ms), "{ms}");
+    // While throttled, the address's attempts are not checked at all.
+    let resp = gw.post_json(
+        "/v1/chat/completions",
+        TENANT_KEY,
+        &chat("gpt-4o-mini", false),
+    );
+    assert_eq!(resp.status, 429);
+    assert_eq!(mock.request_count(), 0);
+}

@@ -80,6 +80,7 @@ pub struct Gateway {
     limiter: Limiter,
     overflow: Overflow,
     connector: Arc<Connector>,
+    auth_failures: Arc<auth::FailureThrottle>,
 }
 
 impl Gateway {
@@ -92,6 +93,9 @@ impl Gateway {
         connector: Connector,
     ) -> Self {
         Gateway {
+            auth_failures: Arc::new(auth::FailureThrottle::new(
+                config.server.auth_failures_per_minute,
+            )),
             config,
             upstreams,
             limiter,
@@ -150,19 +154,41 @@ impl Gateway {
         }
     }
 
-    /// Authenticates the request; the tenant's index in the config.
+    /// Authenticates the request; the tenant's index in the config. A
+    /// client address with too many failures is refused without a check.
     fn authenticate(&self, session: &Session, ctx: &mut RequestCtx) -> Result<usize, ApiError> {
+        let ip = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        let now = crate::limits::now_ms();
+        if let Some(ip) = ip {
+            if let Err(retry_after_ms) = self.auth_failures.check(ip, now) {
+                let mut error = ApiError::rate_limit_exceeded(
+                    "Too many failed authentications from your address.",
+                );
+                error.retry_after_ms = Some(retry_after_ms.max(1));
+                return Err(error);
+            }
+        }
         let headers = &session.req_header().headers;
-        let presented = auth::presented_key(
+        let tenant = match auth::presented_key(
             headers.get("authorization").map(|v| v.as_bytes()),
             headers.get("x-api-key").map(|v| v.as_bytes()),
-        )
-        .ok_or_else(|| ApiError::invalid_api_key("You didn't provide an API key."))?;
-        let tenant = self
-            .config
-            .keys
-            .authenticate(presented)
-            .ok_or_else(|| ApiError::invalid_api_key("Incorrect API key provided."))?;
+        ) {
+            None => Err(ApiError::invalid_api_key("You didn't provide an API key.")),
+            Some(presented) => self
+                .config
+                .keys
+                .authenticate(presented)
+                .ok_or_else(|| ApiError::invalid_api_key("Incorrect API key provided.")),
+        };
+        if tenant.is_err() {
+            if let Some(ip) = ip {
+                self.auth_failures.record_failure(ip, now);
+            }
+        }
+        let tenant = tenant?;
         ctx.tenant = Some(tenant);
         Ok(tenant)
     }

@@ -144,6 +144,8 @@ pub struct GatewayConfig {
     pub tls: Option<(String, String)>,
     /// `server.grace_period_seconds`.
     pub grace: u64,
+    /// Further `server:` lines, as YAML (two-space indented).
+    pub server_extra: String,
 }
 
 impl GatewayConfig {
@@ -181,6 +183,7 @@ impl GatewayConfig {
             extra: String::new(),
             tls: None,
             grace: 1,
+            server_extra: String::new(),
         }
     }
 
@@ -191,11 +194,12 @@ impl GatewayConfig {
             None => String::new(),
         };
         format!(
-            "server:\n  listen: \"127.0.0.1:{}\"\n  metrics_listen: \"127.0.0.1:{}\"\n  threads: 2\n  max_request_body_bytes: {}\n  grace_period_seconds: {}\n{tls}#SERVER_EXTRA#\nproviders:\n{}\nmodels:{}\ntenants:{}\n{}",
+            "server:\n  listen: \"127.0.0.1:{}\"\n  metrics_listen: \"127.0.0.1:{}\"\n  threads: 2\n  max_request_body_bytes: {}\n  grace_period_seconds: {}\n{tls}{}#SERVER_EXTRA#\nproviders:\n{}\nmodels:{}\ntenants:{}\n{}",
             self.port,
             self.metrics_port,
             self.max_body,
             self.grace,
+            self.server_extra,
             self.providers.join("\n"),
             self.models,
             self.tenants,
