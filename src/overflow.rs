@@ -679,18 +679,9 @@ impl Drain {
                 .await;
             match claimed.flatten() {
                 Some(raw) if raw == head.encode() => {}
-                Some(other) => {
+                Some(_) => {
                     // Someone else's head moved under us: put it back.
-                    let _: Option<Option<String>> = o
-                        .redis(
-                            redis::cmd("LMOVE")
-                                .arg(&processing)
-                                .arg(o.key(tenant, "queue"))
-                                .arg("RIGHT")
-                                .arg("LEFT"),
-                        )
-                        .await;
-                    let _ = other;
+                    self.unclaim(tenant, &processing).await;
                     return;
                 }
                 None => return,
@@ -699,33 +690,32 @@ impl Drain {
             let fields: Option<(Option<String>, Option<String>)> = o
                 .redis(redis::cmd("HMGET").arg(&key).arg("request").arg("result"))
                 .await;
+            let acknowledge = || async {
+                let _: Option<i64> = o
+                    .redis(
+                        redis::cmd("LREM")
+                            .arg(&processing)
+                            .arg(1)
+                            .arg(head.encode()),
+                    )
+                    .await;
+            };
             match fields {
                 Some((_, Some(_))) | Some((None, _)) => {
                     // Already done (a re-queued duplicate) or gone: acknowledge.
-                    let _: Option<i64> = o
-                        .redis(
-                            redis::cmd("LREM")
-                                .arg(&processing)
-                                .arg(1)
-                                .arg(head.encode()),
-                        )
-                        .await;
+                    acknowledge().await;
                     return;
                 }
                 Some((Some(request), None)) => match serde_json::from_str::<Job>(&request) {
                     Ok(job) => job,
-                    Err(_) => return,
+                    Err(e) => {
+                        warn!(job = %id, error = %e, "dropping a job whose stored request cannot be read");
+                        acknowledge().await;
+                        return;
+                    }
                 },
                 None => {
-                    let _: Option<Option<String>> = o
-                        .redis(
-                            redis::cmd("LMOVE")
-                                .arg(&processing)
-                                .arg(o.key(tenant, "queue"))
-                                .arg("RIGHT")
-                                .arg("LEFT"),
-                        )
-                        .await;
+                    self.unclaim(tenant, &processing).await;
                     return;
                 }
             }
@@ -743,13 +733,13 @@ impl Drain {
             }
         };
         if !self.upstreams.can_serve(&self.routes[job.route]) {
-            self.unclaim(tenant, head, &processing).await;
+            self.unclaim(tenant, &processing).await;
             return;
         }
         let grant = match self.limiter.admit(tenant, job.tokens).await {
             Ok(grant) => grant,
             Err(_) => {
-                self.unclaim(tenant, head, &processing).await;
+                self.unclaim(tenant, &processing).await;
                 return;
             }
         };
@@ -783,7 +773,8 @@ impl Drain {
         });
     }
 
-    async fn unclaim(&self, tenant: usize, head: &Entry, processing: &str) {
+    /// Puts a claimed head back at the head of its queue.
+    async fn unclaim(&self, tenant: usize, processing: &str) {
         let o = &self.overflow;
         if o.inner.redis.is_some() {
             let _: Option<Option<String>> = o
@@ -796,7 +787,6 @@ impl Drain {
                 )
                 .await;
         }
-        let _ = head;
     }
 
     /// Heartbeats for this instance and re-queues what silent ones held.
