@@ -36,6 +36,23 @@ pub struct ApiError {
     pub retry_after_ms: Option<u64>,
     /// Further response headers (`x-ratelimit-*` on a 429).
     pub headers: Vec<(&'static str, String)>,
+    /// A `runestone_errors_total` reason more precise than the code's.
+    pub reason: Option<Reason>,
+}
+
+/// Reasons that the error code alone does not tell apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// A parked request waited for as long as the tenant allows.
+    OverflowTimeout,
+}
+
+impl Reason {
+    fn label(self) -> &'static str {
+        match self {
+            Reason::OverflowTimeout => "policy_overflow_timeout",
+        }
+    }
 }
 
 impl ApiError {
@@ -53,6 +70,7 @@ impl ApiError {
             message: message.into().into_boxed_str(),
             retry_after_ms: None,
             headers: Vec::new(),
+            reason: None,
         }
     }
 
@@ -229,6 +247,9 @@ impl ApiError {
 
     /// The `runestone_errors_total{reason}` label for this error.
     pub fn reason(&self) -> &'static str {
+        if let Some(reason) = self.reason {
+            return reason.label();
+        }
         match self.code {
             "invalid_api_key" => "auth",
             "rate_limit_exceeded" => "policy_rate_limited",

@@ -151,6 +151,16 @@ fn a_parked_request_gives_up_after_max_wait() {
         ),
         1.0
     );
+    wait_until(
+        Duration::from_secs(5),
+        "the timeout to be counted as a policy error",
+        || {
+            metric_value(
+                &gw.metrics(),
+                r#"runestone_errors_total{reason="policy_overflow_timeout"}"#,
+            ) == 1.0
+        },
+    );
 }
 
 #[test]

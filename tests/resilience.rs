@@ -308,6 +308,16 @@ fn never_retries_once_a_byte_reached_the_client() {
     assert!(!events.iter().any(|e| e == "[DONE]"));
     assert_eq!(chats(&b), 0, "no retry after bytes were sent");
     assert_eq!(ask(&gw).status, 200, "the gateway stays healthy");
+    wait_until(
+        Duration::from_secs(5),
+        "the broken stream to be counted",
+        || {
+            metric_value(
+                &gw.metrics(),
+                r#"runestone_errors_total{reason="provider_stream_broken"}"#,
+            ) == 1.0
+        },
+    );
 }
 
 #[test]

@@ -596,6 +596,7 @@ impl Copy<'_> {
                         ),
                     )
                     .await;
+                    ctx.error_reason = Some("provider_stream_broken");
                     return BodyEnd::ProviderBroke;
                 }
                 Err(_) => {
@@ -605,6 +606,7 @@ impl Copy<'_> {
                         format!("The provider '{}' stalled for {gap:?}.", self.provider.name),
                     )
                     .await;
+                    ctx.error_reason = Some("provider_stream_broken");
                     return BodyEnd::ProviderBroke;
                 }
             }

@@ -322,6 +322,7 @@ impl Gateway {
                     "Rate limit reached; the request waited in the overflow queue for as long as allowed.",
                 );
                 error.retry_after_ms = Some(retry_after_ms);
+                error.reason = Some(crate::openai::Reason::OverflowTimeout);
                 Err(error)
             }
             None => {
