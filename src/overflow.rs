@@ -24,6 +24,7 @@
 //! acknowledged without running again.
 
 use crate::config::{Config, TenantOverflow};
+use crate::limits::redis::LazyConnection;
 use crate::limits::{Grant, Limiter, Settlement};
 use crate::metrics;
 use crate::upstream::Upstreams;
@@ -215,24 +216,14 @@ struct LocalState {
 }
 
 struct RedisQueues {
-    client: redis::Client,
-    manager_config: redis::aio::ConnectionManagerConfig,
-    /// Made on first use, inside the server's runtime.
-    conn: std::sync::OnceLock<Option<ConnectionManager>>,
+    conn: LazyConnection,
     prefix: String,
     timeout: Duration,
 }
 
 impl RedisQueues {
     fn conn(&self) -> Option<ConnectionManager> {
-        self.conn
-            .get_or_init(|| {
-                self.client
-                    .get_connection_manager_lazy(self.manager_config.clone())
-                    .map_err(|e| warn!(error = %e, "cannot set up Redis for the overflow queue; parking will refuse"))
-                    .ok()
-            })
-            .clone()
+        self.conn.get()
     }
 }
 
@@ -261,20 +252,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Overflow {
     /// Queues for the config's tenants, in Redis when configured.
     pub fn new(config: &Config) -> Self {
-        let redis = config.redis.as_ref().and_then(|settings| {
-            let client = redis::Client::open(settings.url.expose())
-                .map_err(|e| warn!(error = %e, "cannot set up Redis for the overflow queue; parking will refuse"))
-                .ok()?;
-            Some(RedisQueues {
-                client,
-                manager_config: redis::aio::ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(settings.timeout))
-                    .set_response_timeout(Some(settings.timeout))
-                    .set_number_of_retries(1),
-                conn: std::sync::OnceLock::new(),
-                prefix: settings.key_prefix.clone(),
-                timeout: settings.timeout,
-            })
+        let redis = config.redis.as_ref().map(|settings| RedisQueues {
+            conn: LazyConnection::new(settings, "the overflow queue (parking will refuse)"),
+            prefix: settings.key_prefix.clone(),
+            timeout: settings.timeout,
         });
         Overflow {
             inner: Arc::new(Inner {

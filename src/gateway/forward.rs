@@ -377,22 +377,14 @@ async fn anthropic_json(
     ctx.usage = Some(usage);
     gateway.settle(ctx).await;
     upstreams.record_outcome(backend, Outcome::Success, Some(ttfb));
-    let mut out = ResponseHeader::build(200, Some(8))
-        .map_err(|e| Failure::Final(ApiError::internal(e.to_string())))?;
-    let headers = [
-        ("content-type", "application/json".to_string()),
-        ("content-length", answer.len().to_string()),
-        ("x-request-id", ctx.request_id.clone()),
-        ("x-runestone-provider", provider.name.clone()),
-        ("x-runestone-attempts", ctx.attempts.to_string()),
-    ];
-    for (name, value) in headers
-        .into_iter()
-        .chain(ctx.rate_limit_headers.iter().map(|(n, v)| (*n, v.clone())))
-    {
-        out.insert_header(name, value)
-            .map_err(|e| Failure::Final(ApiError::internal(e.to_string())))?;
-    }
+    let out = (|| {
+        let mut out = ResponseHeader::build(200, Some(16))?;
+        out.insert_header("content-type", "application/json")?;
+        out.insert_header("content-length", answer.len().to_string())?;
+        add_gateway_headers(&mut out, ctx, &provider.name)?;
+        Ok::<_, Box<pingora::Error>>(out)
+    })()
+    .map_err(|e| Failure::Final(ApiError::internal(e.to_string())))?;
     if client.send_header(out).await {
         ctx.first_byte_at.get_or_insert_with(Instant::now);
         client.send_body(Bytes::from(answer), true).await;
@@ -744,14 +736,25 @@ fn client_response(
             header.insert_header(*name, value)?;
         }
     }
-    for (name, value) in &ctx.rate_limit_headers {
-        header.insert_header(*name, value)?;
-    }
     if let Some(id) = upstream.headers.get("x-request-id") {
         header.insert_header("x-upstream-request-id", id)?;
+    }
+    add_gateway_headers(&mut header, ctx, provider)?;
+    Ok(header)
+}
+
+/// The gateway's own headers on a proxied answer: the tenant's rate limits,
+/// the request id, who served and after how many attempts.
+fn add_gateway_headers(
+    header: &mut ResponseHeader,
+    ctx: &RequestCtx,
+    provider: &str,
+) -> pingora::Result<()> {
+    for (name, value) in &ctx.rate_limit_headers {
+        header.insert_header(*name, value)?;
     }
     header.insert_header("x-request-id", &ctx.request_id)?;
     header.insert_header("x-runestone-provider", provider)?;
     header.insert_header("x-runestone-attempts", ctx.attempts.to_string())?;
-    Ok(header)
+    Ok(())
 }

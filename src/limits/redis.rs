@@ -125,12 +125,55 @@ struct Keys {
     usage_prefix: String,
 }
 
-struct Inner {
+/// A Redis connection made on first use: the connection manager spawns its
+/// driver on the runtime it is created in, which exists only once the
+/// server runs. Shared by the limit store and the overflow queue.
+pub(crate) struct LazyConnection {
     client: Option<redis::Client>,
-    manager_config: ConnectionManagerConfig,
-    /// Made on first use: the manager spawns its driver on the runtime it
-    /// is created in, which exists only once the server runs.
+    config: ConnectionManagerConfig,
     conn: std::sync::OnceLock<Option<ConnectionManager>>,
+    /// What the connection is for, in warnings.
+    purpose: &'static str,
+}
+
+impl LazyConnection {
+    /// A connection to `settings.url`, every call bounded by its timeout.
+    pub(crate) fn new(settings: &RedisSettings, purpose: &'static str) -> Self {
+        let client = redis::Client::open(settings.url.expose())
+            .map_err(|e| warn!(error = %e, "cannot set up the Redis client for {purpose}"))
+            .ok();
+        LazyConnection {
+            client,
+            config: ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(settings.timeout))
+                .set_response_timeout(Some(settings.timeout))
+                .set_number_of_retries(1),
+            conn: std::sync::OnceLock::new(),
+            purpose,
+        }
+    }
+
+    /// Whether a client could be set up at all.
+    pub(crate) fn is_configured(&self) -> bool {
+        self.client.is_some()
+    }
+
+    /// The connection; must be called inside the Tokio runtime.
+    pub(crate) fn get(&self) -> Option<ConnectionManager> {
+        self.conn
+            .get_or_init(|| {
+                self.client
+                    .as_ref()?
+                    .get_connection_manager_lazy(self.config.clone())
+                    .map_err(|e| warn!(error = %e, "cannot set up the Redis connection for {}", self.purpose))
+                    .ok()
+            })
+            .clone()
+    }
+}
+
+struct Inner {
+    conn: LazyConnection,
     timeout: Duration,
     keys: Vec<Keys>,
     up: AtomicBool,
@@ -166,15 +209,6 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl RedisStore {
     /// A store for these tenants; connects lazily, on first use.
     pub fn new(settings: &RedisSettings, tenants: &[TenantSettings]) -> Self {
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(settings.timeout))
-            .set_response_timeout(Some(settings.timeout))
-            .set_number_of_retries(1);
-        let client = redis::Client::open(settings.url.expose())
-            .map_err(
-                |e| warn!(error = %e, "cannot set up the Redis client; limits stay in-process"),
-            )
-            .ok();
         let keys = tenants
             .iter()
             .map(|t| {
@@ -193,9 +227,7 @@ impl RedisStore {
         }
         RedisStore {
             inner: Arc::new(Inner {
-                client,
-                manager_config: config,
-                conn: std::sync::OnceLock::new(),
+                conn: LazyConnection::new(settings, "limits (they stay in-process)"),
                 timeout: settings.timeout,
                 keys,
                 up: AtomicBool::new(true),
@@ -211,21 +243,12 @@ impl RedisStore {
 
     /// Whether Redis answered the last call.
     pub fn is_up(&self) -> bool {
-        self.inner.up.load(Ordering::Relaxed) && self.inner.client.is_some()
+        self.inner.up.load(Ordering::Relaxed) && self.inner.conn.is_configured()
     }
 
     /// The shared connection; must be called inside the Tokio runtime.
     fn connection(&self) -> Option<ConnectionManager> {
-        self.inner
-            .conn
-            .get_or_init(|| {
-                let client = self.inner.client.as_ref()?;
-                client
-                    .get_connection_manager_lazy(self.inner.manager_config.clone())
-                    .map_err(|e| warn!(error = %e, "cannot set up the Redis connection; limits stay in-process"))
-                    .ok()
-            })
-            .clone()
+        self.inner.conn.get()
     }
 
     /// Runs one bounded Redis call; a failure marks the store down.
