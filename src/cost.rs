@@ -125,8 +125,9 @@ impl UsageWire {
 struct Probe<'a> {
     #[serde(borrow, default)]
     choices: Option<Vec<ChoiceProbe<'a>>>,
-    #[serde(default)]
-    usage: Option<serde_json::Value>,
+    /// Kept raw: a malformed `usage` must not hide the generated text.
+    #[serde(borrow, default)]
+    usage: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
@@ -172,14 +173,28 @@ impl Probe<'_> {
     }
 
     fn usage(&self) -> Option<Usage> {
-        let value = self.usage.as_ref().filter(|u| u.is_object())?;
-        UsageWire::deserialize(value).ok()?.into_usage()
+        let raw = self.usage?.get();
+        serde_json::from_str::<UsageWire>(raw).ok()?.into_usage()
     }
 }
 
 /// Usage from a complete JSON response body; estimated from the generated
 /// text (and `prompt_estimate`) when the provider sent none.
 pub fn usage_from_json(body: &[u8], prompt_estimate: u64) -> Usage {
+    // The common case first: a body with `usage`, everything else skipped
+    // unread. Only a body without it is probed for its generated text.
+    #[derive(Deserialize)]
+    struct UsageOnly<'a> {
+        #[serde(borrow, default)]
+        usage: Option<&'a RawValue>,
+    }
+    let reported = serde_json::from_slice::<UsageOnly>(body)
+        .ok()
+        .and_then(|o| serde_json::from_str::<UsageWire>(o.usage?.get()).ok())
+        .and_then(UsageWire::into_usage);
+    if let Some(usage) = reported {
+        return usage;
+    }
     match serde_json::from_slice::<Probe>(body) {
         Ok(probe) => probe.usage().unwrap_or(Usage {
             prompt_tokens: prompt_estimate,

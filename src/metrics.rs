@@ -10,6 +10,9 @@ use prometheus::{
     register_counter_vec, register_histogram_vec, register_int_counter_vec, register_int_gauge,
     register_int_gauge_vec, CounterVec, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec,
 };
+use std::any::Any;
+use std::cell::RefCell;
+use std::collections::HashMap;
 
 /// Latency buckets in seconds, from sub-millisecond gateway work to long
 /// generations.
@@ -221,4 +224,37 @@ pub fn register_all() {
     Lazy::force(&TIME_TO_FIRST_TOKEN);
     Lazy::force(&GATEWAY_OVERHEAD);
     Lazy::force(&BUDGET_USED);
+}
+
+/// Metric children by (vector address, label key): see [`child`].
+type Children = HashMap<(usize, [u32; 4]), Box<dyn Any>>;
+
+thread_local! {
+    /// This thread's metric children.
+    static CHILDREN: RefCell<Children> = RefCell::default();
+}
+
+/// The child of the metric vector `vec` for the labels that `key` stands
+/// for (config indices and small codes), made by `make` on this thread's
+/// first use and reused after that.
+///
+/// A vector's `with_label_values` hashes every label string and takes the
+/// vector's lock on each call; the hot path does that once per thread and
+/// label set instead. `key` must determine the labels `make` uses: they are
+/// fixed for the life of the process (a reload starts a new process).
+pub fn child<V: 'static, M: Clone + 'static>(
+    vec: &'static V,
+    key: [u32; 4],
+    make: impl FnOnce(&V) -> M,
+) -> M {
+    CHILDREN.with(|children| {
+        let mut children = children.borrow_mut();
+        let entry = children
+            .entry((vec as *const V as usize, key))
+            .or_insert_with(|| Box::new(make(vec)));
+        entry
+            .downcast_ref::<M>()
+            .expect("one child type per metric vector")
+            .clone()
+    })
 }

@@ -170,9 +170,9 @@ async fn attempt(
         fail(outcome, failure)
     };
 
-    let (mut upstream, reused) = gateway
-        .connector
-        .get_http_session(&peer)
+    // Boxed: connecting (TLS included) is a large future, and held inline
+    // it would enlarge every request's state for the life of its stream.
+    let (mut upstream, reused) = Box::pin(gateway.connector.get_http_session(&peer))
         .await
         .map_err(io_error)?;
     let header = upstream_request(
@@ -286,8 +286,10 @@ async fn attempt(
         finished: std::sync::atomic::AtomicBool::new(false),
     };
     let end = copy.run(client, &mut upstream, ctx, &mut meter).await;
-    ctx.usage = Some(meter.usage(ctx.prompt_estimate));
     if !copy.finished.load(std::sync::atomic::Ordering::Relaxed) {
+        // Not settled before the end (a broken or abandoned body): what
+        // the meter saw is what the request used.
+        ctx.usage = Some(meter.usage(ctx.prompt_estimate));
         let outcome = match end {
             BodyEnd::Complete => Outcome::Success,
             BodyEnd::ProviderBroke => Outcome::Failure,
@@ -378,7 +380,7 @@ async fn anthropic_json(
     gateway.settle(ctx).await;
     upstreams.record_outcome(backend, Outcome::Success, Some(ttfb));
     let out = (|| {
-        let mut out = ResponseHeader::build(200, Some(16))?;
+        let mut out = ResponseHeader::build_no_case(200, Some(16))?;
         out.insert_header("content-type", "application/json")?;
         out.insert_header("content-length", answer.len().to_string())?;
         add_gateway_headers(&mut out, ctx, &provider.name)?;
@@ -687,7 +689,7 @@ fn upstream_request(
         // As the Anthropic SDK does: the base URL, then /v1/messages.
         ProviderKind::Anthropic => format!("{base}/v1/messages"),
     };
-    let mut header = RequestHeader::build("POST", path.as_bytes(), Some(10))?;
+    let mut header = RequestHeader::build_no_case("POST", path.as_bytes(), Some(10))?;
     header.insert_header("host", &provider.base_url.authority)?;
     header.insert_header("content-type", "application/json")?;
     header.insert_header("content-length", body_len.to_string())?;
@@ -727,7 +729,7 @@ fn client_response(
     provider: &str,
     meter: &Meter,
 ) -> pingora::Result<ResponseHeader> {
-    let mut header = ResponseHeader::build(upstream.status, Some(16))?;
+    let mut header = ResponseHeader::build_no_case(upstream.status, Some(16))?;
     for name in FORWARDED_RESPONSE_HEADERS {
         if *name == "content-length" && meter.edits_body() {
             continue;

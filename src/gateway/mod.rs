@@ -571,15 +571,19 @@ impl Gateway {
         let usage = ctx.usage.unwrap_or_default();
         let cost_pusd = usage.cost_pusd(self.price(ctx));
         if usage.total() > 0 {
-            metrics::TOKENS
-                .with_label_values(&[tenant, model, "prompt"])
-                .inc_by(usage.prompt_tokens);
-            metrics::TOKENS
-                .with_label_values(&[tenant, model, "completion"])
-                .inc_by(usage.completion_tokens);
-            metrics::COST_USD
-                .with_label_values(&[tenant, model])
-                .inc_by(cost_pusd as f64 / crate::config::PICO_PER_USD);
+            let [t, m, _] = label_key(ctx);
+            metrics::child(&metrics::TOKENS, [t, m, 0, 0], |v| {
+                v.with_label_values(&[tenant, model, "prompt"])
+            })
+            .inc_by(usage.prompt_tokens);
+            metrics::child(&metrics::TOKENS, [t, m, 1, 0], |v| {
+                v.with_label_values(&[tenant, model, "completion"])
+            })
+            .inc_by(usage.completion_tokens);
+            metrics::child(&metrics::COST_USD, [t, m, 0, 0], |v| {
+                v.with_label_values(&[tenant, model])
+            })
+            .inc_by(cost_pusd as f64 / crate::config::PICO_PER_USD);
         }
         ctx.cost_pusd = cost_pusd;
         let settlement = Settlement {
@@ -589,6 +593,13 @@ impl Gateway {
         };
         self.limiter.settle(grant, settlement).await;
     }
+}
+
+/// The tenant, route and provider indices behind [`Gateway::labels`] and the
+/// provider label, as a key for [`metrics::child`] (`u32::MAX` when unknown).
+fn label_key(ctx: &RequestCtx) -> [u32; 3] {
+    let index = |i: Option<usize>| i.map_or(u32::MAX, |i| i as u32);
+    [index(ctx.tenant), index(ctx.route), index(ctx.provider)]
 }
 
 /// The 429 for a refused admission, with the limiter's own retry time.
@@ -743,7 +754,7 @@ async fn respond_json(
 }
 
 fn response_header(status: u16, ctx: &RequestCtx, len: usize) -> pingora::Result<ResponseHeader> {
-    let mut header = ResponseHeader::build(status, Some(4))?;
+    let mut header = ResponseHeader::build_no_case(status, Some(4))?;
     header.insert_header("content-type", "application/json")?;
     header.insert_header("content-length", len.to_string())?;
     header.insert_header("x-request-id", &ctx.request_id)?;
@@ -868,20 +879,23 @@ impl ProxyHttp for Gateway {
         let provider = ctx
             .provider
             .map_or("", |p| self.upstreams.provider(p).settings.name.as_str());
-        let status_label = status.to_string();
-        metrics::REQUESTS
-            .with_label_values(&[tenant, model, provider, status_label.as_str()])
-            .inc();
+        let [t, m, p] = label_key(ctx);
+        metrics::child(&metrics::REQUESTS, [t, m, p, u32::from(status)], |v| {
+            v.with_label_values(&[tenant, model, provider, &status.to_string()])
+        })
+        .inc();
         let elapsed = ctx.started.elapsed();
         let ttft = ctx.first_byte_at.map(|at| at.duration_since(ctx.started));
         if ctx.route.is_some() {
-            metrics::REQUEST_DURATION
-                .with_label_values(&[model, provider])
-                .observe(elapsed.as_secs_f64());
+            metrics::child(&metrics::REQUEST_DURATION, [m, p, 0, 0], |v| {
+                v.with_label_values(&[model, provider])
+            })
+            .observe(elapsed.as_secs_f64());
             if let Some(ttft) = ttft {
-                metrics::TIME_TO_FIRST_TOKEN
-                    .with_label_values(&[model, provider])
-                    .observe(ttft.as_secs_f64());
+                metrics::child(&metrics::TIME_TO_FIRST_TOKEN, [m, p, 0, 0], |v| {
+                    v.with_label_values(&[model, provider])
+                })
+                .observe(ttft.as_secs_f64());
             }
             let overhead = elapsed
                 .saturating_sub(ctx.upstream_time)

@@ -285,6 +285,8 @@ pub struct UsageReport {
 struct Inner {
     limits: Vec<TenantLimits>,
     tenant_ids: Vec<String>,
+    /// Each tenant's `runestone_inflight_requests` gauge.
+    inflight: Vec<prometheus::IntGauge>,
     local: local::LocalStore,
     redis: Option<redis::RedisStore>,
     /// EWMA of request durations per tenant, in ms: the estimate of when a
@@ -294,9 +296,7 @@ struct Inner {
 
 impl Inner {
     fn inflight_done(&self, tenant: usize) {
-        metrics::INFLIGHT
-            .with_label_values(&[&self.tenant_ids[tenant]])
-            .dec();
+        self.inflight[tenant].dec();
     }
 }
 
@@ -314,6 +314,11 @@ impl Limiter {
             inner: Arc::new(Inner {
                 limits: config.tenants.iter().map(|t| t.limits.clone()).collect(),
                 tenant_ids: config.tenants.iter().map(|t| t.id.clone()).collect(),
+                inflight: config
+                    .tenants
+                    .iter()
+                    .map(|t| metrics::INFLIGHT.with_label_values(&[&t.id]))
+                    .collect(),
                 local: local::LocalStore::new(n),
                 redis: config
                     .redis
@@ -373,9 +378,7 @@ impl Limiter {
         };
         match decided {
             Ok((decided, state)) => {
-                metrics::INFLIGHT
-                    .with_label_values(&[&inner.tenant_ids[tenant]])
-                    .inc();
+                inner.inflight[tenant].inc();
                 Ok(Grant {
                     tenant,
                     reserved_tokens: tokens,
