@@ -9,9 +9,14 @@
 # filters (benches/floor.rs, the floor); Runestone with no limits; with
 # every feature on (limits, accounting, breakers, metrics, access log off)
 # and in-process state; the same with Redis state. Then streams: time to
-# first token and gateway RSS with 1,000 and 5,000 streams open (STREAM_COUNTS;
-# each stream takes two of the gateway's descriptors, so the hard limit of
-# open files, `ulimit -Hn`, bounds it: 20,000 on the machine measured).
+# first token and RSS with 1,000 and 5,000 streams open, through the floor and
+# through Runestone (STREAM_COUNTS; each stream takes two of the proxy's
+# descriptors, so the hard limit of open files, `ulimit -Hn`, bounds it: 20,000
+# on the machine measured). Open loop: oha at a fixed rate, half the floor's
+# saturation, with latency correction, for latency added over direct and the
+# process's CPU per 1,000 requests/s. Chunk delay: runestone-mock stamps each
+# streamed token with its write time, scripts/chunk_delay.py subtracts it from
+# the arrival time, direct and through Runestone.
 # Pinning (2 cores): the process under test runs alone on CPU 0; wrk, and
 # runestone-mock when it is the upstream, share CPU 1. Loopback only.
 set -euo pipefail
@@ -23,6 +28,8 @@ CONNECTIONS=${CONNECTIONS:-32}
 
 scripts/setup.sh
 command -v wrk >/dev/null || { sudo_cmd=""; [ "$(id -u)" -eq 0 ] || sudo_cmd=sudo; $sudo_cmd apt-get install -y -qq wrk >/dev/null; }
+# oha (open loop with latency correction): about 4-10 minutes to build, once.
+command -v oha >/dev/null || cargo install oha --locked
 cargo build --release --bins --example floor
 # Each open stream costs the gateway two descriptors (client and provider).
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
@@ -92,47 +99,84 @@ measure() { # $1 name, $2 url
   echo "bench: $1: ${RPS[$1]} req/s, p50 ${P50[$1]}, p99 ${P99[$1]}" >&2
 }
 
-# 1. direct: the mock alone on CPU 0.
-taskset -c 0 target/release/runestone-mock --listen "127.0.0.1:$mock_port" >/dev/null 2>&1 &
-pids+=($!); mock_pid=$!
-wait_http "http://127.0.0.1:$mock_port/health"
-measure direct "http://127.0.0.1:$mock_port/v1/chat/completions"
-kill "$mock_pid"; wait "$mock_pid" 2>/dev/null || true
+LIMITS="    limits: { requests_per_minute: 100000000, tokens_per_minute: 100000000000, max_concurrent: 1000000 }"
+REDIS="redis: { url: \"redis://127.0.0.1:$redis_port/0\", timeout_ms: 50 }"
+PATHS=(direct "pingora floor" "runestone, no limits" "runestone, all on, in-process" "runestone, all on, Redis")
 
-# The mock as upstream shares CPU 1 with wrk from here on.
-floor_port=$(free_port)
+# The upstream mock and Redis share CPU 1 with the load generator.
 taskset -c 1 target/release/runestone-mock --listen "127.0.0.1:$mock_port" >/dev/null 2>&1 &
 pids+=($!)
 wait_http "http://127.0.0.1:$mock_port/health"
 taskset -c 1 redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no >/dev/null 2>&1 &
 pids+=($!)
 
-taskset -c 0 target/release/examples/floor "127.0.0.1:$floor_port" "127.0.0.1:$mock_port" >/dev/null 2>&1 &
-floor_pid=$!; pids+=($floor_pid)
-for _ in $(seq 1 300); do (echo >/dev/tcp/127.0.0.1/$floor_port) 2>/dev/null && break; sleep 0.05; done
-measure "pingora floor" "http://127.0.0.1:$floor_port/v1/chat/completions"
-kill "$floor_pid"; wait "$floor_pid" 2>/dev/null || true
-
-LIMITS="    limits: { requests_per_minute: 100000000, tokens_per_minute: 100000000000, max_concurrent: 1000000 }"
-REDIS="redis: { url: \"redis://127.0.0.1:$redis_port/0\", timeout_ms: 50 }"
-run_gateway() { # $1 name, $2 limits, $3 extra
+# start_path NAME: starts the process under test on CPU 0; sets PID and URL.
+start_path() {
   local port mport
-  port=$(free_port); mport=$(free_port)
-  gateway_config "$port" "$mport" "$2" "$3" >"$work/$1.yaml"
-  taskset -c 0 target/release/runestone --config "$work/$1.yaml" >"$work/$1.log" 2>&1 &
-  local pid=$!; pids+=($pid)
-  wait_http "http://127.0.0.1:$port/ready"
-  measure "$1" "http://127.0.0.1:$port/v1/chat/completions"
-  grep -q 'runestone_redis_up 0' <(curl -s "http://127.0.0.1:$mport/metrics") && echo "bench: $1: Redis was down during the run" >&2
-  kill "$pid"; wait "$pid" 2>/dev/null || true
+  port=$(free_port)
+  case "$1" in
+    direct)
+      taskset -c 0 target/release/runestone-mock --listen "127.0.0.1:$port" >/dev/null 2>&1 &
+      PID=$!; wait_http "http://127.0.0.1:$port/health" ;;
+    "pingora floor")
+      taskset -c 0 target/release/examples/floor "127.0.0.1:$port" "127.0.0.1:$mock_port" >/dev/null 2>&1 &
+      PID=$!
+      for _ in $(seq 1 300); do (echo >/dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.05; done ;;
+    *)
+      local limits="" extra=""
+      [[ "$1" == *"all on"* ]] && limits=$LIMITS
+      [[ "$1" == *Redis* ]] && extra=$REDIS
+      mport=$(free_port)
+      gateway_config "$port" "$mport" "$limits" "$extra" >"$work/gw.yaml"
+      taskset -c 0 target/release/runestone --config "$work/gw.yaml" >"$work/gw.log" 2>&1 &
+      PID=$!; wait_http "http://127.0.0.1:$port/ready"
+      METRICS="http://127.0.0.1:$mport/metrics" ;;
+  esac
+  pids+=($PID)
+  PORT=$port
+  URL="http://127.0.0.1:$port/v1/chat/completions"
 }
-run_gateway "runestone, no limits" "" ""
-run_gateway "runestone, all on, in-process" "$LIMITS" ""
-run_gateway "runestone, all on, Redis" "$LIMITS" "$REDIS"
+stop_path() {
+  if [[ "$1" == *Redis* ]] && curl -s "$METRICS" | grep -q '^runestone_redis_up 0'; then
+    echo "bench: $1: Redis was down during the run" >&2
+  fi
+  kill -INT "$PID" 2>/dev/null || true; wait "$PID" 2>/dev/null || true
+}
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
-# Streams: the mock paces tokens at 2/s, so streams stay open while the
-# gateway's RSS is read.
-kill "${pids[1]}" 2>/dev/null || true
+# 1. Closed loop: saturation throughput.
+for name in "${PATHS[@]}"; do
+  start_path "$name"; measure "$name" "$URL"; stop_path "$name"
+done
+
+# 2. Open loop at half the floor's saturation: latency and CPU.
+RATE=$(awk -v r="${RPS[pingora floor]}" 'BEGIN {printf "%d", r / 2}')
+declare -A OL_P50 OL_P99 OL_P999 OL_CPU OL_RPS
+hz=$(getconf CLK_TCK)
+body='{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello to the benchmark"}],"max_tokens":16}'
+for name in "${PATHS[@]}"; do
+  start_path "$name"
+  taskset -c 1 oha -z 2s -q "$RATE" -c "$CONNECTIONS" --no-tui --output-format quiet -m POST \
+    -H 'Authorization: Bearer sk-bench-tenant-key' -H 'Content-Type: application/json' -d "$body" "$URL" >/dev/null 2>&1 || true
+  before=$(cpu_ticks "$PID")
+  taskset -c 1 oha -z "${DURATION}s" -q "$RATE" --latency-correction -c "$CONNECTIONS" --no-tui --output-format json -m POST \
+    -H 'Authorization: Bearer sk-bench-tenant-key' -H 'Content-Type: application/json' -d "$body" "$URL" >"$work/oha.json"
+  after=$(cpu_ticks "$PID")
+  read -r rps p50 p99 p999 < <(python3 -c '
+import json, sys
+d = json.load(open(sys.argv[1])); p = d["latencyPercentiles"]
+ok = d["statusCodeDistribution"].get("200", 0)
+print(round(ok / d["summary"]["total"]), *(round(p[k] * 1e6) for k in ("p50", "p99", "p99.9")))' "$work/oha.json")
+  OL_RPS[$name]=$rps; OL_P50[$name]=$p50; OL_P99[$name]=$p99; OL_P999[$name]=$p999
+  OL_CPU[$name]=$(awk -v t=$((after - before)) -v hz="$hz" -v d="$DURATION" -v r="${OL_RPS[$name]}" \
+    'BEGIN {printf "%.1f", 100 * (t / hz / d) / (r / 1000)}')
+  echo "bench: $name at $RATE req/s: p50 ${OL_P50[$name]}us p99 ${OL_P99[$name]}us p99.9 ${OL_P999[$name]}us, ${OL_CPU[$name]}% of a core per 1k req/s" >&2
+  stop_path "$name"
+done
+
+# 3. Open streams: the mock paces tokens at 2/s, so streams stay open while
+# the proxy's RSS is read.
+kill "${pids[0]}" 2>/dev/null || true
 stream_mock_port=$(free_port)
 taskset -c 1 target/release/runestone-mock --listen "127.0.0.1:$stream_mock_port" --tokens-per-second 2 --threads 1 >/dev/null 2>&1 &
 pids+=($!)
@@ -140,30 +184,63 @@ wait_http "http://127.0.0.1:$stream_mock_port/health"
 mock_port=$stream_mock_port
 declare -A STREAMS
 STREAM_COUNTS=${STREAM_COUNTS:-"1000 5000"}
-for n in $STREAM_COUNTS; do
-  port=$(free_port); mport=$(free_port)
-  gateway_config "$port" "$mport" "$LIMITS" "" >"$work/streams.yaml"
-  taskset -c 0 target/release/runestone --config "$work/streams.yaml" >"$work/streams.log" 2>&1 &
-  gpid=$!; pids+=($gpid)
-  wait_http "http://127.0.0.1:$port/ready"
-  STREAMS[$n]=$(taskset -c 1 python3 scripts/open_streams.py "$port" sk-bench-tenant-key "$n" "$gpid")
-  echo "bench: $n streams: ${STREAMS[$n]}" >&2
-  kill "$gpid"; wait "$gpid" 2>/dev/null || true
+for name in "pingora floor" "runestone, all on, in-process"; do
+  for n in $STREAM_COUNTS; do
+    start_path "$name"
+    STREAMS[$name $n]=$(taskset -c 1 python3 scripts/open_streams.py "$PORT" sk-bench-tenant-key "$n" "$PID")
+    echo "bench: $name, $n streams: ${STREAMS[$name $n]}" >&2
+    stop_path "$name"
+  done
 done
 
+# 4. Chunk forwarding delay: 20 concurrent streams, 20 tokens/s each.
+stamp_port=$(free_port)
+taskset -c 1 target/release/runestone-mock --listen "127.0.0.1:$stamp_port" --tokens-per-second 20 --stamp-chunks >/dev/null 2>&1 &
+pids+=($!)
+wait_http "http://127.0.0.1:$stamp_port/health"
+mock_port=$stamp_port
+CHUNK_DIRECT=$(taskset -c 1 python3 scripts/chunk_delay.py "$stamp_port" none 20 20)
+start_path "runestone, all on, in-process"
+CHUNK_GATEWAY=$(taskset -c 1 python3 scripts/chunk_delay.py "$PORT" sk-bench-tenant-key 20 20)
+stop_path "runestone, all on, in-process"
+echo "bench: chunk delay direct $CHUNK_DIRECT, through runestone $CHUNK_GATEWAY" >&2
+
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.0f%%", 100 * a / b}'; }
+added() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%+d", a - b}'; }
 floor="pingora floor"
 table=$(
+  echo "Closed loop (saturation):"
+  echo
   echo "| path | requests/s | vs pingora floor | p50 | p99 |"
   echo "|---|---|---|---|---|"
-  for name in direct "pingora floor" "runestone, no limits" "runestone, all on, in-process" "runestone, all on, Redis"; do
+  for name in "${PATHS[@]}"; do
     echo "| $name | ${RPS[$name]} | $(ratio "${RPS[$name]}" "${RPS[$floor]}") | ${P50[$name]} | ${P99[$name]} |"
   done
   echo
-  echo "| open streams | streams answered | time to first chunk p50 / p99 (ms) | gateway RSS before / with streams open (KiB) | KiB per stream |"
+  echo "Open loop at $RATE requests/s (half the floor's saturation), latency in µs, added = over direct:"
+  echo
+  echo "| path | p50 | p99 | p99.9 | added p50 / p99 / p99.9 | CPU, % of a core per 1k req/s |"
+  echo "|---|---|---|---|---|---|"
+  for name in "${PATHS[@]}"; do
+    echo "| $name | ${OL_P50[$name]} | ${OL_P99[$name]} | ${OL_P999[$name]} | $(added "${OL_P50[$name]}" "${OL_P50[direct]}") / $(added "${OL_P99[$name]}" "${OL_P99[direct]}") / $(added "${OL_P999[$name]}" "${OL_P999[direct]}") | ${OL_CPU[$name]} |"
+  done
+  echo
+  echo "Open streams:"
+  echo
+  echo "| path | open streams | streams answered | time to first chunk p50 / p99 (ms) | RSS before / with streams open (KiB) | KiB per stream |"
+  echo "|---|---|---|---|---|---|"
+  for name in "pingora floor" "runestone, all on, in-process"; do
+    for n in $STREAM_COUNTS; do
+      python3 -c "import json,sys; d=json.loads(sys.argv[1]); print(f\"| {sys.argv[3]} | {sys.argv[2]} | {d['streams']} | {d['ttft_p50_ms']} / {d['ttft_p99_ms']} | {d['rss_before_kib']} / {d['rss_open_kib']} | {d['kib_per_stream']} |\")" "${STREAMS[$name $n]}" "$n" "$name"
+    done
+  done
+  echo
+  echo "Chunk forwarding delay (µs from the mock writing a token to the client reading it; 20 streams x 20 tokens/s):"
+  echo
+  echo "| path | chunks | p50 | p99 | p99.9 |"
   echo "|---|---|---|---|---|"
-  for n in $STREAM_COUNTS; do
-    python3 -c "import json,sys; d=json.loads(sys.argv[1]); print(f\"| {sys.argv[2]} | {d['streams']} | {d['ttft_p50_ms']} / {d['ttft_p99_ms']} | {d['rss_before_kib']} / {d['rss_open_kib']} | {d['kib_per_stream']} |\")" "${STREAMS[$n]}" "$n"
+  for pair in "direct|$CHUNK_DIRECT" "runestone, all on, in-process|$CHUNK_GATEWAY"; do
+    python3 -c "import json,sys; d=json.loads(sys.argv[2]); print(f\"| {sys.argv[1]} | {d['chunks']} | {d['p50_us']} | {d['p99_us']} | {d['p999_us']} |\")" "${pair%%|*}" "${pair#*|}"
   done
 )
 echo
@@ -174,19 +251,23 @@ machine="$(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /pro
   echo "# Benchmarks"
   echo
   echo "Made by \`DURATION=$DURATION REPEAT=$REPEAT scripts/bench.sh\` on $(date -u +%Y-%m-%d)."
-  echo "Machine: $machine. $(rustc --version). wrk $(wrk -v 2>&1 | head -1 | awk '{print $2}')."
+  echo "Machine: $machine. $(rustc --version). wrk $(wrk -v 2>&1 | head -1 | awk '{print $2}'), $(oha --version)."
   echo
   echo "Closed loop: \`wrk -t1 -c$CONNECTIONS -d${DURATION}s --latency\`, one non-streaming chat request"
   echo "(a 16-token answer from runestone-mock, no added latency), median of $REPEAT runs per path."
+  echo "Open loop: \`oha -z ${DURATION}s -q RATE --latency-correction -c $CONNECTIONS\`, one run per path;"
+  echo "CPU is the process's user + system time over the run (/proc), per 1,000 requests/s served."
   echo "Pinning: the process under test alone on CPU 0 (runestone-mock for \"direct\", the floor"
-  echo "proxy, or runestone with \`threads: 1\`); wrk, and runestone-mock as the upstream, share CPU 1;"
-  echo "Redis also on CPU 1. \"All on\" means RPM, TPM and concurrency limits (set high enough"
+  echo "proxy, or runestone with \`threads: 1\`); the load generator, runestone-mock as the upstream"
+  echo "and Redis share CPU 1. \"All on\" means RPM, TPM and concurrency limits (set high enough"
   echo "never to refuse), cost accounting, breakers and metrics (access log off, as for the others);"
   echo "every runestone path authenticates and meters usage. The floor is benches/floor.rs: a bare"
-  echo "Pingora proxy with no filters."
+  echo "Pingora proxy with no filters. Both use the system allocator (glibc)."
   echo
   echo "Streams: scripts/open_streams.py opens N streaming requests (runestone-mock paces 2 tokens/s)"
-  echo "and reads the gateway's VmRSS while all are open."
+  echo "and reads the proxy's VmRSS while all are open. Chunk delay: runestone-mock --stamp-chunks"
+  echo "writes CLOCK_MONOTONIC into each token; scripts/chunk_delay.py subtracts it on arrival"
+  echo "(the Python reader's own delay is in both rows)."
   echo
   echo "$table"
   echo

@@ -86,6 +86,8 @@ struct RawServer {
     #[serde(default)]
     max_request_body_bytes: Option<usize>,
     #[serde(default)]
+    max_request_header_bytes: Option<usize>,
+    #[serde(default)]
     grace_period_seconds: Option<u64>,
     #[serde(default)]
     pid_file: Option<String>,
@@ -307,6 +309,8 @@ pub struct ServerSettings {
     pub threads: usize,
     /// Largest request body accepted; 413 past it.
     pub max_request_body_bytes: usize,
+    /// Largest request head (request line and headers) accepted; 431 past it.
+    pub max_request_header_bytes: usize,
     /// Seconds a graceful shutdown or upgrade waits for in-flight requests.
     pub grace_period_seconds: u64,
     /// Pingora's pid file.
@@ -335,6 +339,10 @@ pub struct TlsFiles {
 
 /// Default for `server.max_request_body_bytes`: 4 MiB.
 pub const DEFAULT_MAX_REQUEST_BODY_BYTES: usize = 4 * 1024 * 1024;
+
+/// Default for `server.max_request_header_bytes`: 32 KiB, as many servers
+/// allow; the OpenAI SDKs send well under 2 KiB.
+pub const DEFAULT_MAX_REQUEST_HEADER_BYTES: usize = 32 * 1024;
 
 /// The API a provider speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1005,6 +1013,15 @@ fn validate_server(raw: RawServer, problems: &mut Vec<Problem>) -> Option<Server
     let max_request_body_bytes = raw
         .max_request_body_bytes
         .unwrap_or(DEFAULT_MAX_REQUEST_BODY_BYTES);
+    let max_request_header_bytes = raw
+        .max_request_header_bytes
+        .unwrap_or(DEFAULT_MAX_REQUEST_HEADER_BYTES);
+    if !(1024..=1024 * 1024).contains(&max_request_header_bytes) {
+        problems.push(problem(
+            "server.max_request_header_bytes",
+            "must be between 1024 and 1048576 (Pingora reads at most 1 MiB of headers)",
+        ));
+    }
     let tls = raw.tls.map(|tls| {
         for (key, file) in [("cert", &tls.cert), ("key", &tls.key)] {
             if let Err(e) = std::fs::metadata(file) {
@@ -1041,6 +1058,7 @@ fn validate_server(raw: RawServer, problems: &mut Vec<Problem>) -> Option<Server
         metrics_listen,
         threads,
         max_request_body_bytes,
+        max_request_header_bytes,
         grace_period_seconds: raw.grace_period_seconds.unwrap_or(30),
         pid_file: raw
             .pid_file

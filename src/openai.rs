@@ -199,6 +199,16 @@ impl ApiError {
         )
     }
 
+    /// 431: request line and headers over `server.max_request_header_bytes`.
+    pub fn headers_too_large(limit: usize) -> Self {
+        Self::new(
+            431,
+            "invalid_request_error",
+            "request_header_fields_too_large",
+            format!("The request's headers exceed the gateway's limit of {limit} bytes."),
+        )
+    }
+
     /// 429: a tenant's rate or concurrency limit.
     pub fn rate_limit_exceeded(message: impl Into<String>) -> Self {
         Self::new(429, "rate_limit_error", "rate_limit_exceeded", message)
@@ -362,6 +372,8 @@ struct RawFields<'a> {
     api_base: Option<&'a RawValue>,
     #[serde(borrow, default)]
     base_url: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    messages: Option<&'a RawValue>,
 }
 
 /// The request fields the gateway reads, borrowed from the body.
@@ -383,11 +395,23 @@ pub struct RequestFields<'a> {
     /// (`api_key`, `api_base`, `base_url`): they are removed before
     /// forwarding and never honoured.
     pub has_foreign_upstream_fields: bool,
+    /// `messages`, when present, is a JSON array (its items are the
+    /// provider's to check).
+    pub messages_is_array: Option<bool>,
 }
 
 impl<'a> RequestFields<'a> {
     /// Reads the fields from a JSON body, without copying the rest.
     pub fn parse(body: &'a [u8]) -> Result<Self, ApiError> {
+        // JSON is UTF-8, and the parser skips the strings it does not read
+        // without checking them: check the whole body, so nothing invalid
+        // is passed on to a provider.
+        if let Err(e) = std::str::from_utf8(body) {
+            return Err(ApiError::invalid_json(format!(
+                "the body is not valid UTF-8 (at byte {})",
+                e.valid_up_to()
+            )));
+        }
         if body.trim_ascii_start().first() != Some(&b'{') {
             return Err(
                 match serde_json::from_slice::<serde::de::IgnoredAny>(body) {
@@ -442,6 +466,7 @@ impl<'a> RequestFields<'a> {
             has_foreign_upstream_fields: raw.api_key.is_some()
                 || raw.api_base.is_some()
                 || raw.base_url.is_some(),
+            messages_is_array: raw.messages.map(|m| m.get().starts_with('[')),
         })
     }
 }

@@ -206,6 +206,10 @@ struct Cli {
     /// Worker threads.
     #[arg(long, default_value_t = 1)]
     threads: usize,
+    /// Make each streamed token the CLOCK_MONOTONIC time, in microseconds,
+    /// at which it was written (for measuring chunk forwarding delay).
+    #[arg(long)]
+    stamp_chunks: bool,
 }
 
 // ---------------------------------------------------------------------------
@@ -221,6 +225,8 @@ struct MockConfig {
     tokens_per_second: u64,
     /// Latency restored by `POST /_mock/reset`.
     latency_ms: u64,
+    /// Streamed tokens carry their write time (`--stamp-chunks`).
+    stamp_chunks: bool,
 }
 
 /// Counters behind `GET /_mock/stats`.
@@ -1463,6 +1469,14 @@ fn model_json(id: &str) -> Value {
     json!({"id": id, "object": "model", "created": 0, "owned_by": "runestone-mock"})
 }
 
+/// CLOCK_MONOTONIC in microseconds: the clock a client on the same machine
+/// reads with Python's `time.clock_gettime(time.CLOCK_MONOTONIC)`.
+fn monotonic_us() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000 + t.tv_nsec() as u64 / 1000)
+        .unwrap_or(0)
+}
+
 /// Which streaming dialect to speak.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum StreamKind {
@@ -2273,8 +2287,13 @@ impl MockApp {
                 }
                 next += iv;
             }
+            let event = if self.cfg.stamp_chunks {
+                chunks.choice_event(Some(&monotonic_us().to_string()), false, None)
+            } else {
+                chunks.token_event(i)
+            };
             if session
-                .write_response_body(chunks.token_event(i).into(), false)
+                .write_response_body(event.into(), false)
                 .await
                 .is_err()
             {
@@ -2444,6 +2463,7 @@ fn main() {
             api_key: cli.api_key,
             tokens_per_second: cli.tokens_per_second,
             latency_ms: cli.latency_ms,
+            stamp_chunks: cli.stamp_chunks,
         },
         state: MockState::new(cli.latency_ms),
     };

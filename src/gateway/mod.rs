@@ -106,6 +106,10 @@ impl Gateway {
 
     /// Answers one request: locally, by forwarding it, or with an error.
     async fn serve(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<(), ApiError> {
+        let limit = self.config.server.max_request_header_bytes;
+        if head_size(session.req_header()) > limit {
+            return Err(ApiError::headers_too_large(limit));
+        }
         let method = session.req_header().method.clone();
         let path = session.req_header().uri.path().to_string();
         match (method.as_str(), path.as_str()) {
@@ -211,6 +215,14 @@ impl Gateway {
         ctx.route = Some(route_index);
         if !self.config.tenants[tenant].may_use(&route.name) {
             return Err(ApiError::model_not_allowed(&route.name));
+        }
+        if endpoint == Endpoint::ChatCompletions && fields.messages_is_array != Some(true) {
+            // Refused here rather than spending an admission and a provider
+            // call on it.
+            return Err(ApiError::invalid_field(
+                "messages",
+                "expected an array of messages",
+            ));
         }
         let generates = endpoint != Endpoint::Embeddings;
         let tokens = cost::estimate_request_tokens(body.len(), fields.max_tokens, generates);
@@ -698,6 +710,14 @@ fn check_framing(session: &Session) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// The size of a request head as sent: request line and header lines.
+fn head_size(header: &pingora::http::RequestHeader) -> usize {
+    let line = header.method.as_str().len() + header.raw_path().len() + 12;
+    header.headers.iter().fold(line, |sum, (name, value)| {
+        sum + name.as_str().len() + value.len() + 4
+    })
+}
+
 /// Reads the whole request body, refusing it past `limit` bytes.
 async fn read_body(session: &mut Session, limit: usize) -> Result<Bytes, ApiError> {
     let declared = session
@@ -791,7 +811,7 @@ async fn respond_error(session: &mut Session, ctx: &mut RequestCtx, error: &ApiE
     if error.status == 405 {
         let _ = header.insert_header("allow", "POST");
     }
-    if matches!(error.status, 400 | 413) {
+    if matches!(error.status, 400 | 413 | 431) {
         // The rest of the body may still be on the wire: do not try to
         // read past it for the next request.
         session.set_keepalive(None);
@@ -829,6 +849,10 @@ impl ProxyHttp for Gateway {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
         ctx.started = Instant::now();
+        // HTTP/1.1 pipelining: a request sent before the previous answer is
+        // served after it, in order (RFC 9112 9.3.2), rather than dropped
+        // with the connection.
+        session.as_downstream_mut().set_pipelining_enabled(true);
         ctx.request_id = session
             .req_header()
             .headers

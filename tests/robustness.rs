@@ -1,0 +1,200 @@
+//! Issue 9: the bad-input catalog, connection floods and slow clients,
+//! each against the real gateway, which must stay healthy after every case.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+/// One raw HTTP/1 exchange on a fresh connection: the status of every
+/// response read until the gateway closes it, and the first body's
+/// OpenAI error code (`None` when the body is not an OpenAI error).
+fn exchange(port: u16, request: &[u8]) -> (Vec<u16>, Option<String>) {
+    let answer = raw_exchange(port, request, Duration::from_secs(10));
+    let statuses = answer
+        .match_indices("HTTP/1.")
+        .filter_map(|(at, _)| answer.get(at + 9..at + 12)?.parse().ok())
+        .collect();
+    let code = answer
+        .split_once("\r\n\r\n")
+        .and_then(|(_, body)| {
+            let end = body.find("\nHTTP/1.").unwrap_or(body.len());
+            serde_json::from_str::<Value>(body[..end].trim()).ok()
+        })
+        .and_then(|v| v["error"]["code"].as_str().map(str::to_string));
+    (statuses, code)
+}
+
+/// A `POST /v1/chat/completions` with `extra` header lines and `body`.
+fn post(extra: &str, body: &[u8]) -> Vec<u8> {
+    let mut request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {TENANT_KEY}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n{extra}\r\n",
+        body.len()
+    )
+    .into_bytes();
+    request.extend_from_slice(body);
+    request
+}
+
+/// A chunked `POST` of `body` in 8 KiB chunks.
+fn post_chunked(body: &[u8]) -> Vec<u8> {
+    let mut request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {TENANT_KEY}\r\n\
+         Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    )
+    .into_bytes();
+    for chunk in body.chunks(8192) {
+        request.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+        request.extend_from_slice(chunk);
+        request.extend_from_slice(b"\r\n");
+    }
+    request.extend_from_slice(b"0\r\n\r\n");
+    request
+}
+
+const GOOD: &[u8] = br#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#;
+
+/// The gateway still answers health checks and real requests.
+fn assert_healthy(gw: &Gateway, after: &str) {
+    let health = gw.get("/health", None);
+    assert_eq!(health.status, 200, "/health after {after}");
+    let chat = gw.post_json(
+        "/v1/chat/completions",
+        TENANT_KEY,
+        &serde_json::from_slice(GOOD).unwrap(),
+    );
+    assert_eq!(chat.status, 200, "a normal request after {after}");
+}
+
+#[test]
+fn bad_input_catalog_gets_exact_answers_and_the_gateway_stays_healthy() {
+    let mock = Mock::start(&[]);
+    let mut config = GatewayConfig::new(&mock);
+    config.max_body = 64 * 1024;
+    let gw = Gateway::start(&config);
+    let big = format!(
+        r#"{{"model":"gpt-4o-mini","messages":[{{"role":"user","content":"{}"}}]}}"#,
+        "z".repeat(100 * 1024)
+    );
+    let many_headers: String = (0..300).map(|i| format!("X-Filler-{i}: {i}\r\n")).collect();
+    let huge_header = format!("X-Huge: {}\r\n", "h".repeat(40 * 1024));
+    let auth = format!("Authorization: Bearer {TENANT_KEY}\r\n");
+    let pipelined = [
+        format!("POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\n{auth}Content-Length: {}\r\n\r\n", GOOD.len()).into_bytes(),
+        GOOD.to_vec(),
+        format!("POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n", GOOD.len()).into_bytes(),
+        GOOD.to_vec(),
+    ]
+    .concat();
+
+    // (case, raw request, statuses in order, OpenAI error code of the first)
+    type Case = (&'static str, Vec<u8>, Vec<u16>, Option<&'static str>);
+    let cases: Vec<Case> = vec![
+        ("malformed JSON", post("", b"{\"model\": "), vec![400], Some("invalid_json")),
+        ("not JSON", post("", b"hello"), vec![400], Some("invalid_json")),
+        ("invalid UTF-8", post("", b"{\"model\":\"gpt-4o-mini\",\"x\":\"\xff\xfe\"}"), vec![400], Some("invalid_json")),
+        ("JSON but not an object", post("", b"[1,2]"), vec![400], Some("invalid_request")),
+        ("mistyped model", post("", br#"{"model":5,"messages":[]}"#), vec![400], Some("invalid_value")),
+        ("missing model", post("", br#"{"messages":[{"role":"user","content":"hi"}]}"#), vec![400], Some("missing_model")),
+        ("empty model", post("", br#"{"model":"","messages":[]}"#), vec![400], Some("missing_model")),
+        ("messages not an array", post("", br#"{"model":"gpt-4o-mini","messages":"hi"}"#), vec![400], Some("invalid_value")),
+        ("mistyped stream", post("", br#"{"model":"gpt-4o-mini","messages":[],"stream":"yes"}"#), vec![400], Some("invalid_value")),
+        ("chat without messages", post("", br#"{"model":"gpt-4o-mini"}"#), vec![400], Some("invalid_value")),
+        ("body over the limit, declared", post("", big.as_bytes()), vec![413], Some("request_too_large")),
+        ("body over the limit, chunked", post_chunked(big.as_bytes()), vec![413], Some("request_too_large")),
+        ("Content-Length and Transfer-Encoding", post("Transfer-Encoding: chunked\r\n", GOOD), vec![400], Some("invalid_request")),
+        ("oversized headers", post(&huge_header, GOOD), vec![431], Some("request_header_fields_too_large")),
+        // Refused by Pingora's parser before any hook runs: a bare 400 with an
+        // empty body, and the connection closed.
+        ("too many headers", post(&many_headers, GOOD), vec![400], None),
+        ("unknown path", b"GET /v2/nothing HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n".to_vec(), vec![404], Some("unknown_url")),
+        ("unknown method", b"DELETE /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n".to_vec(), vec![405], Some("method_not_allowed")),
+        ("HTTP/1.0", [format!("POST /v1/chat/completions HTTP/1.0\r\n{auth}Content-Length: {}\r\n\r\n", GOOD.len()).into_bytes(), GOOD.to_vec()].concat(), vec![200], None),
+        ("two pipelined requests", pipelined, vec![200, 200], None),
+        // Upgrade is a hop-by-hop header: never passed on or switched to;
+        // the request is served as plain HTTP.
+        ("WebSocket upgrade", post("Upgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n", GOOD), vec![200], None),
+        // CONNECT is refused by Pingora itself (no CONNECT proxying).
+        ("CONNECT", b"CONNECT api.openai.com:443 HTTP/1.1\r\nHost: api.openai.com:443\r\n\r\n".to_vec(), vec![405], None),
+    ];
+    let mut failures = Vec::new();
+    for (case, request, statuses, code) in &cases {
+        let got = exchange(gw.port, request);
+        let want = (statuses.clone(), code.map(str::to_string));
+        if got != want {
+            failures.push(format!("{case}: got {got:?}, want {want:?}"));
+        }
+        assert_healthy(&gw, case);
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert_eq!(
+        mock.request_count(),
+        cases.len() as u64 + 4, // a normal request after each case, HTTP/1.0, two pipelined, the upgrade
+        "only well-formed requests reach the provider"
+    );
+}
+
+#[test]
+fn a_flood_of_idle_connections_from_one_client_does_not_block_others() {
+    let mock = Mock::start(&[]);
+    let gw = Gateway::start(&GatewayConfig::new(&mock));
+    // Bounded by this process's own open-files limit (each costs one here).
+    let idle: Vec<TcpStream> = (0..800)
+        .map_while(|_| TcpStream::connect(("127.0.0.1", gw.port)).ok())
+        .collect();
+    assert!(idle.len() >= 500, "opened only {} connections", idle.len());
+    let started = Instant::now();
+    for _ in 0..20 {
+        assert_healthy(&gw, "opening the idle connections");
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "20 requests took {:?} beside {} idle connections",
+        started.elapsed(),
+        idle.len()
+    );
+    drop(idle);
+    assert_healthy(&gw, "closing the idle connections");
+}
+
+#[test]
+fn slow_clients_trickling_headers_do_not_starve_others() {
+    let mock = Mock::start(&[]);
+    let gw = Gateway::start(&GatewayConfig::new(&mock));
+    // 200 clients that send a header byte at a time and never finish.
+    let mut slow: Vec<TcpStream> = (0..200)
+        .map(|_| {
+            let mut s = TcpStream::connect(("127.0.0.1", gw.port)).expect("connect");
+            s.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nX-Slow: ")
+                .expect("write");
+            s
+        })
+        .collect();
+    for round in 0..5 {
+        for s in &mut slow {
+            s.write_all(b"a")
+                .expect("the gateway keeps a trickling client open");
+        }
+        assert_healthy(&gw, &format!("round {round} of trickled bytes"));
+    }
+    // A slow client that finishes is then served.
+    let mut last = slow.pop().unwrap();
+    last.write_all(
+        format!(
+            "\r\nAuthorization: Bearer {TENANT_KEY}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            GOOD.len()
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    last.write_all(GOOD).unwrap();
+    last.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut answer = String::new();
+    let _ = last.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
