@@ -248,6 +248,7 @@ impl Gateway {
                 }
             }
             Err(refusal) if overflow.enabled && refusal.limit != LimitKind::Budget => {
+                self.limiter.count_refusal(tenant, &refusal);
                 match self
                     .wait_in_queue(session, ctx, tenant, route_index, tokens, Some(refusal))
                     .await?
@@ -256,7 +257,10 @@ impl Gateway {
                     None => return Ok(()),
                 }
             }
-            Err(refusal) => return Err(refusal_error(refusal)),
+            Err(refusal) => {
+                self.limiter.count_refusal(tenant, &refusal);
+                return Err(refusal_error(refusal));
+            }
         };
         ctx.rate_limit_headers = rate_limit_headers(&grant.state);
         ctx.grant = Some(grant);

@@ -334,6 +334,15 @@ impl Limiter {
         self.inner.redis.clone()
     }
 
+    /// Counts a request refused by `refusal` in `runestone_rate_limited_total`:
+    /// once per request, by the caller that refused it (the overflow queue's
+    /// retries for a parked request are not refusals).
+    pub fn count_refusal(&self, tenant: usize, refusal: &Refusal) {
+        metrics::RATE_LIMITED
+            .with_label_values(&[&self.inner.tenant_ids[tenant], refusal.limit.label()])
+            .inc();
+    }
+
     /// Admits a request of `tokens` estimated tokens for `tenant`, or says
     /// which limit refuses it and for how long.
     pub async fn admit(&self, tenant: usize, tokens: u64) -> Result<Grant, Refusal> {
@@ -398,9 +407,6 @@ impl Limiter {
                     }
                     _ => refusal.retry_after_ms,
                 };
-                metrics::RATE_LIMITED
-                    .with_label_values(&[&inner.tenant_ids[tenant], refusal.limit.label()])
-                    .inc();
                 Err(refusal)
             }
         }
