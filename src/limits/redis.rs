@@ -186,6 +186,10 @@ struct Inner {
     known_spend: Vec<Mutex<(String, i64)>>,
     /// Leases this instance holds: lease id -> tenant.
     leases: Mutex<HashMap<String, usize>>,
+    /// Leases whose release failed (Redis down or frozen at settlement):
+    /// released by the flush once Redis answers, so a tenant does not lose
+    /// those slots until the leases expire.
+    unreleased: Mutex<Vec<(usize, String)>>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -237,6 +241,7 @@ impl RedisStore {
                 pending: Mutex::default(),
                 known_spend: tenants.iter().map(|_| Mutex::default()).collect(),
                 leases: Mutex::default(),
+                unreleased: Mutex::default(),
             }),
         }
     }
@@ -286,7 +291,7 @@ impl RedisStore {
         }
         let keys = &self.inner.keys[tenant];
         let usage_key = format!("{}{period_id}", keys.usage_prefix);
-        let reply: (String, String, String, String, String) = self
+        let reply: Option<(String, String, String, String, String)> = self
             .call("admit", |mut conn| async move {
                 self.inner
                     .admit
@@ -303,8 +308,16 @@ impl RedisStore {
                     .invoke_async(&mut conn)
                     .await
             })
-            .await?;
-        let (refused, now, requests_tat, tokens_tat, spent) = reply;
+            .await;
+        let Some((refused, now, requests_tat, tokens_tat, spent)) = reply else {
+            // A call that timed out may still run once Redis answers again
+            // (a frozen Redis reads it later) and take a slot nobody holds:
+            // release it with the flush.
+            if limits.max_concurrent.is_some() {
+                lock(&self.inner.unreleased).push((tenant, lease.to_string()));
+            }
+            return None;
+        };
         let number = |s: &str| s.parse::<f64>().unwrap_or(0.0);
         let (now, requests_tat, tokens_tat) =
             (number(&now), number(&requests_tat), number(&tokens_tat));
@@ -380,6 +393,9 @@ impl RedisStore {
             if done.is_some() {
                 return;
             }
+        }
+        if let Some(lease) = lease {
+            lock(&self.inner.unreleased).push((tenant, lease.to_string()));
         }
         lock(&self.inner.pending)
             .entry((tenant, period_id.to_string()))
@@ -464,14 +480,20 @@ impl RedisStore {
         }
     }
 
-    /// Writes usage recorded while Redis was down.
+    /// Writes usage recorded while Redis was down, and releases the leases
+    /// that could not be released then.
     async fn flush_pending(&self) {
         let pending: Vec<((usize, String), PeriodUsage)> =
             lock(&self.inner.pending).drain().collect();
-        if pending.is_empty() {
+        let unreleased: Vec<(usize, String)> = lock(&self.inner.unreleased).drain(..).collect();
+        if pending.is_empty() && unreleased.is_empty() {
             return;
         }
         let mut pipe = redis::pipe();
+        for (tenant, lease) in &unreleased {
+            pipe.zrem(&self.inner.keys[*tenant].inflight, lease)
+                .ignore();
+        }
         for ((tenant, period_id), usage) in &pending {
             let key = format!("{}{period_id}", self.inner.keys[*tenant].usage_prefix);
             pipe.hincr(&key, "requests", usage.requests).ignore();
@@ -496,10 +518,12 @@ impl RedisStore {
             for (key, usage) in pending {
                 back.entry(key).or_default().add(&usage);
             }
+            lock(&self.inner.unreleased).extend(unreleased);
         } else {
             info!(
                 entries = pending.len(),
-                "flushed usage recorded while Redis was unavailable"
+                leases = unreleased.len(),
+                "flushed usage and lease releases recorded while Redis was unavailable"
             );
         }
     }

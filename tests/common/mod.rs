@@ -74,7 +74,11 @@ pub struct Mock {
 impl Mock {
     /// Starts the mock with extra CLI arguments.
     pub fn start(args: &[&str]) -> Mock {
-        let port = free_port();
+        Mock::start_on(free_port(), args)
+    }
+
+    /// Starts the mock on `port` (to bring a killed one back).
+    pub fn start_on(port: u16, args: &[&str]) -> Mock {
         let mut child = Command::new(env!("CARGO_BIN_EXE_runestone-mock"))
             .arg("--listen")
             .arg(format!("127.0.0.1:{port}"))
