@@ -43,7 +43,7 @@ fn under_load(gw: &Gateway, key: &str, fault: impl FnOnce()) -> BTreeMap<String,
             scope.spawn(|| {
                 while !stop.load(Ordering::Relaxed) {
                     let n = sent.fetch_add(1, Ordering::Relaxed);
-                    let what = outcome(gw, key, n % 2 == 0);
+                    let what = outcome(gw, key, n.is_multiple_of(2));
                     *seen.lock().unwrap().entry(what).or_insert(0) += 1;
                 }
             });
