@@ -7,7 +7,7 @@ use crate::limits::{redis::RedisMaintenance, Limiter};
 use crate::metrics;
 use crate::overflow::{Drain, Overflow};
 use crate::upstream::Upstreams;
-use pingora::connectors::http::Connector;
+use pingora::connectors::http::v1::Connector;
 use pingora::connectors::ConnectorOptions;
 use pingora::proxy::http_proxy_service_with_name;
 use pingora::server::configuration::{Opt, ServerConf};

@@ -3,8 +3,9 @@
 
 use crate::config::BaseUrl;
 use bytes::Bytes;
-use pingora::connectors::http::Connector;
+use pingora::connectors::http::v1::Connector;
 use pingora::http::RequestHeader;
+use pingora::protocols::http::client::HttpSession;
 use pingora::upstreams::peer::HttpPeer;
 use std::time::Duration;
 
@@ -41,7 +42,8 @@ pub(super) async fn post(
             .map_err(|e| e.to_string())?;
     }
     let exchange = async {
-        let (mut session, _) = connector.get_http_session(&peer).await?;
+        let (session, _) = connector.get_http_session(&peer).await?;
+        let mut session: HttpSession = HttpSession::H1(session);
         session.write_request_header(Box::new(header)).await?;
         session
             .write_request_body(Bytes::copy_from_slice(body), true)

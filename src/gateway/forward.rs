@@ -23,6 +23,7 @@ use crate::providers::anthropic;
 use crate::upstream::breaker::Outcome;
 use crate::upstream::Backend;
 use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::protocols::http::client::HttpSession;
 use pingora::{ErrorSource, ErrorType};
@@ -60,17 +61,23 @@ enum BodyEnd {
 
 /// Client request headers passed on to providers; everything else
 /// (hop-by-hop headers, cookies, the tenant's credentials) stays behind.
-const FORWARDED_REQUEST_HEADERS: &[&str] = &["accept", "user-agent", "openai-beta"];
+const FORWARDED_REQUEST_HEADERS: [HeaderName; 3] = [
+    header::ACCEPT,
+    header::USER_AGENT,
+    HeaderName::from_static("openai-beta"),
+];
 
 /// Provider response headers passed on to clients. Provider rate-limit
 /// headers describe the shared account, not the tenant, and are dropped.
-const FORWARDED_RESPONSE_HEADERS: &[&str] = &[
-    "content-type",
-    "content-length",
-    "cache-control",
-    "openai-processing-ms",
-    "openai-version",
+const FORWARDED_RESPONSE_HEADERS: [HeaderName; 5] = [
+    header::CONTENT_TYPE,
+    header::CONTENT_LENGTH,
+    header::CACHE_CONTROL,
+    HeaderName::from_static("openai-processing-ms"),
+    HeaderName::from_static("openai-version"),
 ];
+
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Forwards the request, failing over until a backend answers.
 pub(super) async fn forward(
@@ -170,11 +177,18 @@ async fn attempt(
         fail(outcome, failure)
     };
 
-    // Boxed: connecting (TLS included) is a large future, and held inline
-    // it would enlarge every request's state for the life of its stream.
-    let (mut upstream, reused) = Box::pin(gateway.connector.get_http_session(&peer))
-        .await
-        .map_err(io_error)?;
+    let (mut upstream, reused) = match gateway.connector.reused_http_session(&peer).await {
+        Some(pooled) => (HttpSession::H1(pooled), true),
+        None => {
+            // Boxed: connecting (TLS included) is a large future, and held
+            // inline it would enlarge every request's state for the life of
+            // its stream.
+            let (fresh, reused) = Box::pin(gateway.connector.get_http_session(&peer))
+                .await
+                .map_err(io_error)?;
+            (HttpSession::H1(fresh), reused)
+        }
+    };
     let header = upstream_request(
         provider,
         provider_model,
@@ -297,10 +311,12 @@ async fn attempt(
         };
         upstreams.record_outcome(backend, outcome, Some(ttfb));
     }
-    if end == BodyEnd::Complete && upstream.response_done() {
+    if let (BodyEnd::Complete, true, HttpSession::H1(done)) =
+        (end, upstream.response_done(), upstream)
+    {
         gateway
             .connector
-            .release_http_session(upstream, &peer, peer.options.idle_timeout)
+            .release_http_session(done, &peer, peer.options.idle_timeout)
             .await;
     }
     Ok(())
@@ -379,14 +395,17 @@ async fn anthropic_json(
     ctx.usage = Some(usage);
     gateway.settle(ctx).await;
     upstreams.record_outcome(backend, Outcome::Success, Some(ttfb));
-    let out = (|| {
-        let mut out = ResponseHeader::build_no_case(200, Some(16))?;
-        out.insert_header("content-type", "application/json")?;
-        out.insert_header("content-length", answer.len().to_string())?;
-        add_gateway_headers(&mut out, ctx, &provider.name)?;
-        Ok::<_, Box<pingora::Error>>(out)
-    })()
-    .map_err(|e| Failure::Final(ApiError::internal(e.to_string())))?;
+    let (mut parts, ()) = http::Response::new(()).into_parts();
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    parts
+        .headers
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(answer.len()));
+    add_gateway_headers(&mut parts.headers, ctx, &provider.name)
+        .map_err(|e| Failure::Final(ApiError::internal(e.to_string())))?;
+    let out = ResponseHeader::from(parts);
     if client.send_header(out).await {
         ctx.first_byte_at.get_or_insert_with(Instant::now);
         client.send_body(Bytes::from(answer), true).await;
@@ -665,16 +684,20 @@ fn classify(
     }
 }
 
+/// An error building a header from parts that should always be valid.
+type HeaderError = Box<dyn std::error::Error + Send + Sync>;
+
 /// The request header sent to the provider: its path, host and key; the
-/// tenant's credentials never leave the gateway.
+/// tenant's credentials never leave the gateway. Built on `http`'s types
+/// directly (no header-case map): names are constants, values mostly shared.
 fn upstream_request(
     provider: &ProviderSettings,
     provider_model: &str,
     endpoint: Endpoint,
-    client_headers: &http::HeaderMap,
+    client_headers: &HeaderMap,
     ctx: &RequestCtx,
     body_len: usize,
-) -> pingora::Result<RequestHeader> {
+) -> Result<RequestHeader, HeaderError> {
     let base = &provider.base_url.path;
     let suffix = endpoint.provider_suffix();
     let path = match provider.kind {
@@ -689,36 +712,56 @@ fn upstream_request(
         // As the Anthropic SDK does: the base URL, then /v1/messages.
         ProviderKind::Anthropic => format!("{base}/v1/messages"),
     };
-    let mut header = RequestHeader::build_no_case("POST", path.as_bytes(), Some(10))?;
-    header.insert_header("host", &provider.base_url.authority)?;
-    header.insert_header("content-type", "application/json")?;
-    header.insert_header("content-length", body_len.to_string())?;
+    let (mut parts, ()) = http::Request::new(()).into_parts();
+    parts.method = http::Method::POST;
+    parts.uri = http::Uri::try_from(path)?;
+    let headers = &mut parts.headers;
+    headers.reserve(12);
+    headers.insert(
+        header::HOST,
+        HeaderValue::from_str(&provider.base_url.authority)?,
+    );
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body_len));
     // Usage is read from the body on its way through: keep it uncompressed.
-    header.insert_header("accept-encoding", "identity")?;
-    header.insert_header("x-request-id", &ctx.request_id)?;
+    headers.insert(
+        header::ACCEPT_ENCODING,
+        HeaderValue::from_static("identity"),
+    );
+    headers.insert(X_REQUEST_ID, HeaderValue::from_str(&ctx.request_id)?);
     if let Some(key) = &provider.api_key {
-        match provider.kind {
-            ProviderKind::OpenAi => {
-                header.insert_header("authorization", format!("Bearer {}", key.expose()))?
-            }
-            ProviderKind::Azure => header.insert_header("api-key", key.expose())?,
-            ProviderKind::Anthropic => header.insert_header("x-api-key", key.expose())?,
-        }
+        let (name, value) = match provider.kind {
+            ProviderKind::OpenAi => (header::AUTHORIZATION, format!("Bearer {}", key.expose())),
+            ProviderKind::Azure => (HeaderName::from_static("api-key"), key.expose().to_string()),
+            ProviderKind::Anthropic => (
+                HeaderName::from_static("x-api-key"),
+                key.expose().to_string(),
+            ),
+        };
+        let mut value = HeaderValue::try_from(value)?;
+        value.set_sensitive(true);
+        headers.insert(name, value);
     }
     if provider.kind == ProviderKind::Anthropic {
-        header.insert_header("anthropic-version", anthropic::API_VERSION)?;
+        headers.insert(
+            HeaderName::from_static("anthropic-version"),
+            HeaderValue::from_static(anthropic::API_VERSION),
+        );
     }
     for name in FORWARDED_REQUEST_HEADERS {
-        if let Some(value) = client_headers.get(*name) {
-            header.insert_header(*name, value)?;
+        if let Some(value) = client_headers.get(&name) {
+            headers.insert(name, value.clone());
         }
     }
     for (name, value) in client_headers {
         if name.as_str().starts_with("x-stainless-") {
-            header.append_header(name.clone(), value)?;
+            headers.append(name.clone(), value.clone());
         }
     }
-    Ok(header)
+    Ok(RequestHeader::from(parts))
 }
 
 /// The response header sent to the client: the provider's status and an
@@ -728,35 +771,45 @@ fn client_response(
     ctx: &RequestCtx,
     provider: &str,
     meter: &Meter,
-) -> pingora::Result<ResponseHeader> {
-    let mut header = ResponseHeader::build_no_case(upstream.status, Some(16))?;
+) -> Result<ResponseHeader, HeaderError> {
+    let (mut parts, ()) = http::Response::new(()).into_parts();
+    parts.status = upstream.status;
+    parts.headers.reserve(16);
     for name in FORWARDED_RESPONSE_HEADERS {
-        if *name == "content-length" && meter.edits_body() {
+        if name == header::CONTENT_LENGTH && meter.edits_body() {
             continue;
         }
-        if let Some(value) = upstream.headers.get(*name) {
-            header.insert_header(*name, value)?;
+        if let Some(value) = upstream.headers.get(&name) {
+            parts.headers.insert(name, value.clone());
         }
     }
-    if let Some(id) = upstream.headers.get("x-request-id") {
-        header.insert_header("x-upstream-request-id", id)?;
+    if let Some(id) = upstream.headers.get(X_REQUEST_ID) {
+        parts
+            .headers
+            .insert(HeaderName::from_static("x-upstream-request-id"), id.clone());
     }
-    add_gateway_headers(&mut header, ctx, provider)?;
-    Ok(header)
+    add_gateway_headers(&mut parts.headers, ctx, provider)?;
+    Ok(ResponseHeader::from(parts))
 }
 
 /// The gateway's own headers on a proxied answer: the tenant's rate limits,
 /// the request id, who served and after how many attempts.
 fn add_gateway_headers(
-    header: &mut ResponseHeader,
+    headers: &mut HeaderMap,
     ctx: &RequestCtx,
     provider: &str,
-) -> pingora::Result<()> {
+) -> Result<(), HeaderError> {
     for (name, value) in &ctx.rate_limit_headers {
-        header.insert_header(*name, value)?;
+        headers.insert(HeaderName::from_static(name), HeaderValue::from_str(value)?);
     }
-    header.insert_header("x-request-id", &ctx.request_id)?;
-    header.insert_header("x-runestone-provider", provider)?;
-    header.insert_header("x-runestone-attempts", ctx.attempts.to_string())?;
+    headers.insert(X_REQUEST_ID, HeaderValue::from_str(&ctx.request_id)?);
+    headers.insert(
+        HeaderName::from_static("x-runestone-provider"),
+        HeaderValue::from_str(provider)?,
+    );
+    headers.insert(
+        HeaderName::from_static("x-runestone-attempts"),
+        HeaderValue::from(ctx.attempts),
+    );
     Ok(())
 }

@@ -28,7 +28,7 @@ use crate::upstream::Upstreams;
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use client::Collected;
-use pingora::connectors::http::Connector;
+use pingora::connectors::http::v1::Connector;
 use pingora::http::ResponseHeader;
 use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
