@@ -12,7 +12,7 @@
 # first token and RSS with 1,000 and 5,000 streams open, through the floor and
 # through Runestone (STREAM_COUNTS; each stream takes two of the proxy's
 # descriptors, so the hard limit of open files, `ulimit -Hn`, bounds it: 20,000
-# on the machine measured). Open loop: oha at a fixed rate, half the floor's
+# on the machine measured). Open loop: oha at a fixed rate, half of Runestone's
 # saturation, with latency correction, for latency added over direct and the
 # process's CPU per 1,000 requests/s. Chunk delay: runestone-mock stamps each
 # streamed token with its write time, scripts/chunk_delay.py subtracts it from
@@ -149,8 +149,10 @@ for name in "${PATHS[@]}"; do
   start_path "$name"; measure "$name" "$URL"; stop_path "$name"
 done
 
-# 2. Open loop at half the floor's saturation: latency and CPU.
-RATE=$(awk -v r="${RPS[pingora floor]}" 'BEGIN {printf "%d", r / 2}')
+# 2. Open loop at half of Runestone's saturation (every feature on,
+# in-process), the same rate for every path: latency and CPU, median of
+# REPEAT runs.
+RATE=$(awk -v r="${RPS[runestone, all on, in-process]}" 'BEGIN {printf "%d", r / 2}')
 declare -A OL_P50 OL_P99 OL_P999 OL_CPU OL_RPS
 hz=$(getconf CLK_TCK)
 body='{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello to the benchmark"}],"max_tokens":16}'
@@ -158,18 +160,23 @@ for name in "${PATHS[@]}"; do
   start_path "$name"
   taskset -c 1 oha -z 2s -q "$RATE" -c "$CONNECTIONS" --no-tui --output-format quiet -m POST \
     -H 'Authorization: Bearer sk-bench-tenant-key' -H 'Content-Type: application/json' -d "$body" "$URL" >/dev/null 2>&1 || true
-  before=$(cpu_ticks "$PID")
-  taskset -c 1 oha -z "${DURATION}s" -q "$RATE" --latency-correction -c "$CONNECTIONS" --no-tui --output-format json -m POST \
-    -H 'Authorization: Bearer sk-bench-tenant-key' -H 'Content-Type: application/json' -d "$body" "$URL" >"$work/oha.json"
-  after=$(cpu_ticks "$PID")
-  read -r rps p50 p99 p999 < <(python3 -c '
+  runs=()
+  for _ in $(seq 1 "$REPEAT"); do
+    before=$(cpu_ticks "$PID")
+    taskset -c 1 oha -z "${DURATION}s" -q "$RATE" --latency-correction -c "$CONNECTIONS" --no-tui --output-format json -m POST \
+      -H 'Authorization: Bearer sk-bench-tenant-key' -H 'Content-Type: application/json' -d "$body" "$URL" >"$work/oha.json"
+    after=$(cpu_ticks "$PID")
+    # served req/s, p50, p99, p99.9 (us), CPU % of a core per 1k req/s
+    runs+=("$(python3 -c '
 import json, sys
 d = json.load(open(sys.argv[1])); p = d["latencyPercentiles"]
-ok = d["statusCodeDistribution"].get("200", 0)
-print(round(ok / d["summary"]["total"]), *(round(p[k] * 1e6) for k in ("p50", "p99", "p99.9")))' "$work/oha.json")
-  OL_RPS[$name]=$rps; OL_P50[$name]=$p50; OL_P99[$name]=$p99; OL_P999[$name]=$p999
-  OL_CPU[$name]=$(awk -v t=$((after - before)) -v hz="$hz" -v d="$DURATION" -v r="${OL_RPS[$name]}" \
-    'BEGIN {printf "%.1f", 100 * (t / hz / d) / (r / 1000)}')
+rps = d["statusCodeDistribution"].get("200", 0) / d["summary"]["total"]
+cpu = 100 * (int(sys.argv[2]) / int(sys.argv[3]) / float(sys.argv[4])) / (rps / 1000)
+print(round(rps), *(round(p[k] * 1e6) for k in ("p50", "p99", "p99.9")), round(cpu, 1))' \
+      "$work/oha.json" $((after - before)) "$hz" "$DURATION")")
+  done
+  col() { printf '%s\n' "${runs[@]}" | awk -v c="$1" '{print $c}' | median; }
+  OL_RPS[$name]=$(col 1); OL_P50[$name]=$(col 2); OL_P99[$name]=$(col 3); OL_P999[$name]=$(col 4); OL_CPU[$name]=$(col 5)
   echo "bench: $name at $RATE req/s: p50 ${OL_P50[$name]}us p99 ${OL_P99[$name]}us p99.9 ${OL_P999[$name]}us, ${OL_CPU[$name]}% of a core per 1k req/s" >&2
   stop_path "$name"
 done
@@ -217,7 +224,7 @@ table=$(
     echo "| $name | ${RPS[$name]} | $(ratio "${RPS[$name]}" "${RPS[$floor]}") | ${P50[$name]} | ${P99[$name]} |"
   done
   echo
-  echo "Open loop at $RATE requests/s (half the floor's saturation), latency in µs, added = over direct:"
+  echo "Open loop at $RATE requests/s (half of Runestone's saturation, every feature on, in-process), latency in µs, added = over direct, median of $REPEAT runs:"
   echo
   echo "| path | p50 | p99 | p99.9 | added p50 / p99 / p99.9 | CPU, % of a core per 1k req/s |"
   echo "|---|---|---|---|---|---|"
@@ -255,7 +262,7 @@ machine="$(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /pro
   echo
   echo "Closed loop: \`wrk -t1 -c$CONNECTIONS -d${DURATION}s --latency\`, one non-streaming chat request"
   echo "(a 16-token answer from runestone-mock, no added latency), median of $REPEAT runs per path."
-  echo "Open loop: \`oha -z ${DURATION}s -q RATE --latency-correction -c $CONNECTIONS\`, one run per path;"
+  echo "Open loop: \`oha -z ${DURATION}s -q RATE --latency-correction -c $CONNECTIONS\`, median of $REPEAT runs per path;"
   echo "CPU is the process's user + system time over the run (/proc), per 1,000 requests/s served."
   echo "Pinning: the process under test alone on CPU 0 (runestone-mock for \"direct\", the floor"
   echo "proxy, or runestone with \`threads: 1\`); the load generator, runestone-mock as the upstream"
