@@ -279,6 +279,7 @@ machine="$(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /pro
   echo "$table"
   echo
   echo "Micro-benchmarks of the hot functions: \`cargo bench --bench hot_paths\` (criterion)."
+  echo "How the hot path was profiled, what changed and what is left: docs/performance.md."
 } > docs/BENCHMARKS.md
 echo
 echo "written to docs/BENCHMARKS.md"
