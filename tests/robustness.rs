@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use serde_json::Value;
+use serde_json::{json, Value};
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
@@ -197,4 +197,140 @@ fn slow_clients_trickling_headers_do_not_starve_others() {
     let mut answer = String::new();
     let _ = last.read_to_string(&mut answer);
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
+
+/// Prompt and completion tokens the gateway has counted so far.
+fn tokens_counted(gw: &Gateway) -> f64 {
+    let metrics = gw.metrics();
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("runestone_tokens_total{"))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+#[test]
+fn hostile_provider_catalog_gets_exact_answers_and_accounting_holds() {
+    let mock = Mock::start(&["--tokens-per-second", "50"]);
+    let mut config = GatewayConfig::new(&mock);
+    config.providers = vec![format!(
+        "  - {{ name: mock, kind: openai, base_url: \"{}\", api_key: \"{PROVIDER_KEY}\", timeouts: {{ idle_ms: 500 }} }}",
+        mock.base_url()
+    )];
+    let gw = Gateway::start(&config);
+    let giant_line = format!("data: {}", "x".repeat(3 * 1024 * 1024));
+    let echo = format!(
+        r#"{{"error":{{"message":"Incorrect API key provided: {PROVIDER_KEY}","type":"invalid_request_error"}}}}"#
+    );
+    let usage_body = |usage: &str| {
+        format!(
+            r#"{{"id":"x","object":"chat.completion","choices":[{{"index":0,"message":{{"role":"assistant","content":"hello there"}},"finish_reason":"stop"}}],"usage":{usage}}}"#
+        )
+    };
+    // (case, mock fault, stream, status, what the body must show, most
+    // tokens the gateway may count for it)
+    type Case = (&'static str, Value, bool, u16, &'static str, f64);
+    let cases: Vec<Case> = vec![
+        (
+            "a 200 that is not JSON: passed on, usage estimated",
+            json!({"status": 200, "error_body": "plain words, not JSON"}),
+            false,
+            200,
+            "plain words",
+            100.0,
+        ),
+        (
+            "a giant SSE line: passed on, not held",
+            json!({"status": 200, "content_type": "text/event-stream", "error_body": giant_line}),
+            true,
+            200,
+            "xxxx",
+            1_000_000.0,
+        ),
+        (
+            "a stream that never ends: cut after the idle timeout with an error event",
+            json!({"stall_after_chunks": 2, "stall_ms": 60_000}),
+            true,
+            200,
+            "\"error\"",
+            1000.0,
+        ),
+        (
+            "negative usage: ignored, estimated instead",
+            json!({"status": 200, "content_type": "application/json", "error_body": usage_body(r#"{"prompt_tokens":-5,"completion_tokens":-7}"#)}),
+            false,
+            200,
+            "hello there",
+            1000.0,
+        ),
+        (
+            "absurd usage: ignored, estimated instead",
+            json!({"status": 200, "content_type": "application/json", "error_body": usage_body(r#"{"prompt_tokens":1000000000000,"completion_tokens":5}"#)}),
+            false,
+            200,
+            "hello there",
+            1000.0,
+        ),
+        (
+            "the provider echoes the gateway's key: masked",
+            json!({"status": 400, "error_body": echo}),
+            false,
+            400,
+            "Incorrect API key provided: *****",
+            0.0,
+        ),
+    ];
+    for (case, fault, stream, status, shows, most_tokens) in cases {
+        let mut fault = fault;
+        fault["path"] = json!("/v1/chat/completions");
+        mock.fault(fault);
+        let before = tokens_counted(&gw);
+        let started = Instant::now();
+        let (got, body) = if stream {
+            let mut body = String::new();
+            let got = read_sse(
+                gw.port,
+                TENANT_KEY,
+                &chat("gpt-4o-mini", true),
+                |data, _| body.push_str(data),
+            );
+            (got, body)
+        } else {
+            let resp = gw.post_json(
+                "/v1/chat/completions",
+                TENANT_KEY,
+                &chat("gpt-4o-mini", false),
+            );
+            (
+                resp.status,
+                String::from_utf8_lossy(&resp.body).into_owned(),
+            )
+        };
+        assert_eq!(got, status, "{case}");
+        assert!(
+            body.contains(shows),
+            "{case}: {}",
+            &body[..body.len().min(300)]
+        );
+        assert!(
+            !body.contains(PROVIDER_KEY),
+            "{case}: the provider key leaked"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{case}: took {:?}",
+            started.elapsed()
+        );
+        let mut counted = 0.0;
+        wait_until(
+            Duration::from_secs(5),
+            "the request to be accounted",
+            || {
+                counted = tokens_counted(&gw) - before;
+                most_tokens == 0.0 || counted > 0.0
+            },
+        );
+        assert!(counted <= most_tokens, "{case}: counted {counted} tokens");
+        assert_healthy(&gw, case);
+    }
 }

@@ -109,7 +109,8 @@
 //!     plus `retry-after: 1` for 429; `invalid_request_error` otherwise).
 //!     Optional `"retry_after": S` sets/overrides `retry-after`.
 //!   * `{"error_body": "raw text", "status": 500}`: that exact body
-//!     (`text/plain`), status default 500, optional `retry_after`.
+//!     (`text/plain`, or `"content_type"`: `application/json` or
+//!     `text/event-stream`), status default 500, optional `retry_after`.
 //!   * `{"disconnect_after_chunks": K}`: streams send the headers, the role
 //!     event (chat only) and `min(K, N)` token events, then the connection is
 //!     closed (no finish event, no last chunk, no `[DONE]`); non-streamed
@@ -360,6 +361,8 @@ enum Fault {
         status: u16,
         /// Raw body.
         body: String,
+        /// Its `content-type`.
+        content_type: &'static str,
         /// Explicit `retry-after` seconds.
         retry_after: Option<u64>,
     },
@@ -406,8 +409,11 @@ impl QueuedFault {
             Fault::RawError {
                 status,
                 body,
+                content_type,
                 retry_after,
-            } => json!({"status": status, "error_body": body, "retry_after": retry_after}),
+            } => {
+                json!({"status": status, "error_body": body, "content_type": content_type, "retry_after": retry_after})
+            }
             Fault::Disconnect { after_chunks } => json!({"disconnect_after_chunks": after_chunks}),
             Fault::Stall {
                 after_chunks,
@@ -569,6 +575,9 @@ struct FaultSpec {
     latency_ms: Option<u64>,
     /// Raw error body.
     error_body: Option<String>,
+    /// Its content type: `text/plain` (default), `application/json` or
+    /// `text/event-stream` (hostile-provider tests answer 200 with these).
+    content_type: Option<String>,
     /// Explicit `retry-after` seconds.
     retry_after: Option<u64>,
     /// Close without answering.
@@ -614,10 +623,24 @@ impl FaultSpec {
         if self.status.is_some() && !takes_status {
             return Err("status only goes with error_body or alone".to_owned());
         }
+        if self.content_type.is_some() && self.error_body.is_none() {
+            return Err("content_type only goes with error_body".to_owned());
+        }
         let fault = if let Some(body) = self.error_body {
+            let content_type = match self.content_type.as_deref() {
+                None | Some("text/plain") => "text/plain; charset=utf-8",
+                Some("application/json") => "application/json",
+                Some("text/event-stream") => "text/event-stream",
+                Some(other) => {
+                    return Err(format!(
+                        "content_type must be text/plain, application/json or text/event-stream, not {other}"
+                    ))
+                }
+            };
             Some(Fault::RawError {
                 status: self.status.unwrap_or(500),
                 body,
+                content_type,
                 retry_after: self.retry_after,
             })
         } else if let Some(k) = self.disconnect_after_chunks {
@@ -2059,11 +2082,12 @@ impl MockApp {
             Some(Fault::RawError {
                 status,
                 body,
+                content_type,
                 retry_after,
             }) => {
                 let reply = Reply {
                     status,
-                    content_type: "text/plain; charset=utf-8",
+                    content_type,
                     body: body.into(),
                     retry_after,
                     tokens: None,
