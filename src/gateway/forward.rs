@@ -239,17 +239,18 @@ async fn attempt(
         }
     }
     let ttfb = started.elapsed();
+    // Borrowed, not cloned: everything read from it is read before the body.
     let upstream_header = upstream
         .response_header()
-        .expect("read_response_header succeeded")
-        .clone();
+        .expect("read_response_header succeeded");
     let status = upstream_header.status.as_u16();
-    if let Some((outcome, error)) = refused(provider, &upstream_header) {
+    if let Some((outcome, error)) = refused(provider, upstream_header) {
         warn!(request_id = %ctx.request_id, provider = %provider.name, backend = %backend.addr, status, "provider refused the attempt");
         return Err(fail(outcome, Failure::Retryable(error)));
     }
 
-    if provider.kind == ProviderKind::Anthropic && !is_event_stream(&upstream_header) {
+    if provider.kind == ProviderKind::Anthropic && !is_event_stream(upstream_header) {
+        let upstream_header = upstream_header.clone();
         return anthropic_json(
             gateway,
             client,
@@ -268,26 +269,26 @@ async fn attempt(
             !ctx.strip_usage,
         )),
         _ => Meter::for_response(
-            &upstream_header,
+            upstream_header,
             ctx.strip_usage,
             provider.api_key.as_ref().map(|k| k.expose()),
         ),
     };
-    let header = client_response(&upstream_header, ctx, &provider.name, &meter).map_err(|e| {
+    let response = client_response(upstream_header, ctx, &provider.name, &meter).map_err(|e| {
         Failure::Final(ApiError::internal(format!(
             "cannot build the response header: {e}"
         )))
     })?;
-    if !client.send_header(header).await {
-        upstreams.record_outcome(backend, Outcome::Neutral, None);
-        return Err(Failure::Done);
-    }
     let declared_len = upstream_header
         .headers
-        .get("content-length")
+        .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok())
         .filter(|_| !meter.edits_body());
+    if !client.send_header(response).await {
+        upstreams.record_outcome(backend, Outcome::Neutral, None);
+        return Err(Failure::Done);
+    }
     let copy = Copy {
         gateway,
         is_stream: request.stream,

@@ -351,7 +351,13 @@ impl Limiter {
         let tokens = limits
             .tokens_per_minute
             .map_or(tokens, |tpm| tokens.min(tpm));
-        let lease = format!("{:032x}", fastrand::u128(..));
+        // A lease id names a concurrency slot in Redis; in-process slots are
+        // plain counts.
+        let lease = if inner.redis.is_some() && limits.max_concurrent.is_some() {
+            format!("{:032x}", fastrand::u128(..))
+        } else {
+            String::new()
+        };
         let (period_id, period_left_ms) = period_at(accounting_period(limits), now_ms());
         let decided = if !limits.is_limited() {
             Ok((Decided::Unlimited, RateLimitState::default()))
