@@ -1834,6 +1834,25 @@ extra: true
     }
 
     #[test]
+    fn bounds_the_request_head_limit() {
+        let config = Config::from_yaml(VALID, env).unwrap();
+        assert_eq!(
+            config.server.max_request_header_bytes,
+            DEFAULT_MAX_REQUEST_HEADER_BYTES
+        );
+        for bad in ["100", "2000000"] {
+            let yaml = VALID.replace(
+                "  metrics_listen: \"127.0.0.1:9464\"\n",
+                &format!("  metrics_listen: \"127.0.0.1:9464\"\n  max_request_header_bytes: {bad}\n"),
+            );
+            assert_eq!(
+                problems(&yaml),
+                ["server.max_request_header_bytes: must be between 1024 and 1048576 (Pingora reads at most 1 MiB of headers)"]
+            );
+        }
+    }
+
+    #[test]
     fn rejects_a_key_shared_by_two_tenants() {
         let yaml = format!("{VALID}  - id: beta\n    keys: [\"dev-key-acme\"]\n");
         assert_eq!(
