@@ -1843,7 +1843,9 @@ extra: true
         for bad in ["100", "2000000"] {
             let yaml = VALID.replace(
                 "  metrics_listen: \"127.0.0.1:9464\"\n",
-                &format!("  metrics_listen: \"127.0.0.1:9464\"\n  max_request_header_bytes: {bad}\n"),
+                &format!(
+                    "  metrics_listen: \"127.0.0.1:9464\"\n  max_request_header_bytes: {bad}\n"
+                ),
             );
             assert_eq!(
                 problems(&yaml),
