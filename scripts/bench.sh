@@ -15,7 +15,7 @@
 # on the machine measured). Open loop: oha at a fixed rate, half of Runestone's
 # saturation, with latency correction, for latency added over direct and the
 # process's CPU per 1,000 requests/s. Chunk delay: runestone-mock stamps each
-# streamed token with its write time, scripts/chunk_delay.py subtracts it from
+# streamed token with its write time, benches/chunk_delay.rs subtracts it from
 # the arrival time, direct and through Runestone.
 # Pinning (2 cores): the process under test runs alone on CPU 0; wrk, and
 # runestone-mock when it is the upstream, share CPU 1. Loopback only.
@@ -30,7 +30,7 @@ scripts/setup.sh
 command -v wrk >/dev/null || { sudo_cmd=""; [ "$(id -u)" -eq 0 ] || sudo_cmd=sudo; $sudo_cmd apt-get install -y -qq wrk >/dev/null; }
 # oha (open loop with latency correction): about 4-10 minutes to build, once.
 command -v oha >/dev/null || cargo install oha --locked
-cargo build --release --bins --example floor
+cargo build --release --bins --example floor --example chunk_delay
 # Each open stream costs the gateway two descriptors (client and provider).
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
@@ -215,9 +215,9 @@ taskset -c 1 target/release/runestone-mock --listen "127.0.0.1:$stamp_port" --to
 pids+=($!)
 wait_http "http://127.0.0.1:$stamp_port/health"
 mock_port=$stamp_port
-CHUNK_DIRECT=$(taskset -c 1 python3 scripts/chunk_delay.py "$stamp_port" none 20 20)
+CHUNK_DIRECT=$(taskset -c 1 target/release/examples/chunk_delay "$stamp_port" none 20)
 start_path "runestone, all on, in-process"
-CHUNK_GATEWAY=$(taskset -c 1 python3 scripts/chunk_delay.py "$PORT" sk-bench-tenant-key 20 20)
+CHUNK_GATEWAY=$(taskset -c 1 target/release/examples/chunk_delay "$PORT" sk-bench-tenant-key 20)
 stop_path "runestone, all on, in-process"
 echo "bench: chunk delay direct $CHUNK_DIRECT, through runestone $CHUNK_GATEWAY" >&2
 
@@ -280,8 +280,8 @@ machine="$(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /pro
   echo
   echo "Streams: scripts/open_streams.py opens N streaming requests (runestone-mock paces 2 tokens/s)"
   echo "and reads the proxy's VmRSS while all are open. Chunk delay: runestone-mock --stamp-chunks"
-  echo "writes CLOCK_MONOTONIC into each token; scripts/chunk_delay.py subtracts it on arrival"
-  echo "(the Python reader's own delay is in both rows)."
+  echo "writes CLOCK_MONOTONIC into each token; benches/chunk_delay.rs (a thread per stream) subtracts"
+  echo "it on arrival; the gateway's share is the difference between the two rows."
   echo
   echo "$table"
   echo
