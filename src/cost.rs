@@ -173,9 +173,19 @@ impl Probe<'_> {
     }
 
     fn usage(&self) -> Option<Usage> {
-        let raw = self.usage?.get();
-        serde_json::from_str::<UsageWire>(raw).ok()?.into_usage()
+        reported_usage(self.usage?)
     }
+}
+
+/// A `usage` value as the provider reported it; `None` unless it is an
+/// object with sane numbers (serde would also read a struct from an array,
+/// field by field).
+fn reported_usage(raw: &RawValue) -> Option<Usage> {
+    let raw = raw.get();
+    if !raw.starts_with('{') {
+        return None;
+    }
+    serde_json::from_str::<UsageWire>(raw).ok()?.into_usage()
 }
 
 /// Usage from a complete JSON response body; estimated from the generated
@@ -190,8 +200,7 @@ pub fn usage_from_json(body: &[u8], prompt_estimate: u64) -> Usage {
     }
     let reported = serde_json::from_slice::<UsageOnly>(body)
         .ok()
-        .and_then(|o| serde_json::from_str::<UsageWire>(o.usage?.get()).ok())
-        .and_then(UsageWire::into_usage);
+        .and_then(|o| reported_usage(o.usage?));
     if let Some(usage) = reported {
         return usage;
     }
@@ -505,6 +514,11 @@ mod tests {
         let body =
             br#"{"choices":[],"usage":{"prompt_tokens":999999999999,"completion_tokens":2}}"#;
         assert!(usage_from_json(body, 10).estimated);
+        // Not an object: serde would read [] as all-default (zero) usage.
+        for usage in ["[]", "[100, 50]", "\"12\"", "null"] {
+            let body = format!(r#"{{"choices":[],"usage":{usage}}}"#);
+            assert!(usage_from_json(body.as_bytes(), 10).estimated, "{usage}");
+        }
     }
 
     #[test]

@@ -394,7 +394,7 @@ impl RedisStore {
                 return;
             }
         }
-        if let Some(lease) = lease {
+        if let Some(lease) = lease.filter(|l| !l.is_empty()) {
             lock(&self.inner.unreleased).push((tenant, lease.to_string()));
         }
         lock(&self.inner.pending)
