@@ -599,15 +599,13 @@ impl Drain {
     /// work.
     async fn visit(&self, tenant: usize, running: &mut JoinSet<()>) -> bool {
         let o = &self.overflow;
-        let Some((head, len)) = self.heads(tenant).await else {
-            metrics::OVERFLOW_PARKED
-                .with_label_values(&[&o.inner.tenant_ids[tenant]])
-                .set(0);
-            return false;
-        };
+        let heads = self.heads(tenant).await;
         metrics::OVERFLOW_PARKED
             .with_label_values(&[&o.inner.tenant_ids[tenant]])
-            .set(len as i64);
+            .set(heads.as_ref().map_or(0, |(_, len)| *len as i64));
+        let Some((head, _)) = heads else {
+            return false;
+        };
         match &head {
             Entry::Sync {
                 id,

@@ -464,12 +464,7 @@ enum Meter {
 
 impl Meter {
     fn for_response(header: &ResponseHeader, strip_usage: bool, key: Option<&str>) -> Self {
-        let is_sse = header
-            .headers
-            .get("content-type")
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.starts_with("text/event-stream"));
-        match (header.status.is_success(), is_sse) {
+        match (header.status.is_success(), is_event_stream(header)) {
             (false, _) => Meter::Error {
                 body: Vec::new(),
                 key: key.map(str::to_string),
