@@ -63,12 +63,11 @@ fn under_load(gw: &Gateway, key: &str, fault: impl FnOnce()) -> BTreeMap<String,
 fn assert_consistent(gw: &Gateway, seen: &BTreeMap<String, usize>) {
     let total: usize = seen.values().sum();
     wait_until(Duration::from_secs(10), "every answer counted", || {
-        let metrics = gw.metrics();
-        let counted: f64 = metrics
-            .lines()
-            .filter(|l| l.starts_with("runestone_requests_total{") && l.contains("gpt-4o-mini"))
-            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-            .sum();
+        let counted = metric_sum(
+            &gw.metrics(),
+            "runestone_requests_total",
+            &["model=\"gpt-4o-mini\""],
+        );
         counted == total as f64
     });
     let metrics = gw.metrics();

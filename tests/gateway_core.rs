@@ -152,16 +152,7 @@ fn refuses_bodies_over_the_limit_declared_or_chunked() {
     );
 
     // Chunked: no declared length, the limit is enforced while reading.
-    let mut request = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TENANT_KEY}\r\nTransfer-Encoding: chunked\r\n\r\n"
-    )
-    .into_bytes();
-    for chunk in big.as_bytes().chunks(8192) {
-        request.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
-        request.extend_from_slice(chunk);
-        request.extend_from_slice(b"\r\n");
-    }
-    request.extend_from_slice(b"0\r\n\r\n");
+    let request = chunked_chat_request(big.as_bytes());
     let answer = raw_exchange(gw.port, &request, Duration::from_secs(5));
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
     assert!(answer.contains("request_too_large"), "{answer}");

@@ -42,15 +42,6 @@ fn rss_kib(pid: u32) -> u64 {
         .expect("VmRSS")
 }
 
-/// The sum of every series of `name` that carries each of `labels`.
-fn metric_sum(metrics: &str, name: &str, labels: &[&str]) -> f64 {
-    metrics
-        .lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")) && labels.iter().all(|x| l.contains(x)))
-        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-        .sum()
-}
-
 #[test]
 fn ten_thousand_requests_account_exactly() {
     let redis = Redis::start();
@@ -134,15 +125,11 @@ fn ten_thousand_requests_account_exactly() {
     for (tenant, _, _) in TENANTS {
         let label = format!("tenant=\"{tenant}\"");
         for status in [200, 429] {
-            let got = metrics
-                .lines()
-                .filter(|l| {
-                    l.starts_with("runestone_requests_total{")
-                        && l.contains(&label)
-                        && l.contains(&format!("status=\"{status}\""))
-                })
-                .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-                .sum::<f64>();
+            let got = metric_sum(
+                &metrics,
+                "runestone_requests_total",
+                &[&label, &format!("status=\"{status}\"")],
+            );
             assert_eq!(got, count(tenant, status) as f64, "{tenant} {status}");
         }
         // Admitted at once + refused + parked = sent.

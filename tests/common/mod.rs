@@ -632,6 +632,34 @@ pub fn metric_value(metrics: &str, series: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// The sum of every sample of `name` whose labels contain each of `labels`
+/// (whole `key="value"` pairs).
+pub fn metric_sum(metrics: &str, name: &str, labels: &[&str]) -> f64 {
+    let prefix = format!("{name}{{");
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(&prefix) && labels.iter().all(|x| l.contains(x)))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+/// A chunked `POST /v1/chat/completions` of `body` (8 KiB chunks) with the
+/// default tenant's key, asking the gateway to close afterwards.
+pub fn chunked_chat_request(body: &[u8]) -> Vec<u8> {
+    let mut request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {TENANT_KEY}\r\n\
+         Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    )
+    .into_bytes();
+    for chunk in body.chunks(8192) {
+        request.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+        request.extend_from_slice(chunk);
+        request.extend_from_slice(b"\r\n");
+    }
+    request.extend_from_slice(b"0\r\n\r\n");
+    request
+}
+
 /// Polls `check` every 20 ms until it holds, or panics after `timeout`.
 pub fn wait_until(timeout: Duration, what: &str, mut check: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
