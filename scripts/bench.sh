@@ -81,13 +81,17 @@ $4
 YAML
 }
 
-# wrk prints "Requests/sec: N" and, with --latency, percentiles.
-run_wrk() { # $1 url -> prints "rps p50 p99"
+# wrk prints "Requests/sec: N" and, with --latency, percentiles in us, ms
+# or s; they are turned into microseconds so that they sort as numbers.
+run_wrk() { # $1 url -> prints "rps p50_us p99_us"
   taskset -c 1 wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" --latency -s "$work/post.lua" "$1" >"$work/wrk.out" 2>&1
-  awk '/Requests\/sec/ {rps=$2} /^ +50%/ {p50=$2} /^ +99%/ {p99=$2} END {print rps, p50, p99}' "$work/wrk.out"
+  awk 'function us(v) { return v ~ /us$/ ? v + 0 : v ~ /ms$/ ? v * 1000 : v * 1000000 }
+       /Requests\/sec/ {rps=$2} /^ +50%/ {p50=us($2)} /^ +99%/ {p99=us($2)}
+       END {printf "%s %.0f %.0f\n", rps, p50, p99}' "$work/wrk.out"
 }
 
-median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+# The median of the numbers on stdin, one per line (blank lines ignored).
+median() { sort -g | awk 'NF {a[++n]=$1} END {print a[int((n+1)/2)]}'; }
 
 declare -A RPS P50 P99 RATIO LINES RATIOS ROUND
 
@@ -150,12 +154,11 @@ for round in $(seq 1 "$REPEAT"); do
     RATIOS[$name]+="$(awk -v a="${ROUND[$name]}" -v b="${ROUND[pingora floor]}" 'BEGIN {print 100 * a / b}')"$'\n'
   done
 done
-middle() { sort -V | awk 'NF {a[++n]=$1} END {print a[int((n+1)/2)]}'; }
 for name in "${PATHS[@]}"; do
-  RPS[$name]=$(printf '%s' "${LINES[$name]}" | awk '{print $1}' | middle)
-  P50[$name]=$(printf '%s' "${LINES[$name]}" | awk '{print $2}' | middle)
-  P99[$name]=$(printf '%s' "${LINES[$name]}" | awk '{print $3}' | middle)
-  RATIO[$name]=$(printf '%s' "${RATIOS[$name]}" | middle)
+  RPS[$name]=$(printf '%s' "${LINES[$name]}" | awk '{print $1}' | median)
+  P50[$name]=$(printf '%s' "${LINES[$name]}" | awk '{print $2}' | median)
+  P99[$name]=$(printf '%s' "${LINES[$name]}" | awk '{print $3}' | median)
+  RATIO[$name]=$(printf '%s' "${RATIOS[$name]}" | median)
 done
 
 # 2. Open loop at half of Runestone's saturation (every feature on,
@@ -225,7 +228,7 @@ added() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%+d", a - b}'; }
 table=$(
   echo "Closed loop (saturation):"
   echo
-  echo "| path | requests/s | vs pingora floor (median of the rounds' ratios) | p50 | p99 |"
+  echo "| path | requests/s | vs pingora floor (median of the rounds' ratios) | p50 (µs) | p99 (µs) |"
   echo "|---|---|---|---|---|"
   for name in "${PATHS[@]}"; do
     echo "| $name | ${RPS[$name]} | $(printf '%.0f%%' "${RATIO[$name]}") | ${P50[$name]} | ${P99[$name]} |"
