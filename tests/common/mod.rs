@@ -287,6 +287,14 @@ impl Gateway {
             .spawn()
             .expect("spawn runestone");
         wait_ready(ready_url, &mut child, Duration::from_secs(20), "runestone");
+        // The metrics listener is a service of its own and may bind a moment
+        // after the API: tests scrape it at once.
+        wait_ready(
+            &format!("http://127.0.0.1:{}/metrics", config.metrics_port),
+            &mut child,
+            Duration::from_secs(20),
+            "runestone's metrics listener",
+        );
         Gateway {
             port: config.port,
             metrics_port: config.metrics_port,
