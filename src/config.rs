@@ -526,6 +526,9 @@ pub struct Target {
     pub provider: usize,
     /// The model name the provider knows.
     pub model: String,
+    /// What serving it costs: the `provider/model` price, else the public
+    /// model's; resolved once, at load.
+    pub price: Option<Price>,
 }
 
 /// A public model name and where it is served.
@@ -787,9 +790,22 @@ impl Config {
             list(section("tenants"), "tenants", &mut problems);
 
         let (providers, provider_index) = validate_providers(raw_providers, &mut problems);
-        let (models, model_index) = validate_models(raw_models, &provider_index, &mut problems);
+        let (mut models, model_index) = validate_models(raw_models, &provider_index, &mut problems);
         let (tenants, keys) = validate_tenants(raw_tenants, &model_index, &mut problems);
         let pricing = validate_pricing(section("pricing"), &model_index, &providers, &mut problems);
+        for route in &mut models {
+            for target in &mut route.targets {
+                // A provider that failed validation has no entry here (and
+                // the config is refused anyway).
+                let Some(provider) = providers.get(target.provider) else {
+                    continue;
+                };
+                target.price = pricing
+                    .get(&format!("{}/{}", provider.name, target.model))
+                    .or_else(|| pricing.get(&route.name))
+                    .copied();
+            }
+        }
         let breaker = match section("circuit_breaker") {
             Value::Null => Some(BreakerSettings::default()),
             value => deserialize::<RawBreaker>(value, "circuit_breaker", &mut problems)
@@ -863,15 +879,6 @@ impl Config {
             .filter(|m| !self.pricing.contains_key(&m.name))
             .map(|m| format!("pricing: model '{}' has no price; it is served and counted in tokens, at no cost", m.name))
             .collect()
-    }
-
-    /// The price of serving `target` of `route`: the provider-specific
-    /// `provider/model` entry, else the public model's.
-    pub fn price(&self, route: &ModelRoute, target: &Target) -> Option<&Price> {
-        let provider = &self.providers[target.provider].name;
-        self.pricing
-            .get(&format!("{provider}/{}", target.model))
-            .or_else(|| self.pricing.get(&route.name))
     }
 
     /// The route for a public model name, with its index in [`Config::models`].
@@ -1230,6 +1237,7 @@ fn validate_models(
                 Some(&p) => targets.push(Target {
                     provider: p,
                     model: target.model.unwrap_or_else(|| raw.name.clone()),
+                    price: None,
                 }),
                 None => problems.push(problem(
                     &join(&tpath, "provider"),
@@ -1682,14 +1690,16 @@ tenants:
             route.targets[0],
             Target {
                 provider: 0,
-                model: "gpt-4o-mini".into()
+                model: "gpt-4o-mini".into(),
+                price: None,
             }
         );
         assert_eq!(
             route.targets[1],
             Target {
                 provider: 1,
-                model: "mock-small".into()
+                model: "mock-small".into(),
+                price: None,
             }
         );
         assert_eq!(

@@ -8,6 +8,7 @@
 //! exception classes.
 
 use bytes::Bytes;
+use http::{HeaderName, HeaderValue};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use std::borrow::Cow;
@@ -35,7 +36,7 @@ pub struct ApiError {
     /// and `retry-after-ms`).
     pub retry_after_ms: Option<u64>,
     /// Further response headers (`x-ratelimit-*` on a 429).
-    pub headers: Vec<(&'static str, String)>,
+    pub headers: Vec<(HeaderName, HeaderValue)>,
     /// A `runestone_errors_total` reason more precise than the code's.
     pub reason: Option<Reason>,
 }
@@ -401,28 +402,13 @@ pub struct RequestFields<'a> {
 }
 
 impl<'a> RequestFields<'a> {
-    /// Reads the fields from a JSON body, without copying the rest.
-    pub fn parse(body: &'a [u8]) -> Result<Self, ApiError> {
-        // JSON is UTF-8, and the parser skips the strings it does not read
-        // without checking them: check the whole body, so nothing invalid
-        // is passed on to a provider.
-        if let Err(e) = std::str::from_utf8(body) {
-            return Err(ApiError::invalid_json(format!(
-                "the body is not valid UTF-8 (at byte {})",
-                e.valid_up_to()
-            )));
-        }
-        if body.trim_ascii_start().first() != Some(&b'{') {
-            return Err(
-                match serde_json::from_slice::<serde::de::IgnoredAny>(body) {
-                    Ok(_) => ApiError::bad_request("The request body must be a JSON object."),
-                    Err(e) => ApiError::invalid_json(e),
-                },
-            );
-        }
-        let mut deserializer = serde_json::Deserializer::from_slice(body);
-        let raw: RawFields<'a> =
-            serde_path_to_error::deserialize(&mut deserializer).map_err(|e| {
+    /// The error for a body the plain parse refused, naming the field at
+    /// fault: the parse is repeated with the path tracked.
+    fn field_error(text: &str) -> ApiError {
+        let mut deserializer = serde_json::Deserializer::from_str(text);
+        let parsed = serde_path_to_error::deserialize::<_, RawFields<'_>>(&mut deserializer)
+            .map(drop)
+            .map_err(|e| {
                 let path = e.path().to_string();
                 let inner = e.into_inner();
                 match inner.classify() {
@@ -434,8 +420,39 @@ impl<'a> RequestFields<'a> {
                     )),
                     _ => ApiError::invalid_json(inner),
                 }
-            })?;
-        deserializer.end().map_err(ApiError::invalid_json)?;
+            });
+        match parsed.and_then(|()| deserializer.end().map_err(ApiError::invalid_json)) {
+            Err(error) => error,
+            // Both parses read the same text the same way.
+            Ok(()) => ApiError::invalid_json("the body is not valid JSON"),
+        }
+    }
+
+    /// Reads the fields from a JSON body, without copying the rest.
+    pub fn parse(body: &'a [u8]) -> Result<Self, ApiError> {
+        // JSON is UTF-8, and the parser skips the strings it does not read
+        // without checking them: check the whole body, so nothing invalid
+        // is passed on to a provider.
+        let text = std::str::from_utf8(body).map_err(|e| {
+            ApiError::invalid_json(format!(
+                "the body is not valid UTF-8 (at byte {})",
+                e.valid_up_to()
+            ))
+        })?;
+        if body.trim_ascii_start().first() != Some(&b'{') {
+            return Err(
+                match serde_json::from_slice::<serde::de::IgnoredAny>(body) {
+                    Ok(_) => ApiError::bad_request("The request body must be a JSON object."),
+                    Err(e) => ApiError::invalid_json(e),
+                },
+            );
+        }
+        // The plain parse is the fast path; only a failed one is parsed
+        // again, tracking the path, to name the offending field.
+        let raw: RawFields<'a> = match serde_json::from_str(text) {
+            Ok(raw) => raw,
+            Err(_) => return Err(Self::field_error(text)),
+        };
         let model_raw = raw.model.ok_or_else(ApiError::missing_model)?;
         let model: Cow<'a, str> = match serde_json::from_str::<Cow<'a, str>>(model_raw.get()) {
             Ok(model) => model,

@@ -9,6 +9,7 @@ use crate::overflow::{Drain, Overflow};
 use crate::upstream::Upstreams;
 use pingora::connectors::http::v1::Connector;
 use pingora::connectors::ConnectorOptions;
+use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::proxy::http_proxy_service_with_name;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::Server;
@@ -98,7 +99,14 @@ pub fn build(config: Config, options: RunOptions) -> Server {
         Some(tls) => api
             .add_tls(&config.server.listen.to_string(), &tls.cert, &tls.key)
             .unwrap_or_else(|e| panic!("cannot serve TLS with {} and {}: {e}", tls.cert, tls.key)),
-        None => api.add_tcp(&config.server.listen.to_string()),
+        // Plain HTTP reads straight into Pingora's header and body buffers.
+        // Its default 64 KiB read buffer per connection (meant to batch a TLS
+        // layer's small reads) would be a second copy of every byte and, on a
+        // long stream, 64 KiB of memory held for nothing.
+        None => api.add_listener(
+            ListenerConfig::tcp(config.server.listen.to_string())
+                .l4_buffer(L4BufferSettings::default().read(0)),
+        ),
     }
     server.add_service(api);
 

@@ -796,7 +796,7 @@ fn add_gateway_headers(
     provider: &str,
 ) -> Result<(), HeaderError> {
     for (name, value) in &ctx.rate_limit_headers {
-        headers.insert(HeaderName::from_static(name), HeaderValue::from_str(value)?);
+        headers.insert(name.clone(), value.clone());
     }
     headers.insert(X_REQUEST_ID, HeaderValue::from_str(&ctx.request_id)?);
     headers.insert(

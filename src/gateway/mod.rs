@@ -20,7 +20,7 @@ use crate::auth;
 use crate::config::Config;
 use crate::config::ModelRoute;
 use crate::cost::{self, Usage};
-use crate::limits::{Grant, LimitKind, Limiter, RateLimitState, Refusal, Settlement, Window};
+use crate::limits::{Grant, LimitKind, Limiter, RateLimitState, Refusal, Settlement};
 use crate::metrics;
 use crate::openai::{rewrite_body, ApiError, Endpoint, RequestFields};
 use crate::overflow::{Job, JobResult, JobRunner, JobState, Overflow, ParkRefusal, Waited};
@@ -28,6 +28,7 @@ use crate::upstream::Upstreams;
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use client::Collected;
+use http::{HeaderName, HeaderValue};
 use pingora::connectors::http::v1::Connector;
 use pingora::http::ResponseHeader;
 use pingora::prelude::*;
@@ -47,7 +48,7 @@ pub struct RequestCtx {
     /// The admission to settle in `logging`.
     grant: Option<Grant>,
     /// `x-ratelimit-*` headers for the tenant's own limits.
-    rate_limit_headers: Vec<(&'static str, String)>,
+    rate_limit_headers: Vec<(HeaderName, HeaderValue)>,
     /// Prompt tokens estimated from the request body.
     prompt_estimate: u64,
     /// The gateway asked for `include_usage` on the client's behalf.
@@ -571,7 +572,7 @@ impl Gateway {
     fn price(&self, ctx: &RequestCtx) -> Option<&crate::config::Price> {
         let route = &self.config.models[ctx.route?];
         match ctx.target {
-            Some(target) => self.config.price(route, &route.targets[target]),
+            Some(target) => route.targets[target].price.as_ref(),
             None => self.config.pricing.get(&route.name),
         }
     }
@@ -639,37 +640,45 @@ fn refusal_error(refusal: Refusal) -> ApiError {
     if refusal.retry_after_ms.is_none() {
         // Waiting will not help (a spent `total` budget): tell the SDKs not
         // to retry.
-        error.headers.push(("x-should-retry", "false".into()));
+        error.headers.push((
+            HeaderName::from_static("x-should-retry"),
+            HeaderValue::from_static("false"),
+        ));
     }
     error
 }
 
+/// OpenAI's `x-ratelimit-*` header names: limit, remaining, reset, for
+/// requests and for tokens.
+const RATE_LIMIT_NAMES: [[HeaderName; 3]; 2] = [
+    [
+        HeaderName::from_static("x-ratelimit-limit-requests"),
+        HeaderName::from_static("x-ratelimit-remaining-requests"),
+        HeaderName::from_static("x-ratelimit-reset-requests"),
+    ],
+    [
+        HeaderName::from_static("x-ratelimit-limit-tokens"),
+        HeaderName::from_static("x-ratelimit-remaining-tokens"),
+        HeaderName::from_static("x-ratelimit-reset-tokens"),
+    ],
+];
+
 /// OpenAI's `x-ratelimit-*` headers for the tenant's own limits.
-fn rate_limit_headers(state: &RateLimitState) -> Vec<(&'static str, String)> {
+fn rate_limit_headers(state: &RateLimitState) -> Vec<(HeaderName, HeaderValue)> {
     let mut headers = Vec::new();
-    let mut add = |window: Option<Window>, names: [&'static str; 3]| {
+    for (window, [limit, remaining, reset]) in [state.requests, state.tokens]
+        .into_iter()
+        .zip(RATE_LIMIT_NAMES)
+    {
         if let Some(w) = window {
-            headers.push((names[0], w.limit.to_string()));
-            headers.push((names[1], w.remaining.to_string()));
-            headers.push((names[2], format_reset(w.reset_ms)));
+            headers.push((limit, HeaderValue::from(w.limit)));
+            headers.push((remaining, HeaderValue::from(w.remaining)));
+            // Digits, `.`, `m` and `s` only: always a valid value.
+            if let Ok(value) = HeaderValue::try_from(format_reset(w.reset_ms)) {
+                headers.push((reset, value));
+            }
         }
-    };
-    add(
-        state.requests,
-        [
-            "x-ratelimit-limit-requests",
-            "x-ratelimit-remaining-requests",
-            "x-ratelimit-reset-requests",
-        ],
-    );
-    add(
-        state.tokens,
-        [
-            "x-ratelimit-limit-tokens",
-            "x-ratelimit-remaining-tokens",
-            "x-ratelimit-reset-tokens",
-        ],
-    );
+    }
     headers
 }
 
@@ -810,7 +819,7 @@ async fn respond_error(session: &mut Session, ctx: &mut RequestCtx, error: &ApiE
         let _ = header.insert_header("retry-after-ms", ms.to_string());
     }
     for (name, value) in &error.headers {
-        let _ = header.insert_header(*name, value);
+        let _ = header.insert_header(name.clone(), value.clone());
     }
     if error.status == 405 {
         let _ = header.insert_header("allow", "POST");

@@ -128,10 +128,12 @@ impl LocalStore {
     /// Adds a finished request's usage to the period's counters.
     pub fn record(&self, tenant: usize, period_id: &str, usage: &PeriodUsage) {
         let mut state = self.state(tenant);
-        if !state.usage.contains_key(period_id) {
-            // A new period began: the old ones are never read again.
-            state.usage.clear();
+        if let Some(counters) = state.usage.get_mut(period_id) {
+            counters.add(usage);
+            return;
         }
+        // A new period began: the old ones are never read again.
+        state.usage.clear();
         state
             .usage
             .entry(period_id.to_string())

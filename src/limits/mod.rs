@@ -159,16 +159,36 @@ pub fn period_at(period: BudgetPeriod, unix_ms: f64) -> (String, Option<u64>) {
     match period {
         BudgetPeriod::Daily => {
             let left = 86_400_000.0 - ms_into_day;
-            (format!("{y:04}-{m:02}-{d:02}"), Some(left.ceil() as u64))
+            let id = period_id(0, days, || format!("{y:04}-{m:02}-{d:02}"));
+            (id, Some(left.ceil() as u64))
         }
         BudgetPeriod::Monthly => {
             let (ny, nm) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
             let next = days_from_civil(ny, nm, 1);
             let left = (next - days) as f64 * 86_400_000.0 - ms_into_day;
-            (format!("{y:04}-{m:02}"), Some(left.ceil() as u64))
+            let id = period_id(1, days, || format!("{y:04}-{m:02}"));
+            (id, Some(left.ceil() as u64))
         }
         BudgetPeriod::Total => ("total".to_string(), None),
     }
+}
+
+/// A period id, formatted once per day and thread (`slot` 0 for days, 1 for
+/// months) rather than for every admission and settlement.
+fn period_id(slot: usize, days: i64, format: impl FnOnce() -> String) -> String {
+    thread_local! {
+        static LAST: std::cell::RefCell<[(i64, String); 2]> =
+            const { std::cell::RefCell::new([(i64::MIN, String::new()), (i64::MIN, String::new())]) };
+    }
+    LAST.with(|last| {
+        let mut last = last.borrow_mut();
+        let (day, id) = &mut last[slot];
+        if *day != days {
+            *id = format();
+            *day = days;
+        }
+        id.clone()
+    })
 }
 
 /// Days since 1970-01-01 -> (year, month, day) in the proleptic Gregorian

@@ -63,6 +63,8 @@ pub struct Breaker {
     probes_in_flight: u32,
     probe_deadline: Option<Instant>,
     cooldown_until: Option<Instant>,
+    /// The `runestone_circuit_state` value last published for this backend.
+    published: Option<i64>,
 }
 
 /// A read-only view for `/ready` and metrics.
@@ -207,6 +209,16 @@ impl Breaker {
             (Some(a), Some(b)) => Some(a.max(b)),
             (a, b) => a.or(b),
         }
+    }
+
+    /// The gauge value to publish, when it differs from the one last
+    /// published: the metric is written on changes only, not per request.
+    pub fn unpublished_gauge(&mut self, now: Instant) -> Option<i64> {
+        let gauge = self.view(now).gauge();
+        (self.published != Some(gauge)).then(|| {
+            self.published = Some(gauge);
+            gauge
+        })
     }
 
     /// The state for `/ready` and metrics.

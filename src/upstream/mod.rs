@@ -330,7 +330,7 @@ impl Upstreams {
                     prices: route
                         .targets
                         .iter()
-                        .map(|t| config.price(route, t).map(|p| p.input + p.output))
+                        .map(|t| t.price.map(|p| p.input + p.output))
                         .collect(),
                 })
                 .collect(),
@@ -399,17 +399,14 @@ impl Upstreams {
             let Some(addr) = chosen.and_then(|b| b.addr.as_inet().copied()) else {
                 continue;
             };
-            let permit = {
+            let (permit, gauge) = {
                 let mut breakers = provider.breakers();
-                breakers
-                    .entry(addr)
-                    .or_default()
-                    .acquire(now, &self.breaker)
+                let breaker = breakers.entry(addr).or_default();
+                let permit = breaker.acquire(now, &self.breaker);
+                (permit, breaker.unpublished_gauge(now))
             };
+            self.publish(p, addr, gauge);
             if let Some(permit) = permit {
-                if permit == Permit::Probe {
-                    self.publish(p, addr);
-                }
                 return Ok(Backend {
                     route: route_index,
                     target,
@@ -496,10 +493,12 @@ impl Upstreams {
             slot.store(new.max(1), Ordering::Relaxed);
         }
         let provider = &self.providers[backend.provider];
-        let changed = {
+        let (changed, gauge) = {
             let mut breakers = provider.breakers();
             let breaker = breakers.entry(backend.addr).or_default();
-            breaker.record(backend.permit, outcome, Instant::now(), &self.breaker)
+            let now = Instant::now();
+            let changed = breaker.record(backend.permit, outcome, now, &self.breaker);
+            (changed, breaker.unpublished_gauge(now))
         };
         if let Some(transition) = changed {
             let name = &provider.settings.name;
@@ -512,19 +511,17 @@ impl Upstreams {
                 }
             }
         }
-        self.publish(backend.provider, backend.addr);
+        self.publish(backend.provider, backend.addr, gauge);
     }
 
-    /// Sets `runestone_circuit_state` for one backend.
-    fn publish(&self, provider: usize, addr: SocketAddr) {
-        let provider = &self.providers[provider];
-        let state = provider
-            .breakers()
-            .get(&addr)
-            .map_or(0, |b| b.view(Instant::now()).gauge());
-        metrics::CIRCUIT_STATE
-            .with_label_values(&[&provider.settings.name, &addr.to_string()])
-            .set(state);
+    /// Sets `runestone_circuit_state` for one backend, when its breaker has
+    /// a new value to publish.
+    fn publish(&self, provider: usize, addr: SocketAddr, gauge: Option<i64>) {
+        if let Some(gauge) = gauge {
+            metrics::CIRCUIT_STATE
+                .with_label_values(&[&self.providers[provider].settings.name, &addr.to_string()])
+                .set(gauge);
+        }
     }
 
     /// The Pingora peer for a backend: TLS with SNI and certificate checks
