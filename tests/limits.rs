@@ -694,3 +694,104 @@ fn keeps_serving_when_redis_is_frozen() {
         200
     );
 }
+
+/// Redis admissions and settlements that wait together go together: one
+/// script run for a whole burst (group commit), every decision still exact.
+/// The limiter runs on one thread here, so the burst is queued before the
+/// batching task runs: one batch, deterministically.
+#[test]
+fn redis_admissions_and_settlements_are_group_committed() {
+    use runestone::config::Config;
+    use runestone::cost::Usage;
+    use runestone::limits::{LimitKind, Limiter, Settlement};
+
+    let redis = Redis::start();
+    let yaml = format!(
+        r#"
+server: {{ listen: "127.0.0.1:1" }}
+providers: [{{ name: p, base_url: "http://127.0.0.1:1/v1" }}]
+models: [{{ name: m, targets: [{{ provider: p }}] }}]
+pricing: {{ m: {{ input: 1.0, output: 2.0 }} }}
+tenants:
+  - {{ id: t, keys: ["sk-batch"], limits: {{ requests_per_minute: 30, max_concurrent: 100 }} }}
+redis: {{ url: "{}", timeout_ms: 5000 }}
+"#,
+        redis.url()
+    );
+    let config = Config::from_yaml(&yaml, |_| None).expect("valid config");
+    let settlement = || Settlement {
+        usage: Usage {
+            prompt_tokens: 5,
+            completion_tokens: 7,
+            cached_tokens: 0,
+            estimated: false,
+        },
+        cost_pusd: 100,
+        duration: Duration::from_millis(10),
+    };
+    let script_runs = || {
+        let stats = redis.cli(&["INFO", "commandstats"]);
+        stats
+            .lines()
+            .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+            .and_then(|rest| rest.split(',').next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let limiter = Limiter::new(&config);
+        // Connects and loads the scripts.
+        let first = limiter.admit(0, 1).await.expect("the first is admitted");
+        limiter.settle(first, settlement()).await;
+        redis.cli(&["CONFIG", "RESETSTAT"]);
+
+        let burst: Vec<_> = (0..50)
+            .map(|_| {
+                let limiter = limiter.clone();
+                tokio::spawn(async move { limiter.admit(0, 1).await })
+            })
+            .collect();
+        let mut grants = Vec::new();
+        let mut refused = 0;
+        for task in burst {
+            match task.await.unwrap() {
+                Ok(grant) => grants.push(grant),
+                Err(refusal) => {
+                    assert_eq!(refusal.limit, LimitKind::Requests);
+                    refused += 1;
+                }
+            }
+        }
+        assert_eq!(grants.len(), 29, "30 per minute, one already taken");
+        assert_eq!(refused, 21);
+        assert_eq!(script_runs(), 1, "the burst's admissions in one script run");
+        let held = redis.cli(&["ZCARD", "runestone:{t}:inflight"]);
+        assert_eq!(held.trim(), "29", "a lease per admission");
+
+        let settles: Vec<_> = grants
+            .into_iter()
+            .map(|grant| {
+                let limiter = limiter.clone();
+                tokio::spawn(async move { limiter.settle(grant, settlement()).await })
+            })
+            .collect();
+        for task in settles {
+            task.await.unwrap();
+        }
+        assert_eq!(script_runs(), 2, "their settlements in one more");
+        assert!(limiter.redis().unwrap().is_up());
+
+        let report = limiter.usage(0).await;
+        assert!(!report.partial);
+        assert_eq!(report.usage.requests, 30);
+        assert_eq!(report.usage.prompt_tokens, 150);
+        assert_eq!(report.usage.completion_tokens, 210);
+        assert_eq!(report.usage.cost_pusd, 3000);
+    });
+    // Every lease was released.
+    let inflight = redis.cli(&["ZCARD", "runestone:{t}:inflight"]);
+    assert_eq!(inflight.trim(), "0");
+}

@@ -5,11 +5,15 @@
 //! slot: `{prefix}:{tenant}:rate` (hash: the two GCRA TATs),
 //! `{prefix}:{tenant}:inflight` (sorted set: concurrency leases scored by
 //! expiry), `{prefix}:{tenant}:usage:{period}` (hash: requests, tokens,
-//! spend). An admission is one `EVALSHA` of [`ADMIT`] (the script is loaded
-//! again on `NOSCRIPT`); a settlement one of [`SETTLE`]. Both use Redis's
-//! clock, so instances with skewed clocks still agree.
+//! spend). Admissions and settlements are group-committed by a [`Batcher`]:
+//! those queued while a round trip is out go together in the next, one
+//! `EVALSHA` of [`ADMIT`] or [`SETTLE`] per tenant and period, all in one
+//! pipeline (scripts are loaded again on `NOSCRIPT`). The scripts decide
+//! each request in order, all or nothing, exactly as one call per request
+//! would, and use Redis's clock, so instances with skewed clocks agree.
 //!
-//! Every call is bounded by `redis.timeout_ms`. A failure marks the store
+//! Every call is bounded by `redis.timeout_ms`, a batched one from the moment
+//! it is queued. A failure marks the store
 //! down (logged once, `runestone_redis_up 0`, `runestone_redis_errors_total`)
 //! and the limiter falls back to in-process counters until
 //! [`RedisMaintenance`] sees Redis answer again; spend recorded meanwhile is
@@ -28,8 +32,9 @@ use redis::{RedisResult, Script};
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
 /// How long a concurrency lease lives without renewal.
@@ -41,63 +46,87 @@ const RENEW_EVERY: Duration = Duration::from_millis(LEASE_TTL_MS / 3);
 /// How often a down Redis is probed, and pending spend flushed.
 const PROBE_EVERY: Duration = Duration::from_millis(500);
 
-/// All-or-nothing admission. Replies `{refused_limit_or_empty, now_ms,
-/// requests_tat, tokens_tat, spent_pusd}`, numbers as strings (Lua's own
-/// `tostring` keeps only 14 digits, too few for millisecond timestamps).
+/// Admissions of one tenant in one period, decided in order, each all or
+/// nothing. ARGV: rpm, tpm, max concurrent, budget (pUSD), lease TTL, then
+/// (tokens, lease) per admission. Replies `{secs, micros, spent_pusd}` (the
+/// Redis clock, as `TIME` gives it) followed by `{refused_limit_or_empty,
+/// requests_tat - now, tokens_tat - now}` per admission, the differences in
+/// whole microseconds: integers, so nothing is formatted per admission (Lua's
+/// `tostring` keeps only 14 digits, too few for timestamps).
 const ADMIT: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
 local W, eps = 60000, 1e-6
-local rpm, tpm, maxc, budget = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local tokens, lease, ttl = tonumber(ARGV[5]), ARGV[6], tonumber(ARGV[7])
-local rtat = tonumber(redis.call('HGET', KEYS[1], 'requests_tat') or '0')
-local ttat = tonumber(redis.call('HGET', KEYS[1], 'tokens_tat') or '0')
+local rpm, tpm, maxc, budget, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local tats = redis.call('HMGET', KEYS[1], 'requests_tat', 'tokens_tat')
+local rtat, ttat = tonumber(tats[1] or '0'), tonumber(tats[2] or '0')
 local spent = tonumber(redis.call('HGET', KEYS[3], 'cost_pusd') or '0')
-local function reply(refused)
-  return {refused, string.format('%.6f', now), string.format('%.6f', rtat),
-          string.format('%.6f', ttat), string.format('%d', spent)}
-end
-if budget > 0 and spent >= budget then return reply('budget') end
-local new_r, new_t
-if rpm > 0 then
-  new_r = math.max(rtat, now) + W / rpm
-  if new_r - now - W > eps then return reply('rpm') end
-end
-if tpm > 0 then
-  new_t = math.max(ttat, now) + tokens * W / tpm
-  if new_t - now - W > eps then return reply('tpm') end
-end
+local held = 0
 if maxc > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-  if redis.call('ZCARD', KEYS[2]) >= maxc then return reply('concurrency') end
-  redis.call('ZADD', KEYS[2], now + ttl, lease)
+  held = redis.call('ZCARD', KEYS[2])
+end
+local reply, leases, moved = {t[1], t[2], spent}, {}, false
+for i = 6, #ARGV, 2 do
+  local tokens, refused = tonumber(ARGV[i]), ''
+  local new_r, new_t = rtat, ttat
+  if budget > 0 and spent >= budget then refused = 'budget' end
+  if refused == '' and rpm > 0 then
+    new_r = math.max(rtat, now) + W / rpm
+    if new_r - now - W > eps then refused = 'rpm' end
+  end
+  if refused == '' and tpm > 0 then
+    new_t = math.max(ttat, now) + tokens * W / tpm
+    if new_t - now - W > eps then refused = 'tpm' end
+  end
+  if refused == '' and maxc > 0 and held >= maxc then refused = 'concurrency' end
+  if refused == '' then
+    moved = moved or rpm > 0 or tpm > 0
+    rtat, ttat = new_r, new_t
+    if maxc > 0 then
+      held = held + 1
+      leases[#leases + 1] = now + ttl
+      leases[#leases + 1] = ARGV[i + 1]
+    end
+  end
+  reply[#reply + 1] = refused
+  reply[#reply + 1] = math.floor((rtat - now) * 1000)
+  reply[#reply + 1] = math.floor((ttat - now) * 1000)
+end
+if #leases > 0 then
+  redis.call('ZADD', KEYS[2], unpack(leases))
   redis.call('PEXPIRE', KEYS[2], ttl * 2)
 end
-if new_r then rtat = new_r; redis.call('HSET', KEYS[1], 'requests_tat', string.format('%.6f', rtat)) end
-if new_t then ttat = new_t; redis.call('HSET', KEYS[1], 'tokens_tat', string.format('%.6f', ttat)) end
-redis.call('PEXPIRE', KEYS[1], 2 * W)
-return reply('')
+if moved then
+  redis.call('HSET', KEYS[1], 'requests_tat', string.format('%.6f', rtat), 'tokens_tat', string.format('%.6f', ttat))
+  redis.call('PEXPIRE', KEYS[1], 2 * W)
+end
+return reply
 ";
 
-/// Settlement: token correction, lease release, usage counters.
+/// Settlements of one tenant in one period. ARGV: tpm, usage TTL (seconds,
+/// 0 to keep), the summed requests, prompt tokens, completion tokens and
+/// cost (pUSD), the number k of token corrections, the k corrections in
+/// order, then the leases to release.
 const SETTLE: &str = r"
-local tpm, delta = tonumber(ARGV[1]), tonumber(ARGV[2])
-if tpm > 0 and delta ~= 0 then
+local tpm, ttl, k = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[7])
+if tpm > 0 and k > 0 then
   local t = redis.call('TIME')
   local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
   local tat = tonumber(redis.call('HGET', KEYS[1], 'tokens_tat') or '0')
-  local moved
-  if delta > 0 then moved = math.max(tat, now) + delta * 60000 / tpm
-  else moved = math.max(tat + delta * 60000 / tpm, now) end
-  redis.call('HSET', KEYS[1], 'tokens_tat', string.format('%.6f', moved))
+  for i = 8, 7 + k do
+    local step = tonumber(ARGV[i]) * 60000 / tpm
+    if step > 0 then tat = math.max(tat, now) + step else tat = math.max(tat + step, now) end
+  end
+  redis.call('HSET', KEYS[1], 'tokens_tat', string.format('%.6f', tat))
   redis.call('PEXPIRE', KEYS[1], 120000)
 end
-if ARGV[3] ~= '' then redis.call('ZREM', KEYS[2], ARGV[3]) end
-redis.call('HINCRBY', KEYS[3], 'requests', ARGV[4])
-redis.call('HINCRBY', KEYS[3], 'prompt_tokens', ARGV[5])
-redis.call('HINCRBY', KEYS[3], 'completion_tokens', ARGV[6])
-redis.call('HINCRBY', KEYS[3], 'cost_pusd', ARGV[7])
-if tonumber(ARGV[8]) > 0 then redis.call('EXPIRE', KEYS[3], ARGV[8]) end
+if #ARGV > 7 + k then redis.call('ZREM', KEYS[2], unpack(ARGV, 8 + k)) end
+redis.call('HINCRBY', KEYS[3], 'requests', ARGV[3])
+redis.call('HINCRBY', KEYS[3], 'prompt_tokens', ARGV[4])
+redis.call('HINCRBY', KEYS[3], 'completion_tokens', ARGV[5])
+redis.call('HINCRBY', KEYS[3], 'cost_pusd', ARGV[6])
+if ttl > 0 then redis.call('EXPIRE', KEYS[3], ttl) end
 return 1
 ";
 
@@ -172,13 +201,259 @@ impl LazyConnection {
     }
 }
 
+/// The most admissions and settlements one round trip carries.
+const MAX_BATCH: usize = 128;
+
+/// Where the batching task sends one answer: the value, or why there is none.
+type Reply<T> = oneshot::Sender<Result<T, String>>;
+
+/// An admission or settlement waiting for the next round trip.
+enum Op {
+    Admit(AdmitOp),
+    Settle(SettleOp),
+}
+
+/// One admission, as the batched [`ADMIT`] takes it.
+struct AdmitOp {
+    tenant: usize,
+    period_id: String,
+    /// RPM, TPM, max concurrent, budget (pUSD); 0 for none.
+    limits: [u64; 4],
+    tokens: u64,
+    lease: String,
+    reply: Reply<AdmitAnswer>,
+}
+
+/// Redis's decision on one admission.
+struct AdmitAnswer {
+    /// The refusing limit's label; empty when admitted.
+    refused: String,
+    /// Redis's clock, in Unix milliseconds.
+    now: f64,
+    requests_tat: f64,
+    tokens_tat: f64,
+    /// The period's spend when the batch was decided, in pUSD.
+    spent: i64,
+}
+
+/// One settlement, as the batched [`SETTLE`] takes it.
+struct SettleOp {
+    tenant: usize,
+    period_id: String,
+    tpm: u64,
+    token_delta: i64,
+    /// Empty when the request held no Redis slot.
+    lease: String,
+    usage: PeriodUsage,
+    reply: Reply<()>,
+}
+
+/// Adds `op` to the batch it shares a script call with, or starts one.
+fn group<T>(batches: &mut Vec<Vec<T>>, op: T, same: impl Fn(&T, &T) -> bool) {
+    match batches.iter_mut().find(|batch| same(&batch[0], &op)) {
+        Some(batch) => batch.push(op),
+        None => batches.push(vec![op]),
+    }
+}
+
+/// Group commit for admissions and settlements. The ones queued while a
+/// round trip is out go together in the next: one script call per kind,
+/// tenant and period, all in one pipeline. Under load that is one round trip
+/// and one script run for many requests; a request alone goes at once.
+///
+/// The task holds the connection and scripts, not the store, so it ends when
+/// the store (the queue's sender) is dropped.
+struct Batcher {
+    conn: ConnectionManager,
+    admit: Script,
+    settle: Script,
+    keys: Arc<[Keys]>,
+    timeout: Duration,
+}
+
+impl Batcher {
+    async fn run(self, mut queue: mpsc::UnboundedReceiver<Op>) {
+        let mut ops = Vec::with_capacity(MAX_BATCH);
+        while queue.recv_many(&mut ops, MAX_BATCH).await > 0 {
+            self.send(ops.drain(..)).await;
+        }
+    }
+
+    /// Sends one batch and answers every caller in it.
+    async fn send(&self, ops: impl Iterator<Item = Op>) {
+        let mut admits: Vec<Vec<AdmitOp>> = Vec::new();
+        let mut settles: Vec<Vec<SettleOp>> = Vec::new();
+        // A caller that stopped waiting (timed out) has already fallen back
+        // to the in-process store: its operation is not sent.
+        for op in ops {
+            match op {
+                Op::Admit(op) if !op.reply.is_closed() => group(&mut admits, op, |a, b| {
+                    (a.tenant, &a.period_id, a.limits) == (b.tenant, &b.period_id, b.limits)
+                }),
+                Op::Settle(op) if !op.reply.is_closed() => group(&mut settles, op, |a, b| {
+                    (a.tenant, &a.period_id, a.tpm) == (b.tenant, &b.period_id, b.tpm)
+                }),
+                _ => {}
+            }
+        }
+        let commands: Vec<redis::Cmd> = admits
+            .iter()
+            .map(|batch| self.admit_command(batch))
+            .chain(settles.iter().map(|batch| self.settle_command(batch)))
+            .collect();
+        if commands.is_empty() {
+            return;
+        }
+        let mut results = match tokio::time::timeout(self.timeout, self.query(&commands)).await {
+            Ok(Ok(results)) => results.into_iter(),
+            Ok(Err(e)) => vec![Err(e); commands.len()].into_iter(),
+            Err(_) => {
+                let e = (redis::ErrorKind::Io, "no answer within the timeout").into();
+                vec![Err(e); commands.len()].into_iter()
+            }
+        };
+        for batch in admits {
+            let result = results.next().unwrap_or(Ok(redis::Value::Nil));
+            let answers = result
+                .map_err(|e| e.to_string())
+                .and_then(|value| admit_answers(value, batch.len()));
+            match answers {
+                Ok(answers) => {
+                    for (op, answer) in batch.into_iter().zip(answers) {
+                        let _ = op.reply.send(Ok(answer));
+                    }
+                }
+                Err(e) => {
+                    for op in batch {
+                        let _ = op.reply.send(Err(e.clone()));
+                    }
+                }
+            }
+        }
+        for batch in settles {
+            let result = results.next().unwrap_or(Ok(redis::Value::Nil));
+            let result = result.map(drop).map_err(|e| e.to_string());
+            for op in batch {
+                let _ = op.reply.send(result.clone());
+            }
+        }
+    }
+
+    /// Runs the commands in one pipeline, each with its own result. Scripts
+    /// Redis does not know (it restarted) are loaded and only the commands
+    /// that named them run again.
+    async fn query(&self, commands: &[redis::Cmd]) -> RedisResult<Vec<RedisResult<redis::Value>>> {
+        let mut conn = self.conn.clone();
+        let mut pipe = redis::pipe();
+        for command in commands {
+            pipe.add_command(command.clone());
+        }
+        let mut results: Vec<RedisResult<redis::Value>> =
+            pipe.ignore_errors().query_async(&mut conn).await?;
+        let no_script = |r: &RedisResult<redis::Value>| matches!(r, Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript));
+        let again: Vec<usize> = (0..results.len())
+            .filter(|&i| no_script(&results[i]))
+            .collect();
+        if !again.is_empty() {
+            self.admit.load_async(&mut conn).await?;
+            self.settle.load_async(&mut conn).await?;
+            let mut pipe = redis::pipe();
+            for &i in &again {
+                pipe.add_command(commands[i].clone());
+            }
+            let retried: Vec<RedisResult<redis::Value>> =
+                pipe.ignore_errors().query_async(&mut conn).await?;
+            for (i, result) in again.into_iter().zip(retried) {
+                results[i] = result;
+            }
+        }
+        Ok(results)
+    }
+
+    /// One `EVALSHA` of [`ADMIT`] for admissions of one tenant and period.
+    fn admit_command(&self, batch: &[AdmitOp]) -> redis::Cmd {
+        let first = &batch[0];
+        let keys = &self.keys[first.tenant];
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(self.admit.get_hash())
+            .arg(3)
+            .arg(&keys.rate)
+            .arg(&keys.inflight)
+            .arg(format!("{}{}", keys.usage_prefix, first.period_id))
+            .arg(&first.limits[..])
+            .arg(LEASE_TTL_MS);
+        for op in batch {
+            cmd.arg(op.tokens).arg(&op.lease);
+        }
+        cmd
+    }
+
+    /// One `EVALSHA` of [`SETTLE`] for settlements of one tenant and period.
+    fn settle_command(&self, batch: &[SettleOp]) -> redis::Cmd {
+        let first = &batch[0];
+        let keys = &self.keys[first.tenant];
+        let mut usage = PeriodUsage::default();
+        for op in batch {
+            usage.add(&op.usage);
+        }
+        let deltas: Vec<i64> = batch
+            .iter()
+            .map(|op| op.token_delta)
+            .filter(|&d| d != 0)
+            .collect();
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(self.settle.get_hash())
+            .arg(3)
+            .arg(&keys.rate)
+            .arg(&keys.inflight)
+            .arg(format!("{}{}", keys.usage_prefix, first.period_id))
+            .arg(first.tpm)
+            .arg(usage_ttl_seconds(&first.period_id))
+            .arg(usage.requests)
+            .arg(usage.prompt_tokens)
+            .arg(usage.completion_tokens)
+            .arg(usage.cost_pusd)
+            .arg(deltas.len())
+            .arg(deltas);
+        for op in batch.iter().filter(|op| !op.lease.is_empty()) {
+            cmd.arg(&op.lease);
+        }
+        cmd
+    }
+}
+
+/// Reads [`ADMIT`]'s reply: `n` answers.
+fn admit_answers(value: redis::Value, n: usize) -> Result<Vec<AdmitAnswer>, String> {
+    let malformed = || format!("unexpected reply to the admission script: {value:?}");
+    let items: Vec<redis::Value> = redis::from_redis_value_ref(&value).map_err(|_| malformed())?;
+    if items.len() != 3 + 3 * n {
+        return Err(malformed());
+    }
+    let number = |v: &redis::Value| redis::from_redis_value_ref::<f64>(v).map_err(|_| malformed());
+    let now = number(&items[0])? * 1000.0 + number(&items[1])? / 1000.0;
+    let spent = redis::from_redis_value_ref::<i64>(&items[2]).map_err(|_| malformed())?;
+    items[3..]
+        .chunks(3)
+        .map(|answer| {
+            Ok(AdmitAnswer {
+                refused: redis::from_redis_value_ref(&answer[0]).map_err(|_| malformed())?,
+                now,
+                requests_tat: now + number(&answer[1])? / 1000.0,
+                tokens_tat: now + number(&answer[2])? / 1000.0,
+                spent,
+            })
+        })
+        .collect()
+}
+
 struct Inner {
     conn: LazyConnection,
     timeout: Duration,
-    keys: Vec<Keys>,
+    keys: Arc<[Keys]>,
     up: AtomicBool,
-    admit: Script,
-    settle: Script,
+    /// The batching task's queue, started on first use (inside the runtime);
+    /// `None` when no connection could be set up.
+    batches: OnceLock<Option<mpsc::UnboundedSender<Op>>>,
     renew: Script,
     /// Usage recorded while Redis was unavailable, per (tenant, period).
     pending: Mutex<HashMap<(usize, String), PeriodUsage>>,
@@ -213,7 +488,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl RedisStore {
     /// A store for these tenants; connects lazily, on first use.
     pub fn new(settings: &RedisSettings, tenants: &[TenantSettings]) -> Self {
-        let keys = tenants
+        let keys: Arc<[Keys]> = tenants
             .iter()
             .map(|t| {
                 let base = format!("{}:{{{}}}", settings.key_prefix, t.id);
@@ -235,8 +510,7 @@ impl RedisStore {
                 timeout: settings.timeout,
                 keys,
                 up: AtomicBool::new(true),
-                admit: Script::new(ADMIT),
-                settle: Script::new(SETTLE),
+                batches: OnceLock::new(),
                 renew: Script::new(RENEW),
                 pending: Mutex::default(),
                 known_spend: tenants.iter().map(|_| Mutex::default()).collect(),
@@ -268,11 +542,52 @@ impl RedisStore {
             Ok(Err(e)) => e.to_string(),
             Err(_) => format!("no answer within {:?}", self.inner.timeout),
         };
+        self.failed(op, &error);
+        None
+    }
+
+    /// Counts a failed call and marks the store down.
+    fn failed(&self, op: &'static str, error: &str) {
         metrics::REDIS_ERRORS.with_label_values(&[op]).inc();
         if self.inner.up.swap(false, Ordering::Relaxed) {
             metrics::REDIS_UP.set(0);
             warn!(op, error = %error, "Redis unavailable; limits fall back to in-process counters and spend is kept locally");
         }
+    }
+
+    /// Queues an admission or settlement for the batching task and waits,
+    /// within the timeout, for its answer. `None` (the store marked down)
+    /// when Redis did not answer in time or refused the batch.
+    async fn batched<T>(&self, op: &'static str, make: impl FnOnce(Reply<T>) -> Op) -> Option<T> {
+        let queue = self
+            .inner
+            .batches
+            .get_or_init(|| {
+                let conn = self.connection()?;
+                let (queue, ops) = mpsc::unbounded_channel();
+                let batcher = Batcher {
+                    conn,
+                    admit: Script::new(ADMIT),
+                    settle: Script::new(SETTLE),
+                    keys: self.inner.keys.clone(),
+                    timeout: self.inner.timeout,
+                };
+                tokio::spawn(batcher.run(ops));
+                Some(queue)
+            })
+            .as_ref()?;
+        let (reply, answer) = oneshot::channel();
+        let error = if queue.send(make(reply)).is_err() {
+            "the Redis batching task has stopped".to_string()
+        } else {
+            match tokio::time::timeout(self.inner.timeout, answer).await {
+                Ok(Ok(Ok(value))) => return Some(value),
+                Ok(Ok(Err(e))) => e,
+                Ok(Err(_)) => "the Redis batching task has stopped".to_string(),
+                Err(_) => format!("no answer within {:?}", self.inner.timeout),
+            }
+        };
+        self.failed(op, &error);
         None
     }
 
@@ -289,40 +604,40 @@ impl RedisStore {
         if !self.is_up() {
             return None;
         }
-        let keys = &self.inner.keys[tenant];
-        let usage_key = format!("{}{period_id}", keys.usage_prefix);
-        let reply: Option<(String, String, String, String, String)> = self
-            .call("admit", |mut conn| async move {
-                self.inner
-                    .admit
-                    .key(&keys.rate)
-                    .key(&keys.inflight)
-                    .key(&usage_key)
-                    .arg(limits.requests_per_minute.unwrap_or(0))
-                    .arg(limits.tokens_per_minute.unwrap_or(0))
-                    .arg(limits.max_concurrent.unwrap_or(0))
-                    .arg(limits.budget.map_or(0, |b| b.amount_pusd))
-                    .arg(tokens)
-                    .arg(lease)
-                    .arg(LEASE_TTL_MS)
-                    .invoke_async(&mut conn)
-                    .await
+        let answer = self
+            .batched("admit", |reply| {
+                Op::Admit(AdmitOp {
+                    tenant,
+                    period_id: period_id.to_string(),
+                    limits: [
+                        u64::from(limits.requests_per_minute.unwrap_or(0)),
+                        limits.tokens_per_minute.unwrap_or(0),
+                        u64::from(limits.max_concurrent.unwrap_or(0)),
+                        limits.budget.map_or(0, |b| b.amount_pusd.max(0) as u64),
+                    ],
+                    tokens,
+                    lease: lease.to_string(),
+                    reply,
+                })
             })
             .await;
-        let Some((refused, now, requests_tat, tokens_tat, spent)) = reply else {
-            // A call that timed out may still run once Redis answers again
-            // (a frozen Redis reads it later) and take a slot nobody holds:
-            // release it with the flush.
+        let Some(AdmitAnswer {
+            refused,
+            now,
+            requests_tat,
+            tokens_tat,
+            spent,
+        }) = answer
+        else {
+            // An admission that timed out may still run once Redis answers
+            // again (a frozen Redis reads it later) and take a slot nobody
+            // holds: release it with the flush.
             if limits.max_concurrent.is_some() {
                 lock(&self.inner.unreleased).push((tenant, lease.to_string()));
             }
             return None;
         };
-        let number = |s: &str| s.parse::<f64>().unwrap_or(0.0);
-        let (now, requests_tat, tokens_tat) =
-            (number(&now), number(&requests_tat), number(&tokens_tat));
-        *lock(&self.inner.known_spend[tenant]) =
-            (period_id.to_string(), spent.parse().unwrap_or(0));
+        *lock(&self.inner.known_spend[tenant]) = (period_id.to_string(), spent);
         let state = RateLimitState {
             requests: limits
                 .requests_per_minute
@@ -369,25 +684,17 @@ impl RedisStore {
             lock(&self.inner.leases).remove(lease);
         }
         if self.is_up() {
-            let keys = &self.inner.keys[tenant];
-            let usage_key = format!("{}{period_id}", keys.usage_prefix);
-            let done: Option<i64> = self
-                .call("settle", |mut conn| async move {
-                    self.inner
-                        .settle
-                        .key(&keys.rate)
-                        .key(&keys.inflight)
-                        .key(&usage_key)
-                        .arg(limits.tokens_per_minute.unwrap_or(0))
-                        .arg(token_delta)
-                        .arg(lease.unwrap_or(""))
-                        .arg(usage.requests)
-                        .arg(usage.prompt_tokens)
-                        .arg(usage.completion_tokens)
-                        .arg(usage.cost_pusd)
-                        .arg(usage_ttl_seconds(period_id))
-                        .invoke_async(&mut conn)
-                        .await
+            let done = self
+                .batched("settle", |reply| {
+                    Op::Settle(SettleOp {
+                        tenant,
+                        period_id: period_id.to_string(),
+                        tpm: limits.tokens_per_minute.unwrap_or(0),
+                        token_delta,
+                        lease: lease.unwrap_or("").to_string(),
+                        usage: usage.clone(),
+                        reply,
+                    })
                 })
                 .await;
             if done.is_some() {
