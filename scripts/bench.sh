@@ -18,7 +18,8 @@
 # streamed token with its write time, benches/chunk_delay.rs subtracts it from
 # the arrival time, direct and through Runestone.
 # Pinning (2 cores): the process under test runs alone on CPU 0; wrk, and
-# runestone-mock when it is the upstream, share CPU 1. Loopback only.
+# runestone-mock when it is the upstream, share CPU 1 (in the open loop,
+# "direct" is that upstream mock itself). Loopback only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -169,7 +170,15 @@ declare -A OL_P50 OL_P99 OL_P999 OL_CPU OL_RPS
 hz=$(getconf CLK_TCK)
 body='{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello to the benchmark"}],"max_tokens":16}'
 for name in "${PATHS[@]}"; do
-  start_path "$name"
+  if [ "$name" = direct ]; then
+    # Direct is the very upstream the proxies use (runestone-mock on CPU 1,
+    # beside the load generator), so "added" is the proxy hop alone and not
+    # also the difference between a mock with a core of its own and one
+    # sharing the load generator's.
+    PID=${pids[0]}; URL="http://127.0.0.1:$mock_port/v1/chat/completions"
+  else
+    start_path "$name"
+  fi
   taskset -c 1 oha -z 2s -q "$RATE" -c "$CONNECTIONS" --no-tui --output-format quiet -m POST \
     -H 'Authorization: Bearer sk-bench-tenant-key' -H 'Content-Type: application/json' -d "$body" "$URL" >/dev/null 2>&1 || true
   runs=()
@@ -190,7 +199,7 @@ print(round(rps), *(round(p[k] * 1e6) for k in ("p50", "p99", "p99.9")), round(c
   col() { printf '%s\n' "${runs[@]}" | awk -v c="$1" '{print $c}' | median; }
   OL_RPS[$name]=$(col 1); OL_P50[$name]=$(col 2); OL_P99[$name]=$(col 3); OL_P999[$name]=$(col 4); OL_CPU[$name]=$(col 5)
   echo "bench: $name at $RATE req/s: p50 ${OL_P50[$name]}us p99 ${OL_P99[$name]}us p99.9 ${OL_P999[$name]}us, ${OL_CPU[$name]}% of a core per 1k req/s" >&2
-  stop_path "$name"
+  [ "$name" = direct ] || stop_path "$name"
 done
 
 # 3. Open streams: the mock paces tokens at 2/s, so streams stay open while
@@ -274,9 +283,11 @@ machine="$(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /pro
   echo "(a 16-token answer from runestone-mock, no added latency); $REPEAT rounds in which the paths take turns, medians reported."
   echo "Open loop: \`oha -z ${DURATION}s -q RATE --latency-correction -c $CONNECTIONS\`, median of $REPEAT runs per path;"
   echo "CPU is the process's user + system time over the run (/proc), per 1,000 requests/s served."
-  echo "Pinning: the process under test alone on CPU 0 (runestone-mock for \"direct\", the floor"
-  echo "proxy, or runestone with \`threads: 1\`); the load generator, runestone-mock as the upstream"
-  echo "and Redis share CPU 1. \"All on\" means RPM, TPM and concurrency limits (set high enough"
+  echo "Pinning: the process under test alone on CPU 0 (runestone-mock for \"direct\" in the closed"
+  echo "loop, the floor proxy, or runestone with \`threads: 1\`); the load generator, runestone-mock as"
+  echo "the upstream and Redis share CPU 1. In the open loop \"direct\" is that same upstream mock on"
+  echo "CPU 1 (its CPU column is the mock's), so the added latency is the proxy hop's alone."
+  echo "\"All on\" means RPM, TPM and concurrency limits (set high enough"
   echo "never to refuse), cost accounting, breakers and metrics (access log off, as for the others);"
   echo "every runestone path authenticates and meters usage. The floor is benches/floor.rs: a bare"
   echo "Pingora proxy with no filters. Both use the system allocator (glibc)."
