@@ -94,7 +94,7 @@ run_wrk() { # $1 url -> prints "rps p50_us p99_us"
 # The median of the numbers on stdin, one per line (blank lines ignored).
 median() { sort -g | awk 'NF {a[++n]=$1} END {print a[int((n+1)/2)]}'; }
 
-declare -A RPS P50 P99 RATIO LINES RATIOS ROUND
+declare -A RPS P50 P99 PEAK RATIO LINES RATIOS ROUND
 
 LIMITS="    limits: { requests_per_minute: 100000000, tokens_per_minute: 100000000000, max_concurrent: 1000000 }"
 REDIS="redis: { url: \"redis://127.0.0.1:$redis_port/0\", timeout_ms: 50 }"
@@ -140,13 +140,14 @@ stop_path() {
   kill -INT "$PID" 2>/dev/null || true; wait "$PID" 2>/dev/null || true
 }
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+peak_kib() { awk '/^VmHWM:/ {print $2}' "/proc/$1/status"; }
 
 # 1. Closed loop: saturation throughput. The paths take turns, round after
 # round, so a slow spell of the machine hits all of them; each round's ratio
 # to the floor is kept and the median ratio reported.
 for round in $(seq 1 "$REPEAT"); do
   for name in "${PATHS[@]}"; do
-    start_path "$name"; line=$(run_wrk "$URL"); stop_path "$name"
+    start_path "$name"; line="$(run_wrk "$URL") $(peak_kib "$PID")"; stop_path "$name"
     LINES[$name]+="$line"$'\n'
     ROUND[$name]=${line%% *}
     echo "bench: round $round, $name: $line" >&2
@@ -159,6 +160,7 @@ for name in "${PATHS[@]}"; do
   RPS[$name]=$(printf '%s' "${LINES[$name]}" | awk '{print $1}' | median)
   P50[$name]=$(printf '%s' "${LINES[$name]}" | awk '{print $2}' | median)
   P99[$name]=$(printf '%s' "${LINES[$name]}" | awk '{print $3}' | median)
+  PEAK[$name]=$(printf '%s' "${LINES[$name]}" | awk '{print $4}' | median)
   RATIO[$name]=$(printf '%s' "${RATIOS[$name]}" | median)
 done
 
@@ -242,10 +244,10 @@ added() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%+d", a - b}'; }
 table=$(
   echo "Closed loop (saturation):"
   echo
-  echo "| path | requests/s | vs pingora floor (median of the rounds' ratios) | p50 (µs) | p99 (µs) |"
-  echo "|---|---|---|---|---|"
+  echo "| path | requests/s | vs pingora floor (median of the rounds' ratios) | p50 (µs) | p99 (µs) | peak RSS (KiB) |"
+  echo "|---|---|---|---|---|---|"
   for name in "${PATHS[@]}"; do
-    echo "| $name | ${RPS[$name]} | $(printf '%.0f%%' "${RATIO[$name]}") | ${P50[$name]} | ${P99[$name]} |"
+    echo "| $name | ${RPS[$name]} | $(printf '%.0f%%' "${RATIO[$name]}") | ${P50[$name]} | ${P99[$name]} | ${PEAK[$name]} |"
   done
   echo
   echo "Open loop at $RATE requests/s (half of Runestone's saturation, every feature on, in-process), latency in µs, added = over direct, median of $REPEAT runs:"
@@ -288,6 +290,7 @@ machine="$(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /pro
   echo "(a 16-token answer from runestone-mock, no added latency); $REPEAT rounds in which the paths take turns, medians reported."
   echo "Open loop: \`oha -z ${DURATION}s -q RATE --latency-correction -c $CONNECTIONS\`, median of $REPEAT runs per path;"
   echo "CPU is the process's user + system time over the run (/proc), per 1,000 requests/s served."
+  echo "Peak RSS is the process's VmHWM at the end of its closed-loop run (32 connections)."
   echo "Pinning: the process under test alone on CPU 0 (runestone-mock for \"direct\" in the closed"
   echo "loop, the floor proxy, or runestone with \`threads: 1\`); the load generator, runestone-mock as"
   echo "the upstream and Redis share CPU 1. In the open loop \"direct\" is that same upstream mock on"
