@@ -2,11 +2,14 @@
 //! streaming chat requests to 127.0.0.1:PORT, where runestone-mock runs with
 //! `--stamp-chunks` (directly, or behind a gateway), and for every token
 //! takes its arrival time minus the time the mock wrote it (both
-//! CLOCK_MONOTONIC on this machine). Prints one JSON line with the count and
-//! p50, p99 and p99.9 in microseconds. One blocking reader thread per
+//! CLOCK_MONOTONIC on this machine), and for every stream the time from
+//! sending the request to its first token. ROUNDS (default 1) repeats the
+//! STREAMS concurrent streams, one round after the other. Prints one JSON
+//! line: the chunk count, the delay's p50, p99 and p99.9, and time to first
+//! token p50 and p99, in microseconds. One blocking reader thread per
 //! stream, so the reader adds little of its own delay.
 //!
-//! `cargo run --release --example chunk_delay -- PORT KEY STREAMS`
+//! `cargo run --release --example chunk_delay -- PORT KEY STREAMS [ROUNDS]`
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
@@ -18,12 +21,14 @@ fn monotonic_us() -> u64 {
         .expect("CLOCK_MONOTONIC")
 }
 
-/// One stream's delays: arrival minus stamp for each token.
-fn stream(port: u16, key: &str) -> Vec<u64> {
+/// One stream's delays (arrival minus stamp for each token) and its time
+/// to first token.
+fn stream(port: u16, key: &str) -> (Vec<u64>, Option<u64>) {
     let body =
         r#"{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"stamp"}]}"#;
     let mut conn = TcpStream::connect(("127.0.0.1", port)).expect("connect");
     conn.set_nodelay(true).expect("nodelay");
+    let sent = monotonic_us();
     write!(
         conn,
         "POST /v1/chat/completions HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {key}\r\n\
@@ -32,6 +37,7 @@ fn stream(port: u16, key: &str) -> Vec<u64> {
     )
     .expect("send");
     let mut delays = Vec::new();
+    let mut first_token = None;
     for line in BufReader::new(conn).lines() {
         let Ok(line) = line else { break };
         let arrived = monotonic_us();
@@ -39,44 +45,56 @@ fn stream(port: u16, key: &str) -> Vec<u64> {
         let Some(at) = line.find(r#""content":""#) else {
             continue;
         };
+        first_token.get_or_insert(arrived.saturating_sub(sent));
         let rest = &line[at + 11..];
         let digits: &str = &rest[..rest.find('"').unwrap_or(0)];
         if let Ok(stamp) = digits.parse::<u64>() {
             delays.push(arrived.saturating_sub(stamp));
         }
     }
-    delays
+    (delays, first_token)
+}
+
+/// The `p` quantile of sorted samples (0 when there are none).
+fn quantile(sorted: &[u64], p: f64) -> u64 {
+    sorted
+        .get(((sorted.len() as f64 * p) as usize).min(sorted.len().saturating_sub(1)))
+        .copied()
+        .unwrap_or(0)
 }
 
 fn main() {
     let mut args = std::env::args().skip(1);
     let (Some(port), Some(key), Some(streams)) = (args.next(), args.next(), args.next()) else {
-        eprintln!("usage: chunk_delay PORT KEY STREAMS");
+        eprintln!("usage: chunk_delay PORT KEY STREAMS [ROUNDS]");
         std::process::exit(2);
     };
     let port: u16 = port.parse().expect("PORT");
     let streams: usize = streams.parse().expect("STREAMS");
-    let mut delays: Vec<u64> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..streams)
-            .map(|_| scope.spawn(|| stream(port, &key)))
-            .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| h.join().expect("reader"))
-            .collect()
-    });
+    let rounds: usize = args.next().map_or(1, |r| r.parse().expect("ROUNDS"));
+    let mut delays = Vec::new();
+    let mut ttfts = Vec::new();
+    for _ in 0..rounds {
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..streams)
+                .map(|_| scope.spawn(|| stream(port, &key)))
+                .collect();
+            for handle in handles {
+                let (chunks, ttft) = handle.join().expect("reader");
+                delays.extend(chunks);
+                ttfts.extend(ttft);
+            }
+        });
+    }
     delays.sort_unstable();
-    let pct = |p: f64| {
-        delays
-            .get(((delays.len() as f64 * p) as usize).min(delays.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or(0)
-    };
+    ttfts.sort_unstable();
     println!(
-        r#"{{"chunks": {}, "p50_us": {}, "p99_us": {}, "p999_us": {}}}"#,
+        r#"{{"chunks": {}, "p50_us": {}, "p99_us": {}, "p999_us": {}, "ttft_p50_us": {}, "ttft_p99_us": {}}}"#,
         delays.len(),
-        pct(0.5),
-        pct(0.99),
-        pct(0.999)
+        quantile(&delays, 0.5),
+        quantile(&delays, 0.99),
+        quantile(&delays, 0.999),
+        quantile(&ttfts, 0.5),
+        quantile(&ttfts, 0.99)
     );
 }

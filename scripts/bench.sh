@@ -16,7 +16,8 @@
 # saturation, with latency correction, for latency added over direct and the
 # process's CPU per 1,000 requests/s. Chunk delay: runestone-mock stamps each
 # streamed token with its write time, benches/chunk_delay.rs subtracts it from
-# the arrival time, direct and through Runestone.
+# the arrival time and times each stream's first token, direct and through
+# Runestone.
 # Pinning (2 cores): the process under test runs alone on CPU 0; wrk, and
 # runestone-mock when it is the upstream, share CPU 1 (in the open loop,
 # "direct" is that upstream mock itself). Loopback only.
@@ -228,17 +229,32 @@ for name in "pingora floor" "runestone, all on, in-process"; do
   done
 done
 
-# 4. Chunk forwarding delay: 20 concurrent streams, 20 tokens/s each.
+# 4. Chunk forwarding delay: 20 concurrent streams,
+# 20 tokens/s each, CHUNK_ROUNDS times over.
+CHUNK_ROUNDS=${CHUNK_ROUNDS:-10}
 stamp_port=$(free_port)
 taskset -c 1 target/release/runestone-mock --listen "127.0.0.1:$stamp_port" --tokens-per-second 20 --stamp-chunks >/dev/null 2>&1 &
 pids+=($!)
 wait_http "http://127.0.0.1:$stamp_port/health"
 mock_port=$stamp_port
-CHUNK_DIRECT=$(taskset -c 1 target/release/examples/chunk_delay "$stamp_port" none 20)
+CHUNK_DIRECT=$(taskset -c 1 target/release/examples/chunk_delay "$stamp_port" none 20 "$CHUNK_ROUNDS")
 start_path "runestone, all on, in-process"
-CHUNK_GATEWAY=$(taskset -c 1 target/release/examples/chunk_delay "$PORT" sk-bench-tenant-key 20)
+CHUNK_GATEWAY=$(taskset -c 1 target/release/examples/chunk_delay "$PORT" sk-bench-tenant-key 20 "$CHUNK_ROUNDS")
+stop_path "runestone, all on, in-process"
+# Time to first token: TTFT_STREAMS streams one after another, from a mock
+# that does not pace its tokens.
+TTFT_STREAMS=${TTFT_STREAMS:-2000}
+ttft_port=$(free_port)
+taskset -c 1 target/release/runestone-mock --listen "127.0.0.1:$ttft_port" --stamp-chunks >/dev/null 2>&1 &
+pids+=($!)
+wait_http "http://127.0.0.1:$ttft_port/health"
+mock_port=$ttft_port
+TTFT_DIRECT=$(taskset -c 1 target/release/examples/chunk_delay "$ttft_port" none 1 "$TTFT_STREAMS")
+start_path "runestone, all on, in-process"
+TTFT_GATEWAY=$(taskset -c 1 target/release/examples/chunk_delay "$PORT" sk-bench-tenant-key 1 "$TTFT_STREAMS")
 stop_path "runestone, all on, in-process"
 echo "bench: chunk delay direct $CHUNK_DIRECT, through runestone $CHUNK_GATEWAY" >&2
+echo "bench: first token direct $TTFT_DIRECT, through runestone $TTFT_GATEWAY" >&2
 
 added() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%+d", a - b}'; }
 table=$(
@@ -268,12 +284,18 @@ table=$(
     done
   done
   echo
-  echo "Chunk forwarding delay (µs from the mock writing a token to the client reading it; 20 streams x 20 tokens/s):"
+  echo "Stream latency, in µs: chunk delay from the mock writing a token to the client reading it ($CHUNK_ROUNDS rounds of 20 concurrent streams, 20 tokens/s each); time to first token from sending the request ($TTFT_STREAMS streams one after another, tokens unpaced):"
   echo
-  echo "| path | chunks | p50 | p99 | p99.9 |"
-  echo "|---|---|---|---|---|"
-  for pair in "direct|$CHUNK_DIRECT" "runestone, all on, in-process|$CHUNK_GATEWAY"; do
-    python3 -c "import json,sys; d=json.loads(sys.argv[2]); print(f\"| {sys.argv[1]} | {d['chunks']} | {d['p50_us']} | {d['p99_us']} | {d['p999_us']} |\")" "${pair%%|*}" "${pair#*|}"
+  echo "| path | chunks | chunk delay p50 / p99 / p99.9 | added p50 / p99 | time to first token p50 / p99 | added p50 / p99 |"
+  echo "|---|---|---|---|---|---|"
+  for row in "direct|$CHUNK_DIRECT|$TTFT_DIRECT" "runestone, all on, in-process|$CHUNK_GATEWAY|$TTFT_GATEWAY"; do
+    IFS='|' read -r name chunk ttft <<<"$row"
+    python3 -c "
+import json, sys
+c, t, c0, t0 = (json.loads(a) for a in sys.argv[2:6])
+add = lambda d, b, k: '%+d' % (d[k] - b[k])
+print(f\"| {sys.argv[1]} | {c['chunks']} | {c['p50_us']} / {c['p99_us']} / {c['p999_us']} | {add(c, c0, 'p50_us')} / {add(c, c0, 'p99_us')} | {t['ttft_p50_us']} / {t['ttft_p99_us']} | {add(t, t0, 'ttft_p50_us')} / {add(t, t0, 'ttft_p99_us')} |\")" \
+      "$name" "$chunk" "$ttft" "$CHUNK_DIRECT" "$TTFT_DIRECT"
   done
 )
 echo
@@ -303,7 +325,8 @@ machine="$(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /pro
   echo "Streams: scripts/open_streams.py opens N streaming requests (runestone-mock paces 2 tokens/s)"
   echo "and reads the proxy's VmRSS while all are open. Chunk delay: runestone-mock --stamp-chunks"
   echo "writes CLOCK_MONOTONIC into each token; benches/chunk_delay.rs (a thread per stream) subtracts"
-  echo "it on arrival; the gateway's share is the difference between the two rows."
+  echo "it on arrival, and times each stream's first token from the request; the gateway's share"
+  echo "is the difference between the two rows (\"added\"). Direct is the same stamping mock on CPU 1."
   echo
   echo "$table"
   echo
