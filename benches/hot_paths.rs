@@ -1,6 +1,6 @@
 //! Micro-benchmarks of the functions on every request's path: key lookup,
-//! request field extraction, admission (in-process and in Redis), and SSE
-//! usage metering.
+//! request field extraction, admission (in-process and in Redis), SSE usage
+//! metering, and the Anthropic translation (request, answer, stream).
 //!
 //! `cargo bench --bench hot_paths`; the Redis case runs when `redis-server`
 //! is installed (it starts its own on a free port).
@@ -11,6 +11,7 @@ use runestone::config::Config;
 use runestone::cost::StreamMeter;
 use runestone::limits::Limiter;
 use runestone::openai::RequestFields;
+use runestone::providers::anthropic;
 use std::hint::black_box;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -95,6 +96,58 @@ fn sse_metering(c: &mut Criterion) {
     }
 }
 
+/// An Anthropic Messages stream of `tokens` text deltas, as the provider
+/// sends it.
+fn anthropic_stream(tokens: usize) -> Vec<Bytes> {
+    let mut chunks = vec![Bytes::from_static(
+        b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_1\",\"type\":\"message\",\"role\":\"assistant\",\"model\":\"claude\",\"content\":[],\"stop_reason\":null,\"usage\":{\"input_tokens\":10,\"output_tokens\":1}}}\n\nevent: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n",
+    )];
+    for i in 0..tokens {
+        chunks.push(Bytes::from(format!(
+            "event: content_block_delta\ndata: {{\"type\":\"content_block_delta\",\"index\":0,\"delta\":{{\"type\":\"text_delta\",\"text\":\"tok{i} \"}}}}\n\n"
+        )));
+    }
+    chunks.push(Bytes::from_static(
+        b"event: content_block_stop\ndata: {\"type\":\"content_block_stop\",\"index\":0}\n\nevent: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":100}}\n\nevent: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+    ));
+    chunks
+}
+
+fn translation(c: &mut Criterion) {
+    let request = br#"{"model":"m","max_tokens":256,"temperature":0.2,"messages":[{"role":"system","content":"You are terse."},{"role":"user","content":"Summarise the quarterly report in three bullet points."},{"role":"assistant","content":"Revenue up, costs flat, churn down."},{"role":"user","content":"And the risks?"}]}"#;
+    let answer = br#"{"id":"msg_1","type":"message","role":"assistant","model":"claude","content":[{"type":"text","text":"Supply costs and a slower second half."}],"stop_reason":"end_turn","usage":{"input_tokens":42,"output_tokens":12}}"#;
+    let stream = anthropic_stream(100);
+    // The inputs are what the adapter accepts (else the figures would time
+    // an early error).
+    anthropic::to_messages_request(request, "claude").expect("a valid request");
+    anthropic::to_chat_completion(answer, "m").expect("a valid answer");
+    let mut translator = anthropic::StreamTranslator::new("m", true);
+    for chunk in &stream {
+        translator.feed(chunk);
+    }
+    assert!(translator.usage().is_some(), "the stream's usage is read");
+
+    c.bench_function("anthropic/to_messages_request (4 messages)", |b| {
+        b.iter(|| anthropic::to_messages_request(black_box(request), "claude"))
+    });
+    c.bench_function("anthropic/to_chat_completion", |b| {
+        b.iter(|| anthropic::to_chat_completion(black_box(answer), "m"))
+    });
+    c.bench_function("anthropic/stream translation (100 deltas)", |b| {
+        b.iter_batched(
+            || stream.clone(),
+            |chunks| {
+                let mut translator = anthropic::StreamTranslator::new("m", true);
+                for chunk in chunks {
+                    black_box(translator.feed(&chunk));
+                }
+                translator.usage()
+            },
+            BatchSize::SmallInput,
+        )
+    });
+}
+
 fn admission(c: &mut Criterion, name: &str, limiter: &Limiter) {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -171,6 +224,7 @@ criterion_group!(
     key_lookup,
     field_extraction,
     sse_metering,
+    translation,
     admission_in_process,
     admission_redis
 );
