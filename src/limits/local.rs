@@ -134,11 +134,7 @@ impl LocalStore {
         }
         // A new period began: the old ones are never read again.
         state.usage.clear();
-        state
-            .usage
-            .entry(period_id.to_string())
-            .or_default()
-            .add(usage);
+        state.usage.insert(period_id.to_string(), usage.clone());
     }
 
     /// The period's counters.

@@ -26,9 +26,9 @@
 //! Without `redis:` all state is in this process ([`local::LocalStore`],
 //! one small mutex per tenant). With `redis:` it is global across instances
 //! ([`redis::RedisStore`]: Lua scripts, admissions and settlements that wait
-//! together sent in one round trip, slots as expiring leases); when Redis fails or is slow the limiter falls back to the
-//! in-process store, counts the error, and keeps the spend locally until it
-//! can be flushed.
+//! together sent in one round trip, slots as expiring leases); when Redis
+//! fails or is slow the limiter falls back to the in-process store, counts
+//! the error, and keeps the spend locally until it can be flushed.
 
 pub mod local;
 pub mod redis;

@@ -154,6 +154,13 @@ struct Keys {
     usage_prefix: String,
 }
 
+impl Keys {
+    /// The usage hash of one period: `{prefix}:{tenant}:usage:{period}`.
+    fn usage(&self, period_id: &str) -> String {
+        format!("{}{period_id}", self.usage_prefix)
+    }
+}
+
 /// A Redis connection made on first use: the connection manager spawns its
 /// driver on the runtime it is created in, which exists only once the
 /// server runs. Shared by the limit store and the overflow queue.
@@ -370,18 +377,24 @@ impl Batcher {
         Ok(results)
     }
 
-    /// One `EVALSHA` of [`ADMIT`] for admissions of one tenant and period.
-    fn admit_command(&self, batch: &[AdmitOp]) -> redis::Cmd {
-        let first = &batch[0];
-        let keys = &self.keys[first.tenant];
+    /// An `EVALSHA` of `script` on a tenant's three keys (rate, in-flight
+    /// leases, the period's usage), for its arguments to follow.
+    fn script_command(&self, script: &Script, tenant: usize, period_id: &str) -> redis::Cmd {
+        let keys = &self.keys[tenant];
         let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(self.admit.get_hash())
+        cmd.arg(script.get_hash())
             .arg(3)
             .arg(&keys.rate)
             .arg(&keys.inflight)
-            .arg(format!("{}{}", keys.usage_prefix, first.period_id))
-            .arg(&first.limits[..])
-            .arg(LEASE_TTL_MS);
+            .arg(keys.usage(period_id));
+        cmd
+    }
+
+    /// One `EVALSHA` of [`ADMIT`] for admissions of one tenant and period.
+    fn admit_command(&self, batch: &[AdmitOp]) -> redis::Cmd {
+        let first = &batch[0];
+        let mut cmd = self.script_command(&self.admit, first.tenant, &first.period_id);
+        cmd.arg(&first.limits[..]).arg(LEASE_TTL_MS);
         for op in batch {
             cmd.arg(op.tokens).arg(&op.lease);
         }
@@ -391,7 +404,6 @@ impl Batcher {
     /// One `EVALSHA` of [`SETTLE`] for settlements of one tenant and period.
     fn settle_command(&self, batch: &[SettleOp]) -> redis::Cmd {
         let first = &batch[0];
-        let keys = &self.keys[first.tenant];
         let mut usage = PeriodUsage::default();
         for op in batch {
             usage.add(&op.usage);
@@ -401,13 +413,8 @@ impl Batcher {
             .map(|op| op.token_delta)
             .filter(|&d| d != 0)
             .collect();
-        let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(self.settle.get_hash())
-            .arg(3)
-            .arg(&keys.rate)
-            .arg(&keys.inflight)
-            .arg(format!("{}{}", keys.usage_prefix, first.period_id))
-            .arg(first.tpm)
+        let mut cmd = self.script_command(&self.settle, first.tenant, &first.period_id);
+        cmd.arg(first.tpm)
             .arg(usage_ttl_seconds(&first.period_id))
             .arg(usage.requests)
             .arg(usage.prompt_tokens)
@@ -737,7 +744,7 @@ impl RedisStore {
         if !self.is_up() {
             return (usage, true);
         }
-        let key = format!("{}{period_id}", self.inner.keys[tenant].usage_prefix);
+        let key = self.inner.keys[tenant].usage(period_id);
         type Counters = (Option<u64>, Option<u64>, Option<u64>, Option<i64>);
         let read: Option<Counters> = self
             .call("usage", |mut conn| async move {
@@ -802,7 +809,7 @@ impl RedisStore {
                 .ignore();
         }
         for ((tenant, period_id), usage) in &pending {
-            let key = format!("{}{period_id}", self.inner.keys[*tenant].usage_prefix);
+            let key = self.inner.keys[*tenant].usage(period_id);
             pipe.hincr(&key, "requests", usage.requests).ignore();
             pipe.hincr(&key, "prompt_tokens", usage.prompt_tokens)
                 .ignore();
