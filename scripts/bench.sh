@@ -229,30 +229,32 @@ for name in "pingora floor" "runestone, all on, in-process"; do
   done
 done
 
-# 4. Chunk forwarding delay: 20 concurrent streams,
-# 20 tokens/s each, CHUNK_ROUNDS times over.
+# 4. Stream latency, direct and through Runestone (every feature on).
+# stream_latency STREAMS ROUNDS [MOCK FLAGS...]: starts a stamping
+# runestone-mock on CPU 1 and runs benches/chunk_delay.rs against it and
+# through the gateway; sets DIRECT_RESULT and GATEWAY_RESULT (JSON lines).
+stream_latency() {
+  local port
+  port=$(free_port)
+  taskset -c 1 target/release/runestone-mock --listen "127.0.0.1:$port" --stamp-chunks "${@:3}" >/dev/null 2>&1 &
+  pids+=($!)
+  wait_http "http://127.0.0.1:$port/health"
+  mock_port=$port
+  DIRECT_RESULT=$(taskset -c 1 target/release/examples/chunk_delay "$port" none "$1" "$2")
+  start_path "runestone, all on, in-process"
+  GATEWAY_RESULT=$(taskset -c 1 target/release/examples/chunk_delay "$PORT" sk-bench-tenant-key "$1" "$2")
+  stop_path "runestone, all on, in-process"
+}
+# Chunk forwarding delay: 20 concurrent streams, 20 tokens/s each,
+# CHUNK_ROUNDS times over.
 CHUNK_ROUNDS=${CHUNK_ROUNDS:-10}
-stamp_port=$(free_port)
-taskset -c 1 target/release/runestone-mock --listen "127.0.0.1:$stamp_port" --tokens-per-second 20 --stamp-chunks >/dev/null 2>&1 &
-pids+=($!)
-wait_http "http://127.0.0.1:$stamp_port/health"
-mock_port=$stamp_port
-CHUNK_DIRECT=$(taskset -c 1 target/release/examples/chunk_delay "$stamp_port" none 20 "$CHUNK_ROUNDS")
-start_path "runestone, all on, in-process"
-CHUNK_GATEWAY=$(taskset -c 1 target/release/examples/chunk_delay "$PORT" sk-bench-tenant-key 20 "$CHUNK_ROUNDS")
-stop_path "runestone, all on, in-process"
+stream_latency 20 "$CHUNK_ROUNDS" --tokens-per-second 20
+CHUNK_DIRECT=$DIRECT_RESULT CHUNK_GATEWAY=$GATEWAY_RESULT
 # Time to first token: TTFT_STREAMS streams one after another, from a mock
 # that does not pace its tokens.
 TTFT_STREAMS=${TTFT_STREAMS:-2000}
-ttft_port=$(free_port)
-taskset -c 1 target/release/runestone-mock --listen "127.0.0.1:$ttft_port" --stamp-chunks >/dev/null 2>&1 &
-pids+=($!)
-wait_http "http://127.0.0.1:$ttft_port/health"
-mock_port=$ttft_port
-TTFT_DIRECT=$(taskset -c 1 target/release/examples/chunk_delay "$ttft_port" none 1 "$TTFT_STREAMS")
-start_path "runestone, all on, in-process"
-TTFT_GATEWAY=$(taskset -c 1 target/release/examples/chunk_delay "$PORT" sk-bench-tenant-key 1 "$TTFT_STREAMS")
-stop_path "runestone, all on, in-process"
+stream_latency 1 "$TTFT_STREAMS"
+TTFT_DIRECT=$DIRECT_RESULT TTFT_GATEWAY=$GATEWAY_RESULT
 echo "bench: chunk delay direct $CHUNK_DIRECT, through runestone $CHUNK_GATEWAY" >&2
 echo "bench: first token direct $TTFT_DIRECT, through runestone $TTFT_GATEWAY" >&2
 
