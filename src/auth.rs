@@ -37,23 +37,60 @@ pub fn parse_configured_key(key: &str) -> Option<KeyDigest> {
     }
 }
 
-/// Reads the key a client presented: `Authorization: Bearer KEY` or
-/// `x-api-key: KEY`. Returns `None` when neither is there or is usable.
+/// The key a client presented, read from every `Authorization: Bearer KEY`
+/// and `x-api-key: KEY` header it sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Presented<'a> {
+    /// No usable credential (none sent, another scheme, not UTF-8, empty).
+    Missing,
+    /// One key, however many headers carried it.
+    Key(&'a str),
+    /// Two credentials that disagree: refused, never resolved by picking one
+    /// (a proxy in front might have checked the other).
+    Conflicting,
+}
+
+/// Reads the key a client presented from its `Authorization` and
+/// `x-api-key` header values (every one it sent).
 pub fn presented_key<'a>(
-    authorization: Option<&'a [u8]>,
-    x_api_key: Option<&'a [u8]>,
-) -> Option<&'a str> {
-    if let Some(value) = authorization {
+    authorization: impl IntoIterator<Item = &'a [u8]>,
+    x_api_key: impl IntoIterator<Item = &'a [u8]>,
+) -> Presented<'a> {
+    let bearer = |value: &'a [u8]| {
         let value = std::str::from_utf8(value).ok()?.trim();
         let (scheme, key) = value.split_once(' ')?;
-        if !scheme.eq_ignore_ascii_case("bearer") {
-            return None;
-        }
         let key = key.trim();
-        return (!key.is_empty()).then_some(key);
+        (scheme.eq_ignore_ascii_case("bearer") && !key.is_empty()).then_some(key)
+    };
+    let plain = |value: &'a [u8]| {
+        let key = std::str::from_utf8(value).ok()?.trim();
+        (!key.is_empty()).then_some(key)
+    };
+    let mut found: Option<&'a str> = None;
+    let mut unusable = false;
+    let values = authorization
+        .into_iter()
+        .map(|v| (v, true))
+        .chain(x_api_key.into_iter().map(|v| (v, false)));
+    for (value, is_authorization) in values {
+        let key = if is_authorization {
+            bearer(value)
+        } else {
+            plain(value)
+        };
+        match (key, found) {
+            (None, _) => unusable = true,
+            (Some(key), None) => found = Some(key),
+            (Some(key), Some(seen)) if key != seen => return Presented::Conflicting,
+            (Some(_), Some(_)) => {}
+        }
     }
-    let key = std::str::from_utf8(x_api_key?).ok()?.trim();
-    (!key.is_empty()).then_some(key)
+    match found {
+        // A usable key beside an unusable credential: the two disagree.
+        Some(_) if unusable => Presented::Conflicting,
+        Some(key) => Presented::Key(key),
+        None => Presented::Missing,
+    }
 }
 
 /// The compiled key index: digest -> index of the tenant in the config.
@@ -92,8 +129,11 @@ impl KeyIndex {
 }
 
 /// Limits failed authentications per client address (GCRA over a minute):
-/// an address past its budget is refused without its key being checked,
-/// which slows key guessing and keeps a flood of bad keys cheap.
+/// an address past its budget has its failed attempts answered 429 rather
+/// than 401, so a client stuck on a bad key backs off. A valid key is never
+/// throttled, whatever else came from its address: behind a load balancer
+/// every client shares one address, and one client's bad key must not lock
+/// the others out. (Guessing is defeated by the key space, not by this.)
 #[derive(Debug)]
 pub struct FailureThrottle {
     per_minute: u32,
@@ -113,41 +153,92 @@ impl FailureThrottle {
         }
     }
 
-    /// `Err(retry_after_ms)` when `ip` has used up its failures.
-    pub fn check(&self, ip: IpAddr, now_ms: f64) -> Result<(), u64> {
+    /// Counts one failed authentication from `ip`: `Err(retry_after_ms)`
+    /// when the address had already used up its failures (the failure is
+    /// then not counted again).
+    pub fn record_failure(&self, ip: IpAddr, now_ms: f64) -> Result<(), u64> {
         if self.per_minute == 0 {
             return Ok(());
-        }
-        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(&tat) = state.get(&ip) else {
-            return Ok(());
-        };
-        // Would one more failure go past the minute's budget?
-        let over = tat.max(now_ms) + self.interval() - now_ms - crate::limits::WINDOW_MS;
-        if over > 1e-6 {
-            Err(over.ceil() as u64)
-        } else {
-            Ok(())
-        }
-    }
-
-    /// Counts one failed authentication from `ip`.
-    pub fn record_failure(&self, ip: IpAddr, now_ms: f64) {
-        if self.per_minute == 0 {
-            return;
         }
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if state.len() >= THROTTLE_SWEEP_AT {
             state.retain(|_, tat| *tat > now_ms);
         }
-        let interval = self.interval();
         let tat = state.entry(ip).or_insert(now_ms);
-        *tat = tat.max(now_ms) + interval;
+        match crate::limits::gcra_take(*tat, now_ms, f64::from(self.per_minute), 1.0) {
+            Ok(new_tat) => {
+                *tat = new_tat;
+                Ok(())
+            }
+            Err(wait) => Err(wait.ceil() as u64),
+        }
     }
+}
 
-    fn interval(&self) -> f64 {
-        crate::limits::WINDOW_MS / f64::from(self.per_minute)
+/// The address a request came from. The peer's own address, unless the peer
+/// is a trusted proxy (`server.trusted_proxies`): then the `Forwarded`
+/// header's `for=` (else `X-Forwarded-For`) hops are read right to left,
+/// skipping trusted proxies, and the first untrusted one is the client. A
+/// hop that cannot be read ends the walk at the last address known good, so
+/// a client cannot pose as another address by writing garbage.
+pub fn client_address<'a>(
+    peer: IpAddr,
+    trusted: &[ipnet::IpNet],
+    forwarded: impl Iterator<Item = &'a [u8]>,
+    x_forwarded_for: impl Iterator<Item = &'a [u8]>,
+) -> IpAddr {
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|net| net.contains(ip));
+    if !is_trusted(&peer) {
+        return peer;
     }
+    let forwarded: Vec<&str> = forwarded
+        .filter_map(|v| std::str::from_utf8(v).ok())
+        .flat_map(|v| v.split(','))
+        .map(|element| {
+            element
+                .split(';')
+                .find_map(|pair| {
+                    let (name, value) = pair.trim().split_once('=')?;
+                    name.trim()
+                        .eq_ignore_ascii_case("for")
+                        .then_some(value.trim())
+                })
+                .unwrap_or("")
+        })
+        .collect();
+    let hops: Vec<&str> = if forwarded.is_empty() {
+        x_forwarded_for
+            .filter_map(|v| std::str::from_utf8(v).ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .collect()
+    } else {
+        forwarded
+    };
+    let mut client = peer;
+    for hop in hops.iter().rev() {
+        let Some(ip) = parse_hop(hop) else {
+            break;
+        };
+        client = ip;
+        if !is_trusted(&ip) {
+            break;
+        }
+    }
+    client
+}
+
+/// One hop of `X-Forwarded-For` or `Forwarded: for=`: an address, maybe
+/// quoted, bracketed (IPv6) and with a port.
+fn parse_hop(hop: &str) -> Option<IpAddr> {
+    let hop = hop.trim().trim_matches('"');
+    if let Ok(ip) = hop.parse() {
+        return Some(ip);
+    }
+    if let Some(rest) = hop.strip_prefix('[') {
+        return rest.split_once(']')?.0.parse().ok();
+    }
+    hop.parse::<std::net::SocketAddr>().ok().map(|a| a.ip())
 }
 
 #[cfg(test)]
@@ -195,30 +286,92 @@ mod tests {
         let throttle = FailureThrottle::new(3);
         let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
         for _ in 0..3 {
-            assert!(throttle.check(a, 0.0).is_ok());
-            throttle.record_failure(a, 0.0);
+            assert!(throttle.record_failure(a, 0.0).is_ok());
         }
         assert_eq!(
-            throttle.check(a, 0.0),
+            throttle.record_failure(a, 0.0),
             Err(20_000),
             "one failure's worth of the minute"
         );
         assert!(
-            throttle.check(b, 0.0).is_ok(),
+            throttle.record_failure(b, 0.0).is_ok(),
             "other addresses are not affected"
         );
-        assert!(throttle.check(a, 20_000.0).is_ok(), "the budget refills");
-        assert!(FailureThrottle::new(0).check(a, 0.0).is_ok());
+        assert!(
+            throttle.record_failure(a, 20_000.0).is_ok(),
+            "the budget refills"
+        );
+        assert!(FailureThrottle::new(0).record_failure(a, 0.0).is_ok());
+    }
+
+    fn key<'a>(auth: &[&'a str], x: &[&'a str]) -> Presented<'a> {
+        presented_key(
+            auth.iter().map(|v| v.as_bytes()),
+            x.iter().map(|v| v.as_bytes()),
+        )
     }
 
     #[test]
     fn reads_bearer_and_x_api_key() {
-        assert_eq!(presented_key(Some(b"Bearer sk-1"), None), Some("sk-1"));
-        assert_eq!(presented_key(Some(b"bearer   sk-1 "), None), Some("sk-1"));
-        assert_eq!(presented_key(None, Some(b"sk-2")), Some("sk-2"));
-        assert_eq!(presented_key(Some(b"Basic abc"), Some(b"sk-2")), None);
-        assert_eq!(presented_key(Some(b"Bearer "), None), None);
-        assert_eq!(presented_key(None, None), None);
-        assert_eq!(presented_key(Some(b"Bearer \xff"), None), None);
+        assert_eq!(key(&["Bearer sk-1"], &[]), Presented::Key("sk-1"));
+        assert_eq!(key(&["bearer   sk-1 "], &[]), Presented::Key("sk-1"));
+        assert_eq!(key(&[], &["sk-2"]), Presented::Key("sk-2"));
+        assert_eq!(key(&["Bearer sk-1"], &["sk-1"]), Presented::Key("sk-1"));
+        assert_eq!(key(&["Bearer "], &[]), Presented::Missing);
+        assert_eq!(key(&["Basic abc"], &[]), Presented::Missing);
+        assert_eq!(key(&[], &[]), Presented::Missing);
+        assert_eq!(presented_key([&b"Bearer \xff"[..]], []), Presented::Missing);
+    }
+
+    #[test]
+    fn refuses_credentials_that_disagree() {
+        assert_eq!(
+            key(&["Bearer sk-1", "Bearer sk-2"], &[]),
+            Presented::Conflicting
+        );
+        assert_eq!(key(&["Bearer sk-1"], &["sk-2"]), Presented::Conflicting);
+        assert_eq!(key(&[], &["sk-1", "sk-2"]), Presented::Conflicting);
+        assert_eq!(key(&["Basic abc"], &["sk-2"]), Presented::Conflicting);
+    }
+
+    #[test]
+    fn takes_the_client_address_from_trusted_proxies_only() {
+        let trusted: Vec<ipnet::IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let addr = |peer: &str, fwd: &[&str], xff: &[&str]| {
+            client_address(
+                ip(peer),
+                &trusted,
+                fwd.iter().map(|v| v.as_bytes()),
+                xff.iter().map(|v| v.as_bytes()),
+            )
+        };
+        // An untrusted peer's headers are ignored.
+        assert_eq!(addr("192.0.2.1", &[], &["198.51.100.7"]), ip("192.0.2.1"));
+        // Behind a trusted proxy: the rightmost untrusted hop.
+        assert_eq!(
+            addr("10.0.0.5", &[], &["6.6.6.6, 198.51.100.7, 10.1.1.1"]),
+            ip("198.51.100.7")
+        );
+        assert_eq!(
+            addr(
+                "10.0.0.5",
+                &["for=198.51.100.9;proto=https, for=\"[2001:db8::1]:4711\""],
+                &["6.6.6.6"]
+            ),
+            ip("2001:db8::1")
+        );
+        assert_eq!(
+            addr("10.0.0.5", &["for=198.51.100.9"], &[]),
+            ip("198.51.100.9")
+        );
+        // Garbage ends the walk at the last good address.
+        assert_eq!(addr("10.0.0.5", &[], &["1.2.3.4, garbage"]), ip("10.0.0.5"));
+        // Only trusted hops: the leftmost.
+        assert_eq!(
+            addr("10.0.0.5", &[], &["10.2.2.2, 10.3.3.3"]),
+            ip("10.2.2.2")
+        );
+        assert_eq!(addr("10.0.0.5", &[], &[]), ip("10.0.0.5"));
     }
 }

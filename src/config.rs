@@ -101,6 +101,8 @@ struct RawServer {
     log_level: Option<String>,
     #[serde(default)]
     auth_failures_per_minute: Option<u32>,
+    #[serde(default)]
+    trusted_proxies: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -243,6 +245,10 @@ struct RawJobs {
     result_ttl_seconds: Option<u64>,
     #[serde(default)]
     visibility_timeout_seconds: Option<u64>,
+    #[serde(default)]
+    in_process_max_jobs: Option<usize>,
+    #[serde(default)]
+    in_process_max_bytes: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -326,6 +332,9 @@ pub struct ServerSettings {
     /// Failed authentications allowed per client address per minute (0: no
     /// limit).
     pub auth_failures_per_minute: u32,
+    /// Proxies (CIDRs) whose `Forwarded` / `X-Forwarded-For` headers name
+    /// the client address; every other peer is the client itself.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 /// PEM files for the HTTPS listener.
@@ -574,18 +583,108 @@ pub struct TenantOverflow {
 /// A tenant's allowed job callbacks.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Callbacks {
-    /// Allowed URLs: an exact URL, or a prefix ending in `/`.
-    pub allowed_urls: Vec<String>,
+    /// Allowed URLs, normalised: an exact URL, or a prefix ending in `/`.
+    pub allowed_urls: Vec<CallbackUrl>,
     /// The HMAC-SHA256 key results are signed with.
     pub secret: Secret,
 }
 
 impl Callbacks {
-    /// Whether a job may post its result to `url`.
-    pub fn allows(&self, url: &str) -> bool {
-        self.allowed_urls.iter().any(|allowed| {
-            allowed == url || (allowed.ends_with('/') && url.starts_with(allowed.as_str()))
-        })
+    /// The URL a job may post its result to, normalised, when `raw` is on
+    /// the allow-list: same scheme, host and port, and either the same path
+    /// and query as an exact entry or a path under a prefix entry (the
+    /// prefix ends in `/`, so the match is on whole segments). `None` when
+    /// `raw` is not a plain URL (see [`CallbackUrl::parse`]) or not allowed.
+    pub fn allowed(&self, raw: &str) -> Option<CallbackUrl> {
+        let url = CallbackUrl::parse(raw).ok()?;
+        self.allowed_urls
+            .iter()
+            .any(|allowed| url.is_under(allowed))
+            .then_some(url)
+    }
+}
+
+/// A callback URL as the gateway delivers to it: http(s), no user info, no
+/// fragment, and nothing a normaliser would change (no dot segments, no
+/// encoded dots, slashes or backslashes, no backslashes, no control
+/// characters or spaces), so the URL checked is the URL delivered to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallbackUrl(url::Url);
+
+impl CallbackUrl {
+    /// Parses and checks a callback URL; why it is refused otherwise.
+    pub fn parse(raw: &str) -> Result<Self, String> {
+        if let Some(c) = raw
+            .chars()
+            .find(|c| c.is_control() || c.is_whitespace() || !c.is_ascii())
+        {
+            return Err(format!("contains the character {c:?}"));
+        }
+        if raw.contains('\\') {
+            return Err("contains a backslash".into());
+        }
+        if raw.contains('#') {
+            return Err("has a fragment".into());
+        }
+        let lower = raw.to_ascii_lowercase();
+        if ["%2e", "%2f", "%5c", "%00"]
+            .iter()
+            .any(|e| lower.contains(e))
+        {
+            return Err("encodes a dot, slash, backslash or NUL".into());
+        }
+        let url = url::Url::parse(raw).map_err(|e| e.to_string())?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err("must be http or https".into());
+        }
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err("must not carry a user name or password".into());
+        }
+        if url.host_str().is_none_or(str::is_empty) {
+            return Err("has no host".into());
+        }
+        // The path and query exactly as written: a URL the parser had to
+        // normalise (dot segments, stray characters) is refused.
+        let after_scheme = raw.split_once("://").map_or("", |(_, rest)| rest);
+        let raw_path = after_scheme
+            .find(['/', '?'])
+            .map_or("", |at| &after_scheme[at..]);
+        let (raw_path, raw_query) = match raw_path.split_once('?') {
+            Some((path, query)) => (path, Some(query)),
+            None => (raw_path, None),
+        };
+        let path_as_parsed = if raw_path.is_empty() { "/" } else { raw_path };
+        if url.path() != path_as_parsed || url.query() != raw_query {
+            return Err("has a path the URL parser would change (dot segments or encoding)".into());
+        }
+        if raw_path
+            .split('/')
+            .any(|segment| segment == "." || segment == "..")
+        {
+            return Err("has a dot segment".into());
+        }
+        Ok(CallbackUrl(url))
+    }
+
+    /// The normalised URL.
+    pub fn as_str(&self) -> &str {
+        self.0.as_str()
+    }
+
+    /// Whether this URL is `allowed` (exact) or under it (a prefix entry).
+    fn is_under(&self, allowed: &CallbackUrl) -> bool {
+        let (a, b) = (&self.0, &allowed.0);
+        if a.scheme() != b.scheme()
+            || a.host_str() != b.host_str()
+            || a.port_or_known_default() != b.port_or_known_default()
+        {
+            return false;
+        }
+        if b.path().ends_with('/') && b.query().is_none() {
+            a.path().starts_with(b.path())
+        } else {
+            a.path() == b.path() && a.query() == b.query()
+        }
     }
 }
 
@@ -608,6 +707,12 @@ pub struct JobSettings {
     /// How long a job claimed by an instance that stopped answering stays
     /// claimed before another instance re-queues it.
     pub visibility_timeout: Duration,
+    /// Without Redis: the most jobs (queued, running or finished) held in
+    /// process; submissions past it are refused with 503.
+    pub in_process_max_jobs: usize,
+    /// Without Redis: the most bytes of requests and results held in
+    /// process; submissions past it are refused with 503.
+    pub in_process_max_bytes: usize,
 }
 
 impl Default for JobSettings {
@@ -615,6 +720,8 @@ impl Default for JobSettings {
         JobSettings {
             result_ttl: Duration::from_secs(86_400),
             visibility_timeout: Duration::from_secs(60),
+            in_process_max_jobs: 10_000,
+            in_process_max_bytes: 256 * 1024 * 1024,
         }
     }
 }
@@ -844,9 +951,22 @@ impl Config {
                         "must be at least 2",
                     ));
                 }
+                let max_jobs = raw.in_process_max_jobs.unwrap_or(d.in_process_max_jobs);
+                let max_bytes = raw.in_process_max_bytes.unwrap_or(d.in_process_max_bytes);
+                if max_jobs == 0 {
+                    problems.push(problem("jobs.in_process_max_jobs", "must be at least 1"));
+                }
+                if max_bytes < 1024 {
+                    problems.push(problem(
+                        "jobs.in_process_max_bytes",
+                        "must be at least 1024",
+                    ));
+                }
                 JobSettings {
                     result_ttl: Duration::from_secs(ttl),
                     visibility_timeout: Duration::from_secs(visibility),
+                    in_process_max_jobs: max_jobs,
+                    in_process_max_bytes: max_bytes,
                 }
             }),
         };
@@ -1056,11 +1176,30 @@ fn validate_server(raw: RawServer, problems: &mut Vec<Problem>) -> Option<Server
             "must be greater than 0",
         ));
     }
+    let trusted_proxies = raw
+        .trusted_proxies
+        .iter()
+        .enumerate()
+        .filter_map(|(i, cidr)| {
+            let parsed = cidr
+                .parse::<ipnet::IpNet>()
+                .or_else(|_| cidr.parse::<std::net::IpAddr>().map(ipnet::IpNet::from));
+            parsed
+                .map_err(|_| {
+                    problems.push(problem(
+                        &format!("server.trusted_proxies[{i}]"),
+                        format!("'{cidr}' is not an address or CIDR (10.0.0.0/8, fd00::/8)"),
+                    ))
+                })
+                .ok()
+        })
+        .collect();
     if problems.len() > before {
         return None;
     }
     let listen = listen?;
     Some(ServerSettings {
+        trusted_proxies,
         listen,
         metrics_listen,
         threads,
@@ -1359,12 +1498,14 @@ fn validate_tenants(
                 ));
             }
             let callbacks = o.callbacks.map(|c| {
+                let mut allowed_urls = Vec::new();
                 for (i, url) in c.allowed_urls.iter().enumerate() {
-                    if BaseUrl::parse(url).is_err() {
-                        problems.push(problem(
+                    match CallbackUrl::parse(url) {
+                        Ok(url) => allowed_urls.push(url),
+                        Err(why) => problems.push(problem(
                             &format!("{path}.overflow.callbacks.allowed_urls[{i}]"),
-                            format!("'{url}' is not an http(s) URL"),
-                        ));
+                            format!("'{url}' is not a plain http(s) URL: {why}"),
+                        )),
                     }
                 }
                 if c.secret.len() < 16 {
@@ -1374,7 +1515,7 @@ fn validate_tenants(
                     ));
                 }
                 Callbacks {
-                    allowed_urls: c.allowed_urls,
+                    allowed_urls,
                     secret: Secret(c.secret),
                 }
             });

@@ -10,12 +10,14 @@
 //! |------------|------|
 //! | [`config`] | the YAML schema, `${ENV}` interpolation, validation into a [`config::Config`] that cannot be invalid |
 //! | [`auth`]   | API key -> tenant lookup by SHA-256 digest |
+//! | [`ids`]    | unguessable request, job and lease ids (CSPRNG) |
 //! | [`openai`] | wire types the gateway reads, the OpenAI-shaped error body, body rewriting |
 //! | [`limits`] | tenant admission: RPM/TPM (GCRA), concurrency, budgets; in-process or in Redis |
 //! | [`cost`]   | usage extraction from JSON and SSE responses, estimates, prices |
 //! | [`upstream`] | providers as Pingora load balancers (DNS discovery, health checks), circuit breakers, backend choice |
 //! | [`metrics`] | every Prometheus metric handle, in one place |
 //! | [`providers`] | per-kind adapters: the Anthropic Messages translation |
+//! | [`redact`] | keeps a provider's key out of everything forwarded to clients (raw or JSON-escaped, across chunks) |
 //! | [`overflow`] | the overflow queue: parked requests, async jobs, the drain service |
 //! | [`admin`]  | locally answered endpoints: `/health`, `/ready`, `/v1/models` |
 //! | [`gateway`] | the Pingora `ProxyHttp` implementation: each phase calls into the modules above |
@@ -28,11 +30,13 @@ pub mod auth;
 pub mod config;
 pub mod cost;
 pub mod gateway;
+pub mod ids;
 pub mod limits;
 pub mod metrics;
 pub mod openai;
 pub mod overflow;
 pub mod providers;
+pub mod redact;
 pub mod reload;
 pub mod server;
 pub mod upstream;

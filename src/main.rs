@@ -138,6 +138,7 @@ fn init_tracing(default_level: &str) {
         .with(level)
         .with(
             tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
                 .with_target(false)
                 .with_filter(no_header_dumps),
         )

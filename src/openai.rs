@@ -46,12 +46,16 @@ pub struct ApiError {
 pub enum Reason {
     /// A parked request waited for as long as the tenant allows.
     OverflowTimeout,
+    /// A failed authentication, answered 429 because its address is past
+    /// its failures.
+    Auth,
 }
 
 impl Reason {
     fn label(self) -> &'static str {
         match self {
             Reason::OverflowTimeout => "policy_overflow_timeout",
+            Reason::Auth => "auth",
         }
     }
 }
@@ -236,6 +240,16 @@ impl ApiError {
         Self::new(502, "api_error", "upstream_error", message)
     }
 
+    /// 503: the in-process async job store is at its bound.
+    pub fn job_store_full() -> Self {
+        Self::new(
+            503,
+            "api_error",
+            "job_store_full",
+            "The gateway's async job store is full; retry after the time given.",
+        )
+    }
+
     /// 503: no target of the model can be tried right now.
     pub fn no_healthy_upstream(model: &str) -> Self {
         Self::new(
@@ -263,7 +277,7 @@ impl ApiError {
         }
         match self.code {
             "invalid_api_key" => "auth",
-            "rate_limit_exceeded" => "policy_rate_limited",
+            "rate_limit_exceeded" | "job_store_full" => "policy_rate_limited",
             "upstream_rate_limited" => "provider_429",
             "insufficient_quota" => "policy_budget",
             "upstream_error" => "provider_5xx",
@@ -453,6 +467,7 @@ impl<'a> RequestFields<'a> {
             Ok(raw) => raw,
             Err(_) => return Err(Self::field_error(text)),
         };
+        check_json_limits(body)?;
         let model_raw = raw.model.ok_or_else(ApiError::missing_model)?;
         let model: Cow<'a, str> = match serde_json::from_str::<Cow<'a, str>>(model_raw.get()) {
             Ok(model) => model,
@@ -495,6 +510,75 @@ impl RequestFields<'_> {
     }
 }
 
+/// Deepest nesting of arrays and objects accepted in a request body.
+pub const MAX_JSON_DEPTH: usize = 128;
+
+/// Refuses a body (already known to be valid JSON) that nests deeper than
+/// [`MAX_JSON_DEPTH`] or holds a number outside the range of an `f64`: no
+/// JSON library on either side could represent it, and the gateway answers
+/// it at once rather than let a provider or a re-serialisation choke on it.
+/// One pass over the bytes; strings are skipped with `memchr`.
+fn check_json_limits(body: &[u8]) -> Result<(), ApiError> {
+    let mut depth = 0usize;
+    let mut i = 0;
+    while i < body.len() {
+        match body[i] {
+            b'"' => {
+                i += 1;
+                // Skip to the closing quote, stepping over escapes.
+                while let Some(at) = memchr::memchr2(b'"', b'\\', &body[i..]) {
+                    i += at + 1;
+                    if body[i - 1] == b'"' {
+                        break;
+                    }
+                    i += 1;
+                }
+                continue;
+            }
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_JSON_DEPTH {
+                    return Err(ApiError::invalid_json(format!(
+                        "arrays and objects nest deeper than {MAX_JSON_DEPTH} levels"
+                    )));
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            b'-' | b'0'..=b'9' => {
+                let start = i;
+                while i < body.len()
+                    && matches!(body[i], b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E')
+                {
+                    i += 1;
+                }
+                let number = &body[start..i];
+                // Only an exponent or a very long literal can overflow.
+                let may_overflow =
+                    number.len() > 300 || number.iter().any(|&b| b == b'e' || b == b'E');
+                if may_overflow {
+                    let finite = std::str::from_utf8(number)
+                        .ok()
+                        .and_then(|n| n.parse::<f64>().ok())
+                        .is_some_and(f64::is_finite);
+                    if !finite {
+                        return Err(ApiError::invalid_json(format!(
+                            "the number {} is out of range",
+                            String::from_utf8_lossy(&number[..number.len().min(32)])
+                        )));
+                    }
+                }
+                continue;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    Ok(())
+}
+
+/// Body fields that name another upstream or key: removed, never honoured.
+const FOREIGN_UPSTREAM_FIELDS: [&str; 3] = ["api_key", "api_base", "base_url"];
+
 /// Produces the body sent upstream: the provider's model name in place of
 /// the public one, `stream_options.include_usage` set when `ask_usage`, and
 /// any `api_key`/`api_base`/`base_url` removed. Edits are spliced into the
@@ -507,8 +591,28 @@ pub fn rewrite_body(
     ask_usage: bool,
 ) -> Bytes {
     if fields.has_foreign_upstream_fields {
-        return reserialise(body, provider_model, ask_usage);
+        // The rare path: take the members out of the bytes, then edit the
+        // result like any other body. Both steps keep every other byte.
+        let cleaned = without_members(body, &FOREIGN_UPSTREAM_FIELDS);
+        if let Ok(fields) = RequestFields::parse(&cleaned) {
+            if !fields.has_foreign_upstream_fields {
+                return splice_edits(&cleaned, &fields, provider_model, ask_usage);
+            }
+        }
+        // Unreachable for a body `fields` was parsed from; never forward
+        // the fields even so.
+        return Bytes::from_static(b"{}");
     }
+    splice_edits(body, fields, provider_model, ask_usage)
+}
+
+/// The model and usage edits of [`rewrite_body`], spliced into `body`.
+fn splice_edits(
+    body: &Bytes,
+    fields: &RequestFields<'_>,
+    provider_model: &str,
+    ask_usage: bool,
+) -> Bytes {
     let mut edits: Vec<(usize, usize, Vec<u8>)> = Vec::with_capacity(2);
     if fields.model != provider_model {
         let quoted = serde_json::to_vec(provider_model).expect("a string always serialises");
@@ -524,10 +628,8 @@ pub fn rewrite_body(
                 edits.push((start, end, value));
             }
             None => {
-                let open = body
-                    .iter()
-                    .position(|&b| b == b'{')
-                    .expect("the body is a JSON object");
+                // The body is a JSON object (parse checked): it opens with `{`.
+                let open = body.iter().position(|&b| b == b'{').unwrap_or(0);
                 edits.push((
                     open + 1,
                     open + 1,
@@ -555,25 +657,99 @@ pub fn rewrite_body(
     Bytes::from(out)
 }
 
-/// The rare path: a body that names another upstream is re-serialised
-/// without those fields.
-fn reserialise(body: &Bytes, provider_model: &str, ask_usage: bool) -> Bytes {
-    let mut value: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_slice(body).expect("body was parsed as a JSON object before");
-    for field in ["api_key", "api_base", "base_url"] {
-        value.remove(field);
-    }
-    value.insert("model".into(), provider_model.into());
-    if ask_usage {
-        let options = value
-            .entry("stream_options")
-            .or_insert_with(|| serde_json::json!({}));
-        if !options.is_object() {
-            *options = serde_json::json!({});
+/// An async job runs without a client to stream to: the body with `stream`
+/// and `stream_options` taken out, every other byte as sent.
+pub fn without_streaming(body: &Bytes) -> Bytes {
+    without_members(body, &["stream", "stream_options"])
+}
+
+/// The top-level members of a JSON object body, each as its name and the
+/// byte range from its key's opening quote to the end of its value.
+struct Members<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
+
+impl<'de> Deserialize<'de> for Members<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Members<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut members = Vec::new();
+                while let Some(entry) = map.next_entry::<Cow<'de, str>, &'de RawValue>()? {
+                    members.push(entry);
+                }
+                Ok(Members(members))
+            }
         }
-        options["include_usage"] = true.into();
+        deserializer.deserialize_map(Visit)
     }
-    Bytes::from(serde_json::to_vec(&value).expect("a JSON map always serialises"))
+}
+
+/// `body` (a JSON object) without its top-level members named in `names`:
+/// the kept members' bytes are copied as they are, so nothing is reordered
+/// or re-encoded. A body that is not a JSON object is returned as it is.
+fn without_members(body: &Bytes, names: &[&str]) -> Bytes {
+    let Ok(text) = std::str::from_utf8(body) else {
+        return body.clone();
+    };
+    let Ok(Members(members)) = serde_json::from_str::<Members<'_>>(text) else {
+        return body.clone();
+    };
+    if !members
+        .iter()
+        .any(|(name, _)| names.contains(&name.as_ref()))
+    {
+        return body.clone();
+    }
+    let base = body.as_ptr() as usize;
+    let mut out = Vec::with_capacity(body.len());
+    out.push(b'{');
+    for (name, value) in &members {
+        if names.contains(&name.as_ref()) {
+            continue;
+        }
+        let value_start = value.get().as_ptr() as usize - base;
+        let value_end = value_start + value.get().len();
+        let Some(key_start) = key_start(body, value_start) else {
+            return body.clone();
+        };
+        if out.len() > 1 {
+            out.push(b',');
+        }
+        out.extend_from_slice(&body[key_start..value_end]);
+    }
+    out.push(b'}');
+    Bytes::from(out)
+}
+
+/// The opening quote of the key whose value starts at `value_start`: back
+/// over whitespace, the `:`, whitespace, the key's closing quote, then to
+/// the first quote that is not escaped.
+fn key_start(body: &[u8], value_start: usize) -> Option<usize> {
+    let mut i = value_start;
+    let back_over_space = |i: &mut usize| {
+        while *i > 0 && body[*i - 1].is_ascii_whitespace() {
+            *i -= 1;
+        }
+    };
+    back_over_space(&mut i);
+    i = i.checked_sub(1).filter(|&c| body[c] == b':')?;
+    back_over_space(&mut i);
+    i = i.checked_sub(1).filter(|&c| body[c] == b'"')?;
+    loop {
+        i = i.checked_sub(1)?;
+        if body[i] == b'"' {
+            let backslashes = body[..i].iter().rev().take_while(|&&b| b == b'\\').count();
+            if backslashes % 2 == 0 {
+                return Some(i);
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -675,6 +851,61 @@ mod tests {
         let value: serde_json::Value =
             serde_json::from_slice(&rewrite_body(&body, &fields, "p", false)).unwrap();
         assert_eq!(value, serde_json::json!({"model": "p"}));
+    }
+
+    #[test]
+    fn removing_foreign_fields_keeps_every_other_byte() {
+        // Key order, spacing, escapes and a big integer stay as sent.
+        let body = Bytes::from_static(
+            br#"{ "z": 12345678901234567890123, "api_key" : "sk-\"x\"", "a\u0062": [1.50, {"k":"v"}], "base_url":null,"api_\u0062ase":"e", "model":"m"}"#,
+        );
+        let fields = RequestFields::parse(&body).unwrap();
+        let out = rewrite_body(&body, &fields, "m", false);
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            r#"{"z": 12345678901234567890123,"a\u0062": [1.50, {"k":"v"}],"model":"m"}"#
+        );
+        let out = rewrite_body(&body, &fields, "p", true);
+        let value: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(value["model"], "p");
+        assert_eq!(value["stream_options"]["include_usage"], true);
+        assert!(value.get("api_key").is_none() && value.get("api_base").is_none());
+    }
+
+    #[test]
+    fn refuses_numbers_out_of_range_and_deep_nesting() {
+        for body in [
+            r#"{"model":"m","api_key":"k","temperature":1e999}"#.to_string(),
+            r#"{"model":"m","x":-1E400}"#.to_string(),
+            format!(r#"{{"model":"m","x":{}}}"#, "9".repeat(400)),
+            format!(
+                r#"{{"model":"m","messages":{}1{}}}"#,
+                "[".repeat(200),
+                "]".repeat(200)
+            ),
+        ] {
+            let err = RequestFields::parse(body.as_bytes()).unwrap_err();
+            assert_eq!((err.status, err.code), (400, "invalid_json"), "{body}");
+        }
+        let ok = format!(
+            r#"{{"model":"m","x":[1e300,-2.5E-10,"1e999 \" {{[",{}0{}]}}"#,
+            "[".repeat(MAX_JSON_DEPTH - 2),
+            "]".repeat(MAX_JSON_DEPTH - 2)
+        );
+        assert!(RequestFields::parse(ok.as_bytes()).is_ok(), "{ok}");
+    }
+
+    #[test]
+    fn jobs_run_without_streaming_fields_and_nothing_else_changes() {
+        let body = Bytes::from_static(
+            br#"{"stream":true,"model":"m","n":12345678901234567890,"stream_options":{"include_usage":true}}"#,
+        );
+        assert_eq!(
+            &without_streaming(&body)[..],
+            br#"{"model":"m","n":12345678901234567890}"#
+        );
+        let plain = Bytes::from_static(br#"{"model":"m"}"#);
+        assert_eq!(without_streaming(&plain).as_ptr(), plain.as_ptr());
     }
 
     #[test]

@@ -5,8 +5,8 @@
 //! `redis:` is configured (shared by every instance), else an in-process
 //! queue (not durable: lost with the process). Entries are
 //!
-//! - sync (`s|id|tokens|route|deadline_ms|instance`): a client connection
-//!   waiting on one instance, up to `overflow.max_wait_seconds`;
+//! - sync (`s|id|tokens|deadline_ms|instance`): a client connection waiting
+//!   on one instance, up to `overflow.max_wait_seconds`;
 //! - async (`a|id`): a job stored whole (`{prefix}:{tenant}:job:{id}`), run
 //!   by any instance.
 //!
@@ -22,38 +22,50 @@
 //! back to the head of the queue after `jobs.visibility_timeout_seconds`.
 //! Delivery is at least once; a job whose result is already stored is
 //! acknowledged without running again.
+//!
+//! A job names its tenant and model (never their positions in the config),
+//! so a restart or reload with the config reordered or edited cannot run it
+//! as someone else: on pick-up a job whose model is gone, or no longer
+//! allowed to its tenant, ends `failed` with an OpenAI-shaped error. Nothing
+//! read from Redis is trusted to index anything; a job that cannot run (or
+//! whose run panics) fails alone, and the drain goes on.
 
 use crate::config::{Config, TenantOverflow};
 use crate::limits::redis::LazyConnection;
-use crate::limits::{Grant, Limiter, Settlement};
+use crate::limits::{Grant, Limiter};
 use crate::metrics;
+use crate::openai::ApiError;
 use crate::upstream::Upstreams;
 use async_trait::async_trait;
+use futures_util::FutureExt;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, VecDeque};
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, Notify};
 use tokio::task::JoinSet;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 /// How often the drain looks at the queues while any has entries.
 const TICK: Duration = Duration::from_millis(10);
 /// How often it looks when all seemed empty (jobs queued by other instances).
 const IDLE_TICK: Duration = Duration::from_millis(200);
+/// How often the in-process job store drops expired jobs.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
-/// An async job: the whole request, and its result once done.
+/// An async job: the whole request, bound to its tenant and model by name.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Job {
     /// `job_...`
     pub id: String,
-    /// Index of the tenant in the config.
-    pub tenant: usize,
-    /// Index of the requested route in the config.
-    pub route: usize,
+    /// The tenant's id, as in the config.
+    pub tenant: String,
+    /// The public model the request asked for (its route's name).
+    pub model: String,
     /// `chat`, `completions` or `embeddings`.
     pub endpoint: String,
     /// The request body (streaming turned off).
@@ -64,9 +76,24 @@ pub struct Job {
     pub tokens: u64,
     /// Unix time of submission, ms.
     pub created_ms: u64,
-    /// Where to POST the result (checked against the tenant's allow-list).
+    /// Where to POST the result: a normalised URL that was on the tenant's
+    /// allow-list at submission (and is checked again at delivery).
     #[serde(default)]
     pub callback: Option<String>,
+}
+
+impl Job {
+    /// Bytes the job holds in memory (the in-process store's bound).
+    fn size(&self) -> usize {
+        self.body.len()
+            + self.id.len()
+            + self.callback.as_ref().map_or(0, String::len)
+            + self
+                .headers
+                .iter()
+                .map(|(n, v)| n.len() + v.len())
+                .sum::<usize>()
+    }
 }
 
 /// A finished job's answer.
@@ -76,6 +103,16 @@ pub struct JobResult {
     pub status: u16,
     /// The response body.
     pub body: String,
+}
+
+impl JobResult {
+    /// A job that failed in the gateway, with the error's OpenAI body.
+    pub fn failed(error: &ApiError) -> Self {
+        JobResult {
+            status: error.status,
+            body: String::from_utf8_lossy(&error.body()).into_owned(),
+        }
+    }
 }
 
 /// A job's state for `GET /v1/jobs/{id}`.
@@ -92,8 +129,10 @@ pub enum JobState {
 /// Runs an admitted job; the gateway implements it.
 #[async_trait]
 pub trait JobRunner: Send + Sync {
-    /// Forwards the job's request and returns the answer; settles `grant`.
-    async fn run_job(&self, job: &Job, grant: Grant) -> JobResult;
+    /// Forwards the job's request as `tenant`'s request for `route` (both
+    /// indices in the running config, resolved from the job's names) and
+    /// returns the answer; settles `grant`.
+    async fn run_job(&self, job: &Job, tenant: usize, route: usize, grant: Grant) -> JobResult;
     /// POSTs a signed callback body to `url`; whether it was accepted (2xx).
     async fn post_callback(&self, url: &str, body: &[u8], signature: &str) -> bool;
 }
@@ -123,26 +162,58 @@ pub fn sign_callback(secret: &[u8], unix_secs: u64, body: &[u8]) -> String {
     )
 }
 
-/// The callback body for a finished job.
-fn callback_body(job: &Job, result: &JobResult) -> Vec<u8> {
-    let response: serde_json::Value = serde_json::from_str(&result.body)
-        .unwrap_or_else(|_| serde_json::Value::String(result.body.clone()));
-    let body = serde_json::json!({
-        "id": job.id,
-        "object": "runestone.job",
-        "status": if result.status < 400 { "completed" } else { "failed" },
-        "response": { "status": result.status, "body": response },
-    });
-    serde_json::to_vec(&body).expect("a JSON value serialises")
+/// The callback body for a finished job. The answer is embedded as the
+/// provider sent it (after the gateway's masking), never re-serialised, so
+/// nothing the masking saw escaped is turned back into plain text.
+fn callback_body(job_id: &str, result: &JobResult) -> Vec<u8> {
+    #[derive(Serialize)]
+    struct Response<'a> {
+        status: u16,
+        body: Body<'a>,
+    }
+    #[derive(Serialize)]
+    #[serde(untagged)]
+    enum Body<'a> {
+        Json(&'a serde_json::value::RawValue),
+        Text(&'a str),
+    }
+    #[derive(Serialize)]
+    struct Callback<'a> {
+        id: &'a str,
+        object: &'static str,
+        status: &'static str,
+        response: Response<'a>,
+    }
+    let body = match serde_json::from_str::<&serde_json::value::RawValue>(&result.body) {
+        Ok(raw) => Body::Json(raw),
+        Err(_) => Body::Text(&result.body),
+    };
+    let callback = Callback {
+        id: job_id,
+        object: "runestone.job",
+        status: if result.status < 400 {
+            "completed"
+        } else {
+            "failed"
+        },
+        response: Response {
+            status: result.status,
+            body,
+        },
+    };
+    serde_json::to_vec(&callback).unwrap_or_default()
 }
 
-/// Why a request could not be parked.
+/// Why a request could not be parked or a job stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ParkRefusal {
     /// `max_parked` reached.
     Full,
     /// The shared queue (Redis) cannot be reached.
     Unavailable,
+    /// The in-process job store is at `jobs.in_process_max_jobs` or
+    /// `in_process_max_bytes`; room frees in about this many ms.
+    StoreFull(u64),
 }
 
 /// How a sync wait ended.
@@ -159,7 +230,6 @@ enum Entry {
     Sync {
         id: String,
         tokens: u64,
-        route: usize,
         deadline_ms: u64,
         owner: String,
     },
@@ -174,29 +244,25 @@ impl Entry {
             Entry::Sync {
                 id,
                 tokens,
-                route,
                 deadline_ms,
                 owner,
-            } => {
-                format!("s|{id}|{tokens}|{route}|{deadline_ms}|{owner}")
-            }
+            } => format!("s|{id}|{tokens}|{deadline_ms}|{owner}"),
             Entry::Async { id } => format!("a|{id}"),
         }
     }
 
     fn decode(raw: &str) -> Option<Entry> {
-        let mut parts = raw.split('|');
-        match parts.next()? {
-            "s" => Some(Entry::Sync {
-                id: parts.next()?.to_string(),
-                tokens: parts.next()?.parse().ok()?,
-                route: parts.next()?.parse().ok()?,
-                deadline_ms: parts.next()?.parse().ok()?,
-                owner: parts.next()?.to_string(),
+        let parts: Vec<&str> = raw.split('|').collect();
+        match parts.as_slice() {
+            ["s", id, tokens, deadline_ms, owner] |
+            // Before 0.2 a sync entry also held its route's position.
+            ["s", id, tokens, _, deadline_ms, owner] => Some(Entry::Sync {
+                id: id.to_string(),
+                tokens: tokens.parse().ok()?,
+                deadline_ms: deadline_ms.parse().ok()?,
+                owner: owner.to_string(),
             }),
-            "a" => Some(Entry::Async {
-                id: parts.next()?.to_string(),
-            }),
+            ["a", id] => Some(Entry::Async { id: id.to_string() }),
             _ => None,
         }
     }
@@ -208,11 +274,57 @@ fn unix_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// In-process queues and jobs (no Redis): not durable.
-#[derive(Default)]
+/// One job in the in-process store.
+struct LocalJob {
+    job: Job,
+    result: Option<JobResult>,
+    running: bool,
+    /// Dropped after this: `result_ttl` after it finished, or (unfinished)
+    /// seven times that after submission, as in Redis.
+    expires_at: Instant,
+}
+
+impl LocalJob {
+    fn size(&self) -> usize {
+        self.job.size() + self.result.as_ref().map_or(0, |r| r.body.len())
+    }
+}
+
+/// In-process queues and jobs (no Redis): not durable, bounded.
 struct LocalState {
     queues: HashMap<usize, VecDeque<Entry>>,
-    jobs: HashMap<String, (Job, Option<JobResult>, bool)>,
+    jobs: HashMap<String, LocalJob>,
+    /// Bytes held by `jobs`.
+    job_bytes: usize,
+    last_sweep: Instant,
+}
+
+impl LocalState {
+    /// Drops expired jobs (at most once per [`SWEEP_EVERY`]).
+    fn sweep(&mut self, now: Instant) {
+        if now.duration_since(self.last_sweep) < SWEEP_EVERY {
+            return;
+        }
+        self.last_sweep = now;
+        let mut freed = 0;
+        self.jobs.retain(|_, job| {
+            let keep = job.expires_at > now;
+            if !keep {
+                freed += job.size();
+            }
+            keep
+        });
+        self.job_bytes = self.job_bytes.saturating_sub(freed);
+    }
+
+    /// Milliseconds until the soonest job expires (a full store's retry).
+    fn soonest_expiry_ms(&self, now: Instant) -> u64 {
+        self.jobs
+            .values()
+            .map(|j| j.expires_at.saturating_duration_since(now))
+            .min()
+            .map_or(1000, |d| d.as_millis() as u64)
+    }
 }
 
 struct RedisQueues {
@@ -227,16 +339,25 @@ impl RedisQueues {
     }
 }
 
+/// A client connection parked on this instance.
+struct Waiter {
+    admit: oneshot::Sender<Grant>,
+    /// Its route's index in this process's config.
+    route: usize,
+}
+
 struct Inner {
     settings: Vec<TenantOverflow>,
     tenant_ids: Vec<String>,
     instance: String,
-    waiters: Mutex<HashMap<String, oneshot::Sender<Grant>>>,
+    waiters: Mutex<HashMap<String, Waiter>>,
     local: Mutex<LocalState>,
     redis: Option<RedisQueues>,
     wake: Notify,
     result_ttl: Duration,
     visibility: Duration,
+    max_local_jobs: usize,
+    max_local_bytes: usize,
 }
 
 /// The overflow queue of every tenant.
@@ -261,13 +382,20 @@ impl Overflow {
             inner: Arc::new(Inner {
                 settings: config.tenants.iter().map(|t| t.overflow.clone()).collect(),
                 tenant_ids: config.tenants.iter().map(|t| t.id.clone()).collect(),
-                instance: format!("{:016x}", fastrand::u64(..)),
+                instance: crate::ids::random_token(),
                 waiters: Mutex::default(),
-                local: Mutex::default(),
+                local: Mutex::new(LocalState {
+                    queues: HashMap::new(),
+                    jobs: HashMap::new(),
+                    job_bytes: 0,
+                    last_sweep: Instant::now(),
+                }),
                 redis,
                 wake: Notify::new(),
                 result_ttl: config.jobs.result_ttl,
                 visibility: config.jobs.visibility_timeout,
+                max_local_jobs: config.jobs.in_process_max_jobs,
+                max_local_bytes: config.jobs.in_process_max_bytes,
             }),
         }
     }
@@ -308,7 +436,7 @@ impl Overflow {
     async fn push(&self, tenant: usize, entry: &Entry) -> Result<(), ParkRefusal> {
         let pushed = self.try_push(tenant, entry).await;
         match pushed {
-            Err(ParkRefusal::Full) => self.count(tenant, "full"),
+            Err(ParkRefusal::Full | ParkRefusal::StoreFull(_)) => self.count(tenant, "full"),
             Err(ParkRefusal::Unavailable) => self.count(tenant, "unavailable"),
             Ok(()) => {}
         }
@@ -364,7 +492,8 @@ impl Overflow {
         }
     }
 
-    /// Parks a sync request: it joins the tenant's queue and waits for
+    /// Parks a sync request for `route` (its index in this process's
+    /// config): it joins the tenant's queue and waits for
     /// [`Overflow::wait`]. The caller races the wait against the client going
     /// away and calls [`Overflow::abandon`] if it does.
     pub async fn park(
@@ -374,16 +503,15 @@ impl Overflow {
         tokens: u64,
     ) -> Result<Parked, ParkRefusal> {
         let settings = &self.inner.settings[tenant];
-        let id = format!("{:016x}", fastrand::u64(..));
+        let id = crate::ids::random_token();
         let entry = Entry::Sync {
             id: id.clone(),
             tokens,
-            route,
             deadline_ms: unix_ms() + settings.max_wait.as_millis() as u64,
             owner: self.inner.instance.clone(),
         };
-        let (tx, rx) = oneshot::channel();
-        lock(&self.inner.waiters).insert(id.clone(), tx);
+        let (admit, rx) = oneshot::channel();
+        lock(&self.inner.waiters).insert(id.clone(), Waiter { admit, route });
         if let Err(refusal) = self.push(tenant, &entry).await {
             lock(&self.inner.waiters).remove(&id);
             return Err(refusal);
@@ -428,11 +556,11 @@ impl Overflow {
     }
 
     /// A waiting client went away: it gives up its place (a grant that
-    /// raced in is released unused).
+    /// raced in is given back unused).
     pub async fn abandon(&self, parked: &mut Parked, limiter: &Limiter) {
         self.forget(parked).await;
         if let Some(Ok(grant)) = parked.admission.take().map(|mut rx| rx.try_recv()) {
-            limiter.settle(grant, empty_settlement()).await;
+            limiter.release(grant).await;
         }
         self.count(parked.tenant, "abandoned");
     }
@@ -450,12 +578,11 @@ impl Overflow {
             .inc();
     }
 
-    /// Stores an async job and queues it; its id.
-    pub async fn submit(&self, job: Job) -> Result<String, ParkRefusal> {
+    /// Stores an async job of `tenant` (its index) and queues it; its id.
+    pub async fn submit(&self, tenant: usize, job: Job) -> Result<String, ParkRefusal> {
         let id = job.id.clone();
-        let tenant = job.tenant;
         if self.inner.redis.is_some() {
-            let stored = serde_json::to_string(&job).expect("a job serialises");
+            let stored = serde_json::to_string(&job).unwrap_or_default();
             let key = self.key(tenant, &format!("job:{id}"));
             let set: Option<()> = self
                 .redis(
@@ -477,13 +604,43 @@ impl Overflow {
                 )
                 .await;
         } else {
-            lock(&self.inner.local)
-                .jobs
-                .insert(id.clone(), (job, None, false));
+            self.store_local(job)?;
         }
-        self.push(tenant, &Entry::Async { id: id.clone() }).await?;
+        if let Err(refusal) = self.push(tenant, &Entry::Async { id: id.clone() }).await {
+            if self.inner.redis.is_none() {
+                let mut local = lock(&self.inner.local);
+                if let Some(removed) = local.jobs.remove(&id) {
+                    local.job_bytes = local.job_bytes.saturating_sub(removed.size());
+                }
+            }
+            return Err(refusal);
+        }
         self.inner.wake.notify_one();
         Ok(id)
+    }
+
+    /// Keeps a job in the in-process store, within its bounds.
+    fn store_local(&self, job: Job) -> Result<(), ParkRefusal> {
+        let now = Instant::now();
+        let mut local = lock(&self.inner.local);
+        local.sweep(now);
+        let size = job.size();
+        if local.jobs.len() >= self.inner.max_local_jobs
+            || local.job_bytes + size > self.inner.max_local_bytes
+        {
+            return Err(ParkRefusal::StoreFull(local.soonest_expiry_ms(now)));
+        }
+        local.job_bytes += size;
+        local.jobs.insert(
+            job.id.clone(),
+            LocalJob {
+                job,
+                result: None,
+                running: false,
+                expires_at: now + self.inner.result_ttl * 7,
+            },
+        );
+        Ok(())
     }
 
     /// The state of the tenant's job `id`; `None` when it has no such job
@@ -494,14 +651,15 @@ impl Overflow {
         id: &str,
     ) -> Result<Option<JobState>, ParkRefusal> {
         if self.inner.redis.is_none() {
-            let local = lock(&self.inner.local);
-            let Some((job, result, running)) = local.jobs.get(id) else {
+            let mut local = lock(&self.inner.local);
+            local.sweep(Instant::now());
+            let Some(job) = local.jobs.get(id) else {
                 return Ok(None);
             };
-            if job.tenant != tenant {
+            if job.job.tenant != self.inner.tenant_ids[tenant] {
                 return Ok(None);
             }
-            return Ok(Some(match (result, running) {
+            return Ok(Some(match (&job.result, job.running) {
                 (Some(result), _) => JobState::Done(result.clone()),
                 (None, true) => JobState::Running,
                 (None, false) => JobState::Queued(local.queues.get(&tenant).and_then(|q| {
@@ -518,7 +676,13 @@ impl Overflow {
         let (state, result) = fields.ok_or(ParkRefusal::Unavailable)?;
         Ok(match (state.as_deref(), result) {
             (None, _) => None,
-            (_, Some(result)) => serde_json::from_str(&result).ok().map(JobState::Done),
+            (_, Some(result)) => Some(JobState::Done(
+                serde_json::from_str(&result).unwrap_or_else(|_| {
+                    JobResult::failed(&ApiError::internal(
+                        "The job's stored result cannot be read.",
+                    ))
+                }),
+            )),
             (Some("running"), None) => Some(JobState::Running),
             (Some(_), None) => {
                 let position: Option<Option<i64>> = self
@@ -528,7 +692,9 @@ impl Overflow {
                             .arg(Entry::Async { id: id.to_string() }.encode()),
                     )
                     .await;
-                Some(JobState::Queued(position.flatten().map(|p| p as usize + 1)))
+                Some(JobState::Queued(
+                    position.flatten().map(|p| p.max(0) as usize + 1),
+                ))
             }
         })
     }
@@ -549,8 +715,16 @@ pub struct Drain {
     overflow: Overflow,
     limiter: Limiter,
     upstreams: Arc<Upstreams>,
-    routes: Vec<crate::config::ModelRoute>,
+    config: Arc<Config>,
     runner: Arc<dyn JobRunner>,
+}
+
+/// A claimed job, and how to acknowledge it.
+struct Claim {
+    tenant: usize,
+    head: Entry,
+    /// This instance's processing list (Redis).
+    processing: String,
 }
 
 impl Drain {
@@ -559,14 +733,14 @@ impl Drain {
         overflow: Overflow,
         limiter: Limiter,
         upstreams: Arc<Upstreams>,
-        config: &Config,
+        config: Arc<Config>,
         runner: Arc<dyn JobRunner>,
     ) -> Self {
         Drain {
             overflow,
             limiter,
             upstreams,
-            routes: config.models.clone(),
+            config,
             runner,
         }
     }
@@ -588,7 +762,18 @@ impl Drain {
                     Ok(Ok(v)) => v,
                     _ => return None,
                 };
-            return Some((Entry::decode(&head?)?, len));
+            let head = head?;
+            return match Entry::decode(&head) {
+                Some(entry) => Some((entry, len)),
+                None => {
+                    // Not ours to read: drop it rather than block the queue.
+                    warn!(tenant = %o.inner.tenant_ids[tenant], "dropping an unreadable overflow queue entry");
+                    let _: Option<i64> = o
+                        .redis(redis::cmd("LREM").arg(&queue).arg(1).arg(&head))
+                        .await;
+                    None
+                }
+            };
         }
         let local = lock(&o.inner.local);
         let queue = local.queues.get(&tenant)?;
@@ -610,18 +795,27 @@ impl Drain {
             Entry::Sync {
                 id,
                 tokens,
-                route,
                 deadline_ms,
                 owner,
             } => {
-                if *deadline_ms < unix_ms()
-                    || (owner == &o.inner.instance && !lock(&o.inner.waiters).contains_key(id))
-                {
+                if owner != &o.inner.instance {
+                    // Another instance's client: it admits its own.
+                    if *deadline_ms < unix_ms() {
+                        o.remove(tenant, &head).await;
+                    }
+                    return true;
+                }
+                let route = lock(&o.inner.waiters).get(id).map(|w| w.route);
+                let Some(route) = route.filter(|_| *deadline_ms >= unix_ms()) else {
                     // Its client timed out or left: drop it.
                     o.remove(tenant, &head).await;
                     return true;
-                }
-                if owner != &o.inner.instance || !self.upstreams.can_serve(&self.routes[*route]) {
+                };
+                let Some(route) = self.config.models.get(route) else {
+                    o.remove(tenant, &head).await;
+                    return true;
+                };
+                if !self.upstreams.can_serve(route) {
                     return true;
                 }
                 let Ok(grant) = self.limiter.admit(tenant, *tokens).await else {
@@ -629,9 +823,9 @@ impl Drain {
                 };
                 o.remove(tenant, &head).await;
                 let waiter = lock(&o.inner.waiters).remove(id);
-                if let Some(Err(grant)) = waiter.map(|tx| tx.send(grant)) {
+                if let Some(Err(grant)) = waiter.map(|w| w.admit.send(grant)) {
                     // The client left at the last moment.
-                    self.limiter.settle(grant, empty_settlement()).await;
+                    self.limiter.release(grant).await;
                 }
                 true
             }
@@ -642,130 +836,176 @@ impl Drain {
         }
     }
 
-    async fn try_job(&self, tenant: usize, head: &Entry, id: &str, running: &mut JoinSet<()>) {
+    /// Claims the job at the head of `tenant`'s queue: `None` when there is
+    /// nothing to run (someone else's, already done, gone); else the job as
+    /// stored (`Err` when it cannot be read).
+    async fn claim(&self, claim: &Claim, id: &str) -> Option<Result<Job, String>> {
         let o = &self.overflow;
-        let processing = o.key(tenant, &format!("processing:{}", o.inner.instance));
-        let job = if o.inner.redis.is_some() {
-            // Claim: the head moves into this instance's processing list.
-            let claimed: Option<Option<String>> = o
-                .redis(
-                    redis::cmd("LMOVE")
-                        .arg(o.key(tenant, "queue"))
-                        .arg(&processing)
-                        .arg("LEFT")
-                        .arg("RIGHT"),
-                )
-                .await;
-            match claimed.flatten() {
-                Some(raw) if raw == head.encode() => {}
-                Some(_) => {
-                    // Someone else's head moved under us: put it back.
-                    self.unclaim(tenant, &processing).await;
-                    return;
-                }
-                None => return,
-            }
-            let key = o.key(tenant, &format!("job:{id}"));
-            let fields: Option<(Option<String>, Option<String>)> = o
-                .redis(redis::cmd("HMGET").arg(&key).arg("request").arg("result"))
-                .await;
-            let acknowledge = || async {
-                let _: Option<i64> = o
-                    .redis(
-                        redis::cmd("LREM")
-                            .arg(&processing)
-                            .arg(1)
-                            .arg(head.encode()),
-                    )
-                    .await;
-            };
-            match fields {
-                Some((_, Some(_))) | Some((None, _)) => {
-                    // Already done (a re-queued duplicate) or gone: acknowledge.
-                    acknowledge().await;
-                    return;
-                }
-                Some((Some(request), None)) => match serde_json::from_str::<Job>(&request) {
-                    Ok(job) => job,
-                    Err(e) => {
-                        warn!(job = %id, error = %e, "dropping a job whose stored request cannot be read");
-                        acknowledge().await;
-                        return;
-                    }
-                },
-                None => {
-                    self.unclaim(tenant, &processing).await;
-                    return;
-                }
-            }
-        } else {
+        let tenant = claim.tenant;
+        if o.inner.redis.is_none() {
             let pending = match lock(&o.inner.local).jobs.get(id) {
-                Some((job, None, false)) => Some(job.clone()),
+                Some(job) if job.result.is_none() && !job.running => Some(job.job.clone()),
                 _ => None,
             };
-            match pending {
-                Some(job) => job,
-                None => {
-                    o.remove(tenant, head).await;
-                    return;
-                }
+            if pending.is_none() {
+                o.remove(tenant, &claim.head).await;
+            }
+            return pending.map(Ok);
+        }
+        // The head moves into this instance's processing list.
+        let claimed: Option<Option<String>> = o
+            .redis(
+                redis::cmd("LMOVE")
+                    .arg(o.key(tenant, "queue"))
+                    .arg(&claim.processing)
+                    .arg("LEFT")
+                    .arg("RIGHT"),
+            )
+            .await;
+        match claimed.flatten() {
+            Some(raw) if raw == claim.head.encode() => {}
+            Some(_) => {
+                // Someone else's head moved under us: put it back.
+                self.unclaim(claim).await;
+                return None;
+            }
+            None => return None,
+        }
+        let key = o.key(tenant, &format!("job:{id}"));
+        let fields: Option<(Option<String>, Option<String>)> = o
+            .redis(redis::cmd("HMGET").arg(&key).arg("request").arg("result"))
+            .await;
+        match fields {
+            Some((_, Some(_))) | Some((None, _)) => {
+                // Already done (a re-queued duplicate) or gone: acknowledge.
+                self.acknowledge(claim).await;
+                None
+            }
+            Some((Some(request), None)) => {
+                Some(serde_json::from_str::<Job>(&request).map_err(|e| e.to_string()))
+            }
+            None => {
+                self.unclaim(claim).await;
+                None
+            }
+        }
+    }
+
+    /// The job's tenant and route in the running config, from its names:
+    /// the error it fails with when it cannot run as its own tenant.
+    fn resolve(&self, tenant: usize, job: &Job) -> Result<usize, ApiError> {
+        let settings = &self.config.tenants[tenant];
+        if job.tenant != settings.id {
+            return Err(ApiError::internal(
+                "The job is stored under another tenant's queue; it was not run.",
+            ));
+        }
+        let (route, _) = self
+            .config
+            .route(&job.model)
+            .ok_or_else(|| ApiError::model_not_found(&job.model))?;
+        if !settings.may_use(&job.model) {
+            return Err(ApiError::model_not_allowed(&job.model));
+        }
+        Ok(route)
+    }
+
+    async fn try_job(&self, tenant: usize, head: &Entry, id: &str, running: &mut JoinSet<()>) {
+        let o = &self.overflow;
+        let claim = Claim {
+            tenant,
+            head: head.clone(),
+            processing: o.key(tenant, &format!("processing:{}", o.inner.instance)),
+        };
+        let job = match self.claim(&claim, id).await {
+            None => return,
+            Some(Ok(job)) => job,
+            Some(Err(why)) => {
+                warn!(job = %id, error = %why, "a stored job cannot be read; it fails");
+                let result = JobResult::failed(&ApiError::internal(
+                    "The stored job could not be read; it was not run.",
+                ));
+                o.finish_job(&claim, id, &result).await;
+                return;
             }
         };
-        if !self.upstreams.can_serve(&self.routes[job.route]) {
-            self.unclaim(tenant, &processing).await;
+        let route = match self.resolve(tenant, &job) {
+            Ok(route) => route,
+            Err(error) => {
+                warn!(job = %id, tenant = %job.tenant, model = %job.model, code = error.code, "a job can no longer run as submitted; it fails");
+                let result = JobResult::failed(&error);
+                o.finish_job(&claim, id, &result).await;
+                if job.tenant == o.inner.tenant_ids[tenant] {
+                    o.deliver_callback(self.runner.as_ref(), tenant, &job, &result)
+                        .await;
+                }
+                return;
+            }
+        };
+        if !self.upstreams.can_serve(&self.config.models[route]) {
+            self.unclaim(&claim).await;
             return;
         }
         let grant = match self.limiter.admit(tenant, job.tokens).await {
             Ok(grant) => grant,
             Err(_) => {
-                self.unclaim(tenant, &processing).await;
+                self.unclaim(&claim).await;
                 return;
             }
         };
-        if o.inner.redis.is_some() {
-            let _: Option<i64> = o
-                .redis(
-                    redis::cmd("HSET")
-                        .arg(o.key(tenant, &format!("job:{id}")))
-                        .arg("state")
-                        .arg("running"),
-                )
-                .await;
-        } else {
-            let mut local = lock(&o.inner.local);
-            if let Some(entry) = local.jobs.get_mut(id) {
-                entry.2 = true;
-            }
-            if let Some(queue) = local.queues.get_mut(&tenant) {
-                queue.retain(|e| e != head);
-            }
-        }
+        o.mark_running(tenant, head, id).await;
         let overflow = o.clone();
         let runner = self.runner.clone();
-        let head = head.clone();
         running.spawn(async move {
-            let result = runner.run_job(&job, grant).await;
-            overflow.finish_job(&job, &head, &processing, &result).await;
+            // Run on a task of its own so that a panic fails this job alone
+            // (its grant is released by its drop guard) and is answered.
+            let run = {
+                let (runner, job) = (runner.clone(), job.clone());
+                tokio::spawn(async move { runner.run_job(&job, tenant, route, grant).await })
+            };
+            let result = match run.await {
+                Ok(result) => result,
+                Err(e) => {
+                    error!(job = %job.id, error = %e, "an async job's run failed inside the gateway");
+                    JobResult::failed(&ApiError::internal(
+                        "The gateway failed while running the job.",
+                    ))
+                }
+            };
+            overflow.finish_job(&claim, &job.id, &result).await;
             overflow
-                .deliver_callback(runner.as_ref(), &job, &result)
+                .deliver_callback(runner.as_ref(), tenant, &job, &result)
                 .await;
         });
     }
 
     /// Puts a claimed head back at the head of its queue.
-    async fn unclaim(&self, tenant: usize, processing: &str) {
+    async fn unclaim(&self, claim: &Claim) {
         let o = &self.overflow;
         if o.inner.redis.is_some() {
             let _: Option<Option<String>> = o
                 .redis(
                     redis::cmd("LMOVE")
-                        .arg(processing)
-                        .arg(o.key(tenant, "queue"))
+                        .arg(&claim.processing)
+                        .arg(o.key(claim.tenant, "queue"))
                         .arg("RIGHT")
                         .arg("LEFT"),
                 )
                 .await;
         }
+    }
+
+    /// Removes a claimed head from the processing list.
+    async fn acknowledge(&self, claim: &Claim) {
+        let _: Option<i64> = self
+            .overflow
+            .redis(
+                redis::cmd("LREM")
+                    .arg(&claim.processing)
+                    .arg(1)
+                    .arg(claim.head.encode()),
+            )
+            .await;
     }
 
     /// Heartbeats for this instance and re-queues what silent ones held.
@@ -843,17 +1083,47 @@ impl Drain {
 }
 
 impl Overflow {
+    /// Marks a claimed job running (and, in process, takes it off the queue).
+    async fn mark_running(&self, tenant: usize, head: &Entry, id: &str) {
+        if self.inner.redis.is_some() {
+            let _: Option<i64> = self
+                .redis(
+                    redis::cmd("HSET")
+                        .arg(self.key(tenant, &format!("job:{id}")))
+                        .arg("state")
+                        .arg("running"),
+                )
+                .await;
+            return;
+        }
+        let mut local = lock(&self.inner.local);
+        if let Some(job) = local.jobs.get_mut(id) {
+            job.running = true;
+        }
+        if let Some(queue) = local.queues.get_mut(&tenant) {
+            queue.retain(|e| e != head);
+        }
+    }
+
     /// POSTs the result to the job's callback URL, retrying with backoff.
-    async fn deliver_callback(&self, runner: &dyn JobRunner, job: &Job, result: &JobResult) {
-        let (Some(url), Some(callbacks)) =
-            (&job.callback, &self.inner.settings[job.tenant].callbacks)
+    /// The URL must still be on the tenant's allow-list.
+    async fn deliver_callback(
+        &self,
+        runner: &dyn JobRunner,
+        tenant: usize,
+        job: &Job,
+        result: &JobResult,
+    ) {
+        let (Some(url), Some(callbacks)) = (&job.callback, &self.inner.settings[tenant].callbacks)
         else {
             return;
         };
-        if !callbacks.allows(url) {
+        let Some(url) = callbacks.allowed(url) else {
+            warn!(job = %job.id, "the job's callback URL is no longer allowed; not delivered");
+            self.count(tenant, "callback_failed");
             return;
-        }
-        let body = callback_body(job, result);
+        };
+        let body = callback_body(&job.id, result);
         for (attempt, delay) in std::iter::once(Duration::ZERO)
             .chain(CALLBACK_BACKOFF)
             .enumerate()
@@ -861,24 +1131,26 @@ impl Overflow {
             tokio::time::sleep(delay).await;
             let now = unix_ms() / 1000;
             let signature = sign_callback(callbacks.secret.expose().as_bytes(), now, &body);
-            if runner.post_callback(url, &body, &signature).await {
+            if runner.post_callback(url.as_str(), &body, &signature).await {
                 return;
             }
             warn!(job = %job.id, attempt = attempt + 1, "callback delivery failed");
         }
-        self.count(job.tenant, "callback_failed");
+        self.count(tenant, "callback_failed");
     }
 
-    async fn finish_job(&self, job: &Job, head: &Entry, processing: &str, result: &JobResult) {
+    /// Stores a job's result (and, with Redis, acknowledges its claim).
+    async fn finish_job(&self, claim: &Claim, id: &str, result: &JobResult) {
+        let tenant = claim.tenant;
         let outcome = if result.status < 400 {
             "completed"
         } else {
             "failed"
         };
-        self.count(job.tenant, outcome);
+        self.count(tenant, outcome);
         if let Some(r) = &self.inner.redis {
-            let key = self.key(job.tenant, &format!("job:{}", job.id));
-            let stored = serde_json::to_string(result).expect("a result serialises");
+            let key = self.key(tenant, &format!("job:{id}"));
+            let stored = serde_json::to_string(result).unwrap_or_default();
             let mut pipe = redis::pipe();
             pipe.cmd("HSET")
                 .arg(&key)
@@ -893,31 +1165,32 @@ impl Overflow {
                 .ignore();
             // Acknowledge only after the result is stored.
             pipe.cmd("LREM")
-                .arg(processing)
+                .arg(&claim.processing)
                 .arg(1)
-                .arg(head.encode())
+                .arg(claim.head.encode())
                 .ignore();
             let Some(mut conn) = r.conn() else { return };
             if !matches!(
                 tokio::time::timeout(r.timeout * 4, pipe.query_async::<()>(&mut conn)).await,
                 Ok(Ok(()))
             ) {
-                warn!(job = %job.id, "could not store a job's result; it will be re-queued and run again");
+                warn!(job = %id, "could not store a job's result; it will be re-queued and run again");
             }
             return;
         }
         let mut local = lock(&self.inner.local);
-        if let Some(entry) = local.jobs.get_mut(&job.id) {
-            entry.1 = Some(result.clone());
+        if let Some(queue) = local.queues.get_mut(&tenant) {
+            queue.retain(|e| e != &claim.head);
         }
-    }
-}
-
-fn empty_settlement() -> Settlement {
-    Settlement {
-        usage: crate::cost::Usage::default(),
-        cost_pusd: 0,
-        duration: Duration::ZERO,
+        let expires_at = Instant::now() + self.inner.result_ttl;
+        let Some(job) = local.jobs.get_mut(id) else {
+            return;
+        };
+        let before = job.size();
+        job.result = Some(result.clone());
+        job.expires_at = expires_at;
+        let grown = job.size() - before;
+        local.job_bytes += grown;
     }
 }
 
@@ -938,7 +1211,18 @@ impl BackgroundService for Drain {
             // tenant each round: fair across tenants.
             let mut busy = false;
             for i in 0..tenants {
-                busy |= self.visit((start + i) % tenants, &mut running).await;
+                let tenant = (start + i) % tenants;
+                // A fault in one tenant's queue must not stop the drain for
+                // every tenant.
+                match AssertUnwindSafe(self.visit(tenant, &mut running))
+                    .catch_unwind()
+                    .await
+                {
+                    Ok(more) => busy |= more,
+                    Err(_) => {
+                        error!(tenant = %self.overflow.inner.tenant_ids[tenant], "the overflow drain failed on a queue head; going on");
+                    }
+                }
             }
             start = (start + 1) % tenants.max(1);
             let pause = if busy { TICK } else { IDLE_TICK };
@@ -983,14 +1267,39 @@ mod tests {
         let sync = Entry::Sync {
             id: "abc".into(),
             tokens: 42,
-            route: 3,
             deadline_ms: 1_700_000_000_000,
             owner: "0123abcd".into(),
         };
-        assert_eq!(Entry::decode(&sync.encode()), Some(sync));
+        assert_eq!(Entry::decode(&sync.encode()), Some(sync.clone()));
+        // The older form, with a route position, still reads.
+        assert_eq!(
+            Entry::decode("s|abc|42|7|1700000000000|0123abcd"),
+            Some(sync)
+        );
         let job = Entry::Async { id: "job_1".into() };
         assert_eq!(Entry::decode(&job.encode()), Some(job));
         assert_eq!(Entry::decode("x|y"), None);
-        assert_eq!(Entry::decode("s|a|notanumber|1|2|o"), None);
+        assert_eq!(Entry::decode("s|a|notanumber|2|o"), None);
+        assert_eq!(Entry::decode(""), None);
+    }
+
+    #[test]
+    fn callback_bodies_embed_the_answer_as_sent() {
+        let result = JobResult {
+            status: 200,
+            body: r#"{"note":"sk\u002d*****","n":1.50}"#.into(),
+        };
+        let body = String::from_utf8(callback_body("job_1", &result)).unwrap();
+        assert_eq!(
+            body,
+            r#"{"id":"job_1","object":"runestone.job","status":"completed","response":{"status":200,"body":{"note":"sk\u002d*****","n":1.50}}}"#
+        );
+        let text = JobResult {
+            status: 502,
+            body: "not json".into(),
+        };
+        let body: serde_json::Value = serde_json::from_slice(&callback_body("j", &text)).unwrap();
+        assert_eq!(body["status"], "failed");
+        assert_eq!(body["response"]["body"], "not json");
     }
 }

@@ -82,7 +82,7 @@ pub fn build(config: Config, options: RunOptions) -> Server {
         overflow,
         limiter,
         upstreams.clone(),
-        &config,
+        config.clone(),
         Arc::new(gateway.clone()),
     );
     server.add_service(background_service("overflow drain", drain));

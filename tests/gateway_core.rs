@@ -835,12 +835,13 @@ fn throttles_failed_authentication_per_client_address() {
     );
     let ms: u64 = resp.header("retry-after-ms").unwrap().parse().unwrap();
     assert!((1..=20_000).contains(&ms), "{ms}");
-    // While throttled, the address's attempts are not checked at all.
+    // A valid key from the same address is never throttled by others'
+    // failures (behind a load balancer every client shares one address).
     let resp = gw.post_json(
         "/v1/chat/completions",
         TENANT_KEY,
         &chat("gpt-4o-mini", false),
     );
-    assert_eq!(resp.status, 429);
-    assert_eq!(mock.request_count(), 0);
+    assert_eq!(resp.status, 200);
+    assert_eq!(mock.request_count(), 1);
 }

@@ -124,6 +124,14 @@
 //!   * `{"drop_connection": true}`: close the connection without any response.
 //!   * `{"headers": {"set-cookie": "a=b"}}`: answer normally, with these extra
 //!     response headers (hostile-provider tests).
+//!   * `{"echo_key": true}`: a provider that echoes the credential it was
+//!     sent (the `Authorization` bearer key, `x-api-key` or `api-key`): in
+//!     the `x-request-id`, `openai-version`, `openai-processing-ms` and
+//!     `cache-control` headers; in a JSON answer as `system_fingerprint`
+//!     (raw) and `echo_escaped` (every character `\uXXXX`-escaped); in a
+//!     stream as two extra events after the role event, one with the raw key
+//!     written in two pieces split mid-key (a short pause between them) and
+//!     one escaped; in an error answer's message.
 //!   * `{"no_usage": true}`: answer normally but report no usage (no `usage`
 //!     in JSON, `include_usage` ignored in streams), like some
 //!     OpenAI-compatible servers.
@@ -385,6 +393,8 @@ enum Fault {
     /// Answer normally but report no usage, like servers that ignore
     /// `stream_options.include_usage`.
     NoUsage,
+    /// Echo the request's credential in headers and body (hostile provider).
+    EchoKey,
 }
 
 /// A queued fault with its remaining uses.
@@ -421,6 +431,7 @@ impl QueuedFault {
             } => json!({"stall_after_chunks": after_chunks, "stall_ms": stall_ms}),
             Fault::DropConnection => json!({"drop_connection": true}),
             Fault::NoUsage => json!({"no_usage": true}),
+            Fault::EchoKey => json!({"echo_key": true}),
             Fault::Headers(headers) => json!({"headers": headers
                 .iter()
                 .cloned()
@@ -588,6 +599,8 @@ struct FaultSpec {
     headers: Option<std::collections::BTreeMap<String, String>>,
     /// Report no usage.
     no_usage: Option<bool>,
+    /// Echo the credential.
+    echo_key: Option<bool>,
 }
 
 impl FaultSpec {
@@ -596,8 +609,10 @@ impl FaultSpec {
         let stall = self.stall_after_chunks.is_some() || self.stall_ms.is_some();
         let dropped = self.drop_connection == Some(true);
         let no_usage = self.no_usage == Some(true);
+        let echo_key = self.echo_key == Some(true);
         let kinds = [
             no_usage,
+            echo_key,
             self.headers.is_some(),
             self.error_body.is_some(),
             self.disconnect_after_chunks.is_some(),
@@ -654,6 +669,8 @@ impl FaultSpec {
             Some(Fault::DropConnection)
         } else if no_usage {
             Some(Fault::NoUsage)
+        } else if echo_key {
+            Some(Fault::EchoKey)
         } else if let Some(headers) = self.headers {
             Some(Fault::Headers(headers.into_iter().collect()))
         } else {
@@ -1683,6 +1700,8 @@ struct ApiMeta {
     model: Option<String>,
     /// Extra response headers from a `headers` fault.
     extra_headers: Vec<(String, String)>,
+    /// The credential to echo (an `echo_key` fault).
+    echo_key: Option<String>,
 }
 
 impl ApiMeta {
@@ -1696,6 +1715,16 @@ impl ApiMeta {
             let _ = h.insert_header("x-mock-model", m.as_str());
         }
         let _ = h.insert_header("x-request-id", format!("req_mock_{}", self.id));
+        if let Some(key) = &self.echo_key {
+            for name in [
+                "x-request-id",
+                "openai-version",
+                "openai-processing-ms",
+                "cache-control",
+            ] {
+                let _ = h.insert_header(name, key.as_str());
+            }
+        }
         for (name, value) in &self.extra_headers {
             let _ = h.append_header(name.clone(), value.as_str());
         }
@@ -1706,6 +1735,24 @@ impl ApiMeta {
     fn response_model(&self) -> &str {
         self.model.as_deref().unwrap_or(DEFAULT_MODEL)
     }
+}
+
+/// The credential a request carried: the bearer key, `x-api-key` or `api-key`.
+fn credential(headers: &HeaderMap) -> String {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    header("authorization")
+        .map(|v| v.strip_prefix("Bearer ").unwrap_or(v))
+        .or_else(|| header("x-api-key"))
+        .or_else(|| header("api-key"))
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// Every character of `text` as a JSON `\uXXXX` escape.
+fn escape_every_char(text: &str) -> String {
+    text.chars()
+        .map(|c| format!("\\u{:04x}", c as u32))
+        .collect()
 }
 
 /// A bare response header with a content type.
@@ -1737,6 +1784,20 @@ impl Reply {
         if let Ok(Value::Object(mut body)) = serde_json::from_slice::<Value>(&self.body) {
             body.remove("usage");
             self.body = serde_json::to_vec(&body).unwrap_or_default().into();
+        }
+        self
+    }
+
+    /// The same reply echoing `key`: as `system_fingerprint` and, escaped
+    /// character by character, as `echo_escaped` (JSON objects only).
+    fn with_echo(mut self, key: &str) -> Self {
+        if let Ok(Value::Object(mut body)) = serde_json::from_slice::<Value>(&self.body) {
+            body.insert("system_fingerprint".into(), json!(key));
+            body.insert("echo_escaped".into(), json!("@ECHO@"));
+            let text = serde_json::to_string(&body)
+                .unwrap_or_default()
+                .replace("@ECHO@", &escape_every_char(key));
+            self.body = text.into_bytes().into();
         }
         self
     }
@@ -2042,12 +2103,14 @@ impl MockApp {
         });
         let fault = st.take_fault(path);
         let authorized = self.authorized(&req.headers);
+        let req_headers = req.headers.clone();
         let mut meta = ApiMeta {
             id,
             body_len: body.len(),
             body_sha256: hex::encode(sha),
             model,
             extra_headers: Vec::new(),
+            echo_key: None,
         };
         drop(body);
 
@@ -2064,6 +2127,7 @@ impl MockApp {
         match fault {
             None => {}
             Some(Fault::Headers(headers)) => meta.extra_headers = headers,
+            Some(Fault::EchoKey) => meta.echo_key = Some(credential(&req_headers)),
             Some(Fault::NoUsage) => {
                 no_usage = true;
                 if let ApiCall::Chat(g) | ApiCall::Completion(g) = &mut call {
@@ -2113,7 +2177,10 @@ impl MockApp {
         if !authorized {
             let e = ApiError {
                 status: 401,
-                message: "Incorrect API key provided".to_owned(),
+                message: match &meta.echo_key {
+                    Some(key) => format!("Incorrect API key provided: {key}"),
+                    None => "Incorrect API key provided".to_owned(),
+                },
                 kind: "invalid_request_error",
                 code: Some("invalid_api_key"),
             };
@@ -2196,6 +2263,10 @@ impl MockApp {
             reply.without_usage()
         } else {
             reply
+        };
+        let reply = match &meta.echo_key {
+            Some(key) => reply.with_echo(key),
+            None => reply,
         };
         self.reply(session, &meta, &reply, disconnect_after).await
     }
@@ -2285,6 +2356,31 @@ impl MockApp {
         {
             stats.disconnect();
             return Outcome::Close;
+        }
+
+        if let Some(key) = meta.echo_key.as_deref().filter(|k| !k.is_empty()) {
+            // The raw key in two writes split mid-key, then the escaped key.
+            let raw = chunks.choice_event(Some(&format!("key {key} ")), false, None);
+            let split = raw.find(key).map_or(0, |at| at + key.len() / 2);
+            let escaped = raw.replace(key, &escape_every_char(key));
+            for (part, pause_after) in [
+                (&raw[..split], true),
+                (&raw[split..], false),
+                (&escaped[..], false),
+            ] {
+                if session
+                    .write_response_body(Bytes::copy_from_slice(part.as_bytes()), false)
+                    .await
+                    .is_err()
+                {
+                    stats.disconnect();
+                    return Outcome::Close;
+                }
+                if pause_after && !pause(session, watch, Duration::from_millis(30)).await {
+                    stats.disconnect();
+                    return Outcome::Close;
+                }
+            }
         }
 
         let interval = (self.cfg.tokens_per_second > 0)

@@ -47,7 +47,11 @@ impl Client for Session {
     }
 }
 
-/// Collects a whole response, for async jobs.
+/// The largest answer an async job keeps (as much as the gateway meters).
+pub(crate) const MAX_JOB_ANSWER_BYTES: usize = crate::cost::MAX_METERED_JSON_BYTES;
+
+/// Collects a whole response, for async jobs, up to
+/// [`MAX_JOB_ANSWER_BYTES`].
 #[derive(Debug, Default)]
 pub(crate) struct Collected {
     /// The request headers the job was submitted with (allow-listed ones).
@@ -60,6 +64,8 @@ pub(crate) struct Collected {
     pub body: BytesMut,
     /// Whether the body is complete.
     pub complete: bool,
+    /// The answer went past [`MAX_JOB_ANSWER_BYTES`] and was cut off.
+    pub too_large: bool,
 }
 
 #[async_trait]
@@ -79,6 +85,12 @@ impl Client for Collected {
     }
 
     async fn send_body(&mut self, body: Bytes, end: bool) -> bool {
+        if self.body.len() + body.len() > MAX_JOB_ANSWER_BYTES {
+            // Like a client that went away: the provider request is ended.
+            self.too_large = true;
+            self.complete = false;
+            return false;
+        }
         self.body.extend_from_slice(&body);
         self.complete |= end;
         true

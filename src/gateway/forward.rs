@@ -20,6 +20,7 @@ use crate::config::{ModelRoute, ProviderKind, ProviderSettings};
 use crate::cost::{self, StreamMeter, Usage};
 use crate::openai::{ApiError, Endpoint};
 use crate::providers::anthropic;
+use crate::redact::Redactor;
 use crate::upstream::breaker::Outcome;
 use crate::upstream::Backend;
 use bytes::Bytes;
@@ -268,17 +269,16 @@ async fn attempt(
             &route.name,
             !ctx.strip_usage,
         )),
-        _ => Meter::for_response(
-            upstream_header,
-            ctx.strip_usage,
-            provider.api_key.as_ref().map(|k| k.expose()),
-        ),
+        _ => Meter::for_response(upstream_header, ctx.strip_usage),
     };
-    let response = client_response(upstream_header, ctx, &provider.name, &meter).map_err(|e| {
-        Failure::Final(ApiError::internal(format!(
-            "cannot build the response header: {e}"
-        )))
-    })?;
+    // Whatever the provider sends on, its key never reaches the client.
+    let mut redactor = Redactor::new(provider.api_key.as_ref().map(|k| k.expose()));
+    let response = client_response(upstream_header, ctx, &provider.name, &meter, &redactor)
+        .map_err(|e| {
+            Failure::Final(ApiError::internal(format!(
+                "cannot build the response header: {e}"
+            )))
+        })?;
     let declared_len = upstream_header
         .headers
         .get(header::CONTENT_LENGTH)
@@ -300,7 +300,9 @@ async fn attempt(
         ttfb,
         finished: std::sync::atomic::AtomicBool::new(false),
     };
-    let end = copy.run(client, &mut upstream, ctx, &mut meter).await;
+    let end = copy
+        .run(client, &mut upstream, ctx, &mut meter, &mut redactor)
+        .await;
     if !copy.finished.load(std::sync::atomic::Ordering::Relaxed) {
         // Not settled before the end (a broken or abandoned body): what
         // the meter saw is what the request used.
@@ -321,22 +323,6 @@ async fn attempt(
             .await;
     }
     Ok(())
-}
-
-/// `body` with every occurrence of `key` replaced by `*****`.
-fn mask(body: &[u8], key: Option<&str>) -> Vec<u8> {
-    let Some(key) = key.map(str::as_bytes).filter(|k| !k.is_empty()) else {
-        return body.to_vec();
-    };
-    let mut out = Vec::with_capacity(body.len());
-    let mut rest = body;
-    while let Some(at) = rest.windows(key.len()).position(|w| w == key) {
-        out.extend_from_slice(&rest[..at]);
-        out.extend_from_slice(b"*****");
-        rest = &rest[at + key.len()..];
-    }
-    out.extend_from_slice(rest);
-    out
 }
 
 /// Whether a response is an SSE stream.
@@ -383,10 +369,10 @@ async fn anthropic_json(
     let status = header.status.as_u16();
     if !header.status.is_success() {
         upstreams.record_outcome(backend, Outcome::Success, Some(ttfb));
-        let key = provider.api_key.as_ref().map(|k| k.expose());
+        let redactor = Redactor::new(provider.api_key.as_ref().map(|k| k.expose()));
         return Err(Failure::Final(anthropic::to_openai_error(
             status,
-            &mask(&body, key),
+            &redactor.redact(&body),
         )));
     }
     let (answer, usage) = anthropic::to_chat_completion(&body, &route.name).map_err(|e| {
@@ -409,7 +395,12 @@ async fn anthropic_json(
     let out = ResponseHeader::from(parts);
     if client.send_header(out).await {
         ctx.first_byte_at.get_or_insert_with(Instant::now);
-        client.send_body(Bytes::from(answer), true).await;
+        let redactor = Redactor::new(provider.api_key.as_ref().map(|k| k.expose()));
+        let answer = match redactor.redact(&answer) {
+            std::borrow::Cow::Borrowed(_) => Bytes::from(answer),
+            std::borrow::Cow::Owned(redacted) => Bytes::from(redacted),
+        };
+        client.send_body(answer, true).await;
     }
     Ok(())
 }
@@ -451,9 +442,8 @@ fn refused(provider: &ProviderSettings, header: &ResponseHeader) -> Option<(Outc
 /// Reads usage from a response on its way to the client.
 enum Meter {
     /// An error answer: the provider generated nothing. It is held (up to
-    /// a bound) and sent with the gateway's provider key masked, in case the
-    /// provider echoes it.
-    Error { body: Vec<u8>, key: Option<String> },
+    /// a bound) and sent whole at the end.
+    Error { body: Vec<u8> },
     /// A JSON body, kept (up to a bound) to read its `usage` at the end.
     Json { body: Vec<u8>, seen: usize },
     /// An SSE stream, metered event by event.
@@ -463,12 +453,9 @@ enum Meter {
 }
 
 impl Meter {
-    fn for_response(header: &ResponseHeader, strip_usage: bool, key: Option<&str>) -> Self {
+    fn for_response(header: &ResponseHeader, strip_usage: bool) -> Self {
         match (header.status.is_success(), is_event_stream(header)) {
-            (false, _) => Meter::Error {
-                body: Vec::new(),
-                key: key.map(str::to_string),
-            },
+            (false, _) => Meter::Error { body: Vec::new() },
             (true, true) => Meter::Stream(StreamMeter::new(strip_usage)),
             (true, false) => Meter::Json {
                 body: Vec::new(),
@@ -508,7 +495,7 @@ impl Meter {
     fn finish(&mut self) -> Bytes {
         match self {
             Meter::Stream(meter) => meter.finish(),
-            Meter::Error { body, key } => Bytes::from(mask(body, key.as_deref())),
+            Meter::Error { body } => Bytes::from(std::mem::take(body)),
             _ => Bytes::new(),
         }
     }
@@ -562,6 +549,7 @@ impl Copy<'_> {
         upstream: &mut HttpSession,
         ctx: &mut RequestCtx,
         meter: &mut Meter,
+        redactor: &mut Redactor,
     ) -> BodyEnd {
         let mut received = 0;
         loop {
@@ -575,7 +563,7 @@ impl Copy<'_> {
             match read {
                 Ok(Ok(Some(chunk))) => {
                     received += chunk.len();
-                    let out = meter.feed(chunk);
+                    let out = redactor.feed(meter.feed(chunk));
                     if self.declared_len.is_some_and(|n| received >= n) {
                         // The client knows the body is whole once it has
                         // these bytes: settle first, so a client that sends
@@ -590,7 +578,13 @@ impl Copy<'_> {
                     }
                 }
                 Ok(Ok(None)) => {
-                    let rest = meter.finish();
+                    let rest = redactor.feed(meter.finish());
+                    let held = redactor.finish();
+                    let rest = if held.is_empty() {
+                        rest
+                    } else {
+                        Bytes::from([&rest[..], &held[..]].concat())
+                    };
                     self.settle(ctx, meter).await;
                     client.send_body(rest, true).await;
                     return BodyEnd::Complete;
@@ -767,22 +761,29 @@ fn client_response(
     ctx: &RequestCtx,
     provider: &str,
     meter: &Meter,
+    redactor: &Redactor,
 ) -> Result<ResponseHeader, HeaderError> {
     let (mut parts, ()) = http::Response::new(()).into_parts();
     parts.status = upstream.status;
     parts.headers.reserve(16);
+    // A provider echoing its key in a header gets it overwritten there too.
+    let redacted = |value: &HeaderValue| match redactor.redact(value.as_bytes()) {
+        std::borrow::Cow::Borrowed(_) => Ok(value.clone()),
+        std::borrow::Cow::Owned(bytes) => HeaderValue::from_bytes(&bytes),
+    };
     for name in FORWARDED_RESPONSE_HEADERS {
         if name == header::CONTENT_LENGTH && meter.edits_body() {
             continue;
         }
         if let Some(value) = upstream.headers.get(&name) {
-            parts.headers.insert(name, value.clone());
+            parts.headers.insert(name, redacted(value)?);
         }
     }
     if let Some(id) = upstream.headers.get(X_REQUEST_ID) {
-        parts
-            .headers
-            .insert(HeaderName::from_static("x-upstream-request-id"), id.clone());
+        parts.headers.insert(
+            HeaderName::from_static("x-upstream-request-id"),
+            redacted(id)?,
+        );
     }
     add_gateway_headers(&mut parts.headers, ctx, provider)?;
     Ok(ResponseHeader::from(parts))

@@ -28,11 +28,13 @@ use crate::upstream::Upstreams;
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use client::Collected;
+use futures_util::FutureExt;
 use http::{HeaderName, HeaderValue};
 use pingora::connectors::http::v1::Connector;
 use pingora::http::ResponseHeader;
 use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Instant;
 use tracing::debug;
@@ -159,43 +161,62 @@ impl Gateway {
         }
     }
 
-    /// Authenticates the request; the tenant's index in the config. A
-    /// client address with too many failures is refused without a check.
+    /// Authenticates the request; the tenant's index in the config. A valid
+    /// key always passes; failures are counted per client address, and an
+    /// address past `auth_failures_per_minute` is answered 429 instead of
+    /// 401.
     fn authenticate(&self, session: &Session, ctx: &mut RequestCtx) -> Result<usize, ApiError> {
-        let ip = session
+        let headers = &session.req_header().headers;
+        let presented = auth::presented_key(
+            headers
+                .get_all("authorization")
+                .iter()
+                .map(|v| v.as_bytes()),
+            headers.get_all("x-api-key").iter().map(|v| v.as_bytes()),
+        );
+        let error = match presented {
+            auth::Presented::Key(key) => match self.config.keys.authenticate(key) {
+                Some(tenant) => {
+                    ctx.tenant = Some(tenant);
+                    return Ok(tenant);
+                }
+                None => ApiError::invalid_api_key("Incorrect API key provided."),
+            },
+            auth::Presented::Missing => ApiError::invalid_api_key("You didn't provide an API key."),
+            auth::Presented::Conflicting => ApiError::invalid_api_key(
+                "The request carries two different API keys (Authorization and x-api-key, or two of one).",
+            ),
+        };
+        let Some(peer) = session
             .client_addr()
             .and_then(|a| a.as_inet())
-            .map(|a| a.ip());
-        let now = crate::limits::now_ms();
-        if let Some(ip) = ip {
-            if let Err(retry_after_ms) = self.auth_failures.check(ip, now) {
+            .map(|a| a.ip())
+        else {
+            return Err(error);
+        };
+        let client = auth::client_address(
+            peer,
+            &self.config.server.trusted_proxies,
+            headers.get_all("forwarded").iter().map(|v| v.as_bytes()),
+            headers
+                .get_all("x-forwarded-for")
+                .iter()
+                .map(|v| v.as_bytes()),
+        );
+        match self
+            .auth_failures
+            .record_failure(client, crate::limits::now_ms())
+        {
+            Ok(()) => Err(error),
+            Err(retry_after_ms) => {
                 let mut error = ApiError::rate_limit_exceeded(
                     "Too many failed authentications from your address.",
                 );
                 error.retry_after_ms = Some(retry_after_ms.max(1));
-                return Err(error);
+                error.reason = Some(crate::openai::Reason::Auth);
+                Err(error)
             }
         }
-        let headers = &session.req_header().headers;
-        let tenant = match auth::presented_key(
-            headers.get("authorization").map(|v| v.as_bytes()),
-            headers.get("x-api-key").map(|v| v.as_bytes()),
-        ) {
-            None => Err(ApiError::invalid_api_key("You didn't provide an API key.")),
-            Some(presented) => self
-                .config
-                .keys
-                .authenticate(presented)
-                .ok_or_else(|| ApiError::invalid_api_key("Incorrect API key provided.")),
-        };
-        if tenant.is_err() {
-            if let Some(ip) = ip {
-                self.auth_failures.record_failure(ip, now);
-            }
-        }
-        let tenant = tenant?;
-        ctx.tenant = Some(tenant);
-        Ok(tenant)
     }
 
     /// The proxied endpoints: authenticate, read the body, route, forward.
@@ -239,7 +260,7 @@ impl Gateway {
             Ok(grant) if can_serve || !overflow.enabled => grant,
             Ok(grant) => {
                 // Nothing can serve the model right now: wait for it.
-                self.limiter.settle(grant, idle_settlement()).await;
+                self.limiter.release(grant).await;
                 match self
                     .wait_in_queue(session, ctx, tenant, route_index, tokens, None)
                     .await?
@@ -314,7 +335,9 @@ impl Gateway {
             Ok(parked) => parked,
             Err(why) => {
                 let mut error = ApiError::rate_limit_exceeded(match why {
-                    ParkRefusal::Full => "Rate limit reached and the overflow queue is full.",
+                    ParkRefusal::Full | ParkRefusal::StoreFull(_) => {
+                        "Rate limit reached and the overflow queue is full."
+                    }
                     ParkRefusal::Unavailable => {
                         "Rate limit reached and the overflow queue is unavailable."
                     }
@@ -362,29 +385,29 @@ impl Gateway {
         tokens: u64,
     ) -> Result<(), ApiError> {
         let headers = session.req_header().headers.clone();
-        let callback = match headers.get("x-runestone-callback") {
-            None => None,
-            Some(url) => {
-                let url = url.to_str().unwrap_or_default().to_string();
+        let mut callbacks = headers.get_all("x-runestone-callback").iter();
+        let callback = match (callbacks.next(), callbacks.next()) {
+            (None, _) => None,
+            (Some(_), Some(_)) => return Err(ApiError::callback_not_allowed()),
+            (Some(url), None) => {
+                let url = url.to_str().unwrap_or_default();
                 let allowed = self
                     .overflow
                     .settings(tenant)
                     .callbacks
                     .as_ref()
-                    .is_some_and(|c| c.allows(&url));
-                if !allowed {
-                    return Err(ApiError::callback_not_allowed());
-                }
-                Some(url)
+                    .and_then(|c| c.allowed(url))
+                    .ok_or_else(ApiError::callback_not_allowed)?;
+                Some(allowed.as_str().to_string())
             }
         };
         let job = Job {
             callback,
-            id: format!("job_{:024x}", fastrand::u128(..) >> 32),
-            tenant,
-            route,
+            id: crate::ids::random_id("job_"),
+            tenant: self.config.tenants[tenant].id.clone(),
+            model: self.config.models[route].name.clone(),
             endpoint: endpoint.name().to_string(),
-            body: non_streaming(body),
+            body: String::from_utf8_lossy(&crate::openai::without_streaming(body)).into_owned(),
             headers: ["accept", "user-agent", "openai-beta"]
                 .iter()
                 .filter_map(|name| {
@@ -397,12 +420,18 @@ impl Gateway {
             tokens,
             created_ms: crate::limits::now_ms() as u64,
         };
-        let id = self.overflow.submit(job).await.map_err(|why| {
-            let mut error = ApiError::rate_limit_exceeded(match why {
-                ParkRefusal::Full => "The overflow queue is full.",
-                ParkRefusal::Unavailable => "The job queue is unavailable.",
+        let id = self.overflow.submit(tenant, job).await.map_err(|why| {
+            let mut error = match why {
+                ParkRefusal::Full => ApiError::rate_limit_exceeded("The overflow queue is full."),
+                ParkRefusal::Unavailable => {
+                    ApiError::rate_limit_exceeded("The job queue is unavailable.")
+                }
+                ParkRefusal::StoreFull(_) => ApiError::job_store_full(),
+            };
+            error.retry_after_ms = Some(match why {
+                ParkRefusal::StoreFull(ms) => ms.clamp(1000, 60_000),
+                _ => 1000,
             });
-            error.retry_after_ms = Some(1000);
             error
         })?;
         let body = serde_json::json!({"id": id, "object": "runestone.job", "status": "queued"});
@@ -462,11 +491,11 @@ impl JobRunner for Gateway {
         }
     }
 
-    async fn run_job(&self, job: &Job, grant: Grant) -> JobResult {
+    async fn run_job(&self, job: &Job, tenant: usize, route: usize, grant: Grant) -> JobResult {
         let mut ctx = self.new_ctx();
         ctx.request_id = job.id.clone();
-        ctx.tenant = Some(job.tenant);
-        ctx.route = Some(job.route);
+        ctx.tenant = Some(tenant);
+        ctx.route = Some(route);
         ctx.grant = Some(grant);
         let body = Bytes::from(job.body.clone());
         ctx.prompt_estimate = cost::estimate_prompt_tokens(body.len());
@@ -488,7 +517,7 @@ impl JobRunner for Gateway {
             Ok(fields) => {
                 let request = forward::Request {
                     endpoint,
-                    routes: self.routes_for(job.tenant, job.route),
+                    routes: self.routes_for(tenant, route),
                     stream: false,
                     body_for: &|provider_model| rewrite_body(&body, &fields, provider_model, false),
                 };
@@ -502,17 +531,14 @@ impl JobRunner for Gateway {
                 status: client.status.unwrap_or(200),
                 body: String::from_utf8_lossy(&client.body).into_owned(),
             },
-            Ok(()) => {
-                let error = ApiError::upstream_error("The provider broke off the response.");
-                JobResult {
-                    status: error.status,
-                    body: String::from_utf8_lossy(&error.body()).into_owned(),
-                }
-            }
-            Err(error) => JobResult {
-                status: error.status,
-                body: String::from_utf8_lossy(&error.body()).into_owned(),
-            },
+            Ok(()) if client.too_large => JobResult::failed(&ApiError::upstream_error(format!(
+                "The provider's answer is larger than {} bytes, the most an async job keeps.",
+                client::MAX_JOB_ANSWER_BYTES
+            ))),
+            Ok(()) => JobResult::failed(&ApiError::upstream_error(
+                "The provider broke off the response.",
+            )),
+            Err(error) => JobResult::failed(&error),
         }
     }
 }
@@ -530,28 +556,6 @@ fn wants_async(session: &Session) -> bool {
                     .any(|p| p.trim().eq_ignore_ascii_case("respond-async"))
             })
         })
-}
-
-/// An async job runs without a client to stream to: its body with
-/// streaming turned off.
-fn non_streaming(body: &Bytes) -> String {
-    match serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(body) {
-        Ok(mut map) if map.contains_key("stream") || map.contains_key("stream_options") => {
-            map.remove("stream");
-            map.remove("stream_options");
-            serde_json::Value::Object(map).to_string()
-        }
-        _ => String::from_utf8_lossy(body).into_owned(),
-    }
-}
-
-/// A grant given back unused.
-fn idle_settlement() -> Settlement {
-    Settlement {
-        usage: Usage::default(),
-        cost_pusd: 0,
-        duration: std::time::Duration::ZERO,
-    }
 }
 
 impl Gateway {
@@ -698,29 +702,40 @@ fn format_reset(ms: u64) -> String {
     }
 }
 
-/// Rejects bodies whose framing is ambiguous (request smuggling).
+/// Rejects bodies whose framing is ambiguous (request smuggling): both
+/// `Transfer-Encoding` and `Content-Length`.
 ///
-/// Pingora drops `Content-Length` when `Transfer-Encoding` is also present
-/// (RFC 9112 6.3) and turns keep-alive off; that combination on a request
-/// that did not ask to close the connection is how the gateway recognises it.
+/// Pingora drops `Content-Length` from the parsed header when
+/// `Transfer-Encoding` is also present (RFC 9112 6.3), so the request head
+/// as it came off the wire is what is checked.
 fn check_framing(session: &Session) -> Result<(), ApiError> {
     let headers = &session.req_header().headers;
-    let chunked = headers.contains_key("transfer-encoding");
-    let asked_to_close = headers.get_all("connection").iter().any(|v| {
-        v.to_str()
-            .is_ok_and(|v| v.to_ascii_lowercase().contains("close"))
-    });
-    let both = chunked
-        && (headers.contains_key("content-length")
-            || (session.as_downstream().get_keepalive().is_none()
-                && !asked_to_close
-                && !session.as_downstream().is_http2()));
-    if both {
+    if !headers.contains_key("transfer-encoding") {
+        return Ok(());
+    }
+    let raw_has_length = session
+        .as_downstream()
+        .as_http1()
+        .is_some_and(|h1| has_content_length_line(&h1.get_headers_raw_bytes()));
+    if headers.contains_key("content-length") || raw_has_length {
         return Err(ApiError::bad_request(
             "A request must not carry both Content-Length and Transfer-Encoding.",
         ));
     }
     Ok(())
+}
+
+/// Whether a raw HTTP/1 request head has a `Content-Length` header line.
+fn has_content_length_line(head: &[u8]) -> bool {
+    const NAME: &[u8] = b"content-length";
+    head.split(|&b| b == b'\n').skip(1).any(|line| {
+        line.len() > NAME.len()
+            && line[..NAME.len()].eq_ignore_ascii_case(NAME)
+            && line[NAME.len()..]
+                .iter()
+                .find(|b| !matches!(b, b' ' | b'\t'))
+                == Some(&b':')
+    })
 }
 
 /// The size of a request head as sent: request line and header lines.
@@ -756,9 +771,9 @@ async fn read_body(session: &mut Session, limit: usize) -> Result<Bytes, ApiErro
     Ok(body.freeze())
 }
 
-/// A fresh request id: 24 hex digits behind `req_`.
+/// A fresh request id: 24 hex digits (96 random bits) behind `req_`.
 fn new_request_id() -> String {
-    format!("req_{:024x}", fastrand::u128(..) >> 32)
+    crate::ids::random_id("req_")
 }
 
 /// Keeps a client's `x-request-id` when it is short and plain, so it can be
@@ -872,8 +887,25 @@ impl ProxyHttp for Gateway {
             .get("x-request-id")
             .and_then(|v| sane_request_id(v.as_bytes()))
             .unwrap_or_else(new_request_id);
-        if let Err(error) = self.serve(session, ctx).await {
-            respond_error(session, ctx, &error).await;
+        // A panic anywhere below is a bug, but it must not take the
+        // connection down unanswered or strand the tenant's slot: the grant
+        // (in `ctx` or dropped while unwinding) is released either way.
+        let served = AssertUnwindSafe(self.serve(session, ctx))
+            .catch_unwind()
+            .await;
+        match served {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => respond_error(session, ctx, &error).await,
+            Err(_) => {
+                tracing::error!(request_id = %ctx.request_id, "the gateway failed while serving a request");
+                session.set_keepalive(None);
+                if session.response_written().is_none() {
+                    let error = ApiError::internal("The gateway failed to handle the request.");
+                    respond_error(session, ctx, &error).await;
+                } else {
+                    ctx.error_reason = Some("gateway_internal");
+                }
+            }
         }
         Ok(true)
     }
@@ -994,6 +1026,15 @@ mod tests {
         assert_eq!(format_reset(8640), "8.64s");
         assert_eq!(format_reset(360_000), "6m0s");
         assert_eq!(format_reset(61_500), "1m1.5s");
+    }
+
+    #[test]
+    fn finds_a_content_length_line_in_a_raw_head() {
+        let head = b"POST / HTTP/1.1\r\nHost: x\r\ncontent-LENGTH : 5\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert!(has_content_length_line(head));
+        assert!(!has_content_length_line(
+            b"POST /content-length: HTTP/1.1\r\nX-Content-Length: 5\r\n\r\n"
+        ));
     }
 
     #[test]

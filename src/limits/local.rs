@@ -106,22 +106,36 @@ impl LocalStore {
         state.inflight = state.inflight.saturating_sub(1);
     }
 
-    /// Frees the slot and moves the token TAT by the difference between the
-    /// real usage and the reservation.
-    pub fn settle_limits(&self, tenant: usize, limits: &TenantLimits, token_delta: i64, now: f64) {
+    /// Frees the slot and corrects the reservation: the requests TAT by
+    /// `request_delta` requests (-1 gives an unused request back) and the
+    /// tokens TAT by the difference between real usage and reservation.
+    pub fn settle_limits(
+        &self,
+        tenant: usize,
+        limits: &TenantLimits,
+        request_delta: i64,
+        token_delta: i64,
+        now: f64,
+    ) {
         let mut state = self.state(tenant);
         if limits.max_concurrent.is_some() {
             state.inflight = state.inflight.saturating_sub(1);
         }
-        if let Some(tpm) = limits.tokens_per_minute {
-            let shift = token_delta as f64 * super::WINDOW_MS / tpm as f64;
-            // An overrun counts from now when the limit was whole; a refund
-            // never makes it more than whole.
-            state.tokens_tat = if token_delta > 0 {
-                state.tokens_tat.max(now) + shift
+        // An overrun counts from now when the limit was whole; a refund
+        // never makes it more than whole.
+        let shift = |tat: f64, delta: i64, limit: f64| {
+            let step = delta as f64 * super::WINDOW_MS / limit;
+            if delta > 0 {
+                tat.max(now) + step
             } else {
-                (state.tokens_tat + shift).max(now)
-            };
+                (tat + step).max(now)
+            }
+        };
+        if let Some(rpm) = limits.requests_per_minute.filter(|_| request_delta != 0) {
+            state.requests_tat = shift(state.requests_tat, request_delta, f64::from(rpm));
+        }
+        if let Some(tpm) = limits.tokens_per_minute.filter(|_| token_delta != 0) {
+            state.tokens_tat = shift(state.tokens_tat, token_delta, tpm as f64);
         }
     }
 
@@ -200,10 +214,10 @@ mod tests {
             ..TenantLimits::default()
         };
         store.admit(0, &l, 800, "p", 0, 0.0).unwrap();
-        store.settle_limits(0, &l, -700, 0.0); // used 100
+        store.settle_limits(0, &l, 0, -700, 0.0); // used 100
         let state = store.admit(0, &l, 850, "p", 0, 0.0).unwrap();
         assert_eq!(state.tokens.unwrap().remaining, 50);
-        store.settle_limits(0, &l, 150, 0.0); // used 1000 of 850 reserved
+        store.settle_limits(0, &l, 0, 150, 0.0); // used 1000 of 850 reserved
         assert_eq!(
             store.admit(0, &l, 1, "p", 0, 0.0).unwrap_err().limit,
             LimitKind::Tokens

@@ -265,11 +265,20 @@ pub struct Grant {
 }
 
 impl Drop for Grant {
+    /// The guard that cannot be skipped: a grant dropped unsettled (the
+    /// request's task panicked, or its future was dropped) still frees its
+    /// slot and in-flight count. A Redis lease stops being renewed and is
+    /// released by the next flush.
     fn drop(&mut self) {
         if !self.settled {
-            // Only a panic gets here; a Redis lease expires by itself.
-            if self.decided == Decided::Local {
-                self.limiter.local.release(self.tenant);
+            match self.decided {
+                Decided::Local => self.limiter.local.release(self.tenant),
+                Decided::Redis => {
+                    if let Some(redis) = &self.limiter.redis {
+                        redis.abandon_lease(self.tenant, &self.lease);
+                    }
+                }
+                Decided::Unlimited => {}
             }
             self.limiter.inflight_done(self.tenant);
         }
@@ -374,7 +383,7 @@ impl Limiter {
         // A lease id names a concurrency slot in Redis; in-process slots are
         // plain counts.
         let lease = if inner.redis.is_some() && limits.max_concurrent.is_some() {
-            format!("{:032x}", fastrand::u128(..))
+            crate::ids::random_token()
         } else {
             String::new()
         };
@@ -458,31 +467,8 @@ impl Limiter {
             completion_tokens: settlement.usage.completion_tokens,
             cost_pusd: settlement.cost_pusd,
         };
-        match (&inner.redis, grant.decided) {
-            (Some(redis), decided) => {
-                if decided == Decided::Local {
-                    inner
-                        .local
-                        .settle_limits(tenant, limits, token_delta, now_ms());
-                }
-                let lease = (decided == Decided::Redis).then_some(grant.lease.as_str());
-                let delta = if decided == Decided::Redis {
-                    token_delta
-                } else {
-                    0
-                };
-                redis
-                    .settle(tenant, limits, delta, lease, &period_id, &record)
-                    .await;
-            }
-            (None, Decided::Unlimited) => inner.local.record(tenant, &period_id, &record),
-            (None, _) => {
-                inner
-                    .local
-                    .settle_limits(tenant, limits, token_delta, now_ms());
-                inner.local.record(tenant, &period_id, &record);
-            }
-        }
+        self.give_back(&grant, 0, token_delta, &period_id, &record)
+            .await;
         if let Some(budget) = limits.budget {
             let spent = match &inner.redis {
                 Some(redis) => redis.known_spend(tenant, &period_id) + settlement.cost_pusd,
@@ -494,6 +480,61 @@ impl Limiter {
         }
         // Only now is the slot free everywhere.
         inner.inflight_done(tenant);
+    }
+
+    /// Gives back a grant that was never used (nothing was sent upstream):
+    /// its slot, its request and its tokens are returned, and nothing is
+    /// recorded: no usage, no request, no duration sample.
+    pub async fn release(&self, mut grant: Grant) {
+        grant.settled = true;
+        let (period_id, _) = period_at(
+            accounting_period(&self.inner.limits[grant.tenant]),
+            now_ms(),
+        );
+        let reserved = grant.reserved_tokens as i64;
+        self.give_back(&grant, -1, -reserved, &period_id, &PeriodUsage::default())
+            .await;
+        self.inner.inflight_done(grant.tenant);
+    }
+
+    /// Returns a grant's slot and corrects its reservation by
+    /// `request_delta` requests and `token_delta` tokens, where it was
+    /// decided; records `record` in the period's usage.
+    async fn give_back(
+        &self,
+        grant: &Grant,
+        request_delta: i64,
+        token_delta: i64,
+        period_id: &str,
+        record: &PeriodUsage,
+    ) {
+        let inner = &self.inner;
+        let tenant = grant.tenant;
+        let limits = &inner.limits[tenant];
+        let used = *record != PeriodUsage::default();
+        if grant.decided != Decided::Redis {
+            if grant.decided == Decided::Local {
+                inner
+                    .local
+                    .settle_limits(tenant, limits, request_delta, token_delta, now_ms());
+            }
+            if inner.redis.is_none() && used {
+                inner.local.record(tenant, period_id, record);
+            }
+        }
+        if let Some(redis) = &inner.redis {
+            let by_redis = grant.decided == Decided::Redis;
+            if by_redis || used {
+                let request = redis::SettleRequest {
+                    request_delta: if by_redis { request_delta } else { 0 },
+                    token_delta: if by_redis { token_delta } else { 0 },
+                    lease: by_redis.then_some(grant.lease.as_str()),
+                    period_id,
+                    usage: record,
+                };
+                redis.settle(tenant, limits, request).await;
+            }
+        }
     }
 
     /// The tenant's usage in its current accounting period.

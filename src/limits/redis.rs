@@ -104,31 +104,54 @@ end
 return reply
 ";
 
-/// Settlements of one tenant in one period. ARGV: tpm, usage TTL (seconds,
-/// 0 to keep), the summed requests, prompt tokens, completion tokens and
-/// cost (pUSD), the number k of token corrections, the k corrections in
-/// order, then the leases to release.
+/// A batch of settlements of one tenant in one period, applied at most
+/// once: Redis records the batch id in `KEYS[4]` (a sorted set scored by
+/// expiry) and a batch it has seen is not applied again, so a batch sent
+/// again after its answer timed out (a frozen Redis runs the original when it
+/// thaws) counts once. ARGV: rpm, tpm, usage TTL (seconds, 0 to keep), batch
+/// id, id TTL (ms), the summed requests, prompt tokens, completion tokens and
+/// cost (pUSD), the number k of limit corrections, k pairs (request delta,
+/// token delta) in order, then the leases to release. Replies 1 when
+/// applied, 0 for a batch already applied.
 const SETTLE: &str = r"
-local tpm, ttl, k = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[7])
-if tpm > 0 and k > 0 then
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
-  local tat = tonumber(redis.call('HGET', KEYS[1], 'tokens_tat') or '0')
-  for i = 8, 7 + k do
-    local step = tonumber(ARGV[i]) * 60000 / tpm
-    if step > 0 then tat = math.max(tat, now) + step else tat = math.max(tat + step, now) end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
+if redis.call('ZADD', KEYS[4], 'NX', now + tonumber(ARGV[5]), ARGV[4]) == 0 then return 0 end
+redis.call('PEXPIRE', KEYS[4], tonumber(ARGV[5]))
+local rpm, tpm, ttl, k = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[10])
+local function shift(tat, step)
+  if step > 0 then return math.max(tat, now) + step end
+  return math.max(tat + step, now)
+end
+if k > 0 and (rpm > 0 or tpm > 0) then
+  local tats = redis.call('HMGET', KEYS[1], 'requests_tat', 'tokens_tat')
+  local rtat, ttat = tonumber(tats[1] or '0'), tonumber(tats[2] or '0')
+  for i = 11, 9 + 2 * k, 2 do
+    local rd, td = tonumber(ARGV[i]), tonumber(ARGV[i + 1])
+    if rpm > 0 and rd ~= 0 then rtat = shift(rtat, rd * 60000 / rpm) end
+    if tpm > 0 and td ~= 0 then ttat = shift(ttat, td * 60000 / tpm) end
   end
-  redis.call('HSET', KEYS[1], 'tokens_tat', string.format('%.6f', tat))
+  redis.call('HSET', KEYS[1], 'requests_tat', string.format('%.6f', rtat), 'tokens_tat', string.format('%.6f', ttat))
   redis.call('PEXPIRE', KEYS[1], 120000)
 end
-if #ARGV > 7 + k then redis.call('ZREM', KEYS[2], unpack(ARGV, 8 + k)) end
-redis.call('HINCRBY', KEYS[3], 'requests', ARGV[3])
-redis.call('HINCRBY', KEYS[3], 'prompt_tokens', ARGV[4])
-redis.call('HINCRBY', KEYS[3], 'completion_tokens', ARGV[5])
-redis.call('HINCRBY', KEYS[3], 'cost_pusd', ARGV[6])
-if ttl > 0 then redis.call('EXPIRE', KEYS[3], ttl) end
+if #ARGV > 10 + 2 * k then redis.call('ZREM', KEYS[2], unpack(ARGV, 11 + 2 * k)) end
+if tonumber(ARGV[6]) > 0 or tonumber(ARGV[9]) ~= 0 or tonumber(ARGV[7]) > 0 or tonumber(ARGV[8]) > 0 then
+  redis.call('HINCRBY', KEYS[3], 'requests', ARGV[6])
+  redis.call('HINCRBY', KEYS[3], 'prompt_tokens', ARGV[7])
+  redis.call('HINCRBY', KEYS[3], 'completion_tokens', ARGV[8])
+  redis.call('HINCRBY', KEYS[3], 'cost_pusd', ARGV[9])
+  if ttl > 0 then redis.call('EXPIRE', KEYS[3], ttl) end
+end
 return 1
 ";
+
+/// How long Redis remembers a settlement batch it applied. Counted from
+/// when it applied it: a frozen Redis runs the original when it thaws, and
+/// the flush sends the copy within a probe interval of that, so minutes
+/// are ample. Entries are per round trip, not per request (a batch carries
+/// every settlement that waited together), which bounds their memory.
+const SETTLED_TTL_MS: u64 = 600_000;
 
 /// Renews this instance's leases of one tenant.
 const RENEW: &str = r"
@@ -152,6 +175,8 @@ struct Keys {
     rate: String,
     inflight: String,
     usage_prefix: String,
+    /// Settlement batches applied recently (sorted set by expiry).
+    settled: String,
 }
 
 impl Keys {
@@ -243,16 +268,169 @@ struct AdmitAnswer {
     spent: i64,
 }
 
-/// One settlement, as the batched [`SETTLE`] takes it.
+/// One settlement (or an unused grant's release), as the batched
+/// [`SETTLE`] takes it.
 struct SettleOp {
     tenant: usize,
     period_id: String,
+    rpm: u64,
     tpm: u64,
+    /// -1 to give the request back (an unused grant), else 0.
+    request_delta: i64,
     token_delta: i64,
     /// Empty when the request held no Redis slot.
     lease: String,
     usage: PeriodUsage,
     reply: Reply<()>,
+}
+
+/// A settlement batch Redis may not have applied (its answer never came),
+/// or usage it never got: sent by the flush, under the same id each time,
+/// until Redis confirms it.
+#[derive(Debug, Clone)]
+struct Unsettled {
+    id: String,
+    tenant: usize,
+    period_id: String,
+    rpm: u64,
+    tpm: u64,
+    /// (request delta, token delta) per settlement, in order.
+    corrections: Vec<(i64, i64)>,
+    leases: Vec<String>,
+    usage: PeriodUsage,
+}
+
+impl Unsettled {
+    /// The batch for settlements that share a script call.
+    fn from_ops(ops: &[SettleOp]) -> Self {
+        let first = &ops[0];
+        let mut usage = PeriodUsage::default();
+        for op in ops {
+            usage.add(&op.usage);
+        }
+        Unsettled {
+            id: crate::ids::random_token(),
+            tenant: first.tenant,
+            period_id: first.period_id.clone(),
+            rpm: first.rpm,
+            tpm: first.tpm,
+            corrections: ops
+                .iter()
+                .map(|op| (op.request_delta, op.token_delta))
+                .filter(|&c| c != (0, 0))
+                .collect(),
+            leases: ops
+                .iter()
+                .filter(|op| !op.lease.is_empty())
+                .map(|op| op.lease.clone())
+                .collect(),
+            usage,
+        }
+    }
+
+    /// The [`SETTLE`] call for this batch: by hash (`EVALSHA`) on the hot
+    /// path, whole (`EVAL`) from the flush, which may follow a Redis restart.
+    fn command(&self, keys: &Keys, script: &Script, by_hash: bool) -> redis::Cmd {
+        let mut cmd = if by_hash {
+            let mut cmd = redis::cmd("EVALSHA");
+            cmd.arg(script.get_hash());
+            cmd
+        } else {
+            let mut cmd = redis::cmd("EVAL");
+            cmd.arg(SETTLE);
+            cmd
+        };
+        cmd.arg(4)
+            .arg(&keys.rate)
+            .arg(&keys.inflight)
+            .arg(keys.usage(&self.period_id))
+            .arg(&keys.settled)
+            .arg(self.rpm)
+            .arg(self.tpm)
+            .arg(usage_ttl_seconds(&self.period_id))
+            .arg(&self.id)
+            .arg(SETTLED_TTL_MS)
+            .arg(self.usage.requests)
+            .arg(self.usage.prompt_tokens)
+            .arg(self.usage.completion_tokens)
+            .arg(self.usage.cost_pusd)
+            .arg(self.corrections.len());
+        for (requests, tokens) in &self.corrections {
+            cmd.arg(requests).arg(tokens);
+        }
+        for lease in &self.leases {
+            cmd.arg(lease);
+        }
+        cmd
+    }
+}
+
+/// What this instance owes Redis: usage recorded while it was down, leases
+/// to release, and settlement batches it may not have applied. Shared by
+/// the store and its batching task; the flush pays it once Redis answers.
+#[derive(Debug, Default)]
+struct Ledger {
+    /// Usage recorded while Redis was down, per (tenant, period): never
+    /// sent, so it is given an id when the flush first sends it.
+    pending: HashMap<(usize, String), PeriodUsage>,
+    /// Leases whose release could not be sent (Redis down or frozen at
+    /// settlement, an admission that timed out, a request that panicked),
+    /// so a tenant does not lose those slots until the leases expire.
+    unreleased: Vec<(usize, String)>,
+    /// Batches sent whose answer never came: sent again under their id.
+    unsettled: Vec<Unsettled>,
+}
+
+impl Ledger {
+    /// Spend owed for a tenant's period (pending or unconfirmed), in pUSD.
+    fn owed_spend(&self, tenant: usize, period_id: &str) -> i64 {
+        let pending = self
+            .pending
+            .get(&(tenant, period_id.to_string()))
+            .map_or(0, |u| u.cost_pusd);
+        let unsettled: i64 = self
+            .unsettled
+            .iter()
+            .filter(|u| u.tenant == tenant && u.period_id == period_id)
+            .map(|u| u.usage.cost_pusd)
+            .sum();
+        pending + unsettled
+    }
+}
+
+/// The store's state shared with its batching task.
+#[derive(Debug)]
+struct Shared {
+    /// Whether Redis answered the last call.
+    up: AtomicBool,
+    ledger: Mutex<Ledger>,
+}
+
+impl Shared {
+    /// Counts a failed call and marks the store down.
+    fn failed(&self, op: &'static str, error: &str) {
+        metrics::REDIS_ERRORS.with_label_values(&[op]).inc();
+        if self.up.swap(false, Ordering::Relaxed) {
+            metrics::REDIS_UP.set(0);
+            warn!(op, error = %error, "Redis unavailable; limits fall back to in-process counters and spend is kept locally");
+        }
+    }
+
+    /// Keeps a settlement that is not sent now for the flush: its usage
+    /// summed per period, its lease to release.
+    fn defer(&self, tenant: usize, period_id: &str, lease: &str, usage: &PeriodUsage) {
+        let mut ledger = lock(&self.ledger);
+        if !lease.is_empty() {
+            ledger.unreleased.push((tenant, lease.to_string()));
+        }
+        if *usage != PeriodUsage::default() {
+            ledger
+                .pending
+                .entry((tenant, period_id.to_string()))
+                .or_default()
+                .add(usage);
+        }
+    }
 }
 
 /// Adds `op` to the batch it shares a script call with, or starts one.
@@ -276,6 +454,7 @@ struct Batcher {
     settle: Script,
     keys: Arc<[Keys]>,
     timeout: Duration,
+    shared: Arc<Shared>,
 }
 
 impl Batcher {
@@ -290,38 +469,59 @@ impl Batcher {
     async fn send(&self, ops: impl Iterator<Item = Op>) {
         let mut admits: Vec<Vec<AdmitOp>> = Vec::new();
         let mut settles: Vec<Vec<SettleOp>> = Vec::new();
-        // A caller that stopped waiting (timed out) has already fallen back
-        // to the in-process store: its operation is not sent.
         for op in ops {
             match op {
+                // A caller that stopped waiting (timed out) has already
+                // fallen back to the in-process store: it is not sent.
                 Op::Admit(op) if !op.reply.is_closed() => group(&mut admits, op, |a, b| {
                     (a.tenant, &a.period_id, a.limits) == (b.tenant, &b.period_id, b.limits)
                 }),
-                Op::Settle(op) if !op.reply.is_closed() => group(&mut settles, op, |a, b| {
-                    (a.tenant, &a.period_id, a.tpm) == (b.tenant, &b.period_id, b.tpm)
+                Op::Admit(_) => {}
+                // A settlement belongs to the store once queued: sent, or
+                // kept for the flush while Redis is down.
+                Op::Settle(op) if !self.shared.up.load(Ordering::Relaxed) => {
+                    self.shared
+                        .defer(op.tenant, &op.period_id, &op.lease, &op.usage);
+                    let _ = op.reply.send(Ok(()));
+                }
+                Op::Settle(op) => group(&mut settles, op, |a, b| {
+                    (a.tenant, &a.period_id, a.rpm, a.tpm) == (b.tenant, &b.period_id, b.rpm, b.tpm)
                 }),
-                _ => {}
             }
         }
+        let unsettled: Vec<Unsettled> = settles
+            .iter()
+            .map(|batch| Unsettled::from_ops(batch))
+            .collect();
         let commands: Vec<redis::Cmd> = admits
             .iter()
             .map(|batch| self.admit_command(batch))
-            .chain(settles.iter().map(|batch| self.settle_command(batch)))
+            .chain(
+                unsettled
+                    .iter()
+                    .map(|u| u.command(&self.keys[u.tenant], &self.settle, true)),
+            )
             .collect();
         if commands.is_empty() {
             return;
         }
-        let mut results = match tokio::time::timeout(self.timeout, self.query(&commands)).await {
-            Ok(Ok(results)) => results.into_iter(),
-            Ok(Err(e)) => vec![Err(e); commands.len()].into_iter(),
+        let results = match tokio::time::timeout(self.timeout, self.query(&commands)).await {
+            Ok(Ok(results)) if results.len() == commands.len() => results,
+            Ok(Ok(_)) => {
+                let e = (redis::ErrorKind::Client, "a reply per command was expected").into();
+                vec![Err(e); commands.len()]
+            }
+            Ok(Err(e)) => vec![Err(e); commands.len()],
             Err(_) => {
                 let e = (redis::ErrorKind::Io, "no answer within the timeout").into();
-                vec![Err(e); commands.len()].into_iter()
+                vec![Err(e); commands.len()]
             }
         };
+        let mut results = results.into_iter();
         for batch in admits {
-            let result = results.next().unwrap_or(Ok(redis::Value::Nil));
-            let answers = result
+            let answers = results
+                .next()
+                .unwrap_or(Ok(redis::Value::Nil))
                 .map_err(|e| e.to_string())
                 .and_then(|value| admit_answers(value, batch.len()));
             match answers {
@@ -337,9 +537,17 @@ impl Batcher {
                 }
             }
         }
-        for batch in settles {
-            let result = results.next().unwrap_or(Ok(redis::Value::Nil));
-            let result = result.map(drop).map_err(|e| e.to_string());
+        for (batch, unsettled) in settles.into_iter().zip(unsettled) {
+            let result = match results.next() {
+                Some(Ok(_)) => Ok(()),
+                Some(Err(e)) => Err(e.to_string()),
+                None => Err("no reply".to_string()),
+            };
+            if result.is_err() {
+                // Redis may or may not have applied it: the flush sends it
+                // again under the same id, and Redis counts it once.
+                lock(&self.shared.ledger).unsettled.push(unsettled);
+            }
             for op in batch {
                 let _ = op.reply.send(result.clone());
             }
@@ -377,53 +585,19 @@ impl Batcher {
         Ok(results)
     }
 
-    /// An `EVALSHA` of `script` on a tenant's three keys (rate, in-flight
-    /// leases, the period's usage), for its arguments to follow.
-    fn script_command(&self, script: &Script, tenant: usize, period_id: &str) -> redis::Cmd {
-        let keys = &self.keys[tenant];
-        let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(script.get_hash())
-            .arg(3)
-            .arg(&keys.rate)
-            .arg(&keys.inflight)
-            .arg(keys.usage(period_id));
-        cmd
-    }
-
     /// One `EVALSHA` of [`ADMIT`] for admissions of one tenant and period.
     fn admit_command(&self, batch: &[AdmitOp]) -> redis::Cmd {
         let first = &batch[0];
-        let mut cmd = self.script_command(&self.admit, first.tenant, &first.period_id);
+        let keys = &self.keys[first.tenant];
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(self.admit.get_hash())
+            .arg(3)
+            .arg(&keys.rate)
+            .arg(&keys.inflight)
+            .arg(keys.usage(&first.period_id));
         cmd.arg(&first.limits[..]).arg(LEASE_TTL_MS);
         for op in batch {
             cmd.arg(op.tokens).arg(&op.lease);
-        }
-        cmd
-    }
-
-    /// One `EVALSHA` of [`SETTLE`] for settlements of one tenant and period.
-    fn settle_command(&self, batch: &[SettleOp]) -> redis::Cmd {
-        let first = &batch[0];
-        let mut usage = PeriodUsage::default();
-        for op in batch {
-            usage.add(&op.usage);
-        }
-        let deltas: Vec<i64> = batch
-            .iter()
-            .map(|op| op.token_delta)
-            .filter(|&d| d != 0)
-            .collect();
-        let mut cmd = self.script_command(&self.settle, first.tenant, &first.period_id);
-        cmd.arg(first.tpm)
-            .arg(usage_ttl_seconds(&first.period_id))
-            .arg(usage.requests)
-            .arg(usage.prompt_tokens)
-            .arg(usage.completion_tokens)
-            .arg(usage.cost_pusd)
-            .arg(deltas.len())
-            .arg(deltas);
-        for op in batch.iter().filter(|op| !op.lease.is_empty()) {
-            cmd.arg(&op.lease);
         }
         cmd
     }
@@ -457,27 +631,23 @@ struct Inner {
     conn: LazyConnection,
     timeout: Duration,
     keys: Arc<[Keys]>,
-    up: AtomicBool,
+    /// Whether Redis is up, and what is owed to it.
+    shared: Arc<Shared>,
     /// The batching task's queue, started on first use (inside the runtime);
     /// `None` when no connection could be set up.
     batches: OnceLock<Option<mpsc::UnboundedSender<Op>>>,
     renew: Script,
-    /// Usage recorded while Redis was unavailable, per (tenant, period).
-    pending: Mutex<HashMap<(usize, String), PeriodUsage>>,
+    settle: Script,
     /// Spend last read from Redis, per tenant: (period, pUSD).
     known_spend: Vec<Mutex<(String, i64)>>,
     /// Leases this instance holds: lease id -> tenant.
     leases: Mutex<HashMap<String, usize>>,
-    /// Leases whose release failed (Redis down or frozen at settlement):
-    /// released by the flush once Redis answers, so a tenant does not lose
-    /// those slots until the leases expire.
-    unreleased: Mutex<Vec<(usize, String)>>,
 }
 
 impl std::fmt::Debug for Inner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisStore")
-            .field("up", &self.up)
+            .field("up", &self.shared.up)
             .finish_non_exhaustive()
     }
 }
@@ -492,6 +662,21 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// One settlement as the limiter hands it to the store.
+#[derive(Debug, Clone, Copy)]
+pub struct SettleRequest<'a> {
+    /// -1 to give the request back (an unused grant), else 0.
+    pub request_delta: i64,
+    /// Real tokens minus reserved ones (0 when Redis did not admit it).
+    pub token_delta: i64,
+    /// The Redis concurrency lease to release, if Redis admitted it.
+    pub lease: Option<&'a str>,
+    /// The period the usage counts in.
+    pub period_id: &'a str,
+    /// What the request used.
+    pub usage: &'a PeriodUsage,
+}
+
 impl RedisStore {
     /// A store for these tenants; connects lazily, on first use.
     pub fn new(settings: &RedisSettings, tenants: &[TenantSettings]) -> Self {
@@ -503,6 +688,7 @@ impl RedisStore {
                     rate: format!("{base}:rate"),
                     inflight: format!("{base}:inflight"),
                     usage_prefix: format!("{base}:usage:"),
+                    settled: format!("{base}:settled"),
                 }
             })
             .collect();
@@ -516,20 +702,22 @@ impl RedisStore {
                 conn: LazyConnection::new(settings, "limits (they stay in-process)"),
                 timeout: settings.timeout,
                 keys,
-                up: AtomicBool::new(true),
+                shared: Arc::new(Shared {
+                    up: AtomicBool::new(true),
+                    ledger: Mutex::default(),
+                }),
                 batches: OnceLock::new(),
                 renew: Script::new(RENEW),
-                pending: Mutex::default(),
+                settle: Script::new(SETTLE),
                 known_spend: tenants.iter().map(|_| Mutex::default()).collect(),
                 leases: Mutex::default(),
-                unreleased: Mutex::default(),
             }),
         }
     }
 
     /// Whether Redis answered the last call.
     pub fn is_up(&self) -> bool {
-        self.inner.up.load(Ordering::Relaxed) && self.inner.conn.is_configured()
+        self.inner.shared.up.load(Ordering::Relaxed) && self.inner.conn.is_configured()
     }
 
     /// The shared connection; must be called inside the Tokio runtime.
@@ -549,25 +737,13 @@ impl RedisStore {
             Ok(Err(e)) => e.to_string(),
             Err(_) => format!("no answer within {:?}", self.inner.timeout),
         };
-        self.failed(op, &error);
+        self.inner.shared.failed(op, &error);
         None
     }
 
-    /// Counts a failed call and marks the store down.
-    fn failed(&self, op: &'static str, error: &str) {
-        metrics::REDIS_ERRORS.with_label_values(&[op]).inc();
-        if self.inner.up.swap(false, Ordering::Relaxed) {
-            metrics::REDIS_UP.set(0);
-            warn!(op, error = %error, "Redis unavailable; limits fall back to in-process counters and spend is kept locally");
-        }
-    }
-
-    /// Queues an admission or settlement for the batching task and waits,
-    /// within the timeout, for its answer. `None` (the store marked down)
-    /// when Redis did not answer in time or refused the batch.
-    async fn batched<T>(&self, op: &'static str, make: impl FnOnce(Reply<T>) -> Op) -> Option<T> {
-        let queue = self
-            .inner
+    /// The batching task's queue, started on first use.
+    fn queue(&self) -> Option<&mpsc::UnboundedSender<Op>> {
+        self.inner
             .batches
             .get_or_init(|| {
                 let conn = self.connection()?;
@@ -575,26 +751,32 @@ impl RedisStore {
                 let batcher = Batcher {
                     conn,
                     admit: Script::new(ADMIT),
-                    settle: Script::new(SETTLE),
+                    settle: self.inner.settle.clone(),
                     keys: self.inner.keys.clone(),
                     timeout: self.inner.timeout,
+                    shared: self.inner.shared.clone(),
                 };
                 tokio::spawn(batcher.run(ops));
                 Some(queue)
             })
-            .as_ref()?;
-        let (reply, answer) = oneshot::channel();
-        let error = if queue.send(make(reply)).is_err() {
-            "the Redis batching task has stopped".to_string()
-        } else {
-            match tokio::time::timeout(self.inner.timeout, answer).await {
-                Ok(Ok(Ok(value))) => return Some(value),
-                Ok(Ok(Err(e))) => e,
-                Ok(Err(_)) => "the Redis batching task has stopped".to_string(),
-                Err(_) => format!("no answer within {:?}", self.inner.timeout),
-            }
+            .as_ref()
+    }
+
+    /// Waits, within the timeout, for the batching task's answer to an
+    /// operation it was handed. `None` (the store marked down) when Redis did
+    /// not answer in time or refused the batch.
+    async fn answer<T>(
+        &self,
+        op: &'static str,
+        answer: oneshot::Receiver<Result<T, String>>,
+    ) -> Option<T> {
+        let error = match tokio::time::timeout(self.inner.timeout, answer).await {
+            Ok(Ok(Ok(value))) => return Some(value),
+            Ok(Ok(Err(e))) => e,
+            Ok(Err(_)) => "the Redis batching task has stopped".to_string(),
+            Err(_) => format!("no answer within {:?}", self.inner.timeout),
         };
-        self.failed(op, &error);
+        self.inner.shared.failed(op, &error);
         None
     }
 
@@ -611,23 +793,30 @@ impl RedisStore {
         if !self.is_up() {
             return None;
         }
-        let answer = self
-            .batched("admit", |reply| {
-                Op::Admit(AdmitOp {
-                    tenant,
-                    period_id: period_id.to_string(),
-                    limits: [
-                        u64::from(limits.requests_per_minute.unwrap_or(0)),
-                        limits.tokens_per_minute.unwrap_or(0),
-                        u64::from(limits.max_concurrent.unwrap_or(0)),
-                        limits.budget.map_or(0, |b| b.amount_pusd.max(0) as u64),
-                    ],
-                    tokens,
-                    lease: lease.to_string(),
-                    reply,
-                })
-            })
-            .await;
+        let queue = self.queue()?;
+        let (reply, answer) = oneshot::channel();
+        let op = Op::Admit(AdmitOp {
+            tenant,
+            period_id: period_id.to_string(),
+            limits: [
+                u64::from(limits.requests_per_minute.unwrap_or(0)),
+                limits.tokens_per_minute.unwrap_or(0),
+                u64::from(limits.max_concurrent.unwrap_or(0)),
+                limits.budget.map_or(0, |b| b.amount_pusd.max(0) as u64),
+            ],
+            tokens,
+            lease: lease.to_string(),
+            reply,
+        });
+        let answer = match queue.send(op) {
+            Ok(()) => self.answer("admit", answer).await,
+            Err(_) => {
+                self.inner
+                    .shared
+                    .failed("admit", "the Redis batching task has stopped");
+                None
+            }
+        };
         let Some(AdmitAnswer {
             refused,
             now,
@@ -640,7 +829,9 @@ impl RedisStore {
             // again (a frozen Redis reads it later) and take a slot nobody
             // holds: release it with the flush.
             if limits.max_concurrent.is_some() {
-                lock(&self.inner.unreleased).push((tenant, lease.to_string()));
+                lock(&self.inner.shared.ledger)
+                    .unreleased
+                    .push((tenant, lease.to_string()));
             }
             return None;
         };
@@ -676,49 +867,64 @@ impl RedisStore {
         }))
     }
 
-    /// Settles in Redis: token correction, lease release, usage counters.
-    /// When Redis is unavailable the usage is kept for a later flush.
-    pub async fn settle(
-        &self,
-        tenant: usize,
-        limits: &TenantLimits,
-        token_delta: i64,
-        lease: Option<&str>,
-        period_id: &str,
-        usage: &PeriodUsage,
-    ) {
-        if let Some(lease) = lease {
+    /// Settles in Redis: limit corrections, lease release, usage counters,
+    /// applied once (see [`SETTLE`]). From the moment it is handed over the
+    /// settlement is the store's: applied now, or kept and sent by the flush
+    /// (under the same batch id) when Redis is down or does not answer.
+    pub async fn settle(&self, tenant: usize, limits: &TenantLimits, request: SettleRequest<'_>) {
+        let lease = request.lease.unwrap_or("");
+        if !lease.is_empty() {
             lock(&self.inner.leases).remove(lease);
         }
-        if self.is_up() {
-            let done = self
-                .batched("settle", |reply| {
-                    Op::Settle(SettleOp {
-                        tenant,
-                        period_id: period_id.to_string(),
-                        tpm: limits.tokens_per_minute.unwrap_or(0),
-                        token_delta,
-                        lease: lease.unwrap_or("").to_string(),
-                        usage: usage.clone(),
-                        reply,
-                    })
-                })
-                .await;
-            if done.is_some() {
-                return;
+        let queue = self.is_up().then(|| self.queue()).flatten();
+        let Some(queue) = queue else {
+            self.inner
+                .shared
+                .defer(tenant, request.period_id, lease, request.usage);
+            return;
+        };
+        let (reply, answer) = oneshot::channel();
+        let op = SettleOp {
+            tenant,
+            period_id: request.period_id.to_string(),
+            rpm: u64::from(limits.requests_per_minute.unwrap_or(0)),
+            tpm: limits.tokens_per_minute.unwrap_or(0),
+            request_delta: request.request_delta,
+            token_delta: request.token_delta,
+            lease: lease.to_string(),
+            usage: request.usage.clone(),
+            reply,
+        };
+        match queue.send(Op::Settle(op)) {
+            Ok(()) => {
+                let _ = self.answer("settle", answer).await;
             }
+            Err(mpsc::error::SendError(Op::Settle(op))) => {
+                self.inner
+                    .shared
+                    .failed("settle", "the Redis batching task has stopped");
+                self.inner
+                    .shared
+                    .defer(op.tenant, &op.period_id, &op.lease, &op.usage);
+            }
+            Err(_) => {}
         }
-        if let Some(lease) = lease.filter(|l| !l.is_empty()) {
-            lock(&self.inner.unreleased).push((tenant, lease.to_string()));
-        }
-        lock(&self.inner.pending)
-            .entry((tenant, period_id.to_string()))
-            .or_default()
-            .add(usage);
     }
 
-    /// The last spend read from Redis plus what is pending here: the budget
-    /// check's view while Redis is unavailable.
+    /// A request that ended without settling (its task panicked): its lease
+    /// is no longer renewed and is released by the next flush.
+    pub fn abandon_lease(&self, tenant: usize, lease: &str) {
+        if lease.is_empty() {
+            return;
+        }
+        lock(&self.inner.leases).remove(lease);
+        lock(&self.inner.shared.ledger)
+            .unreleased
+            .push((tenant, lease.to_string()));
+    }
+
+    /// The last spend read from Redis plus what this instance owes it: the
+    /// budget check's view while Redis is unavailable.
     pub fn known_spend(&self, tenant: usize, period_id: &str) -> i64 {
         let known = {
             let known = lock(&self.inner.known_spend[tenant]);
@@ -728,19 +934,28 @@ impl RedisStore {
                 0
             }
         };
-        let pending = lock(&self.inner.pending)
-            .get(&(tenant, period_id.to_string()))
-            .map_or(0, |u| u.cost_pusd);
-        known + pending
+        known + lock(&self.inner.shared.ledger).owed_spend(tenant, period_id)
     }
 
     /// The period's usage: Redis's counters plus what is pending here.
     /// The flag says Redis could not be read.
     pub async fn usage(&self, tenant: usize, period_id: &str) -> (PeriodUsage, bool) {
-        let mut usage = lock(&self.inner.pending)
-            .get(&(tenant, period_id.to_string()))
-            .cloned()
-            .unwrap_or_default();
+        let mut usage = {
+            let ledger = lock(&self.inner.shared.ledger);
+            let mut usage = ledger
+                .pending
+                .get(&(tenant, period_id.to_string()))
+                .cloned()
+                .unwrap_or_default();
+            if !self.is_up() {
+                for unsettled in &ledger.unsettled {
+                    if unsettled.tenant == tenant && unsettled.period_id == period_id {
+                        usage.add(&unsettled.usage);
+                    }
+                }
+            }
+            usage
+        };
         if !self.is_up() {
             return (usage, true);
         }
@@ -784,7 +999,7 @@ impl RedisStore {
             redis::cmd("PING").query_async::<String>(&mut conn),
         )
         .await;
-        if matches!(ping, Ok(Ok(_))) && !self.inner.up.swap(true, Ordering::Relaxed) {
+        if matches!(ping, Ok(Ok(_))) && !self.inner.shared.up.swap(true, Ordering::Relaxed) {
             metrics::REDIS_UP.set(1);
             // Every operation's error count starts at 0, so rates work at once.
             for op in ["admit", "settle", "usage", "flush", "renew", "overflow"] {
@@ -794,51 +1009,76 @@ impl RedisStore {
         }
     }
 
-    /// Writes usage recorded while Redis was down, and releases the leases
-    /// that could not be released then.
+    /// Pays what this instance owes Redis: usage recorded while it was
+    /// down, batches whose answer never came (each under its own id, so one
+    /// Redis did apply counts once), and leases to release.
     async fn flush_pending(&self) {
-        let pending: Vec<((usize, String), PeriodUsage)> =
-            lock(&self.inner.pending).drain().collect();
-        let unreleased: Vec<(usize, String)> = lock(&self.inner.unreleased).drain(..).collect();
-        if pending.is_empty() && unreleased.is_empty() {
+        let (batches, unreleased) = {
+            let mut ledger = lock(&self.inner.shared.ledger);
+            let pending: Vec<((usize, String), PeriodUsage)> = ledger.pending.drain().collect();
+            for ((tenant, period_id), usage) in pending {
+                ledger.unsettled.push(Unsettled {
+                    id: crate::ids::random_token(),
+                    tenant,
+                    period_id,
+                    rpm: 0,
+                    tpm: 0,
+                    corrections: Vec::new(),
+                    leases: Vec::new(),
+                    usage,
+                });
+            }
+            (
+                std::mem::take(&mut ledger.unsettled),
+                std::mem::take(&mut ledger.unreleased),
+            )
+        };
+        if batches.is_empty() && unreleased.is_empty() {
             return;
         }
         let mut pipe = redis::pipe();
-        for (tenant, lease) in &unreleased {
-            pipe.zrem(&self.inner.keys[*tenant].inflight, lease)
-                .ignore();
+        for batch in &batches {
+            pipe.add_command(batch.command(
+                &self.inner.keys[batch.tenant],
+                &self.inner.settle,
+                false,
+            ));
         }
-        for ((tenant, period_id), usage) in &pending {
-            let key = self.inner.keys[*tenant].usage(period_id);
-            pipe.hincr(&key, "requests", usage.requests).ignore();
-            pipe.hincr(&key, "prompt_tokens", usage.prompt_tokens)
-                .ignore();
-            pipe.hincr(&key, "completion_tokens", usage.completion_tokens)
-                .ignore();
-            pipe.hincr(&key, "cost_pusd", usage.cost_pusd).ignore();
-            let ttl = usage_ttl_seconds(period_id);
-            if ttl > 0 {
-                pipe.expire(&key, ttl as i64).ignore();
-            }
+        for (tenant, lease) in &unreleased {
+            pipe.zrem(&self.inner.keys[*tenant].inflight, lease);
         }
         let pipe = &pipe;
-        let written: Option<()> = self
+        let results: Option<Vec<RedisResult<redis::Value>>> = self
             .call("flush", |mut conn| async move {
-                pipe.query_async(&mut conn).await
+                pipe.clone().ignore_errors().query_async(&mut conn).await
             })
             .await;
-        if written.is_none() {
-            let mut back = lock(&self.inner.pending);
-            for (key, usage) in pending {
-                back.entry(key).or_default().add(&usage);
+        let mut ledger = lock(&self.inner.shared.ledger);
+        match results {
+            Some(results) if results.len() == batches.len() + unreleased.len() => {
+                let mut results = results.into_iter();
+                let mut applied = 0;
+                for batch in batches {
+                    match results.next() {
+                        Some(Ok(_)) => applied += 1,
+                        _ => ledger.unsettled.push(batch),
+                    }
+                }
+                for lease in unreleased {
+                    if !matches!(results.next(), Some(Ok(_))) {
+                        ledger.unreleased.push(lease);
+                    }
+                }
+                info!(
+                    batches = applied,
+                    "flushed usage and lease releases recorded while Redis was unavailable"
+                );
             }
-            lock(&self.inner.unreleased).extend(unreleased);
-        } else {
-            info!(
-                entries = pending.len(),
-                leases = unreleased.len(),
-                "flushed usage and lease releases recorded while Redis was unavailable"
-            );
+            _ => {
+                // Kept with their ids: sent again by the next flush.
+                ledger.unsettled.extend(batches);
+                ledger.unreleased.extend(unreleased);
+            }
         }
     }
 

@@ -1,0 +1,227 @@
+//! Keeps a provider's key out of everything forwarded to clients.
+//!
+//! A provider may echo the credentials it was sent: in an error message, a
+//! JSON answer, mid-stream, in a response header, or JSON-escaped
+//! (`sk\u002d...`, every character may be written as `\uXXXX`, and `/` as
+//! `\/`). A [`Redactor`] finds the key in any of those forms and overwrites
+//! it with `*` of the same length, so framing (`content-length`, SSE lines,
+//! JSON strings) stays valid. Streams are redacted across chunk boundaries:
+//! bytes that could be the start of the key are held back until the next
+//! chunk shows whether they are (at most a few dozen bytes, and only when a
+//! chunk ends in what looks like the key's beginning).
+
+use bytes::Bytes;
+use std::borrow::Cow;
+
+/// Redacts one key from a byte stream or from single values.
+#[derive(Debug, Clone, Default)]
+pub struct Redactor {
+    key: Box<[u8]>,
+    /// The tail of the last chunk that may be the start of the key.
+    held: Vec<u8>,
+}
+
+/// How the key matched at one position.
+enum Match {
+    /// The key ends here (exclusive).
+    Whole(usize),
+    /// The input ended while it still matched.
+    Partial,
+    /// Not the key.
+    No,
+}
+
+impl Redactor {
+    /// A redactor for `key` (none: everything passes unchanged).
+    pub fn new(key: Option<&str>) -> Self {
+        Redactor {
+            key: key.unwrap_or_default().as_bytes().into(),
+            held: Vec::new(),
+        }
+    }
+
+    /// A value (a header, a whole body) with the key overwritten.
+    pub fn redact<'a>(&self, value: &'a [u8]) -> Cow<'a, [u8]> {
+        match self.scan(value, true) {
+            (None, _) => Cow::Borrowed(value),
+            (Some(out), _) => Cow::Owned(out),
+        }
+    }
+
+    /// Takes the next chunk of a stream; returns what can be sent now.
+    pub fn feed(&mut self, chunk: Bytes) -> Bytes {
+        if self.key.is_empty() {
+            return chunk;
+        }
+        if self.held.is_empty() {
+            let (out, emit) = self.scan(&chunk, false);
+            self.held.extend_from_slice(&chunk[emit..]);
+            return match out {
+                None if emit == chunk.len() => chunk,
+                None => chunk.slice(..emit),
+                Some(out) => Bytes::from(out),
+            };
+        }
+        let mut buf = std::mem::take(&mut self.held);
+        buf.extend_from_slice(&chunk);
+        let (out, emit) = self.scan(&buf, false);
+        self.held.extend_from_slice(&buf[emit..]);
+        match out {
+            Some(out) => Bytes::from(out),
+            None => {
+                buf.truncate(emit);
+                Bytes::from(buf)
+            }
+        }
+    }
+
+    /// The end of the stream: whatever was held back.
+    pub fn finish(&mut self) -> Bytes {
+        let held = std::mem::take(&mut self.held);
+        match self.scan(&held, true) {
+            (None, _) => Bytes::from(held),
+            (Some(out), _) => Bytes::from(out),
+        }
+    }
+
+    /// Scans `buf`: the redacted bytes (`None` when nothing changed) up to
+    /// the returned position; the rest may be the start of the key and is
+    /// held back (never, `at_end`).
+    fn scan(&self, buf: &[u8], at_end: bool) -> (Option<Vec<u8>>, usize) {
+        let key = &self.key[..];
+        let Some(&first) = key.first() else {
+            return (None, buf.len());
+        };
+        let mut out: Option<Vec<u8>> = None;
+        let mut copied = 0;
+        let mut i = 0;
+        while let Some(at) = memchr::memchr2(first, b'\\', &buf[i..]) {
+            let start = i + at;
+            match match_at(buf, start, key) {
+                Match::Whole(end) => {
+                    let out = out.get_or_insert_with(|| Vec::with_capacity(buf.len()));
+                    out.extend_from_slice(&buf[copied..start]);
+                    out.resize(out.len() + (end - start), b'*');
+                    copied = end;
+                    i = end;
+                }
+                Match::Partial if !at_end => {
+                    if let Some(out) = &mut out {
+                        out.extend_from_slice(&buf[copied..start]);
+                    }
+                    return (out, start);
+                }
+                Match::Partial | Match::No => i = start + 1,
+            }
+        }
+        if let Some(out) = &mut out {
+            out.extend_from_slice(&buf[copied..]);
+        }
+        (out, buf.len())
+    }
+}
+
+/// Whether the key starts at `start`, each of its bytes written as itself,
+/// as a `\uXXXX` escape, or (for `/`) as `\/`.
+fn match_at(buf: &[u8], start: usize, key: &[u8]) -> Match {
+    let mut i = start;
+    for &want in key {
+        let Some(&b) = buf.get(i) else {
+            return Match::Partial;
+        };
+        if b == want {
+            i += 1;
+            continue;
+        }
+        if b != b'\\' {
+            return Match::No;
+        }
+        match buf.get(i + 1) {
+            None => return Match::Partial,
+            Some(b'/') if want == b'/' => i += 2,
+            Some(b'u') => {
+                let digits = &buf[(i + 2).min(buf.len())..(i + 6).min(buf.len())];
+                if !digits.iter().all(u8::is_ascii_hexdigit) {
+                    return Match::No;
+                }
+                if digits.len() < 4 {
+                    return Match::Partial;
+                }
+                let value = digits
+                    .iter()
+                    .fold(0u32, |v, d| v * 16 + (*d as char).to_digit(16).unwrap_or(0));
+                if value != u32::from(want) {
+                    return Match::No;
+                }
+                i += 6;
+            }
+            Some(_) => return Match::No,
+        }
+    }
+    Match::Whole(i)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = "sk-live/abc123";
+
+    fn redact(text: &str) -> String {
+        String::from_utf8(
+            Redactor::new(Some(KEY))
+                .redact(text.as_bytes())
+                .into_owned(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn redacts_raw_and_escaped_forms_keeping_the_length() {
+        assert_eq!(redact("Bearer sk-live/abc123!"), "Bearer **************!");
+        let escaped = r#"{"k":"sk\u002dlive\/abc\u0031\u00323"}"#;
+        let out = redact(escaped);
+        assert_eq!(out.len(), escaped.len());
+        assert!(
+            !out.contains("live") && out.starts_with(r#"{"k":""#),
+            "{out}"
+        );
+        assert_eq!(redact(r"\u0073\u006B-live/abc123"), "*".repeat(24));
+        assert_eq!(redact("sk-live/abc12 sk-liv"), "sk-live/abc12 sk-liv");
+        assert_eq!(redact(r"\u00zz sk-live\x"), r"\u00zz sk-live\x");
+        assert_eq!(
+            Redactor::new(None).redact(b"sk-live/abc123").as_ref(),
+            b"sk-live/abc123"
+        );
+    }
+
+    #[test]
+    fn redacts_a_key_split_over_any_chunk_boundary() {
+        let text = r#"data: {"a":"sk-live/abc123","b":"sk\u002dlive/abc123"} sk-"#;
+        for cut in 0..=text.len() {
+            for cut2 in cut..=text.len() {
+                let mut r = Redactor::new(Some(KEY));
+                let mut out = Vec::new();
+                for part in [&text[..cut], &text[cut..cut2], &text[cut2..]] {
+                    out.extend_from_slice(&r.feed(Bytes::copy_from_slice(part.as_bytes())));
+                }
+                out.extend_from_slice(&r.finish());
+                let out = String::from_utf8(out).unwrap();
+                assert_eq!(out.len(), text.len());
+                assert!(!out.contains("live"), "cut at {cut}/{cut2}: {out}");
+                assert!(
+                    out.ends_with(" sk-"),
+                    "a harmless tail is let through: {out}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn passes_clean_chunks_without_copying() {
+        let mut r = Redactor::new(Some(KEY));
+        let chunk = Bytes::from_static(b"data: {\"text\":\"no secrets \\n here\"}\n\n");
+        let out = r.feed(chunk.clone());
+        assert_eq!(out.as_ptr(), chunk.as_ptr());
+    }
+}
