@@ -15,8 +15,9 @@ pub fn health() -> (u16, serde_json::Value) {
 
 /// `GET /ready`: 200 when the config is loaded, Redis (when configured)
 /// answers, and every model has at least one backend that could take a
-/// request now; 503 otherwise. The body details each part: per model, and
-/// per provider each backend's health and circuit breaker.
+/// request now; 503 otherwise. The body details each part: per model, per
+/// provider each backend's health and circuit breaker, and whether the
+/// metrics listener is serving.
 pub fn ready(
     config: &Config,
     upstreams: &Upstreams,
@@ -62,6 +63,16 @@ pub fn ready(
     let mut checks = json!({ "config": "ok", "models": models, "providers": providers });
     if let Some(up) = redis_up {
         checks["redis"] = json!(if up { "ok" } else { "unavailable" });
+    }
+    if let Some(addr) = config.server.metrics_listen {
+        // Reported, not made a reason to take the instance out of rotation:
+        // scrapes failing must not stop traffic.
+        checks["metrics"] = match crate::metrics::listener_failure() {
+            None => json!({"status": "ok", "listen": addr.to_string()}),
+            Some(error) => {
+                json!({"status": "unavailable", "listen": addr.to_string(), "error": error})
+            }
+        };
     }
     let body = json!({
         "status": if ready { "ready" } else { "not_ready" },

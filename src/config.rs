@@ -836,6 +836,11 @@ pub struct Config {
     pub max_attempts: usize,
     /// Async job settings.
     pub jobs: JobSettings,
+    /// Secrets written in the file itself rather than taken from `${ENV}`
+    /// (or, for tenant keys, given as digests): their key paths.
+    pub literal_secrets: Vec<String>,
+    /// Warnings about the file itself (its permissions), found at load.
+    pub file_warnings: Vec<String>,
     model_index: HashMap<String, usize>,
 }
 
@@ -850,8 +855,17 @@ impl Config {
                 message: format!("cannot read the file: {e}"),
             }],
         })?;
-        Self::from_yaml(&text, |name| std::env::var(name).ok())
-            .map_err(|problems| ConfigError { file, problems })
+        let mut config =
+            Self::from_yaml(&text, |name| std::env::var(name).ok()).map_err(|problems| {
+                ConfigError {
+                    file: file.clone(),
+                    problems,
+                }
+            })?;
+        if let Some(warning) = permission_warning(path, &config.literal_secrets) {
+            config.file_warnings.push(warning);
+        }
+        Ok(config)
     }
 
     /// Parses and validates YAML text; `env` looks up `${VAR}` values.
@@ -866,6 +880,7 @@ impl Config {
                 message: format!("not valid YAML: {e}"),
             }]
         })?;
+        let literal_secrets = literal_secrets(&root);
         interpolate(&mut root, "", &env, &mut problems);
         let Value::Mapping(root) = root else {
             problems.push(problem("", "the file must be a YAML mapping"));
@@ -985,6 +1000,8 @@ impl Config {
                     breaker,
                     max_attempts,
                     jobs,
+                    literal_secrets,
+                    file_warnings: Vec::new(),
                     model_index,
                 })
             }
@@ -998,6 +1015,7 @@ impl Config {
             .iter()
             .filter(|m| !self.pricing.contains_key(&m.name))
             .map(|m| format!("pricing: model '{}' has no price; it is served and counted in tokens, at no cost", m.name))
+            .chain(self.file_warnings.iter().cloned())
             .collect()
     }
 
@@ -1005,6 +1023,64 @@ impl Config {
     pub fn route(&self, model: &str) -> Option<(usize, &ModelRoute)> {
         self.model_index.get(model).map(|&i| (i, &self.models[i]))
     }
+}
+
+/// The key paths of secrets written in the file as they are: provider keys,
+/// callback secrets and Redis passwords not taken from `${ENV}`, tenant keys
+/// neither `${ENV}` nor `sha256:` digests.
+fn literal_secrets(root: &Value) -> Vec<String> {
+    let literal = |v: &Value| {
+        v.as_str()
+            .is_some_and(|s| !s.is_empty() && !s.contains("${"))
+    };
+    fn list(v: Option<&Value>) -> Vec<(usize, &Value)> {
+        v.and_then(Value::as_sequence)
+            .map(|items| items.iter().enumerate().collect())
+            .unwrap_or_default()
+    }
+    let mut found = Vec::new();
+    for (i, provider) in list(root.get("providers")) {
+        if provider.get("api_key").is_some_and(literal) {
+            found.push(format!("providers[{i}].api_key"));
+        }
+    }
+    for (i, tenant) in list(root.get("tenants")) {
+        for (j, key) in list(tenant.get("keys")) {
+            if literal(key) && !key.as_str().is_some_and(|k| k.starts_with("sha256:")) {
+                found.push(format!("tenants[{i}].keys[{j}]"));
+            }
+        }
+        let secret = tenant
+            .get("overflow")
+            .and_then(|o| o.get("callbacks"))
+            .and_then(|c| c.get("secret"));
+        if secret.is_some_and(literal) {
+            found.push(format!("tenants[{i}].overflow.callbacks.secret"));
+        }
+    }
+    let redis_url = root.get("redis").and_then(|r| r.get("url"));
+    if redis_url.is_some_and(|u| literal(u) && u.as_str().is_some_and(|u| u.contains('@'))) {
+        found.push("redis.url".to_string());
+    }
+    found
+}
+
+/// A warning when the file holds literal secrets and others may read it.
+fn permission_warning(path: &Path, literal_secrets: &[String]) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    if literal_secrets.is_empty() {
+        return None;
+    }
+    let mode = std::fs::metadata(path).ok()?.permissions().mode();
+    (mode & 0o044 != 0).then(|| {
+        format!(
+            "{}: holds plaintext secrets ({}) and is readable by {} (mode {:o}); chmod 600 it, or use sha256: digests and ${{ENV}} references",
+            path.display(),
+            literal_secrets.join(", "),
+            if mode & 0o004 != 0 { "others" } else { "its group" },
+            mode & 0o777
+        )
+    })
 }
 
 fn problem(path: &str, message: impl Into<String>) -> Problem {

@@ -126,8 +126,11 @@ fn hash_key() -> ExitCode {
 
 /// Logs to stderr at the level of `RUST_LOG`, else `server.log_level`. Pingora's
 /// own trace-level events dump whole request headers, credentials included,
-/// so they are dropped whatever `RUST_LOG` asks for.
+/// so they are dropped whatever `RUST_LOG` asks for; its errors about a
+/// client that closed or stalled its connection are the client's doing, not
+/// the gateway's, and are not logged as errors.
 fn init_tracing(default_level: &str) {
+    use std::io::IsTerminal;
     use tracing_subscriber::prelude::*;
     let level = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
@@ -139,8 +142,59 @@ fn init_tracing(default_level: &str) {
         .with(
             tracing_subscriber::fmt::layer()
                 .with_writer(std::io::stderr)
+                .with_ansi(std::io::stderr().is_terminal())
                 .with_target(false)
-                .with_filter(no_header_dumps),
+                .with_filter(no_header_dumps)
+                .with_filter(NotClientCaused),
         )
         .init();
+}
+
+/// Drops Pingora's ERROR events that a client caused: it closed or reset
+/// its connection, or stopped sending, while the gateway read from it.
+struct NotClientCaused;
+
+impl<S> tracing_subscriber::layer::Filter<S> for NotClientCaused {
+    fn enabled(
+        &self,
+        _meta: &tracing::Metadata<'_>,
+        _cx: &tracing_subscriber::layer::Context<'_, S>,
+    ) -> bool {
+        true
+    }
+
+    fn event_enabled(
+        &self,
+        event: &tracing::Event<'_>,
+        _cx: &tracing_subscriber::layer::Context<'_, S>,
+    ) -> bool {
+        if *event.metadata().level() != tracing::Level::ERROR {
+            return true;
+        }
+        let mut message = MessageText(String::new());
+        event.record(&mut message);
+        let text = message.0;
+        let from_client = text.contains("Downstream")
+            && [
+                "ConnectionClosed",
+                "ConnectionReset",
+                "ReadTimedout",
+                "ReadError",
+                "handshake",
+            ]
+            .iter()
+            .any(|cause| text.contains(cause));
+        !from_client
+    }
+}
+
+/// Collects an event's `message` field.
+struct MessageText(String);
+
+impl tracing::field::Visit for MessageText {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "message" {
+            self.0 = format!("{value:?}");
+        }
+    }
 }

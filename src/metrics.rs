@@ -206,6 +206,20 @@ pub static BUDGET_USED: Lazy<prometheus::GaugeVec> = Lazy::new(|| {
     .expect("metric registers once")
 });
 
+/// Why the metrics listener is not serving, once it failed to start (it
+/// could not bind its address): `/ready` reports it.
+static LISTENER_FAILURE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Records that the metrics listener failed to start.
+pub fn listener_failed(reason: String) {
+    let _ = LISTENER_FAILURE.set(reason);
+}
+
+/// Why the metrics listener is not serving, if it failed.
+pub fn listener_failure() -> Option<&'static str> {
+    LISTENER_FAILURE.get().map(String::as_str)
+}
+
 /// Registers every metric, so that all of them appear on the first scrape
 /// (the Redis ones appear once Redis is configured).
 pub fn register_all() {

@@ -113,7 +113,10 @@ pub fn build(config: Config, options: RunOptions) -> Server {
     if let Some(addr) = config.server.metrics_listen {
         let mut prometheus = pingora_prometheus::prometheus_http_service();
         prometheus.add_tcp(&addr.to_string());
-        server.add_service(prometheus);
+        server.add_service(WatchedMetrics {
+            inner: prometheus,
+            addr,
+        });
     }
     // Each provider's balancer re-resolves its host and runs its health
     // checks in the background.
@@ -124,4 +127,85 @@ pub fn build(config: Config, options: RunOptions) -> Server {
         ));
     }
     server
+}
+
+/// Pingora's Prometheus listener, watched. Its socket is bound here (unless
+/// inherited from the previous process on upgrade) and handed to Pingora's
+/// service through the listener table, so that an address that cannot be
+/// bound (taken, at start or on a reload that moved it) is known at once
+/// and `/ready` reports it; Pingora's own bind would retry for 30 s and then
+/// panic in the service's thread, silently leaving the API without metrics.
+struct WatchedMetrics {
+    inner: pingora::services::listening::Service<pingora_prometheus::PrometheusServer>,
+    addr: std::net::SocketAddr,
+}
+
+impl WatchedMetrics {
+    /// Binds the listening socket as Pingora would (SO_REUSEADDR).
+    fn bind(&self) -> std::io::Result<std::os::fd::OwnedFd> {
+        let socket = match self.addr {
+            std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+            std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(self.addr)?;
+        let listener = socket.listen(1024)?.into_std()?;
+        Ok(std::os::fd::OwnedFd::from(listener))
+    }
+
+    fn failed(&self, reason: String) {
+        tracing::error!(listen = %self.addr, error = %reason, "the metrics listener is not serving");
+        metrics::listener_failed(reason);
+    }
+}
+
+#[async_trait::async_trait]
+impl pingora::services::Service for WatchedMetrics {
+    async fn start_service(
+        &mut self,
+        fds: Option<pingora::server::ListenFds>,
+        shutdown: pingora::server::ShutdownWatch,
+        listeners_per_fd: usize,
+    ) {
+        use futures_util::FutureExt;
+        use std::os::fd::IntoRawFd;
+        if let Some(table) = &fds {
+            let key = self.addr.to_string();
+            let inherited = table.lock().get(&key).is_some();
+            if !inherited {
+                match self.bind() {
+                    Ok(fd) => table.lock().add(key, fd.into_raw_fd()),
+                    Err(e) => return self.failed(format!("cannot listen on {}: {e}", self.addr)),
+                }
+            }
+        }
+        let started = std::panic::AssertUnwindSafe(pingora::services::Service::start_service(
+            &mut self.inner,
+            fds,
+            shutdown,
+            listeners_per_fd,
+        ))
+        .catch_unwind()
+        .await;
+        if let Err(panic) = started {
+            let reason = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "the listener stopped".to_string());
+            self.failed(reason);
+        }
+    }
+
+    fn name(&self) -> &str {
+        pingora::services::Service::name(&self.inner)
+    }
+
+    fn threads(&self) -> Option<usize> {
+        pingora::services::Service::threads(&self.inner)
+    }
+
+    fn listen_addresses(&self) -> Option<Vec<String>> {
+        pingora::services::Service::listen_addresses(&self.inner)
+    }
 }
