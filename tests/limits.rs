@@ -795,3 +795,171 @@ redis: {{ url: "{}", timeout_ms: 5000 }}
     let inflight = redis.cli(&["ZCARD", "runestone:{t}:inflight"]);
     assert_eq!(inflight.trim(), "0");
 }
+
+/// A limiter on a real redis-server for tenant `t` with these limits, and
+/// its maintenance service (probe, flush, lease renewal) running.
+fn redis_limiter(
+    redis: &Redis,
+    limits: &str,
+) -> (runestone::limits::Limiter, tokio::sync::watch::Sender<bool>) {
+    use pingora::services::background::BackgroundService;
+    use runestone::config::Config;
+    use runestone::limits::{redis::RedisMaintenance, Limiter};
+    let yaml = format!(
+        r#"
+server: {{ listen: "127.0.0.1:1" }}
+providers: [{{ name: p, base_url: "http://127.0.0.1:1/v1" }}]
+models: [{{ name: m, targets: [{{ provider: p }}] }}]
+pricing: {{ m: {{ input: 1.0, output: 2.0 }} }}
+tenants:
+  - {{ id: t, keys: ["sk-ledger"], limits: {limits} }}
+redis: {{ url: "{}", timeout_ms: 100 }}
+"#,
+        redis.url()
+    );
+    let config = Config::from_yaml(&yaml, |_| None).expect("valid config");
+    let limiter = Limiter::new(&config);
+    let (stop, watch) = tokio::sync::watch::channel(false);
+    let maintenance = RedisMaintenance::new(limiter.redis().unwrap());
+    tokio::spawn(async move { maintenance.start(watch).await });
+    (limiter, stop)
+}
+
+fn used(tokens: u64) -> runestone::limits::Settlement {
+    runestone::limits::Settlement {
+        usage: runestone::cost::Usage {
+            prompt_tokens: tokens,
+            completion_tokens: tokens,
+            cached_tokens: 0,
+            estimated: false,
+        },
+        cost_pusd: 1000,
+        duration: Duration::from_millis(5),
+    }
+}
+
+fn usage_requests(redis: &Redis) -> String {
+    let keys = redis.cli(&["KEYS", "runestone:{t}:usage:*"]);
+    let key = keys.lines().next().unwrap_or_default().to_string();
+    redis.cli(&["HGET", &key, "requests"]).trim().to_string()
+}
+
+/// #14.8: a settlement whose answer timed out (Redis frozen) is kept and
+/// sent again once Redis answers; Redis also runs the original when it
+/// thaws. It must count once.
+#[test]
+fn a_settlement_sent_again_after_a_frozen_redis_counts_once() {
+    let redis = Redis::start();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let (limiter, _stop) = redis_limiter(&redis, "{ requests_per_minute: 1000 }");
+        let grant = limiter.admit(0, 10).await.expect("admitted");
+        limiter.settle(grant, used(5)).await;
+        assert_eq!(usage_requests(&redis), "1");
+        let grant = limiter.admit(0, 10).await.expect("admitted");
+        redis.freeze();
+        limiter.settle(grant, used(5)).await;
+        assert!(
+            !limiter.redis().unwrap().is_up(),
+            "the settlement timed out"
+        );
+        redis.thaw();
+        // The original runs as Redis thaws; the copy follows with the flush
+        // (an EVAL) and must be recognised.
+        tokio::task::spawn_blocking({
+            let port = redis.port;
+            move || {
+                wait_until(
+                    Duration::from_secs(10),
+                    "the flush to send the copy",
+                    || {
+                        let out = std::process::Command::new("redis-cli")
+                            .args(["-p", &port.to_string(), "INFO", "commandstats"])
+                            .output()
+                            .unwrap();
+                        String::from_utf8_lossy(&out.stdout).contains("cmdstat_eval:calls=")
+                    },
+                )
+            }
+        })
+        .await
+        .unwrap();
+        wait_until(Duration::from_secs(5), "Redis to be seen up", || {
+            limiter.redis().unwrap().is_up()
+        });
+        let report = limiter.usage(0).await;
+        assert!(!report.partial);
+        assert_eq!(report.usage.requests, 2, "two requests settled, each once");
+        assert_eq!(report.usage.cost_pusd, 2000);
+    });
+    assert_eq!(usage_requests(&redis), "2");
+}
+
+/// #14.4: a grant dropped without settling (its request's task panicked)
+/// frees its Redis slot instead of renewing it forever.
+#[test]
+fn a_grant_dropped_unsettled_releases_its_redis_lease() {
+    let redis = Redis::start();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let (limiter, _stop) = redis_limiter(&redis, "{ max_concurrent: 1 }");
+        let grant = limiter.admit(0, 10).await.expect("admitted");
+        assert!(limiter.admit(0, 10).await.is_err(), "the one slot is taken");
+        drop(grant);
+        let started = std::time::Instant::now();
+        loop {
+            if let Ok(grant) = limiter.admit(0, 10).await {
+                limiter.settle(grant, used(1)).await;
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "the dropped grant's lease was released"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    assert_eq!(redis.cli(&["ZCARD", "runestone:{t}:inflight"]).trim(), "0");
+}
+
+/// #14.10: a grant given back unused returns its request and records
+/// nothing, in Redis as in process.
+#[test]
+fn an_unused_grant_is_released_not_settled() {
+    let redis = Redis::start();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let (limiter, _stop) =
+            redis_limiter(&redis, "{ requests_per_minute: 2, max_concurrent: 5 }");
+        for _ in 0..5 {
+            let grant = limiter
+                .admit(0, 10)
+                .await
+                .expect("released grants give the request back");
+            limiter.release(grant).await;
+        }
+        let a = limiter.admit(0, 10).await.expect("one");
+        let b = limiter.admit(0, 10).await.expect("two");
+        assert!(
+            limiter.admit(0, 10).await.is_err(),
+            "the minute's two are taken"
+        );
+        limiter.settle(a, used(1)).await;
+        limiter.settle(b, used(1)).await;
+        let report = limiter.usage(0).await;
+        assert_eq!(report.usage.requests, 2, "released grants are not requests");
+    });
+    assert_eq!(redis.cli(&["ZCARD", "runestone:{t}:inflight"]).trim(), "0");
+}

@@ -1,0 +1,859 @@
+//! Issue #14: each attack an outside tester made, reproduced against the real
+//! binaries, with what must happen instead. Tenant isolation of async jobs
+//! across reordered restarts, jobs that cannot run failing alone, bounded
+//! in-process jobs, crafted bodies, callback URLs, failed-auth throttling
+//! behind a proxy, a provider echoing its key, and the smaller ones.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+use sha2::Digest;
+use std::io::{Read, Write};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const CHAT: &str = "/v1/chat/completions";
+const OTHER_KEY: &str = "sk-tenant-other-5555";
+
+/// Submits an async request (`Prefer: respond-async`); the response.
+fn submit_raw(
+    gw: &Gateway,
+    key: &str,
+    path: &str,
+    body: &Value,
+    extra: &[(&str, &str)],
+) -> Response {
+    let auth = format!("Bearer {key}");
+    let mut headers = vec![
+        ("authorization", auth.as_str()),
+        ("prefer", "respond-async"),
+    ];
+    headers.extend_from_slice(extra);
+    gw.post_raw(path, &headers, body.to_string().as_bytes())
+}
+
+/// Submits an async chat job; its id.
+fn submit(gw: &Gateway, key: &str, model: &str) -> String {
+    let body = json!({"model": model, "messages": [{"role": "user", "content": "job"}]});
+    let resp = submit_raw(gw, key, CHAT, &body, &[]);
+    assert_eq!(resp.status, 202, "{}", String::from_utf8_lossy(&resp.body));
+    resp.json()["id"].as_str().unwrap().to_string()
+}
+
+/// Polls a job until it is done; its final response.
+fn result_of(gw: &Gateway, key: &str, id: &str) -> Response {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let resp = gw.get(&format!("/v1/jobs/{id}"), Some(key));
+        if resp.status != 202 {
+            return resp;
+        }
+        assert!(Instant::now() < deadline, "job {id} not done in time");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A callback receiver answering 200 to everything; yields (request head,
+/// body) per delivery.
+fn callback_sink() -> (u16, std::sync::mpsc::Receiver<(String, Vec<u8>)>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            stream
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            let mut data = Vec::new();
+            let mut buf = [0u8; 8192];
+            let delivery = loop {
+                let read = stream.read(&mut buf).unwrap_or(0);
+                if read == 0 {
+                    break None;
+                }
+                data.extend_from_slice(&buf[..read]);
+                let Some(end) = data.windows(4).position(|w| w == b"\r\n\r\n") else {
+                    continue;
+                };
+                let head = String::from_utf8_lossy(&data[..end]).to_string();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length:")
+                            .map(|v| v.trim().parse().unwrap())
+                    })
+                    .unwrap_or(0);
+                if data.len() >= end + 4 + len {
+                    break Some((head, data[end + 4..end + 4 + len].to_vec()));
+                }
+            };
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+            if let Some(delivery) = delivery {
+                let _ = tx.send(delivery);
+            }
+        }
+    });
+    (port, rx)
+}
+
+/// The YAML of a two-tenant gateway on `mock` and `redis`, tenants and models
+/// in the given order; `acme` is held at one request a minute when
+/// `hold_acme`, so its jobs wait in Redis.
+fn two_tenants(
+    mock: &Mock,
+    redis: &Redis,
+    tenants_reversed: bool,
+    models: &str,
+    acme_models: &str,
+    hold_acme: bool,
+    callbacks: &str,
+) -> GatewayConfig {
+    let mut config = GatewayConfig::new(mock);
+    let limits = if hold_acme {
+        "\n    limits: { requests_per_minute: 1 }"
+    } else {
+        ""
+    };
+    let acme = format!(
+        "  - id: acme\n    keys: [\"{TENANT_KEY}\"]\n    models: {acme_models}{limits}\n    overflow: {{ enabled: true{callbacks} }}\n"
+    );
+    let other =
+        format!("  - id: other\n    keys: [\"{OTHER_KEY}\"]\n    overflow: {{ enabled: true }}\n");
+    config.tenants = if tenants_reversed {
+        format!("\n{other}{acme}")
+    } else {
+        format!("\n{acme}{other}")
+    };
+    config.models = models.to_string();
+    config.extra = format!(
+        "redis: {{ url: \"{}\", timeout_ms: 200 }}\njobs: {{ visibility_timeout_seconds: 2 }}\n",
+        redis.url()
+    );
+    config
+}
+
+const MODELS_FIRST: &str = "
+  - name: gpt-4o-mini
+    targets: [{ provider: mock, model: mock-small }]
+  - name: same-name
+    targets: [{ provider: mock }]
+  - name: text-embedding-3-small
+    targets: [{ provider: mock }]
+";
+
+/// The same models, reordered: the positions of the first config now name
+/// other models.
+const MODELS_REORDERED: &str = "
+  - name: same-name
+    targets: [{ provider: mock }]
+  - name: text-embedding-3-small
+    targets: [{ provider: mock }]
+  - name: gpt-4o-mini
+    targets: [{ provider: mock, model: mock-small }]
+";
+
+/// Jobs held in Redis while acme is at its limit; the gateway is stopped.
+fn queue_jobs_then_stop(config: &GatewayConfig, jobs: &[(&str, &str, Value)]) -> Vec<String> {
+    let gw = Gateway::start(config);
+    // Acme's one request of the minute.
+    let first = gw.post_json(CHAT, TENANT_KEY, &chat("gpt-4o-mini", false));
+    assert_eq!(first.status, 200);
+    let ids = jobs
+        .iter()
+        .map(|(key, path, body)| {
+            let resp = submit_raw(&gw, key, path, body, &[]);
+            assert_eq!(resp.status, 202, "{}", String::from_utf8_lossy(&resp.body));
+            resp.json()["id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    drop(gw);
+    ids
+}
+
+#[test]
+fn queued_jobs_keep_their_tenant_and_model_across_a_reordered_restart() {
+    let redis = Redis::start();
+    let mock = Mock::start(&[]);
+    let acme_models = "[gpt-4o-mini]";
+    let before = two_tenants(&mock, &redis, false, MODELS_FIRST, acme_models, true, "");
+    let job = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "job"}]});
+    let ids = queue_jobs_then_stop(
+        &before,
+        &[
+            (TENANT_KEY, CHAT, job.clone()),
+            (TENANT_KEY, CHAT, job.clone()),
+            (TENANT_KEY, CHAT, job),
+        ],
+    );
+    assert!(
+        mock.requests().iter().all(|r| !ids
+            .iter()
+            .any(|id| r["headers"]["x-request-id"] == id.as_str())),
+        "the jobs were still queued at the restart"
+    );
+    // Restart with tenants and models in another order, acme's limit lifted.
+    let after = two_tenants(
+        &mock,
+        &redis,
+        true,
+        MODELS_REORDERED,
+        acme_models,
+        false,
+        "",
+    );
+    let gw = Gateway::start(&after);
+    for id in &ids {
+        let done = result_of(&gw, TENANT_KEY, id);
+        assert_eq!(done.status, 200, "{}", String::from_utf8_lossy(&done.body));
+        assert_eq!(done.json()["object"], "chat.completion");
+        let stolen = gw.get(&format!("/v1/jobs/{id}"), Some(OTHER_KEY));
+        assert_eq!(
+            (stolen.status, stolen.error_code()),
+            (404, "job_not_found".to_string()),
+            "the other tenant cannot read acme's job"
+        );
+    }
+    let requests = mock.requests();
+    for id in &ids {
+        let seen: Vec<&Value> = requests
+            .iter()
+            .filter(|r| r["headers"]["x-request-id"] == id.as_str())
+            .collect();
+        assert_eq!(seen.len(), 1, "job {id} ran once");
+        assert_eq!(
+            seen[0]["model"], "mock-small",
+            "job {id} ran as gpt-4o-mini (its provider model), not as the model now at its old position"
+        );
+    }
+    let metrics = gw.metrics();
+    assert!(
+        metric_sum(
+            &metrics,
+            "runestone_tokens_total",
+            &[r#"tenant="acme""#, r#"model="gpt-4o-mini""#]
+        ) > 0.0,
+        "billed to acme for gpt-4o-mini"
+    );
+    assert_eq!(
+        metric_sum(&metrics, "runestone_tokens_total", &[r#"tenant="other""#]),
+        0.0,
+        "nothing billed to the other tenant"
+    );
+}
+
+#[test]
+fn a_job_that_can_no_longer_run_fails_alone_and_the_drain_goes_on() {
+    let redis = Redis::start();
+    let mock = Mock::start(&[]);
+    let (port, callbacks) = callback_sink();
+    let hooks = format!(
+        ", callbacks: {{ allowed_urls: [\"http://127.0.0.1:{port}/hooks/\"], secret: \"whsec-0123456789abcdef\" }}"
+    );
+    let before = two_tenants(
+        &mock,
+        &redis,
+        false,
+        MODELS_FIRST,
+        "[gpt-4o-mini, same-name, text-embedding-3-small]",
+        true,
+        &hooks,
+    );
+    let callback_url = format!("http://127.0.0.1:{port}/hooks/done");
+    let gw = Gateway::start(&before);
+    assert_eq!(
+        gw.post_json(CHAT, TENANT_KEY, &chat("gpt-4o-mini", false))
+            .status,
+        200
+    );
+    let hook = [("x-runestone-callback", callback_url.as_str())];
+    let removed = submit_raw(&gw, TENANT_KEY, CHAT, &chat("same-name", false), &hook);
+    let disallowed = submit_raw(
+        &gw,
+        TENANT_KEY,
+        "/v1/embeddings",
+        &json!({"model": "text-embedding-3-small", "input": "x"}),
+        &hook,
+    );
+    let fine = submit_raw(&gw, TENANT_KEY, CHAT, &chat("gpt-4o-mini", false), &hook);
+    let [removed, disallowed, fine] = [removed, disallowed, fine].map(|r| {
+        assert_eq!(r.status, 202);
+        r.json()["id"].as_str().unwrap().to_string()
+    });
+    drop(gw);
+    // A job left by an older version, which stored positions: tenant 0,
+    // route 99. It must fail, not panic the drain.
+    let old = json!({"id": "job_old", "tenant": 0, "route": 99, "endpoint": "chat",
+        "body": "{\"model\":\"x\"}", "headers": [], "tokens": 1, "created_ms": 1});
+    redis.cli(&[
+        "HSET",
+        "runestone:{acme}:job:job_old",
+        "request",
+        &old.to_string(),
+        "state",
+        "queued",
+    ]);
+    redis.cli(&["LPUSH", "runestone:{acme}:queue", "a|job_old"]);
+
+    // The operator removes `same-name` and takes embeddings from acme.
+    let models = "
+  - name: gpt-4o-mini
+    targets: [{ provider: mock, model: mock-small }]
+  - name: text-embedding-3-small
+    targets: [{ provider: mock }]
+";
+    let after = two_tenants(&mock, &redis, false, models, "[gpt-4o-mini]", false, &hooks);
+    let gw = Gateway::start(&after);
+    let old = result_of(&gw, TENANT_KEY, "job_old");
+    assert_eq!(
+        (old.status, old.error_code()),
+        (500, "gateway_internal".to_string())
+    );
+    let gone = result_of(&gw, TENANT_KEY, &removed);
+    assert_eq!(
+        (gone.status, gone.error_code()),
+        (404, "model_not_found".to_string())
+    );
+    let refused = result_of(&gw, TENANT_KEY, &disallowed);
+    assert_eq!(
+        (refused.status, refused.error_code()),
+        (403, "model_not_allowed".to_string())
+    );
+    assert_eq!(result_of(&gw, TENANT_KEY, &fine).status, 200);
+    // The drain is alive for everyone.
+    let later = submit(&gw, OTHER_KEY, "gpt-4o-mini");
+    assert_eq!(result_of(&gw, OTHER_KEY, &later).status, 200);
+    // Failed jobs' callbacks say so, with the OpenAI-shaped error.
+    let mut delivered: Vec<Value> = Vec::new();
+    while delivered.len() < 3 {
+        let (_, body) = callbacks
+            .recv_timeout(Duration::from_secs(15))
+            .expect("a callback per job");
+        delivered.push(serde_json::from_slice(&body).unwrap());
+    }
+    let by_id = |id: &str| delivered.iter().find(|d| d["id"] == id).cloned().unwrap();
+    assert_eq!(by_id(&removed)["status"], "failed");
+    assert_eq!(
+        by_id(&removed)["response"]["body"]["error"]["code"],
+        "model_not_found"
+    );
+    assert_eq!(by_id(&disallowed)["response"]["status"], 403);
+    assert_eq!(by_id(&fine)["status"], "completed");
+    let embeddings = mock.stats()["by_path"]["/v1/embeddings"]
+        .as_u64()
+        .unwrap_or(0);
+    assert_eq!(
+        embeddings, 0,
+        "the disallowed job never reached the provider"
+    );
+    assert!(!gw.log().contains("panicked"), "{}", gw.log());
+}
+
+#[test]
+fn in_process_jobs_expire_and_the_store_is_bounded() {
+    let mock = Mock::start(&[]);
+    let mut config = GatewayConfig::new(&mock);
+    config.tenants = format!(
+        "\n  - id: acme\n    keys: [\"{TENANT_KEY}\"]\n    overflow: {{ enabled: true }}\n"
+    );
+    config.extra =
+        "jobs: { result_ttl_seconds: 1, in_process_max_jobs: 2, in_process_max_bytes: 65536 }\n"
+            .into();
+    let gw = Gateway::start(&config);
+    let first = submit(&gw, TENANT_KEY, "gpt-4o-mini");
+    let second = submit(&gw, TENANT_KEY, "gpt-4o-mini");
+    assert_eq!(result_of(&gw, TENANT_KEY, &first).status, 200);
+    assert_eq!(result_of(&gw, TENANT_KEY, &second).status, 200);
+    let expired = |id: &str| gw.get(&format!("/v1/jobs/{id}"), Some(TENANT_KEY)).status == 404;
+    let full = submit_raw(&gw, TENANT_KEY, CHAT, &chat("gpt-4o-mini", false), &[]);
+    assert_eq!(
+        (full.status, full.error_code()),
+        (503, "job_store_full".to_string())
+    );
+    assert!(full.header("retry-after").is_some());
+    // The results expire after result_ttl_seconds, and room comes back.
+    wait_until(Duration::from_secs(10), "the results to expire", || {
+        expired(&first) && expired(&second)
+    });
+    let third = submit(&gw, TENANT_KEY, "gpt-4o-mini");
+    assert_eq!(result_of(&gw, TENANT_KEY, &third).status, 200);
+    // One job bigger than the byte bound is refused whole.
+    let big = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x".repeat(70_000)}]});
+    let refused = submit_raw(&gw, TENANT_KEY, CHAT, &big, &[]);
+    assert_eq!(
+        (refused.status, refused.error_code()),
+        (503, "job_store_full".to_string())
+    );
+}
+
+#[test]
+fn crafted_bodies_get_a_400_and_never_strand_a_slot() {
+    let redis = Redis::start();
+    let mock = Mock::start(&[]);
+    let mut config = GatewayConfig::new(&mock);
+    config.tenants = format!(
+        "\n  - id: acme\n    keys: [\"{TENANT_KEY}\"]\n    limits: {{ max_concurrent: 4 }}\n    overflow: {{ enabled: true }}\n"
+    );
+    config.extra = format!("redis: {{ url: \"{}\" }}\n", redis.url());
+    let gw = Gateway::start(&config);
+    let deep = format!(
+        r#"{{"model":"gpt-4o-mini","api_key":"sk-x","messages":{}1{}}}"#,
+        "[".repeat(200),
+        "]".repeat(200)
+    );
+    let bodies = [
+        r#"{"model":"gpt-4o-mini","api_key":"sk-x","temperature":1e999,"messages":[]}"#.to_string(),
+        r#"{"model":"gpt-4o-mini","base_url":"http://evil","messages":[{"n":-1E400}]}"#.to_string(),
+        deep,
+    ];
+    let auth = format!("Bearer {TENANT_KEY}");
+    for body in &bodies {
+        for asynchronous in [false, true] {
+            let mut headers = vec![("authorization", auth.as_str())];
+            if asynchronous {
+                headers.push(("prefer", "respond-async"));
+            }
+            let resp = gw.post_raw(CHAT, &headers, body.as_bytes());
+            assert_eq!(
+                (resp.status, resp.error_code()),
+                (400, "invalid_json".to_string()),
+                "{body:.80}"
+            );
+        }
+    }
+    // All four slots are free: four requests at once are all served.
+    let handles: Vec<_> = (0..4)
+        .map(|_| {
+            let port = gw.port;
+            std::thread::spawn(move || {
+                ureq::post(&format!("http://127.0.0.1:{port}{CHAT}"))
+                    .set("authorization", &format!("Bearer {TENANT_KEY}"))
+                    .send_json(chat("gpt-4o-mini", false))
+                    .map(|r| r.status())
+                    .unwrap_or_else(|e| match e {
+                        ureq::Error::Status(s, _) => s,
+                        e => panic!("{e}"),
+                    })
+            })
+        })
+        .collect();
+    for handle in handles {
+        assert_eq!(handle.join().unwrap(), 200);
+    }
+    assert_eq!(
+        redis.cli(&["ZCARD", "runestone:{acme}:inflight"]).trim(),
+        "0"
+    );
+    assert_eq!(
+        mock.request_count(),
+        4,
+        "no crafted body reached the provider"
+    );
+}
+
+#[test]
+fn foreign_fields_are_spliced_out_and_every_other_byte_is_forwarded_as_sent() {
+    let mock = Mock::start(&[]);
+    let gw = Gateway::start(&GatewayConfig::new(&mock));
+    let body = r#"{"model":"same-name", "z":12345678901234567890123,"api_key":"sk-evil","messages":[{"role":"user","content":"hi \u00e9"}],"base_url":"http://evil"}"#;
+    let expected = r#"{"model":"same-name","z":12345678901234567890123,"messages":[{"role":"user","content":"hi \u00e9"}]}"#;
+    let resp = gw.post_raw(
+        CHAT,
+        &[("authorization", &format!("Bearer {TENANT_KEY}"))],
+        body.as_bytes(),
+    );
+    assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
+    let seen = &mock.requests()[0];
+    assert_eq!(
+        seen["body_sha256"],
+        hex::encode(sha2::Sha256::digest(expected.as_bytes())),
+        "only the foreign members were taken out; order, big integers and escapes kept"
+    );
+}
+
+#[test]
+fn callback_urls_are_checked_as_they_will_be_delivered() {
+    let mock = Mock::start(&[]);
+    let (port, delivered) = callback_sink();
+    let mut config = GatewayConfig::new(&mock);
+    config.tenants = format!(
+        "\n  - id: acme\n    keys: [\"{TENANT_KEY}\"]\n    overflow: {{ enabled: true, callbacks: {{ allowed_urls: [\"http://127.0.0.1:{port}/runestone/\"], secret: \"whsec-0123456789abcdef\" }} }}\n"
+    );
+    let gw = Gateway::start(&config);
+    let base = format!("http://127.0.0.1:{port}/runestone/");
+    let tricks = [
+        format!("{base}../other"),
+        format!("{base}%2e%2e/other"),
+        format!("{base}%2E%2e%2Fother"),
+        format!("{base}.%2e/other"),
+        format!("{base}..\\other"),
+        format!("{base}./../../other"),
+        format!("{base}x/../../other"),
+        format!("http://user:pw@127.0.0.1:{port}/runestone/x"),
+        format!("http://127.0.0.1:{port}@127.0.0.1:{port}/runestone/x"),
+        format!("{base}x#frag"),
+        format!("http://127.0.0.1:{port}/runestonex"),
+        format!("https://127.0.0.1:{port}/runestone/x"),
+        format!("http://127.0.0.1:1{port}/runestone/x"),
+        format!("{base}x%00"),
+    ];
+    for url in &tricks {
+        let resp = submit_raw(
+            &gw,
+            TENANT_KEY,
+            CHAT,
+            &chat("gpt-4o-mini", false),
+            &[("x-runestone-callback", url)],
+        );
+        assert_eq!(
+            (resp.status, resp.error_code()),
+            (400, "callback_not_allowed".to_string()),
+            "{url}"
+        );
+    }
+    // A tab inside a dot segment, and two callback headers, over a raw socket.
+    let body = chat("gpt-4o-mini", false).to_string();
+    for headers in [
+        format!("X-Runestone-Callback: {base}.\t./other\r\n"),
+        format!("X-Runestone-Callback: {base}a\r\nX-Runestone-Callback: {base}b\r\n"),
+    ] {
+        let request = format!(
+            "POST {CHAT} HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {TENANT_KEY}\r\nPrefer: respond-async\r\n{headers}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let answer = raw_exchange(gw.port, request.as_bytes(), Duration::from_secs(5));
+        assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+        assert!(answer.contains("callback_not_allowed"), "{answer}");
+    }
+    // The plain URL is delivered, to exactly that path.
+    let ok = submit_raw(
+        &gw,
+        TENANT_KEY,
+        CHAT,
+        &chat("gpt-4o-mini", false),
+        &[("x-runestone-callback", &format!("{base}done?job=1"))],
+    );
+    assert_eq!(ok.status, 202);
+    let (head, _) = delivered.recv_timeout(Duration::from_secs(10)).unwrap();
+    assert!(
+        head.starts_with("POST /runestone/done?job=1 HTTP/1.1"),
+        "{head}"
+    );
+    assert!(
+        delivered.recv_timeout(Duration::from_millis(500)).is_err(),
+        "nothing else was delivered"
+    );
+}
+
+#[test]
+fn a_valid_key_behind_a_trusted_proxy_is_never_locked_out_by_others_failures() {
+    let mock = Mock::start(&[]);
+    let mut config = GatewayConfig::new(&mock);
+    config.server_extra =
+        "  auth_failures_per_minute: 3\n  trusted_proxies: [\"127.0.0.0/8\"]\n".into();
+    let gw = Gateway::start(&config);
+    let post = |key: &str, forwarded_for: &str| {
+        gw.post_raw(
+            CHAT,
+            &[
+                ("authorization", &format!("Bearer {key}")),
+                ("x-forwarded-for", forwarded_for),
+            ],
+            chat("gpt-4o-mini", false).to_string().as_bytes(),
+        )
+    };
+    for _ in 0..3 {
+        assert_eq!(post("sk-guess-guess-guess", "203.0.113.9").status, 401);
+    }
+    let throttled = post("sk-guess-guess-guess", "203.0.113.9");
+    assert_eq!(
+        (throttled.status, throttled.error_code()),
+        (429, "rate_limit_exceeded".to_string())
+    );
+    // Another client behind the same proxy is its own address.
+    assert_eq!(post("sk-guess-guess-guess", "198.51.100.4").status, 401);
+    // A valid key is never throttled, from any address.
+    assert_eq!(post(TENANT_KEY, "203.0.113.9").status, 200);
+    // A client that spoofs the header from outside the trusted range is not
+    // believed: here the peer (loopback) is trusted, so the rightmost
+    // untrusted hop counts, whatever the client wrote to its left.
+    assert_eq!(
+        post("sk-guess-guess-guess", "203.0.113.9, 198.51.100.77").status,
+        401
+    );
+    // Two credentials that disagree are refused.
+    let both = gw.post_raw(
+        CHAT,
+        &[
+            ("authorization", &format!("Bearer {TENANT_KEY}")),
+            ("x-api-key", "sk-someone-else-entirely"),
+        ],
+        chat("gpt-4o-mini", false).to_string().as_bytes(),
+    );
+    assert_eq!(
+        (both.status, both.error_code()),
+        (401, "invalid_api_key".to_string())
+    );
+    let request = format!(
+        "GET /v1/models HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {TENANT_KEY}\r\nAuthorization: Bearer sk-another-one-123\r\nConnection: close\r\n\r\n"
+    );
+    let answer = raw_exchange(gw.port, request.as_bytes(), Duration::from_secs(5));
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+}
+
+/// Every string in a JSON value, decoded (escapes resolved).
+fn strings(value: &Value, out: &mut Vec<String>) {
+    match value {
+        Value::String(s) => out.push(s.clone()),
+        Value::Array(items) => items.iter().for_each(|v| strings(v, out)),
+        Value::Object(map) => map.iter().for_each(|(k, v)| {
+            out.push(k.clone());
+            strings(v, out)
+        }),
+        _ => {}
+    }
+}
+
+fn assert_no_key(text: &str, what: &str) {
+    assert!(
+        !text.contains(PROVIDER_KEY),
+        "{what} leaked the key: {text}"
+    );
+    for line in text.lines() {
+        let line = line.strip_prefix("data: ").unwrap_or(line);
+        if let Ok(value) = serde_json::from_str::<Value>(line) {
+            let mut decoded = Vec::new();
+            strings(&value, &mut decoded);
+            for s in decoded {
+                assert!(
+                    !s.contains(PROVIDER_KEY),
+                    "{what} leaked the key escaped: {line}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn a_provider_echoing_its_key_never_gets_it_to_a_client() {
+    let mock = Mock::start(&["--api-key", PROVIDER_KEY]);
+    let (port, callbacks) = callback_sink();
+    let mut config = GatewayConfig::new(&mock);
+    config.tenants = format!(
+        "\n  - id: acme\n    keys: [\"{TENANT_KEY}\"]\n    overflow: {{ enabled: true, callbacks: {{ allowed_urls: [\"http://127.0.0.1:{port}/\"], secret: \"whsec-0123456789abcdef\" }} }}\n"
+    );
+    let gw = Gateway::start(&config);
+
+    // A JSON answer, and its headers.
+    mock.fault(json!({"echo_key": true}));
+    let resp = gw.post_json(CHAT, TENANT_KEY, &chat("gpt-4o-mini", false));
+    assert_eq!(resp.status, 200);
+    assert_no_key(&String::from_utf8_lossy(&resp.body), "a JSON answer");
+    for name in [
+        "x-upstream-request-id",
+        "openai-version",
+        "openai-processing-ms",
+        "cache-control",
+    ] {
+        let value = resp.header(name).unwrap_or_default();
+        assert!(!value.contains(PROVIDER_KEY), "{name}: {value}");
+        assert!(
+            value.contains("*****"),
+            "{name} was redacted in place: {value}"
+        );
+    }
+    let body = resp.json();
+    assert_eq!(body["object"], "chat.completion");
+    let content_length: usize = resp.header("content-length").unwrap().parse().unwrap();
+    assert_eq!(content_length, resp.body.len(), "the length is kept");
+
+    // A stream, the key split over two chunks and escaped.
+    mock.fault(json!({"echo_key": true}));
+    let mut events = String::new();
+    let status = read_sse(
+        gw.port,
+        TENANT_KEY,
+        &chat("gpt-4o-mini", true),
+        |data, _| {
+            events.push_str(data);
+            events.push('\n');
+        },
+    );
+    assert_eq!(status, 200);
+    assert_no_key(&events, "a stream");
+    assert!(
+        events.contains("[DONE]"),
+        "the stream still ends cleanly: {events}"
+    );
+
+    // An error answer with the key escaped.
+    mock.fault(json!({"error_body": format!("{{\"error\":{{\"message\":\"bad key sk\\u002d{}\"}}}}", &PROVIDER_KEY[3..]), "status": 400, "content_type": "application/json"}));
+    let resp = gw.post_json(CHAT, TENANT_KEY, &chat("gpt-4o-mini", false));
+    assert_eq!(resp.status, 400);
+    assert_no_key(
+        &String::from_utf8_lossy(&resp.body),
+        "an escaped error body",
+    );
+
+    // An async job's stored result and its callback.
+    mock.fault(json!({"echo_key": true}));
+    let resp = submit_raw(
+        &gw,
+        TENANT_KEY,
+        CHAT,
+        &chat("gpt-4o-mini", false),
+        &[(
+            "x-runestone-callback",
+            &format!("http://127.0.0.1:{port}/done"),
+        )],
+    );
+    assert_eq!(resp.status, 202);
+    let id = resp.json()["id"].as_str().unwrap().to_string();
+    let done = result_of(&gw, TENANT_KEY, &id);
+    assert_eq!(done.status, 200);
+    assert_no_key(&String::from_utf8_lossy(&done.body), "a job result");
+    let (_, delivered) = callbacks.recv_timeout(Duration::from_secs(10)).unwrap();
+    assert_no_key(&String::from_utf8_lossy(&delivered), "a callback body");
+    assert!(!gw.log().contains(PROVIDER_KEY), "the logs");
+}
+
+#[test]
+fn a_request_parked_because_nothing_could_serve_is_counted_once() {
+    let mock = Mock::start(&[]);
+    let mut config = GatewayConfig::new(&mock);
+    config.tenants = format!(
+        "\n  - id: acme\n    keys: [\"{TENANT_KEY}\"]\n    limits: {{ requests_per_minute: 10 }}\n    overflow: {{ enabled: true, max_wait_seconds: 20 }}\n"
+    );
+    config.providers = vec![format!(
+        "  - {{ name: mock, base_url: \"{}\", health_check: {{ path: \"/models\", interval_seconds: 1, unhealthy_threshold: 1, healthy_threshold: 1 }} }}",
+        mock.base_url()
+    )];
+    let gw = Gateway::start(&config);
+    wait_until(Duration::from_secs(5), "the first health check", || {
+        mock.stats()["by_path"]["/v1/models"].as_u64() > Some(0)
+    });
+    mock.fault(json!({"status": 503, "count": 2, "path": "/v1/models"}));
+    wait_until(
+        Duration::from_secs(5),
+        "the backend to leave selection",
+        || gw.get("/ready", None).status == 503,
+    );
+    let resp = gw.post_json(CHAT, TENANT_KEY, &chat("gpt-4o-mini", false));
+    assert_eq!(resp.status, 200, "parked until the backend came back");
+    assert_eq!(
+        resp.header("x-ratelimit-remaining-requests"),
+        Some("9"),
+        "one request of the minute taken, not two"
+    );
+    let usage = gw.get("/v1/usage", Some(TENANT_KEY)).json();
+    assert_eq!(usage["requests"], 1, "{usage}");
+}
+
+#[test]
+fn smaller_ones_hold() {
+    let mock = Mock::start(&[]);
+    let config = GatewayConfig::new(&mock);
+    let dir = std::env::temp_dir().join(format!(
+        "runestone-hardening-{}-{}",
+        std::process::id(),
+        free_port()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    // The metrics address is taken: /ready says so, and the API serves.
+    let taken = std::net::TcpListener::bind(("127.0.0.1", config.metrics_port)).unwrap();
+    let path = dir.join("runestone.yaml");
+    std::fs::write(&path, config.yaml_in(&dir)).unwrap();
+    let (stdout, stderr) = (dir.join("stdout.log"), dir.join("stderr.log"));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_runestone"))
+        .arg("--config")
+        .arg(&path)
+        .stdout(std::fs::File::create(&stdout).unwrap())
+        .stderr(std::fs::File::create(&stderr).unwrap())
+        .spawn()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{}", config.port);
+    wait_ready(
+        &format!("{base}/health"),
+        &mut child,
+        Duration::from_secs(20),
+        "runestone",
+    );
+    wait_until(
+        Duration::from_secs(5),
+        "/ready to report the metrics listener",
+        || {
+            ureq::get(&format!("{base}/ready"))
+                .call()
+                .ok()
+                .and_then(|r| r.into_json::<Value>().ok())
+                .is_some_and(|r| r["checks"]["metrics"]["status"] == "unavailable")
+        },
+    );
+    drop(taken);
+
+    // CL+TE with Connection: close is refused like any CL+TE.
+    let smuggle = format!(
+        "POST {CHAT} HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {TENANT_KEY}\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n0\r\n\r\n"
+    );
+    let answer = raw_exchange(config.port, smuggle.as_bytes(), Duration::from_secs(5));
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert_eq!(mock.request_count(), 0);
+
+    // A client that closes mid-request is not an error of the gateway's.
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", config.port)).unwrap();
+    stream
+        .write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\n")
+        .unwrap();
+    drop(stream);
+    // Ids are 96 random bits.
+    let resp = ureq::get(&format!("{base}/health")).call().unwrap();
+    let id = resp.header("x-request-id").unwrap().to_string();
+    assert!(
+        id.len() == 28 && id[4..].bytes().all(|b| b.is_ascii_hexdigit()),
+        "{id}"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+
+    let out = std::fs::read_to_string(&stdout).unwrap();
+    assert!(!out.is_empty());
+    for line in out.lines() {
+        let line: Value = serde_json::from_str(line)
+            .unwrap_or_else(|_| panic!("stdout has only access lines: {line}"));
+        assert_eq!(line["type"], "access");
+    }
+    let err = std::fs::read_to_string(&stderr).unwrap();
+    assert!(
+        err.contains("runestone starting"),
+        "operational logs on stderr: {err}"
+    );
+    assert!(!err.contains("ERROR Fail to proxy"), "{err}");
+    assert!(!err.contains("\u{1b}["), "no colour codes in a log file");
+
+    // Plaintext secrets in a file others can read are warned about.
+    use std::os::unix::fs::PermissionsExt;
+    let check = |mode: u32| {
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_runestone"))
+            .args(["check", "--config"])
+            .arg(&path)
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        String::from_utf8(out.stderr).unwrap()
+    };
+    let warned = check(0o644);
+    assert!(
+        warned.contains("plaintext secrets")
+            && warned.contains("providers[0].api_key")
+            && warned.contains("tenants[0].keys[0]"),
+        "{warned}"
+    );
+    assert!(!warned.contains(PROVIDER_KEY) && !warned.contains(TENANT_KEY));
+    assert!(!check(0o600).contains("plaintext secrets"));
+    let _ = std::fs::remove_dir_all(dir);
+}
