@@ -767,17 +767,19 @@ fn smaller_ones_hold() {
     let path = dir.join("runestone.yaml");
     std::fs::write(&path, config.yaml_in(&dir)).unwrap();
     let (stdout, stderr) = (dir.join("stdout.log"), dir.join("stderr.log"));
-    let mut child = Command::new(env!("CARGO_BIN_EXE_runestone"))
-        .arg("--config")
-        .arg(&path)
-        .stdout(std::fs::File::create(&stdout).unwrap())
-        .stderr(std::fs::File::create(&stderr).unwrap())
-        .spawn()
-        .unwrap();
+    let mut child = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_runestone"))
+            .arg("--config")
+            .arg(&path)
+            .stdout(std::fs::File::create(&stdout).unwrap())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .unwrap(),
+    );
     let base = format!("http://127.0.0.1:{}", config.port);
     wait_ready(
         &format!("{base}/health"),
-        &mut child,
+        &mut child.0,
         Duration::from_secs(20),
         "runestone",
     );
@@ -815,8 +817,7 @@ fn smaller_ones_hold() {
         id.len() == 28 && id[4..].bytes().all(|b| b.is_ascii_hexdigit()),
         "{id}"
     );
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
 
     let out = std::fs::read_to_string(&stdout).unwrap();
     assert!(!out.is_empty());
@@ -856,4 +857,14 @@ fn smaller_ones_hold() {
     assert!(!warned.contains(PROVIDER_KEY) && !warned.contains(TENANT_KEY));
     assert!(!check(0o600).contains("plaintext secrets"));
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A child process killed when the test ends, however it ends.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
