@@ -1,0 +1,201 @@
+"""Issue #14 through the official OpenAI Python SDK, with an upstream we did
+not write (llmock, from PyPI) as well as our own mock.
+
+- llmock as the provider: a body carrying foreign upstream fields reaches it
+  without them and otherwise intact (llmock's own journal says what it got),
+  async jobs run there and answer their own tenant only, and a crafted body
+  is refused before anything reaches it.
+- our mock echoing the provider key: the SDK's parsed objects never hold it.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import openai
+import pytest
+
+from conftest import BIN_DIR, PROVIDER_KEY, TENANT_KEY, free_port, wait_ready
+
+OTHER_KEY = "sk-sdk-other-tenant-0099"
+
+
+class Llmock:
+    """A running llmock server (PyPI), its journal and scenario API."""
+
+    def __init__(self):
+        self.port = free_port()
+        exe = Path(sys.executable).parent / "llmock"
+        self.proc = subprocess.Popen(
+            [str(exe), "serve", "--host", "127.0.0.1", "--port", str(self.port),
+             "--log-level", "warning", "--response-style", "static", "--tool-mode", "off"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_ready(f"http://127.0.0.1:{self.port}/health", self.proc, "llmock", timeout=30)
+
+    def _call(self, method: str, path: str, body=None):
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{self.port}{path}", data=data, method=method,
+            headers={"content-type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return json.load(resp)
+
+    def journal(self) -> list:
+        return self._call("GET", "/_llmock/requests")["requests"]
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
+class Gateway:
+    """runestone in front of one OpenAI-compatible upstream, two tenants."""
+
+    def __init__(self, base_url: str, api_key: str):
+        self.port = free_port()
+        self.dir = tempfile.TemporaryDirectory(prefix="runestone-sdk-hardening-")
+        config = f"""
+server:
+  listen: "127.0.0.1:{self.port}"
+  grace_period_seconds: 1
+  pid_file: "{self.dir.name}/gw.pid"
+  upgrade_sock: "{self.dir.name}/gw.sock"
+providers:
+  - {{ name: upstream, base_url: "{base_url}", api_key: "{api_key}" }}
+models:
+  - name: gpt-4o-mini
+    targets: [{{ provider: upstream }}]
+tenants:
+  - id: acme
+    keys: ["{TENANT_KEY}"]
+    overflow: {{ enabled: true }}
+  - id: other
+    keys: ["{OTHER_KEY}"]
+"""
+        path = Path(self.dir.name) / "runestone.yaml"
+        path.write_text(config)
+        self.log_path = Path(self.dir.name) / "gateway.log"
+        self.log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [str(BIN_DIR / "runestone"), "--config", str(path)],
+            stdout=self.log, stderr=subprocess.STDOUT,
+        )
+        wait_ready(f"http://127.0.0.1:{self.port}/health", self.proc, "runestone")
+
+    def client(self, key: str = TENANT_KEY) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key=key,
+                             max_retries=0, timeout=30)
+
+    def output(self) -> str:
+        self.log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self):
+        self.proc.kill()
+        self.proc.wait()
+        self.log.close()
+        self.dir.cleanup()
+
+
+@pytest.fixture(scope="module")
+def llmock():
+    server = Llmock()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def via_llmock(llmock):
+    gateway = Gateway(f"http://127.0.0.1:{llmock.port}/v1", "sk-llmock-provider-key-42")
+    yield gateway
+    gateway.stop()
+
+
+def poll_job(gateway: Gateway, key: str, job_id: str) -> tuple:
+    import httpx
+    deadline = time.monotonic() + 20
+    while True:
+        resp = httpx.get(f"http://127.0.0.1:{gateway.port}/v1/jobs/{job_id}",
+                         headers={"authorization": f"Bearer {key}"}, timeout=10)
+        if resp.status_code != 202:
+            return resp.status_code, resp.json()
+        assert time.monotonic() < deadline, f"job {job_id} not done"
+        time.sleep(0.05)
+
+
+def test_foreign_fields_never_reach_an_upstream_we_did_not_write(via_llmock, llmock):
+    client = via_llmock.client()
+    resp = client.chat.completions.create(
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": "hardening"}],
+        extra_body={"api_key": "sk-hijack", "base_url": "http://evil.example", "seed": 12345678901234567},
+    )
+    assert resp.object == "chat.completion"
+    seen = [r for r in llmock.journal() if r["path"] == "/v1/chat/completions"][-1]
+    assert "api_key" not in seen["body"] and "base_url" not in seen["body"]
+    assert seen["body"]["seed"] == 12345678901234567, "big integers arrive as sent"
+    assert seen["body"]["messages"] == [{"role": "user", "content": "hardening"}]
+
+
+def test_crafted_bodies_are_refused_before_the_upstream(via_llmock, llmock):
+    client = via_llmock.client()
+    before = len(llmock.journal())
+    deep = [[[]]]
+    for _ in range(200):
+        deep = [deep]
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}],
+            extra_body={"api_key": "sk-x", "nested": deep},
+        )
+    assert err.value.code == "invalid_json"
+    assert len(llmock.journal()) == before
+
+
+def test_async_jobs_run_on_llmock_and_answer_their_tenant_only(via_llmock, llmock):
+    client = via_llmock.client()
+    raw = client.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "job"}],
+        extra_headers={"prefer": "respond-async"},
+    )
+    assert raw.status_code == 202
+    job = json.loads(raw.content)
+    status, body = poll_job(via_llmock, TENANT_KEY, job["id"])
+    assert status == 200 and body["object"] == "chat.completion"
+    assert body["usage"]["completion_tokens"] > 0
+    status, body = poll_job(via_llmock, OTHER_KEY, job["id"])
+    assert (status, body["error"]["code"]) == (404, "job_not_found")
+    assert "sk-llmock-provider-key-42" not in via_llmock.output()
+
+
+def test_the_sdk_never_sees_a_key_its_provider_echoes(mock):
+    gateway = Gateway(mock.base_url, PROVIDER_KEY)
+    try:
+        client = gateway.client()
+        mock.fault({"echo_key": True})
+        raw = client.chat.completions.with_raw_response.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}]
+        )
+        resp = raw.parse()
+        assert PROVIDER_KEY not in resp.model_dump_json()
+        assert resp.system_fingerprint and set(resp.system_fingerprint) == {"*"}
+        assert all(PROVIDER_KEY not in v for v in raw.headers.values())
+        mock.fault({"echo_key": True})
+        text = "".join(
+            c.choices[0].delta.content or ""
+            for c in client.chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], stream=True
+            )
+            if c.choices
+        )
+        assert PROVIDER_KEY not in text and "*****" in text
+    finally:
+        gateway.stop()
