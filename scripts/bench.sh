@@ -33,6 +33,7 @@ command -v wrk >/dev/null || { sudo_cmd=""; [ "$(id -u)" -eq 0 ] || sudo_cmd=sud
 # oha (open loop with latency correction): about 4-10 minutes to build, once.
 command -v oha >/dev/null || cargo install oha --locked
 cargo build --release --bins --example floor --example chunk_delay
+cargo build --release -p runestone-mock
 # Each open stream costs the gateway two descriptors (client and provider).
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 

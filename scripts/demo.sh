@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/setup.sh
-cargo build --release --bins
+cargo build --release --workspace --bins
 
 for port in 8080 9000 9464; do
   if (echo >/dev/tcp/127.0.0.1/$port) 2>/dev/null; then

@@ -11,11 +11,11 @@ if cargo fmt --version >/dev/null 2>&1; then
   cargo fmt --all -- --check
 fi
 if cargo clippy --version >/dev/null 2>&1; then
-  cargo clippy --all-targets --quiet -- -D warnings
+  cargo clippy --workspace --all-targets --quiet -- -D warnings
 fi
 
-cargo build --bins
-cargo test
+cargo build --workspace --bins
+cargo test --workspace
 
 echo "== OpenAI Python SDK suite"
 RUNESTONE_BIN_DIR="$PWD/target/debug" .venv/bin/python -m pytest tests/sdk -q

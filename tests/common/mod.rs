@@ -65,6 +65,35 @@ pub fn wait_ready(url: &str, child: &mut Child, timeout: Duration, what: &str) {
     }
 }
 
+/// The `runestone-mock` binary: a crate of its own in the workspace, so not
+/// one Cargo builds for this package's tests. It is found beside the test
+/// binary's profile directory (`target/debug`), and built there once if
+/// missing (`scripts/test.sh` builds it first).
+pub fn mock_binary() -> PathBuf {
+    static BUILD: std::sync::Once = std::sync::Once::new();
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>/deps");
+    let mock = profile_dir.join("runestone-mock");
+    BUILD.call_once(|| {
+        if mock.exists() {
+            return;
+        }
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut build = Command::new(cargo);
+        build.args(["build", "-p", "runestone-mock"]);
+        if profile_dir.file_name().is_some_and(|p| p == "release") {
+            build.arg("--release");
+        }
+        let status = build.status().expect("run cargo build -p runestone-mock");
+        assert!(status.success(), "cargo build -p runestone-mock failed");
+    });
+    assert!(mock.exists(), "{} is missing", mock.display());
+    mock
+}
+
 /// A running `runestone-mock`.
 pub struct Mock {
     pub port: u16,
@@ -79,7 +108,7 @@ impl Mock {
 
     /// Starts the mock on `port` (to bring a killed one back).
     pub fn start_on(port: u16, args: &[&str]) -> Mock {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_runestone-mock"))
+        let mut child = Command::new(mock_binary())
             .arg("--listen")
             .arg(format!("127.0.0.1:{port}"))
             .args(args)

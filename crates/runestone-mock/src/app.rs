@@ -1,0 +1,589 @@
+//! The application: one request from its head to its last byte, with the
+//! control endpoints, faults, latency and streaming.
+
+use crate::*;
+
+/// The pingora HTTP application.
+#[derive(Debug)]
+pub(crate) struct MockApp {
+    /// Command line settings.
+    pub(crate) cfg: MockConfig,
+    /// Mutable state.
+    pub(crate) state: MockState,
+}
+
+#[async_trait]
+impl HttpServerApp for MockApp {
+    async fn process_new_http(
+        self: &Arc<Self>,
+        mut session: ServerSession,
+        shutdown: &ShutdownWatch,
+    ) -> Option<ReusedHttpStream> {
+        match session.read_request().await {
+            Ok(true) => {}
+            // client closed an idle keep-alive connection, or sent garbage
+            Ok(false) | Err(_) => return None,
+        }
+        let keepalive = if *shutdown.borrow() { None } else { Some(60) };
+        session.set_keepalive(keepalive);
+
+        match self.handle(&mut session).await {
+            Outcome::Reuse => {
+                let settings = HttpPersistentSettings::for_session(&session);
+                match session.finish().await {
+                    Ok(Some(stream)) => {
+                        Some(ReusedHttpStream::from_reusable_stream(stream, settings))
+                    }
+                    Ok(None) | Err(_) => None,
+                }
+            }
+            Outcome::Close => {
+                session.shutdown().await;
+                None
+            }
+        }
+    }
+}
+
+impl MockApp {
+    /// Handles one request.
+    pub(crate) async fn handle(&self, session: &mut ServerSession) -> Outcome {
+        let expects_continue = session
+            .req_header()
+            .headers
+            .get(http::header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+        if expects_continue && session.write_continue_response().await.is_err() {
+            return Outcome::Close;
+        }
+        let body = match read_body(session).await {
+            Ok(b) => b,
+            Err(BodyError::Io) => return Outcome::Close,
+            Err(BodyError::TooLarge) => {
+                session.set_keepalive(None);
+                let e = ApiError {
+                    status: 413,
+                    message: format!("Request body larger than {MAX_BODY_BYTES} bytes"),
+                    kind: "invalid_request_error",
+                    code: Some("request_too_large"),
+                };
+                let _ = send(
+                    session,
+                    response_header(413, "application/json"),
+                    &Reply::error(&e),
+                )
+                .await;
+                return Outcome::Close;
+            }
+        };
+        let path = session.req_header().uri.path();
+        if path == "/health" || path == "/_mock" || path.starts_with("/_mock/") {
+            let reply = self.control(session.req_header().method.clone(), path, &body);
+            return send(
+                session,
+                response_header(reply.status, reply.content_type),
+                &reply,
+            )
+            .await;
+        }
+        self.api(session, body).await
+    }
+
+    /// Serves a control endpoint.
+    pub(crate) fn control(&self, method: Method, path: &str, body: &[u8]) -> Reply {
+        let st = &self.state;
+        match (method, path) {
+            (_, "/health") => Reply {
+                status: 200,
+                content_type: "text/plain",
+                body: Bytes::from_static(b"ok"),
+                retry_after: None,
+                tokens: None,
+            },
+            (Method::GET, "/_mock/stats") => {
+                let v = json!({
+                    "requests": st.stats.requests.load(Ordering::Relaxed),
+                    "by_path": st.stats.by_path(),
+                    "prompt_tokens": st.stats.prompt_tokens.load(Ordering::Relaxed),
+                    "completion_tokens": st.stats.completion_tokens.load(Ordering::Relaxed),
+                    "disconnects": st.stats.disconnects.load(Ordering::Relaxed),
+                    "faults_pending": st.faults_pending.load(Ordering::Acquire),
+                    "latency_ms": st.latency_ms.load(Ordering::Relaxed),
+                });
+                Reply::json(200, serde_json::to_vec(&v).unwrap_or_default())
+            }
+            (Method::GET, "/_mock/requests") => {
+                let items: Vec<Value> = lock(&st.recorded).iter().map(|r| r.to_json()).collect();
+                Reply::json(200, serde_json::to_vec(&items).unwrap_or_default())
+            }
+            (Method::POST, "/_mock/reset") => {
+                st.reset(self.cfg.latency_ms);
+                Reply::json(200, b"{\"ok\":true}".to_vec())
+            }
+            (Method::GET, "/_mock/faults") => {
+                let pending: Vec<Value> = lock(&st.faults)
+                    .entries
+                    .iter()
+                    .map(|f| f.to_json())
+                    .collect();
+                let v = json!({
+                    "faults": pending,
+                    "latency_ms": st.latency_ms.load(Ordering::Relaxed),
+                });
+                Reply::json(200, serde_json::to_vec(&v).unwrap_or_default())
+            }
+            (Method::POST, "/_mock/faults") => match parse_faults(body) {
+                Ok((latency, faults)) => {
+                    st.add_faults(latency, faults);
+                    Reply::json(200, b"{\"ok\":true}".to_vec())
+                }
+                Err(msg) => Reply::json(
+                    400,
+                    error_json(&msg, "invalid_request_error", Some("invalid_fault")),
+                ),
+            },
+            (method, path) => Reply::json(
+                404,
+                error_json(
+                    &format!("Unknown control endpoint: {method} {path}"),
+                    "invalid_request_error",
+                    Some("unknown_url"),
+                ),
+            ),
+        }
+    }
+
+    /// Whether the request carries the configured API key (always true without one).
+    pub(crate) fn authorized(&self, headers: &HeaderMap) -> bool {
+        let Some(key) = self.cfg.api_key.as_deref() else {
+            return true;
+        };
+        let bearer = headers
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
+            .is_some_and(|v| v.trim() == key);
+        bearer
+            || ["api-key", "x-api-key"].iter().any(|h| {
+                headers
+                    .get(*h)
+                    .is_some_and(|v| v.as_bytes() == key.as_bytes())
+            })
+    }
+
+    /// Serves an API request.
+    pub(crate) async fn api(&self, session: &mut ServerSession, body: Bytes) -> Outcome {
+        let st = &self.state;
+        let req = session.req_header();
+        let path = req.uri.path();
+        st.stats.count_request(path);
+        let id = st.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut call = ApiCall::parse(&req.method, path, &body);
+        let sha: [u8; 32] = Sha256::digest(&body).into();
+        let model = call.model().map(str::to_owned);
+        st.record(RecordedRequest {
+            method: req.method.clone(),
+            path: path.to_owned(),
+            query: req.uri.query().map(str::to_owned),
+            headers: req.headers.clone(),
+            body_bytes: body.len(),
+            body_sha256: sha,
+            model: model.clone(),
+        });
+        let fault = st.take_fault(path);
+        let authorized = self.authorized(&req.headers);
+        let req_headers = req.headers.clone();
+        let mut meta = ApiMeta {
+            id,
+            body_len: body.len(),
+            body_sha256: hex::encode(sha),
+            model,
+            extra_headers: Vec::new(),
+            echo_key: None,
+        };
+        drop(body);
+
+        let mut watch = true;
+        let latency = st.latency_ms.load(Ordering::Relaxed);
+        if latency > 0 && !pause(session, &mut watch, Duration::from_millis(latency)).await {
+            st.stats.disconnect();
+            return Outcome::Close;
+        }
+
+        let mut disconnect_after = None;
+        let mut stall_in_stream = None;
+        let mut no_usage = false;
+        match fault {
+            None => {}
+            Some(Fault::Headers(headers)) => meta.extra_headers = headers,
+            Some(Fault::EchoKey) => meta.echo_key = Some(credential(&req_headers)),
+            Some(Fault::NoUsage) => {
+                no_usage = true;
+                if let ApiCall::Chat(g) | ApiCall::Completion(g) = &mut call {
+                    g.include_usage = false;
+                }
+            }
+            Some(Fault::DropConnection) => return Outcome::Close,
+            Some(Fault::Status {
+                status,
+                retry_after,
+            }) => {
+                let mut reply = Reply::error(&ApiError::for_status(status));
+                reply.retry_after = retry_after.or((status == 429).then_some(1));
+                return self.reply(session, &meta, &reply, None).await;
+            }
+            Some(Fault::RawError {
+                status,
+                body,
+                content_type,
+                retry_after,
+            }) => {
+                let reply = Reply {
+                    status,
+                    content_type,
+                    body: body.into(),
+                    retry_after,
+                    tokens: None,
+                };
+                return self.reply(session, &meta, &reply, None).await;
+            }
+            Some(Fault::Disconnect { after_chunks }) => disconnect_after = Some(after_chunks),
+            Some(Fault::Stall {
+                after_chunks,
+                stall_ms,
+            }) => {
+                if after_chunks == 0 || !call.is_stream() {
+                    if !pause(session, &mut watch, Duration::from_millis(stall_ms)).await {
+                        st.stats.disconnect();
+                        return Outcome::Close;
+                    }
+                } else {
+                    stall_in_stream = Some((after_chunks, stall_ms));
+                }
+            }
+        }
+
+        if !authorized {
+            let e = ApiError {
+                status: 401,
+                message: match &meta.echo_key {
+                    Some(key) => format!("Incorrect API key provided: {key}"),
+                    None => "Incorrect API key provided".to_owned(),
+                },
+                kind: "invalid_request_error",
+                code: Some("invalid_api_key"),
+            };
+            return self
+                .reply(session, &meta, &Reply::error(&e), disconnect_after)
+                .await;
+        }
+
+        let created = unix_now();
+        let reply = match &call {
+            ApiCall::Chat(g) | ApiCall::Completion(g) | ApiCall::Messages(g, _) if g.stream => {
+                let kind = match call {
+                    ApiCall::Chat(_) => StreamKind::Chat,
+                    ApiCall::Messages(..) => StreamKind::Anthropic,
+                    _ => StreamKind::Completion,
+                };
+                let plan = StreamPlan {
+                    kind,
+                    gen: g,
+                    created,
+                    disconnect_after,
+                    stall: stall_in_stream,
+                };
+                return self.stream(session, &meta, &plan, &mut watch).await;
+            }
+            ApiCall::Messages(g, tool) => {
+                let mut r = Reply::json(
+                    200,
+                    messages_body(meta.id, meta.response_model(), g, tool.as_deref()),
+                );
+                r.tokens = Some((g.prompt_tokens, g.plan.tokens));
+                r
+            }
+            ApiCall::Chat(g) => {
+                let id = format!("chatcmpl-mock-{}", meta.id);
+                let mut r = Reply::json(
+                    200,
+                    chat_completion_body(&id, created, meta.response_model(), g),
+                );
+                r.tokens = Some((g.prompt_tokens, g.plan.tokens));
+                r
+            }
+            ApiCall::Completion(g) => {
+                let id = format!("cmpl-mock-{}", meta.id);
+                let mut r = Reply::json(
+                    200,
+                    text_completion_body(&id, created, meta.response_model(), g),
+                );
+                r.tokens = Some((g.prompt_tokens, g.plan.tokens));
+                r
+            }
+            ApiCall::Embeddings(e) => {
+                let mut r = Reply::json(200, embeddings_body(meta.response_model(), e));
+                r.tokens = Some((e.prompt_tokens, 0));
+                r
+            }
+            ApiCall::Models => {
+                let v = json!({"object": "list", "data": [model_json(DEFAULT_MODEL)]});
+                Reply::json(200, serde_json::to_vec(&v).unwrap_or_default())
+            }
+            ApiCall::Model(id) => {
+                Reply::json(200, serde_json::to_vec(&model_json(id)).unwrap_or_default())
+            }
+            ApiCall::Invalid(e, _) => Reply::error(e),
+            ApiCall::NotFound => {
+                let req = session.req_header();
+                Reply::error(&ApiError {
+                    status: 404,
+                    message: format!(
+                        "Unknown request URL: {} {}. Please check the URL for typos.",
+                        req.method,
+                        req.uri.path()
+                    ),
+                    kind: "invalid_request_error",
+                    code: Some("unknown_url"),
+                })
+            }
+        };
+        let reply = if no_usage {
+            reply.without_usage()
+        } else {
+            reply
+        };
+        let reply = match &meta.echo_key {
+            Some(key) => reply.with_echo(key),
+            None => reply,
+        };
+        self.reply(session, &meta, &reply, disconnect_after).await
+    }
+
+    /// Writes a complete API response, honouring a disconnect fault and accounting tokens.
+    pub(crate) async fn reply(
+        &self,
+        session: &mut ServerSession,
+        meta: &ApiMeta,
+        reply: &Reply,
+        disconnect_after: Option<u64>,
+    ) -> Outcome {
+        let stats = &self.state.stats;
+        let header = meta.header(reply.status, reply.content_type);
+        if disconnect_after.is_some() {
+            let mut header = header;
+            let _ = header.insert_header(http::header::CONTENT_LENGTH, reply.body.len());
+            if let Some(s) = reply.retry_after {
+                let _ = header.insert_header(http::header::RETRY_AFTER, s);
+            }
+            if session.write_response_header(header).await.is_ok() {
+                if let Some((prompt, _)) = reply.tokens {
+                    stats.prompt_tokens.fetch_add(prompt, Ordering::Relaxed);
+                }
+                let half = reply.body.slice(..reply.body.len() / 2);
+                let _ = session.write_response_body(half, false).await;
+            }
+            return Outcome::Close;
+        }
+        let outcome = send(session, header, reply).await;
+        if outcome == Outcome::Reuse {
+            if let Some((prompt, completion)) = reply.tokens {
+                stats.prompt_tokens.fetch_add(prompt, Ordering::Relaxed);
+                stats
+                    .completion_tokens
+                    .fetch_add(completion, Ordering::Relaxed);
+            }
+        } else if reply.status == 200 {
+            stats.disconnect();
+        }
+        outcome
+    }
+
+    /// Streams a generation as SSE.
+    pub(crate) async fn stream(
+        &self,
+        session: &mut ServerSession,
+        meta: &ApiMeta,
+        plan: &StreamPlan<'_>,
+        watch: &mut bool,
+    ) -> Outcome {
+        let stats = &self.state.stats;
+        let g = plan.gen;
+        let id = match plan.kind {
+            StreamKind::Chat => format!("chatcmpl-mock-{}", meta.id),
+            StreamKind::Completion => format!("cmpl-mock-{}", meta.id),
+            StreamKind::Anthropic => format!("msg_mock_{}", meta.id),
+        };
+        let chunks = ChunkMeta::new(
+            plan.kind,
+            &id,
+            plan.created,
+            meta.response_model(),
+            g.include_usage,
+        );
+
+        let mut header = meta.header(200, "text/event-stream");
+        let _ = header.insert_header(http::header::CACHE_CONTROL, "no-cache");
+        if session.req_header().version != http::Version::HTTP_10 {
+            let _ = header.insert_header(http::header::TRANSFER_ENCODING, "chunked");
+        }
+        if session.write_response_header(header).await.is_err() {
+            stats.disconnect();
+            return Outcome::Close;
+        }
+        stats
+            .prompt_tokens
+            .fetch_add(g.prompt_tokens, Ordering::Relaxed);
+
+        let mut chunks = chunks;
+        chunks.counts = (g.prompt_tokens, g.plan.tokens);
+        if matches!(plan.kind, StreamKind::Chat | StreamKind::Anthropic)
+            && session
+                .write_response_body(chunks.role_event().into(), false)
+                .await
+                .is_err()
+        {
+            stats.disconnect();
+            return Outcome::Close;
+        }
+
+        if let Some(key) = meta.echo_key.as_deref().filter(|k| !k.is_empty()) {
+            // The raw key in two writes split mid-key, then the escaped key.
+            let raw = chunks.choice_event(Some(&format!("key {key} ")), false, None);
+            let split = raw.find(key).map_or(0, |at| at + key.len() / 2);
+            let escaped = raw.replace(key, &escape_every_char(key));
+            for (part, pause_after) in [
+                (&raw[..split], true),
+                (&raw[split..], false),
+                (&escaped[..], false),
+            ] {
+                if session
+                    .write_response_body(Bytes::copy_from_slice(part.as_bytes()), false)
+                    .await
+                    .is_err()
+                {
+                    stats.disconnect();
+                    return Outcome::Close;
+                }
+                if pause_after && !pause(session, watch, Duration::from_millis(30)).await {
+                    stats.disconnect();
+                    return Outcome::Close;
+                }
+            }
+        }
+
+        let interval = (self.cfg.tokens_per_second > 0)
+            .then(|| Duration::from_secs_f64(1.0 / self.cfg.tokens_per_second as f64));
+        let mut next = Instant::now();
+        for i in 0..g.plan.tokens {
+            if plan.disconnect_after == Some(i) {
+                return Outcome::Close;
+            }
+            if let Some((k, ms)) = plan.stall {
+                if k == i {
+                    if !pause(session, watch, Duration::from_millis(ms)).await {
+                        stats.disconnect();
+                        return Outcome::Close;
+                    }
+                    next = Instant::now();
+                }
+            }
+            if let Some(iv) = interval {
+                let now = Instant::now();
+                if next > now && !pause(session, watch, next - now).await {
+                    stats.disconnect();
+                    return Outcome::Close;
+                }
+                next += iv;
+            }
+            let event = if self.cfg.stamp_chunks {
+                chunks.choice_event(Some(&monotonic_us().to_string()), false, None)
+            } else {
+                chunks.token_event(i)
+            };
+            if session
+                .write_response_body(event.into(), false)
+                .await
+                .is_err()
+            {
+                stats.disconnect();
+                return Outcome::Close;
+            }
+            stats.completion_tokens.fetch_add(1, Ordering::Relaxed);
+        }
+        if plan.disconnect_after.is_some() {
+            // asked to cut after at least as many tokens as the reply has
+            return Outcome::Close;
+        }
+        if let Some((k, ms)) = plan.stall {
+            // asked to stall after at least as many tokens as the reply has
+            if k >= g.plan.tokens && !pause(session, watch, Duration::from_millis(ms)).await {
+                stats.disconnect();
+                return Outcome::Close;
+            }
+        }
+
+        let mut tail = chunks.finish_event(g.plan.finish_reason);
+        if g.include_usage {
+            tail.push_str(&chunks.usage_event(g.prompt_tokens, g.plan.tokens));
+        }
+        tail.push_str(&chunks.done_event());
+        // the tail goes out as one chunk per event so clients see normal SSE framing
+        for event in tail.split_inclusive("\n\n") {
+            if session
+                .write_response_body(Bytes::copy_from_slice(event.as_bytes()), false)
+                .await
+                .is_err()
+            {
+                stats.disconnect();
+                return Outcome::Close;
+            }
+        }
+        if session
+            .write_response_body(Bytes::new(), true)
+            .await
+            .is_err()
+        {
+            stats.disconnect();
+            return Outcome::Close;
+        }
+        Outcome::Reuse
+    }
+}
+
+/// Parameters of one SSE stream.
+#[derive(Debug)]
+pub(crate) struct StreamPlan<'a> {
+    /// Dialect.
+    pub(crate) kind: StreamKind,
+    /// The parsed request.
+    pub(crate) gen: &'a GenRequest,
+    /// `created` timestamp.
+    pub(crate) created: u64,
+    /// Close after this many token events.
+    pub(crate) disconnect_after: Option<u64>,
+    /// Pause (after token events, ms).
+    pub(crate) stall: Option<(u64, u64)>,
+}
+
+/// Writes a complete response with a content length.
+pub(crate) async fn send(
+    session: &mut ServerSession,
+    mut header: Box<ResponseHeader>,
+    reply: &Reply,
+) -> Outcome {
+    let _ = header.insert_header(http::header::CONTENT_LENGTH, reply.body.len());
+    if let Some(s) = reply.retry_after {
+        let _ = header.insert_header(http::header::RETRY_AFTER, s);
+    }
+    if session.write_response_header(header).await.is_err() {
+        return Outcome::Close;
+    }
+    match session.write_response_body(reply.body.clone(), true).await {
+        Ok(()) => Outcome::Reuse,
+        Err(_) => Outcome::Close,
+    }
+}
