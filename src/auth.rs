@@ -6,36 +6,11 @@
 //! lookup compares digests, never the key, so its timing says nothing useful
 //! about any stored key.
 
-use sha2::{Digest, Sha256};
+pub use crate::config::keys::{digest_key, format_digest, parse_configured_key, KeyDigest};
+use crate::config::TenantSettings;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Mutex;
-
-/// A SHA-256 digest of an API key.
-pub type KeyDigest = [u8; 32];
-
-/// Digests a presented or configured plaintext key.
-pub fn digest_key(key: &str) -> KeyDigest {
-    Sha256::digest(key.as_bytes()).into()
-}
-
-/// The `sha256:<hex>` form `runestone hash-key` prints and the config takes.
-pub fn format_digest(digest: &KeyDigest) -> String {
-    format!("sha256:{}", hex::encode(digest))
-}
-
-/// Parses a configured key: `sha256:<64 hex digits>` is a digest, anything
-/// else is a plaintext key. Returns `None` for a malformed digest.
-pub fn parse_configured_key(key: &str) -> Option<KeyDigest> {
-    match key.strip_prefix("sha256:") {
-        Some(hex_digest) => {
-            let mut digest = [0u8; 32];
-            hex::decode_to_slice(hex_digest.trim(), &mut digest).ok()?;
-            Some(digest)
-        }
-        None => Some(digest_key(key)),
-    }
-}
 
 /// The key a client presented, read from every `Authorization: Bearer KEY`
 /// and `x-api-key: KEY` header it sent.
@@ -100,6 +75,17 @@ pub struct KeyIndex {
 }
 
 impl KeyIndex {
+    /// The index of every tenant's keys (validation made them unique).
+    pub fn new(tenants: &[TenantSettings]) -> Self {
+        let mut index = KeyIndex::default();
+        for (tenant, settings) in tenants.iter().enumerate() {
+            for digest in &settings.keys {
+                index.insert(*digest, tenant);
+            }
+        }
+        index
+    }
+
     /// Adds a key for tenant `tenant`. Returns the tenant that already had
     /// this key, if any (the config validator reports that as an error).
     pub fn insert(&mut self, digest: KeyDigest, tenant: usize) -> Option<usize> {
@@ -165,7 +151,7 @@ impl FailureThrottle {
             state.retain(|_, tat| *tat > now_ms);
         }
         let tat = state.entry(ip).or_insert(now_ms);
-        match crate::limits::gcra_take(*tat, now_ms, f64::from(self.per_minute), 1.0) {
+        match crate::gcra::take(*tat, now_ms, f64::from(self.per_minute), 1.0) {
             Ok(new_tat) => {
                 *tat = new_tat;
                 Ok(())

@@ -10,6 +10,7 @@
 //! |------------|------|
 //! | [`config`] | the YAML schema, `${ENV}` interpolation, validation into a [`config::Config`] that cannot be invalid |
 //! | [`auth`]   | API key -> tenant lookup by SHA-256 digest |
+//! | [`gcra`]   | the rate algorithm (GCRA over a minute) shared by limits and the auth throttle |
 //! | [`ids`]    | unguessable request, job and lease ids (CSPRNG) |
 //! | [`openai`] | wire types the gateway reads, the OpenAI-shaped error body, body rewriting |
 //! | [`limits`] | tenant admission: RPM/TPM (GCRA), concurrency, budgets; in-process or in Redis |
@@ -30,6 +31,7 @@ pub mod auth;
 pub mod config;
 pub mod cost;
 pub mod gateway;
+pub mod gcra;
 pub mod ids;
 pub mod limits;
 pub mod metrics;

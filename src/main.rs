@@ -76,7 +76,7 @@ fn main() -> ExitCode {
                     config.providers.len(),
                     config.models.len(),
                     config.tenants.len(),
-                    config.keys.len()
+                    config.tenants.iter().map(|t| t.keys.len()).sum::<usize>()
                 );
                 ExitCode::SUCCESS
             }

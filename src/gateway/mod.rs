@@ -84,6 +84,8 @@ pub struct Gateway {
     overflow: Overflow,
     connector: Arc<Connector>,
     auth_failures: Arc<auth::FailureThrottle>,
+    /// Tenant key digests -> tenant.
+    keys: Arc<auth::KeyIndex>,
 }
 
 impl Gateway {
@@ -96,6 +98,7 @@ impl Gateway {
         connector: Connector,
     ) -> Self {
         Gateway {
+            keys: Arc::new(auth::KeyIndex::new(&config.tenants)),
             auth_failures: Arc::new(auth::FailureThrottle::new(
                 config.server.auth_failures_per_minute,
             )),
@@ -175,7 +178,7 @@ impl Gateway {
             headers.get_all("x-api-key").iter().map(|v| v.as_bytes()),
         );
         let error = match presented {
-            auth::Presented::Key(key) => match self.config.keys.authenticate(key) {
+            auth::Presented::Key(key) => match self.keys.authenticate(key) {
                 Some(tenant) => {
                     ctx.tenant = Some(tenant);
                     return Ok(tenant);

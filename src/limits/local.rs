@@ -2,8 +2,9 @@
 //! mutex per tenant (no lock is shared between tenants), never held across
 //! an await.
 
-use super::{gcra_take, window, LimitKind, PeriodUsage, RateLimitState, Refusal};
+use super::{window, LimitKind, PeriodUsage, RateLimitState, Refusal};
 use crate::config::TenantLimits;
+use crate::gcra;
 use std::collections::HashMap;
 use std::sync::Mutex;
 
@@ -72,14 +73,14 @@ impl LocalStore {
             }
         }
         let requests_tat = match limits.requests_per_minute {
-            Some(rpm) => match gcra_take(state.requests_tat, now, f64::from(rpm), 1.0) {
+            Some(rpm) => match gcra::take(state.requests_tat, now, f64::from(rpm), 1.0) {
                 Ok(tat) => Some(tat),
                 Err(wait) => return Err(refuse(LimitKind::Requests, Some(wait), &state)),
             },
             None => None,
         };
         let tokens_tat = match limits.tokens_per_minute {
-            Some(tpm) => match gcra_take(state.tokens_tat, now, tpm as f64, tokens as f64) {
+            Some(tpm) => match gcra::take(state.tokens_tat, now, tpm as f64, tokens as f64) {
                 Ok(tat) => Some(tat),
                 Err(wait) => return Err(refuse(LimitKind::Tokens, Some(wait), &state)),
             },
@@ -121,21 +122,12 @@ impl LocalStore {
         if limits.max_concurrent.is_some() {
             state.inflight = state.inflight.saturating_sub(1);
         }
-        // An overrun counts from now when the limit was whole; a refund
-        // never makes it more than whole.
-        let shift = |tat: f64, delta: i64, limit: f64| {
-            let step = delta as f64 * super::WINDOW_MS / limit;
-            if delta > 0 {
-                tat.max(now) + step
-            } else {
-                (tat + step).max(now)
-            }
-        };
         if let Some(rpm) = limits.requests_per_minute.filter(|_| request_delta != 0) {
-            state.requests_tat = shift(state.requests_tat, request_delta, f64::from(rpm));
+            state.requests_tat =
+                gcra::shift(state.requests_tat, now, f64::from(rpm), request_delta);
         }
         if let Some(tpm) = limits.tokens_per_minute.filter(|_| token_delta != 0) {
-            state.tokens_tat = shift(state.tokens_tat, token_delta, tpm as f64);
+            state.tokens_tat = gcra::shift(state.tokens_tat, now, tpm as f64, token_delta);
         }
     }
 

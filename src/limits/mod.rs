@@ -35,16 +35,13 @@ pub mod redis;
 
 use crate::config::{BudgetPeriod, Config, TenantLimits};
 use crate::cost::Usage;
+use crate::gcra;
 use crate::metrics;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-/// The window every per-minute limit refills over, in milliseconds.
-pub const WINDOW_MS: f64 = 60_000.0;
-
-/// Floating-point slack so that exactly N requests fit in a limit of N.
-const EPSILON_MS: f64 = 1e-6;
+pub use crate::gcra::WINDOW_MS;
 
 /// Which limit refused a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,26 +110,13 @@ pub struct Refusal {
     pub state: RateLimitState,
 }
 
-/// GCRA: takes `amount` from a per-minute `limit` whose TAT is `tat`.
-/// Returns the new TAT, or how many milliseconds until it would fit.
-pub fn gcra_take(tat: f64, now: f64, limit: f64, amount: f64) -> Result<f64, f64> {
-    let new_tat = tat.max(now) + amount * WINDOW_MS / limit;
-    let over = new_tat - now - WINDOW_MS;
-    if over > EPSILON_MS {
-        Err(over)
-    } else {
-        Ok(new_tat)
-    }
-}
-
 /// The header view of a per-minute limit with TAT `tat`.
 pub fn window(tat: f64, now: f64, limit: u64) -> Window {
-    let used_ms = (tat - now).max(0.0);
-    let remaining = ((WINDOW_MS - used_ms) * limit as f64 / WINDOW_MS + EPSILON_MS).floor();
+    let (remaining, reset_ms) = gcra::remaining(tat, now, limit);
     Window {
         limit,
-        remaining: remaining.clamp(0.0, limit as f64) as u64,
-        reset_ms: used_ms.ceil() as u64,
+        remaining,
+        reset_ms,
     }
 }
 
@@ -560,51 +544,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn gcra_admits_exactly_the_limit_in_a_burst() {
-        let (limit, now) = (10.0, 1_000_000.0);
-        let mut tat = 0.0;
-        let mut admitted = 0;
-        let mut last_refusal = None;
-        for _ in 0..15 {
-            match gcra_take(tat, now, limit, 1.0) {
-                Ok(t) => {
-                    tat = t;
-                    admitted += 1;
-                }
-                Err(wait) => last_refusal = Some(wait),
-            }
-        }
-        assert_eq!(admitted, 10);
-        // The next slot frees after one emission interval: 6 s.
-        assert!((last_refusal.unwrap() - 6000.0).abs() < 1e-3);
-        assert!(gcra_take(tat, now + 6000.0, limit, 1.0).is_ok());
-        assert!(gcra_take(tat, now + 5999.0, limit, 1.0).is_err());
-    }
-
-    #[test]
-    fn gcra_admits_exactly_n_for_awkward_limits() {
-        for limit in [3u64, 7, 600, 1000, 7919] {
-            let now = 1_700_000_000_123.456;
-            let mut tat = 0.0;
-            let admitted = (0..limit + 5)
-                .filter(|_| match gcra_take(tat, now, limit as f64, 1.0) {
-                    Ok(t) => {
-                        tat = t;
-                        true
-                    }
-                    Err(_) => false,
-                })
-                .count();
-            assert_eq!(admitted as u64, limit, "limit {limit}");
-        }
-    }
-
-    #[test]
     fn gcra_weighs_tokens() {
         let now = 0.0;
-        let tat = gcra_take(0.0, now, 1000.0, 600.0).unwrap();
-        assert!(gcra_take(tat, now, 1000.0, 401.0).is_err());
-        let tat = gcra_take(tat, now, 1000.0, 400.0).unwrap();
+        let tat = gcra::take(0.0, now, 1000.0, 600.0).unwrap();
+        assert!(gcra::take(tat, now, 1000.0, 401.0).is_err());
+        let tat = gcra::take(tat, now, 1000.0, 400.0).unwrap();
         assert_eq!(window(tat, now, 1000).remaining, 0);
         // After 6 s, 100 tokens are back.
         assert_eq!(window(tat, now + 6000.0, 1000).remaining, 100);

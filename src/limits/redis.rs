@@ -854,10 +854,10 @@ impl RedisStore {
         let retry_after_ms = match limit {
             super::LimitKind::Requests => limits
                 .requests_per_minute
-                .and_then(|rpm| super::gcra_take(requests_tat, now, f64::from(rpm), 1.0).err()),
-            super::LimitKind::Tokens => limits
-                .tokens_per_minute
-                .and_then(|tpm| super::gcra_take(tokens_tat, now, tpm as f64, tokens as f64).err()),
+                .and_then(|rpm| crate::gcra::take(requests_tat, now, f64::from(rpm), 1.0).err()),
+            super::LimitKind::Tokens => limits.tokens_per_minute.and_then(|tpm| {
+                crate::gcra::take(tokens_tat, now, tpm as f64, tokens as f64).err()
+            }),
             _ => None,
         };
         Some(Err(Refusal {

@@ -1,0 +1,301 @@
+//! The YAML configuration: schema, `${ENV}` interpolation and validation.
+//!
+//! Laid out as the loading goes: [`raw`] is the file format (serde structs,
+//! every one with `deny_unknown_fields`), `env` interpolates `${VAR}`,
+//! `validate` and `tenants` turn the raw sections into the [`model`] the
+//! gateway runs on (provider references resolved to indices, key digests
+//! parsed, URLs parsed, prices resolved per target), so nothing downstream
+//! can see an invalid value. Loading never stops at the first mistake: every
+//! problem is collected with the path of the key at fault
+//! (`tenants[1].keys[0]: ...`) so `runestone check` can list them all.
+mod callbacks;
+mod env;
+pub mod keys;
+mod model;
+mod raw;
+mod secrets;
+mod tenants;
+#[cfg(test)]
+mod tests;
+mod validate;
+
+pub use callbacks::{CallbackUrl, Callbacks};
+pub use model::*;
+pub use secrets::Secret;
+
+use env::interpolate;
+use raw::*;
+use secrets::{literal_secrets, permission_warning};
+use serde_yaml::Value;
+use std::collections::HashMap;
+use std::fmt;
+use std::path::Path;
+use std::time::Duration;
+use tenants::{validate_pricing, validate_tenants};
+use validate::{
+    validate_breaker, validate_models, validate_providers, validate_redis, validate_server,
+};
+
+/// One problem found in a config file, with the path of the key at fault.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Where: `providers[0].base_url`, or the empty string for the whole file.
+    pub path: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
+/// Every problem found in a config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The file that was read.
+    pub file: String,
+    /// The problems, in file order as far as possible.
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {} problem(s)", self.file, self.problems.len())?;
+        for problem in &self.problems {
+            write!(f, "\n  {problem}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// The validated configuration the gateway runs on.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Listener and process settings.
+    pub server: ServerSettings,
+    /// Providers, in config order.
+    pub providers: Vec<ProviderSettings>,
+    /// Model routes, in config order.
+    pub models: Vec<ModelRoute>,
+    /// Tenants, in config order.
+    pub tenants: Vec<TenantSettings>,
+    /// Prices per public model name.
+    pub pricing: HashMap<String, Price>,
+    /// Shared state, when configured.
+    pub redis: Option<RedisSettings>,
+    /// Circuit breaker settings.
+    pub breaker: BreakerSettings,
+    /// Most attempts one request makes, across targets and fallbacks.
+    pub max_attempts: usize,
+    /// Async job settings.
+    pub jobs: JobSettings,
+    /// Secrets written in the file itself rather than taken from `${ENV}`
+    /// (or, for tenant keys, given as digests): their key paths.
+    pub literal_secrets: Vec<String>,
+    /// Warnings about the file itself (its permissions), found at load.
+    pub file_warnings: Vec<String>,
+    model_index: HashMap<String, usize>,
+}
+
+impl Config {
+    /// Reads, interpolates and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: file.clone(),
+            problems: vec![Problem {
+                path: String::new(),
+                message: format!("cannot read the file: {e}"),
+            }],
+        })?;
+        let mut config =
+            Self::from_yaml(&text, |name| std::env::var(name).ok()).map_err(|problems| {
+                ConfigError {
+                    file: file.clone(),
+                    problems,
+                }
+            })?;
+        if let Some(warning) = permission_warning(path, &config.literal_secrets) {
+            config.file_warnings.push(warning);
+        }
+        Ok(config)
+    }
+
+    /// Parses and validates YAML text; `env` looks up `${VAR}` values.
+    pub fn from_yaml(
+        text: &str,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, Vec<Problem>> {
+        let mut problems = Vec::new();
+        let mut root: Value = serde_yaml::from_str(text).map_err(|e| {
+            vec![Problem {
+                path: String::new(),
+                message: format!("not valid YAML: {e}"),
+            }]
+        })?;
+        let literal_secrets = literal_secrets(&root);
+        interpolate(&mut root, "", &env, &mut problems);
+        let Value::Mapping(root) = root else {
+            problems.push(problem("", "the file must be a YAML mapping"));
+            return Err(problems);
+        };
+        for key in root.keys() {
+            let name = key.as_str().unwrap_or("?");
+            if !TOP_LEVEL_KEYS.contains(&name) {
+                problems.push(problem(
+                    name,
+                    format!("unknown key; expected one of {TOP_LEVEL_KEYS:?}"),
+                ));
+            }
+        }
+        let section = |name: &str| root.get(name).cloned().unwrap_or(Value::Null);
+
+        let server = match section("server") {
+            Value::Null => {
+                problems.push(problem("server", "missing section"));
+                None
+            }
+            value => deserialize::<RawServer>(value, "server", &mut problems)
+                .and_then(|raw| validate_server(raw, &mut problems)),
+        };
+        let raw_providers: Vec<Option<RawProvider>> =
+            list(section("providers"), "providers", &mut problems);
+        let raw_models: Vec<Option<RawModel>> = list(section("models"), "models", &mut problems);
+        let raw_tenants: Vec<Option<RawTenant>> =
+            list(section("tenants"), "tenants", &mut problems);
+
+        let (providers, provider_index) = validate_providers(raw_providers, &mut problems);
+        let (mut models, model_index) = validate_models(raw_models, &provider_index, &mut problems);
+        let tenants = validate_tenants(raw_tenants, &model_index, &mut problems);
+        let pricing = validate_pricing(section("pricing"), &model_index, &providers, &mut problems);
+        for route in &mut models {
+            for target in &mut route.targets {
+                // A provider that failed validation has no entry here (and
+                // the config is refused anyway).
+                let Some(provider) = providers.get(target.provider) else {
+                    continue;
+                };
+                target.price = pricing
+                    .get(&format!("{}/{}", provider.name, target.model))
+                    .or_else(|| pricing.get(&route.name))
+                    .copied();
+            }
+        }
+        let breaker = match section("circuit_breaker") {
+            Value::Null => Some(BreakerSettings::default()),
+            value => deserialize::<RawBreaker>(value, "circuit_breaker", &mut problems)
+                .map(|raw| validate_breaker(raw, &mut problems)),
+        };
+        let max_attempts = match section("failover") {
+            Value::Null => Some(3),
+            value => deserialize::<RawFailover>(value, "failover", &mut problems).map(|raw| {
+                let n = raw.max_attempts.unwrap_or(3);
+                if !(1..=16).contains(&n) {
+                    problems.push(problem("failover.max_attempts", "must be between 1 and 16"));
+                }
+                n
+            }),
+        };
+        let redis = match section("redis") {
+            Value::Null => None,
+            value => deserialize::<RawRedis>(value, "redis", &mut problems)
+                .and_then(|raw| validate_redis(raw, &mut problems)),
+        };
+
+        let jobs = match section("jobs") {
+            Value::Null => Some(JobSettings::default()),
+            value => deserialize::<RawJobs>(value, "jobs", &mut problems).map(|raw| {
+                let d = JobSettings::default();
+                let ttl = raw.result_ttl_seconds.unwrap_or(d.result_ttl.as_secs());
+                let visibility = raw
+                    .visibility_timeout_seconds
+                    .unwrap_or(d.visibility_timeout.as_secs());
+                if ttl == 0 {
+                    problems.push(problem("jobs.result_ttl_seconds", "must be at least 1"));
+                }
+                if visibility < 2 {
+                    problems.push(problem(
+                        "jobs.visibility_timeout_seconds",
+                        "must be at least 2",
+                    ));
+                }
+                let max_jobs = raw.in_process_max_jobs.unwrap_or(d.in_process_max_jobs);
+                let max_bytes = raw.in_process_max_bytes.unwrap_or(d.in_process_max_bytes);
+                if max_jobs == 0 {
+                    problems.push(problem("jobs.in_process_max_jobs", "must be at least 1"));
+                }
+                if max_bytes < 1024 {
+                    problems.push(problem(
+                        "jobs.in_process_max_bytes",
+                        "must be at least 1024",
+                    ));
+                }
+                JobSettings {
+                    result_ttl: Duration::from_secs(ttl),
+                    visibility_timeout: Duration::from_secs(visibility),
+                    in_process_max_jobs: max_jobs,
+                    in_process_max_bytes: max_bytes,
+                }
+            }),
+        };
+        match (server, breaker, max_attempts, jobs) {
+            (Some(server), Some(breaker), Some(max_attempts), Some(jobs))
+                if problems.is_empty() =>
+            {
+                Ok(Config {
+                    server,
+                    providers,
+                    models,
+                    tenants,
+                    pricing,
+                    redis,
+                    breaker,
+                    max_attempts,
+                    jobs,
+                    literal_secrets,
+                    file_warnings: Vec::new(),
+                    model_index,
+                })
+            }
+            _ => Err(problems),
+        }
+    }
+
+    /// Things that work but deserve the operator's attention.
+    pub fn warnings(&self) -> Vec<String> {
+        self.models
+            .iter()
+            .filter(|m| !self.pricing.contains_key(&m.name))
+            .map(|m| format!("pricing: model '{}' has no price; it is served and counted in tokens, at no cost", m.name))
+            .chain(self.file_warnings.iter().cloned())
+            .collect()
+    }
+
+    /// The route for a public model name, with its index in [`Config::models`].
+    pub fn route(&self, model: &str) -> Option<(usize, &ModelRoute)> {
+        self.model_index.get(model).map(|&i| (i, &self.models[i]))
+    }
+}
+
+pub(crate) fn problem(path: &str, message: impl Into<String>) -> Problem {
+    Problem {
+        path: path.to_string(),
+        message: message.into(),
+    }
+}
+
+pub(crate) fn join(path: &str, key: &str) -> String {
+    if path.is_empty() {
+        key.to_string()
+    } else {
+        format!("{path}.{key}")
+    }
+}

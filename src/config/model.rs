@@ -1,0 +1,411 @@
+//! The validated model the gateway runs on: every type here is built by
+//! validation and cannot hold an invalid value.
+
+use super::keys::KeyDigest;
+use super::{Callbacks, Secret};
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Server settings, defaults applied.
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    /// The API listener address.
+    pub listen: SocketAddr,
+    /// The Prometheus listener address, if any.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Pingora worker threads.
+    pub threads: usize,
+    /// Largest request body accepted; 413 past it.
+    pub max_request_body_bytes: usize,
+    /// Largest request head (request line and headers) accepted; 431 past it.
+    pub max_request_header_bytes: usize,
+    /// Seconds a graceful shutdown or upgrade waits for in-flight requests.
+    pub grace_period_seconds: u64,
+    /// Pingora's pid file.
+    pub pid_file: String,
+    /// Pingora's socket for handing listeners to a new binary on upgrade.
+    pub upgrade_sock: String,
+    /// Serve the API over HTTPS with this certificate chain and key (PEM).
+    pub tls: Option<TlsFiles>,
+    /// Write one JSON access log line per request to stdout.
+    pub access_log: bool,
+    /// Log level when `RUST_LOG` is not set (`info`, `debug`, ...).
+    pub log_level: String,
+    /// Failed authentications allowed per client address per minute (0: no
+    /// limit).
+    pub auth_failures_per_minute: u32,
+    /// Proxies (CIDRs) whose `Forwarded` / `X-Forwarded-For` headers name
+    /// the client address; every other peer is the client itself.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+}
+
+/// PEM files for the HTTPS listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// Certificate chain.
+    pub cert: String,
+    /// Private key.
+    pub key: String,
+}
+
+/// Default for `server.max_request_body_bytes`: 4 MiB.
+pub const DEFAULT_MAX_REQUEST_BODY_BYTES: usize = 4 * 1024 * 1024;
+
+/// Default for `server.max_request_header_bytes`: 32 KiB, as many servers
+/// allow; the OpenAI SDKs send well under 2 KiB.
+pub const DEFAULT_MAX_REQUEST_HEADER_BYTES: usize = 32 * 1024;
+
+/// The API a provider speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProviderKind {
+    /// Any OpenAI-compatible base URL; requests pass through.
+    OpenAi,
+    /// Azure OpenAI: deployment URLs, the `api-key` header, `api-version`.
+    Azure,
+    /// The Anthropic Messages API, translated to and from OpenAI's.
+    Anthropic,
+}
+
+/// A provider's base URL, split into what a connection needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BaseUrl {
+    /// `https`?
+    pub tls: bool,
+    /// Host name or IP literal (without brackets), also used as SNI.
+    pub host: String,
+    /// TCP port (explicit or the scheme's default).
+    pub port: u16,
+    /// The path prefix without a trailing slash (`/v1`).
+    pub path: String,
+    /// The `Host` header value: `host` or `host:port` when not the default.
+    pub authority: String,
+}
+
+impl BaseUrl {
+    /// Parses and checks an `http(s)://host[:port]/path` URL.
+    pub fn parse(raw: &str) -> Result<Self, String> {
+        let url = url::Url::parse(raw).map_err(|e| format!("'{raw}' is not a valid URL: {e}"))?;
+        let tls = match url.scheme() {
+            "http" => false,
+            "https" => true,
+            other => {
+                return Err(format!(
+                    "scheme '{other}' is not supported; use http or https"
+                ))
+            }
+        };
+        let host = match url.host() {
+            Some(url::Host::Domain(d)) => d.to_string(),
+            Some(url::Host::Ipv4(ip)) => ip.to_string(),
+            Some(url::Host::Ipv6(ip)) => ip.to_string(),
+            None => return Err(format!("'{raw}' has no host")),
+        };
+        if url.query().is_some() || url.fragment().is_some() {
+            return Err(format!("'{raw}' must not have a query or fragment"));
+        }
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err("credentials belong in api_key, not in the URL".into());
+        }
+        let port = url
+            .port_or_known_default()
+            .expect("http and https have default ports");
+        let authority = match (url.port(), url.host()) {
+            (Some(p), Some(url::Host::Ipv6(ip))) => format!("[{ip}]:{p}"),
+            (None, Some(url::Host::Ipv6(ip))) => format!("[{ip}]"),
+            (Some(p), _) => format!("{host}:{p}"),
+            (None, _) => host.clone(),
+        };
+        Ok(BaseUrl {
+            tls,
+            host,
+            port,
+            path: url.path().trim_end_matches('/').to_string(),
+            authority,
+        })
+    }
+}
+
+/// A validated provider.
+#[derive(Debug, Clone)]
+pub struct ProviderSettings {
+    /// Unique name, used in metric labels and `x-runestone-provider`.
+    pub name: String,
+    /// The API it speaks.
+    pub kind: ProviderKind,
+    /// Where it is.
+    pub base_url: BaseUrl,
+    /// The gateway's key for it, if it needs one.
+    pub api_key: Option<Secret>,
+    /// Relative share for weighted routing.
+    pub weight: u32,
+    /// Azure's `api-version` query parameter.
+    pub api_version: Option<String>,
+    /// Active health check, when configured.
+    pub health_check: Option<HealthCheckSettings>,
+    /// Timeouts for every request to it.
+    pub timeouts: Timeouts,
+}
+
+/// An active health check: `GET base_url + path` must answer 200.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheckSettings {
+    /// Path relative to the base URL (`/models`).
+    pub path: String,
+    /// Time between checks.
+    pub interval: Duration,
+    /// Consecutive passes that make an unhealthy backend healthy.
+    pub healthy_threshold: usize,
+    /// Consecutive failures that make a healthy backend unhealthy.
+    pub unhealthy_threshold: usize,
+    /// Bound on one check.
+    pub timeout: Duration,
+}
+
+/// Timeouts for requests to one provider.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// TCP (and TLS) connect.
+    pub connect: Duration,
+    /// From the request sent to the response header.
+    pub first_byte: Duration,
+    /// Longest gap between two chunks of the response body.
+    pub idle: Duration,
+    /// The whole exchange.
+    pub total: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            connect: Duration::from_secs(5),
+            first_byte: Duration::from_secs(120),
+            idle: Duration::from_secs(60),
+            total: Duration::from_secs(600),
+        }
+    }
+}
+
+/// Circuit breaker settings, shared by every backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BreakerSettings {
+    /// Consecutive failures (5xx, connect errors, timeouts) that open it.
+    pub consecutive_failures: u32,
+    /// How long it stays open the first time; doubled on each re-open.
+    pub open: Duration,
+    /// Cap on the doubled open time.
+    pub max_open: Duration,
+    /// Trial requests let through when half-open.
+    pub half_open_probes: u32,
+    /// A probe taking longer than this counts as failed.
+    pub probe_timeout: Duration,
+    /// Cool-down after a provider's own 429.
+    pub rate_limit_cooldown: Duration,
+}
+
+impl Default for BreakerSettings {
+    fn default() -> Self {
+        BreakerSettings {
+            consecutive_failures: 5,
+            open: Duration::from_secs(30),
+            max_open: Duration::from_secs(300),
+            half_open_probes: 1,
+            probe_timeout: Duration::from_secs(30),
+            rate_limit_cooldown: Duration::from_secs(5),
+        }
+    }
+}
+
+/// How a model's targets are chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Strategy {
+    /// Each request goes to the next target in turn.
+    RoundRobin,
+    /// Targets share requests in proportion to their provider's `weight`.
+    Weighted,
+    /// The target with the lowest moving average of time to first byte.
+    LeastLatency,
+    /// The first target that can serve.
+    Priority,
+    /// The target with the lowest price (`pricing`), first in order on ties.
+    Cheapest,
+}
+
+/// One place a public model can be served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// Index into [`Config::providers`].
+    pub provider: usize,
+    /// The model name the provider knows.
+    pub model: String,
+    /// What serving it costs: the `provider/model` price, else the public
+    /// model's; resolved once, at load.
+    pub price: Option<Price>,
+}
+
+/// A public model name and where it is served.
+#[derive(Debug, Clone)]
+pub struct ModelRoute {
+    /// The public name clients send.
+    pub name: String,
+    /// How targets are chosen.
+    pub strategy: Strategy,
+    /// Where it can be served, in config order.
+    pub targets: Vec<Target>,
+    /// Other public models (indices into [`Config::models`]) to try, in
+    /// order, when no target can serve.
+    pub fallbacks: Vec<usize>,
+}
+
+/// A validated tenant.
+#[derive(Debug, Clone)]
+pub struct TenantSettings {
+    /// Unique id, used in metric labels and logs.
+    pub id: String,
+    /// Digests of its keys (plaintext keys are digested at load).
+    pub keys: Vec<KeyDigest>,
+    /// The public models it may use; `None` means all.
+    pub allowed_models: Option<HashSet<String>>,
+    /// Its admission limits; all `None` means unlimited.
+    pub limits: TenantLimits,
+    /// Whether and how requests over its limits wait instead of failing.
+    pub overflow: TenantOverflow,
+}
+
+/// A tenant's overflow queue settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TenantOverflow {
+    /// Park requests over a limit instead of refusing them.
+    pub enabled: bool,
+    /// Longest a parked request waits for admission.
+    pub max_wait: Duration,
+    /// Most requests parked for the tenant at once (async jobs included).
+    pub max_parked: usize,
+    /// Where async job results may be POSTed, and the signing secret.
+    pub callbacks: Option<Callbacks>,
+}
+
+impl Default for TenantOverflow {
+    fn default() -> Self {
+        TenantOverflow {
+            enabled: false,
+            max_wait: Duration::from_secs(30),
+            max_parked: 1000,
+            callbacks: None,
+        }
+    }
+}
+
+/// Async job settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JobSettings {
+    /// How long a finished job's result is kept.
+    pub result_ttl: Duration,
+    /// How long a job claimed by an instance that stopped answering stays
+    /// claimed before another instance re-queues it.
+    pub visibility_timeout: Duration,
+    /// Without Redis: the most jobs (queued, running or finished) held in
+    /// process; submissions past it are refused with 503.
+    pub in_process_max_jobs: usize,
+    /// Without Redis: the most bytes of requests and results held in
+    /// process; submissions past it are refused with 503.
+    pub in_process_max_bytes: usize,
+}
+
+impl Default for JobSettings {
+    fn default() -> Self {
+        JobSettings {
+            result_ttl: Duration::from_secs(86_400),
+            visibility_timeout: Duration::from_secs(60),
+            in_process_max_jobs: 10_000,
+            in_process_max_bytes: 256 * 1024 * 1024,
+        }
+    }
+}
+
+/// Money is kept in integer pico-dollars (1e-12 USD) so that sums are exact:
+/// a price of $0.075 per 1M tokens is 75,000 pUSD per token, and an `i64`
+/// holds over nine million dollars.
+pub const PICO_PER_USD: f64 = 1e12;
+
+/// A tenant's admission limits.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TenantLimits {
+    /// Requests admitted per minute (GCRA, burst of the whole minute).
+    pub requests_per_minute: Option<u32>,
+    /// Tokens admitted per minute (GCRA on estimated, then settled, tokens).
+    pub tokens_per_minute: Option<u64>,
+    /// Requests in flight at once.
+    pub max_concurrent: Option<u32>,
+    /// Spend allowed per period.
+    pub budget: Option<Budget>,
+}
+
+impl TenantLimits {
+    /// Whether any limit is set.
+    pub fn is_limited(&self) -> bool {
+        *self != TenantLimits::default()
+    }
+}
+
+/// A spending cap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budget {
+    /// The cap, in pico-dollars.
+    pub amount_pusd: i64,
+    /// The period it applies to.
+    pub period: BudgetPeriod,
+}
+
+/// The period a budget (and `/v1/usage`) covers, in UTC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BudgetPeriod {
+    /// The current UTC day.
+    Daily,
+    /// The current UTC month.
+    Monthly,
+    /// All time.
+    Total,
+}
+
+impl BudgetPeriod {
+    /// The name used in config and `/v1/usage`.
+    pub fn name(self) -> &'static str {
+        match self {
+            BudgetPeriod::Daily => "daily",
+            BudgetPeriod::Monthly => "monthly",
+            BudgetPeriod::Total => "total",
+        }
+    }
+}
+
+/// Prices of one public model, in pico-dollars per token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Price {
+    /// Per prompt token not served from the provider's cache.
+    pub input: i64,
+    /// Per completion token.
+    pub output: i64,
+    /// Per cached prompt token (defaults to the input price).
+    pub cached_input: i64,
+}
+
+/// Shared state in Redis.
+#[derive(Debug, Clone)]
+pub struct RedisSettings {
+    /// `redis://host:port/db` (credentials allowed; never logged).
+    pub url: Secret,
+    /// Prefix of every key (`runestone:{tenant}:...`).
+    pub key_prefix: String,
+    /// Bound on every Redis call.
+    pub timeout: std::time::Duration,
+}
+
+impl TenantSettings {
+    /// Whether this tenant may use `model`.
+    pub fn may_use(&self, model: &str) -> bool {
+        self.allowed_models
+            .as_ref()
+            .is_none_or(|allowed| allowed.contains(model))
+    }
+}

@@ -1,0 +1,250 @@
+//! Validation of tenants (keys, allow-lists, limits, overflow and callbacks)
+//! and prices.
+
+use super::keys::{parse_configured_key, KeyDigest};
+use super::raw::*;
+use super::validate::is_identifier;
+use super::*;
+use std::collections::HashMap;
+use std::time::Duration;
+
+pub(super) fn validate_tenants(
+    raw: Vec<Option<RawTenant>>,
+    models: &HashMap<String, usize>,
+    problems: &mut Vec<Problem>,
+) -> Vec<TenantSettings> {
+    let mut tenants: Vec<TenantSettings> = Vec::new();
+    // Every key digest seen so far, and the tenant it belongs to.
+    let mut owners: HashMap<KeyDigest, usize> = HashMap::new();
+    for (i, raw) in raw.into_iter().enumerate() {
+        let Some(raw) = raw else { continue };
+        let path = format!("tenants[{i}]");
+        if !is_identifier(&raw.id) {
+            problems.push(problem(
+                &join(&path, "id"),
+                "must be 1-64 characters of A-Z a-z 0-9 - _ .",
+            ));
+        }
+        if tenants.iter().any(|t| t.id == raw.id) {
+            problems.push(problem(
+                &join(&path, "id"),
+                format!("duplicate tenant id '{}'", raw.id),
+            ));
+        }
+        if raw.keys.is_empty() {
+            problems.push(problem(
+                &join(&path, "keys"),
+                "at least one key is required",
+            ));
+        }
+        let mut digests = Vec::with_capacity(raw.keys.len());
+        for (k, key) in raw.keys.iter().enumerate() {
+            let kpath = format!("{path}.keys[{k}]");
+            match parse_configured_key(key) {
+                None => problems.push(problem(
+                    &kpath,
+                    "a 'sha256:' key must be followed by 64 hex digits",
+                )),
+                Some(_) if !key.starts_with("sha256:") && key.len() < 8 => problems.push(problem(
+                    &kpath,
+                    "a plaintext key must be at least 8 characters",
+                )),
+                Some(digest) => {
+                    digests.push(digest);
+                    if let Some(&other) = owners.get(&digest) {
+                        let owner = tenants
+                            .get(other)
+                            .map_or(raw.id.as_str(), |t| t.id.as_str());
+                        problems.push(problem(
+                            &kpath,
+                            format!("the same key is already configured for tenant '{owner}'"),
+                        ));
+                    }
+                }
+            }
+        }
+        if let Some(allowed) = &raw.models {
+            for (m, model) in allowed.iter().enumerate() {
+                if !models.contains_key(model) {
+                    problems.push(problem(
+                        &format!("{path}.models[{m}]"),
+                        format!("unknown model '{model}'"),
+                    ));
+                }
+            }
+        }
+        let limits = raw
+            .limits
+            .map(|l| validate_limits(l, &format!("{path}.limits"), problems))
+            .unwrap_or_default();
+        let overflow = raw.overflow.map_or_else(TenantOverflow::default, |o| {
+            let d = TenantOverflow::default();
+            let max_wait = o.max_wait_seconds.unwrap_or(d.max_wait.as_secs());
+            let max_parked = o.max_parked.unwrap_or(d.max_parked);
+            if !(1..=3600).contains(&max_wait) {
+                problems.push(problem(
+                    &format!("{path}.overflow.max_wait_seconds"),
+                    "must be between 1 and 3600",
+                ));
+            }
+            if !(1..=1_000_000).contains(&max_parked) {
+                problems.push(problem(
+                    &format!("{path}.overflow.max_parked"),
+                    "must be between 1 and 1000000",
+                ));
+            }
+            let callbacks = o.callbacks.map(|c| {
+                let mut allowed_urls = Vec::new();
+                for (i, url) in c.allowed_urls.iter().enumerate() {
+                    match CallbackUrl::parse(url) {
+                        Ok(url) => allowed_urls.push(url),
+                        Err(why) => problems.push(problem(
+                            &format!("{path}.overflow.callbacks.allowed_urls[{i}]"),
+                            format!("'{url}' is not a plain http(s) URL: {why}"),
+                        )),
+                    }
+                }
+                if c.secret.len() < 16 {
+                    problems.push(problem(
+                        &format!("{path}.overflow.callbacks.secret"),
+                        "must be at least 16 characters",
+                    ));
+                }
+                Callbacks {
+                    allowed_urls,
+                    secret: Secret(c.secret),
+                }
+            });
+            TenantOverflow {
+                enabled: o.enabled,
+                max_wait: Duration::from_secs(max_wait),
+                max_parked,
+                callbacks,
+            }
+        });
+        for digest in &digests {
+            owners.entry(*digest).or_insert(tenants.len());
+        }
+        tenants.push(TenantSettings {
+            keys: digests,
+            id: raw.id,
+            allowed_models: raw.models.map(|m| m.into_iter().collect()),
+            limits,
+            overflow,
+        });
+    }
+    tenants
+}
+
+pub(super) fn validate_limits(
+    raw: RawLimits,
+    path: &str,
+    problems: &mut Vec<Problem>,
+) -> TenantLimits {
+    let positive = |value: Option<u64>, key: &str, problems: &mut Vec<Problem>| {
+        if value == Some(0) {
+            problems.push(problem(
+                &join(path, key),
+                "must be at least 1 (leave it out for no limit)",
+            ));
+        }
+    };
+    positive(
+        raw.requests_per_minute.map(u64::from),
+        "requests_per_minute",
+        problems,
+    );
+    positive(raw.tokens_per_minute, "tokens_per_minute", problems);
+    positive(
+        raw.max_concurrent.map(u64::from),
+        "max_concurrent",
+        problems,
+    );
+    let budget = raw.budget_usd.and_then(|b| {
+        let bpath = join(path, "budget_usd");
+        let period = match b.period.as_str() {
+            "daily" => Some(BudgetPeriod::Daily),
+            "monthly" => Some(BudgetPeriod::Monthly),
+            "total" => Some(BudgetPeriod::Total),
+            other => {
+                problems.push(problem(
+                    &join(&bpath, "period"),
+                    format!("unknown period '{other}'; expected daily, monthly or total"),
+                ));
+                None
+            }
+        };
+        if !(b.amount.is_finite() && b.amount > 0.0 && b.amount < 1e6) {
+            problems.push(problem(
+                &join(&bpath, "amount"),
+                "must be a positive number of US dollars below 1,000,000",
+            ));
+            return None;
+        }
+        period.map(|period| Budget {
+            amount_pusd: (b.amount * PICO_PER_USD).round() as i64,
+            period,
+        })
+    });
+    TenantLimits {
+        requests_per_minute: raw.requests_per_minute,
+        tokens_per_minute: raw.tokens_per_minute,
+        max_concurrent: raw.max_concurrent,
+        budget,
+    }
+}
+
+pub(super) fn validate_pricing(
+    value: Value,
+    models: &HashMap<String, usize>,
+    providers: &[ProviderSettings],
+    problems: &mut Vec<Problem>,
+) -> HashMap<String, Price> {
+    let mut pricing = HashMap::new();
+    let Value::Mapping(map) = value else {
+        if !value.is_null() {
+            problems.push(problem(
+                "pricing",
+                "must be a mapping of model name to prices",
+            ));
+        }
+        return pricing;
+    };
+    for (name, raw) in map {
+        let name = name.as_str().unwrap_or("?").to_string();
+        let path = format!("pricing.{name}");
+        // A public model name, or `provider/model` for one target's price.
+        let known = models.contains_key(&name)
+            || name
+                .split_once('/')
+                .is_some_and(|(provider, _)| providers.iter().any(|p| p.name == provider));
+        if !known {
+            problems.push(problem(
+                &path,
+                format!("unknown model '{name}' (use a public model name or provider/model)"),
+            ));
+            continue;
+        }
+        let Some(raw) = deserialize::<RawPrice>(raw, &path, problems) else {
+            continue;
+        };
+        // USD per 1M tokens -> pico-dollars per token.
+        let mut per_token = |usd_per_million: f64, key: &str| {
+            if !(usd_per_million.is_finite() && (0.0..100_000.0).contains(&usd_per_million)) {
+                problems.push(problem(
+                    &join(&path, key),
+                    "must be a non-negative price in USD per 1M tokens",
+                ));
+                return 0;
+            }
+            (usd_per_million * 1e6).round() as i64
+        };
+        let price = Price {
+            input: per_token(raw.input, "input"),
+            output: per_token(raw.output, "output"),
+            cached_input: per_token(raw.cached_input.unwrap_or(raw.input), "cached_input"),
+        };
+        pricing.insert(name, price);
+    }
+    pricing
+}

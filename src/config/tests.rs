@@ -1,0 +1,263 @@
+//! Unit tests of loading and validation.
+
+use super::*;
+
+const VALID: &str = r#"
+server:
+  listen: "127.0.0.1:8080"
+  metrics_listen: "127.0.0.1:9464"
+providers:
+  - name: openai
+    base_url: "https://api.openai.com/v1"
+    api_key: "${OPENAI_API_KEY}"
+  - name: local
+    base_url: "http://127.0.0.1:9000/v1/"
+models:
+  - name: gpt-4o-mini
+    targets:
+      - { provider: openai }
+      - { provider: local, model: mock-small }
+tenants:
+  - id: acme
+    keys: ["sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08", "dev-key-acme"]
+    models: ["gpt-4o-mini"]
+"#;
+
+fn env(name: &str) -> Option<String> {
+    (name == "OPENAI_API_KEY").then(|| "sk-provider".to_string())
+}
+
+fn problems(yaml: &str) -> Vec<String> {
+    Config::from_yaml(yaml, env)
+        .expect_err("expected problems")
+        .into_iter()
+        .map(|p| p.to_string())
+        .collect()
+}
+
+#[test]
+fn loads_a_valid_config_with_defaults() {
+    let config = Config::from_yaml(VALID, env).unwrap();
+    assert_eq!(config.server.threads, 2);
+    assert_eq!(
+        config.server.max_request_body_bytes,
+        DEFAULT_MAX_REQUEST_BODY_BYTES
+    );
+    assert_eq!(
+        config.providers[0].api_key.as_ref().unwrap().expose(),
+        "sk-provider"
+    );
+    assert_eq!(format!("{:?}", config.providers[0].api_key), "Some(*****)");
+    assert_eq!(config.providers[1].base_url.path, "/v1");
+    assert_eq!(config.providers[1].base_url.authority, "127.0.0.1:9000");
+    let (_, route) = config.route("gpt-4o-mini").unwrap();
+    assert_eq!(
+        route.targets[0],
+        Target {
+            provider: 0,
+            model: "gpt-4o-mini".into(),
+            price: None,
+        }
+    );
+    assert_eq!(
+        route.targets[1],
+        Target {
+            provider: 1,
+            model: "mock-small".into(),
+            price: None,
+        }
+    );
+    let keys = crate::auth::KeyIndex::new(&config.tenants);
+    assert_eq!(keys.authenticate("test"), Some(0), "sha256 of 'test'");
+    assert_eq!(keys.authenticate("dev-key-acme"), Some(0));
+    assert!(config.tenants[0].may_use("gpt-4o-mini"));
+    assert!(!config.tenants[0].may_use("gpt-4o"));
+}
+
+#[test]
+fn reports_every_problem_with_its_key_path() {
+    let yaml = r#"
+server:
+  listen: "nowhere"
+  colour: blue
+providers:
+  - name: openai
+    base_url: "ftp://example.com"
+    api_key: "${MISSING_KEY}"
+  - name: other
+    base_url: "not a url"
+    surprise: 1
+models:
+  - name: m
+    targets: [{ provider: ghost }]
+tenants:
+  - id: acme
+    keys: ["sha256:abc"]
+    models: ["nope"]
+  - id: acme
+    keys: ["short"]
+extra: true
+"#;
+    let found = problems(yaml);
+    let expect = [
+        "extra: unknown key",
+        "server.colour: unknown field `colour`",
+        "providers[0].api_key: environment variable MISSING_KEY is not set",
+        "providers[0].base_url: scheme 'ftp'",
+        "providers[1].surprise: unknown field `surprise`",
+        "models[0].targets[0].provider: unknown provider 'ghost'",
+        "tenants[0].keys[0]: a 'sha256:' key must be followed by 64 hex digits",
+        "tenants[0].models[0]: unknown model 'nope'",
+        "tenants[1].id: duplicate tenant id 'acme'",
+        "tenants[1].keys[0]: a plaintext key must be at least 8 characters",
+    ];
+    for e in expect {
+        assert!(
+            found.iter().any(|f| f.starts_with(e)),
+            "missing {e:?} in {found:#?}"
+        );
+    }
+}
+
+#[test]
+fn loads_limits_pricing_and_redis() {
+    let yaml = VALID.replace(
+            "    models: [\"gpt-4o-mini\"]\n",
+            "    models: [\"gpt-4o-mini\"]\n    limits: { requests_per_minute: 60, tokens_per_minute: 1000, max_concurrent: 2, budget_usd: { amount: 1.5, period: daily } }\n",
+        ) + "pricing:\n  gpt-4o-mini: { input: 0.15, output: 0.6, cached_input: 0.075 }\nredis: { url: \"redis://127.0.0.1:6379/0\" }\n";
+    let config = Config::from_yaml(&yaml, env).unwrap();
+    let limits = &config.tenants[0].limits;
+    assert_eq!(limits.requests_per_minute, Some(60));
+    assert_eq!(limits.tokens_per_minute, Some(1000));
+    assert_eq!(limits.max_concurrent, Some(2));
+    assert_eq!(
+        limits.budget,
+        Some(Budget {
+            amount_pusd: 1_500_000_000_000,
+            period: BudgetPeriod::Daily
+        })
+    );
+    assert_eq!(
+        config.pricing["gpt-4o-mini"],
+        Price {
+            input: 150_000,
+            output: 600_000,
+            cached_input: 75_000
+        }
+    );
+    let redis = config.redis.clone().unwrap();
+    assert_eq!(
+        (redis.key_prefix.as_str(), redis.timeout.as_millis()),
+        ("runestone", 50)
+    );
+    assert!(config.warnings().is_empty());
+}
+
+#[test]
+fn reports_bad_limits_pricing_and_redis() {
+    let yaml = VALID.replace(
+            "    models: [\"gpt-4o-mini\"]\n",
+            "    limits: { requests_per_minute: 0, budget_usd: { amount: -1, period: weekly }, burst: 3 }\n",
+        ) + "pricing:\n  gpt-5: { input: 1, output: 2 }\n  gpt-4o-mini: { input: -1, output: 2 }\nredis: { url: \"http://x\", timeout_ms: 0 }\n";
+    let found = problems(&yaml);
+    for e in [
+        "tenants[0].limits.burst: unknown field `burst`",
+        "pricing.gpt-5: unknown model 'gpt-5'",
+        "pricing.gpt-4o-mini.input: must be a non-negative price",
+        "redis.url: must be a redis://",
+        "redis.timeout_ms: must be between 1 and 10000",
+    ] {
+        assert!(
+            found.iter().any(|f| f.starts_with(e)),
+            "missing {e:?} in {found:#?}"
+        );
+    }
+    let yaml = VALID.replace(
+        "    models: [\"gpt-4o-mini\"]\n",
+        "    limits: { requests_per_minute: 0, budget_usd: { amount: -1, period: weekly } }\n",
+    );
+    let found = problems(&yaml);
+    for e in [
+        "tenants[0].limits.requests_per_minute: must be at least 1",
+        "tenants[0].limits.budget_usd.period: unknown period 'weekly'",
+        "tenants[0].limits.budget_usd.amount: must be a positive number",
+    ] {
+        assert!(
+            found.iter().any(|f| f.starts_with(e)),
+            "missing {e:?} in {found:#?}"
+        );
+    }
+}
+
+#[test]
+fn warns_about_models_without_a_price() {
+    let config = Config::from_yaml(VALID, env).unwrap();
+    assert_eq!(config.warnings().len(), 1);
+    assert!(config.warnings()[0].contains("'gpt-4o-mini' has no price"));
+}
+
+#[test]
+fn reports_bad_listen_address_once_server_parses() {
+    let yaml = VALID.replace("127.0.0.1:8080", "localhost");
+    assert_eq!(
+        problems(&yaml),
+        ["server.listen: 'localhost' is not an IP:port address"]
+    );
+}
+
+#[test]
+fn bounds_the_request_head_limit() {
+    let config = Config::from_yaml(VALID, env).unwrap();
+    assert_eq!(
+        config.server.max_request_header_bytes,
+        DEFAULT_MAX_REQUEST_HEADER_BYTES
+    );
+    for bad in ["100", "2000000"] {
+        let yaml = VALID.replace(
+            "  metrics_listen: \"127.0.0.1:9464\"\n",
+            &format!("  metrics_listen: \"127.0.0.1:9464\"\n  max_request_header_bytes: {bad}\n"),
+        );
+        assert_eq!(
+                problems(&yaml),
+                ["server.max_request_header_bytes: must be between 1024 and 1048576 (Pingora reads at most 1 MiB of headers)"]
+            );
+    }
+}
+
+#[test]
+fn rejects_a_key_shared_by_two_tenants() {
+    let yaml = format!("{VALID}  - id: beta\n    keys: [\"dev-key-acme\"]\n");
+    assert_eq!(
+        problems(&yaml),
+        ["tenants[1].keys[0]: the same key is already configured for tenant 'acme'"]
+    );
+}
+
+#[test]
+fn parses_base_urls() {
+    let url = BaseUrl::parse("https://api.openai.com/v1").unwrap();
+    assert_eq!(
+        (url.tls, url.port, url.path.as_str(), url.authority.as_str()),
+        (true, 443, "/v1", "api.openai.com")
+    );
+    let url = BaseUrl::parse("http://[::1]:8000/").unwrap();
+    assert_eq!(
+        (
+            url.host.as_str(),
+            url.port,
+            url.path.as_str(),
+            url.authority.as_str()
+        ),
+        ("::1", 8000, "", "[::1]:8000")
+    );
+    assert!(BaseUrl::parse("https://user:pw@x.com/v1").is_err());
+    assert!(BaseUrl::parse("https://x.com/v1?a=b").is_err());
+}
+
+#[test]
+fn rejects_yaml_that_is_not_a_mapping() {
+    assert_eq!(problems("- 1"), ["the file must be a YAML mapping"]);
+    assert!(problems("server: [")
+        .iter()
+        .all(|p| p.starts_with("not valid YAML")));
+}
