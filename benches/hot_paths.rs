@@ -178,7 +178,7 @@ fn admission(c: &mut Criterion, name: &str, limiter: &Limiter) {
 }
 
 fn admission_in_process(c: &mut Criterion) {
-    let limiter = Limiter::new(&config(None));
+    let limiter = Limiter::new(&config(None), None);
     admission(c, "limits/admit+settle in-process", &limiter);
 }
 
@@ -216,7 +216,11 @@ fn admission_redis(c: &mut Criterion) {
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         std::thread::sleep(Duration::from_millis(20));
     }
-    let limiter = Limiter::new(&config(Some(port)));
+    let config = config(Some(port));
+    let limiter = Limiter::new(
+        &config,
+        runestone::redis_conn::RedisConnection::for_config(&config),
+    );
     admission(c, "limits/admit+settle redis (2 round trips)", &limiter);
 }
 

@@ -22,7 +22,9 @@
 //! | [`overflow`] | the overflow queue: parked requests, async jobs, the drain service |
 //! | [`admin`]  | locally answered endpoints: `/health`, `/ready`, `/v1/models` |
 //! | [`gateway`] | the Pingora `ProxyHttp` implementation: each phase calls into the modules above |
+//! | [`redis_conn`] | the one Redis connection, shared by limits and the overflow queue |
 //! | [`reload`] | config reload: validate, then a graceful upgrade onto the new config |
+//! | [`services`] | Pingora background-service adapters over the domain's loops (drain, Redis upkeep, reload) |
 //! | [`server`] | builds the Pingora server (API listener, metrics listener, background services) |
 #![forbid(unsafe_code)]
 
@@ -39,6 +41,8 @@ pub mod openai;
 pub mod overflow;
 pub mod providers;
 pub mod redact;
+pub mod redis_conn;
 pub mod reload;
 pub mod server;
+pub mod services;
 pub mod upstream;

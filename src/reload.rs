@@ -14,11 +14,8 @@
 //! through `server.pid_file`), or SIGHUP to the process itself.
 
 use crate::config::Config;
-use async_trait::async_trait;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use pingora::server::ShutdownWatch;
-use pingora::services::background::BackgroundService;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use tracing::{error, info};
@@ -101,9 +98,9 @@ impl ReloadOnHangup {
     }
 }
 
-#[async_trait]
-impl BackgroundService for ReloadOnHangup {
-    async fn start(&self, mut shutdown: ShutdownWatch) {
+impl ReloadOnHangup {
+    /// Waits for SIGHUP until `shutdown` turns true.
+    pub async fn run(&self, mut shutdown: tokio::sync::watch::Receiver<bool>) {
         let Ok(mut hangups) =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         else {

@@ -6,6 +6,7 @@ use crate::gateway::Gateway;
 use crate::limits::{redis::RedisMaintenance, Limiter};
 use crate::metrics;
 use crate::overflow::{Drain, Overflow};
+use crate::services::{DrainService, MaintenanceService, ReloadService};
 use crate::upstream::Upstreams;
 use pingora::connectors::http::v1::Connector;
 use pingora::connectors::ConnectorOptions;
@@ -62,12 +63,14 @@ pub fn build(config: Config, options: RunOptions) -> Server {
     for warning in config.warnings() {
         tracing::warn!("{warning}");
     }
-    let limiter = Limiter::new(&config);
-    let overflow = Overflow::new(&config);
+    // One Redis connection for limits and the overflow queue.
+    let redis = crate::redis_conn::RedisConnection::for_config(&config);
+    let limiter = Limiter::new(&config, redis.clone());
+    let overflow = Overflow::new(&config, redis);
     if let Some(redis) = limiter.redis() {
         server.add_service(background_service(
             "redis maintenance",
-            RedisMaintenance::new(redis),
+            MaintenanceService(RedisMaintenance::new(redis)),
         ));
     }
 
@@ -85,11 +88,11 @@ pub fn build(config: Config, options: RunOptions) -> Server {
         config.clone(),
         Arc::new(gateway.clone()),
     );
-    server.add_service(background_service("overflow drain", drain));
+    server.add_service(background_service("overflow drain", DrainService(drain)));
     if let Some(path) = options.config_path.clone() {
         server.add_service(background_service(
             "reload on SIGHUP",
-            crate::reload::ReloadOnHangup::new(path, options.daemon),
+            ReloadService(crate::reload::ReloadOnHangup::new(path, options.daemon)),
         ));
     }
 

@@ -742,7 +742,10 @@ redis: {{ url: "{}", timeout_ms: 5000 }}
         .build()
         .unwrap();
     runtime.block_on(async {
-        let limiter = Limiter::new(&config);
+        let limiter = Limiter::new(
+            &config,
+            runestone::redis_conn::RedisConnection::for_config(&config),
+        );
         // Connects and loads the scripts.
         let first = limiter.admit(0, 1).await.expect("the first is admitted");
         limiter.settle(first, settlement()).await;
@@ -802,7 +805,6 @@ fn redis_limiter(
     redis: &Redis,
     limits: &str,
 ) -> (runestone::limits::Limiter, tokio::sync::watch::Sender<bool>) {
-    use pingora::services::background::BackgroundService;
     use runestone::config::Config;
     use runestone::limits::{redis::RedisMaintenance, Limiter};
     let yaml = format!(
@@ -818,10 +820,13 @@ redis: {{ url: "{}", timeout_ms: 100 }}
         redis.url()
     );
     let config = Config::from_yaml(&yaml, |_| None).expect("valid config");
-    let limiter = Limiter::new(&config);
+    let limiter = Limiter::new(
+        &config,
+        runestone::redis_conn::RedisConnection::for_config(&config),
+    );
     let (stop, watch) = tokio::sync::watch::channel(false);
     let maintenance = RedisMaintenance::new(limiter.redis().unwrap());
-    tokio::spawn(async move { maintenance.start(watch).await });
+    tokio::spawn(async move { maintenance.run(watch).await });
     (limiter, stop)
 }
 

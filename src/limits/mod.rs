@@ -37,6 +37,7 @@ use crate::config::{BudgetPeriod, Config, TenantLimits};
 use crate::cost::Usage;
 use crate::gcra;
 use crate::metrics;
+use crate::redis_conn::RedisConnection;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -320,8 +321,9 @@ pub struct Limiter {
 }
 
 impl Limiter {
-    /// A limiter for the config's tenants, with Redis when configured.
-    pub fn new(config: &Config) -> Self {
+    /// A limiter for the config's tenants, with Redis when configured
+    /// (`conn`: the process's Redis connection, [`RedisConnection::for_config`]).
+    pub fn new(config: &Config, conn: Option<Arc<RedisConnection>>) -> Self {
         let n = config.tenants.len();
         Limiter {
             inner: Arc::new(Inner {
@@ -333,10 +335,9 @@ impl Limiter {
                     .map(|t| metrics::INFLIGHT.with_label_values(&[&t.id]))
                     .collect(),
                 local: local::LocalStore::new(n),
-                redis: config
-                    .redis
-                    .as_ref()
-                    .map(|settings| redis::RedisStore::new(settings, &config.tenants)),
+                redis: config.redis.as_ref().zip(conn).map(|(settings, conn)| {
+                    redis::RedisStore::new(settings, &config.tenants, conn)
+                }),
                 durations_ms: (0..n).map(|_| AtomicU64::new(1000)).collect(),
             }),
         }

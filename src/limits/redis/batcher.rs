@@ -1,0 +1,226 @@
+//! Group commit: admissions and settlements queued while a round trip is
+//! out go together in the next, one script call per kind, tenant and
+//! period, all in one pipeline.
+
+use super::ledger::{Shared, Unsettled};
+use super::scripts::{admit_answers, AdmitAnswer};
+use super::{lock, Keys, SettleOp, LEASE_TTL_MS};
+use redis::aio::ConnectionManager;
+use redis::{RedisResult, Script};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+
+/// The most admissions and settlements one round trip carries.
+pub(super) const MAX_BATCH: usize = 128;
+
+/// Where the batching task sends one answer: the value, or why there is none.
+pub(super) type Reply<T> = oneshot::Sender<Result<T, String>>;
+
+/// An admission or settlement waiting for the next round trip.
+pub(super) enum Op {
+    Admit(AdmitOp),
+    Settle(SettleOp),
+}
+
+/// One admission, as the batched [`ADMIT`] takes it.
+pub(super) struct AdmitOp {
+    pub(super) tenant: usize,
+    pub(super) period_id: String,
+    /// RPM, TPM, max concurrent, budget (pUSD); 0 for none.
+    pub(super) limits: [u64; 4],
+    pub(super) tokens: u64,
+    pub(super) lease: String,
+    pub(super) reply: Reply<AdmitAnswer>,
+}
+
+/// Adds `op` to the batch it shares a script call with, or starts one.
+pub(super) fn group<T>(batches: &mut Vec<Vec<T>>, op: T, same: impl Fn(&T, &T) -> bool) {
+    match batches.iter_mut().find(|batch| same(&batch[0], &op)) {
+        Some(batch) => batch.push(op),
+        None => batches.push(vec![op]),
+    }
+}
+
+/// Group commit for admissions and settlements. The ones queued while a
+/// round trip is out go together in the next: one script call per kind,
+/// tenant and period, all in one pipeline. Under load that is one round trip
+/// and one script run for many requests; a request alone goes at once.
+///
+/// The task holds the connection and scripts, not the store, so it ends when
+/// the store (the queue's sender) is dropped.
+pub(super) struct Batcher {
+    pub(super) conn: ConnectionManager,
+    pub(super) admit: Script,
+    pub(super) settle: Script,
+    pub(super) keys: Arc<[Keys]>,
+    pub(super) timeout: Duration,
+    pub(super) shared: Arc<Shared>,
+}
+
+impl Batcher {
+    pub(super) async fn run(self, mut queue: mpsc::UnboundedReceiver<Op>) {
+        let mut ops = Vec::with_capacity(MAX_BATCH);
+        while queue.recv_many(&mut ops, MAX_BATCH).await > 0 {
+            self.send(ops.drain(..)).await;
+        }
+    }
+
+    /// Sends one batch and answers every caller in it.
+    pub(super) async fn send(&self, ops: impl Iterator<Item = Op>) {
+        let mut admits: Vec<Vec<AdmitOp>> = Vec::new();
+        let mut settles: Vec<Vec<SettleOp>> = Vec::new();
+        for op in ops {
+            match op {
+                // A caller that stopped waiting (timed out) has already
+                // fallen back to the in-process store: it is not sent.
+                Op::Admit(op) if !op.reply.is_closed() => group(&mut admits, op, |a, b| {
+                    (a.tenant, &a.period_id, a.limits) == (b.tenant, &b.period_id, b.limits)
+                }),
+                Op::Admit(_) => {}
+                // A settlement belongs to the store once queued: sent, or
+                // kept for the flush while Redis is down.
+                Op::Settle(op) if !self.shared.up.load(Ordering::Relaxed) => {
+                    self.shared
+                        .defer(op.tenant, &op.period_id, &op.lease, &op.usage);
+                    let _ = op.reply.send(Ok(()));
+                }
+                Op::Settle(op) => group(&mut settles, op, |a, b| {
+                    (a.tenant, &a.period_id, a.rpm, a.tpm) == (b.tenant, &b.period_id, b.rpm, b.tpm)
+                }),
+            }
+        }
+        let unsettled: Vec<Unsettled> = settles
+            .iter()
+            .map(|batch| Unsettled::from_ops(batch))
+            .collect();
+        let commands: Vec<redis::Cmd> = admits
+            .iter()
+            .map(|batch| self.admit_command(batch))
+            .chain(
+                unsettled
+                    .iter()
+                    .map(|u| u.command(&self.keys[u.tenant], &self.settle, true)),
+            )
+            .collect();
+        if commands.is_empty() {
+            return;
+        }
+        let results = match tokio::time::timeout(self.timeout, self.query(&commands)).await {
+            Ok(Ok(results)) if results.len() == commands.len() => results,
+            Ok(Ok(_)) => {
+                let e = (redis::ErrorKind::Client, "a reply per command was expected").into();
+                vec![Err(e); commands.len()]
+            }
+            Ok(Err(e)) => vec![Err(e); commands.len()],
+            Err(_) => {
+                let e = (redis::ErrorKind::Io, "no answer within the timeout").into();
+                vec![Err(e); commands.len()]
+            }
+        };
+        let mut results = results.into_iter();
+        for batch in admits {
+            let answers = results
+                .next()
+                .unwrap_or(Ok(redis::Value::Nil))
+                .map_err(|e| e.to_string())
+                .and_then(|value| admit_answers(value, batch.len()));
+            match answers {
+                Ok(answers) => {
+                    for (op, answer) in batch.into_iter().zip(answers) {
+                        let _ = op.reply.send(Ok(answer));
+                    }
+                }
+                Err(e) => {
+                    for op in batch {
+                        let _ = op.reply.send(Err(e.clone()));
+                    }
+                }
+            }
+        }
+        for (batch, unsettled) in settles.into_iter().zip(unsettled) {
+            let result = match results.next() {
+                Some(Ok(_)) => Ok(()),
+                Some(Err(e)) => Err(e.to_string()),
+                None => Err("no reply".to_string()),
+            };
+            if result.is_err() {
+                // Redis may or may not have applied it: the flush sends it
+                // again under the same id, and Redis counts it once.
+                lock(&self.shared.ledger).unsettled.push(unsettled);
+            }
+            for op in batch {
+                let _ = op.reply.send(result.clone());
+            }
+        }
+    }
+
+    /// Runs the commands in one pipeline, each with its own result. Scripts
+    /// Redis does not know (it restarted) are loaded and only the commands
+    /// that named them run again.
+    pub(super) async fn query(
+        &self,
+        commands: &[redis::Cmd],
+    ) -> RedisResult<Vec<RedisResult<redis::Value>>> {
+        let mut conn = self.conn.clone();
+        let mut pipe = redis::pipe();
+        for command in commands {
+            pipe.add_command(command.clone());
+        }
+        let mut results: Vec<RedisResult<redis::Value>> =
+            pipe.ignore_errors().query_async(&mut conn).await?;
+        let no_script = |r: &RedisResult<redis::Value>| matches!(r, Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript));
+        let again: Vec<usize> = (0..results.len())
+            .filter(|&i| no_script(&results[i]))
+            .collect();
+        if !again.is_empty() {
+            self.admit.load_async(&mut conn).await?;
+            self.settle.load_async(&mut conn).await?;
+            let mut pipe = redis::pipe();
+            for &i in &again {
+                pipe.add_command(commands[i].clone());
+            }
+            let retried: Vec<RedisResult<redis::Value>> =
+                pipe.ignore_errors().query_async(&mut conn).await?;
+            for (i, result) in again.into_iter().zip(retried) {
+                results[i] = result;
+            }
+        }
+        Ok(results)
+    }
+
+    /// One `EVALSHA` of [`ADMIT`] for admissions of one tenant and period.
+    pub(super) fn admit_command(&self, batch: &[AdmitOp]) -> redis::Cmd {
+        let first = &batch[0];
+        let keys = &self.keys[first.tenant];
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(self.admit.get_hash())
+            .arg(3)
+            .arg(&keys.rate)
+            .arg(&keys.inflight)
+            .arg(keys.usage(&first.period_id));
+        cmd.arg(&first.limits[..]).arg(LEASE_TTL_MS);
+        for op in batch {
+            cmd.arg(op.tokens).arg(&op.lease);
+        }
+        cmd
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn groups_operations_that_share_a_script_call() {
+        let mut batches: Vec<Vec<(u8, u32)>> = Vec::new();
+        for op in [(0, 1), (1, 2), (0, 3), (2, 4), (1, 5)] {
+            group(&mut batches, op, |a, b| a.0 == b.0);
+        }
+        assert_eq!(
+            batches,
+            [vec![(0, 1), (0, 3)], vec![(1, 2), (1, 5)], vec![(2, 4)]]
+        );
+    }
+}

@@ -1,0 +1,265 @@
+//! What this instance owes Redis: usage recorded while it was down, leases
+//! to release, and settlement batches it may not have applied, each sent
+//! again under its own id until Redis confirms it.
+
+use super::scripts::{usage_ttl_seconds, SETTLE, SETTLED_TTL_MS};
+use super::{lock, Keys, SettleOp};
+use crate::limits::PeriodUsage;
+use crate::metrics;
+use redis::Script;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use tracing::warn;
+
+/// A settlement batch Redis may not have applied (its answer never came),
+/// or usage it never got: sent by the flush, under the same id each time,
+/// until Redis confirms it.
+#[derive(Debug, Clone)]
+pub(super) struct Unsettled {
+    pub(super) id: String,
+    pub(super) tenant: usize,
+    pub(super) period_id: String,
+    pub(super) rpm: u64,
+    pub(super) tpm: u64,
+    /// (request delta, token delta) per settlement, in order.
+    pub(super) corrections: Vec<(i64, i64)>,
+    pub(super) leases: Vec<String>,
+    pub(super) usage: PeriodUsage,
+}
+
+impl Unsettled {
+    /// The batch for settlements that share a script call.
+    pub(super) fn from_ops(ops: &[SettleOp]) -> Self {
+        let first = &ops[0];
+        let mut usage = PeriodUsage::default();
+        for op in ops {
+            usage.add(&op.usage);
+        }
+        Unsettled {
+            id: crate::ids::random_token(),
+            tenant: first.tenant,
+            period_id: first.period_id.clone(),
+            rpm: first.rpm,
+            tpm: first.tpm,
+            corrections: ops
+                .iter()
+                .map(|op| (op.request_delta, op.token_delta))
+                .filter(|&c| c != (0, 0))
+                .collect(),
+            leases: ops
+                .iter()
+                .filter(|op| !op.lease.is_empty())
+                .map(|op| op.lease.clone())
+                .collect(),
+            usage,
+        }
+    }
+
+    /// The [`SETTLE`] call for this batch: by hash (`EVALSHA`) on the hot
+    /// path, whole (`EVAL`) from the flush, which may follow a Redis restart.
+    pub(super) fn command(&self, keys: &Keys, script: &Script, by_hash: bool) -> redis::Cmd {
+        let mut cmd = if by_hash {
+            let mut cmd = redis::cmd("EVALSHA");
+            cmd.arg(script.get_hash());
+            cmd
+        } else {
+            let mut cmd = redis::cmd("EVAL");
+            cmd.arg(SETTLE);
+            cmd
+        };
+        cmd.arg(4)
+            .arg(&keys.rate)
+            .arg(&keys.inflight)
+            .arg(keys.usage(&self.period_id))
+            .arg(&keys.settled)
+            .arg(self.rpm)
+            .arg(self.tpm)
+            .arg(usage_ttl_seconds(&self.period_id))
+            .arg(&self.id)
+            .arg(SETTLED_TTL_MS)
+            .arg(self.usage.requests)
+            .arg(self.usage.prompt_tokens)
+            .arg(self.usage.completion_tokens)
+            .arg(self.usage.cost_pusd)
+            .arg(self.corrections.len());
+        for (requests, tokens) in &self.corrections {
+            cmd.arg(requests).arg(tokens);
+        }
+        for lease in &self.leases {
+            cmd.arg(lease);
+        }
+        cmd
+    }
+}
+
+/// What this instance owes Redis: usage recorded while it was down, leases
+/// to release, and settlement batches it may not have applied. Shared by
+/// the store and its batching task; the flush pays it once Redis answers.
+#[derive(Debug, Default)]
+pub(super) struct Ledger {
+    /// Usage recorded while Redis was down, per (tenant, period): never
+    /// sent, so it is given an id when the flush first sends it.
+    pub(super) pending: HashMap<(usize, String), PeriodUsage>,
+    /// Leases whose release could not be sent (Redis down or frozen at
+    /// settlement, an admission that timed out, a request that panicked),
+    /// so a tenant does not lose those slots until the leases expire.
+    pub(super) unreleased: Vec<(usize, String)>,
+    /// Batches sent whose answer never came: sent again under their id.
+    pub(super) unsettled: Vec<Unsettled>,
+}
+
+impl Ledger {
+    /// Spend owed for a tenant's period (pending or unconfirmed), in pUSD.
+    pub(super) fn owed_spend(&self, tenant: usize, period_id: &str) -> i64 {
+        let pending = self
+            .pending
+            .get(&(tenant, period_id.to_string()))
+            .map_or(0, |u| u.cost_pusd);
+        let unsettled: i64 = self
+            .unsettled
+            .iter()
+            .filter(|u| u.tenant == tenant && u.period_id == period_id)
+            .map(|u| u.usage.cost_pusd)
+            .sum();
+        pending + unsettled
+    }
+}
+
+/// The store's state shared with its batching task.
+#[derive(Debug)]
+pub(super) struct Shared {
+    /// Whether Redis answered the last call.
+    pub(super) up: AtomicBool,
+    pub(super) ledger: Mutex<Ledger>,
+}
+
+impl Shared {
+    /// Counts a failed call and marks the store down.
+    pub(super) fn failed(&self, op: &'static str, error: &str) {
+        metrics::REDIS_ERRORS.with_label_values(&[op]).inc();
+        if self.up.swap(false, Ordering::Relaxed) {
+            metrics::REDIS_UP.set(0);
+            warn!(op, error = %error, "Redis unavailable; limits fall back to in-process counters and spend is kept locally");
+        }
+    }
+
+    /// Keeps a settlement that is not sent now for the flush: its usage
+    /// summed per period, its lease to release.
+    pub(super) fn defer(&self, tenant: usize, period_id: &str, lease: &str, usage: &PeriodUsage) {
+        let mut ledger = lock(&self.ledger);
+        if !lease.is_empty() {
+            ledger.unreleased.push((tenant, lease.to_string()));
+        }
+        if *usage != PeriodUsage::default() {
+            ledger
+                .pending
+                .entry((tenant, period_id.to_string()))
+                .or_default()
+                .add(usage);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn op(request_delta: i64, token_delta: i64, lease: &str, cost: i64) -> SettleOp {
+        SettleOp {
+            tenant: 0,
+            period_id: "2026-12".into(),
+            rpm: 60,
+            tpm: 1000,
+            request_delta,
+            token_delta,
+            lease: lease.into(),
+            usage: PeriodUsage {
+                requests: u64::from(request_delta == 0),
+                prompt_tokens: 3,
+                completion_tokens: 4,
+                cost_pusd: cost,
+            },
+            reply: tokio::sync::oneshot::channel().0,
+        }
+    }
+
+    fn keys() -> Keys {
+        Keys {
+            rate: "p:{t}:rate".into(),
+            inflight: "p:{t}:inflight".into(),
+            usage_prefix: "p:{t}:usage:".into(),
+            settled: "p:{t}:settled".into(),
+        }
+    }
+
+    #[test]
+    fn a_batch_sums_usage_and_keeps_each_correction_and_lease() {
+        let batch =
+            Unsettled::from_ops(&[op(0, -5, "l1", 10), op(0, 0, "", 20), op(-1, -100, "l3", 0)]);
+        assert_eq!(batch.usage.requests, 2);
+        assert_eq!(batch.usage.cost_pusd, 30);
+        assert_eq!(
+            batch.corrections,
+            [(0, -5), (-1, -100)],
+            "no-op corrections are left out"
+        );
+        assert_eq!(batch.leases, ["l1", "l3"]);
+        assert_eq!(batch.id.len(), 32);
+        assert_ne!(batch.id, Unsettled::from_ops(&[op(0, 0, "", 0)]).id);
+    }
+
+    #[test]
+    fn a_batch_is_sent_with_its_id_whole_or_by_hash() {
+        let batch = Unsettled::from_ops(&[op(0, -5, "l1", 10)]);
+        let script = Script::new(SETTLE);
+        let args = |cmd: &redis::Cmd| -> Vec<String> {
+            cmd.args_iter()
+                .map(|a| match a {
+                    redis::Arg::Simple(b) => String::from_utf8_lossy(b).into_owned(),
+                    _ => String::new(),
+                })
+                .collect()
+        };
+        let by_hash = args(&batch.command(&keys(), &script, true));
+        assert_eq!(by_hash[0], "EVALSHA");
+        assert_eq!(
+            by_hash[2..7],
+            [
+                "4",
+                "p:{t}:rate",
+                "p:{t}:inflight",
+                "p:{t}:usage:2026-12",
+                "p:{t}:settled"
+            ]
+        );
+        assert_eq!(by_hash[10], batch.id, "the id Redis records");
+        assert_eq!(by_hash[15], "10", "the summed cost");
+        assert_eq!(
+            by_hash[16..],
+            ["1", "0", "-5", "l1"],
+            "one correction, one lease"
+        );
+        let whole = args(&batch.command(&keys(), &script, false));
+        assert_eq!((whole[0].as_str(), whole[1].as_str()), ("EVAL", SETTLE));
+        assert_eq!(whole[2..], by_hash[2..], "the same arguments either way");
+    }
+
+    #[test]
+    fn owed_spend_counts_pending_and_unconfirmed_batches_of_the_period() {
+        let mut ledger = Ledger::default();
+        ledger.pending.insert(
+            (0, "2026-12".into()),
+            PeriodUsage {
+                cost_pusd: 7,
+                ..PeriodUsage::default()
+            },
+        );
+        ledger
+            .unsettled
+            .push(Unsettled::from_ops(&[op(0, 0, "", 100)]));
+        assert_eq!(ledger.owed_spend(0, "2026-12"), 107);
+        assert_eq!(ledger.owed_spend(0, "2026-11"), 0);
+        assert_eq!(ledger.owed_spend(1, "2026-12"), 0);
+    }
+}

@@ -1,0 +1,609 @@
+//! The Redis limit store: limits and spend shared by every gateway instance
+//! that uses the same Redis.
+//!
+//! Keys of one tenant share a hash tag so Redis Cluster keeps them on one
+//! slot: `{prefix}:{tenant}:rate` (hash: the two GCRA TATs),
+//! `{prefix}:{tenant}:inflight` (sorted set: concurrency leases scored by
+//! expiry), `{prefix}:{tenant}:usage:{period}` (hash: requests, tokens,
+//! spend). Admissions and settlements are group-committed by a [`Batcher`]:
+//! those queued while a round trip is out go together in the next, one
+//! `EVALSHA` of [`ADMIT`] or [`SETTLE`] per tenant and period, all in one
+//! pipeline (scripts are loaded again on `NOSCRIPT`). The scripts decide
+//! each request in order, all or nothing, exactly as one call per request
+//! would, and use Redis's clock, so instances with skewed clocks agree.
+//!
+//! Every call is bounded by `redis.timeout_ms`, a batched one from the moment
+//! it is queued. A failure marks the store
+//! down (logged once, `runestone_redis_up 0`, `runestone_redis_errors_total`)
+//! and the limiter falls back to in-process counters until
+//! [`RedisMaintenance`] sees Redis answer again; spend recorded meanwhile is
+//! kept here and flushed then. Leases held by this instance are renewed
+//! while their requests run; those of a crashed instance expire after
+//! [`LEASE_TTL_MS`].
+
+mod batcher;
+mod ledger;
+mod scripts;
+
+use super::{PeriodUsage, RateLimitState, Refusal};
+use crate::config::{RedisSettings, TenantLimits, TenantSettings};
+use crate::metrics;
+use crate::redis_conn::RedisConnection;
+use batcher::{AdmitOp, Batcher, Op, Reply};
+use ledger::{Shared, Unsettled};
+use redis::aio::ConnectionManager;
+use redis::{RedisResult, Script};
+use scripts::{AdmitAnswer, ADMIT, RENEW, SETTLE};
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+use tracing::info;
+
+/// How long a concurrency lease lives without renewal.
+pub const LEASE_TTL_MS: u64 = 30_000;
+
+/// How often held leases are renewed.
+const RENEW_EVERY: Duration = Duration::from_millis(LEASE_TTL_MS / 3);
+
+/// How often a down Redis is probed, and pending spend flushed.
+const PROBE_EVERY: Duration = Duration::from_millis(500);
+
+pub(super) struct Keys {
+    pub(super) rate: String,
+    pub(super) inflight: String,
+    pub(super) usage_prefix: String,
+    /// Settlement batches applied recently (sorted set by expiry).
+    pub(super) settled: String,
+}
+
+impl Keys {
+    /// The usage hash of one period: `{prefix}:{tenant}:usage:{period}`.
+    pub(super) fn usage(&self, period_id: &str) -> String {
+        format!("{}{period_id}", self.usage_prefix)
+    }
+}
+
+/// One settlement (or an unused grant's release), as the batched
+/// [`SETTLE`] takes it.
+pub(super) struct SettleOp {
+    pub(super) tenant: usize,
+    pub(super) period_id: String,
+    pub(super) rpm: u64,
+    pub(super) tpm: u64,
+    /// -1 to give the request back (an unused grant), else 0.
+    pub(super) request_delta: i64,
+    pub(super) token_delta: i64,
+    /// Empty when the request held no Redis slot.
+    pub(super) lease: String,
+    pub(super) usage: PeriodUsage,
+    pub(super) reply: Reply<()>,
+}
+
+struct Inner {
+    conn: Arc<RedisConnection>,
+    timeout: Duration,
+    keys: Arc<[Keys]>,
+    /// Whether Redis is up, and what is owed to it.
+    shared: Arc<Shared>,
+    /// The batching task's queue, started on first use (inside the runtime);
+    /// `None` when no connection could be set up.
+    batches: OnceLock<Option<mpsc::UnboundedSender<Op>>>,
+    renew: Script,
+    settle: Script,
+    /// Spend last read from Redis, per tenant: (period, pUSD).
+    known_spend: Vec<Mutex<(String, i64)>>,
+    /// Leases this instance holds: lease id -> tenant.
+    leases: Mutex<HashMap<String, usize>>,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("up", &self.shared.up)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Limits and spend in Redis, shared across instances.
+#[derive(Debug, Clone)]
+pub struct RedisStore {
+    inner: Arc<Inner>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// One settlement as the limiter hands it to the store.
+#[derive(Debug, Clone, Copy)]
+pub struct SettleRequest<'a> {
+    /// -1 to give the request back (an unused grant), else 0.
+    pub request_delta: i64,
+    /// Real tokens minus reserved ones (0 when Redis did not admit it).
+    pub token_delta: i64,
+    /// The Redis concurrency lease to release, if Redis admitted it.
+    pub lease: Option<&'a str>,
+    /// The period the usage counts in.
+    pub period_id: &'a str,
+    /// What the request used.
+    pub usage: &'a PeriodUsage,
+}
+
+impl RedisStore {
+    /// A store for these tenants; connects lazily, on first use.
+    pub fn new(
+        settings: &RedisSettings,
+        tenants: &[TenantSettings],
+        conn: Arc<RedisConnection>,
+    ) -> Self {
+        let keys: Arc<[Keys]> = tenants
+            .iter()
+            .map(|t| {
+                let base = format!("{}:{{{}}}", settings.key_prefix, t.id);
+                Keys {
+                    rate: format!("{base}:rate"),
+                    inflight: format!("{base}:inflight"),
+                    usage_prefix: format!("{base}:usage:"),
+                    settled: format!("{base}:settled"),
+                }
+            })
+            .collect();
+        metrics::REDIS_UP.set(1);
+        // Every operation's error count starts at 0, so rates work at once.
+        for op in ["admit", "settle", "usage", "flush", "renew", "overflow"] {
+            metrics::REDIS_ERRORS.with_label_values(&[op]);
+        }
+        RedisStore {
+            inner: Arc::new(Inner {
+                conn,
+                timeout: settings.timeout,
+                keys,
+                shared: Arc::new(Shared {
+                    up: AtomicBool::new(true),
+                    ledger: Mutex::default(),
+                }),
+                batches: OnceLock::new(),
+                renew: Script::new(RENEW),
+                settle: Script::new(SETTLE),
+                known_spend: tenants.iter().map(|_| Mutex::default()).collect(),
+                leases: Mutex::default(),
+            }),
+        }
+    }
+
+    /// Whether Redis answered the last call.
+    pub fn is_up(&self) -> bool {
+        self.inner.shared.up.load(Ordering::Relaxed) && self.inner.conn.is_configured()
+    }
+
+    /// The shared connection; must be called inside the Tokio runtime.
+    fn connection(&self) -> Option<ConnectionManager> {
+        self.inner.conn.get()
+    }
+
+    /// Runs one bounded Redis call; a failure marks the store down.
+    async fn call<T, F, Fut>(&self, op: &'static str, f: F) -> Option<T>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
+        let conn = self.connection()?;
+        let error = match tokio::time::timeout(self.inner.timeout, f(conn)).await {
+            Ok(Ok(value)) => return Some(value),
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("no answer within {:?}", self.inner.timeout),
+        };
+        self.inner.shared.failed(op, &error);
+        None
+    }
+
+    /// The batching task's queue, started on first use.
+    fn queue(&self) -> Option<&mpsc::UnboundedSender<Op>> {
+        self.inner
+            .batches
+            .get_or_init(|| {
+                let conn = self.connection()?;
+                let (queue, ops) = mpsc::unbounded_channel();
+                let batcher = Batcher {
+                    conn,
+                    admit: Script::new(ADMIT),
+                    settle: self.inner.settle.clone(),
+                    keys: self.inner.keys.clone(),
+                    timeout: self.inner.timeout,
+                    shared: self.inner.shared.clone(),
+                };
+                tokio::spawn(batcher.run(ops));
+                Some(queue)
+            })
+            .as_ref()
+    }
+
+    /// Waits, within the timeout, for the batching task's answer to an
+    /// operation it was handed. `None` (the store marked down) when Redis did
+    /// not answer in time or refused the batch.
+    async fn answer<T>(
+        &self,
+        op: &'static str,
+        answer: oneshot::Receiver<Result<T, String>>,
+    ) -> Option<T> {
+        let error = match tokio::time::timeout(self.inner.timeout, answer).await {
+            Ok(Ok(Ok(value))) => return Some(value),
+            Ok(Ok(Err(e))) => e,
+            Ok(Err(_)) => "the Redis batching task has stopped".to_string(),
+            Err(_) => format!("no answer within {:?}", self.inner.timeout),
+        };
+        self.inner.shared.failed(op, &error);
+        None
+    }
+
+    /// Admits in Redis. `None` when Redis cannot decide (the caller falls
+    /// back to the in-process store).
+    pub async fn admit(
+        &self,
+        tenant: usize,
+        limits: &TenantLimits,
+        tokens: u64,
+        lease: &str,
+        period_id: &str,
+    ) -> Option<Result<RateLimitState, Refusal>> {
+        if !self.is_up() {
+            return None;
+        }
+        let queue = self.queue()?;
+        let (reply, answer) = oneshot::channel();
+        let op = Op::Admit(AdmitOp {
+            tenant,
+            period_id: period_id.to_string(),
+            limits: [
+                u64::from(limits.requests_per_minute.unwrap_or(0)),
+                limits.tokens_per_minute.unwrap_or(0),
+                u64::from(limits.max_concurrent.unwrap_or(0)),
+                limits.budget.map_or(0, |b| b.amount_pusd.max(0) as u64),
+            ],
+            tokens,
+            lease: lease.to_string(),
+            reply,
+        });
+        let answer = match queue.send(op) {
+            Ok(()) => self.answer("admit", answer).await,
+            Err(_) => {
+                self.inner
+                    .shared
+                    .failed("admit", "the Redis batching task has stopped");
+                None
+            }
+        };
+        let Some(AdmitAnswer {
+            refused,
+            now,
+            requests_tat,
+            tokens_tat,
+            spent,
+        }) = answer
+        else {
+            // An admission that timed out may still run once Redis answers
+            // again (a frozen Redis reads it later) and take a slot nobody
+            // holds: release it with the flush.
+            if limits.max_concurrent.is_some() {
+                lock(&self.inner.shared.ledger)
+                    .unreleased
+                    .push((tenant, lease.to_string()));
+            }
+            return None;
+        };
+        *lock(&self.inner.known_spend[tenant]) = (period_id.to_string(), spent);
+        let state = RateLimitState {
+            requests: limits
+                .requests_per_minute
+                .map(|rpm| super::window(requests_tat, now, u64::from(rpm))),
+            tokens: limits
+                .tokens_per_minute
+                .map(|tpm| super::window(tokens_tat, now, tpm)),
+        };
+        if refused.is_empty() {
+            if limits.max_concurrent.is_some() {
+                lock(&self.inner.leases).insert(lease.to_string(), tenant);
+            }
+            return Some(Ok(state));
+        }
+        let limit = super::LimitKind::from_label(&refused)?;
+        let retry_after_ms = match limit {
+            super::LimitKind::Requests => limits
+                .requests_per_minute
+                .and_then(|rpm| crate::gcra::take(requests_tat, now, f64::from(rpm), 1.0).err()),
+            super::LimitKind::Tokens => limits.tokens_per_minute.and_then(|tpm| {
+                crate::gcra::take(tokens_tat, now, tpm as f64, tokens as f64).err()
+            }),
+            _ => None,
+        };
+        Some(Err(Refusal {
+            limit,
+            retry_after_ms: retry_after_ms.map(|ms| ms.ceil() as u64),
+            state,
+        }))
+    }
+
+    /// Settles in Redis: limit corrections, lease release, usage counters,
+    /// applied once (see [`SETTLE`]). From the moment it is handed over the
+    /// settlement is the store's: applied now, or kept and sent by the flush
+    /// (under the same batch id) when Redis is down or does not answer.
+    pub async fn settle(&self, tenant: usize, limits: &TenantLimits, request: SettleRequest<'_>) {
+        let lease = request.lease.unwrap_or("");
+        if !lease.is_empty() {
+            lock(&self.inner.leases).remove(lease);
+        }
+        let queue = self.is_up().then(|| self.queue()).flatten();
+        let Some(queue) = queue else {
+            self.inner
+                .shared
+                .defer(tenant, request.period_id, lease, request.usage);
+            return;
+        };
+        let (reply, answer) = oneshot::channel();
+        let op = SettleOp {
+            tenant,
+            period_id: request.period_id.to_string(),
+            rpm: u64::from(limits.requests_per_minute.unwrap_or(0)),
+            tpm: limits.tokens_per_minute.unwrap_or(0),
+            request_delta: request.request_delta,
+            token_delta: request.token_delta,
+            lease: lease.to_string(),
+            usage: request.usage.clone(),
+            reply,
+        };
+        match queue.send(Op::Settle(op)) {
+            Ok(()) => {
+                let _ = self.answer("settle", answer).await;
+            }
+            Err(mpsc::error::SendError(Op::Settle(op))) => {
+                self.inner
+                    .shared
+                    .failed("settle", "the Redis batching task has stopped");
+                self.inner
+                    .shared
+                    .defer(op.tenant, &op.period_id, &op.lease, &op.usage);
+            }
+            Err(_) => {}
+        }
+    }
+
+    /// A request that ended without settling (its task panicked): its lease
+    /// is no longer renewed and is released by the next flush.
+    pub fn abandon_lease(&self, tenant: usize, lease: &str) {
+        if lease.is_empty() {
+            return;
+        }
+        lock(&self.inner.leases).remove(lease);
+        lock(&self.inner.shared.ledger)
+            .unreleased
+            .push((tenant, lease.to_string()));
+    }
+
+    /// The last spend read from Redis plus what this instance owes it: the
+    /// budget check's view while Redis is unavailable.
+    pub fn known_spend(&self, tenant: usize, period_id: &str) -> i64 {
+        let known = {
+            let known = lock(&self.inner.known_spend[tenant]);
+            if known.0 == period_id {
+                known.1
+            } else {
+                0
+            }
+        };
+        known + lock(&self.inner.shared.ledger).owed_spend(tenant, period_id)
+    }
+
+    /// The period's usage: Redis's counters plus what is pending here.
+    /// The flag says Redis could not be read.
+    pub async fn usage(&self, tenant: usize, period_id: &str) -> (PeriodUsage, bool) {
+        let mut usage = {
+            let ledger = lock(&self.inner.shared.ledger);
+            let mut usage = ledger
+                .pending
+                .get(&(tenant, period_id.to_string()))
+                .cloned()
+                .unwrap_or_default();
+            if !self.is_up() {
+                for unsettled in &ledger.unsettled {
+                    if unsettled.tenant == tenant && unsettled.period_id == period_id {
+                        usage.add(&unsettled.usage);
+                    }
+                }
+            }
+            usage
+        };
+        if !self.is_up() {
+            return (usage, true);
+        }
+        let key = self.inner.keys[tenant].usage(period_id);
+        type Counters = (Option<u64>, Option<u64>, Option<u64>, Option<i64>);
+        let read: Option<Counters> = self
+            .call("usage", |mut conn| async move {
+                redis::cmd("HMGET")
+                    .arg(&key)
+                    .arg(&[
+                        "requests",
+                        "prompt_tokens",
+                        "completion_tokens",
+                        "cost_pusd",
+                    ])
+                    .query_async(&mut conn)
+                    .await
+            })
+            .await;
+        match read {
+            Some((requests, prompt, completion, cost)) => {
+                usage.add(&PeriodUsage {
+                    requests: requests.unwrap_or(0),
+                    prompt_tokens: prompt.unwrap_or(0),
+                    completion_tokens: completion.unwrap_or(0),
+                    cost_pusd: cost.unwrap_or(0),
+                });
+                (usage, false)
+            }
+            None => (usage, true),
+        }
+    }
+
+    /// Probes a down Redis; marks it up when it answers.
+    async fn probe(&self) {
+        let Some(mut conn) = self.connection() else {
+            return;
+        };
+        let ping = tokio::time::timeout(
+            self.inner.timeout,
+            redis::cmd("PING").query_async::<String>(&mut conn),
+        )
+        .await;
+        if matches!(ping, Ok(Ok(_))) && !self.inner.shared.up.swap(true, Ordering::Relaxed) {
+            metrics::REDIS_UP.set(1);
+            // Every operation's error count starts at 0, so rates work at once.
+            for op in ["admit", "settle", "usage", "flush", "renew", "overflow"] {
+                metrics::REDIS_ERRORS.with_label_values(&[op]);
+            }
+            info!("Redis is back; limits are shared again");
+        }
+    }
+
+    /// Pays what this instance owes Redis: usage recorded while it was
+    /// down, batches whose answer never came (each under its own id, so one
+    /// Redis did apply counts once), and leases to release.
+    async fn flush_pending(&self) {
+        let (batches, unreleased) = {
+            let mut ledger = lock(&self.inner.shared.ledger);
+            let pending: Vec<((usize, String), PeriodUsage)> = ledger.pending.drain().collect();
+            for ((tenant, period_id), usage) in pending {
+                ledger.unsettled.push(Unsettled {
+                    id: crate::ids::random_token(),
+                    tenant,
+                    period_id,
+                    rpm: 0,
+                    tpm: 0,
+                    corrections: Vec::new(),
+                    leases: Vec::new(),
+                    usage,
+                });
+            }
+            (
+                std::mem::take(&mut ledger.unsettled),
+                std::mem::take(&mut ledger.unreleased),
+            )
+        };
+        if batches.is_empty() && unreleased.is_empty() {
+            return;
+        }
+        let mut pipe = redis::pipe();
+        for batch in &batches {
+            pipe.add_command(batch.command(
+                &self.inner.keys[batch.tenant],
+                &self.inner.settle,
+                false,
+            ));
+        }
+        for (tenant, lease) in &unreleased {
+            pipe.zrem(&self.inner.keys[*tenant].inflight, lease);
+        }
+        let pipe = &pipe;
+        let results: Option<Vec<RedisResult<redis::Value>>> = self
+            .call("flush", |mut conn| async move {
+                pipe.clone().ignore_errors().query_async(&mut conn).await
+            })
+            .await;
+        let mut ledger = lock(&self.inner.shared.ledger);
+        match results {
+            Some(results) if results.len() == batches.len() + unreleased.len() => {
+                let mut results = results.into_iter();
+                let mut applied = 0;
+                for batch in batches {
+                    match results.next() {
+                        Some(Ok(_)) => applied += 1,
+                        _ => ledger.unsettled.push(batch),
+                    }
+                }
+                for lease in unreleased {
+                    if !matches!(results.next(), Some(Ok(_))) {
+                        ledger.unreleased.push(lease);
+                    }
+                }
+                info!(
+                    batches = applied,
+                    "flushed usage and lease releases recorded while Redis was unavailable"
+                );
+            }
+            _ => {
+                // Kept with their ids: sent again by the next flush.
+                ledger.unsettled.extend(batches);
+                ledger.unreleased.extend(unreleased);
+            }
+        }
+    }
+
+    /// Extends the leases this instance holds.
+    async fn renew_leases(&self) {
+        let mut by_tenant: HashMap<usize, Vec<String>> = HashMap::new();
+        for (lease, tenant) in lock(&self.inner.leases).iter() {
+            by_tenant.entry(*tenant).or_default().push(lease.clone());
+        }
+        for (tenant, leases) in by_tenant {
+            let key = &self.inner.keys[tenant].inflight;
+            let leases = &leases;
+            let _: Option<i64> = self
+                .call("renew", |mut conn| async move {
+                    let mut invocation = self.inner.renew.key(key);
+                    invocation.arg(LEASE_TTL_MS);
+                    for lease in leases {
+                        invocation.arg(lease);
+                    }
+                    invocation.invoke_async(&mut conn).await
+                })
+                .await;
+        }
+    }
+}
+
+/// The store's upkeep: probes Redis while it is down, flushes what is owed
+/// to it, renews this instance's leases (run as a background service).
+pub struct RedisMaintenance {
+    store: RedisStore,
+}
+
+impl RedisMaintenance {
+    /// Maintenance for `store`.
+    pub fn new(store: RedisStore) -> Self {
+        RedisMaintenance { store }
+    }
+}
+
+impl RedisMaintenance {
+    /// Runs until `shutdown` turns true, flushing once more then.
+    pub async fn run(&self, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        let mut probe = tokio::time::interval(PROBE_EVERY);
+        let mut renew = tokio::time::interval(RENEW_EVERY);
+        loop {
+            tokio::select! {
+                _ = probe.tick() => {
+                    if !self.store.is_up() {
+                        self.store.probe().await;
+                    }
+                    if self.store.is_up() {
+                        self.store.flush_pending().await;
+                    }
+                }
+                _ = renew.tick() => {
+                    if self.store.is_up() {
+                        self.store.renew_leases().await;
+                    }
+                }
+                _ = shutdown.changed() => {
+                    if self.store.is_up() {
+                        self.store.flush_pending().await;
+                    }
+                    return;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,218 @@
+//! The Lua scripts that decide admissions and settlements in Redis, with
+//! Redis's clock, and how their replies are read.
+
+/// Admissions of one tenant in one period, decided in order, each all or
+/// nothing. ARGV: rpm, tpm, max concurrent, budget (pUSD), lease TTL, then
+/// (tokens, lease) per admission. Replies `{secs, micros, spent_pusd}` (the
+/// Redis clock, as `TIME` gives it) followed by `{refused_limit_or_empty,
+/// requests_tat - now, tokens_tat - now}` per admission, the differences in
+/// whole microseconds: integers, so nothing is formatted per admission (Lua's
+/// `tostring` keeps only 14 digits, too few for timestamps).
+pub(crate) const ADMIT: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local W, eps = 60000, 1e-6
+local rpm, tpm, maxc, budget, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local tats = redis.call('HMGET', KEYS[1], 'requests_tat', 'tokens_tat')
+local rtat, ttat = tonumber(tats[1] or '0'), tonumber(tats[2] or '0')
+local spent = tonumber(redis.call('HGET', KEYS[3], 'cost_pusd') or '0')
+local held = 0
+if maxc > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+  held = redis.call('ZCARD', KEYS[2])
+end
+local reply, leases, moved = {t[1], t[2], spent}, {}, false
+for i = 6, #ARGV, 2 do
+  local tokens, refused = tonumber(ARGV[i]), ''
+  local new_r, new_t = rtat, ttat
+  if budget > 0 and spent >= budget then refused = 'budget' end
+  if refused == '' and rpm > 0 then
+    new_r = math.max(rtat, now) + W / rpm
+    if new_r - now - W > eps then refused = 'rpm' end
+  end
+  if refused == '' and tpm > 0 then
+    new_t = math.max(ttat, now) + tokens * W / tpm
+    if new_t - now - W > eps then refused = 'tpm' end
+  end
+  if refused == '' and maxc > 0 and held >= maxc then refused = 'concurrency' end
+  if refused == '' then
+    moved = moved or rpm > 0 or tpm > 0
+    rtat, ttat = new_r, new_t
+    if maxc > 0 then
+      held = held + 1
+      leases[#leases + 1] = now + ttl
+      leases[#leases + 1] = ARGV[i + 1]
+    end
+  end
+  reply[#reply + 1] = refused
+  reply[#reply + 1] = math.floor((rtat - now) * 1000)
+  reply[#reply + 1] = math.floor((ttat - now) * 1000)
+end
+if #leases > 0 then
+  redis.call('ZADD', KEYS[2], unpack(leases))
+  redis.call('PEXPIRE', KEYS[2], ttl * 2)
+end
+if moved then
+  redis.call('HSET', KEYS[1], 'requests_tat', string.format('%.6f', rtat), 'tokens_tat', string.format('%.6f', ttat))
+  redis.call('PEXPIRE', KEYS[1], 2 * W)
+end
+return reply
+";
+
+/// A batch of settlements of one tenant in one period, applied at most
+/// once: Redis records the batch id in `KEYS[4]` (a sorted set scored by
+/// expiry) and a batch it has seen is not applied again, so a batch sent
+/// again after its answer timed out (a frozen Redis runs the original when it
+/// thaws) counts once. ARGV: rpm, tpm, usage TTL (seconds, 0 to keep), batch
+/// id, id TTL (ms), the summed requests, prompt tokens, completion tokens and
+/// cost (pUSD), the number k of limit corrections, k pairs (request delta,
+/// token delta) in order, then the leases to release. Replies 1 when
+/// applied, 0 for a batch already applied.
+pub(super) const SETTLE: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
+if redis.call('ZADD', KEYS[4], 'NX', now + tonumber(ARGV[5]), ARGV[4]) == 0 then return 0 end
+redis.call('PEXPIRE', KEYS[4], tonumber(ARGV[5]))
+local rpm, tpm, ttl, k = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[10])
+local function shift(tat, step)
+  if step > 0 then return math.max(tat, now) + step end
+  return math.max(tat + step, now)
+end
+if k > 0 and (rpm > 0 or tpm > 0) then
+  local tats = redis.call('HMGET', KEYS[1], 'requests_tat', 'tokens_tat')
+  local rtat, ttat = tonumber(tats[1] or '0'), tonumber(tats[2] or '0')
+  for i = 11, 9 + 2 * k, 2 do
+    local rd, td = tonumber(ARGV[i]), tonumber(ARGV[i + 1])
+    if rpm > 0 and rd ~= 0 then rtat = shift(rtat, rd * 60000 / rpm) end
+    if tpm > 0 and td ~= 0 then ttat = shift(ttat, td * 60000 / tpm) end
+  end
+  redis.call('HSET', KEYS[1], 'requests_tat', string.format('%.6f', rtat), 'tokens_tat', string.format('%.6f', ttat))
+  redis.call('PEXPIRE', KEYS[1], 120000)
+end
+if #ARGV > 10 + 2 * k then redis.call('ZREM', KEYS[2], unpack(ARGV, 11 + 2 * k)) end
+if tonumber(ARGV[6]) > 0 or tonumber(ARGV[9]) ~= 0 or tonumber(ARGV[7]) > 0 or tonumber(ARGV[8]) > 0 then
+  redis.call('HINCRBY', KEYS[3], 'requests', ARGV[6])
+  redis.call('HINCRBY', KEYS[3], 'prompt_tokens', ARGV[7])
+  redis.call('HINCRBY', KEYS[3], 'completion_tokens', ARGV[8])
+  redis.call('HINCRBY', KEYS[3], 'cost_pusd', ARGV[9])
+  if ttl > 0 then redis.call('EXPIRE', KEYS[3], ttl) end
+end
+return 1
+";
+
+/// How long Redis remembers a settlement batch it applied. Counted from
+/// when it applied it: a frozen Redis runs the original when it thaws, and
+/// the flush sends the copy within a probe interval of that, so minutes
+/// are ample. Entries are per round trip, not per request (a batch carries
+/// every settlement that waited together), which bounds their memory.
+pub(super) const SETTLED_TTL_MS: u64 = 600_000;
+
+/// Renews this instance's leases of one tenant.
+pub(super) const RENEW: &str = r"
+local t = redis.call('TIME')
+local expiry = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000 + tonumber(ARGV[1])
+for i = 2, #ARGV do redis.call('ZADD', KEYS[1], 'XX', expiry, ARGV[i]) end
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[1]) * 2)
+return 1
+";
+
+/// Seconds a period's usage hash is kept after its last update.
+pub(super) fn usage_ttl_seconds(period_id: &str) -> u64 {
+    match period_id.len() {
+        10 => 3 * 86_400, // a day: 2026-11-25
+        7 => 70 * 86_400, // a month: 2026-11
+        _ => 0,           // total: kept
+    }
+}
+
+/// Redis's decision on one admission.
+pub(super) struct AdmitAnswer {
+    /// The refusing limit's label; empty when admitted.
+    pub(super) refused: String,
+    /// Redis's clock, in Unix milliseconds.
+    pub(super) now: f64,
+    pub(super) requests_tat: f64,
+    pub(super) tokens_tat: f64,
+    /// The period's spend when the batch was decided, in pUSD.
+    pub(super) spent: i64,
+}
+
+/// Reads [`ADMIT`]'s reply: `n` answers.
+pub(super) fn admit_answers(value: redis::Value, n: usize) -> Result<Vec<AdmitAnswer>, String> {
+    let malformed = || format!("unexpected reply to the admission script: {value:?}");
+    let items: Vec<redis::Value> = redis::from_redis_value_ref(&value).map_err(|_| malformed())?;
+    if items.len() != 3 + 3 * n {
+        return Err(malformed());
+    }
+    let number = |v: &redis::Value| redis::from_redis_value_ref::<f64>(v).map_err(|_| malformed());
+    let now = number(&items[0])? * 1000.0 + number(&items[1])? / 1000.0;
+    let spent = redis::from_redis_value_ref::<i64>(&items[2]).map_err(|_| malformed())?;
+    items[3..]
+        .chunks(3)
+        .map(|answer| {
+            Ok(AdmitAnswer {
+                refused: redis::from_redis_value_ref(&answer[0]).map_err(|_| malformed())?,
+                now,
+                requests_tat: now + number(&answer[1])? / 1000.0,
+                tokens_tat: now + number(&answer[2])? / 1000.0,
+                spent,
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use redis::Value;
+
+    fn int(n: i64) -> Value {
+        Value::Int(n)
+    }
+
+    #[test]
+    fn reads_admission_replies_in_order() {
+        let reply = Value::Array(vec![
+            Value::BulkString(b"1700000000".to_vec()),
+            Value::BulkString(b"250000".to_vec()),
+            int(42),
+            Value::BulkString(Vec::new()),
+            int(1_000),
+            int(0),
+            Value::BulkString(b"rpm".to_vec()),
+            int(2_000),
+            int(-5),
+        ]);
+        let answers = admit_answers(reply, 2).unwrap();
+        let now = 1_700_000_000_000.0 + 250.0;
+        assert_eq!(answers[0].refused, "");
+        assert_eq!(answers[0].now, now);
+        assert_eq!(answers[0].requests_tat, now + 1.0);
+        assert_eq!(answers[1].refused, "rpm");
+        assert_eq!(answers[1].tokens_tat, now - 0.005);
+        assert_eq!(answers[1].spent, 42);
+    }
+
+    #[test]
+    fn refuses_malformed_admission_replies() {
+        assert!(admit_answers(Value::Nil, 1).is_err());
+        assert!(admit_answers(Value::Array(vec![int(1), int(2), int(3)]), 1).is_err());
+        let wrong_type = Value::Array(vec![
+            int(1),
+            int(2),
+            Value::BulkString(b"x".to_vec()),
+            Value::Nil,
+            int(0),
+            int(0),
+        ]);
+        assert!(admit_answers(wrong_type, 1).is_err());
+    }
+
+    #[test]
+    fn usage_hashes_outlive_their_period() {
+        assert_eq!(usage_ttl_seconds("2026-11-25"), 3 * 86_400);
+        assert_eq!(usage_ttl_seconds("2026-11"), 70 * 86_400);
+        assert_eq!(usage_ttl_seconds("total"), 0);
+    }
+}

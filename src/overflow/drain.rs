@@ -1,0 +1,448 @@
+//! The drain: visits the tenants' queues in turn, admits parked requests
+//! as capacity frees, claims and runs async jobs (failing alone those that
+//! cannot run), and keeps this instance's claims alive.
+
+use super::jobs::{Job, JobResult, JobRunner};
+use super::queue::Entry;
+use super::{lock, unix_ms, Overflow};
+use crate::config::Config;
+use crate::limits::Limiter;
+use crate::metrics;
+use crate::openai::ApiError;
+use crate::upstream::Upstreams;
+use futures_util::FutureExt;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::task::JoinSet;
+use tracing::{error, info, warn};
+
+/// How often the drain looks at the queues while any has entries.
+const TICK: Duration = Duration::from_millis(10);
+/// How often it looks when all seemed empty (jobs queued by other instances).
+const IDLE_TICK: Duration = Duration::from_millis(200);
+
+/// The drain: admits queue heads as capacity frees, runs async jobs, and
+/// keeps this instance's claims alive (a Pingora background service).
+pub struct Drain {
+    overflow: Overflow,
+    limiter: Limiter,
+    upstreams: Arc<Upstreams>,
+    config: Arc<Config>,
+    runner: Arc<dyn JobRunner>,
+}
+
+/// A claimed job, and how to acknowledge it.
+pub(super) struct Claim {
+    pub(super) tenant: usize,
+    pub(super) head: Entry,
+    /// This instance's processing list (Redis).
+    pub(super) processing: String,
+}
+
+impl Drain {
+    /// A drain for these queues.
+    pub fn new(
+        overflow: Overflow,
+        limiter: Limiter,
+        upstreams: Arc<Upstreams>,
+        config: Arc<Config>,
+        runner: Arc<dyn JobRunner>,
+    ) -> Self {
+        Drain {
+            overflow,
+            limiter,
+            upstreams,
+            config,
+            runner,
+        }
+    }
+
+    async fn heads(&self, tenant: usize) -> Option<(Entry, usize)> {
+        let o = &self.overflow;
+        if o.inner.redis.is_some() {
+            let queue = o.key(tenant, "queue");
+            let mut pipe = redis::pipe();
+            pipe.cmd("LINDEX")
+                .arg(&queue)
+                .arg(0)
+                .cmd("LLEN")
+                .arg(&queue);
+            let r = o.inner.redis.as_ref()?;
+            let mut conn = r.conn()?;
+            let (head, len): (Option<String>, usize) =
+                match tokio::time::timeout(r.timeout, pipe.query_async(&mut conn)).await {
+                    Ok(Ok(v)) => v,
+                    _ => return None,
+                };
+            let head = head?;
+            return match Entry::decode(&head) {
+                Some(entry) => Some((entry, len)),
+                None => {
+                    // Not ours to read: drop it rather than block the queue.
+                    warn!(tenant = %o.inner.tenant_ids[tenant], "dropping an unreadable overflow queue entry");
+                    let _: Option<i64> = o
+                        .redis(redis::cmd("LREM").arg(&queue).arg(1).arg(&head))
+                        .await;
+                    None
+                }
+            };
+        }
+        let local = lock(&o.inner.local);
+        let queue = local.queues.get(&tenant)?;
+        Some((queue.front()?.clone(), queue.len()))
+    }
+
+    /// Tries the head of one tenant's queue; whether the queue still has
+    /// work.
+    async fn visit(&self, tenant: usize, running: &mut JoinSet<()>) -> bool {
+        let o = &self.overflow;
+        let heads = self.heads(tenant).await;
+        metrics::OVERFLOW_PARKED
+            .with_label_values(&[&o.inner.tenant_ids[tenant]])
+            .set(heads.as_ref().map_or(0, |(_, len)| *len as i64));
+        let Some((head, _)) = heads else {
+            return false;
+        };
+        match &head {
+            Entry::Sync {
+                id,
+                tokens,
+                deadline_ms,
+                owner,
+            } => {
+                if owner != &o.inner.instance {
+                    // Another instance's client: it admits its own.
+                    if *deadline_ms < unix_ms() {
+                        o.remove(tenant, &head).await;
+                    }
+                    return true;
+                }
+                let route = lock(&o.inner.waiters).get(id).map(|w| w.route);
+                let Some(route) = route.filter(|_| *deadline_ms >= unix_ms()) else {
+                    // Its client timed out or left: drop it.
+                    o.remove(tenant, &head).await;
+                    return true;
+                };
+                let Some(route) = self.config.models.get(route) else {
+                    o.remove(tenant, &head).await;
+                    return true;
+                };
+                if !self.upstreams.can_serve(route) {
+                    return true;
+                }
+                let Ok(grant) = self.limiter.admit(tenant, *tokens).await else {
+                    return true;
+                };
+                o.remove(tenant, &head).await;
+                let waiter = lock(&o.inner.waiters).remove(id);
+                if let Some(Err(grant)) = waiter.map(|w| w.admit.send(grant)) {
+                    // The client left at the last moment.
+                    self.limiter.release(grant).await;
+                }
+                true
+            }
+            Entry::Async { id } => {
+                self.try_job(tenant, &head, id, running).await;
+                true
+            }
+        }
+    }
+
+    /// Claims the job at the head of `tenant`'s queue: `None` when there is
+    /// nothing to run (someone else's, already done, gone); else the job as
+    /// stored (`Err` when it cannot be read).
+    async fn claim(&self, claim: &Claim, id: &str) -> Option<Result<Job, String>> {
+        let o = &self.overflow;
+        let tenant = claim.tenant;
+        if o.inner.redis.is_none() {
+            let pending = match lock(&o.inner.local).jobs.get(id) {
+                Some(job) if job.result.is_none() && !job.running => Some(job.job.clone()),
+                _ => None,
+            };
+            if pending.is_none() {
+                o.remove(tenant, &claim.head).await;
+            }
+            return pending.map(Ok);
+        }
+        // The head moves into this instance's processing list.
+        let claimed: Option<Option<String>> = o
+            .redis(
+                redis::cmd("LMOVE")
+                    .arg(o.key(tenant, "queue"))
+                    .arg(&claim.processing)
+                    .arg("LEFT")
+                    .arg("RIGHT"),
+            )
+            .await;
+        match claimed.flatten() {
+            Some(raw) if raw == claim.head.encode() => {}
+            Some(_) => {
+                // Someone else's head moved under us: put it back.
+                self.unclaim(claim).await;
+                return None;
+            }
+            None => return None,
+        }
+        let key = o.key(tenant, &format!("job:{id}"));
+        let fields: Option<(Option<String>, Option<String>)> = o
+            .redis(redis::cmd("HMGET").arg(&key).arg("request").arg("result"))
+            .await;
+        match fields {
+            Some((_, Some(_))) | Some((None, _)) => {
+                // Already done (a re-queued duplicate) or gone: acknowledge.
+                self.acknowledge(claim).await;
+                None
+            }
+            Some((Some(request), None)) => {
+                Some(serde_json::from_str::<Job>(&request).map_err(|e| e.to_string()))
+            }
+            None => {
+                self.unclaim(claim).await;
+                None
+            }
+        }
+    }
+
+    /// The job's tenant and route in the running config, from its names:
+    /// the error it fails with when it cannot run as its own tenant.
+    fn resolve(&self, tenant: usize, job: &Job) -> Result<usize, ApiError> {
+        let settings = &self.config.tenants[tenant];
+        if job.tenant != settings.id {
+            return Err(ApiError::internal(
+                "The job is stored under another tenant's queue; it was not run.",
+            ));
+        }
+        let (route, _) = self
+            .config
+            .route(&job.model)
+            .ok_or_else(|| ApiError::model_not_found(&job.model))?;
+        if !settings.may_use(&job.model) {
+            return Err(ApiError::model_not_allowed(&job.model));
+        }
+        Ok(route)
+    }
+
+    async fn try_job(&self, tenant: usize, head: &Entry, id: &str, running: &mut JoinSet<()>) {
+        let o = &self.overflow;
+        let claim = Claim {
+            tenant,
+            head: head.clone(),
+            processing: o.key(tenant, &format!("processing:{}", o.inner.instance)),
+        };
+        let job = match self.claim(&claim, id).await {
+            None => return,
+            Some(Ok(job)) => job,
+            Some(Err(why)) => {
+                warn!(job = %id, error = %why, "a stored job cannot be read; it fails");
+                let result = JobResult::failed(&ApiError::internal(
+                    "The stored job could not be read; it was not run.",
+                ));
+                o.finish_job(&claim, id, &result).await;
+                return;
+            }
+        };
+        let route = match self.resolve(tenant, &job) {
+            Ok(route) => route,
+            Err(error) => {
+                warn!(job = %id, tenant = %job.tenant, model = %job.model, code = error.code, "a job can no longer run as submitted; it fails");
+                let result = JobResult::failed(&error);
+                o.finish_job(&claim, id, &result).await;
+                if job.tenant == o.inner.tenant_ids[tenant] {
+                    o.deliver_callback(self.runner.as_ref(), tenant, &job, &result)
+                        .await;
+                }
+                return;
+            }
+        };
+        if !self.upstreams.can_serve(&self.config.models[route]) {
+            self.unclaim(&claim).await;
+            return;
+        }
+        let grant = match self.limiter.admit(tenant, job.tokens).await {
+            Ok(grant) => grant,
+            Err(_) => {
+                self.unclaim(&claim).await;
+                return;
+            }
+        };
+        o.mark_running(tenant, head, id).await;
+        let overflow = o.clone();
+        let runner = self.runner.clone();
+        running.spawn(async move {
+            // Run on a task of its own so that a panic fails this job alone
+            // (its grant is released by its drop guard) and is answered.
+            let run = {
+                let (runner, job) = (runner.clone(), job.clone());
+                tokio::spawn(async move { runner.run_job(&job, tenant, route, grant).await })
+            };
+            let result = match run.await {
+                Ok(result) => result,
+                Err(e) => {
+                    error!(job = %job.id, error = %e, "an async job's run failed inside the gateway");
+                    JobResult::failed(&ApiError::internal(
+                        "The gateway failed while running the job.",
+                    ))
+                }
+            };
+            overflow.finish_job(&claim, &job.id, &result).await;
+            overflow
+                .deliver_callback(runner.as_ref(), tenant, &job, &result)
+                .await;
+        });
+    }
+
+    /// Puts a claimed head back at the head of its queue.
+    async fn unclaim(&self, claim: &Claim) {
+        let o = &self.overflow;
+        if o.inner.redis.is_some() {
+            let _: Option<Option<String>> = o
+                .redis(
+                    redis::cmd("LMOVE")
+                        .arg(&claim.processing)
+                        .arg(o.key(claim.tenant, "queue"))
+                        .arg("RIGHT")
+                        .arg("LEFT"),
+                )
+                .await;
+        }
+    }
+
+    /// Removes a claimed head from the processing list.
+    async fn acknowledge(&self, claim: &Claim) {
+        let _: Option<i64> = self
+            .overflow
+            .redis(
+                redis::cmd("LREM")
+                    .arg(&claim.processing)
+                    .arg(1)
+                    .arg(claim.head.encode()),
+            )
+            .await;
+    }
+
+    /// Heartbeats for this instance and re-queues what silent ones held.
+    async fn keep_claims(&self) {
+        let o = &self.overflow;
+        if o.inner.redis.is_none() {
+            return;
+        }
+        let ttl = o.inner.visibility.as_millis() as u64;
+        for tenant in 0..o.inner.tenant_ids.len() {
+            let workers = o.key(tenant, "workers");
+            let _: Option<()> = o
+                .redis(
+                    redis::cmd("SET")
+                        .arg(o.key(tenant, &format!("worker:{}", o.inner.instance)))
+                        .arg(1)
+                        .arg("PX")
+                        .arg(ttl),
+                )
+                .await;
+            let _: Option<i64> = o
+                .redis(redis::cmd("SADD").arg(&workers).arg(&o.inner.instance))
+                .await;
+            let members: Option<Vec<String>> = o.redis(redis::cmd("SMEMBERS").arg(&workers)).await;
+            for worker in members.unwrap_or_default() {
+                if worker == o.inner.instance {
+                    continue;
+                }
+                let alive: Option<i64> = o
+                    .redis(redis::cmd("EXISTS").arg(o.key(tenant, &format!("worker:{worker}"))))
+                    .await;
+                if alive != Some(0) {
+                    continue;
+                }
+                let processing = o.key(tenant, &format!("processing:{worker}"));
+                let mut moved = 0;
+                loop {
+                    let back: Option<Option<String>> = o
+                        .redis(
+                            redis::cmd("LMOVE")
+                                .arg(&processing)
+                                .arg(o.key(tenant, "queue"))
+                                .arg("RIGHT")
+                                .arg("LEFT"),
+                        )
+                        .await;
+                    match back.flatten() {
+                        Some(_) => moved += 1,
+                        None => break,
+                    }
+                }
+                let _: Option<i64> = o.redis(redis::cmd("SREM").arg(&workers).arg(&worker)).await;
+                if moved > 0 {
+                    info!(tenant = %o.inner.tenant_ids[tenant], worker = %worker, moved, "re-queued jobs held by a silent instance");
+                    o.inner.wake.notify_one();
+                }
+            }
+        }
+    }
+
+    async fn warn_if_redis_may_evict(&self) {
+        let o = &self.overflow;
+        if o.inner.redis.is_none() {
+            return;
+        }
+        let policy: Option<Vec<String>> = o
+            .redis(redis::cmd("CONFIG").arg("GET").arg("maxmemory-policy"))
+            .await;
+        if let Some(policy) = policy.and_then(|p| p.get(1).cloned()) {
+            if policy != "noeviction" {
+                warn!(%policy, "Redis maxmemory-policy may evict queued jobs; set it to noeviction (and appendonly yes) for durable async jobs");
+            }
+        }
+    }
+
+    /// Runs until `shutdown` turns true: drains the queues, then waits for
+    /// the jobs already running (the caller bounds that by its grace
+    /// period).
+    pub async fn run(&self, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        self.warn_if_redis_may_evict().await;
+        let tenants = self.overflow.inner.tenant_ids.len();
+        let mut next_claims = Instant::now();
+        let mut start = 0;
+        let mut running = JoinSet::new();
+        loop {
+            if Instant::now() >= next_claims {
+                self.keep_claims().await;
+                next_claims = Instant::now() + self.overflow.inner.visibility / 3;
+            }
+            // One head per tenant per round, starting with a different
+            // tenant each round: fair across tenants.
+            let mut busy = false;
+            for i in 0..tenants {
+                let tenant = (start + i) % tenants;
+                // A fault in one tenant's queue must not stop the drain for
+                // every tenant.
+                match AssertUnwindSafe(self.visit(tenant, &mut running))
+                    .catch_unwind()
+                    .await
+                {
+                    Ok(more) => busy |= more,
+                    Err(_) => {
+                        error!(tenant = %self.overflow.inner.tenant_ids[tenant], "the overflow drain failed on a queue head; going on");
+                    }
+                }
+            }
+            start = (start + 1) % tenants.max(1);
+            let pause = if busy { TICK } else { IDLE_TICK };
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = self.overflow.inner.wake.notified() => {}
+                _ = shutdown.changed() => {
+                    // Stop claiming; let the jobs already running finish
+                    // (Pingora bounds this by the grace period). A job cut
+                    // off anyway stays claimed and is re-queued by another
+                    // instance after the visibility timeout.
+                    if !running.is_empty() {
+                        info!(jobs = running.len(), "waiting for running async jobs before stopping");
+                    }
+                    while running.join_next().await.is_some() {}
+                    return;
+                }
+                Some(_) = running.join_next(), if !running.is_empty() => {}
+            }
+        }
+    }
+}

@@ -1,0 +1,188 @@
+//! The overflow queue: requests over a tenant's limits wait their turn
+//! instead of failing, and async jobs run when capacity frees.
+//!
+//! Each tenant has a FIFO queue: a Redis list `{prefix}:{tenant}:queue` when
+//! `redis:` is configured (shared by every instance), else an in-process
+//! queue (not durable: lost with the process). Entries are
+//!
+//! - sync (`s|id|tokens|deadline_ms|instance`): a client connection waiting
+//!   on one instance, up to `overflow.max_wait_seconds`;
+//! - async (`a|id`): a job stored whole (`{prefix}:{tenant}:job:{id}`), run
+//!   by any instance.
+//!
+//! The [`Drain`] background service visits the tenants in turn (one head
+//! per tenant per round, so a busy tenant cannot starve another) and admits
+//! a head as soon as the limiter allows. A sync head is admitted only by
+//! the instance holding its connection (others wait behind it, keeping the
+//! order); the admitted grant is handed to the waiting request, which then
+//! proceeds exactly like a direct one. An async head is claimed with `LMOVE`
+//! into this instance's processing list `{prefix}:{tenant}:processing:{id}`
+//! and acknowledged (removed) once its result is stored. Every instance
+//! keeps a heartbeat per tenant; a reaper moves what a silent instance held
+//! back to the head of the queue after `jobs.visibility_timeout_seconds`.
+//! Delivery is at least once; a job whose result is already stored is
+//! acknowledged without running again.
+//!
+//! A job names its tenant and model (never their positions in the config),
+//! so a restart or reload with the config reordered or edited cannot run it
+//! as someone else: on pick-up a job whose model is gone, or no longer
+//! allowed to its tenant, ends `failed` with an OpenAI-shaped error. Nothing
+//! read from Redis is trusted to index anything; a job that cannot run (or
+//! whose run panics) fails alone, and the drain goes on.
+
+mod drain;
+mod jobs;
+mod queue;
+
+pub use drain::Drain;
+pub use jobs::{sign_callback, Job, JobResult, JobRunner, JobState};
+pub use queue::Parked;
+
+use crate::config::{Config, TenantOverflow};
+use crate::limits::Grant;
+use crate::metrics;
+use crate::redis_conn::RedisConnection;
+use jobs::LocalState;
+use redis::aio::ConnectionManager;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{oneshot, Notify};
+use tracing::warn;
+
+/// Why a request could not be parked or a job stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParkRefusal {
+    /// `max_parked` reached.
+    Full,
+    /// The shared queue (Redis) cannot be reached.
+    Unavailable,
+    /// The in-process job store is at `jobs.in_process_max_jobs` or
+    /// `in_process_max_bytes`; room frees in about this many ms.
+    StoreFull(u64),
+}
+
+/// How a sync wait ended.
+#[derive(Debug)]
+pub enum Waited {
+    /// Admitted: proceed with this grant.
+    Admitted(Grant),
+    /// `max_wait` passed.
+    TimedOut,
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+struct RedisQueues {
+    conn: Arc<RedisConnection>,
+    prefix: String,
+    timeout: Duration,
+}
+
+impl RedisQueues {
+    fn conn(&self) -> Option<ConnectionManager> {
+        self.conn.get()
+    }
+}
+
+/// A client connection parked on this instance.
+struct Waiter {
+    admit: oneshot::Sender<Grant>,
+    /// Its route's index in this process's config.
+    route: usize,
+}
+
+struct Inner {
+    settings: Vec<TenantOverflow>,
+    tenant_ids: Vec<String>,
+    instance: String,
+    waiters: Mutex<HashMap<String, Waiter>>,
+    local: Mutex<LocalState>,
+    redis: Option<RedisQueues>,
+    wake: Notify,
+    result_ttl: Duration,
+    visibility: Duration,
+    max_local_jobs: usize,
+    max_local_bytes: usize,
+}
+
+/// The overflow queue of every tenant.
+#[derive(Clone)]
+pub struct Overflow {
+    inner: Arc<Inner>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Overflow {
+    /// Queues for the config's tenants, in Redis when configured.
+    pub fn new(config: &Config, conn: Option<Arc<RedisConnection>>) -> Self {
+        let redis = config
+            .redis
+            .as_ref()
+            .zip(conn)
+            .map(|(settings, conn)| RedisQueues {
+                conn,
+                prefix: settings.key_prefix.clone(),
+                timeout: settings.timeout,
+            });
+        Overflow {
+            inner: Arc::new(Inner {
+                settings: config.tenants.iter().map(|t| t.overflow.clone()).collect(),
+                tenant_ids: config.tenants.iter().map(|t| t.id.clone()).collect(),
+                instance: crate::ids::random_token(),
+                waiters: Mutex::default(),
+                local: Mutex::new(LocalState::new()),
+                redis,
+                wake: Notify::new(),
+                result_ttl: config.jobs.result_ttl,
+                visibility: config.jobs.visibility_timeout,
+                max_local_jobs: config.jobs.in_process_max_jobs,
+                max_local_bytes: config.jobs.in_process_max_bytes,
+            }),
+        }
+    }
+
+    /// The tenant's overflow settings.
+    pub fn settings(&self, tenant: usize) -> &TenantOverflow {
+        &self.inner.settings[tenant]
+    }
+
+    pub(super) fn key(&self, tenant: usize, suffix: &str) -> String {
+        let prefix = self
+            .inner
+            .redis
+            .as_ref()
+            .map_or("runestone", |r| r.prefix.as_str());
+        format!("{prefix}:{{{}}}:{suffix}", self.inner.tenant_ids[tenant])
+    }
+
+    pub(super) async fn redis<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Option<T> {
+        let r = self.inner.redis.as_ref()?;
+        let mut conn = r.conn()?;
+        match tokio::time::timeout(r.timeout, cmd.query_async::<T>(&mut conn)).await {
+            Ok(Ok(v)) => Some(v),
+            Ok(Err(e)) => {
+                metrics::REDIS_ERRORS.with_label_values(&["overflow"]).inc();
+                warn!(error = %e, "overflow queue: Redis call failed");
+                None
+            }
+            Err(_) => {
+                metrics::REDIS_ERRORS.with_label_values(&["overflow"]).inc();
+                None
+            }
+        }
+    }
+
+    pub(super) fn count(&self, tenant: usize, outcome: &str) {
+        metrics::OVERFLOW_TOTAL
+            .with_label_values(&[&self.inner.tenant_ids[tenant], outcome])
+            .inc();
+    }
+}

@@ -1,0 +1,229 @@
+//! The queue itself: entries, parking a request and waiting for its turn,
+//! giving up a place.
+
+use super::{lock, unix_ms, Overflow, ParkRefusal, Waited, Waiter};
+use crate::limits::{Grant, Limiter};
+use crate::metrics;
+use std::time::Instant;
+use tokio::sync::oneshot;
+
+#[derive(Debug, Clone, PartialEq)]
+pub(super) enum Entry {
+    Sync {
+        id: String,
+        tokens: u64,
+        deadline_ms: u64,
+        owner: String,
+    },
+    Async {
+        id: String,
+    },
+}
+
+impl Entry {
+    pub(super) fn encode(&self) -> String {
+        match self {
+            Entry::Sync {
+                id,
+                tokens,
+                deadline_ms,
+                owner,
+            } => format!("s|{id}|{tokens}|{deadline_ms}|{owner}"),
+            Entry::Async { id } => format!("a|{id}"),
+        }
+    }
+
+    pub(super) fn decode(raw: &str) -> Option<Entry> {
+        let parts: Vec<&str> = raw.split('|').collect();
+        match parts.as_slice() {
+            ["s", id, tokens, deadline_ms, owner] |
+            // Before 0.2 a sync entry also held its route's position.
+            ["s", id, tokens, _, deadline_ms, owner] => Some(Entry::Sync {
+                id: id.to_string(),
+                tokens: tokens.parse().ok()?,
+                deadline_ms: deadline_ms.parse().ok()?,
+                owner: owner.to_string(),
+            }),
+            ["a", id] => Some(Entry::Async { id: id.to_string() }),
+            _ => None,
+        }
+    }
+}
+
+/// A parked request's place in its queue.
+#[derive(Debug)]
+pub struct Parked {
+    tenant: usize,
+    entry: Entry,
+    parked_at: Instant,
+    admission: Option<oneshot::Receiver<Grant>>,
+}
+
+impl Overflow {
+    /// Appends an entry unless the tenant has `max_parked` already (or the
+    /// shared queue cannot be reached); a refusal is counted.
+    pub(super) async fn push(&self, tenant: usize, entry: &Entry) -> Result<(), ParkRefusal> {
+        let pushed = self.try_push(tenant, entry).await;
+        match pushed {
+            Err(ParkRefusal::Full | ParkRefusal::StoreFull(_)) => self.count(tenant, "full"),
+            Err(ParkRefusal::Unavailable) => self.count(tenant, "unavailable"),
+            Ok(()) => {}
+        }
+        pushed
+    }
+
+    async fn try_push(&self, tenant: usize, entry: &Entry) -> Result<(), ParkRefusal> {
+        let max = self.inner.settings[tenant].max_parked;
+        if let Some(r) = &self.inner.redis {
+            let script = redis::Script::new(
+                "if redis.call('LLEN', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end \
+                 redis.call('RPUSH', KEYS[1], ARGV[1]) return 1",
+            );
+            let mut invocation = script.key(self.key(tenant, "queue"));
+            invocation.arg(entry.encode()).arg(max);
+            let Some(mut conn) = r.conn() else {
+                return Err(ParkRefusal::Unavailable);
+            };
+            return match tokio::time::timeout(r.timeout, invocation.invoke_async::<i64>(&mut conn))
+                .await
+            {
+                Ok(Ok(1)) => Ok(()),
+                Ok(Ok(_)) => Err(ParkRefusal::Full),
+                _ => {
+                    metrics::REDIS_ERRORS.with_label_values(&["overflow"]).inc();
+                    Err(ParkRefusal::Unavailable)
+                }
+            };
+        }
+        let mut local = lock(&self.inner.local);
+        let queue = local.queues.entry(tenant).or_default();
+        if queue.len() >= max {
+            return Err(ParkRefusal::Full);
+        }
+        queue.push_back(entry.clone());
+        Ok(())
+    }
+
+    pub(super) async fn remove(&self, tenant: usize, entry: &Entry) {
+        if self.inner.redis.is_some() {
+            let _: Option<i64> = self
+                .redis(
+                    redis::cmd("LREM")
+                        .arg(self.key(tenant, "queue"))
+                        .arg(1)
+                        .arg(entry.encode()),
+                )
+                .await;
+            return;
+        }
+        if let Some(queue) = lock(&self.inner.local).queues.get_mut(&tenant) {
+            queue.retain(|e| e != entry);
+        }
+    }
+
+    /// Parks a sync request for `route` (its index in this process's
+    /// config): it joins the tenant's queue and waits for
+    /// [`Overflow::wait`]. The caller races the wait against the client going
+    /// away and calls [`Overflow::abandon`] if it does.
+    pub async fn park(
+        &self,
+        tenant: usize,
+        route: usize,
+        tokens: u64,
+    ) -> Result<Parked, ParkRefusal> {
+        let settings = &self.inner.settings[tenant];
+        let id = crate::ids::random_token();
+        let entry = Entry::Sync {
+            id: id.clone(),
+            tokens,
+            deadline_ms: unix_ms() + settings.max_wait.as_millis() as u64,
+            owner: self.inner.instance.clone(),
+        };
+        let (admit, rx) = oneshot::channel();
+        lock(&self.inner.waiters).insert(id.clone(), Waiter { admit, route });
+        if let Err(refusal) = self.push(tenant, &entry).await {
+            lock(&self.inner.waiters).remove(&id);
+            return Err(refusal);
+        }
+        self.inner.wake.notify_one();
+        Ok(Parked {
+            tenant,
+            entry,
+            parked_at: Instant::now(),
+            admission: Some(rx),
+        })
+    }
+
+    /// Waits for the parked request's admission, up to the tenant's
+    /// `max_wait`.
+    pub async fn wait(&self, parked: &mut Parked) -> Waited {
+        let tenant = parked.tenant;
+        let max_wait = self.inner.settings[tenant].max_wait;
+        let Some(rx) = parked.admission.as_mut() else {
+            return Waited::TimedOut;
+        };
+        let admitted = match tokio::time::timeout(max_wait, &mut *rx).await {
+            Ok(result) => result.ok(),
+            // A grant may have arrived as the wait ran out: take it.
+            Err(_) => rx.try_recv().ok(),
+        };
+        match admitted {
+            Some(grant) => {
+                parked.admission = None;
+                metrics::OVERFLOW_WAIT
+                    .with_label_values(&[&self.inner.tenant_ids[tenant]])
+                    .observe(parked.parked_at.elapsed().as_secs_f64());
+                self.count(tenant, "admitted");
+                Waited::Admitted(grant)
+            }
+            _ => {
+                self.forget(parked).await;
+                self.count(tenant, "timeout");
+                Waited::TimedOut
+            }
+        }
+    }
+
+    /// A waiting client went away: it gives up its place (a grant that
+    /// raced in is given back unused).
+    pub async fn abandon(&self, parked: &mut Parked, limiter: &Limiter) {
+        self.forget(parked).await;
+        if let Some(Ok(grant)) = parked.admission.take().map(|mut rx| rx.try_recv()) {
+            limiter.release(grant).await;
+        }
+        self.count(parked.tenant, "abandoned");
+    }
+
+    async fn forget(&self, parked: &Parked) {
+        if let Entry::Sync { id, .. } = &parked.entry {
+            lock(&self.inner.waiters).remove(id);
+        }
+        self.remove(parked.tenant, &parked.entry).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_round_trip() {
+        let sync = Entry::Sync {
+            id: "abc".into(),
+            tokens: 42,
+            deadline_ms: 1_700_000_000_000,
+            owner: "0123abcd".into(),
+        };
+        assert_eq!(Entry::decode(&sync.encode()), Some(sync.clone()));
+        // The older form, with a route position, still reads.
+        assert_eq!(
+            Entry::decode("s|abc|42|7|1700000000000|0123abcd"),
+            Some(sync)
+        );
+        let job = Entry::Async { id: "job_1".into() };
+        assert_eq!(Entry::decode(&job.encode()), Some(job));
+        assert_eq!(Entry::decode("x|y"), None);
+        assert_eq!(Entry::decode("s|a|notanumber|2|o"), None);
+        assert_eq!(Entry::decode(""), None);
+    }
+}

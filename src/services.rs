@@ -1,0 +1,41 @@
+//! Pingora's background services, as thin adapters over the domain's
+//! long-running loops: each loop is a plain `run(shutdown)` on its own type
+//! (unit-testable with a Tokio watch channel), and only this module knows
+//! Pingora's `BackgroundService` trait.
+
+use crate::limits::redis::RedisMaintenance;
+use crate::overflow::Drain;
+use crate::reload::ReloadOnHangup;
+use async_trait::async_trait;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+
+/// The overflow drain ([`Drain::run`]).
+pub struct DrainService(pub Drain);
+
+#[async_trait]
+impl BackgroundService for DrainService {
+    async fn start(&self, shutdown: ShutdownWatch) {
+        self.0.run(shutdown).await
+    }
+}
+
+/// Redis upkeep: probe, flush, lease renewal ([`RedisMaintenance::run`]).
+pub struct MaintenanceService(pub RedisMaintenance);
+
+#[async_trait]
+impl BackgroundService for MaintenanceService {
+    async fn start(&self, shutdown: ShutdownWatch) {
+        self.0.run(shutdown).await
+    }
+}
+
+/// Reload on SIGHUP ([`ReloadOnHangup::run`]).
+pub struct ReloadService(pub ReloadOnHangup);
+
+#[async_trait]
+impl BackgroundService for ReloadService {
+    async fn start(&self, shutdown: ShutdownWatch) {
+        self.0.run(shutdown).await
+    }
+}
