@@ -15,10 +15,9 @@
 //! that provider round robin.
 
 pub mod breaker;
+pub mod failover;
 
-use crate::config::{
-    Config, HealthCheckSettings, ModelRoute, ProviderKind, ProviderSettings, Strategy,
-};
+use crate::config::{Config, HealthCheckSettings, ModelRoute, ProviderSettings, Strategy};
 use crate::metrics;
 use async_trait::async_trait;
 use breaker::{Breaker, BreakerView, Outcome, Permit};
@@ -132,19 +131,12 @@ fn health_check(settings: &ProviderSettings, hc: &HealthCheckSettings) -> HttpHe
     let mut req = RequestHeader::build("GET", path.as_bytes(), None).expect("a GET header builds");
     let _ = req.insert_header("host", &url.authority);
     if let Some(key) = &settings.api_key {
-        let _ = match settings.kind {
-            ProviderKind::OpenAi => {
-                req.insert_header("authorization", format!("Bearer {}", key.expose()))
-            }
-            ProviderKind::Azure => req.insert_header("api-key", key.expose()),
-            ProviderKind::Anthropic => req.insert_header("x-api-key", key.expose()),
-        };
+        if let Ok((name, value)) = crate::providers::credential(settings.kind, key.expose()) {
+            let _ = req.insert_header(name, value);
+        }
     }
-    if settings.kind == ProviderKind::Anthropic {
-        let _ = req.insert_header(
-            "anthropic-version",
-            crate::providers::anthropic::API_VERSION,
-        );
+    for (name, value) in crate::providers::adapter(settings.kind).fixed_headers() {
+        let _ = req.insert_header(*name, *value);
     }
     check.req = req;
     check.consecutive_success = hc.healthy_threshold;

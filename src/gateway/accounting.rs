@@ -1,0 +1,167 @@
+//! Accounting for a finished request: settling its admission with what it
+//! used (tokens, cost), and recording it (metrics, the access log line).
+
+use super::forward::{Report, Settle};
+use super::{access_log, Gateway, RequestCtx};
+use crate::config::{Price, PICO_PER_USD};
+use crate::limits::{Grant, Settlement};
+use crate::metrics;
+use async_trait::async_trait;
+use std::time::Instant;
+
+/// Settles one request's admission: frees its slot, corrects its token
+/// reservation with the real usage, adds its spend, and counts tokens and
+/// cost. Settles once; later calls do nothing.
+pub(super) struct Settler<'a> {
+    pub gateway: &'a Gateway,
+    pub tenant: Option<usize>,
+    /// Taken when settled.
+    pub grant: &'a mut Option<Grant>,
+    /// The request's cost, once settled.
+    pub cost_pusd: &'a mut i64,
+    pub started: Instant,
+}
+
+#[async_trait]
+impl Settle for Settler<'_> {
+    async fn settle(&mut self, report: &Report) {
+        let Some(grant) = self.grant.take() else {
+            return;
+        };
+        let gateway = self.gateway;
+        let (tenant, model) = gateway.label_names(self.tenant, report.route);
+        let usage = report.usage.unwrap_or_default();
+        let cost_pusd = usage.cost_pusd(gateway.price(report));
+        if usage.total() > 0 {
+            let [t, m, _] = label_key(self.tenant, report);
+            metrics::child(&metrics::TOKENS, [t, m, 0, 0], |v| {
+                v.with_label_values(&[tenant, model, "prompt"])
+            })
+            .inc_by(usage.prompt_tokens);
+            metrics::child(&metrics::TOKENS, [t, m, 1, 0], |v| {
+                v.with_label_values(&[tenant, model, "completion"])
+            })
+            .inc_by(usage.completion_tokens);
+            metrics::child(&metrics::COST_USD, [t, m, 0, 0], |v| {
+                v.with_label_values(&[tenant, model])
+            })
+            .inc_by(cost_pusd as f64 / PICO_PER_USD);
+        }
+        *self.cost_pusd = cost_pusd;
+        let settlement = Settlement {
+            usage,
+            cost_pusd,
+            duration: self.started.elapsed(),
+        };
+        gateway.limiter.settle(grant, settlement).await;
+    }
+}
+
+/// The tenant, route and provider indices behind the labels, as a key for
+/// [`metrics::child`] (`u32::MAX` when unknown).
+fn label_key(tenant: Option<usize>, report: &Report) -> [u32; 3] {
+    let index = |i: Option<usize>| i.map_or(u32::MAX, |i| i as u32);
+    [index(tenant), index(report.route), index(report.provider)]
+}
+
+impl Gateway {
+    /// The tenant id and public model name, for labels and logs (empty
+    /// when not known yet).
+    fn label_names(&self, tenant: Option<usize>, route: Option<usize>) -> (&str, &str) {
+        let tenant = tenant.map_or("", |t| self.config.tenants[t].id.as_str());
+        let model = route.map_or("", |r| self.config.models[r].name.as_str());
+        (tenant, model)
+    }
+
+    /// The price of the target that served the request: its own
+    /// `provider/model` entry, else its public model's.
+    fn price(&self, report: &Report) -> Option<&Price> {
+        let route = &self.config.models[report.route?];
+        match report.target {
+            Some(target) => route.targets[target].price.as_ref(),
+            None => self.config.pricing.get(&route.name),
+        }
+    }
+
+    /// Settles the request's admission with what it used (none when no
+    /// provider answered). Runs once; later calls do nothing.
+    pub(super) async fn settle(&self, ctx: &mut RequestCtx) {
+        let RequestCtx {
+            grant,
+            cost_pusd,
+            tenant,
+            started,
+            exchange,
+            ..
+        } = ctx;
+        Settler {
+            gateway: self,
+            tenant: *tenant,
+            grant,
+            cost_pusd,
+            started: *started,
+        }
+        .settle(exchange)
+        .await;
+    }
+
+    /// Records a finished request: its metrics and its access log line.
+    pub(super) fn record(&self, ctx: &RequestCtx, status: u16) {
+        let report = &ctx.exchange;
+        let (tenant, model) = self.label_names(ctx.tenant, report.route);
+        let provider = report
+            .provider
+            .map_or("", |p| self.upstreams.provider(p).settings.name.as_str());
+        let [t, m, p] = label_key(ctx.tenant, report);
+        metrics::child(&metrics::REQUESTS, [t, m, p, u32::from(status)], |v| {
+            v.with_label_values(&[tenant, model, provider, &status.to_string()])
+        })
+        .inc();
+        let elapsed = ctx.started.elapsed();
+        let ttft = report
+            .first_byte_at
+            .map(|at| at.duration_since(ctx.started));
+        if report.route.is_some() {
+            metrics::child(&metrics::REQUEST_DURATION, [m, p, 0, 0], |v| {
+                v.with_label_values(&[model, provider])
+            })
+            .observe(elapsed.as_secs_f64());
+            if let Some(ttft) = ttft {
+                metrics::child(&metrics::TIME_TO_FIRST_TOKEN, [m, p, 0, 0], |v| {
+                    v.with_label_values(&[model, provider])
+                })
+                .observe(ttft.as_secs_f64());
+            }
+            let overhead = elapsed
+                .saturating_sub(report.upstream_time)
+                .saturating_sub(ctx.parked);
+            metrics::GATEWAY_OVERHEAD.observe(overhead.as_secs_f64());
+        }
+        let error = ctx.error_reason.or(report.error_reason);
+        if let Some(reason) = error {
+            metrics::ERRORS.with_label_values(&[reason]).inc();
+        }
+        if self.config.server.access_log {
+            let usage = report.usage.unwrap_or_default();
+            let line = access_log::Line {
+                request_id: &ctx.request_id,
+                tenant,
+                endpoint: ctx.endpoint,
+                model,
+                provider,
+                backend: report.backend,
+                status,
+                prompt_tokens: usage.prompt_tokens,
+                completion_tokens: usage.completion_tokens,
+                usage_estimated: usage.estimated,
+                cost_usd: ctx.cost_pusd as f64 / PICO_PER_USD,
+                duration: elapsed,
+                ttft,
+                attempts: report.attempts,
+                overflow_wait: ctx.parked,
+                error,
+            };
+            access_log::write(&line);
+        }
+    }
+}

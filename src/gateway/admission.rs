@@ -1,0 +1,262 @@
+//! Who is asking and whether they may go on now: authentication (with
+//! the failed-auth throttle), admission against the tenant's limits, and
+//! waiting in the overflow queue when over them or when nothing can serve.
+
+use super::{Gateway, RequestCtx};
+use crate::auth;
+use crate::limits::{Grant, LimitKind, RateLimitState, Refusal};
+use crate::openai::ApiError;
+use crate::overflow::{ParkRefusal, Waited};
+use http::{HeaderName, HeaderValue};
+use pingora::proxy::Session;
+use std::time::Instant;
+
+impl Gateway {
+    /// Authenticates the request; the tenant's index in the config. A valid
+    /// key always passes; failures are counted per client address, and an
+    /// address past `auth_failures_per_minute` is answered 429 instead of
+    /// 401.
+    pub(super) fn authenticate(
+        &self,
+        session: &Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<usize, ApiError> {
+        let headers = &session.req_header().headers;
+        let presented = auth::presented_key(
+            headers
+                .get_all("authorization")
+                .iter()
+                .map(|v| v.as_bytes()),
+            headers.get_all("x-api-key").iter().map(|v| v.as_bytes()),
+        );
+        let error = match presented {
+            auth::Presented::Key(key) => match self.keys.authenticate(key) {
+                Some(tenant) => {
+                    ctx.tenant = Some(tenant);
+                    return Ok(tenant);
+                }
+                None => ApiError::invalid_api_key("Incorrect API key provided."),
+            },
+            auth::Presented::Missing => ApiError::invalid_api_key("You didn't provide an API key."),
+            auth::Presented::Conflicting => ApiError::invalid_api_key(
+                "The request carries two different API keys (Authorization and x-api-key, or two of one).",
+            ),
+        };
+        let Some(peer) = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip())
+        else {
+            return Err(error);
+        };
+        let client = auth::client_address(
+            peer,
+            &self.config.server.trusted_proxies,
+            headers.get_all("forwarded").iter().map(|v| v.as_bytes()),
+            headers
+                .get_all("x-forwarded-for")
+                .iter()
+                .map(|v| v.as_bytes()),
+        );
+        match self
+            .auth_failures
+            .record_failure(client, crate::limits::now_ms())
+        {
+            Ok(()) => Err(error),
+            Err(retry_after_ms) => {
+                let mut error = ApiError::rate_limit_exceeded(
+                    "Too many failed authentications from your address.",
+                );
+                error.retry_after_ms = Some(retry_after_ms.max(1));
+                error.reason = Some(crate::openai::Reason::Auth);
+                Err(error)
+            }
+        }
+    }
+
+    /// Admits a request for `route` (its index): a grant, or parks it when
+    /// over a limit or when nothing can serve its model (with overflow on),
+    /// or refuses it. `Ok(None)`: the client left while parked.
+    pub(super) async fn admit(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        tenant: usize,
+        route: usize,
+        tokens: u64,
+    ) -> Result<Option<Grant>, ApiError> {
+        let overflow = self.overflow.settings(tenant);
+        let can_serve = self.upstreams.can_serve(&self.config.models[route]);
+        match self.limiter.admit(tenant, tokens).await {
+            Ok(grant) if can_serve || !overflow.enabled => Ok(Some(grant)),
+            Ok(grant) => {
+                // Nothing can serve the model right now: give the grant back
+                // unused and wait for a backend.
+                self.limiter.release(grant).await;
+                self.wait_in_queue(session, ctx, tenant, route, tokens, None)
+                    .await
+            }
+            Err(refusal) if overflow.enabled && refusal.limit != LimitKind::Budget => {
+                self.limiter.count_refusal(tenant, &refusal);
+                self.wait_in_queue(session, ctx, tenant, route, tokens, Some(refusal))
+                    .await
+            }
+            Err(refusal) => {
+                self.limiter.count_refusal(tenant, &refusal);
+                Err(refusal_error(refusal))
+            }
+        }
+    }
+
+    /// Parks the request until the limiter admits it (and its model can be
+    /// served), the tenant's `max_wait` passes, or the client leaves
+    /// (`Ok(None)`: nothing more to send).
+    async fn wait_in_queue(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        tenant: usize,
+        route: usize,
+        tokens: u64,
+        refusal: Option<Refusal>,
+    ) -> Result<Option<Grant>, ApiError> {
+        let retry_after_ms = refusal
+            .as_ref()
+            .and_then(|r| r.retry_after_ms)
+            .unwrap_or(1000)
+            .max(1);
+        let mut parked = match self.overflow.park(tenant, route, tokens).await {
+            Ok(parked) => parked,
+            Err(why) => {
+                let mut error = ApiError::rate_limit_exceeded(match why {
+                    ParkRefusal::Full | ParkRefusal::StoreFull(_) => {
+                        "Rate limit reached and the overflow queue is full."
+                    }
+                    ParkRefusal::Unavailable => {
+                        "Rate limit reached and the overflow queue is unavailable."
+                    }
+                });
+                error.retry_after_ms = Some(retry_after_ms);
+                if let Some(refusal) = &refusal {
+                    error.headers = rate_limit_headers(&refusal.state);
+                }
+                return Err(error);
+            }
+        };
+        let parked_at = Instant::now();
+        let waited = tokio::select! {
+            waited = self.overflow.wait(&mut parked) => Some(waited),
+            _ = session.downstream_session.read_body_or_idle(true) => None,
+        };
+        ctx.parked = parked_at.elapsed();
+        match waited {
+            Some(Waited::Admitted(grant)) => Ok(Some(grant)),
+            Some(Waited::TimedOut) => {
+                let mut error = ApiError::rate_limit_exceeded(
+                    "Rate limit reached; the request waited in the overflow queue for as long as allowed.",
+                );
+                error.retry_after_ms = Some(retry_after_ms);
+                error.reason = Some(crate::openai::Reason::OverflowTimeout);
+                Err(error)
+            }
+            None => {
+                self.overflow.abandon(&mut parked, &self.limiter).await;
+                Ok(None)
+            }
+        }
+    }
+}
+
+/// The 429 for a refused admission, with the limiter's own retry time.
+fn refusal_error(refusal: Refusal) -> ApiError {
+    let mut error = match refusal.limit {
+        LimitKind::Budget => ApiError::insufficient_quota(
+            "You exceeded your budget for the current period; it is restored when the period ends.",
+        ),
+        LimitKind::Requests => {
+            ApiError::rate_limit_exceeded("Rate limit reached for requests per minute.")
+        }
+        LimitKind::Tokens => {
+            ApiError::rate_limit_exceeded("Rate limit reached for tokens per minute.")
+        }
+        LimitKind::Concurrency => {
+            ApiError::rate_limit_exceeded("Too many concurrent requests; wait for one to finish.")
+        }
+    };
+    error.retry_after_ms = refusal.retry_after_ms;
+    error.headers = rate_limit_headers(&refusal.state);
+    if refusal.retry_after_ms.is_none() {
+        // Waiting will not help (a spent `total` budget): tell the SDKs not
+        // to retry.
+        error.headers.push((
+            HeaderName::from_static("x-should-retry"),
+            HeaderValue::from_static("false"),
+        ));
+    }
+    error
+}
+
+/// OpenAI's `x-ratelimit-*` header names: limit, remaining, reset, for
+/// requests and for tokens.
+const RATE_LIMIT_NAMES: [[HeaderName; 3]; 2] = [
+    [
+        HeaderName::from_static("x-ratelimit-limit-requests"),
+        HeaderName::from_static("x-ratelimit-remaining-requests"),
+        HeaderName::from_static("x-ratelimit-reset-requests"),
+    ],
+    [
+        HeaderName::from_static("x-ratelimit-limit-tokens"),
+        HeaderName::from_static("x-ratelimit-remaining-tokens"),
+        HeaderName::from_static("x-ratelimit-reset-tokens"),
+    ],
+];
+
+/// OpenAI's `x-ratelimit-*` headers for the tenant's own limits.
+pub(super) fn rate_limit_headers(state: &RateLimitState) -> Vec<(HeaderName, HeaderValue)> {
+    let mut headers = Vec::new();
+    for (window, [limit, remaining, reset]) in [state.requests, state.tokens]
+        .into_iter()
+        .zip(RATE_LIMIT_NAMES)
+    {
+        if let Some(w) = window {
+            headers.push((limit, HeaderValue::from(w.limit)));
+            headers.push((remaining, HeaderValue::from(w.remaining)));
+            // Digits, `.`, `m` and `s` only: always a valid value.
+            if let Ok(value) = HeaderValue::try_from(format_reset(w.reset_ms)) {
+                headers.push((reset, value));
+            }
+        }
+    }
+    headers
+}
+
+/// A duration as OpenAI writes resets: `20ms`, `8.64s`, `6m0s`.
+fn format_reset(ms: u64) -> String {
+    if ms < 1000 {
+        return format!("{ms}ms");
+    }
+    let minutes = ms / 60_000;
+    let secs = (ms % 60_000) as f64 / 1000.0;
+    let secs = format!("{secs:.3}");
+    let secs = secs.trim_end_matches('0').trim_end_matches('.');
+    if minutes > 0 {
+        format!("{minutes}m{secs}s")
+    } else {
+        format!("{secs}s")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_resets_like_openai() {
+        assert_eq!(format_reset(0), "0ms");
+        assert_eq!(format_reset(20), "20ms");
+        assert_eq!(format_reset(1000), "1s");
+        assert_eq!(format_reset(8640), "8.64s");
+        assert_eq!(format_reset(360_000), "6m0s");
+        assert_eq!(format_reset(61_500), "1m1.5s");
+    }
+}

@@ -1,0 +1,151 @@
+//! The headers each way: the request header sent to a provider (its path,
+//! host and key, and an allow-list of the client's headers), and the
+//! response header sent to the client (an allow-list of the provider's,
+//! redacted, and the gateway's own).
+
+use super::Exchange;
+use crate::config::ProviderSettings;
+use crate::providers::{adapter, credential};
+use crate::redact::Redactor;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use pingora::http::{RequestHeader, ResponseHeader};
+
+/// An error building a header from parts that should always be valid.
+pub(super) type HeaderError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Client request headers passed on to providers; everything else
+/// (hop-by-hop headers, cookies, the tenant's credentials) stays behind.
+const FORWARDED_REQUEST_HEADERS: [HeaderName; 3] = [
+    header::ACCEPT,
+    header::USER_AGENT,
+    HeaderName::from_static("openai-beta"),
+];
+
+/// Provider response headers passed on to clients. Provider rate-limit
+/// headers describe the shared account, not the tenant, and are dropped.
+const FORWARDED_RESPONSE_HEADERS: [HeaderName; 5] = [
+    header::CONTENT_TYPE,
+    header::CONTENT_LENGTH,
+    header::CACHE_CONTROL,
+    HeaderName::from_static("openai-processing-ms"),
+    HeaderName::from_static("openai-version"),
+];
+
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The request header sent to the provider: its path, host and key; the
+/// tenant's credentials never leave the gateway. Built on `http`'s types
+/// directly (no header-case map): names are constants, values mostly shared.
+pub(super) fn upstream_request(
+    provider: &ProviderSettings,
+    provider_model: &str,
+    exchange: &Exchange<'_>,
+    client_headers: &HeaderMap,
+    body_len: usize,
+) -> Result<RequestHeader, HeaderError> {
+    let kind = adapter(provider.kind);
+    let path = kind.path(
+        &provider.base_url.path,
+        exchange.endpoint,
+        provider_model,
+        provider.api_version.as_deref(),
+    );
+    let (mut parts, ()) = http::Request::new(()).into_parts();
+    parts.method = http::Method::POST;
+    parts.uri = http::Uri::try_from(path)?;
+    let headers = &mut parts.headers;
+    headers.reserve(12);
+    headers.insert(
+        header::HOST,
+        HeaderValue::from_str(&provider.base_url.authority)?,
+    );
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body_len));
+    // Usage is read from the body on its way through: keep it uncompressed.
+    headers.insert(
+        header::ACCEPT_ENCODING,
+        HeaderValue::from_static("identity"),
+    );
+    headers.insert(X_REQUEST_ID, HeaderValue::from_str(exchange.request_id)?);
+    if let Some(key) = &provider.api_key {
+        let (name, value) = credential(provider.kind, key.expose())?;
+        headers.insert(name, value);
+    }
+    for (name, value) in kind.fixed_headers() {
+        headers.insert(*name, HeaderValue::from_static(value));
+    }
+    for name in FORWARDED_REQUEST_HEADERS {
+        if let Some(value) = client_headers.get(&name) {
+            headers.insert(name, value.clone());
+        }
+    }
+    for (name, value) in client_headers {
+        if name.as_str().starts_with("x-stainless-") {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+    Ok(RequestHeader::from(parts))
+}
+
+/// The response header sent to the client: the provider's status and an
+/// allow-list of its headers (redacted), plus the gateway's own.
+/// `edits_body`: the length changes on the way, so none is sent.
+pub(super) fn client_response(
+    upstream: &ResponseHeader,
+    exchange: &Exchange<'_>,
+    provider: &str,
+    attempts: u32,
+    edits_body: bool,
+    redactor: &Redactor,
+) -> Result<ResponseHeader, HeaderError> {
+    let (mut parts, ()) = http::Response::new(()).into_parts();
+    parts.status = upstream.status;
+    parts.headers.reserve(16);
+    // A provider echoing its key in a header gets it overwritten there too.
+    let redacted = |value: &HeaderValue| match redactor.redact(value.as_bytes()) {
+        std::borrow::Cow::Borrowed(_) => Ok(value.clone()),
+        std::borrow::Cow::Owned(bytes) => HeaderValue::from_bytes(&bytes),
+    };
+    for name in FORWARDED_RESPONSE_HEADERS {
+        if name == header::CONTENT_LENGTH && edits_body {
+            continue;
+        }
+        if let Some(value) = upstream.headers.get(&name) {
+            parts.headers.insert(name, redacted(value)?);
+        }
+    }
+    if let Some(id) = upstream.headers.get(X_REQUEST_ID) {
+        parts.headers.insert(
+            HeaderName::from_static("x-upstream-request-id"),
+            redacted(id)?,
+        );
+    }
+    gateway_headers(&mut parts.headers, exchange, provider, attempts)?;
+    Ok(ResponseHeader::from(parts))
+}
+
+/// The gateway's own headers on a proxied answer: the tenant's rate limits,
+/// the request id, who served and after how many attempts.
+pub(super) fn gateway_headers(
+    headers: &mut HeaderMap,
+    exchange: &Exchange<'_>,
+    provider: &str,
+    attempts: u32,
+) -> Result<(), HeaderError> {
+    for (name, value) in exchange.rate_limit_headers {
+        headers.insert(name.clone(), value.clone());
+    }
+    headers.insert(X_REQUEST_ID, HeaderValue::from_str(exchange.request_id)?);
+    headers.insert(
+        HeaderName::from_static("x-runestone-provider"),
+        HeaderValue::from_str(provider)?,
+    );
+    headers.insert(
+        HeaderName::from_static("x-runestone-attempts"),
+        HeaderValue::from(attempts),
+    );
+    Ok(())
+}

@@ -1,0 +1,152 @@
+//! Forwarding one request to a provider through Pingora's connector, with
+//! failover.
+//!
+//! A [`Forwarder`] takes what forwarding needs (the upstreams, the
+//! connection pool, the failover policy), an [`Exchange`] saying what to
+//! forward, and fills a [`Report`] of what happened: who served, after how
+//! many attempts, what was used. Which backend comes next and whether a
+//! failure is retried is [`crate::upstream::failover`]'s decision; one
+//! attempt is [`attempt`]; copying the answer through the meters is
+//! [`body`]; the headers each way are [`headers`].
+//!
+//! The body is in hand, so an attempt that fails before anything reached the
+//! client (connect error or timeout, no response header in time, a 5xx, the
+//! provider's own 429, the provider refusing the gateway's key) moves to the
+//! next eligible backend with the whole body replayed, then to the model's
+//! fallbacks in order, up to `failover.max_attempts` attempts. Every outcome
+//! feeds the backend's circuit breaker.
+//!
+//! Once the response header has gone to the client there is no retry: the
+//! response is streamed chunk by chunk as the provider produces it, each gap
+//! bounded by the provider's idle timeout. A provider that breaks off or
+//! stalls mid-stream ends the client's stream with an in-band SSE error
+//! event and no `[DONE]`, and counts as a failure.
+
+mod attempt;
+mod body;
+mod headers;
+
+use super::client::Client;
+use crate::config::ModelRoute;
+use crate::cost::Usage;
+use crate::openai::{ApiError, Endpoint};
+use crate::upstream::failover::{Failover, Step};
+use crate::upstream::Upstreams;
+use async_trait::async_trait;
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue};
+use pingora::connectors::http::v1::Connector;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tracing::warn;
+
+/// Forwards requests to providers: the upstreams, the connection pool and
+/// the failover policy.
+pub(crate) struct Forwarder {
+    pub(crate) upstreams: Arc<Upstreams>,
+    pub(crate) connector: Arc<Connector>,
+    /// Attempts per request, across targets and fallbacks.
+    pub(crate) max_attempts: usize,
+}
+
+/// What to forward.
+pub(crate) struct Exchange<'a> {
+    pub endpoint: Endpoint,
+    /// The requested route first, then its fallbacks the tenant may use.
+    pub routes: Vec<(usize, &'a ModelRoute)>,
+    /// The client asked for a stream.
+    pub stream: bool,
+    /// The upstream body for a provider's model name.
+    pub body_for: &'a (dyn Fn(&str) -> Bytes + Sync),
+    /// The request id sent upstream and to the client.
+    pub request_id: &'a str,
+    /// The gateway asked for `include_usage` on the client's behalf: take
+    /// the usage chunk out again.
+    pub strip_usage: bool,
+    /// Prompt tokens estimated from the request body.
+    pub prompt_estimate: u64,
+    /// The tenant's `x-ratelimit-*` headers for the answer.
+    pub rate_limit_headers: &'a [(HeaderName, HeaderValue)],
+}
+
+/// What happened to a forwarded request.
+#[derive(Debug, Default)]
+pub(crate) struct Report {
+    /// Attempts made against backends.
+    pub attempts: u32,
+    /// The route (index in the config) that served, or was last tried.
+    pub route: Option<usize>,
+    /// Its target that served (or last failed), within the route.
+    pub target: Option<usize>,
+    /// The provider of that target.
+    pub provider: Option<usize>,
+    /// The backend connected to.
+    pub backend: Option<SocketAddr>,
+    /// Time spent waiting on providers, over all attempts.
+    pub upstream_time: Duration,
+    /// When the first body byte went to the client.
+    pub first_byte_at: Option<Instant>,
+    /// Usage read from (or estimated for) the answer.
+    pub usage: Option<Usage>,
+    /// A `runestone_errors_total` reason found after the answer started
+    /// (`provider_stream_broken`).
+    pub error_reason: Option<&'static str>,
+}
+
+/// Settles the request's admission once its answer is whole, before the
+/// client sees its end (so a client that sends its next request at once
+/// finds its slot free). Called at most once, with the report so far.
+#[async_trait]
+pub(crate) trait Settle: Send {
+    /// The answer is whole: account for `report.usage`.
+    async fn settle(&mut self, report: &Report);
+}
+
+impl Forwarder {
+    /// Forwards the exchange, failing over until a backend answers; fills
+    /// `report` as it goes (it is whole however this returns).
+    pub(crate) async fn forward(
+        &self,
+        client: &mut dyn Client,
+        exchange: &Exchange<'_>,
+        report: &mut Report,
+        settle: &mut dyn Settle,
+    ) -> Result<(), ApiError> {
+        let mut failover = Failover::new(self.max_attempts);
+        loop {
+            let choice = failover.next(&exchange.routes, |index, route, tried| {
+                self.upstreams.choose_backend(index, route, tried)
+            });
+            let Some(choice) = choice else {
+                let model = exchange.routes.first().map_or("", |(_, r)| r.name.as_str());
+                return Err(failover.give_up(model));
+            };
+            let (route_index, route) = exchange.routes[choice.position];
+            let backend = choice.backend;
+            report.attempts = failover.attempts();
+            report.provider = Some(backend.provider);
+            report.route = Some(route_index);
+            report.backend = Some(backend.addr);
+            report.target = Some(backend.target);
+            let started = Instant::now();
+            let attempted = attempt::Attempt {
+                forwarder: self,
+                exchange,
+                route,
+                backend: &backend,
+            }
+            .run(client, report, settle)
+            .await;
+            report.upstream_time += started.elapsed();
+            if let crate::upstream::failover::Attempted::Retryable(error) = &attempted {
+                warn!(request_id = %exchange.request_id, provider = %self.upstreams.provider(backend.provider).settings.name,
+                      backend = %backend.addr, attempt = report.attempts, error = %error, "attempt failed; failing over");
+            }
+            match failover.after(attempted) {
+                Step::TryNext => {}
+                Step::Done(result) => return result,
+            }
+        }
+    }
+}

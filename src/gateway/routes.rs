@@ -1,0 +1,166 @@
+//! Dispatch by method and path, the locally answered endpoints, and the
+//! proxied ones: read the body, route it, admit it, forward it.
+
+use super::forward::Exchange;
+use super::{respond, Gateway, RequestCtx};
+use crate::admin;
+use crate::config::ModelRoute;
+use crate::cost;
+use crate::openai::{rewrite_body, ApiError, Endpoint, RequestFields};
+use pingora::proxy::Session;
+use tracing::debug;
+
+impl Gateway {
+    /// Answers one request: locally, by forwarding it, or with an error.
+    pub(super) async fn serve(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<(), ApiError> {
+        let limit = self.config.server.max_request_header_bytes;
+        if respond::head_size(session.req_header()) > limit {
+            return Err(ApiError::headers_too_large(limit));
+        }
+        let method = session.req_header().method.clone();
+        let path = session.req_header().uri.path().to_string();
+        let endpoint = Endpoint::from_path(&path);
+        match (method.as_str(), path.as_str(), endpoint) {
+            ("POST", _, Some(endpoint)) => {
+                ctx.endpoint = endpoint.name();
+                self.proxy(session, ctx, endpoint).await
+            }
+            ("GET" | "HEAD", "/health", _) => {
+                ctx.endpoint = "health";
+                let (status, body) = admin::health();
+                respond::json(session, ctx, status, body).await
+            }
+            ("GET" | "HEAD", "/ready", _) => {
+                ctx.endpoint = "ready";
+                let redis_up = self.limiter.redis().map(|r| r.is_up());
+                let (status, body) = admin::ready(&self.config, &self.upstreams, redis_up);
+                respond::json(session, ctx, status, body).await
+            }
+            ("GET", "/v1/models", _) => {
+                ctx.endpoint = "models";
+                let tenant = self.authenticate(session, ctx)?;
+                let (status, body) = admin::models(&self.config, &self.config.tenants[tenant]);
+                respond::json(session, ctx, status, body).await
+            }
+            ("GET", "/v1/usage", _) => {
+                ctx.endpoint = "usage";
+                let tenant = self.authenticate(session, ctx)?;
+                let report = self.limiter.usage(tenant).await;
+                let (status, body) = admin::usage(&self.config.tenants[tenant], &report);
+                respond::json(session, ctx, status, body).await
+            }
+            ("GET", _, _) if path.starts_with("/v1/jobs/") => {
+                ctx.endpoint = "jobs";
+                let tenant = self.authenticate(session, ctx)?;
+                let id = &path["/v1/jobs/".len()..];
+                self.job_status(session, ctx, tenant, id).await
+            }
+            (_, "/health" | "/ready" | "/v1/models" | "/v1/usage", _) | (_, _, Some(_)) => {
+                Err(ApiError::method_not_allowed(method.as_str(), &path))
+            }
+            _ => Err(ApiError::unknown_url(method.as_str(), &path)),
+        }
+    }
+
+    /// The proxied endpoints: authenticate, read the body, route, admit (or
+    /// park, or store as a job), forward.
+    async fn proxy(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        endpoint: Endpoint,
+    ) -> Result<(), ApiError> {
+        respond::check_framing(session)?;
+        let tenant = self.authenticate(session, ctx)?;
+        let body = respond::read_body(session, self.config.server.max_request_body_bytes).await?;
+        let fields = RequestFields::parse(&body)?;
+        let (route_index, route) = self
+            .config
+            .route(&fields.model)
+            .ok_or_else(|| ApiError::model_not_found(&fields.model))?;
+        ctx.exchange.route = Some(route_index);
+        if !self.config.tenants[tenant].may_use(&route.name) {
+            return Err(ApiError::model_not_allowed(&route.name));
+        }
+        if endpoint == Endpoint::ChatCompletions && fields.messages_is_array != Some(true) {
+            // Refused here rather than spending an admission and a provider
+            // call on it.
+            return Err(ApiError::invalid_field(
+                "messages",
+                "expected an array of messages",
+            ));
+        }
+        let generates = endpoint != Endpoint::Embeddings;
+        let tokens = cost::estimate_request_tokens(body.len(), fields.max_tokens, generates);
+        ctx.prompt_estimate = cost::estimate_prompt_tokens(body.len());
+        if super::jobs::wants_async(session) {
+            return self
+                .submit_job(session, ctx, tenant, route_index, endpoint, &body, tokens)
+                .await;
+        }
+        let Some(grant) = self
+            .admit(session, ctx, tenant, route_index, tokens)
+            .await?
+        else {
+            // The client left while parked: nothing more to send.
+            return Ok(());
+        };
+        ctx.rate_limit_headers = super::admission::rate_limit_headers(&grant.state);
+        ctx.grant = Some(grant);
+        // Usage is read from streams too: ask for it, and take it out again
+        // when the client did not ask.
+        let strip_usage = fields.stream && generates && !fields.client_wants_usage();
+        debug!(request_id = %ctx.request_id, tenant = %self.config.tenants[tenant].id, model = %route.name, endpoint = endpoint.name(), "routing");
+        let prompt_estimate = ctx.prompt_estimate;
+        let RequestCtx {
+            request_id,
+            rate_limit_headers,
+            exchange: report,
+            grant,
+            cost_pusd,
+            tenant: tenant_index,
+            started,
+            ..
+        } = ctx;
+        let exchange = Exchange {
+            endpoint,
+            routes: self.routes_for(tenant, route_index),
+            stream: fields.stream,
+            body_for: &|provider_model| rewrite_body(&body, &fields, provider_model, strip_usage),
+            request_id,
+            strip_usage,
+            prompt_estimate,
+            rate_limit_headers,
+        };
+        let mut settler = super::accounting::Settler {
+            gateway: self,
+            tenant: *tenant_index,
+            grant,
+            cost_pusd,
+            started: *started,
+        };
+        self.forwarder
+            .forward(session, &exchange, report, &mut settler)
+            .await
+    }
+
+    /// The route and then its fallbacks the tenant may use, in order.
+    pub(super) fn routes_for(
+        &self,
+        tenant: usize,
+        route_index: usize,
+    ) -> Vec<(usize, &ModelRoute)> {
+        let route = &self.config.models[route_index];
+        std::iter::once(route_index)
+            .chain(route.fallbacks.iter().copied())
+            .filter(|&r| {
+                r == route_index || self.config.tenants[tenant].may_use(&self.config.models[r].name)
+            })
+            .map(|r| (r, &self.config.models[r]))
+            .collect()
+    }
+}

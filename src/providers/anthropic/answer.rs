@@ -1,0 +1,113 @@
+//! A Messages API answer (or error) as an OpenAI chat completion (or error).
+
+use crate::cost::Usage;
+use crate::openai::ApiError;
+use serde_json::{json, Value};
+
+/// Anthropic `stop_reason` as an OpenAI `finish_reason`.
+pub(super) fn finish_reason(stop_reason: Option<&str>) -> Option<&'static str> {
+    match stop_reason? {
+        "end_turn" | "stop_sequence" | "pause_turn" => Some("stop"),
+        "max_tokens" => Some("length"),
+        "tool_use" => Some("tool_calls"),
+        "refusal" => Some("content_filter"),
+        _ => Some("stop"),
+    }
+}
+
+/// Anthropic usage as OpenAI's: cache reads and writes are prompt tokens,
+/// cache reads are the cached ones.
+pub(super) fn usage_of(usage: &Value) -> Usage {
+    let n = |key: &str| {
+        usage[key]
+            .as_u64()
+            .unwrap_or(0)
+            .min(crate::cost::MAX_REPORTED_TOKENS)
+    };
+    let cache_read = n("cache_read_input_tokens");
+    Usage {
+        prompt_tokens: n("input_tokens") + cache_read + n("cache_creation_input_tokens"),
+        completion_tokens: n("output_tokens"),
+        cached_tokens: cache_read,
+        estimated: false,
+    }
+}
+
+pub(super) fn usage_json(usage: &Usage) -> Value {
+    json!({
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total(),
+        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
+    })
+}
+
+pub(super) fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Translates a Messages API answer into a `chat.completion`, with its usage.
+pub fn to_chat_completion(body: &[u8], public_model: &str) -> Result<(Vec<u8>, Usage), ApiError> {
+    let message: Value = serde_json::from_slice(body).map_err(|e| {
+        ApiError::upstream_error(format!("The provider answered with invalid JSON: {e}"))
+    })?;
+    let mut text = String::new();
+    let mut tool_calls = Vec::new();
+    for block in message["content"].as_array().into_iter().flatten() {
+        match block["type"].as_str() {
+            Some("text") => text.push_str(block["text"].as_str().unwrap_or_default()),
+            Some("tool_use") => tool_calls.push(json!({
+                "id": block["id"],
+                "type": "function",
+                "function": {"name": block["name"], "arguments": block["input"].to_string()},
+            })),
+            _ => {}
+        }
+    }
+    let usage = usage_of(&message["usage"]);
+    let mut reply = json!({"role": "assistant", "content": if text.is_empty() && !tool_calls.is_empty() { Value::Null } else { json!(text) }});
+    if !tool_calls.is_empty() {
+        reply["tool_calls"] = Value::Array(tool_calls);
+    }
+    let completion = json!({
+        "id": message["id"],
+        "object": "chat.completion",
+        "created": unix_now(),
+        "model": public_model,
+        "choices": [{
+            "index": 0,
+            "message": reply,
+            "finish_reason": finish_reason(message["stop_reason"].as_str()),
+            "logprobs": null,
+        }],
+        "usage": usage_json(&usage),
+    });
+    Ok((
+        serde_json::to_vec(&completion).expect("a JSON value serialises"),
+        usage,
+    ))
+}
+
+/// An Anthropic error answer as the OpenAI error the client should see.
+pub fn to_openai_error(status: u16, body: &[u8]) -> ApiError {
+    let parsed: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+    let message = parsed["error"]["message"]
+        .as_str()
+        .unwrap_or("The provider returned an error.")
+        .to_string();
+    let mut error = match (status, parsed["error"]["type"].as_str()) {
+        (404, _) | (_, Some("not_found_error")) => ApiError::model_not_found(&message),
+        (413, _) | (_, Some("request_too_large")) => {
+            let mut e = ApiError::bad_request(message.clone());
+            e.status = 413;
+            e
+        }
+        (400, _) | (_, Some("invalid_request_error")) => ApiError::bad_request(message.clone()),
+        (429, _) | (_, Some("rate_limit_error")) => ApiError::provider_rate_limited("anthropic"),
+        _ => ApiError::upstream_error(message.clone()),
+    };
+    error.message = message.into_boxed_str();
+    error
+}

@@ -1,0 +1,220 @@
+//! A Messages API event stream as OpenAI `chat.completion.chunk`s, event by
+//! event, never buffering more than a partial line.
+
+use super::answer::{finish_reason, to_openai_error, unix_now, usage_json, usage_of};
+use crate::cost::Usage;
+use bytes::{Bytes, BytesMut};
+use serde_json::{json, Value};
+
+/// Translates an Anthropic SSE stream into OpenAI `chat.completion.chunk`
+/// events as it arrives.
+#[derive(Debug)]
+pub struct StreamTranslator {
+    pub(super) partial: BytesMut,
+    event: Option<String>,
+    id: String,
+    public_model: String,
+    created: u64,
+    include_usage: bool,
+    usage: Usage,
+    saw_usage: bool,
+    tool_index: std::collections::HashMap<u64, usize>,
+    finished: bool,
+    generated_bytes: u64,
+    oversized: bool,
+}
+
+impl StreamTranslator {
+    /// A translator answering as `public_model`; `include_usage` when the
+    /// client asked for a final usage chunk.
+    pub fn new(public_model: &str, include_usage: bool) -> Self {
+        StreamTranslator {
+            partial: BytesMut::new(),
+            event: None,
+            id: String::new(),
+            public_model: public_model.to_string(),
+            created: unix_now(),
+            include_usage,
+            usage: Usage::default(),
+            saw_usage: false,
+            tool_index: Default::default(),
+            finished: false,
+            generated_bytes: 0,
+            oversized: false,
+        }
+    }
+
+    /// Usage reported so far (cache tokens included), if any.
+    pub fn usage(&self) -> Option<Usage> {
+        self.saw_usage.then_some(self.usage)
+    }
+
+    /// Bytes of generated text and tool arguments seen, for an estimate
+    /// when the stream breaks before any usage.
+    pub fn generated_bytes(&self) -> u64 {
+        self.generated_bytes
+    }
+
+    /// Whether the stream ended properly (`message_stop` or an error event).
+    pub fn finished(&self) -> bool {
+        self.finished
+    }
+
+    /// Takes one upstream chunk; returns the OpenAI events it completes.
+    pub fn feed(&mut self, chunk: &[u8]) -> Bytes {
+        let mut chunk = chunk;
+        if self.oversized {
+            // The rest of a line too long to translate is dropped.
+            match chunk.iter().position(|&b| b == b'\n') {
+                None => return Bytes::new(),
+                Some(i) => {
+                    chunk = &chunk[i + 1..];
+                    self.oversized = false;
+                }
+            }
+        }
+        self.partial.extend_from_slice(chunk);
+        let mut out = BytesMut::new();
+        while let Some(end) = self.partial.iter().position(|&b| b == b'\n') {
+            let line = self.partial.split_to(end + 1);
+            let line = String::from_utf8_lossy(&line);
+            let line = line.trim_end_matches(['\r', '\n']);
+            if let Some(event) = line.strip_prefix("event:") {
+                self.event = Some(event.trim().to_string());
+            } else if let Some(data) = line.strip_prefix("data:") {
+                let data = data.trim();
+                if let Ok(value) = serde_json::from_str::<Value>(data) {
+                    let kind = value["type"]
+                        .as_str()
+                        .map(str::to_string)
+                        .or_else(|| self.event.clone());
+                    self.translate(kind.as_deref().unwrap_or_default(), &value, &mut out);
+                }
+            } else if line.is_empty() {
+                self.event = None;
+            }
+        }
+        if self.partial.len() > crate::cost::MAX_LINE_BYTES {
+            self.partial.clear();
+            self.oversized = true;
+        }
+        out.freeze()
+    }
+
+    fn chunk(&self, delta: Value, finish: Option<&str>) -> Value {
+        let mut chunk = json!({
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.public_model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": null}],
+        });
+        if self.include_usage {
+            chunk["usage"] = Value::Null;
+        }
+        chunk
+    }
+
+    fn emit(out: &mut BytesMut, value: &Value) {
+        out.extend_from_slice(b"data: ");
+        out.extend_from_slice(value.to_string().as_bytes());
+        out.extend_from_slice(b"\n\n");
+    }
+
+    fn translate(&mut self, kind: &str, event: &Value, out: &mut BytesMut) {
+        match kind {
+            "message_start" => {
+                let message = &event["message"];
+                self.id = message["id"]
+                    .as_str()
+                    .unwrap_or("chatcmpl-anthropic")
+                    .to_string();
+                if message["usage"].is_object() {
+                    self.usage = usage_of(&message["usage"]);
+                    self.saw_usage = true;
+                }
+                let chunk = self.chunk(json!({"role": "assistant", "content": ""}), None);
+                Self::emit(out, &chunk);
+            }
+            "content_block_start" => {
+                let block = &event["content_block"];
+                if block["type"] == "tool_use" {
+                    let index = self.tool_index.len();
+                    self.tool_index
+                        .insert(event["index"].as_u64().unwrap_or(0), index);
+                    let delta = json!({"tool_calls": [{
+                        "index": index,
+                        "id": block["id"],
+                        "type": "function",
+                        "function": {"name": block["name"], "arguments": ""},
+                    }]});
+                    let chunk = self.chunk(delta, None);
+                    Self::emit(out, &chunk);
+                }
+            }
+            "content_block_delta" => {
+                let delta = &event["delta"];
+                let piece = delta["text"]
+                    .as_str()
+                    .or(delta["partial_json"].as_str())
+                    .unwrap_or_default();
+                self.generated_bytes += piece.len() as u64;
+                let openai = match delta["type"].as_str() {
+                    Some("text_delta") => json!({"content": delta["text"]}),
+                    Some("input_json_delta") => {
+                        let index = self
+                            .tool_index
+                            .get(&event["index"].as_u64().unwrap_or(0))
+                            .copied()
+                            .unwrap_or(0);
+                        json!({"tool_calls": [{"index": index, "function": {"arguments": delta["partial_json"]}}]})
+                    }
+                    _ => return,
+                };
+                let chunk = self.chunk(openai, None);
+                Self::emit(out, &chunk);
+            }
+            "message_delta" => {
+                if event["usage"].is_object() {
+                    let update = usage_of(&event["usage"]);
+                    self.usage.completion_tokens = update.completion_tokens;
+                    if update.prompt_tokens > 0 {
+                        self.usage.prompt_tokens = update.prompt_tokens;
+                        self.usage.cached_tokens = update.cached_tokens;
+                    }
+                    self.saw_usage = true;
+                }
+                let finish =
+                    finish_reason(event["delta"]["stop_reason"].as_str()).unwrap_or("stop");
+                let chunk = self.chunk(json!({}), Some(finish));
+                Self::emit(out, &chunk);
+            }
+            "message_stop" => {
+                if self.include_usage {
+                    let chunk = json!({
+                        "id": self.id,
+                        "object": "chat.completion.chunk",
+                        "created": self.created,
+                        "model": self.public_model,
+                        "choices": [],
+                        "usage": usage_json(&self.usage),
+                    });
+                    Self::emit(out, &chunk);
+                }
+                out.extend_from_slice(b"data: [DONE]\n\n");
+                self.finished = true;
+            }
+            "error" => {
+                let status = match event["error"]["type"].as_str() {
+                    Some("overloaded_error") => 529,
+                    Some("rate_limit_error") => 429,
+                    _ => 500,
+                };
+                let error = to_openai_error(status, event.to_string().as_bytes());
+                out.extend_from_slice(&error.sse_event());
+                self.finished = true;
+            }
+            _ => {} // ping, content_block_stop
+        }
+    }
+}
