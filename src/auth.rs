@@ -7,7 +7,7 @@
 //! about any stored key.
 
 pub use crate::config::keys::{digest_key, format_digest, parse_configured_key, KeyDigest};
-use crate::config::TenantSettings;
+use crate::config::{ForwardedHeader, TenantSettings};
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Mutex;
@@ -162,44 +162,40 @@ impl FailureThrottle {
 }
 
 /// The address a request came from. The peer's own address, unless the peer
-/// is a trusted proxy (`server.trusted_proxies`): then the `Forwarded`
-/// header's `for=` (else `X-Forwarded-For`) hops are read right to left,
-/// skipping trusted proxies, and the first untrusted one is the client. A
-/// hop that cannot be read ends the walk at the last address known good, so
-/// a client cannot pose as another address by writing garbage.
+/// is a trusted proxy (`server.trusted_proxies`): then the hops of the one
+/// header the proxies set (`server.client_address_header`; the other is
+/// ignored, since a client could write it) are read right to left, skipping
+/// trusted proxies, and the first untrusted one is the client. A hop that
+/// cannot be read ends the walk at the last address known good, so a client
+/// cannot pose as another address by writing garbage.
 pub fn client_address<'a>(
     peer: IpAddr,
     trusted: &[ipnet::IpNet],
-    forwarded: impl Iterator<Item = &'a [u8]>,
-    x_forwarded_for: impl Iterator<Item = &'a [u8]>,
+    header: ForwardedHeader,
+    values: impl Iterator<Item = &'a [u8]>,
 ) -> IpAddr {
     let is_trusted = |ip: &IpAddr| trusted.iter().any(|net| net.contains(ip));
     if !is_trusted(&peer) {
         return peer;
     }
-    let forwarded: Vec<&str> = forwarded
+    let elements = values
         .filter_map(|v| std::str::from_utf8(v).ok())
-        .flat_map(|v| v.split(','))
-        .map(|element| {
-            element
-                .split(';')
-                .find_map(|pair| {
-                    let (name, value) = pair.trim().split_once('=')?;
-                    name.trim()
-                        .eq_ignore_ascii_case("for")
-                        .then_some(value.trim())
-                })
-                .unwrap_or("")
-        })
-        .collect();
-    let hops: Vec<&str> = if forwarded.is_empty() {
-        x_forwarded_for
-            .filter_map(|v| std::str::from_utf8(v).ok())
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
-            .collect()
-    } else {
-        forwarded
+        .flat_map(|v| v.split(','));
+    let hops: Vec<&str> = match header {
+        ForwardedHeader::XForwardedFor => elements.map(str::trim).collect(),
+        ForwardedHeader::Forwarded => elements
+            .map(|element| {
+                element
+                    .split(';')
+                    .find_map(|pair| {
+                        let (name, value) = pair.trim().split_once('=')?;
+                        name.trim()
+                            .eq_ignore_ascii_case("for")
+                            .then_some(value.trim())
+                    })
+                    .unwrap_or("")
+            })
+            .collect(),
     };
     let mut client = peer;
     for hop in hops.iter().rev() {
@@ -324,40 +320,37 @@ mod tests {
     fn takes_the_client_address_from_trusted_proxies_only() {
         let trusted: Vec<ipnet::IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
-        let addr = |peer: &str, fwd: &[&str], xff: &[&str]| {
+        let addr = |peer: &str, header: ForwardedHeader, values: &[&str]| {
             client_address(
                 ip(peer),
                 &trusted,
-                fwd.iter().map(|v| v.as_bytes()),
-                xff.iter().map(|v| v.as_bytes()),
+                header,
+                values.iter().map(|v| v.as_bytes()),
             )
         };
+        let xff = ForwardedHeader::XForwardedFor;
         // An untrusted peer's headers are ignored.
-        assert_eq!(addr("192.0.2.1", &[], &["198.51.100.7"]), ip("192.0.2.1"));
+        assert_eq!(addr("192.0.2.1", xff, &["198.51.100.7"]), ip("192.0.2.1"));
         // Behind a trusted proxy: the rightmost untrusted hop.
         assert_eq!(
-            addr("10.0.0.5", &[], &["6.6.6.6, 198.51.100.7, 10.1.1.1"]),
+            addr("10.0.0.5", xff, &["6.6.6.6, 198.51.100.7, 10.1.1.1"]),
             ip("198.51.100.7")
         );
         assert_eq!(
             addr(
                 "10.0.0.5",
-                &["for=198.51.100.9;proto=https, for=\"[2001:db8::1]:4711\""],
-                &["6.6.6.6"]
+                ForwardedHeader::Forwarded,
+                &["for=198.51.100.9;proto=https, for=\"[2001:db8::1]:4711\""]
             ),
             ip("2001:db8::1")
         );
-        assert_eq!(
-            addr("10.0.0.5", &["for=198.51.100.9"], &[]),
-            ip("198.51.100.9")
-        );
         // Garbage ends the walk at the last good address.
-        assert_eq!(addr("10.0.0.5", &[], &["1.2.3.4, garbage"]), ip("10.0.0.5"));
+        assert_eq!(addr("10.0.0.5", xff, &["1.2.3.4, garbage"]), ip("10.0.0.5"));
         // Only trusted hops: the leftmost.
         assert_eq!(
-            addr("10.0.0.5", &[], &["10.2.2.2, 10.3.3.3"]),
+            addr("10.0.0.5", xff, &["10.2.2.2, 10.3.3.3"]),
             ip("10.2.2.2")
         );
-        assert_eq!(addr("10.0.0.5", &[], &[]), ip("10.0.0.5"));
+        assert_eq!(addr("10.0.0.5", xff, &[]), ip("10.0.0.5"));
     }
 }

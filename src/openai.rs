@@ -250,6 +250,17 @@ impl ApiError {
         )
     }
 
+    /// 503 (a job's stored result): its answer did not fit the in-process
+    /// job store.
+    pub fn job_store_full_for_answer(bytes: usize) -> Self {
+        Self::new(
+            503,
+            "api_error",
+            "job_store_full",
+            format!("The answer ({bytes} bytes) did not fit the gateway's in-process job store; raise jobs.in_process_max_bytes or configure Redis."),
+        )
+    }
+
     /// 503: no target of the model can be tried right now.
     pub fn no_healthy_upstream(model: &str) -> Self {
         Self::new(
@@ -375,20 +386,26 @@ struct RawFields<'a> {
     model: Option<&'a RawValue>,
     #[serde(default)]
     stream: Option<bool>,
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "present")]
     stream_options: Option<&'a RawValue>,
     #[serde(default)]
     max_tokens: Option<u64>,
     #[serde(default)]
     max_completion_tokens: Option<u64>,
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "present")]
     api_key: Option<&'a RawValue>,
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "present")]
     api_base: Option<&'a RawValue>,
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "present")]
     base_url: Option<&'a RawValue>,
     #[serde(borrow, default)]
     messages: Option<&'a RawValue>,
+}
+
+/// A member that is there, even as `null` (a plain `Option` reads `null` as
+/// absent, and its span would be lost).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(d).map(Some)
 }
 
 /// The request fields the gateway reads, borrowed from the body.
@@ -620,13 +637,7 @@ fn splice_edits(
     }
     if ask_usage {
         match fields.stream_options_span {
-            Some((start, end)) => {
-                let mut options: serde_json::Map<String, serde_json::Value> =
-                    serde_json::from_slice(&body[start..end]).unwrap_or_default();
-                options.insert("include_usage".into(), true.into());
-                let value = serde_json::to_vec(&options).expect("a JSON map always serialises");
-                edits.push((start, end, value));
-            }
+            Some((start, end)) => edits.push(include_usage_edit(body, start, end)),
             None => {
                 // The body is a JSON object (parse checked): it opens with `{`.
                 let open = body.iter().position(|&b| b == b'{').unwrap_or(0);
@@ -690,41 +701,102 @@ impl<'de> Deserialize<'de> for Members<'de> {
     }
 }
 
+/// A top-level member's place in the bytes: its name, where its key's
+/// opening quote is, and where its value starts and ends.
+struct Span<'a> {
+    name: Cow<'a, str>,
+    key_start: usize,
+    value_start: usize,
+    value_end: usize,
+}
+
+/// The members of a JSON object `text` (a slice of `body` starting at
+/// `offset`), with their places in `body`. `None` when it is not an object.
+fn spans<'a>(body: &'a [u8], offset: usize, text: &'a str) -> Option<Vec<Span<'a>>> {
+    let Members(members) = serde_json::from_str::<Members<'_>>(text).ok()?;
+    let base = body.as_ptr() as usize;
+    members
+        .into_iter()
+        .map(|(name, value)| {
+            let value_start = value.get().as_ptr() as usize - base;
+            Some(Span {
+                name,
+                key_start: key_start(body, value_start).filter(|&k| k >= offset)?,
+                value_start,
+                value_end: value_start + value.get().len(),
+            })
+        })
+        .collect()
+}
+
 /// `body` (a JSON object) without its top-level members named in `names`:
-/// the kept members' bytes are copied as they are, so nothing is reordered
-/// or re-encoded. A body that is not a JSON object is returned as it is.
+/// each run of removed members is cut out with one separator, so every
+/// other byte (order, spacing, escapes) stays as sent. A body that is not a
+/// JSON object is returned as it is.
 fn without_members(body: &Bytes, names: &[&str]) -> Bytes {
     let Ok(text) = std::str::from_utf8(body) else {
         return body.clone();
     };
-    let Ok(Members(members)) = serde_json::from_str::<Members<'_>>(text) else {
+    let Some(members) = spans(body, 0, text) else {
         return body.clone();
     };
-    if !members
-        .iter()
-        .any(|(name, _)| names.contains(&name.as_ref()))
-    {
+    let removed = |i: usize| names.contains(&members[i].name.as_ref());
+    if !(0..members.len()).any(removed) {
         return body.clone();
     }
-    let base = body.as_ptr() as usize;
-    let mut out = Vec::with_capacity(body.len());
-    out.push(b'{');
-    for (name, value) in &members {
-        if names.contains(&name.as_ref()) {
+    let mut cuts: Vec<(usize, usize)> = Vec::new();
+    let mut i = 0;
+    while i < members.len() {
+        if !removed(i) {
+            i += 1;
             continue;
         }
-        let value_start = value.get().as_ptr() as usize - base;
-        let value_end = value_start + value.get().len();
-        let Some(key_start) = key_start(body, value_start) else {
-            return body.clone();
-        };
-        if out.len() > 1 {
-            out.push(b',');
+        let first = i;
+        while i < members.len() && removed(i) {
+            i += 1;
         }
-        out.extend_from_slice(&body[key_start..value_end]);
+        let last = i - 1;
+        cuts.push(if i < members.len() {
+            // Up to the next kept member's key, separator included.
+            (members[first].key_start, members[i].key_start)
+        } else if first > 0 {
+            // From the end of the last kept member's value.
+            (members[first - 1].value_end, members[last].value_end)
+        } else {
+            (members[first].key_start, members[last].value_end)
+        });
     }
-    out.push(b'}');
+    let mut out = Vec::with_capacity(body.len());
+    let mut at = 0;
+    for (start, end) in cuts {
+        out.extend_from_slice(&body[at..start]);
+        at = end;
+    }
+    out.extend_from_slice(&body[at..]);
     Bytes::from(out)
+}
+
+/// The edit that sets `include_usage: true` in the `stream_options` value
+/// at `start..end`, spliced so the client's other options keep their bytes.
+fn include_usage_edit(body: &[u8], start: usize, end: usize) -> (usize, usize, Vec<u8>) {
+    let whole = (start, end, br#"{"include_usage":true}"#.to_vec());
+    let Some(members) = std::str::from_utf8(&body[start..end])
+        .ok()
+        .and_then(|text| spans(body, start, text))
+    else {
+        return whole;
+    };
+    if let Some(existing) = members.iter().find(|m| m.name == "include_usage") {
+        return (existing.value_start, existing.value_end, b"true".to_vec());
+    }
+    match members.first() {
+        Some(first) => (
+            first.key_start,
+            first.key_start,
+            br#""include_usage":true,"#.to_vec(),
+        ),
+        None => whole,
+    }
 }
 
 /// The opening quote of the key whose value starts at `value_start`: back
@@ -863,13 +935,60 @@ mod tests {
         let out = rewrite_body(&body, &fields, "m", false);
         assert_eq!(
             std::str::from_utf8(&out).unwrap(),
-            r#"{"z": 12345678901234567890123,"a\u0062": [1.50, {"k":"v"}],"model":"m"}"#
+            r#"{ "z": 12345678901234567890123, "a\u0062": [1.50, {"k":"v"}], "model":"m"}"#
         );
         let out = rewrite_body(&body, &fields, "p", true);
         let value: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(value["model"], "p");
         assert_eq!(value["stream_options"]["include_usage"], true);
         assert!(value.get("api_key").is_none() && value.get("api_base").is_none());
+    }
+
+    #[test]
+    fn asking_for_usage_keeps_the_clients_other_options_as_sent() {
+        let body = Bytes::from_static(
+            br#"{"model":"m","stream":true,"stream_options":{"include_usage":false, "z":12345678901234567890123,"s":"\u00e9"}}"#,
+        );
+        let fields = RequestFields::parse(&body).unwrap();
+        let out = rewrite_body(&body, &fields, "m", true);
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            r#"{"model":"m","stream":true,"stream_options":{"include_usage":true, "z":12345678901234567890123,"s":"\u00e9"}}"#
+        );
+        for (options, expected) in [
+            (r#"{"x":1}"#, r#"{"include_usage":true,"x":1}"#),
+            (r#"{ }"#, r#"{"include_usage":true}"#),
+            ("null", r#"{"include_usage":true}"#),
+        ] {
+            let body = Bytes::from(format!(r#"{{"model":"m","stream_options":{options}}}"#));
+            let fields = RequestFields::parse(&body).unwrap();
+            let out = rewrite_body(&body, &fields, "m", true);
+            assert_eq!(
+                std::str::from_utf8(&out).unwrap(),
+                format!(r#"{{"model":"m","stream_options":{expected}}}"#)
+            );
+        }
+    }
+
+    #[test]
+    fn removing_members_leaves_valid_json_wherever_they_are() {
+        for (body, expected) in [
+            (r#"{"api_key":1, "model":"m"}"#, r#"{"model":"m"}"#),
+            (
+                r#"{"model":"m", "api_key":1 , "base_url":2 }"#,
+                r#"{"model":"m" }"#,
+            ),
+            (
+                r#"{"model":"m","api_key":1,"n":2,"base_url":3}"#,
+                r#"{"model":"m","n":2}"#,
+            ),
+        ] {
+            let body = Bytes::from(body);
+            assert_eq!(
+                std::str::from_utf8(&without_members(&body, &FOREIGN_UPSTREAM_FIELDS)).unwrap(),
+                expected
+            );
+        }
     }
 
     #[test]

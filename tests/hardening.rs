@@ -459,7 +459,7 @@ fn foreign_fields_are_spliced_out_and_every_other_byte_is_forwarded_as_sent() {
     let mock = Mock::start(&[]);
     let gw = Gateway::start(&GatewayConfig::new(&mock));
     let body = r#"{"model":"same-name", "z":12345678901234567890123,"api_key":"sk-evil","messages":[{"role":"user","content":"hi \u00e9"}],"base_url":"http://evil"}"#;
-    let expected = r#"{"model":"same-name","z":12345678901234567890123,"messages":[{"role":"user","content":"hi \u00e9"}]}"#;
+    let expected = r#"{"model":"same-name", "z":12345678901234567890123,"messages":[{"role":"user","content":"hi \u00e9"}]}"#;
     let resp = gw.post_raw(
         CHAT,
         &[("authorization", &format!("Bearer {TENANT_KEY}"))],
@@ -499,6 +499,10 @@ fn callback_urls_are_checked_as_they_will_be_delivered() {
         format!("https://127.0.0.1:{port}/runestone/x"),
         format!("http://127.0.0.1:1{port}/runestone/x"),
         format!("{base}x%00"),
+        format!("{base}..;/admin"),
+        format!("{base}.;/admin"),
+        format!("{base}%252e%252e/admin"),
+        format!("{base}%c0%ae%c0%ae/admin"),
     ];
     for url in &tricks {
         let resp = submit_raw(
@@ -803,6 +807,10 @@ fn smaller_ones_hold() {
     let answer = raw_exchange(config.port, smuggle.as_bytes(), Duration::from_secs(5));
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
     assert_eq!(mock.request_count(), 0);
+    // On every path, not only the proxied ones.
+    let smuggle = "GET /health HTTP/1.1\r\nHost: gw\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+    let answer = raw_exchange(config.port, smuggle.as_bytes(), Duration::from_secs(5));
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
 
     // A client that closes mid-request is not an error of the gateway's.
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", config.port)).unwrap();
@@ -867,4 +875,169 @@ impl Drop for KillOnDrop {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// A provider we wrote by hand, answering every request with `response`
+/// (raw bytes) and counting them.
+fn raw_provider(response: Vec<u8>) -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let served = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = served.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let response = response.clone();
+            let count = count.clone();
+            std::thread::spawn(move || {
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(5)))
+                    .unwrap();
+                let mut data = Vec::new();
+                let mut buf = [0u8; 8192];
+                // Read the head and a body of the declared length.
+                loop {
+                    let n = stream.read(&mut buf).unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    data.extend_from_slice(&buf[..n]);
+                    if let Some(end) = data.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&data[..end]).to_ascii_lowercase();
+                        let len: usize = head
+                            .lines()
+                            .find_map(|l| {
+                                l.strip_prefix("content-length:")
+                                    .map(|v| v.trim().parse().unwrap())
+                            })
+                            .unwrap_or(0);
+                        if data.len() >= end + 4 + len {
+                            break;
+                        }
+                    }
+                }
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let _ = stream.write_all(&response);
+            });
+        }
+    });
+    (port, served)
+}
+
+fn json_answer(extra_head: &str, body: &[u8]) -> Vec<u8> {
+    let mut out = format!(
+        "{extra_head}HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    out.extend_from_slice(body);
+    out
+}
+
+#[test]
+fn informational_and_compressed_answers_are_handled_not_passed_on() {
+    let chat_body = br#"{"id":"c","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}"#;
+    // 103 Early Hints, then the answer.
+    let (hints, _) = raw_provider(json_answer(
+        "HTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n",
+        chat_body,
+    ));
+    // An answer compressed although identity was asked for.
+    let mut gzip = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Encoding: gzip\r\nContent-Length: 4\r\nConnection: close\r\n\r\n".to_vec();
+    gzip.extend_from_slice(b"\x1f\x8b\x08\x00");
+    let (compressed, compressed_served) = raw_provider(gzip);
+    let mock = Mock::start(&[]);
+    let mut config = GatewayConfig::new(&mock);
+    config.providers = vec![
+        format!("  - {{ name: hints, base_url: \"http://127.0.0.1:{hints}/v1\" }}"),
+        format!("  - {{ name: gzip, base_url: \"http://127.0.0.1:{compressed}/v1\" }}"),
+        format!("  - {{ name: mock, base_url: \"{}\" }}", mock.base_url()),
+    ];
+    config.models = "
+  - name: hinted
+    targets: [{ provider: hints }]
+  - name: zipped
+    strategy: priority
+    targets: [{ provider: gzip }, { provider: mock }]
+"
+    .into();
+    config.tenants = format!("\n  - id: acme\n    keys: [\"{TENANT_KEY}\"]\n");
+    let gw = Gateway::start(&config);
+    let resp = gw.post_json(CHAT, TENANT_KEY, &chat("hinted", false));
+    assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
+    assert_eq!(resp.json()["choices"][0]["message"]["content"], "hi");
+    let resp = gw.post_json(CHAT, TENANT_KEY, &chat("zipped", false));
+    assert_eq!(resp.status, 200, "failed over past the compressed answer");
+    assert_eq!(resp.header("x-runestone-provider"), Some("mock"));
+    assert_eq!(
+        compressed_served.load(std::sync::atomic::Ordering::SeqCst),
+        1
+    );
+    assert!(!gw.log().contains("panicked"), "{}", gw.log());
+}
+
+#[test]
+fn corrupt_or_forged_redis_entries_fail_alone_and_free_what_they_took() {
+    let redis = Redis::start();
+    let mock = Mock::start(&[]);
+    let mut config = GatewayConfig::new(&mock);
+    config.tenants = format!(
+        "\n  - id: acme\n    keys: [\"{TENANT_KEY}\"]\n    limits: {{ max_concurrent: 2 }}\n    overflow: {{ enabled: true }}\n"
+    );
+    config.extra = format!("redis: {{ url: \"{}\" }}\n", redis.url());
+    let gw = Gateway::start(&config);
+    let job = |id: &str, json_id: &str, tokens: u64| {
+        json!({"id": json_id, "tenant": "acme", "model": "gpt-4o-mini", "endpoint": "chat",
+            "body": chat("gpt-4o-mini", false).to_string(), "headers": [], "tokens": tokens, "created_ms": 1})
+        .to_string()
+        .replace("\"__ID__\"", &format!("\"{id}\""))
+    };
+    // A job reserving absurd tokens, one whose stored id names another job,
+    // and a parked request of an instance that no longer exists, far in the
+    // future, at the head of the queue.
+    for (id, stored) in [
+        ("job_huge", job("job_huge", "job_huge", u64::MAX / 2)),
+        ("job_liar", job("job_liar", "job_victim", 1)),
+    ] {
+        redis.cli(&[
+            "HSET",
+            &format!("runestone:{{acme}}:job:{id}"),
+            "request",
+            &stored,
+            "state",
+            "queued",
+        ]);
+        redis.cli(&["RPUSH", "runestone:{acme}:queue", &format!("a|{id}")]);
+    }
+    redis.cli(&[
+        "LPUSH",
+        "runestone:{acme}:queue",
+        "s|ghost|1|99999999999999|deadinstance",
+    ]);
+    let after = submit(&gw, TENANT_KEY, "gpt-4o-mini");
+    assert_eq!(
+        result_of(&gw, TENANT_KEY, &after).status,
+        200,
+        "the queue is not blocked"
+    );
+    let huge = result_of(&gw, TENANT_KEY, "job_huge");
+    assert_eq!(
+        huge.status, 200,
+        "huge reservations are clamped, not overflowed"
+    );
+    let liar = result_of(&gw, TENANT_KEY, "job_liar");
+    assert_eq!(
+        (liar.status, liar.error_code()),
+        (500, "gateway_internal".to_string())
+    );
+    assert_eq!(
+        gw.get("/v1/jobs/job_victim", Some(TENANT_KEY)).status,
+        404,
+        "nothing written elsewhere"
+    );
+    // Both slots are free.
+    wait_until(Duration::from_secs(5), "the slots to be free", || {
+        redis.cli(&["ZCARD", "runestone:{acme}:inflight"]).trim() == "0"
+    });
+    assert!(!gw.log().contains("panicked"), "{}", gw.log());
 }

@@ -86,6 +86,12 @@ impl CallbackUrl {
         {
             return Err("has a dot segment".into());
         }
+        // Path parameters (`..;/`, which some servers resolve as `..`) and
+        // any percent-encoding (`%252e`, overlong UTF-8) have no place in a
+        // callback path: only plain characters pass.
+        if raw_path.contains([';', '%']) {
+            return Err("has ';' or a percent-encoded character in its path".into());
+        }
         Ok(CallbackUrl(url))
     }
 
@@ -145,6 +151,11 @@ mod tests {
             "https:///runestone/x",
             "https://h.example/runestone/x%00",
             "https://h.example/a//../b",
+            "https://h.example/runestone/..;/admin",
+            "https://h.example/runestone/.;/admin",
+            "https://h.example/runestone/%252e%252e/admin",
+            "https://h.example/runestone/%c0%ae%c0%ae/admin",
+            "https://h.example/runestone/..%c0%afadmin",
         ] {
             assert!(CallbackUrl::parse(url).is_err(), "{url:?} was accepted");
         }

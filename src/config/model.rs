@@ -38,6 +38,8 @@ pub struct ServerSettings {
     /// Proxies (CIDRs) whose `Forwarded` / `X-Forwarded-For` headers name
     /// the client address; every other peer is the client itself.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// The header those proxies name the client in.
+    pub client_address_header: ForwardedHeader,
 }
 
 /// PEM files for the HTTPS listener.
@@ -407,5 +409,25 @@ impl TenantSettings {
         self.allowed_models
             .as_ref()
             .is_none_or(|allowed| allowed.contains(model))
+    }
+}
+
+/// Which header a trusted proxy names the client in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ForwardedHeader {
+    /// `X-Forwarded-For: client, proxy1, ...` (the default).
+    #[default]
+    XForwardedFor,
+    /// RFC 7239 `Forwarded: for=client, for=proxy1`.
+    Forwarded,
+}
+
+impl ForwardedHeader {
+    /// The header's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            ForwardedHeader::XForwardedFor => "x-forwarded-for",
+            ForwardedHeader::Forwarded => "forwarded",
+        }
     }
 }

@@ -34,6 +34,8 @@ pub(super) struct RawServer {
     pub(super) auth_failures_per_minute: Option<u32>,
     #[serde(default)]
     pub(super) trusted_proxies: Vec<String>,
+    #[serde(default)]
+    pub(super) client_address_header: Option<String>,
 }
 
 #[derive(Deserialize)]

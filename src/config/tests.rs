@@ -261,3 +261,13 @@ fn rejects_yaml_that_is_not_a_mapping() {
         .iter()
         .all(|p| p.starts_with("not valid YAML")));
 }
+
+#[test]
+fn refuses_a_provider_key_that_cannot_be_a_header() {
+    let yaml = VALID.replace("\"${OPENAI_API_KEY}\"", "\"sk-abc\\n\"");
+    let problems = Config::from_yaml(&yaml, |_| Some("x".into())).unwrap_err();
+    assert!(
+        problems.iter().any(|p| p.path == "providers[0].api_key"),
+        "{problems:?}"
+    );
+}

@@ -92,8 +92,20 @@ pub(super) fn validate_server(
     if problems.len() > before {
         return None;
     }
+    let client_address_header = match raw.client_address_header.as_deref() {
+        None | Some("x-forwarded-for") => ForwardedHeader::XForwardedFor,
+        Some("forwarded") => ForwardedHeader::Forwarded,
+        Some(other) => {
+            problems.push(problem(
+                "server.client_address_header",
+                format!("'{other}' is not one of x-forwarded-for, forwarded"),
+            ));
+            return None;
+        }
+    };
     let listen = listen?;
     Some(ServerSettings {
+        client_address_header,
         trusted_proxies,
         listen,
         metrics_listen,
@@ -192,6 +204,20 @@ pub(super) fn validate_providers(
             problems.push(problem(&join(&path, "weight"), "must be at least 1"));
         }
         let api_key = raw.api_key.filter(|k| !k.is_empty()).map(Secret);
+        if let Some(key) = &api_key {
+            // Sent as a header value: no control characters (a stray
+            // newline from a secret file would fail every request).
+            if key
+                .expose()
+                .bytes()
+                .any(|b| b.is_ascii_control() || !b.is_ascii())
+            {
+                problems.push(problem(
+                    &join(&path, "api_key"),
+                    "must be printable ASCII (no newline or other control character)",
+                ));
+            }
+        }
         let health_check = raw
             .health_check
             .map(|hc| validate_health_check(hc, &join(&path, "health_check"), problems));

@@ -49,12 +49,13 @@ impl Gateway {
         else {
             return Err(error);
         };
+        let named_in = self.config.server.client_address_header;
         let client = auth::client_address(
             peer,
             &self.config.server.trusted_proxies,
-            headers.get_all("forwarded").iter().map(|v| v.as_bytes()),
+            named_in,
             headers
-                .get_all("x-forwarded-for")
+                .get_all(named_in.name())
                 .iter()
                 .map(|v| v.as_bytes()),
         );

@@ -21,6 +21,7 @@ impl Gateway {
         if respond::head_size(session.req_header()) > limit {
             return Err(ApiError::headers_too_large(limit));
         }
+        respond::check_framing(session)?;
         let method = session.req_header().method.clone();
         let path = session.req_header().uri.path().to_string();
         let endpoint = Endpoint::from_path(&path);
@@ -74,7 +75,6 @@ impl Gateway {
         ctx: &mut RequestCtx,
         endpoint: Endpoint,
     ) -> Result<(), ApiError> {
-        respond::check_framing(session)?;
         let tenant = self.authenticate(session, ctx)?;
         let body = respond::read_body(session, self.config.server.max_request_body_bytes).await?;
         let fields = RequestFields::parse(&body)?;

@@ -44,6 +44,15 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub use crate::gcra::WINDOW_MS;
 
+/// The most tokens one admission reserves, whatever it asks for.
+const MAX_RESERVED_TOKENS: u64 = 1 << 32;
+
+/// A token count as a signed number, saturating (usage comes from
+/// providers, reservations from stored jobs: neither may overflow).
+fn signed(tokens: u64) -> i64 {
+    i64::try_from(tokens).unwrap_or(i64::MAX)
+}
+
 /// Which limit refused a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LimitKind {
@@ -362,9 +371,12 @@ impl Limiter {
     pub async fn admit(&self, tenant: usize, tokens: u64) -> Result<Grant, Refusal> {
         let inner = &self.inner;
         let limits = &inner.limits[tenant];
+        // No request reserves more than the whole minute, nor more than any
+        // request could use (the figure may come from a stored job).
         let tokens = limits
             .tokens_per_minute
-            .map_or(tokens, |tpm| tokens.min(tpm));
+            .map_or(tokens, |tpm| tokens.min(tpm))
+            .min(MAX_RESERVED_TOKENS);
         // A lease id names a concurrency slot in Redis; in-process slots are
         // plain counts.
         let lease = if inner.redis.is_some() && limits.max_concurrent.is_some() {
@@ -445,7 +457,7 @@ impl Limiter {
         ewma.store((old * 7 + sample) / 8, Ordering::Relaxed);
 
         let (period_id, _) = period_at(accounting_period(limits), now_ms());
-        let token_delta = settlement.usage.total() as i64 - grant.reserved_tokens as i64;
+        let token_delta = signed(settlement.usage.total()) - signed(grant.reserved_tokens);
         let record = PeriodUsage {
             requests: 1,
             prompt_tokens: settlement.usage.prompt_tokens,
@@ -476,7 +488,7 @@ impl Limiter {
             accounting_period(&self.inner.limits[grant.tenant]),
             now_ms(),
         );
-        let reserved = grant.reserved_tokens as i64;
+        let reserved = signed(grant.reserved_tokens);
         self.give_back(&grant, -1, -reserved, &period_id, &PeriodUsage::default())
             .await;
         self.inner.inflight_done(grant.tenant);

@@ -30,6 +30,8 @@ pub struct Drain {
     upstreams: Arc<Upstreams>,
     config: Arc<Config>,
     runner: Arc<dyn JobRunner>,
+    /// Other instances seen alive or not, and when.
+    liveness: std::sync::Mutex<std::collections::HashMap<String, (Instant, bool)>>,
 }
 
 /// A claimed job, and how to acknowledge it.
@@ -55,6 +57,7 @@ impl Drain {
             upstreams,
             config,
             runner,
+            liveness: std::sync::Mutex::default(),
         }
     }
 
@@ -112,8 +115,17 @@ impl Drain {
                 owner,
             } => {
                 if owner != &o.inner.instance {
-                    // Another instance's client: it admits its own.
-                    if *deadline_ms < unix_ms() {
+                    // Another instance's client: it admits its own, unless
+                    // the entry cannot be live (its deadline passed or lies
+                    // further out than any wait, or its instance stopped
+                    // beating): then it would block the queue for everyone.
+                    let now = unix_ms();
+                    let longest =
+                        (o.settings(tenant).max_wait + o.inner.visibility).as_millis() as u64;
+                    if *deadline_ms < now
+                        || *deadline_ms > now.saturating_add(longest)
+                        || !self.is_alive(tenant, owner).await
+                    {
                         o.remove(tenant, &head).await;
                     }
                     return true;
@@ -194,9 +206,19 @@ impl Drain {
                 self.acknowledge(claim).await;
                 None
             }
-            Some((Some(request), None)) => {
-                Some(serde_json::from_str::<Job>(&request).map_err(|e| e.to_string()))
-            }
+            Some((Some(request), None)) => Some(
+                serde_json::from_str::<Job>(&request)
+                    .map_err(|e| e.to_string())
+                    .and_then(|job| {
+                        // Stored under one id, claiming another: it would
+                        // write its result over someone else's.
+                        if job.id == id {
+                            Ok(job)
+                        } else {
+                            Err(format!("the stored job names the id {:?}", job.id))
+                        }
+                    }),
+            ),
             None => {
                 self.unclaim(claim).await;
                 None
@@ -267,6 +289,7 @@ impl Drain {
             }
         };
         o.mark_running(tenant, head, id).await;
+        let id = id.to_string();
         let overflow = o.clone();
         let runner = self.runner.clone();
         running.spawn(async move {
@@ -285,7 +308,7 @@ impl Drain {
                     ))
                 }
             };
-            overflow.finish_job(&claim, &job.id, &result).await;
+            overflow.finish_job(&claim, &id, &result).await;
             overflow
                 .deliver_callback(runner.as_ref(), tenant, &job, &result)
                 .await;
@@ -319,6 +342,29 @@ impl Drain {
                     .arg(claim.head.encode()),
             )
             .await;
+    }
+
+    /// Whether another instance still beats for `tenant` (its heartbeat
+    /// key exists); asked at most once a second per instance.
+    async fn is_alive(&self, tenant: usize, instance: &str) -> bool {
+        let now = Instant::now();
+        if let Some((at, alive)) = lock(&self.liveness).get(instance) {
+            if now.duration_since(*at) < Duration::from_secs(1) {
+                return *alive;
+            }
+        }
+        let o = &self.overflow;
+        let exists: Option<i64> = o
+            .redis(redis::cmd("EXISTS").arg(o.key(tenant, &format!("worker:{instance}"))))
+            .await;
+        // Redis not answering says nothing about the instance.
+        let alive = exists != Some(0);
+        let mut liveness = lock(&self.liveness);
+        if liveness.len() > 1024 {
+            liveness.clear();
+        }
+        liveness.insert(instance.to_string(), (now, alive));
+        alive
     }
 
     /// Heartbeats for this instance and re-queues what silent ones held.

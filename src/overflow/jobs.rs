@@ -3,6 +3,7 @@
 //! signed callback that delivers it.
 
 use super::drain::Claim;
+use super::local_jobs::LocalJobs;
 use super::queue::Entry;
 use super::{lock, unix_ms, Overflow, ParkRefusal};
 use crate::limits::Grant;
@@ -12,9 +13,6 @@ use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 use tracing::warn;
-
-/// How often the in-process job store drops expired jobs.
-const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 /// An async job: the whole request, bound to its tenant and model by name.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -43,7 +41,7 @@ pub struct Job {
 
 impl Job {
     /// Bytes the job holds in memory (the in-process store's bound).
-    fn size(&self) -> usize {
+    pub(super) fn size(&self) -> usize {
         self.body.len()
             + self.id.len()
             + self.callback.as_ref().map_or(0, String::len)
@@ -163,67 +161,10 @@ fn callback_body(job_id: &str, result: &JobResult) -> Vec<u8> {
     serde_json::to_vec(&callback).unwrap_or_default()
 }
 
-/// One job in the in-process store.
-pub(super) struct LocalJob {
-    pub(super) job: Job,
-    pub(super) result: Option<JobResult>,
-    pub(super) running: bool,
-    /// Dropped after this: `result_ttl` after it finished, or (unfinished)
-    /// seven times that after submission, as in Redis.
-    pub(super) expires_at: Instant,
-}
-
-impl LocalJob {
-    fn size(&self) -> usize {
-        self.job.size() + self.result.as_ref().map_or(0, |r| r.body.len())
-    }
-}
-
-/// In-process queues and jobs (no Redis): not durable, bounded.
+/// In-process queues and jobs (no Redis): not durable.
 pub(super) struct LocalState {
     pub(super) queues: HashMap<usize, VecDeque<Entry>>,
-    pub(super) jobs: HashMap<String, LocalJob>,
-    /// Bytes held by `jobs`.
-    pub(super) job_bytes: usize,
-    pub(super) last_sweep: Instant,
-}
-
-impl LocalState {
-    /// An empty store.
-    pub(super) fn new() -> Self {
-        LocalState {
-            queues: HashMap::new(),
-            jobs: HashMap::new(),
-            job_bytes: 0,
-            last_sweep: Instant::now(),
-        }
-    }
-
-    /// Drops expired jobs (at most once per [`SWEEP_EVERY`]).
-    fn sweep(&mut self, now: Instant) {
-        if now.duration_since(self.last_sweep) < SWEEP_EVERY {
-            return;
-        }
-        self.last_sweep = now;
-        let mut freed = 0;
-        self.jobs.retain(|_, job| {
-            let keep = job.expires_at > now;
-            if !keep {
-                freed += job.size();
-            }
-            keep
-        });
-        self.job_bytes = self.job_bytes.saturating_sub(freed);
-    }
-
-    /// Milliseconds until the soonest job expires (a full store's retry).
-    fn soonest_expiry_ms(&self, now: Instant) -> u64 {
-        self.jobs
-            .values()
-            .map(|j| j.expires_at.saturating_duration_since(now))
-            .min()
-            .map_or(1000, |d| d.as_millis() as u64)
-    }
+    pub(super) jobs: LocalJobs,
 }
 
 impl Overflow {
@@ -257,10 +198,7 @@ impl Overflow {
         }
         if let Err(refusal) = self.push(tenant, &Entry::Async { id: id.clone() }).await {
             if self.inner.redis.is_none() {
-                let mut local = lock(&self.inner.local);
-                if let Some(removed) = local.jobs.remove(&id) {
-                    local.job_bytes = local.job_bytes.saturating_sub(removed.size());
-                }
+                lock(&self.inner.local).jobs.remove(&id);
             }
             return Err(refusal);
         }
@@ -270,26 +208,10 @@ impl Overflow {
 
     /// Keeps a job in the in-process store, within its bounds.
     fn store_local(&self, job: Job) -> Result<(), ParkRefusal> {
-        let now = Instant::now();
-        let mut local = lock(&self.inner.local);
-        local.sweep(now);
-        let size = job.size();
-        if local.jobs.len() >= self.inner.max_local_jobs
-            || local.job_bytes + size > self.inner.max_local_bytes
-        {
-            return Err(ParkRefusal::StoreFull(local.soonest_expiry_ms(now)));
-        }
-        local.job_bytes += size;
-        local.jobs.insert(
-            job.id.clone(),
-            LocalJob {
-                job,
-                result: None,
-                running: false,
-                expires_at: now + self.inner.result_ttl * 7,
-            },
-        );
-        Ok(())
+        lock(&self.inner.local)
+            .jobs
+            .insert(job, Instant::now())
+            .map_err(ParkRefusal::StoreFull)
     }
 
     /// The state of the tenant's job `id`; `None` when it has no such job
@@ -301,7 +223,7 @@ impl Overflow {
     ) -> Result<Option<JobState>, ParkRefusal> {
         if self.inner.redis.is_none() {
             let mut local = lock(&self.inner.local);
-            local.sweep(Instant::now());
+            local.jobs.sweep(Instant::now());
             let Some(job) = local.jobs.get(id) else {
                 return Ok(None);
             };
@@ -362,9 +284,7 @@ impl Overflow {
             return;
         }
         let mut local = lock(&self.inner.local);
-        if let Some(job) = local.jobs.get_mut(id) {
-            job.running = true;
-        }
+        local.jobs.mark_running(id);
         if let Some(queue) = local.queues.get_mut(&tenant) {
             queue.retain(|e| e != head);
         }
@@ -447,15 +367,7 @@ impl Overflow {
         if let Some(queue) = local.queues.get_mut(&tenant) {
             queue.retain(|e| e != &claim.head);
         }
-        let expires_at = Instant::now() + self.inner.result_ttl;
-        let Some(job) = local.jobs.get_mut(id) else {
-            return;
-        };
-        let before = job.size();
-        job.result = Some(result.clone());
-        job.expires_at = expires_at;
-        let grown = job.size() - before;
-        local.job_bytes += grown;
+        local.jobs.finish(id, result, Instant::now());
     }
 }
 

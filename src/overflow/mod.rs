@@ -32,6 +32,7 @@
 
 mod drain;
 mod jobs;
+mod local_jobs;
 mod queue;
 
 pub use drain::Drain;
@@ -106,8 +107,6 @@ struct Inner {
     wake: Notify,
     result_ttl: Duration,
     visibility: Duration,
-    max_local_jobs: usize,
-    max_local_bytes: usize,
 }
 
 /// The overflow queue of every tenant.
@@ -138,13 +137,19 @@ impl Overflow {
                 tenant_ids: config.tenants.iter().map(|t| t.id.clone()).collect(),
                 instance: crate::ids::random_token(),
                 waiters: Mutex::default(),
-                local: Mutex::new(LocalState::new()),
+                local: Mutex::new(LocalState {
+                    queues: HashMap::new(),
+                    jobs: local_jobs::LocalJobs::new(local_jobs::Bounds::new(
+                        config.jobs.in_process_max_jobs,
+                        config.jobs.in_process_max_bytes,
+                        config.tenants.len(),
+                        config.jobs.result_ttl,
+                    )),
+                }),
                 redis,
                 wake: Notify::new(),
                 result_ttl: config.jobs.result_ttl,
                 visibility: config.jobs.visibility_timeout,
-                max_local_jobs: config.jobs.in_process_max_jobs,
-                max_local_bytes: config.jobs.in_process_max_bytes,
             }),
         }
     }

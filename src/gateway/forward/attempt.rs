@@ -143,14 +143,32 @@ impl Attempt<'_> {
         let first_byte = timeouts
             .first_byte
             .min(deadline.saturating_duration_since(Instant::now()));
-        tokio::select! {
-            read = tokio::time::timeout(first_byte, upstream.read_response_header()) => match read {
-                Ok(read) => read.map_err(io_error)?,
-                Err(_) => return Err(self.outcome(Outcome::Failure, Attempted::Retryable(ApiError::upstream_timeout(format!(
-                    "The provider '{}' sent no response within {first_byte:?}.", provider.name
-                ))))),
-            },
-            _ = client.gone() => return Err(self.outcome(Outcome::Neutral, Attempted::Answered)),
+        let header_deadline = tokio::time::Instant::now() + first_byte;
+        // Informational answers (100 Continue, 103 Early Hints) come before
+        // the real one: read past a few of them.
+        for informational in 0.. {
+            tokio::select! {
+                read = tokio::time::timeout_at(header_deadline, upstream.read_response_header()) => match read {
+                    Ok(read) => read.map_err(io_error)?,
+                    Err(_) => return Err(self.outcome(Outcome::Failure, Attempted::Retryable(ApiError::upstream_timeout(format!(
+                        "The provider '{}' sent no response within {first_byte:?}.", provider.name
+                    ))))),
+                },
+                _ = client.gone() => return Err(self.outcome(Outcome::Neutral, Attempted::Answered)),
+            }
+            let status = upstream.response_header().map_or(0, |h| h.status.as_u16());
+            if !(100..200).contains(&status) {
+                break;
+            }
+            if status == 101 || informational >= 4 {
+                return Err(self.outcome(
+                    Outcome::Failure,
+                    Attempted::Retryable(ApiError::upstream_error(format!(
+                        "The provider '{}' answered {status} and nothing else.",
+                        provider.name
+                    ))),
+                ));
+            }
         }
         let ttfb = started.elapsed();
         // Borrowed, not cloned: everything read from it is read before the
@@ -168,6 +186,22 @@ impl Attempt<'_> {
         if let Some((outcome, error)) = refused(provider, upstream_header) {
             warn!(request_id = %exchange.request_id, provider = %provider.name, backend = %self.backend.addr, status, "provider refused the attempt");
             return Err(self.outcome(outcome, Attempted::Retryable(error)));
+        }
+        if let Some(encoding) = upstream_header
+            .headers
+            .get(header::CONTENT_ENCODING)
+            .filter(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"))
+        {
+            // Asked for identity: a compressed answer could be neither
+            // metered nor redacted, so it is not passed on.
+            warn!(request_id = %exchange.request_id, provider = %provider.name, encoding = ?encoding, "provider answered compressed despite accept-encoding: identity");
+            return Err(self.outcome(
+                Outcome::Failure,
+                Attempted::Retryable(ApiError::upstream_error(format!(
+                    "The provider '{}' answered with a content encoding the gateway did not ask for.",
+                    provider.name
+                ))),
+            ));
         }
         // Whatever the provider sends on, its key never reaches the client.
         let mut redactor = Redactor::new(provider.api_key.as_ref().map(|k| k.expose()));
