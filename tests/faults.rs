@@ -182,6 +182,33 @@ fn check_redis_fault(freeze: bool) {
         "every Redis lease released",
         || redis.cli(&["ZCARD", inflight_key]).trim() == "0",
     );
+    if freeze {
+        // Every answer is billed once in Redis: the settlements that timed
+        // out during the freeze, and that Redis ran when it thawed, are not
+        // counted again by the flush.
+        // Every 200 the gateway answered, the checks' own requests included.
+        let served = metric_sum(
+            &gw.metrics(),
+            "runestone_requests_total",
+            &["status=\"200\"", "model=\"gpt-4o-mini\""],
+        ) as u64;
+        let recorded = || {
+            let keys = redis.cli(&["KEYS", "runestone:{acme}:usage:*"]);
+            let key = keys.lines().next().unwrap_or_default().to_string();
+            redis
+                .cli(&["HGET", &key, "requests"])
+                .trim()
+                .parse::<u64>()
+                .unwrap_or(0)
+        };
+        wait_until(Duration::from_secs(10), "the usage to be flushed", || {
+            recorded() >= served
+        });
+        for _ in 0..20 {
+            assert_eq!(recorded(), served, "{seen:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
 }
 
 #[test]
