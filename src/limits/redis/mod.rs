@@ -23,7 +23,10 @@
 
 mod batcher;
 mod ledger;
+mod maintenance;
 mod scripts;
+
+pub use maintenance::RedisMaintenance;
 
 use super::{PeriodUsage, RateLimitState, Refusal};
 use crate::config::{RedisSettings, TenantLimits, TenantSettings};
@@ -560,50 +563,6 @@ impl RedisStore {
                     invocation.invoke_async(&mut conn).await
                 })
                 .await;
-        }
-    }
-}
-
-/// The store's upkeep: probes Redis while it is down, flushes what is owed
-/// to it, renews this instance's leases (run as a background service).
-pub struct RedisMaintenance {
-    store: RedisStore,
-}
-
-impl RedisMaintenance {
-    /// Maintenance for `store`.
-    pub fn new(store: RedisStore) -> Self {
-        RedisMaintenance { store }
-    }
-}
-
-impl RedisMaintenance {
-    /// Runs until `shutdown` turns true, flushing once more then.
-    pub async fn run(&self, mut shutdown: tokio::sync::watch::Receiver<bool>) {
-        let mut probe = tokio::time::interval(PROBE_EVERY);
-        let mut renew = tokio::time::interval(RENEW_EVERY);
-        loop {
-            tokio::select! {
-                _ = probe.tick() => {
-                    if !self.store.is_up() {
-                        self.store.probe().await;
-                    }
-                    if self.store.is_up() {
-                        self.store.flush_pending().await;
-                    }
-                }
-                _ = renew.tick() => {
-                    if self.store.is_up() {
-                        self.store.renew_leases().await;
-                    }
-                }
-                _ = shutdown.changed() => {
-                    if self.store.is_up() {
-                        self.store.flush_pending().await;
-                    }
-                    return;
-                }
-            }
         }
     }
 }

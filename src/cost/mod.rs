@@ -1,0 +1,226 @@
+//! Token usage and what it costs.
+//!
+//! Usage is read from the provider's answer on its way to the client:
+//! [`usage_from_json`] for JSON bodies, [`StreamMeter`] for SSE streams, fed
+//! chunk by chunk (chunks do not align with events, so it keeps the partial
+//! last line). When the gateway asked the provider for
+//! `stream_options.include_usage` on the client's behalf, the meter removes
+//! the usage chunk and the `"usage":null` fields again, so the client sees
+//! what the provider would have sent it.
+//!
+//! When the provider reports no usage (some OpenAI-compatible servers ignore
+//! `include_usage`) or the answer breaks off, the gateway estimates, never
+//! counts nothing: prompt tokens = request body bytes / 4, completion tokens =
+//! bytes of generated text (content, text, tool-call arguments) / 4, both
+//! rounded up. Four bytes per token is the usual rule of thumb for English.
+
+use crate::config::Price;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+/// Upper bound on any one usage number a provider reports; larger (absurd)
+/// numbers are treated as missing so they cannot corrupt accounting.
+pub const MAX_REPORTED_TOKENS: u64 = 100_000_000;
+
+/// Completion tokens reserved at admission when the request sets neither
+/// `max_tokens` nor `max_completion_tokens`.
+pub const DEFAULT_COMPLETION_ESTIMATE: u64 = 1024;
+
+/// Longest SSE line the meter holds while waiting for its end; a provider
+/// sending an endless line cannot make the gateway buffer it.
+pub const MAX_LINE_BYTES: usize = 1024 * 1024;
+
+/// Non-streamed bodies are kept for usage parsing up to this size; past it
+/// the gateway estimates.
+pub const MAX_METERED_JSON_BYTES: usize = 16 * 1024 * 1024;
+
+/// Tokens used by one request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Prompt tokens, cached ones included.
+    pub prompt_tokens: u64,
+    /// Completion tokens.
+    pub completion_tokens: u64,
+    /// Prompt tokens served from the provider's cache.
+    pub cached_tokens: u64,
+    /// Whether the numbers are the gateway's estimate rather than the provider's.
+    pub estimated: bool,
+}
+
+impl Usage {
+    /// The cost in pico-dollars at `price` (zero without a price).
+    pub fn cost_pusd(&self, price: Option<&Price>) -> i64 {
+        let Some(price) = price else { return 0 };
+        let cached = self.cached_tokens.min(self.prompt_tokens);
+        let uncached = self.prompt_tokens - cached;
+        let tokens = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        tokens(uncached)
+            .saturating_mul(price.input)
+            .saturating_add(tokens(cached).saturating_mul(price.cached_input))
+            .saturating_add(tokens(self.completion_tokens).saturating_mul(price.output))
+    }
+
+    /// All tokens.
+    pub fn total(&self) -> u64 {
+        self.prompt_tokens.saturating_add(self.completion_tokens)
+    }
+}
+
+/// Prompt tokens estimated from the request body's size.
+pub fn estimate_prompt_tokens(body_len: usize) -> u64 {
+    (body_len as u64).div_ceil(4).max(1)
+}
+
+/// Tokens reserved at admission: the prompt estimate plus the completion
+/// budget the request asks for (or [`DEFAULT_COMPLETION_ESTIMATE`]).
+pub fn estimate_request_tokens(body_len: usize, max_tokens: Option<u64>, generates: bool) -> u64 {
+    let completion = if generates {
+        max_tokens
+            .unwrap_or(DEFAULT_COMPLETION_ESTIMATE)
+            .min(MAX_REPORTED_TOKENS)
+    } else {
+        0
+    };
+    estimate_prompt_tokens(body_len) + completion
+}
+
+#[derive(Deserialize)]
+struct UsageWire {
+    #[serde(default)]
+    prompt_tokens: Option<u64>,
+    #[serde(default)]
+    completion_tokens: Option<u64>,
+    #[serde(default)]
+    prompt_tokens_details: Option<PromptDetails>,
+}
+
+#[derive(Deserialize)]
+struct PromptDetails {
+    #[serde(default)]
+    cached_tokens: Option<u64>,
+}
+
+impl UsageWire {
+    fn into_usage(self) -> Option<Usage> {
+        let prompt = self.prompt_tokens.unwrap_or(0);
+        let completion = self.completion_tokens.unwrap_or(0);
+        let cached = self
+            .prompt_tokens_details
+            .and_then(|d| d.cached_tokens)
+            .unwrap_or(0);
+        if prompt > MAX_REPORTED_TOKENS || completion > MAX_REPORTED_TOKENS || cached > prompt {
+            return None;
+        }
+        Some(Usage {
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+            cached_tokens: cached,
+            estimated: false,
+        })
+    }
+}
+
+#[derive(Deserialize)]
+pub(super) struct Probe<'a> {
+    #[serde(borrow, default)]
+    choices: Option<Vec<ChoiceProbe<'a>>>,
+    /// Kept raw: a malformed `usage` must not hide the generated text.
+    #[serde(borrow, default)]
+    usage: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct ChoiceProbe<'a> {
+    #[serde(borrow, default)]
+    delta: Option<MessageProbe<'a>>,
+    #[serde(borrow, default)]
+    message: Option<MessageProbe<'a>>,
+    #[serde(borrow, default)]
+    text: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct MessageProbe<'a> {
+    #[serde(borrow, default)]
+    content: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    tool_calls: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    function_call: Option<&'a RawValue>,
+}
+
+impl Probe<'_> {
+    /// Bytes of generated text in this object (quotes and escapes included:
+    /// close enough for an estimate).
+    fn generated_bytes(&self) -> u64 {
+        let raw_len = |v: &Option<&RawValue>| {
+            v.map_or(0, |v| {
+                if v.get() == "null" {
+                    0
+                } else {
+                    v.get().len() as u64
+                }
+            })
+        };
+        self.choices.iter().flatten().fold(0, |sum, c| {
+            let message = c.delta.as_ref().or(c.message.as_ref());
+            sum + raw_len(&c.text)
+                + message.map_or(0, |m| {
+                    raw_len(&m.content) + raw_len(&m.tool_calls) + raw_len(&m.function_call)
+                })
+        })
+    }
+
+    fn usage(&self) -> Option<Usage> {
+        reported_usage(self.usage?)
+    }
+}
+
+/// A `usage` value as the provider reported it; `None` unless it is an
+/// object with sane numbers (serde would also read a struct from an array,
+/// field by field).
+fn reported_usage(raw: &RawValue) -> Option<Usage> {
+    let raw = raw.get();
+    if !raw.starts_with('{') {
+        return None;
+    }
+    serde_json::from_str::<UsageWire>(raw).ok()?.into_usage()
+}
+
+/// Usage from a complete JSON response body; estimated from the generated
+/// text (and `prompt_estimate`) when the provider sent none.
+pub fn usage_from_json(body: &[u8], prompt_estimate: u64) -> Usage {
+    // The common case first: a body with `usage`, everything else skipped
+    // unread. Only a body without it is probed for its generated text.
+    #[derive(Deserialize)]
+    struct UsageOnly<'a> {
+        #[serde(borrow, default)]
+        usage: Option<&'a RawValue>,
+    }
+    let reported = serde_json::from_slice::<UsageOnly>(body)
+        .ok()
+        .and_then(|o| reported_usage(o.usage?));
+    if let Some(usage) = reported {
+        return usage;
+    }
+    match serde_json::from_slice::<Probe>(body) {
+        Ok(probe) => probe.usage().unwrap_or(Usage {
+            prompt_tokens: prompt_estimate,
+            completion_tokens: probe.generated_bytes().div_ceil(4),
+            cached_tokens: 0,
+            estimated: true,
+        }),
+        Err(_) => Usage {
+            prompt_tokens: prompt_estimate,
+            completion_tokens: (body.len() as u64).div_ceil(4),
+            cached_tokens: 0,
+            estimated: true,
+        },
+    }
+}
+
+mod stream;
+#[cfg(test)]
+mod tests;
+
+pub use stream::StreamMeter;

@@ -1,0 +1,201 @@
+//! Unit tests of usage extraction, estimates and stream metering.
+
+use super::*;
+use bytes::Bytes;
+
+const PRICE: Price = Price {
+    input: 150_000,
+    output: 600_000,
+    cached_input: 75_000,
+};
+
+fn stream_events(include_usage_nulls: bool) -> Vec<String> {
+    let null = if include_usage_nulls {
+        ",\"usage\":null"
+    } else {
+        ""
+    };
+    vec![
+            format!("data: {{\"id\":\"c\",\"choices\":[{{\"index\":0,\"delta\":{{\"role\":\"assistant\",\"content\":\"\"}}}}]{null}}}\n\n"),
+            format!("data: {{\"id\":\"c\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"Hello there\"}}}}]{null}}}\n\n"),
+            format!("data: {{\"id\":\"c\",\"choices\":[{{\"index\":0,\"delta\":{{}},\"finish_reason\":\"stop\"}}]{null}}}\n\n"),
+        ]
+}
+
+const USAGE_EVENT: &str = "data: {\"id\":\"c\",\"choices\":[],\"usage\":{\"prompt_tokens\":12,\"completion_tokens\":3,\"total_tokens\":15,\"prompt_tokens_details\":{\"cached_tokens\":4}}}\n\n";
+
+fn run(meter: &mut StreamMeter, text: &str, chunk_size: usize) -> String {
+    let mut out = Vec::new();
+    for piece in text.as_bytes().chunks(chunk_size) {
+        out.extend_from_slice(&meter.feed(Bytes::copy_from_slice(piece)));
+    }
+    out.extend_from_slice(&meter.finish());
+    String::from_utf8(out).unwrap()
+}
+
+#[test]
+fn costs_cached_and_uncached_tokens_exactly() {
+    let usage = Usage {
+        prompt_tokens: 1000,
+        completion_tokens: 500,
+        cached_tokens: 400,
+        estimated: false,
+    };
+    // 600 * 0.15/1M + 400 * 0.075/1M + 500 * 0.60/1M USD = 0.00042 USD
+    assert_eq!(usage.cost_pusd(Some(&PRICE)), 420_000_000);
+    assert_eq!(usage.cost_pusd(None), 0);
+}
+
+#[test]
+fn reads_usage_from_json() {
+    let body = br#"{"choices":[{"message":{"content":"hi"}}],"usage":{"prompt_tokens":7,"completion_tokens":2,"total_tokens":9}}"#;
+    assert_eq!(
+        usage_from_json(body, 99),
+        Usage {
+            prompt_tokens: 7,
+            completion_tokens: 2,
+            cached_tokens: 0,
+            estimated: false
+        }
+    );
+}
+
+#[test]
+fn estimates_json_without_usage() {
+    let body = br#"{"choices":[{"message":{"content":"12345678"}}]}"#;
+    let usage = usage_from_json(body, 50);
+    assert_eq!(
+        (
+            usage.prompt_tokens,
+            usage.completion_tokens,
+            usage.estimated
+        ),
+        (50, 3, true)
+    );
+}
+
+#[test]
+fn rejects_absurd_or_negative_usage() {
+    let body = br#"{"choices":[],"usage":{"prompt_tokens":-5,"completion_tokens":2}}"#;
+    assert!(usage_from_json(body, 10).estimated);
+    let body = br#"{"choices":[],"usage":{"prompt_tokens":1e30,"completion_tokens":2}}"#;
+    assert!(usage_from_json(body, 10).estimated);
+    let body = br#"{"choices":[],"usage":{"prompt_tokens":999999999999,"completion_tokens":2}}"#;
+    assert!(usage_from_json(body, 10).estimated);
+    // Not an object: serde would read [] as all-default (zero) usage.
+    for usage in ["[]", "[100, 50]", "\"12\"", "null"] {
+        let body = format!(r#"{{"choices":[],"usage":{usage}}}"#);
+        assert!(usage_from_json(body.as_bytes(), 10).estimated, "{usage}");
+    }
+}
+
+#[test]
+fn passes_a_stream_through_untouched_and_reads_its_usage() {
+    let text = stream_events(true).concat() + USAGE_EVENT + "data: [DONE]\n\n";
+    for chunk_size in [1, 7, 64, 4096] {
+        let mut meter = StreamMeter::new(false);
+        assert_eq!(
+            run(&mut meter, &text, chunk_size),
+            text,
+            "chunk size {chunk_size}"
+        );
+        assert_eq!(
+            meter.usage(1),
+            Usage {
+                prompt_tokens: 12,
+                completion_tokens: 3,
+                cached_tokens: 4,
+                estimated: false
+            }
+        );
+    }
+}
+
+#[test]
+fn strips_what_the_gateway_asked_for_at_any_chunking() {
+    let upstream = stream_events(true).concat() + USAGE_EVENT + "data: [DONE]\n\n";
+    let expected = stream_events(false).concat() + "data: [DONE]\n\n";
+    for chunk_size in [1, 3, 50, 4096] {
+        let mut meter = StreamMeter::new(true);
+        assert_eq!(
+            run(&mut meter, &upstream, chunk_size),
+            expected,
+            "chunk size {chunk_size}"
+        );
+        assert_eq!(meter.usage(1).completion_tokens, 3);
+    }
+}
+
+#[test]
+fn estimates_a_stream_without_usage() {
+    let text = stream_events(false).concat() + "data: [DONE]\n\n";
+    let mut meter = StreamMeter::new(true);
+    assert_eq!(run(&mut meter, &text, 10), text);
+    let usage = meter.usage(40);
+    // "\"\"" (2 bytes) + "\"Hello there\"" (13 bytes) = 15 bytes -> 4 tokens
+    assert_eq!(
+        (
+            usage.prompt_tokens,
+            usage.completion_tokens,
+            usage.estimated
+        ),
+        (40, 4, true)
+    );
+}
+
+#[test]
+fn estimates_a_stream_cut_mid_line() {
+    let text = stream_events(false).concat();
+    let cut = &text[..text.len() - 30];
+    let mut meter = StreamMeter::new(false);
+    run(&mut meter, cut, 16);
+    assert!(meter.usage(5).estimated);
+    assert_eq!(meter.usage(5).completion_tokens, 4);
+}
+
+#[test]
+fn does_not_hold_an_endless_line() {
+    for strip in [false, true] {
+        let mut meter = StreamMeter::new(strip);
+        let mut out = 0;
+        let piece = Bytes::from(vec![b'x'; 64 * 1024]);
+        for _ in 0..40 {
+            out += meter.feed(piece.clone()).len();
+            assert!(
+                meter.partial.len() <= MAX_LINE_BYTES + piece.len(),
+                "strip {strip}"
+            );
+        }
+        // The giant line ends; normal events after it are still metered.
+        out += meter.feed(Bytes::from_static(b"\n\n")).len();
+        let tail = stream_events(false).concat();
+        out += meter.feed(Bytes::from(tail.clone())).len();
+        assert_eq!(
+            out,
+            40 * piece.len() + 2 + tail.len(),
+            "everything went through, strip {strip}"
+        );
+        assert!(meter.usage(1).completion_tokens >= 40 * piece.len() as u64 / 4);
+    }
+}
+
+#[test]
+fn handles_crlf_lines() {
+    let upstream =
+        stream_events(true).concat().replace('\n', "\r\n") + &USAGE_EVENT.replace('\n', "\r\n");
+    let mut meter = StreamMeter::new(true);
+    let out = run(&mut meter, &upstream, 5);
+    assert_eq!(out, stream_events(false).concat().replace('\n', "\r\n"));
+    assert!(!meter.usage(1).estimated);
+}
+
+#[test]
+fn estimates_requests() {
+    assert_eq!(estimate_request_tokens(400, Some(50), true), 150);
+    assert_eq!(
+        estimate_request_tokens(400, None, true),
+        100 + DEFAULT_COMPLETION_ESTIMATE
+    );
+    assert_eq!(estimate_request_tokens(400, Some(50), false), 100);
+    assert_eq!(estimate_request_tokens(0, None, false), 1);
+}

@@ -1,0 +1,323 @@
+//! [`ApiError`]: the one error type clients see, rendering the
+//! `{"error": {...}}` body the official SDKs map to their exception classes.
+
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue};
+use std::fmt;
+
+/// An error answered to the client in OpenAI's shape.
+///
+/// `status`, `kind` (the body's `type`) and `code` follow the table in
+/// DESIGN.md so that the SDKs raise the same exception class as they would
+/// against the provider; `reason` is the low-cardinality label used in
+/// `runestone_errors_total`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiError {
+    /// HTTP status code.
+    pub status: u16,
+    /// The body's `error.type`.
+    pub kind: &'static str,
+    /// The body's `error.code`.
+    pub code: &'static str,
+    /// The body's `error.param`, when one request field is at fault.
+    pub param: Option<Box<str>>,
+    /// Human-readable message; never contains a key.
+    pub message: Box<str>,
+    /// Milliseconds the client should wait before retrying (`retry-after`
+    /// and `retry-after-ms`).
+    pub retry_after_ms: Option<u64>,
+    /// Further response headers (`x-ratelimit-*` on a 429).
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// A `runestone_errors_total` reason more precise than the code's.
+    pub reason: Option<Reason>,
+}
+
+/// Reasons that the error code alone does not tell apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// A parked request waited for as long as the tenant allows.
+    OverflowTimeout,
+    /// A failed authentication, answered 429 because its address is past
+    /// its failures.
+    Auth,
+}
+
+impl Reason {
+    fn label(self) -> &'static str {
+        match self {
+            Reason::OverflowTimeout => "policy_overflow_timeout",
+            Reason::Auth => "auth",
+        }
+    }
+}
+
+impl ApiError {
+    fn new(
+        status: u16,
+        kind: &'static str,
+        code: &'static str,
+        message: impl Into<String>,
+    ) -> Self {
+        ApiError {
+            status,
+            kind,
+            code,
+            param: None,
+            message: message.into().into_boxed_str(),
+            retry_after_ms: None,
+            headers: Vec::new(),
+            reason: None,
+        }
+    }
+
+    fn with_param(mut self, param: impl Into<String>) -> Self {
+        self.param = Some(param.into().into_boxed_str());
+        self
+    }
+
+    /// 400: the body is not valid JSON (or not UTF-8).
+    pub fn invalid_json(detail: impl fmt::Display) -> Self {
+        Self::new(
+            400,
+            "invalid_request_error",
+            "invalid_json",
+            format!("We could not parse the JSON body of your request: {detail}"),
+        )
+    }
+
+    /// 400: a field has the wrong type or value.
+    pub fn invalid_field(param: &str, detail: impl fmt::Display) -> Self {
+        Self::new(
+            400,
+            "invalid_request_error",
+            "invalid_value",
+            format!("Invalid value for '{param}': {detail}"),
+        )
+        .with_param(param)
+    }
+
+    /// 400: a request the gateway cannot interpret (framing, headers).
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(400, "invalid_request_error", "invalid_request", message)
+    }
+
+    /// 400: no `model` in the body.
+    pub fn missing_model() -> Self {
+        Self::new(
+            400,
+            "invalid_request_error",
+            "missing_model",
+            "You must provide a model parameter.",
+        )
+        .with_param("model")
+    }
+
+    /// 401: missing or unknown API key.
+    pub fn invalid_api_key(detail: &str) -> Self {
+        Self::new(
+            401,
+            "invalid_request_error",
+            "invalid_api_key",
+            format!("{detail} You can obtain an API key from your gateway operator."),
+        )
+    }
+
+    /// 403: the model is outside the tenant's allow-list.
+    pub fn model_not_allowed(model: &str) -> Self {
+        Self::new(
+            403,
+            "permission_error",
+            "model_not_allowed",
+            format!("Your API key is not allowed to use the model '{model}'."),
+        )
+        .with_param("model")
+    }
+
+    /// 404: no route for the model.
+    pub fn model_not_found(model: &str) -> Self {
+        Self::new(
+            404,
+            "invalid_request_error",
+            "model_not_found",
+            format!("The model '{model}' does not exist or you do not have access to it."),
+        )
+        .with_param("model")
+    }
+
+    /// 400: a job callback URL outside the tenant's allow-list.
+    pub fn callback_not_allowed() -> Self {
+        Self::new(
+            400,
+            "invalid_request_error",
+            "callback_not_allowed",
+            "The x-runestone-callback URL is not in your callback allow-list.",
+        )
+        .with_param("x-runestone-callback")
+    }
+
+    /// 404: no such job for this tenant.
+    pub fn job_not_found(id: &str) -> Self {
+        Self::new(
+            404,
+            "invalid_request_error",
+            "job_not_found",
+            format!("No job '{id}' was found for your API key."),
+        )
+    }
+
+    /// 404: unknown path.
+    pub fn unknown_url(method: &str, path: &str) -> Self {
+        Self::new(
+            404,
+            "invalid_request_error",
+            "unknown_url",
+            format!("Invalid URL ({method} {path})"),
+        )
+    }
+
+    /// 405: known path, wrong method.
+    pub fn method_not_allowed(method: &str, path: &str) -> Self {
+        Self::new(
+            405,
+            "invalid_request_error",
+            "method_not_allowed",
+            format!("Method {method} is not allowed for {path}"),
+        )
+    }
+
+    /// 413: body over `server.max_request_body_bytes`.
+    pub fn request_too_large(limit: usize) -> Self {
+        Self::new(
+            413,
+            "invalid_request_error",
+            "request_too_large",
+            format!("The request body exceeds the gateway's limit of {limit} bytes."),
+        )
+    }
+
+    /// 431: request line and headers over `server.max_request_header_bytes`.
+    pub fn headers_too_large(limit: usize) -> Self {
+        Self::new(
+            431,
+            "invalid_request_error",
+            "request_header_fields_too_large",
+            format!("The request's headers exceed the gateway's limit of {limit} bytes."),
+        )
+    }
+
+    /// 429: a tenant's rate or concurrency limit.
+    pub fn rate_limit_exceeded(message: impl Into<String>) -> Self {
+        Self::new(429, "rate_limit_error", "rate_limit_exceeded", message)
+    }
+
+    /// 429: the tenant's budget for the period is spent.
+    pub fn insufficient_quota(message: impl Into<String>) -> Self {
+        Self::new(429, "insufficient_quota", "insufficient_quota", message)
+    }
+
+    /// 429: the provider itself is rate limiting and no other target could
+    /// serve.
+    pub fn provider_rate_limited(provider: &str) -> Self {
+        Self::new(
+            429,
+            "rate_limit_error",
+            "upstream_rate_limited",
+            format!("The provider '{provider}' is rate limiting the gateway and no other provider could serve."),
+        )
+    }
+
+    /// 502: the provider failed and nothing else could serve.
+    pub fn upstream_error(message: impl Into<String>) -> Self {
+        Self::new(502, "api_error", "upstream_error", message)
+    }
+
+    /// 503: the in-process async job store is at its bound.
+    pub fn job_store_full() -> Self {
+        Self::new(
+            503,
+            "api_error",
+            "job_store_full",
+            "The gateway's async job store is full; retry after the time given.",
+        )
+    }
+
+    /// 503 (a job's stored result): its answer did not fit the in-process
+    /// job store.
+    pub fn job_store_full_for_answer(bytes: usize) -> Self {
+        Self::new(
+            503,
+            "api_error",
+            "job_store_full",
+            format!("The answer ({bytes} bytes) did not fit the gateway's in-process job store; raise jobs.in_process_max_bytes or configure Redis."),
+        )
+    }
+
+    /// 503: no target of the model can be tried right now.
+    pub fn no_healthy_upstream(model: &str) -> Self {
+        Self::new(
+            503,
+            "api_error",
+            "no_healthy_upstream",
+            format!("No provider for the model '{model}' can serve the request right now."),
+        )
+    }
+
+    /// 504: the provider was too slow.
+    pub fn upstream_timeout(message: impl Into<String>) -> Self {
+        Self::new(504, "api_error", "upstream_timeout", message)
+    }
+
+    /// 500: a fault inside the gateway.
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(500, "api_error", "gateway_internal", message)
+    }
+
+    /// The `runestone_errors_total{reason}` label for this error.
+    pub fn reason(&self) -> &'static str {
+        if let Some(reason) = self.reason {
+            return reason.label();
+        }
+        match self.code {
+            "invalid_api_key" => "auth",
+            "rate_limit_exceeded" | "job_store_full" => "policy_rate_limited",
+            "upstream_rate_limited" => "provider_429",
+            "insufficient_quota" => "policy_budget",
+            "upstream_error" => "provider_5xx",
+            "upstream_timeout" => "provider_timeout",
+            "no_healthy_upstream" => "no_healthy_upstream",
+            "gateway_internal" => "gateway_internal",
+            _ => "invalid_request",
+        }
+    }
+
+    /// The JSON body: `{"error": {"message", "type", "param", "code"}}`.
+    pub fn body(&self) -> Bytes {
+        let body = serde_json::json!({
+            "error": {
+                "message": self.message,
+                "type": self.kind,
+                "param": self.param,
+                "code": self.code,
+            }
+        });
+        Bytes::from(body.to_string())
+    }
+
+    /// The same error as one SSE event, for a stream that breaks after
+    /// bytes reached the client (no `[DONE]` follows, so SDKs raise).
+    pub fn sse_event(&self) -> Bytes {
+        let mut event = Vec::with_capacity(128);
+        event.extend_from_slice(b"data: ");
+        event.extend_from_slice(&self.body());
+        event.extend_from_slice(b"\n\n");
+        Bytes::from(event)
+    }
+}
+
+impl fmt::Display for ApiError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}: {}", self.status, self.code, self.message)
+    }
+}
+
+impl std::error::Error for ApiError {}

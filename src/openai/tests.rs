@@ -1,0 +1,246 @@
+//! Unit tests of the wire format: parsing, limits, rewriting, errors.
+
+use super::rewrite::{without_members, without_streaming, FOREIGN_UPSTREAM_FIELDS};
+use super::*;
+use bytes::Bytes;
+
+#[test]
+fn reads_model_after_messages() {
+    let body =
+        br#"{"messages":[{"role":"user","content":"hi"}],"model":"gpt-4o-mini","stream":true}"#;
+    let fields = RequestFields::parse(body).unwrap();
+    assert_eq!(fields.model, "gpt-4o-mini");
+    assert!(fields.stream);
+    assert_eq!(
+        &body[fields.model_span.0..fields.model_span.1],
+        b"\"gpt-4o-mini\""
+    );
+}
+
+#[test]
+fn reads_escaped_model_names() {
+    let body = br#"{"model":"a\u0062c"}"#;
+    assert_eq!(RequestFields::parse(body).unwrap().model, "abc");
+}
+
+#[test]
+fn rejects_bodies_that_are_not_json() {
+    for body in [
+        &b"{"[..],
+        b"not json",
+        b"\xff\xfe",
+        b"{\"model\": \"\xff\"}",
+    ] {
+        let err = RequestFields::parse(body).unwrap_err();
+        assert_eq!((err.status, err.code), (400, "invalid_json"), "{body:?}");
+    }
+}
+
+#[test]
+fn rejects_missing_empty_or_null_model() {
+    for body in [
+        &br#"{}"#[..],
+        br#"{"model":""}"#,
+        br#"{"model":null}"#,
+        br#"{"model":"  "}"#,
+    ] {
+        let err = RequestFields::parse(body).unwrap_err();
+        assert_eq!(
+            err.code,
+            "missing_model",
+            "{}",
+            String::from_utf8_lossy(body)
+        );
+    }
+}
+
+#[test]
+fn rejects_wrongly_typed_fields() {
+    let err = RequestFields::parse(br#"{"model":5}"#).unwrap_err();
+    assert_eq!((err.status, err.param.as_deref()), (400, Some("model")));
+    let err = RequestFields::parse(br#"{"model":"m","stream":"yes"}"#).unwrap_err();
+    assert_eq!((err.status, err.param.as_deref()), (400, Some("stream")));
+    let err = RequestFields::parse(br#"{"model":"m","max_tokens":-1}"#).unwrap_err();
+    assert_eq!(
+        (err.status, err.param.as_deref()),
+        (400, Some("max_tokens"))
+    );
+    let err = RequestFields::parse(br#"[1,2]"#).unwrap_err();
+    assert_eq!(err.status, 400);
+}
+
+#[test]
+fn rewrite_keeps_the_body_when_the_model_name_is_the_same() {
+    let body = Bytes::from_static(br#"{"model":"m","messages":[]}"#);
+    let fields = RequestFields::parse(&body).unwrap();
+    let out = rewrite_body(&body, &fields, "m", false);
+    assert_eq!(out.as_ptr(), body.as_ptr(), "no copy expected");
+}
+
+#[test]
+fn rewrite_splices_the_provider_model_name() {
+    let body =
+        Bytes::from_static(br#"{"messages":[{"content":"model"}], "model" : "public","n":1}"#);
+    let fields = RequestFields::parse(&body).unwrap();
+    let out = rewrite_body(&body, &fields, "provider-\"x\"", false);
+    let value: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    assert_eq!(value["model"], "provider-\"x\"");
+    assert_eq!(value["messages"][0]["content"], "model");
+    assert_eq!(value["n"], 1);
+}
+
+#[test]
+fn rewrite_removes_fields_that_name_another_upstream() {
+    let body = Bytes::from_static(
+        br#"{"model":"m","api_key":"sk-x","api_base":"http://evil","base_url":"http://evil"}"#,
+    );
+    let fields = RequestFields::parse(&body).unwrap();
+    assert!(fields.has_foreign_upstream_fields);
+    let value: serde_json::Value =
+        serde_json::from_slice(&rewrite_body(&body, &fields, "p", false)).unwrap();
+    assert_eq!(value, serde_json::json!({"model": "p"}));
+}
+
+#[test]
+fn removing_foreign_fields_keeps_every_other_byte() {
+    // Key order, spacing, escapes and a big integer stay as sent.
+    let body = Bytes::from_static(
+            br#"{ "z": 12345678901234567890123, "api_key" : "sk-\"x\"", "a\u0062": [1.50, {"k":"v"}], "base_url":null,"api_\u0062ase":"e", "model":"m"}"#,
+        );
+    let fields = RequestFields::parse(&body).unwrap();
+    let out = rewrite_body(&body, &fields, "m", false);
+    assert_eq!(
+        std::str::from_utf8(&out).unwrap(),
+        r#"{ "z": 12345678901234567890123, "a\u0062": [1.50, {"k":"v"}], "model":"m"}"#
+    );
+    let out = rewrite_body(&body, &fields, "p", true);
+    let value: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    assert_eq!(value["model"], "p");
+    assert_eq!(value["stream_options"]["include_usage"], true);
+    assert!(value.get("api_key").is_none() && value.get("api_base").is_none());
+}
+
+#[test]
+fn asking_for_usage_keeps_the_clients_other_options_as_sent() {
+    let body = Bytes::from_static(
+            br#"{"model":"m","stream":true,"stream_options":{"include_usage":false, "z":12345678901234567890123,"s":"\u00e9"}}"#,
+        );
+    let fields = RequestFields::parse(&body).unwrap();
+    let out = rewrite_body(&body, &fields, "m", true);
+    assert_eq!(
+        std::str::from_utf8(&out).unwrap(),
+        r#"{"model":"m","stream":true,"stream_options":{"include_usage":true, "z":12345678901234567890123,"s":"\u00e9"}}"#
+    );
+    for (options, expected) in [
+        (r#"{"x":1}"#, r#"{"include_usage":true,"x":1}"#),
+        (r#"{ }"#, r#"{"include_usage":true}"#),
+        ("null", r#"{"include_usage":true}"#),
+    ] {
+        let body = Bytes::from(format!(r#"{{"model":"m","stream_options":{options}}}"#));
+        let fields = RequestFields::parse(&body).unwrap();
+        let out = rewrite_body(&body, &fields, "m", true);
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            format!(r#"{{"model":"m","stream_options":{expected}}}"#)
+        );
+    }
+}
+
+#[test]
+fn removing_members_leaves_valid_json_wherever_they_are() {
+    for (body, expected) in [
+        (r#"{"api_key":1, "model":"m"}"#, r#"{"model":"m"}"#),
+        (
+            r#"{"model":"m", "api_key":1 , "base_url":2 }"#,
+            r#"{"model":"m" }"#,
+        ),
+        (
+            r#"{"model":"m","api_key":1,"n":2,"base_url":3}"#,
+            r#"{"model":"m","n":2}"#,
+        ),
+    ] {
+        let body = Bytes::from(body);
+        assert_eq!(
+            std::str::from_utf8(&without_members(&body, &FOREIGN_UPSTREAM_FIELDS)).unwrap(),
+            expected
+        );
+    }
+}
+
+#[test]
+fn refuses_numbers_out_of_range_and_deep_nesting() {
+    for body in [
+        r#"{"model":"m","api_key":"k","temperature":1e999}"#.to_string(),
+        r#"{"model":"m","x":-1E400}"#.to_string(),
+        format!(r#"{{"model":"m","x":{}}}"#, "9".repeat(400)),
+        format!(
+            r#"{{"model":"m","messages":{}1{}}}"#,
+            "[".repeat(200),
+            "]".repeat(200)
+        ),
+    ] {
+        let err = RequestFields::parse(body.as_bytes()).unwrap_err();
+        assert_eq!((err.status, err.code), (400, "invalid_json"), "{body}");
+    }
+    let ok = format!(
+        r#"{{"model":"m","x":[1e300,-2.5E-10,"1e999 \" {{[",{}0{}]}}"#,
+        "[".repeat(MAX_JSON_DEPTH - 2),
+        "]".repeat(MAX_JSON_DEPTH - 2)
+    );
+    assert!(RequestFields::parse(ok.as_bytes()).is_ok(), "{ok}");
+}
+
+#[test]
+fn jobs_run_without_streaming_fields_and_nothing_else_changes() {
+    let body = Bytes::from_static(
+            br#"{"stream":true,"model":"m","n":12345678901234567890,"stream_options":{"include_usage":true}}"#,
+        );
+    assert_eq!(
+        &without_streaming(&body)[..],
+        br#"{"model":"m","n":12345678901234567890}"#
+    );
+    let plain = Bytes::from_static(br#"{"model":"m"}"#);
+    assert_eq!(without_streaming(&plain).as_ptr(), plain.as_ptr());
+}
+
+#[test]
+fn rewrite_asks_for_usage_without_touching_the_rest() {
+    let body = Bytes::from_static(br#"{"model":"m","stream":true,"messages":[]}"#);
+    let fields = RequestFields::parse(&body).unwrap();
+    assert!(!fields.client_wants_usage());
+    let out = rewrite_body(&body, &fields, "p", true);
+    let value: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    assert_eq!(
+        value,
+        serde_json::json!({"model": "p", "stream": true, "messages": [], "stream_options": {"include_usage": true}})
+    );
+
+    let body = Bytes::from_static(
+        br#"{"stream_options":{"include_usage":false,"x":1},"model":"m","stream":true}"#,
+    );
+    let fields = RequestFields::parse(&body).unwrap();
+    let out = rewrite_body(&body, &fields, "m", true);
+    let value: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    assert_eq!(
+        value["stream_options"],
+        serde_json::json!({"include_usage": true, "x": 1})
+    );
+
+    let body = Bytes::from_static(
+        br#"{"model":"m","stream":true,"stream_options":{"include_usage":true}}"#,
+    );
+    assert!(RequestFields::parse(&body).unwrap().client_wants_usage());
+    let err = RequestFields::parse(br#"{"model":"m","stream_options":{"include_usage":"yes"}}"#)
+        .unwrap_err();
+    assert_eq!(err.param.as_deref(), Some("stream_options"));
+}
+
+#[test]
+fn error_body_has_the_openai_shape() {
+    let body: serde_json::Value =
+        serde_json::from_slice(&ApiError::missing_model().body()).unwrap();
+    assert_eq!(body["error"]["type"], "invalid_request_error");
+    assert_eq!(body["error"]["code"], "missing_model");
+    assert_eq!(body["error"]["param"], "model");
+    assert!(body["error"]["message"].is_string());
+}
