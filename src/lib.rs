@@ -2,27 +2,34 @@
 //!
 //! # Layout
 //!
-//! Each module owns one concern; only `gateway` and `server` know about
-//! Pingora's proxy phases, the rest is plain Rust that is unit-tested
-//! without sockets.
+//! Each module owns one concern, and dependencies point one way: the
+//! domain modules (config, auth, limits, cost, upstream, providers,
+//! overflow, ...) know nothing of Pingora's proxy phases or its service
+//! traits; `gateway` (the `ProxyHttp` glue), `services` (background-service
+//! adapters) and `server` put them together. The pure parts (config
+//! validation, GCRA and limits, usage metering, the failover decision, the
+//! breaker, provider adapters and translation, body rewriting, redaction,
+//! the Redis scripts' arguments and replies, the in-process job store) are
+//! unit-tested without sockets; what needs Pingora, Redis or a provider is
+//! tested through real processes in `tests/`.
 //!
 //! | module     | owns |
 //! |------------|------|
-//! | [`config`] | the YAML schema, `${ENV}` interpolation, validation into a [`config::Config`] that cannot be invalid |
-//! | [`auth`]   | API key -> tenant lookup by SHA-256 digest |
+//! | [`config`] | `config/`: the file format (`raw`), `${ENV}` (`env`), validation (`validate`, `tenants`) into the [`config::Config`] model that cannot be invalid, key digests, callback URLs, secrets |
+//! | [`auth`]   | API key -> tenant lookup by digest (the key index), presented credentials, the failed-auth throttle, the client address behind trusted proxies |
 //! | [`gcra`]   | the rate algorithm (GCRA over a minute) shared by limits and the auth throttle |
 //! | [`ids`]    | unguessable request, job and lease ids (CSPRNG) |
-//! | [`openai`] | wire types the gateway reads, the OpenAI-shaped error body, body rewriting |
-//! | [`limits`] | tenant admission: RPM/TPM (GCRA), concurrency, budgets; in-process or in Redis |
-//! | [`cost`]   | usage extraction from JSON and SSE responses, estimates, prices |
-//! | [`upstream`] | providers as Pingora load balancers (DNS discovery, health checks), circuit breakers, backend choice |
-//! | [`metrics`] | every Prometheus metric handle, in one place |
-//! | [`providers`] | per-kind adapters: the Anthropic Messages translation |
+//! | [`openai`] | `openai/`: the request fields the gateway reads and the limits bodies keep (`request`), the body sent upstream (`rewrite`), the OpenAI-shaped error (`error`), endpoints |
+//! | [`limits`] | `limits/`: tenant admission (RPM/TPM, concurrency, budgets), settlement and release; in process (`local`) or in Redis (`redis/`: scripts, group-commit batcher, the ledger of what is owed, maintenance); accounting periods |
+//! | [`cost`]   | `cost/`: usage from JSON answers and SSE streams (`stream`), estimates, prices |
+//! | [`upstream`] | `upstream/`: providers as Pingora load balancers, DNS discovery and health checks (`discovery`), circuit breakers (`breaker`), the failover decision (`failover`), backend choice |
+//! | [`providers`] | `providers/`: one adapter per provider kind (`openai`, `azure`, `anthropic/` with its translation): paths, credentials, headers, endpoints served, translation |
 //! | [`redact`] | keeps a provider's key out of everything forwarded to clients (raw or JSON-escaped, across chunks) |
-//! | [`overflow`] | the overflow queue: parked requests, async jobs, the drain service |
-//! | [`admin`]  | locally answered endpoints: `/health`, `/ready`, `/v1/models` |
-//! | [`gateway`] | the Pingora `ProxyHttp` implementation: each phase calls into the modules above |
+//! | [`overflow`] | `overflow/`: the queue (`queue`), async jobs and callbacks (`jobs`), the in-process job store (`local_jobs`), the drain (`drain`) |
+//! | [`metrics`] | every Prometheus metric handle, in one place |
+//! | [`admin`]  | locally answered endpoints: `/health`, `/ready`, `/v1/models`, `/v1/usage` |
 //! | [`redis_conn`] | the one Redis connection, shared by limits and the overflow queue |
+//! | [`gateway`] | `gateway/`: the Pingora `ProxyHttp` implementation, by request stage (routes, admission, jobs, forwarding, responses, accounting, access log) |
 //! | [`reload`] | config reload: validate, then a graceful upgrade onto the new config |
 //! | [`services`] | Pingora background-service adapters over the domain's loops (drain, Redis upkeep, reload) |
 //! | [`server`] | builds the Pingora server (API listener, metrics listener, background services) |

@@ -1,8 +1,8 @@
 //! The YAML configuration: schema, `${ENV}` interpolation and validation.
 //!
-//! Laid out as the loading goes: [`raw`] is the file format (serde structs,
+//! Laid out as the loading goes: `raw` is the file format (serde structs,
 //! every one with `deny_unknown_fields`), `env` interpolates `${VAR}`,
-//! `validate` and `tenants` turn the raw sections into the [`model`] the
+//! `validate` and `tenants` turn the raw sections into the `model` the
 //! gateway runs on (provider references resolved to indices, key digests
 //! parsed, URLs parsed, prices resolved per target), so nothing downstream
 //! can see an invalid value. Loading never stops at the first mistake: every

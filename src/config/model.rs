@@ -236,7 +236,7 @@ pub enum Strategy {
 /// One place a public model can be served.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
-    /// Index into [`Config::providers`].
+    /// Index into [`Config::providers`](super::Config::providers).
     pub provider: usize,
     /// The model name the provider knows.
     pub model: String,
@@ -254,7 +254,7 @@ pub struct ModelRoute {
     pub strategy: Strategy,
     /// Where it can be served, in config order.
     pub targets: Vec<Target>,
-    /// Other public models (indices into [`Config::models`]) to try, in
+    /// Other public models (indices into [`Config::models`](super::Config::models)) to try, in
     /// order, when no target can serve.
     pub fallbacks: Vec<usize>,
 }

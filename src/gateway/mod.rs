@@ -4,7 +4,7 @@
 //! 64 KiB retry buffer, and routing needs the whole body (the OpenAI SDKs
 //! put `model` after `messages`). So the gateway reads the body once in
 //! `request_filter`, decides everything there, and forwards the exchange
-//! itself through Pingora's connector ([`forward`]): one code path for every
+//! itself through Pingora's connector (`forward`): one code path for every
 //! body size, with the body kept in hand for a retry on another backend.
 //!
 //! The phases, and where each stage of a request lives:

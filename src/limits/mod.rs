@@ -169,7 +169,8 @@ enum Decided {
     Unlimited,
     /// The in-process store (no Redis, or Redis unavailable).
     Local,
-    /// Redis, holding the lease with this id.
+    /// Redis (the grant's lease, when the tenant has a concurrency limit,
+    /// is a slot there).
     Redis,
 }
 

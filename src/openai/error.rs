@@ -8,7 +8,7 @@ use std::fmt;
 /// An error answered to the client in OpenAI's shape.
 ///
 /// `status`, `kind` (the body's `type`) and `code` follow the table in
-/// DESIGN.md so that the SDKs raise the same exception class as they would
+/// README's error table so that the SDKs raise the same exception class as they would
 /// against the provider; `reason` is the low-cardinality label used in
 /// `runestone_errors_total`.
 #[derive(Debug, Clone, PartialEq)]

@@ -5,9 +5,9 @@
 //! slot: `{prefix}:{tenant}:rate` (hash: the two GCRA TATs),
 //! `{prefix}:{tenant}:inflight` (sorted set: concurrency leases scored by
 //! expiry), `{prefix}:{tenant}:usage:{period}` (hash: requests, tokens,
-//! spend). Admissions and settlements are group-committed by a [`Batcher`]:
+//! spend). Admissions and settlements are group-committed by a `Batcher`:
 //! those queued while a round trip is out go together in the next, one
-//! `EVALSHA` of [`ADMIT`] or [`SETTLE`] per tenant and period, all in one
+//! `EVALSHA` of `ADMIT` or `SETTLE` per tenant and period, all in one
 //! pipeline (scripts are loaded again on `NOSCRIPT`). The scripts decide
 //! each request in order, all or nothing, exactly as one call per request
 //! would, and use Redis's clock, so instances with skewed clocks agree.
@@ -70,7 +70,7 @@ impl Keys {
 }
 
 /// One settlement (or an unused grant's release), as the batched
-/// [`SETTLE`] takes it.
+/// `SETTLE` takes it.
 pub(super) struct SettleOp {
     pub(super) tenant: usize,
     pub(super) period_id: String,
@@ -330,7 +330,7 @@ impl RedisStore {
     }
 
     /// Settles in Redis: limit corrections, lease release, usage counters,
-    /// applied once (see [`SETTLE`]). From the moment it is handed over the
+    /// applied once (see `SETTLE`). From the moment it is handed over the
     /// settlement is the store's: applied now, or kept and sent by the flush
     /// (under the same batch id) when Redis is down or does not answer.
     pub async fn settle(&self, tenant: usize, limits: &TenantLimits, request: SettleRequest<'_>) {
