@@ -26,8 +26,9 @@ pub fn ready(
     let models: serde_json::Map<String, serde_json::Value> = config
         .models
         .iter()
-        .map(|route| {
-            let state = if upstreams.can_serve(route) {
+        .enumerate()
+        .map(|(index, route)| {
+            let state = if upstreams.can_serve(index, route) {
                 "ok"
             } else {
                 "no_eligible_backend"
@@ -42,12 +43,34 @@ pub fn ready(
             let backends: Vec<serde_json::Value> = provider
                 .backend_states()
                 .into_iter()
-                .map(|(addr, healthy, breaker)| {
+                .map(|(addr, healthy, breaker, deployments)| {
+                    // The address's circuit is its worst breaker (as in
+                    // `runestone_circuit_state`); each is listed too.
+                    let worst = deployments
+                        .iter()
+                        .map(|(_, view)| view)
+                        .chain([&breaker])
+                        .max_by_key(|view| view.gauge())
+                        .map_or(breaker.state, |view| view.state);
+                    let cooling_down = breaker.cooling_down
+                        || deployments.iter().any(|(_, view)| view.cooling_down);
+                    let deployments: Vec<serde_json::Value> = deployments
+                        .into_iter()
+                        .map(|(model, view)| {
+                            json!({
+                                "model": model,
+                                "circuit": view.state,
+                                "cooling_down": view.cooling_down,
+                            })
+                        })
+                        .collect();
                     json!({
                         "address": addr.to_string(),
                         "healthy": healthy,
-                        "circuit": breaker.state,
-                        "cooling_down": breaker.cooling_down,
+                        "circuit": worst,
+                        "transport": breaker.state,
+                        "cooling_down": cooling_down,
+                        "deployments": deployments,
                     })
                 })
                 .collect();

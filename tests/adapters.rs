@@ -244,7 +244,14 @@ fn anthropic_errors_map_to_openai_errors() {
         // Last: a provider 429 also cools the backend down.
         (429, 429, "upstream_rate_limited"),
     ] {
-        mock.fault(json!({"status": status, "path": "/v1/messages"}));
+        // Twice: a 5xx may be tried once more on the same deployment. A
+        // 429's wait is longer than the gateway waits for.
+        let fault = match status {
+            429 => json!({"status": 429, "retry_after": 30, "path": "/v1/messages"}),
+            500.. => json!({"status": status, "count": 2, "path": "/v1/messages"}),
+            _ => json!({"status": status, "path": "/v1/messages"}),
+        };
+        mock.fault(fault);
         let resp = gw.post_json("/v1/chat/completions", TENANT_KEY, &chat("claude", false));
         assert_eq!(
             (resp.status, resp.error_code()),
@@ -258,10 +265,11 @@ fn anthropic_errors_map_to_openai_errors() {
 fn fails_over_from_an_openai_target_to_an_anthropic_one() {
     let mock = Mock::start(&["--api-key", PROVIDER_KEY]);
     let gw = Gateway::start(&anthropic(&mock));
-    mock.fault(json!({"status": 503, "path": "/v1/chat/completions"}));
+    // Twice: once more on the same deployment, then the fallback target.
+    mock.fault(json!({"status": 503, "count": 2, "path": "/v1/chat/completions"}));
     let resp = gw.post_json("/v1/chat/completions", TENANT_KEY, &chat("mixed", false));
     assert_eq!(resp.status, 200);
     assert_eq!(resp.header("x-runestone-provider"), Some("claude"));
-    assert_eq!(resp.header("x-runestone-attempts"), Some("2"));
+    assert_eq!(resp.header("x-runestone-attempts"), Some("3"));
     assert_eq!(resp.json()["object"], "chat.completion");
 }

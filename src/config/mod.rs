@@ -33,7 +33,8 @@ use std::path::Path;
 use std::time::Duration;
 use tenants::{validate_pricing, validate_tenants};
 use validate::{
-    validate_breaker, validate_models, validate_providers, validate_redis, validate_server,
+    validate_breaker, validate_failover, validate_models, validate_providers, validate_redis,
+    validate_server,
 };
 
 /// One problem found in a config file, with the path of the key at fault.
@@ -95,6 +96,8 @@ pub struct Config {
     pub breaker: BreakerSettings,
     /// Most attempts one request makes, across targets and fallbacks.
     pub max_attempts: usize,
+    /// The failover policy (`max_attempts` is its own, copied here).
+    pub failover: FailoverSettings,
     /// Async job settings.
     pub jobs: JobSettings,
     /// Secrets written in the file itself rather than taken from `${ENV}`
@@ -194,15 +197,10 @@ impl Config {
             value => deserialize::<RawBreaker>(value, "circuit_breaker", &mut problems)
                 .map(|raw| validate_breaker(raw, &mut problems)),
         };
-        let max_attempts = match section("failover") {
-            Value::Null => Some(3),
-            value => deserialize::<RawFailover>(value, "failover", &mut problems).map(|raw| {
-                let n = raw.max_attempts.unwrap_or(3);
-                if !(1..=16).contains(&n) {
-                    problems.push(problem("failover.max_attempts", "must be between 1 and 16"));
-                }
-                n
-            }),
+        let failover = match section("failover") {
+            Value::Null => Some(FailoverSettings::default()),
+            value => deserialize::<RawFailover>(value, "failover", &mut problems)
+                .map(|raw| validate_failover(raw, &mut problems)),
         };
         let redis = match section("redis") {
             Value::Null => None,
@@ -246,10 +244,8 @@ impl Config {
                 }
             }),
         };
-        match (server, breaker, max_attempts, jobs) {
-            (Some(server), Some(breaker), Some(max_attempts), Some(jobs))
-                if problems.is_empty() =>
-            {
+        match (server, breaker, failover, jobs) {
+            (Some(server), Some(breaker), Some(failover), Some(jobs)) if problems.is_empty() => {
                 Ok(Config {
                     server,
                     providers,
@@ -258,7 +254,8 @@ impl Config {
                     pricing,
                     redis,
                     breaker,
-                    max_attempts,
+                    max_attempts: failover.max_attempts,
+                    failover,
                     jobs,
                     literal_secrets,
                     file_warnings: Vec::new(),

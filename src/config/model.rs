@@ -147,6 +147,9 @@ pub struct ProviderSettings {
     pub health_check: Option<HealthCheckSettings>,
     /// Timeouts for every request to it.
     pub timeouts: Timeouts,
+    /// It continues an assistant message left last in the conversation (a
+    /// prefill), so a broken stream can be resumed on it.
+    pub supports_prefill: bool,
 }
 
 /// An active health check: `GET base_url + path` must answer 200.
@@ -171,6 +174,10 @@ pub struct Timeouts {
     pub connect: Duration,
     /// From the request sent to the response header.
     pub first_byte: Duration,
+    /// From the request sent to the first content (a stream's first
+    /// content event, a JSON answer's whole body): the response head is
+    /// held until then, so a provider too slow to start fails over.
+    pub first_token: Duration,
     /// Longest gap between two chunks of the response body.
     pub idle: Duration,
     /// The whole exchange.
@@ -182,6 +189,7 @@ impl Default for Timeouts {
         Timeouts {
             connect: Duration::from_secs(5),
             first_byte: Duration::from_secs(120),
+            first_token: Duration::from_secs(60),
             idle: Duration::from_secs(60),
             total: Duration::from_secs(600),
         }
@@ -209,8 +217,8 @@ impl Default for BreakerSettings {
     fn default() -> Self {
         BreakerSettings {
             consecutive_failures: 5,
-            open: Duration::from_secs(30),
-            max_open: Duration::from_secs(300),
+            open: Duration::from_secs(10),
+            max_open: Duration::from_secs(30),
             half_open_probes: 1,
             probe_timeout: Duration::from_secs(30),
             rate_limit_cooldown: Duration::from_secs(5),
@@ -257,6 +265,38 @@ pub struct ModelRoute {
     /// Other public models (indices into [`Config::models`](super::Config::models)) to try, in
     /// order, when no target can serve.
     pub fallbacks: Vec<usize>,
+    /// Models (indices) with a larger context window, tried in order when a
+    /// provider says the prompt does not fit.
+    pub context_fallbacks: Vec<usize>,
+    /// A stream its provider breaks off after content reached the client is
+    /// continued on the next eligible target.
+    pub resume_streams: bool,
+}
+
+/// The failover policy (`failover:`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FailoverSettings {
+    /// Attempts per request, across deployments, retries and fallbacks.
+    pub max_attempts: usize,
+    /// The longest a request waits, in all, for a rate-limited (or briefly
+    /// open) deployment when nothing else can serve.
+    pub max_retry_wait: Duration,
+    /// Extra attempts on the same deployment after a transient failure (a
+    /// 500, 502 or 503, or a reset before any byte).
+    pub same_deployment_retries: u32,
+    /// The pause before such a retry (jittered by half either way).
+    pub same_deployment_delay: Duration,
+}
+
+impl Default for FailoverSettings {
+    fn default() -> Self {
+        FailoverSettings {
+            max_attempts: 3,
+            max_retry_wait: Duration::from_secs(2),
+            same_deployment_retries: 1,
+            same_deployment_delay: Duration::from_millis(100),
+        }
+    }
 }
 
 /// A validated tenant.

@@ -62,6 +62,8 @@ pub(super) struct RawProvider {
     pub(super) health_check: Option<RawHealthCheck>,
     #[serde(default)]
     pub(super) timeouts: Option<RawTimeouts>,
+    #[serde(default)]
+    pub(super) supports_prefill: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -85,6 +87,8 @@ pub(super) struct RawTimeouts {
     pub(super) connect_ms: Option<u64>,
     #[serde(default)]
     pub(super) first_byte_ms: Option<u64>,
+    #[serde(default)]
+    pub(super) first_token_ms: Option<u64>,
     #[serde(default)]
     pub(super) idle_ms: Option<u64>,
     #[serde(default)]
@@ -113,6 +117,12 @@ pub(super) struct RawBreaker {
 pub(super) struct RawFailover {
     #[serde(default)]
     pub(super) max_attempts: Option<usize>,
+    #[serde(default)]
+    pub(super) max_retry_wait_ms: Option<u64>,
+    #[serde(default)]
+    pub(super) same_deployment_retries: Option<u32>,
+    #[serde(default)]
+    pub(super) same_deployment_delay_ms: Option<u64>,
 }
 
 pub(super) fn default_kind() -> String {
@@ -136,6 +146,10 @@ pub(super) struct RawModel {
     pub(super) targets: Vec<RawTarget>,
     #[serde(default)]
     pub(super) fallbacks: Vec<String>,
+    #[serde(default)]
+    pub(super) context_fallbacks: Vec<String>,
+    #[serde(default)]
+    pub(super) resume_streams: Option<bool>,
 }
 
 #[derive(Deserialize)]

@@ -237,6 +237,9 @@ pub(super) fn validate_providers(
                 api_version: raw.api_version,
                 health_check,
                 timeouts,
+                supports_prefill: raw
+                    .supports_prefill
+                    .unwrap_or(kind == ProviderKind::Anthropic),
             });
         } else {
             // Keep the name known so models referring to it do not add a
@@ -306,27 +309,41 @@ pub(super) fn validate_models(
             }
         }
         index.insert(raw.name.clone(), models.len());
-        fallback_names.push((path, raw.fallbacks));
+        fallback_names.push((path, raw.fallbacks, raw.context_fallbacks));
         models.push(ModelRoute {
             name: raw.name,
             strategy,
             targets,
             fallbacks: Vec::new(),
+            context_fallbacks: Vec::new(),
+            resume_streams: raw.resume_streams.unwrap_or(true),
         });
     }
     // Fallbacks may name models defined later in the file.
-    for (route, (path, names)) in models.iter_mut().zip(fallback_names) {
-        for (f, name) in names.iter().enumerate() {
-            match index.get(name) {
-                Some(&i) if *name != route.name => route.fallbacks.push(i),
-                Some(_) => problems.push(problem(
-                    &format!("{path}.fallbacks[{f}]"),
-                    "a model cannot fall back to itself",
-                )),
-                None => problems.push(problem(
-                    &format!("{path}.fallbacks[{f}]"),
-                    format!("unknown model '{name}'"),
-                )),
+    for (route, (path, names, context)) in models.iter_mut().zip(fallback_names) {
+        for (key, names) in [("fallbacks", names), ("context_fallbacks", context)] {
+            for (f, name) in names.iter().enumerate() {
+                let resolved = match index.get(name) {
+                    Some(&i) if *name != route.name => i,
+                    Some(_) => {
+                        problems.push(problem(
+                            &format!("{path}.{key}[{f}]"),
+                            "a model cannot fall back to itself",
+                        ));
+                        continue;
+                    }
+                    None => {
+                        problems.push(problem(
+                            &format!("{path}.{key}[{f}]"),
+                            format!("unknown model '{name}'"),
+                        ));
+                        continue;
+                    }
+                };
+                match key {
+                    "fallbacks" => route.fallbacks.push(resolved),
+                    _ => route.context_fallbacks.push(resolved),
+                }
             }
         }
     }
@@ -395,6 +412,7 @@ pub(super) fn validate_timeouts(
     Timeouts {
         connect: ms(raw.connect_ms, "connect_ms", defaults.connect),
         first_byte: ms(raw.first_byte_ms, "first_byte_ms", defaults.first_byte),
+        first_token: ms(raw.first_token_ms, "first_token_ms", defaults.first_token),
         idle: ms(raw.idle_ms, "idle_ms", defaults.idle),
         total: ms(raw.total_ms, "total_ms", defaults.total),
     }
@@ -467,4 +485,45 @@ pub(super) fn validate_redis(raw: RawRedis, problems: &mut Vec<Problem>) -> Opti
         key_prefix,
         timeout: std::time::Duration::from_millis(timeout_ms),
     })
+}
+
+pub(super) fn validate_failover(raw: RawFailover, problems: &mut Vec<Problem>) -> FailoverSettings {
+    let d = FailoverSettings::default();
+    let max_attempts = raw.max_attempts.unwrap_or(d.max_attempts);
+    if !(1..=16).contains(&max_attempts) {
+        problems.push(problem("failover.max_attempts", "must be between 1 and 16"));
+    }
+    let max_retry_wait_ms = raw
+        .max_retry_wait_ms
+        .unwrap_or(d.max_retry_wait.as_millis() as u64);
+    if max_retry_wait_ms > 60_000 {
+        problems.push(problem(
+            "failover.max_retry_wait_ms",
+            "must be at most 60000 (a client waits that long)",
+        ));
+    }
+    let same_deployment_retries = raw
+        .same_deployment_retries
+        .unwrap_or(d.same_deployment_retries);
+    if same_deployment_retries > 3 {
+        problems.push(problem(
+            "failover.same_deployment_retries",
+            "must be between 0 and 3",
+        ));
+    }
+    let delay_ms = raw
+        .same_deployment_delay_ms
+        .unwrap_or(d.same_deployment_delay.as_millis() as u64);
+    if delay_ms > 10_000 {
+        problems.push(problem(
+            "failover.same_deployment_delay_ms",
+            "must be at most 10000",
+        ));
+    }
+    FailoverSettings {
+        max_attempts,
+        max_retry_wait: Duration::from_millis(max_retry_wait_ms),
+        same_deployment_retries,
+        same_deployment_delay: Duration::from_millis(delay_ms),
+    }
 }

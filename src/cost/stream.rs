@@ -16,6 +16,8 @@ pub struct StreamMeter {
     skip_blank_line: bool,
     usage: Option<Usage>,
     generated_bytes: u64,
+    /// The stream's `data: [DONE]` went by.
+    saw_done: bool,
 }
 
 impl StreamMeter {
@@ -28,6 +30,7 @@ impl StreamMeter {
             skip_blank_line: false,
             usage: None,
             generated_bytes: 0,
+            saw_done: false,
         }
     }
 
@@ -102,6 +105,11 @@ impl StreamMeter {
         }
     }
 
+    /// Whether the stream's `data: [DONE]` went by.
+    pub fn saw_done(&self) -> bool {
+        self.saw_done
+    }
+
     /// The usage the provider reported, or an estimate from what streamed
     /// through (`prompt_estimate` for the prompt side).
     pub fn usage(&self, prompt_estimate: u64) -> Usage {
@@ -143,8 +151,10 @@ impl StreamMeter {
             return false;
         };
         if payload == b"[DONE]" {
+            self.saw_done = true;
             return false;
         }
+        // An event that is not JSON is passed on as it is, and not counted.
         let Ok(probe) = serde_json::from_slice::<Probe>(payload) else {
             return false;
         };

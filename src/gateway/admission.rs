@@ -87,7 +87,7 @@ impl Gateway {
         tokens: u64,
     ) -> Result<Option<Grant>, ApiError> {
         let overflow = self.overflow.settings(tenant);
-        let can_serve = self.upstreams.can_serve(&self.config.models[route]);
+        let can_serve = self.upstreams.can_serve(route, &self.config.models[route]);
         match self.limiter.admit(tenant, tokens).await {
             Ok(grant) if can_serve || !overflow.enabled => Ok(Some(grant)),
             Ok(grant) => {

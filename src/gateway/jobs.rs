@@ -169,6 +169,7 @@ impl JobRunner for Gateway {
                 let exchange = Exchange {
                     endpoint,
                     routes: self.routes_for(tenant, route),
+                    context_routes: self.context_routes_for(tenant, route),
                     stream: false,
                     body_for: &|provider_model| rewrite_body(&body, &fields, provider_model, false),
                     request_id,

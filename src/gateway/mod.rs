@@ -101,7 +101,7 @@ impl Gateway {
             forwarder: Arc::new(Forwarder {
                 upstreams: upstreams.clone(),
                 connector: Arc::new(connector),
-                max_attempts: config.max_attempts,
+                policy: config.failover,
             }),
             config,
             upstreams,

@@ -129,6 +129,7 @@ impl Gateway {
         let exchange = Exchange {
             endpoint,
             routes: self.routes_for(tenant, route_index),
+            context_routes: self.context_routes_for(tenant, route_index),
             stream: fields.stream,
             body_for: &|provider_model| rewrite_body(&body, &fields, provider_model, strip_usage),
             request_id,
@@ -146,6 +147,21 @@ impl Gateway {
         self.forwarder
             .forward(session, &exchange, report, &mut settler)
             .await
+    }
+
+    /// The route's context fallbacks the tenant may use, in order.
+    pub(super) fn context_routes_for(
+        &self,
+        tenant: usize,
+        route_index: usize,
+    ) -> Vec<(usize, &ModelRoute)> {
+        self.config.models[route_index]
+            .context_fallbacks
+            .iter()
+            .copied()
+            .filter(|&r| self.config.tenants[tenant].may_use(&self.config.models[r].name))
+            .map(|r| (r, &self.config.models[r]))
+            .collect()
     }
 
     /// The route and then its fallbacks the tenant may use, in order.

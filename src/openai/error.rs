@@ -101,6 +101,18 @@ impl ApiError {
         Self::new(400, "invalid_request_error", "invalid_request", message)
     }
 
+    /// 400: the prompt (with the answer asked for) does not fit the model's
+    /// context window, as OpenAI says it.
+    pub fn context_length_exceeded(message: impl Into<String>) -> Self {
+        Self::new(
+            400,
+            "invalid_request_error",
+            "context_length_exceeded",
+            message,
+        )
+        .with_param("messages")
+    }
+
     /// 400: no `model` in the body.
     pub fn missing_model() -> Self {
         Self::new(
@@ -321,3 +333,22 @@ impl fmt::Display for ApiError {
 }
 
 impl std::error::Error for ApiError {}
+
+/// Whether an OpenAI-shaped error body says the prompt does not fit the
+/// model's context window (`error.code` `context_length_exceeded`).
+pub fn is_context_length_error(body: &[u8]) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Body<'a> {
+        #[serde(borrow)]
+        error: Inner<'a>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Inner<'a> {
+        #[serde(default, borrow)]
+        code: Option<std::borrow::Cow<'a, str>>,
+    }
+    serde_json::from_slice::<Body<'_>>(body)
+        .ok()
+        .and_then(|b| b.error.code)
+        .is_some_and(|code| code == "context_length_exceeded")
+}

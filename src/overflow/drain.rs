@@ -136,11 +136,11 @@ impl Drain {
                     o.remove(tenant, &head).await;
                     return true;
                 };
-                let Some(route) = self.config.models.get(route) else {
+                let Some(model) = self.config.models.get(route) else {
                     o.remove(tenant, &head).await;
                     return true;
                 };
-                if !self.upstreams.can_serve(route) {
+                if !self.upstreams.can_serve(route, model) {
                     return true;
                 }
                 let Ok(grant) = self.limiter.admit(tenant, *tokens).await else {
@@ -277,7 +277,7 @@ impl Drain {
                 return;
             }
         };
-        if !self.upstreams.can_serve(&self.config.models[route]) {
+        if !self.upstreams.can_serve(route, &self.config.models[route]) {
             self.unclaim(&claim).await;
             return;
         }

@@ -1,4 +1,5 @@
-//! A circuit breaker per backend, fed by real traffic.
+//! A circuit breaker, fed by real traffic: one per failure domain (a
+//! backend address, or a deployment on it; see [`super::health`]).
 //!
 //! Closed: requests flow; `consecutive_failures` failures in a row (5xx,
 //! connect errors, timeouts, broken streams; never a 4xx) open it. Open: no
@@ -6,10 +7,14 @@
 //! `max_open_seconds`. Then half-open: `half_open_probes` trial requests;
 //! one success closes it, one failure (or a probe outliving
 //! `probe_timeout_seconds`) re-opens it for longer. A provider's own 429 is
-//! not a failure: it pauses the backend for a short cool-down instead.
+//! not a failure: it pauses the deployment for the provider's own
+//! `retry-after` (or the configured cool-down when it gave none).
 
 use crate::config::BreakerSettings;
 use std::time::{Duration, Instant};
+
+/// The longest a provider's `retry-after` pauses a deployment.
+const MAX_COOLDOWN: Duration = Duration::from_secs(3600);
 
 /// What an attempt was allowed as.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -149,10 +154,10 @@ impl Breaker {
         match (outcome, permit, self.state) {
             (Outcome::Neutral, _, _) => None,
             (Outcome::RateLimited(retry_after), _, _) => {
-                let pause = retry_after
-                    .unwrap_or(settings.rate_limit_cooldown)
-                    .max(settings.rate_limit_cooldown);
-                self.cooldown_until = Some(now + pause.min(settings.max_open));
+                // The provider's own wait when it gave one, shorter or
+                // longer than the default.
+                let pause = retry_after.unwrap_or(settings.rate_limit_cooldown);
+                self.cooldown_until = Some(now + pause.min(MAX_COOLDOWN));
                 None
             }
             (Outcome::Success, Permit::Probe, State::HalfOpen) => {
@@ -358,5 +363,15 @@ mod tests {
             &s,
         );
         assert_eq!(c.next_chance(t0), Some(t0 + Duration::from_secs(7)));
+        // Shorter than the default is respected too.
+        let mut d = Breaker::default();
+        let p = d.acquire(t0, &s).unwrap();
+        d.record(
+            p,
+            Outcome::RateLimited(Some(Duration::from_millis(500))),
+            t0,
+            &s,
+        );
+        assert_eq!(d.next_chance(t0), Some(t0 + Duration::from_millis(500)));
     }
 }

@@ -1,23 +1,38 @@
 //! The failover decision for one request, as a pure state machine: which
-//! route and backend to try next, whether a failed attempt is retried, and
-//! what the client is answered when nothing more can be tried.
+//! route and deployment to try next, whether a failed attempt is retried
+//! (on the same deployment, after a wait, or elsewhere), and what the
+//! client is answered when nothing more can be tried.
 //!
 //! A request walks its routes in order (the requested model, then its
-//! fallbacks the tenant may use). On each route it takes backends the
-//! chooser offers (healthy, breaker allowing, not yet tried by this
-//! request) until the route has none left, then moves to the next route,
-//! never making more than `failover.max_attempts` attempts. An attempt that
-//! failed before anything reached the client is retried on the next backend;
-//! one whose failure another backend would share (a request the provider
-//! refused as invalid), or that already answered the client, ends the
-//! request. When nothing is left, the answer is the last failure, or 503
-//! `no_healthy_upstream` with the soonest time a backend frees up when no
+//! fallbacks the tenant may use), taking deployments the chooser offers
+//! (healthy backend, breakers allowing, not ruled out by this request), and
+//! never makes more than `failover.max_attempts` attempts. How an attempt
+//! ended decides the next step:
+//!
+//! - answered (or the client left): done;
+//! - a failure another deployment would share (a request the provider
+//!   refused as invalid, a content-policy rejection): that answer;
+//! - a transient failure (a 500/502/503, a reset before any byte): the same
+//!   deployment once more (`failover.same_deployment_retries`) after a short
+//!   jittered pause, then on;
+//! - any other failure before anything reached the client: the deployment
+//!   (or, for a transport failure, the backend address) is out for this
+//!   request, and the next one is tried;
+//! - the provider's own 429: the deployment cools down for the provider's
+//!   wait and is not ruled out, so when nothing else can serve and that wait
+//!   is within `failover.max_retry_wait_ms`, the request waits and tries it
+//!   again;
+//! - the prompt is longer than the model's context: the request moves to
+//!   the model's `context_fallbacks` (never retried unchanged).
+//!
+//! When nothing is left, the answer is the last failure, or 503
+//! `no_healthy_upstream` with the soonest time a deployment frees up when no
 //! attempt could be made at all.
 
-use super::{Backend, NoBackend};
-use crate::config::ModelRoute;
+use super::health::Domain;
+use super::{Backend, NoBackend, Tried};
+use crate::config::{FailoverSettings as Policy, ModelRoute};
 use crate::openai::ApiError;
-use std::net::SocketAddr;
 use std::time::Duration;
 
 /// How one attempt ended.
@@ -25,56 +40,99 @@ use std::time::Duration;
 pub enum Attempted {
     /// The client has its answer (or went away): the request is over.
     Answered,
-    /// Failed before anything reached the client; another backend may do
-    /// better.
-    Retryable(ApiError),
-    /// Failed, and another backend would fare no better.
+    /// Failed before anything reached the client; another deployment may do
+    /// better. `domain` says what is out for this request; `transient`
+    /// failures are worth one more try on the same deployment.
+    Retryable {
+        error: ApiError,
+        domain: Domain,
+        transient: bool,
+    },
+    /// The provider rate-limited the deployment (it cools down for the
+    /// provider's wait).
+    RateLimited(ApiError),
+    /// The prompt does not fit the model's context window.
+    ContextTooLong(ApiError),
+    /// Failed, and another deployment would fare no better.
     Final(ApiError),
 }
 
-/// What to do after an attempt.
-#[derive(Debug)]
+impl Attempted {
+    /// A failure of the deployment (not transient).
+    pub fn deployment(error: ApiError) -> Self {
+        Attempted::Retryable {
+            error,
+            domain: Domain::Deployment,
+            transient: false,
+        }
+    }
+}
+
+/// What to do next.
+#[derive(Debug, PartialEq)]
 pub enum Step {
-    /// Try the next backend ([`Failover::next`]).
+    /// Ask for the next deployment ([`Failover::next`]).
     TryNext,
+    /// Try the same deployment again after this pause.
+    RetrySame(Duration),
     /// The request is over with this result.
     Done(Result<(), ApiError>),
 }
 
-/// One backend to try: the route's position in the request's routes, and
-/// the backend chosen.
+/// What [`Failover::next`] offers.
 #[derive(Debug)]
-pub struct Choice {
-    /// Index into the routes given to [`Failover::next`].
-    pub position: usize,
-    /// The backend (and target) to try.
-    pub backend: Backend,
+pub enum Next<'r> {
+    /// Try this deployment, for this route.
+    Try {
+        /// The route's index in the config, and the route.
+        route: (usize, &'r ModelRoute),
+        backend: Backend,
+    },
+    /// Nothing can serve now, but a deployment frees up within the wait
+    /// allowed: sleep this long, then ask again.
+    Wait(Duration),
+    /// Nothing more can be tried: answer [`Failover::give_up`].
+    GiveUp,
 }
 
 /// A request's failover state.
 #[derive(Debug)]
-pub struct Failover {
-    max_attempts: usize,
+pub struct Failover<'r> {
+    policy: Policy,
+    routes: Vec<(usize, &'r ModelRoute)>,
+    /// The model's `context_fallbacks` the tenant may use, until used.
+    context_routes: Option<Vec<(usize, &'r ModelRoute)>>,
     attempts: u32,
-    /// The route being tried, as a position in the request's routes.
+    /// The route being tried, as a position in `routes`.
     position: usize,
-    /// (provider, address) pairs already tried by this request.
-    tried: Vec<(usize, SocketAddr)>,
+    tried: Tried,
+    /// The deployment of the last attempt, and its same-deployment retries.
+    current: Option<(Backend, u32)>,
     last_error: Option<ApiError>,
-    /// The soonest a backend that could not be chosen frees up.
+    /// The soonest a deployment that could not be chosen frees up.
     soonest: Option<Duration>,
+    waited: Duration,
 }
 
-impl Failover {
-    /// A request that may make up to `max_attempts` attempts.
-    pub fn new(max_attempts: usize) -> Self {
+impl<'r> Failover<'r> {
+    /// A request over `routes` (the requested route first, then its
+    /// fallbacks), with `context_routes` for a prompt too long.
+    pub fn new(
+        policy: Policy,
+        routes: Vec<(usize, &'r ModelRoute)>,
+        context_routes: Vec<(usize, &'r ModelRoute)>,
+    ) -> Self {
         Failover {
-            max_attempts,
+            policy,
+            routes,
+            context_routes: Some(context_routes),
             attempts: 0,
             position: 0,
-            tried: Vec::new(),
+            tried: Tried::default(),
+            current: None,
             last_error: None,
             soonest: None,
+            waited: Duration::ZERO,
         }
     }
 
@@ -83,27 +141,34 @@ impl Failover {
         self.attempts
     }
 
-    /// The next backend to try, or `None` when the attempts are used up or
-    /// no route has an eligible backend left. `choose` offers a backend of a
-    /// route (its index in the config, the route, what was tried).
+    /// Whether a prompt too long could still move to context fallbacks.
+    pub fn may_change_context(&self) -> bool {
+        self.context_routes.as_ref().is_some_and(|r| !r.is_empty())
+    }
+
+    fn attempts_left(&self) -> bool {
+        (self.attempts as usize) < self.policy.max_attempts
+    }
+
+    /// The next deployment to try. `choose` offers a backend of a route
+    /// (its index in the config, the route, what this request ruled out).
     pub fn next(
         &mut self,
-        routes: &[(usize, &ModelRoute)],
-        mut choose: impl FnMut(usize, &ModelRoute, &[(usize, SocketAddr)]) -> Result<Backend, NoBackend>,
-    ) -> Option<Choice> {
-        while self.position < routes.len() {
-            if self.attempts as usize >= self.max_attempts {
-                return None;
-            }
-            let (index, route) = routes[self.position];
+        mut choose: impl FnMut(usize, &ModelRoute, &Tried) -> Result<Backend, NoBackend>,
+    ) -> Next<'r> {
+        if !self.attempts_left() {
+            return Next::GiveUp;
+        }
+        while self.position < self.routes.len() {
+            let (index, route) = self.routes[self.position];
             match choose(index, route, &self.tried) {
                 Ok(backend) => {
-                    self.tried.push((backend.provider, backend.addr));
                     self.attempts += 1;
-                    return Some(Choice {
-                        position: self.position,
+                    self.current = Some((backend.clone(), 0));
+                    return Next::Try {
+                        route: (index, route),
                         backend,
-                    });
+                    };
                 }
                 Err(none) => {
                     self.soonest = match (self.soonest, none.retry_after) {
@@ -114,7 +179,34 @@ impl Failover {
                 }
             }
         }
-        None
+        // Nothing eligible now: wait for the soonest deployment when that
+        // is within the request's allowance, then walk the routes again.
+        match self.soonest {
+            Some(wait) if self.waited + wait <= self.policy.max_retry_wait => {
+                self.soonest = None;
+                self.waited += wait;
+                self.position = 0;
+                Next::Wait(wait)
+            }
+            _ => Next::GiveUp,
+        }
+    }
+
+    /// The same deployment was granted again: one more attempt on it.
+    pub fn retrying(&mut self, backend: &Backend) {
+        self.attempts += 1;
+        if let Some((current, retries)) = &mut self.current {
+            *current = backend.clone();
+            *retries += 1;
+        }
+    }
+
+    /// The same deployment could not be granted again: it is out for this
+    /// request, and the next one is tried.
+    pub fn retry_refused(&mut self) {
+        if let Some((backend, _)) = self.current.take() {
+            self.tried.deployment(&backend);
+        }
     }
 
     /// Takes how an attempt ended; what to do next.
@@ -122,19 +214,54 @@ impl Failover {
         match attempted {
             Attempted::Answered => Step::Done(Ok(())),
             Attempted::Final(error) => Step::Done(Err(error)),
-            Attempted::Retryable(error) => {
+            Attempted::RateLimited(error) => {
                 self.last_error = Some(error);
+                self.current = None;
+                Step::TryNext
+            }
+            Attempted::ContextTooLong(error) => match self.context_routes.take() {
+                Some(routes) if !routes.is_empty() => {
+                    self.last_error = Some(error);
+                    self.current = None;
+                    self.routes = routes;
+                    self.position = 0;
+                    Step::TryNext
+                }
+                _ => Step::Done(Err(error)),
+            },
+            Attempted::Retryable {
+                error,
+                domain,
+                transient,
+            } => {
+                self.last_error = Some(error);
+                let Some((backend, retries)) = self.current.take() else {
+                    return Step::TryNext;
+                };
+                if transient
+                    && retries < self.policy.same_deployment_retries
+                    && self.attempts_left()
+                {
+                    self.current = Some((backend, retries));
+                    return Step::RetrySame(self.policy.same_deployment_delay);
+                }
+                match domain {
+                    Domain::Transport => self.tried.address(&backend),
+                    Domain::Deployment => self.tried.deployment(&backend),
+                }
                 Step::TryNext
             }
         }
     }
 
     /// The answer once nothing more can be tried: the last failure, or 503
-    /// `no_healthy_upstream` for `model` when no attempt could be made.
+    /// `no_healthy_upstream` for the requested model when no attempt could
+    /// be made.
     pub fn give_up(self, model: &str) -> ApiError {
+        let soonest = self.soonest;
         self.last_error.unwrap_or_else(|| {
             let mut error = ApiError::no_healthy_upstream(model);
-            error.retry_after_ms = Some(self.soonest.map_or(1000, |d| d.as_millis().max(1) as u64));
+            error.retry_after_ms = Some(soonest.map_or(1000, |d| d.as_millis().max(1) as u64));
             error
         })
     }
@@ -145,98 +272,219 @@ mod tests {
     use super::*;
     use crate::config::{Strategy, Target};
     use crate::upstream::breaker::Permit;
+    use crate::upstream::health::Permits;
+    use std::net::SocketAddr;
 
-    fn route(name: &str, providers: &[usize]) -> ModelRoute {
+    fn route(name: &str) -> ModelRoute {
         ModelRoute {
             name: name.into(),
             strategy: Strategy::RoundRobin,
-            targets: providers
-                .iter()
-                .map(|&provider| Target {
-                    provider,
-                    model: name.into(),
-                    price: None,
-                })
-                .collect(),
+            targets: vec![Target {
+                provider: 0,
+                model: name.into(),
+                price: None,
+            }],
             fallbacks: Vec::new(),
+            context_fallbacks: Vec::new(),
+            resume_streams: true,
         }
     }
 
-    fn addr(n: u16) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], n))
+    fn backend(route: usize, slot: usize, port: u16) -> Backend {
+        Backend {
+            route,
+            target: 0,
+            provider: 0,
+            slot,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            permits: Permits {
+                transport: Permit::Normal,
+                deployment: Permit::Normal,
+            },
+        }
     }
 
-    /// A chooser over fixed backends per route: (provider, port) pairs,
-    /// offered in order unless already tried.
+    /// A chooser over fixed deployments per route: (slot, port) pairs, each
+    /// offered unless the request ruled it out; `waits` says when the route
+    /// frees up when it has none.
     fn chooser(
-        backends: Vec<Vec<(usize, u16)>>,
-        retry_after: Option<Duration>,
-    ) -> impl FnMut(usize, &ModelRoute, &[(usize, SocketAddr)]) -> Result<Backend, NoBackend> {
+        deployments: Vec<Vec<(usize, u16)>>,
+        waits: Option<Duration>,
+    ) -> impl FnMut(usize, &ModelRoute, &Tried) -> Result<Backend, NoBackend> {
         move |index, _, tried| {
-            backends[index]
+            deployments[index]
                 .iter()
-                .find(|(p, port)| !tried.contains(&(*p, addr(*port))))
-                .map(|&(provider, port)| Backend {
-                    route: index,
-                    target: 0,
-                    provider,
-                    addr: addr(port),
-                    permit: Permit::Normal,
-                })
-                .ok_or(NoBackend { retry_after })
+                .map(|&(slot, port)| backend(index, slot, port))
+                .find(|b| !tried.skips(b.provider, b.slot, b.addr))
+                .ok_or(NoBackend { retry_after: waits })
         }
     }
 
-    #[test]
-    fn tries_each_backend_of_a_route_then_its_fallbacks_in_order() {
-        let (a, b) = (route("a", &[0]), route("b", &[1]));
-        let routes = [(0, &a), (1, &b)];
-        let mut choose = chooser(vec![vec![(0, 1), (0, 2)], vec![(1, 3)]], None);
-        let mut failover = Failover::new(5);
+    fn failed(error: ApiError) -> Attempted {
+        Attempted::deployment(error)
+    }
+
+    fn policy(max_attempts: usize) -> Policy {
+        Policy {
+            max_attempts,
+            ..Policy::default()
+        }
+    }
+
+    /// Walks the request, failing every attempt with `fail`; the (route
+    /// position, slot) pairs tried.
+    fn walk(
+        failover: &mut Failover<'_>,
+        choose: &mut impl FnMut(usize, &ModelRoute, &Tried) -> Result<Backend, NoBackend>,
+        mut fail: impl FnMut() -> Attempted,
+    ) -> Vec<(usize, usize)> {
         let mut seen = Vec::new();
-        while let Some(choice) = failover.next(&routes, &mut choose) {
-            seen.push((choice.position, choice.backend.addr.port()));
-            let step = failover.after(Attempted::Retryable(ApiError::upstream_error("5xx")));
-            assert!(matches!(step, Step::TryNext));
+        loop {
+            match failover.next(&mut *choose) {
+                Next::Try { route, backend } => {
+                    seen.push((route.0, backend.slot));
+                    loop {
+                        match failover.after(fail()) {
+                            Step::TryNext => break,
+                            Step::RetrySame(_) => {
+                                seen.push((route.0, backend.slot));
+                                failover.retrying(&backend);
+                            }
+                            Step::Done(_) => return seen,
+                        }
+                    }
+                }
+                Next::Wait(_) => {}
+                Next::GiveUp => return seen,
+            }
         }
-        assert_eq!(seen, [(0, 1), (0, 2), (1, 3)]);
-        assert_eq!(failover.attempts(), 3);
-        let answer = failover.give_up("a");
-        assert_eq!(
-            (answer.status, answer.code),
-            (502, "upstream_error"),
-            "the last failure"
-        );
     }
 
     #[test]
-    fn stops_at_max_attempts() {
-        let a = route("a", &[0]);
-        let routes = [(0, &a)];
-        let mut choose = chooser(vec![vec![(0, 1), (0, 2), (0, 3)]], None);
-        let mut failover = Failover::new(2);
-        let mut tries = 0;
-        while failover.next(&routes, &mut choose).is_some() {
-            tries += 1;
-            failover.after(Attempted::Retryable(ApiError::upstream_timeout("slow")));
-        }
-        assert_eq!(tries, 2);
+    fn a_fallback_on_the_same_provider_and_backend_is_tried() {
+        // Two models served by one provider at one address.
+        let (a, b) = (route("a"), route("b"));
+        let mut choose = chooser(vec![vec![(0, 1)], vec![(1, 1)]], None);
+        let mut failover = Failover::new(policy(5), vec![(0, &a), (1, &b)], vec![]);
+        let seen = walk(&mut failover, &mut choose, || {
+            failed(ApiError::upstream_timeout("slow"))
+        });
+        assert_eq!(seen, [(0, 0), (1, 1)]);
         assert_eq!(failover.give_up("a").code, "upstream_timeout");
     }
 
     #[test]
-    fn an_answered_or_final_attempt_ends_the_request() {
-        let a = route("a", &[0]);
-        let routes = [(0, &a)];
+    fn a_transport_failure_rules_out_the_address_for_every_deployment() {
+        let (a, b) = (route("a"), route("b"));
+        let mut choose = chooser(vec![vec![(0, 1)], vec![(1, 1), (1, 2)]], None);
+        let mut failover = Failover::new(policy(5), vec![(0, &a), (1, &b)], vec![]);
+        let seen = walk(&mut failover, &mut choose, || Attempted::Retryable {
+            error: ApiError::upstream_error("refused"),
+            domain: Domain::Transport,
+            transient: false,
+        });
+        assert_eq!(
+            seen,
+            [(0, 0), (1, 1)],
+            "b on port 1 is skipped, port 2 tried"
+        );
+    }
+
+    #[test]
+    fn a_transient_failure_is_retried_once_on_the_same_deployment() {
+        let a = route("a");
         let mut choose = chooser(vec![vec![(0, 1), (0, 2)]], None);
-        let mut failover = Failover::new(3);
-        failover.next(&routes, &mut choose).unwrap();
-        assert!(matches!(
-            failover.after(Attempted::Answered),
-            Step::Done(Ok(()))
-        ));
-        let mut failover = Failover::new(3);
-        failover.next(&routes, &mut choose).unwrap();
+        let mut failover = Failover::new(policy(5), vec![(0, &a)], vec![]);
+        let seen = walk(&mut failover, &mut choose, || Attempted::Retryable {
+            error: ApiError::upstream_error("503"),
+            domain: Domain::Deployment,
+            transient: true,
+        });
+        assert_eq!(
+            seen,
+            [(0, 0), (0, 0), (0, 0), (0, 0)],
+            "twice on each of two backends"
+        );
+        assert_eq!(failover.attempts(), 4);
+    }
+
+    #[test]
+    fn stops_at_max_attempts_retries_included() {
+        let a = route("a");
+        let mut choose = chooser(vec![vec![(0, 1), (0, 2), (0, 3)]], None);
+        let mut failover = Failover::new(policy(3), vec![(0, &a)], vec![]);
+        let seen = walk(&mut failover, &mut choose, || Attempted::Retryable {
+            error: ApiError::upstream_error("500"),
+            domain: Domain::Deployment,
+            transient: true,
+        });
+        assert_eq!(seen.len(), 3);
+    }
+
+    #[test]
+    fn a_rate_limited_deployment_is_waited_for_within_the_allowance() {
+        let a = route("a");
+        let mut calls = 0;
+        // Nothing eligible at first (cooling down for 500 ms), then free.
+        let mut choose = |index: usize, _: &ModelRoute, _: &Tried| {
+            calls += 1;
+            if calls == 1 {
+                Err(NoBackend {
+                    retry_after: Some(Duration::from_millis(500)),
+                })
+            } else {
+                Ok(backend(index, 0, 1))
+            }
+        };
+        let mut failover = Failover::new(policy(3), vec![(0, &a)], vec![]);
+        assert!(
+            matches!(failover.next(&mut choose), Next::Wait(d) if d == Duration::from_millis(500))
+        );
+        assert!(matches!(failover.next(&mut choose), Next::Try { .. }));
+        // Past the allowance, it gives up at once.
+        let mut never = chooser(vec![vec![]], Some(Duration::from_secs(5)));
+        let mut failover = Failover::new(policy(3), vec![(0, &a)], vec![]);
+        assert!(matches!(failover.next(&mut never), Next::GiveUp));
+        let answer = failover.give_up("a");
+        assert_eq!((answer.status, answer.retry_after_ms), (503, Some(5000)));
+    }
+
+    #[test]
+    fn a_429_does_not_rule_the_deployment_out() {
+        let a = route("a");
+        let mut choose = chooser(vec![vec![(0, 1)]], None);
+        let mut failover = Failover::new(policy(2), vec![(0, &a)], vec![]);
+        let seen = walk(&mut failover, &mut choose, || {
+            Attempted::RateLimited(ApiError::provider_rate_limited("p"))
+        });
+        assert_eq!(
+            seen,
+            [(0, 0), (0, 0)],
+            "its cool-down decides, not the request"
+        );
+        assert_eq!(failover.give_up("a").code, "upstream_rate_limited");
+    }
+
+    #[test]
+    fn a_prompt_too_long_moves_to_the_context_fallbacks_once() {
+        let (a, fallback, big) = (route("a"), route("fb"), route("big"));
+        let mut choose = chooser(vec![vec![(0, 1)], vec![(1, 1)], vec![(2, 1)]], None);
+        let mut failover = Failover::new(policy(5), vec![(0, &a), (1, &fallback)], vec![(2, &big)]);
+        let seen = walk(&mut failover, &mut choose, || {
+            Attempted::ContextTooLong(ApiError::invalid_field("messages", "too long"))
+        });
+        assert_eq!(seen, [(0, 0), (2, 2)], "the ordinary fallback is skipped");
+    }
+
+    #[test]
+    fn an_answered_or_final_attempt_ends_the_request() {
+        let a = route("a");
+        let mut choose = chooser(vec![vec![(0, 1), (0, 2)]], None);
+        let mut failover = Failover::new(policy(3), vec![(0, &a)], vec![]);
+        assert!(matches!(failover.next(&mut choose), Next::Try { .. }));
+        assert_eq!(failover.after(Attempted::Answered), Step::Done(Ok(())));
+        let mut failover = Failover::new(policy(3), vec![(0, &a)], vec![]);
+        assert!(matches!(failover.next(&mut choose), Next::Try { .. }));
         match failover.after(Attempted::Final(ApiError::invalid_field("model", "no"))) {
             Step::Done(Err(e)) => assert_eq!(e.status, 400),
             other => panic!("{other:?}"),
@@ -245,26 +493,13 @@ mod tests {
 
     #[test]
     fn with_nothing_eligible_answers_503_with_the_soonest_retry() {
-        let (a, b) = (route("a", &[0]), route("b", &[1]));
-        let routes = [(0, &a), (1, &b)];
+        let (a, b) = (route("a"), route("b"));
         let mut choose = chooser(vec![vec![], vec![]], Some(Duration::from_millis(2500)));
-        let mut failover = Failover::new(3);
-        assert!(failover.next(&routes, &mut choose).is_none());
+        let mut failover = Failover::new(policy(3), vec![(0, &a), (1, &b)], vec![]);
+        assert!(matches!(failover.next(&mut choose), Next::GiveUp));
         assert_eq!(failover.attempts(), 0);
         let answer = failover.give_up("a");
         assert_eq!((answer.status, answer.code), (503, "no_healthy_upstream"));
         assert_eq!(answer.retry_after_ms, Some(2500));
-    }
-
-    #[test]
-    fn a_backend_is_not_tried_twice_by_one_request() {
-        let (a, b) = (route("a", &[0]), route("b", &[0]));
-        let routes = [(0, &a), (1, &b)];
-        // Both routes are on the same provider and backend.
-        let mut choose = chooser(vec![vec![(0, 1)], vec![(0, 1)]], None);
-        let mut failover = Failover::new(5);
-        assert!(failover.next(&routes, &mut choose).is_some());
-        failover.after(Attempted::Retryable(ApiError::upstream_error("5xx")));
-        assert!(failover.next(&routes, &mut choose).is_none());
     }
 }

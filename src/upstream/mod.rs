@@ -8,23 +8,26 @@
 //! has a `health_check`, Pingora's `HttpHealthCheck` takes failing backends
 //! out of selection until they pass again.
 //!
-//! On top of health, every backend has a [`breaker::Breaker`] fed by real
-//! traffic. [`Upstreams::choose_backend`] picks, among a route's targets whose
-//! provider has an eligible backend (healthy, breaker allowing, not yet tried
-//! by this request), one target by the route's strategy, then one backend of
+//! On top of health, real traffic feeds circuit breakers by failure domain
+//! ([`health`]): a deployment (one provider model on one backend) for what
+//! the provider answered, the backend address for what the network did.
+//! [`Upstreams::choose_backend`] picks, among a route's targets that have an
+//! eligible deployment (healthy backend, breakers allowing, not yet tried by
+//! this request), one target by the route's strategy, then one backend of
 //! that provider round robin.
 
 pub mod breaker;
 mod discovery;
 pub mod failover;
+pub mod health;
 
 use crate::config::{Config, ModelRoute, ProviderSettings, Strategy};
 use crate::metrics;
-use breaker::{Breaker, BreakerView, Outcome, Permit};
+use breaker::{BreakerView, Outcome, Transition};
+use health::{Domain, Health, Permits};
 use pingora::lb::selection::RoundRobin;
 use pingora::lb::{Backend as LbBackend, Backends, LoadBalancer};
 use pingora::upstreams::peer::HttpPeer;
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -40,16 +43,24 @@ pub type Balancer = LoadBalancer<RoundRobin>;
 use discovery::health_check;
 pub use discovery::DnsDiscovery;
 
-/// A provider with its balancer and its backends' breakers.
+/// A provider with its balancer and the breakers of its failure domains.
 pub struct Provider {
     /// Its validated settings.
     pub settings: ProviderSettings,
     balancer: Arc<Balancer>,
-    breakers: Mutex<HashMap<SocketAddr, Breaker>>,
+    /// The provider models its targets name, by slot: a deployment is a
+    /// slot on a backend.
+    models: Vec<String>,
+    health: Mutex<Health>,
 }
 
+/// A backend's state for `/ready`: its address, whether it passes its
+/// health check, its transport breaker, and its deployments' breakers (by
+/// provider model).
+pub type BackendState = (SocketAddr, bool, BreakerView, Vec<(String, BreakerView)>);
+
 impl Provider {
-    fn new(settings: ProviderSettings) -> Self {
+    fn new(settings: ProviderSettings, models: Vec<String>) -> Self {
         let discovery = DnsDiscovery::new(&settings);
         let mut balancer = Balancer::from_backends(Backends::new(Box::new(discovery)));
         if let Some(hc) = &settings.health_check {
@@ -70,30 +81,43 @@ impl Provider {
         Provider {
             settings,
             balancer,
-            breakers: Mutex::default(),
+            models,
+            health: Mutex::default(),
         }
     }
 
-    fn breakers(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Breaker>> {
-        self.breakers.lock().unwrap_or_else(|e| e.into_inner())
+    fn health(&self) -> std::sync::MutexGuard<'_, Health> {
+        self.health.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The backends with their health and breaker state, for `/ready`.
-    pub fn backend_states(&self) -> Vec<(SocketAddr, bool, BreakerView)> {
+    /// The backends with their health and breakers, for `/ready`.
+    pub fn backend_states(&self) -> Vec<BackendState> {
         let now = Instant::now();
-        let breakers = self.breakers();
+        let health = self.health();
+        self.addrs()
+            .into_iter()
+            .map(|addr| {
+                let deployments = health
+                    .deployment_views(addr, now)
+                    .into_iter()
+                    .map(|(slot, view)| (self.models.get(slot).cloned().unwrap_or_default(), view))
+                    .collect();
+                (
+                    addr,
+                    self.is_healthy(addr),
+                    health.transport_view(addr, now),
+                    deployments,
+                )
+            })
+            .collect()
+    }
+
+    fn addrs(&self) -> Vec<SocketAddr> {
         self.balancer
             .backends()
             .get_backend()
             .iter()
             .filter_map(|b| b.addr.as_inet().copied())
-            .map(|addr| {
-                let healthy = self.is_healthy(addr);
-                let view = breakers
-                    .get(&addr)
-                    .map_or(BreakerView::default(), |b| b.view(now));
-                (addr, healthy, view)
-            })
             .collect()
     }
 
@@ -106,24 +130,26 @@ impl Provider {
         self.balancer.backends().ready(&backend)
     }
 
-    /// Whether some backend could take an attempt now.
-    fn has_eligible(&self, tried: &[(usize, SocketAddr)], index: usize, now: Instant) -> bool {
-        let breakers = self.breakers();
+    /// Whether deployment `slot` has a backend that could take an attempt.
+    fn has_eligible(&self, index: usize, slot: usize, tried: &Tried, now: Instant) -> bool {
+        let health = self.health();
         self.balancer.backends().get_backend().iter().any(|b| {
             let Some(addr) = b.addr.as_inet() else {
                 return false;
             };
             self.balancer.backends().ready(b)
-                && !tried.contains(&(index, *addr))
-                && breakers.get(addr).is_none_or(|br| br.available(now))
+                && !tried.skips(index, slot, *addr)
+                && health.available(slot, *addr, now)
         })
     }
 
-    /// The soonest moment one of its backends may be tried again.
-    fn next_chance(&self, now: Instant) -> Option<Instant> {
-        self.breakers()
-            .values()
-            .filter_map(|b| b.next_chance(now))
+    /// The soonest moment deployment `slot` may be tried again on one of
+    /// its backends.
+    fn next_chance(&self, slot: usize, now: Instant) -> Option<Instant> {
+        let health = self.health();
+        self.addrs()
+            .into_iter()
+            .filter_map(|addr| health.next_chance(slot, addr, now))
             .min()
     }
 }
@@ -138,7 +164,8 @@ fn futures_now<F: std::future::Future>(f: F) -> Option<F::Output> {
     }
 }
 
-/// The backend chosen for one attempt.
+/// The backend chosen for one attempt: a deployment (the target's provider
+/// model) on one backend address, and what its breakers allowed.
 #[derive(Debug, Clone)]
 pub struct Backend {
     /// Index of the model route in the config.
@@ -147,10 +174,41 @@ pub struct Backend {
     pub target: usize,
     /// Index of the provider in the config.
     pub provider: usize,
+    /// The provider model's slot within the provider.
+    pub slot: usize,
     /// The address connected to.
     pub addr: SocketAddr,
-    /// What the breaker allowed: a normal attempt or a half-open probe.
-    pub permit: Permit,
+    /// What the breakers allowed: normal attempts or half-open probes.
+    pub permits: Permits,
+}
+
+/// What one request has already tried: deployments whose failure moved it
+/// on, and backend addresses that failed at the transport (for every
+/// deployment on them). A deployment the provider rate-limited is not in
+/// here: its cool-down says when it may be tried again.
+#[derive(Debug, Clone, Default)]
+pub struct Tried {
+    deployments: Vec<(usize, usize, SocketAddr)>,
+    addrs: Vec<(usize, SocketAddr)>,
+}
+
+impl Tried {
+    /// Whether deployment `slot` of `provider` at `addr` is out for this
+    /// request.
+    pub fn skips(&self, provider: usize, slot: usize, addr: SocketAddr) -> bool {
+        self.addrs.contains(&(provider, addr)) || self.deployments.contains(&(provider, slot, addr))
+    }
+
+    /// The request is done with this deployment.
+    pub fn deployment(&mut self, backend: &Backend) {
+        self.deployments
+            .push((backend.provider, backend.slot, backend.addr));
+    }
+
+    /// The request is done with this address, for every deployment on it.
+    pub fn address(&mut self, backend: &Backend) {
+        self.addrs.push((backend.provider, backend.addr));
+    }
 }
 
 /// Per-route selection state.
@@ -161,6 +219,8 @@ struct RouteState {
     ttfb_us: Vec<AtomicU64>,
     /// Price per token (input + output, pUSD) per target, for `cheapest`.
     prices: Vec<Option<i64>>,
+    /// Each target's model slot within its provider.
+    slots: Vec<usize>,
 }
 
 /// Why no backend was chosen.
@@ -189,26 +249,41 @@ impl Upstreams {
     /// Builds the providers of a config (resolving their host names once,
     /// at start-up) and the routes' selection state.
     pub fn new(config: &Config) -> Self {
+        // Each provider's models, in the order its targets name them.
+        let mut models: Vec<Vec<String>> = vec![Vec::new(); config.providers.len()];
+        let routes = config
+            .models
+            .iter()
+            .map(|route| RouteState {
+                cursor: AtomicUsize::new(0),
+                ttfb_us: route.targets.iter().map(|_| AtomicU64::new(0)).collect(),
+                prices: route
+                    .targets
+                    .iter()
+                    .map(|t| t.price.map(|p| p.input + p.output))
+                    .collect(),
+                slots: route
+                    .targets
+                    .iter()
+                    .map(|t| {
+                        let names = &mut models[t.provider];
+                        names.iter().position(|m| *m == t.model).unwrap_or_else(|| {
+                            names.push(t.model.clone());
+                            names.len() - 1
+                        })
+                    })
+                    .collect(),
+            })
+            .collect();
         Upstreams {
             providers: config
                 .providers
                 .iter()
                 .cloned()
-                .map(Provider::new)
+                .zip(models)
+                .map(|(settings, models)| Provider::new(settings, models))
                 .collect(),
-            routes: config
-                .models
-                .iter()
-                .map(|route| RouteState {
-                    cursor: AtomicUsize::new(0),
-                    ttfb_us: route.targets.iter().map(|_| AtomicU64::new(0)).collect(),
-                    prices: route
-                        .targets
-                        .iter()
-                        .map(|t| t.price.map(|p| p.input + p.output))
-                        .collect(),
-                })
-                .collect(),
+            routes,
             breaker: config.breaker,
         }
     }
@@ -231,67 +306,85 @@ impl Upstreams {
         &self.providers
     }
 
-    /// Whether some target of `route` could take a request now.
-    pub fn can_serve(&self, route: &ModelRoute) -> bool {
+    /// Whether some target of `route` (the `route_index`-th) could take a
+    /// request now.
+    pub fn can_serve(&self, route_index: usize, route: &ModelRoute) -> bool {
         let now = Instant::now();
-        route
-            .targets
-            .iter()
-            .any(|t| self.providers[t.provider].has_eligible(&[], t.provider, now))
+        let none = Tried::default();
+        route.targets.iter().enumerate().any(|(t, target)| {
+            let slot = self.routes[route_index].slots[t];
+            self.providers[target.provider].has_eligible(target.provider, slot, &none, now)
+        })
     }
 
-    /// Picks a backend for the `route_index`-th route, skipping the
-    /// backends in `tried` (provider index, address).
+    /// Picks a backend for the `route_index`-th route, skipping what
+    /// `tried` rules out.
     pub fn choose_backend(
         &self,
         route_index: usize,
         route: &ModelRoute,
-        tried: &[(usize, SocketAddr)],
+        tried: &Tried,
     ) -> Result<Backend, NoBackend> {
         let now = Instant::now();
+        let slots = &self.routes[route_index].slots;
         // A few rounds: a breaker can turn between the check and the permit.
         for _ in 0..4 {
             let eligible: Vec<usize> = (0..route.targets.len())
                 .filter(|&t| {
                     let p = route.targets[t].provider;
-                    self.providers[p].has_eligible(tried, p, now)
+                    self.providers[p].has_eligible(p, slots[t], tried, now)
                 })
                 .collect();
             let Some(target) = self.pick_target(route_index, route, &eligible) else {
-                return Err(self.no_backend(route, now));
+                return Err(self.no_backend(route_index, route, now));
             };
-            let p = route.targets[target].provider;
+            let (p, slot) = (route.targets[target].provider, slots[target]);
             let provider = &self.providers[p];
             let chosen = provider.balancer.select_with(b"", 256, |b, healthy| {
                 let Some(addr) = b.addr.as_inet() else {
                     return false;
                 };
-                let breakers = provider.breakers();
                 healthy
-                    && !tried.contains(&(p, *addr))
-                    && breakers.get(addr).is_none_or(|br| br.available(now))
+                    && !tried.skips(p, slot, *addr)
+                    && provider.health().available(slot, *addr, now)
             });
             let Some(addr) = chosen.and_then(|b| b.addr.as_inet().copied()) else {
                 continue;
             };
-            let (permit, gauge) = {
-                let mut breakers = provider.breakers();
-                let breaker = breakers.entry(addr).or_default();
-                let permit = breaker.acquire(now, &self.breaker);
-                (permit, breaker.unpublished_gauge(now))
+            let (permits, gauge) = {
+                let mut health = provider.health();
+                let permits = health.acquire(slot, addr, now, &self.breaker);
+                (permits, health.unpublished_gauge(addr, now))
             };
             self.publish(p, addr, gauge);
-            if let Some(permit) = permit {
+            if let Some(permits) = permits {
                 return Ok(Backend {
                     route: route_index,
                     target,
                     provider: p,
+                    slot,
                     addr,
-                    permit,
+                    permits,
                 });
             }
         }
-        Err(self.no_backend(route, now))
+        Err(self.no_backend(route_index, route, now))
+    }
+
+    /// The same deployment again, for one more attempt, when its breakers
+    /// still allow one.
+    pub fn reacquire(&self, backend: &Backend) -> Option<Backend> {
+        let now = Instant::now();
+        let permits = self.providers[backend.provider].health().acquire(
+            backend.slot,
+            backend.addr,
+            now,
+            &self.breaker,
+        )?;
+        Some(Backend {
+            permits,
+            ..backend.clone()
+        })
     }
 
     fn pick_target(
@@ -334,11 +427,13 @@ impl Upstreams {
         }
     }
 
-    fn no_backend(&self, route: &ModelRoute, now: Instant) -> NoBackend {
+    fn no_backend(&self, route_index: usize, route: &ModelRoute, now: Instant) -> NoBackend {
+        let slots = &self.routes[route_index].slots;
         let soonest = route
             .targets
             .iter()
-            .filter_map(|t| self.providers[t.provider].next_chance(now))
+            .enumerate()
+            .filter_map(|(t, target)| self.providers[target.provider].next_chance(slots[t], now))
             .min();
         let health_interval = route
             .targets
@@ -353,9 +448,15 @@ impl Upstreams {
         }
     }
 
-    /// Feeds an attempt's outcome to the backend's breaker (and its time to
-    /// first byte to `least_latency`).
-    pub fn record_outcome(&self, backend: &Backend, outcome: Outcome, ttfb: Option<Duration>) {
+    /// Feeds an attempt's outcome to the breakers of its failure domain
+    /// (and its time to first byte to `least_latency`).
+    pub fn record_outcome(
+        &self,
+        backend: &Backend,
+        outcome: Outcome,
+        domain: Domain,
+        ttfb: Option<Duration>,
+    ) {
         if let Some(ttfb) = ttfb {
             let slot = &self.routes[backend.route].ttfb_us[backend.target];
             let sample = ttfb.as_micros().min(u128::from(u64::MAX)) as u64;
@@ -368,29 +469,39 @@ impl Upstreams {
             slot.store(new.max(1), Ordering::Relaxed);
         }
         let provider = &self.providers[backend.provider];
-        let (changed, gauge) = {
-            let mut breakers = provider.breakers();
-            let breaker = breakers.entry(backend.addr).or_default();
-            let now = Instant::now();
-            let changed = breaker.record(backend.permit, outcome, now, &self.breaker);
-            (changed, breaker.unpublished_gauge(now))
+        let now = Instant::now();
+        let (changes, gauge) = {
+            let mut health = provider.health();
+            let changes = health.record(
+                (backend.slot, backend.addr),
+                backend.permits,
+                outcome,
+                domain,
+                now,
+                &self.breaker,
+            );
+            (changes, health.unpublished_gauge(backend.addr, now))
         };
-        if let Some(transition) = changed {
+        for change in changes {
             let name = &provider.settings.name;
-            match transition {
-                breaker::Transition::Opened(for_) => {
-                    warn!(provider = %name, backend = %backend.addr, open_for = ?for_, "circuit opened")
+            let model = change
+                .slot
+                .and_then(|s| provider.models.get(s))
+                .map_or("", String::as_str);
+            match change.transition {
+                Transition::Opened(for_) => {
+                    warn!(provider = %name, backend = %backend.addr, model, open_for = ?for_, "circuit opened")
                 }
-                breaker::Transition::Closed => {
-                    info!(provider = %name, backend = %backend.addr, "circuit closed")
+                Transition::Closed => {
+                    info!(provider = %name, backend = %backend.addr, model, "circuit closed")
                 }
             }
         }
         self.publish(backend.provider, backend.addr, gauge);
     }
 
-    /// Sets `runestone_circuit_state` for one backend, when its breaker has
-    /// a new value to publish.
+    /// Sets `runestone_circuit_state` for one backend (the worst of its
+    /// breakers), when it has a new value to publish.
     fn publish(&self, provider: usize, addr: SocketAddr, gauge: Option<i64>) {
         if let Some(gauge) = gauge {
             metrics::CIRCUIT_STATE
@@ -417,6 +528,7 @@ impl Upstreams {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use health::Domain;
 
     fn config(strategy: &str, extra: &str) -> Config {
         let yaml = format!(
@@ -441,7 +553,7 @@ tenants: []
         (0..n)
             .map(|_| {
                 upstreams
-                    .choose_backend(0, &config.models[0], &[])
+                    .choose_backend(0, &config.models[0], &Tried::default())
                     .unwrap()
                     .provider
             })
@@ -471,14 +583,14 @@ tenants: []
         let config = config("priority", "");
         let upstreams = Upstreams::new(&config);
         let route = &config.models[0];
-        let first = upstreams.choose_backend(0, route, &[]).unwrap();
+        let mut tried = Tried::default();
+        let first = upstreams.choose_backend(0, route, &tried).unwrap();
         assert_eq!(first.target, 0);
-        let second = upstreams
-            .choose_backend(0, route, &[(0, first.addr)])
-            .unwrap();
+        tried.deployment(&first);
+        let second = upstreams.choose_backend(0, route, &tried).unwrap();
         assert_eq!(second.target, 2);
-        let none = upstreams.choose_backend(0, route, &[(0, first.addr), (1, second.addr)]);
-        assert!(none.is_err());
+        tried.deployment(&second);
+        assert!(upstreams.choose_backend(0, route, &tried).is_err());
     }
 
     #[test]
@@ -496,36 +608,95 @@ tenants: []
         let config = config("least_latency", "");
         let upstreams = Upstreams::new(&config);
         let route = &config.models[0];
-        let a = upstreams.choose_backend(0, route, &[]).unwrap();
-        upstreams.record_outcome(&a, Outcome::Success, Some(Duration::from_millis(50)));
-        let b = upstreams.choose_backend(0, route, &[]).unwrap();
+        let none = Tried::default();
+        let a = upstreams.choose_backend(0, route, &none).unwrap();
+        upstreams.record_outcome(
+            &a,
+            Outcome::Success,
+            Domain::Deployment,
+            Some(Duration::from_millis(50)),
+        );
+        let b = upstreams.choose_backend(0, route, &none).unwrap();
         assert_eq!(b.provider, 1, "an unmeasured target is tried first");
-        upstreams.record_outcome(&b, Outcome::Success, Some(Duration::from_millis(5)));
+        upstreams.record_outcome(
+            &b,
+            Outcome::Success,
+            Domain::Deployment,
+            Some(Duration::from_millis(5)),
+        );
         assert!(picks(&upstreams, &config, 5).iter().all(|&p| p == 1));
     }
 
     #[test]
-    fn an_open_breaker_takes_a_backend_out_and_reports_when_it_half_opens() {
+    fn an_open_breaker_takes_a_deployment_out_and_reports_when_it_half_opens() {
         let config = config(
             "priority",
             "circuit_breaker: { consecutive_failures: 2, open_seconds: 30 }\n",
         );
         let upstreams = Upstreams::new(&config);
         let route = &config.models[0];
+        let none = Tried::default();
         for _ in 0..2 {
-            let a = upstreams.choose_backend(0, route, &[]).unwrap();
+            let a = upstreams.choose_backend(0, route, &none).unwrap();
             assert_eq!(a.provider, 0);
-            upstreams.record_outcome(&a, Outcome::Failure, None);
+            upstreams.record_outcome(&a, Outcome::Failure, Domain::Deployment, None);
         }
-        let next = upstreams.choose_backend(0, route, &[]).unwrap();
+        let next = upstreams.choose_backend(0, route, &none).unwrap();
         assert_eq!(next.provider, 1, "a is open");
-        upstreams.record_outcome(&next, Outcome::Failure, None);
-        upstreams.record_outcome(&next, Outcome::Failure, None);
-        let none = upstreams.choose_backend(0, route, &[]).unwrap_err();
+        upstreams.record_outcome(&next, Outcome::Failure, Domain::Deployment, None);
+        upstreams.record_outcome(&next, Outcome::Failure, Domain::Deployment, None);
+        let none = upstreams.choose_backend(0, route, &none).unwrap_err();
         let wait = none.retry_after.unwrap();
         assert!(
             wait > Duration::from_secs(28) && wait <= Duration::from_secs(30),
             "{wait:?}"
+        );
+    }
+
+    #[test]
+    fn one_models_trouble_leaves_the_providers_other_models_alone() {
+        let yaml = r#"
+server: { listen: "127.0.0.1:1" }
+providers:
+  - { name: a, base_url: "http://127.0.0.1:10/v1" }
+models:
+  - { name: big, targets: [{ provider: a }], fallbacks: [small] }
+  - { name: small, targets: [{ provider: a }] }
+tenants: []
+circuit_breaker: { consecutive_failures: 1 }
+"#;
+        let config = Config::from_yaml(yaml, |_| None).unwrap();
+        let upstreams = Upstreams::new(&config);
+        let none = Tried::default();
+        let big = upstreams
+            .choose_backend(0, &config.models[0], &none)
+            .unwrap();
+        upstreams.record_outcome(
+            &big,
+            Outcome::RateLimited(Some(Duration::from_secs(60))),
+            Domain::Deployment,
+            None,
+        );
+        assert!(
+            upstreams
+                .choose_backend(0, &config.models[0], &none)
+                .is_err(),
+            "big cools down"
+        );
+        let small = upstreams
+            .choose_backend(1, &config.models[1], &none)
+            .unwrap();
+        assert_eq!(
+            (small.provider, small.addr),
+            (big.provider, big.addr),
+            "same provider and backend"
+        );
+        upstreams.record_outcome(&small, Outcome::Failure, Domain::Transport, None);
+        assert!(
+            upstreams
+                .choose_backend(1, &config.models[1], &none)
+                .is_err(),
+            "a transport failure takes the address out for every model"
         );
     }
 }

@@ -193,7 +193,7 @@ impl MockApp {
             body_sha256: sha,
             model: model.clone(),
         });
-        let fault = st.take_fault(path);
+        let fault = st.take_fault(path, model.as_deref());
         let authorized = self.authorized(&req.headers);
         let req_headers = req.headers.clone();
         let mut meta = ApiMeta {
@@ -216,6 +216,9 @@ impl MockApp {
         let mut disconnect_after = None;
         let mut stall_in_stream = None;
         let mut no_usage = false;
+        let mut first_token_ms = None;
+        let mut malformed_after = None;
+        let mut no_done = false;
         match fault {
             None => {}
             Some(Fault::Headers(headers)) => meta.extra_headers = headers,
@@ -230,10 +233,33 @@ impl MockApp {
             Some(Fault::Status {
                 status,
                 retry_after,
+                retry_after_ms,
             }) => {
                 let mut reply = Reply::error(&ApiError::for_status(status));
-                reply.retry_after = retry_after.or((status == 429).then_some(1));
+                reply.retry_after =
+                    retry_after.or((status == 429 && retry_after_ms.is_none()).then_some(1));
+                if let Some(ms) = retry_after_ms {
+                    meta.extra_headers
+                        .push(("retry-after-ms".to_owned(), ms.to_string()));
+                }
                 return self.reply(session, &meta, &reply, None).await;
+            }
+            Some(Fault::FirstToken { ms }) => first_token_ms = Some(ms),
+            Some(Fault::Malformed { after_chunks }) => malformed_after = Some(after_chunks),
+            Some(Fault::NoDone) => no_done = true,
+            Some(Fault::RejectPrefill) => {
+                if let ApiCall::Chat(g) | ApiCall::Messages(g, _) = &call {
+                    if g.prefilled {
+                        let e = ApiError {
+                            status: 400,
+                            message: "This model does not support assistant message prefill."
+                                .to_owned(),
+                            kind: "invalid_request_error",
+                            code: Some("prefill_not_supported"),
+                        };
+                        return self.reply(session, &meta, &Reply::error(&e), None).await;
+                    }
+                }
             }
             Some(Fault::RawError {
                 status,
@@ -295,6 +321,9 @@ impl MockApp {
                     created,
                     disconnect_after,
                     stall: stall_in_stream,
+                    first_token_ms,
+                    malformed_after,
+                    no_done,
                 };
                 return self.stream(session, &meta, &plan, &mut watch).await;
             }
@@ -303,7 +332,7 @@ impl MockApp {
                     200,
                     messages_body(meta.id, meta.response_model(), g, tool.as_deref()),
                 );
-                r.tokens = Some((g.prompt_tokens, g.plan.tokens));
+                r.tokens = Some((g.prompt_tokens, g.generated()));
                 r
             }
             ApiCall::Chat(g) => {
@@ -312,7 +341,7 @@ impl MockApp {
                     200,
                     chat_completion_body(&id, created, meta.response_model(), g),
                 );
-                r.tokens = Some((g.prompt_tokens, g.plan.tokens));
+                r.tokens = Some((g.prompt_tokens, g.generated()));
                 r
             }
             ApiCall::Completion(g) => {
@@ -321,7 +350,7 @@ impl MockApp {
                     200,
                     text_completion_body(&id, created, meta.response_model(), g),
                 );
-                r.tokens = Some((g.prompt_tokens, g.plan.tokens));
+                r.tokens = Some((g.prompt_tokens, g.generated()));
                 r
             }
             ApiCall::Embeddings(e) => {
@@ -360,6 +389,28 @@ impl MockApp {
             Some(key) => reply.with_echo(key),
             None => reply,
         };
+        if let Some(ms) = first_token_ms {
+            // The head at once, the body much later.
+            let mut header = meta.header(reply.status, reply.content_type);
+            let _ = header.insert_header(http::header::CONTENT_LENGTH, reply.body.len());
+            if session.write_response_header(header).await.is_err()
+                || !pause(session, &mut watch, Duration::from_millis(ms)).await
+                || session
+                    .write_response_body(reply.body.clone(), true)
+                    .await
+                    .is_err()
+            {
+                st.stats.disconnect();
+                return Outcome::Close;
+            }
+            if let Some((prompt, completion)) = reply.tokens {
+                st.stats.prompt_tokens.fetch_add(prompt, Ordering::Relaxed);
+                st.stats
+                    .completion_tokens
+                    .fetch_add(completion, Ordering::Relaxed);
+            }
+            return Outcome::Reuse;
+        }
         self.reply(session, &meta, &reply, disconnect_after).await
     }
 
@@ -439,7 +490,7 @@ impl MockApp {
             .fetch_add(g.prompt_tokens, Ordering::Relaxed);
 
         let mut chunks = chunks;
-        chunks.counts = (g.prompt_tokens, g.plan.tokens);
+        chunks.counts = (g.prompt_tokens, g.generated());
         if matches!(plan.kind, StreamKind::Chat | StreamKind::Anthropic)
             && session
                 .write_response_body(chunks.role_event().into(), false)
@@ -478,12 +529,30 @@ impl MockApp {
         let interval = (self.cfg.tokens_per_second > 0)
             .then(|| Duration::from_secs_f64(1.0 / self.cfg.tokens_per_second as f64));
         let mut next = Instant::now();
-        for i in 0..g.plan.tokens {
-            if plan.disconnect_after == Some(i) {
+        if let Some(ms) = plan.first_token_ms {
+            if !pause(session, watch, Duration::from_millis(ms)).await {
+                stats.disconnect();
+                return Outcome::Close;
+            }
+        }
+        for i in g.start..g.plan.tokens {
+            if plan.malformed_after == Some(i - g.start)
+                && session
+                    .write_response_body(
+                        Bytes::from_static(b"data: {\"choices\": [unparseable\n\n"),
+                        false,
+                    )
+                    .await
+                    .is_err()
+            {
+                stats.disconnect();
+                return Outcome::Close;
+            }
+            if plan.disconnect_after == Some(i - g.start) {
                 return Outcome::Close;
             }
             if let Some((k, ms)) = plan.stall {
-                if k == i {
+                if k == i - g.start {
                     if !pause(session, watch, Duration::from_millis(ms)).await {
                         stats.disconnect();
                         return Outcome::Close;
@@ -528,9 +597,11 @@ impl MockApp {
 
         let mut tail = chunks.finish_event(g.plan.finish_reason);
         if g.include_usage {
-            tail.push_str(&chunks.usage_event(g.prompt_tokens, g.plan.tokens));
+            tail.push_str(&chunks.usage_event(g.prompt_tokens, g.generated()));
         }
-        tail.push_str(&chunks.done_event());
+        if !plan.no_done {
+            tail.push_str(&chunks.done_event());
+        }
         // the tail goes out as one chunk per event so clients see normal SSE framing
         for event in tail.split_inclusive("\n\n") {
             if session
@@ -567,6 +638,12 @@ pub(crate) struct StreamPlan<'a> {
     pub(crate) disconnect_after: Option<u64>,
     /// Pause (after token events, ms).
     pub(crate) stall: Option<(u64, u64)>,
+    /// Pause before the first token (after the role event), ms.
+    pub(crate) first_token_ms: Option<u64>,
+    /// A non-JSON event after this many token events.
+    pub(crate) malformed_after: Option<u64>,
+    /// End without `[DONE]`.
+    pub(crate) no_done: bool,
 }
 
 /// Writes a complete response with a content length.

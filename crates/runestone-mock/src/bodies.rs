@@ -53,10 +53,10 @@ impl Usage {
 }
 
 /// The reply text: `"tok0 tok1 ... tok{n-1}"`.
-pub(crate) fn reply_text(n: u64) -> String {
-    let mut s = String::with_capacity(n as usize * 7);
-    for i in 0..n {
-        if i > 0 {
+pub(crate) fn reply_text(start: u64, n: u64) -> String {
+    let mut s = String::with_capacity(n.saturating_sub(start) as usize * 7);
+    for i in start..n {
+        if i > start {
             s.push(' ');
         }
         // writing to a String cannot fail
@@ -115,13 +115,13 @@ pub(crate) fn chat_completion_body(id: &str, created: u64, model: &str, g: &GenR
             index: 0,
             message: ChatReply {
                 role: "assistant",
-                content: reply_text(g.plan.tokens),
+                content: reply_text(g.start, g.plan.tokens),
                 refusal: None,
             },
             logprobs: None,
             finish_reason: g.plan.finish_reason,
         }],
-        usage: Usage::chat(g.prompt_tokens, g.plan.tokens),
+        usage: Usage::chat(g.prompt_tokens, g.generated()),
     };
     serde_json::to_vec(&v).unwrap_or_default()
 }
@@ -169,6 +169,8 @@ pub(crate) fn parse_messages(body: &[u8]) -> Result<(GenRequest, Option<String>)
             model: b.model,
             prompt_tokens: chat_prompt_tokens(&messages) + bytes_to_tokens(system),
             plan: plan(b.mock_tokens, &[Some(max_tokens)]),
+            start: prefill_tokens(&messages),
+            prefilled: ends_with_prefill(&messages),
             stream: b.stream.unwrap_or(false),
             include_usage: false,
         },
@@ -185,7 +187,7 @@ pub(crate) fn messages_body(id: u64, model: &str, g: &GenRequest, tool: Option<&
             "tool_use",
         ),
         None => (
-            json!([{"type": "text", "text": reply_text(g.plan.tokens)}]),
+            json!([{"type": "text", "text": reply_text(g.start, g.plan.tokens)}]),
             if g.plan.finish_reason == "length" {
                 "max_tokens"
             } else {
@@ -196,7 +198,7 @@ pub(crate) fn messages_body(id: u64, model: &str, g: &GenRequest, tool: Option<&
     let v = json!({
         "id": format!("msg_mock_{id}"), "type": "message", "role": "assistant", "model": model,
         "content": content, "stop_reason": stop, "stop_sequence": null,
-        "usage": {"input_tokens": g.prompt_tokens, "output_tokens": g.plan.tokens,
+        "usage": {"input_tokens": g.prompt_tokens, "output_tokens": g.generated(),
                   "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0},
     });
     serde_json::to_vec(&v).unwrap_or_default()
@@ -211,12 +213,12 @@ pub(crate) fn text_completion_body(id: &str, created: u64, model: &str, g: &GenR
         model,
         system_fingerprint: None,
         choices: [TextChoice {
-            text: reply_text(g.plan.tokens),
+            text: reply_text(g.start, g.plan.tokens),
             index: 0,
             logprobs: None,
             finish_reason: g.plan.finish_reason,
         }],
-        usage: Usage::plain(g.prompt_tokens, g.plan.tokens),
+        usage: Usage::plain(g.prompt_tokens, g.generated()),
     };
     serde_json::to_vec(&v).unwrap_or_default()
 }

@@ -12,6 +12,8 @@ pub(crate) enum Fault {
         status: u16,
         /// Explicit `retry-after` seconds.
         retry_after: Option<u64>,
+        /// Explicit `retry-after-ms`.
+        retry_after_ms: Option<u64>,
     },
     /// Answer this status with this exact body.
     RawError {
@@ -45,6 +47,23 @@ pub(crate) enum Fault {
     NoUsage,
     /// Echo the request's credential in headers and body (hostile provider).
     EchoKey,
+    /// Send the head (and a stream's role event) at once, then the first
+    /// content only after this many ms.
+    FirstToken {
+        /// The delay.
+        ms: u64,
+    },
+    /// Send an event that is not JSON after this many token events, then go
+    /// on normally.
+    Malformed {
+        /// Token events before it.
+        after_chunks: u64,
+    },
+    /// End streams cleanly without `data: [DONE]`.
+    NoDone,
+    /// Answer 400 to a conversation that ends with an assistant message (a
+    /// provider that does not continue a prefill); others normally.
+    RejectPrefill,
 }
 
 /// A queued fault with its remaining uses.
@@ -56,6 +75,8 @@ pub(crate) struct QueuedFault {
     pub(crate) remaining: u32,
     /// Only requests to this exact path take the fault.
     pub(crate) path: Option<String>,
+    /// Only requests for this model take the fault.
+    pub(crate) model: Option<String>,
 }
 
 impl QueuedFault {
@@ -65,7 +86,10 @@ impl QueuedFault {
             Fault::Status {
                 status,
                 retry_after,
-            } => json!({"status": status, "retry_after": retry_after}),
+                retry_after_ms,
+            } => {
+                json!({"status": status, "retry_after": retry_after, "retry_after_ms": retry_after_ms})
+            }
             Fault::RawError {
                 status,
                 body,
@@ -82,6 +106,10 @@ impl QueuedFault {
             Fault::DropConnection => json!({"drop_connection": true}),
             Fault::NoUsage => json!({"no_usage": true}),
             Fault::EchoKey => json!({"echo_key": true}),
+            Fault::FirstToken { ms } => json!({"first_token_ms": ms}),
+            Fault::Malformed { after_chunks } => json!({"malformed_after_chunks": after_chunks}),
+            Fault::NoDone => json!({"no_done": true}),
+            Fault::RejectPrefill => json!({"reject_prefill": true}),
             Fault::Headers(headers) => json!({"headers": headers
                 .iter()
                 .cloned()
@@ -89,6 +117,7 @@ impl QueuedFault {
         };
         v["count"] = json!(self.remaining);
         v["path"] = json!(self.path);
+        v["model"] = json!(self.model);
         v
     }
 }
@@ -109,11 +138,11 @@ impl FaultQueue {
     }
 
     /// Takes one use of the first fault applicable to `path`.
-    pub(crate) fn take(&mut self, path: &str) -> Option<Fault> {
-        let idx = self
-            .entries
-            .iter()
-            .position(|f| f.path.as_deref().is_none_or(|p| p == path))?;
+    pub(crate) fn take(&mut self, path: &str, model: Option<&str>) -> Option<Fault> {
+        let idx = self.entries.iter().position(|f| {
+            f.path.as_deref().is_none_or(|p| p == path)
+                && f.model.as_deref().is_none_or(|m| Some(m) == model)
+        })?;
         let entry = &mut self.entries[idx];
         entry.remaining -= 1;
         let fault = entry.fault.clone();
@@ -167,6 +196,18 @@ pub(crate) struct FaultSpec {
     pub(crate) no_usage: Option<bool>,
     /// Echo the credential.
     pub(crate) echo_key: Option<bool>,
+    /// Explicit `retry-after-ms`.
+    pub(crate) retry_after_ms: Option<u64>,
+    /// Restrict the fault to one model.
+    pub(crate) model: Option<String>,
+    /// First content after this many ms.
+    pub(crate) first_token_ms: Option<u64>,
+    /// A non-JSON event after this many token events.
+    pub(crate) malformed_after_chunks: Option<u64>,
+    /// End streams without `[DONE]`.
+    pub(crate) no_done: Option<bool>,
+    /// Refuse conversations that end with an assistant message.
+    pub(crate) reject_prefill: Option<bool>,
 }
 
 impl FaultSpec {
@@ -176,9 +217,15 @@ impl FaultSpec {
         let dropped = self.drop_connection == Some(true);
         let no_usage = self.no_usage == Some(true);
         let echo_key = self.echo_key == Some(true);
+        let no_done = self.no_done == Some(true);
+        let reject_prefill = self.reject_prefill == Some(true);
         let kinds = [
             no_usage,
             echo_key,
+            no_done,
+            reject_prefill,
+            self.first_token_ms.is_some(),
+            self.malformed_after_chunks.is_some(),
             self.headers.is_some(),
             self.error_body.is_some(),
             self.disconnect_after_chunks.is_some(),
@@ -237,15 +284,24 @@ impl FaultSpec {
             Some(Fault::NoUsage)
         } else if echo_key {
             Some(Fault::EchoKey)
+        } else if no_done {
+            Some(Fault::NoDone)
+        } else if reject_prefill {
+            Some(Fault::RejectPrefill)
+        } else if let Some(ms) = self.first_token_ms {
+            Some(Fault::FirstToken { ms })
+        } else if let Some(k) = self.malformed_after_chunks {
+            Some(Fault::Malformed { after_chunks: k })
         } else if let Some(headers) = self.headers {
             Some(Fault::Headers(headers.into_iter().collect()))
         } else {
             self.status.map(|status| Fault::Status {
                 status,
                 retry_after: self.retry_after,
+                retry_after_ms: self.retry_after_ms,
             })
         };
-        if self.retry_after.is_some()
+        if (self.retry_after.is_some() || self.retry_after_ms.is_some())
             && !matches!(fault, Some(Fault::Status { .. } | Fault::RawError { .. }))
         {
             return Err("retry_after only goes with status or error_body".to_owned());
@@ -260,6 +316,7 @@ impl FaultSpec {
                     fault,
                     remaining: count,
                     path: self.path,
+                    model: self.model,
                 })
             }
             None if self.latency_ms.is_none() => {

@@ -167,9 +167,43 @@ pub(crate) struct StreamOptions {
 /// One chat message (only the content matters).
 #[derive(Debug, Deserialize)]
 pub(crate) struct ChatMessage {
+    /// `user`, `assistant`, ...
+    #[serde(default)]
+    pub(crate) role: Option<String>,
     /// String, array of parts, or null.
     #[serde(default)]
     pub(crate) content: Option<Value>,
+}
+
+/// A prefill: when the last message is the assistant's, the mock continues
+/// it. Its text is counted in `tokN` words, so a continuation of `tok0 tok1 `
+/// starts at `tok2`.
+pub(crate) fn prefill_tokens(messages: &[ChatMessage]) -> u64 {
+    let Some(last) = messages.last() else {
+        return 0;
+    };
+    if last.role.as_deref() != Some("assistant") {
+        return 0;
+    }
+    let text = match &last.content {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Array(parts)) => parts
+            .iter()
+            .filter_map(|p| p["text"].as_str())
+            .collect::<Vec<_>>()
+            .join(""),
+        _ => String::new(),
+    };
+    text.split_whitespace()
+        .filter(|w| {
+            w.starts_with("tok") && w[3..].bytes().all(|b| b.is_ascii_digit()) && w.len() > 3
+        })
+        .count() as u64
+}
+
+/// Whether the conversation ends with an assistant message (a prefill).
+pub(crate) fn ends_with_prefill(messages: &[ChatMessage]) -> bool {
+    messages.last().and_then(|m| m.role.as_deref()) == Some("assistant")
 }
 
 /// Fields of `/v1/chat/completions` the mock reads.
@@ -307,10 +341,21 @@ pub(crate) struct GenRequest {
     pub(crate) prompt_tokens: u64,
     /// Reply length.
     pub(crate) plan: Plan,
+    /// The first token generated (a prefill's length; 0 without one).
+    pub(crate) start: u64,
+    /// The conversation ends with an assistant message.
+    pub(crate) prefilled: bool,
     /// SSE response requested.
     pub(crate) stream: bool,
     /// Final usage event requested.
     pub(crate) include_usage: bool,
+}
+
+impl GenRequest {
+    /// Tokens this answer generates (after any prefill).
+    pub(crate) fn generated(&self) -> u64 {
+        self.plan.tokens.saturating_sub(self.start)
+    }
 }
 
 /// Parses a chat completion request.
@@ -321,6 +366,8 @@ pub(crate) fn parse_chat(body: &[u8], deployment: Option<&str>) -> Result<GenReq
         model: b.model.or_else(|| deployment.map(str::to_owned)),
         prompt_tokens: chat_prompt_tokens(&messages),
         plan: plan(b.mock_tokens, &[b.max_tokens, b.max_completion_tokens]),
+        start: prefill_tokens(&messages),
+        prefilled: ends_with_prefill(&messages),
         stream: b.stream.unwrap_or(false),
         include_usage: b
             .stream_options
@@ -339,6 +386,8 @@ pub(crate) fn parse_completion(
         model: b.model.or_else(|| deployment.map(str::to_owned)),
         prompt_tokens: completion_prompt_tokens(b.prompt.as_ref()),
         plan: plan(b.mock_tokens, &[b.max_tokens]),
+        start: 0,
+        prefilled: false,
         stream: b.stream.unwrap_or(false),
         include_usage: b
             .stream_options

@@ -171,12 +171,12 @@ impl MockState {
     }
 
     /// Takes the fault for a request to `path`, if any.
-    pub(crate) fn take_fault(&self, path: &str) -> Option<Fault> {
+    pub(crate) fn take_fault(&self, path: &str, model: Option<&str>) -> Option<Fault> {
         if self.faults_pending.load(Ordering::Acquire) == 0 {
             return None;
         }
         let mut queue = lock(&self.faults);
-        let fault = queue.take(path);
+        let fault = queue.take(path, model);
         self.faults_pending
             .store(queue.pending(), Ordering::Release);
         fault

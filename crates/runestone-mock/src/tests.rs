@@ -61,8 +61,8 @@ fn reply_length_and_finish_reason() {
     assert_eq!(plan(Some(1000), &[None]).tokens, 1000);
     assert_eq!(plan(Some(1000), &[Some(1000)]).finish_reason, "stop");
     assert_eq!(plan(Some(u64::MAX), &[None]).tokens, MAX_MOCK_TOKENS);
-    assert_eq!(reply_text(3), "tok0 tok1 tok2");
-    assert_eq!(reply_text(0), "");
+    assert_eq!(reply_text(0, 3), "tok0 tok1 tok2");
+    assert_eq!(reply_text(0, 0), "");
 }
 
 #[test]
@@ -149,29 +149,33 @@ fn fault_queue_is_fifo_with_counts_and_paths() {
     let status = |s| Fault::Status {
         status: s,
         retry_after: None,
+        retry_after_ms: None,
     };
     q.push(QueuedFault {
         fault: status(503),
         remaining: 2,
         path: None,
+        model: None,
     });
     q.push(QueuedFault {
         fault: Fault::DropConnection,
         remaining: 1,
         path: Some("/v1/embeddings".into()),
+        model: None,
     });
     q.push(QueuedFault {
         fault: status(429),
         remaining: 1,
         path: None,
+        model: None,
     });
     assert_eq!(q.pending(), 4);
-    assert_eq!(q.take("/v1/chat/completions"), Some(status(503)));
-    assert_eq!(q.take("/v1/chat/completions"), Some(status(503)));
+    assert_eq!(q.take("/v1/chat/completions", None), Some(status(503)));
+    assert_eq!(q.take("/v1/chat/completions", None), Some(status(503)));
     // the embeddings-only fault is skipped for other paths
-    assert_eq!(q.take("/v1/chat/completions"), Some(status(429)));
-    assert_eq!(q.take("/v1/chat/completions"), None);
-    assert_eq!(q.take("/v1/embeddings"), Some(Fault::DropConnection));
+    assert_eq!(q.take("/v1/chat/completions", None), Some(status(429)));
+    assert_eq!(q.take("/v1/chat/completions", None), None);
+    assert_eq!(q.take("/v1/embeddings", None), Some(Fault::DropConnection));
     assert_eq!(q.pending(), 0);
 }
 

@@ -1,19 +1,23 @@
-//! One attempt against one backend: connect (or reuse a pooled
-//! connection), send the request, wait for the response head, and either
-//! refuse it (a retryable failure) or copy the answer to the client.
+//! One attempt against one deployment: connect (or reuse a pooled
+//! connection), send the request, wait for the response head, and then
+//! either refuse the answer (a failure the failover decides on) or hold it
+//! until its first content is in (so a provider too slow to start fails
+//! over with nothing sent) and copy it to the client.
 
-use super::body::{is_event_stream, Copy, Meter};
+use super::body::{is_event_stream, Copy, FirstContent, Meter};
 use super::headers::{client_response, gateway_headers, upstream_request};
 use super::{Exchange, Forwarder, Report, Settle};
 use crate::config::{ModelRoute, ProviderSettings};
+use crate::cost::MAX_METERED_JSON_BYTES;
 use crate::gateway::client::Client;
 use crate::openai::ApiError;
 use crate::providers::adapter;
 use crate::redact::Redactor;
 use crate::upstream::breaker::Outcome;
 use crate::upstream::failover::Attempted;
+use crate::upstream::health::Domain;
 use crate::upstream::Backend;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderValue};
 use pingora::http::ResponseHeader;
 use pingora::protocols::http::client::HttpSession;
@@ -27,6 +31,17 @@ pub(super) struct Attempt<'a> {
     pub exchange: &'a Exchange<'a>,
     pub route: &'a ModelRoute,
     pub backend: &'a Backend,
+    /// A prompt too long for the model can still move to context
+    /// fallbacks (else the provider's answer is passed on).
+    pub may_change_context: bool,
+}
+
+/// What the upstream connection is, once the answer's head is in.
+struct Answer {
+    upstream: HttpSession,
+    peer: pingora::upstreams::peer::HttpPeer,
+    ttfb: Duration,
+    deadline: Instant,
 }
 
 impl Attempt<'_> {
@@ -38,12 +53,22 @@ impl Attempt<'_> {
             .settings
     }
 
-    /// Tells the backend's breaker how it went, and passes `attempted` on.
-    fn outcome(&self, outcome: Outcome, attempted: Attempted) -> Attempted {
+    /// Tells the breakers of `domain` how it went, and passes `attempted`
+    /// on.
+    fn outcome(&self, outcome: Outcome, domain: Domain, attempted: Attempted) -> Attempted {
         self.forwarder
             .upstreams
-            .record_outcome(self.backend, outcome, None);
+            .record_outcome(self.backend, outcome, domain, None);
         attempted
+    }
+
+    /// A failure of the deployment (what the provider did).
+    fn deployment_failure(&self, error: ApiError) -> Attempted {
+        self.outcome(
+            Outcome::Failure,
+            Domain::Deployment,
+            Attempted::deployment(error),
+        )
     }
 
     /// Runs the attempt; how it ended.
@@ -53,17 +78,18 @@ impl Attempt<'_> {
         report: &mut Report,
         settle: &mut dyn Settle,
     ) -> Attempted {
-        match self.exchange_with(client, report, settle).await {
+        let answer = match self.send(client).await {
+            Ok(answer) => answer,
+            Err(attempted) => return attempted,
+        };
+        match self.answer(answer, client, report, settle).await {
             Ok(attempted) | Err(attempted) => attempted,
         }
     }
 
-    async fn exchange_with(
-        &self,
-        client: &mut dyn Client,
-        report: &mut Report,
-        settle: &mut dyn Settle,
-    ) -> Result<Attempted, Attempted> {
+    /// Connects, sends the request and reads the answer's head (past any
+    /// informational `1xx`).
+    async fn send(&self, client: &mut dyn Client) -> Result<Answer, Attempted> {
         let provider = self.provider();
         let kind = adapter(provider.kind);
         let upstreams = &self.forwarder.upstreams;
@@ -75,7 +101,8 @@ impl Attempt<'_> {
         if !kind.serves(exchange.endpoint) {
             return Err(self.outcome(
                 Outcome::Neutral,
-                Attempted::Retryable(ApiError::invalid_field(
+                Domain::Deployment,
+                Attempted::deployment(ApiError::invalid_field(
                     "model",
                     format!(
                         "the provider '{}' does not serve {}",
@@ -87,11 +114,11 @@ impl Attempt<'_> {
         }
         let body = kind
             .request_body((exchange.body_for)(provider_model), provider_model)
-            .map_err(|e| self.outcome(Outcome::Neutral, Attempted::Final(e)))?;
+            .map_err(|e| self.outcome(Outcome::Neutral, Domain::Deployment, Attempted::Final(e)))?;
         let peer = upstreams.peer(self.backend);
         let io_error = |e: Box<pingora::Error>| {
-            let (outcome, attempted) = classify(provider, self.backend, &e);
-            self.outcome(outcome, attempted)
+            let (outcome, domain, attempted) = classify(provider, self.backend, &e);
+            self.outcome(outcome, domain, attempted)
         };
         let connector = &self.forwarder.connector;
         let (mut upstream, reused) = match connector.reused_http_session(&peer).await {
@@ -125,18 +152,20 @@ impl Attempt<'_> {
         };
         if let Err(e) = sent.await {
             // A pooled connection the provider had closed says nothing
-            // about it.
-            let outcome = if reused {
-                Outcome::Neutral
-            } else {
-                classify(provider, self.backend, &e).0
-            };
+            // about it; the request is sent again, elsewhere or here.
+            let (outcome, domain, _) = classify(provider, self.backend, &e);
+            let outcome = if reused { Outcome::Neutral } else { outcome };
             return Err(self.outcome(
                 outcome,
-                Attempted::Retryable(ApiError::upstream_error(format!(
-                    "Sending the request to the provider '{}' failed.",
-                    provider.name
-                ))),
+                domain,
+                Attempted::Retryable {
+                    error: ApiError::upstream_error(format!(
+                        "Sending the request to the provider '{}' failed.",
+                        provider.name
+                    )),
+                    domain,
+                    transient: true,
+                },
             ));
         }
 
@@ -150,44 +179,55 @@ impl Attempt<'_> {
             tokio::select! {
                 read = tokio::time::timeout_at(header_deadline, upstream.read_response_header()) => match read {
                     Ok(read) => read.map_err(io_error)?,
-                    Err(_) => return Err(self.outcome(Outcome::Failure, Attempted::Retryable(ApiError::upstream_timeout(format!(
+                    Err(_) => return Err(self.deployment_failure(ApiError::upstream_timeout(format!(
                         "The provider '{}' sent no response within {first_byte:?}.", provider.name
-                    ))))),
+                    )))),
                 },
-                _ = client.gone() => return Err(self.outcome(Outcome::Neutral, Attempted::Answered)),
+                _ = client.gone() => return Err(self.outcome(Outcome::Neutral, Domain::Deployment, Attempted::Answered)),
             }
             let status = upstream.response_header().map_or(0, |h| h.status.as_u16());
             if !(100..200).contains(&status) {
                 break;
             }
             if status == 101 || informational >= 4 {
-                return Err(self.outcome(
-                    Outcome::Failure,
-                    Attempted::Retryable(ApiError::upstream_error(format!(
-                        "The provider '{}' answered {status} and nothing else.",
-                        provider.name
-                    ))),
-                ));
+                return Err(self.deployment_failure(ApiError::upstream_error(format!(
+                    "The provider '{}' answered {status} and nothing else.",
+                    provider.name
+                ))));
             }
         }
-        let ttfb = started.elapsed();
-        // Borrowed, not cloned: everything read from it is read before the
-        // body.
-        let Some(upstream_header) = upstream.response_header() else {
-            return Err(self.outcome(
-                Outcome::Failure,
-                Attempted::Retryable(ApiError::upstream_error(format!(
-                    "The provider '{}' sent no response header.",
-                    provider.name
-                ))),
-            ));
+        Ok(Answer {
+            upstream,
+            peer,
+            ttfb: started.elapsed(),
+            deadline,
+        })
+    }
+
+    /// Decides on the answer whose head is in, and copies it to the client.
+    async fn answer(
+        &self,
+        mut answer: Answer,
+        client: &mut dyn Client,
+        report: &mut Report,
+        settle: &mut dyn Settle,
+    ) -> Result<Attempted, Attempted> {
+        let provider = self.provider();
+        let kind = adapter(provider.kind);
+        let exchange = self.exchange;
+        let upstreams = &self.forwarder.upstreams;
+        let Some(head) = answer.upstream.response_header().cloned() else {
+            return Err(self.deployment_failure(ApiError::upstream_error(format!(
+                "The provider '{}' sent no response header.",
+                provider.name
+            ))));
         };
-        let status = upstream_header.status.as_u16();
-        if let Some((outcome, error)) = refused(provider, upstream_header) {
+        let status = head.status.as_u16();
+        if let Some(attempted) = self.refused(&head) {
             warn!(request_id = %exchange.request_id, provider = %provider.name, backend = %self.backend.addr, status, "provider refused the attempt");
-            return Err(self.outcome(outcome, Attempted::Retryable(error)));
+            return Err(attempted);
         }
-        if let Some(encoding) = upstream_header
+        if let Some(encoding) = head
             .headers
             .get(header::CONTENT_ENCODING)
             .filter(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"))
@@ -195,37 +235,73 @@ impl Attempt<'_> {
             // Asked for identity: a compressed answer could be neither
             // metered nor redacted, so it is not passed on.
             warn!(request_id = %exchange.request_id, provider = %provider.name, encoding = ?encoding, "provider answered compressed despite accept-encoding: identity");
-            return Err(self.outcome(
-                Outcome::Failure,
-                Attempted::Retryable(ApiError::upstream_error(format!(
-                    "The provider '{}' answered with a content encoding the gateway did not ask for.",
-                    provider.name
-                ))),
-            ));
+            return Err(self.deployment_failure(ApiError::upstream_error(format!(
+                "The provider '{}' answered with a content encoding the gateway did not ask for.",
+                provider.name
+            ))));
         }
         // Whatever the provider sends on, its key never reaches the client.
         let mut redactor = Redactor::new(provider.api_key.as_ref().map(|k| k.expose()));
-        if kind.translates_answers() && !is_event_stream(upstream_header) {
-            let upstream_header = upstream_header.clone();
+        let translated = kind.translates_answers();
+        if !head.status.is_success() || (translated && !is_event_stream(&head)) {
+            // An error answer, or a translated JSON one: read whole, then
+            // decided on.
+            let body = self.read_whole(&mut answer).await?;
             return self
-                .translated_json(
-                    client,
-                    report,
-                    settle,
-                    &mut upstream,
-                    &upstream_header,
-                    ttfb,
-                    &redactor,
-                )
+                .whole_answer(&head, body, answer.ttfb, client, report, settle, &redactor)
                 .await;
         }
-        let mut meter = if kind.translates_answers() {
+        let mut meter = if translated {
             Meter::Translated(kind.stream_translator(&self.route.name, !exchange.strip_usage))
         } else {
-            Meter::for_response(upstream_header, exchange.strip_usage)
+            Meter::for_response(&head, exchange.strip_usage)
         };
+        // The head is held until the first content is in: a provider that
+        // answers at once but starts only much later fails over with
+        // nothing sent to the client.
+        let first_token = provider
+            .timeouts
+            .first_token
+            .min(answer.deadline.saturating_duration_since(Instant::now()));
+        let first_token_deadline = Instant::now() + first_token;
+        let mut held = BytesMut::new();
+        let mut first = FirstContent::new(is_event_stream(&head));
+        let mut received = 0usize;
+        let mut ended = false;
+        while !first.found() {
+            let wait = first_token_deadline.saturating_duration_since(Instant::now());
+            let read = tokio::select! {
+                read = tokio::time::timeout(wait, answer.upstream.read_response_body()) => read,
+                _ = client.gone() => return Err(self.outcome(Outcome::Neutral, Domain::Deployment, Attempted::Answered)),
+            };
+            match read {
+                Ok(Ok(Some(chunk))) => {
+                    received += chunk.len();
+                    let out = redactor.feed(meter.feed(chunk));
+                    first.scan(&out);
+                    held.extend_from_slice(&out);
+                    if held.len() > MAX_METERED_JSON_BYTES {
+                        break;
+                    }
+                }
+                Ok(Ok(None)) => {
+                    ended = true;
+                    break;
+                }
+                Ok(Err(e)) => {
+                    let (outcome, domain, attempted) = classify(provider, self.backend, &e);
+                    return Err(self.outcome(outcome, domain, attempted));
+                }
+                Err(_) => {
+                    return Err(self.deployment_failure(ApiError::upstream_timeout(format!(
+                        "The provider '{}' sent no content within {first_token:?}.",
+                        provider.name
+                    ))))
+                }
+            }
+        }
         let response = client_response(
-            upstream_header,
+            &head,
             exchange,
             &provider.name,
             report.attempts,
@@ -237,105 +313,153 @@ impl Attempt<'_> {
                 "cannot build the response header: {e}"
             )))
         })?;
-        let declared_len = upstream_header
+        let declared_len = head
             .headers
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<usize>().ok())
             .filter(|_| !meter.edits_body());
         if !client.send_header(response).await {
-            return Err(self.outcome(Outcome::Neutral, Attempted::Answered));
+            return Err(self.outcome(Outcome::Neutral, Domain::Deployment, Attempted::Answered));
         }
         let copy = Copy {
             upstreams,
             is_stream: exchange.stream,
             provider,
             declared_len,
-            idle: timeouts.idle,
-            deadline,
+            idle: provider.timeouts.idle,
+            deadline: answer.deadline,
             backend: self.backend,
-            ttfb,
+            ttfb: answer.ttfb,
             prompt_estimate: exchange.prompt_estimate,
             request_id: exchange.request_id,
         };
         let completed = copy
             .run(
                 client,
-                &mut upstream,
+                &mut answer.upstream,
                 report,
                 settle,
                 &mut meter,
                 &mut redactor,
+                (held.freeze(), received, ended),
             )
             .await;
-        if completed && upstream.response_done() {
-            if let HttpSession::H1(done) = upstream {
-                connector
-                    .release_http_session(done, &peer, peer.options.idle_timeout)
+        if completed && answer.upstream.response_done() {
+            if let HttpSession::H1(done) = answer.upstream {
+                self.forwarder
+                    .connector
+                    .release_http_session(done, &answer.peer, answer.peer.options.idle_timeout)
                     .await;
             }
         }
         Ok(Attempted::Answered)
     }
 
-    /// A translated JSON answer (Anthropic) is read whole and translated
-    /// before anything goes to the client (its length changes); an error
-    /// answer becomes the OpenAI error of the same class.
+    /// Reads a whole answer body (up to a bound), each gap within the idle
+    /// timeout.
+    async fn read_whole(&self, answer: &mut Answer) -> Result<Vec<u8>, Attempted> {
+        let provider = self.provider();
+        let mut body = Vec::new();
+        loop {
+            match tokio::time::timeout(provider.timeouts.idle, answer.upstream.read_response_body())
+                .await
+            {
+                Ok(Ok(Some(chunk))) if body.len() + chunk.len() <= MAX_METERED_JSON_BYTES => {
+                    body.extend_from_slice(&chunk)
+                }
+                Ok(Ok(None)) => return Ok(body),
+                _ => {
+                    return Err(self.deployment_failure(ApiError::upstream_error(format!(
+                        "The provider '{}' broke off its answer.",
+                        provider.name
+                    ))))
+                }
+            }
+        }
+    }
+
+    /// A whole answer read before anything goes to the client: an error
+    /// (passed on, or a prompt too long that moves to context fallbacks) or
+    /// a translated JSON answer (its length changes).
     #[allow(clippy::too_many_arguments)]
-    async fn translated_json(
+    async fn whole_answer(
         &self,
+        head: &ResponseHeader,
+        body: Vec<u8>,
+        ttfb: Duration,
         client: &mut dyn Client,
         report: &mut Report,
         settle: &mut dyn Settle,
-        upstream: &mut HttpSession,
-        header: &ResponseHeader,
-        ttfb: Duration,
         redactor: &Redactor,
     ) -> Result<Attempted, Attempted> {
         let provider = self.provider();
         let kind = adapter(provider.kind);
         let upstreams = &self.forwarder.upstreams;
-        let mut body = Vec::new();
-        loop {
-            match tokio::time::timeout(provider.timeouts.idle, upstream.read_response_body()).await
-            {
-                Ok(Ok(Some(chunk)))
-                    if body.len() + chunk.len() <= crate::cost::MAX_METERED_JSON_BYTES =>
-                {
-                    body.extend_from_slice(&chunk)
-                }
-                Ok(Ok(None)) => break,
-                _ => {
-                    return Err(self.outcome(
-                        Outcome::Failure,
-                        Attempted::Retryable(ApiError::upstream_error(format!(
-                            "The provider '{}' broke off its answer.",
-                            provider.name
-                        ))),
-                    ));
+        let status = head.status.as_u16();
+        let body = redactor.redact(&body).into_owned();
+        let (status, content_type, answer) = if !head.status.is_success() {
+            let error = kind.translates_answers().then(|| {
+                kind.translate_answer(status, &body, &self.route.name)
+                    .err()
+                    .unwrap_or_else(|| ApiError::upstream_error("The provider answered an error."))
+            });
+            let too_long = match &error {
+                Some(error) => error.code == "context_length_exceeded",
+                None => crate::openai::is_context_length_error(&body),
+            };
+            if too_long && self.may_change_context {
+                upstreams.record_outcome(
+                    self.backend,
+                    Outcome::Success,
+                    Domain::Deployment,
+                    Some(ttfb),
+                );
+                let error = error.unwrap_or_else(|| {
+                    ApiError::context_length_exceeded("The prompt is too long for the model.")
+                });
+                return Err(Attempted::ContextTooLong(error));
+            }
+            upstreams.record_outcome(
+                self.backend,
+                Outcome::Success,
+                Domain::Deployment,
+                Some(ttfb),
+            );
+            match error {
+                // A translated error is the gateway's own OpenAI error.
+                Some(error) => return Err(Attempted::Final(error)),
+                None => {
+                    let content_type = head
+                        .headers
+                        .get(header::CONTENT_TYPE)
+                        .cloned()
+                        .unwrap_or(HeaderValue::from_static("application/json"));
+                    (head.status, content_type, body)
                 }
             }
-        }
-        let status = header.status.as_u16();
-        if !header.status.is_success() {
-            upstreams.record_outcome(self.backend, Outcome::Success, Some(ttfb));
-            let error = kind
-                .translate_answer(status, &redactor.redact(&body), &self.route.name)
-                .err()
-                .unwrap_or_else(|| ApiError::upstream_error("The provider answered an error."));
-            return Err(Attempted::Final(error));
-        }
-        let (answer, usage) = kind
-            .translate_answer(status, &body, &self.route.name)
-            .map_err(|e| self.outcome(Outcome::Failure, Attempted::Retryable(e)))?;
-        report.usage = Some(usage);
+        } else {
+            let (answer, usage) = kind
+                .translate_answer(status, &body, &self.route.name)
+                .map_err(|e| self.deployment_failure(e))?;
+            report.usage = Some(usage);
+            (
+                head.status,
+                HeaderValue::from_static("application/json"),
+                answer,
+            )
+        };
+        report.usage.get_or_insert_with(Default::default);
         settle.settle(report).await;
-        upstreams.record_outcome(self.backend, Outcome::Success, Some(ttfb));
-        let (mut parts, ()) = http::Response::new(()).into_parts();
-        parts.headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
+        upstreams.record_outcome(
+            self.backend,
+            Outcome::Success,
+            Domain::Deployment,
+            Some(ttfb),
         );
+        let (mut parts, ()) = http::Response::new(()).into_parts();
+        parts.status = status;
+        parts.headers.insert(header::CONTENT_TYPE, content_type);
         parts
             .headers
             .insert(header::CONTENT_LENGTH, HeaderValue::from(answer.len()));
@@ -348,73 +472,129 @@ impl Attempt<'_> {
         .map_err(|e| Attempted::Final(ApiError::internal(e.to_string())))?;
         if client.send_header(ResponseHeader::from(parts)).await {
             report.first_byte_at.get_or_insert_with(Instant::now);
-            let answer = match redactor.redact(&answer) {
-                std::borrow::Cow::Borrowed(_) => Bytes::from(answer),
-                std::borrow::Cow::Owned(redacted) => Bytes::from(redacted),
-            };
+            let answer = Bytes::from(redactor.redact(&answer).into_owned());
             client.send_body(answer, true).await;
         }
         Ok(Attempted::Answered)
     }
-}
 
-/// A response that must not reach the client, with what the breaker should
-/// make of it: a 5xx (failure), the provider's own 429 (cool-down), or a
-/// 401/403 that means the gateway's key was refused (the tenant's key was
-/// fine, so the client must not see an authentication error).
-fn refused(provider: &ProviderSettings, header: &ResponseHeader) -> Option<(Outcome, ApiError)> {
-    let name = &provider.name;
-    let status = header.status.as_u16();
-    match status {
-        500..=599 => Some((
-            Outcome::Failure,
-            ApiError::upstream_error(format!("The provider '{name}' answered {status}.")),
-        )),
-        429 => {
-            let retry_after = header
-                .headers
-                .get("retry-after")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse::<f64>().ok())
-                .filter(|s| s.is_finite() && *s >= 0.0)
-                .map(|s| Duration::from_secs_f64(s.min(3600.0)));
-            let mut error = ApiError::provider_rate_limited(name);
-            error.retry_after_ms = Some(retry_after.map_or(1000, |d| d.as_millis() as u64));
-            Some((Outcome::RateLimited(retry_after), error))
-        }
-        401 | 403 => Some((
-            Outcome::Neutral,
-            ApiError::upstream_error(format!(
-                "The provider '{name}' refused the gateway's credentials."
+    /// An answer that must not reach the client, and what it means: a 5xx
+    /// (a failure of the deployment, worth one more try when 500, 502,
+    /// 503 or 529), the provider's own 429 (the deployment cools down for its
+    /// wait), or a 401/403 that means the gateway's key was refused (the
+    /// tenant's key was fine, so the client must not see an authentication
+    /// error).
+    fn refused(&self, head: &ResponseHeader) -> Option<Attempted> {
+        let name = &self.provider().name;
+        let status = head.status.as_u16();
+        match status {
+            500..=599 => {
+                let error =
+                    ApiError::upstream_error(format!("The provider '{name}' answered {status}."));
+                Some(self.outcome(
+                    Outcome::Failure,
+                    Domain::Deployment,
+                    Attempted::Retryable {
+                        error,
+                        domain: Domain::Deployment,
+                        // 529: Anthropic's "overloaded".
+                        transient: matches!(status, 500 | 502 | 503 | 529),
+                    },
+                ))
+            }
+            429 => {
+                let wait = retry_after(head);
+                let mut error = ApiError::provider_rate_limited(name);
+                error.retry_after_ms = Some(wait.map_or(1000, |d| d.as_millis().max(1) as u64));
+                Some(self.outcome(
+                    Outcome::RateLimited(wait),
+                    Domain::Deployment,
+                    Attempted::RateLimited(error),
+                ))
+            }
+            401 | 403 => Some(self.outcome(
+                Outcome::Neutral,
+                Domain::Deployment,
+                Attempted::deployment(ApiError::upstream_error(format!(
+                    "The provider '{name}' refused the gateway's credentials."
+                ))),
             )),
-        )),
-        _ => None,
+            _ => None,
+        }
     }
 }
 
-/// Maps a connector or I/O error to the breaker outcome and how the
-/// attempt ended.
+/// The provider's wait after a 429: `retry-after-ms` when given, else
+/// `retry-after` (seconds, fractions allowed), at most an hour.
+fn retry_after(head: &ResponseHeader) -> Option<Duration> {
+    let number = |name: &str| {
+        head.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .filter(|n| n.is_finite() && *n >= 0.0)
+    };
+    number("retry-after-ms")
+        .map(|ms| ms / 1000.0)
+        .or_else(|| number("retry-after"))
+        .map(|secs| Duration::from_secs_f64(secs.min(3600.0)))
+}
+
+/// Maps a connector or I/O error to the breaker outcome, its failure
+/// domain, and how the attempt ended: the network's failures (refused,
+/// reset, TLS) count against the address, timeouts against the deployment;
+/// a reset is worth one more try.
 fn classify(
     provider: &ProviderSettings,
     backend: &Backend,
     e: &pingora::Error,
-) -> (Outcome, Attempted) {
+) -> (Outcome, Domain, Attempted) {
     let name = &provider.name;
+    let failure = |domain: Domain, transient: bool, error: ApiError| {
+        (
+            Outcome::Failure,
+            domain,
+            Attempted::Retryable {
+                error,
+                domain,
+                transient,
+            },
+        )
+    };
     match e.etype() {
-        _ if e.esource() == &ErrorSource::Downstream => (Outcome::Neutral, Attempted::Answered),
-        ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout => (
-            Outcome::Failure,
-            Attempted::Retryable(ApiError::upstream_timeout(format!(
-                "The provider '{name}' timed out."
-            ))),
+        _ if e.esource() == &ErrorSource::Downstream => {
+            (Outcome::Neutral, Domain::Deployment, Attempted::Answered)
+        }
+        ErrorType::ReadTimedout | ErrorType::WriteTimedout => failure(
+            Domain::Deployment,
+            false,
+            ApiError::upstream_timeout(format!("The provider '{name}' timed out.")),
         ),
-        _ => (
-            Outcome::Failure,
-            Attempted::Retryable(ApiError::upstream_error(format!(
+        ErrorType::ConnectTimedout => failure(
+            Domain::Transport,
+            false,
+            ApiError::upstream_timeout(format!(
+                "The provider '{name}' could not be reached in time at {}.",
+                backend.addr
+            )),
+        ),
+        ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError => failure(
+            Domain::Transport,
+            true,
+            ApiError::upstream_error(format!(
+                "The provider '{name}' closed the connection ({}) at {}.",
+                e.etype().as_str(),
+                backend.addr
+            )),
+        ),
+        _ => failure(
+            Domain::Transport,
+            false,
+            ApiError::upstream_error(format!(
                 "The provider '{name}' could not be reached ({}) at {}.",
                 e.etype().as_str(),
                 backend.addr
-            ))),
+            )),
         ),
     }
 }

@@ -10,6 +10,7 @@ use crate::openai::ApiError;
 use crate::providers::anthropic::StreamTranslator;
 use crate::redact::Redactor;
 use crate::upstream::breaker::Outcome;
+use crate::upstream::health::Domain;
 use crate::upstream::{Backend, Upstreams};
 use bytes::Bytes;
 use pingora::http::ResponseHeader;
@@ -59,7 +60,7 @@ impl Meter {
     }
 
     /// Takes an upstream chunk, returns what to send on.
-    fn feed(&mut self, chunk: Bytes) -> Bytes {
+    pub(super) fn feed(&mut self, chunk: Bytes) -> Bytes {
         match self {
             Meter::Error { body } => {
                 if body.len() + chunk.len() <= cost::MAX_METERED_JSON_BYTES {
@@ -79,10 +80,22 @@ impl Meter {
         }
     }
 
-    /// The end of the upstream body: what is still to be sent.
+    /// The end of the upstream body: what is still to be sent. A stream
+    /// that ended cleanly without `data: [DONE]` gets one from the gateway.
     fn finish(&mut self) -> Bytes {
         match self {
-            Meter::Stream(meter) => meter.finish(),
+            Meter::Stream(meter) => {
+                let rest = meter.finish();
+                if meter.saw_done() {
+                    return rest;
+                }
+                let newline = if rest.is_empty() || rest.ends_with(b"\n") {
+                    ""
+                } else {
+                    "\n\n"
+                };
+                Bytes::from([&rest[..], newline.as_bytes(), b"data: [DONE]\n\n"].concat())
+            }
             Meter::Error { body } => Bytes::from(std::mem::take(body)),
             _ => Bytes::new(),
         }
@@ -143,9 +156,12 @@ pub(super) struct Copy<'a> {
 }
 
 impl Copy<'_> {
-    /// Copies the whole answer; whether it ended complete (its connection
-    /// may go back to the pool). The report's usage is set and the request
-    /// settled however it ended.
+    /// Copies the whole answer, starting with what was held back until its
+    /// first content came (`held`: the bytes to send first, how many
+    /// upstream bytes they came from, and whether the body already ended);
+    /// whether it ended complete (its connection may go back to the pool).
+    /// The report's usage is set and the request settled however it ended.
+    #[allow(clippy::too_many_arguments)]
     pub(super) async fn run(
         &self,
         client: &mut dyn Client,
@@ -154,6 +170,7 @@ impl Copy<'_> {
         settle: &mut dyn Settle,
         meter: &mut Meter,
         redactor: &mut Redactor,
+        held: (Bytes, usize, bool),
     ) -> bool {
         let mut settled = false;
         let end = self
@@ -165,6 +182,7 @@ impl Copy<'_> {
                 meter,
                 redactor,
                 &mut settled,
+                held,
             )
             .await;
         if !settled {
@@ -176,8 +194,12 @@ impl Copy<'_> {
                 BodyEnd::ProviderBroke => Outcome::Failure,
                 BodyEnd::ClientGone => Outcome::Neutral,
             };
-            self.upstreams
-                .record_outcome(self.backend, outcome, Some(self.ttfb));
+            self.upstreams.record_outcome(
+                self.backend,
+                outcome,
+                Domain::Deployment,
+                Some(self.ttfb),
+            );
         }
         end == BodyEnd::Complete
     }
@@ -192,8 +214,31 @@ impl Copy<'_> {
         meter: &mut Meter,
         redactor: &mut Redactor,
         settled: &mut bool,
+        (held, mut received, ended): (Bytes, usize, bool),
     ) -> BodyEnd {
-        let mut received = 0;
+        if ended {
+            let rest = [
+                &held[..],
+                &redactor.feed(meter.finish())[..],
+                &redactor.finish()[..],
+            ]
+            .concat();
+            self.settle(report, settle, meter, settled).await;
+            if !rest.is_empty() {
+                report.first_byte_at.get_or_insert_with(Instant::now);
+            }
+            client.send_body(Bytes::from(rest), true).await;
+            return BodyEnd::Complete;
+        }
+        if self.declared_len.is_some_and(|n| received >= n) {
+            self.settle(report, settle, meter, settled).await;
+        }
+        if !held.is_empty() {
+            report.first_byte_at.get_or_insert_with(Instant::now);
+            if !client.send_body(held, false).await {
+                return BodyEnd::ClientGone;
+            }
+        }
         loop {
             let gap = self
                 .idle
@@ -286,7 +331,144 @@ impl Copy<'_> {
         }
         report.usage = Some(meter.usage(self.prompt_estimate));
         settle.settle(report).await;
-        self.upstreams
-            .record_outcome(self.backend, Outcome::Success, Some(self.ttfb));
+        self.upstreams.record_outcome(
+            self.backend,
+            Outcome::Success,
+            Domain::Deployment,
+            Some(self.ttfb),
+        );
+    }
+}
+
+/// Watches an answer for its first content: a stream's first event that
+/// carries text, a tool call, a finish reason or usage (a role-only event
+/// does not), or `[DONE]`, or an event that is not JSON at all (passed on as
+/// it is); a JSON answer's end. Fed the bytes as they go to the client.
+pub(super) struct FirstContent {
+    stream: bool,
+    partial: Vec<u8>,
+    found: bool,
+}
+
+impl FirstContent {
+    /// A watcher for an SSE stream (`stream`) or a JSON answer.
+    pub(super) fn new(stream: bool) -> Self {
+        FirstContent {
+            stream,
+            partial: Vec::new(),
+            found: false,
+        }
+    }
+
+    /// Whether the first content has gone by.
+    pub(super) fn found(&self) -> bool {
+        self.found
+    }
+
+    /// Takes the next bytes of the answer.
+    pub(super) fn scan(&mut self, bytes: &[u8]) {
+        if self.found || !self.stream {
+            return;
+        }
+        self.partial.extend_from_slice(bytes);
+        let mut consumed = 0;
+        while let Some(at) = memchr::memchr(b'\n', &self.partial[consumed..]) {
+            let line = &self.partial[consumed..consumed + at];
+            consumed += at + 1;
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            let Some(payload) = line.strip_prefix(b"data:") else {
+                continue;
+            };
+            if carries_content(payload.trim_ascii()) {
+                self.found = true;
+                break;
+            }
+        }
+        self.partial.drain(..consumed);
+        if self.partial.len() > crate::cost::MAX_LINE_BYTES {
+            // A line that never ends: stop holding the head for it.
+            self.found = true;
+        }
+    }
+}
+
+/// Whether a stream event's payload carries content.
+fn carries_content(payload: &[u8]) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Event<'a> {
+        #[serde(default, borrow)]
+        choices: Vec<Choice<'a>>,
+        #[serde(default, borrow)]
+        usage: Option<&'a serde_json::value::RawValue>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Choice<'a> {
+        #[serde(default, borrow)]
+        delta: Option<Delta<'a>>,
+        #[serde(default, borrow)]
+        text: Option<std::borrow::Cow<'a, str>>,
+        #[serde(default, borrow)]
+        finish_reason: Option<&'a serde_json::value::RawValue>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Delta<'a> {
+        #[serde(default, borrow)]
+        content: Option<std::borrow::Cow<'a, str>>,
+        #[serde(default, borrow)]
+        tool_calls: Option<&'a serde_json::value::RawValue>,
+        #[serde(default, borrow)]
+        refusal: Option<std::borrow::Cow<'a, str>>,
+        #[serde(default, borrow)]
+        function_call: Option<&'a serde_json::value::RawValue>,
+    }
+    if payload == b"[DONE]" {
+        return true;
+    }
+    let Ok(event) = serde_json::from_slice::<Event<'_>>(payload) else {
+        return true;
+    };
+    let present =
+        |raw: Option<&serde_json::value::RawValue>| raw.is_some_and(|r| r.get() != "null");
+    present(event.usage)
+        || event.choices.iter().any(|choice| {
+            present(choice.finish_reason)
+                || choice.text.as_deref().is_some_and(|t| !t.is_empty())
+                || choice.delta.as_ref().is_some_and(|d| {
+                    d.content.as_deref().is_some_and(|c| !c.is_empty())
+                        || d.refusal.as_deref().is_some_and(|c| !c.is_empty())
+                        || present(d.tool_calls)
+                        || present(d.function_call)
+                })
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_content_is_the_first_event_with_something_in_it() {
+        let mut first = FirstContent::new(true);
+        first.scan(b"data: {\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}]}\n\n");
+        assert!(!first.found(), "a role-only event is not content");
+        first.scan(b"data: {\"choices\":[{\"delta\":{\"content\":\"Hel");
+        assert!(!first.found(), "not a whole line yet");
+        first.scan(b"lo\"}}]}\n\n");
+        assert!(first.found());
+        for event in [
+            &b"data: [DONE]\n"[..],
+            b"data: {\"choices\":[{\"delta\":{\"tool_calls\":[{\"index\":0}]}}]}\n",
+            b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":1}}\n",
+            b"data: {\"choices\":[{\"delta\":{},\"finish_reason\":\"stop\"}]}\n",
+            b"data: {\"choices\":[{\"text\":\"a\"}]}\n",
+            b"data: not json at all\n",
+        ] {
+            let mut first = FirstContent::new(true);
+            first.scan(event);
+            assert!(first.found(), "{}", String::from_utf8_lossy(event));
+        }
+        let mut json = FirstContent::new(false);
+        json.scan(b"{\"choices\":[]}");
+        assert!(!json.found(), "a JSON answer is held whole");
     }
 }

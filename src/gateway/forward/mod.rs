@@ -27,10 +27,11 @@ mod body;
 mod headers;
 
 use super::client::Client;
+use crate::config::FailoverSettings;
 use crate::config::ModelRoute;
 use crate::cost::Usage;
 use crate::openai::{ApiError, Endpoint};
-use crate::upstream::failover::{Failover, Step};
+use crate::upstream::failover::{Attempted, Failover, Next, Step};
 use crate::upstream::Upstreams;
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -46,8 +47,8 @@ use tracing::warn;
 pub(crate) struct Forwarder {
     pub(crate) upstreams: Arc<Upstreams>,
     pub(crate) connector: Arc<Connector>,
-    /// Attempts per request, across targets and fallbacks.
-    pub(crate) max_attempts: usize,
+    /// The failover policy.
+    pub(crate) policy: FailoverSettings,
 }
 
 /// What to forward.
@@ -55,6 +56,9 @@ pub(crate) struct Exchange<'a> {
     pub endpoint: Endpoint,
     /// The requested route first, then its fallbacks the tenant may use.
     pub routes: Vec<(usize, &'a ModelRoute)>,
+    /// The requested route's context fallbacks the tenant may use, for a
+    /// prompt too long for it.
+    pub context_routes: Vec<(usize, &'a ModelRoute)>,
     /// The client asked for a stream.
     pub stream: bool,
     /// The upstream body for a provider's model name.
@@ -104,8 +108,8 @@ pub(crate) trait Settle: Send {
 }
 
 impl Forwarder {
-    /// Forwards the exchange, failing over until a backend answers; fills
-    /// `report` as it goes (it is whole however this returns).
+    /// Forwards the exchange, failing over until a deployment answers;
+    /// fills `report` as it goes (it is whole however this returns).
     pub(crate) async fn forward(
         &self,
         client: &mut dyn Client,
@@ -113,39 +117,75 @@ impl Forwarder {
         report: &mut Report,
         settle: &mut dyn Settle,
     ) -> Result<(), ApiError> {
-        let mut failover = Failover::new(self.max_attempts);
+        let mut failover = Failover::new(
+            self.policy,
+            exchange.routes.clone(),
+            exchange.context_routes.clone(),
+        );
         loop {
-            let choice = failover.next(&exchange.routes, |index, route, tried| {
-                self.upstreams.choose_backend(index, route, tried)
-            });
-            let Some(choice) = choice else {
-                let model = exchange.routes.first().map_or("", |(_, r)| r.name.as_str());
-                return Err(failover.give_up(model));
+            let next = failover
+                .next(|index, route, tried| self.upstreams.choose_backend(index, route, tried));
+            let ((route_index, route), mut backend) = match next {
+                Next::Try { route, backend } => (route, backend),
+                Next::Wait(wait) => {
+                    // Nothing can serve before a deployment's cool-down ends,
+                    // and that is soon: wait for it (unless the client goes).
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => continue,
+                        _ = client.gone() => return Ok(()),
+                    }
+                }
+                Next::GiveUp => {
+                    let model = exchange.routes.first().map_or("", |(_, r)| r.name.as_str());
+                    return Err(failover.give_up(model));
+                }
             };
-            let (route_index, route) = exchange.routes[choice.position];
-            let backend = choice.backend;
-            report.attempts = failover.attempts();
-            report.provider = Some(backend.provider);
-            report.route = Some(route_index);
-            report.backend = Some(backend.addr);
-            report.target = Some(backend.target);
-            let started = Instant::now();
-            let attempted = attempt::Attempt {
-                forwarder: self,
-                exchange,
-                route,
-                backend: &backend,
-            }
-            .run(client, report, settle)
-            .await;
-            report.upstream_time += started.elapsed();
-            if let crate::upstream::failover::Attempted::Retryable(error) = &attempted {
-                warn!(request_id = %exchange.request_id, provider = %self.upstreams.provider(backend.provider).settings.name,
-                      backend = %backend.addr, attempt = report.attempts, error = %error, "attempt failed; failing over");
-            }
-            match failover.after(attempted) {
-                Step::TryNext => {}
-                Step::Done(result) => return result,
+            loop {
+                report.attempts = failover.attempts();
+                report.provider = Some(backend.provider);
+                report.route = Some(route_index);
+                report.backend = Some(backend.addr);
+                report.target = Some(backend.target);
+                let started = Instant::now();
+                let attempted = attempt::Attempt {
+                    forwarder: self,
+                    exchange,
+                    route,
+                    backend: &backend,
+                    may_change_context: failover.may_change_context(),
+                }
+                .run(client, report, settle)
+                .await;
+                report.upstream_time += started.elapsed();
+                if let Attempted::Retryable { error, .. } | Attempted::RateLimited(error) =
+                    &attempted
+                {
+                    warn!(request_id = %exchange.request_id, provider = %self.upstreams.provider(backend.provider).settings.name,
+                          backend = %backend.addr, attempt = report.attempts, error = %error, "attempt failed; failing over");
+                }
+                match failover.after(attempted) {
+                    Step::TryNext => break,
+                    Step::Done(result) => return result,
+                    Step::RetrySame(pause) => {
+                        // Jittered by half either way, so retries of many
+                        // requests do not arrive together.
+                        let pause = pause.mul_f64(0.5 + fastrand::f64());
+                        tokio::select! {
+                            _ = tokio::time::sleep(pause) => {}
+                            _ = client.gone() => return Ok(()),
+                        }
+                        match self.upstreams.reacquire(&backend) {
+                            Some(again) => {
+                                failover.retrying(&again);
+                                backend = again;
+                            }
+                            None => {
+                                failover.retry_refused();
+                                break;
+                            }
+                        }
+                    }
+                }
             }
         }
     }

@@ -104,6 +104,13 @@ pub fn to_openai_error(status: u16, body: &[u8]) -> ApiError {
             e.status = 413;
             e
         }
+        // Anthropic says a prompt does not fit in words: "prompt is too
+        // long: 210000 tokens > 200000 maximum".
+        (400, _)
+            if message.contains("prompt is too long") || message.contains("context window") =>
+        {
+            ApiError::context_length_exceeded(message.clone())
+        }
         (400, _) | (_, Some("invalid_request_error")) => ApiError::bad_request(message.clone()),
         (429, _) | (_, Some("rate_limit_error")) => ApiError::provider_rate_limited("anthropic"),
         _ => ApiError::upstream_error(message.clone()),
