@@ -106,6 +106,18 @@ pub static REDIS_UP: Lazy<IntGauge> = Lazy::new(|| {
     .expect("metric registers once")
 });
 
+/// `runestone_stream_resumptions_total{model,outcome}`: streams that broke
+/// after reaching the client and were continued elsewhere (`attempted`),
+/// and how that ended (`resumed`, `failed`).
+pub static STREAM_RESUMPTIONS: Lazy<IntCounterVec> = Lazy::new(|| {
+    register_int_counter_vec!(
+        "runestone_stream_resumptions_total",
+        "Streams that broke after reaching the client, by model and outcome (attempted, resumed, failed).",
+        &["model", "outcome"]
+    )
+    .expect("metric registers once")
+});
+
 /// `runestone_redis_errors_total{op}`: failed or timed-out Redis calls.
 pub static REDIS_ERRORS: Lazy<IntCounterVec> = Lazy::new(|| {
     register_int_counter_vec!(
@@ -227,6 +239,7 @@ pub fn register_all() {
     Lazy::force(&REQUESTS);
     Lazy::force(&REQUEST_DURATION);
     Lazy::force(&ERRORS);
+    Lazy::force(&STREAM_RESUMPTIONS);
     Lazy::force(&TOKENS);
     Lazy::force(&COST_USD);
     Lazy::force(&RATE_LIMITED);

@@ -1,6 +1,8 @@
 //! Upstream resilience through real processes and runestone-mock fault
 //! injection: failover, circuit breakers, health checks, strategies,
-//! fallbacks, timeouts, and no retry once a byte reached the client.
+//! fallbacks, timeouts, and (with stream resumption off) no retry once a
+//! byte reached the client. tests/failover.rs has the failover policy's
+//! scenarios.
 
 mod common;
 
@@ -288,10 +290,17 @@ fn falls_back_to_the_next_model_when_no_target_can_serve() {
     assert_eq!(backup.requests()[0]["model"], "backup-model");
 }
 
+/// `pair` with stream resumption turned off for `m`.
+fn without_resumption(config: GatewayConfig) -> GatewayConfig {
+    let mut config = config;
+    config.models.push_str("    resume_streams: false\n");
+    config
+}
+
 #[test]
-fn never_retries_once_a_byte_reached_the_client() {
+fn without_resumption_never_retries_once_a_byte_reached_the_client() {
     let (a, b) = (Mock::start(&[]), Mock::start(&[]));
-    let gw = Gateway::start(&pair(&a, &b, "priority", "", ""));
+    let gw = Gateway::start(&without_resumption(pair(&a, &b, "priority", "", "")));
     a.fault(json!({"disconnect_after_chunks": 3, "path": CHAT}));
     let mut body = chat("m", true);
     body["mock_tokens"] = json!(20);
@@ -321,16 +330,16 @@ fn never_retries_once_a_byte_reached_the_client() {
 }
 
 #[test]
-fn ends_a_stalled_stream_within_the_idle_timeout() {
+fn without_resumption_ends_a_stalled_stream_within_the_idle_timeout() {
     let (a, b) = (Mock::start(&[]), Mock::start(&[]));
     let timeouts = ", timeouts: { idle_ms: 300 }";
-    let gw = Gateway::start(&pair(
+    let gw = Gateway::start(&without_resumption(pair(
         &a,
         &b,
         "priority",
         timeouts,
         "circuit_breaker: { consecutive_failures: 1 }\n",
-    ));
+    )));
     a.fault(json!({"stall_after_chunks": 2, "stall_ms": 10000, "path": CHAT}));
     let mut body = chat("m", true);
     body["mock_tokens"] = json!(10);

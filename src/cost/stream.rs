@@ -1,6 +1,11 @@
 //! Metering an SSE stream on its way through: the final usage chunk read
 //! (and taken out again when the client did not ask for it), the generated
 //! text counted for an estimate, never buffering more than a partial line.
+//!
+//! A `data:` event whose payload is neither JSON nor `[DONE]` is left out
+//! of what the client gets (OpenAI SDKs would fail on it) and is not
+//! counted; the rest of the stream goes on. A line too long to hold
+//! ([`MAX_LINE_BYTES`]) passes through unread.
 
 use super::{Probe, Usage, MAX_LINE_BYTES};
 use bytes::{Bytes, BytesMut};
@@ -18,6 +23,19 @@ pub struct StreamMeter {
     generated_bytes: u64,
     /// The stream's `data: [DONE]` went by.
     saw_done: bool,
+    /// Events left out because they were not JSON.
+    malformed: u64,
+}
+
+/// What one line of the stream is.
+#[derive(Debug, PartialEq, Eq)]
+enum Line {
+    /// Passed on (an event, a comment, a blank line).
+    Other,
+    /// The usage chunk: no choices, only usage.
+    UsageOnly,
+    /// A `data:` payload that is neither JSON nor `[DONE]`.
+    Malformed,
 }
 
 impl StreamMeter {
@@ -31,17 +49,17 @@ impl StreamMeter {
             usage: None,
             generated_bytes: 0,
             saw_done: false,
+            malformed: 0,
         }
     }
 
-    /// Whether this meter removes what the gateway asked for.
-    pub fn strips_usage(&self) -> bool {
-        self.strip_usage
+    /// Events left out because they were not JSON.
+    pub fn malformed(&self) -> u64 {
+        self.malformed
     }
 
-    /// Takes one upstream chunk and returns what to send the client now.
-    /// Without stripping that is the chunk itself, untouched; with it, the
-    /// complete lines seen so far, edited.
+    /// Takes one upstream chunk and returns what to send the client now:
+    /// the complete lines seen so far (edited when stripping).
     pub fn feed(&mut self, chunk: Bytes) -> Bytes {
         // The rest of a line too long to hold goes through unread.
         let mut passed = Bytes::new();
@@ -59,11 +77,6 @@ impl StreamMeter {
                 }
             }
         }
-        if !self.strip_usage {
-            self.meter_lines(&rest);
-            self.release_oversized();
-            return chunk;
-        }
         self.partial.extend_from_slice(&rest);
         let mut out = BytesMut::with_capacity(passed.len() + rest.len());
         out.extend_from_slice(&passed);
@@ -78,7 +91,7 @@ impl StreamMeter {
     }
 
     /// A partial line past [`MAX_LINE_BYTES`] is not held any longer: it is
-    /// counted as generated text and (in strip mode) sent on unedited.
+    /// counted as generated text and sent on unedited.
     fn release_oversized(&mut self) -> Bytes {
         if self.partial.len() <= MAX_LINE_BYTES {
             return Bytes::new();
@@ -95,14 +108,9 @@ impl StreamMeter {
         if rest.is_empty() {
             return rest;
         }
-        if self.strip_usage {
-            let mut out = BytesMut::new();
-            self.edit_line(&rest, &mut out);
-            out.freeze()
-        } else {
-            self.observe(&rest);
-            Bytes::new()
-        }
+        let mut out = BytesMut::new();
+        self.edit_line(&rest, &mut out);
+        out.freeze()
     }
 
     /// Whether the stream's `data: [DONE]` went by.
@@ -121,68 +129,58 @@ impl StreamMeter {
         })
     }
 
-    /// Pass-through mode: meter complete lines, keep the partial tail.
-    fn meter_lines(&mut self, chunk: &[u8]) {
-        let mut rest = chunk;
-        if !self.partial.is_empty() {
-            match rest.iter().position(|&b| b == b'\n') {
-                Some(i) => {
-                    self.partial.extend_from_slice(&rest[..=i]);
-                    let line = std::mem::take(&mut self.partial);
-                    self.observe(&line);
-                    rest = &rest[i + 1..];
-                }
-                None => {
-                    self.partial.extend_from_slice(rest);
-                    return;
-                }
-            }
-        }
-        let complete_end = rest.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-        for line in rest[..complete_end].split_inclusive(|&b| b == b'\n') {
-            self.observe(line);
-        }
-        self.partial.extend_from_slice(&rest[complete_end..]);
-    }
-
-    /// Meters one line; returns whether it is a usage-only chunk.
-    fn observe(&mut self, line: &[u8]) -> bool {
+    /// Meters one line; says what it is.
+    fn observe(&mut self, line: &[u8]) -> Line {
         let Some(payload) = data_payload(line) else {
-            return false;
+            return Line::Other;
         };
-        if payload == b"[DONE]" {
+        if payload.trim_ascii() == b"[DONE]" {
             self.saw_done = true;
-            return false;
+            return Line::Other;
         }
-        // An event that is not JSON is passed on as it is, and not counted.
         let Ok(probe) = serde_json::from_slice::<Probe>(payload) else {
-            return false;
+            return Line::Malformed;
         };
         self.generated_bytes += probe.generated_bytes();
         match probe.usage() {
             Some(usage) => {
                 self.usage = Some(usage);
-                probe.choices.as_ref().is_none_or(|c| c.is_empty())
+                if probe.choices.as_ref().is_none_or(|c| c.is_empty()) {
+                    Line::UsageOnly
+                } else {
+                    Line::Other
+                }
             }
-            None => false,
+            None => Line::Other,
         }
     }
 
-    /// Strip mode: meter the line and write it, edited, unless it is the
-    /// usage chunk the gateway asked for.
+    /// Meters the line and writes it, unless it is malformed or (when
+    /// stripping) the usage chunk the gateway asked for; when stripping,
+    /// a `"usage":null` the gateway caused is taken out.
     fn edit_line(&mut self, line: &[u8], out: &mut BytesMut) {
         let is_blank = line.iter().all(|b| b.is_ascii_whitespace());
         if is_blank && std::mem::take(&mut self.skip_blank_line) {
             return;
         }
-        if self.observe(line) {
-            self.skip_blank_line = true;
-            return;
+        match self.observe(line) {
+            Line::Malformed => {
+                self.malformed += 1;
+                self.skip_blank_line = true;
+                return;
+            }
+            Line::UsageOnly if self.strip_usage => {
+                self.skip_blank_line = true;
+                return;
+            }
+            _ => {}
         }
-        let usage_null = data_payload(line).and_then(|payload| {
-            let offset = payload.as_ptr() as usize - line.as_ptr() as usize;
-            find_usage_null(payload).map(|(start, end)| (offset + start, offset + end))
-        });
+        let usage_null = data_payload(line)
+            .filter(|_| self.strip_usage)
+            .and_then(|payload| {
+                let offset = payload.as_ptr() as usize - line.as_ptr() as usize;
+                find_usage_null(payload).map(|(start, end)| (offset + start, offset + end))
+            });
         match usage_null {
             Some((start, end)) => {
                 out.extend_from_slice(&line[..start]);

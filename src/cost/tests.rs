@@ -199,3 +199,19 @@ fn estimates_requests() {
     assert_eq!(estimate_request_tokens(400, Some(50), false), 100);
     assert_eq!(estimate_request_tokens(0, None, false), 1);
 }
+
+#[test]
+fn leaves_out_events_that_are_not_json() {
+    let good = stream_events(false).concat();
+    let upstream = format!("{good}data: {{\"choices\": [unparseable\n\ndata: [DONE]\n\n");
+    for strip in [false, true] {
+        let mut meter = StreamMeter::new(strip);
+        assert_eq!(
+            run(&mut meter, &upstream, 7),
+            format!("{good}data: [DONE]\n\n")
+        );
+        assert_eq!(meter.malformed(), 1);
+        assert_eq!(meter.usage(1).completion_tokens, 4, "not counted");
+        assert!(meter.saw_done());
+    }
+}

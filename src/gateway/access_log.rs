@@ -28,6 +28,8 @@ pub(super) struct Line<'a> {
     #[serde(serialize_with = "opt_millis")]
     pub ttft: Option<Duration>,
     pub attempts: u32,
+    /// Continuations of a stream that broke after reaching the client.
+    pub resumptions: u32,
     #[serde(serialize_with = "millis")]
     pub overflow_wait: Duration,
     pub error: Option<&'static str>,

@@ -30,8 +30,19 @@ impl Settle for Settler<'_> {
         };
         let gateway = self.gateway;
         let (tenant, model) = gateway.label_names(self.tenant, report.route);
-        let usage = report.usage.unwrap_or_default();
-        let cost_pusd = usage.cost_pusd(gateway.price(report));
+        let usage = report.total_usage();
+        // Each attempt at its own deployment's price.
+        let cost_pusd = report
+            .earlier
+            .iter()
+            .map(|&(route, target, usage)| usage.cost_pusd(gateway.price(route, target)))
+            .fold(
+                report
+                    .usage
+                    .unwrap_or_default()
+                    .cost_pusd(gateway.price(report.route, report.target)),
+                i64::saturating_add,
+            );
         if usage.total() > 0 {
             let [t, m, _] = label_key(self.tenant, report);
             metrics::child(&metrics::TOKENS, [t, m, 0, 0], |v| {
@@ -73,11 +84,11 @@ impl Gateway {
         (tenant, model)
     }
 
-    /// The price of the target that served the request: its own
-    /// `provider/model` entry, else its public model's.
-    fn price(&self, report: &Report) -> Option<&Price> {
-        let route = &self.config.models[report.route?];
-        match report.target {
+    /// The price of a route's target: its own `provider/model` entry, else
+    /// its public model's.
+    fn price(&self, route: Option<usize>, target: Option<usize>) -> Option<&Price> {
+        let route = &self.config.models[route?];
+        match target {
             Some(target) => route.targets[target].price.as_ref(),
             None => self.config.pricing.get(&route.name),
         }
@@ -142,7 +153,7 @@ impl Gateway {
             metrics::ERRORS.with_label_values(&[reason]).inc();
         }
         if self.config.server.access_log {
-            let usage = report.usage.unwrap_or_default();
+            let usage = report.total_usage();
             let line = access_log::Line {
                 request_id: &ctx.request_id,
                 tenant,
@@ -158,6 +169,7 @@ impl Gateway {
                 duration: elapsed,
                 ttft,
                 attempts: report.attempts,
+                resumptions: report.resumptions,
                 overflow_wait: ctx.parked,
                 error,
             };

@@ -20,6 +20,11 @@ pub(crate) trait Client: Send {
     async fn gone(&mut self);
     /// The body was cut short: close instead of ending it cleanly.
     fn abort(&mut self);
+    /// Whether a stream that breaks now can be continued elsewhere (see
+    /// [`super::forward::resume`]); if not, the copy ends it.
+    fn resumable(&self) -> bool {
+        false
+    }
 }
 
 #[async_trait]

@@ -246,6 +246,11 @@ impl std::fmt::Debug for Upstreams {
 }
 
 impl Upstreams {
+    /// How long a deployment rests after a provider 429 that gave no wait.
+    pub fn rate_limit_cooldown(&self) -> Duration {
+        self.breaker.rate_limit_cooldown
+    }
+
     /// Builds the providers of a config (resolving their host names once,
     /// at start-up) and the routes' selection state.
     pub fn new(config: &Config) -> Self {

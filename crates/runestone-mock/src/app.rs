@@ -104,6 +104,7 @@ impl MockApp {
                 let v = json!({
                     "requests": st.stats.requests.load(Ordering::Relaxed),
                     "by_path": st.stats.by_path(),
+                    "by_model": st.stats.by_model(),
                     "prompt_tokens": st.stats.prompt_tokens.load(Ordering::Relaxed),
                     "completion_tokens": st.stats.completion_tokens.load(Ordering::Relaxed),
                     "disconnects": st.stats.disconnects.load(Ordering::Relaxed),
@@ -184,6 +185,9 @@ impl MockApp {
         let mut call = ApiCall::parse(&req.method, path, &body);
         let sha: [u8; 32] = Sha256::digest(&body).into();
         let model = call.model().map(str::to_owned);
+        if let Some(model) = &model {
+            st.stats.count_model(model);
+        }
         st.record(RecordedRequest {
             method: req.method.clone(),
             path: path.to_owned(),
@@ -192,6 +196,10 @@ impl MockApp {
             body_bytes: body.len(),
             body_sha256: sha,
             model: model.clone(),
+            prefilled: call.prefilled(),
+            at_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
         });
         let fault = st.take_fault(path, model.as_deref());
         let authorized = self.authorized(&req.headers);

@@ -553,6 +553,14 @@ impl ApiCall {
         }
     }
 
+    /// Whether the conversation ends with an assistant message to continue.
+    pub(crate) fn prefilled(&self) -> bool {
+        match self {
+            ApiCall::Chat(g) | ApiCall::Messages(g, _) => g.prefilled,
+            _ => false,
+        }
+    }
+
     /// Whether the answer is an SSE stream.
     pub(crate) fn is_stream(&self) -> bool {
         matches!(self, ApiCall::Chat(g) | ApiCall::Completion(g) | ApiCall::Messages(g, _) if g.stream)

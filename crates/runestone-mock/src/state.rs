@@ -31,6 +31,8 @@ pub(crate) struct Stats {
     pub(crate) completion_tokens: AtomicU64,
     /// Responses abandoned because the client went away.
     pub(crate) disconnects: AtomicU64,
+    /// Requests per model named (at most [`MAX_OTHER_PATHS`] names).
+    pub(crate) models: Mutex<HashMap<String, u64>>,
 }
 
 impl Stats {
@@ -58,9 +60,30 @@ impl Stats {
             k.store(0, Ordering::Relaxed);
         }
         lock(&self.other).clear();
+        lock(&self.models).clear();
         self.prompt_tokens.store(0, Ordering::Relaxed);
         self.completion_tokens.store(0, Ordering::Relaxed);
         self.disconnects.store(0, Ordering::Relaxed);
+    }
+
+    /// Counts one request naming `model`.
+    pub(crate) fn count_model(&self, model: &str) {
+        let mut models = lock(&self.models);
+        if let Some(n) = models.get_mut(model) {
+            *n += 1;
+        } else if models.len() < MAX_OTHER_PATHS {
+            models.insert(model.to_owned(), 1);
+        } else {
+            *models.entry("(other)".to_owned()).or_insert(0) += 1;
+        }
+    }
+
+    /// `by_model` object.
+    pub(crate) fn by_model(&self) -> serde_json::Map<String, Value> {
+        lock(&self.models)
+            .iter()
+            .map(|(model, n)| (model.clone(), json!(n)))
+            .collect()
     }
 
     /// Counts one client that went away mid-response.
@@ -101,6 +124,10 @@ pub(crate) struct RecordedRequest {
     pub(crate) body_sha256: [u8; 32],
     /// Model named by the request (body `model`, or Azure deployment).
     pub(crate) model: Option<String>,
+    /// The conversation ended with an assistant message to continue.
+    pub(crate) prefilled: bool,
+    /// When it arrived, in milliseconds since the Unix epoch.
+    pub(crate) at_ms: u64,
 }
 
 impl RecordedRequest {
@@ -127,6 +154,8 @@ impl RecordedRequest {
             "body_bytes": self.body_bytes,
             "body_sha256": hex::encode(self.body_sha256),
             "model": self.model,
+            "prefilled": self.prefilled,
+            "at_ms": self.at_ms,
         })
     }
 }

@@ -176,6 +176,19 @@ fn fault_queue_is_fifo_with_counts_and_paths() {
     assert_eq!(q.take("/v1/chat/completions", None), Some(status(429)));
     assert_eq!(q.take("/v1/chat/completions", None), None);
     assert_eq!(q.take("/v1/embeddings", None), Some(Fault::DropConnection));
+    // A fault for one model waits for a request naming it.
+    q.push(QueuedFault {
+        fault: status(500),
+        remaining: 1,
+        path: None,
+        model: Some("big".into()),
+    });
+    assert_eq!(q.take("/v1/chat/completions", Some("small")), None);
+    assert_eq!(q.take("/v1/chat/completions", None), None);
+    assert_eq!(
+        q.take("/v1/chat/completions", Some("big")),
+        Some(status(500))
+    );
     assert_eq!(q.pending(), 0);
 }
 
@@ -274,6 +287,8 @@ fn recorded_headers_join_duplicates() {
         body_bytes: 0,
         body_sha256: Sha256::digest(b"").into(),
         model: Some("m".into()),
+        prefilled: false,
+        at_ms: 1,
     };
     let v = r.to_json();
     assert_eq!(v["headers"]["x-a"], "1, 2");

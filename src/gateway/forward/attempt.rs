@@ -4,8 +4,9 @@
 //! until its first content is in (so a provider too slow to start fails
 //! over with nothing sent) and copy it to the client.
 
-use super::body::{is_event_stream, Copy, FirstContent, Meter};
+use super::body::{is_event_stream, BodyEnd, Copy, FirstContent, Meter};
 use super::headers::{client_response, gateway_headers, upstream_request};
+use super::resume::{with_prefill, Continuation};
 use super::{Exchange, Forwarder, Report, Settle};
 use crate::config::{ModelRoute, ProviderSettings};
 use crate::cost::MAX_METERED_JSON_BYTES;
@@ -34,6 +35,9 @@ pub(super) struct Attempt<'a> {
     /// A prompt too long for the model can still move to context
     /// fallbacks (else the provider's answer is passed on).
     pub may_change_context: bool,
+    /// Continuing a stream that broke: how the rest is asked for. Only a
+    /// stream can continue it; any other answer is a failure.
+    pub continuation: Option<&'a Continuation>,
 }
 
 /// What the upstream connection is, once the answer's head is in.
@@ -112,8 +116,13 @@ impl Attempt<'_> {
                 )),
             ));
         }
+        let mut body = (exchange.body_for)(provider_model);
+        if let Some(Continuation::Prefill(text)) = self.continuation {
+            let delivered_tokens = (text.len() as u64).div_ceil(4);
+            body = with_prefill(&body, text, delivered_tokens).unwrap_or(body);
+        }
         let body = kind
-            .request_body((exchange.body_for)(provider_model), provider_model)
+            .request_body(body, provider_model)
             .map_err(|e| self.outcome(Outcome::Neutral, Domain::Deployment, Attempted::Final(e)))?;
         let peer = upstreams.peer(self.backend);
         let io_error = |e: Box<pingora::Error>| {
@@ -227,6 +236,9 @@ impl Attempt<'_> {
             warn!(request_id = %exchange.request_id, provider = %provider.name, backend = %self.backend.addr, status, "provider refused the attempt");
             return Err(attempted);
         }
+        if self.continuation.is_some() && !(head.status.is_success() && is_event_stream(&head)) {
+            return Err(self.continuation_refused(&head));
+        }
         if let Some(encoding) = head
             .headers
             .get(header::CONTENT_ENCODING)
@@ -334,7 +346,7 @@ impl Attempt<'_> {
             prompt_estimate: exchange.prompt_estimate,
             request_id: exchange.request_id,
         };
-        let completed = copy
+        let end = copy
             .run(
                 client,
                 &mut answer.upstream,
@@ -345,13 +357,24 @@ impl Attempt<'_> {
                 (held.freeze(), received, ended),
             )
             .await;
-        if completed && answer.upstream.response_done() {
-            if let HttpSession::H1(done) = answer.upstream {
-                self.forwarder
-                    .connector
-                    .release_http_session(done, &answer.peer, answer.peer.options.idle_timeout)
-                    .await;
+        match end {
+            BodyEnd::Complete if answer.upstream.response_done() => {
+                if let HttpSession::H1(done) = answer.upstream {
+                    self.forwarder
+                        .connector
+                        .release_http_session(done, &answer.peer, answer.peer.options.idle_timeout)
+                        .await;
+                }
             }
+            // Left for the forwarder to continue elsewhere.
+            BodyEnd::ProviderBroke(message) if client.resumable() => {
+                return Ok(Attempted::Retryable {
+                    error: ApiError::upstream_error(message),
+                    domain: Domain::Deployment,
+                    transient: false,
+                })
+            }
+            _ => {}
         }
         Ok(Attempted::Answered)
     }
@@ -478,6 +501,26 @@ impl Attempt<'_> {
         Ok(Attempted::Answered)
     }
 
+    /// A continuation answered other than with a stream: a 4xx is final
+    /// (a 400 may be a prefill refused, which the forwarder tries without),
+    /// anything else a failure of the deployment.
+    fn continuation_refused(&self, head: &ResponseHeader) -> Attempted {
+        let status = head.status.as_u16();
+        let mut error = ApiError::upstream_error(format!(
+            "The provider '{}' answered {status} to the continuation.",
+            self.provider().name
+        ));
+        if head.status.is_client_error() {
+            error.status = status;
+            return self.outcome(
+                Outcome::Neutral,
+                Domain::Deployment,
+                Attempted::Final(error),
+            );
+        }
+        self.deployment_failure(error)
+    }
+
     /// An answer that must not reach the client, and what it means: a 5xx
     /// (a failure of the deployment, worth one more try when 500, 502,
     /// 503 or 529), the provider's own 429 (the deployment cools down for its
@@ -505,7 +548,9 @@ impl Attempt<'_> {
             429 => {
                 let wait = retry_after(head);
                 let mut error = ApiError::provider_rate_limited(name);
-                error.retry_after_ms = Some(wait.map_or(1000, |d| d.as_millis().max(1) as u64));
+                // The deployment rests this long: the client is told so.
+                let rest = wait.unwrap_or(self.forwarder.upstreams.rate_limit_cooldown());
+                error.retry_after_ms = Some(rest.as_millis().max(1) as u64);
                 Some(self.outcome(
                     Outcome::RateLimited(wait),
                     Domain::Deployment,

@@ -53,10 +53,10 @@ impl Meter {
         }
     }
 
-    /// Whether the meter edits the body (so its length changes).
+    /// Whether the meter may edit the body (so its length changes): a
+    /// stream loses events it cannot read, and what the gateway added.
     pub(super) fn edits_body(&self) -> bool {
-        matches!(self, Meter::Stream(m) if m.strips_usage())
-            || matches!(self, Meter::Translated(_) | Meter::Error { .. })
+        !matches!(self, Meter::Json { .. })
     }
 
     /// Takes an upstream chunk, returns what to send on.
@@ -127,11 +127,15 @@ impl Meter {
 }
 
 /// How copying the response body ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum BodyEnd {
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum BodyEnd {
+    /// The whole answer went to the client.
     Complete,
+    /// The client went away.
     ClientGone,
-    ProviderBroke,
+    /// The provider broke off or stalled (why, for the client); the stream
+    /// was ended with an in-band error unless the client can resume it.
+    ProviderBroke(String),
 }
 
 /// Copies the response body chunk by chunk, as the provider produces it,
@@ -159,8 +163,9 @@ impl Copy<'_> {
     /// Copies the whole answer, starting with what was held back until its
     /// first content came (`held`: the bytes to send first, how many
     /// upstream bytes they came from, and whether the body already ended);
-    /// whether it ended complete (its connection may go back to the pool).
-    /// The report's usage is set and the request settled however it ended.
+    /// how it ended (a complete answer's connection may go back to the
+    /// pool). The report's usage is set however it ended, and the request
+    /// settled when complete.
     #[allow(clippy::too_many_arguments)]
     pub(super) async fn run(
         &self,
@@ -171,7 +176,7 @@ impl Copy<'_> {
         meter: &mut Meter,
         redactor: &mut Redactor,
         held: (Bytes, usize, bool),
-    ) -> bool {
+    ) -> BodyEnd {
         let mut settled = false;
         let end = self
             .copy(
@@ -191,7 +196,7 @@ impl Copy<'_> {
             report.usage = Some(meter.usage(self.prompt_estimate));
             let outcome = match end {
                 BodyEnd::Complete => Outcome::Success,
-                BodyEnd::ProviderBroke => Outcome::Failure,
+                BodyEnd::ProviderBroke(_) => Outcome::Failure,
                 BodyEnd::ClientGone => Outcome::Neutral,
             };
             self.upstreams.record_outcome(
@@ -201,7 +206,18 @@ impl Copy<'_> {
                 Some(self.ttfb),
             );
         }
-        end == BodyEnd::Complete
+        if let Meter::Stream(stream) = meter {
+            if stream.malformed() > 0 {
+                warn!(request_id = %self.request_id, provider = %self.provider.name, events = stream.malformed(), "left out stream events that were not JSON");
+            }
+        }
+        if let BodyEnd::ProviderBroke(message) = &end {
+            if !client.resumable() {
+                self.end_broken(client, message).await;
+                report.error_reason = Some("provider_stream_broken");
+            }
+        }
+        end
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -278,26 +294,17 @@ impl Copy<'_> {
                 }
                 Ok(Err(e)) => {
                     warn!(request_id = %self.request_id, provider = %self.provider.name, error = %e, "provider broke off the response");
-                    self.end_broken(
-                        client,
-                        format!(
-                            "The provider '{}' broke off the response.",
-                            self.provider.name
-                        ),
-                    )
-                    .await;
-                    report.error_reason = Some("provider_stream_broken");
-                    return BodyEnd::ProviderBroke;
+                    return BodyEnd::ProviderBroke(format!(
+                        "The provider '{}' broke off the response.",
+                        self.provider.name
+                    ));
                 }
                 Err(_) => {
                     warn!(request_id = %self.request_id, provider = %self.provider.name, gap = ?gap, "provider stalled mid-response");
-                    self.end_broken(
-                        client,
-                        format!("The provider '{}' stalled for {gap:?}.", self.provider.name),
-                    )
-                    .await;
-                    report.error_reason = Some("provider_stream_broken");
-                    return BodyEnd::ProviderBroke;
+                    return BodyEnd::ProviderBroke(format!(
+                        "The provider '{}' stalled for {gap:?}.",
+                        self.provider.name
+                    ));
                 }
             }
         }
@@ -307,7 +314,7 @@ impl Copy<'_> {
     /// in-band error event and a clean end (no `[DONE]`, so SDKs raise); a
     /// JSON body cannot be repaired, so the connection is closed and the
     /// client sees the truncation.
-    async fn end_broken(&self, client: &mut dyn Client, message: String) {
+    async fn end_broken(&self, client: &mut dyn Client, message: &str) {
         if self.is_stream {
             let event = ApiError::upstream_error(message).sse_event();
             client.send_body(event, true).await;

@@ -16,15 +16,18 @@
 //! fallbacks in order, up to `failover.max_attempts` attempts. Every outcome
 //! feeds the backend's circuit breaker.
 //!
-//! Once the response header has gone to the client there is no retry: the
-//! response is streamed chunk by chunk as the provider produces it, each gap
-//! bounded by the provider's idle timeout. A provider that breaks off or
-//! stalls mid-stream ends the client's stream with an in-band SSE error
-//! event and no `[DONE]`, and counts as a failure.
+//! Once the response header has gone to the client the answer is streamed
+//! chunk by chunk as the provider produces it, each gap bounded by the
+//! provider's idle timeout. A chat stream the provider breaks off or stalls
+//! is continued on the next eligible deployment and spliced into the same
+//! client stream ([`resume`]); one that cannot be ends with an in-band SSE
+//! error event and no `[DONE]`. Either way the break counts as a failure of
+//! the deployment.
 
 mod attempt;
 mod body;
 mod headers;
+pub(crate) mod resume;
 
 use super::client::Client;
 use crate::config::FailoverSettings;
@@ -37,6 +40,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue};
 use pingora::connectors::http::v1::Connector;
+use resume::{Continuation, Resumable};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -96,6 +100,31 @@ pub(crate) struct Report {
     /// A `runestone_errors_total` reason found after the answer started
     /// (`provider_stream_broken`).
     pub error_reason: Option<&'static str>,
+    /// Streams that broke after reaching the client and were continued
+    /// elsewhere: what each attempt used, where (route, target), billed
+    /// with the answer.
+    pub earlier: Vec<(Option<usize>, Option<usize>, Usage)>,
+    /// Continuations attempted after a stream broke.
+    pub resumptions: u32,
+}
+
+impl Report {
+    /// What the request used over all its attempts.
+    pub(crate) fn total_usage(&self) -> Usage {
+        self.earlier
+            .iter()
+            .map(|(_, _, usage)| *usage)
+            .chain(self.usage)
+            .fold(Usage::default(), Usage::plus)
+    }
+
+    /// The usage of earlier attempts, summed.
+    fn earlier_usage(&self) -> Usage {
+        self.earlier
+            .iter()
+            .map(|(_, _, usage)| *usage)
+            .fold(Usage::default(), Usage::plus)
+    }
 }
 
 /// Settles the request's admission once its answer is whole, before the
@@ -107,7 +136,40 @@ pub(crate) trait Settle: Send {
     async fn settle(&mut self, report: &Report);
 }
 
+/// Counts a resumption of the exchange's stream.
+fn resumption(exchange: &Exchange<'_>, outcome: &str) {
+    let model = exchange.routes.first().map_or("", |(_, r)| r.name.as_str());
+    crate::metrics::STREAM_RESUMPTIONS
+        .with_label_values(&[model, outcome])
+        .inc();
+}
+
 impl Forwarder {
+    /// Ends the request with `error`: the client's answer when nothing has
+    /// gone to it yet, else an in-band event that ends its stream.
+    async fn end(
+        &self,
+        client: &mut Resumable<'_>,
+        exchange: &Exchange<'_>,
+        report: &mut Report,
+        error: ApiError,
+    ) -> Result<(), ApiError> {
+        if !client.started() {
+            return Err(error);
+        }
+        if report.resumptions > 0 {
+            resumption(exchange, "failed");
+        }
+        report.error_reason = Some("provider_stream_broken");
+        let message = format!(
+            "The stream broke off and could not be resumed: {}",
+            error.message
+        );
+        client
+            .fail(ApiError::upstream_error(message).sse_event())
+            .await;
+        Ok(())
+    }
     /// Forwards the exchange, failing over until a deployment answers;
     /// fills `report` as it goes (it is whole however this returns).
     pub(crate) async fn forward(
@@ -122,6 +184,14 @@ impl Forwarder {
             exchange.routes.clone(),
             exchange.context_routes.clone(),
         );
+        let resumable = exchange.stream
+            && exchange.endpoint == Endpoint::ChatCompletions
+            && exchange
+                .routes
+                .first()
+                .is_some_and(|(_, r)| r.resume_streams);
+        let client = &mut Resumable::new(client, resumable);
+        let mut continuation = None;
         loop {
             let next = failover
                 .next(|index, route, tried| self.upstreams.choose_backend(index, route, tried));
@@ -137,10 +207,20 @@ impl Forwarder {
                 }
                 Next::GiveUp => {
                     let model = exchange.routes.first().map_or("", |(_, r)| r.name.as_str());
-                    return Err(failover.give_up(model));
+                    return self
+                        .end(client, exchange, report, failover.give_up(model))
+                        .await;
                 }
             };
+            let mut prefill = self
+                .upstreams
+                .provider(backend.provider)
+                .settings
+                .supports_prefill;
             loop {
+                if report.resumptions > 0 {
+                    continuation = Some(client.continue_with(prefill, report.earlier_usage()));
+                }
                 report.attempts = failover.attempts();
                 report.provider = Some(backend.provider);
                 report.route = Some(route_index);
@@ -153,10 +233,37 @@ impl Forwarder {
                     route,
                     backend: &backend,
                     may_change_context: failover.may_change_context(),
+                    continuation: continuation.as_ref(),
                 }
                 .run(client, report, settle)
                 .await;
                 report.upstream_time += started.elapsed();
+                if client.diverged() {
+                    warn!(request_id = %exchange.request_id, backend = %backend.addr, "a restarted stream said something else than the client has");
+                    let error =
+                        ApiError::upstream_error("The stream broke off and could not be resumed.");
+                    return self.end(client, exchange, report, error).await;
+                }
+                if matches!(&continuation, Some(Continuation::Prefill(_)))
+                    && matches!(&attempted, Attempted::Final(e) if e.status == 400)
+                {
+                    // The deployment does not continue a prefill: the same
+                    // deployment, from the beginning.
+                    if let Some(again) = self.upstreams.reacquire(&backend) {
+                        failover.retrying(&again);
+                        backend = again;
+                        prefill = false;
+                        continue;
+                    }
+                }
+                if client.resumable() && matches!(attempted, Attempted::Retryable { .. }) {
+                    // The stream broke after reaching the client: what it
+                    // used is billed, and the next deployment continues it.
+                    let usage = report.usage.take().unwrap_or_default();
+                    report.earlier.push((report.route, report.target, usage));
+                    report.resumptions += 1;
+                    resumption(exchange, "attempted");
+                }
                 if let Attempted::Retryable { error, .. } | Attempted::RateLimited(error) =
                     &attempted
                 {
@@ -165,7 +272,15 @@ impl Forwarder {
                 }
                 match failover.after(attempted) {
                     Step::TryNext => break,
-                    Step::Done(result) => return result,
+                    Step::Done(Err(error)) => {
+                        return self.end(client, exchange, report, error).await
+                    }
+                    Step::Done(Ok(())) => {
+                        if report.resumptions > 0 {
+                            resumption(exchange, "resumed");
+                        }
+                        return Ok(());
+                    }
                     Step::RetrySame(pause) => {
                         // Jittered by half either way, so retries of many
                         // requests do not arrive together.

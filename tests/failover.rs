@@ -1,0 +1,623 @@
+//! Failover through real processes, with the configuration users write
+//! most: one provider account serving several models that fall back to
+//! each other. Each scenario checks what the client got, how many attempts
+//! each deployment saw (and when), and what was billed.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+
+const CHAT: &str = "/v1/chat/completions";
+
+/// USD per 1M tokens, (input, output), per public model.
+const SMALL_PRICE: (f64, f64) = (1.0, 2.0);
+const LARGE_PRICE: (f64, f64) = (10.0, 20.0);
+
+/// One provider `acct` (one mock) serving `small` (falls back to `large`,
+/// and to `large` for a prompt too long), `large` (falls back to `small`)
+/// and `solo` (no fallback). `provider_extra` goes into the provider's
+/// flow mapping, `extra` at the top level.
+fn config(mock: &Mock, provider_extra: &str, extra: &str) -> GatewayConfig {
+    let mut config = GatewayConfig::new(mock);
+    config.providers = vec![format!(
+        "  - {{ name: acct, kind: openai, base_url: \"{}\", api_key: \"{PROVIDER_KEY}\", supports_prefill: true, timeouts: {{ first_byte_ms: 1000, first_token_ms: 1000, idle_ms: 500 }}{provider_extra} }}",
+        mock.base_url()
+    )];
+    config.models = "
+  - name: small
+    targets: [{ provider: acct, model: m-small }]
+    fallbacks: [large]
+    context_fallbacks: [large]
+  - name: large
+    targets: [{ provider: acct, model: m-large }]
+    fallbacks: [small]
+  - name: solo
+    targets: [{ provider: acct, model: m-solo }]
+"
+    .into();
+    config.tenants = format!("\n  - id: acme\n    keys: [\"{TENANT_KEY}\"]\n");
+    config.extra = format!(
+        "pricing:\n  small: {{ input: {}, output: {} }}\n  large: {{ input: {}, output: {} }}\n  solo: {{ input: 1, output: 2 }}\n{extra}",
+        SMALL_PRICE.0, SMALL_PRICE.1, LARGE_PRICE.0, LARGE_PRICE.1
+    );
+    config
+}
+
+fn start(provider_extra: &str, extra: &str) -> (Mock, Gateway) {
+    let mock = Mock::start(&[]);
+    let gw = Gateway::start(&config(&mock, provider_extra, extra));
+    (mock, gw)
+}
+
+/// The chat requests the provider saw for `model`, oldest first.
+fn seen(mock: &Mock, model: &str) -> Vec<Value> {
+    mock.requests()
+        .into_iter()
+        .filter(|r| r["path"] == CHAT && r["model"] == model)
+        .collect()
+}
+
+/// How many requests the provider saw for `model`.
+fn attempts(mock: &Mock, model: &str) -> u64 {
+    mock.stats()["by_model"][model].as_u64().unwrap_or(0)
+}
+
+fn ask(gw: &Gateway, model: &str) -> Response {
+    gw.post_json(CHAT, TENANT_KEY, &chat(model, false))
+}
+
+/// What the gateway billed so far: prompt tokens, completion tokens, USD.
+fn billed(gw: &Gateway) -> (u64, u64, f64) {
+    let metrics = gw.metrics();
+    (
+        metric_sum(&metrics, "runestone_tokens_total", &["kind=\"prompt\""]) as u64,
+        metric_sum(&metrics, "runestone_tokens_total", &["kind=\"completion\""]) as u64,
+        metric_sum(&metrics, "runestone_cost_usd_total", &[]),
+    )
+}
+
+/// The cost of `usage` (an OpenAI usage object) at `price`.
+fn cost(usage: &Value, price: (f64, f64)) -> f64 {
+    let n = |f: &str| usage[f].as_u64().unwrap() as f64;
+    (n("prompt_tokens") * price.0 + n("completion_tokens") * price.1) / 1e6
+}
+
+/// Checks a non-streamed answer was billed exactly: its usage, at `price`.
+fn assert_billed(gw: &Gateway, answer: &Value, price: (f64, f64)) {
+    let usage = &answer["usage"];
+    let (prompt, completion, usd) = billed(gw);
+    assert_eq!(
+        (prompt, completion),
+        (
+            usage["prompt_tokens"].as_u64().unwrap(),
+            usage["completion_tokens"].as_u64().unwrap()
+        ),
+        "billed what the answer used"
+    );
+    assert!(
+        (usd - cost(usage, price)).abs() < 1e-12,
+        "{usd} != {}",
+        cost(usage, price)
+    );
+}
+
+/// The text the mock generates for `n` tokens.
+fn mock_text(n: u64) -> String {
+    (0..n).map(|i| format!("tok{i} ")).collect()
+}
+
+/// Streams a chat for `model` (`n` tokens, usage asked for); the data
+/// payloads.
+fn stream(gw: &Gateway, model: &str, n: u64) -> Vec<String> {
+    let mut body = chat(model, true);
+    body["mock_tokens"] = json!(n);
+    body["stream_options"] = json!({"include_usage": true});
+    let mut events = Vec::new();
+    let status = read_sse(gw.port, TENANT_KEY, &body, |data, _| {
+        events.push(data.to_owned())
+    });
+    assert_eq!(status, 200);
+    events
+}
+
+/// Checks `events` make one whole stream (one `id`, `created` and `model`
+/// in every chunk, one role event, one `finish_reason`, one usage chunk,
+/// one `[DONE]` and it last); returns its text and usage.
+fn whole_stream(events: &[String]) -> (String, Value) {
+    assert_eq!(
+        events.last().map(String::as_str),
+        Some("[DONE]"),
+        "{events:?}"
+    );
+    assert_eq!(events.iter().filter(|e| *e == "[DONE]").count(), 1);
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap_or_else(|_| panic!("not JSON: {e}")))
+        .collect();
+    for field in ["id", "created", "model"] {
+        assert!(
+            chunks.iter().all(|c| c[field] == chunks[0][field]),
+            "one {field}: {events:?}"
+        );
+    }
+    let choice = |c: &Value| c["choices"].get(0).cloned().unwrap_or(Value::Null);
+    let count = |f: &dyn Fn(&Value) -> bool| chunks.iter().filter(|c| f(c)).count();
+    assert_eq!(
+        count(&|c| choice(c)["delta"]["role"].is_string()),
+        1,
+        "{events:?}"
+    );
+    assert_eq!(
+        count(&|c| !choice(c)["finish_reason"].is_null()),
+        1,
+        "{events:?}"
+    );
+    assert_eq!(count(&|c| c["usage"].is_object()), 1, "{events:?}");
+    assert!(
+        chunks.iter().all(|c| c.get("error").is_none()),
+        "{events:?}"
+    );
+    let text = chunks
+        .iter()
+        .filter_map(|c| choice(c)["delta"]["content"].as_str().map(str::to_owned))
+        .collect();
+    let usage = chunks.iter().find(|c| c["usage"].is_object()).unwrap()["usage"].clone();
+    (text, usage)
+}
+
+/// Waits for `n` access log lines and returns them.
+fn access_lines(gw: &Gateway, n: usize) -> Vec<Value> {
+    let lines = || -> Vec<Value> {
+        gw.log()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|l| l["type"] == "access")
+            .collect()
+    };
+    wait_until(Duration::from_secs(5), "access log lines", || {
+        lines().len() >= n
+    });
+    lines()
+}
+
+#[test]
+fn a_fallback_on_the_same_provider_is_tried_and_the_others_keep_serving() {
+    let (mock, gw) = start("", "");
+    mock.fault(json!({"status": 500, "count": 2, "model": "m-small"}));
+    let resp = ask(&gw, "small");
+    assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
+    assert_eq!(resp.header("x-runestone-attempts"), Some("3"));
+    let answer = resp.json();
+    assert_eq!(answer["model"], "m-large");
+    assert_eq!(
+        (attempts(&mock, "m-small"), attempts(&mock, "m-large")),
+        (2, 1),
+        "the 500 once more on the same deployment, then the fallback"
+    );
+    assert_billed(&gw, &answer, LARGE_PRICE);
+    // One deployment's failures leave the others alone.
+    for model in ["large", "solo", "small"] {
+        let resp = ask(&gw, model);
+        assert_eq!(resp.status, 200, "{model}");
+        assert_eq!(resp.header("x-runestone-attempts"), Some("1"), "{model}");
+    }
+}
+
+#[test]
+fn a_provider_429_cools_down_only_its_deployment_for_the_time_it_asked() {
+    let (mock, gw) = start("", "");
+    mock.fault(json!({"status": 429, "retry_after_ms": 600, "model": "m-small"}));
+    let started = Instant::now();
+    let resp = ask(&gw, "small");
+    assert_eq!(
+        (resp.status, resp.json()["model"].clone()),
+        (200, json!("m-large"))
+    );
+    // While m-small cools down: small is served by large without trying
+    // m-small, and nothing else is affected.
+    let mut cooled = 0;
+    while started.elapsed() < Duration::from_millis(400) {
+        let resp = ask(&gw, "small");
+        assert_eq!(resp.status, 200);
+        assert_eq!(resp.json()["model"], "m-large");
+        assert_eq!(ask(&gw, "solo").status, 200);
+        cooled += 1;
+    }
+    assert!(cooled > 0);
+    assert_eq!(
+        attempts(&mock, "m-small"),
+        1,
+        "not tried while cooling down"
+    );
+    // Back after the provider's wait, not the configured default (5 s).
+    wait_until(Duration::from_secs(2), "m-small to serve again", || {
+        ask(&gw, "small").json()["model"] == "m-small"
+    });
+    let back = started.elapsed();
+    assert!(
+        (Duration::from_millis(550)..Duration::from_millis(2000)).contains(&back),
+        "served again after {back:?}"
+    );
+}
+
+#[test]
+fn a_short_provider_wait_is_waited_out_when_nothing_else_can_serve() {
+    let (mock, gw) = start("", "");
+    mock.fault(json!({"status": 429, "retry_after_ms": 300, "model": "m-solo"}));
+    let started = Instant::now();
+    let resp = ask(&gw, "solo");
+    let took = started.elapsed();
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.header("x-runestone-attempts"), Some("2"));
+    let seen = seen(&mock, "m-solo");
+    assert_eq!(seen.len(), 2);
+    let gap = seen[1]["at_ms"].as_u64().unwrap() - seen[0]["at_ms"].as_u64().unwrap();
+    assert!((280..1000).contains(&gap), "retried after {gap} ms");
+    assert!(took < Duration::from_secs(2), "{took:?}");
+    assert_billed(&gw, &resp.json(), (1.0, 2.0));
+}
+
+#[test]
+fn a_provider_429_without_a_wait_cools_down_for_the_default_and_is_answered_when_longer_than_allowed(
+) {
+    let (mock, gw) = start("", "");
+    let body = r#"{"error":{"message":"slow down","type":"rate_limit_error","code":"rate_limit_exceeded"}}"#;
+    mock.fault(json!({"status": 429, "error_body": body, "content_type": "application/json", "model": "m-solo"}));
+    let started = Instant::now();
+    let resp = ask(&gw, "solo");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "the default 5 s is not waited"
+    );
+    assert_eq!(
+        (resp.status, resp.error_code()),
+        (429, "upstream_rate_limited".to_string())
+    );
+    let wait: u64 = resp.header("retry-after-ms").unwrap().parse().unwrap();
+    assert!((4000..=5000).contains(&wait), "{wait}");
+    assert_eq!(attempts(&mock, "m-solo"), 1);
+    // The deployment rests for the default cool-down: answered at once.
+    let resp = ask(&gw, "solo");
+    assert_eq!(resp.status, 503);
+    assert_eq!(attempts(&mock, "m-solo"), 1);
+    assert_eq!(ask(&gw, "large").status, 200, "other deployments serve");
+    assert_eq!(billed(&gw).0, 7, "only the served request is billed");
+}
+
+#[test]
+fn a_500_once_is_retried_on_the_same_deployment() {
+    let (mock, gw) = start("", "");
+    mock.fault(json!({"status": 500, "model": "m-small"}));
+    let resp = ask(&gw, "small");
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.header("x-runestone-attempts"), Some("2"));
+    assert_eq!(resp.json()["model"], "m-small");
+    let seen = seen(&mock, "m-small");
+    assert_eq!((seen.len(), attempts(&mock, "m-large")), (2, 0));
+    let gap = seen[1]["at_ms"].as_u64().unwrap() - seen[0]["at_ms"].as_u64().unwrap();
+    assert!(gap < 500, "a short jittered pause, not {gap} ms");
+    assert_billed(&gw, &resp.json(), SMALL_PRICE);
+}
+
+#[test]
+fn a_persistent_503_is_not_hammered() {
+    let (mock, gw) = start("", "circuit_breaker: { consecutive_failures: 3 }\n");
+    mock.fault(json!({"status": 503, "count": 1000, "model": "m-small"}));
+    for _ in 0..12 {
+        let resp = ask(&gw, "small");
+        assert_eq!(resp.status, 200);
+        assert_eq!(resp.json()["model"], "m-large");
+    }
+    assert_eq!(
+        attempts(&mock, "m-small"),
+        3,
+        "the breaker opens after 3 failures (one request's retry included)"
+    );
+    assert_eq!(attempts(&mock, "m-large"), 12);
+}
+
+#[test]
+fn a_reset_before_the_headers_is_retried_once_on_the_same_deployment() {
+    let (mock, gw) = start("", "");
+    mock.fault(json!({"drop_connection": true, "model": "m-small"}));
+    let resp = ask(&gw, "small");
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.json()["model"], "m-small");
+    assert_eq!(attempts(&mock, "m-small"), 2);
+    assert_billed(&gw, &resp.json(), SMALL_PRICE);
+}
+
+#[test]
+fn a_provider_that_never_answers_fails_over_after_first_byte_ms() {
+    let (mock, gw) = start("", "");
+    mock.fault(json!({"stall_ms": 10000, "model": "m-small"}));
+    let started = Instant::now();
+    let resp = ask(&gw, "small");
+    let took = started.elapsed();
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.json()["model"], "m-large");
+    assert!(
+        (Duration::from_millis(900)..Duration::from_secs(3)).contains(&took),
+        "{took:?}"
+    );
+    assert_eq!(
+        (attempts(&mock, "m-small"), attempts(&mock, "m-large")),
+        (1, 1)
+    );
+    assert_billed(&gw, &resp.json(), LARGE_PRICE);
+}
+
+#[test]
+fn headers_at_once_and_the_first_token_late_fail_over_with_nothing_sent() {
+    let (mock, gw) = start("", "");
+    mock.fault(json!({"first_token_ms": 5000, "model": "m-small"}));
+    let started = Instant::now();
+    let events = stream(&gw, "small", 6);
+    let took = started.elapsed();
+    let (text, usage) = whole_stream(&events);
+    assert_eq!(text, mock_text(6));
+    assert!(
+        (Duration::from_millis(900)..Duration::from_secs(3)).contains(&took),
+        "failed over at the first-token deadline: {took:?}"
+    );
+    assert!(events[0].contains("m-large"), "{}", events[0]);
+    assert_eq!(
+        (attempts(&mock, "m-small"), attempts(&mock, "m-large")),
+        (1, 1)
+    );
+    let (prompt, completion, _) = billed(&gw);
+    assert_eq!(
+        (prompt, completion),
+        (
+            usage["prompt_tokens"].as_u64().unwrap(),
+            usage["completion_tokens"].as_u64().unwrap()
+        )
+    );
+}
+
+/// A stream broken on `m-small` after three tokens is finished by `large`:
+/// one whole stream, the text exactly once, both attempts billed and the
+/// usage chunk saying so.
+fn assert_resumed(gw: &Gateway, mock: &Mock, events: &[String], continuations: usize) {
+    let (text, usage) = whole_stream(events);
+    assert_eq!(text, mock_text(10), "the whole text, exactly once");
+    assert!(
+        events[0].contains("m-small"),
+        "the first attempt's model throughout"
+    );
+    assert_eq!(attempts(mock, "m-small"), 1);
+    assert_eq!(seen(mock, "m-large").len(), continuations);
+    let (prompt, completion, usd) = billed(gw);
+    assert_eq!(
+        (prompt, completion),
+        (
+            usage["prompt_tokens"].as_u64().unwrap(),
+            usage["completion_tokens"].as_u64().unwrap()
+        ),
+        "the usage chunk is what was billed"
+    );
+    assert!(completion > 10 - 3, "both attempts billed: {usage}");
+    assert!(usd > 0.0);
+    let line = access_lines(gw, 1).pop().unwrap();
+    assert_eq!(line["resumptions"], 1);
+    assert_eq!(line["completion_tokens"].as_u64(), Some(completion));
+    let metrics = gw.metrics();
+    assert_eq!(
+        metric_value(
+            &metrics,
+            r#"runestone_stream_resumptions_total{model="small",outcome="resumed"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric_sum(&metrics, "runestone_errors_total", &[]),
+        0.0,
+        "the client saw no error"
+    );
+}
+
+#[test]
+fn a_stream_cut_mid_answer_is_finished_by_the_fallback() {
+    let (mock, gw) = start("", "");
+    mock.fault(json!({"disconnect_after_chunks": 3, "model": "m-small"}));
+    let events = stream(&gw, "small", 10);
+    assert_resumed(&gw, &mock, &events, 1);
+    let continuation = &seen(&mock, "m-large")[0];
+    assert_eq!(
+        continuation["prefilled"], true,
+        "continued from the text delivered"
+    );
+}
+
+#[test]
+fn a_stalled_stream_is_finished_by_the_fallback() {
+    let (mock, gw) = start("", "");
+    mock.fault(json!({"stall_after_chunks": 3, "stall_ms": 10000, "model": "m-small"}));
+    let started = Instant::now();
+    let events = stream(&gw, "small", 10);
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert_resumed(&gw, &mock, &events, 1);
+}
+
+#[test]
+fn a_fallback_that_rejects_the_prefill_restarts_and_the_repeat_is_skipped() {
+    let (mock, gw) = start("", "");
+    mock.fault(json!([
+        {"disconnect_after_chunks": 3, "model": "m-small"},
+        {"reject_prefill": true, "model": "m-large"}
+    ]));
+    let events = stream(&gw, "small", 10);
+    assert_resumed(&gw, &mock, &events, 2);
+    let tries = seen(&mock, "m-large");
+    assert_eq!(
+        (tries[0]["prefilled"].clone(), tries[1]["prefilled"].clone()),
+        (json!(true), json!(false)),
+        "with the prefill, then from the beginning"
+    );
+}
+
+#[test]
+fn a_provider_without_prefill_restarts_and_the_repeat_is_skipped() {
+    let mock = Mock::start(&[]);
+    let mut config = config(&mock, "", "");
+    config.providers[0] =
+        config.providers[0].replace("supports_prefill: true", "supports_prefill: false");
+    let gw = Gateway::start(&config);
+    mock.fault(json!({"disconnect_after_chunks": 4, "model": "m-small"}));
+    let events = stream(&gw, "small", 10);
+    let (text, _) = whole_stream(&events);
+    assert_eq!(text, mock_text(10));
+    assert_eq!(seen(&mock, "m-large")[0]["prefilled"], false);
+}
+
+#[test]
+fn a_stream_that_cannot_be_resumed_ends_with_an_in_band_error() {
+    // solo has no fallback: the break reaches the client in-band.
+    let (mock, gw) = start("", "");
+    mock.fault(json!({"disconnect_after_chunks": 3, "count": 2, "model": "m-solo"}));
+    let events = stream(&gw, "solo", 10);
+    let last: Value = serde_json::from_str(events.last().unwrap()).unwrap();
+    assert_eq!(last["error"]["code"], "upstream_error", "{events:?}");
+    assert!(!events.iter().any(|e| e == "[DONE]"));
+    assert_eq!(
+        attempts(&mock, "m-solo"),
+        1,
+        "a broken deployment is not asked to continue"
+    );
+    wait_until(Duration::from_secs(5), "the break to be counted", || {
+        metric_value(
+            &gw.metrics(),
+            r#"runestone_errors_total{reason="provider_stream_broken"}"#,
+        ) == 1.0
+    });
+    assert!(billed(&gw).1 > 0, "what was delivered is billed");
+    // Turned off for a model: no continuation.
+    let mock = Mock::start(&[]);
+    let mut config = config(&mock, "", "");
+    config.models = config.models.replace(
+        "context_fallbacks: [large]",
+        "context_fallbacks: [large]\n    resume_streams: false",
+    );
+    let gw = Gateway::start(&config);
+    mock.fault(json!({"disconnect_after_chunks": 3, "model": "m-small"}));
+    let events = stream(&gw, "small", 10);
+    assert!(events.last().unwrap().contains("upstream_error"));
+    assert_eq!(attempts(&mock, "m-large"), 0);
+}
+
+#[test]
+fn a_malformed_event_is_left_out_and_the_stream_goes_on() {
+    let (mock, gw) = start("", "");
+    mock.fault(json!({"malformed_after_chunks": 2, "model": "m-small"}));
+    let events = stream(&gw, "small", 6);
+    let (text, usage) = whole_stream(&events);
+    assert_eq!(text, mock_text(6));
+    assert_eq!(usage["completion_tokens"], 6, "the provider's own count");
+    assert_eq!(billed(&gw).1, 6);
+    assert_eq!(attempts(&mock, "m-large"), 0);
+}
+
+#[test]
+fn a_stream_without_done_gets_exactly_one() {
+    let (mock, gw) = start("", "");
+    mock.fault(json!({"no_done": true, "model": "m-small"}));
+    let events = stream(&gw, "small", 4);
+    let (text, usage) = whole_stream(&events);
+    assert_eq!(text, mock_text(4));
+    assert_eq!(billed(&gw).1, usage["completion_tokens"].as_u64().unwrap());
+}
+
+#[test]
+fn a_prompt_too_long_moves_to_the_context_fallbacks_and_is_never_retried_unchanged() {
+    let (mock, gw) = start("", "");
+    let too_long = r#"{"error":{"message":"This model's maximum context length is 8192 tokens.","type":"invalid_request_error","param":"messages","code":"context_length_exceeded"}}"#;
+    mock.fault(json!({"status": 400, "error_body": too_long, "content_type": "application/json", "model": "m-small"}));
+    let resp = ask(&gw, "small");
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.json()["model"], "m-large");
+    assert_eq!(
+        (attempts(&mock, "m-small"), attempts(&mock, "m-large")),
+        (1, 1)
+    );
+    assert_billed(&gw, &resp.json(), LARGE_PRICE);
+    // Without context fallbacks the provider's answer is the client's.
+    mock.fault(json!({"status": 400, "error_body": too_long, "content_type": "application/json", "model": "m-large"}));
+    let resp = ask(&gw, "large");
+    assert_eq!(
+        (resp.status, resp.error_code()),
+        (400, "context_length_exceeded".to_string())
+    );
+    assert_eq!(attempts(&mock, "m-large"), 2);
+    assert_eq!(
+        attempts(&mock, "m-small"),
+        1,
+        "an ordinary fallback is no context fallback"
+    );
+}
+
+#[test]
+fn a_content_policy_rejection_is_the_answer() {
+    let (mock, gw) = start("", "");
+    let policy = r#"{"error":{"message":"Your request was rejected by the safety system.","type":"invalid_request_error","param":null,"code":"content_policy_violation"}}"#;
+    mock.fault(json!({"status": 400, "error_body": policy, "content_type": "application/json", "model": "m-small"}));
+    let resp = ask(&gw, "small");
+    assert_eq!(
+        (resp.status, resp.error_code()),
+        (400, "content_policy_violation".to_string())
+    );
+    assert_eq!(
+        (attempts(&mock, "m-small"), attempts(&mock, "m-large")),
+        (1, 0)
+    );
+    assert_eq!(billed(&gw), (0, 0, 0.0));
+}
+
+/// The primary is down for a minute under steady traffic, then healthy:
+/// meanwhile every request is served by the fallback without waiting and
+/// the primary sees at most a probe per open period; afterwards traffic is
+/// back on it within 30 s.
+#[test]
+fn a_primary_down_for_a_minute_is_used_again_within_30_s_of_recovering() {
+    let (mock, gw) = start("", "");
+    mock.fault(json!({"status": 503, "count": 100000, "model": "m-small"}));
+    let outage = Instant::now();
+    let mut slowest = Duration::ZERO;
+    while outage.elapsed() < Duration::from_secs(60) {
+        let started = Instant::now();
+        let resp = ask(&gw, "small");
+        slowest = slowest.max(started.elapsed());
+        assert_eq!(resp.status, 200);
+        assert_eq!(resp.json()["model"], "m-large");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        slowest < Duration::from_secs(1),
+        "no request waited: {slowest:?}"
+    );
+    let during = attempts(&mock, "m-small");
+    // 5 failures open it (a request's same-deployment retry included), then
+    // one probe (and its retry refused by the reopened breaker) at about 10,
+    // 30 and 60 s.
+    assert!(during <= 10, "m-small saw {during} attempts in the outage");
+    ureq::post(&format!("http://127.0.0.1:{}/_mock/reset", mock.port))
+        .call()
+        .unwrap();
+    let healthy = Instant::now();
+    loop {
+        let resp = ask(&gw, "small");
+        assert_eq!(resp.status, 200);
+        if resp.json()["model"] == "m-small" {
+            break;
+        }
+        assert!(
+            healthy.elapsed() < Duration::from_secs(32),
+            "m-small not used again within 30 s of recovering"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for _ in 0..5 {
+        assert_eq!(ask(&gw, "small").json()["model"], "m-small", "and it stays");
+    }
+}
