@@ -55,7 +55,7 @@ fn start(provider_extra: &str, extra: &str) -> (Mock, Gateway) {
 fn seen(mock: &Mock, model: &str) -> Vec<Value> {
     mock.requests()
         .into_iter()
-        .filter(|r| r["path"] == CHAT && r["model"] == model)
+        .filter(|r| r["model"] == model)
         .collect()
 }
 
@@ -620,4 +620,43 @@ fn a_primary_down_for_a_minute_is_used_again_within_30_s_of_recovering() {
     for _ in 0..5 {
         assert_eq!(ask(&gw, "small").json()["model"], "m-small", "and it stays");
     }
+}
+
+/// Anthropic continues a prefill natively: a broken OpenAI stream finished
+/// by an Anthropic fallback (translated), and a broken Anthropic stream
+/// finished by another Anthropic model.
+#[test]
+fn anthropic_continues_a_broken_stream_from_the_text_delivered() {
+    let mock = Mock::start(&[]);
+    let mut config = config(&mock, "", "");
+    config.providers.push(format!(
+        "  - {{ name: claude, kind: anthropic, base_url: \"http://127.0.0.1:{}\", api_key: \"{PROVIDER_KEY}\", timeouts: {{ idle_ms: 500 }} }}",
+        mock.port
+    ));
+    config.models.push_str(
+        "  - name: to-claude
+    targets: [{ provider: acct, model: m-openai }]
+    fallbacks: [claude-a]
+  - name: claude-a
+    targets: [{ provider: claude, model: c-a }]
+    fallbacks: [claude-b]
+  - name: claude-b
+    targets: [{ provider: claude, model: c-b }]
+",
+    );
+    let gw = Gateway::start(&config);
+    for (model, first, second) in [("to-claude", "m-openai", "c-a"), ("claude-a", "c-a", "c-b")] {
+        mock.fault(json!({"disconnect_after_chunks": 3, "model": first}));
+        // 16: the mock's reply length when not told (mock_tokens does not
+        // survive the translation to Anthropic).
+        let events = stream(&gw, model, 16);
+        let (text, usage) = whole_stream(&events);
+        assert_eq!(text, mock_text(16), "{model}");
+        let continuation = seen(&mock, second).pop().unwrap();
+        assert_eq!(continuation["prefilled"], true, "{model}");
+        assert_eq!(continuation["path"], "/v1/messages");
+        assert!(usage["completion_tokens"].as_u64().unwrap() > 7, "{usage}");
+    }
+    let (prompt, completion, _) = billed(&gw);
+    assert!(prompt > 0 && completion > 14);
 }

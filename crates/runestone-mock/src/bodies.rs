@@ -168,7 +168,11 @@ pub(crate) fn parse_messages(body: &[u8]) -> Result<(GenRequest, Option<String>)
         GenRequest {
             model: b.model,
             prompt_tokens: chat_prompt_tokens(&messages) + bytes_to_tokens(system),
-            plan: plan(b.mock_tokens, &[Some(max_tokens)]),
+            // max_tokens bounds what is generated, after any prefill.
+            plan: plan(
+                b.mock_tokens,
+                &[Some(max_tokens.saturating_add(prefill_tokens(&messages)))],
+            ),
             start: prefill_tokens(&messages),
             prefilled: ends_with_prefill(&messages),
             stream: b.stream.unwrap_or(false),

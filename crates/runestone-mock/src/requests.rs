@@ -362,11 +362,17 @@ impl GenRequest {
 pub(crate) fn parse_chat(body: &[u8], deployment: Option<&str>) -> Result<GenRequest, ApiError> {
     let b: ChatBody = serde_json::from_slice(body).map_err(|e| ApiError::from_json(&e))?;
     let messages = b.messages.unwrap_or_default();
+    // A token limit bounds what is generated, after any prefill.
+    let start = prefill_tokens(&messages);
+    let cap = |c: Option<u64>| c.map(|c| c.saturating_add(start));
     Ok(GenRequest {
         model: b.model.or_else(|| deployment.map(str::to_owned)),
         prompt_tokens: chat_prompt_tokens(&messages),
-        plan: plan(b.mock_tokens, &[b.max_tokens, b.max_completion_tokens]),
-        start: prefill_tokens(&messages),
+        plan: plan(
+            b.mock_tokens,
+            &[cap(b.max_tokens), cap(b.max_completion_tokens)],
+        ),
+        start,
         prefilled: ends_with_prefill(&messages),
         stream: b.stream.unwrap_or(false),
         include_usage: b
