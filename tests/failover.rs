@@ -508,8 +508,23 @@ fn a_stream_that_cannot_be_resumed_ends_with_an_in_band_error() {
 }
 
 #[test]
-fn a_malformed_event_is_left_out_and_the_stream_goes_on() {
+fn a_malformed_event_breaks_a_resumable_stream_and_is_left_out_of_others() {
+    // It may have carried text: a stream that can go on elsewhere does.
     let (mock, gw) = start("", "");
+    mock.fault(json!({"malformed_after_chunks": 2, "model": "m-small"}));
+    let events = stream(&gw, "small", 6);
+    let (text, usage) = whole_stream(&events);
+    assert_eq!(text, mock_text(6));
+    assert_eq!(billed(&gw).1, usage["completion_tokens"].as_u64().unwrap());
+    assert_eq!(seen(&mock, "m-large").len(), 1);
+    // Not resumable: left out, and the stream goes on.
+    let mock = Mock::start(&[]);
+    let mut config = config(&mock, "", "");
+    config.models = config.models.replace(
+        "context_fallbacks: [large]",
+        "context_fallbacks: [large]\n    resume_streams: false",
+    );
+    let gw = Gateway::start(&config);
     mock.fault(json!({"malformed_after_chunks": 2, "model": "m-small"}));
     let events = stream(&gw, "small", 6);
     let (text, usage) = whole_stream(&events);

@@ -4,7 +4,8 @@
 //!
 //! A `data:` event whose payload is neither JSON nor `[DONE]` is left out
 //! of what the client gets (OpenAI SDKs would fail on it) and is not
-//! counted; the rest of the stream goes on. A line too long to hold
+//! counted; the rest of the stream goes on, unless the meter was asked to
+//! halt there (a stream that can be continued elsewhere breaks instead). A line too long to hold
 //! ([`MAX_LINE_BYTES`]) passes through unread.
 
 use super::{Probe, Usage, MAX_LINE_BYTES};
@@ -25,6 +26,10 @@ pub struct StreamMeter {
     saw_done: bool,
     /// Events left out because they were not JSON.
     malformed: u64,
+    /// Stop at an event that is not JSON (see [`StreamMeter::halt_on_malformed`]).
+    halt_on_malformed: bool,
+    /// Stopped at one: the rest is held until told to go on.
+    halted: bool,
 }
 
 /// What one line of the stream is.
@@ -50,7 +55,28 @@ impl StreamMeter {
             generated_bytes: 0,
             saw_done: false,
             malformed: 0,
+            halt_on_malformed: false,
+            halted: false,
         }
+    }
+
+    /// With `on`, an event that is not JSON stops the meter: [`feed`]
+    /// returns the lines before it and holds the rest, and [`halted`] says
+    /// so (a stream that may be continued elsewhere treats it as a break).
+    /// Turning it off goes on (the next `feed` returns the rest).
+    ///
+    /// [`feed`]: StreamMeter::feed
+    /// [`halted`]: StreamMeter::halted
+    pub fn halt_on_malformed(&mut self, on: bool) {
+        self.halt_on_malformed = on;
+        if !on {
+            self.halted = false;
+        }
+    }
+
+    /// Whether the meter stopped at an event that is not JSON.
+    pub fn halted(&self) -> bool {
+        self.halted
     }
 
     /// Events left out because they were not JSON.
@@ -80,10 +106,21 @@ impl StreamMeter {
         self.partial.extend_from_slice(&rest);
         let mut out = BytesMut::with_capacity(passed.len() + rest.len());
         out.extend_from_slice(&passed);
+        if self.halted {
+            return out.freeze();
+        }
         if let Some(last_newline) = self.partial.iter().rposition(|&b| b == b'\n') {
             let complete = self.partial.split_to(last_newline + 1).freeze();
+            let mut consumed = 0;
             for line in complete.split_inclusive(|&b| b == b'\n') {
-                self.edit_line(line, &mut out);
+                consumed += line.len();
+                if self.edit_line(line, &mut out) && self.halt_on_malformed {
+                    let mut held = BytesMut::from(&complete[consumed..]);
+                    held.extend_from_slice(&self.partial);
+                    self.partial = held;
+                    self.halted = true;
+                    return out.freeze();
+                }
             }
         }
         out.extend_from_slice(&self.release_oversized());
@@ -157,21 +194,22 @@ impl StreamMeter {
 
     /// Meters the line and writes it, unless it is malformed or (when
     /// stripping) the usage chunk the gateway asked for; when stripping,
-    /// a `"usage":null` the gateway caused is taken out.
-    fn edit_line(&mut self, line: &[u8], out: &mut BytesMut) {
+    /// a `"usage":null` the gateway caused is taken out. Returns whether
+    /// the line was malformed.
+    fn edit_line(&mut self, line: &[u8], out: &mut BytesMut) -> bool {
         let is_blank = line.iter().all(|b| b.is_ascii_whitespace());
         if is_blank && std::mem::take(&mut self.skip_blank_line) {
-            return;
+            return false;
         }
         match self.observe(line) {
             Line::Malformed => {
                 self.malformed += 1;
                 self.skip_blank_line = true;
-                return;
+                return true;
             }
             Line::UsageOnly if self.strip_usage => {
                 self.skip_blank_line = true;
-                return;
+                return false;
             }
             _ => {}
         }
@@ -188,6 +226,7 @@ impl StreamMeter {
             }
             None => out.extend_from_slice(line),
         }
+        false
     }
 }
 

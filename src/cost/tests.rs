@@ -215,3 +215,22 @@ fn leaves_out_events_that_are_not_json() {
         assert!(meter.saw_done());
     }
 }
+
+#[test]
+fn halts_at_an_event_that_is_not_json_when_asked_and_goes_on_when_told() {
+    let good = stream_events(false).concat();
+    let upstream = format!("{good}data: {{\"choices\": [unparseable\n\n{good}data: [DONE]\n\n");
+    let mut meter = StreamMeter::new(false);
+    meter.halt_on_malformed(true);
+    let first = meter.feed(Bytes::from(upstream.clone()));
+    assert_eq!(first, good.as_bytes(), "the lines before it");
+    assert!(meter.halted());
+    assert!(
+        meter.feed(Bytes::from_static(b": more\n")).is_empty(),
+        "held while halted"
+    );
+    meter.halt_on_malformed(false);
+    let rest = meter.feed(Bytes::new());
+    assert_eq!(rest, format!("{good}data: [DONE]\n\n: more\n").as_bytes());
+    assert!(!meter.halted());
+}

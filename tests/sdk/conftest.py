@@ -10,6 +10,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
@@ -90,23 +91,70 @@ class Mock:
         self.proc.wait()
 
 
-class Gateway:
-    """A running runestone with a generated config."""
+class Runestone:
+    """A running runestone on the config `config(port, metrics_port, dir)`
+    returns; its SDK client, metrics and output."""
 
-    def __init__(self, mock: Mock, extra_models: str = ""):
+    def __init__(self, config, env=None):
         self.port = free_port()
         self.metrics_port = free_port()
         self.dir = tempfile.TemporaryDirectory(prefix="runestone-sdk-")
-        restricted = "sha256:" + hashlib.sha256(RESTRICTED_KEY.encode()).hexdigest()
-        config = f"""
+        path = Path(self.dir.name) / "runestone.yaml"
+        path.write_text(config(self.port, self.metrics_port, self.dir.name))
+        self.log_path = Path(self.dir.name) / "gateway.log"
+        self.log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [str(BIN_DIR / "runestone"), "--config", str(path)],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+        )
+        wait_ready(f"http://127.0.0.1:{self.port}/health", self.proc, "runestone")
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def client(self, key: str = TENANT_KEY) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.base_url, api_key=key, max_retries=0, timeout=30)
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics") as resp:
+            return resp.read().decode()
+
+    def output(self) -> str:
+        self.log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        self.log.close()
+        self.dir.cleanup()
+
+
+def server_yaml(port: int, metrics_port: int, directory: str) -> str:
+    """The `server:` section every test config starts with."""
+    return f"""
 server:
-  listen: "127.0.0.1:{self.port}"
-  metrics_listen: "127.0.0.1:{self.metrics_port}"
+  listen: "127.0.0.1:{port}"
+  metrics_listen: "127.0.0.1:{metrics_port}"
   threads: 2
   max_request_body_bytes: 1048576
   grace_period_seconds: 1
-  pid_file: "{self.dir.name}/gw.pid"
-  upgrade_sock: "{self.dir.name}/gw.sock"
+  pid_file: "{directory}/gw.pid"
+  upgrade_sock: "{directory}/gw.sock"
+"""
+
+
+class Gateway(Runestone):
+    """runestone in front of one runestone-mock (several provider kinds)."""
+
+    def __init__(self, mock: Mock, extra_models: str = ""):
+        restricted = "sha256:" + hashlib.sha256(RESTRICTED_KEY.encode()).hexdigest()
+
+        def config(port, metrics_port, directory):
+            return server_yaml(port, metrics_port, directory) + f"""
 providers:
   - {{ name: mock, kind: openai, base_url: "{mock.base_url}", api_key: "{PROVIDER_KEY}" }}
   - {{ name: dead, kind: openai, base_url: "http://127.0.0.1:{free_port()}/v1" }}
@@ -141,38 +189,51 @@ tenants:
 pricing:
   gpt-4o-mini: {{ input: 1.0, output: 2.0 }}
 """
-        path = Path(self.dir.name) / "runestone.yaml"
-        path.write_text(config)
-        self.log_path = Path(self.dir.name) / "gateway.log"
-        self.log = open(self.log_path, "wb")
+
+        super().__init__(config, env={"RUST_LOG": "debug"})
+
+
+class Llmock:
+    """A running llmock server (PyPI: an OpenAI-compatible server we did not
+    write), its journal and its scenario API."""
+
+    def __init__(self):
+        self.port = free_port()
+        exe = Path(sys.executable).parent / "llmock"
         self.proc = subprocess.Popen(
-            [str(BIN_DIR / "runestone"), "--config", str(path)],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "RUST_LOG": "debug"},
+            [str(exe), "serve", "--host", "127.0.0.1", "--port", str(self.port),
+             "--log-level", "warning", "--response-style", "static", "--tool-mode", "off"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
-        wait_ready(f"http://127.0.0.1:{self.port}/health", self.proc, "runestone")
+        wait_ready(f"http://127.0.0.1:{self.port}/health", self.proc, "llmock", timeout=30)
 
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
 
-    def client(self, key: str = TENANT_KEY) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.base_url, api_key=key, max_retries=0, timeout=30)
+    def _call(self, method: str, path: str, body=None):
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{self.port}{path}", data=data, method=method,
+            headers={"content-type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return json.load(resp)
 
-    def metrics(self) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics") as resp:
-            return resp.read().decode()
+    def journal(self) -> list:
+        return self._call("GET", "/_llmock/requests")["requests"]
 
-    def output(self) -> str:
-        self.log.flush()
-        return self.log_path.read_text(errors="replace")
+    def scenario(self, *behaviors: dict) -> None:
+        """Queues fault behaviours (llmock's `/_llmock/scenario`)."""
+        self._call("POST", "/_llmock/scenario", {"behaviors": list(behaviors)})
 
-    def stop(self) -> None:
-        self.proc.kill()
-        self.proc.wait()
-        self.log.close()
-        self.dir.cleanup()
+    def reset(self) -> None:
+        self._call("POST", "/_llmock/reset", {})
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")

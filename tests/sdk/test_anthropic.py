@@ -69,13 +69,15 @@ def test_tools(client):
     ],
 )
 def test_upstream_errors_raise_the_usual_classes(client, mock, status, exception):
-    mock.fault({"status": status, "path": "/v1/messages"})
+    # Twice: a 5xx is tried once more on the same deployment.
+    mock.fault({"status": status, "count": 2 if status >= 500 else 1, "path": "/v1/messages"})
     with pytest.raises(exception):
         client.chat.completions.create(model="claude", messages=[{"role": "user", "content": "hi"}])
 
 
 def test_upstream_rate_limit_raises_rate_limit_error(gateway, mock):
     # Its own client: a provider 429 cools the backend down for a while.
-    mock.fault({"status": 429, "path": "/v1/messages"})
+    # A wait longer than the gateway's max_retry_wait_ms: not waited out.
+    mock.fault({"status": 429, "retry_after": 30, "path": "/v1/messages"})
     with pytest.raises(openai.RateLimitError):
         gateway.client().chat.completions.create(model="claude", messages=[{"role": "user", "content": "hi"}])

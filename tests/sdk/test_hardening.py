@@ -9,65 +9,22 @@ not write (llmock, from PyPI) as well as our own mock.
 """
 
 import json
-import os
-import subprocess
-import sys
-import tempfile
 import time
-import urllib.request
-from pathlib import Path
 
 import openai
 import pytest
 
-from conftest import BIN_DIR, PROVIDER_KEY, TENANT_KEY, free_port, wait_ready
+from conftest import PROVIDER_KEY, TENANT_KEY, Llmock, Runestone, server_yaml
 
 OTHER_KEY = "sk-sdk-other-tenant-0099"
 
 
-class Llmock:
-    """A running llmock server (PyPI), its journal and scenario API."""
-
-    def __init__(self):
-        self.port = free_port()
-        exe = Path(sys.executable).parent / "llmock"
-        self.proc = subprocess.Popen(
-            [str(exe), "serve", "--host", "127.0.0.1", "--port", str(self.port),
-             "--log-level", "warning", "--response-style", "static", "--tool-mode", "off"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        wait_ready(f"http://127.0.0.1:{self.port}/health", self.proc, "llmock", timeout=30)
-
-    def _call(self, method: str, path: str, body=None):
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(
-            f"http://127.0.0.1:{self.port}{path}", data=data, method=method,
-            headers={"content-type": "application/json"},
-        )
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            return json.load(resp)
-
-    def journal(self) -> list:
-        return self._call("GET", "/_llmock/requests")["requests"]
-
-    def stop(self):
-        self.proc.terminate()
-        self.proc.wait(timeout=10)
-
-
-class Gateway:
+class Gateway(Runestone):
     """runestone in front of one OpenAI-compatible upstream, two tenants."""
 
     def __init__(self, base_url: str, api_key: str):
-        self.port = free_port()
-        self.dir = tempfile.TemporaryDirectory(prefix="runestone-sdk-hardening-")
-        config = f"""
-server:
-  listen: "127.0.0.1:{self.port}"
-  grace_period_seconds: 1
-  pid_file: "{self.dir.name}/gw.pid"
-  upgrade_sock: "{self.dir.name}/gw.sock"
+        def config(port, metrics_port, directory):
+            return server_yaml(port, metrics_port, directory) + f"""
 providers:
   - {{ name: upstream, base_url: "{base_url}", api_key: "{api_key}" }}
 models:
@@ -80,29 +37,8 @@ tenants:
   - id: other
     keys: ["{OTHER_KEY}"]
 """
-        path = Path(self.dir.name) / "runestone.yaml"
-        path.write_text(config)
-        self.log_path = Path(self.dir.name) / "gateway.log"
-        self.log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(
-            [str(BIN_DIR / "runestone"), "--config", str(path)],
-            stdout=self.log, stderr=subprocess.STDOUT,
-        )
-        wait_ready(f"http://127.0.0.1:{self.port}/health", self.proc, "runestone")
 
-    def client(self, key: str = TENANT_KEY) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key=key,
-                             max_retries=0, timeout=30)
-
-    def output(self) -> str:
-        self.log.flush()
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self):
-        self.proc.kill()
-        self.proc.wait()
-        self.log.close()
-        self.dir.cleanup()
+        super().__init__(config)
 
 
 @pytest.fixture(scope="module")

@@ -153,7 +153,8 @@ def test_unreachable_provider_raises_internal_server_error(client):
 
 
 def test_provider_5xx_with_nowhere_to_fail_over_is_a_502(client, mock):
-    mock.fault({"status": 500, "count": 1, "path": "/v1/chat/completions"})
+    # Twice: a 500 is tried once more on the same deployment.
+    mock.fault({"status": 500, "count": 2, "path": "/v1/chat/completions"})
     with pytest.raises(openai.InternalServerError) as err:
         client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
     assert err.value.status_code == 502

@@ -80,6 +80,19 @@ impl Meter {
         }
     }
 
+    /// Whether a stream stopped at an event that is not JSON.
+    fn halted(&self) -> bool {
+        matches!(self, Meter::Stream(m) if m.halted())
+    }
+
+    /// Whether a stream stops at an event that is not JSON (else leaves
+    /// it out and goes on).
+    fn halt_on_malformed(&mut self, on: bool) {
+        if let Meter::Stream(m) = self {
+            m.halt_on_malformed(on);
+        }
+    }
+
     /// The end of the upstream body: what is still to be sent. A stream
     /// that ended cleanly without `data: [DONE]` gets one from the gateway.
     fn finish(&mut self) -> Bytes {
@@ -255,6 +268,9 @@ impl Copy<'_> {
                 return BodyEnd::ClientGone;
             }
         }
+        // An event that is not JSON may have carried text: a stream that
+        // can be continued elsewhere breaks there rather than lose it.
+        meter.halt_on_malformed(client.resumable());
         loop {
             let gap = self
                 .idle
@@ -276,6 +292,22 @@ impl Copy<'_> {
                     if !out.is_empty() {
                         report.first_byte_at.get_or_insert_with(Instant::now);
                         if !client.send_body(out, false).await {
+                            return BodyEnd::ClientGone;
+                        }
+                    }
+                    if meter.halted() {
+                        if client.resumable() {
+                            warn!(request_id = %self.request_id, provider = %self.provider.name, "provider sent a stream event that is not JSON");
+                            return BodyEnd::ProviderBroke(format!(
+                                "The provider '{}' sent a stream event that is not JSON.",
+                                self.provider.name
+                            ));
+                        }
+                        // No longer resumable (a tool call went by): leave
+                        // it out and go on.
+                        meter.halt_on_malformed(false);
+                        let rest = redactor.feed(meter.feed(Bytes::new()));
+                        if !rest.is_empty() && !client.send_body(rest, false).await {
                             return BodyEnd::ClientGone;
                         }
                     }
