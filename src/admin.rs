@@ -30,6 +30,9 @@ pub fn ready(
         .map(|(index, route)| {
             let state = if upstreams.can_serve(index, route) {
                 "ok"
+            } else if upstreams.is_healthy(index, route) {
+                // Resting at the provider's request: still ready.
+                "rate_limited"
             } else {
                 "no_eligible_backend"
             };
@@ -80,7 +83,7 @@ pub fn ready(
             )
         })
         .collect();
-    let models_ok = models.values().all(|v| v == "ok");
+    let models_ok = models.values().all(|v| v != "no_eligible_backend");
     let redis_ok = redis_up.unwrap_or(true);
     let ready = models_ok && redis_ok;
     let mut checks = json!({ "config": "ok", "models": models, "providers": providers });

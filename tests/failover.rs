@@ -675,3 +675,248 @@ fn anthropic_continues_a_broken_stream_from_the_text_delivered() {
     let (prompt, completion, _) = billed(&gw);
     assert!(prompt > 0 && completion > 14);
 }
+
+#[test]
+fn max_attempts_bounds_a_rejected_prefill_too() {
+    let (mock, gw) = start("", "failover: { max_attempts: 2 }\n");
+    mock.fault(json!([
+        {"disconnect_after_chunks": 3, "model": "m-small"},
+        {"reject_prefill": true, "model": "m-large"}
+    ]));
+    let events = stream(&gw, "small", 10);
+    let last: Value = serde_json::from_str(events.last().unwrap()).unwrap();
+    assert_eq!(last["error"]["code"], "upstream_error", "{events:?}");
+    assert_eq!(attempts(&mock, "m-small") + attempts(&mock, "m-large"), 2);
+    assert_eq!(access_lines(&gw, 1).pop().unwrap()["attempts"], 2);
+}
+
+#[test]
+fn a_continuation_that_fails_before_streaming_is_still_one_resumption() {
+    let (mock, gw) = start("", "");
+    mock.fault(json!([
+        {"disconnect_after_chunks": 3, "model": "m-small"},
+        {"status": 503, "model": "m-large"}
+    ]));
+    let (text, _) = whole_stream(&stream(&gw, "small", 10));
+    assert_eq!(text, mock_text(10));
+    assert_eq!(access_lines(&gw, 1).pop().unwrap()["resumptions"], 1);
+    let metrics = gw.metrics();
+    for (outcome, n) in [("attempted", 1.0), ("resumed", 1.0), ("failed", 0.0)] {
+        assert_eq!(
+            metric_value(
+                &metrics,
+                &format!(
+                    r#"runestone_stream_resumptions_total{{model="small",outcome="{outcome}"}}"#
+                )
+            ),
+            n,
+            "{outcome}"
+        );
+    }
+}
+
+#[test]
+fn a_continuation_that_breaks_is_continued_again() {
+    let mock = Mock::start(&[]);
+    let mut config = config(&mock, "", "");
+    config.models = config
+        .models
+        .replacen("fallbacks: [large]", "fallbacks: [large, solo]", 1);
+    let gw = Gateway::start(&config);
+    mock.fault(json!([
+        {"disconnect_after_chunks": 3, "model": "m-small"},
+        {"disconnect_after_chunks": 2, "model": "m-large"}
+    ]));
+    let (text, usage) = whole_stream(&stream(&gw, "small", 10));
+    assert_eq!(text, mock_text(10));
+    assert_eq!(billed(&gw).1, usage["completion_tokens"].as_u64().unwrap());
+    assert_eq!(access_lines(&gw, 1).pop().unwrap()["resumptions"], 2);
+}
+
+#[test]
+fn a_stream_that_ends_before_it_finished_is_resumed_not_sealed() {
+    let (mock, gw) = start("", "");
+    mock.fault(json!({"end_after_chunks": 4, "model": "m-small"}));
+    let (text, _) = whole_stream(&stream(&gw, "small", 10));
+    assert_eq!(text, mock_text(10));
+    assert_eq!(attempts(&mock, "m-large"), 1);
+    // Nowhere to go: the client is told, not handed a [DONE].
+    mock.fault(json!({"end_after_chunks": 4, "model": "m-solo"}));
+    let events = stream(&gw, "solo", 10);
+    assert!(!events.iter().any(|e| e == "[DONE]"), "{events:?}");
+    assert!(events.last().unwrap().contains("upstream_error"));
+}
+
+#[test]
+fn streams_with_several_choices_or_logprobs_are_not_resumed() {
+    let (mock, gw) = start("", "");
+    for extra in [json!({"n": 2}), json!({"logprobs": true})] {
+        mock.fault(json!({"disconnect_after_chunks": 3, "model": "m-small"}));
+        let mut body = chat("small", true);
+        body["mock_tokens"] = json!(10);
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let mut events = Vec::new();
+        read_sse(gw.port, TENANT_KEY, &body, |data, _| {
+            events.push(data.to_owned())
+        });
+        assert!(events.last().unwrap().contains("upstream_error"), "{extra}");
+    }
+    assert_eq!(attempts(&mock, "m-large"), 0);
+}
+
+#[test]
+fn an_overflow_tenant_is_served_by_the_fallback_not_parked_behind_its_primary() {
+    let mock = Mock::start(&[]);
+    let mut config = config(&mock, "", "");
+    config
+        .tenants
+        .push_str("    overflow: { enabled: true, max_wait_seconds: 30 }\n");
+    let gw = Gateway::start(&config);
+    mock.fault(json!({"status": 429, "retry_after": 8, "model": "m-small"}));
+    assert_eq!(ask(&gw, "small").json()["model"], "m-large");
+    let started = Instant::now();
+    let resp = ask(&gw, "small");
+    assert_eq!(
+        (resp.status, resp.json()["model"].clone()),
+        (200, json!("m-large"))
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn a_deployment_resting_at_the_providers_request_keeps_the_instance_ready() {
+    let (mock, gw) = start("", "");
+    mock.fault(json!({"status": 429, "retry_after": 3600, "model": "m-solo"}));
+    assert_eq!(ask(&gw, "solo").status, 429);
+    let ready = gw.get("/ready", None);
+    assert_eq!(
+        ready.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&ready.body)
+    );
+    assert_eq!(ready.json()["checks"]["models"]["solo"], "rate_limited");
+}
+
+#[test]
+fn one_models_dropped_requests_leave_the_other_models_on_the_account_alone() {
+    let (mock, gw) = start("", "");
+    mock.fault(json!({"drop_connection": true, "count": 1000, "model": "m-solo"}));
+    for _ in 0..6 {
+        // 502 until m-solo's breaker opens, then 503.
+        let status = ask(&gw, "solo").status;
+        assert!(status == 502 || status == 503, "{status}");
+    }
+    for model in ["large", "small"] {
+        let resp = ask(&gw, model);
+        assert_eq!(
+            resp.status,
+            200,
+            "{model}: {}",
+            String::from_utf8_lossy(&resp.body)
+        );
+        assert_eq!(resp.header("x-runestone-attempts"), Some("1"));
+    }
+}
+
+#[test]
+fn a_probe_in_flight_does_not_stop_a_priority_route_using_its_other_target() {
+    let mock = Mock::start(&[]);
+    let mut config = config(
+        &mock,
+        "",
+        "circuit_breaker: { consecutive_failures: 1, open_seconds: 1 }\nfailover: { same_deployment_retries: 0 }\n",
+    );
+    config.models.push_str(
+        "  - name: dual\n    strategy: priority\n    targets: [{ provider: acct, model: m-a }, { provider: acct, model: m-b }]\n",
+    );
+    let gw = Gateway::start(&config);
+    mock.fault(json!({"status": 503, "model": "m-a"}));
+    assert_eq!(ask(&gw, "dual").json()["model"], "m-b");
+    std::thread::sleep(Duration::from_millis(1100)); // m-a half-opens
+    mock.fault(json!({"stall_ms": 800, "model": "m-a"}));
+    let port = gw.port;
+    let probe = std::thread::spawn(move || {
+        ureq::post(&format!("http://127.0.0.1:{port}{CHAT}"))
+            .set("authorization", &format!("Bearer {TENANT_KEY}"))
+            .send_json(chat("dual", false))
+            .map(|r| r.status())
+            .unwrap_or(0)
+    });
+    wait_until(Duration::from_secs(2), "the probe to reach m-a", || {
+        attempts(&mock, "m-a") == 2
+    });
+    let during = ask(&gw, "dual");
+    assert_eq!(
+        during.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&during.body)
+    );
+    assert_eq!(during.json()["model"], "m-b");
+    assert_eq!(probe.join().unwrap(), 200);
+}
+
+#[test]
+fn the_first_token_deadline_counts_from_the_request() {
+    let (mock, gw) = start("", "");
+    // Head after 700 ms, first token 700 ms later: 1.4 s > first_token_ms.
+    mock.fault(json!({"latency_ms": 700}));
+    mock.fault(json!({"first_token_ms": 700, "model": "m-small"}));
+    let events = stream(&gw, "small", 3);
+    assert!(events[0].contains("m-large"), "{}", events[0]);
+}
+
+#[test]
+fn a_retry_after_of_zero_is_not_taken_literally() {
+    let (mock, gw) = start("", "failover: { max_attempts: 4 }\n");
+    mock.fault(json!({"status": 429, "retry_after_ms": 0, "count": 2, "model": "m-solo"}));
+    assert_eq!(ask(&gw, "solo").status, 200);
+    let at: Vec<u64> = seen(&mock, "m-solo")
+        .iter()
+        .map(|r| r["at_ms"].as_u64().unwrap())
+        .collect();
+    assert_eq!(at.len(), 3);
+    assert!(at.windows(2).all(|w| w[1] - w[0] >= 90), "{at:?}");
+}
+
+#[test]
+fn a_route_that_said_too_long_is_not_asked_again_as_a_context_fallback() {
+    let (mock, gw) = start("", "failover: { max_attempts: 5 }\n");
+    let too_long = r#"{"error":{"message":"This model's maximum context length is 8192 tokens.","type":"invalid_request_error","param":"messages","code":"context_length_exceeded"}}"#;
+    mock.fault(json!([
+        {"status": 504, "model": "m-small"},
+        {"status": 400, "error_body": too_long, "content_type": "application/json", "model": "m-large", "count": 5}
+    ]));
+    let resp = ask(&gw, "small");
+    assert_eq!(
+        (resp.status, resp.error_code()),
+        (400, "context_length_exceeded".into())
+    );
+    assert_eq!(attempts(&mock, "m-large"), 1);
+}
+
+#[test]
+fn anthropics_input_plus_max_tokens_error_moves_to_the_context_fallback() {
+    let mock = Mock::start(&[]);
+    let mut config = config(&mock, "", "");
+    config.providers.push(format!(
+        "  - {{ name: claude, kind: anthropic, base_url: \"http://127.0.0.1:{}\", api_key: \"{PROVIDER_KEY}\" }}",
+        mock.port
+    ));
+    config
+        .models
+        .push_str("  - name: claude-small\n    targets: [{ provider: claude, model: c-small }]\n    context_fallbacks: [large]\n");
+    let gw = Gateway::start(&config);
+    let body = r#"{"type":"error","error":{"type":"invalid_request_error","message":"input length and `max_tokens` exceed context limit: 199759 + 8192 > 200000, decrease input length or `max_tokens` and try again"}}"#;
+    mock.fault(json!({"status": 400, "error_body": body, "content_type": "application/json", "model": "c-small"}));
+    let resp = ask(&gw, "claude-small");
+    assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
+    assert_eq!(resp.json()["model"], "m-large");
+}

@@ -280,6 +280,32 @@ impl Config {
     pub fn route(&self, model: &str) -> Option<(usize, &ModelRoute)> {
         self.model_index.get(model).map(|&i| (i, &self.models[i]))
     }
+
+    /// The `route_index`-th route and then its `fallbacks` the tenant may
+    /// use, in order: what a request for it may be served by.
+    pub fn routes_for(&self, tenant: usize, route_index: usize) -> Vec<(usize, &ModelRoute)> {
+        let route = &self.models[route_index];
+        std::iter::once(route_index)
+            .chain(route.fallbacks.iter().copied())
+            .filter(|&r| r == route_index || self.tenants[tenant].may_use(&self.models[r].name))
+            .map(|r| (r, &self.models[r]))
+            .collect()
+    }
+
+    /// The route's `context_fallbacks` the tenant may use, in order.
+    pub fn context_routes_for(
+        &self,
+        tenant: usize,
+        route_index: usize,
+    ) -> Vec<(usize, &ModelRoute)> {
+        self.models[route_index]
+            .context_fallbacks
+            .iter()
+            .copied()
+            .filter(|&r| self.tenants[tenant].may_use(&self.models[r].name))
+            .map(|r| (r, &self.models[r]))
+            .collect()
+    }
 }
 
 pub(crate) fn problem(path: &str, message: impl Into<String>) -> Problem {

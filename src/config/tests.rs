@@ -271,3 +271,67 @@ fn refuses_a_provider_key_that_cannot_be_a_header() {
         "{problems:?}"
     );
 }
+
+#[test]
+fn failover_knobs_have_their_documented_defaults() {
+    let config = Config::from_yaml(VALID, env).unwrap();
+    let f = config.failover;
+    assert_eq!(
+        (
+            f.max_attempts,
+            f.max_retry_wait,
+            f.same_deployment_retries,
+            f.same_deployment_delay
+        ),
+        (3, Duration::from_secs(2), 1, Duration::from_millis(100))
+    );
+    assert_eq!(
+        (config.breaker.open, config.breaker.max_open),
+        (Duration::from_secs(10), Duration::from_secs(30))
+    );
+    let p = &config.providers[0];
+    assert_eq!(p.timeouts.first_token, Duration::from_secs(60));
+    assert!(
+        !p.supports_prefill,
+        "an OpenAI-compatible server is not assumed to continue"
+    );
+    let (_, route) = config.route("gpt-4o-mini").unwrap();
+    assert!(route.resume_streams && route.context_fallbacks.is_empty());
+    let anthropic = VALID.replace(
+        "  - name: local\n",
+        "  - { name: claude, kind: anthropic, base_url: \"https://api.anthropic.com\" }\n  - name: local\n",
+    );
+    let config = Config::from_yaml(&anthropic, env).unwrap();
+    assert!(
+        config.providers[1].supports_prefill,
+        "Anthropic continues a prefill"
+    );
+    // A config written when open_seconds could exceed 30 stays valid.
+    let longer = format!("{VALID}circuit_breaker: {{ open_seconds: 60 }}\n");
+    let config = Config::from_yaml(&longer, env).unwrap();
+    assert_eq!(config.breaker.max_open, Duration::from_secs(60));
+}
+
+#[test]
+fn reports_bad_failover_settings() {
+    let yaml = format!(
+        "{}failover: {{ max_attempts: 0, max_retry_wait_ms: 70000, same_deployment_retries: 4, same_deployment_delay_ms: 20000 }}\n",
+        VALID.replace(
+            "      - { provider: local, model: mock-small }\n",
+            "      - { provider: local, model: mock-small }\n    context_fallbacks: [gpt-5-huge]\n",
+        )
+    );
+    let problems = problems(&yaml);
+    for key in [
+        "failover.max_attempts",
+        "failover.max_retry_wait_ms",
+        "failover.same_deployment_retries",
+        "failover.same_deployment_delay_ms",
+        "context_fallbacks",
+    ] {
+        assert!(
+            problems.iter().any(|p| p.contains(key)),
+            "{key}: {problems:?}"
+        );
+    }
+}

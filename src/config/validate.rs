@@ -430,17 +430,20 @@ pub(super) fn validate_breaker(raw: RawBreaker, problems: &mut Vec<Problem>) -> 
         }
         v
     };
+    let open = positive(raw.open_seconds, "open_seconds", d.open.as_secs());
     let settings = BreakerSettings {
         consecutive_failures: positive(
             raw.consecutive_failures.map(u64::from),
             "consecutive_failures",
             5,
         ) as u32,
-        open: Duration::from_secs(positive(raw.open_seconds, "open_seconds", d.open.as_secs())),
+        open: Duration::from_secs(open),
+        // Unset, it is at least open_seconds (a config written when the
+        // default was longer stays valid).
         max_open: Duration::from_secs(positive(
             raw.max_open_seconds,
             "max_open_seconds",
-            d.max_open.as_secs(),
+            d.max_open.as_secs().max(open),
         )),
         half_open_probes: positive(raw.half_open_probes.map(u64::from), "half_open_probes", 1)
             as u32,

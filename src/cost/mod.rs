@@ -149,6 +149,8 @@ struct ChoiceProbe<'a> {
     message: Option<MessageProbe<'a>>,
     #[serde(borrow, default)]
     text: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    finish_reason: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
@@ -159,6 +161,11 @@ struct MessageProbe<'a> {
     tool_calls: Option<&'a RawValue>,
     #[serde(borrow, default)]
     function_call: Option<&'a RawValue>,
+    /// Reasoning streamed before the answer (DeepSeek, vLLM, OpenRouter).
+    #[serde(borrow, default)]
+    reasoning_content: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    reasoning: Option<&'a RawValue>,
 }
 
 impl Probe<'_> {
@@ -178,9 +185,21 @@ impl Probe<'_> {
             let message = c.delta.as_ref().or(c.message.as_ref());
             sum + raw_len(&c.text)
                 + message.map_or(0, |m| {
-                    raw_len(&m.content) + raw_len(&m.tool_calls) + raw_len(&m.function_call)
+                    raw_len(&m.content)
+                        + raw_len(&m.tool_calls)
+                        + raw_len(&m.function_call)
+                        + raw_len(&m.reasoning_content)
+                        + raw_len(&m.reasoning)
                 })
         })
+    }
+
+    /// Whether a choice in this object has finished.
+    fn finished(&self) -> bool {
+        self.choices
+            .iter()
+            .flatten()
+            .any(|c| c.finish_reason.is_some_and(|r| r.get() != "null"))
     }
 
     fn usage(&self) -> Option<Usage> {

@@ -1,12 +1,15 @@
-//! Metering an SSE stream on its way through: the final usage chunk read
-//! (and taken out again when the client did not ask for it), the generated
-//! text counted for an estimate, never buffering more than a partial line.
+//! Metering an SSE stream on its way through, event by event: the final
+//! usage chunk read (and taken out again when the client did not ask for
+//! it), the generated text counted for an estimate, whether the stream
+//! finished, never holding more than one event ([`MAX_LINE_BYTES`]).
 //!
-//! A `data:` event whose payload is neither JSON nor `[DONE]` is left out
-//! of what the client gets (OpenAI SDKs would fail on it) and is not
-//! counted; the rest of the stream goes on, unless the meter was asked to
-//! halt there (a stream that can be continued elsewhere breaks instead). A line too long to hold
-//! ([`MAX_LINE_BYTES`]) passes through unread.
+//! An event is passed on when its blank line arrives, its lines as they
+//! came (a `data:` payload split over several lines is read joined, as the
+//! SSE format says). An event whose payload is neither JSON nor `[DONE]` is
+//! left out of what the client gets (OpenAI SDKs would fail on it) and is
+//! not counted; the stream goes on, unless the meter was asked to halt
+//! there (a stream that can be continued elsewhere breaks instead). An
+//! event too long to hold passes through unread.
 
 use super::{Probe, Usage, MAX_LINE_BYTES};
 use bytes::{Bytes, BytesMut};
@@ -16,14 +19,22 @@ use bytes::{Bytes, BytesMut};
 #[derive(Debug)]
 pub struct StreamMeter {
     strip_usage: bool,
+    /// Bytes not yet read as lines.
     pub(super) partial: BytesMut,
-    /// Inside a line longer than [`MAX_LINE_BYTES`]: pass it through.
+    /// How much of `partial` is known to hold no line end.
+    scanned: usize,
+    /// The complete lines of the event being read, until its blank line.
+    event: BytesMut,
+    /// Inside an event too long to hold: passed through until its end.
     oversized: bool,
-    skip_blank_line: bool,
     usage: Option<Usage>,
     generated_bytes: u64,
     /// The stream's `data: [DONE]` went by.
     saw_done: bool,
+    /// An event with choices went by (an OpenAI completion stream).
+    saw_choices: bool,
+    /// A choice's `finish_reason` went by.
+    saw_finish: bool,
     /// Events left out because they were not JSON.
     malformed: u64,
     /// Stop at an event that is not JSON (see [`StreamMeter::halt_on_malformed`]).
@@ -32,14 +43,14 @@ pub struct StreamMeter {
     halted: bool,
 }
 
-/// What one line of the stream is.
+/// What to do with a whole event.
 #[derive(Debug, PartialEq, Eq)]
-enum Line {
-    /// Passed on (an event, a comment, a blank line).
-    Other,
-    /// The usage chunk: no choices, only usage.
-    UsageOnly,
-    /// A `data:` payload that is neither JSON nor `[DONE]`.
+enum Verdict {
+    /// Pass it on.
+    Keep,
+    /// Leave it out (with its blank line).
+    Drop,
+    /// Not JSON: leave it out, and halt when asked to.
     Malformed,
 }
 
@@ -49,19 +60,27 @@ impl StreamMeter {
         StreamMeter {
             strip_usage,
             partial: BytesMut::new(),
+            scanned: 0,
+            event: BytesMut::new(),
             oversized: false,
-            skip_blank_line: false,
             usage: None,
             generated_bytes: 0,
             saw_done: false,
+            saw_choices: false,
+            saw_finish: false,
             malformed: 0,
             halt_on_malformed: false,
             halted: false,
         }
     }
 
+    /// Events left out because they were not JSON.
+    pub fn malformed(&self) -> u64 {
+        self.malformed
+    }
+
     /// With `on`, an event that is not JSON stops the meter: [`feed`]
-    /// returns the lines before it and holds the rest, and [`halted`] says
+    /// returns the events before it and holds the rest, and [`halted`] says
     /// so (a stream that may be continued elsewhere treats it as a break).
     /// Turning it off goes on (the next `feed` returns the rest).
     ///
@@ -79,80 +98,170 @@ impl StreamMeter {
         self.halted
     }
 
-    /// Events left out because they were not JSON.
-    pub fn malformed(&self) -> u64 {
-        self.malformed
-    }
-
     /// Takes one upstream chunk and returns what to send the client now:
-    /// the complete lines seen so far (edited when stripping).
+    /// the whole events seen so far (edited when stripping).
     pub fn feed(&mut self, chunk: Bytes) -> Bytes {
-        // The rest of a line too long to hold goes through unread.
-        let mut passed = Bytes::new();
-        let mut rest = chunk.clone();
-        if self.oversized {
-            match rest.iter().position(|&b| b == b'\n') {
-                None => {
-                    self.generated_bytes += rest.len() as u64;
-                    return chunk;
-                }
-                Some(i) => {
-                    self.generated_bytes += i as u64;
-                    passed = rest.split_to(i + 1);
-                    self.oversized = false;
-                }
-            }
-        }
-        self.partial.extend_from_slice(&rest);
-        let mut out = BytesMut::with_capacity(passed.len() + rest.len());
-        out.extend_from_slice(&passed);
+        self.partial.extend_from_slice(&chunk);
+        let mut out = BytesMut::with_capacity(chunk.len() + self.event.len());
         if self.halted {
             return out.freeze();
         }
-        if let Some(last_newline) = self.partial.iter().rposition(|&b| b == b'\n') {
-            let complete = self.partial.split_to(last_newline + 1).freeze();
-            let mut consumed = 0;
-            for line in complete.split_inclusive(|&b| b == b'\n') {
-                consumed += line.len();
-                if self.edit_line(line, &mut out) && self.halt_on_malformed {
-                    let mut held = BytesMut::from(&complete[consumed..]);
-                    held.extend_from_slice(&self.partial);
-                    self.partial = held;
-                    self.halted = true;
-                    return out.freeze();
-                }
+        // Bytes already scanned hold no line end.
+        let mut scan_from = self.scanned;
+        while let Some(at) = memchr::memchr(b'\n', &self.partial[scan_from..]) {
+            let line = self.partial.split_to(scan_from + at + 1).freeze();
+            scan_from = 0;
+            self.line(&line, &mut out);
+            if self.halted {
+                self.scanned = 0;
+                return out.freeze();
             }
         }
-        out.extend_from_slice(&self.release_oversized());
+        self.scanned = self.partial.len();
+        if !self.oversized && self.event.len() + self.partial.len() > MAX_LINE_BYTES {
+            // An event too long to hold: what there is goes on unread, and
+            // the rest of it after.
+            self.oversized = true;
+            self.generated_bytes += self.event.len() as u64;
+            out.extend_from_slice(&std::mem::take(&mut self.event));
+        }
+        if self.oversized {
+            self.generated_bytes += self.partial.len() as u64;
+            out.extend_from_slice(&std::mem::take(&mut self.partial));
+            self.scanned = 0;
+        }
         out.freeze()
     }
 
-    /// A partial line past [`MAX_LINE_BYTES`] is not held any longer: it is
-    /// counted as generated text and sent on unedited.
-    fn release_oversized(&mut self) -> Bytes {
-        if self.partial.len() <= MAX_LINE_BYTES {
-            return Bytes::new();
+    /// One complete line (with its newline).
+    fn line(&mut self, line: &[u8], out: &mut BytesMut) {
+        let blank = line.iter().all(|b| b.is_ascii_whitespace());
+        if self.oversized {
+            out.extend_from_slice(line);
+            if blank {
+                self.oversized = false;
+            } else {
+                self.generated_bytes += line.len() as u64;
+            }
+            return;
         }
-        self.generated_bytes += self.partial.len() as u64;
-        self.oversized = true;
-        std::mem::take(&mut self.partial).freeze()
+        if !blank {
+            self.event.extend_from_slice(line);
+            return;
+        }
+        let event = std::mem::take(&mut self.event);
+        match self.judge(&event) {
+            Verdict::Keep => {
+                self.write(&event, out);
+                out.extend_from_slice(line);
+            }
+            Verdict::Drop => {}
+            Verdict::Malformed => {
+                self.malformed += 1;
+                self.halted = self.halt_on_malformed;
+            }
+        }
     }
 
-    /// The end of the upstream body: whatever is left of a last line
-    /// without a newline.
-    pub fn finish(&mut self) -> Bytes {
-        let rest = std::mem::take(&mut self.partial).freeze();
-        if rest.is_empty() {
-            return rest;
+    /// Meters a whole event and says what becomes of it.
+    fn judge(&mut self, event: &[u8]) -> Verdict {
+        let mut payloads = event
+            .split_inclusive(|&b| b == b'\n')
+            .filter_map(data_payload);
+        let Some(first) = payloads.next() else {
+            // Comments and event names only: passed on.
+            return Verdict::Keep;
+        };
+        let joined;
+        let payload = match payloads.next() {
+            None => first,
+            Some(second) => {
+                let mut all = [first, second].join(&b'\n');
+                for more in payloads {
+                    all.push(b'\n');
+                    all.extend_from_slice(more);
+                }
+                joined = all;
+                &joined[..]
+            }
+        };
+        if payload.trim_ascii() == b"[DONE]" {
+            self.saw_done = true;
+            return Verdict::Keep;
         }
+        let Ok(probe) = serde_json::from_slice::<Probe>(payload) else {
+            return Verdict::Malformed;
+        };
+        self.generated_bytes += probe.generated_bytes();
+        self.saw_finish |= probe.finished();
+        let has_choices = probe.choices.as_ref().is_some_and(|c| !c.is_empty());
+        self.saw_choices |= has_choices;
+        if let Some(usage) = probe.usage() {
+            self.usage = Some(usage);
+            if !has_choices && self.strip_usage {
+                return Verdict::Drop;
+            }
+        }
+        Verdict::Keep
+    }
+
+    /// Writes a kept event's lines; when stripping, a `"usage":null` the
+    /// gateway caused is taken out of its `data:` lines.
+    fn write(&self, event: &[u8], out: &mut BytesMut) {
+        if !self.strip_usage {
+            out.extend_from_slice(event);
+            return;
+        }
+        for line in event.split_inclusive(|&b| b == b'\n') {
+            let usage_null = data_payload(line).and_then(|payload| {
+                let offset = payload.as_ptr() as usize - line.as_ptr() as usize;
+                find_usage_null(payload).map(|(start, end)| (offset + start, offset + end))
+            });
+            match usage_null {
+                Some((start, end)) => {
+                    out.extend_from_slice(&line[..start]);
+                    out.extend_from_slice(&line[end..]);
+                }
+                None => out.extend_from_slice(line),
+            }
+        }
+    }
+
+    /// The end of the upstream body: the last event, when no blank line
+    /// ended it.
+    pub fn finish(&mut self) -> Bytes {
         let mut out = BytesMut::new();
-        self.edit_line(&rest, &mut out);
+        if self.halted {
+            return out.freeze();
+        }
+        let rest = std::mem::take(&mut self.partial);
+        self.scanned = 0;
+        if self.oversized {
+            self.generated_bytes += rest.len() as u64;
+            out.extend_from_slice(&rest);
+            return out.freeze();
+        }
+        self.event.extend_from_slice(&rest);
+        let event = std::mem::take(&mut self.event);
+        if !event.is_empty() {
+            match self.judge(&event) {
+                Verdict::Keep => self.write(&event, &mut out),
+                Verdict::Drop => {}
+                Verdict::Malformed => self.malformed += 1,
+            }
+        }
         out.freeze()
     }
 
     /// Whether the stream's `data: [DONE]` went by.
     pub fn saw_done(&self) -> bool {
         self.saw_done
+    }
+
+    /// Whether the stream finished: `[DONE]`, or a `finish_reason` in a
+    /// completion stream (a stream of another shape counts as finished).
+    pub fn finished(&self) -> bool {
+        self.saw_done || self.saw_finish || !self.saw_choices
     }
 
     /// The usage the provider reported, or an estimate from what streamed
@@ -164,69 +273,6 @@ impl StreamMeter {
             cached_tokens: 0,
             estimated: true,
         })
-    }
-
-    /// Meters one line; says what it is.
-    fn observe(&mut self, line: &[u8]) -> Line {
-        let Some(payload) = data_payload(line) else {
-            return Line::Other;
-        };
-        if payload.trim_ascii() == b"[DONE]" {
-            self.saw_done = true;
-            return Line::Other;
-        }
-        let Ok(probe) = serde_json::from_slice::<Probe>(payload) else {
-            return Line::Malformed;
-        };
-        self.generated_bytes += probe.generated_bytes();
-        match probe.usage() {
-            Some(usage) => {
-                self.usage = Some(usage);
-                if probe.choices.as_ref().is_none_or(|c| c.is_empty()) {
-                    Line::UsageOnly
-                } else {
-                    Line::Other
-                }
-            }
-            None => Line::Other,
-        }
-    }
-
-    /// Meters the line and writes it, unless it is malformed or (when
-    /// stripping) the usage chunk the gateway asked for; when stripping,
-    /// a `"usage":null` the gateway caused is taken out. Returns whether
-    /// the line was malformed.
-    fn edit_line(&mut self, line: &[u8], out: &mut BytesMut) -> bool {
-        let is_blank = line.iter().all(|b| b.is_ascii_whitespace());
-        if is_blank && std::mem::take(&mut self.skip_blank_line) {
-            return false;
-        }
-        match self.observe(line) {
-            Line::Malformed => {
-                self.malformed += 1;
-                self.skip_blank_line = true;
-                return true;
-            }
-            Line::UsageOnly if self.strip_usage => {
-                self.skip_blank_line = true;
-                return false;
-            }
-            _ => {}
-        }
-        let usage_null = data_payload(line)
-            .filter(|_| self.strip_usage)
-            .and_then(|payload| {
-                let offset = payload.as_ptr() as usize - line.as_ptr() as usize;
-                find_usage_null(payload).map(|(start, end)| (offset + start, offset + end))
-            });
-        match usage_null {
-            Some((start, end)) => {
-                out.extend_from_slice(&line[..start]);
-                out.extend_from_slice(&line[end..]);
-            }
-            None => out.extend_from_slice(line),
-        }
-        false
     }
 }
 

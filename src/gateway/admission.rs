@@ -87,7 +87,11 @@ impl Gateway {
         tokens: u64,
     ) -> Result<Option<Grant>, ApiError> {
         let overflow = self.overflow.settings(tenant);
-        let can_serve = self.upstreams.can_serve(route, &self.config.models[route]);
+        // The model or one of its fallbacks: a request that a fallback can
+        // serve is not parked behind its resting primary.
+        let can_serve = self
+            .upstreams
+            .can_serve_any(&self.config.routes_for(tenant, route));
         match self.limiter.admit(tenant, tokens).await {
             Ok(grant) if can_serve || !overflow.enabled => Ok(Some(grant)),
             Ok(grant) => {

@@ -168,9 +168,10 @@ impl JobRunner for Gateway {
                 } = &mut ctx;
                 let exchange = Exchange {
                     endpoint,
-                    routes: self.routes_for(tenant, route),
-                    context_routes: self.context_routes_for(tenant, route),
+                    routes: self.config.routes_for(tenant, route),
+                    context_routes: self.config.context_routes_for(tenant, route),
                     stream: false,
+                    resumable: false,
                     body_for: &|provider_model| rewrite_body(&body, &fields, provider_model, false),
                     request_id,
                     strip_usage: false,

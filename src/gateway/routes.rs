@@ -4,7 +4,6 @@
 use super::forward::Exchange;
 use super::{respond, Gateway, RequestCtx};
 use crate::admin;
-use crate::config::ModelRoute;
 use crate::cost;
 use crate::openai::{rewrite_body, ApiError, Endpoint, RequestFields};
 use pingora::proxy::Session;
@@ -128,9 +127,12 @@ impl Gateway {
         } = ctx;
         let exchange = Exchange {
             endpoint,
-            routes: self.routes_for(tenant, route_index),
-            context_routes: self.context_routes_for(tenant, route_index),
+            routes: self.config.routes_for(tenant, route_index),
+            context_routes: self.config.context_routes_for(tenant, route_index),
             stream: fields.stream,
+            resumable: fields.stream
+                && endpoint == Endpoint::ChatCompletions
+                && fields.one_plain_choice,
             body_for: &|provider_model| rewrite_body(&body, &fields, provider_model, strip_usage),
             request_id,
             strip_usage,
@@ -147,36 +149,5 @@ impl Gateway {
         self.forwarder
             .forward(session, &exchange, report, &mut settler)
             .await
-    }
-
-    /// The route's context fallbacks the tenant may use, in order.
-    pub(super) fn context_routes_for(
-        &self,
-        tenant: usize,
-        route_index: usize,
-    ) -> Vec<(usize, &ModelRoute)> {
-        self.config.models[route_index]
-            .context_fallbacks
-            .iter()
-            .copied()
-            .filter(|&r| self.config.tenants[tenant].may_use(&self.config.models[r].name))
-            .map(|r| (r, &self.config.models[r]))
-            .collect()
-    }
-
-    /// The route and then its fallbacks the tenant may use, in order.
-    pub(super) fn routes_for(
-        &self,
-        tenant: usize,
-        route_index: usize,
-    ) -> Vec<(usize, &ModelRoute)> {
-        let route = &self.config.models[route_index];
-        std::iter::once(route_index)
-            .chain(route.fallbacks.iter().copied())
-            .filter(|&r| {
-                r == route_index || self.config.tenants[tenant].may_use(&self.config.models[r].name)
-            })
-            .map(|r| (r, &self.config.models[r]))
-            .collect()
     }
 }

@@ -344,11 +344,22 @@ pub fn is_context_length_error(body: &[u8]) -> bool {
     }
     #[derive(serde::Deserialize)]
     struct Inner<'a> {
+        /// Raw: some servers put the HTTP status (a number) here.
         #[serde(default, borrow)]
-        code: Option<std::borrow::Cow<'a, str>>,
+        code: Option<&'a serde_json::value::RawValue>,
+        #[serde(default, borrow)]
+        message: Option<std::borrow::Cow<'a, str>>,
     }
-    serde_json::from_slice::<Body<'_>>(body)
-        .ok()
-        .and_then(|b| b.error.code)
-        .is_some_and(|code| code == "context_length_exceeded")
+    let Ok(Body { error }) = serde_json::from_slice::<Body<'_>>(body) else {
+        return false;
+    };
+    // OpenAI sets the code; OpenAI-compatible servers (vLLM and others)
+    // often only say it: "This model's maximum context length is 8192
+    // tokens. However, you requested 9000 tokens".
+    error
+        .code
+        .is_some_and(|code| code.get() == "\"context_length_exceeded\"")
+        || error
+            .message
+            .is_some_and(|m| m.contains("maximum context length"))
 }

@@ -34,6 +34,10 @@ struct RawFields<'a> {
     base_url: Option<&'a RawValue>,
     #[serde(borrow, default)]
     messages: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    n: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    logprobs: Option<&'a RawValue>,
 }
 
 /// A member that is there, even as `null` (a plain `Option` reads `null` as
@@ -64,6 +68,9 @@ pub struct RequestFields<'a> {
     /// `messages`, when present, is a JSON array (its items are the
     /// provider's to check).
     pub messages_is_array: Option<bool>,
+    /// One choice without log probabilities (`n` absent or 1, `logprobs`
+    /// absent or false): an answer a broken stream can be continued into.
+    pub one_plain_choice: bool,
 }
 
 impl<'a> RequestFields<'a> {
@@ -150,6 +157,10 @@ impl<'a> RequestFields<'a> {
                 || raw.api_base.is_some()
                 || raw.base_url.is_some(),
             messages_is_array: raw.messages.map(|m| m.get().starts_with('[')),
+            one_plain_choice: raw.n.is_none_or(|n| matches!(n.get(), "1" | "null"))
+                && raw
+                    .logprobs
+                    .is_none_or(|l| matches!(l.get(), "false" | "null")),
         })
     }
 }

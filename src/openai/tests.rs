@@ -244,3 +244,16 @@ fn error_body_has_the_openai_shape() {
     assert_eq!(body["error"]["param"], "model");
     assert!(body["error"]["message"].is_string());
 }
+
+#[test]
+fn recognises_a_prompt_too_long_by_code_or_by_message() {
+    assert!(is_context_length_error(
+        br#"{"error":{"message":"too long","type":"invalid_request_error","code":"context_length_exceeded"}}"#
+    ));
+    assert!(is_context_length_error(
+        br#"{"error":{"message":"This model's maximum context length is 4096 tokens. However, you requested 5000 tokens.","type":"BadRequestError","code":400}}"#
+    ));
+    assert!(!is_context_length_error(
+        br#"{"error":{"message":"Your request was rejected by the safety system.","code":"content_policy_violation"}}"#
+    ));
+}

@@ -136,11 +136,14 @@ impl Drain {
                     o.remove(tenant, &head).await;
                     return true;
                 };
-                let Some(model) = self.config.models.get(route) else {
+                if route >= self.config.models.len() {
                     o.remove(tenant, &head).await;
                     return true;
-                };
-                if !self.upstreams.can_serve(route, model) {
+                }
+                if !self
+                    .upstreams
+                    .can_serve_any(&self.config.routes_for(tenant, route))
+                {
                     return true;
                 }
                 let Ok(grant) = self.limiter.admit(tenant, *tokens).await else {
@@ -277,7 +280,10 @@ impl Drain {
                 return;
             }
         };
-        if !self.upstreams.can_serve(route, &self.config.models[route]) {
+        if !self
+            .upstreams
+            .can_serve_any(&self.config.routes_for(tenant, route))
+        {
             self.unclaim(&claim).await;
             return;
         }

@@ -66,6 +66,8 @@ pub struct Breaker {
     /// Consecutive re-opens, for the doubling.
     reopens: u32,
     probes_in_flight: u32,
+    /// Probes allowed at once while half-open (`half_open_probes`).
+    probe_limit: u32,
     probe_deadline: Option<Instant>,
     cooldown_until: Option<Instant>,
     /// The `runestone_circuit_state` value last published for this backend.
@@ -95,13 +97,21 @@ impl BreakerView {
 impl Breaker {
     /// Whether an attempt could be allowed now (without taking it).
     pub fn available(&self, now: Instant) -> bool {
-        if self.cooldown_until.is_some_and(|until| now < until) {
-            return false;
-        }
+        self.cooldown_until.is_none_or(|until| now >= until) && self.healthy(now)
+    }
+
+    /// Whether the breaker lets attempts through, a provider's cool-down
+    /// aside (resting at the provider's request is not ill health).
+    pub fn healthy(&self, now: Instant) -> bool {
         match self.state {
             State::Closed => true,
             State::Open { until } => now >= until,
-            State::HalfOpen => true,
+            // Full of probes: nothing until one reports back (or its
+            // deadline passes, which re-opens the breaker).
+            State::HalfOpen => {
+                self.probes_in_flight < self.probe_limit.max(1)
+                    || self.probe_deadline.is_some_and(|d| now >= d)
+            }
         }
     }
 
@@ -114,6 +124,7 @@ impl Breaker {
             if now >= until {
                 self.state = State::HalfOpen;
                 self.probes_in_flight = 0;
+                self.probe_limit = settings.half_open_probes;
             }
         }
         match self.state {
@@ -288,6 +299,11 @@ mod tests {
         let t1 = t0 + Duration::from_secs(10);
         assert_eq!(b.acquire(t1, &s), Some(Permit::Probe));
         assert_eq!(b.acquire(t1, &s), None, "one probe at a time");
+        assert!(!b.available(t1), "not offered while its probe is out");
+        assert!(
+            b.available(t1 + s.probe_timeout),
+            "offered again once the probe is overdue (taking it re-opens)"
+        );
         assert_eq!(b.view(t1).gauge(), 1);
         assert_eq!(
             b.record(Permit::Probe, Outcome::Success, t1, &s),

@@ -51,6 +51,9 @@ pub enum Attempted {
     /// The provider rate-limited the deployment (it cools down for the
     /// provider's wait).
     RateLimited(ApiError),
+    /// A stream broke after reaching the client, and can be continued on
+    /// another deployment (this one is out for the request).
+    StreamBroken(ApiError),
     /// The prompt does not fit the model's context window.
     ContextTooLong(ApiError),
     /// Failed, and another deployment would fare no better.
@@ -102,6 +105,9 @@ pub struct Failover<'r> {
     routes: Vec<(usize, &'r ModelRoute)>,
     /// The model's `context_fallbacks` the tenant may use, until used.
     context_routes: Option<Vec<(usize, &'r ModelRoute)>>,
+    /// Routes that said the prompt is too long for them (never asked
+    /// again).
+    too_long: Vec<usize>,
     attempts: u32,
     /// The route being tried, as a position in `routes`.
     position: usize,
@@ -126,6 +132,7 @@ impl<'r> Failover<'r> {
             policy,
             routes,
             context_routes: Some(context_routes),
+            too_long: Vec::new(),
             attempts: 0,
             position: 0,
             tried: Tried::default(),
@@ -141,12 +148,19 @@ impl<'r> Failover<'r> {
         self.attempts
     }
 
-    /// Whether a prompt too long could still move to context fallbacks.
+    /// Whether a prompt too long for the current route could still move to
+    /// a context fallback (another route, not known to be too small).
     pub fn may_change_context(&self) -> bool {
-        self.context_routes.as_ref().is_some_and(|r| !r.is_empty())
+        let current = self.routes.get(self.position).map(|(index, _)| *index);
+        self.context_routes.as_ref().is_some_and(|routes| {
+            routes
+                .iter()
+                .any(|(index, _)| Some(*index) != current && !self.too_long.contains(index))
+        })
     }
 
-    fn attempts_left(&self) -> bool {
+    /// Whether another attempt may be made.
+    pub fn attempts_left(&self) -> bool {
         (self.attempts as usize) < self.policy.max_attempts
     }
 
@@ -219,16 +233,34 @@ impl<'r> Failover<'r> {
                 self.current = None;
                 Step::TryNext
             }
-            Attempted::ContextTooLong(error) => match self.context_routes.take() {
-                Some(routes) if !routes.is_empty() => {
-                    self.last_error = Some(error);
-                    self.current = None;
-                    self.routes = routes;
-                    self.position = 0;
-                    Step::TryNext
+            Attempted::StreamBroken(error) => {
+                self.last_error = Some(error);
+                if let Some((backend, _)) = self.current.take() {
+                    self.tried.deployment(&backend);
                 }
-                _ => Step::Done(Err(error)),
-            },
+                Step::TryNext
+            }
+            Attempted::ContextTooLong(error) => {
+                // Never the same prompt to a route that said it is too long.
+                if let Some((index, _)) = self.routes.get(self.position) {
+                    self.too_long.push(*index);
+                }
+                let routes: Vec<_> = self
+                    .context_routes
+                    .take()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|(index, _)| !self.too_long.contains(index))
+                    .collect();
+                if routes.is_empty() {
+                    return Step::Done(Err(error));
+                }
+                self.last_error = Some(error);
+                self.current = None;
+                self.routes = routes;
+                self.position = 0;
+                Step::TryNext
+            }
             Attempted::Retryable {
                 error,
                 domain,
@@ -474,6 +506,45 @@ mod tests {
             Attempted::ContextTooLong(ApiError::invalid_field("messages", "too long"))
         });
         assert_eq!(seen, [(0, 0), (2, 2)], "the ordinary fallback is skipped");
+    }
+
+    #[test]
+    fn a_route_that_said_too_long_is_never_asked_again() {
+        // The fallback said too long, and is also the context fallback.
+        let (a, big) = (route("a"), route("big"));
+        let mut choose = chooser(vec![vec![(0, 1)], vec![(1, 1)]], None);
+        let mut failover = Failover::new(policy(5), vec![(0, &a), (1, &big)], vec![(1, &big)]);
+        assert!(matches!(failover.next(&mut choose), Next::Try { .. }));
+        assert!(failover.may_change_context());
+        assert_eq!(
+            failover.after(failed(ApiError::upstream_error("504"))),
+            Step::TryNext
+        );
+        assert!(matches!(
+            failover.next(&mut choose),
+            Next::Try { route: (1, _), .. }
+        ));
+        assert!(
+            !failover.may_change_context(),
+            "its only context fallback is itself"
+        );
+        match failover.after(Attempted::ContextTooLong(
+            ApiError::context_length_exceeded("long"),
+        )) {
+            Step::Done(Err(e)) => assert_eq!(e.code, "context_length_exceeded"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_broken_stream_moves_on_and_rules_its_deployment_out() {
+        let a = route("a");
+        let mut choose = chooser(vec![vec![(0, 1), (1, 1)]], None);
+        let mut failover = Failover::new(policy(3), vec![(0, &a)], vec![]);
+        let seen = walk(&mut failover, &mut choose, || {
+            Attempted::StreamBroken(ApiError::upstream_error("cut"))
+        });
+        assert_eq!(seen, [(0, 0), (0, 1)], "never the same deployment twice");
     }
 
     #[test]

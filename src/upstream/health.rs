@@ -62,6 +62,16 @@ impl Health {
                 .is_none_or(|b| b.available(now))
     }
 
+    /// Whether deployment `slot` on `addr` is healthy: its breakers let
+    /// attempts through, cool-downs aside.
+    pub fn healthy(&self, slot: usize, addr: SocketAddr, now: Instant) -> bool {
+        self.transport.get(&addr).is_none_or(|b| b.healthy(now))
+            && self
+                .deployments
+                .get(&(slot, addr))
+                .is_none_or(|b| b.healthy(now))
+    }
+
     /// Takes an attempt on deployment `slot` at `addr`, when both its
     /// breakers allow one.
     pub fn acquire(

@@ -143,6 +143,17 @@ impl Provider {
         })
     }
 
+    /// Whether deployment `slot` has a healthy backend (resting after a
+    /// provider 429 or not).
+    fn has_healthy(&self, slot: usize, now: Instant) -> bool {
+        let health = self.health();
+        self.balancer.backends().get_backend().iter().any(|b| {
+            b.addr.as_inet().is_some_and(|addr| {
+                self.balancer.backends().ready(b) && health.healthy(slot, *addr, now)
+            })
+        })
+    }
+
     /// The soonest moment deployment `slot` may be tried again on one of
     /// its backends.
     fn next_chance(&self, slot: usize, now: Instant) -> Option<Instant> {
@@ -320,6 +331,26 @@ impl Upstreams {
             let slot = self.routes[route_index].slots[t];
             self.providers[target.provider].has_eligible(target.provider, slot, &none, now)
         })
+    }
+
+    /// Whether some target of `route` is healthy, though perhaps resting
+    /// after a provider 429 (for `/ready`: a rate limit is no reason to take
+    /// the instance out of rotation).
+    pub fn is_healthy(&self, route_index: usize, route: &ModelRoute) -> bool {
+        let now = Instant::now();
+        route.targets.iter().enumerate().any(|(t, target)| {
+            let slot = self.routes[route_index].slots[t];
+            self.providers[target.provider].has_healthy(slot, now)
+        })
+    }
+
+    /// Whether any of `routes` (a route and its fallbacks, as
+    /// [`crate::config::Config::routes_for`] gives them) could take a
+    /// request now.
+    pub fn can_serve_any(&self, routes: &[(usize, &ModelRoute)]) -> bool {
+        routes
+            .iter()
+            .any(|&(index, route)| self.can_serve(index, route))
     }
 
     /// Picks a backend for the `route_index`-th route, skipping what

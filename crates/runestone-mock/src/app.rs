@@ -222,6 +222,7 @@ impl MockApp {
         }
 
         let mut disconnect_after = None;
+        let mut end_after = None;
         let mut stall_in_stream = None;
         let mut no_usage = false;
         let mut first_token_ms = None;
@@ -285,6 +286,7 @@ impl MockApp {
                 return self.reply(session, &meta, &reply, None).await;
             }
             Some(Fault::Disconnect { after_chunks }) => disconnect_after = Some(after_chunks),
+            Some(Fault::EndEarly { after_chunks }) => end_after = Some(after_chunks),
             Some(Fault::Stall {
                 after_chunks,
                 stall_ms,
@@ -328,6 +330,7 @@ impl MockApp {
                     gen: g,
                     created,
                     disconnect_after,
+                    end_after,
                     stall: stall_in_stream,
                     first_token_ms,
                     malformed_after,
@@ -559,6 +562,12 @@ impl MockApp {
             if plan.disconnect_after == Some(i - g.start) {
                 return Outcome::Close;
             }
+            if plan.end_after == Some(i - g.start) {
+                return match session.write_response_body(Bytes::new(), true).await {
+                    Ok(()) => Outcome::Reuse,
+                    Err(_) => Outcome::Close,
+                };
+            }
             if let Some((k, ms)) = plan.stall {
                 if k == i - g.start {
                     if !pause(session, watch, Duration::from_millis(ms)).await {
@@ -644,6 +653,8 @@ pub(crate) struct StreamPlan<'a> {
     pub(crate) created: u64,
     /// Close after this many token events.
     pub(crate) disconnect_after: Option<u64>,
+    /// End the body cleanly after this many token events (no finish).
+    pub(crate) end_after: Option<u64>,
     /// Pause (after token events, ms).
     pub(crate) stall: Option<(u64, u64)>,
     /// Pause before the first token (after the role event), ms.

@@ -31,6 +31,12 @@ pub(crate) enum Fault {
         /// Token events sent before closing.
         after_chunks: u64,
     },
+    /// End the stream's body cleanly after this many token events, with no
+    /// finish event, usage or `[DONE]`.
+    EndEarly {
+        /// Token events sent before the end.
+        after_chunks: u64,
+    },
     /// Pause after this many token events (before headers when 0 or not streaming).
     Stall {
         /// Token events sent before the pause.
@@ -99,6 +105,7 @@ impl QueuedFault {
                 json!({"status": status, "error_body": body, "content_type": content_type, "retry_after": retry_after})
             }
             Fault::Disconnect { after_chunks } => json!({"disconnect_after_chunks": after_chunks}),
+            Fault::EndEarly { after_chunks } => json!({"end_after_chunks": after_chunks}),
             Fault::Stall {
                 after_chunks,
                 stall_ms,
@@ -173,6 +180,8 @@ pub(crate) struct FaultSpec {
     pub(crate) count: Option<u32>,
     /// Disconnect fault.
     pub(crate) disconnect_after_chunks: Option<u64>,
+    /// End-early fault: token events before the clean end.
+    pub(crate) end_after_chunks: Option<u64>,
     /// Stall fault: token events before the pause.
     pub(crate) stall_after_chunks: Option<u64>,
     /// Stall fault: pause length.
@@ -229,6 +238,7 @@ impl FaultSpec {
             self.headers.is_some(),
             self.error_body.is_some(),
             self.disconnect_after_chunks.is_some(),
+            self.end_after_chunks.is_some(),
             stall,
             dropped,
         ]
@@ -273,6 +283,8 @@ impl FaultSpec {
             })
         } else if let Some(k) = self.disconnect_after_chunks {
             Some(Fault::Disconnect { after_chunks: k })
+        } else if let Some(k) = self.end_after_chunks {
+            Some(Fault::EndEarly { after_chunks: k })
         } else if stall {
             Some(Fault::Stall {
                 after_chunks: self.stall_after_chunks.unwrap_or(0),

@@ -44,6 +44,8 @@ pub(super) struct Attempt<'a> {
 struct Answer {
     upstream: HttpSession,
     peer: pingora::upstreams::peer::HttpPeer,
+    /// When the attempt started (the first-token deadline counts from it).
+    started: Instant,
     ttfb: Duration,
     deadline: Instant,
 }
@@ -125,8 +127,8 @@ impl Attempt<'_> {
             .request_body(body, provider_model)
             .map_err(|e| self.outcome(Outcome::Neutral, Domain::Deployment, Attempted::Final(e)))?;
         let peer = upstreams.peer(self.backend);
-        let io_error = |e: Box<pingora::Error>| {
-            let (outcome, domain, attempted) = classify(provider, self.backend, &e);
+        let connect_error = |e: Box<pingora::Error>| {
+            let (outcome, domain, attempted) = classify(provider, self.backend, &e, Phase::Connect);
             self.outcome(outcome, domain, attempted)
         };
         let connector = &self.forwarder.connector;
@@ -138,7 +140,7 @@ impl Attempt<'_> {
                 // life of its stream.
                 let (fresh, reused) = Box::pin(connector.get_http_session(&peer))
                     .await
-                    .map_err(io_error)?;
+                    .map_err(connect_error)?;
                 (HttpSession::H1(fresh), reused)
             }
         };
@@ -162,7 +164,7 @@ impl Attempt<'_> {
         if let Err(e) = sent.await {
             // A pooled connection the provider had closed says nothing
             // about it; the request is sent again, elsewhere or here.
-            let (outcome, domain, _) = classify(provider, self.backend, &e);
+            let (outcome, domain, _) = classify(provider, self.backend, &e, Phase::Connect);
             let outcome = if reused { Outcome::Neutral } else { outcome };
             return Err(self.outcome(
                 outcome,
@@ -187,7 +189,13 @@ impl Attempt<'_> {
         for informational in 0.. {
             tokio::select! {
                 read = tokio::time::timeout_at(header_deadline, upstream.read_response_header()) => match read {
-                    Ok(read) => read.map_err(io_error)?,
+                    Ok(read) => read.map_err(|e| {
+                        let (outcome, domain, attempted) = classify(provider, self.backend, &e, Phase::Answer);
+                        // A pooled connection the provider had closed while
+                        // idle says nothing about it.
+                        let stale = reused && informational == 0 && matches!(e.etype(), ErrorType::ConnectionClosed);
+                        self.outcome(if stale { Outcome::Neutral } else { outcome }, domain, attempted)
+                    })?,
                     Err(_) => return Err(self.deployment_failure(ApiError::upstream_timeout(format!(
                         "The provider '{}' sent no response within {first_byte:?}.", provider.name
                     )))),
@@ -208,6 +216,7 @@ impl Attempt<'_> {
         Ok(Answer {
             upstream,
             peer,
+            started,
             ttfb: started.elapsed(),
             deadline,
         })
@@ -271,11 +280,9 @@ impl Attempt<'_> {
         // The head is held until the first content is in: a provider that
         // answers at once but starts only much later fails over with
         // nothing sent to the client.
-        let first_token = provider
-            .timeouts
-            .first_token
-            .min(answer.deadline.saturating_duration_since(Instant::now()));
-        let first_token_deadline = Instant::now() + first_token;
+        // Counted from the request, like first_byte_ms.
+        let first_token = provider.timeouts.first_token;
+        let first_token_deadline = (answer.started + first_token).min(answer.deadline);
         let mut held = BytesMut::new();
         let mut first = FirstContent::new(is_event_stream(&head));
         let mut received = 0usize;
@@ -301,7 +308,8 @@ impl Attempt<'_> {
                     break;
                 }
                 Ok(Err(e)) => {
-                    let (outcome, domain, attempted) = classify(provider, self.backend, &e);
+                    let (outcome, domain, attempted) =
+                        classify(provider, self.backend, &e, Phase::Answer);
                     return Err(self.outcome(outcome, domain, attempted));
                 }
                 Err(_) => {
@@ -368,11 +376,7 @@ impl Attempt<'_> {
             }
             // Left for the forwarder to continue elsewhere.
             BodyEnd::ProviderBroke(message) if client.resumable() => {
-                return Ok(Attempted::Retryable {
-                    error: ApiError::upstream_error(message),
-                    domain: Domain::Deployment,
-                    transient: false,
-                })
+                return Ok(Attempted::StreamBroken(ApiError::upstream_error(message)))
             }
             _ => {}
         }
@@ -570,7 +574,8 @@ impl Attempt<'_> {
 }
 
 /// The provider's wait after a 429: `retry-after-ms` when given, else
-/// `retry-after` (seconds, fractions allowed), at most an hour.
+/// `retry-after` (seconds, fractions allowed), at least 100 ms and at most
+/// an hour.
 fn retry_after(head: &ResponseHeader) -> Option<Duration> {
     let number = |name: &str| {
         head.headers
@@ -583,16 +588,32 @@ fn retry_after(head: &ResponseHeader) -> Option<Duration> {
         .map(|ms| ms / 1000.0)
         .or_else(|| number("retry-after"))
         .map(|secs| Duration::from_secs_f64(secs.min(3600.0)))
+        // "Now" is not taken literally: retried at once, a deployment that
+        // just refused would be asked again within microseconds.
+        .map(|wait| wait.max(Duration::from_millis(100)))
+}
+
+/// When an I/O error happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Connecting, or sending the request: the network's doing.
+    Connect,
+    /// After the request reached the provider: what the provider did.
+    Answer,
 }
 
 /// Maps a connector or I/O error to the breaker outcome, its failure
-/// domain, and how the attempt ended: the network's failures (refused,
-/// reset, TLS) count against the address, timeouts against the deployment;
-/// a reset is worth one more try.
+/// domain, and how the attempt ended. Before the request reached the
+/// provider, failures (refused, reset, TLS, connect timeout) count against
+/// the address, for every deployment on it; once it was sent, a closed
+/// connection or a timeout counts against the deployment (one model's
+/// server dropping requests says nothing about the others). A reset is
+/// worth one more try.
 fn classify(
     provider: &ProviderSettings,
     backend: &Backend,
     e: &pingora::Error,
+    phase: Phase,
 ) -> (Outcome, Domain, Attempted) {
     let name = &provider.name;
     let failure = |domain: Domain, transient: bool, error: ApiError| {
@@ -624,7 +645,10 @@ fn classify(
             )),
         ),
         ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError => failure(
-            Domain::Transport,
+            match phase {
+                Phase::Connect => Domain::Transport,
+                Phase::Answer => Domain::Deployment,
+            },
             true,
             ApiError::upstream_error(format!(
                 "The provider '{name}' closed the connection ({}) at {}.",

@@ -80,6 +80,12 @@ impl Meter {
         }
     }
 
+    /// Whether a completion stream ended before it finished (no
+    /// `finish_reason`, no `[DONE]`): cut short, however cleanly.
+    fn cut_short(&self) -> bool {
+        matches!(self, Meter::Stream(m) if !m.finished())
+    }
+
     /// Whether a stream stopped at an event that is not JSON.
     fn halted(&self) -> bool {
         matches!(self, Meter::Stream(m) if m.halted())
@@ -94,12 +100,12 @@ impl Meter {
     }
 
     /// The end of the upstream body: what is still to be sent. A stream
-    /// that ended cleanly without `data: [DONE]` gets one from the gateway.
+    /// that finished without `data: [DONE]` gets one from the gateway.
     fn finish(&mut self) -> Bytes {
         match self {
             Meter::Stream(meter) => {
                 let rest = meter.finish();
-                if meter.saw_done() {
+                if meter.saw_done() || !meter.finished() {
                     return rest;
                 }
                 let newline = if rest.is_empty() || rest.ends_with(b"\n") {
@@ -246,18 +252,9 @@ impl Copy<'_> {
         (held, mut received, ended): (Bytes, usize, bool),
     ) -> BodyEnd {
         if ended {
-            let rest = [
-                &held[..],
-                &redactor.feed(meter.finish())[..],
-                &redactor.finish()[..],
-            ]
-            .concat();
-            self.settle(report, settle, meter, settled).await;
-            if !rest.is_empty() {
-                report.first_byte_at.get_or_insert_with(Instant::now);
-            }
-            client.send_body(Bytes::from(rest), true).await;
-            return BodyEnd::Complete;
+            return self
+                .body_ended(client, report, settle, meter, redactor, settled, held)
+                .await;
         }
         if self.declared_len.is_some_and(|n| received >= n) {
             self.settle(report, settle, meter, settled).await;
@@ -313,16 +310,17 @@ impl Copy<'_> {
                     }
                 }
                 Ok(Ok(None)) => {
-                    let rest = redactor.feed(meter.finish());
-                    let held = redactor.finish();
-                    let rest = if held.is_empty() {
-                        rest
-                    } else {
-                        Bytes::from([&rest[..], &held[..]].concat())
-                    };
-                    self.settle(report, settle, meter, settled).await;
-                    client.send_body(rest, true).await;
-                    return BodyEnd::Complete;
+                    return self
+                        .body_ended(
+                            client,
+                            report,
+                            settle,
+                            meter,
+                            redactor,
+                            settled,
+                            Bytes::new(),
+                        )
+                        .await;
                 }
                 Ok(Err(e)) => {
                     warn!(request_id = %self.request_id, provider = %self.provider.name, error = %e, "provider broke off the response");
@@ -340,6 +338,44 @@ impl Copy<'_> {
                 }
             }
         }
+    }
+
+    /// The upstream body ended (after `unsent`, held back until now): a
+    /// completion stream that never finished is cut short, anything else
+    /// is complete and settled before the client sees its end.
+    #[allow(clippy::too_many_arguments)]
+    async fn body_ended(
+        &self,
+        client: &mut dyn Client,
+        report: &mut Report,
+        settle: &mut dyn Settle,
+        meter: &mut Meter,
+        redactor: &mut Redactor,
+        settled: &mut bool,
+        unsent: Bytes,
+    ) -> BodyEnd {
+        let rest = [
+            &unsent[..],
+            &redactor.feed(meter.finish())[..],
+            &redactor.finish()[..],
+        ]
+        .concat();
+        if !rest.is_empty() {
+            report.first_byte_at.get_or_insert_with(Instant::now);
+        }
+        if meter.cut_short() {
+            warn!(request_id = %self.request_id, provider = %self.provider.name, "provider ended the stream before it finished");
+            if !rest.is_empty() && !client.send_body(Bytes::from(rest), false).await {
+                return BodyEnd::ClientGone;
+            }
+            return BodyEnd::ProviderBroke(format!(
+                "The provider '{}' ended the stream before it finished.",
+                self.provider.name
+            ));
+        }
+        self.settle(report, settle, meter, settled).await;
+        client.send_body(Bytes::from(rest), true).await;
+        BodyEnd::Complete
     }
 
     /// Ends a response the provider did not finish: a stream gets an
@@ -380,8 +416,8 @@ impl Copy<'_> {
 }
 
 /// Watches an answer for its first content: a stream's first event that
-/// carries text, a tool call, a finish reason or usage (a role-only event
-/// does not), or `[DONE]`, or an event that is not JSON at all (passed on as
+/// carries text, reasoning, a tool call, a finish reason or usage (a
+/// role-only event does not), or `[DONE]`, or an event that is not JSON at all (passed on as
 /// it is); a JSON answer's end. Fed the bytes as they go to the client.
 pub(super) struct FirstContent {
     stream: bool,
@@ -459,6 +495,10 @@ fn carries_content(payload: &[u8]) -> bool {
         refusal: Option<std::borrow::Cow<'a, str>>,
         #[serde(default, borrow)]
         function_call: Option<&'a serde_json::value::RawValue>,
+        #[serde(default, borrow)]
+        reasoning_content: Option<std::borrow::Cow<'a, str>>,
+        #[serde(default, borrow)]
+        reasoning: Option<std::borrow::Cow<'a, str>>,
     }
     if payload == b"[DONE]" {
         return true;
@@ -475,6 +515,10 @@ fn carries_content(payload: &[u8]) -> bool {
                 || choice.delta.as_ref().is_some_and(|d| {
                     d.content.as_deref().is_some_and(|c| !c.is_empty())
                         || d.refusal.as_deref().is_some_and(|c| !c.is_empty())
+                        || d.reasoning_content
+                            .as_deref()
+                            .is_some_and(|c| !c.is_empty())
+                        || d.reasoning.as_deref().is_some_and(|c| !c.is_empty())
                         || present(d.tool_calls)
                         || present(d.function_call)
                 })
@@ -500,6 +544,8 @@ mod tests {
             b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":1}}\n",
             b"data: {\"choices\":[{\"delta\":{},\"finish_reason\":\"stop\"}]}\n",
             b"data: {\"choices\":[{\"text\":\"a\"}]}\n",
+            b"data: {\"choices\":[{\"delta\":{\"reasoning_content\":\"hmm\"}}]}\n",
+            b"data: {\"choices\":[{\"delta\":{\"reasoning\":\"hmm\"}}]}\n",
             b"data: not json at all\n",
         ] {
             let mut first = FirstContent::new(true);

@@ -65,6 +65,9 @@ pub(crate) struct Exchange<'a> {
     pub context_routes: Vec<(usize, &'a ModelRoute)>,
     /// The client asked for a stream.
     pub stream: bool,
+    /// A chat stream of one choice without log probabilities: one that can
+    /// be continued elsewhere if it breaks (when the model allows it).
+    pub resumable: bool,
     /// The upstream body for a provider's model name.
     pub body_for: &'a (dyn Fn(&str) -> Bytes + Sync),
     /// The request id sent upstream and to the client.
@@ -184,8 +187,7 @@ impl Forwarder {
             exchange.routes.clone(),
             exchange.context_routes.clone(),
         );
-        let resumable = exchange.stream
-            && exchange.endpoint == Endpoint::ChatCompletions
+        let resumable = exchange.resumable
             && exchange
                 .routes
                 .first()
@@ -246,6 +248,7 @@ impl Forwarder {
                 }
                 if matches!(&continuation, Some(Continuation::Prefill(_)))
                     && matches!(&attempted, Attempted::Final(e) if e.status == 400)
+                    && failover.attempts_left()
                 {
                     // The deployment does not continue a prefill: the same
                     // deployment, from the beginning.
@@ -256,7 +259,7 @@ impl Forwarder {
                         continue;
                     }
                 }
-                if client.resumable() && matches!(attempted, Attempted::Retryable { .. }) {
+                if matches!(attempted, Attempted::StreamBroken(_)) {
                     // The stream broke after reaching the client: what it
                     // used is billed, and the next deployment continues it.
                     let usage = report.usage.take().unwrap_or_default();
@@ -276,7 +279,7 @@ impl Forwarder {
                         return self.end(client, exchange, report, error).await
                     }
                     Step::Done(Ok(())) => {
-                        if report.resumptions > 0 {
+                        if report.resumptions > 0 && client.completed() {
                             resumption(exchange, "resumed");
                         }
                         return Ok(());

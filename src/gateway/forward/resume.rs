@@ -19,7 +19,7 @@
 //! call, a second choice (`n > 1`), a `finish_reason`, or an event it cannot
 //! read.
 
-use crate::cost::Usage;
+use crate::cost::{Usage, MAX_LINE_BYTES};
 use crate::gateway::client::Client;
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
@@ -36,8 +36,17 @@ pub(crate) struct Resumable<'c> {
     started: bool,
     /// A line not yet complete.
     partial: BytesMut,
+    /// How much of `partial` is known to hold no line end.
+    scanned: usize,
+    /// A line too long to hold went by: everything passes through as it
+    /// is, and the stream can no longer be resumed.
+    passthrough: bool,
     /// Skip the blank line after a dropped event.
     skip_blank_line: bool,
+    /// What the client has ends with a whole event.
+    at_boundary: bool,
+    /// End the client's unfinished event before sending more.
+    close_event: bool,
     record: Record,
     /// Rewriting a continuation, from the second attempt that streams on.
     splice: Option<Splice>,
@@ -53,6 +62,8 @@ struct Record {
     text: String,
     /// Something went by that a continuation could not follow.
     final_: bool,
+    /// The stream's `[DONE]` went by.
+    done: bool,
 }
 
 /// How a continuation is rewritten.
@@ -86,7 +97,11 @@ impl<'c> Resumable<'c> {
             enabled,
             started: false,
             partial: BytesMut::new(),
+            scanned: 0,
+            passthrough: false,
             skip_blank_line: false,
+            at_boundary: true,
+            close_event: false,
             record: Record::default(),
             splice: None,
         }
@@ -119,8 +134,12 @@ impl<'c> Resumable<'c> {
         } else {
             (Continuation::Restart, text.clone(), true)
         };
+        // A line cut short is dropped (it was never sent); an event the
+        // client has not seen the end of is ended first.
         self.partial.clear();
+        self.scanned = 0;
         self.skip_blank_line = false;
+        self.close_event = !self.at_boundary;
         self.splice = Some(Splice {
             skip,
             strict,
@@ -133,23 +152,45 @@ impl<'c> Resumable<'c> {
     /// Ends the client's stream with an in-band error event (no `[DONE]`
     /// follows, so SDKs raise).
     pub(crate) async fn fail(&mut self, event: Bytes) {
-        let mut out = std::mem::take(&mut self.partial);
-        if !out.is_empty() && !out.ends_with(b"\n") {
-            out.extend_from_slice(b"\n\n");
+        // A line cut short is dropped (it was never sent); an event the
+        // client has not seen the end of is ended first.
+        self.partial.clear();
+        let mut out = BytesMut::new();
+        if !self.at_boundary {
+            out.extend_from_slice(b"\n");
         }
         out.extend_from_slice(&event);
         self.inner.send_body(out.freeze(), true).await;
     }
 
+    /// Whether the client got the whole stream (its `[DONE]`).
+    pub(crate) fn completed(&self) -> bool {
+        self.record.done
+    }
+
     /// Records and (for a continuation) rewrites the complete lines of
     /// `bytes`; returns what to send.
     fn process(&mut self, bytes: &[u8], end: bool) -> Bytes {
+        if self.passthrough {
+            return Bytes::copy_from_slice(bytes);
+        }
         self.partial.extend_from_slice(bytes);
-        let complete = match self.partial.iter().rposition(|&b| b == b'\n') {
-            Some(last) => self.partial.split_to(last + 1),
+        // Bytes already scanned hold no line end.
+        let complete = match memchr::memrchr(b'\n', &self.partial[self.scanned..]) {
+            Some(last) => self.partial.split_to(self.scanned + last + 1),
             None if end => std::mem::take(&mut self.partial),
-            None => return Bytes::new(),
+            None if self.partial.len() > MAX_LINE_BYTES => {
+                // Too long to hold: passed on unread from here on.
+                self.passthrough = true;
+                self.record.final_ = true;
+                return std::mem::take(&mut self.partial).freeze();
+            }
+            None => {
+                self.scanned = self.partial.len();
+                return Bytes::new();
+            }
         };
+        self.scanned = 0;
         let mut out = BytesMut::with_capacity(complete.len());
         for line in complete.split_inclusive(|&b| b == b'\n') {
             self.line(line, &mut out);
@@ -185,6 +226,7 @@ impl<'c> Resumable<'c> {
                 }
             }
             self.record.final_ = true;
+            self.record.done = true;
             out.extend_from_slice(line);
             return;
         }
@@ -277,6 +319,10 @@ impl Splice {
                 continue;
             };
             delta.remove("role");
+            // The client saw the first attempt's reasoning; another model's
+            // would only be a second, different one.
+            delta.remove("reasoning_content");
+            delta.remove("reasoning");
             if let Some(Value::String(text)) = delta.get_mut("content") {
                 self.skip_repeat(text);
                 if self.diverged {
@@ -331,6 +377,15 @@ impl Splice {
                 usage[field] = json!(n.saturating_add(add));
             }
         }
+        // get_mut, not indexing: a provider's odd shape must not panic.
+        if let Some(cached) = usage
+            .get_mut("prompt_tokens_details")
+            .and_then(|d| d.get_mut("cached_tokens"))
+        {
+            if let Some(n) = cached.as_u64() {
+                *cached = json!(n.saturating_add(earlier.cached_tokens));
+            }
+        }
     }
 }
 
@@ -372,7 +427,7 @@ impl Client for Resumable<'_> {
         if !self.enabled {
             return self.inner.send_body(body, end).await;
         }
-        let out = self.process(&body, end);
+        let mut out = self.process(&body, end);
         if self.diverged() {
             // Nothing more of this attempt goes out; like a client gone,
             // it ends the copy, and the forwarder ends the stream.
@@ -380,6 +435,12 @@ impl Client for Resumable<'_> {
         }
         if out.is_empty() && !end {
             return true;
+        }
+        if !out.is_empty() {
+            if std::mem::take(&mut self.close_event) {
+                out = Bytes::from([&b"\n"[..], &out[..]].concat());
+            }
+            self.at_boundary = out.ends_with(b"\n\n") || out.ends_with(b"\n\r\n");
         }
         self.inner.send_body(out, end).await
     }
@@ -561,6 +622,62 @@ mod tests {
             run(&mut client, &[format!("data: {event}\n\n")]);
             assert!(!client.resumable(), "{event}");
         }
+    }
+
+    #[test]
+    fn an_event_cut_before_its_blank_line_is_ended_before_anything_else() {
+        // The data line went out, its blank line did not.
+        let event = chunk("a", Some("Hel"), true, None);
+        let cut = event.trim_end_matches('\n').to_owned() + "\n";
+        for restart in [true, false] {
+            let mut collected = Collected::default();
+            let mut client = Resumable::new(&mut collected, true);
+            block_on(client.send_header(ResponseHeader::build(200, None).unwrap()));
+            run(&mut client, &[cut.clone(), "data: {\"choi".into()]);
+            if restart {
+                client.continue_with(false, Usage::default());
+                run(
+                    &mut client,
+                    &[
+                        chunk("b", Some("Hello"), true, None),
+                        "data: [DONE]\n\n".into(),
+                    ],
+                );
+            } else {
+                block_on(client.fail(Bytes::from_static(b"data: {\"error\":{}}\n\n")));
+            }
+            drop(client);
+            let body = String::from_utf8(collected.body.to_vec()).unwrap();
+            let events: Vec<&str> = body.split("\n\n").filter(|e| !e.is_empty()).collect();
+            for event in &events {
+                let payload = event.strip_prefix("data: ").unwrap();
+                assert!(
+                    payload == "[DONE]" || serde_json::from_str::<Value>(payload).is_ok(),
+                    "every event whole and alone: {body:?}"
+                );
+            }
+            if restart {
+                assert_eq!(texts(&collected.body).0, "Hello");
+            }
+        }
+    }
+
+    #[test]
+    fn a_line_too_long_to_hold_passes_through_and_ends_resumability() {
+        let mut collected = Collected::default();
+        let mut client = Resumable::new(&mut collected, true);
+        block_on(client.send_header(ResponseHeader::build(200, None).unwrap()));
+        run(&mut client, &[chunk("a", Some("Hi"), true, None)]);
+        let piece = Bytes::from(vec![b'x'; 1 << 20]);
+        let mut sent = 0;
+        for _ in 0..(MAX_LINE_BYTES >> 20) + 2 {
+            block_on(client.send_body(piece.clone(), false));
+            sent += piece.len();
+            assert!(client.partial.len() <= MAX_LINE_BYTES + piece.len());
+        }
+        assert!(!client.resumable());
+        drop(client);
+        assert!(collected.body.len() >= sent, "passed through");
     }
 
     #[test]

@@ -105,9 +105,12 @@ pub fn to_openai_error(status: u16, body: &[u8]) -> ApiError {
             e
         }
         // Anthropic says a prompt does not fit in words: "prompt is too
-        // long: 210000 tokens > 200000 maximum".
+        // long: 210000 tokens > 200000 maximum", or "input length and
+        // `max_tokens` exceed context limit: 199759 + 8192 > 200000".
         (400, _)
-            if message.contains("prompt is too long") || message.contains("context window") =>
+            if message.contains("prompt is too long")
+                || message.contains("exceed context limit")
+                || message.contains("context window") =>
         {
             ApiError::context_length_exceeded(message.clone())
         }

@@ -246,3 +246,20 @@ fn maps_errors_in_streams_and_answers() {
     assert_eq!(to_openai_error(429, b"{}").status, 429);
     assert_eq!(to_openai_error(529, b"not json").status, 502);
 }
+
+#[test]
+fn recognises_anthropics_ways_of_saying_the_prompt_is_too_long() {
+    for message in [
+        "prompt is too long: 210000 tokens > 200000 maximum",
+        "input length and `max_tokens` exceed context limit: 199759 + 8192 > 200000, decrease input length or `max_tokens` and try again",
+    ] {
+        let body = json!({"type": "error", "error": {"type": "invalid_request_error", "message": message}});
+        let error = to_openai_error(400, body.to_string().as_bytes());
+        assert_eq!(error.code, "context_length_exceeded", "{message}");
+    }
+    let other = json!({"type": "error", "error": {"type": "invalid_request_error", "message": "max_tokens: field required"}});
+    assert_eq!(
+        to_openai_error(400, other.to_string().as_bytes()).code,
+        "invalid_request"
+    );
+}
