@@ -8,7 +8,8 @@
 # Paths: direct to runestone-mock; through a bare Pingora proxy with no
 # filters (benches/floor.rs, the floor); Runestone with no limits; with
 # every feature on (limits, accounting, breakers, metrics, access log off)
-# and in-process state; the same with Redis state. Then streams: time to
+# and in-process state; the same with Redis state, one server and a Redis
+# Cluster of three primaries. Then streams: time to
 # first token and RSS with 1,000 and 10,000 streams open, through the floor and
 # through Runestone (STREAM_COUNTS; each stream takes two of the proxy's
 # descriptors, so the hard limit of open files, `ulimit -Hn`, bounds it: 20,000
@@ -100,7 +101,9 @@ declare -A RPS P50 P99 PEAK RATIO LINES RATIOS ROUND
 
 LIMITS="    limits: { requests_per_minute: 100000000, tokens_per_minute: 100000000000, max_concurrent: 1000000 }"
 REDIS="redis: { url: \"redis://127.0.0.1:$redis_port/0\", timeout_ms: 50 }"
-PATHS=(direct "pingora floor" "runestone, no limits" "runestone, all on, in-process" "runestone, all on, Redis")
+cluster_ports=("$(free_port)" "$(free_port)" "$(free_port)")
+REDIS_CLUSTER="redis: { cluster_nodes: [\"redis://127.0.0.1:${cluster_ports[0]}\", \"redis://127.0.0.1:${cluster_ports[1]}\"], timeout_ms: 50 }"
+PATHS=(direct "pingora floor" "runestone, no limits" "runestone, all on, in-process" "runestone, all on, Redis" "runestone, all on, Redis Cluster")
 
 # The upstream mock and Redis share CPU 1 with the load generator.
 taskset -c 1 target/release/runestone-mock --listen "127.0.0.1:$mock_port" >/dev/null 2>&1 &
@@ -108,6 +111,18 @@ pids+=($!)
 wait_http "http://127.0.0.1:$mock_port/health"
 taskset -c 1 redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no >/dev/null 2>&1 &
 pids+=($!)
+# A Redis Cluster of three primaries (no replicas), also on CPU 1.
+for p in "${cluster_ports[@]}"; do
+  mkdir -p "$work/cluster-$p"
+  taskset -c 1 redis-server --port "$p" --bind 127.0.0.1 --save "" --appendonly no --cluster-enabled yes \
+    --cluster-config-file "$work/cluster-$p/nodes.conf" --dir "$work/cluster-$p" >/dev/null 2>&1 &
+  pids+=($!)
+done
+for p in "${cluster_ports[@]}"; do
+  for _ in $(seq 1 200); do redis-cli -p "$p" ping 2>/dev/null | grep -q PONG && break; sleep 0.05; done
+done
+redis-cli --cluster create "${cluster_ports[@]/#/127.0.0.1:}" --cluster-replicas 0 --cluster-yes >/dev/null
+for _ in $(seq 1 200); do redis-cli -p "${cluster_ports[0]}" cluster info | grep -q cluster_state:ok && break; sleep 0.05; done
 
 # start_path NAME: starts the process under test on CPU 0; sets PID and URL.
 start_path() {
@@ -124,7 +139,8 @@ start_path() {
     *)
       local limits="" extra=""
       [[ "$1" == *"all on"* ]] && limits=$LIMITS
-      [[ "$1" == *Redis* ]] && extra=$REDIS
+      [[ "$1" == *Redis ]] && extra=$REDIS
+      [[ "$1" == *"Redis Cluster" ]] && extra=$REDIS_CLUSTER
       mport=$(free_port)
       gateway_config "$port" "$mport" "$limits" "$extra" >"$work/gw.yaml"
       taskset -c 0 target/release/runestone --config "$work/gw.yaml" >"$work/gw.log" 2>&1 &
@@ -318,7 +334,7 @@ machine="$(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /pro
   echo "Peak RSS is the process's VmHWM at the end of its closed-loop run (32 connections)."
   echo "Pinning: the process under test alone on CPU 0 (runestone-mock for \"direct\" in the closed"
   echo "loop, the floor proxy, or runestone with \`threads: 1\`); the load generator, runestone-mock as"
-  echo "the upstream and Redis share CPU 1. In the open loop \"direct\" is that same upstream mock on"
+  echo "the upstream and Redis (one server, or the three primaries of the Cluster) share CPU 1. In the open loop \"direct\" is that same upstream mock on"
   echo "CPU 1 (its CPU column is the mock's), so the added latency is the proxy hop's alone."
   echo "\"All on\" means RPM, TPM and concurrency limits (set high enough"
   echo "never to refuse), cost accounting, breakers and metrics (access log off, as for the others);"

@@ -78,6 +78,14 @@ fn main() -> ExitCode {
                     config.tenants.len(),
                     config.tenants.iter().map(|t| t.keys.len()).sum::<usize>()
                 );
+                if let Some(redis) = &config.redis {
+                    // Endpoints only: user names and passwords stay out.
+                    println!(
+                        "redis: {} at {}",
+                        redis.target.mode(),
+                        redis.target.endpoints().join(", ")
+                    );
+                }
                 ExitCode::SUCCESS
             }
             Err(code) => code,

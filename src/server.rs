@@ -65,6 +65,10 @@ pub fn build(config: Config, options: RunOptions) -> Server {
     }
     // One Redis connection for limits and the overflow queue.
     let redis = crate::redis_conn::RedisConnection::for_config(&config);
+    if let Some(redis) = &redis {
+        let (mode, endpoints) = redis.describe();
+        tracing::info!(mode, endpoints = ?endpoints, "Redis: limits, spend, the overflow queue and jobs are shared");
+    }
     let limiter = Limiter::new(&config, redis.clone());
     let overflow = Overflow::new(&config, redis);
     if let Some(redis) = limiter.redis() {

@@ -435,12 +435,101 @@ pub struct Price {
 /// Shared state in Redis.
 #[derive(Debug, Clone)]
 pub struct RedisSettings {
-    /// `redis://host:port/db` (credentials allowed; never logged).
-    pub url: Secret,
+    /// Which Redis: one server, a cluster, or a Sentinel-watched primary.
+    pub target: RedisTarget,
+    /// TLS material beyond the system roots, for `rediss://` endpoints.
+    pub tls: RedisTls,
     /// Prefix of every key (`runestone:{tenant}:...`).
     pub key_prefix: String,
     /// Bound on every Redis call.
     pub timeout: std::time::Duration,
+}
+
+/// Where Redis is. URLs may hold credentials: they are [`Secret`]s, never
+/// logged ([`RedisTarget::endpoints`] is what may be).
+#[derive(Debug, Clone)]
+pub enum RedisTarget {
+    /// One server: `redis.url`.
+    Single {
+        /// `redis://` or `rediss://` (user, password, db allowed).
+        url: Secret,
+    },
+    /// Redis Cluster: `redis.cluster_nodes`, the seed nodes.
+    Cluster {
+        /// Seed node URLs (credentials from the first).
+        nodes: Vec<Secret>,
+    },
+    /// A primary found through Sentinel: `redis.sentinel`.
+    Sentinel {
+        /// The monitored primary's name.
+        master_name: String,
+        /// Sentinel URLs.
+        nodes: Vec<Secret>,
+        /// ACL user and password for the sentinels.
+        username: Option<String>,
+        password: Option<Secret>,
+        /// ACL user and password for the primary.
+        master_username: Option<String>,
+        master_password: Option<Secret>,
+        /// Database on the primary.
+        db: i64,
+    },
+}
+
+impl RedisTarget {
+    /// The mode's name, for the start-up log.
+    pub fn mode(&self) -> &'static str {
+        match self {
+            RedisTarget::Single { .. } => "single",
+            RedisTarget::Cluster { .. } => "cluster",
+            RedisTarget::Sentinel { .. } => "sentinel",
+        }
+    }
+
+    /// The endpoints as `scheme://host:port`, without credentials: what
+    /// the start-up log may print.
+    pub fn endpoints(&self) -> Vec<String> {
+        let urls: Vec<&Secret> = match self {
+            RedisTarget::Single { url } => vec![url],
+            RedisTarget::Cluster { nodes } | RedisTarget::Sentinel { nodes, .. } => {
+                nodes.iter().collect()
+            }
+        };
+        urls.iter()
+            .filter_map(|url| {
+                let url = url::Url::parse(url.expose()).ok()?;
+                Some(format!(
+                    "{}://{}:{}",
+                    url.scheme(),
+                    url.host_str()?,
+                    url.port().unwrap_or(6379)
+                ))
+            })
+            .collect()
+    }
+
+    /// Whether the connections to Redis use TLS (`rediss://`).
+    pub fn uses_tls(&self) -> bool {
+        self.endpoints().iter().any(|e| e.starts_with("rediss://"))
+    }
+}
+
+/// PEM material for TLS to Redis, read when the config is loaded.
+#[derive(Clone, Default)]
+pub struct RedisTls {
+    /// A CA to trust instead of the system roots (`redis.ca_file`).
+    pub ca: Option<Vec<u8>>,
+    /// A client certificate and its key, for mutual TLS.
+    pub client: Option<(Vec<u8>, Secret)>,
+}
+
+impl std::fmt::Debug for RedisTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisTls")
+            .field("ca", &self.ca.is_some())
+            .field("client", &self.client.is_some())
+            .finish()
+    }
 }
 
 impl TenantSettings {

@@ -221,11 +221,39 @@ pub(super) struct RawBudget {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawRedis {
-    pub(super) url: String,
+    #[serde(default)]
+    pub(super) url: Option<String>,
+    #[serde(default)]
+    pub(super) cluster_nodes: Option<Vec<String>>,
+    #[serde(default)]
+    pub(super) sentinel: Option<RawSentinel>,
+    #[serde(default)]
+    pub(super) ca_file: Option<String>,
+    #[serde(default)]
+    pub(super) client_cert: Option<String>,
+    #[serde(default)]
+    pub(super) client_key: Option<String>,
     #[serde(default)]
     pub(super) key_prefix: Option<String>,
     #[serde(default)]
     pub(super) timeout_ms: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawSentinel {
+    pub(super) master_name: String,
+    pub(super) nodes: Vec<String>,
+    #[serde(default)]
+    pub(super) username: Option<String>,
+    #[serde(default)]
+    pub(super) password: Option<String>,
+    #[serde(default)]
+    pub(super) master_username: Option<String>,
+    #[serde(default)]
+    pub(super) master_password: Option<String>,
+    #[serde(default)]
+    pub(super) db: Option<i64>,
 }
 
 #[derive(Deserialize)]

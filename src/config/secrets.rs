@@ -55,9 +55,26 @@ pub(super) fn literal_secrets(root: &Value) -> Vec<String> {
             found.push(format!("tenants[{i}].overflow.callbacks.secret"));
         }
     }
-    let redis_url = root.get("redis").and_then(|r| r.get("url"));
-    if redis_url.is_some_and(|u| literal(u) && u.as_str().is_some_and(|u| u.contains('@'))) {
+    let redis = root.get("redis");
+    let with_password = |u: &Value| literal(u) && u.as_str().is_some_and(|u| u.contains('@'));
+    if redis.and_then(|r| r.get("url")).is_some_and(with_password) {
         found.push("redis.url".to_string());
+    }
+    for (i, node) in list(redis.and_then(|r| r.get("cluster_nodes"))) {
+        if with_password(node) {
+            found.push(format!("redis.cluster_nodes[{i}]"));
+        }
+    }
+    let sentinel = redis.and_then(|r| r.get("sentinel"));
+    for key in ["password", "master_password"] {
+        if sentinel.and_then(|s| s.get(key)).is_some_and(literal) {
+            found.push(format!("redis.sentinel.{key}"));
+        }
+    }
+    for (i, node) in list(sentinel.and_then(|s| s.get("nodes"))) {
+        if with_password(node) {
+            found.push(format!("redis.sentinel.nodes[{i}]"));
+        }
     }
     found
 }

@@ -468,9 +468,71 @@ pub(super) fn validate_breaker(raw: RawBreaker, problems: &mut Vec<Problem>) -> 
 
 pub(super) fn validate_redis(raw: RawRedis, problems: &mut Vec<Problem>) -> Option<RedisSettings> {
     let before = problems.len();
-    match url::Url::parse(&raw.url) {
-        Ok(url) if matches!(url.scheme(), "redis" | "rediss") && url.host().is_some() => {}
-        _ => problems.push(problem("redis.url", "must be a redis://host:port/db URL")),
+    let target = match (raw.url, raw.cluster_nodes, raw.sentinel) {
+        (Some(url), None, None) => {
+            check_redis_url("redis.url", &url, problems);
+            RedisTarget::Single { url: Secret(url) }
+        }
+        (None, Some(nodes), None) => {
+            if nodes.is_empty() {
+                problems.push(problem(
+                    "redis.cluster_nodes",
+                    "must name at least one node",
+                ));
+            }
+            for (i, node) in nodes.iter().enumerate() {
+                check_redis_url(&format!("redis.cluster_nodes[{i}]"), node, problems);
+            }
+            same_scheme("redis.cluster_nodes", &nodes, problems);
+            RedisTarget::Cluster {
+                nodes: nodes.into_iter().map(Secret).collect(),
+            }
+        }
+        (None, None, Some(sentinel)) => {
+            if !is_identifier(&sentinel.master_name) {
+                problems.push(problem(
+                    "redis.sentinel.master_name",
+                    "must be 1-64 characters of A-Z a-z 0-9 - _ .",
+                ));
+            }
+            if sentinel.nodes.is_empty() {
+                problems.push(problem(
+                    "redis.sentinel.nodes",
+                    "must name at least one sentinel",
+                ));
+            }
+            for (i, node) in sentinel.nodes.iter().enumerate() {
+                check_redis_url(&format!("redis.sentinel.nodes[{i}]"), node, problems);
+            }
+            same_scheme("redis.sentinel.nodes", &sentinel.nodes, problems);
+            let db = sentinel.db.unwrap_or(0);
+            if !(0..=15).contains(&db) {
+                problems.push(problem("redis.sentinel.db", "must be between 0 and 15"));
+            }
+            RedisTarget::Sentinel {
+                master_name: sentinel.master_name,
+                nodes: sentinel.nodes.into_iter().map(Secret).collect(),
+                username: sentinel.username,
+                password: sentinel.password.map(Secret),
+                master_username: sentinel.master_username,
+                master_password: sentinel.master_password.map(Secret),
+                db,
+            }
+        }
+        _ => {
+            problems.push(problem(
+                "redis",
+                "needs exactly one of url, cluster_nodes and sentinel",
+            ));
+            return None;
+        }
+    };
+    let tls = redis_tls(&raw.ca_file, &raw.client_cert, &raw.client_key, problems);
+    if (tls.ca.is_some() || tls.client.is_some()) && !target.uses_tls() {
+        problems.push(problem(
+            "redis.ca_file",
+            "ca_file, client_cert and client_key need rediss:// endpoints",
+        ));
     }
     let key_prefix = raw.key_prefix.unwrap_or_else(|| "runestone".into());
     if !is_identifier(&key_prefix) {
@@ -484,10 +546,89 @@ pub(super) fn validate_redis(raw: RawRedis, problems: &mut Vec<Problem>) -> Opti
         problems.push(problem("redis.timeout_ms", "must be between 1 and 10000"));
     }
     (problems.len() == before).then(|| RedisSettings {
-        url: Secret(raw.url),
+        target,
+        tls,
         key_prefix,
         timeout: std::time::Duration::from_millis(timeout_ms),
     })
+}
+
+/// A Redis URL the client can use as written: `redis://` or `rediss://`
+/// with a host, nothing that turns certificate checks off.
+fn check_redis_url(path: &str, text: &str, problems: &mut Vec<Problem>) {
+    let usable = match url::Url::parse(text) {
+        Ok(url) => {
+            matches!(url.scheme(), "redis" | "rediss")
+                && url.host().is_some()
+                && url.fragment().is_none()
+                && redis::IntoConnectionInfo::into_connection_info(text).is_ok()
+        }
+        Err(_) => false,
+    };
+    if !usable {
+        // The URL itself is not repeated: it may hold a password.
+        problems.push(problem(
+            path,
+            "must be a redis:// or rediss:// URL with a host (and no #insecure)",
+        ));
+    }
+}
+
+/// Nodes of one deployment all use TLS, or none does.
+fn same_scheme(path: &str, urls: &[String], problems: &mut Vec<Problem>) {
+    let tls = urls.iter().filter(|u| u.starts_with("rediss://")).count();
+    if tls != 0 && tls != urls.len() {
+        problems.push(problem(path, "mixes redis:// and rediss:// nodes"));
+    }
+}
+
+/// Reads the PEM files TLS to Redis names.
+fn redis_tls(
+    ca_file: &Option<String>,
+    client_cert: &Option<String>,
+    client_key: &Option<String>,
+    problems: &mut Vec<Problem>,
+) -> RedisTls {
+    let read = |key: &str, file: &str, marker: &str, problems: &mut Vec<Problem>| {
+        match std::fs::read_to_string(file) {
+            Ok(text) if text.contains(marker) => Some(text),
+            Ok(_) => {
+                problems.push(problem(
+                    &format!("redis.{key}"),
+                    format!("'{file}' holds no PEM {}", marker.trim_matches('-')),
+                ));
+                None
+            }
+            Err(e) => {
+                problems.push(problem(
+                    &format!("redis.{key}"),
+                    format!("cannot read '{file}': {e}"),
+                ));
+                None
+            }
+        }
+    };
+    let ca = ca_file
+        .as_deref()
+        .and_then(|f| read("ca_file", f, "-----BEGIN CERTIFICATE-----", problems))
+        .map(String::into_bytes);
+    let client = match (client_cert, client_key) {
+        (Some(cert), Some(key)) => {
+            let cert = read("client_cert", cert, "-----BEGIN CERTIFICATE-----", problems);
+            let key = read("client_key", key, "PRIVATE KEY-----", problems);
+            cert.zip(key)
+                .map(|(cert, key)| (cert.into_bytes(), Secret(key)))
+        }
+        (None, None) => None,
+        _ => {
+            problems.push(problem(
+                "redis.client_cert",
+                "client_cert and client_key go together",
+            ));
+            None
+        }
+    };
+    RedisTls { ca, client }
 }
 
 pub(super) fn validate_failover(raw: RawFailover, problems: &mut Vec<Problem>) -> FailoverSettings {

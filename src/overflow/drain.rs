@@ -431,18 +431,34 @@ impl Drain {
         }
     }
 
+    /// Warns when Redis may evict queued jobs. Best effort: an ACL user
+    /// without `CONFIG` (as docs/operations.md advises) cannot ask, and that
+    /// is no Redis failure.
     async fn warn_if_redis_may_evict(&self) {
-        let o = &self.overflow;
-        if o.inner.redis.is_none() {
+        let Some(r) = self.overflow.inner.redis.as_ref() else {
             return;
-        }
-        let policy: Option<Vec<String>> = o
-            .redis(redis::cmd("CONFIG").arg("GET").arg("maxmemory-policy"))
-            .await;
-        if let Some(policy) = policy.and_then(|p| p.get(1).cloned()) {
-            if policy != "noeviction" {
-                warn!(%policy, "Redis maxmemory-policy may evict queued jobs; set it to noeviction (and appendonly yes) for durable async jobs");
+        };
+        let Some(mut conn) = r.conn() else {
+            return;
+        };
+        let asked = tokio::time::timeout(
+            r.timeout,
+            redis::cmd("CONFIG")
+                .arg("GET")
+                .arg("maxmemory-policy")
+                .query_async::<Vec<String>>(&mut conn),
+        )
+        .await;
+        match asked {
+            Ok(Ok(policy)) => {
+                if let Some(policy) = policy.get(1).filter(|p| *p != "noeviction") {
+                    warn!(%policy, "Redis maxmemory-policy may evict queued jobs; set it to noeviction (and appendonly yes) for durable async jobs");
+                }
             }
+            Ok(Err(_)) => {
+                info!("cannot read Redis maxmemory-policy (CONFIG not allowed here); make sure it is noeviction for durable async jobs");
+            }
+            Err(_) => {}
         }
     }
 

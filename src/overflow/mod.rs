@@ -42,9 +42,8 @@ pub use queue::Parked;
 use crate::config::{Config, TenantOverflow};
 use crate::limits::Grant;
 use crate::metrics;
-use crate::redis_conn::RedisConnection;
+use crate::redis_conn::{Conn, RedisConnection};
 use jobs::LocalState;
-use redis::aio::ConnectionManager;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -85,7 +84,7 @@ struct RedisQueues {
 }
 
 impl RedisQueues {
-    fn conn(&self) -> Option<ConnectionManager> {
+    fn conn(&self) -> Option<Conn> {
         self.conn.get()
     }
 }

@@ -5,7 +5,7 @@
 use super::ledger::{Shared, Unsettled};
 use super::scripts::{admit_answers, AdmitAnswer};
 use super::{lock, Keys, SettleOp, LEASE_TTL_MS};
-use redis::aio::ConnectionManager;
+use crate::redis_conn::Conn;
 use redis::{RedisResult, Script};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -51,7 +51,7 @@ pub(super) fn group<T>(batches: &mut Vec<Vec<T>>, op: T, same: impl Fn(&T, &T) -
 /// The task holds the connection and scripts, not the store, so it ends when
 /// the store (the queue's sender) is dropped.
 pub(super) struct Batcher {
-    pub(super) conn: ConnectionManager,
+    pub(super) conn: Conn,
     pub(super) admit: Script,
     pub(super) settle: Script,
     pub(super) keys: Arc<[Keys]>,
@@ -95,14 +95,16 @@ impl Batcher {
             .iter()
             .map(|batch| Unsettled::from_ops(batch))
             .collect();
-        let commands: Vec<redis::Cmd> = admits
+        // Each command touches one tenant's keys (one hash slot).
+        let commands: Vec<(usize, redis::Cmd)> = admits
             .iter()
-            .map(|batch| self.admit_command(batch))
-            .chain(
-                unsettled
-                    .iter()
-                    .map(|u| u.command(&self.keys[u.tenant], &self.settle, true)),
-            )
+            .map(|batch| (batch[0].tenant, self.admit_command(batch)))
+            .chain(unsettled.iter().map(|u| {
+                (
+                    u.tenant,
+                    u.command(&self.keys[u.tenant], &self.settle, true),
+                )
+            }))
             .collect();
         if commands.is_empty() {
             return;
@@ -156,20 +158,16 @@ impl Batcher {
         }
     }
 
-    /// Runs the commands in one pipeline, each with its own result. Scripts
-    /// Redis does not know (it restarted) are loaded and only the commands
-    /// that named them run again.
+    /// Runs the commands (each with the tenant whose keys it touches) in
+    /// one pipeline, one per tenant on a cluster, each with its own result.
+    /// Scripts Redis does not know (it restarted, or a replica took over)
+    /// are loaded and only the commands that named them run again.
     pub(super) async fn query(
         &self,
-        commands: &[redis::Cmd],
+        commands: &[(usize, redis::Cmd)],
     ) -> RedisResult<Vec<RedisResult<redis::Value>>> {
         let mut conn = self.conn.clone();
-        let mut pipe = redis::pipe();
-        for command in commands {
-            pipe.add_command(command.clone());
-        }
-        let mut results: Vec<RedisResult<redis::Value>> =
-            pipe.ignore_errors().query_async(&mut conn).await?;
+        let mut results = conn.pipeline(commands).await?;
         let no_script = |r: &RedisResult<redis::Value>| matches!(r, Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript));
         let again: Vec<usize> = (0..results.len())
             .filter(|&i| no_script(&results[i]))
@@ -177,12 +175,9 @@ impl Batcher {
         if !again.is_empty() {
             self.admit.load_async(&mut conn).await?;
             self.settle.load_async(&mut conn).await?;
-            let mut pipe = redis::pipe();
-            for &i in &again {
-                pipe.add_command(commands[i].clone());
-            }
-            let retried: Vec<RedisResult<redis::Value>> =
-                pipe.ignore_errors().query_async(&mut conn).await?;
+            let retry: Vec<(usize, redis::Cmd)> =
+                again.iter().map(|&i| commands[i].clone()).collect();
+            let retried = conn.pipeline(&retry).await?;
             for (i, result) in again.into_iter().zip(retried) {
                 results[i] = result;
             }

@@ -20,6 +20,7 @@ impl RedisMaintenance {
 impl RedisMaintenance {
     /// Runs until `shutdown` turns true, flushing once more then.
     pub async fn run(&self, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        self.store.warm_up().await;
         let mut probe = tokio::time::interval(PROBE_EVERY);
         let mut renew = tokio::time::interval(RENEW_EVERY);
         loop {

@@ -31,10 +31,9 @@ pub use maintenance::RedisMaintenance;
 use super::{PeriodUsage, RateLimitState, Refusal};
 use crate::config::{RedisSettings, TenantLimits, TenantSettings};
 use crate::metrics;
-use crate::redis_conn::RedisConnection;
+use crate::redis_conn::{Conn, RedisConnection};
 use batcher::{AdmitOp, Batcher, Op, Reply};
 use ledger::{Shared, Unsettled};
-use redis::aio::ConnectionManager;
 use redis::{RedisResult, Script};
 use scripts::{AdmitAnswer, ADMIT, RENEW, SETTLE};
 use std::collections::HashMap;
@@ -50,6 +49,9 @@ pub const LEASE_TTL_MS: u64 = 30_000;
 
 /// How often held leases are renewed.
 const RENEW_EVERY: Duration = Duration::from_millis(LEASE_TTL_MS / 3);
+
+/// How long the start-up connection may take.
+const WARM_UP: Duration = Duration::from_secs(5);
 
 /// How often a down Redis is probed, and pending spend flushed.
 const PROBE_EVERY: Duration = Duration::from_millis(500);
@@ -156,7 +158,9 @@ impl RedisStore {
             .collect();
         metrics::REDIS_UP.set(1);
         // Every operation's error count starts at 0, so rates work at once.
-        for op in ["admit", "settle", "usage", "flush", "renew", "overflow"] {
+        for op in [
+            "admit", "settle", "usage", "flush", "renew", "overflow", "connect",
+        ] {
             metrics::REDIS_ERRORS.with_label_values(&[op]);
         }
         RedisStore {
@@ -183,14 +187,14 @@ impl RedisStore {
     }
 
     /// The shared connection; must be called inside the Tokio runtime.
-    fn connection(&self) -> Option<ConnectionManager> {
+    fn connection(&self) -> Option<Conn> {
         self.inner.conn.get()
     }
 
     /// Runs one bounded Redis call; a failure marks the store down.
     async fn call<T, F, Fut>(&self, op: &'static str, f: F) -> Option<T>
     where
-        F: FnOnce(ConnectionManager) -> Fut,
+        F: FnOnce(Conn) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
         let conn = self.connection()?;
@@ -451,6 +455,29 @@ impl RedisStore {
         }
     }
 
+    /// Connects at start-up, so the first requests find Redis ready: a
+    /// PING given longer than a call (TLS, a cluster's slot map, the
+    /// sentinels' answer take a moment). Redis is marked down if it does not
+    /// answer.
+    pub(super) async fn warm_up(&self) {
+        let Some(mut conn) = self.connection() else {
+            return;
+        };
+        let ping = tokio::time::timeout(
+            WARM_UP,
+            redis::cmd("PING").query_async::<redis::Value>(&mut conn),
+        )
+        .await;
+        match ping {
+            Ok(Ok(_)) => info!("Redis answers"),
+            Ok(Err(e)) => self.inner.shared.failed("connect", &e.to_string()),
+            Err(_) => self
+                .inner
+                .shared
+                .failed("connect", &format!("no answer within {WARM_UP:?}")),
+        }
+    }
+
     /// Probes a down Redis; marks it up when it answers.
     async fn probe(&self) {
         let Some(mut conn) = self.connection() else {
@@ -458,13 +485,15 @@ impl RedisStore {
         };
         let ping = tokio::time::timeout(
             self.inner.timeout,
-            redis::cmd("PING").query_async::<String>(&mut conn),
+            redis::cmd("PING").query_async::<redis::Value>(&mut conn),
         )
         .await;
         if matches!(ping, Ok(Ok(_))) && !self.inner.shared.up.swap(true, Ordering::Relaxed) {
             metrics::REDIS_UP.set(1);
             // Every operation's error count starts at 0, so rates work at once.
-            for op in ["admit", "settle", "usage", "flush", "renew", "overflow"] {
+            for op in [
+                "admit", "settle", "usage", "flush", "renew", "overflow", "connect",
+            ] {
                 metrics::REDIS_ERRORS.with_label_values(&[op]);
             }
             info!("Redis is back; limits are shared again");
@@ -498,22 +527,22 @@ impl RedisStore {
         if batches.is_empty() && unreleased.is_empty() {
             return;
         }
-        let mut pipe = redis::pipe();
-        for batch in &batches {
-            pipe.add_command(batch.command(
-                &self.inner.keys[batch.tenant],
-                &self.inner.settle,
-                false,
-            ));
-        }
-        for (tenant, lease) in &unreleased {
-            pipe.zrem(&self.inner.keys[*tenant].inflight, lease);
-        }
-        let pipe = &pipe;
-        let results: Option<Vec<RedisResult<redis::Value>>> = self
-            .call("flush", |mut conn| async move {
-                pipe.clone().ignore_errors().query_async(&mut conn).await
+        // Each command touches one tenant's keys (one hash slot).
+        let mut commands: Vec<(usize, redis::Cmd)> = batches
+            .iter()
+            .map(|batch| {
+                let keys = &self.inner.keys[batch.tenant];
+                (batch.tenant, batch.command(keys, &self.inner.settle, false))
             })
+            .collect();
+        for (tenant, lease) in &unreleased {
+            let mut zrem = redis::cmd("ZREM");
+            zrem.arg(&self.inner.keys[*tenant].inflight).arg(lease);
+            commands.push((*tenant, zrem));
+        }
+        let commands = &commands;
+        let results: Option<Vec<RedisResult<redis::Value>>> = self
+            .call("flush", |conn| async move { conn.pipeline(commands).await })
             .await;
         let mut ledger = lock(&self.inner.shared.ledger);
         match results {
