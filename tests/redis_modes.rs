@@ -610,6 +610,35 @@ fn two_gateways_over_a_cluster_share_limits_and_survive_a_primary_failing_over()
     for id in &ids {
         assert_eq!(result(&gw2, id), 200);
     }
+    // Parking: six slow requests at once over a concurrency of two, half
+    // on each gateway, all admitted in turn.
+    mock.fault(json!({"latency_ms": 300}));
+    let parked: Vec<u16> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..6)
+            .map(|i| {
+                let gw = if i % 2 == 0 { &gw1 } else { &gw2 };
+                scope.spawn(move || {
+                    gw.post_json(CHAT, other_key, &chat("gpt-4o-mini", false))
+                        .status
+                })
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().unwrap()).collect()
+    });
+    assert_eq!(parked, [200; 6]);
+    assert!(
+        [&gw1, &gw2]
+            .iter()
+            .map(|gw| metric_sum(
+                &gw.metrics(),
+                "runestone_overflow_total",
+                &["outcome=\"admitted\""]
+            ))
+            .sum::<f64>()
+            >= 2.0,
+        "some waited their turn"
+    );
+    mock.fault(json!({"latency_ms": 0}));
 
     // The primary of the second tenant's keys dies; its replica takes over.
     let victim = cluster.primary_of(&format!("{{{b}}}"));
@@ -670,6 +699,15 @@ fn two_gateways_over_a_cluster_share_limits_and_survive_a_primary_failing_over()
         billed, generated as f64,
         "sent before the failover: {sent_before}"
     );
+    // And at the configured price (1 and 2 USD per 1M tokens).
+    let cost: f64 = [&gw1, &gw2]
+        .iter()
+        .map(|gw| metric_sum(&gw.metrics(), "runestone_cost_usd_total", &[]))
+        .sum();
+    let expected = (stats["prompt_tokens"].as_f64().unwrap()
+        + 2.0 * stats["completion_tokens"].as_f64().unwrap())
+        / 1e6;
+    assert!((cost - expected).abs() < 1e-9, "{cost} != {expected}");
 }
 
 #[test]
