@@ -13,6 +13,50 @@ pub fn random_id(prefix: &str) -> String {
     format!("{prefix}{bits:024x}")
 }
 
+/// A random (version 4) UUID, `xxxxxxxx-xxxx-4xxx-yxxx-xxxxxxxxxxxx`:
+/// the request id the gateway makes, and the only kind it sends upstream
+/// (model servers that check `x-request-id` expect one).
+pub fn uuid_v4() -> String {
+    uuid_from(rand::thread_rng().gen::<u128>())
+}
+
+/// `bits` as a version 4 UUID's text (the version and variant bits set).
+fn uuid_from(bits: u128) -> String {
+    let bits = (bits & !(0xf << 76) | (0x4 << 76)) & !(0x3 << 62) | (0x2 << 62);
+    let hex = format!("{bits:032x}");
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    )
+}
+
+/// The id sent upstream for request `id`: itself when it is a UUID, else a
+/// UUID made from it (a client's own id may not be one, and some model
+/// servers refuse an `x-request-id` that is not), the same for every
+/// attempt of the request.
+pub fn upstream_request_id(id: &str) -> std::borrow::Cow<'_, str> {
+    if is_uuid(id) {
+        return std::borrow::Cow::Borrowed(id);
+    }
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(id.as_bytes());
+    let bits = u128::from_be_bytes(digest[..16].try_into().unwrap_or_default());
+    std::borrow::Cow::Owned(uuid_from(bits))
+}
+
+/// Whether `id` is a UUID in its canonical text form.
+pub fn is_uuid(id: &str) -> bool {
+    id.len() == 36
+        && id.char_indices().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => c == '-',
+            _ => c.is_ascii_hexdigit(),
+        })
+}
+
 /// 32 lowercase hex digits (128 random bits), for ids that are not shown.
 pub fn random_token() -> String {
     format!("{:032x}", rand::thread_rng().gen::<u128>())
@@ -30,5 +74,17 @@ mod tests {
         let ids: std::collections::HashSet<String> = (0..1000).map(|_| random_id("job_")).collect();
         assert_eq!(ids.len(), 1000);
         assert_eq!(random_token().len(), 32);
+    }
+
+    #[test]
+    fn request_ids_sent_upstream_are_uuids() {
+        let id = uuid_v4();
+        assert!(is_uuid(&id), "{id}");
+        assert_eq!(&id[14..15], "4", "version 4");
+        assert!("89ab".contains(&id[19..20]), "RFC 4122 variant");
+        assert_eq!(upstream_request_id(&id), id.as_str());
+        let made = upstream_request_id("client-id-42");
+        assert!(is_uuid(&made) && made == upstream_request_id("client-id-42"));
+        assert!(!is_uuid("req_0123456789abcdef01234567"));
     }
 }

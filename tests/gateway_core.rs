@@ -29,11 +29,15 @@ fn routes_chat_by_model_with_the_provider_model_name_and_key() {
     assert_eq!(body["object"], "chat.completion");
     assert!(body["choices"][0]["message"]["content"].is_string());
     assert_eq!(resp.header("x-runestone-provider"), Some("mock"));
-    assert!(resp
-        .header("x-request-id")
-        .is_some_and(|id| id.starts_with("req_")));
+    let id = resp.header("x-request-id").unwrap().to_string();
+    assert!(is_uuid(&id), "{id}");
 
     let seen = &mock.requests()[0];
+    assert_eq!(
+        seen["headers"]["x-request-id"],
+        id.as_str(),
+        "the same id upstream"
+    );
     assert_eq!(seen["path"], "/v1/chat/completions");
     assert_eq!(
         seen["model"], "mock-small",
@@ -366,7 +370,7 @@ fn keeps_a_sane_client_request_id_and_replaces_others() {
         ],
         body.as_bytes(),
     );
-    assert!(resp.header("x-request-id").unwrap().starts_with("req_"));
+    assert!(is_uuid(resp.header("x-request-id").unwrap()));
 }
 
 #[test]

@@ -88,9 +88,10 @@ pub(super) async fn read_body(session: &mut Session, limit: usize) -> Result<Byt
     Ok(body.freeze())
 }
 
-/// A fresh request id: 24 hex digits (96 random bits) behind `req_`.
+/// A fresh request id: a random UUID (what model servers that check
+/// `x-request-id` accept).
 fn new_request_id() -> String {
-    crate::ids::random_id("req_")
+    crate::ids::uuid_v4()
 }
 
 /// Keeps a client's `x-request-id` when it is short and plain, so it can be
@@ -196,7 +197,7 @@ mod tests {
     #[test]
     fn generated_request_ids_are_unique() {
         let a = new_request_id();
-        assert!(a.starts_with("req_") && a.len() == 28, "{a}");
+        assert!(crate::ids::is_uuid(&a), "{a}");
         assert_ne!(a, new_request_id());
     }
 }

@@ -243,6 +243,33 @@ impl ApiError {
         Self::new(502, "api_error", "upstream_error", message)
     }
 
+    /// The provider's own error answer that is not OpenAI's shape (an empty
+    /// body, plain text, HTML): its status kept, what text it gave (trimmed
+    /// to a printable line) as the message.
+    pub fn from_provider_answer(provider: &str, status: u16, body: &[u8]) -> Self {
+        let text: String = String::from_utf8_lossy(body)
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect::<String>()
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
+        let text: String = text.chars().take(300).collect();
+        let message = if text.is_empty() {
+            format!("The provider '{provider}' answered {status} with no message.")
+        } else {
+            format!("The provider '{provider}' answered {status}: {text}")
+        };
+        let kind = match status {
+            401 | 403 => "authentication_error",
+            404 => "not_found_error",
+            429 => "rate_limit_error",
+            400..=499 => "invalid_request_error",
+            _ => "api_error",
+        };
+        Self::new(status, kind, "upstream_error", message)
+    }
+
     /// 503: the in-process async job store is at its bound.
     pub fn job_store_full() -> Self {
         Self::new(
@@ -333,6 +360,21 @@ impl fmt::Display for ApiError {
 }
 
 impl std::error::Error for ApiError {}
+
+/// Whether a body is an OpenAI-shaped error: `{"error": {"message": ...}}`.
+pub fn is_openai_error(body: &[u8]) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Body<'a> {
+        #[serde(borrow)]
+        error: Inner<'a>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Inner<'a> {
+        #[serde(borrow)]
+        message: std::borrow::Cow<'a, str>,
+    }
+    serde_json::from_slice::<Body<'_>>(body).is_ok_and(|b| !b.error.message.is_empty())
+}
 
 /// Whether an OpenAI-shaped error body says the prompt does not fit the
 /// model's context window (`error.code` `context_length_exceeded`).

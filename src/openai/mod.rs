@@ -13,7 +13,7 @@ mod rewrite;
 #[cfg(test)]
 mod tests;
 
-pub use error::{is_context_length_error, ApiError, Reason};
+pub use error::{is_context_length_error, is_openai_error, ApiError, Reason};
 pub use request::{RequestFields, StreamOptions, MAX_JSON_DEPTH};
 pub use rewrite::{rewrite_body, without_streaming};
 

@@ -705,3 +705,12 @@ pub fn wait_until(timeout: Duration, what: &str, mut check: impl FnMut() -> bool
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Whether `id` is a UUID in its canonical text form.
+pub fn is_uuid(id: &str) -> bool {
+    id.len() == 36
+        && id.char_indices().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => c == '-',
+            _ => c.is_ascii_hexdigit(),
+        })
+}

@@ -302,6 +302,16 @@ impl MockApp {
             }
         }
 
+        if self.cfg.require_uuid_request_id && !has_uuid_request_id(&req_headers) {
+            let reply = Reply {
+                status: 400,
+                content_type: "text/plain; charset=utf-8",
+                body: Vec::new().into(),
+                retry_after: None,
+                tokens: None,
+            };
+            return self.reply(session, &meta, &reply, None).await;
+        }
         if !authorized {
             let e = ApiError {
                 status: 401,
@@ -682,4 +692,18 @@ pub(crate) async fn send(
         Ok(()) => Outcome::Reuse,
         Err(_) => Outcome::Close,
     }
+}
+
+/// Whether `x-request-id` is a UUID in its canonical text form.
+fn has_uuid_request_id(headers: &HeaderMap) -> bool {
+    headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|id| {
+            id.len() == 36
+                && id.char_indices().all(|(i, c)| match i {
+                    8 | 13 | 18 | 23 => c == '-',
+                    _ => c.is_ascii_hexdigit(),
+                })
+        })
 }

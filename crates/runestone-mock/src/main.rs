@@ -107,6 +107,10 @@ struct Cli {
     /// at which it was written (for measuring chunk forwarding delay).
     #[arg(long)]
     stamp_chunks: bool,
+    /// Answer 400 with an empty body to API requests whose `x-request-id`
+    /// is missing or not a UUID (as llama-cpp-python's server does).
+    #[arg(long)]
+    require_uuid_request_id: bool,
 }
 
 /// Resolves `--listen`, checks it can be bound, and replaces port 0 by a free port.
@@ -193,6 +197,7 @@ fn main() {
             tokens_per_second: cli.tokens_per_second,
             latency_ms: cli.latency_ms,
             stamp_chunks: cli.stamp_chunks,
+            require_uuid_request_id: cli.require_uuid_request_id,
         },
         state: MockState::new(cli.latency_ms),
     };

@@ -14,6 +14,8 @@ pub(crate) struct MockConfig {
     pub(crate) latency_ms: u64,
     /// Streamed tokens carry their write time (`--stamp-chunks`).
     pub(crate) stamp_chunks: bool,
+    /// Refuse requests without a UUID `x-request-id`.
+    pub(crate) require_uuid_request_id: bool,
 }
 
 /// Counters behind `GET /_mock/stats`.

@@ -456,6 +456,15 @@ impl Attempt<'_> {
             match error {
                 // A translated error is the gateway's own OpenAI error.
                 Some(error) => return Err(Attempted::Final(error)),
+                // Not OpenAI's shape (empty, text, HTML): the client gets
+                // one, with the provider's status and text.
+                None if !crate::openai::is_openai_error(&body) => {
+                    return Err(Attempted::Final(ApiError::from_provider_answer(
+                        &provider.name,
+                        status,
+                        &body,
+                    )))
+                }
                 None => {
                     let content_type = head
                         .headers

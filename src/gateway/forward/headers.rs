@@ -69,7 +69,8 @@ pub(super) fn upstream_request(
         header::ACCEPT_ENCODING,
         HeaderValue::from_static("identity"),
     );
-    headers.insert(X_REQUEST_ID, HeaderValue::from_str(exchange.request_id)?);
+    let upstream_id = crate::ids::upstream_request_id(exchange.request_id);
+    headers.insert(X_REQUEST_ID, HeaderValue::from_str(&upstream_id)?);
     if let Some(key) = &provider.api_key {
         let (name, value) = credential(provider.kind, key.expose())?;
         headers.insert(name, value);

@@ -1,0 +1,75 @@
+//! The OpenAI surface beyond chat (#18), through real processes: request
+//! ids a model server accepts, provider errors in OpenAI's shape whatever
+//! their body, model lookup, the Responses API, moderations, images and
+//! audio, compressed answers, and usage counted when the provider gives
+//! none.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+
+const CHAT: &str = "/v1/chat/completions";
+
+#[test]
+fn a_model_server_that_checks_request_ids_accepts_the_gateways() {
+    let mock = Mock::start(&["--require-uuid-request-id"]);
+    let gw = Gateway::start(&GatewayConfig::new(&mock));
+    let resp = gw.post_json(CHAT, TENANT_KEY, &chat("gpt-4o-mini", false));
+    assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
+    // A client's own id that is no UUID is echoed, and a UUID made from it
+    // goes upstream (the same for every attempt).
+    let auth = format!("Bearer {TENANT_KEY}");
+    let body = chat("gpt-4o-mini", false).to_string();
+    let resp = gw.post_raw(
+        CHAT,
+        &[
+            ("authorization", &auth),
+            ("x-request-id", "client-trace-42"),
+        ],
+        body.as_bytes(),
+    );
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.header("x-request-id"), Some("client-trace-42"));
+    let upstream = mock.requests().pop().unwrap()["headers"]["x-request-id"].clone();
+    assert!(is_uuid(upstream.as_str().unwrap()), "{upstream}");
+}
+
+#[test]
+fn a_provider_error_that_is_not_openai_shaped_reaches_the_client_in_openai_shape() {
+    let mock = Mock::start(&[]);
+    let gw = Gateway::start(&GatewayConfig::new(&mock));
+    for (fault, status, shows) in [
+        (
+            json!({"status": 400, "error_body": ""}),
+            400,
+            "answered 400 with no message",
+        ),
+        (
+            json!({"status": 422, "error_body": "<html><body>Unprocessable\n entity</body></html>"}),
+            422,
+            "answered 422: <html><body>Unprocessable entity</body></html>",
+        ),
+        (
+            json!({"status": 404, "error_body": "{\"detail\":\"Not Found\"}", "content_type": "application/json"}),
+            404,
+            "{\"detail\":\"Not Found\"}",
+        ),
+    ] {
+        mock.fault(fault.clone());
+        let resp = gw.post_json(CHAT, TENANT_KEY, &chat("gpt-4o-mini", false));
+        assert_eq!(resp.status, status, "{fault}");
+        let error: Value = resp.json()["error"].clone();
+        assert_eq!(error["code"], "upstream_error", "{fault}");
+        assert!(
+            error["message"].as_str().unwrap().contains(shows),
+            "{fault}: {error}"
+        );
+        assert_eq!(resp.header("content-type"), Some("application/json"));
+    }
+    // An OpenAI-shaped one passes through as it is.
+    mock.fault(json!({"status": 400}));
+    let resp = gw.post_json(CHAT, TENANT_KEY, &chat("gpt-4o-mini", false));
+    assert_eq!(resp.json()["error"]["type"], "invalid_request_error");
+    assert_ne!(resp.json()["error"]["code"], "upstream_error");
+}
