@@ -357,10 +357,21 @@ fn keeps_a_sane_client_request_id_and_replaces_others() {
         body.as_bytes(),
     );
     assert_eq!(resp.header("x-request-id"), Some("trace-42.a"));
+    let upstream = mock.requests()[0]["headers"]["x-request-id"].clone();
+    assert!(
+        is_uuid(upstream.as_str().unwrap()),
+        "upstream gets a UUID made from it: {upstream}"
+    );
+    let uuid = "0f0e0d0c-0b0a-4908-8706-050403020100";
+    gw.post_raw(
+        "/v1/chat/completions",
+        &[("authorization", &auth), ("x-request-id", uuid)],
+        body.as_bytes(),
+    );
     assert_eq!(
-        mock.requests()[0]["headers"]["x-request-id"],
-        "trace-42.a",
-        "propagated upstream"
+        mock.requests()[1]["headers"]["x-request-id"],
+        uuid,
+        "a client's UUID goes upstream as it is"
     );
     let resp = gw.post_raw(
         "/v1/chat/completions",
