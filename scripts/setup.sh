@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what a fresh Debian machine lacks to build, test and demo Runestone:
-# cmake (Pingora's zlib-ng), redis-server, curl, and a Python venv (.venv) with
-# the official OpenAI SDK and pytest. Safe to run again: it skips what is there.
+# cmake (Pingora's zlib-ng), redis-server, curl, openssl, Node.js, a Python
+# venv (.venv) with the official OpenAI SDK and pytest, and the official
+# OpenAI Node SDK (tests/sdk-node). Safe to run again: it skips what is there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,6 +12,8 @@ command -v redis-server >/dev/null || need+=(redis-server)
 command -v curl >/dev/null || need+=(curl)
 command -v openssl >/dev/null || need+=(openssl)
 command -v python3 >/dev/null || need+=(python3)
+command -v node >/dev/null || need+=(nodejs)
+command -v npm >/dev/null || need+=(npm)
 python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
 if ((${#need[@]})); then
   echo "setup: installing ${need[*]}"
@@ -24,6 +27,12 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import openai, pytest, ht
   echo "setup: creating .venv with the OpenAI SDK and pytest"
   python3 -m venv .venv
   .venv/bin/pip install -q --disable-pip-version-check -r tests/sdk/requirements.txt
+fi
+
+# The official OpenAI Node SDK, pinned by tests/sdk-node/package-lock.json.
+if [ ! -d tests/sdk-node/node_modules/openai ]; then
+  echo "setup: installing the OpenAI Node SDK (tests/sdk-node)"
+  (cd tests/sdk-node && npm ci --no-audit --no-fund --silent)
 fi
 
 # promtool (for the metrics and alert-rule checks) comes inside Debian's

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one test command (README and .ci/run call it): installs what the machine
 # lacks, checks formatting and lints, then runs `cargo test` (unit tests and
-# integration tests against the real binaries) and the OpenAI Python SDK suite.
+# integration tests against the real binaries) and the OpenAI Python and Node
+# SDK suites.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,3 +20,6 @@ cargo test --workspace
 
 echo "== OpenAI Python SDK suite"
 RUNESTONE_BIN_DIR="$PWD/target/debug" .venv/bin/python -m pytest tests/sdk -q
+
+echo "== OpenAI Node SDK suite"
+(cd tests/sdk-node && RUNESTONE_BIN_DIR="$PWD/../../target/debug" node --test)

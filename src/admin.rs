@@ -114,9 +114,19 @@ pub fn models(config: &Config, tenant: &TenantSettings) -> (u16, serde_json::Val
         .models
         .iter()
         .filter(|route| tenant.may_use(&route.name))
-        .map(|route| json!({"id": route.name, "object": "model", "created": 0, "owned_by": "runestone"}))
+        .filter_map(|route| model(config, tenant, &route.name))
         .collect();
     (200, json!({"object": "list", "data": data}))
+}
+
+/// `GET /v1/models/{id}`: the public model, in OpenAI's shape, if this
+/// tenant may use it; `None` (404 `model_not_found`) otherwise, whether it
+/// exists or not.
+pub fn model(config: &Config, tenant: &TenantSettings, id: &str) -> Option<serde_json::Value> {
+    let (_, route) = config.route(id)?;
+    tenant.may_use(&route.name).then(
+        || json!({"id": route.name, "object": "model", "created": 0, "owned_by": "runestone"}),
+    )
 }
 
 /// `GET /v1/usage`: the calling tenant's usage in its current accounting

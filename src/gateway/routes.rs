@@ -46,6 +46,18 @@ impl Gateway {
                 let (status, body) = admin::models(&self.config, &self.config.tenants[tenant]);
                 respond::json(session, ctx, status, body).await
             }
+            ("GET", _, _) if path.starts_with("/v1/models/") => {
+                ctx.endpoint = "models";
+                let tenant = self.authenticate(session, ctx)?;
+                // Everything after the prefix (a model name may hold '/').
+                let id = percent_encoding::percent_decode_str(&path["/v1/models/".len()..])
+                    .decode_utf8_lossy()
+                    .into_owned();
+                match admin::model(&self.config, &self.config.tenants[tenant], &id) {
+                    Some(body) => respond::json(session, ctx, 200, body).await,
+                    None => Err(ApiError::model_not_found(&id)),
+                }
+            }
             ("GET", "/v1/usage", _) => {
                 ctx.endpoint = "usage";
                 let tenant = self.authenticate(session, ctx)?;

@@ -253,3 +253,13 @@ def test_azure_chat_and_embeddings(client, mock):
     emb = client.embeddings.create(model="azure-embed", input="hello")
     assert len(emb.data[0].embedding) == 8
     assert mock.requests()[-1]["path"] == "/openai/deployments/my-embedding-deployment/embeddings"
+
+
+def test_a_model_is_looked_up_for_its_tenant_only(gateway):
+    model = gateway.client().models.retrieve("gpt-4o-mini")
+    assert (model.id, model.object) == ("gpt-4o-mini", "model")
+    with pytest.raises(openai.NotFoundError) as err:
+        gateway.client(RESTRICTED_KEY).models.retrieve("gpt-4o-mini")
+    assert err.value.code == "model_not_found"
+    with pytest.raises(openai.NotFoundError):
+        gateway.client().models.retrieve("no-such-model")

@@ -1,0 +1,116 @@
+// Starts runestone-mock and runestone on free loopback ports (the binaries
+// cargo built: target/debug, or RUNESTONE_BIN_DIR), waits for readiness,
+// and stops them. The Node counterpart of tests/sdk/conftest.py.
+import { spawn } from 'node:child_process';
+import { mkdtempSync, writeFileSync, rmSync, readFileSync } from 'node:fs';
+import { createServer } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join, resolve, dirname } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import OpenAI from 'openai';
+
+const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..', '..');
+const BIN = process.env.RUNESTONE_BIN_DIR ?? join(ROOT, 'target', 'debug');
+export const TENANT_KEY = 'sk-node-tenant-key-0001';
+export const OTHER_KEY = 'sk-node-other-key-0002';
+export const PROVIDER_KEY = 'sk-node-provider-key-0003';
+
+export function freePort() {
+  return new Promise((ok, fail) => {
+    const server = createServer();
+    server.unref();
+    server.on('error', fail);
+    server.listen(0, '127.0.0.1', () => {
+      const { port } = server.address();
+      server.close(() => ok(port));
+    });
+  });
+}
+
+async function waitReady(url, child, what) {
+  const deadline = Date.now() + 20000;
+  for (;;) {
+    if (child.exitCode !== null) throw new Error(`${what} exited during start-up`);
+    try {
+      const resp = await fetch(url);
+      if (resp.ok) return;
+    } catch {}
+    if (Date.now() > deadline) throw new Error(`${what} not ready at ${url}`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
+
+/** runestone-mock, with its control API. */
+export class Mock {
+  static async start(...args) {
+    const mock = new Mock();
+    mock.port = await freePort();
+    mock.proc = spawn(join(BIN, 'runestone-mock'), ['--listen', `127.0.0.1:${mock.port}`, '--api-key', PROVIDER_KEY, ...args], { stdio: 'ignore' });
+    await waitReady(`http://127.0.0.1:${mock.port}/health`, mock.proc, 'runestone-mock');
+    return mock;
+  }
+  get baseURL() { return `http://127.0.0.1:${this.port}/v1`; }
+  async fault(spec) {
+    await fetch(`http://127.0.0.1:${this.port}/_mock/faults`, { method: 'POST', body: JSON.stringify(spec) });
+  }
+  async requests() { return (await fetch(`http://127.0.0.1:${this.port}/_mock/requests`)).json(); }
+  stop() { this.proc.kill('SIGKILL'); }
+}
+
+/** runestone in front of `mock`: models `gpt-4o-mini`, `claude` and an
+ * embeddings model; tenants `acme` (all) and `other`. */
+export class Gateway {
+  static async start(mock, extra = '') {
+    const gw = new Gateway();
+    gw.port = await freePort();
+    gw.metricsPort = await freePort();
+    gw.dir = mkdtempSync(join(tmpdir(), 'runestone-node-'));
+    const config = `
+server:
+  listen: "127.0.0.1:${gw.port}"
+  metrics_listen: "127.0.0.1:${gw.metricsPort}"
+  grace_period_seconds: 1
+  pid_file: "${gw.dir}/gw.pid"
+  upgrade_sock: "${gw.dir}/gw.sock"
+providers:
+  - { name: mock, base_url: "${mock.baseURL}", api_key: "${PROVIDER_KEY}" }
+  - { name: claude, kind: anthropic, base_url: "http://127.0.0.1:${mock.port}", api_key: "${PROVIDER_KEY}" }
+models:
+  - name: gpt-4o-mini
+    targets: [{ provider: mock, model: mock-small }]
+  - name: text-embedding-3-small
+    targets: [{ provider: mock }]
+  - name: claude
+    targets: [{ provider: claude, model: claude-test }]
+tenants:
+  - id: acme
+    keys: ["${TENANT_KEY}"]
+  - id: other
+    keys: ["${OTHER_KEY}"]
+    models: [text-embedding-3-small]
+pricing:
+  gpt-4o-mini: { input: 1.0, output: 2.0 }
+${extra}`;
+    const path = join(gw.dir, 'runestone.yaml');
+    writeFileSync(path, config);
+    gw.proc = spawn(join(BIN, 'runestone'), ['--config', path], { stdio: 'ignore' });
+    await waitReady(`http://127.0.0.1:${gw.port}/health`, gw.proc, 'runestone');
+    await waitReady(`http://127.0.0.1:${gw.metricsPort}/metrics`, gw.proc, "runestone's metrics");
+    return gw;
+  }
+  client(key = TENANT_KEY) {
+    return new OpenAI({ baseURL: `http://127.0.0.1:${this.port}/v1`, apiKey: key, maxRetries: 0, timeout: 30000 });
+  }
+  async metrics() { return (await fetch(`http://127.0.0.1:${this.metricsPort}/metrics`)).text(); }
+  stop() {
+    this.proc.kill('SIGKILL');
+    rmSync(this.dir, { recursive: true, force: true });
+  }
+}
+
+/** The sum of `name`'s samples whose labels contain every one of `labels`. */
+export function metricSum(text, name, labels = []) {
+  return text.split('\n')
+    .filter((l) => l.startsWith(`${name}{`) && labels.every((x) => l.includes(x)))
+    .reduce((sum, l) => sum + Number(l.split(' ').pop()), 0);
+}

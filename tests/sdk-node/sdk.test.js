@@ -1,0 +1,54 @@
+// The official OpenAI Node SDK (6.x) through runestone, against runestone-mock.
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import OpenAI from 'openai';
+import { Mock, Gateway, OTHER_KEY, metricSum } from './harness.js';
+
+let mock, gw, client;
+before(async () => {
+  mock = await Mock.start();
+  gw = await Gateway.start(mock);
+  client = gw.client();
+});
+after(() => { gw?.stop(); mock?.stop(); });
+
+test('chat completions, JSON and streamed with usage', async () => {
+  const answer = await client.chat.completions.create({ model: 'gpt-4o-mini', messages: [{ role: 'user', content: 'hi' }] });
+  assert.equal(answer.object, 'chat.completion');
+  assert.ok(answer.usage.completion_tokens > 0);
+  let text = '';
+  let usage = null;
+  const stream = await client.chat.completions.create({
+    model: 'gpt-4o-mini', messages: [{ role: 'user', content: 'hi' }], stream: true, stream_options: { include_usage: true },
+  });
+  for await (const chunk of stream) {
+    text += chunk.choices[0]?.delta?.content ?? '';
+    if (chunk.usage) usage = chunk.usage;
+  }
+  assert.ok(text.startsWith('tok0 '));
+  assert.ok(usage && usage.completion_tokens > 0);
+});
+
+test('embeddings in the SDK default (base64) come back decoded', async () => {
+  const resp = await client.embeddings.create({ model: 'text-embedding-3-small', input: ['a', 'b'] });
+  assert.equal(resp.data.length, 2);
+  assert.ok(Array.isArray(resp.data[0].embedding) && resp.data[0].embedding.length > 0);
+});
+
+test('models: list and retrieve, scoped to the tenant', async () => {
+  const ids = [];
+  for await (const m of client.models.list()) ids.push(m.id);
+  assert.deepEqual(ids.sort(), ['claude', 'gpt-4o-mini', 'text-embedding-3-small']);
+  const model = await client.models.retrieve('gpt-4o-mini');
+  assert.equal(model.id, 'gpt-4o-mini');
+  assert.equal(model.object, 'model');
+  await assert.rejects(gw.client(OTHER_KEY).models.retrieve('gpt-4o-mini'), (e) => e instanceof OpenAI.NotFoundError && e.code === 'model_not_found');
+  await assert.rejects(client.models.retrieve('no-such-model'), OpenAI.NotFoundError);
+});
+
+test('errors keep their classes: a bad key, a model not allowed', async () => {
+  await assert.rejects(gw.client('sk-wrong-key-000000').chat.completions.create({ model: 'gpt-4o-mini', messages: [{ role: 'user', content: 'x' }] }), OpenAI.AuthenticationError);
+  await assert.rejects(gw.client(OTHER_KEY).chat.completions.create({ model: 'gpt-4o-mini', messages: [{ role: 'user', content: 'x' }] }), (e) => e.status === 403 || e.status === 404);
+  const metrics = await gw.metrics();
+  assert.ok(metricSum(metrics, 'runestone_requests_total') >= 2);
+});
