@@ -73,3 +73,57 @@ fn a_provider_error_that_is_not_openai_shaped_reaches_the_client_in_openai_shape
     assert_eq!(resp.json()["error"]["type"], "invalid_request_error");
     assert_ne!(resp.json()["error"]["code"], "upstream_error");
 }
+
+#[test]
+fn a_provider_that_compresses_anyway_is_decoded_and_metered_on_the_plain_answer() {
+    let mock = Mock::start(&[]);
+    let gw = Gateway::start(&GatewayConfig::new(&mock));
+    let mut body = chat("gpt-4o-mini", true);
+    body["mock_tokens"] = json!(40);
+    body["stream_options"] = json!({"include_usage": true});
+    for encoding in ["gzip", "deflate", "br", "zstd"] {
+        mock.fault(json!({"compress": encoding}));
+        let resp = gw.post_json(CHAT, TENANT_KEY, &chat("gpt-4o-mini", false));
+        assert_eq!(
+            resp.status,
+            200,
+            "{encoding}: {}",
+            String::from_utf8_lossy(&resp.body)
+        );
+        assert_eq!(resp.header("content-encoding"), None, "{encoding}");
+        let answer = resp.json();
+        assert!(answer["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .starts_with("tok0"));
+        assert_eq!(answer["usage"]["completion_tokens"], 16, "{encoding}");
+
+        mock.fault(json!({"compress": encoding}));
+        let mut text = String::new();
+        let mut usage = Value::Null;
+        read_sse(gw.port, TENANT_KEY, &body, |data, _| {
+            if let Ok(event) = serde_json::from_str::<Value>(data) {
+                text.push_str(
+                    event["choices"][0]["delta"]["content"]
+                        .as_str()
+                        .unwrap_or(""),
+                );
+                if event["usage"].is_object() {
+                    usage = event["usage"].clone();
+                }
+            }
+        });
+        let expected: String = (0..40).map(|i| format!("tok{i} ")).collect();
+        assert_eq!(text, expected, "{encoding}");
+        assert_eq!(
+            usage["completion_tokens"], 40,
+            "{encoding}: the provider's count, read decoded"
+        );
+    }
+    let billed = metric_sum(
+        &gw.metrics(),
+        "runestone_tokens_total",
+        &["kind=\"completion\""],
+    );
+    assert_eq!(billed, 4.0 * (16.0 + 40.0));
+}

@@ -211,6 +211,7 @@ impl MockApp {
             model,
             extra_headers: Vec::new(),
             echo_key: None,
+            compress: None,
         };
         drop(body);
 
@@ -256,6 +257,7 @@ impl MockApp {
             Some(Fault::FirstToken { ms }) => first_token_ms = Some(ms),
             Some(Fault::Malformed { after_chunks }) => malformed_after = Some(after_chunks),
             Some(Fault::NoDone) => no_done = true,
+            Some(Fault::Compress { encoding }) => meta.compress = Some(encoding),
             Some(Fault::RejectPrefill) => {
                 if let ApiCall::Chat(g) | ApiCall::Messages(g, _) = &call {
                     if g.prefilled {
@@ -460,6 +462,20 @@ impl MockApp {
             }
             return Outcome::Close;
         }
+        let compressed;
+        let reply = match meta.compress.and_then(Encoder::new) {
+            Some(mut encoder) => {
+                compressed = Reply {
+                    status: reply.status,
+                    content_type: reply.content_type,
+                    body: encoder.encode(&reply.body, true),
+                    retry_after: reply.retry_after,
+                    tokens: reply.tokens,
+                };
+                &compressed
+            }
+            None => reply,
+        };
         let outcome = send(session, header, reply).await;
         if outcome == Outcome::Reuse {
             if let Some((prompt, completion)) = reply.tokens {
@@ -497,6 +513,7 @@ impl MockApp {
             g.include_usage,
         );
 
+        let mut encoder = meta.compress.and_then(Encoder::new);
         let mut header = meta.header(200, "text/event-stream");
         let _ = header.insert_header(http::header::CACHE_CONTROL, "no-cache");
         if session.req_header().version != http::Version::HTTP_10 {
@@ -513,8 +530,7 @@ impl MockApp {
         let mut chunks = chunks;
         chunks.counts = (g.prompt_tokens, g.generated());
         if matches!(plan.kind, StreamKind::Chat | StreamKind::Anthropic)
-            && session
-                .write_response_body(chunks.role_event().into(), false)
+            && write_body(session, &mut encoder, chunks.role_event().into(), false)
                 .await
                 .is_err()
         {
@@ -532,10 +548,14 @@ impl MockApp {
                 (&raw[split..], false),
                 (&escaped[..], false),
             ] {
-                if session
-                    .write_response_body(Bytes::copy_from_slice(part.as_bytes()), false)
-                    .await
-                    .is_err()
+                if write_body(
+                    session,
+                    &mut encoder,
+                    Bytes::copy_from_slice(part.as_bytes()),
+                    false,
+                )
+                .await
+                .is_err()
                 {
                     stats.disconnect();
                     return Outcome::Close;
@@ -558,13 +578,14 @@ impl MockApp {
         }
         for i in g.start..g.plan.tokens {
             if plan.malformed_after == Some(i - g.start)
-                && session
-                    .write_response_body(
-                        Bytes::from_static(b"data: {\"choices\": [unparseable\n\n"),
-                        false,
-                    )
-                    .await
-                    .is_err()
+                && write_body(
+                    session,
+                    &mut encoder,
+                    Bytes::from_static(b"data: {\"choices\": [unparseable\n\n"),
+                    false,
+                )
+                .await
+                .is_err()
             {
                 stats.disconnect();
                 return Outcome::Close;
@@ -573,7 +594,7 @@ impl MockApp {
                 return Outcome::Close;
             }
             if plan.end_after == Some(i - g.start) {
-                return match session.write_response_body(Bytes::new(), true).await {
+                return match write_body(session, &mut encoder, Bytes::new(), true).await {
                     Ok(()) => Outcome::Reuse,
                     Err(_) => Outcome::Close,
                 };
@@ -600,8 +621,7 @@ impl MockApp {
             } else {
                 chunks.token_event(i)
             };
-            if session
-                .write_response_body(event.into(), false)
+            if write_body(session, &mut encoder, event.into(), false)
                 .await
                 .is_err()
             {
@@ -631,17 +651,20 @@ impl MockApp {
         }
         // the tail goes out as one chunk per event so clients see normal SSE framing
         for event in tail.split_inclusive("\n\n") {
-            if session
-                .write_response_body(Bytes::copy_from_slice(event.as_bytes()), false)
-                .await
-                .is_err()
+            if write_body(
+                session,
+                &mut encoder,
+                Bytes::copy_from_slice(event.as_bytes()),
+                false,
+            )
+            .await
+            .is_err()
             {
                 stats.disconnect();
                 return Outcome::Close;
             }
         }
-        if session
-            .write_response_body(Bytes::new(), true)
+        if write_body(session, &mut encoder, Bytes::new(), true)
             .await
             .is_err()
         {

@@ -31,6 +31,12 @@ pub(crate) enum Fault {
         /// Token events sent before closing.
         after_chunks: u64,
     },
+    /// Answer normally, compressed in this content encoding (a provider
+    /// that ignores `accept-encoding: identity`).
+    Compress {
+        /// `gzip`, `deflate`, `br` or `zstd`.
+        encoding: &'static str,
+    },
     /// End the stream's body cleanly after this many token events, with no
     /// finish event, usage or `[DONE]`.
     EndEarly {
@@ -106,6 +112,7 @@ impl QueuedFault {
             }
             Fault::Disconnect { after_chunks } => json!({"disconnect_after_chunks": after_chunks}),
             Fault::EndEarly { after_chunks } => json!({"end_after_chunks": after_chunks}),
+            Fault::Compress { encoding } => json!({"compress": encoding}),
             Fault::Stall {
                 after_chunks,
                 stall_ms,
@@ -182,6 +189,8 @@ pub(crate) struct FaultSpec {
     pub(crate) disconnect_after_chunks: Option<u64>,
     /// End-early fault: token events before the clean end.
     pub(crate) end_after_chunks: Option<u64>,
+    /// Compress fault: the content encoding.
+    pub(crate) compress: Option<String>,
     /// Stall fault: token events before the pause.
     pub(crate) stall_after_chunks: Option<u64>,
     /// Stall fault: pause length.
@@ -239,6 +248,7 @@ impl FaultSpec {
             self.error_body.is_some(),
             self.disconnect_after_chunks.is_some(),
             self.end_after_chunks.is_some(),
+            self.compress.is_some(),
             stall,
             dropped,
         ]
@@ -285,6 +295,14 @@ impl FaultSpec {
             Some(Fault::Disconnect { after_chunks: k })
         } else if let Some(k) = self.end_after_chunks {
             Some(Fault::EndEarly { after_chunks: k })
+        } else if let Some(encoding) = &self.compress {
+            let encoding = ["gzip", "deflate", "br", "zstd"]
+                .into_iter()
+                .find(|e| e == encoding)
+                .ok_or_else(|| {
+                    format!("compress must be gzip, deflate, br or zstd, not {encoding}")
+                })?;
+            Some(Fault::Compress { encoding })
         } else if stall {
             Some(Fault::Stall {
                 after_chunks: self.stall_after_chunks.unwrap_or(0),

@@ -27,6 +27,77 @@ pub(crate) struct ApiMeta {
     pub(crate) extra_headers: Vec<(String, String)>,
     /// The credential to echo (an `echo_key` fault).
     pub(crate) echo_key: Option<String>,
+    /// Compress the answer in this content encoding (a `compress` fault).
+    pub(crate) compress: Option<&'static str>,
+}
+
+/// A streaming compressor for the `compress` fault: each piece written is
+/// flushed, so a stream stays a stream.
+pub(crate) enum Encoder {
+    Gzip(flate2::write::GzEncoder<Vec<u8>>),
+    Deflate(flate2::write::ZlibEncoder<Vec<u8>>),
+    Brotli(Box<brotli::CompressorWriter<Vec<u8>>>),
+    Zstd(zstd::stream::write::Encoder<'static, Vec<u8>>),
+}
+
+impl Encoder {
+    /// The compressor for `encoding` (`gzip`, `deflate`, `br`, `zstd`).
+    pub(crate) fn new(encoding: &str) -> Option<Encoder> {
+        let level = flate2::Compression::fast();
+        Some(match encoding {
+            "gzip" => Encoder::Gzip(flate2::write::GzEncoder::new(Vec::new(), level)),
+            "deflate" => Encoder::Deflate(flate2::write::ZlibEncoder::new(Vec::new(), level)),
+            "br" => Encoder::Brotli(Box::new(brotli::CompressorWriter::new(
+                Vec::new(),
+                4096,
+                5,
+                22,
+            ))),
+            "zstd" => Encoder::Zstd(zstd::stream::write::Encoder::new(Vec::new(), 3).ok()?),
+            _ => return None,
+        })
+    }
+
+    /// Compresses `bytes` (flushed); with `end`, the stream's trailer too.
+    pub(crate) fn encode(&mut self, bytes: &[u8], end: bool) -> Bytes {
+        use std::io::Write;
+        let written = match self {
+            Encoder::Gzip(e) => e.write_all(bytes).and_then(|()| e.flush()),
+            Encoder::Deflate(e) => e.write_all(bytes).and_then(|()| e.flush()),
+            Encoder::Brotli(e) => e.write_all(bytes).and_then(|()| e.flush()),
+            Encoder::Zstd(e) => e.write_all(bytes).and_then(|()| e.flush()),
+        };
+        debug_assert!(written.is_ok());
+        if end {
+            let _ = match self {
+                Encoder::Gzip(e) => e.try_finish(),
+                Encoder::Deflate(e) => e.try_finish(),
+                Encoder::Brotli(e) => e.flush(),
+                Encoder::Zstd(e) => e.do_finish(),
+            };
+        }
+        let out = match self {
+            Encoder::Gzip(e) => e.get_mut(),
+            Encoder::Deflate(e) => e.get_mut(),
+            Encoder::Brotli(e) => e.get_mut(),
+            Encoder::Zstd(e) => e.get_mut(),
+        };
+        Bytes::from(std::mem::take(out))
+    }
+}
+
+/// Writes a piece of a response body, compressed when `encoder` is set.
+pub(crate) async fn write_body(
+    session: &mut ServerSession,
+    encoder: &mut Option<Encoder>,
+    bytes: Bytes,
+    end: bool,
+) -> pingora::Result<()> {
+    let bytes = match encoder {
+        Some(encoder) => encoder.encode(&bytes, end),
+        None => bytes,
+    };
+    session.write_response_body(bytes, end).await
 }
 
 impl ApiMeta {
@@ -40,6 +111,9 @@ impl ApiMeta {
             let _ = h.insert_header("x-mock-model", m.as_str());
         }
         let _ = h.insert_header("x-request-id", format!("req_mock_{}", self.id));
+        if let Some(encoding) = self.compress {
+            let _ = h.insert_header(http::header::CONTENT_ENCODING, encoding);
+        }
         if let Some(key) = &self.echo_key {
             for name in [
                 "x-request-id",

@@ -5,6 +5,7 @@
 //! over with nothing sent) and copy it to the client.
 
 use super::body::{is_event_stream, BodyEnd, Copy, FirstContent, Meter};
+use super::decode::{Decoder, UpstreamBody};
 use super::headers::{client_response, gateway_headers, upstream_request};
 use super::resume::{with_prefill, Continuation};
 use super::{Exchange, Forwarder, Report, Settle};
@@ -24,7 +25,7 @@ use pingora::http::ResponseHeader;
 use pingora::protocols::http::client::HttpSession;
 use pingora::{ErrorSource, ErrorType};
 use std::time::{Duration, Instant};
-use tracing::warn;
+use tracing::{debug, warn};
 
 /// One attempt: where, and for what.
 pub(super) struct Attempt<'a> {
@@ -248,26 +249,40 @@ impl Attempt<'_> {
         if self.continuation.is_some() && !(head.status.is_success() && is_event_stream(&head)) {
             return Err(self.continuation_refused(&head));
         }
-        if let Some(encoding) = head
+        // Asked for identity, a provider may compress anyway: the answer is
+        // decoded, so what is metered, redacted and sent on is plain.
+        let decoder = match head
             .headers
             .get(header::CONTENT_ENCODING)
-            .filter(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"))
+            .filter(|v| !v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"identity"))
         {
-            // Asked for identity: a compressed answer could be neither
-            // metered nor redacted, so it is not passed on.
-            warn!(request_id = %exchange.request_id, provider = %provider.name, encoding = ?encoding, "provider answered compressed despite accept-encoding: identity");
-            return Err(self.deployment_failure(ApiError::upstream_error(format!(
-                "The provider '{}' answered with a content encoding the gateway did not ask for.",
-                provider.name
-            ))));
-        }
+            None => None,
+            Some(encoding) => match Decoder::for_encoding(encoding.as_bytes()) {
+                Some(Ok(decoder)) => {
+                    debug!(request_id = %exchange.request_id, provider = %provider.name, encoding = decoder.name(), "decoding an answer compressed despite accept-encoding: identity");
+                    Some(decoder)
+                }
+                _ => {
+                    warn!(request_id = %exchange.request_id, provider = %provider.name, encoding = ?encoding, "provider answered in a content encoding the gateway cannot decode");
+                    return Err(self.deployment_failure(ApiError::upstream_error(format!(
+                        "The provider '{}' answered in a content encoding the gateway cannot decode.",
+                        provider.name
+                    ))));
+                }
+            },
+        };
+        let decoding = decoder.is_some();
+        let mut body = UpstreamBody {
+            session: &mut answer.upstream,
+            decoder,
+        };
         // Whatever the provider sends on, its key never reaches the client.
         let mut redactor = Redactor::new(provider.api_key.as_ref().map(|k| k.expose()));
         let translated = kind.translates_answers();
         if !head.status.is_success() || (translated && !is_event_stream(&head)) {
             // An error answer, or a translated JSON one: read whole, then
             // decided on.
-            let body = self.read_whole(&mut answer).await?;
+            let body = self.read_whole(&mut body).await?;
             return self
                 .whole_answer(&head, body, answer.ttfb, client, report, settle, &redactor)
                 .await;
@@ -290,7 +305,7 @@ impl Attempt<'_> {
         while !first.found() {
             let wait = first_token_deadline.saturating_duration_since(Instant::now());
             let read = tokio::select! {
-                read = tokio::time::timeout(wait, answer.upstream.read_response_body()) => read,
+                read = tokio::time::timeout(wait, body.read()) => read,
                 _ = client.gone() => return Err(self.outcome(Outcome::Neutral, Domain::Deployment, Attempted::Answered)),
             };
             match read {
@@ -325,7 +340,8 @@ impl Attempt<'_> {
             exchange,
             &provider.name,
             report.attempts,
-            meter.edits_body(),
+            // A decoded answer's length is not the provider's.
+            meter.edits_body() || decoding,
             &redactor,
         )
         .map_err(|e| {
@@ -338,7 +354,7 @@ impl Attempt<'_> {
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<usize>().ok())
-            .filter(|_| !meter.edits_body());
+            .filter(|_| !meter.edits_body() && !decoding);
         if !client.send_header(response).await {
             return Err(self.outcome(Outcome::Neutral, Domain::Deployment, Attempted::Answered));
         }
@@ -357,7 +373,7 @@ impl Attempt<'_> {
         let end = copy
             .run(
                 client,
-                &mut answer.upstream,
+                &mut body,
                 report,
                 settle,
                 &mut meter,
@@ -385,13 +401,11 @@ impl Attempt<'_> {
 
     /// Reads a whole answer body (up to a bound), each gap within the idle
     /// timeout.
-    async fn read_whole(&self, answer: &mut Answer) -> Result<Vec<u8>, Attempted> {
+    async fn read_whole(&self, answer: &mut UpstreamBody<'_>) -> Result<Vec<u8>, Attempted> {
         let provider = self.provider();
         let mut body = Vec::new();
         loop {
-            match tokio::time::timeout(provider.timeouts.idle, answer.upstream.read_response_body())
-                .await
-            {
+            match tokio::time::timeout(provider.timeouts.idle, answer.read()).await {
                 Ok(Ok(Some(chunk))) if body.len() + chunk.len() <= MAX_METERED_JSON_BYTES => {
                     body.extend_from_slice(&chunk)
                 }

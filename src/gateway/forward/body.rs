@@ -2,6 +2,7 @@
 //! meter that reads its usage (and, for translated providers, translates
 //! it) and the redactor that keeps the provider's key out.
 
+use super::decode::UpstreamBody;
 use super::{Report, Settle};
 use crate::config::ProviderSettings;
 use crate::cost::{self, StreamMeter, Usage};
@@ -14,7 +15,6 @@ use crate::upstream::health::Domain;
 use crate::upstream::{Backend, Upstreams};
 use bytes::Bytes;
 use pingora::http::ResponseHeader;
-use pingora::protocols::http::client::HttpSession;
 use std::time::{Duration, Instant};
 use tracing::warn;
 
@@ -189,7 +189,7 @@ impl Copy<'_> {
     pub(super) async fn run(
         &self,
         client: &mut dyn Client,
-        upstream: &mut HttpSession,
+        upstream: &mut UpstreamBody<'_>,
         report: &mut Report,
         settle: &mut dyn Settle,
         meter: &mut Meter,
@@ -243,7 +243,7 @@ impl Copy<'_> {
     async fn copy(
         &self,
         client: &mut dyn Client,
-        upstream: &mut HttpSession,
+        upstream: &mut UpstreamBody<'_>,
         report: &mut Report,
         settle: &mut dyn Settle,
         meter: &mut Meter,
@@ -273,7 +273,7 @@ impl Copy<'_> {
                 .idle
                 .min(self.deadline.saturating_duration_since(Instant::now()));
             let read = tokio::select! {
-                read = tokio::time::timeout(gap, upstream.read_response_body()) => read,
+                read = tokio::time::timeout(gap, upstream.read()) => read,
                 _ = client.gone() => return BodyEnd::ClientGone,
             };
             match read {

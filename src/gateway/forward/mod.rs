@@ -26,6 +26,7 @@
 
 mod attempt;
 mod body;
+mod decode;
 mod headers;
 pub(crate) mod resume;
 

@@ -1,0 +1,206 @@
+//! Undoing the content encoding of a provider that compressed its answer
+//! although the gateway asked for `identity`: gzip, deflate, br and zstd,
+//! chunk by chunk, so what is metered, redacted and sent on is the decoded
+//! answer. The decoded size is bounded (a small body that inflates without
+//! end is refused, not held).
+
+use bytes::Bytes;
+use std::io::{self, Write};
+
+/// The most decoded bytes one answer may come to.
+pub(super) const MAX_DECODED_BYTES: usize = 256 * 1024 * 1024;
+
+/// A streaming decoder for one content encoding.
+pub(super) enum Decoder {
+    Gzip(flate2::write::GzDecoder<Sink>),
+    Deflate(flate2::write::ZlibDecoder<Sink>),
+    Brotli(Box<brotli::DecompressorWriter<Sink>>),
+    Zstd(zstd::stream::write::Decoder<'static, Sink>),
+}
+
+/// Where decoded bytes collect until taken, counting them all.
+pub(super) struct Sink {
+    out: Vec<u8>,
+    total: usize,
+    cap: usize,
+}
+
+impl Write for Sink {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.total += buf.len();
+        if self.total > self.cap {
+            return Err(io::Error::other(
+                "the answer decodes to more than the gateway holds",
+            ));
+        }
+        self.out.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Decoder {
+    /// The decoder for a `content-encoding` value; `None` for `identity`
+    /// or an encoding the gateway cannot undo (one coding only).
+    pub(super) fn for_encoding(encoding: &[u8]) -> Option<io::Result<Decoder>> {
+        Self::with_cap(encoding, MAX_DECODED_BYTES)
+    }
+
+    /// [`Decoder::for_encoding`], decoding to at most `cap` bytes.
+    fn with_cap(encoding: &[u8], cap: usize) -> Option<io::Result<Decoder>> {
+        let sink = || Sink {
+            out: Vec::new(),
+            total: 0,
+            cap,
+        };
+        let encoding = encoding.trim_ascii();
+        Some(Ok(match encoding.to_ascii_lowercase().as_slice() {
+            b"gzip" | b"x-gzip" => Decoder::Gzip(flate2::write::GzDecoder::new(sink())),
+            b"deflate" => Decoder::Deflate(flate2::write::ZlibDecoder::new(sink())),
+            b"br" => Decoder::Brotli(Box::new(brotli::DecompressorWriter::new(sink(), 4096))),
+            b"zstd" => match zstd::stream::write::Decoder::new(sink()) {
+                Ok(decoder) => Decoder::Zstd(decoder),
+                Err(e) => return Some(Err(e)),
+            },
+            _ => return None,
+        }))
+    }
+
+    /// The encoding's name, for messages.
+    pub(super) fn name(&self) -> &'static str {
+        match self {
+            Decoder::Gzip(_) => "gzip",
+            Decoder::Deflate(_) => "deflate",
+            Decoder::Brotli(_) => "br",
+            Decoder::Zstd(_) => "zstd",
+        }
+    }
+
+    fn sink(&mut self) -> &mut Sink {
+        match self {
+            Decoder::Gzip(d) => d.get_mut(),
+            Decoder::Deflate(d) => d.get_mut(),
+            Decoder::Brotli(d) => d.get_mut(),
+            Decoder::Zstd(d) => d.get_mut(),
+        }
+    }
+
+    /// Decodes the next piece of the body; what it decodes to so far.
+    pub(super) fn decode(&mut self, chunk: &[u8]) -> io::Result<Bytes> {
+        match self {
+            Decoder::Gzip(d) => d.write_all(chunk)?,
+            Decoder::Deflate(d) => d.write_all(chunk)?,
+            Decoder::Brotli(d) => d.write_all(chunk)?,
+            Decoder::Zstd(d) => d.write_all(chunk)?,
+        }
+        match self {
+            Decoder::Gzip(d) => d.flush()?,
+            Decoder::Deflate(d) => d.flush()?,
+            Decoder::Brotli(d) => d.flush()?,
+            Decoder::Zstd(d) => d.flush()?,
+        }
+        Ok(Bytes::from(std::mem::take(&mut self.sink().out)))
+    }
+
+    /// The end of the body: the rest, or an error when it was cut short.
+    pub(super) fn finish(&mut self) -> io::Result<Bytes> {
+        match self {
+            Decoder::Gzip(d) => d.try_finish()?,
+            Decoder::Deflate(d) => d.try_finish()?,
+            Decoder::Brotli(d) => d.flush()?,
+            Decoder::Zstd(d) => d.flush()?,
+        }
+        Ok(Bytes::from(std::mem::take(&mut self.sink().out)))
+    }
+}
+
+/// The upstream body as the gateway reads it: decoded when the provider
+/// encoded it.
+pub(super) struct UpstreamBody<'a> {
+    pub(super) session: &'a mut pingora::protocols::http::client::HttpSession,
+    pub(super) decoder: Option<Decoder>,
+}
+
+impl UpstreamBody<'_> {
+    /// The next piece of the (decoded) body; `None` at its end. A body that
+    /// does not decode is a read error (the provider's failure).
+    pub(super) async fn read(&mut self) -> pingora::Result<Option<Bytes>> {
+        let failed = |e: io::Error, encoding: &str| {
+            pingora::Error::explain(
+                pingora::ErrorType::ReadError,
+                format!("the answer does not decode as {encoding}: {e}"),
+            )
+        };
+        loop {
+            let chunk = self.session.read_response_body().await?;
+            let Some(decoder) = self.decoder.as_mut() else {
+                return Ok(chunk);
+            };
+            match chunk {
+                Some(chunk) => {
+                    let out = decoder
+                        .decode(&chunk)
+                        .map_err(|e| failed(e, decoder.name()))?;
+                    if !out.is_empty() {
+                        return Ok(Some(out));
+                    }
+                }
+                None => {
+                    let rest = decoder.finish().map_err(|e| failed(e, decoder.name()))?;
+                    self.decoder = None;
+                    return Ok((!rest.is_empty()).then_some(rest));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn roundtrip(encoding: &str, compressed: Vec<u8>, plain: &[u8]) {
+        let mut decoder = Decoder::for_encoding(encoding.as_bytes()).unwrap().unwrap();
+        let mut out = Vec::new();
+        for piece in compressed.chunks(7) {
+            out.extend_from_slice(&decoder.decode(piece).unwrap());
+        }
+        out.extend_from_slice(&decoder.finish().unwrap());
+        assert_eq!(out, plain, "{encoding}");
+    }
+
+    #[test]
+    fn decodes_each_encoding_in_pieces() {
+        let plain = b"data: {\"choices\":[{\"delta\":{\"content\":\"hello\"}}]}\n\n".repeat(50);
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        gz.write_all(&plain).unwrap();
+        roundtrip("gzip", gz.finish().unwrap(), &plain);
+        let mut zlib = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+        zlib.write_all(&plain).unwrap();
+        roundtrip("Deflate", zlib.finish().unwrap(), &plain);
+        let mut br = brotli::CompressorWriter::new(Vec::new(), 4096, 5, 22);
+        br.write_all(&plain).unwrap();
+        roundtrip("br", br.into_inner(), &plain);
+        roundtrip("zstd", zstd::encode_all(&plain[..], 3).unwrap(), &plain);
+        assert!(Decoder::for_encoding(b"identity").is_none());
+        assert!(
+            Decoder::for_encoding(b"gzip, br").is_none(),
+            "one coding only"
+        );
+    }
+
+    #[test]
+    fn a_body_that_inflates_without_end_is_refused() {
+        let zeros = vec![0u8; 4 << 20];
+        let compressed = zstd::encode_all(&zeros[..], 3).unwrap();
+        assert!(compressed.len() < 4096);
+        let mut decoder = Decoder::with_cap(b"zstd", 1 << 20).unwrap().unwrap();
+        let result = compressed
+            .chunks(4096)
+            .try_for_each(|piece| decoder.decode(piece).map(drop));
+        assert!(result.is_err());
+    }
+}
