@@ -4,6 +4,8 @@ the Messages API upstream and OpenAI to the client."""
 import openai
 import pytest
 
+from conftest import Gateway
+
 
 def test_chat(client, mock):
     resp = client.chat.completions.create(
@@ -75,9 +77,55 @@ def test_upstream_errors_raise_the_usual_classes(client, mock, status, exception
         client.chat.completions.create(model="claude", messages=[{"role": "user", "content": "hi"}])
 
 
-def test_upstream_rate_limit_raises_rate_limit_error(gateway, mock):
-    # Its own client: a provider 429 cools the backend down for a while.
-    # A wait longer than the gateway's max_retry_wait_ms: not waited out.
-    mock.fault({"status": 429, "retry_after": 30, "path": "/v1/messages"})
-    with pytest.raises(openai.RateLimitError):
-        gateway.client().chat.completions.create(model="claude", messages=[{"role": "user", "content": "hi"}])
+def test_upstream_rate_limit_raises_rate_limit_error(mock):
+    # Its own gateway: a provider 429 rests the deployment for its wait
+    # (longer than the gateway's max_retry_wait_ms, so not waited out).
+    gateway = Gateway(mock)
+    try:
+        mock.fault({"status": 429, "retry_after": 30, "path": "/v1/messages"})
+        with pytest.raises(openai.RateLimitError):
+            gateway.client().chat.completions.create(model="claude", messages=[{"role": "user", "content": "hi"}])
+    finally:
+        gateway.stop()
+
+
+def test_structured_outputs_parse_through_a_forced_tool(client, mock):
+    from pydantic import BaseModel
+
+    class Answer(BaseModel):
+        mock: bool
+
+    resp = client.chat.completions.parse(
+        model="claude", messages=[{"role": "user", "content": "JSON please"}], response_format=Answer
+    )
+    assert resp.choices[0].message.parsed == Answer(mock=True)
+    assert resp.choices[0].finish_reason == "stop"
+    with client.chat.completions.stream(
+        model="claude", messages=[{"role": "user", "content": "JSON please"}], response_format=Answer
+    ) as stream:
+        final = stream.get_final_completion()
+    assert final.choices[0].message.parsed == Answer(mock=True)
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [("n", 2), ("logprobs", True), ("seed", 7), ("temperature", 1.5), ("reasoning_effort", "high")],
+)
+def test_a_field_anthropic_cannot_honour_is_refused_naming_it(client, field, value):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(
+            model="claude", messages=[{"role": "user", "content": "hi"}], extra_body={field: value}
+        )
+    assert err.value.param == field
+
+
+def test_a_tool_only_stream_leaves_the_content_null(client):
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
+    with client.chat.completions.stream(
+        model="claude", messages=[{"role": "user", "content": "use the tool"}], tools=tools,
+        parallel_tool_calls=False,
+    ) as stream:
+        final = stream.get_final_completion()
+    message = final.choices[0].message
+    assert message.content is None
+    assert message.tool_calls[0].function.name == "lookup"

@@ -331,6 +331,15 @@ impl MockApp {
 
         let created = unix_now();
         let reply = match &call {
+            ApiCall::Messages(g, Some(tool)) if g.stream => {
+                let mut r = Reply::json(
+                    200,
+                    messages_tool_stream(meta.id, tool, g.prompt_tokens).into_bytes(),
+                );
+                r.content_type = "text/event-stream";
+                r.tokens = Some((g.prompt_tokens, 5));
+                r
+            }
             ApiCall::Chat(g) | ApiCall::Completion(g) | ApiCall::Messages(g, _) if g.stream => {
                 let kind = match call {
                     ApiCall::Chat(_) => StreamKind::Chat,

@@ -455,3 +455,26 @@ impl ChunkMeta {
 
 /// The stream terminator.
 pub(crate) const DONE_EVENT: &str = "data: [DONE]\n\n";
+
+/// A streamed Messages answer that calls `tool` with `{"mock": true}`
+/// (its input in two `input_json_delta` pieces), as Anthropic streams one.
+pub(crate) fn messages_tool_stream(id: u64, tool: &str, prompt_tokens: u64) -> String {
+    let event = ChunkMeta::anthropic_event;
+    [
+        event("message_start", &json!({"type": "message_start", "message": {
+            "id": format!("msg_mock_{id}"), "type": "message", "role": "assistant", "content": [],
+            "model": "mock", "stop_reason": null,
+            "usage": {"input_tokens": prompt_tokens, "output_tokens": 1}}})),
+        event("content_block_start", &json!({"type": "content_block_start", "index": 0,
+            "content_block": {"type": "tool_use", "id": format!("toolu_mock_{id}"), "name": tool, "input": {}}})),
+        event("content_block_delta", &json!({"type": "content_block_delta", "index": 0,
+            "delta": {"type": "input_json_delta", "partial_json": "{\"mock\":"}})),
+        event("content_block_delta", &json!({"type": "content_block_delta", "index": 0,
+            "delta": {"type": "input_json_delta", "partial_json": " true}"}})),
+        event("content_block_stop", &json!({"type": "content_block_stop", "index": 0})),
+        event("message_delta", &json!({"type": "message_delta",
+            "delta": {"stop_reason": "tool_use", "stop_sequence": null}, "usage": {"output_tokens": 5}})),
+        event("message_stop", &json!({"type": "message_stop"})),
+    ]
+    .concat()
+}

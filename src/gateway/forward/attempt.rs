@@ -126,7 +126,16 @@ impl Attempt<'_> {
         }
         let body = kind
             .request_body(body, provider_model)
-            .map_err(|e| self.outcome(Outcome::Neutral, Domain::Deployment, Attempted::Final(e)))?;
+            // A request this provider kind cannot take as asked (a field
+            // Anthropic cannot honour): another target may; if none does,
+            // this is the answer.
+            .map_err(|e| {
+                self.outcome(
+                    Outcome::Neutral,
+                    Domain::Deployment,
+                    Attempted::deployment(e),
+                )
+            })?;
         let peer = upstreams.peer(self.backend);
         let connect_error = |e: Box<pingora::Error>| {
             let (outcome, domain, attempted) = classify(provider, self.backend, &e, Phase::Connect);

@@ -1,5 +1,6 @@
 //! A Messages API answer (or error) as an OpenAI chat completion (or error).
 
+use super::request::STRUCTURED_TOOL;
 use crate::cost::Usage;
 use crate::openai::ApiError;
 use serde_json::{json, Value};
@@ -55,9 +56,15 @@ pub fn to_chat_completion(body: &[u8], public_model: &str) -> Result<(Vec<u8>, U
     })?;
     let mut text = String::new();
     let mut tool_calls = Vec::new();
+    let mut structured = false;
     for block in message["content"].as_array().into_iter().flatten() {
         match block["type"].as_str() {
             Some("text") => text.push_str(block["text"].as_str().unwrap_or_default()),
+            // A JSON response_format's forced tool: its input is the answer.
+            Some("tool_use") if block["name"] == STRUCTURED_TOOL => {
+                structured = true;
+                text = block["input"].to_string();
+            }
             Some("tool_use") => tool_calls.push(json!({
                 "id": block["id"],
                 "type": "function",
@@ -79,7 +86,10 @@ pub fn to_chat_completion(body: &[u8], public_model: &str) -> Result<(Vec<u8>, U
         "choices": [{
             "index": 0,
             "message": reply,
-            "finish_reason": finish_reason(message["stop_reason"].as_str()),
+            "finish_reason": match finish_reason(message["stop_reason"].as_str()) {
+                Some("tool_calls") if structured => Some("stop"),
+                other => other,
+            },
             "logprobs": null,
         }],
         "usage": usage_json(&usage),

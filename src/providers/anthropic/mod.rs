@@ -13,7 +13,10 @@
 //! blocks (base64 for data URLs, `url` otherwise); `tools`, `tool_choice`,
 //! `stop`, `temperature`, `top_p` and `stream` carry over; `max_tokens` (or
 //! `max_completion_tokens`) is required by Anthropic and defaults to
-//! [`DEFAULT_MAX_TOKENS`].
+//! [`DEFAULT_MAX_TOKENS`]. Every other chat completions field is in
+//! [`FIELDS`] (the README's table): translated, or refused with a 400 naming
+//! it; a JSON `response_format` becomes a forced tool ([`STRUCTURED_TOOL`])
+//! whose input the translators turn back into the answer's content.
 
 mod answer;
 mod request;
@@ -22,7 +25,7 @@ mod stream;
 mod tests;
 
 pub use answer::{to_chat_completion, to_openai_error};
-pub use request::to_messages_request;
+pub use request::{to_messages_request, FIELDS, STRUCTURED_TOOL};
 pub use stream::StreamTranslator;
 
 use crate::cost::Usage;

@@ -4,11 +4,89 @@ use super::{invalid, DEFAULT_MAX_TOKENS};
 use crate::openai::ApiError;
 use serde_json::{json, Map, Value};
 
+/// The tool a JSON `response_format` becomes (forced, its input the JSON
+/// answer); a client's own tool may not take the name.
+pub const STRUCTURED_TOOL: &str = "runestone_structured_output";
+
+/// Every chat completions request field and what reaches Anthropic of it
+/// (the README's table is this list). A field outside it is not OpenAI's
+/// and is passed on as it is (Anthropic's own, such as `top_k` or
+/// `thinking`); a refused one is a 400 naming it.
+pub const FIELDS: &[(&str, &str)] = &[
+    ("model", "routed; the target's model is sent"),
+    ("messages", "translated: system/developer to `system`, tool results to `tool_result` blocks, assistant tool calls to `tool_use`, images to `image` blocks"),
+    ("max_tokens", "translated to `max_tokens` (default 4096)"),
+    ("max_completion_tokens", "translated to `max_tokens` (before `max_tokens`)"),
+    ("temperature", "translated; above 1 refused (Anthropic's range is 0-1)"),
+    ("top_p", "translated"),
+    ("stop", "translated to `stop_sequences`"),
+    ("stream", "translated; the stream is translated event by event"),
+    ("stream_options", "`include_usage` honoured (a usage chunk)"),
+    ("tools", "function tools translated; other tool types refused"),
+    ("tool_choice", "translated (`auto`, `none`, `required` to `any`, a named function to `tool`)"),
+    ("parallel_tool_calls", "`false` translated to `disable_parallel_tool_use`"),
+    ("response_format", "`json_schema` and `json_object` translated to a forced tool whose input is the answer; refused together with `tools`"),
+    ("user", "translated to `metadata.user_id`"),
+    ("safety_identifier", "translated to `metadata.user_id`"),
+    ("n", "1 accepted; more refused"),
+    ("logprobs", "`false` accepted; `true` refused"),
+    ("top_logprobs", "refused"),
+    ("seed", "refused"),
+    ("frequency_penalty", "0 accepted; other values refused"),
+    ("presence_penalty", "0 accepted; other values refused"),
+    ("logit_bias", "empty accepted; otherwise refused"),
+    ("reasoning_effort", "refused (use Anthropic's `thinking`, passed on as it is)"),
+    ("verbosity", "refused"),
+    ("store", "`false` accepted; `true` refused"),
+    ("metadata", "refused"),
+    ("service_tier", "`auto` and `default` accepted; others refused"),
+    ("modalities", "`[\"text\"]` accepted; others refused"),
+    ("audio", "refused"),
+    ("prediction", "refused"),
+    ("web_search_options", "refused"),
+    ("prompt_cache_key", "refused"),
+    ("functions", "refused (use `tools`)"),
+    ("function_call", "refused (use `tool_choice`)"),
+];
+
+/// Refuses the fields Anthropic cannot honour as asked.
+fn refuse_unsupported(request: &Map<String, Value>) -> Result<(), ApiError> {
+    for (key, value) in request {
+        let accepted = match key.as_str() {
+            "n" => value.is_null() || value == &json!(1),
+            "logprobs" | "store" => value.is_null() || value == &json!(false),
+            "frequency_penalty" | "presence_penalty" => {
+                value.is_null() || value.as_f64() == Some(0.0)
+            }
+            "logit_bias" => value.is_null() || value.as_object().is_some_and(Map::is_empty),
+            "service_tier" => value.is_null() || matches!(value.as_str(), Some("auto" | "default")),
+            "modalities" => value.is_null() || value == &json!(["text"]),
+            "temperature" => value.is_null() || value.as_f64().is_some_and(|t| t <= 1.0),
+            "top_logprobs" | "seed" | "reasoning_effort" | "verbosity" | "metadata" | "audio"
+            | "prediction" | "web_search_options" | "prompt_cache_key" | "functions"
+            | "function_call" => value.is_null(),
+            _ => true,
+        };
+        if !accepted {
+            let why = FIELDS
+                .iter()
+                .find(|(name, _)| name == key)
+                .map_or("refused", |(_, why)| why);
+            return Err(invalid(
+                key,
+                &format!("'{key}' cannot be honoured by this model (an Anthropic model): {why}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Translates an OpenAI chat completions body into a Messages API body for
-/// `model`.
+/// `model`, field by field as [`FIELDS`] says.
 pub fn to_messages_request(body: &[u8], model: &str) -> Result<Vec<u8>, ApiError> {
     let request: Map<String, Value> =
         serde_json::from_slice(body).map_err(ApiError::invalid_json)?;
+    refuse_unsupported(&request)?;
     let messages = request
         .get("messages")
         .and_then(Value::as_array)
@@ -102,10 +180,16 @@ pub fn to_messages_request(body: &[u8], model: &str) -> Result<Vec<u8>, ApiError
         _ => {}
     }
     if let Some(tools) = request.get("tools").and_then(Value::as_array) {
-        let tools: Vec<Value> = tools
+        let tools = tools
             .iter()
             .map(|tool| {
+                if tool["type"] != "function" {
+                    return Err(invalid("tools", "only function tools can be sent to this model (an Anthropic model)"));
+                }
                 let function = &tool["function"];
+                if function["name"] == STRUCTURED_TOOL {
+                    return Err(invalid("tools", &format!("the tool name '{STRUCTURED_TOOL}' is the gateway's")));
+                }
                 let mut out = json!({
                     "name": function["name"],
                     "input_schema": if function["parameters"].is_null() { json!({"type": "object"}) } else { function["parameters"].clone() },
@@ -113,9 +197,9 @@ pub fn to_messages_request(body: &[u8], model: &str) -> Result<Vec<u8>, ApiError
                 if let Some(description) = function["description"].as_str() {
                     out["description"] = json!(description);
                 }
-                out
+                Ok(out)
             })
-            .collect();
+            .collect::<Result<Vec<Value>, ApiError>>()?;
         out.insert("tools".into(), Value::Array(tools));
     }
     if let Some(choice) = request.get("tool_choice") {
@@ -137,10 +221,75 @@ pub fn to_messages_request(body: &[u8], model: &str) -> Result<Vec<u8>, ApiError
             out.insert("tool_choice".into(), choice);
         }
     }
-    if let Some(user) = request.get("user").and_then(Value::as_str) {
+    if request.get("parallel_tool_calls") == Some(&json!(false)) {
+        let choice = out
+            .entry("tool_choice")
+            .or_insert_with(|| json!({"type": "auto"}));
+        choice["disable_parallel_tool_use"] = json!(true);
+    }
+    structured_output(&request, &mut out)?;
+    let user = request
+        .get("user")
+        .or_else(|| request.get("safety_identifier"))
+        .and_then(Value::as_str);
+    if let Some(user) = user {
         out.insert("metadata".into(), json!({"user_id": user}));
     }
+    // What is not OpenAI's is Anthropic's own: passed on as it is.
+    for (key, value) in &request {
+        let known = FIELDS.iter().any(|(name, _)| name == key);
+        if !known && !out.contains_key(key) {
+            out.insert(key.clone(), value.clone());
+        }
+    }
     Ok(serde_json::to_vec(&Value::Object(out)).expect("a JSON value serialises"))
+}
+
+/// A JSON `response_format` as a forced tool whose input is the answer
+/// (the translators turn it back into the message's content).
+fn structured_output(
+    request: &Map<String, Value>,
+    out: &mut Map<String, Value>,
+) -> Result<(), ApiError> {
+    let format = match request.get("response_format") {
+        None | Some(Value::Null) => return Ok(()),
+        Some(format) => format,
+    };
+    let schema = match format["type"].as_str() {
+        Some("text") => return Ok(()),
+        Some("json_object") => json!({"type": "object"}),
+        Some("json_schema") => {
+            let schema = &format["json_schema"]["schema"];
+            if schema["type"] != "object" {
+                return Err(invalid(
+                    "response_format",
+                    "an Anthropic model answers a JSON schema only when its top level is an object",
+                ));
+            }
+            schema.clone()
+        }
+        _ => {
+            return Err(invalid(
+                "response_format",
+                "expected text, json_object or json_schema",
+            ))
+        }
+    };
+    if request.get("tools").is_some_and(|t| !t.is_null()) {
+        return Err(invalid(
+            "response_format",
+            "a JSON response_format cannot be combined with tools for an Anthropic model",
+        ));
+    }
+    out.insert(
+        "tools".into(),
+        json!([{"name": STRUCTURED_TOOL, "description": "Give the answer as JSON matching this schema.", "input_schema": schema}]),
+    );
+    out.insert(
+        "tool_choice".into(),
+        json!({"type": "tool", "name": STRUCTURED_TOOL}),
+    );
+    Ok(())
 }
 
 /// OpenAI message content (a string or parts) as Anthropic content blocks.

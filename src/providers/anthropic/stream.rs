@@ -2,6 +2,7 @@
 //! event, never buffering more than a partial line.
 
 use super::answer::{finish_reason, to_openai_error, unix_now, usage_json, usage_of};
+use super::request::STRUCTURED_TOOL;
 use crate::cost::Usage;
 use bytes::{Bytes, BytesMut};
 use serde_json::{json, Value};
@@ -19,6 +20,9 @@ pub struct StreamTranslator {
     usage: Usage,
     saw_usage: bool,
     tool_index: std::collections::HashMap<u64, usize>,
+    /// The content block of a JSON response_format's forced tool: its
+    /// input is streamed as the answer's content.
+    structured: Option<u64>,
     finished: bool,
     generated_bytes: u64,
     oversized: bool,
@@ -38,6 +42,7 @@ impl StreamTranslator {
             usage: Usage::default(),
             saw_usage: false,
             tool_index: Default::default(),
+            structured: None,
             finished: false,
             generated_bytes: 0,
             oversized: false,
@@ -133,12 +138,15 @@ impl StreamTranslator {
                     self.usage = usage_of(&message["usage"]);
                     self.saw_usage = true;
                 }
-                let chunk = self.chunk(json!({"role": "assistant", "content": ""}), None);
+                // Content is null until some comes: a tool-only answer keeps it so.
+                let chunk = self.chunk(json!({"role": "assistant", "content": null}), None);
                 Self::emit(out, &chunk);
             }
             "content_block_start" => {
                 let block = &event["content_block"];
-                if block["type"] == "tool_use" {
+                if block["type"] == "tool_use" && block["name"] == STRUCTURED_TOOL {
+                    self.structured = event["index"].as_u64();
+                } else if block["type"] == "tool_use" {
                     let index = self.tool_index.len();
                     self.tool_index
                         .insert(event["index"].as_u64().unwrap_or(0), index);
@@ -161,6 +169,9 @@ impl StreamTranslator {
                 self.generated_bytes += piece.len() as u64;
                 let openai = match delta["type"].as_str() {
                     Some("text_delta") => json!({"content": delta["text"]}),
+                    Some("input_json_delta") if event["index"].as_u64() == self.structured => {
+                        json!({"content": delta["partial_json"]})
+                    }
                     Some("input_json_delta") => {
                         let index = self
                             .tool_index
@@ -184,8 +195,10 @@ impl StreamTranslator {
                     }
                     self.saw_usage = true;
                 }
-                let finish =
-                    finish_reason(event["delta"]["stop_reason"].as_str()).unwrap_or("stop");
+                let finish = match finish_reason(event["delta"]["stop_reason"].as_str()) {
+                    Some("tool_calls") if self.structured.is_some() => "stop",
+                    other => other.unwrap_or("stop"),
+                };
                 let chunk = self.chunk(json!({}), Some(finish));
                 Self::emit(out, &chunk);
             }

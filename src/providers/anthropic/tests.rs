@@ -160,7 +160,8 @@ fn translates_a_stream_split_at_any_byte() {
         assert!(done, "chunk {chunk}");
         assert_eq!(
             events[0]["choices"][0]["delta"],
-            json!({"role": "assistant", "content": ""})
+            json!({"role": "assistant", "content": null}),
+            "content stays null until some comes"
         );
         let text: String = events
             .iter()
@@ -262,4 +263,232 @@ fn recognises_anthropics_ways_of_saying_the_prompt_is_too_long() {
         to_openai_error(400, other.to_string().as_bytes()).code,
         "invalid_request"
     );
+}
+
+/// Every chat completions field: translated (what reaches Anthropic), or
+/// refused with a 400 naming it. None is dropped without a word.
+#[test]
+fn every_chat_completions_field_is_translated_or_refused() {
+    let base = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
+    let tool =
+        json!([{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]);
+    let schema = json!({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": {"a": {"type": "string"}}}}});
+    // (field, value, Ok(check of the Anthropic body) or Err(param refused))
+    type Check = fn(&Value) -> bool;
+    let cases: Vec<(&str, Value, Result<Check, &str>)> = vec![
+        ("max_tokens", json!(7), Ok(|b| b["max_tokens"] == 7)),
+        (
+            "max_completion_tokens",
+            json!(9),
+            Ok(|b| b["max_tokens"] == 9),
+        ),
+        ("temperature", json!(0.5), Ok(|b| b["temperature"] == 0.5)),
+        ("temperature", json!(1.5), Err("temperature")),
+        ("top_p", json!(0.9), Ok(|b| b["top_p"] == 0.9)),
+        (
+            "stop",
+            json!("END"),
+            Ok(|b| b["stop_sequences"] == json!(["END"])),
+        ),
+        ("stream", json!(true), Ok(|b| b["stream"] == true)),
+        (
+            "stream_options",
+            json!({"include_usage": true}),
+            Ok(|b| b.get("stream_options").is_none()),
+        ),
+        ("tools", tool.clone(), Ok(|b| b["tools"][0]["name"] == "f")),
+        ("tools", json!([{"type": "web_search"}]), Err("tools")),
+        (
+            "tool_choice",
+            json!("required"),
+            Ok(|b| b["tool_choice"]["type"] == "any"),
+        ),
+        (
+            "parallel_tool_calls",
+            json!(false),
+            Ok(|b| b["tool_choice"]["disable_parallel_tool_use"] == true),
+        ),
+        (
+            "parallel_tool_calls",
+            json!(true),
+            Ok(|b| b.get("tool_choice").is_none()),
+        ),
+        (
+            "response_format",
+            schema.clone(),
+            Ok(|b| {
+                b["tool_choice"]["name"] == STRUCTURED_TOOL
+                    && b["tools"][0]["input_schema"]["properties"]["a"]["type"] == "string"
+            }),
+        ),
+        (
+            "response_format",
+            json!({"type": "json_object"}),
+            Ok(|b| b["tools"][0]["input_schema"] == json!({"type": "object"})),
+        ),
+        (
+            "response_format",
+            json!({"type": "text"}),
+            Ok(|b| b.get("tools").is_none()),
+        ),
+        (
+            "user",
+            json!("u-1"),
+            Ok(|b| b["metadata"]["user_id"] == "u-1"),
+        ),
+        (
+            "safety_identifier",
+            json!("s-1"),
+            Ok(|b| b["metadata"]["user_id"] == "s-1"),
+        ),
+        ("n", json!(1), Ok(|b| b.get("n").is_none())),
+        ("n", json!(2), Err("n")),
+        (
+            "logprobs",
+            json!(false),
+            Ok(|b| b.get("logprobs").is_none()),
+        ),
+        ("logprobs", json!(true), Err("logprobs")),
+        ("top_logprobs", json!(3), Err("top_logprobs")),
+        ("seed", json!(42), Err("seed")),
+        (
+            "frequency_penalty",
+            json!(0),
+            Ok(|b| b.get("frequency_penalty").is_none()),
+        ),
+        ("frequency_penalty", json!(0.5), Err("frequency_penalty")),
+        ("presence_penalty", json!(0.5), Err("presence_penalty")),
+        (
+            "logit_bias",
+            json!({}),
+            Ok(|b| b.get("logit_bias").is_none()),
+        ),
+        ("logit_bias", json!({"50256": -100}), Err("logit_bias")),
+        ("reasoning_effort", json!("high"), Err("reasoning_effort")),
+        ("verbosity", json!("low"), Err("verbosity")),
+        ("store", json!(false), Ok(|b| b.get("store").is_none())),
+        ("store", json!(true), Err("store")),
+        ("metadata", json!({"k": "v"}), Err("metadata")),
+        (
+            "service_tier",
+            json!("auto"),
+            Ok(|b| b.get("service_tier").is_none()),
+        ),
+        ("service_tier", json!("flex"), Err("service_tier")),
+        (
+            "modalities",
+            json!(["text"]),
+            Ok(|b| b.get("modalities").is_none()),
+        ),
+        ("modalities", json!(["text", "audio"]), Err("modalities")),
+        ("audio", json!({"voice": "alloy"}), Err("audio")),
+        (
+            "prediction",
+            json!({"type": "content", "content": "x"}),
+            Err("prediction"),
+        ),
+        ("web_search_options", json!({}), Err("web_search_options")),
+        ("prompt_cache_key", json!("k"), Err("prompt_cache_key")),
+        ("functions", json!([{"name": "f"}]), Err("functions")),
+        ("function_call", json!("auto"), Err("function_call")),
+        // Not OpenAI's: Anthropic's own, passed on.
+        ("top_k", json!(5), Ok(|b| b["top_k"] == 5)),
+        (
+            "thinking",
+            json!({"type": "enabled", "budget_tokens": 1024}),
+            Ok(|b| b["thinking"]["budget_tokens"] == 1024),
+        ),
+    ];
+    let covered: std::collections::HashSet<&str> = cases.iter().map(|case| case.0).collect();
+    for (field, value, expected) in cases {
+        let mut request = base.clone();
+        request[field] = value.clone();
+        let translated = to_messages_request(request.to_string().as_bytes(), "claude-x");
+        match (expected, translated) {
+            (Ok(check), Ok(body)) => {
+                let body: Value = serde_json::from_slice(&body).unwrap();
+                assert!(check(&body), "{field}={value}: {body}");
+            }
+            (Err(param), Err(error)) => {
+                assert_eq!(
+                    (error.status, error.param.as_deref()),
+                    (400, Some(param)),
+                    "{field}={value}"
+                );
+            }
+            (expected, got) => panic!(
+                "{field}={value}: expected {:?}, got {:?}",
+                expected.map(drop),
+                got.map(drop)
+            ),
+        }
+    }
+    // Every field the table names is covered above.
+    for (field, _) in FIELDS {
+        assert!(
+            ["model", "messages"].contains(field) || covered.contains(field),
+            "{field} is not in the test table"
+        );
+    }
+    // A JSON response_format cannot be combined with tools.
+    let mut both = base.clone();
+    both["tools"] = tool;
+    both["response_format"] = schema;
+    let error = to_messages_request(both.to_string().as_bytes(), "m").unwrap_err();
+    assert_eq!(error.param.as_deref(), Some("response_format"));
+}
+
+#[test]
+fn a_json_response_format_comes_back_as_the_content() {
+    let answer = json!({
+        "id": "msg_1", "type": "message", "role": "assistant", "model": "claude-x",
+        "content": [{"type": "tool_use", "id": "t1", "name": STRUCTURED_TOOL, "input": {"a": "b"}}],
+        "stop_reason": "tool_use", "usage": {"input_tokens": 3, "output_tokens": 4},
+    });
+    let (body, _) = to_chat_completion(answer.to_string().as_bytes(), "claude").unwrap();
+    let body: Value = serde_json::from_slice(&body).unwrap();
+    let choice = &body["choices"][0];
+    assert_eq!(choice["message"]["content"], "{\"a\":\"b\"}");
+    assert!(choice["message"].get("tool_calls").is_none());
+    assert_eq!(choice["finish_reason"], "stop");
+    // Streamed: the forced tool's input deltas are the content.
+    let events = [
+        json!({"type": "message_start", "message": {"id": "msg_2", "usage": {"input_tokens": 3, "output_tokens": 0}}}),
+        json!({"type": "content_block_start", "index": 0, "content_block": {"type": "tool_use", "id": "t", "name": STRUCTURED_TOOL, "input": {}}}),
+        json!({"type": "content_block_delta", "index": 0, "delta": {"type": "input_json_delta", "partial_json": "{\"a\":"}}),
+        json!({"type": "content_block_delta", "index": 0, "delta": {"type": "input_json_delta", "partial_json": "\"b\"}"}}),
+        json!({"type": "message_delta", "delta": {"stop_reason": "tool_use"}, "usage": {"output_tokens": 4}}),
+        json!({"type": "message_stop"}),
+    ];
+    let mut translator = StreamTranslator::new("claude", false);
+    let input: String = events
+        .iter()
+        .map(|e| format!("event: {}\ndata: {e}\n\n", e["type"].as_str().unwrap()))
+        .collect();
+    let out = translator.feed(input.as_bytes());
+    let chunks: Vec<Value> = String::from_utf8_lossy(&out)
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter_map(|d| serde_json::from_str(d).ok())
+        .collect();
+    let content: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(content, "{\"a\":\"b\"}");
+    assert!(chunks
+        .iter()
+        .all(|c| c["choices"][0]["delta"].get("tool_calls").is_none()));
+    assert!(chunks
+        .iter()
+        .any(|c| c["choices"][0]["finish_reason"] == "stop"));
+}
+
+#[test]
+fn the_readme_table_is_this_table() {
+    let readme = include_str!("../../../README.md");
+    for (field, what) in FIELDS {
+        let row = format!("| `{field}` | {what} |");
+        assert!(readme.contains(&row), "README.md lacks: {row}");
+    }
 }
