@@ -149,6 +149,8 @@ pub fn usage(tenant: &TenantSettings, report: &UsageReport) -> (u16, serde_json:
         "completion_tokens": report.usage.completion_tokens,
         "total_tokens": report.usage.prompt_tokens + report.usage.completion_tokens,
         "cost_usd": usd(report.usage.cost_pusd),
+        // Requests whose tokens are the gateway's count, not the provider's.
+        "estimated_requests": report.usage.estimated_requests,
         "budget": budget,
         "partial": report.partial,
     });

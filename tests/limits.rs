@@ -517,15 +517,17 @@ fn estimates_usage_when_the_provider_reports_none() {
     let events = sse_events(&gw, &body);
     assert_eq!(events.len(), 14, "role, 12 tokens, finish");
     let usage = gw.get("/v1/usage", Some(TENANT_KEY)).json();
-    // The documented estimate: prompt = request bytes / 4, completion =
-    // bytes of generated text (JSON strings as sent) / 4, rounded up.
-    let client_body_len = body.to_string().len() as u64;
-    let text_bytes: u64 = 2
-        + (0..12)
-            .map(|i| format!("\"tok{i} \"").len() as u64)
-            .sum::<u64>();
-    assert_eq!(usage["prompt_tokens"], client_body_len.div_ceil(4));
-    assert_eq!(usage["completion_tokens"], text_bytes.div_ceil(4));
+    // The documented count: the prompt's text with the chat format's three
+    // tokens per message and three to prime the answer, and the generated
+    // text, with the encoding of the model served (mock-small: cl100k).
+    let encoding = runestone::cost::Encoding::for_model("mock-small");
+    let generated: String = (0..12).map(|i| format!("tok{i} ")).collect();
+    assert_eq!(
+        usage["prompt_tokens"],
+        encoding.count("Say hello\n") + 3 + 3
+    );
+    assert_eq!(usage["completion_tokens"], encoding.count(&generated));
+    assert_eq!(usage["estimated_requests"], 1);
 
     mock.fault(json!({"no_usage": true}));
     let resp = gw.post_json(
@@ -556,13 +558,10 @@ fn counts_a_stream_cut_mid_way() {
     );
     assert!(!data.iter().any(|d| d == "[DONE]"));
     let usage = gw.get("/v1/usage", Some(TENANT_KEY)).json();
-    let text_bytes: u64 = 2
-        + (0..5)
-            .map(|i| format!("\"tok{i} \"").len() as u64)
-            .sum::<u64>();
+    let generated: String = (0..5).map(|i| format!("tok{i} ")).collect();
     assert_eq!(
         usage["completion_tokens"],
-        text_bytes.div_ceil(4),
+        runestone::cost::Encoding::for_model("mock-small").count(&generated),
         "what was forwarded is counted"
     );
     assert!(usage["prompt_tokens"].as_u64().unwrap() > 0);

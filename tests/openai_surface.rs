@@ -127,3 +127,83 @@ fn a_provider_that_compresses_anyway_is_decoded_and_metered_on_the_plain_answer(
     );
     assert_eq!(billed, 4.0 * (16.0 + 40.0));
 }
+
+#[test]
+fn usage_a_provider_does_not_report_is_counted_with_a_tokenizer_and_given_to_a_client_that_asked() {
+    let mock = Mock::start(&[]);
+    let gw = Gateway::start(&GatewayConfig::new(&mock));
+    // 24 tokens asked for and generated; no usage reported.
+    let mut body = chat("gpt-4o-mini", true);
+    body["max_tokens"] = json!(24);
+    body["mock_tokens"] = json!(24);
+    body["stream_options"] = json!({"include_usage": true});
+    mock.fault(json!({"no_usage": true}));
+    let mut events = Vec::new();
+    read_sse(gw.port, TENANT_KEY, &body, |data, _| {
+        events.push(data.to_owned())
+    });
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let usage_chunk: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+    let usage = &usage_chunk["usage"];
+    assert_eq!(usage_chunk["choices"], json!([]), "{usage_chunk}");
+    assert_eq!(usage_chunk["object"], "chat.completion.chunk");
+    assert!(usage_chunk["id"]
+        .as_str()
+        .unwrap()
+        .starts_with("chatcmpl-mock"));
+    // "tok0 tok1 ..." is more tokens than words, but never more than asked.
+    assert_eq!(usage["completion_tokens"], 24, "{usage}");
+    // "Say hello", and the chat format's few tokens; not bytes / 4.
+    let prompt = usage["prompt_tokens"].as_u64().unwrap();
+    assert!((5..15).contains(&prompt), "{usage}");
+    let metrics = gw.metrics();
+    assert_eq!(
+        metric_sum(&metrics, "runestone_tokens_total", &["kind=\"prompt\""]),
+        prompt as f64,
+        "billed what the client was told"
+    );
+    assert_eq!(
+        metric_sum(&metrics, "runestone_tokens_total", &["kind=\"completion\""]),
+        24.0
+    );
+    let line = gw
+        .log()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|l| l["type"] == "access" && l["endpoint"] == "chat")
+        .unwrap();
+    assert_eq!(line["usage_estimated"], true, "{line}");
+
+    // A client that did not ask gets no usage chunk; a JSON answer is
+    // counted the same way.
+    mock.fault(json!({"no_usage": true}));
+    body["stream_options"] = Value::Null;
+    let mut events = Vec::new();
+    read_sse(gw.port, TENANT_KEY, &body, |data, _| {
+        events.push(data.to_owned())
+    });
+    assert!(
+        events.iter().all(|e| !e.contains("\"usage\":{")),
+        "{events:?}"
+    );
+    mock.fault(json!({"no_usage": true}));
+    let mut json_body = chat("gpt-4o-mini", false);
+    json_body["max_tokens"] = json!(24);
+    json_body["mock_tokens"] = json!(24);
+    let before = metric_sum(
+        &gw.metrics(),
+        "runestone_tokens_total",
+        &["kind=\"completion\""],
+    );
+    assert_eq!(gw.post_json(CHAT, TENANT_KEY, &json_body).status, 200);
+    let after = metric_sum(
+        &gw.metrics(),
+        "runestone_tokens_total",
+        &["kind=\"completion\""],
+    );
+    assert_eq!(after - before, 24.0);
+    // /v1/usage says how many of the period's requests were counted so.
+    let usage = gw.get("/v1/usage", Some(TENANT_KEY)).json();
+    assert_eq!(usage["estimated_requests"], 3, "{usage}");
+    assert_eq!(usage["requests"], 3);
+}

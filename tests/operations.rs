@@ -492,7 +492,7 @@ fn sigterm_under_load_drains_requests_and_running_jobs() {
     let runs = mock
         .requests()
         .iter()
-        .filter(|r| r["headers"]["x-request-id"] == job.as_str())
+        .filter(|r| r["headers"]["x-request-id"] == upstream_id(&job).as_str())
         .count();
     assert_eq!(runs, 1);
 }

@@ -36,19 +36,35 @@ fn chat_with_id(gw: &Gateway, id: &str) -> Response {
         CHAT,
         &[
             ("authorization", &format!("Bearer {TENANT_KEY}")),
-            ("x-request-id", id),
+            ("x-request-id", named(id)),
         ],
         body.as_bytes(),
     )
 }
 
-/// The x-request-ids the mock saw on chat requests, in arrival order.
+/// The requests the mock saw, in arrival order, by the names the test gave
+/// them (the provider sees a UUID made from each name; see [`named`]).
 fn seen_ids(mock: &Mock) -> Vec<String> {
+    let names = NAMES.lock().unwrap();
     mock.requests()
         .iter()
         .filter(|r| r["path"] == CHAT)
-        .filter_map(|r| r["headers"]["x-request-id"].as_str().map(str::to_string))
+        .filter_map(|r| r["headers"]["x-request-id"].as_str())
+        .map(|id| names.get(id).cloned().unwrap_or_else(|| id.to_string()))
         .collect()
+}
+
+/// Names by the upstream id the gateway sends for them.
+static NAMES: std::sync::LazyLock<std::sync::Mutex<std::collections::HashMap<String, String>>> =
+    std::sync::LazyLock::new(Default::default);
+
+/// `name`, registered so [`seen_ids`] can tell it again.
+fn named(name: &str) -> &str {
+    NAMES
+        .lock()
+        .unwrap()
+        .insert(upstream_id(name), name.to_string());
+    name
 }
 
 fn check_burst_served_in_order(redis: Option<&Redis>) {
@@ -213,7 +229,8 @@ fn a_client_that_leaves_while_parked_never_reaches_the_provider() {
         let mut stream = TcpStream::connect(("127.0.0.1", gw.port)).unwrap();
         write!(
             stream,
-            "POST {CHAT} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TENANT_KEY}\r\nx-request-id: leaver\r\nContent-Length: {}\r\n\r\n{body}",
+            "POST {CHAT} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TENANT_KEY}\r\nx-request-id: {}\r\nContent-Length: {}\r\n\r\n{body}",
+            named("leaver"),
             body.len()
         )
         .unwrap();
@@ -252,7 +269,7 @@ fn submit(gw: &Gateway, key: &str, content: &str) -> String {
     let job = resp.json();
     assert_eq!(job["object"], "runestone.job");
     assert_eq!(job["status"], "queued");
-    let id = job["id"].as_str().unwrap().to_string();
+    let id = named(job["id"].as_str().unwrap()).to_string();
     assert_eq!(
         resp.header("location"),
         Some(format!("/v1/jobs/{id}").as_str())
@@ -465,7 +482,7 @@ impl GatewayHandle {
             .unwrap();
         assert_eq!(resp.status(), 202);
         let job: Value = resp.into_json().unwrap();
-        job["id"].as_str().unwrap().to_string()
+        named(job["id"].as_str().unwrap()).to_string()
     }
 
     fn result(&self, id: &str, limit: Duration) -> (u16, String) {

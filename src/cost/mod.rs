@@ -9,10 +9,13 @@
 //! what the provider would have sent it.
 //!
 //! When the provider reports no usage (some OpenAI-compatible servers ignore
-//! `include_usage`) or the answer breaks off, the gateway estimates, never
-//! counts nothing: prompt tokens = request body bytes / 4, completion tokens =
-//! bytes of generated text (content, text, tool-call arguments) / 4, both
-//! rounded up. Four bytes per token is the usual rule of thumb for English.
+//! `include_usage`) or the answer breaks off, the gateway counts itself,
+//! never nothing ([`Estimate`]): the prompt's text and the generated text
+//! (content, reasoning, tool-call arguments) with the model family's
+//! tokenizer, the completion capped at the request's token limit; a client
+//! that asked for `include_usage` gets that count as its usage chunk. The
+//! counts are marked estimated. Admission reserves request body bytes / 4
+//! for the prompt (no tokenizer on the hot path).
 
 use crate::config::Price;
 use serde::Deserialize;
@@ -139,6 +142,15 @@ pub(super) struct Probe<'a> {
     /// Kept raw: a malformed `usage` must not hide the generated text.
     #[serde(borrow, default)]
     usage: Option<&'a RawValue>,
+    /// The answer's identity, for a usage chunk the gateway adds.
+    #[serde(borrow, default)]
+    id: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    object: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    created: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    model: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
@@ -192,6 +204,27 @@ impl Probe<'_> {
                         + raw_len(&m.reasoning)
                 })
         })
+    }
+
+    /// Appends the generated values (text, reasoning, tool calls) as JSON,
+    /// each followed by a comma: a sample to count tokens in.
+    fn push_generated(&self, sample: &mut Vec<u8>) {
+        let mut push = |v: &Option<&RawValue>| {
+            if let Some(v) = v.filter(|v| v.get() != "null") {
+                sample.extend_from_slice(v.get().as_bytes());
+                sample.push(b',');
+            }
+        };
+        for choice in self.choices.iter().flatten() {
+            push(&choice.text);
+            if let Some(m) = choice.delta.as_ref().or(choice.message.as_ref()) {
+                push(&m.content);
+                push(&m.tool_calls);
+                push(&m.function_call);
+                push(&m.reasoning_content);
+                push(&m.reasoning);
+            }
+        }
     }
 
     /// Whether a choice in this object has finished.
@@ -250,8 +283,34 @@ pub fn usage_from_json(body: &[u8], prompt_estimate: u64) -> Usage {
     }
 }
 
+/// Usage from a complete JSON response body; when the provider sent none,
+/// the gateway's count: the prompt with `estimate`, the generated text
+/// with `model`'s encoding.
+pub fn usage_from_json_counted(body: &[u8], estimate: &Estimate, model: &str) -> Usage {
+    let reported = usage_from_json(body, 0);
+    if !reported.estimated {
+        return reported;
+    }
+    let mut sample = Vec::new();
+    let generated = match serde_json::from_slice::<Probe>(body) {
+        Ok(probe) => {
+            probe.push_generated(&mut sample);
+            sample_text(&sample)
+        }
+        Err(_) => String::from_utf8_lossy(body).into_owned(),
+    };
+    Usage {
+        prompt_tokens: estimate.prompt_tokens(model),
+        completion_tokens: estimate.completion_tokens(model, &generated, 0),
+        cached_tokens: 0,
+        estimated: true,
+    }
+}
+
 mod stream;
 #[cfg(test)]
 mod tests;
+mod tokens;
 
 pub use stream::StreamMeter;
+pub use tokens::{sample_text, Encoding, Estimate};

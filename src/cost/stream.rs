@@ -11,8 +11,13 @@
 //! there (a stream that can be continued elsewhere breaks instead). An
 //! event too long to hold passes through unread.
 
-use super::{Probe, Usage, MAX_LINE_BYTES};
+use super::{sample_text, Estimate, Probe, Usage, MAX_LINE_BYTES};
 use bytes::{Bytes, BytesMut};
+use std::sync::OnceLock;
+
+/// Generated text a stream keeps to count tokens in, should the provider
+/// report no usage (the rest is counted at the sample's rate).
+const SAMPLE_BYTES: usize = 64 * 1024;
 
 /// Reads usage from an SSE stream on its way through, and optionally
 /// removes what the gateway added (the usage chunk, `"usage":null` fields).
@@ -41,6 +46,20 @@ pub struct StreamMeter {
     halt_on_malformed: bool,
     /// Stopped at one: the rest is held until told to go on.
     halted: bool,
+    /// The generated values seen (JSON, a comma after each), up to
+    /// [`SAMPLE_BYTES`], and how many of `generated_bytes` they are.
+    sample: Vec<u8>,
+    sampled_bytes: u64,
+    /// The answer's `id`, `object`, `created` and `model` (raw JSON), from
+    /// its first event.
+    identity: Option<[String; 4]>,
+    /// Counting when the provider reports none: the request, and the model
+    /// whose encoding counts.
+    estimate: Option<(Estimate, String)>,
+    counted: OnceLock<Usage>,
+    /// Written before the next event (the gateway's usage chunk, before
+    /// `[DONE]`).
+    before_next: Vec<u8>,
 }
 
 /// What to do with a whole event.
@@ -71,7 +90,21 @@ impl StreamMeter {
             malformed: 0,
             halt_on_malformed: false,
             halted: false,
+            sample: Vec::new(),
+            sampled_bytes: 0,
+            identity: None,
+            estimate: None,
+            counted: OnceLock::new(),
+            before_next: Vec::new(),
         }
+    }
+
+    /// Counts with `estimate` (as `model`'s encoding does) when the
+    /// provider reports no usage; a client that asked for usage then gets
+    /// the gateway's count as the usage chunk.
+    pub fn with_estimate(mut self, estimate: Estimate, model: &str) -> Self {
+        self.estimate = Some((estimate, model.to_owned()));
+        self
     }
 
     /// Events left out because they were not JSON.
@@ -152,6 +185,7 @@ impl StreamMeter {
         let event = std::mem::take(&mut self.event);
         match self.judge(&event) {
             Verdict::Keep => {
+                out.extend_from_slice(&std::mem::take(&mut self.before_next));
                 self.write(&event, out);
                 out.extend_from_slice(line);
             }
@@ -187,12 +221,27 @@ impl StreamMeter {
         };
         if payload.trim_ascii() == b"[DONE]" {
             self.saw_done = true;
+            if let Some(usage) = self.added_usage_event() {
+                self.before_next = usage;
+            }
             return Verdict::Keep;
         }
         let Ok(probe) = serde_json::from_slice::<Probe>(payload) else {
             return Verdict::Malformed;
         };
-        self.generated_bytes += probe.generated_bytes();
+        let generated = probe.generated_bytes();
+        self.generated_bytes += generated;
+        if self.sample.len() < SAMPLE_BYTES && generated > 0 {
+            probe.push_generated(&mut self.sample);
+            self.sampled_bytes += generated;
+        }
+        if self.identity.is_none() {
+            if let (Some(id), Some(object), Some(created), Some(model)) =
+                (probe.id, probe.object, probe.created, probe.model)
+            {
+                self.identity = Some([id, object, created, model].map(|v| v.get().to_owned()));
+            }
+        }
         self.saw_finish |= probe.finished();
         let has_choices = probe.choices.as_ref().is_some_and(|c| !c.is_empty());
         self.saw_choices |= has_choices;
@@ -264,15 +313,60 @@ impl StreamMeter {
         self.saw_done || self.saw_finish || !self.saw_choices
     }
 
-    /// The usage the provider reported, or an estimate from what streamed
-    /// through (`prompt_estimate` for the prompt side).
+    /// The usage the provider reported, or the gateway's count of what
+    /// streamed through (with the estimate given; else bytes / 4, and
+    /// `prompt_estimate` for the prompt).
     pub fn usage(&self, prompt_estimate: u64) -> Usage {
-        self.usage.unwrap_or(Usage {
-            prompt_tokens: prompt_estimate,
-            completion_tokens: self.generated_bytes.div_ceil(4),
+        if let Some(usage) = self.usage {
+            return usage;
+        }
+        let Some((estimate, model)) = &self.estimate else {
+            return Usage {
+                prompt_tokens: prompt_estimate,
+                completion_tokens: self.generated_bytes.div_ceil(4),
+                cached_tokens: 0,
+                estimated: true,
+            };
+        };
+        *self.counted.get_or_init(|| Usage {
+            prompt_tokens: estimate.prompt_tokens(model),
+            completion_tokens: estimate.completion_tokens(
+                model,
+                &sample_text(&self.sample),
+                self.generated_bytes.saturating_sub(self.sampled_bytes),
+            ),
             cached_tokens: 0,
             estimated: true,
         })
+    }
+
+    /// The usage chunk the gateway adds when the client asked for usage
+    /// and the provider sent none: the gateway's count, in the answer's
+    /// own `id`, `object`, `created` and `model`.
+    fn added_usage_event(&self) -> Option<Vec<u8>> {
+        if self.usage.is_some() || self.strip_usage || self.estimate.is_none() || !self.saw_choices
+        {
+            return None;
+        }
+        let [id, object, created, model] = self.identity.as_ref()?;
+        let usage = self.usage(0);
+        Some(
+            format!(
+                "data: {{\"id\":{id},\"object\":{object},\"created\":{created},\"model\":{model},\"choices\":[],\"usage\":{{\"prompt_tokens\":{},\"completion_tokens\":{},\"total_tokens\":{}}}}}\n\n",
+                usage.prompt_tokens,
+                usage.completion_tokens,
+                usage.total()
+            )
+            .into_bytes(),
+        )
+    }
+
+    /// What ends a stream that finished without `[DONE]`: the gateway's
+    /// usage chunk when one is owed, and `data: [DONE]`.
+    pub fn seal(&self) -> Bytes {
+        let mut out = self.added_usage_event().unwrap_or_default();
+        out.extend_from_slice(b"data: [DONE]\n\n");
+        Bytes::from(out)
     }
 }
 

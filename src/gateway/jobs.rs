@@ -140,7 +140,6 @@ impl JobRunner for Gateway {
         ctx.exchange.route = Some(route);
         ctx.grant = Some(grant);
         let body = Bytes::from(job.body.clone());
-        ctx.prompt_estimate = cost::estimate_prompt_tokens(body.len());
         let mut client = Collected::default();
         for (name, value) in &job.headers {
             if let (Ok(name), Ok(value)) = (
@@ -157,7 +156,7 @@ impl JobRunner for Gateway {
         };
         let outcome = match RequestFields::parse(&body) {
             Ok(fields) => {
-                let prompt_estimate = ctx.prompt_estimate;
+                let estimate = cost::Estimate::new(body.clone(), fields.max_tokens);
                 let RequestCtx {
                     request_id,
                     exchange: report,
@@ -175,7 +174,7 @@ impl JobRunner for Gateway {
                     body_for: &|provider_model| rewrite_body(&body, &fields, provider_model, false),
                     request_id,
                     strip_usage: false,
-                    prompt_estimate,
+                    estimate: &estimate,
                     rate_limit_headers: &[],
                 };
                 let mut settler = super::accounting::Settler {

@@ -60,8 +60,6 @@ pub struct RequestCtx {
     grant: Option<Grant>,
     /// `x-ratelimit-*` headers for the tenant's own limits.
     rate_limit_headers: Vec<(HeaderName, HeaderValue)>,
-    /// Prompt tokens estimated from the request body.
-    prompt_estimate: u64,
     /// Time spent parked in the overflow queue.
     parked: Duration,
     /// The request's cost, once settled.
@@ -124,7 +122,6 @@ impl ProxyHttp for Gateway {
             error_reason: None,
             grant: None,
             rate_limit_headers: Vec::new(),
-            prompt_estimate: 0,
             parked: Duration::ZERO,
             cost_pusd: 0,
             exchange: Report::default(),

@@ -107,7 +107,6 @@ impl Gateway {
         }
         let generates = endpoint != Endpoint::Embeddings;
         let tokens = cost::estimate_request_tokens(body.len(), fields.max_tokens, generates);
-        ctx.prompt_estimate = cost::estimate_prompt_tokens(body.len());
         if super::jobs::wants_async(session) {
             return self
                 .submit_job(session, ctx, tenant, route_index, endpoint, &body, tokens)
@@ -126,7 +125,7 @@ impl Gateway {
         // when the client did not ask.
         let strip_usage = fields.stream && generates && !fields.client_wants_usage();
         debug!(request_id = %ctx.request_id, tenant = %self.config.tenants[tenant].id, model = %route.name, endpoint = endpoint.name(), "routing");
-        let prompt_estimate = ctx.prompt_estimate;
+        let estimate = cost::Estimate::new(body.clone(), fields.max_tokens);
         let RequestCtx {
             request_id,
             rate_limit_headers,
@@ -148,7 +147,7 @@ impl Gateway {
             body_for: &|provider_model| rewrite_body(&body, &fields, provider_model, strip_usage),
             request_id,
             strip_usage,
-            prompt_estimate,
+            estimate: &estimate,
             rate_limit_headers,
         };
         let mut settler = super::accounting::Settler {

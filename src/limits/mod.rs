@@ -151,6 +151,9 @@ pub struct PeriodUsage {
     pub completion_tokens: u64,
     /// Spend in pico-dollars.
     pub cost_pusd: i64,
+    /// Requests whose tokens are the gateway's count (the provider reported
+    /// none, or the answer broke off).
+    pub estimated_requests: u64,
 }
 
 impl PeriodUsage {
@@ -159,6 +162,7 @@ impl PeriodUsage {
         self.prompt_tokens += other.prompt_tokens;
         self.completion_tokens += other.completion_tokens;
         self.cost_pusd = self.cost_pusd.saturating_add(other.cost_pusd);
+        self.estimated_requests += other.estimated_requests;
     }
 }
 
@@ -393,6 +397,7 @@ impl Limiter {
             prompt_tokens: settlement.usage.prompt_tokens,
             completion_tokens: settlement.usage.completion_tokens,
             cost_pusd: settlement.cost_pusd,
+            estimated_requests: u64::from(settlement.usage.estimated),
         };
         self.give_back(&grant, 0, token_delta, &period_id, &record)
             .await;

@@ -714,3 +714,10 @@ pub fn is_uuid(id: &str) -> bool {
             _ => c.is_ascii_hexdigit(),
         })
 }
+
+/// The `x-request-id` the provider sees for a request the client (or a
+/// job) named `id`: `id` itself when it is a UUID, else the UUID the
+/// gateway makes from it.
+pub fn upstream_id(id: &str) -> String {
+    runestone::ids::upstream_request_id(id).into_owned()
+}

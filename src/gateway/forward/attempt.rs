@@ -299,7 +299,12 @@ impl Attempt<'_> {
         let mut meter = if translated {
             Meter::Translated(kind.stream_translator(&self.route.name, !exchange.strip_usage))
         } else {
-            Meter::for_response(&head, exchange.strip_usage)
+            Meter::for_response(
+                &head,
+                exchange.strip_usage,
+                exchange.estimate,
+                &self.route.targets[self.backend.target].model,
+            )
         };
         // The head is held until the first content is in: a provider that
         // answers at once but starts only much later fails over with
@@ -376,7 +381,8 @@ impl Attempt<'_> {
             deadline: answer.deadline,
             backend: self.backend,
             ttfb: answer.ttfb,
-            prompt_estimate: exchange.prompt_estimate,
+            estimate: exchange.estimate,
+            model: &self.route.targets[self.backend.target].model,
             request_id: exchange.request_id,
         };
         let end = copy

@@ -5,7 +5,7 @@
 use super::decode::UpstreamBody;
 use super::{Report, Settle};
 use crate::config::ProviderSettings;
-use crate::cost::{self, StreamMeter, Usage};
+use crate::cost::{self, Estimate, StreamMeter, Usage};
 use crate::gateway::client::Client;
 use crate::openai::ApiError;
 use crate::providers::anthropic::StreamTranslator;
@@ -41,11 +41,19 @@ pub(super) enum Meter {
 }
 
 impl Meter {
-    /// The meter for an OpenAI-format answer with this header.
-    pub(super) fn for_response(header: &ResponseHeader, strip_usage: bool) -> Self {
+    /// The meter for an OpenAI-format answer with this header; `estimate`
+    /// counts (as `model`'s encoding does) when the provider reports no usage.
+    pub(super) fn for_response(
+        header: &ResponseHeader,
+        strip_usage: bool,
+        estimate: &Estimate,
+        model: &str,
+    ) -> Self {
         match (header.status.is_success(), is_event_stream(header)) {
             (false, _) => Meter::Error { body: Vec::new() },
-            (true, true) => Meter::Stream(StreamMeter::new(strip_usage)),
+            (true, true) => {
+                Meter::Stream(StreamMeter::new(strip_usage).with_estimate(estimate.clone(), model))
+            }
             (true, false) => Meter::Json {
                 body: Vec::new(),
                 seen: 0,
@@ -113,34 +121,33 @@ impl Meter {
                 } else {
                     "\n\n"
                 };
-                Bytes::from([&rest[..], newline.as_bytes(), b"data: [DONE]\n\n"].concat())
+                Bytes::from([&rest[..], newline.as_bytes(), &meter.seal()].concat())
             }
             Meter::Error { body } => Bytes::from(std::mem::take(body)),
             _ => Bytes::new(),
         }
     }
 
-    /// What the answer used, read or (when the provider said nothing, or the
-    /// answer broke off) estimated.
-    fn usage(&self, prompt_estimate: u64) -> Usage {
+    /// What the answer used: read, or (when the provider said nothing, or
+    /// the answer broke off) the gateway's count with `estimate`, as
+    /// `model`'s encoding counts.
+    fn usage(&self, estimate: &Estimate, model: &str) -> Usage {
+        let counted = |generated_bytes: u64| Usage {
+            prompt_tokens: estimate.prompt_tokens(model),
+            completion_tokens: estimate.completion_tokens(model, "", generated_bytes),
+            cached_tokens: 0,
+            estimated: true,
+        };
         match self {
             Meter::Error { .. } => Usage::default(),
             Meter::Json { body, seen } if *seen <= cost::MAX_METERED_JSON_BYTES => {
-                cost::usage_from_json(body, prompt_estimate)
+                cost::usage_from_json_counted(body, estimate, model)
             }
-            Meter::Json { seen, .. } => Usage {
-                prompt_tokens: prompt_estimate,
-                completion_tokens: (*seen as u64).div_ceil(4),
-                cached_tokens: 0,
-                estimated: true,
-            },
-            Meter::Stream(meter) => meter.usage(prompt_estimate),
-            Meter::Translated(translator) => translator.usage().unwrap_or(Usage {
-                prompt_tokens: prompt_estimate,
-                completion_tokens: translator.generated_bytes().div_ceil(4),
-                cached_tokens: 0,
-                estimated: true,
-            }),
+            Meter::Json { seen, .. } => counted(*seen as u64),
+            Meter::Stream(meter) => meter.usage(0),
+            Meter::Translated(translator) => translator
+                .usage()
+                .unwrap_or_else(|| counted(translator.generated_bytes())),
         }
     }
 }
@@ -172,8 +179,10 @@ pub(super) struct Copy<'a> {
     /// The backend answering, and how long its first byte took.
     pub backend: &'a Backend,
     pub ttfb: Duration,
-    /// Prompt tokens estimated from the request body.
-    pub prompt_estimate: u64,
+    /// What the gateway counts when the provider reports no usage, and the
+    /// model whose encoding counts.
+    pub estimate: &'a Estimate,
+    pub model: &'a str,
     /// For the logs.
     pub request_id: &'a str,
 }
@@ -212,7 +221,7 @@ impl Copy<'_> {
         if !settled {
             // Not settled before the end (a broken or abandoned body): what
             // the meter saw is what the request used.
-            report.usage = Some(meter.usage(self.prompt_estimate));
+            report.usage = Some(meter.usage(self.estimate, self.model));
             let outcome = match end {
                 BodyEnd::Complete => Outcome::Success,
                 BodyEnd::ProviderBroke(_) => Outcome::Failure,
@@ -404,7 +413,7 @@ impl Copy<'_> {
         if std::mem::replace(settled, true) {
             return;
         }
-        report.usage = Some(meter.usage(self.prompt_estimate));
+        report.usage = Some(meter.usage(self.estimate, self.model));
         settle.settle(report).await;
         self.upstreams.record_outcome(
             self.backend,

@@ -76,8 +76,8 @@ pub(crate) struct Exchange<'a> {
     /// The gateway asked for `include_usage` on the client's behalf: take
     /// the usage chunk out again.
     pub strip_usage: bool,
-    /// Prompt tokens estimated from the request body.
-    pub prompt_estimate: u64,
+    /// What the gateway counts when a provider reports no usage.
+    pub estimate: &'a crate::cost::Estimate,
     /// The tenant's `x-ratelimit-*` headers for the answer.
     pub rate_limit_headers: &'a [(HeaderName, HeaderValue)],
 }

@@ -82,6 +82,7 @@ impl Unsettled {
             .arg(self.usage.prompt_tokens)
             .arg(self.usage.completion_tokens)
             .arg(self.usage.cost_pusd)
+            .arg(self.usage.estimated_requests)
             .arg(self.corrections.len());
         for (requests, tokens) in &self.corrections {
             cmd.arg(requests).arg(tokens);
@@ -179,6 +180,7 @@ mod tests {
                 prompt_tokens: 3,
                 completion_tokens: 4,
                 cost_pusd: cost,
+                estimated_requests: 0,
             },
             reply: tokio::sync::oneshot::channel().0,
         }
@@ -235,8 +237,9 @@ mod tests {
         );
         assert_eq!(by_hash[10], batch.id, "the id Redis records");
         assert_eq!(by_hash[15], "10", "the summed cost");
+        assert_eq!(by_hash[16], "0", "no request counted by the gateway");
         assert_eq!(
-            by_hash[16..],
+            by_hash[17..],
             ["1", "0", "-5", "l1"],
             "one correction, one lease"
         );

@@ -426,7 +426,13 @@ impl RedisStore {
             return (usage, true);
         }
         let key = self.inner.keys[tenant].usage(period_id);
-        type Counters = (Option<u64>, Option<u64>, Option<u64>, Option<i64>);
+        type Counters = (
+            Option<u64>,
+            Option<u64>,
+            Option<u64>,
+            Option<i64>,
+            Option<u64>,
+        );
         let read: Option<Counters> = self
             .call("usage", |mut conn| async move {
                 redis::cmd("HMGET")
@@ -436,18 +442,20 @@ impl RedisStore {
                         "prompt_tokens",
                         "completion_tokens",
                         "cost_pusd",
+                        "estimated_requests",
                     ])
                     .query_async(&mut conn)
                     .await
             })
             .await;
         match read {
-            Some((requests, prompt, completion, cost)) => {
+            Some((requests, prompt, completion, cost, estimated)) => {
                 usage.add(&PeriodUsage {
                     requests: requests.unwrap_or(0),
                     prompt_tokens: prompt.unwrap_or(0),
                     completion_tokens: completion.unwrap_or(0),
                     cost_pusd: cost.unwrap_or(0),
+                    estimated_requests: estimated.unwrap_or(0),
                 });
                 (usage, false)
             }
