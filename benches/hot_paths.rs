@@ -164,6 +164,10 @@ fn admission(c: &mut Criterion, name: &str, limiter: &Limiter) {
         cost_pusd: 1,
         duration: Duration::from_millis(10),
     };
+    if let Some(redis) = limiter.redis() {
+        // The gateway's maintenance service connects at start-up.
+        runtime.block_on(redis.connect());
+    }
     let mut tenant = 0;
     c.bench_function(name, |b| {
         b.to_async(&runtime).iter(|| {

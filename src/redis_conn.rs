@@ -17,8 +17,9 @@ use redis::cluster::{ClusterClientBuilder, ClusterConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
 use redis::{
-    ClientTlsConfig, Cmd, ErrorKind, IntoConnectionInfo, Pipeline, RedisError, RedisFuture,
-    RedisResult, ServerErrorKind, TlsCertificates, TlsMode, Value,
+    ClientTlsConfig, Cmd, ConnectionInfo, ErrorKind, IntoConnectionInfo, Pipeline,
+    RedisConnectionInfo, RedisError, RedisFuture, RedisResult, ServerErrorKind, TlsCertificates,
+    TlsMode, Value,
 };
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -74,7 +75,7 @@ impl RedisConnection {
         self.conn
             .get_or_init(|| {
                 Conn::open(&self.settings)
-                    .map_err(|e| warn!(kind = ?e.kind(), mode = self.settings.target.mode(), "cannot set up the Redis client; limits stay in-process and parking refuses"))
+                    .map_err(|e| warn!(kind = ?e.kind(), error = %scrub(&e.to_string()), mode = self.settings.target.mode(), "cannot set up the Redis client; limits stay in-process and parking refuses"))
                     .ok()
             })
             .clone()
@@ -108,20 +109,65 @@ impl Conn {
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_secs(1));
         let tls = settings.target.uses_tls();
+        // Credentials: redis.username/password, else the (first) URL's,
+        // given to every node alike.
+        let credentials = |first: &RedisConnectionInfo| {
+            (
+                settings
+                    .username
+                    .clone()
+                    .or(first.username().map(str::to_owned)),
+                settings
+                    .password
+                    .as_ref()
+                    .map(|p| p.expose().to_owned())
+                    .or(first.password().map(str::to_owned)),
+            )
+        };
+        let with_credentials =
+            |info: ConnectionInfo, (user, password): &(Option<String>, Option<String>)| {
+                let mut redis = info.redis_settings().clone();
+                if let Some(user) = user {
+                    redis = redis.set_username(user);
+                }
+                if let Some(password) = password {
+                    redis = redis.set_password(password);
+                }
+                info.set_redis_settings(redis)
+            };
         match &settings.target {
             RedisTarget::Single { url } => {
+                let info = url.expose().into_connection_info()?;
+                let creds = credentials(info.redis_settings());
+                let info = with_credentials(info, &creds);
                 let client = if tls {
-                    redis::Client::build_with_tls(url.expose(), certificates(&settings.tls))?
+                    redis::Client::build_with_tls(info, certificates(&settings.tls))?
                 } else {
-                    redis::Client::open(url.expose())?
+                    redis::Client::open(info)?
                 };
                 Ok(Conn::Single(client.get_connection_manager_lazy(manager)?))
             }
             RedisTarget::Cluster { nodes } => {
-                let mut builder = ClusterClientBuilder::new(nodes.iter().map(|n| n.expose()))
+                let infos = nodes
+                    .iter()
+                    .map(|n| n.expose().into_connection_info())
+                    .collect::<RedisResult<Vec<_>>>()?;
+                let creds = infos
+                    .first()
+                    .map(|first| credentials(first.redis_settings()))
+                    .unwrap_or_default();
+                let infos: Vec<ConnectionInfo> = infos
+                    .into_iter()
+                    .map(|info| with_credentials(info, &creds))
+                    .collect();
+                // No retries of the client's own: a pipeline retried after a
+                // redirect runs its earlier commands again (an admission
+                // twice). A redirected call fails over to in-process limits
+                // for once, and the slot map is refreshed.
+                let mut builder = ClusterClientBuilder::new(infos)
                     .connection_timeout(connect)
                     .response_timeout(timeout)
-                    .retries(2);
+                    .retries(0);
                 if tls {
                     builder = builder
                         .tls(TlsMode::Secure)
@@ -144,10 +190,22 @@ impl Conn {
                 master_password,
                 db,
             } => {
-                let addrs = nodes
+                let infos = nodes
                     .iter()
-                    .map(|n| n.expose().into_connection_info().map(|i| i.addr().clone()))
+                    .map(|n| n.expose().into_connection_info())
                     .collect::<RedisResult<Vec<_>>>()?;
+                // The sentinels' credentials: the fields, else the first
+                // node URL's.
+                let first = infos
+                    .first()
+                    .map(|i| i.redis_settings().clone())
+                    .unwrap_or_default();
+                let username = username.clone().or(first.username().map(str::to_owned));
+                let password = password
+                    .as_ref()
+                    .map(|p| p.expose().to_owned())
+                    .or(first.password().map(str::to_owned));
+                let addrs: Vec<_> = infos.iter().map(|i| i.addr().clone()).collect();
                 let mut builder =
                     SentinelClientBuilder::new(addrs, master_name, SentinelServerType::Master)?
                         .set_client_to_redis_db(*db);
@@ -155,7 +213,7 @@ impl Conn {
                     builder = builder.set_client_to_sentinel_username(user);
                 }
                 if let Some(password) = password {
-                    builder = builder.set_client_to_sentinel_password(password.expose());
+                    builder = builder.set_client_to_sentinel_password(password);
                 }
                 if let Some(user) = master_username {
                     builder = builder.set_client_to_redis_username(user);
@@ -179,61 +237,30 @@ impl Conn {
         }
     }
 
-    /// Runs `commands` as pipelines, each command with the key group it
-    /// touches (commands of one group share a hash slot): one pipeline on a
-    /// single server, one per group (sent together) on a cluster, whose
-    /// pipelines may not cross slots. Each command's own result, in order.
+    /// Runs `commands` together, each command's own result in order: one
+    /// pipeline on a single server; on a cluster each command on its own
+    /// (sent together), since a pipeline there may not cross slots, and one
+    /// the client sends again after a redirect would run its earlier
+    /// commands twice. Each command touches one key group (one hash slot).
     pub async fn pipeline(
         &self,
         commands: &[(usize, Cmd)],
     ) -> RedisResult<Vec<RedisResult<Value>>> {
-        let run = |cmds: Vec<&Cmd>| {
-            let mut pipe = Pipeline::new();
-            for cmd in cmds {
-                pipe.add_command(cmd.clone());
-            }
-            let mut conn = self.clone();
-            async move {
-                pipe.ignore_errors()
-                    .query_async::<Vec<RedisResult<Value>>>(&mut conn)
-                    .await
-            }
-        };
-        if !matches!(self, Conn::Cluster(_)) {
-            return run(commands.iter().map(|(_, cmd)| cmd).collect()).await;
+        if matches!(self, Conn::Cluster(_)) {
+            let each = commands.iter().map(|(_, cmd)| {
+                let mut conn = self.clone();
+                async move { cmd.query_async::<Value>(&mut conn).await }
+            });
+            return Ok(futures_util::future::join_all(each).await);
         }
-        let mut groups: Vec<usize> = commands.iter().map(|(group, _)| *group).collect();
-        groups.sort_unstable();
-        groups.dedup();
-        let answers = futures_util::future::join_all(groups.iter().map(|&group| {
-            run(commands
-                .iter()
-                .filter(|(g, _)| *g == group)
-                .map(|(_, cmd)| cmd)
-                .collect())
-        }))
-        .await;
-        let mut by_group: Vec<std::vec::IntoIter<RedisResult<Value>>> = answers
-            .into_iter()
-            .zip(&groups)
-            .map(|(answer, &group)| {
-                let n = commands.iter().filter(|(g, _)| *g == group).count();
-                match answer {
-                    Ok(results) => results,
-                    Err(e) => vec![Err(e); n],
-                }
-                .into_iter()
-            })
-            .collect();
-        Ok(commands
-            .iter()
-            .map(|(group, _)| {
-                let at = groups.binary_search(group).unwrap_or_default();
-                by_group[at].next().unwrap_or_else(|| {
-                    Err((ErrorKind::Client, "a reply per command was expected").into())
-                })
-            })
-            .collect())
+        let mut pipe = Pipeline::new();
+        for (_, cmd) in commands {
+            pipe.add_command(cmd.clone());
+        }
+        let mut conn = self.clone();
+        pipe.ignore_errors()
+            .query_async::<Vec<RedisResult<Value>>>(&mut conn)
+            .await
     }
 }
 
@@ -294,6 +321,8 @@ struct SentinelInner {
     primary: ArcSwapOption<ConnectionManager>,
     config: ConnectionManagerConfig,
     asking: AtomicBool,
+    /// Wakes calls waiting for the sentinels' answer.
+    answered: tokio::sync::Notify,
 }
 
 impl SentinelConn {
@@ -304,6 +333,7 @@ impl SentinelConn {
                 primary: ArcSwapOption::empty(),
                 config,
                 asking: AtomicBool::new(false),
+                answered: tokio::sync::Notify::new(),
             }),
             db,
         }
@@ -333,17 +363,24 @@ impl SentinelConn {
                 }
             }
             inner.asking.store(false, Ordering::Release);
+            inner.answered.notify_waiters();
         });
     }
 
-    /// The current primary's connection, or why there is none yet.
-    fn primary(&self) -> RedisResult<ConnectionManager> {
+    /// The current primary's connection. Before the first one is known,
+    /// the sentinels are asked and their answer awaited (the caller's bound
+    /// applies); an error when they name none.
+    async fn primary(&self) -> RedisResult<ConnectionManager> {
+        // Listening before looking: an answer between the two is not missed.
+        let answered = self.inner.answered.notified();
+        if let Some(primary) = self.inner.primary.load_full() {
+            return Ok((*primary).clone());
+        }
+        self.ask_sentinels();
+        answered.await;
         match self.inner.primary.load_full() {
             Some(primary) => Ok((*primary).clone()),
-            None => {
-                self.ask_sentinels();
-                Err((ErrorKind::Io, "no primary known yet").into())
-            }
+            None => Err((ErrorKind::Io, "the sentinels named no reachable primary").into()),
         }
     }
 
@@ -365,7 +402,7 @@ impl SentinelConn {
 impl ConnectionLike for SentinelConn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         Box::pin(async move {
-            let result = self.primary()?.req_packed_command(cmd).await;
+            let result = self.primary().await?.req_packed_command(cmd).await;
             if let Err(e) = &result {
                 self.after(e);
             }
@@ -381,7 +418,8 @@ impl ConnectionLike for SentinelConn {
     ) -> RedisFuture<'a, Vec<Value>> {
         Box::pin(async move {
             let result = self
-                .primary()?
+                .primary()
+                .await?
                 .req_packed_commands(pipeline, offset, count)
                 .await;
             match &result {
@@ -401,5 +439,49 @@ impl ConnectionLike for SentinelConn {
 
     fn get_db(&self) -> i64 {
         self.db
+    }
+}
+
+/// `text` with the credentials of any URL in it masked (`scheme://***@`):
+/// error messages may quote a URL.
+pub fn scrub(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("://") {
+        let (head, tail) = rest.split_at(at + 3);
+        out.push_str(head);
+        let end = tail
+            .find(|c: char| c.is_whitespace() || c == '"' || c == '\'')
+            .unwrap_or(tail.len());
+        match tail[..end].rfind('@') {
+            Some(userinfo) => {
+                out.push_str("***");
+                out.push_str(&tail[userinfo..end]);
+            }
+            None => out.push_str(&tail[..end]),
+        }
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::scrub;
+
+    #[test]
+    fn credentials_in_urls_are_masked() {
+        assert_eq!(
+            scrub(
+                r#"invalid type: string "rediss://user:S3cr3t@10.0.0.1:6379", expected a sequence"#
+            ),
+            r#"invalid type: string "rediss://***@10.0.0.1:6379", expected a sequence"#
+        );
+        assert_eq!(
+            scrub("redis://10.0.0.1:6379/0 refused"),
+            "redis://10.0.0.1:6379/0 refused"
+        );
+        assert_eq!(scrub("a://x@y b://p@q"), "a://***@y b://***@q");
     }
 }

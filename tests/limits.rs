@@ -745,7 +745,9 @@ redis: {{ url: "{}", timeout_ms: 5000 }}
             &config,
             runestone::redis_conn::RedisConnection::for_config(&config),
         );
-        // Connects and loads the scripts.
+        // Connects (the maintenance service does it in the gateway) and
+        // loads the scripts.
+        limiter.redis().unwrap().connect().await;
         let first = limiter.admit(0, 1).await.expect("the first is admitted");
         limiter.settle(first, settlement()).await;
         redis.cli(&["CONFIG", "RESETSTAT"]);
@@ -861,6 +863,7 @@ fn a_settlement_sent_again_after_a_frozen_redis_counts_once() {
         .unwrap();
     runtime.block_on(async {
         let (limiter, _stop) = redis_limiter(&redis, "{ requests_per_minute: 1000 }");
+        limiter.redis().unwrap().connect().await;
         let grant = limiter.admit(0, 10).await.expect("admitted");
         limiter.settle(grant, used(5)).await;
         assert_eq!(usage_requests(&redis), "1");
@@ -915,6 +918,7 @@ fn a_grant_dropped_unsettled_releases_its_redis_lease() {
         .unwrap();
     runtime.block_on(async {
         let (limiter, _stop) = redis_limiter(&redis, "{ max_concurrent: 1 }");
+        limiter.redis().unwrap().connect().await;
         let grant = limiter.admit(0, 10).await.expect("admitted");
         assert!(limiter.admit(0, 10).await.is_err(), "the one slot is taken");
         drop(grant);
@@ -947,6 +951,7 @@ fn an_unused_grant_is_released_not_settled() {
     runtime.block_on(async {
         let (limiter, _stop) =
             redis_limiter(&redis, "{ requests_per_minute: 2, max_concurrent: 5 }");
+        limiter.redis().unwrap().connect().await;
         for _ in 0..5 {
             let grant = limiter
                 .admit(0, 10)

@@ -388,7 +388,7 @@ fn check_refuses_what_the_gateway_could_not_honour_and_masks_credentials() {
 
 /// The ACL the docs give: the key prefix and the commands the gateway runs,
 /// nothing else (no FLUSHALL, KEYS, CONFIG).
-const MINIMAL_ACL: &str = "user default off\nuser runestone on >gateway-pw-123 resetkeys ~runestone:* resetchannels -@all +@connection +ping +time +eval +evalsha +script|load +exists +expire +pexpire +set +hget +hmget +hset +hincrby +lindex +llen +lpos +lrem +lmove +rpush +sadd +srem +smembers +zadd +zcard +zrem +zremrangebyscore +cluster|slots +cluster|shards +cluster|nodes +readonly\nuser admin on >admin-pw-123 ~* &* +@all\n";
+const MINIMAL_ACL: &str = "user default off\nuser runestone on >gateway-pw-123 resetkeys ~runestone:* resetchannels -@all +auth +hello +client|setname +ping +role +time +eval +evalsha +script|load +exists +expire +pexpire +set +hget +hmget +hset +hincrby +lindex +llen +lpos +lrem +lmove +rpush +sadd +srem +smembers +zadd +zcard +zrem +zremrangebyscore +cluster|slots +cluster|shards +cluster|nodes\nuser admin on >admin-pw-123 ~* &* +@all\n";
 
 #[test]
 fn an_acl_user_limited_to_the_prefix_is_enough() {
@@ -770,4 +770,258 @@ fn sentinel_names_the_primary_and_the_gateway_follows_a_failover() {
         || count(&replica) == n + 1,
     );
     drop(sentinel);
+}
+
+fn ready_redis(gw: &Gateway) -> String {
+    gw.get("/ready", None).json()["checks"]["redis"]
+        .as_str()
+        .unwrap_or("")
+        .to_string()
+}
+
+#[test]
+fn a_tenant_on_a_healthy_primary_keeps_its_global_rpm_while_another_primary_is_down() {
+    let mut cluster = Cluster::start();
+    // Long enough that no replica takes over during the test.
+    for node in &cluster.nodes {
+        node.cli(&["CONFIG", "SET", "cluster-node-timeout", "15000"]);
+    }
+    let other = ["zeta", "kilo", "echo", "mike", "yank", "other"]
+        .into_iter()
+        .find(|t| cluster.primary_of(&format!("{{{t}}}")) != cluster.primary_of("{acme}"))
+        .unwrap();
+    let other_key = "sk-tenant-other-0123456789";
+    let mock = Mock::start(&[]);
+    let mut config = config(&mock, &cluster.seeds(), 10);
+    config.tenants = format!(
+        "\n  - id: acme\n    keys: [\"{TENANT_KEY}\"]\n    limits: {{ requests_per_minute: 10 }}\n  - id: {other}\n    keys: [\"{other_key}\"]\n    limits: {{ requests_per_minute: 100000 }}\n"
+    );
+    let gw1 = Gateway::start(&config);
+    config.port = free_port();
+    config.metrics_port = free_port();
+    let gw2 = Gateway::start(&config);
+    let victim = cluster.primary_of(&format!("{{{other}}}"));
+    cluster.nodes[victim].kill();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let admitted = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                gw1.post_json(CHAT, other_key, &chat("gpt-4o-mini", false));
+                gw2.post_json(CHAT, other_key, &chat("gpt-4o-mini", false));
+            }
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        let admitted = (0..30)
+            .map(|i| ask(if i % 2 == 0 { &gw1 } else { &gw2 }))
+            .filter(|s| *s == 200)
+            .count();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        admitted
+    });
+    assert_eq!(admitted, 10, "acme's 10 a minute held across both gateways");
+    // The other tenant was served all along, on in-process limits.
+    assert!(
+        metric_sum(
+            &gw1.metrics(),
+            "runestone_requests_total",
+            &["status=\"200\""]
+        ) > 5.0
+    );
+}
+
+#[test]
+fn cluster_credentials_on_the_first_seed_or_in_redis_password_reach_every_node() {
+    let conf = "cluster-enabled yes\ncluster-node-timeout 1000\ncluster-config-file nodes.conf\nrequirepass gateway#pw/1\nmasterauth gateway#pw/1\n";
+    let auth: Vec<String> = ["-a", "gateway#pw/1", "--no-auth-warning"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let nodes: Vec<Server> = (0..6).map(|_| Server::start(conf, auth.clone())).collect();
+    let mut create = Command::new("redis-cli");
+    create.args(&auth).args(["--cluster", "create"]);
+    for node in &nodes {
+        create.arg(format!("127.0.0.1:{}", node.port));
+    }
+    let out = create
+        .args(["--cluster-replicas", "1", "--cluster-yes"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let cluster = Cluster { nodes };
+    cluster.wait_ok();
+    let mock = Mock::start(&[]);
+    let (a, b) = (cluster.nodes[0].port, cluster.nodes[1].port);
+    for redis in [
+        // Percent-encoded in the first seed's URL only.
+        format!("  cluster_nodes: [\"redis://:gateway%23pw%2F1@127.0.0.1:{a}\", \"redis://127.0.0.1:{b}\"]"),
+        // Or given as it is, no escaping.
+        format!("  cluster_nodes: [\"redis://127.0.0.1:{a}\", \"redis://127.0.0.1:{b}\"]\n  password: \"gateway#pw/1\""),
+    ] {
+        let gw = Gateway::start(&config(&mock, &redis, 100));
+        assert_eq!(ask(&gw), 200);
+        assert_eq!(ready_redis(&gw), "ok", "{redis}\n{}", gw.log());
+    }
+}
+
+#[test]
+fn sentinel_works_with_the_minimal_acl_and_starts_connected() {
+    let primary = Server::start(
+        &format!("{MINIMAL_ACL}masteruser admin\nmasterauth admin-pw-123\n"),
+        admin_args(),
+    );
+    let sentinel_port = free_port();
+    let _sentinel = Server::start_on(
+        sentinel_port,
+        &format!(
+            "sentinel monitor mymain 127.0.0.1 {} 1\nsentinel auth-user mymain admin\nsentinel auth-pass mymain admin-pw-123\nsentinel down-after-milliseconds mymain 1000\n",
+            primary.port
+        ),
+        Vec::new(),
+        true,
+    );
+    let mock = Mock::start(&[]);
+    let redis = format!(
+        "  sentinel: {{ master_name: mymain, nodes: [\"redis://127.0.0.1:{sentinel_port}\"], master_username: runestone, master_password: gateway-pw-123 }}"
+    );
+    let gw = Gateway::start(&config(&mock, &redis, 100));
+    assert!(gw.log().contains("Redis answers"), "{}", gw.log());
+    assert_eq!(
+        ready_redis(&gw),
+        "ok",
+        "ACL LOG: {}",
+        primary.cli(&["ACL", "LOG"])
+    );
+    assert_eq!(
+        metric_value(
+            &gw.metrics(),
+            "runestone_redis_errors_total{op=\"connect\"}"
+        ),
+        0.0,
+        "connected at start-up, not after a failure"
+    );
+    assert_eq!(ask(&gw), 200);
+    assert!(primary.cli(&["KEYS", "runestone:*"]).contains("acme"));
+}
+
+#[test]
+fn ready_does_not_claim_redis_before_it_has_answered() {
+    // A listener that accepts and never answers.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let mock = Mock::start(&[]);
+    let gw = Gateway::start(&config(
+        &mock,
+        &format!("  url: \"redis://127.0.0.1:{port}/0\""),
+        100,
+    ));
+    assert_eq!(ready_redis(&gw), "unavailable");
+    assert_eq!(metric_value(&gw.metrics(), "runestone_redis_up"), 0.0);
+    assert_eq!(ask(&gw), 200, "served on in-process limits meanwhile");
+    drop(listener);
+}
+
+#[test]
+fn check_never_prints_a_secret_a_wrong_shape_would_echo() {
+    let mock = Mock::start(&[]);
+    let dir = std::env::temp_dir().join(format!("runestone-check-{}", free_port()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("runestone.yaml");
+    // A string where a list is expected, its password from the environment.
+    std::fs::write(
+        &path,
+        config(&mock, "  cluster_nodes: \"${REDIS_SEEDS}\"", 10).yaml(),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_runestone"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .env(
+            "REDIS_SEEDS",
+            "rediss://runestone:S3cr3t-from-env@10.0.0.1:6379",
+        )
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(text.contains("redis.cluster_nodes"), "{text}");
+    assert!(!text.contains("S3cr3t"), "{text}");
+}
+
+#[test]
+fn a_redirected_command_on_a_cluster_runs_once() {
+    let cluster = Cluster::start();
+    let (rate, settled, inflight) = (
+        "runestone:{acme}:rate",
+        "runestone:{acme}:settled",
+        "runestone:{acme}:inflight",
+    );
+    let src = cluster.primary_of("{acme}");
+    let dst = (0..6)
+        .find(|&i| i != src && cluster.nodes[i].cli(&["ROLE"]).starts_with("master"))
+        .unwrap();
+    let (s, d) = (&cluster.nodes[src], &cluster.nodes[dst]);
+    for key in [rate, settled, inflight] {
+        s.cli(&["SET", key, "0"]);
+    }
+    // The slot half-migrated: one key moved, the others not yet.
+    let slot = s.cli(&["CLUSTER", "KEYSLOT", rate]).trim().to_string();
+    let id = |n: &Server| n.cli(&["CLUSTER", "MYID"]).trim().to_string();
+    assert_eq!(
+        d.cli(&["CLUSTER", "SETSLOT", &slot, "IMPORTING", &id(s)])
+            .trim(),
+        "OK"
+    );
+    assert_eq!(
+        s.cli(&["CLUSTER", "SETSLOT", &slot, "MIGRATING", &id(d)])
+            .trim(),
+        "OK"
+    );
+    let port = d.port.to_string();
+    assert_eq!(
+        s.cli(&[
+            "MIGRATE",
+            "127.0.0.1",
+            &port,
+            "",
+            "0",
+            "5000",
+            "KEYS",
+            settled
+        ])
+        .trim(),
+        "OK"
+    );
+    let yaml = format!(
+        "server:\n  listen: \"127.0.0.1:1\"\nproviders:\n  - {{ name: mock, base_url: \"http://127.0.0.1:1/v1\" }}\nmodels:\n  - name: m\n    targets: [{{ provider: mock }}]\ntenants:\n  - id: acme\n    keys: [\"{TENANT_KEY}\"]\nredis:\n{}\n  timeout_ms: 3000\n",
+        cluster.seeds()
+    );
+    let config = runestone::config::Config::from_yaml(&yaml, |_| None).unwrap();
+    let connection = runestone::redis_conn::RedisConnection::for_config(&config).unwrap();
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let conn = connection.get().unwrap();
+        let mut first = redis::cmd("EVAL");
+        first
+            .arg("redis.call('INCR', KEYS[1]) redis.call('INCR', KEYS[2]) return 1")
+            .arg(2)
+            .arg(rate)
+            .arg(inflight);
+        let mut second = redis::cmd("EVAL");
+        second
+            .arg("return redis.call('EXISTS', KEYS[1], KEYS[2])")
+            .arg(2)
+            .arg(rate)
+            .arg(settled);
+        let _ = tokio::time::timeout(
+            Duration::from_secs(3),
+            conn.pipeline(&[(0, first), (0, second)]),
+        )
+        .await;
+    });
+    assert_eq!(
+        s.cli(&["GET", rate]).trim(),
+        "1",
+        "the first command ran once"
+    );
 }

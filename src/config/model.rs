@@ -439,6 +439,10 @@ pub struct RedisSettings {
     pub target: RedisTarget,
     /// TLS material beyond the system roots, for `rediss://` endpoints.
     pub tls: RedisTls,
+    /// ACL user and password for the data nodes (`url` or `cluster_nodes`),
+    /// instead of the URL's own (a password needs no URL escaping here).
+    pub username: Option<String>,
+    pub password: Option<Secret>,
     /// Prefix of every key (`runestone:{tenant}:...`).
     pub key_prefix: String,
     /// Bound on every Redis call.

@@ -234,6 +234,10 @@ pub(super) struct RawRedis {
     #[serde(default)]
     pub(super) client_key: Option<String>,
     #[serde(default)]
+    pub(super) username: Option<String>,
+    #[serde(default)]
+    pub(super) password: Option<String>,
+    #[serde(default)]
     pub(super) key_prefix: Option<String>,
     #[serde(default)]
     pub(super) timeout_ms: Option<u64>,
@@ -291,10 +295,33 @@ pub(super) fn deserialize<T: serde::de::DeserializeOwned>(
             } else {
                 join(path, &inner)
             };
-            problems.push(problem(&at, e.into_inner().to_string()));
+            problems.push(problem(&at, without_values(&e.into_inner().to_string())));
             None
         }
     }
+}
+
+/// A serde message with the quoted values it echoes masked: a value of the
+/// wrong type may be a secret (a key or a URL with its password, after
+/// `${ENV}` substitution), and problems are printed.
+fn without_values(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut quoted = false;
+    for c in message.chars() {
+        match (c, quoted) {
+            ('"', false) => {
+                quoted = true;
+                out.push_str("\"…");
+            }
+            ('"', true) => {
+                quoted = false;
+                out.push('"');
+            }
+            (_, true) => {}
+            (c, false) => out.push(c),
+        }
+    }
+    out
 }
 
 /// Deserialises each item of a list section on its own, so one bad item

@@ -481,7 +481,14 @@ pub(super) fn validate_redis(raw: RawRedis, problems: &mut Vec<Problem>) -> Opti
                 ));
             }
             for (i, node) in nodes.iter().enumerate() {
-                check_redis_url(&format!("redis.cluster_nodes[{i}]"), node, problems);
+                let path = format!("redis.cluster_nodes[{i}]");
+                check_redis_url(&path, node, problems);
+                let db = url::Url::parse(node)
+                    .ok()
+                    .map(|u| u.path().trim_matches('/').to_owned());
+                if db.is_some_and(|db| !db.is_empty() && db != "0") {
+                    problems.push(problem(&path, "a cluster has only database 0"));
+                }
             }
             same_scheme("redis.cluster_nodes", &nodes, problems);
             RedisTarget::Cluster {
@@ -489,6 +496,12 @@ pub(super) fn validate_redis(raw: RawRedis, problems: &mut Vec<Problem>) -> Opti
             }
         }
         (None, None, Some(sentinel)) => {
+            if raw.username.is_some() || raw.password.is_some() {
+                problems.push(problem(
+                    "redis.password",
+                    "with sentinel, the primary's credentials are sentinel.master_username and master_password",
+                ));
+            }
             if !is_identifier(&sentinel.master_name) {
                 problems.push(problem(
                     "redis.sentinel.master_name",
@@ -548,6 +561,8 @@ pub(super) fn validate_redis(raw: RawRedis, problems: &mut Vec<Problem>) -> Opti
     (problems.len() == before).then(|| RedisSettings {
         target,
         tls,
+        username: raw.username,
+        password: raw.password.map(Secret),
         key_prefix,
         timeout: std::time::Duration::from_millis(timeout_ms),
     })
@@ -569,14 +584,17 @@ fn check_redis_url(path: &str, text: &str, problems: &mut Vec<Problem>) {
         // The URL itself is not repeated: it may hold a password.
         problems.push(problem(
             path,
-            "must be a redis:// or rediss:// URL with a host (and no #insecure)",
+            "must be a redis:// or rediss:// URL with a host and no #fragment (a password with # / ? or @ goes in redis.password, or percent-encoded)",
         ));
     }
 }
 
 /// Nodes of one deployment all use TLS, or none does.
 fn same_scheme(path: &str, urls: &[String], problems: &mut Vec<Problem>) {
-    let tls = urls.iter().filter(|u| u.starts_with("rediss://")).count();
+    let tls = urls
+        .iter()
+        .filter(|u| url::Url::parse(u).is_ok_and(|u| u.scheme() == "rediss"))
+        .count();
     if tls != 0 && tls != urls.len() {
         problems.push(problem(path, "mixes redis:// and rediss:// nodes"));
     }

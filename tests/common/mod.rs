@@ -324,12 +324,25 @@ impl Gateway {
             Duration::from_secs(20),
             "runestone's metrics listener",
         );
-        Gateway {
+        let gateway = Gateway {
             port: config.port,
             metrics_port: config.metrics_port,
             child,
             dir,
+        };
+        if config.extra.contains("redis:") {
+            // Redis counts as down until the start-up connection answers;
+            // tests that want it up wait for that (or its failure).
+            let deadline = Instant::now() + Duration::from_secs(8);
+            while Instant::now() < deadline {
+                let log = gateway.log();
+                if log.contains("Redis answers") || log.contains("at start-up") {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
         }
+        gateway
     }
 
     /// Starts a second process on the same config with `--upgrade`, to take

@@ -7,7 +7,6 @@ use super::scripts::{admit_answers, AdmitAnswer};
 use super::{lock, Keys, SettleOp, LEASE_TTL_MS};
 use crate::redis_conn::Conn;
 use redis::{RedisResult, Script};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
@@ -81,7 +80,7 @@ impl Batcher {
                 Op::Admit(_) => {}
                 // A settlement belongs to the store once queued: sent, or
                 // kept for the flush while Redis is down.
-                Op::Settle(op) if !self.shared.up.load(Ordering::Relaxed) => {
+                Op::Settle(op) if !self.shared.is_up(op.tenant) => {
                     self.shared
                         .defer(op.tenant, &op.period_id, &op.lease, &op.usage);
                     let _ = op.reply.send(Ok(()));

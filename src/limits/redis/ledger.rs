@@ -130,19 +130,78 @@ impl Ledger {
 /// The store's state shared with its batching task.
 #[derive(Debug)]
 pub(super) struct Shared {
-    /// Whether Redis answered the last call.
-    pub(super) up: AtomicBool,
+    /// Per tenant: whether Redis answered its last call. On a cluster a
+    /// tenant's keys live on one primary, so one primary down takes only its
+    /// tenants to in-process limits. All start down until Redis answers.
+    pub(super) up: Vec<AtomicBool>,
     pub(super) ledger: Mutex<Ledger>,
 }
 
 impl Shared {
-    /// Counts a failed call and marks the store down.
-    pub(super) fn failed(&self, op: &'static str, error: &str) {
+    /// State for `tenants` tenants, all down until Redis first answers.
+    pub(super) fn new(tenants: usize) -> Self {
+        Shared {
+            up: (0..tenants).map(|_| AtomicBool::new(false)).collect(),
+            ledger: Mutex::default(),
+        }
+    }
+
+    /// Whether `tenant`'s keys answered their last call.
+    pub(super) fn is_up(&self, tenant: usize) -> bool {
+        self.up
+            .get(tenant)
+            .is_some_and(|up| up.load(Ordering::Relaxed))
+    }
+
+    /// Whether every tenant's keys answer (what `/ready` and
+    /// `runestone_redis_up` report).
+    pub(super) fn all_up(&self) -> bool {
+        self.up.iter().all(|up| up.load(Ordering::Relaxed))
+    }
+
+    /// Counts a failed call and marks `tenant` (every tenant for `None`)
+    /// down.
+    pub(super) fn failed(&self, tenant: Option<usize>, op: &'static str, error: &str) {
         metrics::REDIS_ERRORS.with_label_values(&[op]).inc();
-        if self.up.swap(false, Ordering::Relaxed) {
+        let was_up = self.all_up();
+        let marked = match tenant {
+            Some(t) => self
+                .up
+                .get(t)
+                .is_some_and(|up| up.swap(false, Ordering::Relaxed)),
+            None => self
+                .up
+                .iter()
+                .fold(false, |any, up| up.swap(false, Ordering::Relaxed) | any),
+        };
+        if marked {
             metrics::REDIS_UP.set(0);
+        }
+        if marked && was_up {
             warn!(op, error = %error, "Redis unavailable; limits fall back to in-process counters and spend is kept locally");
         }
+    }
+
+    /// Marks `tenant` (every tenant for `None`) up after Redis answered;
+    /// whether that made every tenant up again.
+    pub(super) fn recovered(&self, tenant: Option<usize>) -> bool {
+        let was_up = self.all_up();
+        match tenant {
+            Some(t) => {
+                if let Some(up) = self.up.get(t) {
+                    up.store(true, Ordering::Relaxed);
+                }
+            }
+            None => self
+                .up
+                .iter()
+                .for_each(|up| up.store(true, Ordering::Relaxed)),
+        }
+        let now_up = self.all_up();
+        if now_up {
+            metrics::REDIS_UP.set(1);
+        }
+        now_up && !was_up
     }
 
     /// Keeps a settlement that is not sent now for the flush: its usage

@@ -1,6 +1,6 @@
-//! The store's upkeep in the background: probing Redis while it is down,
-//! paying what is owed to it once it answers, renewing the leases this
-//! instance holds.
+//! The store's upkeep in the background: connecting at start-up, probing
+//! Redis for the tenants it stopped answering for, paying what is owed to it
+//! once it answers, renewing the leases this instance holds.
 
 use super::{RedisStore, PROBE_EVERY, RENEW_EVERY};
 
@@ -20,7 +20,7 @@ impl RedisMaintenance {
 impl RedisMaintenance {
     /// Runs until `shutdown` turns true, flushing once more then.
     pub async fn run(&self, mut shutdown: tokio::sync::watch::Receiver<bool>) {
-        self.store.warm_up().await;
+        self.store.connect().await;
         let mut probe = tokio::time::interval(PROBE_EVERY);
         let mut renew = tokio::time::interval(RENEW_EVERY);
         loop {
@@ -29,19 +29,13 @@ impl RedisMaintenance {
                     if !self.store.is_up() {
                         self.store.probe().await;
                     }
-                    if self.store.is_up() {
-                        self.store.flush_pending().await;
-                    }
+                    // For the tenants Redis answers for (all but those of a
+                    // cluster primary that is down).
+                    self.store.flush_pending().await;
                 }
-                _ = renew.tick() => {
-                    if self.store.is_up() {
-                        self.store.renew_leases().await;
-                    }
-                }
+                _ = renew.tick() => self.store.renew_leases().await,
                 _ = shutdown.changed() => {
-                    if self.store.is_up() {
-                        self.store.flush_pending().await;
-                    }
+                    self.store.flush_pending().await;
                     return;
                 }
             }

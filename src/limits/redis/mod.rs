@@ -38,11 +38,10 @@ use redis::{RedisResult, Script};
 use scripts::{AdmitAnswer, ADMIT, RENEW, SETTLE};
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
-use tracing::info;
+use tracing::{info, warn};
 
 /// How long a concurrency lease lives without renewal.
 pub const LEASE_TTL_MS: u64 = 30_000;
@@ -156,7 +155,8 @@ impl RedisStore {
                 }
             })
             .collect();
-        metrics::REDIS_UP.set(1);
+        // Down until Redis first answers (the start-up connection).
+        metrics::REDIS_UP.set(0);
         // Every operation's error count starts at 0, so rates work at once.
         for op in [
             "admit", "settle", "usage", "flush", "renew", "overflow", "connect",
@@ -168,10 +168,7 @@ impl RedisStore {
                 conn,
                 timeout: settings.timeout,
                 keys,
-                shared: Arc::new(Shared {
-                    up: AtomicBool::new(true),
-                    ledger: Mutex::default(),
-                }),
+                shared: Arc::new(Shared::new(tenants.len())),
                 batches: OnceLock::new(),
                 renew: Script::new(RENEW),
                 settle: Script::new(SETTLE),
@@ -181,9 +178,16 @@ impl RedisStore {
         }
     }
 
-    /// Whether Redis answered the last call.
+    /// Whether Redis answers for every tenant (what `/ready` and
+    /// `runestone_redis_up` say).
     pub fn is_up(&self) -> bool {
-        self.inner.shared.up.load(Ordering::Relaxed) && self.inner.conn.is_configured()
+        self.inner.shared.all_up() && self.inner.conn.is_configured()
+    }
+
+    /// Whether Redis answered `tenant`'s last call (its keys' primary, on a
+    /// cluster).
+    fn tenant_up(&self, tenant: usize) -> bool {
+        self.inner.shared.is_up(tenant) && self.inner.conn.is_configured()
     }
 
     /// The shared connection; must be called inside the Tokio runtime.
@@ -191,8 +195,9 @@ impl RedisStore {
         self.inner.conn.get()
     }
 
-    /// Runs one bounded Redis call; a failure marks the store down.
-    async fn call<T, F, Fut>(&self, op: &'static str, f: F) -> Option<T>
+    /// Runs one bounded Redis call on `tenant`'s keys (several tenants'
+    /// for `None`); a failure marks them down.
+    async fn call<T, F, Fut>(&self, tenant: Option<usize>, op: &'static str, f: F) -> Option<T>
     where
         F: FnOnce(Conn) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
@@ -203,7 +208,7 @@ impl RedisStore {
             Ok(Err(e)) => e.to_string(),
             Err(_) => format!("no answer within {:?}", self.inner.timeout),
         };
-        self.inner.shared.failed(op, &error);
+        self.inner.shared.failed(tenant, op, &error);
         None
     }
 
@@ -233,6 +238,7 @@ impl RedisStore {
     /// not answer in time or refused the batch.
     async fn answer<T>(
         &self,
+        tenant: usize,
         op: &'static str,
         answer: oneshot::Receiver<Result<T, String>>,
     ) -> Option<T> {
@@ -242,7 +248,7 @@ impl RedisStore {
             Ok(Err(_)) => "the Redis batching task has stopped".to_string(),
             Err(_) => format!("no answer within {:?}", self.inner.timeout),
         };
-        self.inner.shared.failed(op, &error);
+        self.inner.shared.failed(Some(tenant), op, &error);
         None
     }
 
@@ -256,7 +262,7 @@ impl RedisStore {
         lease: &str,
         period_id: &str,
     ) -> Option<Result<RateLimitState, Refusal>> {
-        if !self.is_up() {
+        if !self.tenant_up(tenant) {
             return None;
         }
         let queue = self.queue()?;
@@ -275,11 +281,13 @@ impl RedisStore {
             reply,
         });
         let answer = match queue.send(op) {
-            Ok(()) => self.answer("admit", answer).await,
+            Ok(()) => self.answer(tenant, "admit", answer).await,
             Err(_) => {
-                self.inner
-                    .shared
-                    .failed("admit", "the Redis batching task has stopped");
+                self.inner.shared.failed(
+                    Some(tenant),
+                    "admit",
+                    "the Redis batching task has stopped",
+                );
                 None
             }
         };
@@ -342,7 +350,7 @@ impl RedisStore {
         if !lease.is_empty() {
             lock(&self.inner.leases).remove(lease);
         }
-        let queue = self.is_up().then(|| self.queue()).flatten();
+        let queue = self.tenant_up(tenant).then(|| self.queue()).flatten();
         let Some(queue) = queue else {
             self.inner
                 .shared
@@ -363,12 +371,14 @@ impl RedisStore {
         };
         match queue.send(Op::Settle(op)) {
             Ok(()) => {
-                let _ = self.answer("settle", answer).await;
+                let _ = self.answer(tenant, "settle", answer).await;
             }
             Err(mpsc::error::SendError(Op::Settle(op))) => {
-                self.inner
-                    .shared
-                    .failed("settle", "the Redis batching task has stopped");
+                self.inner.shared.failed(
+                    Some(tenant),
+                    "settle",
+                    "the Redis batching task has stopped",
+                );
                 self.inner
                     .shared
                     .defer(op.tenant, &op.period_id, &op.lease, &op.usage);
@@ -413,7 +423,7 @@ impl RedisStore {
                 .get(&(tenant, period_id.to_string()))
                 .cloned()
                 .unwrap_or_default();
-            if !self.is_up() {
+            if !self.tenant_up(tenant) {
                 for unsettled in &ledger.unsettled {
                     if unsettled.tenant == tenant && unsettled.period_id == period_id {
                         usage.add(&unsettled.usage);
@@ -422,7 +432,7 @@ impl RedisStore {
             }
             usage
         };
-        if !self.is_up() {
+        if !self.tenant_up(tenant) {
             return (usage, true);
         }
         let key = self.inner.keys[tenant].usage(period_id);
@@ -434,7 +444,7 @@ impl RedisStore {
             Option<u64>,
         );
         let read: Option<Counters> = self
-            .call("usage", |mut conn| async move {
+            .call(Some(tenant), "usage", |mut conn| async move {
                 redis::cmd("HMGET")
                     .arg(&key)
                     .arg(&[
@@ -467,7 +477,7 @@ impl RedisStore {
     /// PING given longer than a call (TLS, a cluster's slot map, the
     /// sentinels' answer take a moment). Redis is marked down if it does not
     /// answer.
-    pub(super) async fn warm_up(&self) {
+    pub async fn connect(&self) {
         let Some(mut conn) = self.connection() else {
             return;
         };
@@ -477,41 +487,74 @@ impl RedisStore {
         )
         .await;
         match ping {
-            Ok(Ok(_)) => info!("Redis answers"),
-            Ok(Err(e)) => self.inner.shared.failed("connect", &e.to_string()),
-            Err(_) => self
-                .inner
-                .shared
-                .failed("connect", &format!("no answer within {WARM_UP:?}")),
+            Ok(Ok(_)) => {
+                // Every tenant's keys are probed, as after an outage: on a
+                // cluster a primary may be down while PING answers.
+                if self.probe_tenants(WARM_UP).await {
+                    info!("Redis answers");
+                } else {
+                    // A cluster primary down: its tenants wait for the probe.
+                    warn!("Redis answers for some tenants only; the others are in-process until it does");
+                }
+            }
+            Ok(Err(e)) => {
+                warn!(error = %crate::redis_conn::scrub(&e.to_string()), "Redis does not answer at start-up; limits stay in-process until it does");
+                self.inner.shared.failed(None, "connect", "start-up");
+            }
+            Err(_) => {
+                warn!("Redis did not answer within {WARM_UP:?} at start-up; limits stay in-process until it does");
+                self.inner.shared.failed(None, "connect", "start-up");
+            }
         }
     }
 
-    /// Probes a down Redis; marks it up when it answers.
-    async fn probe(&self) {
-        let Some(mut conn) = self.connection() else {
-            return;
+    /// Probes the tenants whose keys did not answer; marks each up when a
+    /// call on its keys answers (a PING proves nothing about a cluster's
+    /// slots). Whether every tenant is up afterwards.
+    async fn probe_tenants(&self, bound: Duration) -> bool {
+        let Some(conn) = self.connection() else {
+            return false;
         };
-        let ping = tokio::time::timeout(
-            self.inner.timeout,
-            redis::cmd("PING").query_async::<redis::Value>(&mut conn),
-        )
-        .await;
-        if matches!(ping, Ok(Ok(_))) && !self.inner.shared.up.swap(true, Ordering::Relaxed) {
-            metrics::REDIS_UP.set(1);
-            // Every operation's error count starts at 0, so rates work at once.
-            for op in [
-                "admit", "settle", "usage", "flush", "renew", "overflow", "connect",
-            ] {
-                metrics::REDIS_ERRORS.with_label_values(&[op]);
+        let down: Vec<usize> = (0..self.inner.keys.len())
+            .filter(|&t| !self.inner.shared.is_up(t))
+            .collect();
+        let probes = down.iter().map(|&tenant| {
+            let mut conn = conn.clone();
+            let key = self.inner.keys[tenant].rate.clone();
+            async move {
+                let mut exists = redis::cmd("EXISTS");
+                exists.arg(key);
+                let answered =
+                    tokio::time::timeout(bound, exists.query_async::<i64>(&mut conn)).await;
+                (tenant, matches!(answered, Ok(Ok(_))))
             }
+        });
+        for (tenant, answered) in futures_util::future::join_all(probes).await {
+            if answered && self.inner.shared.recovered(Some(tenant)) && !down.is_empty() {
+                // Every operation's error count starts at 0, so rates work at once.
+                for op in [
+                    "admit", "settle", "usage", "flush", "renew", "overflow", "connect",
+                ] {
+                    metrics::REDIS_ERRORS.with_label_values(&[op]);
+                }
+            }
+        }
+        self.inner.shared.all_up()
+    }
+
+    /// Probes the tenants Redis did not answer for.
+    async fn probe(&self) {
+        if self.probe_tenants(self.inner.timeout).await {
             info!("Redis is back; limits are shared again");
         }
     }
 
-    /// Pays what this instance owes Redis: usage recorded while it was
-    /// down, batches whose answer never came (each under its own id, so one
-    /// Redis did apply counts once), and leases to release.
+    /// Pays what this instance owes Redis for the tenants it answers for:
+    /// usage recorded while it was down, batches whose answer never came
+    /// (each under its own id, so one Redis did apply counts once), and
+    /// leases to release.
     async fn flush_pending(&self) {
+        let up = |tenant: usize| self.tenant_up(tenant);
         let (batches, unreleased) = {
             let mut ledger = lock(&self.inner.shared.ledger);
             let pending: Vec<((usize, String), PeriodUsage)> = ledger.pending.drain().collect();
@@ -527,10 +570,16 @@ impl RedisStore {
                     usage,
                 });
             }
-            (
-                std::mem::take(&mut ledger.unsettled),
-                std::mem::take(&mut ledger.unreleased),
-            )
+            // What a tenant still down owes stays for a later flush.
+            let (batches, kept) = std::mem::take(&mut ledger.unsettled)
+                .into_iter()
+                .partition(|batch| up(batch.tenant));
+            ledger.unsettled = kept;
+            let (unreleased, kept) = std::mem::take(&mut ledger.unreleased)
+                .into_iter()
+                .partition(|(tenant, _)| up(*tenant));
+            ledger.unreleased = kept;
+            (batches, unreleased)
         };
         if batches.is_empty() && unreleased.is_empty() {
             return;
@@ -550,7 +599,9 @@ impl RedisStore {
         }
         let commands = &commands;
         let results: Option<Vec<RedisResult<redis::Value>>> = self
-            .call("flush", |conn| async move { conn.pipeline(commands).await })
+            .call(None, "flush", |conn| async move {
+                conn.pipeline(commands).await
+            })
             .await;
         let mut ledger = lock(&self.inner.shared.ledger);
         match results {
@@ -588,10 +639,13 @@ impl RedisStore {
             by_tenant.entry(*tenant).or_default().push(lease.clone());
         }
         for (tenant, leases) in by_tenant {
+            if !self.tenant_up(tenant) {
+                continue;
+            }
             let key = &self.inner.keys[tenant].inflight;
             let leases = &leases;
             let _: Option<i64> = self
-                .call("renew", |mut conn| async move {
+                .call(Some(tenant), "renew", |mut conn| async move {
                     let mut invocation = self.inner.renew.key(key);
                     invocation.arg(LEASE_TTL_MS);
                     for lease in leases {
