@@ -70,7 +70,7 @@ pub fn build(config: Config, options: RunOptions) -> Server {
         tracing::info!(mode, endpoints = ?endpoints, "Redis: limits, spend, the overflow queue and jobs are shared");
     }
     let limiter = Limiter::new(&config, redis.clone());
-    let overflow = Overflow::new(&config, redis);
+    let overflow = Overflow::new(&config, redis.clone());
     if let Some(redis) = limiter.redis() {
         server.add_service(background_service(
             "redis maintenance",
@@ -84,6 +84,7 @@ pub fn build(config: Config, options: RunOptions) -> Server {
         limiter.clone(),
         overflow.clone(),
         connector,
+        redis,
     );
     let drain = Drain::new(
         overflow,

@@ -20,7 +20,7 @@ fn limited(mock: &Mock, limits: &str, redis: Option<&Redis>) -> GatewayConfig {
         format!("\n  - id: acme\n    keys: [\"{TENANT_KEY}\"]\n    limits: {limits}\n");
     config.extra = PRICING.to_string();
     if let Some(redis) = redis {
-        config.extra += &format!("redis: {{ url: \"{}\", timeout_ms: 50 }}\n", redis.url());
+        config.extra += &format!("redis: {{ url: \"{}\", timeout_ms: 250 }}\n", redis.url());
     }
     config
 }

@@ -207,3 +207,113 @@ fn usage_a_provider_does_not_report_is_counted_with_a_tokenizer_and_given_to_a_c
     assert_eq!(usage["estimated_requests"], 3, "{usage}");
     assert_eq!(usage["requests"], 3);
 }
+
+/// A config with two provider accounts behind `gpt` (round robin), tenants
+/// listed in `order`, sharing `redis`.
+fn responses_config(a: &Mock, b: &Mock, redis: &Redis, order: [&str; 2]) -> GatewayConfig {
+    let mut config = GatewayConfig::new(a);
+    config.providers = vec![
+        format!(
+            "  - {{ name: acct-a, base_url: \"{}\", api_key: \"{PROVIDER_KEY}\" }}",
+            a.base_url()
+        ),
+        format!(
+            "  - {{ name: acct-b, base_url: \"{}\", api_key: \"{PROVIDER_KEY}\" }}",
+            b.base_url()
+        ),
+    ];
+    config.models = "
+  - name: gpt
+    strategy: round_robin
+    targets: [{ provider: acct-a, model: m }, { provider: acct-b, model: m }]
+"
+    .into();
+    let tenant = |id: &str| {
+        let key = if id == "acme" { TENANT_KEY } else { OTHER_KEY };
+        format!("\n  - id: {id}\n    keys: [\"{key}\"]")
+    };
+    config.tenants = format!("{}{}\n", tenant(order[0]), tenant(order[1]));
+    config.extra = format!("redis: {{ url: \"{}\" }}\n", redis.url());
+    config
+}
+
+const OTHER_KEY: &str = "sk-other-tenant-key-for-responses";
+
+#[test]
+fn stored_responses_are_the_creating_tenants_on_every_instance_and_after_a_restart() {
+    let (a, b) = (Mock::start(&[]), Mock::start(&[]));
+    let redis = Redis::start();
+    let one = Gateway::start(&responses_config(&a, &b, &redis, ["acme", "globex"]));
+    let mut ids = Vec::new();
+    for _ in 0..4 {
+        let resp = one.post_json(
+            "/v1/responses",
+            TENANT_KEY,
+            &json!({"model": "gpt", "input": "hello", "max_output_tokens": 3}),
+        );
+        assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
+        ids.push(resp.json()["id"].as_str().unwrap().to_string());
+    }
+    assert!(redis
+        .cli(&["EXISTS", &format!("runestone:{{acme}}:response:{}", ids[0])])
+        .trim()
+        .ends_with('1'));
+    // Another instance, with the tenants in the other order.
+    let two = Gateway::start(&responses_config(&a, &b, &redis, ["globex", "acme"]));
+    for id in &ids {
+        let path = format!("/v1/responses/{id}");
+        let mine = two.get(&path, Some(TENANT_KEY));
+        assert_eq!(mine.status, 200, "{}", String::from_utf8_lossy(&mine.body));
+        assert_eq!(mine.json()["id"], id.as_str());
+        let theirs = two.get(&path, Some(OTHER_KEY));
+        assert_eq!(theirs.status, 404);
+        assert_eq!(theirs.error_code(), "response_not_found");
+        // A follow-up on the second instance reaches the account holding
+        // the first response (the other would refuse it).
+        let follow = two.post_json(
+            "/v1/responses",
+            TENANT_KEY,
+            &json!({"model": "gpt", "input": "more", "previous_response_id": id}),
+        );
+        assert_eq!(
+            follow.status,
+            200,
+            "{}",
+            String::from_utf8_lossy(&follow.body)
+        );
+        let theirs = two.post_json(
+            "/v1/responses",
+            OTHER_KEY,
+            &json!({"model": "gpt", "input": "more", "previous_response_id": id}),
+        );
+        assert_eq!(theirs.status, 404);
+    }
+    // Reading them billed nothing: only the creations and follow-ups did.
+    let usage = two.get("/v1/usage", Some(TENANT_KEY)).json();
+    assert_eq!(usage["completion_tokens"], json!(4 * 3 + 4 * 16));
+}
+
+#[test]
+fn a_lookup_redis_cannot_answer_is_a_503_but_what_this_instance_recorded_still_serves() {
+    let (a, b) = (Mock::start(&[]), Mock::start(&[]));
+    let redis = Redis::start();
+    let mut config = responses_config(&a, &b, &redis, ["acme", "globex"]);
+    config.extra = format!("redis: {{ url: \"{}\", timeout_ms: 100 }}\n", redis.url());
+    let gw = Gateway::start(&config);
+    let resp = gw.post_json(
+        "/v1/responses",
+        TENANT_KEY,
+        &json!({"model": "gpt", "input": "hello"}),
+    );
+    let id = resp.json()["id"].as_str().unwrap().to_string();
+    redis.freeze();
+    // Known in process: still served.
+    let mine = gw.get(&format!("/v1/responses/{id}"), Some(TENANT_KEY));
+    assert_eq!(mine.status, 200, "{}", String::from_utf8_lossy(&mine.body));
+    // Unknown here and Redis cannot say: 503 with a retry hint, not a 404.
+    let other = gw.get("/v1/responses/resp_elsewhere", Some(TENANT_KEY));
+    redis.thaw();
+    assert_eq!(other.status, 503);
+    assert_eq!(other.error_code(), "response_store_unavailable");
+    assert!(other.header("retry-after").is_some());
+}

@@ -99,13 +99,15 @@ pub fn estimate_request_tokens(body_len: usize, max_tokens: Option<u64>, generat
     estimate_prompt_tokens(body_len) + completion
 }
 
+/// A usage object: chat completions' names, or the Responses API's
+/// (`input_tokens`, `output_tokens`, `input_tokens_details`).
 #[derive(Deserialize)]
 struct UsageWire {
-    #[serde(default)]
+    #[serde(default, alias = "input_tokens")]
     prompt_tokens: Option<u64>,
-    #[serde(default)]
+    #[serde(default, alias = "output_tokens")]
     completion_tokens: Option<u64>,
-    #[serde(default)]
+    #[serde(default, alias = "input_tokens_details")]
     prompt_tokens_details: Option<PromptDetails>,
 }
 
@@ -142,6 +144,14 @@ pub(super) struct Probe<'a> {
     /// Kept raw: a malformed `usage` must not hide the generated text.
     #[serde(borrow, default)]
     usage: Option<&'a RawValue>,
+    /// A Responses API event's response (its id, and its usage once
+    /// complete), and its text delta.
+    #[serde(borrow, default)]
+    response: Option<ResponseProbe<'a>>,
+    #[serde(borrow, default)]
+    delta: Option<&'a RawValue>,
+    #[serde(borrow, default, rename = "type")]
+    kind: Option<&'a RawValue>,
     /// The answer's identity, for a usage chunk the gateway adds.
     #[serde(borrow, default)]
     id: Option<&'a RawValue>,
@@ -151,6 +161,14 @@ pub(super) struct Probe<'a> {
     created: Option<&'a RawValue>,
     #[serde(borrow, default)]
     model: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct ResponseProbe<'a> {
+    #[serde(borrow, default)]
+    id: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    usage: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
@@ -193,17 +211,20 @@ impl Probe<'_> {
                 }
             })
         };
-        self.choices.iter().flatten().fold(0, |sum, c| {
-            let message = c.delta.as_ref().or(c.message.as_ref());
-            sum + raw_len(&c.text)
-                + message.map_or(0, |m| {
-                    raw_len(&m.content)
-                        + raw_len(&m.tool_calls)
-                        + raw_len(&m.function_call)
-                        + raw_len(&m.reasoning_content)
-                        + raw_len(&m.reasoning)
-                })
-        })
+        self.choices.iter().flatten().fold(
+            self.text_delta().map_or(0, |d| raw_len(&Some(d))),
+            |sum, c| {
+                let message = c.delta.as_ref().or(c.message.as_ref());
+                sum + raw_len(&c.text)
+                    + message.map_or(0, |m| {
+                        raw_len(&m.content)
+                            + raw_len(&m.tool_calls)
+                            + raw_len(&m.function_call)
+                            + raw_len(&m.reasoning_content)
+                            + raw_len(&m.reasoning)
+                    })
+            },
+        )
     }
 
     /// Appends the generated values (text, reasoning, tool calls) as JSON,
@@ -215,6 +236,7 @@ impl Probe<'_> {
                 sample.push(b',');
             }
         };
+        push(&self.text_delta());
         for choice in self.choices.iter().flatten() {
             push(&choice.text);
             if let Some(m) = choice.delta.as_ref().or(choice.message.as_ref()) {
@@ -236,7 +258,32 @@ impl Probe<'_> {
     }
 
     fn usage(&self) -> Option<Usage> {
-        reported_usage(self.usage?)
+        match (self.usage, &self.response) {
+            (Some(usage), _) => reported_usage(usage),
+            (None, Some(response)) => reported_usage(response.usage?),
+            (None, None) => None,
+        }
+    }
+
+    /// A Responses API event's `type` (`response.completed`, ...).
+    pub(super) fn event_type(&self) -> Option<&str> {
+        self.kind
+            .and_then(|k| k.get().strip_prefix('"')?.strip_suffix('"'))
+    }
+
+    /// The text a Responses API delta event carries (output text,
+    /// function-call arguments, reasoning), as raw JSON.
+    fn text_delta(&self) -> Option<&RawValue> {
+        let kind = self.event_type()?;
+        (kind.ends_with(".delta") && kind.starts_with("response."))
+            .then_some(self.delta?)
+            .filter(|d| d.get().starts_with('"'))
+    }
+
+    /// A Responses API event's response id.
+    pub(super) fn response_id(&self) -> Option<&str> {
+        let id = self.response.as_ref()?.id?.get();
+        id.strip_prefix('"')?.strip_suffix('"')
     }
 }
 

@@ -40,6 +40,10 @@ pub struct StreamMeter {
     saw_choices: bool,
     /// A choice's `finish_reason` went by.
     saw_finish: bool,
+    /// A Responses API stream: its response's id, and whether its end
+    /// (`response.completed`, `incomplete`, `failed`, or `error`) went by.
+    response_id: Option<String>,
+    saw_response_end: bool,
     /// Events left out because they were not JSON.
     malformed: u64,
     /// Stop at an event that is not JSON (see [`StreamMeter::halt_on_malformed`]).
@@ -87,6 +91,8 @@ impl StreamMeter {
             saw_done: false,
             saw_choices: false,
             saw_finish: false,
+            response_id: None,
+            saw_response_end: false,
             malformed: 0,
             halt_on_malformed: false,
             halted: false,
@@ -243,6 +249,15 @@ impl StreamMeter {
             }
         }
         self.saw_finish |= probe.finished();
+        if let Some(kind) = probe.event_type() {
+            self.saw_response_end |= matches!(
+                kind,
+                "response.completed" | "response.incomplete" | "response.failed" | "error"
+            );
+            if self.response_id.is_none() {
+                self.response_id = probe.response_id().map(str::to_owned);
+            }
+        }
         let has_choices = probe.choices.as_ref().is_some_and(|c| !c.is_empty());
         self.saw_choices |= has_choices;
         if let Some(usage) = probe.usage() {
@@ -307,10 +322,25 @@ impl StreamMeter {
         self.saw_done
     }
 
-    /// Whether the stream finished: `[DONE]`, or a `finish_reason` in a
-    /// completion stream (a stream of another shape counts as finished).
+    /// Whether the stream finished: `[DONE]`, a `finish_reason` in a
+    /// completion stream, the response's end in a Responses API stream (a
+    /// stream of another shape counts as finished).
     pub fn finished(&self) -> bool {
+        if self.response_id.is_some() {
+            return self.saw_response_end;
+        }
         self.saw_done || self.saw_finish || !self.saw_choices
+    }
+
+    /// Whether this is a completion stream (chunks with choices), which
+    /// ends with `[DONE]`.
+    pub fn is_completion_stream(&self) -> bool {
+        self.saw_choices
+    }
+
+    /// The Responses API response this stream carries, once named.
+    pub fn response_id(&self) -> Option<&str> {
+        self.response_id.as_deref()
     }
 
     /// The usage the provider reported, or the gateway's count of what

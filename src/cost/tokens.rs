@@ -73,11 +73,11 @@ impl Encoding {
 const PER_MESSAGE: u64 = 3;
 const PRIMING: u64 = 3;
 
-/// The text of a request's prompt: its messages (their text parts), a
-/// completion's `prompt` or an embedding's `input`; how many messages.
-fn prompt_text(request: &Value) -> (String, u64) {
-    let mut text = String::new();
-    let mut push = |value: &Value| match value {
+/// Appends the text of a prompt value: a string, or an array of strings,
+/// text parts or (the Responses API's `input`) items with their own
+/// `content`, function call arguments or tool outputs.
+fn push_text(text: &mut String, value: &Value) {
+    match value {
         Value::String(s) => {
             text.push_str(s);
             text.push('\n');
@@ -85,14 +85,31 @@ fn prompt_text(request: &Value) -> (String, u64) {
         Value::Array(parts) => {
             for part in parts {
                 match part {
-                    Value::String(s) => text.push_str(s),
-                    other => text.push_str(other["text"].as_str().unwrap_or_default()),
+                    Value::String(s) => {
+                        text.push_str(s);
+                        text.push('\n');
+                    }
+                    Value::Object(item) => {
+                        for field in ["text", "content", "arguments", "output"] {
+                            if let Some(value) = item.get(field) {
+                                push_text(text, value);
+                            }
+                        }
+                    }
+                    _ => {}
                 }
-                text.push('\n');
             }
         }
         _ => {}
-    };
+    }
+}
+
+/// The text of a request's prompt: its messages (their text parts), a
+/// completion's `prompt`, an embedding's or a response's `input` (with its
+/// `instructions`); how many messages.
+fn prompt_text(request: &Value) -> (String, u64) {
+    let mut text = String::new();
+    let mut push = |value: &Value| push_text(&mut text, value);
     if let Some(messages) = request["messages"].as_array() {
         for message in messages {
             push(&message["content"]);
@@ -107,6 +124,7 @@ fn prompt_text(request: &Value) -> (String, u64) {
         }
         return (text, messages.len() as u64);
     }
+    push(&request["instructions"]);
     push(&request["prompt"]);
     push(&request["input"]);
     (text, 0)

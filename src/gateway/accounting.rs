@@ -29,6 +29,10 @@ impl Settle for Settler<'_> {
             return;
         };
         let gateway = self.gateway;
+        if let Some(tenant) = self.tenant {
+            // Before the client sees the end: its next request may name it.
+            gateway.remember_response(tenant, report).await;
+        }
         let (tenant, model) = gateway.label_names(self.tenant, report.route);
         let usage = report.total_usage();
         // Each attempt at its own deployment's price.

@@ -3,7 +3,7 @@
 //! drain admitted (the gateway is the overflow queue's [`JobRunner`]).
 
 use super::client::{Collected, MAX_JOB_ANSWER_BYTES};
-use super::forward::Exchange;
+use super::forward::{Call, Exchange};
 use super::{callback, respond, Gateway, RequestCtx};
 use crate::cost;
 use crate::limits::Grant;
@@ -149,13 +149,14 @@ impl JobRunner for Gateway {
                 client.request_headers.insert(name, value);
             }
         }
-        let endpoint = match job.endpoint.as_str() {
-            "completions" => Endpoint::Completions,
-            "embeddings" => Endpoint::Embeddings,
-            _ => Endpoint::ChatCompletions,
+        let endpoint = Endpoint::from_name(&job.endpoint).unwrap_or(Endpoint::ChatCompletions);
+        let parsed = RequestFields::parse(&body);
+        let pin = match &parsed {
+            Ok(fields) => self.follow_up_pin(tenant, route, endpoint, fields).await,
+            Err(_) => Ok(None),
         };
-        let outcome = match RequestFields::parse(&body) {
-            Ok(fields) => {
+        let outcome = match parsed.and_then(|fields| Ok((pin?, fields))) {
+            Ok((pin, fields)) => {
                 let estimate = cost::Estimate::new(body.clone(), fields.max_tokens);
                 let RequestCtx {
                     request_id,
@@ -167,6 +168,9 @@ impl JobRunner for Gateway {
                 } = &mut ctx;
                 let exchange = Exchange {
                     endpoint,
+                    call: Call::post_json(),
+                    pin,
+                    bills: true,
                     routes: self.config.routes_for(tenant, route),
                     context_routes: self.config.context_routes_for(tenant, route),
                     stream: false,

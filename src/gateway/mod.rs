@@ -28,7 +28,9 @@ pub(crate) mod client;
 mod forward;
 mod jobs;
 mod respond;
+mod responses;
 mod routes;
+mod stored;
 
 use crate::auth;
 use crate::config::Config;
@@ -80,6 +82,8 @@ pub struct Gateway {
     auth_failures: Arc<auth::FailureThrottle>,
     /// Tenant key digests -> tenant.
     keys: Arc<auth::KeyIndex>,
+    /// Which tenant created which stored response, and where it lives.
+    stored: stored::StoredResponses,
 }
 
 impl Gateway {
@@ -90,8 +94,17 @@ impl Gateway {
         limiter: Limiter,
         overflow: Overflow,
         connector: Connector,
+        redis: Option<Arc<crate::redis_conn::RedisConnection>>,
     ) -> Self {
+        let stored = stored::StoredResponses::new(
+            config
+                .redis
+                .as_ref()
+                .zip(redis)
+                .map(|(settings, conn)| (conn, settings.key_prefix.clone(), settings.timeout)),
+        );
         Gateway {
+            stored,
             keys: Arc::new(auth::KeyIndex::new(&config.tenants)),
             auth_failures: Arc::new(auth::FailureThrottle::new(
                 config.server.auth_failures_per_minute,

@@ -1,7 +1,7 @@
 //! Dispatch by method and path, the locally answered endpoints, and the
 //! proxied ones: read the body, route it, admit it, forward it.
 
-use super::forward::Exchange;
+use super::forward::{Call, Exchange};
 use super::{respond, Gateway, RequestCtx};
 use crate::admin;
 use crate::cost;
@@ -65,6 +65,11 @@ impl Gateway {
                 let (status, body) = admin::usage(&self.config.tenants[tenant], &report);
                 respond::json(session, ctx, status, body).await
             }
+            (_, _, _) if path.starts_with("/v1/responses/") => {
+                ctx.endpoint = "responses";
+                let rest = path["/v1/responses/".len()..].to_string();
+                self.response_operation(session, ctx, &rest).await
+            }
             ("GET", _, _) if path.starts_with("/v1/jobs/") => {
                 ctx.endpoint = "jobs";
                 let tenant = self.authenticate(session, ctx)?;
@@ -105,6 +110,9 @@ impl Gateway {
                 "expected an array of messages",
             ));
         }
+        let pin = self
+            .follow_up_pin(tenant, route_index, endpoint, &fields)
+            .await?;
         let generates = endpoint != Endpoint::Embeddings;
         let tokens = cost::estimate_request_tokens(body.len(), fields.max_tokens, generates);
         if super::jobs::wants_async(session) {
@@ -123,7 +131,9 @@ impl Gateway {
         ctx.grant = Some(grant);
         // Usage is read from streams too: ask for it, and take it out again
         // when the client did not ask.
-        let strip_usage = fields.stream && generates && !fields.client_wants_usage();
+        // (A Responses stream always ends with its usage.)
+        let asks_usage = matches!(endpoint, Endpoint::ChatCompletions | Endpoint::Completions);
+        let strip_usage = fields.stream && asks_usage && !fields.client_wants_usage();
         debug!(request_id = %ctx.request_id, tenant = %self.config.tenants[tenant].id, model = %route.name, endpoint = endpoint.name(), "routing");
         let estimate = cost::Estimate::new(body.clone(), fields.max_tokens);
         let RequestCtx {
@@ -138,6 +148,9 @@ impl Gateway {
         } = ctx;
         let exchange = Exchange {
             endpoint,
+            call: Call::post_json(),
+            pin,
+            bills: true,
             routes: self.config.routes_for(tenant, route_index),
             context_routes: self.config.context_routes_for(tenant, route_index),
             stream: fields.stream,

@@ -177,6 +177,34 @@ impl ApiError {
         )
     }
 
+    /// 404: no stored response `id` for this tenant (`param` names the
+    /// field that gave it, for a follow-up).
+    pub fn response_not_found(id: &str, param: Option<&str>) -> Self {
+        let error = Self::new(
+            404,
+            "invalid_request_error",
+            "response_not_found",
+            format!("Response with id '{id}' not found."),
+        );
+        match param {
+            Some(param) => error.with_param(param),
+            None => error,
+        }
+    }
+
+    /// 503: whether a stored response is the tenant's cannot be told now
+    /// (Redis, which records it, does not answer).
+    pub fn response_store_unavailable() -> Self {
+        let mut error = Self::new(
+            503,
+            "api_error",
+            "response_store_unavailable",
+            "The gateway cannot look up stored responses right now; retry shortly.",
+        );
+        error.retry_after_ms = Some(1000);
+        error
+    }
+
     /// 404: unknown path.
     pub fn unknown_url(method: &str, path: &str) -> Self {
         Self::new(
@@ -324,6 +352,7 @@ impl ApiError {
             "upstream_error" => "provider_5xx",
             "upstream_timeout" => "provider_timeout",
             "no_healthy_upstream" => "no_healthy_upstream",
+            "response_store_unavailable" => "store_unavailable",
             "gateway_internal" => "gateway_internal",
             _ => "invalid_request",
         }
@@ -340,6 +369,29 @@ impl ApiError {
             }
         });
         Bytes::from(body.to_string())
+    }
+
+    /// The error event that ends a broken stream of `endpoint`: the
+    /// Responses API's typed `error` event, else [`ApiError::sse_event`].
+    pub fn sse_event_for(&self, endpoint: super::Endpoint) -> Bytes {
+        if endpoint == super::Endpoint::Responses {
+            self.responses_sse_event()
+        } else {
+            self.sse_event()
+        }
+    }
+
+    /// The same error as a Responses API `error` event, for a Responses
+    /// stream that breaks after bytes reached the client.
+    fn responses_sse_event(&self) -> Bytes {
+        let event = serde_json::json!({
+            "type": "error",
+            "code": self.code,
+            "message": self.message,
+            "param": self.param,
+            "sequence_number": 0,
+        });
+        Bytes::from(format!("event: error\ndata: {event}\n\n"))
     }
 
     /// The same error as one SSE event, for a stream that breaks after

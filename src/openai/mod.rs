@@ -26,15 +26,30 @@ pub enum Endpoint {
     Completions,
     /// `POST /v1/embeddings`
     Embeddings,
+    /// `POST /v1/responses`
+    Responses,
 }
 
 impl Endpoint {
+    /// The endpoint of a [`Endpoint::name`] (as async jobs store it).
+    pub fn from_name(name: &str) -> Option<Self> {
+        [
+            Endpoint::ChatCompletions,
+            Endpoint::Completions,
+            Endpoint::Embeddings,
+            Endpoint::Responses,
+        ]
+        .into_iter()
+        .find(|e| e.name() == name)
+    }
+
     /// The endpoint for a gateway path, if it is one the gateway proxies.
     pub fn from_path(path: &str) -> Option<Self> {
         match path {
             "/v1/chat/completions" => Some(Endpoint::ChatCompletions),
             "/v1/completions" => Some(Endpoint::Completions),
             "/v1/embeddings" => Some(Endpoint::Embeddings),
+            "/v1/responses" => Some(Endpoint::Responses),
             _ => None,
         }
     }
@@ -45,6 +60,7 @@ impl Endpoint {
             Endpoint::ChatCompletions => "/chat/completions",
             Endpoint::Completions => "/completions",
             Endpoint::Embeddings => "/embeddings",
+            Endpoint::Responses => "/responses",
         }
     }
 
@@ -54,6 +70,7 @@ impl Endpoint {
             Endpoint::ChatCompletions => "chat",
             Endpoint::Completions => "completions",
             Endpoint::Embeddings => "embeddings",
+            Endpoint::Responses => "responses",
         }
     }
 }

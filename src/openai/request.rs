@@ -26,6 +26,10 @@ struct RawFields<'a> {
     max_tokens: Option<u64>,
     #[serde(default)]
     max_completion_tokens: Option<u64>,
+    #[serde(default)]
+    max_output_tokens: Option<u64>,
+    #[serde(borrow, default)]
+    previous_response_id: Option<Cow<'a, str>>,
     #[serde(borrow, default, deserialize_with = "present")]
     api_key: Option<&'a RawValue>,
     #[serde(borrow, default, deserialize_with = "present")]
@@ -59,8 +63,11 @@ pub struct RequestFields<'a> {
     pub stream_options: Option<StreamOptions>,
     /// Byte range of the `stream_options` value in the body.
     pub stream_options_span: Option<(usize, usize)>,
-    /// `max_completion_tokens`, or else `max_tokens`.
+    /// `max_completion_tokens`, or else `max_tokens` (`max_output_tokens`
+    /// in the Responses API).
     pub max_tokens: Option<u64>,
+    /// The Responses API's `previous_response_id`.
+    pub previous_response_id: Option<Cow<'a, str>>,
     /// The body carries fields that name another upstream or key
     /// (`api_key`, `api_base`, `base_url`): they are removed before
     /// forwarding and never honoured.
@@ -152,7 +159,11 @@ impl<'a> RequestFields<'a> {
             stream: raw.stream.unwrap_or(false),
             stream_options,
             stream_options_span: raw.stream_options.map(span),
-            max_tokens: raw.max_completion_tokens.or(raw.max_tokens),
+            max_tokens: raw
+                .max_completion_tokens
+                .or(raw.max_tokens)
+                .or(raw.max_output_tokens),
+            previous_response_id: raw.previous_response_id,
             has_foreign_upstream_fields: raw.api_key.is_some()
                 || raw.api_base.is_some()
                 || raw.base_url.is_some(),

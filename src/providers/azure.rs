@@ -17,6 +17,13 @@ impl Adapter for Azure {
         api_version: Option<&str>,
     ) -> String {
         // The version is checked at config load to be URL-safe.
+        if endpoint == Endpoint::Responses {
+            // The deployment is the body's model.
+            return format!(
+                "{base_path}/openai/responses?api-version={}",
+                api_version.unwrap_or_default()
+            );
+        }
         format!(
             "{base_path}/openai/deployments/{}{}?api-version={}",
             url::form_urlencoded::byte_serialize(deployment.as_bytes()).collect::<String>(),

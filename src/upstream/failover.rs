@@ -143,6 +143,12 @@ impl<'r> Failover<'r> {
         }
     }
 
+    /// Only deployments of `provider` (when given) may be tried.
+    pub fn only_provider(mut self, provider: Option<usize>) -> Self {
+        self.tried.only = provider;
+        self
+    }
+
     /// Attempts made so far.
     pub fn attempts(&self) -> u32 {
         self.attempts

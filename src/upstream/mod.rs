@@ -201,13 +201,18 @@ pub struct Backend {
 pub struct Tried {
     deployments: Vec<(usize, usize, SocketAddr)>,
     addrs: Vec<(usize, SocketAddr)>,
+    /// Only this provider's deployments may serve the request (the one
+    /// holding what it refers to).
+    pub only: Option<usize>,
 }
 
 impl Tried {
     /// Whether deployment `slot` of `provider` at `addr` is out for this
     /// request.
     pub fn skips(&self, provider: usize, slot: usize, addr: SocketAddr) -> bool {
-        self.addrs.contains(&(provider, addr)) || self.deployments.contains(&(provider, slot, addr))
+        self.only.is_some_and(|only| only != provider)
+            || self.addrs.contains(&(provider, addr))
+            || self.deployments.contains(&(provider, slot, addr))
     }
 
     /// The request is done with this deployment.

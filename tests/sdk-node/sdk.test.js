@@ -52,3 +52,25 @@ test('errors keep their classes: a bad key, a model not allowed', async () => {
   const metrics = await gw.metrics();
   assert.ok(metricSum(metrics, 'runestone_requests_total') >= 2);
 });
+
+test('responses: create, stream, retrieve, input items, delete; another tenant gets 404', async () => {
+  const created = await client.responses.create({ model: 'gpt-4o-mini', input: 'hello there', max_output_tokens: 4 });
+  assert.ok(created.id.startsWith('resp_'));
+  assert.equal(created.usage.output_tokens, 4);
+  const events = [];
+  const stream = await client.responses.create({ model: 'gpt-4o-mini', input: 'hi', stream: true, previous_response_id: created.id });
+  for await (const event of stream) events.push(event.type);
+  assert.equal(events[0], 'response.created');
+  assert.equal(events.at(-1), 'response.completed');
+  const helper = client.responses.stream({ model: 'gpt-4o-mini', input: 'hi' });
+  const final = await helper.finalResponse();
+  assert.equal(final.status, 'completed');
+  const got = await client.responses.retrieve(created.id);
+  assert.equal(got.id, created.id);
+  const items = [];
+  for await (const item of client.responses.inputItems.list(created.id)) items.push(item);
+  assert.equal(items[0].content[0].text, 'hello there');
+  await assert.rejects(gw.client(OTHER_KEY).responses.retrieve(created.id), (e) => e instanceof OpenAI.NotFoundError && e.code === 'response_not_found');
+  await client.responses.delete(created.id);
+  await assert.rejects(client.responses.retrieve(created.id), OpenAI.NotFoundError);
+});

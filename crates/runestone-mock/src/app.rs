@@ -331,6 +331,42 @@ impl MockApp {
 
         let created = unix_now();
         let reply = match &call {
+            ApiCall::Responses(g, extra) => {
+                if let Some(previous) = &extra.previous_response_id {
+                    if lock(&st.responses).get(previous).is_none() {
+                        let e = ApiError {
+                            status: 404,
+                            message: format!("Previous response with id '{previous}' not found."),
+                            kind: "invalid_request_error",
+                            code: None,
+                        };
+                        return self.reply(session, &meta, &Reply::error(&e), None).await;
+                    }
+                }
+                let body = response_body(meta.id, created, meta.response_model(), g, extra);
+                if extra.store {
+                    lock(&st.responses).keep(body.clone(), extra.input.clone());
+                }
+                if g.stream {
+                    let plan = StreamPlan {
+                        kind: StreamKind::Responses,
+                        gen: g,
+                        created,
+                        disconnect_after,
+                        end_after,
+                        stall: stall_in_stream,
+                        first_token_ms,
+                        malformed_after,
+                        no_done: true,
+                        responses: Some(extra),
+                    };
+                    return self.stream(session, &meta, &plan, &mut watch).await;
+                }
+                let mut r = Reply::json(200, serde_json::to_vec(&body).unwrap_or_default());
+                r.tokens = Some((g.prompt_tokens, g.generated()));
+                r
+            }
+            ApiCall::ResponseOp(op, id) => response_op(&mut lock(&st.responses), *op, id),
             ApiCall::Messages(g, Some(tool)) if g.stream => {
                 let mut r = Reply::json(
                     200,
@@ -356,6 +392,7 @@ impl MockApp {
                     first_token_ms,
                     malformed_after,
                     no_done,
+                    responses: None,
                 };
                 return self.stream(session, &meta, &plan, &mut watch).await;
             }
@@ -513,14 +550,24 @@ impl MockApp {
             StreamKind::Chat => format!("chatcmpl-mock-{}", meta.id),
             StreamKind::Completion => format!("cmpl-mock-{}", meta.id),
             StreamKind::Anthropic => format!("msg_mock_{}", meta.id),
+            StreamKind::Responses => format!("resp_mock_{}", meta.id),
         };
-        let chunks = ChunkMeta::new(
+        let mut chunks = ChunkMeta::new(
             plan.kind,
             &id,
             plan.created,
             meta.response_model(),
             g.include_usage,
         );
+        if let Some(extra) = plan.responses {
+            chunks.responses = Some(Box::new(ResponsesStream {
+                id: meta.id,
+                model: meta.response_model().to_owned(),
+                created: plan.created,
+                gen: g.clone(),
+                extra: extra.clone(),
+            }));
+        }
 
         let mut encoder = meta.compress.and_then(Encoder::new);
         let mut header = meta.header(200, "text/event-stream");
@@ -536,12 +583,13 @@ impl MockApp {
             .prompt_tokens
             .fetch_add(g.prompt_tokens, Ordering::Relaxed);
 
-        let mut chunks = chunks;
         chunks.counts = (g.prompt_tokens, g.generated());
-        if matches!(plan.kind, StreamKind::Chat | StreamKind::Anthropic)
-            && write_body(session, &mut encoder, chunks.role_event().into(), false)
-                .await
-                .is_err()
+        if matches!(
+            plan.kind,
+            StreamKind::Chat | StreamKind::Anthropic | StreamKind::Responses
+        ) && write_body(session, &mut encoder, chunks.role_event().into(), false)
+            .await
+            .is_err()
         {
             stats.disconnect();
             return Outcome::Close;
@@ -705,6 +753,8 @@ pub(crate) struct StreamPlan<'a> {
     pub(crate) malformed_after: Option<u64>,
     /// End without `[DONE]`.
     pub(crate) no_done: bool,
+    /// A Responses API stream: what its events carry.
+    pub(crate) responses: Option<&'a ResponsesExtra>,
 }
 
 /// Writes a complete response with a content length.

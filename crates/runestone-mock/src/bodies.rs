@@ -297,6 +297,19 @@ pub(crate) enum StreamKind {
     Completion,
     /// Anthropic Messages events.
     Anthropic,
+    /// Responses API typed events.
+    Responses,
+}
+
+/// What a Responses API stream's events carry beyond the text.
+#[derive(Debug, Clone)]
+pub(crate) struct ResponsesStream {
+    /// `resp_mock_{id}` and `msg_mock_{id}`.
+    pub(crate) id: u64,
+    pub(crate) model: String,
+    pub(crate) created: u64,
+    pub(crate) gen: GenRequest,
+    pub(crate) extra: ResponsesExtra,
 }
 
 /// Parts shared by every SSE event of one stream.
@@ -310,6 +323,8 @@ pub(crate) struct ChunkMeta {
     pub(crate) usage_null: &'static str,
     /// Prompt and completion tokens, for Anthropic's usage fields.
     pub(crate) counts: (u64, u64),
+    /// A Responses API stream's identity.
+    pub(crate) responses: Option<Box<ResponsesStream>>,
 }
 
 impl ChunkMeta {
@@ -323,7 +338,9 @@ impl ChunkMeta {
     ) -> Self {
         let object = match kind {
             StreamKind::Chat => "chat.completion.chunk",
-            StreamKind::Completion | StreamKind::Anthropic => "text_completion",
+            StreamKind::Completion | StreamKind::Anthropic | StreamKind::Responses => {
+                "text_completion"
+            }
         };
         let quote = |s: &str| serde_json::to_string(s).unwrap_or_else(|_| "\"\"".to_owned());
         let mut prefix = format!(
@@ -339,7 +356,22 @@ impl ChunkMeta {
             prefix,
             usage_null: if include_usage { ",\"usage\":null" } else { "" },
             counts: (0, 0),
+            responses: None,
         }
+    }
+
+    /// A Responses API event of this stream: `output` and `usage` as given.
+    fn response_snapshot(&self, status: &str, output: Value, usage: Value) -> Value {
+        let r = self.responses.as_deref().expect("a Responses stream");
+        crate::responses::response_object(
+            &format!("resp_mock_{}", r.id),
+            r.created,
+            &r.model,
+            &r.extra,
+            status,
+            output,
+            usage,
+        )
     }
 
     /// One Anthropic SSE event.
@@ -370,7 +402,7 @@ impl ChunkMeta {
                 };
                 format!("{{\"index\":0,\"delta\":{delta},\"logprobs\":null,\"finish_reason\":{finish}}}")
             }
-            StreamKind::Completion | StreamKind::Anthropic => format!(
+            StreamKind::Completion | StreamKind::Anthropic | StreamKind::Responses => format!(
                 "{{\"text\":\"{}\",\"index\":0,\"logprobs\":null,\"finish_reason\":{finish}}}",
                 text.unwrap_or("")
             ),
@@ -395,11 +427,34 @@ impl ChunkMeta {
                 + &Self::anthropic_event("ping", &json!({"type": "ping"}))
                 + &Self::anthropic_event("content_block_start", &block);
         }
+        if self.kind == StreamKind::Responses {
+            let r = self.responses.as_deref().expect("a Responses stream");
+            let item = crate::responses::message_item(r.id, "", "in_progress");
+            let mut added = item.clone();
+            added["content"] = json!([]);
+            let created = self.response_snapshot("in_progress", json!([]), Value::Null);
+            return [
+                responses_event("response.created", json!({"response": created}), 0),
+                responses_event("response.in_progress", json!({"response": created}), 1),
+                responses_event("response.output_item.added", json!({"output_index": 0, "item": added}), 2),
+                responses_event("response.content_part.added", json!({"item_id": format!("msg_mock_{}", r.id),
+                    "output_index": 0, "content_index": 0, "part": {"type": "output_text", "text": "", "annotations": []}}), 3),
+            ]
+            .concat();
+        }
         self.choice_event(Some(""), true, None)
     }
 
     /// The event carrying token `i` (`"tok{i} "`).
     pub(crate) fn token_event(&self, i: u64) -> String {
+        if let Some(r) = self.responses.as_deref() {
+            return responses_event(
+                "response.output_text.delta",
+                json!({"item_id": format!("msg_mock_{}", r.id), "output_index": 0, "content_index": 0,
+                       "delta": format!("tok{i} "), "logprobs": []}),
+                4 + i - r.gen.start,
+            );
+        }
         if self.kind == StreamKind::Anthropic {
             let delta = json!({"type": "content_block_delta", "index": 0,
                                "delta": {"type": "text_delta", "text": format!("tok{i} ")}});
@@ -410,6 +465,9 @@ impl ChunkMeta {
 
     /// The end of the stream (`[DONE]`, or Anthropic's message_stop).
     pub(crate) fn done_event(&self) -> String {
+        if self.kind == StreamKind::Responses {
+            return String::new();
+        }
         if self.kind == StreamKind::Anthropic {
             return Self::anthropic_event("message_stop", &json!({"type": "message_stop"}));
         }
@@ -418,9 +476,36 @@ impl ChunkMeta {
 
     /// The event carrying `finish_reason` (empty delta / text).
     pub(crate) fn finish_event(&self, finish_reason: &str) -> String {
+        if let Some(r) = self.responses.as_deref() {
+            let text = reply_text(r.gen.start, r.gen.plan.tokens);
+            let item_id = format!("msg_mock_{}", r.id);
+            let item = crate::responses::message_item(r.id, &text, "completed");
+            let n = 4 + r.gen.generated();
+            let usage = crate::responses::responses_usage(self.counts.0, self.counts.1);
+            let (status, kind) = if finish_reason == "length" {
+                ("incomplete", "response.incomplete")
+            } else {
+                ("completed", "response.completed")
+            };
+            let mut response = self.response_snapshot(status, json!([item]), usage);
+            if status == "incomplete" {
+                response["incomplete_details"] = json!({"reason": "max_output_tokens"});
+            }
+            return [
+                responses_event("response.output_text.done", json!({"item_id": item_id, "output_index": 0,
+                    "content_index": 0, "text": text, "logprobs": []}), n),
+                responses_event("response.content_part.done", json!({"item_id": item_id, "output_index": 0,
+                    "content_index": 0, "part": {"type": "output_text", "text": text, "annotations": []}}), n + 1),
+                responses_event("response.output_item.done", json!({"output_index": 0, "item": item}), n + 2),
+                responses_event(kind, json!({"response": response}), n + 3),
+            ]
+            .concat();
+        }
         match self.kind {
             StreamKind::Chat => self.choice_event(None, false, Some(finish_reason)),
-            StreamKind::Completion => self.choice_event(Some(""), false, Some(finish_reason)),
+            StreamKind::Completion | StreamKind::Responses => {
+                self.choice_event(Some(""), false, Some(finish_reason))
+            }
             StreamKind::Anthropic => {
                 let stop = if finish_reason == "length" {
                     "max_tokens"
@@ -443,6 +528,7 @@ impl ChunkMeta {
     pub(crate) fn usage_event(&self, prompt: u64, completion: u64) -> String {
         let usage = match self.kind {
             StreamKind::Chat => Usage::chat(prompt, completion),
+            StreamKind::Responses => return String::new(),
             StreamKind::Completion | StreamKind::Anthropic => Usage::plain(prompt, completion),
         };
         format!(

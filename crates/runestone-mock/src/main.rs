@@ -21,6 +21,7 @@ mod app;
 mod bodies;
 mod faults;
 mod requests;
+mod responses;
 mod state;
 #[cfg(test)]
 mod tests;
@@ -30,6 +31,7 @@ use app::*;
 use bodies::*;
 use faults::*;
 use requests::*;
+use responses::*;
 use state::*;
 use transport::*;
 

@@ -115,6 +115,10 @@ pub(crate) enum Route<'a> {
     Model(&'a str),
     /// Anthropic `POST /v1/messages`.
     Messages,
+    /// `POST /v1/responses` (or Azure's `/openai/responses`).
+    Responses,
+    /// An operation on a stored response.
+    ResponseOp(ResponseOp, &'a str),
     /// Anything else.
     NotFound,
 }
@@ -129,7 +133,23 @@ pub(crate) fn route<'a>(method: &Method, path: &'a str) -> Route<'a> {
         "/v1/embeddings" if post => return Route::Embeddings(None),
         "/v1/models" if get => return Route::Models,
         "/v1/messages" if post => return Route::Messages,
+        "/v1/responses" | "/openai/responses" if post => return Route::Responses,
         _ => {}
+    }
+    if let Some(rest) = path
+        .strip_prefix("/v1/responses/")
+        .or_else(|| path.strip_prefix("/openai/responses/"))
+    {
+        let op = match rest.split_once('/') {
+            None if get => Some((ResponseOp::Get, rest)),
+            None if method == Method::DELETE => Some((ResponseOp::Delete, rest)),
+            Some((id, "cancel")) if post => Some((ResponseOp::Cancel, id)),
+            Some((id, "input_items")) if get => Some((ResponseOp::InputItems, id)),
+            _ => None,
+        };
+        if let Some((op, id)) = op.filter(|(_, id)| !id.is_empty()) {
+            return Route::ResponseOp(op, id);
+        }
     }
     if get {
         if let Some(id) = path.strip_prefix("/v1/models/") {
@@ -519,6 +539,10 @@ pub(crate) enum ApiCall {
     NotFound,
     /// Body could not be parsed.
     Invalid(ApiError, Option<String>),
+    /// A Responses API request.
+    Responses(GenRequest, ResponsesExtra),
+    /// An operation on a stored response.
+    ResponseOp(ResponseOp, String),
 }
 
 impl ApiCall {
@@ -541,6 +565,11 @@ impl ApiCall {
                 |e| ApiCall::Invalid(e, None),
                 |(g, tool)| ApiCall::Messages(g, tool),
             ),
+            Route::Responses => parse_responses(body).map_or_else(
+                |e| ApiCall::Invalid(e, None),
+                |(g, extra)| ApiCall::Responses(g, extra),
+            ),
+            Route::ResponseOp(op, id) => ApiCall::ResponseOp(op, id.to_owned()),
             Route::Models => ApiCall::Models,
             Route::Model(id) => ApiCall::Model(id.to_owned()),
             Route::NotFound => ApiCall::NotFound,
@@ -550,12 +579,15 @@ impl ApiCall {
     /// Model named by the request, if any.
     pub(crate) fn model(&self) -> Option<&str> {
         match self {
-            ApiCall::Chat(g) | ApiCall::Completion(g) | ApiCall::Messages(g, _) => {
-                g.model.as_deref()
-            }
+            ApiCall::Chat(g)
+            | ApiCall::Completion(g)
+            | ApiCall::Messages(g, _)
+            | ApiCall::Responses(g, _) => g.model.as_deref(),
             ApiCall::Embeddings(e) => e.model.as_deref(),
             ApiCall::Invalid(_, dep) => dep.as_deref(),
-            ApiCall::Models | ApiCall::Model(_) | ApiCall::NotFound => None,
+            ApiCall::Models | ApiCall::Model(_) | ApiCall::NotFound | ApiCall::ResponseOp(..) => {
+                None
+            }
         }
     }
 
@@ -569,6 +601,6 @@ impl ApiCall {
 
     /// Whether the answer is an SSE stream.
     pub(crate) fn is_stream(&self) -> bool {
-        matches!(self, ApiCall::Chat(g) | ApiCall::Completion(g) | ApiCall::Messages(g, _) if g.stream)
+        matches!(self, ApiCall::Chat(g) | ApiCall::Completion(g) | ApiCall::Messages(g, _) | ApiCall::Responses(g, _) if g.stream)
     }
 }

@@ -177,6 +177,8 @@ pub(crate) struct MockState {
     pub(crate) latency_ms: AtomicU64,
     /// Source of response ids.
     pub(crate) next_id: AtomicU64,
+    /// Stored Responses API responses.
+    pub(crate) responses: Mutex<ResponseStore>,
 }
 
 impl MockState {
@@ -189,6 +191,7 @@ impl MockState {
             faults_pending: AtomicU64::new(0),
             latency_ms: AtomicU64::new(latency_ms),
             next_id: AtomicU64::new(1),
+            responses: Mutex::new(ResponseStore::default()),
         }
     }
 

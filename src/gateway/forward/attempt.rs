@@ -375,6 +375,8 @@ impl Attempt<'_> {
         let copy = Copy {
             upstreams,
             is_stream: exchange.stream,
+            endpoint: exchange.endpoint,
+            bills: exchange.bills,
             provider,
             declared_len,
             idle: provider.timeouts.idle,

@@ -94,6 +94,25 @@ impl Meter {
         matches!(self, Meter::Stream(m) if !m.finished())
     }
 
+    /// The Responses API response the answer carries (its `id`), if any.
+    pub(super) fn response_id(&self) -> Option<String> {
+        #[derive(serde::Deserialize)]
+        struct Response<'a> {
+            #[serde(borrow)]
+            id: std::borrow::Cow<'a, str>,
+            #[serde(borrow)]
+            object: std::borrow::Cow<'a, str>,
+        }
+        match self {
+            Meter::Stream(meter) => meter.response_id().map(str::to_owned),
+            Meter::Json { body, .. } => serde_json::from_slice::<Response<'_>>(body)
+                .ok()
+                .filter(|r| r.object == "response")
+                .map(|r| r.id.into_owned()),
+            _ => None,
+        }
+    }
+
     /// Whether a stream stopped at an event that is not JSON.
     fn halted(&self) -> bool {
         matches!(self, Meter::Stream(m) if m.halted())
@@ -113,7 +132,7 @@ impl Meter {
         match self {
             Meter::Stream(meter) => {
                 let rest = meter.finish();
-                if meter.saw_done() || !meter.finished() {
+                if meter.saw_done() || !meter.finished() || !meter.is_completion_stream() {
                     return rest;
                 }
                 let newline = if rest.is_empty() || rest.ends_with(b"\n") {
@@ -169,6 +188,11 @@ pub(super) enum BodyEnd {
 pub(super) struct Copy<'a> {
     pub upstreams: &'a Upstreams,
     pub is_stream: bool,
+    /// The endpoint answered (a Responses stream's error event has its own
+    /// shape).
+    pub endpoint: crate::openai::Endpoint,
+    /// What the answer used is billed (else it counts as nothing).
+    pub bills: bool,
     pub provider: &'a ProviderSettings,
     /// The provider's `content-length`, when it sent one.
     pub declared_len: Option<usize>,
@@ -221,7 +245,8 @@ impl Copy<'_> {
         if !settled {
             // Not settled before the end (a broken or abandoned body): what
             // the meter saw is what the request used.
-            report.usage = Some(meter.usage(self.estimate, self.model));
+            report.usage = Some(self.usage(meter));
+            report.response_id = meter.response_id();
             let outcome = match end {
                 BodyEnd::Complete => Outcome::Success,
                 BodyEnd::ProviderBroke(_) => Outcome::Failure,
@@ -393,10 +418,19 @@ impl Copy<'_> {
     /// client sees the truncation.
     async fn end_broken(&self, client: &mut dyn Client, message: &str) {
         if self.is_stream {
-            let event = ApiError::upstream_error(message).sse_event();
+            let event = ApiError::upstream_error(message).sse_event_for(self.endpoint);
             client.send_body(event, true).await;
         } else {
             client.abort();
+        }
+    }
+
+    /// What the answer used, as billed.
+    fn usage(&self, meter: &Meter) -> Usage {
+        if self.bills {
+            meter.usage(self.estimate, self.model)
+        } else {
+            Usage::default()
         }
     }
 
@@ -413,7 +447,8 @@ impl Copy<'_> {
         if std::mem::replace(settled, true) {
             return;
         }
-        report.usage = Some(meter.usage(self.estimate, self.model));
+        report.usage = Some(self.usage(meter));
+        report.response_id = meter.response_id();
         settle.settle(report).await;
         self.upstreams.record_outcome(
             self.backend,
@@ -484,6 +519,9 @@ fn carries_content(payload: &[u8]) -> bool {
         choices: Vec<Choice<'a>>,
         #[serde(default, borrow)]
         usage: Option<&'a serde_json::value::RawValue>,
+        /// A Responses API event's type.
+        #[serde(default, borrow, rename = "type")]
+        kind: Option<std::borrow::Cow<'a, str>>,
     }
     #[derive(serde::Deserialize)]
     struct Choice<'a> {
@@ -515,6 +553,19 @@ fn carries_content(payload: &[u8]) -> bool {
     let Ok(event) = serde_json::from_slice::<Event<'_>>(payload) else {
         return true;
     };
+    if let Some(kind) = event.kind.as_deref() {
+        // A Responses API stream: its opening events carry nothing yet.
+        if kind == "error" || kind.starts_with("response.") {
+            return !matches!(
+                kind,
+                "response.created"
+                    | "response.in_progress"
+                    | "response.queued"
+                    | "response.output_item.added"
+                    | "response.content_part.added"
+            );
+        }
+    }
     let present =
         |raw: Option<&serde_json::value::RawValue>| raw.is_some_and(|r| r.get() != "null");
     present(event.usage)

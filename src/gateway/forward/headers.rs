@@ -33,6 +33,29 @@ const FORWARDED_RESPONSE_HEADERS: [HeaderName; 5] = [
 
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
+/// `path` (which may carry a query already) with `tail` added to its path
+/// and `query` to its query.
+fn with_tail(path: String, tail: &str, query: Option<&str>) -> String {
+    if tail.is_empty() && query.is_none() {
+        return path;
+    }
+    let (path, own_query) = match path.split_once('?') {
+        Some((path, q)) => (path, Some(q)),
+        None => (path.as_str(), None),
+    };
+    let mut out = format!("{path}{tail}");
+    let queries: Vec<&str> = own_query
+        .into_iter()
+        .chain(query)
+        .filter(|q| !q.is_empty())
+        .collect();
+    if !queries.is_empty() {
+        out.push('?');
+        out.push_str(&queries.join("&"));
+    }
+    out
+}
+
 /// The request header sent to the provider: its path, host and key; the
 /// tenant's credentials never leave the gateway. Built on `http`'s types
 /// directly (no header-case map): names are constants, values mostly shared.
@@ -50,8 +73,10 @@ pub(super) fn upstream_request(
         provider_model,
         provider.api_version.as_deref(),
     );
+    let call = &exchange.call;
+    let path = with_tail(path, call.tail, call.query);
     let (mut parts, ()) = http::Request::new(()).into_parts();
-    parts.method = http::Method::POST;
+    parts.method = call.method.clone();
     parts.uri = http::Uri::try_from(path)?;
     let headers = &mut parts.headers;
     headers.reserve(12);
@@ -59,10 +84,9 @@ pub(super) fn upstream_request(
         header::HOST,
         HeaderValue::from_str(&provider.base_url.authority)?,
     );
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
+    if body_len > 0 || call.method == http::Method::POST {
+        headers.insert(header::CONTENT_TYPE, call.content_type.clone());
+    }
     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body_len));
     // Usage is read from the body on its way through: keep it uncompressed.
     headers.insert(
@@ -149,4 +173,30 @@ pub(super) fn gateway_headers(
         HeaderValue::from(attempts),
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_tail;
+
+    #[test]
+    fn a_tail_goes_before_the_query_and_queries_join() {
+        assert_eq!(with_tail("/v1/responses".into(), "", None), "/v1/responses");
+        assert_eq!(
+            with_tail(
+                "/v1/responses".into(),
+                "/resp_1/input_items",
+                Some("limit=2")
+            ),
+            "/v1/responses/resp_1/input_items?limit=2"
+        );
+        assert_eq!(
+            with_tail(
+                "/openai/responses?api-version=x".into(),
+                "/resp_1",
+                Some("include=a")
+            ),
+            "/openai/responses/resp_1?api-version=x&include=a"
+        );
+    }
 }

@@ -56,9 +56,42 @@ pub(crate) struct Forwarder {
     pub(crate) policy: FailoverSettings,
 }
 
+/// How a provider is called, beyond the endpoint's path.
+pub(crate) struct Call<'a> {
+    pub method: http::Method,
+    /// Path after the endpoint's own (`/{id}/cancel`), already
+    /// percent-encoded.
+    pub tail: &'a str,
+    /// The client's query string, passed on.
+    pub query: Option<&'a str>,
+    /// The body's content type.
+    pub content_type: HeaderValue,
+}
+
+impl Call<'_> {
+    /// A JSON body POSTed to the endpoint's path: how most endpoints are
+    /// called.
+    pub(crate) fn post_json() -> Self {
+        Call {
+            method: http::Method::POST,
+            tail: "",
+            query: None,
+            content_type: HeaderValue::from_static("application/json"),
+        }
+    }
+}
+
 /// What to forward.
 pub(crate) struct Exchange<'a> {
     pub endpoint: Endpoint,
+    /// How the provider is called.
+    pub call: Call<'a>,
+    /// Only this provider (index in the config) may serve: the one holding
+    /// a stored response the request names.
+    pub pin: Option<usize>,
+    /// What the answer used is billed (false for reading a stored
+    /// response: it was billed when created).
+    pub bills: bool,
     /// The requested route first, then its fallbacks the tenant may use.
     pub routes: Vec<(usize, &'a ModelRoute)>,
     /// The requested route's context fallbacks the tenant may use, for a
@@ -110,6 +143,8 @@ pub(crate) struct Report {
     pub earlier: Vec<(Option<usize>, Option<usize>, Usage)>,
     /// Continuations attempted after a stream broke.
     pub resumptions: u32,
+    /// The Responses API response the answer created (its `id`).
+    pub response_id: Option<String>,
 }
 
 impl Report {
@@ -170,7 +205,7 @@ impl Forwarder {
             error.message
         );
         client
-            .fail(ApiError::upstream_error(message).sse_event())
+            .fail(ApiError::upstream_error(message).sse_event_for(exchange.endpoint))
             .await;
         Ok(())
     }
@@ -187,7 +222,8 @@ impl Forwarder {
             self.policy,
             exchange.routes.clone(),
             exchange.context_routes.clone(),
-        );
+        )
+        .only_provider(exchange.pin);
         let resumable = exchange.resumable
             && exchange
                 .routes

@@ -1,0 +1,213 @@
+//! Stored Responses API responses: which tenant created which response id,
+//! and which provider holds it.
+//!
+//! A provider stores a response under the account that created it, so a
+//! follow-up (`previous_response_id`) and `GET`/`DELETE`/`cancel`/
+//! `input_items` must reach that provider, and only the tenant that created
+//! the response may name it: every tenant shares the gateway's provider
+//! account, so the provider cannot tell them apart. The gateway records
+//! each response id it saw created under its tenant's id (not its position
+//! in the config, which a reload may change), in Redis when configured
+//! (shared by every instance, kept 30 days like OpenAI keeps responses) and
+//! in a bounded in-process map. An id not recorded for the asking tenant is
+//! answered 404 as if it did not exist.
+
+use crate::metrics;
+use crate::redis_conn::RedisConnection;
+use serde::{Deserialize, Serialize};
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tracing::warn;
+
+/// How long Redis keeps a record: OpenAI keeps stored responses 30 days.
+const KEEP: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// Records kept in process (the oldest are forgotten first).
+const IN_PROCESS_RECORDS: usize = 100_000;
+
+/// Where a stored response lives.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Holder {
+    /// The provider's name in the config.
+    pub provider: String,
+    /// The public model that created it.
+    pub model: String,
+}
+
+/// Whether a lookup could be answered.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Lookup {
+    /// The tenant created it: here it lives.
+    Found(Holder),
+    /// Not recorded for the tenant.
+    Unknown,
+    /// Not in process, and Redis (which may know) did not answer.
+    Unavailable,
+}
+
+#[derive(Default)]
+struct Local {
+    records: HashMap<(String, String), Holder>,
+    order: VecDeque<(String, String)>,
+}
+
+/// The record of stored responses; cheap to clone.
+#[derive(Clone)]
+pub(crate) struct StoredResponses {
+    local: Arc<Mutex<Local>>,
+    redis: Option<(Arc<RedisConnection>, String, Duration)>,
+}
+
+impl StoredResponses {
+    /// A record kept in Redis too when `redis` is given (with the config's
+    /// key prefix and call timeout).
+    pub(crate) fn new(redis: Option<(Arc<RedisConnection>, String, Duration)>) -> Self {
+        StoredResponses {
+            local: Arc::default(),
+            redis,
+        }
+    }
+
+    fn local(&self) -> std::sync::MutexGuard<'_, Local> {
+        self.local.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn key(prefix: &str, tenant: &str, id: &str) -> String {
+        format!("{prefix}:{{{tenant}}}:response:{id}")
+    }
+
+    async fn redis<T: redis::FromRedisValue>(&self, cmd: redis::Cmd) -> Result<T, ()> {
+        let Some((conn, _, timeout)) = &self.redis else {
+            return Err(());
+        };
+        let mut conn = conn.get().ok_or(())?;
+        match tokio::time::timeout(*timeout, cmd.query_async::<T>(&mut conn)).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => {
+                metrics::REDIS_ERRORS
+                    .with_label_values(&["responses"])
+                    .inc();
+                warn!(error = %e, "stored responses: Redis call failed");
+                Err(())
+            }
+            Err(_) => {
+                metrics::REDIS_ERRORS
+                    .with_label_values(&["responses"])
+                    .inc();
+                Err(())
+            }
+        }
+    }
+
+    /// Records that `tenant` (its config id) created response `id`, held by
+    /// `holder`.
+    pub(crate) async fn record(&self, tenant: &str, id: &str, holder: Holder) {
+        self.record_here(tenant, id, holder.clone());
+        if let Some((_, prefix, _)) = &self.redis {
+            let value = serde_json::to_string(&holder).expect("a holder serialises");
+            let mut cmd = redis::cmd("SET");
+            cmd.arg(Self::key(prefix, tenant, id))
+                .arg(value)
+                .arg("EX")
+                .arg(KEEP.as_secs());
+            if self.redis::<()>(cmd).await.is_err() {
+                warn!(tenant, "a stored response is recorded in this process only (Redis did not answer); other instances will not find it");
+            }
+        }
+    }
+
+    /// Records it in this process.
+    fn record_here(&self, tenant: &str, id: &str, holder: Holder) {
+        let mut local = self.local();
+        let key = (tenant.to_string(), id.to_string());
+        if local.records.insert(key.clone(), holder).is_none() {
+            local.order.push_back(key);
+            while local.order.len() > IN_PROCESS_RECORDS {
+                if let Some(oldest) = local.order.pop_front() {
+                    local.records.remove(&oldest);
+                }
+            }
+        }
+    }
+
+    /// Where `tenant`'s response `id` lives.
+    pub(crate) async fn find(&self, tenant: &str, id: &str) -> Lookup {
+        let key = (tenant.to_string(), id.to_string());
+        if let Some(holder) = self.local().records.get(&key) {
+            return Lookup::Found(holder.clone());
+        }
+        let Some((_, prefix, _)) = &self.redis else {
+            return Lookup::Unknown;
+        };
+        let mut cmd = redis::cmd("GET");
+        cmd.arg(Self::key(prefix, tenant, id));
+        match self.redis::<Option<String>>(cmd).await {
+            Ok(Some(value)) => match serde_json::from_str(&value) {
+                Ok(holder) => Lookup::Found(holder),
+                Err(_) => Lookup::Unknown,
+            },
+            Ok(None) => Lookup::Unknown,
+            Err(()) => Lookup::Unavailable,
+        }
+    }
+
+    /// Forgets `tenant`'s response `id` (it was deleted).
+    pub(crate) async fn forget(&self, tenant: &str, id: &str) {
+        let key = (tenant.to_string(), id.to_string());
+        {
+            let mut local = self.local();
+            if local.records.remove(&key).is_some() {
+                local.order.retain(|k| k != &key);
+            }
+        }
+        if let Some((_, prefix, _)) = &self.redis {
+            let mut cmd = redis::cmd("DEL");
+            cmd.arg(Self::key(prefix, tenant, id));
+            let _ = self.redis::<()>(cmd).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn holder(provider: &str) -> Holder {
+        Holder {
+            provider: provider.into(),
+            model: "m".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_response_is_found_only_by_the_tenant_that_created_it() {
+        let stored = StoredResponses::new(None);
+        stored.record("acme", "resp_1", holder("openai")).await;
+        assert_eq!(
+            stored.find("acme", "resp_1").await,
+            Lookup::Found(holder("openai"))
+        );
+        assert_eq!(stored.find("globex", "resp_1").await, Lookup::Unknown);
+        stored.forget("acme", "resp_1").await;
+        assert_eq!(stored.find("acme", "resp_1").await, Lookup::Unknown);
+    }
+
+    #[tokio::test]
+    async fn the_in_process_record_is_bounded() {
+        let stored = StoredResponses::new(None);
+        for i in 0..IN_PROCESS_RECORDS + 10 {
+            stored
+                .record("acme", &format!("resp_{i}"), holder("p"))
+                .await;
+        }
+        assert_eq!(stored.find("acme", "resp_0").await, Lookup::Unknown);
+        assert!(matches!(
+            stored
+                .find("acme", &format!("resp_{}", IN_PROCESS_RECORDS + 9))
+                .await,
+            Lookup::Found(_)
+        ));
+        assert_eq!(stored.local().records.len(), IN_PROCESS_RECORDS);
+    }
+}

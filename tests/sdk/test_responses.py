@@ -1,0 +1,300 @@
+"""The Responses API through the gateway with the official OpenAI Python SDK:
+`responses.create` (JSON and streamed), `responses.stream`, retrieve,
+delete, cancel and input_items, against runestone-mock (two provider
+accounts behind one model, so a follow-up that reached the wrong account
+would be refused) and llmock (a server we did not write).
+
+Stored responses are tenant-scoped: a response one tenant created is 404
+for another, by id and as `previous_response_id`.
+"""
+
+import json
+import re
+import urllib.request
+
+import openai
+import pytest
+
+from conftest import PROVIDER_KEY, TENANT_KEY, Llmock, Mock, Runestone, server_yaml
+
+OTHER_KEY = "sk-sdk-other-tenant-key-0006"
+
+
+class Gateway(Runestone):
+    """`gpt` over two accounts (round robin), `azure-gpt` on Azure, `claude`
+    on Anthropic, `ext` on llmock; tenants `acme` and `globex`."""
+
+    def __init__(self, a: Mock, b: Mock, llmock: Llmock, redis_url: str | None = None):
+        redis = f'redis: {{ url: "{redis_url}" }}' if redis_url else ""
+
+        def config(port, metrics_port, directory):
+            return server_yaml(port, metrics_port, directory) + f"""
+{redis}
+providers:
+  - {{ name: acct-a, base_url: "{a.base_url}", api_key: "{PROVIDER_KEY}" }}
+  - {{ name: acct-b, base_url: "{b.base_url}", api_key: "{PROVIDER_KEY}" }}
+  - {{ name: azure, kind: azure, base_url: "http://127.0.0.1:{a.port}", api_key: "{PROVIDER_KEY}", api_version: "2025-03-01-preview" }}
+  - {{ name: claude, kind: anthropic, base_url: "http://127.0.0.1:{a.port}", api_key: "{PROVIDER_KEY}" }}
+  - {{ name: llmock, base_url: "{llmock.base_url}", api_key: "sk-llmock-key" }}
+models:
+  - name: gpt
+    strategy: round_robin
+    targets: [{{ provider: acct-a, model: m }}, {{ provider: acct-b, model: m }}]
+  - name: only-b
+    targets: [{{ provider: acct-b, model: m }}]
+  - name: azure-gpt
+    targets: [{{ provider: azure, model: my-deployment }}]
+  - name: claude
+    targets: [{{ provider: claude, model: claude-test }}]
+  - name: ext
+    targets: [{{ provider: llmock, model: gpt-4o-mini }}]
+tenants:
+  - id: acme
+    keys: ["{TENANT_KEY}"]
+  - id: globex
+    keys: ["{OTHER_KEY}"]
+pricing:
+  gpt: {{ input: 1.0, output: 2.0 }}
+  ext: {{ input: 1.0, output: 2.0 }}
+"""
+
+        super().__init__(config, env={"RUST_LOG": "info"})
+
+    def usage(self, key=TENANT_KEY) -> dict:
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{self.port}/v1/usage", headers={"authorization": f"Bearer {key}"}
+        )
+        with urllib.request.urlopen(req) as resp:
+            return json.load(resp)
+
+
+@pytest.fixture(scope="module")
+def mocks():
+    a = Mock("--api-key", PROVIDER_KEY, "--tokens-per-second", "0")
+    b = Mock("--api-key", PROVIDER_KEY, "--tokens-per-second", "0")
+    yield a, b
+    a.stop()
+    b.stop()
+
+
+@pytest.fixture(scope="module")
+def llmock():
+    server = Llmock()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def gateway(mocks, llmock):
+    g = Gateway(*mocks, llmock)
+    yield g
+    g.stop()
+
+
+def clear_faults(*mocks: Mock) -> None:
+    for mock in mocks:
+        urllib.request.urlopen(
+            urllib.request.Request(f"http://127.0.0.1:{mock.port}/_mock/reset", method="POST", data=b"")
+        ).close()
+
+
+def responses_requests(mock: Mock) -> list:
+    return [r for r in mock.requests() if "responses" in r["path"]]
+
+
+def test_create_returns_the_providers_response_and_bills_its_usage(gateway):
+    client = gateway.client()
+    before = gateway.usage()["cost_usd"]
+    response = client.responses.create(model="gpt", input="Say hello", max_output_tokens=7)
+    assert response.id.startswith("resp_")
+    assert response.status == "incomplete"
+    assert response.output_text
+    assert response.usage.output_tokens == 7
+    assert response.usage.input_tokens > 0
+    after = gateway.usage()["cost_usd"]
+    expected = (response.usage.input_tokens * 1.0 + 7 * 2.0) / 1e6
+    assert after - before == pytest.approx(expected, rel=1e-6)
+
+
+def test_a_stream_has_its_typed_events_and_is_billed_from_response_completed(gateway):
+    client = gateway.client()
+    before = gateway.usage()
+    stream = client.responses.create(model="gpt", input="Tell a story", max_output_tokens=12, stream=True)
+    types = [event.type for event in stream]
+    assert types[0] == "response.created"
+    assert "response.output_text.delta" in types
+    # Stopped by max_output_tokens: OpenAI's `incomplete` end.
+    assert types[-1] == "response.incomplete"
+    after = gateway.usage()
+    assert after["completion_tokens"] - before["completion_tokens"] == 12
+    assert after["estimated_requests"] == before["estimated_requests"]
+
+
+def test_the_stream_helper_gives_the_final_response(gateway):
+    client = gateway.client()
+    with client.responses.stream(
+        model="gpt", input="Hi", max_output_tokens=50, extra_body={"mock_tokens": 5}
+    ) as stream:
+        text = "".join(e.delta for e in stream if e.type == "response.output_text.delta")
+        final = stream.get_final_response()
+    assert final.status == "completed"
+    # (The mock's deltas each end with a space; its whole text does not.)
+    assert final.output_text == text.rstrip()
+    assert final.usage.output_tokens == 5
+
+
+def test_a_follow_up_goes_to_the_account_holding_its_predecessor(gateway, mocks):
+    client = gateway.client()
+    # Round robin spreads first requests over both accounts; every follow-up
+    # must reach the one that holds its predecessor (the other answers 404).
+    for _ in range(4):
+        first = client.responses.create(model="gpt", input="one", max_output_tokens=3)
+        second = client.responses.create(
+            model="gpt", input="two", previous_response_id=first.id, max_output_tokens=3
+        )
+        assert second.previous_response_id == first.id
+        streamed = client.responses.create(
+            model="gpt", input="three", previous_response_id=second.id, max_output_tokens=3, stream=True
+        )
+        assert [e.type for e in streamed][-1] == "response.incomplete"
+
+
+def test_retrieve_input_items_cancel_and_delete(gateway):
+    client = gateway.client()
+    created = client.responses.create(model="gpt", input="keep me", max_output_tokens=4)
+    got = client.responses.retrieve(created.id)
+    assert got.id == created.id and got.output_text == created.output_text
+    items = client.responses.input_items.list(created.id)
+    assert items.data[0].content[0].text == "keep me"
+    # A completed response cannot be cancelled: the provider's 400 passes on.
+    with pytest.raises(openai.BadRequestError):
+        client.responses.cancel(created.id)
+    background = client.responses.create(model="gpt", input="later", background=True)
+    assert client.responses.cancel(background.id).status == "cancelled"
+    before = gateway.usage()
+    client.responses.delete(created.id)
+    # Reading a stored response bills nothing.
+    assert gateway.usage()["completion_tokens"] == before["completion_tokens"]
+    with pytest.raises(openai.NotFoundError) as e:
+        client.responses.retrieve(created.id)
+    assert e.value.body["code"] == "response_not_found"
+
+
+def test_another_tenants_response_is_not_found(gateway, mocks):
+    acme = gateway.client()
+    globex = gateway.client(OTHER_KEY)
+    created = acme.responses.create(model="gpt", input="secret", max_output_tokens=3)
+    a, b = mocks
+    before = len(responses_requests(a)) + len(responses_requests(b))
+    with pytest.raises(openai.NotFoundError) as e:
+        globex.responses.retrieve(created.id)
+    assert e.value.body["code"] == "response_not_found"
+    with pytest.raises(openai.NotFoundError):
+        globex.responses.input_items.list(created.id)
+    with pytest.raises(openai.NotFoundError):
+        globex.responses.delete(created.id)
+    with pytest.raises(openai.NotFoundError):
+        globex.responses.cancel(created.id)
+    with pytest.raises(openai.NotFoundError) as e:
+        globex.responses.create(model="gpt", input="x", previous_response_id=created.id)
+    assert e.value.body["param"] == "previous_response_id"
+    # None of it reached a provider, and acme still has its response.
+    assert len(responses_requests(a)) + len(responses_requests(b)) == before
+    assert acme.responses.retrieve(created.id).id == created.id
+
+
+def test_ids_that_are_not_response_ids_never_reach_a_provider(gateway):
+    client = gateway.client()
+    for bad in ["..%2F..%2Fchat", "resp_%3Fx=1", "a" * 300]:
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{gateway.port}/v1/responses/{bad}",
+            headers={"authorization": f"Bearer {TENANT_KEY}"},
+        )
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req)
+        assert e.value.code == 404
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve("resp_never_made")
+
+
+def test_a_follow_up_on_a_model_that_cannot_reach_the_holder_is_refused(gateway, mocks):
+    client = gateway.client()
+    # Round robin puts one of these on account a, which `only-b` cannot
+    # reach.
+    held_by_a = None
+    for _ in range(6):
+        r = client.responses.create(model="gpt", input="x", max_output_tokens=2)
+        try:
+            client.responses.create(model="only-b", input="y", previous_response_id=r.id)
+        except openai.BadRequestError as e:
+            assert e.body["param"] == "previous_response_id"
+            assert "acct-a" in e.body["message"]
+            held_by_a = r.id
+            break
+    assert held_by_a, "round robin never placed a response on account a"
+
+
+def test_azure_serves_responses_on_its_own_path(gateway, mocks):
+    client = gateway.client()
+    a, _ = mocks
+    response = client.responses.create(model="azure-gpt", input="hi", max_output_tokens=3)
+    assert response.usage.output_tokens == 3
+    sent = [r for r in a.requests() if "openai/responses" in r["path"]][-1]
+    assert (sent["path"], sent["query"]) == ("/openai/responses", "api-version=2025-03-01-preview")
+    assert client.responses.retrieve(response.id, include=["message.input_image.image_url"]).id == response.id
+    sent = [r for r in a.requests() if "openai/responses" in r["path"]][-1]
+    assert sent["path"] == f"/openai/responses/{response.id}"
+    assert sent["query"] == "api-version=2025-03-01-preview&include%5B%5D=message.input_image.image_url"
+
+
+def test_anthropic_targets_do_not_serve_responses(gateway):
+    with pytest.raises(openai.BadRequestError) as e:
+        gateway.client().responses.create(model="claude", input="hi")
+    assert "does not serve responses" in e.value.body["message"]
+
+
+def test_failover_before_the_first_byte(gateway, mocks):
+    a, b = mocks
+    for mock in (a, b):
+        mock.fault({"status": 500, "count": 1, "path": "/v1/responses"})
+    client = gateway.client()
+    response = client.responses.create(model="gpt", input="hi", max_output_tokens=3)
+    assert response.status == "incomplete" and response.usage.output_tokens == 3
+    # One of them took its fault; clear whatever is left.
+    clear_faults(a, b)
+
+
+def test_a_stream_that_breaks_ends_with_the_responses_error_event(gateway, mocks):
+    a, b = mocks
+    for mock in (a, b):
+        mock.fault({"disconnect_after_chunks": 3, "count": 1, "path": "/v1/responses"})
+    client = gateway.client()
+    events = list(client.responses.create(model="gpt", input="hi", max_output_tokens=20, stream=True))
+    clear_faults(a, b)
+    assert "response.output_text.delta" in [e.type for e in events]
+    # The Responses API's own error event ends the stream (the SDK hands it
+    # to the caller; there is no `response.completed`).
+    assert events[-1].type == "error"
+    assert "broke off" in events[-1].message
+    with pytest.raises(RuntimeError, match="response.completed"):
+        for mock in (a, b):
+            mock.fault({"disconnect_after_chunks": 3, "count": 1, "path": "/v1/responses"})
+        with client.responses.stream(model="gpt", input="hi", max_output_tokens=20) as stream:
+            stream.get_final_response()
+    clear_faults(a, b)
+
+
+def test_llmock_responses_through_the_gateway(gateway, llmock):
+    client = gateway.client()
+    direct = openai.OpenAI(base_url=llmock.base_url, api_key="sk-llmock-key", max_retries=0)
+    want = direct.responses.create(model="gpt-4o-mini", input="Hello there")
+    got = client.responses.create(model="ext", input="Hello there")
+    assert got.output_text == want.output_text
+    assert got.usage.input_tokens == want.usage.input_tokens
+    assert got.usage.output_tokens == want.usage.output_tokens
+    streamed = client.responses.create(model="ext", input="Hello there", stream=True)
+    text = "".join(e.delta for e in streamed if e.type == "response.output_text.delta")
+    assert text == want.output_text
+    journal = [r for r in llmock.journal() if "responses" in json.dumps(r)]
+    assert journal
+    assert not re.search(r"sk-sdk", json.dumps(journal))
