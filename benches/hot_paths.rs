@@ -160,6 +160,7 @@ fn admission(c: &mut Criterion, name: &str, limiter: &Limiter) {
             completion_tokens: 100,
             cached_tokens: 0,
             estimated: false,
+            ..Default::default()
         },
         cost_pusd: 1,
         duration: Duration::from_millis(10),

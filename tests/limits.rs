@@ -724,6 +724,7 @@ redis: {{ url: "{}", timeout_ms: 5000 }}
             completion_tokens: 7,
             cached_tokens: 0,
             estimated: false,
+            ..Default::default()
         },
         cost_pusd: 100,
         duration: Duration::from_millis(10),
@@ -838,6 +839,7 @@ fn used(tokens: u64) -> runestone::limits::Settlement {
             completion_tokens: tokens,
             cached_tokens: 0,
             estimated: false,
+            ..Default::default()
         },
         cost_pusd: 1000,
         duration: Duration::from_millis(5),

@@ -445,7 +445,7 @@ fn async_jobs_survive_a_gateway_crash_and_run_exactly_once() {
     first.wait().unwrap();
     let mut second = start_raw(&config, &dir);
     for id in &ids {
-        let resp = gw.result(id, Duration::from_secs(40));
+        let resp = gw.result(id, Duration::from_secs(90));
         assert_eq!(resp.0, 200, "job {id}: {}", resp.1);
     }
     second.kill().unwrap();

@@ -441,7 +441,8 @@ fn an_acl_user_limited_to_the_prefix_is_enough() {
             .as_bytes(),
     );
     assert_eq!(job.status, 202, "{}", String::from_utf8_lossy(&job.body));
-    assert!(redis.cli(&["KEYS", "runestone:{acme}:*"]).contains("queue"));
+    // The job is kept under the tenant's prefix (queued, or already taken).
+    assert!(redis.cli(&["KEYS", "runestone:{acme}:*"]).contains(":job:"));
     assert!(redis_up(&gw), "no NOPERM marked Redis down");
     assert!(!gw.log().contains("NOPERM"), "{}", gw.log());
 }

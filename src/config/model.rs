@@ -421,8 +421,9 @@ impl BudgetPeriod {
     }
 }
 
-/// Prices of one public model, in pico-dollars per token.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Prices of one public model, in pico-dollars per token (or per request,
+/// image, second of audio or character).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Price {
     /// Per prompt token not served from the provider's cache.
     pub input: i64,
@@ -430,6 +431,14 @@ pub struct Price {
     pub output: i64,
     /// Per cached prompt token (defaults to the input price).
     pub cached_input: i64,
+    /// Per request answered (moderations, images, audio).
+    pub request: i64,
+    /// Per image generated or edited.
+    pub image: i64,
+    /// Per second of audio transcribed or translated.
+    pub audio_second: i64,
+    /// Per character of text spoken (`/v1/audio/speech`).
+    pub character: i64,
 }
 
 /// Shared state in Redis.

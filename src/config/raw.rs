@@ -263,10 +263,20 @@ pub(super) struct RawSentinel {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawPrice {
-    pub(super) input: f64,
-    pub(super) output: f64,
+    #[serde(default)]
+    pub(super) input: Option<f64>,
+    #[serde(default)]
+    pub(super) output: Option<f64>,
     #[serde(default)]
     pub(super) cached_input: Option<f64>,
+    #[serde(default)]
+    pub(super) per_request: Option<f64>,
+    #[serde(default)]
+    pub(super) per_image: Option<f64>,
+    #[serde(default)]
+    pub(super) per_audio_second: Option<f64>,
+    #[serde(default)]
+    pub(super) per_1m_characters: Option<f64>,
 }
 
 pub(super) const TOP_LEVEL_KEYS: &[&str] = &[

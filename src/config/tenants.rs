@@ -228,21 +228,58 @@ pub(super) fn validate_pricing(
         let Some(raw) = deserialize::<RawPrice>(raw, &path, problems) else {
             continue;
         };
-        // USD per 1M tokens -> pico-dollars per token.
-        let mut per_token = |usd_per_million: f64, key: &str| {
-            if !(usd_per_million.is_finite() && (0.0..100_000.0).contains(&usd_per_million)) {
+        let tokens = raw.input.is_some() || raw.output.is_some();
+        let units = [
+            raw.per_request,
+            raw.per_image,
+            raw.per_audio_second,
+            raw.per_1m_characters,
+        ];
+        if !tokens && units.iter().all(Option::is_none) {
+            problems.push(problem(
+                &path,
+                "give input and output (USD per 1M tokens), or per_request, per_image, per_audio_second or per_1m_characters",
+            ));
+            continue;
+        }
+        if tokens && (raw.input.is_none() || raw.output.is_none()) {
+            let missing = if raw.input.is_none() {
+                "input"
+            } else {
+                "output"
+            };
+            problems.push(problem(
+                &join(&path, missing),
+                "input and output are priced together (USD per 1M tokens)",
+            ));
+            continue;
+        }
+        // USD per 1M units -> pico-dollars per unit; USD per unit ->
+        // pico-dollars.
+        let mut price_of = |usd: Option<f64>, key: &str, per_million: bool| {
+            let Some(usd) = usd else { return 0 };
+            let (bound, unit) = if per_million {
+                (100_000.0, "USD per 1M")
+            } else {
+                (1_000.0, "USD")
+            };
+            if !(usd.is_finite() && (0.0..bound).contains(&usd)) {
                 problems.push(problem(
                     &join(&path, key),
-                    "must be a non-negative price in USD per 1M tokens",
+                    format!("must be a non-negative price in {unit} (below {bound})"),
                 ));
                 return 0;
             }
-            (usd_per_million * 1e6).round() as i64
+            (usd * if per_million { 1e6 } else { 1e12 }).round() as i64
         };
         let price = Price {
-            input: per_token(raw.input, "input"),
-            output: per_token(raw.output, "output"),
-            cached_input: per_token(raw.cached_input.unwrap_or(raw.input), "cached_input"),
+            input: price_of(raw.input, "input", true),
+            output: price_of(raw.output, "output", true),
+            cached_input: price_of(raw.cached_input.or(raw.input), "cached_input", true),
+            request: price_of(raw.per_request, "per_request", false),
+            image: price_of(raw.per_image, "per_image", false),
+            audio_second: price_of(raw.per_audio_second, "per_audio_second", false),
+            character: price_of(raw.per_1m_characters, "per_1m_characters", true),
         };
         pricing.insert(name, price);
     }

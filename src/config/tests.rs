@@ -142,7 +142,8 @@ fn loads_limits_pricing_and_redis() {
         Price {
             input: 150_000,
             output: 600_000,
-            cached_input: 75_000
+            cached_input: 75_000,
+            ..Price::default()
         }
     );
     let redis = config.redis.clone().unwrap();
@@ -332,6 +333,50 @@ fn reports_bad_failover_settings() {
         assert!(
             problems.iter().any(|p| p.contains(key)),
             "{key}: {problems:?}"
+        );
+    }
+}
+
+#[test]
+fn prices_media_per_request_image_second_and_character() {
+    let yaml = VALID.to_string()
+        + "pricing:\n  gpt-4o-mini: { per_image: 0.04, per_request: 0.001, per_audio_second: 0.0001, per_1m_characters: 15 }\n  openai/gpt-4o-mini: { input: 5, output: 40, per_request: 0.002 }\n";
+    let config = Config::from_yaml(&yaml, env).unwrap();
+    assert_eq!(
+        config.pricing["gpt-4o-mini"],
+        Price {
+            image: 40_000_000_000,
+            request: 1_000_000_000,
+            audio_second: 100_000_000,
+            character: 15_000_000,
+            ..Price::default()
+        }
+    );
+    assert_eq!(config.pricing["openai/gpt-4o-mini"].request, 2_000_000_000);
+    for (price, problem) in [
+        ("{}", "pricing.gpt-4o-mini: give input and output"),
+        (
+            "{ input: 1 }",
+            "pricing.gpt-4o-mini.output: input and output are priced together",
+        ),
+        (
+            "{ per_image: -1 }",
+            "pricing.gpt-4o-mini.per_image: must be a non-negative price in USD",
+        ),
+        (
+            "{ per_request: 5000 }",
+            "pricing.gpt-4o-mini.per_request: must be a non-negative price in USD",
+        ),
+        (
+            "{ per_minute: 1 }",
+            "pricing.gpt-4o-mini.per_minute: unknown field",
+        ),
+    ] {
+        let yaml = VALID.to_string() + &format!("pricing:\n  gpt-4o-mini: {price}\n");
+        let found = problems(&yaml);
+        assert!(
+            found.iter().any(|f| f.starts_with(problem)),
+            "missing {problem:?} in {found:#?}"
         );
     }
 }

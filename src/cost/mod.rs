@@ -48,6 +48,12 @@ pub struct Usage {
     pub cached_tokens: u64,
     /// Whether the numbers are the gateway's estimate rather than the provider's.
     pub estimated: bool,
+    /// Images generated or edited.
+    pub images: u64,
+    /// Characters of text spoken.
+    pub characters: u64,
+    /// Milliseconds of audio transcribed or translated.
+    pub audio_ms: u64,
 }
 
 impl Usage {
@@ -56,11 +62,15 @@ impl Usage {
         let Some(price) = price else { return 0 };
         let cached = self.cached_tokens.min(self.prompt_tokens);
         let uncached = self.prompt_tokens - cached;
-        let tokens = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
-        tokens(uncached)
+        let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        let audio = i128::from(self.audio_ms) * i128::from(price.audio_second) / 1000;
+        count(uncached)
             .saturating_mul(price.input)
-            .saturating_add(tokens(cached).saturating_mul(price.cached_input))
-            .saturating_add(tokens(self.completion_tokens).saturating_mul(price.output))
+            .saturating_add(count(cached).saturating_mul(price.cached_input))
+            .saturating_add(count(self.completion_tokens).saturating_mul(price.output))
+            .saturating_add(count(self.images).saturating_mul(price.image))
+            .saturating_add(count(self.characters).saturating_mul(price.character))
+            .saturating_add(i64::try_from(audio).unwrap_or(i64::MAX))
     }
 
     /// All tokens.
@@ -77,6 +87,9 @@ impl Usage {
                 .saturating_add(other.completion_tokens),
             cached_tokens: self.cached_tokens.saturating_add(other.cached_tokens),
             estimated: self.estimated || other.estimated,
+            images: self.images.saturating_add(other.images),
+            characters: self.characters.saturating_add(other.characters),
+            audio_ms: self.audio_ms.saturating_add(other.audio_ms),
         }
     }
 }
@@ -133,6 +146,7 @@ impl UsageWire {
             completion_tokens: completion,
             cached_tokens: cached,
             estimated: false,
+            ..Default::default()
         })
     }
 }
@@ -320,12 +334,14 @@ pub fn usage_from_json(body: &[u8], prompt_estimate: u64) -> Usage {
             completion_tokens: probe.generated_bytes().div_ceil(4),
             cached_tokens: 0,
             estimated: true,
+            ..Default::default()
         }),
         Err(_) => Usage {
             prompt_tokens: prompt_estimate,
             completion_tokens: (body.len() as u64).div_ceil(4),
             cached_tokens: 0,
             estimated: true,
+            ..Default::default()
         },
     }
 }
@@ -351,13 +367,16 @@ pub fn usage_from_json_counted(body: &[u8], estimate: &Estimate, model: &str) ->
         completion_tokens: estimate.completion_tokens(model, &generated, 0),
         cached_tokens: 0,
         estimated: true,
+        ..Default::default()
     }
 }
 
+mod media;
 mod stream;
 #[cfg(test)]
 mod tests;
 mod tokens;
 
+pub use media::Media;
 pub use stream::StreamMeter;
 pub use tokens::{sample_text, Encoding, Estimate};

@@ -338,6 +338,11 @@ impl StreamMeter {
         self.saw_choices
     }
 
+    /// The usage the provider reported, if it did.
+    pub fn reported_usage(&self) -> Option<Usage> {
+        self.usage
+    }
+
     /// The Responses API response this stream carries, once named.
     pub fn response_id(&self) -> Option<&str> {
         self.response_id.as_deref()
@@ -356,6 +361,7 @@ impl StreamMeter {
                 completion_tokens: self.generated_bytes.div_ceil(4),
                 cached_tokens: 0,
                 estimated: true,
+                ..Default::default()
             };
         };
         *self.counted.get_or_init(|| Usage {
@@ -367,6 +373,7 @@ impl StreamMeter {
             ),
             cached_tokens: 0,
             estimated: true,
+            ..Default::default()
         })
     }
 

@@ -7,6 +7,10 @@ const PRICE: Price = Price {
     input: 150_000,
     output: 600_000,
     cached_input: 75_000,
+    request: 0,
+    image: 0,
+    audio_second: 0,
+    character: 0,
 };
 
 fn stream_events(include_usage_nulls: bool) -> Vec<String> {
@@ -40,6 +44,7 @@ fn costs_cached_and_uncached_tokens_exactly() {
         completion_tokens: 500,
         cached_tokens: 400,
         estimated: false,
+        ..Default::default()
     };
     // 600 * 0.15/1M + 400 * 0.075/1M + 500 * 0.60/1M USD = 0.00042 USD
     assert_eq!(usage.cost_pusd(Some(&PRICE)), 420_000_000);
@@ -55,7 +60,8 @@ fn reads_usage_from_json() {
             prompt_tokens: 7,
             completion_tokens: 2,
             cached_tokens: 0,
-            estimated: false
+            estimated: false,
+            ..Default::default()
         }
     );
 }
@@ -105,7 +111,8 @@ fn passes_a_stream_through_untouched_and_reads_its_usage() {
                 prompt_tokens: 12,
                 completion_tokens: 3,
                 cached_tokens: 4,
-                estimated: false
+                estimated: false,
+                ..Default::default()
             }
         );
     }
@@ -275,4 +282,26 @@ fn a_completion_stream_is_finished_by_its_finish_reason_or_done() {
         7,
     );
     assert!(other.finished(), "not a completion stream: not judged");
+}
+
+#[test]
+fn costs_images_characters_and_seconds_exactly() {
+    let price = Price {
+        image: 40_000_000_000,
+        character: 15_000_000,
+        audio_second: 100_000_000,
+        ..Price::default()
+    };
+    let usage = Usage {
+        images: 2,
+        characters: 1000,
+        audio_ms: 2500,
+        ..Usage::default()
+    };
+    // 2 * $0.04 + 1000 * $15/1M + 2.5 s * $0.0001
+    assert_eq!(
+        usage.cost_pusd(Some(&price)),
+        80_000_000_000 + 15_000_000_000 + 250_000_000
+    );
+    assert_eq!(usage.plus(usage).images, 4);
 }

@@ -138,12 +138,32 @@ pub struct Estimate {
     body: Bytes,
     /// The request's token limit (`max_completion_tokens` or `max_tokens`).
     max_tokens: Option<u64>,
+    /// A media request: no tokens are counted, these units are billed.
+    media: Option<super::Media>,
 }
 
 impl Estimate {
     /// The estimate for a request body with its token limit.
     pub fn new(body: Bytes, max_tokens: Option<u64>) -> Self {
-        Estimate { body, max_tokens }
+        Estimate {
+            body,
+            max_tokens,
+            media: None,
+        }
+    }
+
+    /// The estimate for a media request: nothing counted, `media` billed.
+    pub fn media(media: super::Media) -> Self {
+        Estimate {
+            body: Bytes::new(),
+            max_tokens: None,
+            media: Some(media),
+        }
+    }
+
+    /// What a media request is billed by (`None` for text endpoints).
+    pub fn media_units(&self) -> Option<&super::Media> {
+        self.media.as_ref()
     }
 
     /// The prompt's tokens, as `model`'s encoding counts them (bytes / 4

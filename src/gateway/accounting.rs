@@ -4,6 +4,7 @@
 use super::forward::{Report, Settle};
 use super::{access_log, Gateway, RequestCtx};
 use crate::config::{Price, PICO_PER_USD};
+use crate::cost::Usage;
 use crate::limits::{Grant, Settlement};
 use crate::metrics;
 use async_trait::async_trait;
@@ -35,16 +36,21 @@ impl Settle for Settler<'_> {
         }
         let (tenant, model) = gateway.label_names(self.tenant, report.route);
         let usage = report.total_usage();
-        // Each attempt at its own deployment's price.
+        // Each answered attempt at its own deployment's price.
+        let attempt_cost = |route, target, usage: Usage| {
+            let price = gateway.price(route, target);
+            usage
+                .cost_pusd(price)
+                .saturating_add(price.map_or(0, |p| p.request))
+        };
         let cost_pusd = report
             .earlier
             .iter()
-            .map(|&(route, target, usage)| usage.cost_pusd(gateway.price(route, target)))
+            .map(|&(route, target, usage)| attempt_cost(route, target, usage))
             .fold(
                 report
                     .usage
-                    .unwrap_or_default()
-                    .cost_pusd(gateway.price(report.route, report.target)),
+                    .map_or(0, |usage| attempt_cost(report.route, report.target, usage)),
                 i64::saturating_add,
             );
         if usage.total() > 0 {
@@ -57,6 +63,9 @@ impl Settle for Settler<'_> {
                 v.with_label_values(&[tenant, model, "completion"])
             })
             .inc_by(usage.completion_tokens);
+        }
+        if cost_pusd > 0 {
+            let [t, m, _] = label_key(self.tenant, report);
             metrics::child(&metrics::COST_USD, [t, m, 0, 0], |v| {
                 v.with_label_values(&[tenant, model])
             })

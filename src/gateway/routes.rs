@@ -5,7 +5,8 @@ use super::forward::{Call, Exchange};
 use super::{respond, Gateway, RequestCtx};
 use crate::admin;
 use crate::cost;
-use crate::openai::{rewrite_body, ApiError, Endpoint, RequestFields};
+use crate::openai::{rewrite_body, ApiError, Endpoint, Form, RequestFields};
+use bytes::Bytes;
 use pingora::proxy::Session;
 use tracing::debug;
 
@@ -93,7 +94,26 @@ impl Gateway {
     ) -> Result<(), ApiError> {
         let tenant = self.authenticate(session, ctx)?;
         let body = respond::read_body(session, self.config.server.max_request_body_bytes).await?;
-        let fields = RequestFields::parse(&body)?;
+        let content_type = session
+            .req_header()
+            .headers
+            .get(http::header::CONTENT_TYPE)
+            .cloned();
+        let form = match endpoint.is_form() {
+            true => {
+                let announced = content_type.as_ref().and_then(|v| v.to_str().ok());
+                Some(Form::parse(announced, body.clone()).await?)
+            }
+            false => None,
+        };
+        let body = match endpoint {
+            Endpoint::Moderations => with_default_model(body),
+            _ => body,
+        };
+        let fields = match &form {
+            Some(form) => RequestFields::for_form(form),
+            None => RequestFields::parse(&body)?,
+        };
         let (route_index, route) = self
             .config
             .route(&fields.model)
@@ -113,9 +133,20 @@ impl Gateway {
         let pin = self
             .follow_up_pin(tenant, route_index, endpoint, &fields)
             .await?;
-        let generates = endpoint != Endpoint::Embeddings;
-        let tokens = cost::estimate_request_tokens(body.len(), fields.max_tokens, generates);
+        // An upload's body is its file: no tokens are reserved for it.
+        let tokens = match form {
+            Some(_) => 0,
+            None => {
+                cost::estimate_request_tokens(body.len(), fields.max_tokens, endpoint.generates())
+            }
+        };
         if super::jobs::wants_async(session) {
+            if form.is_some() || endpoint == Endpoint::Speech {
+                return Err(ApiError::invalid_field(
+                    "prefer",
+                    format!("{} requests cannot run as async jobs (a job keeps a JSON request and answer)", endpoint.name()),
+                ));
+            }
             return self
                 .submit_job(session, ctx, tenant, route_index, endpoint, &body, tokens)
                 .await;
@@ -135,7 +166,17 @@ impl Gateway {
         let asks_usage = matches!(endpoint, Endpoint::ChatCompletions | Endpoint::Completions);
         let strip_usage = fields.stream && asks_usage && !fields.client_wants_usage();
         debug!(request_id = %ctx.request_id, tenant = %self.config.tenants[tenant].id, model = %route.name, endpoint = endpoint.name(), "routing");
-        let estimate = cost::Estimate::new(body.clone(), fields.max_tokens);
+        let estimate = match media_units(endpoint, &body, form.as_ref()) {
+            Some(media) => cost::Estimate::media(media),
+            None => cost::Estimate::new(body.clone(), fields.max_tokens),
+        };
+        let call = Call {
+            content_type: match (&form, content_type) {
+                (Some(_), Some(announced)) => announced,
+                _ => Call::post_json().content_type,
+            },
+            ..Call::post_json()
+        };
         let RequestCtx {
             request_id,
             rate_limit_headers,
@@ -148,7 +189,7 @@ impl Gateway {
         } = ctx;
         let exchange = Exchange {
             endpoint,
-            call: Call::post_json(),
+            call,
             pin,
             bills: true,
             routes: self.config.routes_for(tenant, route_index),
@@ -157,7 +198,10 @@ impl Gateway {
             resumable: fields.stream
                 && endpoint == Endpoint::ChatCompletions
                 && fields.one_plain_choice,
-            body_for: &|provider_model| rewrite_body(&body, &fields, provider_model, strip_usage),
+            body_for: &|provider_model| match &form {
+                Some(form) => form.body_for(&body, provider_model),
+                None => rewrite_body(&body, &fields, provider_model, strip_usage),
+            },
             request_id,
             strip_usage,
             estimate: &estimate,
@@ -174,4 +218,56 @@ impl Gateway {
             .forward(session, &exchange, report, &mut settler)
             .await
     }
+}
+
+/// The model moderations use when the request names none (OpenAI's
+/// default).
+const DEFAULT_MODERATION_MODEL: &str = "omni-moderation-latest";
+
+/// A moderations body that names no model, with OpenAI's default spliced
+/// in (routing needs a name; the provider gets it explicitly).
+fn with_default_model(body: Bytes) -> Bytes {
+    match RequestFields::parse(&body) {
+        Err(e) if e.code == "missing_model" => {
+            crate::openai::with_model(&body, DEFAULT_MODERATION_MODEL).unwrap_or(body)
+        }
+        _ => body,
+    }
+}
+
+/// What a media request is billed by besides reported tokens (`None` for
+/// the text endpoints): images asked for, characters to speak.
+fn media_units(endpoint: Endpoint, body: &[u8], form: Option<&Form>) -> Option<cost::Media> {
+    #[derive(serde::Deserialize)]
+    struct Asked {
+        #[serde(default)]
+        n: Option<u64>,
+        #[serde(default)]
+        input: Option<String>,
+    }
+    let asked = || serde_json::from_slice::<Asked>(body).ok();
+    let media = match endpoint {
+        Endpoint::ImageGenerations => cost::Media {
+            images: Some(asked().and_then(|a| a.n).unwrap_or(1)),
+            characters: 0,
+        },
+        Endpoint::ImageEdits | Endpoint::ImageVariations => cost::Media {
+            images: Some(form.and_then(|f| f.n).unwrap_or(1)),
+            characters: 0,
+        },
+        Endpoint::Speech => cost::Media {
+            images: None,
+            characters: asked()
+                .and_then(|a| a.input)
+                .map_or(0, |input| input.chars().count() as u64),
+        },
+        Endpoint::Moderations | Endpoint::Transcriptions | Endpoint::Translations => {
+            cost::Media::default()
+        }
+        Endpoint::ChatCompletions
+        | Endpoint::Completions
+        | Endpoint::Embeddings
+        | Endpoint::Responses => return None,
+    };
+    Some(media)
 }

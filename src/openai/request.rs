@@ -176,6 +176,24 @@ impl<'a> RequestFields<'a> {
     }
 }
 
+impl<'a> RequestFields<'a> {
+    /// The fields of a multipart upload: its model, whether it streams.
+    pub fn for_form(form: &'a super::Form) -> Self {
+        RequestFields {
+            model: Cow::Borrowed(&form.model),
+            model_span: (0, 0),
+            stream: form.stream,
+            stream_options: None,
+            stream_options_span: None,
+            max_tokens: None,
+            previous_response_id: None,
+            has_foreign_upstream_fields: false,
+            messages_is_array: None,
+            one_plain_choice: false,
+        }
+    }
+}
+
 impl RequestFields<'_> {
     /// Whether the client asked for a final usage chunk in its stream.
     pub fn client_wants_usage(&self) -> bool {

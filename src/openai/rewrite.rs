@@ -83,6 +83,27 @@ fn splice_edits(
     Bytes::from(out)
 }
 
+/// A JSON object body with `"model": model` added as its first member
+/// (`None` when the body is not an object).
+pub fn with_model(body: &Bytes, model: &str) -> Option<Bytes> {
+    let open = body.iter().position(|b| !b.is_ascii_whitespace())?;
+    if body[open] != b'{' {
+        return None;
+    }
+    let rest = &body[open + 1..];
+    let empty = rest.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'}');
+    let member = serde_json::json!({ "model": model }).to_string();
+    let member = &member[1..member.len() - 1];
+    let mut out = Vec::with_capacity(body.len() + member.len() + 1);
+    out.extend_from_slice(&body[..=open]);
+    out.extend_from_slice(member.as_bytes());
+    if !empty {
+        out.push(b',');
+    }
+    out.extend_from_slice(rest);
+    Some(Bytes::from(out))
+}
+
 /// An async job runs without a client to stream to: the body with `stream`
 /// and `stream_options` taken out, every other byte as sent.
 pub fn without_streaming(body: &Bytes) -> Bytes {

@@ -57,8 +57,9 @@ export class Mock {
   stop() { this.proc.kill('SIGKILL'); }
 }
 
-/** runestone in front of `mock`: models `gpt-4o-mini`, `claude` and an
- * embeddings model; tenants `acme` (all) and `other`. */
+/** runestone in front of `mock`: models `gpt-4o-mini`, `claude`, an
+ * embeddings model, and moderation, image, speech and transcription
+ * models; tenants `acme` (all) and `other`. */
 export class Gateway {
   static async start(mock, extra = '') {
     const gw = new Gateway();
@@ -82,6 +83,14 @@ models:
     targets: [{ provider: mock }]
   - name: claude
     targets: [{ provider: claude, model: claude-test }]
+  - name: omni-moderation-latest
+    targets: [{ provider: mock }]
+  - name: dall-e-3
+    targets: [{ provider: mock }]
+  - name: tts-1
+    targets: [{ provider: mock }]
+  - name: whisper-1
+    targets: [{ provider: mock, model: whisper-prod }]
 tenants:
   - id: acme
     keys: ["${TENANT_KEY}"]

@@ -1,7 +1,7 @@
 // The official OpenAI Node SDK (6.x) through runestone, against runestone-mock.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import OpenAI from 'openai';
+import OpenAI, { toFile } from 'openai';
 import { Mock, Gateway, OTHER_KEY, metricSum } from './harness.js';
 
 let mock, gw, client;
@@ -38,7 +38,7 @@ test('embeddings in the SDK default (base64) come back decoded', async () => {
 test('models: list and retrieve, scoped to the tenant', async () => {
   const ids = [];
   for await (const m of client.models.list()) ids.push(m.id);
-  assert.deepEqual(ids.sort(), ['claude', 'gpt-4o-mini', 'text-embedding-3-small']);
+  assert.deepEqual(ids.sort(), ['claude', 'dall-e-3', 'gpt-4o-mini', 'omni-moderation-latest', 'text-embedding-3-small', 'tts-1', 'whisper-1']);
   const model = await client.models.retrieve('gpt-4o-mini');
   assert.equal(model.id, 'gpt-4o-mini');
   assert.equal(model.object, 'model');
@@ -73,4 +73,20 @@ test('responses: create, stream, retrieve, input items, delete; another tenant g
   await assert.rejects(gw.client(OTHER_KEY).responses.retrieve(created.id), (e) => e instanceof OpenAI.NotFoundError && e.code === 'response_not_found');
   await client.responses.delete(created.id);
   await assert.rejects(client.responses.retrieve(created.id), OpenAI.NotFoundError);
+});
+
+test('moderations, images, speech and a multipart transcription', async () => {
+  const moderation = await client.moderations.create({ input: ['fine', 'flagme'] });
+  assert.deepEqual(moderation.results.map((r) => r.flagged), [false, true]);
+  const images = await client.images.generate({ model: 'dall-e-3', prompt: 'a cat', n: 2 });
+  assert.equal(images.data.length, 2);
+  const speech = await client.audio.speech.create({ model: 'tts-1', voice: 'alloy', input: 'Hello' });
+  assert.equal(speech.headers.get('content-type'), 'audio/mpeg');
+  const audio = Buffer.from(await speech.arrayBuffer());
+  assert.equal(audio.length, 5 * 64);
+  const file = await toFile(Buffer.alloc(32000), 'clip.wav', { type: 'audio/wav' });
+  const transcript = await client.audio.transcriptions.create({ model: 'whisper-1', file });
+  assert.equal(transcript.text, 'mock transcript of 32000 bytes');
+  const sent = (await mock.requests()).filter((r) => r.path.includes('transcriptions')).at(-1);
+  assert.equal(sent.model, 'whisper-prod');
 });

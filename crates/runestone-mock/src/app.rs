@@ -182,7 +182,19 @@ impl MockApp {
         let path = req.uri.path();
         st.stats.count_request(path);
         let id = st.next_id.fetch_add(1, Ordering::Relaxed);
-        let mut call = ApiCall::parse(&req.method, path, &body);
+        let mut call = match media_route(path).filter(|_| req.method == Method::POST) {
+            Some((kind, deployment)) => {
+                let content_type = req
+                    .headers
+                    .get(http::header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok());
+                match parse_media(kind, deployment, content_type, body.clone()).await {
+                    Ok(media) => ApiCall::Media(media),
+                    Err((e, model)) => ApiCall::Invalid(e, model),
+                }
+            }
+            None => ApiCall::parse(&req.method, path, &body),
+        };
         let sha: [u8; 32] = Sha256::digest(&body).into();
         let model = call.model().map(str::to_owned);
         if let Some(model) = &model {
@@ -434,6 +446,7 @@ impl MockApp {
             ApiCall::Model(id) => {
                 Reply::json(200, serde_json::to_vec(&model_json(id)).unwrap_or_default())
             }
+            ApiCall::Media(media) => media.answer(meta.id, created),
             ApiCall::Invalid(e, _) => Reply::error(e),
             ApiCall::NotFound => {
                 let req = session.req_header();

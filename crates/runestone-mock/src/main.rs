@@ -13,6 +13,8 @@
 //! | [`faults`] | fault objects, their parsing and queue |
 //! | [`requests`] | request formats, routing, token estimates (pure) |
 //! | [`bodies`] | response bodies and stream events (pure) |
+//! | [`responses`] | the Responses API and its stored responses |
+//! | [`media`] | moderations, images and audio |
 //! | [`transport`] | reading bodies, pauses, writing replies |
 //! | [`app`] | serving one request: control API, faults, streams |
 #![forbid(unsafe_code)]
@@ -20,6 +22,7 @@
 mod app;
 mod bodies;
 mod faults;
+mod media;
 mod requests;
 mod responses;
 mod state;
@@ -30,6 +33,7 @@ mod transport;
 use app::*;
 use bodies::*;
 use faults::*;
+use media::*;
 use requests::*;
 use responses::*;
 use state::*;

@@ -543,6 +543,8 @@ pub(crate) enum ApiCall {
     Responses(GenRequest, ResponsesExtra),
     /// An operation on a stored response.
     ResponseOp(ResponseOp, String),
+    /// Moderations, images or audio.
+    Media(MediaCall),
 }
 
 impl ApiCall {
@@ -584,6 +586,7 @@ impl ApiCall {
             | ApiCall::Messages(g, _)
             | ApiCall::Responses(g, _) => g.model.as_deref(),
             ApiCall::Embeddings(e) => e.model.as_deref(),
+            ApiCall::Media(m) => m.model.as_deref(),
             ApiCall::Invalid(_, dep) => dep.as_deref(),
             ApiCall::Models | ApiCall::Model(_) | ApiCall::NotFound | ApiCall::ResponseOp(..) => {
                 None

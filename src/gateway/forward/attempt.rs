@@ -314,6 +314,9 @@ impl Attempt<'_> {
         let first_token_deadline = (answer.started + first_token).min(answer.deadline);
         let mut held = BytesMut::new();
         let mut first = FirstContent::new(is_event_stream(&head));
+        if meter.passes_at_once() {
+            first = FirstContent::found_at_once();
+        }
         let mut received = 0usize;
         let mut ended = false;
         while !first.found() {

@@ -27,7 +27,22 @@ pub(super) fn is_event_stream(header: &ResponseHeader) -> bool {
         .is_some_and(|v| v.starts_with("text/event-stream"))
 }
 
-/// Reads usage from a response on its way to the client.
+/// Whether a successful answer is neither JSON nor a stream (audio, text):
+/// one with a content type that says so.
+fn is_opaque(header: &ResponseHeader) -> bool {
+    header
+        .headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            let v = v.trim_start().to_ascii_lowercase();
+            !(v.starts_with("application/json") || v.starts_with("text/event-stream"))
+        })
+}
+
+/// Reads usage from a response on its way to the client. One per request,
+/// on the stack of the copy loop: its variants are not boxed.
+#[allow(clippy::large_enum_variant)]
 pub(super) enum Meter {
     /// An error answer: the provider generated nothing. It is held (up to
     /// a bound) and sent whole at the end.
@@ -38,6 +53,9 @@ pub(super) enum Meter {
     Stream(StreamMeter),
     /// A stream in the provider's own format, translated event by event.
     Translated(StreamTranslator),
+    /// A body that is neither JSON nor a stream (speech audio, a
+    /// transcription as text): passed through as it comes, nothing read.
+    Opaque { seen: usize },
 }
 
 impl Meter {
@@ -54,6 +72,7 @@ impl Meter {
             (true, true) => {
                 Meter::Stream(StreamMeter::new(strip_usage).with_estimate(estimate.clone(), model))
             }
+            (true, false) if is_opaque(header) => Meter::Opaque { seen: 0 },
             (true, false) => Meter::Json {
                 body: Vec::new(),
                 seen: 0,
@@ -64,7 +83,13 @@ impl Meter {
     /// Whether the meter may edit the body (so its length changes): a
     /// stream loses events it cannot read, and what the gateway added.
     pub(super) fn edits_body(&self) -> bool {
-        !matches!(self, Meter::Json { .. })
+        !matches!(self, Meter::Json { .. } | Meter::Opaque { .. })
+    }
+
+    /// Whether the answer goes to the client from its first byte (else it
+    /// is held until its first content, or whole for JSON).
+    pub(super) fn passes_at_once(&self) -> bool {
+        matches!(self, Meter::Opaque { .. })
     }
 
     /// Takes an upstream chunk, returns what to send on.
@@ -85,6 +110,10 @@ impl Meter {
             }
             Meter::Stream(meter) => meter.feed(chunk),
             Meter::Translated(translator) => translator.feed(&chunk),
+            Meter::Opaque { seen } => {
+                *seen += chunk.len();
+                chunk
+            }
         }
     }
 
@@ -156,9 +185,21 @@ impl Meter {
             completion_tokens: estimate.completion_tokens(model, "", generated_bytes),
             cached_tokens: 0,
             estimated: true,
+            ..Default::default()
         };
+        if let Some(media) = estimate.media_units() {
+            return match self {
+                Meter::Error { .. } => Usage::default(),
+                Meter::Json { body, seen } if *seen <= cost::MAX_METERED_JSON_BYTES => {
+                    media.usage_from_json(body)
+                }
+                Meter::Stream(meter) => media.usage(meter.reported_usage()),
+                _ => media.usage(None),
+            };
+        }
         match self {
             Meter::Error { .. } => Usage::default(),
+            Meter::Opaque { seen } => counted(*seen as u64),
             Meter::Json { body, seen } if *seen <= cost::MAX_METERED_JSON_BYTES => {
                 cost::usage_from_json_counted(body, estimate, model)
             }
@@ -245,7 +286,7 @@ impl Copy<'_> {
         if !settled {
             // Not settled before the end (a broken or abandoned body): what
             // the meter saw is what the request used.
-            report.usage = Some(self.usage(meter));
+            report.usage = self.usage(meter);
             report.response_id = meter.response_id();
             let outcome = match end {
                 BodyEnd::Complete => Outcome::Success,
@@ -425,13 +466,10 @@ impl Copy<'_> {
         }
     }
 
-    /// What the answer used, as billed.
-    fn usage(&self, meter: &Meter) -> Usage {
-        if self.bills {
-            meter.usage(self.estimate, self.model)
-        } else {
-            Usage::default()
-        }
+    /// What the answer used, as billed (nothing for an answer that is not
+    /// billed).
+    fn usage(&self, meter: &Meter) -> Option<Usage> {
+        self.bills.then(|| meter.usage(self.estimate, self.model))
     }
 
     /// The whole answer is in hand: settle the admission and tell the
@@ -447,7 +485,7 @@ impl Copy<'_> {
         if std::mem::replace(settled, true) {
             return;
         }
-        report.usage = Some(self.usage(meter));
+        report.usage = self.usage(meter);
         report.response_id = meter.response_id();
         settle.settle(report).await;
         self.upstreams.record_outcome(
@@ -476,6 +514,15 @@ impl FirstContent {
             stream,
             partial: Vec::new(),
             found: false,
+        }
+    }
+
+    /// A watcher for an answer sent on from its first byte.
+    pub(super) fn found_at_once() -> Self {
+        FirstContent {
+            stream: false,
+            partial: Vec::new(),
+            found: true,
         }
     }
 

@@ -31,6 +31,7 @@ pub(super) fn usage_of(usage: &Value) -> Usage {
         completion_tokens: n("output_tokens"),
         cached_tokens: cache_read,
         estimated: false,
+        ..Default::default()
     }
 }
 

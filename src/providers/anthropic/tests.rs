@@ -128,7 +128,8 @@ fn translates_a_json_answer_with_cache_usage() {
             prompt_tokens: 33,
             completion_tokens: 5,
             cached_tokens: 20,
-            estimated: false
+            estimated: false,
+            ..Default::default()
         }
     );
     assert_eq!(out["usage"]["prompt_tokens_details"]["cached_tokens"], 20);
@@ -193,7 +194,8 @@ fn translates_a_stream_split_at_any_byte() {
                 prompt_tokens: 16,
                 completion_tokens: 7,
                 cached_tokens: 4,
-                estimated: false
+                estimated: false,
+                ..Default::default()
             })
         );
     }
