@@ -235,6 +235,10 @@ fn with_default_model(body: Bytes) -> Bytes {
     }
 }
 
+/// The most images billed for an answer whose images could not be counted
+/// (OpenAI allows 10 per request).
+const MAX_IMAGES_ASKED: u64 = 128;
+
 /// What a media request is billed by besides reported tokens (`None` for
 /// the text endpoints): images asked for, characters to speak.
 fn media_units(endpoint: Endpoint, body: &[u8], form: Option<&Form>) -> Option<cost::Media> {
@@ -248,11 +252,11 @@ fn media_units(endpoint: Endpoint, body: &[u8], form: Option<&Form>) -> Option<c
     let asked = || serde_json::from_slice::<Asked>(body).ok();
     let media = match endpoint {
         Endpoint::ImageGenerations => cost::Media {
-            images: Some(asked().and_then(|a| a.n).unwrap_or(1)),
+            images: Some(asked().and_then(|a| a.n).unwrap_or(1).min(MAX_IMAGES_ASKED)),
             characters: 0,
         },
         Endpoint::ImageEdits | Endpoint::ImageVariations => cost::Media {
-            images: Some(form.and_then(|f| f.n).unwrap_or(1)),
+            images: Some(form.and_then(|f| f.n).unwrap_or(1).min(MAX_IMAGES_ASKED)),
             characters: 0,
         },
         Endpoint::Speech => cost::Media {

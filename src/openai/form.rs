@@ -63,6 +63,11 @@ impl Form {
             let data = field.bytes().await.map_err(malformed)?;
             let text = || String::from_utf8_lossy(&data).trim().to_owned();
             match name.as_deref() {
+                // Which of two the provider would read is its own
+                // business: a form naming two models is refused.
+                Some("model") if model.is_some() => {
+                    return Err(ApiError::invalid_field("model", "given more than once"))
+                }
                 Some("model") => model = Some(text()),
                 Some("stream") => form.stream = text().eq_ignore_ascii_case("true"),
                 Some("n") => {
@@ -160,6 +165,11 @@ mod tests {
         );
         let e = Form::parse(Some(TYPE), no_model).await.err().unwrap();
         assert_eq!(e.code, "missing_model");
+        let twice = Bytes::from_static(
+            b"--XyZ\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nbig\r\n--XyZ\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nsmall\r\n--XyZ--\r\n",
+        );
+        let e = Form::parse(Some(TYPE), twice).await.err().unwrap();
+        assert_eq!((e.status, e.param.as_deref()), (400, Some("model")));
         let truncated = Bytes::from_static(
             b"--XyZ\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nabc",
         );
