@@ -42,6 +42,21 @@ struct RawFields<'a> {
     n: Option<&'a RawValue>,
     #[serde(borrow, default)]
     logprobs: Option<&'a RawValue>,
+    /// Sampling fields are only type-checked: a provider that answers a
+    /// string here with a 500 would count a client's mistake against the
+    /// deployment's breaker (OpenAI answers 400).
+    #[serde(default, rename = "temperature")]
+    _temperature: Option<f64>,
+    #[serde(default, rename = "top_p")]
+    _top_p: Option<f64>,
+    #[serde(default, rename = "frequency_penalty")]
+    _frequency_penalty: Option<f64>,
+    #[serde(default, rename = "presence_penalty")]
+    _presence_penalty: Option<f64>,
+    #[serde(default, rename = "seed")]
+    _seed: Option<i64>,
+    #[serde(default, rename = "top_logprobs")]
+    _top_logprobs: Option<u64>,
 }
 
 /// A member that is there, even as `null` (a plain `Option` reads `null` as

@@ -67,6 +67,21 @@ fn rejects_wrongly_typed_fields() {
     );
     let err = RequestFields::parse(br#"[1,2]"#).unwrap_err();
     assert_eq!(err.status, 400);
+    // Sampling fields a provider might answer with a 500 instead.
+    for (field, value) in [
+        ("temperature", r#""hot""#),
+        ("top_p", "[1]"),
+        ("frequency_penalty", "{}"),
+        ("presence_penalty", "true"),
+        ("seed", "1.5"),
+        ("top_logprobs", "-2"),
+    ] {
+        let body = format!(r#"{{"model":"m","{field}":{value}}}"#);
+        let err = RequestFields::parse(body.as_bytes()).unwrap_err();
+        assert_eq!((err.status, err.param.as_deref()), (400, Some(field)));
+    }
+    let fine = br#"{"model":"m","temperature":0.7,"top_p":null,"seed":-3,"top_logprobs":2}"#;
+    assert!(RequestFields::parse(fine).is_ok());
 }
 
 #[test]
