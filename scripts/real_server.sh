@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The SDK suite's core cases through the gateway against a real
-# OpenAI-compatible model server. Not in CI (it compiles llama.cpp, ~15-25
+# OpenAI-compatible model server. Not in CI (it compiles llama.cpp, about 4
 # minutes on 2 cores the first time, then reuses the venv).
 #
 #   scripts/real_server.sh            # install if needed, build, run, report
