@@ -173,6 +173,20 @@ pub static OVERFLOW_TOTAL: Lazy<IntCounterVec> = Lazy::new(|| {
     .expect("metric registers once")
 });
 
+/// `runestone_jobs_total{tenant, outcome}`: async jobs by what happened
+/// to them: `submitted`, `deduplicated` (a submission that found its job
+/// by its idempotency key), `retried` (an attempt failed and another is
+/// scheduled), `timed_out` (an attempt ran past `jobs.timeout_seconds`),
+/// `cancelled`, `completed` and `failed` (the job's end).
+pub static JOBS_TOTAL: Lazy<IntCounterVec> = Lazy::new(|| {
+    register_int_counter_vec!(
+        "runestone_jobs_total",
+        "Async jobs by outcome.",
+        &["tenant", "outcome"]
+    )
+    .expect("metric registers once")
+});
+
 /// `runestone_overflow_wait_seconds{tenant}`: how long admitted parked
 /// requests waited.
 pub static OVERFLOW_WAIT: Lazy<HistogramVec> = Lazy::new(|| {
@@ -248,6 +262,7 @@ pub fn register_all() {
     Lazy::force(&CIRCUIT_STATE);
     Lazy::force(&OVERFLOW_PARKED);
     Lazy::force(&OVERFLOW_TOTAL);
+    Lazy::force(&JOBS_TOTAL);
     Lazy::force(&OVERFLOW_WAIT);
     Lazy::force(&TIME_TO_FIRST_TOKEN);
     Lazy::force(&GATEWAY_OVERHEAD);

@@ -10,6 +10,7 @@
 //! (`tenants[1].keys[0]: ...`) so `runestone check` can list them all.
 mod callbacks;
 mod env;
+mod jobs;
 pub mod keys;
 mod model;
 mod raw;
@@ -30,7 +31,6 @@ use serde_yaml::Value;
 use std::collections::HashMap;
 use std::fmt;
 use std::path::Path;
-use std::time::Duration;
 use tenants::{validate_pricing, validate_tenants};
 use validate::{
     validate_breaker, validate_failover, validate_models, validate_providers, validate_redis,
@@ -210,39 +210,8 @@ impl Config {
 
         let jobs = match section("jobs") {
             Value::Null => Some(JobSettings::default()),
-            value => deserialize::<RawJobs>(value, "jobs", &mut problems).map(|raw| {
-                let d = JobSettings::default();
-                let ttl = raw.result_ttl_seconds.unwrap_or(d.result_ttl.as_secs());
-                let visibility = raw
-                    .visibility_timeout_seconds
-                    .unwrap_or(d.visibility_timeout.as_secs());
-                if ttl == 0 {
-                    problems.push(problem("jobs.result_ttl_seconds", "must be at least 1"));
-                }
-                if visibility < 2 {
-                    problems.push(problem(
-                        "jobs.visibility_timeout_seconds",
-                        "must be at least 2",
-                    ));
-                }
-                let max_jobs = raw.in_process_max_jobs.unwrap_or(d.in_process_max_jobs);
-                let max_bytes = raw.in_process_max_bytes.unwrap_or(d.in_process_max_bytes);
-                if max_jobs == 0 {
-                    problems.push(problem("jobs.in_process_max_jobs", "must be at least 1"));
-                }
-                if max_bytes < 1024 {
-                    problems.push(problem(
-                        "jobs.in_process_max_bytes",
-                        "must be at least 1024",
-                    ));
-                }
-                JobSettings {
-                    result_ttl: Duration::from_secs(ttl),
-                    visibility_timeout: Duration::from_secs(visibility),
-                    in_process_max_jobs: max_jobs,
-                    in_process_max_bytes: max_bytes,
-                }
-            }),
+            value => deserialize::<RawJobs>(value, "jobs", &mut problems)
+                .map(|raw| jobs::validate_jobs(raw, &mut problems)),
         };
         match (server, breaker, failover, jobs) {
             (Some(server), Some(breaker), Some(failover), Some(jobs)) if problems.is_empty() => {

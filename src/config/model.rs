@@ -323,6 +323,9 @@ pub struct TenantOverflow {
     pub max_wait: Duration,
     /// Most requests parked for the tenant at once (async jobs included).
     pub max_parked: usize,
+    /// The tenant's share of the drain: its queue heads are served in
+    /// proportion to the weights of the tenants waiting.
+    pub weight: u32,
     /// Where async job results may be POSTed, and the signing secret.
     pub callbacks: Option<Callbacks>,
 }
@@ -333,6 +336,7 @@ impl Default for TenantOverflow {
             enabled: false,
             max_wait: Duration::from_secs(30),
             max_parked: 1000,
+            weight: 1,
             callbacks: None,
         }
     }
@@ -352,6 +356,22 @@ pub struct JobSettings {
     /// Without Redis: the most bytes of requests and results held in
     /// process; submissions past it are refused with 503.
     pub in_process_max_bytes: usize,
+    /// How long a submission's `Idempotency-Key` finds its job again.
+    pub idempotency_window: Duration,
+    /// Attempts a job gets when its runs fail in a way worth retrying.
+    pub max_attempts: u32,
+    /// No attempt starts later than this after submission.
+    pub max_age: Duration,
+    /// The longest one attempt may run.
+    pub timeout: Duration,
+    /// The delay before the second attempt; it doubles for each further
+    /// one (with jitter), up to `retry_backoff_max`.
+    pub retry_backoff: Duration,
+    /// The longest delay between attempts.
+    pub retry_backoff_max: Duration,
+    /// Jobs this instance runs at once (the capacity the tenants' weights
+    /// share).
+    pub concurrency: usize,
 }
 
 impl Default for JobSettings {
@@ -361,6 +381,13 @@ impl Default for JobSettings {
             visibility_timeout: Duration::from_secs(60),
             in_process_max_jobs: 10_000,
             in_process_max_bytes: 256 * 1024 * 1024,
+            idempotency_window: Duration::from_secs(86_400),
+            max_attempts: 5,
+            max_age: Duration::from_secs(86_400),
+            timeout: Duration::from_secs(600),
+            retry_backoff: Duration::from_secs(1),
+            retry_backoff_max: Duration::from_secs(60),
+            concurrency: 64,
         }
     }
 }

@@ -175,6 +175,8 @@ pub(super) struct RawTenantOverflow {
     #[serde(default)]
     pub(super) max_parked: Option<usize>,
     #[serde(default)]
+    pub(super) weight: Option<u32>,
+    #[serde(default)]
     pub(super) callbacks: Option<RawCallbacks>,
 }
 
@@ -196,6 +198,20 @@ pub(super) struct RawJobs {
     pub(super) in_process_max_jobs: Option<usize>,
     #[serde(default)]
     pub(super) in_process_max_bytes: Option<usize>,
+    #[serde(default)]
+    pub(super) idempotency_window_seconds: Option<u64>,
+    #[serde(default)]
+    pub(super) max_attempts: Option<u32>,
+    #[serde(default)]
+    pub(super) max_age_seconds: Option<u64>,
+    #[serde(default)]
+    pub(super) timeout_seconds: Option<u64>,
+    #[serde(default)]
+    pub(super) retry_backoff_ms: Option<u64>,
+    #[serde(default)]
+    pub(super) retry_backoff_max_ms: Option<u64>,
+    #[serde(default)]
+    pub(super) concurrency: Option<usize>,
 }
 
 #[derive(Deserialize)]

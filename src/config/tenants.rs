@@ -115,10 +115,18 @@ pub(super) fn validate_tenants(
                     secret: Secret(c.secret),
                 }
             });
+            let weight = o.weight.unwrap_or(d.weight);
+            if !(1..=1000).contains(&weight) {
+                problems.push(problem(
+                    &format!("{path}.overflow.weight"),
+                    "must be between 1 and 1000",
+                ));
+            }
             TenantOverflow {
                 enabled: o.enabled,
                 max_wait: Duration::from_secs(max_wait),
                 max_parked,
+                weight: weight.clamp(1, 1000),
                 callbacks,
             }
         });

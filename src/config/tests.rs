@@ -1,6 +1,7 @@
 //! Unit tests of loading and validation.
 
 use super::*;
+use std::time::Duration;
 
 const VALID: &str = r#"
 server:
@@ -377,6 +378,61 @@ fn prices_media_per_request_image_second_and_character() {
         assert!(
             found.iter().any(|f| f.starts_with(problem)),
             "missing {problem:?} in {found:#?}"
+        );
+    }
+}
+
+#[test]
+fn loads_job_settings_and_tenant_weights() {
+    let config = Config::from_yaml(VALID, env).unwrap();
+    assert_eq!(config.jobs, JobSettings::default());
+    assert_eq!(config.tenants[0].overflow.weight, 1);
+    let yaml = VALID.replace(
+        "    models: [\"gpt-4o-mini\"]\n",
+        "    models: [\"gpt-4o-mini\"]\n    overflow: { enabled: true, weight: 3 }\n",
+    ) + "jobs: { result_ttl_seconds: 600, idempotency_window_seconds: 60, max_attempts: 3, max_age_seconds: 900, timeout_seconds: 30, retry_backoff_ms: 200, retry_backoff_max_ms: 2000, concurrency: 4 }\n";
+    let config = Config::from_yaml(&yaml, env).unwrap();
+    assert_eq!(config.tenants[0].overflow.weight, 3);
+    let jobs = config.jobs;
+    assert_eq!(
+        (
+            jobs.idempotency_window,
+            jobs.max_attempts,
+            jobs.max_age,
+            jobs.timeout
+        ),
+        (
+            Duration::from_secs(60),
+            3,
+            Duration::from_secs(900),
+            Duration::from_secs(30)
+        )
+    );
+    assert_eq!(
+        (jobs.retry_backoff, jobs.retry_backoff_max, jobs.concurrency),
+        (Duration::from_millis(200), Duration::from_secs(2), 4)
+    );
+}
+
+#[test]
+fn reports_bad_job_settings() {
+    let yaml = VALID.replace(
+        "    models: [\"gpt-4o-mini\"]\n",
+        "    models: [\"gpt-4o-mini\"]\n    overflow: { weight: 0 }\n",
+    ) + "jobs: { result_ttl_seconds: 600, idempotency_window_seconds: 601, max_attempts: 0, max_age_seconds: 4201, timeout_seconds: 0, retry_backoff_ms: 5000, retry_backoff_max_ms: 1000, concurrency: 0 }\n";
+    let found = problems(&yaml);
+    for key in [
+        "tenants[0].overflow.weight",
+        "jobs.idempotency_window_seconds",
+        "jobs.max_attempts",
+        "jobs.max_age_seconds",
+        "jobs.timeout_seconds",
+        "jobs.retry_backoff_max_ms",
+        "jobs.concurrency",
+    ] {
+        assert!(
+            found.iter().any(|p| p.starts_with(key)),
+            "{key} in {found:?}"
         );
     }
 }

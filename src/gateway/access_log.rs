@@ -33,6 +33,11 @@ pub(super) struct Line<'a> {
     #[serde(serialize_with = "millis")]
     pub overflow_wait: Duration,
     pub error: Option<&'static str>,
+    /// An async job's attempt: the job's id, and which attempt.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub job: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub job_attempt: Option<u32>,
 }
 
 fn millis<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {

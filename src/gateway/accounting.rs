@@ -185,6 +185,8 @@ impl Gateway {
                 resumptions: report.resumptions,
                 overflow_wait: ctx.parked,
                 error,
+                job: ctx.job_attempt.map(|_| ctx.request_id.as_str()),
+                job_attempt: ctx.job_attempt,
             };
             access_log::write(&line);
         }

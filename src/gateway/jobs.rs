@@ -1,6 +1,8 @@
 //! Async jobs at the API: storing a request as a job (`Prefer:
-//! respond-async`), answering `GET /v1/jobs/{id}`, and running a job the
-//! drain admitted (the gateway is the overflow queue's [`JobRunner`]).
+//! respond-async`, once per idempotency key), answering `GET /v1/jobs/{id}`,
+//! `DELETE /v1/jobs/{id}` and `GET /v1/jobs`, and running one attempt at a
+//! job the drain admitted (the gateway is the overflow queue's
+//! [`JobRunner`]).
 
 use super::client::{Collected, MAX_JOB_ANSWER_BYTES};
 use super::forward::{Call, Exchange};
@@ -8,13 +10,23 @@ use super::{callback, respond, Gateway, RequestCtx};
 use crate::cost;
 use crate::limits::Grant;
 use crate::openai::{rewrite_body, ApiError, Endpoint, RequestFields};
-use crate::overflow::{Job, JobResult, JobRunner, JobState, ParkRefusal};
+use crate::overflow::{
+    Attempt, AttemptControl, Ended, Job, JobResult, JobRunner, JobState, JobView, ListRefusal,
+    ParkRefusal, Submitted,
+};
 use async_trait::async_trait;
 use bytes::Bytes;
 use pingora::proxy::{ProxyHttp, Session};
+use sha2::{Digest, Sha256};
+
+/// Jobs a list page holds by default, and at most.
+const LIST_DEFAULT: usize = 20;
+const LIST_MAX: usize = 100;
 
 impl Gateway {
-    /// Stores the request as an async job: 202 with its `Location`.
+    /// Stores the request as an async job: 202 with its `Location`; or,
+    /// when its idempotency key names a job the tenant submitted with the
+    /// same request, that job as `GET /v1/jobs/{id}` shows it.
     #[allow(clippy::too_many_arguments)]
     pub(super) async fn submit_job(
         &self,
@@ -43,13 +55,18 @@ impl Gateway {
                 Some(allowed.as_str().to_string())
             }
         };
+        let model = self.config.models[route].name.clone();
+        let body = String::from_utf8_lossy(&crate::openai::without_streaming(body)).into_owned();
+        let fingerprint = fingerprint(endpoint, &model, callback.as_deref(), &body);
         let job = Job {
+            idempotency_key: idempotency_key(&headers)?,
+            fingerprint,
             callback,
             id: crate::ids::random_id("job_"),
             tenant: self.config.tenants[tenant].id.clone(),
-            model: self.config.models[route].name.clone(),
+            model,
             endpoint: endpoint.name().to_string(),
-            body: String::from_utf8_lossy(&crate::openai::without_streaming(body)).into_owned(),
+            body,
             headers: ["accept", "user-agent", "openai-beta"]
                 .iter()
                 .filter_map(|name| {
@@ -62,7 +79,7 @@ impl Gateway {
             tokens,
             created_ms: crate::limits::now_ms() as u64,
         };
-        let id = self.overflow.submit(tenant, job).await.map_err(|why| {
+        let submitted = self.overflow.submit(tenant, job).await.map_err(|why| {
             let mut error = match why {
                 ParkRefusal::Full => ApiError::rate_limit_exceeded("The overflow queue is full."),
                 ParkRefusal::Unavailable => {
@@ -76,17 +93,73 @@ impl Gateway {
             });
             error
         })?;
+        let id = match submitted {
+            Submitted::Created(id) => id,
+            Submitted::KeyReused => return Err(ApiError::idempotency_key_reused()),
+            Submitted::Existing(id) => {
+                return match self.overflow.job(tenant, &id).await {
+                    Ok(Some(view)) => self.answer_job(session, ctx, view, true).await,
+                    // Its submission is still being stored: it is queued.
+                    Ok(None) => self.answer_queued(session, ctx, &id, true).await,
+                    Err(_) => Err(ApiError::upstream_error("The job store is unavailable.")),
+                };
+            }
+        };
+        self.answer_queued(session, ctx, &id, false).await
+    }
+
+    /// 202 for a job just queued, with its `Location`.
+    async fn answer_queued(
+        &self,
+        session: &mut Session,
+        ctx: &RequestCtx,
+        id: &str,
+        replayed: bool,
+    ) -> Result<(), ApiError> {
         let body = serde_json::json!({"id": id, "object": "runestone.job", "status": "queued"});
         let body = Bytes::from(body.to_string());
         let mut header = respond::response_header(202, ctx, body.len())
             .map_err(|e| ApiError::internal(e.to_string()))?;
         let _ = header.insert_header("location", format!("/v1/jobs/{id}"));
+        if replayed {
+            let _ = header.insert_header("idempotent-replayed", "true");
+        }
         respond::write_complete(session, header, body).await;
         Ok(())
     }
 
-    /// `GET /v1/jobs/{id}`: 202 while queued or running, the provider's
-    /// answer (and status) when done; another tenant's job is a 404.
+    /// A job as `GET /v1/jobs/{id}` answers it: 202 and the job object
+    /// while it waits or runs, its answer (with the answer's status) when
+    /// done, a 409 `job_cancelled` when cancelled. `replayed`: the answer
+    /// to a submission its idempotency key found (with `Location`).
+    async fn answer_job(
+        &self,
+        session: &mut Session,
+        ctx: &RequestCtx,
+        view: JobView,
+        replayed: bool,
+    ) -> Result<(), ApiError> {
+        let (status, body) = match &view.state {
+            JobState::Queued(_) | JobState::Running => (202, view.to_json().to_string()),
+            JobState::Done(result) => (result.status, result.body.clone()),
+            JobState::Cancelled => (
+                409,
+                String::from_utf8_lossy(&ApiError::job_cancelled().body()).into_owned(),
+            ),
+        };
+        let body = Bytes::from(body);
+        let mut header = respond::response_header(status, ctx, body.len())
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+        let _ = header.insert_header("x-runestone-job-attempts", view.attempts.to_string());
+        if replayed {
+            let _ = header.insert_header("location", format!("/v1/jobs/{}", view.id));
+            let _ = header.insert_header("idempotent-replayed", "true");
+        }
+        respond::write_complete(session, header, body).await;
+        Ok(())
+    }
+
+    /// `GET /v1/jobs/{id}`; another tenant's job is a 404.
     pub(super) async fn job_status(
         &self,
         session: &mut Session,
@@ -94,31 +167,139 @@ impl Gateway {
         tenant: usize,
         id: &str,
     ) -> Result<(), ApiError> {
-        let state = self
+        let view = self
             .overflow
-            .job_state(tenant, id)
+            .job(tenant, id)
             .await
             .map_err(|_| ApiError::upstream_error("The job store is unavailable."))?
             .ok_or_else(|| ApiError::job_not_found(id))?;
-        match state {
-            JobState::Queued(position) => {
-                let body = serde_json::json!({"id": id, "object": "runestone.job", "status": "queued", "position": position});
-                respond::json(session, ctx, 202, body).await
-            }
-            JobState::Running => {
-                let body =
-                    serde_json::json!({"id": id, "object": "runestone.job", "status": "running"});
-                respond::json(session, ctx, 202, body).await
-            }
-            JobState::Done(result) => {
-                let body = Bytes::from(result.body);
-                let header = respond::response_header(result.status, ctx, body.len())
-                    .map_err(|e| ApiError::internal(e.to_string()))?;
-                respond::write_complete(session, header, body).await;
-                Ok(())
+        self.answer_job(session, ctx, view, false).await
+    }
+
+    /// `DELETE /v1/jobs/{id}`: cancels the job (a running one's provider
+    /// call too) and answers the job object as it then is: `cancelled`,
+    /// or its final state when it had already ended (202 `running` when
+    /// its instance did not stop it within a few seconds).
+    pub(super) async fn cancel_job(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        tenant: usize,
+        id: &str,
+    ) -> Result<(), ApiError> {
+        let view = self
+            .overflow
+            .cancel_job(tenant, id)
+            .await
+            .map_err(|_| ApiError::upstream_error("The job store is unavailable."))?
+            .ok_or_else(|| ApiError::job_not_found(id))?;
+        let status = if view.state == JobState::Running {
+            202
+        } else {
+            200
+        };
+        respond::json(session, ctx, status, view.to_json()).await
+    }
+
+    /// `GET /v1/jobs?status=&limit=&after=`: the tenant's jobs, newest
+    /// first, a page at a time.
+    pub(super) async fn list_jobs(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        tenant: usize,
+    ) -> Result<(), ApiError> {
+        let query = session
+            .req_header()
+            .uri
+            .query()
+            .unwrap_or_default()
+            .to_owned();
+        let (mut status, mut limit, mut after) = (None, LIST_DEFAULT, None);
+        for (name, value) in url::form_urlencoded::parse(query.as_bytes()) {
+            match name.as_ref() {
+                "status" => {
+                    let known = ["queued", "running", "completed", "failed", "cancelled"];
+                    status = Some(known.into_iter().find(|s| *s == value).ok_or_else(|| {
+                        ApiError::invalid_field(
+                            "status",
+                            "must be queued, running, completed, failed or cancelled",
+                        )
+                    })?);
+                }
+                "limit" => {
+                    limit = value
+                        .parse()
+                        .ok()
+                        .filter(|l| (1..=LIST_MAX).contains(l))
+                        .ok_or_else(|| {
+                            ApiError::invalid_field(
+                                "limit",
+                                format!("must be between 1 and {LIST_MAX}"),
+                            )
+                        })?;
+                }
+                "after" => after = Some(value.into_owned()),
+                _ => {}
             }
         }
+        let page = self
+            .overflow
+            .list_jobs(tenant, status, limit, after.as_deref())
+            .await
+            .map_err(|why| match why {
+                ListRefusal::UnknownCursor => {
+                    ApiError::invalid_field("after", "names no job of yours (it may have expired)")
+                }
+                ListRefusal::Unavailable => {
+                    ApiError::upstream_error("The job store is unavailable.")
+                }
+            })?;
+        let data: Vec<serde_json::Value> = page.jobs.iter().map(JobView::to_json).collect();
+        let body = serde_json::json!({
+            "object": "list",
+            "data": data,
+            "first_id": page.jobs.first().map(|j| j.id.as_str()),
+            "last_id": page.cursor,
+            "has_more": page.has_more,
+        });
+        respond::json(session, ctx, 200, body).await
     }
+}
+
+/// The digest of a submission's idempotency key: the `Idempotency-Key`
+/// header, else a client-supplied `x-request-id`. A key must be 1 to 255
+/// visible ASCII characters, and given once.
+fn idempotency_key(headers: &http::HeaderMap) -> Result<Option<String>, ApiError> {
+    let (name, mut values) = match headers.get_all("idempotency-key").iter().next() {
+        Some(_) => ("idempotency-key", headers.get_all("idempotency-key").iter()),
+        None => ("x-request-id", headers.get_all("x-request-id").iter()),
+    };
+    let Some(key) = values.next() else {
+        return Ok(None);
+    };
+    let bytes = key.as_bytes();
+    if values.next().is_some() {
+        return Err(ApiError::invalid_field(name, "given more than once"));
+    }
+    if bytes.is_empty() || bytes.len() > 255 || !bytes.iter().all(|b| b.is_ascii_graphic()) {
+        return Err(ApiError::invalid_field(
+            name,
+            "must be 1 to 255 visible ASCII characters",
+        ));
+    }
+    Ok(Some(hex::encode(Sha256::digest(bytes))))
+}
+
+/// The digest of what a job was submitted with: a key reused with any
+/// other endpoint, model, callback or body is refused.
+fn fingerprint(endpoint: Endpoint, model: &str, callback: Option<&str>, body: &str) -> String {
+    let mut digest = Sha256::new();
+    for part in [endpoint.name(), model, callback.unwrap_or(""), body] {
+        digest.update((part.len() as u64).to_be_bytes());
+        digest.update(part.as_bytes());
+    }
+    hex::encode(digest.finalize())
 }
 
 #[async_trait]
@@ -133,9 +314,19 @@ impl JobRunner for Gateway {
         }
     }
 
-    async fn run_job(&self, job: &Job, tenant: usize, route: usize, grant: Grant) -> JobResult {
+    async fn run_job(
+        &self,
+        job: &Job,
+        tenant: usize,
+        route: usize,
+        grant: Grant,
+        mut control: AttemptControl,
+    ) -> Attempt {
+        let endpoint = Endpoint::from_name(&job.endpoint).unwrap_or(Endpoint::ChatCompletions);
         let mut ctx = self.new_ctx();
         ctx.request_id = job.id.clone();
+        ctx.endpoint = endpoint.name();
+        ctx.job_attempt = Some(control.number);
         ctx.tenant = Some(tenant);
         ctx.exchange.route = Some(route);
         ctx.grant = Some(grant);
@@ -149,15 +340,16 @@ impl JobRunner for Gateway {
                 client.request_headers.insert(name, value);
             }
         }
-        let endpoint = Endpoint::from_name(&job.endpoint).unwrap_or(Endpoint::ChatCompletions);
         let parsed = RequestFields::parse(&body);
         let pin = match &parsed {
             Ok(fields) => self.follow_up_pin(tenant, route, endpoint, fields).await,
             Err(_) => Ok(None),
         };
+        let max_tokens = parsed.as_ref().ok().and_then(|f| f.max_tokens);
+        let estimate = cost::Estimate::new(body.clone(), max_tokens);
+        let mut stopped = None;
         let outcome = match parsed.and_then(|fields| Ok((pin?, fields))) {
             Ok((pin, fields)) => {
-                let estimate = cost::Estimate::new(body.clone(), fields.max_tokens);
                 let RequestCtx {
                     request_id,
                     exchange: report,
@@ -188,27 +380,89 @@ impl JobRunner for Gateway {
                     cost_pusd,
                     started: *started,
                 };
-                self.forwarder
-                    .forward(&mut client, &exchange, report, &mut settler)
-                    .await
+                // Past its deadline, or cancelled, the attempt stops: the
+                // provider call is dropped (its connection closed).
+                tokio::select! {
+                    outcome = self.forwarder.forward(&mut client, &exchange, report, &mut settler) => outcome,
+                    ended = control.stopped() => {
+                        stopped = Some(ended);
+                        Ok(())
+                    }
+                }
             }
             Err(error) => Err(error),
         };
-        self.settle(&mut ctx).await;
-        match outcome {
-            Ok(()) if client.complete => JobResult {
-                status: client.status.unwrap_or(200),
-                body: String::from_utf8_lossy(&client.body).into_owned(),
-            },
-            Ok(()) if client.too_large => JobResult::failed(&ApiError::upstream_error(format!(
-                "The provider's answer is larger than {MAX_JOB_ANSWER_BYTES} bytes, the most an async job keeps."
-            ))),
-            Ok(()) => JobResult::failed(&ApiError::upstream_error(
-                "The provider broke off the response.",
-            )),
-            Err(error) => JobResult::failed(&error),
+        if stopped.is_some() && ctx.exchange.usage.is_none() && ctx.exchange.provider.is_some() {
+            // Cut off before the provider's answer: the prompt it was sent
+            // is billed, as the gateway counts it (nothing generated was
+            // seen).
+            ctx.exchange.usage = Some(cost::Usage {
+                prompt_tokens: estimate.prompt_tokens(&job.model),
+                estimated: true,
+                ..cost::Usage::default()
+            });
         }
+        self.settle(&mut ctx).await;
+        let (result, ended) = match (stopped, outcome) {
+            (Some(Ended::Cancelled), _) => (
+                JobResult::failed(&ApiError::job_cancelled()),
+                Ended::Cancelled,
+            ),
+            (Some(_), _) => (
+                JobResult::failed(&ApiError::job_timeout(self.config.jobs.timeout)),
+                Ended::TimedOut,
+            ),
+            (None, Ok(())) if client.complete => {
+                let status = client.status.unwrap_or(200);
+                let ended = if status == 429 || status >= 500 {
+                    Ended::Retryable
+                } else {
+                    Ended::Final
+                };
+                let body = String::from_utf8_lossy(&client.body).into_owned();
+                (JobResult { status, body }, ended)
+            }
+            (None, Ok(())) if client.too_large => (
+                JobResult::failed(&ApiError::upstream_error(format!(
+                    "The provider's answer is larger than {MAX_JOB_ANSWER_BYTES} bytes, the most an async job keeps."
+                ))),
+                Ended::Final,
+            ),
+            (None, Ok(())) => (
+                JobResult::failed(&ApiError::upstream_error(
+                    "The provider broke off the response.",
+                )),
+                Ended::Retryable,
+            ),
+            (None, Err(error)) => {
+                ctx.error_reason = Some(error.reason());
+                let ended = if retryable(&error) {
+                    Ended::Retryable
+                } else {
+                    Ended::Final
+                };
+                (JobResult::failed(&error), ended)
+            }
+        };
+        if let Ended::Cancelled | Ended::TimedOut = ended {
+            ctx.error_reason = Some(if ended == Ended::Cancelled {
+                "cancelled"
+            } else {
+                "provider_timeout"
+            });
+        }
+        self.record(&ctx, result.status);
+        Attempt { result, ended }
     }
+}
+
+/// Whether a gateway error ending an attempt is worth another: the
+/// provider side failed (5xx, 429, timeout) or nothing could serve.
+fn retryable(error: &ApiError) -> bool {
+    matches!(
+        error.reason(),
+        "provider_5xx" | "provider_429" | "provider_timeout" | "no_healthy_upstream"
+    )
 }
 
 /// Whether the client asked for an async answer (`Prefer: respond-async`).

@@ -66,6 +66,9 @@ pub struct RequestCtx {
     parked: Duration,
     /// The request's cost, once settled.
     cost_pusd: i64,
+    /// For an async job's attempt: its number (the request id is the
+    /// job's).
+    job_attempt: Option<u32>,
     /// What forwarding did: the route asked for (then the one that served),
     /// attempts, who served, usage.
     exchange: Report,
@@ -137,6 +140,7 @@ impl ProxyHttp for Gateway {
             rate_limit_headers: Vec::new(),
             parked: Duration::ZERO,
             cost_pusd: 0,
+            job_attempt: None,
             exchange: Report::default(),
         }
     }

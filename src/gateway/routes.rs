@@ -71,15 +71,26 @@ impl Gateway {
                 let rest = path["/v1/responses/".len()..].to_string();
                 self.response_operation(session, ctx, &rest).await
             }
-            ("GET", _, _) if path.starts_with("/v1/jobs/") => {
+            ("GET", "/v1/jobs", _) => {
+                ctx.endpoint = "jobs";
+                let tenant = self.authenticate(session, ctx)?;
+                self.list_jobs(session, ctx, tenant).await
+            }
+            ("GET" | "DELETE", _, _) if path.starts_with("/v1/jobs/") => {
                 ctx.endpoint = "jobs";
                 let tenant = self.authenticate(session, ctx)?;
                 let id = &path["/v1/jobs/".len()..];
-                self.job_status(session, ctx, tenant, id).await
+                if !plain_job_id(id) {
+                    return Err(ApiError::job_not_found("(not a job id)"));
+                }
+                if method == http::Method::DELETE {
+                    self.cancel_job(session, ctx, tenant, id).await
+                } else {
+                    self.job_status(session, ctx, tenant, id).await
+                }
             }
-            (_, "/health" | "/ready" | "/v1/models" | "/v1/usage", _) | (_, _, Some(_)) => {
-                Err(ApiError::method_not_allowed(method.as_str(), &path))
-            }
+            (_, "/health" | "/ready" | "/v1/models" | "/v1/usage" | "/v1/jobs", _)
+            | (_, _, Some(_)) => Err(ApiError::method_not_allowed(method.as_str(), &path)),
             _ => Err(ApiError::unknown_url(method.as_str(), &path)),
         }
     }
@@ -233,6 +244,17 @@ fn with_default_model(body: Bytes) -> Bytes {
         }
         _ => body,
     }
+}
+
+/// Whether a path segment can be a job id (`job_` and up to 100 letters,
+/// digits, `-` or `_`): anything else is no job, and is never echoed.
+fn plain_job_id(id: &str) -> bool {
+    id.strip_prefix("job_").is_some_and(|rest| {
+        (1..=100).contains(&rest.len())
+            && rest
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    })
 }
 
 /// The most images billed for an answer whose images could not be counted

@@ -177,6 +177,54 @@ impl ApiError {
         )
     }
 
+    /// 409: the submission's idempotency key names a job submitted with
+    /// another request.
+    pub fn idempotency_key_reused() -> Self {
+        Self::new(
+            409,
+            "invalid_request_error",
+            "idempotency_key_reused",
+            "This idempotency key was used for another request; send the same request with it, or use another key.",
+        )
+        .with_param("idempotency-key")
+    }
+
+    /// 409 (a job's stored answer): the job was cancelled by its tenant.
+    pub fn job_cancelled() -> Self {
+        Self::new(
+            409,
+            "invalid_request_error",
+            "job_cancelled",
+            "The job was cancelled.",
+        )
+    }
+
+    /// 504 (a job's attempt): it ran past `jobs.timeout_seconds`.
+    pub fn job_timeout(limit: std::time::Duration) -> Self {
+        Self::new(
+            504,
+            "api_error",
+            "job_timeout",
+            format!(
+                "The job's attempt ran past its time limit of {} s and was cancelled.",
+                limit.as_secs()
+            ),
+        )
+    }
+
+    /// 504 (a job's answer): it could not start within `jobs.max_age_seconds`.
+    pub fn job_expired(max_age: std::time::Duration) -> Self {
+        Self::new(
+            504,
+            "api_error",
+            "job_expired",
+            format!(
+                "The job could not run within {} s of its submission.",
+                max_age.as_secs()
+            ),
+        )
+    }
+
     /// 404: no stored response `id` for this tenant (`param` names the
     /// field that gave it, for a follow-up).
     pub fn response_not_found(id: &str, param: Option<&str>) -> Self {
@@ -350,7 +398,9 @@ impl ApiError {
             "upstream_rate_limited" => "provider_429",
             "insufficient_quota" => "policy_budget",
             "upstream_error" => "provider_5xx",
-            "upstream_timeout" => "provider_timeout",
+            "upstream_timeout" | "job_timeout" => "provider_timeout",
+            "job_expired" => "policy_job_expired",
+            "job_cancelled" => "cancelled",
             "no_healthy_upstream" => "no_healthy_upstream",
             "response_store_unavailable" => "store_unavailable",
             "gateway_internal" => "gateway_internal",

@@ -1,9 +1,12 @@
-//! The drain: visits the tenants' queues in turn, admits parked requests
-//! as capacity frees, claims and runs async jobs (failing alone those that
-//! cannot run), and keeps this instance's claims alive.
+//! The drain: visits the tenants' queues in weighted turns, admits parked
+//! requests as capacity frees, claims and runs async jobs (each attempt
+//! bounded in time and cancellable, failed attempts tried again after a
+//! backoff, jobs that cannot run failed alone), and keeps this instance's
+//! claims alive.
 
-use super::jobs::{Job, JobResult, JobRunner};
+use super::jobs::{Attempt, AttemptControl, Ended, Job, JobResult, JobRunner};
 use super::queue::Entry;
+use super::turns::{Turns, Visit};
 use super::{lock, unix_ms, Overflow};
 use crate::config::Config;
 use crate::limits::Limiter;
@@ -21,6 +24,11 @@ use tracing::{error, info, warn};
 const TICK: Duration = Duration::from_millis(10);
 /// How often it looks when all seemed empty (jobs queued by other instances).
 const IDLE_TICK: Duration = Duration::from_millis(200);
+/// How often jobs whose backoff is over are put back in their queue.
+const PROMOTE_EVERY: Duration = Duration::from_millis(250);
+/// How often running jobs are checked for a cancel asked on another
+/// instance.
+const CANCEL_POLL: Duration = Duration::from_millis(500);
 
 /// The drain: admits queue heads as capacity frees, runs async jobs, and
 /// keeps this instance's claims alive (a Pingora background service).
@@ -96,16 +104,15 @@ impl Drain {
         Some((queue.front()?.clone(), queue.len()))
     }
 
-    /// Tries the head of one tenant's queue; whether the queue still has
-    /// work.
-    async fn visit(&self, tenant: usize, running: &mut JoinSet<()>) -> bool {
+    /// Tries the head of one tenant's queue.
+    async fn visit(&self, tenant: usize, running: &mut JoinSet<()>) -> Visit {
         let o = &self.overflow;
         let heads = self.heads(tenant).await;
         metrics::OVERFLOW_PARKED
             .with_label_values(&[&o.inner.tenant_ids[tenant]])
             .set(heads.as_ref().map_or(0, |(_, len)| *len as i64));
         let Some((head, _)) = heads else {
-            return false;
+            return Visit::Empty;
         };
         match &head {
             Entry::Sync {
@@ -120,34 +127,35 @@ impl Drain {
                     // further out than any wait, or its instance stopped
                     // beating): then it would block the queue for everyone.
                     let now = unix_ms();
-                    let longest =
-                        (o.settings(tenant).max_wait + o.inner.visibility).as_millis() as u64;
+                    let longest = (o.settings(tenant).max_wait + o.inner.jobs.visibility_timeout)
+                        .as_millis() as u64;
                     if *deadline_ms < now
                         || *deadline_ms > now.saturating_add(longest)
                         || !self.is_alive(tenant, owner).await
                     {
                         o.remove(tenant, &head).await;
+                        return Visit::Served;
                     }
-                    return true;
+                    return Visit::Blocked;
                 }
                 let route = lock(&o.inner.waiters).get(id).map(|w| w.route);
                 let Some(route) = route.filter(|_| *deadline_ms >= unix_ms()) else {
                     // Its client timed out or left: drop it.
                     o.remove(tenant, &head).await;
-                    return true;
+                    return Visit::Served;
                 };
                 if route >= self.config.models.len() {
                     o.remove(tenant, &head).await;
-                    return true;
+                    return Visit::Served;
                 }
                 if !self
                     .upstreams
                     .can_serve_any(&self.config.routes_for(tenant, route))
                 {
-                    return true;
+                    return Visit::Blocked;
                 }
                 let Ok(grant) = self.limiter.admit(tenant, *tokens).await else {
-                    return true;
+                    return Visit::Blocked;
                 };
                 o.remove(tenant, &head).await;
                 let waiter = lock(&o.inner.waiters).remove(id);
@@ -155,12 +163,9 @@ impl Drain {
                     // The client left at the last moment.
                     self.limiter.release(grant).await;
                 }
-                true
+                Visit::Served
             }
-            Entry::Async { id } => {
-                self.try_job(tenant, &head, id, running).await;
-                true
-            }
+            Entry::Async { id } => self.try_job(tenant, &head, id, running).await,
         }
     }
 
@@ -172,7 +177,7 @@ impl Drain {
         let tenant = claim.tenant;
         if o.inner.redis.is_none() {
             let pending = match lock(&o.inner.local).jobs.get(id) {
-                Some(job) if job.result.is_none() && !job.running => Some(job.job.clone()),
+                Some(job) if job.pending() => Some(job.job.clone()),
                 _ => None,
             };
             if pending.is_none() {
@@ -194,7 +199,7 @@ impl Drain {
             Some(raw) if raw == claim.head.encode() => {}
             Some(_) => {
                 // Someone else's head moved under us: put it back.
-                self.unclaim(claim).await;
+                o.requeue_claim(claim).await;
                 return None;
             }
             None => return None,
@@ -205,8 +210,9 @@ impl Drain {
             .await;
         match fields {
             Some((_, Some(_))) | Some((None, _)) => {
-                // Already done (a re-queued duplicate) or gone: acknowledge.
-                self.acknowledge(claim).await;
+                // Already over (a re-queued duplicate, cancelled) or gone:
+                // acknowledge.
+                o.acknowledge(claim).await;
                 None
             }
             Some((Some(request), None)) => Some(
@@ -223,7 +229,7 @@ impl Drain {
                     }),
             ),
             None => {
-                self.unclaim(claim).await;
+                o.requeue_claim(claim).await;
                 None
             }
         }
@@ -248,15 +254,24 @@ impl Drain {
         Ok(route)
     }
 
-    async fn try_job(&self, tenant: usize, head: &Entry, id: &str, running: &mut JoinSet<()>) {
+    async fn try_job(
+        &self,
+        tenant: usize,
+        head: &Entry,
+        id: &str,
+        running: &mut JoinSet<()>,
+    ) -> Visit {
         let o = &self.overflow;
+        if running.len() >= self.config.jobs.concurrency {
+            return Visit::NoSlot;
+        }
         let claim = Claim {
             tenant,
             head: head.clone(),
             processing: o.key(tenant, &format!("processing:{}", o.inner.instance)),
         };
         let job = match self.claim(&claim, id).await {
-            None => return,
+            None => return Visit::Served,
             Some(Ok(job)) => job,
             Some(Err(why)) => {
                 warn!(job = %id, error = %why, "a stored job cannot be read; it fails");
@@ -264,10 +279,16 @@ impl Drain {
                     "The stored job could not be read; it was not run.",
                 ));
                 o.finish_job(&claim, id, &result).await;
-                return;
+                return Visit::Served;
             }
         };
+        let max_age = self.config.jobs.max_age;
+        let expired = unix_ms() > job.created_ms.saturating_add(max_age.as_millis() as u64);
         let route = match self.resolve(tenant, &job) {
+            Ok(_) if expired => Err(ApiError::job_expired(max_age)),
+            resolved => resolved,
+        };
+        let route = match route {
             Ok(route) => route,
             Err(error) => {
                 warn!(job = %id, tenant = %job.tenant, model = %job.model, code = error.code, "a job can no longer run as submitted; it fails");
@@ -277,77 +298,84 @@ impl Drain {
                     o.deliver_callback(self.runner.as_ref(), tenant, &job, &result)
                         .await;
                 }
-                return;
+                return Visit::Served;
             }
         };
         if !self
             .upstreams
             .can_serve_any(&self.config.routes_for(tenant, route))
         {
-            self.unclaim(&claim).await;
-            return;
+            o.requeue_claim(&claim).await;
+            return Visit::Blocked;
         }
         let grant = match self.limiter.admit(tenant, job.tokens).await {
             Ok(grant) => grant,
             Err(_) => {
-                self.unclaim(&claim).await;
-                return;
+                o.requeue_claim(&claim).await;
+                return Visit::Blocked;
             }
         };
-        o.mark_running(tenant, head, id).await;
-        let id = id.to_string();
+        let Some(number) = o.start_attempt(&claim, id).await else {
+            self.limiter.release(grant).await;
+            return Visit::Served;
+        };
+        let (stop, cancel) = tokio::sync::watch::channel(false);
+        lock(&o.inner.running).insert(id.to_string(), (tenant, stop));
+        let control = AttemptControl {
+            number,
+            deadline: tokio::time::Instant::now() + self.config.jobs.timeout,
+            cancel,
+        };
         let overflow = o.clone();
         let runner = self.runner.clone();
+        let settings = self.config.jobs;
         running.spawn(async move {
             // Run on a task of its own so that a panic fails this job alone
             // (its grant is released by its drop guard) and is answered.
             let run = {
                 let (runner, job) = (runner.clone(), job.clone());
-                tokio::spawn(async move { runner.run_job(&job, tenant, route, grant).await })
+                tokio::spawn(
+                    async move { runner.run_job(&job, tenant, route, grant, control).await },
+                )
             };
-            let result = match run.await {
-                Ok(result) => result,
+            let attempt = match run.await {
+                Ok(attempt) => attempt,
                 Err(e) => {
                     error!(job = %job.id, error = %e, "an async job's run failed inside the gateway");
-                    JobResult::failed(&ApiError::internal(
-                        "The gateway failed while running the job.",
-                    ))
+                    Attempt {
+                        result: JobResult::failed(&ApiError::internal(
+                            "The gateway failed while running the job.",
+                        )),
+                        ended: Ended::Final,
+                    }
                 }
             };
-            overflow.finish_job(&claim, &id, &result).await;
+            lock(&overflow.inner.running).remove(&job.id);
             overflow
-                .deliver_callback(runner.as_ref(), tenant, &job, &result)
+                .end_attempt(runner.as_ref(), &settings, &claim, &job, number, attempt)
                 .await;
         });
+        Visit::Served
     }
 
-    /// Puts a claimed head back at the head of its queue.
-    async fn unclaim(&self, claim: &Claim) {
+    /// Tells the jobs running here that their tenant cancelled them on
+    /// another instance.
+    async fn look_for_cancels(&self) {
         let o = &self.overflow;
-        if o.inner.redis.is_some() {
-            let _: Option<Option<String>> = o
-                .redis(
-                    redis::cmd("LMOVE")
-                        .arg(&claim.processing)
-                        .arg(o.key(claim.tenant, "queue"))
-                        .arg("RIGHT")
-                        .arg("LEFT"),
-                )
-                .await;
+        if o.inner.redis.is_none() {
+            return;
         }
-    }
-
-    /// Removes a claimed head from the processing list.
-    async fn acknowledge(&self, claim: &Claim) {
-        let _: Option<i64> = self
-            .overflow
-            .redis(
-                redis::cmd("LREM")
-                    .arg(&claim.processing)
-                    .arg(1)
-                    .arg(claim.head.encode()),
-            )
-            .await;
+        let ids: Vec<(String, usize)> = lock(&o.inner.running)
+            .iter()
+            .map(|(id, (tenant, _))| (id.clone(), *tenant))
+            .collect();
+        for (id, tenant) in ids {
+            if o.cancel_requested(tenant, &id).await {
+                if let Some((_, stop)) = lock(&o.inner.running).get(&id) {
+                    let _ = stop.send(true);
+                }
+            }
+        }
     }
 
     /// Whether another instance still beats for `tenant` (its heartbeat
@@ -379,7 +407,7 @@ impl Drain {
         if o.inner.redis.is_none() {
             return;
         }
-        let ttl = o.inner.visibility.as_millis() as u64;
+        let ttl = o.inner.jobs.visibility_timeout.as_millis() as u64;
         for tenant in 0..o.inner.tenant_ids.len() {
             let workers = o.key(tenant, "workers");
             let _: Option<()> = o
@@ -467,37 +495,66 @@ impl Drain {
     /// period).
     pub async fn run(&self, mut shutdown: tokio::sync::watch::Receiver<bool>) {
         self.warn_if_redis_may_evict().await;
-        let tenants = self.overflow.inner.tenant_ids.len();
+        let o = &self.overflow;
+        let tenants = o.inner.tenant_ids.len();
+        let mut turns = Turns::new(o.inner.settings.iter().map(|s| s.weight).collect());
         let mut next_claims = Instant::now();
-        let mut start = 0;
+        let mut next_promote = Instant::now();
+        let mut next_cancel_poll = Instant::now();
         let mut running = JoinSet::new();
         loop {
-            if Instant::now() >= next_claims {
+            let now = Instant::now();
+            if now >= next_claims {
                 self.keep_claims().await;
-                next_claims = Instant::now() + self.overflow.inner.visibility / 3;
+                next_claims = Instant::now() + o.inner.jobs.visibility_timeout / 3;
             }
-            // One head per tenant per round, starting with a different
-            // tenant each round: fair across tenants.
+            if now >= next_promote {
+                for tenant in 0..tenants {
+                    o.promote_due(tenant).await;
+                }
+                next_promote = Instant::now() + PROMOTE_EVERY;
+            }
+            if now >= next_cancel_poll {
+                self.look_for_cancels().await;
+                next_cancel_poll = Instant::now() + CANCEL_POLL;
+            }
+            while running.try_join_next().is_some() {}
+            // Each tenant in turn takes up to its weight of heads.
             let mut busy = false;
-            for i in 0..tenants {
-                let tenant = (start + i) % tenants;
-                // A fault in one tenant's queue must not stop the drain for
-                // every tenant.
-                match AssertUnwindSafe(self.visit(tenant, &mut running))
-                    .catch_unwind()
-                    .await
-                {
-                    Ok(more) => busy |= more,
-                    Err(_) => {
-                        error!(tenant = %self.overflow.inner.tenant_ids[tenant], "the overflow drain failed on a queue head; going on");
+            let mut stopped = None;
+            for (tenant, share) in turns.round() {
+                let mut took = 0;
+                while took < share {
+                    // A fault in one tenant's queue must not stop the drain
+                    // for every tenant.
+                    let visit = AssertUnwindSafe(self.visit(tenant, &mut running))
+                        .catch_unwind()
+                        .await
+                        .unwrap_or_else(|_| {
+                            error!(tenant = %o.inner.tenant_ids[tenant], "the overflow drain failed on a queue head; going on");
+                            Visit::Blocked
+                        });
+                    match visit {
+                        Visit::Served => took += 1,
+                        Visit::Empty => break,
+                        Visit::Blocked => {
+                            busy = true;
+                            break;
+                        }
+                        Visit::NoSlot => {
+                            busy = true;
+                            stopped.get_or_insert((tenant, took));
+                            break;
+                        }
                     }
                 }
+                busy |= took > 0;
             }
-            start = (start + 1) % tenants.max(1);
+            turns.end_round(stopped);
             let pause = if busy { TICK } else { IDLE_TICK };
             tokio::select! {
                 _ = tokio::time::sleep(pause) => {}
-                _ = self.overflow.inner.wake.notified() => {}
+                _ = o.inner.wake.notified() => {}
                 _ = shutdown.changed() => {
                     // Stop claiming; let the jobs already running finish
                     // (Pingora bounds this by the grace period). A job cut
@@ -512,5 +569,68 @@ impl Drain {
                 Some(_) = running.join_next(), if !running.is_empty() => {}
             }
         }
+    }
+}
+
+impl Overflow {
+    /// Puts a claimed head back at the head of its queue.
+    pub(super) async fn requeue_claim(&self, claim: &Claim) {
+        let o = self;
+        if o.inner.redis.is_some() {
+            let _: Option<Option<String>> = o
+                .redis(
+                    redis::cmd("LMOVE")
+                        .arg(&claim.processing)
+                        .arg(o.key(claim.tenant, "queue"))
+                        .arg("RIGHT")
+                        .arg("LEFT"),
+                )
+                .await;
+        }
+    }
+
+    /// Removes a claimed head from the processing list.
+    pub(super) async fn acknowledge(&self, claim: &Claim) {
+        let _: Option<i64> = self
+            .redis(
+                redis::cmd("LREM")
+                    .arg(&claim.processing)
+                    .arg(1)
+                    .arg(claim.head.encode()),
+            )
+            .await;
+    }
+
+    /// Ends an attempt: the job is done (and its callback delivered),
+    /// cancelled, or put back for another attempt after a backoff while
+    /// attempts and its age allow.
+    async fn end_attempt(
+        &self,
+        runner: &dyn JobRunner,
+        settings: &crate::config::JobSettings,
+        claim: &Claim,
+        job: &Job,
+        number: u32,
+        attempt: Attempt,
+    ) {
+        let tenant = claim.tenant;
+        match attempt.ended {
+            Ended::Cancelled => return self.finish_cancelled(claim, &job.id).await,
+            Ended::TimedOut => self.count_job(tenant, "timed_out"),
+            Ended::Final | Ended::Retryable => {}
+        }
+        if attempt.ended != Ended::Final && number < settings.max_attempts {
+            let next = unix_ms() + super::retry::backoff(settings, number).as_millis() as u64;
+            let deadline = job
+                .created_ms
+                .saturating_add(settings.max_age.as_millis() as u64);
+            if next <= deadline {
+                info!(job = %job.id, attempt = number, status = attempt.result.status, "a job's attempt failed; it runs again after a backoff");
+                return self.retry_job(claim, &job.id, next).await;
+            }
+        }
+        self.finish_job(claim, &job.id, &attempt.result).await;
+        self.deliver_callback(runner, tenant, job, &attempt.result)
+            .await;
     }
 }

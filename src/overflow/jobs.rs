@@ -1,17 +1,14 @@
-//! Async jobs: what a job is, where it is stored (Redis, or a bounded
-//! in-process store), its state for `GET /v1/jobs/{id}`, its result, and the
-//! signed callback that delivers it.
+//! Async jobs: what a job is, what an attempt at it ends in, how a job
+//! looks from outside (`GET /v1/jobs/{id}`, the list), and the signed
+//! callback that delivers its result. Where jobs are kept is
+//! `records.rs`.
 
-use super::drain::Claim;
-use super::local_jobs::LocalJobs;
-use super::queue::Entry;
-use super::{lock, unix_ms, Overflow, ParkRefusal};
+use super::{unix_ms, Overflow};
 use crate::limits::Grant;
 use crate::openai::ApiError;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
-use std::collections::{HashMap, VecDeque};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tracing::warn;
 
 /// An async job: the whole request, bound to its tenant and model by name.
@@ -37,6 +34,14 @@ pub struct Job {
     /// allow-list at submission (and is checked again at delivery).
     #[serde(default)]
     pub callback: Option<String>,
+    /// The SHA-256 (hex) of the submission's idempotency key, if it had
+    /// one (the key itself is never stored).
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
+    /// The SHA-256 (hex) of what was submitted (endpoint, model, callback,
+    /// body): the same key with another submission is refused.
+    #[serde(default)]
+    pub fingerprint: String,
 }
 
 impl Job {
@@ -45,6 +50,8 @@ impl Job {
         self.body.len()
             + self.id.len()
             + self.callback.as_ref().map_or(0, String::len)
+            + self.idempotency_key.as_ref().map_or(0, String::len)
+            + self.fingerprint.len()
             + self
                 .headers
                 .iter()
@@ -54,7 +61,7 @@ impl Job {
 }
 
 /// A finished job's answer.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct JobResult {
     /// The provider's (or the gateway's error) status.
     pub status: u16,
@@ -72,24 +79,160 @@ impl JobResult {
     }
 }
 
-/// A job's state for `GET /v1/jobs/{id}`.
+/// A job's state.
 #[derive(Debug, Clone, PartialEq)]
 pub enum JobState {
-    /// Waiting; 1-based position in the tenant's queue when known.
+    /// Waiting for its first or next attempt; 1-based position in the
+    /// tenant's queue when known (not while it waits out a backoff).
     Queued(Option<usize>),
     /// Claimed by an instance and running.
     Running,
-    /// Finished.
+    /// Finished: the answer of its last attempt.
     Done(JobResult),
+    /// Cancelled by its tenant.
+    Cancelled,
+}
+
+/// A job as `GET /v1/jobs/{id}`, the list and `DELETE` show it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobView {
+    /// `job_...`
+    pub id: String,
+    /// Where it is.
+    pub state: JobState,
+    /// The public model it asked for.
+    pub model: String,
+    /// Its endpoint's name (`chat`, ...).
+    pub endpoint: String,
+    /// Unix time of submission, ms.
+    pub created_ms: u64,
+    /// Attempts started so far.
+    pub attempts: u32,
+    /// When the next attempt may start (unix ms), while a failed attempt's
+    /// backoff runs.
+    pub next_attempt_ms: Option<u64>,
+}
+
+impl JobView {
+    /// The job's status word: `queued`, `running`, `completed`, `failed`
+    /// or `cancelled`.
+    pub fn status(&self) -> &'static str {
+        match &self.state {
+            JobState::Queued(_) => "queued",
+            JobState::Running => "running",
+            JobState::Done(result) if result.status < 400 => "completed",
+            JobState::Done(_) => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+
+    /// The job object (without its answer).
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut job = serde_json::json!({
+            "id": self.id,
+            "object": "runestone.job",
+            "status": self.status(),
+            "model": self.model,
+            "endpoint": self.endpoint,
+            "created_at": self.created_ms / 1000,
+            "attempts": self.attempts,
+        });
+        match &self.state {
+            JobState::Queued(position) => {
+                job["position"] = serde_json::json!(position);
+                if let Some(at) = self.next_attempt_ms {
+                    job["next_attempt_at"] = serde_json::json!(at.div_ceil(1000));
+                }
+            }
+            JobState::Done(result) => job["response_status"] = serde_json::json!(result.status),
+            JobState::Running | JobState::Cancelled => {}
+        }
+        job
+    }
+}
+
+/// What submitting a job came to.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Submitted {
+    /// A new job, queued.
+    Created(String),
+    /// The tenant's idempotency key names this job, submitted with the
+    /// same request: nothing new was queued.
+    Existing(String),
+    /// The key names a job submitted with another request.
+    KeyReused,
+}
+
+/// How one attempt at a job ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// With an answer to keep: the job is done (completed, or failed for
+    /// good, as with a 4xx).
+    Final,
+    /// With a failure worth another attempt: a 5xx after failover, no
+    /// healthy upstream, a provider 429, an answer broken off.
+    Retryable,
+    /// Past `jobs.timeout_seconds`: cut off upstream, worth another attempt.
+    TimedOut,
+    /// Its tenant cancelled the job while it ran.
+    Cancelled,
+}
+
+/// One attempt's result.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Attempt {
+    /// The answer (or the error) it ended with.
+    pub result: JobResult,
+    /// How it ended.
+    pub ended: Ended,
+}
+
+/// What an attempt runs under: its number, its deadline and its
+/// cancellation.
+pub struct AttemptControl {
+    /// 1 for the first attempt.
+    pub number: u32,
+    /// When the attempt is cut off (`jobs.timeout_seconds` after it starts).
+    pub deadline: tokio::time::Instant,
+    /// Turns true when the job is cancelled.
+    pub cancel: tokio::sync::watch::Receiver<bool>,
+}
+
+impl AttemptControl {
+    /// Resolves when the attempt must stop, and why.
+    pub async fn stopped(&mut self) -> Ended {
+        let deadline = self.deadline;
+        let cancel = &mut self.cancel;
+        let cancelled = async move { cancel.wait_for(|c| *c).await.is_ok() };
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline) => Ended::TimedOut,
+            cancelled = cancelled => {
+                if !cancelled {
+                    // Nobody can cancel any more: only the deadline is left.
+                    tokio::time::sleep_until(deadline).await;
+                    return Ended::TimedOut;
+                }
+                Ended::Cancelled
+            }
+        }
+    }
 }
 
 /// Runs an admitted job; the gateway implements it.
 #[async_trait]
 pub trait JobRunner: Send + Sync {
     /// Forwards the job's request as `tenant`'s request for `route` (both
-    /// indices in the running config, resolved from the job's names) and
-    /// returns the answer; settles `grant`.
-    async fn run_job(&self, job: &Job, tenant: usize, route: usize, grant: Grant) -> JobResult;
+    /// indices in the running config, resolved from the job's names),
+    /// stopping when `control` says so; settles `grant` with what the
+    /// attempt used.
+    async fn run_job(
+        &self,
+        job: &Job,
+        tenant: usize,
+        route: usize,
+        grant: Grant,
+        control: AttemptControl,
+    ) -> Attempt;
     /// POSTs a signed callback body to `url`; whether it was accepted (2xx).
     async fn post_callback(&self, url: &str, body: &[u8], signature: &str) -> bool;
 }
@@ -161,135 +304,7 @@ fn callback_body(job_id: &str, result: &JobResult) -> Vec<u8> {
     serde_json::to_vec(&callback).unwrap_or_default()
 }
 
-/// In-process queues and jobs (no Redis): not durable.
-pub(super) struct LocalState {
-    pub(super) queues: HashMap<usize, VecDeque<Entry>>,
-    pub(super) jobs: LocalJobs,
-}
-
 impl Overflow {
-    /// Stores an async job of `tenant` (its index) and queues it; its id.
-    pub async fn submit(&self, tenant: usize, job: Job) -> Result<String, ParkRefusal> {
-        let id = job.id.clone();
-        if self.inner.redis.is_some() {
-            let stored = serde_json::to_string(&job).unwrap_or_default();
-            let key = self.key(tenant, &format!("job:{id}"));
-            let set: Option<()> = self
-                .redis(
-                    redis::cmd("HSET")
-                        .arg(&key)
-                        .arg("request")
-                        .arg(stored)
-                        .arg("state")
-                        .arg("queued"),
-                )
-                .await;
-            set.ok_or(ParkRefusal::Unavailable)?;
-            // Unfinished jobs are kept long enough to be found again.
-            let _: Option<i64> = self
-                .redis(
-                    redis::cmd("EXPIRE")
-                        .arg(&key)
-                        .arg(self.inner.result_ttl.as_secs() * 7),
-                )
-                .await;
-        } else {
-            self.store_local(job)?;
-        }
-        if let Err(refusal) = self.push(tenant, &Entry::Async { id: id.clone() }).await {
-            if self.inner.redis.is_none() {
-                lock(&self.inner.local).jobs.remove(&id);
-            }
-            return Err(refusal);
-        }
-        self.inner.wake.notify_one();
-        Ok(id)
-    }
-
-    /// Keeps a job in the in-process store, within its bounds.
-    fn store_local(&self, job: Job) -> Result<(), ParkRefusal> {
-        lock(&self.inner.local)
-            .jobs
-            .insert(job, Instant::now())
-            .map_err(ParkRefusal::StoreFull)
-    }
-
-    /// The state of the tenant's job `id`; `None` when it has no such job
-    /// (another tenant's job is not found either).
-    pub async fn job_state(
-        &self,
-        tenant: usize,
-        id: &str,
-    ) -> Result<Option<JobState>, ParkRefusal> {
-        if self.inner.redis.is_none() {
-            let mut local = lock(&self.inner.local);
-            local.jobs.sweep(Instant::now());
-            let Some(job) = local.jobs.get(id) else {
-                return Ok(None);
-            };
-            if job.job.tenant != self.inner.tenant_ids[tenant] {
-                return Ok(None);
-            }
-            return Ok(Some(match (&job.result, job.running) {
-                (Some(result), _) => JobState::Done(result.clone()),
-                (None, true) => JobState::Running,
-                (None, false) => JobState::Queued(local.queues.get(&tenant).and_then(|q| {
-                    q.iter()
-                        .position(|e| matches!(e, Entry::Async { id: j } if j == id))
-                        .map(|p| p + 1)
-                })),
-            }));
-        }
-        let key = self.key(tenant, &format!("job:{id}"));
-        let fields: Option<(Option<String>, Option<String>)> = self
-            .redis(redis::cmd("HMGET").arg(&key).arg("state").arg("result"))
-            .await;
-        let (state, result) = fields.ok_or(ParkRefusal::Unavailable)?;
-        Ok(match (state.as_deref(), result) {
-            (None, _) => None,
-            (_, Some(result)) => Some(JobState::Done(
-                serde_json::from_str(&result).unwrap_or_else(|_| {
-                    JobResult::failed(&ApiError::internal(
-                        "The job's stored result cannot be read.",
-                    ))
-                }),
-            )),
-            (Some("running"), None) => Some(JobState::Running),
-            (Some(_), None) => {
-                let position: Option<Option<i64>> = self
-                    .redis(
-                        redis::cmd("LPOS")
-                            .arg(self.key(tenant, "queue"))
-                            .arg(Entry::Async { id: id.to_string() }.encode()),
-                    )
-                    .await;
-                Some(JobState::Queued(
-                    position.flatten().map(|p| p.max(0) as usize + 1),
-                ))
-            }
-        })
-    }
-
-    /// Marks a claimed job running (and, in process, takes it off the queue).
-    pub(super) async fn mark_running(&self, tenant: usize, head: &Entry, id: &str) {
-        if self.inner.redis.is_some() {
-            let _: Option<i64> = self
-                .redis(
-                    redis::cmd("HSET")
-                        .arg(self.key(tenant, &format!("job:{id}")))
-                        .arg("state")
-                        .arg("running"),
-                )
-                .await;
-            return;
-        }
-        let mut local = lock(&self.inner.local);
-        local.jobs.mark_running(id);
-        if let Some(queue) = local.queues.get_mut(&tenant) {
-            queue.retain(|e| e != head);
-        }
-    }
-
     /// POSTs the result to the job's callback URL, retrying with backoff.
     /// The URL must still be on the tenant's allow-list.
     pub(super) async fn deliver_callback(
@@ -322,52 +337,6 @@ impl Overflow {
             warn!(job = %job.id, attempt = attempt + 1, "callback delivery failed");
         }
         self.count(tenant, "callback_failed");
-    }
-
-    /// Stores a job's result (and, with Redis, acknowledges its claim).
-    pub(super) async fn finish_job(&self, claim: &Claim, id: &str, result: &JobResult) {
-        let tenant = claim.tenant;
-        let outcome = if result.status < 400 {
-            "completed"
-        } else {
-            "failed"
-        };
-        self.count(tenant, outcome);
-        if let Some(r) = &self.inner.redis {
-            let key = self.key(tenant, &format!("job:{id}"));
-            let stored = serde_json::to_string(result).unwrap_or_default();
-            let mut pipe = redis::pipe();
-            pipe.cmd("HSET")
-                .arg(&key)
-                .arg("result")
-                .arg(stored)
-                .arg("state")
-                .arg("done")
-                .ignore();
-            pipe.cmd("EXPIRE")
-                .arg(&key)
-                .arg(self.inner.result_ttl.as_secs())
-                .ignore();
-            // Acknowledge only after the result is stored.
-            pipe.cmd("LREM")
-                .arg(&claim.processing)
-                .arg(1)
-                .arg(claim.head.encode())
-                .ignore();
-            let Some(mut conn) = r.conn() else { return };
-            if !matches!(
-                tokio::time::timeout(r.timeout * 4, pipe.query_async::<()>(&mut conn)).await,
-                Ok(Ok(()))
-            ) {
-                warn!(job = %id, "could not store a job's result; it will be re-queued and run again");
-            }
-            return;
-        }
-        let mut local = lock(&self.inner.local);
-        if let Some(queue) = local.queues.get_mut(&tenant) {
-            queue.retain(|e| e != &claim.head);
-        }
-        local.jobs.finish(id, result, Instant::now());
     }
 }
 

@@ -7,9 +7,10 @@
 //! a bound is refused; an answer that does not fit is replaced by a
 //! `job_store_full` error (the job fails, the store stays bounded).
 //! Finished jobs expire `result_ttl` after they finish, unfinished ones
-//! seven times that after submission, as in Redis.
+//! seven times that after submission, as in Redis. A job's idempotency key
+//! is kept for as long as the job, at most `idempotency_window`.
 
-use super::jobs::{Job, JobResult};
+use super::jobs::{Job, JobResult, JobState, JobView, Submitted};
 use crate::openai::ApiError;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -26,6 +27,7 @@ pub(super) struct Bounds {
     pub tenant_jobs: usize,
     pub tenant_bytes: usize,
     pub result_ttl: Duration,
+    pub idempotency_window: Duration,
 }
 
 impl Bounds {
@@ -35,6 +37,7 @@ impl Bounds {
         max_bytes: usize,
         tenants: usize,
         result_ttl: Duration,
+        idempotency_window: Duration,
     ) -> Self {
         let tenants = tenants.max(1);
         Bounds {
@@ -43,6 +46,7 @@ impl Bounds {
             tenant_jobs: (max_jobs / tenants).max(1),
             tenant_bytes: max_bytes / tenants,
             result_ttl,
+            idempotency_window,
         }
     }
 }
@@ -53,7 +57,42 @@ pub(super) struct LocalJob {
     pub job: Job,
     pub result: Option<JobResult>,
     pub running: bool,
+    pub cancelled: bool,
+    /// Its tenant asked to cancel it while it ran.
+    pub cancel_requested: bool,
+    /// Attempts started.
+    pub attempts: u32,
+    /// When its next attempt may start (unix ms), during a backoff.
+    pub next_attempt_ms: Option<u64>,
     expires_at: Instant,
+    /// Until when its idempotency key finds it.
+    key_expires_at: Instant,
+}
+
+impl LocalJob {
+    /// How the job looks from outside (`position` when queued).
+    pub(super) fn view(&self, position: Option<usize>) -> JobView {
+        let state = match (&self.result, self.cancelled, self.running) {
+            (_, true, _) => JobState::Cancelled,
+            (Some(result), false, _) => JobState::Done(result.clone()),
+            (None, false, true) => JobState::Running,
+            (None, false, false) => JobState::Queued(position),
+        };
+        JobView {
+            id: self.job.id.clone(),
+            state,
+            model: self.job.model.clone(),
+            endpoint: self.job.endpoint.clone(),
+            created_ms: self.job.created_ms,
+            attempts: self.attempts,
+            next_attempt_ms: self.next_attempt_ms,
+        }
+    }
+
+    /// Whether an attempt may still start.
+    pub(super) fn pending(&self) -> bool {
+        self.result.is_none() && !self.cancelled && !self.running
+    }
 }
 
 impl LocalJob {
@@ -90,6 +129,38 @@ impl LocalJobs {
         self.jobs.get(id)
     }
 
+    /// A job, by id, to change.
+    pub(super) fn get_mut(&mut self, id: &str) -> Option<&mut LocalJob> {
+        self.jobs.get_mut(id)
+    }
+
+    /// The job the tenant's idempotency key (its digest) names, within
+    /// the window: whether it was submitted with the same fingerprint.
+    pub(super) fn by_key(&self, job: &Job, now: Instant) -> Option<Submitted> {
+        let key = job.idempotency_key.as_deref()?;
+        let found = self.jobs.values().find(|j| {
+            j.job.tenant == job.tenant
+                && j.job.idempotency_key.as_deref() == Some(key)
+                && j.key_expires_at > now
+        })?;
+        Some(if found.job.fingerprint == job.fingerprint {
+            Submitted::Existing(found.job.id.clone())
+        } else {
+            Submitted::KeyReused
+        })
+    }
+
+    /// The tenant's jobs, newest first.
+    pub(super) fn of_tenant(&self, tenant: &str) -> Vec<&LocalJob> {
+        let mut jobs: Vec<&LocalJob> = self
+            .jobs
+            .values()
+            .filter(|j| j.job.tenant == tenant)
+            .collect();
+        jobs.sort_by(|a, b| (b.job.created_ms, &b.job.id).cmp(&(a.job.created_ms, &a.job.id)));
+        jobs
+    }
+
     /// Adds a job, or says in how many ms room may free up.
     pub(super) fn insert(&mut self, job: Job, now: Instant) -> Result<(), u64> {
         self.sweep(now);
@@ -111,7 +182,12 @@ impl LocalJobs {
                 job,
                 result: None,
                 running: false,
+                cancelled: false,
+                cancel_requested: false,
+                attempts: 0,
+                next_attempt_ms: None,
                 expires_at,
+                key_expires_at: now + self.bounds.idempotency_window,
             },
         );
         Ok(())
@@ -124,10 +200,32 @@ impl LocalJobs {
         }
     }
 
-    /// Marks a job running.
-    pub(super) fn mark_running(&mut self, id: &str) {
+    /// Starts an attempt: its number, or `None` when the job may not run
+    /// (finished, cancelled, gone).
+    pub(super) fn start_attempt(&mut self, id: &str) -> Option<u32> {
+        let job = self.jobs.get_mut(id).filter(|j| j.pending())?;
+        job.running = true;
+        job.next_attempt_ms = None;
+        job.attempts += 1;
+        Some(job.attempts)
+    }
+
+    /// An attempt failed and another follows at `next_attempt_ms`.
+    pub(super) fn retry_later(&mut self, id: &str, next_attempt_ms: u64, now: Instant) {
         if let Some(job) = self.jobs.get_mut(id) {
-            job.running = true;
+            job.running = false;
+            job.next_attempt_ms = Some(next_attempt_ms);
+            job.expires_at = now + self.bounds.result_ttl * 7;
+        }
+    }
+
+    /// Ends a job cancelled: kept `result_ttl` from now.
+    pub(super) fn cancel(&mut self, id: &str, now: Instant) {
+        if let Some(job) = self.jobs.get_mut(id) {
+            job.running = false;
+            job.cancelled = true;
+            job.next_attempt_ms = None;
+            job.expires_at = now + self.bounds.result_ttl;
         }
     }
 
@@ -150,6 +248,8 @@ impl LocalJobs {
         let grown = result.body.len();
         if let Some(job) = self.jobs.get_mut(id) {
             job.result = Some(result);
+            job.running = false;
+            job.next_attempt_ms = None;
             job.expires_at = now + self.bounds.result_ttl;
         }
         self.account(&tenant, 0, grown as isize);
@@ -213,6 +313,8 @@ mod tests {
             tokens: 1,
             created_ms: 0,
             callback: None,
+            idempotency_key: None,
+            fingerprint: String::new(),
         }
     }
 
@@ -226,7 +328,13 @@ mod tests {
     #[test]
     fn each_tenant_gets_its_share_and_no_more() {
         let now = Instant::now();
-        let mut store = LocalJobs::new(Bounds::new(4, 10_000, 2, Duration::from_secs(60)));
+        let mut store = LocalJobs::new(Bounds::new(
+            4,
+            10_000,
+            2,
+            Duration::from_secs(60),
+            Duration::from_secs(60),
+        ));
         assert!(store.insert(job("a1", "a", 10), now).is_ok());
         assert!(store.insert(job("a2", "a", 10), now).is_ok());
         assert!(
@@ -248,7 +356,13 @@ mod tests {
     #[test]
     fn answers_count_and_one_that_does_not_fit_fails_the_job() {
         let now = Instant::now();
-        let mut store = LocalJobs::new(Bounds::new(10, 3_000, 1, Duration::from_secs(60)));
+        let mut store = LocalJobs::new(Bounds::new(
+            10,
+            3_000,
+            1,
+            Duration::from_secs(60),
+            Duration::from_secs(60),
+        ));
         store.insert(job("j1", "a", 100), now).unwrap();
         store.finish("j1", &answer(1_000), now);
         assert_eq!(
@@ -266,7 +380,13 @@ mod tests {
     #[test]
     fn finished_jobs_expire_after_the_ttl() {
         let now = Instant::now();
-        let mut store = LocalJobs::new(Bounds::new(10, 10_000, 1, Duration::from_secs(5)));
+        let mut store = LocalJobs::new(Bounds::new(
+            10,
+            10_000,
+            1,
+            Duration::from_secs(5),
+            Duration::from_secs(5),
+        ));
         store.insert(job("j1", "a", 10), now).unwrap();
         store.insert(job("j2", "a", 10), now).unwrap();
         store.finish("j1", &answer(10), now);

@@ -34,20 +34,27 @@ mod drain;
 mod jobs;
 mod local_jobs;
 mod queue;
+mod records;
+mod retry;
+mod turns;
 
 pub use drain::Drain;
-pub use jobs::{sign_callback, Job, JobResult, JobRunner, JobState};
+pub use jobs::{
+    sign_callback, Attempt, AttemptControl, Ended, Job, JobResult, JobRunner, JobState, JobView,
+    Submitted,
+};
 pub use queue::Parked;
+pub use records::{JobPage, ListRefusal};
 
-use crate::config::{Config, TenantOverflow};
+use crate::config::{Config, JobSettings, TenantOverflow};
 use crate::limits::Grant;
 use crate::metrics;
 use crate::redis_conn::{Conn, RedisConnection};
-use jobs::LocalState;
+use records::LocalState;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::{oneshot, watch, Notify};
 use tracing::warn;
 
 /// Why a request could not be parked or a job stored.
@@ -104,8 +111,9 @@ struct Inner {
     local: Mutex<LocalState>,
     redis: Option<RedisQueues>,
     wake: Notify,
-    result_ttl: Duration,
-    visibility: Duration,
+    jobs: JobSettings,
+    /// Jobs running in this process: their tenant, and how to stop them.
+    running: Mutex<HashMap<String, (usize, watch::Sender<bool>)>>,
 }
 
 /// The overflow queue of every tenant.
@@ -143,12 +151,14 @@ impl Overflow {
                         config.jobs.in_process_max_bytes,
                         config.tenants.len(),
                         config.jobs.result_ttl,
+                        config.jobs.idempotency_window,
                     )),
+                    delayed: Vec::new(),
                 }),
                 redis,
                 wake: Notify::new(),
-                result_ttl: config.jobs.result_ttl,
-                visibility: config.jobs.visibility_timeout,
+                jobs: config.jobs,
+                running: Mutex::default(),
             }),
         }
     }
