@@ -317,3 +317,92 @@ fn a_lookup_redis_cannot_answer_is_a_503_but_what_this_instance_recorded_still_s
     assert_eq!(other.error_code(), "response_store_unavailable");
     assert!(other.header("retry-after").is_some());
 }
+
+/// A multipart form of `parts` (Content-Disposition parameters, value)
+/// under the boundary `AAA`.
+fn form(parts: &[(&str, &str)]) -> Vec<u8> {
+    let mut body = String::new();
+    for (disposition, value) in parts {
+        body.push_str(&format!(
+            "--AAA\r\nContent-Disposition: form-data; {disposition}\r\n\r\n{value}\r\n"
+        ));
+    }
+    body.push_str("--AAA--\r\n");
+    body.into_bytes()
+}
+
+#[test]
+fn an_upload_goes_upstream_as_the_gateway_read_it_and_an_ambiguous_one_is_refused() {
+    let mock = Mock::start(&[]);
+    let gw = Gateway::start(&GatewayConfig::new(&mock));
+    let auth = format!("Bearer {TENANT_KEY}");
+    let path = "/v1/audio/transcriptions";
+    let file = ("name=\"file\"; filename=\"a.wav\"", "RIFFdata");
+    let send = |content_type: &str, body: &[u8]| {
+        gw.post_raw(
+            path,
+            &[("authorization", &auth), ("content-type", content_type)],
+            body,
+        )
+    };
+    let plain = "multipart/form-data; boundary=AAA";
+    let resp = send(plain, &form(&[("name=\"model\"", "gpt-4o-mini"), file]));
+    assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
+    let seen = mock.requests().pop().unwrap();
+    assert_eq!(seen["model"], "mock-small");
+    let sent_type = seen["headers"]["content-type"].as_str().unwrap();
+    assert!(
+        sent_type.starts_with("multipart/form-data; boundary=runestone-"),
+        "{sent_type}"
+    );
+    // Forms a provider's parser could read another model from.
+    let before = mock.request_count();
+    let ambiguous = [
+        (
+            plain,
+            form(&[
+                ("name=\"model\"", "gpt-4o-mini"),
+                ("name=\"file\"; name=\"model\"", "same-name"),
+                file,
+            ]),
+        ),
+        (
+            plain,
+            form(&[
+                ("name=\"model\"", "gpt-4o-mini"),
+                ("NAME=\"model\"", "same-name"),
+                file,
+            ]),
+        ),
+        (
+            plain,
+            form(&[
+                ("name=\"model\"", "gpt-4o-mini"),
+                ("name*=UTF-8''model", "same-name"),
+                file,
+            ]),
+        ),
+        (
+            "multipart/form-data; boundary=BBB; boundary=AAA",
+            form(&[("name=\"model\"", "gpt-4o-mini"), file]),
+        ),
+        (
+            plain,
+            [
+                b"preamble\r\n".as_slice(),
+                &form(&[("name=\"model\"", "gpt-4o-mini"), file]),
+            ]
+            .concat(),
+        ),
+    ];
+    for (content_type, body) in ambiguous {
+        let resp = send(content_type, &body);
+        assert_eq!(resp.status, 400, "{}", String::from_utf8_lossy(&body));
+        assert_eq!(resp.json()["error"]["type"], "invalid_request_error");
+    }
+    assert_eq!(
+        mock.request_count(),
+        before,
+        "nothing ambiguous went upstream"
+    );
+}

@@ -181,10 +181,12 @@ impl Gateway {
             Some(media) => cost::Estimate::media(media),
             None => cost::Estimate::new(body.clone(), fields.max_tokens),
         };
+        // A form goes upstream re-encoded, under the gateway's own
+        // boundary: never the client's bytes or content type.
         let call = Call {
-            content_type: match (&form, content_type) {
-                (Some(_), Some(announced)) => announced,
-                _ => Call::post_json().content_type,
+            content_type: match &form {
+                Some(form) => form.content_type(),
+                None => Call::post_json().content_type,
             },
             ..Call::post_json()
         };
@@ -210,7 +212,7 @@ impl Gateway {
                 && endpoint == Endpoint::ChatCompletions
                 && fields.one_plain_choice,
             body_for: &|provider_model| match &form {
-                Some(form) => form.body_for(&body, provider_model),
+                Some(form) => form.body_for(provider_model),
                 None => rewrite_body(&body, &fields, provider_model, strip_usage),
             },
             request_id,
