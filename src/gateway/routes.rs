@@ -141,6 +141,15 @@ impl Gateway {
                 "expected an array of messages",
             ));
         }
+        if endpoint == Endpoint::Responses && fields.background {
+            // A background response is answered `queued`, without usage,
+            // and its usage is only shown by later reads, which bill
+            // nothing: it would never be billed.
+            return Err(ApiError::invalid_field(
+                "background",
+                "background responses are not supported by this gateway (their usage could not be billed); leave 'background' out or false",
+            ));
+        }
         let pin = self
             .follow_up_pin(tenant, route_index, endpoint, &fields)
             .await?;

@@ -30,6 +30,8 @@ struct RawFields<'a> {
     max_output_tokens: Option<u64>,
     #[serde(borrow, default)]
     previous_response_id: Option<Cow<'a, str>>,
+    #[serde(default)]
+    background: Option<bool>,
     #[serde(borrow, default, deserialize_with = "present")]
     api_key: Option<&'a RawValue>,
     #[serde(borrow, default, deserialize_with = "present")]
@@ -83,6 +85,9 @@ pub struct RequestFields<'a> {
     pub max_tokens: Option<u64>,
     /// The Responses API's `previous_response_id`.
     pub previous_response_id: Option<Cow<'a, str>>,
+    /// The Responses API's `background: true` (answered queued, without
+    /// usage).
+    pub background: bool,
     /// The body carries fields that name another upstream or key
     /// (`api_key`, `api_base`, `base_url`): they are removed before
     /// forwarding and never honoured.
@@ -179,6 +184,7 @@ impl<'a> RequestFields<'a> {
                 .or(raw.max_tokens)
                 .or(raw.max_output_tokens),
             previous_response_id: raw.previous_response_id,
+            background: raw.background.unwrap_or(false),
             has_foreign_upstream_fields: raw.api_key.is_some()
                 || raw.api_base.is_some()
                 || raw.base_url.is_some(),
@@ -202,6 +208,7 @@ impl<'a> RequestFields<'a> {
             stream_options_span: None,
             max_tokens: None,
             previous_response_id: None,
+            background: false,
             has_foreign_upstream_fields: false,
             messages_is_array: None,
             one_plain_choice: false,

@@ -272,3 +272,16 @@ fn recognises_a_prompt_too_long_by_code_or_by_message() {
         br#"{"error":{"message":"Your request was rejected by the safety system.","code":"content_policy_violation"}}"#
     ));
 }
+
+#[test]
+fn reads_the_responses_background_flag_as_a_boolean() {
+    let fields = RequestFields::parse(br#"{"model":"m","input":"hi","background":true}"#).unwrap();
+    assert!(fields.background);
+    let fields = RequestFields::parse(br#"{"model":"m","background":null}"#).unwrap();
+    assert!(!fields.background);
+    let err = RequestFields::parse(br#"{"model":"m","background":"yes"}"#).unwrap_err();
+    assert_eq!(
+        (err.status, err.param.as_deref()),
+        (400, Some("background"))
+    );
+}
