@@ -44,25 +44,38 @@ impl Media {
             #[serde(default)]
             duration: Option<f64>,
         }
-        #[derive(Deserialize)]
-        struct Seconds {
-            #[serde(default)]
-            seconds: Option<f64>,
-        }
         let Ok(answer) = serde_json::from_slice::<Answer<'_>>(body) else {
             return self.usage(None);
         };
-        let seconds = answer
-            .usage
-            .and_then(|u| serde_json::from_str::<Seconds>(u.get()).ok())
-            .and_then(|s| s.seconds)
-            .or(answer.duration);
-        let mut usage = self.usage(answer.usage.and_then(reported_usage));
+        let mut usage = self.usage_reported(answer.usage, answer.duration);
         if self.images.is_some() {
             if let Some(data) = &answer.data {
                 usage.images = data.len() as u64;
             }
         }
+        usage
+    }
+
+    /// The usage of a JSON answer too large to read whole, from its end
+    /// (`tail`): the units asked for, and the tokens and seconds its
+    /// `usage` reports.
+    pub fn usage_from_tail(&self, tail: &[u8]) -> Usage {
+        self.usage_reported(super::usage_member_in_tail(tail), None)
+    }
+
+    /// The units asked for, with the tokens and seconds of audio a `usage`
+    /// member reports (or the answer's `duration`).
+    fn usage_reported(&self, reported: Option<&RawValue>, duration: Option<f64>) -> Usage {
+        #[derive(Deserialize)]
+        struct Seconds {
+            #[serde(default)]
+            seconds: Option<f64>,
+        }
+        let seconds = reported
+            .and_then(|u| serde_json::from_str::<Seconds>(u.get()).ok())
+            .and_then(|s| s.seconds)
+            .or(duration);
+        let mut usage = self.usage(reported.and_then(reported_usage));
         if let Some(seconds) = seconds.filter(|s| s.is_finite() && *s >= 0.0) {
             usage.audio_ms = ((seconds * 1000.0).round() as u64).min(MAX_AUDIO_MS);
         }

@@ -312,6 +312,39 @@ fn reported_usage(raw: &RawValue) -> Option<Usage> {
     serde_json::from_str::<UsageWire>(raw).ok()?.into_usage()
 }
 
+/// The end of a JSON body kept to read its `usage` from when the body is
+/// too large to keep whole ([`MAX_METERED_JSON_BYTES`]): providers put it
+/// last.
+pub const JSON_TAIL_BYTES: usize = 64 * 1024;
+
+/// The `usage` member found in the end of a JSON body too large to parse
+/// whole: the last `"usage":` followed by a whole JSON object.
+pub(crate) fn usage_member_in_tail(tail: &[u8]) -> Option<&RawValue> {
+    let finder = memchr::memmem::FinderRev::new(b"\"usage\"");
+    let mut end = tail.len();
+    // A few tries: an occurrence may be inside a string.
+    for _ in 0..8 {
+        let at = finder.rfind(&tail[..end])?;
+        end = at;
+        let rest = tail[at + b"\"usage\"".len()..].trim_ascii_start();
+        let Some(value) = rest.strip_prefix(b":") else {
+            continue;
+        };
+        let mut values = serde_json::Deserializer::from_slice(value).into_iter::<&RawValue>();
+        if let Some(Ok(raw)) = values.next() {
+            if raw.get().starts_with('{') {
+                return Some(raw);
+            }
+        }
+    }
+    None
+}
+
+/// The usage reported in the end of a JSON body too large to parse whole.
+pub fn reported_usage_in_tail(tail: &[u8]) -> Option<Usage> {
+    usage_member_in_tail(tail).and_then(reported_usage)
+}
+
 /// Usage from a complete JSON response body; estimated from the generated
 /// text (and `prompt_estimate`) when the provider sent none.
 pub fn usage_from_json(body: &[u8], prompt_estimate: u64) -> Usage {

@@ -141,6 +141,8 @@ impl Gateway {
                 "expected an array of messages",
             ));
         }
+        // Read before admission, so a request refused here spends nothing.
+        let media = media_units(endpoint, &fields, form.as_ref())?;
         if endpoint == Endpoint::Responses && fields.background {
             // A background response is answered `queued`, without usage,
             // and its usage is only shown by later reads, which bill
@@ -186,7 +188,7 @@ impl Gateway {
         let asks_usage = matches!(endpoint, Endpoint::ChatCompletions | Endpoint::Completions);
         let strip_usage = fields.stream && asks_usage && !fields.client_wants_usage();
         debug!(request_id = %ctx.request_id, tenant = %self.config.tenants[tenant].id, model = %route.name, endpoint = endpoint.name(), "routing");
-        let estimate = match media_units(endpoint, &body, form.as_ref()) {
+        let estimate = match media {
             Some(media) => cost::Estimate::media(media),
             None => cost::Estimate::new(body.clone(), fields.max_tokens),
         };
@@ -273,38 +275,51 @@ fn plain_job_id(id: &str) -> bool {
 const MAX_IMAGES_ASKED: u64 = 128;
 
 /// What a media request is billed by besides reported tokens (`None` for
-/// the text endpoints): images asked for, characters to speak.
-fn media_units(endpoint: Endpoint, body: &[u8], form: Option<&Form>) -> Option<cost::Media> {
-    #[derive(serde::Deserialize)]
-    struct Asked {
-        #[serde(default)]
-        n: Option<u64>,
-        #[serde(default)]
-        input: Option<String>,
-    }
-    let asked = || serde_json::from_slice::<Asked>(body).ok();
+/// the text endpoints): images asked for, characters to speak. Read from
+/// the fields the request was routed by (one strict parse: a field given
+/// twice was refused there), and refused when of the wrong type, so a
+/// request cannot be billed for less than it asks.
+fn media_units(
+    endpoint: Endpoint,
+    fields: &RequestFields<'_>,
+    form: Option<&Form>,
+) -> Result<Option<cost::Media>, ApiError> {
+    let images = |n: Option<u64>| Some(n.unwrap_or(1).min(MAX_IMAGES_ASKED));
     let media = match endpoint {
-        Endpoint::ImageGenerations => cost::Media {
-            images: Some(asked().and_then(|a| a.n).unwrap_or(1).min(MAX_IMAGES_ASKED)),
-            characters: 0,
-        },
+        Endpoint::ImageGenerations => {
+            let n = match fields.n {
+                None | Some("null") => None,
+                Some(raw) => Some(
+                    serde_json::from_str::<u64>(raw)
+                        .map_err(|_| ApiError::invalid_field("n", "expected a whole number"))?,
+                ),
+            };
+            cost::Media {
+                images: images(n),
+                characters: 0,
+            }
+        }
         Endpoint::ImageEdits | Endpoint::ImageVariations => cost::Media {
-            images: Some(form.and_then(|f| f.n).unwrap_or(1).min(MAX_IMAGES_ASKED)),
+            images: images(form.and_then(|f| f.n)),
             characters: 0,
         },
-        Endpoint::Speech => cost::Media {
-            images: None,
-            characters: asked()
-                .and_then(|a| a.input)
-                .map_or(0, |input| input.chars().count() as u64),
-        },
+        Endpoint::Speech => {
+            let input = fields
+                .input
+                .and_then(|raw| serde_json::from_str::<std::borrow::Cow<'_, str>>(raw).ok())
+                .ok_or_else(|| ApiError::invalid_field("input", "expected the text to speak"))?;
+            cost::Media {
+                images: None,
+                characters: input.chars().count() as u64,
+            }
+        }
         Endpoint::Moderations | Endpoint::Transcriptions | Endpoint::Translations => {
             cost::Media::default()
         }
         Endpoint::ChatCompletions
         | Endpoint::Completions
         | Endpoint::Embeddings
-        | Endpoint::Responses => return None,
+        | Endpoint::Responses => return Ok(None),
     };
-    Some(media)
+    Ok(Some(media))
 }

@@ -43,6 +43,8 @@ struct RawFields<'a> {
     #[serde(borrow, default)]
     n: Option<&'a RawValue>,
     #[serde(borrow, default)]
+    input: Option<&'a RawValue>,
+    #[serde(borrow, default)]
     logprobs: Option<&'a RawValue>,
     /// Sampling fields are only type-checked: a provider that answers a
     /// string here with a 500 would count a client's mistake against the
@@ -95,6 +97,10 @@ pub struct RequestFields<'a> {
     /// `messages`, when present, is a JSON array (its items are the
     /// provider's to check).
     pub messages_is_array: Option<bool>,
+    /// `n` as given (images asked for, choices): its raw JSON, unread.
+    pub n: Option<&'a str>,
+    /// `input` as given (text to speak, a prompt): its raw JSON, unread.
+    pub input: Option<&'a str>,
     /// One choice without log probabilities (`n` absent or 1, `logprobs`
     /// absent or false): an answer a broken stream can be continued into.
     pub one_plain_choice: bool,
@@ -110,14 +116,23 @@ impl<'a> RequestFields<'a> {
             .map_err(|e| {
                 let path = e.path().to_string();
                 let inner = e.into_inner();
-                match inner.classify() {
-                    serde_json::error::Category::Data if path != "." => {
-                        ApiError::invalid_field(&path, inner)
+                let duplicate = inner
+                    .to_string()
+                    .strip_prefix("duplicate field `")
+                    .and_then(|rest| rest.split_once('`'))
+                    .map(|(field, _)| field.to_owned());
+                use serde_json::error::Category;
+                match (inner.classify(), duplicate) {
+                    // Which of two the provider would read is its own
+                    // business: a field the gateway reads is given once.
+                    (Category::Data, Some(field)) => {
+                        ApiError::invalid_field(&field, "given more than once")
                     }
-                    serde_json::error::Category::Data => ApiError::bad_request(format!(
+                    (Category::Data, None) if path != "." => ApiError::invalid_field(&path, inner),
+                    (Category::Data, None) => ApiError::bad_request(format!(
                         "The request body must be a JSON object: {inner}"
                     )),
-                    _ => ApiError::invalid_json(inner),
+                    (_, _) => ApiError::invalid_json(inner),
                 }
             });
         match parsed.and_then(|()| deserializer.end().map_err(ApiError::invalid_json)) {
@@ -189,6 +204,8 @@ impl<'a> RequestFields<'a> {
                 || raw.api_base.is_some()
                 || raw.base_url.is_some(),
             messages_is_array: raw.messages.map(|m| m.get().starts_with('[')),
+            n: raw.n.map(RawValue::get),
+            input: raw.input.map(RawValue::get),
             one_plain_choice: raw.n.is_none_or(|n| matches!(n.get(), "1" | "null"))
                 && raw
                     .logprobs
@@ -211,6 +228,8 @@ impl<'a> RequestFields<'a> {
             background: false,
             has_foreign_upstream_fields: false,
             messages_is_array: None,
+            n: None,
+            input: None,
             one_plain_choice: false,
         }
     }

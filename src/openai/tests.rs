@@ -285,3 +285,18 @@ fn reads_the_responses_background_flag_as_a_boolean() {
         (400, Some("background"))
     );
 }
+
+#[test]
+fn a_field_the_gateway_reads_given_twice_is_refused_by_name() {
+    for (body, param) in [
+        (&br#"{"model":"m","n":1,"n":2}"#[..], "n"),
+        (
+            br#"{"model":"tts-1","input":"long text","input":""}"#,
+            "input",
+        ),
+        (br#"{"model":"a","model":"b"}"#, "model"),
+    ] {
+        let err = RequestFields::parse(body).unwrap_err();
+        assert_eq!((err.status, err.param.as_deref()), (400, Some(param)));
+    }
+}

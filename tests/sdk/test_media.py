@@ -8,6 +8,7 @@ the first byte, and every error class.
 
 import io
 import json
+import urllib.error
 import urllib.request
 
 import openai
@@ -241,6 +242,43 @@ def test_errors_keep_their_classes(gateway, client):
             model="whisper-1", file=audio(1), extra_headers={"prefer": "respond-async"}
         )
     assert e.value.body["param"] == "prefer"
+
+
+def raw_post(gateway, path: str, body: bytes) -> tuple:
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{gateway.port}{path}",
+        data=body,
+        headers={"authorization": f"Bearer {TENANT_KEY}", "content-type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(req) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def test_what_media_is_billed_by_is_read_strictly_so_it_cannot_be_billed_for_less(gateway, mock):
+    before = len(mock.requests())
+    cases = [
+        # A second `input` (a provider may read the first), or none.
+        ("/v1/audio/speech", b'{"model":"tts-1","voice":"alloy","input":"a long text to speak","input":""}', "input"),
+        ("/v1/audio/speech", b'{"model":"tts-1","voice":"alloy","input":42}', "input"),
+        ("/v1/audio/speech", b'{"model":"tts-1","voice":"alloy"}', "input"),
+        # A sibling of the wrong type no longer makes the request free.
+        ("/v1/images/generations", b'{"model":"dall-e-3","prompt":"x","n":"3"}', "n"),
+        ("/v1/images/generations", b'{"model":"dall-e-3","prompt":"x","n":2,"n":1}', "n"),
+    ]
+    for path, body, param in cases:
+        status, answer = raw_post(gateway, path, body)
+        assert status == 400, answer
+        assert json.loads(answer)["error"]["param"] == param
+    assert len(mock.requests()) == before
+    # Speech with a sibling the gateway does not read is billed for its characters.
+    cost = spent(
+        gateway,
+        lambda: raw_post(gateway, "/v1/audio/speech", b'{"model":"tts-1","voice":"alloy","input":"twelve chars","speed":"x"}'),
+    )
+    assert cost == pytest.approx(12 * 15.0 / 1e6, rel=1e-9)
 
 
 def test_limits_count_media_requests(gateway):

@@ -47,8 +47,13 @@ pub(super) enum Meter {
     /// An error answer: the provider generated nothing. It is held (up to
     /// a bound) and sent whole at the end.
     Error { body: Vec<u8> },
-    /// A JSON body, kept (up to a bound) to read its `usage` at the end.
-    Json { body: Vec<u8>, seen: usize },
+    /// A JSON body, kept (up to a bound) to read its `usage` at the end;
+    /// past the bound, only its `tail` is kept (where `usage` is).
+    Json {
+        body: Vec<u8>,
+        seen: usize,
+        tail: Vec<u8>,
+    },
     /// An SSE stream, metered event by event.
     Stream(StreamMeter),
     /// A stream in the provider's own format, translated event by event.
@@ -76,6 +81,7 @@ impl Meter {
             (true, false) => Meter::Json {
                 body: Vec::new(),
                 seen: 0,
+                tail: Vec::new(),
             },
         }
     }
@@ -101,10 +107,19 @@ impl Meter {
                 }
                 Bytes::new()
             }
-            Meter::Json { body, seen } => {
+            Meter::Json { body, seen, tail } => {
                 *seen += chunk.len();
                 if *seen <= cost::MAX_METERED_JSON_BYTES {
                     body.extend_from_slice(&chunk);
+                } else {
+                    if tail.is_empty() {
+                        // The usage may begin in what was kept whole.
+                        let from = body.len().saturating_sub(cost::JSON_TAIL_BYTES);
+                        tail.extend_from_slice(&body[from..]);
+                    }
+                    tail.extend_from_slice(&chunk);
+                    let excess = tail.len().saturating_sub(cost::JSON_TAIL_BYTES);
+                    tail.drain(..excess);
                 }
                 chunk
             }
@@ -190,9 +205,12 @@ impl Meter {
         if let Some(media) = estimate.media_units() {
             return match self {
                 Meter::Error { .. } => Usage::default(),
-                Meter::Json { body, seen } if *seen <= cost::MAX_METERED_JSON_BYTES => {
+                Meter::Json { body, seen, .. } if *seen <= cost::MAX_METERED_JSON_BYTES => {
                     media.usage_from_json(body)
                 }
+                // Too large to read whole: the units asked for, and what
+                // its usage reports.
+                Meter::Json { tail, .. } => media.usage_from_tail(tail),
                 Meter::Stream(meter) => media.usage(meter.reported_usage()),
                 _ => media.usage(None),
             };
@@ -200,10 +218,12 @@ impl Meter {
         match self {
             Meter::Error { .. } => Usage::default(),
             Meter::Opaque { seen } => counted(*seen as u64),
-            Meter::Json { body, seen } if *seen <= cost::MAX_METERED_JSON_BYTES => {
+            Meter::Json { body, seen, .. } if *seen <= cost::MAX_METERED_JSON_BYTES => {
                 cost::usage_from_json_counted(body, estimate, model)
             }
-            Meter::Json { seen, .. } => counted(*seen as u64),
+            Meter::Json { seen, tail, .. } => {
+                cost::reported_usage_in_tail(tail).unwrap_or_else(|| counted(*seen as u64))
+            }
             Meter::Stream(meter) => meter.usage(0),
             Meter::Translated(translator) => translator
                 .usage()
@@ -635,6 +655,51 @@ fn carries_content(payload: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A JSON answer of `filler` bytes of image data, then its usage, fed
+    /// in 1 MiB chunks.
+    fn fed_json(filler: usize) -> Meter {
+        let mut meter = Meter::Json {
+            body: Vec::new(),
+            seen: 0,
+            tail: Vec::new(),
+        };
+        let answer = [
+            &b"{\"created\":1,\"data\":[{\"b64_json\":\""[..],
+            &vec![b'A'; filler],
+            br#""}],"usage":{"input_tokens":50,"output_tokens":4000,"total_tokens":4050}}"#,
+        ]
+        .concat();
+        for chunk in answer.chunks(1024 * 1024) {
+            meter.feed(Bytes::copy_from_slice(chunk));
+        }
+        meter
+    }
+
+    #[test]
+    fn an_answer_too_large_to_read_whole_is_billed_its_usage_and_the_units_asked_for() {
+        let media = Estimate::media(cost::Media {
+            images: Some(3),
+            characters: 0,
+        });
+        for filler in [1024, cost::MAX_METERED_JSON_BYTES + 10] {
+            let usage = fed_json(filler).usage(&media, "gpt-image-1");
+            assert_eq!(
+                (usage.prompt_tokens, usage.completion_tokens),
+                (50, 4000),
+                "{filler}"
+            );
+            let asked_or_seen = if filler > cost::MAX_METERED_JSON_BYTES {
+                3
+            } else {
+                1
+            };
+            assert_eq!(usage.images, asked_or_seen);
+        }
+        let text = Estimate::new(Bytes::from_static(b"{}"), None);
+        let usage = fed_json(cost::MAX_METERED_JSON_BYTES + 10).usage(&text, "gpt-4o");
+        assert_eq!((usage.completion_tokens, usage.estimated), (4000, false));
+    }
 
     #[test]
     fn the_first_content_is_the_first_event_with_something_in_it() {
