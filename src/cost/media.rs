@@ -4,12 +4,9 @@
 //! else those asked for), characters spoken (the request's `input`), and
 //! seconds of audio (the answer's `usage.seconds` or `duration`).
 
-use super::{reported_usage, Usage};
+use super::{reported_usage, Usage, MAX_AUDIO_MS};
 use serde::Deserialize;
 use serde_json::value::RawValue;
-
-/// The longest audio the gateway believes a provider billed: a day.
-const MAX_AUDIO_MS: u64 = 24 * 3600 * 1000;
 
 /// What a media request asks for, as far as billing goes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

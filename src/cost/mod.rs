@@ -122,7 +122,19 @@ struct UsageWire {
     completion_tokens: Option<u64>,
     #[serde(default, alias = "input_tokens_details")]
     prompt_tokens_details: Option<PromptDetails>,
+    /// Seconds of audio (a transcription's `{"type":"duration"}` usage);
+    /// anything but a number is ignored, not fatal to the tokens.
+    #[serde(default, deserialize_with = "any_number")]
+    seconds: Option<f64>,
 }
+
+/// A number, or `None` for any other value.
+fn any_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
+    Ok(serde_json::Value::deserialize(d)?.as_f64())
+}
+
+/// The longest audio the gateway believes a provider billed: a day.
+const MAX_AUDIO_MS: u64 = 24 * 3600 * 1000;
 
 #[derive(Deserialize)]
 struct PromptDetails {
@@ -141,11 +153,16 @@ impl UsageWire {
         if prompt > MAX_REPORTED_TOKENS || completion > MAX_REPORTED_TOKENS || cached > prompt {
             return None;
         }
+        let audio_ms = self
+            .seconds
+            .filter(|s| s.is_finite() && *s >= 0.0)
+            .map_or(0, |s| ((s * 1000.0).round() as u64).min(MAX_AUDIO_MS));
         Some(Usage {
             prompt_tokens: prompt,
             completion_tokens: completion,
             cached_tokens: cached,
             estimated: false,
+            audio_ms,
             ..Default::default()
         })
     }

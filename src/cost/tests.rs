@@ -305,3 +305,38 @@ fn costs_images_characters_and_seconds_exactly() {
     );
     assert_eq!(usage.plus(usage).images, 4);
 }
+
+#[test]
+fn a_streamed_transcription_reports_its_seconds_in_its_last_event() {
+    let mut meter = StreamMeter::new(false);
+    meter.feed(Bytes::from_static(
+        b"data: {\"type\":\"transcript.text.delta\",\"delta\":\"hi\"}\n\n",
+    ));
+    meter.feed(Bytes::from_static(
+        b"data: {\"type\":\"transcript.text.done\",\"text\":\"hi\",\"usage\":{\"type\":\"duration\",\"seconds\":3.5}}\n\n",
+    ));
+    assert!(meter.finished());
+    let media = Media::default().usage(meter.reported_usage());
+    assert_eq!((media.audio_ms, media.total()), (3500, 0));
+    // Token usage, and seconds that are not a number, keep their tokens.
+    for (usage, expected) in [
+        (
+            r#"{"type":"tokens","input_tokens":20,"output_tokens":5}"#,
+            (20, 5, 0),
+        ),
+        (
+            r#"{"input_tokens":20,"output_tokens":5,"seconds":"x"}"#,
+            (20, 5, 0),
+        ),
+        (r#"{"seconds":-4}"#, (0, 0, 0)),
+        (r#"{"seconds":1e300}"#, (0, 0, 24 * 3600 * 1000)),
+    ] {
+        let body = format!("{{\"text\":\"hi\",\"usage\":{usage}}}");
+        let got = usage_from_json(body.as_bytes(), 0);
+        assert_eq!(
+            (got.prompt_tokens, got.completion_tokens, got.audio_ms),
+            expected,
+            "{usage}"
+        );
+    }
+}
