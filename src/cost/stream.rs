@@ -19,6 +19,9 @@ use std::sync::OnceLock;
 /// report no usage (the rest is counted at the sample's rate).
 const SAMPLE_BYTES: usize = 64 * 1024;
 
+/// The start of an event too long to hold that is kept to read its type.
+const OVERSIZED_HEAD_BYTES: usize = 4096;
+
 /// Reads usage from an SSE stream on its way through, and optionally
 /// removes what the gateway added (the usage chunk, `"usage":null` fields).
 #[derive(Debug)]
@@ -32,6 +35,11 @@ pub struct StreamMeter {
     event: BytesMut,
     /// Inside an event too long to hold: passed through until its end.
     oversized: bool,
+    /// Its first and last bytes, kept to read its type (a Responses
+    /// stream's `response.completed` may be longer than the bound: it
+    /// carries the whole output again) and its usage (last in it).
+    oversized_head: Vec<u8>,
+    oversized_tail: Vec<u8>,
     usage: Option<Usage>,
     generated_bytes: u64,
     /// The stream's `data: [DONE]` went by.
@@ -86,6 +94,8 @@ impl StreamMeter {
             scanned: 0,
             event: BytesMut::new(),
             oversized: false,
+            oversized_head: Vec::new(),
+            oversized_tail: Vec::new(),
             usage: None,
             generated_bytes: 0,
             saw_done: false,
@@ -162,11 +172,15 @@ impl StreamMeter {
             // the rest of it after.
             self.oversized = true;
             self.generated_bytes += self.event.len() as u64;
-            out.extend_from_slice(&std::mem::take(&mut self.event));
+            let event = std::mem::take(&mut self.event);
+            self.keep_oversized(&event);
+            out.extend_from_slice(&event);
         }
         if self.oversized {
             self.generated_bytes += self.partial.len() as u64;
-            out.extend_from_slice(&std::mem::take(&mut self.partial));
+            let partial = std::mem::take(&mut self.partial);
+            self.keep_oversized(&partial);
+            out.extend_from_slice(&partial);
             self.scanned = 0;
         }
         out.freeze()
@@ -179,8 +193,10 @@ impl StreamMeter {
             out.extend_from_slice(line);
             if blank {
                 self.oversized = false;
+                self.judge_oversized();
             } else {
                 self.generated_bytes += line.len() as u64;
+                self.keep_oversized(line);
             }
             return;
         }
@@ -200,6 +216,35 @@ impl StreamMeter {
                 self.malformed += 1;
                 self.halted = self.halt_on_malformed;
             }
+        }
+    }
+
+    /// Keeps the head and the tail of an event too long to hold.
+    fn keep_oversized(&mut self, bytes: &[u8]) {
+        let room = OVERSIZED_HEAD_BYTES.saturating_sub(self.oversized_head.len());
+        self.oversized_head
+            .extend_from_slice(&bytes[..room.min(bytes.len())]);
+        let tail = &mut self.oversized_tail;
+        let keep = bytes.len().min(super::JSON_TAIL_BYTES);
+        tail.extend_from_slice(&bytes[bytes.len() - keep..]);
+        let excess = tail.len().saturating_sub(super::JSON_TAIL_BYTES);
+        tail.drain(..excess);
+    }
+
+    /// Meters an event too long to hold, which went through unread, from
+    /// its head and tail: whether it ends a Responses stream, and the usage
+    /// it reports.
+    fn judge_oversized(&mut self) {
+        let head = std::mem::take(&mut self.oversized_head);
+        let tail = std::mem::take(&mut self.oversized_tail);
+        if let Some(kind) = event_kind(&head) {
+            self.saw_response_end |= matches!(
+                kind,
+                "response.completed" | "response.incomplete" | "response.failed" | "error"
+            );
+        }
+        if let Some(usage) = super::reported_usage_in_tail(&tail) {
+            self.usage = Some(usage);
         }
     }
 
@@ -302,6 +347,9 @@ impl StreamMeter {
         self.scanned = 0;
         if self.oversized {
             self.generated_bytes += rest.len() as u64;
+            self.keep_oversized(&rest);
+            self.oversized = false;
+            self.judge_oversized();
             out.extend_from_slice(&rest);
             return out.freeze();
         }
@@ -405,6 +453,26 @@ impl StreamMeter {
         out.extend_from_slice(b"data: [DONE]\n\n");
         Bytes::from(out)
     }
+}
+
+/// An event's type from its start: its `event:` line, else the `type` its
+/// `data:` begins with.
+fn event_kind(head: &[u8]) -> Option<&str> {
+    let text = std::str::from_utf8(head)
+        .or_else(|e| std::str::from_utf8(&head[..e.valid_up_to()]))
+        .ok()?;
+    for line in text.lines() {
+        if let Some(name) = line.strip_prefix("event:") {
+            return Some(name.trim());
+        }
+        if let Some(data) = line.strip_prefix("data:") {
+            let rest = data.trim_start().strip_prefix('{')?.trim_start();
+            let rest = rest.strip_prefix("\"type\"")?.trim_start();
+            let rest = rest.strip_prefix(':')?.trim_start().strip_prefix('"')?;
+            return rest.split_once('"').map(|(kind, _)| kind);
+        }
+    }
+    None
 }
 
 fn trailing_newline_len(line: &[u8]) -> usize {

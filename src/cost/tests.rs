@@ -340,3 +340,32 @@ fn a_streamed_transcription_reports_its_seconds_in_its_last_event() {
         );
     }
 }
+
+#[test]
+fn a_responses_stream_ending_with_an_event_too_long_to_hold_is_finished_and_billed() {
+    let text = "x".repeat(MAX_LINE_BYTES + MAX_LINE_BYTES / 2);
+    let stream = format!(
+        "event: response.created\ndata: {{\"type\":\"response.created\",\"sequence_number\":0,\"response\":{{\"id\":\"resp_1\",\"object\":\"response\",\"status\":\"in_progress\",\"usage\":null}}}}\n\n\
+         event: response.output_text.delta\ndata: {{\"type\":\"response.output_text.delta\",\"sequence_number\":1,\"delta\":\"xx\"}}\n\n\
+         event: response.completed\ndata: {{\"type\":\"response.completed\",\"sequence_number\":2,\"response\":{{\"id\":\"resp_1\",\"object\":\"response\",\"status\":\"completed\",\"output\":[{{\"type\":\"message\",\"content\":[{{\"type\":\"output_text\",\"text\":\"{text}\"}}]}}],\"usage\":{{\"input_tokens\":10,\"output_tokens\":50000,\"total_tokens\":50010}},\"user\":null}}}}\n\n"
+    );
+    // Without the `event:` lines too: the type is read from the data.
+    let bare: String = stream
+        .lines()
+        .filter(|l| !l.starts_with("event:"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    for stream in [stream, bare] {
+        let mut meter = StreamMeter::new(false);
+        let mut out = Vec::new();
+        for chunk in stream.as_bytes().chunks(64 * 1024) {
+            out.extend_from_slice(&meter.feed(Bytes::copy_from_slice(chunk)));
+        }
+        out.extend_from_slice(&meter.finish());
+        assert_eq!(out, stream.as_bytes(), "passed through whole");
+        assert_eq!(meter.response_id(), Some("resp_1"));
+        assert!(meter.finished(), "not a broken stream");
+        let usage = meter.reported_usage().expect("its usage");
+        assert_eq!((usage.prompt_tokens, usage.completion_tokens), (10, 50000));
+    }
+}
