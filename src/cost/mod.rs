@@ -29,6 +29,12 @@ pub const MAX_REPORTED_TOKENS: u64 = 100_000_000;
 /// `max_tokens` nor `max_completion_tokens`.
 pub const DEFAULT_COMPLETION_ESTIMATE: u64 = 1024;
 
+/// The most completion tokens the gateway counts for an answer without
+/// usage when the request set no limit: an answer cut at the gateway's
+/// size bound (or a hostile provider's padding) is not billed by its bytes
+/// beyond what a model generates in one answer.
+pub const MAX_ESTIMATED_COMPLETION_TOKENS: u64 = 128 * 1024;
+
 /// Longest SSE line the meter holds while waiting for its end; a provider
 /// sending an endless line cannot make the gateway buffer it.
 pub const MAX_LINE_BYTES: usize = 1024 * 1024;

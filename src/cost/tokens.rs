@@ -183,7 +183,8 @@ impl Estimate {
 
     /// The generated tokens: `sample` (the generated text seen, or a
     /// sample of it) counted, the `unsampled` bytes beyond it at the
-    /// sample's rate, capped at the request's limit.
+    /// sample's rate, capped at the request's limit (else at
+    /// [`super::MAX_ESTIMATED_COMPLETION_TOKENS`]).
     pub fn completion_tokens(&self, model: &str, sample: &str, unsampled: u64) -> u64 {
         let counted = Encoding::for_model(model).count(sample);
         let rest = if unsampled == 0 {
@@ -193,8 +194,10 @@ impl Estimate {
         } else {
             (unsampled as f64 * counted as f64 / sample.len() as f64).ceil() as u64
         };
-        let total = counted + rest;
-        self.max_tokens.map_or(total, |limit| total.min(limit))
+        let limit = self
+            .max_tokens
+            .unwrap_or(super::MAX_ESTIMATED_COMPLETION_TOKENS);
+        (counted + rest).min(limit)
     }
 }
 

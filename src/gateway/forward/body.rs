@@ -677,6 +677,38 @@ mod tests {
     }
 
     #[test]
+    fn an_answer_without_usage_cut_at_the_size_bound_is_billed_no_more_than_a_model_generates() {
+        let filler = cost::MAX_METERED_JSON_BYTES + 1024 * 1024;
+        for (max_tokens, limit) in [
+            (None, cost::MAX_ESTIMATED_COMPLETION_TOKENS),
+            (Some(300), 300),
+        ] {
+            let estimate = Estimate::new(Bytes::from_static(b"{\"input\":\"hi\"}"), max_tokens);
+            let mut meter = Meter::Json {
+                body: Vec::new(),
+                seen: 0,
+                tail: Vec::new(),
+            };
+            for _ in 0..filler / (1024 * 1024) {
+                meter.feed(Bytes::from(vec![b' '; 1024 * 1024]));
+            }
+            let usage = meter.usage(&estimate, "gpt-4o");
+            assert_eq!((usage.completion_tokens, usage.estimated), (limit, true));
+            let mut stream =
+                Meter::Stream(StreamMeter::new(false).with_estimate(estimate, "gpt-4o"));
+            for _ in 0..filler / (1024 * 1024) {
+                stream.feed(Bytes::from(vec![b'x'; 1024 * 1024]));
+            }
+            assert_eq!(
+                stream
+                    .usage(&Estimate::default(), "gpt-4o")
+                    .completion_tokens,
+                limit
+            );
+        }
+    }
+
+    #[test]
     fn an_answer_too_large_to_read_whole_is_billed_its_usage_and_the_units_asked_for() {
         let media = Estimate::media(cost::Media {
             images: Some(3),
