@@ -105,6 +105,7 @@ impl Gateway {
                 .as_ref()
                 .zip(redis)
                 .map(|(settings, conn)| (conn, settings.key_prefix.clone(), settings.timeout)),
+            config.tenants.len(),
         );
         Gateway {
             stored,

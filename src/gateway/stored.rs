@@ -9,8 +9,10 @@
 //! each response id it saw created under its tenant's id (not its position
 //! in the config, which a reload may change), in Redis when configured
 //! (shared by every instance, kept 30 days like OpenAI keeps responses) and
-//! in a bounded in-process map. An id not recorded for the asking tenant is
-//! answered 404 as if it did not exist.
+//! in a bounded in-process map, where each tenant has its share of the
+//! bound (so one tenant's many responses cannot push out another's). An id
+//! not recorded for the asking tenant is answered 404 as if it did not
+//! exist.
 
 use crate::metrics;
 use crate::redis_conn::RedisConnection;
@@ -23,7 +25,8 @@ use tracing::warn;
 /// How long Redis keeps a record: OpenAI keeps stored responses 30 days.
 const KEEP: Duration = Duration::from_secs(30 * 24 * 3600);
 
-/// Records kept in process (the oldest are forgotten first).
+/// Records kept in process, shared out among the tenants (each tenant's
+/// oldest are forgotten first).
 const IN_PROCESS_RECORDS: usize = 100_000;
 
 /// Where a stored response lives.
@@ -49,22 +52,29 @@ pub(crate) enum Lookup {
 #[derive(Default)]
 struct Local {
     records: HashMap<(String, String), Holder>,
-    order: VecDeque<(String, String)>,
+    /// Each tenant's ids, oldest first.
+    order: HashMap<String, VecDeque<String>>,
 }
 
 /// The record of stored responses; cheap to clone.
 #[derive(Clone)]
 pub(crate) struct StoredResponses {
     local: Arc<Mutex<Local>>,
+    /// Records each tenant may keep in process.
+    tenant_share: usize,
     redis: Option<(Arc<RedisConnection>, String, Duration)>,
 }
 
 impl StoredResponses {
-    /// A record kept in Redis too when `redis` is given (with the config's
-    /// key prefix and call timeout).
-    pub(crate) fn new(redis: Option<(Arc<RedisConnection>, String, Duration)>) -> Self {
+    /// A record for `tenants` tenants, kept in Redis too when `redis` is
+    /// given (with the config's key prefix and call timeout).
+    pub(crate) fn new(
+        redis: Option<(Arc<RedisConnection>, String, Duration)>,
+        tenants: usize,
+    ) -> Self {
         StoredResponses {
             local: Arc::default(),
+            tenant_share: (IN_PROCESS_RECORDS / tenants.max(1)).max(1),
             redis,
         }
     }
@@ -117,16 +127,20 @@ impl StoredResponses {
         }
     }
 
-    /// Records it in this process.
+    /// Records it in this process, forgetting the tenant's oldest past its
+    /// share.
     fn record_here(&self, tenant: &str, id: &str, holder: Holder) {
-        let mut local = self.local();
+        let mut guard = self.local();
+        let local = &mut *guard;
         let key = (tenant.to_string(), id.to_string());
-        if local.records.insert(key.clone(), holder).is_none() {
-            local.order.push_back(key);
-            while local.order.len() > IN_PROCESS_RECORDS {
-                if let Some(oldest) = local.order.pop_front() {
-                    local.records.remove(&oldest);
-                }
+        if local.records.insert(key, holder).is_some() {
+            return;
+        }
+        let order = local.order.entry(tenant.to_string()).or_default();
+        order.push_back(id.to_string());
+        while order.len() > self.tenant_share {
+            if let Some(oldest) = order.pop_front() {
+                local.records.remove(&(tenant.to_string(), oldest));
             }
         }
     }
@@ -158,7 +172,9 @@ impl StoredResponses {
         {
             let mut local = self.local();
             if local.records.remove(&key).is_some() {
-                local.order.retain(|k| k != &key);
+                if let Some(order) = local.order.get_mut(tenant) {
+                    order.retain(|k| k != id);
+                }
             }
         }
         if let Some((_, prefix, _)) = &self.redis {
@@ -182,7 +198,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_response_is_found_only_by_the_tenant_that_created_it() {
-        let stored = StoredResponses::new(None);
+        let stored = StoredResponses::new(None, 2);
         stored.record("acme", "resp_1", holder("openai")).await;
         assert_eq!(
             stored.find("acme", "resp_1").await,
@@ -195,7 +211,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_in_process_record_is_bounded() {
-        let stored = StoredResponses::new(None);
+        let stored = StoredResponses::new(None, 1);
         for i in 0..IN_PROCESS_RECORDS + 10 {
             stored
                 .record("acme", &format!("resp_{i}"), holder("p"))
@@ -209,5 +225,32 @@ mod tests {
             Lookup::Found(_)
         ));
         assert_eq!(stored.local().records.len(), IN_PROCESS_RECORDS);
+    }
+
+    #[tokio::test]
+    async fn one_tenant_cannot_push_out_anothers_responses() {
+        let stored = StoredResponses::new(None, 4);
+        let share = IN_PROCESS_RECORDS / 4;
+        stored.record("globex", "resp_kept", holder("p")).await;
+        for i in 0..IN_PROCESS_RECORDS + 10 {
+            stored
+                .record("acme", &format!("resp_{i}"), holder("p"))
+                .await;
+        }
+        assert!(matches!(
+            stored.find("globex", "resp_kept").await,
+            Lookup::Found(_)
+        ));
+        // acme keeps its share: its newest.
+        let newest = format!("resp_{}", IN_PROCESS_RECORDS + 9);
+        assert!(matches!(
+            stored.find("acme", &newest).await,
+            Lookup::Found(_)
+        ));
+        let dropped = format!("resp_{}", IN_PROCESS_RECORDS + 9 - share);
+        assert_eq!(stored.find("acme", &dropped).await, Lookup::Unknown);
+        assert_eq!(stored.local().records.len(), share + 1);
+        stored.forget("acme", &newest).await;
+        assert_eq!(stored.local().order["acme"].len(), share - 1);
     }
 }
