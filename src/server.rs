@@ -63,6 +63,7 @@ pub fn build(config: Config, options: RunOptions) -> Server {
     for warning in config.warnings() {
         tracing::warn!("{warning}");
     }
+    crate::cost::Encoding::warm_up();
     // One Redis connection for limits and the overflow queue.
     let redis = crate::redis_conn::RedisConnection::for_config(&config);
     if let Some(redis) = &redis {

@@ -509,65 +509,11 @@ impl GatewayHandle {
     }
 }
 
-/// A callback receiver: answers 500 to the first delivery (to exercise the
-/// retry), then 200, and hands over what it received.
-fn callback_receiver() -> (u16, std::sync::mpsc::Receiver<(String, Vec<u8>)>) {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for (n, stream) in listener.incoming().enumerate().take(2) {
-            let Ok(mut stream) = stream else { return };
-            let mut data = Vec::new();
-            let mut buf = [0u8; 4096];
-            let (head, body) = loop {
-                let read = stream.read(&mut buf).unwrap_or(0);
-                if read == 0 {
-                    return;
-                }
-                data.extend_from_slice(&buf[..read]);
-                if let Some(end) = data.windows(4).position(|w| w == b"\r\n\r\n") {
-                    let head = String::from_utf8_lossy(&data[..end]).to_string();
-                    let len: usize = head
-                        .lines()
-                        .find_map(|l| {
-                            l.to_ascii_lowercase()
-                                .strip_prefix("content-length:")
-                                .map(|v| v.trim().parse().unwrap())
-                        })
-                        .unwrap_or(0);
-                    while data.len() < end + 4 + len {
-                        let read = stream.read(&mut buf).unwrap_or(0);
-                        if read == 0 {
-                            break;
-                        }
-                        data.extend_from_slice(&buf[..read]);
-                    }
-                    break (head, data[end + 4..end + 4 + len].to_vec());
-                }
-            };
-            let status = if n == 0 {
-                "500 Internal Server Error"
-            } else {
-                "200 OK"
-            };
-            let _ = write!(
-                stream,
-                "HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-            );
-            if n == 1 {
-                let _ = tx.send((head, body));
-            }
-        }
-    });
-    (port, rx)
-}
-
 #[test]
 fn posts_a_verifiable_signed_callback_with_retries() {
     use hmac::{Hmac, Mac};
     let secret = "whsec-0123456789abcdef";
-    let (port, received) = callback_receiver();
+    let (port, received) = callback_receiver(1);
     let mock = Mock::start(&[]);
     let overflow = format!(
         "{{ enabled: true, callbacks: {{ allowed_urls: [\"http://127.0.0.1:{port}/hooks/\"], secret: \"{secret}\" }} }}"
@@ -600,9 +546,13 @@ fn posts_a_verifiable_signed_callback_with_retries() {
     );
     assert_eq!(resp.status, 202);
     let id = resp.json()["id"].as_str().unwrap().to_string();
+    let (first, _) = received
+        .recv_timeout(Duration::from_secs(15))
+        .expect("the first delivery");
+    assert!(first.starts_with("POST /hooks/job-done"), "{first}");
     let (head, payload) = received
         .recv_timeout(Duration::from_secs(15))
-        .expect("the callback arrives after a retry");
+        .expect("the callback arrives again after a retry");
     assert!(head.starts_with("POST /hooks/job-done HTTP/1.1"), "{head}");
     // The documented recipe: HMAC-SHA256(secret, "<t>.<body>") == v1.
     let signature = head

@@ -97,12 +97,12 @@ redis.call('HDEL', KEYS[1], 'next_at')
 return redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 ";
 
-/// Cancels a job: '' when there is none, its state when it was already
-/// over, 'running' when its instance must stop it, else 'cancelled'.
+/// Cancels a job: '' when there is none, 'over' when it had already
+/// ended, 'running' when its instance must stop it, else 'cancelled'.
 const CANCEL: &str = r"
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return '' end
-if state == 'done' or state == 'cancelled' then return state end
+if state == 'done' or state == 'cancelled' then return 'over' end
 if state == 'running' then
   redis.call('HSET', KEYS[1], 'cancel', '1')
   return 'running'

@@ -734,3 +734,76 @@ pub fn is_uuid(id: &str) -> bool {
 pub fn upstream_id(id: &str) -> String {
     runestone::ids::upstream_request_id(id).into_owned()
 }
+
+/// Any request to `url`, with these headers and an optional body; any
+/// status is returned, not an error.
+pub fn call(method: &str, url: &str, headers: &[(&str, &str)], body: Option<&[u8]>) -> Response {
+    let mut req = ureq::request(method, url).timeout(Duration::from_secs(30));
+    for (name, value) in headers {
+        req = req.set(name, value);
+    }
+    Response::from(match body {
+        Some(body) => req.send_bytes(body),
+        None => req.call(),
+    })
+}
+
+/// A callback receiver: answers 500 to the first `failures` deliveries
+/// (to exercise the retries), then 200, and hands over every delivery it
+/// received (request head, body) in order.
+pub fn callback_receiver(failures: usize) -> (u16, std::sync::mpsc::Receiver<(String, Vec<u8>)>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for (n, stream) in listener.incoming().enumerate() {
+            let Ok(mut stream) = stream else { return };
+            let mut data = Vec::new();
+            let mut buf = [0u8; 4096];
+            let (head, body) = loop {
+                let read = stream.read(&mut buf).unwrap_or(0);
+                if read == 0 {
+                    break (String::new(), Vec::new());
+                }
+                data.extend_from_slice(&buf[..read]);
+                if let Some(end) = data.windows(4).position(|w| w == b"\r\n\r\n") {
+                    let head = String::from_utf8_lossy(&data[..end]).to_string();
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length:")
+                                .map(|v| v.trim().parse().unwrap())
+                        })
+                        .unwrap_or(0);
+                    while data.len() < end + 4 + len {
+                        let read = stream.read(&mut buf).unwrap_or(0);
+                        if read == 0 {
+                            break;
+                        }
+                        data.extend_from_slice(&buf[..read]);
+                    }
+                    let len = len.min(data.len() - end - 4);
+                    break (head, data[end + 4..end + 4 + len].to_vec());
+                }
+            };
+            if head.is_empty() {
+                continue;
+            }
+            let status = if n < failures {
+                "500 Internal Server Error"
+            } else {
+                "200 OK"
+            };
+            let _ = write!(
+                stream,
+                "HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            );
+            if tx.send((head, body)).is_err() {
+                return;
+            }
+        }
+    });
+    (port, rx)
+}
