@@ -135,10 +135,15 @@ impl Gateway {
     ) -> Result<(), ApiError> {
         let method = session.req_header().method.clone();
         let path = format!("/v1/responses/{rest}");
-        let (id, operation) = rest.split_once('/').unwrap_or((rest, ""));
+        // `{id}/` (a trailing slash) is no operation: not found, never
+        // forwarded as the response itself.
+        let (id, operation) = match rest.split_once('/') {
+            Some((id, operation)) => (id, Some(operation)),
+            None => (rest, None),
+        };
         match (method.as_str(), operation) {
-            ("GET" | "DELETE", "") | ("POST", "cancel") | ("GET", "input_items") => {}
-            (_, "" | "cancel" | "input_items") => {
+            ("GET" | "DELETE", None) | ("POST", Some("cancel")) | ("GET", Some("input_items")) => {}
+            (_, None | Some("cancel" | "input_items")) => {
                 return Err(ApiError::method_not_allowed(method.as_str(), &path))
             }
             _ => return Err(ApiError::unknown_url(method.as_str(), &path)),
@@ -199,7 +204,7 @@ impl Gateway {
             .forward(session, &exchange, report, &mut settler)
             .await;
         let deleted = method == http::Method::DELETE
-            && operation.is_empty()
+            && operation.is_none()
             && session
                 .response_written()
                 .is_some_and(|h| h.status.is_success());

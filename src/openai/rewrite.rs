@@ -83,9 +83,11 @@ fn splice_edits(
     Bytes::from(out)
 }
 
-/// A JSON object body with `"model": model` added as its first member
-/// (`None` when the body is not an object).
+/// A JSON object body with `"model": model` as its first member, in place
+/// of any `model` it had (`"model": null`); `None` when the body is not an
+/// object.
 pub fn with_model(body: &Bytes, model: &str) -> Option<Bytes> {
+    let body = &without_members(body, &["model"]);
     let open = body.iter().position(|b| !b.is_ascii_whitespace())?;
     if body[open] != b'{' {
         return None;

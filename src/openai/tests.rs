@@ -300,3 +300,14 @@ fn a_field_the_gateway_reads_given_twice_is_refused_by_name() {
         assert_eq!((err.status, err.param.as_deref()), (400, Some(param)));
     }
 }
+
+#[test]
+fn a_default_model_takes_the_place_of_a_null_one() {
+    let body = Bytes::from_static(br#"{"model":null,"input":"hi"}"#);
+    let with = with_model(&body, "omni-moderation-latest").unwrap();
+    let fields = RequestFields::parse(&with).unwrap();
+    assert_eq!(fields.model, "omni-moderation-latest");
+    let body = Bytes::from_static(br#"{"input":"hi"}"#);
+    let with = with_model(&body, "m").unwrap();
+    assert_eq!(&with[..], br#"{"model":"m","input":"hi"}"#);
+}

@@ -127,6 +127,10 @@ def test_moderations_with_and_without_a_model(client, mock):
     assert last(mock, "moderations")["model"] == "omni-moderation-latest"
     result = client.moderations.create(model="omni-moderation-latest", input=["fine", "flagme"])
     assert [r.flagged for r in result.results] == [False, True]
+    # `"model": null` is no model either: the default, in its place.
+    result = client.moderations.create(input="hello", extra_body={"model": None})
+    assert len(result.results) == 1
+    assert last(mock, "moderations")["model"] == "omni-moderation-latest"
 
 
 def test_images_are_billed_per_image(gateway, client):

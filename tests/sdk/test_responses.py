@@ -212,7 +212,7 @@ def test_another_tenants_response_is_not_found(gateway, mocks):
     assert acme.responses.retrieve(created.id).id == created.id
 
 
-def test_ids_that_are_not_response_ids_never_reach_a_provider(gateway):
+def test_ids_that_are_not_response_ids_never_reach_a_provider(gateway, mocks):
     client = gateway.client()
     for bad in ["..%2F..%2Fchat", "resp_%3Fx=1", "a" * 300]:
         req = urllib.request.Request(
@@ -224,6 +224,20 @@ def test_ids_that_are_not_response_ids_never_reach_a_provider(gateway):
         assert e.value.code == 404
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve("resp_never_made")
+    # A stored response's path with a trailing slash is no operation on it.
+    created = client.responses.create(model="gpt", input="Say hello", max_output_tokens=4)
+    before = sum(len(responses_requests(m)) for m in mocks)
+    for method, tail in [("GET", "/"), ("DELETE", "/"), ("GET", "//"), ("POST", "/cancel/")]:
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{gateway.port}/v1/responses/{created.id}{tail}",
+            headers={"authorization": f"Bearer {TENANT_KEY}"},
+            method=method,
+            data=b"" if method == "POST" else None,
+        )
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req)
+        assert e.value.code == 404, (method, tail)
+    assert sum(len(responses_requests(m)) for m in mocks) == before
 
 
 def test_a_follow_up_on_a_model_that_cannot_reach_the_holder_is_refused(gateway, mocks):
