@@ -10,9 +10,11 @@
 //! - async (`a|id`): a job stored whole (`{prefix}:{tenant}:job:{id}`), run
 //!   by any instance.
 //!
-//! The [`Drain`] background service visits the tenants in turn (one head
-//! per tenant per round, so a busy tenant cannot starve another) and admits
-//! a head as soon as the limiter allows. A sync head is admitted only by
+//! The [`Drain`] background service visits the tenants in weighted turns
+//! (each takes up to its `overflow.weight` of heads per round, so a busy
+//! tenant cannot starve another; `turns.rs`) and admits a head as soon as
+//! the limiter allows; an async head also needs one of the instance's
+//! `jobs.concurrency` slots. A sync head is admitted only by
 //! the instance holding its connection (others wait behind it, keeping the
 //! order); the admitted grant is handed to the waiting request, which then
 //! proceeds exactly like a direct one. An async head is claimed with `LMOVE`
@@ -22,6 +24,13 @@
 //! back to the head of the queue after `jobs.visibility_timeout_seconds`.
 //! Delivery is at least once; a job whose result is already stored is
 //! acknowledged without running again.
+//!
+//! A job runs in attempts: each bounded by `jobs.timeout_seconds` and
+//! cancellable (`DELETE /v1/jobs/{id}`), each admitted and billed on its
+//! own; one that fails in a way worth retrying waits out a backoff
+//! (`retry.rs`) in the tenant's `delayed` set and rejoins the queue's
+//! tail. Submissions are unique per idempotency key. How records change,
+//! atomically per tenant, is `records.rs`.
 //!
 //! A job names its tenant and model (never their positions in the config),
 //! so a restart or reload with the config reordered or edited cannot run it
