@@ -90,3 +90,31 @@ test('moderations, images, speech and a multipart transcription', async () => {
   const sent = (await mock.requests()).filter((r) => r.path.includes('transcriptions')).at(-1);
   assert.equal(sent.model, 'whisper-prod');
 });
+
+test('async jobs: one per Idempotency-Key, polled, listed and cancelled; a reused key is a ConflictError', async () => {
+  const submit = (content, key) => client.chat.completions
+    .create({ model: 'gpt-4o-mini', messages: [{ role: 'user', content }] },
+      { headers: { prefer: 'respond-async', 'Idempotency-Key': key } })
+    .asResponse();
+  const first = await submit('node job', 'node-order-1');
+  assert.equal(first.status, 202);
+  const { id } = await first.json();
+  const again = await submit('node job', 'node-order-1');
+  assert.equal(again.headers.get('idempotent-replayed'), 'true');
+  assert.equal(again.headers.get('location'), `/v1/jobs/${id}`);
+  await assert.rejects(submit('another body', 'node-order-1'),
+    (e) => e instanceof OpenAI.ConflictError && e.code === 'idempotency_key_reused');
+  let done;
+  for (let i = 0; i < 400; i++) {
+    done = await client.get(`/jobs/${id}`).asResponse();
+    if (done.status !== 202) break;
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  assert.equal(done.status, 200);
+  assert.equal((await done.json()).object, 'chat.completion');
+  const page = await client.get('/jobs', { query: { limit: 1 } });
+  assert.deepEqual(page.data.map((j) => [j.id, j.status]), [[id, 'completed']]);
+  const ended = await client.delete(`/jobs/${id}`);
+  assert.equal(ended.status, 'completed');
+  await assert.rejects(gw.client(OTHER_KEY).get(`/jobs/${id}`), OpenAI.NotFoundError);
+});
