@@ -99,7 +99,11 @@ fn main() -> ExitCode {
                     config_path: cli.config,
                 };
                 tracing::info!(listen = %config.server.listen, "runestone starting");
-                server::build(config, options).run_forever()
+                server::build(config, options).run(pingora::server::RunArgs::default());
+                // Stopped (shutdown or upgrade): nothing in flight any
+                // more, so every access log line is queued; write them out.
+                runestone::gateway::flush_access_log(std::time::Duration::from_secs(5));
+                std::process::exit(0)
             }
             Err(code) => code,
         },

@@ -7,8 +7,9 @@
 
 use once_cell::sync::Lazy;
 use prometheus::{
-    register_counter_vec, register_histogram_vec, register_int_counter_vec, register_int_gauge,
-    register_int_gauge_vec, CounterVec, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec,
+    register_counter_vec, register_histogram_vec, register_int_counter, register_int_counter_vec,
+    register_int_gauge, register_int_gauge_vec, CounterVec, HistogramVec, IntCounter,
+    IntCounterVec, IntGauge, IntGaugeVec,
 };
 use std::any::Any;
 use std::cell::RefCell;
@@ -173,6 +174,16 @@ pub static OVERFLOW_TOTAL: Lazy<IntCounterVec> = Lazy::new(|| {
     .expect("metric registers once")
 });
 
+/// `runestone_access_log_dropped_total`: access log lines dropped because
+/// the writer was too far behind (a slow disk or a full pipe).
+pub static ACCESS_LOG_DROPPED: Lazy<IntCounter> = Lazy::new(|| {
+    register_int_counter!(
+        "runestone_access_log_dropped_total",
+        "Access log lines dropped because the writer was too far behind."
+    )
+    .expect("metric registers once")
+});
+
 /// `runestone_jobs_total{tenant, outcome}`: async jobs by what happened
 /// to them: `submitted`, `deduplicated` (a submission that found its job
 /// by its idempotency key), `retried` (an attempt failed and another is
@@ -263,6 +274,7 @@ pub fn register_all() {
     Lazy::force(&OVERFLOW_PARKED);
     Lazy::force(&OVERFLOW_TOTAL);
     Lazy::force(&JOBS_TOTAL);
+    Lazy::force(&ACCESS_LOG_DROPPED);
     Lazy::force(&OVERFLOW_WAIT);
     Lazy::force(&TIME_TO_FIRST_TOKEN);
     Lazy::force(&GATEWAY_OVERHEAD);

@@ -989,9 +989,15 @@ fn corrupt_or_forged_redis_entries_fail_alone_and_free_what_they_took() {
     );
     config.extra = format!("redis: {{ url: \"{}\" }}\n", redis.url());
     let gw = Gateway::start(&config);
+    // Submitted now: a job older than jobs.max_age_seconds would expire
+    // before anything else is looked at.
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
     let job = |id: &str, json_id: &str, tokens: u64| {
         json!({"id": json_id, "tenant": "acme", "model": "gpt-4o-mini", "endpoint": "chat",
-            "body": chat("gpt-4o-mini", false).to_string(), "headers": [], "tokens": tokens, "created_ms": 1})
+            "body": chat("gpt-4o-mini", false).to_string(), "headers": [], "tokens": tokens, "created_ms": now_ms})
         .to_string()
         .replace("\"__ID__\"", &format!("\"{id}\""))
     };

@@ -7,7 +7,7 @@ mod common;
 use common::*;
 use serde::Deserialize;
 use std::collections::BTreeSet;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -557,4 +557,57 @@ fn the_kubernetes_example_carries_a_valid_config() {
         "{}",
         String::from_utf8_lossy(&example.stderr)
     );
+}
+
+#[test]
+fn a_stdout_nobody_reads_never_holds_up_requests_and_shutdown_loses_no_log_line() {
+    let mock = Mock::start(&[]);
+    let config = GatewayConfig::new(&mock);
+    let dir = std::env::temp_dir().join(format!("runestone-log-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("runestone.yaml");
+    std::fs::write(&path, config.yaml_in(&dir)).unwrap();
+    // stdout is a pipe read by nobody until the end: it fills after about
+    // 64 KiB (some 150 lines).
+    let mut child = Command::new(env!("CARGO_BIN_EXE_runestone"))
+        .arg("--config")
+        .arg(&path)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_ready(
+        &format!("http://127.0.0.1:{}/ready", config.port),
+        &mut child,
+        Duration::from_secs(20),
+        "runestone",
+    );
+    let agent = ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(10))
+        .build();
+    let requests = 1000;
+    for i in 0..requests {
+        let resp = agent
+            .post(&format!(
+                "http://127.0.0.1:{}/v1/chat/completions",
+                config.port
+            ))
+            .set("authorization", &format!("Bearer {TENANT_KEY}"))
+            .send_json(chat("gpt-4o-mini", false));
+        assert!(
+            matches!(&resp, Ok(r) if r.status() == 200),
+            "request {i} with the log pipe full: {resp:?}"
+        );
+    }
+    let mut stdout = child.stdout.take().unwrap();
+    signal(child.id(), "TERM");
+    let mut log = String::new();
+    stdout.read_to_string(&mut log).unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+    let lines = log
+        .lines()
+        .filter(|l| l.contains("\"type\":\"access\"") && l.contains("\"endpoint\":\"chat\""))
+        .count();
+    assert_eq!(lines, requests, "every request's line, written at shutdown");
+    let _ = std::fs::remove_dir_all(dir);
 }

@@ -3,11 +3,26 @@
 //! Built from an explicit allow-list of fields (the [`Line`] struct) so no
 //! key, prompt, completion or client-chosen path can land in it: the
 //! endpoint is a closed name, the model and tenant come from the config.
+//!
+//! Lines are written off the request path: a request hands its serialised
+//! line to a bounded queue, and a thread of its own writes what has
+//! queued up in one `write` (one line at a time when idle, many under
+//! load). A line that finds the queue full is dropped and counted
+//! (`runestone_access_log_dropped_total`) rather than making the request
+//! wait on a slow disk or a full pipe. [`flush`] writes out what is queued
+//! when the process stops (graceful shutdown or upgrade).
 
 use serde::Serialize;
 use std::io::Write;
 use std::net::SocketAddr;
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::OnceLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Lines that may wait for the writer (about 400 bytes each).
+const QUEUE_LINES: usize = 16 * 1024;
+/// The most bytes the writer gathers into one write.
+const BATCH_BYTES: usize = 256 * 1024;
 
 /// Every field the access log has; nothing else is written.
 #[derive(Debug, Serialize)]
@@ -60,7 +75,57 @@ struct Stamped<'a> {
     line: &'a Line<'a>,
 }
 
-/// Writes one line to stdout (a failed write is not the request's problem).
+enum Message {
+    Line(Vec<u8>),
+    /// Write out everything before this, then say so.
+    Flush(std::sync::mpsc::Sender<()>),
+}
+
+/// The queue to the writer thread (started on first use).
+fn queue() -> &'static SyncSender<Message> {
+    static QUEUE: OnceLock<SyncSender<Message>> = OnceLock::new();
+    QUEUE.get_or_init(|| {
+        let (tx, rx) = sync_channel(QUEUE_LINES);
+        let spawned = std::thread::Builder::new()
+            .name("access-log".into())
+            .spawn(move || write_lines(rx));
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start the access log writer; lines are dropped");
+        }
+        tx
+    })
+}
+
+/// The writer thread: gathers what has queued and writes it at once (a
+/// failed write is not the requests' problem).
+fn write_lines(rx: Receiver<Message>) {
+    let mut batch = Vec::with_capacity(BATCH_BYTES);
+    let mut acks = Vec::new();
+    while let Ok(first) = rx.recv() {
+        let mut next = Some(first);
+        while let Some(message) = next.take() {
+            match message {
+                Message::Line(line) => batch.extend_from_slice(&line),
+                Message::Flush(ack) => acks.push(ack),
+            }
+            if batch.len() < BATCH_BYTES {
+                next = rx.try_recv().ok();
+            }
+        }
+        if !batch.is_empty() {
+            let mut out = std::io::stdout().lock();
+            let _ = out.write_all(&batch);
+            let _ = out.flush();
+            batch.clear();
+        }
+        for ack in acks.drain(..) {
+            let _ = ack.send(());
+        }
+    }
+}
+
+/// Queues one line for stdout; dropped (and counted) when the writer is
+/// that far behind.
 pub(super) fn write(line: &Line<'_>) {
     let ts = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -70,8 +135,22 @@ pub(super) fn write(line: &Line<'_>) {
         kind: "access",
         line,
     };
-    if let Ok(mut text) = serde_json::to_vec(&stamped) {
-        text.push(b'\n');
-        let _ = std::io::stdout().lock().write_all(&text);
+    let Ok(mut text) = serde_json::to_vec(&stamped) else {
+        return;
+    };
+    text.push(b'\n');
+    // Full, or (should the writer be gone) disconnected: dropped.
+    if queue().try_send(Message::Line(text)).is_err() {
+        crate::metrics::ACCESS_LOG_DROPPED.inc();
+    }
+}
+
+/// Writes out every line queued so far (waiting at most `limit`): called
+/// once the server has stopped, so a graceful shutdown or upgrade loses
+/// none.
+pub fn flush(limit: Duration) {
+    let (ack, done) = std::sync::mpsc::channel();
+    if queue().send(Message::Flush(ack)).is_ok() {
+        let _ = done.recv_timeout(limit);
     }
 }

@@ -74,6 +74,12 @@ pub struct RequestCtx {
     exchange: Report,
 }
 
+/// Writes out the access log lines still queued (at most `limit`): for
+/// the end of the process.
+pub fn flush_access_log(limit: std::time::Duration) {
+    access_log::flush(limit);
+}
+
 /// The gateway: config, upstreams, limits and the connection pool to providers.
 #[derive(Clone)]
 pub struct Gateway {
