@@ -8,7 +8,8 @@
 # Paths: direct to runestone-mock; through a bare Pingora proxy with no
 # filters (benches/floor.rs, the floor); Runestone with no limits; with
 # every feature on (limits, accounting, breakers, metrics, access log off)
-# and in-process state; the same with Redis state, one server and a Redis
+# and in-process state; the same with the access log on, to a file (as
+# operators run it); the same with Redis state, one server and a Redis
 # Cluster of three primaries. Then streams: time to
 # first token and RSS with 1,000 and 10,000 streams open, through the floor and
 # through Runestone (STREAM_COUNTS; each stream takes two of the proxy's
@@ -60,13 +61,13 @@ wrk.headers["Authorization"] = "Bearer sk-bench-tenant-key"
 wrk.body = '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello to the benchmark"}],"max_tokens":16}'
 LUA
 
-gateway_config() { # $1 port, $2 metrics port, $3 limits yaml ("" for none), $4 extra
+gateway_config() { # $1 port, $2 metrics port, $3 limits yaml ("" for none), $4 extra, $5 access log (true/false)
   cat <<YAML
 server:
   listen: "127.0.0.1:$1"
   metrics_listen: "127.0.0.1:$2"
   threads: 1
-  access_log: false
+  access_log: ${5:-false}
   grace_period_seconds: 1
   pid_file: "$work/gw-$1.pid"
   upgrade_sock: "$work/gw-$1.sock"
@@ -103,7 +104,7 @@ LIMITS="    limits: { requests_per_minute: 100000000, tokens_per_minute: 1000000
 REDIS="redis: { url: \"redis://127.0.0.1:$redis_port/0\", timeout_ms: 50 }"
 cluster_ports=("$(free_port)" "$(free_port)" "$(free_port)")
 REDIS_CLUSTER="redis: { cluster_nodes: [\"redis://127.0.0.1:${cluster_ports[0]}\", \"redis://127.0.0.1:${cluster_ports[1]}\"], timeout_ms: 50 }"
-PATHS=(direct "pingora floor" "runestone, no limits" "runestone, all on, in-process" "runestone, all on, Redis" "runestone, all on, Redis Cluster")
+PATHS=(direct "pingora floor" "runestone, no limits" "runestone, all on, in-process" "runestone, all on, in-process, access log to a file" "runestone, all on, Redis" "runestone, all on, Redis Cluster")
 
 # The upstream mock and Redis share CPU 1 with the load generator.
 taskset -c 1 target/release/runestone-mock --listen "127.0.0.1:$mock_port" >/dev/null 2>&1 &
@@ -137,13 +138,14 @@ start_path() {
       PID=$!
       for _ in $(seq 1 300); do (echo >/dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.05; done ;;
     *)
-      local limits="" extra=""
+      local limits="" extra="" log=false out=/dev/null
       [[ "$1" == *"all on"* ]] && limits=$LIMITS
+      [[ "$1" == *"access log"* ]] && log=true && out="$work/access.log"
       [[ "$1" == *Redis ]] && extra=$REDIS
       [[ "$1" == *"Redis Cluster" ]] && extra=$REDIS_CLUSTER
       mport=$(free_port)
-      gateway_config "$port" "$mport" "$limits" "$extra" >"$work/gw.yaml"
-      taskset -c 0 target/release/runestone --config "$work/gw.yaml" >"$work/gw.log" 2>&1 &
+      gateway_config "$port" "$mport" "$limits" "$extra" "$log" >"$work/gw.yaml"
+      taskset -c 0 target/release/runestone --config "$work/gw.yaml" >"$out" 2>"$work/gw.log" &
       PID=$!; wait_http "http://127.0.0.1:$port/ready"
       METRICS="http://127.0.0.1:$mport/metrics" ;;
   esac
@@ -337,7 +339,8 @@ machine="$(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /pro
   echo "the upstream and Redis (one server, or the three primaries of the Cluster) share CPU 1. In the open loop \"direct\" is that same upstream mock on"
   echo "CPU 1 (its CPU column is the mock's), so the added latency is the proxy hop's alone."
   echo "\"All on\" means RPM, TPM and concurrency limits (set high enough"
-  echo "never to refuse), cost accounting, breakers and metrics (access log off, as for the others);"
+  echo "never to refuse), cost accounting, breakers and metrics (access log off, as for the others,"
+  echo "but the row that writes it to a file on the same disk, as operators run it);"
   echo "every runestone path authenticates and meters usage. The floor is benches/floor.rs: a bare"
   echo "Pingora proxy with no filters. Both use the system allocator (glibc)."
   echo
