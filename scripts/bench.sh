@@ -61,6 +61,40 @@ wrk.headers["Authorization"] = "Bearer sk-bench-tenant-key"
 wrk.body = '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello to the benchmark"}],"max_tokens":16}'
 LUA
 
+# The peers: other gateways users would pick instead, in front of the same
+# upstream mock, each with its own way of being told where to go.
+PEERS=${BENCH_PEERS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/runestone-bench-peers}
+PORTKEY_VERSION=1.15.2
+LITELLM_VERSION=1.108.7
+declare -A PEER_MISSING PEER_HEADERS
+PEER_HEADERS[portkey gateway (node)]="Authorization: Bearer sk-bench-provider|x-portkey-provider: openai|x-portkey-custom-host: http://127.0.0.1:MOCK_PORT/v1"
+PEER_HEADERS[litellm proxy (1 worker)]="Authorization: Bearer sk-bench-master"
+mkdir -p "$PEERS"
+if [ ! -f "$PEERS/portkey/node_modules/@portkey-ai/gateway/build/start-server.js" ]; then
+  echo "bench: installing @portkey-ai/gateway@$PORTKEY_VERSION into $PEERS/portkey" >&2
+  npm install --silent --prefix "$PEERS/portkey" "@portkey-ai/gateway@$PORTKEY_VERSION" >/dev/null 2>&1 \
+    || PEER_MISSING[portkey gateway (node)]="npm install @portkey-ai/gateway@$PORTKEY_VERSION failed here"
+fi
+if [ ! -x "$PEERS/litellm-venv/bin/litellm" ]; then
+  echo "bench: installing litellm[proxy]==$LITELLM_VERSION into $PEERS/litellm-venv" >&2
+  { python3 -m venv "$PEERS/litellm-venv" && "$PEERS/litellm-venv/bin/pip" install -q "litellm[proxy]==$LITELLM_VERSION"; } >/dev/null 2>&1 \
+    || PEER_MISSING[litellm proxy (1 worker)]="pip install litellm[proxy]==$LITELLM_VERSION failed here"
+fi
+# peer_lua NAME: a wrk script sending the bench body with the peer's headers.
+peer_lua() {
+  local out="$work/post-${1%% *}.lua"
+  {
+    echo 'wrk.method = "POST"'
+    echo 'wrk.headers["Content-Type"] = "application/json"'
+    local IFS='|'
+    for h in ${PEER_HEADERS[$1]//MOCK_PORT/$mock_port}; do
+      echo "wrk.headers[\"${h%%: *}\"] = \"${h#*: }\""
+    done
+    echo "wrk.body = '{\"model\":\"gpt-4o-mini\",\"messages\":[{\"role\":\"user\",\"content\":\"Say hello to the benchmark\"}],\"max_tokens\":16}'"
+  } >"$out"
+  echo "$out"
+}
+
 gateway_config() { # $1 port, $2 metrics port, $3 limits yaml ("" for none), $4 extra, $5 access log (true/false)
   cat <<YAML
 server:
@@ -88,8 +122,8 @@ YAML
 
 # wrk prints "Requests/sec: N" and, with --latency, percentiles in us, ms
 # or s; they are turned into microseconds so that they sort as numbers.
-run_wrk() { # $1 url -> prints "rps p50_us p99_us"
-  taskset -c 1 wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" --latency -s "$work/post.lua" "$1" >"$work/wrk.out" 2>&1
+run_wrk() { # $1 url [$2 wrk script] -> prints "rps p50_us p99_us"
+  taskset -c 1 wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" --latency -s "${2:-$work/post.lua}" "$1" >"$work/wrk.out" 2>&1
   awk 'function us(v) { return v ~ /us$/ ? v + 0 : v ~ /ms$/ ? v * 1000 : v * 1000000 }
        /Requests\/sec/ {rps=$2} /^ +50%/ {p50=us($2)} /^ +99%/ {p99=us($2)}
        END {printf "%s %.0f %.0f\n", rps, p50, p99}' "$work/wrk.out"
@@ -105,6 +139,9 @@ REDIS="redis: { url: \"redis://127.0.0.1:$redis_port/0\", timeout_ms: 50 }"
 cluster_ports=("$(free_port)" "$(free_port)" "$(free_port)")
 REDIS_CLUSTER="redis: { cluster_nodes: [\"redis://127.0.0.1:${cluster_ports[0]}\", \"redis://127.0.0.1:${cluster_ports[1]}\"], timeout_ms: 50 }"
 PATHS=(direct "pingora floor" "runestone, no limits" "runestone, all on, in-process" "runestone, all on, in-process, access log to a file" "runestone, all on, Redis" "runestone, all on, Redis Cluster")
+for peer in "portkey gateway (node)" "litellm proxy (1 worker)"; do
+  [ -n "${PEER_MISSING[$peer]:-}" ] || PATHS+=("$peer")
+done
 
 # The upstream mock and Redis share CPU 1 with the load generator.
 taskset -c 1 target/release/runestone-mock --listen "127.0.0.1:$mock_port" >/dev/null 2>&1 &
@@ -137,6 +174,20 @@ start_path() {
       taskset -c 0 target/release/examples/floor "127.0.0.1:$port" "127.0.0.1:$mock_port" >/dev/null 2>&1 &
       PID=$!
       for _ in $(seq 1 300); do (echo >/dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.05; done ;;
+    "portkey gateway (node)")
+      (cd "$PEERS/portkey/node_modules/@portkey-ai/gateway" && exec taskset -c 0 node build/start-server.js "--port=$port" --headless) >/dev/null 2>&1 &
+      PID=$!
+      for _ in $(seq 1 600); do (echo >/dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.05; done ;;
+    "litellm proxy (1 worker)")
+      cat >"$work/litellm.yaml" <<YAML
+model_list:
+  - model_name: gpt-4o-mini
+    litellm_params: { model: openai/mock-small, api_base: "http://127.0.0.1:$mock_port/v1", api_key: sk-bench-provider }
+general_settings: { master_key: sk-bench-master }
+YAML
+      taskset -c 0 "$PEERS/litellm-venv/bin/litellm" --config "$work/litellm.yaml" --port "$port" --num_workers 1 >"$work/litellm.log" 2>&1 &
+      PID=$!
+      for _ in $(seq 1 1200); do curl -fsS "http://127.0.0.1:$port/health/liveliness" >/dev/null 2>&1 && break; sleep 0.05; done ;;
     *)
       local limits="" extra="" log=false out=/dev/null
       [[ "$1" == *"all on"* ]] && limits=$LIMITS
@@ -167,7 +218,9 @@ peak_kib() { awk '/^VmHWM:/ {print $2}' "/proc/$1/status"; }
 # to the floor is kept and the median ratio reported.
 for round in $(seq 1 "$REPEAT"); do
   for name in "${PATHS[@]}"; do
-    start_path "$name"; line="$(run_wrk "$URL") $(peak_kib "$PID")"; stop_path "$name"
+    lua="$work/post.lua"
+    [ -n "${PEER_HEADERS[$name]:-}" ] && lua=$(peer_lua "$name")
+    start_path "$name"; line="$(run_wrk "$URL" "$lua") $(peak_kib "$PID")"; stop_path "$name"
     LINES[$name]+="$line"$'\n'
     ROUND[$name]=${line%% *}
     echo "bench: round $round, $name: $line" >&2
@@ -188,7 +241,7 @@ done
 # in-process), the same rate for every path: latency and CPU, median of
 # REPEAT runs.
 RATE=$(awk -v r="${RPS[runestone, all on, in-process]}" 'BEGIN {printf "%d", r / 2}')
-declare -A OL_P50 OL_P99 OL_P999 OL_CPU OL_RPS
+declare -A OL_P50 OL_P99 OL_P999 OL_CPU OL_RPS OL_RATE
 hz=$(getconf CLK_TCK)
 body='{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello to the benchmark"}],"max_tokens":16}'
 for name in "${PATHS[@]}"; do
@@ -201,13 +254,24 @@ for name in "${PATHS[@]}"; do
   else
     start_path "$name"
   fi
-  taskset -c 1 oha -z 2s -q "$RATE" -c "$CONNECTIONS" --no-tui --output-format quiet -m POST \
-    -H 'Authorization: Bearer sk-bench-tenant-key' -H 'Content-Type: application/json' -d "$body" "$URL" >/dev/null 2>&1 || true
+  # A peer that cannot sustain the common rate runs at half its own
+  # saturation instead (said in the table).
+  rate=$RATE
+  headers=(-H 'Authorization: Bearer sk-bench-tenant-key')
+  if [ -n "${PEER_HEADERS[$name]:-}" ]; then
+    rate=$(awk -v r="${RPS[$name]}" -v c="$RATE" 'BEGIN {h = int(r / 2); printf "%d", h < c ? h : c}')
+    headers=()
+    IFS='|' read -r -a peer_headers <<<"${PEER_HEADERS[$name]//MOCK_PORT/$mock_port}"
+    for h in "${peer_headers[@]}"; do headers+=(-H "$h"); done
+  fi
+  OL_RATE[$name]=$rate
+  taskset -c 1 oha -z 2s -q "$rate" -c "$CONNECTIONS" --no-tui --output-format quiet -m POST \
+    "${headers[@]}" -H 'Content-Type: application/json' -d "$body" "$URL" >/dev/null 2>&1 || true
   runs=()
   for _ in $(seq 1 "$REPEAT"); do
     before=$(cpu_ticks "$PID")
-    taskset -c 1 oha -z "${DURATION}s" -q "$RATE" --latency-correction -c "$CONNECTIONS" --no-tui --output-format json -m POST \
-      -H 'Authorization: Bearer sk-bench-tenant-key' -H 'Content-Type: application/json' -d "$body" "$URL" >"$work/oha.json"
+    taskset -c 1 oha -z "${DURATION}s" -q "$rate" --latency-correction -c "$CONNECTIONS" --no-tui --output-format json -m POST \
+      "${headers[@]}" -H 'Content-Type: application/json' -d "$body" "$URL" >"$work/oha.json"
     after=$(cpu_ticks "$PID")
     # served req/s, p50, p99, p99.9 (us), CPU % of a core per 1k req/s
     runs+=("$(python3 -c '
@@ -220,7 +284,7 @@ print(round(rps), *(round(p[k] * 1e6) for k in ("p50", "p99", "p99.9")), round(c
   done
   col() { printf '%s\n' "${runs[@]}" | awk -v c="$1" '{print $c}' | median; }
   OL_RPS[$name]=$(col 1); OL_P50[$name]=$(col 2); OL_P99[$name]=$(col 3); OL_P999[$name]=$(col 4); OL_CPU[$name]=$(col 5)
-  echo "bench: $name at $RATE req/s: p50 ${OL_P50[$name]}us p99 ${OL_P99[$name]}us p99.9 ${OL_P999[$name]}us, ${OL_CPU[$name]}% of a core per 1k req/s" >&2
+  echo "bench: $name at $rate req/s: p50 ${OL_P50[$name]}us p99 ${OL_P99[$name]}us p99.9 ${OL_P999[$name]}us, ${OL_CPU[$name]}% of a core per 1k req/s" >&2
   [ "$name" = direct ] || stop_path "$name"
 done
 
@@ -286,13 +350,18 @@ table=$(
   for name in "${PATHS[@]}"; do
     echo "| $name | ${RPS[$name]} | $(printf '%.0f%%' "${RATIO[$name]}") | ${P50[$name]} | ${P99[$name]} | ${PEAK[$name]} |"
   done
+  for peer in "${!PEER_MISSING[@]}"; do
+    echo "| $peer | not measured: ${PEER_MISSING[$peer]} | | | | |"
+  done
   echo
   echo "Open loop at $RATE requests/s (half of Runestone's saturation, every feature on, in-process), latency in µs, added = over direct, median of $REPEAT runs:"
   echo
   echo "| path | p50 | p99 | p99.9 | added p50 / p99 / p99.9 | CPU, % of a core per 1k req/s |"
   echo "|---|---|---|---|---|---|"
   for name in "${PATHS[@]}"; do
-    echo "| $name | ${OL_P50[$name]} | ${OL_P99[$name]} | ${OL_P999[$name]} | $(added "${OL_P50[$name]}" "${OL_P50[direct]}") / $(added "${OL_P99[$name]}" "${OL_P99[direct]}") / $(added "${OL_P999[$name]}" "${OL_P999[direct]}") | ${OL_CPU[$name]} |"
+    label=$name
+    [ "${OL_RATE[$name]}" = "$RATE" ] || label="$name, at ${OL_RATE[$name]} req/s (half its saturation)"
+    echo "| $label | ${OL_P50[$name]} | ${OL_P99[$name]} | ${OL_P999[$name]} | $(added "${OL_P50[$name]}" "${OL_P50[direct]}") / $(added "${OL_P99[$name]}" "${OL_P99[direct]}") / $(added "${OL_P999[$name]}" "${OL_P999[direct]}") | ${OL_CPU[$name]} |"
   done
   echo
   echo "Open streams:"
@@ -343,6 +412,13 @@ machine="$(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /pro
   echo "but the row that writes it to a file on the same disk, as operators run it);"
   echo "every runestone path authenticates and meters usage. The floor is benches/floor.rs: a bare"
   echo "Pingora proxy with no filters. Both use the system allocator (glibc)."
+  echo
+  echo "Peers, in front of the same upstream mock and pinned the same way (alone on CPU 0): Portkey's"
+  echo "gateway (\`@portkey-ai/gateway\` $PORTKEY_VERSION from npm, one Node.js $(node --version 2>/dev/null) process, told the upstream"
+  echo "by its \`x-portkey-*\` headers) and the LiteLLM proxy (\`litellm[proxy]\` $LITELLM_VERSION from PyPI, one"
+  echo "worker, a master key, no database). Neither meters a tenant's limits the way the \"all on\" rows"
+  echo "do; they are what a user would run instead. Installed by this script when missing, into"
+  echo "~/.cache/runestone-bench-peers (or BENCH_PEERS_DIR)."
   echo
   echo "Streams: scripts/open_streams.py opens N streaming requests (runestone-mock paces 2 tokens/s)"
   echo "and reads the proxy's VmRSS while all are open. Chunk delay: runestone-mock --stamp-chunks"
