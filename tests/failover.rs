@@ -167,13 +167,16 @@ fn whole_stream(events: &[String]) -> (String, Value) {
     (text, usage)
 }
 
-/// Waits for `n` access log lines and returns them.
+/// Waits for `n` access log lines of API requests (not the readiness
+/// checks) and returns them.
 fn access_lines(gw: &Gateway, n: usize) -> Vec<Value> {
     let lines = || -> Vec<Value> {
         gw.log()
             .lines()
             .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .filter(|l| l["type"] == "access")
+            .filter(|l| {
+                l["type"] == "access" && l["endpoint"] != "ready" && l["endpoint"] != "health"
+            })
             .collect()
     };
     wait_until(Duration::from_secs(5), "access log lines", || {

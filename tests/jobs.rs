@@ -254,13 +254,21 @@ fn check_retries_an_outage(redis: Option<&Redis>) {
     // Billed for what it used: the one answered attempt.
     let usage = client.get(TENANT_KEY, "/v1/usage").json();
     assert!(usage["cost_usd"].as_f64().unwrap() > 0.0, "{usage}");
-    // The access log names the job and its attempt.
-    let log = gw.log();
-    let line = log
-        .lines()
-        .rfind(|l| l.contains("\"type\":\"access\"") && l.contains(&id))
-        .expect("an access log line for the job");
-    let line: Value = serde_json::from_str(line).unwrap();
+    // The access log names the job and its attempt (written a moment
+    // after the answer).
+    let job_line = || {
+        gw.log()
+            .lines()
+            .rfind(|l| {
+                l.contains("\"type\":\"access\"")
+                    && l.contains(&format!("\"job_attempt\":{attempts}"))
+            })
+            .map(str::to_string)
+    };
+    wait_until(Duration::from_secs(5), "the job's access log line", || {
+        job_line().is_some()
+    });
+    let line: Value = serde_json::from_str(&job_line().unwrap()).unwrap();
     assert_eq!(line["job"], id.as_str());
     assert_eq!(line["job_attempt"], attempts);
 }

@@ -8,6 +8,7 @@ mod common;
 
 use common::*;
 use serde_json::{json, Value};
+use std::time::Duration;
 
 const CHAT: &str = "/v1/chat/completions";
 
@@ -166,12 +167,16 @@ fn usage_a_provider_does_not_report_is_counted_with_a_tokenizer_and_given_to_a_c
         metric_sum(&metrics, "runestone_tokens_total", &["kind=\"completion\""]),
         24.0
     );
-    let line = gw
-        .log()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .find(|l| l["type"] == "access" && l["endpoint"] == "chat")
-        .unwrap();
+    let chat_line = || {
+        gw.log()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|l| l["type"] == "access" && l["endpoint"] == "chat")
+    };
+    wait_until(Duration::from_secs(5), "the access log line", || {
+        chat_line().is_some()
+    });
+    let line = chat_line().unwrap();
     assert_eq!(line["usage_estimated"], true, "{line}");
 
     // A client that did not ask gets no usage chunk; a JSON answer is

@@ -6,8 +6,7 @@
 //!
 //! Lines are written off the request path: a request hands its serialised
 //! line to a bounded queue, and a thread of its own writes what has
-//! queued up in one `write` (one line at a time when idle, many under
-//! load). A line that finds the queue full is dropped and counted
+//! queued up in one `write` every few milliseconds. A line that finds the queue full is dropped and counted
 //! (`runestone_access_log_dropped_total`) rather than making the request
 //! wait on a slow disk or a full pipe. [`flush`] writes out what is queued
 //! when the process stops (graceful shutdown or upgrade).
@@ -15,7 +14,7 @@
 use serde::Serialize;
 use std::io::Write;
 use std::net::SocketAddr;
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError};
 use std::sync::OnceLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -23,6 +22,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 const QUEUE_LINES: usize = 16 * 1024;
 /// The most bytes the writer gathers into one write.
 const BATCH_BYTES: usize = 256 * 1024;
+/// How long the writer rests between writes (a line reaches stdout at most
+/// this late, while the queue is not full).
+const PAUSE: Duration = Duration::from_millis(5);
 
 /// Every field the access log has; nothing else is written.
 #[derive(Debug, Serialize)]
@@ -96,30 +98,41 @@ fn queue() -> &'static SyncSender<Message> {
     })
 }
 
-/// The writer thread: gathers what has queued and writes it at once (a
-/// failed write is not the requests' problem).
+/// The writer thread: every [`PAUSE`], writes what has queued in one go
+/// (a failed write is not the requests' problem). It never waits on the
+/// queue itself, so a request queueing its line never has to wake it: the
+/// request path pays a copy into the queue, no system call.
 fn write_lines(rx: Receiver<Message>) {
     let mut batch = Vec::with_capacity(BATCH_BYTES);
     let mut acks = Vec::new();
-    while let Ok(first) = rx.recv() {
-        let mut next = Some(first);
-        while let Some(message) = next.take() {
-            match message {
-                Message::Line(line) => batch.extend_from_slice(&line),
-                Message::Flush(ack) => acks.push(ack),
-            }
-            if batch.len() < BATCH_BYTES {
-                next = rx.try_recv().ok();
+    loop {
+        let mut open = true;
+        while batch.len() < BATCH_BYTES {
+            match rx.try_recv() {
+                Ok(Message::Line(line)) => batch.extend_from_slice(&line),
+                Ok(Message::Flush(ack)) => acks.push(ack),
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    open = false;
+                    break;
+                }
             }
         }
         if !batch.is_empty() {
             let mut out = std::io::stdout().lock();
             let _ = out.write_all(&batch);
             let _ = out.flush();
-            batch.clear();
         }
+        let full = batch.len() >= BATCH_BYTES;
+        batch.clear();
         for ack in acks.drain(..) {
             let _ = ack.send(());
+        }
+        if !open {
+            return;
+        }
+        if !full {
+            std::thread::sleep(PAUSE);
         }
     }
 }
