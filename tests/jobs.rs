@@ -694,3 +694,118 @@ fn jobs_keep_their_key_attempts_and_cancel_across_a_kill_9() {
     assert_eq!(ids, [long.as_str(), backing_off.as_str(), keyed.as_str()]);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn a_callback_receiver_that_hangs_holds_no_job_slot() {
+    let mock = Mock::start(&[]);
+    // Accepts callbacks and never answers them.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in listener.incoming() {
+            held.push(stream);
+        }
+    });
+    let overflow = format!(
+        "{{ enabled: true, callbacks: {{ allowed_urls: [\"http://127.0.0.1:{port}/hooks/\"], secret: \"whsec-0123456789abcdef\" }} }}"
+    );
+    let gw = Gateway::start(&config(&mock, &overflow, "{ concurrency: 1 }", None));
+    let client = Client::of(&gw);
+    let callback = format!("http://127.0.0.1:{port}/hooks/done");
+    for i in 0..2 {
+        let resp = client.submit(
+            TENANT_KEY,
+            &format!("with a callback {i}"),
+            &[("x-runestone-callback", &callback)],
+        );
+        let id = resp.json()["id"].as_str().unwrap().to_string();
+        assert_eq!(
+            client
+                .result(TENANT_KEY, &id, Duration::from_secs(10))
+                .status,
+            200
+        );
+    }
+    // The one slot is free although both callbacks still hang.
+    let started = Instant::now();
+    let theirs = client.job(OTHER_KEY, "another tenant");
+    assert_eq!(
+        client
+            .result(OTHER_KEY, &theirs, Duration::from_secs(10))
+            .status,
+        200
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn the_end_of_an_attempt_waits_for_redis_to_come_back() {
+    let mut redis = Redis::start();
+    let mock = Mock::start(&["--latency-ms", "2000"]);
+    let gw = Gateway::start(&config(&mock, "{ enabled: true }", "{}", Some(&redis)));
+    let client = Client::of(&gw);
+    let id = client.job(TENANT_KEY, "across a Redis restart");
+    wait_until(
+        Duration::from_secs(10),
+        "the job to reach the provider",
+        || calls_for(&mock, &id) == 1,
+    );
+    // Redis is down when the provider answers, and back a while later.
+    redis.restart_after(|| std::thread::sleep(Duration::from_secs(3)));
+    let done = client.result(TENANT_KEY, &id, Duration::from_secs(30));
+    assert_eq!(done.status, 200, "{}", String::from_utf8_lossy(&done.body));
+    assert_eq!(done.header("x-runestone-job-attempts"), Some("1"));
+    assert_eq!(calls_for(&mock, &id), 1, "stored, not run again");
+}
+
+#[test]
+fn a_submission_redis_did_not_confirm_names_its_job() {
+    let redis = Redis::start();
+    let mock = Mock::start(&[]);
+    let gw = Gateway::start(&config(&mock, "{ enabled: true }", "{}", Some(&redis)));
+    let client = Client::of(&gw);
+    // Writes wait in Redis past the gateway's timeout, then run.
+    redis.cli(&["CLIENT", "PAUSE", "1500", "WRITE"]);
+    let resp = client.submit(TENANT_KEY, "unconfirmed", &[("idempotency-key", "slow-1")]);
+    assert_eq!(resp.status, 429, "{}", String::from_utf8_lossy(&resp.body));
+    let location = resp
+        .header("location")
+        .unwrap_or_else(|| panic!("no location: {}", String::from_utf8_lossy(&resp.body)))
+        .to_string();
+    let id = location.strip_prefix("/v1/jobs/").unwrap().to_string();
+    assert!(resp.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains(&id));
+    // Whether Redis ran it once unpaused (or dropped it with the timed-out
+    // connection), the retry with the same key makes it one job.
+    redis.cli(&["SET", "runestone:probe", "1"]); // returns once writes run again
+    let again = client.submit(TENANT_KEY, "unconfirmed", &[("idempotency-key", "slow-1")]);
+    assert!(
+        again.status == 202 || again.status == 200,
+        "{}",
+        again.status
+    );
+    let final_id = match again.header("idempotent-replayed") {
+        Some(_) => {
+            assert_eq!(again.header("location"), Some(location.as_str()));
+            id
+        }
+        None => again.json()["id"].as_str().unwrap().to_string(),
+    };
+    assert_eq!(
+        client
+            .result(TENANT_KEY, &final_id, Duration::from_secs(20))
+            .status,
+        200
+    );
+    let listed = client.get(TENANT_KEY, "/v1/jobs").json();
+    assert_eq!(listed["data"].as_array().unwrap().len(), 1, "{listed}");
+    let served = mock.requests().iter().filter(|r| r["path"] == CHAT).count();
+    assert_eq!(served, 1, "one provider call for one key");
+}

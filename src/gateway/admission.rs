@@ -137,7 +137,7 @@ impl Gateway {
                     ParkRefusal::Full | ParkRefusal::StoreFull(_) => {
                         "Rate limit reached and the overflow queue is full."
                     }
-                    ParkRefusal::Unavailable => {
+                    ParkRefusal::Unavailable | ParkRefusal::Unconfirmed => {
                         "Rate limit reached and the overflow queue is unavailable."
                     }
                 });

@@ -79,6 +79,7 @@ impl Gateway {
             tokens,
             created_ms: crate::limits::now_ms() as u64,
         };
+        let id = job.id.clone();
         let submitted = self.overflow.submit(tenant, job).await.map_err(|why| {
             let mut error = match why {
                 ParkRefusal::Full => ApiError::rate_limit_exceeded("The overflow queue is full."),
@@ -86,6 +87,17 @@ impl Gateway {
                     ApiError::rate_limit_exceeded("The job queue is unavailable.")
                 }
                 ParkRefusal::StoreFull(_) => ApiError::job_store_full(),
+                // Redis may yet store and run it: say which job it would
+                // be, so a retry with the same idempotency key finds it.
+                ParkRefusal::Unconfirmed => {
+                    let mut error = ApiError::rate_limit_exceeded(format!(
+                        "The job queue did not confirm the job in time; it may still run as {id}. Retry with the same Idempotency-Key to get that job rather than a second one."
+                    ));
+                    if let Ok(location) = http::HeaderValue::try_from(format!("/v1/jobs/{id}")) {
+                        error.headers.push((http::header::LOCATION, location));
+                    }
+                    error
+                }
             };
             error.retry_after_ms = Some(match why {
                 ParkRefusal::StoreFull(ms) => ms.clamp(1000, 60_000),

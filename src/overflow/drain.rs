@@ -295,8 +295,7 @@ impl Drain {
                 let result = JobResult::failed(&error);
                 o.finish_job(&claim, id, &result).await;
                 if job.tenant == o.inner.tenant_ids[tenant] {
-                    o.deliver_callback(self.runner.as_ref(), tenant, &job, &result)
-                        .await;
+                    o.send_callback(self.runner.clone(), tenant, job, result);
                 }
                 return Visit::Served;
             }
@@ -352,7 +351,7 @@ impl Drain {
             };
             lock(&overflow.inner.running).remove(&job.id);
             overflow
-                .end_attempt(runner.as_ref(), &settings, &claim, &job, number, attempt)
+                .end_attempt(runner, &settings, &claim, &job, number, attempt)
                 .await;
         });
         Visit::Served
@@ -564,6 +563,7 @@ impl Drain {
                         info!(jobs = running.len(), "waiting for running async jobs before stopping");
                     }
                     while running.join_next().await.is_some() {}
+                    o.callbacks_sent().await;
                     return;
                 }
                 Some(_) = running.join_next(), if !running.is_empty() => {}
@@ -606,7 +606,7 @@ impl Overflow {
     /// attempts and its age allow.
     async fn end_attempt(
         &self,
-        runner: &dyn JobRunner,
+        runner: Arc<dyn JobRunner>,
         settings: &crate::config::JobSettings,
         claim: &Claim,
         job: &Job,
@@ -630,7 +630,6 @@ impl Overflow {
             }
         }
         self.finish_job(claim, &job.id, &attempt.result).await;
-        self.deliver_callback(runner, tenant, job, &attempt.result)
-            .await;
+        self.send_callback(runner, tenant, job.clone(), attempt.result);
     }
 }

@@ -305,6 +305,35 @@ fn callback_body(job_id: &str, result: &JobResult) -> Vec<u8> {
 }
 
 impl Overflow {
+    /// Delivers a job's result to its callback URL on a task of its own:
+    /// a slow or dead receiver holds no job slot and never the drain.
+    pub(super) fn send_callback(
+        &self,
+        runner: std::sync::Arc<dyn JobRunner>,
+        tenant: usize,
+        job: Job,
+        result: JobResult,
+    ) {
+        if job.callback.is_none() {
+            return;
+        }
+        let overflow = self.clone();
+        let mut sending = super::lock(&self.inner.callbacks);
+        while sending.try_join_next().is_some() {}
+        sending.spawn(async move {
+            overflow
+                .deliver_callback(runner.as_ref(), tenant, &job, &result)
+                .await;
+        });
+    }
+
+    /// Waits for the callbacks still being delivered (at shutdown; the
+    /// grace period bounds it).
+    pub(super) async fn callbacks_sent(&self) {
+        let mut sending = std::mem::take(&mut *super::lock(&self.inner.callbacks));
+        while sending.join_next().await.is_some() {}
+    }
+
     /// POSTs the result to the job's callback URL, retrying with backoff.
     /// The URL must still be on the tenant's allow-list.
     pub(super) async fn deliver_callback(

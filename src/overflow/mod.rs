@@ -76,6 +76,9 @@ pub enum ParkRefusal {
     /// The in-process job store is at `jobs.in_process_max_jobs` or
     /// `in_process_max_bytes`; room frees in about this many ms.
     StoreFull(u64),
+    /// A job's submission went to Redis but was not answered in time: it
+    /// may or may not have been stored (and may run).
+    Unconfirmed,
 }
 
 /// How a sync wait ended.
@@ -123,6 +126,8 @@ struct Inner {
     jobs: JobSettings,
     /// Jobs running in this process: their tenant, and how to stop them.
     running: Mutex<HashMap<String, (usize, watch::Sender<bool>)>>,
+    /// Callbacks being delivered.
+    callbacks: Mutex<tokio::task::JoinSet<()>>,
 }
 
 /// The overflow queue of every tenant.
@@ -168,6 +173,7 @@ impl Overflow {
                 wake: Notify::new(),
                 jobs: config.jobs,
                 running: Mutex::default(),
+                callbacks: Mutex::default(),
             }),
         }
     }
@@ -190,6 +196,27 @@ impl Overflow {
         let r = self.inner.redis.as_ref()?;
         let mut conn = r.conn()?;
         match tokio::time::timeout(r.timeout, cmd.query_async::<T>(&mut conn)).await {
+            Ok(Ok(v)) => Some(v),
+            Ok(Err(e)) => {
+                metrics::REDIS_ERRORS.with_label_values(&["overflow"]).inc();
+                warn!(error = %e, "overflow queue: Redis call failed");
+                None
+            }
+            Err(_) => {
+                metrics::REDIS_ERRORS.with_label_values(&["overflow"]).inc();
+                None
+            }
+        }
+    }
+
+    /// Runs a pipeline of reads within the Redis timeout.
+    pub(super) async fn redis_pipe<T: redis::FromRedisValue>(
+        &self,
+        pipe: &redis::Pipeline,
+    ) -> Option<T> {
+        let r = self.inner.redis.as_ref()?;
+        let mut conn = r.conn()?;
+        match tokio::time::timeout(r.timeout * 4, pipe.query_async::<T>(&mut conn)).await {
             Ok(Ok(v)) => Some(v),
             Ok(Err(e)) => {
                 metrics::REDIS_ERRORS.with_label_values(&["overflow"]).inc();

@@ -66,7 +66,9 @@ impl Overflow {
         let pushed = self.try_push(tenant, entry).await;
         match pushed {
             Err(ParkRefusal::Full | ParkRefusal::StoreFull(_)) => self.count(tenant, "full"),
-            Err(ParkRefusal::Unavailable) => self.count(tenant, "unavailable"),
+            Err(ParkRefusal::Unavailable | ParkRefusal::Unconfirmed) => {
+                self.count(tenant, "unavailable")
+            }
             Ok(()) => {}
         }
         pushed

@@ -65,7 +65,12 @@ pub enum ListRefusal {
 const SUBMIT: &str = r"
 if ARGV[9] == '1' then
   local prior = redis.call('GET', KEYS[4])
-  if prior then return prior end
+  if prior then
+    -- A key whose job is gone (expired, evicted) names nothing: it is
+    -- taken again. The job's hash shares the tenant's hash tag.
+    local id = string.match(prior, '^(%S+)')
+    if id and redis.call('EXISTS', ARGV[13] .. id) == 1 then return prior end
+  end
 end
 if redis.call('LLEN', KEYS[2]) >= tonumber(ARGV[2]) then return 0 end
 redis.call('HSET', KEYS[1], 'request', ARGV[3], 'state', 'queued', 'attempts', '0',
@@ -113,6 +118,30 @@ redis.call('HSET', KEYS[1], 'state', 'cancelled', 'result', ARGV[2], 'code', ARG
 redis.call('HDEL', KEYS[1], 'next_at')
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 return 'cancelled'
+";
+
+/// Ends an attempt and acknowledges its claim: ARGV[1] `done` or
+/// `cancelled` (with its result), or `queued` for another attempt at
+/// ARGV[2] (it joins the backoff set), unless a cancel was asked meanwhile:
+/// then the job ends `cancelled`. Returns the state written.
+const END: &str = r"
+local state = ARGV[1]
+if state == 'queued' and redis.call('HEXISTS', KEYS[1], 'cancel') == 1 then
+  state = 'cancelled'
+end
+if state == 'queued' then
+  redis.call('HSET', KEYS[1], 'state', 'queued', 'next_at', ARGV[2])
+  redis.call('EXPIRE', KEYS[1], ARGV[6])
+  redis.call('ZADD', KEYS[3], ARGV[2], ARGV[3])
+else
+  local result, code = ARGV[4], ARGV[5]
+  if state == 'cancelled' then result, code = ARGV[7], ARGV[8] end
+  redis.call('HSET', KEYS[1], 'result', result, 'state', state, 'code', code)
+  redis.call('HDEL', KEYS[1], 'next_at', 'cancel')
+  redis.call('EXPIRE', KEYS[1], ARGV[9])
+end
+redis.call('LREM', KEYS[2], 1, ARGV[3])
+return state
 ";
 
 /// Moves the jobs whose backoff is over to the tail of their queue.
@@ -192,7 +221,9 @@ impl Overflow {
             }
             Ok(Submitted::Existing(_)) => self.count_job(tenant, "deduplicated"),
             Ok(Submitted::KeyReused) => {}
-            Err(ParkRefusal::Unavailable) => self.count(tenant, "unavailable"),
+            Err(ParkRefusal::Unavailable | ParkRefusal::Unconfirmed) => {
+                self.count(tenant, "unavailable")
+            }
             Err(ParkRefusal::Full | ParkRefusal::StoreFull(_)) => self.count(tenant, "full"),
         }
         submitted
@@ -221,7 +252,8 @@ impl Overflow {
             .arg(if idempotency.is_some() { "1" } else { "0" })
             .arg(&job.model)
             .arg(&job.endpoint)
-            .arg(oldest);
+            .arg(oldest)
+            .arg(self.job_key(tenant, ""));
         let mut conn = r.conn().ok_or(ParkRefusal::Unavailable)?;
         let answer = tokio::time::timeout(
             r.timeout,
@@ -247,11 +279,18 @@ impl Overflow {
             Ok(Err(e)) => {
                 metrics::REDIS_ERRORS.with_label_values(&["overflow"]).inc();
                 warn!(error = %e, "job submission: Redis call failed");
-                Err(ParkRefusal::Unavailable)
+                // Sent and then lost (a timeout, a dropped connection): it
+                // may still have run.
+                if e.is_timeout() || e.is_connection_dropped() || e.is_io_error() {
+                    Err(ParkRefusal::Unconfirmed)
+                } else {
+                    Err(ParkRefusal::Unavailable)
+                }
             }
             Err(_) => {
+                // Sent, but not answered in time: it may still run.
                 metrics::REDIS_ERRORS.with_label_values(&["overflow"]).inc();
-                Err(ParkRefusal::Unavailable)
+                Err(ParkRefusal::Unconfirmed)
             }
         }
     }
@@ -418,26 +457,29 @@ impl Overflow {
                 break;
             }
             start += ids.len() as u64;
-            for id in ids {
+            // One round trip per batch (every key in the tenant's slot).
+            let mut pipe = redis::pipe();
+            for id in &ids {
+                pipe.cmd("HMGET")
+                    .arg(self.job_key(tenant, id))
+                    .arg("state")
+                    .arg("code")
+                    .arg("attempts")
+                    .arg("next_at")
+                    .arg("model")
+                    .arg("endpoint")
+                    .arg("created");
+            }
+            let all: Vec<Listed> = self
+                .redis_pipe(&pipe)
+                .await
+                .ok_or(ListRefusal::Unavailable)?;
+            for (id, fields) in ids.into_iter().zip(all) {
                 if page.jobs.len() == limit || scanned == LIST_SCAN {
                     page.has_more = true;
                     break 'scan;
                 }
                 scanned += 1;
-                let fields: Listed = self
-                    .redis(
-                        redis::cmd("HMGET")
-                            .arg(self.job_key(tenant, &id))
-                            .arg("state")
-                            .arg("code")
-                            .arg("attempts")
-                            .arg("next_at")
-                            .arg("model")
-                            .arg("endpoint")
-                            .arg("created"),
-                    )
-                    .await
-                    .ok_or(ListRefusal::Unavailable)?;
                 page.cursor = Some(id.clone());
                 match listed_view(&id, fields) {
                     Some(view) if wanted(&view) => page.jobs.push(view),
@@ -612,7 +654,15 @@ impl Overflow {
         };
         self.count(tenant, outcome);
         self.count_job(tenant, outcome);
-        self.end_job(claim, id, "done", result, None).await;
+        if self.inner.redis.is_none() {
+            let mut local = lock(&self.inner.local);
+            if let Some(queue) = local.queues.get_mut(&tenant) {
+                queue.retain(|e| e != &claim.head);
+            }
+            local.jobs.finish(id, result, Instant::now());
+            return;
+        }
+        self.end_job(claim, id, "done", result, 0).await;
     }
 
     /// Ends a running job cancelled by its tenant.
@@ -622,97 +672,95 @@ impl Overflow {
             lock(&self.inner.local).jobs.cancel(id, Instant::now());
             return;
         }
-        self.end_job(claim, id, "cancelled", &cancelled_result(), None)
+        self.end_job(claim, id, "cancelled", &cancelled_result(), 0)
             .await;
     }
 
-    /// Puts a job back for another attempt at `next_attempt_ms` (unix ms).
+    /// Puts a job back for another attempt at `next_attempt_ms` (unix ms),
+    /// unless its tenant asked to cancel it meanwhile: then it ends
+    /// cancelled.
     pub(super) async fn retry_job(&self, claim: &Claim, id: &str, next_attempt_ms: u64) {
-        self.count_job(claim.tenant, "retried");
-        if self.inner.redis.is_none() {
+        let tenant = claim.tenant;
+        let cancelled = if self.inner.redis.is_none() {
             let mut local = lock(&self.inner.local);
-            local.jobs.retry_later(id, next_attempt_ms, Instant::now());
-            local
-                .delayed
-                .push((next_attempt_ms, claim.tenant, claim.head.clone()));
-            return;
-        }
-        self.end_job(
-            claim,
-            id,
-            "queued",
-            &JobResult::default(),
-            Some(next_attempt_ms),
-        )
-        .await;
+            let now = Instant::now();
+            if local.jobs.get(id).is_some_and(|j| j.cancel_requested) {
+                local.jobs.cancel(id, now);
+                true
+            } else {
+                local.jobs.retry_later(id, next_attempt_ms, now);
+                local
+                    .delayed
+                    .push((next_attempt_ms, tenant, claim.head.clone()));
+                false
+            }
+        } else {
+            let written = self
+                .end_job(claim, id, "queued", &JobResult::default(), next_attempt_ms)
+                .await;
+            written == "cancelled"
+        };
+        self.count_job(tenant, if cancelled { "cancelled" } else { "retried" });
     }
 
-    /// Writes a job's new state and acknowledges its claim, in one
-    /// pipeline: `done` or `cancelled` with `result`, or `queued` again
-    /// with the time of its next attempt (then it joins the backoff set).
+    /// Writes the end of an attempt and acknowledges its claim (the `END`
+    /// script): the state written. A write Redis does not take is tried
+    /// again until it does, the job holding its slot meanwhile (it is
+    /// still this instance's, and shows `running`): dropping it would leave
+    /// the job running for good, or, re-queued, run and billed again.
     async fn end_job(
         &self,
         claim: &Claim,
         id: &str,
         state: &str,
         result: &JobResult,
-        next_attempt_ms: Option<u64>,
-    ) {
+        next_attempt_ms: u64,
+    ) -> String {
         let tenant = claim.tenant;
-        let Some(r) = &self.inner.redis else {
-            let mut local = lock(&self.inner.local);
-            if let Some(queue) = local.queues.get_mut(&tenant) {
-                queue.retain(|e| e != &claim.head);
-            }
-            local.jobs.finish(id, result, Instant::now());
-            return;
-        };
-        let key = self.job_key(tenant, id);
         let ttl = self.inner.jobs.result_ttl.as_secs();
-        let mut pipe = redis::pipe();
-        match next_attempt_ms {
-            Some(at) => {
-                pipe.cmd("HSET")
-                    .arg(&key)
-                    .arg("state")
-                    .arg(state)
-                    .arg("next_at")
-                    .arg(at)
-                    .ignore();
-                pipe.cmd("EXPIRE").arg(&key).arg(ttl * 7).ignore();
-                pipe.cmd("ZADD")
-                    .arg(self.key(tenant, "delayed"))
-                    .arg(at)
-                    .arg(claim.head.encode())
-                    .ignore();
-            }
-            None => {
-                pipe.cmd("HSET")
-                    .arg(&key)
-                    .arg("result")
-                    .arg(serde_json::to_string(result).unwrap_or_default())
-                    .arg("state")
-                    .arg(state)
-                    .arg("code")
-                    .arg(result.status)
-                    .ignore();
-                pipe.cmd("HDEL").arg(&key).arg("next_at").ignore();
-                pipe.cmd("EXPIRE").arg(&key).arg(ttl).ignore();
-            }
-        }
-        // Acknowledge only after the job's state is stored.
-        pipe.cmd("LREM")
-            .arg(&claim.processing)
-            .arg(1)
+        let cancelled = cancelled_result();
+        let script = redis::Script::new(END);
+        let mut invocation = script.key(self.job_key(tenant, id));
+        invocation
+            .key(&claim.processing)
+            .key(self.key(tenant, "delayed"))
+            .arg(state)
+            .arg(next_attempt_ms)
             .arg(claim.head.encode())
-            .ignore();
-        let Some(mut conn) = r.conn() else { return };
-        if !matches!(
-            tokio::time::timeout(r.timeout * 4, pipe.query_async::<()>(&mut conn)).await,
-            Ok(Ok(()))
-        ) {
-            warn!(job = %id, "could not store a job's state; it will be re-queued and run again");
+            .arg(serde_json::to_string(result).unwrap_or_default())
+            .arg(result.status)
+            .arg(ttl * 7)
+            .arg(serde_json::to_string(&cancelled).unwrap_or_default())
+            .arg(cancelled.status)
+            .arg(ttl);
+        let mut wait = Duration::from_millis(250);
+        for tries in 1u32.. {
+            if let Some((r, mut conn)) =
+                self.inner.redis.as_ref().and_then(|r| Some((r, r.conn()?)))
+            {
+                match tokio::time::timeout(
+                    r.timeout * 4,
+                    invocation.invoke_async::<String>(&mut conn),
+                )
+                .await
+                {
+                    Ok(Ok(written)) => return written,
+                    Ok(Err(e)) => {
+                        if tries == 1 {
+                            warn!(job = %id, error = %e, "could not store the end of a job's attempt; trying again");
+                        }
+                    }
+                    Err(_) if tries == 1 => {
+                        warn!(job = %id, "could not store the end of a job's attempt in time; trying again");
+                    }
+                    Err(_) => {}
+                }
+                metrics::REDIS_ERRORS.with_label_values(&["overflow"]).inc();
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_secs(5));
         }
+        unreachable!("the loop above returns")
     }
 
     /// Moves the tenant's jobs whose backoff is over to the tail of its

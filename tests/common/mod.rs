@@ -594,7 +594,12 @@ impl Redis {
 
     /// Starts redis-server on `port` (to restart one that was killed).
     pub fn start_on(port: u16) -> Redis {
-        let dir = scratch_dir("redis");
+        Self::start_in(port, scratch_dir("redis"))
+    }
+
+    /// Starts redis-server on `port` with its data in `dir` (a dump there
+    /// is loaded).
+    fn start_in(port: u16, dir: PathBuf) -> Redis {
         let child = Command::new("redis-server")
             .args([
                 "--port",
@@ -627,6 +632,18 @@ impl Redis {
     /// `redis://127.0.0.1:PORT/0`
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// Stops the server the way an operator's restart does (`SHUTDOWN
+    /// SAVE`: its data saved), then starts it again on the same port with
+    /// the same data once `down` has run.
+    pub fn restart_after(&mut self, down: impl FnOnce()) {
+        self.cli(&["SHUTDOWN", "SAVE"]);
+        let _ = self.child.wait();
+        down();
+        let again = Self::start_in(self.port, self.dir.clone());
+        let old = std::mem::replace(self, again);
+        std::mem::forget(old);
     }
 
     /// Runs a command with redis-cli and returns its output.
