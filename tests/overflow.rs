@@ -80,8 +80,22 @@ fn check_burst_served_in_order(redis: Option<&Redis>) {
             .map(|i| {
                 let gw = &gw;
                 let handle = scope.spawn(move || chat_with_id(gw, &format!("burst-{i}")).status);
-                // Arrival order is the order of sending.
-                std::thread::sleep(Duration::from_millis(30));
+                // Arrival order is the order of sending: the next is sent
+                // once this one holds the slot or its place in the queue.
+                wait_until(Duration::from_secs(10), "the request to be in", || {
+                    if i == 0 {
+                        return mock.request_count() == 1;
+                    }
+                    // Parked now, or parked and admitted since.
+                    let metrics = gw.metrics();
+                    let parked =
+                        metric_value(&metrics, r#"runestone_overflow_parked{tenant="acme"}"#)
+                            + metric_value(
+                                &metrics,
+                                r#"runestone_overflow_total{outcome="admitted",tenant="acme"}"#,
+                            );
+                    parked >= i as f64
+                });
                 handle
             })
             .collect();
