@@ -152,6 +152,15 @@ impl Gateway {
                 "background responses are not supported by this gateway (their usage could not be billed); leave 'background' out or false",
             ));
         }
+        if endpoint == Endpoint::Responses && fields.names_conversation {
+            // Conversations live in the provider account every tenant
+            // shares, and the gateway creates none: one named here is not
+            // the tenant's to be sure of.
+            return Err(ApiError::invalid_field(
+                "conversation",
+                "conversations are not supported by this gateway (they would be shared by every tenant of its provider account); chain responses with previous_response_id",
+            ));
+        }
         let pin = self
             .follow_up_pin(tenant, route_index, endpoint, &fields)
             .await?;

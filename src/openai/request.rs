@@ -32,6 +32,8 @@ struct RawFields<'a> {
     previous_response_id: Option<Cow<'a, str>>,
     #[serde(default)]
     background: Option<bool>,
+    #[serde(borrow, default)]
+    conversation: Option<&'a RawValue>,
     #[serde(borrow, default, deserialize_with = "present")]
     api_key: Option<&'a RawValue>,
     #[serde(borrow, default, deserialize_with = "present")]
@@ -90,6 +92,9 @@ pub struct RequestFields<'a> {
     /// The Responses API's `background: true` (answered queued, without
     /// usage).
     pub background: bool,
+    /// The Responses API's `conversation` (a conversation the provider
+    /// account keeps).
+    pub names_conversation: bool,
     /// The body carries fields that name another upstream or key
     /// (`api_key`, `api_base`, `base_url`): they are removed before
     /// forwarding and never honoured.
@@ -200,6 +205,7 @@ impl<'a> RequestFields<'a> {
                 .or(raw.max_output_tokens),
             previous_response_id: raw.previous_response_id,
             background: raw.background.unwrap_or(false),
+            names_conversation: raw.conversation.is_some_and(|c| c.get() != "null"),
             has_foreign_upstream_fields: raw.api_key.is_some()
                 || raw.api_base.is_some()
                 || raw.base_url.is_some(),
@@ -226,6 +232,7 @@ impl<'a> RequestFields<'a> {
             max_tokens: None,
             previous_response_id: None,
             background: false,
+            names_conversation: false,
             has_foreign_upstream_fields: false,
             messages_is_array: None,
             n: None,

@@ -141,6 +141,17 @@ def test_a_background_response_is_refused_since_its_usage_could_not_be_billed(ga
     assert client.responses.create(model="gpt", input="Say hello", background=False).usage
 
 
+def test_a_conversation_is_refused_since_no_tenant_owns_it(gateway, mocks):
+    client = gateway.client()
+    before = sum(len(responses_requests(m)) for m in mocks)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.create(model="gpt", input="Say hello", conversation="conv_someone_elses")
+    assert e.value.body["param"] == "conversation"
+    assert sum(len(responses_requests(m)) for m in mocks) == before
+    # `conversation: null` is no conversation.
+    assert client.responses.create(model="gpt", input="Say hello", extra_body={"conversation": None}).usage
+
+
 def test_the_stream_helper_gives_the_final_response(gateway):
     client = gateway.client()
     with client.responses.stream(
