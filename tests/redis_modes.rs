@@ -249,6 +249,12 @@ fn ask(gw: &Gateway) -> u16 {
 fn redis_up(gw: &Gateway) -> bool {
     let ready = gw.get("/ready", None).json();
     let metric = metric_value(&gw.metrics(), "runestone_redis_up");
+    // Read while Redis's health changed (a failover in progress): ask again.
+    if gw.get("/ready", None).json()["checks"]["redis"] != ready["checks"]["redis"]
+        || metric_value(&gw.metrics(), "runestone_redis_up") != metric
+    {
+        return false;
+    }
     assert_eq!(
         ready["checks"]["redis"] == "ok",
         metric == 1.0,
