@@ -92,11 +92,8 @@ impl Gateway {
         let can_serve = self
             .upstreams
             .can_serve_any(&self.config.routes_for(tenant, route));
-        // Requests already waiting go first: a slot that freed for the
-        // queue's head is not taken by a newcomer.
-        let queue_first = overflow.enabled && self.overflow.has_parked(tenant);
         match self.limiter.admit(tenant, tokens).await {
-            Ok(grant) if !overflow.enabled || (can_serve && !queue_first) => Ok(Some(grant)),
+            Ok(grant) if can_serve || !overflow.enabled => Ok(Some(grant)),
             Ok(grant) => {
                 // Nothing can serve the model right now: give the grant back
                 // unused and wait for a backend.

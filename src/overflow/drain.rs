@@ -158,7 +158,7 @@ impl Drain {
                     return Visit::Blocked;
                 };
                 o.remove(tenant, &head).await;
-                let waiter = o.take_waiter(id);
+                let waiter = lock(&o.inner.waiters).remove(id);
                 if let Some(Err(grant)) = waiter.map(|w| w.admit.send(grant)) {
                     // The client left at the last moment.
                     self.limiter.release(grant).await;

@@ -111,7 +111,6 @@ impl RedisQueues {
 /// A client connection parked on this instance.
 struct Waiter {
     admit: oneshot::Sender<Grant>,
-    tenant: usize,
     /// Its route's index in this process's config.
     route: usize,
 }
@@ -121,8 +120,6 @@ struct Inner {
     tenant_ids: Vec<String>,
     instance: String,
     waiters: Mutex<HashMap<String, Waiter>>,
-    /// Requests of each tenant parked on this instance.
-    parked_here: Vec<std::sync::atomic::AtomicUsize>,
     local: Mutex<LocalState>,
     redis: Option<RedisQueues>,
     wake: Notify,
@@ -161,7 +158,6 @@ impl Overflow {
                 tenant_ids: config.tenants.iter().map(|t| t.id.clone()).collect(),
                 instance: crate::ids::random_token(),
                 waiters: Mutex::default(),
-                parked_here: config.tenants.iter().map(|_| Default::default()).collect(),
                 local: Mutex::new(LocalState {
                     queues: HashMap::new(),
                     jobs: local_jobs::LocalJobs::new(local_jobs::Bounds::new(
@@ -232,25 +228,6 @@ impl Overflow {
                 None
             }
         }
-    }
-
-    /// Whether requests of the tenant wait in this instance's queue: a
-    /// new one then queues behind them rather than take a slot that freed
-    /// for the queue's head (first come, first served).
-    pub fn has_parked(&self, tenant: usize) -> bool {
-        self.inner
-            .parked_here
-            .get(tenant)
-            .is_some_and(|n| n.load(std::sync::atomic::Ordering::Relaxed) > 0)
-    }
-
-    /// Takes a parked request's waiter out (it was admitted, or gave up).
-    fn take_waiter(&self, id: &str) -> Option<Waiter> {
-        let waiter = lock(&self.inner.waiters).remove(id)?;
-        if let Some(n) = self.inner.parked_here.get(waiter.tenant) {
-            n.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-        }
-        Some(waiter)
     }
 
     pub(super) fn count(&self, tenant: usize, outcome: &str) {

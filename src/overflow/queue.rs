@@ -142,19 +142,9 @@ impl Overflow {
             owner: self.inner.instance.clone(),
         };
         let (admit, rx) = oneshot::channel();
-        lock(&self.inner.waiters).insert(
-            id.clone(),
-            Waiter {
-                admit,
-                tenant,
-                route,
-            },
-        );
-        if let Some(n) = self.inner.parked_here.get(tenant) {
-            n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        }
+        lock(&self.inner.waiters).insert(id.clone(), Waiter { admit, route });
         if let Err(refusal) = self.push(tenant, &entry).await {
-            self.take_waiter(&id);
+            lock(&self.inner.waiters).remove(&id);
             return Err(refusal);
         }
         self.inner.wake.notify_one();
@@ -208,7 +198,7 @@ impl Overflow {
 
     async fn forget(&self, parked: &Parked) {
         if let Entry::Sync { id, .. } = &parked.entry {
-            self.take_waiter(id);
+            lock(&self.inner.waiters).remove(id);
         }
         self.remove(parked.tenant, &parked.entry).await;
     }
