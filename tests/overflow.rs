@@ -75,6 +75,9 @@ fn check_burst_served_in_order(redis: Option<&Redis>) {
         redis,
     ));
     let n = 6;
+    // The first request holds the one slot until all the others are in
+    // the queue: none can arrive to find it free.
+    mock.fault(json!({"stall_ms": 3000, "count": 1}));
     let statuses: Vec<u16> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..n)
             .map(|i| {
