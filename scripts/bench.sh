@@ -152,7 +152,7 @@ pids+=($!)
 # A Redis Cluster of three primaries (no replicas), also on CPU 1.
 for p in "${cluster_ports[@]}"; do
   mkdir -p "$work/cluster-$p"
-  taskset -c 1 redis-server --port "$p" --bind 127.0.0.1 --save "" --appendonly no --cluster-enabled yes \
+  taskset -c 1 redis-server --port "$p" --cluster-port "$(free_port)" --bind 127.0.0.1 --save "" --appendonly no --cluster-enabled yes \
     --cluster-config-file "$work/cluster-$p/nodes.conf" --dir "$work/cluster-$p" >/dev/null 2>&1 &
   pids+=($!)
 done

@@ -44,11 +44,18 @@ impl Server {
         } else {
             format!("port {port}\n")
         };
+        // A cluster node's bus port is its port + 10,000 unless named: a
+        // free port above 55,535 would leave it none.
+        let bus = if conf.contains("cluster-enabled yes") {
+            format!("cluster-port {}\n", free_port())
+        } else {
+            String::new()
+        };
         let file = dir.join("redis.conf");
         std::fs::write(
             &file,
             format!(
-                "{listen}bind 127.0.0.1\nsave \"\"\nappendonly no\ndir {}\n{}\n",
+                "{listen}{bus}bind 127.0.0.1\nsave \"\"\nappendonly no\ndir {}\n{}\n",
                 dir.display(),
                 conf.replace("{port}", &port.to_string())
             ),
