@@ -2,7 +2,7 @@
 //! filters, forwarding everything to one upstream. Runestone's throughput
 //! and latency are compared against it.
 //!
-//! `cargo run --release --example floor -- LISTEN_ADDR UPSTREAM_ADDR`
+//! `cargo run --release --example floor -- LISTEN_ADDR UPSTREAM_ADDR [THREADS]`
 
 use async_trait::async_trait;
 use pingora::prelude::*;
@@ -32,10 +32,14 @@ fn main() {
         std::process::exit(2);
     };
     let upstream: SocketAddr = upstream.parse().expect("UPSTREAM_ADDR is IP:port");
+    let threads: usize = args
+        .next()
+        .map_or(1, |t| t.parse().expect("THREADS is a number"));
     let mut server = Server::new(None).expect("server");
     server.bootstrap();
     let mut proxy = http_proxy_service(&server.configuration, Floor { upstream });
     proxy.add_tcp(&listen);
+    proxy.threads = Some(threads);
     server.add_service(proxy);
     server.run_forever();
 }

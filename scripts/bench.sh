@@ -95,12 +95,12 @@ peer_lua() {
   echo "$out"
 }
 
-gateway_config() { # $1 port, $2 metrics port, $3 limits yaml ("" for none), $4 extra, $5 access log (true/false)
+gateway_config() { # $1 port, $2 metrics port, $3 limits yaml ("" for none), $4 extra, $5 access log (true/false), $6 threads
   cat <<YAML
 server:
   listen: "127.0.0.1:$1"
   metrics_listen: "127.0.0.1:$2"
-  threads: 1
+  threads: ${6:-1}
   access_log: ${5:-false}
   grace_period_seconds: 1
   pid_file: "$work/gw-$1.pid"
@@ -341,6 +341,42 @@ TTFT_DIRECT=$DIRECT_RESULT TTFT_GATEWAY=$GATEWAY_RESULT
 echo "bench: chunk delay direct $CHUNK_DIRECT, through runestone $CHUNK_GATEWAY" >&2
 echo "bench: first token direct $TTFT_DIRECT, through runestone $TTFT_GATEWAY" >&2
 
+# 5. Scaling: two threads on both cores, the load generator and the
+# upstream mock on the same two cores (nothing pinned), the floor with two
+# threads against Runestone with `threads: 2`, rounds taking turns.
+declare -A SCALE_LINES SCALE_ROUND SCALE_RATIOS
+scale_mock_port=$(free_port)
+target/release/runestone-mock --listen "127.0.0.1:$scale_mock_port" --threads 2 >/dev/null 2>&1 &
+pids+=($!)
+wait_http "http://127.0.0.1:$scale_mock_port/health"
+SCALE_PATHS=("pingora floor, 2 threads" "runestone, all on, in-process, threads: 2")
+for round in $(seq 1 "$REPEAT"); do
+  for name in "${SCALE_PATHS[@]}"; do
+    port=$(free_port)
+    if [[ "$name" == pingora* ]]; then
+      target/release/examples/floor "127.0.0.1:$port" "127.0.0.1:$scale_mock_port" 2 >/dev/null 2>&1 &
+      PID=$!
+      for _ in $(seq 1 300); do (echo >/dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.05; done
+    else
+      mock_port=$scale_mock_port
+      gateway_config "$port" "$(free_port)" "$LIMITS" "" false 2 >"$work/gw2.yaml"
+      target/release/runestone --config "$work/gw2.yaml" >/dev/null 2>"$work/gw2.log" &
+      PID=$!; wait_http "http://127.0.0.1:$port/ready"
+    fi
+    wrk -t2 -c"$CONNECTIONS" -d"${DURATION}s" --latency -s "$work/post.lua" "http://127.0.0.1:$port/v1/chat/completions" >"$work/wrk.out" 2>&1
+    line=$(awk 'function us(v) { return v ~ /us$/ ? v + 0 : v ~ /ms$/ ? v * 1000 : v * 1000000 }
+       /Requests\/sec/ {rps=$2} /^ +50%/ {p50=us($2)} /^ +99%/ {p99=us($2)}
+       END {printf "%s %.0f %.0f\n", rps, p50, p99}' "$work/wrk.out")
+    kill -INT "$PID" 2>/dev/null || true; wait "$PID" 2>/dev/null || true
+    SCALE_LINES[$name]+="$line"$'\n'
+    SCALE_ROUND[$name]=${line%% *}
+    echo "bench: scaling round $round, $name: $line" >&2
+  done
+  for name in "${SCALE_PATHS[@]}"; do
+    SCALE_RATIOS[$name]+="$(awk -v a="${SCALE_ROUND[$name]}" -v b="${SCALE_ROUND[pingora floor, 2 threads]}" 'BEGIN {print 100 * a / b}')"$'\n'
+  done
+done
+
 added() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%+d", a - b}'; }
 table=$(
   echo "Closed loop (saturation):"
@@ -352,6 +388,18 @@ table=$(
   done
   for peer in "${!PEER_MISSING[@]}"; do
     echo "| $peer | not measured: ${PEER_MISSING[$peer]} | | | | |"
+  done
+  echo
+  echo "Scaling: two threads on both cores, wrk (-t2) and the upstream mock (--threads 2) on the same two cores, nothing pinned:"
+  echo
+  echo "| path | requests/s | vs the 2-thread floor (median of the rounds' ratios) | p50 (µs) | p99 (µs) |"
+  echo "|---|---|---|---|---|"
+  for name in "${SCALE_PATHS[@]}"; do
+    rps=$(printf '%s' "${SCALE_LINES[$name]}" | awk '{print $1}' | median)
+    p50=$(printf '%s' "${SCALE_LINES[$name]}" | awk '{print $2}' | median)
+    p99=$(printf '%s' "${SCALE_LINES[$name]}" | awk '{print $3}' | median)
+    ratio=$(printf '%s' "${SCALE_RATIOS[$name]}" | median)
+    echo "| $name | $rps | $(printf '%.0f%%' "$ratio") | $p50 | $p99 |"
   done
   echo
   echo "Open loop at $RATE requests/s (half of Runestone's saturation, every feature on, in-process), latency in µs, added = over direct, median of $REPEAT runs:"
