@@ -54,52 +54,6 @@ fn result_of(gw: &Gateway, key: &str, id: &str) -> Response {
     }
 }
 
-/// A callback receiver answering 200 to everything; yields (request head,
-/// body) per delivery.
-fn callback_sink() -> (u16, std::sync::mpsc::Receiver<(String, Vec<u8>)>) {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { return };
-            stream
-                .set_read_timeout(Some(Duration::from_secs(5)))
-                .unwrap();
-            let mut data = Vec::new();
-            let mut buf = [0u8; 8192];
-            let delivery = loop {
-                let read = stream.read(&mut buf).unwrap_or(0);
-                if read == 0 {
-                    break None;
-                }
-                data.extend_from_slice(&buf[..read]);
-                let Some(end) = data.windows(4).position(|w| w == b"\r\n\r\n") else {
-                    continue;
-                };
-                let head = String::from_utf8_lossy(&data[..end]).to_string();
-                let len: usize = head
-                    .lines()
-                    .find_map(|l| {
-                        l.to_ascii_lowercase()
-                            .strip_prefix("content-length:")
-                            .map(|v| v.trim().parse().unwrap())
-                    })
-                    .unwrap_or(0);
-                if data.len() >= end + 4 + len {
-                    break Some((head, data[end + 4..end + 4 + len].to_vec()));
-                }
-            };
-            let _ = stream
-                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
-            if let Some(delivery) = delivery {
-                let _ = tx.send(delivery);
-            }
-        }
-    });
-    (port, rx)
-}
-
 /// The YAML of a two-tenant gateway on `mock` and `redis`, tenants and models
 /// in the given order; `acme` is held at one request a minute when
 /// `hold_acme`, so its jobs wait in Redis.
@@ -249,7 +203,7 @@ fn queued_jobs_keep_their_tenant_and_model_across_a_reordered_restart() {
 fn a_job_that_can_no_longer_run_fails_alone_and_the_drain_goes_on() {
     let redis = Redis::start();
     let mock = Mock::start(&[]);
-    let (port, callbacks) = callback_sink();
+    let (port, callbacks) = callback_receiver(0);
     let hooks = format!(
         ", callbacks: {{ allowed_urls: [\"http://127.0.0.1:{port}/hooks/\"], secret: \"whsec-0123456789abcdef\" }}"
     );
@@ -477,7 +431,7 @@ fn foreign_fields_are_spliced_out_and_every_other_byte_is_forwarded_as_sent() {
 #[test]
 fn callback_urls_are_checked_as_they_will_be_delivered() {
     let mock = Mock::start(&[]);
-    let (port, delivered) = callback_sink();
+    let (port, delivered) = callback_receiver(0);
     let mut config = GatewayConfig::new(&mock);
     config.tenants = format!(
         "\n  - id: acme\n    keys: [\"{TENANT_KEY}\"]\n    overflow: {{ enabled: true, callbacks: {{ allowed_urls: [\"http://127.0.0.1:{port}/runestone/\"], secret: \"whsec-0123456789abcdef\" }} }}\n"
@@ -644,7 +598,7 @@ fn assert_no_key(text: &str, what: &str) {
 #[test]
 fn a_provider_echoing_its_key_never_gets_it_to_a_client() {
     let mock = Mock::start(&["--api-key", PROVIDER_KEY]);
-    let (port, callbacks) = callback_sink();
+    let (port, callbacks) = callback_receiver(0);
     let mut config = GatewayConfig::new(&mock);
     config.tenants = format!(
         "\n  - id: acme\n    keys: [\"{TENANT_KEY}\"]\n    overflow: {{ enabled: true, callbacks: {{ allowed_urls: [\"http://127.0.0.1:{port}/\"], secret: \"whsec-0123456789abcdef\" }} }}\n"

@@ -7,7 +7,6 @@ mod common;
 
 use common::*;
 use serde_json::{json, Value};
-use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 const CHAT: &str = "/v1/chat/completions";
@@ -36,9 +35,7 @@ struct Client {
 
 impl Client {
     fn of(gw: &Gateway) -> Client {
-        Client {
-            port: gw.url("").rsplit(':').next().unwrap().parse().unwrap(),
-        }
+        Client { port: gw.port }
     }
 
     fn url(&self, path: &str) -> String {
@@ -586,28 +583,6 @@ fn the_drain_shares_job_slots_by_weight_in_process() {
 fn the_drain_shares_job_slots_by_weight_with_redis() {
     let redis = Redis::start();
     check_weights(Some(&redis));
-}
-
-/// Starts the gateway binary directly, so the test can kill -9 it.
-fn start_raw(config: &GatewayConfig, dir: &std::path::Path) -> Child {
-    std::fs::create_dir_all(dir).unwrap();
-    let path = dir.join("runestone.yaml");
-    std::fs::write(&path, config.yaml_in(dir)).unwrap();
-    let log = std::fs::File::create(dir.join("gateway.log")).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_runestone"))
-        .arg("--config")
-        .arg(&path)
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    wait_ready(
-        &format!("http://127.0.0.1:{}/ready", config.port),
-        &mut child,
-        Duration::from_secs(20),
-        "runestone",
-    );
-    child
 }
 
 const JOBS_FOR_CRASHES: &str =

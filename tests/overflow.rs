@@ -8,7 +8,6 @@ use common::*;
 use serde_json::{json, Value};
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 const CHAT: &str = "/v1/chat/completions";
@@ -418,27 +417,6 @@ fn parking_refuses_at_once_when_redis_is_down() {
         );
         assert_eq!(holder.join().unwrap(), 200);
     });
-}
-
-/// Starts the gateway binary directly, so the test can kill -9 it.
-fn start_raw(config: &GatewayConfig, dir: &std::path::Path) -> Child {
-    let yaml = config.yaml_in(dir);
-    let path = dir.join("runestone.yaml");
-    std::fs::write(&path, yaml).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_runestone"))
-        .arg("--config")
-        .arg(&path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_ready(
-        &format!("http://127.0.0.1:{}/health", config.port),
-        &mut child,
-        Duration::from_secs(20),
-        "runestone",
-    );
-    child
 }
 
 #[test]

@@ -776,6 +776,7 @@ pub fn callback_receiver(failures: usize) -> (u16, std::sync::mpsc::Receiver<(St
     std::thread::spawn(move || {
         for (n, stream) in listener.incoming().enumerate() {
             let Ok(mut stream) = stream else { return };
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
             let mut data = Vec::new();
             let mut buf = [0u8; 4096];
             let (head, body) = loop {
@@ -823,4 +824,28 @@ pub fn callback_receiver(failures: usize) -> (u16, std::sync::mpsc::Receiver<(St
         }
     });
     (port, rx)
+}
+
+/// Starts the gateway binary directly (not through [`Gateway`], so the test
+/// can kill -9 it), with its config, pid file, upgrade socket and output
+/// (`gateway.log`) in `dir`; waits for `/ready`.
+pub fn start_raw(config: &GatewayConfig, dir: &std::path::Path) -> Child {
+    std::fs::create_dir_all(dir).unwrap();
+    let path = dir.join("runestone.yaml");
+    std::fs::write(&path, config.yaml_in(dir)).unwrap();
+    let log = std::fs::File::create(dir.join("gateway.log")).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_runestone"))
+        .arg("--config")
+        .arg(&path)
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    wait_ready(
+        &format!("http://127.0.0.1:{}/ready", config.port),
+        &mut child,
+        Duration::from_secs(20),
+        "runestone",
+    );
+    child
 }
