@@ -113,7 +113,7 @@ impl Gateway {
                     Ok(Some(view)) => self.answer_job(session, ctx, view, true).await,
                     // Its submission is still being stored: it is queued.
                     Ok(None) => self.answer_queued(session, ctx, &id, true).await,
-                    Err(_) => Err(ApiError::upstream_error("The job store is unavailable.")),
+                    Err(_) => Err(job_store_unavailable()),
                 };
             }
         };
@@ -183,7 +183,7 @@ impl Gateway {
             .overflow
             .job(tenant, id)
             .await
-            .map_err(|_| ApiError::upstream_error("The job store is unavailable."))?
+            .map_err(|_| job_store_unavailable())?
             .ok_or_else(|| ApiError::job_not_found(id))?;
         self.answer_job(session, ctx, view, false).await
     }
@@ -203,7 +203,7 @@ impl Gateway {
             .overflow
             .cancel_job(tenant, id)
             .await
-            .map_err(|_| ApiError::upstream_error("The job store is unavailable."))?
+            .map_err(|_| job_store_unavailable())?
             .ok_or_else(|| ApiError::job_not_found(id))?;
         let status = if view.state == JobState::Running {
             202
@@ -263,9 +263,7 @@ impl Gateway {
                 ListRefusal::UnknownCursor => {
                     ApiError::invalid_field("after", "names no job of yours (it may have expired)")
                 }
-                ListRefusal::Unavailable => {
-                    ApiError::upstream_error("The job store is unavailable.")
-                }
+                ListRefusal::Unavailable => job_store_unavailable(),
             })?;
         let data: Vec<serde_json::Value> = page.jobs.iter().map(JobView::to_json).collect();
         let body = serde_json::json!({
@@ -277,6 +275,11 @@ impl Gateway {
         });
         respond::json(session, ctx, 200, body).await
     }
+}
+
+/// The answer when the job store (Redis) cannot be read.
+fn job_store_unavailable() -> ApiError {
+    ApiError::upstream_error("The job store is unavailable.")
 }
 
 /// The digest of a submission's idempotency key: the `Idempotency-Key`

@@ -136,6 +136,23 @@ pub struct Overflow {
     inner: Arc<Inner>,
 }
 
+/// A Redis reply within its time limit, or `None` (the failure counted,
+/// and logged unless it is the time limit).
+fn answered<T>(reply: Result<redis::RedisResult<T>, tokio::time::error::Elapsed>) -> Option<T> {
+    match reply {
+        Ok(Ok(v)) => Some(v),
+        Ok(Err(e)) => {
+            metrics::REDIS_ERRORS.with_label_values(&["overflow"]).inc();
+            warn!(error = %e, "overflow queue: Redis call failed");
+            None
+        }
+        Err(_) => {
+            metrics::REDIS_ERRORS.with_label_values(&["overflow"]).inc();
+            None
+        }
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -195,18 +212,7 @@ impl Overflow {
     pub(super) async fn redis<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Option<T> {
         let r = self.inner.redis.as_ref()?;
         let mut conn = r.conn()?;
-        match tokio::time::timeout(r.timeout, cmd.query_async::<T>(&mut conn)).await {
-            Ok(Ok(v)) => Some(v),
-            Ok(Err(e)) => {
-                metrics::REDIS_ERRORS.with_label_values(&["overflow"]).inc();
-                warn!(error = %e, "overflow queue: Redis call failed");
-                None
-            }
-            Err(_) => {
-                metrics::REDIS_ERRORS.with_label_values(&["overflow"]).inc();
-                None
-            }
-        }
+        answered(tokio::time::timeout(r.timeout, cmd.query_async::<T>(&mut conn)).await)
     }
 
     /// Runs a pipeline of reads within the Redis timeout.
@@ -216,18 +222,7 @@ impl Overflow {
     ) -> Option<T> {
         let r = self.inner.redis.as_ref()?;
         let mut conn = r.conn()?;
-        match tokio::time::timeout(r.timeout * 4, pipe.query_async::<T>(&mut conn)).await {
-            Ok(Ok(v)) => Some(v),
-            Ok(Err(e)) => {
-                metrics::REDIS_ERRORS.with_label_values(&["overflow"]).inc();
-                warn!(error = %e, "overflow queue: Redis call failed");
-                None
-            }
-            Err(_) => {
-                metrics::REDIS_ERRORS.with_label_values(&["overflow"]).inc();
-                None
-            }
-        }
+        answered(tokio::time::timeout(r.timeout * 4, pipe.query_async::<T>(&mut conn)).await)
     }
 
     pub(super) fn count(&self, tenant: usize, outcome: &str) {

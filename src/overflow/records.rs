@@ -353,10 +353,14 @@ impl Overflow {
             .await;
         let (state, result, attempts, next_at, model, endpoint, created) =
             fields.ok_or(ParkRefusal::Unavailable)?;
-        let Some(state) = state else {
+        // The job as a list shows it, then its answer or its place in the
+        // queue.
+        let word = state.clone().unwrap_or_default();
+        let listed = (state, None, attempts, next_at, model, endpoint, created);
+        let Some(mut view) = listed_view(id, listed) else {
             return Ok(None);
         };
-        let state = match (state.as_str(), result) {
+        view.state = match (word.as_str(), result) {
             ("cancelled", _) => JobState::Cancelled,
             (_, Some(result)) => {
                 JobState::Done(serde_json::from_str(&result).unwrap_or_else(|_| {
@@ -378,15 +382,7 @@ impl Overflow {
                 JobState::Queued(position.flatten().map(|p| p.max(0) as usize + 1))
             }
         };
-        Ok(Some(JobView {
-            id: id.to_string(),
-            state,
-            model: model.unwrap_or_default(),
-            endpoint: endpoint.unwrap_or_default(),
-            created_ms: created.unwrap_or(0),
-            attempts: attempts.unwrap_or(0),
-            next_attempt_ms: next_at,
-        }))
+        Ok(Some(view))
     }
 
     /// Up to `limit` of the tenant's jobs, newest first, after the job
