@@ -27,6 +27,8 @@
 //! | [`redact`] | keeps a provider's key out of everything forwarded to clients (raw or JSON-escaped, across chunks) |
 //! | [`overflow`] | `overflow/`: the queue (`queue`), async jobs and callbacks (`jobs`), the in-process job store (`local_jobs`), the drain (`drain`) |
 //! | [`metrics`] | every Prometheus metric handle, in one place |
+//! | [`telemetry`] | `telemetry/`: OpenTelemetry spans, W3C trace context and sampling (`context`), OTLP's wire format (`otlp`), the batch exporter (`export`) |
+//! | [`outbound`] | POSTs to URLs the operator configured (job callbacks, the trace collector) |
 //! | [`admin`]  | locally answered endpoints: `/health`, `/ready`, `/v1/models`, `/v1/usage` |
 //! | [`redis_conn`] | the one Redis connection, shared by limits and the overflow queue |
 //! | [`gateway`] | `gateway/`: the Pingora `ProxyHttp` implementation, by request stage (routes, admission, jobs, forwarding, responses, accounting, access log) |
@@ -45,6 +47,7 @@ pub mod ids;
 pub mod limits;
 pub mod metrics;
 pub mod openai;
+pub mod outbound;
 pub mod overflow;
 pub mod providers;
 pub mod redact;
@@ -52,4 +55,5 @@ pub mod redis_conn;
 pub mod reload;
 pub mod server;
 pub mod services;
+pub mod telemetry;
 pub mod upstream;

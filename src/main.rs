@@ -103,6 +103,8 @@ fn main() -> ExitCode {
                 // Stopped (shutdown or upgrade): nothing in flight any
                 // more, so every access log line is queued; write them out.
                 runestone::gateway::flush_access_log(std::time::Duration::from_secs(5));
+                // And every span queued, as far as the collector takes them.
+                runestone::telemetry::flush(std::time::Duration::from_secs(5));
                 std::process::exit(0)
             }
             Err(code) => code,

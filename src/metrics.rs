@@ -184,6 +184,27 @@ pub static ACCESS_LOG_DROPPED: Lazy<IntCounter> = Lazy::new(|| {
     .expect("metric registers once")
 });
 
+/// `runestone_telemetry_dropped_total{reason}`: spans that never reached
+/// the collector: `queue_full` (the exporter was too far behind) or
+/// `export_failed` (the collector was down, slow or refused them).
+pub static TELEMETRY_DROPPED: Lazy<IntCounterVec> = Lazy::new(|| {
+    register_int_counter_vec!(
+        "runestone_telemetry_dropped_total",
+        "Trace spans dropped: the export queue was full, or the collector failed to take them.",
+        &["reason"]
+    )
+    .expect("metric registers once")
+});
+
+/// `runestone_telemetry_exported_total`: spans the collector took.
+pub static TELEMETRY_EXPORTED: Lazy<IntCounter> = Lazy::new(|| {
+    register_int_counter!(
+        "runestone_telemetry_exported_total",
+        "Trace spans the collector accepted."
+    )
+    .expect("metric registers once")
+});
+
 /// `runestone_jobs_total{tenant, outcome}`: async jobs by what happened
 /// to them: `submitted`, `deduplicated` (a submission that found its job
 /// by its idempotency key), `retried` (an attempt failed and another is
@@ -275,6 +296,8 @@ pub fn register_all() {
     Lazy::force(&OVERFLOW_TOTAL);
     Lazy::force(&JOBS_TOTAL);
     Lazy::force(&ACCESS_LOG_DROPPED);
+    Lazy::force(&TELEMETRY_DROPPED);
+    Lazy::force(&TELEMETRY_EXPORTED);
     Lazy::force(&OVERFLOW_WAIT);
     Lazy::force(&TIME_TO_FIRST_TOKEN);
     Lazy::force(&GATEWAY_OVERHEAD);

@@ -63,6 +63,12 @@ pub fn build(config: Config, options: RunOptions) -> Server {
     for warning in config.warnings() {
         tracing::warn!("{warning}");
     }
+    if let Some(telemetry) = &config.telemetry {
+        crate::telemetry::start(
+            telemetry,
+            Some(ConnectorOptions::from_server_conf(&server.configuration)),
+        );
+    }
     crate::cost::Encoding::warm_up();
     // One Redis connection for limits and the overflow queue.
     let redis = crate::redis_conn::RedisConnection::for_config(&config);

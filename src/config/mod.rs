@@ -15,6 +15,7 @@ pub mod keys;
 mod model;
 mod raw;
 mod secrets;
+mod telemetry;
 mod tenants;
 #[cfg(test)]
 mod tests;
@@ -23,6 +24,7 @@ mod validate;
 pub use callbacks::{CallbackUrl, Callbacks};
 pub use model::*;
 pub use secrets::Secret;
+pub use telemetry::TelemetrySettings;
 
 use env::interpolate;
 use raw::*;
@@ -100,6 +102,8 @@ pub struct Config {
     pub failover: FailoverSettings,
     /// Async job settings.
     pub jobs: JobSettings,
+    /// Trace export, when configured.
+    pub telemetry: Option<TelemetrySettings>,
     /// Secrets written in the file itself rather than taken from `${ENV}`
     /// (or, for tenant keys, given as digests): their key paths.
     pub literal_secrets: Vec<String>,
@@ -213,6 +217,11 @@ impl Config {
             value => deserialize::<RawJobs>(value, "jobs", &mut problems)
                 .map(|raw| jobs::validate_jobs(raw, &mut problems)),
         };
+        let telemetry = match section("telemetry") {
+            Value::Null => None,
+            value => deserialize::<RawTelemetry>(value, "telemetry", &mut problems)
+                .and_then(|raw| telemetry::validate_telemetry(raw, &mut problems)),
+        };
         match (server, breaker, failover, jobs) {
             (Some(server), Some(breaker), Some(failover), Some(jobs)) if problems.is_empty() => {
                 Ok(Config {
@@ -226,6 +235,7 @@ impl Config {
                     max_attempts: failover.max_attempts,
                     failover,
                     jobs,
+                    telemetry,
                     literal_secrets,
                     file_warnings: Vec::new(),
                     model_index,

@@ -216,6 +216,20 @@ pub(super) struct RawJobs {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+pub(super) struct RawTelemetry {
+    pub(super) otlp_endpoint: String,
+    #[serde(default)]
+    pub(super) service_name: Option<String>,
+    #[serde(default)]
+    pub(super) sample_ratio: Option<f64>,
+    #[serde(default)]
+    pub(super) headers: Option<std::collections::BTreeMap<String, String>>,
+    #[serde(default)]
+    pub(super) capture_content: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(super) struct RawLimits {
     #[serde(default)]
     pub(super) requests_per_minute: Option<u32>,
@@ -304,6 +318,7 @@ pub(super) const TOP_LEVEL_KEYS: &[&str] = &[
     "circuit_breaker",
     "failover",
     "jobs",
+    "telemetry",
     "tenants",
 ];
 

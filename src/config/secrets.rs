@@ -76,6 +76,13 @@ pub(super) fn literal_secrets(root: &Value) -> Vec<String> {
             found.push(format!("redis.sentinel.nodes[{i}]"));
         }
     }
+    let headers = root.get("telemetry").and_then(|t| t.get("headers"));
+    for (name, value) in headers.and_then(Value::as_mapping).into_iter().flatten() {
+        if literal(value) {
+            let name = name.as_str().unwrap_or("?");
+            found.push(format!("telemetry.headers.{name}"));
+        }
+    }
     found
 }
 

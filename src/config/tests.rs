@@ -436,3 +436,76 @@ fn reports_bad_job_settings() {
         );
     }
 }
+
+#[test]
+fn loads_telemetry_with_its_defaults_and_secret_headers() {
+    assert!(Config::from_yaml(VALID, env).unwrap().telemetry.is_none());
+    let yaml = VALID.to_string()
+        + "telemetry: { otlp_endpoint: \"http://otel-collector:4318\", headers: { Authorization: \"Bearer ${OTLP_TOKEN}\" } }\n";
+    let config = Config::from_yaml(&yaml, |name| {
+        (name == "OTLP_TOKEN")
+            .then(|| "tok-1".to_string())
+            .or_else(|| env(name))
+    })
+    .unwrap();
+    let telemetry = config.telemetry.unwrap();
+    assert_eq!(telemetry.traces_url.authority, "otel-collector:4318");
+    assert_eq!(telemetry.traces_url.path, "/v1/traces");
+    assert_eq!(telemetry.service_name, "runestone");
+    assert_eq!(telemetry.sample_ratio, 1.0);
+    assert!(!telemetry.capture_content);
+    assert_eq!(telemetry.headers[0].0.as_str(), "authorization");
+    assert_eq!(telemetry.headers[0].1.expose(), "Bearer tok-1");
+    assert!(
+        !format!("{telemetry:?}").contains("tok-1"),
+        "header values are never printed"
+    );
+    assert!(!config
+        .literal_secrets
+        .iter()
+        .any(|s| s.starts_with("telemetry")));
+
+    let named = VALID.to_string()
+        + "telemetry: { otlp_endpoint: \"https://collector.example/otlp/v1/traces\", service_name: gw, sample_ratio: 0.25, capture_content: true, headers: { x-token: literal } }\n";
+    let config = Config::from_yaml(&named, env).unwrap();
+    let telemetry = config.telemetry.as_ref().unwrap();
+    assert!(telemetry.traces_url.tls);
+    assert_eq!(telemetry.traces_url.path, "/otlp/v1/traces");
+    assert_eq!(
+        (telemetry.sample_ratio, telemetry.capture_content),
+        (0.25, true)
+    );
+    assert!(config
+        .literal_secrets
+        .contains(&"telemetry.headers.x-token".to_string()));
+}
+
+#[test]
+fn reports_bad_telemetry_settings() {
+    let yaml = VALID.to_string()
+        + "telemetry: { otlp_endpoint: \"grpc://collector:4317\", service_name: \" \", sample_ratio: 1.5, headers: { \"bad name\": x, host: y, x-ok: \"secret\\nvalue\" } }\n";
+    let found = problems(&yaml);
+    for key in [
+        "telemetry.otlp_endpoint",
+        "telemetry.service_name",
+        "telemetry.sample_ratio",
+        "telemetry.headers.bad name",
+        "telemetry.headers.host",
+        "telemetry.headers.x-ok",
+    ] {
+        assert!(
+            found.iter().any(|p| p.starts_with(key)),
+            "{key} in {found:?}"
+        );
+    }
+    assert!(!found.iter().any(|p| p.contains("secret")), "{found:?}");
+    let unknown =
+        VALID.to_string() + "telemetry: { otlp_endpoint: \"http://c:4318\", sampler: x }\n";
+    assert!(problems(&unknown)
+        .iter()
+        .any(|p| p.starts_with("telemetry")));
+    let missing = VALID.to_string() + "telemetry: { service_name: x }\n";
+    assert!(problems(&missing)
+        .iter()
+        .any(|p| p.starts_with("telemetry")));
+}

@@ -19,6 +19,9 @@ use std::sync::OnceLock;
 /// report no usage (the rest is counted at the sample's rate).
 const SAMPLE_BYTES: usize = 64 * 1024;
 
+/// The most finish reasons kept (one per choice).
+const MAX_FINISH_REASONS: usize = 16;
+
 /// The start of an event too long to hold that is kept to read its type.
 const OVERSIZED_HEAD_BYTES: usize = 4096;
 
@@ -46,8 +49,10 @@ pub struct StreamMeter {
     saw_done: bool,
     /// An event with choices went by (an OpenAI completion stream).
     saw_choices: bool,
-    /// A choice's `finish_reason` went by.
+    /// A choice's `finish_reason` went by, and which (at most
+    /// [`MAX_FINISH_REASONS`]).
     saw_finish: bool,
+    finish_reasons: Vec<String>,
     /// A Responses API stream: its response's id, and whether its end
     /// (`response.completed`, `incomplete`, `failed`, or `error`) went by.
     response_id: Option<String>,
@@ -101,6 +106,7 @@ impl StreamMeter {
             saw_done: false,
             saw_choices: false,
             saw_finish: false,
+            finish_reasons: Vec::new(),
             response_id: None,
             saw_response_end: false,
             malformed: 0,
@@ -293,7 +299,14 @@ impl StreamMeter {
                 self.identity = Some([id, object, created, model].map(|v| v.get().to_owned()));
             }
         }
-        self.saw_finish |= probe.finished();
+        if probe.finished() {
+            self.saw_finish = true;
+            for reason in probe.finish_reasons() {
+                if self.finish_reasons.len() < MAX_FINISH_REASONS {
+                    self.finish_reasons.push(reason);
+                }
+            }
+        }
         if let Some(kind) = probe.event_type() {
             self.saw_response_end |= matches!(
                 kind,
@@ -384,6 +397,23 @@ impl StreamMeter {
     /// ends with `[DONE]`.
     pub fn is_completion_stream(&self) -> bool {
         self.saw_choices
+    }
+
+    /// The choices' finish reasons, as they went by.
+    pub fn finish_reasons(&self) -> &[String] {
+        &self.finish_reasons
+    }
+
+    /// The model the provider named in the stream's chunks.
+    pub fn model(&self) -> Option<String> {
+        let raw = &self.identity.as_ref()?[3];
+        serde_json::from_str(raw).ok()
+    }
+
+    /// The text generated (content, tool calls, reasoning; the first
+    /// 64 KiB of it), for a trace that captures content.
+    pub fn generated_text(&self) -> String {
+        super::sampled_text(&self.sample)
     }
 
     /// The usage the provider reported, if it did.

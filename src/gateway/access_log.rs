@@ -30,6 +30,9 @@ const PAUSE: Duration = Duration::from_millis(5);
 #[derive(Debug, Serialize)]
 pub(super) struct Line<'a> {
     pub request_id: &'a str,
+    /// The request's trace (with tracing on), to find its spans.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<&'a str>,
     pub tenant: &'a str,
     pub endpoint: &'static str,
     pub model: &'a str,

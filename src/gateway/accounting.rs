@@ -165,10 +165,13 @@ impl Gateway {
         if let Some(reason) = error {
             metrics::ERRORS.with_label_values(&[reason]).inc();
         }
+        self.export_trace(ctx, status, elapsed);
         if self.config.server.access_log {
             let usage = report.total_usage();
+            let trace_id = ctx.trace.as_ref().map(|t| hex::encode(t.context.trace_id));
             let line = access_log::Line {
                 request_id: &ctx.request_id,
+                trace_id: trace_id.as_deref(),
                 tenant,
                 endpoint: ctx.endpoint,
                 model,

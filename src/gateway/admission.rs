@@ -149,6 +149,9 @@ impl Gateway {
             }
         };
         let parked_at = Instant::now();
+        if let Some(trace) = &mut ctx.trace {
+            trace.parked_at = Some(parked_at);
+        }
         let waited = tokio::select! {
             waited = self.overflow.wait(&mut parked) => Some(waited),
             _ = session.downstream_session.read_body_or_idle(true) => None,

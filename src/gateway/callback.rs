@@ -4,9 +4,6 @@
 use crate::config::BaseUrl;
 use bytes::Bytes;
 use pingora::connectors::http::v1::Connector;
-use pingora::http::RequestHeader;
-use pingora::protocols::http::client::HttpSession;
-use pingora::upstreams::peer::HttpPeer;
 use std::time::Duration;
 
 /// Bound on one delivery attempt.
@@ -20,47 +17,20 @@ pub(super) async fn post(
     signature: &str,
 ) -> Result<u16, String> {
     let (base, path) = split(url)?;
-    let addr = tokio::net::lookup_host((base.host.as_str(), base.port))
-        .await
-        .map_err(|e| format!("cannot resolve {}: {e}", base.host))?
-        .next()
-        .ok_or_else(|| format!("{} has no address", base.host))?;
-    let mut peer = HttpPeer::new(addr, base.tls, base.host.clone());
-    peer.options.connection_timeout = Some(TIMEOUT);
-    peer.options.read_timeout = Some(TIMEOUT);
-    let mut header =
-        RequestHeader::build("POST", path.as_bytes(), Some(5)).map_err(|e| e.to_string())?;
     let headers = [
-        ("host", base.authority.clone()),
-        ("content-type", "application/json".to_string()),
-        ("content-length", body.len().to_string()),
-        ("x-runestone-signature", signature.to_string()),
+        ("content-type", "application/json"),
+        ("x-runestone-signature", signature),
     ];
-    for (name, value) in headers {
-        header
-            .insert_header(name, value)
-            .map_err(|e| e.to_string())?;
-    }
-    let exchange = async {
-        let (session, _) = connector.get_http_session(&peer).await?;
-        let mut session: HttpSession = HttpSession::H1(session);
-        session.write_request_header(Box::new(header)).await?;
-        session
-            .write_request_body(Bytes::copy_from_slice(body), true)
-            .await?;
-        session.finish_request_body().await?;
-        session.read_response_header().await?;
-        Ok::<u16, Box<pingora::Error>>(session.response_header().map_or(0, |h| h.status.as_u16()))
-    };
-    match tokio::time::timeout(TIMEOUT, exchange).await {
-        Ok(Ok(status)) => Ok(status),
-        Ok(Err(e)) => Err(format!(
-            "delivery to {} failed: {}",
-            base.authority,
-            e.etype().as_str()
-        )),
-        Err(_) => Err(format!("delivery to {} timed out", base.authority)),
-    }
+    crate::outbound::post(
+        connector,
+        &base,
+        &path,
+        &headers,
+        Bytes::copy_from_slice(body),
+        TIMEOUT,
+    )
+    .await
+    .map_err(|e| format!("delivery {e}"))
 }
 
 /// Splits a URL into where to connect and the path (with query) to ask for.

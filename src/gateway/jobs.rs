@@ -75,6 +75,11 @@ impl Gateway {
                         headers.get(*name)?.to_str().ok()?.to_string(),
                     ))
                 })
+                // The submission's span: each attempt's trace links to it.
+                .chain(ctx.trace.as_ref().and_then(|trace| {
+                    let traceparent = trace.traceparent().to_str().ok()?.to_string();
+                    Some(("traceparent".to_string(), traceparent))
+                }))
                 .collect(),
             tokens,
             created_ms: crate::limits::now_ms() as u64,
@@ -345,6 +350,8 @@ impl JobRunner for Gateway {
         ctx.tenant = Some(tenant);
         ctx.exchange.route = Some(route);
         ctx.grant = Some(grant);
+        let submitted_by = job.headers.iter().find(|(name, _)| name == "traceparent");
+        ctx.trace = super::trace::RequestTrace::for_job(submitted_by.map(|(_, v)| v.as_str()));
         let body = Bytes::from(job.body.clone());
         let mut client = Collected::default();
         for (name, value) in &job.headers {
@@ -361,6 +368,9 @@ impl JobRunner for Gateway {
             Err(_) => Ok(None),
         };
         let max_tokens = parsed.as_ref().ok().and_then(|f| f.max_tokens);
+        if let Some(trace) = &mut ctx.trace {
+            trace.note_request(&body, max_tokens);
+        }
         let estimate = cost::Estimate::new(body.clone(), max_tokens);
         let mut stopped = None;
         let outcome = match parsed.and_then(|fields| Ok((pin?, fields))) {
@@ -371,6 +381,7 @@ impl JobRunner for Gateway {
                     grant,
                     cost_pusd,
                     started,
+                    trace,
                     ..
                 } = &mut ctx;
                 let exchange = Exchange {
@@ -387,6 +398,7 @@ impl JobRunner for Gateway {
                     strip_usage: false,
                     estimate: &estimate,
                     rate_limit_headers: &[],
+                    trace: trace.as_deref().map(|t| &t.context),
                 };
                 let mut settler = super::accounting::Settler {
                     gateway: self,

@@ -18,7 +18,7 @@
 //! | | OpenAI-shaped errors and local answers | `respond.rs` |
 //! | `upstream_peer` | never reached: `request_filter` answers every request | |
 //! | `fail_to_proxy` | a 500 in OpenAI's shape | `respond.rs` |
-//! | `logging` | settlement (if not done), metrics, the access log line | `accounting.rs`, `access_log.rs` |
+//! | `logging` | settlement (if not done), metrics, the access log line, the trace's spans | `accounting.rs`, `access_log.rs`, `trace.rs` |
 
 mod access_log;
 mod accounting;
@@ -31,6 +31,7 @@ mod respond;
 mod responses;
 mod routes;
 mod stored;
+mod trace;
 
 use crate::auth;
 use crate::config::Config;
@@ -72,6 +73,8 @@ pub struct RequestCtx {
     /// What forwarding did: the route asked for (then the one that served),
     /// attempts, who served, usage.
     exchange: Report,
+    /// The request's trace, when tracing is on.
+    trace: Option<Box<trace::RequestTrace>>,
 }
 
 /// Writes out the access log lines still queued (at most `limit`): for
@@ -149,6 +152,7 @@ impl ProxyHttp for Gateway {
             cost_pusd: 0,
             job_attempt: None,
             exchange: Report::default(),
+            trace: None,
         }
     }
 
@@ -159,6 +163,7 @@ impl ProxyHttp for Gateway {
         // with the connection.
         session.as_downstream_mut().set_pipelining_enabled(true);
         ctx.request_id = respond::request_id(session);
+        ctx.trace = trace::RequestTrace::for_request(&session.req_header().headers);
         // A panic anywhere below is a bug, but it must not take the
         // connection down unanswered or strand the tenant's slot: the grant
         // (in `ctx` or dropped while unwinding) is released either way.

@@ -170,6 +170,7 @@ impl Gateway {
             cost_pusd,
             tenant: tenant_index,
             started,
+            trace,
             ..
         } = ctx;
         let exchange = Exchange {
@@ -191,6 +192,7 @@ impl Gateway {
             strip_usage: false,
             estimate: &estimate,
             rate_limit_headers,
+            trace: trace.as_deref().map(|t| &t.context),
         };
         let mut settler = super::accounting::Settler {
             gateway: self,

@@ -171,6 +171,9 @@ impl Gateway {
                 cost::estimate_request_tokens(body.len(), fields.max_tokens, endpoint.generates())
             }
         };
+        if let Some(trace) = &mut ctx.trace {
+            trace.note_request(&body, fields.max_tokens);
+        }
         if super::jobs::wants_async(session) {
             if form.is_some() || endpoint == Endpoint::Speech {
                 return Err(ApiError::invalid_field(
@@ -218,6 +221,7 @@ impl Gateway {
             cost_pusd,
             tenant: tenant_index,
             started,
+            trace,
             ..
         } = ctx;
         let exchange = Exchange {
@@ -239,6 +243,7 @@ impl Gateway {
             strip_usage,
             estimate: &estimate,
             rate_limit_headers,
+            trace: trace.as_deref().map(|t| &t.context),
         };
         let mut settler = super::accounting::Settler {
             gateway: self,

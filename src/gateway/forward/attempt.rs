@@ -39,6 +39,8 @@ pub(super) struct Attempt<'a> {
     /// Continuing a stream that broke: how the rest is asked for. Only a
     /// stream can continue it; any other answer is a failure.
     pub continuation: Option<&'a Continuation>,
+    /// The attempt's span, when the request is traced.
+    pub span_id: Option<[u8; 8]>,
 }
 
 /// What the upstream connection is, once the answer's head is in.
@@ -52,6 +54,14 @@ struct Answer {
 }
 
 impl Attempt<'_> {
+    /// For a sampled trace, whether the answer is described (`Some`), and
+    /// with its text (`Some(true)`).
+    fn describes(&self) -> Option<bool> {
+        self.exchange
+            .traced()
+            .then(|| crate::telemetry::settings().is_some_and(|s| s.capture_content))
+    }
+
     fn provider(&self) -> &ProviderSettings {
         &self
             .forwarder
@@ -89,6 +99,7 @@ impl Attempt<'_> {
             Ok(answer) => answer,
             Err(attempted) => return attempted,
         };
+        report.upstream_status = answer.upstream.response_header().map(|h| h.status.as_u16());
         match self.answer(answer, client, report, settle).await {
             Ok(attempted) | Err(attempted) => attempted,
         }
@@ -160,6 +171,7 @@ impl Attempt<'_> {
             exchange,
             client.request_headers(),
             body.len(),
+            self.span_id,
         )
         .map_err(|e| {
             Attempted::Final(ApiError::internal(format!(
@@ -389,6 +401,7 @@ impl Attempt<'_> {
             estimate: exchange.estimate,
             model: &self.route.targets[self.backend.target].model,
             request_id: exchange.request_id,
+            describe: self.describes(),
         };
         let end = copy
             .run(
@@ -513,6 +526,9 @@ impl Attempt<'_> {
                 .translate_answer(status, &body, &self.route.name)
                 .map_err(|e| self.deployment_failure(e))?;
             report.usage = Some(usage);
+            if let Some(capture) = self.describes() {
+                report.answer = Some(super::body::answer_details(&answer, capture));
+            }
             (
                 head.status,
                 HeaderValue::from_static("application/json"),

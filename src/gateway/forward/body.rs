@@ -3,7 +3,7 @@
 //! it) and the redactor that keeps the provider's key out.
 
 use super::decode::UpstreamBody;
-use super::{Report, Settle};
+use super::{AnswerDetails, Report, Settle};
 use crate::config::ProviderSettings;
 use crate::cost::{self, Estimate, StreamMeter, Usage};
 use crate::gateway::client::Client;
@@ -157,6 +157,21 @@ impl Meter {
         }
     }
 
+    /// What the answer says about itself, for its trace.
+    fn details(&self, capture: bool) -> AnswerDetails {
+        match self {
+            Meter::Json { body, seen, .. } if *seen <= cost::MAX_METERED_JSON_BYTES => {
+                answer_details(body, capture)
+            }
+            Meter::Stream(meter) => AnswerDetails {
+                model: meter.model(),
+                finish_reasons: meter.finish_reasons().to_vec(),
+                completion: capture.then(|| meter.generated_text()),
+            },
+            _ => AnswerDetails::default(),
+        }
+    }
+
     /// Whether a stream stopped at an event that is not JSON.
     fn halted(&self) -> bool {
         matches!(self, Meter::Stream(m) if m.halted())
@@ -232,6 +247,52 @@ impl Meter {
     }
 }
 
+/// What a JSON answer (chat, completion, Responses) says about itself: its
+/// model, its finish reasons (a Responses answer's `status`) and, when
+/// `capture`, its generated text.
+pub(super) fn answer_details(body: &[u8], capture: bool) -> AnswerDetails {
+    use serde_json::Value;
+    let Ok(Value::Object(answer)) = serde_json::from_slice::<Value>(body) else {
+        return AnswerDetails::default();
+    };
+    let text = |v: &Value| v.as_str().map(str::to_owned);
+    let choices = answer.get("choices").and_then(Value::as_array);
+    let mut finish_reasons: Vec<String> = choices
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c.get("finish_reason").and_then(text))
+        .take(16)
+        .collect();
+    if finish_reasons.is_empty() && answer.get("object").and_then(Value::as_str) == Some("response")
+    {
+        finish_reasons.extend(answer.get("status").and_then(text));
+    }
+    let completion = capture.then(|| {
+        let from_choices = choices.into_iter().flatten().filter_map(|c| {
+            c.pointer("/message/content")
+                .and_then(text)
+                .or_else(|| c.get("text").and_then(text))
+        });
+        let from_output = answer
+            .get("output")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|item| item.get("content").and_then(Value::as_array))
+            .flatten()
+            .filter_map(|part| part.get("text").and_then(text));
+        from_choices
+            .chain(from_output)
+            .collect::<Vec<_>>()
+            .join("\n")
+    });
+    AnswerDetails {
+        model: answer.get("model").and_then(text),
+        finish_reasons,
+        completion,
+    }
+}
+
 /// How copying the response body ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum BodyEnd {
@@ -270,6 +331,9 @@ pub(super) struct Copy<'a> {
     pub model: &'a str,
     /// For the logs.
     pub request_id: &'a str,
+    /// For a sampled trace: the answer is described in the report, with
+    /// its text when `Some(true)`.
+    pub describe: Option<bool>,
 }
 
 impl Copy<'_> {
@@ -324,6 +388,15 @@ impl Copy<'_> {
             if stream.malformed() > 0 {
                 warn!(request_id = %self.request_id, provider = %self.provider.name, events = stream.malformed(), "left out stream events that were not JSON");
             }
+        }
+        if let Some(capture) = self.describe {
+            let mut details = meter.details(capture);
+            // A provider echoing its key in its answer: not in the trace
+            // either.
+            details.completion = details.completion.map(|text| {
+                String::from_utf8_lossy(&redactor.redact(text.as_bytes())).into_owned()
+            });
+            report.answer = Some(details);
         }
         if let BodyEnd::ProviderBroke(message) = &end {
             if !client.resumable() {

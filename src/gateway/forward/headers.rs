@@ -32,6 +32,8 @@ const FORWARDED_RESPONSE_HEADERS: [HeaderName; 5] = [
 ];
 
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 
 /// `path` (which may carry a query already) with `tail` added to its path
 /// and `query` to its query.
@@ -65,6 +67,7 @@ pub(super) fn upstream_request(
     exchange: &Exchange<'_>,
     client_headers: &HeaderMap,
     body_len: usize,
+    span_id: Option<[u8; 8]>,
 ) -> Result<RequestHeader, HeaderError> {
     let kind = adapter(provider.kind);
     let path = kind.path(
@@ -112,7 +115,34 @@ pub(super) fn upstream_request(
             headers.append(name.clone(), value.clone());
         }
     }
+    trace_headers(headers, exchange, client_headers, span_id);
     Ok(RequestHeader::from(parts))
+}
+
+/// W3C trace context for the provider: with tracing on, the request's
+/// trace with the attempt's span as parent (and the client's
+/// `tracestate`); with it off, the client's own headers as they came.
+fn trace_headers(
+    headers: &mut HeaderMap,
+    exchange: &Exchange<'_>,
+    client_headers: &HeaderMap,
+    span_id: Option<[u8; 8]>,
+) {
+    match (exchange.trace, span_id) {
+        (Some(trace), Some(span_id)) => {
+            headers.insert(TRACEPARENT, trace.traceparent(span_id));
+            if let Some(state) = &trace.trace_state {
+                headers.insert(TRACESTATE, state.clone());
+            }
+        }
+        _ => {
+            for name in [TRACEPARENT, TRACESTATE] {
+                for value in client_headers.get_all(&name) {
+                    headers.append(name.clone(), value.clone());
+                }
+            }
+        }
+    }
 }
 
 /// The response header sent to the client: the provider's status and an

@@ -35,6 +35,7 @@ use crate::config::FailoverSettings;
 use crate::config::ModelRoute;
 use crate::cost::Usage;
 use crate::openai::{ApiError, Endpoint};
+use crate::telemetry::TraceContext;
 use crate::upstream::failover::{Attempted, Failover, Next, Step};
 use crate::upstream::Upstreams;
 use async_trait::async_trait;
@@ -113,6 +114,46 @@ pub(crate) struct Exchange<'a> {
     pub estimate: &'a crate::cost::Estimate,
     /// The tenant's `x-ratelimit-*` headers for the answer.
     pub rate_limit_headers: &'a [(HeaderName, HeaderValue)],
+    /// The request's trace, when tracing is on: every attempt sends the
+    /// provider a `traceparent` naming its own span, and a sampled trace
+    /// records its attempts and answer in the report.
+    pub trace: Option<&'a TraceContext>,
+}
+
+impl Exchange<'_> {
+    /// Whether the attempts and the answer are recorded for a trace.
+    fn traced(&self) -> bool {
+        self.trace.is_some_and(|t| t.sampled)
+    }
+}
+
+/// One attempt against a deployment, for its trace span.
+#[derive(Debug)]
+pub(crate) struct AttemptRecord {
+    /// The attempt's span (named as parent in its `traceparent`).
+    pub span_id: [u8; 8],
+    pub started: Instant,
+    pub ended: Instant,
+    /// Where: route and target (in the config), provider, backend.
+    pub route: usize,
+    pub target: usize,
+    pub provider: usize,
+    pub backend: SocketAddr,
+    /// The provider's status, when it answered.
+    pub status: Option<u16>,
+    /// Why it failed (a `runestone_errors_total` reason), if it did.
+    pub error: Option<&'static str>,
+    /// What came next: `answered`, `failed_over`, `retried` or `gave_up`.
+    pub next: &'static str,
+}
+
+/// What a traced answer said about itself: the model that generated it,
+/// why it stopped, and (when content is captured) its text.
+#[derive(Debug, Default)]
+pub(crate) struct AnswerDetails {
+    pub model: Option<String>,
+    pub finish_reasons: Vec<String>,
+    pub completion: Option<String>,
 }
 
 /// What happened to a forwarded request.
@@ -145,6 +186,13 @@ pub(crate) struct Report {
     pub resumptions: u32,
     /// The Responses API response the answer created (its `id`).
     pub response_id: Option<String>,
+    /// The status the provider answered the current attempt with.
+    pub upstream_status: Option<u16>,
+    /// For a sampled trace: every attempt, stream breaks and resumptions
+    /// (and when), and what the answer said about itself.
+    pub attempt_log: Vec<AttemptRecord>,
+    pub stream_events: Vec<(&'static str, Instant)>,
+    pub answer: Option<AnswerDetails>,
 }
 
 impl Report {
@@ -173,6 +221,19 @@ impl Report {
 pub(crate) trait Settle: Send {
     /// The answer is whole: account for `report.usage`.
     async fn settle(&mut self, report: &Report);
+}
+
+/// Why an attempt failed, as a `runestone_errors_total` reason (`None`
+/// when it answered).
+fn failure_reason(attempted: &Attempted) -> Option<&'static str> {
+    match attempted {
+        Attempted::Answered => None,
+        Attempted::StreamBroken(_) => Some("provider_stream_broken"),
+        Attempted::Retryable { error, .. }
+        | Attempted::RateLimited(error)
+        | Attempted::ContextTooLong(error)
+        | Attempted::Final(error) => Some(error.reason()),
+    }
 }
 
 /// Counts a resumption of the exchange's stream.
@@ -266,6 +327,7 @@ impl Forwarder {
                 report.backend = Some(backend.addr);
                 report.target = Some(backend.target);
                 let started = Instant::now();
+                let span_id = exchange.trace.map(|_| crate::telemetry::new_span_id());
                 let attempted = attempt::Attempt {
                     forwarder: self,
                     exchange,
@@ -273,10 +335,26 @@ impl Forwarder {
                     backend: &backend,
                     may_change_context: failover.may_change_context(),
                     continuation: continuation.as_ref(),
+                    span_id,
                 }
                 .run(client, report, settle)
                 .await;
                 report.upstream_time += started.elapsed();
+                // Recorded once the failover has decided what comes next.
+                let record = span_id
+                    .filter(|_| exchange.traced())
+                    .map(|span_id| AttemptRecord {
+                        span_id,
+                        started,
+                        ended: Instant::now(),
+                        route: route_index,
+                        target: backend.target,
+                        provider: backend.provider,
+                        backend: backend.addr,
+                        status: report.upstream_status.take(),
+                        error: failure_reason(&attempted),
+                        next: "answered",
+                    });
                 if client.diverged() {
                     warn!(request_id = %exchange.request_id, backend = %backend.addr, "a restarted stream said something else than the client has");
                     let error =
@@ -303,6 +381,11 @@ impl Forwarder {
                     report.earlier.push((report.route, report.target, usage));
                     report.resumptions += 1;
                     resumption(exchange, "attempted");
+                    if exchange.traced() {
+                        report
+                            .stream_events
+                            .push(("runestone.stream.broken", Instant::now()));
+                    }
                 }
                 if let Attempted::Retryable { error, .. } | Attempted::RateLimited(error) =
                     &attempted
@@ -310,7 +393,17 @@ impl Forwarder {
                     warn!(request_id = %exchange.request_id, provider = %self.upstreams.provider(backend.provider).settings.name,
                           backend = %backend.addr, attempt = report.attempts, error = %error, "attempt failed; failing over");
                 }
-                match failover.after(attempted) {
+                let step = failover.after(attempted);
+                if let Some(mut record) = record {
+                    record.next = match &step {
+                        Step::TryNext => "failed_over",
+                        Step::RetrySame(_) => "retried",
+                        Step::Done(Err(_)) => "gave_up",
+                        Step::Done(Ok(())) => "answered",
+                    };
+                    report.attempt_log.push(record);
+                }
+                match step {
                     Step::TryNext => break,
                     Step::Done(Err(error)) => {
                         return self.end(client, exchange, report, error).await
@@ -318,6 +411,11 @@ impl Forwarder {
                     Step::Done(Ok(())) => {
                         if report.resumptions > 0 && client.completed() {
                             resumption(exchange, "resumed");
+                            if exchange.traced() {
+                                report
+                                    .stream_events
+                                    .push(("runestone.stream.resumed", Instant::now()));
+                            }
                         }
                         return Ok(());
                     }

@@ -1,0 +1,64 @@
+//! POSTs to the URLs an operator configured (an async job's callback, the
+//! trace collector), through Pingora's connector and its TLS settings.
+
+use crate::config::BaseUrl;
+use bytes::Bytes;
+use pingora::connectors::http::v1::Connector;
+use pingora::http::RequestHeader;
+use pingora::upstreams::peer::HttpPeer;
+use std::time::Duration;
+
+/// POSTs `body` to `path` at `base` with `headers` (besides `host` and
+/// `content-length`), within `timeout`: the answer's status, or what went
+/// wrong (naming the host, never a header's value).
+pub async fn post(
+    connector: &Connector,
+    base: &BaseUrl,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Bytes,
+    timeout: Duration,
+) -> Result<u16, String> {
+    let exchange = async {
+        let addr = tokio::net::lookup_host((base.host.as_str(), base.port))
+            .await
+            .map_err(|e| format!("cannot resolve {}: {e}", base.host))?
+            .next()
+            .ok_or_else(|| format!("{} has no address", base.host))?;
+        let mut peer = HttpPeer::new(addr, base.tls, base.host.clone());
+        peer.options.connection_timeout = Some(timeout);
+        peer.options.read_timeout = Some(timeout);
+        let failed =
+            |e: Box<pingora::Error>| format!("to {}: {}", base.authority, e.etype().as_str());
+        let mut header = RequestHeader::build("POST", path.as_bytes(), Some(4 + headers.len()))
+            .map_err(failed)?;
+        let length = body.len().to_string();
+        let own = [
+            ("host", base.authority.as_str()),
+            ("content-length", &length),
+        ];
+        for (name, value) in own.iter().chain(headers) {
+            header
+                .insert_header(name.to_string(), value.to_string())
+                .map_err(|_| format!("to {}: the header '{name}' is not valid", base.authority))?;
+        }
+        let (mut session, _) = connector.get_http_session(&peer).await.map_err(failed)?;
+        session
+            .write_request_header(Box::new(header))
+            .await
+            .map_err(failed)?;
+        session.write_body(&body).await.map_err(failed)?;
+        session.finish_body().await.map_err(failed)?;
+        session.read_response().await.map_err(failed)?;
+        let status = session.get_status().map_or(0, |s| s.as_u16());
+        // Read the (small) answer, so the connection can go back to the pool.
+        while let Ok(Some(_)) = session.read_body_ref().await {}
+        session.respect_keepalive();
+        connector.release_http_session(session, &peer, None).await;
+        Ok::<u16, String>(status)
+    };
+    match tokio::time::timeout(timeout, exchange).await {
+        Ok(result) => result,
+        Err(_) => Err(format!("to {} timed out", base.authority)),
+    }
+}

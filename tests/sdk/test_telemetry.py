@@ -1,0 +1,449 @@
+"""Issue #21 through the official OpenAI Python SDK: the gateway's
+OpenTelemetry spans, received by an OTLP/HTTP endpoint these tests run and
+decoded with the official `opentelemetry-proto` package (Google's protobuf
+runtime, not the gateway's encoder): a JSON chat, a stream, a failover to a
+second deployment, a parked request, an async job linked to the request
+that queued it; an incoming `traceparent` continued and passed to the
+provider; a collector that is down or slow changes no answer; spans queued
+at shutdown are flushed; keys never appear, content only when asked.
+"""
+
+import http.server
+import json
+import os
+import signal
+import threading
+import time
+import urllib.request
+
+import httpx
+import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
+
+from conftest import PROVIDER_KEY, TENANT_KEY, Mock, Runestone, free_port, server_yaml
+
+OTHER_KEY = "sk-sdk-telemetry-other-0077"
+CLIENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+CLIENT_SPAN = "00f067aa0ba902b7"
+
+
+def value(any_value):
+    kind = any_value.WhichOneof("value")
+    if kind == "array_value":
+        return [value(v) for v in any_value.array_value.values]
+    return getattr(any_value, kind) if kind else None
+
+
+class Collector:
+    """An OTLP/HTTP traces endpoint: decodes every export, or answers
+    slowly, or refuses, as told."""
+
+    def __init__(self):
+        self.spans = []
+        self.bodies = []
+        self.headers = []
+        self.delay = 0.0
+        self.status = 200
+        self.lock = threading.Lock()
+        collector = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["content-length"]))
+                time.sleep(collector.delay)
+                if collector.status != 200:
+                    self.send_response(collector.status)
+                    self.send_header("content-length", "0")
+                    self.end_headers()
+                    return
+                request = ExportTraceServiceRequest()
+                request.ParseFromString(body)
+                with collector.lock:
+                    collector.bodies.append(body)
+                    collector.headers.append(dict(self.headers))
+                    for resource_spans in request.resource_spans:
+                        resource = {a.key: value(a.value) for a in resource_spans.resource.attributes}
+                        for scope_spans in resource_spans.scope_spans:
+                            for span in scope_spans.spans:
+                                collector.spans.append((resource, span))
+                answer = ExportTraceServiceResponse().SerializeToString()
+                self.send_response(200)
+                self.send_header("content-type", "application/x-protobuf")
+                self.send_header("content-length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def trace(self, request_id: str, count: int, timeout: float = 15.0) -> list:
+        """The spans of the trace whose server span has this request id,
+        once `count` of them have arrived."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self.lock:
+                spans = [s for _, s in self.spans]
+            roots = [s for s in spans if attrs(s).get("runestone.request_id") == request_id]
+            if roots:
+                trace_id = roots[0].trace_id
+                found = [s for s in spans if s.trace_id == trace_id]
+                if len(found) >= count:
+                    return found
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{len(roots)} root span(s) for {request_id}, spans: {[s.name for s in spans]}")
+            time.sleep(0.05)
+
+    def stop(self):
+        self.server.shutdown()
+
+
+def attrs(span) -> dict:
+    return {a.key: value(a.value) for a in span.attributes}
+
+
+def by_kind(spans, kind) -> list:
+    return [s for s in spans if s.kind == kind]
+
+
+class Gateway(Runestone):
+    """runestone in front of runestone-mock, a failover model (a dead
+    deployment first), a tenant limited to one request at a time with the
+    overflow queue, async jobs, and telemetry to `endpoint`."""
+
+    def __init__(self, mock: Mock, endpoint: str, extra: str = ""):
+        def config(port, metrics_port, directory):
+            return server_yaml(port, metrics_port, directory) + f"""
+providers:
+  - {{ name: mock, base_url: "{mock.base_url}", api_key: "{PROVIDER_KEY}" }}
+  - {{ name: dead, base_url: "http://127.0.0.1:{free_port()}/v1", api_key: "{PROVIDER_KEY}" }}
+models:
+  - name: gpt-4o-mini
+    targets: [{{ provider: mock, model: mock-small }}]
+  - name: failing-over
+    targets: [{{ provider: dead, model: dead-model }}, {{ provider: mock, model: mock-small }}]
+tenants:
+  - id: acme
+    keys: ["{TENANT_KEY}"]
+    overflow: {{ enabled: true }}
+  - id: single
+    keys: ["{OTHER_KEY}"]
+    limits: {{ max_concurrent: 1 }}
+    overflow: {{ enabled: true, max_wait_seconds: 30 }}
+pricing:
+  gpt-4o-mini: {{ input: 1.0, output: 2.0 }}
+telemetry:
+  otlp_endpoint: "{endpoint}"
+  service_name: runestone-test
+  headers: {{ authorization: "Bearer otlp-token-123" }}
+{extra}
+"""
+
+        super().__init__(config)
+
+
+@pytest.fixture(scope="module")
+def mock():
+    m = Mock("--api-key", PROVIDER_KEY)
+    yield m
+    m.stop()
+
+
+@pytest.fixture(scope="module")
+def collector():
+    c = Collector()
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="module")
+def gateway(mock, collector):
+    g = Gateway(mock, collector.endpoint)
+    yield g
+    g.stop()
+
+
+def chat(gateway, model="gpt-4o-mini", key=TENANT_KEY, headers=None, **kwargs):
+    raw = gateway.client(key).chat.completions.with_raw_response.create(
+        model=model, messages=[{"role": "user", "content": "hello there"}],
+        extra_headers=headers or {}, **kwargs)
+    return raw.headers["x-request-id"], raw.parse()
+
+
+def access_line(gateway, request_id: str) -> dict:
+    deadline = time.monotonic() + 10
+    while True:
+        for line in gateway.output().splitlines():
+            if line.startswith("{") and f'"request_id":"{request_id}"' in line:
+                return json.loads(line)
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no access log line for {request_id}")
+        time.sleep(0.05)
+
+
+def test_a_json_chat_is_a_server_span_with_an_attempt_under_it(gateway, collector, mock):
+    request_id, completion = chat(gateway, max_tokens=50)
+    spans = collector.trace(request_id, 2)
+    [server] = by_kind(spans, Span.SPAN_KIND_SERVER)
+    [attempt] = by_kind(spans, Span.SPAN_KIND_CLIENT)
+    a = attrs(server)
+    assert server.name == "chat gpt-4o-mini"
+    assert a["gen_ai.operation.name"] == "chat"
+    assert a["gen_ai.request.model"] == "gpt-4o-mini"
+    assert a["gen_ai.response.model"] == completion.model
+    assert a["gen_ai.provider.name"] == "openai"
+    assert a["gen_ai.usage.input_tokens"] == completion.usage.prompt_tokens
+    assert a["gen_ai.usage.output_tokens"] == completion.usage.completion_tokens
+    assert a["gen_ai.request.max_tokens"] == 50
+    assert a["gen_ai.response.finish_reasons"] == [completion.choices[0].finish_reason]
+    assert a["http.response.status_code"] == 200
+    assert a["runestone.tenant"] == "acme"
+    assert a["runestone.attempts"] == 1
+    assert a["runestone.usage_estimated"] is False
+    expected = (completion.usage.prompt_tokens * 1.0 + completion.usage.completion_tokens * 2.0) / 1e6
+    assert a["runestone.cost_usd"] == pytest.approx(expected)
+    assert "error.type" not in a
+    assert server.status.code == 0
+    assert "runestone.first_token" in [e.name for e in server.events]
+    assert server.start_time_unix_nano < server.end_time_unix_nano
+    # The attempt: a child of the server span, at the provider.
+    assert attempt.parent_span_id == server.span_id
+    assert attempt.name == "chat mock-small"
+    b = attrs(attempt)
+    assert b["server.address"] == "127.0.0.1"
+    assert b["server.port"] == mock.port
+    assert b["http.response.status_code"] == 200
+    assert b["runestone.deployment"] == "mock/mock-small"
+    assert b["runestone.attempt.next"] == "answered"
+    assert server.start_time_unix_nano <= attempt.start_time_unix_nano <= attempt.end_time_unix_nano <= server.end_time_unix_nano
+    # The resource, the collector's header, and the trace id in the log.
+    resource = next(r for r, s in collector.spans if s.span_id == server.span_id)
+    assert resource["service.name"] == "runestone-test"
+    assert collector.headers[-1].get("authorization") == "Bearer otlp-token-123"
+    assert collector.headers[-1].get("content-type") == "application/x-protobuf"
+    assert access_line(gateway, request_id)["trace_id"] == server.trace_id.hex()
+    # The provider was given the attempt's span as parent.
+    sent = mock.requests()[-1]["headers"]["traceparent"]
+    assert sent == f"00-{server.trace_id.hex()}-{attempt.span_id.hex()}-01"
+
+
+def test_a_stream_has_its_usage_and_first_token(gateway, collector):
+    raw = gateway.client().chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "stream please"}],
+        stream=True, stream_options={"include_usage": True})
+    request_id = raw.headers["x-request-id"]
+    chunks = list(raw.parse())
+    usage = chunks[-1].usage
+    spans = collector.trace(request_id, 2)
+    [server] = by_kind(spans, Span.SPAN_KIND_SERVER)
+    a = attrs(server)
+    assert a["gen_ai.usage.output_tokens"] == usage.completion_tokens
+    assert a["gen_ai.response.model"] == chunks[0].model
+    assert a["gen_ai.response.finish_reasons"] == ["stop"]
+    [first] = [e for e in server.events if e.name == "runestone.first_token"]
+    assert server.start_time_unix_nano < first.time_unix_nano <= server.end_time_unix_nano
+
+
+def test_a_failover_shows_both_attempts_and_why(gateway, collector):
+    request_id, _ = chat(gateway, model="failing-over")
+    spans = collector.trace(request_id, 3)
+    [server] = by_kind(spans, Span.SPAN_KIND_SERVER)
+    attempts = sorted(by_kind(spans, Span.SPAN_KIND_CLIENT), key=lambda s: s.start_time_unix_nano)
+    assert attrs(server)["runestone.attempts"] == 2
+    assert [attrs(s)["runestone.deployment"] for s in attempts] == ["dead/dead-model", "mock/mock-small"]
+    failed, served = (attrs(s) for s in attempts)
+    assert failed["runestone.attempt.next"] == "failed_over"
+    assert failed["error.type"] == "provider_5xx"
+    assert "http.response.status_code" not in failed
+    assert attempts[0].status.code == Status.STATUS_CODE_ERROR
+    assert attempts[1].status.code == Status.STATUS_CODE_UNSET
+    assert served["runestone.attempt.next"] == "answered"
+    assert served["http.response.status_code"] == 200
+    assert all(s.parent_span_id == server.span_id for s in attempts)
+
+
+def test_an_incoming_traceparent_is_continued_and_passed_on(gateway, collector, mock):
+    state = "vendor=abc,other=xyz"
+    request_id, _ = chat(gateway, headers={"traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01", "tracestate": state})
+    spans = collector.trace(request_id, 2)
+    [server] = by_kind(spans, Span.SPAN_KIND_SERVER)
+    [attempt] = by_kind(spans, Span.SPAN_KIND_CLIENT)
+    assert server.trace_id.hex() == CLIENT_TRACE
+    assert server.parent_span_id.hex() == CLIENT_SPAN
+    assert server.trace_state == state
+    assert server.flags & 0x300 == 0x300, "the parent is marked remote"
+    headers = mock.requests()[-1]["headers"]
+    assert headers["traceparent"] == f"00-{CLIENT_TRACE}-{attempt.span_id.hex()}-01"
+    assert headers["tracestate"] == state
+
+
+def test_an_unsampled_traceparent_is_passed_on_but_not_recorded(gateway, collector, mock):
+    before = len(collector.spans)
+    request_id, _ = chat(gateway, headers={"traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-00"})
+    sent = mock.requests()[-1]["headers"]["traceparent"]
+    assert sent.startswith(f"00-{CLIENT_TRACE}-") and sent.endswith("-00")
+    assert not sent.split("-")[2] == CLIENT_SPAN, "the gateway's own span is the provider's parent"
+    # A later sampled request's spans arrive; the unsampled one's never do.
+    marker, _ = chat(gateway)
+    collector.trace(marker, 2)
+    assert not [s for _, s in collector.spans[before:] if attrs(s).get("runestone.request_id") == request_id]
+    assert access_line(gateway, request_id)["trace_id"] == CLIENT_TRACE
+
+
+def test_a_parked_request_has_its_wait_in_the_queue(gateway, collector, mock):
+    mock.fault({"first_token_ms": 1500, "count": 1, "path": "/v1/chat/completions"})
+    results = {}
+    before = len(mock.requests())
+
+    def first():
+        results["first"] = chat(gateway, key=OTHER_KEY)
+
+    holder = threading.Thread(target=first)
+    holder.start()
+    # The first request holds the tenant's only slot: wait until it is in.
+    deadline = time.monotonic() + 10
+    while len(mock.requests()) == before:
+        assert time.monotonic() < deadline and "first" not in results
+        time.sleep(0.02)
+    request_id, _ = chat(gateway, key=OTHER_KEY)
+    holder.join()
+    spans = collector.trace(request_id, 3)
+    [server] = by_kind(spans, Span.SPAN_KIND_SERVER)
+    [wait] = by_kind(spans, Span.SPAN_KIND_INTERNAL)
+    assert wait.name == "overflow wait"
+    assert wait.parent_span_id == server.span_id
+    waited_ms = attrs(wait)["runestone.overflow_wait_ms"]
+    assert waited_ms > 100
+    assert (wait.end_time_unix_nano - wait.start_time_unix_nano) / 1e6 == pytest.approx(waited_ms, abs=1)
+    assert access_line(gateway, request_id)["overflow_wait"] > 100
+
+
+def test_an_async_job_is_a_trace_linked_to_its_submission(gateway, collector):
+    submitted = httpx.post(
+        f"http://127.0.0.1:{gateway.port}/v1/chat/completions",
+        headers={"authorization": f"Bearer {TENANT_KEY}", "prefer": "respond-async"},
+        json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "later"}]},
+        timeout=10,
+    )
+    assert submitted.status_code == 202
+    job_id = submitted.json()["id"]
+    submission_id = submitted.headers["x-request-id"]
+    [submission] = by_kind(collector.trace(submission_id, 1), Span.SPAN_KIND_SERVER)
+    assert attrs(submission)["http.response.status_code"] == 202
+    spans = collector.trace(job_id, 2)
+    [job] = by_kind(spans, Span.SPAN_KIND_CONSUMER)
+    [attempt] = by_kind(spans, Span.SPAN_KIND_CLIENT)
+    assert job.name == "chat gpt-4o-mini"
+    assert attrs(job)["runestone.job_attempt"] == 1
+    assert attempt.parent_span_id == job.span_id
+    [link] = job.links
+    assert (link.trace_id, link.span_id) == (submission.trace_id, submission.span_id)
+    assert job.trace_id != submission.trace_id
+
+
+def test_no_key_is_exported_and_content_only_when_asked(gateway, collector):
+    request_id, _ = chat(gateway)
+    spans = collector.trace(request_id, 2)
+    for span in spans:
+        assert not [e for e in span.events if e.name.startswith("gen_ai.content")]
+    with collector.lock:
+        every = b"".join(collector.bodies)
+    for secret in (TENANT_KEY, OTHER_KEY, PROVIDER_KEY, "otlp-token-123"):
+        assert secret.encode() not in every
+
+
+def test_captured_content_has_the_prompt_and_a_redacted_completion(mock):
+    collector = Collector()
+    gateway = Gateway(mock, collector.endpoint, extra="  capture_content: true\n")
+    try:
+        mock.fault({"echo_key": True, "count": 1, "path": "/v1/chat/completions"})
+        request_id, completion = chat(gateway)
+        assert PROVIDER_KEY not in completion.choices[0].message.content
+        [server] = by_kind(collector.trace(request_id, 2), Span.SPAN_KIND_SERVER)
+        events = {e.name: {a.key: value(a.value) for a in e.attributes} for e in server.events}
+        prompt = json.loads(events["gen_ai.content.prompt"]["gen_ai.prompt"])
+        assert prompt == [{"role": "user", "content": "hello there"}]
+        text = events["gen_ai.content.completion"]["gen_ai.completion"]
+        assert text == completion.choices[0].message.content
+        assert PROVIDER_KEY not in text
+        assert PROVIDER_KEY.encode() not in b"".join(collector.bodies)
+    finally:
+        gateway.stop()
+        collector.stop()
+
+
+def dropped(gateway, reason: str) -> float:
+    for line in gateway.metrics().splitlines():
+        if line.startswith(f'runestone_telemetry_dropped_total{{reason="{reason}"}}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def answers(gateway, n: int) -> list:
+    out = []
+    for _ in range(n):
+        _, completion = chat(gateway)
+        out.append((completion.choices[0].message.content, completion.usage.total_tokens))
+    return out
+
+
+def test_a_collector_down_or_slow_changes_no_answer(mock, gateway):
+    reference = answers(gateway, 5)
+    down = Gateway(mock, f"http://127.0.0.1:{free_port()}")
+    try:
+        assert answers(down, 5) == reference
+        deadline = time.monotonic() + 10
+        while dropped(down, "export_failed") < 5:
+            assert time.monotonic() < deadline, down.metrics()
+            time.sleep(0.1)
+    finally:
+        down.stop()
+    slow_collector = Collector()
+    slow_collector.delay = 3.0
+    slow = Gateway(mock, slow_collector.endpoint)
+    try:
+        assert answers(slow, 5) == reference
+        request_id, _ = chat(slow)
+        slow_collector.trace(request_id, 2, timeout=20)
+    finally:
+        slow.stop()
+        slow_collector.stop()
+    refusing = Collector()
+    refusing.status = 503
+    refused = Gateway(mock, refusing.endpoint)
+    try:
+        assert answers(refused, 3) == reference[:3]
+        deadline = time.monotonic() + 10
+        while dropped(refused, "export_failed") < 3:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert "trace export failed" in refused.output()
+        assert "Bearer" not in refused.output()
+    finally:
+        refused.stop()
+        refusing.stop()
+
+
+def test_spans_queued_at_shutdown_are_flushed(mock):
+    collector = Collector()
+    gateway = Gateway(mock, collector.endpoint)
+    try:
+        ids = [chat(gateway)[0] for _ in range(3)]
+        gateway.proc.send_signal(signal.SIGTERM)
+        gateway.proc.wait(timeout=20)
+        for request_id in ids:
+            collector.trace(request_id, 2, timeout=1)
+    finally:
+        gateway.stop()
+        collector.stop()
