@@ -138,7 +138,8 @@ LIMITS="    limits: { requests_per_minute: 100000000, tokens_per_minute: 1000000
 REDIS="redis: { url: \"redis://127.0.0.1:$redis_port/0\", timeout_ms: 50 }"
 cluster_ports=("$(free_port)" "$(free_port)" "$(free_port)")
 REDIS_CLUSTER="redis: { cluster_nodes: [\"redis://127.0.0.1:${cluster_ports[0]}\", \"redis://127.0.0.1:${cluster_ports[1]}\"], timeout_ms: 50 }"
-PATHS=(direct "pingora floor" "runestone, no limits" "runestone, all on, in-process" "runestone, all on, in-process, access log to a file" "runestone, all on, Redis" "runestone, all on, Redis Cluster")
+TELEMETRY="telemetry: { otlp_endpoint: \"http://127.0.0.1:$mock_port/_mock/otlp\" }"
+PATHS=(direct "pingora floor" "runestone, no limits" "runestone, all on, in-process" "runestone, all on, in-process, access log to a file" "runestone, all on, in-process, traces to a collector" "runestone, all on, Redis" "runestone, all on, Redis Cluster")
 for peer in "portkey gateway (node)" "litellm proxy (1 worker)"; do
   [ -n "${PEER_MISSING[$peer]:-}" ] || PATHS+=("$peer")
 done
@@ -194,6 +195,7 @@ YAML
       [[ "$1" == *"access log"* ]] && log=true && out="$work/access.log"
       [[ "$1" == *Redis ]] && extra=$REDIS
       [[ "$1" == *"Redis Cluster" ]] && extra=$REDIS_CLUSTER
+      [[ "$1" == *traces* ]] && extra=$TELEMETRY
       mport=$(free_port)
       gateway_config "$port" "$mport" "$limits" "$extra" "$log" >"$work/gw.yaml"
       taskset -c 0 target/release/runestone --config "$work/gw.yaml" >"$out" 2>"$work/gw.log" &
@@ -207,6 +209,10 @@ YAML
 stop_path() {
   if [[ "$1" == *Redis* ]] && curl -s "$METRICS" | grep -q '^runestone_redis_up 0'; then
     echo "bench: $1: Redis was down during the run" >&2
+  fi
+  if [[ "$1" == *traces* ]]; then
+    curl -s "$METRICS" | awk '/^runestone_telemetry_exported_total/ {e=$2} /^runestone_telemetry_dropped_total/ {d+=$2}
+      END {if (e == 0 || d > 0) printf "bench: %s: %d spans exported, %d dropped\n", name, e, d > "/dev/stderr"}' name="$1"
   fi
   kill -INT "$PID" 2>/dev/null || true; wait "$PID" 2>/dev/null || true
 }
@@ -457,7 +463,8 @@ machine="$(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /pro
   echo "CPU 1 (its CPU column is the mock's), so the added latency is the proxy hop's alone."
   echo "\"All on\" means RPM, TPM and concurrency limits (set high enough"
   echo "never to refuse), cost accounting, breakers and metrics (access log off, as for the others,"
-  echo "but the row that writes it to a file on the same disk, as operators run it);"
+  echo "but the row that writes it to a file on the same disk, as operators run it; the row with"
+  echo "traces exports every request's spans over OTLP/HTTP to a sink in runestone-mock on CPU 1);"
   echo "every runestone path authenticates and meters usage. The floor is benches/floor.rs: a bare"
   echo "Pingora proxy with no filters. Both use the system allocator (glibc)."
   echo

@@ -24,7 +24,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
-from conftest import PROVIDER_KEY, TENANT_KEY, Mock, Runestone, free_port, server_yaml
+from conftest import PROVIDER_KEY, TENANT_KEY, Llmock, Mock, Runestone, free_port, server_yaml
 
 OTHER_KEY = "sk-sdk-telemetry-other-0077"
 CLIENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -381,6 +381,67 @@ def test_captured_content_has_the_prompt_and_a_redacted_completion(mock):
     finally:
         gateway.stop()
         collector.stop()
+
+
+class AccountGateway(Runestone):
+    """runestone in front of llmock (an upstream we did not write) as one
+    provider account: `small` falls back to `large`."""
+
+    def __init__(self, llmock: Llmock, endpoint: str):
+        def config(port, metrics_port, directory):
+            return server_yaml(port, metrics_port, directory) + f"""
+providers:
+  - {{ name: acct, base_url: "{llmock.base_url}", api_key: "sk-llmock-telemetry-21", timeouts: {{ first_token_ms: 1500, idle_ms: 500 }} }}
+models:
+  - name: small
+    targets: [{{ provider: acct, model: m-small }}]
+    fallbacks: [large]
+  - name: large
+    targets: [{{ provider: acct, model: m-large }}]
+tenants:
+  - id: acme
+    keys: ["{TENANT_KEY}"]
+telemetry: {{ otlp_endpoint: "{endpoint}" }}
+"""
+
+        super().__init__(config)
+
+
+def test_a_broken_stream_resumed_on_the_fallback_is_in_the_trace(collector):
+    llmock = Llmock()
+    gateway = AccountGateway(llmock, collector.endpoint)
+    try:
+        llmock.scenario({"type": "stream_fault", "kind": "disconnect", "after_chunks": 2, "times": 1,
+                         "match": {"model": "m-small"}})
+        raw = gateway.client().chat.completions.with_raw_response.create(
+            model="small", messages=[{"role": "user", "content": "hi"}], stream=True)
+        text = "".join(c.choices[0].delta.content or "" for c in raw.parse() if c.choices)
+        assert text == "Mock response from m-large."
+        spans = collector.trace(raw.headers["x-request-id"], 3)
+        [server] = by_kind(spans, Span.SPAN_KIND_SERVER)
+        events = [e.name for e in sorted(server.events, key=lambda e: e.time_unix_nano)]
+        assert events == ["runestone.first_token", "runestone.stream.broken", "runestone.stream.resumed"]
+        assert server.status.code == Status.STATUS_CODE_UNSET, "resumed: the request succeeded"
+        broken, resumed = sorted(by_kind(spans, Span.SPAN_KIND_CLIENT), key=lambda s: s.start_time_unix_nano)
+        assert attrs(broken)["error.type"] == "provider_stream_broken"
+        assert attrs(broken)["runestone.attempt.next"] == "failed_over"
+        assert attrs(broken)["http.response.status_code"] == 200
+        assert (broken.name, resumed.name) == ("chat m-small", "chat m-large")
+        assert attrs(resumed)["runestone.attempt.next"] == "answered"
+
+        # A stream with nowhere to go: the server span fails.
+        llmock.scenario({"type": "stream_fault", "kind": "disconnect", "after_chunks": 2, "times": 1,
+                         "match": {"model": "m-large"}})
+        raw = gateway.client().chat.completions.with_raw_response.create(
+            model="large", messages=[{"role": "user", "content": "hi"}], stream=True)
+        with pytest.raises(Exception):
+            list(raw.parse())
+        [server] = by_kind(collector.trace(raw.headers["x-request-id"], 2), Span.SPAN_KIND_SERVER)
+        assert attrs(server)["error.type"] == "provider_stream_broken"
+        assert server.status.code == Status.STATUS_CODE_ERROR
+    finally:
+        gateway.stop()
+        llmock.stop()
 
 
 def dropped(gateway, reason: str) -> float:

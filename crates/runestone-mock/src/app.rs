@@ -113,6 +113,15 @@ impl MockApp {
                 });
                 Reply::json(200, serde_json::to_vec(&v).unwrap_or_default())
             }
+            // A trace collector that takes every OTLP/HTTP export and
+            // keeps nothing (the bench's row with traces on).
+            (Method::POST, "/_mock/otlp/v1/traces") => Reply {
+                status: 200,
+                content_type: "application/x-protobuf",
+                body: Bytes::new(),
+                retry_after: None,
+                tokens: None,
+            },
             (Method::GET, "/_mock/requests") => {
                 let items: Vec<Value> = lock(&st.recorded).iter().map(|r| r.to_json()).collect();
                 Reply::json(200, serde_json::to_vec(&items).unwrap_or_default())
