@@ -155,6 +155,7 @@ fn admission(c: &mut Criterion, name: &str, limiter: &Limiter) {
         .build()
         .unwrap();
     let settlement = runestone::limits::Settlement {
+        cache_saved_pusd: None,
         usage: runestone::cost::Usage {
             prompt_tokens: 100,
             completion_tokens: 100,

@@ -151,6 +151,10 @@ pub fn usage(tenant: &TenantSettings, report: &UsageReport) -> (u16, serde_json:
         "cost_usd": usd(report.usage.cost_pusd),
         // Requests whose tokens are the gateway's count, not the provider's.
         "estimated_requests": report.usage.estimated_requests,
+        // Requests answered from the response cache, and what their
+        // provider calls would have cost.
+        "cache_hits": report.usage.cache_hits,
+        "cache_saved_usd": usd(report.usage.cache_saved_pusd),
         "budget": budget,
         "partial": report.partial,
     });

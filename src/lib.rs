@@ -26,6 +26,7 @@
 //! | [`providers`] | `providers/`: one adapter per provider kind (`openai`, `azure`, `anthropic/` with its translation): paths, credentials, headers, endpoints served, translation |
 //! | [`redact`] | keeps a provider's key out of everything forwarded to clients (raw or JSON-escaped, across chunks) |
 //! | [`overflow`] | `overflow/`: the queue (`queue`), async jobs and callbacks (`jobs`), the in-process job store (`local_jobs`), the drain (`drain`) |
+//! | [`cache`] | `cache/`: the response cache: keys (`key`), stored answers replayed as JSON or streams (`replay`), coalescing identical requests (`flight`), in process or in Redis |
 //! | [`metrics`] | every Prometheus metric handle, in one place |
 //! | [`telemetry`] | `telemetry/`: OpenTelemetry spans, W3C trace context and sampling (`context`), OTLP's wire format (`otlp`), the batch exporter (`export`) |
 //! | [`outbound`] | POSTs to URLs the operator configured (job callbacks, the trace collector) |
@@ -39,6 +40,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod cache;
 pub mod config;
 pub mod cost;
 pub mod gateway;

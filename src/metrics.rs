@@ -184,6 +184,29 @@ pub static ACCESS_LOG_DROPPED: Lazy<IntCounter> = Lazy::new(|| {
     .expect("metric registers once")
 });
 
+/// `runestone_cache_total{tenant,model,outcome}`: the response cache's
+/// decisions: `hit` (a stored answer), `coalesced` (another request's
+/// call), `miss` (forwarded after a lookup), `bypass` (not looked up).
+pub static CACHE_TOTAL: Lazy<IntCounterVec> = Lazy::new(|| {
+    register_int_counter_vec!(
+        "runestone_cache_total",
+        "Response cache lookups and bypasses, by tenant, public model and outcome.",
+        &["tenant", "model", "outcome"]
+    )
+    .expect("metric registers once")
+});
+
+/// `runestone_cache_saved_usd_total{tenant,model}`: what the provider
+/// calls that cache hits replaced would have cost.
+pub static CACHE_SAVED_USD: Lazy<CounterVec> = Lazy::new(|| {
+    register_counter_vec!(
+        "runestone_cache_saved_usd_total",
+        "USD the provider calls answered from the response cache would have cost, by tenant and public model.",
+        &["tenant", "model"]
+    )
+    .expect("metric registers once")
+});
+
 /// `runestone_telemetry_dropped_total{reason}`: spans that never reached
 /// the collector: `queue_full` (the exporter was too far behind) or
 /// `export_failed` (the collector was down, slow or refused them).
@@ -297,6 +320,8 @@ pub fn register_all() {
     Lazy::force(&JOBS_TOTAL);
     Lazy::force(&ACCESS_LOG_DROPPED);
     Lazy::force(&TELEMETRY_DROPPED);
+    Lazy::force(&CACHE_TOTAL);
+    Lazy::force(&CACHE_SAVED_USD);
     Lazy::force(&TELEMETRY_EXPORTED);
     Lazy::force(&OVERFLOW_WAIT);
     Lazy::force(&TIME_TO_FIRST_TOKEN);

@@ -80,6 +80,32 @@ impl RedisConnection {
             })
             .clone()
     }
+
+    /// Runs one command within `timeout`: its reply, or `Err` when there is
+    /// no connection, the command failed or it timed out (counted in
+    /// `runestone_redis_errors_total{op}`; a failure is logged, without
+    /// the command's arguments).
+    pub async fn query<T: redis::FromRedisValue>(
+        &self,
+        cmd: Cmd,
+        timeout: Duration,
+        op: &'static str,
+    ) -> Result<T, ()> {
+        let mut conn = self.get().ok_or(())?;
+        let failed = || crate::metrics::REDIS_ERRORS.with_label_values(&[op]).inc();
+        match tokio::time::timeout(timeout, cmd.query_async::<T>(&mut conn)).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => {
+                failed();
+                warn!(op, error = %scrub(&e.to_string()), "Redis call failed");
+                Err(())
+            }
+            Err(_) => {
+                failed();
+                Err(())
+            }
+        }
+    }
 }
 
 /// A connection in one of the three modes; cheap to clone (clones share

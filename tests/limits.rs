@@ -719,6 +719,7 @@ redis: {{ url: "{}", timeout_ms: 5000 }}
     );
     let config = Config::from_yaml(&yaml, |_| None).expect("valid config");
     let settlement = || Settlement {
+        cache_saved_pusd: None,
         usage: Usage {
             prompt_tokens: 5,
             completion_tokens: 7,
@@ -834,6 +835,7 @@ redis: {{ url: "{}", timeout_ms: 100 }}
 
 fn used(tokens: u64) -> runestone::limits::Settlement {
     runestone::limits::Settlement {
+        cache_saved_pusd: None,
         usage: runestone::cost::Usage {
             prompt_tokens: tokens,
             completion_tokens: tokens,

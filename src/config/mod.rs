@@ -8,6 +8,7 @@
 //! can see an invalid value. Loading never stops at the first mistake: every
 //! problem is collected with the path of the key at fault
 //! (`tenants[1].keys[0]: ...`) so `runestone check` can list them all.
+mod cache;
 mod callbacks;
 mod env;
 mod jobs;
@@ -21,6 +22,7 @@ mod tenants;
 mod tests;
 mod validate;
 
+pub use cache::{CacheSettings, ModelCache};
 pub use callbacks::{CallbackUrl, Callbacks};
 pub use model::*;
 pub use secrets::Secret;
@@ -104,6 +106,8 @@ pub struct Config {
     pub jobs: JobSettings,
     /// Trace export, when configured.
     pub telemetry: Option<TelemetrySettings>,
+    /// The response cache, when configured.
+    pub cache: Option<CacheSettings>,
     /// Secrets written in the file itself rather than taken from `${ENV}`
     /// (or, for tenant keys, given as digests): their key paths.
     pub literal_secrets: Vec<String>,
@@ -222,6 +226,21 @@ impl Config {
             value => deserialize::<RawTelemetry>(value, "telemetry", &mut problems)
                 .and_then(|raw| telemetry::validate_telemetry(raw, &mut problems)),
         };
+        let cache = match section("cache") {
+            Value::Null => None,
+            value => deserialize::<RawCache>(value, "cache", &mut problems)
+                .map(|raw| cache::validate_cache(raw, &mut problems)),
+        };
+        if cache.is_none() {
+            for (i, route) in models.iter().enumerate() {
+                if matches!(route.cache, ModelCache::Ttl(_)) {
+                    problems.push(problem(
+                        &format!("models[{i}].cache"),
+                        "a model's cache TTL needs a top-level cache: section",
+                    ));
+                }
+            }
+        }
         match (server, breaker, failover, jobs) {
             (Some(server), Some(breaker), Some(failover), Some(jobs)) if problems.is_empty() => {
                 Ok(Config {
@@ -236,6 +255,7 @@ impl Config {
                     failover,
                     jobs,
                     telemetry,
+                    cache,
                     literal_secrets,
                     file_warnings: Vec::new(),
                     model_index,

@@ -271,6 +271,8 @@ pub struct ModelRoute {
     /// A stream its provider breaks off after content reached the client is
     /// continued on the next eligible target.
     pub resume_streams: bool,
+    /// Its answers' caching (with a `cache:` section).
+    pub cache: super::ModelCache,
 }
 
 /// The failover policy (`failover:`).
@@ -312,6 +314,8 @@ pub struct TenantSettings {
     pub limits: TenantLimits,
     /// Whether and how requests over its limits wait instead of failing.
     pub overflow: TenantOverflow,
+    /// Whether its answers are cached (with a `cache:` section).
+    pub cache: bool,
 }
 
 /// A tenant's overflow queue settings.

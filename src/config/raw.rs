@@ -150,6 +150,8 @@ pub(super) struct RawModel {
     pub(super) context_fallbacks: Vec<String>,
     #[serde(default)]
     pub(super) resume_streams: Option<bool>,
+    #[serde(default)]
+    pub(super) cache: Option<Value>,
 }
 
 #[derive(Deserialize)]
@@ -163,6 +165,8 @@ pub(super) struct RawTenant {
     pub(super) limits: Option<RawLimits>,
     #[serde(default)]
     pub(super) overflow: Option<RawTenantOverflow>,
+    #[serde(default)]
+    pub(super) cache: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -212,6 +216,19 @@ pub(super) struct RawJobs {
     pub(super) retry_backoff_max_ms: Option<u64>,
     #[serde(default)]
     pub(super) concurrency: Option<usize>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawCache {
+    #[serde(default)]
+    pub(super) ttl_seconds: Option<u64>,
+    #[serde(default)]
+    pub(super) max_entry_bytes: Option<usize>,
+    #[serde(default)]
+    pub(super) max_memory_bytes: Option<usize>,
+    #[serde(default)]
+    pub(super) only_deterministic: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -319,6 +336,7 @@ pub(super) const TOP_LEVEL_KEYS: &[&str] = &[
     "failover",
     "jobs",
     "telemetry",
+    "cache",
     "tenants",
 ];
 

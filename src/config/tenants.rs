@@ -139,6 +139,7 @@ pub(super) fn validate_tenants(
             allowed_models: raw.models.map(|m| m.into_iter().collect()),
             limits,
             overflow,
+            cache: raw.cache.unwrap_or(true),
         });
     }
     tenants

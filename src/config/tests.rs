@@ -509,3 +509,79 @@ fn reports_bad_telemetry_settings() {
         .iter()
         .any(|p| p.starts_with("telemetry")));
 }
+
+#[test]
+fn loads_the_cache_with_model_and_tenant_overrides() {
+    assert!(Config::from_yaml(VALID, env).unwrap().cache.is_none());
+    let yaml = VALID
+        .replace(
+            "      - { provider: local, model: mock-small }\n",
+            "      - { provider: local, model: mock-small }\n    cache: { ttl_seconds: 86400 }\n",
+        )
+        .replace(
+            "    models: [\"gpt-4o-mini\"]\n",
+            "    models: [\"gpt-4o-mini\"]\n    cache: false\n",
+        )
+        + "cache: { ttl_seconds: 60, max_entry_bytes: 4096, max_memory_bytes: 8192, only_deterministic: false }\n";
+    let config = Config::from_yaml(&yaml, env).unwrap();
+    let cache = config.cache.unwrap();
+    assert_eq!(cache.ttl, Duration::from_secs(60));
+    assert_eq!(
+        (cache.max_entry_bytes, cache.max_memory_bytes),
+        (4096, 8192)
+    );
+    assert!(!cache.only_deterministic);
+    assert!(config
+        .models
+        .iter()
+        .any(|m| m.cache == crate::config::ModelCache::Ttl(Duration::from_secs(86_400))));
+    assert!(!config.tenants[0].cache);
+    let defaults = Config::from_yaml(&(VALID.to_string() + "cache: {}\n"), env).unwrap();
+    assert_eq!(
+        defaults.cache,
+        Some(crate::config::CacheSettings::default())
+    );
+    assert!(defaults.tenants[0].cache);
+}
+
+#[test]
+fn reports_bad_cache_settings() {
+    let yaml = VALID.replace(
+        "      - { provider: local, model: mock-small }\n",
+        "      - { provider: local, model: mock-small }\n    cache: { ttl_seconds: 0, keep: 1 }\n",
+    )
+        + "cache: { ttl_seconds: 0, max_entry_bytes: 10, max_memory_bytes: 5, colour: x }\n";
+    let found = problems(&yaml);
+    assert!(found.iter().any(|p| p.starts_with("cache")), "{found:?}");
+    let yaml = VALID.replace(
+        "      - { provider: local, model: mock-small }\n",
+        "      - { provider: local, model: mock-small }\n    cache: { ttl_seconds: 0, keep: 1 }\n",
+    ) + "cache: { ttl_seconds: 0, max_entry_bytes: 10, max_memory_bytes: 5 }\n";
+    let found = problems(&yaml);
+    for key in [
+        "cache.ttl_seconds",
+        "cache.max_entry_bytes",
+        "cache.max_memory_bytes",
+        "models[0].cache.ttl_seconds",
+        "models[0].cache",
+    ] {
+        assert!(
+            found.iter().any(|p| p.starts_with(key)),
+            "{key} in {found:?}"
+        );
+    }
+    let without = VALID.replace(
+        "      - { provider: local, model: mock-small }\n",
+        "      - { provider: local, model: mock-small }\n    cache: { ttl_seconds: 60 }\n",
+    );
+    assert!(problems(&without)
+        .iter()
+        .any(|p| p.contains("needs a top-level cache")));
+    let tenant = VALID.replace(
+        "    models: [\"gpt-4o-mini\"]\n",
+        "    models: [\"gpt-4o-mini\"]\n    cache: maybe\n",
+    ) + "cache: {}\n";
+    assert!(problems(&tenant)
+        .iter()
+        .any(|p| p.starts_with("tenants[0]")));
+}

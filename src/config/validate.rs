@@ -309,6 +309,7 @@ pub(super) fn validate_models(
             }
         }
         index.insert(raw.name.clone(), models.len());
+        let cache = super::cache::validate_model_cache(raw.cache, &path, problems);
         fallback_names.push((path, raw.fallbacks, raw.context_fallbacks));
         models.push(ModelRoute {
             name: raw.name,
@@ -317,6 +318,7 @@ pub(super) fn validate_models(
             fallbacks: Vec::new(),
             context_fallbacks: Vec::new(),
             resume_streams: raw.resume_streams.unwrap_or(true),
+            cache,
         });
     }
     // Fallbacks may name models defined later in the file.

@@ -53,6 +53,9 @@ pub(super) struct Line<'a> {
     #[serde(serialize_with = "millis")]
     pub overflow_wait: Duration,
     pub error: Option<&'static str>,
+    /// What the response cache did (with `cache:`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache: Option<&'static str>,
     /// An async job's attempt: the job's id, and which attempt.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub job: Option<&'a str>,

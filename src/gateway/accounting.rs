@@ -73,6 +73,7 @@ impl Settle for Settler<'_> {
         }
         *self.cost_pusd = cost_pusd;
         let settlement = Settlement {
+            cache_saved_pusd: None,
             usage,
             cost_pusd,
             duration: self.started.elapsed(),
@@ -188,6 +189,7 @@ impl Gateway {
                 resumptions: report.resumptions,
                 overflow_wait: ctx.parked,
                 error,
+                cache: ctx.cache,
                 job: ctx.job_attempt.map(|_| ctx.request_id.as_str()),
                 job_attempt: ctx.job_attempt,
             };

@@ -14,6 +14,7 @@
 //! | `request_filter` | request id; dispatch by path; locally answered endpoints | `routes.rs` |
 //! | | authentication, admission, parking in the overflow queue | `admission.rs` |
 //! | | async job submission and status | `jobs.rs` |
+//! | | the response cache: hits, coalescing, storing | `cache.rs` |
 //! | | forwarding with failover, the answer streamed back | `forward/` |
 //! | | OpenAI-shaped errors and local answers | `respond.rs` |
 //! | `upstream_peer` | never reached: `request_filter` answers every request | |
@@ -23,6 +24,7 @@
 mod access_log;
 mod accounting;
 mod admission;
+mod cache;
 mod callback;
 pub(crate) mod client;
 mod forward;
@@ -75,6 +77,8 @@ pub struct RequestCtx {
     exchange: Report,
     /// The request's trace, when tracing is on.
     trace: Option<Box<trace::RequestTrace>>,
+    /// What the response cache did (`hit`, `coalesced`, `miss`, `bypass`).
+    cache: Option<&'static str>,
 }
 
 /// Writes out the access log lines still queued (at most `limit`): for
@@ -96,6 +100,8 @@ pub struct Gateway {
     keys: Arc<auth::KeyIndex>,
     /// Which tenant created which stored response, and where it lives.
     stored: stored::StoredResponses,
+    /// The response cache, when configured.
+    cache: Option<crate::cache::Cache>,
 }
 
 impl Gateway {
@@ -108,16 +114,18 @@ impl Gateway {
         connector: Connector,
         redis: Option<Arc<crate::redis_conn::RedisConnection>>,
     ) -> Self {
-        let stored = stored::StoredResponses::new(
-            config
-                .redis
-                .as_ref()
-                .zip(redis)
-                .map(|(settings, conn)| (conn, settings.key_prefix.clone(), settings.timeout)),
-            config.tenants.len(),
-        );
+        let shared = config
+            .redis
+            .as_ref()
+            .zip(redis)
+            .map(|(settings, conn)| (conn, settings.key_prefix.clone(), settings.timeout));
+        let cache = config
+            .cache
+            .map(|settings| crate::cache::Cache::new(settings, shared.clone()));
+        let stored = stored::StoredResponses::new(shared, config.tenants.len());
         Gateway {
             stored,
+            cache,
             keys: Arc::new(auth::KeyIndex::new(&config.tenants)),
             auth_failures: Arc::new(auth::FailureThrottle::new(
                 config.server.auth_failures_per_minute,
@@ -153,6 +161,7 @@ impl ProxyHttp for Gateway {
             job_attempt: None,
             exchange: Report::default(),
             trace: None,
+            cache: None,
         }
     }
 

@@ -185,6 +185,20 @@ impl Gateway {
                 .submit_job(session, ctx, tenant, route_index, endpoint, &body, tokens)
                 .await;
         }
+        let plan = self.cache_plan(session, tenant, route_index, endpoint, &fields, &body);
+        let leader = match &plan {
+            Some(plan) => {
+                match self
+                    .cache_lookup(session, ctx, tenant, route_index, plan)
+                    .await?
+                {
+                    super::cache::Looked::Served => return Ok(()),
+                    super::cache::Looked::Forward(leader) => leader,
+                }
+            }
+            None => None,
+        };
+        ctx.cache = plan.as_ref().map(|p| p.header());
         let Some(grant) = self
             .admit(session, ctx, tenant, route_index, tokens)
             .await?
@@ -252,9 +266,21 @@ impl Gateway {
             cost_pusd,
             started: *started,
         };
-        self.forwarder
-            .forward(session, &exchange, report, &mut settler)
-            .await
+        let Some(plan) = plan else {
+            return self
+                .forwarder
+                .forward(session, &exchange, report, &mut settler)
+                .await;
+        };
+        let mut recorder = self.recorder(session, &plan, leader.as_ref());
+        let forwarded = self
+            .forwarder
+            .forward(&mut recorder, &exchange, report, &mut settler)
+            .await;
+        let recorded = recorder.into_recorded();
+        self.cache_store(&plan, recorded, leader, report, *cost_pusd)
+            .await;
+        forwarded
     }
 }
 

@@ -14,7 +14,6 @@
 //! not recorded for the asking tenant is answered 404 as if it did not
 //! exist.
 
-use crate::metrics;
 use crate::redis_conn::RedisConnection;
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, VecDeque};
@@ -91,23 +90,7 @@ impl StoredResponses {
         let Some((conn, _, timeout)) = &self.redis else {
             return Err(());
         };
-        let mut conn = conn.get().ok_or(())?;
-        match tokio::time::timeout(*timeout, cmd.query_async::<T>(&mut conn)).await {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(e)) => {
-                metrics::REDIS_ERRORS
-                    .with_label_values(&["responses"])
-                    .inc();
-                warn!(error = %e, "stored responses: Redis call failed");
-                Err(())
-            }
-            Err(_) => {
-                metrics::REDIS_ERRORS
-                    .with_label_values(&["responses"])
-                    .inc();
-                Err(())
-            }
-        }
+        conn.query(cmd, *timeout, "responses").await
     }
 
     /// Records that `tenant` (its config id) created response `id`, held by

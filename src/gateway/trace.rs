@@ -237,6 +237,9 @@ impl Gateway {
             "runestone.cost_usd",
             Value::Float(ctx.cost_pusd as f64 / PICO_PER_USD),
         ));
+        if let Some(cache) = ctx.cache {
+            attributes.push(("runestone.cache", Value::Static(cache)));
+        }
         if let Some(number) = ctx.job_attempt {
             attributes.push(("runestone.job_attempt", int(number)));
         }

@@ -154,6 +154,10 @@ pub struct PeriodUsage {
     /// Requests whose tokens are the gateway's count (the provider reported
     /// none, or the answer broke off).
     pub estimated_requests: u64,
+    /// Requests answered from the response cache, and what the provider
+    /// calls they replaced would have cost (pico-dollars).
+    pub cache_hits: u64,
+    pub cache_saved_pusd: i64,
 }
 
 impl PeriodUsage {
@@ -163,6 +167,8 @@ impl PeriodUsage {
         self.completion_tokens += other.completion_tokens;
         self.cost_pusd = self.cost_pusd.saturating_add(other.cost_pusd);
         self.estimated_requests += other.estimated_requests;
+        self.cache_hits += other.cache_hits;
+        self.cache_saved_pusd = self.cache_saved_pusd.saturating_add(other.cache_saved_pusd);
     }
 }
 
@@ -222,6 +228,8 @@ pub struct Settlement {
     pub cost_pusd: i64,
     /// How long the request took, for the concurrency retry estimate.
     pub duration: Duration,
+    /// A cache hit: what the provider call it replaced would have cost.
+    pub cache_saved_pusd: Option<i64>,
 }
 
 /// The `/v1/usage` answer for one tenant.
@@ -398,6 +406,8 @@ impl Limiter {
             completion_tokens: settlement.usage.completion_tokens,
             cost_pusd: settlement.cost_pusd,
             estimated_requests: u64::from(settlement.usage.estimated),
+            cache_hits: u64::from(settlement.cache_saved_pusd.is_some()),
+            cache_saved_pusd: settlement.cache_saved_pusd.unwrap_or(0),
         };
         self.give_back(&grant, 0, token_delta, &period_id, &record)
             .await;

@@ -325,6 +325,7 @@ mod tests {
             fallbacks: Vec::new(),
             context_fallbacks: Vec::new(),
             resume_streams: true,
+            cache: Default::default(),
         }
     }
 

@@ -83,6 +83,8 @@ impl Unsettled {
             .arg(self.usage.completion_tokens)
             .arg(self.usage.cost_pusd)
             .arg(self.usage.estimated_requests)
+            .arg(self.usage.cache_hits)
+            .arg(self.usage.cache_saved_pusd)
             .arg(self.corrections.len());
         for (requests, tokens) in &self.corrections {
             cmd.arg(requests).arg(tokens);
@@ -239,7 +241,7 @@ mod tests {
                 prompt_tokens: 3,
                 completion_tokens: 4,
                 cost_pusd: cost,
-                estimated_requests: 0,
+                ..PeriodUsage::default()
             },
             reply: tokio::sync::oneshot::channel().0,
         }

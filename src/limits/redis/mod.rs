@@ -442,6 +442,8 @@ impl RedisStore {
             Option<u64>,
             Option<i64>,
             Option<u64>,
+            Option<u64>,
+            Option<i64>,
         );
         let read: Option<Counters> = self
             .call(Some(tenant), "usage", |mut conn| async move {
@@ -453,19 +455,23 @@ impl RedisStore {
                         "completion_tokens",
                         "cost_pusd",
                         "estimated_requests",
+                        "cache_hits",
+                        "cache_saved_pusd",
                     ])
                     .query_async(&mut conn)
                     .await
             })
             .await;
         match read {
-            Some((requests, prompt, completion, cost, estimated)) => {
+            Some((requests, prompt, completion, cost, estimated, hits, saved)) => {
                 usage.add(&PeriodUsage {
                     requests: requests.unwrap_or(0),
                     prompt_tokens: prompt.unwrap_or(0),
                     completion_tokens: completion.unwrap_or(0),
                     cost_pusd: cost.unwrap_or(0),
                     estimated_requests: estimated.unwrap_or(0),
+                    cache_hits: hits.unwrap_or(0),
+                    cache_saved_pusd: saved.unwrap_or(0),
                 });
                 (usage, false)
             }

@@ -65,7 +65,8 @@ return reply
 /// again after its answer timed out (a frozen Redis runs the original when it
 /// thaws) counts once. ARGV: rpm, tpm, usage TTL (seconds, 0 to keep), batch
 /// id, id TTL (ms), the summed requests, prompt tokens, completion tokens,
-/// cost (pUSD) and requests whose tokens the gateway counted, the number k
+/// cost (pUSD), requests whose tokens the gateway counted, cache hits and
+/// what they saved (pUSD), the number k
 /// of limit corrections, k pairs (request delta, token delta) in order, then
 /// the leases to release. Replies 1 when applied, 0 for a batch already
 /// applied.
@@ -75,7 +76,7 @@ local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
 if redis.call('ZADD', KEYS[4], 'NX', now + tonumber(ARGV[5]), ARGV[4]) == 0 then return 0 end
 redis.call('PEXPIRE', KEYS[4], tonumber(ARGV[5]))
-local rpm, tpm, ttl, k = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[11])
+local rpm, tpm, ttl, k = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[13])
 local function shift(tat, step)
   if step > 0 then return math.max(tat, now) + step end
   return math.max(tat + step, now)
@@ -83,7 +84,7 @@ end
 if k > 0 and (rpm > 0 or tpm > 0) then
   local tats = redis.call('HMGET', KEYS[1], 'requests_tat', 'tokens_tat')
   local rtat, ttat = tonumber(tats[1] or '0'), tonumber(tats[2] or '0')
-  for i = 12, 10 + 2 * k, 2 do
+  for i = 14, 12 + 2 * k, 2 do
     local rd, td = tonumber(ARGV[i]), tonumber(ARGV[i + 1])
     if rpm > 0 and rd ~= 0 then rtat = shift(rtat, rd * 60000 / rpm) end
     if tpm > 0 and td ~= 0 then ttat = shift(ttat, td * 60000 / tpm) end
@@ -91,13 +92,17 @@ if k > 0 and (rpm > 0 or tpm > 0) then
   redis.call('HSET', KEYS[1], 'requests_tat', string.format('%.6f', rtat), 'tokens_tat', string.format('%.6f', ttat))
   redis.call('PEXPIRE', KEYS[1], 120000)
 end
-if #ARGV > 11 + 2 * k then redis.call('ZREM', KEYS[2], unpack(ARGV, 12 + 2 * k)) end
+if #ARGV > 13 + 2 * k then redis.call('ZREM', KEYS[2], unpack(ARGV, 14 + 2 * k)) end
 if tonumber(ARGV[6]) > 0 or tonumber(ARGV[9]) ~= 0 or tonumber(ARGV[7]) > 0 or tonumber(ARGV[8]) > 0 then
   redis.call('HINCRBY', KEYS[3], 'requests', ARGV[6])
   redis.call('HINCRBY', KEYS[3], 'prompt_tokens', ARGV[7])
   redis.call('HINCRBY', KEYS[3], 'completion_tokens', ARGV[8])
   redis.call('HINCRBY', KEYS[3], 'cost_pusd', ARGV[9])
   if tonumber(ARGV[10]) > 0 then redis.call('HINCRBY', KEYS[3], 'estimated_requests', ARGV[10]) end
+  if tonumber(ARGV[11]) > 0 then
+    redis.call('HINCRBY', KEYS[3], 'cache_hits', ARGV[11])
+    redis.call('HINCRBY', KEYS[3], 'cache_saved_pusd', ARGV[12])
+  end
   if ttl > 0 then redis.call('EXPIRE', KEYS[3], ttl) end
 end
 return 1

@@ -1,0 +1,346 @@
+//! Coalescing: concurrent identical requests make one provider call. The
+//! first (the leader) forwards as usual and publishes what its client gets;
+//! the others wait for it and are answered from it: a stream asked for
+//! like the leader's follows the leader's bytes as they arrive, anything
+//! else gets the finished answer replayed. When the leader fails, each
+//! waiter makes its own call.
+
+use super::Key;
+use bytes::Bytes;
+use serde_json::{Map, Value};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use tokio::sync::watch;
+
+/// How a client wants its answer (a stream with or without its usage
+/// chunk, or JSON): a waiter follows the leader's bytes only when asked the
+/// same way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Form {
+    pub stream: bool,
+    pub include_usage: bool,
+}
+
+/// How a flight ended.
+#[derive(Debug, Clone)]
+pub enum Landed {
+    /// A complete answer (the JSON answer, and what the call cost).
+    Answer(Arc<Map<String, Value>>, i64),
+    /// No answer to share: the waiters call the provider themselves.
+    Failed,
+}
+
+#[derive(Default)]
+struct Progress {
+    /// The answer's status and content type, once sent.
+    head: Option<(u16, String)>,
+    /// The body so far, as the leader's client got it.
+    chunks: Vec<Bytes>,
+    bytes: usize,
+    /// The body went past the bound: no waiter can follow it any more.
+    overflowed: bool,
+    /// The body ended (as far as the leader's client is concerned).
+    ended: bool,
+    landed: Option<Landed>,
+    /// Waiters following the bytes.
+    followers: usize,
+}
+
+/// One provider call others may wait on.
+pub struct Flight {
+    form: Form,
+    progress: Mutex<Progress>,
+    /// Bumped on every change, for waiters.
+    changed: watch::Sender<u64>,
+    /// The most body bytes kept for followers.
+    max_bytes: usize,
+}
+
+impl Flight {
+    fn progress(&self) -> MutexGuard<'_, Progress> {
+        self.progress.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn bump(&self) {
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    /// How the leader's client asked.
+    pub fn form(&self) -> Form {
+        self.form
+    }
+
+    /// Whether waiters follow the bytes (the leader's call must then run
+    /// to its end even if its own client goes).
+    pub fn has_followers(&self) -> bool {
+        self.progress().followers > 0
+    }
+
+    /// The leader's client got its answer's head.
+    pub fn head(&self, status: u16, content_type: String) {
+        self.progress().head = Some((status, content_type));
+        self.bump();
+    }
+
+    /// The leader's client got a piece of the body (`end` on the last).
+    pub fn body(&self, chunk: &Bytes, end: bool) {
+        {
+            let mut progress = self.progress();
+            if !progress.overflowed {
+                if progress.bytes + chunk.len() > self.max_bytes {
+                    progress.overflowed = true;
+                    progress.chunks.clear();
+                } else {
+                    progress.bytes += chunk.len();
+                    progress.chunks.push(chunk.clone());
+                }
+            }
+            progress.ended |= end;
+        }
+        self.bump();
+    }
+
+    /// Waits for the flight to land.
+    pub async fn landed(&self) -> Landed {
+        let mut changes = self.changed.subscribe();
+        loop {
+            if let Some(landed) = &self.progress().landed {
+                return landed.clone();
+            }
+            if changes.changed().await.is_err() {
+                return Landed::Failed;
+            }
+        }
+    }
+
+    /// Follows the leader's stream: `send` gets its status and content
+    /// type, then every piece of the body from the start, as it comes.
+    /// `Ok(true)` once the whole body went out; `Ok(false)` when there was
+    /// nothing to follow (not a stream, not a 200, or past the bound
+    /// before it started), and the caller waits for the landing instead.
+    pub async fn follow<F: Follower>(&self, follower: &mut F) -> Result<bool, ()> {
+        let mut changes = self.changed.subscribe();
+        let head = loop {
+            {
+                let mut progress = self.progress();
+                if progress.overflowed || progress.landed.is_some() && progress.head.is_none() {
+                    return Ok(false);
+                }
+                if let Some(head) = progress.head.clone() {
+                    if head.0 != 200 {
+                        return Ok(false);
+                    }
+                    progress.followers += 1;
+                    break head;
+                }
+            }
+            if changes.changed().await.is_err() {
+                return Ok(false);
+            }
+        };
+        let _following = Following(self);
+        if !follower.head(head.0, &head.1).await {
+            return Err(());
+        }
+        let mut sent = 0;
+        loop {
+            let (pending, ended, overflowed) = {
+                let progress = self.progress();
+                (
+                    progress.chunks.get(sent..).unwrap_or_default().to_vec(),
+                    progress.ended,
+                    progress.overflowed,
+                )
+            };
+            if overflowed {
+                // Past the bound mid-stream: what was sent cannot be taken
+                // back; the follower's stream ends broken.
+                return Err(());
+            }
+            for chunk in pending {
+                sent += 1;
+                if !follower.body(chunk).await {
+                    return Err(());
+                }
+            }
+            if ended && sent == self.progress().chunks.len() {
+                return Ok(true);
+            }
+            if changes.changed().await.is_err() {
+                return Err(());
+            }
+        }
+    }
+}
+
+/// Counts a follower while it follows.
+struct Following<'a>(&'a Flight);
+
+impl Drop for Following<'_> {
+    fn drop(&mut self) {
+        self.0.progress().followers -= 1;
+    }
+}
+
+/// Where a follower's bytes go.
+#[async_trait::async_trait]
+pub trait Follower: Send {
+    /// The answer's head; false when the client is gone.
+    async fn head(&mut self, status: u16, content_type: &str) -> bool;
+    /// A piece of the body; false when the client is gone.
+    async fn body(&mut self, chunk: Bytes) -> bool;
+}
+
+/// The provider calls in flight, by key.
+#[derive(Default)]
+pub struct Flights {
+    map: Mutex<HashMap<Key, Arc<Flight>>>,
+}
+
+/// Joining a flight: lead it, or wait on the one in the air.
+pub enum Join {
+    Lead(Leader),
+    Wait(Arc<Flight>),
+}
+
+/// The leader's hold on its flight: landing it (or dropping it, which
+/// lands it failed) lets the waiters go.
+pub struct Leader {
+    flights: Arc<Flights>,
+    key: Key,
+    flight: Arc<Flight>,
+    landed: bool,
+}
+
+impl Leader {
+    /// The flight, to publish the answer as it goes.
+    pub fn flight(&self) -> &Arc<Flight> {
+        &self.flight
+    }
+
+    /// Lands the flight: the answer for the waiters, or none.
+    pub fn land(mut self, landed: Landed) {
+        self.finish(landed);
+    }
+
+    fn finish(&mut self, landed: Landed) {
+        if std::mem::replace(&mut self.landed, true) {
+            return;
+        }
+        self.flights.lock().remove(&self.key);
+        self.flight.progress().landed = Some(landed);
+        self.flight.bump();
+    }
+}
+
+impl Drop for Leader {
+    fn drop(&mut self) {
+        self.finish(Landed::Failed);
+    }
+}
+
+impl Flights {
+    fn lock(&self) -> MutexGuard<'_, HashMap<Key, Arc<Flight>>> {
+        self.map.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Joins the flight for `key`: leads a new one (asked as `form`,
+    /// keeping at most `max_bytes` for followers) or waits on the one in
+    /// the air.
+    pub fn join(self: &Arc<Self>, key: Key, form: Form, max_bytes: usize) -> Join {
+        let mut map = self.lock();
+        if let Some(flight) = map.get(&key) {
+            return Join::Wait(flight.clone());
+        }
+        let flight = Arc::new(Flight {
+            form,
+            progress: Mutex::default(),
+            changed: watch::channel(0).0,
+            max_bytes,
+        });
+        map.insert(key, flight.clone());
+        Join::Lead(Leader {
+            flights: self.clone(),
+            key,
+            flight,
+            landed: false,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const JSON: Form = Form {
+        stream: false,
+        include_usage: false,
+    };
+
+    #[tokio::test]
+    async fn waiters_get_the_leaders_answer_and_a_dropped_leader_fails_them() {
+        let flights = Arc::new(Flights::default());
+        let Join::Lead(leader) = flights.join([1; 32], JSON, 1024) else {
+            panic!("the first leads");
+        };
+        let Join::Wait(flight) = flights.join([1; 32], JSON, 1024) else {
+            panic!("the second waits");
+        };
+        let waiter = tokio::spawn(async move { flight.landed().await });
+        let answer = Arc::new(Map::new());
+        leader.land(Landed::Answer(answer, 5));
+        assert!(matches!(waiter.await.unwrap(), Landed::Answer(_, 5)));
+        // Landed: the next one leads again.
+        let Join::Lead(leader) = flights.join([1; 32], JSON, 1024) else {
+            panic!("a new flight");
+        };
+        let Join::Wait(flight) = flights.join([1; 32], JSON, 1024) else {
+            panic!("waits");
+        };
+        drop(leader);
+        assert!(matches!(flight.landed().await, Landed::Failed));
+    }
+
+    struct Sink(Vec<Bytes>);
+
+    #[async_trait::async_trait]
+    impl Follower for Sink {
+        async fn head(&mut self, status: u16, _: &str) -> bool {
+            status == 200
+        }
+        async fn body(&mut self, chunk: Bytes) -> bool {
+            self.0.push(chunk);
+            true
+        }
+    }
+
+    #[tokio::test]
+    async fn a_follower_gets_the_stream_from_its_start_as_it_comes() {
+        let flights = Arc::new(Flights::default());
+        let form = Form {
+            stream: true,
+            include_usage: false,
+        };
+        let Join::Lead(leader) = flights.join([2; 32], form, 1024) else {
+            panic!()
+        };
+        let flight = leader.flight().clone();
+        flight.head(200, "text/event-stream".into());
+        flight.body(&Bytes::from_static(b"a"), false);
+        let Join::Wait(waiting) = flights.join([2; 32], form, 1024) else {
+            panic!()
+        };
+        let follower = tokio::spawn(async move {
+            let mut sink = Sink(Vec::new());
+            let whole = waiting.follow(&mut sink).await;
+            (whole, sink.0)
+        });
+        tokio::task::yield_now().await;
+        flight.body(&Bytes::from_static(b"b"), false);
+        flight.body(&Bytes::from_static(b"c"), true);
+        let (whole, got) = follower.await.unwrap();
+        assert_eq!(whole, Ok(true));
+        assert_eq!(got.concat(), b"abc");
+        assert!(!flight.has_followers());
+    }
+}

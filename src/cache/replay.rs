@@ -1,0 +1,428 @@
+//! A cached answer is kept as the JSON answer (a `chat.completion`,
+//! `text_completion` or embedding list), whichever form it came in, and
+//! replayed in the form the client asks for: a streamed answer is
+//! assembled into the JSON one ([`from_stream`]), and the JSON one is
+//! rendered as a stream ([`render_stream`]). Every replay gets a fresh `id`
+//! and `created`.
+
+use crate::cost::Usage;
+use crate::openai::Endpoint;
+use bytes::Bytes;
+use serde_json::{json, Map, Value};
+
+/// A JSON answer as a client got it: kept when it is an object (an answer,
+/// not an error).
+pub fn from_json(body: &[u8]) -> Option<Map<String, Value>> {
+    match serde_json::from_slice::<Value>(body).ok()? {
+        Value::Object(answer) if !answer.contains_key("error") => Some(answer),
+        _ => None,
+    }
+}
+
+/// One choice being assembled from stream chunks.
+#[derive(Default)]
+struct Choice {
+    content: Option<String>,
+    refusal: Option<String>,
+    text: String,
+    tool_calls: Vec<Map<String, Value>>,
+    finish_reason: Option<Value>,
+}
+
+/// Appends a JSON string to `into` (created on first use); false when it
+/// is not a string.
+fn append(into: &mut Option<String>, value: &Value) -> bool {
+    match value {
+        Value::Null => true,
+        Value::String(s) => {
+            into.get_or_insert_with(String::new).push_str(s);
+            true
+        }
+        _ => false,
+    }
+}
+
+/// Merges a `tool_calls` delta (by each call's `index`) into `calls`.
+fn merge_tool_calls(calls: &mut Vec<Map<String, Value>>, delta: &Value) -> Option<()> {
+    for call in delta.as_array()? {
+        let index = usize::try_from(call.get("index")?.as_u64()?).ok()?;
+        if index > 128 {
+            return None;
+        }
+        if calls.len() <= index {
+            calls.resize_with(index + 1, Map::new);
+        }
+        let into = &mut calls[index];
+        for (name, value) in call.as_object()? {
+            match (name.as_str(), value) {
+                ("index", _) | (_, Value::Null) => {}
+                ("function", Value::Object(function)) => {
+                    let into = into
+                        .entry("function")
+                        .or_insert_with(|| json!({}))
+                        .as_object_mut()?;
+                    for (part, piece) in function {
+                        let mut text = into.get(part).and_then(Value::as_str).map(str::to_owned);
+                        if !append(&mut text, piece) {
+                            return None;
+                        }
+                        into.insert(part.clone(), Value::String(text.unwrap_or_default()));
+                    }
+                }
+                ("id" | "type", Value::String(_)) => {
+                    into.insert(name.clone(), value.clone());
+                }
+                _ => return None,
+            }
+        }
+    }
+    Some(())
+}
+
+/// The JSON answer a completed chat or text completion stream (the SSE
+/// bytes a client got) adds up to; `usage` when the stream carried none
+/// (the client did not ask for it). `None` for anything it cannot
+/// reproduce exactly: an error event, an unfinished choice, no `[DONE]`,
+/// log probabilities, or delta fields it does not know.
+pub fn from_stream(sse: &[u8], endpoint: Endpoint, usage: Usage) -> Option<Map<String, Value>> {
+    let chat = match endpoint {
+        Endpoint::ChatCompletions => true,
+        Endpoint::Completions => false,
+        _ => return None,
+    };
+    let text = std::str::from_utf8(sse).ok()?;
+    let mut identity: Option<Map<String, Value>> = None;
+    let mut reported_usage = None;
+    let mut choices: Vec<Choice> = Vec::new();
+    let mut done = false;
+    for event in text.split("\n\n").map(str::trim).filter(|e| !e.is_empty()) {
+        let mut payload = String::new();
+        for line in event.lines() {
+            if let Some(data) = line.strip_prefix("data:") {
+                if !payload.is_empty() {
+                    payload.push('\n');
+                }
+                payload.push_str(data.trim_start());
+            }
+        }
+        if payload.is_empty() {
+            continue;
+        }
+        if done {
+            return None;
+        }
+        if payload == "[DONE]" {
+            done = true;
+            continue;
+        }
+        let Value::Object(chunk) = serde_json::from_str::<Value>(&payload).ok()? else {
+            return None;
+        };
+        if chunk.contains_key("error") {
+            return None;
+        }
+        if identity.is_none() {
+            let mut first = Map::new();
+            for name in [
+                "id",
+                "created",
+                "model",
+                "system_fingerprint",
+                "service_tier",
+            ] {
+                if let Some(value) = chunk.get(name).filter(|v| !v.is_null()) {
+                    first.insert(name.to_string(), value.clone());
+                }
+            }
+            identity = Some(first);
+        }
+        if let Some(usage) = chunk.get("usage").filter(|u| !u.is_null()) {
+            reported_usage = Some(usage.clone());
+        }
+        for choice in chunk
+            .get("choices")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            let index = usize::try_from(choice.get("index")?.as_u64()?).ok()?;
+            if index > 128 {
+                return None;
+            }
+            if choices.len() <= index {
+                choices.resize_with(index + 1, Choice::default);
+            }
+            let into = &mut choices[index];
+            if choice.get("logprobs").is_some_and(|l| !l.is_null()) {
+                return None;
+            }
+            if let Some(reason) = choice.get("finish_reason").filter(|r| !r.is_null()) {
+                into.finish_reason = Some(reason.clone());
+            }
+            if !chat {
+                let mut text = Some(std::mem::take(&mut into.text));
+                if !append(&mut text, choice.get("text").unwrap_or(&Value::Null)) {
+                    return None;
+                }
+                into.text = text.unwrap_or_default();
+                continue;
+            }
+            let Some(delta) = choice.get("delta") else {
+                continue;
+            };
+            for (name, value) in delta.as_object()? {
+                let known = match name.as_str() {
+                    "role" => value.is_null() || value == "assistant",
+                    "content" => append(&mut into.content, value),
+                    "refusal" => append(&mut into.refusal, value),
+                    "tool_calls" => {
+                        value.is_null() || merge_tool_calls(&mut into.tool_calls, value).is_some()
+                    }
+                    _ => value.is_null(),
+                };
+                if !known {
+                    return None;
+                }
+            }
+        }
+    }
+    if !done || choices.is_empty() || choices.iter().any(|c| c.finish_reason.is_none()) {
+        return None;
+    }
+    let mut answer = identity.unwrap_or_default();
+    answer.insert(
+        "object".into(),
+        Value::from(if chat {
+            "chat.completion"
+        } else {
+            "text_completion"
+        }),
+    );
+    let choices: Vec<Value> = choices
+        .into_iter()
+        .enumerate()
+        .map(|(index, c)| {
+            if !chat {
+                return json!({"text": c.text, "index": index, "logprobs": null, "finish_reason": c.finish_reason});
+            }
+            let mut message = json!({"role": "assistant", "content": c.content, "refusal": c.refusal});
+            if !c.tool_calls.is_empty() {
+                message["tool_calls"] = Value::Array(c.tool_calls.into_iter().map(Value::Object).collect());
+            }
+            json!({"index": index, "message": message, "logprobs": null, "finish_reason": c.finish_reason})
+        })
+        .collect();
+    answer.insert("choices".into(), Value::Array(choices));
+    let usage = reported_usage.unwrap_or_else(|| {
+        json!({
+            "prompt_tokens": usage.prompt_tokens,
+            "completion_tokens": usage.completion_tokens,
+            "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+        })
+    });
+    answer.insert("usage".into(), usage);
+    Some(answer)
+}
+
+/// A fresh `id` of the answer's kind, and `created` now.
+fn refreshed(answer: &Map<String, Value>, now_secs: u64) -> Map<String, Value> {
+    let mut answer = answer.clone();
+    if let Some(Value::String(id)) = answer.get("id") {
+        let prefix = match id.split_once('-') {
+            Some((prefix, _)) if prefix.len() <= 16 => format!("{prefix}-"),
+            _ => "cached-".to_string(),
+        };
+        answer.insert("id".into(), Value::String(crate::ids::random_id(&prefix)));
+    }
+    if answer.contains_key("created") {
+        answer.insert("created".into(), Value::from(now_secs));
+    }
+    answer
+}
+
+/// The stored answer as a JSON body.
+pub fn render_json(answer: &Map<String, Value>, now_secs: u64) -> Bytes {
+    Bytes::from(serde_json::to_vec(&refreshed(answer, now_secs)).expect("JSON serialises"))
+}
+
+/// The stored answer as an SSE stream: a chunk per choice with its whole
+/// content, one with its finish reason, the usage chunk when asked for,
+/// then `[DONE]`. `None` for an answer that is not a chat or text
+/// completion.
+pub fn render_stream(
+    answer: &Map<String, Value>,
+    include_usage: bool,
+    now_secs: u64,
+) -> Option<Bytes> {
+    let answer = refreshed(answer, now_secs);
+    let chat = match answer.get("object").and_then(Value::as_str) {
+        Some("chat.completion") => true,
+        Some("text_completion") => false,
+        _ => return None,
+    };
+    let mut head = Map::new();
+    for name in [
+        "id",
+        "object",
+        "created",
+        "model",
+        "system_fingerprint",
+        "service_tier",
+    ] {
+        if let Some(value) = answer.get(name) {
+            head.insert(name.to_string(), value.clone());
+        }
+    }
+    if chat {
+        head.insert("object".into(), Value::from("chat.completion.chunk"));
+    }
+    if include_usage {
+        head.insert("usage".into(), Value::Null);
+    }
+    let mut out = Vec::new();
+    let mut event = |choices: Value, usage: Option<&Value>| {
+        let mut chunk = head.clone();
+        chunk.insert("choices".into(), choices);
+        if let Some(usage) = usage {
+            chunk.insert("usage".into(), usage.clone());
+        }
+        out.extend_from_slice(b"data: ");
+        serde_json::to_writer(&mut out, &chunk).expect("JSON serialises");
+        out.extend_from_slice(b"\n\n");
+    };
+    for choice in answer.get("choices").and_then(Value::as_array)? {
+        let index = choice.get("index").cloned().unwrap_or(Value::from(0));
+        let finish = choice.get("finish_reason").cloned().unwrap_or(Value::Null);
+        if chat {
+            let message = choice.get("message")?;
+            let mut delta = json!({"role": "assistant", "content": message.get("content").cloned().unwrap_or(Value::Null)});
+            if let Some(refusal) = message.get("refusal").filter(|r| !r.is_null()) {
+                delta["refusal"] = refusal.clone();
+            }
+            if let Some(Value::Array(calls)) = message.get("tool_calls") {
+                let calls: Vec<Value> = calls
+                    .iter()
+                    .enumerate()
+                    .map(|(i, call)| {
+                        let mut call = call.clone();
+                        call["index"] = Value::from(i);
+                        call
+                    })
+                    .collect();
+                delta["tool_calls"] = Value::Array(calls);
+            }
+            event(
+                json!([{"index": index, "delta": delta, "logprobs": null, "finish_reason": null}]),
+                None,
+            );
+            event(
+                json!([{"index": index, "delta": {}, "logprobs": null, "finish_reason": finish}]),
+                None,
+            );
+        } else {
+            let text = choice.get("text").cloned().unwrap_or(Value::from(""));
+            event(
+                json!([{"text": text, "index": index, "logprobs": null, "finish_reason": null}]),
+                None,
+            );
+            event(
+                json!([{"text": "", "index": index, "logprobs": null, "finish_reason": finish}]),
+                None,
+            );
+        }
+    }
+    if include_usage {
+        event(json!([]), Some(answer.get("usage").unwrap_or(&Value::Null)));
+    }
+    out.extend_from_slice(b"data: [DONE]\n\n");
+    Some(Bytes::from(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const STREAM: &str = concat!(
+        "data: {\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"created\":5,\"model\":\"m-1\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"},\"finish_reason\":null}]}\n\n",
+        "data: {\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"created\":5,\"model\":\"m-1\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hel\"},\"finish_reason\":null}]}\n\n",
+        "data: {\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"created\":5,\"model\":\"m-1\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"lo\"},\"finish_reason\":null}]}\n\n",
+        "data: {\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"created\":5,\"model\":\"m-1\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n",
+        "data: [DONE]\n\n",
+    );
+
+    fn usage() -> Usage {
+        Usage {
+            prompt_tokens: 7,
+            completion_tokens: 2,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_stream_assembles_into_its_json_answer_and_back() {
+        let answer = from_stream(STREAM.as_bytes(), Endpoint::ChatCompletions, usage()).unwrap();
+        assert_eq!(answer["object"], "chat.completion");
+        assert_eq!(answer["model"], "m-1");
+        assert_eq!(answer["choices"][0]["message"]["content"], "Hello");
+        assert_eq!(answer["choices"][0]["finish_reason"], "stop");
+        assert_eq!(answer["usage"]["total_tokens"], 9);
+        let replay = render_stream(&answer, true, 99).unwrap();
+        let again = from_stream(&replay, Endpoint::ChatCompletions, Usage::default()).unwrap();
+        assert_eq!(again["choices"], answer["choices"]);
+        assert_eq!(again["usage"], answer["usage"]);
+        assert_eq!(again["created"], 99);
+        assert_ne!(again["id"], answer["id"], "a fresh id");
+        assert!(again["id"].as_str().unwrap().starts_with("chatcmpl-"));
+        let json: Value = serde_json::from_slice(&render_json(&answer, 99)).unwrap();
+        assert_eq!(json["choices"], answer["choices"]);
+        assert_ne!(json["id"], answer["id"]);
+    }
+
+    #[test]
+    fn tool_calls_merge_by_index() {
+        let stream = concat!(
+            "data: {\"id\":\"c\",\"created\":1,\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"tool_calls\":[{\"index\":0,\"id\":\"call_1\",\"type\":\"function\",\"function\":{\"name\":\"f\",\"arguments\":\"\"}}]},\"finish_reason\":null}]}\n\n",
+            "data: {\"id\":\"c\",\"created\":1,\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":0,\"function\":{\"arguments\":\"{\\\"a\\\":\"}}]},\"finish_reason\":null}]}\n\n",
+            "data: {\"id\":\"c\",\"created\":1,\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":0,\"function\":{\"arguments\":\"1}\"}}]},\"finish_reason\":\"tool_calls\"}]}\n\n",
+            "data: [DONE]\n\n",
+        );
+        let answer = from_stream(stream.as_bytes(), Endpoint::ChatCompletions, usage()).unwrap();
+        let call = &answer["choices"][0]["message"]["tool_calls"][0];
+        assert_eq!(call["id"], "call_1");
+        assert_eq!(call["function"]["name"], "f");
+        assert_eq!(call["function"]["arguments"], "{\"a\":1}");
+        assert_eq!(answer["choices"][0]["message"]["content"], Value::Null);
+    }
+
+    #[test]
+    fn incomplete_or_unknown_streams_are_not_stored() {
+        let without_done = STREAM.replace("data: [DONE]\n\n", "");
+        assert!(from_stream(without_done.as_bytes(), Endpoint::ChatCompletions, usage()).is_none());
+        let unfinished = STREAM.replace("\"finish_reason\":\"stop\"", "\"finish_reason\":null");
+        assert!(from_stream(unfinished.as_bytes(), Endpoint::ChatCompletions, usage()).is_none());
+        let error = format!(
+            "{}data: {{\"error\":{{\"message\":\"x\"}}}}\n\n",
+            STREAM.replace("data: [DONE]\n\n", "")
+        );
+        assert!(from_stream(error.as_bytes(), Endpoint::ChatCompletions, usage()).is_none());
+        let audio = STREAM.replace("{\"content\":\"lo\"}", "{\"audio\":{\"data\":\"x\"}}");
+        assert!(from_stream(audio.as_bytes(), Endpoint::ChatCompletions, usage()).is_none());
+        let logprobs = STREAM.replace(
+            "\"delta\":{\"content\":\"lo\"},",
+            "\"delta\":{\"content\":\"lo\"},\"logprobs\":{\"content\":[]},",
+        );
+        assert!(from_stream(logprobs.as_bytes(), Endpoint::ChatCompletions, usage()).is_none());
+        assert!(from_json(br#"{"error":{"message":"x"}}"#).is_none());
+    }
+
+    #[test]
+    fn a_text_completion_streams_and_assembles() {
+        let answer = from_json(br#"{"id":"cmpl-9","object":"text_completion","created":1,"model":"m","choices":[{"text":"abc","index":0,"logprobs":null,"finish_reason":"length"}],"usage":{"prompt_tokens":1,"completion_tokens":3,"total_tokens":4}}"#).unwrap();
+        let stream = render_stream(&answer, false, 7).unwrap();
+        assert!(!String::from_utf8_lossy(&stream).contains("usage"));
+        let again = from_stream(&stream, Endpoint::Completions, usage()).unwrap();
+        assert_eq!(again["choices"][0]["text"], "abc");
+        assert_eq!(again["choices"][0]["finish_reason"], "length");
+        assert!(again["id"].as_str().unwrap().starts_with("cmpl-"));
+    }
+}

@@ -1,0 +1,337 @@
+"""Issue #22 through the official OpenAI Python SDK: the response cache.
+Hits and misses with the provider's own request count checked (runestone-mock
+and llmock, an upstream we did not write), expiry, tenant isolation, key
+canonicalisation, stream-from-JSON and JSON-from-stream replays parsed by
+the SDK, 50 concurrent identical requests making one provider call, two
+instances sharing Redis, Redis down, the in-process bound, Cache-Control,
+only complete answers stored, and the accounting of hits.
+"""
+
+import concurrent.futures
+import json
+import time
+
+import httpx
+import pytest
+
+from conftest import PROVIDER_KEY, TENANT_KEY, Llmock, Mock, Redis, Runestone, server_yaml
+
+OTHER_KEY = "sk-sdk-cache-other-0022"
+OPTED_OUT_KEY = "sk-sdk-cache-optout-0023"
+
+
+class Gateway(Runestone):
+    """runestone with a response cache in front of `base_url`: `gpt-4o-mini`
+    (priced), `short-lived` (a 1 s TTL), `uncached` (cache: false),
+    `text-embedding-3-small`; tenants `acme`, `other` and `optout`."""
+
+    def __init__(self, base_url: str, cache: str = "{}", redis_url: str | None = None):
+        redis = f'redis: {{ url: "{redis_url}", timeout_ms: 200 }}' if redis_url else ""
+
+        def config(port, metrics_port, directory):
+            return server_yaml(port, metrics_port, directory) + f"""
+{redis}
+providers:
+  - {{ name: upstream, base_url: "{base_url}", api_key: "{PROVIDER_KEY}" }}
+models:
+  - name: gpt-4o-mini
+    targets: [{{ provider: upstream, model: mock-small }}]
+  - name: short-lived
+    targets: [{{ provider: upstream, model: mock-small }}]
+    cache: {{ ttl_seconds: 1 }}
+  - name: uncached
+    targets: [{{ provider: upstream, model: mock-small }}]
+    cache: false
+  - name: text-embedding-3-small
+    targets: [{{ provider: upstream }}]
+tenants:
+  - id: acme
+    keys: ["{TENANT_KEY}"]
+  - id: other
+    keys: ["{OTHER_KEY}"]
+  - id: optout
+    keys: ["{OPTED_OUT_KEY}"]
+    cache: false
+pricing:
+  gpt-4o-mini: {{ input: 1.0, output: 2.0 }}
+  short-lived: {{ input: 1.0, output: 2.0 }}
+cache: {cache}
+"""
+
+        super().__init__(config)
+
+    def usage(self, key: str = TENANT_KEY) -> dict:
+        return httpx.get(f"http://127.0.0.1:{self.port}/v1/usage",
+                         headers={"authorization": f"Bearer {key}"}).json()
+
+    def metric(self, name: str, **labels) -> float:
+        """The sum of the series of `name` with these labels."""
+        return sum(float(line.rsplit(" ", 1)[1]) for line in self.metrics().splitlines()
+                   if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()))
+
+
+@pytest.fixture(scope="module")
+def mock():
+    m = Mock("--api-key", PROVIDER_KEY)
+    yield m
+    m.stop()
+
+
+@pytest.fixture()
+def gateway(mock):
+    g = Gateway(mock.base_url)
+    yield g
+    g.stop()
+
+
+def calls(mock) -> int:
+    return mock.stats()["by_path"].get("/v1/chat/completions", 0)
+
+
+def ask(gateway, content="What is 2+2?", key=TENANT_KEY, model="gpt-4o-mini", headers=None, **kwargs):
+    kwargs.setdefault("temperature", 0)
+    raw = gateway.client(key).chat.completions.with_raw_response.create(
+        model=model, messages=[{"role": "user", "content": content}], extra_headers=headers or {}, **kwargs)
+    return raw.headers, raw.parse()
+
+
+def test_a_repeated_request_is_answered_once(gateway, mock):
+    before = calls(mock)
+    first_headers, first = ask(gateway)
+    assert first_headers["x-runestone-cache"] == "miss"
+    headers, again = ask(gateway)
+    assert headers["x-runestone-cache"] == "hit"
+    assert int(headers["age"]) >= 0
+    assert calls(mock) == before + 1
+    assert again.choices[0].message.content == first.choices[0].message.content
+    assert again.usage == first.usage
+    assert again.model == first.model
+    assert again.id != first.id and again.id.startswith("chatcmpl-")
+    assert headers["x-request-id"] != first_headers["x-request-id"]
+    assert "x-ratelimit-limit-requests" not in headers or headers["x-ratelimit-limit-requests"]
+
+
+def test_the_key_is_canonical_and_a_changed_sampling_misses(gateway, mock):
+    url = f"http://127.0.0.1:{gateway.port}/v1/chat/completions"
+    auth = {"authorization": f"Bearer {TENANT_KEY}", "content-type": "application/json"}
+    bodies = [
+        '{"model":"gpt-4o-mini","temperature":0,"messages":[{"role":"user","content":"canon"}]}',
+        '{ "messages": [ { "content": "canon", "role": "user" } ],\n  "temperature": 0, "model": "gpt-4o-mini", "user": "u-7", "metadata": {"run": "x"} }',
+    ]
+    before = calls(mock)
+    answers = [httpx.post(url, headers=auth, content=b, timeout=10) for b in bodies]
+    assert [a.headers["x-runestone-cache"] for a in answers] == ["miss", "hit"]
+    assert calls(mock) == before + 1
+    changed = httpx.post(url, headers=auth, timeout=10,
+                         content='{"model":"gpt-4o-mini","temperature":0,"seed":3,"messages":[{"role":"user","content":"canon"}]}')
+    assert changed.headers["x-runestone-cache"] == "miss"
+    assert calls(mock) == before + 2
+
+
+def test_only_deterministic_requests_are_cached_and_opt_outs_bypass(gateway, mock):
+    before = calls(mock)
+    for _ in range(2):
+        headers, _ = ask(gateway, "sampled", temperature=0.7)
+        assert headers["x-runestone-cache"] == "bypass"
+    headers, _ = ask(gateway, "seeded", temperature=0.7, seed=42)
+    assert headers["x-runestone-cache"] == "miss"
+    headers, _ = ask(gateway, "seeded", temperature=0.7, seed=42)
+    assert headers["x-runestone-cache"] == "hit"
+    for _ in range(2):
+        assert ask(gateway, "opted out", key=OPTED_OUT_KEY)[0]["x-runestone-cache"] == "bypass"
+        assert ask(gateway, "model off", model="uncached")[0]["x-runestone-cache"] == "bypass"
+    assert calls(mock) == before + 2 + 1 + 4
+
+
+def test_tenants_never_share_an_answer(gateway, mock):
+    before = calls(mock)
+    assert ask(gateway, "shared question")[0]["x-runestone-cache"] == "miss"
+    assert ask(gateway, "shared question", key=OTHER_KEY)[0]["x-runestone-cache"] == "miss"
+    assert ask(gateway, "shared question", key=OTHER_KEY)[0]["x-runestone-cache"] == "hit"
+    assert calls(mock) == before + 2
+
+
+def test_an_entry_expires_with_its_ttl(gateway, mock):
+    before = calls(mock)
+    assert ask(gateway, "ephemeral", model="short-lived")[0]["x-runestone-cache"] == "miss"
+    stored = time.monotonic()
+    assert ask(gateway, "ephemeral", model="short-lived")[0]["x-runestone-cache"] == "hit"
+    # Hits until the TTL (1 s) runs out, then one more provider call.
+    deadline = stored + 10
+    while ask(gateway, "ephemeral", model="short-lived")[0]["x-runestone-cache"] == "hit":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert time.monotonic() - stored >= 0.9
+    assert calls(mock) == before + 2
+
+
+def test_cache_control_no_cache_refreshes_and_no_store_leaves_no_trace(gateway, mock):
+    before = calls(mock)
+    assert ask(gateway, "control", headers={"cache-control": "no-store"})[0]["x-runestone-cache"] == "bypass"
+    assert ask(gateway, "control")[0]["x-runestone-cache"] == "miss", "no-store stored nothing"
+    assert ask(gateway, "control", headers={"cache-control": "max-age=0, No-Cache"})[0]["x-runestone-cache"] == "bypass"
+    assert ask(gateway, "control")[0]["x-runestone-cache"] == "hit"
+    assert calls(mock) == before + 3
+
+
+def stream(gateway, content, include_usage, key=TENANT_KEY):
+    raw = gateway.client(key).chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": content}], temperature=0, stream=True,
+        stream_options={"include_usage": True} if include_usage else None)
+    chunks = list(raw.parse())
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    usage = [c.usage for c in chunks if c.usage]
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    return raw.headers, chunks, text, usage, finish
+
+
+def test_a_stream_replays_a_json_answer_and_json_replays_a_stream(gateway, mock):
+    before = calls(mock)
+    _, original = ask(gateway, "json first")
+    headers, chunks, text, usage, finish = stream(gateway, "json first", include_usage=True)
+    assert headers["x-runestone-cache"] == "hit"
+    assert headers["content-type"].startswith("text/event-stream")
+    assert text == original.choices[0].message.content
+    assert usage == [original.usage]
+    assert finish == [original.choices[0].finish_reason]
+    assert len({c.id for c in chunks}) == 1 and chunks[0].id != original.id
+    # Without include_usage, no usage chunk.
+    _, _, again, usage, _ = stream(gateway, "json first", include_usage=False)
+    assert again == text and usage == []
+
+    headers, chunks, streamed, usage, finish = stream(gateway, "stream first", include_usage=False)
+    assert headers["x-runestone-cache"] == "miss"
+    headers, answer = ask(gateway, "stream first")
+    assert headers["x-runestone-cache"] == "hit"
+    assert answer.choices[0].message.content == streamed
+    assert answer.choices[0].finish_reason == finish[0]
+    assert answer.object == "chat.completion" and answer.model == chunks[0].model
+    assert answer.usage.completion_tokens > 0
+    assert calls(mock) == before + 2
+
+
+def test_fifty_concurrent_identical_requests_make_one_provider_call(gateway, mock):
+    before = calls(mock)
+    # The first answer takes a while, so every other request finds it in flight.
+    mock.fault({"first_token_ms": 800, "count": 1, "path": "/v1/chat/completions"})
+
+    def one(i):
+        if i % 2:
+            _, _, text, usage, _ = stream(gateway, "stampede", include_usage=True)
+            return text, usage[0].total_tokens
+        headers, answer = ask(gateway, "stampede")
+        return answer.choices[0].message.content, answer.usage.total_tokens
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=50) as pool:
+        answers = list(pool.map(one, range(50)))
+    assert calls(mock) == before + 1
+    assert len(set(answers)) == 1, answers
+    outcomes = {o: gateway.metric("runestone_cache_total", outcome=o, tenant="acme") for o in ("miss", "hit", "coalesced")}
+    assert outcomes["miss"] == 1 and outcomes["coalesced"] + outcomes["hit"] == 49, outcomes
+    assert outcomes["coalesced"] > 0
+
+
+def test_errors_and_broken_streams_are_never_stored(gateway, mock):
+    before = calls(mock)
+    mock.fault({"status": 500, "count": 2, "path": "/v1/chat/completions"})
+    with pytest.raises(Exception):
+        ask(gateway, "fails")
+    assert ask(gateway, "fails")[0]["x-runestone-cache"] == "miss"
+    mock.fault({"disconnect_after_chunks": 2, "count": 1, "path": "/v1/chat/completions"})
+    with pytest.raises(Exception):
+        stream(gateway, "breaks", include_usage=False)
+    assert stream(gateway, "breaks", include_usage=False)[0]["x-runestone-cache"] == "miss"
+    assert ask(gateway, "breaks")[0]["x-runestone-cache"] == "hit"
+    assert calls(mock) >= before + 4
+
+
+def test_embeddings_are_cached_whatever_the_sampling(gateway, mock):
+    client = gateway.client()
+    first = client.embeddings.with_raw_response.create(model="text-embedding-3-small", input=["a", "b"])
+    again = client.embeddings.with_raw_response.create(model="text-embedding-3-small", input=["a", "b"])
+    assert (first.headers["x-runestone-cache"], again.headers["x-runestone-cache"]) == ("miss", "hit")
+    assert again.parse().data[1].embedding == first.parse().data[1].embedding
+    assert mock.stats()["by_path"]["/v1/embeddings"] >= 1
+
+
+def test_hits_are_accounted_as_requests_without_tokens_and_their_savings_shown(gateway, mock):
+    before = gateway.usage()
+    _, answer = ask(gateway, "accounting")
+    cost = (answer.usage.prompt_tokens * 1.0 + answer.usage.completion_tokens * 2.0) / 1e6
+    for _ in range(3):
+        assert ask(gateway, "accounting")[0]["x-runestone-cache"] == "hit"
+    after = gateway.usage()
+    assert after["requests"] == before["requests"] + 4
+    assert after["prompt_tokens"] == before["prompt_tokens"] + answer.usage.prompt_tokens
+    assert after["completion_tokens"] == before["completion_tokens"] + answer.usage.completion_tokens
+    assert after["cost_usd"] == pytest.approx(before["cost_usd"] + cost)
+    assert after["cache_hits"] == before["cache_hits"] + 3
+    assert after["cache_saved_usd"] == pytest.approx(before["cache_saved_usd"] + 3 * cost)
+    assert gateway.metric("runestone_cache_saved_usd_total", tenant="acme", model="gpt-4o-mini") == pytest.approx(after["cache_saved_usd"])
+    lines = [json.loads(l) for l in gateway.output().splitlines() if l.startswith("{") and '"cache":"hit"' in l]
+    assert lines and all(l["prompt_tokens"] == 0 and l["cost_usd"] == 0 and l["attempts"] == 0 for l in lines)
+    assert gateway.metric("runestone_requests_total", tenant="acme", model="gpt-4o-mini", status="200") == 4
+
+
+def test_the_in_process_store_keeps_its_bound(mock):
+    gateway = Gateway(mock.base_url, cache="{ max_entry_bytes: 2048, max_memory_bytes: 16384 }")
+    try:
+        before = calls(mock)
+        for i in range(60):
+            assert ask(gateway, f"distinct {i}")[0]["x-runestone-cache"] == "miss"
+        assert ask(gateway, "distinct 59")[0]["x-runestone-cache"] == "hit", "the newest is kept"
+        assert ask(gateway, "distinct 0")[0]["x-runestone-cache"] == "miss", "the oldest went"
+        assert calls(mock) == before + 61
+        big = "x" * 3000
+        assert ask(gateway, big)[0]["x-runestone-cache"] == "miss"
+        assert ask(gateway, big)[0]["x-runestone-cache"] == "hit", "the answer is small; the prompt is not stored"
+    finally:
+        gateway.stop()
+
+
+def test_two_instances_share_entries_in_redis_and_redis_down_is_a_miss(mock):
+    redis = Redis()
+    a = Gateway(mock.base_url, redis_url=redis.url)
+    b = Gateway(mock.base_url, redis_url=redis.url)
+    try:
+        before = calls(mock)
+        assert ask(a, "shared by instances")[0]["x-runestone-cache"] == "miss"
+        headers, answer = ask(b, "shared by instances")
+        assert headers["x-runestone-cache"] == "hit"
+        assert calls(mock) == before + 1
+        assert ask(b, "shared by instances", key=OTHER_KEY)[0]["x-runestone-cache"] == "miss"
+        redis.stop()
+        for gateway in (a, b):
+            headers, again = ask(gateway, "shared by instances")
+            assert headers["x-runestone-cache"] == "miss"
+            assert again.choices[0].message.content == answer.choices[0].message.content
+        redis.start()
+        deadline = time.monotonic() + 15
+        while ask(a, "after the restart")[0]["x-runestone-cache"] != "hit":
+            assert time.monotonic() < deadline, "entries are stored again once Redis is back"
+            time.sleep(0.2)
+    finally:
+        a.stop()
+        b.stop()
+        redis.stop()
+
+
+def test_llmock_answers_replay_as_the_sdk_expects():
+    llmock = Llmock()
+    gateway = Gateway(llmock.base_url)
+    try:
+        _, original = ask(gateway, "llmock json")
+        headers, _, text, usage, finish = stream(gateway, "llmock json", include_usage=True)
+        assert headers["x-runestone-cache"] == "hit"
+        assert text == original.choices[0].message.content
+        assert usage[0].total_tokens == original.usage.total_tokens
+        headers, _, streamed, _, _ = stream(gateway, "llmock stream", include_usage=False)
+        assert headers["x-runestone-cache"] == "miss"
+        headers, answer = ask(gateway, "llmock stream")
+        assert headers["x-runestone-cache"] == "hit"
+        assert answer.choices[0].message.content == streamed
+        asked = [r for r in llmock.journal() if r["path"] == "/v1/chat/completions"]
+        assert len(asked) == 2
+    finally:
+        gateway.stop()
+        llmock.stop()
