@@ -139,7 +139,9 @@ REDIS="redis: { url: \"redis://127.0.0.1:$redis_port/0\", timeout_ms: 50 }"
 cluster_ports=("$(free_port)" "$(free_port)" "$(free_port)")
 REDIS_CLUSTER="redis: { cluster_nodes: [\"redis://127.0.0.1:${cluster_ports[0]}\", \"redis://127.0.0.1:${cluster_ports[1]}\"], timeout_ms: 50 }"
 TELEMETRY="telemetry: { otlp_endpoint: \"http://127.0.0.1:$mock_port/_mock/otlp\" }"
-PATHS=(direct "pingora floor" "runestone, no limits" "runestone, all on, in-process" "runestone, all on, in-process, access log to a file" "runestone, all on, in-process, traces to a collector" "runestone, all on, Redis" "runestone, all on, Redis Cluster")
+# Every request the same: after the first, all are hits.
+CACHE="cache: { only_deterministic: false }"
+PATHS=(direct "pingora floor" "runestone, no limits" "runestone, all on, in-process" "runestone, all on, in-process, access log to a file" "runestone, all on, in-process, traces to a collector" "runestone, all on, in-process, cache hits" "runestone, all on, Redis" "runestone, all on, Redis Cluster")
 for peer in "portkey gateway (node)" "litellm proxy (1 worker)"; do
   [ -n "${PEER_MISSING[$peer]:-}" ] || PATHS+=("$peer")
 done
@@ -196,6 +198,7 @@ YAML
       [[ "$1" == *Redis ]] && extra=$REDIS
       [[ "$1" == *"Redis Cluster" ]] && extra=$REDIS_CLUSTER
       [[ "$1" == *traces* ]] && extra=$TELEMETRY
+      [[ "$1" == *"cache hits"* ]] && extra=$CACHE
       mport=$(free_port)
       gateway_config "$port" "$mport" "$limits" "$extra" "$log" >"$work/gw.yaml"
       taskset -c 0 target/release/runestone --config "$work/gw.yaml" >"$out" 2>"$work/gw.log" &
@@ -464,7 +467,9 @@ machine="$(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /pro
   echo "\"All on\" means RPM, TPM and concurrency limits (set high enough"
   echo "never to refuse), cost accounting, breakers and metrics (access log off, as for the others,"
   echo "but the row that writes it to a file on the same disk, as operators run it; the row with"
-  echo "traces exports every request's spans over OTLP/HTTP to a sink in runestone-mock on CPU 1);"
+  echo "traces exports every request's spans over OTLP/HTTP to a sink in runestone-mock on CPU 1;"
+  echo "in the row with cache hits every request is the same, so all but the first are answered from"
+  echo "the in-process cache without a provider call);"
   echo "every runestone path authenticates and meters usage. The floor is benches/floor.rs: a bare"
   echo "Pingora proxy with no filters. Both use the system allocator (glibc)."
   echo

@@ -86,12 +86,37 @@ impl Gateway {
         route: usize,
         tokens: u64,
     ) -> Result<Option<Grant>, ApiError> {
-        let overflow = self.overflow.settings(tenant);
         // The model or one of its fallbacks: a request that a fallback can
         // serve is not parked behind its resting primary.
         let can_serve = self
             .upstreams
             .can_serve_any(&self.config.routes_for(tenant, route));
+        self.admission(session, ctx, tenant, route, tokens, can_serve)
+            .await
+    }
+
+    /// Admits a request answered without a provider (from the response
+    /// cache): one request, no tokens, whatever the providers' health.
+    pub(super) async fn admit_answered(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        tenant: usize,
+        route: usize,
+    ) -> Result<Option<Grant>, ApiError> {
+        self.admission(session, ctx, tenant, route, 0, true).await
+    }
+
+    async fn admission(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        tenant: usize,
+        route: usize,
+        tokens: u64,
+        can_serve: bool,
+    ) -> Result<Option<Grant>, ApiError> {
+        let overflow = self.overflow.settings(tenant);
         match self.limiter.admit(tenant, tokens).await {
             Ok(grant) if can_serve || !overflow.enabled => Ok(Some(grant)),
             Ok(grant) => {

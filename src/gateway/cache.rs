@@ -188,7 +188,7 @@ impl Gateway {
         };
         // Another request is asking the provider the same: wait for it.
         if flight.form() == plan.form && plan.form.stream {
-            let Some(grant) = self.admit(session, ctx, tenant, route, 0).await? else {
+            let Some(grant) = self.admit_answered(session, ctx, tenant, route).await? else {
                 return Ok(Looked::Served);
             };
             let rate_limit_headers = super::admission::rate_limit_headers(&grant.state);
@@ -271,7 +271,7 @@ impl Gateway {
         outcome: &'static str,
     ) -> Result<(), ApiError> {
         if ctx.grant.is_none() {
-            let Some(grant) = self.admit(session, ctx, tenant, route, 0).await? else {
+            let Some(grant) = self.admit_answered(session, ctx, tenant, route).await? else {
                 return Ok(());
             };
             ctx.grant = Some(grant);
