@@ -299,8 +299,9 @@ mod tests {
         assert_eq!(by_hash[10], batch.id, "the id Redis records");
         assert_eq!(by_hash[15], "10", "the summed cost");
         assert_eq!(by_hash[16], "0", "no request counted by the gateway");
+        assert_eq!(by_hash[17..19], ["0", "0"], "no cache hits, nothing saved");
         assert_eq!(
-            by_hash[17..],
+            by_hash[19..],
             ["1", "0", "-5", "l1"],
             "one correction, one lease"
         );
