@@ -100,21 +100,6 @@ impl Usage {
     }
 }
 
-/// The text in a stream's sample of generated values (raw JSON, a comma
-/// after each): strings joined, anything else (tool calls) as JSON.
-pub(crate) fn sampled_text(sample: &[u8]) -> String {
-    let inner = sample.strip_suffix(b",").unwrap_or(sample);
-    let list = [&b"["[..], inner, b"]"].concat();
-    let values: Vec<serde_json::Value> = serde_json::from_slice(&list).unwrap_or_default();
-    values
-        .iter()
-        .map(|v| match v {
-            serde_json::Value::String(s) => s.clone(),
-            other => other.to_string(),
-        })
-        .collect()
-}
-
 /// Prompt tokens estimated from the request body's size.
 pub fn estimate_prompt_tokens(body_len: usize) -> u64 {
     (body_len as u64).div_ceil(4).max(1)

@@ -413,7 +413,7 @@ impl StreamMeter {
     /// The text generated (content, tool calls, reasoning; the first
     /// 64 KiB of it), for a trace that captures content.
     pub fn generated_text(&self) -> String {
-        super::sampled_text(&self.sample)
+        sample_text(&self.sample)
     }
 
     /// The usage the provider reported, if it did.
