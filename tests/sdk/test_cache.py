@@ -14,7 +14,7 @@ import time
 import httpx
 import pytest
 
-from conftest import PROVIDER_KEY, TENANT_KEY, Llmock, Mock, Redis, Runestone, server_yaml
+from conftest import PROVIDER_KEY, TENANT_KEY, Llmock, Redis, Runestone, server_yaml
 
 OTHER_KEY = "sk-sdk-cache-other-0022"
 OPTED_OUT_KEY = "sk-sdk-cache-optout-0023"
@@ -68,13 +68,6 @@ cache: {cache}
         """The sum of the series of `name` with these labels."""
         return sum(float(line.rsplit(" ", 1)[1]) for line in self.metrics().splitlines()
                    if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()))
-
-
-@pytest.fixture(scope="module")
-def mock():
-    m = Mock("--api-key", PROVIDER_KEY)
-    yield m
-    m.stop()
 
 
 @pytest.fixture()

@@ -10,11 +10,9 @@ at shutdown are flushed; keys never appear, content only when asked.
 
 import http.server
 import json
-import os
 import signal
 import threading
 import time
-import urllib.request
 
 import httpx
 import pytest
@@ -151,13 +149,6 @@ telemetry:
 """
 
         super().__init__(config)
-
-
-@pytest.fixture(scope="module")
-def mock():
-    m = Mock("--api-key", PROVIDER_KEY)
-    yield m
-    m.stop()
 
 
 @pytest.fixture(scope="module")
