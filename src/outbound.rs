@@ -8,9 +8,15 @@ use pingora::http::RequestHeader;
 use pingora::upstreams::peer::HttpPeer;
 use std::time::Duration;
 
+/// The most of an answer's body read (and thrown away) so that its
+/// connection can be used again; a longer one closes it.
+const MAX_ANSWER_BYTES: usize = 64 * 1024;
+
 /// POSTs `body` to `path` at `base` with `headers` (besides `host` and
 /// `content-length`), within `timeout`: the answer's status, or what went
-/// wrong (naming the host, never a header's value).
+/// wrong (naming the host, never a header's value). The status counts as
+/// soon as the answer's head is in; its body is read only to reuse the
+/// connection.
 pub async fn post(
     connector: &Connector,
     base: &BaseUrl,
@@ -19,6 +25,8 @@ pub async fn post(
     body: Bytes,
     timeout: Duration,
 ) -> Result<u16, String> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let failed = |e: Box<pingora::Error>| format!("to {}: {}", base.authority, e.etype().as_str());
     let exchange = async {
         let addr = tokio::net::lookup_host((base.host.as_str(), base.port))
             .await
@@ -28,8 +36,6 @@ pub async fn post(
         let mut peer = HttpPeer::new(addr, base.tls, base.host.clone());
         peer.options.connection_timeout = Some(timeout);
         peer.options.read_timeout = Some(timeout);
-        let failed =
-            |e: Box<pingora::Error>| format!("to {}: {}", base.authority, e.etype().as_str());
         let mut header = RequestHeader::build("POST", path.as_bytes(), Some(4 + headers.len()))
             .map_err(failed)?;
         let length = body.len().to_string();
@@ -51,14 +57,27 @@ pub async fn post(
         session.finish_body().await.map_err(failed)?;
         session.read_response().await.map_err(failed)?;
         let status = session.get_status().map_or(0, |s| s.as_u16());
-        // Read the (small) answer, so the connection can go back to the pool.
-        while let Ok(Some(_)) = session.read_body_ref().await {}
+        Ok::<_, String>((session, peer, status))
+    };
+    let (mut session, peer, status) = match tokio::time::timeout_at(deadline, exchange).await {
+        Ok(result) => result?,
+        Err(_) => return Err(format!("to {} timed out", base.authority)),
+    };
+    // The (small) answer read within what is left of the time, so the
+    // connection can go back to the pool; a long or slow one is dropped.
+    let drained = async {
+        let mut read = 0;
+        while let Ok(Some(chunk)) = session.read_body_ref().await {
+            read += chunk.len();
+            if read > MAX_ANSWER_BYTES {
+                return false;
+            }
+        }
+        true
+    };
+    if let Ok(true) = tokio::time::timeout_at(deadline, drained).await {
         session.respect_keepalive();
         connector.release_http_session(session, &peer, None).await;
-        Ok::<u16, String>(status)
-    };
-    match tokio::time::timeout(timeout, exchange).await {
-        Ok(result) => result,
-        Err(_) => Err(format!("to {} timed out", base.authority)),
     }
+    Ok(status)
 }

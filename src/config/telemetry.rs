@@ -6,6 +6,23 @@ use super::raw::RawTelemetry;
 use super::{problem, BaseUrl, Problem, Secret};
 use http::{HeaderName, HeaderValue};
 
+/// Headers the exporter sets itself, or that would change how the request
+/// is framed or carried.
+const GATEWAY_HEADERS: [&str; 12] = [
+    "host",
+    "content-type",
+    "content-length",
+    "content-encoding",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "te",
+    "trailer",
+    "upgrade",
+    "expect",
+    "accept-encoding",
+];
+
 /// Where and how the gateway exports its traces.
 #[derive(Debug, Clone)]
 pub struct TelemetrySettings {
@@ -37,8 +54,12 @@ pub(super) fn validate_telemetry(
             }
             Some(url)
         }
-        Err(e) => {
-            problems.push(problem("telemetry.otlp_endpoint", e));
+        // Not echoed: a collector's URL may carry its credential.
+        Err(_) => {
+            problems.push(problem(
+                "telemetry.otlp_endpoint",
+                "must be an http:// or https:// URL without credentials, query or fragment (put a token in telemetry.headers)",
+            ));
             None
         }
     };
@@ -50,7 +71,7 @@ pub(super) fn validate_telemetry(
     if !(0.0..=1.0).contains(&sample_ratio) {
         problems.push(problem("telemetry.sample_ratio", "must be between 0 and 1"));
     }
-    let mut headers = Vec::new();
+    let mut headers: Vec<(HeaderName, Secret)> = Vec::new();
     for (name, value) in raw.headers.unwrap_or_default() {
         let path = format!("telemetry.headers.{name}");
         let Ok(header) = HeaderName::try_from(name.to_ascii_lowercase()) else {
@@ -62,11 +83,18 @@ pub(super) fn validate_telemetry(
             problems.push(problem(&path, "not a valid header value"));
             continue;
         }
-        if matches!(
-            header.as_str(),
-            "host" | "content-type" | "content-length" | "transfer-encoding" | "connection"
-        ) {
-            problems.push(problem(&path, "is set by the gateway itself"));
+        if GATEWAY_HEADERS.contains(&header.as_str()) || header.as_str().starts_with("proxy-") {
+            problems.push(problem(
+                &path,
+                "is the gateway's own (or a hop-by-hop header); it cannot be set",
+            ));
+            continue;
+        }
+        if headers.iter().any(|(seen, _)| *seen == header) {
+            problems.push(problem(
+                &path,
+                "is given twice (header names are not case-sensitive)",
+            ));
             continue;
         }
         headers.push((header, Secret(value)));

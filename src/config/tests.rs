@@ -483,7 +483,7 @@ fn loads_telemetry_with_its_defaults_and_secret_headers() {
 #[test]
 fn reports_bad_telemetry_settings() {
     let yaml = VALID.to_string()
-        + "telemetry: { otlp_endpoint: \"grpc://collector:4317\", service_name: \" \", sample_ratio: 1.5, headers: { \"bad name\": x, host: y, x-ok: \"secret\\nvalue\" } }\n";
+        + "telemetry: { otlp_endpoint: \"grpc://collector:4317/?api_key=secret-q\", service_name: \" \", sample_ratio: 1.5, headers: { \"bad name\": x, host: y, x-ok: \"secret\\nvalue\", content-encoding: gzip, Authorization: a, authorization: b } }\n";
     let found = problems(&yaml);
     for key in [
         "telemetry.otlp_endpoint",
@@ -492,6 +492,8 @@ fn reports_bad_telemetry_settings() {
         "telemetry.headers.bad name",
         "telemetry.headers.host",
         "telemetry.headers.x-ok",
+        "telemetry.headers.content-encoding",
+        "telemetry.headers.authorization",
     ] {
         assert!(
             found.iter().any(|p| p.starts_with(key)),

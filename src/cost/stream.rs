@@ -410,6 +410,12 @@ impl StreamMeter {
         serde_json::from_str(raw).ok()
     }
 
+    /// The answer's `id`, as the stream's chunks name it.
+    pub fn answer_id(&self) -> Option<String> {
+        let raw = &self.identity.as_ref()?[0];
+        serde_json::from_str(raw).ok()
+    }
+
     /// The text generated (content, tool calls, reasoning; the first
     /// 64 KiB of it), for a trace that captures content.
     pub fn generated_text(&self) -> String {

@@ -172,7 +172,7 @@ impl ProxyHttp for Gateway {
         // with the connection.
         session.as_downstream_mut().set_pipelining_enabled(true);
         ctx.request_id = respond::request_id(session);
-        ctx.trace = trace::RequestTrace::for_request(&session.req_header().headers);
+        ctx.trace = trace::RequestTrace::for_request(session.req_header());
         // A panic anywhere below is a bug, but it must not take the
         // connection down unanswered or strand the tenant's slot: the grant
         // (in `ctx` or dropped while unwinding) is released either way.

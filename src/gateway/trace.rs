@@ -11,7 +11,7 @@ use super::forward::AttemptRecord;
 use super::{Gateway, RequestCtx};
 use crate::config::{ProviderKind, PICO_PER_USD};
 use crate::telemetry::{self, Event, Kind, Link, Span, TraceContext, Value};
-use http::{HeaderMap, HeaderValue};
+use http::HeaderValue;
 use std::time::{Duration, Instant, SystemTime};
 
 /// The most of a prompt kept in a span event (with `capture_content`).
@@ -35,14 +35,18 @@ pub(super) struct RequestTrace {
     /// The request's `max_tokens`, and (with `capture_content`) its prompt.
     pub max_tokens: Option<u64>,
     pub prompt: Option<String>,
+    /// The request's method.
+    method: http::Method,
 }
 
 impl RequestTrace {
     /// The trace of a request with these headers, when tracing is on.
-    pub fn for_request(headers: &HeaderMap) -> Option<Box<Self>> {
+    pub fn for_request(request: &pingora::http::RequestHeader) -> Option<Box<Self>> {
         let settings = telemetry::settings()?;
-        let context = TraceContext::from_headers(headers, settings.sample_ratio);
-        Some(Box::new(Self::new(context)))
+        let context = TraceContext::from_headers(&request.headers, settings.sample_ratio);
+        let mut trace = Self::new(context);
+        trace.method = request.method.clone();
+        Some(Box::new(trace))
     }
 
     /// The trace of an async job's attempt: a trace of its own, linked to
@@ -54,7 +58,11 @@ impl RequestTrace {
         if let Some((trace_id, span_id, flags)) =
             submitted_by.and_then(telemetry::parse_traceparent)
         {
-            trace.link = Some(Link { trace_id, span_id });
+            trace.link = Some(Link {
+                trace_id,
+                span_id,
+                sampled: flags & 1 == 1,
+            });
             trace.context.sampled |= flags & 1 == 1;
         }
         Some(Box::new(trace))
@@ -70,6 +78,7 @@ impl RequestTrace {
             link: None,
             max_tokens: None,
             prompt: None,
+            method: http::Method::POST,
         }
     }
 
@@ -145,12 +154,14 @@ fn truncated(text: &str) -> String {
 }
 
 /// `gen_ai.operation.name` for an endpoint (the conventions' names where
-/// they have one, else the gateway's own).
-fn operation(endpoint: &'static str) -> &'static str {
+/// they have one, else the gateway's own); `None` for the endpoints the
+/// gateway answers itself (models, usage, jobs' status).
+fn operation(endpoint: &'static str) -> Option<&'static str> {
     match endpoint {
-        "chat" | "responses" => "chat",
-        "completions" => "text_completion",
-        other => other,
+        "chat" | "responses" => Some("chat"),
+        "completions" => Some("text_completion"),
+        "models" | "usage" | "jobs" | "health" | "ready" | "other" => None,
+        other => Some(other),
     }
 }
 
@@ -173,12 +184,19 @@ impl Gateway {
         let Some(trace) = ctx.trace.as_deref().filter(|t| t.context.sampled) else {
             return;
         };
+        // Only a tenant's requests: no unauthenticated client (nor a health
+        // probe) can fill the export queue or pick what is sampled.
+        if ctx.tenant.is_none() {
+            return;
+        }
         let report = &ctx.exchange;
-        let operation = operation(ctx.endpoint);
+        let gen_ai = operation(ctx.endpoint);
+        let operation = gen_ai.unwrap_or(ctx.endpoint);
         let route = report.route.map(|r| &self.config.models[r]);
-        let name = match route {
-            Some(route) => format!("{operation} {}", route.name),
-            None => operation.to_string(),
+        let name = match (gen_ai, route) {
+            (Some(operation), Some(route)) => format!("{operation} {}", route.name),
+            (Some(operation), None) => operation.to_string(),
+            (None, _) => format!("{} {}", trace.method, ctx.endpoint),
         };
         let kind = if ctx.job_attempt.is_some() {
             Kind::Consumer
@@ -197,7 +215,10 @@ impl Gateway {
         span.end = trace.at(ctx.started + elapsed);
         span.links.extend(trace.link);
         let attributes = &mut span.attributes;
-        attributes.push(("gen_ai.operation.name", Value::Static(operation)));
+        if let Some(operation) = gen_ai {
+            attributes.push(("gen_ai.operation.name", Value::Static(operation)));
+        }
+        attributes.push(("http.request.method", Value::Str(trace.method.to_string())));
         attributes.push(("http.response.status_code", int(status)));
         attributes.push(("runestone.request_id", Value::Str(ctx.request_id.clone())));
         attributes.push(("runestone.attempts", int(report.attempts)));
@@ -219,6 +240,9 @@ impl Gateway {
         });
         if let Some(model) = answered_model {
             attributes.push(("gen_ai.response.model", Value::Str(model)));
+        }
+        if let Some(id) = answer.and_then(|a| a.id.clone()) {
+            attributes.push(("gen_ai.response.id", Value::Str(id)));
         }
         if let Some(max_tokens) = trace.max_tokens {
             attributes.push(("gen_ai.request.max_tokens", int(max_tokens)));
@@ -344,9 +368,18 @@ impl Gateway {
         if let Some(status) = record.status {
             attributes.push(("http.response.status_code", int(status)));
         }
-        if let Some(reason) = record.error {
-            attributes.push(("error.type", Value::Static(reason)));
-            span.error = Some(reason.to_string());
+        match (record.error, record.status) {
+            (Some(reason), _) => {
+                attributes.push(("error.type", Value::Static(reason)));
+                span.error = Some(reason.to_string());
+            }
+            // A provider's own error answer, passed on: a failed client
+            // call all the same (HTTP conventions: the status as the type).
+            (None, Some(status)) if status >= 400 => {
+                attributes.push(("error.type", Value::Str(status.to_string())));
+                span.error = Some(status.to_string());
+            }
+            _ => {}
         }
         span
     }
@@ -374,9 +407,10 @@ mod tests {
 
     #[test]
     fn operations_follow_the_genai_names() {
-        assert_eq!(operation("chat"), "chat");
-        assert_eq!(operation("completions"), "text_completion");
-        assert_eq!(operation("embeddings"), "embeddings");
-        assert_eq!(operation("speech"), "speech");
+        assert_eq!(operation("chat"), Some("chat"));
+        assert_eq!(operation("completions"), Some("text_completion"));
+        assert_eq!(operation("embeddings"), Some("embeddings"));
+        assert_eq!(operation("speech"), Some("speech"));
+        assert_eq!(operation("models"), None);
     }
 }

@@ -26,11 +26,7 @@ impl TraceContext {
     /// when it sent a valid `traceparent` (its sampled flag decides,
     /// parent-based), else a new trace kept at `sample_ratio`.
     pub fn from_headers(headers: &HeaderMap, sample_ratio: f64) -> Self {
-        let parent = headers
-            .get("traceparent")
-            .and_then(|v| v.to_str().ok())
-            .and_then(parse_traceparent);
-        match parent {
+        match client_traceparent(headers) {
             Some((trace_id, span_id, flags)) => TraceContext {
                 trace_id,
                 parent: Some(span_id),
@@ -65,6 +61,26 @@ impl TraceContext {
         );
         HeaderValue::try_from(text).expect("hex digits are a valid header value")
     }
+}
+
+/// The client's `traceparent`, when it sent exactly one and it is valid
+/// (two are ambiguous: the W3C spec has the request start a trace of its
+/// own).
+fn client_traceparent(headers: &HeaderMap) -> Option<([u8; 16], [u8; 8], u8)> {
+    let mut values = headers.get_all("traceparent").iter();
+    let (value, None) = (values.next()?, values.next()) else {
+        return None;
+    };
+    parse_traceparent(value.to_str().ok()?)
+}
+
+/// The client's `traceparent` and `tracestate` as they may be passed on
+/// when the gateway itself does not trace: only a valid pair (the same
+/// checks as when it traces), never whatever the client sent.
+pub fn valid_client_headers(headers: &HeaderMap) -> Option<(HeaderValue, Option<HeaderValue>)> {
+    client_traceparent(headers)?;
+    let traceparent = headers.get("traceparent")?.clone();
+    Some((traceparent, trace_state(headers)))
 }
 
 /// A fresh span id (never all zeros).
@@ -152,7 +168,53 @@ fn trace_state(headers: &HeaderMap) -> Option<HeaderValue> {
             HeaderValue::from_bytes(&all).ok()?
         }
     };
-    (!joined.is_empty() && joined.len() <= MAX_TRACE_STATE).then_some(joined)
+    let valid = !joined.is_empty()
+        && joined.len() <= MAX_TRACE_STATE
+        && joined.to_str().is_ok_and(valid_trace_state);
+    valid.then_some(joined)
+}
+
+/// Whether a `tracestate` is a list of at most 32 `key=value` members
+/// (W3C Trace Context: keys of lowercase letters, digits and `_-*/`, with
+/// an optional `tenant@system` form; values of printable ASCII but `,`
+/// and `=`, not ending in a space). Empty members are allowed.
+fn valid_trace_state(state: &str) -> bool {
+    let key_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || "_-*/".contains(c);
+    let valid_key = |key: &str| {
+        let mut parts = key.splitn(2, '@');
+        let first = parts.next().unwrap_or_default();
+        let vendor_ok = parts.next().is_none_or(|v| {
+            !v.is_empty()
+                && v.len() <= 13
+                && v.starts_with(|c: char| c.is_ascii_lowercase())
+                && v.chars().all(key_char)
+        });
+        !first.is_empty()
+            && first.len() <= 241
+            && first.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+            && first.chars().all(key_char)
+            && vendor_ok
+    };
+    let valid_value = |value: &str| {
+        !value.is_empty()
+            && value.len() <= 256
+            && !value.ends_with(' ')
+            && value
+                .chars()
+                .all(|c| (' '..='~').contains(&c) && c != ',' && c != '=')
+    };
+    let members: Vec<&str> = state
+        .split(',')
+        .map(|m| m.trim_matches([' ', '\t']))
+        .filter(|m| !m.is_empty())
+        .collect();
+    !members.is_empty()
+        && members.len() <= 32
+        && members.iter().all(|member| {
+            member
+                .split_once('=')
+                .is_some_and(|(key, value)| valid_key(key) && valid_value(value))
+        })
 }
 
 #[cfg(test)]
@@ -231,6 +293,31 @@ mod tests {
             "no tracestate without its parent"
         );
         assert!(context.sampled);
+    }
+
+    #[test]
+    fn two_traceparents_or_a_malformed_tracestate_are_not_continued() {
+        let mut headers = HeaderMap::new();
+        headers.append("traceparent", HeaderValue::from_static(VALID));
+        headers.append("traceparent", HeaderValue::from_static(VALID));
+        assert_eq!(TraceContext::from_headers(&headers, 1.0).parent, None);
+        assert!(valid_client_headers(&headers).is_none());
+        for (state, kept) in [
+            ("vendor=a,other@sys=b-1", true),
+            ("congo=t61rcWkgMzE, rojo=00f067aa0ba902b7", true),
+            ("not a list member;;; x-evil: 1", false),
+            (",,,,", false),
+            ("Upper=x", false),
+            ("k=v,", true),
+            ("k=va=lue", false),
+        ] {
+            let mut headers = HeaderMap::new();
+            headers.insert("traceparent", HeaderValue::from_static(VALID));
+            headers.insert("tracestate", HeaderValue::from_str(state).unwrap());
+            let context = TraceContext::from_headers(&headers, 1.0);
+            assert_eq!(context.trace_state.is_some(), kept, "{state:?}");
+            assert!(context.parent.is_some(), "the traceparent still counts");
+        }
     }
 
     #[test]

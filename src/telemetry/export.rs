@@ -2,11 +2,16 @@
 //! batches them and POSTs each batch to the collector.
 //!
 //! A request hands its spans over with `try_send` and never waits: a full
-//! queue drops them (counted). The thread sends a batch when
-//! [`BATCH_SPANS`] have queued or [`SCHEDULE`] has passed, one request at
-//! a time, each bounded by [`EXPORT_TIMEOUT`]; a failed export drops its
-//! batch (counted, logged at most once a minute), so a collector that is
-//! down costs the gateway nothing but those spans.
+//! queue ([`QUEUE_REQUESTS`] requests' spans, or [`QUEUE_BYTES`] of them)
+//! drops them (counted). The thread sends a batch when [`BATCH_SPANS`] or
+//! [`BATCH_BYTES`] have queued or [`SCHEDULE`] has passed, one request at
+//! a time, each bounded by [`EXPORT_TIMEOUT`]; a collector that answers
+//! 429, 502, 503 or 504 is asked again (twice, after a pause), any other
+//! failure drops the batch (counted, logged at most once a minute). A
+//! collector that is down costs the gateway nothing but those spans.
+//!
+//! The thread starts with the first spans, not with [`start`]: a daemon
+//! forks after start-up, and a thread does not survive the fork.
 
 use super::{otlp, Span};
 use crate::config::TelemetrySettings;
@@ -14,18 +19,24 @@ use crate::metrics;
 use bytes::Bytes;
 use pingora::connectors::http::v1::Connector;
 use pingora::connectors::ConnectorOptions;
-use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-/// Spans that may wait for the exporter (a few hundred bytes each).
-const QUEUE_SPANS: usize = 8192;
-/// The most spans in one export request.
+/// Requests whose spans may wait for the exporter.
+const QUEUE_REQUESTS: usize = 8192;
+/// The most bytes of spans (their strings) that may wait.
+const QUEUE_BYTES: usize = 64 * 1024 * 1024;
+/// The most spans, and bytes of them, in one export request.
 const BATCH_SPANS: usize = 512;
+const BATCH_BYTES: usize = 4 * 1024 * 1024;
 /// The longest a span waits for its batch to fill.
 const SCHEDULE: Duration = Duration::from_secs(1);
 /// Bound on one export request (connect, send, answer).
 const EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pauses before asking a collector that said "later" again.
+const RETRY_PAUSES: [Duration; 2] = [Duration::from_secs(1), Duration::from_secs(2)];
 /// The least time between two warnings about failed exports.
 const WARN_EVERY: Duration = Duration::from_secs(60);
 
@@ -39,14 +50,18 @@ pub struct Settings {
 }
 
 enum Message {
-    Spans(Vec<Span>),
+    Spans(Vec<Span>, usize),
     /// Export everything before this, then say so.
     Flush(std::sync::mpsc::Sender<()>),
 }
 
+/// The exporter as configured; its thread and queue start on first use.
 struct Exporter {
-    queue: SyncSender<Message>,
+    target: Target,
     settings: Settings,
+    queue: OnceLock<Option<SyncSender<Message>>>,
+    /// Bytes of spans in the queue.
+    queued_bytes: AtomicUsize,
 }
 
 static EXPORTER: OnceLock<Exporter> = OnceLock::new();
@@ -57,33 +72,46 @@ pub fn settings() -> Option<Settings> {
     EXPORTER.get().map(|e| e.settings)
 }
 
-/// Starts the exporter for `config` (once per process), its connections
+/// Sets the exporter up for `config` (once per process), its connections
 /// made as `options` say (the gateway's TLS settings).
 pub fn start(config: &TelemetrySettings, options: Option<ConnectorOptions>) {
-    if EXPORTER.get().is_some() {
-        return;
-    }
-    let (queue, rx) = sync_channel(QUEUE_SPANS);
-    let target = Target {
-        config: config.clone(),
-        options,
-    };
-    let spawned = std::thread::Builder::new()
-        .name("otlp-export".into())
-        .spawn(move || target.run(rx));
-    if let Err(e) = spawned {
-        tracing::error!(error = %e, "cannot start the trace exporter; no spans are exported");
-        return;
-    }
-    let _ = EXPORTER.set(Exporter {
-        queue,
+    let exporter = Exporter {
+        target: Target {
+            config: config.clone(),
+            options,
+        },
         settings: Settings {
             sample_ratio: config.sample_ratio,
             capture_content: config.capture_content,
         },
-    });
-    tracing::info!(endpoint = %format!("{}{}", config.traces_url.authority, config.traces_url.path),
-                   "traces are exported over OTLP/HTTP");
+        queue: OnceLock::new(),
+        queued_bytes: AtomicUsize::new(0),
+    };
+    if EXPORTER.set(exporter).is_ok() {
+        // The host only: a collector's URL path may be its credential.
+        tracing::info!(collector = %config.traces_url.authority, "traces are exported over OTLP/HTTP");
+    }
+}
+
+impl Exporter {
+    /// The queue to the exporter thread, started on first use.
+    fn queue(&'static self) -> Option<&'static SyncSender<Message>> {
+        self.queue
+            .get_or_init(|| {
+                let (tx, rx) = sync_channel(QUEUE_REQUESTS);
+                let spawned = std::thread::Builder::new()
+                    .name("otlp-export".into())
+                    .spawn(move || self.target.run(rx, &self.queued_bytes));
+                match spawned {
+                    Ok(_) => Some(tx),
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot start the trace exporter; no spans are exported");
+                        None
+                    }
+                }
+            })
+            .as_ref()
+    }
 }
 
 /// Queues a request's spans for export; dropped (and counted) when the
@@ -93,24 +121,48 @@ pub fn submit(spans: Vec<Span>) {
         return;
     };
     let count = spans.len() as u64;
-    if exporter.queue.try_send(Message::Spans(spans)).is_err() {
+    let bytes: usize = spans.iter().map(Span::weight).sum();
+    let dropped = || {
         metrics::TELEMETRY_DROPPED
             .with_label_values(&["queue_full"])
             .inc_by(count);
+    };
+    let Some(queue) = exporter.queue() else {
+        return dropped();
+    };
+    let queued = &exporter.queued_bytes;
+    if queued.fetch_add(bytes, Ordering::Relaxed) + bytes > QUEUE_BYTES {
+        queued.fetch_sub(bytes, Ordering::Relaxed);
+        return dropped();
+    }
+    if queue.try_send(Message::Spans(spans, bytes)).is_err() {
+        queued.fetch_sub(bytes, Ordering::Relaxed);
+        dropped();
     }
 }
 
-/// Exports every span queued so far (waiting at most `limit`): called once
-/// the server has stopped, so a graceful shutdown or upgrade loses none
-/// the collector would take.
+/// Exports every span queued so far (waiting at most `limit` in all):
+/// called once the server has stopped, so a graceful shutdown or upgrade
+/// loses none the collector would take.
 pub fn flush(limit: Duration) {
-    let Some(exporter) = EXPORTER.get() else {
+    let deadline = Instant::now() + limit;
+    let Some(Some(queue)) = EXPORTER.get().and_then(|e| e.queue.get()) else {
+        // Nothing was ever queued.
         return;
     };
     let (ack, done) = std::sync::mpsc::channel();
-    if exporter.queue.send(Message::Flush(ack)).is_ok() {
-        let _ = done.recv_timeout(limit);
+    let mut message = Message::Flush(ack);
+    loop {
+        match queue.try_send(message) {
+            Ok(()) => break,
+            Err(TrySendError::Full(back)) if Instant::now() < deadline => {
+                message = back;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(_) => return,
+        }
     }
+    let _ = done.recv_timeout(deadline.saturating_duration_since(Instant::now()));
 }
 
 /// Where the exporter sends, and how it connects.
@@ -121,7 +173,7 @@ struct Target {
 
 impl Target {
     /// The exporter thread: gathers spans into batches and sends each.
-    fn run(self, rx: Receiver<Message>) {
+    fn run(&self, rx: Receiver<Message>, queued_bytes: &AtomicUsize) {
         let runtime = match tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -134,27 +186,29 @@ impl Target {
         };
         let connector = Connector::new(self.options.clone());
         let mut sender = Sender {
-            target: &self,
+            target: self,
             connector: &connector,
             runtime: &runtime,
             last_warning: None,
         };
-        let mut batch = Vec::with_capacity(BATCH_SPANS);
+        let mut batch = Batch::default();
         let mut due = Instant::now() + SCHEDULE;
         loop {
             let wait = due.saturating_duration_since(Instant::now());
             match rx.recv_timeout(wait) {
-                Ok(Message::Spans(spans)) => {
-                    batch.extend(spans);
-                    if batch.len() >= BATCH_SPANS {
+                Ok(Message::Spans(spans, bytes)) => {
+                    queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
+                    batch.add(spans, bytes);
+                    if batch.full() {
                         sender.send(&mut batch);
                         due = Instant::now() + SCHEDULE;
                     }
                 }
                 Ok(Message::Flush(ack)) => {
                     while let Ok(message) = rx.try_recv() {
-                        if let Message::Spans(spans) = message {
-                            batch.extend(spans);
+                        if let Message::Spans(spans, bytes) = message {
+                            queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
+                            batch.add(spans, bytes);
                         }
                     }
                     sender.send(&mut batch);
@@ -173,6 +227,24 @@ impl Target {
     }
 }
 
+/// Spans gathered for export.
+#[derive(Default)]
+struct Batch {
+    spans: Vec<Span>,
+    bytes: usize,
+}
+
+impl Batch {
+    fn add(&mut self, spans: Vec<Span>, bytes: usize) {
+        self.spans.extend(spans);
+        self.bytes += bytes;
+    }
+
+    fn full(&self) -> bool {
+        self.spans.len() >= BATCH_SPANS || self.bytes >= BATCH_BYTES
+    }
+}
+
 /// Sends batches from the exporter thread.
 struct Sender<'a> {
     target: &'a Target,
@@ -181,35 +253,63 @@ struct Sender<'a> {
     last_warning: Option<Instant>,
 }
 
+/// Why an export failed, and whether the collector asked to be asked
+/// again.
+struct Failed {
+    message: String,
+    retry: bool,
+}
+
 impl Sender<'_> {
-    /// Exports `batch` (in requests of at most [`BATCH_SPANS`]) and
-    /// empties it.
-    fn send(&mut self, batch: &mut Vec<Span>) {
-        for chunk in batch.chunks(BATCH_SPANS) {
-            let body = Bytes::from(otlp::encode(chunk, &self.target.config.service_name));
-            match self.runtime.block_on(self.post(body)) {
-                Ok(()) => metrics::TELEMETRY_EXPORTED.inc_by(chunk.len() as u64),
-                Err(error) => {
-                    metrics::TELEMETRY_DROPPED
-                        .with_label_values(&["export_failed"])
-                        .inc_by(chunk.len() as u64);
-                    if self
-                        .last_warning
-                        .is_none_or(|at| at.elapsed() >= WARN_EVERY)
-                    {
-                        self.last_warning = Some(Instant::now());
-                        tracing::warn!(spans = chunk.len(), error = %error,
-                                       "trace export failed; the spans are dropped (warned at most once a minute)");
-                    }
-                }
+    /// Exports `batch` (in requests of at most [`BATCH_SPANS`] spans and
+    /// about [`BATCH_BYTES`]) and empties it.
+    fn send(&mut self, batch: &mut Batch) {
+        let mut spans = std::mem::take(&mut batch.spans).into_iter().peekable();
+        batch.bytes = 0;
+        while spans.peek().is_some() {
+            let mut chunk = Vec::new();
+            let mut bytes = 0;
+            while let Some(span) =
+                spans.next_if(|_| chunk.len() < BATCH_SPANS && bytes < BATCH_BYTES)
+            {
+                bytes += span.weight();
+                chunk.push(span);
             }
+            self.export(&chunk);
         }
-        batch.clear();
     }
 
-    /// One export request; `Err` says what went wrong (never a header's
-    /// value).
-    async fn post(&self, body: Bytes) -> Result<(), String> {
+    /// One batch, asked again while the collector says "later".
+    fn export(&mut self, chunk: &[Span]) {
+        let body = Bytes::from(otlp::encode(chunk, &self.target.config.service_name));
+        let mut pauses = RETRY_PAUSES.iter();
+        let error = loop {
+            match self.runtime.block_on(self.post(body.clone())) {
+                Ok(()) => {
+                    metrics::TELEMETRY_EXPORTED.inc_by(chunk.len() as u64);
+                    return;
+                }
+                Err(failed) => match pauses.next() {
+                    Some(pause) if failed.retry => std::thread::sleep(*pause),
+                    _ => break failed.message,
+                },
+            }
+        };
+        metrics::TELEMETRY_DROPPED
+            .with_label_values(&["export_failed"])
+            .inc_by(chunk.len() as u64);
+        if self
+            .last_warning
+            .is_none_or(|at| at.elapsed() >= WARN_EVERY)
+        {
+            self.last_warning = Some(Instant::now());
+            tracing::warn!(spans = chunk.len(), error = %error,
+                           "trace export failed; the spans are dropped (warned at most once a minute)");
+        }
+    }
+
+    /// One export request.
+    async fn post(&self, body: Bytes) -> Result<(), Failed> {
         let config = &self.target.config;
         let url = &config.traces_url;
         let mut headers: Vec<(&str, &str)> = config
@@ -226,14 +326,17 @@ impl Sender<'_> {
             body,
             EXPORT_TIMEOUT,
         )
-        .await?;
-        if (200..300).contains(&status) {
-            Ok(())
-        } else {
-            Err(format!(
-                "the collector at {} answered {status}",
-                url.authority
-            ))
+        .await
+        .map_err(|message| Failed {
+            message,
+            retry: false,
+        })?;
+        match status {
+            200..=299 => Ok(()),
+            _ => Err(Failed {
+                message: format!("the collector at {} answered {status}", url.authority),
+                retry: matches!(status, 429 | 502 | 503 | 504),
+            }),
         }
     }
 }

@@ -17,7 +17,7 @@ mod context;
 mod export;
 mod otlp;
 
-pub use context::{new_span_id, parse_traceparent, TraceContext};
+pub use context::{new_span_id, parse_traceparent, valid_client_headers, TraceContext};
 pub use export::{flush, settings, start, submit, Settings};
 
 use std::time::SystemTime;
@@ -71,6 +71,8 @@ pub struct Link {
     pub trace_id: [u8; 16],
     /// The other span.
     pub span_id: [u8; 8],
+    /// Whether the other span's trace was recorded.
+    pub sampled: bool,
 }
 
 /// One finished span, as exported.
@@ -103,4 +105,34 @@ pub struct Span {
     pub links: Vec<Link>,
     /// The span failed: why (its status is then `ERROR`).
     pub error: Option<String>,
+}
+
+impl Value {
+    fn weight(&self) -> usize {
+        match self {
+            Value::Str(s) => s.len(),
+            Value::Strs(items) => items.iter().map(String::len).sum(),
+            _ => 8,
+        }
+    }
+}
+
+impl Span {
+    /// About how many bytes the span holds (its strings, and a little for
+    /// the rest): what bounds the export queue and batches.
+    pub fn weight(&self) -> usize {
+        let attributes = |list: &[(&'static str, Value)]| -> usize {
+            list.iter().map(|(k, v)| k.len() + v.weight() + 8).sum()
+        };
+        128 + self.name.len()
+            + self.trace_state.as_ref().map_or(0, String::len)
+            + attributes(&self.attributes)
+            + self
+                .events
+                .iter()
+                .map(|e| e.name.len() + attributes(&e.attributes) + 16)
+                .sum::<usize>()
+            + self.links.len() * 32
+            + self.error.as_ref().map_or(0, String::len)
+    }
 }

@@ -210,7 +210,7 @@ fn proto_span(span: &Span) -> ProtoSpan {
             .map(|l| Link {
                 trace_id: l.trace_id.to_vec(),
                 span_id: l.span_id.to_vec(),
-                flags: SAMPLED | HAS_IS_REMOTE,
+                flags: u32::from(l.sampled) | HAS_IS_REMOTE,
             })
             .collect(),
         status: Some(match &span.error {

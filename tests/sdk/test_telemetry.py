@@ -10,9 +10,13 @@ at shutdown are flushed; keys never appear, content only when asked.
 
 import http.server
 import json
+import os
 import signal
+import subprocess
 import threading
 import time
+import urllib.request
+from pathlib import Path
 
 import httpx
 import pytest
@@ -22,7 +26,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
-from conftest import PROVIDER_KEY, TENANT_KEY, Llmock, Mock, Runestone, free_port, server_yaml
+from conftest import BIN_DIR, PROVIDER_KEY, TENANT_KEY, Llmock, Mock, Runestone, free_port, server_yaml
 
 OTHER_KEY = "sk-sdk-telemetry-other-0077"
 CLIENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -46,6 +50,8 @@ class Collector:
         self.headers = []
         self.delay = 0.0
         self.status = 200
+        # Answer this many exports 503 ("later") before taking them.
+        self.unavailable = 0
         self.lock = threading.Lock()
         collector = self
 
@@ -53,8 +59,11 @@ class Collector:
             def do_POST(self):
                 body = self.rfile.read(int(self.headers["content-length"]))
                 time.sleep(collector.delay)
-                if collector.status != 200:
-                    self.send_response(collector.status)
+                with collector.lock:
+                    unavailable = collector.unavailable > 0
+                    collector.unavailable -= int(unavailable)
+                if collector.status != 200 or unavailable:
+                    self.send_response(503 if unavailable else collector.status)
                     self.send_header("content-length", "0")
                     self.end_headers()
                     return
@@ -499,3 +508,159 @@ def test_spans_queued_at_shutdown_are_flushed(mock):
     finally:
         gateway.stop()
         collector.stop()
+
+
+def test_only_tenants_requests_are_traced_and_a_duplicate_traceparent_starts_anew(gateway, collector):
+    sampled = f"00-{CLIENT_TRACE[:-4]}beef-{CLIENT_SPAN}-01"
+    for path, key in [("/v1/chat/completions", "sk-wrong-key-123456"), ("/health", None), ("/v1/nothing", TENANT_KEY)]:
+        headers = {"traceparent": sampled}
+        if key:
+            headers["authorization"] = f"Bearer {key}"
+        httpx.post(f"http://127.0.0.1:{gateway.port}{path}", headers=headers, json={"model": "gpt-4o-mini"}, timeout=10)
+    request_id, _ = chat(gateway)
+    collector.trace(request_id, 2)
+    with collector.lock:
+        assert not [s for _, s in collector.spans if s.trace_id.hex() == sampled.split("-")[1]], \
+            "no span for an unauthenticated request, a probe or an unknown path"
+    # Two traceparents: ambiguous, so the request starts its own trace.
+    raw = httpx.post(
+        f"http://127.0.0.1:{gateway.port}/v1/chat/completions",
+        headers=[("authorization", f"Bearer {TENANT_KEY}"), ("traceparent", f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"),
+                 ("traceparent", f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01")],
+        json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}, timeout=10)
+    [server] = by_kind(collector.trace(raw.headers["x-request-id"], 2), Span.SPAN_KIND_SERVER)
+    assert server.trace_id.hex() != CLIENT_TRACE and not server.parent_span_id
+
+
+def test_every_attempt_failing_ends_with_gave_up_and_a_passed_on_4xx_is_a_failed_call(gateway, collector, mock):
+    mock.fault({"status": 500, "count": 6, "path": "/v1/chat/completions"})
+    raw = httpx.post(f"http://127.0.0.1:{gateway.port}/v1/chat/completions",
+                     headers={"authorization": f"Bearer {TENANT_KEY}"},
+                     json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}, timeout=20)
+    assert raw.status_code == 502
+    spans = collector.trace(raw.headers["x-request-id"], 2)
+    attempts = sorted(by_kind(spans, Span.SPAN_KIND_CLIENT), key=lambda s: s.start_time_unix_nano)
+    assert attrs(attempts[-1])["runestone.attempt.next"] == "gave_up"
+    assert all(a.status.code == Status.STATUS_CODE_ERROR for a in attempts)
+    [server] = by_kind(spans, Span.SPAN_KIND_SERVER)
+    assert server.status.code == Status.STATUS_CODE_ERROR and attrs(server)["error.type"] == "provider_5xx"
+    # Whatever faults the failing attempts left unused go.
+    urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{mock.port}/_mock/reset", data=b"{}", method="POST")).close()
+    mock.fault({"status": 400, "count": 1, "path": "/v1/chat/completions"})
+    raw = httpx.post(f"http://127.0.0.1:{gateway.port}/v1/chat/completions",
+                     headers={"authorization": f"Bearer {TENANT_KEY}"},
+                     json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}, timeout=20)
+    assert raw.status_code == 400
+    spans = collector.trace(raw.headers["x-request-id"], 2)
+    [attempt] = by_kind(spans, Span.SPAN_KIND_CLIENT)
+    assert attrs(attempt)["error.type"] == "400" and attempt.status.code == Status.STATUS_CODE_ERROR
+    [server] = by_kind(spans, Span.SPAN_KIND_SERVER)
+    assert server.status.code == Status.STATUS_CODE_UNSET, "the client's 4xx is not the server span's failure"
+
+
+class EchoingProvider:
+    """A provider that puts the key it was sent into its answer's id,
+    model and finish reason (JSON and streamed)."""
+
+    def __init__(self):
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+                key = self.headers["authorization"].removeprefix("Bearer ")
+                usage = {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}
+                if body.get("stream"):
+                    chunk = {"id": key, "object": "chat.completion.chunk", "created": 1, "model": key,
+                             "choices": [{"index": 0, "delta": {"content": "x"}, "finish_reason": key}]}
+                    data = f"data: {json.dumps(chunk)}\n\ndata: {json.dumps({**chunk, 'choices': [], 'usage': usage})}\n\ndata: [DONE]\n\n".encode()
+                    kind = "text/event-stream"
+                else:
+                    data = json.dumps({"id": key, "object": "chat.completion", "created": 1, "model": key,
+                                       "choices": [{"index": 0, "message": {"role": "assistant", "content": "x"},
+                                                    "finish_reason": key}], "usage": usage}).encode()
+                    kind = "application/json"
+                self.send_response(200)
+                self.send_header("content-type", kind)
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def base_url(self):
+        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def stop(self):
+        self.server.shutdown()
+
+
+def test_a_provider_echoing_its_key_into_model_and_finish_reason_leaks_nothing(collector):
+    provider = EchoingProvider()
+    gateway = Gateway(provider, collector.endpoint)
+    try:
+        for stream in (False, True):
+            raw = httpx.post(f"http://127.0.0.1:{gateway.port}/v1/chat/completions",
+                             headers={"authorization": f"Bearer {TENANT_KEY}"},
+                             json={"model": "gpt-4o-mini", "stream": stream,
+                                   "messages": [{"role": "user", "content": "hi"}]}, timeout=10)
+            assert PROVIDER_KEY not in raw.text
+            [server] = by_kind(collector.trace(raw.headers["x-request-id"], 2), Span.SPAN_KIND_SERVER)
+            assert PROVIDER_KEY not in json.dumps(attrs(server))
+        with collector.lock:
+            assert PROVIDER_KEY.encode() not in b"".join(collector.bodies)
+    finally:
+        gateway.stop()
+        provider.stop()
+
+
+def test_a_collector_that_says_later_gets_the_spans_again(mock):
+    collector = Collector()
+    collector.unavailable = 2
+    gateway = Gateway(mock, collector.endpoint)
+    try:
+        request_id, _ = chat(gateway)
+        collector.trace(request_id, 2, timeout=20)
+        assert dropped(gateway, "export_failed") == 0
+    finally:
+        gateway.stop()
+        collector.stop()
+
+
+def test_a_daemon_exports_its_spans_and_stops_cleanly(mock, collector):
+    gateway = Gateway(mock, collector.endpoint)
+    pid_file = Path(gateway.dir.name) / "gw.pid"
+    config = Path(gateway.dir.name) / "runestone.yaml"
+    port = gateway.port
+    gateway.proc.kill()
+    gateway.proc.wait()
+    daemon = subprocess.run([str(BIN_DIR / "runestone"), "--config", str(config), "--daemon"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=30)
+    assert daemon.returncode == 0
+    pid = None
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=0.5):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "the daemon did not come up"
+                time.sleep(0.05)
+        pid = int(pid_file.read_text())
+        ids = [chat(gateway)[0] for _ in range(3)]
+        for request_id in ids:
+            collector.trace(request_id, 2)
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        while Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text():
+            assert time.monotonic() < deadline, "the daemon did not stop"
+            time.sleep(0.05)
+        pid = None
+    finally:
+        if pid:
+            os.kill(pid, signal.SIGKILL)
+        gateway.dir.cleanup()

@@ -527,7 +527,8 @@ impl Attempt<'_> {
                 .map_err(|e| self.deployment_failure(e))?;
             report.usage = Some(usage);
             if let Some(capture) = self.describes() {
-                report.answer = Some(super::body::answer_details(&answer, capture));
+                report.answer =
+                    Some(super::body::answer_details(&answer, capture).redacted(redactor));
             }
             (
                 head.status,

@@ -164,6 +164,7 @@ impl Meter {
                 answer_details(body, capture)
             }
             Meter::Stream(meter) => AnswerDetails {
+                id: meter.answer_id(),
                 model: meter.model(),
                 finish_reasons: meter.finish_reasons().to_vec(),
                 completion: capture.then(|| meter.generated_text()),
@@ -287,6 +288,7 @@ pub(super) fn answer_details(body: &[u8], capture: bool) -> AnswerDetails {
             .join("\n")
     });
     AnswerDetails {
+        id: answer.get("id").and_then(text),
         model: answer.get("model").and_then(text),
         finish_reasons,
         completion,
@@ -390,13 +392,7 @@ impl Copy<'_> {
             }
         }
         if let Some(capture) = self.describe {
-            let mut details = meter.details(capture);
-            // A provider echoing its key in its answer: not in the trace
-            // either.
-            details.completion = details.completion.map(|text| {
-                String::from_utf8_lossy(&redactor.redact(text.as_bytes())).into_owned()
-            });
-            report.answer = Some(details);
+            report.answer = Some(meter.details(capture).redacted(redactor));
         }
         if let BodyEnd::ProviderBroke(message) = &end {
             if !client.resumable() {

@@ -121,7 +121,7 @@ pub(super) fn upstream_request(
 
 /// W3C trace context for the provider: with tracing on, the request's
 /// trace with the attempt's span as parent (and the client's
-/// `tracestate`); with it off, the client's own headers as they came.
+/// `tracestate`); with it off, the client's own, when they are valid.
 fn trace_headers(
     headers: &mut HeaderMap,
     exchange: &Exchange<'_>,
@@ -136,9 +136,10 @@ fn trace_headers(
             }
         }
         _ => {
-            for name in [TRACEPARENT, TRACESTATE] {
-                for value in client_headers.get_all(&name) {
-                    headers.append(name.clone(), value.clone());
+            if let Some((parent, state)) = crate::telemetry::valid_client_headers(client_headers) {
+                headers.insert(TRACEPARENT, parent);
+                if let Some(state) = state {
+                    headers.insert(TRACESTATE, state);
                 }
             }
         }

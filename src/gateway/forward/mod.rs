@@ -147,13 +147,35 @@ pub(crate) struct AttemptRecord {
     pub next: &'static str,
 }
 
-/// What a traced answer said about itself: the model that generated it,
-/// why it stopped, and (when content is captured) its text.
+/// What a traced answer said about itself: its id, the model that
+/// generated it, why it stopped, and (when content is captured) its text.
 #[derive(Debug, Default)]
 pub(crate) struct AnswerDetails {
+    pub id: Option<String>,
     pub model: Option<String>,
     pub finish_reasons: Vec<String>,
     pub completion: Option<String>,
+}
+
+/// The longest id, model name or finish reason taken from an answer into a
+/// trace (longer ones are left out).
+const MAX_DETAIL: usize = 256;
+
+impl AnswerDetails {
+    /// What the trace may keep: every string redacted of the provider's key
+    /// (a provider that echoes it in its model name or finish reason is not
+    /// put in a span), ids, models and finish reasons of a sane length.
+    pub(crate) fn redacted(self, redactor: &crate::redact::Redactor) -> Self {
+        let clean =
+            |text: String| String::from_utf8_lossy(&redactor.redact(text.as_bytes())).into_owned();
+        let short = |text: String| (text.len() <= MAX_DETAIL).then(|| clean(text));
+        AnswerDetails {
+            id: self.id.and_then(short),
+            model: self.model.and_then(short),
+            finish_reasons: self.finish_reasons.into_iter().filter_map(short).collect(),
+            completion: self.completion.map(clean),
+        }
+    }
 }
 
 /// What happened to a forwarded request.
@@ -306,6 +328,9 @@ impl Forwarder {
                     }
                 }
                 Next::GiveUp => {
+                    if let Some(last) = report.attempt_log.last_mut() {
+                        last.next = "gave_up";
+                    }
                     let model = exchange.routes.first().map_or("", |(_, r)| r.name.as_str());
                     return self
                         .end(client, exchange, report, failover.give_up(model))
