@@ -7,7 +7,6 @@
 
 use super::Key;
 use bytes::Bytes;
-use serde_json::{Map, Value};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::watch;
@@ -24,8 +23,8 @@ pub struct Form {
 /// How a flight ended.
 #[derive(Debug, Clone)]
 pub enum Landed {
-    /// A complete answer (the JSON answer, and what the call cost).
-    Answer(Arc<Map<String, Value>>, i64),
+    /// A complete answer, as it would be stored.
+    Answer(Arc<super::Entry>),
     /// No answer to share: the waiters call the provider themselves.
     Failed,
 }
@@ -42,8 +41,9 @@ struct Progress {
     /// The body ended (as far as the leader's client is concerned).
     ended: bool,
     landed: Option<Landed>,
-    /// Waiters following the bytes.
-    followers: usize,
+    /// Requests waiting on the flight (following its bytes or its
+    /// landing).
+    waiters: usize,
 }
 
 /// One provider call others may wait on.
@@ -70,10 +70,10 @@ impl Flight {
         self.form
     }
 
-    /// Whether waiters follow the bytes (the leader's call must then run
-    /// to its end even if its own client goes).
-    pub fn has_followers(&self) -> bool {
-        self.progress().followers > 0
+    /// Whether requests wait on the flight (the leader's call then runs to
+    /// its end even if its own client goes).
+    pub fn has_waiters(&self) -> bool {
+        self.progress().waiters > 0
     }
 
     /// The leader's client got its answer's head.
@@ -113,48 +113,51 @@ impl Flight {
         }
     }
 
-    /// Follows the leader's stream: `send` gets its status and content
-    /// type, then every piece of the body from the start, as it comes.
-    /// `Ok(true)` once the whole body went out; `Ok(false)` when there was
-    /// nothing to follow (not a stream, not a 200, or past the bound
-    /// before it started), and the caller waits for the landing instead.
+    /// Follows the leader's stream: `follower` gets its status and
+    /// content type, then every piece of the body from the start, as it
+    /// comes. `Ok(true)` once the whole body went out; `Ok(false)` when
+    /// there is nothing to follow (not a 200 stream, landed already, or
+    /// past the bound before it started): the caller waits for the
+    /// landing instead. `Err` once something went out and the rest cannot
+    /// (the leader's call failed, the stream went past the bound, or the
+    /// follower's client left).
     pub async fn follow<F: Follower>(&self, follower: &mut F) -> Result<bool, ()> {
         let mut changes = self.changed.subscribe();
         let head = loop {
             {
-                let mut progress = self.progress();
-                if progress.overflowed || progress.landed.is_some() && progress.head.is_none() {
+                let progress = self.progress();
+                if progress.overflowed || progress.landed.is_some() {
                     return Ok(false);
                 }
                 if let Some(head) = progress.head.clone() {
                     if head.0 != 200 {
                         return Ok(false);
                     }
-                    progress.followers += 1;
                     break head;
                 }
             }
-            if changes.changed().await.is_err() {
-                return Ok(false);
+            tokio::select! {
+                changed = changes.changed() => if changed.is_err() { return Ok(false) },
+                _ = follower.gone() => return Err(()),
             }
         };
-        let _following = Following(self);
         if !follower.head(head.0, &head.1).await {
             return Err(());
         }
         let mut sent = 0;
         loop {
-            let (pending, ended, overflowed) = {
+            let (pending, ended, overflowed, landed) = {
                 let progress = self.progress();
                 (
                     progress.chunks.get(sent..).unwrap_or_default().to_vec(),
                     progress.ended,
                     progress.overflowed,
+                    progress.landed.is_some(),
                 )
             };
             if overflowed {
                 // Past the bound mid-stream: what was sent cannot be taken
-                // back; the follower's stream ends broken.
+                // back.
                 return Err(());
             }
             for chunk in pending {
@@ -166,19 +169,34 @@ impl Flight {
             if ended && sent == self.progress().chunks.len() {
                 return Ok(true);
             }
-            if changes.changed().await.is_err() {
+            if landed {
+                // The leader's call ended before its stream did.
                 return Err(());
+            }
+            tokio::select! {
+                changed = changes.changed() => if changed.is_err() { return Err(()) },
+                _ = follower.gone() => return Err(()),
             }
         }
     }
 }
 
-/// Counts a follower while it follows.
-struct Following<'a>(&'a Flight);
+/// A request's place among a flight's waiters, held while it waits.
+pub struct Waiting {
+    flight: Arc<Flight>,
+}
 
-impl Drop for Following<'_> {
+impl std::ops::Deref for Waiting {
+    type Target = Flight;
+
+    fn deref(&self) -> &Flight {
+        &self.flight
+    }
+}
+
+impl Drop for Waiting {
     fn drop(&mut self) {
-        self.0.progress().followers -= 1;
+        self.flight.progress().waiters -= 1;
     }
 }
 
@@ -189,6 +207,8 @@ pub trait Follower: Send {
     async fn head(&mut self, status: u16, content_type: &str) -> bool;
     /// A piece of the body; false when the client is gone.
     async fn body(&mut self, chunk: Bytes) -> bool;
+    /// Resolves when the client goes away.
+    async fn gone(&mut self);
 }
 
 /// The provider calls in flight, by key.
@@ -200,7 +220,7 @@ pub struct Flights {
 /// Joining a flight: lead it, or wait on the one in the air.
 pub enum Join {
     Lead(Leader),
-    Wait(Arc<Flight>),
+    Wait(Waiting),
 }
 
 /// The leader's hold on its flight: landing it (or dropping it, which
@@ -250,7 +270,10 @@ impl Flights {
     pub fn join(self: &Arc<Self>, key: Key, form: Form, max_bytes: usize) -> Join {
         let mut map = self.lock();
         if let Some(flight) = map.get(&key) {
-            return Join::Wait(flight.clone());
+            flight.progress().waiters += 1;
+            return Join::Wait(Waiting {
+                flight: flight.clone(),
+            });
         }
         let flight = Arc::new(Flight {
             form,
@@ -287,9 +310,14 @@ mod tests {
             panic!("the second waits");
         };
         let waiter = tokio::spawn(async move { flight.landed().await });
-        let answer = Arc::new(Map::new());
-        leader.land(Landed::Answer(answer, 5));
-        assert!(matches!(waiter.await.unwrap(), Landed::Answer(_, 5)));
+        let entry = super::super::Entry {
+            stored_at_ms: 0,
+            cost_pusd: 5,
+            streamable: true,
+            answer: Default::default(),
+        };
+        leader.land(Landed::Answer(Arc::new(entry)));
+        assert!(matches!(waiter.await.unwrap(), Landed::Answer(e) if e.cost_pusd == 5));
         // Landed: the next one leads again.
         let Join::Lead(leader) = flights.join([1; 32], JSON, 1024) else {
             panic!("a new flight");
@@ -311,6 +339,9 @@ mod tests {
         async fn body(&mut self, chunk: Bytes) -> bool {
             self.0.push(chunk);
             true
+        }
+        async fn gone(&mut self) {
+            std::future::pending::<()>().await
         }
     }
 
@@ -341,6 +372,6 @@ mod tests {
         let (whole, got) = follower.await.unwrap();
         assert_eq!(whole, Ok(true));
         assert_eq!(got.concat(), b"abc");
-        assert!(!flight.has_followers());
+        assert!(!flight.has_waiters());
     }
 }

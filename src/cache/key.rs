@@ -2,6 +2,7 @@
 //! the request body in a canonical form (keys sorted, no whitespace), with
 //! the fields that do not change the answer left out.
 
+use serde_json::value::RawValue;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
@@ -23,6 +24,15 @@ pub fn key(tenant: &str, model: &str, endpoint: &str, body: &[u8]) -> Option<Key
     }
     let mut canonical = Vec::with_capacity(body.len());
     write_canonical(&Value::Object(fields), &mut canonical);
+    // The numbers as written, in the fields that count.
+    let raw: std::collections::HashMap<&str, &RawValue> = serde_json::from_slice(body).ok()?;
+    let numbers: Vec<u8> = raw
+        .iter()
+        .filter(|(name, _)| !IGNORED_FIELDS.contains(name))
+        .map(|(_, value)| number_literals(value.get().as_bytes()))
+        .collect::<Vec<_>>()
+        .concat();
+    let numbers = sorted_literals(&numbers);
     let mut digest = Sha256::new();
     // Each part's length first, so no two different requests meet.
     for part in [
@@ -30,11 +40,62 @@ pub fn key(tenant: &str, model: &str, endpoint: &str, body: &[u8]) -> Option<Key
         model.as_bytes(),
         endpoint.as_bytes(),
         &canonical,
+        &numbers,
     ] {
         digest.update((part.len() as u64).to_be_bytes());
         digest.update(part);
     }
     Some(digest.finalize().into())
+}
+
+/// A JSON text's number literals as written, each followed by a comma:
+/// parsed numbers lose what an `f64` cannot hold (two integers past 2^64
+/// parse alike), but the provider gets the text, so two bodies whose
+/// numbers are written differently must not share a key.
+fn number_literals(json: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut in_string = false;
+    let mut escaped = false;
+    let mut start = None;
+    let end = |from: usize, to: usize, out: &mut Vec<u8>| {
+        out.extend_from_slice(&json[from..to]);
+        out.push(b',');
+    };
+    for (i, &b) in json.iter().enumerate() {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        let numeric = b.is_ascii_digit() || matches!(b, b'-' | b'+' | b'.' | b'e' | b'E');
+        match (start, numeric) {
+            (None, true) => start = Some(i),
+            (Some(from), false) => {
+                end(from, i, &mut out);
+                start = None;
+            }
+            _ => {}
+        }
+        in_string = b == b'"';
+    }
+    if let Some(from) = start {
+        end(from, json.len(), &mut out);
+    }
+    out
+}
+
+/// Comma-ended literals, sorted (so key order does not matter).
+fn sorted_literals(literals: &[u8]) -> Vec<u8> {
+    let mut each: Vec<&[u8]> = literals
+        .split(|&b| b == b',')
+        .filter(|l| !l.is_empty())
+        .collect();
+    each.sort_unstable();
+    each.join(&b',')
 }
 
 /// `value` as JSON with every object's keys in order and no whitespace.
@@ -104,6 +165,21 @@ mod tests {
             k(r#"{"messages":[{"role":"user","content":"a"},{"role":"user","content":"b"}]}"#),
             k(r#"{"messages":[{"role":"user","content":"b"},{"role":"user","content":"a"}]}"#)
         );
+    }
+
+    #[test]
+    fn numbers_written_differently_never_share_a_key() {
+        let a = k(r#"{"max":18446744073709551616,"s":"1e5"}"#);
+        assert_ne!(a, k(r#"{"max":18446744073709551617,"s":"1e5"}"#));
+        assert_ne!(k(r#"{"t":0}"#), k(r#"{"t":0.0}"#));
+        // Reordered, the same numbers: the same key; numbers in the fields
+        // left out do not count.
+        assert_eq!(
+            k(r#"{"a":1,"b":2.5}"#),
+            k(r#"{"b":2.5, "a":1, "metadata":{"n":7}}"#)
+        );
+        // Digits inside strings are not numbers.
+        assert_eq!(number_literals(br#"{"s":"12\"34","n":5}"#), b"5,");
     }
 
     #[test]

@@ -28,19 +28,28 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 /// A stored answer.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Entry {
-    /// When it was stored (Unix seconds): the `age` of a hit.
-    pub stored_at: u64,
+    /// When it was stored (Unix milliseconds): the `age` of a hit.
+    pub stored_at_ms: u64,
     /// What the provider call cost, in pico-dollars: what a hit saves.
     pub cost_pusd: i64,
+    /// Whether the answer can be replayed as a stream exactly (a JSON
+    /// answer with fields a stream's chunks cannot carry cannot).
+    #[serde(default)]
+    pub streamable: bool,
     /// The JSON answer.
     pub answer: Map<String, Value>,
 }
 
 /// Seconds since the Unix epoch.
 pub fn now_secs() -> u64 {
+    now_ms() / 1000
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// An entry in process: its bytes (as in Redis) and when it expires.
@@ -103,9 +112,11 @@ impl Cache {
         format!("{prefix}:{{{tenant}}}:cache:{}", hex::encode(key))
     }
 
-    /// The entry for `key` of `tenant` (its config id), if stored and not
-    /// expired. Anything Redis does not answer in time is a miss.
-    pub async fn get(&self, tenant: &str, key: &Key) -> Option<Entry> {
+    /// The entry for `key` of `tenant` (its config id), if stored and
+    /// younger than `ttl` (the TTL now: an entry stored under a longer one
+    /// is not served past it). Anything Redis does not answer in time is a
+    /// miss.
+    pub async fn get(&self, tenant: &str, key: &Key, ttl: Duration) -> Option<Entry> {
         let bytes: Arc<[u8]> = match &*self.store {
             Store::Local { entries, bytes, .. } => {
                 let mut entries = entries.lock().unwrap_or_else(|e| e.into_inner());
@@ -128,7 +139,9 @@ impl Cache {
                 Arc::from(found?)
             }
         };
-        serde_json::from_slice(&bytes).ok()
+        let entry: Entry = serde_json::from_slice(&bytes).ok()?;
+        let age = Duration::from_millis(now_ms().saturating_sub(entry.stored_at_ms));
+        (age < ttl).then_some(entry)
     }
 
     /// Stores `entry` for `key` of `tenant` for `ttl` (best effort: a store
@@ -202,8 +215,9 @@ mod tests {
         let mut answer = Map::new();
         answer.insert("text".into(), Value::String("x".repeat(size)));
         Entry {
-            stored_at: now_secs(),
+            stored_at_ms: now_ms(),
             cost_pusd: 1,
+            streamable: false,
             answer,
         }
     }
@@ -220,7 +234,10 @@ mod tests {
         for i in 0..100u8 {
             assert!(cache.put("acme", &[i; 32], &entry(1000), ttl).await);
             // The first stays in use: never the least recently used.
-            assert!(cache.get("acme", &[0; 32]).await.is_some(), "after {i}");
+            assert!(
+                cache.get("acme", &[0; 32], ttl).await.is_some(),
+                "after {i}"
+            );
         }
         let (count, bytes) = cache.local_size();
         assert!(
@@ -228,10 +245,10 @@ mod tests {
             "{count} entries, {bytes} bytes"
         );
         assert!(
-            cache.get("acme", &[1; 32]).await.is_none(),
+            cache.get("acme", &[1; 32], ttl).await.is_none(),
             "the oldest unused went"
         );
-        assert!(cache.get("acme", &[99; 32]).await.is_some());
+        assert!(cache.get("acme", &[99; 32], ttl).await.is_some());
         assert!(
             !cache.put("acme", &[7; 32], &entry(4096), ttl).await,
             "too large to store"
@@ -244,7 +261,15 @@ mod tests {
         cache
             .put("acme", &[3; 32], &entry(10), Duration::ZERO)
             .await;
-        assert!(cache.get("acme", &[3; 32]).await.is_none());
+        let minute = Duration::from_secs(60);
+        assert!(cache.get("acme", &[3; 32], minute).await.is_none());
         assert_eq!(cache.local_size(), (0, 0));
+        // Stored under a long TTL, read under a shorter one: past it.
+        let mut old = entry(10);
+        old.stored_at_ms -= 120_000;
+        let hour = Duration::from_secs(3600);
+        cache.put("acme", &[4; 32], &old, hour).await;
+        assert!(cache.get("acme", &[4; 32], hour).await.is_some());
+        assert!(cache.get("acme", &[4; 32], minute).await.is_none());
     }
 }

@@ -10,13 +10,79 @@ use crate::openai::Endpoint;
 use bytes::Bytes;
 use serde_json::{json, Map, Value};
 
-/// A JSON answer as a client got it: kept when it is an object (an answer,
-/// not an error).
-pub fn from_json(body: &[u8]) -> Option<Map<String, Value>> {
-    match serde_json::from_slice::<Value>(body).ok()? {
-        Value::Object(answer) if !answer.contains_key("error") => Some(answer),
-        _ => None,
-    }
+/// A JSON answer as a client got it: kept when it is the endpoint's
+/// answer (a `chat.completion` or `text_completion` with choices, an
+/// embedding list with data), not an error or anything else a provider
+/// may answer 200 with.
+pub fn from_json(body: &[u8], endpoint: Endpoint) -> Option<Map<String, Value>> {
+    let Value::Object(answer) = serde_json::from_slice::<Value>(body).ok()? else {
+        return None;
+    };
+    let (object, list) = match endpoint {
+        Endpoint::ChatCompletions => ("chat.completion", "choices"),
+        Endpoint::Completions => ("text_completion", "choices"),
+        Endpoint::Embeddings => ("list", "data"),
+        _ => return None,
+    };
+    let items = answer.get(list).and_then(Value::as_array);
+    let shaped = answer.get("object").and_then(Value::as_str) == Some(object)
+        && items.is_some_and(|items| !items.is_empty() && items.iter().all(Value::is_object))
+        && !answer.contains_key("error");
+    shaped.then_some(answer)
+}
+
+/// Fields of an answer a stream replay carries: anything else (log
+/// probabilities, audio, annotations, a legacy `function_call`, a
+/// provider's own fields) only JSON can, so an answer with them is never
+/// replayed as a stream, and a stream with them is not stored.
+const STREAMED_ANSWER_FIELDS: [&str; 8] = [
+    "id",
+    "object",
+    "created",
+    "model",
+    "choices",
+    "usage",
+    "system_fingerprint",
+    "service_tier",
+];
+const STREAMED_CHOICE_FIELDS: [&str; 5] = ["index", "message", "text", "logprobs", "finish_reason"];
+const STREAMED_CHUNK_CHOICE_FIELDS: [&str; 5] =
+    ["index", "delta", "text", "logprobs", "finish_reason"];
+const STREAMED_MESSAGE_FIELDS: [&str; 4] = ["role", "content", "refusal", "tool_calls"];
+
+/// Fields a stream's chunks may carry that say nothing about the answer
+/// (OpenAI's padding against length side channels).
+const IGNORED_CHUNK_FIELDS: [&str; 1] = ["obfuscation"];
+
+/// Whether a JSON answer can be replayed as a stream exactly: only fields
+/// a stream's chunks carry (or nulls, or empty annotations).
+pub fn streamable(answer: &Map<String, Value>) -> bool {
+    let empty = |v: &Value| v.is_null() || v.as_array().is_some_and(Vec::is_empty);
+    let only = |map: &Map<String, Value>, known: &[&str]| {
+        map.iter()
+            .all(|(name, value)| known.contains(&name.as_str()) || value.is_null())
+    };
+    let message_ok = |message: &Value| {
+        message.as_object().is_some_and(|m| {
+            m.iter().all(|(name, value)| {
+                STREAMED_MESSAGE_FIELDS.contains(&name.as_str())
+                    || (name == "annotations" && empty(value))
+                    || value.is_null()
+            })
+        })
+    };
+    let choice_ok = |choice: &Value| {
+        choice.as_object().is_some_and(|c| {
+            only(c, &STREAMED_CHOICE_FIELDS)
+                && c.get("logprobs").is_none_or(empty)
+                && c.get("message").is_none_or(message_ok)
+        })
+    };
+    only(answer, &STREAMED_ANSWER_FIELDS)
+        && answer
+            .get("choices")
+            .and_then(Value::as_array)
+            .is_some_and(|choices| choices.iter().all(choice_ok))
 }
 
 /// One choice being assembled from stream chunks.
@@ -81,16 +147,21 @@ fn merge_tool_calls(calls: &mut Vec<Map<String, Value>>, delta: &Value) -> Optio
 
 /// The JSON answer a completed chat or text completion stream (the SSE
 /// bytes a client got) adds up to; `usage` when the stream carried none
-/// (the client did not ask for it). `None` for anything it cannot
-/// reproduce exactly: an error event, an unfinished choice, no `[DONE]`,
-/// log probabilities, or delta fields it does not know.
-pub fn from_stream(sse: &[u8], endpoint: Endpoint, usage: Usage) -> Option<Map<String, Value>> {
+/// (the client did not ask for it; `None` when that usage is only the
+/// gateway's estimate). `None` for anything it cannot reproduce exactly:
+/// an error event, an unfinished choice, no `[DONE]`, log probabilities,
+/// or fields it does not know.
+pub fn from_stream(
+    sse: &[u8],
+    endpoint: Endpoint,
+    usage: Option<Usage>,
+) -> Option<Map<String, Value>> {
     let chat = match endpoint {
         Endpoint::ChatCompletions => true,
         Endpoint::Completions => false,
         _ => return None,
     };
-    let text = std::str::from_utf8(sse).ok()?;
+    let text = std::str::from_utf8(sse).ok()?.replace("\r\n", "\n");
     let mut identity: Option<Map<String, Value>> = None;
     let mut reported_usage = None;
     let mut choices: Vec<Choice> = Vec::new();
@@ -118,10 +189,19 @@ pub fn from_stream(sse: &[u8], endpoint: Endpoint, usage: Usage) -> Option<Map<S
         let Value::Object(chunk) = serde_json::from_str::<Value>(&payload).ok()? else {
             return None;
         };
-        if chunk.contains_key("error") {
+        let known = |name: &str| {
+            STREAMED_ANSWER_FIELDS.contains(&name) || IGNORED_CHUNK_FIELDS.contains(&name)
+        };
+        if chunk.keys().any(|name| !known(name)) {
             return None;
         }
-        if identity.is_none() {
+        // The first chunk that names the answer (Azure opens with one of
+        // prompt filter results, with an empty id and model).
+        let names_it = chunk
+            .get("id")
+            .and_then(Value::as_str)
+            .is_some_and(|id| !id.is_empty());
+        if identity.is_none() && names_it {
             let mut first = Map::new();
             for name in [
                 "id",
@@ -153,7 +233,10 @@ pub fn from_stream(sse: &[u8], endpoint: Endpoint, usage: Usage) -> Option<Map<S
                 choices.resize_with(index + 1, Choice::default);
             }
             let into = &mut choices[index];
-            if choice.get("logprobs").is_some_and(|l| !l.is_null()) {
+            let unknown = choice.as_object()?.iter().any(|(name, value)| {
+                !STREAMED_CHUNK_CHOICE_FIELDS.contains(&name.as_str()) && !value.is_null()
+            });
+            if unknown || choice.get("logprobs").is_some_and(|l| !l.is_null()) {
                 return None;
             }
             if let Some(reason) = choice.get("finish_reason").filter(|r| !r.is_null()) {
@@ -213,13 +296,17 @@ pub fn from_stream(sse: &[u8], endpoint: Endpoint, usage: Usage) -> Option<Map<S
         })
         .collect();
     answer.insert("choices".into(), Value::Array(choices));
-    let usage = reported_usage.unwrap_or_else(|| {
-        json!({
-            "prompt_tokens": usage.prompt_tokens,
-            "completion_tokens": usage.completion_tokens,
-            "total_tokens": usage.prompt_tokens + usage.completion_tokens,
-        })
-    });
+    let usage = match reported_usage {
+        Some(reported) => reported,
+        None => {
+            let usage = usage?;
+            json!({
+                "prompt_tokens": usage.prompt_tokens,
+                "completion_tokens": usage.completion_tokens,
+                "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+            })
+        }
+    };
     answer.insert("usage".into(), usage);
     Some(answer)
 }
@@ -360,14 +447,15 @@ mod tests {
 
     #[test]
     fn a_stream_assembles_into_its_json_answer_and_back() {
-        let answer = from_stream(STREAM.as_bytes(), Endpoint::ChatCompletions, usage()).unwrap();
+        let answer =
+            from_stream(STREAM.as_bytes(), Endpoint::ChatCompletions, Some(usage())).unwrap();
         assert_eq!(answer["object"], "chat.completion");
         assert_eq!(answer["model"], "m-1");
         assert_eq!(answer["choices"][0]["message"]["content"], "Hello");
         assert_eq!(answer["choices"][0]["finish_reason"], "stop");
         assert_eq!(answer["usage"]["total_tokens"], 9);
         let replay = render_stream(&answer, true, 99).unwrap();
-        let again = from_stream(&replay, Endpoint::ChatCompletions, Usage::default()).unwrap();
+        let again = from_stream(&replay, Endpoint::ChatCompletions, None).unwrap();
         assert_eq!(again["choices"], answer["choices"]);
         assert_eq!(again["usage"], answer["usage"]);
         assert_eq!(again["created"], 99);
@@ -379,6 +467,44 @@ mod tests {
     }
 
     #[test]
+    fn crlf_framing_padding_and_an_azure_opening_chunk_assemble() {
+        let opening =
+            "data: {\"id\":\"\",\"object\":\"\",\"created\":0,\"model\":\"\",\"choices\":[]}\n\n";
+        let padded = STREAM.replace("\"created\":5,", "\"created\":5,\"obfuscation\":\"abc\",");
+        let azure = format!("{opening}{padded}").replace('\n', "\r\n");
+        let answer =
+            from_stream(azure.as_bytes(), Endpoint::ChatCompletions, Some(usage())).unwrap();
+        assert_eq!(answer["model"], "m-1");
+        assert_eq!(answer["id"], "chatcmpl-1");
+        assert_eq!(answer["choices"][0]["message"]["content"], "Hello");
+    }
+
+    #[test]
+    fn json_answers_with_fields_a_stream_cannot_carry_are_not_streamed() {
+        let plain = r#"{"id":"c","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"x","refusal":null,"annotations":[]},"logprobs":null,"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}"#;
+        let parse = |text: &str| from_json(text.as_bytes(), Endpoint::ChatCompletions).unwrap();
+        assert!(streamable(&parse(plain)));
+        for (from, to) in [
+            (
+                "\"logprobs\":null",
+                "\"logprobs\":{\"content\":[{\"token\":\"x\"}]}",
+            ),
+            (
+                "\"refusal\":null",
+                "\"function_call\":{\"name\":\"f\",\"arguments\":\"{}\"}",
+            ),
+            (
+                "\"annotations\":[]",
+                "\"annotations\":[{\"type\":\"url_citation\"}]",
+            ),
+            ("\"created\":1", "\"created\":1,\"citations\":[\"u\"]"),
+            ("\"refusal\":null", "\"audio\":{\"id\":\"a\"}"),
+        ] {
+            assert!(!streamable(&parse(&plain.replace(from, to))), "{to}");
+        }
+    }
+
+    #[test]
     fn tool_calls_merge_by_index() {
         let stream = concat!(
             "data: {\"id\":\"c\",\"created\":1,\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"tool_calls\":[{\"index\":0,\"id\":\"call_1\",\"type\":\"function\",\"function\":{\"name\":\"f\",\"arguments\":\"\"}}]},\"finish_reason\":null}]}\n\n",
@@ -386,7 +512,8 @@ mod tests {
             "data: {\"id\":\"c\",\"created\":1,\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":0,\"function\":{\"arguments\":\"1}\"}}]},\"finish_reason\":\"tool_calls\"}]}\n\n",
             "data: [DONE]\n\n",
         );
-        let answer = from_stream(stream.as_bytes(), Endpoint::ChatCompletions, usage()).unwrap();
+        let answer =
+            from_stream(stream.as_bytes(), Endpoint::ChatCompletions, Some(usage())).unwrap();
         let call = &answer["choices"][0]["message"]["tool_calls"][0];
         assert_eq!(call["id"], "call_1");
         assert_eq!(call["function"]["name"], "f");
@@ -397,30 +524,70 @@ mod tests {
     #[test]
     fn incomplete_or_unknown_streams_are_not_stored() {
         let without_done = STREAM.replace("data: [DONE]\n\n", "");
-        assert!(from_stream(without_done.as_bytes(), Endpoint::ChatCompletions, usage()).is_none());
+        assert!(from_stream(
+            without_done.as_bytes(),
+            Endpoint::ChatCompletions,
+            Some(usage())
+        )
+        .is_none());
         let unfinished = STREAM.replace("\"finish_reason\":\"stop\"", "\"finish_reason\":null");
-        assert!(from_stream(unfinished.as_bytes(), Endpoint::ChatCompletions, usage()).is_none());
+        assert!(from_stream(
+            unfinished.as_bytes(),
+            Endpoint::ChatCompletions,
+            Some(usage())
+        )
+        .is_none());
         let error = format!(
             "{}data: {{\"error\":{{\"message\":\"x\"}}}}\n\n",
             STREAM.replace("data: [DONE]\n\n", "")
         );
-        assert!(from_stream(error.as_bytes(), Endpoint::ChatCompletions, usage()).is_none());
+        assert!(from_stream(error.as_bytes(), Endpoint::ChatCompletions, Some(usage())).is_none());
         let audio = STREAM.replace("{\"content\":\"lo\"}", "{\"audio\":{\"data\":\"x\"}}");
-        assert!(from_stream(audio.as_bytes(), Endpoint::ChatCompletions, usage()).is_none());
+        assert!(from_stream(audio.as_bytes(), Endpoint::ChatCompletions, Some(usage())).is_none());
         let logprobs = STREAM.replace(
             "\"delta\":{\"content\":\"lo\"},",
             "\"delta\":{\"content\":\"lo\"},\"logprobs\":{\"content\":[]},",
         );
-        assert!(from_stream(logprobs.as_bytes(), Endpoint::ChatCompletions, usage()).is_none());
-        assert!(from_json(br#"{"error":{"message":"x"}}"#).is_none());
+        assert!(from_stream(
+            logprobs.as_bytes(),
+            Endpoint::ChatCompletions,
+            Some(usage())
+        )
+        .is_none());
+        assert!(from_json(br#"{"error":{"message":"x"}}"#, Endpoint::ChatCompletions).is_none());
+        for not_an_answer in [
+            &br#"{"object":"error","message":"The server is overloaded"}"#[..],
+            br#"{}"#,
+            br#"{"detail":"x"}"#,
+            br#"{"object":"chat.completion","choices":[]}"#,
+            br#"[1]"#,
+        ] {
+            assert!(from_json(not_an_answer, Endpoint::ChatCompletions).is_none());
+        }
+        // An estimated usage is not passed off as the provider's.
+        assert!(from_stream(STREAM.as_bytes(), Endpoint::ChatCompletions, None).is_none());
+        // Chunk fields it does not know: not stored.
+        let extra = STREAM.replace("\"created\":5,", "\"created\":5,\"citations\":[\"u\"],");
+        assert!(from_stream(extra.as_bytes(), Endpoint::ChatCompletions, Some(usage())).is_none());
+        let filtered = STREAM.replace(
+            "\"finish_reason\":\"stop\"}",
+            "\"finish_reason\":\"stop\",\"content_filter_results\":{\"hate\":{}}}",
+        );
+        assert!(from_stream(
+            filtered.as_bytes(),
+            Endpoint::ChatCompletions,
+            Some(usage())
+        )
+        .is_none());
     }
 
     #[test]
     fn a_text_completion_streams_and_assembles() {
-        let answer = from_json(br#"{"id":"cmpl-9","object":"text_completion","created":1,"model":"m","choices":[{"text":"abc","index":0,"logprobs":null,"finish_reason":"length"}],"usage":{"prompt_tokens":1,"completion_tokens":3,"total_tokens":4}}"#).unwrap();
+        let answer = from_json(br#"{"id":"cmpl-9","object":"text_completion","created":1,"model":"m","choices":[{"text":"abc","index":0,"logprobs":null,"finish_reason":"length"}],"usage":{"prompt_tokens":1,"completion_tokens":3,"total_tokens":4}}"#, Endpoint::Completions).unwrap();
+        assert!(streamable(&answer));
         let stream = render_stream(&answer, false, 7).unwrap();
         assert!(!String::from_utf8_lossy(&stream).contains("usage"));
-        let again = from_stream(&stream, Endpoint::Completions, usage()).unwrap();
+        let again = from_stream(&stream, Endpoint::Completions, Some(usage())).unwrap();
         assert_eq!(again["choices"][0]["text"], "abc");
         assert_eq!(again["choices"][0]["finish_reason"], "length");
         assert!(again["id"].as_str().unwrap().starts_with("cmpl-"));

@@ -19,7 +19,6 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
-use serde_json::{Map, Value};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,6 +27,7 @@ const X_RUNESTONE_CACHE: &str = "x-runestone-cache";
 /// What the cache does for one request.
 pub(super) struct Plan {
     tenant: usize,
+    route: usize,
     endpoint: Endpoint,
     key: Key,
     ttl: Duration,
@@ -122,6 +122,7 @@ impl Gateway {
             && !no_store;
         let plan = Plan {
             tenant,
+            route,
             endpoint,
             key,
             ttl,
@@ -133,14 +134,14 @@ impl Gateway {
             },
         };
         if !plan.lookup {
-            self.count_cache(tenant, route, "bypass");
+            self.count_cache(&plan, "bypass");
         }
         Some(plan)
     }
 
-    fn count_cache(&self, tenant: usize, route: usize, outcome: &str) {
-        let tenant = &self.config.tenants[tenant].id;
-        let model = &self.config.models[route].name;
+    fn count_cache(&self, plan: &Plan, outcome: &str) {
+        let tenant = &self.config.tenants[plan.tenant].id;
+        let model = &self.config.models[plan.route].name;
         metrics::CACHE_TOTAL
             .with_label_values(&[tenant, model, outcome])
             .inc();
@@ -152,44 +153,57 @@ impl Gateway {
         &self,
         session: &mut Session,
         ctx: &mut RequestCtx,
-        tenant: usize,
-        route: usize,
         plan: &Plan,
     ) -> Result<Looked, ApiError> {
         let Some(cache) = self.cache.as_ref().filter(|_| plan.lookup) else {
             return Ok(Looked::Forward(None));
         };
-        let tenant_id = &self.config.tenants[tenant].id;
-        if let Some(entry) = cache.get(tenant_id, &plan.key).await {
-            let age = cache::now_secs().saturating_sub(entry.stored_at);
-            self.serve_stored(
-                session,
-                ctx,
-                tenant,
-                route,
-                plan,
-                &entry.answer,
-                entry.cost_pusd,
-                age,
-                "hit",
-            )
-            .await?;
-            return Ok(Looked::Served);
-        }
-        let flight = match cache
-            .flights
-            .join(plan.key, plan.form, cache.settings.max_entry_bytes)
-        {
-            Join::Lead(leader) => {
-                self.count_cache(tenant, route, "miss");
-                return Ok(Looked::Forward(Some(leader)));
-            }
-            Join::Wait(flight) => flight,
-        };
-        // Another request is asking the provider the same: wait for it.
-        if flight.form() == plan.form && plan.form.stream {
-            let Some(grant) = self.admit_answered(session, ctx, tenant, route).await? else {
+        let tenant_id = &self.config.tenants[plan.tenant].id;
+        if let Some(entry) = cache.get(tenant_id, &plan.key, plan.ttl).await {
+            let age = cache::now_ms().saturating_sub(entry.stored_at_ms) / 1000;
+            if self
+                .serve_stored(session, ctx, plan, &entry, age, "hit")
+                .await?
+            {
                 return Ok(Looked::Served);
+            }
+        }
+        // Another request may be asking the provider the same: wait for
+        // it. A call that fails lets the next waiter lead (a few rounds,
+        // not a herd at once).
+        for _ in 0..FLIGHT_ROUNDS {
+            let waiting = match cache.flights.join(plan.key, plan.form, FLIGHT_BYTES) {
+                Join::Lead(leader) => {
+                    self.count_cache(plan, "miss");
+                    return Ok(Looked::Forward(Some(leader)));
+                }
+                Join::Wait(waiting) => waiting,
+            };
+            if self.wait_on(session, ctx, plan, waiting).await? {
+                return Ok(Looked::Served);
+            }
+        }
+        self.count_cache(plan, "miss");
+        Ok(Looked::Forward(None))
+    }
+
+    /// Waits on another request's call: follows its stream live when asked
+    /// the same way, else takes its answer once it lands. True when the
+    /// request was answered (or its client left); false when the call
+    /// failed and this request must find its answer elsewhere.
+    async fn wait_on(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        plan: &Plan,
+        waiting: flight::Waiting,
+    ) -> Result<bool, ApiError> {
+        if waiting.form() == plan.form && plan.form.stream {
+            let Some(grant) = self
+                .admit_answered(session, ctx, plan.tenant, plan.route)
+                .await?
+            else {
+                return Ok(true);
             };
             let rate_limit_headers = super::admission::rate_limit_headers(&grant.state);
             ctx.grant = Some(grant);
@@ -199,91 +213,105 @@ impl Gateway {
                     request_id: &ctx.request_id,
                     rate_limit_headers,
                 };
-                flight.follow(&mut follower).await
+                waiting.follow(&mut follower).await
             };
             match followed {
                 Ok(true) => {
                     // Settled before the client sees the end, as any answer.
-                    let saved = match flight.landed().await {
-                        Landed::Answer(_, cost) => cost,
-                        Landed::Failed => 0,
-                    };
-                    self.settle_hit(ctx, tenant, route, saved, "coalesced")
-                        .await;
+                    match waiting.landed().await {
+                        Landed::Answer(entry) => {
+                            self.settle_hit(ctx, plan, entry.cost_pusd, "coalesced")
+                                .await
+                        }
+                        // The stream the client got ended with the error
+                        // the first request got.
+                        Landed::Failed => {
+                            ctx.cache = Some("coalesced");
+                            ctx.error_reason = Some("provider_stream_broken");
+                            self.release(ctx).await;
+                        }
+                    }
                     let _ = session.write_response_body(Some(Bytes::new()), true).await;
-                    return Ok(Looked::Served);
+                    return Ok(true);
                 }
                 Err(()) => {
-                    // Cut off mid-stream (the client left, or the leader's
-                    // answer went past the bound): what was sent stands.
+                    // Something went out and the rest cannot: the stream
+                    // ends with an error the SDKs raise (no `[DONE]`).
+                    ctx.cache = Some("coalesced");
                     ctx.error_reason = Some("provider_stream_broken");
-                    session.set_keepalive(None);
-                    return Ok(Looked::Served);
+                    self.release(ctx).await;
+                    let error = ApiError::upstream_error(
+                        "The stream this request shared with an identical one broke off.",
+                    );
+                    let event = error.sse_event_for(plan.endpoint);
+                    let _ = session.write_response_body(Some(event), true).await;
+                    return Ok(true);
                 }
                 // Nothing to follow: the landing decides.
                 Ok(false) => {}
             }
         }
         let landed = tokio::select! {
-            landed = flight.landed() => landed,
-            _ = session.downstream_session.read_body_or_idle(true) => return Ok(Looked::Served),
+            landed = waiting.landed() => landed,
+            _ = session.downstream_session.read_body_or_idle(true) => {
+                self.release(ctx).await;
+                return Ok(true);
+            }
         };
-        match landed {
-            Landed::Answer(answer, cost_pusd) => {
-                self.serve_stored(
-                    session,
-                    ctx,
-                    tenant,
-                    route,
-                    plan,
-                    &answer,
-                    cost_pusd,
-                    0,
-                    "coalesced",
-                )
-                .await?;
-                Ok(Looked::Served)
+        drop(waiting);
+        if let Landed::Answer(entry) = landed {
+            if self
+                .serve_stored(session, ctx, plan, &entry, 0, "coalesced")
+                .await?
+            {
+                return Ok(true);
             }
-            Landed::Failed => {
-                // No answer to share: its own call, given back what it took.
-                if let Some(grant) = ctx.grant.take() {
-                    self.limiter.release(grant).await;
-                }
-                self.count_cache(tenant, route, "miss");
-                Ok(Looked::Forward(None))
-            }
+        }
+        self.release(ctx).await;
+        Ok(false)
+    }
+
+    /// Gives back a grant taken for an answer that did not come.
+    async fn release(&self, ctx: &mut RequestCtx) {
+        if let Some(grant) = ctx.grant.take() {
+            self.limiter.release(grant).await;
         }
     }
 
-    /// Answers from a stored (or just landed) answer, admitted as a
-    /// request of no tokens.
-    #[allow(clippy::too_many_arguments)]
+    /// Answers from a stored (or just landed) entry, admitted as a request
+    /// of no tokens; false (nothing sent) when the entry cannot be given in
+    /// the form asked for (a stream of an answer only JSON can carry).
     async fn serve_stored(
         &self,
         session: &mut Session,
         ctx: &mut RequestCtx,
-        tenant: usize,
-        route: usize,
         plan: &Plan,
-        answer: &Map<String, Value>,
-        cost_pusd: i64,
+        entry: &Entry,
         age: u64,
         outcome: &'static str,
-    ) -> Result<(), ApiError> {
+    ) -> Result<bool, ApiError> {
+        let now = cache::now_secs();
+        let (body, content_type) = match plan.form.stream {
+            true if !entry.streamable => return Ok(false),
+            true => match cache::replay::render_stream(&entry.answer, plan.form.include_usage, now)
+            {
+                Some(stream) => (stream, "text/event-stream"),
+                None => return Ok(false),
+            },
+            false => (
+                cache::replay::render_json(&entry.answer, now),
+                "application/json",
+            ),
+        };
         if ctx.grant.is_none() {
-            let Some(grant) = self.admit_answered(session, ctx, tenant, route).await? else {
-                return Ok(());
+            let Some(grant) = self
+                .admit_answered(session, ctx, plan.tenant, plan.route)
+                .await?
+            else {
+                return Ok(true);
             };
             ctx.grant = Some(grant);
         }
-        let now = cache::now_secs();
-        let (body, content_type) = match plan.form.stream {
-            true => match cache::replay::render_stream(answer, plan.form.include_usage, now) {
-                Some(stream) => (stream, "text/event-stream"),
-                None => (cache::replay::render_json(answer, now), "application/json"),
-            },
-            false => (cache::replay::render_json(answer, now), "application/json"),
-        };
         let grant = ctx.grant.as_ref().expect("admitted");
         let rate_limit_headers = super::admission::rate_limit_headers(&grant.state);
         let header = cached_header(
@@ -294,11 +322,10 @@ impl Gateway {
             &rate_limit_headers,
         )
         .map_err(|e| ApiError::internal(e.to_string()))?;
-        self.settle_hit(ctx, tenant, route, cost_pusd, outcome)
-            .await;
+        self.settle_hit(ctx, plan, entry.cost_pusd, outcome).await;
         ctx.exchange.first_byte_at = Some(Instant::now());
         super::respond::write_complete(session, header, body).await;
-        Ok(())
+        Ok(true)
     }
 
     /// Settles a request answered without a provider call: one request, no
@@ -306,18 +333,17 @@ impl Gateway {
     async fn settle_hit(
         &self,
         ctx: &mut RequestCtx,
-        tenant: usize,
-        route: usize,
+        plan: &Plan,
         saved_pusd: i64,
         outcome: &'static str,
     ) {
         ctx.cache = Some(outcome);
-        self.count_cache(tenant, route, outcome);
+        self.count_cache(plan, outcome);
         if saved_pusd > 0 {
             metrics::CACHE_SAVED_USD
                 .with_label_values(&[
-                    &self.config.tenants[tenant].id,
-                    &self.config.models[route].name,
+                    &self.config.tenants[plan.tenant].id,
+                    &self.config.models[plan.route].name,
                 ])
                 .inc_by(saved_pusd as f64 / PICO_PER_USD);
         }
@@ -332,7 +358,8 @@ impl Gateway {
         }
     }
 
-    /// After forwarding: stores a complete answer and lands the flight.
+    /// After forwarding: lands the flight with a complete answer (the
+    /// waiters go first) and stores it.
     pub(super) async fn cache_store(
         &self,
         plan: &Plan,
@@ -341,38 +368,64 @@ impl Gateway {
         report: &Report,
         cost_pusd: i64,
     ) {
-        let answer = recorded
-            .complete()
-            .filter(|_| report.error_reason.is_none())
-            .and_then(|(stream, body)| match stream {
-                true => cache::replay::from_stream(&body, plan.endpoint, report.total_usage()),
-                false => cache::replay::from_json(&body),
-            });
-        let Some(answer) = answer else {
-            if let Some(leader) = leader {
-                leader.land(Landed::Failed);
-            }
+        let entry = self.entry(plan, recorded, report, cost_pusd).map(Arc::new);
+        if let Some(leader) = leader {
+            leader.land(entry.clone().map_or(Landed::Failed, Landed::Answer));
+        }
+        let (Some(cache), Some(entry)) = (&self.cache, entry) else {
             return;
         };
-        let Some(cache) = &self.cache else { return };
-        let entry = Entry {
-            stored_at: cache::now_secs(),
-            cost_pusd,
-            answer,
-        };
         if plan.store {
-            cache
-                .put(
-                    &self.config.tenants[plan.tenant].id,
-                    &plan.key,
-                    &entry,
-                    plan.ttl,
+            let tenant = &self.config.tenants[plan.tenant].id;
+            cache.put(tenant, &plan.key, &entry, plan.ttl).await;
+        }
+    }
+
+    /// The entry a forwarded answer makes, if it is one worth keeping: a
+    /// complete 200 answer of the endpoint's shape, without an error, its
+    /// usage reported (a stream's own count is not passed off as the
+    /// provider's), every provider key redacted (a key split across a
+    /// stream's events is whole once assembled).
+    fn entry(
+        &self,
+        plan: &Plan,
+        recorded: Recorded,
+        report: &Report,
+        cost_pusd: i64,
+    ) -> Option<Entry> {
+        if report.error_reason.is_some() {
+            return None;
+        }
+        let (stream, body) = recorded.complete()?;
+        let usage = report.total_usage();
+        let (answer, streamable) = match stream {
+            true => {
+                let usage = (!usage.estimated).then_some(usage);
+                (
+                    cache::replay::from_stream(&body, plan.endpoint, usage)?,
+                    true,
                 )
-                .await;
+            }
+            false => {
+                let answer = cache::replay::from_json(&body, plan.endpoint)?;
+                let streamable = cache::replay::streamable(&answer);
+                (answer, streamable)
+            }
+        };
+        let mut bytes = serde_json::to_vec(&answer).ok()?;
+        for provider in &self.config.providers {
+            let redactor =
+                crate::redact::Redactor::new(provider.api_key.as_ref().map(|k| k.expose()));
+            if let std::borrow::Cow::Owned(redacted) = redactor.redact(&bytes) {
+                bytes = redacted;
+            }
         }
-        if let Some(leader) = leader {
-            leader.land(Landed::Answer(Arc::new(entry.answer), cost_pusd));
-        }
+        Some(Entry {
+            stored_at_ms: cache::now_ms(),
+            cost_pusd,
+            streamable,
+            answer: serde_json::from_slice(&bytes).ok()?,
+        })
     }
 
     /// The client wrapped for the cache: its answer kept for storing and
@@ -398,9 +451,18 @@ impl Gateway {
             },
             recorded: Recorded::default(),
             client_gone: false,
+            hold_end: plan.store,
+            held_end: None,
         }
     }
 }
+
+/// Rounds of waiting on identical requests' calls before making one's own.
+const FLIGHT_ROUNDS: usize = 3;
+
+/// The most of a stream in flight kept for requests that follow it (they
+/// get it from its start); a longer stream breaks off for its followers.
+const FLIGHT_BYTES: usize = crate::cost::MAX_METERED_JSON_BYTES;
 
 /// The head of an answer from the cache.
 fn cached_header(
@@ -453,16 +515,22 @@ pub(super) struct Recorder<'a> {
     max_bytes: usize,
     recorded: Recorded,
     client_gone: bool,
+    /// The answer may be stored: its last piece waits until it is, so a
+    /// client that asks again as soon as it has its answer finds it.
+    hold_end: bool,
+    held_end: Option<Bytes>,
 }
 
 impl Recorder<'_> {
-    /// What was recorded.
-    pub(super) fn into_recorded(self) -> Recorded {
-        self.recorded
+    /// What was recorded, and the answer's last piece if it was held back
+    /// (to send once the answer is stored).
+    pub(super) fn into_parts(self) -> (Recorded, Option<Bytes>) {
+        let held = self.held_end.filter(|_| !self.client_gone);
+        (self.recorded, held)
     }
 
     fn followed(&self) -> bool {
-        self.flight.as_ref().is_some_and(|f| f.has_followers())
+        self.flight.as_ref().is_some_and(|f| f.has_waiters())
     }
 }
 
@@ -503,6 +571,10 @@ impl Client for Recorder<'_> {
         recorded.ended |= end;
         if let Some(flight) = &self.flight {
             flight.body(&body, end);
+        }
+        if end && self.hold_end && self.recorded.status == Some(200) && !self.client_gone {
+            self.held_end = Some(body);
+            return true;
         }
         if !self.client_gone {
             self.client_gone = !self.inner.send_body(body, end).await;
@@ -558,5 +630,13 @@ impl flight::Follower for Following<'_> {
             .write_response_body(Some(chunk), false)
             .await
             .is_ok()
+    }
+
+    async fn gone(&mut self) {
+        let _ = self
+            .session
+            .downstream_session
+            .read_body_or_idle(true)
+            .await;
     }
 }

@@ -187,15 +187,10 @@ impl Gateway {
         }
         let plan = self.cache_plan(session, tenant, route_index, endpoint, &fields, &body);
         let leader = match &plan {
-            Some(plan) => {
-                match self
-                    .cache_lookup(session, ctx, tenant, route_index, plan)
-                    .await?
-                {
-                    super::cache::Looked::Served => return Ok(()),
-                    super::cache::Looked::Forward(leader) => leader,
-                }
-            }
+            Some(plan) => match self.cache_lookup(session, ctx, plan).await? {
+                super::cache::Looked::Served => return Ok(()),
+                super::cache::Looked::Forward(leader) => leader,
+            },
             None => None,
         };
         ctx.cache = plan.as_ref().map(|p| p.header());
@@ -277,9 +272,12 @@ impl Gateway {
             .forwarder
             .forward(&mut recorder, &exchange, report, &mut settler)
             .await;
-        let recorded = recorder.into_recorded();
+        let (recorded, held_end) = recorder.into_parts();
         self.cache_store(&plan, recorded, leader, report, *cost_pusd)
             .await;
+        if let Some(end) = held_end {
+            let _ = session.write_response_body(Some(end), true).await;
+        }
         forwarded
     }
 }

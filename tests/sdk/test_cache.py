@@ -8,7 +8,9 @@ only complete answers stored, and the accounting of hits.
 """
 
 import concurrent.futures
+import http.server
 import json
+import threading
 import time
 
 import httpx
@@ -328,3 +330,170 @@ def test_llmock_answers_replay_as_the_sdk_expects():
     finally:
         gateway.stop()
         llmock.stop()
+
+
+def raw_stream(gateway, content, key=TENANT_KEY, read_events=None, before_leaving=None):
+    """Streams with httpx; reads `read_events` events (then, once
+    `before_leaving()` returns, leaves) or the whole stream. The events
+    read, as text."""
+    events = []
+    with httpx.stream("POST", f"http://127.0.0.1:{gateway.port}/v1/chat/completions",
+                      headers={"authorization": f"Bearer {key}"}, timeout=30,
+                      json={"model": "gpt-4o-mini", "temperature": 0, "stream": True,
+                            "messages": [{"role": "user", "content": content}]}) as answer:
+        for line in answer.iter_lines():
+            if line.startswith("data: "):
+                events.append(line[6:])
+                if read_events is not None and len(events) >= read_events:
+                    if before_leaving:
+                        before_leaving()
+                    break
+    return events
+
+
+def stream_text_of(events) -> str:
+    text = ""
+    for event in events:
+        if event != "[DONE]":
+            chunk = json.loads(event)
+            if chunk.get("choices"):
+                text += chunk["choices"][0]["delta"].get("content") or ""
+    return text
+
+
+def wait_for_call(mock, before, timeout=10):
+    deadline = time.monotonic() + timeout
+    while calls(mock) == before:
+        assert time.monotonic() < deadline, "the first request never reached the provider"
+        time.sleep(0.01)
+
+
+def test_waiters_keep_the_call_going_when_the_first_client_leaves_before_its_answer(gateway, mock):
+    reference = ask(gateway, "left early reference")[1].choices[0].message.content
+    before = calls(mock)
+    mock.fault({"first_token_ms": 1500, "count": 1, "path": "/v1/chat/completions"})
+    with concurrent.futures.ThreadPoolExecutor(max_workers=11) as pool:
+        def leaves():
+            with pytest.raises(httpx.TimeoutException):
+                httpx.post(f"http://127.0.0.1:{gateway.port}/v1/chat/completions",
+                           headers={"authorization": f"Bearer {TENANT_KEY}"}, timeout=0.5,
+                           json={"model": "gpt-4o-mini", "temperature": 0,
+                                 "messages": [{"role": "user", "content": "left early"}]})
+        first = pool.submit(leaves)
+        wait_for_call(mock, before)
+        jsons = [pool.submit(lambda: ask(gateway, "left early")[1].choices[0].message.content) for _ in range(5)]
+        streams = [pool.submit(lambda: stream_text_of(raw_stream(gateway, "left early"))) for _ in range(5)]
+        first.result()
+        answers = [f.result() for f in jsons + streams]
+    assert answers == [reference] * 10
+    assert calls(mock) == before + 1, "one provider call for all of them"
+
+
+def test_followers_get_the_whole_stream_when_the_first_client_leaves_mid_stream(gateway, mock):
+    reference = stream_text_of(raw_stream(gateway, "mid-stream reference"))
+    before = calls(mock)
+    mock.fault({"stall_after_chunks": 3, "stall_ms": 1500, "count": 1, "path": "/v1/chat/completions"})
+
+    def followers_in():
+        # The first client leaves once the five others are in (admitted).
+        deadline = time.monotonic() + 10
+        while gateway.metric("runestone_inflight_requests", tenant="acme") < 6:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=6) as pool:
+        first = pool.submit(raw_stream, gateway, "mid-stream", TENANT_KEY, 2, followers_in)
+        wait_for_call(mock, before)
+        followers = [pool.submit(raw_stream, gateway, "mid-stream") for _ in range(5)]
+        assert len(first.result()) == 2
+        got = [f.result() for f in followers]
+    assert all(events[-1] == "[DONE]" and stream_text_of(events) == reference for events in got)
+    assert calls(mock) == before + 1
+
+
+def test_followers_of_a_stream_larger_than_an_entry_get_all_of_it(mock):
+    gateway = Gateway(mock.base_url, cache="{ max_entry_bytes: 1024 }")
+    try:
+        before = calls(mock)
+        mock.fault({"stall_after_chunks": 3, "stall_ms": 1000, "count": 1, "path": "/v1/chat/completions"})
+        with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+            first = pool.submit(raw_stream, gateway, "long stream")
+            wait_for_call(mock, before)
+            followers = [pool.submit(raw_stream, gateway, "long stream") for _ in range(3)]
+            whole = first.result()
+            got = [f.result() for f in followers]
+        assert len("\n\n".join(whole)) > 1024 and whole[-1] == "[DONE]"
+        assert all(events == whole for events in got), "followers get the same stream, whole"
+        assert calls(mock) == before + 1
+        # Too large to store: the next one asks the provider.
+        assert ask(gateway, "long stream")[0]["x-runestone-cache"] == "miss"
+    finally:
+        gateway.stop()
+
+
+class OddProvider:
+    """A provider that answers 200 with whatever it is told to."""
+
+    def __init__(self):
+        self.body = b"{}"
+        self.calls = 0
+        provider = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                self.rfile.read(int(self.headers["content-length"]))
+                provider.calls += 1
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(provider.body)))
+                self.end_headers()
+                self.wfile.write(provider.body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def base_url(self):
+        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def stop(self):
+        self.server.shutdown()
+
+
+def test_a_200_that_is_not_an_answer_is_never_stored():
+    provider = OddProvider()
+    gateway = Gateway(provider.base_url)
+    url = f"http://127.0.0.1:{gateway.port}/v1/chat/completions"
+    body = {"model": "gpt-4o-mini", "temperature": 0, "messages": [{"role": "user", "content": "odd"}]}
+    try:
+        for odd in [b'{"object":"error","message":"The server is overloaded"}', b"{}",
+                    b'{"detail":"x"}', b'{"object":"chat.completion","choices":[]}']:
+            provider.body = odd
+            before = provider.calls
+            for _ in range(2):
+                answer = httpx.post(url, headers={"authorization": f"Bearer {TENANT_KEY}"}, json=body, timeout=10)
+                assert answer.headers["x-runestone-cache"] == "miss", odd
+            assert provider.calls == before + 2
+    finally:
+        gateway.stop()
+        provider.stop()
+
+
+def test_a_lowered_ttl_applies_to_entries_already_stored(mock):
+    redis = Redis()
+    gateway = Gateway(mock.base_url, redis_url=redis.url)
+    try:
+        assert ask(gateway, "long-lived")[0]["x-runestone-cache"] == "miss"
+        assert ask(gateway, "long-lived")[0]["x-runestone-cache"] == "hit"
+        gateway.stop()
+        gateway = Gateway(mock.base_url, cache="{ ttl_seconds: 1 }", redis_url=redis.url)
+        deadline = time.monotonic() + 10
+        while ask(gateway, "long-lived")[0]["x-runestone-cache"] == "hit":
+            assert time.monotonic() < deadline, "an entry older than the new TTL is not served"
+            time.sleep(0.1)
+    finally:
+        gateway.stop()
+        redis.stop()
