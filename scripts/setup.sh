@@ -23,8 +23,8 @@ if ((${#need[@]})); then
   DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import openai, pytest, httpx, llmock' 2>/dev/null; then
-  echo "setup: creating .venv with the OpenAI SDK and pytest"
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import openai, pytest, httpx, llmock, opentelemetry.proto' 2>/dev/null; then
+  echo "setup: creating .venv with the OpenAI SDK, pytest, llmock and opentelemetry-proto"
   python3 -m venv .venv
   .venv/bin/pip install -q --disable-pip-version-check -r tests/sdk/requirements.txt
 fi
