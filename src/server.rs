@@ -69,7 +69,6 @@ pub fn build(config: Config, options: RunOptions) -> Server {
             Some(ConnectorOptions::from_server_conf(&server.configuration)),
         );
     }
-    crate::cost::Encoding::warm_up();
     // One Redis connection for limits and the overflow queue.
     let redis = crate::redis_conn::RedisConnection::for_config(&config);
     if let Some(redis) = &redis {

@@ -461,6 +461,13 @@ impl StreamMeter {
         })
     }
 
+    /// Whether the gateway would add its own count as the stream's usage
+    /// chunk, were the stream to end now (the client asked for usage and
+    /// the provider has sent none).
+    pub fn may_add_usage(&self) -> bool {
+        self.usage.is_none() && !self.strip_usage && self.estimate.is_some()
+    }
+
     /// The usage chunk the gateway adds when the client asked for usage
     /// and the provider sent none: the gateway's count, in the answer's
     /// own `id`, `object`, `created` and `model`.

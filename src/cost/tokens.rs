@@ -7,8 +7,10 @@
 //! Counted: the prompt's text (messages' text, a completion prompt, an
 //! embedding input) with the chat format's few tokens per message, and the
 //! text the model generated (content, reasoning, tool-call arguments),
-//! capped at the request's token limit. The encodings load once, on a
-//! thread of their own at start-up ([`Encoding::warm_up`]).
+//! capped at the request's token limit. An encoding loads the first time
+//! it is needed, off the runtime's threads ([`Encoding::ready`]): a
+//! gateway whose providers always report usage never holds its tables
+//! (about 70 MB for both).
 
 use bytes::Bytes;
 use serde_json::Value;
@@ -50,27 +52,41 @@ impl Encoding {
         }
     }
 
-    fn bpe(self) -> Option<&'static CoreBPE> {
+    fn table(self) -> &'static OnceLock<Option<CoreBPE>> {
         static O200K: OnceLock<Option<CoreBPE>> = OnceLock::new();
         static CL100K: OnceLock<Option<CoreBPE>> = OnceLock::new();
         match self {
-            Encoding::O200k => O200K.get_or_init(|| tiktoken_rs::o200k_base().ok()),
-            Encoding::Cl100k => CL100K.get_or_init(|| tiktoken_rs::cl100k_base().ok()),
+            Encoding::O200k => &O200K,
+            Encoding::Cl100k => &CL100K,
         }
-        .as_ref()
     }
 
-    /// Loads both encodings on a thread of its own (about 0.15 s of CPU
-    /// in a release build), so that the first request needing a count
-    /// does not stall a runtime thread (and every task on it, Redis
-    /// replies included) while they load.
-    pub fn warm_up() {
-        let _ = std::thread::Builder::new()
-            .name("tokenizer-load".into())
-            .spawn(|| {
-                Encoding::O200k.bpe();
-                Encoding::Cl100k.bpe();
-            });
+    fn bpe(self) -> Option<&'static CoreBPE> {
+        self.table()
+            .get_or_init(|| match self {
+                Encoding::O200k => tiktoken_rs::o200k_base().ok(),
+                Encoding::Cl100k => tiktoken_rs::cl100k_base().ok(),
+            })
+            .as_ref()
+    }
+
+    /// Whether the encoding's tables are in memory.
+    pub fn loaded(self) -> bool {
+        self.table().get().is_some()
+    }
+
+    /// Loads the encoding, if it is not yet, on the runtime's blocking
+    /// threads (about 0.1 s of CPU in a release build): a request about to
+    /// count awaits this rather than stall a runtime thread (and every
+    /// task on it, Redis replies included) while the tables load.
+    pub async fn ready(self) {
+        if self.loaded() {
+            return;
+        }
+        let _ = tokio::task::spawn_blocking(move || {
+            self.bpe();
+        })
+        .await;
     }
 
     /// Tokens in `text` (bytes / 4 should the encoding fail to load).

@@ -423,6 +423,7 @@ impl JobRunner for Gateway {
             // Cut off before the provider's answer: the prompt it was sent
             // is billed, as the gateway counts it (nothing generated was
             // seen).
+            cost::Encoding::for_model(&job.model).ready().await;
             ctx.exchange.usage = Some(cost::Usage {
                 prompt_tokens: estimate.prompt_tokens(&job.model),
                 estimated: true,

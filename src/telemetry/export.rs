@@ -20,7 +20,7 @@ use bytes::Bytes;
 use pingora::connectors::http::v1::Connector;
 use pingora::connectors::ConnectorOptions;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -33,6 +33,8 @@ const BATCH_SPANS: usize = 512;
 const BATCH_BYTES: usize = 4 * 1024 * 1024;
 /// The longest a span waits for its batch to fill.
 const SCHEDULE: Duration = Duration::from_secs(1);
+/// How often the exporter looks at its queue.
+const POLL: Duration = Duration::from_millis(20);
 /// Bound on one export request (connect, send, answer).
 const EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Pauses before asking a collector that said "later" again.
@@ -193,35 +195,37 @@ impl Target {
         };
         let mut batch = Batch::default();
         let mut due = Instant::now() + SCHEDULE;
+        // The thread never waits on the queue itself, so a request handing
+        // its spans over never has to wake it: it looks every POLL.
         loop {
-            let wait = due.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(wait) {
-                Ok(Message::Spans(spans, bytes)) => {
-                    queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
-                    batch.add(spans, bytes);
-                    if batch.full() {
-                        sender.send(&mut batch);
-                        due = Instant::now() + SCHEDULE;
+            let mut acks = Vec::new();
+            let mut open = true;
+            while !batch.full() {
+                match rx.try_recv() {
+                    Ok(Message::Spans(spans, bytes)) => {
+                        queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
+                        batch.add(spans, bytes);
+                    }
+                    Ok(Message::Flush(ack)) => acks.push(ack),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        open = false;
+                        break;
                     }
                 }
-                Ok(Message::Flush(ack)) => {
-                    while let Ok(message) = rx.try_recv() {
-                        if let Message::Spans(spans, bytes) = message {
-                            queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
-                            batch.add(spans, bytes);
-                        }
-                    }
-                    sender.send(&mut batch);
-                    let _ = ack.send(());
-                }
-                Err(RecvTimeoutError::Timeout) => {
-                    sender.send(&mut batch);
-                    due = Instant::now() + SCHEDULE;
-                }
-                Err(RecvTimeoutError::Disconnected) => {
-                    sender.send(&mut batch);
-                    return;
-                }
+            }
+            if batch.full() || !acks.is_empty() || !open || Instant::now() >= due {
+                sender.send(&mut batch);
+                due = Instant::now() + SCHEDULE;
+            }
+            for ack in acks {
+                let _ = ack.send(());
+            }
+            if !open {
+                return;
+            }
+            if !batch.full() {
+                std::thread::sleep(POLL);
             }
         }
     }

@@ -340,7 +340,8 @@ impl Attempt<'_> {
             match read {
                 Ok(Ok(Some(chunk))) => {
                     received += chunk.len();
-                    let out = redactor.feed(meter.feed(chunk));
+                    let model = &self.route.targets[self.backend.target].model;
+                    let out = redactor.feed(meter.feed_counted(chunk, model).await);
                     first.scan(&out);
                     held.extend_from_slice(&out);
                     if held.len() > MAX_METERED_JSON_BYTES {

@@ -5,7 +5,7 @@
 use super::decode::UpstreamBody;
 use super::{AnswerDetails, Report, Settle};
 use crate::config::ProviderSettings;
-use crate::cost::{self, Estimate, StreamMeter, Usage};
+use crate::cost::{self, Encoding, Estimate, StreamMeter, Usage};
 use crate::gateway::client::Client;
 use crate::openai::ApiError;
 use crate::providers::anthropic::StreamTranslator;
@@ -96,6 +96,38 @@ impl Meter {
     /// is held until its first content, or whole for JSON).
     pub(super) fn passes_at_once(&self) -> bool {
         matches!(self, Meter::Opaque { .. })
+    }
+
+    /// [`Meter::feed`], with `model`'s encoding loaded first when this
+    /// chunk ends a stream the gateway must count for the client (its
+    /// usage chunk).
+    pub(super) async fn feed_counted(&mut self, chunk: Bytes, model: &str) -> Bytes {
+        let encoding = Encoding::for_model(model);
+        if !encoding.loaded()
+            && matches!(self, Meter::Stream(m) if m.may_add_usage())
+            && memchr::memmem::find(&chunk, b"[DONE]").is_some()
+        {
+            encoding.ready().await;
+        }
+        self.feed(chunk)
+    }
+
+    /// Whether what the answer used needs counting (the provider reported
+    /// no usage): then the encoding must be loaded first.
+    fn needs_count(&self, estimate: &Estimate) -> bool {
+        if estimate.media_units().is_some() {
+            return false;
+        }
+        match self {
+            Meter::Error { .. } => false,
+            Meter::Opaque { .. } => true,
+            Meter::Json { body, seen, .. } if *seen <= cost::MAX_METERED_JSON_BYTES => {
+                cost::usage_member_in_tail(body).is_none()
+            }
+            Meter::Json { tail, .. } => cost::reported_usage_in_tail(tail).is_none(),
+            Meter::Stream(meter) => meter.reported_usage().is_none(),
+            Meter::Translated(translator) => translator.usage().is_none(),
+        }
     }
 
     /// Takes an upstream chunk, returns what to send on.
@@ -372,7 +404,7 @@ impl Copy<'_> {
         if !settled {
             // Not settled before the end (a broken or abandoned body): what
             // the meter saw is what the request used.
-            report.usage = self.usage(meter);
+            report.usage = self.usage(meter).await;
             report.response_id = meter.response_id();
             let outcome = match end {
                 BodyEnd::Complete => Outcome::Success,
@@ -443,7 +475,7 @@ impl Copy<'_> {
             match read {
                 Ok(Ok(Some(chunk))) => {
                     received += chunk.len();
-                    let out = redactor.feed(meter.feed(chunk));
+                    let out = redactor.feed(meter.feed_counted(chunk, self.model).await);
                     if self.declared_len.is_some_and(|n| received >= n) {
                         // The client knows the body is whole once it has
                         // these bytes: settle first, so a client that sends
@@ -518,6 +550,10 @@ impl Copy<'_> {
         settled: &mut bool,
         unsent: Bytes,
     ) -> BodyEnd {
+        // A stream sealed by the gateway may carry its count.
+        if meter.needs_count(self.estimate) {
+            Encoding::for_model(self.model).ready().await;
+        }
         let rest = [
             &unsent[..],
             &redactor.feed(meter.finish())[..],
@@ -557,8 +593,14 @@ impl Copy<'_> {
 
     /// What the answer used, as billed (nothing for an answer that is not
     /// billed).
-    fn usage(&self, meter: &Meter) -> Option<Usage> {
-        self.bills.then(|| meter.usage(self.estimate, self.model))
+    async fn usage(&self, meter: &Meter) -> Option<Usage> {
+        if !self.bills {
+            return None;
+        }
+        if meter.needs_count(self.estimate) {
+            Encoding::for_model(self.model).ready().await;
+        }
+        Some(meter.usage(self.estimate, self.model))
     }
 
     /// The whole answer is in hand: settle the admission and tell the
@@ -574,7 +616,7 @@ impl Copy<'_> {
         if std::mem::replace(settled, true) {
             return;
         }
-        report.usage = self.usage(meter);
+        report.usage = self.usage(meter).await;
         report.response_id = meter.response_id();
         settle.settle(report).await;
         self.upstreams.record_outcome(
