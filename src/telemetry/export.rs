@@ -174,8 +174,23 @@ struct Target {
 }
 
 impl Target {
-    /// The exporter thread: gathers spans into batches and sends each.
+    /// The exporter thread: gathers spans into batches and sends each. It
+    /// runs only when the cores have nothing else to do (SCHED_IDLE): under
+    /// saturation spans wait (and, past the queue's bound, are dropped),
+    /// requests never do.
     fn run(&self, rx: Receiver<Message>, queued_bytes: &AtomicUsize) {
+        use thread_priority::unix::{
+            set_thread_priority_and_policy, thread_native_id, NormalThreadSchedulePolicy,
+            ThreadSchedulePolicy,
+        };
+        let idle = ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Idle);
+        if let Err(e) = set_thread_priority_and_policy(
+            thread_native_id(),
+            thread_priority::ThreadPriority::Min,
+            idle,
+        ) {
+            tracing::warn!(error = ?e, "the trace exporter runs at normal priority");
+        }
         let runtime = match tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
