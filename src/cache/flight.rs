@@ -25,6 +25,9 @@ pub struct Form {
 pub enum Landed {
     /// A complete answer, as it would be stored.
     Answer(Arc<super::Entry>),
+    /// A complete answer that is not kept (too large, or not one to
+    /// replay): followers of its stream have it all; it cost this much.
+    Unstored(i64),
     /// No answer to share: the waiters call the provider themselves.
     Failed,
 }

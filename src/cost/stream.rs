@@ -461,6 +461,11 @@ impl StreamMeter {
         })
     }
 
+    /// Whether a choice's finish reason went by.
+    pub fn saw_finish(&self) -> bool {
+        self.saw_finish
+    }
+
     /// Whether the gateway would add its own count as the stream's usage
     /// chunk, were the stream to end now (the client asked for usage and
     /// the provider has sent none).

@@ -223,6 +223,10 @@ impl Gateway {
                             self.settle_hit(ctx, plan, entry.cost_pusd, "coalesced")
                                 .await
                         }
+                        // Whole, but not one to keep (too large, say).
+                        Landed::Unstored(cost_pusd) => {
+                            self.settle_hit(ctx, plan, cost_pusd, "coalesced").await
+                        }
                         // The stream the client got ended with the error
                         // the first request got.
                         Landed::Failed => {
@@ -368,9 +372,14 @@ impl Gateway {
         report: &Report,
         cost_pusd: i64,
     ) {
+        let delivered = recorded.delivered() && report.error_reason.is_none();
         let entry = self.entry(plan, recorded, report, cost_pusd).map(Arc::new);
         if let Some(leader) = leader {
-            leader.land(entry.clone().map_or(Landed::Failed, Landed::Answer));
+            leader.land(match (&entry, delivered) {
+                (Some(entry), _) => Landed::Answer(entry.clone()),
+                (None, true) => Landed::Unstored(cost_pusd),
+                (None, false) => Landed::Failed,
+            });
         }
         let (Some(cache), Some(entry)) = (&self.cache, entry) else {
             return;
@@ -398,14 +407,16 @@ impl Gateway {
         }
         let (stream, body) = recorded.complete()?;
         let usage = report.total_usage();
+        if usage.estimated {
+            // The gateway's own count (a stream may carry it as its usage
+            // chunk) is not passed off as the provider's.
+            return None;
+        }
         let (answer, streamable) = match stream {
-            true => {
-                let usage = (!usage.estimated).then_some(usage);
-                (
-                    cache::replay::from_stream(&body, plan.endpoint, usage)?,
-                    true,
-                )
-            }
+            true => (
+                cache::replay::from_stream(&body, plan.endpoint, Some(usage))?,
+                true,
+            ),
             false => {
                 let answer = cache::replay::from_json(&body, plan.endpoint)?;
                 let streamable = cache::replay::streamable(&answer);
@@ -496,8 +507,13 @@ pub(super) struct Recorded {
 }
 
 impl Recorded {
+    /// Whether a whole 200 answer went out (kept or not).
+    fn delivered(&self) -> bool {
+        self.status == Some(200) && self.ended && !self.aborted
+    }
+
     /// A whole 200 answer (whether a stream, and its body), if that is
-    /// what it was.
+    /// what it was and it was kept.
     fn complete(self) -> Option<(bool, Vec<u8>)> {
         (self.status == Some(200) && self.ended && !self.aborted && !self.overflowed)
             .then_some((self.stream, self.body))

@@ -425,6 +425,9 @@ def test_followers_of_a_stream_larger_than_an_entry_get_all_of_it(mock):
         assert len("\n\n".join(whole)) > 1024 and whole[-1] == "[DONE]"
         assert all(events == whole for events in got), "followers get the same stream, whole"
         assert calls(mock) == before + 1
+        # Served whole without a provider call of their own: coalesced, not broken.
+        assert gateway.metric("runestone_cache_total", outcome="coalesced") == 3
+        assert gateway.metric("runestone_errors_total", reason="provider_stream_broken") == 0
         # Too large to store: the next one asks the provider.
         assert ask(gateway, "long stream")[0]["x-runestone-cache"] == "miss"
     finally:
@@ -497,3 +500,14 @@ def test_a_lowered_ttl_applies_to_entries_already_stored(mock):
     finally:
         gateway.stop()
         redis.stop()
+
+
+def test_an_answer_billed_on_the_gateways_own_count_is_not_stored(gateway, mock):
+    for include_usage in (True, False):
+        content = f"no usage {include_usage}"
+        mock.fault({"no_usage": True, "count": 1, "path": "/v1/chat/completions"})
+        headers, _, _, usage, _ = stream(gateway, content, include_usage=include_usage)
+        assert headers["x-runestone-cache"] == "miss"
+        assert bool(usage) == include_usage, "the gateway's count as the usage chunk when asked"
+        assert ask(gateway, content)[0]["x-runestone-cache"] == "miss"
+        assert ask(gateway, content)[0]["x-runestone-cache"] == "hit", "the provider's own usage is kept"

@@ -103,9 +103,11 @@ impl Meter {
     /// usage chunk).
     pub(super) async fn feed_counted(&mut self, chunk: Bytes, model: &str) -> Bytes {
         let encoding = Encoding::for_model(model);
-        if !encoding.loaded()
-            && matches!(self, Meter::Stream(m) if m.may_add_usage())
-            && memchr::memmem::find(&chunk, b"[DONE]").is_some()
+        // `[DONE]` in this chunk, or (split across chunks) after the
+        // finish reason went by.
+        let ending =
+            |m: &StreamMeter| m.saw_finish() || memchr::memmem::find(&chunk, b"DONE").is_some();
+        if !encoding.loaded() && matches!(self, Meter::Stream(m) if m.may_add_usage() && ending(m))
         {
             encoding.ready().await;
         }
