@@ -118,3 +118,41 @@ test('async jobs: one per Idempotency-Key, polled, listed and cancelled; a reuse
   assert.equal(ended.status, 'completed');
   await assert.rejects(gw.client(OTHER_KEY).get(`/jobs/${id}`), OpenAI.NotFoundError);
 });
+
+test('the response cache: a stream replays a JSON answer, JSON a stream, base64 embeddings hit', async () => {
+  const cached = await Gateway.start(mock, 'cache: {}');
+  try {
+    const c = cached.client();
+    const ask = { model: 'gpt-4o-mini', temperature: 0, messages: [{ role: 'user', content: 'node cache' }] };
+    const first = await c.chat.completions.create(ask).withResponse();
+    assert.equal(first.response.headers.get('x-runestone-cache'), 'miss');
+    const stream = await c.chat.completions.create({ ...ask, stream: true, stream_options: { include_usage: true } }).withResponse();
+    assert.equal(stream.response.headers.get('x-runestone-cache'), 'hit');
+    let text = '';
+    let usage = null;
+    for await (const chunk of stream.data) {
+      text += chunk.choices[0]?.delta?.content ?? '';
+      if (chunk.usage) usage = chunk.usage;
+    }
+    assert.equal(text, first.data.choices[0].message.content);
+    assert.deepEqual(usage, first.data.usage);
+
+    const streamed = { model: 'gpt-4o-mini', seed: 7, messages: [{ role: 'user', content: 'node stream first' }] };
+    let original = '';
+    for await (const chunk of await c.chat.completions.create({ ...streamed, stream: true })) {
+      original += chunk.choices[0]?.delta?.content ?? '';
+    }
+    const replay = await c.chat.completions.create(streamed).withResponse();
+    assert.equal(replay.response.headers.get('x-runestone-cache'), 'hit');
+    assert.equal(replay.data.choices[0].message.content, original);
+
+    const input = { model: 'text-embedding-3-small', input: ['x', 'y'] };
+    const e1 = await c.embeddings.create(input).withResponse();
+    const e2 = await c.embeddings.create(input).withResponse();
+    assert.equal(e2.response.headers.get('x-runestone-cache'), 'hit');
+    assert.deepEqual(e2.data.data[1].embedding, e1.data.data[1].embedding);
+    assert.equal(metricSum(await cached.metrics(), 'runestone_cache_total', ['outcome="hit"']), 3);
+  } finally {
+    cached.stop();
+  }
+});
