@@ -564,24 +564,9 @@ fn a_stdout_nobody_reads_never_holds_up_requests_and_shutdown_loses_no_log_line(
     let mock = Mock::start(&[]);
     let config = GatewayConfig::new(&mock);
     let dir = std::env::temp_dir().join(format!("runestone-log-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("runestone.yaml");
-    std::fs::write(&path, config.yaml_in(&dir)).unwrap();
     // stdout is a pipe read by nobody until the end: it fills after about
     // 64 KiB (some 150 lines).
-    let mut child = Command::new(env!("CARGO_BIN_EXE_runestone"))
-        .arg("--config")
-        .arg(&path)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_ready(
-        &format!("http://127.0.0.1:{}/ready", config.port),
-        &mut child,
-        Duration::from_secs(20),
-        "runestone",
-    );
+    let mut child = start_raw_with(&config, &dir, Stdio::piped(), Stdio::null());
     let agent = ureq::AgentBuilder::new()
         .timeout(Duration::from_secs(10))
         .build();

@@ -831,14 +831,25 @@ pub fn callback_receiver(failures: usize) -> (u16, std::sync::mpsc::Receiver<(St
 /// (`gateway.log`) in `dir`; waits for `/ready`.
 pub fn start_raw(config: &GatewayConfig, dir: &std::path::Path) -> Child {
     std::fs::create_dir_all(dir).unwrap();
+    let log = std::fs::File::create(dir.join("gateway.log")).unwrap();
+    start_raw_with(config, dir, log.try_clone().unwrap().into(), log.into())
+}
+
+/// [`start_raw`], its stdout and stderr going where the test says.
+pub fn start_raw_with(
+    config: &GatewayConfig,
+    dir: &std::path::Path,
+    stdout: std::process::Stdio,
+    stderr: std::process::Stdio,
+) -> Child {
+    std::fs::create_dir_all(dir).unwrap();
     let path = dir.join("runestone.yaml");
     std::fs::write(&path, config.yaml_in(dir)).unwrap();
-    let log = std::fs::File::create(dir.join("gateway.log")).unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_runestone"))
         .arg("--config")
         .arg(&path)
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
+        .stdout(stdout)
+        .stderr(stderr)
         .spawn()
         .unwrap();
     wait_ready(
