@@ -6,7 +6,9 @@ otherwise) on free loopback ports, waits for readiness, and stops them.
 """
 
 import hashlib
+import http.server
 import json
+import threading
 import os
 import socket
 import subprocess
@@ -289,3 +291,35 @@ class Redis:
     def stop(self) -> None:
         self.proc.kill()
         self.proc.wait()
+
+
+class LocalServer:
+    """An HTTP server of the test's own on a free loopback port (a scripted
+    provider, a trace collector): `post(request, body)` answers each POST
+    with `(status, content_type or None, bytes)`."""
+
+    def __init__(self, post):
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["content-length"]))
+                status, content_type, data = post(self, body)
+                self.send_response(status)
+                if content_type:
+                    self.send_header("content-type", content_type)
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def stop(self) -> None:
+        self.server.shutdown()

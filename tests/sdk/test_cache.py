@@ -8,15 +8,13 @@ only complete answers stored, and the accounting of hits.
 """
 
 import concurrent.futures
-import http.server
 import json
-import threading
 import time
 
 import httpx
 import pytest
 
-from conftest import PROVIDER_KEY, TENANT_KEY, Llmock, Redis, Runestone, server_yaml
+from conftest import PROVIDER_KEY, TENANT_KEY, Llmock, LocalServer, Redis, Runestone, server_yaml
 
 OTHER_KEY = "sk-sdk-cache-other-0022"
 OPTED_OUT_KEY = "sk-sdk-cache-optout-0023"
@@ -434,36 +432,17 @@ def test_followers_of_a_stream_larger_than_an_entry_get_all_of_it(mock):
         gateway.stop()
 
 
-class OddProvider:
+class OddProvider(LocalServer):
     """A provider that answers 200 with whatever it is told to."""
 
     def __init__(self):
         self.body = b"{}"
         self.calls = 0
-        provider = self
+        super().__init__(self.answer)
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):
-                self.rfile.read(int(self.headers["content-length"]))
-                provider.calls += 1
-                self.send_response(200)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(provider.body)))
-                self.end_headers()
-                self.wfile.write(provider.body)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    @property
-    def base_url(self):
-        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-
-    def stop(self):
-        self.server.shutdown()
+    def answer(self, request, body):
+        self.calls += 1
+        return 200, "application/json", self.body
 
 
 def test_a_200_that_is_not_an_answer_is_never_stored():

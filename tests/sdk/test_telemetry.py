@@ -8,7 +8,6 @@ provider; a collector that is down or slow changes no answer; spans queued
 at shutdown are flushed; keys never appear, content only when asked.
 """
 
-import http.server
 import json
 import os
 import signal
@@ -26,7 +25,8 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
-from conftest import BIN_DIR, PROVIDER_KEY, TENANT_KEY, Llmock, Mock, Runestone, free_port, server_yaml
+from conftest import (BIN_DIR, PROVIDER_KEY, TENANT_KEY, Llmock, LocalServer, Mock, Runestone, free_port,
+                      server_yaml)
 
 OTHER_KEY = "sk-sdk-telemetry-other-0077"
 CLIENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -40,7 +40,7 @@ def value(any_value):
     return getattr(any_value, kind) if kind else None
 
 
-class Collector:
+class Collector(LocalServer):
     """An OTLP/HTTP traces endpoint: decodes every export, or answers
     slowly, or refuses, as told."""
 
@@ -53,43 +53,26 @@ class Collector:
         # Answer this many exports 503 ("later") before taking them.
         self.unavailable = 0
         self.lock = threading.Lock()
-        collector = self
+        super().__init__(self.export)
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers["content-length"]))
-                time.sleep(collector.delay)
-                with collector.lock:
-                    unavailable = collector.unavailable > 0
-                    collector.unavailable -= int(unavailable)
-                if collector.status != 200 or unavailable:
-                    self.send_response(503 if unavailable else collector.status)
-                    self.send_header("content-length", "0")
-                    self.end_headers()
-                    return
-                request = ExportTraceServiceRequest()
-                request.ParseFromString(body)
-                with collector.lock:
-                    collector.bodies.append(body)
-                    collector.headers.append(dict(self.headers))
-                    for resource_spans in request.resource_spans:
-                        resource = {a.key: value(a.value) for a in resource_spans.resource.attributes}
-                        for scope_spans in resource_spans.scope_spans:
-                            for span in scope_spans.spans:
-                                collector.spans.append((resource, span))
-                answer = ExportTraceServiceResponse().SerializeToString()
-                self.send_response(200)
-                self.send_header("content-type", "application/x-protobuf")
-                self.send_header("content-length", str(len(answer)))
-                self.end_headers()
-                self.wfile.write(answer)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+    def export(self, request, body):
+        time.sleep(self.delay)
+        with self.lock:
+            unavailable = self.unavailable > 0
+            self.unavailable -= int(unavailable)
+        if self.status != 200 or unavailable:
+            return 503 if unavailable else self.status, None, b""
+        export = ExportTraceServiceRequest()
+        export.ParseFromString(body)
+        with self.lock:
+            self.bodies.append(body)
+            self.headers.append(dict(request.headers))
+            for resource_spans in export.resource_spans:
+                resource = {a.key: value(a.value) for a in resource_spans.resource.attributes}
+                for scope_spans in resource_spans.scope_spans:
+                    for span in scope_spans.spans:
+                        self.spans.append((resource, span))
+        return 200, "application/x-protobuf", ExportTraceServiceResponse().SerializeToString()
 
     @property
     def endpoint(self) -> str:
@@ -112,8 +95,6 @@ class Collector:
                 raise AssertionError(f"{len(roots)} root span(s) for {request_id}, spans: {[s.name for s in spans]}")
             time.sleep(0.05)
 
-    def stop(self):
-        self.server.shutdown()
 
 
 def attrs(span) -> dict:
@@ -558,48 +539,29 @@ def test_every_attempt_failing_ends_with_gave_up_and_a_passed_on_4xx_is_a_failed
     assert server.status.code == Status.STATUS_CODE_UNSET, "the client's 4xx is not the server span's failure"
 
 
-class EchoingProvider:
+def echoing_provider() -> LocalServer:
     """A provider that puts the key it was sent into its answer's id,
     model and finish reason (JSON and streamed)."""
 
-    def __init__(self):
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["content-length"])))
-                key = self.headers["authorization"].removeprefix("Bearer ")
-                usage = {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}
-                if body.get("stream"):
-                    chunk = {"id": key, "object": "chat.completion.chunk", "created": 1, "model": key,
-                             "choices": [{"index": 0, "delta": {"content": "x"}, "finish_reason": key}]}
-                    data = f"data: {json.dumps(chunk)}\n\ndata: {json.dumps({**chunk, 'choices': [], 'usage': usage})}\n\ndata: [DONE]\n\n".encode()
-                    kind = "text/event-stream"
-                else:
-                    data = json.dumps({"id": key, "object": "chat.completion", "created": 1, "model": key,
-                                       "choices": [{"index": 0, "message": {"role": "assistant", "content": "x"},
-                                                    "finish_reason": key}], "usage": usage}).encode()
-                    kind = "application/json"
-                self.send_response(200)
-                self.send_header("content-type", kind)
-                self.send_header("content-length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+    def answer(request, raw):
+        body = json.loads(raw)
+        key = request.headers["authorization"].removeprefix("Bearer ")
+        usage = {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}
+        if body.get("stream"):
+            chunk = {"id": key, "object": "chat.completion.chunk", "created": 1, "model": key,
+                     "choices": [{"index": 0, "delta": {"content": "x"}, "finish_reason": key}]}
+            data = f"data: {json.dumps(chunk)}\n\ndata: {json.dumps({**chunk, 'choices': [], 'usage': usage})}\n\ndata: [DONE]\n\n"
+            return 200, "text/event-stream", data.encode()
+        data = json.dumps({"id": key, "object": "chat.completion", "created": 1, "model": key,
+                           "choices": [{"index": 0, "message": {"role": "assistant", "content": "x"},
+                                        "finish_reason": key}], "usage": usage})
+        return 200, "application/json", data.encode()
 
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    @property
-    def base_url(self):
-        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-
-    def stop(self):
-        self.server.shutdown()
+    return LocalServer(answer)
 
 
 def test_a_provider_echoing_its_key_into_model_and_finish_reason_leaks_nothing(collector):
-    provider = EchoingProvider()
+    provider = echoing_provider()
     gateway = Gateway(provider, collector.endpoint)
     try:
         for stream in (False, True):
