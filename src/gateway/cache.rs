@@ -29,13 +29,14 @@ pub(super) struct Plan {
     tenant: usize,
     route: usize,
     endpoint: Endpoint,
-    key: Key,
+    /// The request's key, when its answer may be stored (not with
+    /// `no-store`, not when the cache is bypassed): a bypassed request is
+    /// not digested.
+    key: Option<Key>,
     ttl: Duration,
-    /// Look the request up (not with `Cache-Control: no-cache`, not when
-    /// the cache is bypassed).
+    /// Look the request up (it has a key, and no `Cache-Control:
+    /// no-cache`).
     lookup: bool,
-    /// Store its answer (not with `no-store`, not when bypassed).
-    store: bool,
     form: Form,
 }
 
@@ -106,8 +107,6 @@ impl Gateway {
             return None;
         }
         let model = &self.config.models[route];
-        let tenant_id = &self.config.tenants[tenant].id;
-        let key = cache::key::key(tenant_id, &model.name, endpoint.name(), body)?;
         let ttl = match model.cache {
             ModelCache::Inherit => cache.settings.ttl,
             ModelCache::Ttl(ttl) => ttl,
@@ -120,6 +119,18 @@ impl Gateway {
                 || !cache.settings.only_deterministic
                 || deterministic(body))
             && !no_store;
+        let key = match eligible {
+            true => {
+                let tenant_id = &self.config.tenants[tenant].id;
+                Some(cache::key::key(
+                    tenant_id,
+                    &model.name,
+                    endpoint.name(),
+                    body,
+                )?)
+            }
+            false => None,
+        };
         let plan = Plan {
             tenant,
             route,
@@ -127,7 +138,6 @@ impl Gateway {
             key,
             ttl,
             lookup: eligible && !no_cache,
-            store: eligible,
             form: Form {
                 stream: fields.stream && endpoint != Endpoint::Embeddings,
                 include_usage: fields.client_wants_usage(),
@@ -155,11 +165,11 @@ impl Gateway {
         ctx: &mut RequestCtx,
         plan: &Plan,
     ) -> Result<Looked, ApiError> {
-        let Some(cache) = self.cache.as_ref().filter(|_| plan.lookup) else {
+        let (Some(cache), Some(key), true) = (self.cache.as_ref(), plan.key, plan.lookup) else {
             return Ok(Looked::Forward(None));
         };
         let tenant_id = &self.config.tenants[plan.tenant].id;
-        if let Some(entry) = cache.get(tenant_id, &plan.key, plan.ttl).await {
+        if let Some(entry) = cache.get(tenant_id, &key, plan.ttl).await {
             let age = cache::now_ms().saturating_sub(entry.stored_at_ms) / 1000;
             if self
                 .serve_stored(session, ctx, plan, &entry, age, "hit")
@@ -172,7 +182,7 @@ impl Gateway {
         // it. A call that fails lets the next waiter lead (a few rounds,
         // not a herd at once).
         for _ in 0..FLIGHT_ROUNDS {
-            let waiting = match cache.flights.join(plan.key, plan.form, FLIGHT_BYTES) {
+            let waiting = match cache.flights.join(key, plan.form, FLIGHT_BYTES) {
                 Join::Lead(leader) => {
                     self.count_cache(plan, "miss");
                     return Ok(Looked::Forward(Some(leader)));
@@ -384,9 +394,9 @@ impl Gateway {
         let (Some(cache), Some(entry)) = (&self.cache, entry) else {
             return;
         };
-        if plan.store {
+        if let Some(key) = &plan.key {
             let tenant = &self.config.tenants[plan.tenant].id;
-            cache.put(tenant, &plan.key, &entry, plan.ttl).await;
+            cache.put(tenant, key, &entry, plan.ttl).await;
         }
     }
 
@@ -455,14 +465,14 @@ impl Gateway {
             inner: client,
             header: plan.header(),
             flight: leader.map(|l| l.flight().clone()),
-            max_bytes: if plan.store || leader.is_some() {
+            max_bytes: if plan.key.is_some() || leader.is_some() {
                 max_bytes
             } else {
                 0
             },
             recorded: Recorded::default(),
             client_gone: false,
-            hold_end: plan.store,
+            hold_end: plan.key.is_some(),
             held_end: None,
         }
     }
