@@ -13,7 +13,6 @@ use prometheus::{
 };
 use std::any::Any;
 use std::cell::RefCell;
-use std::collections::HashMap;
 
 /// Latency buckets in seconds, from sub-millisecond gateway work to long
 /// generations.
@@ -330,7 +329,7 @@ pub fn register_all() {
 }
 
 /// Metric children by (vector address, label key): see [`child`].
-type Children = HashMap<(usize, [u32; 4]), Box<dyn Any>>;
+type Children = rustc_hash::FxHashMap<(usize, [u32; 4]), Box<dyn Any>>;
 
 thread_local! {
     /// This thread's metric children.

@@ -376,20 +376,25 @@ pub fn reported_usage_in_tail(tail: &[u8]) -> Option<Usage> {
     usage_member_in_tail(tail).and_then(reported_usage)
 }
 
-/// Usage from a complete JSON response body; estimated from the generated
-/// text (and `prompt_estimate`) when the provider sent none.
-pub fn usage_from_json(body: &[u8], prompt_estimate: u64) -> Usage {
-    // The common case first: a body with `usage`, everything else skipped
-    // unread. Only a body without it is probed for its generated text.
+/// The usage a complete JSON response body reports, if any (everything
+/// else in the body is skipped unread).
+pub fn reported_usage_in_json(body: &[u8]) -> Option<Usage> {
     #[derive(Deserialize)]
     struct UsageOnly<'a> {
         #[serde(borrow, default)]
         usage: Option<&'a RawValue>,
     }
-    let reported = serde_json::from_slice::<UsageOnly>(body)
+    serde_json::from_slice::<UsageOnly>(body)
         .ok()
-        .and_then(|o| reported_usage(o.usage?));
-    if let Some(usage) = reported {
+        .and_then(|o| reported_usage(o.usage?))
+}
+
+/// Usage from a complete JSON response body; estimated from the generated
+/// text (and `prompt_estimate`) when the provider sent none.
+pub fn usage_from_json(body: &[u8], prompt_estimate: u64) -> Usage {
+    // The common case first: a body with `usage`. Only a body without it
+    // is probed for its generated text.
+    if let Some(usage) = reported_usage_in_json(body) {
         return usage;
     }
     match serde_json::from_slice::<Probe>(body) {

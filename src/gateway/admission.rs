@@ -268,15 +268,25 @@ fn format_reset(ms: u64) -> String {
     if ms < 1000 {
         return format!("{ms}ms");
     }
-    let minutes = ms / 60_000;
-    let secs = (ms % 60_000) as f64 / 1000.0;
-    let secs = format!("{secs:.3}");
-    let secs = secs.trim_end_matches('0').trim_end_matches('.');
+    use std::fmt::Write;
+    // Integer arithmetic: float formatting cost more than the rest of the
+    // rate-limit headers together.
+    let (minutes, rest) = (ms / 60_000, ms % 60_000);
+    let mut out = String::with_capacity(12);
     if minutes > 0 {
-        format!("{minutes}m{secs}s")
-    } else {
-        format!("{secs}s")
+        let _ = write!(out, "{minutes}m");
     }
+    let _ = write!(out, "{}", rest / 1000);
+    let (mut millis, mut digits) = (rest % 1000, 3);
+    if millis > 0 {
+        while millis % 10 == 0 {
+            millis /= 10;
+            digits -= 1;
+        }
+        let _ = write!(out, ".{millis:0digits$}");
+    }
+    out.push('s');
+    out
 }
 
 #[cfg(test)]
@@ -291,5 +301,7 @@ mod tests {
         assert_eq!(format_reset(8640), "8.64s");
         assert_eq!(format_reset(360_000), "6m0s");
         assert_eq!(format_reset(61_500), "1m1.5s");
+        assert_eq!(format_reset(1_005), "1.005s");
+        assert_eq!(format_reset(59_990), "59.99s");
     }
 }

@@ -11,7 +11,7 @@
 
 use super::breaker::{Breaker, BreakerView, Outcome, Permit, Transition};
 use crate::config::BreakerSettings;
-use std::collections::HashMap;
+use rustc_hash::FxHashMap as HashMap;
 use std::net::SocketAddr;
 use std::time::Instant;
 

@@ -114,22 +114,32 @@ impl Meter {
         self.feed(chunk)
     }
 
-    /// Whether what the answer used needs counting (the provider reported
-    /// no usage): then the encoding must be loaded first.
-    fn needs_count(&self, estimate: &Estimate) -> bool {
+    /// What the answer used when the gateway need not count it: the
+    /// provider's report, or what a media request or an error is billed.
+    /// `None` when the gateway must count (its encoding loaded first).
+    fn usage_uncounted(&self, estimate: &Estimate, model: &str) -> Option<Usage> {
         if estimate.media_units().is_some() {
-            return false;
+            return Some(self.usage(estimate, model));
         }
         match self {
-            Meter::Error { .. } => false,
-            Meter::Opaque { .. } => true,
+            Meter::Error { .. } => Some(Usage::default()),
+            Meter::Opaque { .. } => None,
+            // The common case: one pass over the body, for `usage` alone.
             Meter::Json { body, seen, .. } if *seen <= cost::MAX_METERED_JSON_BYTES => {
-                cost::usage_member_in_tail(body).is_none()
+                cost::reported_usage_in_json(body)
             }
-            Meter::Json { tail, .. } => cost::reported_usage_in_tail(tail).is_none(),
-            Meter::Stream(meter) => meter.reported_usage().is_none(),
-            Meter::Translated(translator) => translator.usage().is_none(),
+            Meter::Json { tail, .. } => cost::reported_usage_in_tail(tail),
+            Meter::Stream(meter) => meter.reported_usage().map(|_| meter.usage(0)),
+            Meter::Translated(translator) => translator.usage(),
         }
+    }
+
+    /// Whether the end of a stream the gateway seals carries its own count
+    /// (the provider reported no usage): then the encoding must be loaded
+    /// first.
+    fn seal_needs_count(&self, estimate: &Estimate) -> bool {
+        estimate.media_units().is_none()
+            && matches!(self, Meter::Stream(meter) if meter.reported_usage().is_none())
     }
 
     /// Takes an upstream chunk, returns what to send on.
@@ -407,7 +417,7 @@ impl Copy<'_> {
             // Not settled before the end (a broken or abandoned body): what
             // the meter saw is what the request used.
             report.usage = self.usage(meter).await;
-            report.response_id = meter.response_id();
+            report.response_id = self.response_id(meter);
             let outcome = match end {
                 BodyEnd::Complete => Outcome::Success,
                 BodyEnd::ProviderBroke(_) => Outcome::Failure,
@@ -553,7 +563,7 @@ impl Copy<'_> {
         unsent: Bytes,
     ) -> BodyEnd {
         // A stream sealed by the gateway may carry its count.
-        if meter.needs_count(self.estimate) {
+        if meter.seal_needs_count(self.estimate) {
             Encoding::for_model(self.model).ready().await;
         }
         let rest = [
@@ -599,10 +609,19 @@ impl Copy<'_> {
         if !self.bills {
             return None;
         }
-        if meter.needs_count(self.estimate) {
-            Encoding::for_model(self.model).ready().await;
+        if let Some(usage) = meter.usage_uncounted(self.estimate, self.model) {
+            return Some(usage);
         }
+        Encoding::for_model(self.model).ready().await;
         Some(meter.usage(self.estimate, self.model))
+    }
+
+    /// The Responses API response the answer carries (its `id`, which a
+    /// follow-up names); other endpoints' answers are not read for one.
+    fn response_id(&self, meter: &Meter) -> Option<String> {
+        (self.endpoint == crate::openai::Endpoint::Responses)
+            .then(|| meter.response_id())
+            .flatten()
     }
 
     /// The whole answer is in hand: settle the admission and tell the
@@ -619,7 +638,7 @@ impl Copy<'_> {
             return;
         }
         report.usage = self.usage(meter).await;
-        report.response_id = meter.response_id();
+        report.response_id = self.response_id(meter);
         settle.settle(report).await;
         self.upstreams.record_outcome(
             self.backend,
