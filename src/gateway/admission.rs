@@ -246,21 +246,36 @@ const RATE_LIMIT_NAMES: [[HeaderName; 3]; 2] = [
 
 /// OpenAI's `x-ratelimit-*` headers for the tenant's own limits.
 pub(super) fn rate_limit_headers(state: &RateLimitState) -> Vec<(HeaderName, HeaderValue)> {
-    let mut headers = Vec::new();
+    let mut headers = Vec::with_capacity(rate_limit_header_count(state));
+    for_each_rate_limit_header(state, |name, value| headers.push((name, value)));
+    headers
+}
+
+/// How many `x-ratelimit-*` headers `state` makes.
+pub(super) fn rate_limit_header_count(state: &RateLimitState) -> usize {
+    3 * (usize::from(state.requests.is_some()) + usize::from(state.tokens.is_some()))
+}
+
+/// Calls `add` with each of OpenAI's `x-ratelimit-*` headers for the
+/// tenant's own limits (made when a header is written, so a request holds
+/// only the numbers).
+pub(super) fn for_each_rate_limit_header(
+    state: &RateLimitState,
+    mut add: impl FnMut(HeaderName, HeaderValue),
+) {
     for (window, [limit, remaining, reset]) in [state.requests, state.tokens]
         .into_iter()
         .zip(RATE_LIMIT_NAMES)
     {
         if let Some(w) = window {
-            headers.push((limit, HeaderValue::from(w.limit)));
-            headers.push((remaining, HeaderValue::from(w.remaining)));
+            add(limit, HeaderValue::from(w.limit));
+            add(remaining, HeaderValue::from(w.remaining));
             // Digits, `.`, `m` and `s` only: always a valid value.
             if let Ok(value) = HeaderValue::try_from(format_reset(w.reset_ms)) {
-                headers.push((reset, value));
+                add(reset, value);
             }
         }
     }
-    headers
 }
 
 /// A duration as OpenAI writes resets: `20ms`, `8.64s`, `6m0s`.

@@ -397,7 +397,7 @@ impl JobRunner for Gateway {
                     request_id,
                     strip_usage: false,
                     estimate: &estimate,
-                    rate_limit_headers: &[],
+                    rate_limits: Default::default(),
                     trace: trace.as_deref().map(|t| &t.context),
                 };
                 let mut settler = super::accounting::Settler {

@@ -44,7 +44,6 @@ use crate::upstream::Upstreams;
 use async_trait::async_trait;
 use forward::{Forwarder, Report};
 use futures_util::FutureExt;
-use http::{HeaderName, HeaderValue};
 use pingora::connectors::http::v1::Connector;
 use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
@@ -63,8 +62,6 @@ pub struct RequestCtx {
     error_reason: Option<&'static str>,
     /// The admission to settle.
     grant: Option<Grant>,
-    /// `x-ratelimit-*` headers for the tenant's own limits.
-    rate_limit_headers: Vec<(HeaderName, HeaderValue)>,
     /// Time spent parked in the overflow queue.
     parked: Duration,
     /// The request's cost, once settled.
@@ -155,7 +152,6 @@ impl ProxyHttp for Gateway {
             endpoint: "other",
             error_reason: None,
             grant: None,
-            rate_limit_headers: Vec::new(),
             parked: Duration::ZERO,
             cost_pusd: 0,
             job_attempt: None,

@@ -157,14 +157,13 @@ impl Gateway {
         let Some(grant) = self.admit(session, ctx, tenant, route_index, 0).await? else {
             return Ok(());
         };
-        ctx.rate_limit_headers = super::admission::rate_limit_headers(&grant.state);
+        let rate_limits = grant.state;
         ctx.grant = Some(grant);
         let tail = format!("/{rest}");
         let query = session.req_header().uri.query().map(str::to_owned);
         let estimate = cost::Estimate::new(Bytes::new(), None);
         let RequestCtx {
             request_id,
-            rate_limit_headers,
             exchange: report,
             grant,
             cost_pusd,
@@ -191,7 +190,7 @@ impl Gateway {
             request_id,
             strip_usage: false,
             estimate: &estimate,
-            rate_limit_headers,
+            rate_limits,
             trace: trace.as_deref().map(|t| &t.context),
         };
         let mut settler = super::accounting::Settler {

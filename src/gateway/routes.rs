@@ -201,7 +201,7 @@ impl Gateway {
             // The client left while parked: nothing more to send.
             return Ok(());
         };
-        ctx.rate_limit_headers = super::admission::rate_limit_headers(&grant.state);
+        let rate_limits = grant.state;
         ctx.grant = Some(grant);
         // Usage is read from streams too: ask for it, and take it out again
         // when the client did not ask.
@@ -224,7 +224,6 @@ impl Gateway {
         };
         let RequestCtx {
             request_id,
-            rate_limit_headers,
             exchange: report,
             grant,
             cost_pusd,
@@ -251,7 +250,7 @@ impl Gateway {
             request_id,
             strip_usage,
             estimate: &estimate,
-            rate_limit_headers,
+            rate_limits,
             trace: trace.as_deref().map(|t| &t.context),
         };
         let mut settler = super::accounting::Settler {

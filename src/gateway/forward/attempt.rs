@@ -44,9 +44,11 @@ pub(super) struct Attempt<'a> {
 }
 
 /// What the upstream connection is, once the answer's head is in.
+/// An answer whose head is in; boxed when passed on (a pooled connection
+/// and its peer are more than a kilobyte, in every request's state).
 struct Answer {
     upstream: HttpSession,
-    peer: pingora::upstreams::peer::HttpPeer,
+    peer: Box<pingora::upstreams::peer::HttpPeer>,
     /// When the attempt started (the first-token deadline counts from it).
     started: Instant,
     ttfb: Duration,
@@ -107,7 +109,7 @@ impl Attempt<'_> {
 
     /// Connects, sends the request and reads the answer's head (past any
     /// informational `1xx`).
-    async fn send(&self, client: &mut dyn Client) -> Result<Answer, Attempted> {
+    async fn send(&self, client: &mut dyn Client) -> Result<Box<Answer>, Attempted> {
         let provider = self.provider();
         let kind = adapter(provider.kind);
         let upstreams = &self.forwarder.upstreams;
@@ -147,19 +149,20 @@ impl Attempt<'_> {
                     Attempted::deployment(e),
                 )
             })?;
-        let peer = upstreams.peer(self.backend);
+        // Boxed: more than half a kilobyte, held for the whole answer.
+        let peer = Box::new(upstreams.peer(self.backend));
         let connect_error = |e: Box<pingora::Error>| {
             let (outcome, domain, attempted) = classify(provider, self.backend, &e, Phase::Connect);
             self.outcome(outcome, domain, attempted)
         };
         let connector = &self.forwarder.connector;
-        let (mut upstream, reused) = match connector.reused_http_session(&peer).await {
+        let (mut upstream, reused) = match connector.reused_http_session(&*peer).await {
             Some(pooled) => (HttpSession::H1(pooled), true),
             None => {
                 // Boxed: connecting (TLS included) is a large future, and
                 // held inline it would enlarge every request's state for the
                 // life of its stream.
-                let (fresh, reused) = Box::pin(connector.get_http_session(&peer))
+                let (fresh, reused) = Box::pin(connector.get_http_session(&*peer))
                     .await
                     .map_err(connect_error)?;
                 (HttpSession::H1(fresh), reused)
@@ -235,19 +238,19 @@ impl Attempt<'_> {
                 ))));
             }
         }
-        Ok(Answer {
+        Ok(Box::new(Answer {
             upstream,
             peer,
             started,
             ttfb: started.elapsed(),
             deadline,
-        })
+        }))
     }
 
     /// Decides on the answer whose head is in, and copies it to the client.
     async fn answer(
         &self,
-        mut answer: Answer,
+        mut answer: Box<Answer>,
         client: &mut dyn Client,
         report: &mut Report,
         settle: &mut dyn Settle,
@@ -281,7 +284,7 @@ impl Attempt<'_> {
             Some(encoding) => match Decoder::for_encoding(encoding.as_bytes()) {
                 Some(Ok(decoder)) => {
                     debug!(request_id = %exchange.request_id, provider = %provider.name, encoding = decoder.name(), "decoding an answer compressed despite accept-encoding: identity");
-                    Some(decoder)
+                    Some(Box::new(decoder))
                 }
                 _ => {
                     warn!(request_id = %exchange.request_id, provider = %provider.name, encoding = ?encoding, "provider answered in a content encoding the gateway cannot decode");
@@ -309,7 +312,9 @@ impl Attempt<'_> {
                 .await;
         }
         let mut meter = if translated {
-            Meter::Translated(kind.stream_translator(&self.route.name, !exchange.strip_usage))
+            Meter::Translated(Box::new(
+                kind.stream_translator(&self.route.name, !exchange.strip_usage),
+            ))
         } else {
             Meter::for_response(
                 &head,
@@ -385,6 +390,9 @@ impl Attempt<'_> {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<usize>().ok())
             .filter(|_| !meter.edits_body() && !decoding);
+        // Its copy of the provider's header map is not kept for the life of
+        // a stream.
+        drop(head);
         if !client.send_header(response).await {
             return Err(self.outcome(Outcome::Neutral, Domain::Deployment, Attempted::Answered));
         }
@@ -417,11 +425,16 @@ impl Attempt<'_> {
             .await;
         match end {
             BodyEnd::Complete if answer.upstream.response_done() => {
-                if let HttpSession::H1(done) = answer.upstream {
-                    self.forwarder
-                        .connector
-                        .release_http_session(done, &answer.peer, answer.peer.options.idle_timeout)
-                        .await;
+                let Answer { upstream, peer, .. } = *answer;
+                if let HttpSession::H1(done) = upstream {
+                    // Boxed: a large future, for the last moment of a
+                    // request, that would otherwise size its whole state.
+                    Box::pin(self.forwarder.connector.release_http_session(
+                        done,
+                        &*peer,
+                        peer.options.idle_timeout,
+                    ))
+                    .await;
                 }
             }
             // Left for the forwarder to continue elsewhere.

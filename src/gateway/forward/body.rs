@@ -41,8 +41,7 @@ fn is_opaque(header: &ResponseHeader) -> bool {
 }
 
 /// Reads usage from a response on its way to the client. One per request,
-/// on the stack of the copy loop: its variants are not boxed.
-#[allow(clippy::large_enum_variant)]
+/// in the request's state.
 pub(super) enum Meter {
     /// An error answer: the provider generated nothing. It is held (up to
     /// a bound) and sent whole at the end.
@@ -54,10 +53,11 @@ pub(super) enum Meter {
         seen: usize,
         tail: Vec<u8>,
     },
-    /// An SSE stream, metered event by event.
-    Stream(StreamMeter),
+    /// An SSE stream, metered event by event (boxed, as the next: large,
+    /// and the meter is part of every request's state).
+    Stream(Box<StreamMeter>),
     /// A stream in the provider's own format, translated event by event.
-    Translated(StreamTranslator),
+    Translated(Box<StreamTranslator>),
     /// A body that is neither JSON nor a stream (speech audio, a
     /// transcription as text): passed through as it comes, nothing read.
     Opaque { seen: usize },
@@ -74,9 +74,9 @@ impl Meter {
     ) -> Self {
         match (header.status.is_success(), is_event_stream(header)) {
             (false, _) => Meter::Error { body: Vec::new() },
-            (true, true) => {
-                Meter::Stream(StreamMeter::new(strip_usage).with_estimate(estimate.clone(), model))
-            }
+            (true, true) => Meter::Stream(Box::new(
+                StreamMeter::new(strip_usage).with_estimate(estimate.clone(), model),
+            )),
             (true, false) if is_opaque(header) => Meter::Opaque { seen: 0 },
             (true, false) => Meter::Json {
                 body: Vec::new(),
@@ -826,8 +826,9 @@ mod tests {
             }
             let usage = meter.usage(&estimate, "gpt-4o");
             assert_eq!((usage.completion_tokens, usage.estimated), (limit, true));
-            let mut stream =
-                Meter::Stream(StreamMeter::new(false).with_estimate(estimate, "gpt-4o"));
+            let mut stream = Meter::Stream(Box::new(
+                StreamMeter::new(false).with_estimate(estimate, "gpt-4o"),
+            ));
             for _ in 0..filler / (1024 * 1024) {
                 stream.feed(Bytes::from(vec![b'x'; 1024 * 1024]));
             }

@@ -121,7 +121,8 @@ impl Decoder {
 /// encoded it.
 pub(super) struct UpstreamBody<'a> {
     pub(super) session: &'a mut pingora::protocols::http::client::HttpSession,
-    pub(super) decoder: Option<Decoder>,
+    /// Boxed: rarely there, and large, in every request's state.
+    pub(super) decoder: Option<Box<Decoder>>,
 }
 
 impl UpstreamBody<'_> {

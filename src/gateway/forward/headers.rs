@@ -5,6 +5,7 @@
 
 use super::Exchange;
 use crate::config::ProviderSettings;
+use crate::gateway::admission::{for_each_rate_limit_header, rate_limit_header_count};
 use crate::providers::{adapter, credential};
 use crate::redact::Redactor;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -159,7 +160,17 @@ pub(super) fn client_response(
 ) -> Result<ResponseHeader, HeaderError> {
     let (mut parts, ()) = http::Response::new(()).into_parts();
     parts.status = upstream.status;
-    parts.headers.reserve(16);
+    // Room for what goes in, and two more (the cache's verdict, the
+    // framing Pingora adds): the map lives as long as the answer, a
+    // stream's included, and its capacity doubles past each power of two.
+    let forwarded = FORWARDED_RESPONSE_HEADERS
+        .iter()
+        .chain([&X_REQUEST_ID])
+        .filter(|name| upstream.headers.contains_key(*name))
+        .count();
+    parts
+        .headers
+        .reserve(forwarded + rate_limit_header_count(&exchange.rate_limits) + GATEWAY_HEADERS + 2);
     // A provider echoing its key in a header gets it overwritten there too.
     let redacted = |value: &HeaderValue| match redactor.redact(value.as_bytes()) {
         std::borrow::Cow::Borrowed(_) => Ok(value.clone()),
@@ -183,6 +194,9 @@ pub(super) fn client_response(
     Ok(ResponseHeader::from(parts))
 }
 
+/// How many headers [`gateway_headers`] adds besides the rate limits.
+const GATEWAY_HEADERS: usize = 3;
+
 /// The gateway's own headers on a proxied answer: the tenant's rate limits,
 /// the request id, who served and after how many attempts.
 pub(super) fn gateway_headers(
@@ -191,9 +205,9 @@ pub(super) fn gateway_headers(
     provider: &str,
     attempts: u32,
 ) -> Result<(), HeaderError> {
-    for (name, value) in exchange.rate_limit_headers {
-        headers.insert(name.clone(), value.clone());
-    }
+    for_each_rate_limit_header(&exchange.rate_limits, |name, value| {
+        headers.insert(name, value);
+    });
     headers.insert(X_REQUEST_ID, HeaderValue::from_str(exchange.request_id)?);
     headers.insert(
         HeaderName::from_static("x-runestone-provider"),

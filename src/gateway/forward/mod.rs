@@ -40,7 +40,7 @@ use crate::upstream::failover::{Attempted, Failover, Next, Step};
 use crate::upstream::Upstreams;
 use async_trait::async_trait;
 use bytes::Bytes;
-use http::{HeaderName, HeaderValue};
+use http::HeaderValue;
 use pingora::connectors::http::v1::Connector;
 use resume::{Continuation, Resumable};
 use std::net::SocketAddr;
@@ -112,8 +112,9 @@ pub(crate) struct Exchange<'a> {
     pub strip_usage: bool,
     /// What the gateway counts when a provider reports no usage.
     pub estimate: &'a crate::cost::Estimate,
-    /// The tenant's `x-ratelimit-*` headers for the answer.
-    pub rate_limit_headers: &'a [(HeaderName, HeaderValue)],
+    /// The tenant's limits after admission, for the answer's
+    /// `x-ratelimit-*` headers.
+    pub rate_limits: crate::limits::RateLimitState,
     /// The request's trace, when tracing is on: every attempt sends the
     /// provider a `traceparent` naming its own span, and a sampled trace
     /// records its attempts and answer in the report.
