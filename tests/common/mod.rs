@@ -52,14 +52,28 @@ fn fastrand_suffix() -> u64 {
 
 /// Polls `GET url` until it answers 200, or panics after `timeout`.
 pub fn wait_ready(url: &str, child: &mut Child, timeout: Duration, what: &str) {
+    if let Err(e) = try_wait_ready(url, child, timeout, what) {
+        panic!("{e}");
+    }
+}
+
+/// [`wait_ready`], saying why it failed instead of panicking.
+fn try_wait_ready(
+    url: &str,
+    child: &mut Child,
+    timeout: Duration,
+    what: &str,
+) -> Result<(), String> {
     let deadline = Instant::now() + timeout;
     loop {
         if let Ok(Some(status)) = child.try_wait() {
-            panic!("{what} exited during start-up: {status}");
+            return Err(format!("{what} exited during start-up: {status}"));
         }
         match ureq::get(url).timeout(Duration::from_millis(500)).call() {
-            Ok(resp) if resp.status() == 200 => return,
-            _ if Instant::now() > deadline => panic!("{what} not ready at {url} after {timeout:?}"),
+            Ok(resp) if resp.status() == 200 => return Ok(()),
+            _ if Instant::now() > deadline => {
+                return Err(format!("{what} not ready at {url} after {timeout:?}"))
+            }
             _ => std::thread::sleep(Duration::from_millis(20)),
         }
     }
@@ -103,19 +117,36 @@ pub struct Mock {
 impl Mock {
     /// Starts the mock with extra CLI arguments.
     pub fn start(args: &[&str]) -> Mock {
-        Mock::start_on(free_port(), args)
+        // A free port can be taken before the mock binds it (by another
+        // test's outgoing connection: both come from the ephemeral range):
+        // then the mock exits, and starts again on another.
+        for _ in 0..3 {
+            let port = free_port();
+            let mut child = Mock::spawn(port, args);
+            let url = format!("http://127.0.0.1:{port}/health");
+            match try_wait_ready(&url, &mut child, Duration::from_secs(10), "runestone-mock") {
+                Ok(()) => return Mock { port, child },
+                Err(e) if e.contains("exited during start-up") => continue,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        panic!("runestone-mock exited during start-up three times (no free port?)");
     }
 
-    /// Starts the mock on `port` (to bring a killed one back).
-    pub fn start_on(port: u16, args: &[&str]) -> Mock {
-        let mut child = Command::new(mock_binary())
+    fn spawn(port: u16, args: &[&str]) -> Child {
+        Command::new(mock_binary())
             .arg("--listen")
             .arg(format!("127.0.0.1:{port}"))
             .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("spawn runestone-mock");
+            .expect("spawn runestone-mock")
+    }
+
+    /// Starts the mock on `port` (to bring a killed one back).
+    pub fn start_on(port: u16, args: &[&str]) -> Mock {
+        let mut child = Mock::spawn(port, args);
         wait_ready(
             &format!("http://127.0.0.1:{port}/health"),
             &mut child,
