@@ -324,7 +324,9 @@ done
 # 4. Stream latency, direct and through Runestone (every feature on).
 # stream_latency STREAMS ROUNDS [MOCK FLAGS...]: starts a stamping
 # runestone-mock on CPU 1 and runs benches/chunk_delay.rs against it and
-# through the gateway; sets DIRECT_RESULT and GATEWAY_RESULT (JSON lines).
+# through the floor and the gateway; sets DIRECT_RESULT, FLOOR_RESULT and
+# GATEWAY_RESULT (JSON lines). The floor's row is the proxy hop's own
+# share (its wake-ups and copies), so the gateway's is what it adds to it.
 stream_latency() {
   local port
   port=$(free_port)
@@ -333,6 +335,9 @@ stream_latency() {
   wait_http "http://127.0.0.1:$port/health"
   mock_port=$port
   DIRECT_RESULT=$(taskset -c 1 target/release/examples/chunk_delay "$port" none "$1" "$2")
+  start_path "pingora floor"
+  FLOOR_RESULT=$(taskset -c 1 target/release/examples/chunk_delay "$PORT" sk-bench-tenant-key "$1" "$2")
+  stop_path "pingora floor"
   start_path "runestone, all on, in-process"
   GATEWAY_RESULT=$(taskset -c 1 target/release/examples/chunk_delay "$PORT" sk-bench-tenant-key "$1" "$2")
   stop_path "runestone, all on, in-process"
@@ -341,14 +346,14 @@ stream_latency() {
 # CHUNK_ROUNDS times over.
 CHUNK_ROUNDS=${CHUNK_ROUNDS:-10}
 stream_latency 20 "$CHUNK_ROUNDS" --tokens-per-second 20
-CHUNK_DIRECT=$DIRECT_RESULT CHUNK_GATEWAY=$GATEWAY_RESULT
+CHUNK_DIRECT=$DIRECT_RESULT CHUNK_FLOOR=$FLOOR_RESULT CHUNK_GATEWAY=$GATEWAY_RESULT
 # Time to first token: TTFT_STREAMS streams one after another, from a mock
 # that does not pace its tokens.
 TTFT_STREAMS=${TTFT_STREAMS:-2000}
 stream_latency 1 "$TTFT_STREAMS"
-TTFT_DIRECT=$DIRECT_RESULT TTFT_GATEWAY=$GATEWAY_RESULT
-echo "bench: chunk delay direct $CHUNK_DIRECT, through runestone $CHUNK_GATEWAY" >&2
-echo "bench: first token direct $TTFT_DIRECT, through runestone $TTFT_GATEWAY" >&2
+TTFT_DIRECT=$DIRECT_RESULT TTFT_FLOOR=$FLOOR_RESULT TTFT_GATEWAY=$GATEWAY_RESULT
+echo "bench: chunk delay direct $CHUNK_DIRECT, through the floor $CHUNK_FLOOR, through runestone $CHUNK_GATEWAY" >&2
+echo "bench: first token direct $TTFT_DIRECT, through the floor $TTFT_FLOOR, through runestone $TTFT_GATEWAY" >&2
 
 # 5. Scaling: two threads on both cores, the load generator and the
 # upstream mock on the same two cores (nothing pinned), the floor with two
@@ -431,11 +436,11 @@ table=$(
     done
   done
   echo
-  echo "Stream latency, in µs: chunk delay from the mock writing a token to the client reading it ($CHUNK_ROUNDS rounds of 20 concurrent streams, 20 tokens/s each); time to first token from sending the request ($TTFT_STREAMS streams one after another, tokens unpaced):"
+  echo "Stream latency, in µs: chunk delay from the mock writing a token to the client reading it ($CHUNK_ROUNDS rounds of 20 concurrent streams, 20 tokens/s each); time to first token from sending the request ($TTFT_STREAMS streams one after another, tokens unpaced); added = over direct, so the floor's added is what any proxy hop costs here and Runestone's own share is its added less the floor's:"
   echo
   echo "| path | chunks | chunk delay p50 / p99 / p99.9 | added p50 / p99 | time to first token p50 / p99 | added p50 / p99 |"
   echo "|---|---|---|---|---|---|"
-  for row in "direct|$CHUNK_DIRECT|$TTFT_DIRECT" "runestone, all on, in-process|$CHUNK_GATEWAY|$TTFT_GATEWAY"; do
+  for row in "direct|$CHUNK_DIRECT|$TTFT_DIRECT" "pingora floor|$CHUNK_FLOOR|$TTFT_FLOOR" "runestone, all on, in-process|$CHUNK_GATEWAY|$TTFT_GATEWAY"; do
     IFS='|' read -r name chunk ttft <<<"$row"
     python3 -c "
 import json, sys

@@ -247,7 +247,12 @@ const RATE_LIMIT_NAMES: [[HeaderName; 3]; 2] = [
 /// OpenAI's `x-ratelimit-*` headers for the tenant's own limits.
 pub(super) fn rate_limit_headers(state: &RateLimitState) -> Vec<(HeaderName, HeaderValue)> {
     let mut headers = Vec::with_capacity(rate_limit_header_count(state));
-    for_each_rate_limit_header(state, |name, value| headers.push((name, value)));
+    for (name, value) in rate_limit_values(state) {
+        // Digits, `.`, `m` and `s` only: always a valid value.
+        if let Ok(value) = HeaderValue::try_from(value.to_string()) {
+            headers.push((name, value));
+        }
+    }
     headers
 }
 
@@ -256,52 +261,63 @@ pub(super) fn rate_limit_header_count(state: &RateLimitState) -> usize {
     3 * (usize::from(state.requests.is_some()) + usize::from(state.tokens.is_some()))
 }
 
-/// Calls `add` with each of OpenAI's `x-ratelimit-*` headers for the
-/// tenant's own limits (made when a header is written, so a request holds
-/// only the numbers).
-pub(super) fn for_each_rate_limit_header(
-    state: &RateLimitState,
-    mut add: impl FnMut(HeaderName, HeaderValue),
-) {
-    for (window, [limit, remaining, reset]) in [state.requests, state.tokens]
-        .into_iter()
-        .zip(RATE_LIMIT_NAMES)
-    {
-        if let Some(w) = window {
-            add(limit, HeaderValue::from(w.limit));
-            add(remaining, HeaderValue::from(w.remaining));
-            // Digits, `.`, `m` and `s` only: always a valid value.
-            if let Ok(value) = HeaderValue::try_from(format_reset(w.reset_ms)) {
-                add(reset, value);
-            }
+/// The value of one `x-ratelimit-*` header, written when the header is
+/// (so a request holds only the numbers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum RateLimitValue {
+    /// A limit or what remains of it.
+    Count(u64),
+    /// When the window resets, in milliseconds, as OpenAI writes it.
+    Reset(u64),
+}
+
+impl std::fmt::Display for RateLimitValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            RateLimitValue::Count(n) => write!(f, "{n}"),
+            RateLimitValue::Reset(ms) => write_reset(f, ms),
         }
     }
 }
 
-/// A duration as OpenAI writes resets: `20ms`, `8.64s`, `6m0s`.
-fn format_reset(ms: u64) -> String {
+/// OpenAI's `x-ratelimit-*` headers for the tenant's own limits, by name.
+pub(super) fn rate_limit_values(
+    state: &RateLimitState,
+) -> impl Iterator<Item = (HeaderName, RateLimitValue)> {
+    [state.requests, state.tokens]
+        .into_iter()
+        .zip(RATE_LIMIT_NAMES)
+        .filter_map(|(window, names)| Some((window?, names)))
+        .flat_map(|(w, [limit, remaining, reset])| {
+            [
+                (limit, RateLimitValue::Count(w.limit)),
+                (remaining, RateLimitValue::Count(w.remaining)),
+                (reset, RateLimitValue::Reset(w.reset_ms)),
+            ]
+        })
+}
+
+/// A duration as OpenAI writes resets: `20ms`, `8.64s`, `6m0s`. Integer
+/// arithmetic: float formatting cost more than the rest of the rate-limit
+/// headers together.
+fn write_reset(out: &mut impl std::fmt::Write, ms: u64) -> std::fmt::Result {
     if ms < 1000 {
-        return format!("{ms}ms");
+        return write!(out, "{ms}ms");
     }
-    use std::fmt::Write;
-    // Integer arithmetic: float formatting cost more than the rest of the
-    // rate-limit headers together.
     let (minutes, rest) = (ms / 60_000, ms % 60_000);
-    let mut out = String::with_capacity(12);
     if minutes > 0 {
-        let _ = write!(out, "{minutes}m");
+        write!(out, "{minutes}m")?;
     }
-    let _ = write!(out, "{}", rest / 1000);
+    write!(out, "{}", rest / 1000)?;
     let (mut millis, mut digits) = (rest % 1000, 3);
     if millis > 0 {
         while millis % 10 == 0 {
             millis /= 10;
             digits -= 1;
         }
-        let _ = write!(out, ".{millis:0digits$}");
+        write!(out, ".{millis:0digits$}")?;
     }
-    out.push('s');
-    out
+    out.write_char('s')
 }
 
 #[cfg(test)]
@@ -310,6 +326,7 @@ mod tests {
 
     #[test]
     fn formats_resets_like_openai() {
+        let format_reset = |ms| RateLimitValue::Reset(ms).to_string();
         assert_eq!(format_reset(0), "0ms");
         assert_eq!(format_reset(20), "20ms");
         assert_eq!(format_reset(1000), "1s");

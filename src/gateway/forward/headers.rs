@@ -5,11 +5,13 @@
 
 use super::Exchange;
 use crate::config::ProviderSettings;
-use crate::gateway::admission::{for_each_rate_limit_header, rate_limit_header_count};
+use crate::gateway::admission::{rate_limit_header_count, rate_limit_values};
 use crate::providers::{adapter, credential};
 use crate::redact::Redactor;
+use bytes::BytesMut;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use pingora::http::{RequestHeader, ResponseHeader};
+use std::fmt::Write;
 
 /// An error building a header from parts that should always be valid.
 pub(super) type HeaderError = Box<dyn std::error::Error + Send + Sync>;
@@ -160,31 +162,31 @@ pub(super) fn client_response(
 ) -> Result<ResponseHeader, HeaderError> {
     let (mut parts, ()) = http::Response::new(()).into_parts();
     parts.status = upstream.status;
+    let forwarded = FORWARDED_RESPONSE_HEADERS.map(|name| {
+        let skip = name == header::CONTENT_LENGTH && edits_body;
+        let value = upstream.headers.get(&name).filter(|_| !skip);
+        (name, value)
+    });
+    let upstream_id = upstream.headers.get(X_REQUEST_ID);
     // Room for what goes in, and two more (the cache's verdict, the
     // framing Pingora adds): the map lives as long as the answer, a
     // stream's included, and its capacity doubles past each power of two.
-    let forwarded = FORWARDED_RESPONSE_HEADERS
-        .iter()
-        .chain([&X_REQUEST_ID])
-        .filter(|name| upstream.headers.contains_key(*name))
-        .count();
-    parts
-        .headers
-        .reserve(forwarded + rate_limit_header_count(&exchange.rate_limits) + GATEWAY_HEADERS + 2);
+    let count = forwarded.iter().filter(|(_, v)| v.is_some()).count()
+        + usize::from(upstream_id.is_some())
+        + rate_limit_header_count(&exchange.rate_limits)
+        + GATEWAY_HEADERS;
+    parts.headers.reserve(count + 2);
     // A provider echoing its key in a header gets it overwritten there too.
     let redacted = |value: &HeaderValue| match redactor.redact(value.as_bytes()) {
         std::borrow::Cow::Borrowed(_) => Ok(value.clone()),
         std::borrow::Cow::Owned(bytes) => HeaderValue::from_bytes(&bytes),
     };
-    for name in FORWARDED_RESPONSE_HEADERS {
-        if name == header::CONTENT_LENGTH && edits_body {
-            continue;
-        }
-        if let Some(value) = upstream.headers.get(&name) {
+    for (name, value) in forwarded {
+        if let Some(value) = value {
             parts.headers.insert(name, redacted(value)?);
         }
     }
-    if let Some(id) = upstream.headers.get(X_REQUEST_ID) {
+    if let Some(id) = upstream_id {
         parts.headers.insert(
             HeaderName::from_static("x-upstream-request-id"),
             redacted(id)?,
@@ -205,17 +207,27 @@ pub(super) fn gateway_headers(
     provider: &str,
     attempts: u32,
 ) -> Result<(), HeaderError> {
-    for_each_rate_limit_header(&exchange.rate_limits, |name, value| {
-        headers.insert(name, value);
-    });
-    headers.insert(X_REQUEST_ID, HeaderValue::from_str(exchange.request_id)?);
+    // Every value is written into one buffer and split off it: one
+    // allocation for them all instead of one each.
+    let mut text = BytesMut::with_capacity(256);
+    let mut value = |args: std::fmt::Arguments<'_>| {
+        let _ = text.write_fmt(args);
+        HeaderValue::from_maybe_shared(text.split().freeze())
+    };
+    for (name, number) in rate_limit_values(&exchange.rate_limits) {
+        headers.insert(name, value(format_args!("{number}"))?);
+    }
+    headers.insert(
+        X_REQUEST_ID,
+        value(format_args!("{}", exchange.request_id))?,
+    );
     headers.insert(
         HeaderName::from_static("x-runestone-provider"),
-        HeaderValue::from_str(provider)?,
+        value(format_args!("{provider}"))?,
     );
     headers.insert(
         HeaderName::from_static("x-runestone-attempts"),
-        HeaderValue::from(attempts),
+        value(format_args!("{attempts}"))?,
     );
     Ok(())
 }
