@@ -35,7 +35,7 @@ fn uuid_from(bits: u128) -> String {
         nibble -= 1;
         *byte = HEX[(bits >> (nibble * 4)) as usize & 0xf];
     }
-    text.iter().map(|&b| char::from(b)).collect()
+    std::str::from_utf8(&text).unwrap_or_default().to_owned()
 }
 
 /// The id sent upstream for request `id`: itself when it is a UUID, else a

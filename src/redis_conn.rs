@@ -81,6 +81,17 @@ impl RedisConnection {
             .clone()
     }
 
+    /// A connection of its own, set up as [`RedisConnection::get`]'s (and,
+    /// like it, connecting in the background), whose drivers run on the
+    /// calling runtime: the request path's batching task takes one, so a
+    /// round trip never wakes another thread (on a gateway pinned to one
+    /// core, each wake-up is a context switch).
+    pub fn dedicated(&self) -> Option<Conn> {
+        Conn::open(&self.settings)
+            .map_err(|e| warn!(kind = ?e.kind(), error = %scrub(&e.to_string()), mode = self.settings.target.mode(), "cannot set up the Redis client; limits stay in-process and parking refuses"))
+            .ok()
+    }
+
     /// Runs one command within `timeout`: its reply, or `Err` when there is
     /// no connection, the command failed or it timed out (counted in
     /// `runestone_redis_errors_total{op}`; a failure is logged, without

@@ -111,6 +111,11 @@ impl Gateway {
     /// Settles the request's admission with what it used (none when no
     /// provider answered). Runs once; later calls do nothing.
     pub(super) async fn settle(&self, ctx: &mut RequestCtx) {
+        if ctx.grant.is_none() {
+            // Settled already (as an answer ends), or never admitted: the
+            // settlement's future is not even made.
+            return;
+        }
         let RequestCtx {
             grant,
             cost_pusd,

@@ -116,9 +116,17 @@ impl Gateway {
             .as_ref()
             .zip(redis)
             .map(|(settings, conn)| (conn, settings.key_prefix.clone(), settings.timeout));
+        // The cache's own connection, made by the first request that looks
+        // an answer up: its drivers run on the requests' runtime, so a
+        // lookup wakes no other thread.
+        let own = |(_, prefix, timeout): &(_, String, _)| {
+            let settings = config.redis.as_ref()?;
+            let conn = Arc::new(crate::redis_conn::RedisConnection::new(settings));
+            Some((conn, prefix.clone(), *timeout))
+        };
         let cache = config
             .cache
-            .map(|settings| crate::cache::Cache::new(settings, shared.clone()));
+            .map(|settings| crate::cache::Cache::new(settings, shared.as_ref().and_then(own)));
         let stored = stored::StoredResponses::new(shared, config.tenants.len());
         Gateway {
             stored,

@@ -50,7 +50,11 @@ pub(super) fn group<T>(batches: &mut Vec<Vec<T>>, op: T, same: impl Fn(&T, &T) -
 /// The task holds the connection and scripts, not the store, so it ends when
 /// the store (the queue's sender) is dropped.
 pub(super) struct Batcher {
+    /// The connection round trips take: the shared one until `own` answers.
     pub(super) conn: Conn,
+    /// A connection of the task's own, connecting on its runtime (see
+    /// `RedisStore::queue`); taken over once it has answered.
+    pub(super) own: Option<tokio::task::JoinHandle<Option<Conn>>>,
     pub(super) admit: Script,
     pub(super) settle: Script,
     pub(super) keys: Arc<[Keys]>,
@@ -59,9 +63,15 @@ pub(super) struct Batcher {
 }
 
 impl Batcher {
-    pub(super) async fn run(self, mut queue: mpsc::UnboundedReceiver<Op>) {
+    pub(super) async fn run(mut self, mut queue: mpsc::UnboundedReceiver<Op>) {
         let mut ops = Vec::with_capacity(MAX_BATCH);
         while queue.recv_many(&mut ops, MAX_BATCH).await > 0 {
+            if let Some(own) = self.own.take_if(|own| own.is_finished()) {
+                // Finished: this does not wait.
+                if let Ok(Some(own)) = own.await {
+                    self.conn = own;
+                }
+            }
             self.send(ops.drain(..)).await;
         }
     }

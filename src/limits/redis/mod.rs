@@ -212,15 +212,24 @@ impl RedisStore {
         None
     }
 
-    /// The batching task's queue, started on first use.
+    /// The batching task's queue, started on first use: on the runtime of
+    /// the request that first needs it, with a connection of its own whose
+    /// drivers run there too (the shared one's run where it was first used,
+    /// the background services' runtime).
     fn queue(&self) -> Option<&mpsc::UnboundedSender<Op>> {
         self.inner
             .batches
             .get_or_init(|| {
                 let conn = self.connection()?;
+                let own = self
+                    .inner
+                    .conn
+                    .dedicated()
+                    .map(|own| tokio::spawn(warm_up(own)));
                 let (queue, ops) = mpsc::unbounded_channel();
                 let batcher = Batcher {
                     conn,
+                    own,
                     admit: Script::new(ADMIT),
                     settle: self.inner.settle.clone(),
                     keys: self.inner.keys.clone(),
@@ -662,4 +671,19 @@ impl RedisStore {
                 .await;
         }
     }
+}
+
+/// Connects the batching task's own connection: `Some` once it answers a
+/// `PING` (a few tries, a second apart), `None` when it never does (the
+/// task goes on with the shared one, which the maintenance keeps probing).
+async fn warm_up(mut own: Conn) -> Option<Conn> {
+    for _ in 0..5 {
+        let ping = redis::cmd("PING");
+        let answer = ping.query_async::<redis::Value>(&mut own);
+        if let Ok(Ok(_)) = tokio::time::timeout(WARM_UP, answer).await {
+            return Some(own);
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    None
 }
