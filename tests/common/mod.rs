@@ -81,8 +81,8 @@ fn try_wait_ready(
 
 /// The `runestone-mock` binary: a crate of its own in the workspace, so not
 /// one Cargo builds for this package's tests. It is found beside the test
-/// binary's profile directory (`target/debug`), and built there once if
-/// missing (`scripts/test.sh` builds it first).
+/// binary's profile directory (`target/debug`), and built there (or found up
+/// to date) once per test binary.
 pub fn mock_binary() -> PathBuf {
     static BUILD: std::sync::Once = std::sync::Once::new();
     let exe = std::env::current_exe().expect("the test binary's path");
@@ -91,10 +91,9 @@ pub fn mock_binary() -> PathBuf {
         .and_then(|deps| deps.parent())
         .expect("target/<profile>/deps");
     let mock = profile_dir.join("runestone-mock");
+    // Built (or found up to date) once per test binary: a mock left from
+    // an older build would lack what the tests ask of it.
     BUILD.call_once(|| {
-        if mock.exists() {
-            return;
-        }
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut build = Command::new(cargo);
         build.args(["build", "-p", "runestone-mock"]);
@@ -118,16 +117,25 @@ impl Mock {
     /// Starts the mock with extra CLI arguments.
     pub fn start(args: &[&str]) -> Mock {
         // A free port can be taken before the mock binds it (by another
-        // test's outgoing connection: both come from the ephemeral range):
-        // then the mock exits, and starts again on another.
+        // test's server or outgoing connection): then the mock exits, or
+        // another process answers on it, and it starts again on another.
         for _ in 0..3 {
             let port = free_port();
             let mut child = Mock::spawn(port, args);
             let url = format!("http://127.0.0.1:{port}/health");
-            match try_wait_ready(&url, &mut child, Duration::from_secs(10), "runestone-mock") {
-                Ok(()) => return Mock { port, child },
-                Err(e) if e.contains("exited during start-up") => continue,
-                Err(e) => panic!("{e}"),
+            let ready = try_wait_ready(&url, &mut child, Duration::from_secs(10), "runestone-mock");
+            let pid = ureq::get(&format!("http://127.0.0.1:{port}/_mock/pid"))
+                .call()
+                .ok()
+                .and_then(|r| r.into_string().ok());
+            if ready.is_ok() && pid == Some(child.id().to_string()) {
+                return Mock { port, child };
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            match ready {
+                Err(e) if !e.contains("exited during start-up") => panic!("{e}"),
+                _ => continue,
             }
         }
         panic!("runestone-mock exited during start-up three times (no free port?)");

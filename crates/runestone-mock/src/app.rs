@@ -100,6 +100,15 @@ impl MockApp {
                 retry_after: None,
                 tokens: None,
             },
+            // Which process answers (a test that started this one checks
+            // it is not another server that holds the port).
+            (Method::GET, "/_mock/pid") => Reply {
+                status: 200,
+                content_type: "text/plain",
+                body: Bytes::from(std::process::id().to_string()),
+                retry_after: None,
+                tokens: None,
+            },
             (Method::GET, "/_mock/stats") => {
                 let v = json!({
                     "requests": st.stats.requests.load(Ordering::Relaxed),
