@@ -273,3 +273,29 @@ fn fails_over_from_an_openai_target_to_an_anthropic_one() {
     assert_eq!(resp.header("x-runestone-attempts"), Some("3"));
     assert_eq!(resp.json()["object"], "chat.completion");
 }
+
+#[test]
+fn answers_read_whole_give_their_connection_back_to_the_pool() {
+    // Error answers passed on to the client and translated JSON answers are
+    // read whole before anything is sent: each used to close its pooled
+    // connection, so the next request dialled (a TLS handshake, for real).
+    let mock = Mock::start(&["--api-key", PROVIDER_KEY]);
+    let gw = Gateway::start(&anthropic(&mock));
+    let mut body = chat("claude", false);
+    body["max_tokens"] = json!(5);
+    for _ in 0..5 {
+        let resp = gw.post_json("/v1/chat/completions", TENANT_KEY, &body);
+        assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
+    }
+    mock.fault(json!({"status": 400, "count": 5}));
+    for _ in 0..5 {
+        let resp = gw.post_json("/v1/chat/completions", TENANT_KEY, &chat("mixed", false));
+        assert_eq!(resp.status, 400, "{}", String::from_utf8_lossy(&resp.body));
+    }
+    let stats = mock.stats();
+    assert_eq!(stats["requests"], 10, "{stats}");
+    assert_eq!(
+        stats["connections"], 1,
+        "one connection for all ten: {stats}"
+    );
+}

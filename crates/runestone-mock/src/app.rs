@@ -117,6 +117,7 @@ impl MockApp {
                     "prompt_tokens": st.stats.prompt_tokens.load(Ordering::Relaxed),
                     "completion_tokens": st.stats.completion_tokens.load(Ordering::Relaxed),
                     "disconnects": st.stats.disconnects.load(Ordering::Relaxed),
+                    "connections": lock(&st.stats.peers).len(),
                     "faults_pending": st.faults_pending.load(Ordering::Acquire),
                     "latency_ms": st.latency_ms.load(Ordering::Relaxed),
                 });
@@ -196,6 +197,9 @@ impl MockApp {
     /// Serves an API request.
     pub(crate) async fn api(&self, session: &mut ServerSession, body: Bytes) -> Outcome {
         let st = &self.state;
+        if let Some(peer) = session.client_addr().and_then(|a| a.as_inet()) {
+            st.stats.count_peer(*peer);
+        }
         let req = session.req_header();
         let path = req.uri.path();
         st.stats.count_request(path);

@@ -35,7 +35,13 @@ pub(crate) struct Stats {
     pub(crate) disconnects: AtomicU64,
     /// Requests per model named (at most [`MAX_OTHER_PATHS`] names).
     pub(crate) models: Mutex<HashMap<String, u64>>,
+    /// The client addresses API requests came from: how many connections
+    /// a proxy opened (at most [`MAX_PEERS`] kept).
+    pub(crate) peers: Mutex<std::collections::HashSet<std::net::SocketAddr>>,
 }
+
+/// How many client addresses [`Stats::peers`] keeps.
+const MAX_PEERS: usize = 100_000;
 
 impl Stats {
     /// Counts one API request to `path`.
@@ -66,6 +72,15 @@ impl Stats {
         self.prompt_tokens.store(0, Ordering::Relaxed);
         self.completion_tokens.store(0, Ordering::Relaxed);
         self.disconnects.store(0, Ordering::Relaxed);
+        lock(&self.peers).clear();
+    }
+
+    /// Notes the client address of an API request.
+    pub(crate) fn count_peer(&self, peer: std::net::SocketAddr) {
+        let mut peers = lock(&self.peers);
+        if peers.len() < MAX_PEERS {
+            peers.insert(peer);
+        }
     }
 
     /// Counts one request naming `model`.

@@ -306,9 +306,15 @@ impl Attempt<'_> {
         if !head.status.is_success() || (translated && !is_event_stream(&head)) {
             // An error answer, or a translated JSON one: read whole, then
             // decided on.
-            let body = self.read_whole(&mut body).await?;
+            let whole = self.read_whole(&mut body).await?;
+            drop(body);
+            let ttfb = answer.ttfb;
+            // Read to its end: the connection goes back to the pool (an
+            // error or a translated answer would otherwise cost the next
+            // request a new connection, and a TLS handshake).
+            self.release(answer).await;
             return self
-                .whole_answer(&head, body, answer.ttfb, client, report, settle, &redactor)
+                .whole_answer(&head, whole, ttfb, client, report, settle, &redactor)
                 .await;
         }
         let mut meter = if translated {
@@ -424,19 +430,7 @@ impl Attempt<'_> {
             )
             .await;
         match end {
-            BodyEnd::Complete if answer.upstream.response_done() => {
-                let Answer { upstream, peer, .. } = *answer;
-                if let HttpSession::H1(done) = upstream {
-                    // Boxed: a large future, for the last moment of a
-                    // request, that would otherwise size its whole state.
-                    Box::pin(self.forwarder.connector.release_http_session(
-                        done,
-                        &*peer,
-                        peer.options.idle_timeout,
-                    ))
-                    .await;
-                }
-            }
+            BodyEnd::Complete => self.release(answer).await,
             // Left for the forwarder to continue elsewhere.
             BodyEnd::ProviderBroke(message) if client.resumable() => {
                 return Ok(Attempted::StreamBroken(ApiError::upstream_error(message)))
@@ -444,6 +438,25 @@ impl Attempt<'_> {
             _ => {}
         }
         Ok(Attempted::Answered)
+    }
+
+    /// Returns the answer's connection to the pool when the provider's
+    /// response was read to its end (and it keeps connections alive).
+    async fn release(&self, mut answer: Box<Answer>) {
+        if !answer.upstream.response_done() {
+            return;
+        }
+        let Answer { upstream, peer, .. } = *answer;
+        if let HttpSession::H1(done) = upstream {
+            // Boxed: a large future, for the last moment of a request, that
+            // would otherwise size its whole state.
+            Box::pin(self.forwarder.connector.release_http_session(
+                done,
+                &*peer,
+                peer.options.idle_timeout,
+            ))
+            .await;
+        }
     }
 
     /// Reads a whole answer body (up to a bound), each gap within the idle
