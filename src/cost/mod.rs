@@ -150,6 +150,14 @@ struct PromptDetails {
 
 impl UsageWire {
     fn into_usage(self) -> Option<Usage> {
+        // `{}` (or only names the gateway does not read) reports nothing:
+        // counted, not billed as zero.
+        if self.prompt_tokens.is_none()
+            && self.completion_tokens.is_none()
+            && self.seconds.is_none()
+        {
+            return None;
+        }
         let prompt = self.prompt_tokens.unwrap_or(0);
         let completion = self.completion_tokens.unwrap_or(0);
         let cached = self

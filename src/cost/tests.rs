@@ -369,3 +369,17 @@ fn a_responses_stream_ending_with_an_event_too_long_to_hold_is_finished_and_bill
         assert_eq!((usage.prompt_tokens, usage.completion_tokens), (10, 50000));
     }
 }
+
+#[test]
+fn an_empty_usage_object_reports_nothing_and_is_counted() {
+    let body =
+        br#"{"choices":[{"message":{"role":"assistant","content":"hello there"}}],"usage":{}}"#;
+    let usage = usage_from_json(body, 7);
+    assert!(usage.estimated, "{usage:?}");
+    assert_eq!(usage.prompt_tokens, 7);
+    assert!(usage.completion_tokens > 0);
+    let only_unread = br#"{"choices":[],"usage":{"total_tokens":9}}"#;
+    assert!(usage_from_json(only_unread, 3).estimated);
+    let transcription = br#"{"text":"hi","usage":{"type":"duration","seconds":2.5}}"#;
+    assert!(!usage_from_json(transcription, 0).estimated);
+}

@@ -61,14 +61,16 @@ pub trait Adapter: Sync {
     }
 
     /// A whole JSON answer in OpenAI's shape, answering as `public_model`,
-    /// with its usage; an error answer becomes the OpenAI error of the same
-    /// class. Only called when [`Adapter::translates_answers`].
+    /// with its usage (`None`, and `usage: null` in the answer, when the
+    /// provider reported none to bill by: the gateway counts); an error
+    /// answer becomes the OpenAI error of the same class. Only called when
+    /// [`Adapter::translates_answers`].
     fn translate_answer(
         &self,
         status: u16,
         body: &[u8],
         public_model: &str,
-    ) -> Result<(Vec<u8>, Usage), ApiError> {
+    ) -> Result<(Vec<u8>, Option<Usage>), ApiError> {
         let _ = (body, public_model);
         Err(ApiError::internal(format!(
             "answer translation asked of a pass-through provider (status {status})"

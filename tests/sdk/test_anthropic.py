@@ -1,10 +1,13 @@
 """The OpenAI Python SDK against an Anthropic-kind route: the gateway speaks
 the Messages API upstream and OpenAI to the client."""
 
+import json
+
+import httpx
 import openai
 import pytest
 
-from conftest import Gateway
+from conftest import PROVIDER_KEY, TENANT_KEY, Gateway, LocalServer, Runestone, server_yaml
 
 
 def test_chat(client, mock):
@@ -129,3 +132,61 @@ def test_a_tool_only_stream_leaves_the_content_null(client):
     message = final.choices[0].message
     assert message.content is None
     assert message.tool_calls[0].function.name == "lookup"
+
+
+class ScriptedClaude(LocalServer):
+    """An Anthropic Messages endpoint answering with the usage it is told."""
+
+    def __init__(self):
+        self.usage = None
+        super().__init__(self.answer)
+
+    def answer(self, request, body):
+        message = {"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-x",
+                   "content": [{"type": "text", "text": "a short answer of a few words"}],
+                   "stop_reason": "end_turn", "usage": self.usage}
+        return 200, "application/json", json.dumps(message).encode()
+
+
+def test_an_answer_without_usage_to_bill_by_is_counted_not_billed_as_reported():
+    provider = ScriptedClaude()
+
+    def config(port, metrics_port, directory):
+        return server_yaml(port, metrics_port, directory) + f"""
+providers:
+  - {{ name: claude, kind: anthropic, base_url: "http://127.0.0.1:{provider.port}", api_key: "{PROVIDER_KEY}" }}
+models:
+  - name: claude
+    targets: [{{ provider: claude, model: claude-x }}]
+pricing:
+  claude: {{ input: 3, output: 15 }}
+tenants:
+  - id: acme
+    keys: ["{TENANT_KEY}"]
+"""
+
+    gateway = Runestone(config)
+    try:
+        client = gateway.client()
+        for usage in [None, {}, {"input_tokens": 1e15, "output_tokens": 5},
+                      {"input_tokens": 10, "output_tokens": -5}]:
+            provider.usage = usage
+            answer = client.chat.completions.create(
+                model="claude", max_tokens=20, messages=[{"role": "user", "content": "Say something short"}])
+            assert answer.choices[0].message.content == "a short answer of a few words"
+            # The gateway's own count, in the answer and in the bill.
+            assert 0 < answer.usage.completion_tokens < 20, usage
+            assert 0 < answer.usage.prompt_tokens < 100, usage
+        provider.usage = {"input_tokens": 11, "output_tokens": 7}
+        answer = client.chat.completions.create(
+            model="claude", max_tokens=20, messages=[{"role": "user", "content": "Say something short"}])
+        assert (answer.usage.prompt_tokens, answer.usage.completion_tokens) == (11, 7)
+        billed = httpx.get(f"http://127.0.0.1:{gateway.port}/v1/usage",
+                           headers={"authorization": f"Bearer {TENANT_KEY}"}, timeout=10).json()
+        assert billed["requests"] == 5
+        assert billed["estimated_requests"] == 4
+        assert billed["prompt_tokens"] < 500, billed
+        assert billed["cost_usd"] < 0.01, billed
+    finally:
+        gateway.stop()
+        provider.stop()

@@ -440,6 +440,21 @@ impl Attempt<'_> {
         Ok(Attempted::Answered)
     }
 
+    /// A translated answer whose provider reported no usage to bill by:
+    /// the gateway's count (the prompt as estimated, the generated text as
+    /// the model's encoding counts it), written into the answer as well.
+    async fn counted(&self, answer: Vec<u8>) -> (Vec<u8>, crate::cost::Usage) {
+        let model = &self.route.targets[self.backend.target].model;
+        crate::cost::Encoding::for_model(model).ready().await;
+        let usage = crate::cost::usage_from_json_counted(&answer, self.exchange.estimate, model);
+        let mut value: serde_json::Value = match serde_json::from_slice(&answer) {
+            Ok(value) => value,
+            Err(_) => return (answer, usage),
+        };
+        value["usage"] = crate::providers::anthropic::usage_json(&usage);
+        (serde_json::to_vec(&value).unwrap_or(answer), usage)
+    }
+
     /// Returns the answer's connection to the pool when the provider's
     /// response was read to its end (and it keeps connections alive).
     async fn release(&self, mut answer: Box<Answer>) {
@@ -552,6 +567,11 @@ impl Attempt<'_> {
             let (answer, usage) = kind
                 .translate_answer(status, &body, &self.route.name)
                 .map_err(|e| self.deployment_failure(e))?;
+            let (answer, usage) = match usage {
+                Some(usage) => (answer, usage),
+                // Nothing to bill by: the gateway's count, in the answer too.
+                None => self.counted(answer).await,
+            };
             report.usage = Some(usage);
             if let Some(capture) = self.describes() {
                 report.answer =

@@ -18,24 +18,34 @@ pub(super) fn finish_reason(stop_reason: Option<&str>) -> Option<&'static str> {
 
 /// Anthropic usage as OpenAI's: cache reads and writes are prompt tokens,
 /// cache reads are the cached ones.
-pub(super) fn usage_of(usage: &Value) -> Usage {
-    let n = |key: &str| {
-        usage[key]
+/// `None` when it reports nothing the gateway can bill by: not an object,
+/// neither input nor output tokens, or a count that is not a whole number
+/// of tokens a request could use (negative, fractional, past
+/// [`crate::cost::MAX_REPORTED_TOKENS`]); then the gateway counts, as it
+/// does for an OpenAI-format answer.
+pub(super) fn usage_of(usage: &Value) -> Option<Usage> {
+    let usage = usage.as_object()?;
+    if !usage.contains_key("input_tokens") && !usage.contains_key("output_tokens") {
+        return None;
+    }
+    let n = |key: &str| match usage.get(key) {
+        None | Some(Value::Null) => Some(0),
+        Some(v) => v
             .as_u64()
-            .unwrap_or(0)
-            .min(crate::cost::MAX_REPORTED_TOKENS)
+            .filter(|&n| n <= crate::cost::MAX_REPORTED_TOKENS),
     };
-    let cache_read = n("cache_read_input_tokens");
-    Usage {
-        prompt_tokens: n("input_tokens") + cache_read + n("cache_creation_input_tokens"),
-        completion_tokens: n("output_tokens"),
+    let cache_read = n("cache_read_input_tokens")?;
+    Some(Usage {
+        prompt_tokens: n("input_tokens")? + cache_read + n("cache_creation_input_tokens")?,
+        completion_tokens: n("output_tokens")?,
         cached_tokens: cache_read,
         estimated: false,
         ..Default::default()
-    }
+    })
 }
 
-pub(super) fn usage_json(usage: &Usage) -> Value {
+/// Usage as an OpenAI answer's `usage` member.
+pub fn usage_json(usage: &Usage) -> Value {
     json!({
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.completion_tokens,
@@ -50,8 +60,13 @@ pub(super) fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// Translates a Messages API answer into a `chat.completion`, with its usage.
-pub fn to_chat_completion(body: &[u8], public_model: &str) -> Result<(Vec<u8>, Usage), ApiError> {
+/// Translates a Messages API answer into a `chat.completion`, with its
+/// usage; `None` (and `usage: null` in the answer) when the provider
+/// reported none the gateway can bill by: it counts, and fills it in.
+pub fn to_chat_completion(
+    body: &[u8],
+    public_model: &str,
+) -> Result<(Vec<u8>, Option<Usage>), ApiError> {
     let message: Value = serde_json::from_slice(body).map_err(|e| {
         ApiError::upstream_error(format!("The provider answered with invalid JSON: {e}"))
     })?;
@@ -93,7 +108,7 @@ pub fn to_chat_completion(body: &[u8], public_model: &str) -> Result<(Vec<u8>, U
             },
             "logprobs": null,
         }],
-        "usage": usage_json(&usage),
+        "usage": usage.as_ref().map(usage_json),
     });
     Ok((
         serde_json::to_vec(&completion).expect("a JSON value serialises"),

@@ -24,7 +24,7 @@ mod stream;
 #[cfg(test)]
 mod tests;
 
-pub use answer::{to_chat_completion, to_openai_error};
+pub use answer::{to_chat_completion, to_openai_error, usage_json};
 pub use request::{to_messages_request, FIELDS, STRUCTURED_TOOL};
 pub use stream::StreamTranslator;
 
@@ -78,7 +78,7 @@ impl super::Adapter for Anthropic {
         status: u16,
         body: &[u8],
         public_model: &str,
-    ) -> Result<(Vec<u8>, Usage), ApiError> {
+    ) -> Result<(Vec<u8>, Option<Usage>), ApiError> {
         if !(200..300).contains(&status) {
             return Err(to_openai_error(status, body));
         }

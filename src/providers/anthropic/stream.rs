@@ -19,6 +19,9 @@ pub struct StreamTranslator {
     include_usage: bool,
     usage: Usage,
     saw_usage: bool,
+    /// The provider reported usage the gateway cannot bill by (see
+    /// `usage_of`): none of it is, and the gateway counts.
+    untrusted: bool,
     tool_index: std::collections::HashMap<u64, usize>,
     /// The content block of a JSON response_format's forced tool: its
     /// input is streamed as the answer's content.
@@ -41,6 +44,7 @@ impl StreamTranslator {
             include_usage,
             usage: Usage::default(),
             saw_usage: false,
+            untrusted: false,
             tool_index: Default::default(),
             structured: None,
             finished: false,
@@ -51,7 +55,7 @@ impl StreamTranslator {
 
     /// Usage reported so far (cache tokens included), if any.
     pub fn usage(&self) -> Option<Usage> {
-        self.saw_usage.then_some(self.usage)
+        (self.saw_usage && !self.untrusted).then_some(self.usage)
     }
 
     /// Bytes of generated text and tool arguments seen, for an estimate
@@ -135,8 +139,13 @@ impl StreamTranslator {
                     .unwrap_or("chatcmpl-anthropic")
                     .to_string();
                 if message["usage"].is_object() {
-                    self.usage = usage_of(&message["usage"]);
-                    self.saw_usage = true;
+                    match usage_of(&message["usage"]) {
+                        Some(usage) => {
+                            self.usage = usage;
+                            self.saw_usage = true;
+                        }
+                        None => self.untrusted = true,
+                    }
                 }
                 // Content is null until some comes: a tool-only answer keeps it so.
                 let chunk = self.chunk(json!({"role": "assistant", "content": null}), None);
@@ -187,13 +196,17 @@ impl StreamTranslator {
             }
             "message_delta" => {
                 if event["usage"].is_object() {
-                    let update = usage_of(&event["usage"]);
-                    self.usage.completion_tokens = update.completion_tokens;
-                    if update.prompt_tokens > 0 {
-                        self.usage.prompt_tokens = update.prompt_tokens;
-                        self.usage.cached_tokens = update.cached_tokens;
+                    match usage_of(&event["usage"]) {
+                        Some(update) => {
+                            self.usage.completion_tokens = update.completion_tokens;
+                            if update.prompt_tokens > 0 {
+                                self.usage.prompt_tokens = update.prompt_tokens;
+                                self.usage.cached_tokens = update.cached_tokens;
+                            }
+                            self.saw_usage = true;
+                        }
+                        None => self.untrusted = true,
                     }
-                    self.saw_usage = true;
                 }
                 let finish = match finish_reason(event["delta"]["stop_reason"].as_str()) {
                     Some("tool_calls") if self.structured.is_some() => "stop",

@@ -124,15 +124,47 @@ fn translates_a_json_answer_with_cache_usage() {
     assert_eq!(out["choices"][0]["finish_reason"], "tool_calls");
     assert_eq!(
         usage,
-        Usage {
+        Some(Usage {
             prompt_tokens: 33,
             completion_tokens: 5,
             cached_tokens: 20,
             estimated: false,
             ..Default::default()
-        }
+        })
     );
     assert_eq!(out["usage"]["prompt_tokens_details"]["cached_tokens"], 20);
+}
+
+#[test]
+fn usage_that_cannot_be_billed_by_is_left_for_the_gateway_to_count() {
+    let answer = |usage: Value| {
+        let answer = json!({
+            "id": "msg_1", "type": "message", "role": "assistant",
+            "content": [{"type": "text", "text": "Hello"}], "stop_reason": "end_turn",
+            "usage": usage,
+        });
+        to_chat_completion(answer.to_string().as_bytes(), "public").unwrap()
+    };
+    for usage in [
+        Value::Null,
+        json!({}),
+        json!({"service_tier": "standard"}),
+        json!({"input_tokens": 1e15, "output_tokens": 5}),
+        json!({"input_tokens": 10, "output_tokens": -5}),
+        json!({"input_tokens": 10, "output_tokens": 2.5}),
+        json!({"input_tokens": 10, "output_tokens": "5"}),
+        json!({"input_tokens": 10, "output_tokens": 5, "cache_read_input_tokens": -1}),
+    ] {
+        let (body, billed) = answer(usage.clone());
+        assert_eq!(billed, None, "{usage}");
+        let out: Value = serde_json::from_slice(&body).unwrap();
+        assert!(out["usage"].is_null(), "{usage}: {out}");
+    }
+    let (_, billed) = answer(json!({"output_tokens": 5}));
+    assert_eq!(
+        billed.map(|u| (u.prompt_tokens, u.completion_tokens)),
+        Some((0, 5))
+    );
 }
 
 const STREAM: &str = "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_9\",\"type\":\"message\",\"role\":\"assistant\",\"usage\":{\"input_tokens\":12,\"output_tokens\":1,\"cache_read_input_tokens\":4}}}\n\nevent: ping\ndata: {\"type\":\"ping\"}\n\nevent: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\nevent: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"Hel\"}}\n\nevent: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"lo\"}}\n\nevent: content_block_stop\ndata: {\"type\":\"content_block_stop\",\"index\":0}\n\nevent: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":1,\"content_block\":{\"type\":\"tool_use\",\"id\":\"tu_1\",\"name\":\"f\",\"input\":{}}}\n\nevent: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":1,\"delta\":{\"type\":\"input_json_delta\",\"partial_json\":\"{\\\"a\\\":\"}}\n\nevent: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":1,\"delta\":{\"type\":\"input_json_delta\",\"partial_json\":\"1}\"}}\n\nevent: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"tool_use\"},\"usage\":{\"output_tokens\":7}}\n\nevent: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
@@ -493,4 +525,18 @@ fn the_readme_table_is_this_table() {
         let row = format!("| `{field}` | {what} |");
         assert!(readme.contains(&row), "README.md lacks: {row}");
     }
+}
+
+#[test]
+fn a_stream_with_usage_that_cannot_be_billed_by_reports_none() {
+    let feed = |stream: &str| {
+        let mut translator = StreamTranslator::new("public", false);
+        translator.feed(stream.as_bytes());
+        translator.usage()
+    };
+    assert!(feed(STREAM).is_some());
+    let impossible = STREAM.replace("\"input_tokens\":12", "\"input_tokens\":1e15");
+    assert_eq!(feed(&impossible), None, "an impossible prompt count");
+    let negative = STREAM.replace("\"output_tokens\":7", "\"output_tokens\":-7");
+    assert_eq!(feed(&negative), None, "a negative completion count");
 }
