@@ -310,6 +310,11 @@ impl Probe<'_> {
             .any(|c| c.finish_reason.is_some_and(|r| r.get() != "null"))
     }
 
+    /// Whether the event has a `usage` object, readable or not.
+    fn has_usage_object(&self) -> bool {
+        self.usage.is_some_and(|u| u.get().starts_with('{'))
+    }
+
     fn usage(&self) -> Option<Usage> {
         match (self.usage, &self.response) {
             (Some(usage), _) => reported_usage(usage),

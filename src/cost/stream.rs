@@ -320,9 +320,11 @@ impl StreamMeter {
         self.saw_choices |= has_choices;
         if let Some(usage) = probe.usage() {
             self.usage = Some(usage);
-            if !has_choices && self.strip_usage {
-                return Verdict::Drop;
-            }
+        }
+        // The usage chunk the gateway asked for, whether or not its usage
+        // could be read (`{}`, impossible counts): never the client's.
+        if !has_choices && self.strip_usage && probe.has_usage_object() {
+            return Verdict::Drop;
         }
         Verdict::Keep
     }

@@ -383,3 +383,18 @@ fn an_empty_usage_object_reports_nothing_and_is_counted() {
     let transcription = br#"{"text":"hi","usage":{"type":"duration","seconds":2.5}}"#;
     assert!(!usage_from_json(transcription, 0).estimated);
 }
+
+#[test]
+fn a_usage_chunk_the_gateway_asked_for_is_taken_out_even_when_unreadable() {
+    for usage in ["{}", r#"{"prompt_tokens":1e15,"completion_tokens":2}"#] {
+        let text = format!(
+            "data: {{\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"hi\"}},\"finish_reason\":\"stop\"}}]}}\n\n\
+             data: {{\"choices\":[],\"usage\":{usage}}}\n\ndata: [DONE]\n\n"
+        );
+        let mut meter = StreamMeter::new(true);
+        let out = run(&mut meter, &text, 7);
+        assert!(!out.contains("\"usage\""), "{usage}: {out}");
+        assert!(out.contains("[DONE]") && out.contains("hi"), "{out}");
+        assert!(meter.reported_usage().is_none(), "{usage}");
+    }
+}

@@ -19,25 +19,32 @@ pub(super) fn finish_reason(stop_reason: Option<&str>) -> Option<&'static str> {
 /// Anthropic usage as OpenAI's: cache reads and writes are prompt tokens,
 /// cache reads are the cached ones.
 /// `None` when it reports nothing the gateway can bill by: not an object,
-/// neither input nor output tokens, or a count that is not a whole number
-/// of tokens a request could use (negative, fractional, past
-/// [`crate::cost::MAX_REPORTED_TOKENS`]); then the gateway counts, as it
-/// does for an OpenAI-format answer.
-pub(super) fn usage_of(usage: &Value) -> Option<Usage> {
+/// no `output_tokens` (nor `input_tokens` when `whole`: an answer's or a
+/// stream's start; a stream's final delta may leave it out), or a count
+/// that is not a whole number of tokens a request could use (null,
+/// negative, fractional, past [`crate::cost::MAX_REPORTED_TOKENS`]); then
+/// the gateway counts, as it does for an OpenAI-format answer.
+pub(super) fn usage_of(usage: &Value, whole: bool) -> Option<Usage> {
     let usage = usage.as_object()?;
-    if !usage.contains_key("input_tokens") && !usage.contains_key("output_tokens") {
-        return None;
-    }
-    let n = |key: &str| match usage.get(key) {
-        None | Some(Value::Null) => Some(0),
-        Some(v) => v
-            .as_u64()
-            .filter(|&n| n <= crate::cost::MAX_REPORTED_TOKENS),
+    let count = |v: &Value| {
+        v.as_u64()
+            .filter(|&n| n <= crate::cost::MAX_REPORTED_TOKENS)
     };
-    let cache_read = n("cache_read_input_tokens")?;
+    // Cache counts may be left out or null; the others must be there.
+    let optional = |key: &str| match usage.get(key) {
+        None | Some(Value::Null) => Some(0),
+        Some(v) => count(v),
+    };
+    let required = |key: &str| usage.get(key).and_then(count);
+    let input = if whole {
+        required("input_tokens")?
+    } else {
+        optional("input_tokens")?
+    };
+    let cache_read = optional("cache_read_input_tokens")?;
     Some(Usage {
-        prompt_tokens: n("input_tokens")? + cache_read + n("cache_creation_input_tokens")?,
-        completion_tokens: n("output_tokens")?,
+        prompt_tokens: input + cache_read + optional("cache_creation_input_tokens")?,
+        completion_tokens: required("output_tokens")?,
         cached_tokens: cache_read,
         estimated: false,
         ..Default::default()
@@ -89,7 +96,7 @@ pub fn to_chat_completion(
             _ => {}
         }
     }
-    let usage = usage_of(&message["usage"]);
+    let usage = usage_of(&message["usage"], true);
     let mut reply = json!({"role": "assistant", "content": if text.is_empty() && !tool_calls.is_empty() { Value::Null } else { json!(text) }});
     if !tool_calls.is_empty() {
         reply["tool_calls"] = Value::Array(tool_calls);

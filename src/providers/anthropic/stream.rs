@@ -22,6 +22,8 @@ pub struct StreamTranslator {
     /// The provider reported usage the gateway cannot bill by (see
     /// `usage_of`): none of it is, and the gateway counts.
     untrusted: bool,
+    /// The prompt's counts came (with the stream's start, or a delta).
+    prompt_known: bool,
     tool_index: std::collections::HashMap<u64, usize>,
     /// The content block of a JSON response_format's forced tool: its
     /// input is streamed as the answer's content.
@@ -45,6 +47,7 @@ impl StreamTranslator {
             usage: Usage::default(),
             saw_usage: false,
             untrusted: false,
+            prompt_known: false,
             tool_index: Default::default(),
             structured: None,
             finished: false,
@@ -139,10 +142,12 @@ impl StreamTranslator {
                     .unwrap_or("chatcmpl-anthropic")
                     .to_string();
                 if message["usage"].is_object() {
-                    match usage_of(&message["usage"]) {
+                    // The prompt's counts; the completion's come with the
+                    // final delta (`output_tokens` here is a placeholder).
+                    match usage_of(&message["usage"], true) {
                         Some(usage) => {
                             self.usage = usage;
-                            self.saw_usage = true;
+                            self.prompt_known = true;
                         }
                         None => self.untrusted = true,
                     }
@@ -196,14 +201,16 @@ impl StreamTranslator {
             }
             "message_delta" => {
                 if event["usage"].is_object() {
-                    match usage_of(&event["usage"]) {
+                    match usage_of(&event["usage"], false) {
                         Some(update) => {
                             self.usage.completion_tokens = update.completion_tokens;
                             if update.prompt_tokens > 0 {
                                 self.usage.prompt_tokens = update.prompt_tokens;
                                 self.usage.cached_tokens = update.cached_tokens;
+                                self.prompt_known = true;
                             }
-                            self.saw_usage = true;
+                            // Both halves known: the provider's report.
+                            self.saw_usage = self.prompt_known;
                         }
                         None => self.untrusted = true,
                     }

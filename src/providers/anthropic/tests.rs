@@ -160,10 +160,19 @@ fn usage_that_cannot_be_billed_by_is_left_for_the_gateway_to_count() {
         let out: Value = serde_json::from_slice(&body).unwrap();
         assert!(out["usage"].is_null(), "{usage}: {out}");
     }
-    let (_, billed) = answer(json!({"output_tokens": 5}));
+    for half in [
+        json!({"output_tokens": 5}),
+        json!({"input_tokens": 10}),
+        json!({"input_tokens": null, "output_tokens": null}),
+        json!({"input_tokens": 10, "output_tokens": null}),
+    ] {
+        assert_eq!(answer(half.clone()).1, None, "half a report: {half}");
+    }
+    let (_, billed) = answer(json!({"input_tokens": 10, "output_tokens": 5,
+        "cache_read_input_tokens": null, "server_tool_use": {"web_search_requests": 1}}));
     assert_eq!(
         billed.map(|u| (u.prompt_tokens, u.completion_tokens)),
-        Some((0, 5))
+        Some((10, 5))
     );
 }
 
@@ -539,4 +548,9 @@ fn a_stream_with_usage_that_cannot_be_billed_by_reports_none() {
     assert_eq!(feed(&impossible), None, "an impossible prompt count");
     let negative = STREAM.replace("\"output_tokens\":7", "\"output_tokens\":-7");
     assert_eq!(feed(&negative), None, "a negative completion count");
+    // The start's output count is a placeholder: without the final delta's
+    // usage the completion is the gateway's to count.
+    let no_delta_usage = STREAM.replace(",\"usage\":{\"output_tokens\":7}", "");
+    assert_ne!(no_delta_usage, STREAM);
+    assert_eq!(feed(&no_delta_usage), None, "no final usage");
 }
