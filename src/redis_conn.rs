@@ -72,13 +72,7 @@ impl RedisConnection {
 
     /// The connection; must be called inside the Tokio runtime.
     pub fn get(&self) -> Option<Conn> {
-        self.conn
-            .get_or_init(|| {
-                Conn::open(&self.settings)
-                    .map_err(|e| warn!(kind = ?e.kind(), error = %scrub(&e.to_string()), mode = self.settings.target.mode(), "cannot set up the Redis client; limits stay in-process and parking refuses"))
-                    .ok()
-            })
-            .clone()
+        self.conn.get_or_init(|| self.open()).clone()
     }
 
     /// A connection of its own, set up as [`RedisConnection::get`]'s (and,
@@ -87,6 +81,12 @@ impl RedisConnection {
     /// round trip never wakes another thread (on a gateway pinned to one
     /// core, each wake-up is a context switch).
     pub fn dedicated(&self) -> Option<Conn> {
+        self.open()
+    }
+
+    /// Sets up a connection as the settings name (`None`, logged, when
+    /// the client cannot be set up).
+    fn open(&self) -> Option<Conn> {
         Conn::open(&self.settings)
             .map_err(|e| warn!(kind = ?e.kind(), error = %scrub(&e.to_string()), mode = self.settings.target.mode(), "cannot set up the Redis client; limits stay in-process and parking refuses"))
             .ok()

@@ -111,22 +111,20 @@ impl Gateway {
         connector: Connector,
         redis: Option<Arc<crate::redis_conn::RedisConnection>>,
     ) -> Self {
-        let shared = config
-            .redis
-            .as_ref()
+        let settings = config.redis.as_ref().filter(|_| redis.is_some());
+        let shared = settings
             .zip(redis)
             .map(|(settings, conn)| (conn, settings.key_prefix.clone(), settings.timeout));
         // The cache's own connection, made by the first request that looks
         // an answer up: its drivers run on the requests' runtime, so a
         // lookup wakes no other thread.
-        let own = |(_, prefix, timeout): &(_, String, _)| {
-            let settings = config.redis.as_ref()?;
+        let own = settings.map(|settings| {
             let conn = Arc::new(crate::redis_conn::RedisConnection::new(settings));
-            Some((conn, prefix.clone(), *timeout))
-        };
+            (conn, settings.key_prefix.clone(), settings.timeout)
+        });
         let cache = config
             .cache
-            .map(|settings| crate::cache::Cache::new(settings, shared.as_ref().and_then(own)));
+            .map(|settings| crate::cache::Cache::new(settings, own));
         let stored = stored::StoredResponses::new(shared, config.tenants.len());
         Gateway {
             stored,

@@ -43,9 +43,9 @@ pub(super) struct Attempt<'a> {
     pub span_id: Option<[u8; 8]>,
 }
 
-/// What the upstream connection is, once the answer's head is in.
-/// An answer whose head is in; boxed when passed on (a pooled connection
-/// and its peer are more than a kilobyte, in every request's state).
+/// What the upstream connection is, once the answer's head is in; boxed
+/// when passed on (a pooled connection and its peer are more than a
+/// kilobyte, in every request's state).
 struct Answer {
     upstream: HttpSession,
     peer: Box<pingora::upstreams::peer::HttpPeer>,

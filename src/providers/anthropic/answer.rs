@@ -18,6 +18,7 @@ pub(super) fn finish_reason(stop_reason: Option<&str>) -> Option<&'static str> {
 
 /// Anthropic usage as OpenAI's: cache reads and writes are prompt tokens,
 /// cache reads are the cached ones.
+///
 /// `None` when it reports nothing the gateway can bill by: not an object,
 /// no `output_tokens` (nor `input_tokens` when `whole`: an answer's or a
 /// stream's start; a stream's final delta may leave it out), or a count
