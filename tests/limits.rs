@@ -868,9 +868,13 @@ fn a_settlement_sent_again_after_a_frozen_redis_counts_once() {
     runtime.block_on(async {
         let (limiter, _stop) = redis_limiter(&redis, "{ requests_per_minute: 1000 }");
         limiter.redis().unwrap().connect().await;
-        let grant = limiter.admit(0, 10).await.expect("admitted");
-        limiter.settle(grant, used(5)).await;
-        assert_eq!(usage_requests(&redis), "1");
+        // 31 batches first: the frozen one is the 32nd, the last bit (the
+        // sign bit) of its record's field.
+        for _ in 0..31 {
+            let grant = limiter.admit(0, 10).await.expect("admitted");
+            limiter.settle(grant, used(5)).await;
+        }
+        assert_eq!(usage_requests(&redis), "31");
         let grant = limiter.admit(0, 10).await.expect("admitted");
         redis.freeze();
         limiter.settle(grant, used(5)).await;
@@ -904,10 +908,40 @@ fn a_settlement_sent_again_after_a_frozen_redis_counts_once() {
         });
         let report = limiter.usage(0).await;
         assert!(!report.partial);
-        assert_eq!(report.usage.requests, 2, "two requests settled, each once");
-        assert_eq!(report.usage.cost_pusd, 2000);
+        assert_eq!(report.usage.requests, 32, "32 requests settled, each once");
+        assert_eq!(report.usage.cost_pusd, 32_000);
     });
-    assert_eq!(usage_requests(&redis), "2");
+    assert_eq!(usage_requests(&redis), "32");
+}
+
+/// Redis remembers which settlement batches it applied (so a copy counts
+/// once) in one bit each, 32 to a hash field, in a key that expires: a busy
+/// tenant's records stay kilobytes, not an entry per batch.
+#[test]
+fn applied_settlements_are_remembered_a_bit_each_and_expire() {
+    let redis = Redis::start();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let (limiter, _stop) = redis_limiter(&redis, "{ requests_per_minute: 100000 }");
+        limiter.redis().unwrap().connect().await;
+        for _ in 0..300 {
+            let grant = limiter.admit(0, 10).await.expect("admitted");
+            limiter.settle(grant, used(1)).await;
+        }
+    });
+    assert_eq!(usage_requests(&redis), "300");
+    let keys = redis.cli(&["KEYS", "runestone:{t}:settled:*"]);
+    let keys: Vec<&str> = keys.lines().filter(|k| !k.is_empty()).collect();
+    assert_eq!(keys.len(), 1, "one record key: {keys:?}");
+    assert_eq!(redis.cli(&["TYPE", keys[0]]).trim(), "hash");
+    let fields: u64 = redis.cli(&["HLEN", keys[0]]).trim().parse().unwrap();
+    assert!(fields <= 300 / 32 + 1, "a bit a batch: {fields} fields");
+    let ttl: i64 = redis.cli(&["PTTL", keys[0]]).trim().parse().unwrap();
+    assert!(ttl > 0 && ttl <= 600_000, "the record expires: {ttl} ms");
 }
 
 /// #14.4: a grant dropped without settling (its request's task panicked)

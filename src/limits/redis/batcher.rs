@@ -102,7 +102,7 @@ impl Batcher {
         }
         let unsettled: Vec<Unsettled> = settles
             .iter()
-            .map(|batch| Unsettled::from_ops(batch))
+            .map(|batch| Unsettled::from_ops(&self.keys[batch[0].tenant], batch))
             .collect();
         // Each command touches one tenant's keys (one hash slot).
         let commands: Vec<(usize, redis::Cmd)> = admits

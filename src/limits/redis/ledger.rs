@@ -17,7 +17,9 @@ use tracing::warn;
 /// until Redis confirms it.
 #[derive(Debug, Clone)]
 pub(super) struct Unsettled {
-    pub(super) id: String,
+    /// The batch's number among this instance's for the tenant (see
+    /// [`Keys::settled`]).
+    pub(super) batch: u64,
     pub(super) tenant: usize,
     pub(super) period_id: String,
     pub(super) rpm: u64,
@@ -29,15 +31,16 @@ pub(super) struct Unsettled {
 }
 
 impl Unsettled {
-    /// The batch for settlements that share a script call.
-    pub(super) fn from_ops(ops: &[SettleOp]) -> Self {
+    /// The batch for settlements that share a script call, numbered
+    /// among the tenant's (`keys`).
+    pub(super) fn from_ops(keys: &Keys, ops: &[SettleOp]) -> Self {
         let first = &ops[0];
         let mut usage = PeriodUsage::default();
         for op in ops {
             usage.add(&op.usage);
         }
         Unsettled {
-            id: crate::ids::random_token(),
+            batch: keys.new_batch(),
             tenant: first.tenant,
             period_id: first.period_id.clone(),
             rpm: first.rpm,
@@ -68,15 +71,16 @@ impl Unsettled {
             cmd.arg(SETTLE);
             cmd
         };
+        let (settled, bit) = keys.settled(self.batch);
         cmd.arg(4)
             .arg(&keys.rate)
             .arg(&keys.inflight)
             .arg(keys.usage(&self.period_id))
-            .arg(&keys.settled)
+            .arg(settled)
             .arg(self.rpm)
             .arg(self.tpm)
             .arg(usage_ttl_seconds(&self.period_id))
-            .arg(&self.id)
+            .arg(bit)
             .arg(SETTLED_TTL_MS)
             .arg(self.usage.requests)
             .arg(self.usage.prompt_tokens)
@@ -252,14 +256,18 @@ mod tests {
             rate: "p:{t}:rate".into(),
             inflight: "p:{t}:inflight".into(),
             usage_prefix: "p:{t}:usage:".into(),
-            settled: "p:{t}:settled".into(),
+            settled_prefix: "p:{t}:settled:i1:".into(),
+            next_batch: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
     #[test]
     fn a_batch_sums_usage_and_keeps_each_correction_and_lease() {
-        let batch =
-            Unsettled::from_ops(&[op(0, -5, "l1", 10), op(0, 0, "", 20), op(-1, -100, "l3", 0)]);
+        let keys = keys();
+        let batch = Unsettled::from_ops(
+            &keys,
+            &[op(0, -5, "l1", 10), op(0, 0, "", 20), op(-1, -100, "l3", 0)],
+        );
         assert_eq!(batch.usage.requests, 2);
         assert_eq!(batch.usage.cost_pusd, 30);
         assert_eq!(
@@ -268,13 +276,16 @@ mod tests {
             "no-op corrections are left out"
         );
         assert_eq!(batch.leases, ["l1", "l3"]);
-        assert_eq!(batch.id.len(), 32);
-        assert_ne!(batch.id, Unsettled::from_ops(&[op(0, 0, "", 0)]).id);
+        assert_eq!(batch.batch, 0);
+        assert_eq!(Unsettled::from_ops(&keys, &[op(0, 0, "", 0)]).batch, 1);
     }
 
     #[test]
     fn a_batch_is_sent_with_its_id_whole_or_by_hash() {
-        let batch = Unsettled::from_ops(&[op(0, -5, "l1", 10)]);
+        let keys = keys();
+        keys.next_batch
+            .store(65_538, std::sync::atomic::Ordering::Relaxed);
+        let batch = Unsettled::from_ops(&keys, &[op(0, -5, "l1", 10)]);
         let script = Script::new(SETTLE);
         let args = |cmd: &redis::Cmd| -> Vec<String> {
             cmd.args_iter()
@@ -284,7 +295,7 @@ mod tests {
                 })
                 .collect()
         };
-        let by_hash = args(&batch.command(&keys(), &script, true));
+        let by_hash = args(&batch.command(&keys, &script, true));
         assert_eq!(by_hash[0], "EVALSHA");
         assert_eq!(
             by_hash[2..7],
@@ -293,10 +304,11 @@ mod tests {
                 "p:{t}:rate",
                 "p:{t}:inflight",
                 "p:{t}:usage:2026-12",
-                "p:{t}:settled"
-            ]
+                "p:{t}:settled:i1:1"
+            ],
+            "the batch's block of 65,536"
         );
-        assert_eq!(by_hash[10], batch.id, "the id Redis records");
+        assert_eq!(by_hash[10], "2", "the batch's bit in its block");
         assert_eq!(by_hash[15], "10", "the summed cost");
         assert_eq!(by_hash[16], "0", "no request counted by the gateway");
         assert_eq!(by_hash[17..19], ["0", "0"], "no cache hits, nothing saved");
@@ -305,7 +317,7 @@ mod tests {
             ["1", "0", "-5", "l1"],
             "one correction, one lease"
         );
-        let whole = args(&batch.command(&keys(), &script, false));
+        let whole = args(&batch.command(&keys, &script, false));
         assert_eq!((whole[0].as_str(), whole[1].as_str()), ("EVAL", SETTLE));
         assert_eq!(whole[2..], by_hash[2..], "the same arguments either way");
     }
@@ -322,7 +334,7 @@ mod tests {
         );
         ledger
             .unsettled
-            .push(Unsettled::from_ops(&[op(0, 0, "", 100)]));
+            .push(Unsettled::from_ops(&keys(), &[op(0, 0, "", 100)]));
         assert_eq!(ledger.owed_spend(0, "2026-12"), 107);
         assert_eq!(ledger.owed_spend(0, "2026-11"), 0);
         assert_eq!(ledger.owed_spend(1, "2026-12"), 0);

@@ -38,6 +38,7 @@ use redis::{RedisResult, Script};
 use scripts::{AdmitAnswer, ADMIT, RENEW, SETTLE};
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
@@ -59,14 +60,38 @@ pub(super) struct Keys {
     pub(super) rate: String,
     pub(super) inflight: String,
     pub(super) usage_prefix: String,
-    /// Settlement batches applied recently (sorted set by expiry).
-    pub(super) settled: String,
+    /// The start of the keys recording which of this instance's settlement
+    /// batches Redis applied: `{prefix}:{tenant}:settled:{instance}:`,
+    /// then the batch number's block (see [`Keys::settled`]).
+    pub(super) settled_prefix: String,
+    /// The number the tenant's next settlement batch gets.
+    pub(super) next_batch: AtomicU64,
 }
+
+/// Settlement batches per record key: a hash of 2,048 fields at most.
+const BATCHES_PER_KEY: u64 = 1 << 16;
 
 impl Keys {
     /// The usage hash of one period: `{prefix}:{tenant}:usage:{period}`.
     pub(super) fn usage(&self, period_id: &str) -> String {
         format!("{}{period_id}", self.usage_prefix)
+    }
+
+    /// A number for a new settlement batch of this tenant.
+    pub(super) fn new_batch(&self) -> u64 {
+        self.next_batch.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Where Redis records that `batch` was applied: the key of its block
+    /// of [`BATCHES_PER_KEY`] batches, and its bit there (a field holds 32).
+    /// Two bytes or so a batch (a set of ids took about 130 bytes each:
+    /// 150 MB for a busy tenant's ten minutes), and a block's key expires
+    /// once its batches are older than [`scripts::SETTLED_TTL_MS`].
+    pub(super) fn settled(&self, batch: u64) -> (String, u64) {
+        (
+            format!("{}{}", self.settled_prefix, batch / BATCHES_PER_KEY),
+            batch % BATCHES_PER_KEY,
+        )
     }
 }
 
@@ -143,6 +168,9 @@ impl RedisStore {
         tenants: &[TenantSettings],
         conn: Arc<RedisConnection>,
     ) -> Self {
+        // Settlement batches are numbered per instance, so their records
+        // (one bit each) never collide with another instance's.
+        let instance = &crate::ids::random_token()[..16];
         let keys: Arc<[Keys]> = tenants
             .iter()
             .map(|t| {
@@ -151,7 +179,8 @@ impl RedisStore {
                     rate: format!("{base}:rate"),
                     inflight: format!("{base}:inflight"),
                     usage_prefix: format!("{base}:usage:"),
-                    settled: format!("{base}:settled"),
+                    settled_prefix: format!("{base}:settled:{instance}:"),
+                    next_batch: AtomicU64::new(0),
                 }
             })
             .collect();
@@ -575,7 +604,7 @@ impl RedisStore {
             let pending: Vec<((usize, String), PeriodUsage)> = ledger.pending.drain().collect();
             for ((tenant, period_id), usage) in pending {
                 ledger.unsettled.push(Unsettled {
-                    id: crate::ids::random_token(),
+                    batch: self.inner.keys[tenant].new_batch(),
                     tenant,
                     period_id,
                     rpm: 0,

@@ -60,28 +60,32 @@ return reply
 ";
 
 /// A batch of settlements of one tenant in one period, applied at most
-/// once: Redis records the batch id in `KEYS[4]` (a sorted set scored by
-/// expiry) and a batch it has seen is not applied again, so a batch sent
-/// again after its answer timed out (a frozen Redis runs the original when it
-/// thaws) counts once. ARGV: rpm, tpm, usage TTL (seconds, 0 to keep), batch
-/// id, id TTL (ms), the summed requests, prompt tokens, completion tokens,
+/// once: Redis sets the batch's bit in `KEYS[4]` (a hash of this
+/// instance's batches, 32 to a field) and a batch whose bit is set is not
+/// applied again, so a batch sent again after its answer timed out (a frozen
+/// Redis runs the original when it thaws) counts once. Only commands the
+/// documented ACL grants. ARGV: rpm, tpm, usage TTL (seconds, 0 to keep),
+/// the batch's bit, the record's TTL (ms), the summed requests, prompt tokens, completion tokens,
 /// cost (pUSD), requests whose tokens the gateway counted, cache hits and
 /// what they saved (pUSD), the number k
 /// of limit corrections, k pairs (request delta, token delta) in order, then
 /// the leases to release. Replies 1 when applied, 0 for a batch already
 /// applied.
 pub(super) const SETTLE: &str = r"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
-redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
-if redis.call('ZADD', KEYS[4], 'NX', now + tonumber(ARGV[5]), ARGV[4]) == 0 then return 0 end
-redis.call('PEXPIRE', KEYS[4], tonumber(ARGV[5]))
+local n = tonumber(ARGV[4])
+local field, mask = math.floor(n / 32), bit.lshift(1, n % 32)
+local word = tonumber(redis.call('HGET', KEYS[4], field) or '0')
+if bit.band(word, mask) ~= 0 then return 0 end
+redis.call('HSET', KEYS[4], field, bit.bor(word, mask))
+redis.call('PEXPIRE', KEYS[4], ARGV[5])
 local rpm, tpm, ttl, k = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[13])
-local function shift(tat, step)
-  if step > 0 then return math.max(tat, now) + step end
-  return math.max(tat + step, now)
-end
 if k > 0 and (rpm > 0 or tpm > 0) then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+  local function shift(tat, step)
+    if step > 0 then return math.max(tat, now) + step end
+    return math.max(tat + step, now)
+  end
   local tats = redis.call('HMGET', KEYS[1], 'requests_tat', 'tokens_tat')
   local rtat, ttat = tonumber(tats[1] or '0'), tonumber(tats[2] or '0')
   for i = 14, 12 + 2 * k, 2 do
@@ -108,11 +112,10 @@ end
 return 1
 ";
 
-/// How long Redis remembers a settlement batch it applied. Counted from
-/// when it applied it: a frozen Redis runs the original when it thaws, and
-/// the flush sends the copy within a probe interval of that, so minutes
-/// are ample. Entries are per round trip, not per request (a batch carries
-/// every settlement that waited together), which bounds their memory.
+/// How long Redis remembers a settlement batch it applied: at least this
+/// long from when it applied it (each batch of a block renews the block's
+/// key). A frozen Redis runs the original when it thaws, and the flush
+/// sends the copy within a probe interval of that, so minutes are ample.
 pub(super) const SETTLED_TTL_MS: u64 = 600_000;
 
 /// Renews this instance's leases of one tenant.
