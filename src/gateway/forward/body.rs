@@ -294,46 +294,89 @@ impl Meter {
 
 /// What a JSON answer (chat, completion, Responses) says about itself: its
 /// model, its finish reasons (a Responses answer's `status`) and, when
-/// `capture`, its generated text.
+/// `capture`, its generated text. Members are taken as raw JSON and only
+/// the strings kept are decoded (a tree of the whole answer cost a traced
+/// request some 25k instructions); a member of the wrong type is left out,
+/// as is an element of `choices` or `output` that is not an object.
 pub(super) fn answer_details(body: &[u8], capture: bool) -> AnswerDetails {
-    use serde_json::Value;
-    let Ok(Value::Object(answer)) = serde_json::from_slice::<Value>(body) else {
+    use serde_json::value::RawValue;
+    #[derive(serde::Deserialize)]
+    struct Answer<'a> {
+        #[serde(default, borrow)]
+        id: Option<&'a RawValue>,
+        #[serde(default, borrow)]
+        model: Option<&'a RawValue>,
+        #[serde(default, borrow)]
+        object: Option<&'a RawValue>,
+        #[serde(default, borrow)]
+        status: Option<&'a RawValue>,
+        #[serde(default, borrow)]
+        choices: Option<&'a RawValue>,
+        #[serde(default, borrow)]
+        output: Option<&'a RawValue>,
+    }
+    /// A choice (`finish_reason`, `message`, `text`), a message or a
+    /// Responses output item (`content`), a content part (`text`).
+    #[derive(serde::Deserialize)]
+    struct Member<'a> {
+        #[serde(default, borrow)]
+        finish_reason: Option<&'a RawValue>,
+        #[serde(default, borrow)]
+        message: Option<&'a RawValue>,
+        #[serde(default, borrow)]
+        content: Option<&'a RawValue>,
+        #[serde(default, borrow)]
+        text: Option<&'a RawValue>,
+    }
+    let text =
+        |raw: Option<&RawValue>| raw.and_then(|r| serde_json::from_str::<String>(r.get()).ok());
+    /// The elements of an array that are objects.
+    fn objects(raw: Option<&RawValue>) -> Vec<Member<'_>> {
+        raw.and_then(|r| serde_json::from_str::<Vec<&RawValue>>(r.get()).ok())
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|item| object::<Member>(item.get().as_bytes()))
+            .collect()
+    }
+    /// `json` read as `T` when it is an object (a derived struct would
+    /// also take an array, field by field).
+    fn object<'a, T: serde::Deserialize<'a>>(json: &'a [u8]) -> Option<T> {
+        json.trim_ascii_start()
+            .starts_with(b"{")
+            .then(|| serde_json::from_slice(json).ok())
+            .flatten()
+    }
+    let Some(answer) = object::<Answer>(body) else {
         return AnswerDetails::default();
     };
-    let text = |v: &Value| v.as_str().map(str::to_owned);
-    let choices = answer.get("choices").and_then(Value::as_array);
+    let choices = objects(answer.choices);
     let mut finish_reasons: Vec<String> = choices
-        .into_iter()
-        .flatten()
-        .filter_map(|c| c.get("finish_reason").and_then(text))
+        .iter()
+        .filter_map(|c| text(c.finish_reason))
         .take(16)
         .collect();
-    if finish_reasons.is_empty() && answer.get("object").and_then(Value::as_str) == Some("response")
-    {
-        finish_reasons.extend(answer.get("status").and_then(text));
+    if finish_reasons.is_empty() && text(answer.object).as_deref() == Some("response") {
+        finish_reasons.extend(text(answer.status));
     }
     let completion = capture.then(|| {
-        let from_choices = choices.into_iter().flatten().filter_map(|c| {
-            c.pointer("/message/content")
-                .and_then(text)
-                .or_else(|| c.get("text").and_then(text))
+        let from_choices = choices.iter().filter_map(|c| {
+            let message = c.message.and_then(|m| object::<Member>(m.get().as_bytes()));
+            message
+                .and_then(|m| text(m.content))
+                .or_else(|| text(c.text))
         });
-        let from_output = answer
-            .get("output")
-            .and_then(Value::as_array)
+        let from_output = objects(answer.output)
             .into_iter()
-            .flatten()
-            .filter_map(|item| item.get("content").and_then(Value::as_array))
-            .flatten()
-            .filter_map(|part| part.get("text").and_then(text));
+            .flat_map(|item| objects(item.content))
+            .filter_map(|part| text(part.text));
         from_choices
             .chain(from_output)
             .collect::<Vec<_>>()
             .join("\n")
     });
     AnswerDetails {
-        id: answer.get("id").and_then(text),
-        model: answer.get("model").and_then(text),
+        id: text(answer.id),
+        model: text(answer.model),
         finish_reasons,
         completion,
     }
@@ -864,6 +907,94 @@ mod tests {
         let text = Estimate::new(Bytes::from_static(b"{}"), None);
         let usage = fed_json(cost::MAX_METERED_JSON_BYTES + 10).usage(&text, "gpt-4o");
         assert_eq!((usage.completion_tokens, usage.estimated), (4000, false));
+    }
+
+    /// What the answer's details were read as before (a `serde_json::Value`
+    /// tree), for comparison.
+    fn details_from_a_tree(body: &[u8], capture: bool) -> AnswerDetails {
+        use serde_json::Value;
+        let Ok(Value::Object(answer)) = serde_json::from_slice::<Value>(body) else {
+            return AnswerDetails::default();
+        };
+        let text = |v: &Value| v.as_str().map(str::to_owned);
+        let choices = answer.get("choices").and_then(Value::as_array);
+        let mut finish_reasons: Vec<String> = choices
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c.get("finish_reason").and_then(text))
+            .take(16)
+            .collect();
+        if finish_reasons.is_empty()
+            && answer.get("object").and_then(Value::as_str) == Some("response")
+        {
+            finish_reasons.extend(answer.get("status").and_then(text));
+        }
+        let completion = capture.then(|| {
+            let from_choices = choices.into_iter().flatten().filter_map(|c| {
+                c.pointer("/message/content")
+                    .and_then(text)
+                    .or_else(|| c.get("text").and_then(text))
+            });
+            let from_output = answer
+                .get("output")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(|item| item.get("content").and_then(Value::as_array))
+                .flatten()
+                .filter_map(|part| part.get("text").and_then(text));
+            from_choices
+                .chain(from_output)
+                .collect::<Vec<_>>()
+                .join("\n")
+        });
+        AnswerDetails {
+            id: answer.get("id").and_then(text),
+            model: answer.get("model").and_then(text),
+            finish_reasons,
+            completion,
+        }
+    }
+
+    #[test]
+    fn answer_details_read_what_a_tree_of_the_answer_says() {
+        let bodies: [&str; 16] = [
+            r#" {"choices":[[1,2],{"message":["x"],"text":"t","finish_reason":"stop"}],"output":[[{"text":"no"}]]}"#,
+            r#"{"object":"response","status":"completed","output":[{"content":[["t"],{"text":"yes"}]}]}"#,
+            r#"{"id":"chatcmpl-1","object":"chat.completion","model":"gpt-4o","choices":[{"index":0,"message":{"role":"assistant","content":"Hi \"there\"\n"},"finish_reason":"stop"},{"message":{"content":null,"tool_calls":[]},"finish_reason":"tool_calls"}],"usage":{"prompt_tokens":1}}"#,
+            r#"{"id":"cmpl-1","object":"text_completion","model":"m","choices":[{"text":"once","finish_reason":"length"}]}"#,
+            r#"{"id":"resp_1","object":"response","status":"completed","model":"m","output":[{"type":"reasoning","content":[]},{"type":"message","content":[{"type":"output_text","text":"a"},{"type":"output_text","text":"b"},7]},"x"]}"#,
+            r#"{"id":"resp_2","object":"response","status":"incomplete","output":{"not":"an array"}}"#,
+            r#"{"id":7,"model":["m"],"choices":"none"}"#,
+            r#"{"choices":[1,"two",null,{"finish_reason":5,"text":6},{"message":"text","text":"t"}]}"#,
+            r#"{"choices":[{"message":{"content":"from message"},"text":"from text"}]}"#,
+            r#"{"model":null,"id":null,"choices":null,"object":null}"#,
+            r#"[1,2,3]"#,
+            r#""just a string""#,
+            r#"{"truncated": "#,
+            r#"not json"#,
+            r#"{"id":"a\u00e9\ud83d\ude00","model":"m\/n","choices":[{"finish_reason":"stop"},{"finish_reason":"stop"},{"finish_reason":"stop"},{"finish_reason":"stop"},{"finish_reason":"stop"},{"finish_reason":"stop"},{"finish_reason":"stop"},{"finish_reason":"stop"},{"finish_reason":"stop"},{"finish_reason":"stop"},{"finish_reason":"stop"},{"finish_reason":"stop"},{"finish_reason":"stop"},{"finish_reason":"stop"},{"finish_reason":"stop"},{"finish_reason":"stop"},{"finish_reason":"17th"}]}"#,
+            r#"{"object":"response","status":"failed","choices":[]}"#,
+        ];
+        for body in bodies {
+            for capture in [false, true] {
+                let new = answer_details(body.as_bytes(), capture);
+                let old = details_from_a_tree(body.as_bytes(), capture);
+                let as_tuple = |d: &AnswerDetails| {
+                    (
+                        d.id.clone(),
+                        d.model.clone(),
+                        d.finish_reasons.clone(),
+                        d.completion.clone(),
+                    )
+                };
+                assert_eq!(as_tuple(&new), as_tuple(&old), "{body} (capture {capture})");
+            }
+        }
+        let chat = answer_details(bodies[2].as_bytes(), true);
+        assert_eq!(chat.id.as_deref(), Some("chatcmpl-1"));
+        assert_eq!(chat.finish_reasons, ["stop", "tool_calls"]);
+        assert_eq!(chat.completion.as_deref(), Some("Hi \"there\"\n"));
     }
 
     #[test]
