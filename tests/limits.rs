@@ -944,6 +944,62 @@ fn applied_settlements_are_remembered_a_bit_each_and_expire() {
     assert!(ttl > 0 && ttl <= 600_000, "the record expires: {ttl} ms");
 }
 
+/// A settlement Redis refuses (here a usage counter an operator overwrote
+/// with text) is refused whole: nothing of it is written, it is kept, and
+/// once the key is mended it is applied once.
+#[test]
+fn a_settlement_refused_by_redis_is_kept_whole_and_applied_once_later() {
+    let redis = Redis::start();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let (limiter, _stop) = redis_limiter(&redis, "{ requests_per_minute: 1000 }");
+        limiter.redis().unwrap().connect().await;
+        let grant = limiter.admit(0, 10).await.expect("admitted");
+        limiter.settle(grant, used(5)).await;
+        assert_eq!(usage_requests(&redis), "1");
+        let keys = redis.cli(&["KEYS", "runestone:{t}:usage:*"]);
+        let usage_key = keys.lines().next().unwrap().to_string();
+        redis.cli(&["HSET", &usage_key, "prompt_tokens", "not a number"]);
+        let grant = limiter.admit(0, 10).await.expect("admitted");
+        limiter.settle(grant, used(5)).await;
+        assert_eq!(
+            usage_requests(&redis),
+            "1",
+            "nothing of the refused batch was written"
+        );
+        assert_eq!(redis.cli(&["HGET", &usage_key, "cost_pusd"]).trim(), "1000");
+        redis.cli(&["HSET", &usage_key, "prompt_tokens", "5"]);
+        tokio::task::spawn_blocking({
+            let port = redis.port;
+            move || {
+                wait_until(
+                    Duration::from_secs(10),
+                    "the kept batch to be applied",
+                    || {
+                        let out = std::process::Command::new("redis-cli")
+                            .args(["-p", &port.to_string(), "HGET", &usage_key, "requests"])
+                            .output()
+                            .unwrap();
+                        String::from_utf8_lossy(&out.stdout).trim() == "2"
+                    },
+                )
+            }
+        })
+        .await
+        .unwrap();
+        wait_until(Duration::from_secs(5), "Redis to be seen up", || {
+            limiter.redis().unwrap().is_up()
+        });
+        let report = limiter.usage(0).await;
+        assert_eq!(report.usage.requests, 2, "applied once");
+        assert_eq!(report.usage.cost_pusd, 2000);
+    });
+}
+
 /// #14.4: a grant dropped without settling (its request's task panicked)
 /// frees its Redis slot instead of renewing it forever.
 #[test]

@@ -158,7 +158,7 @@ impl Batcher {
             };
             if result.is_err() {
                 // Redis may or may not have applied it: the flush sends it
-                // again under the same id, and Redis counts it once.
+                // again under the same number, and Redis counts it once.
                 lock(&self.shared.ledger).unsettled.push(unsettled);
             }
             for op in batch {

@@ -1,6 +1,6 @@
 //! What this instance owes Redis: usage recorded while it was down, leases
 //! to release, and settlement batches it may not have applied, each sent
-//! again under its own id until Redis confirms it.
+//! again under its own number until Redis confirms it.
 
 use super::scripts::{usage_ttl_seconds, SETTLE, SETTLED_TTL_MS};
 use super::{lock, Keys, SettleOp};
@@ -13,7 +13,7 @@ use std::sync::Mutex;
 use tracing::warn;
 
 /// A settlement batch Redis may not have applied (its answer never came),
-/// or usage it never got: sent by the flush, under the same id each time,
+/// or usage it never got: sent by the flush, under the same number each time,
 /// until Redis confirms it.
 #[derive(Debug, Clone)]
 pub(super) struct Unsettled {
@@ -28,6 +28,8 @@ pub(super) struct Unsettled {
     pub(super) corrections: Vec<(i64, i64)>,
     pub(super) leases: Vec<String>,
     pub(super) usage: PeriodUsage,
+    /// Redis answered it with an error before (logged then).
+    pub(super) refused: bool,
 }
 
 impl Unsettled {
@@ -56,6 +58,7 @@ impl Unsettled {
                 .map(|op| op.lease.clone())
                 .collect(),
             usage,
+            refused: false,
         }
     }
 
@@ -106,13 +109,13 @@ impl Unsettled {
 #[derive(Debug, Default)]
 pub(super) struct Ledger {
     /// Usage recorded while Redis was down, per (tenant, period): never
-    /// sent, so it is given an id when the flush first sends it.
+    /// sent, so it is given a number when the flush first sends it.
     pub(super) pending: HashMap<(usize, String), PeriodUsage>,
     /// Leases whose release could not be sent (Redis down or frozen at
     /// settlement, an admission that timed out, a request that panicked),
     /// so a tenant does not lose those slots until the leases expire.
     pub(super) unreleased: Vec<(usize, String)>,
-    /// Batches sent whose answer never came: sent again under their id.
+    /// Batches sent whose answer never came: sent again under their number.
     pub(super) unsettled: Vec<Unsettled>,
 }
 
@@ -281,7 +284,7 @@ mod tests {
     }
 
     #[test]
-    fn a_batch_is_sent_with_its_id_whole_or_by_hash() {
+    fn a_batch_is_sent_with_its_record_whole_or_by_hash() {
         let keys = keys();
         keys.next_batch
             .store(65_538, std::sync::atomic::Ordering::Relaxed);

@@ -595,7 +595,7 @@ impl RedisStore {
 
     /// Pays what this instance owes Redis for the tenants it answers for:
     /// usage recorded while it was down, batches whose answer never came
-    /// (each under its own id, so one Redis did apply counts once), and
+    /// (each under its own number, so one Redis did apply counts once), and
     /// leases to release.
     async fn flush_pending(&self) {
         let up = |tenant: usize| self.tenant_up(tenant);
@@ -612,6 +612,7 @@ impl RedisStore {
                     corrections: Vec::new(),
                     leases: Vec::new(),
                     usage,
+                    refused: false,
                 });
             }
             // What a tenant still down owes stays for a later flush.
@@ -655,7 +656,20 @@ impl RedisStore {
                 for batch in batches {
                     match results.next() {
                         Some(Ok(_)) => applied += 1,
-                        _ => ledger.unsettled.push(batch),
+                        Some(Err(e)) => {
+                            // Redis answered and refused it (a key holding
+                            // what it should not): said once, counted each
+                            // time, kept until the key is mended.
+                            metrics::REDIS_ERRORS.with_label_values(&["flush"]).inc();
+                            if !batch.refused {
+                                warn!(tenant = batch.tenant, period = %batch.period_id, error = %crate::redis_conn::scrub(&e.to_string()), "Redis refuses a settlement batch; it is kept and sent again until Redis takes it");
+                            }
+                            ledger.unsettled.push(Unsettled {
+                                refused: true,
+                                ..batch
+                            });
+                        }
+                        None => ledger.unsettled.push(batch),
                     }
                 }
                 for lease in unreleased {
@@ -669,7 +683,7 @@ impl RedisStore {
                 );
             }
             _ => {
-                // Kept with their ids: sent again by the next flush.
+                // Kept with their numbers: sent again by the next flush.
                 ledger.unsettled.extend(batches);
                 ledger.unreleased.extend(unreleased);
             }

@@ -63,8 +63,10 @@ return reply
 /// once: Redis sets the batch's bit in `KEYS[4]` (a hash of this
 /// instance's batches, 32 to a field) and a batch whose bit is set is not
 /// applied again, so a batch sent again after its answer timed out (a frozen
-/// Redis runs the original when it thaws) counts once. Only commands the
-/// documented ACL grants. ARGV: rpm, tpm, usage TTL (seconds, 0 to keep),
+/// Redis runs the original when it thaws) counts once. A batch whose keys
+/// hold what they should not (a wrong type, a counter that is not an
+/// integer or would overflow) is refused before anything is written. Only
+/// commands the documented ACL grants. ARGV: rpm, tpm, usage TTL (seconds, 0 to keep),
 /// the batch's bit, the record's TTL (ms), the summed requests, prompt tokens, completion tokens,
 /// cost (pUSD), requests whose tokens the gateway counted, cache hits and
 /// what they saved (pUSD), the number k
@@ -75,19 +77,35 @@ pub(super) const SETTLE: &str = r"
 local n = tonumber(ARGV[4])
 local field, mask = math.floor(n / 32), bit.lshift(1, n % 32)
 local word = tonumber(redis.call('HGET', KEYS[4], field) or '0')
+if not word then return redis.error_reply('ERR the settlement record ' .. KEYS[4] .. ' holds a field that is not a number') end
 if bit.band(word, mask) ~= 0 then return 0 end
-redis.call('HSET', KEYS[4], field, bit.bor(word, mask))
-redis.call('PEXPIRE', KEYS[4], ARGV[5])
+-- Nothing is written until everything that could fail has been checked,
+-- and the batch's bit is set last: a batch Redis refuses leaves no trace
+-- and is sent again whole, never applied in part and then skipped.
+-- (A key of the wrong type fails its read, before any write.)
 local rpm, tpm, ttl, k = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[13])
-if k > 0 and (rpm > 0 or tpm > 0) then
+local corrects = k > 0 and (rpm > 0 or tpm > 0)
+local tats = corrects and redis.call('HMGET', KEYS[1], 'requests_tat', 'tokens_tat')
+local releases = #ARGV > 13 + 2 * k
+if releases then redis.call('ZCARD', KEYS[2]) end
+local names = {'requests', 'prompt_tokens', 'completion_tokens', 'cost_pusd', 'estimated_requests', 'cache_hits', 'cache_saved_pusd'}
+local adds = tonumber(ARGV[6]) > 0 or tonumber(ARGV[9]) ~= 0 or tonumber(ARGV[7]) > 0 or tonumber(ARGV[8]) > 0
+if adds then
+  local held = redis.call('HMGET', KEYS[3], unpack(names))
+  for i = 1, 7 do
+    local v = held[i] and tonumber(held[i])
+    if held[i] and not (v and string.match(held[i], '^%-?%d+$')) then return redis.error_reply('ERR ' .. KEYS[3] .. ' ' .. names[i] .. ' is not an integer') end
+    if v and math.abs(v + tonumber(ARGV[5 + i])) >= 9.2e18 then return redis.error_reply('ERR ' .. KEYS[3] .. ' ' .. names[i] .. ' would overflow') end
+  end
+end
+if corrects then
   local t = redis.call('TIME')
   local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
   local function shift(tat, step)
     if step > 0 then return math.max(tat, now) + step end
     return math.max(tat + step, now)
   end
-  local tats = redis.call('HMGET', KEYS[1], 'requests_tat', 'tokens_tat')
-  local rtat, ttat = tonumber(tats[1] or '0'), tonumber(tats[2] or '0')
+  local rtat, ttat = tonumber(tats[1] or '0') or 0, tonumber(tats[2] or '0') or 0
   for i = 14, 12 + 2 * k, 2 do
     local rd, td = tonumber(ARGV[i]), tonumber(ARGV[i + 1])
     if rpm > 0 and rd ~= 0 then rtat = shift(rtat, rd * 60000 / rpm) end
@@ -96,8 +114,8 @@ if k > 0 and (rpm > 0 or tpm > 0) then
   redis.call('HSET', KEYS[1], 'requests_tat', string.format('%.6f', rtat), 'tokens_tat', string.format('%.6f', ttat))
   redis.call('PEXPIRE', KEYS[1], 120000)
 end
-if #ARGV > 13 + 2 * k then redis.call('ZREM', KEYS[2], unpack(ARGV, 14 + 2 * k)) end
-if tonumber(ARGV[6]) > 0 or tonumber(ARGV[9]) ~= 0 or tonumber(ARGV[7]) > 0 or tonumber(ARGV[8]) > 0 then
+if releases then redis.call('ZREM', KEYS[2], unpack(ARGV, 14 + 2 * k)) end
+if adds then
   redis.call('HINCRBY', KEYS[3], 'requests', ARGV[6])
   redis.call('HINCRBY', KEYS[3], 'prompt_tokens', ARGV[7])
   redis.call('HINCRBY', KEYS[3], 'completion_tokens', ARGV[8])
@@ -109,6 +127,8 @@ if tonumber(ARGV[6]) > 0 or tonumber(ARGV[9]) ~= 0 or tonumber(ARGV[7]) > 0 or t
   end
   if ttl > 0 then redis.call('EXPIRE', KEYS[3], ttl) end
 end
+redis.call('HSET', KEYS[4], field, bit.bor(word, mask))
+redis.call('PEXPIRE', KEYS[4], ARGV[5])
 return 1
 ";
 
