@@ -945,8 +945,9 @@ fn applied_settlements_are_remembered_a_bit_each_and_expire() {
 }
 
 /// A settlement Redis refuses (here a usage counter an operator overwrote
-/// with text) is refused whole: nothing of it is written, it is kept, and
-/// once the key is mended it is applied once.
+/// with something HINCRBY would not take) is refused whole: nothing of it
+/// is written, Redis is not taken for down, the usage stays owed (and
+/// counted), and once the key is mended it is applied once.
 #[test]
 fn a_settlement_refused_by_redis_is_kept_whole_and_applied_once_later() {
     let redis = Redis::start();
@@ -963,16 +964,31 @@ fn a_settlement_refused_by_redis_is_kept_whole_and_applied_once_later() {
         assert_eq!(usage_requests(&redis), "1");
         let keys = redis.cli(&["KEYS", "runestone:{t}:usage:*"]);
         let usage_key = keys.lines().next().unwrap().to_string();
+        // Text, and a number Redis's own integer parser refuses.
         redis.cli(&["HSET", &usage_key, "prompt_tokens", "not a number"]);
-        let grant = limiter.admit(0, 10).await.expect("admitted");
-        limiter.settle(grant, used(5)).await;
+        redis.cli(&["HSET", &usage_key, "completion_tokens", "007"]);
+        for _ in 0..3 {
+            let grant = limiter.admit(0, 10).await.expect("admitted");
+            limiter.settle(grant, used(5)).await;
+        }
         assert_eq!(
             usage_requests(&redis),
             "1",
-            "nothing of the refused batch was written"
+            "nothing of the refused batches was written"
         );
         assert_eq!(redis.cli(&["HGET", &usage_key, "cost_pusd"]).trim(), "1000");
+        assert!(
+            limiter.redis().unwrap().is_up(),
+            "a refusal is an answer, not an outage"
+        );
+        // What is owed is counted; Redis's own counters cannot be read
+        // (one holds text), which the report says.
+        let owed = limiter.usage(0).await;
+        assert!(owed.partial);
+        assert_eq!(owed.usage.requests, 3, "the three refused are owed");
+        assert_eq!(owed.usage.cost_pusd, 3000);
         redis.cli(&["HSET", &usage_key, "prompt_tokens", "5"]);
+        redis.cli(&["HSET", &usage_key, "completion_tokens", "5"]);
         tokio::task::spawn_blocking({
             let port = redis.port;
             move || {
@@ -984,7 +1000,7 @@ fn a_settlement_refused_by_redis_is_kept_whole_and_applied_once_later() {
                             .args(["-p", &port.to_string(), "HGET", &usage_key, "requests"])
                             .output()
                             .unwrap();
-                        String::from_utf8_lossy(&out.stdout).trim() == "2"
+                        String::from_utf8_lossy(&out.stdout).trim() == "4"
                     },
                 )
             }
@@ -995,9 +1011,10 @@ fn a_settlement_refused_by_redis_is_kept_whole_and_applied_once_later() {
             limiter.redis().unwrap().is_up()
         });
         let report = limiter.usage(0).await;
-        assert_eq!(report.usage.requests, 2, "applied once");
-        assert_eq!(report.usage.cost_pusd, 2000);
+        assert_eq!(report.usage.requests, 4, "applied once");
+        assert_eq!(report.usage.cost_pusd, 4000);
     });
+    assert_eq!(usage_requests(&redis), "4");
 }
 
 /// #14.4: a grant dropped without settling (its request's task panicked)

@@ -82,8 +82,7 @@ fn metrics_pass_promtool_check_metrics() {
     let redis = Redis::start();
     let mock = Mock::start(&[]);
     let gw = busy_gateway(&redis, &mock);
-    let metrics = gw.metrics();
-    for name in [
+    let names = [
         "runestone_requests_total",
         "runestone_request_duration_seconds",
         "runestone_time_to_first_token_seconds",
@@ -100,11 +99,21 @@ fn metrics_pass_promtool_check_metrics() {
         "runestone_gateway_overhead_seconds",
         "runestone_errors_total",
         "runestone_budget_used_ratio",
-    ] {
-        assert!(
-            metrics.contains(&format!("# TYPE {name} ")),
-            "{name} is exported"
-        );
+    ];
+    // A request's counters move once its answer is out (Pingora's logging
+    // phase), so the last one's may trail its response a little.
+    let exported = |metrics: &str, name: &str| metrics.contains(&format!("# TYPE {name} "));
+    wait_until(
+        Duration::from_secs(5),
+        "every metric to be exported",
+        || {
+            let metrics = gw.metrics();
+            names.iter().all(|name| exported(&metrics, name))
+        },
+    );
+    let metrics = gw.metrics();
+    for name in names {
+        assert!(exported(&metrics, name), "{name} is exported");
     }
     let mut child = Command::new(promtool())
         .args(["check", "metrics"])

@@ -297,8 +297,14 @@ impl Meter {
 /// `capture`, its generated text. Members are taken as raw JSON and only
 /// the strings kept are decoded (a tree of the whole answer cost a traced
 /// request some 25k instructions); a member of the wrong type is left out,
-/// as is an element of `choices` or `output` that is not an object.
+/// as is an element of `choices` or `output` that is not an object. An
+/// answer that reading refuses (a member given twice) is read as a tree.
 pub(super) fn answer_details(body: &[u8], capture: bool) -> AnswerDetails {
+    details_by_member(body, capture).unwrap_or_else(|()| details_from_a_tree(body, capture))
+}
+
+/// [`answer_details`] member by member; `Err` for an object it cannot read.
+fn details_by_member(body: &[u8], capture: bool) -> Result<AnswerDetails, ()> {
     use serde_json::value::RawValue;
     #[derive(serde::Deserialize)]
     struct Answer<'a> {
@@ -328,28 +334,32 @@ pub(super) fn answer_details(body: &[u8], capture: bool) -> AnswerDetails {
         #[serde(default, borrow)]
         text: Option<&'a RawValue>,
     }
+    /// `json` read as `T` when it is an object (a derived struct would
+    /// also take an array, field by field); `Err` for an object that does
+    /// not read as `T`.
+    fn object<'a, T: serde::Deserialize<'a>>(json: &'a [u8]) -> Result<Option<T>, ()> {
+        if !json.trim_ascii_start().starts_with(b"{") {
+            return Ok(None);
+        }
+        serde_json::from_slice(json).map(Some).map_err(|_| ())
+    }
+    /// The elements of an array that are objects.
+    fn objects(raw: Option<&RawValue>) -> Result<Vec<Member<'_>>, ()> {
+        let items = raw
+            .and_then(|r| serde_json::from_str::<Vec<&RawValue>>(r.get()).ok())
+            .unwrap_or_default();
+        let mut members = Vec::with_capacity(items.len());
+        for item in items {
+            members.extend(object::<Member>(item.get().as_bytes())?);
+        }
+        Ok(members)
+    }
     let text =
         |raw: Option<&RawValue>| raw.and_then(|r| serde_json::from_str::<String>(r.get()).ok());
-    /// The elements of an array that are objects.
-    fn objects(raw: Option<&RawValue>) -> Vec<Member<'_>> {
-        raw.and_then(|r| serde_json::from_str::<Vec<&RawValue>>(r.get()).ok())
-            .unwrap_or_default()
-            .into_iter()
-            .filter_map(|item| object::<Member>(item.get().as_bytes()))
-            .collect()
-    }
-    /// `json` read as `T` when it is an object (a derived struct would
-    /// also take an array, field by field).
-    fn object<'a, T: serde::Deserialize<'a>>(json: &'a [u8]) -> Option<T> {
-        json.trim_ascii_start()
-            .starts_with(b"{")
-            .then(|| serde_json::from_slice(json).ok())
-            .flatten()
-    }
-    let Some(answer) = object::<Answer>(body) else {
-        return AnswerDetails::default();
+    let Some(answer) = object::<Answer>(body)? else {
+        return Ok(AnswerDetails::default());
     };
-    let choices = objects(answer.choices);
+    let choices = objects(answer.choices)?;
     let mut finish_reasons: Vec<String> = choices
         .iter()
         .filter_map(|c| text(c.finish_reason))
@@ -358,25 +368,80 @@ pub(super) fn answer_details(body: &[u8], capture: bool) -> AnswerDetails {
     if finish_reasons.is_empty() && text(answer.object).as_deref() == Some("response") {
         finish_reasons.extend(text(answer.status));
     }
+    let completion = if capture {
+        let mut parts = Vec::new();
+        for choice in &choices {
+            let message = match choice.message {
+                Some(m) => object::<Member>(m.get().as_bytes())?,
+                None => None,
+            };
+            parts.extend(
+                message
+                    .and_then(|m| text(m.content))
+                    .or_else(|| text(choice.text)),
+            );
+        }
+        for item in objects(answer.output)? {
+            parts.extend(
+                objects(item.content)?
+                    .into_iter()
+                    .filter_map(|p| text(p.text)),
+            );
+        }
+        Some(parts.join("\n"))
+    } else {
+        None
+    };
+    Ok(AnswerDetails {
+        id: text(answer.id),
+        model: text(answer.model),
+        finish_reasons,
+        completion,
+    })
+}
+
+/// An answer's details read from a `serde_json::Value` tree of it: slower,
+/// but it takes what the member-by-member reading refuses (a member given
+/// twice: the last one counts, as in the tree).
+fn details_from_a_tree(body: &[u8], capture: bool) -> AnswerDetails {
+    use serde_json::Value;
+    let Ok(Value::Object(answer)) = serde_json::from_slice::<Value>(body) else {
+        return AnswerDetails::default();
+    };
+    let text = |v: &Value| v.as_str().map(str::to_owned);
+    let choices = answer.get("choices").and_then(Value::as_array);
+    let mut finish_reasons: Vec<String> = choices
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c.get("finish_reason").and_then(text))
+        .take(16)
+        .collect();
+    if finish_reasons.is_empty() && answer.get("object").and_then(Value::as_str) == Some("response")
+    {
+        finish_reasons.extend(answer.get("status").and_then(text));
+    }
     let completion = capture.then(|| {
-        let from_choices = choices.iter().filter_map(|c| {
-            let message = c.message.and_then(|m| object::<Member>(m.get().as_bytes()));
-            message
-                .and_then(|m| text(m.content))
-                .or_else(|| text(c.text))
+        let from_choices = choices.into_iter().flatten().filter_map(|c| {
+            c.pointer("/message/content")
+                .and_then(text)
+                .or_else(|| c.get("text").and_then(text))
         });
-        let from_output = objects(answer.output)
+        let from_output = answer
+            .get("output")
+            .and_then(Value::as_array)
             .into_iter()
-            .flat_map(|item| objects(item.content))
-            .filter_map(|part| text(part.text));
+            .flatten()
+            .filter_map(|item| item.get("content").and_then(Value::as_array))
+            .flatten()
+            .filter_map(|part| part.get("text").and_then(text));
         from_choices
             .chain(from_output)
             .collect::<Vec<_>>()
             .join("\n")
     });
     AnswerDetails {
-        id: text(answer.id),
-        model: text(answer.model),
+        id: answer.get("id").and_then(text),
+        model: answer.get("model").and_then(text),
         finish_reasons,
         completion,
     }
@@ -909,53 +974,6 @@ mod tests {
         assert_eq!((usage.completion_tokens, usage.estimated), (4000, false));
     }
 
-    /// What the answer's details were read as before (a `serde_json::Value`
-    /// tree), for comparison.
-    fn details_from_a_tree(body: &[u8], capture: bool) -> AnswerDetails {
-        use serde_json::Value;
-        let Ok(Value::Object(answer)) = serde_json::from_slice::<Value>(body) else {
-            return AnswerDetails::default();
-        };
-        let text = |v: &Value| v.as_str().map(str::to_owned);
-        let choices = answer.get("choices").and_then(Value::as_array);
-        let mut finish_reasons: Vec<String> = choices
-            .into_iter()
-            .flatten()
-            .filter_map(|c| c.get("finish_reason").and_then(text))
-            .take(16)
-            .collect();
-        if finish_reasons.is_empty()
-            && answer.get("object").and_then(Value::as_str) == Some("response")
-        {
-            finish_reasons.extend(answer.get("status").and_then(text));
-        }
-        let completion = capture.then(|| {
-            let from_choices = choices.into_iter().flatten().filter_map(|c| {
-                c.pointer("/message/content")
-                    .and_then(text)
-                    .or_else(|| c.get("text").and_then(text))
-            });
-            let from_output = answer
-                .get("output")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-                .filter_map(|item| item.get("content").and_then(Value::as_array))
-                .flatten()
-                .filter_map(|part| part.get("text").and_then(text));
-            from_choices
-                .chain(from_output)
-                .collect::<Vec<_>>()
-                .join("\n")
-        });
-        AnswerDetails {
-            id: answer.get("id").and_then(text),
-            model: answer.get("model").and_then(text),
-            finish_reasons,
-            completion,
-        }
-    }
-
     #[test]
     fn answer_details_read_what_a_tree_of_the_answer_says() {
         let bodies: [&str; 16] = [
@@ -978,6 +996,9 @@ mod tests {
         ];
         for body in bodies {
             for capture in [false, true] {
+                let by_member = details_by_member(body.as_bytes(), capture);
+                let valid = serde_json::from_str::<serde_json::Value>(body).is_ok();
+                assert!(by_member.is_ok() || !valid, "{body} read member by member");
                 let new = answer_details(body.as_bytes(), capture);
                 let old = details_from_a_tree(body.as_bytes(), capture);
                 let as_tuple = |d: &AnswerDetails| {
@@ -990,6 +1011,23 @@ mod tests {
                 };
                 assert_eq!(as_tuple(&new), as_tuple(&old), "{body} (capture {capture})");
             }
+        }
+        // A member given twice: the tree's reading (the last one counts).
+        for body in [
+            r#"{"id":"a","id":"b","choices":[{"finish_reason":"stop"}]}"#,
+            r#"{"choices":[{"finish_reason":"x","finish_reason":"stop","message":{"content":"a"}}]}"#,
+            r#"{"choices":[{"message":{"content":"a","content":"b"}}]}"#,
+            r#"{"object":"response","object":"response","status":"completed"}"#,
+            r#"{"output":[{"content":[{"text":"a","text":"b"}]}]}"#,
+        ] {
+            assert!(details_by_member(body.as_bytes(), true).is_err(), "{body}");
+            let read = answer_details(body.as_bytes(), true);
+            let tree = details_from_a_tree(body.as_bytes(), true);
+            assert_eq!(
+                (read.id, read.finish_reasons, read.completion),
+                (tree.id, tree.finish_reasons, tree.completion),
+                "{body}"
+            );
         }
         let chat = answer_details(bodies[2].as_bytes(), true);
         assert_eq!(chat.id.as_deref(), Some("chatcmpl-1"));

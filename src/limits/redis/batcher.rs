@@ -2,7 +2,7 @@
 //! out go together in the next, one script call per kind, tenant and
 //! period, all in one pipeline.
 
-use super::ledger::{Shared, Unsettled};
+use super::ledger::{self, Shared, Unsettled};
 use super::scripts::{admit_answers, AdmitAnswer};
 use super::{lock, Keys, SettleOp, LEASE_TTL_MS};
 use crate::redis_conn::Conn;
@@ -153,14 +153,24 @@ impl Batcher {
         for (batch, unsettled) in settles.into_iter().zip(unsettled) {
             let result = match results.next() {
                 Some(Ok(_)) => Ok(()),
-                Some(Err(e)) => Err(e.to_string()),
-                None => Err("no reply".to_string()),
+                Some(Err(e)) if ledger::refused(&e) => {
+                    // Redis answered, and wrote none of it: owed again,
+                    // not a Redis outage.
+                    lock(&self.shared.ledger).refuse(unsettled, "settle", &e.to_string());
+                    Ok(())
+                }
+                Some(Err(e)) => {
+                    // Redis may or may not have applied it: the flush sends
+                    // it again under the same number, and Redis counts it
+                    // once.
+                    lock(&self.shared.ledger).unsettled.push(unsettled);
+                    Err(e.to_string())
+                }
+                None => {
+                    lock(&self.shared.ledger).unsettled.push(unsettled);
+                    Err("no reply".to_string())
+                }
             };
-            if result.is_err() {
-                // Redis may or may not have applied it: the flush sends it
-                // again under the same number, and Redis counts it once.
-                lock(&self.shared.ledger).unsettled.push(unsettled);
-            }
             for op in batch {
                 let _ = op.reply.send(result.clone());
             }

@@ -2,12 +2,12 @@
 //! to release, and settlement batches it may not have applied, each sent
 //! again under its own number until Redis confirms it.
 
-use super::scripts::{usage_ttl_seconds, SETTLE, SETTLED_TTL_MS};
+use super::scripts::{usage_ttl_seconds, REFUSED, SETTLE, SETTLED_TTL_MS};
 use super::{lock, Keys, SettleOp};
 use crate::limits::PeriodUsage;
 use crate::metrics;
 use redis::Script;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use tracing::warn;
@@ -28,8 +28,6 @@ pub(super) struct Unsettled {
     pub(super) corrections: Vec<(i64, i64)>,
     pub(super) leases: Vec<String>,
     pub(super) usage: PeriodUsage,
-    /// Redis answered it with an error before (logged then).
-    pub(super) refused: bool,
 }
 
 impl Unsettled {
@@ -58,7 +56,6 @@ impl Unsettled {
                 .map(|op| op.lease.clone())
                 .collect(),
             usage,
-            refused: false,
         }
     }
 
@@ -117,9 +114,48 @@ pub(super) struct Ledger {
     pub(super) unreleased: Vec<(usize, String)>,
     /// Batches sent whose answer never came: sent again under their number.
     pub(super) unsettled: Vec<Unsettled>,
+    /// (tenant, period) whose settlements Redis refuses, said once each.
+    pub(super) refusals: HashSet<(usize, String)>,
+}
+
+/// Whether `error` is [`SETTLE`]'s refusal of a batch (Redis wrote none of
+/// it), not a failure to reach Redis.
+pub(super) fn refused(error: &redis::RedisError) -> bool {
+    error.code() == Some(REFUSED)
 }
 
 impl Ledger {
+    /// A batch Redis refused, writing none of it (`op` is where it was
+    /// sent): its usage goes back to what is owed for its period and its
+    /// leases to those to release, so a key that stays wrong costs one
+    /// entry per tenant and period, not one per batch (its limit
+    /// corrections are let go: the GCRA state is soft and ages out). Said
+    /// once per tenant and period until a batch of theirs is applied again;
+    /// counted each time.
+    pub(super) fn refuse(&mut self, batch: Unsettled, op: &'static str, error: &str) {
+        metrics::REDIS_ERRORS.with_label_values(&[op]).inc();
+        if self
+            .refusals
+            .insert((batch.tenant, batch.period_id.clone()))
+        {
+            warn!(tenant = batch.tenant, period = %batch.period_id, error = %crate::redis_conn::scrub(error), "Redis refuses this tenant's settlements (a key holds what it should not); they are kept and sent again until Redis takes them");
+        }
+        self.pending
+            .entry((batch.tenant, batch.period_id))
+            .or_default()
+            .add(&batch.usage);
+        self.unreleased
+            .extend(batch.leases.into_iter().map(|lease| (batch.tenant, lease)));
+    }
+
+    /// A batch of `tenant`'s period was applied: a refusal is said again if
+    /// one comes.
+    pub(super) fn applied(&mut self, tenant: usize, period_id: &str) {
+        if !self.refusals.is_empty() {
+            self.refusals.remove(&(tenant, period_id.to_string()));
+        }
+    }
+
     /// Spend owed for a tenant's period (pending or unconfirmed), in pUSD.
     pub(super) fn owed_spend(&self, tenant: usize, period_id: &str) -> i64 {
         let pending = self
@@ -323,6 +359,28 @@ mod tests {
         let whole = args(&batch.command(&keys, &script, false));
         assert_eq!((whole[0].as_str(), whole[1].as_str()), ("EVAL", SETTLE));
         assert_eq!(whole[2..], by_hash[2..], "the same arguments either way");
+    }
+
+    #[test]
+    fn a_refused_batch_is_owed_again_once_per_period() {
+        let keys = keys();
+        let mut ledger = Ledger::default();
+        for _ in 0..3 {
+            let batch = Unsettled::from_ops(&keys, &[op(0, -5, "l1", 10), op(0, 0, "l2", 20)]);
+            ledger.refuse(
+                batch,
+                "settle",
+                "REFUSED p:{t}:usage:2026-12 cost_pusd holds 007",
+            );
+        }
+        assert_eq!(ledger.pending.len(), 1, "one entry per tenant and period");
+        let owed = &ledger.pending[&(0, "2026-12".to_string())];
+        assert_eq!((owed.requests, owed.cost_pusd), (6, 90));
+        assert_eq!(ledger.unreleased.len(), 6, "every lease is released");
+        assert!(ledger.unsettled.is_empty(), "nothing of it was applied");
+        assert_eq!(ledger.refusals.len(), 1);
+        ledger.applied(0, "2026-12");
+        assert!(ledger.refusals.is_empty(), "said again if it comes again");
     }
 
     #[test]

@@ -612,7 +612,6 @@ impl RedisStore {
                     corrections: Vec::new(),
                     leases: Vec::new(),
                     usage,
-                    refused: false,
                 });
             }
             // What a tenant still down owes stays for a later flush.
@@ -655,21 +654,14 @@ impl RedisStore {
                 let mut applied = 0;
                 for batch in batches {
                     match results.next() {
-                        Some(Ok(_)) => applied += 1,
-                        Some(Err(e)) => {
-                            // Redis answered and refused it (a key holding
-                            // what it should not): said once, counted each
-                            // time, kept until the key is mended.
-                            metrics::REDIS_ERRORS.with_label_values(&["flush"]).inc();
-                            if !batch.refused {
-                                warn!(tenant = batch.tenant, period = %batch.period_id, error = %crate::redis_conn::scrub(&e.to_string()), "Redis refuses a settlement batch; it is kept and sent again until Redis takes it");
-                            }
-                            ledger.unsettled.push(Unsettled {
-                                refused: true,
-                                ..batch
-                            });
+                        Some(Ok(_)) => {
+                            applied += 1;
+                            ledger.applied(batch.tenant, &batch.period_id);
                         }
-                        None => ledger.unsettled.push(batch),
+                        Some(Err(e)) if ledger::refused(&e) => {
+                            ledger.refuse(batch, "flush", &e.to_string());
+                        }
+                        _ => ledger.unsettled.push(batch),
                     }
                 }
                 for lease in unreleased {

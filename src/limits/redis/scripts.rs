@@ -64,8 +64,9 @@ return reply
 /// instance's batches, 32 to a field) and a batch whose bit is set is not
 /// applied again, so a batch sent again after its answer timed out (a frozen
 /// Redis runs the original when it thaws) counts once. A batch whose keys
-/// hold what they should not (a wrong type, a counter that is not an
-/// integer or would overflow) is refused before anything is written. Only
+/// hold what they should not (a wrong type, a counter it adds to that is
+/// not an integer or would overflow, a record that is not one) is refused
+/// with an error coded [`REFUSED`] before anything is written. Only
 /// commands the documented ACL grants. ARGV: rpm, tpm, usage TTL (seconds, 0 to keep),
 /// the batch's bit, the record's TTL (ms), the summed requests, prompt tokens, completion tokens,
 /// cost (pUSD), requests whose tokens the gateway counted, cache hits and
@@ -74,28 +75,53 @@ return reply
 /// the leases to release. Replies 1 when applied, 0 for a batch already
 /// applied.
 pub(super) const SETTLE: &str = r"
+-- Nothing is written until everything that could fail has been read and
+-- checked, and the batch's bit is set last: a batch Redis refuses (an
+-- error coded REFUSED) leaves no trace and is sent again whole, never
+-- applied in part and then skipped.
+local function read(...)
+  local r = redis.pcall(...)
+  if type(r) == 'table' and r.err then error({err = 'REFUSED ' .. r.err}) end
+  return r
+end
+local function integer(v)
+  return v == '0' or (#v <= 20 and string.match(v, '^%-?[1-9]%d*$') ~= nil)
+end
 local n = tonumber(ARGV[4])
 local field, mask = math.floor(n / 32), bit.lshift(1, n % 32)
-local word = tonumber(redis.call('HGET', KEYS[4], field) or '0')
-if not word then return redis.error_reply('ERR the settlement record ' .. KEYS[4] .. ' holds a field that is not a number') end
+local held = read('HGET', KEYS[4], field)
+if held and not (integer(held) and math.abs(tonumber(held)) <= 4294967295) then
+  return redis.error_reply('REFUSED the settlement record ' .. KEYS[4] .. ' holds ' .. held)
+end
+local word = tonumber(held or '0')
 if bit.band(word, mask) ~= 0 then return 0 end
--- Nothing is written until everything that could fail has been checked,
--- and the batch's bit is set last: a batch Redis refuses leaves no trace
--- and is sent again whole, never applied in part and then skipped.
--- (A key of the wrong type fails its read, before any write.)
 local rpm, tpm, ttl, k = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[13])
 local corrects = k > 0 and (rpm > 0 or tpm > 0)
-local tats = corrects and redis.call('HMGET', KEYS[1], 'requests_tat', 'tokens_tat')
+local tats = corrects and read('HMGET', KEYS[1], 'requests_tat', 'tokens_tat')
 local releases = #ARGV > 13 + 2 * k
-if releases then redis.call('ZCARD', KEYS[2]) end
-local names = {'requests', 'prompt_tokens', 'completion_tokens', 'cost_pusd', 'estimated_requests', 'cache_hits', 'cache_saved_pusd'}
+if releases then read('ZCARD', KEYS[2]) end
 local adds = tonumber(ARGV[6]) > 0 or tonumber(ARGV[9]) ~= 0 or tonumber(ARGV[7]) > 0 or tonumber(ARGV[8]) > 0
+-- The counters this batch adds to, with what it adds.
+local counters = {}
 if adds then
-  local held = redis.call('HMGET', KEYS[3], unpack(names))
-  for i = 1, 7 do
-    local v = held[i] and tonumber(held[i])
-    if held[i] and not (v and string.match(held[i], '^%-?%d+$')) then return redis.error_reply('ERR ' .. KEYS[3] .. ' ' .. names[i] .. ' is not an integer') end
-    if v and math.abs(v + tonumber(ARGV[5 + i])) >= 9.2e18 then return redis.error_reply('ERR ' .. KEYS[3] .. ' ' .. names[i] .. ' would overflow') end
+  counters = {{'requests', ARGV[6]}, {'prompt_tokens', ARGV[7]}, {'completion_tokens', ARGV[8]}, {'cost_pusd', ARGV[9]}}
+  if tonumber(ARGV[10]) > 0 then counters[#counters + 1] = {'estimated_requests', ARGV[10]} end
+  if tonumber(ARGV[11]) > 0 then
+    counters[#counters + 1] = {'cache_hits', ARGV[11]}
+    counters[#counters + 1] = {'cache_saved_pusd', ARGV[12]}
+  end
+  local names = {}
+  for i, c in ipairs(counters) do names[i] = c[1] end
+  local values = read('HMGET', KEYS[3], unpack(names))
+  for i, c in ipairs(counters) do
+    local v = values[i]
+    if v then
+      if not integer(v) then return redis.error_reply('REFUSED ' .. KEYS[3] .. ' ' .. c[1] .. ' holds ' .. v) end
+      local before, after = tonumber(v), tonumber(v) + tonumber(c[2])
+      if math.abs(after) >= 9.2e18 and math.abs(after) > math.abs(before) then
+        return redis.error_reply('REFUSED ' .. KEYS[3] .. ' ' .. c[1] .. ' would overflow')
+      end
+    end
   end
 end
 if corrects then
@@ -115,22 +141,15 @@ if corrects then
   redis.call('PEXPIRE', KEYS[1], 120000)
 end
 if releases then redis.call('ZREM', KEYS[2], unpack(ARGV, 14 + 2 * k)) end
-if adds then
-  redis.call('HINCRBY', KEYS[3], 'requests', ARGV[6])
-  redis.call('HINCRBY', KEYS[3], 'prompt_tokens', ARGV[7])
-  redis.call('HINCRBY', KEYS[3], 'completion_tokens', ARGV[8])
-  redis.call('HINCRBY', KEYS[3], 'cost_pusd', ARGV[9])
-  if tonumber(ARGV[10]) > 0 then redis.call('HINCRBY', KEYS[3], 'estimated_requests', ARGV[10]) end
-  if tonumber(ARGV[11]) > 0 then
-    redis.call('HINCRBY', KEYS[3], 'cache_hits', ARGV[11])
-    redis.call('HINCRBY', KEYS[3], 'cache_saved_pusd', ARGV[12])
-  end
-  if ttl > 0 then redis.call('EXPIRE', KEYS[3], ttl) end
-end
+for _, c in ipairs(counters) do redis.call('HINCRBY', KEYS[3], c[1], c[2]) end
+if adds and ttl > 0 then redis.call('EXPIRE', KEYS[3], ttl) end
 redis.call('HSET', KEYS[4], field, bit.bor(word, mask))
 redis.call('PEXPIRE', KEYS[4], ARGV[5])
 return 1
 ";
+
+/// The code of [`SETTLE`]'s error for a batch it refused to apply.
+pub(super) const REFUSED: &str = "REFUSED";
 
 /// How long Redis remembers a settlement batch it applied: at least this
 /// long from when it applied it (each batch of a block renews the block's
