@@ -1017,6 +1017,53 @@ fn a_settlement_refused_by_redis_is_kept_whole_and_applied_once_later() {
     assert_eq!(usage_requests(&redis), "4");
 }
 
+/// While Redis refuses a tenant's settlements, what it owes for them counts
+/// against the budget of the admissions Redis decides (which see only
+/// Redis's own spend), and a counter at the edge of 64 bits is refused,
+/// not overflowed after other writes.
+#[test]
+fn refused_spend_counts_against_the_budget() {
+    let redis = Redis::start();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        // 3,000 pUSD; each settlement below costs 1,000.
+        let (limiter, _stop) = redis_limiter(
+            &redis,
+            "{ requests_per_minute: 1000, budget_usd: { amount: 0.000000003, period: monthly } }",
+        );
+        limiter.redis().unwrap().connect().await;
+        let grant = limiter.admit(0, 10).await.expect("admitted");
+        limiter.settle(grant, used(5)).await;
+        let keys = redis.cli(&["KEYS", "runestone:{t}:usage:*"]);
+        let usage_key = keys.lines().next().unwrap().to_string();
+        redis.cli(&[
+            "HSET",
+            &usage_key,
+            "completion_tokens",
+            "9223372036854775807",
+        ]);
+        for _ in 0..2 {
+            let grant = limiter.admit(0, 10).await.expect("admitted");
+            limiter.settle(grant, used(5)).await;
+        }
+        assert_eq!(
+            redis.cli(&["HGET", &usage_key, "prompt_tokens"]).trim(),
+            "5",
+            "nothing of the refused batches was written"
+        );
+        assert!(limiter.redis().unwrap().is_up());
+        let refusal = limiter
+            .admit(0, 10)
+            .await
+            .expect_err("1,000 in Redis and 2,000 owed reach the budget");
+        assert_eq!(refusal.limit, runestone::limits::LimitKind::Budget);
+    });
+}
+
 /// #14.4: a grant dropped without settling (its request's task panicked)
 /// frees its Redis slot instead of renewing it forever.
 #[test]

@@ -27,8 +27,10 @@ pub(super) enum Op {
 pub(super) struct AdmitOp {
     pub(super) tenant: usize,
     pub(super) period_id: String,
-    /// RPM, TPM, max concurrent, budget (pUSD); 0 for none.
-    pub(super) limits: [u64; 4],
+    /// RPM, TPM, max concurrent, budget (pUSD); 0 for none. Then the
+    /// spend owed for the period that Redis refused (pUSD), which counts
+    /// against the budget.
+    pub(super) limits: [u64; 5],
     pub(super) tokens: u64,
     pub(super) lease: String,
     pub(super) reply: Reply<AdmitAnswer>,
@@ -163,11 +165,19 @@ impl Batcher {
                     // Redis may or may not have applied it: the flush sends
                     // it again under the same number, and Redis counts it
                     // once.
-                    lock(&self.shared.ledger).unsettled.push(unsettled);
+                    let uncertain = Unsettled {
+                        uncertain: true,
+                        ..unsettled
+                    };
+                    lock(&self.shared.ledger).unsettled.push(uncertain);
                     Err(e.to_string())
                 }
                 None => {
-                    lock(&self.shared.ledger).unsettled.push(unsettled);
+                    let uncertain = Unsettled {
+                        uncertain: true,
+                        ..unsettled
+                    };
+                    lock(&self.shared.ledger).unsettled.push(uncertain);
                     Err("no reply".to_string())
                 }
             };

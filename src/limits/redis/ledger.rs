@@ -28,6 +28,9 @@ pub(super) struct Unsettled {
     pub(super) corrections: Vec<(i64, i64)>,
     pub(super) leases: Vec<String>,
     pub(super) usage: PeriodUsage,
+    /// A send of it went unanswered: Redis may have applied it, so it is
+    /// only ever sent again under its number, never owed anew.
+    pub(super) uncertain: bool,
 }
 
 impl Unsettled {
@@ -56,6 +59,7 @@ impl Unsettled {
                 .map(|op| op.lease.clone())
                 .collect(),
             usage,
+            uncertain: false,
         }
     }
 
@@ -140,12 +144,29 @@ impl Ledger {
         {
             warn!(tenant = batch.tenant, period = %batch.period_id, error = %crate::redis_conn::scrub(error), "Redis refuses this tenant's settlements (a key holds what it should not); they are kept and sent again until Redis takes them");
         }
+        if batch.uncertain {
+            // An earlier send may yet count (a copy refused now for its
+            // record key, an original still on its way): only its number
+            // can say, so it keeps it.
+            self.unsettled.push(batch);
+            return;
+        }
         self.pending
             .entry((batch.tenant, batch.period_id))
             .or_default()
             .add(&batch.usage);
         self.unreleased
             .extend(batch.leases.into_iter().map(|lease| (batch.tenant, lease)));
+    }
+
+    /// Spend owed for a tenant's period while Redis refuses its
+    /// settlements (0 otherwise), in pUSD: counted against the budget by
+    /// the admissions Redis decides, which see only Redis's own.
+    pub(super) fn refused_spend(&self, tenant: usize, period_id: &str) -> u64 {
+        if self.refusals.is_empty() || !self.refusals.contains(&(tenant, period_id.to_string())) {
+            return 0;
+        }
+        self.owed_spend(tenant, period_id).max(0) as u64
     }
 
     /// A batch of `tenant`'s period was applied: a refusal is said again if
@@ -381,6 +402,22 @@ mod tests {
         assert_eq!(ledger.refusals.len(), 1);
         ledger.applied(0, "2026-12");
         assert!(ledger.refusals.is_empty(), "said again if it comes again");
+    }
+
+    #[test]
+    fn a_refused_batch_that_may_have_counted_keeps_its_number() {
+        let keys = keys();
+        let mut ledger = Ledger::default();
+        let mut batch = Unsettled::from_ops(&keys, &[op(0, 0, "l1", 10)]);
+        batch.uncertain = true;
+        let number = batch.batch;
+        ledger.refuse(batch, "flush", "REFUSED WRONGTYPE");
+        assert!(ledger.pending.is_empty(), "not owed anew");
+        assert_eq!(ledger.unsettled.len(), 1);
+        assert_eq!(ledger.unsettled[0].batch, number, "sent again as itself");
+        assert_eq!(ledger.refused_spend(0, "2026-12"), 10);
+        assert_eq!(ledger.refused_spend(0, "2026-11"), 0);
+        assert_eq!(ledger.refused_spend(1, "2026-12"), 0);
     }
 
     #[test]

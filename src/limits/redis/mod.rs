@@ -313,6 +313,11 @@ impl RedisStore {
                 limits.tokens_per_minute.unwrap_or(0),
                 u64::from(limits.max_concurrent.unwrap_or(0)),
                 limits.budget.map_or(0, |b| b.amount_pusd.max(0) as u64),
+                if limits.budget.is_some() {
+                    lock(&self.inner.shared.ledger).refused_spend(tenant, period_id)
+                } else {
+                    0
+                },
             ],
             tokens,
             lease: lease.to_string(),
@@ -612,6 +617,7 @@ impl RedisStore {
                     corrections: Vec::new(),
                     leases: Vec::new(),
                     usage,
+                    uncertain: false,
                 });
             }
             // What a tenant still down owes stays for a later flush.
@@ -661,7 +667,10 @@ impl RedisStore {
                         Some(Err(e)) if ledger::refused(&e) => {
                             ledger.refuse(batch, "flush", &e.to_string());
                         }
-                        _ => ledger.unsettled.push(batch),
+                        _ => ledger.unsettled.push(Unsettled {
+                            uncertain: true,
+                            ..batch
+                        }),
                     }
                 }
                 for lease in unreleased {
@@ -675,8 +684,14 @@ impl RedisStore {
                 );
             }
             _ => {
-                // Kept with their numbers: sent again by the next flush.
-                ledger.unsettled.extend(batches);
+                // Kept with their numbers: sent again by the next flush
+                // (Redis may have applied them).
+                ledger
+                    .unsettled
+                    .extend(batches.into_iter().map(|batch| Unsettled {
+                        uncertain: true,
+                        ..batch
+                    }));
                 ledger.unreleased.extend(unreleased);
             }
         }

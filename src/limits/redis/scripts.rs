@@ -2,8 +2,9 @@
 //! Redis's clock, and how their replies are read.
 
 /// Admissions of one tenant in one period, decided in order, each all or
-/// nothing. ARGV: rpm, tpm, max concurrent, budget (pUSD), lease TTL, then
-/// (tokens, lease) per admission. Replies `{secs, micros, spent_pusd}` (the
+/// nothing. ARGV: rpm, tpm, max concurrent, budget (pUSD), spend this
+/// instance owes Redis for the period but Redis refused (pUSD, counted
+/// against the budget), lease TTL, then (tokens, lease) per admission. Replies `{secs, micros, spent_pusd}` (the
 /// Redis clock, as `TIME` gives it) followed by `{refused_limit_or_empty,
 /// requests_tat - now, tokens_tat - now}` per admission, the differences in
 /// whole microseconds: integers, so nothing is formatted per admission (Lua's
@@ -12,7 +13,7 @@ pub(crate) const ADMIT: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
 local W, eps = 60000, 1e-6
-local rpm, tpm, maxc, budget, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local rpm, tpm, maxc, budget, owed, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local tats = redis.call('HMGET', KEYS[1], 'requests_tat', 'tokens_tat')
 local rtat, ttat = tonumber(tats[1] or '0'), tonumber(tats[2] or '0')
 local spent = tonumber(redis.call('HGET', KEYS[3], 'cost_pusd') or '0')
@@ -22,10 +23,10 @@ if maxc > 0 then
   held = redis.call('ZCARD', KEYS[2])
 end
 local reply, leases, moved = {t[1], t[2], spent}, {}, false
-for i = 6, #ARGV, 2 do
+for i = 7, #ARGV, 2 do
   local tokens, refused = tonumber(ARGV[i]), ''
   local new_r, new_t = rtat, ttat
-  if budget > 0 and spent >= budget then refused = 'budget' end
+  if budget > 0 and spent + owed >= budget then refused = 'budget' end
   if refused == '' and rpm > 0 then
     new_r = math.max(rtat, now) + W / rpm
     if new_r - now - W > eps then refused = 'rpm' end
@@ -81,15 +82,22 @@ pub(super) const SETTLE: &str = r"
 -- applied in part and then skipped.
 local function read(...)
   local r = redis.pcall(...)
-  if type(r) == 'table' and r.err then error({err = 'REFUSED ' .. r.err}) end
+  if type(r) == 'table' and r.err then return nil, 'REFUSED ' .. r.err end
   return r
 end
+-- Whether HINCRBY takes `v`: Redis's own rules (no sign but '-', no
+-- leading zeros, within 64 bits).
 local function integer(v)
-  return v == '0' or (#v <= 20 and string.match(v, '^%-?[1-9]%d*$') ~= nil)
+  if v == '0' then return true end
+  local digits = string.match(v, '^%-?([1-9]%d*)$')
+  if not digits or #digits > 19 then return false end
+  if #digits < 19 then return true end
+  return digits <= (string.sub(v, 1, 1) == '-' and '9223372036854775808' or '9223372036854775807')
 end
 local n = tonumber(ARGV[4])
 local field, mask = math.floor(n / 32), bit.lshift(1, n % 32)
-local held = read('HGET', KEYS[4], field)
+local held, err = read('HGET', KEYS[4], field)
+if err then return redis.error_reply(err) end
 if held and not (integer(held) and math.abs(tonumber(held)) <= 4294967295) then
   return redis.error_reply('REFUSED the settlement record ' .. KEYS[4] .. ' holds ' .. held)
 end
@@ -97,9 +105,16 @@ local word = tonumber(held or '0')
 if bit.band(word, mask) ~= 0 then return 0 end
 local rpm, tpm, ttl, k = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[13])
 local corrects = k > 0 and (rpm > 0 or tpm > 0)
-local tats = corrects and read('HMGET', KEYS[1], 'requests_tat', 'tokens_tat')
+local tats = false
+if corrects then
+  tats, err = read('HMGET', KEYS[1], 'requests_tat', 'tokens_tat')
+  if err then return redis.error_reply(err) end
+end
 local releases = #ARGV > 13 + 2 * k
-if releases then read('ZCARD', KEYS[2]) end
+if releases then
+  local _, zerr = read('ZCARD', KEYS[2])
+  if zerr then return redis.error_reply(zerr) end
+end
 local adds = tonumber(ARGV[6]) > 0 or tonumber(ARGV[9]) ~= 0 or tonumber(ARGV[7]) > 0 or tonumber(ARGV[8]) > 0
 -- The counters this batch adds to, with what it adds.
 local counters = {}
@@ -112,13 +127,15 @@ if adds then
   end
   local names = {}
   for i, c in ipairs(counters) do names[i] = c[1] end
-  local values = read('HMGET', KEYS[3], unpack(names))
+  local values, herr = read('HMGET', KEYS[3], unpack(names))
+  if herr then return redis.error_reply(herr) end
   for i, c in ipairs(counters) do
     local v = values[i]
     if v then
       if not integer(v) then return redis.error_reply('REFUSED ' .. KEYS[3] .. ' ' .. c[1] .. ' holds ' .. v) end
-      local before, after = tonumber(v), tonumber(v) + tonumber(c[2])
-      if math.abs(after) >= 9.2e18 and math.abs(after) > math.abs(before) then
+      local add = tonumber(c[2])
+      local after = tonumber(v) + add
+      if (add > 0 and after >= 9.2e18) or (add < 0 and after <= -9.2e18) then
         return redis.error_reply('REFUSED ' .. KEYS[3] .. ' ' .. c[1] .. ' would overflow')
       end
     end
