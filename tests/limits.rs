@@ -804,6 +804,15 @@ redis: {{ url: "{}", timeout_ms: 5000 }}
 
 /// A limiter on a real redis-server for tenant `t` with these limits, and
 /// its maintenance service (probe, flush, lease renewal) running.
+/// A runtime for driving a limiter directly (two workers, timers on).
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 fn redis_limiter(
     redis: &Redis,
     limits: &str,
@@ -860,11 +869,7 @@ fn usage_requests(redis: &Redis) -> String {
 #[test]
 fn a_settlement_sent_again_after_a_frozen_redis_counts_once() {
     let redis = Redis::start();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = runtime();
     runtime.block_on(async {
         let (limiter, _stop) = redis_limiter(&redis, "{ requests_per_minute: 1000 }");
         limiter.redis().unwrap().connect().await;
@@ -920,11 +925,7 @@ fn a_settlement_sent_again_after_a_frozen_redis_counts_once() {
 #[test]
 fn applied_settlements_are_remembered_a_bit_each_and_expire() {
     let redis = Redis::start();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = runtime();
     runtime.block_on(async {
         let (limiter, _stop) = redis_limiter(&redis, "{ requests_per_minute: 100000 }");
         limiter.redis().unwrap().connect().await;
@@ -951,11 +952,7 @@ fn applied_settlements_are_remembered_a_bit_each_and_expire() {
 #[test]
 fn a_settlement_refused_by_redis_is_kept_whole_and_applied_once_later() {
     let redis = Redis::start();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = runtime();
     runtime.block_on(async {
         let (limiter, _stop) = redis_limiter(&redis, "{ requests_per_minute: 1000 }");
         limiter.redis().unwrap().connect().await;
@@ -1024,11 +1021,7 @@ fn a_settlement_refused_by_redis_is_kept_whole_and_applied_once_later() {
 #[test]
 fn refused_spend_counts_against_the_budget() {
     let redis = Redis::start();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = runtime();
     runtime.block_on(async {
         // 3,000 pUSD; each settlement below costs 1,000.
         let (limiter, _stop) = redis_limiter(
@@ -1069,11 +1062,7 @@ fn refused_spend_counts_against_the_budget() {
 #[test]
 fn a_grant_dropped_unsettled_releases_its_redis_lease() {
     let redis = Redis::start();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = runtime();
     runtime.block_on(async {
         let (limiter, _stop) = redis_limiter(&redis, "{ max_concurrent: 1 }");
         limiter.redis().unwrap().connect().await;
@@ -1101,11 +1090,7 @@ fn a_grant_dropped_unsettled_releases_its_redis_lease() {
 #[test]
 fn an_unused_grant_is_released_not_settled() {
     let redis = Redis::start();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = runtime();
     runtime.block_on(async {
         let (limiter, _stop) =
             redis_limiter(&redis, "{ requests_per_minute: 2, max_concurrent: 5 }");
