@@ -161,23 +161,14 @@ impl Batcher {
                     lock(&self.shared.ledger).refuse(unsettled, "settle", &e.to_string());
                     Ok(())
                 }
+                // Redis may or may not have applied it: the flush sends it
+                // again under the same number.
                 Some(Err(e)) => {
-                    // Redis may or may not have applied it: the flush sends
-                    // it again under the same number, and Redis counts it
-                    // once.
-                    let uncertain = Unsettled {
-                        uncertain: true,
-                        ..unsettled
-                    };
-                    lock(&self.shared.ledger).unsettled.push(uncertain);
+                    lock(&self.shared.ledger).unanswered(unsettled);
                     Err(e.to_string())
                 }
                 None => {
-                    let uncertain = Unsettled {
-                        uncertain: true,
-                        ..unsettled
-                    };
-                    lock(&self.shared.ledger).unsettled.push(uncertain);
+                    lock(&self.shared.ledger).unanswered(unsettled);
                     Err("no reply".to_string())
                 }
             };

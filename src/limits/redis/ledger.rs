@@ -159,6 +159,15 @@ impl Ledger {
             .extend(batch.leases.into_iter().map(|lease| (batch.tenant, lease)));
     }
 
+    /// A batch whose send went unanswered: Redis may have applied it, so
+    /// it is kept to be sent again under its number (Redis counts it once).
+    pub(super) fn unanswered(&mut self, batch: Unsettled) {
+        self.unsettled.push(Unsettled {
+            uncertain: true,
+            ..batch
+        });
+    }
+
     /// Spend owed for a tenant's period while Redis refuses its
     /// settlements (0 otherwise), in pUSD: counted against the budget by
     /// the admissions Redis decides, which see only Redis's own.

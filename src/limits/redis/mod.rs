@@ -667,10 +667,7 @@ impl RedisStore {
                         Some(Err(e)) if ledger::refused(&e) => {
                             ledger.refuse(batch, "flush", &e.to_string());
                         }
-                        _ => ledger.unsettled.push(Unsettled {
-                            uncertain: true,
-                            ..batch
-                        }),
+                        _ => ledger.unanswered(batch),
                     }
                 }
                 for lease in unreleased {
@@ -686,12 +683,9 @@ impl RedisStore {
             _ => {
                 // Kept with their numbers: sent again by the next flush
                 // (Redis may have applied them).
-                ledger
-                    .unsettled
-                    .extend(batches.into_iter().map(|batch| Unsettled {
-                        uncertain: true,
-                        ..batch
-                    }));
+                for batch in batches {
+                    ledger.unanswered(batch);
+                }
                 ledger.unreleased.extend(unreleased);
             }
         }

@@ -4,8 +4,9 @@
 /// Admissions of one tenant in one period, decided in order, each all or
 /// nothing. ARGV: rpm, tpm, max concurrent, budget (pUSD), spend this
 /// instance owes Redis for the period but Redis refused (pUSD, counted
-/// against the budget), lease TTL, then (tokens, lease) per admission. Replies `{secs, micros, spent_pusd}` (the
-/// Redis clock, as `TIME` gives it) followed by `{refused_limit_or_empty,
+/// against the budget), lease TTL, then (tokens, lease) per admission.
+/// Replies `{secs, micros, spent_pusd}` (the Redis clock, as `TIME` gives
+/// it) followed by `{refused_limit_or_empty,
 /// requests_tat - now, tokens_tat - now}` per admission, the differences in
 /// whole microseconds: integers, so nothing is formatted per admission (Lua's
 /// `tostring` keeps only 14 digits, too few for timestamps).
@@ -68,11 +69,11 @@ return reply
 /// hold what they should not (a wrong type, a counter it adds to that is
 /// not an integer or would overflow, a record that is not one) is refused
 /// with an error coded [`REFUSED`] before anything is written. Only
-/// commands the documented ACL grants. ARGV: rpm, tpm, usage TTL (seconds, 0 to keep),
-/// the batch's bit, the record's TTL (ms), the summed requests, prompt tokens, completion tokens,
-/// cost (pUSD), requests whose tokens the gateway counted, cache hits and
-/// what they saved (pUSD), the number k
-/// of limit corrections, k pairs (request delta, token delta) in order, then
+/// commands the documented ACL grants. ARGV: rpm, tpm, usage TTL (seconds,
+/// 0 to keep), the batch's bit, the record's TTL (ms), the summed requests,
+/// prompt tokens, completion tokens, cost (pUSD), requests whose tokens the
+/// gateway counted, cache hits and what they saved (pUSD), the number k of
+/// limit corrections, k pairs (request delta, token delta) in order, then
 /// the leases to release. Replies 1 when applied, 0 for a batch already
 /// applied.
 pub(super) const SETTLE: &str = r"
