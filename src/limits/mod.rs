@@ -326,7 +326,8 @@ impl Limiter {
         } else {
             String::new()
         };
-        let (period_id, period_left_ms) = period_at(accounting_period(limits), now_ms());
+        let now = now_ms();
+        let (period_id, period_left_ms) = period_at(accounting_period(limits), now);
         let decided = if !limits.is_limited() {
             Ok((Decided::Unlimited, RateLimitState::default()))
         } else {
@@ -353,7 +354,8 @@ impl Limiter {
                             tokens,
                             &period_id,
                             spent_elsewhere,
-                            now_ms(),
+                            // Redis may have taken a while to fail.
+                            if inner.redis.is_some() { now_ms() } else { now },
                         )
                         .map(|state| (Decided::Local, state))
                 }
@@ -398,7 +400,8 @@ impl Limiter {
         let old = ewma.load(Ordering::Relaxed);
         ewma.store((old * 7 + sample) / 8, Ordering::Relaxed);
 
-        let (period_id, _) = period_at(accounting_period(limits), now_ms());
+        let now = now_ms();
+        let (period_id, _) = period_at(accounting_period(limits), now);
         let token_delta = signed(settlement.usage.total()) - signed(grant.reserved_tokens);
         let record = PeriodUsage {
             requests: 1,
@@ -409,7 +412,7 @@ impl Limiter {
             cache_hits: u64::from(settlement.cache_saved_pusd.is_some()),
             cache_saved_pusd: settlement.cache_saved_pusd.unwrap_or(0),
         };
-        self.give_back(&grant, 0, token_delta, &period_id, &record)
+        self.give_back(&grant, (0, token_delta), (&period_id, now), &record)
             .await;
         if let Some(budget) = limits.budget {
             let spent = match &inner.redis {
@@ -429,25 +432,24 @@ impl Limiter {
     /// recorded: no usage, no request, no duration sample.
     pub async fn release(&self, mut grant: Grant) {
         grant.settled = true;
-        let (period_id, _) = period_at(
-            accounting_period(&self.inner.limits[grant.tenant]),
-            now_ms(),
-        );
+        let now = now_ms();
+        let (period_id, _) = period_at(accounting_period(&self.inner.limits[grant.tenant]), now);
         let reserved = signed(grant.reserved_tokens);
-        self.give_back(&grant, -1, -reserved, &period_id, &PeriodUsage::default())
+        let unused = PeriodUsage::default();
+        self.give_back(&grant, (-1, -reserved), (&period_id, now), &unused)
             .await;
         self.inner.inflight_done(grant.tenant);
     }
 
     /// Returns a grant's slot and corrects its reservation by
     /// `request_delta` requests and `token_delta` tokens, where it was
-    /// decided; records `record` in the period's usage.
+    /// decided; records `record` in the usage of period `period_id`, which
+    /// holds `now` (Unix ms).
     async fn give_back(
         &self,
         grant: &Grant,
-        request_delta: i64,
-        token_delta: i64,
-        period_id: &str,
+        (request_delta, token_delta): (i64, i64),
+        (period_id, now): (&str, f64),
         record: &PeriodUsage,
     ) {
         let inner = &self.inner;
@@ -458,7 +460,7 @@ impl Limiter {
             if grant.decided == Decided::Local {
                 inner
                     .local
-                    .settle_limits(tenant, limits, request_delta, token_delta, now_ms());
+                    .settle_limits(tenant, limits, request_delta, token_delta, now);
             }
             if inner.redis.is_none() && used {
                 inner.local.record(tenant, period_id, record);

@@ -205,14 +205,18 @@ impl Attempt<'_> {
             ));
         }
 
+        let sent = tokio::time::Instant::now();
         let first_byte = timeouts
             .first_byte
-            .min(deadline.saturating_duration_since(Instant::now()));
-        let header_deadline = tokio::time::Instant::now() + first_byte;
+            .min(deadline.saturating_duration_since(sent.into_std()));
+        let header_deadline = sent + first_byte;
         // Informational answers (100 Continue, 103 Early Hints) come before
         // the real one: read past a few of them.
         for informational in 0.. {
             tokio::select! {
+                // In order, without a random draw: when both are ready the
+                // read goes first (a client that is gone fails its send).
+                biased;
                 read = tokio::time::timeout_at(header_deadline, upstream.read_response_header()) => match read {
                     Ok(read) => read.map_err(|e| {
                         let (outcome, domain, attempted) = classify(provider, self.backend, &e, Phase::Answer);
@@ -343,9 +347,11 @@ impl Attempt<'_> {
         let mut received = 0usize;
         let mut ended = false;
         while !first.found() {
-            let wait = first_token_deadline.saturating_duration_since(Instant::now());
             let read = tokio::select! {
-                read = tokio::time::timeout(wait, body.read()) => read,
+                // In order, without a random draw: when both are ready the
+                // read goes first (a client that is gone fails its send).
+                biased;
+                read = tokio::time::timeout_at(first_token_deadline.into(), body.read()) => read,
                 _ = client.gone() => return Err(self.outcome(Outcome::Neutral, Domain::Deployment, Attempted::Answered)),
             };
             match read {

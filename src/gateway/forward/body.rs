@@ -585,11 +585,17 @@ impl Copy<'_> {
         // can be continued elsewhere breaks there rather than lose it.
         meter.halt_on_malformed(client.resumable());
         loop {
+            // One clock read: the gap's end, not a duration (which
+            // `timeout` would add to a second reading).
+            let now = tokio::time::Instant::now();
             let gap = self
                 .idle
-                .min(self.deadline.saturating_duration_since(Instant::now()));
+                .min(self.deadline.saturating_duration_since(now.into_std()));
             let read = tokio::select! {
-                read = tokio::time::timeout(gap, upstream.read()) => read,
+                // In order, without a random draw: when both are ready the
+                // read goes first (a client that is gone fails its send).
+                biased;
+                read = tokio::time::timeout_at(now + gap, upstream.read()) => read,
                 _ = client.gone() => return BodyEnd::ClientGone,
             };
             match read {

@@ -209,8 +209,10 @@ impl Batcher {
     pub(super) fn admit_command(&self, batch: &[AdmitOp]) -> redis::Cmd {
         let first = &batch[0];
         let keys = &self.keys[first.tenant];
-        let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(self.admit.get_hash())
+        // Sized up front, as the settlement's (see `Unsettled::command`).
+        let mut cmd = redis::Cmd::with_capacity(12 + 2 * batch.len(), 400 + 56 * batch.len());
+        cmd.arg("EVALSHA")
+            .arg(self.admit.get_hash())
             .arg(3)
             .arg(&keys.rate)
             .arg(&keys.inflight)

@@ -352,7 +352,12 @@ impl RedisStore {
             }
             return None;
         };
-        *lock(&self.inner.known_spend[tenant]) = (period_id.to_string(), spent);
+        let mut known = lock(&self.inner.known_spend[tenant]);
+        if known.0 != period_id {
+            known.0 = period_id.to_string();
+        }
+        known.1 = spent;
+        drop(known);
         let state = RateLimitState {
             requests: limits
                 .requests_per_minute
