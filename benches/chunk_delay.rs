@@ -1,15 +1,17 @@
 //! Chunk forwarding delay for `scripts/bench.sh`: opens STREAMS concurrent
-//! streaming chat requests to 127.0.0.1:PORT, where runestone-mock runs with
-//! `--stamp-chunks` (directly, or behind a gateway), and for every token
-//! takes its arrival time minus the time the mock wrote it (both
-//! CLOCK_MONOTONIC on this machine), and for every stream the time from
-//! sending the request to its first token. ROUNDS (default 1) repeats the
-//! STREAMS concurrent streams, one round after the other. Prints one JSON
-//! line: the chunk count, the delay's p50, p99 and p99.9, and time to first
-//! token p50 and p99, in microseconds. One blocking reader thread per
-//! stream, so the reader adds little of its own delay.
+//! streaming chat requests to each TARGET (`PORT:KEY`, key `none` for no
+//! key), where runestone-mock runs with `--stamp-chunks` (directly, or
+//! behind a proxy), and for every token takes its arrival time minus the
+//! time the mock wrote it (both CLOCK_MONOTONIC on this machine), and for
+//! every stream the time from sending the request to its first token.
+//! ROUNDS (default 1) repeats that, the targets taking turns round after
+//! round so that a slow spell of the machine hits them all alike. Prints
+//! one JSON line per target, in order: the chunk count, the delay's p50,
+//! p99 and p99.9, and time to first token p50 and p99, in microseconds.
+//! One blocking reader thread per stream, so the reader adds little of its
+//! own delay.
 //!
-//! `cargo run --release --example chunk_delay -- PORT KEY STREAMS [ROUNDS]`
+//! `cargo run --release --example chunk_delay -- STREAMS ROUNDS PORT:KEY...`
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
@@ -64,37 +66,51 @@ fn quantile(sorted: &[u64], p: f64) -> u64 {
 }
 
 fn main() {
-    let mut args = std::env::args().skip(1);
-    let (Some(port), Some(key), Some(streams)) = (args.next(), args.next(), args.next()) else {
-        eprintln!("usage: chunk_delay PORT KEY STREAMS [ROUNDS]");
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.len() < 3 {
+        eprintln!("usage: chunk_delay STREAMS ROUNDS PORT:KEY...");
         std::process::exit(2);
-    };
-    let port: u16 = port.parse().expect("PORT");
-    let streams: usize = streams.parse().expect("STREAMS");
-    let rounds: usize = args.next().map_or(1, |r| r.parse().expect("ROUNDS"));
-    let mut delays = Vec::new();
-    let mut ttfts = Vec::new();
-    for _ in 0..rounds {
-        std::thread::scope(|scope| {
-            let handles: Vec<_> = (0..streams)
-                .map(|_| scope.spawn(|| stream(port, &key)))
-                .collect();
-            for handle in handles {
-                let (chunks, ttft) = handle.join().expect("reader");
-                delays.extend(chunks);
-                ttfts.extend(ttft);
-            }
-        });
     }
+    let streams: usize = args[0].parse().expect("STREAMS");
+    let rounds: usize = args[1].parse().expect("ROUNDS");
+    let targets: Vec<(u16, &str)> = args[2..]
+        .iter()
+        .map(|t| {
+            let (port, key) = t.split_once(':').expect("PORT:KEY");
+            (port.parse().expect("PORT"), key)
+        })
+        .collect();
+    let mut samples = vec![(Vec::new(), Vec::new()); targets.len()];
+    for _ in 0..rounds {
+        for (&(port, key), (delays, ttfts)) in targets.iter().zip(&mut samples) {
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = (0..streams)
+                    .map(|_| scope.spawn(|| stream(port, key)))
+                    .collect();
+                for handle in handles {
+                    let (chunks, ttft) = handle.join().expect("reader");
+                    delays.extend(chunks);
+                    ttfts.extend(ttft);
+                }
+            });
+        }
+    }
+    for (delays, ttfts) in &mut samples {
+        report(delays, ttfts);
+    }
+}
+
+/// Prints one target's JSON line.
+fn report(delays: &mut [u64], ttfts: &mut [u64]) {
     delays.sort_unstable();
     ttfts.sort_unstable();
     println!(
         r#"{{"chunks": {}, "p50_us": {}, "p99_us": {}, "p999_us": {}, "ttft_p50_us": {}, "ttft_p99_us": {}}}"#,
         delays.len(),
-        quantile(&delays, 0.5),
-        quantile(&delays, 0.99),
-        quantile(&delays, 0.999),
-        quantile(&ttfts, 0.5),
-        quantile(&ttfts, 0.99)
+        quantile(delays, 0.5),
+        quantile(delays, 0.99),
+        quantile(delays, 0.999),
+        quantile(ttfts, 0.5),
+        quantile(ttfts, 0.99)
     );
 }

@@ -18,8 +18,8 @@
 # saturation, with latency correction, for latency added over direct and the
 # process's CPU per 1,000 requests/s. Chunk delay: runestone-mock stamps each
 # streamed token with its write time, benches/chunk_delay.rs subtracts it from
-# the arrival time and times each stream's first token, direct and through
-# Runestone.
+# the arrival time and times each stream's first token, direct, through the
+# floor and through Runestone, taking turns.
 # Pinning (2 cores): the process under test runs alone on CPU 0; wrk, and
 # runestone-mock when it is the upstream, share CPU 1 (in the open loop,
 # "direct" is that upstream mock itself). Loopback only.
@@ -247,55 +247,69 @@ for name in "${PATHS[@]}"; do
 done
 
 # 2. Open loop at half of Runestone's saturation (every feature on,
-# in-process), the same rate for every path: latency and CPU, median of
-# REPEAT runs.
+# in-process), the same rate for every path: latency and CPU. The paths
+# take turns, round after round, as in the closed loop, so a slow spell of
+# the machine hits all of them; "added" is each round's latency less
+# direct's in the same round, and the medians of the rounds are reported.
 RATE=$(awk -v r="${RPS[runestone, all on, in-process]}" 'BEGIN {printf "%d", r / 2}')
-declare -A OL_P50 OL_P99 OL_P999 OL_CPU OL_RPS OL_RATE
+declare -A OL_P50 OL_P99 OL_P999 OL_CPU OL_RPS OL_RATE OL_RUNS OL_ADDED OL_DIRECT
 hz=$(getconf CLK_TCK)
 body='{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello to the benchmark"}],"max_tokens":16}'
 for name in "${PATHS[@]}"; do
-  if [ "$name" = direct ]; then
-    # Direct is the very upstream the proxies use (runestone-mock on CPU 1,
-    # beside the load generator), so "added" is the proxy hop alone and not
-    # also the difference between a mock with a core of its own and one
-    # sharing the load generator's.
-    PID=${pids[0]}; URL="http://127.0.0.1:$mock_port/v1/chat/completions"
-  else
-    start_path "$name"
-  fi
   # A peer that cannot sustain the common rate runs at half its own
   # saturation instead (said in the table).
-  rate=$RATE
-  headers=(-H 'Authorization: Bearer sk-bench-tenant-key')
+  OL_RATE[$name]=$RATE
   if [ -n "${PEER_HEADERS[$name]:-}" ]; then
-    rate=$(awk -v r="${RPS[$name]}" -v c="$RATE" 'BEGIN {h = int(r / 2); printf "%d", h < c ? h : c}')
-    headers=()
-    IFS='|' read -r -a peer_headers <<<"${PEER_HEADERS[$name]//MOCK_PORT/$mock_port}"
-    for h in "${peer_headers[@]}"; do headers+=(-H "$h"); done
+    OL_RATE[$name]=$(awk -v r="${RPS[$name]}" -v c="$RATE" 'BEGIN {h = int(r / 2); printf "%d", h < c ? h : c}')
   fi
-  OL_RATE[$name]=$rate
-  taskset -c 1 oha -z 2s -q "$rate" -c "$CONNECTIONS" --no-tui --output-format quiet -m POST \
-    "${headers[@]}" -H 'Content-Type: application/json' -d "$body" "$URL" >/dev/null 2>&1 || true
-  runs=()
-  for _ in $(seq 1 "$REPEAT"); do
+done
+for round in $(seq 1 "$REPEAT"); do
+  for name in "${PATHS[@]}"; do
+    if [ "$name" = direct ]; then
+      # Direct is the very upstream the proxies use (runestone-mock on CPU 1,
+      # beside the load generator), so "added" is the proxy hop alone and not
+      # also the difference between a mock with a core of its own and one
+      # sharing the load generator's.
+      PID=${pids[0]}; URL="http://127.0.0.1:$mock_port/v1/chat/completions"
+    else
+      start_path "$name"
+    fi
+    rate=${OL_RATE[$name]}
+    headers=(-H 'Authorization: Bearer sk-bench-tenant-key')
+    if [ -n "${PEER_HEADERS[$name]:-}" ]; then
+      headers=()
+      IFS='|' read -r -a peer_headers <<<"${PEER_HEADERS[$name]//MOCK_PORT/$mock_port}"
+      for h in "${peer_headers[@]}"; do headers+=(-H "$h"); done
+    fi
+    taskset -c 1 oha -z 2s -q "$rate" -c "$CONNECTIONS" --no-tui --output-format quiet -m POST \
+      "${headers[@]}" -H 'Content-Type: application/json' -d "$body" "$URL" >/dev/null 2>&1 || true
     before=$(cpu_ticks "$PID")
     taskset -c 1 oha -z "${DURATION}s" -q "$rate" --latency-correction -c "$CONNECTIONS" --no-tui --output-format json -m POST \
       "${headers[@]}" -H 'Content-Type: application/json' -d "$body" "$URL" >"$work/oha.json"
     after=$(cpu_ticks "$PID")
     # served req/s, p50, p99, p99.9 (us), CPU % of a core per 1k req/s
-    runs+=("$(python3 -c '
+    run=$(python3 -c '
 import json, sys
 d = json.load(open(sys.argv[1])); p = d["latencyPercentiles"]
 rps = d["statusCodeDistribution"].get("200", 0) / d["summary"]["total"]
 cpu = 100 * (int(sys.argv[2]) / int(sys.argv[3]) / float(sys.argv[4])) / (rps / 1000)
 print(round(rps), *(round(p[k] * 1e6) for k in ("p50", "p99", "p99.9")), round(cpu, 1))' \
-      "$work/oha.json" $((after - before)) "$hz" "$DURATION")")
+      "$work/oha.json" $((after - before)) "$hz" "$DURATION")
+    OL_RUNS[$name]+="$run"$'\n'
+    [ "$name" = direct ] && OL_DIRECT[$round]=$run
+    # This round's added p50, p99, p99.9 over direct's.
+    OL_ADDED[$name]+="$(printf '%s\n%s\n' "$run" "${OL_DIRECT[$round]}" | awk 'NR == 1 {a = $2; b = $3; c = $4} NR == 2 {print a - $2, b - $3, c - $4}')"$'\n'
+    echo "bench: round $round, $name at $rate req/s: $run" >&2
+    [ "$name" = direct ] || stop_path "$name"
   done
-  col() { printf '%s\n' "${runs[@]}" | awk -v c="$1" '{print $c}' | median; }
-  OL_RPS[$name]=$(col 1); OL_P50[$name]=$(col 2); OL_P99[$name]=$(col 3); OL_P999[$name]=$(col 4); OL_CPU[$name]=$(col 5)
-  echo "bench: $name at $rate req/s: p50 ${OL_P50[$name]}us p99 ${OL_P99[$name]}us p99.9 ${OL_P999[$name]}us, ${OL_CPU[$name]}% of a core per 1k req/s" >&2
-  [ "$name" = direct ] || stop_path "$name"
 done
+for name in "${PATHS[@]}"; do
+  col() { printf '%s' "${OL_RUNS[$name]}" | awk -v c="$1" '{print $c}' | median; }
+  OL_RPS[$name]=$(col 1); OL_P50[$name]=$(col 2); OL_P99[$name]=$(col 3); OL_P999[$name]=$(col 4); OL_CPU[$name]=$(col 5)
+done
+# added NAME COLUMN: the median of the rounds' added latency (1 p50, 2 p99,
+# 3 p99.9), signed.
+added() { printf '%s' "${OL_ADDED[$1]}" | awk -v c="$2" '{print $c}' | median | awk '{printf "%+d", $1}'; }
 
 # 3. Open streams: the mock paces tokens at 2/s, so streams stay open while
 # the proxy's RSS is read.
@@ -323,24 +337,28 @@ done
 
 # 4. Stream latency, direct and through Runestone (every feature on).
 # stream_latency STREAMS ROUNDS [MOCK FLAGS...]: starts a stamping
-# runestone-mock on CPU 1 and runs benches/chunk_delay.rs against it and
-# through the floor and the gateway; sets DIRECT_RESULT, FLOOR_RESULT and
-# GATEWAY_RESULT (JSON lines). The floor's row is the proxy hop's own
-# share (its wake-ups and copies), so the gateway's is what it adds to it.
+# runestone-mock on CPU 1, the floor and the gateway in front of it (both
+# on CPU 0, one idle while the other is measured), and runs
+# benches/chunk_delay.rs against the three, taking turns round after round;
+# sets DIRECT_RESULT, FLOOR_RESULT and GATEWAY_RESULT (JSON lines). The
+# floor's row is the proxy hop's own share (its wake-ups and copies), so
+# the gateway's is what it adds to it.
 stream_latency() {
-  local port
+  local port floor_port floor_pid results
   port=$(free_port)
   taskset -c 1 target/release/runestone-mock --listen "127.0.0.1:$port" --stamp-chunks "${@:3}" >/dev/null 2>&1 &
   pids+=($!)
   wait_http "http://127.0.0.1:$port/health"
   mock_port=$port
-  DIRECT_RESULT=$(taskset -c 1 target/release/examples/chunk_delay "$port" none "$1" "$2")
   start_path "pingora floor"
-  FLOOR_RESULT=$(taskset -c 1 target/release/examples/chunk_delay "$PORT" sk-bench-tenant-key "$1" "$2")
-  stop_path "pingora floor"
+  floor_port=$PORT floor_pid=$PID
   start_path "runestone, all on, in-process"
-  GATEWAY_RESULT=$(taskset -c 1 target/release/examples/chunk_delay "$PORT" sk-bench-tenant-key "$1" "$2")
+  results=$(taskset -c 1 target/release/examples/chunk_delay "$1" "$2" "$port:none" \
+    "$floor_port:sk-bench-tenant-key" "$PORT:sk-bench-tenant-key")
   stop_path "runestone, all on, in-process"
+  PID=$floor_pid
+  stop_path "pingora floor"
+  { read -r DIRECT_RESULT; read -r FLOOR_RESULT; read -r GATEWAY_RESULT; } <<<"$results"
 }
 # Chunk forwarding delay: 20 concurrent streams, 20 tokens/s each,
 # CHUNK_ROUNDS times over.
@@ -391,7 +409,6 @@ for round in $(seq 1 "$REPEAT"); do
   done
 done
 
-added() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%+d", a - b}'; }
 table=$(
   echo "Closed loop (saturation):"
   echo
@@ -416,14 +433,14 @@ table=$(
     echo "| $name | $rps | $(printf '%.0f%%' "$ratio") | $p50 | $p99 |"
   done
   echo
-  echo "Open loop at $RATE requests/s (half of Runestone's saturation, every feature on, in-process), latency in µs, added = over direct, median of $REPEAT runs:"
+  echo "Open loop at $RATE requests/s (half of Runestone's saturation, every feature on, in-process), latency in µs, $REPEAT rounds in which the paths take turns, medians of the rounds; added = each round's latency less direct's in the same round:"
   echo
   echo "| path | p50 | p99 | p99.9 | added p50 / p99 / p99.9 | CPU, % of a core per 1k req/s |"
   echo "|---|---|---|---|---|---|"
   for name in "${PATHS[@]}"; do
     label=$name
     [ "${OL_RATE[$name]}" = "$RATE" ] || label="$name, at ${OL_RATE[$name]} req/s (half its saturation)"
-    echo "| $label | ${OL_P50[$name]} | ${OL_P99[$name]} | ${OL_P999[$name]} | $(added "${OL_P50[$name]}" "${OL_P50[direct]}") / $(added "${OL_P99[$name]}" "${OL_P99[direct]}") / $(added "${OL_P999[$name]}" "${OL_P999[direct]}") | ${OL_CPU[$name]} |"
+    echo "| $label | ${OL_P50[$name]} | ${OL_P99[$name]} | ${OL_P999[$name]} | $(added "$name" 1) / $(added "$name" 2) / $(added "$name" 3) | ${OL_CPU[$name]} |"
   done
   echo
   echo "Open streams:"
@@ -436,7 +453,7 @@ table=$(
     done
   done
   echo
-  echo "Stream latency, in µs: chunk delay from the mock writing a token to the client reading it ($CHUNK_ROUNDS rounds of 20 concurrent streams, 20 tokens/s each); time to first token from sending the request ($TTFT_STREAMS streams one after another, tokens unpaced); added = over direct, so the floor's added is what any proxy hop costs here and Runestone's own share is its added less the floor's:"
+  echo "Stream latency, in µs: chunk delay from the mock writing a token to the client reading it ($CHUNK_ROUNDS rounds of 20 concurrent streams, 20 tokens/s each); time to first token from sending the request ($TTFT_STREAMS streams one after another, tokens unpaced); the three paths take turns, round after round (stream after stream for the first token); added = over direct, so the floor's added is what any proxy hop costs here and Runestone's own share is its added less the floor's:"
   echo
   echo "| path | chunks | chunk delay p50 / p99 / p99.9 | added p50 / p99 | time to first token p50 / p99 | added p50 / p99 |"
   echo "|---|---|---|---|---|---|"
@@ -462,7 +479,7 @@ machine="$(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /pro
   echo
   echo "Closed loop: \`wrk -t1 -c$CONNECTIONS -d${DURATION}s --latency\`, one non-streaming chat request"
   echo "(a 16-token answer from runestone-mock, no added latency); $REPEAT rounds in which the paths take turns, medians reported."
-  echo "Open loop: \`oha -z ${DURATION}s -q RATE --latency-correction -c $CONNECTIONS\`, median of $REPEAT runs per path;"
+  echo "Open loop: \`oha -z ${DURATION}s -q RATE --latency-correction -c $CONNECTIONS\`, $REPEAT rounds in which the paths take turns, medians reported;"
   echo "CPU is the process's user + system time over the run (/proc), per 1,000 requests/s served."
   echo "Peak RSS is the process's VmHWM at the end of its closed-loop run (32 connections)."
   echo "Pinning: the process under test alone on CPU 0 (runestone-mock for \"direct\" in the closed"
@@ -489,7 +506,8 @@ machine="$(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /pro
   echo "and reads the proxy's VmRSS while all are open. Chunk delay: runestone-mock --stamp-chunks"
   echo "writes CLOCK_MONOTONIC into each token; benches/chunk_delay.rs (a thread per stream) subtracts"
   echo "it on arrival, and times each stream's first token from the request; the gateway's share"
-  echo "is the difference between the two rows (\"added\"). Direct is the same stamping mock on CPU 1."
+  echo "is the difference between the two rows (\"added\"). Direct is the same stamping mock on CPU 1;"
+  echo "the floor and the gateway both run (on CPU 0) and the three take turns, round after round."
   echo
   echo "$table"
   echo

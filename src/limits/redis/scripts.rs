@@ -208,10 +208,11 @@ pub(super) struct AdmitAnswer {
 /// Reads [`ADMIT`]'s reply: `n` answers.
 pub(super) fn admit_answers(value: redis::Value, n: usize) -> Result<Vec<AdmitAnswer>, String> {
     let malformed = || format!("unexpected reply to the admission script: {value:?}");
-    let items: Vec<redis::Value> = redis::from_redis_value_ref(&value).map_err(|_| malformed())?;
-    if items.len() != 3 + 3 * n {
-        return Err(malformed());
-    }
+    // Read in place (a conversion to `Vec<Value>` would copy every item).
+    let items = match &value {
+        redis::Value::Array(items) if items.len() == 3 + 3 * n => items,
+        _ => return Err(malformed()),
+    };
     let number = |v: &redis::Value| redis::from_redis_value_ref::<f64>(v).map_err(|_| malformed());
     let now = number(&items[0])? * 1000.0 + number(&items[1])? / 1000.0;
     let spent = redis::from_redis_value_ref::<i64>(&items[2]).map_err(|_| malformed())?;
