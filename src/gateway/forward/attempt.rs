@@ -214,8 +214,8 @@ impl Attempt<'_> {
         // the real one: read past a few of them.
         for informational in 0.. {
             tokio::select! {
-                // In order, without a random draw: when both are ready the
-                // read goes first (a client that is gone fails its send).
+                // In order, without a random draw: once the head is in,
+                // sending it finds a client that is gone.
                 biased;
                 read = tokio::time::timeout_at(header_deadline, upstream.read_response_header()) => match read {
                     Ok(read) => read.map_err(|e| {
@@ -347,10 +347,9 @@ impl Attempt<'_> {
         let mut received = 0usize;
         let mut ended = false;
         while !first.found() {
+            // Not in order: what is held here is not sent yet, so a
+            // provider flooding it must not keep a gone client unseen.
             let read = tokio::select! {
-                // In order, without a random draw: when both are ready the
-                // read goes first (a client that is gone fails its send).
-                biased;
                 read = tokio::time::timeout_at(first_token_deadline.into(), body.read()) => read,
                 _ = client.gone() => return Err(self.outcome(Outcome::Neutral, Domain::Deployment, Attempted::Answered)),
             };

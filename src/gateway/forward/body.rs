@@ -591,10 +591,9 @@ impl Copy<'_> {
             let gap = self
                 .idle
                 .min(self.deadline.saturating_duration_since(now.into_std()));
+            // Not in order: a provider flooding events that are not passed
+            // on (nothing sent) must not keep a gone client unseen.
             let read = tokio::select! {
-                // In order, without a random draw: when both are ready the
-                // read goes first (a client that is gone fails its send).
-                biased;
                 read = tokio::time::timeout_at(now + gap, upstream.read()) => read,
                 _ = client.gone() => return BodyEnd::ClientGone,
             };
