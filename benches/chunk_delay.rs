@@ -30,10 +30,14 @@ fn stream(port: u16, key: &str) -> (Vec<u64>, Option<u64>) {
         r#"{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"stamp"}]}"#;
     let mut conn = TcpStream::connect(("127.0.0.1", port)).expect("connect");
     conn.set_nodelay(true).expect("nodelay");
+    let auth = match key {
+        "none" => String::new(),
+        key => format!("Authorization: Bearer {key}\r\n"),
+    };
     let sent = monotonic_us();
     write!(
         conn,
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {key}\r\n\
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: bench\r\n{auth}\
          Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     )
@@ -97,6 +101,15 @@ fn main() {
     }
     for (delays, ttfts) in &mut samples {
         report(delays, ttfts);
+    }
+    // A target that sent no token (a refused key, a wrong port) would give
+    // a row of zeros: fail instead.
+    if let Some(at) = samples
+        .iter()
+        .position(|(d, t)| d.is_empty() || t.is_empty())
+    {
+        eprintln!("chunk_delay: {} sent no tokens", args[2 + at]);
+        std::process::exit(1);
     }
 }
 

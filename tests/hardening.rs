@@ -828,6 +828,36 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// Reads a request's head and a body of the declared length; false when
+/// the connection ends first.
+fn read_request(stream: &mut std::net::TcpStream) -> bool {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut data = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        let n = stream.read(&mut buf).unwrap_or(0);
+        if n == 0 {
+            return false;
+        }
+        data.extend_from_slice(&buf[..n]);
+        if let Some(end) = data.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&data[..end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| {
+                    l.strip_prefix("content-length:")
+                        .map(|v| v.trim().parse().unwrap())
+                })
+                .unwrap_or(0);
+            if data.len() >= end + 4 + len {
+                return true;
+            }
+        }
+    }
+}
+
 /// A provider we wrote by hand, answering every request with `response`
 /// (raw bytes) and counting them.
 fn raw_provider(response: Vec<u8>) -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
@@ -841,34 +871,10 @@ fn raw_provider(response: Vec<u8>) -> (u16, std::sync::Arc<std::sync::atomic::At
             let response = response.clone();
             let count = count.clone();
             std::thread::spawn(move || {
-                stream
-                    .set_read_timeout(Some(Duration::from_secs(5)))
-                    .unwrap();
-                let mut data = Vec::new();
-                let mut buf = [0u8; 8192];
-                // Read the head and a body of the declared length.
-                loop {
-                    let n = stream.read(&mut buf).unwrap_or(0);
-                    if n == 0 {
-                        return;
-                    }
-                    data.extend_from_slice(&buf[..n]);
-                    if let Some(end) = data.windows(4).position(|w| w == b"\r\n\r\n") {
-                        let head = String::from_utf8_lossy(&data[..end]).to_ascii_lowercase();
-                        let len: usize = head
-                            .lines()
-                            .find_map(|l| {
-                                l.strip_prefix("content-length:")
-                                    .map(|v| v.trim().parse().unwrap())
-                            })
-                            .unwrap_or(0);
-                        if data.len() >= end + 4 + len {
-                            break;
-                        }
-                    }
+                if read_request(&mut stream) {
+                    count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let _ = stream.write_all(&response);
                 }
-                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                let _ = stream.write_all(&response);
             });
         }
     });
@@ -1002,5 +1008,107 @@ fn corrupt_or_forged_redis_entries_fail_alone_and_free_what_they_took() {
     wait_until(Duration::from_secs(5), "the slots to be free", || {
         redis.cli(&["ZCARD", "runestone:{acme}:inflight"]).trim() == "0"
     });
+    assert!(!gw.log().contains("panicked"), "{}", gw.log());
+}
+
+/// What a trickling provider saw: answers begun, and each connection's
+/// time from its head to the gateway closing it.
+#[derive(Default)]
+struct Trickled {
+    begun: std::sync::atomic::AtomicUsize,
+    held: std::sync::Mutex<Vec<Duration>>,
+}
+
+/// A provider that answers `head` (a chunked answer) and then one byte
+/// every 100 ms for up to 20 s, never ending.
+fn trickling_provider(head: &'static str) -> (u16, std::sync::Arc<Trickled>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen = std::sync::Arc::new(Trickled::default());
+    let kept = seen.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let kept = kept.clone();
+            std::thread::spawn(move || {
+                if !read_request(&mut stream) || stream.write_all(head.as_bytes()).is_err() {
+                    return;
+                }
+                kept.begun.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let started = Instant::now();
+                while started.elapsed() < Duration::from_secs(20)
+                    && stream.write_all(b"1\r\n \r\n").is_ok()
+                {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                kept.held.lock().unwrap().push(started.elapsed());
+            });
+        }
+    });
+    (port, seen)
+}
+
+#[test]
+fn an_answer_read_whole_is_bounded_by_the_first_token_deadline_and_the_client() {
+    // An error answer and a translated (Anthropic) JSON answer are read
+    // whole before anything reaches the client; a provider trickling one
+    // byte at a time, well within idle_ms, must not hold the attempt (and
+    // the tenant's slot) past first_token_ms, nor past the client.
+    let (error, _) = trickling_provider(
+        "HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n",
+    );
+    let (json, json_seen) = trickling_provider(
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n",
+    );
+    let mock = Mock::start(&[]);
+    let mut config = GatewayConfig::new(&mock);
+    config.providers = vec![
+        format!("  - {{ name: drip, base_url: \"http://127.0.0.1:{error}/v1\", timeouts: {{ first_token_ms: 1000, idle_ms: 5000, total_ms: 60000 }} }}"),
+        format!("  - {{ name: claude, kind: anthropic, base_url: \"http://127.0.0.1:{json}/v1\", api_key: \"sk-ant-x\", timeouts: {{ first_token_ms: 30000, idle_ms: 5000, total_ms: 60000 }} }}"),
+    ];
+    config.models = "
+  - name: dripped
+    targets: [{ provider: drip }]
+  - name: claude
+    targets: [{ provider: claude, model: claude-x }]
+"
+    .into();
+    config.tenants = format!("\n  - id: acme\n    keys: [\"{TENANT_KEY}\"]\n");
+    config.extra = "failover: { max_attempts: 1 }\n".into();
+    let gw = Gateway::start(&config);
+    let started = Instant::now();
+    let resp = gw.post_json(CHAT, TENANT_KEY, &chat("dripped", false));
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(8),
+        "cut at first_token_ms, not at the trickle's end: {took:?}"
+    );
+    assert_eq!(resp.status, 504, "{}", String::from_utf8_lossy(&resp.body));
+    assert_eq!(resp.error_code(), "upstream_timeout");
+
+    // A client that goes away while the answer trickles: the provider's
+    // connection is closed then, not when first_token_ms (30 s) runs out.
+    let body = chat("claude", false).to_string();
+    let mut client = std::net::TcpStream::connect(("127.0.0.1", config.port)).unwrap();
+    write!(
+        client,
+        "POST {CHAT} HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {TENANT_KEY}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    wait_until(Duration::from_secs(10), "the answer to begin", || {
+        json_seen.begun.load(std::sync::atomic::Ordering::SeqCst) == 1
+    });
+    drop(client);
+    wait_until(
+        Duration::from_secs(10),
+        "the provider's connection to be closed",
+        || !json_seen.held.lock().unwrap().is_empty(),
+    );
+    let held = json_seen.held.lock().unwrap()[0];
+    assert!(
+        held < Duration::from_secs(5),
+        "closed when the client left: {held:?}"
+    );
     assert!(!gw.log().contains("panicked"), "{}", gw.log());
 }

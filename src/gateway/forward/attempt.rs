@@ -310,7 +310,8 @@ impl Attempt<'_> {
         if !head.status.is_success() || (translated && !is_event_stream(&head)) {
             // An error answer, or a translated JSON one: read whole, then
             // decided on.
-            let whole = self.read_whole(&mut body).await?;
+            let until = (answer.started + provider.timeouts.first_token).min(answer.deadline);
+            let whole = self.read_whole(&mut body, until, client).await?;
             drop(body);
             let ttfb = answer.ttfb;
             // Read to its end: the connection goes back to the pool (an
@@ -479,17 +480,40 @@ impl Attempt<'_> {
         }
     }
 
-    /// Reads a whole answer body (up to a bound), each gap within the idle
-    /// timeout.
-    async fn read_whole(&self, answer: &mut UpstreamBody<'_>) -> Result<Vec<u8>, Attempted> {
+    /// Reads a whole answer body (up to a bound) by `until` (the first
+    /// token's deadline: nothing of it reaches the client before it is
+    /// whole), each gap within the idle timeout; a client that goes away
+    /// ends it.
+    async fn read_whole(
+        &self,
+        answer: &mut UpstreamBody<'_>,
+        until: Instant,
+        client: &mut dyn Client,
+    ) -> Result<Vec<u8>, Attempted> {
         let provider = self.provider();
         let mut body = Vec::new();
         loop {
-            match tokio::time::timeout(provider.timeouts.idle, answer.read()).await {
+            let now = tokio::time::Instant::now();
+            let gap_end = now
+                + provider
+                    .timeouts
+                    .idle
+                    .min(until.saturating_duration_since(now.into_std()));
+            let read = tokio::select! {
+                read = tokio::time::timeout_at(gap_end, answer.read()) => read,
+                _ = client.gone() => return Err(self.outcome(Outcome::Neutral, Domain::Deployment, Attempted::Answered)),
+            };
+            match read {
                 Ok(Ok(Some(chunk))) if body.len() + chunk.len() <= MAX_METERED_JSON_BYTES => {
                     body.extend_from_slice(&chunk)
                 }
                 Ok(Ok(None)) => return Ok(body),
+                Err(_) if Instant::now() >= until => {
+                    return Err(self.deployment_failure(ApiError::upstream_timeout(format!(
+                        "The provider '{}' did not finish its answer within {:?}.",
+                        provider.name, provider.timeouts.first_token
+                    ))))
+                }
                 _ => {
                     return Err(self.deployment_failure(ApiError::upstream_error(format!(
                         "The provider '{}' broke off its answer.",
