@@ -802,8 +802,6 @@ redis: {{ url: "{}", timeout_ms: 5000 }}
     assert_eq!(inflight.trim(), "0");
 }
 
-/// A limiter on a real redis-server for tenant `t` with these limits, and
-/// its maintenance service (probe, flush, lease renewal) running.
 /// A runtime for driving a limiter directly (two workers, timers on).
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
@@ -813,6 +811,8 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
+/// A limiter on a real redis-server for tenant `t` with these limits, and
+/// its maintenance service (probe, flush, lease renewal) running.
 fn redis_limiter(
     redis: &Redis,
     limits: &str,
