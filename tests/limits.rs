@@ -857,6 +857,36 @@ fn used(tokens: u64) -> runestone::limits::Settlement {
     }
 }
 
+/// Waits, off the runtime (whose tasks are what Redis is answering), until
+/// `redis-cli ARGS` prints what `done` accepts; then until the limiter sees
+/// Redis up.
+async fn wait_for_redis(
+    redis: &Redis,
+    limiter: &runestone::limits::Limiter,
+    what: &'static str,
+    args: &[&str],
+    done: impl Fn(&str) -> bool + Send + 'static,
+) {
+    let port = redis.port.to_string();
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        wait_until(Duration::from_secs(10), what, || {
+            let out = std::process::Command::new("redis-cli")
+                .arg("-p")
+                .arg(&port)
+                .args(&args)
+                .output()
+                .unwrap();
+            done(&String::from_utf8_lossy(&out.stdout))
+        })
+    })
+    .await
+    .unwrap();
+    wait_until(Duration::from_secs(5), "Redis to be seen up", || {
+        limiter.redis().unwrap().is_up()
+    });
+}
+
 fn usage_requests(redis: &Redis) -> String {
     let keys = redis.cli(&["KEYS", "runestone:{t}:usage:*"]);
     let key = keys.lines().next().unwrap_or_default().to_string();
@@ -890,27 +920,14 @@ fn a_settlement_sent_again_after_a_frozen_redis_counts_once() {
         redis.thaw();
         // The original runs as Redis thaws; the copy follows with the flush
         // (an EVAL) and must be recognised.
-        tokio::task::spawn_blocking({
-            let port = redis.port;
-            move || {
-                wait_until(
-                    Duration::from_secs(10),
-                    "the flush to send the copy",
-                    || {
-                        let out = std::process::Command::new("redis-cli")
-                            .args(["-p", &port.to_string(), "INFO", "commandstats"])
-                            .output()
-                            .unwrap();
-                        String::from_utf8_lossy(&out.stdout).contains("cmdstat_eval:calls=")
-                    },
-                )
-            }
-        })
-        .await
-        .unwrap();
-        wait_until(Duration::from_secs(5), "Redis to be seen up", || {
-            limiter.redis().unwrap().is_up()
-        });
+        wait_for_redis(
+            &redis,
+            &limiter,
+            "the flush to send the copy",
+            &["INFO", "commandstats"],
+            |out| out.contains("cmdstat_eval:calls="),
+        )
+        .await;
         let report = limiter.usage(0).await;
         assert!(!report.partial);
         assert_eq!(report.usage.requests, 32, "32 requests settled, each once");
@@ -986,27 +1003,14 @@ fn a_settlement_refused_by_redis_is_kept_whole_and_applied_once_later() {
         assert_eq!(owed.usage.cost_pusd, 3000);
         redis.cli(&["HSET", &usage_key, "prompt_tokens", "5"]);
         redis.cli(&["HSET", &usage_key, "completion_tokens", "5"]);
-        tokio::task::spawn_blocking({
-            let port = redis.port;
-            move || {
-                wait_until(
-                    Duration::from_secs(10),
-                    "the kept batch to be applied",
-                    || {
-                        let out = std::process::Command::new("redis-cli")
-                            .args(["-p", &port.to_string(), "HGET", &usage_key, "requests"])
-                            .output()
-                            .unwrap();
-                        String::from_utf8_lossy(&out.stdout).trim() == "4"
-                    },
-                )
-            }
-        })
-        .await
-        .unwrap();
-        wait_until(Duration::from_secs(5), "Redis to be seen up", || {
-            limiter.redis().unwrap().is_up()
-        });
+        wait_for_redis(
+            &redis,
+            &limiter,
+            "the kept batch to be applied",
+            &["HGET", &usage_key, "requests"],
+            |out| out.trim() == "4",
+        )
+        .await;
         let report = limiter.usage(0).await;
         assert_eq!(report.usage.requests, 4, "applied once");
         assert_eq!(report.usage.cost_pusd, 4000);
