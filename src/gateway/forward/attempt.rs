@@ -4,7 +4,7 @@
 //! until its first content is in (so a provider too slow to start fails
 //! over with nothing sent) and copy it to the client.
 
-use super::body::{is_event_stream, BodyEnd, Copy, FirstContent, Meter};
+use super::body::{is_event_stream, read_gap, BodyEnd, Copy, FirstContent, Meter};
 use super::decode::{Decoder, UpstreamBody};
 use super::headers::{client_response, gateway_headers, upstream_request};
 use super::resume::{with_prefill, Continuation};
@@ -493,12 +493,7 @@ impl Attempt<'_> {
         let provider = self.provider();
         let mut body = Vec::new();
         loop {
-            let now = tokio::time::Instant::now();
-            let gap_end = now
-                + provider
-                    .timeouts
-                    .idle
-                    .min(until.saturating_duration_since(now.into_std()));
+            let (gap_end, _) = read_gap(provider.timeouts.idle, until);
             let read = tokio::select! {
                 read = tokio::time::timeout_at(gap_end, answer.read()) => read,
                 _ = client.gone() => return Err(self.outcome(Outcome::Neutral, Domain::Deployment, Attempted::Answered)),

@@ -18,6 +18,14 @@ use pingora::http::ResponseHeader;
 use std::time::{Duration, Instant};
 use tracing::warn;
 
+/// The next read's wait: `idle` from now, but not past `until`, as its
+/// end (for `timeout_at`: one clock read) and its length.
+pub(super) fn read_gap(idle: Duration, until: Instant) -> (tokio::time::Instant, Duration) {
+    let now = tokio::time::Instant::now();
+    let gap = idle.min(until.saturating_duration_since(now.into_std()));
+    (now + gap, gap)
+}
+
 /// Whether a response is an SSE stream.
 pub(super) fn is_event_stream(header: &ResponseHeader) -> bool {
     header
@@ -585,16 +593,11 @@ impl Copy<'_> {
         // can be continued elsewhere breaks there rather than lose it.
         meter.halt_on_malformed(client.resumable());
         loop {
-            // One clock read: the gap's end, not a duration (which
-            // `timeout` would add to a second reading).
-            let now = tokio::time::Instant::now();
-            let gap = self
-                .idle
-                .min(self.deadline.saturating_duration_since(now.into_std()));
+            let (gap_end, gap) = read_gap(self.idle, self.deadline);
             // Not in order: a provider flooding events that are not passed
             // on (nothing sent) must not keep a gone client unseen.
             let read = tokio::select! {
-                read = tokio::time::timeout_at(now + gap, upstream.read()) => read,
+                read = tokio::time::timeout_at(gap_end, upstream.read()) => read,
                 _ = client.gone() => return BodyEnd::ClientGone,
             };
             match read {
