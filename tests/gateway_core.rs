@@ -145,6 +145,18 @@ fn refuses_bodies_over_the_limit_declared_or_chunked() {
         r#"{{"model":"same-name","messages":[{{"role":"user","content":"{}"}}]}}"#,
         "z".repeat(100 * 1024)
     );
+    // Several MiB, more than the sockets' buffers hold: the client is still
+    // sending when the answer is written, and must still get to read it.
+    let huge = big.repeat(40);
+    let resp = gw.post_raw(
+        "/v1/chat/completions",
+        &[("authorization", &format!("Bearer {TENANT_KEY}"))],
+        huge.as_bytes(),
+    );
+    assert_eq!(
+        (resp.status, resp.error_code()),
+        (413, "request_too_large".to_string())
+    );
     let resp = gw.post_raw(
         "/v1/chat/completions",
         &[("authorization", &format!("Bearer {TENANT_KEY}"))],
@@ -156,10 +168,12 @@ fn refuses_bodies_over_the_limit_declared_or_chunked() {
     );
 
     // Chunked: no declared length, the limit is enforced while reading.
-    let request = chunked_chat_request(big.as_bytes());
-    let answer = raw_exchange(gw.port, &request, Duration::from_secs(5));
-    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
-    assert!(answer.contains("request_too_large"), "{answer}");
+    for body in [&big, &huge] {
+        let request = chunked_chat_request(body.as_bytes());
+        let answer = raw_exchange(gw.port, &request, Duration::from_secs(5));
+        assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+        assert!(answer.contains("request_too_large"), "{answer}");
+    }
     assert_eq!(
         mock.request_count(),
         0,

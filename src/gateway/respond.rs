@@ -167,6 +167,37 @@ pub(super) async fn error(session: &mut Session, ctx: &mut RequestCtx, error: &A
         session.set_keepalive(None);
     }
     write_complete(session, header, body).await;
+    if matches!(error.status, 413 | 431) {
+        discard_rest_of_body(session).await;
+    }
+}
+
+/// How long a refused request's unread body is read and thrown away after
+/// the answer, at most.
+const DISCARD_FOR: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// How much of a refused request's unread body is read and thrown away after
+/// the answer, at most.
+const DISCARD_AT_MOST: usize = 64 << 20;
+
+/// Reads and throws away what is left of a refused request's body (its
+/// framing is sound: a 413 or 431, not a 400), within [`DISCARD_FOR`] and
+/// [`DISCARD_AT_MOST`], before the connection is closed.
+///
+/// A socket closed with unread bytes in it is reset, and a client still
+/// sending its body (most send it whole before reading) then sees a broken
+/// pipe instead of the answer already written (a "lingering close").
+async fn discard_rest_of_body(session: &mut Session) {
+    let discard = async {
+        let mut read = 0;
+        while read < DISCARD_AT_MOST {
+            match session.read_request_body().await {
+                Ok(Some(chunk)) => read += chunk.len(),
+                Ok(None) | Err(_) => break,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(DISCARD_FOR, discard).await;
 }
 
 #[cfg(test)]
