@@ -7,6 +7,7 @@ mod common;
 use common::*;
 use serde_json::json;
 use sha2::{Digest, Sha256};
+use std::io::{Read, Write};
 use std::process::Command;
 use std::time::Duration;
 
@@ -178,6 +179,34 @@ fn refuses_bodies_over_the_limit_declared_or_chunked() {
         mock.request_count(),
         0,
         "nothing over the limit reaches the provider"
+    );
+
+    // Refused before its body was needed (a wrong key): the client still
+    // sending reads the answer; a body that never comes is not waited for,
+    // the connection closes after the answer.
+    let resp = gw.post_raw(
+        "/v1/chat/completions",
+        &[("authorization", "Bearer not-a-tenant-key")],
+        huge.as_bytes(),
+    );
+    assert_eq!(resp.status, 401);
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", gw.port)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    stream
+        .write_all(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\n\
+              Authorization: Bearer not-a-tenant-key\r\nContent-Length: 1000000000\r\n\r\n",
+        )
+        .unwrap();
+    let mut answer = Vec::new();
+    let read = stream.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    assert!(
+        read.is_ok(),
+        "the connection was held open for a body that never came: {read:?}"
     );
 }
 

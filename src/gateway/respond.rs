@@ -161,14 +161,14 @@ pub(super) async fn error(session: &mut Session, ctx: &mut RequestCtx, error: &A
     if error.status == 405 {
         let _ = header.insert_header("allow", "POST");
     }
-    if matches!(error.status, 400 | 413 | 431) {
-        // The rest of the body may still be on the wire: do not try to
-        // read past it for the next request.
+    if error.status == 400 {
+        // The body's framing may be unsound (or reading it failed): read
+        // nothing more from this connection.
         session.set_keepalive(None);
     }
     write_complete(session, header, body).await;
-    if matches!(error.status, 413 | 431) {
-        discard_rest_of_body(session).await;
+    if error.status != 400 && !session.is_body_done() && !discard_rest_of_body(session).await {
+        session.set_keepalive(None);
     }
 }
 
@@ -180,24 +180,31 @@ const DISCARD_FOR: std::time::Duration = std::time::Duration::from_secs(2);
 /// the answer, at most.
 const DISCARD_AT_MOST: usize = 64 << 20;
 
-/// Reads and throws away what is left of a refused request's body (its
-/// framing is sound: a 413 or 431, not a 400), within [`DISCARD_FOR`] and
-/// [`DISCARD_AT_MOST`], before the connection is closed.
+/// Reads and throws away what is left of a refused request's body (one
+/// answered before its body was read whole: over the limit, or refused
+/// before it was needed), within [`DISCARD_FOR`] and [`DISCARD_AT_MOST`].
+/// True when the body was read to its end, so the connection can serve the
+/// next request; else the caller closes it.
 ///
 /// A socket closed with unread bytes in it is reset, and a client still
-/// sending its body (most send it whole before reading) then sees a broken
-/// pipe instead of the answer already written (a "lingering close").
-async fn discard_rest_of_body(session: &mut Session) {
+/// sending its body (most send it whole before reading) would see a broken
+/// pipe instead of the answer already written; and a body left unread would
+/// otherwise be read to its end, however long, before the next request.
+async fn discard_rest_of_body(session: &mut Session) -> bool {
     let discard = async {
         let mut read = 0;
         while read < DISCARD_AT_MOST {
             match session.read_request_body().await {
                 Ok(Some(chunk)) => read += chunk.len(),
-                Ok(None) | Err(_) => break,
+                Ok(None) => return true,
+                Err(_) => return false,
             }
         }
+        false
     };
-    let _ = tokio::time::timeout(DISCARD_FOR, discard).await;
+    tokio::time::timeout(DISCARD_FOR, discard)
+        .await
+        .unwrap_or(false)
 }
 
 #[cfg(test)]
