@@ -208,6 +208,37 @@ fn refuses_bodies_over_the_limit_declared_or_chunked() {
         read.is_ok(),
         "the connection was held open for a body that never came: {read:?}"
     );
+
+    // A slower upload (4 MiB over about three seconds) still reads its
+    // answer: the body is thrown away while it keeps coming.
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", gw.port)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\n\
+         Authorization: Bearer not-a-tenant-key\r\nContent-Length: {}\r\n\r\n",
+        huge.len()
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    for piece in huge.as_bytes().chunks(huge.len().div_ceil(15)) {
+        std::thread::sleep(Duration::from_millis(200));
+        stream
+            .write_all(piece)
+            .expect("the gateway stopped reading a body that kept coming");
+    }
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+
+    // A local answer (the model list) to a request with a body it never
+    // reads: the same.
+    let resp = ureq::get(&gw.url("/v1/models"))
+        .set("authorization", &format!("Bearer {TENANT_KEY}"))
+        .send_bytes(huge.as_bytes())
+        .expect("the model list, not a broken pipe");
+    assert_eq!(resp.status(), 200);
 }
 
 #[test]

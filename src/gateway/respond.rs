@@ -7,6 +7,7 @@ use crate::openai::ApiError;
 use bytes::{Bytes, BytesMut};
 use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
+use std::time::Duration;
 
 /// The request's id: the client's own `x-request-id` when short and plain,
 /// else a fresh one.
@@ -167,44 +168,49 @@ pub(super) async fn error(session: &mut Session, ctx: &mut RequestCtx, error: &A
         session.set_keepalive(None);
     }
     write_complete(session, header, body).await;
-    if error.status != 400 && !session.is_body_done() && !discard_rest_of_body(session).await {
-        session.set_keepalive(None);
-    }
 }
 
-/// How long a refused request's unread body is read and thrown away after
-/// the answer, at most.
-const DISCARD_FOR: std::time::Duration = std::time::Duration::from_secs(2);
+/// The longest a request's unread body is read and thrown away after its
+/// answer.
+const DISCARD_FOR: Duration = Duration::from_secs(10);
 
-/// How much of a refused request's unread body is read and thrown away after
-/// the answer, at most.
+/// The longest wait for the next bytes of a body being thrown away: a
+/// client that stops sending is not waited for.
+const DISCARD_IDLE: Duration = Duration::from_secs(1);
+
+/// The most of an unread body that is thrown away.
 const DISCARD_AT_MOST: usize = 64 << 20;
 
-/// Reads and throws away what is left of a refused request's body (one
-/// answered before its body was read whole: over the limit, or refused
-/// before it was needed), within [`DISCARD_FOR`] and [`DISCARD_AT_MOST`].
-/// True when the body was read to its end, so the connection can serve the
-/// next request; else the caller closes it.
+/// What each read counts for at least, so a body in one-byte chunks (each
+/// its own parse) runs out of budget as fast in reads as in bytes.
+const DISCARD_READ_COST: usize = 1024;
+
+/// Reads and throws away what is left of a request's body once it has been
+/// answered without reading it whole (over the limit, a wrong key, a local
+/// path), within [`DISCARD_FOR`], [`DISCARD_IDLE`] and [`DISCARD_AT_MOST`];
+/// the connection is closed after it. Called after the request is logged,
+/// so its duration and metrics are the answer's.
 ///
 /// A socket closed with unread bytes in it is reset, and a client still
 /// sending its body (most send it whole before reading) would see a broken
-/// pipe instead of the answer already written; and a body left unread would
-/// otherwise be read to its end, however long, before the next request.
-async fn discard_rest_of_body(session: &mut Session) -> bool {
+/// pipe instead of the answer already written (a "lingering close").
+pub(super) async fn discard_rest_of_body(session: &mut Session) {
+    session.set_keepalive(None);
+    if session.response_written().is_none() || session.is_body_done() {
+        return;
+    }
     let discard = async {
-        let mut read = 0;
-        while read < DISCARD_AT_MOST {
-            match session.read_request_body().await {
-                Ok(Some(chunk)) => read += chunk.len(),
-                Ok(None) => return true,
-                Err(_) => return false,
+        let mut budget = DISCARD_AT_MOST;
+        while budget > 0 {
+            match tokio::time::timeout(DISCARD_IDLE, session.read_request_body()).await {
+                Ok(Ok(Some(chunk))) => {
+                    budget = budget.saturating_sub(chunk.len().max(DISCARD_READ_COST))
+                }
+                _ => return,
             }
         }
-        false
     };
-    tokio::time::timeout(DISCARD_FOR, discard)
-        .await
-        .unwrap_or(false)
+    let _ = tokio::time::timeout(DISCARD_FOR, discard).await;
 }
 
 #[cfg(test)]
