@@ -75,6 +75,16 @@ pub(super) async fn read_body(session: &mut Session, limit: usize) -> Result<Byt
     if declared.is_some_and(|n| n > limit) {
         return Err(ApiError::request_too_large(limit));
     }
+    let expects_continue = session
+        .req_header()
+        .headers
+        .get(http::header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    if expects_continue {
+        // The client waits for this before sending its body (curl does for
+        // bodies over 1 MiB, a second before giving up on it).
+        let _ = session.write_continue_response().await;
+    }
     let mut body = BytesMut::with_capacity(declared.unwrap_or(0));
     while let Some(chunk) = session
         .read_request_body()
