@@ -236,8 +236,6 @@ impl ProxyHttp for Gateway {
         self.settle(ctx).await;
         let status = session.response_written().map_or(0, |h| h.status.as_u16());
         self.record(ctx, status);
-        if !session.is_body_done() {
-            respond::discard_rest_of_body(session).await;
-        }
+        respond::discard_rest_of_body(session).await;
     }
 }

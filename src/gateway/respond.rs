@@ -198,15 +198,19 @@ const DISCARD_READ_COST: usize = 1024;
 /// Reads and throws away what is left of a request's body once it has been
 /// answered without reading it whole (over the limit, a wrong key, a local
 /// path), within [`DISCARD_FOR`], [`DISCARD_IDLE`] and [`DISCARD_AT_MOST`];
-/// the connection is closed after it. Called after the request is logged,
-/// so its duration and metrics are the answer's.
+/// the connection is closed after it. Nothing is done for a body read to
+/// its end. Called after the request is logged, so its duration and metrics
+/// are the answer's.
 ///
 /// A socket closed with unread bytes in it is reset, and a client still
 /// sending its body (most send it whole before reading) would see a broken
 /// pipe instead of the answer already written (a "lingering close").
 pub(super) async fn discard_rest_of_body(session: &mut Session) {
+    if session.is_body_done() {
+        return;
+    }
     session.set_keepalive(None);
-    if session.response_written().is_none() || session.is_body_done() {
+    if session.response_written().is_none() {
         return;
     }
     let discard = async {
