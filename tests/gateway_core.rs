@@ -241,6 +241,17 @@ fn refuses_bodies_over_the_limit_declared_or_chunked() {
     assert_eq!(resp.status(), 200);
 }
 
+/// Reads one response head (up to its blank line) off `stream`.
+fn read_head(stream: &mut std::net::TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        stream.read_exact(&mut byte).expect("a response head");
+        head.push(byte[0]);
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
 #[test]
 fn says_100_continue_to_a_client_that_waits_for_it() {
     let (_mock, gw) = setup();
@@ -249,27 +260,54 @@ fn says_100_continue_to_a_client_that_waits_for_it() {
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
-    let head = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {TENANT_KEY}\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\nExpect: 100-continue\r\n\
-         Connection: close\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).unwrap();
-    let mut interim = Vec::new();
-    let mut byte = [0u8; 1];
-    while !interim.ends_with(b"\r\n\r\n") {
-        stream
-            .read_exact(&mut byte)
-            .expect("a 100 Continue before the body is sent");
-        interim.push(byte[0]);
-    }
-    let interim = String::from_utf8_lossy(&interim);
+    let head = |version: &str| {
+        format!(
+            "POST /v1/chat/completions HTTP/{version}\r\nHost: gw\r\n\
+             Authorization: Bearer {TENANT_KEY}\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nExpect: 100-continue\r\n\r\n",
+            body.len()
+        )
+    };
+    stream.write_all(head("1.1").as_bytes()).unwrap();
+    let interim = read_head(&mut stream);
     assert!(interim.starts_with("HTTP/1.1 100"), "{interim}");
     stream.write_all(body.as_bytes()).unwrap();
-    let mut answer = Vec::new();
-    let _ = stream.read_to_end(&mut answer);
-    let answer = String::from_utf8_lossy(&answer);
+    let answer = read_head(&mut stream);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let length: usize = answer
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|v| v.trim().parse().unwrap())
+        })
+        .expect("a content-length");
+    let mut rest = vec![0u8; length];
+    stream.read_exact(&mut rest).unwrap();
+
+    // The interim answer does not end the connection: the next request on
+    // it is served.
+    stream
+        .write_all(
+            format!(
+                "GET /v1/models HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {TENANT_KEY}\r\n\
+                 Connection: close\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+    let next = read_head(&mut stream);
+    assert!(next.starts_with("HTTP/1.1 200"), "{next}");
+
+    // HTTP/1.0 has no interim answers (RFC 9110 10.1.1): the body is
+    // waited for, then the answer.
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", gw.port)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream.write_all(head("1.0").as_bytes()).unwrap();
+    stream.write_all(body.as_bytes()).unwrap();
+    let answer = read_head(&mut stream);
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 }
 

@@ -76,6 +76,9 @@ pub struct RequestCtx {
     trace: Option<Box<trace::RequestTrace>>,
     /// What the response cache did (`hit`, `coalesced`, `miss`, `bypass`).
     cache: Option<&'static str>,
+    /// Refused for its body's framing (or a failed read of it): nothing
+    /// more is read from the connection, not even to throw it away.
+    body_unsound: bool,
 }
 
 /// Writes out the access log lines still queued (at most `limit`): for
@@ -164,6 +167,7 @@ impl ProxyHttp for Gateway {
             exchange: Report::default(),
             trace: None,
             cache: None,
+            body_unsound: false,
         }
     }
 
@@ -187,7 +191,7 @@ impl ProxyHttp for Gateway {
             Err(_) => {
                 tracing::error!(request_id = %ctx.request_id, "the gateway failed while serving a request");
                 session.set_keepalive(None);
-                if session.response_written().is_none() {
+                if respond::final_answer(session).is_none() {
                     let error = ApiError::internal("The gateway failed to handle the request.");
                     respond::error(session, ctx, &error).await;
                 } else {
@@ -234,8 +238,10 @@ impl ProxyHttp for Gateway {
         // Normally settled before the last byte went out; this covers
         // requests that ended otherwise (errors, disconnects).
         self.settle(ctx).await;
-        let status = session.response_written().map_or(0, |h| h.status.as_u16());
+        let status = respond::final_answer(session).map_or(0, |h| h.status.as_u16());
         self.record(ctx, status);
-        respond::discard_rest_of_body(session).await;
+        if !ctx.body_unsound {
+            respond::discard_rest_of_body(session).await;
+        }
     }
 }

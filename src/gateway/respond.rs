@@ -75,15 +75,22 @@ pub(super) async fn read_body(session: &mut Session, limit: usize) -> Result<Byt
     if declared.is_some_and(|n| n > limit) {
         return Err(ApiError::request_too_large(limit));
     }
-    let expects_continue = session
-        .req_header()
-        .headers
-        .get(http::header::EXPECT)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    let request = session.req_header();
+    // RFC 9110 10.1.1: ignored in an HTTP/1.0 request.
+    let expects_continue = request.version == http::Version::HTTP_11
+        && request
+            .headers
+            .get(http::header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
     if expects_continue {
         // The client waits for this before sending its body (curl does for
-        // bodies over 1 MiB, a second before giving up on it).
-        let _ = session.write_continue_response().await;
+        // bodies over 1 MiB, a second before giving up on it). Pingora
+        // closes a connection answered before its body's end; an interim
+        // answer is not that.
+        let downstream = session.as_downstream_mut();
+        downstream.set_close_on_response_before_downstream_finish(false);
+        let _ = downstream.write_continue_response().await;
+        downstream.set_close_on_response_before_downstream_finish(true);
     }
     let mut body = BytesMut::with_capacity(declared.unwrap_or(0));
     while let Some(chunk) = session
@@ -176,8 +183,16 @@ pub(super) async fn error(session: &mut Session, ctx: &mut RequestCtx, error: &A
         // The body's framing may be unsound (or reading it failed): read
         // nothing more from this connection.
         session.set_keepalive(None);
+        ctx.body_unsound = true;
     }
     write_complete(session, header, body).await;
+}
+
+/// The final answer's head once written (not an interim `100 Continue`).
+pub(super) fn final_answer(session: &Session) -> Option<&ResponseHeader> {
+    session
+        .response_written()
+        .filter(|h| !h.status.is_informational())
 }
 
 /// The longest a request's unread body is read and thrown away after its
@@ -210,7 +225,7 @@ pub(super) async fn discard_rest_of_body(session: &mut Session) {
         return;
     }
     session.set_keepalive(None);
-    if session.response_written().is_none() {
+    if final_answer(session).is_none() {
         return;
     }
     let discard = async {
