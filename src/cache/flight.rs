@@ -241,16 +241,15 @@ impl Leader {
         &self.flight
     }
 
-    /// Lands the flight: the answer for the waiters, or none.
-    pub fn land(mut self, landed: Landed) {
-        self.finish(landed);
-    }
-
-    fn finish(&mut self, landed: Landed) {
+    /// Lands the flight: the answer for the waiters, or none. The flight
+    /// stays joinable until the leader is dropped (a request joining it
+    /// now gets the landed answer at once), so the caller drops it only
+    /// once the answer is stored: no identical request then finds neither
+    /// the flight nor the stored entry and calls the provider again.
+    pub fn land(&mut self, landed: Landed) {
         if std::mem::replace(&mut self.landed, true) {
             return;
         }
-        self.flights.lock().remove(&self.key);
         self.flight.progress().landed = Some(landed);
         self.flight.bump();
     }
@@ -258,7 +257,8 @@ impl Leader {
 
 impl Drop for Leader {
     fn drop(&mut self) {
-        self.finish(Landed::Failed);
+        self.land(Landed::Failed);
+        self.flights.lock().remove(&self.key);
     }
 }
 
@@ -319,9 +319,16 @@ mod tests {
             streamable: true,
             answer: Default::default(),
         };
+        let mut leader = leader;
         leader.land(Landed::Answer(Arc::new(entry)));
         assert!(matches!(waiter.await.unwrap(), Landed::Answer(e) if e.cost_pusd == 5));
-        // Landed: the next one leads again.
+        // Landed but not yet stored: one arriving now gets the answer.
+        let Join::Wait(late) = flights.join([1; 32], JSON, 1024) else {
+            panic!("joins the landed flight");
+        };
+        assert!(matches!(late.landed().await, Landed::Answer(e) if e.cost_pusd == 5));
+        drop(leader);
+        // Landed and stored: the next one leads again.
         let Join::Lead(leader) = flights.join([1; 32], JSON, 1024) else {
             panic!("a new flight");
         };

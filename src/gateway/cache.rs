@@ -384,7 +384,9 @@ impl Gateway {
     ) {
         let delivered = recorded.delivered() && report.error_reason.is_none();
         let entry = self.entry(plan, recorded, report, cost_pusd).map(Arc::new);
-        if let Some(leader) = leader {
+        // Dropped at the end, once the entry is stored (see `Leader::land`).
+        let mut leader = leader;
+        if let Some(leader) = &mut leader {
             leader.land(match (&entry, delivered) {
                 (Some(entry), _) => Landed::Answer(entry.clone()),
                 (None, true) => Landed::Unstored(cost_pusd),
