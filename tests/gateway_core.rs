@@ -267,14 +267,7 @@ fn says_100_continue_to_a_client_that_waits_for_it() {
     stream.write_all(body.as_bytes()).unwrap();
     let answer = read_head(&mut stream);
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-    let length: usize = answer
-        .lines()
-        .find_map(|l| {
-            l.to_ascii_lowercase()
-                .strip_prefix("content-length:")
-                .map(|v| v.trim().parse().unwrap())
-        })
-        .expect("a content-length");
+    let length = content_length(&answer).expect("a content-length");
     let mut rest = vec![0u8; length];
     stream.read_exact(&mut rest).unwrap();
 

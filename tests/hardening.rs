@@ -844,13 +844,7 @@ fn read_request(stream: &mut std::net::TcpStream) -> bool {
         data.extend_from_slice(&buf[..n]);
         if let Some(end) = data.windows(4).position(|w| w == b"\r\n\r\n") {
             let head = String::from_utf8_lossy(&data[..end]).to_ascii_lowercase();
-            let len: usize = head
-                .lines()
-                .find_map(|l| {
-                    l.strip_prefix("content-length:")
-                        .map(|v| v.trim().parse().unwrap())
-                })
-                .unwrap_or(0);
+            let len = content_length(&head).unwrap_or(0);
             if data.len() >= end + 4 + len {
                 return true;
             }

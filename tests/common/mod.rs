@@ -579,6 +579,15 @@ pub fn chat(model: &str, stream: bool) -> Value {
     json!({"model": model, "messages": [{"role": "user", "content": "Say hello"}], "stream": stream})
 }
 
+/// The `Content-Length` an HTTP/1.1 head declares, if any.
+pub fn content_length(head: &str) -> Option<usize> {
+    head.lines().find_map(|l| {
+        l.to_ascii_lowercase()
+            .strip_prefix("content-length:")
+            .map(|v| v.trim().parse().unwrap())
+    })
+}
+
 /// Sends raw bytes on a fresh connection and returns everything read until
 /// the server closes it or `timeout` passes.
 pub fn raw_exchange(port: u16, request: &[u8], timeout: Duration) -> String {
@@ -826,14 +835,7 @@ pub fn callback_receiver(failures: usize) -> (u16, std::sync::mpsc::Receiver<(St
                 data.extend_from_slice(&buf[..read]);
                 if let Some(end) = data.windows(4).position(|w| w == b"\r\n\r\n") {
                     let head = String::from_utf8_lossy(&data[..end]).to_string();
-                    let len: usize = head
-                        .lines()
-                        .find_map(|l| {
-                            l.to_ascii_lowercase()
-                                .strip_prefix("content-length:")
-                                .map(|v| v.trim().parse().unwrap())
-                        })
-                        .unwrap_or(0);
+                    let len = content_length(&head).unwrap_or(0);
                     while data.len() < end + 4 + len {
                         let read = stream.read(&mut buf).unwrap_or(0);
                         if read == 0 {
