@@ -306,7 +306,7 @@ mod tests {
     #[tokio::test]
     async fn waiters_get_the_leaders_answer_and_a_dropped_leader_fails_them() {
         let flights = Arc::new(Flights::default());
-        let Join::Lead(leader) = flights.join([1; 32], JSON, 1024) else {
+        let Join::Lead(mut leader) = flights.join([1; 32], JSON, 1024) else {
             panic!("the first leads");
         };
         let Join::Wait(flight) = flights.join([1; 32], JSON, 1024) else {
@@ -319,7 +319,6 @@ mod tests {
             streamable: true,
             answer: Default::default(),
         };
-        let mut leader = leader;
         leader.land(Landed::Answer(Arc::new(entry)));
         assert!(matches!(waiter.await.unwrap(), Landed::Answer(e) if e.cost_pusd == 5));
         // Landed but not yet stored: one arriving now gets the answer.

@@ -378,14 +378,13 @@ impl Gateway {
         &self,
         plan: &Plan,
         recorded: Recorded,
-        leader: Option<flight::Leader>,
+        mut leader: Option<flight::Leader>,
         report: &Report,
         cost_pusd: i64,
     ) {
         let delivered = recorded.delivered() && report.error_reason.is_none();
         let entry = self.entry(plan, recorded, report, cost_pusd).map(Arc::new);
         // Dropped at the end, once the entry is stored (see `Leader::land`).
-        let mut leader = leader;
         if let Some(leader) = &mut leader {
             leader.land(match (&entry, delivered) {
                 (Some(entry), _) => Landed::Answer(entry.clone()),
