@@ -297,6 +297,67 @@ fn says_100_continue_to_a_client_that_waits_for_it() {
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 }
 
+/// Reads a chunked body off `stream` to its last chunk.
+fn read_chunked(stream: &mut std::net::TcpStream) -> Vec<u8> {
+    let mut body = Vec::new();
+    loop {
+        let mut size_line = Vec::new();
+        let mut byte = [0u8; 1];
+        while !size_line.ends_with(b"\r\n") {
+            stream.read_exact(&mut byte).expect("a chunk size");
+            size_line.push(byte[0]);
+        }
+        let size = std::str::from_utf8(&size_line).unwrap().trim();
+        let size = usize::from_str_radix(size, 16).expect("a hex chunk size");
+        let mut chunk = vec![0u8; size + 2];
+        stream.read_exact(&mut chunk).expect("a chunk");
+        assert!(chunk.ends_with(b"\r\n"), "a chunk ends in CRLF");
+        if size == 0 {
+            return body;
+        }
+        body.extend_from_slice(&chunk[..size]);
+    }
+}
+
+#[test]
+fn a_stream_is_chunked_and_its_connection_kept() {
+    let (_mock, gw) = setup();
+    let body = chat("gpt-4o-mini", true).to_string();
+    let request = |version: &str| {
+        format!(
+            "POST /v1/chat/completions HTTP/{version}\r\nHost: gw\r\n\
+             Authorization: Bearer {TENANT_KEY}\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", gw.port)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    // Two streams on one connection: each framed in chunks, so the
+    // client knows where it ends without the connection closing.
+    for _ in 0..2 {
+        stream.write_all(request("1.1").as_bytes()).unwrap();
+        let head = read_head(&mut stream).to_ascii_lowercase();
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        assert!(head.contains("transfer-encoding: chunked\r\n"), "{head}");
+        assert!(!head.contains("connection: close"), "{head}");
+        let events = String::from_utf8(read_chunked(&mut stream)).unwrap();
+        assert!(events.ends_with("data: [DONE]\n\n"), "{events}");
+    }
+
+    // HTTP/1.0 cannot read chunks: the stream ends with the connection.
+    let answer = raw_exchange(gw.port, request("1.0").as_bytes(), Duration::from_secs(10));
+    let (head, events) = answer.split_once("\r\n\r\n").expect("a head");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        !head.to_ascii_lowercase().contains("transfer-encoding"),
+        "{head}"
+    );
+    assert!(events.ends_with("data: [DONE]\n\n"), "{events}");
+}
+
 #[test]
 fn streams_chunk_by_chunk_while_the_provider_generates() {
     // 20 tokens at 10 tokens/s: the provider needs about two seconds.

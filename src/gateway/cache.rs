@@ -646,6 +646,7 @@ impl flight::Follower for Following<'_> {
         for (name, value) in &self.rate_limit_headers {
             let _ = header.insert_header(name.clone(), value.clone());
         }
+        crate::gateway::client::frame_unknown_length(self.session, &mut header);
         self.session
             .write_response_header(Box::new(header), false)
             .await

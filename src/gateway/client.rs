@@ -33,7 +33,8 @@ impl Client for Session {
         &self.req_header().headers
     }
 
-    async fn send_header(&mut self, header: ResponseHeader) -> bool {
+    async fn send_header(&mut self, mut header: ResponseHeader) -> bool {
+        frame_unknown_length(self, &mut header);
         self.write_response_header(Box::new(header), false)
             .await
             .is_ok()
@@ -50,6 +51,27 @@ impl Client for Session {
     fn abort(&mut self) {
         self.set_keepalive(None);
     }
+}
+
+/// Marks an answer of unknown length (a stream, an edited body) chunked
+/// for an HTTP/1.1 client, so that its connection carries the next request.
+/// Pingora sends a header with neither a length nor chunking as a body read
+/// until the close, and closes after it; an HTTP/1.0 client gets that, as
+/// it cannot read chunks, and HTTP/2 frames bodies itself.
+pub(crate) fn frame_unknown_length(session: &Session, header: &mut ResponseHeader) {
+    let request = session.req_header();
+    let bodiless = request.method == http::Method::HEAD
+        || header.status.is_informational()
+        || matches!(header.status.as_u16(), 204 | 304);
+    if request.version != http::Version::HTTP_11
+        || bodiless
+        || header.headers.contains_key(http::header::CONTENT_LENGTH)
+        || header.headers.contains_key(http::header::TRANSFER_ENCODING)
+    {
+        return;
+    }
+    // Cannot fail: a valid name and value.
+    let _ = header.insert_header(http::header::TRANSFER_ENCODING, "chunked");
 }
 
 /// The largest answer an async job keeps (as much as the gateway meters).
