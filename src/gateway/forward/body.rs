@@ -556,6 +556,9 @@ impl Copy<'_> {
         }
         if let BodyEnd::ProviderBroke(message) = &end {
             if !client.resumable() {
+                // Settled before the client sees the end, as a whole answer
+                // is: its next request (or a read of its usage) finds it.
+                settle.settle(report).await;
                 self.end_broken(client, message).await;
                 report.error_reason = Some("provider_stream_broken");
             }
