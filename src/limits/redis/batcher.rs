@@ -68,6 +68,14 @@ impl Batcher {
     pub(super) async fn run(mut self, mut queue: mpsc::UnboundedReceiver<Op>) {
         let mut ops = Vec::with_capacity(MAX_BATCH);
         while queue.recv_many(&mut ops, MAX_BATCH).await > 0 {
+            // The tasks woken with the first one queue theirs first: fewer,
+            // larger batches (a sixth fewer script calls, a fifth less of
+            // Redis's time, in the bench's Redis row).
+            tokio::task::yield_now().await;
+            while ops.len() < MAX_BATCH {
+                let Ok(op) = queue.try_recv() else { break };
+                ops.push(op);
+            }
             if let Some(own) = self.own.take_if(|own| own.is_finished()) {
                 // Finished: this does not wait.
                 if let Ok(Some(own)) = own.await {
