@@ -886,6 +886,42 @@ fn json_answer(extra_head: &str, body: &[u8]) -> Vec<u8> {
 }
 
 #[test]
+fn an_answer_the_provider_cuts_short_reaches_the_client_cut_short() {
+    // Audio passes at once, chunked: the provider sends one chunk and
+    // closes without the last one.
+    let (cut, _) = raw_provider(
+        b"HTTP/1.1 200 OK\r\nContent-Type: audio/mpeg\r\nTransfer-Encoding: chunked\r\n\
+          Connection: close\r\n\r\n10\r\n0123456789abcdef\r\n"
+            .to_vec(),
+    );
+    let mock = Mock::start(&[]);
+    let mut config = GatewayConfig::new(&mock);
+    config.providers = vec![format!(
+        "  - {{ name: cut, base_url: \"http://127.0.0.1:{cut}/v1\" }}"
+    )];
+    config.models = "\n  - name: tts\n    targets: [{ provider: cut }]\n".into();
+    config.tenants = format!("\n  - id: acme\n    keys: [\"{TENANT_KEY}\"]\n");
+    let gw = Gateway::start(&config);
+    let body = json!({"model": "tts", "input": "hello", "voice": "alloy"}).to_string();
+    let request = format!(
+        "POST /v1/audio/speech HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {TENANT_KEY}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let answer = raw_exchange(gw.port, request.as_bytes(), Duration::from_secs(10));
+    let (head, rest) = answer.split_once("\r\n\r\n").expect("a head");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("transfer-encoding: chunked"),
+        "{head}"
+    );
+    assert!(rest.contains("0123456789abcdef"), "{rest:?}");
+    // No last chunk: the client knows the audio is not whole.
+    assert!(!rest.ends_with("0\r\n\r\n"), "{rest:?}");
+}
+
+#[test]
 fn informational_and_compressed_answers_are_handled_not_passed_on() {
     let chat_body = br#"{"id":"c","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}"#;
     // 103 Early Hints, then the answer.

@@ -620,9 +620,9 @@ impl Client for Recorder<'_> {
         }
     }
 
-    fn abort(&mut self) {
+    async fn abort(&mut self) {
         self.recorded.aborted = true;
-        self.inner.abort();
+        self.inner.abort().await;
     }
 }
 

@@ -19,7 +19,7 @@ pub(crate) trait Client: Send {
     /// Resolves when the client goes away.
     async fn gone(&mut self);
     /// The body was cut short: close instead of ending it cleanly.
-    fn abort(&mut self);
+    async fn abort(&mut self);
     /// Whether a stream that breaks now can be continued elsewhere (see
     /// [`super::forward::resume`]); if not, the copy ends it.
     fn resumable(&self) -> bool {
@@ -48,8 +48,12 @@ impl Client for Session {
         let _ = self.downstream_session.read_body_or_idle(true).await;
     }
 
-    fn abort(&mut self) {
+    async fn abort(&mut self) {
         self.set_keepalive(None);
+        // Closed before the end is framed: a chunked body then lacks its
+        // last chunk, so the client sees the truncation (Pingora would
+        // write it when the request finishes).
+        self.downstream_session.shutdown().await;
     }
 }
 
@@ -57,17 +61,24 @@ impl Client for Session {
 /// for an HTTP/1.1 client, so that its connection carries the next request.
 /// Pingora sends a header with neither a length nor chunking as a body read
 /// until the close, and closes after it; an HTTP/1.0 client gets that, as
-/// it cannot read chunks, and HTTP/2 frames bodies itself.
-pub(crate) fn frame_unknown_length(session: &Session, header: &mut ResponseHeader) {
+/// it cannot read chunks (told `Connection: close`), and HTTP/2 frames
+/// bodies itself.
+pub(crate) fn frame_unknown_length(session: &mut Session, header: &mut ResponseHeader) {
     let request = session.req_header();
     let bodiless = request.method == http::Method::HEAD
         || header.status.is_informational()
         || matches!(header.status.as_u16(), 204 | 304);
-    if request.version != http::Version::HTTP_11
-        || bodiless
+    if bodiless
         || header.headers.contains_key(http::header::CONTENT_LENGTH)
         || header.headers.contains_key(http::header::TRANSFER_ENCODING)
     {
+        return;
+    }
+    if request.version < http::Version::HTTP_11 {
+        session.set_keepalive(None);
+        return;
+    }
+    if request.version != http::Version::HTTP_11 {
         return;
     }
     // Cannot fail: a valid name and value.
@@ -127,7 +138,7 @@ impl Client for Collected {
         std::future::pending::<()>().await
     }
 
-    fn abort(&mut self) {
+    async fn abort(&mut self) {
         self.complete = false;
     }
 }

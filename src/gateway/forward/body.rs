@@ -718,7 +718,7 @@ impl Copy<'_> {
             let event = ApiError::upstream_error(message).sse_event_for(self.endpoint);
             client.send_body(event, true).await;
         } else {
-            client.abort();
+            client.abort().await;
         }
     }
 

@@ -449,8 +449,8 @@ impl Client for Resumable<'_> {
         self.inner.gone().await
     }
 
-    fn abort(&mut self) {
-        self.inner.abort()
+    async fn abort(&mut self) {
+        self.inner.abort().await
     }
 
     fn resumable(&self) -> bool {
