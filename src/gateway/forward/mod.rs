@@ -275,11 +275,15 @@ impl Forwarder {
         client: &mut Resumable<'_>,
         exchange: &Exchange<'_>,
         report: &mut Report,
+        settle: &mut dyn Settle,
         error: ApiError,
     ) -> Result<(), ApiError> {
         if !client.started() {
             return Err(error);
         }
+        // Settled before the client sees the end, as a whole answer is: its
+        // next request (or a read of its usage) finds it.
+        settle.settle(report).await;
         if report.resumptions > 0 {
             resumption(exchange, "failed");
         }
@@ -334,7 +338,7 @@ impl Forwarder {
                     }
                     let model = exchange.routes.first().map_or("", |(_, r)| r.name.as_str());
                     return self
-                        .end(client, exchange, report, failover.give_up(model))
+                        .end(client, exchange, report, settle, failover.give_up(model))
                         .await;
                 }
             };
@@ -385,7 +389,7 @@ impl Forwarder {
                     warn!(request_id = %exchange.request_id, backend = %backend.addr, "a restarted stream said something else than the client has");
                     let error =
                         ApiError::upstream_error("The stream broke off and could not be resumed.");
-                    return self.end(client, exchange, report, error).await;
+                    return self.end(client, exchange, report, settle, error).await;
                 }
                 if matches!(&continuation, Some(Continuation::Prefill(_)))
                     && matches!(&attempted, Attempted::Final(e) if e.status == 400)
@@ -432,7 +436,7 @@ impl Forwarder {
                 match step {
                     Step::TryNext => break,
                     Step::Done(Err(error)) => {
-                        return self.end(client, exchange, report, error).await
+                        return self.end(client, exchange, report, settle, error).await
                     }
                     Step::Done(Ok(())) => {
                         if report.resumptions > 0 && client.completed() {
