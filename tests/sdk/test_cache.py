@@ -77,6 +77,16 @@ def gateway(mock):
     g.stop()
 
 
+def eventually(check, timeout: float = 5.0):
+    """Polls `check` until it is true or `timeout` passes; its last value.
+    A request's metrics are written after its last byte, so a client can
+    read its answer's end before they are."""
+    deadline = time.monotonic() + timeout
+    while not (value := check()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return value
+
+
 def calls(mock) -> int:
     return mock.stats()["by_path"].get("/v1/chat/completions", 0)
 
@@ -219,7 +229,10 @@ def test_fifty_concurrent_identical_requests_make_one_provider_call(gateway, moc
         answers = list(pool.map(one, range(50)))
     assert calls(mock) == before + 1
     assert len(set(answers)) == 1, answers
-    outcomes = {o: gateway.metric("runestone_cache_total", outcome=o, tenant="acme") for o in ("miss", "hit", "coalesced")}
+    def outcomes():
+        return {o: gateway.metric("runestone_cache_total", outcome=o, tenant="acme") for o in ("miss", "hit", "coalesced")}
+    eventually(lambda: sum(outcomes().values()) == 50)
+    outcomes = outcomes()
     assert outcomes["miss"] == 1 and outcomes["coalesced"] + outcomes["hit"] == 49, outcomes
     assert outcomes["coalesced"] > 0
 
@@ -424,7 +437,7 @@ def test_followers_of_a_stream_larger_than_an_entry_get_all_of_it(mock):
         assert all(events == whole for events in got), "followers get the same stream, whole"
         assert calls(mock) == before + 1
         # Served whole without a provider call of their own: coalesced, not broken.
-        assert gateway.metric("runestone_cache_total", outcome="coalesced") == 3
+        assert eventually(lambda: gateway.metric("runestone_cache_total", outcome="coalesced") == 3)
         assert gateway.metric("runestone_errors_total", reason="provider_stream_broken") == 0
         # Too large to store: the next one asks the provider.
         assert ask(gateway, "long stream")[0]["x-runestone-cache"] == "miss"
