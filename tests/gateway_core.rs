@@ -509,6 +509,19 @@ fn answers_openai_shaped_errors_with_the_documented_codes() {
         (resp.status, resp.error_code()),
         (405, "method_not_allowed".to_string())
     );
+    assert_eq!(resp.header("allow"), Some("POST"));
+    // `Allow` names the path's own methods.
+    let auth = format!("Bearer {TENANT_KEY}");
+    for (method, path, allow) in [
+        ("POST", "/v1/models", "GET"),
+        ("HEAD", "/v1/usage", "GET"),
+        ("PUT", "/v1/responses/resp_1", "GET, DELETE"),
+        ("GET", "/v1/responses/resp_1/cancel", "POST"),
+    ] {
+        let resp = call(method, &gw.url(path), &[("authorization", &auth)], None);
+        assert_eq!(resp.status, 405, "{method} {path}");
+        assert_eq!(resp.header("allow"), Some(allow), "{method} {path}");
+    }
 
     assert_eq!(
         mock.request_count(),

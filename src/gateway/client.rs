@@ -74,15 +74,14 @@ pub(crate) fn frame_unknown_length(session: &mut Session, header: &mut ResponseH
     {
         return;
     }
-    if request.version < http::Version::HTTP_11 {
-        session.set_keepalive(None);
-        return;
+    match request.version {
+        // Cannot fail: a valid name and value.
+        http::Version::HTTP_11 => {
+            let _ = header.insert_header(http::header::TRANSFER_ENCODING, "chunked");
+        }
+        http::Version::HTTP_10 | http::Version::HTTP_09 => session.set_keepalive(None),
+        _ => {}
     }
-    if request.version != http::Version::HTTP_11 {
-        return;
-    }
-    // Cannot fail: a valid name and value.
-    let _ = header.insert_header(http::header::TRANSFER_ENCODING, "chunked");
 }
 
 /// The largest answer an async job keeps (as much as the gateway meters).

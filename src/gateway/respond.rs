@@ -176,9 +176,6 @@ pub(super) async fn error(session: &mut Session, ctx: &mut RequestCtx, error: &A
     for (name, value) in &error.headers {
         let _ = header.insert_header(name.clone(), value.clone());
     }
-    if error.status == 405 {
-        let _ = header.insert_header("allow", "POST");
-    }
     if error.status == 400 {
         // The body's framing may be unsound (or reading it failed): read
         // nothing more from this connection.

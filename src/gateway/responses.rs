@@ -144,7 +144,12 @@ impl Gateway {
         match (method.as_str(), operation) {
             ("GET" | "DELETE", None) | ("POST", Some("cancel")) | ("GET", Some("input_items")) => {}
             (_, None | Some("cancel" | "input_items")) => {
-                return Err(ApiError::method_not_allowed(method.as_str(), &path))
+                let allow = match operation {
+                    None => "GET, DELETE",
+                    Some("cancel") => "POST",
+                    _ => "GET",
+                };
+                return Err(ApiError::method_not_allowed(method.as_str(), &path, allow));
             }
             _ => return Err(ApiError::unknown_url(method.as_str(), &path)),
         }

@@ -89,8 +89,10 @@ impl Gateway {
                     self.job_status(session, ctx, tenant, id).await
                 }
             }
-            (_, "/health" | "/ready" | "/v1/models" | "/v1/usage" | "/v1/jobs", _)
-            | (_, _, Some(_)) => Err(ApiError::method_not_allowed(method.as_str(), &path)),
+            (_, "/health" | "/ready" | "/v1/models" | "/v1/usage" | "/v1/jobs", _) => {
+                Err(ApiError::method_not_allowed(method.as_str(), &path, "GET"))
+            }
+            (_, _, Some(_)) => Err(ApiError::method_not_allowed(method.as_str(), &path, "POST")),
             _ => Err(ApiError::unknown_url(method.as_str(), &path)),
         }
     }

@@ -263,14 +263,19 @@ impl ApiError {
         )
     }
 
-    /// 405: known path, wrong method.
-    pub fn method_not_allowed(method: &str, path: &str) -> Self {
-        Self::new(
+    /// 405: known path, wrong method; `allow` lists the path's methods
+    /// (the `Allow` header).
+    pub fn method_not_allowed(method: &str, path: &str, allow: &'static str) -> Self {
+        let mut error = Self::new(
             405,
             "invalid_request_error",
             "method_not_allowed",
             format!("Method {method} is not allowed for {path}"),
-        )
+        );
+        error
+            .headers
+            .push((http::header::ALLOW, HeaderValue::from_static(allow)));
+        error
     }
 
     /// 413: body over `server.max_request_body_bytes`.
