@@ -902,23 +902,26 @@ fn an_answer_the_provider_cuts_short_reaches_the_client_cut_short() {
     config.models = "\n  - name: tts\n    targets: [{ provider: cut }]\n".into();
     config.tenants = format!("\n  - id: acme\n    keys: [\"{TENANT_KEY}\"]\n");
     let gw = Gateway::start(&config);
-    let body = json!({"model": "tts", "input": "hello", "voice": "alloy"}).to_string();
-    let request = format!(
-        "POST /v1/audio/speech HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {TENANT_KEY}\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    let answer = raw_exchange(gw.port, request.as_bytes(), Duration::from_secs(10));
-    let (head, rest) = answer.split_once("\r\n\r\n").expect("a head");
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    assert!(
-        head.to_ascii_lowercase()
-            .contains("transfer-encoding: chunked"),
-        "{head}"
-    );
-    assert!(rest.contains("0123456789abcdef"), "{rest:?}");
-    // No last chunk: the client knows the audio is not whole.
-    assert!(!rest.ends_with("0\r\n\r\n"), "{rest:?}");
+    // What the provider sent decides, not the request's `stream`: audio
+    // asked for as a stream gets no event stream's in-band error either.
+    for stream in [false, true] {
+        let body = json!({"model": "tts", "input": "hello", "voice": "alloy", "stream": stream});
+        let body = body.to_string();
+        let request = format!(
+            "POST /v1/audio/speech HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {TENANT_KEY}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let answer = raw_exchange(gw.port, request.as_bytes(), Duration::from_secs(10));
+        let (head, rest) = answer.split_once("\r\n\r\n").expect("a head");
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        let head = head.to_ascii_lowercase();
+        assert!(head.contains("transfer-encoding: chunked"), "{head}");
+        assert!(rest.contains("0123456789abcdef"), "{rest:?}");
+        // No last chunk: the client knows the audio is not whole.
+        assert!(!rest.ends_with("0\r\n\r\n"), "stream {stream}: {rest:?}");
+        assert!(!rest.contains("data:"), "stream {stream}: {rest:?}");
+    }
 }
 
 #[test]

@@ -410,7 +410,6 @@ impl Attempt<'_> {
         }
         let copy = Copy {
             upstreams,
-            is_stream: exchange.stream,
             endpoint: exchange.endpoint,
             bills: exchange.bills,
             provider,

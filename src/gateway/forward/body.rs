@@ -471,7 +471,6 @@ pub(super) enum BodyEnd {
 /// through the meter and the redactor.
 pub(super) struct Copy<'a> {
     pub upstreams: &'a Upstreams,
-    pub is_stream: bool,
     /// The endpoint answered (a Responses stream's error event has its own
     /// shape).
     pub endpoint: crate::openai::Endpoint,
@@ -559,7 +558,7 @@ impl Copy<'_> {
                 // Settled before the client sees the end, as a whole answer
                 // is: its next request (or a read of its usage) finds it.
                 settle.settle(report).await;
-                self.end_broken(client, message).await;
+                self.end_broken(client, meter, message).await;
                 report.error_reason = Some("provider_stream_broken");
             }
         }
@@ -709,12 +708,13 @@ impl Copy<'_> {
         BodyEnd::Complete
     }
 
-    /// Ends a response the provider did not finish: a stream gets an
-    /// in-band error event and a clean end (no `[DONE]`, so SDKs raise); a
-    /// JSON body cannot be repaired, so the connection is closed and the
-    /// client sees the truncation.
-    async fn end_broken(&self, client: &mut dyn Client, message: &str) {
-        if self.is_stream {
+    /// Ends a response the provider did not finish: an event stream gets
+    /// an in-band error event and a clean end (no `[DONE]`, so SDKs raise);
+    /// any other body (JSON, audio) cannot be repaired, so the connection
+    /// is closed and the client sees the truncation. What the provider
+    /// sent decides, not the request's `stream`.
+    async fn end_broken(&self, client: &mut dyn Client, meter: &Meter, message: &str) {
+        if matches!(meter, Meter::Stream(_)) {
             let event = ApiError::upstream_error(message).sse_event_for(self.endpoint);
             client.send_body(event, true).await;
         } else {
