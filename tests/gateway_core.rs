@@ -513,8 +513,11 @@ fn answers_openai_shaped_errors_with_the_documented_codes() {
     // `Allow` names the path's own methods.
     let auth = format!("Bearer {TENANT_KEY}");
     for (method, path, allow) in [
-        ("POST", "/v1/models", "GET"),
-        ("HEAD", "/v1/usage", "GET"),
+        ("POST", "/v1/models", "GET, HEAD"),
+        ("DELETE", "/v1/usage", "GET, HEAD"),
+        ("POST", "/v1/models/gpt-4o-mini", "GET, HEAD"),
+        ("POST", "/v1/jobs", "GET"),
+        ("PUT", "/v1/jobs/job_0123456789abcdef", "GET, DELETE"),
         ("PUT", "/v1/responses/resp_1", "GET, DELETE"),
         ("GET", "/v1/responses/resp_1/cancel", "POST"),
     ] {
@@ -522,6 +525,15 @@ fn answers_openai_shaped_errors_with_the_documented_codes() {
         assert_eq!(resp.status, 405, "{method} {path}");
         assert_eq!(resp.header("allow"), Some(allow), "{method} {path}");
     }
+    // HEAD where GET works: the head alone.
+    let resp = call(
+        "HEAD",
+        &gw.url("/v1/models"),
+        &[("authorization", &auth)],
+        None,
+    );
+    assert_eq!(resp.status, 200);
+    assert!(resp.body.is_empty());
 
     assert_eq!(
         mock.request_count(),

@@ -41,13 +41,13 @@ impl Gateway {
                 let (status, body) = admin::ready(&self.config, &self.upstreams, redis_up);
                 respond::json(session, ctx, status, body).await
             }
-            ("GET", "/v1/models", _) => {
+            ("GET" | "HEAD", "/v1/models", _) => {
                 ctx.endpoint = "models";
                 let tenant = self.authenticate(session, ctx)?;
                 let (status, body) = admin::models(&self.config, &self.config.tenants[tenant]);
                 respond::json(session, ctx, status, body).await
             }
-            ("GET", _, _) if path.starts_with("/v1/models/") => {
+            ("GET" | "HEAD", _, _) if path.starts_with("/v1/models/") => {
                 ctx.endpoint = "models";
                 let tenant = self.authenticate(session, ctx)?;
                 // Everything after the prefix (a model name may hold '/').
@@ -59,7 +59,7 @@ impl Gateway {
                     None => Err(ApiError::model_not_found(&id)),
                 }
             }
-            ("GET", "/v1/usage", _) => {
+            ("GET" | "HEAD", "/v1/usage", _) => {
                 ctx.endpoint = "usage";
                 let tenant = self.authenticate(session, ctx)?;
                 let report = self.limiter.usage(tenant).await;
@@ -89,9 +89,20 @@ impl Gateway {
                     self.job_status(session, ctx, tenant, id).await
                 }
             }
-            (_, "/health" | "/ready" | "/v1/models" | "/v1/usage" | "/v1/jobs", _) => {
-                Err(ApiError::method_not_allowed(method.as_str(), &path, "GET"))
-            }
+            (_, "/health" | "/ready" | "/v1/models" | "/v1/usage", _) => Err(
+                ApiError::method_not_allowed(method.as_str(), &path, "GET, HEAD"),
+            ),
+            (_, "/v1/jobs", _) => Err(ApiError::method_not_allowed(method.as_str(), &path, "GET")),
+            _ if path.starts_with("/v1/models/") => Err(ApiError::method_not_allowed(
+                method.as_str(),
+                &path,
+                "GET, HEAD",
+            )),
+            _ if path.starts_with("/v1/jobs/") => Err(ApiError::method_not_allowed(
+                method.as_str(),
+                &path,
+                "GET, DELETE",
+            )),
             (_, _, Some(_)) => Err(ApiError::method_not_allowed(method.as_str(), &path, "POST")),
             _ => Err(ApiError::unknown_url(method.as_str(), &path)),
         }
@@ -241,7 +252,6 @@ impl Gateway {
             bills: true,
             routes: self.config.routes_for(tenant, route_index),
             context_routes: self.config.context_routes_for(tenant, route_index),
-            stream: fields.stream,
             resumable: fields.stream
                 && endpoint == Endpoint::ChatCompletions
                 && fields.one_plain_choice,
