@@ -141,17 +141,15 @@ impl Gateway {
             Some((id, operation)) => (id, Some(operation)),
             None => (rest, None),
         };
-        match (method.as_str(), operation) {
-            ("GET" | "DELETE", None) | ("POST", Some("cancel")) | ("GET", Some("input_items")) => {}
-            (_, None | Some("cancel" | "input_items")) => {
-                let allow = match operation {
-                    None => "GET, DELETE",
-                    Some("cancel") => "POST",
-                    _ => "GET",
-                };
-                return Err(ApiError::method_not_allowed(method.as_str(), &path, allow));
-            }
+        // Each operation's methods, as its `Allow` names them.
+        let allow = match operation {
+            None => "GET, DELETE",
+            Some("cancel") => "POST",
+            Some("input_items") => "GET",
             _ => return Err(ApiError::unknown_url(method.as_str(), &path)),
+        };
+        if !allow.split(", ").any(|m| m == method.as_str()) {
+            return Err(ApiError::method_not_allowed(method.as_str(), &path, allow));
         }
         let tenant = self.authenticate(session, ctx)?;
         // A body (cancel's is empty) is read and dropped: nothing in it is
