@@ -234,25 +234,11 @@ fn refuses_bodies_over_the_limit_declared_or_chunked() {
     assert_eq!(resp.status(), 200);
 }
 
-/// Reads one response head (up to its blank line) off `stream`.
-fn read_head(stream: &mut std::net::TcpStream) -> String {
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        stream.read_exact(&mut byte).expect("a response head");
-        head.push(byte[0]);
-    }
-    String::from_utf8_lossy(&head).into_owned()
-}
-
 #[test]
 fn says_100_continue_to_a_client_that_waits_for_it() {
     let (_mock, gw) = setup();
     let body = chat("gpt-4o-mini", false).to_string();
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", gw.port)).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
+    let mut stream = connect(gw.port);
     let head = |version: &str| {
         format!(
             "POST /v1/chat/completions HTTP/{version}\r\nHost: gw\r\n\
@@ -287,36 +273,11 @@ fn says_100_continue_to_a_client_that_waits_for_it() {
 
     // HTTP/1.0 has no interim answers (RFC 9110 10.1.1): the body is
     // waited for, then the answer.
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", gw.port)).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
+    let mut stream = connect(gw.port);
     stream.write_all(head("1.0").as_bytes()).unwrap();
     stream.write_all(body.as_bytes()).unwrap();
     let answer = read_head(&mut stream);
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-}
-
-/// Reads a chunked body off `stream` to its last chunk.
-fn read_chunked(stream: &mut std::net::TcpStream) -> Vec<u8> {
-    let mut body = Vec::new();
-    loop {
-        let mut size_line = Vec::new();
-        let mut byte = [0u8; 1];
-        while !size_line.ends_with(b"\r\n") {
-            stream.read_exact(&mut byte).expect("a chunk size");
-            size_line.push(byte[0]);
-        }
-        let size = std::str::from_utf8(&size_line).unwrap().trim();
-        let size = usize::from_str_radix(size, 16).expect("a hex chunk size");
-        let mut chunk = vec![0u8; size + 2];
-        stream.read_exact(&mut chunk).expect("a chunk");
-        assert!(chunk.ends_with(b"\r\n"), "a chunk ends in CRLF");
-        if size == 0 {
-            return body;
-        }
-        body.extend_from_slice(&chunk[..size]);
-    }
 }
 
 #[test]
@@ -331,10 +292,7 @@ fn a_stream_is_chunked_and_its_connection_kept() {
             body.len()
         )
     };
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", gw.port)).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
+    let mut stream = connect(gw.port);
     // Two streams on one connection: each framed in chunks, so the
     // client knows where it ends without the connection closing.
     for _ in 0..2 {

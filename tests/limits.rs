@@ -576,7 +576,6 @@ fn counts_a_stream_cut_mid_way() {
 
 #[test]
 fn a_cut_stream_frees_its_slot_before_the_client_sees_its_end() {
-    use std::io::Read;
     // With Redis the settlement is a round trip: a wide window.
     let redis = Redis::start();
     let mock = Mock::start(&[]);
@@ -593,30 +592,19 @@ fn a_cut_stream_frees_its_slot_before_the_client_sees_its_end() {
     stream_body["mock_tokens"] = json!(20);
     let stream_request = request(&stream_body, "");
     let next_request = request(&chat("gpt-4o-mini", false), "Connection: close\r\n");
-    let connect = || {
-        let s = std::net::TcpStream::connect(("127.0.0.1", gw.port)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        s
-    };
     // Cut with nowhere to resume (the default): the in-band error and the
     // last chunk end the stream, and the next request, sent the moment
     // that end is read (on a connection already open), finds the slot
     // free. Before, the slot was freed only after the end went out.
     for round in 0..30 {
         mock.fault(json!({"disconnect_after_chunks": 2}));
-        let (mut first, mut second) = (connect(), connect());
+        let (mut first, mut second) = (connect(gw.port), connect(gw.port));
         first.write_all(stream_request.as_bytes()).unwrap();
-        let mut got = Vec::new();
-        let mut buf = [0u8; 4096];
-        while !got.ends_with(b"\r\n0\r\n\r\n") {
-            let n = first.read(&mut buf).expect("the stream");
-            assert!(n > 0, "round {round}: closed before its end");
-            got.extend_from_slice(&buf[..n]);
-        }
-        assert!(String::from_utf8_lossy(&got).contains("\"error\""));
+        read_head(&mut first);
+        let events = read_chunked(&mut first);
+        assert!(String::from_utf8_lossy(&events).contains("\"error\""));
         second.write_all(next_request.as_bytes()).unwrap();
-        let mut answer = String::new();
-        second.read_to_string(&mut answer).unwrap();
+        let answer = read_head(&mut second);
         assert!(
             answer.starts_with("HTTP/1.1 200"),
             "round {round}: {answer}"

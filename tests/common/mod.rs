@@ -588,6 +588,49 @@ pub fn content_length(head: &str) -> Option<usize> {
     })
 }
 
+/// A connection to `port` on loopback whose reads give up after 10 s.
+pub fn connect(port: u16) -> TcpStream {
+    let stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream
+}
+
+/// Reads `stream` up to and including `end`, a byte at a time (nothing
+/// after it is taken).
+fn read_through(stream: &mut TcpStream, end: &[u8], what: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut byte = [0u8; 1];
+    while !out.ends_with(end) {
+        stream.read_exact(&mut byte).expect(what);
+        out.push(byte[0]);
+    }
+    out
+}
+
+/// Reads one response head (up to its blank line) off `stream`.
+pub fn read_head(stream: &mut TcpStream) -> String {
+    String::from_utf8_lossy(&read_through(stream, b"\r\n\r\n", "a response head")).into_owned()
+}
+
+/// Reads a chunked body off `stream` to its last chunk.
+pub fn read_chunked(stream: &mut TcpStream) -> Vec<u8> {
+    let mut body = Vec::new();
+    loop {
+        let size_line = read_through(stream, b"\r\n", "a chunk size");
+        let size = std::str::from_utf8(&size_line).unwrap().trim();
+        let size = usize::from_str_radix(size, 16).expect("a hex chunk size");
+        let mut chunk = vec![0u8; size + 2];
+        stream.read_exact(&mut chunk).expect("a chunk");
+        assert!(chunk.ends_with(b"\r\n"), "a chunk ends in CRLF");
+        if size == 0 {
+            return body;
+        }
+        body.extend_from_slice(&chunk[..size]);
+    }
+}
+
 /// Sends raw bytes on a fresh connection and returns everything read until
 /// the server closes it or `timeout` passes.
 pub fn raw_exchange(port: u16, request: &[u8], timeout: Duration) -> String {
