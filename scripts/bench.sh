@@ -122,8 +122,14 @@ YAML
 
 # wrk prints "Requests/sec: N" and, with --latency, percentiles in us, ms
 # or s; they are turned into microseconds so that they sort as numbers.
+# WRK: how wrk is run (pinned to CPU 1, one thread, unless said otherwise).
 run_wrk() { # $1 url [$2 wrk script] -> prints "rps p50_us p99_us"
-  taskset -c 1 wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" --latency -s "${2:-$work/post.lua}" "$1" >"$work/wrk.out" 2>&1
+  local wrk=${WRK:-taskset -c 1 wrk -t1}
+  # A 2 s warm-up first, as in the open loop: each path starts fresh, and
+  # its first connections, lazy set-up and page faults are not the steady
+  # state measured.
+  $wrk -c"$CONNECTIONS" -d2s -s "${2:-$work/post.lua}" "$1" >/dev/null 2>&1 || true
+  $wrk -c"$CONNECTIONS" -d"${DURATION}s" --latency -s "${2:-$work/post.lua}" "$1" >"$work/wrk.out" 2>&1
   awk 'function us(v) { return v ~ /us$/ ? v + 0 : v ~ /ms$/ ? v * 1000 : v * 1000000 }
        /Requests\/sec/ {rps=$2} /^ +50%/ {p50=us($2)} /^ +99%/ {p99=us($2)}
        END {printf "%s %.0f %.0f\n", rps, p50, p99}' "$work/wrk.out"
@@ -415,10 +421,7 @@ for round in $(seq 1 "$REPEAT"); do
       target/release/runestone --config "$work/gw2.yaml" >/dev/null 2>"$work/gw2.log" &
       PID=$!; wait_http "http://127.0.0.1:$port/ready"
     fi
-    wrk -t2 -c"$CONNECTIONS" -d"${DURATION}s" --latency -s "$work/post.lua" "http://127.0.0.1:$port/v1/chat/completions" >"$work/wrk.out" 2>&1
-    line=$(awk 'function us(v) { return v ~ /us$/ ? v + 0 : v ~ /ms$/ ? v * 1000 : v * 1000000 }
-       /Requests\/sec/ {rps=$2} /^ +50%/ {p50=us($2)} /^ +99%/ {p99=us($2)}
-       END {printf "%s %.0f %.0f\n", rps, p50, p99}' "$work/wrk.out")
+    line=$(WRK="wrk -t2" run_wrk "http://127.0.0.1:$port/v1/chat/completions")
     kill -INT "$PID" 2>/dev/null || true; wait "$PID" 2>/dev/null || true
     SCALE_LINES[$name]+="$line"$'\n'
     SCALE_ROUND[$name]=${line%% *}
@@ -497,7 +500,7 @@ machine="$(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /pro
   echo "Made by \`DURATION=$DURATION REPEAT=$REPEAT scripts/bench.sh\` on $(date -u +%Y-%m-%d)."
   echo "Machine: $machine. $(rustc --version). wrk $(wrk -v 2>&1 | head -1 | awk '{print $2}'), $(oha --version)."
   echo
-  echo "Closed loop: \`wrk -t1 -c$CONNECTIONS -d${DURATION}s --latency\`, one non-streaming chat request"
+  echo "Closed loop: \`wrk -t1 -c$CONNECTIONS -d${DURATION}s --latency\` after a 2 s warm-up, one non-streaming chat request"
   echo "(a 16-token answer from runestone-mock, no added latency); $REPEAT rounds in which the paths take turns, medians reported."
   echo "Open loop: \`oha -z ${DURATION}s -q RATE --latency-correction -c $CONNECTIONS\`, $REPEAT rounds in which the paths take turns, medians reported;"
   echo "CPU is the process's user + system time over the run (/proc), per 1,000 requests/s served."
