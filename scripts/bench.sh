@@ -20,6 +20,8 @@
 # streamed token with its write time, benches/chunk_delay.rs subtracts it from
 # the arrival time and times each stream's first token, direct, through the
 # floor and through Runestone, taking turns.
+# Instructions a request: the floor and the Runestone rows under callgrind,
+# CG_REQUESTS (2,000) requests each, the figure the VM's noise leaves alone.
 # Pinning (2 cores): the process under test runs alone on CPU 0; wrk, and
 # runestone-mock when it is the upstream, share CPU 1 (in the open loop,
 # "direct" is that upstream mock itself). Loopback only.
@@ -31,7 +33,9 @@ REPEAT=${REPEAT:-3}
 CONNECTIONS=${CONNECTIONS:-32}
 
 scripts/setup.sh
-command -v wrk >/dev/null || { sudo_cmd=""; [ "$(id -u)" -eq 0 ] || sudo_cmd=sudo; $sudo_cmd apt-get install -y -qq wrk >/dev/null; }
+for tool in wrk valgrind; do
+  command -v "$tool" >/dev/null || { sudo_cmd=""; [ "$(id -u)" -eq 0 ] || sudo_cmd=sudo; $sudo_cmd apt-get install -y -qq "$tool" >/dev/null; }
+done
 # oha (open loop with latency correction): about 4-10 minutes to build, once.
 command -v oha >/dev/null || cargo install oha --locked
 cargo build --release --bins --example floor --example chunk_delay
@@ -49,7 +53,7 @@ cleanup() {
 trap cleanup EXIT
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_http() { for _ in $(seq 1 300); do curl -fsS "$1" >/dev/null 2>&1 && return 0; sleep 0.05; done; echo "bench: $1 never came up" >&2; exit 1; }
+wait_http() { for _ in $(seq 1 "${WAIT_TRIES:-300}"); do curl -fsS "$1" >/dev/null 2>&1 && return 0; sleep 0.05; done; echo "bench: $1 never came up" >&2; exit 1; }
 
 mock_port=$(free_port)
 redis_port=$(free_port)
@@ -60,6 +64,8 @@ wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Authorization"] = "Bearer sk-bench-tenant-key"
 wrk.body = '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello to the benchmark"}],"max_tokens":16}'
 LUA
+# The same request for oha (the open loop, the callgrind pass).
+body='{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello to the benchmark"}],"max_tokens":16}'
 
 # The peers: other gateways users would pick instead, in front of the same
 # upstream mock, each with its own way of being told where to go.
@@ -171,6 +177,9 @@ done
 redis-cli --cluster create "${cluster_ports[@]/#/127.0.0.1:}" --cluster-replicas 0 --cluster-yes >/dev/null
 for _ in $(seq 1 200); do redis-cli -p "${cluster_ports[0]}" cluster info | grep -q cluster_state:ok && break; sleep 0.05; done
 
+# How the floor and Runestone are started: on CPU 0 (the callgrind pass
+# below runs them under valgrind instead).
+RUN_UNDER="taskset -c 0"
 # start_path NAME: starts the process under test on CPU 0; sets PID and URL.
 start_path() {
   local port mport
@@ -180,9 +189,9 @@ start_path() {
       taskset -c 0 target/release/runestone-mock --listen "127.0.0.1:$port" >/dev/null 2>&1 &
       PID=$!; wait_http "http://127.0.0.1:$port/health" ;;
     "pingora floor")
-      taskset -c 0 target/release/examples/floor "127.0.0.1:$port" "127.0.0.1:$mock_port" >/dev/null 2>&1 &
+      $RUN_UNDER target/release/examples/floor "127.0.0.1:$port" "127.0.0.1:$mock_port" >/dev/null 2>&1 &
       PID=$!
-      for _ in $(seq 1 300); do (echo >/dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.05; done ;;
+      for _ in $(seq 1 "${WAIT_TRIES:-300}"); do (echo >/dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.05; done ;;
     "portkey gateway (node)")
       (cd "$PEERS/portkey/node_modules/@portkey-ai/gateway" && exec taskset -c 0 node build/start-server.js "--port=$port" --headless) >/dev/null 2>&1 &
       PID=$!
@@ -207,7 +216,7 @@ YAML
       [[ "$1" == *"cache hits"* ]] && extra=$CACHE
       mport=$(free_port)
       gateway_config "$port" "$mport" "$limits" "$extra" "$log" >"$work/gw.yaml"
-      taskset -c 0 target/release/runestone --config "$work/gw.yaml" >"$out" 2>"$work/gw.log" &
+      $RUN_UNDER target/release/runestone --config "$work/gw.yaml" >"$out" 2>"$work/gw.log" &
       PID=$!; wait_http "http://127.0.0.1:$port/ready"
       METRICS="http://127.0.0.1:$mport/metrics" ;;
   esac
@@ -252,6 +261,41 @@ for name in "${PATHS[@]}"; do
   RATIO[$name]=$(printf '%s' "${RATIOS[$name]}" | median)
 done
 
+# 1b. Instructions a request (callgrind): the figure this VM does not
+# blur. Each path runs under valgrind (on CPU 0); after a warm-up the
+# counters are zeroed, CG_REQUESTS requests are sent (32 connections) and
+# the dump's total is divided by them. Every thread of the process counts
+# (the access log's writer among them). Not the traces row: its exporter
+# runs at SCHED_IDLE and exported nothing under valgrind, so the count
+# would leave the export out.
+CG_REQUESTS=${CG_REQUESTS:-2000}
+CG_PATHS=("pingora floor" "runestone, no limits" "runestone, all on, in-process" "runestone, all on, in-process, access log to a file" "runestone, all on, in-process, cache hits" "runestone, all on, Redis")
+declare -A INSTR
+# load N CONNECTIONS: N requests to the path under test.
+load() {
+  taskset -c 1 oha -n "$1" -c "$2" --no-tui --output-format json -m POST -H 'Authorization: Bearer sk-bench-tenant-key' \
+    -H 'Content-Type: application/json' -d "$body" "$URL" >"$work/cg-oha.json"
+}
+for name in "${CG_PATHS[@]}"; do
+  RUN_UNDER="taskset -c 0 valgrind -q --tool=callgrind --callgrind-out-file=$work/callgrind.out"
+  rm -f "$work"/callgrind.out*
+  WAIT_TRIES=1200 start_path "$name"
+  load 200 8
+  callgrind_control -z "$PID" >/dev/null 2>&1
+  load "$CG_REQUESTS" "$CONNECTIONS"
+  callgrind_control -d "$PID" >/dev/null 2>&1
+  for _ in $(seq 1 600); do grep -q '^totals:' "$work/callgrind.out.1" 2>/dev/null && break; sleep 0.05; done
+  ok=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["statusCodeDistribution"].get("200", 0))' "$work/cg-oha.json")
+  total=$(awk '/^(summary|totals):/ {print $2; exit}' "$work/callgrind.out.1")
+  stop_path "$name"
+  if [ "$ok" != "$CG_REQUESTS" ]; then
+    echo "bench: callgrind, $name: $ok of $CG_REQUESTS requests answered 200" >&2
+  fi
+  INSTR[$name]=$(awk -v t="$total" -v n="$CG_REQUESTS" 'BEGIN {printf "%.1f", t / n / 1000}')
+  echo "bench: callgrind, $name: ${INSTR[$name]}k instructions a request" >&2
+done
+RUN_UNDER="taskset -c 0"
+
 # 2. Open loop at half of Runestone's saturation (every feature on,
 # in-process), the same rate for every path that is at least as fast (each
 # other at half its own): latency and CPU. The paths
@@ -261,7 +305,6 @@ done
 RATE=$(awk -v r="${RPS[runestone, all on, in-process]}" 'BEGIN {printf "%d", r / 2}')
 declare -A OL_P50 OL_P99 OL_P999 OL_CPU OL_RPS OL_RATE OL_RUNS OL_ADDED OL_DIRECT
 hz=$(getconf CLK_TCK)
-body='{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello to the benchmark"}],"max_tokens":16}'
 for name in "${PATHS[@]}"; do
   # Each path at half its saturation: one clearly slower than Runestone
   # in-process (under 80% of it: Redis, a peer) runs at half its own instead
@@ -442,6 +485,14 @@ table=$(
   done
   for peer in "${!PEER_MISSING[@]}"; do
     echo "| $peer | not measured: ${PEER_MISSING[$peer]} | | | | |"
+  done
+  echo
+  echo "Instructions a request (callgrind, $CG_REQUESTS requests at $CONNECTIONS connections after a warm-up, every thread of the process; the same binary gives the same count however busy the machine, so this is the figure to compare between runs):"
+  echo
+  echo "| path | instructions a request | vs pingora floor |"
+  echo "|---|---|---|"
+  for name in "${CG_PATHS[@]}"; do
+    echo "| $name | ${INSTR[$name]}k | $(awk -v a="${INSTR[$name]}" -v b="${INSTR[pingora floor]}" 'BEGIN {printf "%.2fx", a / b}') |"
   done
   echo
   echo "Scaling: two threads on both cores, wrk (-t2) and the upstream mock (--threads 2) on the same two cores, nothing pinned:"
