@@ -23,12 +23,35 @@ pub const RESTRICTED_KEY: &str = "sk-tenant-restricted-987";
 /// The key the gateway sends to the mock provider.
 pub const PROVIDER_KEY: &str = "sk-provider-secret-555";
 
-/// A free TCP port on 127.0.0.1.
+/// A free TCP port on 127.0.0.1, below the kernel's ephemeral range.
+///
+/// A port the kernel hands out for `bind(0)` comes from the same range as
+/// the local ports of outgoing connections, so between this check and the
+/// process binding it, any connection (a gateway's to its provider, a
+/// client's) could take it, and the gateway would wait for it in vain
+/// (Pingora retries a port in use). Ports below that range are never
+/// given to connections; each call here moves on to the next one.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind an ephemeral port")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    let span = ephemeral_low.saturating_sub(10_000).max(1);
+    // Spread test processes apart, then step through the span.
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = std::process::id().wrapping_mul(7_919) % span;
+    for _ in 0..span {
+        let step = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = 10_000 + (start + step) % span;
+        let Ok(port) = u16::try_from(port) else {
+            continue;
+        };
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port below the ephemeral range ({ephemeral_low})");
 }
 
 fn scratch_dir(name: &str) -> PathBuf {
@@ -50,9 +73,12 @@ fn fastrand_suffix() -> u64 {
         % 1_000_000_007
 }
 
-/// Polls `GET url` until it answers 200, or panics after `timeout`.
+/// Polls `GET url` until it answers 200, or panics after `timeout` (killing
+/// the process first, so a failed start leaves nothing running).
 pub fn wait_ready(url: &str, child: &mut Child, timeout: Duration, what: &str) {
     if let Err(e) = try_wait_ready(url, child, timeout, what) {
+        let _ = child.kill();
+        let _ = child.wait();
         panic!("{e}");
     }
 }
