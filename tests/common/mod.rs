@@ -37,7 +37,15 @@ pub fn free_port() -> u16 {
         .ok()
         .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
         .unwrap_or(32_768);
-    let span = ephemeral_low.saturating_sub(10_000).max(1);
+    let span = ephemeral_low.saturating_sub(10_000);
+    if span < 1_000 {
+        // An ephemeral range tuned down to the low ports: none below it to
+        // spare, so one from the kernel, as before.
+        return TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("bind an ephemeral port");
+    }
     // Spread test processes apart, then step through the span.
     static NEXT: AtomicU32 = AtomicU32::new(0);
     let start = std::process::id().wrapping_mul(7_919) % span;
