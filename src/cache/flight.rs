@@ -118,34 +118,29 @@ impl Flight {
 
     /// Follows the leader's stream: `follower` gets its status and
     /// content type, then every piece of the body from the start, as it
-    /// comes. `Ok(true)` once the whole body went out; `Ok(false)` when
-    /// there is nothing to follow (not a 200 stream, landed already, or
-    /// past the bound before it started): the caller waits for the
-    /// landing instead. `Err` once something went out and the rest cannot
-    /// (the leader's call failed, the stream went past the bound, or the
-    /// follower's client left).
-    pub async fn follow<F: Follower>(&self, follower: &mut F) -> Result<bool, ()> {
+    /// comes. See [`Followed`] for how it ends.
+    pub async fn follow<F: Follower>(&self, follower: &mut F) -> Followed {
         let mut changes = self.changed.subscribe();
         let head = loop {
             {
                 let progress = self.progress();
                 if progress.overflowed || progress.landed.is_some() {
-                    return Ok(false);
+                    return Followed::Nothing;
                 }
                 if let Some(head) = progress.head.clone() {
                     if head.0 != 200 {
-                        return Ok(false);
+                        return Followed::Nothing;
                     }
                     break head;
                 }
             }
             tokio::select! {
-                changed = changes.changed() => if changed.is_err() { return Ok(false) },
-                _ = follower.gone() => return Err(()),
+                changed = changes.changed() => if changed.is_err() { return Followed::Nothing },
+                _ = follower.gone() => return Followed::ClientLeft,
             }
         };
         if !follower.head(head.0, &head.1).await {
-            return Err(());
+            return Followed::ClientLeft;
         }
         let mut sent = 0;
         loop {
@@ -161,27 +156,44 @@ impl Flight {
             if overflowed {
                 // Past the bound mid-stream: what was sent cannot be taken
                 // back.
-                return Err(());
+                return Followed::Broken;
             }
             for chunk in pending {
                 sent += 1;
                 if !follower.body(chunk).await {
-                    return Err(());
+                    return Followed::ClientLeft;
                 }
             }
             if ended && sent == self.progress().chunks.len() {
-                return Ok(true);
+                return Followed::Whole;
             }
             if landed {
                 // The leader's call ended before its stream did.
-                return Err(());
+                return Followed::Broken;
             }
             tokio::select! {
-                changed = changes.changed() => if changed.is_err() { return Err(()) },
-                _ = follower.gone() => return Err(()),
+                changed = changes.changed() => if changed.is_err() { return Followed::Broken },
+                // Often right after `[DONE]`, before the leader's body has
+                // ended: SDKs close a stream there.
+                _ = follower.gone() => return Followed::ClientLeft,
             }
         }
     }
+}
+
+/// How following a flight's stream ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Followed {
+    /// Nothing went out (not a 200 stream, landed already, past the bound
+    /// before it started): the caller waits for the landing instead.
+    Nothing,
+    /// The whole body went out.
+    Whole,
+    /// The follower's client went away (or could not be written to).
+    ClientLeft,
+    /// Something went out and the rest cannot: the leader's call ended
+    /// before its stream did, or the stream went past the bound.
+    Broken,
 }
 
 /// A request's place among a flight's waiters, held while it waits.
@@ -379,7 +391,7 @@ mod tests {
         flight.body(&Bytes::from_static(b"b"), false);
         flight.body(&Bytes::from_static(b"c"), true);
         let (whole, got) = follower.await.unwrap();
-        assert_eq!(whole, Ok(true));
+        assert_eq!(whole, Followed::Whole);
         assert_eq!(got.concat(), b"abc");
         assert!(!flight.has_waiters());
     }

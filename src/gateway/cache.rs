@@ -10,6 +10,7 @@
 use super::client::Client;
 use super::forward::Report;
 use super::{Gateway, RequestCtx};
+use crate::cache::flight::Followed;
 use crate::cache::{self, flight, Entry, Form, Join, Key, Landed};
 use crate::config::{ModelCache, PICO_PER_USD};
 use crate::limits::Settlement;
@@ -226,7 +227,7 @@ impl Gateway {
                 waiting.follow(&mut follower).await
             };
             match followed {
-                Ok(true) => {
+                Followed::Whole => {
                     // Settled before the client sees the end, as any answer.
                     match waiting.landed().await {
                         Landed::Answer(entry) => {
@@ -248,7 +249,13 @@ impl Gateway {
                     let _ = session.write_response_body(Some(Bytes::new()), true).await;
                     return Ok(true);
                 }
-                Err(()) => {
+                // Served from the flight as far as the client read: one
+                // request, no tokens, as a client leaving any answer.
+                Followed::ClientLeft => {
+                    self.settle_hit(ctx, plan, 0, "coalesced").await;
+                    return Ok(true);
+                }
+                Followed::Broken => {
                     // Something went out and the rest cannot: the stream
                     // ends with an error the SDKs raise (no `[DONE]`).
                     ctx.cache = Some("coalesced");
@@ -262,7 +269,7 @@ impl Gateway {
                     return Ok(true);
                 }
                 // Nothing to follow: the landing decides.
-                Ok(false) => {}
+                Followed::Nothing => {}
             }
         }
         let landed = tokio::select! {

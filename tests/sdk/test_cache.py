@@ -422,6 +422,26 @@ def test_followers_get_the_whole_stream_when_the_first_client_leaves_mid_stream(
     assert calls(mock) == before + 1
 
 
+def test_a_follower_leaving_mid_stream_is_a_coalesced_request_not_a_broken_stream(gateway, mock):
+    # SDKs close a stream at `[DONE]`, often before the first request's
+    # body has ended: a follower leaving is its client's doing, served from
+    # the flight as far as it read (it was counted as a broken provider
+    # stream, and its request and cache outcome went uncounted).
+    before = calls(mock)
+    mock.fault({"stall_after_chunks": 3, "stall_ms": 1500, "count": 1, "path": "/v1/chat/completions"})
+
+    broken = gateway.metric("runestone_errors_total", reason="provider_stream_broken")
+    coalesced = gateway.metric("runestone_cache_total", outcome="coalesced", tenant="acme")
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        first = pool.submit(raw_stream, gateway, "follower leaves")
+        wait_for_call(mock, before)
+        assert len(raw_stream(gateway, "follower leaves", TENANT_KEY, 2)) == 2
+        assert first.result()[-1] == "[DONE]"
+    assert calls(mock) == before + 1
+    assert eventually(lambda: gateway.metric("runestone_cache_total", outcome="coalesced", tenant="acme") == coalesced + 1)
+    assert gateway.metric("runestone_errors_total", reason="provider_stream_broken") == broken
+
+
 def test_followers_of_a_stream_larger_than_an_entry_get_all_of_it(mock):
     gateway = Gateway(mock.base_url, cache="{ max_entry_bytes: 1024 }")
     try:
