@@ -136,11 +136,11 @@ impl Flight {
             }
             tokio::select! {
                 changed = changes.changed() => if changed.is_err() { return Followed::Nothing },
-                _ = follower.gone() => return Followed::ClientLeft,
+                _ = follower.gone() => return Followed::Abandoned,
             }
         };
         if !follower.head(head.0, &head.1).await {
-            return Followed::ClientLeft;
+            return Followed::Abandoned;
         }
         let mut sent = 0;
         loop {
@@ -189,7 +189,10 @@ pub enum Followed {
     Nothing,
     /// The whole body went out.
     Whole,
-    /// The follower's client went away (or could not be written to).
+    /// The follower's client went away before anything reached it.
+    Abandoned,
+    /// The follower's client went away (or could not be written to) after
+    /// the head went out.
     ClientLeft,
     /// Something went out and the rest cannot: the leader's call ended
     /// before its stream did, or the stream went past the bound.

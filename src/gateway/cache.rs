@@ -249,6 +249,12 @@ impl Gateway {
                     let _ = session.write_response_body(Some(Bytes::new()), true).await;
                     return Ok(true);
                 }
+                // Nothing reached the client: as one leaving while it
+                // waits for the landing.
+                Followed::Abandoned => {
+                    self.release(ctx).await;
+                    return Ok(true);
+                }
                 // Served from the flight as far as the client read: one
                 // request, no tokens, as a client leaving any answer.
                 Followed::ClientLeft => {

@@ -432,6 +432,7 @@ def test_a_follower_leaving_mid_stream_is_a_coalesced_request_not_a_broken_strea
 
     broken = gateway.metric("runestone_errors_total", reason="provider_stream_broken")
     coalesced = gateway.metric("runestone_cache_total", outcome="coalesced", tenant="acme")
+    saved = gateway.metric("runestone_cache_saved_usd_total", tenant="acme")
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
         first = pool.submit(raw_stream, gateway, "follower leaves")
         wait_for_call(mock, before)
@@ -440,6 +441,9 @@ def test_a_follower_leaving_mid_stream_is_a_coalesced_request_not_a_broken_strea
     assert calls(mock) == before + 1
     assert eventually(lambda: gateway.metric("runestone_cache_total", outcome="coalesced", tenant="acme") == coalesced + 1)
     assert gateway.metric("runestone_errors_total", reason="provider_stream_broken") == broken
+    # Left mid-stream, so nothing counted as saved (a follower that read
+    # the whole stream would have saved the call's cost).
+    assert gateway.metric("runestone_cache_saved_usd_total", tenant="acme") == saved
 
 
 def test_followers_of_a_stream_larger_than_an_entry_get_all_of_it(mock):
