@@ -89,22 +89,19 @@ impl Gateway {
                     self.job_status(session, ctx, tenant, id).await
                 }
             }
-            (_, "/health" | "/ready" | "/v1/models" | "/v1/usage", _) => Err(
-                ApiError::method_not_allowed(method.as_str(), &path, "GET, HEAD"),
-            ),
-            (_, "/v1/jobs", _) => Err(ApiError::method_not_allowed(method.as_str(), &path, "GET")),
-            _ if path.starts_with("/v1/models/") => Err(ApiError::method_not_allowed(
-                method.as_str(),
-                &path,
-                "GET, HEAD",
-            )),
-            _ if path.starts_with("/v1/jobs/") => Err(ApiError::method_not_allowed(
-                method.as_str(),
-                &path,
-                "GET, DELETE",
-            )),
-            (_, _, Some(_)) => Err(ApiError::method_not_allowed(method.as_str(), &path, "POST")),
-            _ => Err(ApiError::unknown_url(method.as_str(), &path)),
+            _ => {
+                // A known path asked with a method it does not take: its
+                // own methods, as `Allow` names them.
+                let allow = match path.as_str() {
+                    "/health" | "/ready" | "/v1/models" | "/v1/usage" => "GET, HEAD",
+                    "/v1/jobs" => "GET",
+                    p if p.starts_with("/v1/models/") => "GET, HEAD",
+                    p if p.starts_with("/v1/jobs/") => "GET, DELETE",
+                    _ if endpoint.is_some() => "POST",
+                    _ => return Err(ApiError::unknown_url(method.as_str(), &path)),
+                };
+                Err(ApiError::method_not_allowed(method.as_str(), &path, allow))
+            }
         }
     }
 
