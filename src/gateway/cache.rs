@@ -10,7 +10,6 @@
 use super::client::Client;
 use super::forward::Report;
 use super::{Gateway, RequestCtx};
-use crate::cache::flight::Followed;
 use crate::cache::{self, flight, Entry, Form, Join, Key, Landed};
 use crate::config::{ModelCache, PICO_PER_USD};
 use crate::limits::Settlement;
@@ -227,7 +226,7 @@ impl Gateway {
                 waiting.follow(&mut follower).await
             };
             match followed {
-                Followed::Whole => {
+                flight::Followed::Whole => {
                     // Settled before the client sees the end, as any answer.
                     match waiting.landed().await {
                         Landed::Answer(entry) => {
@@ -251,17 +250,17 @@ impl Gateway {
                 }
                 // Nothing reached the client: as one leaving while it
                 // waits for the landing.
-                Followed::Abandoned => {
+                flight::Followed::Abandoned => {
                     self.release(ctx).await;
                     return Ok(true);
                 }
                 // Served from the flight as far as the client read: one
                 // request, no tokens, as a client leaving any answer.
-                Followed::ClientLeft => {
+                flight::Followed::ClientLeft => {
                     self.settle_hit(ctx, plan, 0, "coalesced").await;
                     return Ok(true);
                 }
-                Followed::Broken => {
+                flight::Followed::Broken => {
                     // Something went out and the rest cannot: the stream
                     // ends with an error the SDKs raise (no `[DONE]`).
                     ctx.cache = Some("coalesced");
@@ -275,7 +274,7 @@ impl Gateway {
                     return Ok(true);
                 }
                 // Nothing to follow: the landing decides.
-                Followed::Nothing => {}
+                flight::Followed::Nothing => {}
             }
         }
         let landed = tokio::select! {
