@@ -91,18 +91,30 @@ fn replays_a_1_mib_body_on_failover() {
     }
 }
 
-/// Sends requests until `a` sees one, returning how long that took.
-fn until_a_is_tried(gw: &Gateway, a: &Mock, limit: Duration) -> Duration {
-    let started = Instant::now();
+/// Sends requests until `a` sees one. Returns how long after `since` the
+/// request that reached `a` was answered, and when that request was sent.
+///
+/// `since` is taken before the requests that open the breaker are sent, so
+/// the breaker opened after it, and the probe went out before its request
+/// was answered: the duration returned is never shorter than the time the
+/// breaker stayed open, however slow the machine running the test, and far
+/// shorter than the schedule if the gateway probes too soon.
+fn until_a_is_tried(
+    gw: &Gateway,
+    a: &Mock,
+    since: Instant,
+    limit: Duration,
+) -> (Duration, Instant) {
     let before = chats(a);
     loop {
+        let sent = Instant::now();
         let resp = ask(gw);
         assert!(resp.status == 200 || resp.status >= 500, "{}", resp.status);
         if chats(a) > before {
-            return started.elapsed();
+            return (since.elapsed(), sent);
         }
         assert!(
-            started.elapsed() < limit,
+            since.elapsed() < limit,
             "a was not tried again within {limit:?}"
         );
         std::thread::sleep(Duration::from_millis(25));
@@ -124,6 +136,7 @@ fn breaker_opens_half_opens_on_schedule_closes_and_reopens_for_longer() {
     };
 
     a.fault(json!({"status": 500, "count": 3, "path": CHAT}));
+    let opening = Instant::now();
     for _ in 0..3 {
         let resp = ask(&gw);
         assert_eq!(
@@ -142,25 +155,26 @@ fn breaker_opens_half_opens_on_schedule_closes_and_reopens_for_longer() {
     assert_eq!(chats(&a), before);
 
     // Half-open after open_seconds: the probe succeeds and closes it.
-    let waited = until_a_is_tried(&gw, &a, Duration::from_secs(5));
+    let (waited, _) = until_a_is_tried(&gw, &a, opening, Duration::from_secs(5));
     assert!(
-        waited >= Duration::from_millis(850),
+        waited >= Duration::from_secs(1),
         "probed after {waited:?}, before the schedule"
     );
     assert_eq!(state(&gw), Some(0), "closed after a good probe");
 
     // Open again, then a bad probe re-opens it for twice as long.
     a.fault(json!({"status": 500, "count": 4, "path": CHAT}));
+    let opening = Instant::now();
     for _ in 0..3 {
         assert_eq!(ask(&gw).status, 200);
     }
     assert_eq!(state(&gw), Some(2));
-    let first = until_a_is_tried(&gw, &a, Duration::from_secs(5)); // the bad probe
-    assert!(first >= Duration::from_millis(850), "{first:?}");
+    let (first, probed) = until_a_is_tried(&gw, &a, opening, Duration::from_secs(5)); // the bad probe
+    assert!(first >= Duration::from_secs(1), "{first:?}");
     assert_eq!(state(&gw), Some(2), "re-opened after a bad probe");
-    let second = until_a_is_tried(&gw, &a, Duration::from_secs(8));
+    let (second, _) = until_a_is_tried(&gw, &a, probed, Duration::from_secs(8));
     assert!(
-        second >= Duration::from_millis(1850),
+        second >= Duration::from_secs(2),
         "re-open lasted {second:?}, expected about 2 s"
     );
     assert_eq!(state(&gw), Some(0));
@@ -391,6 +405,7 @@ fn a_provider_429_fails_over_and_cools_the_backend_down() {
     ));
     // The provider's own wait (2 s), not the configured default, is kept.
     a.fault(json!({"status": 429, "retry_after": 2, "path": CHAT}));
+    let cooling = Instant::now();
     let resp = ask(&gw);
     assert_eq!(
         (resp.status, resp.header("x-runestone-provider")),
@@ -413,9 +428,9 @@ fn a_provider_429_fails_over_and_cools_the_backend_down() {
         ),
     );
     assert_eq!(state, 0.0, "a 429 is not a breaker failure");
-    let waited = until_a_is_tried(&gw, &a, Duration::from_secs(4));
+    let (waited, _) = until_a_is_tried(&gw, &a, cooling, Duration::from_secs(4));
     assert!(
-        waited >= Duration::from_millis(1500),
+        waited >= Duration::from_secs(2),
         "cool-down lasted {waited:?}"
     );
 }
