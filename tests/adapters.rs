@@ -216,6 +216,25 @@ fn anthropic_streams_are_translated_with_and_without_usage() {
 }
 
 #[test]
+fn an_anthropic_stream_that_stalls_after_message_stop_ends_cleanly() {
+    // `message_stop` is the translated stream's last event: a body held
+    // open after it is whole, not a break.
+    let mock = Mock::start(&["--api-key", PROVIDER_KEY]);
+    let mut config = anthropic(&mock);
+    config.providers[0] = config.providers[0].replace(" }", ", timeouts: { idle_ms: 300 } }");
+    let gw = Gateway::start(&config);
+    mock.fault(json!({"linger_ms": 10000}));
+    let events = sse(&gw, &chat("claude", true));
+    assert_eq!(
+        events.last().map(String::as_str),
+        Some("[DONE]"),
+        "{events:?}"
+    );
+    assert!(!events.iter().any(|e| e.contains("error")), "{events:?}");
+    assert!(!gw.metrics().contains("provider_stream_broken"));
+}
+
+#[test]
 fn anthropic_tool_calls_come_back_as_openai_tool_calls() {
     let mock = Mock::start(&["--api-key", PROVIDER_KEY]);
     let gw = Gateway::start(&anthropic(&mock));

@@ -376,6 +376,62 @@ fn without_resumption_ends_a_stalled_stream_within_the_idle_timeout() {
 }
 
 #[test]
+fn a_stream_that_stalls_after_its_last_event_is_whole() {
+    // `[DONE]` went by, then the body neither ends nor sends: the answer
+    // is whole, so the stream ends cleanly at the idle timeout (no error
+    // event after `[DONE]`) and the backend is not blamed.
+    let (a, b) = (Mock::start(&[]), Mock::start(&[]));
+    let gw = Gateway::start(&without_resumption(pair(
+        &a,
+        &b,
+        "priority",
+        ", timeouts: { idle_ms: 300 }",
+        "circuit_breaker: { consecutive_failures: 1 }\n",
+    )));
+    a.fault(json!({"linger_ms": 10000, "count": 2}));
+    let mut events = Vec::new();
+    read_sse(gw.port, TENANT_KEY, &chat("m", true), |data, _| {
+        events.push(data.to_string())
+    });
+    assert_eq!(
+        events.last().map(String::as_str),
+        Some("[DONE]"),
+        "{events:?}"
+    );
+    assert!(!events.iter().any(|e| e.contains("error")), "{events:?}");
+    // A Responses stream's last event is `response.completed`.
+    let mut events = Vec::new();
+    let body = json!({"model": "m", "input": "hi", "stream": true});
+    read_sse_at(gw.port, "/v1/responses", TENANT_KEY, &body, |data, _| {
+        events.push(data.to_string())
+    });
+    let last: Value = serde_json::from_str(events.last().unwrap()).unwrap();
+    assert_eq!(last["type"], "response.completed", "{events:?}");
+    let tried = |m: &Mock| {
+        m.stats()["by_path"]
+            .as_object()
+            .unwrap()
+            .values()
+            .filter_map(Value::as_u64)
+            .sum::<u64>()
+    };
+    assert_eq!((tried(&a), tried(&b)), (2, 0), "nothing was tried again");
+    let metrics = gw.metrics();
+    let state = metric_value(
+        &metrics,
+        &format!(
+            r#"runestone_circuit_state{{backend="127.0.0.1:{}",provider="a"}}"#,
+            a.port
+        ),
+    );
+    assert_eq!(state, 0.0, "a whole answer is not a failure");
+    assert!(
+        !metrics.contains("provider_stream_broken"),
+        "counted as broken:\n{metrics}"
+    );
+}
+
+#[test]
 fn fails_over_when_the_first_byte_is_too_slow() {
     let slow = Mock::start(&["--latency-ms", "2000"]);
     let fast = Mock::start(&[]);

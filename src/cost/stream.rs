@@ -385,6 +385,12 @@ impl StreamMeter {
         self.saw_done
     }
 
+    /// Whether the stream's last event went by (`[DONE]`, or a Responses
+    /// API stream's end): nothing but the body's end should follow.
+    pub fn said_last(&self) -> bool {
+        self.saw_done || self.saw_response_end
+    }
+
     /// Whether the stream finished: `[DONE]`, a `finish_reason` in a
     /// completion stream, the response's end in a Responses API stream (a
     /// stream of another shape counts as finished).

@@ -678,14 +678,20 @@ pub fn raw_exchange(port: u16, request: &[u8], timeout: Duration) -> String {
 
 /// Reads an SSE response line by line, calling `on_data` with each `data:`
 /// payload and the time since the request was sent.
-pub fn read_sse(
+pub fn read_sse(port: u16, key: &str, body: &Value, on_data: impl FnMut(&str, Duration)) -> u16 {
+    read_sse_at(port, "/v1/chat/completions", key, body, on_data)
+}
+
+/// [`read_sse`] of a stream from `path`.
+pub fn read_sse_at(
     port: u16,
+    path: &str,
     key: &str,
     body: &Value,
     mut on_data: impl FnMut(&str, Duration),
 ) -> u16 {
     let started = Instant::now();
-    let resp = match ureq::post(&format!("http://127.0.0.1:{port}/v1/chat/completions"))
+    let resp = match ureq::post(&format!("http://127.0.0.1:{port}{path}"))
         .set("authorization", &format!("Bearer {key}"))
         .timeout(Duration::from_secs(30))
         .send_json(body.clone())

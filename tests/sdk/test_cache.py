@@ -343,6 +343,25 @@ def test_llmock_answers_replay_as_the_sdk_expects():
         llmock.stop()
 
 
+def test_a_stream_whose_client_leaves_at_done_is_whole_and_stored(gateway, mock):
+    # The SDK stops reading at `[DONE]` and closes; a provider may end its
+    # body a moment later. The answer was whole: the gateway reads the
+    # body's end, stores the answer and keeps the provider's connection
+    # (it dropped both, and the next identical request was a miss).
+    before = calls(mock)
+    disconnects = mock.stats()["disconnects"]
+    broken = gateway.metric("runestone_errors_total", reason="provider_stream_broken")
+    mock.fault({"linger_ms": 700, "count": 1, "path": "/v1/chat/completions"})
+    headers, _, streamed, _, _ = stream(gateway, "the end trails", include_usage=False)
+    assert headers["x-runestone-cache"] == "miss"
+    headers, answer = ask(gateway, "the end trails")
+    assert headers["x-runestone-cache"] == "hit"
+    assert answer.choices[0].message.content == streamed
+    assert calls(mock) == before + 1
+    assert mock.stats()["disconnects"] == disconnects, "the provider's body was read to its end"
+    assert gateway.metric("runestone_errors_total", reason="provider_stream_broken") == broken
+
+
 def raw_stream(gateway, content, key=TENANT_KEY, read_events=None, before_leaving=None):
     """Streams with httpx; reads `read_events` events (then, once
     `before_leaving()` returns, leaves) or the whole stream. The events

@@ -263,6 +263,7 @@ impl MockApp {
         let mut first_token_ms = None;
         let mut malformed_after = None;
         let mut no_done = false;
+        let mut linger_ms = None;
         match fault {
             None => {}
             Some(Fault::Headers(headers)) => meta.extra_headers = headers,
@@ -291,6 +292,7 @@ impl MockApp {
             Some(Fault::FirstToken { ms }) => first_token_ms = Some(ms),
             Some(Fault::Malformed { after_chunks }) => malformed_after = Some(after_chunks),
             Some(Fault::NoDone) => no_done = true,
+            Some(Fault::Linger { ms }) => linger_ms = Some(ms),
             Some(Fault::Compress { encoding }) => meta.compress = Some(encoding),
             Some(Fault::RejectPrefill) => {
                 if let ApiCall::Chat(g) | ApiCall::Messages(g, _) = &call {
@@ -392,6 +394,7 @@ impl MockApp {
                         first_token_ms,
                         malformed_after,
                         no_done: true,
+                        linger_ms,
                         responses: Some(extra),
                     };
                     return self.stream(session, &meta, &plan, &mut watch).await;
@@ -426,6 +429,7 @@ impl MockApp {
                     first_token_ms,
                     malformed_after,
                     no_done,
+                    linger_ms,
                     responses: None,
                 };
                 return self.stream(session, &meta, &plan, &mut watch).await;
@@ -756,6 +760,12 @@ impl MockApp {
                 return Outcome::Close;
             }
         }
+        if let Some(ms) = plan.linger_ms {
+            if !pause(session, watch, Duration::from_millis(ms)).await {
+                stats.disconnect();
+                return Outcome::Close;
+            }
+        }
         if write_body(session, &mut encoder, Bytes::new(), true)
             .await
             .is_err()
@@ -788,6 +798,8 @@ pub(crate) struct StreamPlan<'a> {
     pub(crate) malformed_after: Option<u64>,
     /// End without `[DONE]`.
     pub(crate) no_done: bool,
+    /// End the body this many ms after the last event.
+    pub(crate) linger_ms: Option<u64>,
     /// A Responses API stream: what its events carry.
     pub(crate) responses: Option<&'a ResponsesExtra>,
 }

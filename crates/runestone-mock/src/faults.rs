@@ -73,6 +73,13 @@ pub(crate) enum Fault {
     },
     /// End streams cleanly without `data: [DONE]`.
     NoDone,
+    /// Send the whole stream, its last event included, then end the body
+    /// only after this many ms (a provider whose body's end trails its
+    /// last event).
+    Linger {
+        /// The delay.
+        ms: u64,
+    },
     /// Answer 400 to a conversation that ends with an assistant message (a
     /// provider that does not continue a prefill); others normally.
     RejectPrefill,
@@ -123,6 +130,7 @@ impl QueuedFault {
             Fault::FirstToken { ms } => json!({"first_token_ms": ms}),
             Fault::Malformed { after_chunks } => json!({"malformed_after_chunks": after_chunks}),
             Fault::NoDone => json!({"no_done": true}),
+            Fault::Linger { ms } => json!({"linger_ms": ms}),
             Fault::RejectPrefill => json!({"reject_prefill": true}),
             Fault::Headers(headers) => json!({"headers": headers
                 .iter()
@@ -224,6 +232,8 @@ pub(crate) struct FaultSpec {
     pub(crate) malformed_after_chunks: Option<u64>,
     /// End streams without `[DONE]`.
     pub(crate) no_done: Option<bool>,
+    /// End streams' bodies this many ms after their last event.
+    pub(crate) linger_ms: Option<u64>,
     /// Refuse conversations that end with an assistant message.
     pub(crate) reject_prefill: Option<bool>,
 }
@@ -243,6 +253,7 @@ impl FaultSpec {
             no_done,
             reject_prefill,
             self.first_token_ms.is_some(),
+            self.linger_ms.is_some(),
             self.malformed_after_chunks.is_some(),
             self.headers.is_some(),
             self.error_body.is_some(),
@@ -320,6 +331,8 @@ impl FaultSpec {
             Some(Fault::RejectPrefill)
         } else if let Some(ms) = self.first_token_ms {
             Some(Fault::FirstToken { ms })
+        } else if let Some(ms) = self.linger_ms {
+            Some(Fault::Linger { ms })
         } else if let Some(k) = self.malformed_after_chunks {
             Some(Fault::Malformed { after_chunks: k })
         } else if let Some(headers) = self.headers {

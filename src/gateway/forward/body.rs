@@ -184,6 +184,17 @@ impl Meter {
         }
     }
 
+    /// Whether the stream's last event went by (`[DONE]`, a Responses
+    /// stream's end, Anthropic's `message_stop`): a client may leave now
+    /// with its whole answer.
+    fn said_last(&self) -> bool {
+        match self {
+            Meter::Stream(meter) => meter.said_last(),
+            Meter::Translated(translator) => translator.finished(),
+            _ => false,
+        }
+    }
+
     /// Whether a completion stream ended before it finished (no
     /// `finish_reason`, no `[DONE]`): cut short, however cleanly.
     fn cut_short(&self) -> bool {
@@ -597,10 +608,14 @@ impl Copy<'_> {
         loop {
             let (gap_end, gap) = read_gap(self.idle, self.deadline);
             // Not in order: a provider flooding events that are not passed
-            // on (nothing sent) must not keep a gone client unseen.
+            // on (nothing sent) must not keep a gone client unseen. But a
+            // client that leaves once the stream's last event went by
+            // (SDKs stop at `[DONE]`) has its whole answer: the body's end
+            // is still read, so the answer counts as whole (settled as
+            // such, stored, its connection kept).
             let read = tokio::select! {
                 read = tokio::time::timeout_at(gap_end, upstream.read()) => read,
-                _ = client.gone() => return BodyEnd::ClientGone,
+                _ = client.gone(), if !meter.said_last() => return BodyEnd::ClientGone,
             };
             match read {
                 Ok(Ok(Some(chunk))) => {
@@ -635,18 +650,12 @@ impl Copy<'_> {
                         }
                     }
                 }
-                Ok(Ok(None)) => {
-                    return self
-                        .body_ended(
-                            client,
-                            report,
-                            settle,
-                            meter,
-                            redactor,
-                            settled,
-                            Bytes::new(),
-                        )
-                        .await;
+                Ok(Ok(None)) => break,
+                // After the last event, a body that breaks off or stalls
+                // instead of ending still carried the whole answer.
+                Ok(Err(_)) | Err(_) if meter.said_last() => {
+                    warn!(request_id = %self.request_id, provider = %self.provider.name, "provider did not end the body after the stream's last event");
+                    break;
                 }
                 Ok(Err(e)) => {
                     warn!(request_id = %self.request_id, provider = %self.provider.name, error = %e, "provider broke off the response");
@@ -664,6 +673,16 @@ impl Copy<'_> {
                 }
             }
         }
+        self.body_ended(
+            client,
+            report,
+            settle,
+            meter,
+            redactor,
+            settled,
+            Bytes::new(),
+        )
+        .await
     }
 
     /// The upstream body ended (after `unsent`, held back until now): a
