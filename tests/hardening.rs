@@ -1145,3 +1145,97 @@ fn an_answer_read_whole_is_bounded_by_the_first_token_deadline_and_the_client() 
     );
     assert!(!gw.log().contains("panicked"), "{}", gw.log());
 }
+
+#[test]
+fn what_follows_a_streams_last_event_is_neither_sent_nor_billed() {
+    // A whole stream, then after its `[DONE]` a usage event a million
+    // times larger, a late content event, and a byte every 100 ms for 20 s:
+    // the body never ends.
+    let events = concat!(
+        "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"Hi\"},\"finish_reason\":null}]}\n\n",
+        "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n",
+        "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"choices\":[],\"usage\":{\"prompt_tokens\":10,\"completion_tokens\":3,\"total_tokens\":13}}\n\n",
+        "data: [DONE]\n\n",
+        "data: {\"id\":\"c\",\"choices\":[],\"usage\":{\"prompt_tokens\":10000000,\"completion_tokens\":3000000,\"total_tokens\":13000000}}\n\n",
+        "data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"late\"}}]}\n\n",
+    );
+    let head = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{events}\r\n",
+        events.len()
+    );
+    let (port, seen) = trickling_provider(Box::leak(head.into_boxed_str()));
+    let mock = Mock::start(&[]);
+    let mut config = GatewayConfig::new(&mock);
+    config.providers = vec![format!(
+        "  - {{ name: drip, base_url: \"http://127.0.0.1:{port}/v1\", timeouts: {{ idle_ms: 1000, total_ms: 60000 }} }}"
+    )];
+    config.models = "\n  - name: dripped\n    targets: [{ provider: drip }]\n".into();
+    config.tenants = format!(
+        "\n  - id: acme\n    keys: [\"{TENANT_KEY}\"]\n    limits: {{ max_concurrent: 1 }}\n"
+    );
+    config.extra = "failover: { max_attempts: 1 }\n".into();
+    let gw = Gateway::start(&config);
+
+    // Read to its end: it ends about an idle timeout after `[DONE]`, with
+    // nothing after it.
+    let started = Instant::now();
+    let mut events = Vec::new();
+    let status = read_sse(gw.port, TENANT_KEY, &chat("dripped", true), |data, _| {
+        events.push(data.to_string())
+    });
+    let took = started.elapsed();
+    assert_eq!(status, 200);
+    assert_eq!(
+        events.last().map(String::as_str),
+        Some("[DONE]"),
+        "{events:?}"
+    );
+    assert!(!events
+        .iter()
+        .any(|e| e.contains("late") || e.contains("error")));
+    assert!(
+        took < Duration::from_secs(10),
+        "read past the idle timeout: {took:?}"
+    );
+    wait_until(
+        Duration::from_secs(10),
+        "the provider's connection to be closed",
+        || !seen.held.lock().unwrap().is_empty(),
+    );
+    let held = seen.held.lock().unwrap()[0];
+    assert!(held < Duration::from_secs(10), "held for {held:?}");
+    let usage = gw.get("/v1/usage", Some(TENANT_KEY)).json();
+    assert_eq!(
+        (
+            usage["prompt_tokens"].as_u64(),
+            usage["completion_tokens"].as_u64()
+        ),
+        (Some(10), Some(3)),
+        "billed as reported before [DONE]: {usage}"
+    );
+
+    // The request is settled when `[DONE]` goes by: with one concurrent
+    // request allowed, a client that has its `[DONE]` (and is still
+    // connected) can send its next request at once.
+    let body = chat("dripped", true).to_string();
+    let mut first = std::net::TcpStream::connect(("127.0.0.1", gw.port)).unwrap();
+    first
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        first,
+        "POST {CHAT} HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {TENANT_KEY}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains("data: [DONE]") {
+        let n = first.read(&mut buf).expect("the stream until [DONE]");
+        assert!(n > 0, "ended before [DONE]");
+        got.extend_from_slice(&buf[..n]);
+    }
+    let status = read_sse(gw.port, TENANT_KEY, &chat("dripped", true), |_, _| {});
+    assert_eq!(status, 200, "the slot was free once [DONE] went by");
+    drop(first);
+}

@@ -57,6 +57,9 @@ pub struct StreamMeter {
     /// (`response.completed`, `incomplete`, `failed`, or `error`) went by.
     response_id: Option<String>,
     saw_response_end: bool,
+    /// The Responses stream ended with its answer (`response.completed` or
+    /// `incomplete`, not a failure).
+    saw_response_answer: bool,
     /// Events left out because they were not JSON.
     malformed: u64,
     /// Stop at an event that is not JSON (see [`StreamMeter::halt_on_malformed`]).
@@ -109,6 +112,7 @@ impl StreamMeter {
             finish_reasons: Vec::new(),
             response_id: None,
             saw_response_end: false,
+            saw_response_answer: false,
             malformed: 0,
             halt_on_malformed: false,
             halted: false,
@@ -156,6 +160,11 @@ impl StreamMeter {
     /// Takes one upstream chunk and returns what to send the client now:
     /// the whole events seen so far (edited when stripping).
     pub fn feed(&mut self, chunk: Bytes) -> Bytes {
+        if self.said_last() {
+            // Nothing after the last event of a whole answer is sent on
+            // or metered.
+            return Bytes::new();
+        }
         self.partial.extend_from_slice(&chunk);
         let mut out = BytesMut::with_capacity(chunk.len() + self.event.len());
         if self.halted {
@@ -167,7 +176,10 @@ impl StreamMeter {
             let line = self.partial.split_to(scan_from + at + 1).freeze();
             scan_from = 0;
             self.line(&line, &mut out);
-            if self.halted {
+            if self.said_last() {
+                self.partial.clear();
+            }
+            if self.halted || self.said_last() {
                 self.scanned = 0;
                 return out.freeze();
             }
@@ -244,14 +256,19 @@ impl StreamMeter {
         let head = std::mem::take(&mut self.oversized_head);
         let tail = std::mem::take(&mut self.oversized_tail);
         if let Some(kind) = event_kind(&head) {
-            self.saw_response_end |= matches!(
-                kind,
-                "response.completed" | "response.incomplete" | "response.failed" | "error"
-            );
+            self.note_event_kind(kind);
         }
         if let Some(usage) = super::reported_usage_in_tail(&tail) {
             self.usage = Some(usage);
         }
+    }
+
+    /// Notes a Responses stream event's type: whether it ends the stream,
+    /// and with its answer.
+    fn note_event_kind(&mut self, kind: &str) {
+        let answer = matches!(kind, "response.completed" | "response.incomplete");
+        self.saw_response_answer |= answer;
+        self.saw_response_end |= answer || matches!(kind, "response.failed" | "error");
     }
 
     /// Meters a whole event and says what becomes of it.
@@ -308,10 +325,7 @@ impl StreamMeter {
             }
         }
         if let Some(kind) = probe.event_type() {
-            self.saw_response_end |= matches!(
-                kind,
-                "response.completed" | "response.incomplete" | "response.failed" | "error"
-            );
+            self.note_event_kind(kind);
             if self.response_id.is_none() {
                 self.response_id = probe.response_id().map(str::to_owned);
             }
@@ -355,7 +369,7 @@ impl StreamMeter {
     /// ended it.
     pub fn finish(&mut self) -> Bytes {
         let mut out = BytesMut::new();
-        if self.halted {
+        if self.halted || self.said_last() {
             return out.freeze();
         }
         let rest = std::mem::take(&mut self.partial);
@@ -385,10 +399,11 @@ impl StreamMeter {
         self.saw_done
     }
 
-    /// Whether the stream's last event went by (`[DONE]`, or a Responses
-    /// API stream's end): nothing but the body's end should follow.
+    /// Whether the last event of a whole answer went by (`[DONE]`, or a
+    /// Responses API stream's `response.completed` or `incomplete`, not
+    /// its failure): nothing but the body's end should follow.
     pub fn said_last(&self) -> bool {
-        self.saw_done || self.saw_response_end
+        self.saw_done || self.saw_response_answer
     }
 
     /// Whether the stream finished: `[DONE]`, a `finish_reason` in a

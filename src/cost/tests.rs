@@ -243,8 +243,39 @@ fn halts_at_an_event_that_is_not_json_when_asked_and_goes_on_when_told() {
     );
     meter.halt_on_malformed(false);
     let rest = meter.feed(Bytes::new());
-    assert_eq!(rest, format!("{good}data: [DONE]\n\n: more\n\n").as_bytes());
+    // (Nothing after `[DONE]` goes on: the comment fed while halted neither.)
+    assert_eq!(rest, format!("{good}data: [DONE]\n\n").as_bytes());
     assert!(!meter.halted());
+}
+
+#[test]
+fn nothing_after_the_last_event_of_a_whole_answer_is_sent_or_metered() {
+    let good = stream_events(false).concat();
+    let huge = USAGE_EVENT.replace("\"completion_tokens\":3", "\"completion_tokens\":3000000");
+    for chunk_size in [1, 7, 4096] {
+        let mut meter = StreamMeter::new(false);
+        let after =
+            format!("{huge}: ping\n\ndata: {{\"choices\": [{{\"delta\": {{\"content\": \"late\"}}");
+        let upstream = format!("{good}{USAGE_EVENT}data: [DONE]\n\n{after}");
+        let out = run(&mut meter, &upstream, chunk_size);
+        assert_eq!(
+            out,
+            format!("{good}{USAGE_EVENT}data: [DONE]\n\n"),
+            "{chunk_size}"
+        );
+        assert!(meter.said_last());
+        assert_eq!(meter.usage(0).completion_tokens, 3, "{chunk_size}");
+        assert!(meter.feed(Bytes::from(huge.clone())).is_empty());
+        assert_eq!(meter.usage(0).completion_tokens, 3);
+    }
+    // A Responses stream's failure is its end, not an answer's last event.
+    let mut meter = StreamMeter::new(false);
+    let failed = "event: response.failed\ndata: {\"type\":\"response.failed\",\"response\":{\"id\":\"resp_1\",\"object\":\"response\",\"status\":\"failed\"}}\n\n";
+    run(&mut meter, failed, 4096);
+    assert!(meter.finished() && !meter.said_last());
+    let mut meter = StreamMeter::new(false);
+    run(&mut meter, &failed.replace("failed", "completed"), 4096);
+    assert!(meter.finished() && meter.said_last());
 }
 
 #[test]

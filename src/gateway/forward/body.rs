@@ -184,13 +184,13 @@ impl Meter {
         }
     }
 
-    /// Whether the stream's last event went by (`[DONE]`, a Responses
-    /// stream's end, Anthropic's `message_stop`): a client may leave now
-    /// with its whole answer.
+    /// Whether the last event of a whole answer went by (`[DONE]`, a
+    /// Responses stream's `response.completed` or `incomplete`, Anthropic's
+    /// `message_stop`): its client has all of it and may leave.
     fn said_last(&self) -> bool {
         match self {
             Meter::Stream(meter) => meter.said_last(),
-            Meter::Translated(translator) => translator.finished(),
+            Meter::Translated(translator) => translator.stopped(),
             _ => false,
         }
     }
@@ -596,6 +596,11 @@ impl Copy<'_> {
         if self.declared_len.is_some_and(|n| received >= n) {
             self.settle(report, settle, meter, settled).await;
         }
+        // Once the last event of a whole answer went by, its client has it
+        // all (SDKs close a stream at `[DONE]`): the rest of the body is
+        // read until this deadline and not passed on, so the answer is
+        // stored and its connection kept even when the client leaves.
+        let mut drain_until = self.after_last(report, settle, meter, settled).await;
         if !held.is_empty() {
             report.first_byte_at.get_or_insert_with(Instant::now);
             if !client.send_body(held, false).await {
@@ -606,18 +611,15 @@ impl Copy<'_> {
         // can be continued elsewhere breaks there rather than lose it.
         meter.halt_on_malformed(client.resumable());
         loop {
-            let (gap_end, gap) = read_gap(self.idle, self.deadline);
+            let (gap_end, gap) = read_gap(self.idle, drain_until.unwrap_or(self.deadline));
             // Not in order: a provider flooding events that are not passed
-            // on (nothing sent) must not keep a gone client unseen. But a
-            // client that leaves once the stream's last event went by
-            // (SDKs stop at `[DONE]`) has its whole answer: the body's end
-            // is still read, so the answer counts as whole (settled as
-            // such, stored, its connection kept).
+            // on (nothing sent) must not keep a gone client unseen.
             let read = tokio::select! {
                 read = tokio::time::timeout_at(gap_end, upstream.read()) => read,
-                _ = client.gone(), if !meter.said_last() => return BodyEnd::ClientGone,
+                _ = client.gone(), if drain_until.is_none() => return BodyEnd::ClientGone,
             };
             match read {
+                Ok(Ok(Some(_))) if drain_until.is_some() => {}
                 Ok(Ok(Some(chunk))) => {
                     received += chunk.len();
                     let out = redactor.feed(meter.feed_counted(chunk, self.model).await);
@@ -627,6 +629,7 @@ impl Copy<'_> {
                         // its next request at once finds its slot free.
                         self.settle(report, settle, meter, settled).await;
                     }
+                    drain_until = self.after_last(report, settle, meter, settled).await;
                     if !out.is_empty() {
                         report.first_byte_at.get_or_insert_with(Instant::now);
                         if !client.send_body(out, false).await {
@@ -653,7 +656,7 @@ impl Copy<'_> {
                 Ok(Ok(None)) => break,
                 // After the last event, a body that breaks off or stalls
                 // instead of ending still carried the whole answer.
-                Ok(Err(_)) | Err(_) if meter.said_last() => {
+                Ok(Err(_)) | Err(_) if drain_until.is_some() => {
                     warn!(request_id = %self.request_id, provider = %self.provider.name, "provider did not end the body after the stream's last event");
                     break;
                 }
@@ -765,6 +768,23 @@ impl Copy<'_> {
     /// The whole answer is in hand: settle the admission and tell the
     /// breaker, before the client can see the end of the response (so its
     /// next request finds the slot free and the breaker up to date).
+    /// When the last event of a whole answer went by: settles (before its
+    /// client has it, so that its next request finds its slot free) and
+    /// says until when the rest of the body is read (one more idle gap).
+    async fn after_last(
+        &self,
+        report: &mut Report,
+        settle: &mut dyn Settle,
+        meter: &Meter,
+        settled: &mut bool,
+    ) -> Option<Instant> {
+        if !meter.said_last() || meter.halted() {
+            return None;
+        }
+        self.settle(report, settle, meter, settled).await;
+        Some((Instant::now() + self.idle).min(self.deadline))
+    }
+
     async fn settle(
         &self,
         report: &mut Report,

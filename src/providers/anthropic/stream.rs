@@ -29,6 +29,8 @@ pub struct StreamTranslator {
     /// input is streamed as the answer's content.
     structured: Option<u64>,
     finished: bool,
+    /// It ended with its answer (`message_stop`, sent on as `[DONE]`).
+    stopped: bool,
     generated_bytes: u64,
     oversized: bool,
 }
@@ -51,6 +53,7 @@ impl StreamTranslator {
             tool_index: Default::default(),
             structured: None,
             finished: false,
+            stopped: false,
             generated_bytes: 0,
             oversized: false,
         }
@@ -72,9 +75,19 @@ impl StreamTranslator {
         self.finished
     }
 
+    /// Whether the stream ended with its answer (`message_stop`), not an
+    /// error event.
+    pub fn stopped(&self) -> bool {
+        self.stopped
+    }
+
     /// Takes one upstream chunk; returns the OpenAI events it completes.
     pub fn feed(&mut self, chunk: &[u8]) -> Bytes {
         let mut chunk = chunk;
+        if self.stopped {
+            // Nothing after `message_stop` is translated.
+            return Bytes::new();
+        }
         if self.oversized {
             // The rest of a line too long to translate is dropped.
             match chunk.iter().position(|&b| b == b'\n') {
@@ -88,6 +101,10 @@ impl StreamTranslator {
         self.partial.extend_from_slice(chunk);
         let mut out = BytesMut::new();
         while let Some(end) = self.partial.iter().position(|&b| b == b'\n') {
+            if self.stopped {
+                self.partial.clear();
+                break;
+            }
             let line = self.partial.split_to(end + 1);
             let line = String::from_utf8_lossy(&line);
             let line = line.trim_end_matches(['\r', '\n']);
@@ -236,6 +253,7 @@ impl StreamTranslator {
                 }
                 out.extend_from_slice(b"data: [DONE]\n\n");
                 self.finished = true;
+                self.stopped = true;
             }
             "error" => {
                 let status = match event["error"]["type"].as_str() {

@@ -268,6 +268,20 @@ fn drops_an_endless_line_and_goes_on() {
 }
 
 #[test]
+fn nothing_after_message_stop_is_translated() {
+    let error = "event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"Overloaded\"}}\n\n";
+    let mut translator = StreamTranslator::new("p", false);
+    let out = translator.feed(format!("{STREAM}{error}").as_bytes());
+    assert!(String::from_utf8_lossy(&out).ends_with("data: [DONE]\n\n"));
+    assert!(translator.stopped());
+    assert!(translator.feed(error.as_bytes()).is_empty());
+    // An error event ends the stream, but not with its answer.
+    let mut translator = StreamTranslator::new("p", false);
+    translator.feed(error.as_bytes());
+    assert!(translator.finished() && !translator.stopped());
+}
+
+#[test]
 fn maps_errors_in_streams_and_answers() {
     let mut translator = StreamTranslator::new("p", false);
     let out = translator.feed(b"event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"Overloaded\"}}\n\n");
