@@ -235,6 +235,21 @@ fn an_anthropic_stream_that_stalls_after_message_stop_ends_cleanly() {
 }
 
 #[test]
+fn an_anthropic_stream_cut_short_ends_with_an_error_event() {
+    // As an OpenAI stream does: an in-band error event and a clean end,
+    // no `[DONE]`, rather than a connection cut mid-body.
+    let mock = Mock::start(&["--api-key", PROVIDER_KEY]);
+    let mut config = anthropic(&mock);
+    config.models = "\n  - name: claude\n    resume_streams: false\n    targets: [{ provider: claude, model: claude-test }]\n".into();
+    let gw = Gateway::start(&config);
+    mock.fault(json!({"disconnect_after_chunks": 2}));
+    let events = sse(&gw, &chat("claude", true));
+    let last: serde_json::Value = serde_json::from_str(events.last().unwrap()).unwrap();
+    assert_eq!(last["error"]["code"], "upstream_error", "{events:?}");
+    assert!(!events.iter().any(|e| e == "[DONE]"), "{events:?}");
+}
+
+#[test]
 fn anthropic_tool_calls_come_back_as_openai_tool_calls() {
     let mock = Mock::start(&["--api-key", PROVIDER_KEY]);
     let gw = Gateway::start(&anthropic(&mock));

@@ -1055,6 +1055,13 @@ struct Trickled {
 /// A provider that answers `head` (a chunked answer) and then one byte
 /// every 100 ms for up to 20 s, never ending.
 fn trickling_provider(head: &'static str) -> (u16, std::sync::Arc<Trickled>) {
+    staged_provider(vec![head.to_string()], true)
+}
+
+/// A provider that answers `stages` (a chunked answer's head and chunks),
+/// 300 ms apart, then (`trickle`) one byte every 100 ms or nothing, for up
+/// to 20 s, never ending.
+fn staged_provider(stages: Vec<String>, trickle: bool) -> (u16, std::sync::Arc<Trickled>) {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let seen = std::sync::Arc::new(Trickled::default());
@@ -1063,15 +1070,31 @@ fn trickling_provider(head: &'static str) -> (u16, std::sync::Arc<Trickled>) {
         for stream in listener.incoming() {
             let Ok(mut stream) = stream else { return };
             let kept = kept.clone();
+            let stages = stages.clone();
             std::thread::spawn(move || {
-                if !read_request(&mut stream) || stream.write_all(head.as_bytes()).is_err() {
+                if !read_request(&mut stream) {
                     return;
+                }
+                for (n, stage) in stages.iter().enumerate() {
+                    if n > 0 {
+                        std::thread::sleep(Duration::from_millis(300));
+                    }
+                    if stream.write_all(stage.as_bytes()).is_err() {
+                        return;
+                    }
                 }
                 kept.begun.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let started = Instant::now();
-                while started.elapsed() < Duration::from_secs(20)
-                    && stream.write_all(b"1\r\n \r\n").is_ok()
-                {
+                let _ = stream.set_read_timeout(Some(Duration::from_millis(100)));
+                while started.elapsed() < Duration::from_secs(20) {
+                    let open = match trickle {
+                        true => stream.write_all(b"1\r\n \r\n").is_ok(),
+                        // Closed when a read ends (not when it times out).
+                        false => !matches!(stream.read(&mut [0u8; 1]), Ok(0)),
+                    };
+                    if !open {
+                        break;
+                    }
                     std::thread::sleep(Duration::from_millis(100));
                 }
                 kept.held.lock().unwrap().push(started.elapsed());
@@ -1159,11 +1182,7 @@ fn what_follows_a_streams_last_event_is_neither_sent_nor_billed() {
         "data: {\"id\":\"c\",\"choices\":[],\"usage\":{\"prompt_tokens\":10000000,\"completion_tokens\":3000000,\"total_tokens\":13000000}}\n\n",
         "data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"late\"}}]}\n\n",
     );
-    let head = format!(
-        "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{events}\r\n",
-        events.len()
-    );
-    let (port, seen) = trickling_provider(Box::leak(head.into_boxed_str()));
+    let (port, seen) = staged_provider(vec![format!("{SSE_HEAD}{}", chunk(events))], true);
     let mock = Mock::start(&[]);
     let mut config = GatewayConfig::new(&mock);
     config.providers = vec![format!(
@@ -1238,4 +1257,66 @@ fn what_follows_a_streams_last_event_is_neither_sent_nor_billed() {
     let status = read_sse(gw.port, TENANT_KEY, &chat("dripped", true), |_, _| {});
     assert_eq!(status, 200, "the slot was free once [DONE] went by");
     drop(first);
+}
+
+const SSE_HEAD: &str =
+    "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n";
+
+/// `data` as one chunk of a chunked body.
+fn chunk(data: &str) -> String {
+    format!("{:x}\r\n{data}\r\n", data.len())
+}
+
+#[test]
+fn a_done_freed_from_a_halted_stream_ends_the_answer() {
+    // The finish, an event that is not JSON (the stream halts there while
+    // it could still be resumed) and `[DONE]` come in one chunk after the
+    // content; then the body lingers. `[DONE]` still settles and ends it.
+    let first = "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"Hi\"},\"finish_reason\":null}]}\n\n";
+    let last = concat!(
+        "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n",
+        "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"choices\":[],\"usage\":{\"prompt_tokens\":10,\"completion_tokens\":3,\"total_tokens\":13}}\n\n",
+        "data: not json\n\n",
+        "data: [DONE]\n\n",
+    );
+    let (port, _) = staged_provider(
+        vec![format!("{SSE_HEAD}{}", chunk(first)), chunk(last)],
+        false,
+    );
+    let mock = Mock::start(&[]);
+    let mut config = GatewayConfig::new(&mock);
+    config.providers = vec![
+        format!("  - {{ name: drip, base_url: \"http://127.0.0.1:{port}/v1\", timeouts: {{ idle_ms: 5000, total_ms: 60000 }} }}"),
+        format!("  - {{ name: mock, base_url: \"{}\" }}", mock.base_url()),
+    ];
+    config.models = "\n  - name: dripped\n    strategy: priority\n    targets: [{ provider: drip }, { provider: mock }]\n".into();
+    config.tenants = format!(
+        "\n  - id: acme\n    keys: [\"{TENANT_KEY}\"]\n    limits: {{ max_concurrent: 1 }}\n"
+    );
+    config.extra = "circuit_breaker: { consecutive_failures: 1 }\n".into();
+    let gw = Gateway::start(&config);
+    let started = Instant::now();
+    let mut events = Vec::new();
+    let status = read_sse(gw.port, TENANT_KEY, &chat("dripped", true), |data, _| {
+        events.push(data.to_string())
+    });
+    assert_eq!(status, 200);
+    assert_eq!(
+        events.last().map(String::as_str),
+        Some("[DONE]"),
+        "{events:?}"
+    );
+    assert!(!events.iter().any(|e| e.contains("error")), "{events:?}");
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(4),
+        "ended after the idle timeout: {took:?}"
+    );
+    let metrics = gw.metrics();
+    assert!(!metrics.contains("provider_stream_broken"), "{metrics}");
+    let state = metric_value(
+        &metrics,
+        &format!(r#"runestone_circuit_state{{backend="127.0.0.1:{port}",provider="drip"}}"#),
+    );
+    assert_eq!(state, 0.0, "a whole answer is not a failure");
 }

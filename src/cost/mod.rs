@@ -195,6 +195,9 @@ pub(super) struct Probe<'a> {
     response: Option<ResponseProbe<'a>>,
     #[serde(borrow, default)]
     delta: Option<&'a RawValue>,
+    /// An in-band error (a completion stream's `{"error": ...}` event).
+    #[serde(borrow, default)]
+    error: Option<&'a RawValue>,
     #[serde(borrow, default, rename = "type")]
     kind: Option<&'a RawValue>,
     /// The answer's identity, for a usage chunk the gateway adds.
@@ -308,6 +311,11 @@ impl Probe<'_> {
             .iter()
             .flatten()
             .any(|c| c.finish_reason.is_some_and(|r| r.get() != "null"))
+    }
+
+    /// Whether the event is an in-band error: `{"error": {...}}`.
+    fn is_error(&self) -> bool {
+        self.error.is_some_and(|e| e.get().starts_with('{'))
     }
 
     /// Whether the event has a `usage` object, readable or not.

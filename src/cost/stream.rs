@@ -47,6 +47,9 @@ pub struct StreamMeter {
     generated_bytes: u64,
     /// The stream's `data: [DONE]` went by.
     saw_done: bool,
+    /// An in-band error event went by: a `[DONE]` after it does not end a
+    /// whole answer.
+    saw_error: bool,
     /// An event with choices went by (an OpenAI completion stream).
     saw_choices: bool,
     /// A choice's `finish_reason` went by, and which (at most
@@ -107,6 +110,7 @@ impl StreamMeter {
             usage: None,
             generated_bytes: 0,
             saw_done: false,
+            saw_error: false,
             saw_choices: false,
             saw_finish: false,
             finish_reasons: Vec::new(),
@@ -303,6 +307,7 @@ impl StreamMeter {
         let Ok(probe) = serde_json::from_slice::<Probe>(payload) else {
             return Verdict::Malformed;
         };
+        self.saw_error |= probe.is_error();
         let generated = probe.generated_bytes();
         self.generated_bytes += generated;
         if self.sample.len() < SAMPLE_BYTES && generated > 0 {
@@ -386,7 +391,10 @@ impl StreamMeter {
         let event = std::mem::take(&mut self.event);
         if !event.is_empty() {
             match self.judge(&event) {
-                Verdict::Keep => self.write(&event, &mut out),
+                Verdict::Keep => {
+                    out.extend_from_slice(&std::mem::take(&mut self.before_next));
+                    self.write(&event, &mut out);
+                }
                 Verdict::Drop => {}
                 Verdict::Malformed => self.malformed += 1,
             }
@@ -399,11 +407,12 @@ impl StreamMeter {
         self.saw_done
     }
 
-    /// Whether the last event of a whole answer went by (`[DONE]`, or a
-    /// Responses API stream's `response.completed` or `incomplete`, not
-    /// its failure): nothing but the body's end should follow.
+    /// Whether the last event of a whole answer went by (`[DONE]` not after
+    /// an error event, or a Responses API stream's `response.completed` or
+    /// `incomplete`, not its failure): nothing but the body's end should
+    /// follow.
     pub fn said_last(&self) -> bool {
-        self.saw_done || self.saw_response_answer
+        (self.saw_done && !self.saw_error) || self.saw_response_answer
     }
 
     /// Whether the stream finished: `[DONE]`, a `finish_reason` in a

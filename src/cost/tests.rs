@@ -429,3 +429,31 @@ fn a_usage_chunk_the_gateway_asked_for_is_taken_out_even_when_unreadable() {
         assert!(meter.reported_usage().is_none(), "{usage}");
     }
 }
+
+#[test]
+fn a_done_after_an_in_band_error_does_not_end_a_whole_answer() {
+    let good = stream_events(false).concat();
+    let error = "data: {\"error\":{\"message\":\"engine dead\",\"type\":\"server_error\"}}\n\n";
+    let mut meter = StreamMeter::new(false);
+    let out = run(&mut meter, &format!("{good}{error}data: [DONE]\n\n"), 4096);
+    assert!(out.ends_with("data: [DONE]\n\n"), "{out}");
+    assert!(meter.saw_done() && !meter.said_last());
+}
+
+#[test]
+fn the_usage_chunk_the_gateway_adds_precedes_a_done_that_ends_the_body() {
+    let identity =
+        "\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"m\"";
+    let events = format!(
+        "data: {{{identity},\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"Hi\"}}}}]}}\n\n\
+         data: {{{identity},\"choices\":[{{\"index\":0,\"delta\":{{}},\"finish_reason\":\"stop\"}}]}}\n\n"
+    );
+    let estimate = Estimate::new(Bytes::from_static(b"{\"messages\":[]}"), None);
+    // `[DONE]` with and without the blank line that ends its event.
+    for done in ["data: [DONE]\n\n", "data: [DONE]"] {
+        let mut meter = StreamMeter::new(false).with_estimate(estimate.clone(), "m");
+        let out = run(&mut meter, &format!("{events}{done}"), 4096);
+        let usage = out.find("\"usage\"").unwrap_or_else(|| panic!("{out}"));
+        assert!(usage < out.find("[DONE]").unwrap(), "{out}");
+    }
+}

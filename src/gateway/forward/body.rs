@@ -466,6 +466,12 @@ fn details_from_a_tree(body: &[u8], capture: bool) -> AnswerDetails {
     }
 }
 
+/// How long the rest of a body is read after the last event of a whole
+/// answer (at most the idle timeout). A provider ends it at once; reading
+/// it keeps the connection and lets the answer be stored, but a client that
+/// reads to the end waits for it.
+const AFTER_LAST_EVENT: Duration = Duration::from_secs(1);
+
 /// How copying the response body ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum BodyEnd {
@@ -648,6 +654,8 @@ impl Copy<'_> {
                         // it out and go on.
                         meter.halt_on_malformed(false);
                         let rest = redactor.feed(meter.feed(Bytes::new()));
+                        // What was held may end the answer.
+                        drain_until = self.after_last(report, settle, meter, settled).await;
                         if !rest.is_empty() && !client.send_body(rest, false).await {
                             return BodyEnd::ClientGone;
                         }
@@ -736,7 +744,7 @@ impl Copy<'_> {
     /// is closed and the client sees the truncation. What the provider
     /// sent decides, not the request's `stream`.
     async fn end_broken(&self, client: &mut dyn Client, meter: &Meter, message: &str) {
-        if matches!(meter, Meter::Stream(_)) {
+        if matches!(meter, Meter::Stream(_) | Meter::Translated(_)) {
             let event = ApiError::upstream_error(message).sse_event_for(self.endpoint);
             client.send_body(event, true).await;
         } else {
@@ -770,7 +778,8 @@ impl Copy<'_> {
     /// next request finds the slot free and the breaker up to date).
     /// When the last event of a whole answer went by: settles (before its
     /// client has it, so that its next request finds its slot free) and
-    /// says until when the rest of the body is read (one more idle gap).
+    /// says until when the rest of the body is read (see
+    /// [`AFTER_LAST_EVENT`]).
     async fn after_last(
         &self,
         report: &mut Report,
@@ -782,7 +791,7 @@ impl Copy<'_> {
             return None;
         }
         self.settle(report, settle, meter, settled).await;
-        Some((Instant::now() + self.idle).min(self.deadline))
+        Some((Instant::now() + self.idle.min(AFTER_LAST_EVENT)).min(self.deadline))
     }
 
     async fn settle(
