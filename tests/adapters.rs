@@ -242,11 +242,20 @@ fn an_anthropic_stream_cut_short_ends_with_an_error_event() {
     let mut config = anthropic(&mock);
     config.models = "\n  - name: claude\n    resume_streams: false\n    targets: [{ provider: claude, model: claude-test }]\n".into();
     let gw = Gateway::start(&config);
-    mock.fault(json!({"disconnect_after_chunks": 2}));
-    let events = sse(&gw, &chat("claude", true));
-    let last: serde_json::Value = serde_json::from_str(events.last().unwrap()).unwrap();
-    assert_eq!(last["error"]["code"], "upstream_error", "{events:?}");
-    assert!(!events.iter().any(|e| e == "[DONE]"), "{events:?}");
+    // Broken off, and ended cleanly before `message_stop`.
+    for fault in [
+        json!({"disconnect_after_chunks": 2}),
+        json!({"end_after_chunks": 2}),
+    ] {
+        mock.fault(fault.clone());
+        let events = sse(&gw, &chat("claude", true));
+        let last: serde_json::Value = serde_json::from_str(events.last().unwrap()).unwrap();
+        assert_eq!(
+            last["error"]["code"], "upstream_error",
+            "{fault}: {events:?}"
+        );
+        assert!(!events.iter().any(|e| e == "[DONE]"), "{fault}: {events:?}");
+    }
 }
 
 #[test]

@@ -1320,3 +1320,64 @@ fn a_done_freed_from_a_halted_stream_ends_the_answer() {
     );
     assert_eq!(state, 0.0, "a whole answer is not a failure");
 }
+
+#[test]
+fn a_usage_report_after_done_is_billed_and_an_error_event_is_not_repeated() {
+    // A sloppy server: its usage after `[DONE]`, then the body lingers.
+    let openai = concat!(
+        "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"Hi\"},\"finish_reason\":\"stop\"}]}\n\n",
+        "data: [DONE]\n\n",
+        "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"choices\":[],\"usage\":{\"prompt_tokens\":1000,\"completion_tokens\":777,\"total_tokens\":1777}}\n\n",
+    );
+    let (sloppy, _) = staged_provider(vec![format!("{SSE_HEAD}{}", chunk(openai))], false);
+    // An Anthropic stream that reports its own error, then stalls.
+    let anthropic = concat!(
+        "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_1\",\"type\":\"message\",\"role\":\"assistant\",\"usage\":{\"input_tokens\":5,\"output_tokens\":1}}}\n\n",
+        "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"Hi\"}}\n\n",
+        "event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"Overloaded\"}}\n\n",
+    );
+    let (failing, _) = staged_provider(vec![format!("{SSE_HEAD}{}", chunk(anthropic))], false);
+    let mock = Mock::start(&[]);
+    let mut config = GatewayConfig::new(&mock);
+    config.providers = vec![
+        format!("  - {{ name: sloppy, base_url: \"http://127.0.0.1:{sloppy}/v1\", timeouts: {{ idle_ms: 3000 }} }}"),
+        format!("  - {{ name: claude, kind: anthropic, base_url: \"http://127.0.0.1:{failing}/v1\", api_key: \"sk-ant-x\", timeouts: {{ idle_ms: 1000 }} }}"),
+    ];
+    config.models = "
+  - name: sloppy
+    targets: [{ provider: sloppy }]
+  - name: claude
+    resume_streams: false
+    targets: [{ provider: claude, model: claude-x }]
+"
+    .into();
+    config.tenants = format!("\n  - id: acme\n    keys: [\"{TENANT_KEY}\"]\n");
+    let gw = Gateway::start(&config);
+
+    let mut events = Vec::new();
+    read_sse(gw.port, TENANT_KEY, &chat("sloppy", true), |data, _| {
+        events.push(data.to_string())
+    });
+    assert_eq!(
+        events.last().map(String::as_str),
+        Some("[DONE]"),
+        "{events:?}"
+    );
+    let usage = gw.get("/v1/usage", Some(TENANT_KEY)).json();
+    assert_eq!(
+        (
+            usage["prompt_tokens"].as_u64(),
+            usage["completion_tokens"].as_u64()
+        ),
+        (Some(1000), Some(777)),
+        "the provider's report, not an estimate: {usage}"
+    );
+
+    let mut events = Vec::new();
+    read_sse(gw.port, TENANT_KEY, &chat("claude", true), |data, _| {
+        events.push(data.to_string())
+    });
+    let errors: Vec<_> = events.iter().filter(|e| e.contains("\"error\"")).collect();
+    assert_eq!(errors.len(), 1, "{events:?}");
+    assert!(errors[0].contains("Overloaded"), "{events:?}");
+}

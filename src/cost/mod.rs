@@ -313,9 +313,11 @@ impl Probe<'_> {
             .any(|c| c.finish_reason.is_some_and(|r| r.get() != "null"))
     }
 
-    /// Whether the event is an in-band error: `{"error": {...}}`.
+    /// Whether the event is an in-band error: `{"error": ...}` (an object
+    /// or a message), or vLLM's `{"object": "error", ...}`.
     fn is_error(&self) -> bool {
-        self.error.is_some_and(|e| e.get().starts_with('{'))
+        self.error.is_some_and(|e| e.get() != "null")
+            || self.object.is_some_and(|o| o.get() == "\"error\"")
     }
 
     /// Whether the event has a `usage` object, readable or not.

@@ -165,8 +165,7 @@ impl StreamMeter {
     /// the whole events seen so far (edited when stripping).
     pub fn feed(&mut self, chunk: Bytes) -> Bytes {
         if self.said_last() {
-            // Nothing after the last event of a whole answer is sent on
-            // or metered.
+            self.read_after_last(&chunk);
             return Bytes::new();
         }
         self.partial.extend_from_slice(&chunk);
@@ -181,7 +180,8 @@ impl StreamMeter {
             scan_from = 0;
             self.line(&line, &mut out);
             if self.said_last() {
-                self.partial.clear();
+                let rest = std::mem::take(&mut self.partial);
+                self.read_after_last(&rest);
             }
             if self.halted || self.said_last() {
                 self.scanned = 0;
@@ -241,6 +241,27 @@ impl StreamMeter {
         }
     }
 
+    /// Reads what follows the last event of a whole answer: nothing of it
+    /// is sent on or metered, but a usage report, while none came, is
+    /// still taken (some servers send it after `[DONE]`).
+    fn read_after_last(&mut self, bytes: &[u8]) {
+        if self.usage.is_some() {
+            self.partial.clear();
+            return;
+        }
+        self.partial.extend_from_slice(bytes);
+        while let Some(at) = memchr::memchr(b'\n', &self.partial) {
+            let line = self.partial.split_to(at + 1);
+            let probe = data_payload(&line).and_then(|p| serde_json::from_slice::<Probe>(p).ok());
+            if let Some(usage) = probe.and_then(|p| p.usage()) {
+                self.usage = Some(usage);
+            }
+        }
+        if self.partial.len() > MAX_LINE_BYTES {
+            self.partial.clear();
+        }
+    }
+
     /// Keeps the head and the tail of an event too long to hold.
     fn keep_oversized(&mut self, bytes: &[u8]) {
         let room = OVERSIZED_HEAD_BYTES.saturating_sub(self.oversized_head.len());
@@ -271,8 +292,10 @@ impl StreamMeter {
     /// and with its answer.
     fn note_event_kind(&mut self, kind: &str) {
         let answer = matches!(kind, "response.completed" | "response.incomplete");
+        let failure = matches!(kind, "response.failed" | "error");
         self.saw_response_answer |= answer;
-        self.saw_response_end |= answer || matches!(kind, "response.failed" | "error");
+        self.saw_response_end |= answer || failure;
+        self.saw_error |= failure;
     }
 
     /// Meters a whole event and says what becomes of it.
@@ -374,6 +397,9 @@ impl StreamMeter {
     /// ended it.
     pub fn finish(&mut self) -> Bytes {
         let mut out = BytesMut::new();
+        if self.said_last() {
+            self.read_after_last(b"\n");
+        }
         if self.halted || self.said_last() {
             return out.freeze();
         }
@@ -400,6 +426,12 @@ impl StreamMeter {
             }
         }
         out.freeze()
+    }
+
+    /// Whether an in-band error event went by (a completion stream's
+    /// `{"error": ...}`, a Responses stream's failure or error).
+    pub fn saw_error(&self) -> bool {
+        self.saw_error
     }
 
     /// Whether the stream's `data: [DONE]` went by.

@@ -457,3 +457,38 @@ fn the_usage_chunk_the_gateway_adds_precedes_a_done_that_ends_the_body() {
         assert!(usage < out.find("[DONE]").unwrap(), "{out}");
     }
 }
+
+#[test]
+fn a_usage_report_after_done_is_read_while_none_came_before() {
+    let good = stream_events(false).concat();
+    for chunk_size in [1, 7, 4096] {
+        let mut meter = StreamMeter::new(true);
+        let out = run(
+            &mut meter,
+            &format!("{good}data: [DONE]\n\n{USAGE_EVENT}"),
+            chunk_size,
+        );
+        assert_eq!(out, format!("{good}data: [DONE]\n\n"), "{chunk_size}");
+        let usage = meter.reported_usage().expect("read after [DONE]");
+        assert_eq!((usage.prompt_tokens, usage.completion_tokens), (12, 3));
+    }
+}
+
+#[test]
+fn error_events_of_every_shape_keep_a_done_from_ending_a_whole_answer() {
+    let good = stream_events(false).concat();
+    for error in [
+        "data: {\"error\":\"engine dead\"}\n\n",
+        "data: {\"object\":\"error\",\"message\":\"engine dead\",\"code\":500}\n\n",
+        "event: error\ndata: {\"type\":\"error\",\"code\":\"server_error\",\"message\":\"x\"}\n\n",
+        "event: response.failed\ndata: {\"type\":\"response.failed\",\"response\":{\"id\":\"resp_1\",\"object\":\"response\",\"status\":\"failed\"}}\n\n",
+    ] {
+        let mut meter = StreamMeter::new(false);
+        run(&mut meter, &format!("{good}{error}data: [DONE]\n\n"), 4096);
+        assert!(meter.saw_error() && !meter.said_last(), "{error}");
+    }
+    let mut meter = StreamMeter::new(false);
+    let nulls = good.replace("\"choices\"", "\"error\":null,\"choices\"");
+    run(&mut meter, &format!("{nulls}data: [DONE]\n\n"), 4096);
+    assert!(!meter.saw_error() && meter.said_last());
+}

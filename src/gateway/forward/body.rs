@@ -195,10 +195,33 @@ impl Meter {
         }
     }
 
+    /// Whether what the answer used is known from the provider's report.
+    fn usage_reported(&self) -> bool {
+        match self {
+            Meter::Stream(meter) => meter.reported_usage().is_some(),
+            Meter::Translated(translator) => translator.usage().is_some(),
+            _ => true,
+        }
+    }
+
+    /// Whether the stream carried the provider's own error event: a break
+    /// after it needs no second one.
+    fn carried_error(&self) -> bool {
+        match self {
+            Meter::Stream(meter) => meter.saw_error(),
+            Meter::Translated(translator) => translator.finished() && !translator.stopped(),
+            _ => false,
+        }
+    }
+
     /// Whether a completion stream ended before it finished (no
     /// `finish_reason`, no `[DONE]`): cut short, however cleanly.
     fn cut_short(&self) -> bool {
-        matches!(self, Meter::Stream(m) if !m.finished())
+        match self {
+            Meter::Stream(meter) => !meter.finished(),
+            Meter::Translated(translator) => !translator.finished(),
+            _ => false,
+        }
     }
 
     /// The Responses API response the answer carries (its `id`), if any.
@@ -625,7 +648,16 @@ impl Copy<'_> {
                 _ = client.gone(), if drain_until.is_none() => return BodyEnd::ClientGone,
             };
             match read {
-                Ok(Ok(Some(_))) if drain_until.is_some() => {}
+                // After the last event: sent nowhere, read only for a
+                // usage report that has not come yet.
+                Ok(Ok(Some(chunk))) if drain_until.is_some() => {
+                    if !*settled {
+                        meter.feed(chunk);
+                        if meter.usage_reported() {
+                            self.settle(report, settle, meter, settled).await;
+                        }
+                    }
+                }
                 Ok(Ok(Some(chunk))) => {
                     received += chunk.len();
                     let out = redactor.feed(meter.feed_counted(chunk, self.model).await);
@@ -744,7 +776,10 @@ impl Copy<'_> {
     /// is closed and the client sees the truncation. What the provider
     /// sent decides, not the request's `stream`.
     async fn end_broken(&self, client: &mut dyn Client, meter: &Meter, message: &str) {
-        if matches!(meter, Meter::Stream(_) | Meter::Translated(_)) {
+        if meter.carried_error() {
+            // The provider's own error event said it already.
+            client.send_body(Bytes::new(), true).await;
+        } else if matches!(meter, Meter::Stream(_) | Meter::Translated(_)) {
             let event = ApiError::upstream_error(message).sse_event_for(self.endpoint);
             client.send_body(event, true).await;
         } else {
@@ -790,7 +825,11 @@ impl Copy<'_> {
         if !meter.said_last() || meter.halted() {
             return None;
         }
-        self.settle(report, settle, meter, settled).await;
+        // Without the provider's usage yet, settled when it comes or at
+        // the body's end (some servers send it after `[DONE]`).
+        if meter.usage_reported() {
+            self.settle(report, settle, meter, settled).await;
+        }
         Some((Instant::now() + self.idle.min(AFTER_LAST_EVENT)).min(self.deadline))
     }
 
