@@ -398,9 +398,11 @@ impl StreamMeter {
     pub fn finish(&mut self) -> Bytes {
         let mut out = BytesMut::new();
         if self.said_last() {
+            // A usage report may end the body without its line end.
             self.read_after_last(b"\n");
+            return out.freeze();
         }
-        if self.halted || self.said_last() {
+        if self.halted {
             return out.freeze();
         }
         let rest = std::mem::take(&mut self.partial);

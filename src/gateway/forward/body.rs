@@ -808,9 +808,6 @@ impl Copy<'_> {
             .flatten()
     }
 
-    /// The whole answer is in hand: settle the admission and tell the
-    /// breaker, before the client can see the end of the response (so its
-    /// next request finds the slot free and the breaker up to date).
     /// When the last event of a whole answer went by: settles (before its
     /// client has it, so that its next request finds its slot free) and
     /// says until when the rest of the body is read (see
@@ -833,6 +830,9 @@ impl Copy<'_> {
         Some((Instant::now() + self.idle.min(AFTER_LAST_EVENT)).min(self.deadline))
     }
 
+    /// The whole answer is in hand: settle the admission and tell the
+    /// breaker, before the client can see the end of the response (so its
+    /// next request finds the slot free and the breaker up to date).
     async fn settle(
         &self,
         report: &mut Report,
