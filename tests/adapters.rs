@@ -51,14 +51,7 @@ fn azure_chat_uses_deployment_urls_and_the_api_key_header() {
 fn azure_streams_and_embeddings_work_with_accounting() {
     let mock = Mock::start(&["--api-key", PROVIDER_KEY]);
     let gw = Gateway::start(&azure(&mock));
-    let mut events = Vec::new();
-    let status = read_sse(
-        gw.port,
-        TENANT_KEY,
-        &chat("gpt-4o-mini", true),
-        |data, _| events.push(data.to_string()),
-    );
-    assert_eq!(status, 200);
+    let events = sse(&gw, &chat("gpt-4o-mini", true));
     assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
     assert!(
         events.iter().all(|e| !e.contains("\"usage\"")),
@@ -135,10 +128,7 @@ fn anthropic(mock: &Mock) -> GatewayConfig {
 }
 
 fn sse(gw: &Gateway, body: &serde_json::Value) -> Vec<String> {
-    let mut events = Vec::new();
-    let status = read_sse(gw.port, TENANT_KEY, body, |data, _| {
-        events.push(data.to_string())
-    });
+    let (status, events) = sse_events(gw.port, "/v1/chat/completions", TENANT_KEY, body);
     assert_eq!(status, 200);
     events
 }

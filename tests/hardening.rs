@@ -1198,10 +1198,7 @@ fn what_follows_a_streams_last_event_is_neither_sent_nor_billed() {
     // Read to its end: it ends about an idle timeout after `[DONE]`, with
     // nothing after it.
     let started = Instant::now();
-    let mut events = Vec::new();
-    let status = read_sse(gw.port, TENANT_KEY, &chat("dripped", true), |data, _| {
-        events.push(data.to_string())
-    });
+    let (status, events) = sse_events(gw.port, CHAT, TENANT_KEY, &chat("dripped", true));
     let took = started.elapsed();
     assert_eq!(status, 200);
     assert_eq!(
@@ -1296,10 +1293,7 @@ fn a_done_freed_from_a_halted_stream_ends_the_answer() {
     config.extra = "circuit_breaker: { consecutive_failures: 1 }\n".into();
     let gw = Gateway::start(&config);
     let started = Instant::now();
-    let mut events = Vec::new();
-    let status = read_sse(gw.port, TENANT_KEY, &chat("dripped", true), |data, _| {
-        events.push(data.to_string())
-    });
+    let (status, events) = sse_events(gw.port, CHAT, TENANT_KEY, &chat("dripped", true));
     assert_eq!(status, 200);
     assert_eq!(
         events.last().map(String::as_str),
@@ -1354,10 +1348,7 @@ fn a_usage_report_after_done_is_billed_and_an_error_event_is_not_repeated() {
     config.tenants = format!("\n  - id: acme\n    keys: [\"{TENANT_KEY}\"]\n");
     let gw = Gateway::start(&config);
 
-    let mut events = Vec::new();
-    read_sse(gw.port, TENANT_KEY, &chat("sloppy", true), |data, _| {
-        events.push(data.to_string())
-    });
+    let (_, events) = sse_events(gw.port, CHAT, TENANT_KEY, &chat("sloppy", true));
     assert_eq!(
         events.last().map(String::as_str),
         Some("[DONE]"),
@@ -1373,10 +1364,7 @@ fn a_usage_report_after_done_is_billed_and_an_error_event_is_not_repeated() {
         "the provider's report, not an estimate: {usage}"
     );
 
-    let mut events = Vec::new();
-    read_sse(gw.port, TENANT_KEY, &chat("claude", true), |data, _| {
-        events.push(data.to_string())
-    });
+    let (_, events) = sse_events(gw.port, CHAT, TENANT_KEY, &chat("claude", true));
     let errors: Vec<_> = events.iter().filter(|e| e.contains("\"error\"")).collect();
     assert_eq!(errors.len(), 1, "{events:?}");
     assert!(errors[0].contains("Overloaded"), "{events:?}");

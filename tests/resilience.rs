@@ -318,10 +318,7 @@ fn without_resumption_never_retries_once_a_byte_reached_the_client() {
     a.fault(json!({"disconnect_after_chunks": 3, "path": CHAT}));
     let mut body = chat("m", true);
     body["mock_tokens"] = json!(20);
-    let mut events = Vec::new();
-    let status = read_sse(gw.port, TENANT_KEY, &body, |data, _| {
-        events.push(data.to_string())
-    });
+    let (status, events) = sse_events(gw.port, CHAT, TENANT_KEY, &body);
     assert_eq!(status, 200);
     let last: Value = serde_json::from_str(events.last().unwrap()).unwrap();
     assert_eq!(
@@ -358,10 +355,7 @@ fn without_resumption_ends_a_stalled_stream_within_the_idle_timeout() {
     let mut body = chat("m", true);
     body["mock_tokens"] = json!(10);
     let started = Instant::now();
-    let mut events = Vec::new();
-    read_sse(gw.port, TENANT_KEY, &body, |data, _| {
-        events.push(data.to_string())
-    });
+    let (_, events) = sse_events(gw.port, CHAT, TENANT_KEY, &body);
     let took = started.elapsed();
     assert!(took < Duration::from_secs(3), "stream ended after {took:?}");
     assert!(events.last().unwrap().contains("stalled"), "{events:?}");
@@ -389,10 +383,7 @@ fn a_stream_that_stalls_after_its_last_event_is_whole() {
         "circuit_breaker: { consecutive_failures: 1 }\n",
     )));
     a.fault(json!({"linger_ms": 10000, "count": 2}));
-    let mut events = Vec::new();
-    read_sse(gw.port, TENANT_KEY, &chat("m", true), |data, _| {
-        events.push(data.to_string())
-    });
+    let (_, events) = sse_events(gw.port, CHAT, TENANT_KEY, &chat("m", true));
     assert_eq!(
         events.last().map(String::as_str),
         Some("[DONE]"),
@@ -400,11 +391,8 @@ fn a_stream_that_stalls_after_its_last_event_is_whole() {
     );
     assert!(!events.iter().any(|e| e.contains("error")), "{events:?}");
     // A Responses stream's last event is `response.completed`.
-    let mut events = Vec::new();
     let body = json!({"model": "m", "input": "hi", "stream": true});
-    read_sse_at(gw.port, "/v1/responses", TENANT_KEY, &body, |data, _| {
-        events.push(data.to_string())
-    });
+    let (_, events) = sse_events(gw.port, "/v1/responses", TENANT_KEY, &body);
     let last: Value = serde_json::from_str(events.last().unwrap()).unwrap();
     assert_eq!(last["type"], "response.completed", "{events:?}");
     let tried = |m: &Mock| {

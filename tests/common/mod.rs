@@ -682,6 +682,15 @@ pub fn read_sse(port: u16, key: &str, body: &Value, on_data: impl FnMut(&str, Du
     read_sse_at(port, "/v1/chat/completions", key, body, on_data)
 }
 
+/// The `data:` payloads of an SSE response from `path`, and its status.
+pub fn sse_events(port: u16, path: &str, key: &str, body: &Value) -> (u16, Vec<String>) {
+    let mut events = Vec::new();
+    let status = read_sse_at(port, path, key, body, |data, _| {
+        events.push(data.to_string())
+    });
+    (status, events)
+}
+
 /// [`read_sse`] of a stream from `path`.
 pub fn read_sse_at(
     port: u16,
