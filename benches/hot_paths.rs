@@ -1,6 +1,7 @@
 //! Micro-benchmarks of the functions on every request's path: key lookup,
-//! request field extraction, admission (in-process and in Redis), SSE usage
-//! metering, and the Anthropic translation (request, answer, stream).
+//! request field extraction, admission (in-process and in Redis), a JSON
+//! answer's usage, SSE usage metering, and the Anthropic translation
+//! (request, answer, stream).
 //!
 //! `cargo bench --bench hot_paths`; the Redis case runs when `redis-server`
 //! is installed (it starts its own on a free port).
@@ -69,6 +70,27 @@ fn field_extraction(c: &mut Criterion) {
         c.bench_function(&format!("openai/request_fields ({size} B content)"), |b| {
             b.iter(|| RequestFields::parse(black_box(&body)).unwrap().max_tokens)
         });
+    }
+}
+
+/// A chat completion as OpenAI writes it, `content_bytes` of text.
+fn chat_answer(content_bytes: usize) -> Vec<u8> {
+    let content = "word ".repeat(content_bytes / 5);
+    format!(
+        r#"{{"id":"chatcmpl-1","object":"chat.completion","created":1,"model":"gpt-4o-mini-2024-07-18","choices":[{{"index":0,"message":{{"role":"assistant","content":"{content}","refusal":null,"annotations":[]}},"logprobs":null,"finish_reason":"stop"}}],"usage":{{"prompt_tokens":19,"completion_tokens":{},"total_tokens":{},"prompt_tokens_details":{{"cached_tokens":0,"audio_tokens":0}},"completion_tokens_details":{{"reasoning_tokens":0,"audio_tokens":0,"accepted_prediction_tokens":0,"rejected_prediction_tokens":0}}}},"service_tier":"default","system_fingerprint":"fp_1"}}"#,
+        content_bytes / 5,
+        19 + content_bytes / 5
+    )
+    .into_bytes()
+}
+
+fn json_usage(c: &mut Criterion) {
+    for size in [100, 4_000] {
+        let answer = chat_answer(size);
+        c.bench_function(
+            &format!("cost/usage of a JSON answer ({size} B content)"),
+            |b| b.iter(|| runestone::cost::reported_usage_in_json(black_box(&answer))),
+        );
     }
 }
 
@@ -234,6 +256,7 @@ criterion_group!(
     benches,
     key_lookup,
     field_extraction,
+    json_usage,
     sse_metering,
     translation,
     admission_in_process,

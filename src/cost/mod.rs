@@ -399,17 +399,96 @@ pub fn reported_usage_in_tail(tail: &[u8]) -> Option<Usage> {
     usage_member_in_tail(tail).and_then(reported_usage)
 }
 
-/// The usage a complete JSON response body reports, if any (everything
-/// else in the body is skipped unread).
+/// The usage a complete JSON response body reports, if any. Read from the
+/// body's end when the one `"usage"` in it is a member of the top-level
+/// object there (providers put it last); otherwise the whole body is gone
+/// through, everything but `usage` skipped unread.
 pub fn reported_usage_in_json(body: &[u8]) -> Option<Usage> {
+    let member = top_level_usage_at_end(body).unwrap_or_else(|| usage_member_parsed(body));
+    reported_usage(member?)
+}
+
+/// The `usage` member of a whole JSON body, by parsing all of it.
+fn usage_member_parsed(body: &[u8]) -> Option<&RawValue> {
     #[derive(Deserialize)]
     struct UsageOnly<'a> {
         #[serde(borrow, default)]
         usage: Option<&'a RawValue>,
     }
-    serde_json::from_slice::<UsageOnly>(body)
-        .ok()
-        .and_then(|o| reported_usage(o.usage?))
+    serde_json::from_slice::<UsageOnly>(body).ok()?.usage
+}
+
+/// The top-level `usage` member of a JSON object, found from the end of
+/// `body` without reading what comes before it: `Some(None)` for
+/// `"usage": null`, `None` when it cannot be told this way.
+///
+/// Outside strings only: inside a JSON string a `"` is escaped, so the
+/// bytes `"usage"` (a quote right after the `e`) cannot occur there, and
+/// in valid JSON an unescaped quote before `usage` opens the key. The key
+/// must be the only `"usage"` in the body (an earlier one is a nested or
+/// a repeated key: a whole parse decides), with no `\u` escape before it
+/// (a key written `"\u0075sage"` is `usage` too), and after its value only the
+/// object's other members, its `}` and whitespace may follow: the object
+/// that closes at the body's end is the top-level one. For every valid
+/// body the answer is the whole parse's (a unit property test holds it to
+/// that); a body that is not valid JSON is read by its end.
+fn top_level_usage_at_end(body: &[u8]) -> Option<Option<&RawValue>> {
+    use memchr::memmem::{Finder, FinderRev};
+    use std::sync::LazyLock;
+    const KEY: &[u8] = b"\"usage\"";
+    // Built once: a searcher's set-up costs more than a short body's search.
+    static LAST_KEY: LazyLock<FinderRev<'static>> = LazyLock::new(|| FinderRev::new(KEY));
+    static FIRST_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(KEY));
+    static ESCAPE: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\\u"));
+    let at = LAST_KEY.rfind(body)?;
+    let before = &body[..at];
+    if before.last() == Some(&b'\\')
+        || FIRST_KEY.find(before).is_some()
+        || ESCAPE.find(before).is_some()
+    {
+        return None;
+    }
+    let mut rest = json_ws(&body[at + KEY.len()..]).strip_prefix(b":")?;
+    let usage = next_json_value(&mut rest)?;
+    loop {
+        rest = json_ws(rest);
+        match rest.split_first()? {
+            (b'}', after) => {
+                return json_ws(after)
+                    .is_empty()
+                    .then(|| (usage.get() != "null").then_some(usage))
+            }
+            (b',', members) => {
+                rest = json_ws(members);
+                // A key written with escapes might be another `usage`.
+                let key = next_json_value(&mut rest)?.get();
+                if !key.starts_with('"') || key.contains('\\') {
+                    return None;
+                }
+                rest = json_ws(rest).strip_prefix(b":")?;
+                next_json_value(&mut rest)?;
+            }
+            _ => return None,
+        }
+    }
+}
+
+/// `bytes` past JSON's whitespace.
+fn json_ws(bytes: &[u8]) -> &[u8] {
+    let start = bytes
+        .iter()
+        .position(|b| !matches!(b, b' ' | b'\n' | b'\r' | b'\t'))
+        .unwrap_or(bytes.len());
+    &bytes[start..]
+}
+
+/// The JSON value at the start of `bytes` (after whitespace), advancing
+/// `bytes` past it.
+fn next_json_value<'a>(bytes: &mut &'a [u8]) -> Option<&'a RawValue> {
+    let mut values = serde_json::Deserializer::from_slice(bytes).into_iter::<&RawValue>();
+    let value = values.next()?.ok()?;
+    *bytes = &bytes[values.byte_offset()..];
+    Some(value)
 }
 
 /// Usage from a complete JSON response body; estimated from the generated

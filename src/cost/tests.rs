@@ -492,3 +492,92 @@ fn error_events_of_every_shape_keep_a_done_from_ending_a_whole_answer() {
     run(&mut meter, &format!("{nulls}data: [DONE]\n\n"), 4096);
     assert!(!meter.saw_error() && meter.said_last());
 }
+
+#[test]
+fn reads_a_top_level_usage_from_the_end_and_leaves_the_rest_to_a_whole_parse() {
+    fn at_end(body: &str) -> Option<Option<&str>> {
+        top_level_usage_at_end(body.as_bytes()).map(|m| m.map(RawValue::get))
+    }
+    let usage = r#"{"prompt_tokens":7,"completion_tokens":2}"#;
+    // Decided from the end: last, or followed by other members.
+    assert_eq!(
+        at_end(&format!(r#"{{"id":"x","usage":{usage}}}"#)),
+        Some(Some(usage))
+    );
+    assert_eq!(
+        at_end(&format!(
+            "{{\"choices\":[{{\"message\":{{\"content\":\"say \\\"usage\\\": 1\"}}}}],\n  \"usage\" : {usage} ,\"system_fingerprint\":\"fp\", \"n\":[1,{{}}]}}\n"
+        )),
+        Some(Some(usage))
+    );
+    assert_eq!(at_end(r#"{"usage":null,"id":"x"}"#), Some(None));
+    // Left to the whole parse: nested, repeated, escaped before, followed
+    // by a key written with escapes, a value, not at the top level.
+    for body in [
+        format!(r#"{{"usage":{usage},"usage":{usage}}}"#),
+        format!(r#"{{"choices":[{{"usage":{usage}}}]}}"#),
+        format!(r#"{{"a":{{"usage":{usage}}},"b":1}}"#),
+        format!(r#"[{{"usage":{usage}}}]"#),
+        format!(r#"{{"x":"\"usage":{usage}}}"#),
+        format!(r#"{{"usage":{usage},"\u0075sage":null}}"#),
+        r#"{"object":"usage"}"#.to_string(),
+        r#"{"id":"x"}"#.to_string(),
+        format!(r#"{{"usage":{usage}}} {{"#),
+    ] {
+        assert_eq!(at_end(&body), None, "{body}");
+    }
+}
+
+/// A JSON object as written out, members in order (repeats allowed), with
+/// `usage` keys at any depth, `usage` inside strings and as a value, and
+/// whitespace between tokens.
+fn arbitrary_object() -> impl proptest::strategy::Strategy<Value = String> {
+    use proptest::prelude::*;
+    let ws = prop::sample::select(vec!["", " ", "\n  ", "\t"]);
+    let leaf = prop_oneof![
+        Just("null".to_string()),
+        any::<i32>().prop_map(|n| n.to_string()),
+        prop::sample::select(vec!["usage", "say \"usage\": {}", "\\\"usage\\\"", "", "}"])
+            .prop_map(|s| serde_json::to_string(s).unwrap()),
+        Just(r#"{"prompt_tokens":3,"completion_tokens":4}"#.to_string()),
+    ];
+    let value = leaf.prop_recursive(3, 24, 4, move |inner| {
+        let ws = prop::sample::select(vec!["", " ", "\n"]);
+        let key = prop::sample::select(vec!["usage", "id", "choices", "\\u0075sage", "x"]);
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..4)
+                .prop_map(|items| format!("[{}]", items.join(","))),
+            prop::collection::vec((key, ws, inner), 0..4).prop_map(|members| {
+                let members: Vec<String> = members
+                    .into_iter()
+                    .map(|(k, w, v)| format!("{w}\"{k}\"{w}:{w}{v}"))
+                    .collect();
+                format!("{{{}}}", members.join(","))
+            }),
+        ]
+    });
+    let key = prop::sample::select(vec!["usage", "usage", "id", "choices", "\\u0075sage", "x"]);
+    (prop::collection::vec((key, ws.clone(), value), 0..6), ws).prop_map(|(members, w)| {
+        let members: Vec<String> = members
+            .into_iter()
+            .map(|(k, w, v)| format!("{w}\"{k}\"{w}:{w}{v}"))
+            .collect();
+        format!("{w}{{{}}}{w}", members.join(","))
+    })
+}
+
+proptest::proptest! {
+    /// Whenever the usage is read from the end, it is what parsing the
+    /// whole body finds.
+    #[test]
+    fn usage_read_from_the_end_is_what_a_whole_parse_finds(body in arbitrary_object()) {
+        proptest::prop_assume!(serde_json::from_str::<serde::de::IgnoredAny>(&body).is_ok());
+        if let Some(member) = top_level_usage_at_end(body.as_bytes()) {
+            proptest::prop_assert_eq!(
+                member.map(|m| m.get()),
+                usage_member_parsed(body.as_bytes()).map(|m| m.get()),
+                "{}", body
+            );
+        }
+    }
+}
