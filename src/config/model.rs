@@ -82,6 +82,8 @@ pub struct BaseUrl {
     pub path: String,
     /// The `Host` header value: `host` or `host:port` when not the default.
     pub authority: String,
+    /// `authority` as a header value, made once.
+    pub host_header: http::HeaderValue,
 }
 
 impl BaseUrl {
@@ -118,12 +120,15 @@ impl BaseUrl {
             (Some(p), _) => format!("{host}:{p}"),
             (None, _) => host.clone(),
         };
+        let host_header = http::HeaderValue::from_str(&authority)
+            .map_err(|_| format!("'{raw}' has a host that cannot be sent in a Host header"))?;
         Ok(BaseUrl {
             tls,
             host,
             port,
             path: url.path().trim_end_matches('/').to_string(),
             authority,
+            host_header,
         })
     }
 }
@@ -139,6 +144,9 @@ pub struct ProviderSettings {
     pub base_url: BaseUrl,
     /// The gateway's key for it, if it needs one.
     pub api_key: Option<Secret>,
+    /// The header that carries `api_key` as its API wants it (marked
+    /// sensitive: never logged by the HTTP stack), made once at load.
+    pub credential: Option<(http::HeaderName, http::HeaderValue)>,
     /// Relative share for weighted routing.
     pub weight: u32,
     /// Azure's `api-version` query parameter.

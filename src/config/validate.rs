@@ -227,12 +227,17 @@ pub(super) fn validate_providers(
             problems,
         );
         if let (Some(kind), Some(base_url)) = (kind, base_url) {
+            // Printable ASCII (checked above) is a valid header value.
+            let credential = api_key
+                .as_ref()
+                .and_then(|key| crate::providers::credential(kind, key.expose()).ok());
             index.insert(raw.name.clone(), providers.len());
             providers.push(ProviderSettings {
                 name: raw.name,
                 kind,
                 base_url,
                 api_key,
+                credential,
                 weight,
                 api_version: raw.api_version,
                 health_check,

@@ -123,10 +123,8 @@ pub(super) fn health_check(
     let path = format!("{}{}", url.path, hc.path);
     let mut req = RequestHeader::build("GET", path.as_bytes(), None).expect("a GET header builds");
     let _ = req.insert_header("host", &url.authority);
-    if let Some(key) = &settings.api_key {
-        if let Ok((name, value)) = crate::providers::credential(settings.kind, key.expose()) {
-            let _ = req.insert_header(name, value);
-        }
+    if let Some((name, value)) = &settings.credential {
+        let _ = req.insert_header(name.clone(), value.clone());
     }
     for (name, value) in crate::providers::adapter(settings.kind).fixed_headers() {
         let _ = req.insert_header(*name, *value);

@@ -6,7 +6,7 @@
 use super::Exchange;
 use crate::config::ProviderSettings;
 use crate::gateway::admission::{rate_limit_header_count, rate_limit_values};
-use crate::providers::{adapter, credential};
+use crate::providers::adapter;
 use crate::redact::Redactor;
 use bytes::BytesMut;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -86,10 +86,7 @@ pub(super) fn upstream_request(
     parts.uri = http::Uri::try_from(path)?;
     let headers = &mut parts.headers;
     headers.reserve(12);
-    headers.insert(
-        header::HOST,
-        HeaderValue::from_str(&provider.base_url.authority)?,
-    );
+    headers.insert(header::HOST, provider.base_url.host_header.clone());
     if body_len > 0 || call.method == http::Method::POST {
         headers.insert(header::CONTENT_TYPE, call.content_type.clone());
     }
@@ -101,9 +98,8 @@ pub(super) fn upstream_request(
     );
     let upstream_id = crate::ids::upstream_request_id(exchange.request_id);
     headers.insert(X_REQUEST_ID, HeaderValue::from_str(&upstream_id)?);
-    if let Some(key) = &provider.api_key {
-        let (name, value) = credential(provider.kind, key.expose())?;
-        headers.insert(name, value);
+    if let Some((name, value)) = &provider.credential {
+        headers.insert(name.clone(), value.clone());
     }
     for (name, value) in kind.fixed_headers() {
         headers.insert(*name, HeaderValue::from_static(value));
