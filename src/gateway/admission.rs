@@ -271,13 +271,26 @@ pub(super) enum RateLimitValue {
     Reset(u64),
 }
 
-impl std::fmt::Display for RateLimitValue {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match *self {
-            RateLimitValue::Count(n) => write!(f, "{n}"),
-            RateLimitValue::Reset(ms) => write_reset(f, ms),
+impl RateLimitValue {
+    /// Writes the value as its header carries it.
+    pub(super) fn write_to(self, out: &mut impl std::fmt::Write) -> std::fmt::Result {
+        match self {
+            RateLimitValue::Count(n) => write_number(out, n),
+            RateLimitValue::Reset(ms) => write_reset(out, ms),
         }
     }
+}
+
+impl std::fmt::Display for RateLimitValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.write_to(f)
+    }
+}
+
+/// An integer's digits, without `format_args!` (whose machinery costs
+/// more than the digits on a request's path).
+pub(super) fn write_number(out: &mut impl std::fmt::Write, n: u64) -> std::fmt::Result {
+    out.write_str(itoa::Buffer::new().format(n))
 }
 
 /// OpenAI's `x-ratelimit-*` headers for the tenant's own limits, by name.
@@ -302,20 +315,28 @@ pub(super) fn rate_limit_values(
 /// headers together.
 fn write_reset(out: &mut impl std::fmt::Write, ms: u64) -> std::fmt::Result {
     if ms < 1000 {
-        return write!(out, "{ms}ms");
+        write_number(out, ms)?;
+        return out.write_str("ms");
     }
     let (minutes, rest) = (ms / 60_000, ms % 60_000);
     if minutes > 0 {
-        write!(out, "{minutes}m")?;
+        write_number(out, minutes)?;
+        out.write_char('m')?;
     }
-    write!(out, "{}", rest / 1000)?;
+    write_number(out, rest / 1000)?;
     let (mut millis, mut digits) = (rest % 1000, 3);
     if millis > 0 {
         while millis % 10 == 0 {
             millis /= 10;
             digits -= 1;
         }
-        write!(out, ".{millis:0digits$}")?;
+        let mut buffer = itoa::Buffer::new();
+        let written = buffer.format(millis);
+        out.write_char('.')?;
+        for _ in written.len()..digits {
+            out.write_char('0')?;
+        }
+        out.write_str(written)?;
     }
     out.write_char('s')
 }
@@ -335,5 +356,7 @@ mod tests {
         assert_eq!(format_reset(61_500), "1m1.5s");
         assert_eq!(format_reset(1_005), "1.005s");
         assert_eq!(format_reset(59_990), "59.99s");
+        assert_eq!(format_reset(120_001), "2m0.001s");
+        assert_eq!(format_reset(u64::MAX), "307445734561825m51.615s");
     }
 }

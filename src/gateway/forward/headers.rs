@@ -5,13 +5,12 @@
 
 use super::Exchange;
 use crate::config::ProviderSettings;
-use crate::gateway::admission::{rate_limit_header_count, rate_limit_values};
+use crate::gateway::admission::{rate_limit_header_count, rate_limit_values, write_number};
 use crate::providers::adapter;
 use crate::redact::Redactor;
 use bytes::BytesMut;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use pingora::http::{RequestHeader, ResponseHeader};
-use std::fmt::Write;
 
 /// An error building a header from parts that should always be valid.
 pub(super) type HeaderError = Box<dyn std::error::Error + Send + Sync>;
@@ -206,24 +205,22 @@ pub(super) fn gateway_headers(
     // Every value is written into one buffer and split off it: one
     // allocation for them all instead of one each.
     let mut text = BytesMut::with_capacity(256);
-    let mut value = |args: std::fmt::Arguments<'_>| {
-        let _ = text.write_fmt(args);
-        HeaderValue::from_maybe_shared(text.split().freeze())
-    };
+    let value = |text: &mut BytesMut| HeaderValue::from_maybe_shared(text.split().freeze());
     for (name, number) in rate_limit_values(&exchange.rate_limits) {
-        headers.insert(name, value(format_args!("{number}"))?);
+        let _ = number.write_to(&mut text);
+        headers.insert(name, value(&mut text)?);
     }
-    headers.insert(
-        X_REQUEST_ID,
-        value(format_args!("{}", exchange.request_id))?,
-    );
+    text.extend_from_slice(exchange.request_id.as_bytes());
+    headers.insert(X_REQUEST_ID, value(&mut text)?);
+    text.extend_from_slice(provider.as_bytes());
     headers.insert(
         HeaderName::from_static("x-runestone-provider"),
-        value(format_args!("{provider}"))?,
+        value(&mut text)?,
     );
+    let _ = write_number(&mut text, attempts.into());
     headers.insert(
         HeaderName::from_static("x-runestone-attempts"),
-        value(format_args!("{attempts}"))?,
+        value(&mut text)?,
     );
     Ok(())
 }
