@@ -431,7 +431,9 @@ fn usage_member_parsed(body: &[u8]) -> Option<&RawValue> {
 /// object's other members, its `}` and whitespace may follow: the object
 /// that closes at the body's end is the top-level one. For every valid
 /// body the answer is the whole parse's (a unit property test holds it to
-/// that); a body that is not valid JSON is read by its end.
+/// that). A body that does not begin as an object (a byte-order mark,
+/// junk, a missing start) is left to the whole parse; one malformed
+/// between its start and its `usage` is billed by the usage it reports.
 fn top_level_usage_at_end(body: &[u8]) -> Option<Option<&RawValue>> {
     use memchr::memmem::{Finder, FinderRev};
     use std::sync::LazyLock;
@@ -440,6 +442,9 @@ fn top_level_usage_at_end(body: &[u8]) -> Option<Option<&RawValue>> {
     static LAST_KEY: LazyLock<FinderRev<'static>> = LazyLock::new(|| FinderRev::new(KEY));
     static FIRST_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(KEY));
     static ESCAPE: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\\u"));
+    if json_ws(body).first() != Some(&b'{') {
+        return None;
+    }
     let at = LAST_KEY.rfind(body)?;
     let before = &body[..at];
     if before.last() == Some(&b'\\')

@@ -511,6 +511,11 @@ fn reads_a_top_level_usage_from_the_end_and_leaves_the_rest_to_a_whole_parse() {
         Some(Some(usage))
     );
     assert_eq!(at_end(r#"{"usage":null,"id":"x"}"#), Some(None));
+    // An object malformed before its usage is billed by what it reports.
+    assert_eq!(
+        at_end(&format!("{{\"a\":\"x\ny\",\"usage\":{usage}}}")),
+        Some(Some(usage))
+    );
     // Left to the whole parse: nested, repeated, escaped before, followed
     // by a key written with escapes, a value, not at the top level.
     for body in [
@@ -523,6 +528,10 @@ fn reads_a_top_level_usage_from_the_end_and_leaves_the_rest_to_a_whole_parse() {
         r#"{"object":"usage"}"#.to_string(),
         r#"{"id":"x"}"#.to_string(),
         format!(r#"{{"usage":{usage}}} {{"#),
+        format!("\u{feff}{{\"usage\":{usage}}}"),
+        format!(r#"xx{{"usage":{usage}}}"#),
+        format!(r#"ices":[1]}},"usage":{usage}}}"#),
+        format!(r#""usage":{usage}}}"#),
     ] {
         assert_eq!(at_end(&body), None, "{body}");
     }
