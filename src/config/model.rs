@@ -114,6 +114,11 @@ impl BaseUrl {
         let port = url
             .port_or_known_default()
             .expect("http and https have default ports");
+        if port == 0 {
+            return Err(format!(
+                "'{raw}' has port 0, which nothing can be reached on"
+            ));
+        }
         let authority = match (url.port(), url.host()) {
             (Some(p), Some(url::Host::Ipv6(ip))) => format!("[{ip}]:{p}"),
             (None, Some(url::Host::Ipv6(ip))) => format!("[{ip}]"),

@@ -254,6 +254,9 @@ fn parses_base_urls() {
     );
     assert!(BaseUrl::parse("https://user:pw@x.com/v1").is_err());
     assert!(BaseUrl::parse("https://x.com/v1?a=b").is_err());
+    assert!(BaseUrl::parse("http://x.com:0/v1")
+        .unwrap_err()
+        .contains("port 0"));
 }
 
 #[test]
