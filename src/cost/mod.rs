@@ -18,8 +18,10 @@
 //! for the prompt (no tokenizer on the hot path).
 
 use crate::config::Price;
+use memchr::memmem::{Finder, FinderRev};
 use serde::Deserialize;
 use serde_json::value::RawValue;
+use std::sync::LazyLock;
 
 /// Upper bound on any one usage number a provider reports; larger (absurd)
 /// numbers are treated as missing so they cannot corrupt accounting.
@@ -374,18 +376,16 @@ pub const JSON_TAIL_BYTES: usize = 64 * 1024;
 /// The `usage` member found in the end of a JSON body too large to parse
 /// whole: the last `"usage":` followed by a whole JSON object.
 pub(crate) fn usage_member_in_tail(tail: &[u8]) -> Option<&RawValue> {
-    let finder = memchr::memmem::FinderRev::new(b"\"usage\"");
     let mut end = tail.len();
     // A few tries: an occurrence may be inside a string.
     for _ in 0..8 {
-        let at = finder.rfind(&tail[..end])?;
+        let at = LAST_USAGE_KEY.rfind(&tail[..end])?;
         end = at;
-        let rest = tail[at + b"\"usage\"".len()..].trim_ascii_start();
-        let Some(value) = rest.strip_prefix(b":") else {
+        let rest = tail[at + USAGE_KEY.len()..].trim_ascii_start();
+        let Some(mut value) = rest.strip_prefix(b":") else {
             continue;
         };
-        let mut values = serde_json::Deserializer::from_slice(value).into_iter::<&RawValue>();
-        if let Some(Ok(raw)) = values.next() {
+        if let Some(raw) = next_json_value(&mut value) {
             if raw.get().starts_with('{') {
                 return Some(raw);
             }
@@ -393,6 +393,13 @@ pub(crate) fn usage_member_in_tail(tail: &[u8]) -> Option<&RawValue> {
     }
     None
 }
+
+/// A `usage` key as providers write it.
+const USAGE_KEY: &[u8] = b"\"usage\"";
+// Searchers built once: their set-up costs more than a short body's search.
+static LAST_USAGE_KEY: LazyLock<FinderRev<'static>> = LazyLock::new(|| FinderRev::new(USAGE_KEY));
+static FIRST_USAGE_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(USAGE_KEY));
+static UNICODE_ESCAPE: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\\u"));
 
 /// The usage reported in the end of a JSON body too large to parse whole.
 pub fn reported_usage_in_tail(tail: &[u8]) -> Option<Usage> {
@@ -435,25 +442,18 @@ fn usage_member_parsed(body: &[u8]) -> Option<&RawValue> {
 /// junk, a missing start) is left to the whole parse; one malformed
 /// between its start and its `usage` is billed by the usage it reports.
 fn top_level_usage_at_end(body: &[u8]) -> Option<Option<&RawValue>> {
-    use memchr::memmem::{Finder, FinderRev};
-    use std::sync::LazyLock;
-    const KEY: &[u8] = b"\"usage\"";
-    // Built once: a searcher's set-up costs more than a short body's search.
-    static LAST_KEY: LazyLock<FinderRev<'static>> = LazyLock::new(|| FinderRev::new(KEY));
-    static FIRST_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(KEY));
-    static ESCAPE: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\\u"));
     if json_ws(body).first() != Some(&b'{') {
         return None;
     }
-    let at = LAST_KEY.rfind(body)?;
+    let at = LAST_USAGE_KEY.rfind(body)?;
     let before = &body[..at];
     if before.last() == Some(&b'\\')
-        || FIRST_KEY.find(before).is_some()
-        || ESCAPE.find(before).is_some()
+        || FIRST_USAGE_KEY.find(before).is_some()
+        || UNICODE_ESCAPE.find(before).is_some()
     {
         return None;
     }
-    let mut rest = json_ws(&body[at + KEY.len()..]).strip_prefix(b":")?;
+    let mut rest = json_ws(&body[at + USAGE_KEY.len()..]).strip_prefix(b":")?;
     let usage = next_json_value(&mut rest)?;
     loop {
         rest = json_ws(rest);
