@@ -1,7 +1,7 @@
 //! Micro-benchmarks of the functions on every request's path: key lookup,
 //! request field extraction, admission (in-process and in Redis), a JSON
-//! answer's usage, SSE usage metering, and the Anthropic translation
-//! (request, answer, stream).
+//! answer's usage, a cache hit (key and replay), SSE usage metering, and
+//! the Anthropic translation (request, answer, stream).
 //!
 //! `cargo bench --bench hot_paths`; the Redis case runs when `redis-server`
 //! is installed (it starts its own on a free port).
@@ -90,6 +90,35 @@ fn json_usage(c: &mut Criterion) {
         c.bench_function(
             &format!("cost/usage of a JSON answer ({size} B content)"),
             |b| b.iter(|| runestone::cost::reported_usage_in_json(black_box(&answer))),
+        );
+    }
+}
+
+/// A cache hit's work besides I/O: the request's key, and the stored
+/// entry read and written out as the JSON answer (fresh id and created).
+fn cache_hit(c: &mut Criterion) {
+    let body = chat_body(100);
+    c.bench_function("cache/key of a chat request (100 B content)", |b| {
+        b.iter(|| runestone::cache::key::key("t0", "m", "chat", black_box(&body)))
+    });
+    for size in [100, 4_000] {
+        let answer: serde_json::Value = serde_json::from_slice(&chat_answer(size)).unwrap();
+        let entry = runestone::cache::Entry {
+            stored_at_ms: 0,
+            cost_pusd: 1,
+            streamable: true,
+            answer: serde_json::value::to_raw_value(&answer).unwrap(),
+        };
+        let stored = serde_json::to_vec(&entry).unwrap();
+        c.bench_function(
+            &format!("cache/hit replayed as JSON ({size} B content)"),
+            |b| {
+                b.iter(|| {
+                    let entry: runestone::cache::Entry =
+                        serde_json::from_slice(black_box(&stored)).unwrap();
+                    runestone::cache::replay::render_json(&entry.answer, 1)
+                })
+            },
         );
     }
 }
@@ -257,6 +286,7 @@ criterion_group!(
     key_lookup,
     field_extraction,
     json_usage,
+    cache_hit,
     sse_metering,
     translation,
     admission_in_process,

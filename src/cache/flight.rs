@@ -332,7 +332,7 @@ mod tests {
             stored_at_ms: 0,
             cost_pusd: 5,
             streamable: true,
-            answer: Default::default(),
+            answer: serde_json::value::to_raw_value(&serde_json::json!({})).unwrap(),
         };
         leader.land(Landed::Answer(Arc::new(entry)));
         assert!(matches!(waiter.await.unwrap(), Landed::Answer(e) if e.cost_pusd == 5));

@@ -21,7 +21,7 @@ pub use key::Key;
 use crate::config::CacheSettings;
 use crate::redis_conn::RedisConnection;
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use serde_json::value::RawValue;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -36,8 +36,11 @@ pub struct Entry {
     /// answer with fields a stream's chunks cannot carry cannot).
     #[serde(default)]
     pub streamable: bool,
-    /// The JSON answer.
-    pub answer: Map<String, Value>,
+    /// The JSON answer (an object), as written from its parsed form:
+    /// compact, members in order. Kept unparsed: a JSON hit copies it with
+    /// a fresh id ([`replay::render_json`]) and only a stream replay
+    /// parses it.
+    pub answer: Box<RawValue>,
 }
 
 /// Seconds since the Unix epoch.
@@ -212,13 +215,12 @@ mod tests {
     use super::*;
 
     fn entry(size: usize) -> Entry {
-        let mut answer = Map::new();
-        answer.insert("text".into(), Value::String("x".repeat(size)));
+        let answer = serde_json::json!({ "text": "x".repeat(size) });
         Entry {
             stored_at_ms: now_ms(),
             cost_pusd: 1,
             streamable: false,
-            answer,
+            answer: serde_json::value::to_raw_value(&answer).unwrap(),
         }
     }
 

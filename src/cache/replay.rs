@@ -8,7 +8,9 @@
 use crate::cost::Usage;
 use crate::openai::Endpoint;
 use bytes::Bytes;
+use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
+use std::collections::BTreeMap;
 
 /// A JSON answer as a client got it: kept when it is the endpoint's
 /// answer (a `chat.completion` or `text_completion` with choices, an
@@ -311,15 +313,20 @@ pub fn from_stream(
     Some(answer)
 }
 
+/// A fresh id of the kind of `id` (its prefix up to the first `-`).
+fn fresh_id(id: &str) -> String {
+    let prefix = match id.split_once('-') {
+        Some((prefix, _)) if prefix.len() <= 16 => format!("{prefix}-"),
+        _ => "cached-".to_string(),
+    };
+    crate::ids::random_id(&prefix)
+}
+
 /// A fresh `id` of the answer's kind, and `created` now.
 fn refreshed(answer: &Map<String, Value>, now_secs: u64) -> Map<String, Value> {
     let mut answer = answer.clone();
     if let Some(Value::String(id)) = answer.get("id") {
-        let prefix = match id.split_once('-') {
-            Some((prefix, _)) if prefix.len() <= 16 => format!("{prefix}-"),
-            _ => "cached-".to_string(),
-        };
-        answer.insert("id".into(), Value::String(crate::ids::random_id(&prefix)));
+        answer.insert("id".into(), Value::String(fresh_id(id)));
     }
     if answer.contains_key("created") {
         answer.insert("created".into(), Value::from(now_secs));
@@ -327,9 +334,35 @@ fn refreshed(answer: &Map<String, Value>, now_secs: u64) -> Map<String, Value> {
     answer
 }
 
-/// The stored answer as a JSON body.
-pub fn render_json(answer: &Map<String, Value>, now_secs: u64) -> Bytes {
-    Bytes::from(serde_json::to_vec(&refreshed(answer, now_secs)).expect("JSON serialises"))
+/// The stored answer (a JSON object, as [`crate::cache::Entry`] keeps it)
+/// as a JSON body with a fresh `id` and `created`: the same bytes as the
+/// answer parsed and written again, but only its top level is read and
+/// every other member is copied as stored. `None` when it is not an
+/// object.
+pub fn render_json(answer: &RawValue, now_secs: u64) -> Option<Bytes> {
+    // Sorted and deduplicated as `Map` would be.
+    let members: BTreeMap<String, &RawValue> = serde_json::from_str(answer.get()).ok()?;
+    let mut out = Vec::with_capacity(answer.get().len() + 16);
+    out.push(b'{');
+    for (i, (name, value)) in members.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        serde_json::to_writer(&mut out, name).ok()?;
+        out.push(b':');
+        let id = (name == "id")
+            .then(|| serde_json::from_str::<String>(value.get()).ok())
+            .flatten();
+        match (name.as_str(), id) {
+            (_, Some(id)) => serde_json::to_writer(&mut out, &fresh_id(&id)).ok()?,
+            ("created", None) => {
+                out.extend_from_slice(itoa::Buffer::new().format(now_secs).as_bytes())
+            }
+            _ => out.extend_from_slice(value.get().as_bytes()),
+        }
+    }
+    out.push(b'}');
+    Some(Bytes::from(out))
 }
 
 /// The stored answer as an SSE stream: a chunk per choice with its whole
@@ -461,7 +494,8 @@ mod tests {
         assert_eq!(again["created"], 99);
         assert_ne!(again["id"], answer["id"], "a fresh id");
         assert!(again["id"].as_str().unwrap().starts_with("chatcmpl-"));
-        let json: Value = serde_json::from_slice(&render_json(&answer, 99)).unwrap();
+        let raw = serde_json::value::to_raw_value(&answer).unwrap();
+        let json: Value = serde_json::from_slice(&render_json(&raw, 99).unwrap()).unwrap();
         assert_eq!(json["choices"], answer["choices"]);
         assert_ne!(json["id"], answer["id"]);
     }
@@ -591,5 +625,96 @@ mod tests {
         assert_eq!(again["choices"][0]["text"], "abc");
         assert_eq!(again["choices"][0]["finish_reason"], "length");
         assert!(again["id"].as_str().unwrap().starts_with("cmpl-"));
+    }
+
+    /// The bytes rendering the tree gives (`refreshed`, written again),
+    /// with the id `render_json` chose, for `stored` as an entry keeps it.
+    fn rendered_from_the_tree(stored: &Map<String, Value>, fresh: &Map<String, Value>) -> Vec<u8> {
+        let mut expected = refreshed(stored, 99);
+        if let Some(id) = fresh
+            .get("id")
+            .filter(|_| stored.get("id").is_some_and(Value::is_string))
+        {
+            expected.insert("id".into(), id.clone());
+        }
+        serde_json::to_vec(&expected).unwrap()
+    }
+
+    #[test]
+    fn a_json_replay_reads_only_the_top_level_and_writes_what_the_tree_would() {
+        for stored in [
+            r#"{"id":"chatcmpl-abc","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"caf\u00e9 \"q\" \n"}}],"usage":{"prompt_tokens":1}}"#,
+            r#"{"id":7,"created":"x","z\"k":1.5e300,"\u00e9":[],"a":-0.0}"#,
+            r#"{"id":"no_dash_here","data":[{"embedding":[0.1,-2e-5]}]}"#,
+            r#"{}"#,
+        ] {
+            let map: Map<String, Value> = serde_json::from_str(stored).unwrap();
+            // An entry keeps the answer as the tree wrote it.
+            let raw = serde_json::value::to_raw_value(&map).unwrap();
+            let out = render_json(&raw, 99).unwrap();
+            let fresh: Map<String, Value> = serde_json::from_slice(&out).unwrap();
+            assert_eq!(out, rendered_from_the_tree(&map, &fresh), "{stored}");
+            if let Some(Value::String(id)) = map.get("id") {
+                assert_ne!(fresh["id"], map["id"], "a fresh id");
+                let kind = id
+                    .split_once('-')
+                    .map_or("cached-", |(p, _)| &id[..=p.len()]);
+                assert!(fresh["id"].as_str().unwrap().starts_with(kind), "{stored}");
+            }
+        }
+        for not_an_object in ["[1]", "\"s\"", "3", "null"] {
+            let raw = RawValue::from_string(not_an_object.into()).unwrap();
+            assert!(render_json(&raw, 99).is_none(), "{not_an_object}");
+        }
+    }
+
+    proptest::proptest! {
+        /// Any stored object replays as the same bytes the tree gives.
+        #[test]
+        fn any_stored_answer_replays_as_the_tree_would(map in arbitrary_answer()) {
+            let raw = serde_json::value::to_raw_value(&map).unwrap();
+            let out = render_json(&raw, 99).unwrap();
+            let fresh: Map<String, Value> = serde_json::from_slice(&out).unwrap();
+            proptest::prop_assert_eq!(out, rendered_from_the_tree(&map, &fresh));
+        }
+    }
+
+    /// A JSON object with the members a replay changes (`id`, `created`)
+    /// of any type or absent, and others nested, escaped and numeric.
+    fn arbitrary_answer() -> impl proptest::strategy::Strategy<Value = Map<String, Value>> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>()
+                .prop_filter("finite", |f| f.is_finite())
+                .prop_map(Value::from),
+            ".{0,8}".prop_map(Value::from),
+        ];
+        let value = leaf.prop_recursive(3, 16, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..3).prop_map(Value::from),
+                prop::collection::btree_map(".{0,4}", inner, 0..3)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        });
+        let name = prop_oneof![
+            Just("id".to_string()),
+            Just("created".to_string()),
+            Just("choices".to_string()),
+            ".{0,6}",
+        ];
+        let id = prop_oneof![
+            Just(None),
+            "[a-z]{0,20}(-[a-z0-9]{0,8})?".prop_map(|s| Some(Value::from(s))),
+        ];
+        (prop::collection::vec((name, value), 0..6), id).prop_map(|(members, id)| {
+            let mut map: Map<String, Value> = members.into_iter().collect();
+            if let Some(id) = id {
+                map.insert("id".into(), id);
+            }
+            map
+        })
     }
 }

@@ -247,9 +247,12 @@ const RATE_LIMIT_NAMES: [[HeaderName; 3]; 2] = [
 /// OpenAI's `x-ratelimit-*` headers for the tenant's own limits.
 pub(super) fn rate_limit_headers(state: &RateLimitState) -> Vec<(HeaderName, HeaderValue)> {
     let mut headers = Vec::with_capacity(rate_limit_header_count(state));
+    // Every value is written into one buffer and split off it.
+    let mut text = bytes::BytesMut::with_capacity(96);
     for (name, value) in rate_limit_values(state) {
+        let _ = value.write_to(&mut text);
         // Digits, `.`, `m` and `s` only: always a valid value.
-        if let Ok(value) = HeaderValue::try_from(value.to_string()) {
+        if let Ok(value) = HeaderValue::from_maybe_shared(text.split().freeze()) {
             headers.push((name, value));
         }
     }

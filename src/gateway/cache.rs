@@ -17,12 +17,14 @@ use crate::metrics;
 use crate::openai::{ApiError, Endpoint, RequestFields};
 use async_trait::async_trait;
 use bytes::Bytes;
+use http::header::{self, HeaderName, HeaderValue};
 use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-const X_RUNESTONE_CACHE: &str = "x-runestone-cache";
+const X_RUNESTONE_CACHE: HeaderName = HeaderName::from_static("x-runestone-cache");
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// What the cache does for one request.
 pub(super) struct Plan {
@@ -306,7 +308,8 @@ impl Gateway {
 
     /// Answers from a stored (or just landed) entry, admitted as a request
     /// of no tokens; false (nothing sent) when the entry cannot be given in
-    /// the form asked for (a stream of an answer only JSON can carry).
+    /// the form asked for (a stream of an answer only JSON can carry, or a
+    /// stored answer that is not a JSON object).
     async fn serve_stored(
         &self,
         session: &mut Session,
@@ -317,17 +320,19 @@ impl Gateway {
         outcome: &'static str,
     ) -> Result<bool, ApiError> {
         let now = cache::now_secs();
-        let (body, content_type) = match plan.form.stream {
-            true if !entry.streamable => return Ok(false),
-            true => match cache::replay::render_stream(&entry.answer, plan.form.include_usage, now)
-            {
-                Some(stream) => (stream, "text/event-stream"),
-                None => return Ok(false),
-            },
-            false => (
-                cache::replay::render_json(&entry.answer, now),
-                "application/json",
-            ),
+        let rendered = match plan.form.stream {
+            true if !entry.streamable => None,
+            true => serde_json::from_str(entry.answer.get())
+                .ok()
+                .and_then(|answer| {
+                    cache::replay::render_stream(&answer, plan.form.include_usage, now)
+                })
+                .map(|stream| (stream, "text/event-stream")),
+            false => cache::replay::render_json(&entry.answer, now)
+                .map(|json| (json, "application/json")),
+        };
+        let Some((body, content_type)) = rendered else {
+            return Ok(false);
         };
         if ctx.grant.is_none() {
             let Some(grant) = self
@@ -340,14 +345,15 @@ impl Gateway {
         }
         let grant = ctx.grant.as_ref().expect("admitted");
         let rate_limit_headers = super::admission::rate_limit_headers(&grant.state);
-        let header = cached_header(
+        let header = hit_header(
+            200,
+            HeaderValue::from_static(content_type),
+            Some(body.len()),
             &ctx.request_id,
-            content_type,
-            body.len(),
             age,
             &rate_limit_headers,
         )
-        .map_err(|e| ApiError::internal(e.to_string()))?;
+        .map_err(|e| ApiError::internal(format!("the header of a cache hit: {e}")))?;
         self.settle_hit(ctx, plan, entry.cost_pusd, outcome).await;
         ctx.exchange.first_byte_at = Some(Instant::now());
         super::respond::write_complete(session, header, body).await;
@@ -498,24 +504,33 @@ const FLIGHT_ROUNDS: usize = 3;
 /// get it from its start); a longer stream breaks off for its followers.
 const FLIGHT_BYTES: usize = crate::cost::MAX_METERED_JSON_BYTES;
 
-/// The head of an answer from the cache.
-fn cached_header(
+/// The head of an answer from the cache (a stored one, of `len` bytes, or
+/// one followed live, of a length not known yet). Built on `http`'s
+/// types directly: names are constants, no header-case map.
+fn hit_header(
+    status: u16,
+    content_type: HeaderValue,
+    len: Option<usize>,
     request_id: &str,
-    content_type: &str,
-    len: usize,
     age: u64,
-    rate_limit_headers: &[(http::HeaderName, http::HeaderValue)],
-) -> pingora::Result<ResponseHeader> {
-    let mut header = ResponseHeader::build_no_case(200, Some(8))?;
-    header.insert_header("content-type", content_type)?;
-    header.insert_header("content-length", len.to_string())?;
-    header.insert_header("x-request-id", request_id)?;
-    header.insert_header(X_RUNESTONE_CACHE, "hit")?;
-    header.insert_header("age", age.to_string())?;
-    for (name, value) in rate_limit_headers {
-        header.insert_header(name.clone(), value.clone())?;
+    rate_limit_headers: &[(HeaderName, HeaderValue)],
+) -> Result<ResponseHeader, Box<dyn std::error::Error + Send + Sync>> {
+    let (mut parts, ()) = http::Response::new(()).into_parts();
+    parts.status = http::StatusCode::from_u16(status)?;
+    let headers = &mut parts.headers;
+    // Room for the framing Pingora adds too.
+    headers.reserve(6 + rate_limit_headers.len());
+    headers.insert(header::CONTENT_TYPE, content_type);
+    if let Some(len) = len {
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     }
-    Ok(header)
+    headers.insert(X_REQUEST_ID, HeaderValue::from_str(request_id)?);
+    headers.insert(X_RUNESTONE_CACHE, HeaderValue::from_static("hit"));
+    headers.insert(header::AGE, HeaderValue::from(age));
+    for (name, value) in rate_limit_headers {
+        headers.insert(name.clone(), value.clone());
+    }
+    Ok(ResponseHeader::from(parts))
 }
 
 /// What a client got, as far as the cache keeps it.
@@ -648,16 +663,19 @@ struct Following<'a> {
 #[async_trait]
 impl flight::Follower for Following<'_> {
     async fn head(&mut self, status: u16, content_type: &str) -> bool {
-        let Ok(mut header) = ResponseHeader::build_no_case(status, Some(6)) else {
+        let Ok(content_type) = HeaderValue::from_str(content_type) else {
             return false;
         };
-        let _ = header.insert_header("content-type", content_type);
-        let _ = header.insert_header("x-request-id", self.request_id);
-        let _ = header.insert_header(X_RUNESTONE_CACHE, "hit");
-        let _ = header.insert_header("age", "0");
-        for (name, value) in &self.rate_limit_headers {
-            let _ = header.insert_header(name.clone(), value.clone());
-        }
+        let Ok(mut header) = hit_header(
+            status,
+            content_type,
+            None,
+            self.request_id,
+            0,
+            &self.rate_limit_headers,
+        ) else {
+            return false;
+        };
         crate::gateway::client::frame_unknown_length(self.session, &mut header);
         self.session
             .write_response_header(Box::new(header), false)
