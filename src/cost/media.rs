@@ -57,7 +57,7 @@ impl Media {
     /// (`tail`): the units asked for, and the tokens and seconds its
     /// `usage` reports.
     pub fn usage_from_tail(&self, tail: &[u8]) -> Usage {
-        self.usage_reported(super::usage_member_in_tail(tail), None)
+        self.usage_reported(super::usage_member_in_json_tail(tail), None)
     }
 
     /// The units asked for, with the tokens and seconds of audio a `usage`

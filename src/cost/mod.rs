@@ -373,25 +373,45 @@ fn reported_usage(raw: &RawValue) -> Option<Usage> {
 /// last.
 pub const JSON_TAIL_BYTES: usize = 64 * 1024;
 
-/// The `usage` member found in the end of a JSON body too large to parse
-/// whole: the last `"usage":` followed by a whole JSON object.
+/// The `usage` member found in the end of an event too large to hold
+/// (an SSE event's data, where the usage may be nested, as in a Responses
+/// stream's `response.completed`): the last `"usage":` followed by a whole
+/// JSON object.
 pub(crate) fn usage_member_in_tail(tail: &[u8]) -> Option<&RawValue> {
+    usage_members_in_tail(tail).next().map(|(usage, _)| usage)
+}
+
+/// The `usage` member of the top-level object in the end of a JSON body
+/// too large to parse whole (its last 64 KiB, where providers put it):
+/// the last `"usage":` with a whole object as its value and after it only
+/// the object's other members, its `}` and whitespace, so the object that
+/// closes at the body's end is the one it belongs to. A `usage` nested in
+/// some other member is not the answer's, as a whole parse would not
+/// take it.
+pub(crate) fn usage_member_in_json_tail(tail: &[u8]) -> Option<&RawValue> {
+    usage_members_in_tail(tail)
+        .find(|(_, after)| closes_the_body(after))
+        .map(|(usage, _)| usage)
+}
+
+/// The `"usage":` members in `tail` whose values are whole JSON objects,
+/// last first, each with the bytes after its value (a few tries: an
+/// occurrence may be inside a string or nested).
+fn usage_members_in_tail(tail: &[u8]) -> impl Iterator<Item = (&RawValue, &[u8])> {
     let mut end = tail.len();
-    // A few tries: an occurrence may be inside a string.
-    for _ in 0..8 {
-        let at = LAST_USAGE_KEY.rfind(&tail[..end])?;
-        end = at;
-        let rest = tail[at + USAGE_KEY.len()..].trim_ascii_start();
-        let Some(mut value) = rest.strip_prefix(b":") else {
-            continue;
-        };
-        if let Some(raw) = next_json_value(&mut value) {
-            if raw.get().starts_with('{') {
-                return Some(raw);
-            }
-        }
-    }
-    None
+    (0..8)
+        .map_while(move |_| {
+            let at = LAST_USAGE_KEY.rfind(&tail[..end])?;
+            end = at;
+            // After an escaped quote: inside a string, not a key.
+            let key = at == 0 || tail[at - 1] != b'\\';
+            let Some(mut rest) = json_ws(&tail[at + USAGE_KEY.len()..]).strip_prefix(b":") else {
+                return Some(None);
+            };
+            let usage = next_json_value(&mut rest).filter(|raw| key && raw.get().starts_with('{'));
+            Some(usage.map(|usage| (usage, rest)))
+        })
+        .flatten()
 }
 
 /// A `usage` key as providers write it.
@@ -401,9 +421,15 @@ static LAST_USAGE_KEY: LazyLock<FinderRev<'static>> = LazyLock::new(|| FinderRev
 static FIRST_USAGE_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(USAGE_KEY));
 static UNICODE_ESCAPE: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\\u"));
 
-/// The usage reported in the end of a JSON body too large to parse whole.
+/// The usage reported in the end of an SSE event too large to hold.
 pub fn reported_usage_in_tail(tail: &[u8]) -> Option<Usage> {
     usage_member_in_tail(tail).and_then(reported_usage)
+}
+
+/// The usage the top-level object reports in the end of a JSON body too
+/// large to parse whole ([`usage_member_in_json_tail`]).
+pub fn reported_usage_in_json_tail(tail: &[u8]) -> Option<Usage> {
+    usage_member_in_json_tail(tail).and_then(reported_usage)
 }
 
 /// The usage a complete JSON response body reports, if any. Read from the
@@ -455,25 +481,37 @@ fn top_level_usage_at_end(body: &[u8]) -> Option<Option<&RawValue>> {
     }
     let mut rest = json_ws(&body[at + USAGE_KEY.len()..]).strip_prefix(b":")?;
     let usage = next_json_value(&mut rest)?;
+    closes_the_body(rest).then(|| (usage.get() != "null").then_some(usage))
+}
+
+/// Whether `rest` (what follows a member's value) is only the object's
+/// other members, its `}` and whitespace: the member belongs to the object
+/// that closes at the body's end. False for anything else, for another
+/// `usage` (a repeated key) and for a key written with escapes (it might
+/// be one).
+fn closes_the_body(mut rest: &[u8]) -> bool {
     loop {
         rest = json_ws(rest);
-        match rest.split_first()? {
-            (b'}', after) => {
-                return json_ws(after)
-                    .is_empty()
-                    .then(|| (usage.get() != "null").then_some(usage))
-            }
-            (b',', members) => {
+        match rest.split_first() {
+            Some((b'}', after)) => return json_ws(after).is_empty(),
+            Some((b',', members)) => {
                 rest = json_ws(members);
-                // A key written with escapes might be another `usage`.
-                let key = next_json_value(&mut rest)?.get();
-                if !key.starts_with('"') || key.contains('\\') {
-                    return None;
+                let Some(key) = next_json_value(&mut rest) else {
+                    return false;
+                };
+                let key = key.get();
+                if !key.starts_with('"') || key.contains('\\') || key.as_bytes() == USAGE_KEY {
+                    return false;
                 }
-                rest = json_ws(rest).strip_prefix(b":")?;
-                next_json_value(&mut rest)?;
+                let Some(value) = json_ws(rest).strip_prefix(b":") else {
+                    return false;
+                };
+                rest = value;
+                if next_json_value(&mut rest).is_none() {
+                    return false;
+                }
             }
-            _ => return None,
+            _ => return false,
         }
     }
 }

@@ -590,3 +590,59 @@ proptest::proptest! {
         }
     }
 }
+
+#[test]
+fn the_tail_of_a_large_json_body_is_billed_by_its_top_level_usage_only() {
+    fn usage(tail: &str) -> Option<&str> {
+        usage_member_in_json_tail(tail.as_bytes()).map(RawValue::get)
+    }
+    let top = r#"{"prompt_tokens":7,"completion_tokens":2}"#;
+    let nested = r#"{"prompt_tokens":1,"completion_tokens":1}"#;
+    // Last, as providers write it, and before other members.
+    assert_eq!(usage(&format!("xxxx\"]}}],\"usage\":{top}}}\n")), Some(top));
+    assert_eq!(
+        usage(&format!("x\"],\"usage\":{top},\"id\":\"r\",\"n\":[1]}}")),
+        Some(top)
+    );
+    // A nested `usage` after the answer's own is passed over, not billed.
+    assert_eq!(
+        usage(&format!(
+            "{{\"usage\":{top},\"meta\":{{\"usage\":{nested}}}}}"
+        )),
+        Some(top)
+    );
+    // Only nested (or in a string, or a key with escapes after it): none.
+    for tail in [
+        format!("xx\"],\"meta\":{{\"usage\":{nested}}}}}"),
+        format!("xx\"],\"data\":[{{\"usage\":{nested}}}]}}"),
+        format!("xx\",\"text\":\"say \\\"usage\\\":{nested}\"}}"),
+        format!("xx\"],\"usage\":{nested},\"\\u0075sage\":{top}}}"),
+        format!("xx\"],\"usage\":{top}}} trailing"),
+    ] {
+        assert_eq!(usage(&tail), None, "{tail}");
+    }
+    // An SSE event's data keeps finding a nested one (a Responses stream's
+    // `response.completed` carries it in `response`).
+    let event = format!("\"output\":[]}},\"usage\":{top}}}}}");
+    assert_eq!(
+        usage_member_in_tail(event.as_bytes()).map(RawValue::get),
+        Some(top)
+    );
+    assert_eq!(usage(&event), None);
+}
+
+proptest::proptest! {
+    /// The tail reader never bills a `usage` the body's top-level object
+    /// does not have: what it finds is that object's (the last, as a tree
+    /// of the body keeps it).
+    #[test]
+    fn a_tails_usage_is_the_top_level_objects(body in arbitrary_object()) {
+        let Ok(serde_json::Value::Object(tree)) = serde_json::from_str(&body) else {
+            return Ok(());
+        };
+        if let Some(found) = usage_member_in_json_tail(body.as_bytes()) {
+            let found: serde_json::Value = serde_json::from_str(found.get()).unwrap();
+            proptest::prop_assert_eq!(Some(&found), tree.get("usage"), "{}", body);
+        }
+    }
+}

@@ -136,7 +136,7 @@ impl Meter {
             Meter::Json { body, seen, .. } if *seen <= cost::MAX_METERED_JSON_BYTES => {
                 cost::reported_usage_in_json(body)
             }
-            Meter::Json { tail, .. } => cost::reported_usage_in_tail(tail),
+            Meter::Json { tail, .. } => cost::reported_usage_in_json_tail(tail),
             Meter::Stream(meter) => meter.reported_usage().map(|_| meter.usage(0)),
             Meter::Translated(translator) => translator.usage(),
         }
@@ -324,7 +324,7 @@ impl Meter {
                 cost::usage_from_json_counted(body, estimate, model)
             }
             Meter::Json { seen, tail, .. } => {
-                cost::reported_usage_in_tail(tail).unwrap_or_else(|| counted(*seen as u64))
+                cost::reported_usage_in_json_tail(tail).unwrap_or_else(|| counted(*seen as u64))
             }
             Meter::Stream(meter) => meter.usage(0),
             Meter::Translated(translator) => translator
