@@ -213,6 +213,32 @@ fn usage_a_provider_does_not_report_is_counted_with_a_tokenizer_and_given_to_a_c
     assert_eq!(usage["requests"], 3);
 }
 
+#[test]
+fn a_responses_answer_without_usage_is_counted_from_its_output() {
+    let mock = Mock::start(&[]);
+    let gw = Gateway::start(&GatewayConfig::new(&mock));
+    let completion = || {
+        metric_sum(
+            &gw.metrics(),
+            "runestone_tokens_total",
+            &["kind=\"completion\""],
+        )
+    };
+    let body = json!({"model": "gpt-4o-mini", "input": "Say hello", "mock_tokens": 24, "max_output_tokens": 24});
+    // Reported: billed as reported.
+    assert_eq!(gw.post_json("/v1/responses", TENANT_KEY, &body).status, 200);
+    assert_eq!(completion(), 24.0);
+    // Not reported: the output text is counted ("tok0 tok1 ..." is more
+    // tokens than words, but never more than the mock generated), not 0.
+    mock.fault(json!({"no_usage": true}));
+    let answer = gw.post_json("/v1/responses", TENANT_KEY, &body);
+    assert_eq!(answer.status, 200);
+    assert!(answer.json().get("usage").is_none(), "the mock sent none");
+    assert_eq!(completion() - 24.0, 24.0);
+    let usage = gw.get("/v1/usage", Some(TENANT_KEY)).json();
+    assert_eq!(usage["estimated_requests"], 1, "{usage}");
+}
+
 /// A config with two provider accounts behind `gpt` (round robin), tenants
 /// listed in `order`, sharing `redis`.
 fn responses_config(a: &Mock, b: &Mock, redis: &Redis, order: [&str; 2]) -> GatewayConfig {

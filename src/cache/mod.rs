@@ -143,6 +143,11 @@ impl Cache {
             }
         };
         let entry: Entry = serde_json::from_slice(&bytes).ok()?;
+        // Only the gateway writes entries: one it could not have written
+        // (a cost below zero would count as negative savings) is a miss.
+        if entry.cost_pusd < 0 {
+            return None;
+        }
         let age = Duration::from_millis(now_ms().saturating_sub(entry.stored_at_ms));
         (age < ttl).then_some(entry)
     }
@@ -255,6 +260,18 @@ mod tests {
             !cache.put("acme", &[7; 32], &entry(4096), ttl).await,
             "too large to store"
         );
+    }
+
+    #[tokio::test]
+    async fn an_entry_the_gateway_could_not_have_written_is_a_miss() {
+        let cache = Cache::new(CacheSettings::default(), None);
+        let minute = Duration::from_secs(60);
+        let mut negative = entry(10);
+        negative.cost_pusd = -1;
+        cache.put("acme", &[5; 32], &negative, minute).await;
+        assert!(cache.get("acme", &[5; 32], minute).await.is_none());
+        cache.put("acme", &[6; 32], &entry(10), minute).await;
+        assert!(cache.get("acme", &[6; 32], minute).await.is_some());
     }
 
     #[tokio::test]

@@ -197,6 +197,10 @@ pub(super) struct Probe<'a> {
     response: Option<ResponseProbe<'a>>,
     #[serde(borrow, default)]
     delta: Option<&'a RawValue>,
+    /// A Responses API answer's output items, kept raw: read only to count
+    /// what they generated when the answer reports no usage.
+    #[serde(borrow, default)]
+    output: Option<&'a RawValue>,
     /// An in-band error (a completion stream's `{"error": ...}` event).
     #[serde(borrow, default)]
     error: Option<&'a RawValue>,
@@ -219,6 +223,27 @@ struct ResponseProbe<'a> {
     id: Option<&'a RawValue>,
     #[serde(borrow, default)]
     usage: Option<&'a RawValue>,
+}
+
+/// One output item of a Responses API answer: a message's content parts,
+/// a function call's arguments, a reasoning item's summary parts.
+#[derive(Deserialize)]
+struct OutputItemProbe<'a> {
+    #[serde(borrow, default)]
+    content: Option<Vec<TextProbe<'a>>>,
+    #[serde(borrow, default)]
+    arguments: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    summary: Option<Vec<TextProbe<'a>>>,
+}
+
+/// A part with `text` (an output or refusal part, a summary part).
+#[derive(Deserialize)]
+struct TextProbe<'a> {
+    #[serde(borrow, default)]
+    text: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    refusal: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
@@ -261,8 +286,10 @@ impl Probe<'_> {
                 }
             })
         };
+        let mut output = Vec::new();
+        self.push_output(&mut output);
         self.choices.iter().flatten().fold(
-            self.text_delta().map_or(0, |d| raw_len(&Some(d))),
+            self.text_delta().map_or(0, |d| raw_len(&Some(d))) + output.len() as u64,
             |sum, c| {
                 let message = c.delta.as_ref().or(c.message.as_ref());
                 sum + raw_len(&c.text)
@@ -280,6 +307,7 @@ impl Probe<'_> {
     /// Appends the generated values (text, reasoning, tool calls) as JSON,
     /// each followed by a comma: a sample to count tokens in.
     fn push_generated(&self, sample: &mut Vec<u8>) {
+        self.push_output(sample);
         let mut push = |v: &Option<&RawValue>| {
             if let Some(v) = v.filter(|v| v.get() != "null") {
                 sample.extend_from_slice(v.get().as_bytes());
@@ -295,6 +323,34 @@ impl Probe<'_> {
                 push(&m.function_call);
                 push(&m.reasoning_content);
                 push(&m.reasoning);
+            }
+        }
+    }
+
+    /// Appends what a Responses API answer's output items generated (their
+    /// text, refusals, function-call arguments and reasoning summaries) as
+    /// JSON values each followed by a comma; output of another shape as
+    /// its JSON, so nothing generated goes uncounted.
+    fn push_output(&self, sample: &mut Vec<u8>) {
+        let Some(output) = self.output.filter(|o| o.get() != "null") else {
+            return;
+        };
+        let Ok(items) = serde_json::from_str::<Vec<OutputItemProbe>>(output.get()) else {
+            sample.extend_from_slice(output.get().as_bytes());
+            sample.push(b',');
+            return;
+        };
+        let mut push = |v: Option<&RawValue>| {
+            if let Some(v) = v.filter(|v| v.get() != "null") {
+                sample.extend_from_slice(v.get().as_bytes());
+                sample.push(b',');
+            }
+        };
+        for item in &items {
+            push(item.arguments);
+            for part in item.content.iter().chain(&item.summary).flatten() {
+                push(part.text);
+                push(part.refusal);
             }
         }
     }
@@ -395,24 +451,36 @@ pub(crate) fn usage_member_in_json_tail(tail: &[u8]) -> Option<&RawValue> {
 }
 
 /// The `"usage":` members in `tail` whose values are whole JSON objects,
-/// last first, each with the bytes after its value (a few tries: an
-/// occurrence may be inside a string or nested).
+/// last first, each with the bytes after its value. An occurrence that is
+/// not a key (in a string, or a value of its own) is passed over; at most
+/// [`USAGE_TRIES`] values are read, so a tail full of them stays cheap.
 fn usage_members_in_tail(tail: &[u8]) -> impl Iterator<Item = (&RawValue, &[u8])> {
     let mut end = tail.len();
-    (0..8)
-        .map_while(move |_| {
+    let mut tries = 0;
+    std::iter::from_fn(move || {
+        while tries < USAGE_TRIES {
             let at = LAST_USAGE_KEY.rfind(&tail[..end])?;
             end = at;
             // After an escaped quote: inside a string, not a key.
-            let key = at == 0 || tail[at - 1] != b'\\';
+            if at > 0 && tail[at - 1] == b'\\' {
+                continue;
+            }
             let Some(mut rest) = json_ws(&tail[at + USAGE_KEY.len()..]).strip_prefix(b":") else {
-                return Some(None);
+                continue;
             };
-            let usage = next_json_value(&mut rest).filter(|raw| key && raw.get().starts_with('{'));
-            Some(usage.map(|usage| (usage, rest)))
-        })
-        .flatten()
+            tries += 1;
+            if let Some(usage) = next_json_value(&mut rest).filter(|raw| raw.get().starts_with('{'))
+            {
+                return Some((usage, rest));
+            }
+        }
+        None
+    })
 }
+
+/// How many `"usage":` values a tail's reader reads before it gives up
+/// (a nested `usage` after the answer's own costs one).
+const USAGE_TRIES: usize = 64;
 
 /// A `usage` key as providers write it.
 const USAGE_KEY: &[u8] = b"\"usage\"";
@@ -486,9 +554,8 @@ fn top_level_usage_at_end(body: &[u8]) -> Option<Option<&RawValue>> {
 
 /// Whether `rest` (what follows a member's value) is only the object's
 /// other members, its `}` and whitespace: the member belongs to the object
-/// that closes at the body's end. False for anything else, for another
-/// `usage` (a repeated key) and for a key written with escapes (it might
-/// be one).
+/// that closes at the body's end. False for anything else and for
+/// another `usage` (a repeated key, however its name is written).
 fn closes_the_body(mut rest: &[u8]) -> bool {
     loop {
         rest = json_ws(rest);
@@ -500,7 +567,12 @@ fn closes_the_body(mut rest: &[u8]) -> bool {
                     return false;
                 };
                 let key = key.get();
-                if !key.starts_with('"') || key.contains('\\') || key.as_bytes() == USAGE_KEY {
+                let another_usage = match key.contains('\\') {
+                    // Escapes (`"\u0075sage"` is `usage` too): read it.
+                    true => serde_json::from_str::<String>(key).map_or(true, |k| k == "usage"),
+                    false => key.as_bytes() == USAGE_KEY,
+                };
+                if !key.starts_with('"') || another_usage {
                     return false;
                 }
                 let Some(value) = json_ws(rest).strip_prefix(b":") else {

@@ -611,7 +611,23 @@ fn the_tail_of_a_large_json_body_is_billed_by_its_top_level_usage_only() {
         )),
         Some(top)
     );
-    // Only nested (or in a string, or a key with escapes after it): none.
+    // Many nested ones after it, the word in strings, keys with escapes.
+    let many_nested = format!(
+        ",\"meta\":[{}{{}}]}}",
+        format!("{{\"usage\":{nested}}},").repeat(40)
+    );
+    let many_words = format!(",\"tags\":[{}\"x\"]}}", "\"usage\",".repeat(500));
+    for after in [
+        many_nested,
+        many_words,
+        r#","a\\":{"usage":{}}}"#.to_string(),
+        r#","caf\u00e9":1}"#.to_string(),
+    ] {
+        let tail = format!("x\"],\"usage\":{top}{after}");
+        assert_eq!(usage(&tail), Some(top), "{tail}");
+    }
+    // Only nested (or in a string, or repeated as a key with escapes
+    // after it): none.
     for tail in [
         format!("xx\"],\"meta\":{{\"usage\":{nested}}}}}"),
         format!("xx\"],\"data\":[{{\"usage\":{nested}}}]}}"),
@@ -645,4 +661,36 @@ proptest::proptest! {
             proptest::prop_assert_eq!(Some(&found), tree.get("usage"), "{}", body);
         }
     }
+}
+
+#[test]
+fn a_responses_answer_without_usage_is_counted_from_every_kind_of_output() {
+    let estimate = Estimate::new(Bytes::from_static(b"{\"input\":\"hi\"}"), None);
+    let counted = |output: &str| {
+        let body = format!(r#"{{"id":"resp_1","object":"response","output":{output}}}"#);
+        let usage = usage_from_json_counted(body.as_bytes(), &estimate, "gpt-4o");
+        assert!(usage.estimated, "{body}");
+        usage.completion_tokens
+    };
+    let text = "The quick brown fox jumps over the lazy dog again and again";
+    let words = |n: u64| {
+        (n * 8 / 10..=n * 2).contains(&counted(&format!(
+        r#"[{{"type":"message","content":[{{"type":"output_text","text":"{text}","annotations":[]}}]}}]"#
+    )))
+    };
+    assert!(words(12), "a message's text");
+    for output in [
+        format!(r#"[{{"type":"function_call","name":"f","arguments":"{{\"q\":\"{text}\"}}"}}]"#),
+        format!(
+            r#"[{{"type":"reasoning","summary":[{{"type":"summary_text","text":"{text}"}}]}}]"#
+        ),
+        format!(r#"[{{"type":"message","content":[{{"type":"refusal","refusal":"{text}"}}]}}]"#),
+        // A shape not known: its JSON is counted rather than nothing.
+        format!(r#""{text}""#),
+        format!(r#"[{{"type":"message","content":"{text}"}}]"#),
+    ] {
+        assert!(counted(&output) >= 10, "{output}");
+    }
+    assert_eq!(counted("[]"), 0);
+    assert_eq!(counted("null"), 0);
 }
