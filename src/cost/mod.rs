@@ -152,11 +152,12 @@ struct PromptDetails {
 
 impl UsageWire {
     fn into_usage(self) -> Option<Usage> {
-        // `{}` (or only names the gateway does not read) reports nothing:
-        // counted, not billed as zero.
+        // `{}` (or only names the gateway does not read) reports nothing,
+        // and a completion without its prompt only half: counted, not
+        // billed as zero. (A prompt without a completion is an
+        // embedding's whole report.)
         if self.prompt_tokens.is_none()
-            && self.completion_tokens.is_none()
-            && self.seconds.is_none()
+            && (self.completion_tokens.is_some() || self.seconds.is_none())
         {
             return None;
         }

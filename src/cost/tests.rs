@@ -694,3 +694,36 @@ fn a_responses_answer_without_usage_is_counted_from_every_kind_of_output() {
     assert_eq!(counted("[]"), 0);
     assert_eq!(counted("null"), 0);
 }
+
+#[test]
+fn a_completion_reported_without_its_prompt_is_counted_not_billed_half() {
+    let json = |usage: &str| {
+        format!(r#"{{"choices":[{{"message":{{"content":"hello there"}}}}],"usage":{usage}}}"#)
+    };
+    for half in [
+        r#"{"completion_tokens":5}"#,
+        r#"{"output_tokens":5}"#,
+        r#"{"prompt_tokens":null,"completion_tokens":5}"#,
+    ] {
+        assert_eq!(
+            reported_usage_in_json(json(half).as_bytes()),
+            None,
+            "{half}"
+        );
+        let usage = usage_from_json(json(half).as_bytes(), 9);
+        assert!(
+            usage.estimated && usage.prompt_tokens == 9,
+            "{half}: {usage:?}"
+        );
+    }
+    // An embedding's report has no completion; a transcription's only seconds.
+    let embedding =
+        reported_usage_in_json(br#"{"data":[],"usage":{"prompt_tokens":4,"total_tokens":4}}"#);
+    assert_eq!(
+        embedding.map(|u| (u.prompt_tokens, u.completion_tokens)),
+        Some((4, 0))
+    );
+    let seconds =
+        reported_usage_in_json(br#"{"text":"hi","usage":{"type":"duration","seconds":3}}"#);
+    assert_eq!(seconds.map(|u| u.audio_ms), Some(3000));
+}
