@@ -21,6 +21,7 @@ use crate::config::Price;
 use memchr::memmem::{Finder, FinderRev};
 use serde::Deserialize;
 use serde_json::value::RawValue;
+use serde_json::Value;
 use std::sync::LazyLock;
 
 /// Upper bound on any one usage number a provider reports; larger (absurd)
@@ -198,10 +199,6 @@ pub(super) struct Probe<'a> {
     response: Option<ResponseProbe<'a>>,
     #[serde(borrow, default)]
     delta: Option<&'a RawValue>,
-    /// A Responses API answer's output items, kept raw: read only to count
-    /// what they generated when the answer reports no usage.
-    #[serde(borrow, default)]
-    output: Option<&'a RawValue>,
     /// An in-band error (a completion stream's `{"error": ...}` event).
     #[serde(borrow, default)]
     error: Option<&'a RawValue>,
@@ -224,27 +221,6 @@ struct ResponseProbe<'a> {
     id: Option<&'a RawValue>,
     #[serde(borrow, default)]
     usage: Option<&'a RawValue>,
-}
-
-/// One output item of a Responses API answer: a message's content parts,
-/// a function call's arguments, a reasoning item's summary parts.
-#[derive(Deserialize)]
-struct OutputItemProbe<'a> {
-    #[serde(borrow, default)]
-    content: Option<Vec<TextProbe<'a>>>,
-    #[serde(borrow, default)]
-    arguments: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    summary: Option<Vec<TextProbe<'a>>>,
-}
-
-/// A part with `text` (an output or refusal part, a summary part).
-#[derive(Deserialize)]
-struct TextProbe<'a> {
-    #[serde(borrow, default)]
-    text: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    refusal: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
@@ -287,10 +263,8 @@ impl Probe<'_> {
                 }
             })
         };
-        let mut output = Vec::new();
-        self.push_output(&mut output);
         self.choices.iter().flatten().fold(
-            self.text_delta().map_or(0, |d| raw_len(&Some(d))) + output.len() as u64,
+            self.text_delta().map_or(0, |d| raw_len(&Some(d))),
             |sum, c| {
                 let message = c.delta.as_ref().or(c.message.as_ref());
                 sum + raw_len(&c.text)
@@ -308,7 +282,6 @@ impl Probe<'_> {
     /// Appends the generated values (text, reasoning, tool calls) as JSON,
     /// each followed by a comma: a sample to count tokens in.
     fn push_generated(&self, sample: &mut Vec<u8>) {
-        self.push_output(sample);
         let mut push = |v: &Option<&RawValue>| {
             if let Some(v) = v.filter(|v| v.get() != "null") {
                 sample.extend_from_slice(v.get().as_bytes());
@@ -328,32 +301,9 @@ impl Probe<'_> {
         }
     }
 
-    /// Appends what a Responses API answer's output items generated (their
-    /// text, refusals, function-call arguments and reasoning summaries) as
-    /// JSON values each followed by a comma; output of another shape as
-    /// its JSON, so nothing generated goes uncounted.
-    fn push_output(&self, sample: &mut Vec<u8>) {
-        let Some(output) = self.output.filter(|o| o.get() != "null") else {
-            return;
-        };
-        let Ok(items) = serde_json::from_str::<Vec<OutputItemProbe>>(output.get()) else {
-            sample.extend_from_slice(output.get().as_bytes());
-            sample.push(b',');
-            return;
-        };
-        let mut push = |v: Option<&RawValue>| {
-            if let Some(v) = v.filter(|v| v.get() != "null") {
-                sample.extend_from_slice(v.get().as_bytes());
-                sample.push(b',');
-            }
-        };
-        for item in &items {
-            push(item.arguments);
-            for part in item.content.iter().chain(&item.summary).flatten() {
-                push(part.text);
-                push(part.refusal);
-            }
-        }
+    /// Whether this is a Responses API answer (`"object": "response"`).
+    fn is_response(&self) -> bool {
+        self.object.is_some_and(|o| o.get() == "\"response\"")
     }
 
     /// The choices' finish reasons (those that have one).
@@ -589,6 +539,27 @@ fn closes_the_body(mut rest: &[u8]) -> bool {
     }
 }
 
+/// The top-level members of a JSON object from its start, each key (its
+/// text, escapes read) with its value, as far as they can be read: a body
+/// cut short (the first 16 MiB of a larger answer) yields the members
+/// before the cut, and a caller looking for the first few stops early.
+pub(crate) fn leading_members(body: &[u8]) -> impl Iterator<Item = (String, &RawValue)> {
+    let mut rest = json_ws(body).strip_prefix(b"{");
+    let mut first = true;
+    std::iter::from_fn(move || {
+        let mut bytes = json_ws(rest.take()?);
+        if !std::mem::take(&mut first) {
+            bytes = json_ws(bytes.strip_prefix(b",")?);
+        }
+        let key = next_json_value(&mut bytes)?;
+        let key = serde_json::from_str::<String>(key.get()).ok()?;
+        let mut bytes = json_ws(bytes).strip_prefix(b":")?;
+        let value = next_json_value(&mut bytes)?;
+        rest = Some(bytes);
+        Some((key, value))
+    })
+}
+
 /// `bytes` past JSON's whitespace.
 fn json_ws(bytes: &[u8]) -> &[u8] {
     let start = bytes
@@ -645,6 +616,9 @@ pub fn usage_from_json_counted(body: &[u8], estimate: &Estimate, model: &str) ->
     let generated = match serde_json::from_slice::<Probe>(body) {
         Ok(probe) => {
             probe.push_generated(&mut sample);
+            if probe.is_response() {
+                push_response_output(body, &mut sample);
+            }
             sample_text(&sample)
         }
         Err(_) => String::from_utf8_lossy(body).into_owned(),
@@ -655,6 +629,83 @@ pub fn usage_from_json_counted(body: &[u8], estimate: &Estimate, model: &str) ->
         cached_tokens: 0,
         estimated: true,
         ..Default::default()
+    }
+}
+
+/// Appends what a Responses API answer's output items generated, each
+/// value as JSON followed by a comma: text (of messages, refusals,
+/// reasoning and its summaries, audio transcripts), tool-call arguments and
+/// inputs, code, commands and queries, however the items nest them. What an
+/// item holds but the model did not write out as text (tool results, image
+/// data, encrypted reasoning, citations) is not counted: the provider's
+/// usage, when it sends one, covers those. Read only when the answer
+/// reports no usage, from a tree of the body (a repeated key is no error).
+fn push_response_output(body: &[u8], sample: &mut Vec<u8>) {
+    if let Ok(Value::Object(answer)) = serde_json::from_slice::<Value>(body) {
+        match answer.get("output") {
+            // Not the API's shape, but text all the same.
+            Some(text @ Value::String(_)) => push_value(text, sample),
+            Some(output) => push_generated_values(output, None, sample),
+            None => {}
+        }
+    }
+}
+
+/// Keys whose values an output item's model generated.
+const GENERATED_KEYS: [&str; 10] = [
+    "text",
+    "refusal",
+    "content",
+    "transcript",
+    "arguments",
+    "input",
+    "code",
+    "command",
+    "query",
+    "queries",
+];
+
+/// Keys of what an output item holds but its model did not write.
+const NOT_GENERATED_KEYS: [&str; 8] = [
+    "result",
+    "results",
+    "output",
+    "outputs",
+    "encrypted_content",
+    "annotations",
+    "logprobs",
+    "sources",
+];
+
+/// [`push_response_output`]'s walk: strings under a generated key (and a
+/// tool call's arguments or input written as an object), anything else
+/// searched, what no model wrote skipped.
+fn push_generated_values(value: &Value, key: Option<&str>, sample: &mut Vec<u8>) {
+    let generated = key.is_some_and(|k| GENERATED_KEYS.contains(&k));
+    let tool_call = matches!(key, Some("arguments" | "input"));
+    match value {
+        Value::String(_) if generated => push_value(value, sample),
+        Value::Object(_) if tool_call => push_value(value, sample),
+        Value::Object(map) => {
+            for (name, member) in map {
+                if !NOT_GENERATED_KEYS.contains(&name.as_str()) {
+                    push_generated_values(member, Some(name), sample);
+                }
+            }
+        }
+        Value::Array(items) => {
+            for item in items {
+                push_generated_values(item, key, sample);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Appends `value` as JSON and a comma (a sample for [`sample_text`]).
+fn push_value(value: &Value, sample: &mut Vec<u8>) {
+    if serde_json::to_writer(&mut *sample, value).is_ok() {
+        sample.push(b',');
     }
 }
 

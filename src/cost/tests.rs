@@ -664,35 +664,63 @@ proptest::proptest! {
 }
 
 #[test]
-fn a_responses_answer_without_usage_is_counted_from_every_kind_of_output() {
+fn a_responses_answer_without_usage_is_counted_from_what_its_items_generated() {
     let estimate = Estimate::new(Bytes::from_static(b"{\"input\":\"hi\"}"), None);
-    let counted = |output: &str| {
-        let body = format!(r#"{{"id":"resp_1","object":"response","output":{output}}}"#);
+    let counted_in = |object: &str, output: &str| {
+        let body = format!(r#"{{"id":"resp_1","object":"{object}","output":{output}}}"#);
         let usage = usage_from_json_counted(body.as_bytes(), &estimate, "gpt-4o");
         assert!(usage.estimated, "{body}");
         usage.completion_tokens
     };
+    let counted = |output: &str| counted_in("response", output);
     let text = "The quick brown fox jumps over the lazy dog again and again";
-    let words = |n: u64| {
-        (n * 8 / 10..=n * 2).contains(&counted(&format!(
+    let message = format!(
         r#"[{{"type":"message","content":[{{"type":"output_text","text":"{text}","annotations":[]}}]}}]"#
-    )))
-    };
-    assert!(words(12), "a message's text");
+    );
+    let words = counted(&message);
+    assert!((10..=24).contains(&words), "a message's text: {words}");
     for output in [
         format!(r#"[{{"type":"function_call","name":"f","arguments":"{{\"q\":\"{text}\"}}"}}]"#),
+        format!(r#"[{{"type":"function_call","name":"f","arguments":{{"q":"{text}"}}}}]"#),
         format!(
-            r#"[{{"type":"reasoning","summary":[{{"type":"summary_text","text":"{text}"}}]}}]"#
+            r#"[{{"type":"reasoning","summary":[{{"type":"summary_text","text":"{text}"}}],"encrypted_content":"gAAAA"}}]"#
         ),
         format!(r#"[{{"type":"message","content":[{{"type":"refusal","refusal":"{text}"}}]}}]"#),
-        // A shape not known: its JSON is counted rather than nothing.
-        format!(r#""{text}""#),
         format!(r#"[{{"type":"message","content":"{text}"}}]"#),
+        format!(
+            r#"[{{"type":"code_interpreter_call","code":"print('{text}')","outputs":[{{"logs":"x"}}]}}]"#
+        ),
+        format!(r#"[{{"type":"custom_tool_call","input":"{text}"}}]"#),
+        format!(r#"[{{"type":"computer_call","action":{{"type":"type","text":"{text}"}}}}]"#),
+        format!(
+            r#"[{{"type":"message","content":[{{"type":"output_audio","transcript":"{text}"}}]}}]"#
+        ),
+        format!(r#""{text}""#),
     ] {
-        assert!(counted(&output) >= 10, "{output}");
+        let n = counted(&output);
+        assert!((10..=40).contains(&n), "{output}: {n}");
     }
+    // What the model did not write out as text is not counted: a large
+    // image beside a message with its content as a plain string, tool
+    // results, encrypted reasoning.
+    let image = "QUJD".repeat(50_000);
+    let beside = format!(
+        r#"[{{"type":"image_generation_call","result":"{image}"}},{{"type":"message","content":"Here it is."}}]"#
+    );
+    assert!(counted(&beside) < 10, "{}", counted(&beside));
+    let results = format!(
+        r#"[{{"type":"file_search_call","queries":["fox"],"results":[{{"text":"{}"}}]}}]"#,
+        text.repeat(50)
+    );
+    assert!(counted(&results) < 10);
+    assert_eq!(
+        counted(r#"[{"type":"reasoning","summary":[],"encrypted_content":"gAAAAB"}]"#),
+        0
+    );
     assert_eq!(counted("[]"), 0);
     assert_eq!(counted("null"), 0);
+    // Only a Responses answer's output is read.
+    assert_eq!(counted_in("chat.completion", &message), 0);
 }
 
 #[test]
@@ -726,4 +754,24 @@ fn a_completion_reported_without_its_prompt_is_counted_not_billed_half() {
     let seconds =
         reported_usage_in_json(br#"{"text":"hi","usage":{"type":"duration","seconds":3}}"#);
     assert_eq!(seconds.map(|u| u.audio_ms), Some(3000));
+}
+
+#[test]
+fn leading_members_read_an_objects_start_as_far_as_it_goes() {
+    let keys =
+        |body: &str| -> Vec<String> { leading_members(body.as_bytes()).map(|(k, _)| k).collect() };
+    assert_eq!(
+        keys(r#" { "id" : "r", "\u006fbject":"response", "n":[1,{"a":2}] } "#),
+        ["id", "object", "n"]
+    );
+    // Cut short: the members before the cut.
+    assert_eq!(
+        keys(r#"{"id":"r","object":"response","output":[{"text":"xxxx"#),
+        ["id", "object"]
+    );
+    for not_members in ["", "[1]", "\"s\"", "{", "{}", "{1:2}", "{\"a\"2}"] {
+        assert!(keys(not_members).is_empty(), "{not_members}");
+    }
+    let (_, value) = leading_members(br#"{"id":"resp_1"}"#).next().unwrap();
+    assert_eq!(value.get(), "\"resp_1\"");
 }

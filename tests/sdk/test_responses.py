@@ -15,7 +15,7 @@ import urllib.request
 import openai
 import pytest
 
-from conftest import PROVIDER_KEY, TENANT_KEY, Llmock, Mock, Runestone, server_yaml
+from conftest import PROVIDER_KEY, TENANT_KEY, Llmock, LocalServer, Mock, Runestone, server_yaml
 
 OTHER_KEY = "sk-sdk-other-tenant-key-0006"
 
@@ -221,6 +221,56 @@ def test_another_tenants_response_is_not_found(gateway, mocks):
     # None of it reached a provider, and acme still has its response.
     assert len(responses_requests(a)) + len(responses_requests(b)) == before
     assert acme.responses.retrieve(created.id).id == created.id
+
+
+def test_a_response_too_large_to_read_whole_is_still_its_tenants():
+    """An answer over 16 MiB (an image in its output, say) is metered from
+    its ends; its id, at its start, still makes it the tenant's."""
+    asked = []
+
+    def post(request, body):
+        asked.append(json.loads(body))
+        n = len(asked)
+        text = "x" * (17 * 1024 * 1024) if n == 1 else "ok"
+        answer = {
+            "id": f"resp_large{n}", "object": "response", "created_at": 1, "status": "completed",
+            "model": "m", "output": [{"type": "message", "id": f"msg_{n}", "status": "completed",
+                                      "role": "assistant", "content": [
+                                          {"type": "output_text", "text": text, "annotations": []}]}],
+            "usage": {"input_tokens": 3, "output_tokens": 5, "total_tokens": 8},
+        }
+        return 200, "application/json", json.dumps(answer).encode()
+
+    provider = LocalServer(post)
+
+    def config(port, metrics_port, directory):
+        return server_yaml(port, metrics_port, directory) + f"""
+providers:
+  - {{ name: big, base_url: "{provider.base_url}", api_key: "{PROVIDER_KEY}" }}
+models:
+  - name: big
+    targets: [{{ provider: big, model: m }}]
+tenants:
+  - id: acme
+    keys: ["{TENANT_KEY}"]
+  - id: globex
+    keys: ["{OTHER_KEY}"]
+"""
+
+    gw = Runestone(config)
+    try:
+        first = gw.client().responses.create(model="big", input="draw")
+        assert first.id == "resp_large1"
+        assert len(first.output_text) == 17 * 1024 * 1024
+        second = gw.client().responses.create(model="big", input="again", previous_response_id=first.id)
+        assert second.id == "resp_large2"
+        assert asked[1]["previous_response_id"] == "resp_large1"
+        with pytest.raises(openai.NotFoundError):
+            gw.client(OTHER_KEY).responses.create(model="big", input="x", previous_response_id=first.id)
+        assert len(asked) == 2
+    finally:
+        gw.stop()
+        provider.stop()
 
 
 def test_ids_that_are_not_response_ids_never_reach_a_provider(gateway, mocks):

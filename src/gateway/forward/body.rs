@@ -225,20 +225,26 @@ impl Meter {
     }
 
     /// The Responses API response the answer carries (its `id`), if any.
+    /// A JSON answer's is read from its leading members (a Responses
+    /// object begins with its `id` and `object`), so one too large to keep
+    /// whole still names its response.
     pub(super) fn response_id(&self) -> Option<String> {
-        #[derive(serde::Deserialize)]
-        struct Response<'a> {
-            #[serde(borrow)]
-            id: std::borrow::Cow<'a, str>,
-            #[serde(borrow)]
-            object: std::borrow::Cow<'a, str>,
-        }
         match self {
             Meter::Stream(meter) => meter.response_id().map(str::to_owned),
-            Meter::Json { body, .. } => serde_json::from_slice::<Response<'_>>(body)
-                .ok()
-                .filter(|r| r.object == "response")
-                .map(|r| r.id.into_owned()),
+            Meter::Json { body, .. } => {
+                let (mut id, mut object) = (None, None);
+                for (key, value) in cost::leading_members(body) {
+                    match key.as_str() {
+                        "id" => id = serde_json::from_str::<String>(value.get()).ok(),
+                        "object" => object = serde_json::from_str::<String>(value.get()).ok(),
+                        _ => {}
+                    }
+                    if id.is_some() && object.is_some() {
+                        break;
+                    }
+                }
+                id.filter(|_| object.as_deref() == Some("response"))
+            }
             _ => None,
         }
     }
