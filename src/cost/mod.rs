@@ -642,12 +642,28 @@ pub fn usage_from_json_counted(body: &[u8], estimate: &Estimate, model: &str) ->
 /// reports no usage, from a tree of the body (a repeated key is no error).
 fn push_response_output(body: &[u8], sample: &mut Vec<u8>) {
     if let Ok(Value::Object(answer)) = serde_json::from_slice::<Value>(body) {
-        match answer.get("output") {
-            // Not the API's shape, but text all the same.
-            Some(text @ Value::String(_)) => push_value(text, sample),
-            Some(output) => push_generated_values(output, None, sample),
-            None => {}
+        if let Some(output) = answer.get("output") {
+            push_output(output, sample);
         }
+    }
+}
+
+/// [`push_response_output`] for a Responses stream's final event
+/// (`response.completed`), whose `response` carries the output.
+fn push_response_event_output(event: &[u8], sample: &mut Vec<u8>) {
+    if let Ok(event) = serde_json::from_slice::<Value>(event) {
+        if let Some(output) = event.get("response").and_then(|r| r.get("output")) {
+            push_output(output, sample);
+        }
+    }
+}
+
+/// What an answer's `output` generated ([`push_response_output`]).
+fn push_output(output: &Value, sample: &mut Vec<u8>) {
+    match output {
+        // Not the API's shape, but text all the same.
+        Value::String(_) => push_value(output, sample),
+        _ => push_generated_values(output, None, sample),
     }
 }
 

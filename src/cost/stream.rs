@@ -337,6 +337,20 @@ impl StreamMeter {
             probe.push_generated(&mut self.sample);
             self.sampled_bytes += generated;
         }
+        // A Responses stream that sent no deltas (only `.done` events) has
+        // its text in its final response: counted from there when it
+        // reports no usage.
+        let last = matches!(
+            probe.event_type(),
+            Some("response.completed" | "response.incomplete")
+        );
+        if last && self.generated_bytes == 0 && probe.usage().is_none() {
+            let before = self.sample.len();
+            super::push_response_event_output(payload, &mut self.sample);
+            let added = (self.sample.len() - before) as u64;
+            self.generated_bytes += added;
+            self.sampled_bytes += added;
+        }
         if self.identity.is_none() {
             if let (Some(id), Some(object), Some(created), Some(model)) =
                 (probe.id, probe.object, probe.created, probe.model)

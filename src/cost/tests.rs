@@ -775,3 +775,31 @@ fn leading_members_read_an_objects_start_as_far_as_it_goes() {
     let (_, value) = leading_members(br#"{"id":"resp_1"}"#).next().unwrap();
     assert_eq!(value.get(), "\"resp_1\"");
 }
+
+#[test]
+fn a_responses_stream_without_deltas_or_usage_is_counted_from_its_final_response() {
+    let text = "The quick brown fox jumps over the lazy dog again and again";
+    let completed = |usage: &str| {
+        format!(
+            "event: response.output_text.done\ndata: {{\"type\":\"response.output_text.done\",\"text\":\"{text}\"}}\n\n\
+             event: response.completed\ndata: {{\"type\":\"response.completed\",\"response\":{{\"id\":\"resp_1\",\"object\":\"response\",\"status\":\"completed\",\"output\":[{{\"type\":\"message\",\"content\":[{{\"type\":\"output_text\",\"text\":\"{text}\"}}]}}],\"usage\":{usage}}}}}\n\n"
+        )
+    };
+    let metered = |stream: String| {
+        let mut meter = StreamMeter::new(false);
+        meter.feed(Bytes::from(stream));
+        meter.finish();
+        meter.usage(5)
+    };
+    let usage = metered(completed("null"));
+    assert!(usage.estimated);
+    assert!((10..=24).contains(&usage.completion_tokens), "{usage:?}");
+    // Reported: as reported. With deltas: counted from them, once.
+    let reported = metered(completed(r#"{"input_tokens":3,"output_tokens":7}"#));
+    assert_eq!((reported.completion_tokens, reported.estimated), (7, false));
+    let delta = format!(
+        "data: {{\"type\":\"response.output_text.delta\",\"delta\":\"{text}\"}}\n\n{}",
+        completed("null")
+    );
+    assert_eq!(metered(delta).completion_tokens, usage.completion_tokens);
+}
