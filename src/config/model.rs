@@ -90,6 +90,13 @@ impl BaseUrl {
     /// Parses and checks an `http(s)://host[:port]/path` URL.
     pub fn parse(raw: &str) -> Result<Self, String> {
         let url = url::Url::parse(raw).map_err(|e| format!("'{raw}' is not a valid URL: {e}"))?;
+        // The URL standard reads `http:///v1` as the host `v1` (and
+        // `http:/h` or `http:\\h` as `h`): a typo, not a provider.
+        let after_scheme = raw.trim().split_once(':').map_or("", |(_, rest)| rest);
+        let authority = after_scheme.strip_prefix("//").unwrap_or("/");
+        if authority.starts_with(['/', '\\']) {
+            return Err(format!("'{raw}' has no host after '//'"));
+        }
         let tls = match url.scheme() {
             "http" => false,
             "https" => true,

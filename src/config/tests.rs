@@ -257,6 +257,21 @@ fn parses_base_urls() {
     assert!(BaseUrl::parse("http://x.com:0/v1")
         .unwrap_err()
         .contains("port 0"));
+    // Slashes the URL standard would read past to find a host.
+    for typo in [
+        "http:///v1",
+        "http:////x.com/v1",
+        "http:/x.com/v1",
+        "http:x.com/v1",
+        "https:\\\\x.com/v1",
+        "http:/\\x.com",
+    ] {
+        assert!(
+            BaseUrl::parse(typo).unwrap_err().contains("no host"),
+            "{typo}"
+        );
+    }
+    assert_eq!(BaseUrl::parse(" HTTP://x.com/v1 ").unwrap().host, "x.com");
 }
 
 #[test]
