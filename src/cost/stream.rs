@@ -96,6 +96,12 @@ enum Verdict {
     Malformed,
 }
 
+/// Whether a Responses stream event of type `kind` ends the stream with
+/// its answer (`response.completed`, or `response.incomplete`).
+fn ends_with_answer(kind: &str) -> bool {
+    matches!(kind, "response.completed" | "response.incomplete")
+}
+
 impl StreamMeter {
     /// A meter; `strip_usage` when the client did not ask for usage.
     pub fn new(strip_usage: bool) -> Self {
@@ -291,7 +297,7 @@ impl StreamMeter {
     /// Notes a Responses stream event's type: whether it ends the stream,
     /// and with its answer.
     fn note_event_kind(&mut self, kind: &str) {
-        let answer = matches!(kind, "response.completed" | "response.incomplete");
+        let answer = ends_with_answer(kind);
         let failure = matches!(kind, "response.failed" | "error");
         self.saw_response_answer |= answer;
         self.saw_response_end |= answer || failure;
@@ -337,20 +343,6 @@ impl StreamMeter {
             probe.push_generated(&mut self.sample);
             self.sampled_bytes += generated;
         }
-        // A Responses stream that sent no deltas (only `.done` events) has
-        // its text in its final response: counted from there when it
-        // reports no usage.
-        let last = matches!(
-            probe.event_type(),
-            Some("response.completed" | "response.incomplete")
-        );
-        if last && self.generated_bytes == 0 && probe.usage().is_none() {
-            let before = self.sample.len();
-            super::push_response_event_output(payload, &mut self.sample);
-            let added = (self.sample.len() - before) as u64;
-            self.generated_bytes += added;
-            self.sampled_bytes += added;
-        }
         if self.identity.is_none() {
             if let (Some(id), Some(object), Some(created), Some(model)) =
                 (probe.id, probe.object, probe.created, probe.model)
@@ -368,6 +360,16 @@ impl StreamMeter {
         }
         if let Some(kind) = probe.event_type() {
             self.note_event_kind(kind);
+            // A Responses stream that sent no deltas (only `.done` events)
+            // has its text in its final response: counted from there when
+            // it reports no usage.
+            if ends_with_answer(kind) && self.generated_bytes == 0 && probe.usage().is_none() {
+                let before = self.sample.len();
+                super::push_response_event_output(payload, &mut self.sample);
+                let added = (self.sample.len() - before) as u64;
+                self.generated_bytes += added;
+                self.sampled_bytes += added;
+            }
             if self.response_id.is_none() {
                 self.response_id = probe.response_id().map(str::to_owned);
             }
