@@ -8,6 +8,7 @@
 //! error, a broken stream or a truncated one.
 
 use super::client::Client;
+use super::forward::headers::{HeaderError, X_REQUEST_ID};
 use super::forward::Report;
 use super::{Gateway, RequestCtx};
 use crate::cache::{self, flight, Entry, Form, Join, Key, Landed};
@@ -24,7 +25,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const X_RUNESTONE_CACHE: HeaderName = HeaderName::from_static("x-runestone-cache");
-const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// What the cache does for one request.
 pub(super) struct Plan {
@@ -514,7 +514,7 @@ fn hit_header(
     request_id: &str,
     age: u64,
     rate_limit_headers: &[(HeaderName, HeaderValue)],
-) -> Result<ResponseHeader, Box<dyn std::error::Error + Send + Sync>> {
+) -> Result<ResponseHeader, HeaderError> {
     let (mut parts, ()) = http::Response::new(()).into_parts();
     parts.status = http::StatusCode::from_u16(status)?;
     let headers = &mut parts.headers;

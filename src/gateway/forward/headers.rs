@@ -13,7 +13,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use pingora::http::{RequestHeader, ResponseHeader};
 
 /// An error building a header from parts that should always be valid.
-pub(super) type HeaderError = Box<dyn std::error::Error + Send + Sync>;
+pub(in crate::gateway) type HeaderError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Client request headers passed on to providers; everything else
 /// (hop-by-hop headers, cookies, the tenant's credentials) stays behind.
@@ -33,7 +33,8 @@ const FORWARDED_RESPONSE_HEADERS: [HeaderName; 5] = [
     HeaderName::from_static("openai-version"),
 ];
 
-const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+/// The request id, the gateway's to the client and its own upstream.
+pub(in crate::gateway) const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 

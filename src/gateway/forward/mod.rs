@@ -27,7 +27,7 @@
 mod attempt;
 mod body;
 mod decode;
-mod headers;
+pub(super) mod headers;
 pub(crate) mod resume;
 
 use super::client::Client;
