@@ -15,8 +15,9 @@ use std::borrow::Cow;
 
 /// Redacts one key from a byte stream or from single values.
 #[derive(Debug, Clone, Default)]
-pub struct Redactor {
-    key: Box<[u8]>,
+pub struct Redactor<'k> {
+    /// Borrowed from the provider's settings: nothing copied a request.
+    key: &'k [u8],
     /// The tail of the last chunk that may be the start of the key.
     held: Vec<u8>,
 }
@@ -31,11 +32,11 @@ enum Match {
     No,
 }
 
-impl Redactor {
+impl<'k> Redactor<'k> {
     /// A redactor for `key` (none: everything passes unchanged).
-    pub fn new(key: Option<&str>) -> Self {
+    pub fn new(key: Option<&'k str>) -> Self {
         Redactor {
-            key: key.unwrap_or_default().as_bytes().into(),
+            key: key.unwrap_or_default().as_bytes(),
             held: Vec::new(),
         }
     }
@@ -88,7 +89,7 @@ impl Redactor {
     /// the returned position; the rest may be the start of the key and is
     /// held back (never, `at_end`).
     fn scan(&self, buf: &[u8], at_end: bool) -> (Option<Vec<u8>>, usize) {
-        let key = &self.key[..];
+        let key = self.key;
         let Some(&first) = key.first() else {
             return (None, buf.len());
         };

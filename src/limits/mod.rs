@@ -492,7 +492,7 @@ impl Limiter {
         };
         UsageReport {
             period,
-            period_id,
+            period_id: period_id.to_string(),
             usage,
             partial,
         }

@@ -3,6 +3,7 @@
 //! long until it ends.
 
 use crate::config::{BudgetPeriod, TenantLimits};
+use std::sync::Arc;
 
 /// The period usage and budgets are counted in for a tenant: its budget's,
 /// or the calendar month without a budget.
@@ -12,7 +13,7 @@ pub fn accounting_period(limits: &TenantLimits) -> BudgetPeriod {
 
 /// The current period's id (`2026-11-25`, `2026-11`, `total`) and the
 /// milliseconds until it ends (`None` for `total`), in UTC.
-pub fn period_at(period: BudgetPeriod, unix_ms: f64) -> (String, Option<u64>) {
+pub fn period_at(period: BudgetPeriod, unix_ms: f64) -> (Arc<str>, Option<u64>) {
     let secs = (unix_ms / 1000.0).floor() as i64;
     let days = secs.div_euclid(86_400);
     let (y, m, d) = civil_from_days(days);
@@ -30,25 +31,28 @@ pub fn period_at(period: BudgetPeriod, unix_ms: f64) -> (String, Option<u64>) {
             let id = period_id(1, days, || format!("{y:04}-{m:02}"));
             (id, Some(left.ceil() as u64))
         }
-        BudgetPeriod::Total => ("total".to_string(), None),
+        BudgetPeriod::Total => (period_id(2, 0, || "total".into()), None),
     }
 }
 
 /// A period id, formatted once per day and thread (`slot` 0 for days, 1 for
-/// months) rather than for every admission and settlement.
-fn period_id(slot: usize, days: i64, format: impl FnOnce() -> String) -> String {
+/// months, 2 for `total`) rather than for every admission and settlement,
+/// and shared rather than copied.
+fn period_id(slot: usize, days: i64, format: impl FnOnce() -> String) -> Arc<str> {
     thread_local! {
-        static LAST: std::cell::RefCell<[(i64, String); 2]> =
-            const { std::cell::RefCell::new([(i64::MIN, String::new()), (i64::MIN, String::new())]) };
+        static LAST: std::cell::RefCell<[(i64, Option<Arc<str>>); 3]> =
+            const { std::cell::RefCell::new([(i64::MIN, None), (i64::MIN, None), (i64::MIN, None)]) };
     }
     LAST.with(|last| {
         let mut last = last.borrow_mut();
         let (day, id) = &mut last[slot];
-        if *day != days {
-            *id = format();
-            *day = days;
+        match id {
+            Some(id) if *day == days => id.clone(),
+            _ => {
+                *day = days;
+                id.insert(format().into()).clone()
+            }
         }
-        id.clone()
     })
 }
 
@@ -91,16 +95,16 @@ mod tests {
             ("2026-11-25".into(), Some(3 * 3_600_000))
         );
         let (id, left) = period_at(BudgetPeriod::Monthly, t);
-        assert_eq!(id, "2026-11");
+        assert_eq!(&*id, "2026-11");
         assert_eq!(left, Some((5 * 24 + 3) * 3_600_000));
         assert_eq!(period_at(BudgetPeriod::Total, t), ("total".into(), None));
         // Year end and leap day.
         assert_eq!(
-            period_at(BudgetPeriod::Monthly, 1_798_761_599_000.0).0,
+            &*period_at(BudgetPeriod::Monthly, 1_798_761_599_000.0).0,
             "2026-12"
         );
         assert_eq!(
-            period_at(BudgetPeriod::Daily, 1_709_164_800_000.0).0,
+            &*period_at(BudgetPeriod::Daily, 1_709_164_800_000.0).0,
             "2024-02-29"
         );
         for days in [-1000i64, 0, 59, 60, 365, 10_957, 20_000, 100_000] {

@@ -530,7 +530,7 @@ impl Attempt<'_> {
         client: &mut dyn Client,
         report: &mut Report,
         settle: &mut dyn Settle,
-        redactor: &Redactor,
+        redactor: &Redactor<'_>,
     ) -> Result<Attempted, Attempted> {
         let provider = self.provider();
         let kind = adapter(provider.kind);

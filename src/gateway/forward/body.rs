@@ -558,7 +558,7 @@ impl Copy<'_> {
         report: &mut Report,
         settle: &mut dyn Settle,
         meter: &mut Meter,
-        redactor: &mut Redactor,
+        redactor: &mut Redactor<'_>,
         held: (Bytes, usize, bool),
     ) -> BodyEnd {
         let mut settled = false;
@@ -619,7 +619,7 @@ impl Copy<'_> {
         report: &mut Report,
         settle: &mut dyn Settle,
         meter: &mut Meter,
-        redactor: &mut Redactor,
+        redactor: &mut Redactor<'_>,
         settled: &mut bool,
         (held, mut received, ended): (Bytes, usize, bool),
     ) -> BodyEnd {
@@ -744,7 +744,7 @@ impl Copy<'_> {
         report: &mut Report,
         settle: &mut dyn Settle,
         meter: &mut Meter,
-        redactor: &mut Redactor,
+        redactor: &mut Redactor<'_>,
         settled: &mut bool,
         unsent: Bytes,
     ) -> BodyEnd {

@@ -154,7 +154,7 @@ pub(super) fn client_response(
     provider: &str,
     attempts: u32,
     edits_body: bool,
-    redactor: &Redactor,
+    redactor: &Redactor<'_>,
 ) -> Result<ResponseHeader, HeaderError> {
     let (mut parts, ()) = http::Response::new(()).into_parts();
     parts.status = upstream.status;

@@ -23,6 +23,7 @@ use crate::cost::{Usage, MAX_LINE_BYTES};
 use crate::gateway::client::Client;
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
+use futures_util::future::BoxFuture;
 use pingora::http::ResponseHeader;
 use serde_json::{json, Map, Value};
 
@@ -409,32 +410,43 @@ pub(crate) fn with_prefill(body: &[u8], text: &str, delivered_tokens: u64) -> Op
     serde_json::to_vec(&request).ok().map(Bytes::from)
 }
 
+// The methods that send or wait hand on the inner client's future instead
+// of being `async fn`s: those would box a second future around it on every
+// call (a few a request, more for a stream).
 #[async_trait]
 impl Client for Resumable<'_> {
     fn request_headers(&self) -> &http::HeaderMap {
         self.inner.request_headers()
     }
 
-    async fn send_header(&mut self, header: ResponseHeader) -> bool {
+    fn send_header<'a, 'f>(&'a mut self, header: ResponseHeader) -> BoxFuture<'f, bool>
+    where
+        'a: 'f,
+        Self: 'f,
+    {
         // A continuation's header is the client's already.
         if std::mem::replace(&mut self.started, true) {
-            return true;
+            return Box::pin(std::future::ready(true));
         }
-        self.inner.send_header(header).await
+        self.inner.send_header(header)
     }
 
-    async fn send_body(&mut self, body: Bytes, end: bool) -> bool {
+    fn send_body<'a, 'f>(&'a mut self, body: Bytes, end: bool) -> BoxFuture<'f, bool>
+    where
+        'a: 'f,
+        Self: 'f,
+    {
         if !self.enabled {
-            return self.inner.send_body(body, end).await;
+            return self.inner.send_body(body, end);
         }
         let mut out = self.process(&body, end);
         if self.diverged() {
             // Nothing more of this attempt goes out; like a client gone,
             // it ends the copy, and the forwarder ends the stream.
-            return false;
+            return Box::pin(std::future::ready(false));
         }
         if out.is_empty() && !end {
-            return true;
+            return Box::pin(std::future::ready(true));
         }
         if !out.is_empty() {
             if std::mem::take(&mut self.close_event) {
@@ -442,15 +454,23 @@ impl Client for Resumable<'_> {
             }
             self.at_boundary = out.ends_with(b"\n\n") || out.ends_with(b"\n\r\n");
         }
-        self.inner.send_body(out, end).await
+        self.inner.send_body(out, end)
     }
 
-    async fn gone(&mut self) {
-        self.inner.gone().await
+    fn gone<'a, 'f>(&'a mut self) -> BoxFuture<'f, ()>
+    where
+        'a: 'f,
+        Self: 'f,
+    {
+        self.inner.gone()
     }
 
-    async fn abort(&mut self) {
-        self.inner.abort().await
+    fn abort<'a, 'f>(&'a mut self) -> BoxFuture<'f, ()>
+    where
+        'a: 'f,
+        Self: 'f,
+    {
+        self.inner.abort()
     }
 
     fn resumable(&self) -> bool {
