@@ -5,7 +5,7 @@
 
 use super::Exchange;
 use crate::config::ProviderSettings;
-use crate::gateway::admission::{rate_limit_header_count, rate_limit_values, write_number};
+use crate::gateway::admission::{each_rate_limit_value, rate_limit_header_count, write_number};
 use crate::providers::adapter;
 use crate::redact::Redactor;
 use bytes::BytesMut;
@@ -35,6 +35,11 @@ const FORWARDED_RESPONSE_HEADERS: [HeaderName; 5] = [
 
 /// The request id, the gateway's to the client and its own upstream.
 pub(in crate::gateway) const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+// Constants, not `HeaderName::from_static` where used: that checks the
+// name on every call.
+const X_UPSTREAM_REQUEST_ID: HeaderName = HeaderName::from_static("x-upstream-request-id");
+const X_RUNESTONE_PROVIDER: HeaderName = HeaderName::from_static("x-runestone-provider");
+const X_RUNESTONE_ATTEMPTS: HeaderName = HeaderName::from_static("x-runestone-attempts");
 const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 
@@ -183,10 +188,7 @@ pub(super) fn client_response(
         }
     }
     if let Some(id) = upstream_id {
-        parts.headers.insert(
-            HeaderName::from_static("x-upstream-request-id"),
-            redacted(id)?,
-        );
+        parts.headers.insert(X_UPSTREAM_REQUEST_ID, redacted(id)?);
     }
     gateway_headers(&mut parts.headers, exchange, provider, attempts)?;
     Ok(ResponseHeader::from(parts))
@@ -207,22 +209,17 @@ pub(super) fn gateway_headers(
     // allocation for them all instead of one each.
     let mut text = BytesMut::with_capacity(256);
     let value = |text: &mut BytesMut| HeaderValue::from_maybe_shared(text.split().freeze());
-    for (name, number) in rate_limit_values(&exchange.rate_limits) {
+    each_rate_limit_value(&exchange.rate_limits, |name, number| {
         let _ = number.write_to(&mut text);
-        headers.insert(name, value(&mut text)?);
-    }
+        headers.insert(name.clone(), value(&mut text)?);
+        Ok::<(), HeaderError>(())
+    })?;
     text.extend_from_slice(exchange.request_id.as_bytes());
     headers.insert(X_REQUEST_ID, value(&mut text)?);
     text.extend_from_slice(provider.as_bytes());
-    headers.insert(
-        HeaderName::from_static("x-runestone-provider"),
-        value(&mut text)?,
-    );
+    headers.insert(X_RUNESTONE_PROVIDER, value(&mut text)?);
     let _ = write_number(&mut text, attempts.into());
-    headers.insert(
-        HeaderName::from_static("x-runestone-attempts"),
-        value(&mut text)?,
-    );
+    headers.insert(X_RUNESTONE_ATTEMPTS, value(&mut text)?);
     Ok(())
 }
 
