@@ -206,6 +206,31 @@ fn anthropic_streams_are_translated_with_and_without_usage() {
 }
 
 #[test]
+fn an_anthropic_stream_without_usage_tells_the_client_what_it_is_billed() {
+    let mock = Mock::start(&["--api-key", PROVIDER_KEY]);
+    let gw = Gateway::start(&anthropic(&mock));
+    let mut body = chat("claude", true);
+    body["max_tokens"] = json!(6);
+    body["stream_options"] = json!({"include_usage": true});
+    mock.fault(json!({"no_usage": true}));
+    let events = sse(&gw, &body);
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let last: serde_json::Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+    assert_eq!(last["choices"], json!([]));
+    // The gateway counted (the mock said nothing): the prompt, and the
+    // text up to the request's limit.
+    let (prompt, completion) = (
+        last["usage"]["prompt_tokens"].as_u64().unwrap(),
+        last["usage"]["completion_tokens"].as_u64().unwrap(),
+    );
+    assert!(prompt > 0 && completion > 0, "{last}");
+    let usage = gw.get("/v1/usage", Some(TENANT_KEY)).json();
+    assert_eq!(usage["prompt_tokens"], prompt, "the chunk is the bill");
+    assert_eq!(usage["completion_tokens"], completion);
+    assert_eq!(last["usage"]["total_tokens"], prompt + completion);
+}
+
+#[test]
 fn an_anthropic_stream_that_stalls_after_message_stop_ends_cleanly() {
     // `message_stop` is the translated stream's last event: a body held
     // open after it is whole, not a break.

@@ -17,7 +17,7 @@ use std::sync::OnceLock;
 
 /// Generated text a stream keeps to count tokens in, should the provider
 /// report no usage (the rest is counted at the sample's rate).
-const SAMPLE_BYTES: usize = 64 * 1024;
+pub(crate) const SAMPLE_BYTES: usize = 64 * 1024;
 
 /// The most finish reasons kept (one per choice).
 const MAX_FINISH_REASONS: usize = 16;

@@ -304,9 +304,8 @@ pub(super) fn each_rate_limit_value<E>(
     state: &RateLimitState,
     mut each: impl FnMut(&HeaderName, RateLimitValue) -> Result<(), E>,
 ) -> Result<(), E> {
-    for (window, [limit, remaining, reset]) in [state.requests, state.tokens]
-        .iter()
-        .zip(&RATE_LIMIT_NAMES)
+    for (window, [limit, remaining, reset]) in
+        [state.requests, state.tokens].iter().zip(&RATE_LIMIT_NAMES)
     {
         if let Some(w) = window {
             each(limit, RateLimitValue::Count(w.limit))?;

@@ -395,6 +395,7 @@ impl MockApp {
                         malformed_after,
                         no_done: true,
                         linger_ms,
+                        no_usage,
                         responses: Some(extra),
                     };
                     return self.stream(session, &meta, &plan, &mut watch).await;
@@ -430,6 +431,7 @@ impl MockApp {
                     malformed_after,
                     no_done,
                     linger_ms,
+                    no_usage,
                     responses: None,
                 };
                 return self.stream(session, &meta, &plan, &mut watch).await;
@@ -598,6 +600,7 @@ impl MockApp {
             meta.response_model(),
             g.include_usage,
         );
+        chunks.anthropic_usage = !plan.no_usage;
         if let Some(extra) = plan.responses {
             chunks.responses = Some(Box::new(ResponsesStream {
                 id: meta.id,
@@ -800,6 +803,9 @@ pub(crate) struct StreamPlan<'a> {
     pub(crate) no_done: bool,
     /// End the body this many ms after the last event.
     pub(crate) linger_ms: Option<u64>,
+    /// An Anthropic stream without usage (its start and final delta carry
+    /// none); other dialects leave theirs out through `include_usage`.
+    pub(crate) no_usage: bool,
     /// A Responses API stream: what its events carry.
     pub(crate) responses: Option<&'a ResponsesExtra>,
 }

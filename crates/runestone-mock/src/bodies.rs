@@ -323,6 +323,8 @@ pub(crate) struct ChunkMeta {
     pub(crate) usage_null: &'static str,
     /// Prompt and completion tokens, for Anthropic's usage fields.
     pub(crate) counts: (u64, u64),
+    /// An Anthropic stream's start and final delta carry its usage.
+    pub(crate) anthropic_usage: bool,
     /// A Responses API stream's identity.
     pub(crate) responses: Option<Box<ResponsesStream>>,
 }
@@ -356,6 +358,7 @@ impl ChunkMeta {
             prefix,
             usage_null: if include_usage { ",\"usage\":null" } else { "" },
             counts: (0, 0),
+            anthropic_usage: true,
             responses: None,
         }
     }
@@ -417,11 +420,14 @@ impl ChunkMeta {
     /// and the text block's start).
     pub(crate) fn role_event(&self) -> String {
         if self.kind == StreamKind::Anthropic {
-            let start = json!({"type": "message_start", "message": {
+            let mut start = json!({"type": "message_start", "message": {
                 "id": "msg_mock", "type": "message", "role": "assistant", "content": [],
                 "model": "mock", "stop_reason": null,
                 "usage": {"input_tokens": self.counts.0, "output_tokens": 1,
                           "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0}}});
+            if !self.anthropic_usage {
+                start["message"].as_object_mut().map(|m| m.remove("usage"));
+            }
             let block = json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}});
             return Self::anthropic_event("message_start", &start)
                 + &Self::anthropic_event("ping", &json!({"type": "ping"}))
@@ -515,11 +521,14 @@ impl ChunkMeta {
                 Self::anthropic_event(
                     "content_block_stop",
                     &json!({"type": "content_block_stop", "index": 0}),
-                ) + &Self::anthropic_event(
-                    "message_delta",
-                    &json!({"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": null},
-                                "usage": {"output_tokens": self.counts.1}}),
-                )
+                ) + &Self::anthropic_event("message_delta", &{
+                    let mut delta = json!({"type": "message_delta",
+                        "delta": {"stop_reason": stop, "stop_sequence": null}});
+                    if self.anthropic_usage {
+                        delta["usage"] = json!({"output_tokens": self.counts.1});
+                    }
+                    delta
+                })
             }
         }
     }

@@ -324,7 +324,11 @@ impl Attempt<'_> {
         }
         let mut meter = if translated {
             Meter::Translated(Box::new(
-                kind.stream_translator(&self.route.name, !exchange.strip_usage),
+                kind.stream_translator(&self.route.name, !exchange.strip_usage)
+                    .with_estimate(
+                        exchange.estimate.clone(),
+                        &self.route.targets[self.backend.target].model,
+                    ),
             ))
         } else {
             Meter::for_response(

@@ -115,7 +115,12 @@ impl Meter {
         // finish reason went by.
         let ending =
             |m: &StreamMeter| m.saw_finish() || memchr::memmem::find(&chunk, b"DONE").is_some();
-        if !encoding.loaded() && matches!(self, Meter::Stream(m) if m.may_add_usage() && ending(m))
+        if !encoding.loaded()
+            && match self {
+                Meter::Stream(m) => m.may_add_usage() && ending(m),
+                Meter::Translated(t) => t.may_count_for_client(&chunk),
+                _ => false,
+            }
         {
             encoding.ready().await;
         }
@@ -333,9 +338,7 @@ impl Meter {
                 cost::reported_usage_in_json_tail(tail).unwrap_or_else(|| counted(*seen as u64))
             }
             Meter::Stream(meter) => meter.usage(0),
-            Meter::Translated(translator) => translator
-                .usage()
-                .unwrap_or_else(|| counted(translator.generated_bytes())),
+            Meter::Translated(translator) => translator.billed_usage(),
         }
     }
 }

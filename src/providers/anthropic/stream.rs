@@ -3,7 +3,7 @@
 
 use super::answer::{finish_reason, to_openai_error, unix_now, usage_json, usage_of};
 use super::request::STRUCTURED_TOOL;
-use crate::cost::Usage;
+use crate::cost::{Estimate, Usage, SAMPLE_BYTES};
 use bytes::{Bytes, BytesMut};
 use serde_json::{json, Value};
 
@@ -31,7 +31,17 @@ pub struct StreamTranslator {
     finished: bool,
     /// It ended with its answer (`message_stop`, sent on as `[DONE]`).
     stopped: bool,
+    /// The final delta (with the stop reason) went by: `message_stop` is next.
+    delta_seen: bool,
     generated_bytes: u64,
+    /// The generated text seen, up to [`SAMPLE_BYTES`], to count it by
+    /// when the provider reports no usage; how many bytes it holds.
+    sample: String,
+    /// Counting: the request's estimate and the encoding's model (without
+    /// one, bytes / 4).
+    estimate: Option<(Estimate, String)>,
+    /// The count of a stopped stream (its usage chunk's, then its bill's).
+    counted: std::sync::OnceLock<Usage>,
     oversized: bool,
 }
 
@@ -54,9 +64,20 @@ impl StreamTranslator {
             structured: None,
             finished: false,
             stopped: false,
+            delta_seen: false,
             generated_bytes: 0,
+            sample: String::new(),
+            estimate: None,
+            counted: std::sync::OnceLock::new(),
             oversized: false,
         }
+    }
+
+    /// Counts with `estimate` (as `model`'s encoding does) what the
+    /// provider does not report, for the bill and the client's usage chunk.
+    pub fn with_estimate(mut self, estimate: Estimate, model: &str) -> Self {
+        self.estimate = Some((estimate, model.to_owned()));
+        self
     }
 
     /// Usage reported so far (cache tokens included), if any.
@@ -64,10 +85,59 @@ impl StreamTranslator {
         (self.saw_usage && !self.untrusted).then_some(self.usage)
     }
 
-    /// Bytes of generated text and tool arguments seen, for an estimate
-    /// when the stream breaks before any usage.
-    pub fn generated_bytes(&self) -> u64 {
-        self.generated_bytes
+    /// What the answer used: the provider's report when it gave a usable
+    /// one, else the gateway's count of the text generated so far (with
+    /// the prompt's reported counts, when those came and were usable).
+    /// The client's usage chunk carries the same figures.
+    pub fn billed_usage(&self) -> Usage {
+        if let Some(usage) = self.usage() {
+            return usage;
+        }
+        if self.stopped {
+            // Nothing comes after: counted once for the chunk and the bill.
+            return *self.counted.get_or_init(|| self.count());
+        }
+        self.count()
+    }
+
+    /// The gateway's count (see [`StreamTranslator::billed_usage`]).
+    fn count(&self) -> Usage {
+        let unsampled = self
+            .generated_bytes
+            .saturating_sub(self.sample.len() as u64);
+        let (prompt_tokens, completion_tokens) = match &self.estimate {
+            Some((estimate, model)) => (
+                estimate.prompt_tokens(model),
+                estimate.completion_tokens(model, &self.sample, unsampled),
+            ),
+            None => (0, self.generated_bytes.div_ceil(4)),
+        };
+        let reported_prompt = self.prompt_known && !self.untrusted;
+        Usage {
+            prompt_tokens: if reported_prompt {
+                self.usage.prompt_tokens
+            } else {
+                prompt_tokens
+            },
+            cached_tokens: if reported_prompt {
+                self.usage.cached_tokens
+            } else {
+                0
+            },
+            completion_tokens,
+            estimated: true,
+            ..Default::default()
+        }
+    }
+
+    /// Whether the client's usage chunk may come with `chunk` and the
+    /// gateway may have to count for it: its encoding should be loaded
+    /// first. After the final delta, or when `chunk` names the stream's end.
+    pub fn may_count_for_client(&self, chunk: &[u8]) -> bool {
+        self.include_usage
+            && !self.stopped
+            && self.usage().is_none()
+            && (self.delta_seen || memchr::memmem::find(chunk, b"message_stop").is_some())
     }
 
     /// Whether the stream ended properly (`message_stop` or an error event).
@@ -198,6 +268,9 @@ impl StreamTranslator {
                     .or(delta["partial_json"].as_str())
                     .unwrap_or_default();
                 self.generated_bytes += piece.len() as u64;
+                if self.sample.len() < SAMPLE_BYTES {
+                    self.sample.push_str(piece);
+                }
                 let openai = match delta["type"].as_str() {
                     Some("text_delta") => json!({"content": delta["text"]}),
                     Some("input_json_delta") if event["index"].as_u64() == self.structured => {
@@ -217,6 +290,7 @@ impl StreamTranslator {
                 Self::emit(out, &chunk);
             }
             "message_delta" => {
+                self.delta_seen = true;
                 if event["usage"].is_object() {
                     match usage_of(&event["usage"], false) {
                         Some(update) => {
@@ -240,6 +314,8 @@ impl StreamTranslator {
                 Self::emit(out, &chunk);
             }
             "message_stop" => {
+                self.finished = true;
+                self.stopped = true;
                 if self.include_usage {
                     let chunk = json!({
                         "id": self.id,
@@ -247,13 +323,11 @@ impl StreamTranslator {
                         "created": self.created,
                         "model": self.public_model,
                         "choices": [],
-                        "usage": usage_json(&self.usage),
+                        "usage": usage_json(&self.billed_usage()),
                     });
                     Self::emit(out, &chunk);
                 }
                 out.extend_from_slice(b"data: [DONE]\n\n");
-                self.finished = true;
-                self.stopped = true;
             }
             "error" => {
                 let status = match event["error"]["type"].as_str() {

@@ -568,3 +568,70 @@ fn a_stream_with_usage_that_cannot_be_billed_by_reports_none() {
     assert_ne!(no_delta_usage, STREAM);
     assert_eq!(feed(&no_delta_usage), None, "no final usage");
 }
+
+#[test]
+fn the_usage_chunk_of_a_stream_without_usable_usage_is_the_gateways_count() {
+    let body = json!({"model": "claude-x", "stream": true,
+        "messages": [{"role": "user", "content": "Write a few words about the sea"}]});
+    let estimate = crate::cost::Estimate::new(body.to_string().into(), None);
+    let prompt_count = estimate.prompt_tokens("claude-x");
+    let hello = crate::cost::Encoding::for_model("claude-x").count("Hello{\"a\":1}");
+    let chunk_usage = |stream: &str| {
+        let mut translator =
+            StreamTranslator::new("public", true).with_estimate(estimate.clone(), "claude-x");
+        let mut out = Vec::new();
+        for piece in stream.as_bytes().chunks(29) {
+            out.extend_from_slice(&translator.feed(piece));
+        }
+        let text = String::from_utf8(out).unwrap();
+        let last = text
+            .split("\n\n")
+            .filter_map(|e| e.strip_prefix("data: "))
+            .filter(|e| *e != "[DONE]")
+            .last()
+            .map(|e| serde_json::from_str::<Value>(e).unwrap())
+            .unwrap();
+        let billed = translator.billed_usage();
+        assert_eq!(
+            last["usage"]["prompt_tokens"], billed.prompt_tokens,
+            "{stream}"
+        );
+        assert_eq!(last["usage"]["completion_tokens"], billed.completion_tokens);
+        assert_eq!(last["usage"]["total_tokens"], billed.total());
+        billed
+    };
+    // No usage at all: both halves counted.
+    let none = STREAM
+        .replace(",\"usage\":{\"output_tokens\":7}", "")
+        .replace(
+            ",\"usage\":{\"input_tokens\":12,\"output_tokens\":1,\"cache_read_input_tokens\":4}",
+            "",
+        );
+    let billed = chunk_usage(&none);
+    assert_eq!(
+        (billed.prompt_tokens, billed.completion_tokens),
+        (prompt_count, hello)
+    );
+    assert!(billed.estimated && hello > 0);
+    // The prompt's counts came, the completion's did not: the reported
+    // prompt, the counted completion.
+    let billed = chunk_usage(&STREAM.replace(",\"usage\":{\"output_tokens\":7}", ""));
+    assert_eq!(
+        (
+            billed.prompt_tokens,
+            billed.cached_tokens,
+            billed.completion_tokens
+        ),
+        (16, 4, hello)
+    );
+    // An impossible report: none of it is taken.
+    let billed = chunk_usage(&STREAM.replace("\"input_tokens\":12", "\"input_tokens\":1e15"));
+    assert_eq!(
+        (billed.prompt_tokens, billed.completion_tokens),
+        (prompt_count, hello)
+    );
+    // A usable report stays the provider's.
+    let billed = chunk_usage(STREAM);
+    assert_eq!((billed.prompt_tokens, billed.completion_tokens), (16, 7));
+    assert!(!billed.estimated);
+}
