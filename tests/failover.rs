@@ -414,6 +414,18 @@ fn assert_resumed(gw: &Gateway, mock: &Mock, events: &[String], continuations: u
         ),
         1.0
     );
+    // Each attempt's tokens under its own model: what `small` generated
+    // before the break is not `large`'s.
+    let completion_of = |model: &str| {
+        metric_sum(
+            &metrics,
+            "runestone_tokens_total",
+            &[&format!("model=\"{model}\""), "kind=\"completion\""],
+        )
+    };
+    let (small, large) = (completion_of("small"), completion_of("large"));
+    assert!(small >= 3.0 && large >= 1.0, "small {small}, large {large}");
+    assert_eq!(small + large, completion as f64);
     assert_eq!(
         metric_sum(&metrics, "runestone_errors_total", &[]),
         0.0,

@@ -34,42 +34,23 @@ impl Settle for Settler<'_> {
             // Before the client sees the end: its next request may name it.
             gateway.remember_response(tenant, report).await;
         }
-        let (tenant, model) = gateway.label_names(self.tenant, report.route);
         let usage = report.total_usage();
-        // Each answered attempt at its own deployment's price.
-        let attempt_cost = |route, target, usage: Usage| {
+        // Each answered attempt at its own deployment's price, and under its
+        // own model's label: a stream resumed on a fallback model keeps what
+        // the first one generated under the first one's name.
+        let attempts = report.earlier.iter().copied().chain(
+            report
+                .usage
+                .map(|usage| (report.route, report.target, usage)),
+        );
+        let mut cost_pusd = 0i64;
+        for (route, target, usage) in attempts {
             let price = gateway.price(route, target);
-            usage
+            let cost = usage
                 .cost_pusd(price)
-                .saturating_add(price.map_or(0, |p| p.request))
-        };
-        let cost_pusd = report
-            .earlier
-            .iter()
-            .map(|&(route, target, usage)| attempt_cost(route, target, usage))
-            .fold(
-                report
-                    .usage
-                    .map_or(0, |usage| attempt_cost(report.route, report.target, usage)),
-                i64::saturating_add,
-            );
-        if usage.total() > 0 {
-            let [t, m, _] = label_key(self.tenant, report);
-            metrics::child(&metrics::TOKENS, [t, m, 0, 0], |v| {
-                v.with_label_values(&[tenant, model, "prompt"])
-            })
-            .inc_by(usage.prompt_tokens);
-            metrics::child(&metrics::TOKENS, [t, m, 1, 0], |v| {
-                v.with_label_values(&[tenant, model, "completion"])
-            })
-            .inc_by(usage.completion_tokens);
-        }
-        if cost_pusd > 0 {
-            let [t, m, _] = label_key(self.tenant, report);
-            metrics::child(&metrics::COST_USD, [t, m, 0, 0], |v| {
-                v.with_label_values(&[tenant, model])
-            })
-            .inc_by(cost_pusd as f64 / PICO_PER_USD);
+                .saturating_add(price.map_or(0, |p| p.request));
+            cost_pusd = cost_pusd.saturating_add(cost);
+            gateway.count_usage(self.tenant, route, usage, cost);
         }
         *self.cost_pusd = cost_pusd;
         let settlement = Settlement {
@@ -90,6 +71,36 @@ fn label_key(tenant: Option<usize>, report: &Report) -> [u32; 3] {
 }
 
 impl Gateway {
+    /// Adds one attempt's tokens and cost to the tenant's and `route`'s
+    /// counters.
+    fn count_usage(
+        &self,
+        tenant: Option<usize>,
+        route: Option<usize>,
+        usage: Usage,
+        cost_pusd: i64,
+    ) {
+        let (tenant_name, model) = self.label_names(tenant, route);
+        let index = |i: Option<usize>| i.map_or(u32::MAX, |i| i as u32);
+        let (t, m) = (index(tenant), index(route));
+        if usage.total() > 0 {
+            metrics::child(&metrics::TOKENS, [t, m, 0, 0], |v| {
+                v.with_label_values(&[tenant_name, model, "prompt"])
+            })
+            .inc_by(usage.prompt_tokens);
+            metrics::child(&metrics::TOKENS, [t, m, 1, 0], |v| {
+                v.with_label_values(&[tenant_name, model, "completion"])
+            })
+            .inc_by(usage.completion_tokens);
+        }
+        if cost_pusd > 0 {
+            metrics::child(&metrics::COST_USD, [t, m, 0, 0], |v| {
+                v.with_label_values(&[tenant_name, model])
+            })
+            .inc_by(cost_pusd as f64 / PICO_PER_USD);
+        }
+    }
+
     /// The tenant id and public model name, for labels and logs (empty
     /// when not known yet).
     fn label_names(&self, tenant: Option<usize>, route: Option<usize>) -> (&str, &str) {
