@@ -212,8 +212,23 @@ fn an_anthropic_stream_without_usage_tells_the_client_what_it_is_billed() {
     let mut body = chat("claude", true);
     body["max_tokens"] = json!(6);
     body["stream_options"] = json!({"include_usage": true});
-    mock.fault(json!({"no_usage": true}));
-    let events = sse(&gw, &body);
+    // The provider keeps the body open after `message_stop`: no report can
+    // follow it, so the request is settled before the client's `[DONE]`.
+    mock.fault(json!({"no_usage": true, "linger_ms": 3000}));
+    let (mut events, mut at_done) = (Vec::new(), None);
+    let status = read_sse_at(
+        gw.port,
+        "/v1/chat/completions",
+        TENANT_KEY,
+        &body,
+        |data, _| {
+            if data == "[DONE]" {
+                at_done = Some(gw.get("/v1/usage", Some(TENANT_KEY)).json());
+            }
+            events.push(data.to_string());
+        },
+    );
+    assert_eq!(status, 200);
     assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
     let last: serde_json::Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
     assert_eq!(last["choices"], json!([]));
@@ -224,10 +239,24 @@ fn an_anthropic_stream_without_usage_tells_the_client_what_it_is_billed() {
         last["usage"]["completion_tokens"].as_u64().unwrap(),
     );
     assert!(prompt > 0 && completion > 0, "{last}");
-    let usage = gw.get("/v1/usage", Some(TENANT_KEY)).json();
+    // Billed by the time the client had `[DONE]`.
+    let usage = at_done.unwrap();
+    assert_eq!(usage["requests"], 1, "settled before the client's [DONE]");
     assert_eq!(usage["prompt_tokens"], prompt, "the chunk is the bill");
     assert_eq!(usage["completion_tokens"], completion);
     assert_eq!(last["usage"]["total_tokens"], prompt + completion);
+
+    // No limit asked: the gateway sent Anthropic its default of 4096 (the
+    // mock stops there, its text far more than 4096 tokens), and the count
+    // is capped at it.
+    body.as_object_mut().unwrap().remove("max_tokens");
+    body["mock_tokens"] = json!(5000);
+    mock.fault(json!({"no_usage": true}));
+    let events = sse(&gw, &body);
+    let last: serde_json::Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+    assert_eq!(last["usage"]["completion_tokens"], 4096, "{last}");
+    let usage = gw.get("/v1/usage", Some(TENANT_KEY)).json();
+    assert_eq!(usage["completion_tokens"], completion + 4096);
 }
 
 #[test]

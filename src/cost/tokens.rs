@@ -181,6 +181,13 @@ impl Estimate {
         }
     }
 
+    /// The same estimate with `limit` as its token limit when the request
+    /// set none (what the gateway sent a provider that requires one).
+    pub fn or_max_tokens(mut self, limit: Option<u64>) -> Self {
+        self.max_tokens = self.max_tokens.or(limit);
+        self
+    }
+
     /// The estimate for a media request: nothing counted, `media` billed.
     pub fn media(media: super::Media) -> Self {
         Estimate {

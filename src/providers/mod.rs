@@ -60,6 +60,13 @@ pub trait Adapter: Sync {
         false
     }
 
+    /// The token limit sent for a request that sets none (the provider
+    /// requires one), so a count of its answer is capped where the
+    /// provider stopped.
+    fn default_max_tokens(&self) -> Option<u64> {
+        None
+    }
+
     /// A whole JSON answer in OpenAI's shape, answering as `public_model`,
     /// with its usage (`None`, and `usage: null` in the answer, when the
     /// provider reported none to bill by: the gateway counts); an error

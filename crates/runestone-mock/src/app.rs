@@ -268,8 +268,9 @@ impl MockApp {
             None => {}
             Some(Fault::Headers(headers)) => meta.extra_headers = headers,
             Some(Fault::EchoKey) => meta.echo_key = Some(credential(&req_headers)),
-            Some(Fault::NoUsage) => {
+            Some(Fault::NoUsage { linger_ms: linger }) => {
                 no_usage = true;
+                linger_ms = linger;
                 if let ApiCall::Chat(g) | ApiCall::Completion(g) = &mut call {
                     g.include_usage = false;
                 }

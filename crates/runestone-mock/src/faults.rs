@@ -56,7 +56,10 @@ pub(crate) enum Fault {
     Headers(Vec<(String, String)>),
     /// Answer normally but report no usage, like servers that ignore
     /// `stream_options.include_usage`.
-    NoUsage,
+    NoUsage {
+        /// Also end streams' bodies this many ms after their last event.
+        linger_ms: Option<u64>,
+    },
     /// Echo the request's credential in headers and body (hostile provider).
     EchoKey,
     /// Send the head (and a stream's role event) at once, then the first
@@ -125,7 +128,10 @@ impl QueuedFault {
                 stall_ms,
             } => json!({"stall_after_chunks": after_chunks, "stall_ms": stall_ms}),
             Fault::DropConnection => json!({"drop_connection": true}),
-            Fault::NoUsage => json!({"no_usage": true}),
+            Fault::NoUsage { linger_ms: None } => json!({"no_usage": true}),
+            Fault::NoUsage {
+                linger_ms: Some(ms),
+            } => json!({"no_usage": true, "linger_ms": ms}),
             Fault::EchoKey => json!({"echo_key": true}),
             Fault::FirstToken { ms } => json!({"first_token_ms": ms}),
             Fault::Malformed { after_chunks } => json!({"malformed_after_chunks": after_chunks}),
@@ -253,7 +259,8 @@ impl FaultSpec {
             no_done,
             reject_prefill,
             self.first_token_ms.is_some(),
-            self.linger_ms.is_some(),
+            // Goes with `no_usage` too.
+            self.linger_ms.is_some() && !no_usage,
             self.malformed_after_chunks.is_some(),
             self.headers.is_some(),
             self.error_body.is_some(),
@@ -322,7 +329,9 @@ impl FaultSpec {
         } else if dropped {
             Some(Fault::DropConnection)
         } else if no_usage {
-            Some(Fault::NoUsage)
+            Some(Fault::NoUsage {
+                linger_ms: self.linger_ms,
+            })
         } else if echo_key {
             Some(Fault::EchoKey)
         } else if no_done {

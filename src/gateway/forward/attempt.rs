@@ -326,7 +326,7 @@ impl Attempt<'_> {
             Meter::Translated(Box::new(
                 kind.stream_translator(&self.route.name, !exchange.strip_usage)
                     .with_estimate(
-                        exchange.estimate.clone(),
+                        self.estimate(),
                         &self.route.targets[self.backend.target].model,
                     ),
             ))
@@ -452,10 +452,20 @@ impl Attempt<'_> {
     /// A translated answer whose provider reported no usage to bill by:
     /// the gateway's count (the prompt as estimated, the generated text as
     /// the model's encoding counts it), written into the answer as well.
+    /// The request's estimate, capped at the token limit this provider
+    /// kind was sent when the request set none.
+    fn estimate(&self) -> crate::cost::Estimate {
+        let kind = adapter(self.provider().kind);
+        self.exchange
+            .estimate
+            .clone()
+            .or_max_tokens(kind.default_max_tokens())
+    }
+
     async fn counted(&self, answer: Vec<u8>) -> (Vec<u8>, crate::cost::Usage) {
         let model = &self.route.targets[self.backend.target].model;
         crate::cost::Encoding::for_model(model).ready().await;
-        let usage = crate::cost::usage_from_json_counted(&answer, self.exchange.estimate, model);
+        let usage = crate::cost::usage_from_json_counted(&answer, &self.estimate(), model);
         let mut value: serde_json::Value = match serde_json::from_slice(&answer) {
             Ok(value) => value,
             Err(_) => return (answer, usage),

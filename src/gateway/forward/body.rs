@@ -200,11 +200,13 @@ impl Meter {
         }
     }
 
-    /// Whether what the answer used is known from the provider's report.
-    fn usage_reported(&self) -> bool {
+    /// Whether what the answer used is known for good: from the provider's
+    /// report, or counted once a translated stream ended (nothing after
+    /// its `message_stop` is read, so no report can follow).
+    fn usage_final(&self) -> bool {
         match self {
             Meter::Stream(meter) => meter.reported_usage().is_some(),
-            Meter::Translated(translator) => translator.usage().is_some(),
+            Meter::Translated(translator) => translator.usage().is_some() || translator.stopped(),
             _ => true,
         }
     }
@@ -662,7 +664,7 @@ impl Copy<'_> {
                 Ok(Ok(Some(chunk))) if drain_until.is_some() => {
                     if !*settled {
                         meter.feed(chunk);
-                        if meter.usage_reported() {
+                        if meter.usage_final() {
                             self.settle(report, settle, meter, settled).await;
                         }
                     }
@@ -831,9 +833,9 @@ impl Copy<'_> {
         if !meter.said_last() || meter.halted() {
             return None;
         }
-        // Without the provider's usage yet, settled when it comes or at
-        // the body's end (some servers send it after `[DONE]`).
-        if meter.usage_reported() {
+        // Until what it used is final, settled when it is or at the body's
+        // end (some servers send their usage after `[DONE]`).
+        if meter.usage_final() {
             self.settle(report, settle, meter, settled).await;
         }
         Some((Instant::now() + self.idle.min(AFTER_LAST_EVENT)).min(self.deadline))

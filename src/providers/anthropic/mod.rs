@@ -73,6 +73,10 @@ impl super::Adapter for Anthropic {
         true
     }
 
+    fn default_max_tokens(&self) -> Option<u64> {
+        Some(DEFAULT_MAX_TOKENS)
+    }
+
     fn translate_answer(
         &self,
         status: u16,

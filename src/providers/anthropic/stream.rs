@@ -263,10 +263,16 @@ impl StreamTranslator {
             }
             "content_block_delta" => {
                 let delta = &event["delta"];
-                let piece = delta["text"]
-                    .as_str()
-                    .or(delta["partial_json"].as_str())
-                    .unwrap_or_default();
+                // What the model generated, to count when the provider
+                // reports no usage: thinking is billed as output, though the
+                // chat format has no place for it.
+                let piece = match delta["type"].as_str() {
+                    Some("text_delta") => delta["text"].as_str(),
+                    Some("input_json_delta") => delta["partial_json"].as_str(),
+                    Some("thinking_delta") => delta["thinking"].as_str(),
+                    _ => None,
+                }
+                .unwrap_or_default();
                 self.generated_bytes += piece.len() as u64;
                 if self.sample.len() < SAMPLE_BYTES {
                     self.sample.push_str(piece);

@@ -635,3 +635,29 @@ fn the_usage_chunk_of_a_stream_without_usable_usage_is_the_gateways_count() {
     assert_eq!((billed.prompt_tokens, billed.completion_tokens), (16, 7));
     assert!(!billed.estimated);
 }
+
+#[test]
+fn thinking_is_counted_and_unknown_deltas_are_not() {
+    let delta = |kind: &str, field: &str, text: &str| {
+        format!(
+            "event: content_block_delta\ndata: {}\n\n",
+            json!({"type": "content_block_delta", "index": 0,
+                   "delta": {"type": kind, field: text}})
+        )
+    };
+    let stream = [
+        delta("thinking_delta", "thinking", "abcdefgh"),
+        delta("signature_delta", "signature", "0123456789abcdef"),
+        delta("citations_delta", "text", "ignored text"),
+        delta("text_delta", "text", "Hi"),
+    ]
+    .concat();
+    let mut translator = StreamTranslator::new("public", false);
+    let out = String::from_utf8(translator.feed(stream.as_bytes()).to_vec()).unwrap();
+    assert!(out.contains("\"Hi\"") && !out.contains("abcdefgh") && !out.contains("ignored"));
+    // Thinking and the text, not the signature or the unknown delta.
+    assert_eq!(
+        translator.billed_usage().completion_tokens,
+        (8u64 + 2).div_ceil(4)
+    );
+}
