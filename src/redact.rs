@@ -13,6 +13,12 @@
 use bytes::Bytes;
 use std::borrow::Cow;
 
+/// Keys shorter than this are placeholders (`EMPTY`, `ollama`, `x`, as
+/// local servers that check no key are configured), not secrets: masking
+/// one would overwrite that word, or letter, everywhere in every answer.
+/// The config check warns about them.
+pub const MIN_REDACTED_KEY_LEN: usize = 8;
+
 /// Redacts one key from a byte stream or from single values.
 #[derive(Debug, Clone, Default)]
 pub struct Redactor<'k> {
@@ -33,8 +39,10 @@ enum Match {
 }
 
 impl<'k> Redactor<'k> {
-    /// A redactor for `key` (none: everything passes unchanged).
+    /// A redactor for `key` (none, or one shorter than
+    /// [`MIN_REDACTED_KEY_LEN`]: everything passes unchanged).
     pub fn new(key: Option<&'k str>) -> Self {
+        let key = key.filter(|k| k.len() >= MIN_REDACTED_KEY_LEN);
         Redactor {
             key: key.unwrap_or_default().as_bytes(),
             held: Vec::new(),
@@ -193,6 +201,21 @@ mod tests {
         assert_eq!(
             Redactor::new(None).redact(b"sk-live/abc123").as_ref(),
             b"sk-live/abc123"
+        );
+        // A placeholder key is not masked: it would mangle every answer.
+        for placeholder in ["e", "EMPTY", "ollama", "sk-1234"] {
+            assert_eq!(
+                Redactor::new(Some(placeholder))
+                    .redact(br#"{"choices":[],"model":"ollama EMPTY sk-1234"}"#)
+                    .as_ref(),
+                br#"{"choices":[],"model":"ollama EMPTY sk-1234"}"#
+            );
+        }
+        assert_eq!(
+            Redactor::new(Some("sk-12345"))
+                .redact(b"a sk-12345 b")
+                .as_ref(),
+            b"a ******** b"
         );
     }
 

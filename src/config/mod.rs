@@ -271,6 +271,13 @@ impl Config {
             .iter()
             .filter(|m| !self.pricing.contains_key(&m.name))
             .map(|m| format!("pricing: model '{}' has no price; it is served and counted in tokens, at no cost", m.name))
+            .chain(self.providers.iter().filter_map(|p| {
+                let len = p.api_key.as_ref()?.expose().len();
+                (len < crate::redact::MIN_REDACTED_KEY_LEN).then(|| format!(
+                    "providers: '{}' has an api_key of {len} characters, a placeholder rather than a key; it is not masked in what the provider sends back",
+                    p.name
+                ))
+            }))
             .chain(self.file_warnings.iter().cloned())
             .collect()
     }

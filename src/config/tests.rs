@@ -192,6 +192,20 @@ fn reports_bad_limits_pricing_and_redis() {
 }
 
 #[test]
+fn warns_about_provider_keys_too_short_to_mask() {
+    let yaml = VALID.replacen("api_key:", "api_key: \"EMPTY\" #", 1);
+    assert_ne!(yaml, VALID);
+    let config = Config::from_yaml(&yaml, env).unwrap();
+    let warnings = config.warnings();
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("api_key of 5 characters")),
+        "{warnings:#?}"
+    );
+}
+
+#[test]
 fn warns_about_models_without_a_price() {
     let config = Config::from_yaml(VALID, env).unwrap();
     assert_eq!(config.warnings().len(), 1);
