@@ -474,8 +474,8 @@ fn answers_openai_shaped_errors_with_the_documented_codes() {
         ("POST", "/v1/models", "GET, HEAD"),
         ("DELETE", "/v1/usage", "GET, HEAD"),
         ("POST", "/v1/models/gpt-4o-mini", "GET, HEAD"),
-        ("POST", "/v1/jobs", "GET"),
-        ("PUT", "/v1/jobs/job_0123456789abcdef", "GET, DELETE"),
+        ("POST", "/v1/jobs", "GET, HEAD"),
+        ("PUT", "/v1/jobs/job_0123456789abcdef", "GET, HEAD, DELETE"),
         ("PUT", "/v1/responses/resp_1", "GET, DELETE"),
         ("GET", "/v1/responses/resp_1/cancel", "POST"),
     ] {
@@ -483,15 +483,17 @@ fn answers_openai_shaped_errors_with_the_documented_codes() {
         assert_eq!(resp.status, 405, "{method} {path}");
         assert_eq!(resp.header("allow"), Some(allow), "{method} {path}");
     }
-    // HEAD where GET works: the head alone.
-    let resp = call(
-        "HEAD",
-        &gw.url("/v1/models"),
-        &[("authorization", &auth)],
-        None,
-    );
-    assert_eq!(resp.status, 200);
-    assert!(resp.body.is_empty());
+    // HEAD where GET works: the head alone, with GET's status.
+    for (path, status) in [
+        ("/v1/models", 200),
+        ("/v1/jobs", 200),
+        ("/v1/jobs/job_0123456789abcdef", 404),
+    ] {
+        let resp = call("HEAD", &gw.url(path), &[("authorization", &auth)], None);
+        let get = call("GET", &gw.url(path), &[("authorization", &auth)], None);
+        assert_eq!((resp.status, get.status), (status, status), "{path}");
+        assert!(resp.body.is_empty(), "{path}");
+    }
 
     assert_eq!(
         mock.request_count(),

@@ -71,12 +71,12 @@ impl Gateway {
                 let rest = path["/v1/responses/".len()..].to_string();
                 self.response_operation(session, ctx, &rest).await
             }
-            ("GET", "/v1/jobs", _) => {
+            ("GET" | "HEAD", "/v1/jobs", _) => {
                 ctx.endpoint = "jobs";
                 let tenant = self.authenticate(session, ctx)?;
                 self.list_jobs(session, ctx, tenant).await
             }
-            ("GET" | "DELETE", _, _) if path.starts_with("/v1/jobs/") => {
+            ("GET" | "HEAD" | "DELETE", _, _) if path.starts_with("/v1/jobs/") => {
                 ctx.endpoint = "jobs";
                 let tenant = self.authenticate(session, ctx)?;
                 let id = &path["/v1/jobs/".len()..];
@@ -93,10 +93,9 @@ impl Gateway {
                 // A known path asked with a method it does not take: its
                 // own methods, as `Allow` names them.
                 let allow = match path.as_str() {
-                    "/health" | "/ready" | "/v1/models" | "/v1/usage" => "GET, HEAD",
-                    "/v1/jobs" => "GET",
+                    "/health" | "/ready" | "/v1/models" | "/v1/usage" | "/v1/jobs" => "GET, HEAD",
                     p if p.starts_with("/v1/models/") => "GET, HEAD",
-                    p if p.starts_with("/v1/jobs/") => "GET, DELETE",
+                    p if p.starts_with("/v1/jobs/") => "GET, HEAD, DELETE",
                     _ if endpoint.is_some() => "POST",
                     _ => return Err(ApiError::unknown_url(method.as_str(), &path)),
                 };
