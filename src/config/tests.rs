@@ -619,3 +619,26 @@ fn reports_bad_cache_settings() {
         .iter()
         .any(|p| p.starts_with("tenants[0]")));
 }
+
+#[test]
+fn refuses_provider_keys_a_header_cannot_carry_as_written() {
+    for (key, expected) in [
+        ("sk-provider-key\\n", "must be printable ASCII"),
+        ("sk-provider-key ", "must not begin or end with a space"),
+        ("  sk-provider-key", "must not begin or end with a space"),
+    ] {
+        let yaml = VALID.replacen(
+            "api_key: \"${OPENAI_API_KEY}\"",
+            &format!("api_key: \"{key}\""),
+            1,
+        );
+        assert_ne!(yaml, VALID);
+        let found = problems(&yaml);
+        assert!(
+            found
+                .iter()
+                .any(|p| p.starts_with("providers[0].api_key: ") && p.contains(expected)),
+            "{key:?}: {found:#?}"
+        );
+    }
+}

@@ -216,6 +216,13 @@ pub(super) fn validate_providers(
                     &join(&path, "api_key"),
                     "must be printable ASCII (no newline or other control character)",
                 ));
+            } else if key.expose().trim() != key.expose() {
+                // A header value loses them: the provider would get (and
+                // might echo) a key other than the one masked.
+                problems.push(problem(
+                    &join(&path, "api_key"),
+                    "must not begin or end with a space",
+                ));
             }
         }
         let health_check = raw
