@@ -228,10 +228,13 @@ impl StreamTranslator {
                     .as_str()
                     .unwrap_or("chatcmpl-anthropic")
                     .to_string();
-                if message["usage"].is_object() {
+                if let Some(start) = message["usage"].as_object() {
                     // The prompt's counts; the completion's come with the
-                    // final delta (`output_tokens` here is a placeholder).
-                    match usage_of(&message["usage"], true) {
+                    // final delta (`output_tokens` here is a placeholder,
+                    // so one left out does not discredit the rest).
+                    let mut start = start.clone();
+                    start.entry("output_tokens").or_insert(json!(0));
+                    match usage_of(&Value::Object(start), true) {
                         Some(usage) => {
                             self.usage = usage;
                             self.prompt_known = true;

@@ -630,6 +630,21 @@ fn the_usage_chunk_of_a_stream_without_usable_usage_is_the_gateways_count() {
         (billed.prompt_tokens, billed.completion_tokens),
         (prompt_count, hello)
     );
+    // The start's placeholder output count left out: its prompt counts
+    // still stand.
+    let billed = chunk_usage(
+        &STREAM
+            .replace(",\"usage\":{\"output_tokens\":7}", "")
+            .replace(",\"output_tokens\":1", ""),
+    );
+    assert_eq!(
+        (
+            billed.prompt_tokens,
+            billed.cached_tokens,
+            billed.completion_tokens
+        ),
+        (16, 4, hello)
+    );
     // A usable report stays the provider's.
     let billed = chunk_usage(STREAM);
     assert_eq!((billed.prompt_tokens, billed.completion_tokens), (16, 7));
