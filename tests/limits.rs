@@ -120,6 +120,26 @@ fn admitted_responses_carry_the_tenants_rate_limit_headers() {
     assert_eq!(remaining, ["4", "3", "2", "1", "0"]);
 }
 
+#[test]
+fn an_admitted_request_that_fails_upstream_still_carries_the_rate_limit_headers() {
+    let mock = Mock::start(&[]);
+    let gw = Gateway::start(&limited(
+        &mock,
+        "{ requests_per_minute: 5, tokens_per_minute: 100000 }",
+        None,
+    ));
+    mock.fault(json!({"status": 503, "count": 100}));
+    let resp = gw.post_json(
+        "/v1/chat/completions",
+        TENANT_KEY,
+        &chat("gpt-4o-mini", false),
+    );
+    assert!(resp.status >= 500, "{}", resp.status);
+    assert_eq!(resp.header("x-ratelimit-limit-requests"), Some("5"));
+    assert_eq!(resp.header("x-ratelimit-remaining-requests"), Some("4"));
+    assert_eq!(resp.header("x-ratelimit-limit-tokens"), Some("100000"));
+}
+
 fn check_exact_tpm(redis: Option<&Redis>) {
     let mock = Mock::start(&["--latency-ms", "300"]);
     let mut body = chat("gpt-4o-mini", false);

@@ -260,6 +260,15 @@ pub(super) fn rate_limit_headers(state: &RateLimitState) -> Vec<(HeaderName, Hea
     headers
 }
 
+/// An error answered after admission, with the tenant's `x-ratelimit-*`
+/// headers as every admitted answer has them.
+pub(super) fn admitted_error(mut error: ApiError, state: &RateLimitState) -> ApiError {
+    if error.headers.is_empty() {
+        error.headers = rate_limit_headers(state);
+    }
+    error
+}
+
 /// How many `x-ratelimit-*` headers `state` makes.
 pub(super) fn rate_limit_header_count(state: &RateLimitState) -> usize {
     3 * (usize::from(state.requests.is_some()) + usize::from(state.tokens.is_some()))

@@ -205,7 +205,8 @@ impl Gateway {
         let result = self
             .forwarder
             .forward(session, &exchange, report, &mut settler)
-            .await;
+            .await
+            .map_err(|e| super::admission::admitted_error(e, &exchange.rate_limits));
         let deleted = method == http::Method::DELETE
             && operation.is_none()
             && session

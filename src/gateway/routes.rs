@@ -268,11 +268,13 @@ impl Gateway {
             cost_pusd,
             started: *started,
         };
+        let admitted_error = |e| super::admission::admitted_error(e, &exchange.rate_limits);
         let Some(plan) = plan else {
             return self
                 .forwarder
                 .forward(session, &exchange, report, &mut settler)
-                .await;
+                .await
+                .map_err(admitted_error);
         };
         let mut recorder = self.recorder(session, &plan, leader.as_ref());
         let forwarded = self
@@ -285,7 +287,7 @@ impl Gateway {
         if let Some(end) = held_end {
             let _ = session.write_response_body(Some(end), true).await;
         }
-        forwarded
+        forwarded.map_err(admitted_error)
     }
 }
 
