@@ -66,8 +66,12 @@ impl Settle for Settler<'_> {
 /// The tenant, route and provider indices behind the labels, as a key for
 /// [`metrics::child`] (`u32::MAX` when unknown).
 fn label_key(tenant: Option<usize>, report: &Report) -> [u32; 3] {
-    let index = |i: Option<usize>| i.map_or(u32::MAX, |i| i as u32);
-    [index(tenant), index(report.route), index(report.provider)]
+    [tenant, report.route, report.provider].map(label_index)
+}
+
+/// One index behind a label, for [`metrics::child`]'s key.
+fn label_index(i: Option<usize>) -> u32 {
+    i.map_or(u32::MAX, |i| i as u32)
 }
 
 impl Gateway {
@@ -81,8 +85,7 @@ impl Gateway {
         cost_pusd: i64,
     ) {
         let (tenant_name, model) = self.label_names(tenant, route);
-        let index = |i: Option<usize>| i.map_or(u32::MAX, |i| i as u32);
-        let (t, m) = (index(tenant), index(route));
+        let (t, m) = (label_index(tenant), label_index(route));
         if usage.total() > 0 {
             metrics::child(&metrics::TOKENS, [t, m, 0, 0], |v| {
                 v.with_label_values(&[tenant_name, model, "prompt"])

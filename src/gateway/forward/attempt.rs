@@ -449,9 +449,6 @@ impl Attempt<'_> {
         Ok(Attempted::Answered)
     }
 
-    /// A translated answer whose provider reported no usage to bill by:
-    /// the gateway's count (the prompt as estimated, the generated text as
-    /// the model's encoding counts it), written into the answer as well.
     /// The request's estimate, capped at the token limit this provider
     /// kind was sent when the request set none.
     fn estimate(&self) -> crate::cost::Estimate {
@@ -462,6 +459,9 @@ impl Attempt<'_> {
             .or_max_tokens(kind.default_max_tokens())
     }
 
+    /// A translated answer whose provider reported no usage to bill by:
+    /// the gateway's count (the prompt as estimated, the generated text as
+    /// the model's encoding counts it), written into the answer as well.
     async fn counted(&self, answer: Vec<u8>) -> (Vec<u8>, crate::cost::Usage) {
         let model = &self.route.targets[self.backend.target].model;
         crate::cost::Encoding::for_model(model).ready().await;
