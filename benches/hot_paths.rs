@@ -172,7 +172,8 @@ fn translation(c: &mut Criterion) {
     // The inputs are what the adapter accepts (else the figures would time
     // an early error).
     anthropic::to_messages_request(request, "claude").expect("a valid request");
-    anthropic::to_chat_completion(answer, "m").expect("a valid answer");
+    let estimate = runestone::cost::Estimate::new(Bytes::from_static(request), Some(256));
+    anthropic::to_chat_completion(answer, "m", &estimate, "claude").expect("a valid answer");
     let mut translator = anthropic::StreamTranslator::new("m", true);
     for chunk in &stream {
         translator.feed(chunk);
@@ -183,7 +184,7 @@ fn translation(c: &mut Criterion) {
         b.iter(|| anthropic::to_messages_request(black_box(request), "claude"))
     });
     c.bench_function("anthropic/to_chat_completion", |b| {
-        b.iter(|| anthropic::to_chat_completion(black_box(answer), "m"))
+        b.iter(|| anthropic::to_chat_completion(black_box(answer), "m", &estimate, "claude"))
     });
     c.bench_function("anthropic/stream translation (100 deltas)", |b| {
         b.iter_batched(

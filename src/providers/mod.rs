@@ -11,7 +11,7 @@ mod azure;
 mod openai;
 
 use crate::config::ProviderKind;
-use crate::cost::Usage;
+use crate::cost::{Estimate, Usage};
 use crate::openai::{ApiError, Endpoint};
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue};
@@ -67,21 +67,31 @@ pub trait Adapter: Sync {
         None
     }
 
-    /// A whole JSON answer in OpenAI's shape, answering as `public_model`,
-    /// with its usage (`None`, and `usage: null` in the answer, when the
-    /// provider reported none to bill by: the gateway counts); an error
-    /// answer becomes the OpenAI error of the same class. Only called when
+    /// A whole successful answer as an OpenAI JSON answer, answering as
+    /// `public_model`, with its usage: the provider's report, or the
+    /// gateway's count by `estimate` as `model`'s encoding counts (which
+    /// should be loaded) when it reported none to bill by. Only called when
     /// [`Adapter::translates_answers`].
     fn translate_answer(
         &self,
-        status: u16,
         body: &[u8],
         public_model: &str,
-    ) -> Result<(Vec<u8>, Option<Usage>), ApiError> {
-        let _ = (body, public_model);
-        Err(ApiError::internal(format!(
-            "answer translation asked of a pass-through provider (status {status})"
-        )))
+        estimate: &Estimate,
+        model: &str,
+    ) -> Result<(Vec<u8>, Usage), ApiError> {
+        let _ = (body, public_model, estimate, model);
+        Err(ApiError::internal(
+            "answer translation asked of a pass-through provider",
+        ))
+    }
+
+    /// An error answer (status `status`) as the OpenAI error of the same
+    /// class. Only called when [`Adapter::translates_answers`].
+    fn translate_error(&self, status: u16, body: &[u8]) -> ApiError {
+        let _ = body;
+        ApiError::internal(format!(
+            "error translation asked of a pass-through provider (status {status})"
+        ))
     }
 
     /// A translator for a streamed answer. Only called when

@@ -137,15 +137,40 @@ def test_a_tool_only_stream_leaves_the_content_null(client):
 class ScriptedClaude(LocalServer):
     """An Anthropic Messages endpoint answering with the usage it is told."""
 
+    TEXT = "a short answer of a few words"
+
     def __init__(self):
         self.usage = None
+        self.thinking = None
         super().__init__(self.answer)
 
     def answer(self, request, body):
+        content = [{"type": "text", "text": self.TEXT}]
+        if self.thinking:
+            content.insert(0, {"type": "thinking", "thinking": self.thinking, "signature": "c2ln"})
         message = {"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-x",
-                   "content": [{"type": "text", "text": "a short answer of a few words"}],
-                   "stop_reason": "end_turn", "usage": self.usage}
-        return 200, "application/json", json.dumps(message).encode()
+                   "content": content, "stop_reason": "end_turn", "usage": self.usage}
+        if not json.loads(body).get("stream"):
+            return 200, "application/json", json.dumps(message).encode()
+        # Streamed, each event's JSON split over several `data:` lines (the
+        # SSE format joins them; a payload is not one line by rule).
+        events = [
+            ("message_start", {"type": "message_start", "message": {**message, "content": [],
+                                                                     "usage": {"input_tokens": 11, "output_tokens": 1}}}),
+            ("content_block_start", {"type": "content_block_start", "index": 0,
+                                     "content_block": {"type": "text", "text": ""}}),
+            *[("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                       "delta": {"type": "text_delta", "text": word}})
+              for word in self.TEXT.split(" ")],
+            ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+            ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+                               "usage": {"output_tokens": 7}}),
+            ("message_stop", {"type": "message_stop"}),
+        ]
+        stream = "".join(
+            f"event: {kind}\n" + "".join(f"data: {line}\n" for line in json.dumps(data, indent=1).splitlines()) + "\n"
+            for kind, data in events)
+        return 200, "text/event-stream", stream.encode()
 
 
 def test_an_answer_without_usage_to_bill_by_is_counted_not_billed_as_reported():
@@ -177,16 +202,38 @@ tenants:
             # The gateway's own count, in the answer and in the bill.
             assert 0 < answer.usage.completion_tokens < 20, usage
             assert 0 < answer.usage.prompt_tokens < 100, usage
+        counted = answer.usage.completion_tokens
+        # The prompt's counts without the completion's: the prompt is the
+        # provider's, the completion the gateway's count.
+        for usage in [{"input_tokens": 41}, {"input_tokens": 41, "output_tokens": None}]:
+            provider.usage = usage
+            answer = client.chat.completions.create(
+                model="claude", max_tokens=20, messages=[{"role": "user", "content": "Say something short"}])
+            assert (answer.usage.prompt_tokens, answer.usage.completion_tokens) == (41, counted), usage
+        # Thinking the answer has no place for is billed as output all the same.
+        provider.usage, provider.thinking = None, "The user wants something short, so a few words will do."
+        answer = client.chat.completions.create(
+            model="claude", max_tokens=100, messages=[{"role": "user", "content": "Say something short"}])
+        assert answer.choices[0].message.content == ScriptedClaude.TEXT
+        assert answer.usage.completion_tokens > counted + 8, answer.usage
+        provider.thinking = None
         provider.usage = {"input_tokens": 11, "output_tokens": 7}
         answer = client.chat.completions.create(
             model="claude", max_tokens=20, messages=[{"role": "user", "content": "Say something short"}])
         assert (answer.usage.prompt_tokens, answer.usage.completion_tokens) == (11, 7)
         billed = httpx.get(f"http://127.0.0.1:{gateway.port}/v1/usage",
                            headers={"authorization": f"Bearer {TENANT_KEY}"}, timeout=10).json()
-        assert billed["requests"] == 5
-        assert billed["estimated_requests"] == 4
+        assert billed["requests"] == 8
+        assert billed["estimated_requests"] == 7
         assert billed["prompt_tokens"] < 500, billed
         assert billed["cost_usd"] < 0.01, billed
+        # A stream whose events' JSON spans several `data:` lines reads whole.
+        stream = client.chat.completions.create(
+            model="claude", max_tokens=20, stream=True, stream_options={"include_usage": True},
+            messages=[{"role": "user", "content": "Say something short"}])
+        chunks = list(stream)
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == ScriptedClaude.TEXT.replace(" ", "")
+        assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (11, 7)
     finally:
         gateway.stop()
         provider.stop()

@@ -459,21 +459,6 @@ impl Attempt<'_> {
             .or_max_tokens(kind.default_max_tokens())
     }
 
-    /// A translated answer whose provider reported no usage to bill by:
-    /// the gateway's count (the prompt as estimated, the generated text as
-    /// the model's encoding counts it), written into the answer as well.
-    async fn counted(&self, answer: Vec<u8>) -> (Vec<u8>, crate::cost::Usage) {
-        let model = &self.route.targets[self.backend.target].model;
-        crate::cost::Encoding::for_model(model).ready().await;
-        let usage = crate::cost::usage_from_json_counted(&answer, &self.estimate(), model);
-        let mut value: serde_json::Value = match serde_json::from_slice(&answer) {
-            Ok(value) => value,
-            Err(_) => return (answer, usage),
-        };
-        value["usage"] = crate::providers::anthropic::usage_json(&usage);
-        (serde_json::to_vec(&value).unwrap_or(answer), usage)
-    }
-
     /// Returns the answer's connection to the pool when the provider's
     /// response was read to its end (and it keeps connections alive).
     async fn release(&self, mut answer: Box<Answer>) {
@@ -552,11 +537,9 @@ impl Attempt<'_> {
         let status = head.status.as_u16();
         let body = redactor.redact(&body).into_owned();
         let (status, content_type, answer) = if !head.status.is_success() {
-            let error = kind.translates_answers().then(|| {
-                kind.translate_answer(status, &body, &self.route.name)
-                    .err()
-                    .unwrap_or_else(|| ApiError::upstream_error("The provider answered an error."))
-            });
+            let error = kind
+                .translates_answers()
+                .then(|| kind.translate_error(status, &body));
             let too_long = match &error {
                 Some(error) => error.code == "context_length_exceeded",
                 None => crate::openai::is_context_length_error(&body),
@@ -601,14 +584,12 @@ impl Attempt<'_> {
                 }
             }
         } else {
+            // Should the provider report no usage, the gateway counts.
+            let model = &self.route.targets[self.backend.target].model;
+            crate::cost::Encoding::for_model(model).ready().await;
             let (answer, usage) = kind
-                .translate_answer(status, &body, &self.route.name)
+                .translate_answer(&body, &self.route.name, &self.estimate(), model)
                 .map_err(|e| self.deployment_failure(e))?;
-            let (answer, usage) = match usage {
-                Some(usage) => (answer, usage),
-                // Nothing to bill by: the gateway's count, in the answer too.
-                None => self.counted(answer).await,
-            };
             report.usage = Some(usage);
             if let Some(capture) = self.describes() {
                 report.answer =

@@ -1,7 +1,7 @@
 //! A Messages API answer (or error) as an OpenAI chat completion (or error).
 
 use super::request::STRUCTURED_TOOL;
-use crate::cost::Usage;
+use crate::cost::{Estimate, Usage};
 use crate::openai::ApiError;
 use serde_json::{json, Value};
 
@@ -52,6 +52,50 @@ pub(super) fn usage_of(usage: &Value, whole: bool) -> Option<Usage> {
     })
 }
 
+/// The prompt's counts in a usage report whose completion count is left
+/// out (or null): a stream's start carries only a placeholder for it, and
+/// some answers none. `None` when the prompt's counts are not usable, or
+/// when a completion count is there but not usable (then none of the
+/// report is taken).
+pub(super) fn prompt_of(usage: &Value) -> Option<Usage> {
+    let mut usage = usage.as_object()?.clone();
+    let output = usage.entry("output_tokens").or_insert(Value::Null);
+    if output.is_null() {
+        *output = json!(0);
+    }
+    usage_of(&Value::Object(usage), true)
+}
+
+/// The gateway's count of an answer whose provider reported no usage to
+/// bill by: the prompt's reported counts when they came usable
+/// (`reported_prompt`, see [`prompt_of`]), else `estimate`'s; the generated
+/// text `sample` and the `unsampled` bytes beyond it as `model`'s encoding
+/// counts them (without an estimate, bytes / 4 and no prompt).
+pub(super) fn counted(
+    reported_prompt: Option<&Usage>,
+    estimate: Option<(&Estimate, &str)>,
+    sample: &str,
+    unsampled: u64,
+) -> Usage {
+    let (prompt_tokens, completion_tokens) = match estimate {
+        Some((estimate, model)) => (
+            reported_prompt.map_or_else(|| estimate.prompt_tokens(model), |u| u.prompt_tokens),
+            estimate.completion_tokens(model, sample, unsampled),
+        ),
+        None => (
+            reported_prompt.map_or(0, |u| u.prompt_tokens),
+            (sample.len() as u64 + unsampled).div_ceil(4),
+        ),
+    };
+    Usage {
+        prompt_tokens,
+        cached_tokens: reported_prompt.map_or(0, |u| u.cached_tokens),
+        completion_tokens,
+        estimated: true,
+        ..Default::default()
+    }
+}
+
 /// Usage as an OpenAI answer's `usage` member.
 pub fn usage_json(usage: &Usage) -> Value {
     json!({
@@ -69,35 +113,56 @@ pub(super) fn unix_now() -> u64 {
 }
 
 /// Translates a Messages API answer into a `chat.completion`, with its
-/// usage; `None` (and `usage: null` in the answer) when the provider
-/// reported none the gateway can bill by: it counts, and fills it in.
+/// usage: the provider's report when it gave one to bill by, else the
+/// gateway's count by `estimate` (see [`counted`]; `model`'s encoding
+/// should be loaded), of the text, tool inputs and thinking the model
+/// generated. The answer's `usage` is what is billed, either way.
 pub fn to_chat_completion(
     body: &[u8],
     public_model: &str,
-) -> Result<(Vec<u8>, Option<Usage>), ApiError> {
+    estimate: &Estimate,
+    model: &str,
+) -> Result<(Vec<u8>, Usage), ApiError> {
     let message: Value = serde_json::from_slice(body).map_err(|e| {
         ApiError::upstream_error(format!("The provider answered with invalid JSON: {e}"))
     })?;
     let mut text = String::new();
     let mut tool_calls = Vec::new();
     let mut structured = false;
+    // What the model generated, in the order a stream of it would be
+    // counted: thinking is billed as output, though the chat format has
+    // no place for it.
+    let mut generated = String::new();
     for block in message["content"].as_array().into_iter().flatten() {
         match block["type"].as_str() {
-            Some("text") => text.push_str(block["text"].as_str().unwrap_or_default()),
+            Some("text") => {
+                let piece = block["text"].as_str().unwrap_or_default();
+                text.push_str(piece);
+                generated.push_str(piece);
+            }
+            Some("thinking") => generated.push_str(block["thinking"].as_str().unwrap_or_default()),
             // A JSON response_format's forced tool: its input is the answer.
             Some("tool_use") if block["name"] == STRUCTURED_TOOL => {
                 structured = true;
                 text = block["input"].to_string();
+                generated.push_str(&text);
             }
-            Some("tool_use") => tool_calls.push(json!({
-                "id": block["id"],
-                "type": "function",
-                "function": {"name": block["name"], "arguments": block["input"].to_string()},
-            })),
+            Some("tool_use") => {
+                let arguments = block["input"].to_string();
+                generated.push_str(&arguments);
+                tool_calls.push(json!({
+                    "id": block["id"],
+                    "type": "function",
+                    "function": {"name": block["name"], "arguments": arguments},
+                }));
+            }
             _ => {}
         }
     }
-    let usage = usage_of(&message["usage"], true);
+    let usage = usage_of(&message["usage"], true).unwrap_or_else(|| {
+        let prompt = prompt_of(&message["usage"]);
+        counted(prompt.as_ref(), Some((estimate, model)), &generated, 0)
+    });
     let mut reply = json!({"role": "assistant", "content": if text.is_empty() && !tool_calls.is_empty() { Value::Null } else { json!(text) }});
     if !tool_calls.is_empty() {
         reply["tool_calls"] = Value::Array(tool_calls);
@@ -116,7 +181,7 @@ pub fn to_chat_completion(
             },
             "logprobs": null,
         }],
-        "usage": usage.as_ref().map(usage_json),
+        "usage": usage_json(&usage),
     });
     Ok((
         serde_json::to_vec(&completion).expect("a JSON value serialises"),

@@ -28,7 +28,7 @@ pub use answer::{to_chat_completion, to_openai_error, usage_json};
 pub use request::{to_messages_request, FIELDS, STRUCTURED_TOOL};
 pub use stream::StreamTranslator;
 
-use crate::cost::Usage;
+use crate::cost::{Estimate, Usage};
 use crate::openai::{ApiError, Endpoint};
 use bytes::Bytes;
 use http::HeaderName;
@@ -79,13 +79,15 @@ impl super::Adapter for Anthropic {
 
     fn translate_answer(
         &self,
-        status: u16,
         body: &[u8],
         public_model: &str,
-    ) -> Result<(Vec<u8>, Option<Usage>), ApiError> {
-        if !(200..300).contains(&status) {
-            return Err(to_openai_error(status, body));
-        }
-        to_chat_completion(body, public_model)
+        estimate: &Estimate,
+        model: &str,
+    ) -> Result<(Vec<u8>, Usage), ApiError> {
+        to_chat_completion(body, public_model, estimate, model)
+    }
+
+    fn translate_error(&self, status: u16, body: &[u8]) -> ApiError {
+        to_openai_error(status, body)
     }
 }

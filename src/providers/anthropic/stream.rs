@@ -1,7 +1,9 @@
 //! A Messages API event stream as OpenAI `chat.completion.chunk`s, event by
 //! event, never buffering more than a partial line.
 
-use super::answer::{finish_reason, to_openai_error, unix_now, usage_json, usage_of};
+use super::answer::{
+    counted, finish_reason, prompt_of, to_openai_error, unix_now, usage_json, usage_of,
+};
 use super::request::STRUCTURED_TOOL;
 use crate::cost::{Estimate, Usage, SAMPLE_BYTES};
 use bytes::{Bytes, BytesMut};
@@ -42,7 +44,11 @@ pub struct StreamTranslator {
     estimate: Option<(Estimate, String)>,
     /// The count of a stopped stream (its usage chunk's, then its bill's).
     counted: std::sync::OnceLock<Usage>,
-    oversized: bool,
+    /// The data lines of an event whose payload is split over several (the
+    /// SSE format joins them with line ends), until its blank line.
+    data: String,
+    /// The stream was cut at an event too long to hold.
+    cut: bool,
 }
 
 impl StreamTranslator {
@@ -69,7 +75,8 @@ impl StreamTranslator {
             sample: String::new(),
             estimate: None,
             counted: std::sync::OnceLock::new(),
-            oversized: false,
+            data: String::new(),
+            cut: false,
         }
     }
 
@@ -105,29 +112,9 @@ impl StreamTranslator {
         let unsampled = self
             .generated_bytes
             .saturating_sub(self.sample.len() as u64);
-        let (prompt_tokens, completion_tokens) = match &self.estimate {
-            Some((estimate, model)) => (
-                estimate.prompt_tokens(model),
-                estimate.completion_tokens(model, &self.sample, unsampled),
-            ),
-            None => (0, self.generated_bytes.div_ceil(4)),
-        };
-        let reported_prompt = self.prompt_known && !self.untrusted;
-        Usage {
-            prompt_tokens: if reported_prompt {
-                self.usage.prompt_tokens
-            } else {
-                prompt_tokens
-            },
-            cached_tokens: if reported_prompt {
-                self.usage.cached_tokens
-            } else {
-                0
-            },
-            completion_tokens,
-            estimated: true,
-            ..Default::default()
-        }
+        let reported_prompt = (self.prompt_known && !self.untrusted).then_some(&self.usage);
+        let estimate = self.estimate.as_ref().map(|(e, model)| (e, model.as_str()));
+        counted(reported_prompt, estimate, &self.sample, unsampled)
     }
 
     /// Whether the client's usage chunk may come with `chunk` and the
@@ -152,25 +139,20 @@ impl StreamTranslator {
     }
 
     /// Takes one upstream chunk; returns the OpenAI events it completes.
+    ///
+    /// An event is translated as soon as its `data:` line is JSON; a
+    /// payload split over several lines, when its blank line comes. An
+    /// event longer than [`crate::cost::MAX_LINE_BYTES`] is not held: the
+    /// stream ends there with an error event (its text would be missing
+    /// from the answer), and its bytes are counted as generated.
     pub fn feed(&mut self, chunk: &[u8]) -> Bytes {
-        let mut chunk = chunk;
-        if self.stopped {
-            // Nothing after `message_stop` is translated.
+        if self.stopped || self.cut {
+            // Nothing after `message_stop` or an oversized event is translated.
             return Bytes::new();
-        }
-        if self.oversized {
-            // The rest of a line too long to translate is dropped.
-            match chunk.iter().position(|&b| b == b'\n') {
-                None => return Bytes::new(),
-                Some(i) => {
-                    chunk = &chunk[i + 1..];
-                    self.oversized = false;
-                }
-            }
         }
         self.partial.extend_from_slice(chunk);
         let mut out = BytesMut::new();
-        while let Some(end) = self.partial.iter().position(|&b| b == b'\n') {
+        while let Some(end) = memchr::memchr(b'\n', &self.partial) {
             if self.stopped {
                 self.partial.clear();
                 break;
@@ -182,22 +164,56 @@ impl StreamTranslator {
                 self.event = Some(event.trim().to_string());
             } else if let Some(data) = line.strip_prefix("data:") {
                 let data = data.trim();
-                if let Ok(value) = serde_json::from_str::<Value>(data) {
-                    let kind = value["type"]
-                        .as_str()
-                        .map(str::to_string)
-                        .or_else(|| self.event.clone());
-                    self.translate(kind.as_deref().unwrap_or_default(), &value, &mut out);
+                if self.data.is_empty() {
+                    // The common case: the payload on one line.
+                    match serde_json::from_str::<Value>(data) {
+                        Ok(value) => self.dispatch(&value, &mut out),
+                        Err(_) => self.data.push_str(data),
+                    }
+                } else {
+                    self.data.push('\n');
+                    self.data.push_str(data);
                 }
             } else if line.is_empty() {
+                if !self.data.is_empty() {
+                    let data = std::mem::take(&mut self.data);
+                    if let Ok(value) = serde_json::from_str::<Value>(&data) {
+                        self.dispatch(&value, &mut out);
+                    }
+                }
                 self.event = None;
             }
         }
-        if self.partial.len() > crate::cost::MAX_LINE_BYTES {
-            self.partial.clear();
-            self.oversized = true;
+        if !self.cut && self.partial.len() + self.data.len() > crate::cost::MAX_LINE_BYTES {
+            self.cut_oversized(&mut out);
         }
         out.freeze()
+    }
+
+    /// Translates one event's payload, its type named in it or by its
+    /// `event:` line.
+    fn dispatch(&mut self, value: &Value, out: &mut BytesMut) {
+        let kind = value["type"]
+            .as_str()
+            .map(str::to_string)
+            .or_else(|| self.event.clone());
+        self.translate(kind.as_deref().unwrap_or_default(), value, out);
+    }
+
+    /// Ends the stream at an event too long to hold: its bytes so far are
+    /// counted as generated (what follows of it is not read), and the
+    /// client gets an error event in place of the text it would miss.
+    fn cut_oversized(&mut self, out: &mut BytesMut) {
+        self.generated_bytes += (self.partial.len() + self.data.len()) as u64;
+        self.partial.clear();
+        self.data.clear();
+        self.cut = true;
+        self.finished = true;
+        let error = crate::openai::ApiError::upstream_error(format!(
+            "The provider sent a stream event longer than {} bytes, which the gateway does not translate; the answer ends here.",
+            crate::cost::MAX_LINE_BYTES
+        ));
+        out.extend_from_slice(&error.sse_event());
     }
 
     fn chunk(&self, delta: Value, finish: Option<&str>) -> Value {
@@ -228,13 +244,11 @@ impl StreamTranslator {
                     .as_str()
                     .unwrap_or("chatcmpl-anthropic")
                     .to_string();
-                if let Some(start) = message["usage"].as_object() {
+                if message["usage"].is_object() {
                     // The prompt's counts; the completion's come with the
                     // final delta (`output_tokens` here is a placeholder,
                     // so one left out does not discredit the rest).
-                    let mut start = start.clone();
-                    start.entry("output_tokens").or_insert(json!(0));
-                    match usage_of(&Value::Object(start), true) {
+                    match prompt_of(&message["usage"]) {
                         Some(usage) => {
                             self.usage = usage;
                             self.prompt_known = true;

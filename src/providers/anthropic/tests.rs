@@ -4,6 +4,25 @@ use super::*;
 use crate::cost::Usage;
 use serde_json::{json, Value};
 
+/// A JSON answer translated as the gateway does, counting (should the
+/// provider report no usage) by a one-message prompt's estimate.
+fn answer_of(answer: &Value) -> (Vec<u8>, Usage) {
+    to_chat_completion(
+        answer.to_string().as_bytes(),
+        "public",
+        &prompt_estimate(),
+        "claude-x",
+    )
+    .unwrap()
+}
+
+/// The estimate of the prompt the counting tests' answers answer.
+fn prompt_estimate() -> crate::cost::Estimate {
+    let body = json!({"model": "claude-x", "stream": true,
+        "messages": [{"role": "user", "content": "Write a few words about the sea"}]});
+    crate::cost::Estimate::new(body.to_string().into(), None)
+}
+
 fn translate(body: Value) -> Value {
     serde_json::from_slice(&to_messages_request(body.to_string().as_bytes(), "claude-x").unwrap())
         .unwrap()
@@ -112,7 +131,7 @@ fn translates_a_json_answer_with_cache_usage() {
         "stop_reason": "tool_use",
         "usage": {"input_tokens": 10, "output_tokens": 5, "cache_read_input_tokens": 20, "cache_creation_input_tokens": 3},
     });
-    let (body, usage) = to_chat_completion(answer.to_string().as_bytes(), "public").unwrap();
+    let (body, usage) = answer_of(&answer);
     let out: Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(out["object"], "chat.completion");
     assert_eq!(out["model"], "public");
@@ -124,27 +143,36 @@ fn translates_a_json_answer_with_cache_usage() {
     assert_eq!(out["choices"][0]["finish_reason"], "tool_calls");
     assert_eq!(
         usage,
-        Some(Usage {
+        Usage {
             prompt_tokens: 33,
             completion_tokens: 5,
             cached_tokens: 20,
             estimated: false,
             ..Default::default()
-        })
+        }
     );
     assert_eq!(out["usage"]["prompt_tokens_details"]["cached_tokens"], 20);
 }
 
 #[test]
-fn usage_that_cannot_be_billed_by_is_left_for_the_gateway_to_count() {
-    let answer = |usage: Value| {
-        let answer = json!({
+fn an_answer_without_usage_to_bill_by_is_counted_and_says_so() {
+    let estimate = prompt_estimate();
+    let prompt_count = estimate.prompt_tokens("claude-x");
+    let encoding = crate::cost::Encoding::for_model("claude-x");
+    let answer = |content: Value, usage: Value| {
+        let (body, billed) = answer_of(&json!({
             "id": "msg_1", "type": "message", "role": "assistant",
-            "content": [{"type": "text", "text": "Hello"}], "stop_reason": "end_turn",
-            "usage": usage,
-        });
-        to_chat_completion(answer.to_string().as_bytes(), "public").unwrap()
+            "content": content, "stop_reason": "end_turn", "usage": usage,
+        }));
+        let out: Value = serde_json::from_slice(&body).unwrap();
+        // The client's usage is the bill's.
+        assert_eq!(out["usage"]["prompt_tokens"], billed.prompt_tokens);
+        assert_eq!(out["usage"]["completion_tokens"], billed.completion_tokens);
+        assert_eq!(out["usage"]["total_tokens"], billed.total());
+        billed
     };
+    let hello = json!([{"type": "text", "text": "Hello"}]);
+    let hello_count = encoding.count("Hello");
     for usage in [
         Value::Null,
         json!({}),
@@ -154,25 +182,58 @@ fn usage_that_cannot_be_billed_by_is_left_for_the_gateway_to_count() {
         json!({"input_tokens": 10, "output_tokens": 2.5}),
         json!({"input_tokens": 10, "output_tokens": "5"}),
         json!({"input_tokens": 10, "output_tokens": 5, "cache_read_input_tokens": -1}),
-    ] {
-        let (body, billed) = answer(usage.clone());
-        assert_eq!(billed, None, "{usage}");
-        let out: Value = serde_json::from_slice(&body).unwrap();
-        assert!(out["usage"].is_null(), "{usage}: {out}");
-    }
-    for half in [
         json!({"output_tokens": 5}),
-        json!({"input_tokens": 10}),
         json!({"input_tokens": null, "output_tokens": null}),
-        json!({"input_tokens": 10, "output_tokens": null}),
     ] {
-        assert_eq!(answer(half.clone()).1, None, "half a report: {half}");
+        let billed = answer(hello.clone(), usage.clone());
+        assert_eq!(
+            (
+                billed.prompt_tokens,
+                billed.completion_tokens,
+                billed.estimated
+            ),
+            (prompt_count, hello_count, true),
+            "none of {usage} is taken"
+        );
     }
-    let (_, billed) = answer(json!({"input_tokens": 10, "output_tokens": 5,
-        "cache_read_input_tokens": null, "server_tool_use": {"web_search_requests": 1}}));
+    // The prompt's counts without the completion's: the prompt as
+    // reported, the completion counted.
+    for usage in [
+        json!({"input_tokens": 10}),
+        json!({"input_tokens": 10, "output_tokens": null, "cache_read_input_tokens": 4}),
+    ] {
+        let billed = answer(hello.clone(), usage.clone());
+        let cached = usage["cache_read_input_tokens"].as_u64().unwrap_or(0);
+        assert_eq!(
+            (
+                billed.prompt_tokens,
+                billed.cached_tokens,
+                billed.completion_tokens
+            ),
+            (10 + cached, cached, hello_count),
+            "{usage}"
+        );
+    }
+    // Thinking is billed as output, though the answer has no place for it;
+    // a redacted block's data is not text the model wrote out.
+    let thinking = json!([
+        {"type": "thinking", "thinking": "Let me think about the sea", "signature": "c2lnbmF0dXJl"},
+        {"type": "redacted_thinking", "data": "ZW5jcnlwdGVkIHJlYXNvbmluZw=="},
+        {"type": "text", "text": "Hello"},
+    ]);
+    let billed = answer(thinking, Value::Null);
     assert_eq!(
-        billed.map(|u| (u.prompt_tokens, u.completion_tokens)),
-        Some((10, 5))
+        billed.completion_tokens,
+        encoding.count("Let me think about the seaHello")
+    );
+    let kept = answer(
+        json!([{"type": "text", "text": "Hello"}]),
+        json!({"input_tokens": 10, "output_tokens": 5,
+            "cache_read_input_tokens": null, "server_tool_use": {"web_search_requests": 1}}),
+    );
+    assert_eq!(
+        (kept.prompt_tokens, kept.completion_tokens, kept.estimated),
+        (10, 5, false)
     );
 }
 
@@ -256,15 +317,67 @@ fn adds_the_usage_chunk_when_the_client_asked() {
 }
 
 #[test]
-fn drops_an_endless_line_and_goes_on() {
-    let mut translator = StreamTranslator::new("p", false);
-    for _ in 0..40 {
-        assert!(translator.feed(&[b'x'; 64 * 1024]).is_empty());
-        assert!(translator.partial.len() <= crate::cost::MAX_LINE_BYTES + 64 * 1024);
+fn an_event_too_long_to_hold_ends_the_stream_and_is_counted() {
+    let start = STREAM.split("event: ping").next().unwrap();
+    let huge = "x".repeat(64 * 1024);
+    for payload in [
+        // One line that never ends, and one payload split over many lines.
+        format!("event: content_block_delta\ndata: {{\"type\":\"content_block_delta\",\"index\":0,\"delta\":{{\"type\":\"text_delta\",\"text\":\"{huge}"),
+        format!("event: content_block_delta\ndata: {{\"type\":\"content_block_delta\",\n{}", format!("data: \"{huge}\"\n").repeat(4)),
+    ] {
+        let mut translator = StreamTranslator::new("p", false);
+        let mut out = String::from_utf8(translator.feed(start.as_bytes()).to_vec()).unwrap();
+        for _ in 0..40 {
+            out.push_str(&String::from_utf8_lossy(&translator.feed(payload.as_bytes())));
+            assert!(translator.partial.len() <= crate::cost::MAX_LINE_BYTES + payload.len());
+        }
+        // The client is told its answer ends unfinished, not left with a
+        // silent gap; nothing after is translated.
+        assert!(out.contains("\"error\"") && out.contains("longer than"), "{out}");
+        assert!(translator.finished() && !translator.stopped());
+        assert!(translator.feed(STREAM.as_bytes()).is_empty());
+        // The bytes it held are billed as generated.
+        let billed = translator.billed_usage();
+        assert!(
+            billed.completion_tokens as usize >= crate::cost::MAX_LINE_BYTES / 4,
+            "{billed:?}"
+        );
     }
-    translator.feed(b"\n\n");
-    let out = translator.feed(STREAM.as_bytes());
-    assert!(String::from_utf8_lossy(&out).ends_with("data: [DONE]\n\n"));
+}
+
+#[test]
+fn a_payload_split_over_data_lines_is_read_joined() {
+    let mut split = String::new();
+    for event in STREAM.split("\n\n").filter(|e| !e.is_empty()) {
+        // Each JSON payload over several `data:` lines, as SSE allows.
+        let (head, data) = event.split_once("data: ").unwrap();
+        let lines: Vec<String> = data
+            .replace(",\"", ",\n\"")
+            .lines()
+            .map(|l| format!("data: {l}\n"))
+            .collect();
+        assert!(lines.len() > 1 || !data.contains(','), "{event}");
+        split.push_str(&format!("{head}{}\n", lines.concat()));
+    }
+    for chunk in [1, 13, 4096] {
+        let mut translator = StreamTranslator::new("public", false);
+        let mut out = Vec::new();
+        for piece in split.as_bytes().chunks(chunk) {
+            out.extend_from_slice(&translator.feed(piece));
+        }
+        let text = String::from_utf8(out).unwrap();
+        assert!(
+            text.contains("\"Hel\"") && text.contains("\"lo\""),
+            "{text}"
+        );
+        assert!(text.ends_with("data: [DONE]\n\n"));
+        assert_eq!(
+            translator
+                .usage()
+                .map(|u| (u.prompt_tokens, u.completion_tokens)),
+            Some((16, 7))
+        );
+    }
 }
 
 #[test]
@@ -502,7 +615,7 @@ fn a_json_response_format_comes_back_as_the_content() {
         "content": [{"type": "tool_use", "id": "t1", "name": STRUCTURED_TOOL, "input": {"a": "b"}}],
         "stop_reason": "tool_use", "usage": {"input_tokens": 3, "output_tokens": 4},
     });
-    let (body, _) = to_chat_completion(answer.to_string().as_bytes(), "claude").unwrap();
+    let (body, _) = answer_of(&answer);
     let body: Value = serde_json::from_slice(&body).unwrap();
     let choice = &body["choices"][0];
     assert_eq!(choice["message"]["content"], "{\"a\":\"b\"}");
@@ -571,9 +684,7 @@ fn a_stream_with_usage_that_cannot_be_billed_by_reports_none() {
 
 #[test]
 fn the_usage_chunk_of_a_stream_without_usable_usage_is_the_gateways_count() {
-    let body = json!({"model": "claude-x", "stream": true,
-        "messages": [{"role": "user", "content": "Write a few words about the sea"}]});
-    let estimate = crate::cost::Estimate::new(body.to_string().into(), None);
+    let estimate = prompt_estimate();
     let prompt_count = estimate.prompt_tokens("claude-x");
     let hello = crate::cost::Encoding::for_model("claude-x").count("Hello{\"a\":1}");
     let chunk_usage = |stream: &str| {
@@ -649,6 +760,16 @@ fn the_usage_chunk_of_a_stream_without_usable_usage_is_the_gateways_count() {
     let billed = chunk_usage(STREAM);
     assert_eq!((billed.prompt_tokens, billed.completion_tokens), (16, 7));
     assert!(!billed.estimated);
+    // The same answer whole, without usage, is billed as its stream is.
+    let (_, whole) = answer_of(&json!({
+        "id": "msg_9", "type": "message", "role": "assistant", "stop_reason": "tool_use",
+        "content": [{"type": "text", "text": "Hello"},
+                    {"type": "tool_use", "id": "tu_1", "name": "f", "input": {"a": 1}}],
+    }));
+    assert_eq!(
+        (whole.prompt_tokens, whole.completion_tokens),
+        (prompt_count, hello)
+    );
 }
 
 #[test]
