@@ -150,14 +150,18 @@ impl StreamTranslator {
             // Nothing after `message_stop` or an oversized event is translated.
             return Bytes::new();
         }
+        // Bytes already in `partial` hold no line end (a long line that
+        // trickles in is not scanned again and again).
+        let mut scan_from = self.partial.len();
         self.partial.extend_from_slice(chunk);
         let mut out = BytesMut::new();
-        while let Some(end) = memchr::memchr(b'\n', &self.partial) {
+        while let Some(end) = memchr::memchr(b'\n', &self.partial[scan_from..]) {
             if self.stopped {
                 self.partial.clear();
                 break;
             }
-            let line = self.partial.split_to(end + 1);
+            let line = self.partial.split_to(scan_from + end + 1);
+            scan_from = 0;
             let line = String::from_utf8_lossy(&line);
             let line = line.trim_end_matches(['\r', '\n']);
             if let Some(event) = line.strip_prefix("event:") {
