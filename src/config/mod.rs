@@ -272,10 +272,20 @@ impl Config {
             .filter(|m| !self.pricing.contains_key(&m.name))
             .map(|m| format!("pricing: model '{}' has no price; it is served and counted in tokens, at no cost", m.name))
             .chain(self.providers.iter().filter_map(|p| {
-                let len = p.api_key.as_ref()?.expose().len();
-                (len < crate::redact::MIN_REDACTED_KEY_LEN).then(|| format!(
-                    "providers: '{}' has an api_key of {len} characters, a placeholder rather than a key; it is not masked in what the provider sends back",
-                    p.name
+                let key = p.api_key.as_ref()?.expose();
+                let len = key.len();
+                if len < crate::redact::MIN_REDACTED_KEY_LEN {
+                    return Some(format!(
+                        "providers: '{}' has an api_key of {len} characters, a placeholder rather than a key; it is not masked in what the provider sends back",
+                        p.name
+                    ));
+                }
+                // A word (`password`, `assistant`): masked wherever an
+                // answer says it.
+                key.bytes().all(|b| b.is_ascii_alphabetic()).then(|| format!(
+                    "providers: '{}' has an api_key of letters only, which may be an ordinary word; it is masked with '*' wherever the provider's answers contain it (use the real key, or a placeholder under {} characters for a server that checks none)",
+                    p.name,
+                    crate::redact::MIN_REDACTED_KEY_LEN
                 ))
             }))
             .chain(self.file_warnings.iter().cloned())

@@ -203,6 +203,12 @@ fn warns_about_provider_keys_too_short_to_mask() {
             .any(|w| w.contains("api_key of 5 characters")),
         "{warnings:#?}"
     );
+    let word = VALID.replacen("api_key:", "api_key: \"assistant\" #", 1);
+    let warnings = Config::from_yaml(&word, env).unwrap().warnings();
+    assert!(
+        warnings.iter().any(|w| w.contains("letters only")),
+        "{warnings:#?}"
+    );
 }
 
 #[test]
