@@ -77,6 +77,10 @@ pub fn build(config: Config, options: RunOptions) -> Server {
     }
     let limiter = Limiter::new(&config, redis.clone());
     let overflow = Overflow::new(&config, redis.clone());
+    limiter.on_freed({
+        let overflow = overflow.clone();
+        move |_tenant| overflow.capacity_freed()
+    });
     if let Some(redis) = limiter.redis() {
         server.add_service(background_service(
             "redis maintenance",

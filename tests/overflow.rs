@@ -136,6 +136,63 @@ fn a_burst_over_one_slot_is_served_in_arrival_order_with_redis() {
     check_burst_served_in_order(Some(&redis));
 }
 
+/// Clients keep a tenant over its one slot for a while: a slot that frees
+/// goes to the request parked longest, not to a newcomer that happens to
+/// arrive first, so nobody waits out `max_wait` while others are served.
+/// (The drain used to look at the queue only every 10 ms; in between,
+/// newcomers took the freed slots and a tenth of the parked requests got
+/// 429 after waiting the whole of it.)
+fn check_newcomers_do_not_starve_the_parked(redis: Option<&Redis>) {
+    let mock = Mock::start(&["--latency-ms", "20"]);
+    let gw = Gateway::start(&queued(
+        &mock,
+        "{ enabled: true, max_wait_seconds: 2 }",
+        redis,
+    ));
+    let body = chat("gpt-4o-mini", false);
+    let until = Instant::now() + Duration::from_secs(5);
+    let statuses: Vec<u16> = std::thread::scope(|scope| {
+        let clients: Vec<_> = (0..16)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut statuses = Vec::new();
+                    while Instant::now() < until {
+                        statuses.push(gw.post_json(CHAT, TENANT_KEY, &body).status);
+                    }
+                    statuses
+                })
+            })
+            .collect();
+        clients
+            .into_iter()
+            .flat_map(|c| c.join().unwrap())
+            .collect()
+    });
+    let refused = statuses.iter().filter(|&&s| s == 429).count();
+    assert!(statuses.len() >= 50, "{} requests", statuses.len());
+    assert!(
+        statuses.iter().all(|&s| s == 200 || s == 429),
+        "{statuses:?}"
+    );
+    assert_eq!(
+        refused,
+        0,
+        "{refused} of {} requests waited out max_wait",
+        statuses.len()
+    );
+}
+
+#[test]
+fn newcomers_do_not_starve_parked_requests_in_process() {
+    check_newcomers_do_not_starve_the_parked(None);
+}
+
+#[test]
+fn newcomers_do_not_starve_parked_requests_with_redis() {
+    let redis = Redis::start();
+    check_newcomers_do_not_starve_the_parked(Some(&redis));
+}
+
 /// Holds the tenant's only slot for the mock's latency, on a thread.
 fn hold_the_slot<'s>(
     scope: &'s std::thread::Scope<'s, '_>,

@@ -40,7 +40,7 @@ use crate::gcra;
 use crate::metrics;
 use crate::redis_conn::RedisConnection;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub use crate::gcra::WINDOW_MS;
@@ -257,11 +257,25 @@ struct Inner {
     /// EWMA of request durations per tenant, in ms: the estimate of when a
     /// concurrency slot frees up.
     durations_ms: Vec<AtomicU64>,
+    /// Told whenever a tenant's request ends ([`Limiter::on_freed`]).
+    on_freed: OnceLock<OnFreed>,
 }
 
 impl Inner {
     fn inflight_done(&self, tenant: usize) {
         self.inflight[tenant].dec();
+        if let Some(on_freed) = self.on_freed.get() {
+            (on_freed.0)(tenant);
+        }
+    }
+}
+
+/// What [`Limiter::on_freed`] calls with the tenant whose slot freed.
+pub struct OnFreed(Box<dyn Fn(usize) + Send + Sync>);
+
+impl std::fmt::Debug for OnFreed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OnFreed")
     }
 }
 
@@ -272,6 +286,14 @@ pub struct Limiter {
 }
 
 impl Limiter {
+    /// Calls `f` with the tenant each time one of its requests ends
+    /// (settled, released unused, or dropped): the moment a concurrency
+    /// slot frees, so the overflow queue can hand it to a parked request
+    /// before a newcomer takes it. Set once; later calls are ignored.
+    pub fn on_freed(&self, f: impl Fn(usize) + Send + Sync + 'static) {
+        let _ = self.inner.on_freed.set(OnFreed(Box::new(f)));
+    }
+
     /// A limiter for the config's tenants, with Redis when configured
     /// (`conn`: the process's Redis connection, [`RedisConnection::for_config`]).
     pub fn new(config: &Config, conn: Option<Arc<RedisConnection>>) -> Self {
@@ -290,6 +312,7 @@ impl Limiter {
                     redis::RedisStore::new(settings, &config.tenants, conn)
                 }),
                 durations_ms: (0..n).map(|_| AtomicU64::new(1000)).collect(),
+                on_freed: OnceLock::new(),
             }),
         }
     }

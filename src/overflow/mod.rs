@@ -195,6 +195,16 @@ impl Overflow {
         }
     }
 
+    /// A request ended and its slot is free: while requests are parked on
+    /// this instance the drain looks at once (else it would look within
+    /// its tick, and a newcomer arriving meanwhile would take the slot
+    /// ahead of them).
+    pub fn capacity_freed(&self) {
+        if !lock(&self.inner.waiters).is_empty() {
+            self.inner.wake.notify_one();
+        }
+    }
+
     /// The tenant's overflow settings.
     pub fn settings(&self, tenant: usize) -> &TenantOverflow {
         &self.inner.settings[tenant]
