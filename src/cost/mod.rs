@@ -625,7 +625,7 @@ pub fn usage_from_json_counted(body: &[u8], estimate: &Estimate, model: &str) ->
     };
     Usage {
         prompt_tokens: estimate.prompt_tokens(model),
-        completion_tokens: estimate.completion_tokens(model, &generated, 0),
+        completion_tokens: estimate.completion_tokens_of(model, &generated),
         cached_tokens: 0,
         estimated: true,
         ..Default::default()

@@ -217,6 +217,18 @@ impl Estimate {
         (Encoding::for_model(model).count(&text) + overhead).max(1)
     }
 
+    /// [`Estimate::completion_tokens`] of a whole generated text: its first
+    /// [`super::SAMPLE_BYTES`] counted and the rest at their rate, as a
+    /// stream's are (an answer of megabytes is not tokenised whole on the
+    /// request's worker thread).
+    pub fn completion_tokens_of(&self, model: &str, text: &str) -> u64 {
+        let mut cut = text.len().min(super::SAMPLE_BYTES);
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        self.completion_tokens(model, &text[..cut], (text.len() - cut) as u64)
+    }
+
     /// The generated tokens: `sample` (the generated text seen, or a
     /// sample of it) counted, the `unsampled` bytes beyond it at the
     /// sample's rate, capped at the request's limit (else at

@@ -237,3 +237,88 @@ tenants:
     finally:
         gateway.stop()
         provider.stop()
+
+
+class HugeEventClaude(LocalServer):
+    """An Anthropic Messages endpoint whose streams carry one event over
+    1 MiB, the gateway's bound on an event it translates: `before` text
+    deltas, then the huge one, then a proper end."""
+
+    def __init__(self):
+        self.before = 0
+        super().__init__(self.answer)
+
+    def answer(self, request, body):
+        def event(kind, data):
+            return f"event: {kind}\ndata: {json.dumps(data)}\n\n"
+
+        def delta(text):
+            return event("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                                 "delta": {"type": "text_delta", "text": text}})
+
+        stream = [
+            event("message_start", {"type": "message_start", "message": {
+                "id": "msg_h", "type": "message", "role": "assistant", "content": [],
+                "usage": {"input_tokens": 9, "output_tokens": 1}}}),
+            event("content_block_start", {"type": "content_block_start", "index": 0,
+                                          "content_block": {"type": "text", "text": ""}}),
+            *[delta(f"word{i} ") for i in range(self.before)],
+            delta("x" * (1100 * 1024)),
+            event("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+                                    "usage": {"output_tokens": 300000}}),
+            event("message_stop", {"type": "message_stop"}),
+        ]
+        return 200, "text/event-stream", "".join(stream).encode()
+
+
+def test_a_stream_event_too_long_to_translate_breaks_off_like_a_provider_break():
+    """Before anything reached the client the request fails over (here to
+    llmock, a provider we did not write); after, the client's stream ends
+    with an error, never with a silent gap, and the tenant's one slot is
+    free at once."""
+    from conftest import Llmock
+
+    provider, llmock = HugeEventClaude(), Llmock()
+
+    def config(port, metrics_port, directory):
+        return server_yaml(port, metrics_port, directory) + f"""
+providers:
+  - {{ name: claude, kind: anthropic, base_url: "http://127.0.0.1:{provider.port}", api_key: "{PROVIDER_KEY}" }}
+  - {{ name: other, base_url: "{llmock.base_url}", api_key: "sk-llmock-provider-key-16" }}
+models:
+  - name: claude
+    targets: [{{ provider: claude, model: claude-x }}]
+    fallbacks: [other]
+  - name: claude-alone
+    targets: [{{ provider: claude, model: claude-x }}]
+  - name: other
+    targets: [{{ provider: other, model: m-other }}]
+tenants:
+  - id: acme
+    keys: ["{TENANT_KEY}"]
+    limits: {{ max_concurrent: 1 }}
+"""
+
+    gateway = Runestone(config)
+    try:
+        client = gateway.client()
+        messages = [{"role": "user", "content": "Say something"}]
+        # Cut before any content: served by the fallback, whole.
+        chunks = list(client.chat.completions.create(model="claude", stream=True, messages=messages))
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text and "x" * 100 not in text
+        assert any(r["body"]["model"] == "m-other" for r in llmock.journal())
+        # Cut after some content, where nothing can resume it: an error.
+        provider.before = 3
+        with pytest.raises(openai.APIError, match="longer than"):
+            for _ in client.chat.completions.create(model="claude-alone", stream=True, messages=messages):
+                pass
+        # The slot is free: the next request is not refused.
+        answer = client.chat.completions.create(model="other", messages=messages)
+        assert answer.choices[0].message.content
+        # The cut attempt is the provider's failure, logged as a break.
+        assert "too long to translate" in gateway.output()
+    finally:
+        gateway.stop()
+        provider.stop()
+        llmock.stop()

@@ -363,6 +363,12 @@ impl Attempt<'_> {
                     received += chunk.len();
                     let model = &self.route.targets[self.backend.target].model;
                     let out = redactor.feed(meter.feed_counted(chunk, model).await);
+                    if meter.cut() {
+                        // Nothing sent yet: another deployment may answer.
+                        return Err(self.deployment_failure(ApiError::upstream_error(
+                            super::body::cut_message(&provider.name),
+                        )));
+                    }
                     first.scan(&out);
                     held.extend_from_slice(&out);
                     if held.len() > MAX_METERED_JSON_BYTES {

@@ -152,7 +152,12 @@ impl Meter {
     /// first.
     fn seal_needs_count(&self, estimate: &Estimate) -> bool {
         estimate.media_units().is_none()
-            && matches!(self, Meter::Stream(meter) if meter.reported_usage().is_none())
+            && match self {
+                Meter::Stream(meter) => meter.reported_usage().is_none(),
+                // Its last event may come only now, with the usage chunk.
+                Meter::Translated(translator) => translator.usage().is_none(),
+                _ => false,
+            }
     }
 
     /// Takes an upstream chunk, returns what to send on.
@@ -191,24 +196,30 @@ impl Meter {
 
     /// Whether the last event of a whole answer went by (`[DONE]`, a
     /// Responses stream's `response.completed` or `incomplete`, Anthropic's
-    /// `message_stop`): its client has all of it and may leave.
+    /// `message_stop` or `error`): its client has all of it and may leave.
     fn said_last(&self) -> bool {
         match self {
             Meter::Stream(meter) => meter.said_last(),
-            Meter::Translated(translator) => translator.stopped(),
+            Meter::Translated(translator) => translator.finished(),
             _ => false,
         }
     }
 
     /// Whether what the answer used is known for good: from the provider's
-    /// report, or counted once a translated stream ended (nothing after
-    /// its `message_stop` is read, so no report can follow).
+    /// report, or counted once a translated stream ended (no report
+    /// follows its `message_stop` or `error`).
     fn usage_final(&self) -> bool {
         match self {
             Meter::Stream(meter) => meter.reported_usage().is_some(),
-            Meter::Translated(translator) => translator.usage().is_some() || translator.stopped(),
+            Meter::Translated(translator) => translator.usage().is_some() || translator.finished(),
             _ => true,
         }
+    }
+
+    /// Whether a translated stream was cut at an event too long to
+    /// translate ([`StreamTranslator::cut`]).
+    pub(super) fn cut(&self) -> bool {
+        matches!(self, Meter::Translated(translator) if translator.cut())
     }
 
     /// Whether the stream carried the provider's own error event: a break
@@ -301,6 +312,7 @@ impl Meter {
                 };
                 Bytes::from([&rest[..], newline.as_bytes(), &meter.seal()].concat())
             }
+            Meter::Translated(translator) => translator.finish(),
             Meter::Error { body } => Bytes::from(std::mem::take(body)),
             _ => Bytes::new(),
         }
@@ -506,6 +518,15 @@ fn details_from_a_tree(body: &[u8], capture: bool) -> AnswerDetails {
 /// reads to the end waits for it.
 const AFTER_LAST_EVENT: Duration = Duration::from_secs(1);
 
+/// What the client is told of a translated stream cut at an event too long
+/// to translate.
+pub(super) fn cut_message(provider: &str) -> String {
+    format!(
+        "The provider '{provider}' sent a stream event longer than {} bytes, which the gateway does not translate.",
+        cost::MAX_LINE_BYTES
+    )
+}
+
 /// How copying the response body ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum BodyEnd {
@@ -596,10 +617,13 @@ impl Copy<'_> {
                 Some(self.ttfb),
             );
         }
-        if let Meter::Stream(stream) = meter {
-            if stream.malformed() > 0 {
-                warn!(request_id = %self.request_id, provider = %self.provider.name, events = stream.malformed(), "left out stream events that were not JSON");
-            }
+        let malformed = match meter {
+            Meter::Stream(stream) => stream.malformed(),
+            Meter::Translated(translator) => u64::from(translator.malformed()),
+            _ => 0,
+        };
+        if malformed > 0 {
+            warn!(request_id = %self.request_id, provider = %self.provider.name, events = malformed, "left out stream events that were not JSON");
         }
         if let Some(capture) = self.describe {
             report.answer = Some(meter.details(capture).redacted(redactor));
@@ -684,6 +708,10 @@ impl Copy<'_> {
                         if !client.send_body(out, false).await {
                             return BodyEnd::ClientGone;
                         }
+                    }
+                    if meter.cut() {
+                        warn!(request_id = %self.request_id, provider = %self.provider.name, "provider sent a stream event too long to translate");
+                        return BodyEnd::ProviderBroke(cut_message(&self.provider.name));
                     }
                     if meter.halted() {
                         if client.resumable() {

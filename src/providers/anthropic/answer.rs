@@ -23,7 +23,8 @@ pub(super) fn finish_reason(stop_reason: Option<&str>) -> Option<&'static str> {
 /// no `output_tokens` (nor `input_tokens` when `whole`: an answer's or a
 /// stream's start; a stream's final delta may leave it out), or a count
 /// that is not a whole number of tokens a request could use (null,
-/// negative, fractional, past [`crate::cost::MAX_REPORTED_TOKENS`]); then
+/// negative, fractional, past [`crate::cost::MAX_REPORTED_TOKENS`], or
+/// prompt counts whose sum is past it); then
 /// the gateway counts, as it does for an OpenAI-format answer.
 pub(super) fn usage_of(usage: &Value, whole: bool) -> Option<Usage> {
     let usage = usage.as_object()?;
@@ -43,8 +44,13 @@ pub(super) fn usage_of(usage: &Value, whole: bool) -> Option<Usage> {
         optional("input_tokens")?
     };
     let cache_read = optional("cache_read_input_tokens")?;
+    // Each count under the bound, their sum too.
+    let prompt_tokens = input + cache_read + optional("cache_creation_input_tokens")?;
+    if prompt_tokens > crate::cost::MAX_REPORTED_TOKENS {
+        return None;
+    }
     Some(Usage {
-        prompt_tokens: input + cache_read + optional("cache_creation_input_tokens")?,
+        prompt_tokens,
         completion_tokens: required("output_tokens")?,
         cached_tokens: cache_read,
         estimated: false,
@@ -80,7 +86,11 @@ pub(super) fn counted(
     let (prompt_tokens, completion_tokens) = match estimate {
         Some((estimate, model)) => (
             reported_prompt.map_or_else(|| estimate.prompt_tokens(model), |u| u.prompt_tokens),
-            estimate.completion_tokens(model, sample, unsampled),
+            if unsampled == 0 {
+                estimate.completion_tokens_of(model, sample)
+            } else {
+                estimate.completion_tokens(model, sample, unsampled)
+            },
         ),
         None => (
             reported_prompt.map_or(0, |u| u.prompt_tokens),
@@ -126,6 +136,17 @@ pub fn to_chat_completion(
     let message: Value = serde_json::from_slice(body).map_err(|e| {
         ApiError::upstream_error(format!("The provider answered with invalid JSON: {e}"))
     })?;
+    match message["type"].as_str() {
+        None | Some("message") => {}
+        // An error (or anything else) under a 200 is no answer: the
+        // deployment failed.
+        Some("error") => return Err(to_openai_error(502, body)),
+        Some(other) => {
+            return Err(ApiError::upstream_error(format!(
+                "The provider answered 200 with a '{other}', not a message."
+            )))
+        }
+    }
     let mut text = String::new();
     let mut tool_calls = Vec::new();
     let mut structured = false;

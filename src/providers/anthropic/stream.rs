@@ -49,6 +49,26 @@ pub struct StreamTranslator {
     data: String,
     /// The stream was cut at an event too long to hold.
     cut: bool,
+    /// Events dropped because their payload was not JSON.
+    malformed: u32,
+}
+
+/// Whether `value` is a Messages stream event (by its `type`), not a value
+/// inside one.
+fn is_event(value: &Value) -> bool {
+    matches!(
+        value["type"].as_str(),
+        Some(
+            "message_start"
+                | "content_block_start"
+                | "content_block_delta"
+                | "content_block_stop"
+                | "message_delta"
+                | "message_stop"
+                | "ping"
+                | "error"
+        )
+    )
 }
 
 impl StreamTranslator {
@@ -77,6 +97,7 @@ impl StreamTranslator {
             counted: std::sync::OnceLock::new(),
             data: String::new(),
             cut: false,
+            malformed: 0,
         }
     }
 
@@ -142,9 +163,9 @@ impl StreamTranslator {
     ///
     /// An event is translated as soon as its `data:` line is JSON; a
     /// payload split over several lines, when its blank line comes. An
-    /// event longer than [`crate::cost::MAX_LINE_BYTES`] is not held: the
-    /// stream ends there with an error event (its text would be missing
-    /// from the answer), and its bytes are counted as generated.
+    /// event that grows past [`crate::cost::MAX_LINE_BYTES`] before it
+    /// ends is not held: the stream is cut there ([`StreamTranslator::cut`])
+    /// and its bytes are counted as generated.
     pub fn feed(&mut self, chunk: &[u8]) -> Bytes {
         if self.stopped || self.cut {
             // Nothing after `message_stop` or an oversized event is translated.
@@ -168,30 +189,48 @@ impl StreamTranslator {
                 self.event = Some(event.trim().to_string());
             } else if let Some(data) = line.strip_prefix("data:") {
                 let data = data.trim();
-                if self.data.is_empty() {
+                match serde_json::from_str::<Value>(data) {
                     // The common case: the payload on one line.
-                    match serde_json::from_str::<Value>(data) {
-                        Ok(value) => self.dispatch(&value, &mut out),
-                        Err(_) => self.data.push_str(data),
+                    Ok(value) if self.data.is_empty() => self.dispatch(&value, &mut out),
+                    // An event of its own after a payload that never
+                    // parsed and had no blank line to end it: that one
+                    // is dropped, this one is not.
+                    Ok(value) if is_event(&value) => {
+                        self.data.clear();
+                        self.malformed += 1;
+                        self.dispatch(&value, &mut out);
                     }
-                } else {
-                    self.data.push('\n');
-                    self.data.push_str(data);
+                    _ => {
+                        if !self.data.is_empty() {
+                            self.data.push('\n');
+                        }
+                        self.data.push_str(data);
+                    }
                 }
             } else if line.is_empty() {
                 if !self.data.is_empty() {
                     let data = std::mem::take(&mut self.data);
-                    if let Ok(value) = serde_json::from_str::<Value>(&data) {
-                        self.dispatch(&value, &mut out);
+                    match serde_json::from_str::<Value>(&data) {
+                        Ok(value) => self.dispatch(&value, &mut out),
+                        Err(_) => self.malformed += 1,
                     }
                 }
                 self.event = None;
             }
         }
         if !self.cut && self.partial.len() + self.data.len() > crate::cost::MAX_LINE_BYTES {
-            self.cut_oversized(&mut out);
+            self.cut_oversized();
         }
         out.freeze()
+    }
+
+    /// The end of the provider's body: a last line without its line end,
+    /// or an event without its blank line, is read as if it had them.
+    pub fn finish(&mut self) -> Bytes {
+        if self.partial.is_empty() && self.data.is_empty() {
+            return Bytes::new();
+        }
+        self.feed(b"\n\n")
     }
 
     /// Translates one event's payload, its type named in it or by its
@@ -204,20 +243,27 @@ impl StreamTranslator {
         self.translate(kind.as_deref().unwrap_or_default(), value, out);
     }
 
-    /// Ends the stream at an event too long to hold: its bytes so far are
-    /// counted as generated (what follows of it is not read), and the
-    /// client gets an error event in place of the text it would miss.
-    fn cut_oversized(&mut self, out: &mut BytesMut) {
+    /// Stops at an event too long to hold: its bytes so far are counted as
+    /// generated, and nothing more is read ([`StreamTranslator::cut`]).
+    fn cut_oversized(&mut self) {
         self.generated_bytes += (self.partial.len() + self.data.len()) as u64;
         self.partial.clear();
         self.data.clear();
         self.cut = true;
-        self.finished = true;
-        let error = crate::openai::ApiError::upstream_error(format!(
-            "The provider sent a stream event longer than {} bytes, which the gateway does not translate; the answer ends here.",
-            crate::cost::MAX_LINE_BYTES
-        ));
-        out.extend_from_slice(&error.sse_event());
+    }
+
+    /// How many events were dropped because their payload (one line, or
+    /// several joined) was not JSON.
+    pub fn malformed(&self) -> u32 {
+        self.malformed
+    }
+
+    /// Whether the stream was cut at an event longer than
+    /// [`crate::cost::MAX_LINE_BYTES`]: its text cannot reach the client,
+    /// so the answer is broken off there, as a provider's break is (it
+    /// fails over or resumes elsewhere when it can).
+    pub fn cut(&self) -> bool {
+        self.cut
     }
 
     fn chunk(&self, delta: Value, finish: Option<&str>) -> Value {

@@ -155,6 +155,24 @@ fn translates_a_json_answer_with_cache_usage() {
 }
 
 #[test]
+fn an_error_under_a_200_is_no_answer() {
+    let refused = |answer: Value| {
+        to_chat_completion(
+            answer.to_string().as_bytes(),
+            "public",
+            &prompt_estimate(),
+            "claude-x",
+        )
+        .unwrap_err()
+    };
+    let error = refused(json!({"type": "error",
+        "error": {"type": "overloaded_error", "message": "Overloaded"}}));
+    assert_eq!((error.status, &*error.message), (502, "Overloaded"));
+    let odd = refused(json!({"type": "completion", "completion": "hi"}));
+    assert_eq!(odd.status, 502, "{}", odd.message);
+}
+
+#[test]
 fn an_answer_without_usage_to_bill_by_is_counted_and_says_so() {
     let estimate = prompt_estimate();
     let prompt_count = estimate.prompt_tokens("claude-x");
@@ -182,6 +200,8 @@ fn an_answer_without_usage_to_bill_by_is_counted_and_says_so() {
         json!({"input_tokens": 10, "output_tokens": 2.5}),
         json!({"input_tokens": 10, "output_tokens": "5"}),
         json!({"input_tokens": 10, "output_tokens": 5, "cache_read_input_tokens": -1}),
+        json!({"input_tokens": 99_999_999, "output_tokens": 5,
+            "cache_read_input_tokens": 99_999_999, "cache_creation_input_tokens": 99_999_999}),
         json!({"output_tokens": 5}),
         json!({"input_tokens": null, "output_tokens": null}),
     ] {
@@ -317,7 +337,7 @@ fn adds_the_usage_chunk_when_the_client_asked() {
 }
 
 #[test]
-fn an_event_too_long_to_hold_ends_the_stream_and_is_counted() {
+fn an_event_too_long_to_hold_cuts_the_stream_and_is_counted() {
     let start = STREAM.split("event: ping").next().unwrap();
     let huge = "x".repeat(64 * 1024);
     for payload in [
@@ -331,10 +351,11 @@ fn an_event_too_long_to_hold_ends_the_stream_and_is_counted() {
             out.push_str(&String::from_utf8_lossy(&translator.feed(payload.as_bytes())));
             assert!(translator.partial.len() <= crate::cost::MAX_LINE_BYTES + payload.len());
         }
-        // The client is told its answer ends unfinished, not left with a
-        // silent gap; nothing after is translated.
-        assert!(out.contains("\"error\"") && out.contains("longer than"), "{out}");
-        assert!(translator.finished() && !translator.stopped());
+        // Cut there, as a provider's break (the gateway fails over, resumes
+        // or ends the stream with an error: no silent gap); nothing after
+        // is translated.
+        assert!(!out.contains("x".repeat(100).as_str()), "{out}");
+        assert!(translator.cut() && !translator.finished());
         assert!(translator.feed(STREAM.as_bytes()).is_empty());
         // The bytes it held are billed as generated.
         let billed = translator.billed_usage();
@@ -377,6 +398,45 @@ fn a_payload_split_over_data_lines_is_read_joined() {
                 .map(|u| (u.prompt_tokens, u.completion_tokens)),
             Some((16, 7))
         );
+        assert_eq!(translator.malformed(), 0);
+    }
+    // A line that is not JSON, with no blank line to end its event, does
+    // not take the next event down with it (nor, with no blank lines at
+    // all, the whole answer); it is counted as dropped.
+    let no_blank_lines = STREAM.replace("\n\n", "\n");
+    for stream in [
+        STREAM.replacen("event: ping\n", "data: {not json at all\nevent: ping\n", 1),
+        format!("data: {{not json\n{no_blank_lines}"),
+    ] {
+        let mut translator = StreamTranslator::new("public", false);
+        let text = String::from_utf8(translator.feed(stream.as_bytes()).to_vec()).unwrap();
+        assert!(
+            text.contains("\"Hel\"") && text.contains("\"lo\""),
+            "{text}"
+        );
+        assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+        assert_eq!(translator.malformed(), 1);
+    }
+}
+
+#[test]
+fn a_last_event_without_its_line_end_is_read_at_the_end() {
+    let unended = STREAM.strip_suffix("\n\n").unwrap();
+    let split = unended.replace(
+        "data: {\"type\":\"message_stop\"}",
+        "data: {\"type\":\ndata: \"message_stop\"}\n",
+    );
+    assert_ne!(split, unended);
+    for stream in [unended.to_string(), split] {
+        let mut translator = StreamTranslator::new("public", true);
+        let mut out = translator.feed(stream.as_bytes()).to_vec();
+        assert!(!translator.finished());
+        out.extend_from_slice(&translator.finish());
+        assert!(translator.stopped(), "{stream}");
+        assert!(String::from_utf8(out)
+            .unwrap()
+            .ends_with("data: [DONE]\n\n"));
+        assert!(translator.finish().is_empty());
     }
 }
 
