@@ -322,3 +322,92 @@ tenants:
         gateway.stop()
         provider.stop()
         llmock.stop()
+
+
+def test_a_translated_error_event_ends_the_response_however_long_the_provider_lingers():
+    """Anthropic's `error` event ends its stream: before any content, the
+    deployment failed (nothing reached the client); after some, the
+    client's response ends there (settled, the tenant's one slot free),
+    though the provider keeps the body open with keep-alive comments."""
+    import http.server
+    import threading
+    import time
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+            if not body.get("stream"):
+                answer = json.dumps({"id": "msg_2", "type": "message", "role": "assistant",
+                                     "content": [{"type": "text", "text": "fine"}], "stop_reason": "end_turn",
+                                     "usage": {"input_tokens": 3, "output_tokens": 1}}).encode()
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+                return
+            self.send_response(200)
+            self.send_header("content-type", "text/event-stream")
+            self.send_header("connection", "close")
+            self.end_headers()
+            start = {"type": "message_start", "message": {"id": "msg_1", "type": "message", "role": "assistant",
+                                                          "content": [], "usage": {"input_tokens": 3, "output_tokens": 1}}}
+            error = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
+            text = {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hel"}}
+            self.wfile.write(f"event: message_start\ndata: {json.dumps(start)}\n\n".encode())
+            if "text first" in json.dumps(body["messages"]):
+                self.wfile.write(f"event: content_block_delta\ndata: {json.dumps(text)}\n\n".encode())
+                self.wfile.flush()
+                time.sleep(0.2)
+            self.wfile.write(f"event: error\ndata: {json.dumps(error)}\n\n".encode())
+            self.wfile.flush()
+            try:
+                for _ in range(40):
+                    time.sleep(0.2)
+                    self.wfile.write(b": keep-alive\n\n")
+                    self.wfile.flush()
+            except OSError:
+                pass
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+
+    def config(port, metrics_port, directory):
+        return server_yaml(port, metrics_port, directory) + f"""
+providers:
+  - {{ name: claude, kind: anthropic, base_url: "http://127.0.0.1:{server.server_address[1]}", api_key: "{PROVIDER_KEY}" }}
+models:
+  - name: claude
+    targets: [{{ provider: claude, model: claude-x }}]
+tenants:
+  - id: acme
+    keys: ["{TENANT_KEY}"]
+    limits: {{ max_concurrent: 1 }}
+"""
+
+    gateway = Runestone(config)
+    try:
+        client = gateway.client()
+        for first in ["error first", "text first"]:
+            began = time.monotonic()
+            with httpx.stream("POST", f"{gateway.base_url}/chat/completions",
+                              headers={"authorization": f"Bearer {TENANT_KEY}"}, timeout=30,
+                              json={"model": "claude", "stream": True,
+                                    "messages": [{"role": "user", "content": first}]}) as response:
+                body = b"".join(response.iter_bytes())
+            # Read to its end (a generic SSE reader does), well before the
+            # provider's 8 s of keep-alives are over.
+            assert time.monotonic() - began < 4, (first, time.monotonic() - began)
+            assert b"Overloaded" in body and b"[DONE]" not in body, body
+            if first == "error first":
+                assert response.status_code >= 500, body
+            else:
+                assert response.status_code == 200 and b'"Hel"' in body, body
+            answer = client.chat.completions.create(model="claude", messages=[{"role": "user", "content": "hi"}])
+            assert answer.choices[0].message.content == "fine"
+    finally:
+        gateway.stop()
+        server.shutdown()

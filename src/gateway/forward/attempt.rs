@@ -363,11 +363,14 @@ impl Attempt<'_> {
                     received += chunk.len();
                     let model = &self.route.targets[self.backend.target].model;
                     let out = redactor.feed(meter.feed_counted(chunk, model).await);
+                    // Nothing sent yet: another deployment may answer.
                     if meter.cut() {
-                        // Nothing sent yet: another deployment may answer.
                         return Err(self.deployment_failure(ApiError::upstream_error(
                             super::body::cut_message(&provider.name),
                         )));
+                    }
+                    if let Some(error) = meter.translated_error() {
+                        return Err(self.deployment_failure(error.clone()));
                     }
                     first.scan(&out);
                     held.extend_from_slice(&out);

@@ -216,6 +216,15 @@ impl Meter {
         }
     }
 
+    /// The error a translated stream's provider ended it with (its
+    /// `error` event).
+    pub(super) fn translated_error(&self) -> Option<&ApiError> {
+        match self {
+            Meter::Translated(translator) => translator.error(),
+            _ => None,
+        }
+    }
+
     /// Whether a translated stream was cut at an event too long to
     /// translate ([`StreamTranslator::cut`]).
     pub(super) fn cut(&self) -> bool {

@@ -51,6 +51,8 @@ pub struct StreamTranslator {
     cut: bool,
     /// Events dropped because their payload was not JSON.
     malformed: u32,
+    /// The provider's `error` event, as the client's error.
+    error: Option<Box<crate::openai::ApiError>>,
 }
 
 /// Whether `value` is a Messages stream event (by its `type`), not a value
@@ -98,6 +100,7 @@ impl StreamTranslator {
             data: String::new(),
             cut: false,
             malformed: 0,
+            error: None,
         }
     }
 
@@ -250,6 +253,11 @@ impl StreamTranslator {
         self.partial.clear();
         self.data.clear();
         self.cut = true;
+    }
+
+    /// The error the provider's `error` event ended the stream with.
+    pub fn error(&self) -> Option<&crate::openai::ApiError> {
+        self.error.as_deref()
     }
 
     /// How many events were dropped because their payload (one line, or
@@ -410,6 +418,7 @@ impl StreamTranslator {
                 };
                 let error = to_openai_error(status, event.to_string().as_bytes());
                 out.extend_from_slice(&error.sse_event());
+                self.error = Some(Box::new(error));
                 self.finished = true;
             }
             _ => {} // ping, content_block_stop
