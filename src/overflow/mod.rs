@@ -200,7 +200,13 @@ impl Overflow {
     /// its tick, and a newcomer arriving meanwhile would take the slot
     /// ahead of them).
     pub fn capacity_freed(&self) {
-        if !lock(&self.inner.waiters).is_empty() {
+        // Never waits: a grant dropped where the waiters are locked (or
+        // a lock held elsewhere) wakes the drain all the same.
+        let parked = match self.inner.waiters.try_lock() {
+            Ok(waiters) => !waiters.is_empty(),
+            Err(_) => true,
+        };
+        if parked {
             self.inner.wake.notify_one();
         }
     }
