@@ -79,7 +79,7 @@ pub fn build(config: Config, options: RunOptions) -> Server {
     let overflow = Overflow::new(&config, redis.clone());
     limiter.on_freed({
         let overflow = overflow.clone();
-        move |_tenant| overflow.capacity_freed()
+        move |tenant| overflow.capacity_freed(tenant)
     });
     if let Some(redis) = limiter.redis() {
         server.add_service(background_service(

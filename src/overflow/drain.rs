@@ -158,7 +158,7 @@ impl Drain {
                     return Visit::Blocked;
                 };
                 o.remove(tenant, &head).await;
-                let waiter = lock(&o.inner.waiters).remove(id);
+                let waiter = o.take_waiter(id);
                 if let Some(Err(grant)) = waiter.map(|w| w.admit.send(grant)) {
                     // The client left at the last moment.
                     self.limiter.release(grant).await;
@@ -489,6 +489,33 @@ impl Drain {
         }
     }
 
+    /// Visits `tenant`'s queue head until it has taken `share` of them or
+    /// one must wait: how many it took, and how the last visit went.
+    async fn take_turn(
+        &self,
+        tenant: usize,
+        share: u32,
+        running: &mut JoinSet<()>,
+    ) -> (u32, Visit) {
+        let mut took = 0;
+        while took < share {
+            // A fault in one tenant's queue must not stop the drain for
+            // every tenant.
+            let visit = AssertUnwindSafe(self.visit(tenant, running))
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|_| {
+                    error!(tenant = %self.overflow.inner.tenant_ids[tenant], "the overflow drain failed on a queue head; going on");
+                    Visit::Blocked
+                });
+            if visit != Visit::Served {
+                return (took, visit);
+            }
+            took += 1;
+        }
+        (took, Visit::Served)
+    }
+
     /// Runs until `shutdown` turns true: drains the queues, then waits for
     /// the jobs already running (the caller bounds that by its grace
     /// period).
@@ -501,6 +528,7 @@ impl Drain {
         let mut next_promote = Instant::now();
         let mut next_cancel_poll = Instant::now();
         let mut running = JoinSet::new();
+        let mut next_round = Instant::now();
         loop {
             let now = Instant::now();
             if now >= next_claims {
@@ -518,41 +546,36 @@ impl Drain {
                 next_cancel_poll = Instant::now() + CANCEL_POLL;
             }
             while running.try_join_next().is_some() {}
-            // Each tenant in turn takes up to its weight of heads.
-            let mut busy = false;
-            let mut stopped = None;
-            for (tenant, share) in turns.round() {
-                let mut took = 0;
-                while took < share {
-                    // A fault in one tenant's queue must not stop the drain
-                    // for every tenant.
-                    let visit = AssertUnwindSafe(self.visit(tenant, &mut running))
-                        .catch_unwind()
-                        .await
-                        .unwrap_or_else(|_| {
-                            error!(tenant = %o.inner.tenant_ids[tenant], "the overflow drain failed on a queue head; going on");
-                            Visit::Blocked
-                        });
-                    match visit {
-                        Visit::Served => took += 1,
-                        Visit::Empty => break,
-                        Visit::Blocked => {
-                            busy = true;
-                            break;
-                        }
+            let freed = o.take_freed();
+            if freed.is_empty() || Instant::now() >= next_round {
+                // Each tenant in turn takes up to its weight of heads.
+                let mut busy = false;
+                let mut stopped = None;
+                for (tenant, share) in turns.round() {
+                    let (took, last) = self.take_turn(tenant, share, &mut running).await;
+                    match last {
+                        Visit::Blocked => busy = true,
                         Visit::NoSlot => {
                             busy = true;
                             stopped.get_or_insert((tenant, took));
-                            break;
                         }
+                        Visit::Empty | Visit::Served => {}
                     }
+                    busy |= took > 0;
                 }
-                busy |= took > 0;
+                turns.end_round(stopped);
+                next_round = Instant::now() + if busy { TICK } else { IDLE_TICK };
+            } else {
+                // A request of these tenants ended while some of theirs were
+                // parked here: their heads take the freed room now, before
+                // a newcomer can (the others wait for the next round).
+                for tenant in freed {
+                    let share = o.inner.settings[tenant].weight.max(1);
+                    self.take_turn(tenant, share, &mut running).await;
+                }
             }
-            turns.end_round(stopped);
-            let pause = if busy { TICK } else { IDLE_TICK };
             tokio::select! {
-                _ = tokio::time::sleep(pause) => {}
+                _ = tokio::time::sleep_until(next_round.into()) => {}
                 _ = o.inner.wake.notified() => {}
                 _ = shutdown.changed() => {
                     // Stop claiming; let the jobs already running finish

@@ -61,6 +61,7 @@ use crate::metrics;
 use crate::redis_conn::{Conn, RedisConnection};
 use records::LocalState;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{oneshot, watch, Notify};
@@ -113,6 +114,7 @@ struct Waiter {
     admit: oneshot::Sender<Grant>,
     /// Its route's index in this process's config.
     route: usize,
+    tenant: usize,
 }
 
 struct Inner {
@@ -120,6 +122,11 @@ struct Inner {
     tenant_ids: Vec<String>,
     instance: String,
     waiters: Mutex<HashMap<String, Waiter>>,
+    /// How many of `waiters` each tenant has.
+    parked_here: Vec<AtomicUsize>,
+    /// Tenants whose request ended while some of theirs were parked here:
+    /// the drain visits their heads at once ([`Overflow::capacity_freed`]).
+    freed: Mutex<Vec<usize>>,
     local: Mutex<LocalState>,
     redis: Option<RedisQueues>,
     wake: Notify,
@@ -175,6 +182,8 @@ impl Overflow {
                 tenant_ids: config.tenants.iter().map(|t| t.id.clone()).collect(),
                 instance: crate::ids::random_token(),
                 waiters: Mutex::default(),
+                parked_here: config.tenants.iter().map(|_| AtomicUsize::new(0)).collect(),
+                freed: Mutex::default(),
                 local: Mutex::new(LocalState {
                     queues: HashMap::new(),
                     jobs: local_jobs::LocalJobs::new(local_jobs::Bounds::new(
@@ -195,20 +204,38 @@ impl Overflow {
         }
     }
 
-    /// A request ended and its slot is free: while requests are parked on
-    /// this instance the drain looks at once (else it would look within
-    /// its tick, and a newcomer arriving meanwhile would take the slot
-    /// ahead of them).
-    pub fn capacity_freed(&self) {
-        // Never waits: a grant dropped where the waiters are locked (or
-        // a lock held elsewhere) wakes the drain all the same.
-        let parked = match self.inner.waiters.try_lock() {
-            Ok(waiters) => !waiters.is_empty(),
-            Err(_) => true,
-        };
-        if parked {
+    /// A request of `tenant` ended and its slot is free: while requests of
+    /// the tenant are parked on this instance, the drain looks at its queue
+    /// at once (else within its tick, and a newcomer arriving meanwhile
+    /// would take the slot ahead of them).
+    pub fn capacity_freed(&self, tenant: usize) {
+        let parked = self.inner.parked_here.get(tenant);
+        if parked.is_some_and(|n| n.load(Ordering::Relaxed) > 0) {
+            let mut freed = lock(&self.inner.freed);
+            if !freed.contains(&tenant) {
+                freed.push(tenant);
+            }
+            drop(freed);
             self.inner.wake.notify_one();
         }
+    }
+
+    /// The tenants [`Overflow::capacity_freed`] named since the last call.
+    pub(super) fn take_freed(&self) -> Vec<usize> {
+        std::mem::take(&mut *lock(&self.inner.freed))
+    }
+
+    /// Keeps a parked client's place: how the drain admits it.
+    fn add_waiter(&self, id: String, waiter: Waiter) {
+        self.inner.parked_here[waiter.tenant].fetch_add(1, Ordering::Relaxed);
+        lock(&self.inner.waiters).insert(id, waiter);
+    }
+
+    /// Takes a parked client's place away (admitted, gone or timed out).
+    fn take_waiter(&self, id: &str) -> Option<Waiter> {
+        let waiter = lock(&self.inner.waiters).remove(id)?;
+        self.inner.parked_here[waiter.tenant].fetch_sub(1, Ordering::Relaxed);
+        Some(waiter)
     }
 
     /// The tenant's overflow settings.

@@ -142,9 +142,14 @@ impl Overflow {
             owner: self.inner.instance.clone(),
         };
         let (admit, rx) = oneshot::channel();
-        lock(&self.inner.waiters).insert(id.clone(), Waiter { admit, route });
+        let waiter = Waiter {
+            admit,
+            route,
+            tenant,
+        };
+        self.add_waiter(id.clone(), waiter);
         if let Err(refusal) = self.push(tenant, &entry).await {
-            lock(&self.inner.waiters).remove(&id);
+            self.take_waiter(&id);
             return Err(refusal);
         }
         self.inner.wake.notify_one();
@@ -198,7 +203,7 @@ impl Overflow {
 
     async fn forget(&self, parked: &Parked) {
         if let Entry::Sync { id, .. } = &parked.entry {
-            lock(&self.inner.waiters).remove(id);
+            self.take_waiter(id);
         }
         self.remove(parked.tenant, &parked.entry).await;
     }
