@@ -352,7 +352,10 @@ def test_a_translated_error_event_ends_the_response_however_long_the_provider_li
             self.end_headers()
             start = {"type": "message_start", "message": {"id": "msg_1", "type": "message", "role": "assistant",
                                                           "content": [], "usage": {"input_tokens": 3, "output_tokens": 1}}}
-            error = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
+            # The provider echoes its key in the message: masked however
+            # the error reaches the client.
+            kind = "invalid_request_error" if "bad first" in json.dumps(body["messages"]) else "overloaded_error"
+            error = {"type": "error", "error": {"type": kind, "message": f"Overloaded {PROVIDER_KEY}"}}
             text = {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hel"}}
             self.wfile.write(f"event: message_start\ndata: {json.dumps(start)}\n\n".encode())
             if "text first" in json.dumps(body["messages"]):
@@ -391,7 +394,7 @@ tenants:
     gateway = Runestone(config)
     try:
         client = gateway.client()
-        for first in ["error first", "text first"]:
+        for first in ["error first", "bad first", "text first"]:
             began = time.monotonic()
             with httpx.stream("POST", f"{gateway.base_url}/chat/completions",
                               headers={"authorization": f"Bearer {TENANT_KEY}"}, timeout=30,
@@ -402,12 +405,18 @@ tenants:
             # provider's 8 s of keep-alives are over.
             assert time.monotonic() - began < 4, (first, time.monotonic() - began)
             assert b"Overloaded" in body and b"[DONE]" not in body, body
+            assert PROVIDER_KEY.encode() not in body, body
             if first == "error first":
                 assert response.status_code >= 500, body
+            elif first == "bad first":
+                # The request's fault, as an HTTP 400 would be: the
+                # client's answer, not the deployment's failure.
+                assert response.status_code == 400, body
             else:
                 assert response.status_code == 200 and b'"Hel"' in body, body
             answer = client.chat.completions.create(model="claude", messages=[{"role": "user", "content": "hi"}])
             assert answer.choices[0].message.content == "fine"
+        assert PROVIDER_KEY not in gateway.output()
     finally:
         gateway.stop()
         server.shutdown()

@@ -370,7 +370,7 @@ impl Attempt<'_> {
                         )));
                     }
                     if let Some(error) = meter.translated_error() {
-                        return Err(self.deployment_failure(error.clone()));
+                        return Err(self.error_in_answer(error.clone(), &redactor));
                     }
                     first.scan(&out);
                     held.extend_from_slice(&out);
@@ -379,6 +379,12 @@ impl Attempt<'_> {
                     }
                 }
                 Ok(Ok(None)) => {
+                    // A last event without its line end is read now, in
+                    // time to fail over should it be an error.
+                    held.extend_from_slice(&redactor.feed(meter.read_last_event()));
+                    if let Some(error) = meter.translated_error() {
+                        return Err(self.error_in_answer(error.clone(), &redactor));
+                    }
                     ended = true;
                     break;
                 }
@@ -598,7 +604,7 @@ impl Attempt<'_> {
             crate::cost::Encoding::for_model(model).ready().await;
             let (answer, usage) = kind
                 .translate_answer(&body, &self.route.name, &self.estimate(), model)
-                .map_err(|e| self.deployment_failure(e))?;
+                .map_err(|e| self.error_in_answer(e, redactor))?;
             report.usage = Some(usage);
             if let Some(capture) = self.describes() {
                 report.answer =
@@ -637,6 +643,32 @@ impl Attempt<'_> {
             client.send_body(answer, true).await;
         }
         Ok(Attempted::Answered)
+    }
+
+    /// The provider's error inside an answer that came with a 200 (a JSON
+    /// error body, a stream's error event before any content), masked of
+    /// the provider's key and taken as the status it names would be: a
+    /// 429 rests the deployment, another 4xx is the client's answer (no
+    /// breaker counts it), anything else fails the deployment.
+    fn error_in_answer(&self, mut error: ApiError, redactor: &Redactor<'_>) -> Attempted {
+        error.message = String::from_utf8_lossy(&redactor.redact(error.message.as_bytes())).into();
+        match error.status {
+            429 => {
+                let rest = self.forwarder.upstreams.rate_limit_cooldown();
+                error.retry_after_ms = Some(rest.as_millis().max(1) as u64);
+                self.outcome(
+                    Outcome::RateLimited(None),
+                    Domain::Deployment,
+                    Attempted::RateLimited(error),
+                )
+            }
+            400..=499 => self.outcome(
+                Outcome::Neutral,
+                Domain::Deployment,
+                Attempted::Final(error),
+            ),
+            _ => self.deployment_failure(error),
+        }
     }
 
     /// A continuation answered other than with a stream: a 4xx is final

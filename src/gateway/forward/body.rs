@@ -216,6 +216,25 @@ impl Meter {
         }
     }
 
+    /// Reads a translated stream's last event when the body ended without
+    /// its line end (else nothing): what it translates to.
+    pub(super) fn read_last_event(&mut self) -> Bytes {
+        match self {
+            Meter::Translated(translator) => translator.finish(),
+            _ => Bytes::new(),
+        }
+    }
+
+    /// How a whole answer went for the breaker: a translated stream that
+    /// its provider ended with a server-side error event (overloaded, API
+    /// error) failed, though it came with a 200.
+    fn outcome(&self) -> Outcome {
+        match self.translated_error() {
+            Some(error) if error.status >= 500 => Outcome::Failure,
+            _ => Outcome::Success,
+        }
+    }
+
     /// The error a translated stream's provider ended it with (its
     /// `error` event).
     pub(super) fn translated_error(&self) -> Option<&ApiError> {
@@ -615,7 +634,7 @@ impl Copy<'_> {
             report.usage = self.usage(meter).await;
             report.response_id = self.response_id(meter);
             let outcome = match end {
-                BodyEnd::Complete => Outcome::Success,
+                BodyEnd::Complete => meter.outcome(),
                 BodyEnd::ProviderBroke(_) => Outcome::Failure,
                 BodyEnd::ClientGone => Outcome::Neutral,
             };
@@ -896,7 +915,7 @@ impl Copy<'_> {
         settle.settle(report).await;
         self.upstreams.record_outcome(
             self.backend,
-            Outcome::Success,
+            meter.outcome(),
             Domain::Deployment,
             Some(self.ttfb),
         );

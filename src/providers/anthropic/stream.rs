@@ -186,6 +186,15 @@ impl StreamTranslator {
             }
             let line = self.partial.split_to(scan_from + end + 1);
             scan_from = 0;
+            if line.len() + self.data.len() > crate::cost::MAX_LINE_BYTES {
+                // Whole in one chunk (a decoded one may be megabytes), but
+                // over the bound all the same: not parsed.
+                self.generated_bytes += line.len() as u64;
+                // What follows it is not read (nor billed as generated).
+                self.partial.clear();
+                self.cut_oversized();
+                break;
+            }
             let line = String::from_utf8_lossy(&line);
             let line = line.trim_end_matches(['\r', '\n']);
             if let Some(event) = line.strip_prefix("event:") {

@@ -367,6 +367,23 @@ fn an_event_too_long_to_hold_cuts_the_stream_and_is_counted() {
 }
 
 #[test]
+fn an_event_over_the_bound_is_cut_even_when_it_comes_whole() {
+    let start = STREAM.split("event: ping").next().unwrap();
+    let huge = format!(
+        "event: content_block_delta\ndata: {}\n\n",
+        json!({"type": "content_block_delta", "index": 0,
+               "delta": {"type": "text_delta", "text": "x".repeat(crate::cost::MAX_LINE_BYTES)}})
+    );
+    let mut translator = StreamTranslator::new("p", false);
+    let out = translator.feed(format!("{start}{huge}{STREAM}").as_bytes());
+    assert!(!String::from_utf8_lossy(&out).contains("xxxx"));
+    assert!(translator.cut() && !translator.finished());
+    assert!(
+        translator.billed_usage().completion_tokens as usize >= crate::cost::MAX_LINE_BYTES / 4
+    );
+}
+
+#[test]
 fn a_payload_split_over_data_lines_is_read_joined() {
     let mut split = String::new();
     for event in STREAM.split("\n\n").filter(|e| !e.is_empty()) {
