@@ -253,6 +253,47 @@ fn a_parked_request_gives_up_after_max_wait() {
 }
 
 #[test]
+fn a_stopping_gateway_answers_its_parked_requests_at_once() {
+    // The drain stops with the graceful shutdown: a request parked then is
+    // told at once to retry (the new process, another instance), not held
+    // unadmitted for the whole grace period and then cut off.
+    let mock = Mock::start(&["--latency-ms", "3000"]);
+    let mut config = queued(&mock, "{ enabled: true, max_wait_seconds: 20 }", None);
+    config.grace = 4;
+    let mut gw = Gateway::start(&config);
+    std::thread::scope(|scope| {
+        let holder = hold_the_slot(scope, &gw, &mock);
+        let gw = &gw;
+        let waiter = scope.spawn(move || {
+            let resp = chat_with_id(gw, "waiter");
+            (
+                resp.status,
+                resp.error_code(),
+                resp.header("retry-after").map(str::to_owned),
+                Instant::now(),
+            )
+        });
+        wait_until(Duration::from_secs(5), "the waiter to park", || {
+            metric_value(&gw.metrics(), r#"runestone_overflow_parked{tenant="acme"}"#) == 1.0
+        });
+        let stopped_at = Instant::now();
+        signal(gw.pid(), "TERM");
+        let (status, code, retry_after, answered_at) = waiter.join().unwrap();
+        assert_eq!((status, code.as_str()), (503, "gateway_stopping"));
+        assert!(retry_after.is_some());
+        assert!(
+            answered_at - stopped_at < Duration::from_secs(2),
+            "{:?}",
+            answered_at - stopped_at
+        );
+        // What was admitted still finishes within the grace period.
+        assert_eq!(holder.join().unwrap(), 200);
+    });
+    assert!(!seen_ids(&mock).contains(&"waiter".to_string()));
+    assert!(gw.wait_exit(Duration::from_secs(15)).is_some());
+}
+
+#[test]
 fn a_full_queue_refuses_at_once() {
     let mock = Mock::start(&["--latency-ms", "1500"]);
     let gw = Gateway::start(&queued(

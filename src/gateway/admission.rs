@@ -192,6 +192,7 @@ impl Gateway {
                 error.reason = Some(crate::openai::Reason::OverflowTimeout);
                 Err(error)
             }
+            Some(Waited::Stopping) => Err(ApiError::gateway_stopping()),
             None => {
                 self.overflow.abandon(&mut parked, &self.limiter).await;
                 Ok(None)

@@ -382,6 +382,20 @@ impl ApiError {
         )
     }
 
+    /// 503: the request was parked on an instance that is stopping
+    /// (shutdown or upgrade); another instance, or the new process, takes
+    /// it when retried.
+    pub fn gateway_stopping() -> Self {
+        let mut error = Self::new(
+            503,
+            "api_error",
+            "gateway_stopping",
+            "The gateway is stopping and did not admit the request from its overflow queue; retry.",
+        );
+        error.retry_after_ms = Some(1000);
+        error
+    }
+
     /// 504: the provider was too slow.
     pub fn upstream_timeout(message: impl Into<String>) -> Self {
         Self::new(504, "api_error", "upstream_timeout", message)
@@ -409,6 +423,7 @@ impl ApiError {
             "no_healthy_upstream" => "no_healthy_upstream",
             "response_store_unavailable" => "store_unavailable",
             "gateway_internal" => "gateway_internal",
+            "gateway_stopping" => "gateway_stopping",
             _ => "invalid_request",
         }
     }

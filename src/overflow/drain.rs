@@ -578,6 +578,9 @@ impl Drain {
                 _ = tokio::time::sleep_until(next_round.into()) => {}
                 _ = o.inner.wake.notified() => {}
                 _ = shutdown.changed() => {
+                    // Parked requests get their answer now: nothing will
+                    // admit them.
+                    o.dismiss_waiters();
                     // Stop claiming; let the jobs already running finish
                     // (Pingora bounds this by the grace period). A job cut
                     // off anyway stays claimed and is re-queued by another

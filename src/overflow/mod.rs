@@ -61,7 +61,7 @@ use crate::metrics;
 use crate::redis_conn::{Conn, RedisConnection};
 use records::LocalState;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{oneshot, watch, Notify};
@@ -89,6 +89,8 @@ pub enum Waited {
     Admitted(Grant),
     /// `max_wait` passed.
     TimedOut,
+    /// This instance is stopping: its drain admits no more.
+    Stopping,
 }
 
 fn unix_ms() -> u64 {
@@ -127,6 +129,8 @@ struct Inner {
     /// Tenants whose request ended while some of theirs were parked here:
     /// the drain visits their heads at once ([`Overflow::capacity_freed`]).
     freed: Mutex<Vec<usize>>,
+    /// The drain stopped ([`Overflow::dismiss_waiters`]): nothing parks.
+    stopping: AtomicBool,
     local: Mutex<LocalState>,
     redis: Option<RedisQueues>,
     wake: Notify,
@@ -184,6 +188,7 @@ impl Overflow {
                 waiters: Mutex::default(),
                 parked_here: config.tenants.iter().map(|_| AtomicUsize::new(0)).collect(),
                 freed: Mutex::default(),
+                stopping: AtomicBool::new(false),
                 local: Mutex::new(LocalState {
                     queues: HashMap::new(),
                     jobs: local_jobs::LocalJobs::new(local_jobs::Bounds::new(
@@ -223,6 +228,20 @@ impl Overflow {
     /// The tenants [`Overflow::capacity_freed`] named since the last call.
     pub(super) fn take_freed(&self) -> Vec<usize> {
         std::mem::take(&mut *lock(&self.inner.freed))
+    }
+
+    /// The drain stops (graceful shutdown or upgrade): every request
+    /// parked here is answered at once ([`Waited::Stopping`]) rather than
+    /// held, unadmitted, until the process ends; nothing parks after.
+    pub(super) fn dismiss_waiters(&self) {
+        self.inner.stopping.store(true, Ordering::Relaxed);
+        let waiters = std::mem::take(&mut *lock(&self.inner.waiters));
+        for waiter in waiters.values() {
+            self.inner.parked_here[waiter.tenant].fetch_sub(1, Ordering::Relaxed);
+        }
+        // Dropped here, not under the lock: each waiting client's
+        // admission ends.
+        drop(waiters);
     }
 
     /// Keeps a parked client's place: how the drain admits it.

@@ -133,6 +133,14 @@ impl Overflow {
         route: usize,
         tokens: u64,
     ) -> Result<Parked, ParkRefusal> {
+        if self
+            .inner
+            .stopping
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            // No drain to admit it.
+            return Err(ParkRefusal::Unavailable);
+        }
         let settings = &self.inner.settings[tenant];
         let id = crate::ids::random_token();
         let entry = Entry::Sync {
@@ -185,6 +193,14 @@ impl Overflow {
             }
             _ => {
                 self.forget(parked).await;
+                if self
+                    .inner
+                    .stopping
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                {
+                    self.count(tenant, "stopping");
+                    return Waited::Stopping;
+                }
                 self.count(tenant, "timeout");
                 Waited::TimedOut
             }

@@ -369,10 +369,12 @@ impl Attempt<'_> {
                             super::body::cut_message(&provider.name),
                         )));
                     }
-                    if let Some(error) = meter.translated_error() {
+                    first.scan(&out);
+                    // An error before any content: this deployment failed
+                    // (after content, the client gets the event).
+                    if let Some(error) = meter.translated_error().filter(|_| !first.found()) {
                         return Err(self.error_in_answer(error.clone(), &redactor));
                     }
-                    first.scan(&out);
                     held.extend_from_slice(&out);
                     if held.len() > MAX_METERED_JSON_BYTES {
                         break;
@@ -381,8 +383,10 @@ impl Attempt<'_> {
                 Ok(Ok(None)) => {
                     // A last event without its line end is read now, in
                     // time to fail over should it be an error.
-                    held.extend_from_slice(&redactor.feed(meter.read_last_event()));
-                    if let Some(error) = meter.translated_error() {
+                    let last = redactor.feed(meter.read_last_event());
+                    first.scan(&last);
+                    held.extend_from_slice(&last);
+                    if let Some(error) = meter.translated_error().filter(|_| !first.found()) {
                         return Err(self.error_in_answer(error.clone(), &redactor));
                     }
                     ended = true;
