@@ -234,7 +234,9 @@ impl Overflow {
     /// parked here is answered at once ([`Waited::Stopping`]) rather than
     /// held, unadmitted, until the process ends; nothing parks after.
     pub(super) fn dismiss_waiters(&self) {
-        self.inner.stopping.store(true, Ordering::Relaxed);
+        // Before the waiters are taken: a request parking meanwhile sees
+        // it once its place is kept, and gives it up.
+        self.inner.stopping.store(true, Ordering::SeqCst);
         let waiters = std::mem::take(&mut *lock(&self.inner.waiters));
         for waiter in waiters.values() {
             self.inner.parked_here[waiter.tenant].fetch_sub(1, Ordering::Relaxed);

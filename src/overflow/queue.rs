@@ -136,7 +136,7 @@ impl Overflow {
         if self
             .inner
             .stopping
-            .load(std::sync::atomic::Ordering::Relaxed)
+            .load(std::sync::atomic::Ordering::SeqCst)
         {
             // No drain to admit it.
             return Err(ParkRefusal::Unavailable);
@@ -156,6 +156,15 @@ impl Overflow {
             tenant,
         };
         self.add_waiter(id.clone(), waiter);
+        if self
+            .inner
+            .stopping
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            // The drain stopped as it parked: nothing would admit it.
+            self.take_waiter(&id);
+            return Err(ParkRefusal::Unavailable);
+        }
         if let Err(refusal) = self.push(tenant, &entry).await {
             self.take_waiter(&id);
             return Err(refusal);
@@ -196,7 +205,7 @@ impl Overflow {
                 if self
                     .inner
                     .stopping
-                    .load(std::sync::atomic::Ordering::Relaxed)
+                    .load(std::sync::atomic::Ordering::SeqCst)
                 {
                     self.count(tenant, "stopping");
                     return Waited::Stopping;
