@@ -192,7 +192,7 @@ impl StreamTranslator {
                 self.generated_bytes += line.len() as u64;
                 // What follows it is not read (nor billed as generated).
                 self.partial.clear();
-                self.cut_oversized();
+                self.cut_oversized(&mut out);
                 break;
             }
             let line = String::from_utf8_lossy(&line);
@@ -231,7 +231,7 @@ impl StreamTranslator {
             }
         }
         if !self.cut && self.partial.len() + self.data.len() > crate::cost::MAX_LINE_BYTES {
-            self.cut_oversized();
+            self.cut_oversized(&mut out);
         }
         out.freeze()
     }
@@ -257,7 +257,15 @@ impl StreamTranslator {
 
     /// Stops at an event too long to hold: its bytes so far are counted as
     /// generated, and nothing more is read ([`StreamTranslator::cut`]).
-    fn cut_oversized(&mut self) {
+    /// After the final delta the answer is whole: it ends there, as at
+    /// `message_stop`, and the event is neither read nor billed.
+    fn cut_oversized(&mut self, out: &mut BytesMut) {
+        if self.delta_seen {
+            self.partial.clear();
+            self.data.clear();
+            self.translate("message_stop", &Value::Null, out);
+            return;
+        }
         self.generated_bytes += (self.partial.len() + self.data.len()) as u64;
         self.partial.clear();
         self.data.clear();

@@ -384,6 +384,26 @@ fn an_event_over_the_bound_is_cut_even_when_it_comes_whole() {
 }
 
 #[test]
+fn an_event_over_the_bound_after_the_final_delta_ends_the_whole_answer() {
+    let (head, _) = STREAM.split_once("event: message_stop").unwrap();
+    let huge = format!(
+        "event: ping\ndata: {{\"pad\":\"{}",
+        "x".repeat(crate::cost::MAX_LINE_BYTES)
+    );
+    for stream in [format!("{head}{huge}\"}}\n\n"), format!("{head}{huge}")] {
+        let mut translator = StreamTranslator::new("public", true);
+        let out = String::from_utf8(translator.feed(stream.as_bytes()).to_vec()).unwrap();
+        assert!(translator.stopped() && !translator.cut(), "{}", &out[..200]);
+        assert!(out.ends_with("data: [DONE]\n\n"));
+        assert_eq!(
+            translator.billed_usage().completion_tokens,
+            7,
+            "the provider's report"
+        );
+    }
+}
+
+#[test]
 fn a_payload_split_over_data_lines_is_read_joined() {
     let mut split = String::new();
     for event in STREAM.split("\n\n").filter(|e| !e.is_empty()) {
