@@ -570,8 +570,8 @@ impl Drain {
                 // parked here: their heads take the freed room now, before
                 // a newcomer can (the others wait for the next round).
                 for tenant in freed {
-                    let share = o.inner.settings[tenant].weight.max(1);
-                    self.take_turn(tenant, share, &mut running).await;
+                    self.take_turn(tenant, turns.share(tenant), &mut running)
+                        .await;
                 }
             }
             tokio::select! {

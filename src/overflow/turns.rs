@@ -38,6 +38,11 @@ impl Turns {
         }
     }
 
+    /// The heads `tenant` may take in a turn of its own: its weight.
+    pub(super) fn share(&self, tenant: usize) -> u32 {
+        self.weights[tenant]
+    }
+
     /// The tenants to visit this round, in order, each with the heads it
     /// may take.
     pub(super) fn round(&self) -> Vec<(usize, u32)> {
