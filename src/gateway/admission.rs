@@ -117,6 +117,20 @@ impl Gateway {
         can_serve: bool,
     ) -> Result<Option<Grant>, ApiError> {
         let overflow = self.overflow.settings(tenant);
+        if let Some(head) = self
+            .overflow
+            .head_waits(tenant)
+            .filter(|_| overflow.enabled)
+        {
+            // Requests of the tenant are parked waiting for its limits:
+            // this one queues behind them, first come, first served.
+            if let Some(limit) = head.limit {
+                self.limiter.count_refusal(tenant, limit);
+            }
+            return self
+                .wait_in_queue(session, ctx, tenant, route, tokens, None)
+                .await;
+        }
         match self.limiter.admit(tenant, tokens).await {
             Ok(grant) if can_serve || !overflow.enabled => Ok(Some(grant)),
             Ok(grant) => {
@@ -127,12 +141,12 @@ impl Gateway {
                     .await
             }
             Err(refusal) if overflow.enabled && refusal.limit != LimitKind::Budget => {
-                self.limiter.count_refusal(tenant, &refusal);
+                self.limiter.count_refusal(tenant, refusal.limit);
                 self.wait_in_queue(session, ctx, tenant, route, tokens, Some(refusal))
                     .await
             }
             Err(refusal) => {
-                self.limiter.count_refusal(tenant, &refusal);
+                self.limiter.count_refusal(tenant, refusal.limit);
                 Err(refusal_error(refusal))
             }
         }

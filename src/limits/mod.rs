@@ -322,12 +322,12 @@ impl Limiter {
         self.inner.redis.clone()
     }
 
-    /// Counts a request refused by `refusal` in `runestone_rate_limited_total`:
+    /// Counts a request held back by `limit` in `runestone_rate_limited_total`:
     /// once per request, by the caller that refused it (the overflow queue's
     /// retries for a parked request are not refusals).
-    pub fn count_refusal(&self, tenant: usize, refusal: &Refusal) {
+    pub fn count_refusal(&self, tenant: usize, limit: LimitKind) {
         metrics::RATE_LIMITED
-            .with_label_values(&[&self.inner.tenant_ids[tenant], refusal.limit.label()])
+            .with_label_values(&[&self.inner.tenant_ids[tenant], limit.label()])
             .inc();
     }
 

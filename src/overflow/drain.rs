@@ -7,7 +7,7 @@
 use super::jobs::{Attempt, AttemptControl, Ended, Job, JobResult, JobRunner};
 use super::queue::Entry;
 use super::turns::{Turns, Visit};
-use super::{lock, unix_ms, Overflow};
+use super::{lock, unix_ms, HeadWait, Overflow};
 use crate::config::Config;
 use crate::limits::Limiter;
 use crate::metrics;
@@ -112,6 +112,7 @@ impl Drain {
             .with_label_values(&[&o.inner.tenant_ids[tenant]])
             .set(heads.as_ref().map_or(0, |(_, len)| *len as i64));
         let Some((head, _)) = heads else {
+            o.set_head_waits(tenant, None);
             return Visit::Empty;
         };
         match &head {
@@ -136,6 +137,9 @@ impl Drain {
                         o.remove(tenant, &head).await;
                         return Visit::Served;
                     }
+                    // Parked there because the tenant was over its limits:
+                    // newcomers here queue behind it.
+                    o.set_head_waits(tenant, Some(HeadWait { limit: None }));
                     return Visit::Blocked;
                 }
                 let route = lock(&o.inner.waiters).get(id).map(|w| w.route);
@@ -152,10 +156,15 @@ impl Drain {
                     .upstreams
                     .can_serve_any(&self.config.routes_for(tenant, route))
                 {
+                    o.set_head_waits(tenant, None);
                     return Visit::Blocked;
                 }
-                let Ok(grant) = self.limiter.admit(tenant, *tokens).await else {
-                    return Visit::Blocked;
+                let grant = match self.limiter.admit(tenant, *tokens).await {
+                    Ok(grant) => grant,
+                    Err(refusal) => {
+                        o.set_head_waits(tenant, waits_for_limits(&refusal));
+                        return Visit::Blocked;
+                    }
                 };
                 o.remove(tenant, &head).await;
                 let waiter = o.take_waiter(id);
@@ -263,6 +272,7 @@ impl Drain {
     ) -> Visit {
         let o = &self.overflow;
         if running.len() >= self.config.jobs.concurrency {
+            o.set_head_waits(tenant, None);
             return Visit::NoSlot;
         }
         let claim = Claim {
@@ -305,12 +315,14 @@ impl Drain {
             .can_serve_any(&self.config.routes_for(tenant, route))
         {
             o.requeue_claim(&claim).await;
+            o.set_head_waits(tenant, None);
             return Visit::Blocked;
         }
         let grant = match self.limiter.admit(tenant, job.tokens).await {
             Ok(grant) => grant,
-            Err(_) => {
+            Err(refusal) => {
                 o.requeue_claim(&claim).await;
+                o.set_head_waits(tenant, waits_for_limits(&refusal));
                 return Visit::Blocked;
             }
         };
@@ -546,8 +558,8 @@ impl Drain {
                 next_cancel_poll = Instant::now() + CANCEL_POLL;
             }
             while running.try_join_next().is_some() {}
-            let freed = o.take_freed();
-            if freed.is_empty() || Instant::now() >= next_round {
+            let due = o.take_due();
+            if due.is_empty() || Instant::now() >= next_round {
                 // Each tenant in turn takes up to its weight of heads.
                 let mut busy = false;
                 let mut stopped = None;
@@ -567,11 +579,16 @@ impl Drain {
                 next_round = Instant::now() + if busy { TICK } else { IDLE_TICK };
             } else {
                 // A request of these tenants ended while some of theirs were
-                // parked here: their heads take the freed room now, before
-                // a newcomer can (the others wait for the next round).
-                for tenant in freed {
-                    self.take_turn(tenant, turns.share(tenant), &mut running)
+                // parked here, or one parked: their heads take the room now
+                // (the others wait for the next round).
+                for tenant in due {
+                    let (took, last) = self
+                        .take_turn(tenant, turns.share(tenant), &mut running)
                         .await;
+                    if took > 0 || last != Visit::Empty {
+                        // Work is queued: look again within a tick.
+                        next_round = next_round.min(Instant::now() + TICK);
+                    }
                 }
             }
             tokio::select! {
@@ -596,6 +613,15 @@ impl Drain {
             }
         }
     }
+}
+
+/// Whether a head the limiter refused waits for the tenant's limits (and
+/// newcomers should queue behind it): not when its budget is spent, which
+/// no wait in the queue mends.
+fn waits_for_limits(refusal: &crate::limits::Refusal) -> Option<HeadWait> {
+    (refusal.limit != crate::limits::LimitKind::Budget).then_some(HeadWait {
+        limit: Some(refusal.limit),
+    })
 }
 
 impl Overflow {

@@ -56,12 +56,12 @@ pub use queue::Parked;
 pub use records::{JobPage, ListRefusal};
 
 use crate::config::{Config, JobSettings, TenantOverflow};
-use crate::limits::Grant;
+use crate::limits::{Grant, LimitKind};
 use crate::metrics;
 use crate::redis_conn::{Conn, RedisConnection};
 use records::LocalState;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{oneshot, watch, Notify};
@@ -80,6 +80,44 @@ pub enum ParkRefusal {
     /// A job's submission went to Redis but was not answered in time: it
     /// may or may not have been stored (and may run).
     Unconfirmed,
+}
+
+/// A tenant's queue head waiting for the tenant's limits
+/// ([`Overflow::head_waits`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeadWait {
+    /// The limit that refused it, when this instance asked (not for a head
+    /// parked on another instance).
+    pub limit: Option<LimitKind>,
+}
+
+impl HeadWait {
+    const KINDS: [LimitKind; 3] = [
+        LimitKind::Requests,
+        LimitKind::Tokens,
+        LimitKind::Concurrency,
+    ];
+
+    /// 0: no head waits; 1: one waits elsewhere; 2 on: by `KINDS`.
+    fn encode(head: Option<HeadWait>) -> u8 {
+        match head {
+            None => 0,
+            Some(HeadWait { limit: None }) => 1,
+            Some(HeadWait { limit: Some(kind) }) => Self::KINDS
+                .iter()
+                .position(|k| *k == kind)
+                .map_or(1, |i| i as u8 + 2),
+        }
+    }
+
+    fn decode(code: u8) -> Option<HeadWait> {
+        let limit = match code {
+            0 => return None,
+            1 => None,
+            n => Self::KINDS.get(usize::from(n) - 2).copied(),
+        };
+        Some(HeadWait { limit })
+    }
 }
 
 /// How a sync wait ended.
@@ -126,9 +164,13 @@ struct Inner {
     waiters: Mutex<HashMap<String, Waiter>>,
     /// How many of `waiters` each tenant has.
     parked_here: Vec<AtomicUsize>,
-    /// Tenants whose request ended while some of theirs were parked here:
-    /// the drain visits their heads at once ([`Overflow::capacity_freed`]).
-    freed: Mutex<Vec<usize>>,
+    /// Tenants whose heads the drain visits at once: a request of theirs
+    /// ended while some were parked here ([`Overflow::capacity_freed`]),
+    /// or one just parked.
+    due: Mutex<Vec<usize>>,
+    /// Per tenant: whether its queue's head waits for the tenant's limits,
+    /// as the drain last saw it ([`Overflow::head_waits`]; `HeadWait::encode`).
+    head_waits: Vec<AtomicU8>,
     /// The drain stopped ([`Overflow::dismiss_waiters`]): nothing parks.
     stopping: AtomicBool,
     local: Mutex<LocalState>,
@@ -187,7 +229,8 @@ impl Overflow {
                 instance: crate::ids::random_token(),
                 waiters: Mutex::default(),
                 parked_here: config.tenants.iter().map(|_| AtomicUsize::new(0)).collect(),
-                freed: Mutex::default(),
+                due: Mutex::default(),
+                head_waits: config.tenants.iter().map(|_| AtomicU8::new(0)).collect(),
                 stopping: AtomicBool::new(false),
                 local: Mutex::new(LocalState {
                     queues: HashMap::new(),
@@ -216,18 +259,40 @@ impl Overflow {
     pub fn capacity_freed(&self, tenant: usize) {
         let parked = self.inner.parked_here.get(tenant);
         if parked.is_some_and(|n| n.load(Ordering::Relaxed) > 0) {
-            let mut freed = lock(&self.inner.freed);
-            if !freed.contains(&tenant) {
-                freed.push(tenant);
-            }
-            drop(freed);
-            self.inner.wake.notify_one();
+            self.visit_soon(tenant);
         }
     }
 
-    /// The tenants [`Overflow::capacity_freed`] named since the last call.
-    pub(super) fn take_freed(&self) -> Vec<usize> {
-        std::mem::take(&mut *lock(&self.inner.freed))
+    /// Wakes the drain to visit `tenant`'s head at once.
+    fn visit_soon(&self, tenant: usize) {
+        let mut due = lock(&self.inner.due);
+        if !due.contains(&tenant) {
+            due.push(tenant);
+        }
+        drop(due);
+        self.inner.wake.notify_one();
+    }
+
+    /// The tenants to visit at once, named since the last call.
+    pub(super) fn take_due(&self) -> Vec<usize> {
+        std::mem::take(&mut *lock(&self.inner.due))
+    }
+
+    /// Whether `tenant`'s queue head waits for the tenant's limits, as this
+    /// instance's drain last saw it. A newcomer then parks behind it rather
+    /// than take the capacity it waits for: a slot that frees goes to the
+    /// request parked longest, on whichever instance, and not to whoever
+    /// asks first (with Redis, a newcomer's admission takes one round trip
+    /// and the head's three). A head that waits for something else (a
+    /// backend, a job slot, a spent budget) holds nobody up.
+    pub fn head_waits(&self, tenant: usize) -> Option<HeadWait> {
+        let code = self.inner.head_waits.get(tenant)?.load(Ordering::Relaxed);
+        HeadWait::decode(code)
+    }
+
+    /// What the drain saw at `tenant`'s head ([`Overflow::head_waits`]).
+    pub(super) fn set_head_waits(&self, tenant: usize, head: Option<HeadWait>) {
+        self.inner.head_waits[tenant].store(HeadWait::encode(head), Ordering::Relaxed);
     }
 
     /// The drain stops (graceful shutdown or upgrade): every request
@@ -293,5 +358,31 @@ impl Overflow {
         metrics::OVERFLOW_TOTAL
             .with_label_values(&[&self.inner.tenant_ids[tenant], outcome])
             .inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn head_waits_round_trip_through_their_code() {
+        let cases = [
+            None,
+            Some(HeadWait { limit: None }),
+            Some(HeadWait {
+                limit: Some(LimitKind::Requests),
+            }),
+            Some(HeadWait {
+                limit: Some(LimitKind::Tokens),
+            }),
+            Some(HeadWait {
+                limit: Some(LimitKind::Concurrency),
+            }),
+        ];
+        for head in cases {
+            assert_eq!(HeadWait::decode(HeadWait::encode(head)), head);
+        }
+        assert_eq!(HeadWait::decode(200), Some(HeadWait { limit: None }));
     }
 }

@@ -169,7 +169,7 @@ impl Overflow {
             self.take_waiter(&id);
             return Err(refusal);
         }
-        self.inner.wake.notify_one();
+        self.visit_soon(tenant);
         Ok(Parked {
             tenant,
             entry,
