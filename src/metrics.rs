@@ -162,8 +162,9 @@ pub static OVERFLOW_PARKED: Lazy<IntGaugeVec> = Lazy::new(|| {
 
 /// `runestone_overflow_total{tenant,outcome}`: what became of parked work:
 /// `admitted`, `timeout`, `full`, `abandoned`, `unavailable` (Redis down),
-/// `completed` and `failed` (async jobs), `callback_failed` (a job's
-/// callback not delivered after its retries).
+/// `stopping` (the instance stopped), `refused` (the budget ran out while
+/// parked), `completed` and `failed` (async jobs), `callback_failed` (a
+/// job's callback not delivered after its retries).
 pub static OVERFLOW_TOTAL: Lazy<IntCounterVec> = Lazy::new(|| {
     register_int_counter_vec!(
         "runestone_overflow_total",

@@ -321,6 +321,69 @@ fn a_stopping_gateway_answers_its_parked_requests_at_once() {
     assert!(gw.wait_exit(Duration::from_secs(15)).is_some());
 }
 
+/// The tenant's budget runs out while a request is parked: no wait in the
+/// queue mends that, so the request is answered at once with the budget's
+/// 429, as a newcomer would be (it used to wait out `max_wait` and get a
+/// 429 that said it had waited as long as allowed).
+fn check_parked_request_refused_when_the_budget_runs_out(redis: Option<&Redis>) {
+    let mock = Mock::start(&["--latency-ms", "1500"]);
+    let mut config = queued(&mock, "{ enabled: true, max_wait_seconds: 30 }", redis);
+    // One request costs (7 * $1 + 16 * $2) / 1M = $0.000039: the first spends it.
+    config.tenants = config.tenants.replace(
+        "{ max_concurrent: 1 }",
+        "{ max_concurrent: 1, budget_usd: { amount: 0.00001, period: daily } }",
+    );
+    config.extra += "pricing:\n  gpt-4o-mini: { input: 1.0, output: 2.0 }\n";
+    let gw = Gateway::start(&config);
+    std::thread::scope(|scope| {
+        let holder = hold_the_slot(scope, &gw, &mock);
+        let gw = &gw;
+        let waiter = scope.spawn(move || {
+            let resp = chat_with_id(gw, "waiter");
+            (resp.status, resp.error_code(), Instant::now())
+        });
+        wait_until(Duration::from_secs(5), "the waiter to park", || {
+            metric_value(&gw.metrics(), r#"runestone_overflow_parked{tenant="acme"}"#) == 1.0
+        });
+        assert_eq!(holder.join().unwrap(), 200);
+        let holder_done = Instant::now();
+        let (status, code, answered_at) = waiter.join().unwrap();
+        assert_eq!((status, code.as_str()), (429, "insufficient_quota"));
+        assert!(
+            answered_at - holder_done < Duration::from_secs(5),
+            "answered {:?} after the budget ran out",
+            answered_at - holder_done
+        );
+    });
+    assert!(!seen_ids(&mock).contains(&"waiter".to_string()));
+    let metrics = gw.metrics();
+    assert_eq!(
+        metric_value(
+            &metrics,
+            r#"runestone_overflow_total{outcome="refused",tenant="acme"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric_value(
+            &metrics,
+            r#"runestone_overflow_total{outcome="timeout",tenant="acme"}"#
+        ),
+        0.0
+    );
+}
+
+#[test]
+fn a_parked_request_is_refused_when_the_budget_runs_out_in_process() {
+    check_parked_request_refused_when_the_budget_runs_out(None);
+}
+
+#[test]
+fn a_parked_request_is_refused_when_the_budget_runs_out_with_redis() {
+    let redis = Redis::start();
+    check_parked_request_refused_when_the_budget_runs_out(Some(&redis));
+}
+
 #[test]
 fn a_full_queue_refuses_at_once() {
     let mock = Mock::start(&["--latency-ms", "1500"]);

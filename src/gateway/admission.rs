@@ -198,6 +198,7 @@ impl Gateway {
         ctx.parked = parked_at.elapsed();
         match waited {
             Some(Waited::Admitted(grant)) => Ok(Some(grant)),
+            Some(Waited::Refused(refusal)) => Err(refusal_error(refusal)),
             Some(Waited::TimedOut) => {
                 let mut error = ApiError::rate_limit_exceeded(
                     "Rate limit reached; the request waited in the overflow queue for as long as allowed.",

@@ -9,7 +9,7 @@ use super::queue::Entry;
 use super::turns::{Turns, Visit};
 use super::{lock, unix_ms, HeadWait, Overflow};
 use crate::config::Config;
-use crate::limits::Limiter;
+use crate::limits::{LimitKind, Limiter};
 use crate::metrics;
 use crate::openai::ApiError;
 use crate::upstream::Upstreams;
@@ -159,8 +159,12 @@ impl Drain {
                     o.set_head_waits(tenant, None);
                     return Visit::Blocked;
                 }
-                let grant = match self.limiter.admit(tenant, *tokens).await {
-                    Ok(grant) => grant,
+                let admitted = match self.limiter.admit(tenant, *tokens).await {
+                    Ok(grant) => Ok(grant),
+                    // The budget ran out while it waited: no wait in the
+                    // queue mends that, so it is answered now, as a
+                    // newcomer would be (and the next head likewise).
+                    Err(refusal) if refusal.limit == LimitKind::Budget => Err(refusal),
                     Err(refusal) => {
                         o.set_head_waits(tenant, waits_for_limits(&refusal));
                         return Visit::Blocked;
@@ -168,7 +172,7 @@ impl Drain {
                 };
                 o.remove(tenant, &head).await;
                 let waiter = o.take_waiter(id);
-                if let Some(Err(grant)) = waiter.map(|w| w.admit.send(grant)) {
+                if let Some(Err(Ok(grant))) = waiter.map(|w| w.admit.send(admitted)) {
                     // The client left at the last moment.
                     self.limiter.release(grant).await;
                 }
@@ -619,7 +623,7 @@ impl Drain {
 /// newcomers should queue behind it): not when its budget is spent, which
 /// no wait in the queue mends.
 fn waits_for_limits(refusal: &crate::limits::Refusal) -> Option<HeadWait> {
-    (refusal.limit != crate::limits::LimitKind::Budget).then_some(HeadWait {
+    (refusal.limit != LimitKind::Budget).then_some(HeadWait {
         limit: Some(refusal.limit),
     })
 }

@@ -56,7 +56,7 @@ pub use queue::Parked;
 pub use records::{JobPage, ListRefusal};
 
 use crate::config::{Config, JobSettings, TenantOverflow};
-use crate::limits::{Grant, LimitKind};
+use crate::limits::{Grant, LimitKind, Refusal};
 use crate::metrics;
 use crate::redis_conn::{Conn, RedisConnection};
 use records::LocalState;
@@ -125,6 +125,9 @@ impl HeadWait {
 pub enum Waited {
     /// Admitted: proceed with this grant.
     Admitted(Grant),
+    /// Refused while parked, by a limit no wait mends (the tenant's budget
+    /// ran out): answer with it now.
+    Refused(Refusal),
     /// `max_wait` passed.
     TimedOut,
     /// This instance is stopping: its drain admits no more.
@@ -151,7 +154,8 @@ impl RedisQueues {
 
 /// A client connection parked on this instance.
 struct Waiter {
-    admit: oneshot::Sender<Grant>,
+    /// Its admission, or the refusal that ends its wait.
+    admit: oneshot::Sender<Result<Grant, Refusal>>,
     /// Its route's index in this process's config.
     route: usize,
     tenant: usize,

@@ -2,7 +2,7 @@
 //! giving up a place.
 
 use super::{lock, unix_ms, Overflow, ParkRefusal, Waited, Waiter};
-use crate::limits::{Grant, Limiter};
+use crate::limits::{Grant, Limiter, Refusal};
 use crate::metrics;
 use std::time::Instant;
 use tokio::sync::oneshot;
@@ -56,7 +56,7 @@ pub struct Parked {
     tenant: usize,
     entry: Entry,
     parked_at: Instant,
-    admission: Option<oneshot::Receiver<Grant>>,
+    admission: Option<oneshot::Receiver<Result<Grant, Refusal>>>,
 }
 
 impl Overflow {
@@ -192,13 +192,19 @@ impl Overflow {
             Err(_) => rx.try_recv().ok(),
         };
         match admitted {
-            Some(grant) => {
+            Some(Ok(grant)) => {
                 parked.admission = None;
                 metrics::OVERFLOW_WAIT
                     .with_label_values(&[&self.inner.tenant_ids[tenant]])
                     .observe(parked.parked_at.elapsed().as_secs_f64());
                 self.count(tenant, "admitted");
                 Waited::Admitted(grant)
+            }
+            Some(Err(refusal)) => {
+                // The drain took its place away already.
+                parked.admission = None;
+                self.count(tenant, "refused");
+                Waited::Refused(refusal)
             }
             _ => {
                 self.forget(parked).await;
@@ -220,7 +226,7 @@ impl Overflow {
     /// raced in is given back unused).
     pub async fn abandon(&self, parked: &mut Parked, limiter: &Limiter) {
         self.forget(parked).await;
-        if let Some(Ok(grant)) = parked.admission.take().map(|mut rx| rx.try_recv()) {
+        if let Some(Ok(Ok(grant))) = parked.admission.take().map(|mut rx| rx.try_recv()) {
             limiter.release(grant).await;
         }
         self.count(parked.tenant, "abandoned");
