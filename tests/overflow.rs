@@ -384,6 +384,78 @@ fn a_parked_request_is_refused_when_the_budget_runs_out_with_redis() {
     check_parked_request_refused_when_the_budget_runs_out(Some(&redis));
 }
 
+/// A request parked for a model nothing can serve (its provider is down)
+/// reaches the head of the tenant's queue: the tenant's requests for a
+/// healthy model parked behind it are admitted as capacity frees, not held
+/// until it waits out `max_wait` (one provider's outage used to stall the
+/// tenant's whole queue).
+fn check_parked_requests_pass_a_head_waiting_for_a_backend(redis: Option<&Redis>) {
+    let mock = Mock::start(&["--latency-ms", "1500"]);
+    let down = Mock::start(&[]);
+    let mut config = queued(&mock, "{ enabled: true, max_wait_seconds: 10 }", redis);
+    config.providers.push(format!(
+        "  - {{ name: down, base_url: \"{}\", health_check: {{ path: \"/models\", interval_seconds: 1, unhealthy_threshold: 1, healthy_threshold: 1, timeout_ms: 500 }} }}",
+        down.base_url()
+    ));
+    config.models += "  - name: down-model\n    targets: [{ provider: down }]\n";
+    let gw = Gateway::start(&config);
+    wait_until(Duration::from_secs(5), "the first health check", || {
+        down.stats()["by_path"]["/v1/models"].as_u64() > Some(0)
+    });
+    down.fault(json!({"status": 503, "count": 1000, "path": "/v1/models"}));
+    let healthy = format!(
+        r#"runestone_upstream_healthy{{backend="127.0.0.1:{}",provider="down"}}"#,
+        down.port
+    );
+    wait_until(Duration::from_secs(5), "down to leave selection", || {
+        metric_value(&gw.metrics(), &healthy) == 0.0
+    });
+    let parked = |n: f64| {
+        wait_until(Duration::from_secs(5), "the request to park", || {
+            metric_value(&gw.metrics(), r#"runestone_overflow_parked{tenant="acme"}"#) == n
+        })
+    };
+    std::thread::scope(|scope| {
+        let holder = hold_the_slot(scope, &gw, &mock);
+        let gw = &gw;
+        let stuck = scope.spawn(move || {
+            let body = chat("down-model", false).to_string();
+            gw.post_raw(
+                CHAT,
+                &[("authorization", &format!("Bearer {TENANT_KEY}"))],
+                body.as_bytes(),
+            )
+            .status
+        });
+        parked(1.0);
+        let passer = scope.spawn(move || (chat_with_id(gw, "passer").status, Instant::now()));
+        parked(2.0);
+        assert_eq!(holder.join().unwrap(), 200);
+        let holder_done = Instant::now();
+        let (status, answered_at) = passer.join().unwrap();
+        assert_eq!(status, 200);
+        assert!(
+            answered_at - holder_done < Duration::from_secs(5),
+            "answered {:?} after the slot freed",
+            answered_at - holder_done
+        );
+        // The request nobody can serve waits out its own max_wait.
+        assert_eq!(stuck.join().unwrap(), 429);
+    });
+    assert_eq!(seen_ids(&mock), ["holder", "passer"]);
+}
+
+#[test]
+fn parked_requests_pass_a_head_waiting_for_a_backend_in_process() {
+    check_parked_requests_pass_a_head_waiting_for_a_backend(None);
+}
+
+#[test]
+fn parked_requests_pass_a_head_waiting_for_a_backend_with_redis() {
+    let redis = Redis::start();
+    check_parked_requests_pass_a_head_waiting_for_a_backend(Some(&redis));
+}
+
 #[test]
 fn a_full_queue_refuses_at_once() {
     let mock = Mock::start(&["--latency-ms", "1500"]);

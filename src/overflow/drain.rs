@@ -29,6 +29,19 @@ const PROMOTE_EVERY: Duration = Duration::from_millis(250);
 /// How often running jobs are checked for a cancel asked on another
 /// instance.
 const CANCEL_POLL: Duration = Duration::from_millis(500);
+/// How many entries behind a head that waits for a backend or a job slot
+/// the drain looks at for a request it can admit ([`Drain::look_past`]).
+const LOOK_PAST: usize = 32;
+
+/// What became of a try to admit a request parked on this instance.
+enum Tried {
+    /// Admitted, answered, or its stale place cleared away.
+    Served,
+    /// Nothing can serve its model now.
+    NoBackend,
+    /// Over the tenant's limits.
+    Blocked,
+}
 
 /// The drain: admits queue heads as capacity frees, runs async jobs, and
 /// keeps this instance's claims alive (a Pingora background service).
@@ -142,44 +155,127 @@ impl Drain {
                     o.set_head_waits(tenant, Some(HeadWait { limit: None }));
                     return Visit::Blocked;
                 }
-                let route = lock(&o.inner.waiters).get(id).map(|w| w.route);
-                let Some(route) = route.filter(|_| *deadline_ms >= unix_ms()) else {
-                    // Its client timed out or left: drop it.
-                    o.remove(tenant, &head).await;
-                    return Visit::Served;
-                };
-                if route >= self.config.models.len() {
-                    o.remove(tenant, &head).await;
-                    return Visit::Served;
-                }
-                if !self
-                    .upstreams
-                    .can_serve_any(&self.config.routes_for(tenant, route))
+                match self
+                    .try_parked(tenant, &head, id, *tokens, *deadline_ms)
+                    .await
                 {
-                    o.set_head_waits(tenant, None);
-                    return Visit::Blocked;
-                }
-                let admitted = match self.limiter.admit(tenant, *tokens).await {
-                    Ok(grant) => Ok(grant),
-                    // The budget ran out while it waited: no wait in the
-                    // queue mends that, so it is answered now, as a
-                    // newcomer would be (and the next head likewise).
-                    Err(refusal) if refusal.limit == LimitKind::Budget => Err(refusal),
-                    Err(refusal) => {
-                        o.set_head_waits(tenant, waits_for_limits(&refusal));
-                        return Visit::Blocked;
+                    Tried::Served => Visit::Served,
+                    Tried::Blocked => Visit::Blocked,
+                    Tried::NoBackend => {
+                        o.set_head_waits(tenant, None);
+                        self.look_past(tenant, Visit::Blocked).await
                     }
-                };
-                o.remove(tenant, &head).await;
-                let waiter = o.take_waiter(id);
-                if let Some(Err(Ok(grant))) = waiter.map(|w| w.admit.send(admitted)) {
-                    // The client left at the last moment.
-                    self.limiter.release(grant).await;
                 }
-                Visit::Served
             }
             Entry::Async { id } => self.try_job(tenant, &head, id, running).await,
         }
+    }
+
+    /// Tries to admit `entry`, a request parked on this instance (`id`,
+    /// `tokens` and `deadline_ms` are its own).
+    async fn try_parked(
+        &self,
+        tenant: usize,
+        entry: &Entry,
+        id: &str,
+        tokens: u64,
+        deadline_ms: u64,
+    ) -> Tried {
+        let o = &self.overflow;
+        let route = lock(&o.inner.waiters).get(id).map(|w| w.route);
+        let Some(route) = route.filter(|_| deadline_ms >= unix_ms()) else {
+            // Its client timed out or left: drop it.
+            o.remove(tenant, entry).await;
+            return Tried::Served;
+        };
+        if route >= self.config.models.len() {
+            o.remove(tenant, entry).await;
+            return Tried::Served;
+        }
+        if !self
+            .upstreams
+            .can_serve_any(&self.config.routes_for(tenant, route))
+        {
+            return Tried::NoBackend;
+        }
+        let admitted = match self.limiter.admit(tenant, tokens).await {
+            Ok(grant) => Ok(grant),
+            // The budget ran out while it waited: no wait in the queue
+            // mends that, so it is answered now, as a newcomer would be (and
+            // the next head likewise).
+            Err(refusal) if refusal.limit == LimitKind::Budget => Err(refusal),
+            Err(refusal) => {
+                o.set_head_waits(tenant, waits_for_limits(&refusal));
+                return Tried::Blocked;
+            }
+        };
+        o.remove(tenant, entry).await;
+        let waiter = o.take_waiter(id);
+        if let Some(Err(Ok(grant))) = waiter.map(|w| w.admit.send(admitted)) {
+            // The client left at the last moment.
+            self.limiter.release(grant).await;
+        }
+        Tried::Served
+    }
+
+    /// The head of `tenant`'s queue waits for something other than the
+    /// tenant's limits (a backend for its model, a job slot): the first
+    /// request parked here behind it, within [`LOOK_PAST`] entries, whose
+    /// model can be served takes the turn, so that one model's outage or a
+    /// backlog of jobs does not hold up the tenant's other requests until
+    /// they wait out `max_wait`. Else `otherwise`, the head's own visit.
+    async fn look_past(&self, tenant: usize, otherwise: Visit) -> Visit {
+        let o = &self.overflow;
+        for entry in self.behind_head(tenant).await {
+            let Entry::Sync {
+                id,
+                tokens,
+                deadline_ms,
+                owner,
+            } = &entry
+            else {
+                // A job is claimed from the head only.
+                continue;
+            };
+            if owner != &o.inner.instance {
+                // Its own instance's drain looks past the head likewise.
+                continue;
+            }
+            match self
+                .try_parked(tenant, &entry, id, *tokens, *deadline_ms)
+                .await
+            {
+                Tried::Served => return Visit::Served,
+                Tried::Blocked => return Visit::Blocked,
+                Tried::NoBackend => {}
+            }
+        }
+        otherwise
+    }
+
+    /// Up to [`LOOK_PAST`] entries after the head of `tenant`'s queue, in
+    /// order (what cannot be read is left out).
+    async fn behind_head(&self, tenant: usize) -> Vec<Entry> {
+        let o = &self.overflow;
+        if o.inner.redis.is_some() {
+            let raw: Option<Vec<String>> = o
+                .redis(
+                    redis::cmd("LRANGE")
+                        .arg(o.key(tenant, "queue"))
+                        .arg(1)
+                        .arg(LOOK_PAST),
+                )
+                .await;
+            return raw
+                .unwrap_or_default()
+                .iter()
+                .filter_map(|raw| Entry::decode(raw))
+                .collect();
+        }
+        let local = lock(&o.inner.local);
+        local.queues.get(&tenant).map_or_else(Vec::new, |queue| {
+            queue.iter().skip(1).take(LOOK_PAST).cloned().collect()
+        })
     }
 
     /// Claims the job at the head of `tenant`'s queue: `None` when there is
@@ -277,7 +373,7 @@ impl Drain {
         let o = &self.overflow;
         if running.len() >= self.config.jobs.concurrency {
             o.set_head_waits(tenant, None);
-            return Visit::NoSlot;
+            return self.look_past(tenant, Visit::NoSlot).await;
         }
         let claim = Claim {
             tenant,
@@ -320,7 +416,7 @@ impl Drain {
         {
             o.requeue_claim(&claim).await;
             o.set_head_waits(tenant, None);
-            return Visit::Blocked;
+            return self.look_past(tenant, Visit::Blocked).await;
         }
         let grant = match self.limiter.admit(tenant, job.tokens).await {
             Ok(grant) => grant,

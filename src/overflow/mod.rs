@@ -17,7 +17,10 @@
 //! `jobs.concurrency` slots. A sync head is admitted only by
 //! the instance holding its connection (others wait behind it, keeping the
 //! order); the admitted grant is handed to the waiting request, which then
-//! proceeds exactly like a direct one. An async head is claimed with `LMOVE`
+//! proceeds exactly like a direct one. While a head waits for the tenant's
+//! limits, newcomers park behind it ([`Overflow::head_waits`]); a head that
+//! waits for something else (a backend, a job slot) is passed by the
+//! requests behind it that can be served. An async head is claimed with `LMOVE`
 //! into this instance's processing list `{prefix}:{tenant}:processing:{id}`
 //! and acknowledged (removed) once its result is stored. Every instance
 //! keeps a heartbeat per tenant; a reaper moves what a silent instance held
