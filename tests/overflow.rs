@@ -183,9 +183,9 @@ fn check_newcomers_do_not_starve_the_parked(redis: Option<&Redis>, instances: us
     );
     // Each request that parked was counted once as held back by its limit,
     // whether the limiter refused it or it queued behind a waiting head
-    // (one instance: it saw every head's refusal itself).
-    if instances == 1 {
-        let metrics = gateways[0].metrics();
+    // (parked here or on the other instance).
+    for gw in &gateways {
+        let metrics = gw.metrics();
         let outcome = |o: &str| {
             metric_value(
                 &metrics,
@@ -389,27 +389,56 @@ fn a_parked_request_is_refused_when_the_budget_runs_out_with_redis() {
 /// healthy model parked behind it are admitted as capacity frees, not held
 /// until it waits out `max_wait` (one provider's outage used to stall the
 /// tenant's whole queue).
-fn check_parked_requests_pass_a_head_waiting_for_a_backend(redis: Option<&Redis>) {
-    let mock = Mock::start(&["--latency-ms", "1500"]);
-    let down = Mock::start(&[]);
-    let mut config = queued(&mock, "{ enabled: true, max_wait_seconds: 10 }", redis);
+/// `queued`, plus a model `down-model` on a provider of its own, `down`,
+/// health-checked every second.
+fn with_a_down_model(
+    mock: &Mock,
+    down: &Mock,
+    max_wait: u64,
+    redis: Option<&Redis>,
+) -> GatewayConfig {
+    let overflow = format!("{{ enabled: true, max_wait_seconds: {max_wait} }}");
+    let mut config = queued(mock, &overflow, redis);
     config.providers.push(format!(
         "  - {{ name: down, base_url: \"{}\", health_check: {{ path: \"/models\", interval_seconds: 1, unhealthy_threshold: 1, healthy_threshold: 1, timeout_ms: 500 }} }}",
         down.base_url()
     ));
     config.models += "  - name: down-model\n    targets: [{ provider: down }]\n";
-    let gw = Gateway::start(&config);
+    config
+}
+
+/// Fails `down`'s health checks until every gateway takes it out.
+fn take_down(down: &Mock, gateways: &[&Gateway]) {
     wait_until(Duration::from_secs(5), "the first health check", || {
-        down.stats()["by_path"]["/v1/models"].as_u64() > Some(0)
+        down.stats()["by_path"]["/v1/models"].as_u64() > Some(gateways.len() as u64 - 1)
     });
     down.fault(json!({"status": 503, "count": 1000, "path": "/v1/models"}));
     let healthy = format!(
         r#"runestone_upstream_healthy{{backend="127.0.0.1:{}",provider="down"}}"#,
         down.port
     );
-    wait_until(Duration::from_secs(5), "down to leave selection", || {
-        metric_value(&gw.metrics(), &healthy) == 0.0
-    });
+    for gw in gateways {
+        wait_until(Duration::from_secs(5), "down to leave selection", || {
+            metric_value(&gw.metrics(), &healthy) == 0.0
+        });
+    }
+}
+
+fn ask_down_model(gw: &Gateway) -> u16 {
+    let body = chat("down-model", false).to_string();
+    gw.post_raw(
+        CHAT,
+        &[("authorization", &format!("Bearer {TENANT_KEY}"))],
+        body.as_bytes(),
+    )
+    .status
+}
+
+fn check_parked_requests_pass_a_head_waiting_for_a_backend(redis: Option<&Redis>) {
+    let mock = Mock::start(&["--latency-ms", "1500"]);
+    let down = Mock::start(&[]);
+    let gw = Gateway::start(&with_a_down_model(&mock, &down, 10, redis));
+    take_down(&down, &[&gw]);
     let parked = |n: f64| {
         wait_until(Duration::from_secs(5), "the request to park", || {
             metric_value(&gw.metrics(), r#"runestone_overflow_parked{tenant="acme"}"#) == n
@@ -418,15 +447,7 @@ fn check_parked_requests_pass_a_head_waiting_for_a_backend(redis: Option<&Redis>
     std::thread::scope(|scope| {
         let holder = hold_the_slot(scope, &gw, &mock);
         let gw = &gw;
-        let stuck = scope.spawn(move || {
-            let body = chat("down-model", false).to_string();
-            gw.post_raw(
-                CHAT,
-                &[("authorization", &format!("Bearer {TENANT_KEY}"))],
-                body.as_bytes(),
-            )
-            .status
-        });
+        let stuck = scope.spawn(move || ask_down_model(gw));
         parked(1.0);
         let passer = scope.spawn(move || (chat_with_id(gw, "passer").status, Instant::now()));
         parked(2.0);
@@ -454,6 +475,42 @@ fn parked_requests_pass_a_head_waiting_for_a_backend_in_process() {
 fn parked_requests_pass_a_head_waiting_for_a_backend_with_redis() {
     let redis = Redis::start();
     check_parked_requests_pass_a_head_waiting_for_a_backend(Some(&redis));
+}
+
+/// A request parked on one instance for a model nothing can serve is the
+/// head of the shared queue: the other instance, which cannot tell what it
+/// waits for, does not hold its own newcomers behind it (they were held
+/// until it waited out `max_wait`, with the tenant under every limit).
+#[test]
+fn a_head_waiting_for_a_backend_on_another_instance_holds_nobody_up() {
+    let redis = Redis::start();
+    let mock = Mock::start(&[]);
+    let down = Mock::start(&[]);
+    let config = with_a_down_model(&mock, &down, 6, Some(&redis));
+    let (a, b) = (Gateway::start(&config), Gateway::start(&config));
+    take_down(&down, &[&a, &b]);
+    std::thread::scope(|scope| {
+        let a = &a;
+        let stuck = scope.spawn(move || ask_down_model(a));
+        wait_until(Duration::from_secs(5), "b to see it parked", || {
+            metric_value(&b.metrics(), r#"runestone_overflow_parked{tenant="acme"}"#) == 1.0
+        });
+        for _ in 0..3 {
+            let started = Instant::now();
+            assert_eq!(chat_with_id(&b, "newcomer").status, 200);
+            assert!(
+                started.elapsed() < Duration::from_secs(2),
+                "{:?}",
+                started.elapsed()
+            );
+        }
+        // It kept its place meanwhile.
+        assert_eq!(
+            metric_value(&b.metrics(), r#"runestone_overflow_parked{tenant="acme"}"#),
+            1.0
+        );
+        assert_eq!(stuck.join().unwrap(), 429);
+    });
 }
 
 #[test]

@@ -6,7 +6,7 @@ use super::{Gateway, RequestCtx};
 use crate::auth;
 use crate::limits::{Grant, LimitKind, RateLimitState, Refusal};
 use crate::openai::ApiError;
-use crate::overflow::{ParkRefusal, Waited};
+use crate::overflow::{ParkRefusal, Parked, Waited};
 use http::{HeaderName, HeaderValue};
 use pingora::proxy::Session;
 use std::time::Instant;
@@ -117,6 +117,7 @@ impl Gateway {
         can_serve: bool,
     ) -> Result<Option<Grant>, ApiError> {
         let overflow = self.overflow.settings(tenant);
+        let mut no_room = None;
         if let Some(head) = self
             .overflow
             .head_waits(tenant)
@@ -124,44 +125,53 @@ impl Gateway {
         {
             // Requests of the tenant are parked waiting for its limits:
             // this one queues behind them, first come, first served.
-            if let Some(limit) = head.limit {
-                self.limiter.count_refusal(tenant, limit);
+            match self.overflow.park(tenant, route, tokens).await {
+                Ok(parked) => {
+                    self.limiter.count_refusal(tenant, head);
+                    return self
+                        .wait_in_queue(session, ctx, tenant, Ok(parked), None)
+                        .await;
+                }
+                // No room behind them: the limits decide, as for anyone,
+                // and a refusal carries their headers.
+                Err(why) => no_room = Some(why),
             }
-            return self
-                .wait_in_queue(session, ctx, tenant, route, tokens, None)
-                .await;
         }
-        match self.limiter.admit(tenant, tokens).await {
-            Ok(grant) if can_serve || !overflow.enabled => Ok(Some(grant)),
+        let refusal = match self.limiter.admit(tenant, tokens).await {
+            Ok(grant) if can_serve || !overflow.enabled => return Ok(Some(grant)),
             Ok(grant) => {
                 // Nothing can serve the model right now: give the grant back
                 // unused and wait for a backend.
                 self.limiter.release(grant).await;
-                self.wait_in_queue(session, ctx, tenant, route, tokens, None)
-                    .await
+                None
             }
             Err(refusal) if overflow.enabled && refusal.limit != LimitKind::Budget => {
                 self.limiter.count_refusal(tenant, refusal.limit);
-                self.wait_in_queue(session, ctx, tenant, route, tokens, Some(refusal))
-                    .await
+                Some(refusal)
             }
             Err(refusal) => {
                 self.limiter.count_refusal(tenant, refusal.limit);
-                Err(refusal_error(refusal))
+                return Err(refusal_error(refusal));
             }
-        }
+        };
+        let place = match no_room {
+            Some(why) => Err(why),
+            None => self.overflow.park(tenant, route, tokens).await,
+        };
+        self.wait_in_queue(session, ctx, tenant, place, refusal)
+            .await
     }
 
-    /// Parks the request until the limiter admits it (and its model can be
-    /// served), the tenant's `max_wait` passes, or the client leaves
-    /// (`Ok(None)`: nothing more to send).
+    /// Waits in the queue (`place`: the request parked, or why it could
+    /// not) until the limiter admits it (and its model can be served), the
+    /// tenant's `max_wait` passes, or the client leaves (`Ok(None)`: nothing
+    /// more to send). `refusal`: what the limits said, if asked.
     async fn wait_in_queue(
         &self,
         session: &mut Session,
         ctx: &mut RequestCtx,
         tenant: usize,
-        route: usize,
-        tokens: u64,
+        place: Result<Parked, ParkRefusal>,
         refusal: Option<Refusal>,
     ) -> Result<Option<Grant>, ApiError> {
         let retry_after_ms = refusal
@@ -169,9 +179,10 @@ impl Gateway {
             .and_then(|r| r.retry_after_ms)
             .unwrap_or(1000)
             .max(1);
-        let mut parked = match self.overflow.park(tenant, route, tokens).await {
+        let mut parked = match place {
             Ok(parked) => parked,
             Err(why) => {
+                self.overflow.count_park_refusal(tenant, why);
                 let mut error = ApiError::rate_limit_exceeded(match why {
                     ParkRefusal::Full | ParkRefusal::StoreFull(_) => {
                         "Rate limit reached and the overflow queue is full."

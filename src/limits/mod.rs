@@ -78,7 +78,8 @@ impl LimitKind {
         }
     }
 
-    fn from_label(label: &str) -> Option<Self> {
+    /// The limit a `runestone_rate_limited_total{limit}` label names.
+    pub fn from_label(label: &str) -> Option<Self> {
         match label {
             "rpm" => Some(LimitKind::Requests),
             "tpm" => Some(LimitKind::Tokens),

@@ -7,7 +7,7 @@
 use super::jobs::{Attempt, AttemptControl, Ended, Job, JobResult, JobRunner};
 use super::queue::Entry;
 use super::turns::{Turns, Visit};
-use super::{lock, unix_ms, HeadWait, Overflow};
+use super::{lock, unix_ms, Overflow};
 use crate::config::Config;
 use crate::limits::{LimitKind, Limiter};
 use crate::metrics;
@@ -82,7 +82,10 @@ impl Drain {
         }
     }
 
-    async fn heads(&self, tenant: usize) -> Option<(Entry, usize)> {
+    /// The head of `tenant`'s queue, the queue's length, and (Redis) what
+    /// the instance holding a sync head last said it waits for
+    /// ([`Overflow::mark_head_waits`]).
+    async fn heads(&self, tenant: usize) -> Option<(Entry, usize, Option<String>)> {
         let o = &self.overflow;
         if o.inner.redis.is_some() {
             let queue = o.key(tenant, "queue");
@@ -91,17 +94,19 @@ impl Drain {
                 .arg(&queue)
                 .arg(0)
                 .cmd("LLEN")
-                .arg(&queue);
+                .arg(&queue)
+                .cmd("GET")
+                .arg(o.key(tenant, HEAD_WAITS));
             let r = o.inner.redis.as_ref()?;
             let mut conn = r.conn()?;
-            let (head, len): (Option<String>, usize) =
+            let (head, len, mark): (Option<String>, usize, Option<String>) =
                 match tokio::time::timeout(r.timeout, pipe.query_async(&mut conn)).await {
                     Ok(Ok(v)) => v,
                     _ => return None,
                 };
             let head = head?;
             return match Entry::decode(&head) {
-                Some(entry) => Some((entry, len)),
+                Some(entry) => Some((entry, len, mark)),
                 None => {
                     // Not ours to read: drop it rather than block the queue.
                     warn!(tenant = %o.inner.tenant_ids[tenant], "dropping an unreadable overflow queue entry");
@@ -114,7 +119,7 @@ impl Drain {
         }
         let local = lock(&o.inner.local);
         let queue = local.queues.get(&tenant)?;
-        Some((queue.front()?.clone(), queue.len()))
+        Some((queue.front()?.clone(), queue.len(), None))
     }
 
     /// Tries the head of one tenant's queue.
@@ -123,8 +128,8 @@ impl Drain {
         let heads = self.heads(tenant).await;
         metrics::OVERFLOW_PARKED
             .with_label_values(&[&o.inner.tenant_ids[tenant]])
-            .set(heads.as_ref().map_or(0, |(_, len)| *len as i64));
-        let Some((head, _)) = heads else {
+            .set(heads.as_ref().map_or(0, |(_, len, _)| *len as i64));
+        let Some((head, _, mark)) = heads else {
             o.set_head_waits(tenant, None);
             return Visit::Empty;
         };
@@ -150,9 +155,16 @@ impl Drain {
                         o.remove(tenant, &head).await;
                         return Visit::Served;
                     }
-                    // Parked there because the tenant was over its limits:
-                    // newcomers here queue behind it.
-                    o.set_head_waits(tenant, Some(HeadWait { limit: None }));
+                    let Some(limit) = marked_limit(mark.as_deref(), id) else {
+                        // Its instance has not said it waits for the limits:
+                        // it may wait for a backend there, or that instance
+                        // may be frozen. Nobody here waits behind it.
+                        o.set_head_waits(tenant, None);
+                        return self.look_past(tenant, Visit::Blocked).await;
+                    };
+                    // It waits for the tenant's limits there: newcomers
+                    // here queue behind it.
+                    o.set_head_waits(tenant, Some(limit));
                     return Visit::Blocked;
                 }
                 match self
@@ -205,7 +217,11 @@ impl Drain {
             // the next head likewise).
             Err(refusal) if refusal.limit == LimitKind::Budget => Err(refusal),
             Err(refusal) => {
-                o.set_head_waits(tenant, waits_for_limits(&refusal));
+                let waits = waits_for_limits(&refusal);
+                o.set_head_waits(tenant, waits);
+                if let Some(limit) = waits {
+                    o.mark_head_waits(tenant, id, limit).await;
+                }
                 return Tried::Blocked;
             }
         };
@@ -716,15 +732,47 @@ impl Drain {
 }
 
 /// Whether a head the limiter refused waits for the tenant's limits (and
-/// newcomers should queue behind it): not when its budget is spent, which
-/// no wait in the queue mends.
-fn waits_for_limits(refusal: &crate::limits::Refusal) -> Option<HeadWait> {
-    (refusal.limit != LimitKind::Budget).then_some(HeadWait {
-        limit: Some(refusal.limit),
-    })
+/// newcomers should queue behind it): for a request or a concurrent slot,
+/// each a unit any request takes alike. Not for tokens: a head that
+/// reserves most of the minute would hold every smaller request up until
+/// the whole minute is free. Not when the budget is spent: no wait in the
+/// queue mends that.
+fn waits_for_limits(refusal: &crate::limits::Refusal) -> Option<LimitKind> {
+    matches!(refusal.limit, LimitKind::Requests | LimitKind::Concurrency).then_some(refusal.limit)
+}
+
+/// The key (per tenant, Redis) where the instance holding a sync head says
+/// which limit it waits for: `id|limit`, for a second.
+const HEAD_WAITS: &str = "head_waits";
+
+/// The limit `mark` (the [`HEAD_WAITS`] key) says the head `id` waits for.
+fn marked_limit(mark: Option<&str>, id: &str) -> Option<LimitKind> {
+    let (marked, limit) = mark?.split_once('|')?;
+    (marked == id)
+        .then(|| LimitKind::from_label(limit))
+        .flatten()
 }
 
 impl Overflow {
+    /// Tells the other instances (Redis) that the request `id`, parked here,
+    /// waits for the tenant's `limit`: their newcomers queue behind it. Said
+    /// again at each visit; it lapses after a second unsaid (the instance
+    /// stopped or froze).
+    async fn mark_head_waits(&self, tenant: usize, id: &str, limit: LimitKind) {
+        if self.inner.redis.is_none() {
+            return;
+        }
+        let _: Option<()> = self
+            .redis(
+                redis::cmd("SET")
+                    .arg(self.key(tenant, HEAD_WAITS))
+                    .arg(format!("{id}|{}", limit.label()))
+                    .arg("PX")
+                    .arg(1000),
+            )
+            .await;
+    }
+
     /// Puts a claimed head back at the head of its queue.
     pub(super) async fn requeue_claim(&self, claim: &Claim) {
         let o = self;
@@ -783,5 +831,26 @@ impl Overflow {
         }
         self.finish_job(claim, &job.id, &attempt.result).await;
         self.send_callback(runner, tenant, job.clone(), attempt.result);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_mark_names_its_head_and_limit() {
+        assert_eq!(
+            marked_limit(Some("abc|concurrency"), "abc"),
+            Some(LimitKind::Concurrency)
+        );
+        assert_eq!(
+            marked_limit(Some("abc|rpm"), "abc"),
+            Some(LimitKind::Requests)
+        );
+        assert_eq!(marked_limit(Some("abc|rpm"), "abd"), None);
+        assert_eq!(marked_limit(Some("abc|nonsense"), "abc"), None);
+        assert_eq!(marked_limit(Some("abc"), "abc"), None);
+        assert_eq!(marked_limit(None, "abc"), None);
     }
 }

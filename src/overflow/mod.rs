@@ -85,44 +85,6 @@ pub enum ParkRefusal {
     Unconfirmed,
 }
 
-/// A tenant's queue head waiting for the tenant's limits
-/// ([`Overflow::head_waits`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct HeadWait {
-    /// The limit that refused it, when this instance asked (not for a head
-    /// parked on another instance).
-    pub limit: Option<LimitKind>,
-}
-
-impl HeadWait {
-    const KINDS: [LimitKind; 3] = [
-        LimitKind::Requests,
-        LimitKind::Tokens,
-        LimitKind::Concurrency,
-    ];
-
-    /// 0: no head waits; 1: one waits elsewhere; 2 on: by `KINDS`.
-    fn encode(head: Option<HeadWait>) -> u8 {
-        match head {
-            None => 0,
-            Some(HeadWait { limit: None }) => 1,
-            Some(HeadWait { limit: Some(kind) }) => Self::KINDS
-                .iter()
-                .position(|k| *k == kind)
-                .map_or(1, |i| i as u8 + 2),
-        }
-    }
-
-    fn decode(code: u8) -> Option<HeadWait> {
-        let limit = match code {
-            0 => return None,
-            1 => None,
-            n => Self::KINDS.get(usize::from(n) - 2).copied(),
-        };
-        Some(HeadWait { limit })
-    }
-}
-
 /// How a sync wait ended.
 #[derive(Debug)]
 pub enum Waited {
@@ -135,6 +97,26 @@ pub enum Waited {
     TimedOut,
     /// This instance is stopping: its drain admits no more.
     Stopping,
+}
+
+const LIMITS: [LimitKind; 4] = [
+    LimitKind::Requests,
+    LimitKind::Tokens,
+    LimitKind::Concurrency,
+    LimitKind::Budget,
+];
+
+/// `limit` as an atomic holds it: 0 for none, else its place in `LIMITS`
+/// plus one.
+fn limit_code(limit: Option<LimitKind>) -> u8 {
+    limit
+        .and_then(|l| LIMITS.iter().position(|k| *k == l))
+        .map_or(0, |i| i as u8 + 1)
+}
+
+/// The limit [`limit_code`] gave `code`.
+fn limit_of(code: u8) -> Option<LimitKind> {
+    LIMITS.get(usize::from(code).checked_sub(1)?).copied()
 }
 
 fn unix_ms() -> u64 {
@@ -175,8 +157,8 @@ struct Inner {
     /// ended while some were parked here ([`Overflow::capacity_freed`]),
     /// or one just parked.
     due: Mutex<Vec<usize>>,
-    /// Per tenant: whether its queue's head waits for the tenant's limits,
-    /// as the drain last saw it ([`Overflow::head_waits`]; `HeadWait::encode`).
+    /// Per tenant: the limit its queue's head waits for, as the drain last
+    /// saw it ([`Overflow::head_waits`]; [`limit_code`]).
     head_waits: Vec<AtomicU8>,
     /// The drain stopped ([`Overflow::dismiss_waiters`]): nothing parks.
     stopping: AtomicBool,
@@ -292,14 +274,15 @@ impl Overflow {
     /// asks first (with Redis, a newcomer's admission takes one round trip
     /// and the head's three). A head that waits for something else (a
     /// backend, a job slot, a spent budget) holds nobody up.
-    pub fn head_waits(&self, tenant: usize) -> Option<HeadWait> {
+    /// The limit it waits for is the answer.
+    pub fn head_waits(&self, tenant: usize) -> Option<LimitKind> {
         let code = self.inner.head_waits.get(tenant)?.load(Ordering::Relaxed);
-        HeadWait::decode(code)
+        limit_of(code)
     }
 
     /// What the drain saw at `tenant`'s head ([`Overflow::head_waits`]).
-    pub(super) fn set_head_waits(&self, tenant: usize, head: Option<HeadWait>) {
-        self.inner.head_waits[tenant].store(HeadWait::encode(head), Ordering::Relaxed);
+    pub(super) fn set_head_waits(&self, tenant: usize, limit: Option<LimitKind>) {
+        self.inner.head_waits[tenant].store(limit_code(limit), Ordering::Relaxed);
     }
 
     /// The drain stops (graceful shutdown or upgrade): every request
@@ -374,22 +357,15 @@ mod tests {
 
     #[test]
     fn head_waits_round_trip_through_their_code() {
-        let cases = [
+        for head in [
             None,
-            Some(HeadWait { limit: None }),
-            Some(HeadWait {
-                limit: Some(LimitKind::Requests),
-            }),
-            Some(HeadWait {
-                limit: Some(LimitKind::Tokens),
-            }),
-            Some(HeadWait {
-                limit: Some(LimitKind::Concurrency),
-            }),
-        ];
-        for head in cases {
-            assert_eq!(HeadWait::decode(HeadWait::encode(head)), head);
+            Some(LimitKind::Requests),
+            Some(LimitKind::Tokens),
+            Some(LimitKind::Concurrency),
+            Some(LimitKind::Budget),
+        ] {
+            assert_eq!(limit_of(limit_code(head)), head);
         }
-        assert_eq!(HeadWait::decode(200), Some(HeadWait { limit: None }));
+        assert_eq!(limit_of(200), None);
     }
 }

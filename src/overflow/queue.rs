@@ -60,21 +60,20 @@ pub struct Parked {
 }
 
 impl Overflow {
-    /// Appends an entry unless the tenant has `max_parked` already (or the
-    /// shared queue cannot be reached); a refusal is counted.
-    pub(super) async fn push(&self, tenant: usize, entry: &Entry) -> Result<(), ParkRefusal> {
-        let pushed = self.try_push(tenant, entry).await;
-        match pushed {
-            Err(ParkRefusal::Full | ParkRefusal::StoreFull(_)) => self.count(tenant, "full"),
-            Err(ParkRefusal::Unavailable | ParkRefusal::Unconfirmed) => {
+    /// Counts a request refused a place in `tenant`'s queue, once, by the
+    /// caller that answers it.
+    pub fn count_park_refusal(&self, tenant: usize, why: ParkRefusal) {
+        match why {
+            ParkRefusal::Full | ParkRefusal::StoreFull(_) => self.count(tenant, "full"),
+            ParkRefusal::Unavailable | ParkRefusal::Unconfirmed => {
                 self.count(tenant, "unavailable")
             }
-            Ok(()) => {}
         }
-        pushed
     }
 
-    async fn try_push(&self, tenant: usize, entry: &Entry) -> Result<(), ParkRefusal> {
+    /// Appends an entry unless the tenant has `max_parked` already (or the
+    /// shared queue cannot be reached).
+    async fn push(&self, tenant: usize, entry: &Entry) -> Result<(), ParkRefusal> {
         let max = self.inner.settings[tenant].max_parked;
         if let Some(r) = &self.inner.redis {
             let script = redis::Script::new(
@@ -126,7 +125,8 @@ impl Overflow {
     /// Parks a sync request for `route` (its index in this process's
     /// config): it joins the tenant's queue and waits for
     /// [`Overflow::wait`]. The caller races the wait against the client going
-    /// away and calls [`Overflow::abandon`] if it does.
+    /// away and calls [`Overflow::abandon`] if it does, and counts a refusal
+    /// it answers ([`Overflow::count_park_refusal`]).
     pub async fn park(
         &self,
         tenant: usize,
