@@ -221,10 +221,7 @@ impl Overflow {
             }
             Ok(Submitted::Existing(_)) => self.count_job(tenant, "deduplicated"),
             Ok(Submitted::KeyReused) => {}
-            Err(ParkRefusal::Unavailable | ParkRefusal::Unconfirmed) => {
-                self.count(tenant, "unavailable")
-            }
-            Err(ParkRefusal::Full | ParkRefusal::StoreFull(_)) => self.count(tenant, "full"),
+            Err(why) => self.count_park_refusal(tenant, *why),
         }
         submitted
     }
