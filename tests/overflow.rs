@@ -218,6 +218,9 @@ fn newcomers_do_not_starve_parked_requests_with_redis() {
 #[test]
 fn newcomers_do_not_starve_requests_parked_on_another_instance() {
     let redis = Redis::start();
+    // A key of the wrong type where instances say what a head waits for
+    // (left by hand, or by another program) is no reason to stall.
+    redis.cli(&["HSET", "runestone:{acme}:head_waits", "a", "b"]);
     check_newcomers_do_not_starve_the_parked(Some(&redis), 2);
 }
 
@@ -355,6 +358,19 @@ fn check_parked_request_refused_when_the_budget_runs_out(redis: Option<&Redis>) 
             answered_at - holder_done
         );
     });
+    // A newcomer is refused by the budget itself, not queued first.
+    let resp = chat_with_id(&gw, "newcomer");
+    assert_eq!(
+        (resp.status, resp.error_code()),
+        (429, "insufficient_quota".to_string())
+    );
+    assert_eq!(
+        metric_value(
+            &gw.metrics(),
+            r#"runestone_rate_limited_total{limit="budget",tenant="acme"}"#
+        ),
+        1.0
+    );
     assert!(!seen_ids(&mock).contains(&"waiter".to_string()));
     let metrics = gw.metrics();
     assert_eq!(

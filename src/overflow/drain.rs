@@ -82,10 +82,8 @@ impl Drain {
         }
     }
 
-    /// The head of `tenant`'s queue, the queue's length, and (Redis) what
-    /// the instance holding a sync head last said it waits for
-    /// ([`Overflow::mark_head_waits`]).
-    async fn heads(&self, tenant: usize) -> Option<(Entry, usize, Option<String>)> {
+    /// The head of `tenant`'s queue and the queue's length.
+    async fn heads(&self, tenant: usize) -> Option<(Entry, usize)> {
         let o = &self.overflow;
         if o.inner.redis.is_some() {
             let queue = o.key(tenant, "queue");
@@ -94,19 +92,17 @@ impl Drain {
                 .arg(&queue)
                 .arg(0)
                 .cmd("LLEN")
-                .arg(&queue)
-                .cmd("GET")
-                .arg(o.key(tenant, HEAD_WAITS));
+                .arg(&queue);
             let r = o.inner.redis.as_ref()?;
             let mut conn = r.conn()?;
-            let (head, len, mark): (Option<String>, usize, Option<String>) =
+            let (head, len): (Option<String>, usize) =
                 match tokio::time::timeout(r.timeout, pipe.query_async(&mut conn)).await {
                     Ok(Ok(v)) => v,
                     _ => return None,
                 };
             let head = head?;
             return match Entry::decode(&head) {
-                Some(entry) => Some((entry, len, mark)),
+                Some(entry) => Some((entry, len)),
                 None => {
                     // Not ours to read: drop it rather than block the queue.
                     warn!(tenant = %o.inner.tenant_ids[tenant], "dropping an unreadable overflow queue entry");
@@ -119,7 +115,32 @@ impl Drain {
         }
         let local = lock(&o.inner.local);
         let queue = local.queues.get(&tenant)?;
-        Some((queue.front()?.clone(), queue.len(), None))
+        Some((queue.front()?.clone(), queue.len()))
+    }
+
+    /// What the instance holding `tenant`'s head last said it waits for
+    /// ([`Overflow::mark_head_waits`]); nothing when the mark cannot be read
+    /// (a Redis user without `GET`, a key of another type): the head then
+    /// holds nobody up, as before marks.
+    async fn head_mark(&self, tenant: usize) -> Option<String> {
+        let o = &self.overflow;
+        let r = o.inner.redis.as_ref()?;
+        let mut conn = r.conn()?;
+        let mut get = redis::cmd("GET");
+        get.arg(o.key(tenant, HEAD_WAITS));
+        match tokio::time::timeout(r.timeout, get.query_async::<Option<String>>(&mut conn)).await {
+            Ok(Ok(mark)) => mark,
+            Ok(Err(e)) => {
+                metrics::REDIS_ERRORS.with_label_values(&["overflow"]).inc();
+                static WARNED: std::sync::atomic::AtomicBool =
+                    std::sync::atomic::AtomicBool::new(false);
+                if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                    warn!(error = %e, "overflow queue: cannot read which limit another instance's parked request waits for (does the Redis user allow GET?); newcomers are not held behind it");
+                }
+                None
+            }
+            Err(_) => None,
+        }
     }
 
     /// Tries the head of one tenant's queue.
@@ -128,8 +149,8 @@ impl Drain {
         let heads = self.heads(tenant).await;
         metrics::OVERFLOW_PARKED
             .with_label_values(&[&o.inner.tenant_ids[tenant]])
-            .set(heads.as_ref().map_or(0, |(_, len, _)| *len as i64));
-        let Some((head, _, mark)) = heads else {
+            .set(heads.as_ref().map_or(0, |(_, len)| *len as i64));
+        let Some((head, _)) = heads else {
             o.set_head_waits(tenant, None);
             return Visit::Empty;
         };
@@ -155,6 +176,7 @@ impl Drain {
                         o.remove(tenant, &head).await;
                         return Visit::Served;
                     }
+                    let mark = self.head_mark(tenant).await;
                     let Some(limit) = marked_limit(mark.as_deref(), id) else {
                         // Its instance has not said it waits for the limits:
                         // it may wait for a backend there, or that instance
@@ -215,7 +237,11 @@ impl Drain {
             // The budget ran out while it waited: no wait in the queue
             // mends that, so it is answered now, as a newcomer would be (and
             // the next head likewise).
-            Err(refusal) if refusal.limit == LimitKind::Budget => Err(refusal),
+            Err(refusal) if refusal.limit == LimitKind::Budget => {
+                // Newcomers are refused by the budget directly, not queued.
+                o.set_head_waits(tenant, None);
+                Err(refusal)
+            }
             Err(refusal) => {
                 let waits = waits_for_limits(&refusal);
                 o.set_head_waits(tenant, waits);
