@@ -243,12 +243,15 @@ impl ApiError {
     /// 503: whether a stored response is the tenant's cannot be told now
     /// (Redis, which records it, does not answer).
     pub fn response_store_unavailable() -> Self {
-        let mut error = Self::new(
-            503,
-            "api_error",
+        Self::unavailable_for_a_second(
             "response_store_unavailable",
             "The gateway cannot look up stored responses right now; retry shortly.",
-        );
+        )
+    }
+
+    /// A 503 `api_error` whose retry is worth it after a second.
+    fn unavailable_for_a_second(code: &'static str, message: &str) -> Self {
+        let mut error = Self::new(503, "api_error", code, message);
         error.retry_after_ms = Some(1000);
         error
     }
@@ -386,14 +389,10 @@ impl ApiError {
     /// (shutdown or upgrade); another instance, or the new process, takes
     /// it when retried.
     pub fn gateway_stopping() -> Self {
-        let mut error = Self::new(
-            503,
-            "api_error",
+        Self::unavailable_for_a_second(
             "gateway_stopping",
             "The gateway is stopping and did not admit the request from its overflow queue; retry.",
-        );
-        error.retry_after_ms = Some(1000);
-        error
+        )
     }
 
     /// 504: the provider was too slow.

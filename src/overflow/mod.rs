@@ -267,14 +267,13 @@ impl Overflow {
         std::mem::take(&mut *lock(&self.inner.due))
     }
 
-    /// Whether `tenant`'s queue head waits for the tenant's limits, as this
-    /// instance's drain last saw it. A newcomer then parks behind it rather
+    /// Which of `tenant`'s limits its queue head waits for, as this
+    /// instance's drain last saw it, if any. A newcomer then parks behind it rather
     /// than take the capacity it waits for: a slot that frees goes to the
     /// request parked longest, on whichever instance, and not to whoever
     /// asks first (with Redis, a newcomer's admission takes one round trip
     /// and the head's three). A head that waits for something else (a
-    /// backend, a job slot, a spent budget) holds nobody up.
-    /// The limit it waits for is the answer.
+    /// backend, a job slot, tokens, a spent budget) holds nobody up.
     pub fn head_waits(&self, tenant: usize) -> Option<LimitKind> {
         let code = self.inner.head_waits.get(tenant)?.load(Ordering::Relaxed);
         limit_of(code)
