@@ -148,7 +148,9 @@ fn a_burst_over_one_slot_is_served_in_arrival_order_with_redis() {
 fn check_newcomers_do_not_starve_the_parked(redis: Option<&Redis>, instances: usize) {
     let mock = Mock::start(&["--latency-ms", "20"]);
     let config = queued(&mock, "{ enabled: true, max_wait_seconds: 1 }", redis);
-    let gateways: Vec<Gateway> = (0..instances).map(|_| Gateway::start(&config)).collect();
+    let gateways: Vec<Gateway> = (0..instances)
+        .map(|_| Gateway::start(&config.another_instance()))
+        .collect();
     let body = chat("gpt-4o-mini", false);
     let until = Instant::now() + Duration::from_secs(5);
     let statuses: Vec<u16> = std::thread::scope(|scope| {
@@ -503,7 +505,10 @@ fn a_head_waiting_for_a_backend_on_another_instance_holds_nobody_up() {
     let mock = Mock::start(&[]);
     let down = Mock::start(&[]);
     let config = with_a_down_model(&mock, &down, 6, Some(&redis));
-    let (a, b) = (Gateway::start(&config), Gateway::start(&config));
+    let (a, b) = (
+        Gateway::start(&config),
+        Gateway::start(&config.another_instance()),
+    );
     take_down(&down, &[&a, &b]);
     std::thread::scope(|scope| {
         let a = &a;
@@ -751,6 +756,50 @@ fn parking_refuses_at_once_when_redis_is_down() {
         );
         assert_eq!(holder.join().unwrap(), 200);
     });
+}
+
+#[test]
+fn parked_requests_keep_their_places_when_redis_restarts_empty() {
+    // Redis restarted without its data (no persistence; a flush, or a
+    // replica promoted before it saw the entries, loses them alike): the
+    // requests parked on either instance put their places back and are
+    // served, instead of waiting out max_wait with nothing to admit them.
+    let mut redis = Redis::start();
+    let mock = Mock::start(&["--latency-ms", "1500"]);
+    let config = queued(
+        &mock,
+        "{ enabled: true, max_wait_seconds: 12 }",
+        Some(&redis),
+    );
+    let (a, b) = (
+        Gateway::start(&config),
+        Gateway::start(&config.another_instance()),
+    );
+    std::thread::scope(|scope| {
+        let holder = hold_the_slot(scope, &a, &mock);
+        let waiters: Vec<_> = [("on-a", &a), ("on-b", &b)]
+            .into_iter()
+            .map(|(name, gw)| scope.spawn(move || chat_with_id(gw, name).status))
+            .collect();
+        wait_until(Duration::from_secs(5), "both to park", || {
+            redis.cli(&["LLEN", "runestone:{acme}:queue"]).trim() == "2"
+        });
+        redis.restart_empty();
+        assert_eq!(holder.join().unwrap(), 200);
+        let statuses: Vec<u16> = waiters.into_iter().map(|w| w.join().unwrap()).collect();
+        assert_eq!(statuses, [200, 200]);
+    });
+    let seen = seen_ids(&mock);
+    assert!(seen.contains(&"on-a".to_string()) && seen.contains(&"on-b".to_string()));
+    for gw in [&a, &b] {
+        assert_eq!(
+            metric_value(
+                &gw.metrics(),
+                r#"runestone_overflow_total{outcome="admitted",tenant="acme"}"#
+            ),
+            1.0
+        );
+    }
 }
 
 #[test]

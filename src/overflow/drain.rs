@@ -26,6 +26,9 @@ const TICK: Duration = Duration::from_millis(10);
 const IDLE_TICK: Duration = Duration::from_millis(200);
 /// How often jobs whose backoff is over are put back in their queue.
 const PROMOTE_EVERY: Duration = Duration::from_millis(250);
+/// How often the drain checks that Redis still holds the places of the
+/// requests parked here ([`Overflow::restore_places`]).
+const RESTORE_EVERY: Duration = Duration::from_secs(1);
 /// How often running jobs are checked for a cancel asked on another
 /// instance.
 const CANCEL_POLL: Duration = Duration::from_millis(500);
@@ -681,6 +684,7 @@ impl Drain {
         let mut next_claims = Instant::now();
         let mut next_promote = Instant::now();
         let mut next_cancel_poll = Instant::now();
+        let mut next_restore = Instant::now() + RESTORE_EVERY;
         let mut running = JoinSet::new();
         let mut next_round = Instant::now();
         loop {
@@ -694,6 +698,10 @@ impl Drain {
                     o.promote_due(tenant).await;
                 }
                 next_promote = Instant::now() + PROMOTE_EVERY;
+            }
+            if now >= next_restore {
+                o.restore_places().await;
+                next_restore = Instant::now() + RESTORE_EVERY;
             }
             if now >= next_cancel_poll {
                 self.look_for_cancels().await;

@@ -144,6 +144,10 @@ struct Waiter {
     /// Its route's index in this process's config.
     route: usize,
     tenant: usize,
+    /// Its entry once Redis holds it, to be put back if Redis loses it
+    /// ([`Overflow::restore_places`]).
+    queued: Option<queue::Entry>,
+    parked_at: std::time::Instant,
 }
 
 struct Inner {

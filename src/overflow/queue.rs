@@ -1,7 +1,7 @@
 //! The queue itself: entries, parking a request and waiting for its turn,
 //! giving up a place.
 
-use super::{lock, unix_ms, Overflow, ParkRefusal, Waited, Waiter};
+use super::{answered, lock, unix_ms, Overflow, ParkRefusal, Waited, Waiter};
 use crate::limits::{Grant, Limiter, Refusal};
 use crate::metrics;
 use std::time::Instant;
@@ -154,6 +154,8 @@ impl Overflow {
             admit,
             route,
             tenant,
+            queued: None,
+            parked_at: Instant::now(),
         };
         self.add_waiter(id.clone(), waiter);
         if self
@@ -168,6 +170,11 @@ impl Overflow {
         if let Err(refusal) = self.push(tenant, &entry).await {
             self.take_waiter(&id);
             return Err(refusal);
+        }
+        if self.inner.redis.is_some() {
+            if let Some(waiter) = lock(&self.inner.waiters).get_mut(&id) {
+                waiter.queued = Some(entry.clone());
+            }
         }
         self.visit_soon(tenant);
         Ok(Parked {
@@ -237,6 +244,82 @@ impl Overflow {
             self.take_waiter(id);
         }
         self.remove(parked.tenant, &parked.entry).await;
+    }
+}
+
+/// The longest queue [`Overflow::restore_places`] looks through; a longer
+/// one is not checked.
+const RESTORE_SCAN: usize = 10_000;
+
+/// Puts back the entries (`ARGV[4..]`) the queue (`KEYS[1]`) no longer
+/// holds, at its tail, and renews the instance's heartbeat (`KEYS[2]`, PX
+/// `ARGV[1]`; member `ARGV[2]` of `KEYS[3]`), lost with them, so that the
+/// other instances do not take the entries for a dead instance's. How many
+/// were put back; -1 when the queue is longer than `ARGV[3]`.
+const RESTORE: &str = r"
+if redis.call('LLEN', KEYS[1]) > tonumber(ARGV[3]) then return -1 end
+local held = {}
+for _, entry in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do held[entry] = true end
+local restored = 0
+for i = 4, #ARGV do
+  if not held[ARGV[i]] then
+    redis.call('RPUSH', KEYS[1], ARGV[i])
+    restored = restored + 1
+  end
+end
+if restored > 0 then
+  redis.call('SET', KEYS[2], 1, 'PX', ARGV[1])
+  redis.call('SADD', KEYS[3], ARGV[2])
+end
+return restored
+";
+
+impl Overflow {
+    /// Puts back the places of requests parked here that Redis lost: it
+    /// restarted without its data, was flushed, or a replica that had not
+    /// seen them took over. They would otherwise wait out `max_wait` with
+    /// nothing to admit them. A place goes back at the queue's tail, in
+    /// the order its requests parked; the drain checks once a second.
+    pub(super) async fn restore_places(&self) {
+        let Some(r) = &self.inner.redis else {
+            return;
+        };
+        let now = unix_ms();
+        let mut places: Vec<(usize, Instant, String)> = lock(&self.inner.waiters)
+            .values()
+            .filter_map(|w| match &w.queued {
+                Some(entry @ Entry::Sync { deadline_ms, .. }) if *deadline_ms > now => {
+                    Some((w.tenant, w.parked_at, entry.encode()))
+                }
+                _ => None,
+            })
+            .collect();
+        places.sort_unstable();
+        let heartbeat_ms = self.inner.jobs.visibility_timeout.as_millis() as u64;
+        for tenant_places in places.chunk_by(|a, b| a.0 == b.0) {
+            let tenant = tenant_places[0].0;
+            let script = redis::Script::new(RESTORE);
+            let mut invocation = script.key(self.key(tenant, "queue"));
+            invocation
+                .key(self.key(tenant, &format!("worker:{}", self.inner.instance)))
+                .key(self.key(tenant, "workers"))
+                .arg(heartbeat_ms)
+                .arg(&self.inner.instance)
+                .arg(RESTORE_SCAN);
+            for (_, _, entry) in tenant_places {
+                invocation.arg(entry);
+            }
+            let Some(mut conn) = r.conn() else {
+                return;
+            };
+            let restored = answered(
+                tokio::time::timeout(r.timeout, invocation.invoke_async::<i64>(&mut conn)).await,
+            );
+            if let Some(restored @ 1..) = restored {
+                tracing::warn!(tenant = %self.inner.tenant_ids[tenant], restored, "overflow queue: Redis had lost the places of requests parked here (restarted without its data, flushed, or a replica behind took over); they are queued again");
+                self.visit_soon(tenant);
+            }
+        }
     }
 }
 

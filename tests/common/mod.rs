@@ -237,6 +237,7 @@ impl Drop for Mock {
 }
 
 /// Builds a gateway config around one or more mocks.
+#[derive(Clone)]
 pub struct GatewayConfig {
     pub port: u16,
     pub metrics_port: u16,
@@ -255,6 +256,16 @@ pub struct GatewayConfig {
 }
 
 impl GatewayConfig {
+    /// The same config on listeners of its own: another instance beside
+    /// the first (sharing its Redis, say).
+    pub fn another_instance(&self) -> Self {
+        GatewayConfig {
+            port: free_port(),
+            metrics_port: free_port(),
+            ..self.clone()
+        }
+    }
+
     /// One provider `mock` (at `mock`), model `gpt-4o-mini` renamed to
     /// `mock-small`, model `same-name` passed as is, an embeddings model, and
     /// tenants `acme` (all models) and `restricted` (embeddings only).
@@ -375,6 +386,14 @@ impl Gateway {
     }
 
     fn spawn(config: &GatewayConfig, env: &[(&str, &str)], ready_url: &str) -> Gateway {
+        // A second instance on the same ports would wait for them while the
+        // first answered for both.
+        for port in [config.port, config.metrics_port] {
+            assert!(
+                std::net::TcpListener::bind(("127.0.0.1", port)).is_ok(),
+                "port {port} is taken: another gateway on the same config? (GatewayConfig::another_instance)"
+            );
+        }
         let dir = scratch_dir("gw");
         let yaml = config.yaml_in(&dir);
         let config_path = dir.join("runestone.yaml");
@@ -784,6 +803,17 @@ impl Redis {
         let again = Self::start_in(self.port, self.dir.clone());
         let old = std::mem::replace(self, again);
         std::mem::forget(old);
+    }
+
+    /// Kills the server (SIGKILL) and starts an empty one on the same port:
+    /// a restart without persistence, as a failover to a replica that had
+    /// not seen the latest writes loses them too.
+    pub fn restart_empty(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+        let again = Self::start_on(self.port);
+        std::mem::forget(std::mem::replace(self, again));
     }
 
     /// Runs a command with redis-cli and returns its output.
