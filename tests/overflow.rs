@@ -330,7 +330,11 @@ fn a_stopping_gateway_answers_its_parked_requests_at_once() {
 /// queue mends that, so the request is answered at once with the budget's
 /// 429, as a newcomer would be (it used to wait out `max_wait` and get a
 /// 429 that said it had waited as long as allowed).
-fn check_parked_request_refused_when_the_budget_runs_out(redis: Option<&Redis>) {
+///
+/// With `job_ahead`, an async job parks first and is at the queue's head
+/// when the budget runs out: it waits for the budget, and the request
+/// behind it is answered all the same.
+fn check_parked_request_refused_when_the_budget_runs_out(redis: Option<&Redis>, job_ahead: bool) {
     let mock = Mock::start(&["--latency-ms", "1500"]);
     let mut config = queued(&mock, "{ enabled: true, max_wait_seconds: 30 }", redis);
     // One request costs (7 * $1 + 16 * $2) / 1M = $0.000039: the first spends it.
@@ -343,12 +347,22 @@ fn check_parked_request_refused_when_the_budget_runs_out(redis: Option<&Redis>) 
     std::thread::scope(|scope| {
         let holder = hold_the_slot(scope, &gw, &mock);
         let gw = &gw;
+        let ahead = if job_ahead {
+            submit(gw, TENANT_KEY, "a job ahead");
+            wait_until(Duration::from_secs(5), "the job to park", || {
+                metric_value(&gw.metrics(), r#"runestone_overflow_parked{tenant="acme"}"#) == 1.0
+            });
+            1.0
+        } else {
+            0.0
+        };
         let waiter = scope.spawn(move || {
             let resp = chat_with_id(gw, "waiter");
             (resp.status, resp.error_code(), Instant::now())
         });
         wait_until(Duration::from_secs(5), "the waiter to park", || {
-            metric_value(&gw.metrics(), r#"runestone_overflow_parked{tenant="acme"}"#) == 1.0
+            metric_value(&gw.metrics(), r#"runestone_overflow_parked{tenant="acme"}"#)
+                == 1.0 + ahead
         });
         assert_eq!(holder.join().unwrap(), 200);
         let holder_done = Instant::now();
@@ -393,13 +407,19 @@ fn check_parked_request_refused_when_the_budget_runs_out(redis: Option<&Redis>) 
 
 #[test]
 fn a_parked_request_is_refused_when_the_budget_runs_out_in_process() {
-    check_parked_request_refused_when_the_budget_runs_out(None);
+    check_parked_request_refused_when_the_budget_runs_out(None, false);
 }
 
 #[test]
 fn a_parked_request_is_refused_when_the_budget_runs_out_with_redis() {
     let redis = Redis::start();
-    check_parked_request_refused_when_the_budget_runs_out(Some(&redis));
+    check_parked_request_refused_when_the_budget_runs_out(Some(&redis), false);
+}
+
+#[test]
+fn a_request_parked_behind_a_job_is_refused_when_the_budget_runs_out() {
+    let redis = Redis::start();
+    check_parked_request_refused_when_the_budget_runs_out(Some(&redis), true);
 }
 
 /// A request parked for a model nothing can serve (its provider is down)

@@ -468,6 +468,12 @@ impl Drain {
             Err(refusal) => {
                 o.requeue_claim(&claim).await;
                 o.set_head_waits(tenant, waits_for_limits(&refusal));
+                if refusal.limit == LimitKind::Budget {
+                    // The job waits for the next period (or a raised
+                    // budget); the requests parked behind it are answered
+                    // by the budget now rather than wait out `max_wait`.
+                    return self.look_past(tenant, Visit::Blocked).await;
+                }
                 return Visit::Blocked;
             }
         };
