@@ -823,6 +823,53 @@ fn parked_requests_keep_their_places_when_redis_restarts_empty() {
 }
 
 #[test]
+fn places_put_back_keep_the_order_requests_parked_in_across_instances() {
+    // The entries are lost while the slot stays held (its lease is another
+    // key): each instance puts its own back, and the requests are served in
+    // the order they parked, not one instance's after the other's.
+    let redis = Redis::start();
+    let mock = Mock::start(&["--latency-ms", "4000"]);
+    let config = queued(
+        &mock,
+        "{ enabled: true, max_wait_seconds: 20 }",
+        Some(&redis),
+    );
+    let (a, b) = (
+        Gateway::start(&config),
+        Gateway::start(&config.another_instance()),
+    );
+    let queue = "runestone:{acme}:queue";
+    let order = ["a1", "b1", "a2", "b2"];
+    std::thread::scope(|scope| {
+        let holder = hold_the_slot(scope, &a, &mock);
+        let waiters: Vec<_> = order
+            .iter()
+            .enumerate()
+            .map(|(i, &name)| {
+                let gw = if name.starts_with('a') { &a } else { &b };
+                let waiter = scope.spawn(move || chat_with_id(gw, name).status);
+                wait_until(Duration::from_secs(5), "the request to park", || {
+                    redis.cli(&["LLEN", queue]).trim() == (i + 1).to_string()
+                });
+                waiter
+            })
+            .collect();
+        mock.fault(json!({"latency_ms": 50}));
+        redis.cli(&["DEL", queue]);
+        wait_until(
+            Duration::from_secs(3),
+            "both to put their places back",
+            || redis.cli(&["LLEN", queue]).trim() == "4",
+        );
+        assert_eq!(holder.join().unwrap(), 200);
+        for waiter in waiters {
+            assert_eq!(waiter.join().unwrap(), 200);
+        }
+    });
+    assert_eq!(seen_ids(&mock)[1..], order);
+}
+
+#[test]
 fn async_jobs_survive_a_gateway_crash_and_run_exactly_once() {
     let redis = Redis::start();
     let mock = Mock::start(&["--latency-ms", "2000"]);

@@ -252,34 +252,59 @@ impl Overflow {
 const RESTORE_SCAN: usize = 10_000;
 
 /// Puts back the entries (`ARGV[4..]`) the queue (`KEYS[1]`) no longer
-/// holds, at its tail, and renews the instance's heartbeat (`KEYS[2]`, PX
-/// `ARGV[1]`; member `ARGV[2]` of `KEYS[3]`), lost with them, so that the
-/// other instances do not take the entries for a dead instance's. How many
-/// were put back; -1 when the queue is longer than `ARGV[3]`.
+/// holds, each before the first request parked with a later deadline (so
+/// in the order they parked, whichever instance puts its own back first),
+/// and renews the instance's heartbeat (`KEYS[2]`, PX `ARGV[1]`; member
+/// `ARGV[2]` of `KEYS[3]`), lost with them, so that the other instances do
+/// not take the entries for a dead instance's. How many were put back; -1
+/// when the queue is longer than `ARGV[3]`. Only commands the documented
+/// ACL allows: an entry goes in the middle by turning the list round once
+/// (`LMOVE` of each entry from its head to its tail).
 const RESTORE: &str = r"
 if redis.call('LLEN', KEYS[1]) > tonumber(ARGV[3]) then return -1 end
+local queue = redis.call('LRANGE', KEYS[1], 0, -1)
 local held = {}
-for _, entry in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do held[entry] = true end
-local restored = 0
+for _, entry in ipairs(queue) do held[entry] = true end
+local function deadline(entry)
+  return tonumber(string.match(entry, '^s|[^|]*|[^|]*|(%d+)|[^|]*$'))
+end
+local lost = {}
 for i = 4, #ARGV do
-  if not held[ARGV[i]] then
-    redis.call('RPUSH', KEYS[1], ARGV[i])
-    restored = restored + 1
+  if not held[ARGV[i]] and deadline(ARGV[i]) then
+    held[ARGV[i]] = true
+    table.insert(lost, ARGV[i])
   end
 end
-if restored > 0 then
-  redis.call('SET', KEYS[2], 1, 'PX', ARGV[1])
-  redis.call('SADD', KEYS[3], ARGV[2])
+if #lost == 0 then return 0 end
+table.sort(lost, function(a, b) return deadline(a) < deadline(b) end)
+local later = false
+for _, entry in ipairs(queue) do
+  local due = deadline(entry)
+  if due and due > deadline(lost[1]) then later = true break end
 end
-return restored
+local k = 1
+if later then
+  for _, entry in ipairs(queue) do
+    local due = deadline(entry)
+    while k <= #lost and due and due > deadline(lost[k]) do
+      redis.call('RPUSH', KEYS[1], lost[k])
+      k = k + 1
+    end
+    redis.call('LMOVE', KEYS[1], KEYS[1], 'LEFT', 'RIGHT')
+  end
+end
+for i = k, #lost do redis.call('RPUSH', KEYS[1], lost[i]) end
+redis.call('SET', KEYS[2], 1, 'PX', ARGV[1])
+redis.call('SADD', KEYS[3], ARGV[2])
+return #lost
 ";
 
 impl Overflow {
     /// Puts back the places of requests parked here that Redis lost: it
     /// restarted without its data, was flushed, or a replica that had not
     /// seen them took over. They would otherwise wait out `max_wait` with
-    /// nothing to admit them. A place goes back at the queue's tail, in
-    /// the order its requests parked; the drain checks once a second.
+    /// nothing to admit them. A place goes back where its deadline puts it
+    /// (see [`RESTORE`]); the drain checks once a second.
     pub(super) async fn restore_places(&self) {
         let Some(r) = &self.inner.redis else {
             return;
