@@ -94,6 +94,28 @@ fn json_usage(c: &mut Criterion) {
     }
 }
 
+/// Masking the provider's key in a JSON answer that does not hold it (so
+/// nearly every answer), its content English text of `size` bytes in
+/// lines (`\n` escapes).
+fn redaction(c: &mut Criterion) {
+    let text = "Sessions serve as a simple test of this system's costs.\\n";
+    for size in [100, 4_000] {
+        let answer = Bytes::from(format!(
+            r#"{{"id":"chatcmpl-1","object":"chat.completion","choices":[{{"message":{{"role":"assistant","content":"{}"}}}}]}}"#,
+            text.repeat(size / text.len() + 1)
+        ));
+        c.bench_function(
+            &format!("redact/a JSON answer without the key ({size} B content)"),
+            |b| {
+                b.iter(|| {
+                    let mut r = runestone::redact::Redactor::new(Some("sk-proj-AbCdEf0123456789"));
+                    black_box(r.feed(black_box(answer.clone())))
+                })
+            },
+        );
+    }
+}
+
 /// A cache hit's work besides I/O: the request's key, and the stored
 /// entry read and written out as the JSON answer (fresh id and created).
 fn cache_hit(c: &mut Criterion) {
@@ -287,6 +309,7 @@ criterion_group!(
     key_lookup,
     field_extraction,
     json_usage,
+    redaction,
     cache_hit,
     sse_metering,
     translation,
