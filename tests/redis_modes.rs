@@ -401,11 +401,22 @@ fn check_refuses_what_the_gateway_could_not_honour_and_masks_credentials() {
 
 /// The ACL the docs give: the key prefix and the commands the gateway runs,
 /// nothing else (no FLUSHALL, KEYS, CONFIG).
-const MINIMAL_ACL: &str = "user default off\nuser runestone on >gateway-pw-123 resetkeys ~runestone:* resetchannels -@all +auth +hello +client|setname +ping +role +time +eval +evalsha +script|load +exists +expire +pexpire +set +hget +hmget +hset +hincrby +lindex +llen +lpos +lrem +lmove +rpush +sadd +srem +smembers +zadd +zcard +zrem +zremrangebyscore +cluster|slots +cluster|shards +cluster|nodes\nuser admin on >admin-pw-123 ~* &* +@all\n";
+/// An ACL file with the gateway's user as docs/operations.md gives it
+/// (password `gateway-pw-123`), `default` off, and an `admin`.
+fn minimal_acl() -> String {
+    let docs = include_str!("../docs/operations.md");
+    let rules = docs
+        .lines()
+        .find_map(|line| line.strip_prefix("ACL SETUSER runestone on >PASSWORD "))
+        .expect("docs/operations.md gives the minimal ACL user");
+    format!(
+        "user default off\nuser runestone on >gateway-pw-123 {rules}\nuser admin on >admin-pw-123 ~* &* +@all\n"
+    )
+}
 
 #[test]
 fn an_acl_user_limited_to_the_prefix_is_enough() {
-    let redis = Server::start(MINIMAL_ACL, admin_args());
+    let redis = Server::start(&minimal_acl(), admin_args());
     let as_gateway = |args: &[&str]| {
         let out = Command::new("redis-cli")
             .args([
@@ -456,6 +467,27 @@ fn an_acl_user_limited_to_the_prefix_is_enough() {
     assert_eq!(job.status, 202, "{}", String::from_utf8_lossy(&job.body));
     // The job is kept under the tenant's prefix (queued, or already taken).
     assert!(redis.cli(&["KEYS", "runestone:{acme}:*"]).contains(":job:"));
+    // Over its rpm a request parks; the queue lost (a flush, a failover),
+    // its instance puts its place back as that user.
+    std::thread::scope(|scope| {
+        let parked = scope.spawn(|| ask(&gw));
+        let queue = "runestone:{acme}:queue";
+        let sync_entries = || {
+            redis
+                .cli(&["LRANGE", queue, "0", "-1"])
+                .lines()
+                .filter(|e| e.starts_with("s|"))
+                .count()
+        };
+        wait_until(Duration::from_secs(5), "a request to park", || {
+            sync_entries() == 1
+        });
+        redis.cli(&["DEL", queue]);
+        wait_until(Duration::from_secs(3), "its place to be put back", || {
+            sync_entries() == 1
+        });
+        assert_eq!(parked.join().unwrap(), 429, "its rpm allows none in 5 s");
+    });
     assert!(redis_up(&gw), "no NOPERM marked Redis down");
     assert!(!gw.log().contains("NOPERM"), "{}", gw.log());
 }
@@ -880,7 +912,10 @@ fn cluster_credentials_on_the_first_seed_or_in_redis_password_reach_every_node()
 #[test]
 fn sentinel_works_with_the_minimal_acl_and_starts_connected() {
     let primary = Server::start(
-        &format!("{MINIMAL_ACL}masteruser admin\nmasterauth admin-pw-123\n"),
+        &format!(
+            "{}masteruser admin\nmasterauth admin-pw-123\n",
+            minimal_acl()
+        ),
         admin_args(),
     );
     let sentinel_port = free_port();
