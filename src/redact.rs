@@ -2,8 +2,8 @@
 //!
 //! A provider may echo the credentials it was sent: in an error message, a
 //! JSON answer, mid-stream, in a response header, or JSON-escaped
-//! (`sk\u002d...`, every character may be written as `\uXXXX`, and `/` as
-//! `\/`). A [`Redactor`] finds the key in any of those forms and overwrites
+//! (`sk\u002d...`, every character may be written as `\uXXXX`, `/` as
+//! `\/`, and a key's own `"` and `\` as `\"` and `\\`). A [`Redactor`] finds the key in any of those forms and overwrites
 //! it with `*` of the same length, so framing (`content-length`, SSE lines,
 //! JSON strings) stays valid. Streams are redacted across chunk boundaries:
 //! bytes that could be the start of the key are held back until the next
@@ -128,9 +128,10 @@ impl<'k> Redactor<'k> {
     /// Whether the key may be written with an escape in `buf`: it holds a
     /// `\u` or `\/` escape, or a backslash in its last bytes (an escape the
     /// next chunk may complete). The escapes of text (`\n`, `\"`) cannot be
-    /// part of the key, so most answers are searched for it as written.
+    /// part of a key without `"` or `\` (printable ASCII, as the config
+    /// checks), so most answers are searched for it as written.
     fn may_be_escaped(&self, buf: &[u8]) -> bool {
-        self.key.contains(&b'\\')
+        self.key.iter().any(|b| matches!(b, b'\\' | b'"'))
             || memchr::memchr_iter(b'\\', buf)
                 .any(|at| at + 6 > buf.len() || matches!(buf[at + 1], b'u' | b'/'))
     }
@@ -206,13 +207,30 @@ impl<'k> Redactor<'k> {
 }
 
 /// Whether the key starts at `start`, each of its bytes written as itself,
-/// as a `\uXXXX` escape, or (for `/`) as `\/`.
+/// as a `\uXXXX` escape, or (for `/`, `"` and `\`) as `\/`, `\"` and `\\`.
 fn match_at(buf: &[u8], start: usize, key: &[u8]) -> Match {
     let mut i = start;
-    for &want in key {
+    for (k, &want) in key.iter().enumerate() {
         let Some(&b) = buf.get(i) else {
             return Match::Partial;
         };
+        if b == b'\\' && want == b'\\' {
+            // A backslash of the key, as itself or escaped: whichever
+            // reading finds the key (the rare key with one is tried both
+            // ways; a partial match beats none, so it is held back).
+            let raw = match_at(buf, i + 1, &key[k + 1..]);
+            if matches!(raw, Match::Whole(_)) {
+                return raw;
+            }
+            return match (escape_at(buf, i, want), raw) {
+                (Escape::Is(len), raw) => match match_at(buf, i + len, &key[k + 1..]) {
+                    Match::No => raw,
+                    escaped => escaped,
+                },
+                (Escape::Partial, _) | (_, Match::Partial) => Match::Partial,
+                (Escape::No, _) => Match::No,
+            };
+        }
         if b == want {
             i += 1;
             continue;
@@ -220,29 +238,48 @@ fn match_at(buf: &[u8], start: usize, key: &[u8]) -> Match {
         if b != b'\\' {
             return Match::No;
         }
-        match buf.get(i + 1) {
-            None => return Match::Partial,
-            Some(b'/') if want == b'/' => i += 2,
-            Some(b'u') => {
-                let digits = &buf[(i + 2).min(buf.len())..(i + 6).min(buf.len())];
-                if !digits.iter().all(u8::is_ascii_hexdigit) {
-                    return Match::No;
-                }
-                if digits.len() < 4 {
-                    return Match::Partial;
-                }
-                let value = digits
-                    .iter()
-                    .fold(0u32, |v, d| v * 16 + (*d as char).to_digit(16).unwrap_or(0));
-                if value != u32::from(want) {
-                    return Match::No;
-                }
-                i += 6;
-            }
-            Some(_) => return Match::No,
+        match escape_at(buf, i, want) {
+            Escape::Is(len) => i += len,
+            Escape::Partial => return Match::Partial,
+            Escape::No => return Match::No,
         }
     }
     Match::Whole(i)
+}
+
+/// Whether a JSON escape of `want` starts at `buf[at]` (a backslash).
+enum Escape {
+    /// It does, this many bytes long.
+    Is(usize),
+    /// The input ended while it still could.
+    Partial,
+    No,
+}
+
+/// Reads the escape at `buf[at]` (a backslash) as a form of `want`.
+fn escape_at(buf: &[u8], at: usize, want: u8) -> Escape {
+    match buf.get(at + 1) {
+        None => Escape::Partial,
+        Some(&c) if c == want && matches!(c, b'/' | b'"' | b'\\') => Escape::Is(2),
+        Some(b'u') => {
+            let digits = &buf[(at + 2).min(buf.len())..(at + 6).min(buf.len())];
+            if !digits.iter().all(u8::is_ascii_hexdigit) {
+                return Escape::No;
+            }
+            if digits.len() < 4 {
+                return Escape::Partial;
+            }
+            let value = digits
+                .iter()
+                .fold(0u32, |v, d| v * 16 + (*d as char).to_digit(16).unwrap_or(0));
+            if value == u32::from(want) {
+                Escape::Is(6)
+            } else {
+                Escape::No
+            }
+        }
+        Some(_) => Escape::No,
+    }
 }
 
 #[cfg(test)]
@@ -330,6 +367,47 @@ mod tests {
                 r.scan_escaped(text.as_bytes(), at_end)
             );
         }
+    }
+
+    /// A key with a `"` and a `\` (printable ASCII allows them), in every
+    /// form a JSON writer may give it, is masked whole and nothing else
+    /// is, however a stream cuts it.
+    #[test]
+    fn redacts_a_key_with_a_quote_and_a_backslash_in_every_form() {
+        let key = r#"sk-ab"cd\ef12"#;
+        let every_u: String = key.bytes().map(|b| format!("\\u{b:04X}")).collect();
+        let json = serde_json::to_string(key).unwrap();
+        let forms = [
+            key.to_string(),
+            json[1..json.len() - 1].to_string(),
+            every_u,
+            r#"sk-ab\u0022cd\\ef12"#.to_string(),
+            r#"sk-ab\"cd\u005cef12"#.to_string(),
+        ];
+        for form in &forms {
+            let text = format!(r#"{{"error":"bad key {form}\n","k":"\\u0073k-ab"}}"#);
+            let want = text.replace(form.as_str(), &"*".repeat(form.len()));
+            assert_eq!(
+                Redactor::new(Some(key)).redact(text.as_bytes()).as_ref(),
+                want.as_bytes(),
+                "{form}"
+            );
+            for cut in 0..=text.len() {
+                let mut r = Redactor::new(Some(key));
+                let mut out = r
+                    .feed(Bytes::copy_from_slice(&text.as_bytes()[..cut]))
+                    .to_vec();
+                out.extend_from_slice(&r.feed(Bytes::copy_from_slice(&text.as_bytes()[cut..])));
+                out.extend_from_slice(&r.finish());
+                assert_eq!(String::from_utf8(out).unwrap(), want, "{form} cut at {cut}");
+            }
+        }
+        // A backslash of the text before the key's own is not the key's.
+        let text = r#"\\sk-ab\"cd\\ef1"#;
+        assert_eq!(
+            Redactor::new(Some(key)).redact(text.as_bytes()).as_ref(),
+            text.as_bytes()
+        );
     }
 
     #[test]
