@@ -972,6 +972,100 @@ fn informational_and_compressed_answers_are_handled_not_passed_on() {
     assert!(!gw.log().contains("panicked"), "{}", gw.log());
 }
 
+/// Codings read from every line of the answer's head: a gzip answer whose
+/// `content-encoding` comes as `identity` and then `gzip` is decoded (it
+/// used to be sent on still compressed, without the header, its key and
+/// usage unread), and one with a transfer coding, or a coding the gateway
+/// cannot name, is refused without the provider's words, key included,
+/// reaching the log as they were.
+#[test]
+fn every_line_of_an_answers_codings_is_read() {
+    const PROVIDER_KEY: &str = "sk-proj-Ab3dEf9HiJ2kLmN0pQ7z";
+    let chat_body = format!(
+        r#"{{"id":"c","object":"chat.completion","created":1,"model":"m","choices":[{{"index":0,"message":{{"role":"assistant","content":"your key {PROVIDER_KEY}"}},"finish_reason":"stop"}}],"usage":{{"prompt_tokens":3,"completion_tokens":7,"total_tokens":10}}}}"#
+    );
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    std::io::Write::write_all(&mut gz, chat_body.as_bytes()).unwrap();
+    let gzipped = gz.finish().unwrap();
+    let answer = |head: &str| {
+        let mut out = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n{head}Content-Length: {}\r\nConnection: close\r\n\r\n",
+            gzipped.len()
+        )
+        .into_bytes();
+        out.extend_from_slice(&gzipped);
+        out
+    };
+    let (two_lines, _) = raw_provider(answer(
+        "Content-Encoding: identity\r\nContent-Encoding: gzip\r\n",
+    ));
+    let (transfer, transfer_served) = raw_provider(answer("Transfer-Encoding: gzip\r\n"));
+    let (named, named_served) =
+        raw_provider(answer(&format!("Content-Encoding: {PROVIDER_KEY}\r\n")));
+    let mock = Mock::start(&[]);
+    let mut config = GatewayConfig::new(&mock);
+    config.providers = [("lines", two_lines), ("transfer", transfer), ("named", named)]
+        .iter()
+        .map(|(name, port)| {
+            format!("  - {{ name: {name}, base_url: \"http://127.0.0.1:{port}/v1\", api_key: \"{PROVIDER_KEY}\" }}")
+        })
+        .chain([format!("  - {{ name: mock, base_url: \"{}\" }}", mock.base_url())])
+        .collect();
+    config.models = "
+  - name: lines
+    targets: [{ provider: lines }]
+  - name: transfer
+    strategy: priority
+    targets: [{ provider: transfer }, { provider: mock }]
+  - name: named
+    strategy: priority
+    targets: [{ provider: named }, { provider: mock }]
+"
+    .into();
+    config.tenants = format!("\n  - id: acme\n    keys: [\"{TENANT_KEY}\"]\n");
+    let gw = Gateway::start(&config);
+
+    let resp = gw.post_json(CHAT, TENANT_KEY, &chat("lines", false));
+    assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
+    assert_eq!(resp.header("content-encoding"), None);
+    let content = resp.json()["choices"][0]["message"]["content"].clone();
+    assert_eq!(
+        content,
+        format!("your key {}", "*".repeat(PROVIDER_KEY.len()))
+    );
+    let billed = |kind: &str| {
+        metric_sum(
+            &gw.metrics(),
+            "runestone_tokens_total",
+            &[&format!("kind=\"{kind}\"")],
+        )
+    };
+    assert_eq!(
+        billed("completion"),
+        7.0,
+        "billed by the decoded answer's usage"
+    );
+
+    for (model, served) in [("transfer", transfer_served), ("named", named_served)] {
+        let resp = gw.post_json(CHAT, TENANT_KEY, &chat(model, false));
+        assert_eq!(
+            resp.status,
+            200,
+            "{model}: {}",
+            String::from_utf8_lossy(&resp.body)
+        );
+        assert_eq!(resp.header("x-runestone-provider"), Some("mock"), "{model}");
+        assert!(
+            served.load(std::sync::atomic::Ordering::SeqCst) >= 1,
+            "{model}"
+        );
+        assert!(!resp.body.starts_with(b"\x1f\x8b"), "{model}");
+    }
+    let log = gw.log();
+    assert!(log.contains("cannot decode"), "{log}");
+    assert!(!log.contains(PROVIDER_KEY), "{log}");
+}
+
 #[test]
 fn corrupt_or_forged_redis_entries_fail_alone_and_free_what_they_took() {
     let redis = Redis::start();

@@ -277,35 +277,34 @@ impl Attempt<'_> {
         if self.continuation.is_some() && !(head.status.is_success() && is_event_stream(&head)) {
             return Err(self.continuation_refused(&head));
         }
+        // Whatever the provider sends on, its key never reaches the client.
+        let mut redactor = Redactor::new(provider.api_key.as_ref().map(|k| k.expose()));
         // Asked for identity, a provider may compress anyway: the answer is
         // decoded, so what is metered, redacted and sent on is plain.
-        let decoder = match head
-            .headers
-            .get(header::CONTENT_ENCODING)
-            .filter(|v| !v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"identity"))
-        {
-            None => None,
-            Some(encoding) => match Decoder::for_encoding(encoding.as_bytes()) {
-                Some(Ok(decoder)) => {
-                    debug!(request_id = %exchange.request_id, provider = %provider.name, encoding = decoder.name(), "decoding an answer compressed despite accept-encoding: identity");
-                    Some(Box::new(decoder))
-                }
-                _ => {
-                    warn!(request_id = %exchange.request_id, provider = %provider.name, encoding = ?encoding, "provider answered in a content encoding the gateway cannot decode");
-                    return Err(self.deployment_failure(ApiError::upstream_error(format!(
-                        "The provider '{}' answered in a content encoding the gateway cannot decode.",
-                        provider.name
-                    ))));
-                }
-            },
+        let decoder = match Decoder::for_answer(&head.headers) {
+            Ok(decoder) => decoder.map(|decoder| {
+                debug!(request_id = %exchange.request_id, provider = %provider.name, encoding = decoder.name(), "decoding an answer compressed despite accept-encoding: identity");
+                Box::new(decoder)
+            }),
+            Err(()) => {
+                // The provider's words, shown short and without its key.
+                let said = |name| {
+                    let lines: Vec<&[u8]> = head.headers.get_all(name).iter().map(HeaderValue::as_bytes).collect();
+                    let said = redactor.redact(&lines.join(&b","[..])).into_owned();
+                    String::from_utf8_lossy(&said).chars().take(64).collect::<String>()
+                };
+                warn!(request_id = %exchange.request_id, provider = %provider.name, content_encoding = %said(header::CONTENT_ENCODING), transfer_encoding = %said(header::TRANSFER_ENCODING), "provider answered in a coding the gateway cannot decode");
+                return Err(self.deployment_failure(ApiError::upstream_error(format!(
+                    "The provider '{}' answered in a content encoding the gateway cannot decode.",
+                    provider.name
+                ))));
+            }
         };
         let decoding = decoder.is_some();
         let mut body = UpstreamBody {
             session: &mut answer.upstream,
             decoder,
         };
-        // Whatever the provider sends on, its key never reaches the client.
-        let mut redactor = Redactor::new(provider.api_key.as_ref().map(|k| k.expose()));
         let translated = kind.translates_answers();
         if !head.status.is_success() || (translated && !is_event_stream(&head)) {
             // An error answer, or a translated JSON one: read whole, then

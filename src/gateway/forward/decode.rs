@@ -42,7 +42,61 @@ impl Write for Sink {
     }
 }
 
+/// What an answer's `content-encoding` says was applied, read from every
+/// line of it (a list may be split over several, RFC 9110): `Ok(None)` for
+/// nothing or `identity` only, `Ok(Some(coding))` for one coding, and
+/// `Err(())` for more than one, an empty member or a value that is not text
+/// (none of which the gateway undoes: sent on, the client would get
+/// compressed bytes it was not told of, unmetered and unredacted).
+fn content_coding(headers: &http::HeaderMap) -> Result<Option<&str>, ()> {
+    let mut coding = None;
+    for value in headers.get_all(http::header::CONTENT_ENCODING) {
+        for member in value.to_str().map_err(drop)?.split(',') {
+            let member = member.trim();
+            if member.eq_ignore_ascii_case("identity") {
+                continue;
+            }
+            if member.is_empty() || coding.replace(member).is_some() {
+                return Err(());
+            }
+        }
+    }
+    Ok(coding)
+}
+
+/// Whether an answer's `transfer-encoding` names a coding besides
+/// `chunked` (`gzip`, `compress`, ...): its body would reach the gateway
+/// still compressed, which nothing here undoes.
+fn transfer_coded(headers: &http::HeaderMap) -> bool {
+    headers
+        .get_all(http::header::TRANSFER_ENCODING)
+        .iter()
+        .any(|value| {
+            value.to_str().map_or(true, |v| {
+                v.split(',')
+                    .map(str::trim)
+                    .any(|coding| !coding.eq_ignore_ascii_case("chunked"))
+            })
+        })
+}
+
 impl Decoder {
+    /// The decoder an answer with these headers needs: `Ok(None)` for a
+    /// plain one, `Err(())` for codings the gateway does not undo (several
+    /// stacked, an unknown one, or any transfer coding but `chunked`).
+    pub(super) fn for_answer(headers: &http::HeaderMap) -> Result<Option<Decoder>, ()> {
+        if transfer_coded(headers) {
+            return Err(());
+        }
+        match content_coding(headers)? {
+            None => Ok(None),
+            Some(coding) => match Decoder::for_encoding(coding.as_bytes()) {
+                Some(Ok(decoder)) => Ok(Some(decoder)),
+                _ => Err(()),
+            },
+        }
+    }
+
     /// The decoder for a `content-encoding` value; `None` for `identity`
     /// or an encoding the gateway cannot undo (one coding only).
     pub(super) fn for_encoding(encoding: &[u8]) -> Option<io::Result<Decoder>> {
@@ -191,6 +245,41 @@ mod tests {
             Decoder::for_encoding(b"gzip, br").is_none(),
             "one coding only"
         );
+    }
+
+    #[test]
+    fn every_line_of_the_codings_counts() {
+        let headers = |lines: &[(&str, &str)]| {
+            let mut map = http::HeaderMap::new();
+            for (name, value) in lines {
+                map.append(
+                    http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                    http::HeaderValue::from_str(value).unwrap(),
+                );
+            }
+            map
+        };
+        let ce = |values: &[&str]| {
+            let lines: Vec<_> = values.iter().map(|v| ("content-encoding", *v)).collect();
+            content_coding(&headers(&lines)).map(|c| c.map(str::to_owned))
+        };
+        assert_eq!(ce(&[]), Ok(None));
+        assert_eq!(ce(&["identity"]), Ok(None));
+        assert_eq!(ce(&["identity", "GZIP"]), Ok(Some("GZIP".into())));
+        assert_eq!(ce(&["gzip, identity"]), Ok(Some("gzip".into())));
+        assert_eq!(ce(&["gzip", "br"]), Err(()));
+        assert_eq!(ce(&["gzip, br"]), Err(()));
+        assert_eq!(ce(&["gzip,"]), Err(()));
+        let te = |values: &[&str]| {
+            let lines: Vec<_> = values.iter().map(|v| ("transfer-encoding", *v)).collect();
+            transfer_coded(&headers(&lines))
+        };
+        assert!(!te(&[]));
+        assert!(!te(&["chunked"]));
+        assert!(!te(&["Chunked"]));
+        assert!(te(&["gzip"]));
+        assert!(te(&["gzip, chunked"]));
+        assert!(te(&["chunked", "gzip"]));
     }
 
     #[test]
