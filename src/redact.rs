@@ -209,28 +209,14 @@ impl<'k> Redactor<'k> {
 /// Whether the key starts at `start`, each of its bytes written as itself,
 /// as a `\uXXXX` escape, or (for `/`, `"` and `\`) as `\/`, `\"` and `\\`.
 fn match_at(buf: &[u8], start: usize, key: &[u8]) -> Match {
+    if key.contains(&b'\\') {
+        return match_every_reading(buf, start, key);
+    }
     let mut i = start;
-    for (k, &want) in key.iter().enumerate() {
+    for &want in key {
         let Some(&b) = buf.get(i) else {
             return Match::Partial;
         };
-        if b == b'\\' && want == b'\\' {
-            // A backslash of the key, as itself or escaped: whichever
-            // reading finds the key (the rare key with one is tried both
-            // ways; a partial match beats none, so it is held back).
-            let raw = match_at(buf, i + 1, &key[k + 1..]);
-            if matches!(raw, Match::Whole(_)) {
-                return raw;
-            }
-            return match (escape_at(buf, i, want), raw) {
-                (Escape::Is(len), raw) => match match_at(buf, i + len, &key[k + 1..]) {
-                    Match::No => raw,
-                    escaped => escaped,
-                },
-                (Escape::Partial, _) | (_, Match::Partial) => Match::Partial,
-                (Escape::No, _) => Match::No,
-            };
-        }
         if b == want {
             i += 1;
             continue;
@@ -245,6 +231,43 @@ fn match_at(buf: &[u8], start: usize, key: &[u8]) -> Match {
         }
     }
     Match::Whole(i)
+}
+
+/// [`match_at`] for a key with a backslash of its own, which a backslash
+/// of the text may be written as itself or begin an escape of: every
+/// reading is followed at once (the positions they have reached, so the
+/// work grows with the key, not with the ways of reading it). The longest
+/// whole match wins; one that ran out of input makes a partial match.
+fn match_every_reading(buf: &[u8], start: usize, key: &[u8]) -> Match {
+    let mut at = vec![start];
+    let mut next = Vec::new();
+    let mut partial = false;
+    for &want in key {
+        for &i in &at {
+            let Some(&b) = buf.get(i) else {
+                partial = true;
+                continue;
+            };
+            if b == want {
+                next.push(i + 1);
+            }
+            if b == b'\\' {
+                match escape_at(buf, i, want) {
+                    Escape::Is(len) => next.push(i + len),
+                    Escape::Partial => partial = true,
+                    Escape::No => {}
+                }
+            }
+        }
+        next.sort_unstable();
+        next.dedup();
+        std::mem::swap(&mut at, &mut next);
+        next.clear();
+        if at.is_empty() {
+            return if partial { Match::Partial } else { Match::No };
+        }
+    }
+    at.last().map_or(Match::No, |&end| Match::Whole(end))
 }
 
 /// Whether a JSON escape of `want` starts at `buf[at]` (a backslash).
@@ -402,6 +425,17 @@ mod tests {
                 assert_eq!(String::from_utf8(out).unwrap(), want, "{form} cut at {cut}");
             }
         }
+        // Every reading of a key of backslashes at once: 2^40 ways to read
+        // 80 of them, followed as 80 positions at most.
+        let backslashes = format!("k{}", "\\".repeat(40));
+        let text = format!("k{}", "\\".repeat(120));
+        let out = Redactor::new(Some(&backslashes))
+            .redact(text.as_bytes())
+            .into_owned();
+        assert_eq!(
+            out,
+            format!("{}{}", "*".repeat(81), "\\".repeat(40)).into_bytes()
+        );
         // A backslash of the text before the key's own is not the key's.
         let text = r#"\\sk-ab\"cd\\ef1"#;
         assert_eq!(
