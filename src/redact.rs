@@ -182,7 +182,7 @@ impl<'k> Redactor<'k> {
         let mut i = 0;
         while let Some(at) = memchr::memchr2(first, b'\\', &buf[i..]) {
             let start = i + at;
-            match match_at(buf, start, key) {
+            match match_at(buf, start, key, at_end) {
                 Match::Whole(end) => {
                     let out = out.get_or_insert_with(|| Vec::with_capacity(buf.len()));
                     out.extend_from_slice(&buf[copied..start]);
@@ -208,9 +208,10 @@ impl<'k> Redactor<'k> {
 
 /// Whether the key starts at `start`, each of its bytes written as itself,
 /// as a `\uXXXX` escape, or (for `/`, `"` and `\`) as `\/`, `\"` and `\\`.
-fn match_at(buf: &[u8], start: usize, key: &[u8]) -> Match {
+/// `at_end`: no more input follows `buf`.
+fn match_at(buf: &[u8], start: usize, key: &[u8], at_end: bool) -> Match {
     if key.contains(&b'\\') {
-        return match_every_reading(buf, start, key);
+        return match_every_reading(buf, start, key, at_end);
     }
     let mut i = start;
     for &want in key {
@@ -237,8 +238,10 @@ fn match_at(buf: &[u8], start: usize, key: &[u8]) -> Match {
 /// of the text may be written as itself or begin an escape of: every
 /// reading is followed at once (the positions they have reached, so the
 /// work grows with the key, not with the ways of reading it). The longest
-/// whole match wins; one that ran out of input makes a partial match.
-fn match_every_reading(buf: &[u8], start: usize, key: &[u8]) -> Match {
+/// whole match wins; but while a reading that ran out of input may still
+/// become a longer one (a key ending in `\`, whole as `\` and unfinished as
+/// `\\`), more input decides: the match is partial unless `at_end`.
+fn match_every_reading(buf: &[u8], start: usize, key: &[u8], at_end: bool) -> Match {
     let mut at = vec![start];
     let mut next = Vec::new();
     let mut partial = false;
@@ -267,7 +270,11 @@ fn match_every_reading(buf: &[u8], start: usize, key: &[u8]) -> Match {
             return if partial { Match::Partial } else { Match::No };
         }
     }
-    at.last().map_or(Match::No, |&end| Match::Whole(end))
+    match at.last() {
+        Some(_) if partial && !at_end => Match::Partial,
+        Some(&end) => Match::Whole(end),
+        None => Match::No,
+    }
 }
 
 /// Whether a JSON escape of `want` starts at `buf[at]` (a backslash).
@@ -436,6 +443,20 @@ mod tests {
             out,
             format!("{}{}", "*".repeat(81), "\\".repeat(40)).into_bytes()
         );
+        // A key ending in a backslash, whole as `\` and unfinished as
+        // `\\` where a chunk ends: the next chunk decides.
+        let trailing = r"sk-abcd1234\";
+        let text = r#"{"content":"sk-abcd1234\\"}"#;
+        let want = format!(r#"{{"content":"{}"}}"#, "*".repeat(13));
+        for cut in 0..=text.len() {
+            let mut r = Redactor::new(Some(trailing));
+            let mut out = r
+                .feed(Bytes::copy_from_slice(&text.as_bytes()[..cut]))
+                .to_vec();
+            out.extend_from_slice(&r.feed(Bytes::copy_from_slice(&text.as_bytes()[cut..])));
+            out.extend_from_slice(&r.finish());
+            assert_eq!(String::from_utf8(out).unwrap(), want, "cut at {cut}");
+        }
         // A backslash of the text before the key's own is not the key's.
         let text = r#"\\sk-ab\"cd\\ef1"#;
         assert_eq!(

@@ -977,7 +977,7 @@ fn informational_and_compressed_answers_are_handled_not_passed_on() {
 /// used to be sent on still compressed, without the header, its key and
 /// usage unread), and one with a transfer coding, or a coding the gateway
 /// cannot name, is refused without the provider's words, key included,
-/// reaching the log as they were.
+/// reaching the log (whole or in halves over two lines).
 #[test]
 fn every_line_of_an_answers_codings_is_read() {
     const PROVIDER_KEY: &str = "sk-proj-Ab3dEf9HiJ2kLmN0pQ7z";
@@ -1002,9 +1002,15 @@ fn every_line_of_an_answers_codings_is_read() {
     let (transfer, transfer_served) = raw_provider(answer("Transfer-Encoding: gzip\r\n"));
     let (named, named_served) =
         raw_provider(answer(&format!("Content-Encoding: {PROVIDER_KEY}\r\n")));
+    // The key in halves, over two lines: no redaction finds it whole.
+    let (halves, halves_served) = raw_provider(answer(&format!(
+        "Content-Encoding: {}\r\nContent-Encoding: {}\r\n",
+        &PROVIDER_KEY[..14],
+        &PROVIDER_KEY[14..]
+    )));
     let mock = Mock::start(&[]);
     let mut config = GatewayConfig::new(&mock);
-    config.providers = [("lines", two_lines), ("transfer", transfer), ("named", named)]
+    config.providers = [("lines", two_lines), ("transfer", transfer), ("named", named), ("halves", halves)]
         .iter()
         .map(|(name, port)| {
             format!("  - {{ name: {name}, base_url: \"http://127.0.0.1:{port}/v1\", api_key: \"{PROVIDER_KEY}\" }}")
@@ -1020,6 +1026,9 @@ fn every_line_of_an_answers_codings_is_read() {
   - name: named
     strategy: priority
     targets: [{ provider: named }, { provider: mock }]
+  - name: halves
+    strategy: priority
+    targets: [{ provider: halves }, { provider: mock }]
 "
     .into();
     config.tenants = format!("\n  - id: acme\n    keys: [\"{TENANT_KEY}\"]\n");
@@ -1046,7 +1055,11 @@ fn every_line_of_an_answers_codings_is_read() {
         "billed by the decoded answer's usage"
     );
 
-    for (model, served) in [("transfer", transfer_served), ("named", named_served)] {
+    for (model, served) in [
+        ("transfer", transfer_served),
+        ("named", named_served),
+        ("halves", halves_served),
+    ] {
         let resp = gw.post_json(CHAT, TENANT_KEY, &chat(model, false));
         assert_eq!(
             resp.status,
@@ -1063,7 +1076,10 @@ fn every_line_of_an_answers_codings_is_read() {
     }
     let log = gw.log();
     assert!(log.contains("cannot decode"), "{log}");
-    assert!(!log.contains(PROVIDER_KEY), "{log}");
+    for part in PROVIDER_KEY.as_bytes().windows(8) {
+        let part = std::str::from_utf8(part).unwrap();
+        assert!(!log.contains(part), "{part} in {log}");
+    }
 }
 
 #[test]

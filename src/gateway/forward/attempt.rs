@@ -5,7 +5,7 @@
 //! over with nothing sent) and copy it to the client.
 
 use super::body::{is_event_stream, read_gap, BodyEnd, Copy, FirstContent, Meter};
-use super::decode::{Decoder, UpstreamBody};
+use super::decode::{self, Decoder, UpstreamBody};
 use super::headers::{client_response, gateway_headers, upstream_request};
 use super::resume::{with_prefill, Continuation};
 use super::{Exchange, Forwarder, Report, Settle};
@@ -277,8 +277,6 @@ impl Attempt<'_> {
         if self.continuation.is_some() && !(head.status.is_success() && is_event_stream(&head)) {
             return Err(self.continuation_refused(&head));
         }
-        // Whatever the provider sends on, its key never reaches the client.
-        let mut redactor = Redactor::new(provider.api_key.as_ref().map(|k| k.expose()));
         // Asked for identity, a provider may compress anyway: the answer is
         // decoded, so what is metered, redacted and sent on is plain.
         let decoder = match Decoder::for_answer(&head.headers) {
@@ -287,13 +285,8 @@ impl Attempt<'_> {
                 Box::new(decoder)
             }),
             Err(()) => {
-                // The provider's words, shown short and without its key.
-                let said = |name| {
-                    let lines: Vec<&[u8]> = head.headers.get_all(name).iter().map(HeaderValue::as_bytes).collect();
-                    let said = redactor.redact(&lines.join(&b","[..])).into_owned();
-                    String::from_utf8_lossy(&said).chars().take(64).collect::<String>()
-                };
-                warn!(request_id = %exchange.request_id, provider = %provider.name, content_encoding = %said(header::CONTENT_ENCODING), transfer_encoding = %said(header::TRANSFER_ENCODING), "provider answered in a coding the gateway cannot decode");
+                let codings = |name| decode::named_codings(&head.headers, name);
+                warn!(request_id = %exchange.request_id, provider = %provider.name, content_encoding = %codings(header::CONTENT_ENCODING), transfer_encoding = %codings(header::TRANSFER_ENCODING), "provider answered in a coding the gateway cannot decode");
                 return Err(self.deployment_failure(ApiError::upstream_error(format!(
                     "The provider '{}' answered in a content encoding the gateway cannot decode.",
                     provider.name
@@ -305,6 +298,8 @@ impl Attempt<'_> {
             session: &mut answer.upstream,
             decoder,
         };
+        // Whatever the provider sends on, its key never reaches the client.
+        let mut redactor = Redactor::new(provider.api_key.as_ref().map(|k| k.expose()));
         let translated = kind.translates_answers();
         if !head.status.is_success() || (translated && !is_event_stream(&head)) {
             // An error answer, or a translated JSON one: read whole, then

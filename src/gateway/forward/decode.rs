@@ -64,20 +64,52 @@ fn content_coding(headers: &http::HeaderMap) -> Result<Option<&str>, ()> {
     Ok(coding)
 }
 
-/// Whether an answer's `transfer-encoding` names a coding besides
-/// `chunked` (`gzip`, `compress`, ...): its body would reach the gateway
-/// still compressed, which nothing here undoes.
+/// Whether an answer's `transfer-encoding` is anything but one `chunked`:
+/// another coding (`gzip`, `compress`, ...) would reach the gateway still
+/// applied, which nothing here undoes, and `chunked` twice (which HTTP/1.1
+/// forbids) would be undone once, its inner framing sent on as the body.
 fn transfer_coded(headers: &http::HeaderMap) -> bool {
-    headers
-        .get_all(http::header::TRANSFER_ENCODING)
-        .iter()
-        .any(|value| {
-            value.to_str().map_or(true, |v| {
-                v.split(',')
-                    .map(str::trim)
-                    .any(|coding| !coding.eq_ignore_ascii_case("chunked"))
-            })
-        })
+    let mut chunked = 0;
+    for value in headers.get_all(http::header::TRANSFER_ENCODING) {
+        let Ok(value) = value.to_str() else {
+            return true;
+        };
+        for coding in value.split(',').map(str::trim) {
+            if !coding.eq_ignore_ascii_case("chunked") {
+                return true;
+            }
+            chunked += 1;
+        }
+    }
+    chunked > 1
+}
+
+/// The codings a header names, for a log line: the ones HTTP defines by
+/// name, and `<other>` for anything else (a provider's own words, which may
+/// hold its key, split over lines so that no redaction would find it whole).
+pub(super) fn named_codings(headers: &http::HeaderMap, name: http::header::HeaderName) -> String {
+    const KNOWN: [&str; 9] = [
+        "identity",
+        "chunked",
+        "gzip",
+        "x-gzip",
+        "deflate",
+        "br",
+        "zstd",
+        "compress",
+        "x-compress",
+    ];
+    let mut out = Vec::new();
+    for value in headers.get_all(name) {
+        for member in String::from_utf8_lossy(value.as_bytes()).split(',') {
+            let member = member.trim().to_ascii_lowercase();
+            out.push(match KNOWN.iter().find(|known| **known == member) {
+                Some(known) => *known,
+                None => "<other>",
+            });
+        }
+    }
+    out.join(", ")
 }
 
 impl Decoder {
@@ -280,6 +312,18 @@ mod tests {
         assert!(te(&["gzip"]));
         assert!(te(&["gzip, chunked"]));
         assert!(te(&["chunked", "gzip"]));
+        assert!(te(&["chunked, chunked"]));
+        assert!(te(&["chunked", "chunked"]));
+        let mut head = headers(&[
+            ("content-encoding", "GZip, sk-proj-Ab3dEf"),
+            ("content-encoding", "9HiJ2kLmN0pQ7z"),
+        ]);
+        assert_eq!(
+            named_codings(&head, http::header::CONTENT_ENCODING),
+            "gzip, <other>, <other>"
+        );
+        head.clear();
+        assert_eq!(named_codings(&head, http::header::TRANSFER_ENCODING), "");
     }
 
     #[test]
