@@ -407,15 +407,23 @@ impl Gateway {
             .stderr(log)
             .spawn()
             .expect("spawn runestone");
-        wait_ready(ready_url, &mut child, Duration::from_secs(20), "runestone");
         // The metrics listener is a service of its own and may bind a moment
         // after the API: tests scrape it at once.
-        wait_ready(
-            &format!("http://127.0.0.1:{}/metrics", config.metrics_port),
-            &mut child,
-            Duration::from_secs(20),
-            "runestone's metrics listener",
-        );
+        let metrics_url = format!("http://127.0.0.1:{}/metrics", config.metrics_port);
+        let started = try_wait_ready(ready_url, &mut child, Duration::from_secs(20), "runestone")
+            .and_then(|()| {
+                let what = "runestone's metrics listener";
+                try_wait_ready(&metrics_url, &mut child, Duration::from_secs(20), what)
+            });
+        if let Err(e) = started {
+            let _ = child.kill();
+            let _ = child.wait();
+            // What the gateway said is what tells a slow start from a stuck one.
+            let log = std::fs::read_to_string(dir.join("gateway.log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            panic!("{e}; the end of its log:\n{}", tail.join("\n"));
+        }
         let gateway = Gateway {
             port: config.port,
             metrics_port: config.metrics_port,
