@@ -756,6 +756,46 @@ fn two_gateways_over_a_cluster_share_limits_and_survive_a_primary_failing_over()
     assert!((cost - expected).abs() < 1e-9, "{cost} != {expected}");
 }
 
+/// A cluster primary that loses a tenant's queue (a failover to a replica
+/// that had not seen the entries, a flush): the requests parked on each
+/// gateway put their places back, through the cluster's routing of the
+/// script, and are served when the slot frees, not refused at max_wait.
+#[test]
+fn places_a_cluster_primary_lost_are_put_back() {
+    let cluster = Cluster::start();
+    let mock = Mock::start(&["--latency-ms", "1500"]);
+    let mut config = config(&mock, &cluster.seeds(), 0);
+    config.tenants = format!(
+        "\n  - id: acme\n    keys: [\"{TENANT_KEY}\"]\n    limits: {{ max_concurrent: 1 }}\n    overflow: {{ enabled: true, max_wait_seconds: 12 }}\n"
+    );
+    let gw1 = Gateway::start(&config);
+    let gw2 = Gateway::start(&config.another_instance());
+    let primary = &cluster.nodes[cluster.primary_of("{acme}")];
+    let queue = "runestone:{acme}:queue";
+    let statuses: Vec<u16> = std::thread::scope(|scope| {
+        let holder = scope.spawn(|| ask(&gw1));
+        wait_until(Duration::from_secs(5), "the slot to be taken", || {
+            mock.request_count() == 1
+        });
+        let waiters = [scope.spawn(|| ask(&gw1)), scope.spawn(|| ask(&gw2))];
+        wait_until(Duration::from_secs(5), "both to park", || {
+            primary.cli(&["LLEN", queue]).trim() == "2"
+        });
+        assert_eq!(primary.cli(&["DEL", queue]).trim(), "1");
+        [holder]
+            .into_iter()
+            .chain(waiters)
+            .map(|w| w.join().unwrap())
+            .collect()
+    });
+    assert_eq!(statuses, [200, 200, 200]);
+    assert_eq!(mock.request_count(), 3);
+    assert!(
+        gw1.log().contains("queued again") || gw2.log().contains("queued again"),
+        "the places were put back, not found some other way"
+    );
+}
+
 #[test]
 fn sentinel_names_the_primary_and_the_gateway_follows_a_failover() {
     let primary = Server::start("", Vec::new());
