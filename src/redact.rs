@@ -29,6 +29,12 @@ pub struct Redactor<'k> {
     /// Where in the key its byte least common in answers is: what the
     /// search for the key as written looks for ([`Redactor::scan_verbatim`]).
     rare: usize,
+    /// The key holds a `"` or a `\\`, which JSON text escapes as it does
+    /// its own ([`Redactor::may_be_escaped`]).
+    own_escapes: bool,
+    /// The key holds a `\\`, which a text's backslash may be or begin an
+    /// escape of ([`match_every_reading`]).
+    backslash: bool,
 }
 
 /// How common a byte is in JSON answers and their text, 0 (rare) to 3.
@@ -65,6 +71,8 @@ impl<'k> Redactor<'k> {
             key,
             held: Vec::new(),
             rare,
+            own_escapes: key.iter().any(|b| matches!(b, b'\\' | b'"')),
+            backslash: key.contains(&b'\\'),
         }
     }
 
@@ -131,7 +139,7 @@ impl<'k> Redactor<'k> {
     /// part of a key without `"` or `\` (printable ASCII, as the config
     /// checks), so most answers are searched for it as written.
     fn may_be_escaped(&self, buf: &[u8]) -> bool {
-        self.key.iter().any(|b| matches!(b, b'\\' | b'"'))
+        self.own_escapes
             || memchr::memchr_iter(b'\\', buf)
                 .any(|at| at + 6 > buf.len() || matches!(buf[at + 1], b'u' | b'/'))
     }
@@ -182,7 +190,12 @@ impl<'k> Redactor<'k> {
         let mut i = 0;
         while let Some(at) = memchr::memchr2(first, b'\\', &buf[i..]) {
             let start = i + at;
-            match match_at(buf, start, key, at_end) {
+            let found = if self.backslash {
+                match_every_reading(buf, start, key, at_end)
+            } else {
+                match_at(buf, start, key)
+            };
+            match found {
                 Match::Whole(end) => {
                     let out = out.get_or_insert_with(|| Vec::with_capacity(buf.len()));
                     out.extend_from_slice(&buf[copied..start]);
@@ -207,12 +220,9 @@ impl<'k> Redactor<'k> {
 }
 
 /// Whether the key starts at `start`, each of its bytes written as itself,
-/// as a `\uXXXX` escape, or (for `/`, `"` and `\`) as `\/`, `\"` and `\\`.
-/// `at_end`: no more input follows `buf`.
-fn match_at(buf: &[u8], start: usize, key: &[u8], at_end: bool) -> Match {
-    if key.contains(&b'\\') {
-        return match_every_reading(buf, start, key, at_end);
-    }
+/// as a `\uXXXX` escape, or (for `/` and `"`) as `\/` and `\"`: a key
+/// without a backslash of its own, which reads one way only.
+fn match_at(buf: &[u8], start: usize, key: &[u8]) -> Match {
     let mut i = start;
     for &want in key {
         let Some(&b) = buf.get(i) else {
@@ -234,13 +244,14 @@ fn match_at(buf: &[u8], start: usize, key: &[u8], at_end: bool) -> Match {
     Match::Whole(i)
 }
 
-/// [`match_at`] for a key with a backslash of its own, which a backslash
-/// of the text may be written as itself or begin an escape of: every
-/// reading is followed at once (the positions they have reached, so the
-/// work grows with the key, not with the ways of reading it). The longest
-/// whole match wins; but while a reading that ran out of input may still
-/// become a longer one (a key ending in `\`, whole as `\` and unfinished as
-/// `\\`), more input decides: the match is partial unless `at_end`.
+/// [`match_at`] for a key with a backslash of its own (written `\`, `\\`
+/// or `\u005c`): a backslash of the text may be the key's as itself or
+/// begin an escape of it, so every reading is followed at once (the
+/// positions they have reached: the work grows with the key, not with the
+/// ways of reading it). The longest whole match wins; but while a reading
+/// that ran out of input may still become a longer one (a key ending in
+/// `\`, whole as `\` and unfinished as `\\`), more input decides: the
+/// match is partial unless `at_end` (no more input follows `buf`).
 fn match_every_reading(buf: &[u8], start: usize, key: &[u8], at_end: bool) -> Match {
     let mut at = vec![start];
     let mut next = Vec::new();
