@@ -338,6 +338,20 @@ mod tests {
         .unwrap()
     }
 
+    /// `text` fed to a redactor for `key` as a stream, in pieces cut at
+    /// `cuts`, and its end.
+    fn streamed(key: &str, text: &str, cuts: &[usize]) -> String {
+        let mut r = Redactor::new(Some(key));
+        let mut out = Vec::new();
+        let mut from = 0;
+        for &cut in cuts.iter().chain([&text.len()]) {
+            out.extend_from_slice(&r.feed(Bytes::copy_from_slice(&text.as_bytes()[from..cut])));
+            from = cut;
+        }
+        out.extend_from_slice(&r.finish());
+        String::from_utf8(out).unwrap()
+    }
+
     #[test]
     fn redacts_raw_and_escaped_forms_keeping_the_length() {
         assert_eq!(redact("Bearer sk-live/abc123!"), "Bearer **************!");
@@ -377,13 +391,7 @@ mod tests {
         let text = r#"data: {"a":"sk-live/abc123","b":"sk\u002dlive/abc123"} sk-"#;
         for cut in 0..=text.len() {
             for cut2 in cut..=text.len() {
-                let mut r = Redactor::new(Some(KEY));
-                let mut out = Vec::new();
-                for part in [&text[..cut], &text[cut..cut2], &text[cut2..]] {
-                    out.extend_from_slice(&r.feed(Bytes::copy_from_slice(part.as_bytes())));
-                }
-                out.extend_from_slice(&r.finish());
-                let out = String::from_utf8(out).unwrap();
+                let out = streamed(KEY, text, &[cut, cut2]);
                 assert_eq!(out.len(), text.len());
                 assert!(!out.contains("live"), "cut at {cut}/{cut2}: {out}");
                 assert!(
@@ -434,13 +442,7 @@ mod tests {
                 "{form}"
             );
             for cut in 0..=text.len() {
-                let mut r = Redactor::new(Some(key));
-                let mut out = r
-                    .feed(Bytes::copy_from_slice(&text.as_bytes()[..cut]))
-                    .to_vec();
-                out.extend_from_slice(&r.feed(Bytes::copy_from_slice(&text.as_bytes()[cut..])));
-                out.extend_from_slice(&r.finish());
-                assert_eq!(String::from_utf8(out).unwrap(), want, "{form} cut at {cut}");
+                assert_eq!(streamed(key, &text, &[cut]), want, "{form} cut at {cut}");
             }
         }
         // Every reading of a key of backslashes at once: 2^40 ways to read
@@ -460,13 +462,7 @@ mod tests {
         let text = r#"{"content":"sk-abcd1234\\"}"#;
         let want = format!(r#"{{"content":"{}"}}"#, "*".repeat(13));
         for cut in 0..=text.len() {
-            let mut r = Redactor::new(Some(trailing));
-            let mut out = r
-                .feed(Bytes::copy_from_slice(&text.as_bytes()[..cut]))
-                .to_vec();
-            out.extend_from_slice(&r.feed(Bytes::copy_from_slice(&text.as_bytes()[cut..])));
-            out.extend_from_slice(&r.finish());
-            assert_eq!(String::from_utf8(out).unwrap(), want, "cut at {cut}");
+            assert_eq!(streamed(trailing, text, &[cut]), want, "cut at {cut}");
         }
         // A backslash of the text before the key's own is not the key's.
         let text = r#"\\sk-ab\"cd\\ef1"#;
