@@ -321,9 +321,9 @@ impl Overflow {
             .collect();
         places.sort_unstable();
         let heartbeat_ms = self.inner.jobs.visibility_timeout.as_millis() as u64;
+        let script = redis::Script::new(RESTORE);
         for tenant_places in places.chunk_by(|a, b| a.0 == b.0) {
             let tenant = tenant_places[0].0;
-            let script = redis::Script::new(RESTORE);
             let mut invocation = script.key(self.key(tenant, "queue"));
             invocation
                 .key(self.key(tenant, &format!("worker:{}", self.inner.instance)))
