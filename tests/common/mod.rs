@@ -420,9 +420,9 @@ impl Gateway {
             let _ = child.wait();
             // What the gateway said is what tells a slow start from a stuck one.
             let log = std::fs::read_to_string(dir.join("gateway.log")).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(40).collect();
-            let tail: Vec<&str> = tail.into_iter().rev().collect();
-            panic!("{e}; the end of its log:\n{}", tail.join("\n"));
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = lines[lines.len().saturating_sub(40)..].join("\n");
+            panic!("{e}; the end of its log:\n{tail}");
         }
         let gateway = Gateway {
             port: config.port,
