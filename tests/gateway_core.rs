@@ -718,10 +718,12 @@ fn answers_health_ready_models_and_metrics() {
         &chat("gpt-4o-mini", false),
     );
     // Request metrics are recorded as the request is logged, just after
-    // the client has its answer.
+    // the client has its answer (each request on its own connection: in
+    // either order).
     wait_until(Duration::from_secs(5), "both requests to be logged", || {
-        gw.metrics()
-            .contains(r#"runestone_errors_total{reason="auth"} 2"#)
+        let metrics = gw.metrics();
+        metrics.contains(r#"runestone_errors_total{reason="auth"} 2"#)
+            && metrics.contains(r#"runestone_request_duration_seconds_count{model="gpt-4o-mini",provider="mock"} 1"#)
     });
     let metrics = gw.metrics();
     assert!(
@@ -863,10 +865,13 @@ fn writes_one_access_log_line_per_request_with_allow_listed_fields() {
     );
     assert_eq!(resp.status, 200);
     gw.post_raw("/v1/secret-path-sk-in-url", &[], b"{}");
+    // Each request is logged just after its answer, on its own connection:
+    // in either order.
     wait_until(Duration::from_secs(5), "the access log lines", || {
-        gw.log()
-            .lines()
-            .any(|l| l.contains("\"type\":\"access\"") && l.contains("\"status\":404"))
+        let log = gw.log();
+        let access = || log.lines().filter(|l| l.contains("\"type\":\"access\""));
+        access().any(|l| l.contains("\"status\":404"))
+            && access().any(|l| l.contains("\"request_id\":\"access-1\""))
     });
     let lines: Vec<serde_json::Value> = gw
         .log()

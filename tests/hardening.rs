@@ -314,7 +314,7 @@ fn in_process_jobs_expire_and_the_store_is_bounded() {
         "\n  - id: acme\n    keys: [\"{TENANT_KEY}\"]\n    overflow: {{ enabled: true }}\n"
     );
     config.extra =
-        "jobs: { result_ttl_seconds: 1, in_process_max_jobs: 2, in_process_max_bytes: 65536 }\n"
+        "jobs: { result_ttl_seconds: 3, in_process_max_jobs: 2, in_process_max_bytes: 65536 }\n"
             .into();
     let gw = Gateway::start(&config);
     let first = submit(&gw, TENANT_KEY, "gpt-4o-mini");
@@ -351,7 +351,7 @@ fn crafted_bodies_get_a_400_and_never_strand_a_slot() {
     config.tenants = format!(
         "\n  - id: acme\n    keys: [\"{TENANT_KEY}\"]\n    limits: {{ max_concurrent: 4 }}\n    overflow: {{ enabled: true }}\n"
     );
-    config.extra = format!("redis: {{ url: \"{}\" }}\n", redis.url());
+    config.extra = redis.section();
     let gw = Gateway::start(&config);
     let deep = format!(
         r#"{{"model":"gpt-4o-mini","api_key":"sk-x","messages":{}1{}}}"#,
@@ -1090,7 +1090,7 @@ fn corrupt_or_forged_redis_entries_fail_alone_and_free_what_they_took() {
     config.tenants = format!(
         "\n  - id: acme\n    keys: [\"{TENANT_KEY}\"]\n    limits: {{ max_concurrent: 2 }}\n    overflow: {{ enabled: true }}\n"
     );
-    config.extra = format!("redis: {{ url: \"{}\" }}\n", redis.url());
+    config.extra = redis.section();
     let gw = Gateway::start(&config);
     // Submitted now: a job older than jobs.max_age_seconds would expire
     // before anything else is looked at.

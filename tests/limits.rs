@@ -14,13 +14,29 @@ use std::time::Duration;
 const PRICING: &str = "pricing:\n  gpt-4o-mini: { input: 1.0, output: 2.0, cached_input: 0.5 }\n";
 
 /// A gateway whose tenant `acme` has these limits (YAML flow mapping).
+/// Redis is given 2 s to answer: a call over its timeout marks Redis down
+/// and the limits go in-process, which only the outage tests want to see
+/// (a loaded machine must not change the others' counts).
 fn limited(mock: &Mock, limits: &str, redis: Option<&Redis>) -> GatewayConfig {
+    limited_within(mock, limits, redis, 2000)
+}
+
+/// [`limited`], with Redis's timeout for a test about Redis not answering.
+fn limited_within(
+    mock: &Mock,
+    limits: &str,
+    redis: Option<&Redis>,
+    redis_timeout_ms: u64,
+) -> GatewayConfig {
     let mut config = GatewayConfig::new(mock);
     config.tenants =
         format!("\n  - id: acme\n    keys: [\"{TENANT_KEY}\"]\n    limits: {limits}\n");
     config.extra = PRICING.to_string();
     if let Some(redis) = redis {
-        config.extra += &format!("redis: {{ url: \"{}\", timeout_ms: 250 }}\n", redis.url());
+        config.extra += &format!(
+            "redis: {{ url: \"{}\", timeout_ms: {redis_timeout_ms} }}\n",
+            redis.url()
+        );
     }
     config
 }
@@ -708,10 +724,11 @@ fn keeps_serving_when_redis_is_killed_and_flushes_spend_when_it_returns() {
 fn keeps_serving_when_redis_is_frozen() {
     let redis = Redis::start();
     let mock = Mock::start(&[]);
-    let gw = Gateway::start(&limited(
+    let gw = Gateway::start(&limited_within(
         &mock,
         "{ requests_per_minute: 1000, max_concurrent: 10 }",
         Some(&redis),
+        250,
     ));
     assert_eq!(
         gw.post_json(
@@ -869,11 +886,15 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-/// A limiter on a real redis-server for tenant `t` with these limits, and
+/// A limiter on a real redis-server for tenant `t` with these limits and
+/// Redis timeout (a call not answered within it marks Redis down: only a
+/// test about that gives a short one, or a loaded machine changes its
+/// outcome), and
 /// its maintenance service (probe, flush, lease renewal) running.
 fn redis_limiter(
     redis: &Redis,
     limits: &str,
+    timeout_ms: u64,
 ) -> (runestone::limits::Limiter, tokio::sync::watch::Sender<bool>) {
     use runestone::config::Config;
     use runestone::limits::{redis::RedisMaintenance, Limiter};
@@ -885,7 +906,7 @@ models: [{{ name: m, targets: [{{ provider: p }}] }}]
 pricing: {{ m: {{ input: 1.0, output: 2.0 }} }}
 tenants:
   - {{ id: t, keys: ["sk-ledger"], limits: {limits} }}
-redis: {{ url: "{}", timeout_ms: 100 }}
+redis: {{ url: "{}", timeout_ms: {timeout_ms} }}
 "#,
         redis.url()
     );
@@ -951,6 +972,11 @@ fn usage_requests(redis: &Redis) -> String {
     redis.cli(&["HGET", &key, "requests"]).trim().to_string()
 }
 
+/// The frozen-Redis ledger test's Redis timeout: long enough that its 31
+/// settlements before the freeze are answered on a loaded machine, short
+/// enough that the frozen one times out soon.
+const FROZEN_TIMEOUT_MS: u64 = 1000;
+
 /// #14.8: a settlement whose answer timed out (Redis frozen) is kept and
 /// sent again once Redis answers; Redis also runs the original when it
 /// thaws. It must count once.
@@ -959,7 +985,8 @@ fn a_settlement_sent_again_after_a_frozen_redis_counts_once() {
     let redis = Redis::start();
     let runtime = runtime();
     runtime.block_on(async {
-        let (limiter, _stop) = redis_limiter(&redis, "{ requests_per_minute: 1000 }");
+        let (limiter, _stop) =
+            redis_limiter(&redis, "{ requests_per_minute: 1000 }", FROZEN_TIMEOUT_MS);
         limiter.redis().unwrap().connect().await;
         // 31 batches first: the frozen one is the 32nd, the last bit (the
         // sign bit) of its record's field.
@@ -1018,7 +1045,7 @@ fn applied_settlements_are_remembered_a_bit_each_and_expire() {
     let redis = Redis::start();
     let runtime = runtime();
     runtime.block_on(async {
-        let (limiter, _stop) = redis_limiter(&redis, "{ requests_per_minute: 100000 }");
+        let (limiter, _stop) = redis_limiter(&redis, "{ requests_per_minute: 100000 }", 5000);
         limiter.redis().unwrap().connect().await;
         for _ in 0..300 {
             let grant = limiter.admit(0, 10).await.expect("admitted");
@@ -1045,7 +1072,7 @@ fn a_settlement_refused_by_redis_is_kept_whole_and_applied_once_later() {
     let redis = Redis::start();
     let runtime = runtime();
     runtime.block_on(async {
-        let (limiter, _stop) = redis_limiter(&redis, "{ requests_per_minute: 1000 }");
+        let (limiter, _stop) = redis_limiter(&redis, "{ requests_per_minute: 1000 }", 5000);
         limiter.redis().unwrap().connect().await;
         let grant = limiter.admit(0, 10).await.expect("admitted");
         limiter.settle(grant, used(5)).await;
@@ -1105,6 +1132,7 @@ fn refused_spend_counts_against_the_budget() {
         let (limiter, _stop) = redis_limiter(
             &redis,
             "{ requests_per_minute: 1000, budget_usd: { amount: 0.000000003, period: monthly } }",
+            5000,
         );
         limiter.redis().unwrap().connect().await;
         let grant = limiter.admit(0, 10).await.expect("admitted");
@@ -1142,7 +1170,7 @@ fn a_grant_dropped_unsettled_releases_its_redis_lease() {
     let redis = Redis::start();
     let runtime = runtime();
     runtime.block_on(async {
-        let (limiter, _stop) = redis_limiter(&redis, "{ max_concurrent: 1 }");
+        let (limiter, _stop) = redis_limiter(&redis, "{ max_concurrent: 1 }", 5000);
         limiter.redis().unwrap().connect().await;
         let grant = limiter.admit(0, 10).await.expect("admitted");
         assert!(limiter.admit(0, 10).await.is_err(), "the one slot is taken");
@@ -1170,8 +1198,11 @@ fn an_unused_grant_is_released_not_settled() {
     let redis = Redis::start();
     let runtime = runtime();
     runtime.block_on(async {
-        let (limiter, _stop) =
-            redis_limiter(&redis, "{ requests_per_minute: 2, max_concurrent: 5 }");
+        let (limiter, _stop) = redis_limiter(
+            &redis,
+            "{ requests_per_minute: 2, max_concurrent: 5 }",
+            5000,
+        );
         limiter.redis().unwrap().connect().await;
         for _ in 0..5 {
             let grant = limiter

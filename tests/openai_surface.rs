@@ -264,7 +264,7 @@ fn responses_config(a: &Mock, b: &Mock, redis: &Redis, order: [&str; 2]) -> Gate
         format!("\n  - id: {id}\n    keys: [\"{key}\"]")
     };
     config.tenants = format!("{}{}\n", tenant(order[0]), tenant(order[1]));
-    config.extra = format!("redis: {{ url: \"{}\" }}\n", redis.url());
+    config.extra = redis.section();
     config
 }
 

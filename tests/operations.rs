@@ -35,8 +35,8 @@ fn busy_gateway(redis: &Redis, mock: &Mock) -> Gateway {
         "\n  - id: acme\n    keys: [\"{TENANT_KEY}\"]\n    limits: {{ requests_per_minute: 5, max_concurrent: 1, budget_usd: {{ amount: 10, period: daily }} }}\n    overflow: {{ enabled: true, max_wait_seconds: 1 }}\n"
     );
     config.extra = format!(
-        "pricing:\n  gpt-4o-mini: {{ input: 1, output: 2 }}\nredis: {{ url: \"{}\" }}\n",
-        redis.url()
+        "pricing:\n  gpt-4o-mini: {{ input: 1, output: 2 }}\n{}",
+        redis.section()
     );
     let gw = Gateway::start(&config);
     // Two at once over one slot: the second is parked, then admitted.
@@ -418,8 +418,8 @@ fn sigterm_under_load_drains_requests_and_running_jobs() {
         "\n  - id: acme\n    keys: [\"{TENANT_KEY}\"]\n    overflow: {{ enabled: true }}\n"
     );
     config.extra = format!(
-        "redis: {{ url: \"{}\" }}\njobs: {{ visibility_timeout_seconds: 2 }}\n",
-        redis.url()
+        "{}jobs: {{ visibility_timeout_seconds: 2 }}\n",
+        redis.section()
     );
     let mut gw = Gateway::start(&config);
     let submit = || {

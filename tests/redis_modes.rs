@@ -235,14 +235,17 @@ impl Drop for Pki {
 }
 
 /// Tenants `acme` (and `other`) with `rpm` requests a minute, over `redis`
-/// (the YAML of the `redis:` section's body).
+/// (the YAML of the `redis:` section's body). Redis is given half a second
+/// a call: longer than a loaded machine's TLS or cluster round trip (a call
+/// over it marks Redis down and moves limits in-process), short enough that
+/// the failover tests see a node that does not answer soon.
 fn config(mock: &Mock, redis: &str, rpm: u32) -> GatewayConfig {
     let mut config = GatewayConfig::new(mock);
     config.tenants = format!(
         "\n  - id: acme\n    keys: [\"{TENANT_KEY}\"]\n    limits: {{ requests_per_minute: {rpm} }}\n    overflow: {{ enabled: true, max_wait_seconds: 5 }}\n"
     );
     config.extra = format!(
-        "pricing:\n  gpt-4o-mini: {{ input: 1.0, output: 2.0 }}\nredis:\n{redis}\n  timeout_ms: 200\n"
+        "pricing:\n  gpt-4o-mini: {{ input: 1.0, output: 2.0 }}\nredis:\n{redis}\n  timeout_ms: 500\n"
     );
     config
 }
@@ -284,6 +287,9 @@ fn tls_with_the_configured_ca_shares_limits_and_anything_else_is_refused() {
     // Two gateways over one TLS Redis: the RPM is global.
     let a = Gateway::start(&config(&mock, &tls("127.0.0.1", redis.port, "ca.pem"), 4));
     let b = Gateway::start(&config(&mock, &tls("localhost", redis.port, "ca.pem"), 4));
+    wait_until(Duration::from_secs(10), "both to connect", || {
+        redis_up(&a) && redis_up(&b)
+    });
     let statuses: Vec<u16> = (0..6)
         .map(|i| ask(if i % 2 == 0 { &a } else { &b }))
         .collect();
@@ -886,6 +892,11 @@ fn a_tenant_on_a_healthy_primary_keeps_its_global_rpm_while_another_primary_is_d
     config.port = free_port();
     config.metrics_port = free_port();
     let gw2 = Gateway::start(&config);
+    for gw in [&gw1, &gw2] {
+        wait_until(Duration::from_secs(10), "the start-up connection", || {
+            redis_up(gw)
+        });
+    }
     let victim = cluster.primary_of(&format!("{{{other}}}"));
     cluster.nodes[victim].kill();
     let stop = std::sync::atomic::AtomicBool::new(false);

@@ -801,6 +801,15 @@ impl Redis {
         format!("redis://127.0.0.1:{}/0", self.port)
     }
 
+    /// The config's `redis:` section (a line) for a test that is not about
+    /// Redis failing: a call is given a second, not the default 50 ms. One
+    /// that times out marks Redis down and moves limits, parking and the
+    /// response store's lookups in-process, which a loaded machine must not
+    /// do to such a test.
+    pub fn section(&self) -> String {
+        format!("redis: {{ url: \"{}\", timeout_ms: 1000 }}\n", self.url())
+    }
+
     /// Stops the server the way an operator's restart does (`SHUTDOWN
     /// SAVE`: its data saved), then starts it again on the same port with
     /// the same data once `down` has run.
