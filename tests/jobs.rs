@@ -534,8 +534,10 @@ fn check_weights(redis: Option<&Redis>) {
     );
     let gw = Gateway::start(&config);
     let client = Client::of(&gw);
-    // A first job holds the one slot while both tenants fill their queues.
-    mock.fault(json!({"stall_ms": 1500, "count": 1}));
+    // A first job holds the one slot while both tenants fill their queues,
+    // however long that takes; it is cancelled (freeing the slot) once they
+    // are full.
+    mock.fault(json!({"stall_ms": 30000, "count": 1}));
     let holder = client.job(OTHER_KEY, "holder");
     wait_until(Duration::from_secs(10), "the holder to run", || {
         calls_for(&mock, &holder) == 1
@@ -551,6 +553,7 @@ fn check_weights(redis: Option<&Redis>) {
             "other",
         );
     }
+    assert_eq!(client.delete(OTHER_KEY, &holder).status, 200);
     wait_until(
         Duration::from_secs(30),
         "the first 20 jobs after the holder",
