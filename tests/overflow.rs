@@ -77,8 +77,9 @@ fn check_burst_served_in_order(redis: Option<&Redis>) {
     ));
     let n = 6;
     // The first request holds the one slot until all the others are in
-    // the queue: none can arrive to find it free.
-    mock.fault(json!({"stall_ms": 3000, "count": 1}));
+    // the queue (one by one, on a loaded machine): none can arrive to find
+    // it free.
+    mock.fault(json!({"stall_ms": 6000, "count": 1}));
     let statuses: Vec<u16> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..n)
             .map(|i| {
@@ -351,7 +352,8 @@ fn a_stopping_gateway_answers_its_parked_requests_at_once() {
 /// when the budget runs out: it waits for the budget, and the request
 /// behind it is answered all the same.
 fn check_parked_request_refused_when_the_budget_runs_out(redis: Option<&Redis>, job_ahead: bool) {
-    let mock = Mock::start(&["--latency-ms", "1500"]);
+    // The holder's answer outlasts the others' parking on a loaded machine.
+    let mock = Mock::start(&["--latency-ms", "4000"]);
     let mut config = queued(&mock, "{ enabled: true, max_wait_seconds: 30 }", redis);
     // One request costs (7 * $1 + 16 * $2) / 1M = $0.000039: the first spends it.
     config.tenants = config.tenants.replace(
@@ -489,7 +491,8 @@ fn ask_down_model(gw: &Gateway) -> u16 {
 }
 
 fn check_parked_requests_pass_a_head_waiting_for_a_backend(redis: Option<&Redis>) {
-    let mock = Mock::start(&["--latency-ms", "1500"]);
+    // The holder's answer outlasts the others' parking on a loaded machine.
+    let mock = Mock::start(&["--latency-ms", "4000"]);
     let down = Mock::start(&[]);
     let gw = Gateway::start(&with_a_down_model(&mock, &down, 10, redis));
     take_down(&down, &[&gw]);
@@ -572,7 +575,7 @@ fn a_head_waiting_for_a_backend_on_another_instance_holds_nobody_up() {
 
 #[test]
 fn a_full_queue_refuses_at_once() {
-    let mock = Mock::start(&["--latency-ms", "1500"]);
+    let mock = Mock::start(&["--latency-ms", "3000"]);
     let gw = Gateway::start(&queued(
         &mock,
         "{ enabled: true, max_wait_seconds: 10, max_parked: 1 }",
@@ -608,7 +611,7 @@ fn a_full_queue_refuses_at_once() {
 
 #[test]
 fn a_client_that_leaves_while_parked_never_reaches_the_provider() {
-    let mock = Mock::start(&["--latency-ms", "1000"]);
+    let mock = Mock::start(&["--latency-ms", "3000"]);
     let gw = Gateway::start(&queued(
         &mock,
         "{ enabled: true, max_wait_seconds: 20 }",
@@ -801,7 +804,7 @@ fn parked_requests_keep_their_places_when_redis_restarts_empty() {
     // requests parked on either instance put their places back and are
     // served, instead of waiting out max_wait with nothing to admit them.
     let mut redis = Redis::start();
-    let mock = Mock::start(&["--latency-ms", "1500"]);
+    let mock = Mock::start(&["--latency-ms", "4000"]);
     let config = queued(
         &mock,
         "{ enabled: true, max_wait_seconds: 12 }",
@@ -844,7 +847,8 @@ fn places_put_back_keep_the_order_requests_parked_in_across_instances() {
     // key): each instance puts its own back, and the requests are served in
     // the order they parked, not one instance's after the other's.
     let redis = Redis::start();
-    let mock = Mock::start(&["--latency-ms", "4000"]);
+    // The holder's answer outlasts four parks and both instances' restore.
+    let mock = Mock::start(&["--latency-ms", "8000"]);
     let config = queued(
         &mock,
         "{ enabled: true, max_wait_seconds: 20 }",
@@ -873,7 +877,7 @@ fn places_put_back_keep_the_order_requests_parked_in_across_instances() {
         mock.fault(json!({"latency_ms": 50}));
         redis.cli(&["DEL", queue]);
         wait_until(
-            Duration::from_secs(3),
+            Duration::from_secs(5),
             "both to put their places back",
             || redis.cli(&["LLEN", queue]).trim() == "4",
         );
