@@ -10,6 +10,7 @@ import http.server
 import json
 import threading
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -31,10 +32,53 @@ LIMITED_KEY = "sk-sdk-limited-key-0004"
 BROKE_KEY = "sk-sdk-broke-key-0005"
 
 
+def _ephemeral_low() -> int:
+    """The lowest port of the kernel's ephemeral range (32768 if unknown)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+# Ports free_port() has handed out in this process: never handed twice (a
+# server given one may not have bound it yet, or may have stopped).
+_handed_out: set = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free TCP port on 127.0.0.1, below the kernel's ephemeral range.
+
+    A port from `bind(0)` comes from the ephemeral range, the one the local
+    ports of outgoing connections come from too: between this check and the
+    server binding it, any connection (a gateway's to its provider, a
+    client's) could take it, and the server would not start. Ports below
+    that range are never given to connections. So: a random port in
+    [10000, ephemeral low) (random, so test processes running side by side
+    rarely try the same ones), free if it can be bound now, and not one
+    this process handed out before. As tests/common/mod.rs does for the
+    Rust tests.
+    """
+    low = _ephemeral_low()
+    span = low - 10_000
+    if span < 1_000:
+        # An ephemeral range tuned down to the low ports: none below it to
+        # spare, so one from the kernel.
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+    start = random.randrange(span)
+    for step in range(span):
+        port = 10_000 + (start + step) % span
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free port below the ephemeral range ({low})")
 
 
 def wait_ready(url: str, proc: subprocess.Popen, what: str, timeout: float = 20.0) -> None:

@@ -19,14 +19,30 @@ from conftest import PROVIDER_KEY, TENANT_KEY, Llmock, LocalServer, Redis, Runes
 OTHER_KEY = "sk-sdk-cache-other-0022"
 OPTED_OUT_KEY = "sk-sdk-cache-optout-0023"
 
+# `short-lived`'s TTL: long enough that a second ask lands within it even on
+# a slow machine, so the test waits it out once.
+SHORT_TTL_S = 3
+
+# How long the mock holds a first request's answer back where a test needs
+# that request in flight while others join it: far longer than sending and
+# admitting a few requests takes, even on a loaded machine. Each such test
+# waits it out once.
+HOLD_MS = 5000
+
+# Redis calls are bounded by this: a call over it is a miss (or a store
+# lost). Tests here kill Redis, they never make it slow, so it is generous:
+# a loaded machine's slow round trip (or the first connection) must not
+# change an outcome.
+REDIS_TIMEOUT_MS = 2000
+
 
 class Gateway(Runestone):
     """runestone with a response cache in front of `base_url`: `gpt-4o-mini`
-    (priced), `short-lived` (a 1 s TTL), `uncached` (cache: false),
+    (priced), `short-lived` (a TTL of SHORT_TTL_S), `uncached` (cache: false),
     `text-embedding-3-small`; tenants `acme`, `other` and `optout`."""
 
     def __init__(self, base_url: str, cache: str = "{}", redis_url: str | None = None):
-        redis = f'redis: {{ url: "{redis_url}", timeout_ms: 200 }}' if redis_url else ""
+        redis = f'redis: {{ url: "{redis_url}", timeout_ms: {REDIS_TIMEOUT_MS} }}' if redis_url else ""
 
         def config(port, metrics_port, directory):
             return server_yaml(port, metrics_port, directory) + f"""
@@ -38,7 +54,7 @@ models:
     targets: [{{ provider: upstream, model: mock-small }}]
   - name: short-lived
     targets: [{{ provider: upstream, model: mock-small }}]
-    cache: {{ ttl_seconds: 1 }}
+    cache: {{ ttl_seconds: {SHORT_TTL_S} }}
   - name: uncached
     targets: [{{ provider: upstream, model: mock-small }}]
     cache: false
@@ -85,6 +101,34 @@ def eventually(check, timeout: float = 5.0):
     while not (value := check()) and time.monotonic() < deadline:
         time.sleep(0.02)
     return value
+
+
+class Held:
+    """The mock's hold (HOLD_MS) on the answer to a request about to be
+    sent: the hold starts only once the request reaches the mock, so until
+    HOLD_MS after now, that request is surely still in flight. `check`
+    tells a machine too slow for a test (others joined only after the hold
+    may have ended) from the behaviour under test."""
+
+    def __init__(self):
+        self.until = time.monotonic() + HOLD_MS / 1000
+
+    def check(self, what: str) -> None:
+        assert time.monotonic() < self.until, (
+            f"precondition not met: {what} only after the first request's {HOLD_MS} ms hold "
+            "at the mock may have ended (a machine this slow cannot run this test; "
+            "this says nothing of the behaviour under test)")
+
+
+def wait_admitted(gateway, count: int, held: Held, what: str) -> None:
+    """Waits until `count` of acme's requests are admitted and in flight,
+    which must be while the first one is still `held`."""
+    while True:
+        admitted = gateway.metric("runestone_inflight_requests", tenant="acme") >= count
+        held.check(what)  # after the read: it was admitted in time
+        if admitted:
+            return
+        time.sleep(0.01)
 
 
 def calls(mock) -> int:
@@ -156,15 +200,16 @@ def test_tenants_never_share_an_answer(gateway, mock):
 
 def test_an_entry_expires_with_its_ttl(gateway, mock):
     before = calls(mock)
+    # Before the entry is stored: it cannot expire before SHORT_TTL_S from here.
+    sent = time.monotonic()
     assert ask(gateway, "ephemeral", model="short-lived")[0]["x-runestone-cache"] == "miss"
-    stored = time.monotonic()
     assert ask(gateway, "ephemeral", model="short-lived")[0]["x-runestone-cache"] == "hit"
-    # Hits until the TTL (1 s) runs out, then one more provider call.
-    deadline = stored + 10
+    # Hits until the TTL runs out, then one more provider call.
+    deadline = sent + SHORT_TTL_S + 10
     while ask(gateway, "ephemeral", model="short-lived")[0]["x-runestone-cache"] == "hit":
-        assert time.monotonic() < deadline
+        assert time.monotonic() < deadline, "the entry outlived its TTL"
         time.sleep(0.1)
-    assert time.monotonic() - stored >= 0.9
+    assert time.monotonic() - sent >= SHORT_TTL_S, "the entry expired before its TTL"
     assert calls(mock) == before + 2
 
 
@@ -215,8 +260,10 @@ def test_a_stream_replays_a_json_answer_and_json_replays_a_stream(gateway, mock)
 
 def test_fifty_concurrent_identical_requests_make_one_provider_call(gateway, mock):
     before = calls(mock)
-    # The first answer takes a while, so every other request finds it in flight.
-    mock.fault({"first_token_ms": 800, "count": 1, "path": "/v1/chat/completions"})
+    # The first answer takes a while (longer than fifty threads take to
+    # send, even on a loaded machine), so other requests find it in flight;
+    # any that come later find it stored.
+    mock.fault({"first_token_ms": 2000, "count": 1, "path": "/v1/chat/completions"})
 
     def one(i):
         if i % 2:
@@ -234,7 +281,7 @@ def test_fifty_concurrent_identical_requests_make_one_provider_call(gateway, moc
     eventually(lambda: sum(outcomes().values()) == 50)
     outcomes = outcomes()
     assert outcomes["miss"] == 1 and outcomes["coalesced"] + outcomes["hit"] == 49, outcomes
-    assert outcomes["coalesced"] > 0
+    assert outcomes["coalesced"] > 0, "none joined the first request's call while it was in flight"
 
 
 def test_errors_and_broken_streams_are_never_stored(gateway, mock):
@@ -401,35 +448,51 @@ def wait_for_call(mock, before, timeout=10):
 def test_waiters_keep_the_call_going_when_the_first_client_leaves_before_its_answer(gateway, mock):
     reference = ask(gateway, "left early reference")[1].choices[0].message.content
     before = calls(mock)
-    mock.fault({"first_token_ms": 1500, "count": 1, "path": "/v1/chat/completions"})
+    # The answer comes HOLD_MS after the call; the first client leaves well
+    # before (its read times out after `leaves_s`), and the others must be
+    # waiting by then: `leaves_s` is their time to come in.
+    leaves_s = HOLD_MS / 2000
+    mock.fault({"first_token_ms": HOLD_MS, "count": 1, "path": "/v1/chat/completions"})
+    started = time.monotonic()
+    sent = []
     with concurrent.futures.ThreadPoolExecutor(max_workers=11) as pool:
         def leaves():
             with pytest.raises(httpx.TimeoutException):
                 httpx.post(f"http://127.0.0.1:{gateway.port}/v1/chat/completions",
-                           headers={"authorization": f"Bearer {TENANT_KEY}"}, timeout=0.5,
+                           headers={"authorization": f"Bearer {TENANT_KEY}"}, timeout=leaves_s,
                            json={"model": "gpt-4o-mini", "temperature": 0,
                                  "messages": [{"role": "user", "content": "left early"}]})
+            return time.monotonic() - started
+
+        def waiter(answer):
+            sent.append(time.monotonic() - started)
+            return answer()
+
         first = pool.submit(leaves)
         wait_for_call(mock, before)
-        jsons = [pool.submit(lambda: ask(gateway, "left early")[1].choices[0].message.content) for _ in range(5)]
-        streams = [pool.submit(lambda: stream_text_of(raw_stream(gateway, "left early"))) for _ in range(5)]
-        first.result()
+        jsons = [pool.submit(waiter, lambda: ask(gateway, "left early")[1].choices[0].message.content)
+                 for _ in range(5)]
+        streams = [pool.submit(waiter, lambda: stream_text_of(raw_stream(gateway, "left early")))
+                   for _ in range(5)]
+        left = first.result()
         answers = [f.result() for f in jsons + streams]
+    assert calls(mock) == before + 1, (
+        "one provider call for all of them "
+        f"(the waiters were sent {min(sent):.2f}-{max(sent):.2f} s in, the first client left {left:.2f} s in"
+        + ("; too late: a machine this slow cannot run this test)" if max(sent) >= left else ")"))
     assert answers == [reference] * 10
-    assert calls(mock) == before + 1, "one provider call for all of them"
 
 
 def test_followers_get_the_whole_stream_when_the_first_client_leaves_mid_stream(gateway, mock):
     reference = stream_text_of(raw_stream(gateway, "mid-stream reference"))
     before = calls(mock)
-    mock.fault({"stall_after_chunks": 3, "stall_ms": 1500, "count": 1, "path": "/v1/chat/completions"})
+    mock.fault({"stall_after_chunks": 3, "stall_ms": HOLD_MS, "count": 1, "path": "/v1/chat/completions"})
+    held = Held()
 
     def followers_in():
-        # The first client leaves once the five others are in (admitted).
-        deadline = time.monotonic() + 10
-        while gateway.metric("runestone_inflight_requests", tenant="acme") < 6:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        # The first client leaves once the five others are in (admitted),
+        # while the mock still holds the rest of the stream: mid-stream.
+        wait_admitted(gateway, 6, held, "the five followers were admitted")
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=6) as pool:
         first = pool.submit(raw_stream, gateway, "mid-stream", TENANT_KEY, 2, followers_in)
@@ -447,15 +510,20 @@ def test_a_follower_leaving_mid_stream_is_a_coalesced_request_not_a_broken_strea
     # the flight as far as it read (it was counted as a broken provider
     # stream, and its request and cache outcome went uncounted).
     before = calls(mock)
-    mock.fault({"stall_after_chunks": 3, "stall_ms": 1500, "count": 1, "path": "/v1/chat/completions"})
+    mock.fault({"stall_after_chunks": 3, "stall_ms": HOLD_MS, "count": 1, "path": "/v1/chat/completions"})
 
     broken = gateway.metric("runestone_errors_total", reason="provider_stream_broken")
     coalesced = gateway.metric("runestone_cache_total", outcome="coalesced", tenant="acme")
     saved = gateway.metric("runestone_cache_saved_usd_total", tenant="acme")
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        held = Held()
         first = pool.submit(raw_stream, gateway, "follower leaves")
         wait_for_call(mock, before)
-        assert len(raw_stream(gateway, "follower leaves", TENANT_KEY, 2)) == 2
+        # It reads the start of the first request's stream and leaves while
+        # the mock still holds the rest (a stored answer, then, would not be
+        # there yet: it follows that stream, not a hit).
+        assert len(raw_stream(gateway, "follower leaves", TENANT_KEY, 2,
+                              lambda: held.check("the follower read its first events"))) == 2
         assert first.result()[-1] == "[DONE]"
     assert calls(mock) == before + 1
     assert eventually(lambda: gateway.metric("runestone_cache_total", outcome="coalesced", tenant="acme") == coalesced + 1)
@@ -469,11 +537,15 @@ def test_followers_of_a_stream_larger_than_an_entry_get_all_of_it(mock):
     gateway = Gateway(mock.base_url, cache="{ max_entry_bytes: 1024 }")
     try:
         before = calls(mock)
-        mock.fault({"stall_after_chunks": 3, "stall_ms": 1000, "count": 1, "path": "/v1/chat/completions"})
+        mock.fault({"stall_after_chunks": 3, "stall_ms": HOLD_MS, "count": 1, "path": "/v1/chat/completions"})
         with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+            held = Held()
             first = pool.submit(raw_stream, gateway, "long stream")
             wait_for_call(mock, before)
             followers = [pool.submit(raw_stream, gateway, "long stream") for _ in range(3)]
+            # They join while the mock holds the stream: followers, not
+            # later requests of their own.
+            wait_admitted(gateway, 4, held, "the three followers were admitted")
             whole = first.result()
             got = [f.result() for f in followers]
         assert len("\n\n".join(whole)) > 1024 and whole[-1] == "[DONE]"

@@ -18,6 +18,12 @@ from conftest import TENANT_KEY, Llmock, Runestone, server_yaml
 OTHER_KEY = "sk-sdk-jobs-other-0042"
 ASYNC = {"prefer": "respond-async"}
 
+# A job attempt's time limit: every attempt must answer within it, on a
+# loaded machine too (an attempt cut short is one more attempt and one more
+# provider call than the tests count), and llmock's delayed answers (5 s)
+# must not.
+JOB_TIMEOUT_S = 3
+
 
 class Gateway(Runestone):
     """runestone in front of llmock, two tenants with async jobs."""
@@ -37,7 +43,7 @@ tenants:
   - id: other
     keys: ["{OTHER_KEY}"]
     overflow: {{ enabled: true }}
-jobs: {{ timeout_seconds: 1, max_attempts: 3, retry_backoff_ms: 100, retry_backoff_max_ms: 300 }}
+jobs: {{ timeout_seconds: {JOB_TIMEOUT_S}, max_attempts: 3, retry_backoff_ms: 100, retry_backoff_max_ms: 300 }}
 """
 
         super().__init__(config)

@@ -25,7 +25,9 @@ class Gateway(Runestone):
     on Anthropic, `ext` on llmock; tenants `acme` and `globex`."""
 
     def __init__(self, a: Mock, b: Mock, llmock: Llmock, redis_url: str | None = None):
-        redis = f'redis: {{ url: "{redis_url}" }}' if redis_url else ""
+        # A generous Redis timeout (the default is 50 ms): on a loaded
+        # machine a slower round trip would count as Redis down.
+        redis = f'redis: {{ url: "{redis_url}", timeout_ms: 2000 }}' if redis_url else ""
 
         def config(port, metrics_port, directory):
             return server_yaml(port, metrics_port, directory) + f"""

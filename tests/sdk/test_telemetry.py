@@ -8,6 +8,7 @@ provider; a collector that is down or slow changes no answer; spans queued
 at shutdown are flushed; keys never appear, content only when asked.
 """
 
+import concurrent.futures
 import json
 import os
 import signal
@@ -282,23 +283,39 @@ def test_an_unsampled_traceparent_is_passed_on_but_not_recorded(gateway, collect
     assert access_line(gateway, request_id)["trace_id"] == CLIENT_TRACE
 
 
+def parked(gateway, tenant: str) -> float:
+    prefix = f'runestone_overflow_parked{{tenant="{tenant}"}} '
+    return sum(float(line.split()[-1]) for line in gateway.metrics().splitlines() if line.startswith(prefix))
+
+
 def test_a_parked_request_has_its_wait_in_the_queue(gateway, collector, mock):
-    mock.fault({"first_token_ms": 1500, "count": 1, "path": "/v1/chat/completions"})
-    results = {}
+    # The first request holds the tenant's only slot for 5 s: time enough,
+    # on a loaded machine too, for the second to come in and be parked.
+    hold_s = 5
+    held_until = time.monotonic() + hold_s  # the mock's hold starts later
+    mock.fault({"first_token_ms": hold_s * 1000, "count": 1, "path": "/v1/chat/completions"})
     before = len(mock.requests())
-
-    def first():
-        results["first"] = chat(gateway, key=OTHER_KEY)
-
-    holder = threading.Thread(target=first)
-    holder.start()
-    # The first request holds the tenant's only slot: wait until it is in.
-    deadline = time.monotonic() + 10
-    while len(mock.requests()) == before:
-        assert time.monotonic() < deadline and "first" not in results
-        time.sleep(0.02)
-    request_id, _ = chat(gateway, key=OTHER_KEY)
-    holder.join()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        first = pool.submit(chat, gateway, key=OTHER_KEY)
+        # The first request holds the tenant's only slot: wait until it is in.
+        deadline = time.monotonic() + 10
+        while len(mock.requests()) == before:
+            assert time.monotonic() < deadline and not first.done()
+            time.sleep(0.02)
+        second = pool.submit(chat, gateway, key=OTHER_KEY)
+        # Then until the second is parked behind it.
+        while not parked(gateway, "single"):
+            answered = second.done()
+            assert time.monotonic() < held_until, (
+                f"precondition not met: the second request was not seen parked within the first one's {hold_s} s "
+                "hold of the slot (a machine this slow cannot run this test; this says nothing of the "
+                "behaviour under test)")
+            if answered:
+                second.result()
+                pytest.fail("the second request was answered while the first held the tenant's only slot")
+            time.sleep(0.02)
+        first.result()
+        request_id, _ = second.result()
     spans = collector.trace(request_id, 3)
     [server] = by_kind(spans, Span.SPAN_KIND_SERVER)
     [wait] = by_kind(spans, Span.SPAN_KIND_INTERNAL)
@@ -366,13 +383,15 @@ def test_captured_content_has_the_prompt_and_a_redacted_completion(mock):
 
 class AccountGateway(Runestone):
     """runestone in front of llmock (an upstream we did not write) as one
-    provider account: `small` falls back to `large`."""
+    provider account: `small` falls back to `large`. Its idle timeout (2 s)
+    is more than a loaded machine's pause between two of llmock's chunks:
+    only the faults the tests ask for break a stream."""
 
     def __init__(self, llmock: Llmock, endpoint: str):
         def config(port, metrics_port, directory):
             return server_yaml(port, metrics_port, directory) + f"""
 providers:
-  - {{ name: acct, base_url: "{llmock.base_url}", api_key: "sk-llmock-telemetry-21", timeouts: {{ first_token_ms: 1500, idle_ms: 500 }} }}
+  - {{ name: acct, base_url: "{llmock.base_url}", api_key: "sk-llmock-telemetry-21", timeouts: {{ first_token_ms: 1500, idle_ms: 2000 }} }}
 models:
   - name: small
     targets: [{{ provider: acct, model: m-small }}]
