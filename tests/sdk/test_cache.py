@@ -107,17 +107,18 @@ class Held:
     """The mock's hold (HOLD_MS) on the answer to a request about to be
     sent: the hold starts only once the request reaches the mock, so until
     HOLD_MS after now, that request is surely still in flight. `check`
-    tells a machine too slow for a test (others joined only after the hold
-    may have ended) from the behaviour under test."""
+    says when others joined only after the hold may have ended: the
+    machine was too slow, or the gateway did not take them in while the
+    first was in flight."""
 
     def __init__(self):
         self.until = time.monotonic() + HOLD_MS / 1000
 
     def check(self, what: str) -> None:
         assert time.monotonic() < self.until, (
-            f"precondition not met: {what} only after the first request's {HOLD_MS} ms hold "
-            "at the mock may have ended (a machine this slow cannot run this test; "
-            "this says nothing of the behaviour under test)")
+            f"{what} only after the first request's {HOLD_MS} ms hold at the mock may "
+            "have ended: either the machine is too slow for this test, or the gateway "
+            "did not admit or serve them while the first was in flight")
 
 
 def wait_admitted(gateway, count: int, held: Held, what: str) -> None:

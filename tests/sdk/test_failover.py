@@ -22,14 +22,15 @@ class Gateway(Runestone):
     The account's idle timeout is what ends llmock's 30 s `stall`; it is
     also a limit every stream of the tests must keep between two chunks, on
     a loaded machine too (a stream cut short changes which model answers),
-    hence 2 s, not less.
+    and it must be well above the first-token timeout (1.5 s) for the
+    late-first-token test to tell the two apart: hence 4 s.
     """
 
     def __init__(self, llmock: Llmock):
         def config(port, metrics_port, directory):
             return server_yaml(port, metrics_port, directory) + f"""
 providers:
-  - {{ name: acct, base_url: "{llmock.base_url}", api_key: "sk-llmock-provider-key-16", timeouts: {{ first_token_ms: 1500, idle_ms: 2000 }} }}
+  - {{ name: acct, base_url: "{llmock.base_url}", api_key: "sk-llmock-provider-key-16", timeouts: {{ first_token_ms: 1500, idle_ms: 4000 }} }}
 models:
   - name: small
     targets: [{{ provider: acct, model: m-small }}]
@@ -157,8 +158,9 @@ def test_a_late_first_token_fails_over_with_nothing_sent(gateway, llmock):
     text, chunks, _ = stream_text(gateway, "small")
     assert text == "Mock response from m-large."
     assert chunks[0].model == "m-large", "nothing of m-small reached the client"
-    # Failed over after the account's 1.5 s, not after m-small's 5 s.
-    assert 1.4 < time.monotonic() - started < 5
+    # Failed over after the account's first-token 1.5 s: not after its idle
+    # 4 s, nor after m-small's 5 s.
+    assert 1.4 < time.monotonic() - started < 3.5
 
 
 def test_a_prompt_too_long_moves_to_the_context_fallback(gateway, llmock):

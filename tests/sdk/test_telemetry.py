@@ -307,9 +307,9 @@ def test_a_parked_request_has_its_wait_in_the_queue(gateway, collector, mock):
         while not parked(gateway, "single"):
             answered = second.done()
             assert time.monotonic() < held_until, (
-                f"precondition not met: the second request was not seen parked within the first one's {hold_s} s "
-                "hold of the slot (a machine this slow cannot run this test; this says nothing of the "
-                "behaviour under test)")
+                f"the second request was not seen parked within the first one's {hold_s} s hold of the "
+                "slot: either the machine is too slow for this test, or it was not parked "
+                "(runestone_overflow_parked did not show it)")
             if answered:
                 second.result()
                 pytest.fail("the second request was answered while the first held the tenant's only slot")
