@@ -13,7 +13,8 @@
 
 use super::{sample_text, Estimate, Probe, Usage, MAX_LINE_BYTES};
 use bytes::{Bytes, BytesMut};
-use std::sync::OnceLock;
+use memchr::memmem::Finder;
+use std::sync::{LazyLock, OnceLock};
 
 /// Generated text a stream keeps to count tokens in, should the provider
 /// report no usage (the rest is counted at the sample's rate).
@@ -629,10 +630,10 @@ fn find_usage_null(payload: &[u8]) -> Option<(usize, usize)> {
         b"\"usage\":null,",
         b"\"usage\": null, ",
     ];
-    PATTERNS.iter().find_map(|p| {
-        payload
-            .windows(p.len())
-            .position(|w| w == *p)
-            .map(|start| (start, start + p.len()))
+    static FINDERS: LazyLock<[Finder<'static>; 4]> = LazyLock::new(|| PATTERNS.map(Finder::new));
+    FINDERS.iter().find_map(|finder| {
+        finder
+            .find(payload)
+            .map(|start| (start, start + finder.needle().len()))
     })
 }

@@ -25,7 +25,12 @@ use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use futures_util::future::BoxFuture;
 use pingora::http::ResponseHeader;
+use serde::de::value::{MapAccessDeserializer, SeqAccessDeserializer};
+use serde::de::{Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
+use std::marker::PhantomData;
 
 /// The client end of a forwarded request whose stream may be resumed.
 pub(crate) struct Resumable<'c> {
@@ -231,60 +236,228 @@ impl<'c> Resumable<'c> {
             out.extend_from_slice(line);
             return;
         }
+        let Some(splice) = &mut self.splice else {
+            // The first attempt's events go out as they came; they are
+            // only read.
+            out.extend_from_slice(line);
+            self.record.observe(payload);
+            return;
+        };
         let Ok(Value::Object(mut event)) = serde_json::from_slice::<Value>(payload) else {
             self.record.final_ = true;
             out.extend_from_slice(line);
             return;
         };
-        if let Some(splice) = &mut self.splice {
-            if !splice.rewrite(&mut event, &self.record) {
-                self.skip_blank_line = true;
-                return;
-            }
-            out.extend_from_slice(b"data: ");
-            out.extend_from_slice(&serde_json::to_vec(&event).unwrap_or_default());
-            out.extend_from_slice(b"\n");
-        } else {
-            out.extend_from_slice(line);
+        if !splice.rewrite(&mut event, &self.record) {
+            self.skip_blank_line = true;
+            return;
         }
-        self.record.observe(&event);
+        let rewritten = serde_json::to_vec(&event).unwrap_or_default();
+        out.extend_from_slice(b"data: ");
+        out.extend_from_slice(&rewritten);
+        out.extend_from_slice(b"\n");
+        self.record.observe(&rewritten);
+    }
+}
+
+/// What [`Record::observe`] reads of a chunk, borrowed from its text and
+/// in one pass: a tree of every chunk (a map allocated for each object in
+/// it) cost more than the rest of forwarding it. Read as a tree reads it:
+/// `id`, `created`, `model` and `error` count when there, `null` or not;
+/// `choices` only as an array, a choice and its delta only as objects.
+#[derive(Deserialize)]
+struct Chunk<'a> {
+    #[serde(borrow, default, deserialize_with = "present")]
+    id: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    created: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    model: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    error: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    choices: Shaped<Vec<Shaped<ChunkChoice<'a>>>>,
+}
+
+/// One of a chunk's choices (a `null` field reads as `None`).
+#[derive(Deserialize)]
+struct ChunkChoice<'a> {
+    #[serde(borrow, default)]
+    index: Option<&'a RawValue>,
+    #[serde(default)]
+    finish_reason: Option<IgnoredAny>,
+    #[serde(borrow, default)]
+    delta: Shaped<ChunkDelta<'a>>,
+}
+
+/// A choice's delta (a `null` field reads as `None`).
+#[derive(Deserialize)]
+struct ChunkDelta<'a> {
+    #[serde(borrow, default)]
+    content: Option<&'a RawValue>,
+    #[serde(default)]
+    tool_calls: Option<IgnoredAny>,
+    #[serde(default)]
+    function_call: Option<IgnoredAny>,
+    #[serde(borrow, default)]
+    refusal: Option<&'a RawValue>,
+}
+
+/// A field that is there, `null` or not.
+fn present<'de, D: Deserializer<'de>>(field: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(field).map(Some)
+}
+
+/// Whether `raw` is a JSON value of the kind its first byte tells (`"` a
+/// string).
+fn is(raw: &RawValue, first: u8) -> bool {
+    raw.get().as_bytes().first() == Some(&first)
+}
+
+/// A value read as `T` when it has `T`'s shape (an array for a `Vec`, an
+/// object for a struct), and passed over as nothing when it is any other
+/// JSON value, as a tree's `value["field"]` reads it.
+struct Shaped<T>(Option<T>);
+
+impl<T> Default for Shaped<T> {
+    fn default() -> Self {
+        Shaped(None)
+    }
+}
+
+/// Whether a type is read from a JSON array (else from an object).
+trait Shape {
+    const ARRAY: bool;
+}
+
+impl<T> Shape for Vec<T> {
+    const ARRAY: bool = true;
+}
+
+impl Shape for ChunkChoice<'_> {
+    const ARRAY: bool = false;
+}
+
+impl Shape for ChunkDelta<'_> {
+    const ARRAY: bool = false;
+}
+
+impl<'de, T: Deserialize<'de> + Shape> Deserialize<'de> for Shaped<T> {
+    fn deserialize<D: Deserializer<'de>>(value: D) -> Result<Self, D::Error> {
+        value
+            .deserialize_any(ShapedVisitor(PhantomData))
+            .map(Shaped)
+    }
+}
+
+/// Reads a [`Shaped`] value from whatever JSON value is there.
+struct ShapedVisitor<T>(PhantomData<T>);
+
+impl<'de, T: Deserialize<'de> + Shape> Visitor<'de> for ShapedVisitor<T> {
+    type Value = Option<T>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        if T::ARRAY {
+            return T::deserialize(SeqAccessDeserializer::new(seq)).map(Some);
+        }
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(None)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        if !T::ARRAY {
+            return T::deserialize(MapAccessDeserializer::new(map)).map(Some);
+        }
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(None)
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(None)
     }
 }
 
 impl Record {
-    /// Takes note of an event the client was sent.
-    fn observe(&mut self, event: &Map<String, Value>) {
-        for (field, slot) in [
-            ("id", &mut self.id),
-            ("created", &mut self.created),
-            ("model", &mut self.model),
-        ] {
-            if slot.is_none() {
-                *slot = event.get(field).cloned();
-            }
+    /// Takes note of an event the client was sent (`payload`, its JSON).
+    /// An event it cannot read, or one after which a continuation could
+    /// not follow, makes the stream final.
+    fn observe(&mut self, payload: &[u8]) {
+        // Nothing more is needed of a stream that cannot be resumed.
+        if self.final_ {
+            return;
         }
-        if event.contains_key("error") {
+        if !payload.starts_with(b"{") || self.read(payload).is_err() {
             self.final_ = true;
         }
-        let Some(choices) = event.get("choices").and_then(Value::as_array) else {
-            return;
-        };
-        for choice in choices {
-            let index = choice.get("index").and_then(Value::as_u64).unwrap_or(0);
-            let delta = &choice["delta"];
-            let present = |v: &Value| !v.is_null();
-            if index != 0
-                || present(&choice["finish_reason"])
-                || present(&delta["tool_calls"])
-                || present(&delta["function_call"])
-                || delta["refusal"].as_str().is_some_and(|r| !r.is_empty())
+    }
+
+    /// [`Record::observe`] of a JSON object.
+    fn read(&mut self, payload: &[u8]) -> serde_json::Result<()> {
+        let chunk: Chunk = serde_json::from_slice(payload)?;
+        for (slot, field) in [
+            (&mut self.id, chunk.id),
+            (&mut self.created, chunk.created),
+            (&mut self.model, chunk.model),
+        ] {
+            if let (None, Some(raw)) = (&slot, field) {
+                *slot = Some(serde_json::from_str(raw.get())?);
+            }
+        }
+        if chunk.error.is_some() {
+            self.final_ = true;
+        }
+        let choices = chunk.choices.0.unwrap_or_default();
+        // A choice that is not an object carries nothing.
+        for choice in choices.into_iter().filter_map(|c| c.0) {
+            let delta = choice.delta.0;
+            let delta = delta.as_ref();
+            // Only a whole number other than 0 is another choice's index.
+            let index = choice.index.and_then(|i| i.get().parse::<u64>().ok());
+            let refusal = delta
+                .and_then(|d| d.refusal)
+                .is_some_and(|r| is(r, b'"') && r.get() != "\"\"");
+            if index.unwrap_or(0) != 0
+                || choice.finish_reason.is_some()
+                || delta.is_some_and(|d| d.tool_calls.is_some() || d.function_call.is_some())
+                || refusal
             {
                 self.final_ = true;
             }
-            if let Some(text) = delta["content"].as_str() {
-                self.text.push_str(text);
+            if let Some(content) = delta.and_then(|d| d.content).filter(|c| is(c, b'"')) {
+                // Borrowed when it has no escapes.
+                match serde_json::from_str::<&str>(content.get()) {
+                    Ok(text) => self.text.push_str(text),
+                    Err(_) => self
+                        .text
+                        .push_str(&serde_json::from_str::<String>(content.get())?),
+                }
             }
         }
+        Ok(())
     }
 }
 
@@ -710,5 +883,181 @@ mod tests {
         );
         assert_eq!(out["max_tokens"], 70);
         assert!(with_prefill(b"not json", "x", 0).is_none());
+    }
+
+    /// What `Record::observe` did when it read each event as a tree, kept
+    /// as the reference for the borrowed, one-pass reading.
+    fn observe_as_a_tree(record: &mut Record, payload: &[u8]) {
+        if record.final_ {
+            return;
+        }
+        let Ok(Value::Object(event)) = serde_json::from_slice::<Value>(payload) else {
+            record.final_ = true;
+            return;
+        };
+        for (field, slot) in [
+            ("id", &mut record.id),
+            ("created", &mut record.created),
+            ("model", &mut record.model),
+        ] {
+            if slot.is_none() {
+                *slot = event.get(field).cloned();
+            }
+        }
+        if event.contains_key("error") {
+            record.final_ = true;
+        }
+        let Some(choices) = event.get("choices").and_then(Value::as_array) else {
+            return;
+        };
+        for choice in choices {
+            let index = choice.get("index").and_then(Value::as_u64).unwrap_or(0);
+            let delta = &choice["delta"];
+            let present = |v: &Value| !v.is_null();
+            if index != 0
+                || present(&choice["finish_reason"])
+                || present(&delta["tool_calls"])
+                || present(&delta["function_call"])
+                || delta["refusal"].as_str().is_some_and(|r| !r.is_empty())
+            {
+                record.final_ = true;
+            }
+            if let Some(text) = delta["content"].as_str() {
+                record.text.push_str(text);
+            }
+        }
+    }
+
+    /// Chunk-like JSON: the fields the record reads at their places, each
+    /// missing, `null`, of the expected kind or of another, with other
+    /// fields beside them.
+    fn chunk_like() -> impl proptest::strategy::Strategy<Value = Value> {
+        use proptest::option::{of, weighted};
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            2 => Just(Value::Null),
+            1 => prop::sample::select(vec![0i64, 1, -1, 7]).prop_map(Value::from),
+            1 => prop::sample::select(vec![1.5f64, 0.0, 1e20]).prop_map(Value::from),
+            1 => Just(Value::from(u64::MAX)),
+            1 => any::<bool>().prop_map(Value::from),
+            3 => prop::sample::select(vec!["", "Hel", " lo ", "lo \"x\"\n", "\u{e9}t\u{e9}", "\\"])
+                .prop_map(Value::from),
+        ];
+        let any_value = leaf.clone().prop_recursive(2, 8, 3, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..3).prop_map(Value::Array),
+                prop::collection::btree_map("[a-z]{1,8}", inner, 0..3)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        });
+        let field = prop_oneof![3 => leaf, 1 => any_value.clone()];
+        let object = |fields: Vec<(&'static str, Option<Value>)>| {
+            Value::Object(
+                fields
+                    .into_iter()
+                    .filter_map(|(k, v)| Some((k.to_owned(), v?)))
+                    .collect(),
+            )
+        };
+        // What ends resumability is mostly missing, so that what follows
+        // it is read too.
+        let rare = |f: BoxedStrategy<Value>| weighted(0.2, f);
+        let field = field.boxed();
+        let delta = (
+            of(field.clone()),
+            rare(field.clone()),
+            rare(field.clone()),
+            of(field.clone()),
+            of(field.clone()),
+        )
+            .prop_map(move |(content, tool_calls, function_call, refusal, role)| {
+                object(vec![
+                    ("content", content),
+                    ("tool_calls", tool_calls),
+                    ("function_call", function_call),
+                    ("refusal", refusal),
+                    ("role", role),
+                ])
+            });
+        let choice = (
+            rare(field.clone()),
+            of(prop_oneof![3 => delta, 1 => field.clone()]),
+            rare(field.clone()),
+        )
+            .prop_map(move |(index, delta, finish_reason)| {
+                object(vec![
+                    ("index", index),
+                    ("delta", delta),
+                    ("finish_reason", finish_reason),
+                ])
+            });
+        let choices = prop_oneof![
+            3 => prop::collection::vec(prop_oneof![4 => choice, 1 => field.clone()], 0..3)
+                .prop_map(Value::Array),
+            1 => field.clone(),
+        ];
+        (
+            of(field.clone()),
+            of(field.clone()),
+            of(field.clone()),
+            rare(field.clone()),
+            weighted(0.8, choices),
+            of(any_value),
+        )
+            .prop_map(move |(id, created, model, error, choices, other)| {
+                object(vec![
+                    ("id", id),
+                    ("created", created),
+                    ("model", model),
+                    ("error", error),
+                    ("choices", choices),
+                    ("usage", other),
+                ])
+            })
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2048))]
+        /// Reading events borrowed, in one pass, records what reading each
+        /// as a tree did, whatever their fields hold.
+        #[test]
+        fn the_record_reads_events_as_a_tree_would(
+            events in proptest::collection::vec(
+                proptest::prop_oneof![
+                    chunk_like(),
+                    proptest::strategy::Just(json!([1])),
+                    proptest::strategy::Just(json!("text")),
+                ],
+                1..4,
+            )
+        ) {
+            let (mut borrowed, mut tree) = (Record::default(), Record::default());
+            for event in &events {
+                let payload = serde_json::to_vec(event).unwrap();
+                borrowed.observe(&payload);
+                observe_as_a_tree(&mut tree, &payload);
+                proptest::prop_assert_eq!(format!("{borrowed:?}"), format!("{tree:?}"), "{}", event);
+            }
+        }
+    }
+
+    #[test]
+    fn an_event_the_record_cannot_read_ends_resumability() {
+        for payload in [
+            &br#"{"choices":[{"delta":{"content":"a","content":"b"}}]}"#[..],
+            br#"{"id":"a","id":"b"}"#,
+            br#"{"choices":[{"delta":{"content":"a"}}]"#,
+            br#"{"choices":[]} x"#,
+            b"[]",
+            b"",
+        ] {
+            let mut record = Record::default();
+            record.observe(payload);
+            assert!(record.final_, "{}", String::from_utf8_lossy(payload));
+        }
+        let mut record = Record::default();
+        record.observe(br#"{"choices":[{"index":0,"delta":{"content":"caf\u00e9 \"x\""}},7]}"#);
+        assert!(!record.final_);
+        assert_eq!(record.text, "caf\u{e9} \"x\"");
     }
 }
