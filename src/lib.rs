@@ -46,6 +46,7 @@ pub mod cost;
 pub mod gateway;
 pub mod gcra;
 pub mod ids;
+pub(crate) mod json;
 pub mod limits;
 pub mod metrics;
 pub mod openai;

@@ -334,7 +334,7 @@ impl StreamMeter {
             }
             return Verdict::Keep;
         }
-        let Ok(probe) = serde_json::from_slice::<Probe>(payload) else {
+        let Ok(probe) = crate::json::from_bytes::<Probe>(payload) else {
             return Verdict::Malformed;
         };
         self.saw_error |= probe.is_error();

@@ -417,7 +417,7 @@ impl Record {
 
     /// [`Record::observe`] of a JSON object.
     fn read(&mut self, payload: &[u8]) -> serde_json::Result<()> {
-        let chunk: Chunk = serde_json::from_slice(payload)?;
+        let chunk: Chunk = crate::json::from_bytes(payload)?;
         for (slot, field) in [
             (&mut self.id, chunk.id),
             (&mut self.created, chunk.created),
