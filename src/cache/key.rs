@@ -16,7 +16,7 @@ pub type Key = [u8; 32];
 /// The key of `body` (a JSON object) asked of `model` at `endpoint` by
 /// `tenant`; `None` when the body is not a JSON object.
 pub fn key(tenant: &str, model: &str, endpoint: &str, body: &[u8]) -> Option<Key> {
-    let Value::Object(mut fields) = serde_json::from_slice::<Value>(body).ok()? else {
+    let Value::Object(mut fields) = crate::json::from_bytes::<Value>(body).ok()? else {
         return None;
     };
     for name in IGNORED_FIELDS {
@@ -25,7 +25,7 @@ pub fn key(tenant: &str, model: &str, endpoint: &str, body: &[u8]) -> Option<Key
     let mut canonical = Vec::with_capacity(body.len());
     write_canonical(&Value::Object(fields), &mut canonical);
     // The numbers as written, in the fields that count.
-    let raw: std::collections::HashMap<&str, &RawValue> = serde_json::from_slice(body).ok()?;
+    let raw: std::collections::HashMap<&str, &RawValue> = crate::json::from_bytes(body).ok()?;
     let numbers: Vec<u8> = raw
         .iter()
         .filter(|(name, _)| !IGNORED_FIELDS.contains(name))
