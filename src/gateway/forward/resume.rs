@@ -1041,6 +1041,39 @@ mod tests {
         }
     }
 
+    /// What the record does not read it skips as the meter does (unchecked
+    /// beyond the JSON's shape): a value a tree could not hold there no
+    /// longer ends resumability, since the meter passed the event on.
+    #[test]
+    fn fields_the_record_does_not_read_are_skipped_as_the_meter_skips_them() {
+        let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+        for (odd, text) in [
+            (r#""x":1e400"#.to_owned(), "a"),
+            (format!(r#""x":{deep}"#), "a"),
+            (r#""system_fingerprint":"\ud800""#.to_owned(), "a"),
+            (
+                r#""x":1,"choices":[{"index":1e400,"delta":{"content":"a","role":"\udc00"}}]"#
+                    .to_owned(),
+                "a",
+            ),
+        ] {
+            let event = if odd.contains("choices") {
+                format!(r#"{{"id":"c",{odd}}}"#)
+            } else {
+                format!(r#"{{"id":"c",{odd},"choices":[{{"index":0,"delta":{{"content":"a"}}}}]}}"#)
+            };
+            let mut record = Record::default();
+            record.observe(event.as_bytes());
+            assert!(!record.final_, "{event}");
+            assert_eq!(record.text, text, "{event}");
+            assert_eq!(record.id, Some(json!("c")));
+        }
+        let mut record = Record::default();
+        record.observe(b"{\"skipped\":\"\xff\xfe\",\"choices\":[{\"delta\":{\"content\":\"a\"}}]}");
+        assert!(!record.final_);
+        assert_eq!(record.text, "a");
+    }
+
     #[test]
     fn an_event_the_record_cannot_read_ends_resumability() {
         for payload in [
