@@ -1,11 +1,21 @@
-//! JSON read from bytes with one UTF-8 check of the whole text.
+//! JSON read from bytes with one UTF-8 check of the whole text, and the
+//! reading of a member whose presence counts.
 //!
 //! `serde_json::from_slice` checks each string it reads (every key
 //! included) on its own; for a small document of many short strings, a
 //! streamed chunk say, those checks cost more than checking the whole text
 //! once and reading it as `str`.
 
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
+use serde_json::value::RawValue;
+
+/// For `#[serde(deserialize_with = ...)]`: a member that is there, even
+/// as `null` (a plain `Option` reads `null` as absent).
+pub(crate) fn present<'de, D: Deserializer<'de>>(
+    member: D,
+) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(member).map(Some)
+}
 
 /// `serde_json::from_slice`, with the whole text checked once. Text that
 /// is not UTF-8 is read by `from_slice` itself, so the result is the same

@@ -20,7 +20,7 @@ struct RawFields<'a> {
     model: Option<&'a RawValue>,
     #[serde(default)]
     stream: Option<bool>,
-    #[serde(borrow, default, deserialize_with = "present")]
+    #[serde(borrow, default, deserialize_with = "crate::json::present")]
     stream_options: Option<&'a RawValue>,
     #[serde(default)]
     max_tokens: Option<u64>,
@@ -34,11 +34,11 @@ struct RawFields<'a> {
     background: Option<bool>,
     #[serde(borrow, default)]
     conversation: Option<&'a RawValue>,
-    #[serde(borrow, default, deserialize_with = "present")]
+    #[serde(borrow, default, deserialize_with = "crate::json::present")]
     api_key: Option<&'a RawValue>,
-    #[serde(borrow, default, deserialize_with = "present")]
+    #[serde(borrow, default, deserialize_with = "crate::json::present")]
     api_base: Option<&'a RawValue>,
-    #[serde(borrow, default, deserialize_with = "present")]
+    #[serde(borrow, default, deserialize_with = "crate::json::present")]
     base_url: Option<&'a RawValue>,
     #[serde(borrow, default)]
     messages: Option<&'a RawValue>,
@@ -63,12 +63,6 @@ struct RawFields<'a> {
     _seed: Option<i64>,
     #[serde(default, rename = "top_logprobs")]
     _top_logprobs: Option<u64>,
-}
-
-/// A member that is there, even as `null` (a plain `Option` reads `null` as
-/// absent, and its span would be lost).
-fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
-    <&RawValue>::deserialize(d).map(Some)
 }
 
 /// The request fields the gateway reads, borrowed from the body.

@@ -267,13 +267,13 @@ impl<'c> Resumable<'c> {
 /// `choices` only as an array, a choice and its delta only as objects.
 #[derive(Deserialize)]
 struct Chunk<'a> {
-    #[serde(borrow, default, deserialize_with = "present")]
+    #[serde(borrow, default, deserialize_with = "crate::json::present")]
     id: Option<&'a RawValue>,
-    #[serde(borrow, default, deserialize_with = "present")]
+    #[serde(borrow, default, deserialize_with = "crate::json::present")]
     created: Option<&'a RawValue>,
-    #[serde(borrow, default, deserialize_with = "present")]
+    #[serde(borrow, default, deserialize_with = "crate::json::present")]
     model: Option<&'a RawValue>,
-    #[serde(borrow, default, deserialize_with = "present")]
+    #[serde(borrow, default, deserialize_with = "crate::json::present")]
     error: Option<&'a RawValue>,
     #[serde(borrow, default)]
     choices: Shaped<Vec<Shaped<ChunkChoice<'a>>>>,
@@ -301,11 +301,6 @@ struct ChunkDelta<'a> {
     function_call: Option<IgnoredAny>,
     #[serde(borrow, default)]
     refusal: Option<&'a RawValue>,
-}
-
-/// A field that is there, `null` or not.
-fn present<'de, D: Deserializer<'de>>(field: D) -> Result<Option<&'de RawValue>, D::Error> {
-    <&RawValue>::deserialize(field).map(Some)
 }
 
 /// Whether `raw` is a JSON value of the kind its first byte tells (`"` a
@@ -433,8 +428,7 @@ impl Record {
         let choices = chunk.choices.0.unwrap_or_default();
         // A choice that is not an object carries nothing.
         for choice in choices.into_iter().filter_map(|c| c.0) {
-            let delta = choice.delta.0;
-            let delta = delta.as_ref();
+            let delta = choice.delta.0.as_ref();
             // Only a whole number other than 0 is another choice's index.
             let index = choice.index.and_then(|i| i.get().parse::<u64>().ok());
             let refusal = delta
