@@ -38,8 +38,11 @@ use std::time::Duration;
 /// How one attempt ended.
 #[derive(Debug)]
 pub enum Attempted {
-    /// The client has its answer (or went away): the request is over.
+    /// The client has its answer: the request is over.
     Answered,
+    /// The client went away before its answer was whole: the request is
+    /// over, and nothing is said about the deployment.
+    ClientGone,
     /// Failed before anything reached the client; another deployment may do
     /// better. `domain` says what is out for this request; `transient`
     /// failures are worth one more try on the same deployment.
@@ -232,7 +235,7 @@ impl<'r> Failover<'r> {
     /// Takes how an attempt ended; what to do next.
     pub fn after(&mut self, attempted: Attempted) -> Step {
         match attempted {
-            Attempted::Answered => Step::Done(Ok(())),
+            Attempted::Answered | Attempted::ClientGone => Step::Done(Ok(())),
             Attempted::Final(error) => Step::Done(Err(error)),
             Attempted::RateLimited(error) => {
                 self.last_error = Some(error);

@@ -237,6 +237,55 @@ def test_a_stream_has_its_usage_and_first_token(gateway, collector):
     assert server.start_time_unix_nano < first.time_unix_nano <= server.end_time_unix_nano
 
 
+def errors(gateway, reason: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in gateway.metrics().splitlines()
+               if line.startswith(f'runestone_errors_total{{reason="{reason}"}}'))
+
+
+def test_a_client_leaving_mid_stream_is_logged_billed_and_traced_as_such(gateway, collector, mock):
+    # The SDK's client closes a stream it stops reading. Its access log
+    # line said 200 and no error, as if the answer had been whole.
+    closed = errors(gateway, "client_closed")
+    mock.fault({"stall_after_chunks": 3, "stall_ms": 10000, "count": 1, "path": "/v1/chat/completions"})
+    raw = gateway.client().chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "a long story"}],
+        stream=True, max_tokens=40)
+    request_id = raw.headers["x-request-id"]
+    stream = raw.parse()
+    read = [next(stream) for _ in range(2)]
+    stream.close()
+    line = access_line(gateway, request_id)
+    assert line["status"] == 200 and line["error"] == "client_closed"
+    # What went by is billed, counted by the gateway (no usage came).
+    assert line["completion_tokens"] >= len([c for c in read if c.choices and c.choices[0].delta.content])
+    assert line["completion_tokens"] > 0 and line["usage_estimated"] is True
+    assert line["cost_usd"] > 0
+    assert errors(gateway, "client_closed") == closed + 1
+    spans = collector.trace(request_id, 2)
+    [server] = by_kind(spans, Span.SPAN_KIND_SERVER)
+    [attempt] = by_kind(spans, Span.SPAN_KIND_CLIENT)
+    assert attrs(server)["error.type"] == "client_closed"
+    assert attrs(attempt)["error.type"] == "client_closed"
+    assert attrs(attempt)["runestone.attempt.next"] == "answered"
+    # A whole stream read to its end is no error.
+    request_id, _ = chat(gateway)
+    assert access_line(gateway, request_id)["error"] is None
+    assert errors(gateway, "client_closed") == closed + 1
+
+
+def test_a_client_leaving_before_the_answer_is_logged_as_such(gateway, mock):
+    closed = errors(gateway, "client_closed")
+    mock.fault({"stall_after_chunks": 0, "stall_ms": 10000, "count": 1, "path": "/v1/chat/completions"})
+    with pytest.raises(Exception):
+        gateway.client().with_options(timeout=1.0, max_retries=0).chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "too slow"}],
+            extra_headers={"x-request-id": "leaves-before-the-answer"})
+    line = access_line(gateway, "leaves-before-the-answer")
+    assert line["error"] == "client_closed"
+    assert line["status"] == 0 and line["attempts"] == 1
+    assert errors(gateway, "client_closed") == closed + 1
+
+
 def test_a_failover_shows_both_attempts_and_why(gateway, collector):
     request_id, _ = chat(gateway, model="failing-over")
     spans = collector.trace(request_id, 3)
@@ -325,6 +374,28 @@ def test_a_parked_request_has_its_wait_in_the_queue(gateway, collector, mock):
     assert waited_ms > 100
     assert (wait.end_time_unix_nano - wait.start_time_unix_nano) / 1e6 == pytest.approx(waited_ms, abs=1)
     assert access_line(gateway, request_id)["overflow_wait"] > 100
+
+
+def test_a_client_leaving_while_parked_is_logged_as_such(gateway, mock):
+    closed = errors(gateway, "client_closed")
+    mock.fault({"first_token_ms": 5000, "count": 1, "path": "/v1/chat/completions"})
+    before = len(mock.requests())
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        first = pool.submit(chat, gateway, key=OTHER_KEY)
+        # The first request holds the tenant's only slot: wait until it is in.
+        deadline = time.monotonic() + 10
+        while len(mock.requests()) == before:
+            assert time.monotonic() < deadline and not first.done()
+            time.sleep(0.02)
+        with pytest.raises(Exception):
+            gateway.client(OTHER_KEY).with_options(timeout=1.0, max_retries=0).chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": "parked"}],
+                extra_headers={"x-request-id": "leaves-while-parked"})
+        line = access_line(gateway, "leaves-while-parked")
+        first.result()
+    assert line["error"] == "client_closed" and line["status"] == 0
+    assert line["overflow_wait"] > 0 and line["attempts"] == 0
+    assert errors(gateway, "client_closed") == closed + 1
 
 
 def test_an_async_job_is_a_trace_linked_to_its_submission(gateway, collector):

@@ -81,6 +81,12 @@ impl Attempt<'_> {
         attempted
     }
 
+    /// The client went away before its answer was whole: nothing is
+    /// said about the deployment.
+    fn client_gone(&self) -> Attempted {
+        self.outcome(Outcome::Neutral, Domain::Deployment, Attempted::ClientGone)
+    }
+
     /// A failure of the deployment (what the provider did).
     fn deployment_failure(&self, error: ApiError) -> Attempted {
         self.outcome(
@@ -229,7 +235,7 @@ impl Attempt<'_> {
                         "The provider '{}' sent no response within {first_byte:?}.", provider.name
                     )))),
                 },
-                _ = client.gone() => return Err(self.outcome(Outcome::Neutral, Domain::Deployment, Attempted::Answered)),
+                _ = client.gone() => return Err(self.client_gone()),
             }
             let status = upstream.response_header().map_or(0, |h| h.status.as_u16());
             if !(100..200).contains(&status) {
@@ -350,7 +356,7 @@ impl Attempt<'_> {
             // provider flooding it must not keep a gone client unseen.
             let read = tokio::select! {
                 read = tokio::time::timeout_at(first_token_deadline.into(), body.read()) => read,
-                _ = client.gone() => return Err(self.outcome(Outcome::Neutral, Domain::Deployment, Attempted::Answered)),
+                _ = client.gone() => return Err(self.client_gone()),
             };
             match read {
                 Ok(Ok(Some(chunk))) => {
@@ -423,7 +429,7 @@ impl Attempt<'_> {
         // a stream.
         drop(head);
         if !client.send_header(response).await {
-            return Err(self.outcome(Outcome::Neutral, Domain::Deployment, Attempted::Answered));
+            return Err(self.client_gone());
         }
         let copy = Copy {
             upstreams,
@@ -457,7 +463,8 @@ impl Attempt<'_> {
             BodyEnd::ProviderBroke(message) if client.resumable() => {
                 return Ok(Attempted::StreamBroken(ApiError::upstream_error(message)))
             }
-            _ => {}
+            BodyEnd::ClientGone => return Ok(Attempted::ClientGone),
+            BodyEnd::ProviderBroke(_) => {}
         }
         Ok(Attempted::Answered)
     }
@@ -507,7 +514,7 @@ impl Attempt<'_> {
             let (gap_end, _) = read_gap(provider.timeouts.idle, until);
             let read = tokio::select! {
                 read = tokio::time::timeout_at(gap_end, answer.read()) => read,
-                _ = client.gone() => return Err(self.outcome(Outcome::Neutral, Domain::Deployment, Attempted::Answered)),
+                _ = client.gone() => return Err(self.client_gone()),
             };
             match read {
                 Ok(Ok(Some(chunk))) if body.len() + chunk.len() <= MAX_METERED_JSON_BYTES => {
@@ -635,10 +642,13 @@ impl Attempt<'_> {
             report.attempts,
         )
         .map_err(|e| Attempted::Final(ApiError::internal(e.to_string())))?;
-        if client.send_header(ResponseHeader::from(parts)).await {
-            report.first_byte_at.get_or_insert_with(Instant::now);
-            let answer = Bytes::from(redactor.redact(&answer).into_owned());
-            client.send_body(answer, true).await;
+        if !client.send_header(ResponseHeader::from(parts)).await {
+            return Ok(Attempted::ClientGone);
+        }
+        report.first_byte_at.get_or_insert_with(Instant::now);
+        let answer = Bytes::from(redactor.redact(&answer).into_owned());
+        if !client.send_body(answer, true).await {
+            return Ok(Attempted::ClientGone);
         }
         Ok(Attempted::Answered)
     }
@@ -793,7 +803,7 @@ fn classify(
     };
     match e.etype() {
         _ if e.esource() == &ErrorSource::Downstream => {
-            (Outcome::Neutral, Domain::Deployment, Attempted::Answered)
+            (Outcome::Neutral, Domain::Deployment, Attempted::ClientGone)
         }
         ErrorType::ReadTimedout | ErrorType::WriteTimedout => failure(
             Domain::Deployment,

@@ -197,7 +197,7 @@ pub(crate) struct Report {
     /// Usage read from (or estimated for) the answer.
     pub usage: Option<Usage>,
     /// A `runestone_errors_total` reason found after the answer started
-    /// (`provider_stream_broken`).
+    /// (`provider_stream_broken`, `client_closed`).
     pub error_reason: Option<&'static str>,
     /// Streams that broke after reaching the client and were continued
     /// elsewhere: what each attempt used, where (route, target), billed
@@ -226,6 +226,12 @@ impl Report {
             .fold(Usage::default(), Usage::plus)
     }
 
+    /// The client went away before its answer was whole (unless the
+    /// answer had already failed otherwise).
+    pub(crate) fn client_closed(&mut self) {
+        self.error_reason.get_or_insert(CLIENT_CLOSED);
+    }
+
     /// The usage of earlier attempts, summed.
     fn earlier_usage(&self) -> Usage {
         self.earlier
@@ -234,6 +240,10 @@ impl Report {
             .fold(Usage::default(), Usage::plus)
     }
 }
+
+/// The `runestone_errors_total` reason of a request whose client went
+/// away before its answer was whole.
+pub(crate) const CLIENT_CLOSED: &str = "client_closed";
 
 /// Settles the request's admission once its answer is whole, before the
 /// client sees its end (so a client that sends its next request at once
@@ -249,6 +259,7 @@ pub(crate) trait Settle: Send {
 fn failure_reason(attempted: &Attempted) -> Option<&'static str> {
     match attempted {
         Attempted::Answered => None,
+        Attempted::ClientGone => Some(CLIENT_CLOSED),
         Attempted::StreamBroken(_) => Some("provider_stream_broken"),
         Attempted::Retryable { error, .. }
         | Attempted::RateLimited(error)
@@ -327,7 +338,10 @@ impl Forwarder {
                     // and that is soon: wait for it (unless the client goes).
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => continue,
-                        _ = client.gone() => return Ok(()),
+                        _ = client.gone() => {
+                            report.client_closed();
+                            return Ok(());
+                        }
                     }
                 }
                 Next::GiveUp => {
@@ -421,6 +435,9 @@ impl Forwarder {
                     warn!(request_id = %exchange.request_id, provider = %self.upstreams.provider(backend.provider).settings.name,
                           backend = %backend.addr, attempt = report.attempts, error = %error, "attempt failed; failing over");
                 }
+                if matches!(attempted, Attempted::ClientGone) {
+                    report.client_closed();
+                }
                 let step = failover.after(attempted);
                 if let Some(mut record) = record {
                     record.next = match &step {
@@ -453,7 +470,10 @@ impl Forwarder {
                         let pause = pause.mul_f64(0.5 + fastrand::f64());
                         tokio::select! {
                             _ = tokio::time::sleep(pause) => {}
-                            _ = client.gone() => return Ok(()),
+                            _ = client.gone() => {
+                            report.client_closed();
+                            return Ok(());
+                        }
                         }
                         match self.upstreams.reacquire(&backend) {
                             Some(again) => {
