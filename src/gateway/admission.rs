@@ -221,7 +221,7 @@ impl Gateway {
             Some(Waited::Stopping) => Err(ApiError::gateway_stopping()),
             None => {
                 self.overflow.abandon(&mut parked, &self.limiter).await;
-                ctx.error_reason = Some(crate::gateway::forward::CLIENT_CLOSED);
+                ctx.error_reason = Some(super::forward::CLIENT_CLOSED);
                 Ok(None)
             }
         }

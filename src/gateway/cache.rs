@@ -9,7 +9,7 @@
 
 use super::client::Client;
 use super::forward::headers::{HeaderError, X_REQUEST_ID};
-use super::forward::Report;
+use super::forward::{Report, CLIENT_CLOSED};
 use super::{Gateway, RequestCtx};
 use crate::cache::{self, flight, Entry, Form, Join, Key, Landed};
 use crate::config::{ModelCache, PICO_PER_USD};
@@ -253,6 +253,7 @@ impl Gateway {
                 // Nothing reached the client: as one leaving while it
                 // waits for the landing.
                 flight::Followed::Abandoned => {
+                    ctx.error_reason = Some(CLIENT_CLOSED);
                     self.release(ctx).await;
                     return Ok(true);
                 }
@@ -282,6 +283,7 @@ impl Gateway {
         let landed = tokio::select! {
             landed = waiting.landed() => landed,
             _ = session.downstream_session.read_body_or_idle(true) => {
+                ctx.error_reason = Some(CLIENT_CLOSED);
                 self.release(ctx).await;
                 return Ok(true);
             }

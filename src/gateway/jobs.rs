@@ -449,18 +449,24 @@ impl JobRunner for Gateway {
                 let body = String::from_utf8_lossy(&client.body).into_owned();
                 (JobResult { status, body }, ended)
             }
-            (None, Ok(())) if client.too_large => (
-                JobResult::failed(&ApiError::upstream_error(format!(
-                    "The provider's answer is larger than {MAX_JOB_ANSWER_BYTES} bytes, the most an async job keeps."
-                ))),
-                Ended::Final,
-            ),
-            (None, Ok(())) => (
-                JobResult::failed(&ApiError::upstream_error(
-                    "The provider broke off the response.",
-                )),
-                Ended::Retryable,
-            ),
+            (None, Ok(())) => {
+                // The collector refused the rest (too large), or the
+                // provider broke off: its error, not a client's leaving
+                // (a job has none).
+                let (error, ended) = if client.too_large {
+                    let message = format!(
+                        "The provider's answer is larger than {MAX_JOB_ANSWER_BYTES} bytes, the most an async job keeps."
+                    );
+                    (ApiError::upstream_error(message), Ended::Final)
+                } else {
+                    (
+                        ApiError::upstream_error("The provider broke off the response."),
+                        Ended::Retryable,
+                    )
+                };
+                ctx.error_reason = Some(error.reason());
+                (JobResult::failed(&error), ended)
+            }
             (None, Err(error)) => {
                 ctx.error_reason = Some(error.reason());
                 let ended = if retryable(&error) {

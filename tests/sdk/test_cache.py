@@ -484,6 +484,28 @@ def test_waiters_keep_the_call_going_when_the_first_client_leaves_before_its_ans
     assert answers == [reference] * 10
 
 
+def test_a_waiter_that_leaves_before_the_landing_is_logged_as_such(gateway, mock):
+    # Its line had status 0 and no error: neither answered nor failed.
+    closed = gateway.metric("runestone_errors_total", reason="client_closed")
+    before = calls(mock)
+    mock.fault({"first_token_ms": HOLD_MS, "count": 1, "path": "/v1/chat/completions"})
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        first = pool.submit(ask, gateway, "the waiter leaves")
+        wait_for_call(mock, before)
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(f"http://127.0.0.1:{gateway.port}/v1/chat/completions",
+                       headers={"authorization": f"Bearer {TENANT_KEY}", "x-request-id": "waiter-leaves"},
+                       timeout=HOLD_MS / 5000,
+                       json={"model": "gpt-4o-mini", "temperature": 0,
+                             "messages": [{"role": "user", "content": "the waiter leaves"}]})
+        line = eventually(lambda: next((json.loads(l) for l in gateway.output().splitlines()
+                                        if '"request_id":"waiter-leaves"' in l), None))
+        first.result()
+    assert line["error"] == "client_closed" and line["status"] == 0
+    assert calls(mock) == before + 1
+    assert gateway.metric("runestone_errors_total", reason="client_closed") == closed + 1
+
+
 def test_followers_get_the_whole_stream_when_the_first_client_leaves_mid_stream(gateway, mock):
     reference = stream_text_of(raw_stream(gateway, "mid-stream reference"))
     before = calls(mock)

@@ -19,6 +19,7 @@ import urllib.request
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
@@ -273,6 +274,28 @@ def test_a_client_leaving_mid_stream_is_logged_billed_and_traced_as_such(gateway
     assert errors(gateway, "client_closed") == closed + 1
 
 
+def test_a_provider_error_event_the_client_leaves_at_is_the_providers_failure(gateway, mock):
+    # The SDK raises at the provider's in-band error event and closes the
+    # stream, while the provider keeps its body open: the answer had failed
+    # before the client left (it was logged client_closed, and no breaker
+    # counted the failure).
+    closed, broken = errors(gateway, "client_closed"), errors(gateway, "provider_stream_broken")
+    mock.fault({"error_after_chunks": 3, "linger_ms": 5000, "count": 1, "path": "/v1/chat/completions"})
+    raw = gateway.client().chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "fails midway"}], stream=True,
+        extra_headers={"x-request-id": "error-event-then-gone"})
+    stream = raw.parse()
+    with pytest.raises(openai.APIError, match="overloaded"):
+        for _ in stream:
+            pass
+    stream.close()
+    line = access_line(gateway, "error-event-then-gone")
+    assert line["status"] == 200 and line["error"] == "provider_stream_broken"
+    assert line["completion_tokens"] >= 3
+    assert errors(gateway, "provider_stream_broken") == broken + 1
+    assert errors(gateway, "client_closed") == closed
+
+
 def test_a_client_leaving_before_the_answer_is_logged_as_such(gateway, mock):
     closed = errors(gateway, "client_closed")
     mock.fault({"stall_after_chunks": 0, "stall_ms": 10000, "count": 1, "path": "/v1/chat/completions"})
@@ -419,6 +442,32 @@ def test_an_async_job_is_a_trace_linked_to_its_submission(gateway, collector):
     [link] = job.links
     assert (link.trace_id, link.span_id) == (submission.trace_id, submission.span_id)
     assert job.trace_id != submission.trace_id
+
+
+def test_a_job_answer_too_large_to_keep_is_the_providers_failure(collector):
+    # A job's collector refuses an answer past 16 MiB as a client that
+    # leaves would: its line said client_closed, though a job has none.
+    def answer(request, raw):
+        content = "x" * (17 << 20)
+        return 200, "application/json", json.dumps({
+            "id": "chatcmpl-big", "object": "chat.completion", "created": 1, "model": "big",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}}).encode()
+
+    provider = LocalServer(answer)
+    gateway = Gateway(provider, collector.endpoint)
+    try:
+        submitted = httpx.post(
+            f"http://127.0.0.1:{gateway.port}/v1/chat/completions",
+            headers={"authorization": f"Bearer {TENANT_KEY}", "prefer": "respond-async"},
+            json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "a big one"}]}, timeout=10)
+        assert submitted.status_code == 202
+        line = access_line(gateway, submitted.json()["id"])
+        assert line["status"] == 502 and line["error"] == "provider_5xx"
+        assert errors(gateway, "client_closed") == 0
+    finally:
+        gateway.stop()
+        provider.stop()
 
 
 def test_no_key_is_exported_and_content_only_when_asked(gateway, collector):

@@ -262,6 +262,7 @@ impl MockApp {
         let mut no_usage = false;
         let mut first_token_ms = None;
         let mut malformed_after = None;
+        let mut error_after = None;
         let mut no_done = false;
         let mut linger_ms = None;
         match fault {
@@ -292,6 +293,13 @@ impl MockApp {
             }
             Some(Fault::FirstToken { ms }) => first_token_ms = Some(ms),
             Some(Fault::Malformed { after_chunks }) => malformed_after = Some(after_chunks),
+            Some(Fault::ErrorEvent {
+                after_chunks,
+                linger_ms: linger,
+            }) => {
+                error_after = Some(after_chunks);
+                linger_ms = linger;
+            }
             Some(Fault::NoDone) => no_done = true,
             Some(Fault::Linger { ms }) => linger_ms = Some(ms),
             Some(Fault::Compress { encoding }) => meta.compress = Some(encoding),
@@ -394,6 +402,7 @@ impl MockApp {
                         stall: stall_in_stream,
                         first_token_ms,
                         malformed_after,
+                        error_after,
                         no_done: true,
                         linger_ms,
                         no_usage,
@@ -430,6 +439,7 @@ impl MockApp {
                     stall: stall_in_stream,
                     first_token_ms,
                     malformed_after,
+                    error_after,
                     no_done,
                     linger_ms,
                     no_usage,
@@ -693,6 +703,11 @@ impl MockApp {
             if plan.disconnect_after == Some(i - g.start) {
                 return Outcome::Close;
             }
+            if plan.error_after == Some(i - g.start) {
+                return self
+                    .end_with_error(session, &mut encoder, &chunks, plan, watch)
+                    .await;
+            }
             if plan.end_after == Some(i - g.start) {
                 return match write_body(session, &mut encoder, Bytes::new(), true).await {
                     Ok(()) => Outcome::Reuse,
@@ -779,6 +794,33 @@ impl MockApp {
         }
         Outcome::Reuse
     }
+
+    /// Ends a stream with the provider's in-band error event, and its body
+    /// after the plan's `linger_ms` (a provider that keeps it open a while).
+    async fn end_with_error(
+        &self,
+        session: &mut ServerSession,
+        encoder: &mut Option<Encoder>,
+        chunks: &ChunkMeta,
+        plan: &StreamPlan<'_>,
+        watch: &mut bool,
+    ) -> Outcome {
+        let stats = &self.state.stats;
+        let sent = write_body(session, encoder, chunks.error_event().into(), false).await;
+        let lingered = match plan.linger_ms {
+            Some(ms) => sent.is_ok() && pause(session, watch, Duration::from_millis(ms)).await,
+            None => sent.is_ok(),
+        };
+        if !lingered
+            || write_body(session, encoder, Bytes::new(), true)
+                .await
+                .is_err()
+        {
+            stats.disconnect();
+            return Outcome::Close;
+        }
+        Outcome::Reuse
+    }
 }
 
 /// Parameters of one SSE stream.
@@ -800,6 +842,9 @@ pub(crate) struct StreamPlan<'a> {
     pub(crate) first_token_ms: Option<u64>,
     /// A non-JSON event after this many token events.
     pub(crate) malformed_after: Option<u64>,
+    /// The provider's error event after this many token events, and the
+    /// body's end (after `linger_ms`).
+    pub(crate) error_after: Option<u64>,
     /// End without `[DONE]`.
     pub(crate) no_done: bool,
     /// End the body this many ms after the last event.

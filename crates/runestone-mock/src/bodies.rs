@@ -469,6 +469,26 @@ impl ChunkMeta {
         self.choice_event(Some(&format!("tok{i} ")), false, None)
     }
 
+    /// The provider's in-band error event, in the stream's dialect (the
+    /// server overloaded).
+    pub(crate) fn error_event(&self) -> String {
+        let message = "The server is overloaded.";
+        match self.kind {
+            StreamKind::Anthropic => Self::anthropic_event(
+                "error",
+                &json!({"type": "error", "error": {"type": "overloaded_error", "message": message}}),
+            ),
+            StreamKind::Responses => format!(
+                "event: error\ndata: {}\n\n",
+                json!({"type": "error", "code": "server_error", "message": message, "param": null})
+            ),
+            StreamKind::Chat | StreamKind::Completion => format!(
+                "data: {}\n\n",
+                json!({"error": {"message": message, "type": "server_error", "param": null, "code": null}})
+            ),
+        }
+    }
+
     /// The end of the stream (`[DONE]`, or Anthropic's message_stop).
     pub(crate) fn done_event(&self) -> String {
         if self.kind == StreamKind::Responses {

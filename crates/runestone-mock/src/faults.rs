@@ -76,6 +76,14 @@ pub(crate) enum Fault {
     },
     /// End streams cleanly without `data: [DONE]`.
     NoDone,
+    /// Send the provider's in-band error event after this many token
+    /// events, then end the body (after `linger_ms`, when set).
+    ErrorEvent {
+        /// Token events before it.
+        after_chunks: u64,
+        /// How long the body stays open after it.
+        linger_ms: Option<u64>,
+    },
     /// Send the whole stream, its last event included, then end the body
     /// only after this many ms (a provider whose body's end trails its
     /// last event).
@@ -135,6 +143,10 @@ impl QueuedFault {
             Fault::EchoKey => json!({"echo_key": true}),
             Fault::FirstToken { ms } => json!({"first_token_ms": ms}),
             Fault::Malformed { after_chunks } => json!({"malformed_after_chunks": after_chunks}),
+            Fault::ErrorEvent {
+                after_chunks,
+                linger_ms,
+            } => json!({"error_after_chunks": after_chunks, "linger_ms": linger_ms}),
             Fault::NoDone => json!({"no_done": true}),
             Fault::Linger { ms } => json!({"linger_ms": ms}),
             Fault::RejectPrefill => json!({"reject_prefill": true}),
@@ -236,6 +248,8 @@ pub(crate) struct FaultSpec {
     pub(crate) first_token_ms: Option<u64>,
     /// A non-JSON event after this many token events.
     pub(crate) malformed_after_chunks: Option<u64>,
+    /// The provider's error event after this many token events.
+    pub(crate) error_after_chunks: Option<u64>,
     /// End streams without `[DONE]`.
     pub(crate) no_done: Option<bool>,
     /// End streams' bodies this many ms after their last event.
@@ -259,8 +273,9 @@ impl FaultSpec {
             no_done,
             reject_prefill,
             self.first_token_ms.is_some(),
-            // Goes with `no_usage` too.
-            self.linger_ms.is_some() && !no_usage,
+            // Goes with `no_usage` and `error_after_chunks` too.
+            self.linger_ms.is_some() && !no_usage && self.error_after_chunks.is_none(),
+            self.error_after_chunks.is_some(),
             self.malformed_after_chunks.is_some(),
             self.headers.is_some(),
             self.error_body.is_some(),
@@ -325,6 +340,11 @@ impl FaultSpec {
             Some(Fault::Stall {
                 after_chunks: self.stall_after_chunks.unwrap_or(0),
                 stall_ms: self.stall_ms.unwrap_or(DEFAULT_STALL_MS),
+            })
+        } else if let Some(k) = self.error_after_chunks {
+            Some(Fault::ErrorEvent {
+                after_chunks: k,
+                linger_ms: self.linger_ms,
             })
         } else if dropped {
             Some(Fault::DropConnection)

@@ -213,6 +213,14 @@ fn fault_specs_are_validated() {
             stall_ms: DEFAULT_STALL_MS
         }
     );
+    let (_, f) = parse_faults(br#"{"error_after_chunks":2,"linger_ms":900}"#).unwrap();
+    assert_eq!(
+        f[0].fault,
+        Fault::ErrorEvent {
+            after_chunks: 2,
+            linger_ms: Some(900)
+        }
+    );
     let (lat, f) = parse_faults(br#"{"latency_ms":250}"#).unwrap();
     assert_eq!((lat, f.len()), (Some(250), 0));
     let (_, f) =
@@ -223,6 +231,7 @@ fn fault_specs_are_validated() {
         &br#"{}"#[..],
         br#"{"status":503,"disconnect_after_chunks":1}"#,
         br#"{"error_body":"x","stall_ms":1}"#,
+        br#"{"error_after_chunks":1,"stall_ms":1}"#,
         br#"{"status":99}"#,
         br#"{"status":503,"count":0}"#,
         br#"{"stauts":503}"#,
