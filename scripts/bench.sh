@@ -21,7 +21,8 @@
 # the arrival time and times each stream's first token, direct, through the
 # floor and through Runestone, taking turns.
 # Instructions a request: the floor and the Runestone rows under callgrind,
-# CG_REQUESTS (2,000) requests each, the figure the VM's noise leaves alone.
+# CG_REQUESTS (2,000) requests each, the figure the VM's noise leaves alone;
+# and a streamed token's, through the floor and Runestone all on.
 # Pinning (2 cores): the process under test runs alone on CPU 0; wrk, and
 # runestone-mock when it is the upstream, share CPU 1 (in the open loop,
 # "direct" is that upstream mock itself). Loopback only.
@@ -276,11 +277,36 @@ done
 # instead of a figure.
 CG_REQUESTS=${CG_REQUESTS:-2000}
 CG_PATHS=("pingora floor" "runestone, no limits" "runestone, all on, in-process" "runestone, all on, in-process, access log to a file" "runestone, all on, in-process, cache hits" "runestone, all on, Redis")
-declare -A INSTR
-# load N CONNECTIONS: N requests to the path under test.
+# Streams, in the same processes after the requests: CG_STREAMS streams of
+# CG_STREAM_TOKENS tokens each (runestone-mock writes them unpaced), for
+# what forwarding a streamed token costs (the request rows are one small
+# JSON answer each).
+CG_STREAMS=${CG_STREAMS:-200}
+CG_STREAM_TOKENS=200
+CG_STREAM_PATHS=("pingora floor" "runestone, all on, in-process")
+stream_body="{\"model\":\"gpt-4o-mini\",\"messages\":[{\"role\":\"user\",\"content\":\"Say hello to the benchmark\"}],\"max_tokens\":$CG_STREAM_TOKENS,\"mock_tokens\":$CG_STREAM_TOKENS,\"stream\":true}"
+declare -A INSTR STREAM_INSTR
+# load N CONNECTIONS [BODY]: N requests to the path under test.
 load() {
   taskset -c 1 oha -n "$1" -c "$2" --no-tui --output-format json -m POST -H 'Authorization: Bearer sk-bench-tenant-key' \
-    -H 'Content-Type: application/json' -d "$body" "$URL" >"$work/cg-oha.json"
+    -H 'Content-Type: application/json' -d "${3:-$body}" "$URL" >"$work/cg-oha.json"
+}
+# cg_count N DUMP [BODY]: zeroes the counters of the process under test,
+# sends it N requests, dumps its counters (the DUMP-th dump); the
+# instructions counted, or why there is no figure.
+cg_count() {
+  local zeroed ok total
+  zeroed=$(timeout 60 callgrind_control -z "$PID" 2>&1 || true)
+  load "$1" "$CONNECTIONS" "${3:-$body}" || true
+  timeout 60 callgrind_control -d "$PID" >/dev/null 2>&1 || true
+  for _ in $(seq 1 600); do grep -q '^totals:' "$work/callgrind.out.$2" 2>/dev/null && break; sleep 0.05; done
+  ok=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["statusCodeDistribution"].get("200", 0))' "$work/cg-oha.json" 2>/dev/null || echo 0)
+  total=$(awk '/^totals:/ {print $2; exit}' "$work/callgrind.out.$2" 2>/dev/null || true)
+  if [ "$ok" != "$1" ] || [ -z "$total" ] || [[ "$zeroed" != *OK* ]]; then
+    echo "not measured ($ok of $1 requests answered 200; counters zeroed: ${zeroed:+yes}, dump: ${total:-none})"
+  else
+    echo "$total"
+  fi
 }
 redis_fast=$REDIS
 REDIS=${REDIS/timeout_ms: 50/timeout_ms: 5000}
@@ -289,19 +315,13 @@ for name in "${CG_PATHS[@]}"; do
   rm -f "$work"/callgrind.out*
   WAIT_TRIES=1200 start_path "$name"
   load 200 8 || true
-  zeroed=$(timeout 60 callgrind_control -z "$PID" 2>&1 || true)
-  load "$CG_REQUESTS" "$CONNECTIONS" || true
-  timeout 60 callgrind_control -d "$PID" >/dev/null 2>&1 || true
-  for _ in $(seq 1 600); do grep -q '^totals:' "$work/callgrind.out.1" 2>/dev/null && break; sleep 0.05; done
-  ok=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["statusCodeDistribution"].get("200", 0))' "$work/cg-oha.json" 2>/dev/null || echo 0)
-  total=$(awk '/^totals:/ {print $2; exit}' "$work/callgrind.out.1" 2>/dev/null || true)
-  stop_path "$name"
-  if [ "$ok" != "$CG_REQUESTS" ] || [ -z "$total" ] || [[ "$zeroed" != *OK* ]]; then
-    INSTR[$name]="not measured ($ok of $CG_REQUESTS requests answered 200; counters zeroed: ${zeroed:+yes}, dump: ${total:-none})"
-  else
-    INSTR[$name]=$(awk -v t="$total" -v n="$CG_REQUESTS" 'BEGIN {printf "%.1fk", t / n / 1000}')
-  fi
+  INSTR[$name]=$(cg_count "$CG_REQUESTS" 1 | awk -v n="$CG_REQUESTS" '$1 + 0 > 0 {printf "%.1fk", $1 / n / 1000; next} {print}')
   echo "bench: callgrind, $name: ${INSTR[$name]} instructions a request" >&2
+  if [[ " ${CG_STREAM_PATHS[*]} " == *" $name "* ]]; then
+    STREAM_INSTR[$name]=$(cg_count "$CG_STREAMS" 2 "$stream_body" | awk -v n="$((CG_STREAMS * CG_STREAM_TOKENS))" '$1 + 0 > 0 {printf "%.1fk", $1 / n / 1000; next} {print}')
+    echo "bench: callgrind, $name: ${STREAM_INSTR[$name]} instructions a streamed token" >&2
+  fi
+  stop_path "$name"
 done
 RUN_UNDER="taskset -c 0"
 REDIS=$redis_fast
@@ -504,6 +524,14 @@ table=$(
   echo "|---|---|---|"
   for name in "${CG_PATHS[@]}"; do
     echo "| $name | ${INSTR[$name]} | $(awk -v a="${INSTR[$name]}" -v b="${INSTR[pingora floor]}" 'BEGIN {if (a + 0 > 0 && b + 0 > 0) printf "%.2fx", a / b}') |"
+  done
+  echo
+  echo "Instructions a streamed token (callgrind, in the same processes after the requests: $CG_STREAMS streams of $CG_STREAM_TOKENS tokens at $CONNECTIONS connections, unpaced; the total over the streams' tokens, so each stream's own request is spread over them):"
+  echo
+  echo "| path | instructions a streamed token | vs pingora floor |"
+  echo "|---|---|---|"
+  for name in "${CG_STREAM_PATHS[@]}"; do
+    echo "| $name | ${STREAM_INSTR[$name]} | $(awk -v a="${STREAM_INSTR[$name]}" -v b="${STREAM_INSTR[pingora floor]}" 'BEGIN {if (a + 0 > 0 && b + 0 > 0) printf "%.2fx", a / b}') |"
   done
   echo
   echo "Scaling: two threads on both cores, wrk (-t2) and the upstream mock (--threads 2) on the same two cores, nothing pinned:"
