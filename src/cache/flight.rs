@@ -143,6 +143,9 @@ impl Flight {
             return Followed::Abandoned;
         }
         let mut sent = 0;
+        // Whether the stream's `data: [DONE]` went to the follower: a
+        // client leaving after it had the whole answer.
+        let mut done = false;
         loop {
             let (pending, ended, overflowed, landed) = {
                 let progress = self.progress();
@@ -160,9 +163,11 @@ impl Flight {
             }
             for chunk in pending {
                 sent += 1;
+                let last = says_done(&chunk);
                 if !follower.body(chunk).await {
-                    return Followed::ClientLeft;
+                    return Followed::ClientLeft { whole: done };
                 }
+                done |= last;
             }
             if ended && sent == self.progress().chunks.len() {
                 return Followed::Whole;
@@ -175,10 +180,18 @@ impl Flight {
                 changed = changes.changed() => if changed.is_err() { return Followed::Broken },
                 // Often right after `[DONE]`, before the leader's body has
                 // ended: SDKs close a stream there.
-                _ = follower.gone() => return Followed::ClientLeft,
+                _ = follower.gone() => return Followed::ClientLeft { whole: done },
             }
         }
     }
+}
+
+/// Whether a piece of a chat or completion stream holds its `data: [DONE]`
+/// event (at a line's start: never inside an event's JSON, whose strings
+/// hold no raw line end).
+fn says_done(chunk: &[u8]) -> bool {
+    const DONE: &[u8] = b"data: [DONE]";
+    chunk.starts_with(DONE) || memchr::memmem::find(chunk, b"\ndata: [DONE]").is_some()
 }
 
 /// How following a flight's stream ended.
@@ -192,8 +205,9 @@ pub enum Followed {
     /// The follower's client went away before anything reached it.
     Abandoned,
     /// The follower's client went away (or could not be written to) after
-    /// the head went out.
-    ClientLeft,
+    /// the head went out; `whole` when the stream's `[DONE]` had gone to
+    /// it (SDKs close a stream there).
+    ClientLeft { whole: bool },
     /// Something went out and the rest cannot: the leader's call ended
     /// before its stream did, or the stream went past the bound.
     Broken,
@@ -397,5 +411,60 @@ mod tests {
         assert_eq!(whole, Followed::Whole);
         assert_eq!(got.concat(), b"abc");
         assert!(!flight.has_waiters());
+    }
+
+    /// A client that refuses the `0`-th piece of the body (from 1).
+    struct Leaving(usize);
+
+    #[async_trait::async_trait]
+    impl Follower for Leaving {
+        async fn head(&mut self, _: u16, _: &str) -> bool {
+            true
+        }
+        async fn body(&mut self, _: Bytes) -> bool {
+            self.0 -= 1;
+            self.0 > 0
+        }
+        async fn gone(&mut self) {
+            std::future::pending::<()>().await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_follower_leaving_had_the_whole_answer_once_done_went_to_it() {
+        let form = Form {
+            stream: true,
+            include_usage: false,
+        };
+        // Its content names `[DONE]`; only an event of its own ends a stream.
+        let event = &b"data: {\"choices\":[{\"delta\":{\"content\":\"data: [DONE]\"}}]}\n\n"[..];
+        let done = &b"data: [DONE]\n\n"[..];
+        let both = [event, done].concat();
+        let more = &b": more\n\n"[..];
+        for (pieces, refused, whole) in [
+            (vec![event, done, more], 3, true),
+            (vec![event, done], 2, false),
+            (vec![&both[..], more], 2, true),
+            (vec![event, more], 2, false),
+        ] {
+            let flights = Arc::new(Flights::default());
+            let Join::Lead(leader) = flights.join([3; 32], form, 1024) else {
+                panic!()
+            };
+            let flight = leader.flight().clone();
+            flight.head(200, "text/event-stream".into());
+            for piece in &pieces {
+                flight.body(&Bytes::copy_from_slice(piece), false);
+            }
+            let Join::Wait(waiting) = flights.join([3; 32], form, 1024) else {
+                panic!()
+            };
+            let left = waiting.follow(&mut Leaving(refused)).await;
+            assert_eq!(
+                left,
+                Followed::ClientLeft { whole },
+                "{pieces:?}, {refused}"
+            );
+        }
     }
 }

@@ -259,7 +259,10 @@ impl Gateway {
                 }
                 // Served from the flight as far as the client read: one
                 // request, no tokens, as a client leaving any answer.
-                flight::Followed::ClientLeft => {
+                flight::Followed::ClientLeft { whole } => {
+                    if !whole {
+                        ctx.error_reason = Some(CLIENT_CLOSED);
+                    }
                     self.settle_hit(ctx, plan, 0, "coalesced").await;
                     return Ok(true);
                 }

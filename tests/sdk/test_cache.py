@@ -536,6 +536,7 @@ def test_a_follower_leaving_mid_stream_is_a_coalesced_request_not_a_broken_strea
     mock.fault({"stall_after_chunks": 3, "stall_ms": HOLD_MS, "count": 1, "path": "/v1/chat/completions"})
 
     broken = gateway.metric("runestone_errors_total", reason="provider_stream_broken")
+    closed = gateway.metric("runestone_errors_total", reason="client_closed")
     coalesced = gateway.metric("runestone_cache_total", outcome="coalesced", tenant="acme")
     saved = gateway.metric("runestone_cache_saved_usd_total", tenant="acme")
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
@@ -551,6 +552,9 @@ def test_a_follower_leaving_mid_stream_is_a_coalesced_request_not_a_broken_strea
     assert calls(mock) == before + 1
     assert eventually(lambda: gateway.metric("runestone_cache_total", outcome="coalesced", tenant="acme") == coalesced + 1)
     assert gateway.metric("runestone_errors_total", reason="provider_stream_broken") == broken
+    # Its client left before the answer was whole (only this one: the
+    # first read to its end).
+    assert gateway.metric("runestone_errors_total", reason="client_closed") == closed + 1
     # Left mid-stream, so nothing counted as saved (a follower that read
     # the whole stream would have saved the call's cost).
     assert gateway.metric("runestone_cache_saved_usd_total", tenant="acme") == saved
