@@ -186,12 +186,19 @@ impl Flight {
     }
 }
 
-/// Whether a piece of a chat or completion stream holds its `data: [DONE]`
-/// event (at a line's start: never inside an event's JSON, whose strings
-/// hold no raw line end).
+/// Whether a piece of a chat or completion stream holds its `[DONE]`
+/// event: `data:` (and a space, or not) at a line's start, which an
+/// event's JSON cannot hold (its strings have no raw line end; a piece of
+/// an event too long to hold whole may start anywhere, so one that starts
+/// with it is taken at its word).
 fn says_done(chunk: &[u8]) -> bool {
-    const DONE: &[u8] = b"data: [DONE]";
-    chunk.starts_with(DONE) || memchr::memmem::find(chunk, b"\ndata: [DONE]").is_some()
+    memchr::memmem::find_iter(chunk, b"[DONE]").any(|at| {
+        let before = &chunk[..at];
+        let before = before.strip_suffix(b" ").unwrap_or(before);
+        before
+            .strip_suffix(b"data:")
+            .is_some_and(|line| line.is_empty() || line.ends_with(b"\n"))
+    })
 }
 
 /// How following a flight's stream ended.
@@ -439,6 +446,7 @@ mod tests {
         // Its content names `[DONE]`; only an event of its own ends a stream.
         let event = &b"data: {\"choices\":[{\"delta\":{\"content\":\"data: [DONE]\"}}]}\n\n"[..];
         let done = &b"data: [DONE]\n\n"[..];
+        let unspaced = &b"data:[DONE]\n\n"[..];
         let both = [event, done].concat();
         let more = &b": more\n\n"[..];
         for (pieces, refused, whole) in [
@@ -446,6 +454,7 @@ mod tests {
             (vec![event, done], 2, false),
             (vec![&both[..], more], 2, true),
             (vec![event, more], 2, false),
+            (vec![event, unspaced, more], 3, true),
         ] {
             let flights = Arc::new(Flights::default());
             let Join::Lead(leader) = flights.join([3; 32], form, 1024) else {

@@ -696,7 +696,7 @@ impl Copy<'_> {
         if !held.is_empty() {
             report.first_byte_at.get_or_insert_with(Instant::now);
             if !client.send_body(held, false).await {
-                return self.client_left(meter);
+                return self.client_left(client, meter);
             }
         }
         // An event that is not JSON may have carried text: a stream that
@@ -708,7 +708,7 @@ impl Copy<'_> {
             // on (nothing sent) must not keep a gone client unseen.
             let read = tokio::select! {
                 read = tokio::time::timeout_at(gap_end, upstream.read()) => read,
-                _ = client.gone(), if drain_until.is_none() => return self.client_left(meter),
+                _ = client.gone(), if drain_until.is_none() => return self.client_left(client, meter),
             };
             match read {
                 // After the last event: sent nowhere, read only for a
@@ -734,7 +734,7 @@ impl Copy<'_> {
                     if !out.is_empty() {
                         report.first_byte_at.get_or_insert_with(Instant::now);
                         if !client.send_body(out, false).await {
-                            return self.client_left(meter);
+                            return self.client_left(client, meter);
                         }
                     }
                     if meter.cut() {
@@ -756,7 +756,7 @@ impl Copy<'_> {
                         // What was held may end the answer.
                         drain_until = self.after_last(report, settle, meter, settled).await;
                         if !rest.is_empty() && !client.send_body(rest, false).await {
-                            return self.client_left(meter);
+                            return self.client_left(client, meter);
                         }
                     }
                 }
@@ -840,9 +840,10 @@ impl Copy<'_> {
     /// How the copy ends when its client went away: as the provider's
     /// failure once its own error event went by (the SDKs close the
     /// stream at it, often before the provider ends its body), else as the
-    /// client's leaving.
-    fn client_left(&self, meter: &Meter) -> BodyEnd {
-        if meter.carried_error() {
+    /// client's leaving. Never as a stream to resume: nobody would read
+    /// the continuation.
+    fn client_left(&self, client: &dyn Client, meter: &Meter) -> BodyEnd {
+        if meter.carried_error() && !client.resumable() {
             return BodyEnd::ProviderBroke(format!(
                 "The provider '{}' ended the stream with an error.",
                 self.provider.name

@@ -394,7 +394,13 @@ impl Forwarder {
                         provider: backend.provider,
                         backend: backend.addr,
                         status: report.upstream_status.take(),
-                        error: failure_reason(&attempted),
+                        // A continuation that said something else ends
+                        // its copy as a gone client would.
+                        error: if client.diverged() {
+                            Some("provider_stream_broken")
+                        } else {
+                            failure_reason(&attempted)
+                        },
                         next: "answered",
                     });
                 if client.diverged() {
