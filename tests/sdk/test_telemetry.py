@@ -12,6 +12,7 @@ import concurrent.futures
 import json
 import os
 import signal
+import socketserver
 import subprocess
 import threading
 import time
@@ -294,6 +295,95 @@ def test_a_provider_error_event_the_client_leaves_at_is_the_providers_failure(ga
     assert line["completion_tokens"] >= 3
     assert errors(gateway, "provider_stream_broken") == broken + 1
     assert errors(gateway, "client_closed") == closed
+
+
+class ErrorThenLinger:
+    """A provider that streams three tokens, then an error event in
+    vLLM's shape (`{"object": "error", ...}`), and keeps its body open
+    for a second and a half: one that the resumable record does not take
+    as an end."""
+
+    def __init__(self):
+        def chunk(delta):
+            return "data: " + json.dumps({"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                                          "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}) + "\n\n"
+
+        class Handler(socketserver.StreamRequestHandler):
+            def handle(self):
+                headers = {}
+                self.rfile.readline()
+                while (line := self.rfile.readline()) not in (b"\r\n", b"\n", b""):
+                    name, value = line.decode().split(":", 1)
+                    headers[name.strip().lower()] = value.strip()
+                self.rfile.read(int(headers.get("content-length", "0")))
+                self.wfile.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                                 b"transfer-encoding: chunked\r\n\r\n")
+
+                def send(text):
+                    data = text.encode()
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                    self.wfile.flush()
+
+                try:
+                    send(chunk({"role": "assistant", "content": ""}))
+                    for i in range(3):
+                        send(chunk({"content": f"tok{i} "}))
+                    send('data: {"object":"error","message":"overloaded","type":"InternalServerError",'
+                         '"param":null,"code":500}\n\n')
+                    time.sleep(1.5)
+                    self.wfile.write(b"0\r\n\r\n")
+                except OSError:
+                    pass
+
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.base_url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_client_gone_after_an_error_event_is_not_resumed_elsewhere(mock):
+    # The error event went to the client, which left at it; the stream was
+    # still resumable (this error shape does not end it), and the next
+    # deployment was asked to continue it for nobody: a paid call.
+    provider = ErrorThenLinger()
+
+    def config(port, metrics_port, directory):
+        return server_yaml(port, metrics_port, directory) + f"""
+providers:
+  - {{ name: vllm, base_url: "{provider.base_url}", api_key: "{PROVIDER_KEY}" }}
+  - {{ name: mock, base_url: "{mock.base_url}", api_key: "{PROVIDER_KEY}" }}
+models:
+  - name: gpt-4o-mini
+    strategy: priority
+    targets: [{{ provider: vllm, model: served }}, {{ provider: mock, model: mock-small }}]
+tenants:
+  - id: acme
+    keys: ["{TENANT_KEY}"]
+"""
+
+    gateway = Runestone(config)
+    try:
+        before = len(mock.requests())
+        read = b""
+        with httpx.stream("POST", f"http://127.0.0.1:{gateway.port}/v1/chat/completions", timeout=20,
+                          headers={"authorization": f"Bearer {TENANT_KEY}", "x-request-id": "gone-at-error"},
+                          json={"model": "gpt-4o-mini", "stream": True,
+                                "messages": [{"role": "user", "content": "hi"}]}) as answer:
+            for piece in answer.iter_raw():
+                read += piece
+                if b'"object":"error"' in read:
+                    break
+        line = access_line(gateway, "gone-at-error")
+        assert (line["attempts"], line["resumptions"], line["provider"]) == (1, 0, "vllm")
+        assert line["error"] == "client_closed"
+        assert len(mock.requests()) == before
+    finally:
+        gateway.stop()
+        provider.stop()
 
 
 def test_a_client_leaving_before_the_answer_is_logged_as_such(gateway, mock):
