@@ -250,14 +250,6 @@ impl Meter {
         matches!(self, Meter::Translated(translator) if translator.cut())
     }
 
-    /// Whether an OpenAI-shaped stream carried the provider's own error
-    /// event (a completion stream's `{"error": ...}`, a Responses stream's
-    /// `error` or `response.failed`): the answer failed, though the events
-    /// after it (`[DONE]`, the body's end) may say the stream finished.
-    fn failed_in_band(&self) -> bool {
-        matches!(self, Meter::Stream(meter) if meter.saw_error())
-    }
-
     /// Whether the stream carried the provider's own error event: a break
     /// after it needs no second one.
     fn carried_error(&self) -> bool {
@@ -830,12 +822,8 @@ impl Copy<'_> {
         if !rest.is_empty() {
             report.first_byte_at.get_or_insert_with(Instant::now);
         }
-        if meter.cut_short() || meter.failed_in_band() {
-            if meter.failed_in_band() {
-                warn!(request_id = %self.request_id, provider = %self.provider.name, "provider ended the stream with an error event");
-            } else {
-                warn!(request_id = %self.request_id, provider = %self.provider.name, "provider ended the stream before it finished");
-            }
+        if meter.cut_short() {
+            warn!(request_id = %self.request_id, provider = %self.provider.name, "provider ended the stream before it finished");
             if !rest.is_empty() && !client.send_body(Bytes::from(rest), false).await {
                 return BodyEnd::ClientGone;
             }
