@@ -386,6 +386,26 @@ tenants:
         provider.stop()
 
 
+def test_a_responses_stream_ended_by_its_error_event_is_judged_the_same_when_the_client_leaves(gateway, mock):
+    # Its `error` event ends a Responses stream (read to the body's end it
+    # is no break), and it may be the request's own fault: a client that
+    # leaves at it does not make it the deployment's failure.
+    closed, broken = errors(gateway, "client_closed"), errors(gateway, "provider_stream_broken")
+    mock.fault({"error_after_chunks": 3, "linger_ms": 5000, "count": 1, "path": "/v1/responses"})
+    read = b""
+    with httpx.stream("POST", f"http://127.0.0.1:{gateway.port}/v1/responses", timeout=20,
+                      headers={"authorization": f"Bearer {TENANT_KEY}", "x-request-id": "responses-error-gone"},
+                      json={"model": "gpt-4o-mini", "stream": True, "input": "fails midway"}) as answer:
+        for piece in answer.iter_raw():
+            read += piece
+            if b"overloaded" in read:
+                break
+    line = access_line(gateway, "responses-error-gone")
+    assert line["status"] == 200 and line["error"] == "client_closed"
+    assert errors(gateway, "provider_stream_broken") == broken
+    assert errors(gateway, "client_closed") == closed + 1
+
+
 def test_a_client_leaving_before_the_answer_is_logged_as_such(gateway, mock):
     closed = errors(gateway, "client_closed")
     mock.fault({"stall_after_chunks": 0, "stall_ms": 10000, "count": 1, "path": "/v1/chat/completions"})

@@ -838,12 +838,15 @@ impl Copy<'_> {
     }
 
     /// How the copy ends when its client went away: as the provider's
-    /// failure once its own error event went by (the SDKs close the
-    /// stream at it, often before the provider ends its body), else as the
-    /// client's leaving. Never as a stream to resume: nobody would read
-    /// the continuation.
+    /// failure when its own error event went by in a stream that had not
+    /// finished (the SDKs close the stream at that event, often before the
+    /// provider ends its body; the body's end would have been a break), else
+    /// as the client's leaving. A stream the error event finished (a
+    /// Responses stream's `response.failed`, which may be the request's
+    /// fault) is judged as its end would judge it: no failure. Never as a
+    /// stream to resume: nobody would read the continuation.
     fn client_left(&self, client: &dyn Client, meter: &Meter) -> BodyEnd {
-        if meter.carried_error() && !client.resumable() {
+        if meter.carried_error() && meter.cut_short() && !client.resumable() {
             return BodyEnd::ProviderBroke(format!(
                 "The provider '{}' ended the stream with an error.",
                 self.provider.name
