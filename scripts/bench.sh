@@ -308,6 +308,16 @@ cg_count() {
     echo "$total"
   fi
 }
+# instr_rows COUNTS PATH...: a table row for each path of COUNTS (the name
+# of an array of instruction counts), with its ratio to the floor's.
+instr_rows() {
+  local -n counts=$1
+  local name
+  shift
+  for name in "$@"; do
+    echo "| $name | ${counts[$name]} | $(awk -v a="${counts[$name]}" -v b="${counts[pingora floor]}" 'BEGIN {if (a + 0 > 0 && b + 0 > 0) printf "%.2fx", a / b}') |"
+  done
+}
 redis_fast=$REDIS
 REDIS=${REDIS/timeout_ms: 50/timeout_ms: 5000}
 RUN_UNDER="taskset -c 0 valgrind -q --tool=callgrind --callgrind-out-file=$work/callgrind.out"
@@ -522,17 +532,13 @@ table=$(
   echo
   echo "| path | instructions a request | vs pingora floor |"
   echo "|---|---|---|"
-  for name in "${CG_PATHS[@]}"; do
-    echo "| $name | ${INSTR[$name]} | $(awk -v a="${INSTR[$name]}" -v b="${INSTR[pingora floor]}" 'BEGIN {if (a + 0 > 0 && b + 0 > 0) printf "%.2fx", a / b}') |"
-  done
+  instr_rows INSTR "${CG_PATHS[@]}"
   echo
   echo "Instructions a streamed token (callgrind, in the same processes after the requests: $CG_STREAMS streams of $CG_STREAM_TOKENS tokens at $CONNECTIONS connections, unpaced; the total over the streams' tokens, so each stream's own request is spread over them):"
   echo
   echo "| path | instructions a streamed token | vs pingora floor |"
   echo "|---|---|---|"
-  for name in "${CG_STREAM_PATHS[@]}"; do
-    echo "| $name | ${STREAM_INSTR[$name]} | $(awk -v a="${STREAM_INSTR[$name]}" -v b="${STREAM_INSTR[pingora floor]}" 'BEGIN {if (a + 0 > 0 && b + 0 > 0) printf "%.2fx", a / b}') |"
-  done
+  instr_rows STREAM_INSTR "${CG_STREAM_PATHS[@]}"
   echo
   echo "Scaling: two threads on both cores, wrk (-t2) and the upstream mock (--threads 2) on the same two cores, nothing pinned:"
   echo

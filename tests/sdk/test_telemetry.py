@@ -470,6 +470,15 @@ def parked(gateway, tenant: str) -> float:
     return sum(float(line.split()[-1]) for line in gateway.metrics().splitlines() if line.startswith(prefix))
 
 
+def wait_until_sent(mock, before: int, first) -> None:
+    """Waits until the mock has more than `before` requests (the `first`
+    request's future reached it), at most 10 s."""
+    deadline = time.monotonic() + 10
+    while len(mock.requests()) == before:
+        assert time.monotonic() < deadline and not first.done()
+        time.sleep(0.02)
+
+
 def test_a_parked_request_has_its_wait_in_the_queue(gateway, collector, mock):
     # The first request holds the tenant's only slot for 5 s: time enough,
     # on a loaded machine too, for the second to come in and be parked.
@@ -480,10 +489,7 @@ def test_a_parked_request_has_its_wait_in_the_queue(gateway, collector, mock):
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
         first = pool.submit(chat, gateway, key=OTHER_KEY)
         # The first request holds the tenant's only slot: wait until it is in.
-        deadline = time.monotonic() + 10
-        while len(mock.requests()) == before:
-            assert time.monotonic() < deadline and not first.done()
-            time.sleep(0.02)
+        wait_until_sent(mock, before, first)
         second = pool.submit(chat, gateway, key=OTHER_KEY)
         # Then until the second is parked behind it.
         while not parked(gateway, "single"):
@@ -516,10 +522,7 @@ def test_a_client_leaving_while_parked_is_logged_as_such(gateway, mock):
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
         first = pool.submit(chat, gateway, key=OTHER_KEY)
         # The first request holds the tenant's only slot: wait until it is in.
-        deadline = time.monotonic() + 10
-        while len(mock.requests()) == before:
-            assert time.monotonic() < deadline and not first.done()
-            time.sleep(0.02)
+        wait_until_sent(mock, before, first)
         with pytest.raises(Exception):
             gateway.client(OTHER_KEY).with_options(timeout=1.0, max_retries=0).chat.completions.create(
                 model="gpt-4o-mini", messages=[{"role": "user", "content": "parked"}],

@@ -477,9 +477,9 @@ impl Forwarder {
                         tokio::select! {
                             _ = tokio::time::sleep(pause) => {}
                             _ = client.gone() => {
-                            report.client_closed();
-                            return Ok(());
-                        }
+                                report.client_closed();
+                                return Ok(());
+                            }
                         }
                         match self.upstreams.reacquire(&backend) {
                             Some(again) => {
