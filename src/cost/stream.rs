@@ -48,9 +48,10 @@ pub struct StreamMeter {
     generated_bytes: u64,
     /// The stream's `data: [DONE]` went by.
     saw_done: bool,
-    /// An in-band error event went by: a `[DONE]` after it does not end a
-    /// whole answer.
-    saw_error: bool,
+    /// An in-band error event went by, and the status it stands for
+    /// ([`crate::openai::in_band_status`]): a `[DONE]` after it does not
+    /// end a whole answer.
+    error_status: Option<u16>,
     /// An event with choices went by (an OpenAI completion stream).
     saw_choices: bool,
     /// A choice's `finish_reason` went by, and which (at most
@@ -117,7 +118,7 @@ impl StreamMeter {
             usage: None,
             generated_bytes: 0,
             saw_done: false,
-            saw_error: false,
+            error_status: None,
             saw_choices: false,
             saw_finish: false,
             finish_reasons: Vec::new(),
@@ -288,21 +289,30 @@ impl StreamMeter {
         let head = std::mem::take(&mut self.oversized_head);
         let tail = std::mem::take(&mut self.oversized_tail);
         if let Some(kind) = event_kind(&head) {
-            self.note_event_kind(kind);
+            // Its error, if it is one, unread: the provider's failure.
+            self.note_event_kind(kind, b"");
         }
         if let Some(usage) = super::reported_usage_in_tail(&tail) {
             self.usage = Some(usage);
         }
     }
 
-    /// Notes a Responses stream event's type: whether it ends the stream,
-    /// and with its answer.
-    fn note_event_kind(&mut self, kind: &str) {
+    /// Notes a Responses stream event's type (`payload`, the event):
+    /// whether it ends the stream, and with its answer or an error.
+    fn note_event_kind(&mut self, kind: &str, payload: &[u8]) {
         let answer = ends_with_answer(kind);
         let failure = matches!(kind, "response.failed" | "error");
         self.saw_response_answer |= answer;
         self.saw_response_end |= answer || failure;
-        self.saw_error |= failure;
+        if failure {
+            self.note_error(payload);
+        }
+    }
+
+    /// Notes an in-band error event (`payload`): the first one's status.
+    fn note_error(&mut self, payload: &[u8]) {
+        self.error_status
+            .get_or_insert_with(|| crate::openai::in_band_status(payload));
     }
 
     /// Meters a whole event and says what becomes of it.
@@ -337,7 +347,9 @@ impl StreamMeter {
         let Ok(probe) = crate::json::from_bytes::<Probe>(payload) else {
             return Verdict::Malformed;
         };
-        self.saw_error |= probe.is_error();
+        if probe.is_error() {
+            self.note_error(payload);
+        }
         let generated = probe.generated_bytes();
         self.generated_bytes += generated;
         if self.sample.len() < SAMPLE_BYTES && generated > 0 {
@@ -360,7 +372,7 @@ impl StreamMeter {
             }
         }
         if let Some(kind) = probe.event_type() {
-            self.note_event_kind(kind);
+            self.note_event_kind(kind, payload);
             // A Responses stream that sent no deltas (only `.done` events)
             // has its text in its final response: counted from there when
             // it reports no usage.
@@ -450,7 +462,13 @@ impl StreamMeter {
     /// Whether an in-band error event went by (a completion stream's
     /// `{"error": ...}`, a Responses stream's failure or error).
     pub fn saw_error(&self) -> bool {
-        self.saw_error
+        self.error_status.is_some()
+    }
+
+    /// The status the stream's first in-band error event stands for
+    /// ([`crate::openai::in_band_status`]), if one went by.
+    pub fn error_status(&self) -> Option<u16> {
+        self.error_status
     }
 
     /// Whether the stream's `data: [DONE]` went by.
@@ -463,7 +481,7 @@ impl StreamMeter {
     /// `incomplete`, not its failure): nothing but the body's end should
     /// follow.
     pub fn said_last(&self) -> bool {
-        (self.saw_done && !self.saw_error) || self.saw_response_answer
+        (self.saw_done && !self.saw_error()) || self.saw_response_answer
     }
 
     /// Whether the stream finished: `[DONE]`, a `finish_reason` in a

@@ -526,3 +526,89 @@ pub fn is_context_length_error(body: &[u8]) -> bool {
             .message
             .is_some_and(|m| m.contains("maximum context length"))
 }
+
+/// The HTTP status an in-band error event stands for, to tell whose fault
+/// it was: a stream's `{"error": {...}}`, a vLLM-style `{"object": "error",
+/// ...}`, a Responses stream's `error` event or its `response.failed` (the
+/// response's `error`). See [`error_status`]; an event that is not JSON
+/// is the provider's failure (500).
+pub fn in_band_status(payload: &[u8]) -> u16 {
+    let Ok(event) = serde_json::from_slice::<serde_json::Value>(payload) else {
+        return 500;
+    };
+    let error = [&event["error"], &event["response"]["error"]]
+        .into_iter()
+        .find(|error| error.is_object())
+        .unwrap_or(&event);
+    error_status(error)
+}
+
+/// The HTTP status an error object stands for: the one it names (`code` or
+/// `status`, a number from 400 to 599, as vLLM and Gemini put it), else the
+/// one its class says (`code`, `status`, `type`: see [`class_status`]),
+/// else 500, the provider's failure.
+pub fn error_status(error: &serde_json::Value) -> u16 {
+    use serde_json::Value;
+    let fields = [&error["code"], &error["status"], &error["type"]];
+    let named = fields.iter().find_map(|field| match field {
+        Value::Number(n) => n.as_u64(),
+        Value::String(s) => s.trim().parse::<u64>().ok(),
+        _ => None,
+    });
+    if let Some(status) = named.filter(|s| (400..=599).contains(s)) {
+        return status as u16;
+    }
+    fields
+        .iter()
+        .filter_map(|field| field.as_str())
+        .find_map(class_status)
+        .unwrap_or(500)
+}
+
+/// The status an error class names (OpenAI's `type` and `code`, vLLM's
+/// exception names, Gemini's `status`), when it says whose fault it was: a
+/// rate limit or an exhausted quota is 429; a server error, an overload, an
+/// outage or a timeout 500; a fault of the request (invalid, a bad
+/// request, something not found or not supported, an image that cannot
+/// be read, a content filter, a prompt too long) 400.
+fn class_status(class: &str) -> Option<u16> {
+    let class = class.to_ascii_lowercase();
+    let names = |words: &[&str]| words.iter().any(|word| class.contains(word));
+    if names(&[
+        "rate_limit",
+        "ratelimit",
+        "insufficient_quota",
+        "resource_exhausted",
+        "too_many_requests",
+    ]) {
+        Some(429)
+    } else if names(&[
+        "server",
+        "internal",
+        "overloaded",
+        "unavailable",
+        "timeout",
+        "api_error",
+    ]) {
+        Some(500)
+    } else if class.starts_with("invalid")
+        || names(&[
+            "bad_request",
+            "badrequest",
+            "not_found",
+            "notfound",
+            "unsupported",
+            "image",
+            "content_filter",
+            "content_policy",
+            "context_length",
+            "too_large",
+            "too_long",
+            "unprocessable",
+        ])
+    {
+        Some(400)
+    } else {
+        None
+    }
+}

@@ -14,7 +14,9 @@ mod rewrite;
 #[cfg(test)]
 mod tests;
 
-pub use error::{is_context_length_error, is_openai_error, ApiError, Reason};
+pub use error::{
+    error_status, in_band_status, is_context_length_error, is_openai_error, ApiError, Reason,
+};
 pub use form::Form;
 pub use request::{RequestFields, StreamOptions, MAX_JSON_DEPTH};
 pub use rewrite::{rewrite_body, with_model, without_streaming};

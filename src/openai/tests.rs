@@ -274,6 +274,72 @@ fn recognises_a_prompt_too_long_by_code_or_by_message() {
 }
 
 #[test]
+fn tells_whose_fault_an_in_band_error_was() {
+    let cases: &[(&str, u16)] = &[
+        // OpenAI's own, mid-stream.
+        (
+            r#"{"error":{"message":"The server had an error while processing your request.","type":"server_error","param":null,"code":null}}"#,
+            500,
+        ),
+        (
+            r#"{"error":{"message":"too long","type":"invalid_request_error","code":"context_length_exceeded"}}"#,
+            400,
+        ),
+        (
+            r#"{"error":{"message":"slow down","type":"requests","code":"rate_limit_exceeded"}}"#,
+            429,
+        ),
+        // vLLM, nested and flat.
+        (
+            r#"{"error":{"object":"error","message":"boom","type":"InternalServerError","code":500}}"#,
+            500,
+        ),
+        (
+            r#"{"object":"error","message":"bad","type":"BadRequestError","param":null,"code":400}"#,
+            400,
+        ),
+        // Gemini's OpenAI layer: the number wins over the class.
+        (
+            r#"{"error":{"code":503,"message":"overloaded","status":"UNAVAILABLE"}}"#,
+            503,
+        ),
+        (
+            r#"{"error":{"message":"bad","status":"INVALID_ARGUMENT"}}"#,
+            400,
+        ),
+        (r#"{"error":{"code":"429","message":"quota"}}"#, 429),
+        // Responses: the error event, and response.failed's error.
+        (
+            r#"{"type":"error","code":"ERR_SOMETHING","message":"Something went wrong","param":null,"sequence_number":3}"#,
+            500,
+        ),
+        (
+            r#"{"type":"response.failed","response":{"id":"resp_1","status":"failed","error":{"code":"server_error","message":"x"}}}"#,
+            500,
+        ),
+        (
+            r#"{"type":"response.failed","response":{"id":"resp_1","status":"failed","error":{"code":"invalid_prompt","message":"x"}}}"#,
+            400,
+        ),
+        (
+            r#"{"type":"response.failed","response":{"id":"resp_1","status":"failed","error":{"code":"failed_to_download_image","message":"x"}}}"#,
+            400,
+        ),
+        (
+            r#"{"type":"response.failed","response":{"id":"resp_1","status":"failed","error":{"code":"vector_store_timeout","message":"x"}}}"#,
+            500,
+        ),
+        // Nothing said, or not said in JSON: the provider's.
+        (r#"{"error":"something broke"}"#, 500),
+        (r#"{"error":{"message":"?","code":200}}"#, 500),
+        ("not json", 500),
+    ];
+    for (event, status) in cases {
+        assert_eq!(in_band_status(event.as_bytes()), *status, "{event}");
+    }
+}
+
+#[test]
 fn reads_the_responses_background_flag_as_a_boolean() {
     let fields = RequestFields::parse(br#"{"model":"m","input":"hi","background":true}"#).unwrap();
     assert!(fields.background);

@@ -345,10 +345,11 @@ class ErrorThenLinger:
         self.server.server_close()
 
 
-def test_a_client_gone_after_an_error_event_is_not_resumed_elsewhere(mock):
-    # The error event went to the client, which left at it; the stream was
-    # still resumable (this error shape does not end it), and the next
-    # deployment was asked to continue it for nobody: a paid call.
+def test_a_stream_after_a_vllm_error_event_is_not_resumed_elsewhere(mock):
+    # The error event went to the client; the stream was still resumable
+    # (the record did not take this error shape as its end), and the next
+    # deployment was asked to continue it: for nobody when the client had
+    # left at the event (a paid call), and after the error when it read on.
     provider = ErrorThenLinger()
 
     def config(port, metrics_port, directory):
@@ -379,17 +380,29 @@ tenants:
                     break
         line = access_line(gateway, "gone-at-error")
         assert (line["attempts"], line["resumptions"], line["provider"]) == (1, 0, "vllm")
-        assert line["error"] == "client_closed"
+        # Its code (500) says it was the provider's failure.
+        assert line["error"] == "provider_stream_broken"
+        assert len(mock.requests()) == before
+        # Read to its end: the error is the stream's last event.
+        with httpx.stream("POST", f"http://127.0.0.1:{gateway.port}/v1/chat/completions", timeout=20,
+                          headers={"authorization": f"Bearer {TENANT_KEY}", "x-request-id": "read-past-error"},
+                          json={"model": "gpt-4o-mini", "stream": True,
+                                "messages": [{"role": "user", "content": "hi"}]}) as answer:
+            read = answer.read()
+        events = [e for e in read.decode().split("\n\n") if e.strip()]
+        assert '"object":"error"' in events[-1], events
+        line = access_line(gateway, "read-past-error")
+        assert (line["attempts"], line["resumptions"], line["error"]) == (1, 0, "provider_stream_broken")
         assert len(mock.requests()) == before
     finally:
         gateway.stop()
         provider.stop()
 
 
-def test_a_responses_stream_ended_by_its_error_event_is_judged_the_same_when_the_client_leaves(gateway, mock):
-    # Its `error` event ends a Responses stream (read to the body's end it
-    # is no break), and it may be the request's own fault: a client that
-    # leaves at it does not make it the deployment's failure.
+def test_a_responses_stream_ended_by_a_server_error_is_the_providers_failure_when_the_client_leaves(gateway, mock):
+    # Its `error` event (code server_error) ends a Responses stream: the
+    # provider failed, whether the client reads on to the body's end or
+    # leaves at the event.
     closed, broken = errors(gateway, "client_closed"), errors(gateway, "provider_stream_broken")
     mock.fault({"error_after_chunks": 3, "linger_ms": 5000, "count": 1, "path": "/v1/responses"})
     read = b""
@@ -401,9 +414,97 @@ def test_a_responses_stream_ended_by_its_error_event_is_judged_the_same_when_the
             if b"overloaded" in read:
                 break
     line = access_line(gateway, "responses-error-gone")
-    assert line["status"] == 200 and line["error"] == "client_closed"
-    assert errors(gateway, "provider_stream_broken") == broken
-    assert errors(gateway, "client_closed") == closed + 1
+    assert line["status"] == 200 and line["error"] == "provider_stream_broken"
+    assert errors(gateway, "provider_stream_broken") == broken + 1
+    assert errors(gateway, "client_closed") == closed
+
+
+class PairGateway(Runestone):
+    """Two deployments of one model on runestone-mock in priority order,
+    `first` then `second`, as OpenAI-compatible servers (`pair`) and as
+    Anthropic (`claude-pair`); a breaker opens at its first failure."""
+
+    def __init__(self, mock: Mock):
+        def config(port, metrics_port, directory):
+            return server_yaml(port, metrics_port, directory) + f"""
+providers:
+  - {{ name: first, base_url: "{mock.base_url}", api_key: "{PROVIDER_KEY}" }}
+  - {{ name: second, base_url: "{mock.base_url}", api_key: "{PROVIDER_KEY}" }}
+  - {{ name: first-claude, kind: anthropic, base_url: "http://127.0.0.1:{mock.port}", api_key: "{PROVIDER_KEY}" }}
+  - {{ name: second-claude, kind: anthropic, base_url: "http://127.0.0.1:{mock.port}", api_key: "{PROVIDER_KEY}" }}
+models:
+  - name: pair
+    strategy: priority
+    targets: [{{ provider: first, model: mock-small }}, {{ provider: second, model: mock-small }}]
+  - name: claude-pair
+    strategy: priority
+    targets: [{{ provider: first-claude, model: claude-test }}, {{ provider: second-claude, model: claude-test }}]
+tenants:
+  - id: acme
+    keys: ["{TENANT_KEY}"]
+circuit_breaker: {{ consecutive_failures: 1, open_seconds: 30 }}
+"""
+
+        super().__init__(config)
+
+
+@pytest.mark.parametrize("path,model,code,linger,reason,then", [
+    # The SDK raises at the event and leaves while the provider lingers.
+    ("/v1/chat/completions", "pair", "invalid_prompt", 3000, "invalid_request", "first"),
+    ("/v1/chat/completions", "pair", None, 3000, "provider_stream_broken", "second"),
+    ("/v1/chat/completions", "claude-pair", "invalid_request_error", 3000, "invalid_request", "first-claude"),
+    ("/v1/chat/completions", "claude-pair", None, 3000, "provider_stream_broken", "second-claude"),
+    # Read to the body's end.
+    ("/v1/chat/completions", "pair", "rate_limit_exceeded", None, "provider_429", "second"),
+    ("/v1/responses", "pair", "invalid_prompt", None, "invalid_request", "first"),
+    ("/v1/responses", "pair", None, None, "provider_stream_broken", "second"),
+])
+def test_an_in_band_error_counts_against_the_deployment_only_when_the_provider_failed(
+        mock, path, model, code, linger, reason, then):
+    # A stream's error event came with a 200: it was a breaker failure when
+    # a completion stream ended at it (whatever its class: a request the
+    # provider refused opened the breaker of a healthy deployment for every
+    # tenant), and a success when the stream went on to `[DONE]` or was a
+    # Responses stream (a provider failing mid-answer opened nothing, and
+    # its line said no error). Its code now says whose fault it was.
+    gateway = PairGateway(mock)
+    try:
+        # Anthropic is asked at its own path.
+        fault_path = "/v1/messages" if model == "claude-pair" else path
+        fault = {"error_after_chunks": 2, "count": 1, "path": fault_path}
+        if code:
+            fault["error_code"] = code
+        if linger:
+            fault["linger_ms"] = linger
+        mock.fault(fault)
+        before = errors(gateway, reason)
+        if linger:
+            stream = gateway.client().chat.completions.create(
+                model=model, messages=[{"role": "user", "content": "hi"}], stream=True,
+                extra_headers={"x-request-id": "in-band-error"})
+            with pytest.raises(openai.APIError):
+                for _ in stream:
+                    pass
+            stream.close()
+        else:
+            body = ({"model": model, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+                    if path == "/v1/chat/completions" else {"model": model, "stream": True, "input": "hi"})
+            with httpx.stream("POST", f"http://127.0.0.1:{gateway.port}{path}", timeout=20, json=body,
+                              headers={"authorization": f"Bearer {TENANT_KEY}",
+                                       "x-request-id": "in-band-error"}) as answer:
+                events = [e for e in answer.read().decode().split("\n\n") if e.strip()]
+            assert "error" in events[-1] and "[DONE]" not in events[-1], events
+        line = access_line(gateway, "in-band-error")
+        assert (line["status"], line["error"], line["attempts"]) == (200, reason, 1), line
+        assert line["completion_tokens"] >= 2
+        assert errors(gateway, reason) == before + 1
+        # The deployment at fault rests (its breaker open, or cooling down
+        # after a 429); one that answered a bad request serves on.
+        gateway.client().chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "next"}], extra_headers={"x-request-id": "next"})
+        assert access_line(gateway, "next")["provider"] == then
+    finally:
+        gateway.stop()
 
 
 def test_a_client_leaving_before_the_answer_is_logged_as_such(gateway, mock):

@@ -263,6 +263,7 @@ impl MockApp {
         let mut first_token_ms = None;
         let mut malformed_after = None;
         let mut error_after = None;
+        let mut error_code = None;
         let mut no_done = false;
         let mut linger_ms = None;
         match fault {
@@ -296,9 +297,11 @@ impl MockApp {
             Some(Fault::ErrorEvent {
                 after_chunks,
                 linger_ms: linger,
+                code,
             }) => {
                 error_after = Some(after_chunks);
                 linger_ms = linger;
+                error_code = code;
             }
             Some(Fault::NoDone) => no_done = true,
             Some(Fault::Linger { ms }) => linger_ms = Some(ms),
@@ -403,6 +406,7 @@ impl MockApp {
                         first_token_ms,
                         malformed_after,
                         error_after,
+                        error_code: error_code.as_deref(),
                         no_done: true,
                         linger_ms,
                         no_usage,
@@ -440,6 +444,7 @@ impl MockApp {
                     first_token_ms,
                     malformed_after,
                     error_after,
+                    error_code: error_code.as_deref(),
                     no_done,
                     linger_ms,
                     no_usage,
@@ -806,7 +811,13 @@ impl MockApp {
         watch: &mut bool,
     ) -> Outcome {
         let stats = &self.state.stats;
-        let sent = write_body(session, encoder, chunks.error_event().into(), false).await;
+        let sent = write_body(
+            session,
+            encoder,
+            chunks.error_event(plan.error_code).into(),
+            false,
+        )
+        .await;
         let lingered = match plan.linger_ms {
             Some(ms) => sent.is_ok() && pause(session, watch, Duration::from_millis(ms)).await,
             None => sent.is_ok(),
@@ -845,6 +856,8 @@ pub(crate) struct StreamPlan<'a> {
     /// The provider's error event after this many token events, and the
     /// body's end (after `linger_ms`).
     pub(crate) error_after: Option<u64>,
+    /// That error's code, when not the server's overload.
+    pub(crate) error_code: Option<&'a str>,
     /// End without `[DONE]`.
     pub(crate) no_done: bool,
     /// End the body this many ms after the last event.

@@ -469,23 +469,33 @@ impl ChunkMeta {
         self.choice_event(Some(&format!("tok{i} ")), false, None)
     }
 
-    /// The provider's in-band error event, in the stream's dialect (the
-    /// server overloaded).
-    pub(crate) fn error_event(&self) -> String {
-        let message = "The server is overloaded.";
+    /// The provider's in-band error event, in the stream's dialect: the
+    /// server overloaded, or the error `code` names (Anthropic's error
+    /// type; an OpenAI error of the request's).
+    pub(crate) fn error_event(&self, code: Option<&str>) -> String {
+        let message = match code {
+            None => "The server is overloaded.".to_owned(),
+            Some(code) => format!("The provider refused the request: {code}."),
+        };
         match self.kind {
             StreamKind::Anthropic => Self::anthropic_event(
                 "error",
-                &json!({"type": "error", "error": {"type": "overloaded_error", "message": message}}),
+                &json!({"type": "error", "error": {"type": code.unwrap_or("overloaded_error"), "message": message}}),
             ),
             StreamKind::Responses => format!(
                 "event: error\ndata: {}\n\n",
-                json!({"type": "error", "code": "server_error", "message": message, "param": null})
+                json!({"type": "error", "code": code.unwrap_or("server_error"), "message": message, "param": null})
             ),
-            StreamKind::Chat | StreamKind::Completion => format!(
-                "data: {}\n\n",
-                json!({"error": {"message": message, "type": "server_error", "param": null, "code": null}})
-            ),
+            StreamKind::Chat | StreamKind::Completion => {
+                let (kind, code) = match code {
+                    None => ("server_error", None),
+                    Some(code) => ("invalid_request_error", Some(code)),
+                };
+                format!(
+                    "data: {}\n\n",
+                    json!({"error": {"message": message, "type": kind, "param": null, "code": code}})
+                )
+            }
         }
     }
 

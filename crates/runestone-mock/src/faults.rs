@@ -83,6 +83,8 @@ pub(crate) enum Fault {
         after_chunks: u64,
         /// How long the body stays open after it.
         linger_ms: Option<u64>,
+        /// The error's code, when not the server's overload.
+        code: Option<String>,
     },
     /// Send the whole stream, its last event included, then end the body
     /// only after this many ms (a provider whose body's end trails its
@@ -146,7 +148,10 @@ impl QueuedFault {
             Fault::ErrorEvent {
                 after_chunks,
                 linger_ms,
-            } => json!({"error_after_chunks": after_chunks, "linger_ms": linger_ms}),
+                code,
+            } => {
+                json!({"error_after_chunks": after_chunks, "linger_ms": linger_ms, "error_code": code})
+            }
             Fault::NoDone => json!({"no_done": true}),
             Fault::Linger { ms } => json!({"linger_ms": ms}),
             Fault::RejectPrefill => json!({"reject_prefill": true}),
@@ -250,6 +255,8 @@ pub(crate) struct FaultSpec {
     pub(crate) malformed_after_chunks: Option<u64>,
     /// The provider's error event after this many token events.
     pub(crate) error_after_chunks: Option<u64>,
+    /// That error's code (`invalid_prompt`, `rate_limit_exceeded`, ...).
+    pub(crate) error_code: Option<String>,
     /// End streams without `[DONE]`.
     pub(crate) no_done: Option<bool>,
     /// End streams' bodies this many ms after their last event.
@@ -307,6 +314,9 @@ impl FaultSpec {
         if self.content_type.is_some() && self.error_body.is_none() {
             return Err("content_type only goes with error_body".to_owned());
         }
+        if self.error_code.is_some() && self.error_after_chunks.is_none() {
+            return Err("error_code only goes with error_after_chunks".to_owned());
+        }
         let fault = if let Some(body) = self.error_body {
             let content_type = match self.content_type.as_deref() {
                 None | Some("text/plain") => "text/plain; charset=utf-8",
@@ -345,6 +355,7 @@ impl FaultSpec {
             Some(Fault::ErrorEvent {
                 after_chunks: k,
                 linger_ms: self.linger_ms,
+                code: self.error_code,
             })
         } else if dropped {
             Some(Fault::DropConnection)

@@ -218,9 +218,21 @@ fn fault_specs_are_validated() {
         f[0].fault,
         Fault::ErrorEvent {
             after_chunks: 2,
-            linger_ms: Some(900)
+            linger_ms: Some(900),
+            code: None
         }
     );
+    let (_, f) =
+        parse_faults(br#"{"error_after_chunks":1,"error_code":"invalid_prompt"}"#).unwrap();
+    assert_eq!(
+        f[0].fault,
+        Fault::ErrorEvent {
+            after_chunks: 1,
+            linger_ms: None,
+            code: Some("invalid_prompt".to_owned())
+        }
+    );
+    assert!(parse_faults(br#"{"error_code":"invalid_prompt"}"#).is_err());
     let (lat, f) = parse_faults(br#"{"latency_ms":250}"#).unwrap();
     assert_eq!((lat, f.len()), (Some(250), 0));
     let (_, f) =

@@ -225,14 +225,30 @@ impl Meter {
         }
     }
 
-    /// How a whole answer went for the breaker: a translated stream that
-    /// its provider ended with a server-side error event (overloaded, API
-    /// error) failed, though it came with a 200.
+    /// How a whole answer went for the breaker: as its in-band error event
+    /// says, if it carried one (see [`in_band_judgement`]), though it came
+    /// with a 200.
     fn outcome(&self) -> Outcome {
-        match self.translated_error() {
-            Some(error) if error.status >= 500 => Outcome::Failure,
-            _ => Outcome::Success,
+        self.in_band_status()
+            .map_or(Outcome::Success, |status| in_band_judgement(status).0)
+    }
+
+    /// The status the provider's in-band error event stands for, if the
+    /// stream carried one ([`crate::openai::in_band_status`]; a translated
+    /// stream's error as translated).
+    fn in_band_status(&self) -> Option<u16> {
+        match self {
+            Meter::Stream(meter) => meter.error_status(),
+            Meter::Translated(translator) => translator.error().map(|error| error.status),
+            _ => None,
         }
+    }
+
+    /// Whether the stream carried an in-band error that was the provider's
+    /// failure (a server error, or an error that says nothing of its class).
+    fn provider_failed(&self) -> bool {
+        self.in_band_status()
+            .is_some_and(|status| in_band_judgement(status).0 == Outcome::Failure)
     }
 
     /// The error a translated stream's provider ended it with (its
@@ -330,7 +346,12 @@ impl Meter {
         match self {
             Meter::Stream(meter) => {
                 let rest = meter.finish();
-                if meter.saw_done() || !meter.finished() || !meter.is_completion_stream() {
+                // Nor one its provider ended with an error event.
+                if meter.saw_done()
+                    || !meter.finished()
+                    || !meter.is_completion_stream()
+                    || meter.saw_error()
+                {
                     return rest;
                 }
                 let newline = if rest.is_empty() || rest.ends_with(b"\n") {
@@ -656,6 +677,9 @@ impl Copy<'_> {
         if let Some(capture) = self.describe {
             report.answer = Some(meter.details(capture).redacted(redactor));
         }
+        if let (BodyEnd::Complete, Some(status)) = (&end, meter.in_band_status()) {
+            report.error_reason = Some(in_band_judgement(status).1);
+        }
         if let BodyEnd::ProviderBroke(message) = &end {
             if !client.resumable() {
                 // Settled before the client sees the end, as a whole answer
@@ -767,6 +791,12 @@ impl Copy<'_> {
                     warn!(request_id = %self.request_id, provider = %self.provider.name, "provider did not end the body after the stream's last event");
                     break;
                 }
+                // Nor after its error event for a request at fault: that
+                // was its answer.
+                Ok(Err(_)) | Err(_) if meter.carried_error() && !meter.provider_failed() => {
+                    warn!(request_id = %self.request_id, provider = %self.provider.name, "provider did not end the body after its error event");
+                    break;
+                }
                 Ok(Err(e)) => {
                     warn!(request_id = %self.request_id, provider = %self.provider.name, error = %e, "provider broke off the response");
                     return BodyEnd::ProviderBroke(format!(
@@ -822,7 +852,10 @@ impl Copy<'_> {
         if !rest.is_empty() {
             report.first_byte_at.get_or_insert_with(Instant::now);
         }
-        if meter.cut_short() {
+        // A stream its provider ended with an error of the request's own
+        // (or a rate limit) is its answer, however it ends: not a break.
+        let refused = meter.carried_error() && !meter.provider_failed();
+        if meter.cut_short() && !refused {
             warn!(request_id = %self.request_id, provider = %self.provider.name, "provider ended the stream before it finished");
             if !rest.is_empty() && !client.send_body(Bytes::from(rest), false).await {
                 return BodyEnd::ClientGone;
@@ -837,22 +870,23 @@ impl Copy<'_> {
         BodyEnd::Complete
     }
 
-    /// How the copy ends when its client went away: as the provider's
-    /// failure when its own error event went by in a stream that had not
-    /// finished (the SDKs close the stream at that event, often before the
-    /// provider ends its body; the body's end would have been a break), else
-    /// as the client's leaving. A stream the error event finished (a
-    /// Responses stream's `response.failed`, which may be the request's
-    /// fault) is judged as its end would judge it: no failure. Never as a
-    /// stream to resume: nobody would read the continuation.
+    /// How the copy ends when its client went away: after the provider's
+    /// own error event (the SDKs close the stream at it, often before the
+    /// provider ends its body) as that event says, as the body's end would
+    /// judge it: the provider's failure, or its answer to a request at
+    /// fault; else as the client's leaving. Never as a stream to resume:
+    /// nobody would read the continuation.
     fn client_left(&self, client: &dyn Client, meter: &Meter) -> BodyEnd {
-        if meter.carried_error() && meter.cut_short() && !client.resumable() {
-            return BodyEnd::ProviderBroke(format!(
-                "The provider '{}' ended the stream with an error.",
-                self.provider.name
-            ));
+        if !meter.carried_error() || client.resumable() {
+            return BodyEnd::ClientGone;
         }
-        BodyEnd::ClientGone
+        if !meter.provider_failed() {
+            return BodyEnd::Complete;
+        }
+        BodyEnd::ProviderBroke(format!(
+            "The provider '{}' ended the stream with an error.",
+            self.provider.name
+        ))
     }
 
     /// Ends a response the provider did not finish: an event stream gets
@@ -937,6 +971,19 @@ impl Copy<'_> {
             Domain::Deployment,
             Some(self.ttfb),
         );
+    }
+}
+
+/// How a stream that ended with the provider's in-band error event of
+/// `status` ([`crate::openai::in_band_status`]) counts: for the breaker,
+/// and as a `runestone_errors_total` reason. A rate limit rests the
+/// deployment; a fault of the request is the provider's answer to it (the
+/// client's error, as a 4xx passed on is); anything else failed.
+fn in_band_judgement(status: u16) -> (Outcome, &'static str) {
+    match status {
+        429 => (Outcome::RateLimited(None), "provider_429"),
+        400..=499 => (Outcome::Success, "invalid_request"),
+        _ => (Outcome::Failure, "provider_stream_broken"),
     }
 }
 

@@ -264,7 +264,8 @@ impl<'c> Resumable<'c> {
 /// in one pass: a tree of every chunk (a map allocated for each object in
 /// it) cost more than the rest of forwarding it. Read as a tree reads it:
 /// `id`, `created`, `model` and `error` count when there, `null` or not;
-/// `choices` only as an array, a choice and its delta only as objects.
+/// `object` when it is the string `error` (vLLM's error event); `choices`
+/// only as an array, a choice and its delta only as objects.
 #[derive(Deserialize)]
 struct Chunk<'a> {
     #[serde(borrow, default, deserialize_with = "crate::json::present")]
@@ -275,6 +276,8 @@ struct Chunk<'a> {
     model: Option<&'a RawValue>,
     #[serde(borrow, default, deserialize_with = "crate::json::present")]
     error: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    object: Option<&'a RawValue>,
     #[serde(borrow, default)]
     choices: Shaped<Vec<Shaped<ChunkChoice<'a>>>>,
 }
@@ -422,7 +425,12 @@ impl Record {
                 *slot = Some(serde_json::from_str(raw.get())?);
             }
         }
-        if chunk.error.is_some() {
+        let says_error = |object: &RawValue| {
+            object.get() == "\"error\""
+                || (object.get().contains('\\')
+                    && serde_json::from_str::<String>(object.get()).is_ok_and(|o| o == "error"))
+        };
+        if chunk.error.is_some() || chunk.object.is_some_and(says_error) {
             self.final_ = true;
         }
         let choices = chunk.choices.0.unwrap_or_default();
@@ -898,7 +906,9 @@ mod tests {
                 *slot = event.get(field).cloned();
             }
         }
-        if event.contains_key("error") {
+        if event.contains_key("error")
+            || event.get("object").and_then(Value::as_str) == Some("error")
+        {
             record.final_ = true;
         }
         let Some(choices) = event.get("choices").and_then(Value::as_array) else {
@@ -995,15 +1005,17 @@ mod tests {
             of(field.clone()),
             of(field.clone()),
             rare(field.clone()),
+            rare(prop_oneof![Just(Value::from("error")), field.clone()].boxed()),
             weighted(0.8, choices),
             of(any_value),
         )
-            .prop_map(move |(id, created, model, error, choices, other)| {
+            .prop_map(move |(id, created, model, error, kind, choices, other)| {
                 object(vec![
                     ("id", id),
                     ("created", created),
                     ("model", model),
                     ("error", error),
+                    ("object", kind),
                     ("choices", choices),
                     ("usage", other),
                 ])

@@ -430,8 +430,7 @@ impl StreamTranslator {
             "error" => {
                 let status = match event["error"]["type"].as_str() {
                     Some("overloaded_error") => 529,
-                    Some("rate_limit_error") => 429,
-                    _ => 500,
+                    _ => crate::openai::error_status(&event["error"]),
                 };
                 let error = to_openai_error(status, event.to_string().as_bytes());
                 out.extend_from_slice(&error.sse_event());
