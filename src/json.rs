@@ -27,6 +27,19 @@ pub(crate) fn from_bytes<'a, T: Deserialize<'a>>(json: &'a [u8]) -> serde_json::
     }
 }
 
+/// Whether a raw JSON value is the string `text` (escaped or not).
+pub(crate) fn is_str(raw: &serde_json::value::RawValue, text: &str) -> bool {
+    let json = raw.get();
+    let plain = json.len() == text.len() + 2
+        && json.starts_with('"')
+        && json.ends_with('"')
+        && &json[1..json.len() - 1] == text;
+    plain
+        || (json.starts_with('"')
+            && json.contains('\\')
+            && serde_json::from_str::<String>(json).is_ok_and(|s| s == text))
+}
+
 #[cfg(test)]
 mod tests {
     use super::from_bytes;

@@ -322,11 +322,13 @@ impl Probe<'_> {
             .any(|c| c.finish_reason.is_some_and(|r| r.get() != "null"))
     }
 
-    /// Whether the event is an in-band error: `{"error": ...}` (an object
-    /// or a message), or vLLM's `{"object": "error", ...}`.
+    /// Whether the event is the provider's error: an `error` object or
+    /// message (not `null`, `false` or `""`, which some servers put in
+    /// every chunk), or vLLM's `"object": "error"`.
     fn is_error(&self) -> bool {
-        self.error.is_some_and(|e| e.get() != "null")
-            || self.object.is_some_and(|o| o.get() == "\"error\"")
+        self.error.is_some_and(|e| {
+            e.get().starts_with('{') || (e.get().starts_with('"') && e.get() != "\"\"")
+        }) || self.object.is_some_and(|o| crate::json::is_str(o, "error"))
     }
 
     /// Whether the event has a `usage` object, readable or not.

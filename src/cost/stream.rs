@@ -12,6 +12,7 @@
 //! event too long to hold passes through unread.
 
 use super::{sample_text, Estimate, Probe, Usage, MAX_LINE_BYTES};
+use crate::openai::ApiError;
 use bytes::{Bytes, BytesMut};
 use memchr::memmem::Finder;
 use std::sync::{LazyLock, OnceLock};
@@ -48,10 +49,10 @@ pub struct StreamMeter {
     generated_bytes: u64,
     /// The stream's `data: [DONE]` went by.
     saw_done: bool,
-    /// An in-band error event went by, and the status it stands for
-    /// ([`crate::openai::in_band_status`]): a `[DONE]` after it does not
-    /// end a whole answer.
-    error_status: Option<u16>,
+    /// The first in-band error event that went by, as the gateway's error
+    /// ([`ApiError::from_in_band`]): a `[DONE]` after it does not end a
+    /// whole answer.
+    error: Option<Box<ApiError>>,
     /// An event with choices went by (an OpenAI completion stream).
     saw_choices: bool,
     /// A choice's `finish_reason` went by, and which (at most
@@ -118,7 +119,7 @@ impl StreamMeter {
             usage: None,
             generated_bytes: 0,
             saw_done: false,
-            error_status: None,
+            error: None,
             saw_choices: false,
             saw_finish: false,
             finish_reasons: Vec::new(),
@@ -172,7 +173,7 @@ impl StreamMeter {
     /// Takes one upstream chunk and returns what to send the client now:
     /// the whole events seen so far (edited when stripping).
     pub fn feed(&mut self, chunk: Bytes) -> Bytes {
-        if self.said_last() {
+        if self.ended() {
             self.read_after_last(&chunk);
             return Bytes::new();
         }
@@ -187,11 +188,11 @@ impl StreamMeter {
             let line = self.partial.split_to(scan_from + at + 1).freeze();
             scan_from = 0;
             self.line(&line, &mut out);
-            if self.said_last() {
+            if self.ended() {
                 let rest = std::mem::take(&mut self.partial);
                 self.read_after_last(&rest);
             }
-            if self.halted || self.said_last() {
+            if self.halted || self.ended() {
                 self.scanned = 0;
                 return out.freeze();
             }
@@ -249,9 +250,10 @@ impl StreamMeter {
         }
     }
 
-    /// Reads what follows the last event of a whole answer: nothing of it
-    /// is sent on or metered, but a usage report, while none came, is
-    /// still taken (some servers send it after `[DONE]`).
+    /// Reads what follows the last event of a whole answer, or the
+    /// provider's error event: nothing of it is sent on or metered, but a
+    /// usage report, while none came, is still taken (some servers send it
+    /// after `[DONE]`).
     fn read_after_last(&mut self, bytes: &[u8]) {
         if self.usage.is_some() {
             self.partial.clear();
@@ -288,9 +290,16 @@ impl StreamMeter {
     fn judge_oversized(&mut self) {
         let head = std::mem::take(&mut self.oversized_head);
         let tail = std::mem::take(&mut self.oversized_tail);
+        // An error is read from what was kept of it.
+        let kept = || [&head[..], &tail[..]].concat();
         if let Some(kind) = event_kind(&head) {
-            // Its error, if it is one, unread: the provider's failure.
-            self.note_event_kind(kind, b"");
+            if matches!(kind, "response.failed" | "error") {
+                self.note_event_kind(kind, &kept());
+            } else {
+                self.note_event_kind(kind, b"");
+            }
+        } else if first_key(&head) == Some("error") {
+            self.note_error(&kept());
         }
         if let Some(usage) = super::reported_usage_in_tail(&tail) {
             self.usage = Some(usage);
@@ -309,10 +318,10 @@ impl StreamMeter {
         }
     }
 
-    /// Notes an in-band error event (`payload`): the first one's status.
+    /// Notes an in-band error event (`payload`): the first one.
     fn note_error(&mut self, payload: &[u8]) {
-        self.error_status
-            .get_or_insert_with(|| crate::openai::in_band_status(payload));
+        self.error
+            .get_or_insert_with(|| Box::new(ApiError::from_in_band(payload)));
     }
 
     /// Meters a whole event and says what becomes of it.
@@ -426,7 +435,7 @@ impl StreamMeter {
     /// ended it.
     pub fn finish(&mut self) -> Bytes {
         let mut out = BytesMut::new();
-        if self.said_last() {
+        if self.ended() {
             // A usage report may end the body without its line end.
             self.read_after_last(b"\n");
             return out.freeze();
@@ -462,13 +471,14 @@ impl StreamMeter {
     /// Whether an in-band error event went by (a completion stream's
     /// `{"error": ...}`, a Responses stream's failure or error).
     pub fn saw_error(&self) -> bool {
-        self.error_status.is_some()
+        self.error.is_some()
     }
 
-    /// The status the stream's first in-band error event stands for
-    /// ([`crate::openai::in_band_status`]), if one went by.
-    pub fn error_status(&self) -> Option<u16> {
-        self.error_status
+    /// The stream's first in-band error event, as the gateway's error
+    /// ([`ApiError::from_in_band`]: its status says whose fault it was), if
+    /// one went by.
+    pub fn error(&self) -> Option<&ApiError> {
+        self.error.as_deref()
     }
 
     /// Whether the stream's `data: [DONE]` went by.
@@ -482,6 +492,14 @@ impl StreamMeter {
     /// follow.
     pub fn said_last(&self) -> bool {
         (self.saw_done && !self.saw_error()) || self.saw_response_answer
+    }
+
+    /// Whether nothing more of the stream goes to the client: the last
+    /// event of a whole answer went by, or the provider's error event
+    /// (what follows it is read only for a usage report, as after
+    /// `[DONE]`).
+    pub fn ended(&self) -> bool {
+        self.said_last() || self.saw_error()
     }
 
     /// Whether the stream finished: `[DONE]`, a `finish_reason` in a
@@ -622,6 +640,17 @@ fn event_kind(head: &[u8]) -> Option<&str> {
         }
     }
     None
+}
+
+/// The name of the first member of the object an event's head opens its
+/// `data:` with (`{"error": ...` gives `error`).
+fn first_key(head: &[u8]) -> Option<&str> {
+    let text = std::str::from_utf8(head)
+        .or_else(|e| std::str::from_utf8(&head[..e.valid_up_to()]))
+        .ok()?;
+    let data = text.lines().find_map(|line| line.strip_prefix("data:"))?;
+    let rest = data.trim_start().strip_prefix('{')?.trim_start();
+    rest.strip_prefix('"')?.split_once('"').map(|(key, _)| key)
 }
 
 fn trailing_newline_len(line: &[u8]) -> usize {

@@ -431,13 +431,42 @@ fn a_usage_chunk_the_gateway_asked_for_is_taken_out_even_when_unreadable() {
 }
 
 #[test]
-fn a_done_after_an_in_band_error_does_not_end_a_whole_answer() {
+fn nothing_after_an_in_band_error_reaches_the_client_but_its_usage_is_read() {
     let good = stream_events(false).concat();
     let error = "data: {\"error\":{\"message\":\"engine dead\",\"type\":\"server_error\"}}\n\n";
+    let after = "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"more\"}}]}\n\n";
+    for chunk_size in [1, 7, 4096] {
+        let mut meter = StreamMeter::new(false);
+        let out = run(
+            &mut meter,
+            &format!("{good}{error}{after}{USAGE_EVENT}data: [DONE]\n\n"),
+            chunk_size,
+        );
+        assert_eq!(out, format!("{good}{error}"), "{chunk_size}");
+        assert!(meter.saw_error() && meter.ended() && !meter.said_last());
+        assert_eq!(meter.error().map(|e| e.status), Some(502));
+        let usage = meter.reported_usage().expect("read after the error");
+        assert_eq!(usage.completion_tokens, 3, "{chunk_size}");
+    }
+}
+
+#[test]
+fn an_error_event_too_long_to_hold_is_judged_by_what_was_kept_of_it() {
+    let message = "x".repeat(MAX_LINE_BYTES + 10);
+    let error = format!(
+        "data: {{\"error\":{{\"message\":\"{message}\",\"type\":\"invalid_request_error\",\"code\":\"invalid_prompt\"}}}}\n\n"
+    );
     let mut meter = StreamMeter::new(false);
-    let out = run(&mut meter, &format!("{good}{error}data: [DONE]\n\n"), 4096);
-    assert!(out.ends_with("data: [DONE]\n\n"), "{out}");
-    assert!(meter.saw_done() && !meter.said_last());
+    let good = stream_events(false).concat();
+    let out = run(&mut meter, &format!("{good}{error}data: [DONE]\n\n"), 65536);
+    assert_eq!(out.len(), good.len() + error.len());
+    assert_eq!(meter.error().map(|e| e.status), Some(400));
+    let failed = format!(
+        "event: response.failed\ndata: {{\"type\":\"response.failed\",\"response\":{{\"id\":\"r\",\"status\":\"failed\",\"error\":{{\"code\":\"invalid_prompt\",\"message\":\"no\"}},\"instructions\":\"{message}\"}}}}\n\n"
+    );
+    let mut meter = StreamMeter::new(false);
+    run(&mut meter, &failed, 65536);
+    assert_eq!(meter.error().map(|e| e.status), Some(400));
 }
 
 #[test]
@@ -487,10 +516,13 @@ fn error_events_of_every_shape_keep_a_done_from_ending_a_whole_answer() {
         run(&mut meter, &format!("{good}{error}data: [DONE]\n\n"), 4096);
         assert!(meter.saw_error() && !meter.said_last(), "{error}");
     }
-    let mut meter = StreamMeter::new(false);
-    let nulls = good.replace("\"choices\"", "\"error\":null,\"choices\"");
-    run(&mut meter, &format!("{nulls}data: [DONE]\n\n"), 4096);
-    assert!(!meter.saw_error() && meter.said_last());
+    // Some servers put an empty error in every chunk.
+    for empty in ["null", "\"\"", "false"] {
+        let mut meter = StreamMeter::new(false);
+        let chunks = good.replace("\"choices\"", &format!("\"error\":{empty},\"choices\""));
+        run(&mut meter, &format!("{chunks}data: [DONE]\n\n"), 4096);
+        assert!(!meter.saw_error() && meter.said_last(), "{empty}");
+    }
 }
 
 #[test]

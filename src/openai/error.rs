@@ -533,44 +533,128 @@ pub fn is_context_length_error(body: &[u8]) -> bool {
 /// response's `error`). See [`error_status`]; an event that is not JSON
 /// is the provider's failure (500).
 pub fn in_band_status(payload: &[u8]) -> u16 {
-    let Ok(event) = serde_json::from_slice::<serde_json::Value>(payload) else {
-        return 500;
-    };
-    let error = [&event["error"], &event["response"]["error"]]
-        .into_iter()
-        .find(|error| error.is_object())
-        .unwrap_or(&event);
-    error_status(error)
+    error_status(error_object(&read_event(payload)))
 }
 
-/// The HTTP status an error object stands for: the one it names (`code` or
-/// `status`, a number from 400 to 599, as vLLM and Gemini put it), else the
-/// one its class says (`code`, `status`, `type`: see [`class_status`]),
-/// else 500, the provider's failure.
+/// An error event's JSON; for one that is not whole (an event too long to
+/// hold, of which its head and tail were kept), what can be read of it:
+/// its first `error`, `code` and `type` members that are whole in it (a
+/// member inside a string is escaped, so cannot be taken for one).
+fn read_event(payload: &[u8]) -> serde_json::Value {
+    use serde_json::Value;
+    if let Ok(event) = serde_json::from_slice(payload) {
+        return event;
+    }
+    let mut event = serde_json::Map::new();
+    for key in ["error", "code", "type"] {
+        let member = format!("\"{key}\":");
+        let Some(at) = memchr::memmem::find(payload, member.as_bytes()) else {
+            continue;
+        };
+        let value = serde_json::Deserializer::from_slice(&payload[at + member.len()..])
+            .into_iter::<Value>()
+            .next();
+        if let Some(Ok(value)) = value {
+            event.insert(key.to_owned(), value);
+        }
+    }
+    Value::Object(event)
+}
+
+/// The error object of an in-band error event: its `error`, a Responses
+/// failure's `response.error`, or the event itself (vLLM's, a Responses
+/// `error` event).
+fn error_object(event: &serde_json::Value) -> &serde_json::Value {
+    [&event["error"], &event["response"]["error"]]
+        .into_iter()
+        .find(|error| error.is_object())
+        .unwrap_or(event)
+}
+
+/// The longest message kept of a provider's in-band error.
+const MAX_IN_BAND_MESSAGE_CHARS: usize = 1000;
+
+impl ApiError {
+    /// The provider's in-band error event (`payload`) as the gateway's own
+    /// error, for a stream that has sent nothing yet: the status it stands
+    /// for ([`in_band_status`]) and its message (at most
+    /// [`MAX_IN_BAND_MESSAGE_CHARS`]); a prompt too long as OpenAI says it.
+    pub fn from_in_band(payload: &[u8]) -> Self {
+        let event = read_event(payload);
+        let error = error_object(&event);
+        let message: String = error["message"]
+            .as_str()
+            .or(error["error"].as_str())
+            .filter(|message| !message.trim().is_empty())
+            .unwrap_or("The provider ended the stream with an error.")
+            .chars()
+            .take(MAX_IN_BAND_MESSAGE_CHARS)
+            .collect();
+        match error_status(error) {
+            429 => Self::new(429, "rate_limit_error", "upstream_rate_limited", message),
+            400..=499 if error["code"] == "context_length_exceeded" => {
+                Self::context_length_exceeded(message)
+            }
+            status @ 400..=499 => {
+                let mut error = Self::bad_request(message);
+                error.status = status;
+                error
+            }
+            _ => Self::upstream_error(message),
+        }
+    }
+}
+
+/// The HTTP status an error object stands for: the one it names (`code`,
+/// `status`, a number from 400 to 599, as vLLM and Gemini put it), else
+/// the one its classes say (`code`, `status`, `type`, TGI's `error_type`:
+/// see [`class_status`]; a rate limit over a fault of the request over a
+/// server error, so that a code naming a server in a request's fault, as
+/// `invalid_mcp_server_url` does, stays the request's), else a prompt too
+/// long said in words (400), else 500: the provider's failure.
 pub fn error_status(error: &serde_json::Value) -> u16 {
     use serde_json::Value;
-    let fields = [&error["code"], &error["status"], &error["type"]];
-    let named = fields.iter().find_map(|field| match field {
-        Value::Number(n) => n.as_u64(),
-        Value::String(s) => s.trim().parse::<u64>().ok(),
-        _ => None,
+    let fields = [
+        &error["code"],
+        &error["status"],
+        &error["type"],
+        &error["error_type"],
+    ];
+    let named = fields.iter().find_map(|field| {
+        match field {
+            Value::Number(n) => n.as_u64(),
+            Value::String(s) => s.trim().parse::<u64>().ok(),
+            _ => None,
+        }
+        .filter(|status| (400..=599).contains(status))
     });
-    if let Some(status) = named.filter(|s| (400..=599).contains(s)) {
+    if let Some(status) = named {
         return status as u16;
     }
-    fields
+    let classes: Vec<u16> = fields
         .iter()
         .filter_map(|field| field.as_str())
-        .find_map(class_status)
-        .unwrap_or(500)
+        .filter_map(class_status)
+        .collect();
+    if let Some(status) = [429, 400, 500].into_iter().find(|c| classes.contains(c)) {
+        return status;
+    }
+    // OpenAI-compatible servers often say only this (see
+    // `is_context_length_error`); TGI puts its message in `error` itself.
+    let message = error["message"].as_str().or(error["error"].as_str());
+    if message.is_some_and(|m| m.contains("maximum context length")) {
+        return 400;
+    }
+    500
 }
 
 /// The status an error class names (OpenAI's `type` and `code`, vLLM's
-/// exception names, Gemini's `status`), when it says whose fault it was: a
-/// rate limit or an exhausted quota is 429; a server error, an overload, an
-/// outage or a timeout 500; a fault of the request (invalid, a bad
-/// request, something not found or not supported, an image that cannot
-/// be read, a content filter, a prompt too long) 400.
+/// exception names, Gemini's `status`, TGI's `error_type`), when it says
+/// whose fault it was: a rate limit or an exhausted quota is 429; a fault
+/// of the request (invalid, a bad request, failed validation, something
+/// not found or not supported, an image that cannot be read, a content
+/// filter, a prompt too long) 400; a server error, an overload, an outage
+/// or a timeout 500.
 fn class_status(class: &str) -> Option<u16> {
     let class = class.to_ascii_lowercase();
     let names = |words: &[&str]| words.iter().any(|word| class.contains(word));
@@ -582,19 +666,11 @@ fn class_status(class: &str) -> Option<u16> {
         "too_many_requests",
     ]) {
         Some(429)
-    } else if names(&[
-        "server",
-        "internal",
-        "overloaded",
-        "unavailable",
-        "timeout",
-        "api_error",
-    ]) {
-        Some(500)
     } else if class.starts_with("invalid")
         || names(&[
             "bad_request",
             "badrequest",
+            "validation",
             "not_found",
             "notfound",
             "unsupported",
@@ -608,6 +684,15 @@ fn class_status(class: &str) -> Option<u16> {
         ])
     {
         Some(400)
+    } else if names(&[
+        "server",
+        "internal",
+        "overloaded",
+        "unavailable",
+        "timeout",
+        "api_error",
+    ]) {
+        Some(500)
     } else {
         None
     }

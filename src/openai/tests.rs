@@ -329,6 +329,31 @@ fn tells_whose_fault_an_in_band_error_was() {
             r#"{"type":"response.failed","response":{"id":"resp_1","status":"failed","error":{"code":"vector_store_timeout","message":"x"}}}"#,
             500,
         ),
+        // TGI: the message in `error`, the class in `error_type`.
+        (
+            r#"{"error":"Input validation error: `inputs` must be <= 4096","error_type":"validation"}"#,
+            400,
+        ),
+        (
+            r#"{"error":"Model is overloaded","error_type":"overloaded"}"#,
+            500,
+        ),
+        // A prompt too long said only in words.
+        (
+            r#"{"error":{"message":"This model's maximum context length is 4096 tokens. However, you requested 9000 tokens."}}"#,
+            400,
+        ),
+        // A request's fault whose code names a server or a timeout.
+        (
+            r#"{"error":{"type":"invalid_request_error","code":"invalid_mcp_server_url","message":"x"}}"#,
+            400,
+        ),
+        (
+            r#"{"error":{"type":"invalid_request_error","code":"image_download_timeout","message":"x"}}"#,
+            400,
+        ),
+        // A number out of range is passed over for the next.
+        (r#"{"error":{"code":200,"status":429,"message":"x"}}"#, 429),
         // Nothing said, or not said in JSON: the provider's.
         (r#"{"error":"something broke"}"#, 500),
         (r#"{"error":{"message":"?","code":200}}"#, 500),
@@ -337,6 +362,33 @@ fn tells_whose_fault_an_in_band_error_was() {
     for (event, status) in cases {
         assert_eq!(in_band_status(event.as_bytes()), *status, "{event}");
     }
+}
+
+#[test]
+fn an_in_band_error_becomes_the_gateways_error_of_its_status() {
+    let refused = ApiError::from_in_band(
+        br#"{"object":"error","message":"bad image","type":"BadRequestError","code":422}"#,
+    );
+    assert_eq!((refused.status, refused.code), (422, "invalid_request"));
+    assert_eq!(&*refused.message, "bad image");
+    let too_long = ApiError::from_in_band(
+        br#"{"error":{"message":"too long","type":"invalid_request_error","code":"context_length_exceeded"}}"#,
+    );
+    assert_eq!(
+        (too_long.status, too_long.code),
+        (400, "context_length_exceeded")
+    );
+    let limited =
+        ApiError::from_in_band(br#"{"error":{"message":"slow","code":"rate_limit_exceeded"}}"#);
+    assert_eq!((limited.status, limited.reason()), (429, "provider_429"));
+    let failed = ApiError::from_in_band(b"not json");
+    assert_eq!((failed.status, failed.reason()), (502, "provider_5xx"));
+    assert!(!failed.message.is_empty());
+    let long = format!(
+        r#"{{"error":{{"message":"{}","type":"server_error"}}}}"#,
+        "x".repeat(5000)
+    );
+    assert_eq!(ApiError::from_in_band(long.as_bytes()).message.len(), 1000);
 }
 
 #[test]

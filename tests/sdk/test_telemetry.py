@@ -297,17 +297,18 @@ def test_a_provider_error_event_the_client_leaves_at_is_the_providers_failure(ga
     assert errors(gateway, "client_closed") == closed
 
 
-class ErrorThenLinger:
-    """A provider that streams three tokens, then an error event in
-    vLLM's shape (`{"object": "error", ...}`), and keeps its body open
-    for a second and a half: one that the resumable record does not take
-    as an end."""
+def chunk_event(delta, finish=None, **extra) -> str:
+    """A chat completion chunk's SSE event."""
+    return "data: " + json.dumps({"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m", **extra,
+                                  "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}) + "\n\n"
 
-    def __init__(self):
-        def chunk(delta):
-            return "data: " + json.dumps({"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
-                                          "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}) + "\n\n"
 
+class ScriptedProvider:
+    """A provider that answers every request with a 200 event stream of
+    `events` (SSE text, each sent on its own), then keeps its body open
+    for `linger` seconds: any bytes a provider might send."""
+
+    def __init__(self, events, linger=0.0):
         class Handler(socketserver.StreamRequestHandler):
             def handle(self):
                 headers = {}
@@ -318,19 +319,12 @@ class ErrorThenLinger:
                 self.rfile.read(int(headers.get("content-length", "0")))
                 self.wfile.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
                                  b"transfer-encoding: chunked\r\n\r\n")
-
-                def send(text):
-                    data = text.encode()
-                    self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
-                    self.wfile.flush()
-
                 try:
-                    send(chunk({"role": "assistant", "content": ""}))
-                    for i in range(3):
-                        send(chunk({"content": f"tok{i} "}))
-                    send('data: {"object":"error","message":"overloaded","type":"InternalServerError",'
-                         '"param":null,"code":500}\n\n')
-                    time.sleep(1.5)
+                    for event in events:
+                        data = event.encode()
+                        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                        self.wfile.flush()
+                    time.sleep(linger)
                     self.wfile.write(b"0\r\n\r\n")
                 except OSError:
                     pass
@@ -345,28 +339,49 @@ class ErrorThenLinger:
         self.server.server_close()
 
 
+def scripted_gateway(provider: ScriptedProvider, mock: Mock, failures: int = 1) -> Runestone:
+    """runestone with `scripted` first and the mock second for
+    gpt-4o-mini, each breaker opening at `failures` in a row."""
+
+    def config(port, metrics_port, directory):
+        return server_yaml(port, metrics_port, directory) + f"""
+providers:
+  - {{ name: scripted, base_url: "{provider.base_url}", api_key: "{PROVIDER_KEY}", timeouts: {{ idle_ms: 30000 }} }}
+  - {{ name: mock, base_url: "{mock.base_url}", api_key: "{PROVIDER_KEY}" }}
+models:
+  - name: gpt-4o-mini
+    strategy: priority
+    targets: [{{ provider: scripted, model: served }}, {{ provider: mock, model: mock-small }}]
+tenants:
+  - id: acme
+    keys: ["{TENANT_KEY}"]
+circuit_breaker: {{ consecutive_failures: {failures}, open_seconds: 30 }}
+"""
+
+    return Runestone(config)
+
+
+def read_stream(gateway, request_id: str) -> list:
+    """The events of a streamed chat read to its end with a plain client."""
+    with httpx.stream("POST", f"http://127.0.0.1:{gateway.port}/v1/chat/completions", timeout=20,
+                      headers={"authorization": f"Bearer {TENANT_KEY}", "x-request-id": request_id},
+                      json={"model": "gpt-4o-mini", "stream": True,
+                            "messages": [{"role": "user", "content": "hi"}]}) as answer:
+        return [e for e in answer.read().decode().split("\n\n") if e.strip()]
+
+
+TOKENS = [chunk_event({"role": "assistant", "content": ""})] + [chunk_event({"content": f"tok{i} "}) for i in range(3)]
+VLLM_ERROR = ('data: {"object":"error","message":"overloaded","type":"InternalServerError",'
+              '"param":null,"code":500}\n\n')
+
+
 def test_a_stream_after_a_vllm_error_event_is_not_resumed_elsewhere(mock):
     # The error event went to the client; the stream was still resumable
     # (the record did not take this error shape as its end), and the next
     # deployment was asked to continue it: for nobody when the client had
     # left at the event (a paid call), and after the error when it read on.
-    provider = ErrorThenLinger()
-
-    def config(port, metrics_port, directory):
-        return server_yaml(port, metrics_port, directory) + f"""
-providers:
-  - {{ name: vllm, base_url: "{provider.base_url}", api_key: "{PROVIDER_KEY}" }}
-  - {{ name: mock, base_url: "{mock.base_url}", api_key: "{PROVIDER_KEY}" }}
-models:
-  - name: gpt-4o-mini
-    strategy: priority
-    targets: [{{ provider: vllm, model: served }}, {{ provider: mock, model: mock-small }}]
-tenants:
-  - id: acme
-    keys: ["{TENANT_KEY}"]
-"""
-
-    gateway = Runestone(config)
+    provider = ScriptedProvider(TOKENS + [VLLM_ERROR], linger=1.5)
+    gateway = scripted_gateway(provider, mock, failures=5)
     try:
         before = len(mock.requests())
         read = b""
@@ -379,21 +394,76 @@ tenants:
                 if b'"object":"error"' in read:
                     break
         line = access_line(gateway, "gone-at-error")
-        assert (line["attempts"], line["resumptions"], line["provider"]) == (1, 0, "vllm")
+        assert (line["attempts"], line["resumptions"], line["provider"]) == (1, 0, "scripted")
         # Its code (500) says it was the provider's failure.
         assert line["error"] == "provider_stream_broken"
         assert len(mock.requests()) == before
         # Read to its end: the error is the stream's last event.
-        with httpx.stream("POST", f"http://127.0.0.1:{gateway.port}/v1/chat/completions", timeout=20,
-                          headers={"authorization": f"Bearer {TENANT_KEY}", "x-request-id": "read-past-error"},
-                          json={"model": "gpt-4o-mini", "stream": True,
-                                "messages": [{"role": "user", "content": "hi"}]}) as answer:
-            read = answer.read()
-        events = [e for e in read.decode().split("\n\n") if e.strip()]
+        events = read_stream(gateway, "read-past-error")
         assert '"object":"error"' in events[-1], events
         line = access_line(gateway, "read-past-error")
         assert (line["attempts"], line["resumptions"], line["error"]) == (1, 0, "provider_stream_broken")
         assert len(mock.requests()) == before
+    finally:
+        gateway.stop()
+        provider.stop()
+
+
+@pytest.mark.parametrize("error,reason", [
+    # TGI: its message in `error`, its class in `error_type`.
+    ('data: {"error":"Input validation error: `inputs` tokens + `max_new_tokens` must be <= 4096. Given: 9000",'
+     '"error_type":"validation"}\n\n', "invalid_request"),
+    # A prompt too long, said only in words.
+    ('data: {"error":{"message":"This model\'s maximum context length is 4096 tokens. However, you requested '
+     '9000 tokens."}}\n\n', "invalid_request"),
+    # A request's fault whose code names a server.
+    ('data: {"error":{"message":"bad url","type":"invalid_request_error","code":"invalid_mcp_server_url"}}\n\n',
+     "invalid_request"),
+    (VLLM_ERROR, "provider_stream_broken"),
+])
+def test_an_error_event_ends_the_stream_at_once_and_is_judged_by_its_class(mock, error, reason):
+    # What the provider sent after its error event went on to the client
+    # (more text, a `[DONE]`, the gateway's own usage chunk), and a body
+    # kept open after it held the client's stream until the idle timeout
+    # (here 30 s). A request's fault told in TGI's words, or only in the
+    # message, or in a code that names a server, opened the breaker.
+    provider = ScriptedProvider(TOKENS + [error, chunk_event({"content": "after"}), "data: [DONE]\n\n"],
+                                linger=20)
+    gateway = scripted_gateway(provider, mock)
+    try:
+        started = time.monotonic()
+        events = read_stream(gateway, "error-then-more")
+        assert time.monotonic() - started < 10
+        assert events[-1] == error.strip(), events
+        line = access_line(gateway, "error-then-more")
+        assert (line["status"], line["error"], line["provider"]) == (200, reason, "scripted"), line
+        assert line["completion_tokens"] >= 3
+        # A request's fault leaves the deployment serving.
+        read_stream(gateway, "next")
+        then = "scripted" if reason == "invalid_request" else "mock"
+        assert access_line(gateway, "next")["provider"] == then
+    finally:
+        gateway.stop()
+        provider.stop()
+
+
+def test_an_empty_error_member_in_every_chunk_is_no_error(mock):
+    # Some servers put `"error": ""` (or false) in every chunk: a whole
+    # stream was taken for the provider's failure and opened the breaker.
+    events = [chunk_event({"role": "assistant", "content": ""}, error=""),
+              chunk_event({"content": "hello"}, error=False),
+              chunk_event({}, finish="stop", error=""), "data: [DONE]\n\n"]
+    provider = ScriptedProvider(events)
+    gateway = scripted_gateway(provider, mock)
+    try:
+        chunks = list(gateway.client().chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], stream=True,
+            extra_headers={"x-request-id": "empty-errors"}))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "hello"
+        line = access_line(gateway, "empty-errors")
+        assert (line["error"], line["provider"]) == (None, "scripted")
+        read_stream(gateway, "next")
+        assert access_line(gateway, "next")["provider"] == "scripted"
     finally:
         gateway.stop()
         provider.stop()
@@ -503,6 +573,45 @@ def test_an_in_band_error_counts_against_the_deployment_only_when_the_provider_f
         gateway.client().chat.completions.create(
             model=model, messages=[{"role": "user", "content": "next"}], extra_headers={"x-request-id": "next"})
         assert access_line(gateway, "next")["provider"] == then
+    finally:
+        gateway.stop()
+
+
+@pytest.mark.parametrize("code", [None, "invalid_prompt", "context_length_exceeded"])
+def test_an_in_band_error_before_any_content_is_answered_by_its_status(mock, code):
+    # The error event came before anything was sent on: the client got a
+    # 200 and the event, and even a server error was not failed over.
+    gateway = PairGateway(mock)
+    try:
+        fault = {"error_after_chunks": 0, "count": 1, "path": "/v1/chat/completions"}
+        if code:
+            fault["error_code"] = code
+        mock.fault(fault)
+
+        def create():
+            return gateway.client().chat.completions.create(
+                model="pair", messages=[{"role": "user", "content": "hi"}], stream=True,
+                extra_headers={"x-request-id": "error-first"})
+
+        if code is None:
+            # The provider failed: the next deployment answers, whole.
+            text = "".join(c.choices[0].delta.content or "" for c in create() if c.choices)
+            assert text
+            line = access_line(gateway, "error-first")
+            assert (line["status"], line["error"], line["attempts"], line["provider"]) == (200, None, 2, "second")
+        else:
+            # The request's fault: its status, and the provider's words.
+            with pytest.raises(openai.BadRequestError) as refused:
+                create()
+            assert refused.value.status_code == 400
+            assert code in refused.value.message
+            if code == "context_length_exceeded":
+                assert refused.value.code == "context_length_exceeded"
+            line = access_line(gateway, "error-first")
+            assert (line["status"], line["error"], line["attempts"]) == (400, "invalid_request", 1), line
+            gateway.client().chat.completions.create(
+                model="pair", messages=[{"role": "user", "content": "next"}], extra_headers={"x-request-id": "next"})
+            assert access_line(gateway, "next")["provider"] == "first"
     finally:
         gateway.stop()
 

@@ -370,9 +370,11 @@ impl Attempt<'_> {
                         )));
                     }
                     first.scan(&out);
-                    // An error before any content: this deployment failed
-                    // (after content, the client gets the event).
-                    if let Some(error) = meter.translated_error().filter(|_| !first.found()) {
+                    // An error event before any content: nothing sent yet,
+                    // so judged as the status it stands for (another
+                    // deployment may answer); after content, the client
+                    // gets the event.
+                    if let Some(error) = meter.in_band_error().filter(|_| !first.found()) {
                         return Err(self.error_in_answer(error.clone(), &redactor));
                     }
                     held.extend_from_slice(&out);
@@ -386,7 +388,7 @@ impl Attempt<'_> {
                     let last = redactor.feed(meter.read_last_event());
                     first.scan(&last);
                     held.extend_from_slice(&last);
-                    if let Some(error) = meter.translated_error().filter(|_| !first.found()) {
+                    if let Some(error) = meter.in_band_error().filter(|_| !first.found()) {
                         return Err(self.error_in_answer(error.clone(), &redactor));
                     }
                     ended = true;

@@ -234,14 +234,9 @@ impl Meter {
     }
 
     /// The status the provider's in-band error event stands for, if the
-    /// stream carried one ([`crate::openai::in_band_status`]; a translated
-    /// stream's error as translated).
+    /// stream carried one (see [`Meter::in_band_error`]).
     fn in_band_status(&self) -> Option<u16> {
-        match self {
-            Meter::Stream(meter) => meter.error_status(),
-            Meter::Translated(translator) => translator.error().map(|error| error.status),
-            _ => None,
-        }
+        self.in_band_error().map(|error| error.status)
     }
 
     /// Whether the stream carried an in-band error that was the provider's
@@ -251,10 +246,12 @@ impl Meter {
             .is_some_and(|status| in_band_judgement(status).0 == Outcome::Failure)
     }
 
-    /// The error a translated stream's provider ended it with (its
-    /// `error` event).
-    pub(super) fn translated_error(&self) -> Option<&ApiError> {
+    /// The provider's in-band error event, if the stream carried one, as
+    /// the gateway's error ([`ApiError::from_in_band`]; a translated
+    /// stream's as translated).
+    pub(super) fn in_band_error(&self) -> Option<&ApiError> {
         match self {
+            Meter::Stream(meter) => meter.error(),
             Meter::Translated(translator) => translator.error(),
             _ => None,
         }
@@ -791,12 +788,6 @@ impl Copy<'_> {
                     warn!(request_id = %self.request_id, provider = %self.provider.name, "provider did not end the body after the stream's last event");
                     break;
                 }
-                // Nor after its error event for a request at fault: that
-                // was its answer.
-                Ok(Err(_)) | Err(_) if meter.carried_error() && !meter.provider_failed() => {
-                    warn!(request_id = %self.request_id, provider = %self.provider.name, "provider did not end the body after its error event");
-                    break;
-                }
                 Ok(Err(e)) => {
                     warn!(request_id = %self.request_id, provider = %self.provider.name, error = %e, "provider broke off the response");
                     return BodyEnd::ProviderBroke(format!(
@@ -930,7 +921,9 @@ impl Copy<'_> {
     /// When the last event of a whole answer went by: settles (before its
     /// client has it, so that its next request finds its slot free) and
     /// says until when the rest of the body is read (see
-    /// [`AFTER_LAST_EVENT`]).
+    /// [`AFTER_LAST_EVENT`]). After the provider's error event, which ends
+    /// what the client gets, the body's end is awaited as briefly (and
+    /// the stream judged by the error there).
     async fn after_last(
         &self,
         report: &mut Report,
@@ -938,15 +931,19 @@ impl Copy<'_> {
         meter: &Meter,
         settled: &mut bool,
     ) -> Option<Instant> {
-        if !meter.said_last() || meter.halted() {
+        if meter.halted() || !(meter.said_last() || meter.carried_error()) {
             return None;
+        }
+        let until = (Instant::now() + self.idle.min(AFTER_LAST_EVENT)).min(self.deadline);
+        if !meter.said_last() {
+            return Some(until);
         }
         // Until what it used is final, settled when it is or at the body's
         // end (some servers send their usage after `[DONE]`).
         if meter.usage_final() {
             self.settle(report, settle, meter, settled).await;
         }
-        Some((Instant::now() + self.idle.min(AFTER_LAST_EVENT)).min(self.deadline))
+        Some(until)
     }
 
     /// The whole answer is in hand: settle the admission and tell the

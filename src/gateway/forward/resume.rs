@@ -425,12 +425,10 @@ impl Record {
                 *slot = Some(serde_json::from_str(raw.get())?);
             }
         }
-        let says_error = |object: &RawValue| {
-            object.get() == "\"error\""
-                || (object.get().contains('\\')
-                    && serde_json::from_str::<String>(object.get()).is_ok_and(|o| o == "error"))
-        };
-        if chunk.error.is_some() || chunk.object.is_some_and(says_error) {
+        let says_error = chunk
+            .object
+            .is_some_and(|object| crate::json::is_str(object, "error"));
+        if chunk.error.is_some() || says_error {
             self.final_ = true;
         }
         let choices = chunk.choices.0.unwrap_or_default();
