@@ -608,9 +608,10 @@ impl ApiError {
 /// The HTTP status an error object stands for: the one it names (`code`,
 /// `status`, a number from 400 to 599, as vLLM and Gemini put it), else
 /// the one its classes say (`code`, `status`, `type`, TGI's `error_type`:
-/// see [`class_status`]; a rate limit over a fault of the request over a
-/// server error, so that a code naming a server in a request's fault, as
-/// `invalid_mcp_server_url` does, stays the request's), else a prompt too
+/// see [`class_status`]; a rate limit over a refused key over a fault of
+/// the request over a server error, so that a code naming a server in a
+/// request's fault, as `invalid_mcp_server_url` does, stays the
+/// request's), else a prompt too
 /// long said in words (400), else 500: the provider's failure.
 pub fn error_status(error: &serde_json::Value) -> u16 {
     use serde_json::Value;
@@ -636,7 +637,10 @@ pub fn error_status(error: &serde_json::Value) -> u16 {
         .filter_map(|field| field.as_str())
         .filter_map(class_status)
         .collect();
-    if let Some(status) = [429, 400, 500].into_iter().find(|c| classes.contains(c)) {
+    if let Some(status) = [429, 401, 400, 500]
+        .into_iter()
+        .find(|c| classes.contains(c))
+    {
         return status;
     }
     // OpenAI-compatible servers often say only this (see
@@ -650,8 +654,9 @@ pub fn error_status(error: &serde_json::Value) -> u16 {
 
 /// The status an error class names (OpenAI's `type` and `code`, vLLM's
 /// exception names, Gemini's `status`, TGI's `error_type`), when it says
-/// whose fault it was: a rate limit or an exhausted quota is 429; a fault
-/// of the request (invalid, a bad request, failed validation, something
+/// whose fault it was: a rate limit or an exhausted quota is 429; the
+/// gateway's key refused 401; a fault of the request (invalid, a bad
+/// request, failed validation, something
 /// not found or not supported, an image that cannot be read, a content
 /// filter, a prompt too long) 400; a server error, an overload, an outage
 /// or a timeout 500.
@@ -666,6 +671,14 @@ fn class_status(class: &str) -> Option<u16> {
         "too_many_requests",
     ]) {
         Some(429)
+    } else if names(&[
+        "authentication",
+        "unauthorized",
+        "permission",
+        "forbidden",
+        "api_key",
+    ]) {
+        Some(401)
     } else if class.starts_with("invalid")
         || names(&[
             "bad_request",

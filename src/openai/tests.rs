@@ -352,6 +352,15 @@ fn tells_whose_fault_an_in_band_error_was() {
             r#"{"error":{"type":"invalid_request_error","code":"image_download_timeout","message":"x"}}"#,
             400,
         ),
+        // The gateway's key refused, in words.
+        (
+            r#"{"error":{"message":"Incorrect API key provided","type":"invalid_request_error","code":"invalid_api_key"}}"#,
+            401,
+        ),
+        (
+            r#"{"error":{"code":403,"message":"denied","status":"PERMISSION_DENIED"}}"#,
+            403,
+        ),
         // A number out of range is passed over for the next.
         (r#"{"error":{"code":200,"status":429,"message":"x"}}"#, 429),
         // Nothing said, or not said in JSON: the provider's.

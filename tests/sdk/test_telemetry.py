@@ -420,6 +420,9 @@ def test_a_stream_after_a_vllm_error_event_is_not_resumed_elsewhere(mock):
     ('data: {"error":{"message":"bad url","type":"invalid_request_error","code":"invalid_mcp_server_url"}}\n\n',
      "invalid_request"),
     (VLLM_ERROR, "provider_stream_broken"),
+    # The gateway's key refused: nothing said of the deployment's health.
+    ('data: {"error":{"message":"Incorrect API key provided.","type":"invalid_request_error",'
+     '"code":"invalid_api_key"}}\n\n', "provider_5xx"),
 ])
 def test_an_error_event_ends_the_stream_at_once_and_is_judged_by_its_class(mock, error, reason):
     # What the provider sent after its error event went on to the client
@@ -440,7 +443,7 @@ def test_an_error_event_ends_the_stream_at_once_and_is_judged_by_its_class(mock,
         assert line["completion_tokens"] >= 3
         # A request's fault leaves the deployment serving.
         read_stream(gateway, "next")
-        then = "scripted" if reason == "invalid_request" else "mock"
+        then = "mock" if reason == "provider_stream_broken" else "scripted"
         assert access_line(gateway, "next")["provider"] == then
     finally:
         gateway.stop()
@@ -577,10 +580,11 @@ def test_an_in_band_error_counts_against_the_deployment_only_when_the_provider_f
         gateway.stop()
 
 
-@pytest.mark.parametrize("code", [None, "invalid_prompt", "context_length_exceeded"])
+@pytest.mark.parametrize("code", [None, "invalid_api_key", "invalid_prompt", "context_length_exceeded"])
 def test_an_in_band_error_before_any_content_is_answered_by_its_status(mock, code):
     # The error event came before anything was sent on: the client got a
-    # 200 and the event, and even a server error was not failed over.
+    # 200 and the event, and even a server error was not failed over; a
+    # refused key reached the client.
     gateway = PairGateway(mock)
     try:
         fault = {"error_after_chunks": 0, "count": 1, "path": "/v1/chat/completions"}
@@ -593,8 +597,9 @@ def test_an_in_band_error_before_any_content_is_answered_by_its_status(mock, cod
                 model="pair", messages=[{"role": "user", "content": "hi"}], stream=True,
                 extra_headers={"x-request-id": "error-first"})
 
-        if code is None:
-            # The provider failed: the next deployment answers, whole.
+        if code in (None, "invalid_api_key"):
+            # The provider failed, or refused the gateway's key: the next
+            # deployment answers, whole.
             text = "".join(c.choices[0].delta.content or "" for c in create() if c.choices)
             assert text
             line = access_line(gateway, "error-first")

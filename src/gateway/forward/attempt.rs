@@ -658,8 +658,9 @@ impl Attempt<'_> {
     /// The provider's error inside an answer that came with a 200 (a JSON
     /// error body, a stream's error event before any content), masked of
     /// the provider's key and taken as the status it names would be: a
-    /// 429 rests the deployment, another 4xx is the client's answer (no
-    /// breaker counts it), anything else fails the deployment.
+    /// 429 rests the deployment, a 401 or 403 (the gateway's key refused)
+    /// moves on without a breaker count, another 4xx is the client's answer
+    /// (no breaker counts it), anything else fails the deployment.
     fn error_in_answer(&self, mut error: ApiError, redactor: &Redactor<'_>) -> Attempted {
         error.message = String::from_utf8_lossy(&redactor.redact(error.message.as_bytes())).into();
         match error.status {
@@ -672,6 +673,16 @@ impl Attempt<'_> {
                     Attempted::RateLimited(error),
                 )
             }
+            // The gateway's key refused: another deployment may serve,
+            // and the client is not told of a key it did not send.
+            401 | 403 => self.outcome(
+                Outcome::Neutral,
+                Domain::Deployment,
+                Attempted::deployment(ApiError::upstream_error(format!(
+                    "The provider '{}' refused the gateway's credentials.",
+                    self.provider().name
+                ))),
+            ),
             400..=499 => self.outcome(
                 Outcome::Neutral,
                 Domain::Deployment,

@@ -974,11 +974,14 @@ impl Copy<'_> {
 /// How a stream that ended with the provider's in-band error event of
 /// `status` ([`crate::openai::in_band_status`]) counts: for the breaker,
 /// and as a `runestone_errors_total` reason. A rate limit rests the
-/// deployment; a fault of the request is the provider's answer to it (the
-/// client's error, as a 4xx passed on is); anything else failed.
+/// deployment; the gateway's key refused says nothing of the deployment's
+/// health (as a 401 or 403 answer); a fault of the request is the
+/// provider's answer to it (the client's error, as a 4xx passed on is);
+/// anything else failed.
 fn in_band_judgement(status: u16) -> (Outcome, &'static str) {
     match status {
         429 => (Outcome::RateLimited(None), "provider_429"),
+        401 | 403 => (Outcome::Neutral, "provider_5xx"),
         400..=499 => (Outcome::Success, "invalid_request"),
         _ => (Outcome::Failure, "provider_stream_broken"),
     }

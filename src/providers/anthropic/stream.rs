@@ -432,7 +432,12 @@ impl StreamTranslator {
                     Some("overloaded_error") => 529,
                     _ => crate::openai::error_status(&event["error"]),
                 };
-                let error = to_openai_error(status, event.to_string().as_bytes());
+                let mut error = to_openai_error(status, event.to_string().as_bytes());
+                // A refused key keeps its status: it says nothing of the
+                // deployment's health, as a 401 or 403 answer does not.
+                if matches!(status, 401 | 403) {
+                    error.status = status;
+                }
                 out.extend_from_slice(&error.sse_event());
                 self.error = Some(Box::new(error));
                 self.finished = true;
