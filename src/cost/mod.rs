@@ -323,12 +323,13 @@ impl Probe<'_> {
     }
 
     /// Whether the event is the provider's error: an `error` object or
-    /// message (not `null`, `false` or `""`, which some servers put in
-    /// every chunk), or vLLM's `"object": "error"`.
+    /// message with something in it (not `null`, `false`, `""` or `{}`,
+    /// which some servers put in every chunk), or vLLM's
+    /// `"object": "error"`.
     fn is_error(&self) -> bool {
-        self.error.is_some_and(|e| {
-            e.get().starts_with('{') || (e.get().starts_with('"') && e.get() != "\"\"")
-        }) || self.object.is_some_and(|o| crate::json::is_str(o, "error"))
+        self.error
+            .is_some_and(|error| crate::openai::error_said(error.get()))
+            || self.object.is_some_and(|o| crate::json::is_str(o, "error"))
     }
 
     /// Whether the event has a `usage` object, readable or not.

@@ -298,8 +298,11 @@ impl StreamMeter {
             } else {
                 self.note_event_kind(kind, b"");
             }
-        } else if first_key(&head) == Some("error") {
-            self.note_error(&kept());
+        } else {
+            let kept = kept();
+            if crate::openai::kept_event_is_error(&kept) {
+                self.note_error(&kept);
+            }
         }
         if let Some(usage) = super::reported_usage_in_tail(&tail) {
             self.usage = Some(usage);
@@ -640,17 +643,6 @@ fn event_kind(head: &[u8]) -> Option<&str> {
         }
     }
     None
-}
-
-/// The name of the first member of the object an event's head opens its
-/// `data:` with (`{"error": ...` gives `error`).
-fn first_key(head: &[u8]) -> Option<&str> {
-    let text = std::str::from_utf8(head)
-        .or_else(|e| std::str::from_utf8(&head[..e.valid_up_to()]))
-        .ok()?;
-    let data = text.lines().find_map(|line| line.strip_prefix("data:"))?;
-    let rest = data.trim_start().strip_prefix('{')?.trim_start();
-    rest.strip_prefix('"')?.split_once('"').map(|(key, _)| key)
 }
 
 fn trailing_newline_len(line: &[u8]) -> usize {

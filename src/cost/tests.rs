@@ -517,7 +517,7 @@ fn error_events_of_every_shape_keep_a_done_from_ending_a_whole_answer() {
         assert!(meter.saw_error() && !meter.said_last(), "{error}");
     }
     // Some servers put an empty error in every chunk.
-    for empty in ["null", "\"\"", "false"] {
+    for empty in ["null", "\"\"", "false", "0", "{}", "{ }", "[]"] {
         let mut meter = StreamMeter::new(false);
         let chunks = good.replace("\"choices\"", &format!("\"error\":{empty},\"choices\""));
         run(&mut meter, &format!("{chunks}data: [DONE]\n\n"), 4096);

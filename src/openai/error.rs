@@ -536,17 +536,50 @@ pub fn in_band_status(payload: &[u8]) -> u16 {
     error_status(error_object(&read_event(payload)))
 }
 
+/// Whether an event's `error` member makes it an error event: whether it
+/// is not empty, as the OpenAI Python SDK reads it (it raises at such an
+/// event); `null`, `false`, `0`, `""`, `{}` and `[]` are not (some servers
+/// put one in every chunk).
+pub fn error_says(error: &serde_json::Value) -> bool {
+    use serde_json::Value;
+    match error {
+        Value::Null => false,
+        Value::Bool(said) => *said,
+        Value::Number(n) => n.as_f64() != Some(0.0),
+        Value::String(message) => !message.is_empty(),
+        Value::Array(items) => !items.is_empty(),
+        Value::Object(members) => !members.is_empty(),
+    }
+}
+
+/// [`error_says`] of an `error` member's raw JSON.
+pub fn error_said(raw: &str) -> bool {
+    match raw {
+        "null" | "false" | "0" | "\"\"" | "{}" | "[]" => false,
+        _ => serde_json::from_str(raw).is_ok_and(|error| error_says(&error)),
+    }
+}
+
+/// Whether what was kept of an event too long to hold (its head and tail)
+/// is the provider's error event: an `error` member that says something
+/// (one cut by the bound says a lot), or vLLM's `"object": "error"`.
+pub fn kept_event_is_error(kept: &[u8]) -> bool {
+    let event = read_event(kept);
+    error_says(&event["error"]) || event["object"] == "error"
+}
+
 /// An error event's JSON; for one that is not whole (an event too long to
 /// hold, of which its head and tail were kept), what can be read of it:
-/// its first `error`, `code` and `type` members that are whole in it (a
-/// member inside a string is escaped, so cannot be taken for one).
+/// its first members of the names an error is read by that are whole in it
+/// (a member inside a string is escaped, so cannot be taken for one); an
+/// `error` cut short is taken as a message.
 fn read_event(payload: &[u8]) -> serde_json::Value {
     use serde_json::Value;
     if let Ok(event) = serde_json::from_slice(payload) {
         return event;
     }
     let mut event = serde_json::Map::new();
-    for key in ["error", "code", "type"] {
+    for key in ["error", "object", "code", "status", "type", "error_type"] {
         let member = format!("\"{key}\":");
         let Some(at) = memchr::memmem::find(payload, member.as_bytes()) else {
             continue;
@@ -554,8 +587,14 @@ fn read_event(payload: &[u8]) -> serde_json::Value {
         let value = serde_json::Deserializer::from_slice(&payload[at + member.len()..])
             .into_iter::<Value>()
             .next();
-        if let Some(Ok(value)) = value {
-            event.insert(key.to_owned(), value);
+        match value {
+            Some(Ok(value)) => {
+                event.insert(key.to_owned(), value);
+            }
+            Some(Err(_)) if key == "error" => {
+                event.insert(key.to_owned(), Value::from("(cut by the gateway's bound)"));
+            }
+            _ => {}
         }
     }
     Value::Object(event)
@@ -571,14 +610,11 @@ fn error_object(event: &serde_json::Value) -> &serde_json::Value {
         .unwrap_or(event)
 }
 
-/// The longest message kept of a provider's in-band error.
-const MAX_IN_BAND_MESSAGE_CHARS: usize = 1000;
-
 impl ApiError {
     /// The provider's in-band error event (`payload`) as the gateway's own
     /// error, for a stream that has sent nothing yet: the status it stands
-    /// for ([`in_band_status`]) and its message (at most
-    /// [`MAX_IN_BAND_MESSAGE_CHARS`]); a prompt too long as OpenAI says it.
+    /// for ([`in_band_status`]) and its message (unmasked: the caller masks
+    /// the provider's key); a prompt too long as OpenAI says it.
     pub fn from_in_band(payload: &[u8]) -> Self {
         let event = read_event(payload);
         let error = error_object(&event);
@@ -587,12 +623,13 @@ impl ApiError {
             .or(error["error"].as_str())
             .filter(|message| !message.trim().is_empty())
             .unwrap_or("The provider ended the stream with an error.")
-            .chars()
-            .take(MAX_IN_BAND_MESSAGE_CHARS)
-            .collect();
+            .to_owned();
         match error_status(error) {
             429 => Self::new(429, "rate_limit_error", "upstream_rate_limited", message),
-            400..=499 if error["code"] == "context_length_exceeded" => {
+            400..=499
+                if error["code"] == "context_length_exceeded"
+                    || message.contains("maximum context length") =>
+            {
                 Self::context_length_exceeded(message)
             }
             status @ 400..=499 => {

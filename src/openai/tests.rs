@@ -393,11 +393,14 @@ fn an_in_band_error_becomes_the_gateways_error_of_its_status() {
     let failed = ApiError::from_in_band(b"not json");
     assert_eq!((failed.status, failed.reason()), (502, "provider_5xx"));
     assert!(!failed.message.is_empty());
-    let long = format!(
-        r#"{{"error":{{"message":"{}","type":"server_error"}}}}"#,
-        "x".repeat(5000)
+    // A prompt too long said only in words is said as OpenAI says it.
+    let in_words = ApiError::from_in_band(
+        br#"{"error":{"message":"This model's maximum context length is 4096 tokens."}}"#,
     );
-    assert_eq!(ApiError::from_in_band(long.as_bytes()).message.len(), 1000);
+    assert_eq!(
+        (in_words.status, in_words.code),
+        (400, "context_length_exceeded")
+    );
 }
 
 #[test]

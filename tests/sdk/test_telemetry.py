@@ -451,11 +451,13 @@ def test_an_error_event_ends_the_stream_at_once_and_is_judged_by_its_class(mock,
 
 
 def test_an_empty_error_member_in_every_chunk_is_no_error(mock):
-    # Some servers put `"error": ""` (or false) in every chunk: a whole
-    # stream was taken for the provider's failure and opened the breaker.
+    # Some servers put `"error": ""` (or false, or {}) in every chunk: a
+    # whole stream was taken for the provider's failure and opened the
+    # breaker, and (with an error ending what the client gets) cut short.
     events = [chunk_event({"role": "assistant", "content": ""}, error=""),
-              chunk_event({"content": "hello"}, error=False),
-              chunk_event({}, finish="stop", error=""), "data: [DONE]\n\n"]
+              chunk_event({"content": "hel"}, error=False),
+              chunk_event({"content": "lo"}, error={}),
+              chunk_event({}, finish="stop", error=None), "data: [DONE]\n\n"]
     provider = ScriptedProvider(events)
     gateway = scripted_gateway(provider, mock)
     try:
@@ -619,6 +621,110 @@ def test_an_in_band_error_before_any_content_is_answered_by_its_status(mock, cod
             assert access_line(gateway, "next")["provider"] == "first"
     finally:
         gateway.stop()
+
+
+def test_a_responses_error_before_any_content_fails_over(mock):
+    # Its error event was taken for content: the client got a 200 stream
+    # with the error, and no other deployment was asked.
+    gateway = PairGateway(mock)
+    try:
+        mock.fault({"error_after_chunks": 0, "count": 1, "path": "/v1/responses"})
+        with gateway.client().responses.create(model="pair", input="hi", stream=True,
+                                               extra_headers={"x-request-id": "responses-error-first"}) as stream:
+            kinds = [event.type for event in stream]
+        assert kinds[-1] == "response.completed" and "error" not in kinds, kinds
+        line = access_line(gateway, "responses-error-first")
+        assert (line["status"], line["error"], line["attempts"], line["provider"]) == (200, None, 2, "second")
+    finally:
+        gateway.stop()
+
+
+def test_an_error_chunk_before_any_content_fails_over_or_moves_to_a_larger_context(mock):
+    # OpenRouter's in-band error chunk (its choice has finish_reason
+    # "error") was taken for content; a prompt too long said so before any
+    # content reached the client as a 400, past the context fallbacks.
+    openrouter = ScriptedProvider([chunk_event({"role": "assistant", "content": ""}),
+                                   chunk_event({"content": ""}, finish="error",
+                                               error={"code": 502, "message": "upstream died"})])
+    too_long = ScriptedProvider([chunk_event({"role": "assistant", "content": ""}),
+                                 'data: {"error":{"message":"This model\'s maximum context length is 4096 tokens. '
+                                 'However, you requested 9000 tokens.","type":"BadRequestError","code":400}}\n\n'])
+
+    def config(port, metrics_port, directory):
+        return server_yaml(port, metrics_port, directory) + f"""
+providers:
+  - {{ name: openrouter, base_url: "{openrouter.base_url}", api_key: "{PROVIDER_KEY}" }}
+  - {{ name: small, base_url: "{too_long.base_url}", api_key: "{PROVIDER_KEY}" }}
+  - {{ name: mock, base_url: "{mock.base_url}", api_key: "{PROVIDER_KEY}" }}
+models:
+  - name: routed
+    strategy: priority
+    targets: [{{ provider: openrouter, model: any }}, {{ provider: mock, model: mock-small }}]
+  - name: ctx
+    targets: [{{ provider: small, model: small }}]
+    context_fallbacks: [big]
+  - name: big
+    targets: [{{ provider: mock, model: mock-large }}]
+tenants:
+  - id: acme
+    keys: ["{TENANT_KEY}"]
+"""
+
+    gateway = Runestone(config)
+    try:
+        for model, request_id, provider in [("routed", "openrouter-first", "mock"), ("ctx", "too-long-first", "mock")]:
+            chunks = list(gateway.client().chat.completions.create(
+                model=model, messages=[{"role": "user", "content": "hi"}], stream=True,
+                extra_headers={"x-request-id": request_id}))
+            assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices), model
+            line = access_line(gateway, request_id)
+            assert (line["status"], line["error"], line["attempts"], line["provider"]) == (200, None, 2, provider)
+        assert access_line(gateway, "too-long-first")["model"] == "big"
+    finally:
+        gateway.stop()
+        openrouter.stop()
+        too_long.stop()
+
+
+def test_a_provider_key_in_a_long_error_before_any_content_is_masked_whole(mock):
+    # The message was cut to 1,000 characters before the key was masked:
+    # a key cut in two went to the client in part.
+    message = "y" * 985 + " " + PROVIDER_KEY + " tail"
+    provider = ScriptedProvider([chunk_event({"role": "assistant", "content": ""}),
+                                 "data: " + json.dumps({"error": {"message": message,
+                                                                  "type": "invalid_request_error"}}) + "\n\n"])
+    gateway = scripted_gateway(provider, mock)
+    try:
+        with pytest.raises(openai.BadRequestError) as refused:
+            gateway.client().chat.completions.create(model="gpt-4o-mini", stream=True,
+                                                     messages=[{"role": "user", "content": "hi"}])
+        text = refused.value.response.text
+        assert "y" * 900 in text
+        assert PROVIDER_KEY[:8] not in text and PROVIDER_KEY[-8:] not in text, text[-80:]
+    finally:
+        gateway.stop()
+        provider.stop()
+
+
+def test_an_error_event_too_long_to_hold_is_judged_by_its_class(mock):
+    # An error over 1 MiB whose first member is not `error` (vLLM's flat
+    # shape) was not seen: the gateway added its own error after it, and
+    # the request's fault opened the breaker.
+    error = "data: " + json.dumps({"object": "error", "message": "x" * (1100 * 1024),
+                                   "type": "BadRequestError", "param": None, "code": 400}) + "\n\n"
+    provider = ScriptedProvider(TOKENS + [error])
+    gateway = scripted_gateway(provider, mock)
+    try:
+        events = read_stream(gateway, "huge-error")
+        assert events[-1] == error.strip() and '"object": "error"' in events[-1]
+        assert sum('"error"' in e for e in events) == 1
+        line = access_line(gateway, "huge-error")
+        assert (line["status"], line["error"], line["provider"]) == (200, "invalid_request", "scripted"), line
+        read_stream(gateway, "next")
+        assert access_line(gateway, "next")["provider"] == "scripted"
+    finally:
+        gateway.stop()
+        provider.stop()
 
 
 def test_a_client_leaving_before_the_answer_is_logged_as_such(gateway, mock):

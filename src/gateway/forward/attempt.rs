@@ -27,6 +27,10 @@ use pingora::{ErrorSource, ErrorType};
 use std::time::{Duration, Instant};
 use tracing::{debug, warn};
 
+/// The longest message of a provider's error kept for the client (after
+/// its key is masked).
+const MAX_ERROR_MESSAGE_CHARS: usize = 1000;
+
 /// One attempt: where, and for what.
 pub(super) struct Attempt<'a> {
     pub forwarder: &'a Forwarder,
@@ -660,9 +664,15 @@ impl Attempt<'_> {
     /// the provider's key and taken as the status it names would be: a
     /// 429 rests the deployment, a 401 or 403 (the gateway's key refused)
     /// moves on without a breaker count, another 4xx is the client's answer
-    /// (no breaker counts it), anything else fails the deployment.
+    /// (no breaker counts it; a prompt too long moves to the context
+    /// fallbacks), anything else fails the deployment.
     fn error_in_answer(&self, mut error: ApiError, redactor: &Redactor<'_>) -> Attempted {
-        error.message = String::from_utf8_lossy(&redactor.redact(error.message.as_bytes())).into();
+        let masked = redactor.redact(error.message.as_bytes());
+        // Cut once masked: a key cut in two would not be found.
+        error.message = String::from_utf8_lossy(&masked)
+            .chars()
+            .take(MAX_ERROR_MESSAGE_CHARS)
+            .collect();
         match error.status {
             429 => {
                 let rest = self.forwarder.upstreams.rate_limit_cooldown();
@@ -683,6 +693,13 @@ impl Attempt<'_> {
                     self.provider().name
                 ))),
             ),
+            // A prompt too long moves on to a model with a larger context.
+            400..=499 if error.code == "context_length_exceeded" && self.may_change_context => self
+                .outcome(
+                    Outcome::Neutral,
+                    Domain::Deployment,
+                    Attempted::ContextTooLong(error),
+                ),
             400..=499 => self.outcome(
                 Outcome::Neutral,
                 Domain::Deployment,

@@ -989,7 +989,7 @@ fn in_band_judgement(status: u16) -> (Outcome, &'static str) {
 
 /// Watches an answer for its first content: a stream's first event that
 /// carries text, reasoning, a tool call, a finish reason or usage (a
-/// role-only event does not), or `[DONE]`, or an event that is not JSON at all (passed on as
+/// role-only event does not, nor the provider's error), or `[DONE]`, or an event that is not JSON at all (passed on as
 /// it is); a JSON answer's end. Fed the bytes as they go to the client.
 pub(super) struct FirstContent {
     stream: bool,
@@ -1059,6 +1059,11 @@ fn carries_content(payload: &[u8]) -> bool {
         /// A Responses API event's type.
         #[serde(default, borrow, rename = "type")]
         kind: Option<std::borrow::Cow<'a, str>>,
+        /// The provider's error (see `Probe::is_error`).
+        #[serde(default, borrow)]
+        error: Option<&'a serde_json::value::RawValue>,
+        #[serde(default, borrow)]
+        object: Option<&'a serde_json::value::RawValue>,
     }
     #[derive(serde::Deserialize)]
     struct Choice<'a> {
@@ -1090,12 +1095,27 @@ fn carries_content(payload: &[u8]) -> bool {
     let Ok(event) = serde_json::from_slice::<Event<'_>>(payload) else {
         return true;
     };
+    // The provider's error is no content, whatever else the event has
+    // (OpenRouter's carries a choice with `finish_reason: "error"`): one
+    // before any content is judged with nothing sent.
+    if event
+        .error
+        .is_some_and(|error| crate::openai::error_said(error.get()))
+        || event
+            .object
+            .is_some_and(|object| crate::json::is_str(object, "error"))
+    {
+        return false;
+    }
     if let Some(kind) = event.kind.as_deref() {
-        // A Responses API stream: its opening events carry nothing yet.
+        // A Responses API stream: its opening events carry nothing yet,
+        // nor does its error.
         if kind == "error" || kind.starts_with("response.") {
             return !matches!(
                 kind,
-                "response.created"
+                "error"
+                    | "response.failed"
+                    | "response.created"
                     | "response.in_progress"
                     | "response.queued"
                     | "response.output_item.added"

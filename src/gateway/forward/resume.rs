@@ -263,8 +263,9 @@ impl<'c> Resumable<'c> {
 /// What [`Record::observe`] reads of a chunk, borrowed from its text and
 /// in one pass: a tree of every chunk (a map allocated for each object in
 /// it) cost more than the rest of forwarding it. Read as a tree reads it:
-/// `id`, `created`, `model` and `error` count when there, `null` or not;
-/// `object` when it is the string `error` (vLLM's error event); `choices`
+/// `id`, `created` and `model` count when there, `null` or not; `error`
+/// when it says something ([`crate::openai::error_said`]), `object` when
+/// it is the string `error` (vLLM's error event); `choices`
 /// only as an array, a choice and its delta only as objects.
 #[derive(Deserialize)]
 struct Chunk<'a> {
@@ -428,7 +429,10 @@ impl Record {
         let says_error = chunk
             .object
             .is_some_and(|object| crate::json::is_str(object, "error"));
-        if chunk.error.is_some() || says_error {
+        let error = chunk
+            .error
+            .is_some_and(|error| crate::openai::error_said(error.get()));
+        if error || says_error {
             self.final_ = true;
         }
         let choices = chunk.choices.0.unwrap_or_default();
@@ -904,7 +908,7 @@ mod tests {
                 *slot = event.get(field).cloned();
             }
         }
-        if event.contains_key("error")
+        if event.get("error").is_some_and(crate::openai::error_says)
             || event.get("object").and_then(Value::as_str) == Some("error")
         {
             record.final_ = true;
