@@ -28,8 +28,10 @@ pub enum Landed {
     /// A complete answer that is not kept (too large, or not one to
     /// replay): followers of its stream have it all; it cost this much.
     Unstored(i64),
-    /// No answer to share: the waiters call the provider themselves.
-    Failed,
+    /// No answer to share: the waiters call the provider themselves (a
+    /// follower whose stream ended as the first request's did is logged
+    /// with its reason, when it had one: an in-band error's).
+    Failed(Option<&'static str>),
 }
 
 #[derive(Default)]
@@ -111,7 +113,7 @@ impl Flight {
                 return landed.clone();
             }
             if changes.changed().await.is_err() {
-                return Landed::Failed;
+                return Landed::Failed(None);
             }
         }
     }
@@ -293,7 +295,7 @@ impl Leader {
 
 impl Drop for Leader {
     fn drop(&mut self) {
-        self.land(Landed::Failed);
+        self.land(Landed::Failed(None));
         self.flights.lock().remove(&self.key);
     }
 }
@@ -371,7 +373,7 @@ mod tests {
             panic!("waits");
         };
         drop(leader);
-        assert!(matches!(flight.landed().await, Landed::Failed));
+        assert!(matches!(flight.landed().await, Landed::Failed(None)));
     }
 
     struct Sink(Vec<Bytes>);

@@ -9,7 +9,9 @@
 //! left out of what the client gets (OpenAI SDKs would fail on it) and is
 //! not counted; the stream goes on, unless the meter was asked to halt
 //! there (a stream that can be continued elsewhere breaks instead). An
-//! event too long to hold passes through unread.
+//! event too long to hold passes through unread. The provider's error
+//! event ends what is passed on, as the last event of a whole answer does
+//! (what follows either is read only for a usage report).
 
 use super::{sample_text, Estimate, Probe, Usage, MAX_LINE_BYTES};
 use crate::openai::ApiError;
@@ -42,7 +44,8 @@ pub struct StreamMeter {
     oversized: bool,
     /// Its first and last bytes, kept to read its type (a Responses
     /// stream's `response.completed` may be longer than the bound: it
-    /// carries the whole output again) and its usage (last in it).
+    /// carries the whole output again), its usage (last in it), and
+    /// whether it is an error and of which class.
     oversized_head: Vec<u8>,
     oversized_tail: Vec<u8>,
     usage: Option<Usage>,
@@ -406,7 +409,7 @@ impl StreamMeter {
         }
         // The usage chunk the gateway asked for, whether or not its usage
         // could be read (`{}`, impossible counts): never the client's.
-        if !has_choices && self.strip_usage && probe.has_usage_object() {
+        if !has_choices && self.strip_usage && probe.has_usage_object() && !probe.is_error() {
             return Verdict::Drop;
         }
         Verdict::Keep

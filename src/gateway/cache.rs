@@ -241,9 +241,9 @@ impl Gateway {
                         }
                         // The stream the client got ended with the error
                         // the first request got.
-                        Landed::Failed => {
+                        Landed::Failed(reason) => {
                             ctx.cache = Some("coalesced");
-                            ctx.error_reason = Some("provider_stream_broken");
+                            ctx.error_reason = Some(reason.unwrap_or("provider_stream_broken"));
                             self.release(ctx).await;
                         }
                     }
@@ -412,7 +412,12 @@ impl Gateway {
             leader.land(match (&entry, delivered) {
                 (Some(entry), _) => Landed::Answer(entry.clone()),
                 (None, true) => Landed::Unstored(cost_pusd),
-                (None, false) => Landed::Failed,
+                // Its client's leaving is not the followers'.
+                (None, false) => Landed::Failed(
+                    report
+                        .error_reason
+                        .filter(|reason| *reason != CLIENT_CLOSED),
+                ),
             });
         }
         let (Some(cache), Some(entry)) = (&self.cache, entry) else {

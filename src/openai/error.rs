@@ -527,15 +527,6 @@ pub fn is_context_length_error(body: &[u8]) -> bool {
             .is_some_and(|m| m.contains("maximum context length"))
 }
 
-/// The HTTP status an in-band error event stands for, to tell whose fault
-/// it was: a stream's `{"error": {...}}`, a vLLM-style `{"object": "error",
-/// ...}`, a Responses stream's `error` event or its `response.failed` (the
-/// response's `error`). See [`error_status`]; an event that is not JSON
-/// is the provider's failure (500).
-pub fn in_band_status(payload: &[u8]) -> u16 {
-    error_status(error_object(&read_event(payload)))
-}
-
 /// Whether an event's `error` member makes it an error event: whether it
 /// is not empty, as the OpenAI Python SDK reads it (it raises at such an
 /// event); `null`, `false`, `0`, `""`, `{}` and `[]` are not (some servers
@@ -613,7 +604,9 @@ fn error_object(event: &serde_json::Value) -> &serde_json::Value {
 impl ApiError {
     /// The provider's in-band error event (`payload`) as the gateway's own
     /// error, for a stream that has sent nothing yet: the status it stands
-    /// for ([`in_band_status`]) and its message (unmasked: the caller masks
+    /// for ([`error_status`] of its error object: its `error`, a Responses
+    /// failure's `response.error`, or the event itself) and its message
+    /// (unmasked: the caller masks
     /// the provider's key); a prompt too long as OpenAI says it.
     pub fn from_in_band(payload: &[u8]) -> Self {
         let event = read_event(payload);

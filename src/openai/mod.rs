@@ -15,7 +15,7 @@ mod rewrite;
 mod tests;
 
 pub use error::{
-    error_said, error_says, error_status, in_band_status, is_context_length_error, is_openai_error,
+    error_said, error_says, error_status, is_context_length_error, is_openai_error,
     kept_event_is_error, ApiError, Reason,
 };
 pub use form::Form;

@@ -339,14 +339,15 @@ class ScriptedProvider:
         self.server.server_close()
 
 
-def scripted_gateway(provider: ScriptedProvider, mock: Mock, failures: int = 1) -> Runestone:
-    """runestone with `scripted` first and the mock second for
-    gpt-4o-mini, each breaker opening at `failures` in a row."""
+def scripted_gateway(provider: ScriptedProvider, mock: Mock, failures: int = 1, kind: str = "openai") -> Runestone:
+    """runestone with `scripted` (of provider `kind`) first and the mock
+    second for gpt-4o-mini, each breaker opening at `failures` in a row."""
+    base_url = provider.base_url.removesuffix("/v1") if kind == "anthropic" else provider.base_url
 
     def config(port, metrics_port, directory):
         return server_yaml(port, metrics_port, directory) + f"""
 providers:
-  - {{ name: scripted, base_url: "{provider.base_url}", api_key: "{PROVIDER_KEY}", timeouts: {{ idle_ms: 30000 }} }}
+  - {{ name: scripted, kind: {kind}, base_url: "{base_url}", api_key: "{PROVIDER_KEY}", timeouts: {{ idle_ms: 30000 }} }}
   - {{ name: mock, base_url: "{mock.base_url}", api_key: "{PROVIDER_KEY}" }}
 models:
   - name: gpt-4o-mini
@@ -621,6 +622,61 @@ def test_an_in_band_error_before_any_content_is_answered_by_its_status(mock, cod
             assert access_line(gateway, "next")["provider"] == "first"
     finally:
         gateway.stop()
+
+
+def anthropic_event(kind: str, data: dict) -> str:
+    return f"event: {kind}\ndata: {json.dumps({'type': kind, **data})}\n\n"
+
+
+ANTHROPIC_START = anthropic_event("message_start", {"message": {
+    "id": "msg_1", "type": "message", "role": "assistant", "content": [],
+    "usage": {"input_tokens": 3, "output_tokens": 1}}})
+
+
+def anthropic_text(text: str) -> str:
+    return anthropic_event("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": text}})
+
+
+@pytest.mark.parametrize("case", ["anthropic_more_after_error", "error_without_its_blank_line_first",
+                                  "error_with_usage_not_asked_for"])
+def test_error_event_edges(mock, case):
+    # An Anthropic error with more events behind it in one read: they were
+    # translated and sent on. An error event the body ended in without its
+    # blank line, before any content: it reached the client in a 200 (no
+    # failover). An error event that also carried usage, for a client that
+    # did not ask for usage: it was left out with the usage, and the
+    # stream just stopped (the SDKs did not raise).
+    kind = "openai"
+    if case == "anthropic_more_after_error":
+        kind = "anthropic"
+        events = [ANTHROPIC_START + anthropic_text("Hel")
+                  + anthropic_event("error", {"error": {"type": "overloaded_error", "message": "Overloaded"}})
+                  + anthropic_text("lo") + anthropic_event("message_stop", {})]
+    elif case == "error_without_its_blank_line_first":
+        events = [TOKENS[0], 'data: {"error":{"message":"engine down","type":"server_error"}}']
+    else:
+        events = TOKENS + ['data: {"error":{"message":"engine down","type":"server_error"},'
+                           '"usage":{"prompt_tokens":5,"completion_tokens":3,"total_tokens":8}}\n\n']
+    provider = ScriptedProvider(events)
+    gateway = scripted_gateway(provider, mock, failures=5, kind=kind)
+    try:
+        events = read_stream(gateway, "edge")
+        line = access_line(gateway, "edge")
+        if case == "error_without_its_blank_line_first":
+            assert (line["error"], line["attempts"], line["provider"]) == (None, 2, "mock"), line
+            assert events[-1] == "data: [DONE]", events
+            return
+        assert "error" in events[-1] and "[DONE]" not in "".join(events), events
+        assert not any('"lo"' in e for e in events), events
+        assert (line["error"], line["provider"]) == ("provider_stream_broken", "scripted"), line
+        with pytest.raises(openai.APIError):
+            for _ in gateway.client().chat.completions.create(
+                    model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], stream=True,
+                    extra_headers={"x-request-id": "edge-sdk"}):
+                pass
+    finally:
+        gateway.stop()
+        provider.stop()
 
 
 def test_a_responses_error_before_any_content_fails_over(mock):

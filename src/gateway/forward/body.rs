@@ -216,10 +216,11 @@ impl Meter {
         }
     }
 
-    /// Reads a translated stream's last event when the body ended without
-    /// its line end (else nothing): what it translates to.
+    /// Reads a stream's last event when the body ended without its blank
+    /// line (else nothing): what it passes on, or translates to.
     pub(super) fn read_last_event(&mut self) -> Bytes {
         match self {
+            Meter::Stream(meter) => meter.finish(),
             Meter::Translated(translator) => translator.finish(),
             _ => Bytes::new(),
         }
@@ -971,18 +972,18 @@ impl Copy<'_> {
     }
 }
 
-/// How a stream that ended with the provider's in-band error event of
-/// `status` ([`crate::openai::in_band_status`]) counts: for the breaker,
-/// and as a `runestone_errors_total` reason. A rate limit rests the
-/// deployment; the gateway's key refused says nothing of the deployment's
-/// health (as a 401 or 403 answer); a fault of the request is the
-/// provider's answer to it (the client's error, as a 4xx passed on is);
-/// anything else failed.
+/// How a stream that ended with the provider's in-band error event counts
+/// (`status`, of the error as [`ApiError::from_in_band`] or the Anthropic
+/// translation makes it): for the breaker, and as a
+/// `runestone_errors_total` reason. A rate limit rests the deployment; the
+/// gateway's key refused says nothing of the deployment's health (as a
+/// 401 or 403 answer); nor does a fault of the request, the provider's
+/// answer to it; anything else failed.
 fn in_band_judgement(status: u16) -> (Outcome, &'static str) {
     match status {
         429 => (Outcome::RateLimited(None), "provider_429"),
         401 | 403 => (Outcome::Neutral, "provider_5xx"),
-        400..=499 => (Outcome::Success, "invalid_request"),
+        400..=499 => (Outcome::Neutral, "invalid_request"),
         _ => (Outcome::Failure, "provider_stream_broken"),
     }
 }

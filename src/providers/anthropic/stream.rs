@@ -170,8 +170,9 @@ impl StreamTranslator {
     /// ends is not held: the stream is cut there ([`StreamTranslator::cut`])
     /// and its bytes are counted as generated.
     pub fn feed(&mut self, chunk: &[u8]) -> Bytes {
-        if self.stopped || self.cut {
-            // Nothing after `message_stop` or an oversized event is translated.
+        if self.stopped || self.cut || self.error.is_some() {
+            // Nothing after `message_stop`, an error or an oversized event
+            // is translated.
             return Bytes::new();
         }
         // Bytes already in `partial` hold no line end (a long line that
@@ -180,7 +181,7 @@ impl StreamTranslator {
         self.partial.extend_from_slice(chunk);
         let mut out = BytesMut::new();
         while let Some(end) = memchr::memchr(b'\n', &self.partial[scan_from..]) {
-            if self.stopped {
+            if self.stopped || self.error.is_some() {
                 self.partial.clear();
                 break;
             }
