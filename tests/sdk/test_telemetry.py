@@ -305,12 +305,17 @@ def chunk_event(delta, finish=None, **extra) -> str:
 
 class ScriptedProvider:
     """A provider that answers every request with a 200 event stream of
-    `events` (SSE text, each sent on its own), then keeps its body open
-    for `linger` seconds: any bytes a provider might send."""
+    `events` (SSE text, each sent on its own; a number is a pause of that
+    many seconds), then keeps its body open for `linger` seconds: any bytes
+    a provider might send. `requests` counts the requests it got."""
 
     def __init__(self, events, linger=0.0):
+        self.requests = 0
+        provider = self
+
         class Handler(socketserver.StreamRequestHandler):
             def handle(self):
+                provider.requests += 1
                 headers = {}
                 self.rfile.readline()
                 while (line := self.rfile.readline()) not in (b"\r\n", b"\n", b""):
@@ -321,6 +326,9 @@ class ScriptedProvider:
                                  b"transfer-encoding: chunked\r\n\r\n")
                 try:
                     for event in events:
+                        if isinstance(event, (int, float)):
+                            time.sleep(event)
+                            continue
                         data = event.encode()
                         self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
                         self.wfile.flush()
@@ -674,6 +682,52 @@ def test_error_event_edges(mock, case):
                     model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], stream=True,
                     extra_headers={"x-request-id": "edge-sdk"}):
                 pass
+    finally:
+        gateway.stop()
+        provider.stop()
+
+
+def test_a_follower_of_a_stream_the_provider_refused_is_logged_with_its_reason(mock):
+    # A request that joined the first one's call (the response cache) was
+    # logged provider_stream_broken whatever error ended that stream.
+    refused = 'data: {"error":{"message":"no","type":"invalid_request_error","code":"invalid_prompt"}}\n\n'
+    provider = ScriptedProvider(TOKENS + [2.5, refused])
+
+    def config(port, metrics_port, directory):
+        return server_yaml(port, metrics_port, directory) + f"""
+providers:
+  - {{ name: scripted, base_url: "{provider.base_url}", api_key: "{PROVIDER_KEY}" }}
+models:
+  - name: gpt-4o-mini
+    targets: [{{ provider: scripted, model: served }}]
+tenants:
+  - id: acme
+    keys: ["{TENANT_KEY}"]
+cache: {{}}
+"""
+
+    def ask(request_id):
+        with httpx.stream("POST", f"http://127.0.0.1:{gateway.port}/v1/chat/completions", timeout=20,
+                          headers={"authorization": f"Bearer {TENANT_KEY}", "x-request-id": request_id},
+                          json={"model": "gpt-4o-mini", "stream": True, "temperature": 0,
+                                "messages": [{"role": "user", "content": "hi"}]}) as answer:
+            return [e for e in answer.read().decode().split("\n\n") if e.strip()]
+
+    gateway = Runestone(config)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+            first = pool.submit(ask, "leader")
+            deadline = time.monotonic() + 10
+            while provider.requests == 0:
+                assert time.monotonic() < deadline, "the first request never reached the provider"
+                time.sleep(0.01)
+            follower = ask("follower")
+            leader = first.result()
+        assert provider.requests == 1, "the follower did not join the first call (a machine too slow?)"
+        assert leader[-1] == follower[-1] == refused.strip()
+        for request_id in ("leader", "follower"):
+            assert access_line(gateway, request_id)["error"] == "invalid_request", request_id
+        assert access_line(gateway, "follower")["cache"] == "coalesced"
     finally:
         gateway.stop()
         provider.stop()
