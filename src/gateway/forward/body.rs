@@ -844,8 +844,9 @@ impl Copy<'_> {
         if !rest.is_empty() {
             report.first_byte_at.get_or_insert_with(Instant::now);
         }
-        // A stream its provider ended with an error of the request's own
-        // (or a rate limit) is its answer, however it ends: not a break.
+        // A stream its provider ended with an error that was not its
+        // failure (the request's fault, a rate limit, a refused key) is
+        // its answer, however it ends: not a break.
         let refused = meter.carried_error() && !meter.provider_failed();
         if meter.cut_short() && !refused {
             warn!(request_id = %self.request_id, provider = %self.provider.name, "provider ended the stream before it finished");
@@ -990,8 +991,9 @@ fn in_band_judgement(status: u16) -> (Outcome, &'static str) {
 
 /// Watches an answer for its first content: a stream's first event that
 /// carries text, reasoning, a tool call, a finish reason or usage (a
-/// role-only event does not, nor the provider's error), or `[DONE]`, or an event that is not JSON at all (passed on as
-/// it is); a JSON answer's end. Fed the bytes as they go to the client.
+/// role-only event does not, nor the provider's error), or `[DONE]`, or an
+/// event that is not JSON at all (passed on as it is); a JSON answer's
+/// end. Fed the bytes as they go to the client.
 pub(super) struct FirstContent {
     stream: bool,
     partial: Vec<u8>,
