@@ -362,7 +362,8 @@ impl StreamMeter {
         let Ok(probe) = crate::json::from_bytes::<Probe>(payload) else {
             return Verdict::Malformed;
         };
-        if probe.is_error() {
+        let is_error = probe.is_error();
+        if is_error {
             self.note_error(payload);
         }
         let generated = probe.generated_bytes();
@@ -409,7 +410,7 @@ impl StreamMeter {
         }
         // The usage chunk the gateway asked for, whether or not its usage
         // could be read (`{}`, impossible counts): never the client's.
-        if !has_choices && self.strip_usage && probe.has_usage_object() && !probe.is_error() {
+        if !has_choices && self.strip_usage && probe.has_usage_object() && !is_error {
             return Verdict::Drop;
         }
         Verdict::Keep
