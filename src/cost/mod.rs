@@ -736,5 +736,5 @@ mod tokens;
 
 pub use media::Media;
 pub use stream::StreamMeter;
-pub(crate) use stream::SAMPLE_BYTES;
+pub(crate) use stream::{lines, SAMPLE_BYTES};
 pub use tokens::{sample_text, Encoding, Estimate};

@@ -332,9 +332,7 @@ impl StreamMeter {
 
     /// Meters a whole event and says what becomes of it.
     fn judge(&mut self, event: &[u8]) -> Verdict {
-        let mut payloads = event
-            .split_inclusive(|&b| b == b'\n')
-            .filter_map(data_payload);
+        let mut payloads = lines(event).filter_map(data_payload);
         let Some(first) = payloads.next() else {
             // Comments and event names only: passed on.
             return Verdict::Keep;
@@ -423,7 +421,7 @@ impl StreamMeter {
             out.extend_from_slice(event);
             return;
         }
-        for line in event.split_inclusive(|&b| b == b'\n') {
+        for line in lines(event) {
             let usage_null = data_payload(line).and_then(|payload| {
                 let offset = payload.as_ptr() as usize - line.as_ptr() as usize;
                 find_usage_null(payload).map(|(start, end)| (offset + start, offset + end))
@@ -647,6 +645,22 @@ fn event_kind(head: &[u8]) -> Option<&str> {
         }
     }
     None
+}
+
+/// The lines of `bytes`, each with its `\n` (the last without one when
+/// the bytes end without it): `split_inclusive` on `\n`, but found with
+/// `memchr` rather than a test of every byte.
+pub(crate) fn lines(bytes: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut rest = bytes;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let end = memchr::memchr(b'\n', rest).map_or(rest.len(), |at| at + 1);
+        let (line, tail) = rest.split_at(end);
+        rest = tail;
+        Some(line)
+    })
 }
 
 fn trailing_newline_len(line: &[u8]) -> usize {

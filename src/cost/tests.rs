@@ -835,3 +835,15 @@ fn a_responses_stream_without_deltas_or_usage_is_counted_from_its_final_response
     );
     assert_eq!(metered(delta).completion_tokens, usage.completion_tokens);
 }
+
+proptest::proptest! {
+    /// `lines` cuts as `split_inclusive` on `\n` does.
+    #[test]
+    fn lines_are_split_inclusive_on_line_ends(bytes in proptest::collection::vec(
+        proptest::prop_oneof![proptest::strategy::Just(b'\n'), proptest::strategy::Just(b'\r'), proptest::prelude::any::<u8>()],
+        0..64,
+    )) {
+        let split: Vec<&[u8]> = bytes.split_inclusive(|&b| b == b'\n').collect();
+        proptest::prop_assert_eq!(lines(&bytes).collect::<Vec<_>>(), split);
+    }
+}

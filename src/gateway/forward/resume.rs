@@ -19,7 +19,7 @@
 //! call, a second choice (`n > 1`), a `finish_reason`, or an event it cannot
 //! read.
 
-use crate::cost::{Usage, MAX_LINE_BYTES};
+use crate::cost::{lines, Usage, MAX_LINE_BYTES};
 use crate::gateway::client::Client;
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
@@ -197,8 +197,15 @@ impl<'c> Resumable<'c> {
             }
         };
         self.scanned = 0;
+        if self.splice.is_none() && (!end || self.partial.is_empty()) {
+            // The first attempt's events go out as they came: only read.
+            for line in lines(&complete) {
+                self.note(line);
+            }
+            return complete.freeze();
+        }
         let mut out = BytesMut::with_capacity(complete.len());
-        for line in complete.split_inclusive(|&b| b == b'\n') {
+        for line in lines(&complete) {
             self.line(line, &mut out);
         }
         if end && !self.partial.is_empty() {
@@ -208,8 +215,26 @@ impl<'c> Resumable<'c> {
         out.freeze()
     }
 
+    /// Takes note of a line of the first attempt, which goes out as it
+    /// came.
+    fn note(&mut self, line: &[u8]) {
+        match data_payload(line) {
+            Some(b"[DONE]") => {
+                self.record.final_ = true;
+                self.record.done = true;
+            }
+            Some(payload) => self.record.observe(payload),
+            None => {}
+        }
+    }
+
     /// One line of the stream.
     fn line(&mut self, line: &[u8], out: &mut BytesMut) {
+        let Some(splice) = &mut self.splice else {
+            self.note(line);
+            out.extend_from_slice(line);
+            return;
+        };
         let body = line.strip_suffix(b"\n").unwrap_or(line);
         let body = body.strip_suffix(b"\r").unwrap_or(body);
         if body.is_empty() {
@@ -218,31 +243,21 @@ impl<'c> Resumable<'c> {
             }
             return;
         }
-        let Some(payload) = body.strip_prefix(b"data:") else {
+        let Some(payload) = data_payload(line) else {
             out.extend_from_slice(line);
             return;
         };
-        let payload = payload.trim_ascii();
         if payload == b"[DONE]" {
-            if let Some(splice) = &mut self.splice {
-                if splice.strict && !splice.skip.is_empty() {
-                    // The restart ended before repeating all the client has.
-                    splice.diverged = true;
-                    return;
-                }
+            if splice.strict && !splice.skip.is_empty() {
+                // The restart ended before repeating all the client has.
+                splice.diverged = true;
+                return;
             }
             self.record.final_ = true;
             self.record.done = true;
             out.extend_from_slice(line);
             return;
         }
-        let Some(splice) = &mut self.splice else {
-            // The first attempt's events go out as they came; they are
-            // only read.
-            out.extend_from_slice(line);
-            self.record.observe(payload);
-            return;
-        };
         let Ok(Value::Object(mut event)) = serde_json::from_slice::<Value>(payload) else {
             self.record.final_ = true;
             out.extend_from_slice(line);
@@ -258,6 +273,13 @@ impl<'c> Resumable<'c> {
         out.extend_from_slice(b"\n");
         self.record.observe(&rewritten);
     }
+}
+
+/// The payload of a `data:` line, its spaces and line end trimmed.
+fn data_payload(line: &[u8]) -> Option<&[u8]> {
+    let body = line.strip_suffix(b"\n").unwrap_or(line);
+    let body = body.strip_suffix(b"\r").unwrap_or(body);
+    body.strip_prefix(b"data:").map(<[u8]>::trim_ascii)
 }
 
 /// What [`Record::observe`] reads of a chunk, borrowed from its text and
@@ -1100,5 +1122,55 @@ mod tests {
         record.observe(br#"{"choices":[{"index":0,"delta":{"content":"caf\u00e9 \"x\""}},7]}"#);
         assert!(!record.final_);
         assert_eq!(record.text, "caf\u{e9} \"x\"");
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+
+        /// The first attempt's bytes go out as they came, however the
+        /// provider's reads cut them, and the record reads the same events
+        /// from them as from the stream in one piece.
+        #[test]
+        fn the_first_attempt_goes_out_as_it_came_however_it_is_cut(
+            texts in proptest::collection::vec("[a-z \"\\\\\n]{0,6}", 1..6),
+            crlf in proptest::bool::ANY,
+            done in proptest::bool::ANY,
+            cuts in proptest::collection::vec(0usize..2000, 0..8),
+        ) {
+            let mut body = String::from(": keep-alive\n\n");
+            for (i, text) in texts.iter().enumerate() {
+                body.push_str(&chunk("a", Some(text), i == 0, None));
+            }
+            if done {
+                body.push_str("data: [DONE]");
+            }
+            let body = if crlf { body.replace('\n', "\r\n") } else { body };
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c % (body.len() + 1)).collect();
+            cuts.extend([0, body.len()]);
+            cuts.sort_unstable();
+            cuts.dedup();
+
+            let mut collected = Collected::default();
+            let mut client = Resumable::new(&mut collected, true);
+            block_on(client.send_header(ResponseHeader::build(200, None).unwrap()));
+            for (i, piece) in cuts.windows(2).enumerate() {
+                let end = i + 2 == cuts.len();
+                let piece = Bytes::copy_from_slice(&body.as_bytes()[piece[0]..piece[1]]);
+                block_on(client.send_body(piece, end));
+            }
+            let record = (client.record.text.clone(), client.record.done, client.record.final_);
+            drop(client);
+            proptest::prop_assert_eq!(&collected.body[..], body.as_bytes());
+
+            let mut whole = Collected::default();
+            let mut client = Resumable::new(&mut whole, true);
+            block_on(client.send_header(ResponseHeader::build(200, None).unwrap()));
+            block_on(client.send_body(Bytes::from(body.clone()), true));
+            proptest::prop_assert_eq!(&record.0, &texts.concat());
+            proptest::prop_assert_eq!(
+                record,
+                (client.record.text.clone(), client.record.done, client.record.final_)
+            );
+        }
     }
 }
