@@ -29,11 +29,7 @@ pub enum Encoding {
 impl Encoding {
     /// The encoding for a model name (a provider's or a public one).
     pub fn for_model(model: &str) -> Encoding {
-        let model = model
-            .rsplit('/')
-            .next()
-            .unwrap_or(model)
-            .to_ascii_lowercase();
+        let model = model.rsplit('/').next().unwrap_or(model).as_bytes();
         let o200k = [
             "gpt-4o",
             "gpt-4.1",
@@ -45,7 +41,14 @@ impl Encoding {
             "o4",
             "gpt-oss",
         ];
-        if o200k.iter().any(|prefix| model.starts_with(prefix)) {
+        // Read for every chunk of a stream: compared without a lowercase
+        // copy.
+        let starts_with = |prefix: &str| {
+            model
+                .get(..prefix.len())
+                .is_some_and(|head| head.eq_ignore_ascii_case(prefix.as_bytes()))
+        };
+        if o200k.iter().any(|prefix| starts_with(prefix)) {
             Encoding::O200k
         } else {
             Encoding::Cl100k
@@ -281,6 +284,12 @@ mod tests {
         assert_eq!(Encoding::for_model("o3-mini"), Encoding::O200k);
         assert_eq!(Encoding::for_model("gpt-3.5-turbo"), Encoding::Cl100k);
         assert_eq!(Encoding::for_model("llama-3.1-8b"), Encoding::Cl100k);
+        // Any case; a name shorter than a prefix, or cut inside a
+        // character, is no match.
+        assert_eq!(Encoding::for_model("Azure/GPT-4O"), Encoding::O200k);
+        assert_eq!(Encoding::for_model("gpt-4"), Encoding::Cl100k);
+        assert_eq!(Encoding::for_model("o"), Encoding::Cl100k);
+        assert_eq!(Encoding::for_model("gpt-4\u{e9}"), Encoding::Cl100k);
         // "Hello world" is two tokens in both.
         assert_eq!(Encoding::O200k.count("Hello world"), 2);
         assert_eq!(Encoding::Cl100k.count("Hello world"), 2);
