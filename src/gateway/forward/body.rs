@@ -110,19 +110,21 @@ impl Meter {
     /// chunk ends a stream the gateway must count for the client (its
     /// usage chunk).
     pub(super) async fn feed_counted(&mut self, chunk: Bytes, model: &str) -> Bytes {
-        let encoding = Encoding::for_model(model);
         // `[DONE]` in this chunk, or (split across chunks) after the
         // finish reason went by.
         let ending =
             |m: &StreamMeter| m.saw_finish() || memchr::memmem::find(&chunk, b"DONE").is_some();
-        if !encoding.loaded()
-            && match self {
-                Meter::Stream(m) => m.may_add_usage() && ending(m),
-                Meter::Translated(t) => t.may_count_for_client(&chunk),
-                _ => false,
+        let may_count = match self {
+            Meter::Stream(m) => m.may_add_usage() && ending(m),
+            Meter::Translated(t) => t.may_count_for_client(&chunk),
+            _ => false,
+        };
+        // Only then is the encoding told: this runs for every chunk.
+        if may_count {
+            let encoding = Encoding::for_model(model);
+            if !encoding.loaded() {
+                encoding.ready().await;
             }
-        {
-            encoding.ready().await;
         }
         self.feed(chunk)
     }
