@@ -22,6 +22,7 @@ use memchr::memmem::{Finder, FinderRev};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::Value;
+use std::ops::Range;
 use std::sync::LazyLock;
 
 /// Upper bound on any one usage number a provider reports; larger (absurd)
@@ -189,7 +190,7 @@ impl UsageWire {
 #[derive(Deserialize)]
 pub(super) struct Probe<'a> {
     #[serde(borrow, default)]
-    choices: Option<Vec<ChoiceProbe<'a>>>,
+    choices: Option<Vec<Shaped<ChoiceProbe<'a>>>>,
     /// Kept raw: a malformed `usage` must not hide the generated text.
     #[serde(borrow, default)]
     usage: Option<&'a RawValue>,
@@ -204,14 +205,15 @@ pub(super) struct Probe<'a> {
     error: Option<&'a RawValue>,
     #[serde(borrow, default, rename = "type")]
     kind: Option<&'a RawValue>,
-    /// The answer's identity, for a usage chunk the gateway adds.
-    #[serde(borrow, default)]
+    /// The answer's identity, for a usage chunk the gateway adds (and the
+    /// resumable record): there even when `null`.
+    #[serde(borrow, default, deserialize_with = "crate::json::present")]
     id: Option<&'a RawValue>,
     #[serde(borrow, default)]
     object: Option<&'a RawValue>,
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "crate::json::present")]
     created: Option<&'a RawValue>,
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "crate::json::present")]
     model: Option<&'a RawValue>,
 }
 
@@ -223,12 +225,64 @@ struct ResponseProbe<'a> {
     usage: Option<&'a RawValue>,
 }
 
+/// A struct read as serde reads one (from an object, or from an array by
+/// position), noting which: the resumable record reads only objects, so
+/// only what came from one stands for its reading ([`memo`]).
+struct Shaped<T> {
+    value: T,
+    object: bool,
+}
+
+impl<T> std::ops::Deref for Shaped<T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        &self.value
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Shaped<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(value: D) -> Result<Self, D::Error> {
+        value.deserialize_any(ShapedVisitor(std::marker::PhantomData))
+    }
+}
+
+/// Reads a [`Shaped`]: any other value is the error a struct's read gives.
+struct ShapedVisitor<T>(std::marker::PhantomData<T>);
+
+impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for ShapedVisitor<T> {
+    type Value = Shaped<T>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an object or an array")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+        let value = T::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+        Ok(Shaped {
+            value,
+            object: true,
+        })
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+        let value = T::deserialize(serde::de::value::SeqAccessDeserializer::new(seq))?;
+        Ok(Shaped {
+            value,
+            object: false,
+        })
+    }
+}
+
 #[derive(Deserialize)]
 struct ChoiceProbe<'a> {
+    /// For the resumable record ([`memo`]).
     #[serde(borrow, default)]
-    delta: Option<MessageProbe<'a>>,
+    index: Option<&'a RawValue>,
     #[serde(borrow, default)]
-    message: Option<MessageProbe<'a>>,
+    delta: Option<Shaped<MessageProbe<'a>>>,
+    #[serde(borrow, default)]
+    message: Option<Shaped<MessageProbe<'a>>>,
     #[serde(borrow, default)]
     text: Option<&'a RawValue>,
     #[serde(borrow, default)]
@@ -248,6 +302,9 @@ struct MessageProbe<'a> {
     reasoning_content: Option<&'a RawValue>,
     #[serde(borrow, default)]
     reasoning: Option<&'a RawValue>,
+    /// For the resumable record ([`memo`]).
+    #[serde(borrow, default)]
+    refusal: Option<&'a RawValue>,
 }
 
 impl Probe<'_> {
@@ -299,6 +356,55 @@ impl Probe<'_> {
                 push(&m.reasoning);
             }
         }
+    }
+
+    /// What the resumable record reads of this event, positions in `json`
+    /// (the text it was read from), and the span of the error it reads
+    /// (see [`memo::leave`]); none for an event of several choices.
+    fn reading(&self, json: &[u8]) -> Option<(memo::Reading, Option<Range<usize>>)> {
+        let choices = self.choices.as_deref().unwrap_or_default();
+        let objects = choices
+            .iter()
+            .all(|c| c.object && c.delta.as_ref().is_none_or(|d| d.object));
+        if choices.len() > 1 || !objects || !json.trim_ascii_start().starts_with(b"{") {
+            return None;
+        }
+        let base = json.as_ptr() as usize;
+        let at = |raw: &RawValue| {
+            let start = (raw.get().as_ptr() as usize).checked_sub(base)?;
+            let end = start + raw.get().len();
+            (end <= json.len()).then_some(start..end)
+        };
+        let mut identity = [None, None, None];
+        for (slot, raw) in identity.iter_mut().zip([self.id, self.created, self.model]) {
+            if let Some(raw) = raw {
+                *slot = Some(at(raw)?);
+            }
+        }
+        let mut reading = memo::Reading {
+            identity,
+            ends: self.is_error(),
+            content: None,
+        };
+        if let Some(choice) = choices.first() {
+            let delta = choice.delta.as_ref();
+            reading.ends |= memo::choice_ends(
+                choice.index,
+                choice.finish_reason.is_some(),
+                delta.is_some_and(|d| d.tool_calls.is_some() || d.function_call.is_some()),
+                delta.and_then(|d| d.refusal),
+            );
+            if let Some(content) = delta.and_then(|d| d.content) {
+                if content.get().starts_with('"') {
+                    reading.content = Some(at(content)?);
+                }
+            }
+        }
+        let guard = match self.error {
+            Some(error) => Some(at(error)?),
+            None => None,
+        };
+        Some((reading, guard))
     }
 
     /// Whether this is a Responses API answer (`"object": "response"`).
@@ -729,6 +835,7 @@ fn push_value(value: &Value, sample: &mut Vec<u8>) {
 }
 
 mod media;
+pub(crate) mod memo;
 mod stream;
 #[cfg(test)]
 mod tests;

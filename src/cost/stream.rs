@@ -17,6 +17,7 @@ use super::{sample_text, Estimate, Probe, Usage, MAX_LINE_BYTES};
 use crate::openai::ApiError;
 use bytes::{Bytes, BytesMut};
 use memchr::memmem::Finder;
+use serde_json::value::RawValue;
 use std::sync::{LazyLock, OnceLock};
 
 /// Generated text a stream keeps to count tokens in, should the provider
@@ -338,8 +339,12 @@ impl StreamMeter {
             return Verdict::Keep;
         };
         let joined;
+        let mut single = false;
         let payload = match payloads.next() {
-            None => first,
+            None => {
+                single = true;
+                first
+            }
             Some(second) => {
                 let mut all = [first, second].join(&b'\n');
                 for more in payloads {
@@ -371,9 +376,16 @@ impl StreamMeter {
             self.sampled_bytes += generated;
         }
         if self.identity.is_none() {
-            if let (Some(id), Some(object), Some(created), Some(model)) =
-                (probe.id, probe.object, probe.created, probe.model)
-            {
+            // A `null` one is no identity (a later event may have it).
+            fn given(v: Option<&RawValue>) -> Option<&RawValue> {
+                v.filter(|v| v.get() != "null")
+            }
+            if let (Some(id), Some(object), Some(created), Some(model)) = (
+                given(probe.id),
+                probe.object,
+                given(probe.created),
+                given(probe.model),
+            ) {
                 self.identity = Some([id, object, created, model].map(|v| v.get().to_owned()));
             }
         }
@@ -410,6 +422,15 @@ impl StreamMeter {
         // could be read (`{}`, impossible counts): never the client's.
         if !has_choices && self.strip_usage && probe.has_usage_object() && !is_error {
             return Verdict::Drop;
+        }
+        if single {
+            if let Some((reading, guard)) = probe.reading(payload) {
+                // Cut as `write` cuts this payload's line.
+                let cut = find_usage_null(payload)
+                    .filter(|_| self.strip_usage)
+                    .map(|(start, end)| start..end);
+                super::memo::leave(payload, cut, guard, reading);
+            }
         }
         Verdict::Keep
     }

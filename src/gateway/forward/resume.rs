@@ -19,7 +19,7 @@
 //! call, a second choice (`n > 1`), a `finish_reason`, or an event it cannot
 //! read.
 
-use crate::cost::{lines, Usage, MAX_LINE_BYTES};
+use crate::cost::{lines, memo, Usage, MAX_LINE_BYTES};
 use crate::gateway::client::Client;
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
@@ -436,8 +436,12 @@ impl Record {
         }
     }
 
-    /// [`Record::observe`] of a JSON object.
+    /// [`Record::observe`] of a JSON object: as the stream meter read it
+    /// when it left its reading ([`memo`]), else read here.
     fn read(&mut self, payload: &[u8]) -> serde_json::Result<()> {
+        if let Some(reading) = memo::take(payload) {
+            return self.apply(&reading, payload);
+        }
         let chunk: Chunk = crate::json::from_bytes(payload)?;
         for (slot, field) in [
             (&mut self.id, chunk.id),
@@ -461,30 +465,51 @@ impl Record {
         // A choice that is not an object carries nothing.
         for choice in choices.into_iter().filter_map(|c| c.0) {
             let delta = choice.delta.0.as_ref();
-            // Only a whole number other than 0 is another choice's index.
-            let index = choice.index.and_then(|i| i.get().parse::<u64>().ok());
-            let refusal = delta
-                .and_then(|d| d.refusal)
-                .is_some_and(|r| is(r, b'"') && r.get() != "\"\"");
-            if index.unwrap_or(0) != 0
-                || choice.finish_reason.is_some()
-                || delta.is_some_and(|d| d.tool_calls.is_some() || d.function_call.is_some())
-                || refusal
-            {
+            if memo::choice_ends(
+                choice.index,
+                choice.finish_reason.is_some(),
+                delta.is_some_and(|d| d.tool_calls.is_some() || d.function_call.is_some()),
+                delta.and_then(|d| d.refusal),
+            ) {
                 self.final_ = true;
             }
             if let Some(content) = delta.and_then(|d| d.content).filter(|c| is(c, b'"')) {
-                // Borrowed when it has no escapes.
-                match serde_json::from_str::<&str>(content.get()) {
-                    Ok(text) => self.text.push_str(text),
-                    Err(_) => self
-                        .text
-                        .push_str(&serde_json::from_str::<String>(content.get())?),
-                }
+                push_json_str(&mut self.text, content.get().as_bytes())?;
             }
         }
         Ok(())
     }
+
+    /// [`Record::read`] from the meter's reading of `json`, in the same
+    /// order.
+    fn apply(&mut self, reading: &memo::Reading, json: &[u8]) -> serde_json::Result<()> {
+        // Positions outside `json` would be a fault of the reading's: the
+        // stream is then not resumed rather than the gateway stopped.
+        let at = |at: &std::ops::Range<usize>| {
+            json.get(at.clone())
+                .ok_or_else(|| serde::de::Error::custom("a reading outside its event"))
+        };
+        let slots = [&mut self.id, &mut self.created, &mut self.model];
+        for (slot, position) in slots.into_iter().zip(&reading.identity) {
+            if let (None, Some(position)) = (&slot, position) {
+                *slot = Some(serde_json::from_slice(at(position)?)?);
+            }
+        }
+        self.final_ |= reading.ends;
+        if let Some(position) = &reading.content {
+            push_json_str(&mut self.text, at(position)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// Appends the text of a JSON string (borrowed when it has no escapes).
+fn push_json_str(text: &mut String, json: &[u8]) -> serde_json::Result<()> {
+    match serde_json::from_slice::<&str>(json) {
+        Ok(borrowed) => text.push_str(borrowed),
+        Err(_) => text.push_str(&serde_json::from_slice::<String>(json)?),
+    }
+    Ok(())
 }
 
 impl Splice {
@@ -1067,6 +1092,83 @@ mod tests {
                 borrowed.observe(&payload);
                 observe_as_a_tree(&mut tree, &payload);
                 proptest::prop_assert_eq!(format!("{borrowed:?}"), format!("{tree:?}"), "{}", event);
+            }
+        }
+    }
+
+    /// The data lines of what the stream meter passes on of `json` sent as
+    /// one event (with `strip`, as for a client that did not ask for
+    /// usage); the meter leaves its readings as it goes.
+    fn through_the_meter(json: &str, strip: bool) -> Vec<Vec<u8>> {
+        let mut meter = crate::cost::StreamMeter::new(strip);
+        let out = meter.feed(Bytes::from(format!("data: {json}\n\n")));
+        lines(&out)
+            .filter_map(data_payload)
+            .filter(|payload| *payload != b"[DONE]")
+            .map(<[u8]>::to_vec)
+            .collect()
+    }
+
+    #[test]
+    fn the_meter_leaves_its_reading_of_a_chunk_for_the_record() {
+        let chunk = r#"{"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"m","system_fingerprint":null,"choices":[{"index":0,"delta":{"content":"tok "},"logprobs":null,"finish_reason":null}]"#;
+        for (json, strip) in [
+            (format!("{chunk}}}"), false),
+            (format!("{chunk}}}"), true),
+            (format!(r#"{chunk},"usage":null}}"#), true),
+            (format!(r#"{chunk},"usage":null}}"#), false),
+        ] {
+            memo::clear();
+            let lines = through_the_meter(&json, strip);
+            assert_eq!(lines.len(), 1, "{json}");
+            let mut record = Record::default();
+            assert!(memo::take(&lines[0]).is_some(), "{json} (strip: {strip})");
+            memo::clear();
+            through_the_meter(&json, strip);
+            record.observe(&lines[0]);
+            assert_eq!(record.text, "tok ");
+            assert_eq!(record.id, Some(json!("chatcmpl-1")));
+            assert!(!record.final_);
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2048))]
+        /// The meter's reading, taken under the bytes the client gets,
+        /// records what reading those bytes does, whatever the event holds
+        /// and wherever a `"usage":null` the meter takes out stands.
+        #[test]
+        fn a_reading_the_meter_left_records_what_reading_the_event_does(
+            events in proptest::collection::vec(
+                (
+                    chunk_like(),
+                    proptest::prelude::any::<bool>(),
+                    proptest::prelude::any::<Option<proptest::sample::Index>>(),
+                ),
+                1..4,
+            )
+        ) {
+            let (mut told, mut own) = (Record::default(), Record::default());
+            for (event, strip, nest) in &events {
+                let mut json = serde_json::to_string(event).unwrap();
+                if let Some(at) = nest {
+                    // A `"usage":null` member opening some object.
+                    let opens: Vec<usize> = json.match_indices('{').map(|(i, _)| i).collect();
+                    let i = opens[at.index(opens.len())];
+                    let member = if json[i + 1..].starts_with('}') {
+                        r#""usage":null"#
+                    } else {
+                        r#""usage":null,"#
+                    };
+                    json.insert_str(i + 1, member);
+                }
+                memo::clear();
+                for payload in through_the_meter(&json, *strip) {
+                    told.observe(&payload);
+                    memo::clear();
+                    own.observe(&payload);
+                    proptest::prop_assert_eq!(format!("{told:?}"), format!("{own:?}"), "{}", json);
+                }
             }
         }
     }
