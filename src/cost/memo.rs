@@ -57,7 +57,6 @@ pub(crate) fn choice_ends(
         || refusal.is_some_and(|r| r.get().starts_with('"') && r.get() != "\"\"")
 }
 
-#[derive(Default)]
 struct Slot {
     /// The event's JSON as the client gets it, whitespace around it left
     /// out; its buffer is reused.
@@ -65,14 +64,24 @@ struct Slot {
     reading: Option<Reading>,
 }
 
-#[derive(Default)]
 struct Memo {
     slots: [Slot; SLOTS],
+    /// The slot written next (the oldest).
     next: usize,
 }
 
 thread_local! {
-    static MEMO: RefCell<Memo> = RefCell::new(Memo::default());
+    static MEMO: RefCell<Memo> = const {
+        RefCell::new(Memo {
+            slots: [const {
+                Slot {
+                    json: Vec::new(),
+                    reading: None,
+                }
+            }; SLOTS],
+            next: 0,
+        })
+    };
 }
 
 /// Leaves `reading` (positions in `payload`) for the record, under
@@ -127,11 +136,12 @@ pub(crate) fn leave(
 /// if any; taken.
 pub(crate) fn take(json: &[u8]) -> Option<Reading> {
     MEMO.with_borrow_mut(|memo| {
-        let slot = memo
-            .slots
-            .iter_mut()
-            .find(|slot| slot.reading.is_some() && slot.json == json)?;
-        slot.reading.take()
+        // The newest first: the event just metered.
+        let newest_first = (1..=SLOTS).map(|back| (memo.next + SLOTS - back) % SLOTS);
+        let at = newest_first
+            .into_iter()
+            .find(|&at| memo.slots[at].reading.is_some() && memo.slots[at].json == json)?;
+        memo.slots[at].reading.take()
     })
 }
 
@@ -185,6 +195,17 @@ mod tests {
         assert_eq!(take(br#"{"id":{"a":1}}"#), None);
         leave(payload, Some(12..25), Some(6..26), Reading::default());
         assert_eq!(take(br#"{"id":{"a":1}}"#), None);
+    }
+
+    #[test]
+    fn the_newest_reading_of_the_same_bytes_is_taken_first() {
+        let json = br#"{"c":"same"}"#;
+        leave(json, None, None, reading(5..11));
+        let mut newer = reading(5..11);
+        newer.ends = true;
+        leave(json, None, None, newer.clone());
+        assert_eq!(take(json), Some(newer));
+        assert_eq!(take(json), Some(reading(5..11)));
     }
 
     #[test]

@@ -190,7 +190,7 @@ impl UsageWire {
 #[derive(Deserialize)]
 pub(super) struct Probe<'a> {
     #[serde(borrow, default)]
-    choices: Option<Vec<Shaped<ChoiceProbe<'a>>>>,
+    choices: Option<Vec<Object<ChoiceProbe<'a>>>>,
     /// Kept raw: a malformed `usage` must not hide the generated text.
     #[serde(borrow, default)]
     usage: Option<&'a RawValue>,
@@ -225,52 +225,38 @@ struct ResponseProbe<'a> {
     usage: Option<&'a RawValue>,
 }
 
-/// A struct read as serde reads one (from an object, or from an array by
-/// position), noting which: the resumable record reads only objects, so
-/// only what came from one stands for its reading ([`memo`]).
-struct Shaped<T> {
-    value: T,
-    object: bool,
-}
+/// A struct read from a JSON object only (serde reads a struct from an
+/// array too, by the order of its fields): a choice or delta that is any
+/// other value makes the event malformed, as the resumable record cannot
+/// read it either.
+struct Object<T>(T);
 
-impl<T> std::ops::Deref for Shaped<T> {
+impl<T> std::ops::Deref for Object<T> {
     type Target = T;
 
     fn deref(&self) -> &T {
-        &self.value
+        &self.0
     }
 }
 
-impl<'de, T: Deserialize<'de>> Deserialize<'de> for Shaped<T> {
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
     fn deserialize<D: serde::Deserializer<'de>>(value: D) -> Result<Self, D::Error> {
-        value.deserialize_any(ShapedVisitor(std::marker::PhantomData))
+        value.deserialize_map(ObjectVisitor(std::marker::PhantomData))
     }
 }
 
-/// Reads a [`Shaped`]: any other value is the error a struct's read gives.
-struct ShapedVisitor<T>(std::marker::PhantomData<T>);
+/// Reads an [`Object`].
+struct ObjectVisitor<T>(std::marker::PhantomData<T>);
 
-impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for ShapedVisitor<T> {
-    type Value = Shaped<T>;
+impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for ObjectVisitor<T> {
+    type Value = Object<T>;
 
     fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("an object or an array")
+        f.write_str("an object")
     }
 
     fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
-        let value = T::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
-        Ok(Shaped {
-            value,
-            object: true,
-        })
-    }
-
-    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
-        let value = T::deserialize(serde::de::value::SeqAccessDeserializer::new(seq))?;
-        Ok(Shaped {
-            value,
-            object: false,
-        })
+        T::deserialize(serde::de::value::MapAccessDeserializer::new(map)).map(Object)
     }
 }
 
@@ -280,9 +266,9 @@ struct ChoiceProbe<'a> {
     #[serde(borrow, default)]
     index: Option<&'a RawValue>,
     #[serde(borrow, default)]
-    delta: Option<Shaped<MessageProbe<'a>>>,
+    delta: Option<Object<MessageProbe<'a>>>,
     #[serde(borrow, default)]
-    message: Option<Shaped<MessageProbe<'a>>>,
+    message: Option<Object<MessageProbe<'a>>>,
     #[serde(borrow, default)]
     text: Option<&'a RawValue>,
     #[serde(borrow, default)]
@@ -363,10 +349,7 @@ impl Probe<'_> {
     /// (see [`memo::leave`]); none for an event of several choices.
     fn reading(&self, json: &[u8]) -> Option<(memo::Reading, Option<Range<usize>>)> {
         let choices = self.choices.as_deref().unwrap_or_default();
-        let objects = choices
-            .iter()
-            .all(|c| c.object && c.delta.as_ref().is_none_or(|d| d.object));
-        if choices.len() > 1 || !objects || !json.trim_ascii_start().starts_with(b"{") {
+        if choices.len() > 1 || !json.trim_ascii_start().starts_with(b"{") {
             return None;
         }
         let base = json.as_ptr() as usize;

@@ -701,6 +701,12 @@ fn data_payload(line: &[u8]) -> Option<&[u8]> {
 
 /// The span of a `"usage":null` member (with one adjoining comma) in a
 /// compact or lightly spaced JSON object.
+///
+/// Only where a member starts: a `"` right after a `,` cannot be inside a
+/// string (there it is escaped), but one that opens the match by itself
+/// must follow the object's `{` or a `,`, or it is an escaped quote in a key
+/// such as `"x\"usage"` and cutting there would change the members the
+/// client reads.
 fn find_usage_null(payload: &[u8]) -> Option<(usize, usize)> {
     const PATTERNS: [&[u8]; 4] = [
         b",\"usage\":null",
@@ -709,9 +715,14 @@ fn find_usage_null(payload: &[u8]) -> Option<(usize, usize)> {
         b"\"usage\": null, ",
     ];
     static FINDERS: LazyLock<[Finder<'static>; 4]> = LazyLock::new(|| PATTERNS.map(Finder::new));
+    let starts_member = |start: usize| {
+        payload[start] == b','
+            || matches!(payload[..start].trim_ascii_end().last(), Some(b'{' | b','))
+    };
     FINDERS.iter().find_map(|finder| {
         finder
-            .find(payload)
+            .find_iter(payload)
+            .find(|&start| starts_member(start))
             .map(|start| (start, start + finder.needle().len()))
     })
 }

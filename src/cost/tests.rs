@@ -847,3 +847,139 @@ proptest::proptest! {
         proptest::prop_assert_eq!(lines(&bytes).collect::<Vec<_>>(), split);
     }
 }
+
+/// What a meter said of a stream, through every reader it has.
+fn meter_said(meter: &StreamMeter) -> String {
+    format!(
+        "malformed {} halted {} error {:?} done {} last {} ended {} finished {} reasons {:?} \
+         model {:?} answer {:?} text {:?} reported {:?} response {:?} usage {:?} finish {} add {}",
+        meter.malformed(),
+        meter.halted(),
+        meter.error(),
+        meter.saw_done(),
+        meter.said_last(),
+        meter.ended(),
+        meter.finished(),
+        meter.finish_reasons(),
+        meter.model(),
+        meter.answer_id(),
+        meter.generated_text(),
+        meter.reported_usage(),
+        meter.response_id(),
+        meter.usage(10),
+        meter.saw_finish(),
+        meter.may_add_usage(),
+    )
+}
+
+/// Events of every kind the meter tells apart, with either line end.
+fn any_stream() -> impl proptest::strategy::Strategy<Value = String> {
+    use proptest::prelude::*;
+    let event = prop::sample::select(vec![
+        "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hel\"},\"finish_reason\":null}],\"usage\":null}\n\n",
+        "data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"lo \\\"x\\\"\"}}]}\n\n",
+        "data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}],\"usage\":null}\n\n",
+        "data: {\"id\":\"c\",\"choices\":[],\"usage\":{\"prompt_tokens\":12,\"completion_tokens\":3,\"total_tokens\":15}}\n\n",
+        "data: [DONE]\n\n",
+        ": keep-alive\n\n",
+        "event: message\ndata: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n",
+        "data: {\"choices\":[{\"delta\":\ndata: {\"content\":\"split\"}}]}\n\n",
+        "data: not json\n\n",
+        "data: {\"error\":{\"message\":\"overloaded\",\"type\":\"server_error\"}}\n\n",
+        "data: {\"type\":\"response.output_text.delta\",\"delta\":\"hi\"}\n\n",
+        "\n",
+    ]);
+    (prop::collection::vec((event, any::<bool>()), 0..8)).prop_map(|events| {
+        events
+            .into_iter()
+            .map(|(e, crlf)| {
+                if crlf {
+                    e.replace('\n', "\r\n")
+                } else {
+                    e.to_owned()
+                }
+            })
+            .collect()
+    })
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(1024))]
+    /// However a stream is cut into reads, the meter passes on the same
+    /// bytes and says the same of it as when it comes in one piece.
+    #[test]
+    fn a_stream_is_metered_alike_however_it_is_cut(
+        stream in any_stream(),
+        cuts in proptest::collection::vec(proptest::prelude::any::<proptest::sample::Index>(), 0..6),
+        strip in proptest::prelude::any::<bool>(),
+        halt in proptest::prelude::any::<bool>(),
+    ) {
+        let meter = || {
+            let mut meter = StreamMeter::new(strip);
+            meter.halt_on_malformed(halt);
+            meter
+        };
+        let (mut whole, mut cut) = (meter(), meter());
+        let mut expected = whole.feed(Bytes::from(stream.clone())).to_vec();
+        expected.extend_from_slice(&whole.finish());
+        let mut at: Vec<usize> = cuts.iter().map(|i| i.index(stream.len() + 1)).collect();
+        at.sort_unstable();
+        let mut got = Vec::new();
+        let mut from = 0;
+        for to in at.into_iter().chain([stream.len()]) {
+            got.extend_from_slice(&cut.feed(Bytes::copy_from_slice(&stream.as_bytes()[from..to])));
+            from = to;
+        }
+        got.extend_from_slice(&cut.finish());
+        proptest::prop_assert_eq!(String::from_utf8_lossy(&got), String::from_utf8_lossy(&expected));
+        proptest::prop_assert_eq!(meter_said(&cut), meter_said(&whole));
+    }
+}
+
+#[test]
+fn only_a_usage_null_member_is_cut_not_a_key_ending_in_usage() {
+    let run_one = |event: &str| {
+        let mut meter = StreamMeter::new(true);
+        let out = meter.feed(Bytes::from(format!("data: {event}\n\n")));
+        String::from_utf8(out.to_vec()).unwrap()
+    };
+    // A key whose text ends `"usage` (an escaped quote) is not the member:
+    // cutting there would merge the next key into it.
+    for event in [
+        r#"{"x\"usage":null,"choices":[{"delta":{"content":"hi"}}]}"#,
+        r#"{"x\"usage": null, "choices":[{"delta":{"content":"hi"}}]}"#,
+    ] {
+        assert_eq!(run_one(event), format!("data: {event}\n\n"));
+    }
+    // The member itself is, wherever it stands in its object, and a later
+    // one when the first match is not a member.
+    for (event, cut) in [
+        (r#"{"usage":null,"a":1}"#, r#"{"a":1}"#),
+        (r#"{"a":1, "usage":null,"b":2}"#, r#"{"a":1, "b":2}"#),
+        (r#"{"a":1,"usage":null}"#, r#"{"a":1}"#),
+        (
+            r#"{"x\"usage":null,"y":{"usage":null,"b":2}}"#,
+            r#"{"x\"usage":null,"y":{"b":2}}"#,
+        ),
+    ] {
+        assert_eq!(run_one(event), format!("data: {cut}\n\n"), "{event}");
+    }
+}
+
+#[test]
+fn a_choice_or_delta_that_is_not_an_object_makes_the_event_malformed() {
+    for event in [
+        r#"{"choices":[[{"content":"hello world"}]]}"#,
+        r#"{"choices":[[null,null,null,"stop"]]}"#,
+        r#"{"choices":[{"delta":[null,null,null,null,null,"r"]}]}"#,
+        r#"{"choices":[{"message":["hello"]}]}"#,
+        r#"{"choices":[1]}"#,
+    ] {
+        let mut meter = StreamMeter::new(false);
+        let out = meter.feed(Bytes::from(format!("data: {event}\n\n")));
+        assert!(out.is_empty(), "{event}");
+        assert_eq!(meter.malformed(), 1, "{event}");
+        assert_eq!(meter.generated_text(), "", "{event}");
+        assert!(!meter.saw_finish(), "{event}");
+    }
+}

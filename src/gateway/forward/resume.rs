@@ -1144,23 +1144,22 @@ mod tests {
                     chunk_like(),
                     proptest::prelude::any::<bool>(),
                     proptest::prelude::any::<Option<proptest::sample::Index>>(),
+                    proptest::prelude::any::<bool>(),
                 ),
                 1..4,
             )
         ) {
             let (mut told, mut own) = (Record::default(), Record::default());
-            for (event, strip, nest) in &events {
+            for (event, strip, nest, escaped) in &events {
                 let mut json = serde_json::to_string(event).unwrap();
                 if let Some(at) = nest {
-                    // A `"usage":null` member opening some object.
+                    // A `"usage":null` member opening some object, or one
+                    // whose key only ends so (`"x\"usage"`).
                     let opens: Vec<usize> = json.match_indices('{').map(|(i, _)| i).collect();
                     let i = opens[at.index(opens.len())];
-                    let member = if json[i + 1..].starts_with('}') {
-                        r#""usage":null"#
-                    } else {
-                        r#""usage":null,"#
-                    };
-                    json.insert_str(i + 1, member);
+                    let key = if *escaped { r#""x\"usage""# } else { r#""usage""# };
+                    let comma = if json[i + 1..].starts_with('}') { "" } else { "," };
+                    json.insert_str(i + 1, &format!("{key}:null{comma}"));
                 }
                 memo::clear();
                 for payload in through_the_meter(&json, *strip) {
