@@ -15,7 +15,7 @@
 
 use super::{sample_text, Estimate, Probe, Usage, MAX_LINE_BYTES};
 use crate::openai::ApiError;
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use memchr::memmem::Finder;
 use serde_json::value::RawValue;
 use std::sync::{LazyLock, OnceLock};
@@ -181,26 +181,44 @@ impl StreamMeter {
             self.read_after_last(&chunk);
             return Bytes::new();
         }
-        self.partial.extend_from_slice(&chunk);
         let mut out = BytesMut::with_capacity(chunk.len() + self.event.len());
+        // The chunk itself when nothing waits before it (providers mostly
+        // write whole events), else added to what waits; its lines are
+        // read in place and what is left of the last waits.
+        let mut partial = match std::mem::take(&mut self.partial) {
+            waiting if waiting.is_empty() => chunk
+                .try_into_mut()
+                .unwrap_or_else(|shared| BytesMut::from(&shared[..])),
+            mut waiting => {
+                waiting.extend_from_slice(&chunk);
+                waiting
+            }
+        };
         if self.halted {
+            self.partial = partial;
             return out.freeze();
         }
         // Bytes already scanned hold no line end.
-        let mut scan_from = self.scanned;
-        while let Some(at) = memchr::memchr(b'\n', &self.partial[scan_from..]) {
-            let line = self.partial.split_to(scan_from + at + 1).freeze();
+        let (mut scan_from, mut read) = (self.scanned, 0);
+        while let Some(at) = memchr::memchr(b'\n', &partial[read + scan_from..]) {
+            let end = read + scan_from + at + 1;
             scan_from = 0;
-            self.line(&line, &mut out);
+            self.line(&partial[read..end], &mut out);
+            read = end;
             if self.ended() {
-                let rest = std::mem::take(&mut self.partial);
-                self.read_after_last(&rest);
+                self.read_after_last(&partial[read..]);
             }
             if self.halted || self.ended() {
+                if !self.ended() {
+                    partial.advance(read);
+                    self.partial = partial;
+                }
                 self.scanned = 0;
                 return out.freeze();
             }
         }
+        partial.advance(read);
+        self.partial = partial;
         self.scanned = self.partial.len();
         if !self.oversized && self.event.len() + self.partial.len() > MAX_LINE_BYTES {
             // An event too long to hold: what there is goes on unread, and
@@ -239,7 +257,7 @@ impl StreamMeter {
             self.event.extend_from_slice(line);
             return;
         }
-        let event = std::mem::take(&mut self.event);
+        let mut event = std::mem::take(&mut self.event);
         match self.judge(&event) {
             Verdict::Keep => {
                 out.extend_from_slice(&std::mem::take(&mut self.before_next));
@@ -252,6 +270,9 @@ impl StreamMeter {
                 self.halted = self.halt_on_malformed;
             }
         }
+        // Its buffer holds the next event.
+        event.clear();
+        self.event = event;
     }
 
     /// Reads what follows the last event of a whole answer, or the
