@@ -190,7 +190,7 @@ impl UsageWire {
 #[derive(Deserialize)]
 pub(super) struct Probe<'a> {
     #[serde(borrow, default)]
-    choices: Option<Vec<Object<ChoiceProbe<'a>>>>,
+    choices: Option<Vec<Object<'a, ChoiceProbe<'a>>>>,
     /// Kept raw: a malformed `usage` must not hide the generated text.
     #[serde(borrow, default)]
     usage: Option<&'a RawValue>,
@@ -229,46 +229,148 @@ struct ResponseProbe<'a> {
 /// array too, by the order of its fields): a choice or delta that is any
 /// other value makes the event malformed, as the resumable record cannot
 /// read it either.
-struct Object<T>(T);
+///
+/// Its `index` and `refusal` members, which only the record's reading
+/// needs ([`memo`]), are kept aside rather than read as the struct's
+/// fields: a provider that gives one twice has the event passed on, as
+/// before they were read (a struct's field given twice is an error), and
+/// `twice` says so (the record, which cannot read such an event, then
+/// reads it itself).
+struct Object<'a, T> {
+    value: T,
+    index: Option<&'a RawValue>,
+    refusal: Option<&'a RawValue>,
+    twice: bool,
+}
 
-impl<T> std::ops::Deref for Object<T> {
+impl<T> std::ops::Deref for Object<'_, T> {
     type Target = T;
 
     fn deref(&self) -> &T {
-        &self.0
+        &self.value
     }
 }
 
-impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
+impl<'de: 'a, 'a, T: Deserialize<'de>> Deserialize<'de> for Object<'a, T> {
     fn deserialize<D: serde::Deserializer<'de>>(value: D) -> Result<Self, D::Error> {
         value.deserialize_map(ObjectVisitor(std::marker::PhantomData))
     }
 }
 
 /// Reads an [`Object`].
-struct ObjectVisitor<T>(std::marker::PhantomData<T>);
+struct ObjectVisitor<'a, T>(std::marker::PhantomData<(&'a (), T)>);
 
-impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for ObjectVisitor<T> {
-    type Value = Object<T>;
+impl<'de: 'a, 'a, T: Deserialize<'de>> serde::de::Visitor<'de> for ObjectVisitor<'a, T> {
+    type Value = Object<'a, T>;
 
     fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
         f.write_str("an object")
     }
 
     fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
-        T::deserialize(serde::de::value::MapAccessDeserializer::new(map)).map(Object)
+        let mut aside = Aside {
+            map,
+            index: None,
+            refusal: None,
+            twice: false,
+        };
+        let value = T::deserialize(serde::de::value::MapAccessDeserializer::new(&mut aside))?;
+        Ok(Object {
+            value,
+            index: aside.index,
+            refusal: aside.refusal,
+            twice: aside.twice,
+        })
+    }
+}
+
+/// An object's members with `index` and `refusal` kept aside (see
+/// [`Object`]).
+struct Aside<'a, A> {
+    map: A,
+    index: Option<&'a RawValue>,
+    refusal: Option<&'a RawValue>,
+    twice: bool,
+}
+
+impl<'de, A: serde::de::MapAccess<'de>> serde::de::MapAccess<'de> for &mut Aside<'de, A> {
+    type Error = A::Error;
+
+    fn next_key_seed<K: serde::de::DeserializeSeed<'de>>(
+        &mut self,
+        seed: K,
+    ) -> Result<Option<K::Value>, A::Error> {
+        use serde::de::value::{BorrowedStrDeserializer, StringDeserializer};
+        loop {
+            let Some(key) = self.map.next_key::<Key<'de>>()? else {
+                return Ok(None);
+            };
+            let name = match &key {
+                Key::Borrowed(name) => name,
+                Key::Owned(name) => name.as_str(),
+            };
+            let slot = match name {
+                "index" => &mut self.index,
+                "refusal" => &mut self.refusal,
+                _ => {
+                    return match key {
+                        Key::Borrowed(name) => seed.deserialize(BorrowedStrDeserializer::new(name)),
+                        Key::Owned(name) => seed.deserialize(StringDeserializer::new(name)),
+                    }
+                    .map(Some)
+                }
+            };
+            let value = self.map.next_value::<&'de RawValue>()?;
+            self.twice |= slot.is_some();
+            *slot = Some(value);
+        }
+    }
+
+    fn next_value_seed<V: serde::de::DeserializeSeed<'de>>(
+        &mut self,
+        seed: V,
+    ) -> Result<V::Value, A::Error> {
+        self.map.next_value_seed(seed)
+    }
+}
+
+/// A member's name, borrowed when it has no escapes.
+enum Key<'a> {
+    Borrowed(&'a str),
+    Owned(String),
+}
+
+impl<'de> Deserialize<'de> for Key<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(name: D) -> Result<Self, D::Error> {
+        name.deserialize_str(KeyVisitor)
+    }
+}
+
+/// Reads a [`Key`].
+struct KeyVisitor;
+
+impl<'de> serde::de::Visitor<'de> for KeyVisitor {
+    type Value = Key<'de>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a member's name")
+    }
+
+    fn visit_borrowed_str<E>(self, name: &'de str) -> Result<Key<'de>, E> {
+        Ok(Key::Borrowed(name))
+    }
+
+    fn visit_str<E>(self, name: &str) -> Result<Key<'de>, E> {
+        Ok(Key::Owned(name.to_owned()))
     }
 }
 
 #[derive(Deserialize)]
 struct ChoiceProbe<'a> {
-    /// For the resumable record ([`memo`]).
     #[serde(borrow, default)]
-    index: Option<&'a RawValue>,
+    delta: Option<Object<'a, MessageProbe<'a>>>,
     #[serde(borrow, default)]
-    delta: Option<Object<MessageProbe<'a>>>,
-    #[serde(borrow, default)]
-    message: Option<Object<MessageProbe<'a>>>,
+    message: Option<Object<'a, MessageProbe<'a>>>,
     #[serde(borrow, default)]
     text: Option<&'a RawValue>,
     #[serde(borrow, default)]
@@ -288,9 +390,6 @@ struct MessageProbe<'a> {
     reasoning_content: Option<&'a RawValue>,
     #[serde(borrow, default)]
     reasoning: Option<&'a RawValue>,
-    /// For the resumable record ([`memo`]).
-    #[serde(borrow, default)]
-    refusal: Option<&'a RawValue>,
 }
 
 impl Probe<'_> {
@@ -349,7 +448,10 @@ impl Probe<'_> {
     /// (see [`memo::leave`]); none for an event of several choices.
     fn reading(&self, json: &[u8]) -> Option<(memo::Reading, Option<Range<usize>>)> {
         let choices = self.choices.as_deref().unwrap_or_default();
-        if choices.len() > 1 || !json.trim_ascii_start().starts_with(b"{") {
+        let twice = choices
+            .iter()
+            .any(|c| c.twice || c.delta.as_ref().is_some_and(|d| d.twice));
+        if choices.len() > 1 || twice || !json.trim_ascii_start().starts_with(b"{") {
             return None;
         }
         let base = json.as_ptr() as usize;

@@ -27,6 +27,9 @@ pub(crate) const SAMPLE_BYTES: usize = 64 * 1024;
 /// The most finish reasons kept (one per choice).
 const MAX_FINISH_REASONS: usize = 16;
 
+/// The most an event's buffer keeps between events (a larger one is let go).
+const KEPT_EVENT_BYTES: usize = 16 * 1024;
+
 /// The start of an event too long to hold that is kept to read its type.
 const OVERSIZED_HEAD_BYTES: usize = 4096;
 
@@ -40,7 +43,7 @@ pub struct StreamMeter {
     /// How much of `partial` is known to hold no line end.
     scanned: usize,
     /// The complete lines of the event being read, until its blank line.
-    event: BytesMut,
+    pub(super) event: BytesMut,
     /// Inside an event too long to hold: passed through until its end.
     oversized: bool,
     /// Its first and last bytes, kept to read its type (a Responses
@@ -218,7 +221,11 @@ impl StreamMeter {
             }
         }
         partial.advance(read);
-        self.partial = partial;
+        // An empty one lets the chunk's buffer go (a stream waits between
+        // tokens); the next chunk brings its own.
+        if !partial.is_empty() {
+            self.partial = partial;
+        }
         self.scanned = self.partial.len();
         if !self.oversized && self.event.len() + self.partial.len() > MAX_LINE_BYTES {
             // An event too long to hold: what there is goes on unread, and
@@ -270,9 +277,11 @@ impl StreamMeter {
                 self.halted = self.halt_on_malformed;
             }
         }
-        // Its buffer holds the next event.
-        event.clear();
-        self.event = event;
+        // Its buffer holds the next event, unless a large one grew it.
+        if event.capacity() <= KEPT_EVENT_BYTES {
+            event.clear();
+            self.event = event;
+        }
     }
 
     /// Reads what follows the last event of a whole answer, or the

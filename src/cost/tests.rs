@@ -983,3 +983,44 @@ fn a_choice_or_delta_that_is_not_an_object_makes_the_event_malformed() {
         assert!(!meter.saw_finish(), "{event}");
     }
 }
+
+#[test]
+fn a_choice_that_gives_index_or_refusal_twice_is_passed_on_as_before() {
+    for event in [
+        r#"{"choices":[{"index":0,"index":0,"delta":{"content":"x"}}]}"#,
+        r#"{"choices":[{"index":0,"delta":{"content":"x","refusal":null,"refusal":null}}]}"#,
+        r#"{"choices":[{"\u0069ndex":1,"index":0,"delta":{"content":"x"}}]}"#,
+    ] {
+        let mut meter = StreamMeter::new(false);
+        let out = meter.feed(Bytes::from(format!("data: {event}\n\n")));
+        assert_eq!(&out[..], format!("data: {event}\n\n").as_bytes(), "{event}");
+        assert_eq!(meter.malformed(), 0, "{event}");
+        assert_eq!(meter.generated_text(), "x", "{event}");
+    }
+}
+
+#[test]
+fn a_stream_holds_no_large_buffer_between_events() {
+    let mut meter = StreamMeter::new(false);
+    // An event of about 1 MB (under the bound it is read within), in
+    // 16 KiB reads, then a small one.
+    let comments = ": padding\n".repeat(100_000);
+    let big = format!("{comments}data: {{\"choices\":[{{\"delta\":{{\"content\":\"a\"}}}}]}}\n\n");
+    for piece in big.as_bytes().chunks(16 * 1024) {
+        meter.feed(Bytes::copy_from_slice(piece));
+    }
+    meter.feed(Bytes::from_static(
+        b"data: {\"choices\":[{\"delta\":{\"content\":\"b\"}}]}\n\n",
+    ));
+    assert_eq!(meter.generated_text(), "ab");
+    assert!(
+        meter.event.capacity() <= 64 * 1024,
+        "{}",
+        meter.event.capacity()
+    );
+    assert!(
+        meter.partial.capacity() <= 64 * 1024,
+        "{}",
+        meter.partial.capacity()
+    );
+}

@@ -1132,6 +1132,31 @@ mod tests {
         }
     }
 
+    /// Events the record cannot read (a member it reads given twice) or
+    /// reads under another spelling get no reading from the meter, or the
+    /// one the record's own read gives.
+    #[test]
+    fn members_given_twice_or_escaped_are_read_as_the_record_reads_them() {
+        for json in [
+            r#"{"id":"c","choices":[{"index":0,"index":0,"delta":{"content":"x"}}]}"#,
+            r#"{"id":"c","choices":[{"index":0,"delta":{"content":"x","refusal":null,"refusal":null}}]}"#,
+            r#"{"id":"c","choices":[{"\u0069ndex":1,"delta":{"content":"x"}}]}"#,
+            r#"{"id":"c","choices":[{"index":0,"delta":{"content":"x","\u0072efusal":"no"}}]}"#,
+            r#"{"id":"c","choices":[{"index":0,"delta":{"content":"x","index":3,"index":4}}]}"#,
+        ] {
+            for strip in [false, true] {
+                memo::clear();
+                let (mut told, mut own) = (Record::default(), Record::default());
+                for payload in through_the_meter(json, strip) {
+                    told.observe(&payload);
+                    memo::clear();
+                    own.observe(&payload);
+                }
+                assert_eq!(format!("{told:?}"), format!("{own:?}"), "{json}");
+            }
+        }
+    }
+
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2048))]
         /// The meter's reading, taken under the bytes the client gets,
