@@ -455,9 +455,12 @@ impl StreamMeter {
         }
         if single {
             if let Some((reading, guard)) = probe.reading(payload) {
-                // Cut as `write` cuts this payload's line.
-                let cut = find_usage_null(payload)
-                    .filter(|_| self.strip_usage)
+                // Cut as `write` cuts this payload's line (only when
+                // stripping: else nothing is looked for).
+                let cut = self
+                    .strip_usage
+                    .then(|| find_usage_null(payload))
+                    .flatten()
                     .map(|(start, end)| start..end);
                 super::memo::leave(payload, cut, guard, reading);
             }
