@@ -201,10 +201,21 @@ impl StreamMeter {
             self.partial = partial;
             return out.freeze();
         }
-        // Bytes already scanned hold no line end.
+        // Bytes already scanned hold no line end. A line ends at `\n`,
+        // `\r\n` or a lone `\r` (as SSE has it, and the OpenAI SDKs read
+        // it); a lone one goes on as `\n`, so every reader after the meter
+        // (the client's, the resumable record's) splits events where they
+        // were metered. A `\r` at the end waits for what follows it.
         let (mut scan_from, mut read) = (self.scanned, 0);
-        while let Some(at) = memchr::memchr(b'\n', &partial[read + scan_from..]) {
-            let end = read + scan_from + at + 1;
+        while let Some(at) = memchr::memchr2(b'\n', b'\r', &partial[read + scan_from..]) {
+            let mut end = read + scan_from + at + 1;
+            if partial[end - 1] == b'\r' {
+                match partial.get(end) {
+                    Some(b'\n') => end += 1,
+                    Some(_) => partial[end - 1] = b'\n',
+                    None => break,
+                }
+            }
             scan_from = 0;
             self.line(&partial[read..end], &mut out);
             read = end;
@@ -226,7 +237,7 @@ impl StreamMeter {
         if !partial.is_empty() {
             self.partial = partial;
         }
-        self.scanned = self.partial.len();
+        self.scanned = self.partial.len() - usize::from(self.partial.ends_with(b"\r"));
         if !self.oversized && self.event.len() + self.partial.len() > MAX_LINE_BYTES {
             // An event too long to hold: what there is goes on unread, and
             // the rest of it after.
@@ -237,8 +248,10 @@ impl StreamMeter {
             out.extend_from_slice(&event);
         }
         if self.oversized {
-            self.generated_bytes += self.partial.len() as u64;
-            let partial = std::mem::take(&mut self.partial);
+            // All but a `\r` that waits for what follows it.
+            let waits = usize::from(self.partial.ends_with(b"\r"));
+            let partial = self.partial.split_to(self.partial.len() - waits);
+            self.generated_bytes += partial.len() as u64;
             self.keep_oversized(&partial);
             out.extend_from_slice(&partial);
             self.scanned = 0;
@@ -294,7 +307,8 @@ impl StreamMeter {
             return;
         }
         self.partial.extend_from_slice(bytes);
-        while let Some(at) = memchr::memchr(b'\n', &self.partial) {
+        // Any line end ends a line (a `\r\n` leaves an empty one between).
+        while let Some(at) = memchr::memchr2(b'\n', b'\r', &self.partial) {
             let line = self.partial.split_to(at + 1);
             let probe = data_payload(&line).and_then(|p| serde_json::from_slice::<Probe>(p).ok());
             if let Some(usage) = probe.and_then(|p| p.usage()) {
@@ -502,8 +516,12 @@ impl StreamMeter {
         if self.halted {
             return out.freeze();
         }
-        let rest = std::mem::take(&mut self.partial);
+        let mut rest = std::mem::take(&mut self.partial);
         self.scanned = 0;
+        if let Some(last @ b'\r') = rest.last_mut() {
+            // Nothing follows it: a line end of its own.
+            *last = b'\n';
+        }
         if self.oversized {
             self.generated_bytes += rest.len() as u64;
             self.keep_oversized(&rest);

@@ -872,7 +872,7 @@ fn meter_said(meter: &StreamMeter) -> String {
     )
 }
 
-/// Events of every kind the meter tells apart, with either line end.
+/// Events of every kind the meter tells apart, with any line end.
 fn any_stream() -> impl proptest::strategy::Strategy<Value = String> {
     use proptest::prelude::*;
     let event = prop::sample::select(vec![
@@ -889,16 +889,11 @@ fn any_stream() -> impl proptest::strategy::Strategy<Value = String> {
         "data: {\"type\":\"response.output_text.delta\",\"delta\":\"hi\"}\n\n",
         "\n",
     ]);
-    (prop::collection::vec((event, any::<bool>()), 0..8)).prop_map(|events| {
+    let line_end = prop::sample::select(vec!["\n", "\r\n", "\r"]);
+    (prop::collection::vec((event, line_end), 0..8)).prop_map(|events| {
         events
             .into_iter()
-            .map(|(e, crlf)| {
-                if crlf {
-                    e.replace('\n', "\r\n")
-                } else {
-                    e.to_owned()
-                }
-            })
+            .map(|(e, line_end)| e.replace('\n', line_end))
             .collect()
     })
 }
@@ -934,6 +929,72 @@ proptest::proptest! {
         proptest::prop_assert_eq!(String::from_utf8_lossy(&got), String::from_utf8_lossy(&expected));
         proptest::prop_assert_eq!(meter_said(&cut), meter_said(&whole));
     }
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+    /// A stream whose lines end with a lone `\r` is metered as the same
+    /// stream with `\n`, and passed on as it (the `\r` as `\n`), however
+    /// it is cut into reads.
+    #[test]
+    fn a_lone_carriage_return_ends_a_line_as_a_line_feed_does(
+        stream in any_stream(),
+        cuts in proptest::collection::vec(proptest::prelude::any::<proptest::sample::Index>(), 0..6),
+        strip in proptest::prelude::any::<bool>(),
+    ) {
+        let stream = stream.replace("\r\n", "\n").replace('\r', "\n");
+        let feed = |stream: &str, cut: bool| {
+            let mut meter = StreamMeter::new(strip);
+            let mut at: Vec<usize> = if cut {
+                cuts.iter().map(|i| i.index(stream.len() + 1)).collect()
+            } else {
+                Vec::new()
+            };
+            at.sort_unstable();
+            let (mut out, mut from) = (Vec::new(), 0);
+            for to in at.into_iter().chain([stream.len()]) {
+                out.extend_from_slice(&meter.feed(Bytes::copy_from_slice(&stream.as_bytes()[from..to])));
+                from = to;
+            }
+            out.extend_from_slice(&meter.finish());
+            (String::from_utf8_lossy(&out).into_owned(), meter_said(&meter))
+        };
+        let with_cr = stream.replace('\n', "\r");
+        proptest::prop_assert_eq!(feed(&with_cr, true), feed(&stream, false));
+    }
+}
+
+#[test]
+fn a_lone_carriage_return_ends_a_line_where_the_sdk_ends_it() {
+    // The OpenAI SDKs end a line at a lone `\r`: here a comment and then
+    // an event with text, which the meter read as one comment line (the
+    // text was neither counted nor known to a resumed stream).
+    let hidden = r#"data: {"choices":[{"index":0,"delta":{"content":"hidden text"}}]}"#;
+    for upstream in [
+        format!(": ka\r{hidden}\n\ndata: [DONE]\n\n"),
+        format!(": ka\r{hidden}\r\rdata: [DONE]\r\r"),
+        format!(": ka\r\n{hidden}\r\n\r\ndata: [DONE]\r\n\r\n"),
+    ] {
+        for step in [1, 2, 3, 7, upstream.len()] {
+            let mut meter = StreamMeter::new(false);
+            let out = run(&mut meter, &upstream, step);
+            let crlf = upstream.contains("\r\n");
+            let expected = if crlf {
+                upstream.clone()
+            } else {
+                upstream.replace('\r', "\n")
+            };
+            assert_eq!(out, expected, "{upstream:?} in reads of {step}");
+            assert_eq!(meter.generated_text(), "hidden text", "{upstream:?}");
+            assert!(meter.saw_done());
+        }
+    }
+    // A `\r` the body ends with ends its line.
+    let mut meter = StreamMeter::new(false);
+    let mut out = meter.feed(Bytes::from(format!("{hidden}\r"))).to_vec();
+    out.extend_from_slice(&meter.finish());
+    assert_eq!(out, format!("{hidden}\n").into_bytes());
+    assert_eq!(meter.generated_text(), "hidden text");
 }
 
 #[test]

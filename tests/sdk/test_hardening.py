@@ -6,6 +6,8 @@ not write (llmock, from PyPI) as well as our own mock.
   async jobs run there and answer their own tenant only, and a crafted body
   is refused before anything reaches it.
 - our mock echoing the provider key: the SDK's parsed objects never hold it.
+- a provider ending lines with a lone carriage return (as SSE allows): the
+  text the SDK reads is the text metered and known to a resumed stream.
 """
 
 import json
@@ -14,7 +16,7 @@ import time
 import openai
 import pytest
 
-from conftest import PROVIDER_KEY, TENANT_KEY, Llmock, Runestone, server_yaml
+from conftest import PROVIDER_KEY, TENANT_KEY, Llmock, LocalServer, Runestone, server_yaml
 
 OTHER_KEY = "sk-sdk-other-tenant-0099"
 
@@ -135,3 +137,79 @@ def test_the_sdk_never_sees_a_key_its_provider_echoes(mock):
         assert PROVIDER_KEY not in text and "*****" in text
     finally:
         gateway.stop()
+
+
+def lone_cr_provider(name: str, text: list, cuts: bool = True) -> LocalServer:
+    """A provider streaming `text` in chunks, each event led by a comment.
+    The request's message says how lines end: `lf`, `cr` (a lone `\\r`, as
+    SSE allows and the OpenAI SDKs read) or `cut` (`cr`, and the body ends
+    after the second piece, before the answer finished, when it `cuts`)."""
+
+    def answer(request, raw):
+        how = json.loads(raw)["messages"][-1]["content"]
+        how = how if cuts or how != "cut" else "cr"
+        ident = {"id": f"chatcmpl-{name}", "object": "chat.completion.chunk", "created": 7,
+                 "model": name}
+        chunks = [{**ident, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                         "finish_reason": None}]}]
+        chunks += [{**ident, "choices": [{"index": 0, "delta": {"content": piece},
+                                          "finish_reason": None}]} for piece in text]
+        chunks.append({**ident, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+        if how == "cut":
+            chunks = chunks[:3]
+        events = [f": keep-alive\ndata: {json.dumps(c)}\n\n" for c in chunks]
+        if how != "cut":
+            events.append("data: [DONE]\n\n")
+        body = "".join(events)
+        if how != "lf":
+            body = body.replace("\n", "\r")
+        return 200, "text/event-stream", body.encode()
+
+    return LocalServer(answer)
+
+
+def test_lines_ended_by_a_lone_carriage_return_are_metered_and_resumed_as_the_sdk_reads_them():
+    # The SDK ends a line at a lone "\r": the gateway read such a stream as
+    # comments (its text not counted) and a resumed stream did not know
+    # what the client had.
+    first = lone_cr_provider("m-first", ["Hel", "lo ", "world", "."])
+    backup = lone_cr_provider("m-backup", ["Hello ", "world."], cuts=False)
+
+    def config(port, metrics_port, directory):
+        return server_yaml(port, metrics_port, directory) + f"""
+providers:
+  - {{ name: first, base_url: "{first.base_url}", api_key: "sk-first-provider-key-1" }}
+  - {{ name: backup, base_url: "{backup.base_url}", api_key: "sk-backup-provider-key-2" }}
+models:
+  - name: gpt-4o-mini
+    targets: [{{ provider: first, model: m-first }}]
+    fallbacks: [backup-model]
+  - name: backup-model
+    targets: [{{ provider: backup, model: m-backup }}]
+tenants:
+  - id: acme
+    keys: ["{TENANT_KEY}"]
+"""
+
+    gateway = Runestone(config)
+    try:
+        def stream(how):
+            chunks = list(gateway.client().chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": how}], stream=True,
+                stream_options={"include_usage": True}))
+            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            [usage] = [c.usage for c in chunks if c.usage]
+            return text, usage.completion_tokens
+
+        lf_text, lf_tokens = stream("lf")
+        assert lf_text == "Hello world." and lf_tokens > 0
+        assert stream("cr") == (lf_text, lf_tokens), "counted as the same stream with \\n"
+        text, tokens = stream("cut")
+        assert text == "Hello world.", "the backup's repeat of what the client had is skipped"
+        assert tokens > 0
+        assert 'runestone_stream_resumptions_total{model="gpt-4o-mini",outcome="resumed"} 1' \
+            in gateway.metrics()
+    finally:
+        gateway.stop()
+        first.stop()
+        backup.stop()
