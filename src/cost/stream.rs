@@ -18,6 +18,7 @@ use crate::openai::ApiError;
 use bytes::{Buf, Bytes, BytesMut};
 use memchr::memmem::Finder;
 use serde_json::value::RawValue;
+use std::ops::Range;
 use std::sync::{LazyLock, OnceLock};
 
 /// Generated text a stream keeps to count tokens in, should the provider
@@ -98,12 +99,24 @@ pub struct StreamMeter {
 /// What to do with a whole event.
 #[derive(Debug, PartialEq, Eq)]
 enum Verdict {
-    /// Pass it on.
-    Keep,
+    /// Pass it on (cut where `judge` found its `"usage":null`, if it looked).
+    Keep(Cut),
     /// Leave it out (with its blank line).
     Drop,
     /// Not JSON: leave it out, and halt when asked to.
     Malformed,
+}
+
+/// Where [`StreamMeter::write`] takes a `"usage":null` out of an event
+/// passed on, when stripping.
+#[derive(Debug, PartialEq, Eq)]
+enum Cut {
+    /// Not looked for yet: `write` looks in each `data:` line.
+    Unknown,
+    /// Looked for, and not there.
+    Nowhere,
+    /// At these bytes of the event.
+    At(Range<usize>),
 }
 
 /// Whether a Responses stream event of type `kind` ends the stream with
@@ -279,9 +292,9 @@ impl StreamMeter {
         }
         let mut event = std::mem::take(&mut self.event);
         match self.judge(&event) {
-            Verdict::Keep => {
+            Verdict::Keep(cut) => {
                 out.extend_from_slice(&std::mem::take(&mut self.before_next));
-                self.write(&event, out);
+                self.write(&event, cut, out);
                 out.extend_from_slice(line);
             }
             Verdict::Drop => {}
@@ -380,7 +393,7 @@ impl StreamMeter {
         let mut payloads = lines(event).filter_map(data_payload);
         let Some(first) = payloads.next() else {
             // Comments and event names only: passed on.
-            return Verdict::Keep;
+            return Verdict::Keep(Cut::Unknown);
         };
         let joined;
         let mut single = false;
@@ -404,7 +417,7 @@ impl StreamMeter {
             if let Some(usage) = self.added_usage_event() {
                 self.before_next = usage;
             }
-            return Verdict::Keep;
+            return Verdict::Keep(Cut::Unknown);
         }
         let Ok(probe) = crate::json::from_bytes::<Probe>(payload) else {
             return Verdict::Malformed;
@@ -467,28 +480,45 @@ impl StreamMeter {
         if !has_choices && self.strip_usage && probe.has_usage_object() && !is_error {
             return Verdict::Drop;
         }
-        if single {
-            if let Some((reading, guard)) = probe.reading(payload) {
-                // Cut as `write` cuts this payload's line (only when
-                // stripping: else nothing is looked for).
-                let cut = self
-                    .strip_usage
-                    .then(|| find_usage_null(payload))
-                    .flatten()
-                    .map(|(start, end)| start..end);
-                super::memo::leave(payload, cut, guard, reading);
-            }
+        if !single {
+            return Verdict::Keep(Cut::Unknown);
         }
-        Verdict::Keep
+        // Where `write` cuts this payload's line (only when stripping:
+        // else nothing is looked for).
+        let found = if self.strip_usage {
+            find_usage_null(payload).map(|(start, end)| start..end)
+        } else {
+            None
+        };
+        let cut = match &found {
+            Some(found) => {
+                let at = payload.as_ptr() as usize - event.as_ptr() as usize;
+                Cut::At(at + found.start..at + found.end)
+            }
+            None => Cut::Nowhere,
+        };
+        if let Some((reading, guard)) = probe.reading(payload) {
+            super::memo::leave(payload, found, guard, reading);
+        }
+        Verdict::Keep(cut)
     }
 
     /// Writes a kept event's lines; when stripping, a `"usage":null` the
     /// gateway caused is taken out of its `data:` lines.
-    fn write(&self, event: &[u8], out: &mut BytesMut) {
-        if !self.strip_usage {
-            out.extend_from_slice(event);
-            return;
+    fn write(&self, event: &[u8], cut: Cut, out: &mut BytesMut) {
+        match cut {
+            Cut::At(cut) if self.strip_usage => {
+                out.extend_from_slice(&event[..cut.start]);
+                out.extend_from_slice(&event[cut.end..]);
+            }
+            Cut::Unknown if self.strip_usage => self.write_cut_by_line(event, out),
+            _ => out.extend_from_slice(event),
         }
+    }
+
+    /// Writes an event's lines with a `"usage":null` taken out of each
+    /// `data:` line that has one.
+    fn write_cut_by_line(&self, event: &[u8], out: &mut BytesMut) {
         for line in lines(event) {
             let usage_null = data_payload(line).and_then(|payload| {
                 let offset = payload.as_ptr() as usize - line.as_ptr() as usize;
@@ -534,9 +564,9 @@ impl StreamMeter {
         let event = std::mem::take(&mut self.event);
         if !event.is_empty() {
             match self.judge(&event) {
-                Verdict::Keep => {
+                Verdict::Keep(cut) => {
                     out.extend_from_slice(&std::mem::take(&mut self.before_next));
-                    self.write(&event, &mut out);
+                    self.write(&event, cut, &mut out);
                 }
                 Verdict::Drop => {}
                 Verdict::Malformed => self.malformed += 1,
