@@ -94,6 +94,10 @@ pub struct StreamMeter {
     /// Written before the next event (the gateway's usage chunk, before
     /// `[DONE]`).
     before_next: Vec<u8>,
+    /// The buffer what goes on is written in: each chunk's share is split
+    /// off, and its memory taken back in place once the client's copy is
+    /// gone (no allocation a chunk).
+    out: BytesMut,
 }
 
 /// What to do with a whole event.
@@ -155,6 +159,7 @@ impl StreamMeter {
             estimate: None,
             counted: OnceLock::new(),
             before_next: Vec::new(),
+            out: BytesMut::new(),
         }
     }
 
@@ -197,7 +202,8 @@ impl StreamMeter {
             self.read_after_last(&chunk);
             return Bytes::new();
         }
-        let mut out = BytesMut::with_capacity(chunk.len() + self.event.len());
+        let mut out = std::mem::take(&mut self.out);
+        out.reserve(chunk.len() + self.event.len());
         // The chunk itself when nothing waits before it (providers mostly
         // write whole events), else added to what waits; its lines are
         // read in place and what is left of the last waits.
@@ -212,7 +218,7 @@ impl StreamMeter {
         };
         if self.halted {
             self.partial = partial;
-            return out.freeze();
+            return self.hand_out(out);
         }
         // Bytes already scanned hold no line end. A line ends at `\n`,
         // `\r\n` or a lone `\r` (as SSE has it, and the OpenAI SDKs read
@@ -241,7 +247,7 @@ impl StreamMeter {
                     self.partial = partial;
                 }
                 self.scanned = 0;
-                return out.freeze();
+                return self.hand_out(out);
             }
         }
         partial.advance(read);
@@ -269,7 +275,17 @@ impl StreamMeter {
             out.extend_from_slice(&partial);
             self.scanned = 0;
         }
-        out.freeze()
+        self.hand_out(out)
+    }
+
+    /// What was written in `out`, to go on; the buffer is kept for the
+    /// next chunk unless a large one grew it.
+    fn hand_out(&mut self, mut out: BytesMut) -> Bytes {
+        let written = out.split().freeze();
+        if written.len() + out.capacity() <= KEPT_EVENT_BYTES {
+            self.out = out;
+        }
+        written
     }
 
     /// One complete line (with its newline).

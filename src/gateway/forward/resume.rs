@@ -176,11 +176,19 @@ impl<'c> Resumable<'c> {
 
     /// Records and (for a continuation) rewrites the complete lines of
     /// `bytes`; returns what to send.
-    fn process(&mut self, bytes: &[u8], end: bool) -> Bytes {
+    fn process(&mut self, bytes: Bytes, end: bool) -> Bytes {
         if self.passthrough {
-            return Bytes::copy_from_slice(bytes);
+            return bytes;
         }
-        self.partial.extend_from_slice(bytes);
+        if self.splice.is_none() && self.partial.is_empty() && bytes.ends_with(b"\n") {
+            // Whole lines of the first attempt (the meter sends whole
+            // events): read, and sent on as they are.
+            for line in lines(&bytes) {
+                self.note(line);
+            }
+            return bytes;
+        }
+        self.partial.extend_from_slice(&bytes);
         // Bytes already scanned hold no line end.
         let complete = match memchr::memrchr(b'\n', &self.partial[self.scanned..]) {
             Some(last) => self.partial.split_to(self.scanned + last + 1),
@@ -663,7 +671,7 @@ impl Client for Resumable<'_> {
         if !self.enabled {
             return self.inner.send_body(body, end);
         }
-        let mut out = self.process(&body, end);
+        let mut out = self.process(body, end);
         if self.diverged() {
             // Nothing more of this attempt goes out; like a client gone,
             // it ends the copy, and the forwarder ends the stream.
