@@ -213,3 +213,34 @@ tenants:
         gateway.stop()
         first.stop()
         backup.stop()
+
+
+def test_a_stream_whose_last_event_has_no_blank_line_is_ended_before_the_gateways_done():
+    # The provider's last event ends with a single line end and no [DONE]
+    # follows: the gateway's [DONE] (and usage chunk) went out glued to
+    # that event, so the SDK raised and lost it (while it was billed).
+    ident = {"id": "chatcmpl-open", "object": "chat.completion.chunk", "created": 7, "model": "m"}
+
+    def answer(request, raw):
+        line_end = json.loads(raw)["messages"][-1]["content"].encode().decode("unicode_escape")
+        chunk = lambda delta, finish: {**ident, "choices": [
+            {"index": 0, "delta": delta, "finish_reason": finish}]}
+        body = (f"data: {json.dumps(chunk({'role': 'assistant', 'content': 'Hi'}, None))}"
+                f"{line_end * 2}data: {json.dumps(chunk({'content': '!'}, 'stop'))}{line_end}")
+        return 200, "text/event-stream", body.encode()
+
+    provider = LocalServer(answer)
+    gateway = Gateway(provider.base_url, "sk-open-provider-key-3")
+    try:
+        for line_end in ["\\n", "\\r\\n", "\\r"]:
+            for include_usage in (True, False):
+                chunks = list(gateway.client().chat.completions.create(
+                    model="gpt-4o-mini", messages=[{"role": "user", "content": line_end}],
+                    stream=True, stream_options={"include_usage": include_usage}))
+                text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+                assert text == "Hi!", (line_end, include_usage)
+                assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+                assert bool([c for c in chunks if c.usage]) == include_usage
+    finally:
+        gateway.stop()
+        provider.stop()

@@ -354,8 +354,11 @@ impl Meter {
                 {
                     return rest;
                 }
-                let newline = if rest.is_empty() || rest.ends_with(b"\n") {
+                // The last event ends (with its blank line) before the seal.
+                let newline = if rest.is_empty() || rest.ends_with(b"\n\n") {
                     ""
+                } else if rest.ends_with(b"\n") {
+                    "\n"
                 } else {
                     "\n\n"
                 };
