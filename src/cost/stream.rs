@@ -43,6 +43,9 @@ pub struct StreamMeter {
     pub(super) partial: BytesMut,
     /// How much of `partial` is known to hold no line end.
     scanned: usize,
+    /// The last line read ended with a `\r` at the end of its read (a
+    /// `\n` that comes next belongs to it).
+    after_cr: bool,
     /// The complete lines of the event being read, until its blank line.
     pub(super) event: BytesMut,
     /// Inside an event too long to hold: passed through until its end.
@@ -136,6 +139,7 @@ impl StreamMeter {
             strip_usage,
             partial: BytesMut::new(),
             scanned: 0,
+            after_cr: false,
             event: BytesMut::new(),
             oversized: false,
             oversized_head: Vec::new(),
@@ -221,23 +225,31 @@ impl StreamMeter {
             return self.hand_out(out);
         }
         // Bytes already scanned hold no line end. A line ends at `\n`,
-        // `\r\n` or a lone `\r` (as SSE has it, and the OpenAI SDKs read
-        // it); a lone one goes on as `\n`, so every reader after the meter
+        // `\r\n` or a lone `\r`, as SSE has it (and the OpenAI SDKs read
+        // it), and goes on ending in `\n`: every reader after the meter
         // (the client's, the resumable record's) splits events where they
-        // were metered. A `\r` at the end waits for what follows it.
+        // were metered. A `\r` that ends a read ends its line at once (a
+        // blank one ends its event now); a `\n` the next read starts with
+        // is its second half.
         let (mut scan_from, mut read) = (self.scanned, 0);
+        if self.after_cr && !partial.is_empty() {
+            self.after_cr = false;
+            read = usize::from(partial[0] == b'\n');
+        }
         while let Some(at) = memchr::memchr2(b'\n', b'\r', &partial[read + scan_from..]) {
-            let mut end = read + scan_from + at + 1;
+            let end = read + scan_from + at + 1;
+            let mut next = end;
             if partial[end - 1] == b'\r' {
+                partial[end - 1] = b'\n';
                 match partial.get(end) {
-                    Some(b'\n') => end += 1,
-                    Some(_) => partial[end - 1] = b'\n',
-                    None => break,
+                    Some(b'\n') => next += 1,
+                    Some(_) => {}
+                    None => self.after_cr = true,
                 }
             }
             scan_from = 0;
             self.line(&partial[read..end], &mut out);
-            read = end;
+            read = next;
             if self.ended() {
                 self.read_after_last(&partial[read..]);
             }
@@ -256,7 +268,7 @@ impl StreamMeter {
         if !partial.is_empty() {
             self.partial = partial;
         }
-        self.scanned = self.partial.len() - usize::from(self.partial.ends_with(b"\r"));
+        self.scanned = self.partial.len();
         if !self.oversized && self.event.len() + self.partial.len() > MAX_LINE_BYTES {
             // An event too long to hold: what there is goes on unread, and
             // the rest of it after.
@@ -267,10 +279,8 @@ impl StreamMeter {
             out.extend_from_slice(&event);
         }
         if self.oversized {
-            // All but a `\r` that waits for what follows it.
-            let waits = usize::from(self.partial.ends_with(b"\r"));
-            let partial = self.partial.split_to(self.partial.len() - waits);
-            self.generated_bytes += partial.len() as u64;
+            self.generated_bytes += self.partial.len() as u64;
+            let partial = std::mem::take(&mut self.partial);
             self.keep_oversized(&partial);
             out.extend_from_slice(&partial);
             self.scanned = 0;
@@ -288,9 +298,10 @@ impl StreamMeter {
         written
     }
 
-    /// One complete line (with its newline).
+    /// One complete line, ending in `\n` (blank: that alone, as in SSE;
+    /// a line of spaces is no blank line).
     fn line(&mut self, line: &[u8], out: &mut BytesMut) {
-        let blank = line.iter().all(|b| b.is_ascii_whitespace());
+        let blank = line.len() == 1;
         if self.oversized {
             out.extend_from_slice(line);
             if blank {
@@ -428,7 +439,9 @@ impl StreamMeter {
                 &joined[..]
             }
         };
-        if payload.trim_ascii() == b"[DONE]" {
+        // As the SDKs read it: a payload that starts so (after the one
+        // space `data_payload` takes off).
+        if payload.starts_with(b"[DONE]") {
             self.saw_done = true;
             if let Some(usage) = self.added_usage_event() {
                 self.before_next = usage;
@@ -562,12 +575,8 @@ impl StreamMeter {
         if self.halted {
             return out.freeze();
         }
-        let mut rest = std::mem::take(&mut self.partial);
+        let rest = std::mem::take(&mut self.partial);
         self.scanned = 0;
-        if let Some(last @ b'\r') = rest.last_mut() {
-            // Nothing follows it: a line end of its own.
-            *last = b'\n';
-        }
         if self.oversized {
             self.generated_bytes += rest.len() as u64;
             self.keep_oversized(&rest);

@@ -197,7 +197,11 @@ fn handles_crlf_lines() {
         stream_events(true).concat().replace('\n', "\r\n") + &USAGE_EVENT.replace('\n', "\r\n");
     let mut meter = StreamMeter::new(true);
     let out = run(&mut meter, &upstream, 5);
-    assert_eq!(out, stream_events(false).concat().replace('\n', "\r\n"));
+    assert_eq!(
+        out,
+        stream_events(false).concat(),
+        "lines go on ending in \\n"
+    );
     assert!(!meter.usage(1).estimated);
 }
 
@@ -933,16 +937,16 @@ proptest::proptest! {
 
 proptest::proptest! {
     #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
-    /// A stream whose lines end with a lone `\r` is metered as the same
-    /// stream with `\n`, and passed on as it (the `\r` as `\n`), however
-    /// it is cut into reads.
+    /// A stream whose lines end with any mix of `\n`, `\r\n` and a lone
+    /// `\r` is metered as the same stream with `\n`, and passed on as it,
+    /// however it is cut into reads.
     #[test]
-    fn a_lone_carriage_return_ends_a_line_as_a_line_feed_does(
-        stream in any_stream(),
+    fn every_line_end_is_read_and_passed_on_as_a_line_feed(
+        with_cr in any_stream(),
         cuts in proptest::collection::vec(proptest::prelude::any::<proptest::sample::Index>(), 0..6),
         strip in proptest::prelude::any::<bool>(),
     ) {
-        let stream = stream.replace("\r\n", "\n").replace('\r', "\n");
+        let stream = with_cr.replace("\r\n", "\n").replace('\r', "\n");
         let feed = |stream: &str, cut: bool| {
             let mut meter = StreamMeter::new(strip);
             let mut at: Vec<usize> = if cut {
@@ -959,7 +963,6 @@ proptest::proptest! {
             out.extend_from_slice(&meter.finish());
             (String::from_utf8_lossy(&out).into_owned(), meter_said(&meter))
         };
-        let with_cr = stream.replace('\n', "\r");
         proptest::prop_assert_eq!(feed(&with_cr, true), feed(&stream, false));
     }
 }
@@ -978,23 +981,58 @@ fn a_lone_carriage_return_ends_a_line_where_the_sdk_ends_it() {
         for step in [1, 2, 3, 7, upstream.len()] {
             let mut meter = StreamMeter::new(false);
             let out = run(&mut meter, &upstream, step);
-            let crlf = upstream.contains("\r\n");
-            let expected = if crlf {
-                upstream.clone()
-            } else {
-                upstream.replace('\r', "\n")
-            };
+            let expected = upstream.replace("\r\n", "\n").replace('\r', "\n");
             assert_eq!(out, expected, "{upstream:?} in reads of {step}");
             assert_eq!(meter.generated_text(), "hidden text", "{upstream:?}");
             assert!(meter.saw_done());
         }
     }
-    // A `\r` the body ends with ends its line.
+    // A `\r` that ends a read ends its line then: an event whose blank
+    // line it is goes on at once (not when the next read comes), and a
+    // `\n` the next read starts with is its second half.
+    for rest in ["\n", "data: [DONE]\r\r"] {
+        let mut meter = StreamMeter::new(false);
+        let out = meter.feed(Bytes::from(format!("{hidden}\r\r")));
+        assert_eq!(out, format!("{hidden}\n\n").as_bytes());
+        assert_eq!(meter.generated_text(), "hidden text");
+        let out = meter.feed(Bytes::from(rest));
+        assert_eq!(
+            out,
+            rest.trim_start_matches('\n').replace('\r', "\n").as_bytes()
+        );
+    }
+}
+
+#[test]
+fn done_is_read_as_the_sdks_read_it() {
+    // The SDKs end a stream at a payload that starts with `[DONE]`; one
+    // that is `[DONE]` after a blank data line or a second space is JSON
+    // to them, and fails: left out here, and the stream is not done.
+    for (event, done) in [
+        ("data: [DONE]\n\n", true),
+        ("data:[DONE]\n\n", true),
+        ("data: [DONE] \n\n", true),
+        ("data:\ndata: [DONE]\n\n", false),
+        ("data:  [DONE]\n\n", false),
+    ] {
+        let mut meter = StreamMeter::new(false);
+        let out = run(&mut meter, event, 64);
+        assert_eq!(meter.saw_done(), done, "{event:?}");
+        assert_eq!(out.is_empty(), !done, "{event:?}");
+        assert_eq!(meter.malformed(), u64::from(!done), "{event:?}");
+    }
+}
+
+#[test]
+fn a_line_of_spaces_is_no_blank_line() {
+    // The SDKs end an event only at an empty line: a line of spaces is a
+    // field they ignore, so two data lines around it are one event (not
+    // JSON, left out), not two that are billed and that the SDK fails on.
+    let upstream = "data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n \r\n\t\ndata: {\"choices\":[{\"delta\":{\"content\":\"b\"}}]}\n\n";
     let mut meter = StreamMeter::new(false);
-    let mut out = meter.feed(Bytes::from(format!("{hidden}\r"))).to_vec();
-    out.extend_from_slice(&meter.finish());
-    assert_eq!(out, format!("{hidden}\n").into_bytes());
-    assert_eq!(meter.generated_text(), "hidden text");
+    assert_eq!(run(&mut meter, upstream, 5), "");
+    assert_eq!(meter.malformed(), 1);
+    assert_eq!(meter.generated_text(), "");
 }
 
 #[test]
