@@ -8,7 +8,7 @@
 //! error, a broken stream or a truncated one.
 
 use super::client::Client;
-use super::forward::headers::{HeaderError, X_REQUEST_ID};
+use super::forward::headers::{is_event_stream, HeaderError, X_REQUEST_ID};
 use super::forward::{Report, CLIENT_CLOSED};
 use super::{Gateway, RequestCtx};
 use crate::cache::{self, flight, Entry, Form, Join, Key, Landed};
@@ -614,7 +614,7 @@ impl Client for Recorder<'_> {
             .unwrap_or_default()
             .to_string();
         self.recorded.status = Some(status);
-        self.recorded.stream = content_type.starts_with("text/event-stream");
+        self.recorded.stream = is_event_stream(&header);
         if let Some(flight) = &self.flight {
             flight.head(status, content_type);
         }

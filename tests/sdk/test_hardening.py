@@ -244,3 +244,39 @@ def test_a_stream_whose_last_event_has_no_blank_line_is_ended_before_the_gateway
     finally:
         gateway.stop()
         provider.stop()
+
+
+def test_a_stream_is_metered_whatever_the_case_of_its_content_type():
+    # Media types are case-insensitive: a stream sent as "Text/Event-Stream"
+    # went through unmetered (billed as its whole text, and the usage chunk
+    # the gateway asked for reached a client that had not asked for it).
+    ident = {"id": "chatcmpl-case", "object": "chat.completion.chunk", "created": 7, "model": "m"}
+    usage = {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
+
+    def answer(request, raw):
+        chunks = [{**ident, "choices": [{"index": 0, "delta": {"content": "Hi"}, "finish_reason": None}]},
+                  {**ident, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+                  {**ident, "choices": [], "usage": usage}]
+        body = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
+        return 200, json.loads(raw)["messages"][-1]["content"], body.encode()
+
+    provider = LocalServer(answer)
+    gateway = Gateway(provider.base_url, "sk-case-provider-key-4")
+    try:
+        for content_type in ["text/event-stream", "Text/Event-Stream; charset=utf-8"]:
+            before = gateway_billed(gateway)
+            chunks = list(gateway.client().chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": content_type}],
+                stream=True))
+            assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Hi"
+            assert [c for c in chunks if c.usage] == [], content_type
+            assert gateway_billed(gateway) - before == usage["completion_tokens"], content_type
+    finally:
+        gateway.stop()
+        provider.stop()
+
+
+def gateway_billed(gateway) -> int:
+    """The completion tokens the gateway has billed so far."""
+    return sum(int(float(line.rsplit(" ", 1)[1])) for line in gateway.metrics().splitlines()
+               if line.startswith("runestone_tokens_total{") and 'kind="completion"' in line)

@@ -4,9 +4,9 @@
 //! until its first content is in (so a provider too slow to start fails
 //! over with nothing sent) and copy it to the client.
 
-use super::body::{is_event_stream, read_gap, BodyEnd, Copy, FirstContent, Meter};
+use super::body::{read_gap, BodyEnd, Copy, FirstContent, Meter};
 use super::decode::{self, Decoder, UpstreamBody};
-use super::headers::{client_response, gateway_headers, upstream_request};
+use super::headers::{client_response, gateway_headers, is_event_stream, upstream_request};
 use super::resume::{with_prefill, Continuation};
 use super::{Exchange, Forwarder, Report, Settle};
 use crate::config::{ModelRoute, ProviderSettings};

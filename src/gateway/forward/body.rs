@@ -3,6 +3,7 @@
 //! it) and the redactor that keeps the provider's key out.
 
 use super::decode::UpstreamBody;
+use super::headers::{has_media_type, is_event_stream};
 use super::{AnswerDetails, Report, Settle};
 use crate::config::ProviderSettings;
 use crate::cost::{self, Encoding, Estimate, StreamMeter, Usage};
@@ -26,26 +27,13 @@ pub(super) fn read_gap(idle: Duration, until: Instant) -> (tokio::time::Instant,
     (now + gap, gap)
 }
 
-/// Whether a response is an SSE stream.
-pub(super) fn is_event_stream(header: &ResponseHeader) -> bool {
-    header
-        .headers
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("text/event-stream"))
-}
-
 /// Whether a successful answer is neither JSON nor a stream (audio, text):
 /// one with a content type that says so.
 fn is_opaque(header: &ResponseHeader) -> bool {
-    header
-        .headers
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            let v = v.trim_start().to_ascii_lowercase();
-            !(v.starts_with("application/json") || v.starts_with("text/event-stream"))
-        })
+    let given = header.headers.get(http::header::CONTENT_TYPE);
+    given.is_some_and(|v| v.to_str().is_ok())
+        && !has_media_type(header, "application/json")
+        && !is_event_stream(header)
 }
 
 /// Reads usage from a response on its way to the client. One per request,

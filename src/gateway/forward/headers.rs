@@ -66,6 +66,25 @@ fn with_tail(path: String, tail: &str, query: Option<&str>) -> String {
     out
 }
 
+/// Whether a response is an SSE stream.
+pub(in crate::gateway) fn is_event_stream(header: &ResponseHeader) -> bool {
+    has_media_type(header, "text/event-stream")
+}
+
+/// Whether a response's content type is `media_type` (with or without
+/// parameters), compared without regard to case, as HTTP compares them.
+pub(super) fn has_media_type(header: &ResponseHeader, media_type: &str) -> bool {
+    let given = header
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim_start);
+    given.is_some_and(|v| {
+        v.get(..media_type.len())
+            .is_some_and(|head| head.eq_ignore_ascii_case(media_type))
+    })
+}
+
 /// The request header sent to the provider: its path, host and key; the
 /// tenant's credentials never leave the gateway. Built on `http`'s types
 /// directly (no header-case map): names are constants, values mostly shared.
