@@ -236,20 +236,13 @@ impl StreamMeter {
             self.after_cr = false;
             read = usize::from(partial[0] == b'\n');
         }
-        while let Some(at) = memchr::memchr2(b'\n', b'\r', &partial[read + scan_from..]) {
-            let end = read + scan_from + at + 1;
-            let mut next = end;
-            if partial[end - 1] == b'\r' {
-                partial[end - 1] = b'\n';
-                match partial.get(end) {
-                    Some(b'\n') => next += 1,
-                    Some(_) => {}
-                    None => self.after_cr = true,
-                }
-            }
+        while let Some(end) = line_end(&partial[read + scan_from..]) {
+            let from = read + scan_from;
+            partial[from + end.at] = b'\n';
+            self.after_cr = end.cr_last;
             scan_from = 0;
-            self.line(&partial[read..end], &mut out);
-            read = next;
+            self.line(&partial[read..=from + end.at], &mut out);
+            read = from + end.next;
             if self.ended() {
                 self.read_after_last(&partial[read..]);
             }
@@ -787,6 +780,30 @@ pub(crate) fn lines(bytes: &[u8]) -> impl Iterator<Item = &[u8]> {
         let (line, tail) = rest.split_at(end);
         rest = tail;
         Some(line)
+    })
+}
+
+/// Where the first line of `bytes` ends, as SSE ends lines: at `\n`,
+/// `\r\n` or a lone `\r`.
+pub(crate) struct LineEnd {
+    /// Where its line end starts.
+    pub(crate) at: usize,
+    /// Where the next line starts.
+    pub(crate) next: usize,
+    /// It ended at a `\r` that is the last byte: a `\n` that starts the
+    /// next read is the second half of its line end (for the reader to skip).
+    pub(crate) cr_last: bool,
+}
+
+/// The end of the first line of `bytes`, if it has one.
+pub(crate) fn line_end(bytes: &[u8]) -> Option<LineEnd> {
+    let at = memchr::memchr2(b'\n', b'\r', bytes)?;
+    let cr = bytes[at] == b'\r';
+    let crlf = cr && bytes.get(at + 1) == Some(&b'\n');
+    Some(LineEnd {
+        at,
+        next: at + 1 + usize::from(crlf),
+        cr_last: cr && at + 1 == bytes.len(),
     })
 }
 

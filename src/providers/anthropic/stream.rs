@@ -5,8 +5,8 @@ use super::answer::{
     counted, finish_reason, prompt_of, to_openai_error, unix_now, usage_json, usage_of,
 };
 use super::request::STRUCTURED_TOOL;
-use crate::cost::{Estimate, Usage, SAMPLE_BYTES};
-use bytes::{Bytes, BytesMut};
+use crate::cost::{line_end, Estimate, Usage, SAMPLE_BYTES};
+use bytes::{Buf, Bytes, BytesMut};
 use serde_json::{json, Value};
 
 /// Translates an Anthropic SSE stream into OpenAI `chat.completion.chunk`
@@ -14,6 +14,9 @@ use serde_json::{json, Value};
 #[derive(Debug)]
 pub struct StreamTranslator {
     pub(super) partial: BytesMut,
+    /// The last line ended at a `\r` that ended its read (a `\n` that
+    /// starts the next is the rest of its line end).
+    after_cr: bool,
     event: Option<String>,
     id: String,
     public_model: String,
@@ -79,6 +82,7 @@ impl StreamTranslator {
     pub fn new(public_model: &str, include_usage: bool) -> Self {
         StreamTranslator {
             partial: BytesMut::new(),
+            after_cr: false,
             event: None,
             id: String::new(),
             public_model: public_model.to_string(),
@@ -179,13 +183,22 @@ impl StreamTranslator {
         // trickles in is not scanned again and again).
         let mut scan_from = self.partial.len();
         self.partial.extend_from_slice(chunk);
+        if self.after_cr && !self.partial.is_empty() {
+            // The last line ended at a `\r` that ended its read.
+            self.after_cr = false;
+            if self.partial[0] == b'\n' {
+                self.partial.advance(1);
+            }
+        }
         let mut out = BytesMut::new();
-        while let Some(end) = memchr::memchr(b'\n', &self.partial[scan_from..]) {
+        // Lines end as SSE ends them (`\n`, `\r\n` or a lone `\r`).
+        while let Some(end) = line_end(&self.partial[scan_from..]) {
             if self.stopped || self.error.is_some() {
                 self.partial.clear();
                 break;
             }
-            let line = self.partial.split_to(scan_from + end + 1);
+            self.after_cr = end.cr_last;
+            let line = self.partial.split_to(scan_from + end.next);
             scan_from = 0;
             if line.len() + self.data.len() > crate::cost::MAX_LINE_BYTES {
                 // Whole in one chunk (a decoded one may be megabytes), but

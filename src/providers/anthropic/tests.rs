@@ -260,9 +260,17 @@ fn an_answer_without_usage_to_bill_by_is_counted_and_says_so() {
 const STREAM: &str = "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_9\",\"type\":\"message\",\"role\":\"assistant\",\"usage\":{\"input_tokens\":12,\"output_tokens\":1,\"cache_read_input_tokens\":4}}}\n\nevent: ping\ndata: {\"type\":\"ping\"}\n\nevent: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\nevent: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"Hel\"}}\n\nevent: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"lo\"}}\n\nevent: content_block_stop\ndata: {\"type\":\"content_block_stop\",\"index\":0}\n\nevent: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":1,\"content_block\":{\"type\":\"tool_use\",\"id\":\"tu_1\",\"name\":\"f\",\"input\":{}}}\n\nevent: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":1,\"delta\":{\"type\":\"input_json_delta\",\"partial_json\":\"{\\\"a\\\":\"}}\n\nevent: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":1,\"delta\":{\"type\":\"input_json_delta\",\"partial_json\":\"1}\"}}\n\nevent: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"tool_use\"},\"usage\":{\"output_tokens\":7}}\n\nevent: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
 
 fn run(include_usage: bool, chunk: usize) -> (Vec<Value>, bool, StreamTranslator) {
+    run_stream(STREAM, include_usage, chunk)
+}
+
+fn run_stream(
+    stream: &str,
+    include_usage: bool,
+    chunk: usize,
+) -> (Vec<Value>, bool, StreamTranslator) {
     let mut translator = StreamTranslator::new("public", include_usage);
     let mut out = Vec::new();
-    for piece in STREAM.as_bytes().chunks(chunk) {
+    for piece in stream.as_bytes().chunks(chunk) {
         out.extend_from_slice(&translator.feed(piece));
     }
     let text = String::from_utf8(out).unwrap();
@@ -320,6 +328,30 @@ fn translates_a_stream_split_at_any_byte() {
                 ..Default::default()
             })
         );
+    }
+}
+
+#[test]
+fn lines_may_end_with_a_carriage_return_as_sse_allows() {
+    let (lf, _, lf_translator) = run(true, 4096);
+    for line_end in ["\r\n", "\r"] {
+        let stream = STREAM.replace('\n', line_end);
+        for chunk in [1, 2, 7, 4096] {
+            let (events, done, translator) = run_stream(&stream, true, chunk);
+            // Each chunk names the time it was made: the rest is the same.
+            let without_created = |events: &[Value]| {
+                let mut events = events.to_vec();
+                events.iter_mut().for_each(|e| e["created"] = Value::Null);
+                events
+            };
+            assert_eq!(
+                without_created(&events),
+                without_created(&lf),
+                "{line_end:?} in reads of {chunk}"
+            );
+            assert!(done);
+            assert_eq!(translator.usage(), lf_translator.usage());
+        }
     }
 }
 
