@@ -307,7 +307,12 @@ impl StreamMeter {
             return;
         }
         if !blank {
-            self.event.extend_from_slice(line);
+            // An `id` is left out: the gateway takes no `Last-Event-ID`,
+            // and the Python SDK, once given one, reads every blank line
+            // after as an event (and fails on it).
+            if !(line.starts_with(b"id") && field(line) == b"id") {
+                self.event.extend_from_slice(line);
+            }
             return;
         }
         let mut event = std::mem::take(&mut self.event);
@@ -411,10 +416,23 @@ impl StreamMeter {
     /// Meters a whole event and says what becomes of it.
     fn judge(&mut self, event: &[u8]) -> Verdict {
         let mut payloads = lines(event).filter_map(data_payload);
+        // The OpenAI Python SDK fails on bytes that are not UTF-8 in any
+        // line, and on an event with an `event` or `retry` field but no
+        // data (it reads its data as JSON): left out, and with data,
+        // malformed (it may have carried text).
+        let readable = std::str::from_utf8(event).is_ok();
         let Some(first) = payloads.next() else {
-            // Comments and event names only: passed on.
+            let sets_fields =
+                || lines(event).any(|line| matches!(field(line), b"event" | b"retry"));
+            if !readable || sets_fields() {
+                return Verdict::Drop;
+            }
+            // Comments only (keep-alives): passed on.
             return Verdict::Keep(Cut::Unknown);
         };
+        if !readable {
+            return Verdict::Malformed;
+        }
         let joined;
         let mut single = false;
         let payload = match payloads.next() {
@@ -816,10 +834,22 @@ fn trailing_newline_len(line: &[u8]) -> usize {
 }
 
 /// The payload of a `data:` line, without the newline.
+///
+/// A line that is just `data` is one with no payload, as in SSE.
 fn data_payload(line: &[u8]) -> Option<&[u8]> {
     let line = &line[..line.len() - trailing_newline_len(line)];
+    if line == b"data" {
+        return Some(b"");
+    }
     let payload = line.strip_prefix(b"data:")?;
     Some(payload.strip_prefix(b" ").unwrap_or(payload))
+}
+
+/// The field an SSE line sets: what comes before its first colon, or the
+/// whole line (without its end) when it has none; empty for a comment.
+fn field(line: &[u8]) -> &[u8] {
+    let line = &line[..line.len() - trailing_newline_len(line)];
+    memchr::memchr(b':', line).map_or(line, |at| &line[..at])
 }
 
 /// The span of a `"usage":null` member (with one adjoining comma) in a

@@ -1024,6 +1024,46 @@ fn done_is_read_as_the_sdks_read_it() {
 }
 
 #[test]
+fn what_the_sdk_would_fail_on_is_left_out() {
+    let hi = r#"data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}"#;
+    for (upstream, passed, malformed) in [
+        // No data, but a field that makes the Python SDK read "" as JSON.
+        ("event: ping\n\n".to_owned(), "", 0),
+        ("retry: 3000\n\n".to_owned(), "", 0),
+        ("event\n\n".to_owned(), "", 0),
+        // An `id` line is left out of its event (the SDK would keep it
+        // and read every blank line after as an event).
+        (format!("id: 7\n{hi}\n\n"), &*format!("{hi}\n\n"), 0),
+        (format!("id\n{hi}\n\n\n"), &*format!("{hi}\n\n\n"), 0),
+        // A line that is just `data` is data, and "" is not JSON.
+        ("data\n\n".to_owned(), "", 1),
+        // Comments and other fields are passed on.
+        (": keep-alive\n\n".to_owned(), ": keep-alive\n\n", 0),
+        (
+            format!("idx: 1\n{hi}\n\n"),
+            &*format!("idx: 1\n{hi}\n\n"),
+            0,
+        ),
+    ] {
+        let mut meter = StreamMeter::new(false);
+        assert_eq!(run(&mut meter, &upstream, 3), passed, "{upstream:?}");
+        assert_eq!(meter.malformed(), malformed, "{upstream:?}");
+    }
+    // Bytes that are not UTF-8: a comment is left out, an event with data
+    // is malformed (not billed), even where the meter reads nothing.
+    for (upstream, malformed) in [
+        (&b": \xff\n\n"[..], 0),
+        (&b"data: {\"system_fingerprint\":\"\xff\",\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\n"[..], 1),
+    ] {
+        let mut meter = StreamMeter::new(false);
+        assert!(meter.feed(Bytes::from_static(upstream)).is_empty());
+        assert!(meter.finish().is_empty());
+        assert_eq!(meter.malformed(), malformed);
+        assert_eq!(meter.generated_text(), "");
+    }
+}
+
+#[test]
 fn a_line_of_spaces_is_no_blank_line() {
     // The SDKs end an event only at an empty line: a line of spaces is a
     // field they ignore, so two data lines around it are one event (not

@@ -1,5 +1,6 @@
 // The official OpenAI Node SDK (6.x) through runestone, against runestone-mock.
 import { test, before, after } from 'node:test';
+import { createServer } from 'node:http';
 import assert from 'node:assert/strict';
 import OpenAI, { toFile } from 'openai';
 import { Mock, Gateway, OTHER_KEY, metricSum } from './harness.js';
@@ -154,5 +155,45 @@ test('the response cache: a stream replays a JSON answer, JSON a stream, base64 
     assert.equal(metricSum(await cached.metrics(), 'runestone_cache_total', ['outcome="hit"']), 3);
   } finally {
     cached.stop();
+  }
+});
+
+test('a loosely written stream (retry, id, an event with no data, stray blank lines, \\r line ends, a comment not UTF-8) reaches the SDK whole', async () => {
+  const ident = { id: 'chatcmpl-quirky', object: 'chat.completion.chunk', created: 7, model: 'm' };
+  const chunk = (delta, finish = null) => JSON.stringify({ ...ident, choices: [{ index: 0, delta, finish_reason: finish }] });
+  const usage = JSON.stringify({ ...ident, choices: [], usage: { prompt_tokens: 5, completion_tokens: 3, total_tokens: 8 } });
+  const body = Buffer.concat([
+    Buffer.from(`retry: 3000\r\n\r\nid: 1\rdata: ${chunk({ role: 'assistant', content: '' })}\r\revent: ping\n\n`),
+    Buffer.from([0x3a, 0x20, 0xff, 0xfe, 0x0a, 0x0a]),
+    Buffer.from(`\ndata: ${chunk({ content: 'Hello ' })}\r\n\r\nid\ndata: ${chunk({ content: 'world.' })}\n\n\n`),
+    Buffer.from(`data: ${chunk({}, 'stop')}\r\rdata: ${usage}\n\ndata: [DONE]\n\n`),
+  ]);
+  const provider = createServer((req, res) => {
+    req.resume();
+    req.on('end', () => { res.writeHead(200, { 'content-type': 'text/event-stream' }); res.end(body); });
+  });
+  await new Promise((done) => provider.listen(0, '127.0.0.1', done));
+  const { port } = provider.address();
+  const quirky = await Gateway.start({ baseURL: `http://127.0.0.1:${port}/v1`, port });
+  try {
+    for (const includeUsage of [true, false]) {
+      const billed = metricSum(await quirky.metrics(), 'runestone_tokens_total', ['kind="completion"']);
+      let text = '';
+      const usages = [];
+      const stream = await quirky.client().chat.completions.create({
+        model: 'gpt-4o-mini', messages: [{ role: 'user', content: 'hi' }], stream: true,
+        stream_options: { include_usage: includeUsage },
+      });
+      for await (const c of stream) {
+        text += c.choices[0]?.delta?.content ?? '';
+        if (c.usage) usages.push(c.usage.completion_tokens);
+      }
+      assert.equal(text, 'Hello world.');
+      assert.deepEqual(usages, includeUsage ? [3] : []);
+      assert.equal(metricSum(await quirky.metrics(), 'runestone_tokens_total', ['kind="completion"']) - billed, 3);
+    }
+  } finally {
+    quirky.stop();
+    provider.close();
   }
 });

@@ -280,3 +280,43 @@ def gateway_billed(gateway) -> int:
     """The completion tokens the gateway has billed so far."""
     return sum(int(float(line.rsplit(" ", 1)[1])) for line in gateway.metrics().splitlines()
                if line.startswith("runestone_tokens_total{") and 'kind="completion"' in line)
+
+
+def quirky_stream() -> bytes:
+    """A stream as loose SSE servers write one: a `retry` and an `id`, an
+    event that names itself but has no data, stray blank lines, a comment
+    that is not UTF-8, and lines ending in \\r\\n, a lone \\r and \\n."""
+    ident = {"id": "chatcmpl-quirky", "object": "chat.completion.chunk", "created": 7, "model": "m"}
+    chunk = lambda delta, finish=None: json.dumps(
+        {**ident, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}).encode()
+    usage = json.dumps({**ident, "choices": [],
+                        "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}})
+    return (b"retry: 3000\r\n\r\n"
+            b"id: 1\rdata: " + chunk({"role": "assistant", "content": ""}) + b"\r\r"
+            b"event: ping\n\n"
+            b": \xff\xfe keep-alive\n\n"
+            b"\n"
+            b"data: " + chunk({"content": "Hello "}) + b"\r\n\r\n"
+            b"id\ndata: " + chunk({"content": "world."}) + b"\n\n\n"
+            b"data: " + chunk({}, "stop") + b"\r\r"
+            b"data: " + usage.encode() + b"\n\ndata: [DONE]\n\n")
+
+
+def test_a_loosely_written_stream_reaches_the_sdk_whole_and_billed():
+    # The Python SDK raised on an event with a field but no data, on a
+    # blank line after an `id`, and on bytes that are not UTF-8 in a
+    # comment, after the gateway had billed the whole answer.
+    provider = LocalServer(lambda request, raw: (200, "text/event-stream", quirky_stream()))
+    gateway = Gateway(provider.base_url, "sk-quirky-provider-key-5")
+    try:
+        for include_usage in (True, False):
+            before = gateway_billed(gateway)
+            chunks = list(gateway.client().chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], stream=True,
+                stream_options={"include_usage": include_usage}))
+            assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Hello world."
+            assert [c.usage.completion_tokens for c in chunks if c.usage] == ([3] if include_usage else [])
+            assert gateway_billed(gateway) - before == 3
+    finally:
+        gateway.stop()
+        provider.stop()

@@ -227,7 +227,7 @@ impl<'c> Resumable<'c> {
     /// came.
     fn note(&mut self, line: &[u8]) {
         match data_payload(line) {
-            Some(b"[DONE]") => {
+            Some(payload) if payload.starts_with(b"[DONE]") => {
                 self.record.final_ = true;
                 self.record.done = true;
             }
@@ -255,7 +255,7 @@ impl<'c> Resumable<'c> {
             out.extend_from_slice(line);
             return;
         };
-        if payload == b"[DONE]" {
+        if payload.starts_with(b"[DONE]") {
             if splice.strict && !splice.skip.is_empty() {
                 // The restart ended before repeating all the client has.
                 splice.diverged = true;
