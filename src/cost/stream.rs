@@ -420,7 +420,7 @@ impl StreamMeter {
         // line, and on an event with an `event` or `retry` field but no
         // data (it reads its data as JSON): left out, and with data,
         // malformed (it may have carried text).
-        let readable = std::str::from_utf8(event).is_ok();
+        let readable = event.is_ascii() || std::str::from_utf8(event).is_ok();
         let Some(first) = payloads.next() else {
             let sets_fields =
                 || lines(event).any(|line| matches!(field(line), b"event" | b"retry"));
