@@ -28,7 +28,8 @@ pub(crate) const SAMPLE_BYTES: usize = 64 * 1024;
 /// The most finish reasons kept (one per choice).
 const MAX_FINISH_REASONS: usize = 16;
 
-/// The most an event's buffer keeps between events (a larger one is let go).
+/// The most the event's and the output's buffers keep between events (a
+/// larger one is let go).
 const KEPT_EVENT_BYTES: usize = 16 * 1024;
 
 /// The start of an event too long to hold that is kept to read its type.
@@ -100,7 +101,7 @@ pub struct StreamMeter {
     /// The buffer what goes on is written in: each chunk's share is split
     /// off, and its memory taken back in place once the client's copy is
     /// gone (no allocation a chunk).
-    out: BytesMut,
+    pub(super) out: BytesMut,
 }
 
 /// What to do with a whole event.

@@ -1162,4 +1162,14 @@ fn a_stream_holds_no_large_buffer_between_events() {
         "{}",
         meter.partial.capacity()
     );
+    // Nor the output buffer a large event grew (it would be taken back
+    // whole once what went on is gone).
+    let mut meter = StreamMeter::new(false);
+    drop(meter.feed(Bytes::from(big)));
+    meter.out.reserve(1);
+    assert!(
+        meter.out.capacity() <= 64 * 1024,
+        "{}",
+        meter.out.capacity()
+    );
 }
