@@ -928,5 +928,5 @@ mod tokens;
 
 pub use media::Media;
 pub use stream::StreamMeter;
-pub(crate) use stream::{line_end, lines, SAMPLE_BYTES};
+pub(crate) use stream::{line_end, lines, rest_of_line_end, SAMPLE_BYTES};
 pub use tokens::{sample_text, Encoding, Estimate};

@@ -232,11 +232,8 @@ impl StreamMeter {
         // were metered. A `\r` that ends a read ends its line at once (a
         // blank one ends its event now); a `\n` the next read starts with
         // is its second half.
-        let (mut scan_from, mut read) = (self.scanned, 0);
-        if self.after_cr && !partial.is_empty() {
-            self.after_cr = false;
-            read = usize::from(partial[0] == b'\n');
-        }
+        let mut scan_from = self.scanned;
+        let mut read = rest_of_line_end(&mut self.after_cr, &partial);
         while let Some(end) = line_end(&partial[read + scan_from..]) {
             let from = read + scan_from;
             partial[from + end.at] = b'\n';
@@ -346,9 +343,9 @@ impl StreamMeter {
             return;
         }
         self.partial.extend_from_slice(bytes);
-        // Any line end ends a line (a `\r\n` leaves an empty one between).
-        while let Some(at) = memchr::memchr2(b'\n', b'\r', &self.partial) {
-            let line = self.partial.split_to(at + 1);
+        // A `\r\n` cut between reads leaves an empty line: read as nothing.
+        while let Some(end) = line_end(&self.partial) {
+            let line = self.partial.split_to(end.next);
             let probe = data_payload(&line).and_then(|p| serde_json::from_slice::<Probe>(p).ok());
             if let Some(usage) = probe.and_then(|p| p.usage()) {
                 self.usage = Some(usage);
@@ -824,6 +821,16 @@ pub(crate) fn line_end(bytes: &[u8]) -> Option<LineEnd> {
         next: at + 1 + usize::from(crlf),
         cr_last: cr && at + 1 == bytes.len(),
     })
+}
+
+/// How much of a read ends the last read's line: its first byte when that
+/// line ended at a `\r` that ended its read (`after_cr`, spent once there
+/// are bytes) and this is the `\n` of that `\r\n`.
+pub(crate) fn rest_of_line_end(after_cr: &mut bool, bytes: &[u8]) -> usize {
+    let Some(&first) = bytes.first() else {
+        return 0;
+    };
+    usize::from(std::mem::take(after_cr) && first == b'\n')
 }
 
 fn trailing_newline_len(line: &[u8]) -> usize {

@@ -5,7 +5,7 @@ use super::answer::{
     counted, finish_reason, prompt_of, to_openai_error, unix_now, usage_json, usage_of,
 };
 use super::request::STRUCTURED_TOOL;
-use crate::cost::{line_end, Estimate, Usage, SAMPLE_BYTES};
+use crate::cost::{line_end, rest_of_line_end, Estimate, Usage, SAMPLE_BYTES};
 use bytes::{Buf, Bytes, BytesMut};
 use serde_json::{json, Value};
 
@@ -183,13 +183,8 @@ impl StreamTranslator {
         // trickles in is not scanned again and again).
         let mut scan_from = self.partial.len();
         self.partial.extend_from_slice(chunk);
-        if self.after_cr && !self.partial.is_empty() {
-            // The last line ended at a `\r` that ended its read.
-            self.after_cr = false;
-            if self.partial[0] == b'\n' {
-                self.partial.advance(1);
-            }
-        }
+        let rest_of_line_end = rest_of_line_end(&mut self.after_cr, &self.partial);
+        self.partial.advance(rest_of_line_end);
         let mut out = BytesMut::new();
         // Lines end as SSE ends them (`\n`, `\r\n` or a lone `\r`).
         while let Some(end) = line_end(&self.partial[scan_from..]) {
