@@ -446,7 +446,12 @@ impl Probe<'_> {
     /// What the resumable record reads of this event, positions in `json`
     /// (the text it was read from), and the span of the error it reads
     /// (see [`memo::leave`]); none for an event of several choices.
-    fn reading(&self, json: &[u8]) -> Option<(memo::Reading, Option<Range<usize>>)> {
+    /// `is_error`: what [`Probe::is_error`] says of it (the caller has it).
+    fn reading(
+        &self,
+        json: &[u8],
+        is_error: bool,
+    ) -> Option<(memo::Reading, Option<Range<usize>>)> {
         let choices = self.choices.as_deref().unwrap_or_default();
         let twice = choices
             .iter()
@@ -468,7 +473,7 @@ impl Probe<'_> {
         }
         let mut reading = memo::Reading {
             identity,
-            ends: self.is_error(),
+            ends: is_error,
             content: None,
         };
         if let Some(choice) = choices.first() {

@@ -535,7 +535,7 @@ impl StreamMeter {
             }
             None => Cut::Nowhere,
         };
-        if let Some((reading, guard)) = probe.reading(payload) {
+        if let Some((reading, guard)) = probe.reading(payload, is_error) {
             super::memo::leave(payload, found, guard, reading);
         }
         Verdict::Keep(cut)
