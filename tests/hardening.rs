@@ -776,6 +776,13 @@ fn smaller_ones_hold() {
     let resp = ureq::get(&format!("{base}/health")).call().unwrap();
     let id = resp.header("x-request-id").unwrap().to_string();
     assert!(is_uuid(&id), "{id}");
+    // The writer thread writes its queue every few milliseconds: killed
+    // before, the last lines would be lost (a graceful stop flushes them).
+    wait_until(
+        Duration::from_secs(5),
+        "the last request's access line on stdout",
+        || std::fs::read_to_string(&stdout).is_ok_and(|out| out.contains(&id)),
+    );
     drop(child);
 
     let out = std::fs::read_to_string(&stdout).unwrap();
