@@ -878,12 +878,22 @@ fn places_put_back_keep_the_order_requests_parked_in_across_instances() {
                 waiter
             })
             .collect();
-        mock.fault(json!({"latency_ms": 50}));
+        // Each admitted request outlasts the other instance's look at its
+        // new head (within 10 ms of a drain's tick; tens of milliseconds on
+        // a loaded machine, where 50 ms let the first instance take its
+        // second request past the other's unmarked head, once).
+        mock.fault(json!({"latency_ms": 500}));
+        let parked = redis.cli(&["LRANGE", queue, "0", "-1"]);
         redis.cli(&["DEL", queue]);
         wait_until(
             Duration::from_secs(5),
             "both to put their places back",
             || redis.cli(&["LLEN", queue]).trim() == "4",
+        );
+        assert_eq!(
+            redis.cli(&["LRANGE", queue, "0", "-1"]),
+            parked,
+            "the places put back are in the order they parked"
         );
         assert!(
             !holder.is_finished(),
