@@ -443,6 +443,38 @@ impl Probe<'_> {
         }
     }
 
+    /// The event's only generated value, a string in its only choice, when
+    /// nothing else in it counts for the meter: no usage (`null` aside), no
+    /// finish reason, no Responses event type or response. Whether it is
+    /// an error is the caller's to say. (What [`last`] needs to stand it
+    /// for the next event.)
+    fn only_text(&self) -> Option<&RawValue> {
+        let [choice] = self.choices.as_deref()? else {
+            return None;
+        };
+        if self.kind.is_some()
+            || self.response.is_some()
+            || self.usage.is_some_and(|u| u.get() != "null")
+            || choice.finish_reason.is_some_and(|r| r.get() != "null")
+        {
+            return None;
+        }
+        let message = choice.delta.as_ref().or(choice.message.as_ref());
+        let mut given = [
+            choice.text,
+            message.and_then(|m| m.content),
+            message.and_then(|m| m.tool_calls),
+            message.and_then(|m| m.function_call),
+            message.and_then(|m| m.reasoning_content),
+            message.and_then(|m| m.reasoning),
+        ]
+        .into_iter()
+        .flatten()
+        .filter(|v| v.get() != "null");
+        let text = given.next()?;
+        (given.next().is_none() && text.get().starts_with('"')).then_some(text)
+    }
+
     /// What the resumable record reads of this event, positions in `json`
     /// (the text it was read from), and the span of the error it reads
     /// (see [`memo::leave`]); none for an event of several choices.
@@ -924,6 +956,7 @@ fn push_value(value: &Value, sample: &mut Vec<u8>) {
     }
 }
 
+mod last;
 mod media;
 pub(crate) mod memo;
 mod stream;

@@ -13,6 +13,7 @@
 //! event ends what is passed on, as the last event of a whole answer does
 //! (what follows either is read only for a usage report).
 
+use super::last::{Known, LastEvent};
 use super::{sample_text, Estimate, Probe, Usage, MAX_LINE_BYTES};
 use crate::openai::ApiError;
 use bytes::{Buf, Bytes, BytesMut};
@@ -102,6 +103,9 @@ pub struct StreamMeter {
     /// off, and its memory taken back in place once the client's copy is
     /// gone (no allocation a chunk).
     pub(super) out: BytesMut,
+    /// The last event read in full, for the next ones that differ from it
+    /// only in their text.
+    last: LastEvent,
 }
 
 /// What to do with a whole event.
@@ -165,6 +169,7 @@ impl StreamMeter {
             counted: OnceLock::new(),
             before_next: Vec::new(),
             out: BytesMut::new(),
+            last: LastEvent::default(),
         }
     }
 
@@ -457,6 +462,11 @@ impl StreamMeter {
             }
             return Verdict::Keep(Cut::Unknown);
         }
+        if single {
+            if let Some(known) = self.last.like(payload) {
+                return self.keep_like_the_last(event, payload, known);
+            }
+        }
         let Ok(probe) = crate::json::from_bytes::<Probe>(payload) else {
             return Verdict::Malformed;
         };
@@ -528,15 +538,49 @@ impl StreamMeter {
         } else {
             None
         };
-        let cut = match &found {
-            Some(found) => {
-                let at = payload.as_ptr() as usize - event.as_ptr() as usize;
-                Cut::At(at + found.start..at + found.end)
+        let cut = cut_in(event, payload, found.as_ref());
+        let reading = probe.reading(payload, is_error);
+        match probe.only_text().filter(|_| !is_error) {
+            Some(text) => {
+                let start = text.get().as_ptr() as usize - payload.as_ptr() as usize;
+                let known = Known {
+                    text: start..start + text.get().len(),
+                    usage_null: found.clone(),
+                    reading: reading.clone(),
+                };
+                self.last.keep(payload, known);
             }
-            None => Cut::Nowhere,
-        };
-        if let Some((reading, guard)) = probe.reading(payload, is_error) {
+            None => self.last.forget(),
+        }
+        if let Some((reading, guard)) = reading {
             super::memo::leave(payload, found, guard, reading);
+        }
+        Verdict::Keep(cut)
+    }
+
+    /// Reads every event in full, as before [`LastEvent`] (tests compare
+    /// the two ways).
+    #[cfg(test)]
+    pub(super) fn read_every_event_in_full(&mut self) {
+        self.last.off = true;
+    }
+
+    /// Meters `payload` (`event`'s only one), which [`LastEvent::like`]
+    /// found like the last one read in full but for its text: as `judge`
+    /// would, with what it would have read (`known`).
+    fn keep_like_the_last(&mut self, event: &[u8], payload: &[u8], known: Known) -> Verdict {
+        let text = &payload[known.text.clone()];
+        let generated = text.len() as u64;
+        self.generated_bytes += generated;
+        if self.sample.len() < SAMPLE_BYTES {
+            self.sample.extend_from_slice(text);
+            self.sample.push(b',');
+            self.sampled_bytes += generated;
+        }
+        self.saw_choices = true;
+        let cut = cut_in(event, payload, known.usage_null.as_ref());
+        if let Some((reading, guard)) = known.reading {
+            super::memo::leave(payload, known.usage_null, guard, reading);
         }
         Verdict::Keep(cut)
     }
@@ -858,6 +902,18 @@ fn data_payload(line: &[u8]) -> Option<&[u8]> {
 fn field(line: &[u8]) -> &[u8] {
     let line = &line[..line.len() - trailing_newline_len(line)];
     memchr::memchr(b':', line).map_or(line, |at| &line[..at])
+}
+
+/// Where `write` cuts `event` for a `"usage":null` found in `payload` (a
+/// slice of it) at `found`; nowhere when none was.
+fn cut_in(event: &[u8], payload: &[u8], found: Option<&Range<usize>>) -> Cut {
+    match found {
+        Some(found) => {
+            let at = payload.as_ptr() as usize - event.as_ptr() as usize;
+            Cut::At(at + found.start..at + found.end)
+        }
+        None => Cut::Nowhere,
+    }
 }
 
 /// The span of a `"usage":null` member (with one adjoining comma) in a

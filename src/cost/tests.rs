@@ -1165,3 +1165,106 @@ fn a_stream_holds_no_large_buffer_between_events() {
         meter.out.capacity()
     );
 }
+
+/// Runs of chat completion chunks alike but for their text (plain, with
+/// escapes, quotes, control characters, non-ASCII, `null`, a number),
+/// each run of its own shape: the id, which member has the text, a finish
+/// reason, a second choice, the `"usage":null` and where it is, OpenAI's
+/// `obfuscation`, an error, a usage report, spacing. What the meter must
+/// tell apart from the last event it read in full.
+fn alike_chunks() -> impl proptest::strategy::Strategy<Value = Vec<String>> {
+    use proptest::prelude::*;
+    let text = prop::sample::select(vec![
+        "\"tok\"",
+        "\"\"",
+        "\"a longer piece of text \"",
+        "\"with \\\"quotes\\\"\"",
+        "\"back\\\\slash\"",
+        "\"line\\nfeed\"",
+        "\"raw\ttab\"",
+        "\"raw\u{1}\"",
+        "\"caf\u{e9} \u{1f600}\"",
+        "\"usage\\\":null,\\\"x\"",
+        "\"}]}\"",
+        "null",
+        "1",
+    ]);
+    let member = prop::sample::select(vec![
+        "content",
+        "content",
+        "content",
+        "reasoning_content",
+        "tool_calls",
+        "refusal",
+    ]);
+    let id = prop::sample::select(vec!["\"c\"", "\"c\"", "\"d\"", "null"]);
+    let finish = prop::sample::select(vec!["null", "null", "null", "\"stop\""]);
+    let extra = prop::sample::select(vec![
+        "",
+        ",\"usage\":null",
+        ",\"usage\": null",
+        ",\"obfuscation\":\"ab\"",
+        ",\"error\":null",
+        ",\"error\":{\"message\":\"overloaded\"}",
+        ",\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":1}",
+    ]);
+    let lead = prop::sample::select(vec!["", "\"usage\":null,", "\"usage\": null, "]);
+    let index = prop::sample::select(vec!["0", "0", "0", "1"]);
+    let second = prop::sample::select(vec![
+        "",
+        "",
+        "",
+        ",{\"index\":1,\"delta\":{\"content\":\"b\"}}",
+    ]);
+    let space = prop::sample::select(vec!["", "", " "]);
+    let shape = (member, id, finish, extra, lead, index, second, space);
+    let run = (shape, prop::collection::vec(text, 1..6));
+    prop::collection::vec(run, 1..5).prop_map(|runs| {
+        let mut events = Vec::new();
+        for ((member, id, finish, extra, lead, index, second, space), texts) in runs {
+            for text in texts {
+                events.push(format!(
+                    "data: {{{lead}\"id\":{id},\"object\":\"chat.completion.chunk\",\"created\":1,\
+                     \"model\":\"m\",\"choices\":[{{\"index\":{index},\"delta\":{{\"{member}\":{space}{text}}},\
+                     \"finish_reason\":{finish}}}{second}]{extra}}}\n\n"
+                ));
+            }
+        }
+        events
+    })
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2048))]
+    /// An event read as like the last one (`cost::last`) is metered, passed
+    /// on and left for the resumable record exactly as when every event is
+    /// read in full.
+    #[test]
+    fn an_event_like_the_last_is_metered_as_if_read_in_full(
+        events in alike_chunks(),
+        strip in proptest::prelude::any::<bool>(),
+    ) {
+        let run = |in_full: bool| {
+            super::memo::clear();
+            let mut meter = StreamMeter::new(strip);
+            if in_full {
+                meter.read_every_event_in_full();
+            }
+            let mut seen = Vec::new();
+            for event in &events {
+                let out = meter.feed(Bytes::copy_from_slice(event.as_bytes()));
+                let out = String::from_utf8_lossy(&out).into_owned();
+                let left: Vec<_> = out
+                    .lines()
+                    .filter_map(|line| line.strip_prefix("data:"))
+                    .map(|json| super::memo::take(json.trim().as_bytes()))
+                    .collect();
+                seen.push((out, left));
+            }
+            let end = String::from_utf8_lossy(&meter.finish()).into_owned();
+            (seen, end, meter_said(&meter))
+        };
+        let in_full = run(true);
+        proptest::prop_assert_eq!(run(false), in_full);
+    }
+}
