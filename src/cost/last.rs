@@ -10,11 +10,15 @@
 //! has the same members with the same values but that one: what the meter
 //! takes from it (the text, where its `"usage":null` is, what it leaves
 //! for the resumable record) follows from the last one's, positions after
-//! the text moved by the difference in length. Any other difference (a
-//! provider that numbers its events, OpenAI's `obfuscation` padding, the
-//! first event and the last) has the event read in full.
+//! the text moved by the difference in length. OpenAI pads each event
+//! with random characters (an `obfuscation` member, on by default): that
+//! string may differ likewise. Any other difference (a provider that
+//! numbers its events, the first event and the last) has the event read
+//! in full.
 
 use super::memo::Reading;
+use serde::Deserialize;
+use serde_json::value::RawValue;
 use std::ops::Range;
 
 /// Events longer than this are not kept (they are rare; the buffer stays).
@@ -37,6 +41,9 @@ pub(super) struct LastEvent {
 pub(super) struct Known {
     /// Its only generated value, a JSON string, quotes included.
     pub text: Range<usize>,
+    /// Its `obfuscation` member's value, when a string: padding, read by
+    /// nothing.
+    pub padding: Option<Range<usize>>,
     /// Its `"usage":null`, when the meter looked for one.
     pub usage_null: Option<Range<usize>>,
     /// What it left for the resumable record, and the span of the error
@@ -53,15 +60,19 @@ impl LastEvent {
     /// Keeps `json`, an event the meter read in full whose only generated
     /// value is `known.text` and that says nothing else the meter keeps
     /// (no usage, error, finish or Responses event type): the caller
-    /// checks that. (Its text may have escapes: only the next one's text
-    /// is read.)
+    /// checks that. (Its strings may have escapes: only the next one's are
+    /// read.)
     pub(super) fn keep(&mut self, json: &[u8], known: Known) {
         self.known = None;
         #[cfg(test)]
         if self.off {
             return;
         }
-        if json.len() > MAX_BYTES {
+        let apart = known
+            .padding
+            .as_ref()
+            .is_none_or(|p| p.end <= known.text.start || known.text.end <= p.start);
+        if json.len() > MAX_BYTES || !apart {
             return;
         }
         self.json.clear();
@@ -70,68 +81,102 @@ impl LastEvent {
     }
 
     /// What the meter would take from `json` reading it in full, when it
-    /// differs from the last event only inside its text.
+    /// differs from the last event only inside its text and its padding.
     pub(super) fn like(&self, json: &[u8]) -> Option<Known> {
         let last = self.known.as_ref()?;
-        // Up to and with the text's opening quote; from its closing quote.
-        let open = last.text.start + 1;
-        let tail = &self.json[last.text.end - 1..];
-        if json.len() < open + tail.len() || json[..open] != self.json[..open] {
-            return None;
+        // The strings that may differ, in order, and where they are in
+        // `json`.
+        let mut holes = [Some(last.text.clone()), last.padding.clone()];
+        if holes[1].as_ref().is_some_and(|p| p.start < last.text.start) {
+            holes.swap(0, 1);
         }
-        let close = open + memchr::memchr2(b'"', b'\\', &json[open..])?;
-        if json[close] != b'"' || json[close..] != *tail || has_control(&json[open..close]) {
-            return None;
-        }
-        let text = last.text.start..close + 1;
-        // Positions before the text stay, after it move; one that spans
-        // part of it cannot be (the caller's reading has none).
-        let moved = |r: &Range<usize>| -> Option<Range<usize>> {
-            if r.end <= last.text.start {
-                Some(r.clone())
-            } else if r.start >= last.text.end {
-                Some(r.start - last.text.end + text.end..r.end - last.text.end + text.end)
-            } else if *r == last.text {
-                Some(text.clone())
-            } else {
-                None
+        let mut found = [None, None];
+        // Where the bytes that must be alike start in the last event
+        // (after a hole's opening quote) and in `json`.
+        let (mut from, mut at) = (0, 0);
+        for (hole, found) in holes.iter().zip(&mut found) {
+            let Some(hole) = hole else { continue };
+            // Alike up to and with its opening quote.
+            let alike = &self.json[from..hole.start + 1];
+            if json.get(at..at + alike.len()) != Some(alike) {
+                return None;
             }
+            let open = at + alike.len();
+            let close = open + memchr::memchr2(b'"', b'\\', &json[open..])?;
+            if json[close] != b'"' || has_control(&json[open..close]) {
+                return None;
+            }
+            *found = Some(open - 1..close + 1);
+            // From its closing quote on.
+            (from, at) = (hole.end - 1, close);
+        }
+        if json[at..] != self.json[from..] {
+            return None;
+        }
+        // A position before a hole stays, after it moves by the difference
+        // in length; one that spans part of a hole cannot be (the caller's
+        // reading has none).
+        let moved = |r: &Range<usize>| -> Option<Range<usize>> {
+            let mut shift = 0isize;
+            for (hole, found) in holes.iter().zip(&found) {
+                let (Some(hole), Some(found)) = (hole, found) else {
+                    continue;
+                };
+                if r == hole {
+                    return Some(found.clone());
+                }
+                if r.start < hole.end && hole.start < r.end {
+                    return None;
+                }
+                if hole.end <= r.start {
+                    shift += found.len() as isize - hole.len() as isize;
+                }
+            }
+            let by = |at: usize| at.checked_add_signed(shift);
+            Some(by(r.start)?..by(r.end)?)
         };
-        let usage_null = match &last.usage_null {
-            Some(r) => Some(moved(r)?),
-            None => None,
+        let new = |r: &Option<Range<usize>>| -> Option<Option<Range<usize>>> {
+            match r {
+                Some(r) => Some(Some(moved(r)?)),
+                None => Some(None),
+            }
         };
         let reading = match &last.reading {
             Some((reading, guard)) => {
                 let mut identity = [None, None, None];
                 for (slot, r) in identity.iter_mut().zip(&reading.identity) {
-                    if let Some(r) = r {
-                        *slot = Some(moved(r)?);
-                    }
+                    *slot = new(r)?;
                 }
-                let content = match &reading.content {
-                    Some(r) => Some(moved(r)?),
-                    None => None,
-                };
-                let guard = match guard {
-                    Some(r) => Some(moved(r)?),
-                    None => None,
-                };
                 let reading = Reading {
                     identity,
                     ends: reading.ends,
-                    content,
+                    content: new(&reading.content)?,
                 };
-                Some((reading, guard))
+                Some((reading, new(guard)?))
             }
             None => None,
         };
         Some(Known {
-            text,
-            usage_null,
+            text: moved(&last.text)?,
+            padding: new(&last.padding)?,
+            usage_null: new(&last.usage_null)?,
             reading,
         })
     }
+}
+
+/// The value of `json`'s `obfuscation` member, when it has one, once, and
+/// a string. Read apart from the meter's own reading, which would refuse
+/// the event for a member given twice, and only when the name is there.
+pub(super) fn padding(json: &[u8]) -> Option<&RawValue> {
+    #[derive(Deserialize)]
+    struct Padding<'a> {
+        #[serde(borrow, default)]
+        obfuscation: Option<&'a RawValue>,
+    }
+    memchr::memmem::find(json, b"\"obfuscation\"")?;
+    let padding = crate::json::from_bytes::<Padding>(json).ok()?.obfuscation?;
+    padding.get().starts_with('"').then_some(padding)
 }
 
 /// Whether `text` has a byte JSON does not allow in a string as it is.

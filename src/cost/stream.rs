@@ -542,9 +542,13 @@ impl StreamMeter {
         let reading = probe.reading(payload, is_error);
         match probe.only_text().filter(|_| !is_error) {
             Some(text) => {
-                let start = text.get().as_ptr() as usize - payload.as_ptr() as usize;
+                let at = |raw: &RawValue| {
+                    let start = raw.get().as_ptr() as usize - payload.as_ptr() as usize;
+                    start..start + raw.get().len()
+                };
                 let known = Known {
-                    text: start..start + text.get().len(),
+                    text: at(text),
+                    padding: super::last::padding(payload).map(at),
                     usage_null: found.clone(),
                     reading: reading.clone(),
                 };

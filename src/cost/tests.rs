@@ -1169,8 +1169,9 @@ fn a_stream_holds_no_large_buffer_between_events() {
 /// Runs of chat completion chunks alike but for their text (plain, with
 /// escapes, quotes, control characters, non-ASCII, `null`, a number),
 /// each run of its own shape: the id, which member has the text, a finish
-/// reason, a second choice, the `"usage":null` and where it is, OpenAI's
-/// `obfuscation`, an error, a usage report, spacing. What the meter must
+/// reason, a second choice, the `"usage":null` and where it is, an error,
+/// a usage report, spacing, OpenAI's `obfuscation` padding (first or last,
+/// its value differing like the text, given twice). What the meter must
 /// tell apart from the last event it read in full.
 fn alike_chunks() -> impl proptest::strategy::Strategy<Value = Vec<String>> {
     use proptest::prelude::*;
@@ -1217,16 +1218,33 @@ fn alike_chunks() -> impl proptest::strategy::Strategy<Value = Vec<String>> {
         ",{\"index\":1,\"delta\":{\"content\":\"b\"}}",
     ]);
     let space = prop::sample::select(vec!["", "", " "]);
-    let shape = (member, id, finish, extra, lead, index, second, space);
-    let run = (shape, prop::collection::vec(text, 1..6));
+    // OpenAI's padding, which differs from event to event like the text.
+    let padding = prop::sample::select(vec![
+        "\"ab\"",
+        "\"xyz12\"",
+        "\"\"",
+        "\"e\\\"q\"",
+        "\"t\tb\"",
+        "7",
+    ]);
+    let padded = prop::sample::select(vec!["no", "first", "last", "last"]);
+    let shape = (
+        member, id, finish, extra, lead, index, second, space, padded,
+    );
+    let run = (shape, prop::collection::vec((text, padding), 1..6));
     prop::collection::vec(run, 1..5).prop_map(|runs| {
         let mut events = Vec::new();
-        for ((member, id, finish, extra, lead, index, second, space), texts) in runs {
-            for text in texts {
+        for ((member, id, finish, extra, lead, index, second, space, padded), texts) in runs {
+            for (text, padding) in texts {
+                let (first, last) = match padded {
+                    "first" => (format!("\"obfuscation\":{padding},"), String::new()),
+                    "last" => (String::new(), format!(",\"obfuscation\":{padding}")),
+                    _ => (String::new(), String::new()),
+                };
                 events.push(format!(
-                    "data: {{{lead}\"id\":{id},\"object\":\"chat.completion.chunk\",\"created\":1,\
+                    "data: {{{first}{lead}\"id\":{id},\"object\":\"chat.completion.chunk\",\"created\":1,\
                      \"model\":\"m\",\"choices\":[{{\"index\":{index},\"delta\":{{\"{member}\":{space}{text}}},\
-                     \"finish_reason\":{finish}}}{second}]{extra}}}\n\n"
+                     \"finish_reason\":{finish}}}{second}]{extra}{last}}}\n\n"
                 ));
             }
         }
