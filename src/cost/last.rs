@@ -31,6 +31,9 @@ pub(super) struct LastEvent {
     json: Vec<u8>,
     /// What the meter took from it; none when it cannot stand for the next.
     known: Option<Known>,
+    /// Its strings that may differ (its text, its padding), in order.
+    holes: [Range<usize>; 2],
+    holes_len: usize,
     /// Every event is read in full (tests compare the two ways).
     #[cfg(test)]
     pub off: bool,
@@ -77,6 +80,15 @@ impl LastEvent {
         }
         self.json.clear();
         self.json.extend_from_slice(json);
+        self.holes = [known.text.clone(), 0..0];
+        self.holes_len = 1;
+        if let Some(padding) = &known.padding {
+            self.holes[1] = padding.clone();
+            self.holes_len = 2;
+            if padding.start < known.text.start {
+                self.holes.swap(0, 1);
+            }
+        }
         self.known = Some(known);
     }
 
@@ -84,18 +96,13 @@ impl LastEvent {
     /// differs from the last event only inside its text and its padding.
     pub(super) fn like(&self, json: &[u8]) -> Option<Known> {
         let last = self.known.as_ref()?;
-        // The strings that may differ, in order, and where they are in
-        // `json`.
-        let mut holes = [Some(last.text.clone()), last.padding.clone()];
-        if holes[1].as_ref().is_some_and(|p| p.start < last.text.start) {
-            holes.swap(0, 1);
-        }
-        let mut found = [None, None];
+        let holes = &self.holes[..self.holes_len];
+        // Where each is in `json`.
+        let mut found = [0..0, 0..0];
         // Where the bytes that must be alike start in the last event
-        // (after a hole's opening quote) and in `json`.
+        // (after a hole's closing quote) and in `json`.
         let (mut from, mut at) = (0, 0);
         for (hole, found) in holes.iter().zip(&mut found) {
-            let Some(hole) = hole else { continue };
             // Alike up to and with its opening quote.
             let alike = &self.json[from..hole.start + 1];
             if json.get(at..at + alike.len()) != Some(alike) {
@@ -106,7 +113,7 @@ impl LastEvent {
             if json[close] != b'"' || has_control(&json[open..close]) {
                 return None;
             }
-            *found = Some(open - 1..close + 1);
+            *found = open - 1..close + 1;
             // From its closing quote on.
             (from, at) = (hole.end - 1, close);
         }
@@ -117,23 +124,20 @@ impl LastEvent {
         // in length; one that spans part of a hole cannot be (the caller's
         // reading has none).
         let moved = |r: &Range<usize>| -> Option<Range<usize>> {
-            let mut shift = 0isize;
+            let mut by = 0isize;
             for (hole, found) in holes.iter().zip(&found) {
-                let (Some(hole), Some(found)) = (hole, found) else {
-                    continue;
-                };
+                if r.end <= hole.start {
+                    break;
+                }
                 if r == hole {
                     return Some(found.clone());
                 }
-                if r.start < hole.end && hole.start < r.end {
+                if r.start < hole.end {
                     return None;
                 }
-                if hole.end <= r.start {
-                    shift += found.len() as isize - hole.len() as isize;
-                }
+                by += found.len() as isize - hole.len() as isize;
             }
-            let by = |at: usize| at.checked_add_signed(shift);
-            Some(by(r.start)?..by(r.end)?)
+            Some(r.start.checked_add_signed(by)?..r.end.checked_add_signed(by)?)
         };
         let new = |r: &Option<Range<usize>>| -> Option<Option<Range<usize>>> {
             match r {

@@ -511,8 +511,19 @@ impl Record {
     }
 }
 
-/// Appends the text of a JSON string (borrowed when it has no escapes).
+/// Appends the text of a JSON string: as it is when it has no escape and
+/// no byte JSON refuses in a string (nearly always), else as serde reads
+/// it.
 fn push_json_str(text: &mut String, json: &[u8]) -> serde_json::Result<()> {
+    let plain = json
+        .strip_prefix(b"\"")
+        .and_then(|json| json.strip_suffix(b"\""))
+        .filter(|inner| !inner.iter().any(|&b| b == b'"' || b == b'\\' || b < 0x20))
+        .and_then(|inner| std::str::from_utf8(inner).ok());
+    if let Some(plain) = plain {
+        text.push_str(plain);
+        return Ok(());
+    }
     match serde_json::from_slice::<&str>(json) {
         Ok(borrowed) => text.push_str(borrowed),
         Err(_) => text.push_str(&serde_json::from_slice::<String>(json)?),
@@ -720,6 +731,24 @@ mod tests {
             .build()
             .unwrap()
             .block_on(future)
+    }
+
+    proptest::proptest! {
+        /// A JSON string's text is read as serde reads it, with or without
+        /// escapes, quotes, control characters or bytes that are not
+        /// UTF-8 (the record's text, or its error).
+        #[test]
+        fn a_json_string_is_read_as_serde_reads_it(
+            inner in proptest::collection::vec(proptest::sample::select(
+                b"ab \\\"\t\n/u0\xc3\xa9\xff".to_vec()), 0..12),
+            quoted in proptest::prelude::any::<bool>(),
+        ) {
+            let json = if quoted { [&b"\""[..], &inner, b"\""].concat() } else { inner };
+            let mut text = String::from("before ");
+            let read = push_json_str(&mut text, &json).map(|()| text);
+            let serde = serde_json::from_slice::<String>(&json).map(|s| format!("before {s}"));
+            proptest::prop_assert_eq!(read.ok(), serde.ok());
+        }
     }
 
     fn chunk(id: &str, content: Option<&str>, role: bool, finish: Option<&str>) -> String {
