@@ -169,7 +169,11 @@ impl<'k> Redactor<'k> {
         let held = if at_end {
             None
         } else {
-            (copied.max(buf.len().saturating_sub(key.len() - 1))..buf.len())
+            // Only where the key's first byte is (the answer's last bytes
+            // are seldom it).
+            let from = copied.max(buf.len().saturating_sub(key.len() - 1));
+            memchr::memchr_iter(key[0], &buf[from..])
+                .map(|at| from + at)
                 .find(|&start| key.starts_with(&buf[start..]))
         };
         let emit = held.unwrap_or(buf.len());
