@@ -6,15 +6,15 @@
 //! `{"id":"x",...,"choices":[{"index":0,"delta":{"content":"tok"},...}]}`.
 //! Reading each with serde was a third of a streamed token's work in the
 //! gateway. An event that is the last one byte for byte except inside its
-//! text, its own a JSON string with no escape and no control character,
-//! has the same members with the same values but that one: what the meter
-//! takes from it (the text, where its `"usage":null` is, what it leaves
-//! for the resumable record) follows from the last one's, positions after
-//! the text moved by the difference in length. OpenAI pads each event
-//! with random characters (an `obfuscation` member, on by default): that
-//! string may differ likewise. Any other difference (a provider that
-//! numbers its events, the first event and the last) has the event read
-//! in full.
+//! text, where it has a JSON string with no escape and no control
+//! character, has the same members with the same values but that one: what
+//! the meter takes from it (the text, where its `"usage":null` is, what it
+//! leaves for the resumable record) follows from the last one's, positions
+//! after the text moved by the difference in length. OpenAI pads each
+//! event with random characters (an `obfuscation` member, on by default):
+//! that string may differ likewise. Any other difference (a provider that
+//! numbers its events, the first event and the last) has the event read in
+//! full.
 
 use super::memo::Reading;
 use serde::Deserialize;
