@@ -370,6 +370,76 @@ fn without_resumption_ends_a_stalled_stream_within_the_idle_timeout() {
 }
 
 #[test]
+fn a_paced_stream_longer_than_the_idle_timeout_is_whole_and_its_stall_is_seen() {
+    // Tokens every 100 ms for over a second, the idle timeout 300 ms: each
+    // gap is within it, so the stream is whole however long it runs. The
+    // gateway's stall timer is armed once and moved on only when it fires
+    // (not at every chunk), so this is what shows it moves on right.
+    let (a, b) = (
+        Mock::start(&["--tokens-per-second", "10"]),
+        Mock::start(&[]),
+    );
+    let gw = Gateway::start(&without_resumption(pair(
+        &a,
+        &b,
+        "priority",
+        ", timeouts: { idle_ms: 300 }",
+        "circuit_breaker: { consecutive_failures: 1 }\n",
+    )));
+    let mut body = chat("m", true);
+    body["mock_tokens"] = json!(14);
+    let (_, events) = sse_events(gw.port, CHAT, TENANT_KEY, &body);
+    assert_eq!(
+        events.last().map(String::as_str),
+        Some("[DONE]"),
+        "{events:?}"
+    );
+    assert!(!events.iter().any(|e| e.contains("stalled")), "{events:?}");
+    let content = |events: &[String]| {
+        events
+            .iter()
+            .filter(|e| e.contains(r#""content":"#) && !e.contains(r#""content":"""#))
+            .count()
+    };
+    assert_eq!(content(&events), 14, "{events:?}");
+
+    // The same pace, then a stall after the eighth chunk: seen at the
+    // idle timeout after the last chunk, not at the timer's first setting.
+    a.fault(json!({"stall_after_chunks": 8, "stall_ms": 3000, "path": CHAT}));
+    let started = Instant::now();
+    let (_, events) = sse_events(gw.port, CHAT, TENANT_KEY, &body);
+    let took = started.elapsed();
+    assert!(events.last().unwrap().contains("stalled"), "{events:?}");
+    assert!(content(&events) >= 6, "{events:?}");
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(4),
+        "the stall was seen after {took:?}"
+    );
+}
+
+#[test]
+fn a_body_held_open_after_its_last_event_ends_within_a_second_or_so() {
+    // The default idle timeout (far longer): after `[DONE]` the rest of
+    // the body is read for at most a second, so the client's stream ends
+    // then, not when the provider lets go.
+    let (a, b) = (Mock::start(&[]), Mock::start(&[]));
+    let gw = Gateway::start(&without_resumption(pair(&a, &b, "priority", "", "")));
+    a.fault(json!({"linger_ms": 6000}));
+    let started = Instant::now();
+    let (_, events) = sse_events(gw.port, CHAT, TENANT_KEY, &chat("m", true));
+    let took = started.elapsed();
+    assert_eq!(
+        events.last().map(String::as_str),
+        Some("[DONE]"),
+        "{events:?}"
+    );
+    assert!(
+        took < Duration::from_secs(4),
+        "the body ended after {took:?}"
+    );
+}
+
+#[test]
 fn a_stream_that_stalls_after_its_last_event_is_whole() {
     // `[DONE]` went by, then the body neither ends nor sends: the answer
     // is whole, so the stream ends cleanly at the idle timeout (no error

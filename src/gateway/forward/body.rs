@@ -27,6 +27,60 @@ pub(super) fn read_gap(idle: Duration, until: Instant) -> (tokio::time::Instant,
     (now + gap, gap)
 }
 
+/// When a body's reads have stalled: no chunk for `idle`, or `until`
+/// passed. Its timer is armed once and moved on only when it fires, not at
+/// every chunk: a timer set for each read of a stream cost about 1k
+/// instructions a streamed token.
+struct Stall {
+    timer: std::pin::Pin<Box<tokio::time::Sleep>>,
+    /// When the current read began.
+    last: tokio::time::Instant,
+    idle: Duration,
+    until: Instant,
+}
+
+impl Stall {
+    fn new(idle: Duration, until: Instant) -> Self {
+        let (end, _) = read_gap(idle, until);
+        Stall {
+            timer: Box::pin(tokio::time::sleep_until(end)),
+            last: tokio::time::Instant::now(),
+            idle,
+            until,
+        }
+    }
+
+    /// A read begins: its gap is counted from now (not from the last
+    /// chunk's arrival, so a slow client's time is not the provider's).
+    fn reading(&mut self) {
+        self.last = tokio::time::Instant::now();
+    }
+
+    /// The reads must end by `until` (before the deadline given first).
+    fn end_by(&mut self, until: Instant) {
+        if until < self.until {
+            self.until = until;
+            let (end, _) = read_gap(self.idle, until);
+            self.timer.as_mut().reset(end.min(self.last + self.idle));
+        }
+    }
+
+    /// Resolves when the reads have stalled, with the gap they were given
+    /// (the idle timeout, or what was left of the deadline). Cancel-safe:
+    /// the timer is kept.
+    async fn stalled(&mut self) -> Duration {
+        loop {
+            self.timer.as_mut().await;
+            let until = tokio::time::Instant::from_std(self.until);
+            let end = (self.last + self.idle).min(until);
+            if end <= tokio::time::Instant::now() {
+                return end.saturating_duration_since(self.last);
+            }
+            self.timer.as_mut().reset(end);
+        }
+    }
+}
+
 /// Whether a successful answer is neither JSON nor a stream (audio, text):
 /// one with a content type that says so.
 fn is_opaque(header: &ResponseHeader) -> bool {
@@ -717,12 +771,14 @@ impl Copy<'_> {
         // An event that is not JSON may have carried text: a stream that
         // can be continued elsewhere breaks there rather than lose it.
         meter.halt_on_malformed(client.resumable());
+        let mut stall = Stall::new(self.idle, drain_until.unwrap_or(self.deadline));
         loop {
-            let (gap_end, gap) = read_gap(self.idle, drain_until.unwrap_or(self.deadline));
+            stall.reading();
             // Not in order: a provider flooding events that are not passed
             // on (nothing sent) must not keep a gone client unseen.
             let read = tokio::select! {
-                read = tokio::time::timeout_at(gap_end, upstream.read()) => read,
+                read = upstream.read() => Ok(read),
+                gap = stall.stalled() => Err(gap),
                 _ = client.gone(), if drain_until.is_none() => return self.client_left(client, meter),
             };
             match read {
@@ -746,6 +802,9 @@ impl Copy<'_> {
                         self.settle(report, settle, meter, settled).await;
                     }
                     drain_until = self.after_last(report, settle, meter, settled).await;
+                    if let Some(until) = drain_until {
+                        stall.end_by(until);
+                    }
                     if !out.is_empty() {
                         report.first_byte_at.get_or_insert_with(Instant::now);
                         if !client.send_body(out, false).await {
@@ -770,6 +829,9 @@ impl Copy<'_> {
                         let rest = redactor.feed(meter.feed(Bytes::new()));
                         // What was held may end the answer.
                         drain_until = self.after_last(report, settle, meter, settled).await;
+                        if let Some(until) = drain_until {
+                            stall.end_by(until);
+                        }
                         if !rest.is_empty() && !client.send_body(rest, false).await {
                             return self.client_left(client, meter);
                         }
@@ -789,7 +851,7 @@ impl Copy<'_> {
                         self.provider.name
                     ));
                 }
-                Err(_) => {
+                Err(gap) => {
                     warn!(request_id = %self.request_id, provider = %self.provider.name, gap = ?gap, "provider stalled mid-response");
                     return BodyEnd::ProviderBroke(format!(
                         "The provider '{}' stalled for {gap:?}.",
