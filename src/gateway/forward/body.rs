@@ -776,9 +776,18 @@ impl Copy<'_> {
             stall.reading();
             // Not in order: a provider flooding events that are not passed
             // on (nothing sent) must not keep a gone client unseen.
+            // Data already there is read before the stall is judged (as
+            // `timeout_at` did): a deadline that passed while a slow client
+            // held the send up must not cut off what is waiting.
+            let read_or_stall = async {
+                tokio::select! {
+                    biased;
+                    read = upstream.read() => Ok(read),
+                    gap = stall.stalled() => Err(gap),
+                }
+            };
             let read = tokio::select! {
-                read = upstream.read() => Ok(read),
-                gap = stall.stalled() => Err(gap),
+                read = read_or_stall => read,
                 _ = client.gone(), if drain_until.is_none() => return self.client_left(client, meter),
             };
             match read {
