@@ -340,17 +340,22 @@ fn without_resumption_never_retries_once_a_byte_reached_the_client() {
     );
 }
 
+/// A gateway over `a` then `b`, without resumption, whose idle timeout
+/// is 300 ms and whose breaker opens at one failure: a stall shows at once.
+fn quick_to_stall(a: &Mock, b: &Mock) -> Gateway {
+    Gateway::start(&without_resumption(pair(
+        a,
+        b,
+        "priority",
+        ", timeouts: { idle_ms: 300 }",
+        "circuit_breaker: { consecutive_failures: 1 }\n",
+    )))
+}
+
 #[test]
 fn without_resumption_ends_a_stalled_stream_within_the_idle_timeout() {
     let (a, b) = (Mock::start(&[]), Mock::start(&[]));
-    let timeouts = ", timeouts: { idle_ms: 300 }";
-    let gw = Gateway::start(&without_resumption(pair(
-        &a,
-        &b,
-        "priority",
-        timeouts,
-        "circuit_breaker: { consecutive_failures: 1 }\n",
-    )));
+    let gw = quick_to_stall(&a, &b);
     a.fault(json!({"stall_after_chunks": 2, "stall_ms": 10000, "path": CHAT}));
     let mut body = chat("m", true);
     body["mock_tokens"] = json!(10);
@@ -379,13 +384,7 @@ fn a_paced_stream_longer_than_the_idle_timeout_is_whole_and_its_stall_is_seen() 
         Mock::start(&["--tokens-per-second", "10"]),
         Mock::start(&[]),
     );
-    let gw = Gateway::start(&without_resumption(pair(
-        &a,
-        &b,
-        "priority",
-        ", timeouts: { idle_ms: 300 }",
-        "circuit_breaker: { consecutive_failures: 1 }\n",
-    )));
+    let gw = quick_to_stall(&a, &b);
     let mut body = chat("m", true);
     body["mock_tokens"] = json!(14);
     let (_, events) = sse_events(gw.port, CHAT, TENANT_KEY, &body);
@@ -445,13 +444,7 @@ fn a_stream_that_stalls_after_its_last_event_is_whole() {
     // is whole, so the stream ends cleanly at the idle timeout (no error
     // event after `[DONE]`) and the backend is not blamed.
     let (a, b) = (Mock::start(&[]), Mock::start(&[]));
-    let gw = Gateway::start(&without_resumption(pair(
-        &a,
-        &b,
-        "priority",
-        ", timeouts: { idle_ms: 300 }",
-        "circuit_breaker: { consecutive_failures: 1 }\n",
-    )));
+    let gw = quick_to_stall(&a, &b);
     a.fault(json!({"linger_ms": 10000, "count": 2}));
     let (_, events) = sse_events(gw.port, CHAT, TENANT_KEY, &chat("m", true));
     assert_eq!(
