@@ -126,16 +126,37 @@ pub fn mock_binary() -> PathBuf {
         .expect("target/<profile>/deps");
     let mock = profile_dir.join("runestone-mock");
     // Built (or found up to date) once per test binary: a mock left from
-    // an older build would lack what the tests ask of it.
+    // an older build would lack what the tests ask of it. The workspace's
+    // binaries, as scripts/test.sh builds them (`-p runestone-mock` alone
+    // resolves Pingora's features differently and compiles it again), and
+    // without the variables `cargo test` gives this process: build scripts
+    // that watch them (ring's watches CARGO_PKG_NAME) would run again, and
+    // every crate above them would be compiled again, twice a test binary.
     BUILD.call_once(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut build = Command::new(cargo);
-        build.args(["build", "-p", "runestone-mock"]);
+        build.args(["build", "--workspace", "--bins"]);
+        for (name, _) in std::env::vars_os() {
+            let name = name.to_string_lossy();
+            if name.starts_with("CARGO_PKG_")
+                || name.starts_with("CARGO_BIN_EXE_")
+                || name.starts_with("CARGO_MANIFEST_")
+                || [
+                    "CARGO_CRATE_NAME",
+                    "CARGO_PRIMARY_PACKAGE",
+                    "CARGO_TARGET_TMPDIR",
+                    "OUT_DIR",
+                ]
+                .contains(&name.as_ref())
+            {
+                build.env_remove(name.as_ref());
+            }
+        }
         if profile_dir.file_name().is_some_and(|p| p == "release") {
             build.arg("--release");
         }
-        let status = build.status().expect("run cargo build -p runestone-mock");
-        assert!(status.success(), "cargo build -p runestone-mock failed");
+        let status = build.status().expect("run cargo build --workspace --bins");
+        assert!(status.success(), "cargo build --workspace --bins failed");
     });
     assert!(mock.exists(), "{} is missing", mock.display());
     mock
