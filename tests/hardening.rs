@@ -893,6 +893,85 @@ fn json_answer(extra_head: &str, body: &[u8]) -> Vec<u8> {
 }
 
 #[test]
+fn a_stream_whose_total_timeout_runs_out_on_a_slow_client_is_not_the_providers_failure() {
+    // Megabytes of events sent at once, more than the sockets between the
+    // gateway and its client hold; the client stops reading at the first
+    // event until past the provider's total timeout, so the time runs out
+    // while the gateway waits to send. The stream ends at the timeout with
+    // an error event that says so, billed for what it carried; neither the
+    // breaker (opening at one failure) nor resumption (on, with another
+    // target) takes it for the provider's failure: else any slow reader
+    // would cut a provider off for every tenant, and be served twice.
+    const EVENTS: usize = 2048;
+    let text = "a".repeat(8 * 1024);
+    let mut response =
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n".to_vec();
+    let event = json!({"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                       "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": null}]});
+    for _ in 0..EVENTS {
+        response.extend_from_slice(format!("data: {event}\n\n").as_bytes());
+    }
+    response.extend_from_slice(b"data: [DONE]\n\n");
+    let (port, _) = raw_provider(response);
+    let mock = Mock::start(&[]);
+    let mut config = GatewayConfig::new(&mock);
+    config.providers = vec![
+        format!("  - {{ name: bulk, base_url: \"http://127.0.0.1:{port}/v1\", timeouts: {{ total_ms: 2000 }} }}"),
+        format!("  - {{ name: spare, base_url: \"{}\" }}", mock.base_url()),
+    ];
+    config.models = "\n  - name: m\n    strategy: priority\n    targets: [{ provider: bulk }, { provider: spare }]\n".into();
+    config.tenants = format!("\n  - id: acme\n    keys: [\"{TENANT_KEY}\"]\n");
+    config.extra = "circuit_breaker: { consecutive_failures: 1 }\n".into();
+    let gw = Gateway::start(&config);
+    let mut events = Vec::new();
+    let body =
+        json!({"model": "m", "stream": true, "messages": [{"role": "user", "content": "hi"}]});
+    let status = read_sse_at(gw.port, CHAT, TENANT_KEY, &body, |data, since| {
+        if events.is_empty() {
+            std::thread::sleep(Duration::from_secs(3).saturating_sub(since));
+        }
+        events.push(data.chars().take(300).collect::<String>());
+    });
+    assert_eq!(status, 200);
+    assert!(
+        events.len() > 1 && events.len() < EVENTS,
+        "cut at the timeout: {} events",
+        events.len()
+    );
+    let last: Value = serde_json::from_str(events.last().unwrap()).unwrap();
+    assert_eq!(last["error"]["code"], "upstream_timeout", "{last}");
+    let message = last["error"]["message"].as_str().unwrap();
+    assert!(message.contains("slow to read"), "{message}");
+    wait_until(Duration::from_secs(5), "the cut to be counted", || {
+        metric_value(
+            &gw.metrics(),
+            r#"runestone_errors_total{reason="client_too_slow"}"#,
+        ) == 1.0
+    });
+    let metrics = gw.metrics();
+    assert_eq!(
+        metric_sum(&metrics, "runestone_circuit_state", &[r#"provider="bulk""#]),
+        0.0,
+        "the breaker stays closed"
+    );
+    assert!(
+        metric_sum(
+            &metrics,
+            "runestone_tokens_total",
+            &[r#"kind="completion""#]
+        ) > 0.0,
+        "billed for what it carried"
+    );
+    assert_eq!(mock.request_count(), 0, "not continued on the other target");
+    // The provider still serves the next request.
+    let (status, events) = sse_events(gw.port, CHAT, TENANT_KEY, &body);
+    assert_eq!(
+        (status, events.last().map(String::as_str)),
+        (200, Some("[DONE]"))
+    );
+}
+
+#[test]
 fn an_answer_the_provider_cuts_short_reaches_the_client_cut_short() {
     // Audio passes at once, chunked: the provider sends one chunk and
     // closes without the last one.

@@ -375,6 +375,45 @@ fn without_resumption_ends_a_stalled_stream_within_the_idle_timeout() {
 }
 
 #[test]
+fn a_provider_slower_than_its_total_timeout_is_cut_there_and_counted_as_failing() {
+    // Each gap within the idle timeout, the whole past the total: the time
+    // ran out waiting for the provider (the client reads at once), so it is
+    // the provider's failure, unlike a slow client's (tests/hardening.rs).
+    let (a, b) = (
+        Mock::start(&["--tokens-per-second", "10"]),
+        Mock::start(&[]),
+    );
+    let gw = Gateway::start(&without_resumption(pair(
+        &a,
+        &b,
+        "priority",
+        ", timeouts: { idle_ms: 300, total_ms: 1000 }",
+        "circuit_breaker: { consecutive_failures: 1 }\n",
+    )));
+    let mut body = chat("m", true);
+    body["mock_tokens"] = json!(30);
+    let started = Instant::now();
+    let (_, events) = sse_events(gw.port, CHAT, TENANT_KEY, &body);
+    assert!(started.elapsed() < Duration::from_secs(2), "{events:?}");
+    let last: Value = serde_json::from_str(events.last().unwrap()).unwrap();
+    assert_eq!(last["error"]["code"], "upstream_error", "{last}");
+    assert!(
+        last["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("stalled")),
+        "{last}"
+    );
+    let state = metric_value(
+        &gw.metrics(),
+        &format!(
+            r#"runestone_circuit_state{{backend="127.0.0.1:{}",provider="a"}}"#,
+            a.port
+        ),
+    );
+    assert_eq!(state, 2.0, "the provider's failure");
+}
+
+#[test]
 fn a_paced_stream_longer_than_the_idle_timeout_is_whole_and_its_stall_is_seen() {
     // Tokens every 100 ms for over a second, the idle timeout 300 ms: each
     // gap is within it, so the stream is whole however long it runs. The

@@ -65,6 +65,13 @@ impl Stall {
         }
     }
 
+    /// Whether the reads' time ran out before the current read began: it
+    /// went on the gateway's sending (to a client slow to take it), not on
+    /// waiting for the provider.
+    fn ran_out_unread(&self) -> bool {
+        self.last >= tokio::time::Instant::from_std(self.until)
+    }
+
     /// Resolves when the reads have stalled, with the gap they were given
     /// (the idle timeout, or what was left of the deadline). Cancel-safe:
     /// the timer is kept.
@@ -631,6 +638,12 @@ pub(super) enum BodyEnd {
     /// The provider broke off or stalled (why, for the client); the stream
     /// was ended with an in-band error unless the client can resume it.
     ProviderBroke(String),
+    /// The attempt's total time ran out while the gateway was sending to a
+    /// client slow to take the answer, not while it waited for the
+    /// provider (why, for the client): ended with an in-band error, and
+    /// neither the provider's failure nor a stream to continue elsewhere
+    /// (a slow reader would trip breakers and be served twice).
+    ClientTooSlow(String),
 }
 
 /// Copies the response body chunk by chunk, as the provider produces it,
@@ -702,7 +715,7 @@ impl Copy<'_> {
             let outcome = match end {
                 BodyEnd::Complete => meter.outcome(),
                 BodyEnd::ProviderBroke(_) => Outcome::Failure,
-                BodyEnd::ClientGone => Outcome::Neutral,
+                BodyEnd::ClientGone | BodyEnd::ClientTooSlow(_) => Outcome::Neutral,
             };
             self.upstreams.record_outcome(
                 self.backend,
@@ -725,15 +738,22 @@ impl Copy<'_> {
         if let (BodyEnd::Complete, Some(status)) = (&end, meter.in_band_status()) {
             report.error_reason = Some(in_band_judgement(status).1);
         }
-        if let BodyEnd::ProviderBroke(message) = &end {
-            if !client.resumable() {
-                // Settled before the client sees the end, as a whole answer
-                // is: its next request (or a read of its usage) finds it.
-                settle.settle(report).await;
-                self.end_broken(client, meter, message).await;
-                report.error_reason = Some("provider_stream_broken");
-            }
-        }
+        let (error, reason) = match &end {
+            BodyEnd::ProviderBroke(message) if !client.resumable() => (
+                ApiError::upstream_error(message.as_str()),
+                "provider_stream_broken",
+            ),
+            BodyEnd::ClientTooSlow(message) => (
+                ApiError::upstream_timeout(message.as_str()),
+                "client_too_slow",
+            ),
+            _ => return end,
+        };
+        // Settled before the client sees the end, as a whole answer is: its
+        // next request (or a read of its usage) finds it.
+        settle.settle(report).await;
+        self.end_broken(client, meter, error).await;
+        report.error_reason = Some(reason);
         end
     }
 
@@ -860,6 +880,14 @@ impl Copy<'_> {
                         self.provider.name
                     ));
                 }
+                // The total time ran out on sending, not on the provider.
+                Err(_) if stall.ran_out_unread() => {
+                    warn!(request_id = %self.request_id, provider = %self.provider.name, "the total timeout ran out while the client was slow to take the answer");
+                    return BodyEnd::ClientTooSlow(format!(
+                        "The answer ran past the total timeout of the provider '{}' while this client was slow to read it.",
+                        self.provider.name
+                    ));
+                }
                 Err(gap) => {
                     warn!(request_id = %self.request_id, provider = %self.provider.name, gap = ?gap, "provider stalled mid-response");
                     return BodyEnd::ProviderBroke(format!(
@@ -951,12 +979,12 @@ impl Copy<'_> {
     /// any other body (JSON, audio) cannot be repaired, so the connection
     /// is closed and the client sees the truncation. What the provider
     /// sent decides, not the request's `stream`.
-    async fn end_broken(&self, client: &mut dyn Client, meter: &Meter, message: &str) {
+    async fn end_broken(&self, client: &mut dyn Client, meter: &Meter, error: ApiError) {
         if meter.carried_error() {
             // The provider's own error event said it already.
             client.send_body(Bytes::new(), true).await;
         } else if matches!(meter, Meter::Stream(_) | Meter::Translated(_)) {
-            let event = ApiError::upstream_error(message).sse_event_for(self.endpoint);
+            let event = error.sse_event_for(self.endpoint);
             client.send_body(event, true).await;
         } else {
             client.abort().await;

@@ -405,8 +405,10 @@ impl Forwarder {
                     });
                 if client.diverged() {
                     warn!(request_id = %exchange.request_id, backend = %backend.addr, "a restarted stream said something else than the client has");
-                    let error =
-                        ApiError::upstream_error("The stream broke off and could not be resumed.");
+                    // `end` says the stream could not be resumed; this says why.
+                    let error = ApiError::upstream_error(
+                        "the next deployment began differently from what the client already has.",
+                    );
                     return self.end(client, exchange, report, settle, error).await;
                 }
                 if matches!(&continuation, Some(Continuation::Prefill(_)))
