@@ -9,7 +9,7 @@
 
 use super::client::Client;
 use super::forward::headers::{is_event_stream, HeaderError, X_REQUEST_ID};
-use super::forward::{Report, CLIENT_CLOSED};
+use super::forward::{Report, CLIENT_CLOSED, CLIENT_TOO_SLOW};
 use super::{Gateway, RequestCtx};
 use crate::cache::{self, flight, Entry, Form, Join, Key, Landed};
 use crate::config::{ModelCache, PICO_PER_USD};
@@ -412,11 +412,11 @@ impl Gateway {
             leader.land(match (&entry, delivered) {
                 (Some(entry), _) => Landed::Answer(entry.clone()),
                 (None, true) => Landed::Unstored(cost_pusd),
-                // Its client's leaving is not the followers'.
+                // Its client's leaving or slowness is not the followers'.
                 (None, false) => Landed::Failed(
                     report
                         .error_reason
-                        .filter(|reason| *reason != CLIENT_CLOSED),
+                        .filter(|reason| ![CLIENT_CLOSED, CLIENT_TOO_SLOW].contains(reason)),
                 ),
             });
         }

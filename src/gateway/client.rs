@@ -50,12 +50,19 @@ impl Client for Session {
 
     async fn abort(&mut self) {
         self.set_keepalive(None);
+        // A client that does not read cannot hold the request up: what is
+        // left to write (here, and Pingora's end of the response) gets this
+        // long, then the connection goes.
+        self.downstream_session.set_write_timeout(Some(ABORT_GRACE));
         // Closed before the end is framed: a chunked body then lacks its
         // last chunk, so the client sees the truncation (Pingora would
         // write it when the request finishes).
-        self.downstream_session.shutdown().await;
+        let _ = tokio::time::timeout(ABORT_GRACE, self.downstream_session.shutdown()).await;
     }
 }
+
+/// How long an aborted response's last writes may wait for the client.
+const ABORT_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Marks an answer of unknown length (a stream, an edited body) chunked
 /// for an HTTP/1.1 client, so that its connection carries the next request.

@@ -4,7 +4,7 @@
 
 use super::decode::UpstreamBody;
 use super::headers::{has_media_type, is_event_stream};
-use super::{AnswerDetails, Report, Settle};
+use super::{AnswerDetails, Report, Settle, CLIENT_TOO_SLOW};
 use crate::config::ProviderSettings;
 use crate::cost::{self, Encoding, Estimate, StreamMeter, Usage};
 use crate::gateway::client::Client;
@@ -63,13 +63,6 @@ impl Stall {
             let (end, _) = read_gap(self.idle, until);
             self.timer.as_mut().reset(end.min(self.last + self.idle));
         }
-    }
-
-    /// Whether the reads' time ran out before the current read began: it
-    /// went on the gateway's sending (to a client slow to take it), not on
-    /// waiting for the provider.
-    fn ran_out_unread(&self) -> bool {
-        self.last >= tokio::time::Instant::from_std(self.until)
     }
 
     /// Resolves when the reads have stalled, with the gap they were given
@@ -638,12 +631,12 @@ pub(super) enum BodyEnd {
     /// The provider broke off or stalled (why, for the client); the stream
     /// was ended with an in-band error unless the client can resume it.
     ProviderBroke(String),
-    /// The attempt's total time ran out while the gateway was sending to a
-    /// client slow to take the answer, not while it waited for the
-    /// provider (why, for the client): ended with an in-band error, and
-    /// neither the provider's failure nor a stream to continue elsewhere
-    /// (a slow reader would trip breakers and be served twice).
-    ClientTooSlow(String),
+    /// The attempt's total time ran out while the gateway waited for its
+    /// client to take what was sent: the connection is closed (a client
+    /// not reading cannot be told more), and it is neither the provider's
+    /// failure nor a stream to continue elsewhere (else a slow reader
+    /// would trip breakers, and be served twice).
+    ClientTooSlow,
 }
 
 /// Copies the response body chunk by chunk, as the provider produces it,
@@ -715,7 +708,7 @@ impl Copy<'_> {
             let outcome = match end {
                 BodyEnd::Complete => meter.outcome(),
                 BodyEnd::ProviderBroke(_) => Outcome::Failure,
-                BodyEnd::ClientGone | BodyEnd::ClientTooSlow(_) => Outcome::Neutral,
+                BodyEnd::ClientGone | BodyEnd::ClientTooSlow => Outcome::Neutral,
             };
             self.upstreams.record_outcome(
                 self.backend,
@@ -738,22 +731,22 @@ impl Copy<'_> {
         if let (BodyEnd::Complete, Some(status)) = (&end, meter.in_band_status()) {
             report.error_reason = Some(in_band_judgement(status).1);
         }
-        let (error, reason) = match &end {
-            BodyEnd::ProviderBroke(message) if !client.resumable() => (
-                ApiError::upstream_error(message.as_str()),
-                "provider_stream_broken",
-            ),
-            BodyEnd::ClientTooSlow(message) => (
-                ApiError::upstream_timeout(message.as_str()),
-                "client_too_slow",
-            ),
-            _ => return end,
-        };
-        // Settled before the client sees the end, as a whole answer is: its
-        // next request (or a read of its usage) finds it.
-        settle.settle(report).await;
-        self.end_broken(client, meter, error).await;
-        report.error_reason = Some(reason);
+        match &end {
+            BodyEnd::ProviderBroke(message) if !client.resumable() => {
+                // Settled before the client sees the end, as a whole answer
+                // is: its next request (or a read of its usage) finds it.
+                settle.settle(report).await;
+                self.end_broken(client, meter, message).await;
+                report.error_reason = Some("provider_stream_broken");
+            }
+            BodyEnd::ClientTooSlow => {
+                warn!(request_id = %self.request_id, provider = %self.provider.name, "the attempt's total timeout ran out while its client was slow to take the answer; closed");
+                settle.settle(report).await;
+                client.abort().await;
+                report.error_reason = Some(CLIENT_TOO_SLOW);
+            }
+            _ => {}
+        }
         end
     }
 
@@ -784,8 +777,8 @@ impl Copy<'_> {
         let mut drain_until = self.after_last(report, settle, meter, settled).await;
         if !held.is_empty() {
             report.first_byte_at.get_or_insert_with(Instant::now);
-            if !client.send_body(held, false).await {
-                return self.client_left(client, meter);
+            if let Err(end) = self.pass_on(client, meter, held).await {
+                return end;
             }
         }
         // An event that is not JSON may have carried text: a stream that
@@ -836,8 +829,8 @@ impl Copy<'_> {
                     }
                     if !out.is_empty() {
                         report.first_byte_at.get_or_insert_with(Instant::now);
-                        if !client.send_body(out, false).await {
-                            return self.client_left(client, meter);
+                        if let Err(end) = self.pass_on(client, meter, out).await {
+                            return end;
                         }
                     }
                     if meter.cut() {
@@ -861,8 +854,10 @@ impl Copy<'_> {
                         if let Some(until) = drain_until {
                             stall.end_by(until);
                         }
-                        if !rest.is_empty() && !client.send_body(rest, false).await {
-                            return self.client_left(client, meter);
+                        if !rest.is_empty() {
+                            if let Err(end) = self.pass_on(client, meter, rest).await {
+                                return end;
+                            }
                         }
                     }
                 }
@@ -877,14 +872,6 @@ impl Copy<'_> {
                     warn!(request_id = %self.request_id, provider = %self.provider.name, error = %e, "provider broke off the response");
                     return BodyEnd::ProviderBroke(format!(
                         "The provider '{}' broke off the response.",
-                        self.provider.name
-                    ));
-                }
-                // The total time ran out on sending, not on the provider.
-                Err(_) if stall.ran_out_unread() => {
-                    warn!(request_id = %self.request_id, provider = %self.provider.name, "the total timeout ran out while the client was slow to take the answer");
-                    return BodyEnd::ClientTooSlow(format!(
-                        "The answer ran past the total timeout of the provider '{}' while this client was slow to read it.",
                         self.provider.name
                     ));
                 }
@@ -942,8 +929,12 @@ impl Copy<'_> {
         let refused = meter.carried_error() && !meter.provider_failed();
         if meter.cut_short() && !refused {
             warn!(request_id = %self.request_id, provider = %self.provider.name, "provider ended the stream before it finished");
-            if !rest.is_empty() && !client.send_body(Bytes::from(rest), false).await {
-                return BodyEnd::ClientGone;
+            if !rest.is_empty() {
+                match self.send(client, Bytes::from(rest), false).await {
+                    Some(true) => {}
+                    Some(false) => return BodyEnd::ClientGone,
+                    None => return BodyEnd::ClientTooSlow,
+                }
             }
             return BodyEnd::ProviderBroke(format!(
                 "The provider '{}' ended the stream before it finished.",
@@ -951,8 +942,37 @@ impl Copy<'_> {
             ));
         }
         self.settle(report, settle, meter, settled).await;
-        client.send_body(Bytes::from(rest), true).await;
-        BodyEnd::Complete
+        match self.send(client, Bytes::from(rest), true).await {
+            None => BodyEnd::ClientTooSlow,
+            // Gone or not, the answer was whole.
+            Some(_) => BodyEnd::Complete,
+        }
+    }
+
+    /// Sends a piece of the answer to the client within the attempt's
+    /// time (a client that reads is never cut: the send is tried first):
+    /// whether the client took it, `None` when the time ran out while it
+    /// was slow to (what it has is then cut short: the piece may be half
+    /// written).
+    async fn send(&self, client: &mut dyn Client, body: Bytes, end: bool) -> Option<bool> {
+        tokio::time::timeout_at(self.deadline.into(), client.send_body(body, end))
+            .await
+            .ok()
+    }
+
+    /// [`Copy::send`] of a piece of the copy: how the copy ends if it did
+    /// not go out.
+    async fn pass_on(
+        &self,
+        client: &mut dyn Client,
+        meter: &Meter,
+        body: Bytes,
+    ) -> Result<(), BodyEnd> {
+        match self.send(client, body, false).await {
+            Some(true) => Ok(()),
+            Some(false) => Err(self.client_left(client, meter)),
+            None => Err(BodyEnd::ClientTooSlow),
+        }
     }
 
     /// How the copy ends when its client went away: after the provider's
@@ -979,14 +999,18 @@ impl Copy<'_> {
     /// any other body (JSON, audio) cannot be repaired, so the connection
     /// is closed and the client sees the truncation. What the provider
     /// sent decides, not the request's `stream`.
-    async fn end_broken(&self, client: &mut dyn Client, meter: &Meter, error: ApiError) {
-        if meter.carried_error() {
+    async fn end_broken(&self, client: &mut dyn Client, meter: &Meter, message: &str) {
+        let last = if meter.carried_error() {
             // The provider's own error event said it already.
-            client.send_body(Bytes::new(), true).await;
+            Bytes::new()
         } else if matches!(meter, Meter::Stream(_) | Meter::Translated(_)) {
-            let event = error.sse_event_for(self.endpoint);
-            client.send_body(event, true).await;
+            ApiError::upstream_error(message).sse_event_for(self.endpoint)
         } else {
+            client.abort().await;
+            return;
+        };
+        // A client not taking it by the attempt's deadline is cut off.
+        if self.send(client, last, true).await.is_none() {
             client.abort().await;
         }
     }

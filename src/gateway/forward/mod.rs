@@ -245,6 +245,10 @@ impl Report {
 /// away before its answer was whole.
 pub(crate) const CLIENT_CLOSED: &str = "client_closed";
 
+/// The `runestone_errors_total` reason of a stream whose attempt ran out
+/// of time while its client was slow to take it.
+pub(crate) const CLIENT_TOO_SLOW: &str = "client_too_slow";
+
 /// Settles the request's admission once its answer is whole, before the
 /// client sees its end (so a client that sends its next request at once
 /// finds its slot free). Called at most once, with the report so far.
