@@ -37,6 +37,9 @@ struct Stall {
     last: tokio::time::Instant,
     idle: Duration,
     until: Instant,
+    /// The timer was moved on to the attempt's deadline during a send: the
+    /// next read sets its gap's end again.
+    pushed: bool,
 }
 
 impl Stall {
@@ -47,6 +50,7 @@ impl Stall {
             last: tokio::time::Instant::now(),
             idle,
             until,
+            pushed: false,
         }
     }
 
@@ -54,6 +58,12 @@ impl Stall {
     /// chunk's arrival, so a slow client's time is not the provider's).
     fn reading(&mut self) {
         self.last = tokio::time::Instant::now();
+        if std::mem::take(&mut self.pushed) {
+            let until = tokio::time::Instant::from_std(self.until);
+            self.timer
+                .as_mut()
+                .reset((self.last + self.idle).min(until));
+        }
     }
 
     /// The reads must end by `until` (before the deadline given first).
@@ -62,6 +72,22 @@ impl Stall {
             self.until = until;
             let (end, _) = read_gap(self.idle, until);
             self.timer.as_mut().reset(end.min(self.last + self.idle));
+        }
+    }
+
+    /// Resolves once `deadline` (the attempt's) has passed, however long
+    /// the gap: what a send to the client may take (neither the provider's
+    /// idle timeout nor the drain after the last event is the client's).
+    /// Cancel-safe, as [`Stall::stalled`].
+    async fn ran_out(&mut self, deadline: Instant) {
+        let deadline = tokio::time::Instant::from_std(deadline);
+        loop {
+            self.timer.as_mut().await;
+            if deadline <= tokio::time::Instant::now() {
+                return;
+            }
+            self.timer.as_mut().reset(deadline);
+            self.pushed = true;
         }
     }
 
@@ -775,16 +801,16 @@ impl Copy<'_> {
         // read until this deadline and not passed on, so the answer is
         // stored and its connection kept even when the client leaves.
         let mut drain_until = self.after_last(report, settle, meter, settled).await;
+        let mut stall = Stall::new(self.idle, drain_until.unwrap_or(self.deadline));
         if !held.is_empty() {
             report.first_byte_at.get_or_insert_with(Instant::now);
-            if let Err(end) = self.pass_on(client, meter, held).await {
+            if let Err(end) = self.pass_on(client, meter, &mut stall, held).await {
                 return end;
             }
         }
         // An event that is not JSON may have carried text: a stream that
         // can be continued elsewhere breaks there rather than lose it.
         meter.halt_on_malformed(client.resumable());
-        let mut stall = Stall::new(self.idle, drain_until.unwrap_or(self.deadline));
         loop {
             stall.reading();
             // Data already there is read before the stall is judged (as
@@ -829,7 +855,7 @@ impl Copy<'_> {
                     }
                     if !out.is_empty() {
                         report.first_byte_at.get_or_insert_with(Instant::now);
-                        if let Err(end) = self.pass_on(client, meter, out).await {
+                        if let Err(end) = self.pass_on(client, meter, &mut stall, out).await {
                             return end;
                         }
                     }
@@ -855,7 +881,7 @@ impl Copy<'_> {
                             stall.end_by(until);
                         }
                         if !rest.is_empty() {
-                            if let Err(end) = self.pass_on(client, meter, rest).await {
+                            if let Err(end) = self.pass_on(client, meter, &mut stall, rest).await {
                                 return end;
                             }
                         }
@@ -960,18 +986,25 @@ impl Copy<'_> {
             .ok()
     }
 
-    /// [`Copy::send`] of a piece of the copy: how the copy ends if it did
-    /// not go out.
+    /// [`Copy::send`] of a piece of the copy, timed by the copy's own
+    /// timer (a timer per send would cost a streamed token a few hundred
+    /// instructions): how the copy ends if it did not go out.
     async fn pass_on(
         &self,
         client: &mut dyn Client,
         meter: &Meter,
+        stall: &mut Stall,
         body: Bytes,
     ) -> Result<(), BodyEnd> {
-        match self.send(client, body, false).await {
-            Some(true) => Ok(()),
-            Some(false) => Err(self.client_left(client, meter)),
-            None => Err(BodyEnd::ClientTooSlow),
+        let sent = tokio::select! {
+            biased;
+            sent = client.send_body(body, false) => sent,
+            () = stall.ran_out(self.deadline) => return Err(BodyEnd::ClientTooSlow),
+        };
+        if sent {
+            Ok(())
+        } else {
+            Err(self.client_left(client, meter))
         }
     }
 
