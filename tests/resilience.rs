@@ -400,7 +400,7 @@ fn a_provider_slower_than_its_total_timeout_is_cut_there_and_counted_as_failing(
     assert!(
         last["error"]["message"]
             .as_str()
-            .is_some_and(|m| m.contains("stalled")),
+            .is_some_and(|m| m.contains("did not finish within its total timeout")),
         "{last}"
     );
     let state = metric_value(
@@ -411,6 +411,40 @@ fn a_provider_slower_than_its_total_timeout_is_cut_there_and_counted_as_failing(
         ),
     );
     assert_eq!(state, 2.0, "the provider's failure");
+}
+
+#[test]
+fn streams_whose_provider_data_is_always_there_are_cut_at_the_total_timeout() {
+    // Ten streams of 100,000 tokens sent as fast as the mock can: the
+    // gateway is the bottleneck, so a read never waits and the deadline
+    // must be looked at without one (else they ran to the end, 20 s).
+    let (a, b) = (Mock::start(&[]), Mock::start(&[]));
+    let gw = Gateway::start(&without_resumption(pair(
+        &a,
+        &b,
+        "priority",
+        ", timeouts: { total_ms: 2000 }",
+        "",
+    )));
+    let port = gw.port;
+    let streams: Vec<_> = (0..10)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut body = chat("m", true);
+                body["mock_tokens"] = json!(100_000);
+                let (_, events) = sse_events(port, CHAT, TENANT_KEY, &body);
+                events.last().cloned().unwrap_or_default()
+            })
+        })
+        .collect();
+    for stream in streams {
+        let last = stream.join().unwrap();
+        assert!(
+            last.contains("did not finish within its total timeout"),
+            "{}",
+            &last[..last.len().min(300)]
+        );
+    }
 }
 
 #[test]

@@ -57,7 +57,23 @@ impl Client for Session {
         // Closed before the end is framed: a chunked body then lacks its
         // last chunk, so the client sees the truncation (Pingora would
         // write it when the request finishes).
-        let _ = tokio::time::timeout(ABORT_GRACE, self.downstream_session.shutdown()).await;
+        let shutdown = self.downstream_session.shutdown();
+        if tokio::time::timeout(ABORT_GRACE, shutdown).await.is_err() {
+            // What is buffered did not go (the shutdown writes it first):
+            // the socket itself is shut, so nothing more goes out, Pingora's
+            // end of the body included, and a client reading later still
+            // sees the truncation.
+            // (Plain TCP: a TLS connection keeps what Pingora does.)
+            let tcp = self.downstream_session.stream().and_then(|stream| {
+                let any = stream.as_any();
+                any.downcast_ref::<pingora::protocols::l4::stream::Stream>()
+            });
+            if let Some(tcp) = tcp {
+                use std::os::fd::AsRawFd;
+                let how = nix::sys::socket::Shutdown::Write;
+                let _ = nix::sys::socket::shutdown(tcp.as_raw_fd(), how);
+            }
+        }
     }
 }
 

@@ -37,8 +37,8 @@ struct Stall {
     last: tokio::time::Instant,
     idle: Duration,
     until: Instant,
-    /// The timer was moved on to the attempt's deadline during a send: the
-    /// next read sets its gap's end again.
+    /// The timer was moved on to a send's bound during a send: the next
+    /// read sets its gap's end again.
     pushed: bool,
 }
 
@@ -66,6 +66,11 @@ impl Stall {
         }
     }
 
+    /// Whether the current read began at or after `deadline`.
+    fn past(&self, deadline: Instant) -> bool {
+        self.last >= tokio::time::Instant::from_std(deadline)
+    }
+
     /// The reads must end by `until` (before the deadline given first).
     fn end_by(&mut self, until: Instant) {
         if until < self.until {
@@ -75,7 +80,7 @@ impl Stall {
         }
     }
 
-    /// Resolves once `deadline` (the attempt's) has passed, however long
+    /// Resolves once `deadline` (a send's bound) has passed, however long
     /// the gap: what a send to the client may take (neither the provider's
     /// idle timeout nor the drain after the last event is the client's).
     /// Cancel-safe, as [`Stall::stalled`].
@@ -638,6 +643,12 @@ fn details_from_a_tree(body: &[u8], capture: bool) -> AnswerDetails {
 /// reads to the end waits for it.
 const AFTER_LAST_EVENT: Duration = Duration::from_secs(1);
 
+/// How long a send to the client may wait, past the attempt's deadline,
+/// before the client counts as the one too slow: a client still taking
+/// the answer is told (in-band) that the provider ran out of time; one
+/// that had stopped is cut off (see [`BodyEnd::ClientTooSlow`]).
+const CLIENT_STUCK: Duration = Duration::from_secs(1);
+
 /// What the client is told of a translated stream cut at an event too long
 /// to translate.
 pub(super) fn cut_message(provider: &str) -> String {
@@ -657,11 +668,12 @@ pub(super) enum BodyEnd {
     /// The provider broke off or stalled (why, for the client); the stream
     /// was ended with an in-band error unless the client can resume it.
     ProviderBroke(String),
-    /// The attempt's total time ran out while the gateway waited for its
-    /// client to take what was sent: the connection is closed (a client
-    /// not reading cannot be told more), and it is neither the provider's
-    /// failure nor a stream to continue elsewhere (else a slow reader
-    /// would trip breakers, and be served twice).
+    /// The attempt's total time ran out while the gateway had been waiting
+    /// for its client to take what was sent for [`CLIENT_STUCK`] or more:
+    /// the connection is closed (a client not reading cannot be told
+    /// more), and it is neither the provider's failure nor a stream to
+    /// continue elsewhere (else a slow reader would trip breakers, and be
+    /// served twice).
     ClientTooSlow,
 }
 
@@ -813,9 +825,19 @@ impl Copy<'_> {
         meter.halt_on_malformed(client.resumable());
         loop {
             stall.reading();
+            // Checked here too, not only when a read waits: a provider
+            // whose data is always there (a runaway, or a gateway too busy
+            // to catch up) would never be cut.
+            if stall.past(self.deadline) {
+                if drain_until.is_some() {
+                    break;
+                }
+                return self.out_of_time();
+            }
             // Data already there is read before the stall is judged (as
-            // `timeout_at` did): a deadline that passed while a slow client
-            // held the send up must not cut off what is waiting.
+            // `timeout_at` did): an idle gap or a drain's deadline that
+            // passed while a slow client held the send up must not cut off
+            // what is waiting (the usage after `[DONE]`, say).
             let read_or_stall = async {
                 tokio::select! {
                     biased;
@@ -901,6 +923,7 @@ impl Copy<'_> {
                         self.provider.name
                     ));
                 }
+                Err(_) if Instant::now() >= self.deadline => return self.out_of_time(),
                 Err(gap) => {
                     warn!(request_id = %self.request_id, provider = %self.provider.name, gap = ?gap, "provider stalled mid-response");
                     return BodyEnd::ProviderBroke(format!(
@@ -976,14 +999,29 @@ impl Copy<'_> {
     }
 
     /// Sends a piece of the answer to the client within the attempt's
-    /// time (a client that reads is never cut: the send is tried first):
-    /// whether the client took it, `None` when the time ran out while it
-    /// was slow to (what it has is then cut short: the piece may be half
-    /// written).
+    /// time, or [`CLIENT_STUCK`] from now if that is later (a client that
+    /// reads is never cut: the send is tried first): whether the client
+    /// took it, `None` when it did not in time (what it has is then cut
+    /// short: the piece may be half written).
     async fn send(&self, client: &mut dyn Client, body: Bytes, end: bool) -> Option<bool> {
-        tokio::time::timeout_at(self.deadline.into(), client.send_body(body, end))
+        tokio::time::timeout_at(self.send_bound().into(), client.send_body(body, end))
             .await
             .ok()
+    }
+
+    /// How the copy ends when the provider has not finished by the
+    /// attempt's deadline (its failure, as a stall is).
+    fn out_of_time(&self) -> BodyEnd {
+        warn!(request_id = %self.request_id, provider = %self.provider.name, "provider did not finish within its total timeout");
+        BodyEnd::ProviderBroke(format!(
+            "The provider '{}' did not finish within its total timeout.",
+            self.provider.name
+        ))
+    }
+
+    /// When a send beginning now has waited too long for the client.
+    fn send_bound(&self) -> Instant {
+        self.deadline.max(Instant::now() + CLIENT_STUCK)
     }
 
     /// [`Copy::send`] of a piece of the copy, timed by the copy's own
@@ -999,7 +1037,7 @@ impl Copy<'_> {
         let sent = tokio::select! {
             biased;
             sent = client.send_body(body, false) => sent,
-            () = stall.ran_out(self.deadline) => return Err(BodyEnd::ClientTooSlow),
+            () = stall.ran_out(self.send_bound()) => return Err(BodyEnd::ClientTooSlow),
         };
         if sent {
             Ok(())
