@@ -892,24 +892,20 @@ fn json_answer(extra_head: &str, body: &[u8]) -> Vec<u8> {
     out
 }
 
-#[test]
-fn a_stream_whose_total_timeout_runs_out_on_a_slow_client_is_not_the_providers_failure() {
-    // Megabytes of events sent at once, more than the sockets between the
-    // gateway and its client hold; the client stops reading at the first
-    // event until well past the provider's total timeout, so the time runs
-    // out while the gateway waits to send. The stream is cut there (not
-    // when the client reads again), billed for what it carried; neither
-    // the breaker (opening at one failure) nor resumption (on, with
-    // another target) takes it for the provider's failure: else any slow
-    // reader would cut a provider off for every tenant, and be served
-    // twice.
-    const EVENTS: usize = 2048;
+/// Events a bulk provider sends at once: 16 MiB, more than the sockets
+/// between the gateway and its client hold.
+const BULK_EVENTS: usize = 2048;
+
+/// A gateway over a provider sending [`BULK_EVENTS`] at once with a 2 s
+/// `total_ms`, the mock as a spare target (resumption on), and a breaker
+/// that opens at one failure.
+fn bulk_behind_a_spare() -> (Mock, Gateway) {
     let text = "a".repeat(8 * 1024);
     let mut response =
         b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n".to_vec();
     let event = json!({"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
                        "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": null}]});
-    for _ in 0..EVENTS {
+    for _ in 0..BULK_EVENTS {
         response.extend_from_slice(format!("data: {event}\n\n").as_bytes());
     }
     response.extend_from_slice(b"data: [DONE]\n\n");
@@ -923,7 +919,20 @@ fn a_stream_whose_total_timeout_runs_out_on_a_slow_client_is_not_the_providers_f
     config.models = "\n  - name: m\n    strategy: priority\n    targets: [{ provider: bulk }, { provider: spare }]\n".into();
     config.tenants = format!("\n  - id: acme\n    keys: [\"{TENANT_KEY}\"]\n");
     config.extra = "circuit_breaker: { consecutive_failures: 1 }\n".into();
-    let gw = Gateway::start(&config);
+    (mock, Gateway::start(&config))
+}
+
+#[test]
+fn a_stream_whose_total_timeout_runs_out_on_a_slow_client_is_not_the_providers_failure() {
+    // The client stops reading at the first
+    // event until well past the provider's total timeout, so the time runs
+    // out while the gateway waits to send. The stream is cut there (not
+    // when the client reads again), billed for what it carried; neither
+    // the breaker (opening at one failure) nor resumption (on, with
+    // another target) takes it for the provider's failure: else any slow
+    // reader would cut a provider off for every tenant, and be served
+    // twice.
+    let (mock, gw) = bulk_behind_a_spare();
     let body =
         json!({"model": "m", "stream": true, "messages": [{"role": "user", "content": "hi"}]});
     let port = gw.port;
@@ -964,7 +973,7 @@ fn a_stream_whose_total_timeout_runs_out_on_a_slow_client_is_not_the_providers_f
     // told), and no last chunk, so an SDK raises at the truncated body.
     let events = answer.matches("data: ").count();
     assert!(
-        events > 1 && events < EVENTS,
+        events > 1 && events < BULK_EVENTS,
         "cut at the timeout: {events} events"
     );
     assert!(!answer.contains("[DONE]") && !answer.contains(r#""error""#));
@@ -994,6 +1003,61 @@ fn a_stream_whose_total_timeout_runs_out_on_a_slow_client_is_not_the_providers_f
         (status, events.last().map(String::as_str)),
         (200, Some("[DONE]"))
     );
+}
+
+#[test]
+fn a_stream_its_client_reads_slower_than_the_provider_writes_is_told_so_in_band() {
+    // The client reads steadily (16 KiB every 10 ms), slower than the
+    // provider sent: no send waits long, but the copy waits on the client
+    // most of its time. At the timeout the stream ends with an in-band
+    // error that says so; the provider is not blamed nor the stream
+    // continued elsewhere.
+    let (mock, gw) = bulk_behind_a_spare();
+    let body =
+        json!({"model": "m", "stream": true, "messages": [{"role": "user", "content": "hi"}]})
+            .to_string();
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", gw.port)).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    write!(
+        conn,
+        "POST {CHAT} HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {TENANT_KEY}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let (mut answer, mut piece) = (Vec::new(), vec![0; 16 * 1024]);
+    loop {
+        match conn.read(&mut piece) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => answer.extend_from_slice(&piece[..n]),
+        }
+        if answer.ends_with(b"\r\n0\r\n\r\n") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let answer = String::from_utf8_lossy(&answer);
+    let last = answer.rsplit("data: ").next().unwrap();
+    assert!(!answer.contains("[DONE]"), "cut at the timeout");
+    assert!(
+        last.contains(r#""code":"upstream_timeout""#) && last.contains("slow to read"),
+        "{}",
+        &last[..last.len().min(300)]
+    );
+    wait_until(Duration::from_secs(5), "the cut to be counted", || {
+        metric_value(
+            &gw.metrics(),
+            r#"runestone_errors_total{reason="client_too_slow"}"#,
+        ) == 1.0
+    });
+    let metrics = gw.metrics();
+    assert_eq!(
+        metric_sum(&metrics, "runestone_circuit_state", &[r#"provider="bulk""#]),
+        0.0,
+        "the breaker stays closed"
+    );
+    assert_eq!(mock.request_count(), 0, "not continued on the other target");
 }
 
 #[test]

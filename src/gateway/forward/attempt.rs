@@ -470,7 +470,7 @@ impl Attempt<'_> {
                 return Ok(Attempted::StreamBroken(ApiError::upstream_error(message)))
             }
             BodyEnd::ClientGone => return Ok(Attempted::ClientGone),
-            BodyEnd::ProviderBroke(_) | BodyEnd::ClientTooSlow => {}
+            BodyEnd::ProviderBroke(_) | BodyEnd::ClientTooSlow { .. } => {}
         }
         Ok(Attempted::Answered)
     }

@@ -40,6 +40,13 @@ struct Stall {
     /// The timer was moved on to a send's bound during a send: the next
     /// read sets its gap's end again.
     pushed: bool,
+    /// When the copy began; when the last send to the client began,
+    /// whether it had to wait, and how long the sends have waited in all:
+    /// the client's time, not the provider's.
+    began: tokio::time::Instant,
+    send_began: tokio::time::Instant,
+    blocked: bool,
+    waited: Duration,
 }
 
 impl Stall {
@@ -51,6 +58,10 @@ impl Stall {
             idle,
             until,
             pushed: false,
+            began: tokio::time::Instant::now(),
+            send_began: tokio::time::Instant::now(),
+            blocked: false,
+            waited: Duration::ZERO,
         }
     }
 
@@ -58,6 +69,9 @@ impl Stall {
     /// chunk's arrival, so a slow client's time is not the provider's).
     fn reading(&mut self) {
         self.last = tokio::time::Instant::now();
+        if std::mem::take(&mut self.blocked) {
+            self.waited += self.last - self.send_began;
+        }
         if std::mem::take(&mut self.pushed) {
             let until = tokio::time::Instant::from_std(self.until);
             self.timer
@@ -69,6 +83,18 @@ impl Stall {
     /// Whether the current read began at or after `deadline`.
     fn past(&self, deadline: Instant) -> bool {
         self.last >= tokio::time::Instant::from_std(deadline)
+    }
+
+    /// Whether the copy has spent most of its time, by the current read,
+    /// waiting for the client to take what was sent (rather than for the
+    /// provider, or on its own work).
+    fn mostly_waited_on_client(&self) -> bool {
+        self.waited * 2 > self.last - self.began
+    }
+
+    /// A send to the client begins.
+    fn sending(&mut self, now: Instant) {
+        self.send_began = tokio::time::Instant::from_std(now);
     }
 
     /// The reads must end by `until` (before the deadline given first).
@@ -85,6 +111,8 @@ impl Stall {
     /// idle timeout nor the drain after the last event is the client's).
     /// Cancel-safe, as [`Stall::stalled`].
     async fn ran_out(&mut self, deadline: Instant) {
+        // Polled only when the send has to wait.
+        self.blocked = true;
         let deadline = tokio::time::Instant::from_std(deadline);
         loop {
             self.timer.as_mut().await;
@@ -668,13 +696,14 @@ pub(super) enum BodyEnd {
     /// The provider broke off or stalled (why, for the client); the stream
     /// was ended with an in-band error unless the client can resume it.
     ProviderBroke(String),
-    /// The attempt's total time ran out while the gateway had been waiting
-    /// for its client to take what was sent for [`CLIENT_STUCK`] or more:
-    /// the connection is closed (a client not reading cannot be told
-    /// more), and it is neither the provider's failure nor a stream to
-    /// continue elsewhere (else a slow reader would trip breakers, and be
-    /// served twice).
-    ClientTooSlow,
+    /// The attempt's total time ran out while the copy had spent most of
+    /// its time waiting for the client to take what was sent. Neither
+    /// the provider's failure nor a stream to continue elsewhere (else a
+    /// slow reader would trip breakers, and be served twice). `mid_send`:
+    /// cut during a send that had waited [`CLIENT_STUCK`] (the connection
+    /// is closed: a client not reading cannot be told more); else told
+    /// in-band.
+    ClientTooSlow { mid_send: bool },
 }
 
 /// Copies the response body chunk by chunk, as the provider produces it,
@@ -746,7 +775,7 @@ impl Copy<'_> {
             let outcome = match end {
                 BodyEnd::Complete => meter.outcome(),
                 BodyEnd::ProviderBroke(_) => Outcome::Failure,
-                BodyEnd::ClientGone | BodyEnd::ClientTooSlow => Outcome::Neutral,
+                BodyEnd::ClientGone | BodyEnd::ClientTooSlow { .. } => Outcome::Neutral,
             };
             self.upstreams.record_outcome(
                 self.backend,
@@ -774,13 +803,22 @@ impl Copy<'_> {
                 // Settled before the client sees the end, as a whole answer
                 // is: its next request (or a read of its usage) finds it.
                 settle.settle(report).await;
-                self.end_broken(client, meter, message).await;
+                let error = ApiError::upstream_error(message.as_str());
+                self.end_broken(client, meter, error).await;
                 report.error_reason = Some("provider_stream_broken");
             }
-            BodyEnd::ClientTooSlow => {
-                warn!(request_id = %self.request_id, provider = %self.provider.name, "the attempt's total timeout ran out while its client was slow to take the answer; closed");
+            BodyEnd::ClientTooSlow { mid_send } => {
+                warn!(request_id = %self.request_id, provider = %self.provider.name, mid_send, "the attempt's total timeout ran out while its client was slow to take the answer");
                 settle.settle(report).await;
-                client.abort().await;
+                if *mid_send {
+                    client.abort().await;
+                } else {
+                    let error = ApiError::upstream_timeout(format!(
+                        "The answer ran past the total timeout of the provider '{}' while this client was slow to read it.",
+                        self.provider.name
+                    ));
+                    self.end_broken(client, meter, error).await;
+                }
                 report.error_reason = Some(CLIENT_TOO_SLOW);
             }
             _ => {}
@@ -832,7 +870,7 @@ impl Copy<'_> {
                 if drain_until.is_some() {
                     break;
                 }
-                return self.out_of_time();
+                return self.out_of_time(&stall);
             }
             // Data already there is read before the stall is judged (as
             // `timeout_at` did): an idle gap or a drain's deadline that
@@ -923,7 +961,7 @@ impl Copy<'_> {
                         self.provider.name
                     ));
                 }
-                Err(_) if Instant::now() >= self.deadline => return self.out_of_time(),
+                Err(_) if Instant::now() >= self.deadline => return self.out_of_time(&stall),
                 Err(gap) => {
                     warn!(request_id = %self.request_id, provider = %self.provider.name, gap = ?gap, "provider stalled mid-response");
                     return BodyEnd::ProviderBroke(format!(
@@ -982,7 +1020,7 @@ impl Copy<'_> {
                 match self.send(client, Bytes::from(rest), false).await {
                     Some(true) => {}
                     Some(false) => return BodyEnd::ClientGone,
-                    None => return BodyEnd::ClientTooSlow,
+                    None => return BodyEnd::ClientTooSlow { mid_send: true },
                 }
             }
             return BodyEnd::ProviderBroke(format!(
@@ -992,7 +1030,7 @@ impl Copy<'_> {
         }
         self.settle(report, settle, meter, settled).await;
         match self.send(client, Bytes::from(rest), true).await {
-            None => BodyEnd::ClientTooSlow,
+            None => BodyEnd::ClientTooSlow { mid_send: true },
             // Gone or not, the answer was whole.
             Some(_) => BodyEnd::Complete,
         }
@@ -1009,9 +1047,13 @@ impl Copy<'_> {
             .ok()
     }
 
-    /// How the copy ends when the provider has not finished by the
-    /// attempt's deadline (its failure, as a stall is).
-    fn out_of_time(&self) -> BodyEnd {
+    /// How the copy ends when the answer has not finished by the attempt's
+    /// deadline: the provider's failure (as a stall is), unless the copy
+    /// spent most of its time waiting for the client to take the answer.
+    fn out_of_time(&self, stall: &Stall) -> BodyEnd {
+        if stall.mostly_waited_on_client() {
+            return BodyEnd::ClientTooSlow { mid_send: false };
+        }
         warn!(request_id = %self.request_id, provider = %self.provider.name, "provider did not finish within its total timeout");
         BodyEnd::ProviderBroke(format!(
             "The provider '{}' did not finish within its total timeout.",
@@ -1034,10 +1076,13 @@ impl Copy<'_> {
         stall: &mut Stall,
         body: Bytes,
     ) -> Result<(), BodyEnd> {
+        let now = Instant::now();
+        stall.sending(now);
+        let bound = self.deadline.max(now + CLIENT_STUCK);
         let sent = tokio::select! {
             biased;
             sent = client.send_body(body, false) => sent,
-            () = stall.ran_out(self.send_bound()) => return Err(BodyEnd::ClientTooSlow),
+            () = stall.ran_out(bound) => return Err(BodyEnd::ClientTooSlow { mid_send: true }),
         };
         if sent {
             Ok(())
@@ -1070,12 +1115,12 @@ impl Copy<'_> {
     /// any other body (JSON, audio) cannot be repaired, so the connection
     /// is closed and the client sees the truncation. What the provider
     /// sent decides, not the request's `stream`.
-    async fn end_broken(&self, client: &mut dyn Client, meter: &Meter, message: &str) {
+    async fn end_broken(&self, client: &mut dyn Client, meter: &Meter, error: ApiError) {
         let last = if meter.carried_error() {
             // The provider's own error event said it already.
             Bytes::new()
         } else if matches!(meter, Meter::Stream(_) | Meter::Translated(_)) {
-            ApiError::upstream_error(message).sse_event_for(self.endpoint)
+            error.sse_event_for(self.endpoint)
         } else {
             client.abort().await;
             return;
