@@ -672,9 +672,9 @@ fn details_from_a_tree(body: &[u8], capture: bool) -> AnswerDetails {
 const AFTER_LAST_EVENT: Duration = Duration::from_secs(1);
 
 /// How long a send to the client may wait, past the attempt's deadline,
-/// before the client counts as the one too slow: a client still taking
-/// the answer is told (in-band) that the provider ran out of time; one
-/// that had stopped is cut off (see [`BodyEnd::ClientTooSlow`]).
+/// before the client counts as one that stopped reading and is cut off (see
+/// [`BodyEnd::ClientTooSlow`]); a send that finishes in time leaves the
+/// stream's end to be judged at the next read.
 const CLIENT_STUCK: Duration = Duration::from_secs(1);
 
 /// What the client is told of a translated stream cut at an event too long
@@ -1042,7 +1042,8 @@ impl Copy<'_> {
     /// took it, `None` when it did not in time (what it has is then cut
     /// short: the piece may be half written).
     async fn send(&self, client: &mut dyn Client, body: Bytes, end: bool) -> Option<bool> {
-        tokio::time::timeout_at(self.send_bound().into(), client.send_body(body, end))
+        let bound = self.send_bound(Instant::now());
+        tokio::time::timeout_at(bound.into(), client.send_body(body, end))
             .await
             .ok()
     }
@@ -1061,9 +1062,9 @@ impl Copy<'_> {
         ))
     }
 
-    /// When a send beginning now has waited too long for the client.
-    fn send_bound(&self) -> Instant {
-        self.deadline.max(Instant::now() + CLIENT_STUCK)
+    /// When a send beginning at `now` has waited too long for the client.
+    fn send_bound(&self, now: Instant) -> Instant {
+        self.deadline.max(now + CLIENT_STUCK)
     }
 
     /// [`Copy::send`] of a piece of the copy, timed by the copy's own
@@ -1078,7 +1079,7 @@ impl Copy<'_> {
     ) -> Result<(), BodyEnd> {
         let now = Instant::now();
         stall.sending(now);
-        let bound = self.deadline.max(now + CLIENT_STUCK);
+        let bound = self.send_bound(now);
         let sent = tokio::select! {
             biased;
             sent = client.send_body(body, false) => sent,
