@@ -997,12 +997,6 @@ fn a_stream_whose_total_timeout_runs_out_on_a_slow_client_is_not_the_providers_f
         "billed for what it carried"
     );
     assert_eq!(mock.request_count(), 0, "not continued on the other target");
-    // The provider still serves the next request.
-    let (status, events) = sse_events(gw.port, CHAT, TENANT_KEY, &body);
-    assert_eq!(
-        (status, events.last().map(String::as_str)),
-        (200, Some("[DONE]"))
-    );
 }
 
 #[test]

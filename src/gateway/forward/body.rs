@@ -40,10 +40,9 @@ struct Stall {
     /// The timer was moved on to a send's bound during a send: the next
     /// read sets its gap's end again.
     pushed: bool,
-    /// When the copy began; when the last send to the client began,
-    /// whether it had to wait, and how long the sends have waited in all:
-    /// the client's time, not the provider's.
-    began: tokio::time::Instant,
+    /// When the last send to the client began, whether it had to wait,
+    /// and how long the sends have waited in all: the client's time, not
+    /// the provider's.
     send_began: tokio::time::Instant,
     blocked: bool,
     waited: Duration,
@@ -58,7 +57,6 @@ impl Stall {
             idle,
             until,
             pushed: false,
-            began: tokio::time::Instant::now(),
             send_began: tokio::time::Instant::now(),
             blocked: false,
             waited: Duration::ZERO,
@@ -85,11 +83,13 @@ impl Stall {
         self.last >= tokio::time::Instant::from_std(deadline)
     }
 
-    /// Whether the copy has spent most of its time, by the current read,
-    /// waiting for the client to take what was sent (rather than for the
-    /// provider, or on its own work).
-    fn mostly_waited_on_client(&self) -> bool {
-        self.waited * 2 > self.last - self.began
+    /// Whether the copy has waited, in all, [`CLIENT_STUCK`] or more for
+    /// the client to take what was sent: enough to have made it miss its
+    /// deadline. (Not a share of its time: a client that stops reading
+    /// once, near the deadline, must not get the provider blamed, while
+    /// the socket buffers hide part of its pause.)
+    fn waited_on_client(&self) -> bool {
+        self.waited >= CLIENT_STUCK
     }
 
     /// A send to the client begins.
@@ -696,8 +696,8 @@ pub(super) enum BodyEnd {
     /// The provider broke off or stalled (why, for the client); the stream
     /// was ended with an in-band error unless the client can resume it.
     ProviderBroke(String),
-    /// The attempt's total time ran out while the copy had spent most of
-    /// its time waiting for the client to take what was sent. Neither
+    /// The attempt's total time ran out after the copy had waited a second
+    /// or more in all for the client to take what was sent. Neither
     /// the provider's failure nor a stream to continue elsewhere (else a
     /// slow reader would trip breakers, and be served twice). `mid_send`:
     /// cut during a send that had waited [`CLIENT_STUCK`] (the connection
@@ -1050,9 +1050,9 @@ impl Copy<'_> {
 
     /// How the copy ends when the answer has not finished by the attempt's
     /// deadline: the provider's failure (as a stall is), unless the copy
-    /// spent most of its time waiting for the client to take the answer.
+    /// waited a second or more in all for the client to take the answer.
     fn out_of_time(&self, stall: &Stall) -> BodyEnd {
-        if stall.mostly_waited_on_client() {
+        if stall.waited_on_client() {
             return BodyEnd::ClientTooSlow { mid_send: false };
         }
         warn!(request_id = %self.request_id, provider = %self.provider.name, "provider did not finish within its total timeout");
