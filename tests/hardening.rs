@@ -924,10 +924,10 @@ fn bulk_behind_a_spare() -> (Mock, Gateway) {
 
 #[test]
 fn a_stream_whose_total_timeout_runs_out_on_a_slow_client_is_not_the_providers_failure() {
-    // The client stops reading at the first
-    // event until well past the provider's total timeout, so the time runs
-    // out while the gateway waits to send. The stream is cut there (not
-    // when the client reads again), billed for what it carried; neither
+    // The client stops reading at the first event until well past the
+    // provider's total timeout, so the time runs out while the gateway
+    // waits to send. The stream is cut there (not when the client reads
+    // again), billed for what it carried; neither
     // the breaker (opening at one failure) nor resumption (on, with
     // another target) takes it for the provider's failure: else any slow
     // reader would cut a provider off for every tenant, and be served
