@@ -922,32 +922,38 @@ fn bulk_behind_a_spare() -> (Mock, Gateway) {
     (mock, Gateway::start(&config))
 }
 
+/// Asks `port` for a stream over a raw connection (reads time out after
+/// 20 s), for a client that reads at its own pace.
+fn ask_for_a_stream(port: u16) -> std::net::TcpStream {
+    let body =
+        json!({"model": "m", "stream": true, "messages": [{"role": "user", "content": "hi"}]})
+            .to_string();
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    write!(
+        conn,
+        "POST {CHAT} HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {TENANT_KEY}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    conn
+}
+
 #[test]
 fn a_stream_whose_total_timeout_runs_out_on_a_slow_client_is_not_the_providers_failure() {
     // The client stops reading at the first event until well past the
     // provider's total timeout, so the time runs out while the gateway
     // waits to send. The stream is cut there (not when the client reads
-    // again), billed for what it carried; neither
-    // the breaker (opening at one failure) nor resumption (on, with
-    // another target) takes it for the provider's failure: else any slow
-    // reader would cut a provider off for every tenant, and be served
-    // twice.
+    // again), billed for what it carried; neither the breaker (opening at
+    // one failure) nor resumption (on, with another target) takes it for
+    // the provider's failure: else any slow reader would cut a provider
+    // off for every tenant, and be served twice.
     let (mock, gw) = bulk_behind_a_spare();
-    let body =
-        json!({"model": "m", "stream": true, "messages": [{"role": "user", "content": "hi"}]});
-    let port = gw.port;
-    let (request, client_body) = (Instant::now(), body.to_string());
+    let (port, request) = (gw.port, Instant::now());
     let client = std::thread::spawn(move || {
-        let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-        conn.set_read_timeout(Some(Duration::from_secs(20)))
-            .unwrap();
-        write!(
-            conn,
-            "POST {CHAT} HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {TENANT_KEY}\r\n\
-             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{client_body}",
-            client_body.len()
-        )
-        .unwrap();
+        let mut conn = ask_for_a_stream(port);
         let mut answer = vec![0; 4096];
         let first = conn.read(&mut answer).unwrap();
         answer.truncate(first);
@@ -1002,24 +1008,12 @@ fn a_stream_whose_total_timeout_runs_out_on_a_slow_client_is_not_the_providers_f
 #[test]
 fn a_stream_its_client_reads_slower_than_the_provider_writes_is_told_so_in_band() {
     // The client reads steadily (16 KiB every 10 ms), slower than the
-    // provider sent: no send waits long, but the copy waits on the client
-    // most of its time. At the timeout the stream ends with an in-band
+    // provider sent: no send waits a second, but the copy waits on the
+    // client for more than a second in all. At the timeout the stream ends with an in-band
     // error that says so; the provider is not blamed nor the stream
     // continued elsewhere.
     let (mock, gw) = bulk_behind_a_spare();
-    let body =
-        json!({"model": "m", "stream": true, "messages": [{"role": "user", "content": "hi"}]})
-            .to_string();
-    let mut conn = std::net::TcpStream::connect(("127.0.0.1", gw.port)).unwrap();
-    conn.set_read_timeout(Some(Duration::from_secs(20)))
-        .unwrap();
-    write!(
-        conn,
-        "POST {CHAT} HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {TENANT_KEY}\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
+    let mut conn = ask_for_a_stream(gw.port);
     let (mut answer, mut piece) = (Vec::new(), vec![0; 16 * 1024]);
     loop {
         match conn.read(&mut piece) {

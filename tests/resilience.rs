@@ -39,6 +39,17 @@ fn pair(a: &Mock, b: &Mock, strategy: &str, provider_extra: &str, extra: &str) -
     config
 }
 
+/// `runestone_circuit_state` of provider `a` (on `a`'s backend).
+fn circuit_state_of_a(metrics: &str, a: &Mock) -> f64 {
+    metric_value(
+        metrics,
+        &format!(
+            r#"runestone_circuit_state{{backend="127.0.0.1:{}",provider="a"}}"#,
+            a.port
+        ),
+    )
+}
+
 fn ask(gw: &Gateway) -> Response {
     gw.post_json(CHAT, TENANT_KEY, &chat("m", false))
 }
@@ -364,13 +375,7 @@ fn without_resumption_ends_a_stalled_stream_within_the_idle_timeout() {
     let took = started.elapsed();
     assert!(took < Duration::from_secs(3), "stream ended after {took:?}");
     assert!(events.last().unwrap().contains("stalled"), "{events:?}");
-    let state = metric_value(
-        &gw.metrics(),
-        &format!(
-            r#"runestone_circuit_state{{backend="127.0.0.1:{}",provider="a"}}"#,
-            a.port
-        ),
-    );
+    let state = circuit_state_of_a(&gw.metrics(), &a);
     assert_eq!(state, 2.0, "a stall counts as a failure");
 }
 
@@ -403,13 +408,7 @@ fn a_provider_slower_than_its_total_timeout_is_cut_there_and_counted_as_failing(
             .is_some_and(|m| m.contains("did not finish within its total timeout")),
         "{last}"
     );
-    let state = metric_value(
-        &gw.metrics(),
-        &format!(
-            r#"runestone_circuit_state{{backend="127.0.0.1:{}",provider="a"}}"#,
-            a.port
-        ),
-    );
+    let state = circuit_state_of_a(&gw.metrics(), &a);
     assert_eq!(state, 2.0, "the provider's failure");
 }
 
@@ -541,13 +540,7 @@ fn a_stream_that_stalls_after_its_last_event_is_whole() {
     };
     assert_eq!((tried(&a), tried(&b)), (2, 0), "nothing was tried again");
     let metrics = gw.metrics();
-    let state = metric_value(
-        &metrics,
-        &format!(
-            r#"runestone_circuit_state{{backend="127.0.0.1:{}",provider="a"}}"#,
-            a.port
-        ),
-    );
+    let state = circuit_state_of_a(&metrics, &a);
     assert_eq!(state, 0.0, "a whole answer is not a failure");
     assert!(
         !metrics.contains("provider_stream_broken"),
@@ -600,13 +593,7 @@ fn a_provider_429_fails_over_and_cools_the_backend_down() {
         );
     }
     assert_eq!(chats(&a), before);
-    let state = metric_value(
-        &gw.metrics(),
-        &format!(
-            r#"runestone_circuit_state{{backend="127.0.0.1:{}",provider="a"}}"#,
-            a.port
-        ),
-    );
+    let state = circuit_state_of_a(&gw.metrics(), &a);
     assert_eq!(state, 0.0, "a 429 is not a breaker failure");
     let (waited, _) = until_a_is_tried(&gw, &a, cooling, Duration::from_secs(4));
     assert!(
