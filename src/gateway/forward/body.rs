@@ -27,10 +27,11 @@ pub(super) fn read_gap(idle: Duration, until: Instant) -> (tokio::time::Instant,
     (now + gap, gap)
 }
 
-/// When a body's reads have stalled: no chunk for `idle`, or `until`
-/// passed. Its timer is armed once and moved on only when it fires, not at
-/// every chunk (a timer set and cancelled for each read was a few hundred
-/// instructions a streamed token).
+/// When a body's reads have stalled (no chunk for `idle`, or `until`
+/// passed), when a send to the client has waited too long, and how long
+/// the sends have waited in all. Its timer is armed once and moved on only
+/// when it fires, not at every chunk (a timer set and cancelled for each
+/// read or send was a few hundred instructions a streamed token).
 struct Stall {
     timer: std::pin::Pin<Box<tokio::time::Sleep>>,
     /// When the current read began.
