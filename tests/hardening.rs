@@ -1328,13 +1328,25 @@ struct Trickled {
 /// A provider that answers `head` (a chunked answer) and then one byte
 /// every 100 ms for up to 20 s, never ending.
 fn trickling_provider(head: &'static str) -> (u16, std::sync::Arc<Trickled>) {
-    staged_provider(vec![head.to_string()], true)
+    staged_provider(vec![head.to_string()], Then::Trickle)
+}
+
+/// What a [`staged_provider`] does after its stages, for up to 20 s,
+/// never ending the body.
+#[derive(Clone, Copy)]
+enum Then {
+    /// Nothing: the body lingers.
+    Linger,
+    /// One byte every 100 ms.
+    Trickle,
+    /// SSE comments as fast as they are read, unframed: for a body that
+    /// runs to the connection's close.
+    Flood,
 }
 
 /// A provider that answers `stages` (a chunked answer's head and chunks),
-/// 300 ms apart, then (`trickle`) one byte every 100 ms or nothing, for up
-/// to 20 s, never ending.
-fn staged_provider(stages: Vec<String>, trickle: bool) -> (u16, std::sync::Arc<Trickled>) {
+/// 300 ms apart, then does what `then` says.
+fn staged_provider(stages: Vec<String>, then: Then) -> (u16, std::sync::Arc<Trickled>) {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let seen = std::sync::Arc::new(Trickled::default());
@@ -1359,16 +1371,20 @@ fn staged_provider(stages: Vec<String>, trickle: bool) -> (u16, std::sync::Arc<T
                 kept.begun.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let started = Instant::now();
                 let _ = stream.set_read_timeout(Some(Duration::from_millis(100)));
+                let flood = format!("data: {{\"choices\":[],\"x\":\"{}\"}}\n\n", "z".repeat(30_000)).repeat(32);
                 while started.elapsed() < Duration::from_secs(20) {
-                    let open = match trickle {
-                        true => stream.write_all(b"1\r\n \r\n").is_ok(),
+                    let open = match then {
+                        Then::Trickle => stream.write_all(b"1\r\n \r\n").is_ok(),
+                        Then::Flood => stream.write_all(flood.as_bytes()).is_ok(),
                         // Closed when a read ends (not when it times out).
-                        false => !matches!(stream.read(&mut [0u8; 1]), Ok(0)),
+                        Then::Linger => !matches!(stream.read(&mut [0u8; 1]), Ok(0)),
                     };
                     if !open {
                         break;
                     }
-                    std::thread::sleep(Duration::from_millis(100));
+                    if !matches!(then, Then::Flood) {
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
                 }
                 kept.held.lock().unwrap().push(started.elapsed());
             });
@@ -1455,7 +1471,7 @@ fn what_follows_a_streams_last_event_is_neither_sent_nor_billed() {
         "data: {\"id\":\"c\",\"choices\":[],\"usage\":{\"prompt_tokens\":10000000,\"completion_tokens\":3000000,\"total_tokens\":13000000}}\n\n",
         "data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"late\"}}]}\n\n",
     );
-    let (port, seen) = staged_provider(vec![format!("{SSE_HEAD}{}", chunk(events))], true);
+    let (port, seen) = staged_provider(vec![format!("{SSE_HEAD}{}", chunk(events))], Then::Trickle);
     let mock = Mock::start(&[]);
     let mut config = GatewayConfig::new(&mock);
     config.providers = vec![format!(
@@ -1551,7 +1567,7 @@ fn a_done_freed_from_a_halted_stream_ends_the_answer() {
     );
     let (port, _) = staged_provider(
         vec![format!("{SSE_HEAD}{}", chunk(first)), chunk(last)],
-        false,
+        Then::Linger,
     );
     let mock = Mock::start(&[]);
     let mut config = GatewayConfig::new(&mock);
@@ -1589,6 +1605,66 @@ fn a_done_freed_from_a_halted_stream_ends_the_answer() {
 }
 
 #[test]
+fn a_provider_flooding_after_done_is_read_for_a_second_and_no_longer() {
+    // A whole answer without usage, then the body never ends: comments
+    // as fast as they are read. The drain after `[DONE]` ends after its
+    // second although a read never waits (it used to run to `total_ms`,
+    // holding the tenant's only slot until then).
+    let events = concat!(
+        "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"Hello there\"},\"finish_reason\":\"stop\"}]}\n\n",
+        "data: [DONE]\n\n",
+    );
+    let head = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n";
+    let (port, seen) = staged_provider(vec![format!("{head}{events}")], Then::Flood);
+    let mock = Mock::start(&[]);
+    let mut config = GatewayConfig::new(&mock);
+    config.providers = vec![format!(
+        "  - {{ name: flood, base_url: \"http://127.0.0.1:{port}/v1\", timeouts: {{ idle_ms: 5000, total_ms: 60000 }} }}"
+    )];
+    config.models = "\n  - name: flooded\n    targets: [{ provider: flood }]\n".into();
+    config.tenants = format!(
+        "\n  - id: acme\n    keys: [\"{TENANT_KEY}\"]\n    limits: {{ max_concurrent: 1 }}\n"
+    );
+    let gw = Gateway::start(&config);
+    let started = Instant::now();
+    let (status, events) = sse_events(gw.port, CHAT, TENANT_KEY, &chat("flooded", true));
+    let took = started.elapsed();
+    assert_eq!(status, 200);
+    assert_eq!(
+        events.last().map(String::as_str),
+        Some("[DONE]"),
+        "{events:?}"
+    );
+    assert!(!events.iter().any(|e| e.contains("error")), "{events:?}");
+    assert!(
+        took < Duration::from_secs(4),
+        "the body ended {took:?} after the request"
+    );
+    wait_until(
+        Duration::from_secs(5),
+        "the flood's connection closed",
+        || !seen.held.lock().unwrap().is_empty(),
+    );
+    let held = seen.held.lock().unwrap()[0];
+    assert!(held < Duration::from_secs(4), "the flood was read {held:?}");
+    // Billed by the gateway's count (no usage came), and the slot is free.
+    let usage = gw.get("/v1/usage", Some(TENANT_KEY)).json();
+    assert!(
+        usage["completion_tokens"].as_u64().is_some_and(|n| n > 0),
+        "{usage}"
+    );
+    let answer = gw.post_json(CHAT, TENANT_KEY, &chat("flooded", true));
+    assert_eq!(
+        answer.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&answer.body)
+    );
+    let metrics = gw.metrics();
+    assert!(!metrics.contains("provider_stream_broken"), "{metrics}");
+}
+
+#[test]
 fn a_usage_report_after_done_is_billed_and_an_error_event_is_not_repeated() {
     // A sloppy server: its usage after `[DONE]`, then the body lingers.
     let openai = concat!(
@@ -1596,14 +1672,17 @@ fn a_usage_report_after_done_is_billed_and_an_error_event_is_not_repeated() {
         "data: [DONE]\n\n",
         "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"choices\":[],\"usage\":{\"prompt_tokens\":1000,\"completion_tokens\":777,\"total_tokens\":1777}}\n\n",
     );
-    let (sloppy, _) = staged_provider(vec![format!("{SSE_HEAD}{}", chunk(openai))], false);
+    let (sloppy, _) = staged_provider(vec![format!("{SSE_HEAD}{}", chunk(openai))], Then::Linger);
     // An Anthropic stream that reports its own error, then stalls.
     let anthropic = concat!(
         "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_1\",\"type\":\"message\",\"role\":\"assistant\",\"usage\":{\"input_tokens\":5,\"output_tokens\":1}}}\n\n",
         "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"Hi\"}}\n\n",
         "event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"Overloaded\"}}\n\n",
     );
-    let (failing, _) = staged_provider(vec![format!("{SSE_HEAD}{}", chunk(anthropic))], false);
+    let (failing, _) = staged_provider(
+        vec![format!("{SSE_HEAD}{}", chunk(anthropic))],
+        Then::Linger,
+    );
     let mock = Mock::start(&[]);
     let mut config = GatewayConfig::new(&mock);
     config.providers = vec![

@@ -851,27 +851,27 @@ impl Copy<'_> {
         // all (SDKs close a stream at `[DONE]`): the rest of the body is
         // read until this deadline and not passed on, so the answer is
         // stored and its connection kept even when the client leaves.
-        let mut drain_until = self.after_last(report, settle, meter, settled).await;
-        let mut stall = Stall::new(self.idle, drain_until.unwrap_or(self.deadline));
+        let last = self.after_last(report, settle, meter, settled).await;
+        let mut stall = Stall::new(self.idle, self.deadline);
         if !held.is_empty() {
             report.first_byte_at.get_or_insert_with(Instant::now);
             if let Err(end) = self.pass_on(client, meter, &mut stall, held).await {
                 return end;
             }
         }
+        let mut drain_until = last.then(|| self.drain(&mut stall));
         // An event that is not JSON may have carried text: a stream that
         // can be continued elsewhere breaks there rather than lose it.
         meter.halt_on_malformed(client.resumable());
         loop {
             stall.reading();
             // Checked here too, not only when a read waits: a provider
-            // whose data is always there (a runaway, or a gateway too busy
-            // to catch up) would never be cut.
-            if stall.past(self.deadline) {
-                if drain_until.is_some() {
-                    break;
-                }
-                return self.out_of_time(&stall);
+            // whose data is always there (a runaway, a flood after `[DONE]`,
+            // or a gateway too busy to catch up) would never be cut.
+            match drain_until {
+                Some(until) if stall.past(until) => break,
+                None if stall.past(self.deadline) => return self.out_of_time(&stall),
+                _ => {}
             }
             // Data already there is read before the stall is judged (as
             // `timeout_at` did): an idle gap or a drain's deadline that
@@ -910,15 +910,15 @@ impl Copy<'_> {
                         // its next request at once finds its slot free.
                         self.settle(report, settle, meter, settled).await;
                     }
-                    drain_until = self.after_last(report, settle, meter, settled).await;
-                    if let Some(until) = drain_until {
-                        stall.end_by(until);
-                    }
+                    let last = self.after_last(report, settle, meter, settled).await;
                     if !out.is_empty() {
                         report.first_byte_at.get_or_insert_with(Instant::now);
                         if let Err(end) = self.pass_on(client, meter, &mut stall, out).await {
                             return end;
                         }
+                    }
+                    if last {
+                        drain_until = Some(self.drain(&mut stall));
                     }
                     if meter.cut() {
                         warn!(request_id = %self.request_id, provider = %self.provider.name, "provider sent a stream event too long to translate");
@@ -937,14 +937,14 @@ impl Copy<'_> {
                         meter.halt_on_malformed(false);
                         let rest = redactor.feed(meter.feed(Bytes::new()));
                         // What was held may end the answer.
-                        drain_until = self.after_last(report, settle, meter, settled).await;
-                        if let Some(until) = drain_until {
-                            stall.end_by(until);
-                        }
+                        let last = self.after_last(report, settle, meter, settled).await;
                         if !rest.is_empty() {
                             if let Err(end) = self.pass_on(client, meter, &mut stall, rest).await {
                                 return end;
                             }
+                        }
+                        if last {
+                            drain_until = Some(self.drain(&mut stall));
                         }
                     }
                 }
@@ -1154,32 +1154,38 @@ impl Copy<'_> {
             .flatten()
     }
 
-    /// When the last event of a whole answer went by: settles (before its
-    /// client has it, so that its next request finds its slot free) and
-    /// says until when the rest of the body is read (see
-    /// [`AFTER_LAST_EVENT`]). After the provider's error event, which ends
-    /// what the client gets, the body's end is awaited as briefly (and
-    /// the stream judged by the error there).
+    /// Whether the last event of a whole answer went by (then the rest of
+    /// the body is drained, see [`Copy::drain`]); settles then, before its
+    /// client has it, so that its next request finds its slot free. After
+    /// the provider's error event, which ends what the client gets, the
+    /// body's end is awaited as briefly (and the stream judged by the
+    /// error there).
     async fn after_last(
         &self,
         report: &mut Report,
         settle: &mut dyn Settle,
         meter: &Meter,
         settled: &mut bool,
-    ) -> Option<Instant> {
+    ) -> bool {
         if meter.halted() || !(meter.said_last() || meter.carried_error()) {
-            return None;
-        }
-        let until = (Instant::now() + self.idle.min(AFTER_LAST_EVENT)).min(self.deadline);
-        if !meter.said_last() {
-            return Some(until);
+            return false;
         }
         // Until what it used is final, settled when it is or at the body's
         // end (some servers send their usage after `[DONE]`).
-        if meter.usage_final() {
+        if meter.said_last() && meter.usage_final() {
             self.settle(report, settle, meter, settled).await;
         }
-        Some(until)
+        true
+    }
+
+    /// Until when the rest of the body is read, once the client has the
+    /// last event (see [`AFTER_LAST_EVENT`]): counted from now, so that a
+    /// client slow to take that event does not use up the drain's time
+    /// (the usage some servers send after `[DONE]` is waiting by then).
+    fn drain(&self, stall: &mut Stall) -> Instant {
+        let until = (Instant::now() + self.idle.min(AFTER_LAST_EVENT)).min(self.deadline);
+        stall.end_by(until);
+        until
     }
 
     /// The whole answer is in hand: settle the admission and tell the
