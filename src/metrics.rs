@@ -184,6 +184,17 @@ pub static ACCESS_LOG_DROPPED: Lazy<IntCounter> = Lazy::new(|| {
     .expect("metric registers once")
 });
 
+/// `runestone_client_send_timeouts_total`: client connections cut because
+/// a write of the answer waited `server.client_send_timeout_seconds`
+/// untaken.
+pub static CLIENT_SEND_TIMEOUTS: Lazy<IntCounter> = Lazy::new(|| {
+    register_int_counter!(
+        "runestone_client_send_timeouts_total",
+        "Client connections cut because a write of the answer waited the send timeout untaken."
+    )
+    .expect("metric registers once")
+});
+
 /// `runestone_cache_total{tenant,model,outcome}`: the response cache's
 /// decisions: `hit` (a stored answer), `coalesced` (another request's
 /// call), `miss` (forwarded after a lookup), `bypass` (not looked up).
@@ -319,6 +330,7 @@ pub fn register_all() {
     Lazy::force(&OVERFLOW_TOTAL);
     Lazy::force(&JOBS_TOTAL);
     Lazy::force(&ACCESS_LOG_DROPPED);
+    Lazy::force(&CLIENT_SEND_TIMEOUTS);
     Lazy::force(&TELEMETRY_DROPPED);
     Lazy::force(&CACHE_TOTAL);
     Lazy::force(&CACHE_SAVED_USD);

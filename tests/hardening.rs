@@ -925,8 +925,14 @@ fn bulk_behind_a_spare() -> (Mock, Gateway) {
 /// Asks `port` for a stream over a raw connection (reads time out after
 /// 20 s), for a client that reads at its own pace.
 fn ask_for_a_stream(port: u16) -> std::net::TcpStream {
+    ask_for(port, true)
+}
+
+/// Asks model `m` for an answer (`stream`ed or not) on a raw connection,
+/// left unread.
+fn ask_for(port: u16, stream: bool) -> std::net::TcpStream {
     let body =
-        json!({"model": "m", "stream": true, "messages": [{"role": "user", "content": "hi"}]})
+        json!({"model": "m", "stream": stream, "messages": [{"role": "user", "content": "hi"}]})
             .to_string();
     let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     conn.set_read_timeout(Some(Duration::from_secs(20)))
@@ -939,6 +945,96 @@ fn ask_for_a_stream(port: u16) -> std::net::TcpStream {
     )
     .unwrap();
     conn
+}
+
+#[test]
+fn a_client_that_stops_taking_its_answer_is_cut_after_the_send_timeout() {
+    // An 8 MiB JSON answer, more than the sockets hold. A client that stops
+    // reading after the first bytes is cut once a write has waited the
+    // send timeout (it used to hold its connection and task for as long as
+    // it liked); one that reads steadily but slower than the gateway
+    // writes gets all of it, as the answer goes out in pieces that each
+    // have the whole timeout.
+    let content = "lorem ".repeat(8 * 1024 * 1024 / 6);
+    let answer = json!({
+        "id": "c", "object": "chat.completion", "created": 1, "model": "m",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12}
+    })
+    .to_string();
+    let head = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        answer.len()
+    );
+    let (provider, _) = staged_provider(vec![format!("{head}{answer}")], Then::Linger);
+    let mock = Mock::start(&[]);
+    let mut config = GatewayConfig::new(&mock);
+    config.providers = vec![format!(
+        "  - {{ name: big, base_url: \"http://127.0.0.1:{provider}/v1\" }}"
+    )];
+    config.models = "\n  - name: m\n    targets: [{ provider: big }]\n".into();
+    config.tenants = format!("\n  - id: acme\n    keys: [\"{TENANT_KEY}\"]\n");
+    config.server_extra = "  client_send_timeout_seconds: 1\n".into();
+    let gw = Gateway::start(&config);
+    let small_window = |conn: &std::net::TcpStream| {
+        use nix::sys::socket::{setsockopt, sockopt::RcvBuf};
+        setsockopt(conn, RcvBuf, &(256 * 1024)).unwrap();
+    };
+
+    let mut stuck = ask_for(gw.port, false);
+    small_window(&stuck);
+    let mut first = [0u8; 1024];
+    assert!(stuck.read(&mut first).unwrap() > 0);
+    let asked = Instant::now();
+    let timeouts = || metric_value(&gw.metrics(), "runestone_client_send_timeouts_total");
+    wait_until(Duration::from_secs(10), "the stuck client cut", || {
+        timeouts() == 1.0
+    });
+    let cut_after = asked.elapsed();
+    let mut rest = Vec::new();
+    let _ = stuck.read_to_end(&mut rest);
+    assert!(
+        1024 + rest.len() < answer.len(),
+        "the client was sent all of it: {} bytes",
+        1024 + rest.len()
+    );
+    assert!(
+        cut_after < Duration::from_secs(5),
+        "cut {cut_after:?} after it stopped reading"
+    );
+
+    let mut steady = ask_for(gw.port, false);
+    small_window(&steady);
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    // Where the body begins, and its length, once the head is in.
+    let mut body = None;
+    let reading = Instant::now();
+    let body_at = loop {
+        match steady.read(&mut buf) {
+            Ok(0) => panic!("closed after {} bytes", got.len()),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) => panic!("after {} bytes: {e}", got.len()),
+        }
+        if body.is_none() {
+            let head = String::from_utf8_lossy(&got);
+            body = head
+                .find("\r\n\r\n")
+                .map(|end| (end + 4, content_length(&head[..end]).unwrap()));
+        }
+        if let Some((at, length)) = body.filter(|(at, length)| got.len() >= at + length) {
+            assert_eq!(got.len(), at + length);
+            break at;
+        }
+        // At 2 MiB/s: the 4 MiB the gateway's socket holds beyond what was
+        // taken would take two seconds to go as one write.
+        let due = Duration::from_secs_f64(got.len() as f64 / (2.0 * 1024.0 * 1024.0));
+        std::thread::sleep(due.saturating_sub(reading.elapsed()));
+    };
+    assert!(got.starts_with(b"HTTP/1.1 200"));
+    let body: Value = serde_json::from_slice(&got[body_at..]).expect("the whole answer");
+    assert_eq!(body["choices"][0]["message"]["content"], content);
+    assert_eq!(timeouts(), 1.0, "the steady reader was not cut");
 }
 
 #[test]
@@ -1371,7 +1467,11 @@ fn staged_provider(stages: Vec<String>, then: Then) -> (u16, std::sync::Arc<Tric
                 kept.begun.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let started = Instant::now();
                 let _ = stream.set_read_timeout(Some(Duration::from_millis(100)));
-                let flood = format!("data: {{\"choices\":[],\"x\":\"{}\"}}\n\n", "z".repeat(30_000)).repeat(32);
+                let flood = format!(
+                    "data: {{\"choices\":[],\"x\":\"{}\"}}\n\n",
+                    "z".repeat(30_000)
+                )
+                .repeat(32);
                 while started.elapsed() < Duration::from_secs(20) {
                     let open = match then {
                         Then::Trickle => stream.write_all(b"1\r\n \r\n").is_ok(),

@@ -22,6 +22,10 @@ pub struct ServerSettings {
     pub max_request_header_bytes: usize,
     /// Seconds a graceful shutdown or upgrade waits for in-flight requests.
     pub grace_period_seconds: u64,
+    /// How long a client may leave a write of its answer untaken (up to
+    /// [`crate::gateway::client::SEND_PIECE`] bytes at a time) before its
+    /// connection is cut.
+    pub client_send_timeout: Duration,
     /// Pingora's pid file.
     pub pid_file: String,
     /// Pingora's socket for handing listeners to a new binary on upgrade.
@@ -57,6 +61,9 @@ pub const DEFAULT_MAX_REQUEST_BODY_BYTES: usize = 4 * 1024 * 1024;
 /// Default for `server.max_request_header_bytes`: 32 KiB, as many servers
 /// allow; the OpenAI SDKs send well under 2 KiB.
 pub const DEFAULT_MAX_REQUEST_HEADER_BYTES: usize = 32 * 1024;
+
+/// Default for `server.client_send_timeout_seconds`: nginx's `send_timeout`.
+pub const DEFAULT_CLIENT_SEND_TIMEOUT_SECONDS: u64 = 60;
 
 /// The API a provider speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -247,6 +247,36 @@ fn bounds_the_request_head_limit() {
 }
 
 #[test]
+fn bounds_the_client_send_timeout() {
+    let config = Config::from_yaml(VALID, env).unwrap();
+    assert_eq!(
+        config.server.client_send_timeout,
+        Duration::from_secs(DEFAULT_CLIENT_SEND_TIMEOUT_SECONDS)
+    );
+    let with = |value: &str| {
+        VALID.replace(
+            "  metrics_listen: \"127.0.0.1:9464\"\n",
+            &format!(
+                "  metrics_listen: \"127.0.0.1:9464\"\n  client_send_timeout_seconds: {value}\n"
+            ),
+        )
+    };
+    let config = Config::from_yaml(&with("5"), env).unwrap();
+    assert_eq!(config.server.client_send_timeout, Duration::from_secs(5));
+    for bad in ["0", "3601"] {
+        assert_eq!(
+            problems(&with(bad)),
+            ["server.client_send_timeout_seconds: must be between 1 and 3600"]
+        );
+    }
+    assert!(
+        problems(&with("-1"))[0].starts_with("server"),
+        "{:?}",
+        problems(&with("-1"))
+    );
+}
+
+#[test]
 fn rejects_a_key_shared_by_two_tenants() {
     let yaml = format!("{VALID}  - id: beta\n    keys: [\"dev-key-acme\"]\n");
     assert_eq!(

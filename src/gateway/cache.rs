@@ -694,10 +694,7 @@ impl flight::Follower for Following<'_> {
     }
 
     async fn body(&mut self, chunk: Bytes) -> bool {
-        self.session
-            .write_response_body(Some(chunk), false)
-            .await
-            .is_ok()
+        crate::gateway::client::write_body(self.session, chunk, false).await
     }
 
     async fn gone(&mut self) {

@@ -41,7 +41,7 @@ impl Client for Session {
     }
 
     async fn send_body(&mut self, body: Bytes, end: bool) -> bool {
-        self.write_response_body(Some(body), end).await.is_ok()
+        write_body(self, body, end).await
     }
 
     async fn gone(&mut self) {
@@ -49,30 +49,71 @@ impl Client for Session {
     }
 
     async fn abort(&mut self) {
-        self.set_keepalive(None);
-        // A client that does not read cannot hold the request up: what is
-        // left to write (here, and Pingora's end of the response) gets this
-        // long, then the connection goes.
-        self.downstream_session.set_write_timeout(Some(ABORT_GRACE));
-        // Closed before the end is framed: a chunked body then lacks its
-        // last chunk, so the client sees the truncation (Pingora would
-        // write it when the request finishes).
-        let shutdown = self.downstream_session.shutdown();
-        if tokio::time::timeout(ABORT_GRACE, shutdown).await.is_err() {
-            // What is buffered did not go (the shutdown writes it first):
-            // the socket itself is shut, so nothing more goes out, Pingora's
-            // end of the body included, and a client reading later still
-            // sees the truncation.
-            // (Plain TCP: a TLS connection keeps what Pingora does.)
-            let tcp = self.downstream_session.stream().and_then(|stream| {
-                let any = stream.as_any();
-                any.downcast_ref::<pingora::protocols::l4::stream::Stream>()
-            });
-            if let Some(tcp) = tcp {
-                use std::os::fd::AsRawFd;
-                let how = nix::sys::socket::Shutdown::Write;
-                let _ = nix::sys::socket::shutdown(tcp.as_raw_fd(), how);
+        cut(self).await;
+    }
+}
+
+/// The most of a body written to a client at once. Pingora's write
+/// timeout (`server.client_send_timeout_seconds`) bounds each write whole,
+/// so a large answer goes in pieces: a slow but steady reader gets it, as
+/// under nginx's `send_timeout`, and only a client that leaves a piece
+/// untaken that long is cut.
+pub(crate) const SEND_PIECE: usize = 64 * 1024;
+
+/// Writes `body` (`end`: the last of it) to the client in pieces of at most
+/// [`SEND_PIECE`] bytes. False when the client is gone, or left a piece
+/// untaken for the send timeout: then its connection is cut, so that what
+/// follows (Pingora's end of the response) does not wait as long again.
+pub(crate) async fn write_body(session: &mut Session, mut body: Bytes, end: bool) -> bool {
+    loop {
+        let piece = match body.len() > SEND_PIECE {
+            true => body.split_to(SEND_PIECE),
+            false => std::mem::take(&mut body),
+        };
+        let last = body.is_empty();
+        match session.write_response_body(Some(piece), end && last).await {
+            Ok(()) if last => return true,
+            Ok(()) => {}
+            Err(e) => {
+                if e.etype() == &pingora::ErrorType::WriteTimedout {
+                    tracing::warn!("a client left its answer untaken for the send timeout; its connection is cut");
+                    crate::metrics::CLIENT_SEND_TIMEOUTS.inc();
+                    cut(session).await;
+                }
+                return false;
             }
+        }
+    }
+}
+
+/// Closes the client's connection without ending the response cleanly
+/// (see [`Client::abort`]).
+async fn cut(session: &mut Session) {
+    session.set_keepalive(None);
+    // A client that does not read cannot hold the request up: what is
+    // left to write (here, and Pingora's end of the response) gets this
+    // long, then the connection goes.
+    session
+        .downstream_session
+        .set_write_timeout(Some(ABORT_GRACE));
+    // Closed before the end is framed: a chunked body then lacks its
+    // last chunk, so the client sees the truncation (Pingora would
+    // write it when the request finishes).
+    let shutdown = session.downstream_session.shutdown();
+    if tokio::time::timeout(ABORT_GRACE, shutdown).await.is_err() {
+        // What is buffered did not go (the shutdown writes it first):
+        // the socket itself is shut, so nothing more goes out, Pingora's
+        // end of the body included, and a client reading later still
+        // sees the truncation.
+        // (Plain TCP: a TLS connection keeps what Pingora does.)
+        let tcp = session.downstream_session.stream().and_then(|stream| {
+            let any = stream.as_any();
+            any.downcast_ref::<pingora::protocols::l4::stream::Stream>()
+        });
+        if let Some(tcp) = tcp {
+            use std::os::fd::AsRawFd;
+            let how = nix::sys::socket::Shutdown::Write;
+            let _ = nix::sys::socket::shutdown(tcp.as_raw_fd(), how);
         }
     }
 }

@@ -177,6 +177,11 @@ impl ProxyHttp for Gateway {
         // served after it, in order (RFC 9112 9.3.2), rather than dropped
         // with the connection.
         session.as_downstream_mut().set_pipelining_enabled(true);
+        // A client that stops reading holds its connection and the task
+        // serving it for this long at most (the stream copy bounds its own
+        // sends by the attempt's deadline too).
+        let send_timeout = self.config.server.client_send_timeout;
+        session.set_write_timeout(Some(send_timeout));
         ctx.request_id = respond::request_id(session);
         ctx.trace = trace::RequestTrace::for_request(session.req_header());
         // A panic anywhere below is a bug, but it must not take the

@@ -158,7 +158,7 @@ pub(super) async fn write_complete(session: &mut Session, header: ResponseHeader
         .is_ok()
         && !head_only
     {
-        let _ = session.write_response_body(Some(body), true).await;
+        crate::gateway::client::write_body(session, body, true).await;
     }
 }
 
