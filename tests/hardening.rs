@@ -899,7 +899,7 @@ const BULK_EVENTS: usize = 2048;
 /// A gateway over a provider sending [`BULK_EVENTS`] at once with a 2 s
 /// `total_ms`, the mock as a spare target (resumption on), and a breaker
 /// that opens at one failure.
-fn bulk_behind_a_spare() -> (Mock, Gateway) {
+fn bulk_behind_a_spare(total_ms: u64, server_extra: &str) -> (Mock, Gateway) {
     let text = "a".repeat(8 * 1024);
     let mut response =
         b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n".to_vec();
@@ -913,12 +913,13 @@ fn bulk_behind_a_spare() -> (Mock, Gateway) {
     let mock = Mock::start(&[]);
     let mut config = GatewayConfig::new(&mock);
     config.providers = vec![
-        format!("  - {{ name: bulk, base_url: \"http://127.0.0.1:{port}/v1\", timeouts: {{ total_ms: 2000 }} }}"),
+        format!("  - {{ name: bulk, base_url: \"http://127.0.0.1:{port}/v1\", timeouts: {{ total_ms: {total_ms} }} }}"),
         format!("  - {{ name: spare, base_url: \"{}\" }}", mock.base_url()),
     ];
     config.models = "\n  - name: m\n    strategy: priority\n    targets: [{ provider: bulk }, { provider: spare }]\n".into();
     config.tenants = format!("\n  - id: acme\n    keys: [\"{TENANT_KEY}\"]\n");
     config.extra = "circuit_breaker: { consecutive_failures: 1 }\n".into();
+    config.server_extra = server_extra.into();
     (mock, Gateway::start(&config))
 }
 
@@ -1046,7 +1047,21 @@ fn a_stream_whose_total_timeout_runs_out_on_a_slow_client_is_not_the_providers_f
     // one failure) nor resumption (on, with another target) takes it for
     // the provider's failure: else any slow reader would cut a provider
     // off for every tenant, and be served twice.
-    let (mock, gw) = bulk_behind_a_spare();
+    let (mock, gw) = bulk_behind_a_spare(2000, "");
+    cut_while_it_sleeps(&mock, &gw);
+}
+
+#[test]
+fn a_stream_whose_client_stops_reading_is_cut_at_the_send_timeout_before_its_total() {
+    // As above, but the stream has a minute left when its client stops
+    // reading: the send timeout (one second here) cuts it.
+    let (mock, gw) = bulk_behind_a_spare(60_000, "  client_send_timeout_seconds: 1\n");
+    cut_while_it_sleeps(&mock, &gw);
+}
+
+/// A raw client asks `gw` for the bulky stream and sleeps 8 s at its first
+/// bytes: the stream is cut while it sleeps, as the client's doing.
+fn cut_while_it_sleeps(mock: &Mock, gw: &Gateway) {
     let (port, request) = (gw.port, Instant::now());
     let client = std::thread::spawn(move || {
         let mut conn = ask_for_a_stream(port);
@@ -1099,6 +1114,10 @@ fn a_stream_whose_total_timeout_runs_out_on_a_slow_client_is_not_the_providers_f
         "billed for what it carried"
     );
     assert_eq!(mock.request_count(), 0, "not continued on the other target");
+    assert_eq!(
+        metric_value(&metrics, "runestone_client_send_timeouts_total"),
+        1.0
+    );
 }
 
 #[test]
@@ -1108,7 +1127,7 @@ fn a_stream_its_client_reads_slower_than_the_provider_writes_is_told_so_in_band(
     // client for more than a second in all. At the timeout the stream ends with an in-band
     // error that says so; the provider is not blamed nor the stream
     // continued elsewhere.
-    let (mock, gw) = bulk_behind_a_spare();
+    let (mock, gw) = bulk_behind_a_spare(2000, "");
     let mut conn = ask_for_a_stream(gw.port);
     let (mut answer, mut piece) = (Vec::new(), vec![0; 16 * 1024]);
     loop {

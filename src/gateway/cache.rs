@@ -661,6 +661,10 @@ impl Client for Recorder<'_> {
         self.recorded.aborted = true;
         self.inner.abort().await;
     }
+
+    fn swap_send_timeout(&mut self, timeout: Option<Duration>) -> Option<Duration> {
+        self.inner.swap_send_timeout(timeout)
+    }
 }
 
 /// Writes a followed stream to a waiting client.

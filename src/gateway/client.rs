@@ -5,6 +5,7 @@ use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
+use std::time::Duration;
 
 /// The receiving end of a forwarded response.
 #[async_trait]
@@ -25,6 +26,12 @@ pub(crate) trait Client: Send {
     fn resumable(&self) -> bool {
         false
     }
+    /// Sets how long a send may wait for the client to take it (`None`:
+    /// unbounded) and returns what it was: the stream copy bounds its sends
+    /// by its own timer meanwhile. A client that cannot stall has none.
+    fn swap_send_timeout(&mut self, _timeout: Option<Duration>) -> Option<Duration> {
+        None
+    }
 }
 
 #[async_trait]
@@ -41,7 +48,17 @@ impl Client for Session {
     }
 
     async fn send_body(&mut self, body: Bytes, end: bool) -> bool {
-        write_body(self, body, end).await
+        // One write when no bound of `write_body`'s is needed (a stream's
+        // event; the copy's sends, which it bounds itself). The rest is
+        // boxed, out of this future: it is boxed itself for every event,
+        // and the timers and the cut would make it several times larger.
+        if body.len() <= SEND_PIECE && (!end || self.get_write_timeout().is_none()) {
+            return match self.write_response_body(Some(body), end).await {
+                Ok(()) => true,
+                Err(e) => Box::pin(failed(self, &e)).await,
+            };
+        }
+        Box::pin(write_body(self, body, end)).await
     }
 
     async fn gone(&mut self) {
@@ -50,6 +67,12 @@ impl Client for Session {
 
     async fn abort(&mut self) {
         cut(self).await;
+    }
+
+    fn swap_send_timeout(&mut self, timeout: Option<Duration>) -> Option<Duration> {
+        let was = self.get_write_timeout();
+        self.set_write_timeout(timeout);
+        was
     }
 }
 
@@ -66,23 +89,50 @@ pub(crate) const SEND_PIECE: usize = 64 * 1024;
 /// follows (Pingora's end of the response) does not wait as long again.
 pub(crate) async fn write_body(session: &mut Session, mut body: Bytes, end: bool) -> bool {
     loop {
-        let piece = match body.len() > SEND_PIECE {
-            true => body.split_to(SEND_PIECE),
-            false => std::mem::take(&mut body),
-        };
+        let piece = next_piece(&mut body);
         let last = body.is_empty();
-        match session.write_response_body(Some(piece), end && last).await {
+        let written = match session.get_write_timeout() {
+            // Pingora flushes the end without its timeout, and a small
+            // answer waits in the connection's write buffer until then.
+            Some(bound) if end && last => {
+                let write = session.write_response_body(Some(piece), true);
+                match tokio::time::timeout(bound, write).await {
+                    Ok(written) => written,
+                    Err(_) => pingora::Error::e_explain(
+                        pingora::ErrorType::WriteTimedout,
+                        "flushing the end of the answer",
+                    ),
+                }
+            }
+            _ => session.write_response_body(Some(piece), end && last).await,
+        };
+        match written {
             Ok(()) if last => return true,
             Ok(()) => {}
-            Err(e) => {
-                if e.etype() == &pingora::ErrorType::WriteTimedout {
-                    tracing::warn!("a client left its answer untaken for the send timeout; its connection is cut");
-                    crate::metrics::CLIENT_SEND_TIMEOUTS.inc();
-                    cut(session).await;
-                }
-                return false;
-            }
+            Err(e) => return failed(session, &e).await,
         }
+    }
+}
+
+/// A write to the client failed: false, and when the client left it
+/// untaken for the send timeout (rather than going away), its connection
+/// is cut and counted.
+async fn failed(session: &mut Session, error: &pingora::Error) -> bool {
+    if error.etype() == &pingora::ErrorType::WriteTimedout {
+        tracing::warn!(
+            "a client left its answer untaken for the send timeout; its connection is cut"
+        );
+        crate::metrics::CLIENT_SEND_TIMEOUTS.inc();
+        cut(session).await;
+    }
+    false
+}
+
+/// Takes the next piece to send off `body`: [`SEND_PIECE`] bytes at most.
+pub(crate) fn next_piece(body: &mut Bytes) -> Bytes {
+    match body.len() > SEND_PIECE {
+        true => body.split_to(SEND_PIECE),
+        false => std::mem::take(body),
     }
 }
 
@@ -119,7 +169,7 @@ async fn cut(session: &mut Session) {
 }
 
 /// How long an aborted response's last writes may wait for the client.
-const ABORT_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+const ABORT_GRACE: Duration = Duration::from_secs(1);
 
 /// Marks an answer of unknown length (a stream, an edited body) chunked
 /// for an HTTP/1.1 client, so that its connection carries the next request.

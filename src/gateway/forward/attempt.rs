@@ -437,6 +437,7 @@ impl Attempt<'_> {
         if !client.send_header(response).await {
             return Err(self.client_gone());
         }
+        let send_timeout = client.swap_send_timeout(None);
         let copy = Copy {
             upstreams,
             endpoint: exchange.endpoint,
@@ -445,6 +446,7 @@ impl Attempt<'_> {
             declared_len,
             idle: provider.timeouts.idle,
             deadline: answer.deadline,
+            send_timeout,
             backend: self.backend,
             ttfb: answer.ttfb,
             estimate: exchange.estimate,
@@ -463,6 +465,10 @@ impl Attempt<'_> {
                 (held.freeze(), received, ended),
             )
             .await;
+        if !matches!(end, BodyEnd::ClientTooSlow { mid_send: true }) {
+            // (An aborted client keeps the abort's own short timeout.)
+            client.swap_send_timeout(send_timeout);
+        }
         match end {
             BodyEnd::Complete => self.release(answer).await,
             // Left for the forwarder to continue elsewhere.

@@ -7,7 +7,7 @@ use super::headers::{has_media_type, is_event_stream};
 use super::{AnswerDetails, Report, Settle, CLIENT_TOO_SLOW};
 use crate::config::ProviderSettings;
 use crate::cost::{self, Encoding, Estimate, StreamMeter, Usage};
-use crate::gateway::client::Client;
+use crate::gateway::client::{next_piece, Client};
 use crate::openai::ApiError;
 use crate::providers::anthropic::StreamTranslator;
 use crate::redact::Redactor;
@@ -93,9 +93,14 @@ impl Stall {
         self.waited >= CLIENT_STUCK
     }
 
-    /// A send to the client begins.
+    /// A send to the client begins (after a piece that had to wait, if
+    /// any: its wait is counted).
     fn sending(&mut self, now: Instant) {
-        self.send_began = tokio::time::Instant::from_std(now);
+        let now = tokio::time::Instant::from_std(now);
+        if std::mem::take(&mut self.blocked) {
+            self.waited += now - self.send_began;
+        }
+        self.send_began = now;
     }
 
     /// The reads must end by `until` (before the deadline given first).
@@ -115,6 +120,11 @@ impl Stall {
         // Polled only when the send has to wait.
         self.blocked = true;
         let deadline = tokio::time::Instant::from_std(deadline);
+        // A send timeout shorter than the read gap the timer is set to.
+        if deadline < self.timer.deadline() {
+            self.timer.as_mut().reset(deadline);
+            self.pushed = true;
+        }
         loop {
             self.timer.as_mut().await;
             if deadline <= tokio::time::Instant::now() {
@@ -723,6 +733,11 @@ pub(super) struct Copy<'a> {
     pub idle: Duration,
     /// End of the attempt's total time.
     pub deadline: Instant,
+    /// The longest a send may wait for the client
+    /// (`server.client_send_timeout_seconds`), taken from the client for
+    /// the copy: its own timer bounds the sends (Pingora's would set one
+    /// for every write, a streamed token's hundreds of instructions).
+    pub send_timeout: Option<Duration>,
     /// The backend answering, and how long its first byte took.
     pub backend: &'a Backend,
     pub ttfb: Duration,
@@ -809,11 +824,11 @@ impl Copy<'_> {
                 report.error_reason = Some("provider_stream_broken");
             }
             BodyEnd::ClientTooSlow { mid_send } => {
-                warn!(request_id = %self.request_id, provider = %self.provider.name, mid_send, "the attempt's total timeout ran out while its client was slow to take the answer");
                 settle.settle(report).await;
                 if *mid_send {
                     client.abort().await;
                 } else {
+                    warn!(request_id = %self.request_id, provider = %self.provider.name, "the attempt's total timeout ran out while its client was slow to take the answer");
                     let error = ApiError::upstream_timeout(format!(
                         "The answer ran past the total timeout of the provider '{}' while this client was slow to read it.",
                         self.provider.name
@@ -1042,11 +1057,30 @@ impl Copy<'_> {
     /// reads is never cut: the send is tried first): whether the client
     /// took it, `None` when it did not in time (what it has is then cut
     /// short: the piece may be half written).
-    async fn send(&self, client: &mut dyn Client, body: Bytes, end: bool) -> Option<bool> {
-        let bound = self.send_bound(Instant::now());
-        tokio::time::timeout_at(bound.into(), client.send_body(body, end))
-            .await
-            .ok()
+    async fn send(&self, client: &mut dyn Client, mut body: Bytes, end: bool) -> Option<bool> {
+        // In pieces, each with its own bound (a whole JSON answer is sent
+        // here): a slow but steady reader is not cut.
+        loop {
+            let piece = next_piece(&mut body);
+            let bound = self.send_bound(Instant::now());
+            let last = body.is_empty();
+            let sent = tokio::time::timeout_at(bound.into(), client.send_body(piece, end && last));
+            match sent.await {
+                Ok(true) if !last => {}
+                Ok(sent) => return Some(sent),
+                Err(_) => {
+                    self.left_untaken();
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// A send reached its bound with the client not taking it: its
+    /// connection is cut (by the caller), and counted.
+    fn left_untaken(&self) {
+        warn!(request_id = %self.request_id, provider = %self.provider.name, "a client left its answer untaken past the send's bound; its connection is cut");
+        crate::metrics::CLIENT_SEND_TIMEOUTS.inc();
     }
 
     /// How the copy ends when the answer has not finished by the attempt's
@@ -1063,9 +1097,15 @@ impl Copy<'_> {
         ))
     }
 
-    /// When a send beginning at `now` has waited too long for the client.
+    /// When a send beginning at `now` has waited too long for the client:
+    /// at the deadline, or [`CLIENT_STUCK`] after `now` if that is later,
+    /// and at most the send timeout after it.
     fn send_bound(&self, now: Instant) -> Instant {
-        self.deadline.max(now + CLIENT_STUCK)
+        let bound = self.deadline.max(now + CLIENT_STUCK);
+        match self.send_timeout {
+            Some(timeout) => bound.min(now + timeout),
+            None => bound,
+        }
     }
 
     /// [`Copy::send`] of a piece of the copy, timed by the copy's own
@@ -1076,21 +1116,27 @@ impl Copy<'_> {
         client: &mut dyn Client,
         meter: &Meter,
         stall: &mut Stall,
-        body: Bytes,
+        mut body: Bytes,
     ) -> Result<(), BodyEnd> {
-        let now = Instant::now();
-        stall.sending(now);
-        let bound = self.send_bound(now);
-        let sent = tokio::select! {
-            biased;
-            sent = client.send_body(body, false) => sent,
-            () = stall.ran_out(bound) => return Err(BodyEnd::ClientTooSlow { mid_send: true }),
-        };
-        if sent {
-            Ok(())
-        } else {
-            Err(self.client_left(client, meter))
+        // In pieces, each with its own bound, as in `send`.
+        while !body.is_empty() {
+            let piece = next_piece(&mut body);
+            let now = Instant::now();
+            stall.sending(now);
+            let bound = self.send_bound(now);
+            let sent = tokio::select! {
+                biased;
+                sent = client.send_body(piece, false) => sent,
+                () = stall.ran_out(bound) => {
+                    self.left_untaken();
+                    return Err(BodyEnd::ClientTooSlow { mid_send: true });
+                }
+            };
+            if !sent {
+                return Err(self.client_left(client, meter));
+            }
         }
+        Ok(())
     }
 
     /// How the copy ends when its client went away: after the provider's

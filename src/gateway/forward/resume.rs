@@ -716,6 +716,13 @@ impl Client for Resumable<'_> {
         self.inner.abort()
     }
 
+    fn swap_send_timeout(
+        &mut self,
+        timeout: Option<std::time::Duration>,
+    ) -> Option<std::time::Duration> {
+        self.inner.swap_send_timeout(timeout)
+    }
+
     fn resumable(&self) -> bool {
         self.enabled && self.started && !self.record.final_ && !self.diverged()
     }
