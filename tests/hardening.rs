@@ -1039,6 +1039,70 @@ fn a_client_that_stops_taking_its_answer_is_cut_after_the_send_timeout() {
 }
 
 #[test]
+fn a_cache_leader_that_stops_reading_does_not_cut_the_answer_its_followers_share() {
+    // Two identical deterministic streams share one provider call. The
+    // first client stops reading: it is cut at the send timeout, but the
+    // call goes on for the second, which gets all of it (the copy took the
+    // timeout for its own and cut both, as the provider's broken stream).
+    let mock = Mock::start(&[]);
+    let mut config = GatewayConfig::new(&mock);
+    config.models = "\n  - name: m\n    targets: [{ provider: mock, model: mock-small }]\n".into();
+    config.tenants = format!("\n  - id: acme\n    keys: [\"{TENANT_KEY}\"]\n");
+    // Room for the whole shared answer (9 MB, more than the sockets hold;
+    // under the 16 MiB a flight keeps for its followers).
+    config.extra = "cache: { max_entry_bytes: 67108864 }\n".into();
+    config.server_extra = "  client_send_timeout_seconds: 1\n".into();
+    let gw = Gateway::start(&config);
+    // The answer waits a second: time for the second request to join.
+    mock.fault(json!({"first_token_ms": 1000, "count": 1, "path": "/v1/chat/completions"}));
+    let body = json!({"model": "m", "stream": true, "temperature": 0, "mock_tokens": 40000,
+                      "max_tokens": 40000, "messages": [{"role": "user", "content": "shared"}]});
+    let port = gw.port;
+    let request = body.to_string();
+    let (stop, stopped) = std::sync::mpsc::channel::<()>();
+    let leader = std::thread::spawn(move || {
+        let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        use nix::sys::socket::{setsockopt, sockopt::RcvBuf};
+        setsockopt(&conn, RcvBuf, &(64 * 1024)).unwrap();
+        write!(
+            conn,
+            "POST {CHAT} HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {TENANT_KEY}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{request}",
+            request.len()
+        )
+        .unwrap();
+        // Holds the connection, unread, until the test is done.
+        let _ = stopped.recv_timeout(Duration::from_secs(60));
+    });
+    wait_until(Duration::from_secs(10), "the shared call", || {
+        mock.request_count() == 1
+    });
+    let (status, events) = sse_events(gw.port, CHAT, TENANT_KEY, &body);
+    let _ = stop.send(());
+    leader.join().unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    assert!(!events.iter().any(|e| e.contains("\"error\"")));
+    assert!(events.len() > 40_000, "{} events", events.len());
+    assert_eq!(mock.request_count(), 1, "one provider call");
+    let metrics = gw.metrics();
+    assert_eq!(
+        metric_value(
+            &metrics,
+            r#"runestone_cache_total{model="m",outcome="coalesced",tenant="acme"}"#
+        ),
+        1.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        metric_value(&metrics, "runestone_client_send_timeouts_total"),
+        1.0,
+        "the first client was cut"
+    );
+    assert!(!metrics.contains("provider_stream_broken"), "{metrics}");
+}
+
+#[test]
 fn a_stream_whose_total_timeout_runs_out_on_a_slow_client_is_not_the_providers_failure() {
     // The client stops reading at the first event until well past the
     // provider's total timeout, so the time runs out while the gateway

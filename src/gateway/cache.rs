@@ -663,6 +663,12 @@ impl Client for Recorder<'_> {
     }
 
     fn swap_send_timeout(&mut self, timeout: Option<Duration>) -> Option<Duration> {
+        // Not handed to the copy while others may follow: its cut would end
+        // their answers with this client's. The client's own writes keep
+        // the timeout, and a failed one is not the copy's (`send_body`).
+        if self.flight.is_some() {
+            return None;
+        }
         self.inner.swap_send_timeout(timeout)
     }
 }
