@@ -954,8 +954,8 @@ fn a_client_that_stops_taking_its_answer_is_cut_after_the_send_timeout() {
     // reading after the first bytes is cut once a write has waited the
     // send timeout (it used to hold its connection and task for as long as
     // it liked); one that reads steadily but slower than the gateway
-    // writes gets all of it, as the answer goes out in pieces that each
-    // have the whole timeout.
+    // writes gets all of it: the answer goes out in pieces that each have
+    // the whole timeout, and more while the client takes some of it.
     let content = "lorem ".repeat(8 * 1024 * 1024 / 6);
     let answer = json!({
         "id": "c", "object": "chat.completion", "created": 1, "model": "m",
@@ -1027,9 +1027,10 @@ fn a_client_that_stops_taking_its_answer_is_cut_after_the_send_timeout() {
             assert_eq!(got.len(), at + length);
             break at;
         }
-        // At 2 MiB/s: the 4 MiB the gateway's socket holds beyond what was
-        // taken would take two seconds to go as one write.
-        let due = Duration::from_secs_f64(got.len() as f64 / (2.0 * 1024.0 * 1024.0));
+        // At 1 MiB/s: the 4 MiB the gateway's socket holds beyond what was
+        // taken would take four seconds to go as one write, and the kernel
+        // wakes a waiting writer only once much of it drained (seconds).
+        let due = Duration::from_secs_f64(got.len() as f64 / (1024.0 * 1024.0));
         std::thread::sleep(due.saturating_sub(reading.elapsed()));
     };
     assert!(got.starts_with(b"HTTP/1.1 200"));
@@ -1192,6 +1193,28 @@ fn a_stream_its_client_reads_slower_than_the_provider_writes_is_told_so_in_band(
     // error that says so; the provider is not blamed nor the stream
     // continued elsewhere.
     let (mock, gw) = bulk_behind_a_spare(2000, "");
+    told_it_was_slow(&mock, &gw, Duration::from_millis(10));
+}
+
+#[test]
+fn a_stream_read_steadily_but_slower_than_a_send_may_wait_is_not_cut() {
+    // As above at 800 KB/s, with a send timeout of three seconds: a send
+    // at the deadline waits longer than the second it is given there (the
+    // kernel wakes the writer only once much of a 4 MB buffer drained),
+    // but the client took some of it meanwhile, so it is slow, not stuck:
+    // told so once that send is out, not cut.
+    let (mock, gw) = bulk_behind_a_spare(4000, "  client_send_timeout_seconds: 3\n");
+    told_it_was_slow(&mock, &gw, Duration::from_millis(20));
+    let metrics = gw.metrics();
+    assert_eq!(
+        metric_value(&metrics, "runestone_client_send_timeouts_total"),
+        0.0
+    );
+}
+
+/// A raw client reads the bulky stream 16 KiB at a time, pausing `pause`
+/// after each read: it is told in-band that it was too slow.
+fn told_it_was_slow(mock: &Mock, gw: &Gateway, pause: Duration) {
     let mut conn = ask_for_a_stream(gw.port);
     let (mut answer, mut piece) = (Vec::new(), vec![0; 16 * 1024]);
     loop {
@@ -1202,9 +1225,18 @@ fn a_stream_its_client_reads_slower_than_the_provider_writes_is_told_so_in_band(
         if answer.ends_with(b"\r\n0\r\n\r\n") {
             break;
         }
-        std::thread::sleep(Duration::from_millis(10));
+        std::thread::sleep(pause);
     }
     let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.ends_with("\r\n0\r\n\r\n"),
+        "a clean end, not a cut: {}",
+        gw.log()
+            .lines()
+            .filter(|l| l.contains("WARN"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
     let last = answer.rsplit("data: ").next().unwrap();
     assert!(!answer.contains("[DONE]"), "cut at the timeout");
     assert!(

@@ -671,6 +671,10 @@ impl Client for Recorder<'_> {
         }
         self.inner.swap_send_timeout(timeout)
     }
+
+    fn progress(&self) -> crate::gateway::client::Progress {
+        self.inner.progress()
+    }
 }
 
 /// Writes a followed stream to a waiting client.

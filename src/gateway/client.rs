@@ -32,6 +32,77 @@ pub(crate) trait Client: Send {
     fn swap_send_timeout(&mut self, _timeout: Option<Duration>) -> Option<Duration> {
         None
     }
+    /// How to tell whether the client is taking what is sent (see
+    /// [`Progress`]).
+    fn progress(&self) -> Progress {
+        Progress::default()
+    }
+}
+
+/// Whether a client takes what is sent to it, by the kernel's count of
+/// the bytes it acknowledged on its connection. A send to a client whose
+/// buffers are full waits until much of them drained (the kernel wakes a
+/// writer only then: with megabytes buffered, seconds for a slow reader),
+/// so the wait alone cannot tell a slow reader from one that stopped.
+/// Plain TCP only: Pingora does not show a TLS connection's socket.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Progress(Option<std::os::fd::RawFd>);
+
+impl Progress {
+    /// The progress of `session`'s client.
+    fn of(session: &Session) -> Self {
+        use std::os::fd::AsRawFd;
+        let tcp = session.downstream_session.stream().and_then(|stream| {
+            let any = stream.as_any();
+            any.downcast_ref::<pingora::protocols::l4::stream::Stream>()
+        });
+        Progress(tcp.map(|tcp| tcp.as_raw_fd()))
+    }
+
+    /// The bytes the client has acknowledged so far, if known.
+    pub(crate) fn taken(self) -> Option<u64> {
+        let info = pingora::protocols::l4::ext::get_tcp_info(self.0?).ok()?;
+        Some(info.tcpi_bytes_acked)
+    }
+
+    /// Whether the client took something since it had taken `before`.
+    pub(crate) fn took_since(self, before: Option<u64>) -> bool {
+        before.is_some_and(|before| self.taken().is_some_and(|now| now > before))
+    }
+}
+
+/// Awaits `send` for `timeout`, and on as long as the client took some of
+/// its connection's bytes in the last `timeout` (see [`Progress`]), but
+/// never past `last_resort`: `None` when it did not finish in time.
+pub(crate) async fn while_taken<F: std::future::Future + Unpin>(
+    send: &mut F,
+    progress: Progress,
+    timeout: Option<Duration>,
+    last_resort: Option<std::time::Instant>,
+) -> Option<F::Output> {
+    loop {
+        let now = std::time::Instant::now();
+        let bound = match (timeout, last_resort) {
+            (None, None) => return Some(send.await),
+            (Some(timeout), last) => last.map_or(now + timeout, |last| last.min(now + timeout)),
+            (None, Some(last)) => last,
+        };
+        let mut before = None;
+        // Polled only when the send has to wait.
+        let waited = async {
+            before = progress.taken();
+            tokio::time::sleep_until(bound.into()).await;
+        };
+        tokio::select! {
+            biased;
+            out = &mut *send => return Some(out),
+            () = waited => {}
+        }
+        let past_last = last_resort.is_some_and(|last| last <= std::time::Instant::now());
+        if timeout.is_none() || past_last || !progress.took_since(before) {
+            return None;
+        }
+    }
 }
 
 #[async_trait]
@@ -74,6 +145,10 @@ impl Client for Session {
         self.set_write_timeout(timeout);
         was
     }
+
+    fn progress(&self) -> Progress {
+        Progress::of(self)
+    }
 }
 
 /// The most of a body written to a client at once. Pingora's write
@@ -88,30 +163,30 @@ pub(crate) const SEND_PIECE: usize = 64 * 1024;
 /// untaken for the send timeout: then its connection is cut, so that what
 /// follows (Pingora's end of the response) does not wait as long again.
 pub(crate) async fn write_body(session: &mut Session, mut body: Bytes, end: bool) -> bool {
-    loop {
+    // Bounded here rather than by Pingora, which cannot tell a slow reader
+    // from a stuck one, and flushes the end of a body without its timeout
+    // (a small answer waits in the connection's write buffer until then).
+    let timeout = session.get_write_timeout();
+    session.set_write_timeout(None);
+    let progress = Progress::of(session);
+    let written = loop {
         let piece = next_piece(&mut body);
         let last = body.is_empty();
-        let written = match session.get_write_timeout() {
-            // Pingora flushes the end without its timeout, and a small
-            // answer waits in the connection's write buffer until then.
-            Some(bound) if end && last => {
-                let write = session.write_response_body(Some(piece), true);
-                match tokio::time::timeout(bound, write).await {
-                    Ok(written) => written,
-                    Err(_) => pingora::Error::e_explain(
-                        pingora::ErrorType::WriteTimedout,
-                        "flushing the end of the answer",
-                    ),
-                }
-            }
-            _ => session.write_response_body(Some(piece), end && last).await,
-        };
+        let mut write = Box::pin(session.write_response_body(Some(piece), end && last));
+        let written = while_taken(&mut write, progress, timeout, None).await;
+        drop(write);
         match written {
-            Ok(()) if last => return true,
-            Ok(()) => {}
-            Err(e) => return failed(session, &e).await,
+            Some(Ok(())) if last => break true,
+            Some(Ok(())) => {}
+            Some(Err(_)) => break false,
+            None => {
+                untaken(session).await;
+                break false;
+            }
         }
-    }
+    };
+    session.set_write_timeout(timeout);
+    written
 }
 
 /// A write to the client failed: false, and when the client left it
@@ -119,13 +194,17 @@ pub(crate) async fn write_body(session: &mut Session, mut body: Bytes, end: bool
 /// is cut and counted.
 async fn failed(session: &mut Session, error: &pingora::Error) -> bool {
     if error.etype() == &pingora::ErrorType::WriteTimedout {
-        tracing::warn!(
-            "a client left its answer untaken for the send timeout; its connection is cut"
-        );
-        crate::metrics::CLIENT_SEND_TIMEOUTS.inc();
-        cut(session).await;
+        untaken(session).await;
     }
     false
+}
+
+/// The client took nothing of its answer for the send timeout: its
+/// connection is cut, and counted.
+async fn untaken(session: &mut Session) {
+    tracing::warn!("a client left its answer untaken for the send timeout; its connection is cut");
+    crate::metrics::CLIENT_SEND_TIMEOUTS.inc();
+    cut(session).await;
 }
 
 /// Takes the next piece to send off `body`: [`SEND_PIECE`] bytes at most.

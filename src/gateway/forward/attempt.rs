@@ -447,6 +447,7 @@ impl Attempt<'_> {
             idle: provider.timeouts.idle,
             deadline: answer.deadline,
             send_timeout,
+            progress: client.progress(),
             backend: self.backend,
             ttfb: answer.ttfb,
             estimate: exchange.estimate,

@@ -7,7 +7,7 @@ use super::headers::{has_media_type, is_event_stream};
 use super::{AnswerDetails, Report, Settle, CLIENT_TOO_SLOW};
 use crate::config::ProviderSettings;
 use crate::cost::{self, Encoding, Estimate, StreamMeter, Usage};
-use crate::gateway::client::{next_piece, Client};
+use crate::gateway::client::{next_piece, while_taken, Client, Progress};
 use crate::openai::ApiError;
 use crate::providers::anthropic::StreamTranslator;
 use crate::redact::Redactor;
@@ -738,6 +738,9 @@ pub(super) struct Copy<'a> {
     /// the copy: its own timer bounds the sends (Pingora's would set one
     /// for every write, a streamed token's hundreds of instructions).
     pub send_timeout: Option<Duration>,
+    /// Whether the client is taking what is sent, when a send outlasts
+    /// the send timeout: a slow reader is given more time.
+    pub progress: Progress,
     /// The backend answering, and how long its first byte took.
     pub backend: &'a Backend,
     pub ttfb: Duration,
@@ -1062,13 +1065,19 @@ impl Copy<'_> {
         // here): a slow but steady reader is not cut.
         loop {
             let piece = next_piece(&mut body);
-            let bound = self.send_bound(Instant::now());
+            let last_resort = self.deadline.max(Instant::now() + CLIENT_STUCK);
             let last = body.is_empty();
-            let sent = tokio::time::timeout_at(bound.into(), client.send_body(piece, end && last));
+            let mut send = client.send_body(piece, end && last);
+            let sent = while_taken(
+                &mut send,
+                self.progress,
+                self.send_timeout,
+                Some(last_resort),
+            );
             match sent.await {
-                Ok(true) if !last => {}
-                Ok(sent) => return Some(sent),
-                Err(_) => {
+                Some(true) if !last => {}
+                Some(sent) => return Some(sent),
+                None => {
                     self.left_untaken();
                     return None;
                 }
@@ -1099,7 +1108,8 @@ impl Copy<'_> {
 
     /// When a send beginning at `now` has waited too long for the client:
     /// at the deadline, or [`CLIENT_STUCK`] after `now` if that is later,
-    /// and at most the send timeout after it.
+    /// and at most the send timeout after it (then it goes on while the
+    /// client takes something, see [`Progress`]).
     fn send_bound(&self, now: Instant) -> Instant {
         let bound = self.deadline.max(now + CLIENT_STUCK);
         match self.send_timeout {
@@ -1123,15 +1133,40 @@ impl Copy<'_> {
             let piece = next_piece(&mut body);
             let now = Instant::now();
             stall.sending(now);
-            let bound = self.send_bound(now);
-            let sent = tokio::select! {
-                biased;
-                sent = client.send_body(piece, false) => sent,
-                () = stall.ran_out(bound) => {
-                    self.left_untaken();
-                    return Err(BodyEnd::ClientTooSlow { mid_send: true });
+            let last_resort = self.deadline.max(now + CLIENT_STUCK);
+            // However slowly the client takes it, the piece goes by then.
+            let cap = last_resort + self.send_timeout.unwrap_or(CLIENT_STUCK);
+            let mut bound = self.send_bound(now);
+            let progress = self.progress;
+            let mut send = client.send_body(piece, false);
+            let sent = loop {
+                tokio::select! {
+                    biased;
+                    sent = &mut send => break sent,
+                    before = async {
+                        // When the send has to wait (and again each time
+                        // it is given more).
+                        let before = progress.taken();
+                        stall.ran_out(bound).await;
+                        before
+                    } => {
+                        // A client that took something meanwhile is slow,
+                        // not stuck: it gets the send timeout again, or
+                        // past the deadline a second at a time.
+                        let now = Instant::now();
+                        let more = match (bound < last_resort, self.send_timeout) {
+                            (true, Some(timeout)) => last_resort.min(now + timeout),
+                            _ => cap.min(now + CLIENT_STUCK),
+                        };
+                        if more <= now || !progress.took_since(before) {
+                            self.left_untaken();
+                            return Err(BodyEnd::ClientTooSlow { mid_send: true });
+                        }
+                        bound = more;
+                    }
                 }
             };
+            drop(send);
             if !sent {
                 return Err(self.client_left(client, meter));
             }

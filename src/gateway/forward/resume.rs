@@ -723,6 +723,10 @@ impl Client for Resumable<'_> {
         self.inner.swap_send_timeout(timeout)
     }
 
+    fn progress(&self) -> crate::gateway::client::Progress {
+        self.inner.progress()
+    }
+
     fn resumable(&self) -> bool {
         self.enabled && self.started && !self.record.final_ && !self.diverged()
     }
