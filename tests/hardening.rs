@@ -932,10 +932,38 @@ fn ask_for_a_stream(port: u16) -> std::net::TcpStream {
 /// Asks model `m` for an answer (`stream`ed or not) on a raw connection,
 /// left unread.
 fn ask_for(port: u16, stream: bool) -> std::net::TcpStream {
+    ask_on(
+        std::net::TcpStream::connect(("127.0.0.1", port)).unwrap(),
+        stream,
+    )
+}
+
+/// A connection to `port` with a receive buffer of `bytes` from the start
+/// (so the window it offers is small from its handshake on).
+fn connect_with_receive_buffer(port: u16, bytes: usize) -> std::net::TcpStream {
+    use nix::sys::socket::{self, sockopt::RcvBuf, AddressFamily, SockFlag, SockType, SockaddrIn};
+    use std::os::fd::AsRawFd;
+    let fd = socket::socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::empty(),
+        None,
+    )
+    .unwrap();
+    socket::setsockopt(&fd, RcvBuf, &bytes).unwrap();
+    let to = SockaddrIn::from(std::net::SocketAddrV4::new(
+        std::net::Ipv4Addr::LOCALHOST,
+        port,
+    ));
+    socket::connect(fd.as_raw_fd(), &to).unwrap();
+    std::net::TcpStream::from(fd)
+}
+
+/// [`ask_for`] on `conn`.
+fn ask_on(mut conn: std::net::TcpStream, stream: bool) -> std::net::TcpStream {
     let body =
         json!({"model": "m", "stream": stream, "messages": [{"role": "user", "content": "hi"}]})
             .to_string();
-    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     conn.set_read_timeout(Some(Duration::from_secs(20)))
         .unwrap();
     write!(
@@ -1037,6 +1065,27 @@ fn a_client_that_stops_taking_its_answer_is_cut_after_the_send_timeout() {
     let body: Value = serde_json::from_slice(&got[body_at..]).expect("the whole answer");
     assert_eq!(body["choices"][0]["message"]["content"], content);
     assert_eq!(timeouts(), 1.0, "the steady reader was not cut");
+
+    // One that trickles (the smallest receive buffer, read out every
+    // 0.9 s: a few hundred bytes a second) counts as stopped: else it would
+    // hold its answer for hours.
+    let mut trickling = ask_on(connect_with_receive_buffer(gw.port, 0), false);
+    let asked = Instant::now();
+    let mut crumb = vec![0u8; 64 * 1024];
+    while timeouts() < 2.0 && asked.elapsed() < Duration::from_secs(10) {
+        if matches!(trickling.read(&mut crumb), Ok(0) | Err(_)) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(900));
+    }
+    wait_until(Duration::from_secs(5), "the trickling client cut", || {
+        timeouts() == 2.0
+    });
+    assert!(
+        asked.elapsed() < Duration::from_secs(10),
+        "cut {:?} after it asked",
+        asked.elapsed()
+    );
 }
 
 #[test]
@@ -1101,6 +1150,51 @@ fn a_cache_leader_that_stops_reading_does_not_cut_the_answer_its_followers_share
         "the first client was cut"
     );
     assert!(!metrics.contains("provider_stream_broken"), "{metrics}");
+}
+
+#[test]
+fn a_cache_leader_read_steadily_but_slowly_is_not_cut() {
+    // A deterministic stream (one that others could follow) of 9 MB, read
+    // at 1 MiB/s with a send timeout of one second: its sends wait longer
+    // than that, but the client keeps taking, so it gets all of it.
+    let mock = Mock::start(&[]);
+    let mut config = GatewayConfig::new(&mock);
+    config.models = "\n  - name: m\n    targets: [{ provider: mock, model: mock-small }]\n".into();
+    config.tenants = format!("\n  - id: acme\n    keys: [\"{TENANT_KEY}\"]\n");
+    config.extra = "cache: { max_entry_bytes: 67108864 }\n".into();
+    config.server_extra = "  client_send_timeout_seconds: 1\n".into();
+    let gw = Gateway::start(&config);
+    let body = json!({"model": "m", "stream": true, "temperature": 0, "mock_tokens": 40000,
+                      "max_tokens": 40000, "messages": [{"role": "user", "content": "slowly"}]})
+    .to_string();
+    let mut conn = connect_with_receive_buffer(gw.port, 256 * 1024);
+    conn.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    write!(
+        conn,
+        "POST {CHAT} HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {TENANT_KEY}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let (mut got, mut buf, reading) = (Vec::new(), vec![0u8; 64 * 1024], Instant::now());
+    loop {
+        match conn.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+        let due = Duration::from_secs_f64(got.len() as f64 / (1024.0 * 1024.0));
+        std::thread::sleep(due.saturating_sub(reading.elapsed()));
+    }
+    let text = String::from_utf8_lossy(&got);
+    assert!(
+        text.contains("data: [DONE]"),
+        "cut after {} bytes",
+        got.len()
+    );
+    assert!(got.len() > 8_000_000, "{} bytes", got.len());
+    let timeouts = metric_value(&gw.metrics(), "runestone_client_send_timeouts_total");
+    assert_eq!(timeouts, 0.0);
 }
 
 #[test]

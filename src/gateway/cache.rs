@@ -7,7 +7,7 @@
 //! counted as saved. Only a complete, successful answer is stored: never an
 //! error, a broken stream or a truncated one.
 
-use super::client::Client;
+use super::client::{self, Client};
 use super::forward::headers::{is_event_stream, HeaderError, X_REQUEST_ID};
 use super::forward::{Report, CLIENT_CLOSED, CLIENT_TOO_SLOW};
 use super::{Gateway, RequestCtx};
@@ -503,6 +503,7 @@ impl Gateway {
             client_gone: false,
             hold_end: plan.key.is_some(),
             held_end: None,
+            send_timeout: None,
         }
     }
 }
@@ -583,6 +584,10 @@ pub(super) struct Recorder<'a> {
     /// client that asks again as soon as it has its answer finds it.
     hold_end: bool,
     held_end: Option<Bytes>,
+    /// The client's send timeout while others may follow: enforced here on
+    /// the client's own sends, not by the copy, whose cut would end their
+    /// answers with this client's.
+    send_timeout: Option<Duration>,
 }
 
 impl Recorder<'_> {
@@ -641,7 +646,25 @@ impl Client for Recorder<'_> {
             return true;
         }
         if !self.client_gone {
-            self.client_gone = !self.inner.send_body(body, end).await;
+            let sent = match self.send_timeout {
+                None => self.inner.send_body(body, end).await,
+                Some(timeout) => {
+                    let progress = self.inner.progress();
+                    let mut send = self.inner.send_body(body, end);
+                    let sent = client::while_taken(&mut send, progress, Some(timeout), None).await;
+                    drop(send);
+                    match sent {
+                        Some(sent) => sent,
+                        None => {
+                            tracing::warn!("a client left its answer untaken for the send timeout; its connection is cut");
+                            crate::metrics::CLIENT_SEND_TIMEOUTS.inc();
+                            self.inner.abort().await;
+                            false
+                        }
+                    }
+                }
+            };
+            self.client_gone = !sent;
         }
         !self.client_gone || self.followed()
     }
@@ -663,13 +686,18 @@ impl Client for Recorder<'_> {
     }
 
     fn swap_send_timeout(&mut self, timeout: Option<Duration>) -> Option<Duration> {
-        // Not handed to the copy while others may follow: its cut would end
-        // their answers with this client's. The client's own writes keep
-        // the timeout, and a failed one is not the copy's (`send_body`).
-        if self.flight.is_some() {
-            return None;
+        if self.flight.is_none() {
+            return self.inner.swap_send_timeout(timeout);
         }
-        self.inner.swap_send_timeout(timeout)
+        // Not handed to the copy while others may follow (see
+        // `send_timeout`): kept here for the copy, given back after it.
+        match self.send_timeout.take() {
+            None => self.send_timeout = self.inner.swap_send_timeout(None),
+            kept => {
+                self.inner.swap_send_timeout(kept);
+            }
+        }
+        None
     }
 
     fn progress(&self) -> crate::gateway::client::Progress {

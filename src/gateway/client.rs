@@ -59,17 +59,33 @@ impl Progress {
         Progress(tcp.map(|tcp| tcp.as_raw_fd()))
     }
 
-    /// The bytes the client has acknowledged so far, if known.
-    pub(crate) fn taken(self) -> Option<u64> {
+    /// The bytes the client has acknowledged so far, and when, if known.
+    pub(crate) fn taken(self) -> Option<Taken> {
         let info = pingora::protocols::l4::ext::get_tcp_info(self.0?).ok()?;
-        Some(info.tcpi_bytes_acked)
+        let at = std::time::Instant::now();
+        Some(Taken(info.tcpi_bytes_acked, at))
     }
 
-    /// Whether the client took something since it had taken `before`.
-    pub(crate) fn took_since(self, before: Option<u64>) -> bool {
-        before.is_some_and(|before| self.taken().is_some_and(|now| now > before))
+    /// Whether the client kept taking what was sent since `before`, at
+    /// [`MIN_SEND_RATE`] at least: else it counts as stopped (a client
+    /// trickling a few bytes a second would hold its answer for hours).
+    pub(crate) fn kept_up(self, before: Option<Taken>) -> bool {
+        let (Some(Taken(before, since)), Some(Taken(now, at))) = (before, self.taken()) else {
+            return false;
+        };
+        let due = MIN_SEND_RATE as f64 * (at - since).as_secs_f64();
+        now > before && (now - before) as f64 >= due
     }
 }
+
+/// What a client had taken of its connection (bytes acknowledged), and
+/// when.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Taken(u64, std::time::Instant);
+
+/// The slowest a client may take a waiting answer and still count as
+/// reading it: 16 KiB/s (128 kbit/s).
+pub(crate) const MIN_SEND_RATE: u64 = 16 * 1024;
 
 /// Awaits `send` for `timeout`, and on as long as the client took some of
 /// its connection's bytes in the last `timeout` (see [`Progress`]), but
@@ -99,7 +115,7 @@ pub(crate) async fn while_taken<F: std::future::Future + Unpin>(
             () = waited => {}
         }
         let past_last = last_resort.is_some_and(|last| last <= std::time::Instant::now());
-        if timeout.is_none() || past_last || !progress.took_since(before) {
+        if timeout.is_none() || past_last || !progress.kept_up(before) {
             return None;
         }
     }

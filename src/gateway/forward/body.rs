@@ -1158,7 +1158,7 @@ impl Copy<'_> {
                             (true, Some(timeout)) => last_resort.min(now + timeout),
                             _ => cap.min(now + CLIENT_STUCK),
                         };
-                        if more <= now || !progress.took_since(before) {
+                        if more <= now || !progress.kept_up(before) {
                             self.left_untaken();
                             return Err(BodyEnd::ClientTooSlow { mid_send: true });
                         }
