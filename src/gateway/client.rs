@@ -87,9 +87,10 @@ pub(crate) struct Taken(u64, std::time::Instant);
 /// reading it: 16 KiB/s (128 kbit/s).
 pub(crate) const MIN_SEND_RATE: u64 = 16 * 1024;
 
-/// Awaits `send` for `timeout`, and on as long as the client took some of
-/// its connection's bytes in the last `timeout` (see [`Progress`]), but
-/// never past `last_resort`: `None` when it did not finish in time.
+/// Awaits `send` for `timeout`, and for another `timeout` each time the
+/// client kept taking its connection's bytes meanwhile
+/// ([`Progress::kept_up`]), but never past `last_resort`: `None` when it
+/// did not finish in time.
 pub(crate) async fn while_taken<F: std::future::Future + Unpin>(
     send: &mut F,
     progress: Progress,
