@@ -656,8 +656,7 @@ impl Client for Recorder<'_> {
                     match sent {
                         Some(sent) => sent,
                         None => {
-                            tracing::warn!("a client left its answer untaken for the send timeout; its connection is cut");
-                            crate::metrics::CLIENT_SEND_TIMEOUTS.inc();
+                            client::note_untaken();
                             self.inner.abort().await;
                             false
                         }

@@ -51,12 +51,7 @@ pub(crate) struct Progress(Option<std::os::fd::RawFd>);
 impl Progress {
     /// The progress of `session`'s client.
     fn of(session: &Session) -> Self {
-        use std::os::fd::AsRawFd;
-        let tcp = session.downstream_session.stream().and_then(|stream| {
-            let any = stream.as_any();
-            any.downcast_ref::<pingora::protocols::l4::stream::Stream>()
-        });
-        Progress(tcp.map(|tcp| tcp.as_raw_fd()))
+        Progress(tcp_socket(session))
     }
 
     /// The bytes the client has acknowledged so far, and when, if known.
@@ -219,9 +214,26 @@ async fn failed(session: &mut Session, error: &pingora::Error) -> bool {
 /// The client took nothing of its answer for the send timeout: its
 /// connection is cut, and counted.
 async fn untaken(session: &mut Session) {
+    note_untaken();
+    cut(session).await;
+}
+
+/// Logs and counts a client cut for leaving its answer untaken for the
+/// send timeout (the caller cuts it).
+pub(crate) fn note_untaken() {
     tracing::warn!("a client left its answer untaken for the send timeout; its connection is cut");
     crate::metrics::CLIENT_SEND_TIMEOUTS.inc();
-    cut(session).await;
+}
+
+/// The client's socket, when its connection is plain TCP (Pingora does
+/// not show a TLS connection's).
+fn tcp_socket(session: &Session) -> Option<std::os::fd::RawFd> {
+    use std::os::fd::AsRawFd;
+    let stream = session.downstream_session.stream()?;
+    let tcp = stream
+        .as_any()
+        .downcast_ref::<pingora::protocols::l4::stream::Stream>()?;
+    Some(tcp.as_raw_fd())
 }
 
 /// Takes the next piece to send off `body`: [`SEND_PIECE`] bytes at most.
@@ -252,14 +264,9 @@ async fn cut(session: &mut Session) {
         // end of the body included, and a client reading later still
         // sees the truncation.
         // (Plain TCP: a TLS connection keeps what Pingora does.)
-        let tcp = session.downstream_session.stream().and_then(|stream| {
-            let any = stream.as_any();
-            any.downcast_ref::<pingora::protocols::l4::stream::Stream>()
-        });
-        if let Some(tcp) = tcp {
-            use std::os::fd::AsRawFd;
+        if let Some(socket) = tcp_socket(session) {
             let how = nix::sys::socket::Shutdown::Write;
-            let _ = nix::sys::socket::shutdown(tcp.as_raw_fd(), how);
+            let _ = nix::sys::socket::shutdown(socket, how);
         }
     }
 }
