@@ -1065,7 +1065,7 @@ impl Copy<'_> {
         // here): a slow but steady reader is not cut.
         loop {
             let piece = next_piece(&mut body);
-            let last_resort = self.deadline.max(Instant::now() + CLIENT_STUCK);
+            let last_resort = self.last_resort(Instant::now());
             let last = body.is_empty();
             let mut send = client.send_body(piece, end && last);
             let sent = while_taken(
@@ -1106,16 +1106,12 @@ impl Copy<'_> {
         ))
     }
 
-    /// When a send beginning at `now` has waited too long for the client:
-    /// at the deadline, or [`CLIENT_STUCK`] after `now` if that is later,
-    /// and at most the send timeout after it (then it goes on while the
-    /// client takes something, see [`Progress`]).
-    fn send_bound(&self, now: Instant) -> Instant {
-        let bound = self.deadline.max(now + CLIENT_STUCK);
-        match self.send_timeout {
-            Some(timeout) => bound.min(now + timeout),
-            None => bound,
-        }
+    /// When a send beginning at `now` has waited too long for the client,
+    /// however long its send timeout: at the deadline, or [`CLIENT_STUCK`]
+    /// after `now` if that is later (before it, the send timeout bounds the
+    /// wait while the client takes nothing, see [`Progress`]).
+    fn last_resort(&self, now: Instant) -> Instant {
+        self.deadline.max(now + CLIENT_STUCK)
     }
 
     /// [`Copy::send`] of a piece of the copy, timed by the copy's own
@@ -1133,10 +1129,15 @@ impl Copy<'_> {
             let piece = next_piece(&mut body);
             let now = Instant::now();
             stall.sending(now);
-            let last_resort = self.deadline.max(now + CLIENT_STUCK);
+            let last_resort = self.last_resort(now);
+            // A send timeout from `now`, up to the last resort.
+            let within = |now: Instant| {
+                let timeout = self.send_timeout;
+                timeout.map_or(last_resort, |timeout| last_resort.min(now + timeout))
+            };
             // However slowly the client takes it, the piece goes by then.
             let cap = last_resort + self.send_timeout.unwrap_or(CLIENT_STUCK);
-            let mut bound = self.send_bound(now);
+            let mut bound = within(now);
             let progress = self.progress;
             let mut send = client.send_body(piece, false);
             let sent = loop {
@@ -1154,9 +1155,9 @@ impl Copy<'_> {
                         // not stuck: it gets the send timeout again, or
                         // past the deadline a second at a time.
                         let now = Instant::now();
-                        let more = match (bound < last_resort, self.send_timeout) {
-                            (true, Some(timeout)) => last_resort.min(now + timeout),
-                            _ => cap.min(now + CLIENT_STUCK),
+                        let more = match bound < last_resort {
+                            true => within(now),
+                            false => cap.min(now + CLIENT_STUCK),
                         };
                         if more <= now || !progress.kept_up(before) {
                             self.left_untaken();
