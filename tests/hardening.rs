@@ -960,10 +960,16 @@ fn connect_with_receive_buffer(port: u16, bytes: usize) -> std::net::TcpStream {
 }
 
 /// [`ask_for`] on `conn`.
-fn ask_on(mut conn: std::net::TcpStream, stream: bool) -> std::net::TcpStream {
+fn ask_on(conn: std::net::TcpStream, stream: bool) -> std::net::TcpStream {
     let body =
-        json!({"model": "m", "stream": stream, "messages": [{"role": "user", "content": "hi"}]})
-            .to_string();
+        json!({"model": "m", "stream": stream, "messages": [{"role": "user", "content": "hi"}]});
+    post_chat_on(conn, &body)
+}
+
+/// Posts `body` to the chat endpoint on `conn` (reads time out after
+/// 20 s), the answer left unread.
+fn post_chat_on(mut conn: std::net::TcpStream, body: &Value) -> std::net::TcpStream {
+    let body = body.to_string();
     conn.set_read_timeout(Some(Duration::from_secs(20)))
         .unwrap();
     write!(
@@ -1088,39 +1094,37 @@ fn a_client_that_stops_taking_its_answer_is_cut_after_the_send_timeout() {
     );
 }
 
+/// A gateway in front of a mock (model `m`), with a response cache
+/// roomy enough for the cache tests' 9 MB streams (more than the sockets
+/// hold; under the 16 MiB a flight keeps for its followers) and a send
+/// timeout of one second.
+fn cached_with_a_short_send_timeout() -> (Mock, Gateway) {
+    let mock = Mock::start(&[]);
+    let mut config = GatewayConfig::new(&mock);
+    config.models = "\n  - name: m\n    targets: [{ provider: mock, model: mock-small }]\n".into();
+    config.tenants = format!("\n  - id: acme\n    keys: [\"{TENANT_KEY}\"]\n");
+    config.extra = "cache: { max_entry_bytes: 67108864 }\n".into();
+    config.server_extra = "  client_send_timeout_seconds: 1\n".into();
+    let gw = Gateway::start(&config);
+    (mock, gw)
+}
+
 #[test]
 fn a_cache_leader_that_stops_reading_does_not_cut_the_answer_its_followers_share() {
     // Two identical deterministic streams share one provider call. The
     // first client stops reading: it is cut at the send timeout, but the
     // call goes on for the second, which gets all of it (the copy took the
     // timeout for its own and cut both, as the provider's broken stream).
-    let mock = Mock::start(&[]);
-    let mut config = GatewayConfig::new(&mock);
-    config.models = "\n  - name: m\n    targets: [{ provider: mock, model: mock-small }]\n".into();
-    config.tenants = format!("\n  - id: acme\n    keys: [\"{TENANT_KEY}\"]\n");
-    // Room for the whole shared answer (9 MB, more than the sockets hold;
-    // under the 16 MiB a flight keeps for its followers).
-    config.extra = "cache: { max_entry_bytes: 67108864 }\n".into();
-    config.server_extra = "  client_send_timeout_seconds: 1\n".into();
-    let gw = Gateway::start(&config);
+    let (mock, gw) = cached_with_a_short_send_timeout();
     // The answer waits a second: time for the second request to join.
     mock.fault(json!({"first_token_ms": 1000, "count": 1, "path": "/v1/chat/completions"}));
     let body = json!({"model": "m", "stream": true, "temperature": 0, "mock_tokens": 40000,
                       "max_tokens": 40000, "messages": [{"role": "user", "content": "shared"}]});
-    let port = gw.port;
-    let request = body.to_string();
+    let (port, request) = (gw.port, body.clone());
     let (stop, stopped) = std::sync::mpsc::channel::<()>();
     let leader = std::thread::spawn(move || {
-        let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-        use nix::sys::socket::{setsockopt, sockopt::RcvBuf};
-        setsockopt(&conn, RcvBuf, &(64 * 1024)).unwrap();
-        write!(
-            conn,
-            "POST {CHAT} HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {TENANT_KEY}\r\n\
-             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{request}",
-            request.len()
-        )
-        .unwrap();
+        let conn = connect_with_receive_buffer(port, 64 * 1024);
+        let _conn = post_chat_on(conn, &request);
         // Holds the connection, unread, until the test is done.
         let _ = stopped.recv_timeout(Duration::from_secs(60));
     });
@@ -1157,28 +1161,13 @@ fn a_cache_leader_read_steadily_but_slowly_is_not_cut() {
     // A deterministic stream (one that others could follow) of 9 MB, read
     // at 1 MiB/s with a send timeout of one second: its sends wait longer
     // than that, but the client keeps taking, so it gets all of it.
-    let mock = Mock::start(&[]);
-    let mut config = GatewayConfig::new(&mock);
-    config.models = "\n  - name: m\n    targets: [{ provider: mock, model: mock-small }]\n".into();
-    config.tenants = format!("\n  - id: acme\n    keys: [\"{TENANT_KEY}\"]\n");
-    config.extra = "cache: { max_entry_bytes: 67108864 }\n".into();
-    config.server_extra = "  client_send_timeout_seconds: 1\n".into();
-    let gw = Gateway::start(&config);
+    let (_mock, gw) = cached_with_a_short_send_timeout();
     let body = json!({"model": "m", "stream": true, "temperature": 0, "mock_tokens": 40000,
-                      "max_tokens": 40000, "messages": [{"role": "user", "content": "slowly"}]})
-    .to_string();
-    let mut conn = connect_with_receive_buffer(gw.port, 256 * 1024);
-    conn.set_read_timeout(Some(Duration::from_secs(20)))
-        .unwrap();
-    write!(
-        conn,
-        "POST {CHAT} HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {TENANT_KEY}\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
+                      "max_tokens": 40000, "messages": [{"role": "user", "content": "slowly"}]});
+    let mut conn = post_chat_on(connect_with_receive_buffer(gw.port, 256 * 1024), &body);
     let (mut got, mut buf, reading) = (Vec::new(), vec![0u8; 64 * 1024], Instant::now());
-    loop {
+    // Until the body's last chunk, or a cut.
+    while !got.ends_with(b"\r\n0\r\n\r\n") {
         match conn.read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => got.extend_from_slice(&buf[..n]),
