@@ -177,9 +177,10 @@ impl ProxyHttp for Gateway {
         // served after it, in order (RFC 9112 9.3.2), rather than dropped
         // with the connection.
         session.as_downstream_mut().set_pipelining_enabled(true);
-        // A client that stops reading holds its connection and the task
-        // serving it for this long at most (the stream copy bounds its own
-        // sends by the attempt's deadline too).
+        // A client that stops reading (takes under 16 KiB/s of a waiting
+        // write) holds its connection and the task serving it for this
+        // long at most: `client::write_body`, and the stream copy's own
+        // bound while it runs.
         let send_timeout = self.config.server.client_send_timeout;
         session.set_write_timeout(Some(send_timeout));
         ctx.request_id = respond::request_id(session);
