@@ -75,6 +75,9 @@ pub struct StreamMeter {
     /// A Responses API stream: its response's id, and whether its end
     /// (`response.completed`, `incomplete`, `failed`, or `error`) went by.
     response_id: Option<String>,
+    /// The number the next Responses API event takes: one past the last
+    /// one's `sequence_number` (counted on when one has none).
+    next_sequence: u64,
     saw_response_end: bool,
     /// The Responses stream ended with its answer (`response.completed` or
     /// `incomplete`, not a failure).
@@ -157,6 +160,7 @@ impl StreamMeter {
             saw_finish: false,
             finish_reasons: Vec::new(),
             response_id: None,
+            next_sequence: 0,
             saw_response_end: false,
             saw_response_answer: false,
             malformed: 0,
@@ -401,6 +405,7 @@ impl StreamMeter {
     /// Notes a Responses stream event's type (`payload`, the event):
     /// whether it ends the stream, and with its answer or an error.
     fn note_event_kind(&mut self, kind: &str, payload: &[u8]) {
+        self.next_sequence = self.next_sequence.saturating_add(1);
         let answer = ends_with_answer(kind);
         let failure = matches!(kind, "response.failed" | "error");
         self.saw_response_answer |= answer;
@@ -503,6 +508,9 @@ impl StreamMeter {
             }
         }
         if let Some(kind) = probe.event_type() {
+            if let Some(number) = probe.sequence_number() {
+                self.next_sequence = number;
+            }
             self.note_event_kind(kind, payload);
             // A Responses stream that sent no deltas (only `.done` events)
             // has its text in its final response: counted from there when
@@ -738,6 +746,13 @@ impl StreamMeter {
     /// The Responses API response this stream carries, once named.
     pub fn response_id(&self) -> Option<&str> {
         self.response_id.as_deref()
+    }
+
+    /// The `sequence_number` an event the gateway adds to a Responses API
+    /// stream takes: one past the last event's (SDKs resuming a stream
+    /// `starting_after` a number pass on only events past it).
+    pub fn next_sequence_number(&self) -> u64 {
+        self.next_sequence
     }
 
     /// The usage the provider reported, or the gateway's count of what

@@ -406,6 +406,56 @@ fn a_responses_stream_ending_with_an_event_too_long_to_hold_is_finished_and_bill
 }
 
 #[test]
+fn the_next_responses_event_is_numbered_one_past_the_last() {
+    let event = |kind: &str, number: &str, more: &str| {
+        let number = match number {
+            "" => String::new(),
+            n => format!(",\"sequence_number\":{n}"),
+        };
+        format!("event: {kind}\ndata: {{\"type\":\"{kind}\"{number}{more}}}\n\n")
+    };
+    let created = event(
+        "response.created",
+        "0",
+        r#","response":{"id":"resp_1","status":"in_progress"}"#,
+    );
+    let delta = |n: &str| event("response.output_text.delta", n, r#","delta":"xx""#);
+    let mut meter = StreamMeter::new(false);
+    assert_eq!(meter.next_sequence_number(), 0, "none yet");
+    run(&mut meter, &created, 7);
+    assert_eq!(meter.next_sequence_number(), 1);
+    // Alike but for their numbers: each is read for its own.
+    run(
+        &mut meter,
+        &[delta("1"), delta("2"), delta("3")].concat(),
+        5,
+    );
+    assert_eq!(meter.next_sequence_number(), 4);
+    // A provider's gap is kept; an event with no number (or one that is
+    // not a whole number) is counted on from the last.
+    run(&mut meter, &delta("9"), 64);
+    assert_eq!(meter.next_sequence_number(), 10);
+    run(
+        &mut meter,
+        &[delta(""), delta("\"x\""), delta("-1")].concat(),
+        64,
+    );
+    assert_eq!(meter.next_sequence_number(), 13);
+    // One too long to hold counts too.
+    let long = format!(r#","delta":"{}""#, "y".repeat(MAX_LINE_BYTES * 2));
+    run(
+        &mut meter,
+        &event("response.output_text.delta", "13", &long),
+        64 * 1024,
+    );
+    assert_eq!(meter.next_sequence_number(), 14);
+    // Chat completion chunks have no type: nothing counts.
+    let mut chat = StreamMeter::new(false);
+    run(&mut chat, &stream_events(false).concat(), 64);
+    assert_eq!(chat.next_sequence_number(), 0);
+}
+
+#[test]
 fn an_empty_usage_object_reports_nothing_and_is_counted() {
     let body =
         br#"{"choices":[{"message":{"role":"assistant","content":"hello there"}}],"usage":{}}"#;

@@ -275,7 +275,9 @@ impl Gateway {
                     let error = ApiError::upstream_error(
                         "The stream this request shared with an identical one broke off.",
                     );
-                    let event = error.sse_event_for(plan.endpoint);
+                    // (Only completions and embeddings are kept: never a
+                    // Responses stream.)
+                    let event = error.sse_event();
                     let _ = session.write_response_body(Some(event), true).await;
                     return Ok(true);
                 }

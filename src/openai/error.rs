@@ -441,10 +441,11 @@ impl ApiError {
     }
 
     /// The error event that ends a broken stream of `endpoint`: the
-    /// Responses API's typed `error` event, else [`ApiError::sse_event`].
-    pub fn sse_event_for(&self, endpoint: super::Endpoint) -> Bytes {
+    /// Responses API's typed `error` event (numbered `sequence_number`, one
+    /// past the last event the client got), else [`ApiError::sse_event`].
+    pub fn sse_event_for(&self, endpoint: super::Endpoint, sequence_number: u64) -> Bytes {
         if endpoint == super::Endpoint::Responses {
-            self.responses_sse_event()
+            self.responses_sse_event(sequence_number)
         } else {
             self.sse_event()
         }
@@ -452,13 +453,13 @@ impl ApiError {
 
     /// The same error as a Responses API `error` event, for a Responses
     /// stream that breaks after bytes reached the client.
-    fn responses_sse_event(&self) -> Bytes {
+    fn responses_sse_event(&self, sequence_number: u64) -> Bytes {
         let event = serde_json::json!({
             "type": "error",
             "code": self.code,
             "message": self.message,
             "param": self.param,
-            "sequence_number": 0,
+            "sequence_number": sequence_number,
         });
         Bytes::from(format!("event: error\ndata: {event}\n\n"))
     }

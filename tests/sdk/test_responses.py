@@ -362,6 +362,10 @@ def test_a_stream_that_breaks_ends_with_the_responses_error_event(gateway, mocks
     # to the caller; there is no `response.completed`).
     assert events[-1].type == "error"
     assert "broke off" in events[-1].message
+    # Numbered after the last event the client got: an SDK resuming the
+    # stream `starting_after` a number passes on only events past it.
+    numbers = [e.sequence_number for e in events]
+    assert numbers == list(range(len(events))), numbers
     with pytest.raises(RuntimeError, match="response.completed"):
         for mock in (a, b):
             mock.fault({"disconnect_after_chunks": 3, "count": 1, "path": "/v1/responses"})
@@ -383,4 +387,11 @@ def test_llmock_responses_through_the_gateway(gateway, llmock):
     assert text == want.output_text
     journal = [r for r in llmock.journal() if "responses" in json.dumps(r)]
     assert journal
+    # A stream llmock breaks once text went out ends with the error event,
+    # numbered after llmock's own events.
+    llmock.scenario({"type": "stream_fault", "kind": "disconnect", "after_chunks": 6, "times": 1})
+    events = list(client.responses.create(model="ext", input="Hello there", stream=True))
+    assert events[-1].type == "error" and "broke off" in events[-1].message, events[-1]
+    numbers = [e.sequence_number for e in events]
+    assert numbers == list(range(len(events))) and len(events) > 2, numbers
     assert not re.search(r"sk-sdk", json.dumps(journal))

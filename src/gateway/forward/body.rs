@@ -388,6 +388,15 @@ impl Meter {
         }
     }
 
+    /// The `sequence_number` of an event the gateway adds to a Responses
+    /// API stream (0 for any other body).
+    fn next_sequence_number(&self) -> u64 {
+        match self {
+            Meter::Stream(meter) => meter.next_sequence_number(),
+            _ => 0,
+        }
+    }
+
     /// Whether a completion stream ended before it finished (no
     /// `finish_reason`, no `[DONE]`): cut short, however cleanly.
     fn cut_short(&self) -> bool {
@@ -1204,7 +1213,7 @@ impl Copy<'_> {
             // The provider's own error event said it already.
             Bytes::new()
         } else if matches!(meter, Meter::Stream(_) | Meter::Translated(_)) {
-            error.sse_event_for(self.endpoint)
+            error.sse_event_for(self.endpoint, meter.next_sequence_number())
         } else {
             client.abort().await;
             return;

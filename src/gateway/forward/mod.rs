@@ -306,7 +306,8 @@ impl Forwarder {
             error.message
         );
         client
-            .fail(ApiError::upstream_error(message).sse_event_for(exchange.endpoint))
+            // (Only chat completion streams are resumed.)
+            .fail(ApiError::upstream_error(message).sse_event())
             .await;
         Ok(())
     }
