@@ -205,9 +205,6 @@ pub(super) struct Probe<'a> {
     error: Option<&'a RawValue>,
     #[serde(borrow, default, rename = "type")]
     kind: Option<&'a RawValue>,
-    /// A Responses API event's number in its stream.
-    #[serde(borrow, default)]
-    sequence_number: Option<&'a RawValue>,
     /// The answer's identity, for a usage chunk the gateway adds (and the
     /// resumable record): there even when `null`.
     #[serde(borrow, default, deserialize_with = "crate::json::present")]
@@ -595,11 +592,6 @@ impl Probe<'_> {
     pub(super) fn response_id(&self) -> Option<&str> {
         let id = self.response.as_ref()?.id?.get();
         id.strip_prefix('"')?.strip_suffix('"')
-    }
-
-    /// A Responses API event's `sequence_number`, when a whole number.
-    pub(super) fn sequence_number(&self) -> Option<u64> {
-        self.sequence_number?.get().parse().ok()
     }
 }
 

@@ -75,9 +75,12 @@ pub struct StreamMeter {
     /// A Responses API stream: its response's id, and whether its end
     /// (`response.completed`, `incomplete`, `failed`, or `error`) went by.
     response_id: Option<String>,
-    /// The number the next Responses API event takes: one past the last
-    /// one's `sequence_number` (counted on when one has none).
+    /// The number the next Responses API event takes: past every
+    /// `sequence_number` seen, and one past the count of events.
     next_sequence: u64,
+    /// What ends the event the client has only part of: nothing at an
+    /// event's end, else the line ends it lacks (`"\n"` or `"\n\n"`).
+    event_end: &'static [u8],
     saw_response_end: bool,
     /// The Responses stream ended with its answer (`response.completed` or
     /// `incomplete`, not a failure).
@@ -134,6 +137,28 @@ enum Cut {
     At(Range<usize>),
 }
 
+/// A Responses API event's `sequence_number`: the whole number after the
+/// first `"sequence_number":` in `json` (OpenAI writes it second, so the
+/// head of an event too long to hold has it). Found by a scan rather than
+/// by serde, which would refuse an event that repeats the member; one
+/// found elsewhere in the event can only make the gateway's own number
+/// larger, never one an SDK would take as already seen.
+fn sequence_number(json: &[u8]) -> Option<u64> {
+    const KEY: &[u8] = b"\"sequence_number\"";
+    let after = &json[memchr::memmem::find(json, KEY)? + KEY.len()..];
+    let after = after
+        .trim_ascii_start()
+        .strip_prefix(b":")?
+        .trim_ascii_start();
+    let digits = after.iter().take_while(|b| b.is_ascii_digit()).count();
+    let number = std::str::from_utf8(&after[..digits]).ok()?;
+    match after.get(digits) {
+        // A fraction or exponent: not a whole number.
+        Some(b'.' | b'e' | b'E') => None,
+        _ => number.parse().ok(),
+    }
+}
+
 /// Whether a Responses stream event of type `kind` ends the stream with
 /// its answer (`response.completed`, or `response.incomplete`).
 fn ends_with_answer(kind: &str) -> bool {
@@ -161,6 +186,7 @@ impl StreamMeter {
             finish_reasons: Vec::new(),
             response_id: None,
             next_sequence: 0,
+            event_end: b"",
             saw_response_end: false,
             saw_response_answer: false,
             malformed: 0,
@@ -291,11 +317,31 @@ impl StreamMeter {
     /// What was written in `out`, to go on; the buffer is kept for the
     /// next chunk unless a large one grew it.
     fn hand_out(&mut self, mut out: BytesMut) -> Bytes {
+        self.note_handed_out(&out);
         let written = out.split().freeze();
         if written.len() + out.capacity() <= KEPT_EVENT_BYTES {
             self.out = out;
         }
         written
+    }
+
+    /// Notes where what goes to the client ends: after an event, after a
+    /// line of one, or inside a line.
+    fn note_handed_out(&mut self, out: &[u8]) {
+        self.event_end = match out {
+            [] => self.event_end,
+            [.., b'\n', b'\n'] => b"",
+            [b'\n'] if self.event_end == b"\n" => b"",
+            [.., b'\n'] => b"\n",
+            _ => b"\n\n",
+        };
+    }
+
+    /// What the client needs before an event the gateway adds: the end of
+    /// the event it has only part of (the provider's last one may lack its
+    /// blank line; one too long to hold goes on as it comes), else nothing.
+    pub fn event_end(&self) -> &'static [u8] {
+        self.event_end
     }
 
     /// One complete line, ending in `\n` (blank: that alone, as in SSE;
@@ -389,7 +435,7 @@ impl StreamMeter {
             if matches!(kind, "response.failed" | "error") {
                 self.note_event_kind(kind, &kept());
             } else {
-                self.note_event_kind(kind, b"");
+                self.note_event_kind(kind, &head);
             }
         } else {
             let kept = kept();
@@ -405,7 +451,11 @@ impl StreamMeter {
     /// Notes a Responses stream event's type (`payload`, the event):
     /// whether it ends the stream, and with its answer or an error.
     fn note_event_kind(&mut self, kind: &str, payload: &[u8]) {
-        self.next_sequence = self.next_sequence.saturating_add(1);
+        let counted = self.next_sequence.saturating_add(1);
+        self.next_sequence = match sequence_number(payload) {
+            Some(number) => counted.max(number.saturating_add(1)),
+            None => counted,
+        };
         let answer = ends_with_answer(kind);
         let failure = matches!(kind, "response.failed" | "error");
         self.saw_response_answer |= answer;
@@ -508,9 +558,6 @@ impl StreamMeter {
             }
         }
         if let Some(kind) = probe.event_type() {
-            if let Some(number) = probe.sequence_number() {
-                self.next_sequence = number;
-            }
             self.note_event_kind(kind, payload);
             // A Responses stream that sent no deltas (only `.done` events)
             // has its text in its final response: counted from there when
@@ -648,6 +695,7 @@ impl StreamMeter {
             self.oversized = false;
             self.judge_oversized();
             out.extend_from_slice(&rest);
+            self.note_handed_out(&out);
             return out.freeze();
         }
         self.event.extend_from_slice(&rest);
@@ -662,6 +710,7 @@ impl StreamMeter {
                 Verdict::Malformed => self.malformed += 1,
             }
         }
+        self.note_handed_out(&out);
         out.freeze()
     }
 

@@ -406,7 +406,7 @@ fn a_responses_stream_ending_with_an_event_too_long_to_hold_is_finished_and_bill
 }
 
 #[test]
-fn the_next_responses_event_is_numbered_one_past_the_last() {
+fn the_next_responses_event_is_numbered_past_every_one_seen() {
     let event = |kind: &str, number: &str, more: &str| {
         let number = match number {
             "" => String::new(),
@@ -427,32 +427,71 @@ fn the_next_responses_event_is_numbered_one_past_the_last() {
     // Alike but for their numbers: each is read for its own.
     run(
         &mut meter,
-        &[delta("1"), delta("2"), delta("3")].concat(),
+        &[delta("1"), delta("2"), delta(" 3 ")].concat(),
         5,
     );
     assert_eq!(meter.next_sequence_number(), 4);
-    // A provider's gap is kept; an event with no number (or one that is
-    // not a whole number) is counted on from the last.
-    run(&mut meter, &delta("9"), 64);
-    assert_eq!(meter.next_sequence_number(), 10);
-    run(
-        &mut meter,
-        &[delta(""), delta("\"x\""), delta("-1")].concat(),
-        64,
-    );
-    assert_eq!(meter.next_sequence_number(), 13);
-    // One too long to hold counts too.
+    // Past a provider's gap, and past its highest when it goes back.
+    run(&mut meter, &[delta("9"), delta("4")].concat(), 64);
+    assert_eq!(meter.next_sequence_number(), 11);
+    // An event with no number, or one that is not a whole number, is
+    // counted on from the last.
+    let odd = [
+        delta(""),
+        delta("\"x\""),
+        delta("-1"),
+        delta("12.5"),
+        delta("1e9"),
+    ];
+    run(&mut meter, &odd.concat(), 64);
+    assert_eq!(meter.next_sequence_number(), 16);
+    // One that repeats the member is read (and passed on) as any other.
+    let twice = delta("16,\"sequence_number\":16");
+    assert_eq!(run(&mut meter, &twice, 64), twice, "passed on whole");
+    assert_eq!(meter.next_sequence_number(), 17);
+    // One too long to hold is numbered from its head.
     let long = format!(r#","delta":"{}""#, "y".repeat(MAX_LINE_BYTES * 2));
     run(
         &mut meter,
-        &event("response.output_text.delta", "13", &long),
+        &event("response.output_text.delta", "40", &long),
         64 * 1024,
     );
-    assert_eq!(meter.next_sequence_number(), 14);
+    assert_eq!(meter.next_sequence_number(), 41);
     // Chat completion chunks have no type: nothing counts.
     let mut chat = StreamMeter::new(false);
     run(&mut chat, &stream_events(false).concat(), 64);
     assert_eq!(chat.next_sequence_number(), 0);
+}
+
+#[test]
+fn an_event_the_client_has_only_part_of_is_ended_before_the_gateways() {
+    let feed = |meter: &mut StreamMeter, text: &str| meter.feed(Bytes::from(text.to_owned()));
+    let mut meter = StreamMeter::new(false);
+    assert_eq!(meter.event_end(), b"", "nothing sent");
+    feed(
+        &mut meter,
+        "data: {\"type\":\"a\"}\n\ndata: {\"type\":\"b\"}",
+    );
+    assert_eq!(meter.event_end(), b"", "the second waits for its line end");
+    // The body ends without the last event's blank line, or its line end.
+    let mut no_blank = StreamMeter::new(false);
+    feed(&mut no_blank, "data: {\"type\":\"a\"}\n");
+    no_blank.finish();
+    assert_eq!(no_blank.event_end(), b"\n");
+    meter.finish();
+    assert_eq!(meter.event_end(), b"\n\n");
+    // An event too long to hold goes on as it comes.
+    let mut long = StreamMeter::new(false);
+    let head = format!(
+        "data: {{\"type\":\"a\",\"delta\":\"{}",
+        "y".repeat(MAX_LINE_BYTES * 2)
+    );
+    feed(&mut long, &head);
+    assert_eq!(long.event_end(), b"\n\n");
+    feed(&mut long, "\"}\n");
+    assert_eq!(long.event_end(), b"\n");
+    feed(&mut long, "\n");
+    assert_eq!(long.event_end(), b"");
 }
 
 #[test]

@@ -395,3 +395,86 @@ def test_llmock_responses_through_the_gateway(gateway, llmock):
     numbers = [e.sequence_number for e in events]
     assert numbers == list(range(len(events))) and len(events) > 2, numbers
     assert not re.search(r"sk-sdk", json.dumps(journal))
+
+
+def serve_once_then_close(answer: bytes):
+    """A provider we wrote by hand: health checks get `{}`, every POST gets
+    `answer` (a close-delimited body) and the connection closes."""
+    import socket
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+
+    def serve(conn):
+        with conn:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                got = conn.recv(65536)
+                if not got:
+                    return
+                head += got
+            if head.startswith(b"GET"):
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
+                return
+            length = int(re.search(rb"(?i)content-length:\s*(\d+)", head).group(1))
+            body = head.split(b"\r\n\r\n", 1)[1]
+            while len(body) < length:
+                body += conn.recv(65536)
+            conn.sendall(answer)
+
+    def accept():
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    return listener
+
+
+def test_a_break_after_an_unended_event_is_numbered_past_every_event_and_read_apart():
+    # Numbers with a gap and one going back, and a last event the body ends
+    # in without its blank line: the gateway's error event comes after it,
+    # numbered past the highest, not glued to it (the SDK would fail to
+    # read both).
+    def event(kind, number, more):
+        data = {"type": kind, "sequence_number": number, **more}
+        return f"event: {kind}\ndata: {json.dumps(data)}".encode()
+
+    events = [
+        event("response.created", 0, {"response": {"id": "resp_raw", "object": "response", "status": "in_progress"}}),
+        event("response.output_text.delta", 1, {"item_id": "m", "output_index": 0, "content_index": 0, "delta": "Hel"}),
+        event("response.output_text.delta", 9, {"item_id": "m", "output_index": 0, "content_index": 0, "delta": "lo"}),
+        event("response.output_text.delta", 4, {"item_id": "m", "output_index": 0, "content_index": 0, "delta": " the"}),
+        event("response.output_text.delta", 5, {"item_id": "m", "output_index": 0, "content_index": 0, "delta": "re"}),
+    ]
+    answer = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n"
+              + b"\n\n".join(events) + b"\n")
+    provider = serve_once_then_close(answer)
+    port = provider.getsockname()[1]
+
+    def config(gw_port, metrics_port, directory):
+        return server_yaml(gw_port, metrics_port, directory) + f"""
+providers:
+  - {{ name: raw, base_url: "http://127.0.0.1:{port}/v1", api_key: "{PROVIDER_KEY}" }}
+models:
+  - name: raw
+    targets: [{{ provider: raw, model: m }}]
+tenants:
+  - id: acme
+    keys: ["{TENANT_KEY}"]
+"""
+
+    gateway = Runestone(config)
+    try:
+        got = list(gateway.client().responses.create(model="raw", input="hi", stream=True))
+    finally:
+        gateway.stop()
+        provider.close()
+    assert [e.sequence_number for e in got] == [0, 1, 9, 4, 5, 12], [(e.type, e.sequence_number) for e in got]
+    assert "".join(e.delta for e in got[1:5]) == "Hello there"
+    assert got[-1].type == "error" and "ended the stream before it finished" in got[-1].message, got[-1]

@@ -388,15 +388,6 @@ impl Meter {
         }
     }
 
-    /// The `sequence_number` of an event the gateway adds to a Responses
-    /// API stream (0 for any other body).
-    fn next_sequence_number(&self) -> u64 {
-        match self {
-            Meter::Stream(meter) => meter.next_sequence_number(),
-            _ => 0,
-        }
-    }
-
     /// Whether a completion stream ended before it finished (no
     /// `finish_reason`, no `[DONE]`): cut short, however cleanly.
     fn cut_short(&self) -> bool {
@@ -1212,8 +1203,12 @@ impl Copy<'_> {
         let last = if meter.carried_error() {
             // The provider's own error event said it already.
             Bytes::new()
-        } else if matches!(meter, Meter::Stream(_) | Meter::Translated(_)) {
-            error.sse_event_for(self.endpoint, meter.next_sequence_number())
+        } else if let Meter::Stream(stream) = meter {
+            // Not glued to an event the client has only part of.
+            let event = error.sse_event_for(self.endpoint, stream.next_sequence_number());
+            [stream.event_end(), &event].concat().into()
+        } else if let Meter::Translated(_) = meter {
+            error.sse_event()
         } else {
             client.abort().await;
             return;
