@@ -75,16 +75,16 @@ pub struct StreamMeter {
     /// A Responses API stream: its response's id, and whether its end
     /// (`response.completed`, `incomplete`, `failed`, or `error`) went by.
     response_id: Option<String>,
+    saw_response_end: bool,
+    /// The Responses stream ended with its answer (`response.completed` or
+    /// `incomplete`, not a failure).
+    saw_response_answer: bool,
     /// The number the next Responses API event takes: past every
     /// `sequence_number` seen, and one past the count of events.
     next_sequence: u64,
     /// What ends the event the client has only part of: nothing at an
     /// event's end, else the line ends it lacks (`"\n"` or `"\n\n"`).
     event_end: &'static [u8],
-    saw_response_end: bool,
-    /// The Responses stream ended with its answer (`response.completed` or
-    /// `incomplete`, not a failure).
-    saw_response_answer: bool,
     /// Events left out because they were not JSON.
     malformed: u64,
     /// Stop at an event that is not JSON (see [`StreamMeter::halt_on_malformed`]).
@@ -185,10 +185,10 @@ impl StreamMeter {
             saw_finish: false,
             finish_reasons: Vec::new(),
             response_id: None,
-            next_sequence: 0,
-            event_end: b"",
             saw_response_end: false,
             saw_response_answer: false,
+            next_sequence: 0,
+            event_end: b"",
             malformed: 0,
             halt_on_malformed: false,
             halted: false,
@@ -798,7 +798,7 @@ impl StreamMeter {
     }
 
     /// The `sequence_number` an event the gateway adds to a Responses API
-    /// stream takes: one past the last event's (SDKs resuming a stream
+    /// stream takes: past every event's (SDKs resuming a stream
     /// `starting_after` a number pass on only events past it).
     pub fn next_sequence_number(&self) -> u64 {
         self.next_sequence
