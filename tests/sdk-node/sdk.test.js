@@ -76,6 +76,20 @@ test('responses: create, stream, retrieve, input items, delete; another tenant g
   await assert.rejects(client.responses.retrieve(created.id), OpenAI.NotFoundError);
 });
 
+test('a Responses stream that breaks after its text began ends with the error event, numbered past the others', async () => {
+  await mock.fault({ disconnect_after_chunks: 6, count: 1, path: '/v1/responses' });
+  const events = [];
+  const stream = await client.responses.create({ model: 'gpt-4o-mini', input: 'hi', stream: true, max_output_tokens: 20 });
+  for await (const event of stream) events.push(event);
+  const last = events.at(-1);
+  assert.equal(last.type, 'error');
+  assert.match(last.message, /broke off|before it finished/);
+  assert.ok(events.some((e) => e.type === 'response.output_text.delta'));
+  // The SDK's ResponseStream, resuming `starting_after` a number, passes
+  // on only events numbered past it.
+  assert.deepEqual(events.map((e) => e.sequence_number), events.map((_, i) => i));
+});
+
 test('moderations, images, speech and a multipart transcription', async () => {
   const moderation = await client.moderations.create({ input: ['fine', 'flagme'] });
   assert.deepEqual(moderation.results.map((r) => r.flagged), [false, true]);
