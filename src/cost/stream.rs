@@ -85,6 +85,9 @@ pub struct StreamMeter {
     /// What ends the event the client has only part of: nothing at an
     /// event's end, else the line ends it lacks (`"\n"` or `"\n\n"`).
     event_end: &'static [u8],
+    /// The body ended inside a line of an event too long to hold, which
+    /// went on as it came: the client has part of a line.
+    torn: bool,
     /// Events left out because they were not JSON.
     malformed: u64,
     /// Stop at an event that is not JSON (see [`StreamMeter::halt_on_malformed`]).
@@ -137,26 +140,36 @@ enum Cut {
     At(Range<usize>),
 }
 
-/// A Responses API event's `sequence_number`: the whole number after the
-/// first `"sequence_number":` in `json` (OpenAI writes it second, so the
-/// head of an event too long to hold has it). Found by a scan rather than
-/// by serde, which would refuse an event that repeats the member; one
-/// found elsewhere in the event can only make the gateway's own number
-/// larger, never one an SDK would take as already seen.
+/// A Responses API event's `sequence_number`, as the largest whole number
+/// after a `"sequence_number":` anywhere in `json`. Found by a scan rather
+/// than by serde, which refuses an event that repeats the member, and
+/// reads the kept head and tail of an event too long to hold; one found
+/// elsewhere in the event (in a string, a nested object) can only make
+/// the gateway's own number larger, never one an SDK would take as
+/// already seen.
 fn sequence_number(json: &[u8]) -> Option<u64> {
     const KEY: &[u8] = b"\"sequence_number\"";
-    let after = &json[memchr::memmem::find(json, KEY)? + KEY.len()..];
-    let after = after
-        .trim_ascii_start()
-        .strip_prefix(b":")?
-        .trim_ascii_start();
-    let digits = after.iter().take_while(|b| b.is_ascii_digit()).count();
-    let number = std::str::from_utf8(&after[..digits]).ok()?;
-    match after.get(digits) {
-        // A fraction or exponent: not a whole number.
-        Some(b'.' | b'e' | b'E') => None,
-        _ => number.parse().ok(),
-    }
+    memchr::memmem::find_iter(json, KEY)
+        .filter_map(|at| {
+            let after = json[at + KEY.len()..]
+                .trim_ascii_start()
+                .strip_prefix(b":")?
+                .trim_ascii_start();
+            let digits = after.iter().take_while(|b| b.is_ascii_digit()).count();
+            match after.get(digits) {
+                // A fraction or exponent: not a whole number.
+                Some(b'.' | b'e' | b'E') => None,
+                _ => std::str::from_utf8(&after[..digits]).ok()?.parse().ok(),
+            }
+        })
+        .max()
+}
+
+/// The number the event after `json` takes, when `next` was its own: one
+/// more, or past its `sequence_number`.
+fn numbered_after(next: u64, json: &[u8]) -> u64 {
+    let counted = next.saturating_add(1);
+    sequence_number(json).map_or(counted, |number| counted.max(number.saturating_add(1)))
 }
 
 /// Whether a Responses stream event of type `kind` ends the stream with
@@ -189,6 +202,7 @@ impl StreamMeter {
             saw_response_answer: false,
             next_sequence: 0,
             event_end: b"",
+            torn: false,
             malformed: 0,
             halt_on_malformed: false,
             halted: false,
@@ -344,6 +358,13 @@ impl StreamMeter {
         self.event_end
     }
 
+    /// Whether the client has part of a line of an event too long to hold
+    /// (the body broke or ended inside it): no event can follow it that
+    /// an SDK would read.
+    pub fn torn(&self) -> bool {
+        self.torn || (self.oversized && self.event_end == b"\n\n")
+    }
+
     /// One complete line, ending in `\n` (blank: that alone, as in SSE;
     /// a line of spaces is no blank line).
     fn line(&mut self, line: &[u8], out: &mut BytesMut) {
@@ -432,11 +453,7 @@ impl StreamMeter {
         // An error is read from what was kept of it.
         let kept = || [&head[..], &tail[..]].concat();
         if let Some(kind) = event_kind(&head) {
-            if matches!(kind, "response.failed" | "error") {
-                self.note_event_kind(kind, &kept());
-            } else {
-                self.note_event_kind(kind, &head);
-            }
+            self.note_event_kind(kind, &kept());
         } else {
             let kept = kept();
             if crate::openai::kept_event_is_error(&kept) {
@@ -451,11 +468,7 @@ impl StreamMeter {
     /// Notes a Responses stream event's type (`payload`, the event):
     /// whether it ends the stream, and with its answer or an error.
     fn note_event_kind(&mut self, kind: &str, payload: &[u8]) {
-        let counted = self.next_sequence.saturating_add(1);
-        self.next_sequence = match sequence_number(payload) {
-            Some(number) => counted.max(number.saturating_add(1)),
-            None => counted,
-        };
+        self.next_sequence = numbered_after(self.next_sequence, payload);
         let answer = ends_with_answer(kind);
         let failure = matches!(kind, "response.failed" | "error");
         self.saw_response_answer |= answer;
@@ -696,9 +709,13 @@ impl StreamMeter {
             self.judge_oversized();
             out.extend_from_slice(&rest);
             self.note_handed_out(&out);
+            self.torn = self.event_end == b"\n\n";
             return out.freeze();
         }
-        self.event.extend_from_slice(&rest);
+        // An unended `id` line is left out, as any other (see `line`).
+        if !(rest.starts_with(b"id") && field(&rest) == b"id") {
+            self.event.extend_from_slice(&rest);
+        }
         let event = std::mem::take(&mut self.event);
         if !event.is_empty() {
             match self.judge(&event) {
@@ -801,6 +818,11 @@ impl StreamMeter {
     /// stream takes: past every event's (SDKs resuming a stream
     /// `starting_after` a number pass on only events past it).
     pub fn next_sequence_number(&self) -> u64 {
+        // One too long to hold that the client has part of counts too.
+        if self.oversized && event_kind(&self.oversized_head).is_some() {
+            let next = numbered_after(self.next_sequence, &self.oversized_head);
+            return next.max(numbered_after(self.next_sequence, &self.oversized_tail));
+        }
         self.next_sequence
     }
 

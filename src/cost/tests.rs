@@ -449,14 +449,47 @@ fn the_next_responses_event_is_numbered_past_every_one_seen() {
     let twice = delta("16,\"sequence_number\":16");
     assert_eq!(run(&mut meter, &twice, 64), twice, "passed on whole");
     assert_eq!(meter.next_sequence_number(), 17);
-    // One too long to hold is numbered from its head.
+    // Past its largest, wherever the member is: a reader takes the last
+    // one, or the top-level one after one in its text.
+    run(&mut meter, &delta("9,\"sequence_number\":20"), 64);
+    assert_eq!(meter.next_sequence_number(), 21);
+    let in_text = r#","delta":"x \"sequence_number","sequence_number":30"#;
+    run(
+        &mut meter,
+        &event("response.output_text.delta", "", in_text),
+        64,
+    );
+    assert_eq!(meter.next_sequence_number(), 31);
+    // (One in a nested object only makes it larger.)
+    let nested = r#","item":{"sequence_number":99},"sequence_number":31"#;
+    run(
+        &mut meter,
+        &event("response.output_item.added", "", nested),
+        64,
+    );
+    assert_eq!(meter.next_sequence_number(), 100);
+    // One too long to hold is numbered from its head, or its tail.
     let long = format!(r#","delta":"{}""#, "y".repeat(MAX_LINE_BYTES * 2));
     run(
         &mut meter,
-        &event("response.output_text.delta", "40", &long),
+        &event("response.output_text.delta", "140", &long),
         64 * 1024,
     );
-    assert_eq!(meter.next_sequence_number(), 41);
+    assert_eq!(meter.next_sequence_number(), 141);
+    let number_last = format!(r#"{long},"sequence_number":150"#);
+    run(
+        &mut meter,
+        &event("response.output_text.delta", "", &number_last),
+        64 * 1024,
+    );
+    assert_eq!(meter.next_sequence_number(), 151);
+    // And while the client has only part of it.
+    let head = format!(
+        "data: {{\"type\":\"response.output_text.delta\",\"sequence_number\":160,\"delta\":\"{}",
+        "y".repeat(MAX_LINE_BYTES * 2)
+    );
+    meter.feed(Bytes::from(head));
+    assert_eq!(meter.next_sequence_number(), 161);
     // Chat completion chunks have no type: nothing counts.
     let mut chat = StreamMeter::new(false);
     run(&mut chat, &stream_events(false).concat(), 64);
@@ -492,6 +525,17 @@ fn an_event_the_client_has_only_part_of_is_ended_before_the_gateways() {
     assert_eq!(long.event_end(), b"\n");
     feed(&mut long, "\n");
     assert_eq!(long.event_end(), b"");
+    // Cut inside a line of one: nothing can follow it.
+    assert!(!long.torn());
+    feed(&mut long, &head);
+    assert!(long.torn(), "the body broke inside its line");
+    long.finish();
+    assert!(long.torn(), "the body ended inside its line");
+    // An `id` line the body ends in, unended, is left out as any other.
+    let mut id_last = StreamMeter::new(false);
+    let sent = run(&mut id_last, "data: {\"type\":\"a\"}\n\nid: 7", 64);
+    assert_eq!(sent, "data: {\"type\":\"a\"}\n\n");
+    assert_eq!(id_last.event_end(), b"");
 }
 
 #[test]

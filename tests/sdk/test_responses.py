@@ -436,24 +436,24 @@ def serve_once_then_close(answer: bytes):
     return listener
 
 
-def test_a_break_after_an_unended_event_is_numbered_past_every_event_and_read_apart():
-    # Numbers with a gap and one going back, and a last event the body ends
-    # in without its blank line: the gateway's error event comes after it,
-    # numbered past the highest, not glued to it (the SDK would fail to
-    # read both).
-    def event(kind, number, more):
-        data = {"type": kind, "sequence_number": number, **more}
-        return f"event: {kind}\ndata: {json.dumps(data)}".encode()
+def responses_event(kind, number, more):
+    """A Responses stream event, without the blank line that ends it."""
+    data = {"type": kind, "sequence_number": number, **more}
+    return f"event: {kind}\ndata: {json.dumps(data)}".encode()
 
-    events = [
-        event("response.created", 0, {"response": {"id": "resp_raw", "object": "response", "status": "in_progress"}}),
-        event("response.output_text.delta", 1, {"item_id": "m", "output_index": 0, "content_index": 0, "delta": "Hel"}),
-        event("response.output_text.delta", 9, {"item_id": "m", "output_index": 0, "content_index": 0, "delta": "lo"}),
-        event("response.output_text.delta", 4, {"item_id": "m", "output_index": 0, "content_index": 0, "delta": " the"}),
-        event("response.output_text.delta", 5, {"item_id": "m", "output_index": 0, "content_index": 0, "delta": "re"}),
-    ]
-    answer = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n"
-              + b"\n\n".join(events) + b"\n")
+
+# Numbers with a gap and one going back.
+BROKEN_RESPONSE = [
+    responses_event("response.created", 0, {"response": {"id": "resp_raw", "object": "response", "status": "in_progress"}}),
+    *(responses_event("response.output_text.delta", n, {"item_id": "m", "output_index": 0, "content_index": 0, "delta": d})
+      for n, d in [(1, "Hel"), (9, "lo"), (4, " the"), (5, "re")]),
+]
+
+
+def stream_from_raw_provider(body: bytes):
+    """The SDK's events of a Responses stream through the gateway from a
+    provider answering `body` (close-delimited), or what it raised."""
+    answer = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n" + body
     provider = serve_once_then_close(answer)
     port = provider.getsockname()[1]
 
@@ -470,11 +470,38 @@ tenants:
 """
 
     gateway = Runestone(config)
+    got = []
     try:
-        got = list(gateway.client().responses.create(model="raw", input="hi", stream=True))
+        for event in gateway.client().responses.create(model="raw", input="hi", stream=True):
+            got.append(event)
+    except Exception as e:  # what the SDK raised, after the events it gave
+        return got, e
     finally:
         gateway.stop()
         provider.close()
+    return got, None
+
+
+@pytest.mark.parametrize("ending", ["no blank line", "an id line"])
+def test_a_break_after_the_last_event_is_numbered_past_every_event_and_read_apart(ending):
+    # The last event without its blank line (the gateway's event would be
+    # glued to it), or the body ending in an `id` line with no line end
+    # (ended, it would be an event with no data): the SDK reads every
+    # event, and the gateway's error numbered past the highest.
+    body = b"\n\n".join(BROKEN_RESPONSE) + (b"\n" if ending == "no blank line" else b"\n\nid: 7")
+    got, raised = stream_from_raw_provider(body)
+    assert raised is None, raised
     assert [e.sequence_number for e in got] == [0, 1, 9, 4, 5, 12], [(e.type, e.sequence_number) for e in got]
     assert "".join(e.delta for e in got[1:5]) == "Hello there"
     assert got[-1].type == "error" and "ended the stream before it finished" in got[-1].message, got[-1]
+
+
+def test_a_break_inside_a_line_too_long_to_hold_closes_the_connection():
+    # The event went on as it came and broke off inside its JSON: nothing
+    # after it could be read, so the client's connection is closed (the
+    # SDK raises a connection error, not a JSON one).
+    cut = b'event: response.output_text.delta\ndata: {"type": "response.output_text.delta", "sequence_number": 6, "delta": "'
+    body = b"\n\n".join(BROKEN_RESPONSE) + b"\n\n" + cut + b"y" * (1024 * 1024 + 4096)
+    got, raised = stream_from_raw_provider(body)
+    assert [e.sequence_number for e in got] == [0, 1, 9, 4, 5]
+    assert raised is not None and not isinstance(raised, json.JSONDecodeError), repr(raised)

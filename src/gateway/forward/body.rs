@@ -1198,12 +1198,18 @@ impl Copy<'_> {
     /// an in-band error event and a clean end (no `[DONE]`, so SDKs raise);
     /// any other body (JSON, audio) cannot be repaired, so the connection
     /// is closed and the client sees the truncation. What the provider
-    /// sent decides, not the request's `stream`.
+    /// sent decides, not the request's `stream`. So does a stream whose
+    /// client has part of a line of an event too long to hold: what it has
+    /// cannot be read, and an event after it would not be.
     async fn end_broken(&self, client: &mut dyn Client, meter: &Meter, error: ApiError) {
         let last = if meter.carried_error() {
             // The provider's own error event said it already.
             Bytes::new()
         } else if let Meter::Stream(stream) = meter {
+            if stream.torn() {
+                client.abort().await;
+                return;
+            }
             // Not glued to an event the client has only part of.
             let event = error.sse_event_for(self.endpoint, stream.next_sequence_number());
             [stream.event_end(), &event].concat().into()
