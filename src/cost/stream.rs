@@ -85,9 +85,9 @@ pub struct StreamMeter {
     /// What ends the event the client has only part of: nothing at an
     /// event's end, else the line ends it lacks (`"\n"` or `"\n\n"`).
     event_end: &'static [u8],
-    /// The body ended inside a line of an event too long to hold, which
-    /// went on as it came: the client has part of a line.
-    torn: bool,
+    /// The largest `sequence_number` in the event too long to hold that
+    /// goes on, read as it passes.
+    oversized_number: Option<u64>,
     /// Events left out because they were not JSON.
     malformed: u64,
     /// Stop at an event that is not JSON (see [`StreamMeter::halt_on_malformed`]).
@@ -165,11 +165,11 @@ fn sequence_number(json: &[u8]) -> Option<u64> {
         .max()
 }
 
-/// The number the event after `json` takes, when `next` was its own: one
-/// more, or past its `sequence_number`.
-fn numbered_after(next: u64, json: &[u8]) -> u64 {
+/// The number the event after one numbered `number` takes, when `next`
+/// was its own: one more, or past its number.
+fn numbered_after(next: u64, number: Option<u64>) -> u64 {
     let counted = next.saturating_add(1);
-    sequence_number(json).map_or(counted, |number| counted.max(number.saturating_add(1)))
+    number.map_or(counted, |number| counted.max(number.saturating_add(1)))
 }
 
 /// Whether a Responses stream event of type `kind` ends the stream with
@@ -202,7 +202,7 @@ impl StreamMeter {
             saw_response_answer: false,
             next_sequence: 0,
             event_end: b"",
-            torn: false,
+            oversized_number: None,
             malformed: 0,
             halt_on_malformed: false,
             halted: false,
@@ -358,11 +358,11 @@ impl StreamMeter {
         self.event_end
     }
 
-    /// Whether the client has part of a line of an event too long to hold
-    /// (the body broke or ended inside it): no event can follow it that
-    /// an SDK would read.
+    /// Whether the client has part of a line of an event too long to hold,
+    /// its body having broken off inside it: no event can follow it that
+    /// an SDK would read. (A body that ends, ends its last line.)
     pub fn torn(&self) -> bool {
-        self.torn || (self.oversized && self.event_end == b"\n\n")
+        self.oversized && self.event_end == b"\n\n"
     }
 
     /// One complete line, ending in `\n` (blank: that alone, as in SSE;
@@ -434,6 +434,9 @@ impl StreamMeter {
 
     /// Keeps the head and the tail of an event too long to hold.
     fn keep_oversized(&mut self, bytes: &[u8]) {
+        if let Some(number) = sequence_number(bytes) {
+            self.oversized_number = self.oversized_number.max(Some(number));
+        }
         let room = OVERSIZED_HEAD_BYTES.saturating_sub(self.oversized_head.len());
         self.oversized_head
             .extend_from_slice(&bytes[..room.min(bytes.len())]);
@@ -450,14 +453,24 @@ impl StreamMeter {
     fn judge_oversized(&mut self) {
         let head = std::mem::take(&mut self.oversized_head);
         let tail = std::mem::take(&mut self.oversized_tail);
+        let number = self.oversized_number.take();
         // An error is read from what was kept of it.
         let kept = || [&head[..], &tail[..]].concat();
-        if let Some(kind) = event_kind(&head) {
-            self.note_event_kind(kind, &kept());
-        } else {
-            let kept = kept();
-            if crate::openai::kept_event_is_error(&kept) {
-                self.note_error(&kept);
+        match event_kind(&head) {
+            Some(kind) if matches!(kind, "response.failed" | "error") => {
+                self.note_event_kind(kind, &kept(), number);
+            }
+            Some(kind) => self.note_event_kind(kind, b"", number),
+            None => {
+                // A Responses event whose `type` does not lead is numbered
+                // all the same.
+                if self.response_id.is_some() {
+                    self.next_sequence = numbered_after(self.next_sequence, number);
+                }
+                let kept = kept();
+                if crate::openai::kept_event_is_error(&kept) {
+                    self.note_error(&kept);
+                }
             }
         }
         if let Some(usage) = super::reported_usage_in_tail(&tail) {
@@ -467,8 +480,8 @@ impl StreamMeter {
 
     /// Notes a Responses stream event's type (`payload`, the event):
     /// whether it ends the stream, and with its answer or an error.
-    fn note_event_kind(&mut self, kind: &str, payload: &[u8]) {
-        self.next_sequence = numbered_after(self.next_sequence, payload);
+    fn note_event_kind(&mut self, kind: &str, payload: &[u8], number: Option<u64>) {
+        self.next_sequence = numbered_after(self.next_sequence, number);
         let answer = ends_with_answer(kind);
         let failure = matches!(kind, "response.failed" | "error");
         self.saw_response_answer |= answer;
@@ -571,7 +584,7 @@ impl StreamMeter {
             }
         }
         if let Some(kind) = probe.event_type() {
-            self.note_event_kind(kind, payload);
+            self.note_event_kind(kind, payload, sequence_number(payload));
             // A Responses stream that sent no deltas (only `.done` events)
             // has its text in its final response: counted from there when
             // it reports no usage.
@@ -707,9 +720,13 @@ impl StreamMeter {
             self.keep_oversized(&rest);
             self.oversized = false;
             self.judge_oversized();
-            out.extend_from_slice(&rest);
+            // An unended `id` line is left out here too, when it is one
+            // (the client is at a line's start, not inside one).
+            let id = self.event_end != b"\n\n" && rest.starts_with(b"id") && field(&rest) == b"id";
+            if !id {
+                out.extend_from_slice(&rest);
+            }
             self.note_handed_out(&out);
-            self.torn = self.event_end == b"\n\n";
             return out.freeze();
         }
         // An unended `id` line is left out, as any other (see `line`).
@@ -819,9 +836,9 @@ impl StreamMeter {
     /// `starting_after` a number pass on only events past it).
     pub fn next_sequence_number(&self) -> u64 {
         // One too long to hold that the client has part of counts too.
-        if self.oversized && event_kind(&self.oversized_head).is_some() {
-            let next = numbered_after(self.next_sequence, &self.oversized_head);
-            return next.max(numbered_after(self.next_sequence, &self.oversized_tail));
+        let numbered = self.response_id.is_some() || event_kind(&self.oversized_head).is_some();
+        if self.oversized && numbered {
+            return numbered_after(self.next_sequence, self.oversized_number);
         }
         self.next_sequence
     }

@@ -483,6 +483,13 @@ fn the_next_responses_event_is_numbered_past_every_one_seen() {
         64 * 1024,
     );
     assert_eq!(meter.next_sequence_number(), 151);
+    // Or its middle, and with its `type` not first.
+    let middle = format!(
+        r#"data: {{"delta":"{y}","sequence_number":155,"text":"{y}","type":"response.output_text.delta"}}"#,
+        y = "y".repeat(MAX_LINE_BYTES)
+    );
+    run(&mut meter, &format!("{middle}\n\n"), 64 * 1024);
+    assert_eq!(meter.next_sequence_number(), 156);
     // And while the client has only part of it.
     let head = format!(
         "data: {{\"type\":\"response.output_text.delta\",\"sequence_number\":160,\"delta\":\"{}",
@@ -525,12 +532,14 @@ fn an_event_the_client_has_only_part_of_is_ended_before_the_gateways() {
     assert_eq!(long.event_end(), b"\n");
     feed(&mut long, "\n");
     assert_eq!(long.event_end(), b"");
-    // Cut inside a line of one: nothing can follow it.
+    // Broken off inside a line of one: nothing can follow it. A body that
+    // ends there ends its line.
     assert!(!long.torn());
     feed(&mut long, &head);
     assert!(long.torn(), "the body broke inside its line");
     long.finish();
-    assert!(long.torn(), "the body ended inside its line");
+    assert!(!long.torn());
+    assert_eq!(long.event_end(), b"\n\n");
     // An `id` line the body ends in, unended, is left out as any other.
     let mut id_last = StreamMeter::new(false);
     let sent = run(&mut id_last, "data: {\"type\":\"a\"}\n\nid: 7", 64);

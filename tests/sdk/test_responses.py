@@ -397,11 +397,16 @@ def test_llmock_responses_through_the_gateway(gateway, llmock):
     assert not re.search(r"sk-sdk", json.dumps(journal))
 
 
-def serve_once_then_close(answer: bytes):
+def serve_once_then_close(answer: bytes, reset: bool = False):
     """A provider we wrote by hand: health checks get `{}`, every POST gets
-    `answer` (a close-delimited body) and the connection closes."""
+    `answer` (a close-delimited body) and the connection closes (with a
+    reset, when `reset`)."""
+    import fcntl
     import socket
+    import struct
+    import termios
     import threading
+    import time
 
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
@@ -423,6 +428,13 @@ def serve_once_then_close(answer: bytes):
             while len(body) < length:
                 body += conn.recv(65536)
             conn.sendall(answer)
+            if reset:
+                # Once the gateway has it all (a reset throws away what
+                # is still to send).
+                deadline = time.monotonic() + 10
+                while fcntl.ioctl(conn, termios.TIOCOUTQ, b"\0\0\0\0") != b"\0\0\0\0" and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
     def accept():
         while True:
@@ -450,11 +462,12 @@ BROKEN_RESPONSE = [
 ]
 
 
-def stream_from_raw_provider(body: bytes):
+def stream_from_raw_provider(body: bytes, reset: bool = False):
     """The SDK's events of a Responses stream through the gateway from a
-    provider answering `body` (close-delimited), or what it raised."""
+    provider answering `body` (close-delimited, or broken off with a reset),
+    and what it raised."""
     answer = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n" + body
-    provider = serve_once_then_close(answer)
+    provider = serve_once_then_close(answer, reset)
     port = provider.getsockname()[1]
 
     def config(gw_port, metrics_port, directory):
@@ -502,6 +515,17 @@ def test_a_break_inside_a_line_too_long_to_hold_closes_the_connection():
     # SDK raises a connection error, not a JSON one).
     cut = b'event: response.output_text.delta\ndata: {"type": "response.output_text.delta", "sequence_number": 6, "delta": "'
     body = b"\n\n".join(BROKEN_RESPONSE) + b"\n\n" + cut + b"y" * (1024 * 1024 + 4096)
-    got, raised = stream_from_raw_provider(body)
+    got, raised = stream_from_raw_provider(body, reset=True)
     assert [e.sequence_number for e in got] == [0, 1, 9, 4, 5]
     assert raised is not None and not isinstance(raised, json.JSONDecodeError), repr(raised)
+
+
+def test_a_body_that_ends_inside_a_line_too_long_to_hold_ends_the_line():
+    # The same event whole, the body ending without its line end: the
+    # client gets it, then the gateway's error numbered past it.
+    whole = responses_event("response.output_text.delta", 6, {"item_id": "m", "output_index": 0, "content_index": 0, "delta": "y" * (1024 * 1024 + 4096)})
+    got, raised = stream_from_raw_provider(b"\n\n".join([*BROKEN_RESPONSE, whole]))
+    assert raised is None, raised
+    assert [e.sequence_number for e in got] == [0, 1, 9, 4, 5, 6, 13], [(e.type, e.sequence_number) for e in got]
+    assert len(got[5].delta) == 1024 * 1024 + 4096
+    assert got[-1].type == "error"
