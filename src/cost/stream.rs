@@ -165,6 +165,11 @@ fn sequence_number(json: &[u8]) -> Option<u64> {
         .max()
 }
 
+/// Bytes each side of the seam between two reads of an event too long to
+/// hold in which its `sequence_number` is looked for: the member's name,
+/// its colon and a number of 20 digits, with room to spare.
+const SEAM_BYTES: usize = 48;
+
 /// The number the event after one numbered `number` takes, when `next`
 /// was its own: one more, or past its number.
 fn numbered_after(next: u64, number: Option<u64>) -> u64 {
@@ -434,9 +439,16 @@ impl StreamMeter {
 
     /// Keeps the head and the tail of an event too long to hold.
     fn keep_oversized(&mut self, bytes: &[u8]) {
-        if let Some(number) = sequence_number(bytes) {
-            self.oversized_number = self.oversized_number.max(Some(number));
-        }
+        // Its number, looked for across the seam with the last read too
+        // (the member may straddle two).
+        let tail = &self.oversized_tail;
+        let seam = [
+            &tail[tail.len().saturating_sub(SEAM_BYTES)..],
+            &bytes[..bytes.len().min(SEAM_BYTES)],
+        ]
+        .concat();
+        let number = sequence_number(bytes).max(sequence_number(&seam));
+        self.oversized_number = self.oversized_number.max(number);
         let room = OVERSIZED_HEAD_BYTES.saturating_sub(self.oversized_head.len());
         self.oversized_head
             .extend_from_slice(&bytes[..room.min(bytes.len())]);

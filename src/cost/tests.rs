@@ -490,6 +490,20 @@ fn the_next_responses_event_is_numbered_past_every_one_seen() {
     );
     run(&mut meter, &format!("{middle}\n\n"), 64 * 1024);
     assert_eq!(meter.next_sequence_number(), 156);
+    // Or read in two, split inside its number's member or digits.
+    for split in [r#""sequence_n"#, r#""sequence_number":1"#] {
+        let mut split_meter = StreamMeter::new(false);
+        run(&mut split_meter, &created, 64);
+        let whole = middle.replace("155", "170");
+        let at = whole.find(split).unwrap() + split.len();
+        split_meter.feed(Bytes::copy_from_slice(&whole.as_bytes()[..at]));
+        split_meter.feed(Bytes::copy_from_slice(&whole.as_bytes()[at..]));
+        assert_eq!(
+            split_meter.next_sequence_number(),
+            171,
+            "split after {split}"
+        );
+    }
     // And while the client has only part of it.
     let head = format!(
         "data: {{\"type\":\"response.output_text.delta\",\"sequence_number\":160,\"delta\":\"{}",
