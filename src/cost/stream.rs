@@ -143,8 +143,7 @@ enum Cut {
 /// A Responses API event's `sequence_number`, as the largest whole number
 /// after a `"sequence_number":` anywhere in `json`. Found by a scan rather
 /// than by serde, which refuses an event that repeats the member, and
-/// reads the kept head and tail of an event too long to hold; one found
-/// elsewhere in the event (in a string, a nested object) can only make
+/// reads an event too long to hold piece by piece; one found elsewhere in the event (in a string, a nested object) can only make
 /// the gateway's own number larger, never one an SDK would take as
 /// already seen.
 fn sequence_number(json: &[u8]) -> Option<u64> {
@@ -389,7 +388,7 @@ impl StreamMeter {
             // An `id` is left out: the gateway takes no `Last-Event-ID`,
             // and the Python SDK, once given one, reads every blank line
             // after as an event (and fails on it).
-            if !(line.starts_with(b"id") && field(line) == b"id") {
+            if !is_id(line) {
                 self.event.extend_from_slice(line);
             }
             return;
@@ -734,15 +733,14 @@ impl StreamMeter {
             self.judge_oversized();
             // An unended `id` line is left out here too, when it is one
             // (the client is at a line's start, not inside one).
-            let id = self.event_end != b"\n\n" && rest.starts_with(b"id") && field(&rest) == b"id";
-            if !id {
+            if self.event_end == b"\n\n" || !is_id(&rest) {
                 out.extend_from_slice(&rest);
             }
             self.note_handed_out(&out);
             return out.freeze();
         }
         // An unended `id` line is left out, as any other (see `line`).
-        if !(rest.starts_with(b"id") && field(&rest) == b"id") {
+        if !is_id(&rest) {
             self.event.extend_from_slice(&rest);
         }
         let event = std::mem::take(&mut self.event);
@@ -1021,6 +1019,11 @@ fn data_payload(line: &[u8]) -> Option<&[u8]> {
 fn field(line: &[u8]) -> &[u8] {
     let line = &line[..line.len() - trailing_newline_len(line)];
     memchr::memchr(b':', line).map_or(line, |at| &line[..at])
+}
+
+/// Whether `line` (ended or not) is an `id` field.
+fn is_id(line: &[u8]) -> bool {
+    line.starts_with(b"id") && field(line) == b"id"
 }
 
 /// Where `write` cuts `event` for a `"usage":null` found in `payload` (a

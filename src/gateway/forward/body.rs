@@ -1198,9 +1198,10 @@ impl Copy<'_> {
     /// an in-band error event and a clean end (no `[DONE]`, so SDKs raise);
     /// any other body (JSON, audio) cannot be repaired, so the connection
     /// is closed and the client sees the truncation. What the provider
-    /// sent decides, not the request's `stream`. So does a stream whose
-    /// client has part of a line of an event too long to hold: what it has
-    /// cannot be read, and an event after it would not be.
+    /// sent decides, not the request's `stream`. So is a stream whose body
+    /// broke off inside a line of an event too long to hold, which went on
+    /// as it came: the client's part of it cannot be read, nor an event
+    /// after it.
     async fn end_broken(&self, client: &mut dyn Client, meter: &Meter, error: ApiError) {
         let last = if meter.carried_error() {
             // The provider's own error event said it already.
