@@ -846,8 +846,9 @@ impl StreamMeter {
     /// `starting_after` a number pass on only events past it).
     pub fn next_sequence_number(&self) -> u64 {
         // One too long to hold that the client has part of counts too.
-        let numbered = self.response_id.is_some() || event_kind(&self.oversized_head).is_some();
-        if self.oversized && numbered {
+        if self.oversized
+            && (self.response_id.is_some() || event_kind(&self.oversized_head).is_some())
+        {
             return numbered_after(self.next_sequence, self.oversized_number);
         }
         self.next_sequence

@@ -1203,22 +1203,19 @@ impl Copy<'_> {
     /// as it came: the client's part of it cannot be read, nor an event
     /// after it.
     async fn end_broken(&self, client: &mut dyn Client, meter: &Meter, error: ApiError) {
-        let last = if meter.carried_error() {
+        let last = match meter {
             // The provider's own error event said it already.
-            Bytes::new()
-        } else if let Meter::Stream(stream) = meter {
-            if stream.torn() {
+            _ if meter.carried_error() => Bytes::new(),
+            Meter::Stream(stream) if !stream.torn() => {
+                // Not glued to an event the client has only part of.
+                let event = error.sse_event_for(self.endpoint, stream.next_sequence_number());
+                [stream.event_end(), &event].concat().into()
+            }
+            Meter::Translated(_) => error.sse_event(),
+            _ => {
                 client.abort().await;
                 return;
             }
-            // Not glued to an event the client has only part of.
-            let event = error.sse_event_for(self.endpoint, stream.next_sequence_number());
-            [stream.event_end(), &event].concat().into()
-        } else if let Meter::Translated(_) = meter {
-            error.sse_event()
-        } else {
-            client.abort().await;
-            return;
         };
         // A client not taking it by the attempt's deadline is cut off.
         if self.send(client, last, true).await.is_none() {
