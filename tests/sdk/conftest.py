@@ -340,13 +340,18 @@ class Redis:
 class LocalServer:
     """An HTTP server of the test's own on a free loopback port (a scripted
     provider, a trace collector): `post(request, body)` answers each POST
-    with `(status, content_type or None, bytes)`."""
+    with `(status, content_type or None, bytes)`, or with None when it wrote
+    its answer itself (raw, on `request.wfile`), which ends the connection."""
 
     def __init__(self, post):
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_POST(self):
                 body = self.rfile.read(int(self.headers["content-length"]))
-                status, content_type, data = post(self, body)
+                answer = post(self, body)
+                if answer is None:
+                    self.close_connection = True
+                    return
+                status, content_type, data = answer
                 self.send_response(status)
                 if content_type:
                     self.send_header("content-type", content_type)

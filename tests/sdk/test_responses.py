@@ -8,8 +8,13 @@ Stored responses are tenant-scoped: a response one tenant created is 404
 for another, by id and as `previous_response_id`.
 """
 
+import fcntl
 import json
 import re
+import socket
+import struct
+import termios
+import time
 import urllib.request
 
 import openai
@@ -18,6 +23,26 @@ import pytest
 from conftest import PROVIDER_KEY, TENANT_KEY, Llmock, LocalServer, Mock, Runestone, server_yaml
 
 OTHER_KEY = "sk-sdk-other-tenant-key-0006"
+
+
+def one_provider_config(name: str, base_url: str, globex: bool = False):
+    """A config of one provider `name` at `base_url` serving model `name`,
+    for tenant `acme` (and `globex`)."""
+    other = f'\n  - id: globex\n    keys: ["{OTHER_KEY}"]' if globex else ""
+
+    def config(port, metrics_port, directory):
+        return server_yaml(port, metrics_port, directory) + f"""
+providers:
+  - {{ name: {name}, base_url: "{base_url}", api_key: "{PROVIDER_KEY}" }}
+models:
+  - name: {name}
+    targets: [{{ provider: {name}, model: m }}]
+tenants:
+  - id: acme
+    keys: ["{TENANT_KEY}"]{other}
+"""
+
+    return config
 
 
 class Gateway(Runestone):
@@ -244,22 +269,7 @@ def test_a_response_too_large_to_read_whole_is_still_its_tenants():
         return 200, "application/json", json.dumps(answer).encode()
 
     provider = LocalServer(post)
-
-    def config(port, metrics_port, directory):
-        return server_yaml(port, metrics_port, directory) + f"""
-providers:
-  - {{ name: big, base_url: "{provider.base_url}", api_key: "{PROVIDER_KEY}" }}
-models:
-  - name: big
-    targets: [{{ provider: big, model: m }}]
-tenants:
-  - id: acme
-    keys: ["{TENANT_KEY}"]
-  - id: globex
-    keys: ["{OTHER_KEY}"]
-"""
-
-    gw = Runestone(config)
+    gw = Runestone(one_provider_config("big", provider.base_url, globex=True))
     try:
         first = gw.client().responses.create(model="big", input="draw")
         assert first.id == "resp_large1"
@@ -397,57 +407,6 @@ def test_llmock_responses_through_the_gateway(gateway, llmock):
     assert not re.search(r"sk-sdk", json.dumps(journal))
 
 
-def serve_once_then_close(answer: bytes, reset: bool = False):
-    """A provider we wrote by hand: health checks get `{}`, every POST gets
-    `answer` (a close-delimited body) and the connection closes (with a
-    reset, when `reset`)."""
-    import fcntl
-    import socket
-    import struct
-    import termios
-    import threading
-    import time
-
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(16)
-
-    def serve(conn):
-        with conn:
-            head = b""
-            while b"\r\n\r\n" not in head:
-                got = conn.recv(65536)
-                if not got:
-                    return
-                head += got
-            if head.startswith(b"GET"):
-                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
-                return
-            length = int(re.search(rb"(?i)content-length:\s*(\d+)", head).group(1))
-            body = head.split(b"\r\n\r\n", 1)[1]
-            while len(body) < length:
-                body += conn.recv(65536)
-            conn.sendall(answer)
-            if reset:
-                # Once the gateway has it all (a reset throws away what
-                # is still to send).
-                deadline = time.monotonic() + 10
-                while fcntl.ioctl(conn, termios.TIOCOUTQ, b"\0\0\0\0") != b"\0\0\0\0" and time.monotonic() < deadline:
-                    time.sleep(0.01)
-                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-
-    def accept():
-        while True:
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=serve, args=(conn,), daemon=True).start()
-
-    threading.Thread(target=accept, daemon=True).start()
-    return listener
-
-
 def responses_event(kind, number, more):
     """A Responses stream event, without the blank line that ends it."""
     data = {"type": kind, "sequence_number": number, **more}
@@ -466,23 +425,22 @@ def stream_from_raw_provider(body: bytes, reset: bool = False):
     """The SDK's events of a Responses stream through the gateway from a
     provider answering `body` (close-delimited, or broken off with a reset),
     and what it raised."""
-    answer = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n" + body
-    provider = serve_once_then_close(answer, reset)
-    port = provider.getsockname()[1]
 
-    def config(gw_port, metrics_port, directory):
-        return server_yaml(gw_port, metrics_port, directory) + f"""
-providers:
-  - {{ name: raw, base_url: "http://127.0.0.1:{port}/v1", api_key: "{PROVIDER_KEY}" }}
-models:
-  - name: raw
-    targets: [{{ provider: raw, model: m }}]
-tenants:
-  - id: acme
-    keys: ["{TENANT_KEY}"]
-"""
+    def post(request, _body):
+        request.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n" + body)
+        if reset:
+            # Once the gateway has it all (a reset throws away what is
+            # still to send), closed with a reset rather than a FIN.
+            conn = request.connection
+            deadline = time.monotonic() + 10
+            while fcntl.ioctl(conn, termios.TIOCOUTQ, b"\0\0\0\0") != b"\0\0\0\0" and time.monotonic() < deadline:
+                time.sleep(0.01)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.close()
+        return None
 
-    gateway = Runestone(config)
+    provider = LocalServer(post)
+    gateway = Runestone(one_provider_config("raw", provider.base_url))
     got = []
     try:
         for event in gateway.client().responses.create(model="raw", input="hi", stream=True):
@@ -491,7 +449,7 @@ tenants:
         return got, e
     finally:
         gateway.stop()
-        provider.close()
+        provider.stop()
     return got, None
 
 
