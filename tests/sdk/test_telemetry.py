@@ -1108,6 +1108,40 @@ def test_a_broken_stream_resumed_on_the_fallback_is_in_the_trace(collector):
         llmock.stop()
 
 
+def test_a_resumed_stream_whose_fallback_says_something_else_has_every_attempt_in_the_trace(collector):
+    llmock = Llmock()
+    gateway = AccountGateway(llmock, collector.endpoint)
+    try:
+        # The fallback restarts (llmock takes no prefill) and begins with
+        # other words than the client already has: the stream cannot go on.
+        llmock.scenario(
+            {"type": "reply", "text": "Alpha beta gamma delta epsilon.", "match": {"model": "m-small"}},
+            {"type": "stream_fault", "kind": "disconnect", "after_chunks": 3, "times": 1,
+             "match": {"model": "m-small"}},
+            {"type": "reply", "text": "Something else entirely.", "match": {"model": "m-large"}},
+        )
+        raw = gateway.client().chat.completions.with_raw_response.create(
+            model="small", messages=[{"role": "user", "content": "hi"}], stream=True)
+        text = ""
+        with pytest.raises(openai.APIError, match="began differently"):
+            for chunk in raw.parse():
+                text += "".join(c.delta.content or "" for c in chunk.choices)
+        assert text.startswith("Alpha") and "Something" not in text
+        spans = collector.trace(raw.headers["x-request-id"], 3)
+        [server] = by_kind(spans, Span.SPAN_KIND_SERVER)
+        assert attrs(server)["error.type"] == "provider_stream_broken"
+        broken, diverged = sorted(by_kind(spans, Span.SPAN_KIND_CLIENT), key=lambda s: s.start_time_unix_nano)
+        assert (broken.name, diverged.name) == ("chat m-small", "chat m-large")
+        assert attrs(broken)["runestone.attempt.next"] == "failed_over"
+        # The attempt that said something else is in the trace, as what
+        # ended the request.
+        assert attrs(diverged)["error.type"] == "provider_stream_broken"
+        assert attrs(diverged)["runestone.attempt.next"] == "gave_up"
+    finally:
+        gateway.stop()
+        llmock.stop()
+
+
 def dropped(gateway, reason: str) -> float:
     for line in gateway.metrics().splitlines():
         if line.startswith(f'runestone_telemetry_dropped_total{{reason="{reason}"}}'):

@@ -364,7 +364,8 @@ impl Forwarder {
                 .provider(backend.provider)
                 .settings
                 .supports_prefill;
-            loop {
+            // The attempts at this deployment.
+            'deployment: loop {
                 if report.resumptions > 0 {
                     continuation = Some(client.continue_with(prefill, report.earlier_usage()));
                 }
@@ -375,83 +376,89 @@ impl Forwarder {
                 report.target = Some(backend.target);
                 let started = Instant::now();
                 let span_id = exchange.trace.map(|_| crate::telemetry::new_span_id());
-                let attempted = attempt::Attempt {
-                    forwarder: self,
-                    exchange,
-                    route,
-                    backend: &backend,
-                    may_change_context: failover.may_change_context(),
-                    continuation: continuation.as_ref(),
-                    span_id,
-                }
-                .run(client, report, settle)
-                .await;
-                report.upstream_time += started.elapsed();
-                // Recorded once the failover has decided what comes next.
-                let record = span_id
-                    .filter(|_| exchange.traced())
-                    .map(|span_id| AttemptRecord {
+                // In a block of its own: the attempt's outcome ends with it,
+                // not held across the awaits below (room in the state of
+                // every stream).
+                let (step, record) = 'judged: {
+                    let attempted = attempt::Attempt {
+                        forwarder: self,
+                        exchange,
+                        route,
+                        backend: &backend,
+                        may_change_context: failover.may_change_context(),
+                        continuation: continuation.as_ref(),
                         span_id,
-                        started,
-                        ended: Instant::now(),
-                        route: route_index,
-                        target: backend.target,
-                        provider: backend.provider,
-                        backend: backend.addr,
-                        status: report.upstream_status.take(),
-                        // A continuation that said something else ends
-                        // its copy as a gone client would.
-                        error: if client.diverged() {
-                            Some("provider_stream_broken")
-                        } else {
-                            failure_reason(&attempted)
-                        },
-                        next: "answered",
-                    });
-                if client.diverged() {
-                    warn!(request_id = %exchange.request_id, backend = %backend.addr, "a restarted stream said something else than the client has");
-                    // `end` says the stream could not be resumed; this says why.
-                    let error = ApiError::upstream_error(
-                        "the next deployment began differently from what the client already has.",
-                    );
-                    return self.end(client, exchange, report, settle, error).await;
-                }
-                if matches!(&continuation, Some(Continuation::Prefill(_)))
-                    && matches!(&attempted, Attempted::Final(e) if e.status == 400)
-                    && failover.attempts_left()
-                {
-                    // The deployment does not continue a prefill: the same
-                    // deployment, from the beginning.
-                    if let Some(again) = self.upstreams.reacquire(&backend) {
-                        failover.retrying(&again);
-                        backend = again;
-                        prefill = false;
-                        continue;
                     }
-                }
-                if matches!(attempted, Attempted::StreamBroken(_)) {
-                    // The stream broke after reaching the client: what it
-                    // used is billed, and the next deployment continues it.
-                    let usage = report.usage.take().unwrap_or_default();
-                    report.earlier.push((report.route, report.target, usage));
-                    report.resumptions += 1;
-                    resumption(exchange, "attempted");
-                    if exchange.traced() {
-                        report
-                            .stream_events
-                            .push(("runestone.stream.broken", Instant::now()));
+                    .run(client, report, settle)
+                    .await;
+                    report.upstream_time += started.elapsed();
+                    // Recorded once the failover has decided what comes next.
+                    let record =
+                        span_id
+                            .filter(|_| exchange.traced())
+                            .map(|span_id| AttemptRecord {
+                                span_id,
+                                started,
+                                ended: Instant::now(),
+                                route: route_index,
+                                target: backend.target,
+                                provider: backend.provider,
+                                backend: backend.addr,
+                                status: report.upstream_status.take(),
+                                // A continuation that said something else ends
+                                // its copy as a gone client would.
+                                error: if client.diverged() {
+                                    Some("provider_stream_broken")
+                                } else {
+                                    failure_reason(&attempted)
+                                },
+                                next: "answered",
+                            });
+                    if client.diverged() {
+                        warn!(request_id = %exchange.request_id, backend = %backend.addr, "a restarted stream said something else than the client has");
+                        // `end` says the stream could not be resumed; this says why.
+                        let error = ApiError::upstream_error(
+                            "the next deployment began differently from what the client already has.",
+                        );
+                        break 'judged (Step::Done(Err(error)), record);
                     }
-                }
-                if let Attempted::Retryable { error, .. } | Attempted::RateLimited(error) =
-                    &attempted
-                {
-                    warn!(request_id = %exchange.request_id, provider = %self.upstreams.provider(backend.provider).settings.name,
-                          backend = %backend.addr, attempt = report.attempts, error = %error, "attempt failed; failing over");
-                }
-                if matches!(attempted, Attempted::ClientGone) {
-                    report.client_closed();
-                }
-                let step = failover.after(attempted);
+                    if matches!(&continuation, Some(Continuation::Prefill(_)))
+                        && matches!(&attempted, Attempted::Final(e) if e.status == 400)
+                        && failover.attempts_left()
+                    {
+                        // The deployment does not continue a prefill: the same
+                        // deployment, from the beginning.
+                        if let Some(again) = self.upstreams.reacquire(&backend) {
+                            failover.retrying(&again);
+                            backend = again;
+                            prefill = false;
+                            continue 'deployment;
+                        }
+                    }
+                    if matches!(attempted, Attempted::StreamBroken(_)) {
+                        // The stream broke after reaching the client: what it
+                        // used is billed, and the next deployment continues it.
+                        let usage = report.usage.take().unwrap_or_default();
+                        report.earlier.push((report.route, report.target, usage));
+                        report.resumptions += 1;
+                        resumption(exchange, "attempted");
+                        if exchange.traced() {
+                            report
+                                .stream_events
+                                .push(("runestone.stream.broken", Instant::now()));
+                        }
+                    }
+                    if let Attempted::Retryable { error, .. } | Attempted::RateLimited(error) =
+                        &attempted
+                    {
+                        warn!(request_id = %exchange.request_id, provider = %self.upstreams.provider(backend.provider).settings.name,
+                              backend = %backend.addr, attempt = report.attempts, error = %error, "attempt failed; failing over");
+                    }
+                    if matches!(attempted, Attempted::ClientGone) {
+                        report.client_closed();
+                    }
+                    (failover.after(attempted), record)
+                };
                 if let Some(mut record) = record {
                     record.next = match &step {
                         Step::TryNext => "failed_over",
