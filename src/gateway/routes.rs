@@ -113,23 +113,23 @@ impl Gateway {
         endpoint: Endpoint,
     ) -> Result<(), ApiError> {
         let tenant = self.authenticate(session, ctx)?;
-        let body = respond::read_body(session, self.config.server.max_request_body_bytes).await?;
-        let content_type = session
-            .req_header()
-            .headers
-            .get(http::header::CONTENT_TYPE)
-            .cloned();
+        let mut body =
+            respond::read_body(session, self.config.server.max_request_body_bytes).await?;
         let form = match endpoint.is_form() {
             true => {
+                let content_type = session
+                    .req_header()
+                    .headers
+                    .get(http::header::CONTENT_TYPE)
+                    .cloned();
                 let announced = content_type.as_ref().and_then(|v| v.to_str().ok());
                 Some(Form::parse(announced, body.clone()).await?)
             }
             false => None,
         };
-        let body = match endpoint {
-            Endpoint::Moderations => with_default_model(body),
-            _ => body,
-        };
+        if endpoint == Endpoint::Moderations {
+            body = with_default_model(body);
+        }
         let fields = match &form {
             Some(form) => RequestFields::for_form(form),
             None => RequestFields::parse(&body)?,
@@ -269,20 +269,20 @@ impl Gateway {
             started: *started,
         };
         let admitted_error = |e| super::admission::admitted_error(e, &exchange.rate_limits);
-        let Some(plan) = plan else {
+        let Some(plan) = &plan else {
             return self
                 .forwarder
                 .forward(session, &exchange, report, &mut settler)
                 .await
                 .map_err(admitted_error);
         };
-        let mut recorder = self.recorder(session, &plan, leader.as_ref());
+        let mut recorder = self.recorder(session, plan, leader.as_ref());
         let forwarded = self
             .forwarder
             .forward(&mut recorder, &exchange, report, &mut settler)
             .await;
         let (recorded, held_end) = recorder.into_parts();
-        self.cache_store(&plan, recorded, leader, report, *cost_pusd)
+        self.cache_store(plan, recorded, leader, report, *cost_pusd)
             .await;
         if let Some(end) = held_end {
             let _ = session.write_response_body(Some(end), true).await;

@@ -117,7 +117,10 @@ pub struct Failover<'r> {
     tried: Tried,
     /// The deployment of the last attempt, and its same-deployment retries.
     current: Option<(Backend, u32)>,
-    last_error: Option<ApiError>,
+    /// The last attempt's failure, the answer when nothing more can be
+    /// tried (boxed: most requests have none, and every request holds its
+    /// failover while it streams).
+    last_error: Option<Box<ApiError>>,
     /// The soonest a deployment that could not be chosen frees up.
     soonest: Option<Duration>,
     waited: Duration,
@@ -238,12 +241,12 @@ impl<'r> Failover<'r> {
             Attempted::Answered | Attempted::ClientGone => Step::Done(Ok(())),
             Attempted::Final(error) => Step::Done(Err(error)),
             Attempted::RateLimited(error) => {
-                self.last_error = Some(error);
+                self.last_error = Some(Box::new(error));
                 self.current = None;
                 Step::TryNext
             }
             Attempted::StreamBroken(error) => {
-                self.last_error = Some(error);
+                self.last_error = Some(Box::new(error));
                 if let Some((backend, _)) = self.current.take() {
                     self.tried.deployment(&backend);
                 }
@@ -264,7 +267,7 @@ impl<'r> Failover<'r> {
                 if routes.is_empty() {
                     return Step::Done(Err(error));
                 }
-                self.last_error = Some(error);
+                self.last_error = Some(Box::new(error));
                 self.current = None;
                 self.routes = routes;
                 self.position = 0;
@@ -275,7 +278,7 @@ impl<'r> Failover<'r> {
                 domain,
                 transient,
             } => {
-                self.last_error = Some(error);
+                self.last_error = Some(Box::new(error));
                 let Some((backend, retries)) = self.current.take() else {
                     return Step::TryNext;
                 };
@@ -300,11 +303,12 @@ impl<'r> Failover<'r> {
     /// be made.
     pub fn give_up(self, model: &str) -> ApiError {
         let soonest = self.soonest;
-        self.last_error.unwrap_or_else(|| {
-            let mut error = ApiError::no_healthy_upstream(model);
-            error.retry_after_ms = Some(soonest.map_or(1000, |d| d.as_millis().max(1) as u64));
-            error
-        })
+        if let Some(error) = self.last_error {
+            return *error;
+        }
+        let mut error = ApiError::no_healthy_upstream(model);
+        error.retry_after_ms = Some(soonest.map_or(1000, |d| d.as_millis().max(1) as u64));
+        error
     }
 }
 

@@ -107,7 +107,10 @@ impl Attempt<'_> {
         report: &mut Report,
         settle: &mut dyn Settle,
     ) -> Attempted {
-        let answer = match self.send(client).await {
+        // Boxed, and gone once the head is in: a stream's task holds the
+        // largest state of every call it is inside for the stream's life,
+        // and connecting is larger than copying.
+        let answer = match Box::pin(self.send(client)).await {
             Ok(answer) => answer,
             Err(attempted) => return attempted,
         };
@@ -273,7 +276,9 @@ impl Attempt<'_> {
         let kind = adapter(provider.kind);
         let exchange = self.exchange;
         let upstreams = &self.forwarder.upstreams;
-        let Some(head) = answer.upstream.response_header().cloned() else {
+        // Boxed: dropped before the copy, but a local that was borrowed
+        // keeps its room in this future until its scope ends.
+        let Some(head) = answer.upstream.response_header().cloned().map(Box::new) else {
             return Err(self.deployment_failure(ApiError::upstream_error(format!(
                 "The provider '{}' sent no response header.",
                 provider.name

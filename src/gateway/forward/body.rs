@@ -1068,12 +1068,14 @@ impl Copy<'_> {
             let last_resort = self.last_resort(Instant::now());
             let last = body.is_empty();
             let mut send = client.send_body(piece, end && last);
-            let sent = while_taken(
+            // Boxed (once an answer, at its end): its timer would otherwise
+            // take room in the state of every stream while it copies.
+            let sent = Box::pin(while_taken(
                 &mut send,
                 self.progress,
                 self.send_timeout,
                 Some(last_resort),
-            );
+            ));
             match sent.await {
                 Some(true) if !last => {}
                 Some(sent) => return Some(sent),

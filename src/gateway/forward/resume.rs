@@ -54,8 +54,9 @@ pub(crate) struct Resumable<'c> {
     /// End the client's unfinished event before sending more.
     close_event: bool,
     record: Record,
-    /// Rewriting a continuation, from the second attempt that streams on.
-    splice: Option<Splice>,
+    /// Rewriting a continuation, from the second attempt that streams on
+    /// (boxed: most streams never need one, and every request holds this).
+    splice: Option<Box<Splice>>,
 }
 
 /// What the client was sent, as far as resuming needs.
@@ -146,12 +147,12 @@ impl<'c> Resumable<'c> {
         self.scanned = 0;
         self.skip_blank_line = false;
         self.close_event = !self.at_boundary;
-        self.splice = Some(Splice {
+        self.splice = Some(Box::new(Splice {
             skip,
             strict,
             earlier,
             diverged: false,
-        });
+        }));
         continuation
     }
 
