@@ -16,6 +16,7 @@ use crate::upstream::health::Domain;
 use crate::upstream::{Backend, Upstreams};
 use bytes::Bytes;
 use pingora::http::ResponseHeader;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 use tracing::warn;
 
@@ -1068,15 +1069,23 @@ impl Copy<'_> {
             let last_resort = self.last_resort(Instant::now());
             let last = body.is_empty();
             let mut send = client.send_body(piece, end && last);
-            // Boxed (once an answer, at its end): its timer would otherwise
-            // take room in the state of every stream while it copies.
-            let sent = Box::pin(while_taken(
-                &mut send,
-                self.progress,
-                self.send_timeout,
-                Some(last_resort),
-            ));
-            match sent.await {
+            // Tried once first: only a send that has to wait gets its
+            // bound, boxed (its timer would otherwise take room in the
+            // state of every stream while it copies).
+            let first = std::future::poll_fn(|cx| Poll::Ready(send.as_mut().poll(cx))).await;
+            let sent = match first {
+                Poll::Ready(sent) => Some(sent),
+                Poll::Pending => {
+                    let bounded = while_taken(
+                        &mut send,
+                        self.progress,
+                        self.send_timeout,
+                        Some(last_resort),
+                    );
+                    Box::pin(bounded).await
+                }
+            };
+            match sent {
                 Some(true) if !last => {}
                 Some(sent) => return Some(sent),
                 None => {
