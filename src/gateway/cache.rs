@@ -611,7 +611,7 @@ impl Client for Recorder<'_> {
         self.inner.request_headers()
     }
 
-    async fn send_header(&mut self, mut header: ResponseHeader) -> bool {
+    async fn send_header(&mut self, mut header: Box<ResponseHeader>) -> bool {
         let _ = header.insert_header(X_RUNESTONE_CACHE, self.header);
         let status = header.status.as_u16();
         let content_type = header

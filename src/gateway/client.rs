@@ -13,7 +13,7 @@ pub(crate) trait Client: Send {
     /// The client's request headers (a few are passed upstream).
     fn request_headers(&self) -> &http::HeaderMap;
     /// Sends the response header; false when the client is gone.
-    async fn send_header(&mut self, header: ResponseHeader) -> bool;
+    async fn send_header(&mut self, header: Box<ResponseHeader>) -> bool;
     /// Sends a piece of the body (`end` on the last); false when the client
     /// is gone.
     async fn send_body(&mut self, body: Bytes, end: bool) -> bool;
@@ -123,11 +123,9 @@ impl Client for Session {
         &self.req_header().headers
     }
 
-    async fn send_header(&mut self, mut header: ResponseHeader) -> bool {
+    async fn send_header(&mut self, mut header: Box<ResponseHeader>) -> bool {
         frame_unknown_length(self, &mut header);
-        self.write_response_header(Box::new(header), false)
-            .await
-            .is_ok()
+        self.write_response_header(header, false).await.is_ok()
     }
 
     async fn send_body(&mut self, body: Bytes, end: bool) -> bool {
@@ -328,7 +326,7 @@ impl Client for Collected {
         &self.request_headers
     }
 
-    async fn send_header(&mut self, header: ResponseHeader) -> bool {
+    async fn send_header(&mut self, header: Box<ResponseHeader>) -> bool {
         self.status = Some(header.status.as_u16());
         self.content_type = header
             .headers

@@ -276,21 +276,18 @@ impl Attempt<'_> {
         let kind = adapter(provider.kind);
         let exchange = self.exchange;
         let upstreams = &self.forwarder.upstreams;
-        // Boxed: dropped before the copy, but a local that was borrowed
-        // keeps its room in this future until its scope ends.
-        let Some(head) = answer.upstream.response_header().cloned().map(Box::new) else {
-            return Err(self.deployment_failure(ApiError::upstream_error(format!(
-                "The provider '{}' sent no response header.",
-                provider.name
-            ))));
+        // The provider's head is read where the session keeps it, not
+        // copied: what the attempt needs of it is taken before the body is.
+        let Some(head) = answer.upstream.response_header() else {
+            return Err(self.headless());
         };
-        let status = head.status.as_u16();
-        if let Some(attempted) = self.refused(&head) {
-            warn!(request_id = %exchange.request_id, provider = %provider.name, backend = %self.backend.addr, status, "provider refused the attempt");
+        if let Some(attempted) = self.refused(head) {
+            warn!(request_id = %exchange.request_id, provider = %provider.name, backend = %self.backend.addr, status = head.status.as_u16(), "provider refused the attempt");
             return Err(attempted);
         }
-        if self.continuation.is_some() && !(head.status.is_success() && is_event_stream(&head)) {
-            return Err(self.continuation_refused(&head));
+        let event_stream = is_event_stream(head);
+        if self.continuation.is_some() && !(head.status.is_success() && event_stream) {
+            return Err(self.continuation_refused(head));
         }
         // Asked for identity, a provider may compress anyway: the answer is
         // decoded, so what is metered, redacted and sent on is plain.
@@ -309,26 +306,21 @@ impl Attempt<'_> {
             }
         };
         let decoding = decoder.is_some();
-        let mut body = UpstreamBody {
-            session: &mut answer.upstream,
-            decoder,
-        };
         // Whatever the provider sends on, its key never reaches the client.
         let mut redactor = Redactor::new(provider.api_key.as_ref().map(|k| k.expose()));
         let translated = kind.translates_answers();
-        if !head.status.is_success() || (translated && !is_event_stream(&head)) {
+        if !head.status.is_success() || (translated && !event_stream) {
             // An error answer, or a translated JSON one: read whole, then
             // decided on.
+            let mut body = UpstreamBody {
+                session: &mut answer.upstream,
+                decoder,
+            };
             let until = (answer.started + provider.timeouts.first_token).min(answer.deadline);
             let whole = self.read_whole(&mut body, until, client).await?;
             drop(body);
-            let ttfb = answer.ttfb;
-            // Read to its end: the connection goes back to the pool (an
-            // error or a translated answer would otherwise cost the next
-            // request a new connection, and a TLS handshake).
-            self.release(answer).await;
             return self
-                .whole_answer(&head, whole, ttfb, client, report, settle, &redactor)
+                .whole_answer(answer, whole, client, report, settle, &redactor)
                 .await;
         }
         let mut meter = if translated {
@@ -341,11 +333,15 @@ impl Attempt<'_> {
             ))
         } else {
             Meter::for_response(
-                &head,
+                head,
                 exchange.strip_usage,
                 exchange.estimate,
                 &self.route.targets[self.backend.target].model,
             )
+        };
+        let mut body = UpstreamBody {
+            session: &mut answer.upstream,
+            decoder,
         };
         // The head is held until the first content is in: a provider that
         // answers at once but starts only much later fails over with
@@ -354,7 +350,7 @@ impl Attempt<'_> {
         let first_token = provider.timeouts.first_token;
         let first_token_deadline = (answer.started + first_token).min(answer.deadline);
         let mut held = BytesMut::new();
-        let mut first = FirstContent::new(is_event_stream(&head));
+        let mut first = FirstContent::new(event_stream);
         if meter.passes_at_once() {
             first = FirstContent::found_at_once();
         }
@@ -416,29 +412,34 @@ impl Attempt<'_> {
                 }
             }
         }
-        let response = client_response(
-            &head,
-            exchange,
-            &provider.name,
-            report.attempts,
+        // The provider's head, from the session the body is read from.
+        let (response, declared_len) = {
+            let Some(head) = body.session.response_header() else {
+                return Err(self.headless());
+            };
             // A decoded answer's length is not the provider's.
-            meter.edits_body() || decoding,
-            &redactor,
-        )
-        .map_err(|e| {
-            Attempted::Final(ApiError::internal(format!(
-                "cannot build the response header: {e}"
-            )))
-        })?;
-        let declared_len = head
-            .headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<usize>().ok())
-            .filter(|_| !meter.edits_body() && !decoding);
-        // Its copy of the provider's header map is not kept for the life of
-        // a stream.
-        drop(head);
+            let edits_body = meter.edits_body() || decoding;
+            let response = client_response(
+                head,
+                exchange,
+                &provider.name,
+                report.attempts,
+                edits_body,
+                &redactor,
+            )
+            .map_err(|e| {
+                Attempted::Final(ApiError::internal(format!(
+                    "cannot build the response header: {e}"
+                )))
+            })?;
+            let declared_len = head
+                .headers
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<usize>().ok())
+                .filter(|_| !edits_body);
+            (response, declared_len)
+        };
         if !client.send_header(response).await {
             return Err(self.client_gone());
         }
@@ -555,15 +556,22 @@ impl Attempt<'_> {
         }
     }
 
+    /// An answer whose head the session does not hold.
+    fn headless(&self) -> Attempted {
+        self.deployment_failure(ApiError::upstream_error(format!(
+            "The provider '{}' sent no response header.",
+            self.provider().name
+        )))
+    }
+
     /// A whole answer read before anything goes to the client: an error
     /// (passed on, or a prompt too long that moves to context fallbacks) or
-    /// a translated JSON answer (its length changes).
-    #[allow(clippy::too_many_arguments)]
+    /// a translated JSON answer (its length changes), its connection
+    /// released first.
     async fn whole_answer(
         &self,
-        head: &ResponseHeader,
+        answer: Box<Answer>,
         body: Vec<u8>,
-        ttfb: Duration,
         client: &mut dyn Client,
         report: &mut Report,
         settle: &mut dyn Settle,
@@ -572,12 +580,22 @@ impl Attempt<'_> {
         let provider = self.provider();
         let kind = adapter(provider.kind);
         let upstreams = &self.forwarder.upstreams;
-        let status = head.status.as_u16();
+        let ttfb = answer.ttfb;
+        let Some(head) = answer.upstream.response_header() else {
+            return Err(self.headless());
+        };
+        let status = head.status;
+        let content_type = head.headers.get(header::CONTENT_TYPE).cloned();
+        // Read to its end: the connection goes back to the pool (an error
+        // or a translated answer would otherwise cost the next request a
+        // new connection, and a TLS handshake).
+        self.release(answer).await;
+        let code = status.as_u16();
         let body = redactor.redact(&body).into_owned();
-        let (status, content_type, answer) = if !head.status.is_success() {
+        let (status, content_type, answer) = if !status.is_success() {
             let error = kind
                 .translates_answers()
-                .then(|| kind.translate_error(status, &body));
+                .then(|| kind.translate_error(code, &body));
             let too_long = match &error {
                 Some(error) => error.code == "context_length_exceeded",
                 None => crate::openai::is_context_length_error(&body),
@@ -608,17 +626,14 @@ impl Attempt<'_> {
                 None if !crate::openai::is_openai_error(&body) => {
                     return Err(Attempted::Final(ApiError::from_provider_answer(
                         &provider.name,
-                        status,
+                        code,
                         &body,
                     )))
                 }
                 None => {
-                    let content_type = head
-                        .headers
-                        .get(header::CONTENT_TYPE)
-                        .cloned()
-                        .unwrap_or(HeaderValue::from_static("application/json"));
-                    (head.status, content_type, body)
+                    let content_type =
+                        content_type.unwrap_or(HeaderValue::from_static("application/json"));
+                    (status, content_type, body)
                 }
             }
         } else {
@@ -633,11 +648,7 @@ impl Attempt<'_> {
                 report.answer =
                     Some(super::body::answer_details(&answer, capture).redacted(redactor));
             }
-            (
-                head.status,
-                HeaderValue::from_static("application/json"),
-                answer,
-            )
+            (status, HeaderValue::from_static("application/json"), answer)
         };
         report.usage.get_or_insert_with(Default::default);
         settle.settle(report).await;
@@ -660,7 +671,10 @@ impl Attempt<'_> {
             report.attempts,
         )
         .map_err(|e| Attempted::Final(ApiError::internal(e.to_string())))?;
-        if !client.send_header(ResponseHeader::from(parts)).await {
+        if !client
+            .send_header(Box::new(ResponseHeader::from(parts)))
+            .await
+        {
             return Ok(Attempted::ClientGone);
         }
         report.first_byte_at.get_or_insert_with(Instant::now);

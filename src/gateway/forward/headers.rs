@@ -171,7 +171,8 @@ fn trace_headers(
 
 /// The response header sent to the client: the provider's status and an
 /// allow-list of its headers (redacted), plus the gateway's own.
-/// `edits_body`: the length changes on the way, so none is sent.
+/// `edits_body`: the length changes on the way, so none is sent. Boxed,
+/// as Pingora sends it: it waits in the attempt for the first content.
 pub(super) fn client_response(
     upstream: &ResponseHeader,
     exchange: &Exchange<'_>,
@@ -179,7 +180,7 @@ pub(super) fn client_response(
     attempts: u32,
     edits_body: bool,
     redactor: &Redactor<'_>,
-) -> Result<ResponseHeader, HeaderError> {
+) -> Result<Box<ResponseHeader>, HeaderError> {
     let (mut parts, ()) = http::Response::new(()).into_parts();
     parts.status = upstream.status;
     let forwarded = FORWARDED_RESPONSE_HEADERS.map(|name| {
@@ -210,7 +211,7 @@ pub(super) fn client_response(
         parts.headers.insert(X_UPSTREAM_REQUEST_ID, redacted(id)?);
     }
     gateway_headers(&mut parts.headers, exchange, provider, attempts)?;
-    Ok(ResponseHeader::from(parts))
+    Ok(Box::new(ResponseHeader::from(parts)))
 }
 
 /// How many headers [`gateway_headers`] adds besides the rate limits.

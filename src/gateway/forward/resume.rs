@@ -663,7 +663,7 @@ impl Client for Resumable<'_> {
         self.inner.request_headers()
     }
 
-    fn send_header<'a, 'f>(&'a mut self, header: ResponseHeader) -> BoxFuture<'f, bool>
+    fn send_header<'a, 'f>(&'a mut self, header: Box<ResponseHeader>) -> BoxFuture<'f, bool>
     where
         'a: 'f,
         Self: 'f,
@@ -805,7 +805,7 @@ mod tests {
     fn a_restart_is_spliced_after_what_the_client_has() {
         let mut collected = Collected::default();
         let mut client = Resumable::new(&mut collected, true);
-        block_on(client.send_header(ResponseHeader::build(200, None).unwrap()));
+        block_on(client.send_header(Box::new(ResponseHeader::build(200, None).unwrap())));
         run(
             &mut client,
             &[
@@ -820,9 +820,9 @@ mod tests {
             ..Usage::default()
         };
         assert_eq!(client.continue_with(false, earlier), Continuation::Restart);
-        assert!(block_on(
-            client.send_header(ResponseHeader::build(200, None).unwrap())
-        ));
+        assert!(block_on(client.send_header(Box::new(
+            ResponseHeader::build(200, None).unwrap()
+        ))));
         let usage = json!({"id": "b", "created": 9, "model": "b", "choices": [],
             "usage": {"prompt_tokens": 5, "completion_tokens": 4, "total_tokens": 9}});
         run(
@@ -871,7 +871,7 @@ mod tests {
     fn a_restart_that_says_something_else_diverges() {
         let mut collected = Collected::default();
         let mut client = Resumable::new(&mut collected, true);
-        block_on(client.send_header(ResponseHeader::build(200, None).unwrap()));
+        block_on(client.send_header(Box::new(ResponseHeader::build(200, None).unwrap())));
         run(&mut client, &[chunk("a", Some("Hello"), true, None)]);
         client.continue_with(false, Usage::default());
         let sent = block_on(
@@ -885,7 +885,7 @@ mod tests {
     fn a_prefill_keeps_the_text_without_trailing_space_and_skips_its_repeat() {
         let mut collected = Collected::default();
         let mut client = Resumable::new(&mut collected, true);
-        block_on(client.send_header(ResponseHeader::build(200, None).unwrap()));
+        block_on(client.send_header(Box::new(ResponseHeader::build(200, None).unwrap())));
         run(&mut client, &[chunk("a", Some("Hello "), true, None)]);
         assert_eq!(
             client.continue_with(true, Usage::default()),
@@ -911,7 +911,7 @@ mod tests {
         ] {
             let mut collected = Collected::default();
             let mut client = Resumable::new(&mut collected, true);
-            block_on(client.send_header(ResponseHeader::build(200, None).unwrap()));
+            block_on(client.send_header(Box::new(ResponseHeader::build(200, None).unwrap())));
             run(&mut client, &[format!("data: {event}\n\n")]);
             assert!(!client.resumable(), "{event}");
         }
@@ -925,7 +925,7 @@ mod tests {
         for restart in [true, false] {
             let mut collected = Collected::default();
             let mut client = Resumable::new(&mut collected, true);
-            block_on(client.send_header(ResponseHeader::build(200, None).unwrap()));
+            block_on(client.send_header(Box::new(ResponseHeader::build(200, None).unwrap())));
             run(&mut client, &[cut.clone(), "data: {\"choi".into()]);
             if restart {
                 client.continue_with(false, Usage::default());
@@ -959,7 +959,7 @@ mod tests {
     fn a_line_too_long_to_hold_passes_through_and_ends_resumability() {
         let mut collected = Collected::default();
         let mut client = Resumable::new(&mut collected, true);
-        block_on(client.send_header(ResponseHeader::build(200, None).unwrap()));
+        block_on(client.send_header(Box::new(ResponseHeader::build(200, None).unwrap())));
         run(&mut client, &[chunk("a", Some("Hi"), true, None)]);
         let piece = Bytes::from(vec![b'x'; 1 << 20]);
         let mut sent = 0;
@@ -1327,7 +1327,7 @@ mod tests {
 
             let mut collected = Collected::default();
             let mut client = Resumable::new(&mut collected, true);
-            block_on(client.send_header(ResponseHeader::build(200, None).unwrap()));
+            block_on(client.send_header(Box::new(ResponseHeader::build(200, None).unwrap())));
             for (i, piece) in cuts.windows(2).enumerate() {
                 let end = i + 2 == cuts.len();
                 let piece = Bytes::copy_from_slice(&body.as_bytes()[piece[0]..piece[1]]);
@@ -1339,7 +1339,7 @@ mod tests {
 
             let mut whole = Collected::default();
             let mut client = Resumable::new(&mut whole, true);
-            block_on(client.send_header(ResponseHeader::build(200, None).unwrap()));
+            block_on(client.send_header(Box::new(ResponseHeader::build(200, None).unwrap())));
             block_on(client.send_body(Bytes::from(body.clone()), true));
             proptest::prop_assert_eq!(&record.0, &texts.concat());
             proptest::prop_assert_eq!(
