@@ -383,7 +383,7 @@ impl JobRunner for Gateway {
                     started,
                     trace,
                     ..
-                } = &mut ctx;
+                } = &mut *ctx;
                 let exchange = Exchange {
                     endpoint,
                     call: Call::post_json(),
