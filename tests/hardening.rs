@@ -656,6 +656,23 @@ fn a_provider_echoing_its_key_never_gets_it_to_a_client() {
         "an escaped error body",
     );
 
+    // An error answer passed on keeps the provider's content type, redacted.
+    mock.fault(json!({
+        "error_body": "{\"error\":{\"message\":\"bad request\",\"type\":\"invalid_request_error\"}}",
+        "status": 400,
+        "content_type": format!("application/json; key={PROVIDER_KEY}"),
+    }));
+    let resp = gw.post_json(CHAT, TENANT_KEY, &chat("gpt-4o-mini", false));
+    assert_eq!(resp.status, 400);
+    let content_type = resp.header("content-type").unwrap_or_default();
+    assert!(
+        content_type.starts_with("application/json; key=")
+            && content_type.contains("*****")
+            && !content_type.contains(PROVIDER_KEY),
+        "an error's content type: {content_type}"
+    );
+    assert_eq!(resp.json()["error"]["message"], "bad request");
+
     // An async job's stored result and its callback.
     mock.fault(json!({"echo_key": true}));
     let resp = submit_raw(

@@ -81,7 +81,7 @@ impl MockApp {
             let reply = self.control(session.req_header().method.clone(), path, &body);
             return send(
                 session,
-                response_header(reply.status, reply.content_type),
+                response_header(reply.status, &reply.content_type),
                 &reply,
             )
             .await;
@@ -95,7 +95,7 @@ impl MockApp {
         match (method, path) {
             (_, "/health") => Reply {
                 status: 200,
-                content_type: "text/plain",
+                content_type: "text/plain".into(),
                 body: Bytes::from_static(b"ok"),
                 retry_after: None,
                 tokens: None,
@@ -104,7 +104,7 @@ impl MockApp {
             // it is not another server that holds the port).
             (Method::GET, "/_mock/pid") => Reply {
                 status: 200,
-                content_type: "text/plain",
+                content_type: "text/plain".into(),
                 body: Bytes::from(std::process::id().to_string()),
                 retry_after: None,
                 tokens: None,
@@ -127,7 +127,7 @@ impl MockApp {
             // keeps nothing (the bench's row with traces on).
             (Method::POST, "/_mock/otlp/v1/traces") => Reply {
                 status: 200,
-                content_type: "application/x-protobuf",
+                content_type: "application/x-protobuf".into(),
                 body: Bytes::new(),
                 retry_after: None,
                 tokens: None,
@@ -355,7 +355,7 @@ impl MockApp {
         if self.cfg.require_uuid_request_id && !has_uuid_request_id(&req_headers) {
             let reply = Reply {
                 status: 400,
-                content_type: "text/plain; charset=utf-8",
+                content_type: "text/plain; charset=utf-8".into(),
                 body: Vec::new().into(),
                 retry_after: None,
                 tokens: None,
@@ -424,7 +424,7 @@ impl MockApp {
                     200,
                     messages_tool_stream(meta.id, tool, g.prompt_tokens).into_bytes(),
                 );
-                r.content_type = "text/event-stream";
+                r.content_type = "text/event-stream".into();
                 r.tokens = Some((g.prompt_tokens, 5));
                 r
             }
@@ -517,7 +517,7 @@ impl MockApp {
         };
         if let Some(ms) = first_token_ms {
             // The head at once, the body much later.
-            let mut header = meta.header(reply.status, reply.content_type);
+            let mut header = meta.header(reply.status, &reply.content_type);
             let _ = header.insert_header(http::header::CONTENT_LENGTH, reply.body.len());
             if session.write_response_header(header).await.is_err()
                 || !pause(session, &mut watch, Duration::from_millis(ms)).await
@@ -549,7 +549,7 @@ impl MockApp {
         disconnect_after: Option<u64>,
     ) -> Outcome {
         let stats = &self.state.stats;
-        let header = meta.header(reply.status, reply.content_type);
+        let header = meta.header(reply.status, &reply.content_type);
         if disconnect_after.is_some() {
             let mut header = header;
             let _ = header.insert_header(http::header::CONTENT_LENGTH, reply.body.len());
@@ -570,7 +570,7 @@ impl MockApp {
             Some(mut encoder) => {
                 compressed = Reply {
                     status: reply.status,
-                    content_type: reply.content_type,
+                    content_type: reply.content_type.clone(),
                     body: encoder.encode(&reply.body, true),
                     retry_after: reply.retry_after,
                     tokens: reply.tokens,

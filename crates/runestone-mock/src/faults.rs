@@ -22,7 +22,7 @@ pub(crate) enum Fault {
         /// Raw body.
         body: String,
         /// Its `content-type`.
-        content_type: &'static str,
+        content_type: Cow<'static, str>,
         /// Explicit `retry-after` seconds.
         retry_after: Option<u64>,
     },
@@ -318,15 +318,21 @@ impl FaultSpec {
             return Err("error_code only goes with error_after_chunks".to_owned());
         }
         let fault = if let Some(body) = self.error_body {
-            let content_type = match self.content_type.as_deref() {
-                None | Some("text/plain") => "text/plain; charset=utf-8",
-                Some("application/json") => "application/json",
-                Some("text/event-stream") => "text/event-stream",
-                Some(other) => {
-                    return Err(format!(
-                        "content_type must be text/plain, application/json or text/event-stream, not {other}"
-                    ))
-                }
+            // One of three media types, with parameters if given (a
+            // provider may put anything there).
+            let content_type: Cow<'static, str> = match self.content_type {
+                None => "text/plain; charset=utf-8".into(),
+                Some(given) => match given.split(';').next().map(str::trim) {
+                    Some("text/plain") if given == "text/plain" => {
+                        "text/plain; charset=utf-8".into()
+                    }
+                    Some("text/plain" | "application/json" | "text/event-stream") => given.into(),
+                    _ => {
+                        return Err(format!(
+                            "content_type must be text/plain, application/json or text/event-stream (parameters allowed), not {given}"
+                        ))
+                    }
+                },
             };
             Some(Fault::RawError {
                 status: self.status.unwrap_or(500),

@@ -39,6 +39,7 @@ use responses::*;
 use state::*;
 use transport::*;
 
+use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 use std::fmt::Write as _;
 use std::io::Write as _;

@@ -261,7 +261,7 @@ impl MediaCall {
                         "usage": {"input_tokens": input, "output_tokens": output, "total_tokens": input + output}});
                     events.push_str(&format!("data: {done}\n\n"));
                     let mut r = Reply::json(200, events.into_bytes());
-                    r.content_type = "text/event-stream";
+                    r.content_type = "text/event-stream".into();
                     return r;
                 }
                 let mut r = Reply::json(200, audio);
@@ -269,7 +269,8 @@ impl MediaCall {
                     Some("wav") => "audio/wav",
                     Some("opus") => "audio/opus",
                     _ => "audio/mpeg",
-                };
+                }
+                .into();
                 r
             }
             MediaKind::Transcriptions | MediaKind::Translations => {
@@ -292,13 +293,13 @@ impl MediaCall {
                         json!({"type": "transcript.text.done", "text": text, "usage": usage});
                     events.push_str(&format!("data: {done}\n\n"));
                     let mut r = Reply::json(200, events.into_bytes());
-                    r.content_type = "text/event-stream";
+                    r.content_type = "text/event-stream".into();
                     return r;
                 }
                 match self.response_format.as_deref() {
                     Some("text" | "srt" | "vtt") => {
                         let mut r = Reply::json(200, format!("{text}\n").into_bytes());
-                        r.content_type = "text/plain; charset=utf-8";
+                        r.content_type = "text/plain; charset=utf-8".into();
                         r
                     }
                     Some("verbose_json") => {

@@ -168,7 +168,7 @@ pub(crate) struct Reply {
     /// Status.
     pub(crate) status: u16,
     /// `content-type`.
-    pub(crate) content_type: &'static str,
+    pub(crate) content_type: Cow<'static, str>,
     /// Body.
     pub(crate) body: Bytes,
     /// `retry-after` seconds.
@@ -205,7 +205,7 @@ impl Reply {
     pub(crate) fn json(status: u16, body: Vec<u8>) -> Self {
         Reply {
             status,
-            content_type: "application/json",
+            content_type: "application/json".into(),
             body: body.into(),
             retry_after: None,
             tokens: None,

@@ -6,7 +6,9 @@
 
 use super::body::{read_gap, BodyEnd, Copy, FirstContent, Meter};
 use super::decode::{self, Decoder, UpstreamBody};
-use super::headers::{client_response, gateway_headers, is_event_stream, upstream_request};
+use super::headers::{
+    client_response, gateway_headers, is_event_stream, redacted, upstream_request,
+};
 use super::resume::{with_prefill, Continuation};
 use super::{Exchange, Forwarder, Report, Settle};
 use crate::config::{ModelRoute, ProviderSettings};
@@ -585,7 +587,11 @@ impl Attempt<'_> {
             return Err(self.headless());
         };
         let status = head.status;
-        let content_type = head.headers.get(header::CONTENT_TYPE).cloned();
+        // Passed on with an error answer: redacted as every header is.
+        let content_type = head
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|value| redacted(redactor, value).ok());
         // Read to its end: the connection goes back to the pool (an error
         // or a translated answer would otherwise cost the next request a
         // new connection, and a TLS handshake).

@@ -197,21 +197,30 @@ pub(super) fn client_response(
         + rate_limit_header_count(&exchange.rate_limits)
         + GATEWAY_HEADERS;
     parts.headers.reserve(count + 2);
-    // A provider echoing its key in a header gets it overwritten there too.
-    let redacted = |value: &HeaderValue| match redactor.redact(value.as_bytes()) {
-        std::borrow::Cow::Borrowed(_) => Ok(value.clone()),
-        std::borrow::Cow::Owned(bytes) => HeaderValue::from_bytes(&bytes),
-    };
     for (name, value) in forwarded {
         if let Some(value) = value {
-            parts.headers.insert(name, redacted(value)?);
+            parts.headers.insert(name, redacted(redactor, value)?);
         }
     }
     if let Some(id) = upstream_id {
-        parts.headers.insert(X_UPSTREAM_REQUEST_ID, redacted(id)?);
+        parts
+            .headers
+            .insert(X_UPSTREAM_REQUEST_ID, redacted(redactor, id)?);
     }
     gateway_headers(&mut parts.headers, exchange, provider, attempts)?;
     Ok(Box::new(ResponseHeader::from(parts)))
+}
+
+/// A provider's header value as the client may see it: a provider
+/// echoing its key in a header gets it overwritten there too.
+pub(super) fn redacted(
+    redactor: &Redactor<'_>,
+    value: &HeaderValue,
+) -> Result<HeaderValue, http::header::InvalidHeaderValue> {
+    match redactor.redact(value.as_bytes()) {
+        std::borrow::Cow::Borrowed(_) => Ok(value.clone()),
+        std::borrow::Cow::Owned(bytes) => HeaderValue::from_bytes(&bytes),
+    }
 }
 
 /// How many headers [`gateway_headers`] adds besides the rate limits.
