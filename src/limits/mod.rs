@@ -191,7 +191,9 @@ enum Decided {
 pub struct Grant {
     tenant: usize,
     reserved_tokens: u64,
-    lease: String,
+    /// The Redis concurrency slot asked for, when the tenant has a
+    /// concurrency limit and Redis is configured.
+    lease: Option<redis::Lease>,
     decided: Decided,
     settled: bool,
     limiter: Arc<Inner>,
@@ -209,8 +211,8 @@ impl Drop for Grant {
             match self.decided {
                 Decided::Local => self.limiter.local.release(self.tenant),
                 Decided::Redis => {
-                    if let Some(redis) = &self.limiter.redis {
-                        redis.abandon_lease(self.tenant, &self.lease);
+                    if let (Some(redis), Some(lease)) = (&self.limiter.redis, self.lease) {
+                        redis.abandon_lease(self.tenant, lease);
                     }
                 }
                 Decided::Unlimited => {}
@@ -345,22 +347,15 @@ impl Limiter {
             .min(MAX_RESERVED_TOKENS);
         // A lease id names a concurrency slot in Redis; in-process slots are
         // plain counts.
-        let lease = if inner.redis.is_some() && limits.max_concurrent.is_some() {
-            crate::ids::random_token()
-        } else {
-            String::new()
-        };
+        let lease =
+            (inner.redis.is_some() && limits.max_concurrent.is_some()).then(redis::Lease::random);
         let now = now_ms();
         let (period_id, period_left_ms) = period_at(accounting_period(limits), now);
         let decided = if !limits.is_limited() {
             Ok((Decided::Unlimited, RateLimitState::default()))
         } else {
             let from_redis = match &inner.redis {
-                Some(redis) => {
-                    redis
-                        .admit(tenant, limits, tokens, &lease, &period_id)
-                        .await
-                }
+                Some(redis) => redis.admit(tenant, limits, tokens, lease, &period_id).await,
                 None => None,
             };
             match from_redis {
@@ -473,7 +468,7 @@ impl Limiter {
         &self,
         grant: &Grant,
         (request_delta, token_delta): (i64, i64),
-        (period_id, now): (&str, f64),
+        (period_id, now): (&Arc<str>, f64),
         record: &PeriodUsage,
     ) {
         let inner = &self.inner;
@@ -496,7 +491,7 @@ impl Limiter {
                 let request = redis::SettleRequest {
                     request_delta: if by_redis { request_delta } else { 0 },
                     token_delta: if by_redis { token_delta } else { 0 },
-                    lease: by_redis.then_some(grant.lease.as_str()),
+                    lease: grant.lease.filter(|_| by_redis),
                     period_id,
                     usage: record,
                 };

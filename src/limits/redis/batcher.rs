@@ -4,7 +4,7 @@
 
 use super::ledger::{self, Shared, Unsettled};
 use super::scripts::{admit_answers, AdmitAnswer};
-use super::{lock, Keys, SettleOp, LEASE_TTL_MS};
+use super::{lock, Keys, Lease, SettleOp, LEASE_TTL_MS};
 use crate::redis_conn::Conn;
 use redis::{RedisResult, Script};
 use std::sync::Arc;
@@ -26,13 +26,14 @@ pub(super) enum Op {
 /// One admission, as the batched [`ADMIT`] takes it.
 pub(super) struct AdmitOp {
     pub(super) tenant: usize,
-    pub(super) period_id: String,
+    pub(super) period_id: Arc<str>,
     /// RPM, TPM, max concurrent, budget (pUSD); 0 for none. Then the
     /// spend owed for the period that Redis refused (pUSD), which counts
     /// against the budget.
     pub(super) limits: [u64; 5],
     pub(super) tokens: u64,
-    pub(super) lease: String,
+    /// `None` when the tenant has no concurrency limit.
+    pub(super) lease: Option<Lease>,
     pub(super) reply: Reply<AdmitAnswer>,
 }
 
@@ -102,7 +103,7 @@ impl Batcher {
                 // kept for the flush while Redis is down.
                 Op::Settle(op) if !self.shared.is_up(op.tenant) => {
                     self.shared
-                        .defer(op.tenant, &op.period_id, &op.lease, &op.usage);
+                        .defer(op.tenant, &op.period_id, op.lease, &op.usage);
                     let _ = op.reply.send(Ok(()));
                 }
                 Op::Settle(op) => group(&mut settles, op, |a, b| {
@@ -227,7 +228,11 @@ impl Batcher {
             .arg(keys.usage(&first.period_id));
         cmd.arg(&first.limits[..]).arg(LEASE_TTL_MS);
         for op in batch {
-            cmd.arg(op.tokens).arg(&op.lease);
+            cmd.arg(op.tokens);
+            match op.lease {
+                Some(lease) => cmd.arg(lease),
+                None => cmd.arg(""),
+            };
         }
         cmd
     }

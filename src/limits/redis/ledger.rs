@@ -3,7 +3,7 @@
 //! again under its own number until Redis confirms it.
 
 use super::scripts::{usage_ttl_seconds, REFUSED, SETTLE, SETTLED_TTL_MS};
-use super::{lock, Keys, SettleOp};
+use super::{lock, Keys, Lease, SettleOp};
 use crate::limits::PeriodUsage;
 use crate::metrics;
 use redis::Script;
@@ -26,7 +26,7 @@ pub(super) struct Unsettled {
     pub(super) tpm: u64,
     /// (request delta, token delta) per settlement, in order.
     pub(super) corrections: Vec<(i64, i64)>,
-    pub(super) leases: Vec<String>,
+    pub(super) leases: Vec<Lease>,
     pub(super) usage: PeriodUsage,
     /// A send of it went unanswered: Redis may have applied it, so it is
     /// only ever sent again under its number, never owed anew.
@@ -45,7 +45,7 @@ impl Unsettled {
         Unsettled {
             batch: keys.new_batch(),
             tenant: first.tenant,
-            period_id: first.period_id.clone(),
+            period_id: first.period_id.to_string(),
             rpm: first.rpm,
             tpm: first.tpm,
             corrections: ops
@@ -53,11 +53,7 @@ impl Unsettled {
                 .map(|op| (op.request_delta, op.token_delta))
                 .filter(|&c| c != (0, 0))
                 .collect(),
-            leases: ops
-                .iter()
-                .filter(|op| !op.lease.is_empty())
-                .map(|op| op.lease.clone())
-                .collect(),
+            leases: ops.iter().filter_map(|op| op.lease).collect(),
             usage,
             uncertain: false,
         }
@@ -118,7 +114,7 @@ pub(super) struct Ledger {
     /// Leases whose release could not be sent (Redis down or frozen at
     /// settlement, an admission that timed out, a request that panicked),
     /// so a tenant does not lose those slots until the leases expire.
-    pub(super) unreleased: Vec<(usize, String)>,
+    pub(super) unreleased: Vec<(usize, Lease)>,
     /// Batches sent whose answer never came: sent again under their number.
     pub(super) unsettled: Vec<Unsettled>,
     /// (tenant, period) whose settlements Redis refuses, said once each.
@@ -284,10 +280,16 @@ impl Shared {
 
     /// Keeps a settlement that is not sent now for the flush: its usage
     /// summed per period, its lease to release.
-    pub(super) fn defer(&self, tenant: usize, period_id: &str, lease: &str, usage: &PeriodUsage) {
+    pub(super) fn defer(
+        &self,
+        tenant: usize,
+        period_id: &str,
+        lease: Option<Lease>,
+        usage: &PeriodUsage,
+    ) {
         let mut ledger = lock(&self.ledger);
-        if !lease.is_empty() {
-            ledger.unreleased.push((tenant, lease.to_string()));
+        if let Some(lease) = lease {
+            ledger.unreleased.push((tenant, lease));
         }
         if *usage != PeriodUsage::default() {
             ledger
@@ -303,7 +305,7 @@ impl Shared {
 mod tests {
     use super::*;
 
-    fn op(request_delta: i64, token_delta: i64, lease: &str, cost: i64) -> SettleOp {
+    fn op(request_delta: i64, token_delta: i64, lease: Option<u128>, cost: i64) -> SettleOp {
         SettleOp {
             tenant: 0,
             period_id: "2026-12".into(),
@@ -311,7 +313,7 @@ mod tests {
             tpm: 1000,
             request_delta,
             token_delta,
-            lease: lease.into(),
+            lease: lease.map(|id| Lease(id.to_be_bytes())),
             usage: PeriodUsage {
                 requests: u64::from(request_delta == 0),
                 prompt_tokens: 3,
@@ -338,7 +340,11 @@ mod tests {
         let keys = keys();
         let batch = Unsettled::from_ops(
             &keys,
-            &[op(0, -5, "l1", 10), op(0, 0, "", 20), op(-1, -100, "l3", 0)],
+            &[
+                op(0, -5, Some(1), 10),
+                op(0, 0, None, 20),
+                op(-1, -100, Some(3), 0),
+            ],
         );
         assert_eq!(batch.usage.requests, 2);
         assert_eq!(batch.usage.cost_pusd, 30);
@@ -347,9 +353,12 @@ mod tests {
             [(0, -5), (-1, -100)],
             "no-op corrections are left out"
         );
-        assert_eq!(batch.leases, ["l1", "l3"]);
+        assert_eq!(
+            batch.leases,
+            [Lease(1_u128.to_be_bytes()), Lease(3_u128.to_be_bytes())]
+        );
         assert_eq!(batch.batch, 0);
-        assert_eq!(Unsettled::from_ops(&keys, &[op(0, 0, "", 0)]).batch, 1);
+        assert_eq!(Unsettled::from_ops(&keys, &[op(0, 0, None, 0)]).batch, 1);
     }
 
     #[test]
@@ -357,7 +366,7 @@ mod tests {
         let keys = keys();
         keys.next_batch
             .store(65_538, std::sync::atomic::Ordering::Relaxed);
-        let batch = Unsettled::from_ops(&keys, &[op(0, -5, "l1", 10)]);
+        let batch = Unsettled::from_ops(&keys, &[op(0, -5, Some(1), 10)]);
         let script = Script::new(SETTLE);
         let args = |cmd: &redis::Cmd| -> Vec<String> {
             cmd.args_iter()
@@ -386,8 +395,8 @@ mod tests {
         assert_eq!(by_hash[17..19], ["0", "0"], "no cache hits, nothing saved");
         assert_eq!(
             by_hash[19..],
-            ["1", "0", "-5", "l1"],
-            "one correction, one lease"
+            ["1", "0", "-5", &format!("{:032x}", 1)],
+            "one correction, one lease, as 32 hex digits"
         );
         let whole = args(&batch.command(&keys, &script, false));
         assert_eq!((whole[0].as_str(), whole[1].as_str()), ("EVAL", SETTLE));
@@ -399,7 +408,8 @@ mod tests {
         let keys = keys();
         let mut ledger = Ledger::default();
         for _ in 0..3 {
-            let batch = Unsettled::from_ops(&keys, &[op(0, -5, "l1", 10), op(0, 0, "l2", 20)]);
+            let batch =
+                Unsettled::from_ops(&keys, &[op(0, -5, Some(1), 10), op(0, 0, Some(2), 20)]);
             ledger.refuse(
                 batch,
                 "settle",
@@ -420,7 +430,7 @@ mod tests {
     fn a_refused_batch_that_may_have_counted_keeps_its_number() {
         let keys = keys();
         let mut ledger = Ledger::default();
-        let mut batch = Unsettled::from_ops(&keys, &[op(0, 0, "l1", 10)]);
+        let mut batch = Unsettled::from_ops(&keys, &[op(0, 0, Some(1), 10)]);
         batch.uncertain = true;
         let number = batch.batch;
         ledger.refuse(batch, "flush", "REFUSED WRONGTYPE");
@@ -444,7 +454,7 @@ mod tests {
         );
         ledger
             .unsettled
-            .push(Unsettled::from_ops(&keys(), &[op(0, 0, "", 100)]));
+            .push(Unsettled::from_ops(&keys(), &[op(0, 0, None, 100)]));
         assert_eq!(ledger.owed_spend(0, "2026-12"), 107);
         assert_eq!(ledger.owed_spend(0, "2026-11"), 0);
         assert_eq!(ledger.owed_spend(1, "2026-12"), 0);

@@ -47,6 +47,35 @@ use tracing::{info, warn};
 /// How long a concurrency lease lives without renewal.
 pub const LEASE_TTL_MS: u64 = 30_000;
 
+/// A concurrency slot's id in Redis: 128 random bits, which Redis sees as
+/// 32 lowercase hex digits. Copied, not allocated, on its way from the
+/// admission to the settlement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Lease([u8; 16]);
+
+impl Lease {
+    /// A new, random lease id.
+    pub fn random() -> Self {
+        Lease(rand::random())
+    }
+
+    /// The id as Redis stores it.
+    fn hex(self) -> [u8; 32] {
+        let mut out = [0; 32];
+        hex::encode_to_slice(self.0, &mut out).expect("16 bytes are 32 hex digits");
+        out
+    }
+}
+
+impl redis::ToRedisArgs for Lease {
+    fn write_redis_args<W>(&self, out: &mut W)
+    where
+        W: ?Sized + redis::RedisWrite,
+    {
+        out.write_arg(&self.hex());
+    }
+}
+
 /// How often held leases are renewed.
 const RENEW_EVERY: Duration = Duration::from_millis(LEASE_TTL_MS / 3);
 
@@ -99,14 +128,14 @@ impl Keys {
 /// `SETTLE` takes it.
 pub(super) struct SettleOp {
     pub(super) tenant: usize,
-    pub(super) period_id: String,
+    pub(super) period_id: Arc<str>,
     pub(super) rpm: u64,
     pub(super) tpm: u64,
     /// -1 to give the request back (an unused grant), else 0.
     pub(super) request_delta: i64,
     pub(super) token_delta: i64,
-    /// Empty when the request held no Redis slot.
-    pub(super) lease: String,
+    /// `None` when the request held no Redis slot.
+    pub(super) lease: Option<Lease>,
     pub(super) usage: PeriodUsage,
     pub(super) reply: Reply<()>,
 }
@@ -125,7 +154,7 @@ struct Inner {
     /// Spend last read from Redis, per tenant: (period, pUSD).
     known_spend: Vec<Mutex<(String, i64)>>,
     /// Leases this instance holds: lease id -> tenant.
-    leases: Mutex<HashMap<String, usize>>,
+    leases: Mutex<HashMap<Lease, usize>>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -154,9 +183,9 @@ pub struct SettleRequest<'a> {
     /// Real tokens minus reserved ones (0 when Redis did not admit it).
     pub token_delta: i64,
     /// The Redis concurrency lease to release, if Redis admitted it.
-    pub lease: Option<&'a str>,
+    pub lease: Option<Lease>,
     /// The period the usage counts in.
-    pub period_id: &'a str,
+    pub period_id: &'a Arc<str>,
     /// What the request used.
     pub usage: &'a PeriodUsage,
 }
@@ -297,8 +326,8 @@ impl RedisStore {
         tenant: usize,
         limits: &TenantLimits,
         tokens: u64,
-        lease: &str,
-        period_id: &str,
+        lease: Option<Lease>,
+        period_id: &Arc<str>,
     ) -> Option<Result<RateLimitState, Refusal>> {
         if !self.tenant_up(tenant) {
             return None;
@@ -307,7 +336,7 @@ impl RedisStore {
         let (reply, answer) = oneshot::channel();
         let op = Op::Admit(AdmitOp {
             tenant,
-            period_id: period_id.to_string(),
+            period_id: period_id.clone(),
             limits: [
                 u64::from(limits.requests_per_minute.unwrap_or(0)),
                 limits.tokens_per_minute.unwrap_or(0),
@@ -320,7 +349,7 @@ impl RedisStore {
                 },
             ],
             tokens,
-            lease: lease.to_string(),
+            lease,
             reply,
         });
         let answer = match queue.send(op) {
@@ -345,15 +374,15 @@ impl RedisStore {
             // An admission that timed out may still run once Redis answers
             // again (a frozen Redis reads it later) and take a slot nobody
             // holds: release it with the flush.
-            if limits.max_concurrent.is_some() {
+            if let Some(lease) = lease {
                 lock(&self.inner.shared.ledger)
                     .unreleased
-                    .push((tenant, lease.to_string()));
+                    .push((tenant, lease));
             }
             return None;
         };
         let mut known = lock(&self.inner.known_spend[tenant]);
-        if known.0 != period_id {
+        if *known.0 != **period_id {
             known.0 = period_id.to_string();
         }
         known.1 = spent;
@@ -367,8 +396,8 @@ impl RedisStore {
                 .map(|tpm| super::window(tokens_tat, now, tpm)),
         };
         if refused.is_empty() {
-            if limits.max_concurrent.is_some() {
-                lock(&self.inner.leases).insert(lease.to_string(), tenant);
+            if let Some(lease) = lease {
+                lock(&self.inner.leases).insert(lease, tenant);
             }
             return Some(Ok(state));
         }
@@ -394,8 +423,8 @@ impl RedisStore {
     /// settlement is the store's: applied now, or kept and sent by the flush
     /// (under the same batch id) when Redis is down or does not answer.
     pub async fn settle(&self, tenant: usize, limits: &TenantLimits, request: SettleRequest<'_>) {
-        let lease = request.lease.unwrap_or("");
-        if !lease.is_empty() {
+        let lease = request.lease;
+        if let Some(lease) = &lease {
             lock(&self.inner.leases).remove(lease);
         }
         let queue = self.tenant_up(tenant).then(|| self.queue()).flatten();
@@ -408,12 +437,12 @@ impl RedisStore {
         let (reply, answer) = oneshot::channel();
         let op = SettleOp {
             tenant,
-            period_id: request.period_id.to_string(),
+            period_id: request.period_id.clone(),
             rpm: u64::from(limits.requests_per_minute.unwrap_or(0)),
             tpm: limits.tokens_per_minute.unwrap_or(0),
             request_delta: request.request_delta,
             token_delta: request.token_delta,
-            lease: lease.to_string(),
+            lease,
             usage: request.usage.clone(),
             reply,
         };
@@ -429,7 +458,7 @@ impl RedisStore {
                 );
                 self.inner
                     .shared
-                    .defer(op.tenant, &op.period_id, &op.lease, &op.usage);
+                    .defer(op.tenant, &op.period_id, op.lease, &op.usage);
             }
             Err(_) => {}
         }
@@ -437,14 +466,11 @@ impl RedisStore {
 
     /// A request that ended without settling (its task panicked): its lease
     /// is no longer renewed and is released by the next flush.
-    pub fn abandon_lease(&self, tenant: usize, lease: &str) {
-        if lease.is_empty() {
-            return;
-        }
-        lock(&self.inner.leases).remove(lease);
+    pub fn abandon_lease(&self, tenant: usize, lease: Lease) {
+        lock(&self.inner.leases).remove(&lease);
         lock(&self.inner.shared.ledger)
             .unreleased
-            .push((tenant, lease.to_string()));
+            .push((tenant, lease));
     }
 
     /// The last spend read from Redis plus what this instance owes it: the
@@ -698,9 +724,9 @@ impl RedisStore {
 
     /// Extends the leases this instance holds.
     async fn renew_leases(&self) {
-        let mut by_tenant: HashMap<usize, Vec<String>> = HashMap::new();
+        let mut by_tenant: HashMap<usize, Vec<Lease>> = HashMap::new();
         for (lease, tenant) in lock(&self.inner.leases).iter() {
-            by_tenant.entry(*tenant).or_default().push(lease.clone());
+            by_tenant.entry(*tenant).or_default().push(*lease);
         }
         for (tenant, leases) in by_tenant {
             if !self.tenant_up(tenant) {
@@ -735,4 +761,20 @@ async fn warm_up(mut own: Conn) -> Option<Conn> {
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Lease;
+
+    #[test]
+    fn a_lease_is_written_as_32_lowercase_hex_digits() {
+        for id in [0, 1, 0xabc, u128::MAX, u128::MAX / 3, 1 << 127] {
+            let written = Lease(id.to_be_bytes()).hex();
+            assert_eq!(std::str::from_utf8(&written), Ok(&*format!("{id:032x}")));
+        }
+        let args = redis::ToRedisArgs::to_redis_args(&Lease(0xabc_u128.to_be_bytes()));
+        assert_eq!(args, [format!("{:032x}", 0xabc).into_bytes()]);
+        assert_ne!(Lease::random(), Lease::random());
+    }
 }
