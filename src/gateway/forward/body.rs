@@ -904,10 +904,13 @@ impl Copy<'_> {
                 }
             };
             // Not in order: a provider flooding events that are not passed
-            // on (nothing sent) must not keep a gone client unseen.
+            // on (nothing sent) must not keep a gone client unseen. A client
+            // that has every byte of the length it was told may leave: the
+            // body's end is read, not lost to that race.
+            let whole = self.declared_len.is_some_and(|n| received >= n);
             let read = tokio::select! {
                 read = read_or_stall => read,
-                _ = client.gone(), if drain_until.is_none() => return self.client_left(client, meter),
+                _ = client.gone(), if drain_until.is_none() && !whole => return self.client_left(client, meter),
             };
             match read {
                 // After the last event: sent nowhere, read only for a
