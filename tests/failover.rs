@@ -552,6 +552,50 @@ fn a_malformed_event_breaks_a_resumable_stream_and_is_left_out_of_others() {
 }
 
 #[test]
+fn a_stream_that_ends_without_a_whole_event_fails_over() {
+    // A 200 event stream whose one event is cut short, then ended: nothing
+    // the client could be given, nothing sent, so the fallback answers.
+    let cut = json!({
+        "error_body": "data: {\"id\":\"chatcmpl-1\",\"object\":\"chat.compl",
+        "status": 200,
+        "content_type": "text/event-stream",
+    });
+    let (mock, gw) = start("", "");
+    let mut fault = cut.clone();
+    fault["model"] = json!("m-small");
+    mock.fault(fault);
+    let events = stream(&gw, "small", 4);
+    let (text, _) = whole_stream(&events);
+    assert_eq!(text, mock_text(4));
+    assert_eq!(attempts(&mock, "m-large"), 1, "the fallback answered");
+    // Nor is a stream of comments only (a router's keep-alives, its own
+    // upstream having failed).
+    let mut fault = cut.clone();
+    fault["error_body"] = json!(": PROCESSING\n\n: PROCESSING\n\nid: 1\n\n");
+    fault["model"] = json!("m-small");
+    mock.fault(fault);
+    let (text, _) = whole_stream(&stream(&gw, "small", 3));
+    assert_eq!(text, mock_text(3));
+    assert_eq!(attempts(&mock, "m-large"), 2, "the fallback answered again");
+    // An empty stream is no answer either; with nowhere else to go the
+    // client gets the gateway's error, not an empty 200.
+    let mut fault = cut.clone();
+    fault["error_body"] = json!("");
+    fault["model"] = json!("m-solo");
+    fault["count"] = json!(10);
+    mock.fault(fault);
+    let resp = gw.post_json(CHAT, TENANT_KEY, &chat("solo", true));
+    assert_eq!(resp.status, 502, "{}", String::from_utf8_lossy(&resp.body));
+    let error = &resp.json()["error"];
+    assert!(
+        error["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("without a whole event")),
+        "{error}"
+    );
+}
+
+#[test]
 fn a_stream_without_done_gets_exactly_one() {
     let (mock, gw) = start("", "");
     mock.fault(json!({"no_done": true, "model": "m-small"}));

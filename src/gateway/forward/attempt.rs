@@ -398,6 +398,16 @@ impl Attempt<'_> {
                     if let Some(error) = meter.in_band_error().filter(|_| !first.found()) {
                         return Err(self.error_in_answer(error.clone(), &redactor));
                     }
+                    // Not one whole event (none, only one cut short, or
+                    // only comments): no answer, and nothing sent, so
+                    // another deployment may give one.
+                    if first.nothing_in(&held) {
+                        warn!(request_id = %exchange.request_id, provider = %provider.name, received, "provider ended a stream without a whole event");
+                        return Err(self.deployment_failure(ApiError::upstream_error(format!(
+                            "The provider '{}' ended its stream without a whole event.",
+                            provider.name
+                        ))));
+                    }
                     ended = true;
                     break;
                 }

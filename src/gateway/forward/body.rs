@@ -1368,6 +1368,17 @@ impl FirstContent {
         self.found
     }
 
+    /// Whether a stream that ended gave nothing to pass on: no content
+    /// went by and what is `held` has no `data:` line (no event, none
+    /// whole, or only comments, blank lines and ids).
+    pub(super) fn nothing_in(&self, held: &[u8]) -> bool {
+        self.stream
+            && !self.found
+            && !held
+                .split(|&b| b == b'\n')
+                .any(|line| line.starts_with(b"data:"))
+    }
+
     /// Takes the next bytes of the answer.
     pub(super) fn scan(&mut self, bytes: &[u8]) {
         if self.found || !self.stream {
