@@ -392,6 +392,9 @@ impl Forwarder {
                     .run(client, report, settle)
                     .await;
                     report.upstream_time += started.elapsed();
+                    // A continuation that said something else ends its copy
+                    // as a gone client would.
+                    let diverged = client.diverged();
                     // Recorded once the failover has decided what comes next.
                     let record =
                         span_id
@@ -405,16 +408,14 @@ impl Forwarder {
                                 provider: backend.provider,
                                 backend: backend.addr,
                                 status: report.upstream_status.take(),
-                                // A continuation that said something else ends
-                                // its copy as a gone client would.
-                                error: if client.diverged() {
+                                error: if diverged {
                                     Some("provider_stream_broken")
                                 } else {
                                     failure_reason(&attempted)
                                 },
                                 next: "answered",
                             });
-                    if client.diverged() {
+                    if diverged {
                         warn!(request_id = %exchange.request_id, backend = %backend.addr, "a restarted stream said something else than the client has");
                         // `end` says the stream could not be resumed; this says why.
                         let error = ApiError::upstream_error(
