@@ -596,6 +596,73 @@ fn a_stream_that_ends_without_a_whole_event_fails_over() {
 }
 
 #[test]
+fn an_empty_answer_fails_over() {
+    // A 200 JSON answer with nothing in it (empty, or only a line end) is
+    // no answer: nothing was sent, so the fallback answers.
+    let (mock, gw) = start("", "");
+    for (body, answered) in [("", 1), ("\r\n", 2)] {
+        mock.fault(json!({
+            "error_body": body,
+            "status": 200,
+            "content_type": "application/json",
+            "model": "m-small",
+        }));
+        let resp = ask(&gw, "small");
+        assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
+        assert_eq!(resp.json()["model"], "m-large");
+        assert_eq!(
+            attempts(&mock, "m-large"),
+            answered,
+            "the fallback answered"
+        );
+    }
+    // A 204 says there is nothing: its empty body is the answer.
+    mock.fault(json!({
+        "error_body": "",
+        "status": 204,
+        "content_type": "application/json",
+        "model": "m-small",
+    }));
+    let resp = ask(&gw, "small");
+    assert_eq!(resp.status, 204, "{}", String::from_utf8_lossy(&resp.body));
+    assert_eq!(attempts(&mock, "m-large"), 2, "no fallback for a 204");
+    // A stream whose one event is the usage the gateway asked for on the
+    // client's behalf (and takes out again) did have a whole event: it
+    // is the provider's answer, not a failure.
+    mock.fault(json!({
+        "error_body": "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":0,\"total_tokens\":3}}\n\n",
+        "status": 200,
+        "content_type": "text/event-stream",
+        "model": "m-solo",
+    }));
+    let resp = gw.post_json(CHAT, TENANT_KEY, &chat("solo", true));
+    assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
+    assert_eq!(
+        attempts(&mock, "m-solo"),
+        1,
+        "answered by the first attempt"
+    );
+    // With nowhere else to go the client gets the gateway's error, not an
+    // empty 200 logged as a success.
+    mock.fault(json!({
+        "error_body": "",
+        "status": 200,
+        "content_type": "application/json",
+        "model": "m-solo",
+        "count": 10,
+    }));
+    let resp = ask(&gw, "solo");
+    assert_eq!(resp.status, 502, "{}", String::from_utf8_lossy(&resp.body));
+    let error = &resp.json()["error"];
+    assert!(
+        error["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("answered with an empty body")),
+        "{error}"
+    );
+}
+
+#[test]
 fn a_stream_without_done_gets_exactly_one() {
     let (mock, gw) = start("", "");
     mock.fault(json!({"no_done": true, "model": "m-small"}));

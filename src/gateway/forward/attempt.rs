@@ -288,6 +288,8 @@ impl Attempt<'_> {
             return Err(attempted);
         }
         let event_stream = is_event_stream(head);
+        // A 204 says it has nothing to send: its empty body is the answer.
+        let no_content = head.status == http::StatusCode::NO_CONTENT;
         if self.continuation.is_some() && !(head.status.is_success() && event_stream) {
             return Err(self.continuation_refused(head));
         }
@@ -399,12 +401,18 @@ impl Attempt<'_> {
                         return Err(self.error_in_answer(error.clone(), &redactor));
                     }
                     // Not one whole event (none, only one cut short, or
-                    // only comments): no answer, and nothing sent, so
-                    // another deployment may give one.
-                    if first.nothing_in(&held) {
-                        warn!(request_id = %exchange.request_id, provider = %provider.name, received, "provider ended a stream without a whole event");
+                    // only comments; a usage event the client did not ask
+                    // for is one), or an empty JSON body: no answer, and
+                    // nothing sent, so another deployment may give one.
+                    if first.nothing_in(&held) && !meter.reported_usage() && !no_content {
+                        warn!(request_id = %exchange.request_id, provider = %provider.name, received, event_stream, "provider ended its answer with nothing in it");
+                        let what = if event_stream {
+                            "ended its stream without a whole event"
+                        } else {
+                            "answered with an empty body"
+                        };
                         return Err(self.deployment_failure(ApiError::upstream_error(format!(
-                            "The provider '{}' ended its stream without a whole event.",
+                            "The provider '{}' {what}.",
                             provider.name
                         ))));
                     }

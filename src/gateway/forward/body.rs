@@ -373,6 +373,12 @@ impl Meter {
         }
     }
 
+    /// Whether the provider reported a stream's usage (in an event the
+    /// gateway may have taken out again for the client).
+    pub(super) fn reported_usage(&self) -> bool {
+        matches!(self, Meter::Stream(meter) if meter.reported_usage().is_some())
+    }
+
     /// Whether a translated stream was cut at an event too long to
     /// translate ([`StreamTranslator::cut`]).
     pub(super) fn cut(&self) -> bool {
@@ -1368,15 +1374,21 @@ impl FirstContent {
         self.found
     }
 
-    /// Whether a stream that ended gave nothing to pass on: no content
-    /// went by and what is `held` has no `data:` line (no event, none
-    /// whole, or only comments, blank lines and ids).
+    /// Whether an answer that ended gave nothing to pass on: no content
+    /// went by and what is `held` is, for a stream, without a `data:` line
+    /// (no event, none whole, or only comments, blank lines and ids), or,
+    /// for a JSON answer, empty or only whitespace.
     pub(super) fn nothing_in(&self, held: &[u8]) -> bool {
-        self.stream
-            && !self.found
-            && !held
+        if self.found {
+            return false;
+        }
+        if self.stream {
+            !held
                 .split(|&b| b == b'\n')
                 .any(|line| line.starts_with(b"data:"))
+        } else {
+            held.iter().all(u8::is_ascii_whitespace)
+        }
     }
 
     /// Takes the next bytes of the answer.
