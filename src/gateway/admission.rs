@@ -88,9 +88,10 @@ impl Gateway {
     ) -> Result<Option<Grant>, ApiError> {
         // The model or one of its fallbacks: a request that a fallback can
         // serve is not parked behind its resting primary.
-        let can_serve = self
-            .upstreams
-            .can_serve_any(&self.config.routes_for(tenant, route));
+        let can_serve = || {
+            self.upstreams
+                .can_serve_any(&self.config.routes_for(tenant, route))
+        };
         self.admission(session, ctx, tenant, route, tokens, can_serve)
             .await
     }
@@ -104,9 +105,13 @@ impl Gateway {
         tenant: usize,
         route: usize,
     ) -> Result<Option<Grant>, ApiError> {
-        self.admission(session, ctx, tenant, route, 0, true).await
+        self.admission(session, ctx, tenant, route, 0, || true)
+            .await
     }
 
+    /// Admits as [`Self::admit`] says; `can_serve` tells whether the
+    /// model could be served now, asked only with overflow on (it is what
+    /// parks a request its limits let through).
     async fn admission(
         &self,
         session: &mut Session,
@@ -114,7 +119,7 @@ impl Gateway {
         tenant: usize,
         route: usize,
         tokens: u64,
-        can_serve: bool,
+        can_serve: impl Fn() -> bool,
     ) -> Result<Option<Grant>, ApiError> {
         let overflow = self.overflow.settings(tenant);
         let mut no_room = None;
@@ -138,7 +143,7 @@ impl Gateway {
             }
         }
         let refusal = match self.limiter.admit(tenant, tokens).await {
-            Ok(grant) if can_serve || !overflow.enabled => return Ok(Some(grant)),
+            Ok(grant) if !overflow.enabled || can_serve() => return Ok(Some(grant)),
             Ok(grant) => {
                 // Nothing can serve the model right now: give the grant back
                 // unused and wait for a backend.

@@ -369,14 +369,24 @@ impl Upstreams {
         let now = Instant::now();
         let slots = &self.routes[route_index].slots;
         // A few rounds: a breaker can turn between the check and the permit.
+        let single = route.targets.len() == 1;
         for _ in 0..4 {
-            let eligible: Vec<usize> = (0..route.targets.len())
-                .filter(|&t| {
-                    let p = route.targets[t].provider;
-                    self.providers[p].has_eligible(p, slots[t], tried, now)
-                })
-                .collect();
-            let Some(target) = self.pick_target(route_index, route, &eligible) else {
+            // One target: whether it has a backend is what choosing one
+            // finds out (asking first would read every backend's health
+            // twice).
+            let several: Vec<usize>;
+            let eligible: &[usize] = if single {
+                &[0]
+            } else {
+                several = (0..route.targets.len())
+                    .filter(|&t| {
+                        let p = route.targets[t].provider;
+                        self.providers[p].has_eligible(p, slots[t], tried, now)
+                    })
+                    .collect();
+                &several
+            };
+            let Some(target) = self.pick_target(route_index, route, eligible) else {
                 return Err(self.no_backend(route_index, route, now));
             };
             let (p, slot) = (route.targets[target].provider, slots[target]);
@@ -390,6 +400,11 @@ impl Upstreams {
                     && provider.health().available(slot, *addr, now)
             });
             let Some(addr) = chosen.and_then(|b| b.addr.as_inet().copied()) else {
+                // (With several targets, a breaker may have turned between
+                // the check and the choice.)
+                if single {
+                    break;
+                }
                 continue;
             };
             let (permits, gauge) = {
