@@ -362,6 +362,28 @@ fn fails_over_from_an_openai_target_to_an_anthropic_one() {
 }
 
 #[test]
+fn refused_attempts_give_their_connection_back_to_the_pool() {
+    // A 503 retried on the same deployment, then a 429: each refusal's
+    // body is read out and its connection reused, where each used to be
+    // closed, so every retry under load dialled anew (a TLS handshake,
+    // for real).
+    let mock = Mock::start(&["--api-key", PROVIDER_KEY]);
+    let gw = Gateway::start(&anthropic(&mock));
+    let resp = gw.post_json("/v1/chat/completions", TENANT_KEY, &chat("mixed", false));
+    assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
+    mock.fault(json!({"status": 503, "count": 2, "path": "/v1/chat/completions"}));
+    let resp = gw.post_json("/v1/chat/completions", TENANT_KEY, &chat("mixed", false));
+    assert_eq!(resp.header("x-runestone-attempts"), Some("3"));
+    mock.fault(json!({"status": 429, "count": 1, "path": "/v1/chat/completions"}));
+    let resp = gw.post_json("/v1/chat/completions", TENANT_KEY, &chat("mixed", false));
+    assert_eq!(resp.header("x-runestone-attempts"), Some("2"));
+    assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
+    let stats = mock.stats();
+    assert_eq!(stats["requests"], 6, "{stats}");
+    assert_eq!(stats["connections"], 1, "one connection for all: {stats}");
+}
+
+#[test]
 fn answers_read_whole_give_their_connection_back_to_the_pool() {
     // Error answers passed on to the client and translated JSON answers are
     // read whole before anything is sent: each used to close its pooled

@@ -899,6 +899,42 @@ fn raw_provider(response: Vec<u8>) -> (u16, std::sync::Arc<std::sync::atomic::At
     (port, served)
 }
 
+#[test]
+fn a_refusal_whose_body_never_ends_is_not_waited_for() {
+    // A 503 whose body stops short, its connection held open: the gateway
+    // reads a refusal's body out to keep the connection, but only what
+    // comes at once; the request moves on to the spare, not held until
+    // the provider lets go.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            std::thread::spawn(move || {
+                if read_request(&mut stream) {
+                    let _ = stream.write_all(
+                        b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"error\":",
+                    );
+                    std::thread::sleep(Duration::from_secs(60));
+                }
+            });
+        }
+    });
+    let mock = Mock::start(&[]);
+    let mut config = GatewayConfig::new(&mock);
+    config.providers = vec![
+        format!("  - {{ name: stuck, base_url: \"http://127.0.0.1:{port}/v1\" }}"),
+        format!("  - {{ name: spare, base_url: \"{}\" }}", mock.base_url()),
+    ];
+    config.models = "\n  - name: m\n    strategy: priority\n    targets: [{ provider: stuck }, { provider: spare }]\n".into();
+    config.tenants = format!("\n  - id: acme\n    keys: [\"{TENANT_KEY}\"]\n");
+    let gw = Gateway::start(&config);
+    // (The client gives up after 30 s: well before the provider does.)
+    let resp = gw.post_json("/v1/chat/completions", TENANT_KEY, &chat("m", false));
+    assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
+    assert_eq!(resp.header("x-runestone-provider"), Some("spare"));
+}
+
 fn json_answer(extra_head: &str, body: &[u8]) -> Vec<u8> {
     let mut out = format!(
         "{extra_head}HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",

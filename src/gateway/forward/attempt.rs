@@ -33,6 +33,11 @@ use tracing::{debug, warn};
 /// its key is masked).
 const MAX_ERROR_MESSAGE_CHARS: usize = 1000;
 
+/// How long, and how much of, a refused answer's body is read for its
+/// connection to be kept (see [`Attempt::drain`]).
+const DRAIN_WAIT: Duration = Duration::from_millis(50);
+const DRAIN_BYTES: usize = 64 * 1024;
+
 /// One attempt: where, and for what.
 pub(super) struct Attempt<'a> {
     pub forwarder: &'a Forwarder,
@@ -285,13 +290,16 @@ impl Attempt<'_> {
         };
         if let Some(attempted) = self.refused(head) {
             warn!(request_id = %exchange.request_id, provider = %provider.name, backend = %self.backend.addr, status = head.status.as_u16(), "provider refused the attempt");
+            self.drain(answer).await;
             return Err(attempted);
         }
         let event_stream = is_event_stream(head);
         // A 204 says it has nothing to send: its empty body is the answer.
         let no_content = head.status == http::StatusCode::NO_CONTENT;
         if self.continuation.is_some() && !(head.status.is_success() && event_stream) {
-            return Err(self.continuation_refused(head));
+            let refused = self.continuation_refused(head);
+            self.drain(answer).await;
+            return Err(refused);
         }
         // Asked for identity, a provider may compress anyway: the answer is
         // decoded, so what is metered, redacted and sent on is plain.
@@ -535,6 +543,28 @@ impl Attempt<'_> {
             ))
             .await;
         }
+    }
+
+    /// Reads out the body of an answer not taken (a refusal: an error body
+    /// small and sent with its head) and returns its connection to the
+    /// pool, so a provider refusing under load is asked again over the same
+    /// connection, not a new one (and a TLS handshake) for every retry. A
+    /// body slower or larger than that is not waited for: the connection
+    /// is closed.
+    async fn drain(&self, mut answer: Box<Answer>) {
+        if !matches!(answer.upstream, HttpSession::H1(_)) {
+            return;
+        }
+        let until = tokio::time::Instant::now() + DRAIN_WAIT;
+        let mut left = DRAIN_BYTES;
+        loop {
+            match tokio::time::timeout_at(until, answer.upstream.read_response_body()).await {
+                Ok(Ok(Some(chunk))) if chunk.len() <= left => left -= chunk.len(),
+                Ok(Ok(None)) => break,
+                _ => return,
+            }
+        }
+        self.release(answer).await;
     }
 
     /// Reads a whole answer body (up to a bound) by `until` (the first
