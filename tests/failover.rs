@@ -616,32 +616,36 @@ fn an_empty_answer_fails_over() {
             "the fallback answered"
         );
     }
-    // A 204 says there is nothing: its empty body is the answer.
+    // A 204 or a 205 says there is nothing: its empty body is the answer.
+    for status in [204, 205] {
+        mock.fault(json!({
+            "error_body": "",
+            "status": status,
+            "content_type": "application/json",
+            "model": "m-small",
+        }));
+        let resp = ask(&gw, "small");
+        assert_eq!(
+            resp.status,
+            status,
+            "{}",
+            String::from_utf8_lossy(&resp.body)
+        );
+        assert_eq!(attempts(&mock, "m-large"), 2, "no fallback for a {status}");
+    }
+    // A stream whose one event is the usage report the gateway asked for
+    // on the client's behalf (and takes out again) has nothing for the
+    // client either: the fallback answers.
     mock.fault(json!({
-        "error_body": "",
-        "status": 204,
-        "content_type": "application/json",
-        "model": "m-small",
-    }));
-    let resp = ask(&gw, "small");
-    assert_eq!(resp.status, 204, "{}", String::from_utf8_lossy(&resp.body));
-    assert_eq!(attempts(&mock, "m-large"), 2, "no fallback for a 204");
-    // A stream whose one event is the usage the gateway asked for on the
-    // client's behalf (and takes out again) did have a whole event: it
-    // is the provider's answer, not a failure.
-    mock.fault(json!({
-        "error_body": "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":0,\"total_tokens\":3}}\n\n",
+        "error_body": "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":7,\"total_tokens\":10}}\n\n",
         "status": 200,
         "content_type": "text/event-stream",
-        "model": "m-solo",
+        "model": "m-small",
     }));
-    let resp = gw.post_json(CHAT, TENANT_KEY, &chat("solo", true));
+    let resp = gw.post_json(CHAT, TENANT_KEY, &chat("small", true));
     assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
-    assert_eq!(
-        attempts(&mock, "m-solo"),
-        1,
-        "answered by the first attempt"
-    );
+    assert!(String::from_utf8_lossy(&resp.body).contains("data: [DONE]"));
+    assert_eq!(attempts(&mock, "m-large"), 3, "the fallback answered");
     // With nowhere else to go the client gets the gateway's error, not an
     // empty 200 logged as a success.
     mock.fault(json!({

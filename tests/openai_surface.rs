@@ -325,6 +325,47 @@ fn stored_responses_are_the_creating_tenants_on_every_instance_and_after_a_resta
 }
 
 #[test]
+fn a_stored_response_call_answered_empty_is_the_providers_acknowledgement() {
+    // Deleting a stored response: a server that acknowledges with an empty
+    // 200 has done it (no other deployment holds it, and nothing was
+    // generated), unlike a generation answered empty.
+    let (a, b) = (Mock::start(&[]), Mock::start(&[]));
+    let redis = Redis::start();
+    let gw = Gateway::start(&responses_config(&a, &b, &redis, ["acme", "globex"]));
+    let resp = gw.post_json(
+        "/v1/responses",
+        TENANT_KEY,
+        &json!({"model": "gpt", "input": "hello", "max_output_tokens": 3}),
+    );
+    let id = resp.json()["id"].as_str().unwrap().to_string();
+    let path = format!("/v1/responses/{id}");
+    for mock in [&a, &b] {
+        mock.fault(json!({"status": 200, "error_body": "", "content_type": "application/json", "path": path}));
+    }
+    let auth = format!("Bearer {TENANT_KEY}");
+    let deleted = call("DELETE", &gw.url(&path), &[("authorization", &auth)], None);
+    assert_eq!(
+        deleted.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&deleted.body)
+    );
+    assert!(deleted.body.is_empty());
+    // The gateway's record went with it (forgotten once the answer is
+    // written: looked for until then).
+    let key = format!("runestone:{{acme}}:response:{id}");
+    let mut kept = String::new();
+    for _ in 0..200 {
+        kept = redis.cli(&["EXISTS", &key]);
+        if kept.trim().ends_with('0') {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(kept.trim().ends_with('0'), "{kept}");
+}
+
+#[test]
 fn a_lookup_redis_cannot_answer_is_a_503_but_what_this_instance_recorded_still_serves() {
     let (a, b) = (Mock::start(&[]), Mock::start(&[]));
     let redis = Redis::start();

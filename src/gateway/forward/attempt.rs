@@ -294,8 +294,12 @@ impl Attempt<'_> {
             return Err(attempted);
         }
         let event_stream = is_event_stream(head);
-        // A 204 says it has nothing to send: its empty body is the answer.
-        let no_content = head.status == http::StatusCode::NO_CONTENT;
+        // Whether an answer with nothing in it is no answer: not for a 204 or
+        // 205 (they say they have nothing to send), nor for the calls on a
+        // stored response (reading, deleting, cancelling: the provider's
+        // acknowledgement, whatever its shape, and no other deployment to
+        // ask).
+        let may_be_empty = matches!(head.status.as_u16(), 204 | 205) || !exchange.bills;
         if self.continuation.is_some() && !(head.status.is_success() && event_stream) {
             let refused = self.continuation_refused(head);
             self.drain(answer).await;
@@ -408,11 +412,12 @@ impl Attempt<'_> {
                     if let Some(error) = meter.in_band_error().filter(|_| !first.found()) {
                         return Err(self.error_in_answer(error.clone(), &redactor));
                     }
-                    // Not one whole event (none, only one cut short, or
-                    // only comments; a usage event the client did not ask
-                    // for is one), or an empty JSON body: no answer, and
-                    // nothing sent, so another deployment may give one.
-                    if first.nothing_in(&held) && !meter.reported_usage() && !no_content {
+                    // Not one whole event for the client (none, only one
+                    // cut short, only comments, or only the usage report
+                    // the gateway asked for and takes out), or an empty
+                    // JSON body: no answer, and nothing sent, so another
+                    // deployment may give one.
+                    if first.nothing_in(&held) && !may_be_empty {
                         warn!(request_id = %exchange.request_id, provider = %provider.name, received, event_stream, "provider ended its answer with nothing in it");
                         let what = if event_stream {
                             "ended its stream without a whole event"

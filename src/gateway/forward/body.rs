@@ -373,12 +373,6 @@ impl Meter {
         }
     }
 
-    /// Whether the provider reported a stream's usage (in an event the
-    /// gateway may have taken out again for the client).
-    pub(super) fn reported_usage(&self) -> bool {
-        matches!(self, Meter::Stream(meter) if meter.reported_usage().is_some())
-    }
-
     /// Whether a translated stream was cut at an event too long to
     /// translate ([`StreamTranslator::cut`]).
     pub(super) fn cut(&self) -> bool {
@@ -1377,7 +1371,7 @@ impl FirstContent {
     /// Whether an answer that ended gave nothing to pass on: no content
     /// went by and what is `held` is, for a stream, without a `data:` line
     /// (no event, none whole, or only comments, blank lines and ids), or,
-    /// for a JSON answer, empty or only whitespace.
+    /// for a JSON answer, empty or only JSON's whitespace.
     pub(super) fn nothing_in(&self, held: &[u8]) -> bool {
         if self.found {
             return false;
@@ -1387,7 +1381,8 @@ impl FirstContent {
                 .split(|&b| b == b'\n')
                 .any(|line| line.starts_with(b"data:"))
         } else {
-            held.iter().all(u8::is_ascii_whitespace)
+            held.iter()
+                .all(|b| matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
         }
     }
 
