@@ -123,6 +123,9 @@ pub struct Failover<'r> {
     last_error: Option<Box<ApiError>>,
     /// The soonest a deployment that could not be chosen frees up.
     soonest: Option<Duration>,
+    /// The soonest the client might try again, when nothing could be
+    /// chosen (see [`NoBackend::retry_after`]).
+    retry_after: Option<Duration>,
     waited: Duration,
 }
 
@@ -145,6 +148,7 @@ impl<'r> Failover<'r> {
             current: None,
             last_error: None,
             soonest: None,
+            retry_after: None,
             waited: Duration::ZERO,
         }
     }
@@ -197,19 +201,20 @@ impl<'r> Failover<'r> {
                     };
                 }
                 Err(none) => {
-                    self.soonest = match (self.soonest, none.retry_after) {
-                        (Some(a), Some(b)) => Some(a.min(b)),
-                        (a, b) => a.or(b),
-                    };
+                    self.soonest = sooner(self.soonest, none.frees_in);
+                    self.retry_after = sooner(self.retry_after, none.retry_after);
                     self.position += 1;
                 }
             }
         }
         // Nothing eligible now: wait for the soonest deployment when that
         // is within the request's allowance, then walk the routes again.
+        // (Backends failing their health checks are not waited for: that
+        // is an outage, not a rest, and the client is better told at once.)
         match self.soonest {
             Some(wait) if self.waited + wait <= self.policy.max_retry_wait => {
                 self.soonest = None;
+                self.retry_after = None;
                 self.waited += wait;
                 self.position = 0;
                 Next::Wait(wait)
@@ -302,13 +307,23 @@ impl<'r> Failover<'r> {
     /// `no_healthy_upstream` for the requested model when no attempt could
     /// be made.
     pub fn give_up(self, model: &str) -> ApiError {
-        let soonest = self.soonest;
         if let Some(error) = self.last_error {
             return *error;
         }
         let mut error = ApiError::no_healthy_upstream(model);
-        error.retry_after_ms = Some(soonest.map_or(1000, |d| d.as_millis().max(1) as u64));
+        error.retry_after_ms = Some(
+            self.retry_after
+                .map_or(1000, |d| d.as_millis().max(1) as u64),
+        );
         error
+    }
+}
+
+/// The sooner of two moments, either perhaps unknown.
+fn sooner(a: Option<Duration>, b: Option<Duration>) -> Option<Duration> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     }
 }
 
@@ -362,7 +377,10 @@ mod tests {
                 .iter()
                 .map(|&(slot, port)| backend(index, slot, port))
                 .find(|b| !tried.skips(b.provider, b.slot, b.addr))
-                .ok_or(NoBackend { retry_after: waits })
+                .ok_or(NoBackend {
+                    frees_in: waits,
+                    retry_after: waits,
+                })
         }
     }
 
@@ -476,6 +494,7 @@ mod tests {
             calls += 1;
             if calls == 1 {
                 Err(NoBackend {
+                    frees_in: Some(Duration::from_millis(500)),
                     retry_after: Some(Duration::from_millis(500)),
                 })
             } else {
@@ -574,6 +593,23 @@ mod tests {
             Step::Done(Err(e)) => assert_eq!(e.status, 400),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn backends_failing_their_health_checks_are_not_waited_for() {
+        // No moment any frees up: only the next health check, a hint for
+        // the client, who is told at once.
+        let a = route("a");
+        let mut choose = |_: usize, _: &ModelRoute, _: &Tried| {
+            Err(NoBackend {
+                frees_in: None,
+                retry_after: Some(Duration::from_secs(1)),
+            })
+        };
+        let mut failover = Failover::new(policy(3), vec![(0, &a)], vec![]);
+        assert!(matches!(failover.next(&mut choose), Next::GiveUp));
+        let answer = failover.give_up("a");
+        assert_eq!((answer.status, answer.retry_after_ms), (503, Some(1000)));
     }
 
     #[test]

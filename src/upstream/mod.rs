@@ -242,7 +242,11 @@ struct RouteState {
 /// Why no backend was chosen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NoBackend {
-    /// When one may be available again, if known.
+    /// When a deployment resting (after a provider 429) or behind an open
+    /// breaker may be tried again: a moment worth waiting for.
+    pub frees_in: Option<Duration>,
+    /// When the client might try again: that moment, or else (every
+    /// backend failing its health checks) the next check's interval.
     pub retry_after: Option<Duration>,
 }
 
@@ -497,10 +501,10 @@ impl Upstreams {
             .filter_map(|t| self.providers[t.provider].settings.health_check.as_ref())
             .map(|hc| hc.interval)
             .min();
+        let frees_in = soonest.map(|at| at.saturating_duration_since(now));
         NoBackend {
-            retry_after: soonest
-                .map(|at| at.saturating_duration_since(now))
-                .or(health_interval),
+            frees_in,
+            retry_after: frees_in.or(health_interval),
         }
     }
 
