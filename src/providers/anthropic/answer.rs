@@ -147,6 +147,13 @@ pub fn to_chat_completion(
             )))
         }
     }
+    // A message has its content (perhaps none: `[]`); `null` or `{}` is no
+    // answer, not an empty one.
+    if !message["content"].is_array() {
+        return Err(ApiError::upstream_error(
+            "The provider answered 200 without a message's content.",
+        ));
+    }
     let mut text = String::new();
     let mut tool_calls = Vec::new();
     let mut structured = false;

@@ -170,6 +170,24 @@ fn an_error_under_a_200_is_no_answer() {
     assert_eq!((error.status, &*error.message), (502, "Overloaded"));
     let odd = refused(json!({"type": "completion", "completion": "hi"}));
     assert_eq!(odd.status, 502, "{}", odd.message);
+    // Nothing at all is no answer either; an empty content is one.
+    for nothing in [
+        json!(null),
+        json!({}),
+        json!({"type": "message", "id": "msg_1"}),
+    ] {
+        let error = refused(nothing);
+        assert_eq!(error.status, 502, "{}", error.message);
+    }
+    let empty = json!({"type": "message", "id": "msg_1", "content": [], "stop_reason": "end_turn",
+                       "usage": {"input_tokens": 3, "output_tokens": 0}});
+    assert!(to_chat_completion(
+        empty.to_string().as_bytes(),
+        "public",
+        &prompt_estimate(),
+        "claude-x"
+    )
+    .is_ok());
 }
 
 #[test]
