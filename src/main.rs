@@ -139,8 +139,9 @@ fn hash_key() -> ExitCode {
 }
 
 /// Logs to stderr at the level of `RUST_LOG`, else `server.log_level`. Pingora's
-/// own trace-level events dump whole request headers, credentials included,
-/// so they are dropped whatever `RUST_LOG` asks for; its errors about a
+/// own trace- and debug-level events dump whole request headers and what it
+/// read of a body (a provider's answer echoing its key, a client's
+/// credentials), so they are dropped whatever `RUST_LOG` asks for; its errors about a
 /// client that closed or stalled its connection are the client's doing, not
 /// the gateway's, and are not logged as errors.
 fn init_tracing(default_level: &str) {
@@ -149,7 +150,7 @@ fn init_tracing(default_level: &str) {
     let level = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     let no_header_dumps = tracing_subscriber::filter::filter_fn(|meta| {
-        !(*meta.level() == tracing::Level::TRACE && meta.target().starts_with("pingora"))
+        !(*meta.level() >= tracing::Level::DEBUG && meta.target().starts_with("pingora"))
     });
     tracing_subscriber::registry()
         .with(level)

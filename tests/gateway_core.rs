@@ -771,6 +771,17 @@ fn never_logs_keys() {
         TENANT_KEY,
         &chat("gpt-4o-mini", false),
     );
+    // A provider echoing its key in its headers and body: Pingora's own
+    // debug events print whole response headers (and, on a malformed
+    // chunk, the body read).
+    for stream in [false, true] {
+        mock.fault(json!({"echo_key": true, "count": 1}));
+        gw.post_json(
+            "/v1/chat/completions",
+            TENANT_KEY,
+            &chat("gpt-4o-mini", stream),
+        );
+    }
     let log = gw.log();
     assert!(log.len() > 100, "the gateway logged at trace level: {log}");
     for key in [

@@ -900,6 +900,36 @@ fn raw_provider(response: Vec<u8>) -> (u16, std::sync::Arc<std::sync::atomic::At
 }
 
 #[test]
+fn a_malformed_body_echoing_the_key_is_not_logged_whatever_the_level() {
+    // A refusal whose chunked body echoes the provider's key, then breaks:
+    // Pingora's own debug event on the bad chunk prints what it read.
+    let echoed = format!("{{\"error\":\"bad key {PROVIDER_KEY}\"}}");
+    let response = format!(
+        "HTTP/1.1 401 Unauthorized\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n1\r\n{{\r\nZZ\r\n{echoed}\r\n0\r\n\r\n"
+    );
+    let (port, served) = raw_provider(response.into_bytes());
+    let mock = Mock::start(&[]);
+    let mut config = GatewayConfig::new(&mock);
+    config.providers = vec![format!(
+        "  - {{ name: echo, base_url: \"http://127.0.0.1:{port}/v1\", api_key: \"{PROVIDER_KEY}\" }}"
+    )];
+    config.models = "\n  - name: m\n    targets: [{ provider: echo }]\n".into();
+    config.tenants = format!("\n  - id: acme\n    keys: [\"{TENANT_KEY}\"]\n");
+    let gw = Gateway::start_with_env(&config, &[("RUST_LOG", "trace")]);
+    let resp = gw.post_json("/v1/chat/completions", TENANT_KEY, &chat("m", false));
+    assert_eq!(resp.status, 502, "{}", String::from_utf8_lossy(&resp.body));
+    assert!(served.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+    let log = gw.log();
+    assert!(log.len() > 100, "the gateway logged at trace level: {log}");
+    // Whole, or as Pingora's debug print of a char iterator spells it.
+    let spelled: Vec<String> = PROVIDER_KEY.chars().map(|c| format!("'{c}'")).collect();
+    for key in [PROVIDER_KEY.to_string(), spelled.join(", ")] {
+        assert!(!log.contains(&key), "the key appears in the log: {log}");
+    }
+    assert!(!String::from_utf8_lossy(&resp.body).contains(PROVIDER_KEY));
+}
+
+#[test]
 fn a_refusal_whose_body_never_ends_is_not_waited_for() {
     // A 503 whose body stops short, its connection held open: the gateway
     // reads a refusal's body out to keep the connection, but only what
