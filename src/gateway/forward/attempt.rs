@@ -873,16 +873,20 @@ impl Attempt<'_> {
 /// answer only with `keep-alive`). Pingora decides for good on release;
 /// this spares waiting for a body whose connection is closed anyway.
 fn may_keep_alive(head: &ResponseHeader) -> bool {
-    let has = |name, token: &str| {
+    let tokens = |name| {
         head.headers
             .get_all(name)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case(token))
+            .map(str::trim)
     };
-    let known_length = has(header::TRANSFER_ENCODING, "chunked")
-        || head.headers.contains_key(header::CONTENT_LENGTH);
+    let has = |name, token: &str| tokens(name).any(|t| t.eq_ignore_ascii_case(token));
+    // Chunked only as the last coding; any other coding ends at the close.
+    let known_length = match tokens(header::TRANSFER_ENCODING).next_back() {
+        Some(last) => last.eq_ignore_ascii_case("chunked"),
+        None => head.headers.contains_key(header::CONTENT_LENGTH),
+    };
     let alive = match head.version {
         http::Version::HTTP_10 => has(header::CONNECTION, "keep-alive"),
         _ => !has(header::CONNECTION, "close"),
@@ -1014,6 +1018,14 @@ mod tests {
         assert!(!may_keep_alive(&head(
             v11,
             &[("transfer-encoding", "gzip")]
+        )));
+        assert!(!may_keep_alive(&head(
+            v11,
+            &[("transfer-encoding", "chunked, gzip")]
+        )));
+        assert!(may_keep_alive(&head(
+            v11,
+            &[("transfer-encoding", "gzip, chunked")]
         )));
         assert!(!may_keep_alive(&head(
             v11,
