@@ -909,12 +909,8 @@ fn a_malformed_body_echoing_the_key_is_not_logged_whatever_the_level() {
     );
     let (port, served) = raw_provider(response.into_bytes());
     let mock = Mock::start(&[]);
-    let mut config = GatewayConfig::new(&mock);
-    config.providers = vec![format!(
-        "  - {{ name: echo, base_url: \"http://127.0.0.1:{port}/v1\", api_key: \"{PROVIDER_KEY}\" }}"
-    )];
-    config.models = "\n  - name: m\n    targets: [{ provider: echo }]\n".into();
-    config.tenants = format!("\n  - id: acme\n    keys: [\"{TENANT_KEY}\"]\n");
+    let extra = format!(", api_key: \"{PROVIDER_KEY}\"");
+    let config = alone(&mock, "echo", port, &extra);
     let gw = Gateway::start_with_env(&config, &[("RUST_LOG", "trace")]);
     let resp = gw.post_json("/v1/chat/completions", TENANT_KEY, &chat("m", false));
     assert_eq!(resp.status, 502, "{}", String::from_utf8_lossy(&resp.body));
@@ -951,18 +947,37 @@ fn a_refusal_whose_body_never_ends_is_not_waited_for() {
         }
     });
     let mock = Mock::start(&[]);
-    let mut config = GatewayConfig::new(&mock);
-    config.providers = vec![
-        format!("  - {{ name: stuck, base_url: \"http://127.0.0.1:{port}/v1\" }}"),
-        format!("  - {{ name: spare, base_url: \"{}\" }}", mock.base_url()),
-    ];
-    config.models = "\n  - name: m\n    strategy: priority\n    targets: [{ provider: stuck }, { provider: spare }]\n".into();
-    config.tenants = format!("\n  - id: acme\n    keys: [\"{TENANT_KEY}\"]\n");
-    let gw = Gateway::start(&config);
+    let gw = Gateway::start(&behind_a_spare(&mock, "stuck", port, ""));
     // (The client gives up after 30 s: well before the provider does.)
     let resp = gw.post_json("/v1/chat/completions", TENANT_KEY, &chat("m", false));
     assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
     assert_eq!(resp.header("x-runestone-provider"), Some("spare"));
+}
+
+/// Model `m` over `name` alone, a provider we wrote listening on `port`
+/// (`provider_extra` goes into its flow mapping).
+fn alone(mock: &Mock, name: &str, port: u16, provider_extra: &str) -> GatewayConfig {
+    let mut config = GatewayConfig::new(mock);
+    config.providers = vec![format!(
+        "  - {{ name: {name}, base_url: \"http://127.0.0.1:{port}/v1\"{provider_extra} }}"
+    )];
+    config.models = format!("\n  - name: m\n    targets: [{{ provider: {name} }}]\n");
+    config.tenants = format!("\n  - id: acme\n    keys: [\"{TENANT_KEY}\"]\n");
+    config
+}
+
+/// Model `m` over `name`, a provider we wrote listening on `port`
+/// (`provider_extra` goes into its flow mapping), first, and the mock as
+/// its spare.
+fn behind_a_spare(mock: &Mock, name: &str, port: u16, provider_extra: &str) -> GatewayConfig {
+    let mut config = GatewayConfig::new(mock);
+    config.providers = vec![
+        format!("  - {{ name: {name}, base_url: \"http://127.0.0.1:{port}/v1\"{provider_extra} }}"),
+        format!("  - {{ name: spare, base_url: \"{}\" }}", mock.base_url()),
+    ];
+    config.models = format!("\n  - name: m\n    strategy: priority\n    targets: [{{ provider: {name} }}, {{ provider: spare }}]\n");
+    config.tenants = format!("\n  - id: acme\n    keys: [\"{TENANT_KEY}\"]\n");
+    config
 }
 
 fn json_answer(extra_head: &str, body: &[u8]) -> Vec<u8> {
@@ -994,13 +1009,12 @@ fn bulk_behind_a_spare(total_ms: u64, server_extra: &str) -> (Mock, Gateway) {
     response.extend_from_slice(b"data: [DONE]\n\n");
     let (port, _) = raw_provider(response);
     let mock = Mock::start(&[]);
-    let mut config = GatewayConfig::new(&mock);
-    config.providers = vec![
-        format!("  - {{ name: bulk, base_url: \"http://127.0.0.1:{port}/v1\", timeouts: {{ total_ms: {total_ms} }} }}"),
-        format!("  - {{ name: spare, base_url: \"{}\" }}", mock.base_url()),
-    ];
-    config.models = "\n  - name: m\n    strategy: priority\n    targets: [{ provider: bulk }, { provider: spare }]\n".into();
-    config.tenants = format!("\n  - id: acme\n    keys: [\"{TENANT_KEY}\"]\n");
+    let mut config = behind_a_spare(
+        &mock,
+        "bulk",
+        port,
+        &format!(", timeouts: {{ total_ms: {total_ms} }}"),
+    );
     config.extra = "circuit_breaker: { consecutive_failures: 1 }\n".into();
     config.server_extra = server_extra.into();
     (mock, Gateway::start(&config))
@@ -1086,12 +1100,7 @@ fn a_client_that_stops_taking_its_answer_is_cut_after_the_send_timeout() {
     );
     let (provider, _) = staged_provider(vec![format!("{head}{answer}")], Then::Linger);
     let mock = Mock::start(&[]);
-    let mut config = GatewayConfig::new(&mock);
-    config.providers = vec![format!(
-        "  - {{ name: big, base_url: \"http://127.0.0.1:{provider}/v1\" }}"
-    )];
-    config.models = "\n  - name: m\n    targets: [{ provider: big }]\n".into();
-    config.tenants = format!("\n  - id: acme\n    keys: [\"{TENANT_KEY}\"]\n");
+    let mut config = alone(&mock, "big", provider, "");
     config.server_extra = "  client_send_timeout_seconds: 1\n".into();
     let gw = Gateway::start(&config);
     let small_window = |conn: &std::net::TcpStream| {
