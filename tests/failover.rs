@@ -585,14 +585,7 @@ fn a_stream_that_ends_without_a_whole_event_fails_over() {
     fault["count"] = json!(10);
     mock.fault(fault);
     let resp = gw.post_json(CHAT, TENANT_KEY, &chat("solo", true));
-    assert_eq!(resp.status, 502, "{}", String::from_utf8_lossy(&resp.body));
-    let error = &resp.json()["error"];
-    assert!(
-        error["message"]
-            .as_str()
-            .is_some_and(|m| m.contains("without a whole event")),
-        "{error}"
-    );
+    assert_bad_gateway(&resp, "without a whole event");
 }
 
 #[test]
@@ -656,12 +649,15 @@ fn an_empty_answer_fails_over() {
         "count": 10,
     }));
     let resp = ask(&gw, "solo");
+    assert_bad_gateway(&resp, "answered with an empty body");
+}
+
+/// Checks `resp` is the gateway's 502 whose message `says` so.
+fn assert_bad_gateway(resp: &Response, says: &str) {
     assert_eq!(resp.status, 502, "{}", String::from_utf8_lossy(&resp.body));
     let error = &resp.json()["error"];
     assert!(
-        error["message"]
-            .as_str()
-            .is_some_and(|m| m.contains("answered with an empty body")),
+        error["message"].as_str().is_some_and(|m| m.contains(says)),
         "{error}"
     );
 }
