@@ -557,12 +557,14 @@ impl Attempt<'_> {
     /// body slower or larger than that is not waited for: the connection
     /// is closed.
     async fn drain(&self, mut answer: Box<Answer>) {
-        let kept = matches!(answer.upstream, HttpSession::H1(_))
-            && answer
-                .upstream
-                .response_header()
-                .is_some_and(may_keep_alive);
-        if !kept {
+        // Pingora's own verdict from the head (the one its pool applies on
+        // release): a body that ends only at the close, or a provider
+        // closing after it, is not waited for.
+        let HttpSession::H1(h1) = &mut answer.upstream else {
+            return;
+        };
+        h1.respect_keepalive();
+        if !h1.will_keepalive() {
             return;
         }
         let until = tokio::time::Instant::now() + DRAIN_WAIT;
@@ -867,33 +869,6 @@ impl Attempt<'_> {
     }
 }
 
-/// Whether an HTTP/1 connection could be kept after an answer with this
-/// head: a body of known length (chunked, or a `Content-Length`: one that
-/// ends at the close cannot), and no `Connection: close` (an HTTP/1.0
-/// answer only with `keep-alive`). Pingora decides for good on release;
-/// this spares waiting for a body whose connection is closed anyway.
-fn may_keep_alive(head: &ResponseHeader) -> bool {
-    let tokens = |name| {
-        head.headers
-            .get_all(name)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
-    };
-    let has = |name, token: &str| tokens(name).any(|t| t.eq_ignore_ascii_case(token));
-    // Chunked only as the last coding; any other coding ends at the close.
-    let known_length = match tokens(header::TRANSFER_ENCODING).next_back() {
-        Some(last) => last.eq_ignore_ascii_case("chunked"),
-        None => head.headers.contains_key(header::CONTENT_LENGTH),
-    };
-    let alive = match head.version {
-        http::Version::HTTP_10 => has(header::CONNECTION, "keep-alive"),
-        _ => !has(header::CONNECTION, "close"),
-    };
-    known_length && alive
-}
-
 /// The provider's wait after a 429: `retry-after-ms` when given, else
 /// `retry-after` (seconds, fractions allowed), at least 100 ms and at most
 /// an hour.
@@ -986,54 +961,5 @@ fn classify(
                 backend.addr
             )),
         ),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_refusal_is_read_out_only_when_its_connection_could_be_kept() {
-        let head = |version, headers: &[(&str, &str)]| {
-            let mut head = ResponseHeader::build(503, None).unwrap();
-            head.set_version(version);
-            for (name, value) in headers {
-                head.append_header(name.to_string(), *value).unwrap();
-            }
-            head
-        };
-        let v11 = http::Version::HTTP_11;
-        assert!(may_keep_alive(&head(v11, &[("content-length", "12")])));
-        assert!(may_keep_alive(&head(
-            v11,
-            &[("transfer-encoding", "chunked")]
-        )));
-        assert!(may_keep_alive(&head(
-            http::Version::HTTP_10,
-            &[("content-length", "2"), ("connection", "Keep-Alive")]
-        )));
-        // Ends at the close; closed after; HTTP/1.0 by default.
-        assert!(!may_keep_alive(&head(v11, &[])));
-        assert!(!may_keep_alive(&head(
-            v11,
-            &[("transfer-encoding", "gzip")]
-        )));
-        assert!(!may_keep_alive(&head(
-            v11,
-            &[("transfer-encoding", "chunked, gzip")]
-        )));
-        assert!(may_keep_alive(&head(
-            v11,
-            &[("transfer-encoding", "gzip, chunked")]
-        )));
-        assert!(!may_keep_alive(&head(
-            v11,
-            &[("content-length", "2"), ("connection", "keep-alive, Close")]
-        )));
-        assert!(!may_keep_alive(&head(
-            http::Version::HTTP_10,
-            &[("content-length", "2")]
-        )));
     }
 }
