@@ -717,6 +717,33 @@ fn a_content_policy_rejection_is_the_answer() {
     assert_eq!(billed(&gw), (0, 0, 0.0));
 }
 
+#[test]
+fn a_redirect_is_neither_followed_nor_passed_on_and_fails_over() {
+    // A deployment answering 3xx (a base URL the provider moved, plain
+    // HTTP where it wants TLS): the client used to get the 307 itself,
+    // with no `location`, and no fallback was tried.
+    let (mock, gw) = start("", "");
+    mock.fault(json!({"status": 307, "model": "m-small"}));
+    let resp = ask(&gw, "small");
+    assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
+    assert_eq!(resp.header("x-runestone-attempts"), Some("2"));
+    assert_eq!(
+        (attempts(&mock, "m-small"), attempts(&mock, "m-large")),
+        (1, 1)
+    );
+    // With nowhere else to go: the gateway's 502, the provider's failure.
+    mock.fault(json!({"status": 304, "model": "m-solo"}));
+    let resp = ask(&gw, "solo");
+    assert_bad_gateway(&resp, "answered 304");
+    assert_eq!(attempts(&mock, "m-solo"), 1, "not retried as a 503 is");
+    wait_until(Duration::from_secs(5), "the failure to be counted", || {
+        metric_value(
+            &gw.metrics(),
+            r#"runestone_errors_total{reason="provider_5xx"}"#,
+        ) == 1.0
+    });
+}
+
 /// The primary is down for a minute under steady traffic, then healthy:
 /// meanwhile every request is served by the fallback without waiting and
 /// the primary sees at most a probe per open period; afterwards traffic is

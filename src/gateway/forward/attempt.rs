@@ -823,14 +823,35 @@ impl Attempt<'_> {
 
     /// An answer that must not reach the client, and what it means: a 5xx
     /// (a failure of the deployment, worth one more try when 500, 502,
-    /// 503 or 529), the provider's own 429 (the deployment cools down for its
-    /// wait), or a 401/403 that means the gateway's key was refused (the
-    /// tenant's key was fine, so the client must not see an authentication
-    /// error).
+    /// 503 or 529), a redirect or another answer that is neither a success
+    /// nor an error (a failure of the deployment: see below), the
+    /// provider's own 429 (the deployment cools down for its wait), or a
+    /// 401/403 that means the gateway's key was refused (the tenant's key
+    /// was fine, so the client must not see an authentication error).
     fn refused(&self, head: &ResponseHeader) -> Option<Attempted> {
         let name = &self.provider().name;
         let status = head.status.as_u16();
         match status {
+            // A 3xx (or a 1xx Pingora did not read past) to an API call: a
+            // base URL the provider moved, plain HTTP where it wants TLS, a
+            // login page in the way. Not followed (the request, and the
+            // provider's key with it, would go where the config does not
+            // say), nor passed on (a client would get a 307 with no
+            // `location`, or a 304 to a POST): the next deployment is tried.
+            100..=199 | 300..=399 => {
+                let error = ApiError::upstream_error(format!(
+                    "The provider '{name}' answered {status}, a redirect or an answer the gateway does not take; check its base_url."
+                ));
+                Some(self.outcome(
+                    Outcome::Failure,
+                    Domain::Deployment,
+                    Attempted::Retryable {
+                        error,
+                        domain: Domain::Deployment,
+                        transient: false,
+                    },
+                ))
+            }
             500..=599 => {
                 let error =
                     ApiError::upstream_error(format!("The provider '{name}' answered {status}."));
