@@ -731,6 +731,10 @@ fn a_redirect_is_neither_followed_nor_passed_on_and_fails_over() {
         (attempts(&mock, "m-small"), attempts(&mock, "m-large")),
         (1, 1)
     );
+    // Nor is its connection kept: the fallback, straight after, would take
+    // it before whatever such a server sends after its answer shows.
+    let stats = mock.stats();
+    assert_eq!(stats["connections"], 2, "{stats}");
     // With nowhere else to go: the gateway's 502, the provider's failure.
     mock.fault(json!({"status": 304, "model": "m-solo"}));
     let resp = ask(&gw, "solo");

@@ -534,7 +534,14 @@ impl Attempt<'_> {
     /// Returns the answer's connection to the pool when the provider's
     /// response was read to its end (and it keeps connections alive).
     async fn release(&self, mut answer: Box<Answer>) {
-        if !answer.upstream.response_done() {
+        // Pingora's own verdict on release reads only the first
+        // `Connection` header: a provider that says `keep-alive`, then
+        // `close`, would leave a connection closing under the next request.
+        let kept = answer
+            .upstream
+            .response_header()
+            .is_some_and(may_keep_alive);
+        if !kept || !answer.upstream.response_done() {
             return;
         }
         let Answer { upstream, peer, .. } = *answer;
@@ -557,14 +564,12 @@ impl Attempt<'_> {
     /// body slower or larger than that is not waited for: the connection
     /// is closed.
     async fn drain(&self, mut answer: Box<Answer>) {
-        // Pingora's own verdict from the head (the one its pool applies on
-        // release): a body that ends only at the close, or a provider
-        // closing after it, is not waited for.
-        let HttpSession::H1(h1) = &mut answer.upstream else {
-            return;
-        };
-        h1.respect_keepalive();
-        if !h1.will_keepalive() {
+        let kept = matches!(answer.upstream, HttpSession::H1(_))
+            && answer
+                .upstream
+                .response_header()
+                .is_some_and(may_keep_alive);
+        if !kept {
             return;
         }
         let until = tokio::time::Instant::now() + DRAIN_WAIT;
@@ -890,6 +895,46 @@ impl Attempt<'_> {
     }
 }
 
+/// Whether an HTTP/1 connection could be kept after an answer with this
+/// head: a body of known length (chunked, a `Content-Length`, or none by
+/// its status: one that ends at the close cannot), and no `close` in any
+/// `Connection` header (an HTTP/1.0 answer only with `keep-alive`, and
+/// never with a `Transfer-Encoding`, as RFC 9112 6.1 says), and not after
+/// a redirect (see below). Pingora has
+/// its own verdict on release, applied after this one; this reads every
+/// header where it reads the first, and spares waiting for a body whose
+/// connection is closed anyway.
+fn may_keep_alive(head: &ResponseHeader) -> bool {
+    let tokens = |name| {
+        head.headers
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+    };
+    let has = |name, token: &str| tokens(name).any(|t| t.eq_ignore_ascii_case(token));
+    // Chunked only as the last coding; any other coding ends at the close.
+    let coded = head.headers.contains_key(header::TRANSFER_ENCODING);
+    let known_length = match tokens(header::TRANSFER_ENCODING).next_back() {
+        Some(last) => last.eq_ignore_ascii_case("chunked"),
+        None => {
+            head.headers.contains_key(header::CONTENT_LENGTH)
+                || matches!(head.status.as_u16(), 204 | 304)
+        }
+    };
+    let alive = match head.version {
+        http::Version::HTTP_10 => has(header::CONNECTION, "keep-alive") && !coded,
+        _ => true,
+    } && !has(header::CONNECTION, "close");
+    // A server answering an API call with a redirect (or a 1xx it should
+    // not send) is misconfigured: the next attempt would take its
+    // connection at once, before what it may still send after the answer
+    // shows, and there is no retry under load to save.
+    let redirect = head.status.is_redirection() || head.status.is_informational();
+    known_length && alive && !redirect
+}
+
 /// The provider's wait after a 429: `retry-after-ms` when given, else
 /// `retry-after` (seconds, fractions allowed), at least 100 ms and at most
 /// an hour.
@@ -982,5 +1027,82 @@ fn classify(
                 backend.addr
             )),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refusal_is_read_out_only_when_its_connection_could_be_kept() {
+        let head = |version, headers: &[(&str, &str)]| {
+            let mut head = ResponseHeader::build(503, None).unwrap();
+            head.set_version(version);
+            for (name, value) in headers {
+                head.append_header(name.to_string(), *value).unwrap();
+            }
+            head
+        };
+        let v11 = http::Version::HTTP_11;
+        assert!(may_keep_alive(&head(v11, &[("content-length", "12")])));
+        assert!(may_keep_alive(&head(
+            v11,
+            &[("transfer-encoding", "chunked")]
+        )));
+        assert!(may_keep_alive(&head(
+            http::Version::HTTP_10,
+            &[("content-length", "2"), ("connection", "Keep-Alive")]
+        )));
+        // Ends at the close; closed after; HTTP/1.0 by default.
+        assert!(!may_keep_alive(&head(v11, &[])));
+        assert!(!may_keep_alive(&head(
+            v11,
+            &[("transfer-encoding", "gzip")]
+        )));
+        assert!(!may_keep_alive(&head(
+            v11,
+            &[("transfer-encoding", "chunked, gzip")]
+        )));
+        assert!(may_keep_alive(&head(
+            v11,
+            &[("transfer-encoding", "gzip, chunked")]
+        )));
+        assert!(!may_keep_alive(&head(
+            v11,
+            &[("content-length", "2"), ("connection", "keep-alive, Close")]
+        )));
+        assert!(!may_keep_alive(&head(
+            http::Version::HTTP_10,
+            &[("content-length", "2")]
+        )));
+        // `close` in any of several headers (Pingora reads the first).
+        assert!(!may_keep_alive(&head(
+            v11,
+            &[
+                ("content-length", "2"),
+                ("connection", "keep-alive"),
+                ("connection", "close")
+            ]
+        )));
+        assert!(!may_keep_alive(&head(
+            http::Version::HTTP_10,
+            &[
+                ("content-length", "2"),
+                ("connection", "keep-alive"),
+                ("connection", "close")
+            ]
+        )));
+        let mut redirect = head(v11, &[("content-length", "0")]);
+        redirect.set_status(307).unwrap();
+        assert!(!may_keep_alive(&redirect), "a redirect's connection");
+        // HTTP/1.0 with a transfer coding: closed after (RFC 9112 6.1).
+        assert!(!may_keep_alive(&head(
+            http::Version::HTTP_10,
+            &[
+                ("transfer-encoding", "chunked"),
+                ("connection", "keep-alive")
+            ]
+        )));
     }
 }
