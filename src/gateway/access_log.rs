@@ -4,26 +4,27 @@
 //! key, prompt, completion or client-chosen path can land in it: the
 //! endpoint is a closed name, the model and tenant come from the config.
 //!
-//! Lines are written off the request path: a request hands its serialised
-//! line to a bounded queue, and a thread of its own writes what has
-//! queued up in one `write` every few milliseconds. A line that finds the queue full is dropped and counted
+//! Lines are written off the request path: a request appends its line to
+//! a bounded queue (one buffer, no allocation a line), and a thread of its
+//! own takes what has queued up and writes it in one `write` every few
+//! milliseconds. A line that finds the queue full is dropped and counted
 //! (`runestone_access_log_dropped_total`) rather than making the request
 //! wait on a slow disk or a full pipe. [`flush`] writes out what is queued
 //! when the process stops (graceful shutdown or upgrade).
 
+use std::cell::RefCell;
 use std::io::Write;
 use std::net::SocketAddr;
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError};
-use std::sync::OnceLock;
+use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Lines that may wait for the writer (about 400 bytes each).
 const QUEUE_LINES: usize = 16 * 1024;
-/// The most bytes the writer gathers into one write.
-const BATCH_BYTES: usize = 256 * 1024;
 /// How long the writer rests between writes (a line reaches stdout at most
-/// this late, while the queue is not full).
+/// this late).
 const PAUSE: Duration = Duration::from_millis(5);
+/// The capacity a buffer keeps after a burst made it larger.
+const KEPT_BYTES: usize = 256 * 1024;
 
 /// Every field the access log has; nothing else is written.
 #[derive(Debug)]
@@ -64,79 +65,111 @@ impl Line<'_> {
     /// Written out by hand rather than derived: serde escaped every key and
     /// went through a map for the stamp, 10k instructions a request, most
     /// of what the log cost.
-    fn to_json(&self, ts: f64) -> Vec<u8> {
-        let mut out = Vec::with_capacity(512);
+    fn to_json(&self, ts_ms: u64, out: &mut Vec<u8>) {
         out.extend_from_slice(b"{\"ts\":");
-        value(&mut out, &ts);
+        thousandths(out, ts_ms);
         out.extend_from_slice(b",\"type\":\"access\",\"request_id\":");
-        string(&mut out, self.request_id);
+        string(out, self.request_id);
         if let Some(trace_id) = self.trace_id {
-            key(&mut out, "trace_id");
-            string(&mut out, trace_id);
+            key(out, "trace_id");
+            string(out, trace_id);
         }
-        key(&mut out, "tenant");
-        string(&mut out, self.tenant);
-        key(&mut out, "endpoint");
-        string(&mut out, self.endpoint);
-        key(&mut out, "model");
-        string(&mut out, self.model);
-        key(&mut out, "provider");
-        string(&mut out, self.provider);
-        key(&mut out, "backend");
+        key(out, "tenant");
+        string(out, self.tenant);
+        key(out, "endpoint");
+        string(out, self.endpoint);
+        key(out, "model");
+        string(out, self.model);
+        key(out, "provider");
+        string(out, self.provider);
+        key(out, "backend");
         match self.backend {
             Some(SocketAddr::V4(addr)) => {
                 for (i, octet) in addr.ip().octets().iter().enumerate() {
                     out.push(if i == 0 { b'"' } else { b'.' });
-                    value(&mut out, octet);
+                    integer(out, *octet);
                 }
                 out.push(b':');
-                value(&mut out, &addr.port());
+                integer(out, addr.port());
                 out.push(b'"');
             }
-            other => value(&mut out, &other),
+            other => value(out, &other),
         }
-        key(&mut out, "status");
-        value(&mut out, &self.status);
-        key(&mut out, "prompt_tokens");
-        value(&mut out, &self.prompt_tokens);
-        key(&mut out, "completion_tokens");
-        value(&mut out, &self.completion_tokens);
-        key(&mut out, "usage_estimated");
-        value(&mut out, &self.usage_estimated);
-        key(&mut out, "cost_usd");
-        value(&mut out, &self.cost_usd);
-        key(&mut out, "duration");
-        value(&mut out, &millis(self.duration));
-        key(&mut out, "ttft");
-        value(&mut out, &self.ttft.map(millis));
-        key(&mut out, "attempts");
-        value(&mut out, &self.attempts);
-        key(&mut out, "resumptions");
-        value(&mut out, &self.resumptions);
-        key(&mut out, "overflow_wait");
-        value(&mut out, &millis(self.overflow_wait));
-        key(&mut out, "error");
-        value(&mut out, &self.error);
+        key(out, "status");
+        integer(out, self.status);
+        key(out, "prompt_tokens");
+        integer(out, self.prompt_tokens);
+        key(out, "completion_tokens");
+        integer(out, self.completion_tokens);
+        key(out, "usage_estimated");
+        out.extend_from_slice(if self.usage_estimated {
+            b"true"
+        } else {
+            b"false"
+        });
+        key(out, "cost_usd");
+        value(out, &self.cost_usd);
+        key(out, "duration");
+        millis(out, self.duration);
+        key(out, "ttft");
+        match self.ttft {
+            Some(ttft) => millis(out, ttft),
+            None => out.extend_from_slice(b"null"),
+        }
+        key(out, "attempts");
+        integer(out, self.attempts);
+        key(out, "resumptions");
+        integer(out, self.resumptions);
+        key(out, "overflow_wait");
+        millis(out, self.overflow_wait);
+        key(out, "error");
+        match self.error {
+            Some(error) => string(out, error),
+            None => out.extend_from_slice(b"null"),
+        }
         if let Some(cache) = self.cache {
-            key(&mut out, "cache");
-            string(&mut out, cache);
+            key(out, "cache");
+            string(out, cache);
         }
         if let Some(job) = self.job {
-            key(&mut out, "job");
-            string(&mut out, job);
+            key(out, "job");
+            string(out, job);
         }
         if let Some(attempt) = self.job_attempt {
-            key(&mut out, "job_attempt");
-            value(&mut out, &attempt);
+            key(out, "job_attempt");
+            integer(out, attempt);
         }
         out.extend_from_slice(b"}\n");
-        out
     }
 }
 
-/// A duration in milliseconds, to the microsecond.
-fn millis(d: Duration) -> f64 {
-    (d.as_secs_f64() * 1e6).round() / 1e3
+/// A duration in milliseconds, to the nearest microsecond (`1234.567`).
+fn millis(out: &mut Vec<u8>, d: Duration) {
+    let micros = d.as_nanos().saturating_add(500) / 1000;
+    thousandths(out, u64::try_from(micros).unwrap_or(u64::MAX));
+}
+
+/// `n` thousandths written as serde_json writes the number `n / 1000`
+/// (`1234.567`, `12.5`, `3.0`), without the float: the log's stamp and
+/// durations were most of its formatting.
+fn thousandths(out: &mut Vec<u8>, n: u64) {
+    out.extend_from_slice(itoa::Buffer::new().format(n / 1000).as_bytes());
+    let frac = n % 1000;
+    let digits = [
+        b'.',
+        b'0' + (frac / 100) as u8,
+        b'0' + (frac / 10 % 10) as u8,
+        b'0' + (frac % 10) as u8,
+    ];
+    // Trailing zeros dropped, one digit kept.
+    let len = if frac.is_multiple_of(100) {
+        2
+    } else if frac.is_multiple_of(10) {
+        3
+    } else {
+        4
+    };
+    out.extend_from_slice(&digits[..len]);
 }
 
 /// `,"name":` (names are plain).
@@ -162,92 +195,129 @@ fn string(out: &mut Vec<u8>, s: &str) {
     }
 }
 
+/// An integer as serde_json writes it.
+fn integer(out: &mut Vec<u8>, n: impl itoa::Integer) {
+    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+}
+
 /// A number, bool, null or string as serde_json writes it (writing to a
 /// `Vec` cannot fail).
 fn value<T: serde::Serialize + ?Sized>(out: &mut Vec<u8>, v: &T) {
     let _ = serde_json::to_writer(out, v);
 }
 
-enum Message {
-    Line(Vec<u8>),
-    /// Write out everything before this, then say so.
-    Flush(std::sync::mpsc::Sender<()>),
+/// The lines waiting for the writer, and how many.
+#[derive(Default)]
+struct Queued {
+    bytes: Vec<u8>,
+    lines: usize,
 }
 
-/// The queue to the writer thread (started on first use).
-fn queue() -> &'static SyncSender<Message> {
-    static QUEUE: OnceLock<SyncSender<Message>> = OnceLock::new();
-    QUEUE.get_or_init(|| {
-        let (tx, rx) = sync_channel(QUEUE_LINES);
-        let spawned = std::thread::Builder::new()
-            .name("access-log".into())
-            .spawn(move || write_lines(rx));
-        if let Err(e) = spawned {
-            tracing::error!(error = %e, "cannot start the access log writer; lines are dropped");
+/// The queue, and the writer's own buffer (held while it writes, so lines
+/// reach stdout in the order they queued, whoever writes them).
+struct Log {
+    queued: Mutex<Queued>,
+    writing: Mutex<Vec<u8>>,
+}
+
+/// Takes a lock even when a thread panicked holding it (a buffer of
+/// bytes cannot be left inconsistent).
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Log {
+    fn new() -> Self {
+        Log {
+            queued: Mutex::new(Queued::default()),
+            writing: Mutex::new(Vec::new()),
         }
-        tx
-    })
-}
+    }
 
-/// The writer thread: every [`PAUSE`], writes what has queued in one go
-/// (a failed write is not the requests' problem). It never waits on the
-/// queue itself, so a request queueing its line never has to wake it: the
-/// request path pays a copy into the queue, no system call.
-fn write_lines(rx: Receiver<Message>) {
-    let mut batch = Vec::with_capacity(BATCH_BYTES);
-    let mut acks = Vec::new();
-    loop {
-        let mut open = true;
-        while batch.len() < BATCH_BYTES {
-            match rx.try_recv() {
-                Ok(Message::Line(line)) => batch.extend_from_slice(&line),
-                Ok(Message::Flush(ack)) => acks.push(ack),
-                Err(TryRecvError::Empty) => break,
-                Err(TryRecvError::Disconnected) => {
-                    open = false;
-                    break;
-                }
-            }
+    /// Queues a line; false (not queued) when [`QUEUE_LINES`] wait.
+    fn queue(&self, text: &[u8]) -> bool {
+        let mut queued = lock(&self.queued);
+        if queued.lines >= QUEUE_LINES {
+            return false;
+        }
+        queued.bytes.extend_from_slice(text);
+        queued.lines += 1;
+        true
+    }
+
+    /// Writes out what has queued, in one `write` (a failed write is not
+    /// the requests' problem).
+    fn write_out(&self) {
+        let mut batch = lock(&self.writing);
+        {
+            let mut queued = lock(&self.queued);
+            std::mem::swap(&mut *batch, &mut queued.bytes);
+            queued.lines = 0;
         }
         if !batch.is_empty() {
             let mut out = std::io::stdout().lock();
             let _ = out.write_all(&batch);
             let _ = out.flush();
         }
-        let full = batch.len() >= BATCH_BYTES;
         batch.clear();
-        for ack in acks.drain(..) {
-            let _ = ack.send(());
-        }
-        if !open {
-            return;
-        }
-        if !full {
-            std::thread::sleep(PAUSE);
-        }
+        batch.shrink_to(KEPT_BYTES);
     }
+}
+
+/// The log (its writer thread started on first use). The thread never
+/// waits on the queue, so a request queueing its line never has to wake
+/// it: the request path pays a copy into the queue, no system call.
+fn log() -> &'static Log {
+    static LOG: OnceLock<Log> = OnceLock::new();
+    LOG.get_or_init(|| {
+        let spawned = std::thread::Builder::new()
+            .name("access-log".into())
+            .spawn(|| loop {
+                std::thread::sleep(PAUSE);
+                log().write_out();
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start the access log writer; lines wait for the shutdown");
+        }
+        Log::new()
+    })
 }
 
 /// Queues one line for stdout; dropped (and counted) when the writer is
 /// that far behind.
 pub(super) fn write(line: &Line<'_>) {
-    let ts = SystemTime::now()
+    let ts_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0.0, |d| (d.as_secs_f64() * 1e3).round() / 1e3);
-    let text = line.to_json(ts);
-    // Full, or (should the writer be gone) disconnected: dropped.
-    if queue().try_send(Message::Line(text)).is_err() {
-        crate::metrics::ACCESS_LOG_DROPPED.inc();
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    // Formatted outside the lock, in a buffer each thread keeps.
+    thread_local! {
+        static TEXT: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(512));
     }
+    TEXT.with_borrow_mut(|text| {
+        text.clear();
+        line.to_json(ts_ms, text);
+        if !log().queue(text) {
+            crate::metrics::ACCESS_LOG_DROPPED.inc();
+        }
+    });
 }
 
 /// Writes out every line queued so far (waiting at most `limit`): called
 /// once the server has stopped, so a graceful shutdown or upgrade loses
 /// none.
 pub fn flush(limit: Duration) {
-    let (ack, done) = std::sync::mpsc::channel();
-    if queue().send(Message::Flush(ack)).is_ok() {
-        let _ = done.recv_timeout(limit);
+    // On a thread of its own: stdout may be a pipe nobody reads.
+    let (done, finished) = std::sync::mpsc::channel();
+    let spawned = std::thread::Builder::new()
+        .name("access-log-flush".into())
+        .spawn(move || {
+            log().write_out();
+            let _ = done.send(());
+        });
+    if spawned.is_ok() {
+        let _ = finished.recv_timeout(limit);
     }
 }
 
@@ -288,6 +358,13 @@ mod tests {
         /// characters, any Unicode), it is written exactly as serde_json
         /// writes it.
         #[test]
+        fn thousandths_are_written_as_serde_json_writes_the_number(n in 0u64..1_000_000_000_000_000) {
+            let mut out = Vec::new();
+            thousandths(&mut out, n);
+            prop_assert_eq!(out, serde_json::to_vec(&(n as f64 / 1000.0)).unwrap());
+        }
+
+        #[test]
         fn strings_are_written_as_serde_json_writes_them(s in any::<String>()) {
             let mut out = Vec::new();
             string(&mut out, &s);
@@ -306,7 +383,8 @@ mod tests {
                 true => "[2001:db8::1]:8443".parse().unwrap(),
                 false => "10.0.255.7:65535".parse().unwrap(),
             };
-            let bytes = line(&text, Some(backend), optional).to_json(1.5);
+            let mut bytes = Vec::new();
+            line(&text, Some(backend), optional).to_json(1500, &mut bytes);
             prop_assert_eq!(bytes.iter().filter(|&&b| b == b'\n').count(), 1);
             let ends = bytes.ends_with(b"}\n");
             prop_assert!(ends, "the line does not end its object");
@@ -334,8 +412,23 @@ mod tests {
     }
 
     #[test]
+    fn a_full_queue_refuses_lines_until_written_out() {
+        let log = Log::new();
+        for _ in 0..QUEUE_LINES {
+            assert!(log.queue(b"{}\n"));
+        }
+        assert!(!log.queue(b"{}\n"), "past the bound");
+        // What the writer takes frees the queue (its write is stdout's).
+        std::mem::take(&mut *lock(&log.queued));
+        assert!(log.queue(b"{}\n"));
+        assert_eq!(lock(&log.queued).bytes, b"{}\n");
+    }
+
+    #[test]
     fn no_backend_is_null_and_the_fields_keep_their_order() {
-        let text = String::from_utf8(line("r", None, false).to_json(2.0)).unwrap();
+        let mut bytes = Vec::new();
+        line("r", None, false).to_json(2000, &mut bytes);
+        let text = String::from_utf8(bytes).unwrap();
         assert_eq!(
             text,
             "{\"ts\":2.0,\"type\":\"access\",\"request_id\":\"r\",\"tenant\":\"r\",\
