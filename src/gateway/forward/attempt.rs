@@ -540,7 +540,7 @@ impl Attempt<'_> {
         let kept = answer
             .upstream
             .response_header()
-            .is_some_and(may_keep_alive);
+            .is_some_and(connection_kept);
         if !kept || !answer.upstream.response_done() {
             return;
         }
@@ -896,43 +896,57 @@ impl Attempt<'_> {
 }
 
 /// Whether an HTTP/1 connection could be kept after an answer with this
-/// head: a body of known length (chunked, a `Content-Length`, or none by
-/// its status: one that ends at the close cannot), and no `close` in any
-/// `Connection` header (an HTTP/1.0 answer only with `keep-alive`, and
-/// never with a `Transfer-Encoding`, as RFC 9112 6.1 says), and not after
-/// a redirect (see below). Pingora has
-/// its own verdict on release, applied after this one; this reads every
-/// header where it reads the first, and spares waiting for a body whose
-/// connection is closed anyway.
+/// head, before its body is read: a body of known length (chunked, or a
+/// `Content-Length`: one that ends at the close cannot) and a connection
+/// the provider keeps ([`connection_kept`]). This spares waiting for a
+/// refusal's body whose connection is closed anyway.
 fn may_keep_alive(head: &ResponseHeader) -> bool {
-    let tokens = |name| {
-        head.headers
-            .get_all(name)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
-    };
-    let has = |name, token: &str| tokens(name).any(|t| t.eq_ignore_ascii_case(token));
+    let last_coding = tokens(head, header::TRANSFER_ENCODING).next_back();
     // Chunked only as the last coding; any other coding ends at the close.
-    let coded = head.headers.contains_key(header::TRANSFER_ENCODING);
-    let known_length = match tokens(header::TRANSFER_ENCODING).next_back() {
+    let known_length = match last_coding {
         Some(last) => last.eq_ignore_ascii_case("chunked"),
         None => {
             head.headers.contains_key(header::CONTENT_LENGTH)
-                || matches!(head.status.as_u16(), 204 | 304)
+                || head.status == http::StatusCode::NO_CONTENT
         }
     };
-    let alive = match head.version {
-        http::Version::HTTP_10 => has(header::CONNECTION, "keep-alive") && !coded,
-        _ => true,
-    } && !has(header::CONNECTION, "close");
+    known_length && connection_kept(head)
+}
+
+/// Whether the provider keeps the connection after this answer: no
+/// `close` in any `Connection` header (Pingora's own verdict, applied on
+/// release after this one, reads only the first), an HTTP/1.0 answer only
+/// with `keep-alive` and never with a `Transfer-Encoding` (RFC 9112 6.1),
+/// and never after a redirect (see below).
+fn connection_kept(head: &ResponseHeader) -> bool {
     // A server answering an API call with a redirect (or a 1xx it should
     // not send) is misconfigured: the next attempt would take its
     // connection at once, before what it may still send after the answer
     // shows, and there is no retry under load to save.
-    let redirect = head.status.is_redirection() || head.status.is_informational();
-    known_length && alive && !redirect
+    if head.status.is_redirection() || head.status.is_informational() {
+        return false;
+    }
+    let has = |token: &str| tokens(head, header::CONNECTION).any(|t| t.eq_ignore_ascii_case(token));
+    let alive = match head.version {
+        http::Version::HTTP_10 => {
+            has("keep-alive") && !head.headers.contains_key(header::TRANSFER_ENCODING)
+        }
+        _ => true,
+    };
+    alive && !has("close")
+}
+
+/// The comma-separated tokens of every `name` header of `head`.
+fn tokens(
+    head: &ResponseHeader,
+    name: header::HeaderName,
+) -> impl DoubleEndedIterator<Item = &str> {
+    head.headers
+        .get_all(name)
+        .into_iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
 }
 
 /// The provider's wait after a 429: `retry-after-ms` when given, else
