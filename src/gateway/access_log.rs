@@ -13,8 +13,9 @@
 //! when the process stops (graceful shutdown or upgrade).
 
 use std::cell::RefCell;
-use std::io::Write;
+use std::io::{ErrorKind, Write};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -25,6 +26,11 @@ const QUEUE_LINES: usize = 16 * 1024;
 const PAUSE: Duration = Duration::from_millis(5);
 /// The capacity a buffer keeps after a burst made it larger.
 const KEPT_BYTES: usize = 256 * 1024;
+/// The most one `write` takes, in whole lines: what a pipe takes in one
+/// piece (POSIX's `PIPE_BUF`), so the old and the new process writing to
+/// the same pipe during an upgrade never tear each other's lines, and a
+/// write cut short at shutdown ends at a line's end.
+const PIECE_BYTES: usize = 4096;
 
 /// Every field the access log has; nothing else is written.
 #[derive(Debug)]
@@ -218,6 +224,10 @@ struct Queued {
 struct Log {
     queued: Mutex<Queued>,
     writing: Mutex<Vec<u8>>,
+    /// Lines the writer took and has not written yet.
+    in_flight: AtomicUsize,
+    /// The last write failed (said once, not every few milliseconds).
+    failing: AtomicBool,
 }
 
 /// Takes a lock even when a thread panicked holding it (a buffer of
@@ -233,7 +243,14 @@ impl Log {
         Log {
             queued: Mutex::new(Queued::default()),
             writing: Mutex::new(Vec::new()),
+            in_flight: AtomicUsize::new(0),
+            failing: AtomicBool::new(false),
         }
+    }
+
+    /// Lines queued or taken and not written yet.
+    fn unwritten(&self) -> usize {
+        lock(&self.queued).lines + self.in_flight.load(Ordering::Relaxed)
     }
 
     /// Queues a line; false (not queued) when [`QUEUE_LINES`] wait.
@@ -247,23 +264,68 @@ impl Log {
         true
     }
 
-    /// Writes out what has queued, in one `write` (a failed write is not
-    /// the requests' problem).
+    /// Writes out what has queued, in pieces of whole lines. A stdout
+    /// that fails (a full disk) loses the lines, counted as dropped: not
+    /// the requests' problem.
     fn write_out(&self) {
         let mut batch = lock(&self.writing);
         {
             let mut queued = lock(&self.queued);
             std::mem::swap(&mut *batch, &mut queued.bytes);
+            self.in_flight.store(queued.lines, Ordering::Relaxed);
             queued.lines = 0;
         }
-        if !batch.is_empty() {
-            let mut out = std::io::stdout().lock();
-            let _ = out.write_all(&batch);
-            let _ = out.flush();
+        let mut out = std::io::stdout().lock();
+        let mut rest = &batch[..];
+        while !rest.is_empty() {
+            let (piece, after) = rest.split_at(piece_len(rest));
+            if let Err(e) = write_whole(&mut out, piece) {
+                let lost = memchr::memchr_iter(b'\n', rest).count();
+                crate::metrics::ACCESS_LOG_DROPPED.inc_by(lost as u64);
+                if !self.failing.swap(true, Ordering::Relaxed) {
+                    tracing::error!(error = %e, "cannot write the access log to stdout; its lines are dropped");
+                }
+                break;
+            }
+            self.failing.store(false, Ordering::Relaxed);
+            self.in_flight
+                .fetch_sub(memchr::memchr_iter(b'\n', piece).count(), Ordering::Relaxed);
+            rest = after;
         }
+        let _ = out.flush();
+        self.in_flight.store(0, Ordering::Relaxed);
         batch.clear();
         batch.shrink_to(KEPT_BYTES);
     }
+}
+
+/// How much of `bytes` (whole lines) the next `write` takes: up to
+/// [`PIECE_BYTES`], or a longer line alone.
+fn piece_len(bytes: &[u8]) -> usize {
+    if bytes.len() <= PIECE_BYTES {
+        return bytes.len();
+    }
+    match memchr::memrchr(b'\n', &bytes[..PIECE_BYTES]) {
+        Some(end) => end + 1,
+        None => memchr::memchr(b'\n', bytes).map_or(bytes.len(), |end| end + 1),
+    }
+}
+
+/// Writes all of `piece`; a non-blocking stdout that is full is waited
+/// for, as a blocking one is.
+fn write_whole(out: &mut impl Write, mut piece: &[u8]) -> std::io::Result<()> {
+    while !piece.is_empty() {
+        match out.write(piece) {
+            Ok(0) => return Err(ErrorKind::WriteZero.into()),
+            Ok(n) => piece = &piece[n..],
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(1))
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// The log (its writer thread started on first use). The thread never
@@ -316,8 +378,12 @@ pub fn flush(limit: Duration) {
             log().write_out();
             let _ = done.send(());
         });
-    if spawned.is_ok() {
-        let _ = finished.recv_timeout(limit);
+    let written = spawned.is_ok() && finished.recv_timeout(limit).is_ok();
+    if !written {
+        tracing::error!(
+            lines = log().unwritten(),
+            "stdout did not take the access log's last lines in time; they are lost"
+        );
     }
 }
 
@@ -425,6 +491,17 @@ mod tests {
         std::mem::take(&mut *lock(&log.queued));
         assert!(log.queue(b"{}\n"));
         assert_eq!(lock(&log.queued).bytes, b"{}\n");
+    }
+
+    #[test]
+    fn a_write_takes_whole_lines_within_what_a_pipe_takes_whole() {
+        let line = |n: usize| [vec![b'x'; n - 1], vec![b'\n']].concat();
+        let lines = [line(1000), line(2000), line(1500)].concat();
+        assert_eq!(piece_len(&lines), 3000, "the third would pass the bound");
+        assert_eq!(piece_len(&lines[3000..]), 1500);
+        let long = [line(5000), line(10)].concat();
+        assert_eq!(piece_len(&long), 5000, "a longer line goes alone");
+        assert_eq!(piece_len(b"no end"), 6);
     }
 
     #[test]

@@ -29,7 +29,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
 from conftest import (BIN_DIR, PROVIDER_KEY, TENANT_KEY, Llmock, LocalServer, Mock, Runestone, free_port,
-                      server_yaml)
+                      server_yaml, wait_ready)
 
 OTHER_KEY = "sk-sdk-telemetry-other-0077"
 CLIENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -1343,3 +1343,60 @@ def test_a_daemon_exports_its_spans_and_stops_cleanly(mock, collector):
         if pid:
             os.kill(pid, signal.SIGKILL)
         gateway.dir.cleanup()
+
+
+def test_a_non_blocking_stdout_keeps_every_access_line_whole(mock, tmp_path):
+    """stdout a non-blocking pipe read slowly (as some log shippers hand
+    it over): a full pipe refuses a write instead of waiting. The writer
+    used to give up on the batch it was writing, a line torn and the rest
+    lost without being counted as dropped; now it waits, as on a blocking
+    pipe, and every line arrives whole, or is counted."""
+    config = tmp_path / "runestone.yaml"
+    port, metrics_port = free_port(), free_port()
+    config.write_text(server_yaml(port, metrics_port, str(tmp_path)) + f"""
+providers:
+  - {{ name: mock, base_url: "{mock.base_url}", api_key: "{PROVIDER_KEY}" }}
+models:
+  - name: gpt-4o-mini
+    targets: [{{ provider: mock, model: mock-small }}]
+tenants:
+  - id: acme
+    keys: ["{TENANT_KEY}"]
+""")
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    proc = subprocess.Popen([str(BIN_DIR / "runestone"), "--config", str(config)],
+                            stdout=write_end, stderr=subprocess.DEVNULL)
+    os.close(write_end)
+    received = []
+
+    def read_slowly():
+        # About 80 KB/s: the pipe's 64 KiB fill within the first second.
+        while chunk := os.read(read_end, 4096):
+            received.append(chunk)
+            time.sleep(0.05)
+
+    reader = threading.Thread(target=read_slowly)
+    reader.start()
+    try:
+        wait_ready(f"http://127.0.0.1:{port}/health", proc, "runestone")
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=TENANT_KEY,
+                               max_retries=0, timeout=30)
+        requests = 1500
+        for _ in range(requests):
+            client.models.list()
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics") as resp:
+            metrics = resp.read().decode()
+        dropped = next(float(line.split()[1]) for line in metrics.splitlines()
+                       if line.startswith("runestone_access_log_dropped_total "))
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()
+        reader.join(timeout=30)
+        os.close(read_end)
+    lines = b"".join(received).split(b"\n")
+    assert lines.pop() == b"", "the output ends at a line's end"
+    access = [json.loads(line) for line in lines if b'"type":"access"' in line]
+    listed = [line for line in access if line["endpoint"] == "models"]
+    assert len(listed) + dropped == requests, (len(listed), dropped)
