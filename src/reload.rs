@@ -11,14 +11,11 @@
 //! with `redis:` they are shared and carry over.
 //!
 //! Triggers: `runestone reload --config FILE` (it finds the running process
-//! through `server.pid_file`, and sends it SIGHUP when FILE is the file it
-//! runs on), or SIGHUP to the process itself. Then the new process is the
-//! running one's child, with its stdout and stderr.
+//! through `server.pid_file`), or SIGHUP to the process itself.
 
 use crate::config::Config;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use tracing::{error, info};
@@ -84,45 +81,7 @@ fn upgrade(path: &Path, old: Pid, daemon: bool) -> Result<(), ReloadError> {
 pub fn reload_running(path: &Path) -> Result<(), ReloadError> {
     let config = Config::load(path)?;
     let old = running_pid(&config)?;
-    // The running process serving this very file hands over itself, as on
-    // SIGHUP: its successor keeps its stdout and stderr (where the access
-    // log goes: a terminal, a file, a container's log) and its daemon mode.
-    // Started from here, the new process would write to this command's
-    // output instead, which is gone once it returns.
-    if serves(old, path) {
-        return kill(old, Signal::SIGHUP).map_err(|e| ReloadError::NotRunning {
-            path: config.server.pid_file.clone(),
-            reason: format!("process {old}: {e}"),
-        });
-    }
     upgrade(path, old, true)
-}
-
-/// Whether the process `pid` runs with `--config` naming `path` (read from
-/// its command line, relative to its working directory).
-fn serves(pid: Pid, path: &Path) -> bool {
-    let proc = PathBuf::from(format!("/proc/{pid}"));
-    let Ok(cmdline) = std::fs::read(proc.join("cmdline")) else {
-        return false;
-    };
-    let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
-    let named = args.iter().enumerate().find_map(|(i, arg)| match *arg {
-        b"--config" | b"-c" => args.get(i + 1).copied(),
-        _ => arg
-            .strip_prefix(b"--config=")
-            .or_else(|| arg.strip_prefix(b"-c").filter(|rest| !rest.is_empty())),
-    });
-    let Some(named) = named else {
-        return false;
-    };
-    let named = Path::new(std::ffi::OsStr::from_bytes(named));
-    let Ok(cwd) = std::fs::read_link(proc.join("cwd")) else {
-        return false;
-    };
-    match (cwd.join(named).canonicalize(), path.canonicalize()) {
-        (Ok(theirs), Ok(ours)) => theirs == ours,
-        _ => false,
-    }
 }
 
 /// Background service: on SIGHUP, re-read the config file and, when it is

@@ -358,14 +358,6 @@ fn reload_swaps_the_config_without_a_failed_request_and_refuses_a_broken_one() {
     };
     assert_eq!(ask(NEW_KEY), 401);
 
-    let access_lines = |file: &str| {
-        std::fs::read_to_string(dir.join(file))
-            .unwrap_or_default()
-            .matches("\"type\":\"access\"")
-            .count()
-    };
-    let mut old_lines = 0;
-
     // Add a key (the first step of a rotation) under load.
     let stop = std::sync::atomic::AtomicBool::new(false);
     let (ok, failed, errors) = std::thread::scope(|scope| {
@@ -381,7 +373,6 @@ fn reload_swaps_the_config_without_a_failed_request_and_refuses_a_broken_one() {
             Some(0),
             "the old process drained and exited"
         );
-        old_lines = access_lines("gateway.log");
         wait_until(Duration::from_secs(10), "the new key to work", || {
             ask(NEW_KEY) == 200
         });
@@ -398,12 +389,6 @@ fn reload_swaps_the_config_without_a_failed_request_and_refuses_a_broken_one() {
     });
     assert!(ok > 10);
     assert_eq!(failed, 0, "failed during the reload: {errors:?}");
-    // The new process writes where the old one did, not to the reload
-    // command's output (gone once it returned).
-    wait_until(Duration::from_secs(5), "the new process's lines", || {
-        access_lines("gateway.log") > old_lines
-    });
-    assert_eq!(access_lines("reload.log"), 0);
 
     // A broken config is refused and the running one keeps serving.
     let serving = guard.pid();
