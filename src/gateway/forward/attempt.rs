@@ -842,31 +842,20 @@ impl Attempt<'_> {
             // login page in the way. Not followed (the request, and the
             // provider's key with it, would go where the config does not
             // say), nor passed on (a client would get a 307 with no
-            // `location`, or a 304 to a POST): the next deployment is tried.
-            100..=199 | 300..=399 => {
-                let error = ApiError::upstream_error(format!(
-                    "The provider '{name}' answered {status}, a redirect or an answer the gateway does not take; check its base_url."
-                ));
+            // `location`, or a 304 to a POST): failed over as a 5xx is.
+            100..=199 | 300..=399 | 500..=599 => {
+                let error = ApiError::upstream_error(if status >= 500 {
+                    format!("The provider '{name}' answered {status}.")
+                } else {
+                    format!("The provider '{name}' answered {status}, a redirect or an answer the gateway does not take; check its base_url.")
+                });
                 Some(self.outcome(
                     Outcome::Failure,
                     Domain::Deployment,
                     Attempted::Retryable {
                         error,
                         domain: Domain::Deployment,
-                        transient: false,
-                    },
-                ))
-            }
-            500..=599 => {
-                let error =
-                    ApiError::upstream_error(format!("The provider '{name}' answered {status}."));
-                Some(self.outcome(
-                    Outcome::Failure,
-                    Domain::Deployment,
-                    Attempted::Retryable {
-                        error,
-                        domain: Domain::Deployment,
-                        // 529: Anthropic's "overloaded".
+                        // 529: Anthropic's "overloaded". Never a redirect.
                         transient: matches!(status, 500 | 502 | 503 | 529),
                     },
                 ))
