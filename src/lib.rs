@@ -60,3 +60,9 @@ pub mod server;
 pub mod services;
 pub mod telemetry;
 pub mod upstream;
+
+/// Takes a lock even when a thread panicked holding it: what the crate's
+/// mutexes guard (counters, queues, buffers) is whole between steps.
+pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}

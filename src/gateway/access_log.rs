@@ -12,11 +12,12 @@
 //! wait on a slow disk or a full pipe. [`flush`] writes out what is queued
 //! when the process stops (graceful shutdown or upgrade).
 
+use crate::lock;
 use std::cell::RefCell;
 use std::io::{ErrorKind, Write};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Lines that may wait for the writer (about 400 bytes each).
@@ -228,14 +229,6 @@ struct Log {
     in_flight: AtomicUsize,
     /// The last write failed (said once, not every few milliseconds).
     failing: AtomicBool,
-}
-
-/// Takes a lock even when a thread panicked holding it (a buffer of
-/// bytes cannot be left inconsistent).
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Log {

@@ -7,9 +7,10 @@
 use super::jobs::{Attempt, AttemptControl, Ended, Job, JobResult, JobRunner};
 use super::queue::Entry;
 use super::turns::{Turns, Visit};
-use super::{lock, unix_ms, Overflow};
+use super::{unix_ms, Overflow};
 use crate::config::Config;
 use crate::limits::{LimitKind, Limiter};
+use crate::lock;
 use crate::metrics;
 use crate::openai::ApiError;
 use crate::upstream::Upstreams;

@@ -60,6 +60,7 @@ pub use records::{JobPage, ListRefusal};
 
 use crate::config::{Config, JobSettings, TenantOverflow};
 use crate::limits::{Grant, LimitKind, Refusal};
+use crate::lock;
 use crate::metrics;
 use crate::redis_conn::{Conn, RedisConnection};
 use records::LocalState;
@@ -197,10 +198,6 @@ fn answered<T>(reply: Result<redis::RedisResult<T>, tokio::time::error::Elapsed>
             None
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Overflow {

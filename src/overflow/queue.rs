@@ -1,8 +1,9 @@
 //! The queue itself: entries, parking a request and waiting for its turn,
 //! giving up a place.
 
-use super::{answered, lock, unix_ms, Overflow, ParkRefusal, Waited, Waiter};
+use super::{answered, unix_ms, Overflow, ParkRefusal, Waited, Waiter};
 use crate::limits::{Grant, Limiter, Refusal};
+use crate::lock;
 use crate::metrics;
 use std::time::Instant;
 use tokio::sync::oneshot;

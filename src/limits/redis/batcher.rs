@@ -4,7 +4,8 @@
 
 use super::ledger::{self, Shared, Unsettled};
 use super::scripts::{admit_answers, AdmitAnswer};
-use super::{lock, Keys, Lease, SettleOp, LEASE_TTL_MS};
+use super::{Keys, Lease, SettleOp, LEASE_TTL_MS};
+use crate::lock;
 use crate::redis_conn::Conn;
 use redis::{RedisResult, Script};
 use std::sync::Arc;

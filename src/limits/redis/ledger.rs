@@ -3,8 +3,9 @@
 //! again under its own number until Redis confirms it.
 
 use super::scripts::{usage_ttl_seconds, REFUSED, SETTLE, SETTLED_TTL_MS};
-use super::{lock, Keys, Lease, SettleOp};
+use super::{Keys, Lease, SettleOp};
 use crate::limits::PeriodUsage;
+use crate::lock;
 use crate::metrics;
 use redis::Script;
 use std::collections::{HashMap, HashSet};

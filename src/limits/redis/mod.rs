@@ -30,6 +30,7 @@ pub use maintenance::RedisMaintenance;
 
 use super::{PeriodUsage, RateLimitState, Refusal};
 use crate::config::{RedisSettings, TenantLimits, TenantSettings};
+use crate::lock;
 use crate::metrics;
 use crate::redis_conn::{Conn, RedisConnection};
 use batcher::{AdmitOp, Batcher, Op, Reply};
@@ -169,10 +170,6 @@ impl std::fmt::Debug for Inner {
 #[derive(Debug, Clone)]
 pub struct RedisStore {
     inner: Arc<Inner>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// One settlement as the limiter hands it to the store.
