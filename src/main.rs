@@ -49,11 +49,8 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             };
             match runestone::reload::reload_running(&path) {
-                Ok(()) => {
-                    println!(
-                        "reloading: a new process is taking over on {}",
-                        path.display()
-                    );
+                Ok(pid) => {
+                    println!("reloaded: process {pid} serves {}", path.display());
                     ExitCode::SUCCESS
                 }
                 Err(e @ runestone::reload::ReloadError::Invalid(_)) => {
@@ -93,10 +90,16 @@ fn main() -> ExitCode {
         None => match load(cli.config.clone()) {
             Ok(config) => {
                 init_tracing(&config.server.log_level);
+                // Before any thread starts: each inherits the mask.
+                runestone::reload::hold_hangups();
                 let options = RunOptions {
                     daemon: cli.daemon,
                     upgrade: cli.upgrade,
-                    config_path: cli.config,
+                    // Absolute, so that a reload finds the same file
+                    // whatever the working directory is by then.
+                    config_path: cli
+                        .config
+                        .map(|path| std::path::absolute(&path).unwrap_or(path)),
                 };
                 tracing::info!(listen = %config.server.listen, "runestone starting");
                 server::build(config, options).run(pingora::server::RunArgs::default());

@@ -38,6 +38,13 @@ pub fn build(config: Config, options: RunOptions) -> Server {
         pid_file: config.server.pid_file.clone(),
         upgrade_sock: config.server.upgrade_sock.clone(),
         daemon: options.daemon,
+        // A daemon stays in the directory it was started from, so that the
+        // config's relative paths (and `--config` itself, read again on
+        // SIGHUP) mean what they did in the foreground.
+        working_directory: options
+            .daemon
+            .then(|| std::env::current_dir().ok())
+            .flatten(),
         ..ServerConf::default()
     };
     let opt = Opt {
@@ -50,8 +57,13 @@ pub fn build(config: Config, options: RunOptions) -> Server {
     if !options.daemon {
         // Daemons get their pid file from Pingora; a foreground process
         // writes its own so that `runestone reload` can find it.
-        if let Err(e) = std::fs::write(&config.server.pid_file, std::process::id().to_string()) {
-            tracing::warn!(pid_file = %config.server.pid_file, error = %e, "cannot write the pid file");
+        // Written aside and renamed, so that no reader sees it half written.
+        let pid_file = &config.server.pid_file;
+        let aside = format!("{pid_file}.new");
+        if let Err(e) = std::fs::write(&aside, std::process::id().to_string())
+            .and_then(|()| std::fs::rename(&aside, pid_file))
+        {
+            tracing::warn!(pid_file = %pid_file, error = %e, "cannot write the pid file");
         }
     }
 

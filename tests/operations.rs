@@ -324,6 +324,11 @@ impl Drop for PidFileGuard {
     }
 }
 
+/// Whether the process `pid` has exited (gone, or a zombie not yet reaped).
+fn exited(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |stat| stat.contains(") Z "))
+}
+
 fn runestone_reload(config: &std::path::Path, dir: &std::path::Path) -> Option<i32> {
     let log = std::fs::File::create(dir.join("reload.log")).unwrap();
     Command::new(env!("CARGO_BIN_EXE_runestone"))
@@ -357,27 +362,27 @@ fn reload_swaps_the_config_without_a_failed_request_and_refuses_a_broken_one() {
         }
     };
     assert_eq!(ask(NEW_KEY), 401);
+    let access_lines = |file: &str| {
+        std::fs::read_to_string(dir.join(file))
+            .unwrap_or_default()
+            .matches("\"type\":\"access\"")
+            .count()
+    };
+    let first = guard.pid();
 
     // Add a key (the first step of a rotation) under load.
     let stop = std::sync::atomic::AtomicBool::new(false);
-    let (ok, failed, errors) = std::thread::scope(|scope| {
+    let (reloaded, drained, (ok, failed, errors)) = std::thread::scope(|scope| {
         let workers: Vec<_> = (0..3).map(|_| scope.spawn(|| load(port, &stop))).collect();
         config.tenants = format!(
             "\n  - id: acme\n    keys: [\"{TENANT_KEY}\", \"{NEW_KEY}\"]\n  - id: restricted\n    keys: [\"{}\"]\n    models: [text-embedding-3-small]\n",
             sha256_key(RESTRICTED_KEY)
         );
         std::fs::write(&path, config.yaml_in(&dir)).unwrap();
-        assert_eq!(runestone_reload(&path, &dir), Some(0));
-        assert_eq!(
-            gw.wait_exit(Duration::from_secs(15)),
-            Some(0),
-            "the old process drained and exited"
-        );
-        wait_until(Duration::from_secs(10), "the new key to work", || {
-            ask(NEW_KEY) == 200
-        });
+        let reloaded = runestone_reload(&path, &dir);
+        let drained = gw.wait_exit(Duration::from_secs(15));
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        workers.into_iter().map(|w| w.join().unwrap()).fold(
+        let load = workers.into_iter().map(|w| w.join().unwrap()).fold(
             (0, 0, Vec::new()),
             |mut acc, (o, f, e)| {
                 acc.0 += o;
@@ -385,27 +390,84 @@ fn reload_swaps_the_config_without_a_failed_request_and_refuses_a_broken_one() {
                 acc.2.extend(e);
                 acc
             },
-        )
+        );
+        (reloaded, drained, load)
     });
+    assert_eq!(reloaded, Some(0));
+    assert_eq!(drained, Some(0), "the old process drained and exited");
+    // The command returns once the new process has taken over, and says which.
+    let serving = guard.pid();
+    assert_ne!(serving, first);
+    let said = std::fs::read_to_string(dir.join("reload.log")).unwrap();
+    assert!(
+        said.contains(&format!("reloaded: process {serving} serves")),
+        "{said}"
+    );
+    assert_eq!(ask(NEW_KEY), 200);
     assert!(ok > 10);
     assert_eq!(failed, 0, "failed during the reload: {errors:?}");
+    // The new process writes where the old one did, not to the reload
+    // command's output (gone once it returned).
+    let lines = access_lines("gateway.log");
+    assert_eq!(ask(NEW_KEY), 200);
+    wait_until(
+        Duration::from_secs(5),
+        "the new process's access line",
+        || access_lines("gateway.log") > lines,
+    );
+    assert_eq!(access_lines("reload.log"), 0);
 
     // A broken config is refused and the running one keeps serving.
-    let serving = guard.pid();
     std::fs::write(&path, "server: [").unwrap();
     assert_eq!(runestone_reload(&path, &dir), Some(2));
     assert_eq!(ask(NEW_KEY), 200);
     assert_eq!(guard.pid(), serving);
 
-    // SIGHUP works too: drop the old key (the end of the rotation).
+    // SIGHUP works too: drop the old key (the end of the rotation). Sent
+    // twice: the process hands over once, the second one is ignored.
+    let handovers = || gw.log().matches("SIGHUP: handing over").count();
+    let before = handovers();
     config.tenants = format!("\n  - id: acme\n    keys: [\"{NEW_KEY}\"]\n");
     std::fs::write(&path, config.yaml_in(&dir)).unwrap();
+    signal(serving, "HUP");
+    wait_until(Duration::from_secs(10), "a new process", || {
+        std::fs::read_to_string(&guard.0).is_ok_and(|pid| pid.trim() != serving.to_string())
+    });
     signal(serving, "HUP");
     wait_until(Duration::from_secs(10), "the old key to be refused", || {
         ask(TENANT_KEY) == 401
     });
     assert_eq!(ask(NEW_KEY), 200);
-    assert_ne!(guard.pid(), serving, "a new process serves the new config");
+    wait_until(Duration::from_secs(15), "the old process to exit", || {
+        exited(serving)
+    });
+    assert_eq!(handovers(), before + 1, "{}", gw.log());
+
+    // Two reloads back to back: the second reaches a process that has just
+    // written its pid file, still starting; it reloads once it can.
+    const THIRD_KEY: &str = "sk-tenant-gamma-3";
+    let mut earlier = Vec::new();
+    for keys in [
+        format!("\"{NEW_KEY}\", \"{TENANT_KEY}\""),
+        format!("\"{THIRD_KEY}\""),
+    ] {
+        let before = guard.pid();
+        config.tenants = format!("\n  - id: acme\n    keys: [{keys}]\n");
+        std::fs::write(&path, config.yaml_in(&dir)).unwrap();
+        assert_eq!(runestone_reload(&path, &dir), Some(0));
+        earlier.push(before);
+    }
+    // A process accepts beside its successor for Pingora's five seconds
+    // after the handover, then drains and exits.
+    wait_until(
+        Duration::from_secs(30),
+        "the earlier processes to exit",
+        || earlier.iter().all(|&pid| exited(pid)),
+    );
+    assert_eq!(ask(NEW_KEY), 401);
+    let last = guard.pid();
+    assert_eq!(ask(THIRD_KEY), 200);
+    assert_eq!(guard.pid(), last, "the last process keeps serving");
 }
 
 #[test]
