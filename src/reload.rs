@@ -2,30 +2,33 @@
 //!
 //! A reload is a graceful upgrade onto the new config: the config is read
 //! and validated first (a broken one is reported and the running process
-//! keeps serving); then a new process starts with `--upgrade`, the running
-//! one gets SIGQUIT and hands it the listening sockets, and drains its
-//! in-flight requests for `grace_period_seconds` while the new one serves.
-//! Tenants, keys, limits, pricing, routes and providers all change at once,
-//! and no request is refused or cut. In-process counters (limits without
-//! Redis, the in-process overflow queue) start afresh in the new process;
-//! with `redis:` they are shared and carry over.
+//! keeps serving); then the running process starts its successor with
+//! `--upgrade`, hands it the listening sockets (on SIGQUIT, which it sends
+//! itself), accepts beside it for Pingora's 5 s and drains its in-flight
+//! requests for `grace_period_seconds`. Tenants, keys, limits, pricing,
+//! routes and providers all change at once, and no request is refused or
+//! cut. In-process counters (limits without Redis, the in-process overflow
+//! queue) start afresh in the new process; with `redis:` they are shared
+//! and carry over.
 //!
-//! Triggers: SIGHUP to the process, or `runestone reload --config FILE`,
-//! which finds the running process through `server.pid_file`, sends it
-//! SIGHUP when FILE is the file it runs on (so that its successor is its
-//! own child, with its stdout and stderr, where the access log goes), and
-//! waits until a process started after the command has taken over.
+//! Triggers: SIGHUP to the process (its own file, its own binary), or
+//! `runestone reload --config FILE`, which finds the running process through
+//! `server.pid_file`, leaves it a [`Request`] naming FILE and the command's
+//! own binary, sends it SIGHUP, and waits until a process started after the
+//! command listens. The successor is always the running process's child,
+//! so it writes its access log and logs where the running one did.
 //!
 //! SIGHUP is held back from the start of the process ([`hold_hangups`])
 //! until [`ReloadOnHangup`] listens, so one arriving while a new process
-//! starts waits for it instead of killing it; a process that has asked for
-//! its successor listens no more, so a second SIGHUP cannot start a second
-//! one.
+//! starts waits for it instead of killing it; a process that has started its
+//! successor listens no more, so a second SIGHUP cannot start a second one.
 
 use crate::config::Config;
 use nix::sys::signal::{kill, SigSet, Signal};
 use nix::unistd::Pid;
+use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -48,12 +51,17 @@ pub enum ReloadError {
         /// What went wrong.
         reason: String,
     },
-    /// The new process could not be started.
-    #[error("cannot start the new process: {0}")]
-    Spawn(std::io::Error),
+    /// The request for the running process could not be written.
+    #[error("cannot write the reload request {path}: {error}")]
+    Request {
+        /// The request's file.
+        path: String,
+        /// What went wrong.
+        error: std::io::Error,
+    },
     /// The running process was asked, but no new one took over in time.
     #[error(
-        "no new process took over from process {pid} within {}s (the pid file {path} still names {named}); the gateway's log says why",
+        "no new process took over from process {pid} within {}s (the pid file {path} names {named}); the gateway's log says why",
         HANDOVER_WAIT.as_secs()
     )]
     NoHandover {
@@ -63,6 +71,26 @@ pub enum ReloadError {
         path: String,
         /// What the pid file named at the end.
         named: String,
+    },
+    /// A new process took over on another file than the one asked for
+    /// (another reload at the same time, or the request not taken).
+    #[error("process {pid} took over, but not on {config} (another reload at the same time? the gateway's log says why)")]
+    Superseded {
+        /// The new process.
+        pid: Pid,
+        /// The file asked for.
+        config: String,
+    },
+    /// A new process took over but does not listen on the config's address.
+    #[error(
+        "process {pid} took over but does not listen on {listen} after {}s (the address taken?); the gateway's log says why",
+        HANDOVER_WAIT.as_secs()
+    )]
+    NotListening {
+        /// The new process.
+        pid: Pid,
+        /// The address the config names.
+        listen: std::net::SocketAddr,
     },
 }
 
@@ -83,6 +111,89 @@ fn hangup() -> SigSet {
     set
 }
 
+/// What `runestone reload` asks of the running process, left beside its
+/// pid file (`<pid_file>.reload`) before the SIGHUP: the process it is for,
+/// the binary to run and the config to run it on. Taken only by that
+/// process, only from a regular file of its own user's (or root's) that no
+/// one else may write: whoever can leave one chooses what the gateway runs.
+#[derive(Debug, PartialEq, Eq)]
+struct Request {
+    exe: PathBuf,
+    config: PathBuf,
+}
+
+impl Request {
+    fn file(pid_file: &str) -> String {
+        format!("{pid_file}.reload")
+    }
+
+    /// Leaves the request for `pid` (written aside and renamed, mode 0644:
+    /// the paths are no secret).
+    fn leave(&self, pid_file: &str, pid: Pid) -> Result<(), ReloadError> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = Self::file(pid_file);
+        let aside = format!("{path}.{}", std::process::id());
+        let mut text = format!("{pid}\0").into_bytes();
+        text.extend_from_slice(self.exe.as_os_str().as_bytes());
+        text.push(0);
+        text.extend_from_slice(self.config.as_os_str().as_bytes());
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            // Readable by the gateway's user when root writes it.
+            .mode(0o644)
+            .open(&aside)
+            .and_then(|mut file| file.write_all(&text))
+            .and_then(|()| std::fs::rename(&aside, &path))
+            .map_err(|error| {
+                let _ = std::fs::remove_file(&aside);
+                ReloadError::Request { path, error }
+            })
+    }
+
+    /// Takes the request left for this process, if there is one (a request
+    /// for another process is left where it is).
+    fn take(pid_file: &str) -> Option<Request> {
+        let path = Self::file(pid_file);
+        let meta = std::fs::symlink_metadata(&path).ok()?;
+        let owner = meta.uid();
+        let trusted = meta.is_file()
+            && (owner == 0 || owner == nix::unistd::geteuid().as_raw())
+            && meta.mode() & 0o022 == 0
+            && meta.len() < 64 * 1024;
+        if !trusted {
+            warn!(request = %path, "ignoring a reload request that is not a file of this user's, or that others may write");
+            return None;
+        }
+        let text = std::fs::read(&path).ok()?;
+        let request = Self::parse(&text, Pid::this())?;
+        let _ = std::fs::remove_file(&path);
+        Some(request)
+    }
+
+    fn parse(text: &[u8], me: Pid) -> Option<Request> {
+        let mut parts = text.split(|&b| b == 0);
+        let pid = std::str::from_utf8(parts.next()?).ok()?.parse().ok()?;
+        let exe = PathBuf::from(OsStr::from_bytes(parts.next()?));
+        let config = PathBuf::from(OsStr::from_bytes(parts.next()?));
+        (Pid::from_raw(pid) == me && parts.next().is_none()).then_some(Request { exe, config })
+    }
+}
+
+/// This process's binary, where it is now: an upgrade that replaced the
+/// file leaves the running process's link reading `... (deleted)`, and
+/// the path without that is the new binary.
+fn own_exe() -> std::io::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    Ok(
+        match exe.to_str().and_then(|p| p.strip_suffix(" (deleted)")) {
+            Some(path) if Path::new(path).exists() => PathBuf::from(path),
+            _ => exe,
+        },
+    )
+}
+
 /// The pid the pid file names, when it is a running runestone process.
 fn running_pid(pid_file: &str) -> Result<Pid, ReloadError> {
     let not_running = |reason: String| ReloadError::NotRunning {
@@ -95,6 +206,9 @@ fn running_pid(pid_file: &str) -> Result<Pid, ReloadError> {
         .parse()
         .map_err(|_| not_running(format!("'{}' is not a pid", text.trim())))?;
     let pid = Pid::from_raw(pid);
+    if pid.as_raw() <= 0 {
+        return Err(not_running(format!("'{pid}' is not a pid")));
+    }
     kill(pid, None).map_err(|e| not_running(format!("process {pid}: {e}")))?;
     if !is_runestone(pid) {
         return Err(not_running(format!(
@@ -104,49 +218,48 @@ fn running_pid(pid_file: &str) -> Result<Pid, ReloadError> {
     Ok(pid)
 }
 
-/// Starts a new process on `path` with `--upgrade`, then tells the process
-/// `old` to hand over its sockets and drain. Nothing is sent when the new
-/// process cannot be started.
-fn upgrade(path: &Path, old: Pid, daemon: bool) -> Result<(), ReloadError> {
-    let exe = std::env::current_exe().map_err(ReloadError::Spawn)?;
-    let mut command = Command::new(exe);
-    command.arg("--config").arg(path).arg("--upgrade");
-    if daemon {
-        command.arg("--daemon");
-    }
-    let mut child = command.spawn().map_err(ReloadError::Spawn)?;
-    // The new process asks for the sockets until the old one sends them
-    // (a daemon asks before it detaches, so the signal comes first).
-    let _ = kill(old, Signal::SIGQUIT);
-    if daemon {
-        // The daemon's parent exits once the child is detached.
-        let _ = child.wait();
-    }
-    Ok(())
-}
-
 /// `runestone reload --config FILE`: validate, then have the running
 /// process (found through `server.pid_file`) hand over to a new process on
-/// the file. Returns once the pid file names a runestone process started
-/// after this command (it read the file after it was validated here), or
-/// fails after [`HANDOVER_WAIT`]. A process in the pid file that started
-/// before (a previous reload's, not yet serving this file) is asked in turn.
+/// the file, running this command's binary. Returns the new process once
+/// the pid file names a runestone process started after this command (it
+/// read the file after it was validated here) and that process listens on
+/// the config's address; fails after [`HANDOVER_WAIT`]. A process in the
+/// pid file that started before (a previous reload's) is asked in turn.
 pub fn reload_running(path: &Path) -> Result<Pid, ReloadError> {
     let config = Config::load(path)?;
     let pid_file = config.server.pid_file.as_str();
+    let request = Request {
+        exe: own_exe().map_err(|error| ReloadError::Request {
+            path: Request::file(pid_file),
+            error,
+        })?,
+        config: std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf()),
+    };
     let since = start_time(Pid::this());
     let deadline = Instant::now() + HANDOVER_WAIT;
     let mut asked: Option<Pid> = None;
     loop {
         match (running_pid(pid_file), asked) {
-            (Ok(pid), Some(_)) if start_time(pid) >= since => return Ok(pid),
+            (Ok(pid), Some(_)) if start_time(pid) >= since => {
+                if !runs(pid, &request.config) {
+                    return Err(ReloadError::Superseded {
+                        pid,
+                        config: request.config.display().to_string(),
+                    });
+                }
+                return listening(pid, config.server.listen, deadline);
+            }
             (Ok(pid), _) if asked != Some(pid) => {
-                ask(pid, path, pid_file)?;
+                request.leave(pid_file, pid)?;
+                kill(pid, Signal::SIGHUP).map_err(|e| ReloadError::NotRunning {
+                    path: pid_file.to_string(),
+                    reason: format!("process {pid}: {e}"),
+                })?;
                 asked = Some(pid);
             }
             (Err(e), None) => return Err(e),
-            // Asked; the old process drains while the new one starts (the
-            // pid file may be missing or name the old one meanwhile).
+            // Asked; the old process hands over while the new one starts
+            // (the pid file may be missing or name the old one meanwhile).
             _ => {}
         }
         if Instant::now() >= deadline {
@@ -163,18 +276,63 @@ pub fn reload_running(path: &Path) -> Result<Pid, ReloadError> {
     }
 }
 
-/// Asks `pid` to hand over to a process on `path`: SIGHUP when it runs on
-/// that file (its successor is its child and writes where it does), else a
-/// daemon started from here takes the sockets.
-fn ask(pid: Pid, path: &Path, pid_file: &str) -> Result<(), ReloadError> {
-    if serves(pid, path) {
-        kill(pid, Signal::SIGHUP).map_err(|e| ReloadError::NotRunning {
-            path: pid_file.to_string(),
-            reason: format!("process {pid}: {e}"),
-        })
-    } else {
-        upgrade(path, pid, true)
+/// Whether `pid` was started on `config` (`--config` and its absolute
+/// path, as the gateway starts its successor).
+fn runs(pid: Pid, config: &Path) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+    args.windows(2)
+        .any(|pair| pair[0] == b"--config" && pair[1] == config.as_os_str().as_bytes())
+}
+
+/// Waits until `pid` listens on `listen`'s port (a socket it got from the
+/// old process, or bound itself when the address changed), until
+/// `deadline`.
+fn listening(
+    pid: Pid,
+    listen: std::net::SocketAddr,
+    deadline: Instant,
+) -> Result<Pid, ReloadError> {
+    while !listens(pid, listen.port()) {
+        if Instant::now() >= deadline {
+            return Err(ReloadError::NotListening { pid, listen });
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
+    Ok(pid)
+}
+
+/// Whether one of `pid`'s own sockets listens on TCP `port` (its
+/// descriptors' socket inodes against its network namespace's tables).
+fn listens(pid: Pid, port: u16) -> bool {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    let sockets: std::collections::HashSet<String> = fds
+        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .filter_map(|link| {
+            let link = link.to_str()?;
+            Some(
+                link.strip_prefix("socket:[")?
+                    .strip_suffix(']')?
+                    .to_string(),
+            )
+        })
+        .collect();
+    let port = format!(":{port:04X}");
+    ["tcp", "tcp6"].iter().any(|table| {
+        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")) else {
+            return false;
+        };
+        text.lines().skip(1).any(|row| {
+            let fields: Vec<&str> = row.split_whitespace().collect();
+            // local address, state (0A: listening), inode
+            matches!(fields.as_slice(), [_, local, _, "0A", _, _, _, _, _, inode, ..]
+                if local.ends_with(&port) && sockets.contains(*inode))
+        })
+    })
 }
 
 /// When `pid` started, in clock ticks since boot (`/proc/<pid>/stat`), or
@@ -191,104 +349,58 @@ fn start_time(pid: Pid) -> u64 {
         .unwrap_or(0)
 }
 
-/// Whether `pid` runs this command's program: the same name, or the same
-/// executable (an upgraded binary shows its old one as deleted).
+/// Whether `pid` runs this command's program: the same binary, or one of
+/// the same name elsewhere (a new version installed beside the old). A
+/// script named like it runs its interpreter, and is not.
 fn is_runestone(pid: Pid) -> bool {
-    let comm = |pid: &str| std::fs::read(format!("/proc/{pid}/comm")).ok();
-    if comm(&pid.to_string()).is_some_and(|theirs| Some(theirs) == comm("self")) {
-        return true;
-    }
     let exe = |pid: &str| {
-        std::fs::read_link(format!("/proc/{pid}/exe"))
-            .ok()
-            .map(|p| {
-                p.to_string_lossy()
-                    .trim_end_matches(" (deleted)")
-                    .to_string()
-            })
+        let link = std::fs::read_link(format!("/proc/{pid}/exe")).ok()?;
+        let link = link.to_string_lossy();
+        Some(PathBuf::from(
+            link.strip_suffix(" (deleted)").unwrap_or(&link),
+        ))
     };
-    exe(&pid.to_string()).is_some_and(|theirs| Some(theirs) == exe("self"))
-}
-
-/// Whether the process `pid` runs with `--config` naming `path` (read from
-/// its command line, relative to its working directory).
-fn serves(pid: Pid, path: &Path) -> bool {
-    let proc = PathBuf::from(format!("/proc/{pid}"));
-    let Ok(cmdline) = std::fs::read(proc.join("cmdline")) else {
-        return false;
-    };
-    let Some(named) = config_arg(&cmdline) else {
-        return false;
-    };
-    let named = Path::new(std::ffi::OsStr::from_bytes(named));
-    let Ok(cwd) = std::fs::read_link(proc.join("cwd")) else {
-        return false;
-    };
-    match (cwd.join(named).canonicalize(), path.canonicalize()) {
-        (Ok(theirs), Ok(ours)) => theirs == ours,
+    match (exe(&pid.to_string()), exe("self")) {
+        (Some(theirs), Some(ours)) => theirs == ours || theirs.file_name() == ours.file_name(),
         _ => false,
     }
 }
 
-/// The value of `--config` in a NUL-separated command line, in each form
-/// the command accepts: `--config FILE`, `--config=FILE`, `-c FILE`,
-/// `-cFILE`, and after other short switches (`-dc FILE`, `-dcFILE`).
-fn config_arg(cmdline: &[u8]) -> Option<&[u8]> {
-    let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).skip(1).collect();
-    for (i, arg) in args.iter().enumerate() {
-        if *arg == b"--" {
-            return None;
-        }
-        if *arg == b"--config" {
-            return args.get(i + 1).copied();
-        }
-        if let Some(value) = arg.strip_prefix(b"--config=") {
-            return Some(value);
-        }
-        if let Some(switches) = arg.strip_prefix(b"-").filter(|s| !s.starts_with(b"-")) {
-            if let Some(at) = switches.iter().position(|&b| b == b'c') {
-                let value = &switches[at + 1..];
-                return if value.is_empty() {
-                    args.get(i + 1).copied()
-                } else {
-                    Some(value)
-                };
-            }
-        }
-    }
-    None
-}
-
-/// Background service: on SIGHUP, re-read the config file and, when it is
-/// valid, hand over to a new process running it.
+/// Background service: on SIGHUP, re-read the config file (or the one a
+/// [`Request`] names) and, when it is valid, hand over to a new process
+/// running it.
 pub struct ReloadOnHangup {
     path: PathBuf,
     daemon: bool,
+    pid_file: String,
 }
 
 impl ReloadOnHangup {
-    /// Reloads `path`; `daemon` when this process runs daemonized.
-    pub fn new(path: PathBuf, daemon: bool) -> Self {
-        ReloadOnHangup { path, daemon }
+    /// Reloads `path`; `daemon` when this process runs daemonized;
+    /// requests are looked for beside `pid_file`.
+    pub fn new(path: PathBuf, daemon: bool, pid_file: String) -> Self {
+        ReloadOnHangup {
+            path,
+            daemon,
+            pid_file,
+        }
     }
-}
 
-impl ReloadOnHangup {
-    /// Waits for SIGHUP until `shutdown` turns true, or until it has asked
-    /// for a successor: this process is then handing over and draining,
-    /// and a second SIGHUP is ignored (the successor reloads on its own).
+    /// Waits for SIGHUP until `shutdown` turns true, or until it has started
+    /// a successor: this process is then handing over and draining, and a
+    /// second SIGHUP is ignored (the successor reloads on its own).
     pub async fn run(&self, mut shutdown: tokio::sync::watch::Receiver<bool>) {
         let Ok(mut hangups) =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         else {
-            error!("cannot listen for SIGHUP; reload with `runestone reload`");
+            error!("cannot listen for SIGHUP; restart to change the config");
             return;
         };
         // Listening now: let the SIGHUP held back since the start in (the
         // handler stays installed for the process's life, so one arriving
         // after this returns is ignored).
         if let Err(e) = hangup().thread_unblock() {
-            error!(error = %e, "cannot let SIGHUP in; reload with `runestone reload`");
+            error!(error = %e, "cannot let SIGHUP in; restart to change the config");
             return;
         }
         loop {
@@ -296,15 +408,38 @@ impl ReloadOnHangup {
                 _ = hangups.recv() => {}
                 _ = shutdown.changed() => return,
             }
-            match Config::load(&self.path) {
-                Err(e) => error!("reload refused, the running config keeps serving: {e}"),
-                Ok(_) => {
-                    info!(config = %self.path.display(), "SIGHUP: handing over to a process on the new config");
-                    match upgrade(&self.path, Pid::this(), self.daemon) {
-                        Ok(()) => return,
-                        Err(e) => error!("reload failed, the running config keeps serving: {e}"),
-                    }
+            let request = Request::take(&self.pid_file);
+            let (exe, path) = match request {
+                Some(Request { exe, config }) => (Ok(exe), config),
+                None => (own_exe(), self.path.clone()),
+            };
+            if let Err(e) = Config::load(&path) {
+                error!("reload refused, the running config keeps serving: {e}");
+                continue;
+            }
+            let started = exe.and_then(|exe| {
+                info!(config = %path.display(), binary = %exe.display(), "SIGHUP: handing over to a process on the new config");
+                let mut command = Command::new(&exe);
+                command.arg("--config").arg(&path).arg("--upgrade");
+                if self.daemon {
+                    command.arg("--daemon");
                 }
+                command.spawn()
+            });
+            match started {
+                Ok(mut child) => {
+                    // The new process asks for the sockets until they come
+                    // (a daemon asks before it detaches: signal first).
+                    let _ = kill(Pid::this(), Signal::SIGQUIT);
+                    if self.daemon {
+                        // Its parent exits once the daemon is detached.
+                        let _ = child.wait();
+                    }
+                    return;
+                }
+                Err(e) => error!(
+                    "reload failed, the running config keeps serving: cannot start the new process: {e}"
+                ),
             }
         }
     }
@@ -312,25 +447,41 @@ impl ReloadOnHangup {
 
 #[cfg(test)]
 mod tests {
-    use super::config_arg;
+    use super::{listens, Request};
+    use nix::unistd::Pid;
+    use std::path::PathBuf;
 
-    fn named(args: &[&str]) -> Option<String> {
-        let cmdline = args.join("\0");
-        config_arg(cmdline.as_bytes()).map(|v| String::from_utf8_lossy(v).into_owned())
+    #[test]
+    fn a_process_listens_only_on_its_own_listening_sockets() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        assert!(listens(Pid::this(), port));
+        // A connection's own port is not a listening one.
+        let client = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        assert!(!listens(Pid::this(), client.local_addr().unwrap().port()));
+        drop(listener);
+        assert!(!listens(Pid::this(), port));
+        // Another process's listener is not this one's.
+        assert!(!listens(Pid::from_raw(1), port));
     }
 
     #[test]
-    fn the_config_is_found_in_every_form_the_command_takes() {
-        let f = Some("a.yaml".to_string());
-        assert_eq!(named(&["runestone", "--config", "a.yaml"]), f);
-        assert_eq!(named(&["runestone", "--config=a.yaml", "-d"]), f);
-        assert_eq!(named(&["runestone", "-d", "-c", "a.yaml"]), f);
-        assert_eq!(named(&["runestone", "-ca.yaml"]), f);
-        assert_eq!(named(&["runestone", "-dc", "a.yaml"]), f);
-        assert_eq!(named(&["runestone", "-udca.yaml"]), f);
-        assert_eq!(named(&["runestone", "--upgrade", "--daemon"]), None);
-        assert_eq!(named(&["runestone", "--", "-c", "a.yaml"]), None);
-        // The program's own name is not an argument.
-        assert_eq!(named(&["-c", "--daemon"]), None);
+    fn a_request_is_taken_only_by_the_process_it_names() {
+        let me = Pid::from_raw(4242);
+        let request = Some(Request {
+            exe: PathBuf::from("/opt/new bin/runestone"),
+            config: PathBuf::from("/etc/runestone/other.yaml"),
+        });
+        assert_eq!(
+            Request::parse(
+                b"4242\0/opt/new bin/runestone\0/etc/runestone/other.yaml",
+                me
+            ),
+            request
+        );
+        assert_eq!(Request::parse(b"4243\0/x\0/y", me), None);
+        assert_eq!(Request::parse(b"4242\0/x", me), None);
+        assert_eq!(Request::parse(b"4242\0/x\0/y\0/z", me), None);
+        assert_eq!(Request::parse(b"", me), None);
     }
 }

@@ -119,7 +119,11 @@ pub fn build(config: Config, options: RunOptions) -> Server {
     if let Some(path) = options.config_path.clone() {
         server.add_service(background_service(
             "reload on SIGHUP",
-            ReloadService(crate::reload::ReloadOnHangup::new(path, options.daemon)),
+            ReloadService(crate::reload::ReloadOnHangup::new(
+                path,
+                options.daemon,
+                config.server.pid_file.clone(),
+            )),
         ));
     }
 

@@ -324,6 +324,20 @@ impl Drop for PidFileGuard {
     }
 }
 
+/// The status of a chat completion through the gateway on `port` with `key`,
+/// on a connection of its own.
+fn chat_status(port: u16, key: &str) -> u16 {
+    let agent = ureq::AgentBuilder::new().max_idle_connections(0).build();
+    match agent
+        .post(&format!("http://127.0.0.1:{port}/v1/chat/completions"))
+        .set("authorization", &format!("Bearer {key}"))
+        .send_json(chat("gpt-4o-mini", false))
+    {
+        Ok(r) | Err(ureq::Error::Status(_, r)) => r.status(),
+        Err(e) => panic!("{e}"),
+    }
+}
+
 /// Whether the process `pid` has exited (gone, or a zombie not yet reaped).
 fn exited(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |stat| stat.contains(") Z "))
@@ -350,17 +364,7 @@ fn reload_swaps_the_config_without_a_failed_request_and_refuses_a_broken_one() {
     let (path, dir) = gw.config_path();
     let guard = PidFileGuard(dir.join("gw.pid"));
     let port = config.port;
-    let ask = move |key: &str| {
-        let agent = ureq::AgentBuilder::new().max_idle_connections(0).build();
-        match agent
-            .post(&format!("http://127.0.0.1:{}/v1/chat/completions", port))
-            .set("authorization", &format!("Bearer {key}"))
-            .send_json(chat("gpt-4o-mini", false))
-        {
-            Ok(r) | Err(ureq::Error::Status(_, r)) => r.status(),
-            Err(e) => panic!("{e}"),
-        }
-    };
+    let ask = move |key: &str| chat_status(port, key);
     assert_eq!(ask(NEW_KEY), 401);
     let access_lines = |file: &str| {
         std::fs::read_to_string(dir.join(file))
@@ -468,6 +472,181 @@ fn reload_swaps_the_config_without_a_failed_request_and_refuses_a_broken_one() {
     let last = guard.pid();
     assert_eq!(ask(THIRD_KEY), 200);
     assert_eq!(guard.pid(), last, "the last process keeps serving");
+}
+
+#[test]
+fn a_daemon_started_on_a_relative_path_reloads_itself_and_writes_where_it_did() {
+    const NEW_KEY: &str = "sk-tenant-daemon-new-1";
+    let mock = Mock::start(&[]);
+    let mut config = GatewayConfig::new(&mock);
+    let dir = std::env::temp_dir().join(format!("runestone-test-daemon-{}", config.port));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("runestone.yaml"), config.yaml_in(&dir)).unwrap();
+    let guard = PidFileGuard(dir.join("gw.pid"));
+    // Pingora's daemon keeps the stdout it was started with.
+    let out = std::fs::File::create(dir.join("daemon.out")).unwrap();
+    let started = Command::new(env!("CARGO_BIN_EXE_runestone"))
+        .args(["--config", "runestone.yaml", "--daemon"])
+        .current_dir(&dir)
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .status()
+        .unwrap();
+    assert!(started.success());
+    let health = format!("http://127.0.0.1:{}/health", config.port);
+    wait_until(Duration::from_secs(20), "the daemon", || {
+        ureq::get(&health).call().is_ok()
+    });
+    let first = guard.pid();
+    assert_eq!(chat_status(config.port, NEW_KEY), 401);
+
+    config.tenants = format!("\n  - id: acme\n    keys: [\"{TENANT_KEY}\", \"{NEW_KEY}\"]\n");
+    std::fs::write(dir.join("runestone.yaml"), config.yaml_in(&dir)).unwrap();
+    let reload = Command::new(env!("CARGO_BIN_EXE_runestone"))
+        .args(["reload", "--config", "runestone.yaml"])
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&reload.stdout).into_owned()
+        + &String::from_utf8_lossy(&reload.stderr);
+    assert_eq!(reload.status.code(), Some(0), "{said}");
+    let second = guard.pid();
+    assert_ne!(second, first);
+    assert!(
+        said.contains(&format!("reloaded: process {second} serves")),
+        "{said}"
+    );
+    wait_until(Duration::from_secs(20), "the first daemon to exit", || {
+        exited(first)
+    });
+    assert_eq!(chat_status(config.port, NEW_KEY), 200);
+    // The new daemon is the old one's child: same stdout, and its own
+    // working directory is the one it was started from.
+    let access = || {
+        std::fs::read_to_string(dir.join("daemon.out"))
+            .unwrap_or_default()
+            .matches("\"type\":\"access\"")
+            .count()
+    };
+    let lines = access();
+    assert_eq!(chat_status(config.port, NEW_KEY), 200);
+    wait_until(
+        Duration::from_secs(5),
+        "the new daemon's access line",
+        || access() > lines,
+    );
+    assert!(!said.contains("\"type\":\"access\""), "{said}");
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{second}/cwd")).unwrap(),
+        dir.canonicalize().unwrap()
+    );
+    drop(guard);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_reload_runs_the_commands_binary_on_its_file_and_keeps_the_gateways_output() {
+    const NEW_KEY: &str = "sk-tenant-other-file-1";
+    let mock = Mock::start(&[]);
+    let mut config = GatewayConfig::new(&mock);
+    let dir = std::env::temp_dir().join(format!("runestone-test-binaries-{}", config.port));
+    std::fs::create_dir_all(&dir).unwrap();
+    let installed = dir.join("runestone");
+    std::fs::copy(env!("CARGO_BIN_EXE_runestone"), &installed).unwrap();
+    std::fs::write(dir.join("runestone.yaml"), config.yaml_in(&dir)).unwrap();
+    let guard = PidFileGuard(dir.join("gw.pid"));
+    let out = std::fs::File::create(dir.join("gateway.out")).unwrap();
+    let mut first = Command::new(&installed)
+        .args(["--config", "runestone.yaml"])
+        .current_dir(&dir)
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .unwrap();
+    let health = format!("http://127.0.0.1:{}/health", config.port);
+    wait_until(Duration::from_secs(20), "the gateway", || {
+        ureq::get(&health).call().is_ok()
+    });
+    let access = || {
+        std::fs::read_to_string(dir.join("gateway.out"))
+            .unwrap_or_default()
+            .matches("\"type\":\"access\"")
+            .count()
+    };
+    let exe = |pid: u32| std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
+
+    // Another file, and a new version installed beside the old one: the
+    // command's binary runs the command's file, as the gateway's child.
+    std::fs::create_dir_all(dir.join("next")).unwrap();
+    let beside = dir.join("next/runestone");
+    std::fs::copy(env!("CARGO_BIN_EXE_runestone"), &beside).unwrap();
+    config.tenants = format!("\n  - id: acme\n    keys: [\"{NEW_KEY}\"]\n");
+    std::fs::write(dir.join("other.yaml"), config.yaml_in(&dir)).unwrap();
+    let reload = Command::new(&beside)
+        .args(["reload", "--config", "other.yaml"])
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&reload.stdout).into_owned()
+        + &String::from_utf8_lossy(&reload.stderr);
+    assert_eq!(reload.status.code(), Some(0), "{said}");
+    let second = guard.pid();
+    assert_ne!(second, first.id());
+    assert_eq!(exe(second), beside);
+    let _ = first.wait();
+    assert_eq!(chat_status(config.port, NEW_KEY), 200);
+    assert_eq!(chat_status(config.port, TENANT_KEY), 401);
+    let lines = access();
+    assert_eq!(chat_status(config.port, NEW_KEY), 200);
+    wait_until(
+        Duration::from_secs(5),
+        "the new process's access line",
+        || access() > lines,
+    );
+    assert!(!said.contains("\"type\":\"access\""), "{said}");
+    assert!(!dir.join("gw.pid.reload").exists(), "the request is taken");
+
+    // That binary replaced in place (as a package upgrade does), then
+    // SIGHUP: the process runs what is at its binary's path now.
+    let fresh = dir.join("next/.runestone.new");
+    std::fs::copy(env!("CARGO_BIN_EXE_runestone"), &fresh).unwrap();
+    std::fs::rename(&fresh, &beside).unwrap();
+    signal(second, "HUP");
+    wait_until(
+        Duration::from_secs(10),
+        "a process on the new binary",
+        || std::fs::read_to_string(&guard.0).is_ok_and(|pid| pid.trim() != second.to_string()),
+    );
+    let third = guard.pid();
+    assert_eq!(exe(third), beside, "not the deleted binary");
+    wait_until(
+        Duration::from_secs(20),
+        "the second process to exit",
+        || exited(second),
+    );
+    assert_eq!(chat_status(config.port, NEW_KEY), 200);
+
+    // A pid file naming a process that is not runestone is refused and
+    // nothing is signalled.
+    let mut stranger = Command::new("sleep").arg("30").spawn().unwrap();
+    std::fs::write(&guard.0, stranger.id().to_string()).unwrap();
+    let refused = Command::new(&beside)
+        .args(["reload", "--config", "other.yaml"])
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("is not runestone"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    assert!(stranger.try_wait().unwrap().is_none(), "the stranger lives");
+    let _ = stranger.kill();
+    let _ = stranger.wait();
+    std::fs::write(&guard.0, third.to_string()).unwrap();
+    drop(guard);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
