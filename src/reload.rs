@@ -52,7 +52,7 @@ pub enum ReloadError {
         reason: String,
     },
     /// The request for the running process could not be written.
-    #[error("cannot write the reload request {path}: {error}")]
+    #[error("cannot write the reload request {path}: {error} (is the pid file in a directory others can write, like /tmp? keep it in one of the gateway's user's)")]
     Request {
         /// The request's file.
         path: String,
@@ -112,8 +112,8 @@ fn hangup() -> SigSet {
 }
 
 /// What `runestone reload` asks of the running process, left beside its
-/// pid file (`<pid_file>.reload`) before the SIGHUP: the process it is for,
-/// the binary to run and the config to run it on. Taken only by that
+/// pid file (`<pid_file>.reload.<pid>`) before the SIGHUP: the process it
+/// is for, the binary to run and the config to run it on. Taken only by that
 /// process, only from a regular file of its own user's (or root's) that no
 /// one else may write: whoever can leave one chooses what the gateway runs.
 #[derive(Debug, PartialEq, Eq)]
@@ -123,8 +123,11 @@ struct Request {
 }
 
 impl Request {
-    fn file(pid_file: &str) -> String {
-        format!("{pid_file}.reload")
+    /// Where the request for `pid` is left: a name of its own, so that one
+    /// the process could not remove (a request of root's in a shared
+    /// directory) is in no later process's way.
+    fn file(pid_file: &str, pid: Pid) -> String {
+        format!("{pid_file}.reload.{pid}")
     }
 
     /// Leaves the request for `pid` (written aside and renamed, mode 0644:
@@ -132,7 +135,7 @@ impl Request {
     fn leave(&self, pid_file: &str, pid: Pid) -> Result<(), ReloadError> {
         use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;
-        let path = Self::file(pid_file);
+        let path = Self::file(pid_file, pid);
         let aside = format!("{path}.{}", std::process::id());
         let mut text = format!("{pid}\0").into_bytes();
         text.extend_from_slice(self.exe.as_os_str().as_bytes());
@@ -155,7 +158,7 @@ impl Request {
     /// Takes the request left for this process, if there is one (a request
     /// for another process is left where it is).
     fn take(pid_file: &str) -> Option<Request> {
-        let path = Self::file(pid_file);
+        let path = Self::file(pid_file, Pid::this());
         let meta = std::fs::symlink_metadata(&path).ok()?;
         let owner = meta.uid();
         let trusted = meta.is_file()
@@ -230,7 +233,7 @@ pub fn reload_running(path: &Path) -> Result<Pid, ReloadError> {
     let pid_file = config.server.pid_file.as_str();
     let request = Request {
         exe: own_exe().map_err(|error| ReloadError::Request {
-            path: Request::file(pid_file),
+            path: "this binary's path".to_string(),
             error,
         })?,
         config: std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf()),
@@ -241,7 +244,7 @@ pub fn reload_running(path: &Path) -> Result<Pid, ReloadError> {
     loop {
         match (running_pid(pid_file), asked) {
             (Ok(pid), Some(_)) if start_time(pid) >= since => {
-                if !runs(pid, &request.config) {
+                if !runs(pid, &request) {
                     return Err(ReloadError::Superseded {
                         pid,
                         config: request.config.display().to_string(),
@@ -276,15 +279,17 @@ pub fn reload_running(path: &Path) -> Result<Pid, ReloadError> {
     }
 }
 
-/// Whether `pid` was started on `config` (`--config` and its absolute
-/// path, as the gateway starts its successor).
-fn runs(pid: Pid, config: &Path) -> bool {
+/// Whether `pid` runs what `request` asked for: its binary, started with
+/// `--config` and the absolute path (as the gateway starts its successor).
+fn runs(pid: Pid, request: &Request) -> bool {
     let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
         return false;
     };
     let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+    let config = request.config.as_os_str().as_bytes();
     args.windows(2)
-        .any(|pair| pair[0] == b"--config" && pair[1] == config.as_os_str().as_bytes())
+        .any(|pair| pair[0] == b"--config" && pair[1] == config)
+        && exe_of(&pid.to_string()).is_some_and(|exe| exe == request.exe)
 }
 
 /// Waits until `pid` listens on `listen`'s port (a socket it got from the
@@ -295,7 +300,7 @@ fn listening(
     listen: std::net::SocketAddr,
     deadline: Instant,
 ) -> Result<Pid, ReloadError> {
-    while !listens(pid, listen.port()) {
+    while !listens(pid, listen) {
         if Instant::now() >= deadline {
             return Err(ReloadError::NotListening { pid, listen });
         }
@@ -304,9 +309,9 @@ fn listening(
     Ok(pid)
 }
 
-/// Whether one of `pid`'s own sockets listens on TCP `port` (its
+/// Whether one of `pid`'s own sockets listens on TCP `listen` (its
 /// descriptors' socket inodes against its network namespace's tables).
-fn listens(pid: Pid, port: u16) -> bool {
+fn listens(pid: Pid, listen: std::net::SocketAddr) -> bool {
     let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
         return false;
     };
@@ -321,7 +326,6 @@ fn listens(pid: Pid, port: u16) -> bool {
             )
         })
         .collect();
-    let port = format!(":{port:04X}");
     ["tcp", "tcp6"].iter().any(|table| {
         let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")) else {
             return false;
@@ -330,9 +334,29 @@ fn listens(pid: Pid, port: u16) -> bool {
             let fields: Vec<&str> = row.split_whitespace().collect();
             // local address, state (0A: listening), inode
             matches!(fields.as_slice(), [_, local, _, "0A", _, _, _, _, _, inode, ..]
-                if local.ends_with(&port) && sockets.contains(*inode))
+                if table_address(local) == Some(listen) && sockets.contains(*inode))
         })
     })
+}
+
+/// An address as `/proc/net/tcp{,6}` shows it: the address's bytes as
+/// host-order 32-bit words in hex, a colon, the port in hex.
+fn table_address(text: &str) -> Option<std::net::SocketAddr> {
+    let (address, port) = text.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    if address.len() != 8 && address.len() != 32 {
+        return None;
+    }
+    let mut bytes = Vec::with_capacity(16);
+    for word in address.as_bytes().chunks(8) {
+        let word = u32::from_str_radix(std::str::from_utf8(word).ok()?, 16).ok()?;
+        bytes.extend_from_slice(&word.to_ne_bytes());
+    }
+    let ip = match <[u8; 4]>::try_from(bytes.as_slice()) {
+        Ok(v4) => std::net::IpAddr::from(v4),
+        Err(_) => std::net::IpAddr::from(<[u8; 16]>::try_from(bytes).ok()?),
+    };
+    Some(std::net::SocketAddr::new(ip, port))
 }
 
 /// When `pid` started, in clock ticks since boot (`/proc/<pid>/stat`), or
@@ -349,18 +373,20 @@ fn start_time(pid: Pid) -> u64 {
         .unwrap_or(0)
 }
 
+/// The binary `pid` (or `self`) runs, as its path was when it started.
+fn exe_of(pid: &str) -> Option<PathBuf> {
+    let link = std::fs::read_link(format!("/proc/{pid}/exe")).ok()?;
+    let link = link.to_string_lossy();
+    Some(PathBuf::from(
+        link.strip_suffix(" (deleted)").unwrap_or(&link),
+    ))
+}
+
 /// Whether `pid` runs this command's program: the same binary, or one of
 /// the same name elsewhere (a new version installed beside the old). A
 /// script named like it runs its interpreter, and is not.
 fn is_runestone(pid: Pid) -> bool {
-    let exe = |pid: &str| {
-        let link = std::fs::read_link(format!("/proc/{pid}/exe")).ok()?;
-        let link = link.to_string_lossy();
-        Some(PathBuf::from(
-            link.strip_suffix(" (deleted)").unwrap_or(&link),
-        ))
-    };
-    match (exe(&pid.to_string()), exe("self")) {
+    match (exe_of(&pid.to_string()), exe_of("self")) {
         (Some(theirs), Some(ours)) => theirs == ours || theirs.file_name() == ours.file_name(),
         _ => false,
     }
@@ -373,16 +399,25 @@ pub struct ReloadOnHangup {
     path: PathBuf,
     daemon: bool,
     pid_file: String,
+    upgrade_sock: String,
+    listen: std::net::SocketAddr,
 }
 
+/// How long a new process has to start listening on the upgrade socket
+/// before the running one gives up on it and keeps serving.
+const SUCCESSOR_START: Duration = Duration::from_secs(10);
+
 impl ReloadOnHangup {
-    /// Reloads `path`; `daemon` when this process runs daemonized;
-    /// requests are looked for beside `pid_file`.
-    pub fn new(path: PathBuf, daemon: bool, pid_file: String) -> Self {
+    /// Reloads `path`; `daemon` when this process runs daemonized; requests
+    /// are looked for beside the pid file, and the sockets handed over
+    /// through the upgrade socket, both of `server`.
+    pub fn new(path: PathBuf, daemon: bool, server: &crate::config::ServerSettings) -> Self {
         ReloadOnHangup {
             path,
             daemon,
-            pid_file,
+            pid_file: server.pid_file.clone(),
+            upgrade_sock: server.upgrade_sock.clone(),
+            listen: server.listen,
         }
     }
 
@@ -408,46 +443,87 @@ impl ReloadOnHangup {
                 _ = hangups.recv() => {}
                 _ = shutdown.changed() => return,
             }
-            let request = Request::take(&self.pid_file);
-            let (exe, path) = match request {
-                Some(Request { exe, config }) => (Ok(exe), config),
-                None => (own_exe(), self.path.clone()),
-            };
-            if let Err(e) = Config::load(&path) {
-                error!("reload refused, the running config keeps serving: {e}");
-                continue;
-            }
-            let started = exe.and_then(|exe| {
-                info!(config = %path.display(), binary = %exe.display(), "SIGHUP: handing over to a process on the new config");
-                let mut command = Command::new(&exe);
-                command.arg("--config").arg(&path).arg("--upgrade");
-                if self.daemon {
-                    command.arg("--daemon");
-                }
-                command.spawn()
-            });
-            match started {
-                Ok(mut child) => {
-                    // The new process asks for the sockets until they come
-                    // (a daemon asks before it detaches: signal first).
-                    let _ = kill(Pid::this(), Signal::SIGQUIT);
-                    if self.daemon {
-                        // Its parent exits once the daemon is detached.
-                        let _ = child.wait();
-                    }
-                    return;
-                }
-                Err(e) => error!(
-                    "reload failed, the running config keeps serving: cannot start the new process: {e}"
-                ),
+            match self.hand_over().await {
+                Ok(()) => return,
+                Err(e) => error!("reload failed, the running config keeps serving: {e}"),
             }
         }
+    }
+
+    /// Starts the successor on the requested (or own) binary and config,
+    /// and once it waits for the sockets, has Pingora hand them over
+    /// (SIGQUIT). A successor that fails to start gets nothing, and this
+    /// process keeps serving.
+    async fn hand_over(&self) -> Result<(), String> {
+        let (exe, path) = match Request::take(&self.pid_file) {
+            Some(Request { exe, config }) => (exe, config),
+            None => (
+                own_exe().map_err(|e| format!("cannot find this binary: {e}"))?,
+                self.path.clone(),
+            ),
+        };
+        let config = Config::load(&path).map_err(|e| e.to_string())?;
+        if config.server.listen != self.listen {
+            // Checked before anything is handed over: a new process that
+            // cannot bind it would serve nothing once this one stops.
+            std::net::TcpListener::bind(config.server.listen)
+                .map_err(|e| format!("cannot listen on {}: {e}", config.server.listen))?;
+        }
+        if config.server.upgrade_sock != self.upgrade_sock {
+            return Err(format!(
+                "server.upgrade_sock changed ({} to {}): the sockets are handed over through it, so changing it needs a restart",
+                self.upgrade_sock, config.server.upgrade_sock
+            ));
+        }
+        info!(config = %path.display(), binary = %exe.display(), "SIGHUP: handing over to a process on the new config");
+        // Which file is at the path (an inode number may be reused).
+        let socket = |path: &str| {
+            std::fs::symlink_metadata(path)
+                .ok()
+                .map(|m| (m.ino(), m.ctime(), m.ctime_nsec()))
+        };
+        let before = socket(&self.upgrade_sock);
+        let mut command = Command::new(&exe);
+        command.arg("--config").arg(&path).arg("--upgrade");
+        if self.daemon {
+            command.arg("--daemon");
+        }
+        let mut child = command
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", exe.display()))?;
+        // The new process binds the upgrade socket afresh (a new file),
+        // then waits a few seconds for the sockets.
+        let deadline = Instant::now() + SUCCESSOR_START;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(format!("the new process exited at its start ({status})"));
+            }
+            if socket(&self.upgrade_sock).is_some_and(|file| Some(file) != before) {
+                break;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "the new process did not wait for the sockets on {} within {}s",
+                    self.upgrade_sock,
+                    SUCCESSOR_START.as_secs()
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let _ = kill(Pid::this(), Signal::SIGQUIT);
+        if self.daemon {
+            // Its parent exits once the daemon is detached.
+            let _ = tokio::task::spawn_blocking(move || child.wait()).await;
+        }
+        Ok(())
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{listens, Request};
+    use super::{listens, table_address, Request};
     use nix::unistd::Pid;
     use std::path::PathBuf;
 
@@ -455,14 +531,40 @@ mod tests {
     fn a_process_listens_only_on_its_own_listening_sockets() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
-        assert!(listens(Pid::this(), port));
+        let address = listener.local_addr().unwrap();
+        assert!(listens(Pid::this(), address));
+        // The same port on another address is not it.
+        assert!(!listens(Pid::this(), ([127, 0, 0, 2], port).into()));
         // A connection's own port is not a listening one.
-        let client = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-        assert!(!listens(Pid::this(), client.local_addr().unwrap().port()));
+        let client = std::net::TcpStream::connect(address).unwrap();
+        assert!(!listens(Pid::this(), client.local_addr().unwrap()));
         drop(listener);
-        assert!(!listens(Pid::this(), port));
+        assert!(!listens(Pid::this(), address));
         // Another process's listener is not this one's.
-        assert!(!listens(Pid::from_raw(1), port));
+        assert!(!listens(Pid::from_raw(1), address));
+        let v6 = std::net::TcpListener::bind("[::1]:0").unwrap();
+        assert!(listens(Pid::this(), v6.local_addr().unwrap()));
+    }
+
+    #[test]
+    fn addresses_read_as_the_kernel_writes_them() {
+        // Written in this machine's byte order.
+        if cfg!(target_endian = "little") {
+            assert_eq!(
+                table_address("0100007F:1F90"),
+                Some(([127, 0, 0, 1], 8080).into())
+            );
+            assert_eq!(
+                table_address("00000000000000000000000001000000:0050"),
+                Some("[::1]:80".parse().unwrap())
+            );
+        }
+        assert_eq!(
+            table_address("00000000:0000"),
+            Some(([0, 0, 0, 0], 0).into())
+        );
+        assert_eq!(table_address("0100007F"), None);
+        assert_eq!(table_address("01007F:1F90"), None);
     }
 
     #[test]

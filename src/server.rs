@@ -57,13 +57,8 @@ pub fn build(config: Config, options: RunOptions) -> Server {
     if !options.daemon {
         // Daemons get their pid file from Pingora; a foreground process
         // writes its own so that `runestone reload` can find it.
-        // Written aside and renamed, so that no reader sees it half written.
-        let pid_file = &config.server.pid_file;
-        let aside = format!("{pid_file}.new");
-        if let Err(e) = std::fs::write(&aside, std::process::id().to_string())
-            .and_then(|()| std::fs::rename(&aside, pid_file))
-        {
-            tracing::warn!(pid_file = %pid_file, error = %e, "cannot write the pid file");
+        if let Err(e) = std::fs::write(&config.server.pid_file, std::process::id().to_string()) {
+            tracing::warn!(pid_file = %config.server.pid_file, error = %e, "cannot write the pid file");
         }
     }
 
@@ -122,7 +117,7 @@ pub fn build(config: Config, options: RunOptions) -> Server {
             ReloadService(crate::reload::ReloadOnHangup::new(
                 path,
                 options.daemon,
-                config.server.pid_file.clone(),
+                &config.server,
             )),
         ));
     }

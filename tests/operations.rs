@@ -604,7 +604,14 @@ fn a_reload_runs_the_commands_binary_on_its_file_and_keeps_the_gateways_output()
         || access() > lines,
     );
     assert!(!said.contains("\"type\":\"access\""), "{said}");
-    assert!(!dir.join("gw.pid.reload").exists(), "the request is taken");
+    let requests = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter(|f| {
+            let name = f.as_ref().unwrap().file_name();
+            name.to_string_lossy().starts_with("gw.pid.reload")
+        })
+        .count();
+    assert_eq!(requests, 0, "the request is taken");
 
     // That binary replaced in place (as a package upgrade does), then
     // SIGHUP: the process runs what is at its binary's path now.
@@ -647,6 +654,57 @@ fn a_reload_runs_the_commands_binary_on_its_file_and_keeps_the_gateways_output()
     std::fs::write(&guard.0, third.to_string()).unwrap();
     drop(guard);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_successor_that_cannot_start_gets_nothing_and_the_gateway_keeps_serving() {
+    let mock = Mock::start(&[]);
+    let config = GatewayConfig::new(&mock);
+    let gw = Gateway::start(&config);
+    let (path, dir) = gw.config_path();
+    let guard = PidFileGuard(dir.join("gw.pid"));
+    let pid = guard.pid();
+    let yaml = config.yaml_in(&dir);
+    let sock = format!("{}/gw.sock", dir.display());
+    assert!(yaml.contains(&sock));
+    let log_says = |what: &str| gw.log().contains(what);
+
+    // The upgrade socket moved: Pingora hands the sockets over through the
+    // old one's path, so the reload is refused.
+    std::fs::write(&path, yaml.replace(&sock, &format!("{sock}2"))).unwrap();
+    signal(pid, "HUP");
+    wait_until(Duration::from_secs(10), "the refusal", || {
+        log_says("server.upgrade_sock changed")
+    });
+
+    // The API moved to an address another program holds: refused before
+    // anything is handed over (the new process would serve nothing).
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let listen = format!("127.0.0.1:{}", config.port);
+    assert!(yaml.contains(&listen));
+    std::fs::write(
+        &path,
+        yaml.replace(&listen, &taken.local_addr().unwrap().to_string()),
+    )
+    .unwrap();
+    signal(pid, "HUP");
+    wait_until(Duration::from_secs(10), "the refusal", || {
+        log_says("cannot listen on")
+    });
+
+    // A successor that dies at its start (here it cannot bind the upgrade
+    // socket: a directory is in the way): the running process never hands
+    // over.
+    std::fs::write(&path, &yaml).unwrap();
+    std::fs::create_dir(&sock).unwrap();
+    signal(pid, "HUP");
+    wait_until(Duration::from_secs(15), "the successor's failure", || {
+        log_says("the new process exited at its start")
+            || log_says("the new process did not wait for the sockets")
+    });
+    assert!(!exited(pid));
+    assert_eq!(chat_status(config.port, TENANT_KEY), 200);
+    assert!(!log_says("SIGQUIT received"), "{}", gw.log());
 }
 
 #[test]
