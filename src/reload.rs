@@ -203,6 +203,11 @@ fn running_pid(pid_file: &str) -> Result<Pid, ReloadError> {
         path: pid_file.to_string(),
         reason,
     };
+    if std::fs::symlink_metadata(pid_file).is_ok_and(|meta| meta.is_symlink()) {
+        return Err(not_running(
+            "it is a symlink (planted in a shared directory?)".into(),
+        ));
+    }
     let text = std::fs::read_to_string(pid_file).map_err(|e| not_running(e.to_string()))?;
     let pid: i32 = text
         .trim()

@@ -15,6 +15,8 @@ use pingora::proxy::http_proxy_service_with_name;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::Server;
 use pingora::services::background::{background_service, GenBackgroundService};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::sync::Arc;
 
 /// Process-level switches from the command line, as Pingora's own.
@@ -57,7 +59,17 @@ pub fn build(config: Config, options: RunOptions) -> Server {
     if !options.daemon {
         // Daemons get their pid file from Pingora; a foreground process
         // writes its own so that `runestone reload` can find it.
-        if let Err(e) = std::fs::write(&config.server.pid_file, std::process::id().to_string()) {
+        // Never through a symlink: in a shared directory (the default is
+        // in /tmp) another user could plant one to have this process
+        // overwrite a file of its choosing.
+        let written = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+            .open(&config.server.pid_file)
+            .and_then(|mut file| file.write_all(std::process::id().to_string().as_bytes()));
+        if let Err(e) = written {
             tracing::warn!(pid_file = %config.server.pid_file, error = %e, "cannot write the pid file");
         }
     }

@@ -651,7 +651,18 @@ fn a_reload_runs_the_commands_binary_on_its_file_and_keeps_the_gateways_output()
     assert!(stranger.try_wait().unwrap().is_none(), "the stranger lives");
     let _ = stranger.kill();
     let _ = stranger.wait();
-    std::fs::write(&guard.0, third.to_string()).unwrap();
+    // Nor is a pid file that is a symlink, even to the right pid.
+    std::fs::write(dir.join("elsewhere.pid"), third.to_string()).unwrap();
+    std::fs::remove_file(&guard.0).unwrap();
+    std::os::unix::fs::symlink(dir.join("elsewhere.pid"), &guard.0).unwrap();
+    let refused = Command::new(&beside)
+        .args(["reload", "--config", "other.yaml"])
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("symlink"));
+    assert!(!exited(third));
     drop(guard);
     let _ = std::fs::remove_dir_all(&dir);
 }
