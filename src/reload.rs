@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 use tracing::{error, info, warn};
 
 /// How long `runestone reload` waits for a new process to take over.
-const HANDOVER_WAIT: Duration = Duration::from_secs(30);
+const HANDOVER_WAIT: Duration = Duration::from_secs(60);
 
 /// Why a reload did not happen.
 #[derive(Debug, thiserror::Error)]
@@ -74,12 +74,14 @@ pub enum ReloadError {
     },
     /// A new process took over on another file than the one asked for
     /// (another reload at the same time, or the request not taken).
-    #[error("process {pid} took over, but not on {config} (another reload at the same time? the gateway's log says why)")]
+    #[error("process {pid} took over, but not with {exe} on {config} (another reload at the same time? the gateway's log says why)")]
     Superseded {
         /// The new process.
         pid: Pid,
         /// The file asked for.
         config: String,
+        /// The binary asked for.
+        exe: String,
     },
     /// A new process took over but does not listen on the config's address.
     #[error(
@@ -137,7 +139,7 @@ impl Request {
         use std::os::unix::fs::OpenOptionsExt;
         let path = Self::file(pid_file, pid);
         let aside = format!("{path}.{}", std::process::id());
-        let mut text = format!("{pid}\0").into_bytes();
+        let mut text = format!("{pid}\0{}\0", start_time(pid)).into_bytes();
         text.extend_from_slice(self.exe.as_os_str().as_bytes());
         text.push(0);
         text.extend_from_slice(self.config.as_os_str().as_bytes());
@@ -170,17 +172,24 @@ impl Request {
             return None;
         }
         let text = std::fs::read(&path).ok()?;
-        let request = Self::parse(&text, Pid::this())?;
+        let request = Self::parse(&text, Pid::this(), start_time(Pid::this()))?;
         let _ = std::fs::remove_file(&path);
         Some(request)
     }
 
-    fn parse(text: &[u8], me: Pid) -> Option<Request> {
+    /// The request in `text` when it is for the process `me`, started at
+    /// `started` (a later process given the same pid, as in a container
+    /// started afresh, does not take an old one).
+    fn parse(text: &[u8], me: Pid, started: u64) -> Option<Request> {
         let mut parts = text.split(|&b| b == 0);
-        let pid = std::str::from_utf8(parts.next()?).ok()?.parse().ok()?;
+        let mut number = || std::str::from_utf8(parts.next()?).ok()?.parse::<u64>().ok();
+        let (pid, start) = (number()?, number()?);
+        if pid != u64::try_from(me.as_raw()).ok()? || start != started {
+            return None;
+        }
         let exe = PathBuf::from(OsStr::from_bytes(parts.next()?));
         let config = PathBuf::from(OsStr::from_bytes(parts.next()?));
-        (Pid::from_raw(pid) == me && parts.next().is_none()).then_some(Request { exe, config })
+        parts.next().is_none().then_some(Request { exe, config })
     }
 }
 
@@ -203,10 +212,18 @@ fn running_pid(pid_file: &str) -> Result<Pid, ReloadError> {
         path: pid_file.to_string(),
         reason,
     };
-    if std::fs::symlink_metadata(pid_file).is_ok_and(|meta| meta.is_symlink()) {
-        return Err(not_running(
-            "it is a symlink (planted in a shared directory?)".into(),
-        ));
+    match std::fs::symlink_metadata(pid_file) {
+        Ok(meta) if meta.is_symlink() => {
+            return Err(not_running(
+                "it is a symlink (planted in a shared directory?)".into(),
+            ))
+        }
+        Ok(meta) if meta.mode() & 0o002 != 0 => {
+            return Err(not_running(
+                "anyone may write it (planted in a shared directory?)".into(),
+            ))
+        }
+        _ => {}
     }
     let text = std::fs::read_to_string(pid_file).map_err(|e| not_running(e.to_string()))?;
     let pid: i32 = text
@@ -253,6 +270,7 @@ pub fn reload_running(path: &Path) -> Result<Pid, ReloadError> {
                     return Err(ReloadError::Superseded {
                         pid,
                         config: request.config.display().to_string(),
+                        exe: request.exe.display().to_string(),
                     });
                 }
                 return listening(pid, config.server.listen, deadline);
@@ -410,7 +428,7 @@ pub struct ReloadOnHangup {
 
 /// How long a new process has to start listening on the upgrade socket
 /// before the running one gives up on it and keeps serving.
-const SUCCESSOR_START: Duration = Duration::from_secs(10);
+const SUCCESSOR_START: Duration = Duration::from_secs(30);
 
 impl ReloadOnHangup {
     /// Reloads `path`; `daemon` when this process runs daemonized; requests
@@ -504,6 +522,18 @@ impl ReloadOnHangup {
                 return Err(format!("the new process exited at its start ({status})"));
             }
             if socket(&self.upgrade_sock).is_some_and(|file| Some(file) != before) {
+                // Only to a socket of this user's: in a shared directory
+                // (the default is in /tmp) another user could bind the path
+                // first and be sent the listening sockets.
+                let owner = std::fs::symlink_metadata(&self.upgrade_sock).map(|m| m.uid());
+                if owner.ok() != Some(nix::unistd::geteuid().as_raw()) {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(format!(
+                        "{} is not this user's socket: not handing the listening sockets to it (keep server.upgrade_sock in a directory of the gateway's user)",
+                        self.upgrade_sock
+                    ));
+                }
                 break;
             }
             if Instant::now() >= deadline {
@@ -581,14 +611,17 @@ mod tests {
         });
         assert_eq!(
             Request::parse(
-                b"4242\0/opt/new bin/runestone\0/etc/runestone/other.yaml",
-                me
+                b"4242\098\0/opt/new bin/runestone\0/etc/runestone/other.yaml",
+                me,
+                98
             ),
             request
         );
-        assert_eq!(Request::parse(b"4243\0/x\0/y", me), None);
-        assert_eq!(Request::parse(b"4242\0/x", me), None);
-        assert_eq!(Request::parse(b"4242\0/x\0/y\0/z", me), None);
-        assert_eq!(Request::parse(b"", me), None);
+        assert_eq!(Request::parse(b"4243\098\0/x\0/y", me, 98), None);
+        // The same pid, another process (started at another time).
+        assert_eq!(Request::parse(b"4242\099\0/x\0/y", me, 98), None);
+        assert_eq!(Request::parse(b"4242\098\0/x", me, 98), None);
+        assert_eq!(Request::parse(b"4242\098\0/x\0/y\0/z", me, 98), None);
+        assert_eq!(Request::parse(b"", me, 98), None);
     }
 }

@@ -62,13 +62,24 @@ pub fn build(config: Config, options: RunOptions) -> Server {
         // Never through a symlink: in a shared directory (the default is
         // in /tmp) another user could plant one to have this process
         // overwrite a file of its choosing.
+        // Nor into a file another user made there first (and could write
+        // another pid into).
         let written = std::fs::OpenOptions::new()
             .write(true)
             .create(true)
-            .truncate(true)
             .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
             .open(&config.server.pid_file)
-            .and_then(|mut file| file.write_all(std::process::id().to_string().as_bytes()));
+            .and_then(|mut file| {
+                use std::os::unix::fs::MetadataExt;
+                let owner = file.metadata()?.uid();
+                if owner != nix::unistd::geteuid().as_raw() {
+                    return Err(std::io::Error::other(format!(
+                        "it belongs to user {owner}, not this process's"
+                    )));
+                }
+                file.set_len(0)?;
+                file.write_all(std::process::id().to_string().as_bytes())
+            });
         if let Err(e) = written {
             tracing::warn!(pid_file = %config.server.pid_file, error = %e, "cannot write the pid file");
         }

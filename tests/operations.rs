@@ -651,6 +651,20 @@ fn a_reload_runs_the_commands_binary_on_its_file_and_keeps_the_gateways_output()
     assert!(stranger.try_wait().unwrap().is_none(), "the stranger lives");
     let _ = stranger.kill();
     let _ = stranger.wait();
+    // Nor one anyone may write, even naming the right pid.
+    std::fs::write(&guard.0, third.to_string()).unwrap();
+    let mode =
+        |m| std::fs::set_permissions(&guard.0, std::os::unix::fs::PermissionsExt::from_mode(m));
+    mode(0o666).unwrap();
+    let refused = Command::new(&beside)
+        .args(["reload", "--config", "other.yaml"])
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("anyone may write it"));
+    mode(0o644).unwrap();
+
     // Nor is a pid file that is a symlink, even to the right pid.
     std::fs::write(dir.join("elsewhere.pid"), third.to_string()).unwrap();
     std::fs::remove_file(&guard.0).unwrap();
