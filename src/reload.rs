@@ -315,9 +315,8 @@ fn runs(pid: Pid, request: &Request) -> bool {
         && exe_of(&pid.to_string()).is_some_and(|exe| exe == request.exe)
 }
 
-/// Waits until `pid` listens on `listen`'s port (a socket it got from the
-/// old process, or bound itself when the address changed), until
-/// `deadline`.
+/// Waits until `pid` listens on `listen` (a socket it got from the old
+/// process, or bound itself when the address changed), until `deadline`.
 fn listening(
     pid: Pid,
     listen: std::net::SocketAddr,
@@ -499,13 +498,14 @@ impl ReloadOnHangup {
             ));
         }
         info!(config = %path.display(), binary = %exe.display(), "SIGHUP: handing over to a process on the new config");
-        // Which file is at the path (an inode number may be reused).
+        // Which file is at the path (an inode number may be reused), and
+        // whose.
         let socket = |path: &str| {
             std::fs::symlink_metadata(path)
                 .ok()
-                .map(|m| (m.ino(), m.ctime(), m.ctime_nsec()))
+                .map(|m| ((m.ino(), m.ctime(), m.ctime_nsec()), m.uid()))
         };
-        let before = socket(&self.upgrade_sock);
+        let before = socket(&self.upgrade_sock).map(|(file, _)| file);
         let mut command = Command::new(&exe);
         command.arg("--config").arg(&path).arg("--upgrade");
         if self.daemon {
@@ -521,12 +521,12 @@ impl ReloadOnHangup {
             if let Ok(Some(status)) = child.try_wait() {
                 return Err(format!("the new process exited at its start ({status})"));
             }
-            if socket(&self.upgrade_sock).is_some_and(|file| Some(file) != before) {
+            let now = socket(&self.upgrade_sock);
+            if let Some((_, owner)) = now.filter(|(file, _)| Some(*file) != before) {
                 // Only to a socket of this user's: in a shared directory
                 // (the default is in /tmp) another user could bind the path
                 // first and be sent the listening sockets.
-                let owner = std::fs::symlink_metadata(&self.upgrade_sock).map(|m| m.uid());
-                if owner.ok() != Some(nix::unistd::geteuid().as_raw()) {
+                if owner != nix::unistd::geteuid().as_raw() {
                     let _ = child.kill();
                     let _ = child.wait();
                     return Err(format!(
