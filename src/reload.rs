@@ -72,6 +72,14 @@ pub enum ReloadError {
         /// What the pid file named at the end.
         named: String,
     },
+    /// The running process refused the request (its log says so too).
+    #[error("process {pid} refused the reload and keeps serving: {reason}")]
+    Refused {
+        /// The process asked.
+        pid: Pid,
+        /// Why, as it logged it.
+        reason: String,
+    },
     /// A new process took over on another file than the one asked for
     /// (another reload at the same time, or the request not taken).
     #[error("process {pid} took over, but not with {exe} on {config} (another reload at the same time? the gateway's log says why)")]
@@ -175,6 +183,44 @@ impl Request {
         let request = Self::parse(&text, Pid::this(), start_time(Pid::this()))?;
         let _ = std::fs::remove_file(&path);
         Some(request)
+    }
+
+    /// Where this process says why it refused the request for `pid`.
+    fn refusal(pid_file: &str, pid: Pid) -> String {
+        format!("{}.refused", Self::file(pid_file, pid))
+    }
+
+    /// Tells the command waiting on this process's request why it was
+    /// refused (mode 0600: a config's problems are for the operator).
+    fn refuse(pid_file: &str, reason: &str) {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = Self::refusal(pid_file, Pid::this());
+        let written = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+            .open(&path)
+            .and_then(|mut file| file.write_all(reason.as_bytes()));
+        if let Err(e) = written {
+            warn!(path = %path, error = %e, "cannot write why the reload was refused");
+        }
+    }
+
+    /// Why `pid` refused the request left for it, if it did: read from a
+    /// file of its own user's (or root's), then removed.
+    fn refused(pid_file: &str, pid: Pid) -> Option<String> {
+        let path = Self::refusal(pid_file, pid);
+        let meta = std::fs::symlink_metadata(&path).ok()?;
+        let theirs = std::fs::metadata(format!("/proc/{pid}")).ok()?.uid();
+        if !meta.is_file() || (meta.uid() != theirs && meta.uid() != 0) || meta.len() > 64 * 1024 {
+            return None;
+        }
+        let reason = std::fs::read_to_string(&path).ok()?;
+        let _ = std::fs::remove_file(&path);
+        Some(reason)
     }
 
     /// The request in `text` when it is for the process `me`, started at
@@ -284,6 +330,9 @@ pub fn reload_running(path: &Path) -> Result<Pid, ReloadError> {
                 asked = Some(pid);
             }
             (Err(e), None) => return Err(e),
+            (_, Some(pid)) if let Some(reason) = Request::refused(pid_file, pid) => {
+                return Err(ReloadError::Refused { pid, reason });
+            }
             // Asked; the old process hands over while the new one starts
             // (the pid file may be missing or name the old one meanwhile).
             _ => {}
@@ -465,9 +514,17 @@ impl ReloadOnHangup {
                 _ = hangups.recv() => {}
                 _ = shutdown.changed() => return,
             }
-            match self.hand_over().await {
+            let request = Request::take(&self.pid_file);
+            let asked = request.is_some();
+            match self.hand_over(request).await {
                 Ok(()) => return,
-                Err(e) => error!("reload failed, the running config keeps serving: {e}"),
+                Err(e) => {
+                    error!("reload failed, the running config keeps serving: {e}");
+                    if asked {
+                        // The command waiting for the handover says why.
+                        Request::refuse(&self.pid_file, &e);
+                    }
+                }
             }
         }
     }
@@ -476,8 +533,8 @@ impl ReloadOnHangup {
     /// and once it waits for the sockets, has Pingora hand them over
     /// (SIGQUIT). A successor that fails to start gets nothing, and this
     /// process keeps serving.
-    async fn hand_over(&self) -> Result<(), String> {
-        let (exe, path) = match Request::take(&self.pid_file) {
+    async fn hand_over(&self, request: Option<Request>) -> Result<(), String> {
+        let (exe, path) = match request {
             Some(Request { exe, config }) => (exe, config),
             None => (
                 own_exe().map_err(|e| format!("cannot find this binary: {e}"))?,

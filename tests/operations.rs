@@ -701,6 +701,18 @@ fn a_successor_that_cannot_start_gets_nothing_and_the_gateway_keeps_serving() {
     wait_until(Duration::from_secs(10), "the refusal", || {
         log_says("server.upgrade_sock changed")
     });
+    // The command hears of it from the gateway (not from its own deadline).
+    let reload = Command::new(env!("CARGO_BIN_EXE_runestone"))
+        .args(["reload", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&reload.stderr);
+    assert_eq!(reload.status.code(), Some(1), "{said}");
+    assert!(
+        said.contains("refused the reload") && said.contains("server.upgrade_sock changed"),
+        "{said}"
+    );
 
     // The API moved to an address another program holds: refused before
     // anything is handed over (the new process would serve nothing).
