@@ -59,11 +59,10 @@ pub fn build(config: Config, options: RunOptions) -> Server {
     if !options.daemon {
         // Daemons get their pid file from Pingora; a foreground process
         // writes its own so that `runestone reload` can find it.
-        // Never through a symlink: in a shared directory (the default is
-        // in /tmp) another user could plant one to have this process
-        // overwrite a file of its choosing.
-        // Nor into a file another user made there first (and could write
-        // another pid into).
+        // Never through a symlink nor into a file another user made: in a
+        // shared directory (the default is in /tmp) one could be planted
+        // to have this process overwrite a file of their choosing, or to
+        // write another pid into it afterwards.
         let written = std::fs::OpenOptions::new()
             .write(true)
             .create(true)
