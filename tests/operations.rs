@@ -343,6 +343,39 @@ fn exited(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |stat| stat.contains(") Z "))
 }
 
+/// Runs `BIN reload --config CONFIG` in `dir`: its exit code and all it
+/// printed.
+fn reload_with(
+    bin: &std::path::Path,
+    dir: &std::path::Path,
+    config: &str,
+) -> (Option<i32>, String) {
+    let out = Command::new(bin)
+        .args(["reload", "--config", config])
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    let said =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.code(), said)
+}
+
+/// The access log lines in the file `path` (none when there is no file).
+fn access_lines_in(path: &std::path::Path) -> usize {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .matches("\"type\":\"access\"")
+        .count()
+}
+
+/// Waits for a gateway started by hand to answer `/health` on `port`.
+fn wait_healthy(port: u16) {
+    let health = format!("http://127.0.0.1:{port}/health");
+    wait_until(Duration::from_secs(20), "the gateway", || {
+        ureq::get(&health).call().is_ok()
+    });
+}
+
 fn runestone_reload(config: &std::path::Path, dir: &std::path::Path) -> Option<i32> {
     let log = std::fs::File::create(dir.join("reload.log")).unwrap();
     Command::new(env!("CARGO_BIN_EXE_runestone"))
@@ -366,12 +399,7 @@ fn reload_swaps_the_config_without_a_failed_request_and_refuses_a_broken_one() {
     let port = config.port;
     let ask = move |key: &str| chat_status(port, key);
     assert_eq!(ask(NEW_KEY), 401);
-    let access_lines = |file: &str| {
-        std::fs::read_to_string(dir.join(file))
-            .unwrap_or_default()
-            .matches("\"type\":\"access\"")
-            .count()
-    };
+    let access_lines = |file: &str| access_lines_in(&dir.join(file));
     let first = guard.pid();
 
     // Add a key (the first step of a rotation) under load.
@@ -493,23 +521,18 @@ fn a_daemon_started_on_a_relative_path_reloads_itself_and_writes_where_it_did() 
         .status()
         .unwrap();
     assert!(started.success());
-    let health = format!("http://127.0.0.1:{}/health", config.port);
-    wait_until(Duration::from_secs(20), "the daemon", || {
-        ureq::get(&health).call().is_ok()
-    });
+    wait_healthy(config.port);
     let first = guard.pid();
     assert_eq!(chat_status(config.port, NEW_KEY), 401);
 
     config.tenants = format!("\n  - id: acme\n    keys: [\"{TENANT_KEY}\", \"{NEW_KEY}\"]\n");
     std::fs::write(dir.join("runestone.yaml"), config.yaml_in(&dir)).unwrap();
-    let reload = Command::new(env!("CARGO_BIN_EXE_runestone"))
-        .args(["reload", "--config", "runestone.yaml"])
-        .current_dir(&dir)
-        .output()
-        .unwrap();
-    let said = String::from_utf8_lossy(&reload.stdout).into_owned()
-        + &String::from_utf8_lossy(&reload.stderr);
-    assert_eq!(reload.status.code(), Some(0), "{said}");
+    let (code, said) = reload_with(
+        env!("CARGO_BIN_EXE_runestone").as_ref(),
+        &dir,
+        "runestone.yaml",
+    );
+    assert_eq!(code, Some(0), "{said}");
     let second = guard.pid();
     assert_ne!(second, first);
     assert!(
@@ -522,12 +545,7 @@ fn a_daemon_started_on_a_relative_path_reloads_itself_and_writes_where_it_did() 
     assert_eq!(chat_status(config.port, NEW_KEY), 200);
     // The new daemon is the old one's child: same stdout, and its own
     // working directory is the one it was started from.
-    let access = || {
-        std::fs::read_to_string(dir.join("daemon.out"))
-            .unwrap_or_default()
-            .matches("\"type\":\"access\"")
-            .count()
-    };
+    let access = || access_lines_in(&dir.join("daemon.out"));
     let lines = access();
     assert_eq!(chat_status(config.port, NEW_KEY), 200);
     wait_until(
@@ -563,16 +581,8 @@ fn a_reload_runs_the_commands_binary_on_its_file_and_keeps_the_gateways_output()
         .stderr(out)
         .spawn()
         .unwrap();
-    let health = format!("http://127.0.0.1:{}/health", config.port);
-    wait_until(Duration::from_secs(20), "the gateway", || {
-        ureq::get(&health).call().is_ok()
-    });
-    let access = || {
-        std::fs::read_to_string(dir.join("gateway.out"))
-            .unwrap_or_default()
-            .matches("\"type\":\"access\"")
-            .count()
-    };
+    wait_healthy(config.port);
+    let access = || access_lines_in(&dir.join("gateway.out"));
     let exe = |pid: u32| std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
 
     // Another file, and a new version installed beside the old one: the
@@ -582,14 +592,8 @@ fn a_reload_runs_the_commands_binary_on_its_file_and_keeps_the_gateways_output()
     std::fs::copy(env!("CARGO_BIN_EXE_runestone"), &beside).unwrap();
     config.tenants = format!("\n  - id: acme\n    keys: [\"{NEW_KEY}\"]\n");
     std::fs::write(dir.join("other.yaml"), config.yaml_in(&dir)).unwrap();
-    let reload = Command::new(&beside)
-        .args(["reload", "--config", "other.yaml"])
-        .current_dir(&dir)
-        .output()
-        .unwrap();
-    let said = String::from_utf8_lossy(&reload.stdout).into_owned()
-        + &String::from_utf8_lossy(&reload.stderr);
-    assert_eq!(reload.status.code(), Some(0), "{said}");
+    let (code, said) = reload_with(&beside, &dir, "other.yaml");
+    assert_eq!(code, Some(0), "{said}");
     let second = guard.pid();
     assert_ne!(second, first.id());
     assert_eq!(exe(second), beside);
@@ -637,17 +641,9 @@ fn a_reload_runs_the_commands_binary_on_its_file_and_keeps_the_gateways_output()
     // nothing is signalled.
     let mut stranger = Command::new("sleep").arg("30").spawn().unwrap();
     std::fs::write(&guard.0, stranger.id().to_string()).unwrap();
-    let refused = Command::new(&beside)
-        .args(["reload", "--config", "other.yaml"])
-        .current_dir(&dir)
-        .output()
-        .unwrap();
-    assert_eq!(refused.status.code(), Some(1));
-    assert!(
-        String::from_utf8_lossy(&refused.stderr).contains("is not runestone"),
-        "{}",
-        String::from_utf8_lossy(&refused.stderr)
-    );
+    let (code, said) = reload_with(&beside, &dir, "other.yaml");
+    assert_eq!(code, Some(1));
+    assert!(said.contains("is not runestone"), "{said}");
     assert!(stranger.try_wait().unwrap().is_none(), "the stranger lives");
     let _ = stranger.kill();
     let _ = stranger.wait();
@@ -656,26 +652,18 @@ fn a_reload_runs_the_commands_binary_on_its_file_and_keeps_the_gateways_output()
     let mode =
         |m| std::fs::set_permissions(&guard.0, std::os::unix::fs::PermissionsExt::from_mode(m));
     mode(0o666).unwrap();
-    let refused = Command::new(&beside)
-        .args(["reload", "--config", "other.yaml"])
-        .current_dir(&dir)
-        .output()
-        .unwrap();
-    assert_eq!(refused.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&refused.stderr).contains("anyone may write it"));
+    let (code, said) = reload_with(&beside, &dir, "other.yaml");
+    assert_eq!(code, Some(1));
+    assert!(said.contains("anyone may write it"), "{said}");
     mode(0o644).unwrap();
 
     // Nor is a pid file that is a symlink, even to the right pid.
     std::fs::write(dir.join("elsewhere.pid"), third.to_string()).unwrap();
     std::fs::remove_file(&guard.0).unwrap();
     std::os::unix::fs::symlink(dir.join("elsewhere.pid"), &guard.0).unwrap();
-    let refused = Command::new(&beside)
-        .args(["reload", "--config", "other.yaml"])
-        .current_dir(&dir)
-        .output()
-        .unwrap();
-    assert_eq!(refused.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&refused.stderr).contains("symlink"));
+    let (code, said) = reload_with(&beside, &dir, "other.yaml");
+    assert_eq!(code, Some(1));
+    assert!(said.contains("symlink"), "{said}");
     assert!(!exited(third));
     drop(guard);
     let _ = std::fs::remove_dir_all(&dir);
@@ -702,13 +690,12 @@ fn a_successor_that_cannot_start_gets_nothing_and_the_gateway_keeps_serving() {
         log_says("server.upgrade_sock changed")
     });
     // The command hears of it from the gateway (not from its own deadline).
-    let reload = Command::new(env!("CARGO_BIN_EXE_runestone"))
-        .args(["reload", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    let said = String::from_utf8_lossy(&reload.stderr);
-    assert_eq!(reload.status.code(), Some(1), "{said}");
+    let (code, said) = reload_with(
+        env!("CARGO_BIN_EXE_runestone").as_ref(),
+        &dir,
+        path.to_str().unwrap(),
+    );
+    assert_eq!(code, Some(1), "{said}");
     assert!(
         said.contains("refused the reload") && said.contains("server.upgrade_sock changed"),
         "{said}"
