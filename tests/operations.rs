@@ -307,19 +307,29 @@ fn graceful_upgrade_hands_over_the_listener_without_a_failed_request() {
 struct PidFileGuard(std::path::PathBuf);
 
 impl PidFileGuard {
+    /// The pid the file names now, if it names one (a foreground gateway
+    /// writes it in place: it can be caught empty).
+    fn try_pid(&self) -> Option<u32> {
+        let text = std::fs::read_to_string(&self.0).ok()?;
+        text.trim().parse().ok().filter(|&pid| pid > 1)
+    }
+
+    /// The pid the file names, waiting a moment for one being written.
     fn pid(&self) -> u32 {
-        std::fs::read_to_string(&self.0)
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap()
+        let mut pid = None;
+        wait_until(Duration::from_secs(5), "a pid in the pid file", || {
+            pid = self.try_pid();
+            pid.is_some()
+        });
+        pid.unwrap()
     }
 }
 
 impl Drop for PidFileGuard {
     fn drop(&mut self) {
-        if let Ok(pid) = std::fs::read_to_string(&self.0) {
-            signal(pid.trim().parse().unwrap_or(0), "KILL");
+        // Never `kill 0` (this whole process group) for an empty file.
+        if let Some(pid) = self.try_pid() {
+            signal(pid, "KILL");
         }
     }
 }
@@ -463,7 +473,7 @@ fn reload_swaps_the_config_without_a_failed_request_and_refuses_a_broken_one() {
     std::fs::write(&path, config.yaml_in(&dir)).unwrap();
     signal(serving, "HUP");
     wait_until(Duration::from_secs(10), "a new process", || {
-        std::fs::read_to_string(&guard.0).is_ok_and(|pid| pid.trim() != serving.to_string())
+        guard.try_pid().is_some_and(|pid| pid != serving)
     });
     signal(serving, "HUP");
     wait_until(Duration::from_secs(10), "the old key to be refused", || {
@@ -626,7 +636,7 @@ fn a_reload_runs_the_commands_binary_on_its_file_and_keeps_the_gateways_output()
     wait_until(
         Duration::from_secs(10),
         "a process on the new binary",
-        || std::fs::read_to_string(&guard.0).is_ok_and(|pid| pid.trim() != second.to_string()),
+        || guard.try_pid().is_some_and(|pid| pid != second),
     );
     let third = guard.pid();
     assert_eq!(exe(third), beside, "not the deleted binary");
