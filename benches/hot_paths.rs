@@ -98,6 +98,8 @@ fn json_usage(c: &mut Criterion) {
 /// nearly every answer), its content English text of `size` bytes in
 /// lines (`\n` escapes).
 fn redaction(c: &mut Criterion) {
+    // Made once, as the gateway does when it loads its config.
+    let key = runestone::redact::RedactKey::new("sk-proj-AbCdEf0123456789");
     let text = "Sessions serve as a simple test of this system's costs.\\n";
     for size in [100, 4_000] {
         let answer = Bytes::from(format!(
@@ -108,12 +110,23 @@ fn redaction(c: &mut Criterion) {
             &format!("redact/a JSON answer without the key ({size} B content)"),
             |b| {
                 b.iter(|| {
-                    let mut r = runestone::redact::Redactor::new(Some("sk-proj-AbCdEf0123456789"));
+                    let mut r = runestone::redact::Redactor::new(key.as_ref());
                     black_box(r.feed(black_box(answer.clone())))
                 })
             },
         );
     }
+    // A streamed token as OpenAI writes it: an id and a model with upper
+    // case letters and dashes in every event.
+    let event = Bytes::from_static(
+        br#"data: {"id":"chatcmpl-B9MBs8CjcvOU2jLn4n8KYM8AxLQsm","object":"chat.completion.chunk","created":1741569952,"model":"gpt-4o-mini-2024-07-18","system_fingerprint":"fp_06737a9306","choices":[{"index":0,"delta":{"content":" Hello"},"logprobs":null,"finish_reason":null}]}
+
+"#,
+    );
+    let mut r = runestone::redact::Redactor::new(key.as_ref());
+    c.bench_function("redact/a streamed token's event", |b| {
+        b.iter(|| black_box(r.feed(black_box(event.clone()))))
+    });
 }
 
 /// A cache hit's work besides I/O: the request's key, and the stored

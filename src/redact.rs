@@ -19,16 +19,14 @@ use std::borrow::Cow;
 /// The config check warns about them.
 pub const MIN_REDACTED_KEY_LEN: usize = 8;
 
-/// Redacts one key from a byte stream or from single values.
-#[derive(Debug, Clone, Default)]
-pub struct Redactor<'k> {
-    /// Borrowed from the provider's settings: nothing copied a request.
-    key: &'k [u8],
-    /// The tail of the last chunk that may be the start of the key.
-    held: Vec<u8>,
-    /// Where in the key its byte least common in answers is: what the
-    /// search for the key as written looks for ([`Redactor::scan_verbatim`]).
-    rare: usize,
+/// A provider's key made ready for redaction once, when the config is
+/// loaded: its search and what the scans need to know of it. Its `Debug`
+/// does not show the key.
+#[derive(Clone)]
+pub struct RedactKey {
+    /// Finds the key as written (`memchr`'s substring search, which
+    /// looks for a pair of its rarer bytes first).
+    finder: memchr::memmem::Finder<'static>,
     /// The key holds a `"` or a `\\`, which JSON text escapes as it does
     /// its own ([`Redactor::may_be_escaped`]).
     own_escapes: bool,
@@ -37,15 +35,36 @@ pub struct Redactor<'k> {
     backslash: bool,
 }
 
-/// How common a byte is in JSON answers and their text, 0 (rare) to 3.
-fn commonness(b: u8) -> u8 {
-    match b {
-        b'e' | b't' | b'a' | b'o' | b'i' | b'n' | b's' | b'r' | b'l' | b'c' | b'd' | b'u' => 3,
-        b'"' | b':' | b',' | b' ' | b'_' | b'{' | b'}' | b'[' | b']' | b'.' | b'\n' => 3,
-        b'a'..=b'z' | b'0'..=b'9' => 2,
-        b'-' | b'/' | b'+' | b'=' => 1,
-        _ => 0,
+impl RedactKey {
+    /// `key` ready to be redacted; `None` for one shorter than
+    /// [`MIN_REDACTED_KEY_LEN`] (a placeholder: nothing is masked).
+    pub fn new(key: &str) -> Option<Self> {
+        let key = key.as_bytes();
+        (key.len() >= MIN_REDACTED_KEY_LEN).then(|| RedactKey {
+            finder: memchr::memmem::Finder::new(key).into_owned(),
+            own_escapes: key.iter().any(|b| matches!(b, b'\\' | b'"')),
+            backslash: key.contains(&b'\\'),
+        })
     }
+
+    fn bytes(&self) -> &[u8] {
+        self.finder.needle()
+    }
+}
+
+impl std::fmt::Debug for RedactKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RedactKey(*****)")
+    }
+}
+
+/// Redacts one key from a byte stream or from single values.
+#[derive(Debug, Clone, Default)]
+pub struct Redactor<'k> {
+    /// Borrowed from the provider's settings: nothing made a request.
+    key: Option<&'k RedactKey>,
+    /// The tail of the last chunk that may be the start of the key.
+    held: Vec<u8>,
 }
 
 /// How the key matched at one position.
@@ -59,20 +78,11 @@ enum Match {
 }
 
 impl<'k> Redactor<'k> {
-    /// A redactor for `key` (none, or one shorter than
-    /// [`MIN_REDACTED_KEY_LEN`]: everything passes unchanged).
-    pub fn new(key: Option<&'k str>) -> Self {
-        let key = key.filter(|k| k.len() >= MIN_REDACTED_KEY_LEN);
-        let key = key.unwrap_or_default().as_bytes();
-        let rare = (0..key.len())
-            .min_by_key(|&i| commonness(key[i]))
-            .unwrap_or(0);
+    /// A redactor for `key` (none: everything passes unchanged).
+    pub fn new(key: Option<&'k RedactKey>) -> Self {
         Redactor {
             key,
             held: Vec::new(),
-            rare,
-            own_escapes: key.iter().any(|b| matches!(b, b'\\' | b'"')),
-            backslash: key.contains(&b'\\'),
         }
     }
 
@@ -86,7 +96,7 @@ impl<'k> Redactor<'k> {
 
     /// Takes the next chunk of a stream; returns what can be sent now.
     pub fn feed(&mut self, chunk: Bytes) -> Bytes {
-        if self.key.is_empty() {
+        if self.key.is_none() {
             return chunk;
         }
         if self.held.is_empty() {
@@ -124,15 +134,17 @@ impl<'k> Redactor<'k> {
     /// the returned position; the rest may be the start of the key and is
     /// held back (never, `at_end`).
     fn scan(&self, buf: &[u8], at_end: bool) -> (Option<Vec<u8>>, usize) {
-        if self.key.is_empty() {
+        let Some(key) = self.key else {
             return (None, buf.len());
+        };
+        if key.may_be_escaped(buf) {
+            return key.scan_escaped(buf, at_end);
         }
-        if self.may_be_escaped(buf) {
-            return self.scan_escaped(buf, at_end);
-        }
-        self.scan_verbatim(buf, at_end)
+        key.scan_verbatim(buf, at_end)
     }
+}
 
+impl RedactKey {
     /// Whether the key may be written with an escape in `buf`: it holds a
     /// `\u` or `\/` escape, or a backslash in its last bytes (an escape the
     /// next chunk may complete). The escapes of text (`\n`, `\"`) cannot be
@@ -145,21 +157,15 @@ impl<'k> Redactor<'k> {
     }
 
     /// [`Redactor::scan`] of bytes where the key can only be written as
-    /// itself ([`Redactor::may_be_escaped`]): it looks for the key's
-    /// rarest byte and checks around it, where the escaped forms' scan
-    /// stops at every byte equal to the key's first (`s` of `sk-`).
+    /// itself ([`RedactKey::may_be_escaped`]): one substring search, where
+    /// the escaped forms' scan stops at every byte equal to the key's
+    /// first (`s` of `sk-`).
     fn scan_verbatim(&self, buf: &[u8], at_end: bool) -> (Option<Vec<u8>>, usize) {
-        let key = self.key;
+        let key = self.bytes();
         let mut out: Option<Vec<u8>> = None;
         let mut copied = 0;
-        let starts = memchr::memchr_iter(key[self.rare], buf)
-            .filter_map(|at| at.checked_sub(self.rare))
-            .filter(|&start| buf[start..].starts_with(key));
-        for start in starts {
-            if start < copied {
-                // Overlaps the key just masked.
-                continue;
-            }
+        // Leftmost first, never overlapping the key just masked.
+        for start in self.finder.find_iter(buf) {
             let out = out.get_or_insert_with(|| Vec::with_capacity(buf.len()));
             out.extend_from_slice(&buf[copied..start]);
             out.resize(out.len() + key.len(), b'*');
@@ -185,7 +191,7 @@ impl<'k> Redactor<'k> {
 
     /// [`Redactor::scan`] where the key may be written with escapes.
     fn scan_escaped(&self, buf: &[u8], at_end: bool) -> (Option<Vec<u8>>, usize) {
-        let key = self.key;
+        let key = self.bytes();
         let Some(&first) = key.first() else {
             return (None, buf.len());
         };
@@ -333,9 +339,19 @@ mod tests {
 
     const KEY: &str = "sk-live/abc123";
 
+    fn prepared(key: &str) -> RedactKey {
+        RedactKey::new(key).expect("a key long enough to redact")
+    }
+
+    #[test]
+    fn a_prepared_key_does_not_show_in_debug_output() {
+        let shown = format!("{:?}", Redactor::new(Some(&prepared(KEY))));
+        assert!(!shown.contains("live"), "{shown}");
+    }
+
     fn redact(text: &str) -> String {
         String::from_utf8(
-            Redactor::new(Some(KEY))
+            Redactor::new(Some(&prepared(KEY)))
                 .redact(text.as_bytes())
                 .into_owned(),
         )
@@ -345,7 +361,8 @@ mod tests {
     /// `text` fed to a redactor for `key` as a stream, in pieces cut at
     /// `cuts`, and its end.
     fn streamed(key: &str, text: &str, cuts: &[usize]) -> String {
-        let mut r = Redactor::new(Some(key));
+        let key = prepared(key);
+        let mut r = Redactor::new(Some(&key));
         let mut out = Vec::new();
         let mut from = 0;
         for &cut in cuts.iter().chain([&text.len()]) {
@@ -375,15 +392,10 @@ mod tests {
         );
         // A placeholder key is not masked: it would mangle every answer.
         for placeholder in ["e", "EMPTY", "ollama", "sk-1234"] {
-            assert_eq!(
-                Redactor::new(Some(placeholder))
-                    .redact(br#"{"choices":[],"model":"ollama EMPTY sk-1234"}"#)
-                    .as_ref(),
-                br#"{"choices":[],"model":"ollama EMPTY sk-1234"}"#
-            );
+            assert!(RedactKey::new(placeholder).is_none(), "{placeholder}");
         }
         assert_eq!(
-            Redactor::new(Some("sk-12345"))
+            Redactor::new(Some(&prepared("sk-12345")))
                 .redact(b"a sk-12345 b")
                 .as_ref(),
             b"a ******** b"
@@ -414,10 +426,26 @@ mod tests {
             text in r#"(sk-live/abc123|sk-live/abc12|sk-live/|sk-|s|k|3|abc123|\\u002d|\\u0073|\\/|\\n|\\"|\\\\|\\u00|\\| |x){0,12}"#,
             at_end: bool,
         ) {
-            let r = Redactor::new(Some(KEY));
+            let key = prepared(KEY);
             proptest::prop_assert_eq!(
-                r.scan(text.as_bytes(), at_end),
-                r.scan_escaped(text.as_bytes(), at_end)
+                Redactor::new(Some(&key)).scan(text.as_bytes(), at_end),
+                key.scan_escaped(text.as_bytes(), at_end)
+            );
+        }
+    }
+
+    proptest::proptest! {
+        /// A key that overlaps itself (`sk-sk-sk` in `sk-sk-sk-sk`) is
+        /// masked leftmost first, as the scan of every form masks it.
+        #[test]
+        fn a_key_overlapping_itself_is_masked_as_every_form_scan_masks_it(
+            text in r#"(sk-sk-sk|sk-|sk|s|-|x|\\u0073){0,16}"#,
+            at_end: bool,
+        ) {
+            let key = prepared("sk-sk-sk");
+            proptest::prop_assert_eq!(
+                Redactor::new(Some(&key)).scan(text.as_bytes(), at_end),
+                key.scan_escaped(text.as_bytes(), at_end)
             );
         }
     }
@@ -441,7 +469,9 @@ mod tests {
             let text = format!(r#"{{"error":"bad key {form}\n","k":"\\u0073k-ab"}}"#);
             let want = text.replace(form.as_str(), &"*".repeat(form.len()));
             assert_eq!(
-                Redactor::new(Some(key)).redact(text.as_bytes()).as_ref(),
+                Redactor::new(Some(&prepared(key)))
+                    .redact(text.as_bytes())
+                    .as_ref(),
                 want.as_bytes(),
                 "{form}"
             );
@@ -453,7 +483,7 @@ mod tests {
         // 80 of them, followed as 80 positions at most.
         let backslashes = format!("k{}", "\\".repeat(40));
         let text = format!("k{}", "\\".repeat(120));
-        let out = Redactor::new(Some(&backslashes))
+        let out = Redactor::new(Some(&prepared(&backslashes)))
             .redact(text.as_bytes())
             .into_owned();
         assert_eq!(
@@ -471,14 +501,17 @@ mod tests {
         // A backslash of the text before the key's own is not the key's.
         let text = r#"\\sk-ab\"cd\\ef1"#;
         assert_eq!(
-            Redactor::new(Some(key)).redact(text.as_bytes()).as_ref(),
+            Redactor::new(Some(&prepared(key)))
+                .redact(text.as_bytes())
+                .as_ref(),
             text.as_bytes()
         );
     }
 
     #[test]
     fn passes_clean_chunks_without_copying() {
-        let mut r = Redactor::new(Some(KEY));
+        let key = prepared(KEY);
+        let mut r = Redactor::new(Some(&key));
         let chunk = Bytes::from_static(b"data: {\"text\":\"no secrets \\n here\"}\n\n");
         let out = r.feed(chunk.clone());
         assert_eq!(out.as_ptr(), chunk.as_ptr());

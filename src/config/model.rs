@@ -166,6 +166,10 @@ pub struct ProviderSettings {
     /// The header that carries `api_key` as its API wants it (marked
     /// sensitive: never logged by the HTTP stack), made once at load.
     pub credential: Option<(http::HeaderName, http::HeaderValue)>,
+    /// `api_key` made ready, once at load, to be kept out of what goes to
+    /// clients (none for a placeholder key, see
+    /// [`crate::redact::MIN_REDACTED_KEY_LEN`]).
+    pub redact_key: Option<crate::redact::RedactKey>,
     /// Relative share for weighted routing.
     pub weight: u32,
     /// Azure's `api-version` query parameter.

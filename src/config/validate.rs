@@ -248,6 +248,9 @@ pub(super) fn validate_providers(
             let credential = api_key
                 .as_ref()
                 .and_then(|key| crate::providers::credential(kind, key.expose()).ok());
+            let redact_key = api_key
+                .as_ref()
+                .and_then(|key| crate::redact::RedactKey::new(key.expose()));
             index.insert(raw.name.clone(), providers.len());
             providers.push(ProviderSettings {
                 name: raw.name,
@@ -255,6 +258,7 @@ pub(super) fn validate_providers(
                 base_url,
                 api_key,
                 credential,
+                redact_key,
                 weight,
                 api_version: raw.api_version,
                 health_check,

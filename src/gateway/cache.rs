@@ -466,8 +466,7 @@ impl Gateway {
         };
         let mut bytes = serde_json::to_vec(&answer).ok()?;
         for provider in &self.config.providers {
-            let redactor =
-                crate::redact::Redactor::new(provider.api_key.as_ref().map(|k| k.expose()));
+            let redactor = crate::redact::Redactor::new(provider.redact_key.as_ref());
             if let std::borrow::Cow::Owned(redacted) = redactor.redact(&bytes) {
                 bytes = redacted;
             }

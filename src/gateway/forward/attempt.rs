@@ -323,7 +323,7 @@ impl Attempt<'_> {
         };
         let decoding = decoder.is_some();
         // Whatever the provider sends on, its key never reaches the client.
-        let mut redactor = Redactor::new(provider.api_key.as_ref().map(|k| k.expose()));
+        let mut redactor = Redactor::new(provider.redact_key.as_ref());
         let translated = kind.translates_answers();
         if !head.status.is_success() || (translated && !event_stream) {
             // An error answer, or a translated JSON one: read whole, then
