@@ -687,8 +687,62 @@ pub fn reported_usage_in_json_tail(tail: &[u8]) -> Option<Usage> {
 /// object there (providers put it last); otherwise the whole body is gone
 /// through, everything but `usage` skipped unread.
 pub fn reported_usage_in_json(body: &[u8]) -> Option<Usage> {
-    let member = top_level_usage_at_end(body).unwrap_or_else(|| usage_member_parsed(body));
-    reported_usage(member?)
+    let member = match top_level_usage_value_at_end(body) {
+        Some(value) => {
+            // Nearly always an object: read as the usage at once, in one
+            // pass (the general way reads it twice, as a JSON value and
+            // then as the usage).
+            if let Some(read) = usage_object_closing_the_body(value) {
+                return read;
+            }
+            top_level_usage_at_end_from(value)
+        }
+        None => None,
+    };
+    reported_usage(member.unwrap_or_else(|| usage_member_parsed(body))?)
+}
+
+/// [`reported_usage`] of the object `value` begins with, when after it
+/// only the body's end follows ([`closes_the_body`]); `None` when that
+/// cannot be told this way (another value, an object the usage cannot be
+/// read from, bytes that are not UTF-8 in it), for the general way to
+/// decide.
+fn usage_object_closing_the_body(value: &[u8]) -> Option<Option<Usage>> {
+    if !value.starts_with(b"{") {
+        return None;
+    }
+    let mut objects = serde_json::Deserializer::from_slice(value).into_iter::<UsageWire>();
+    let wire = objects.next()?.ok()?;
+    let (object, rest) = value.split_at(objects.byte_offset());
+    // A string skipped unread is not checked for UTF-8, which the general
+    // way (a `RawValue`) requires.
+    if !object.is_ascii() && std::str::from_utf8(object).is_err() {
+        return None;
+    }
+    closes_the_body(rest).then(|| wire.into_usage())
+}
+
+/// The usage member's value and what follows it, when the body's top-level
+/// object ends with it (see [`top_level_usage_at_end`]).
+fn top_level_usage_value_at_end(body: &[u8]) -> Option<&[u8]> {
+    if json_ws(body).first() != Some(&b'{') {
+        return None;
+    }
+    let at = LAST_USAGE_KEY.rfind(body)?;
+    let before = &body[..at];
+    if before.last() == Some(&b'\\')
+        || FIRST_USAGE_KEY.find(before).is_some()
+        || UNICODE_ESCAPE.find(before).is_some()
+    {
+        return None;
+    }
+    json_ws(&body[at + USAGE_KEY.len()..]).strip_prefix(b":")
+}
+
+/// [`top_level_usage_at_end`] from [`top_level_usage_value_at_end`]'s value.
+fn top_level_usage_at_end_from(mut rest: &[u8]) -> Option<Option<&RawValue>> {
+    let usage = next_json_value(&mut rest)?;
+    closes_the_body(rest).then(|| (usage.get() != "null").then_some(usage))
 }
 
 /// The `usage` member of a whole JSON body, by parsing all of it.
@@ -717,21 +771,9 @@ fn usage_member_parsed(body: &[u8]) -> Option<&RawValue> {
 /// that). A body that does not begin as an object (a byte-order mark,
 /// junk, a missing start) is left to the whole parse; one malformed
 /// between its start and its `usage` is billed by the usage it reports.
+#[cfg(test)]
 fn top_level_usage_at_end(body: &[u8]) -> Option<Option<&RawValue>> {
-    if json_ws(body).first() != Some(&b'{') {
-        return None;
-    }
-    let at = LAST_USAGE_KEY.rfind(body)?;
-    let before = &body[..at];
-    if before.last() == Some(&b'\\')
-        || FIRST_USAGE_KEY.find(before).is_some()
-        || UNICODE_ESCAPE.find(before).is_some()
-    {
-        return None;
-    }
-    let mut rest = json_ws(&body[at + USAGE_KEY.len()..]).strip_prefix(b":")?;
-    let usage = next_json_value(&mut rest)?;
-    closes_the_body(rest).then(|| (usage.get() != "null").then_some(usage))
+    top_level_usage_at_end_from(top_level_usage_value_at_end(body)?)
 }
 
 /// Whether `rest` (what follows a member's value) is only the object's

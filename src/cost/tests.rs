@@ -783,6 +783,39 @@ proptest::proptest! {
     }
 }
 
+proptest::proptest! {
+    /// The usage billed for a whole JSON body is what parsing all of it
+    /// and reading its `usage` member finds, valid JSON or not (a byte
+    /// that is not UTF-8 put in at any place, as a broken provider may).
+    #[test]
+    fn the_usage_billed_for_a_body_is_what_a_whole_parse_reads(
+        body in arbitrary_object(),
+        bad in proptest::option::of((0usize..400, proptest::sample::select(vec![0xffu8, 0xc3, b'"', b'}']))),
+    ) {
+        let mut body = body.into_bytes();
+        if let Some((at, byte)) = bad {
+            body.insert(at.min(body.len()), byte);
+        }
+        proptest::prop_assert_eq!(
+            reported_usage_in_json(&body),
+            usage_member_parsed(&body).and_then(reported_usage),
+            "{}", String::from_utf8_lossy(&body)
+        );
+    }
+}
+
+#[test]
+fn a_usage_object_with_bytes_that_are_not_utf8_is_not_billed() {
+    let body =
+        b"{\"id\":\"x\",\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":4,\"note\":\"\xff\"}}";
+    assert_eq!(reported_usage_in_json(body), None);
+    let body = b"{\"id\":\"x\",\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":4,\"note\":\"\xc3\xa9\"}}";
+    assert_eq!(
+        reported_usage_in_json(body).map(|u| (u.prompt_tokens, u.completion_tokens)),
+        Some((3, 4))
+    );
+}
+
 #[test]
 fn the_tail_of_a_large_json_body_is_billed_by_its_top_level_usage_only() {
     fn usage(tail: &str) -> Option<&str> {
