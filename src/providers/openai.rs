@@ -10,7 +10,8 @@ pub(super) struct OpenAi;
 
 impl Adapter for OpenAi {
     fn path(&self, base_path: &str, endpoint: Endpoint, _: &str, _: Option<&str>) -> String {
-        format!("{base_path}{}", endpoint.provider_suffix())
+        // Joined, not `format!`: this runs for every request.
+        [base_path, endpoint.provider_suffix()].concat()
     }
 
     fn credential_header(&self) -> HeaderName {
