@@ -58,8 +58,9 @@ impl std::fmt::Debug for RedactKey {
     }
 }
 
-/// Redacts one key from a byte stream or from single values.
-#[derive(Debug, Clone, Default)]
+/// Redacts one key from a byte stream or from single values. Its `Debug`
+/// shows neither the key nor what it holds back (the key's beginning).
+#[derive(Clone, Default)]
 pub struct Redactor<'k> {
     /// Borrowed from the provider's settings: nothing made a request.
     key: Option<&'k RedactKey>,
@@ -77,6 +78,15 @@ enum Match {
     No,
 }
 
+impl std::fmt::Debug for Redactor<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Redactor")
+            .field("key", &self.key)
+            .field("held_bytes", &self.held.len())
+            .finish()
+    }
+}
+
 impl<'k> Redactor<'k> {
     /// A redactor for `key` (none: everything passes unchanged).
     pub fn new(key: Option<&'k RedactKey>) -> Self {
@@ -91,6 +101,22 @@ impl<'k> Redactor<'k> {
         match self.scan(value, true) {
             (None, _) => Cow::Borrowed(value),
             (Some(out), _) => Cow::Owned(out),
+        }
+    }
+
+    /// A text read out of JSON (a provider's error message), with the key
+    /// overwritten as it reads and as it reads once written as JSON again
+    /// for the client: a key with a backslash of its own that a provider
+    /// echoed unescaped (its `\n` read as a newline) is not in the text,
+    /// and is the key again in the text's JSON. A text whose JSON cannot
+    /// be masked and read back is replaced whole.
+    pub fn redact_decoded(&self, text: &str) -> String {
+        let masked = String::from_utf8_lossy(&self.redact(text.as_bytes())).into_owned();
+        let json = serde_json::to_string(&masked).unwrap_or_default();
+        match self.redact(json.as_bytes()) {
+            Cow::Borrowed(_) => masked,
+            Cow::Owned(again) => serde_json::from_slice(&again)
+                .unwrap_or_else(|_| "(the provider's message held its key)".to_owned()),
         }
     }
 
@@ -344,9 +370,30 @@ mod tests {
     }
 
     #[test]
-    fn a_prepared_key_does_not_show_in_debug_output() {
-        let shown = format!("{:?}", Redactor::new(Some(&prepared(KEY))));
+    fn neither_the_key_nor_what_is_held_back_shows_in_debug_output() {
+        let key = prepared(KEY);
+        let mut r = Redactor::new(Some(&key));
+        assert_eq!(r.feed(Bytes::from_static(b"data: sk-live/abc12")), "data: ");
+        let shown = format!("{r:?}");
         assert!(!shown.contains("live"), "{shown}");
+    }
+
+    #[test]
+    fn a_decoded_text_is_masked_as_it_reads_and_as_its_json_reads() {
+        // A key with `\n` in it (two characters), echoed unescaped in a
+        // JSON string: read, that is a newline; written again, the key.
+        let key = prepared(r"sk-test\nKEY-0123456789");
+        let r = Redactor::new(Some(&key));
+        let decoded: String = serde_json::from_str(r#""bad key sk-test\nKEY-0123456789""#).unwrap();
+        let masked = r.redact_decoded(&decoded);
+        let json = serde_json::to_string(&masked).unwrap();
+        assert!(!json.contains(r"sk-test\nKEY"), "{json}");
+        assert!(masked.starts_with("bad key "), "{masked}");
+        // The key as it reads, and a text without it, as before.
+        let plain = prepared(KEY);
+        let r = Redactor::new(Some(&plain));
+        assert_eq!(r.redact_decoded("x sk-live/abc123 y"), "x ************** y");
+        assert_eq!(r.redact_decoded("line\none \"two\""), "line\none \"two\"");
     }
 
     fn redact(text: &str) -> String {

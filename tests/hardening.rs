@@ -926,6 +926,51 @@ fn a_malformed_body_echoing_the_key_is_not_logged_whatever_the_level() {
 }
 
 #[test]
+fn a_stream_error_echoing_a_key_with_a_backslash_is_masked_as_the_client_reads_it() {
+    // A key with `\n` in it (backslash, n: printable ASCII), echoed as it
+    // was sent in a stream's first event, an error: as JSON, those bytes
+    // read as a newline, so the message holds no key; written again as
+    // JSON for the client, they are the key once more.
+    let key = r"sk-test\nKEY-0123456789";
+    let event = format!(
+        "data: {{\"error\":{{\"message\":\"bad key {key}\",\"type\":\"invalid_request_error\"}}}}\n\n"
+    );
+    let response = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: {}\r\n\r\n{event}",
+        event.len()
+    );
+    let (port, served) = raw_provider(response.into_bytes());
+    let mock = Mock::start(&[]);
+    let config = alone(
+        &mock,
+        "echo",
+        port,
+        r#", api_key: "sk-test\\nKEY-0123456789""#,
+    );
+    let gw = Gateway::start(&config);
+    for stream in [true, false] {
+        let resp = gw.post_json("/v1/chat/completions", TENANT_KEY, &chat("m", stream));
+        let body = String::from_utf8_lossy(&resp.body).into_owned();
+        assert!(served.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+        assert_eq!(resp.status, 400, "stream {stream}: {body}");
+        assert!(
+            !body.contains(key),
+            "stream {stream}: the key, as sent: {body}"
+        );
+        let message = resp.json()["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        assert!(
+            message.starts_with("bad key "),
+            "the provider's message is kept: {message}"
+        );
+        assert!(!message.contains(key), "the key, as read: {message}");
+    }
+    assert!(!gw.log().contains(key), "the logs");
+}
+
+#[test]
 fn a_refusal_whose_body_never_ends_is_not_waited_for() {
     // A 503 whose body stops short, its connection held open: the gateway
     // reads a refusal's body out to keep the connection, but only what

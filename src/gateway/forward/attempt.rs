@@ -764,9 +764,9 @@ impl Attempt<'_> {
     /// (no breaker counts it; a prompt too long moves to the context
     /// fallbacks), anything else fails the deployment.
     fn error_in_answer(&self, mut error: ApiError, redactor: &Redactor<'_>) -> Attempted {
-        let masked = redactor.redact(error.message.as_bytes());
         // Cut once masked: a key cut in two would not be found.
-        error.message = String::from_utf8_lossy(&masked)
+        error.message = redactor
+            .redact_decoded(&error.message)
             .chars()
             .take(MAX_ERROR_MESSAGE_CHARS)
             .collect();
