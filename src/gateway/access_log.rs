@@ -63,6 +63,13 @@ pub(super) struct Line<'a> {
     pub job_attempt: Option<u32>,
 }
 
+/// Writes `,"name":` (names are plain), one copy of a constant.
+macro_rules! key {
+    ($out:expr, $name:literal) => {
+        $out.extend_from_slice(concat!(",\"", $name, "\":").as_bytes())
+    };
+}
+
 impl Line<'_> {
     /// The line as one JSON object: `ts` (Unix seconds) and `"type":
     /// "access"`, then the fields in order, milliseconds for durations, the
@@ -78,18 +85,18 @@ impl Line<'_> {
         out.extend_from_slice(b",\"type\":\"access\",\"request_id\":");
         string(out, self.request_id);
         if let Some(trace_id) = self.trace_id {
-            key(out, "trace_id");
+            key!(out, "trace_id");
             string(out, trace_id);
         }
-        key(out, "tenant");
+        key!(out, "tenant");
         string(out, self.tenant);
-        key(out, "endpoint");
+        key!(out, "endpoint");
         string(out, self.endpoint);
-        key(out, "model");
+        key!(out, "model");
         string(out, self.model);
-        key(out, "provider");
+        key!(out, "provider");
         string(out, self.provider);
-        key(out, "backend");
+        key!(out, "backend");
         match self.backend {
             Some(SocketAddr::V4(addr)) => {
                 for (i, octet) in addr.ip().octets().iter().enumerate() {
@@ -102,48 +109,48 @@ impl Line<'_> {
             }
             other => value(out, &other),
         }
-        key(out, "status");
+        key!(out, "status");
         integer(out, self.status);
-        key(out, "prompt_tokens");
+        key!(out, "prompt_tokens");
         integer(out, self.prompt_tokens);
-        key(out, "completion_tokens");
+        key!(out, "completion_tokens");
         integer(out, self.completion_tokens);
-        key(out, "usage_estimated");
+        key!(out, "usage_estimated");
         out.extend_from_slice(if self.usage_estimated {
             b"true"
         } else {
             b"false"
         });
-        key(out, "cost_usd");
+        key!(out, "cost_usd");
         value(out, &self.cost_usd);
-        key(out, "duration");
+        key!(out, "duration");
         millis(out, self.duration);
-        key(out, "ttft");
+        key!(out, "ttft");
         match self.ttft {
             Some(ttft) => millis(out, ttft),
             None => out.extend_from_slice(b"null"),
         }
-        key(out, "attempts");
+        key!(out, "attempts");
         integer(out, self.attempts);
-        key(out, "resumptions");
+        key!(out, "resumptions");
         integer(out, self.resumptions);
-        key(out, "overflow_wait");
+        key!(out, "overflow_wait");
         millis(out, self.overflow_wait);
-        key(out, "error");
+        key!(out, "error");
         match self.error {
             Some(error) => string(out, error),
             None => out.extend_from_slice(b"null"),
         }
         if let Some(cache) = self.cache {
-            key(out, "cache");
+            key!(out, "cache");
             string(out, cache);
         }
         if let Some(job) = self.job {
-            key(out, "job");
+            key!(out, "job");
             string(out, job);
         }
         if let Some(attempt) = self.job_attempt {
-            key(out, "job_attempt");
+            key!(out, "job_attempt");
             integer(out, attempt);
         }
         out.extend_from_slice(b"}\n");
@@ -177,13 +184,6 @@ fn thousandths(out: &mut Vec<u8>, n: u64) {
         4
     };
     out.extend_from_slice(&digits[..len]);
-}
-
-/// `,"name":` (names are plain).
-fn key(out: &mut Vec<u8>, name: &str) {
-    out.extend_from_slice(b",\"");
-    out.extend_from_slice(name.as_bytes());
-    out.extend_from_slice(b"\":");
 }
 
 /// A JSON string: copied as is when nothing in it needs escaping (ids and
