@@ -855,6 +855,11 @@ impl Drop for KillOnDrop {
 /// Reads a request's head and a body of the declared length; false when
 /// the connection ends first.
 fn read_request(stream: &mut std::net::TcpStream) -> bool {
+    request_bytes(stream).is_some()
+}
+
+/// One whole request (head and `content-length` body) read off `stream`.
+fn request_bytes(stream: &mut std::net::TcpStream) -> Option<Vec<u8>> {
     stream
         .set_read_timeout(Some(Duration::from_secs(5)))
         .unwrap();
@@ -863,17 +868,39 @@ fn read_request(stream: &mut std::net::TcpStream) -> bool {
     loop {
         let n = stream.read(&mut buf).unwrap_or(0);
         if n == 0 {
-            return false;
+            return None;
         }
         data.extend_from_slice(&buf[..n]);
         if let Some(end) = data.windows(4).position(|w| w == b"\r\n\r\n") {
             let head = String::from_utf8_lossy(&data[..end]).to_ascii_lowercase();
             let len = content_length(&head).unwrap_or(0);
             if data.len() >= end + 4 + len {
-                return true;
+                return Some(data);
             }
         }
     }
+}
+
+/// A provider we wrote by hand, answering every request with `response`
+/// and keeping each request's bytes.
+fn recording_provider(response: Vec<u8>) -> (u16, std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = seen.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let (response, record) = (response.clone(), record.clone());
+            std::thread::spawn(move || {
+                if let Some(request) = request_bytes(&mut stream) {
+                    record.lock().unwrap().push(request);
+                    let _ = stream.write_all(&response);
+                }
+            });
+        }
+    });
+    (port, seen)
 }
 
 /// A provider we wrote by hand, answering every request with `response`
@@ -968,6 +995,123 @@ fn a_stream_error_echoing_a_key_with_a_backslash_is_masked_as_the_client_reads_i
         assert!(!message.contains(key), "the key, as read: {message}");
     }
     assert!(!gw.log().contains(key), "the logs");
+}
+
+#[test]
+fn provider_errors_written_again_as_json_never_carry_its_key() {
+    // Keys with a backslash or a quote of their own, and an error of the
+    // provider's that the gateway reads and writes again for the client:
+    // an Anthropic error (its message read out of JSON, where `\u000a` is
+    // a newline: the key backslash-n is not in that text, and is once the
+    // newline is written as JSON again), and a plain-text one (a `"` in
+    // it is written `\"` in the client's JSON).
+    let cases = [
+        (
+            r"sk-test\nKEY-0123456789",
+            ", kind: anthropic",
+            "application/json",
+            r#"{"type":"error","error":{"type":"invalid_request_error","message":"bad key sk-test\u000aKEY-0123456789"}}"#,
+        ),
+        (
+            r#"sk-x\"y-0123456789ab"#,
+            ", kind: anthropic",
+            "application/json",
+            r#"{"type":"error","error":{"type":"invalid_request_error","message":"bad key sk-x\u0022y-0123456789ab"}}"#,
+        ),
+        (
+            r#"sk-x\"y-0123456789ab"#,
+            "",
+            "text/plain",
+            r#"bad key sk-x"y-0123456789ab"#,
+        ),
+    ];
+    for (key, kind, content_type, body) in cases {
+        let response = format!(
+            "HTTP/1.1 400 Bad Request\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let (port, _) = raw_provider(response.into_bytes());
+        let mock = Mock::start(&[]);
+        let yaml_key = serde_json::to_string(key).unwrap();
+        let config = alone(&mock, "echo", port, &format!("{kind}, api_key: {yaml_key}"));
+        let gw = Gateway::start(&config);
+        let resp = gw.post_json("/v1/chat/completions", TENANT_KEY, &chat("m", false));
+        let text = String::from_utf8_lossy(&resp.body).into_owned();
+        assert_eq!(resp.status, 400, "{kind} {content_type}: {text}");
+        assert!(
+            !text.contains(key),
+            "{kind} {content_type}: the key: {text}"
+        );
+        let message = resp.json()["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        assert!(
+            message.contains("bad key "),
+            "the provider's message is kept: {message}"
+        );
+    }
+}
+
+#[test]
+fn a_stream_resumed_elsewhere_does_not_take_the_first_providers_key_there() {
+    // The first provider streams its key in a delta as `\u000a` (which
+    // the client reads as a newline: no key in any form it sees), then
+    // breaks off; the text so far goes to the second as the assistant's
+    // message to continue, written as JSON again: without the first's key.
+    let key = r"sk-test\nKEY-0123456789";
+    let first = concat!(
+        "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n",
+        r#"data: {"id":"c1","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"role":"assistant","content":"it is sk-test\u000aKEY-0123456789 then"},"finish_reason":null}]}"#,
+        "\n\n",
+    );
+    let (first_port, _) = raw_provider(first.as_bytes().to_vec());
+    let rest = concat!(
+        r#"data: {"id":"c2","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"content":" done"},"finish_reason":"stop"}]}"#,
+        "\n\n",
+        "data: [DONE]\n\n",
+    );
+    let second = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: {}\r\n\r\n{rest}",
+        rest.len()
+    );
+    let (second_port, seen) = recording_provider(second.into_bytes());
+    let mock = Mock::start(&[]);
+    let mut config = GatewayConfig::new(&mock);
+    config.providers = vec![
+        format!(
+            "  - {{ name: first, base_url: \"http://127.0.0.1:{first_port}/v1\", api_key: {} }}",
+            serde_json::to_string(key).unwrap()
+        ),
+        format!(
+            "  - {{ name: second, base_url: \"http://127.0.0.1:{second_port}/v1\", api_key: \"sk-second-0123456789\", supports_prefill: true }}"
+        ),
+    ];
+    config.models = "\n  - name: m\n    strategy: priority\n    targets: [{ provider: first }, { provider: second }]\n".into();
+    config.tenants = format!("\n  - id: acme\n    keys: [\"{TENANT_KEY}\"]\n");
+    let gw = Gateway::start(&config);
+    let mut events = String::new();
+    let status = read_sse(gw.port, TENANT_KEY, &chat("m", true), |data, _| {
+        events.push_str(data);
+        events.push('\n');
+    });
+    assert_eq!(status, 200);
+    assert!(
+        events.contains("[DONE]") && events.contains(" done"),
+        "resumed on the second: {events}"
+    );
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), 1, "one continuation");
+    let request = String::from_utf8_lossy(&seen[0]);
+    assert!(
+        request.contains(r#""content":"it is "#)
+            && request.contains(r#" then","role":"assistant""#),
+        "continued from the text: {request}"
+    );
+    assert!(
+        !request.contains(key),
+        "the first provider's key went to the second: {request}"
+    );
 }
 
 #[test]

@@ -33,6 +33,20 @@ use tracing::{debug, warn};
 /// its key is masked).
 const MAX_ERROR_MESSAGE_CHARS: usize = 1000;
 
+/// A provider's error (its message read out of its answer), masked of the
+/// provider's key as the client will read it (see
+/// [`Redactor::redact_decoded`]: read out of JSON and written again, a key
+/// may be the key once more) and cut to [`MAX_ERROR_MESSAGE_CHARS`].
+fn masked(mut error: ApiError, redactor: &Redactor<'_>) -> ApiError {
+    // Cut once masked: a key cut in two would not be found.
+    error.message = redactor
+        .redact_decoded(&error.message)
+        .chars()
+        .take(MAX_ERROR_MESSAGE_CHARS)
+        .collect();
+    error
+}
+
 /// How long, and how much of, a refused answer's body is read for its
 /// connection to be kept (see [`Attempt::drain`]).
 const DRAIN_WAIT: Duration = Duration::from_millis(50);
@@ -155,7 +169,19 @@ impl Attempt<'_> {
         let mut body = (exchange.body_for)(provider_model);
         if let Some(Continuation::Prefill(text)) = self.continuation {
             let delivered_tokens = (text.len() as u64).div_ceil(4);
-            body = with_prefill(&body, text, delivered_tokens).unwrap_or(body);
+            // The text the client has, read out of other providers'
+            // answers and written as JSON again: none of their keys goes to
+            // this one, in any form it reads as.
+            let text = self
+                .forwarder
+                .upstreams
+                .providers()
+                .iter()
+                .filter_map(|p| p.settings.redact_key.as_ref())
+                .fold(text.clone(), |text, key| {
+                    Redactor::new(Some(key)).redact_decoded(&text)
+                });
+            body = with_prefill(&body, &text, delivered_tokens).unwrap_or(body);
         }
         let body = kind
             .request_body(body, provider_model)
@@ -664,9 +690,11 @@ impl Attempt<'_> {
         let code = status.as_u16();
         let body = redactor.redact(&body).into_owned();
         let (status, content_type, answer) = if !status.is_success() {
+            // The provider's words, read out of its body: masked again as
+            // the client will read them.
             let error = kind
                 .translates_answers()
-                .then(|| kind.translate_error(code, &body));
+                .then(|| masked(kind.translate_error(code, &body), redactor));
             let too_long = match &error {
                 Some(error) => error.code == "context_length_exceeded",
                 None => crate::openai::is_context_length_error(&body),
@@ -695,10 +723,9 @@ impl Attempt<'_> {
                 // Not OpenAI's shape (empty, text, HTML): the client gets
                 // one, with the provider's status and text.
                 None if !crate::openai::is_openai_error(&body) => {
-                    return Err(Attempted::Final(ApiError::from_provider_answer(
-                        &provider.name,
-                        code,
-                        &body,
+                    return Err(Attempted::Final(masked(
+                        ApiError::from_provider_answer(&provider.name, code, &body),
+                        redactor,
                     )))
                 }
                 None => {
@@ -763,13 +790,8 @@ impl Attempt<'_> {
     /// moves on without a breaker count, another 4xx is the client's answer
     /// (no breaker counts it; a prompt too long moves to the context
     /// fallbacks), anything else fails the deployment.
-    fn error_in_answer(&self, mut error: ApiError, redactor: &Redactor<'_>) -> Attempted {
-        // Cut once masked: a key cut in two would not be found.
-        error.message = redactor
-            .redact_decoded(&error.message)
-            .chars()
-            .take(MAX_ERROR_MESSAGE_CHARS)
-            .collect();
+    fn error_in_answer(&self, error: ApiError, redactor: &Redactor<'_>) -> Attempted {
+        let mut error = masked(error, redactor);
         match error.status {
             429 => {
                 let rest = self.forwarder.upstreams.rate_limit_cooldown();

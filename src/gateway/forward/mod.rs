@@ -165,8 +165,9 @@ impl AnswerDetails {
     /// (a provider that echoes it in its model name or finish reason is not
     /// put in a span), ids, models and finish reasons of a sane length.
     pub(crate) fn redacted(self, redactor: &crate::redact::Redactor) -> Self {
-        let clean =
-            |text: String| String::from_utf8_lossy(&redactor.redact(text.as_bytes())).into_owned();
+        // As read out of the answer's JSON: a collector that keeps spans
+        // as JSON writes them again (see `Redactor::redact_decoded`).
+        let clean = |text: String| redactor.redact_decoded(&text);
         let short = |text: String| (text.len() <= MAX_DETAIL).then(|| clean(text));
         AnswerDetails {
             id: self.id.and_then(short),
