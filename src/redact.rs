@@ -33,6 +33,10 @@ pub struct RedactKey {
     /// The key holds a `\\`, which a text's backslash may be or begin an
     /// escape of ([`match_every_reading`]).
     backslash: bool,
+    /// What the key is overwritten with: `*`, or for a key holding a `*`
+    /// a byte it does not hold, so that no mask and what is around it can
+    /// make up the key again (`sk-ab**` masked inside `sk-absk-ab**`).
+    mask: u8,
 }
 
 impl RedactKey {
@@ -44,6 +48,15 @@ impl RedactKey {
             finder: memchr::memmem::Finder::new(key).into_owned(),
             own_escapes: key.iter().any(|b| matches!(b, b'\\' | b'"')),
             backslash: key.contains(&b'\\'),
+            // Printable, and not a byte JSON or SSE reads; one of them is
+            // missing from any key but one of every such byte.
+            mask: match key.contains(&b'*') {
+                false => b'*',
+                true => (b'#'..=b'~')
+                    .chain([b'!'])
+                    .find(|b| !matches!(b, b'"' | b'\\') && !key.contains(b))
+                    .unwrap_or(b'*'),
+            },
         })
     }
 
@@ -194,7 +207,7 @@ impl RedactKey {
         for start in self.finder.find_iter(buf) {
             let out = out.get_or_insert_with(|| Vec::with_capacity(buf.len()));
             out.extend_from_slice(&buf[copied..start]);
-            out.resize(out.len() + key.len(), b'*');
+            out.resize(out.len() + key.len(), self.mask);
             copied = start + key.len();
         }
         // The key's beginning at the very end: the next chunk tells.
@@ -235,7 +248,7 @@ impl RedactKey {
                 Match::Whole(end) => {
                     let out = out.get_or_insert_with(|| Vec::with_capacity(buf.len()));
                     out.extend_from_slice(&buf[copied..start]);
-                    out.resize(out.len() + (end - start), b'*');
+                    out.resize(out.len() + (end - start), self.mask);
                     copied = end;
                     i = end;
                 }
@@ -376,6 +389,31 @@ mod tests {
         assert_eq!(r.feed(Bytes::from_static(b"data: sk-live/abc12")), "data: ");
         let shown = format!("{r:?}");
         assert!(!shown.contains("live"), "{shown}");
+    }
+
+    #[test]
+    fn a_key_holding_a_star_is_not_made_up_again_by_its_mask() {
+        let key = prepared("sk-ab********");
+        let r = Redactor::new(Some(&key));
+        for text in [
+            "sk-absk-ab********",
+            "sk-ab********",
+            "x sk-ab\\u002a*******",
+        ] {
+            let out = r.redact(text.as_bytes());
+            assert_eq!(out.len(), text.len());
+            assert!(
+                !String::from_utf8_lossy(&out).contains("sk-ab********"),
+                "{text}"
+            );
+        }
+        // Any other key is masked with `*`.
+        assert_eq!(
+            Redactor::new(Some(&prepared(KEY)))
+                .redact(b"sk-live/abc123")
+                .as_ref(),
+            b"**************"
+        );
     }
 
     #[test]

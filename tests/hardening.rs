@@ -1055,14 +1055,16 @@ fn provider_errors_written_again_as_json_never_carry_its_key() {
 
 #[test]
 fn a_stream_resumed_elsewhere_does_not_take_the_first_providers_key_there() {
-    // The first provider streams its key in a delta as `\u000a` (which
-    // the client reads as a newline: no key in any form it sees), then
-    // breaks off; the text so far goes to the second as the assistant's
-    // message to continue, written as JSON again: without the first's key.
+    // The first provider streams its key as `\u000a` (which the client
+    // reads as a newline: no key in any form it sees) in its id and a
+    // delta, then breaks off; the text so far goes to the second as the
+    // assistant's message to continue, and the second's events go to the
+    // client with the first's id: both written as JSON again, both
+    // without the first's key.
     let key = r"sk-test\nKEY-0123456789";
     let first = concat!(
         "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n",
-        r#"data: {"id":"c1","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"role":"assistant","content":"it is sk-test\u000aKEY-0123456789 then"},"finish_reason":null}]}"#,
+        r#"data: {"id":"sk-test\u000aKEY-0123456789","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"role":"assistant","content":"it is sk-test\u000aKEY-0123456789 then"},"finish_reason":null}]}"#,
         "\n\n",
     );
     let (first_port, _) = raw_provider(first.as_bytes().to_vec());
@@ -1099,6 +1101,10 @@ fn a_stream_resumed_elsewhere_does_not_take_the_first_providers_key_there() {
     assert!(
         events.contains("[DONE]") && events.contains(" done"),
         "resumed on the second: {events}"
+    );
+    assert!(
+        !events.contains(key),
+        "the first provider's key went to the client: {events}"
     );
     let seen = seen.lock().unwrap();
     assert_eq!(seen.len(), 1, "one continuation");

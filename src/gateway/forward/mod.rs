@@ -332,7 +332,7 @@ impl Forwarder {
                 .routes
                 .first()
                 .is_some_and(|(_, r)| r.resume_streams);
-        let client = &mut Resumable::new(client, resumable);
+        let client = &mut Resumable::new(client, resumable).masking(self.upstreams.providers());
         let mut continuation = None;
         loop {
             let next = failover

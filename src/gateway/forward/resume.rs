@@ -57,6 +57,9 @@ pub(crate) struct Resumable<'c> {
     /// Rewriting a continuation, from the second attempt that streams on
     /// (boxed: most streams never need one, and every request holds this).
     splice: Option<Box<Splice>>,
+    /// The providers whose keys a rewritten event is masked of (see
+    /// [`Resumable::masking`]).
+    providers: &'c [crate::upstream::Provider],
 }
 
 /// What the client was sent, as far as resuming needs.
@@ -111,7 +114,18 @@ impl<'c> Resumable<'c> {
             close_event: false,
             record: Record::default(),
             splice: None,
+            providers: &[],
         }
+    }
+
+    /// Masks each continuation event it writes again of every one of
+    /// `providers`' keys: read out of JSON and written again (the first
+    /// attempt's `id`, `created` and `model` put in), a key's escaped
+    /// form (`\u000a` for a key's `\n`) would be the key again, and the
+    /// values put in came from another provider.
+    pub(crate) fn masking(mut self, providers: &'c [crate::upstream::Provider]) -> Self {
+        self.providers = providers;
+        self
     }
 
     /// Whether the response header went to the client (no other answer can
@@ -276,7 +290,18 @@ impl<'c> Resumable<'c> {
             self.skip_blank_line = true;
             return;
         }
-        let rewritten = serde_json::to_vec(&event).unwrap_or_default();
+        let mut rewritten = serde_json::to_vec(&event).unwrap_or_default();
+        for key in self
+            .providers
+            .iter()
+            .filter_map(|p| p.settings.redact_key.as_ref())
+        {
+            if let std::borrow::Cow::Owned(masked) =
+                crate::redact::Redactor::new(Some(key)).redact(&rewritten)
+            {
+                rewritten = masked;
+            }
+        }
         out.extend_from_slice(b"data: ");
         out.extend_from_slice(&rewritten);
         out.extend_from_slice(b"\n");
