@@ -28,7 +28,7 @@ pub struct RedactKey {
     /// looks for a pair of its rarer bytes first).
     finder: memchr::memmem::Finder<'static>,
     /// The key holds a `"` or a `\\`, which JSON text escapes as it does
-    /// its own ([`Redactor::may_be_escaped`]).
+    /// its own ([`RedactKey::may_be_escaped`]).
     own_escapes: bool,
     /// The key holds a `\\`, which a text's backslash may be or begin an
     /// escape of ([`match_every_reading`]).
@@ -64,6 +64,20 @@ impl RedactKey {
     fn bytes(&self) -> &[u8] {
         self.finder.needle()
     }
+}
+
+/// `bytes` (JSON written again, or gathered from several providers) with
+/// every one of `keys` overwritten, each as [`Redactor::redact`] does.
+pub fn redact_every<'k>(
+    keys: impl IntoIterator<Item = &'k RedactKey>,
+    mut bytes: Vec<u8>,
+) -> Vec<u8> {
+    for key in keys {
+        if let Cow::Owned(masked) = Redactor::new(Some(key)).redact(&bytes) {
+            bytes = masked;
+        }
+    }
+    bytes
 }
 
 impl std::fmt::Debug for RedactKey {

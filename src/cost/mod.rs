@@ -722,8 +722,22 @@ fn usage_object_closing_the_body(value: &[u8]) -> Option<Option<Usage>> {
     closes_the_body(rest).then(|| wire.into_usage())
 }
 
-/// The usage member's value and what follows it, when the body's top-level
-/// object ends with it (see [`top_level_usage_at_end`]).
+/// The top-level `usage` member's value of a JSON object (with what
+/// follows it), found from the end of `body` without reading what comes
+/// before it; `None` when it cannot be told this way.
+///
+/// Outside strings only: inside a JSON string a `"` is escaped, so the
+/// bytes `"usage"` (a quote right after the `e`) cannot occur there, and
+/// in valid JSON an unescaped quote before `usage` opens the key. The key
+/// must be the only `"usage"` in the body (an earlier one is a nested or
+/// a repeated key: a whole parse decides), with no `\u` escape before it
+/// (a key written `"\u0075sage"` is `usage` too), and after its value only the
+/// object's other members, its `}` and whitespace may follow: the object
+/// that closes at the body's end is the top-level one. For every valid
+/// body the answer is the whole parse's (a unit property test holds it to
+/// that). A body that does not begin as an object (a byte-order mark,
+/// junk, a missing start) is left to the whole parse; one malformed
+/// between its start and its `usage` is billed by the usage it reports.
 fn top_level_usage_value_at_end(body: &[u8]) -> Option<&[u8]> {
     if json_ws(body).first() != Some(&b'{') {
         return None;
@@ -739,7 +753,8 @@ fn top_level_usage_value_at_end(body: &[u8]) -> Option<&[u8]> {
     json_ws(&body[at + USAGE_KEY.len()..]).strip_prefix(b":")
 }
 
-/// [`top_level_usage_at_end`] from [`top_level_usage_value_at_end`]'s value.
+/// The usage member from [`top_level_usage_value_at_end`]'s value, when
+/// only the body's end follows it: `Some(None)` for `"usage": null`.
 fn top_level_usage_at_end_from(mut rest: &[u8]) -> Option<Option<&RawValue>> {
     let usage = next_json_value(&mut rest)?;
     closes_the_body(rest).then(|| (usage.get() != "null").then_some(usage))
@@ -755,22 +770,9 @@ fn usage_member_parsed(body: &[u8]) -> Option<&RawValue> {
     serde_json::from_slice::<UsageOnly>(body).ok()?.usage
 }
 
-/// The top-level `usage` member of a JSON object, found from the end of
-/// `body` without reading what comes before it: `Some(None)` for
-/// `"usage": null`, `None` when it cannot be told this way.
-///
-/// Outside strings only: inside a JSON string a `"` is escaped, so the
-/// bytes `"usage"` (a quote right after the `e`) cannot occur there, and
-/// in valid JSON an unescaped quote before `usage` opens the key. The key
-/// must be the only `"usage"` in the body (an earlier one is a nested or
-/// a repeated key: a whole parse decides), with no `\u` escape before it
-/// (a key written `"\u0075sage"` is `usage` too), and after its value only the
-/// object's other members, its `}` and whitespace may follow: the object
-/// that closes at the body's end is the top-level one. For every valid
-/// body the answer is the whole parse's (a unit property test holds it to
-/// that). A body that does not begin as an object (a byte-order mark,
-/// junk, a missing start) is left to the whole parse; one malformed
-/// between its start and its `usage` is billed by the usage it reports.
+/// The top-level `usage` member of a JSON object, found from the end
+/// ([`top_level_usage_value_at_end`]): `Some(None)` for `"usage": null`,
+/// `None` when it cannot be told this way.
 #[cfg(test)]
 fn top_level_usage_at_end(body: &[u8]) -> Option<Option<&RawValue>> {
     top_level_usage_at_end_from(top_level_usage_value_at_end(body)?)

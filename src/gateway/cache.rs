@@ -464,13 +464,13 @@ impl Gateway {
                 (answer, streamable)
             }
         };
-        let mut bytes = serde_json::to_vec(&answer).ok()?;
-        for provider in &self.config.providers {
-            let redactor = crate::redact::Redactor::new(provider.redact_key.as_ref());
-            if let std::borrow::Cow::Owned(redacted) = redactor.redact(&bytes) {
-                bytes = redacted;
-            }
-        }
+        let bytes = crate::redact::redact_every(
+            self.config
+                .providers
+                .iter()
+                .filter_map(|p| p.redact_key.as_ref()),
+            serde_json::to_vec(&answer).ok()?,
+        );
         Some(Entry {
             stored_at_ms: cache::now_ms(),
             cost_pusd,

@@ -290,18 +290,12 @@ impl<'c> Resumable<'c> {
             self.skip_blank_line = true;
             return;
         }
-        let mut rewritten = serde_json::to_vec(&event).unwrap_or_default();
-        for key in self
-            .providers
-            .iter()
-            .filter_map(|p| p.settings.redact_key.as_ref())
-        {
-            if let std::borrow::Cow::Owned(masked) =
-                crate::redact::Redactor::new(Some(key)).redact(&rewritten)
-            {
-                rewritten = masked;
-            }
-        }
+        let rewritten = crate::redact::redact_every(
+            self.providers
+                .iter()
+                .filter_map(|p| p.settings.redact_key.as_ref()),
+            serde_json::to_vec(&event).unwrap_or_default(),
+        );
         out.extend_from_slice(b"data: ");
         out.extend_from_slice(&rewritten);
         out.extend_from_slice(b"\n");
