@@ -11,6 +11,10 @@ use http::{HeaderName, HeaderValue};
 use pingora::proxy::Session;
 use std::time::Instant;
 
+/// The header some SDKs (Anthropic's) send the key in. A constant: a name
+/// given as `&str` is parsed again on every lookup.
+const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+
 impl Gateway {
     /// Authenticates the request; the tenant's index in the config. A valid
     /// key always passes; failures are counted per client address, and an
@@ -24,10 +28,10 @@ impl Gateway {
         let headers = &session.req_header().headers;
         let presented = auth::presented_key(
             headers
-                .get_all("authorization")
+                .get_all(http::header::AUTHORIZATION)
                 .iter()
                 .map(|v| v.as_bytes()),
-            headers.get_all("x-api-key").iter().map(|v| v.as_bytes()),
+            headers.get_all(X_API_KEY).iter().map(|v| v.as_bytes()),
         );
         let error = match presented {
             auth::Presented::Key(key) => match self.keys.authenticate(key) {

@@ -65,7 +65,11 @@ pub(super) enum Looked {
 fn directives(session: &Session) -> (bool, bool) {
     let mut no_cache = false;
     let mut no_store = false;
-    for value in session.req_header().headers.get_all("cache-control") {
+    for value in session
+        .req_header()
+        .headers
+        .get_all(http::header::CACHE_CONTROL)
+    {
         for directive in value.to_str().unwrap_or_default().split(',') {
             let directive = directive.trim();
             no_cache |= directive.eq_ignore_ascii_case("no-cache");

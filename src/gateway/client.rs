@@ -330,7 +330,7 @@ impl Client for Collected {
         self.status = Some(header.status.as_u16());
         self.content_type = header
             .headers
-            .get("content-type")
+            .get(http::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
         true

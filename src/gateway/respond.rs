@@ -15,7 +15,7 @@ pub(super) fn request_id(session: &Session) -> String {
     session
         .req_header()
         .headers
-        .get("x-request-id")
+        .get(super::forward::headers::X_REQUEST_ID)
         .and_then(|v| sane_request_id(v.as_bytes()))
         .unwrap_or_else(new_request_id)
 }
@@ -28,14 +28,14 @@ pub(super) fn request_id(session: &Session) -> String {
 /// as it came off the wire is what is checked.
 pub(super) fn check_framing(session: &Session) -> Result<(), ApiError> {
     let headers = &session.req_header().headers;
-    if !headers.contains_key("transfer-encoding") {
+    if !headers.contains_key(http::header::TRANSFER_ENCODING) {
         return Ok(());
     }
     let raw_has_length = session
         .as_downstream()
         .as_http1()
         .is_some_and(|h1| has_content_length_line(&h1.get_headers_raw_bytes()));
-    if headers.contains_key("content-length") || raw_has_length {
+    if headers.contains_key(http::header::CONTENT_LENGTH) || raw_has_length {
         return Err(ApiError::bad_request(
             "A request must not carry both Content-Length and Transfer-Encoding.",
         ));
@@ -69,7 +69,7 @@ pub(super) async fn read_body(session: &mut Session, limit: usize) -> Result<Byt
     let declared = session
         .req_header()
         .headers
-        .get("content-length")
+        .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<usize>().ok());
     if declared.is_some_and(|n| n > limit) {

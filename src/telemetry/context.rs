@@ -1,7 +1,13 @@
 //! W3C trace context: reading a client's `traceparent` and `tracestate`,
 //! the sampling decision, and the `traceparent` sent to providers.
 
-use http::{HeaderMap, HeaderValue};
+use http::{HeaderMap, HeaderName, HeaderValue};
+
+/// The W3C trace context's headers. Constants: a name given as `&str` is
+/// parsed again on every lookup.
+pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+/// See [`TRACEPARENT`].
+pub const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 
 /// The longest `tracestate` passed on (the W3C limit is 32 members of at
 /// most 256 bytes each; 512 bytes is what it asks to be kept at least).
@@ -67,7 +73,7 @@ impl TraceContext {
 /// (two are ambiguous: the W3C spec has the request start a trace of its
 /// own).
 fn client_traceparent(headers: &HeaderMap) -> Option<([u8; 16], [u8; 8], u8)> {
-    let mut values = headers.get_all("traceparent").iter();
+    let mut values = headers.get_all(TRACEPARENT).iter();
     let (value, None) = (values.next()?, values.next()) else {
         return None;
     };
@@ -79,7 +85,7 @@ fn client_traceparent(headers: &HeaderMap) -> Option<([u8; 16], [u8; 8], u8)> {
 /// checks as when it traces), never whatever the client sent.
 pub fn valid_client_headers(headers: &HeaderMap) -> Option<(HeaderValue, Option<HeaderValue>)> {
     client_traceparent(headers)?;
-    let traceparent = headers.get("traceparent")?.clone();
+    let traceparent = headers.get(TRACEPARENT)?.clone();
     Some((traceparent, trace_state(headers)))
 }
 
@@ -155,7 +161,7 @@ pub fn parse_traceparent(value: &str) -> Option<([u8; 16], [u8; 8], u8)> {
 /// The client's `tracestate` (its entries joined, when sent as several
 /// headers), when it is of a size worth passing on.
 fn trace_state(headers: &HeaderMap) -> Option<HeaderValue> {
-    let mut values = headers.get_all("tracestate").iter();
+    let mut values = headers.get_all(TRACESTATE).iter();
     let first = values.next()?;
     let joined = match values.next() {
         None => first.clone(),

@@ -17,7 +17,9 @@ mod context;
 mod export;
 mod otlp;
 
-pub use context::{new_span_id, parse_traceparent, valid_client_headers, TraceContext};
+pub use context::{
+    new_span_id, parse_traceparent, valid_client_headers, TraceContext, TRACEPARENT, TRACESTATE,
+};
 pub use export::{flush, settings, start, submit, Settings};
 
 use std::time::SystemTime;

@@ -8,6 +8,7 @@ use crate::config::ProviderSettings;
 use crate::gateway::admission::{each_rate_limit_value, rate_limit_header_count, write_number};
 use crate::providers::adapter;
 use crate::redact::Redactor;
+use crate::telemetry::{TRACEPARENT, TRACESTATE};
 use bytes::BytesMut;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use pingora::http::{RequestHeader, ResponseHeader};
@@ -40,8 +41,6 @@ pub(in crate::gateway) const X_REQUEST_ID: HeaderName = HeaderName::from_static(
 const X_UPSTREAM_REQUEST_ID: HeaderName = HeaderName::from_static("x-upstream-request-id");
 const X_RUNESTONE_PROVIDER: HeaderName = HeaderName::from_static("x-runestone-provider");
 const X_RUNESTONE_ATTEMPTS: HeaderName = HeaderName::from_static("x-runestone-attempts");
-const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
-const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 
 /// `path` (which may carry a query already) with `tail` added to its path
 /// and `query` to its query.
