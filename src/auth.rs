@@ -71,7 +71,8 @@ pub fn presented_key<'a>(
 /// The compiled key index: digest -> index of the tenant in the config.
 #[derive(Debug, Default, Clone)]
 pub struct KeyIndex {
-    by_digest: HashMap<KeyDigest, usize>,
+    /// foldhash: read on every request, built from the config only.
+    by_digest: foldhash::HashMap<KeyDigest, usize>,
 }
 
 impl KeyIndex {

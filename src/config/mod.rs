@@ -113,7 +113,9 @@ pub struct Config {
     pub literal_secrets: Vec<String>,
     /// Warnings about the file itself (its permissions), found at load.
     pub file_warnings: Vec<String>,
-    model_index: HashMap<String, usize>,
+    /// Model name -> route index; read on every request (foldhash: built
+    /// from the config, so a client's names only look up).
+    model_index: foldhash::HashMap<String, usize>,
 }
 
 impl Config {
@@ -258,7 +260,7 @@ impl Config {
                     cache,
                     literal_secrets,
                     file_warnings: Vec::new(),
-                    model_index,
+                    model_index: model_index.into_iter().collect(),
                 })
             }
             _ => Err(problems),

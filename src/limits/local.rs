@@ -5,7 +5,6 @@
 use super::{window, LimitKind, PeriodUsage, RateLimitState, Refusal};
 use crate::config::TenantLimits;
 use crate::gcra;
-use std::collections::HashMap;
 use std::sync::Mutex;
 
 #[derive(Debug, Default)]
@@ -13,8 +12,16 @@ struct TenantState {
     requests_tat: f64,
     tokens_tat: f64,
     inflight: u32,
-    /// Usage per period id; only the current periods are ever read.
-    usage: HashMap<String, PeriodUsage>,
+    /// Usage of the current period (its id): an older one is never read.
+    usage: Option<(String, PeriodUsage)>,
+}
+
+impl TenantState {
+    /// The usage of period `period_id`, when it is the current one.
+    fn usage_in(&self, period_id: &str) -> Option<&PeriodUsage> {
+        let (id, usage) = self.usage.as_ref()?;
+        (id == period_id).then_some(usage)
+    }
 }
 
 /// Per-tenant limit state held in this process.
@@ -67,7 +74,7 @@ impl LocalStore {
         };
 
         if let Some(budget) = limits.budget {
-            let spent = state.usage.get(period_id).map_or(0, |u| u.cost_pusd) + spent_elsewhere;
+            let spent = state.usage_in(period_id).map_or(0, |u| u.cost_pusd) + spent_elsewhere;
             if spent >= budget.amount_pusd {
                 return Err(refuse(LimitKind::Budget, None, &state));
             }
@@ -134,20 +141,17 @@ impl LocalStore {
     /// Adds a finished request's usage to the period's counters.
     pub fn record(&self, tenant: usize, period_id: &str, usage: &PeriodUsage) {
         let mut state = self.state(tenant);
-        if let Some(counters) = state.usage.get_mut(period_id) {
-            counters.add(usage);
-            return;
+        match &mut state.usage {
+            Some((id, counters)) if id == period_id => counters.add(usage),
+            // A new period began: the old one is never read again.
+            slot => *slot = Some((period_id.to_string(), usage.clone())),
         }
-        // A new period began: the old ones are never read again.
-        state.usage.clear();
-        state.usage.insert(period_id.to_string(), usage.clone());
     }
 
     /// The period's counters.
     pub fn usage(&self, tenant: usize, period_id: &str) -> PeriodUsage {
         self.state(tenant)
-            .usage
-            .get(period_id)
+            .usage_in(period_id)
             .cloned()
             .unwrap_or_default()
     }
