@@ -16,44 +16,54 @@ pub fn accounting_period(limits: &TenantLimits) -> BudgetPeriod {
 pub fn period_at(period: BudgetPeriod, unix_ms: f64) -> (Arc<str>, Option<u64>) {
     let secs = (unix_ms / 1000.0).floor() as i64;
     let days = secs.div_euclid(86_400);
-    let (y, m, d) = civil_from_days(days);
-    let ms_into_day = unix_ms - days as f64 * 86_400_000.0;
-    match period {
-        BudgetPeriod::Daily => {
-            let left = 86_400_000.0 - ms_into_day;
-            let id = period_id(0, days, || format!("{y:04}-{m:02}-{d:02}"));
-            (id, Some(left.ceil() as u64))
-        }
-        BudgetPeriod::Monthly => {
-            let (ny, nm) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
-            let next = days_from_civil(ny, nm, 1);
-            let left = (next - days) as f64 * 86_400_000.0 - ms_into_day;
-            let id = period_id(1, days, || format!("{y:04}-{m:02}"));
-            (id, Some(left.ceil() as u64))
-        }
-        BudgetPeriod::Total => (period_id(2, 0, || "total".into()), None),
-    }
+    let (id, end_ms) = current_period(period, days);
+    (id, end_ms.map(|end| (end - unix_ms).ceil() as u64))
 }
 
-/// A period id, formatted once per day and thread (`slot` 0 for days, 1 for
-/// months, 2 for `total`) rather than for every admission and settlement,
-/// and shared rather than copied.
-fn period_id(slot: usize, days: i64, format: impl FnOnce() -> String) -> Arc<str> {
+/// The id of the period (of kind `period`) that day `days` falls in, and
+/// when that period ends (Unix milliseconds; `None` for `total`): worked out
+/// once per day, thread and kind rather than for every admission and
+/// settlement, and the id shared rather than copied.
+fn current_period(period: BudgetPeriod, days: i64) -> (Arc<str>, Option<f64>) {
+    type Known = (i64, Option<(Arc<str>, Option<f64>)>);
     thread_local! {
-        static LAST: std::cell::RefCell<[(i64, Option<Arc<str>>); 3]> =
+        static LAST: std::cell::RefCell<[Known; 3]> =
             const { std::cell::RefCell::new([(i64::MIN, None), (i64::MIN, None), (i64::MIN, None)]) };
     }
+    let slot = match period {
+        BudgetPeriod::Daily => 0,
+        BudgetPeriod::Monthly => 1,
+        BudgetPeriod::Total => 2,
+    };
     LAST.with(|last| {
         let mut last = last.borrow_mut();
-        let (day, id) = &mut last[slot];
-        match id {
-            Some(id) if *day == days => id.clone(),
+        let (day, known) = &mut last[slot];
+        match known {
+            Some(known) if *day == days => known.clone(),
             _ => {
                 *day = days;
-                id.insert(format().into()).clone()
+                known.insert(period_of(period, days)).clone()
             }
         }
     })
+}
+
+/// The id of the period that day `days` falls in, and when it ends.
+fn period_of(period: BudgetPeriod, days: i64) -> (Arc<str>, Option<f64>) {
+    const DAY_MS: f64 = 86_400_000.0;
+    let (y, m, d) = civil_from_days(days);
+    match period {
+        BudgetPeriod::Daily => (
+            format!("{y:04}-{m:02}-{d:02}").into(),
+            Some((days + 1) as f64 * DAY_MS),
+        ),
+        BudgetPeriod::Monthly => {
+            let (ny, nm) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
+            let next = days_from_civil(ny, nm, 1);
+            (format!("{y:04}-{m:02}").into(), Some(next as f64 * DAY_MS))
+        }
+        BudgetPeriod::Total => ("total".into(), None),
+    }
 }
 
 /// Days since 1970-01-01 -> (year, month, day) in the proleptic Gregorian

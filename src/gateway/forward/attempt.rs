@@ -391,7 +391,7 @@ impl Attempt<'_> {
         // Counted from the request, like first_byte_ms.
         let first_token = provider.timeouts.first_token;
         let first_token_deadline = (answer.started + first_token).min(answer.deadline);
-        let mut held = BytesMut::new();
+        let mut held = Held::default();
         let mut first = FirstContent::new(event_stream);
         if meter.passes_at_once() {
             first = FirstContent::found_at_once();
@@ -424,7 +424,7 @@ impl Attempt<'_> {
                     if let Some(error) = meter.in_band_error().filter(|_| !first.found()) {
                         return Err(self.error_in_answer(error.clone(), &redactor));
                     }
-                    held.extend_from_slice(&out);
+                    held.push(out);
                     if held.len() > MAX_METERED_JSON_BYTES {
                         break;
                     }
@@ -434,7 +434,7 @@ impl Attempt<'_> {
                     // time to fail over should it be an error.
                     let last = redactor.feed(meter.read_last_event());
                     first.scan(&last);
-                    held.extend_from_slice(&last);
+                    held.push(last);
                     if let Some(error) = meter.in_band_error().filter(|_| !first.found()) {
                         return Err(self.error_in_answer(error.clone(), &redactor));
                     }
@@ -443,7 +443,7 @@ impl Attempt<'_> {
                     // the gateway asked for and takes out), or an empty
                     // JSON body: no answer, and nothing sent, so another
                     // deployment may give one.
-                    if first.nothing_in(&held) && !may_be_empty {
+                    if first.nothing_in(held.as_slice()) && !may_be_empty {
                         warn!(request_id = %exchange.request_id, provider = %provider.name, received, event_stream, "provider ended its answer with nothing in it");
                         let what = if event_stream {
                             "ended its stream without a whole event"
@@ -528,7 +528,7 @@ impl Attempt<'_> {
                 settle,
                 &mut meter,
                 &mut redactor,
-                (held.freeze(), received, ended),
+                (held.into_bytes(), received, ended),
             )
             .await;
         if !matches!(end, BodyEnd::ClientTooSlow { mid_send: true }) {
@@ -906,6 +906,50 @@ impl Attempt<'_> {
     }
 }
 
+/// An answer's beginning, held back until its first content: the piece
+/// read as it came (most answers are one), or the pieces joined once there
+/// are several. At most one of the two holds anything.
+#[derive(Default)]
+struct Held {
+    one: Bytes,
+    joined: BytesMut,
+}
+
+impl Held {
+    fn push(&mut self, piece: Bytes) {
+        if piece.is_empty() {
+            return;
+        }
+        if self.one.is_empty() && self.joined.is_empty() {
+            self.one = piece;
+            return;
+        }
+        if self.joined.is_empty() {
+            self.joined
+                .extend_from_slice(&std::mem::take(&mut self.one));
+        }
+        self.joined.extend_from_slice(&piece);
+    }
+
+    fn len(&self) -> usize {
+        self.one.len() + self.joined.len()
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        match self.joined.is_empty() {
+            true => &self.one,
+            false => &self.joined,
+        }
+    }
+
+    fn into_bytes(self) -> Bytes {
+        match self.joined.is_empty() {
+            true => self.one,
+            false => self.joined.freeze(),
+        }
+    }
+}
+
 /// Whether an HTTP/1 connection could be kept after an answer with this
 /// head, before its body is read: a body of known length (chunked, or a
 /// `Content-Length`: one that ends at the close cannot) and a connection
@@ -1058,6 +1102,25 @@ fn classify(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn what_is_held_is_every_piece_in_order_joined_only_when_several() {
+        assert_eq!(Held::default().into_bytes(), Bytes::new());
+        let one = Bytes::from_static(b"data: {}\n\n");
+        let mut held = Held::default();
+        held.push(Bytes::new());
+        held.push(one.clone());
+        held.push(Bytes::new());
+        assert_eq!(held.as_slice(), &one[..]);
+        // Not copied: the piece read is the piece sent.
+        assert_eq!(held.into_bytes().as_ptr(), one.as_ptr());
+        let mut held = Held::default();
+        for piece in ["a", "", "bc", "d"] {
+            held.push(Bytes::from(piece));
+        }
+        assert_eq!((held.len(), held.as_slice()), (4, &b"abcd"[..]));
+        assert_eq!(held.into_bytes(), Bytes::from("abcd"));
+    }
 
     #[test]
     fn a_refusal_is_read_out_only_when_its_connection_could_be_kept() {
