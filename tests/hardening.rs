@@ -927,6 +927,66 @@ fn raw_provider(response: Vec<u8>) -> (u16, std::sync::Arc<std::sync::atomic::At
 }
 
 #[test]
+fn a_kept_connection_answering_garbage_is_left_for_a_fresh_one() {
+    // A provider whose kept connections carry bytes that are no answer
+    // (what it sent after its last answer, come in only once the next
+    // request went out): each connection's first request is answered,
+    // every later one gets garbage.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let reused = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = reused.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let count = count.clone();
+            std::thread::spawn(move || {
+                let body = r#"{"id":"c1","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"fresh"},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}"#;
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                let mut first = true;
+                while read_request(&mut stream) {
+                    let reply: &[u8] = match std::mem::take(&mut first) {
+                        true => answer.as_bytes(),
+                        false => {
+                            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            b"POISON not an answer\r\n\r\n"
+                        }
+                    };
+                    if stream.write_all(reply).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let mock = Mock::start(&[]);
+    let config = alone(&mock, "stray", port, "");
+    let gw = Gateway::start(&config);
+    // Sequential requests: the second and later find the first's
+    // connection kept (once it is back in the pool).
+    for _ in 0..6 {
+        let resp = gw.post_json("/v1/chat/completions", TENANT_KEY, &chat("m", false));
+        assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
+        assert!(String::from_utf8_lossy(&resp.body).contains("fresh"));
+    }
+    assert!(
+        reused.load(std::sync::atomic::Ordering::SeqCst) >= 1,
+        "no request went out on a kept connection"
+    );
+    // Nothing counted against the provider: it stays in service.
+    let ready = gw.get("/ready", None);
+    assert_eq!(
+        ready.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&ready.body)
+    );
+}
+
+#[test]
 fn a_malformed_body_echoing_the_key_is_not_logged_whatever_the_level() {
     // A refusal whose chunked body echoes the provider's key, then breaks:
     // Pingora's own debug event on the bad chunk prints what it read.

@@ -266,10 +266,23 @@ impl Attempt<'_> {
                 read = tokio::time::timeout_at(header_deadline, upstream.read_response_header()) => match read {
                     Ok(read) => read.map_err(|e| {
                         let (outcome, domain, attempted) = classify(provider, self.backend, &e, Phase::Answer);
-                        // A pooled connection the provider had closed while
-                        // idle says nothing about it.
-                        let stale = reused && informational == 0 && matches!(e.etype(), ErrorType::ConnectionClosed);
-                        self.outcome(if stale { Outcome::Neutral } else { outcome }, domain, attempted)
+                        // A pooled connection that ends, or reads as no
+                        // answer's head, before this request's answer: the
+                        // provider closed it while idle, or sent bytes after
+                        // its last answer that came in only now. Neither says
+                        // anything about the provider, and a fresh
+                        // connection may serve: tried again, not counted.
+                        let stale = reused
+                            && informational == 0
+                            && matches!(e.etype(), ErrorType::ConnectionClosed | ErrorType::InvalidHTTPHeader);
+                        if !stale {
+                            return self.outcome(outcome, domain, attempted);
+                        }
+                        let attempted = match attempted {
+                            Attempted::Retryable { error, domain, .. } => Attempted::Retryable { error, domain, transient: true },
+                            other => other,
+                        };
+                        self.outcome(Outcome::Neutral, domain, attempted)
                     })?,
                     Err(_) => return Err(self.deployment_failure(ApiError::upstream_timeout(format!(
                         "The provider '{}' sent no response within {first_byte:?}.", provider.name
