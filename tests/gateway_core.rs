@@ -666,9 +666,9 @@ fn routes_around_a_dead_target() {
 fn unreachable_provider_is_a_502() {
     let mock = Mock::start(&[]);
     let mut config = GatewayConfig::new(&mock);
+    let port = free_port();
     config.providers = vec![format!(
-        "  - {{ name: mock, base_url: \"http://127.0.0.1:{}/v1\" }}",
-        free_port()
+        "  - {{ name: mock, base_url: \"http://127.0.0.1:{port}/v1\" }}"
     )];
     let gw = Gateway::start(&config);
     let resp = gw.post_json(
@@ -680,6 +680,12 @@ fn unreachable_provider_is_a_502() {
         (resp.status, resp.error_code()),
         (502, "upstream_error".to_string())
     );
+    // The provider by name; its address is the operator's (in the log),
+    // not the tenant's.
+    let message = resp.json()["error"]["message"].to_string();
+    assert!(message.contains("'mock'"), "{message}");
+    assert!(!message.contains(&port.to_string()), "{message}");
+    assert!(gw.log().contains(&format!("127.0.0.1:{port}")));
 }
 
 #[test]

@@ -198,7 +198,7 @@ impl Attempt<'_> {
         // Boxed: more than half a kilobyte, held for the whole answer.
         let peer = Box::new(upstreams.peer(self.backend));
         let connect_error = |e: Box<pingora::Error>| {
-            let (outcome, domain, attempted) = classify(provider, self.backend, &e, Phase::Connect);
+            let (outcome, domain, attempted) = classify(provider, &e, Phase::Connect);
             self.outcome(outcome, domain, attempted)
         };
         let connector = &self.forwarder.connector;
@@ -235,7 +235,7 @@ impl Attempt<'_> {
         if let Err(e) = sent.await {
             // A pooled connection the provider had closed says nothing
             // about it; the request is sent again, elsewhere or here.
-            let (outcome, domain, _) = classify(provider, self.backend, &e, Phase::Connect);
+            let (outcome, domain, _) = classify(provider, &e, Phase::Connect);
             let outcome = if reused { Outcome::Neutral } else { outcome };
             return Err(self.outcome(
                 outcome,
@@ -265,7 +265,7 @@ impl Attempt<'_> {
                 biased;
                 read = tokio::time::timeout_at(header_deadline, upstream.read_response_header()) => match read {
                     Ok(read) => read.map_err(|e| {
-                        let (outcome, domain, attempted) = classify(provider, self.backend, &e, Phase::Answer);
+                        let (outcome, domain, attempted) = classify(provider, &e, Phase::Answer);
                         // A pooled connection that ends, or reads as no
                         // answer's head, before this request's answer: the
                         // provider closed it while idle, or sent bytes after
@@ -472,8 +472,7 @@ impl Attempt<'_> {
                     break;
                 }
                 Ok(Err(e)) => {
-                    let (outcome, domain, attempted) =
-                        classify(provider, self.backend, &e, Phase::Answer);
+                    let (outcome, domain, attempted) = classify(provider, &e, Phase::Answer);
                     return Err(self.outcome(outcome, domain, attempted));
                 }
                 Err(_) => {
@@ -1052,10 +1051,10 @@ enum Phase {
 /// the address, for every deployment on it; once it was sent, a closed
 /// connection or a timeout counts against the deployment (one model's
 /// server dropping requests says nothing about the others). A reset is
-/// worth one more try.
+/// worth one more try. The client's message names the provider, not its
+/// address (the log's "attempt failed" line has that, for operators).
 fn classify(
     provider: &ProviderSettings,
-    backend: &Backend,
     e: &pingora::Error,
     phase: Phase,
 ) -> (Outcome, Domain, Attempted) {
@@ -1084,8 +1083,7 @@ fn classify(
             Domain::Transport,
             false,
             ApiError::upstream_timeout(format!(
-                "The provider '{name}' could not be reached in time at {}.",
-                backend.addr
+                "The provider '{name}' could not be reached in time."
             )),
         ),
         ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError => failure(
@@ -1095,18 +1093,16 @@ fn classify(
             },
             true,
             ApiError::upstream_error(format!(
-                "The provider '{name}' closed the connection ({}) at {}.",
+                "The provider '{name}' closed the connection ({}).",
                 e.etype().as_str(),
-                backend.addr
             )),
         ),
         _ => failure(
             Domain::Transport,
             false,
             ApiError::upstream_error(format!(
-                "The provider '{name}' could not be reached ({}) at {}.",
+                "The provider '{name}' could not be reached ({}).",
                 e.etype().as_str(),
-                backend.addr
             )),
         ),
     }
