@@ -8,7 +8,6 @@ use crate::metrics;
 use crate::overflow::{Drain, Overflow};
 use crate::services::{DrainService, MaintenanceService, ReloadService};
 use crate::upstream::Upstreams;
-use pingora::connectors::http::v1::Connector;
 use pingora::connectors::ConnectorOptions;
 use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::proxy::http_proxy_service_with_name;
@@ -86,9 +85,7 @@ pub fn build(config: Config, options: RunOptions) -> Server {
 
     let config = Arc::new(config);
     let upstreams = Arc::new(Upstreams::new(&config));
-    let connector = Connector::new(Some(ConnectorOptions::from_server_conf(
-        &server.configuration,
-    )));
+    let connector_options = Some(ConnectorOptions::from_server_conf(&server.configuration));
     for warning in config.warnings() {
         tracing::warn!("{warning}");
     }
@@ -122,7 +119,7 @@ pub fn build(config: Config, options: RunOptions) -> Server {
         upstreams.clone(),
         limiter.clone(),
         overflow.clone(),
-        connector,
+        connector_options,
         redis,
     );
     let drain = Drain::new(

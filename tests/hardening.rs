@@ -963,7 +963,9 @@ fn a_kept_connection_answering_garbage_is_left_for_a_fresh_one() {
         }
     });
     let mock = Mock::start(&[]);
-    let config = alone(&mock, "stray", port, "");
+    let mut config = alone(&mock, "stray", port, "");
+    // No attempt to spare: the new connection is not a retry.
+    config.extra = "failover: { max_attempts: 1 }\n".into();
     let gw = Gateway::start(&config);
     // Sequential requests: the second and later find the first's
     // connection kept (once it is back in the pool).
@@ -976,6 +978,24 @@ fn a_kept_connection_answering_garbage_is_left_for_a_fresh_one() {
         reused.load(std::sync::atomic::Ordering::SeqCst) >= 1,
         "no request went out on a kept connection"
     );
+    // Many kept connections at once, every one of them stale: a request
+    // whose kept connection failed does not take another from the pool.
+    for _ in 0..3 {
+        let answers: Vec<_> = std::thread::scope(|scope| {
+            let asks: Vec<_> = (0..8)
+                .map(|_| {
+                    scope.spawn(|| {
+                        gw.post_json("/v1/chat/completions", TENANT_KEY, &chat("m", false))
+                    })
+                })
+                .collect();
+            asks.into_iter().map(|ask| ask.join().unwrap()).collect()
+        });
+        for resp in answers {
+            assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
+            assert_eq!(resp.header("x-runestone-attempts"), Some("1"));
+        }
+    }
     // Nothing counted against the provider: it stays in service.
     let ready = gw.get("/ready", None);
     assert_eq!(

@@ -45,6 +45,7 @@ use async_trait::async_trait;
 use forward::{Forwarder, Report};
 use futures_util::FutureExt;
 use pingora::connectors::http::v1::Connector;
+use pingora::connectors::{ConnectorOptions, TransportConnector};
 use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use std::panic::AssertUnwindSafe;
@@ -111,7 +112,7 @@ impl Gateway {
         upstreams: Arc<Upstreams>,
         limiter: Limiter,
         overflow: Overflow,
-        connector: Connector,
+        connector_options: Option<ConnectorOptions>,
         redis: Option<Arc<crate::redis_conn::RedisConnection>>,
     ) -> Self {
         let settings = config.redis.as_ref().filter(|_| redis.is_some());
@@ -138,7 +139,8 @@ impl Gateway {
             )),
             forwarder: Arc::new(Forwarder {
                 upstreams: upstreams.clone(),
-                connector: Arc::new(connector),
+                connector: Arc::new(Connector::new(connector_options.clone())),
+                new_connections: TransportConnector::new(connector_options),
                 policy: config.failover,
             }),
             config,

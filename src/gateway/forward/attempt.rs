@@ -25,6 +25,8 @@ use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderValue};
 use pingora::http::ResponseHeader;
 use pingora::protocols::http::client::HttpSession;
+use pingora::protocols::http::v1::client::HttpSession as H1Session;
+use pingora::upstreams::peer::HttpPeer;
 use pingora::{ErrorSource, ErrorType};
 use std::time::{Duration, Instant};
 use tracing::{debug, warn};
@@ -51,6 +53,19 @@ fn masked(mut error: ApiError, redactor: &Redactor<'_>) -> ApiError {
 /// connection to be kept (see [`Attempt::drain`]).
 const DRAIN_WAIT: Duration = Duration::from_millis(50);
 const DRAIN_BYTES: usize = 64 * 1024;
+
+/// How sending on one connection failed: the connection was a stale kept
+/// one (see [`Attempt::request_on`]), or the attempt ended so.
+enum Failed {
+    Stale,
+    Attempted(Attempted),
+}
+
+impl From<Attempted> for Failed {
+    fn from(attempted: Attempted) -> Self {
+        Failed::Attempted(attempted)
+    }
+}
 
 /// One attempt: where, and for what.
 pub(super) struct Attempt<'a> {
@@ -197,23 +212,81 @@ impl Attempt<'_> {
             })?;
         // Boxed: more than half a kilobyte, held for the whole answer.
         let peer = Box::new(upstreams.peer(self.backend));
+        let (mut upstream, mut reused) =
+            match self.forwarder.connector.reused_http_session(&*peer).await {
+                Some(pooled) => (HttpSession::H1(pooled), true),
+                None => self.connect(&peer, false).await?,
+            };
+        loop {
+            match self
+                .request_on(&mut upstream, reused, body.clone(), deadline, client)
+                .await
+            {
+                Ok(()) => break,
+                // A kept connection that proved stale says nothing about
+                // the provider: once more on a new one (not another kept
+                // one, which may be as stale), outside the retries.
+                Err(Failed::Stale) => {
+                    debug!(request_id = %exchange.request_id, provider = %provider.name, backend = %self.backend.addr, "a kept connection was stale; sending again on a new one");
+                    (upstream, reused) = self.connect(&peer, true).await?;
+                }
+                Err(Failed::Attempted(attempted)) => return Err(attempted),
+            }
+        }
+        Ok(Box::new(Answer {
+            upstream,
+            peer,
+            started,
+            ttfb: started.elapsed(),
+            deadline,
+        }))
+    }
+
+    /// A connection to the backend: from the pool or new, or (`new_only`)
+    /// new whatever the pool holds.
+    async fn connect(
+        &self,
+        peer: &HttpPeer,
+        new_only: bool,
+    ) -> Result<(HttpSession, bool), Attempted> {
         let connect_error = |e: Box<pingora::Error>| {
-            let (outcome, domain, attempted) = classify(provider, &e, Phase::Connect);
+            let (outcome, domain, attempted) = classify(self.provider(), &e, Phase::Connect);
             self.outcome(outcome, domain, attempted)
         };
-        let connector = &self.forwarder.connector;
-        let (mut upstream, reused) = match connector.reused_http_session(&*peer).await {
-            Some(pooled) => (HttpSession::H1(pooled), true),
-            None => {
-                // Boxed: connecting (TLS included) is a large future, and
-                // held inline it would enlarge every request's state for the
-                // life of its stream.
-                let (fresh, reused) = Box::pin(connector.get_http_session(&*peer))
+        // Boxed: connecting (TLS included) is a large future, and held
+        // inline it would enlarge every request's state for the life of
+        // its stream.
+        let (fresh, reused) = match new_only {
+            false => Box::pin(self.forwarder.connector.get_http_session(peer))
+                .await
+                .map_err(connect_error)?,
+            true => {
+                let stream = Box::pin(self.forwarder.new_connections.new_stream(peer))
                     .await
                     .map_err(connect_error)?;
-                (HttpSession::H1(fresh), reused)
+                (H1Session::new_with_options(stream, peer), false)
             }
         };
+        Ok((HttpSession::H1(fresh), reused))
+    }
+
+    /// Sends the request on `upstream` and reads the answer's head (past
+    /// any informational `1xx`). [`Failed::Stale`]: the connection was a
+    /// kept one (`reused`) found closed, or answering with bytes that are
+    /// no answer's head, before anything of this request's answer: the
+    /// provider closed it while idle, or sent bytes after its last answer
+    /// that came in only now.
+    async fn request_on(
+        &self,
+        upstream: &mut HttpSession,
+        reused: bool,
+        body: Bytes,
+        deadline: Instant,
+        client: &mut dyn Client,
+    ) -> Result<(), Failed> {
+        let provider = self.provider();
+        let exchange = self.exchange;
+        let provider_model = &self.route.targets[self.backend.target].model;
         let header = upstream_request(
             provider,
             provider_model,
@@ -233,11 +306,11 @@ impl Attempt<'_> {
             upstream.finish_request_body().await
         };
         if let Err(e) = sent.await {
-            // A pooled connection the provider had closed says nothing
-            // about it; the request is sent again, elsewhere or here.
+            if reused {
+                return Err(Failed::Stale);
+            }
             let (outcome, domain, _) = classify(provider, &e, Phase::Connect);
-            let outcome = if reused { Outcome::Neutral } else { outcome };
-            return Err(self.outcome(
+            return Err(Failed::Attempted(self.outcome(
                 outcome,
                 domain,
                 Attempted::Retryable {
@@ -248,11 +321,12 @@ impl Attempt<'_> {
                     domain,
                     transient: true,
                 },
-            ));
+            )));
         }
 
         let sent = tokio::time::Instant::now();
-        let first_byte = timeouts
+        let first_byte = provider
+            .timeouts
             .first_byte
             .min(deadline.saturating_duration_since(sent.into_std()));
         let header_deadline = sent + first_byte;
@@ -264,50 +338,37 @@ impl Attempt<'_> {
                 // sending it finds a client that is gone.
                 biased;
                 read = tokio::time::timeout_at(header_deadline, upstream.read_response_header()) => match read {
-                    Ok(read) => read.map_err(|e| {
-                        let (outcome, domain, attempted) = classify(provider, &e, Phase::Answer);
-                        // A pooled connection that ends, or reads as no
-                        // answer's head, before this request's answer: the
-                        // provider closed it while idle, or sent bytes after
-                        // its last answer that came in only now. Neither says
-                        // anything about the provider, and a fresh
-                        // connection may serve: tried again, not counted.
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
                         let stale = reused
                             && informational == 0
                             && matches!(e.etype(), ErrorType::ConnectionClosed | ErrorType::InvalidHTTPHeader);
-                        if !stale {
-                            return self.outcome(outcome, domain, attempted);
+                        if stale {
+                            return Err(Failed::Stale);
                         }
-                        let attempted = match attempted {
-                            Attempted::Retryable { error, domain, .. } => Attempted::Retryable { error, domain, transient: true },
-                            other => other,
-                        };
-                        self.outcome(Outcome::Neutral, domain, attempted)
-                    })?,
-                    Err(_) => return Err(self.deployment_failure(ApiError::upstream_timeout(format!(
+                        let (outcome, domain, attempted) = classify(provider, &e, Phase::Answer);
+                        return Err(Failed::Attempted(self.outcome(outcome, domain, attempted)));
+                    }
+                    Err(_) => return Err(Failed::Attempted(self.deployment_failure(ApiError::upstream_timeout(format!(
                         "The provider '{}' sent no response within {first_byte:?}.", provider.name
-                    )))),
+                    ))))),
                 },
-                _ = client.gone() => return Err(self.client_gone()),
+                _ = client.gone() => return Err(Failed::Attempted(self.client_gone())),
             }
             let status = upstream.response_header().map_or(0, |h| h.status.as_u16());
             if !(100..200).contains(&status) {
                 break;
             }
             if status == 101 || informational >= 4 {
-                return Err(self.deployment_failure(ApiError::upstream_error(format!(
-                    "The provider '{}' answered {status} and nothing else.",
-                    provider.name
-                ))));
+                return Err(Failed::Attempted(self.deployment_failure(
+                    ApiError::upstream_error(format!(
+                        "The provider '{}' answered {status} and nothing else.",
+                        provider.name
+                    )),
+                )));
             }
         }
-        Ok(Box::new(Answer {
-            upstream,
-            peer,
-            started,
-            ttfb: started.elapsed(),
-            deadline,
-        }))
+        Ok(())
     }
 
     /// Decides on the answer whose head is in, and copies it to the client.

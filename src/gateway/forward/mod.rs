@@ -42,6 +42,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use http::HeaderValue;
 use pingora::connectors::http::v1::Connector;
+use pingora::connectors::TransportConnector;
 use resume::{Continuation, Resumable};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -53,6 +54,9 @@ use tracing::warn;
 pub(crate) struct Forwarder {
     pub(crate) upstreams: Arc<Upstreams>,
     pub(crate) connector: Arc<Connector>,
+    /// Connects without looking in the pool: for a request whose kept
+    /// connection proved stale (another kept one may be as stale).
+    pub(crate) new_connections: TransportConnector,
     /// The failover policy.
     pub(crate) policy: FailoverSettings,
 }
