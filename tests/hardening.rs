@@ -1007,6 +1007,19 @@ fn a_kept_connection_answering_garbage_is_left_for_a_fresh_one() {
 }
 
 #[test]
+fn a_provider_answering_no_http_is_not_called_unreachable() {
+    let (port, served) = raw_provider(b"POISON not an answer\r\n\r\n".to_vec());
+    let mock = Mock::start(&[]);
+    let gw = Gateway::start(&alone(&mock, "garbled", port, ""));
+    let resp = gw.post_json("/v1/chat/completions", TENANT_KEY, &chat("m", false));
+    assert_eq!(resp.status, 502, "{}", String::from_utf8_lossy(&resp.body));
+    let message = resp.json()["error"]["message"].to_string();
+    assert!(message.contains("not HTTP"), "{message}");
+    assert!(!message.contains("reached"), "{message}");
+    assert!(served.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+}
+
+#[test]
 fn a_malformed_body_echoing_the_key_is_not_logged_whatever_the_level() {
     // A refusal whose chunked body echoes the provider's key, then breaks:
     // Pingora's own debug event on the bad chunk prints what it read.

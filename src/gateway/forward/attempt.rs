@@ -1158,6 +1158,15 @@ fn classify(
                 e.etype().as_str(),
             )),
         ),
+        // Reached, and what came back is no HTTP answer.
+        ErrorType::InvalidHTTPHeader if phase == Phase::Answer => failure(
+            Domain::Transport,
+            false,
+            ApiError::upstream_error(format!(
+                "The provider '{name}' answered with something that is not HTTP ({}).",
+                e.etype().as_str(),
+            )),
+        ),
         _ => failure(
             Domain::Transport,
             false,
