@@ -61,12 +61,6 @@ enum Failed {
     Attempted(Attempted),
 }
 
-impl From<Attempted> for Failed {
-    fn from(attempted: Attempted) -> Self {
-        Failed::Attempted(attempted)
-    }
-}
-
 /// One attempt: where, and for what.
 pub(super) struct Attempt<'a> {
     pub forwarder: &'a Forwarder,
@@ -296,9 +290,9 @@ impl Attempt<'_> {
             self.span_id,
         )
         .map_err(|e| {
-            Attempted::Final(ApiError::internal(format!(
+            Failed::Attempted(Attempted::Final(ApiError::internal(format!(
                 "cannot build the upstream request: {e}"
-            )))
+            ))))
         })?;
         let sent = async {
             upstream.write_request_header(Box::new(header)).await?;
@@ -1005,7 +999,7 @@ impl Held {
     }
 
     fn len(&self) -> usize {
-        self.one.len() + self.joined.len()
+        self.as_slice().len()
     }
 
     fn as_slice(&self) -> &[u8] {
