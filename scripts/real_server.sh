@@ -63,7 +63,7 @@ CLIENT_PYTHON=${CLIENT_PYTHON:-$ROOT/.venv/bin/python}
 if ! "$CLIENT_PYTHON" -c 'import openai, pytest, httpx' 2>/dev/null; then
   CLIENT_PYTHON=$VENV/bin/python
   "$CLIENT_PYTHON" -c 'import openai, pytest, httpx' 2>/dev/null \
-    || "$VENV/bin/pip" install -q 'openai>=1.40,<3' 'pytest>=8' 'httpx>=0.27'
+    || "$VENV/bin/pip" install -q 'openai>=1.40,<4' 'pytest>=8' 'httpx>=0.27'
 fi
 
 # --- runestone ----------------------------------------------------------------

@@ -2,7 +2,8 @@
 # Installs what a fresh Debian machine lacks to build, test and demo Runestone:
 # cmake (Pingora's zlib-ng), redis-server, curl, openssl, Node.js, a Python
 # venv (.venv) with the official OpenAI SDK and pytest, and the official
-# OpenAI Node SDK (tests/sdk-node). Safe to run again: it skips what is there.
+# OpenAI Node SDK (tests/sdk-node) with Node.js 22 or later. Safe to run
+# again: it skips what is there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,16 +24,28 @@ if ((${#need[@]})); then
   DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import openai, pytest, httpx, llmock, opentelemetry.proto' 2>/dev/null; then
+if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv with the OpenAI SDK, pytest, llmock and opentelemetry-proto"
   python3 -m venv .venv
-  .venv/bin/pip install -q --disable-pip-version-check -r tests/sdk/requirements.txt
 fi
+# Also when .venv holds versions tests/sdk/requirements.txt no longer takes
+# (pip asks the index only for what is not satisfied).
+.venv/bin/pip install -q --disable-pip-version-check -r tests/sdk/requirements.txt
 
-# The official OpenAI Node SDK, pinned by tests/sdk-node/package-lock.json.
-if [ ! -d tests/sdk-node/node_modules/openai ]; then
-  echo "setup: installing the OpenAI Node SDK (tests/sdk-node)"
+# The official OpenAI Node SDK, pinned by tests/sdk-node/package-lock.json
+# (installed again when another version is there).
+want=$(node -p 'require("./tests/sdk-node/package.json").dependencies.openai')
+have=$(node -p 'require("./tests/sdk-node/node_modules/openai/package.json").version' 2>/dev/null || true)
+if [ "$want" != "$have" ]; then
+  echo "setup: installing the OpenAI Node SDK $want (tests/sdk-node)"
   (cd tests/sdk-node && npm ci --no-audit --no-fund --silent)
+fi
+# It needs Node.js 22 or later: where the system's is older, Node.js 22 from
+# the npm registry (the `node` package's build for this machine) goes under
+# .tools/node, and scripts/test.sh runs the suite with it.
+if [ "$(node -p 'process.versions.node.split(".")[0]')" -lt 22 ] && [ ! -x .tools/node/node_modules/node/bin/node ]; then
+  echo "setup: installing Node.js 22 from npm into .tools/node (the system's is $(node --version))"
+  npm install --prefix .tools/node --no-audit --no-fund --silent node@22 >/dev/null
 fi
 
 # promtool (for the metrics and alert-rule checks) comes inside Debian's

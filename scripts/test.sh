@@ -22,4 +22,11 @@ echo "== OpenAI Python SDK suite"
 RUNESTONE_BIN_DIR="$PWD/target/debug" .venv/bin/python -m pytest tests/sdk -q
 
 echo "== OpenAI Node SDK suite"
-(cd tests/sdk-node && RUNESTONE_BIN_DIR="$PWD/../../target/debug" node --test)
+# Node.js 22 or later, as the SDK needs: the system's, else the one
+# scripts/setup.sh put under .tools/node.
+node_bin=node
+if [ "$(node -p 'process.versions.node.split(".")[0]')" -lt 22 ]; then
+  node_bin="$PWD/.tools/node/node_modules/node/bin/node"
+fi
+"$node_bin" --version
+(cd tests/sdk-node && RUNESTONE_BIN_DIR="$PWD/../../target/debug" "$node_bin" --test)

@@ -1,4 +1,4 @@
-// The official OpenAI Node SDK (6.x) through runestone, against runestone-mock.
+// The official OpenAI Node SDK (7.x) through runestone, against runestone-mock.
 import { test, before, after } from 'node:test';
 import { createServer } from 'node:http';
 import assert from 'node:assert/strict';
@@ -80,13 +80,22 @@ test('a Responses stream that breaks after its text began ends with the error ev
   await mock.fault({ disconnect_after_chunks: 6, count: 1, path: '/v1/responses' });
   const events = [];
   const stream = await client.responses.create({ model: 'gpt-4o-mini', input: 'hi', stream: true, max_output_tokens: 20 });
-  for await (const event of stream) events.push(event);
-  const last = events.at(-1);
-  assert.equal(last.type, 'error');
-  assert.match(last.message, /broke off|before it finished/);
+  // SDK 7 throws a stream's `event: error` as an APIError carrying the
+  // event (6.x yielded it): the events before it arrive first.
+  await assert.rejects(
+    (async () => { for await (const event of stream) events.push(event); })(),
+    (error) => {
+      assert.ok(error instanceof OpenAI.APIError, String(error));
+      assert.match(error.message, /broke off|before it finished/);
+      assert.equal(error.code, 'upstream_error');
+      assert.equal(error.error.type, 'error');
+      // The SDK's ResponseStream, resuming `starting_after` a number, passes
+      // on only events numbered past it: the error is numbered after the last.
+      assert.equal(error.error.sequence_number, events.length);
+      return true;
+    },
+  );
   assert.ok(events.some((e) => e.type === 'response.output_text.delta'));
-  // The SDK's ResponseStream, resuming `starting_after` a number, passes
-  // on only events numbered past it.
   assert.deepEqual(events.map((e) => e.sequence_number), events.map((_, i) => i));
 });
 
