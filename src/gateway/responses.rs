@@ -126,7 +126,9 @@ impl Gateway {
     /// `GET`/`DELETE /v1/responses/{id}`, `POST /v1/responses/{id}/cancel`,
     /// `GET /v1/responses/{id}/input_items`: `rest` is the path after
     /// `/v1/responses/`. Admitted as a request (no tokens); what it returns
-    /// was billed when the response was created.
+    /// was billed when the response was created. OpenAI's
+    /// `/v1/responses/input_tokens` and `/v1/responses/compact` are not
+    /// served (404).
     pub(super) async fn response_operation(
         &self,
         session: &mut Session,
@@ -141,6 +143,16 @@ impl Gateway {
             Some((id, operation)) => (id, Some(operation)),
             None => (rest, None),
         };
+        // OpenAI's own paths beside `{id}` (its ids start `resp_`) are not
+        // read as ids: a 405 naming `GET, DELETE` would mislead.
+        let unserved = match (id, operation) {
+            ("input_tokens", None) => Some("counting a response's input tokens"),
+            ("compact", None) => Some("compacting a conversation"),
+            _ => None,
+        };
+        if let Some(what) = unserved {
+            return Err(ApiError::not_served(method.as_str(), &path, what));
+        }
         // Each operation's methods, as its `Allow` names them.
         let allow = match operation {
             None => "GET, DELETE",

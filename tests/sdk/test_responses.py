@@ -313,6 +313,21 @@ def test_ids_that_are_not_response_ids_never_reach_a_provider(gateway, mocks):
     assert sum(len(responses_requests(m)) for m in mocks) == before
 
 
+def test_openai_paths_beside_a_response_id_are_said_not_served(gateway, mocks):
+    # `input_tokens` and `compact` are OpenAI's own paths beside `{id}`: a
+    # clear 404, not a 405 naming the methods of a response id.
+    client = gateway.client()
+    before = sum(len(responses_requests(m)) for m in mocks)
+    with pytest.raises(openai.NotFoundError) as e:
+        client.responses.input_tokens.count(model="gpt", input="Say hello")
+    assert e.value.body["code"] == "unknown_url"
+    assert "counting a response's input tokens is not served by this gateway" in e.value.body["message"]
+    with pytest.raises(openai.NotFoundError) as e:
+        client.responses.compact(model="gpt", input="Say hello")
+    assert "compacting a conversation is not served by this gateway" in e.value.body["message"]
+    assert sum(len(responses_requests(m)) for m in mocks) == before
+
+
 def test_a_follow_up_on_a_model_that_cannot_reach_the_holder_is_refused(gateway, mocks):
     client = gateway.client()
     # Round robin puts one of these on account a, which `only-b` cannot
