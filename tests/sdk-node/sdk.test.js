@@ -30,6 +30,26 @@ test('chat completions, JSON and streamed with usage', async () => {
   assert.ok(usage && usage.completion_tokens > 0);
 });
 
+test('the chat helpers: stream() to its final completion, and a streamed tool call through the Anthropic translation', async () => {
+  const runner = client.chat.completions.stream({
+    model: 'gpt-4o-mini', messages: [{ role: 'user', content: 'hi' }], stream_options: { include_usage: true },
+  });
+  let deltas = '';
+  runner.on('content', (delta) => { deltas += delta; });
+  const final = await runner.finalChatCompletion();
+  assert.equal(final.choices[0].message.content, deltas);
+  assert.ok(deltas.startsWith('tok0 '));
+  assert.ok(final.usage.completion_tokens > 0);
+  const tools = [{ type: 'function', function: { name: 'lookup', parameters: { type: 'object' } } }];
+  const called = await client.chat.completions.stream({
+    model: 'claude', messages: [{ role: 'user', content: 'use the tool' }], tools, parallel_tool_calls: false,
+  }).finalChatCompletion();
+  const message = called.choices[0].message;
+  assert.equal(message.tool_calls[0].function.name, 'lookup');
+  assert.doesNotThrow(() => JSON.parse(message.tool_calls[0].function.arguments));
+  assert.equal(called.choices[0].finish_reason, 'tool_calls');
+});
+
 test('embeddings in the SDK default (base64) come back decoded', async () => {
   const resp = await client.embeddings.create({ model: 'text-embedding-3-small', input: ['a', 'b'] });
   assert.equal(resp.data.length, 2);
