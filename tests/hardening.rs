@@ -858,6 +858,21 @@ fn read_request(stream: &mut std::net::TcpStream) -> bool {
     request_bytes(stream).is_some()
 }
 
+/// A provider we wrote by hand: each connection to it is handed to
+/// `serve` on a thread of its own. Its port.
+fn hand_written_provider(serve: impl Fn(std::net::TcpStream) + Clone + Send + 'static) -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { return };
+            let serve = serve.clone();
+            std::thread::spawn(move || serve(stream));
+        }
+    });
+    port
+}
+
 /// One whole request (head and `content-length` body) read off `stream`.
 fn request_bytes(stream: &mut std::net::TcpStream) -> Option<Vec<u8>> {
     stream
@@ -884,20 +899,12 @@ fn request_bytes(stream: &mut std::net::TcpStream) -> Option<Vec<u8>> {
 /// A provider we wrote by hand, answering every request with `response`
 /// and keeping each request's bytes.
 fn recording_provider(response: Vec<u8>) -> (u16, std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>) {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
     let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let record = seen.clone();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { return };
-            let (response, record) = (response.clone(), record.clone());
-            std::thread::spawn(move || {
-                if let Some(request) = request_bytes(&mut stream) {
-                    record.lock().unwrap().push(request);
-                    let _ = stream.write_all(&response);
-                }
-            });
+    let port = hand_written_provider(move |mut stream| {
+        if let Some(request) = request_bytes(&mut stream) {
+            record.lock().unwrap().push(request);
+            let _ = stream.write_all(&response);
         }
     });
     (port, seen)
@@ -906,21 +913,12 @@ fn recording_provider(response: Vec<u8>) -> (u16, std::sync::Arc<std::sync::Mute
 /// A provider we wrote by hand, answering every request with `response`
 /// (raw bytes) and counting them.
 fn raw_provider(response: Vec<u8>) -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
     let served = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let count = served.clone();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { return };
-            let response = response.clone();
-            let count = count.clone();
-            std::thread::spawn(move || {
-                if read_request(&mut stream) {
-                    count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                    let _ = stream.write_all(&response);
-                }
-            });
+    let port = hand_written_provider(move |mut stream| {
+        if read_request(&mut stream) {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let _ = stream.write_all(&response);
         }
     });
     (port, served)
@@ -932,34 +930,26 @@ fn a_kept_connection_answering_garbage_is_left_for_a_fresh_one() {
     // (what it sent after its last answer, come in only once the next
     // request went out): each connection's first request is answered,
     // every later one gets garbage.
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
     let reused = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let count = reused.clone();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { return };
-            let count = count.clone();
-            std::thread::spawn(move || {
-                let body = r#"{"id":"c1","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"fresh"},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}"#;
-                let answer = format!(
-                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-                    body.len()
-                );
-                let mut first = true;
-                while read_request(&mut stream) {
-                    let reply: &[u8] = match std::mem::take(&mut first) {
-                        true => answer.as_bytes(),
-                        false => {
-                            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                            b"POISON not an answer\r\n\r\n"
-                        }
-                    };
-                    if stream.write_all(reply).is_err() {
-                        return;
-                    }
+    let port = hand_written_provider(move |mut stream| {
+        let body = r#"{"id":"c1","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"fresh"},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}"#;
+        let answer = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let mut first = true;
+        while read_request(&mut stream) {
+            let reply: &[u8] = match std::mem::take(&mut first) {
+                true => answer.as_bytes(),
+                false => {
+                    count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    b"POISON not an answer\r\n\r\n"
                 }
-            });
+            };
+            if stream.write_all(reply).is_err() {
+                return;
+            }
         }
     });
     let mock = Mock::start(&[]);
@@ -1219,19 +1209,12 @@ fn a_refusal_whose_body_never_ends_is_not_waited_for() {
     // reads a refusal's body out to keep the connection, but only what
     // comes at once; the request moves on to the spare, not held until
     // the provider lets go.
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { return };
-            std::thread::spawn(move || {
-                if read_request(&mut stream) {
-                    let _ = stream.write_all(
-                        b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"error\":",
-                    );
-                    std::thread::sleep(Duration::from_secs(60));
-                }
-            });
+    let port = hand_written_provider(move |mut stream| {
+        if read_request(&mut stream) {
+            let _ = stream.write_all(
+                b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"error\":",
+            );
+            std::thread::sleep(Duration::from_secs(60));
         }
     });
     let mock = Mock::start(&[]);
@@ -2021,52 +2004,43 @@ enum Then {
 /// A provider that answers `stages` (a chunked answer's head and chunks),
 /// 300 ms apart, then does what `then` says.
 fn staged_provider(stages: Vec<String>, then: Then) -> (u16, std::sync::Arc<Trickled>) {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
     let seen = std::sync::Arc::new(Trickled::default());
     let kept = seen.clone();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { return };
-            let kept = kept.clone();
-            let stages = stages.clone();
-            std::thread::spawn(move || {
-                if !read_request(&mut stream) {
-                    return;
-                }
-                for (n, stage) in stages.iter().enumerate() {
-                    if n > 0 {
-                        std::thread::sleep(Duration::from_millis(300));
-                    }
-                    if stream.write_all(stage.as_bytes()).is_err() {
-                        return;
-                    }
-                }
-                kept.begun.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                let started = Instant::now();
-                let _ = stream.set_read_timeout(Some(Duration::from_millis(100)));
-                let flood = format!(
-                    "data: {{\"choices\":[],\"x\":\"{}\"}}\n\n",
-                    "z".repeat(30_000)
-                )
-                .repeat(32);
-                while started.elapsed() < Duration::from_secs(20) {
-                    let open = match then {
-                        Then::Trickle => stream.write_all(b"1\r\n \r\n").is_ok(),
-                        Then::Flood => stream.write_all(flood.as_bytes()).is_ok(),
-                        // Closed when a read ends (not when it times out).
-                        Then::Linger => !matches!(stream.read(&mut [0u8; 1]), Ok(0)),
-                    };
-                    if !open {
-                        break;
-                    }
-                    if !matches!(then, Then::Flood) {
-                        std::thread::sleep(Duration::from_millis(100));
-                    }
-                }
-                kept.held.lock().unwrap().push(started.elapsed());
-            });
+    let port = hand_written_provider(move |mut stream| {
+        if !read_request(&mut stream) {
+            return;
         }
+        for (n, stage) in stages.iter().enumerate() {
+            if n > 0 {
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            if stream.write_all(stage.as_bytes()).is_err() {
+                return;
+            }
+        }
+        kept.begun.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let started = Instant::now();
+        let _ = stream.set_read_timeout(Some(Duration::from_millis(100)));
+        let flood = format!(
+            "data: {{\"choices\":[],\"x\":\"{}\"}}\n\n",
+            "z".repeat(30_000)
+        )
+        .repeat(32);
+        while started.elapsed() < Duration::from_secs(20) {
+            let open = match then {
+                Then::Trickle => stream.write_all(b"1\r\n \r\n").is_ok(),
+                Then::Flood => stream.write_all(flood.as_bytes()).is_ok(),
+                // Closed when a read ends (not when it times out).
+                Then::Linger => !matches!(stream.read(&mut [0u8; 1]), Ok(0)),
+            };
+            if !open {
+                break;
+            }
+            if !matches!(then, Then::Flood) {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        kept.held.lock().unwrap().push(started.elapsed());
     });
     (port, seen)
 }
