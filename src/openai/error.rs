@@ -269,12 +269,9 @@ impl ApiError {
     /// 404: one of OpenAI's paths that this gateway does not serve;
     /// `what` says what the path does, for the message.
     pub fn not_served(method: &str, path: &str, what: &str) -> Self {
-        Self::new(
-            404,
-            "invalid_request_error",
-            "unknown_url",
-            format!("Invalid URL ({method} {path}): {what} is not served by this gateway"),
-        )
+        let mut error = Self::unknown_url(method, path);
+        error.message = format!("{}: {what} is not served by this gateway", error.message).into();
+        error
     }
 
     /// 405: known path, wrong method; `allow` lists the path's methods
