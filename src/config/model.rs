@@ -3,6 +3,7 @@
 
 use super::keys::KeyDigest;
 use super::{Callbacks, Secret};
+use crate::cost::ServiceTier;
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -501,6 +502,43 @@ pub struct Price {
     pub audio_second: i64,
     /// Per character of text spoken (`/v1/audio/speech`).
     pub character: i64,
+    /// Token prices of the processing tiers priced apart from the standard
+    /// one (`service_tiers`), in [`ServiceTier::PRICED`]'s order.
+    pub tiers: [Option<TokenPrice>; 3],
+}
+
+/// The token prices of one processing tier, in pico-dollars per token.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TokenPrice {
+    /// Per prompt token not served from the provider's cache.
+    pub input: i64,
+    /// Per completion token.
+    pub output: i64,
+    /// Per cached prompt token.
+    pub cached_input: i64,
+}
+
+impl Price {
+    /// Whether some processing tier has a price of its own.
+    pub fn tiered(&self) -> bool {
+        self.tiers.iter().any(Option::is_some)
+    }
+
+    /// The price of tokens served at `tier`: its own when it has one,
+    /// else the standard one.
+    pub fn tokens_at(&self, tier: Option<ServiceTier>) -> TokenPrice {
+        tier.and_then(|tier| self.tier(tier)).unwrap_or(TokenPrice {
+            input: self.input,
+            output: self.output,
+            cached_input: self.cached_input,
+        })
+    }
+
+    /// `tier`'s own token price, if it has one (never the standard tier's).
+    pub fn tier(&self, tier: ServiceTier) -> Option<TokenPrice> {
+        let at = ServiceTier::PRICED.iter().position(|t| *t == tier)?;
+        self.tiers[at]
+    }
 }
 
 /// Shared state in Redis.

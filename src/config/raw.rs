@@ -326,6 +326,21 @@ pub(super) struct RawPrice {
     pub(super) per_audio_second: Option<f64>,
     #[serde(default)]
     pub(super) per_1m_characters: Option<f64>,
+    /// Processing tiers priced apart from the standard one, read by name.
+    #[serde(default)]
+    pub(super) service_tiers: Option<serde_yaml::Value>,
+}
+
+/// One processing tier's token prices (USD per 1M tokens).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTierPrice {
+    #[serde(default)]
+    pub(super) input: Option<f64>,
+    #[serde(default)]
+    pub(super) output: Option<f64>,
+    #[serde(default)]
+    pub(super) cached_input: Option<f64>,
 }
 
 pub(super) const TOP_LEVEL_KEYS: &[&str] = &[

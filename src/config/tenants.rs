@@ -5,6 +5,7 @@ use super::keys::{parse_configured_key, KeyDigest};
 use super::raw::*;
 use super::validate::is_identifier;
 use super::*;
+use crate::cost::ServiceTier;
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -203,6 +204,61 @@ pub(super) fn validate_limits(
     }
 }
 
+/// The token prices of `pricing.<model>.service_tiers` (at `path`): a
+/// mapping of `flex`, `priority` or `scale` to `input` and `output` (and
+/// `cached_input`, which defaults to the tier's `input`), USD per 1M tokens.
+fn tier_prices(value: Value, path: &str, problems: &mut Vec<Problem>) -> [Option<TokenPrice>; 3] {
+    let mut tiers = [None; 3];
+    let Value::Mapping(map) = value else {
+        problems.push(problem(
+            path,
+            "must be a mapping of tier (flex, priority, scale) to input and output prices",
+        ));
+        return tiers;
+    };
+    for (name, raw) in map {
+        let name = name.as_str().unwrap_or("?");
+        let path = join(path, name);
+        let known = ServiceTier::from_name(name).filter(|_| name != "fast" && name != "standard");
+        let Some(at) = known.and_then(|tier| ServiceTier::PRICED.iter().position(|t| *t == tier))
+        else {
+            let hint = match name {
+                "default" | "standard" => {
+                    "the model's own input and output are the standard tier's prices"
+                }
+                "fast" => "OpenAI answers fast mode as priority: price it as priority",
+                _ => "unknown tier (use flex, priority or scale)",
+            };
+            problems.push(problem(&path, hint));
+            continue;
+        };
+        let Some(raw) = deserialize::<RawTierPrice>(raw, &path, problems) else {
+            continue;
+        };
+        let (Some(input), Some(output)) = (raw.input, raw.output) else {
+            problems.push(problem(&path, "give input and output (USD per 1M tokens)"));
+            continue;
+        };
+        let mut usd = |usd: f64, key: &str| {
+            if usd.is_finite() && (0.0..100_000.0).contains(&usd) {
+                (usd * 1e6).round() as i64
+            } else {
+                problems.push(problem(
+                    &join(&path, key),
+                    "must be a non-negative price in USD per 1M (below 100000)",
+                ));
+                0
+            }
+        };
+        tiers[at] = Some(TokenPrice {
+            input: usd(input, "input"),
+            output: usd(output, "output"),
+            cached_input: usd(raw.cached_input.unwrap_or(input), "cached_input"),
+        });
+    }
+    tiers
+}
+
 pub(super) fn validate_pricing(
     value: Value,
     models: &HashMap<String, usize>,
@@ -281,7 +337,7 @@ pub(super) fn validate_pricing(
             }
             (usd * if per_million { 1e6 } else { 1e12 }).round() as i64
         };
-        let price = Price {
+        let mut price = Price {
             input: price_of(raw.input, "input", true),
             output: price_of(raw.output, "output", true),
             cached_input: price_of(raw.cached_input.or(raw.input), "cached_input", true),
@@ -289,7 +345,19 @@ pub(super) fn validate_pricing(
             image: price_of(raw.per_image, "per_image", false),
             audio_second: price_of(raw.per_audio_second, "per_audio_second", false),
             character: price_of(raw.per_1m_characters, "per_1m_characters", true),
+            tiers: [None; 3],
         };
+        if let Some(tiers) = raw.service_tiers {
+            let path = join(&path, "service_tiers");
+            if tokens {
+                price.tiers = tier_prices(tiers, &path, problems);
+            } else {
+                problems.push(problem(
+                    &path,
+                    "processing tiers price tokens: give the model's input and output too",
+                ));
+            }
+        }
         pricing.insert(name, price);
     }
     pricing

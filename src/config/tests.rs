@@ -678,3 +678,92 @@ fn refuses_provider_keys_a_header_cannot_carry_as_written() {
         );
     }
 }
+
+#[test]
+fn prices_processing_tiers_apart_from_the_standard_one() {
+    use crate::cost::ServiceTier;
+    let yaml = VALID.to_string()
+        + "pricing:\n  gpt-4o-mini:\n    input: 1.25\n    output: 10\n    cached_input: 0.125\n    service_tiers:\n      flex: { input: 0.625, output: 5 }\n      priority: { input: 2.5, output: 20, cached_input: 0.25 }\n";
+    let config = Config::from_yaml(&yaml, env).unwrap();
+    let price = config.pricing["gpt-4o-mini"];
+    assert!(price.tiered());
+    let tokens = |tier| {
+        let t = price.tokens_at(tier);
+        (t.input, t.output, t.cached_input)
+    };
+    assert_eq!(tokens(None), (1_250_000, 10_000_000, 125_000));
+    assert_eq!(
+        tokens(Some(ServiceTier::Default)),
+        (1_250_000, 10_000_000, 125_000)
+    );
+    // A tier's cached input defaults to its own input price.
+    assert_eq!(
+        tokens(Some(ServiceTier::Flex)),
+        (625_000, 5_000_000, 625_000)
+    );
+    assert_eq!(
+        tokens(Some(ServiceTier::Priority)),
+        (2_500_000, 20_000_000, 250_000)
+    );
+    // Not priced apart: the standard price.
+    assert_eq!(price.tier(ServiceTier::Scale), None);
+    assert_eq!(
+        tokens(Some(ServiceTier::Scale)),
+        (1_250_000, 10_000_000, 125_000)
+    );
+    // The target took its public model's price, tiers and all.
+    let (_, route) = config.route("gpt-4o-mini").unwrap();
+    assert_eq!(route.targets[0].price, Some(price));
+    assert!(!Config::from_yaml(VALID, env)
+        .unwrap()
+        .pricing
+        .values()
+        .any(Price::tiered));
+
+    for (tiers, problem) in [
+        (
+            "{ turbo: { input: 1, output: 2 } }",
+            "pricing.gpt-4o-mini.service_tiers.turbo: unknown tier (use flex, priority or scale)",
+        ),
+        (
+            "{ default: { input: 1, output: 2 } }",
+            "pricing.gpt-4o-mini.service_tiers.default: the model's own input and output are the standard tier's prices",
+        ),
+        (
+            "{ fast: { input: 1, output: 2 } }",
+            "pricing.gpt-4o-mini.service_tiers.fast: OpenAI answers fast mode as priority",
+        ),
+        (
+            "{ flex: { input: 1 } }",
+            "pricing.gpt-4o-mini.service_tiers.flex: give input and output",
+        ),
+        (
+            "{ flex: { input: 1, output: -2 } }",
+            "pricing.gpt-4o-mini.service_tiers.flex.output: must be a non-negative price",
+        ),
+        (
+            "{ flex: { input: 1, output: 2, per_request: 1 } }",
+            "pricing.gpt-4o-mini.service_tiers.flex.per_request: unknown field",
+        ),
+        (
+            "[flex]",
+            "pricing.gpt-4o-mini.service_tiers: must be a mapping of tier",
+        ),
+    ] {
+        let yaml = VALID.to_string()
+            + &format!("pricing:\n  gpt-4o-mini: {{ input: 1, output: 2, service_tiers: {tiers} }}\n");
+        let found = problems(&yaml);
+        assert!(
+            found.iter().any(|f| f.starts_with(problem)),
+            "missing {problem:?} in {found:#?}"
+        );
+    }
+    let yaml = VALID.to_string()
+        + "pricing:\n  gpt-4o-mini: { per_image: 0.04, service_tiers: { flex: { input: 1, output: 2 } } }\n";
+    let found = problems(&yaml);
+    let problem = "pricing.gpt-4o-mini.service_tiers: processing tiers price tokens";
+    assert!(
+        found.iter().any(|f| f.starts_with(problem)),
+        "missing {problem:?} in {found:#?}"
+    );
+}

@@ -64,20 +64,81 @@ pub struct Usage {
     pub characters: u64,
     /// Milliseconds of audio transcribed or translated.
     pub audio_ms: u64,
+    /// The processing tier the provider says it served the tokens at
+    /// (`service_tier` in its answer); `None` when it did not say.
+    pub tier: Option<ServiceTier>,
+}
+
+/// A processing tier an OpenAI request is served at (`service_tier`):
+/// priced apart from the standard one when the config says so
+/// (`pricing.<model>.service_tiers`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ServiceTier {
+    /// The standard tier (`default`; Anthropic's `standard`).
+    Default,
+    /// `flex`: slower, cheaper.
+    Flex,
+    /// `priority` (also asked for as `fast`).
+    Priority,
+    /// `scale`: capacity bought ahead.
+    Scale,
+}
+
+impl ServiceTier {
+    /// The tiers priced apart from the standard one, in the config's order.
+    pub const PRICED: [ServiceTier; 3] =
+        [ServiceTier::Flex, ServiceTier::Priority, ServiceTier::Scale];
+
+    /// The tier a `service_tier` value names, as a request or an answer
+    /// gives it (`fast` is OpenAI's other name for `priority`; Anthropic
+    /// reports `standard`); `None` for `auto` (the provider decides) and
+    /// names the gateway does not know.
+    pub fn from_name(name: &str) -> Option<ServiceTier> {
+        match name {
+            "default" | "standard" => Some(ServiceTier::Default),
+            "flex" => Some(ServiceTier::Flex),
+            "priority" | "fast" => Some(ServiceTier::Priority),
+            "scale" => Some(ServiceTier::Scale),
+            _ => None,
+        }
+    }
+
+    /// The tier a JSON value names ([`ServiceTier::from_name`] of a string).
+    pub fn from_json(raw: &RawValue) -> Option<ServiceTier> {
+        let name = raw.get().strip_prefix('"')?.strip_suffix('"')?;
+        match name.contains('\\') {
+            // Escapes (`"fl\u0065x"` is `flex` too): read it.
+            true => ServiceTier::from_name(&serde_json::from_str::<String>(raw.get()).ok()?),
+            false => ServiceTier::from_name(name),
+        }
+    }
+
+    /// Its name as OpenAI writes it in an answer.
+    pub fn name(self) -> &'static str {
+        match self {
+            ServiceTier::Default => "default",
+            ServiceTier::Flex => "flex",
+            ServiceTier::Priority => "priority",
+            ServiceTier::Scale => "scale",
+        }
+    }
 }
 
 impl Usage {
-    /// The cost in pico-dollars at `price` (zero without a price).
+    /// The cost in pico-dollars at `price` (zero without a price), its
+    /// tokens at the price of the tier they were served at (the standard
+    /// one when the price has none for it).
     pub fn cost_pusd(&self, price: Option<&Price>) -> i64 {
         let Some(price) = price else { return 0 };
+        let tokens = price.tokens_at(self.tier);
         let cached = self.cached_tokens.min(self.prompt_tokens);
         let uncached = self.prompt_tokens - cached;
         let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
         let audio = i128::from(self.audio_ms) * i128::from(price.audio_second) / 1000;
         count(uncached)
-            .saturating_mul(price.input)
-            .saturating_add(count(cached).saturating_mul(price.cached_input))
-            .saturating_add(count(self.completion_tokens).saturating_mul(price.output))
+            .saturating_mul(tokens.input)
+            .saturating_add(count(cached).saturating_mul(tokens.cached_input))
+            .saturating_add(count(self.completion_tokens).saturating_mul(tokens.output))
             .saturating_add(count(self.images).saturating_mul(price.image))
             .saturating_add(count(self.characters).saturating_mul(price.character))
             .saturating_add(i64::try_from(audio).unwrap_or(i64::MAX))
@@ -100,6 +161,7 @@ impl Usage {
             images: self.images.saturating_add(other.images),
             characters: self.characters.saturating_add(other.characters),
             audio_ms: self.audio_ms.saturating_add(other.audio_ms),
+            tier: other.tier.or(self.tier),
         }
     }
 }
@@ -215,6 +277,9 @@ pub(super) struct Probe<'a> {
     created: Option<&'a RawValue>,
     #[serde(borrow, default, deserialize_with = "crate::json::present")]
     model: Option<&'a RawValue>,
+    /// The tier a chat completion (or its chunk) was served at.
+    #[serde(borrow, default)]
+    service_tier: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
@@ -223,6 +288,8 @@ struct ResponseProbe<'a> {
     id: Option<&'a RawValue>,
     #[serde(borrow, default)]
     usage: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    service_tier: Option<&'a RawValue>,
 }
 
 /// A struct read from a JSON object only (serde reads a struct from an
@@ -565,12 +632,26 @@ impl Probe<'_> {
         self.usage.is_some_and(|u| u.get().starts_with('{'))
     }
 
+    /// The usage the object reports, with the tier it names.
     fn usage(&self) -> Option<Usage> {
-        match (self.usage, &self.response) {
+        let usage = match (self.usage, &self.response) {
             (Some(usage), _) => reported_usage(usage),
             (None, Some(response)) => reported_usage(response.usage?),
             (None, None) => None,
-        }
+        }?;
+        Some(Usage {
+            tier: self.tier(),
+            ..usage
+        })
+    }
+
+    /// The processing tier the object says it was served at: its own
+    /// `service_tier`, or its response's (a Responses stream's event).
+    fn tier(&self) -> Option<ServiceTier> {
+        let response = self.response.as_ref().and_then(|r| r.service_tier);
+        self.service_tier
+            .or(response)
+            .and_then(ServiceTier::from_json)
     }
 
     /// A Responses API event's `type` (`response.completed`, ...).
@@ -760,6 +841,26 @@ fn top_level_usage_at_end_from(mut rest: &[u8]) -> Option<Option<&RawValue>> {
     closes_the_body(rest).then(|| (usage.get() != "null").then_some(usage))
 }
 
+/// The processing tier a whole JSON answer says it was served at: its
+/// top-level `service_tier` (a `service_tier` nested in another member,
+/// such as a Responses answer's echoed `metadata`, is not the answer's).
+/// `None` when there is none, it names no tier the gateway knows, or the
+/// body cannot be read as an object.
+pub fn reported_tier_in_json(body: &[u8]) -> Option<ServiceTier> {
+    #[derive(Deserialize)]
+    struct TierOnly<'a> {
+        #[serde(borrow, default)]
+        service_tier: Option<&'a RawValue>,
+    }
+    // Most answers say nothing of it: not parsed at all then.
+    memchr::memmem::find(body, b"\"service_tier\"")?;
+    ServiceTier::from_json(
+        serde_json::from_slice::<TierOnly>(body)
+            .ok()?
+            .service_tier?,
+    )
+}
+
 /// The `usage` member of a whole JSON body, by parsing all of it.
 fn usage_member_parsed(body: &[u8]) -> Option<&RawValue> {
     #[derive(Deserialize)]
@@ -867,6 +968,7 @@ pub fn usage_from_json(body: &[u8], prompt_estimate: u64) -> Usage {
             completion_tokens: probe.generated_bytes().div_ceil(4),
             cached_tokens: 0,
             estimated: true,
+            tier: probe.tier(),
             ..Default::default()
         }),
         Err(_) => Usage {

@@ -14,7 +14,7 @@
 //! (what follows either is read only for a usage report).
 
 use super::last::{Known, LastEvent};
-use super::{sample_text, Estimate, Probe, Usage, MAX_LINE_BYTES};
+use super::{sample_text, Estimate, Probe, ServiceTier, Usage, MAX_LINE_BYTES};
 use crate::openai::ApiError;
 use bytes::{Buf, Bytes, BytesMut};
 use memchr::memmem::Finder;
@@ -59,6 +59,8 @@ pub struct StreamMeter {
     oversized_head: Vec<u8>,
     oversized_tail: Vec<u8>,
     usage: Option<Usage>,
+    /// The processing tier the last event that named one said.
+    tier: Option<ServiceTier>,
     generated_bytes: u64,
     /// The stream's `data: [DONE]` went by.
     saw_done: bool,
@@ -195,6 +197,7 @@ impl StreamMeter {
             oversized_head: Vec::new(),
             oversized_tail: Vec::new(),
             usage: None,
+            tier: None,
             generated_bytes: 0,
             saw_done: false,
             error: None,
@@ -566,6 +569,9 @@ impl StreamMeter {
         if is_error {
             self.note_error(payload);
         }
+        if let Some(tier) = probe.tier() {
+            self.tier = Some(tier);
+        }
         let generated = probe.generated_bytes();
         self.generated_bytes += generated;
         if self.sample.len() < SAMPLE_BYTES && generated > 0 {
@@ -833,7 +839,15 @@ impl StreamMeter {
 
     /// The usage the provider reported, if it did.
     pub fn reported_usage(&self) -> Option<Usage> {
-        self.usage
+        self.usage.map(|usage| self.with_tier(usage))
+    }
+
+    /// `usage` with the tier the stream said it was served at.
+    fn with_tier(&self, usage: Usage) -> Usage {
+        Usage {
+            tier: self.tier.or(usage.tier),
+            ..usage
+        }
     }
 
     /// The Responses API response this stream carries, once named.
@@ -858,6 +872,11 @@ impl StreamMeter {
     /// streamed through (with the estimate given; else bytes / 4, and
     /// `prompt_estimate` for the prompt).
     pub fn usage(&self, prompt_estimate: u64) -> Usage {
+        self.with_tier(self.tokens(prompt_estimate))
+    }
+
+    /// [`StreamMeter::usage`]'s tokens.
+    fn tokens(&self, prompt_estimate: u64) -> Usage {
         if let Some(usage) = self.usage {
             return usage;
         }

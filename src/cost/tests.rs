@@ -11,6 +11,7 @@ const PRICE: Price = Price {
     image: 0,
     audio_second: 0,
     character: 0,
+    tiers: [None; 3],
 };
 
 fn stream_events(include_usage_nulls: bool) -> Vec<String> {
@@ -1484,4 +1485,152 @@ proptest::proptest! {
         let in_full = run(true);
         proptest::prop_assert_eq!(run(false), in_full);
     }
+}
+
+#[test]
+fn tokens_cost_the_price_of_the_tier_they_were_served_at() {
+    use crate::config::TokenPrice;
+    let mut price = PRICE;
+    price.tiers[1] = Some(TokenPrice {
+        input: 300_000,
+        output: 1_200_000,
+        cached_input: 150_000,
+    });
+    let usage = |tier| Usage {
+        prompt_tokens: 1000,
+        completion_tokens: 500,
+        cached_tokens: 400,
+        tier,
+        ..Default::default()
+    };
+    // The standard price, as in `costs_cached_and_uncached_tokens_exactly`.
+    assert_eq!(usage(None).cost_pusd(Some(&price)), 420_000_000);
+    assert_eq!(
+        usage(Some(ServiceTier::Default)).cost_pusd(Some(&price)),
+        420_000_000
+    );
+    // Priority at twice the price: 600 * 0.30 + 400 * 0.15 + 500 * 1.20.
+    assert_eq!(
+        usage(Some(ServiceTier::Priority)).cost_pusd(Some(&price)),
+        840_000_000
+    );
+    // A tier without a price of its own costs the standard price.
+    assert_eq!(
+        usage(Some(ServiceTier::Flex)).cost_pusd(Some(&price)),
+        420_000_000
+    );
+    // Attempts together keep the last one's tier, else the first's.
+    let plus = |a, b| usage(a).plus(usage(b)).tier;
+    assert_eq!(
+        plus(Some(ServiceTier::Flex), Some(ServiceTier::Priority)),
+        Some(ServiceTier::Priority)
+    );
+    assert_eq!(plus(Some(ServiceTier::Flex), None), Some(ServiceTier::Flex));
+}
+
+#[test]
+fn a_tier_is_named_as_openai_and_anthropic_name_it() {
+    for (name, tier) in [
+        ("default", Some(ServiceTier::Default)),
+        ("standard", Some(ServiceTier::Default)),
+        ("flex", Some(ServiceTier::Flex)),
+        ("priority", Some(ServiceTier::Priority)),
+        ("fast", Some(ServiceTier::Priority)),
+        ("scale", Some(ServiceTier::Scale)),
+        ("auto", None),
+        ("batch", None),
+        ("Priority", None),
+        ("", None),
+    ] {
+        assert_eq!(ServiceTier::from_name(name), tier, "{name}");
+    }
+    let json = |text: &str| ServiceTier::from_json(&RawValue::from_string(text.into()).unwrap());
+    assert_eq!(json(r#""flex""#), Some(ServiceTier::Flex));
+    assert_eq!(json(r#""fl\u0065x""#), Some(ServiceTier::Flex));
+    assert_eq!(json("null"), None);
+    assert_eq!(json(r#"{"tier":"flex"}"#), None);
+    assert_eq!(json(r#"["flex"]"#), None);
+}
+
+#[test]
+fn a_json_answers_tier_is_its_own_top_level_member_only() {
+    let tier = |body: &str| reported_tier_in_json(body.as_bytes());
+    // OpenAI's chat completion: after its usage.
+    assert_eq!(
+        tier(
+            r#"{"id":"c","choices":[],"usage":{"prompt_tokens":1},"service_tier":"priority","system_fingerprint":null}"#
+        ),
+        Some(ServiceTier::Priority)
+    );
+    // A Responses answer: before its usage, with the client's metadata
+    // echoed after it, which names a cheaper tier.
+    let response = r#"{"id":"resp_1","object":"response","output":[{"type":"message","content":[{"type":"output_text","text":"say \"service_tier\":\"flex\""}]}],"service_tier":"default","usage":{"input_tokens":1,"output_tokens":1},"metadata":{"service_tier":"flex"}}"#;
+    assert_eq!(tier(response), Some(ServiceTier::Default));
+    // Only nested, or only in text: the answer says nothing.
+    assert_eq!(
+        tier(
+            r#"{"id":"resp_1","output":"\"service_tier\":\"flex\"","metadata":{"service_tier":"flex"}}"#
+        ),
+        None
+    );
+    assert_eq!(tier(r#"{"service_tier":"auto"}"#), None);
+    assert_eq!(tier(r#"{"service_tier":null}"#), None);
+    // Given twice: which one the provider means cannot be told.
+    assert_eq!(
+        tier(r#"{"service_tier":"flex","service_tier":"priority"}"#),
+        None
+    );
+    assert_eq!(tier(r#"[{"service_tier":"flex"}]"#), None);
+    assert_eq!(tier(r#"{"service_tier":"flex""#), None);
+}
+
+#[test]
+fn a_stream_is_billed_at_the_tier_its_events_name() {
+    // A chat stream names its tier in every chunk, the usage chunk too.
+    let chat = [
+        "data: {\"id\":\"c\",\"service_tier\":\"priority\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hel\"}}]}\n\n",
+        "data: {\"id\":\"c\",\"service_tier\":\"priority\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"lo\"}}]}\n\n",
+        "data: {\"id\":\"c\",\"service_tier\":\"priority\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n",
+        "data: {\"id\":\"c\",\"service_tier\":\"priority\",\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":2}}\n\n",
+        "data: [DONE]\n\n",
+    ]
+    .concat();
+    for size in [1, 7, chat.len()] {
+        let mut meter = StreamMeter::new(false);
+        assert_eq!(run(&mut meter, &chat, size), chat);
+        let usage = meter.usage(0);
+        assert_eq!((usage.prompt_tokens, usage.completion_tokens), (3, 2));
+        assert_eq!(usage.tier, Some(ServiceTier::Priority), "chunks of {size}");
+        assert_eq!(
+            meter.reported_usage().unwrap().tier,
+            Some(ServiceTier::Priority)
+        );
+    }
+    // Without a usage report, the gateway's count is at the tier too.
+    let cut = chat
+        .split("data: {\"id\":\"c\",\"service_tier\":\"priority\",\"choices\":[],")
+        .next()
+        .unwrap();
+    let mut meter = StreamMeter::new(false);
+    run(&mut meter, cut, 5);
+    assert!(meter.usage(0).estimated);
+    assert_eq!(meter.usage(0).tier, Some(ServiceTier::Priority));
+    // A Responses stream: `auto` as created, what served it once complete.
+    let responses = [
+        "event: response.created\ndata: {\"type\":\"response.created\",\"sequence_number\":0,\"response\":{\"id\":\"resp_1\",\"service_tier\":\"auto\",\"usage\":null}}\n\n",
+        "event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"sequence_number\":1,\"delta\":\"Hi\"}\n\n",
+        "event: response.completed\ndata: {\"type\":\"response.completed\",\"sequence_number\":2,\"response\":{\"id\":\"resp_1\",\"service_tier\":\"flex\",\"usage\":{\"input_tokens\":4,\"output_tokens\":1},\"metadata\":{\"service_tier\":\"scale\"}}}\n\n",
+    ]
+    .concat();
+    let mut meter = StreamMeter::new(false);
+    run(&mut meter, &responses, 9);
+    assert_eq!(meter.usage(0).tier, Some(ServiceTier::Flex));
+    // A stream that names no tier leaves it to the request's.
+    let mut meter = StreamMeter::new(false);
+    run(
+        &mut meter,
+        &(stream_events(false).concat() + USAGE_EVENT),
+        3,
+    );
+    assert_eq!(meter.usage(0).tier, None);
 }

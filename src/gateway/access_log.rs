@@ -61,6 +61,9 @@ pub(super) struct Line<'a> {
     /// An async job's attempt: the job's id, and which attempt.
     pub job: Option<&'a str>,
     pub job_attempt: Option<u32>,
+    /// The processing tier the tokens were billed at, when priced apart
+    /// from the standard one (`flex`, `priority`, `scale`).
+    pub service_tier: Option<&'static str>,
 }
 
 /// Writes `,"name":` (names are plain), one copy of a constant.
@@ -74,7 +77,7 @@ impl Line<'_> {
     /// The line as one JSON object: `ts` (Unix seconds) and `"type":
     /// "access"`, then the fields in order, milliseconds for durations, the
     /// optional ones left out when absent (`trace_id`, `cache`, `job`,
-    /// `job_attempt`) or null (`backend`, `ttft`, `error`).
+    /// `job_attempt`, `service_tier`) or null (`backend`, `ttft`, `error`).
     ///
     /// Written out by hand rather than derived: serde escaped every key and
     /// went through a map for the stamp, 10k instructions a request, most
@@ -152,6 +155,10 @@ impl Line<'_> {
         if let Some(attempt) = self.job_attempt {
             key!(out, "job_attempt");
             integer(out, attempt);
+        }
+        if let Some(tier) = self.service_tier {
+            key!(out, "service_tier");
+            string(out, tier);
         }
         out.extend_from_slice(b"}\n");
     }
@@ -409,6 +416,7 @@ mod tests {
             cache: optional.then_some("hit"),
             job: optional.then_some(text),
             job_attempt: optional.then_some(3),
+            service_tier: optional.then_some("priority"),
         }
     }
 
@@ -465,6 +473,7 @@ mod tests {
                     ("trace_id", json!(text)), ("ttft", json!(0.002)),
                     ("error", json!("upstream_timeout")), ("cache", json!("hit")),
                     ("job", json!(text)), ("job_attempt", json!(3)),
+                    ("service_tier", json!("priority")),
                 ] {
                     expected[k] = v;
                 }

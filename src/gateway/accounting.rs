@@ -46,6 +46,12 @@ impl Settle for Settler<'_> {
         let mut cost_pusd = 0i64;
         for (route, target, usage) in attempts {
             let price = gateway.price(route, target);
+            // At the tier the answer says it was served at, else the one
+            // asked for.
+            let usage = Usage {
+                tier: usage.tier.or(report.requested_tier),
+                ..usage
+            };
             let cost = usage
                 .cost_pusd(price)
                 .saturating_add(price.map_or(0, |p| p.request));
@@ -120,6 +126,16 @@ impl Gateway {
             Some(target) => route.targets[target].price.as_ref(),
             None => self.config.pricing.get(&route.name),
         }
+    }
+
+    /// The processing tier the answer's tokens were billed at, when its
+    /// price depends on the tier and it is not the standard one (the
+    /// access log's `service_tier`).
+    fn billed_tier(&self, report: &super::forward::Report) -> Option<&'static str> {
+        let usage = report.usage?;
+        let tier = usage.tier.or(report.requested_tier)?;
+        let price = self.price(report.route, report.target)?;
+        price.tier(tier).map(|_| tier.name())
     }
 
     /// Settles the request's admission with what it used (none when no
@@ -211,6 +227,7 @@ impl Gateway {
                 cache: ctx.cache,
                 job: ctx.job_attempt.map(|_| ctx.request_id.as_str()),
                 job_attempt: ctx.job_attempt,
+                service_tier: self.billed_tier(report),
             };
             access_log::write(&line);
         }

@@ -384,6 +384,7 @@ impl JobRunner for Gateway {
                     trace,
                     ..
                 } = &mut *ctx;
+                report.requested_tier = fields.requested_tier();
                 let exchange = Exchange {
                     endpoint,
                     call: Call::post_json(),

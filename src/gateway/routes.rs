@@ -170,6 +170,8 @@ impl Gateway {
                 "conversations are not supported by this gateway (they would be shared by every tenant of its provider account); chain responses with previous_response_id",
             ));
         }
+        self.check_tier_priced(tenant, route_index, &fields)?;
+        ctx.exchange.requested_tier = fields.requested_tier();
         let pin = self
             .follow_up_pin(tenant, route_index, endpoint, &fields)
             .await?;
@@ -288,6 +290,52 @@ impl Gateway {
             let _ = session.write_response_body(Some(end), true).await;
         }
         forwarded.map_err(admitted_error)
+    }
+
+    /// Refuses a processing tier (`service_tier`) that a model the request
+    /// may be served by prices tiers for (`pricing.<model>.service_tiers`)
+    /// but not this one: its tokens would be billed at the standard price.
+    /// `auto` and `default` are always taken, and every tier where no
+    /// model prices tiers (billed at the one price, as documented).
+    fn check_tier_priced(
+        &self,
+        tenant: usize,
+        route_index: usize,
+        fields: &RequestFields,
+    ) -> Result<(), ApiError> {
+        let Some(given) = fields.service_tier else {
+            return Ok(());
+        };
+        let name = serde_json::from_str::<String>(given).unwrap_or_default();
+        let tier = fields.requested_tier();
+        if name == "auto" || tier == Some(cost::ServiceTier::Default) {
+            return Ok(());
+        }
+        let config = &self.config;
+        let routes = config.routes_for(tenant, route_index);
+        let context_routes = config.context_routes_for(tenant, route_index);
+        let prices = routes.iter().chain(&context_routes).flat_map(|(_, route)| {
+            let priced = route.targets.iter().filter_map(|t| t.price.as_ref());
+            priced.map(|price| (&route.name, price))
+        });
+        for (model, price) in prices {
+            if price.tiered() && tier.and_then(|tier| price.tier(tier)).is_none() {
+                let shown: String = given.chars().take(64).collect();
+                let priced = cost::ServiceTier::PRICED
+                    .into_iter()
+                    .filter(|tier| price.tier(*tier).is_some())
+                    .map(cost::ServiceTier::name);
+                let priced = ["auto", "default"].into_iter().chain(priced);
+                return Err(ApiError::invalid_field(
+                    "service_tier",
+                    format!(
+                        "{shown} is not priced for model '{model}' on this gateway (accepted: {})",
+                        priced.collect::<Vec<_>>().join(", ")
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 }
 

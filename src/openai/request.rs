@@ -48,6 +48,8 @@ struct RawFields<'a> {
     input: Option<&'a RawValue>,
     #[serde(borrow, default)]
     logprobs: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    service_tier: Option<&'a RawValue>,
     /// Sampling fields are only type-checked: a provider that answers a
     /// string here with a 500 would count a client's mistake against the
     /// deployment's breaker (OpenAI answers 400).
@@ -103,6 +105,8 @@ pub struct RequestFields<'a> {
     /// One choice without log probabilities (`n` absent or 1, `logprobs`
     /// absent or false): an answer a broken stream can be continued into.
     pub one_plain_choice: bool,
+    /// `service_tier` as given (`null` is none): its raw JSON, unread.
+    pub service_tier: Option<&'a str>,
 }
 
 impl<'a> RequestFields<'a> {
@@ -210,6 +214,10 @@ impl<'a> RequestFields<'a> {
                 && raw
                     .logprobs
                     .is_none_or(|l| matches!(l.get(), "false" | "null")),
+            service_tier: raw
+                .service_tier
+                .map(RawValue::get)
+                .filter(|tier| *tier != "null"),
         })
     }
 }
@@ -232,11 +240,20 @@ impl<'a> RequestFields<'a> {
             n: None,
             input: None,
             one_plain_choice: false,
+            service_tier: None,
         }
     }
 }
 
 impl RequestFields<'_> {
+    /// The processing tier the request asks for: `None` when it leaves
+    /// the choice to the provider (`auto`, or no `service_tier`) or names
+    /// a tier the gateway does not know.
+    pub fn requested_tier(&self) -> Option<crate::cost::ServiceTier> {
+        let tier = serde_json::from_str::<String>(self.service_tier?).ok()?;
+        crate::cost::ServiceTier::from_name(&tier)
+    }
+
     /// Whether the client asked for a final usage chunk in its stream.
     pub fn client_wants_usage(&self) -> bool {
         self.stream_options.and_then(|o| o.include_usage) == Some(true)

@@ -447,3 +447,35 @@ fn a_default_model_takes_the_place_of_a_null_one() {
     let with = with_model(&body, "m").unwrap();
     assert_eq!(&with[..], br#"{"model":"m","input":"hi"}"#);
 }
+
+#[test]
+fn the_tier_a_request_asks_for_is_read_as_openai_names_it() {
+    use crate::cost::ServiceTier;
+    let tier = |body: &str| {
+        let fields = RequestFields::parse(body.as_bytes()).unwrap();
+        (
+            fields.service_tier.map(str::to_owned),
+            fields.requested_tier(),
+        )
+    };
+    assert_eq!(tier(r#"{"model":"m"}"#), (None, None));
+    assert_eq!(tier(r#"{"model":"m","service_tier":null}"#), (None, None));
+    assert_eq!(
+        tier(r#"{"model":"m","service_tier":"auto"}"#),
+        (Some(r#""auto""#.into()), None)
+    );
+    assert_eq!(
+        tier(r#"{"model":"m","service_tier":"fast"}"#).1,
+        Some(ServiceTier::Priority)
+    );
+    assert_eq!(
+        tier(r#"{"model":"m","service_tier":"fl\u0065x"}"#).1,
+        Some(ServiceTier::Flex)
+    );
+    assert_eq!(tier(r#"{"model":"m","service_tier":7}"#).1, None);
+    // Given twice, it could be billed at one and served at the other.
+    let err =
+        RequestFields::parse(br#"{"model":"m","service_tier":"flex","service_tier":"priority"}"#)
+            .unwrap_err();
+    assert_eq!(err.param.as_deref(), Some("service_tier"), "{err:?}");
+}

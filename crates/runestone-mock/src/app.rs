@@ -615,6 +615,7 @@ impl MockApp {
             plan.created,
             meta.response_model(),
             g.include_usage,
+            g.service_tier.as_deref(),
         );
         chunks.anthropic_usage = !plan.no_usage;
         if let Some(extra) = plan.responses {

@@ -75,6 +75,9 @@ pub(crate) struct CompletionObject<'a, C> {
     pub(crate) system_fingerprint: Option<&'a str>,
     pub(crate) choices: [C; 1],
     pub(crate) usage: Usage,
+    /// After `usage`, as OpenAI writes it; only when asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) service_tier: Option<&'a str>,
 }
 
 /// `choices[0]` of a `chat.completion`.
@@ -122,6 +125,7 @@ pub(crate) fn chat_completion_body(id: &str, created: u64, model: &str, g: &GenR
             finish_reason: g.plan.finish_reason,
         }],
         usage: Usage::chat(g.prompt_tokens, g.generated()),
+        service_tier: g.service_tier.as_deref(),
     };
     serde_json::to_vec(&v).unwrap_or_default()
 }
@@ -177,6 +181,7 @@ pub(crate) fn parse_messages(body: &[u8]) -> Result<(GenRequest, Option<String>)
             prefilled: ends_with_prefill(&messages),
             stream: b.stream.unwrap_or(false),
             include_usage: false,
+            service_tier: None,
         },
         tool,
     ))
@@ -223,6 +228,7 @@ pub(crate) fn text_completion_body(id: &str, created: u64, model: &str, g: &GenR
             finish_reason: g.plan.finish_reason,
         }],
         usage: Usage::plain(g.prompt_tokens, g.generated()),
+        service_tier: None,
     };
     serde_json::to_vec(&v).unwrap_or_default()
 }
@@ -337,6 +343,7 @@ impl ChunkMeta {
         created: u64,
         model: &str,
         include_usage: bool,
+        service_tier: Option<&str>,
     ) -> Self {
         let object = match kind {
             StreamKind::Chat => "chat.completion.chunk",
@@ -352,6 +359,9 @@ impl ChunkMeta {
         );
         if kind == StreamKind::Chat {
             prefix.push_str("\"system_fingerprint\":null,");
+        }
+        if let Some(tier) = service_tier.filter(|_| kind == StreamKind::Chat) {
+            let _ = write!(prefix, "\"service_tier\":{},", quote(tier));
         }
         ChunkMeta {
             kind,

@@ -243,6 +243,10 @@ pub(crate) struct ChatBody {
     pub(crate) stream_options: Option<StreamOptions>,
     #[serde(default)]
     pub(crate) mock_tokens: Option<u64>,
+    #[serde(default)]
+    pub(crate) service_tier: Option<String>,
+    #[serde(default)]
+    pub(crate) mock_service_tier: Option<String>,
 }
 
 /// Fields of `/v1/completions` the mock reads.
@@ -369,6 +373,23 @@ pub(crate) struct GenRequest {
     pub(crate) stream: bool,
     /// Final usage event requested.
     pub(crate) include_usage: bool,
+    /// The processing tier the answer says served it ([`served_tier`]).
+    pub(crate) service_tier: Option<String>,
+}
+
+/// The tier an answer reports: `mock_service_tier` when the request sets it
+/// (a tier other than the one asked for, as when OpenAI serves a priority
+/// request at the standard tier), else the one asked for, as OpenAI names
+/// it (`fast` is `priority`, `auto` is `default`); none when neither is
+/// given.
+pub(crate) fn served_tier(asked: Option<String>, forced: Option<String>) -> Option<String> {
+    forced.or_else(|| {
+        asked.map(|tier| match tier.as_str() {
+            "fast" => "priority".to_owned(),
+            "auto" => "default".to_owned(),
+            _ => tier,
+        })
+    })
 }
 
 impl GenRequest {
@@ -399,6 +420,7 @@ pub(crate) fn parse_chat(body: &[u8], deployment: Option<&str>) -> Result<GenReq
             .stream_options
             .and_then(|o| o.include_usage)
             .unwrap_or(false),
+        service_tier: served_tier(b.service_tier, b.mock_service_tier),
     })
 }
 
@@ -419,6 +441,7 @@ pub(crate) fn parse_completion(
             .stream_options
             .and_then(|o| o.include_usage)
             .unwrap_or(false),
+        service_tier: None,
     })
 }
 

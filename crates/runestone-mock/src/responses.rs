@@ -19,6 +19,8 @@ pub(crate) struct ResponsesExtra {
     pub(crate) store: bool,
     /// Made with `background: true` (the only kind `cancel` accepts).
     pub(crate) background: bool,
+    /// The tier the response says served it (as `served_tier` gives it).
+    pub(crate) service_tier: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -41,6 +43,10 @@ struct ResponsesBody {
     background: Option<bool>,
     #[serde(default)]
     mock_tokens: Option<u64>,
+    #[serde(default)]
+    service_tier: Option<String>,
+    #[serde(default)]
+    mock_service_tier: Option<String>,
 }
 
 /// Parses a `POST /v1/responses` body.
@@ -63,12 +69,14 @@ pub(crate) fn parse_responses(body: &[u8]) -> Result<(GenRequest, ResponsesExtra
             prefilled: false,
             stream: b.stream.unwrap_or(false),
             include_usage: false,
+            service_tier: None,
         },
         ResponsesExtra {
             input: b.input,
             previous_response_id: b.previous_response_id,
             store: b.store.unwrap_or(true),
             background: b.background.unwrap_or(false),
+            service_tier: crate::requests::served_tier(b.service_tier, b.mock_service_tier),
         },
     ))
 }
@@ -91,7 +99,7 @@ pub(crate) fn response_object(
         "reasoning": {"effort": null, "summary": null}, "store": extra.store,
         "temperature": 1.0, "text": {"format": {"type": "text"}}, "tool_choice": "auto",
         "tools": [], "top_p": 1.0, "truncation": "disabled", "usage": usage, "user": null,
-        "metadata": {}, "background": extra.background,
+        "metadata": {}, "background": extra.background, "service_tier": extra.service_tier,
     })
 }
 

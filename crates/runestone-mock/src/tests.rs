@@ -87,7 +87,14 @@ fn json_errors_are_classified() {
 
 #[test]
 fn chat_stream_events_are_valid_json() {
-    let m = ChunkMeta::new(StreamKind::Chat, "chatcmpl-mock-7", 42, "we\"ird", true);
+    let m = ChunkMeta::new(
+        StreamKind::Chat,
+        "chatcmpl-mock-7",
+        42,
+        "we\"ird",
+        true,
+        None,
+    );
     let role = parse_event(&m.role_event());
     assert_eq!(role["object"], "chat.completion.chunk");
     assert_eq!(role["model"], "we\"ird");
@@ -107,13 +114,13 @@ fn chat_stream_events_are_valid_json() {
     assert_eq!(usage["id"], "chatcmpl-mock-7");
     assert_eq!(usage["created"], 42);
 
-    let plain = ChunkMeta::new(StreamKind::Chat, "c", 1, "m", false);
+    let plain = ChunkMeta::new(StreamKind::Chat, "c", 1, "m", false, None);
     assert!(parse_event(&plain.token_event(0)).get("usage").is_none());
 }
 
 #[test]
 fn completion_stream_events_are_valid_json() {
-    let m = ChunkMeta::new(StreamKind::Completion, "cmpl-mock-1", 1, "m", true);
+    let m = ChunkMeta::new(StreamKind::Completion, "cmpl-mock-1", 1, "m", true, None);
     let tok = parse_event(&m.token_event(0));
     assert_eq!(tok["object"], "text_completion");
     assert_eq!(tok["choices"][0]["text"], "tok0 ");

@@ -584,6 +584,9 @@ impl Attempt<'_> {
             ttfb: answer.ttfb,
             estimate: exchange.estimate,
             model: &self.route.targets[self.backend.target].model,
+            reads_tier: self.route.targets[self.backend.target]
+                .price
+                .is_some_and(|price| price.tiered()),
             request_id: exchange.request_id,
             describe: self.describes(),
         };

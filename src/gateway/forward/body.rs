@@ -749,6 +749,9 @@ pub(super) struct Copy<'a> {
     /// model whose encoding counts.
     pub estimate: &'a Estimate,
     pub model: &'a str,
+    /// The target's price differs by processing tier: a JSON answer's
+    /// `service_tier` is read.
+    pub reads_tier: bool,
     /// For the logs.
     pub request_id: &'a str,
     /// For a sampled trace: the answer is described in the report, with
@@ -1243,11 +1246,28 @@ impl Copy<'_> {
         if !self.bills {
             return None;
         }
-        if let Some(usage) = meter.usage_uncounted(self.estimate, self.model) {
-            return Some(usage);
+        let usage = match meter.usage_uncounted(self.estimate, self.model) {
+            Some(usage) => usage,
+            None => {
+                Encoding::for_model(self.model).ready().await;
+                meter.usage(self.estimate, self.model)
+            }
+        };
+        // A stream's tier is read as it passes; a JSON answer's only when
+        // its price depends on it (a second pass over the body).
+        match meter {
+            Meter::Json { body, seen, .. }
+                if self.reads_tier
+                    && usage.tier.is_none()
+                    && *seen <= cost::MAX_METERED_JSON_BYTES =>
+            {
+                Some(Usage {
+                    tier: cost::reported_tier_in_json(body),
+                    ..usage
+                })
+            }
+            _ => Some(usage),
         }
-        Encoding::for_model(self.model).ready().await;
-        Some(meter.usage(self.estimate, self.model))
     }
 
     /// The Responses API response the answer carries (its `id`, which a

@@ -201,6 +201,9 @@ pub(crate) struct Report {
     pub first_byte_at: Option<Instant>,
     /// Usage read from (or estimated for) the answer.
     pub usage: Option<Usage>,
+    /// The processing tier the request asked for (`service_tier`): what
+    /// its tokens are billed at when the answer does not say.
+    pub requested_tier: Option<crate::cost::ServiceTier>,
     /// A `runestone_errors_total` reason found after the answer started
     /// (`provider_stream_broken`, `client_closed`).
     pub error_reason: Option<&'static str>,

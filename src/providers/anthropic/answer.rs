@@ -54,6 +54,11 @@ pub(super) fn usage_of(usage: &Value, whole: bool) -> Option<Usage> {
         completion_tokens: required("output_tokens")?,
         cached_tokens: cache_read,
         estimated: false,
+        // `standard` or `priority` (Anthropic's Priority Tier).
+        tier: usage
+            .get("service_tier")
+            .and_then(Value::as_str)
+            .and_then(crate::cost::ServiceTier::from_name),
         ..Default::default()
     })
 }

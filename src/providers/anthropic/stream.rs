@@ -402,6 +402,7 @@ impl StreamTranslator {
                     match usage_of(&event["usage"], false) {
                         Some(update) => {
                             self.usage.completion_tokens = update.completion_tokens;
+                            self.usage.tier = update.tier.or(self.usage.tier);
                             if update.prompt_tokens > 0 {
                                 self.usage.prompt_tokens = update.prompt_tokens;
                                 self.usage.cached_tokens = update.cached_tokens;

@@ -944,3 +944,34 @@ fn thinking_is_counted_and_unknown_deltas_are_not() {
         (8u64 + 2).div_ceil(4)
     );
 }
+
+#[test]
+fn the_tier_anthropic_reports_is_the_usage_tier() {
+    use crate::cost::ServiceTier;
+    let answer = |tier: &str| {
+        answer_of(&json!({
+            "id": "msg_1", "type": "message", "role": "assistant", "model": "claude-x",
+            "content": [{"type": "text", "text": "Hello"}], "stop_reason": "end_turn",
+            "usage": {"input_tokens": 10, "output_tokens": 5, "service_tier": tier},
+        }))
+        .1
+        .tier
+    };
+    assert_eq!(answer("priority"), Some(ServiceTier::Priority));
+    assert_eq!(answer("standard"), Some(ServiceTier::Default));
+    assert_eq!(answer("batch"), None);
+    // A stream says it in its start; its final delta keeps it.
+    let stream = STREAM.replace(
+        "\"cache_read_input_tokens\":4}",
+        "\"cache_read_input_tokens\":4,\"service_tier\":\"priority\"}",
+    );
+    assert_ne!(stream, STREAM);
+    let (_, _, translator) = run_stream(&stream, false, 7);
+    let usage = translator.usage().unwrap();
+    assert_eq!(
+        (usage.completion_tokens, usage.tier),
+        (7, Some(ServiceTier::Priority))
+    );
+    let (_, _, translator) = run(false, 7);
+    assert_eq!(translator.usage().unwrap().tier, None);
+}
