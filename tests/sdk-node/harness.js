@@ -57,11 +57,11 @@ export class Mock {
   stop() { this.proc.kill('SIGKILL'); }
 }
 
-/** runestone in front of `mock`: models `gpt-4o-mini`, `claude`, an
- * embeddings model, and moderation, image, speech and transcription
- * models; tenants `acme` (all) and `other`. */
+/** runestone in front of `mock`: models `gpt-4o-mini` (at `price`),
+ * `claude`, an embeddings model, and moderation, image, speech and
+ * transcription models; tenants `acme` (all) and `other`. */
 export class Gateway {
-  static async start(mock, extra = '') {
+  static async start(mock, extra = '', price = '{ input: 1.0, output: 2.0 }') {
     const gw = new Gateway();
     gw.port = await freePort();
     gw.metricsPort = await freePort();
@@ -98,7 +98,7 @@ tenants:
     keys: ["${OTHER_KEY}"]
     models: [text-embedding-3-small]
 pricing:
-  gpt-4o-mini: { input: 1.0, output: 2.0 }
+  gpt-4o-mini: ${price}
 ${extra}`;
     const path = join(gw.dir, 'runestone.yaml');
     writeFileSync(path, config);

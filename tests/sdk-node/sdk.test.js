@@ -240,3 +240,39 @@ test('a loosely written stream (retry, id, an event with no data, stray blank li
     provider.close();
   }
 });
+
+test('processing tiers: billed at the tier the answer names, a tier not priced refused', async () => {
+  const tiered = await Gateway.start(mock, '',
+    '{ input: 1.0, output: 2.0, service_tiers: { priority: { input: 3.0, output: 6.0 } } }');
+  try {
+    const client = tiered.client();
+    const cost = async () => metricSum(await tiered.metrics(), 'runestone_cost_usd_total');
+    // Streamed through SDK 7's helper: every chunk names the tier.
+    const runner = client.chat.completions.stream({
+      model: 'gpt-4o-mini', messages: [{ role: 'user', content: 'hi' }],
+      service_tier: 'fast', stream_options: { include_usage: true },
+    });
+    const streamed = await runner.finalChatCompletion();
+    assert.equal(streamed.service_tier, 'priority');
+    const atPriority = (u) => (u.prompt_tokens * 3 + u.completion_tokens * 6) / 1e6;
+    assert.ok(Math.abs(await cost() - atPriority(streamed.usage)) < 1e-12);
+    // Asked for priority, served (and so billed) at the standard tier.
+    const before = await cost();
+    const downgraded = await client.chat.completions.create({
+      model: 'gpt-4o-mini', messages: [{ role: 'user', content: 'hi' }],
+      service_tier: 'priority', mock_service_tier: 'default',
+    });
+    assert.equal(downgraded.service_tier, 'default');
+    const u = downgraded.usage;
+    assert.ok(Math.abs(await cost() - before - (u.prompt_tokens * 1 + u.completion_tokens * 2) / 1e6) < 1e-12);
+    // A Responses answer says its tier too.
+    const response = await client.responses.create({ model: 'gpt-4o-mini', input: 'hi', service_tier: 'priority' });
+    assert.equal(response.service_tier, 'priority');
+    await assert.rejects(
+      client.chat.completions.create({ model: 'gpt-4o-mini', messages: [{ role: 'user', content: 'hi' }], service_tier: 'flex' }),
+      (e) => e instanceof OpenAI.BadRequestError && e.param === 'service_tier' && /accepted: auto, default, priority/.test(e.message),
+    );
+  } finally {
+    tiered.stop();
+  }
+});
