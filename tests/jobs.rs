@@ -787,3 +787,57 @@ fn a_submission_redis_did_not_confirm_names_its_job() {
     let served = mock.requests().iter().filter(|r| r["path"] == CHAT).count();
     assert_eq!(served, 1, "one provider call for one key");
 }
+
+#[test]
+fn a_jobs_tier_is_checked_again_where_it_runs() {
+    // Submitted where `flex` is priced, run (after a failed attempt) by an
+    // instance whose config no longer prices it: refused there, as a new
+    // request would be, not billed at the standard price.
+    let redis = Redis::start();
+    let mock = Mock::start(&[]);
+    let priced = |tiers: &str| {
+        let mut config = config(&mock, "{ enabled: true }", JOBS_FOR_CRASHES, Some(&redis));
+        config.extra = config.extra.replace(
+            "gpt-4o-mini: { input: 1.0, output: 2.0 }",
+            &format!("gpt-4o-mini: {{ input: 1.0, output: 2.0, service_tiers: {tiers} }}"),
+        );
+        assert!(config.extra.contains("service_tiers"));
+        config
+    };
+    let first = Gateway::start(&priced("{ flex: { input: 0.5, output: 1.0 } }"));
+    let a = Client::of(&first);
+    // Its first attempt fails (the provider call and its retry).
+    mock.fault(json!({"status": 503, "count": 2, "path": CHAT}));
+    let body = json!({"model": "gpt-4o-mini", "service_tier": "flex",
+        "messages": [{"role": "user", "content": "flex job"}]});
+    let auth = format!("Bearer {TENANT_KEY}");
+    let submitted = call(
+        "POST",
+        &a.url(CHAT),
+        &[
+            ("authorization", auth.as_str()),
+            ("prefer", "respond-async"),
+            ("content-type", "application/json"),
+        ],
+        Some(body.to_string().as_bytes()),
+    );
+    assert_eq!(submitted.status, 202);
+    let id = submitted.json()["id"].as_str().unwrap().to_string();
+    a.wait_for(TENANT_KEY, &id, "a failed first attempt", |j| {
+        j["next_attempt_at"].is_u64()
+    });
+    drop(first);
+    let second = Gateway::start(&priced("{ priority: { input: 2.0, output: 4.0 } }"));
+    let b = Client::of(&second);
+    let done = b.result(TENANT_KEY, &id, Duration::from_secs(30));
+    assert_eq!(done.status, 400, "{}", String::from_utf8_lossy(&done.body));
+    let error = &done.json()["error"];
+    assert_eq!(error["param"], "service_tier", "{error}");
+    assert_eq!(
+        calls_for(&mock, &id),
+        2,
+        "nothing sent for the refused attempt"
+    );
+    let usage = b.get(TENANT_KEY, "/v1/usage").json();
+    assert_eq!(usage["cost_usd"], 0.0, "{usage}");
+}

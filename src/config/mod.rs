@@ -290,8 +290,25 @@ impl Config {
                     crate::redact::MIN_REDACTED_KEY_LEN
                 ))
             }))
+            .chain(self.untiered_targets())
             .chain(self.file_warnings.iter().cloned())
             .collect()
+    }
+
+    /// Warnings for targets whose own `provider/model` price has no
+    /// processing tiers while their public model's price has: on them,
+    /// every tier is billed at that one price.
+    fn untiered_targets(&self) -> impl Iterator<Item = String> + '_ {
+        self.models.iter().flat_map(move |model| {
+            let tiered = self.pricing.get(&model.name).is_some_and(Price::tiered);
+            model.targets.iter().filter_map(move |target| {
+                let own = target.price.filter(|_| tiered)?;
+                (!own.tiered()).then(|| format!(
+                    "pricing: '{}/{}' has no service_tiers though model '{}' prices tiers: requests it serves there are billed at its one price whatever tier",
+                    self.providers[target.provider].name, target.model, model.name
+                ))
+            })
+        })
     }
 
     /// The route for a public model name, with its index in [`Config::models`].

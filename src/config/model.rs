@@ -534,6 +534,14 @@ impl Price {
         })
     }
 
+    /// Whether tokens cost less at `tier` than at the standard price (any
+    /// of its three prices lower).
+    pub fn cheaper_at(&self, tier: ServiceTier) -> bool {
+        self.tier(tier).is_some_and(|t| {
+            t.input < self.input || t.output < self.output || t.cached_input < self.cached_input
+        })
+    }
+
     /// `tier`'s own token price, if it has one (never the standard tier's).
     pub fn tier(&self, tier: ServiceTier) -> Option<TokenPrice> {
         let at = ServiceTier::PRICED.iter().position(|t| *t == tier)?;

@@ -206,8 +206,15 @@ pub(super) fn validate_limits(
 
 /// The token prices of `pricing.<model>.service_tiers` (at `path`): a
 /// mapping of `flex`, `priority` or `scale` to `input` and `output` (and
-/// `cached_input`, which defaults to the tier's `input`), USD per 1M tokens.
-fn tier_prices(value: Value, path: &str, problems: &mut Vec<Problem>) -> [Option<TokenPrice>; 3] {
+/// `cached_input`), USD per 1M tokens. A tier's `cached_input` defaults to
+/// its `input` discounted as the standard price's is (OpenAI's tiers keep
+/// the standard tier's cache discount).
+fn tier_prices(
+    value: Value,
+    base: &Price,
+    path: &str,
+    problems: &mut Vec<Problem>,
+) -> [Option<TokenPrice>; 3] {
     let mut tiers = [None; 3];
     let Value::Mapping(map) = value else {
         problems.push(problem(
@@ -250,10 +257,21 @@ fn tier_prices(value: Value, path: &str, problems: &mut Vec<Problem>) -> [Option
                 0
             }
         };
+        let input = usd(input, "input");
+        let output = usd(output, "output");
+        let cached_input = match raw.cached_input {
+            Some(cached) => usd(cached, "cached_input"),
+            None if base.input > 0 => {
+                let discounted =
+                    i128::from(input) * i128::from(base.cached_input) / i128::from(base.input);
+                i64::try_from(discounted).unwrap_or(input)
+            }
+            None => input,
+        };
         tiers[at] = Some(TokenPrice {
-            input: usd(input, "input"),
-            output: usd(output, "output"),
-            cached_input: usd(raw.cached_input.unwrap_or(input), "cached_input"),
+            input,
+            output,
+            cached_input,
         });
     }
     tiers
@@ -350,7 +368,7 @@ pub(super) fn validate_pricing(
         if let Some(tiers) = raw.service_tiers {
             let path = join(&path, "service_tiers");
             if tokens {
-                price.tiers = tier_prices(tiers, &path, problems);
+                price.tiers = tier_prices(tiers, &price, &path, problems);
             } else {
                 problems.push(problem(
                     &path,

@@ -696,10 +696,11 @@ fn prices_processing_tiers_apart_from_the_standard_one() {
         tokens(Some(ServiceTier::Default)),
         (1_250_000, 10_000_000, 125_000)
     );
-    // A tier's cached input defaults to its own input price.
+    // A tier's cached input defaults to its own input price, discounted as
+    // the standard one's is (a tenth here).
     assert_eq!(
         tokens(Some(ServiceTier::Flex)),
-        (625_000, 5_000_000, 625_000)
+        (625_000, 5_000_000, 62_500)
     );
     assert_eq!(
         tokens(Some(ServiceTier::Priority)),
@@ -758,6 +759,14 @@ fn prices_processing_tiers_apart_from_the_standard_one() {
             "missing {problem:?} in {found:#?}"
         );
     }
+    // A target's own price without tiers: served, and warned about.
+    let yaml = VALID.to_string()
+        + "pricing:\n  gpt-4o-mini: { input: 1, output: 2, service_tiers: { flex: { input: 0.5, output: 1 } } }\n  openai/gpt-4o-mini: { input: 1, output: 2 }\n";
+    let warnings = Config::from_yaml(&yaml, env).unwrap().warnings();
+    assert!(
+        warnings.iter().any(|w| w.starts_with("pricing: 'openai/gpt-4o-mini' has no service_tiers though model 'gpt-4o-mini' prices tiers")),
+        "{warnings:#?}"
+    );
     let yaml = VALID.to_string()
         + "pricing:\n  gpt-4o-mini: { per_image: 0.04, service_tiers: { flex: { input: 1, output: 2 } } }\n";
     let found = problems(&yaml);

@@ -103,6 +103,13 @@ impl ServiceTier {
         }
     }
 
+    /// The tier a request's `service_tier` asks for: as
+    /// [`ServiceTier::from_name`], but for Anthropic's `standard`, which
+    /// OpenAI refuses in a request.
+    pub fn asked(name: &str) -> Option<ServiceTier> {
+        (name != "standard").then(|| ServiceTier::from_name(name))?
+    }
+
     /// The tier a JSON value names ([`ServiceTier::from_name`] of a string).
     pub fn from_json(raw: &RawValue) -> Option<ServiceTier> {
         let name = raw.get().strip_prefix('"')?.strip_suffix('"')?;
@@ -249,8 +256,12 @@ impl UsageWire {
     }
 }
 
+/// What the meter reads of an answer or event, its `service_tier` kept
+/// aside ([`Tiered`]).
+pub(super) type Probe<'a> = Tiered<'a, ProbeFields<'a>>;
+
 #[derive(Deserialize)]
-pub(super) struct Probe<'a> {
+pub(super) struct ProbeFields<'a> {
     #[serde(borrow, default)]
     choices: Option<Vec<Object<'a, ChoiceProbe<'a>>>>,
     /// Kept raw: a malformed `usage` must not hide the generated text.
@@ -259,7 +270,7 @@ pub(super) struct Probe<'a> {
     /// A Responses API event's response (its id, and its usage once
     /// complete), and its text delta.
     #[serde(borrow, default)]
-    response: Option<ResponseProbe<'a>>,
+    response: Option<Tiered<'a, ResponseProbe<'a>>>,
     #[serde(borrow, default)]
     delta: Option<&'a RawValue>,
     /// An in-band error (a completion stream's `{"error": ...}` event).
@@ -277,9 +288,6 @@ pub(super) struct Probe<'a> {
     created: Option<&'a RawValue>,
     #[serde(borrow, default, deserialize_with = "crate::json::present")]
     model: Option<&'a RawValue>,
-    /// The tier a chat completion (or its chunk) was served at.
-    #[serde(borrow, default)]
-    service_tier: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
@@ -288,8 +296,54 @@ struct ResponseProbe<'a> {
     id: Option<&'a RawValue>,
     #[serde(borrow, default)]
     usage: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    service_tier: Option<&'a RawValue>,
+}
+
+/// A struct read with its `service_tier` member kept aside, the last one
+/// given (as JSON readers take a repeated key): read as a field, a
+/// provider that repeats it in every chunk would have its events dropped
+/// as unreadable (a struct's field given twice is an error). Read from an
+/// array, as serde reads a struct, it has none.
+pub(super) struct Tiered<'a, T> {
+    value: T,
+    tier: Option<&'a RawValue>,
+}
+
+impl<T> std::ops::Deref for Tiered<'_, T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        &self.value
+    }
+}
+
+impl<'de: 'a, 'a, T: Deserialize<'de>> Deserialize<'de> for Tiered<'a, T> {
+    fn deserialize<D: serde::Deserializer<'de>>(value: D) -> Result<Self, D::Error> {
+        value.deserialize_any(TieredVisitor(std::marker::PhantomData))
+    }
+}
+
+/// Reads a [`Tiered`].
+struct TieredVisitor<'a, T>(std::marker::PhantomData<(&'a (), T)>);
+
+impl<'de: 'a, 'a, T: Deserialize<'de>> serde::de::Visitor<'de> for TieredVisitor<'a, T> {
+    type Value = Tiered<'a, T>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an object")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+        let object: Object<'a, T> = ObjectVisitor(std::marker::PhantomData).visit_map(map)?;
+        Ok(Tiered {
+            value: object.value,
+            tier: object.tier,
+        })
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+        let value = T::deserialize(serde::de::value::SeqAccessDeserializer::new(seq))?;
+        Ok(Tiered { value, tier: None })
+    }
 }
 
 /// A struct read from a JSON object only (serde reads a struct from an
@@ -308,6 +362,8 @@ struct Object<'a, T> {
     index: Option<&'a RawValue>,
     refusal: Option<&'a RawValue>,
     twice: bool,
+    /// Its last `service_tier`, also kept aside (see [`Tiered`]).
+    tier: Option<&'a RawValue>,
 }
 
 impl<T> std::ops::Deref for Object<'_, T> {
@@ -340,6 +396,7 @@ impl<'de: 'a, 'a, T: Deserialize<'de>> serde::de::Visitor<'de> for ObjectVisitor
             index: None,
             refusal: None,
             twice: false,
+            tier: None,
         };
         let value = T::deserialize(serde::de::value::MapAccessDeserializer::new(&mut aside))?;
         Ok(Object {
@@ -347,17 +404,19 @@ impl<'de: 'a, 'a, T: Deserialize<'de>> serde::de::Visitor<'de> for ObjectVisitor
             index: aside.index,
             refusal: aside.refusal,
             twice: aside.twice,
+            tier: aside.tier,
         })
     }
 }
 
-/// An object's members with `index` and `refusal` kept aside (see
-/// [`Object`]).
+/// An object's members with `index`, `refusal` and `service_tier` kept
+/// aside (see [`Object`]).
 struct Aside<'a, A> {
     map: A,
     index: Option<&'a RawValue>,
     refusal: Option<&'a RawValue>,
     twice: bool,
+    tier: Option<&'a RawValue>,
 }
 
 impl<'de, A: serde::de::MapAccess<'de>> serde::de::MapAccess<'de> for &mut Aside<'de, A> {
@@ -379,6 +438,10 @@ impl<'de, A: serde::de::MapAccess<'de>> serde::de::MapAccess<'de> for &mut Aside
             let slot = match name {
                 "index" => &mut self.index,
                 "refusal" => &mut self.refusal,
+                "service_tier" => {
+                    self.tier = Some(self.map.next_value::<&'de RawValue>()?);
+                    continue;
+                }
                 _ => {
                     return match key {
                         Key::Borrowed(name) => seed.deserialize(BorrowedStrDeserializer::new(name)),
@@ -460,6 +523,23 @@ struct MessageProbe<'a> {
 }
 
 impl Probe<'_> {
+    /// The processing tier the object says it was served at: its own
+    /// `service_tier`, or its response's (a Responses stream's event).
+    fn tier(&self) -> Option<ServiceTier> {
+        let response = self.response.as_ref().and_then(|r| r.tier);
+        self.tier.or(response).and_then(ServiceTier::from_json)
+    }
+
+    /// The usage the object reports, with the tier it names.
+    fn usage(&self) -> Option<Usage> {
+        Some(Usage {
+            tier: self.tier(),
+            ..self.value.usage()?
+        })
+    }
+}
+
+impl ProbeFields<'_> {
     /// Bytes of generated text in this object (quotes and escapes included:
     /// close enough for an estimate).
     fn generated_bytes(&self) -> u64 {
@@ -632,26 +712,14 @@ impl Probe<'_> {
         self.usage.is_some_and(|u| u.get().starts_with('{'))
     }
 
-    /// The usage the object reports, with the tier it names.
+    /// The usage the object reports (its tier is the wrapper's to add:
+    /// [`Tiered`]).
     fn usage(&self) -> Option<Usage> {
-        let usage = match (self.usage, &self.response) {
+        match (self.usage, &self.response) {
             (Some(usage), _) => reported_usage(usage),
             (None, Some(response)) => reported_usage(response.usage?),
             (None, None) => None,
-        }?;
-        Some(Usage {
-            tier: self.tier(),
-            ..usage
-        })
-    }
-
-    /// The processing tier the object says it was served at: its own
-    /// `service_tier`, or its response's (a Responses stream's event).
-    fn tier(&self) -> Option<ServiceTier> {
-        let response = self.response.as_ref().and_then(|r| r.service_tier);
-        self.service_tier
-            .or(response)
-            .and_then(ServiceTier::from_json)
+        }
     }
 
     /// A Responses API event's `type` (`response.completed`, ...).
@@ -842,23 +910,14 @@ fn top_level_usage_at_end_from(mut rest: &[u8]) -> Option<Option<&RawValue>> {
 }
 
 /// The processing tier a whole JSON answer says it was served at: its
-/// top-level `service_tier` (a `service_tier` nested in another member,
-/// such as a Responses answer's echoed `metadata`, is not the answer's).
-/// `None` when there is none, it names no tier the gateway knows, or the
-/// body cannot be read as an object.
+/// top-level `service_tier`, the last one when repeated, however its name
+/// is escaped (one nested in another member, such as a Responses answer's
+/// echoed `metadata`, is not the answer's). `None` when there is none, it
+/// names no tier the gateway knows, or the body cannot be read as an
+/// object. Reads the whole body: asked only when the price depends on it.
 pub fn reported_tier_in_json(body: &[u8]) -> Option<ServiceTier> {
-    #[derive(Deserialize)]
-    struct TierOnly<'a> {
-        #[serde(borrow, default)]
-        service_tier: Option<&'a RawValue>,
-    }
-    // Most answers say nothing of it: not parsed at all then.
-    memchr::memmem::find(body, b"\"service_tier\"")?;
-    ServiceTier::from_json(
-        serde_json::from_slice::<TierOnly>(body)
-            .ok()?
-            .service_tier?,
-    )
+    let answer = serde_json::from_slice::<Tiered<serde::de::IgnoredAny>>(body).ok()?;
+    ServiceTier::from_json(answer.tier?)
 }
 
 /// The `usage` member of a whole JSON body, by parsing all of it.

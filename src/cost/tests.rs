@@ -1544,6 +1544,10 @@ fn a_tier_is_named_as_openai_and_anthropic_name_it() {
     ] {
         assert_eq!(ServiceTier::from_name(name), tier, "{name}");
     }
+    // Anthropic's name for the standard tier is no name for it in a
+    // request (OpenAI refuses it).
+    assert_eq!(ServiceTier::asked("standard"), None);
+    assert_eq!(ServiceTier::asked("fast"), Some(ServiceTier::Priority));
     let json = |text: &str| ServiceTier::from_json(&RawValue::from_string(text.into()).unwrap());
     assert_eq!(json(r#""flex""#), Some(ServiceTier::Flex));
     assert_eq!(json(r#""fl\u0065x""#), Some(ServiceTier::Flex));
@@ -1575,10 +1579,15 @@ fn a_json_answers_tier_is_its_own_top_level_member_only() {
     );
     assert_eq!(tier(r#"{"service_tier":"auto"}"#), None);
     assert_eq!(tier(r#"{"service_tier":null}"#), None);
-    // Given twice: which one the provider means cannot be told.
+    // Given twice, the last (as JSON readers, the SDKs' among them, take
+    // it); its name escaped, the same member.
     assert_eq!(
         tier(r#"{"service_tier":"flex","service_tier":"priority"}"#),
-        None
+        Some(ServiceTier::Priority)
+    );
+    assert_eq!(
+        tier(r#"{"service_t\u0069er":"priority","usage":{}}"#),
+        Some(ServiceTier::Priority)
     );
     assert_eq!(tier(r#"[{"service_tier":"flex"}]"#), None);
     assert_eq!(tier(r#"{"service_tier":"flex""#), None);
@@ -1633,4 +1642,31 @@ fn a_stream_is_billed_at_the_tier_its_events_name() {
         3,
     );
     assert_eq!(meter.usage(0).tier, None);
+    // Named twice in a chunk (or its response), the last counts, and the
+    // events pass as they came (a struct's field given twice would have
+    // made them unreadable, and left out).
+    let chat_twice = chat.replace(
+        "\"service_tier\":\"priority\"",
+        "\"service_tier\":\"flex\",\"service_tier\":\"priority\"",
+    );
+    let responses_twice = responses.replace(
+        "\"service_tier\":\"flex\"",
+        "\"service_tier\":\"priority\",\"service_tier\":\"flex\"",
+    );
+    for (twice, last) in [
+        (chat_twice, ServiceTier::Priority),
+        (responses_twice, ServiceTier::Flex),
+    ] {
+        for size in [1, 7, twice.len()] {
+            let mut meter = StreamMeter::new(false);
+            assert_eq!(run(&mut meter, &twice, size), twice);
+            assert_eq!(meter.malformed(), 0);
+            assert_eq!(meter.usage(0).tier, Some(last));
+            assert!(!meter.usage(0).estimated);
+        }
+    }
+    // An event that is an array is read as before (no tier in it).
+    let mut meter = StreamMeter::new(false);
+    assert_eq!(run(&mut meter, "data: []\n\n", 4), "data: []\n\n");
+    assert_eq!(meter.malformed(), 0);
 }

@@ -4,7 +4,7 @@
 use super::forward::{Report, Settle};
 use super::{access_log, Gateway, RequestCtx};
 use crate::config::{Price, PICO_PER_USD};
-use crate::cost::Usage;
+use crate::cost::{ServiceTier, Usage};
 use crate::limits::{Grant, Settlement};
 use crate::metrics;
 use async_trait::async_trait;
@@ -46,10 +46,8 @@ impl Settle for Settler<'_> {
         let mut cost_pusd = 0i64;
         for (route, target, usage) in attempts {
             let price = gateway.price(route, target);
-            // At the tier the answer says it was served at, else the one
-            // asked for.
             let usage = Usage {
-                tier: usage.tier.or(report.requested_tier),
+                tier: tier_billed(usage.tier, report.requested_tier, price),
                 ..usage
             };
             let cost = usage
@@ -67,6 +65,18 @@ impl Settle for Settler<'_> {
         };
         gateway.limiter.settle(grant, settlement).await;
     }
+}
+
+/// The tier an attempt's tokens are billed at: the one its answer names;
+/// else the one the request asked for, unless that tier costs less than
+/// the standard price: a discount is given only when the answer confirms
+/// it (a server that ignores `service_tier` serves the standard tier).
+fn tier_billed(
+    reported: Option<ServiceTier>,
+    requested: Option<ServiceTier>,
+    price: Option<&Price>,
+) -> Option<ServiceTier> {
+    reported.or_else(|| requested.filter(|tier| !price.is_some_and(|p| p.cheaper_at(*tier))))
 }
 
 /// The tenant, route and provider indices behind the labels, as a key for
@@ -133,8 +143,8 @@ impl Gateway {
     /// access log's `service_tier`).
     fn billed_tier(&self, report: &super::forward::Report) -> Option<&'static str> {
         let usage = report.usage?;
-        let tier = usage.tier.or(report.requested_tier)?;
         let price = self.price(report.route, report.target)?;
+        let tier = tier_billed(usage.tier, report.requested_tier, Some(price))?;
         price.tier(tier).map(|_| tier.name())
     }
 

@@ -373,7 +373,13 @@ impl JobRunner for Gateway {
         }
         let estimate = cost::Estimate::new(body.clone(), max_tokens);
         let mut stopped = None;
-        let outcome = match parsed.and_then(|fields| Ok((pin?, fields))) {
+        // Its tier checked again: the config may have changed since it
+        // was taken.
+        let checked = parsed.and_then(|fields| {
+            self.check_tier_priced(tenant, route, &fields)?;
+            Ok((pin?, fields))
+        });
+        let outcome = match checked {
             Ok((pin, fields)) => {
                 let RequestCtx {
                     request_id,

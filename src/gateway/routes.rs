@@ -99,6 +99,14 @@ impl Gateway {
                     _ if endpoint.is_some() => "POST",
                     _ => return Err(ApiError::unknown_url(method.as_str(), &path)),
                 };
+                let upgrade = session.req_header().headers.get(http::header::UPGRADE);
+                if upgrade.is_some_and(|u| u.as_bytes().eq_ignore_ascii_case(b"websocket")) {
+                    return Err(ApiError::websocket_not_served(
+                        method.as_str(),
+                        &path,
+                        allow,
+                    ));
+                }
                 Err(ApiError::method_not_allowed(method.as_str(), &path, allow))
             }
         }
@@ -297,7 +305,7 @@ impl Gateway {
     /// but not this one: its tokens would be billed at the standard price.
     /// `auto` and `default` are always taken, and every tier where no
     /// model prices tiers (billed at the one price, as documented).
-    fn check_tier_priced(
+    pub(super) fn check_tier_priced(
         &self,
         tenant: usize,
         route_index: usize,
@@ -306,9 +314,9 @@ impl Gateway {
         let Some(given) = fields.service_tier else {
             return Ok(());
         };
-        let name = serde_json::from_str::<String>(given).unwrap_or_default();
+        let name = serde_json::from_str::<String>(given).ok();
         let tier = fields.requested_tier();
-        if name == "auto" || tier == Some(cost::ServiceTier::Default) {
+        if name.as_deref() == Some("auto") || tier == Some(cost::ServiceTier::Default) {
             return Ok(());
         }
         let config = &self.config;
@@ -320,7 +328,11 @@ impl Gateway {
         });
         for (model, price) in prices {
             if price.tiered() && tier.and_then(|tier| price.tier(tier)).is_none() {
-                let shown: String = given.chars().take(64).collect();
+                let shown = match &name {
+                    Some(name) if name.chars().count() <= 64 => format!("'{name}'"),
+                    Some(name) => format!("'{}...'", name.chars().take(64).collect::<String>()),
+                    None => "the value given".to_owned(),
+                };
                 let priced = cost::ServiceTier::PRICED
                     .into_iter()
                     .filter(|tier| price.tier(*tier).is_some())

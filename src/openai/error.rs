@@ -289,6 +289,19 @@ impl ApiError {
         error
     }
 
+    /// 405: a WebSocket handshake (`Upgrade: websocket`) on a path that
+    /// takes `allow`'s methods, such as the OpenAI SDKs' WebSocket mode
+    /// of the Responses API: the gateway answers HTTP requests only.
+    pub fn websocket_not_served(method: &str, path: &str, allow: &'static str) -> Self {
+        let mut error = Self::method_not_allowed(method, path, allow);
+        error.message = format!(
+            "{}: WebSocket connections are not served by this gateway; send {allow} {path} (with stream: true for its events)",
+            error.message
+        )
+        .into();
+        error
+    }
+
     /// 413: body over `server.max_request_body_bytes`.
     pub fn request_too_large(limit: usize) -> Self {
         Self::new(

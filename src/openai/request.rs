@@ -251,7 +251,7 @@ impl RequestFields<'_> {
     /// a tier the gateway does not know.
     pub fn requested_tier(&self) -> Option<crate::cost::ServiceTier> {
         let tier = serde_json::from_str::<String>(self.service_tier?).ok()?;
-        crate::cost::ServiceTier::from_name(&tier)
+        crate::cost::ServiceTier::asked(&tier)
     }
 
     /// Whether the client asked for a final usage chunk in its stream.

@@ -328,6 +328,24 @@ def test_openai_paths_beside_a_response_id_are_said_not_served(gateway, mocks):
     assert sum(len(responses_requests(m)) for m in mocks) == before
 
 
+def test_the_responses_websocket_mode_is_said_not_served(gateway, mocks):
+    # SDK 3.x's `responses.connect()` opens a WebSocket on /v1/responses:
+    # a 405 that says why and what to send instead, nothing upstream.
+    from websockets.exceptions import InvalidStatus
+    before = sum(len(responses_requests(m)) for m in mocks)
+    with pytest.raises(InvalidStatus) as e:
+        with gateway.client().responses.connect() as connection:
+            connection.response.create(model="gpt", input="Say hello")
+    answer = e.value.response
+    assert (answer.status_code, answer.headers["allow"]) == (405, "POST")
+    error = json.loads(bytes(answer.body))["error"]
+    assert error["code"] == "method_not_allowed", error
+    assert error["message"] == (
+        "Method GET is not allowed for /v1/responses: WebSocket connections are not served by "
+        "this gateway; send POST /v1/responses (with stream: true for its events)")
+    assert sum(len(responses_requests(m)) for m in mocks) == before
+
+
 def test_a_follow_up_on_a_model_that_cannot_reach_the_holder_is_refused(gateway, mocks):
     client = gateway.client()
     # Round robin puts one of these on account a, which `only-b` cannot

@@ -10,8 +10,8 @@ import httpx
 import openai
 import pytest
 
-from conftest import (PROVIDER_KEY, TENANT_KEY, Llmock, Mock, Runestone,
-                      server_yaml)
+from conftest import (PROVIDER_KEY, TENANT_KEY, Llmock, LocalServer, Mock,
+                      Runestone, server_yaml)
 
 # USD per 1M tokens: (input, output) by tier.
 PRICES = {"default": (1.0, 8.0), "flex": (0.5, 4.0), "priority": (2.0, 16.0)}
@@ -208,23 +208,70 @@ def test_a_model_without_tier_prices_bills_every_tier_at_its_one_price(gateway):
     assert "service_tier" not in billed_at(gateway, "default", call)
 
 
-def test_an_answer_that_names_no_tier_is_billed_at_the_one_asked_for():
-    """llmock (a server we did not write) says nothing of tiers."""
+def test_an_answer_that_names_no_tier_is_billed_at_the_one_asked_for_but_a_discount():
+    """llmock (a server we did not write) says nothing of tiers: priority
+    asked for is billed at priority, flex (cheaper) at the standard price,
+    as such a server serves what it always serves."""
     llmock = Llmock()
     gateway = Runestone(tiered_config(llmock.base_url))
     try:
         client = gateway.client()
         for stream in (False, True):
-            def call():
-                answer, request_id = chat(client, "tiered", stream=stream, service_tier="priority")
-                last = answer[-1] if stream else answer
-                assert last.service_tier is None
-                return (last.usage.prompt_tokens, last.usage.completion_tokens), request_id
+            for asked, billed in [("priority", "priority"), ("flex", "default")]:
+                def call():
+                    answer, request_id = chat(client, "tiered", stream=stream, service_tier=asked)
+                    last = answer[-1] if stream else answer
+                    assert last.service_tier is None
+                    return (last.usage.prompt_tokens, last.usage.completion_tokens), request_id
 
-            assert billed_at(gateway, "priority", call)["service_tier"] == "priority"
+                line = billed_at(gateway, billed, call)
+                assert line.get("service_tier") == (None if billed == "default" else billed)
         sent = [r["body"].get("service_tier") for r in llmock.journal()
                 if r["path"] == "/v1/chat/completions"]
-        assert sent == ["priority", "priority"], "passed on as asked"
+        assert sent == ["priority", "flex"] * 2, "passed on as asked"
     finally:
         gateway.stop()
         llmock.stop()
+
+
+def test_a_provider_that_repeats_the_tier_is_read_whole_and_billed_at_the_last():
+    """A hand-written provider whose answers give `service_tier` twice (as
+    JSON readers do, the last counts): nothing of its stream is lost."""
+    def chunk(delta, finish=None, usage=None):
+        event = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                 "choices": [] if usage else [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        if usage:
+            event["usage"] = usage
+        text = json.dumps(event)
+        return "data: " + text.replace('"id"', '"service_tier": "default", "service_tier": "priority", "id"', 1) + "\n\n"
+
+    usage = {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
+
+    def post(request, body):
+        if json.loads(body).get("stream"):
+            events = [chunk({"role": "assistant", "content": "Hel"}), chunk({"content": "lo"}),
+                      chunk({}, "stop"), chunk({}, usage=usage), "data: [DONE]\n\n"]
+            return 200, "text/event-stream", "".join(events).encode()
+        answer = {"id": "c1", "object": "chat.completion", "created": 1, "model": "m",
+                  "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello"},
+                               "finish_reason": "stop"}], "usage": usage}
+        text = json.dumps(answer)[:-1] + ', "service_tier": "default", "service_tier": "priority"}'
+        return 200, "application/json", text.encode()
+
+    provider = LocalServer(post)
+    gateway = Runestone(tiered_config(provider.base_url))
+    try:
+        client = gateway.client()
+        for stream in (False, True):
+            def call():
+                answer, request_id = chat(client, "tiered", stream=stream, service_tier="flex")
+                if stream:
+                    assert "".join(c.choices[0].delta.content or "" for c in answer if c.choices) == "Hello"
+                    answer = answer[-1]
+                assert answer.service_tier == "priority"
+                return (answer.usage.prompt_tokens, answer.usage.completion_tokens), request_id
+
+            billed_at(gateway, "priority", call)
+    finally:
+        gateway.stop()
+        provider.stop()

@@ -1,7 +1,7 @@
 //! A Messages API answer (or error) as an OpenAI chat completion (or error).
 
 use super::request::STRUCTURED_TOOL;
-use crate::cost::{Estimate, Usage};
+use crate::cost::{Estimate, ServiceTier, Usage};
 use crate::openai::ApiError;
 use serde_json::{json, Value};
 
@@ -54,13 +54,16 @@ pub(super) fn usage_of(usage: &Value, whole: bool) -> Option<Usage> {
         completion_tokens: required("output_tokens")?,
         cached_tokens: cache_read,
         estimated: false,
-        // `standard` or `priority` (Anthropic's Priority Tier).
-        tier: usage
-            .get("service_tier")
-            .and_then(Value::as_str)
-            .and_then(crate::cost::ServiceTier::from_name),
+        tier: reported_tier(usage),
         ..Default::default()
     })
+}
+
+/// The tier a usage report says the answer was served at: `standard` or
+/// `priority` (Anthropic's Priority Tier); `batch` and the rest are none.
+pub(super) fn reported_tier(usage: &serde_json::Map<String, Value>) -> Option<ServiceTier> {
+    let tier = usage.get("service_tier")?.as_str()?;
+    ServiceTier::from_name(tier)
 }
 
 /// The prompt's counts in a usage report whose completion count is left
@@ -192,9 +195,15 @@ pub fn to_chat_completion(
             _ => {}
         }
     }
-    let usage = usage_of(&message["usage"], true).unwrap_or_else(|| {
-        let prompt = prompt_of(&message["usage"]);
-        counted(prompt.as_ref(), Some((estimate, model)), &generated, 0)
+    let usage = usage_of(&message["usage"], true).unwrap_or_else(|| Usage {
+        // Counted, but at the tier it says, whatever its counts.
+        tier: message["usage"].as_object().and_then(reported_tier),
+        ..counted(
+            prompt_of(&message["usage"]).as_ref(),
+            Some((estimate, model)),
+            &generated,
+            0,
+        )
     });
     let mut reply = json!({"role": "assistant", "content": if text.is_empty() && !tool_calls.is_empty() { Value::Null } else { json!(text) }});
     if !tool_calls.is_empty() {

@@ -39,7 +39,7 @@ pub const FIELDS: &[(&str, &str)] = &[
     ("verbosity", "refused"),
     ("store", "`false` accepted; `true` refused"),
     ("metadata", "refused"),
-    ("service_tier", "`auto` and `default` accepted; others refused"),
+    ("service_tier", "`auto` accepted; `default` translated to `standard_only`; others refused"),
     ("modalities", "`[\"text\"]` accepted; others refused"),
     ("audio", "refused"),
     ("prediction", "refused"),
@@ -234,6 +234,11 @@ pub fn to_messages_request(body: &[u8], model: &str) -> Result<Vec<u8>, ApiError
         .and_then(Value::as_str);
     if let Some(user) = user {
         out.insert("metadata".into(), json!({"user_id": user}));
+    }
+    // Asked for the standard tier: Anthropic's `auto` would use its
+    // Priority Tier where the organisation has it (and bill it so).
+    if request.get("service_tier").and_then(Value::as_str) == Some("default") {
+        out.insert("service_tier".into(), json!("standard_only"));
     }
     // What is not OpenAI's is Anthropic's own: passed on as it is.
     for (key, value) in &request {

@@ -2,10 +2,11 @@
 //! event, never buffering more than a partial line.
 
 use super::answer::{
-    counted, finish_reason, prompt_of, to_openai_error, unix_now, usage_json, usage_of,
+    counted, finish_reason, prompt_of, reported_tier, to_openai_error, unix_now, usage_json,
+    usage_of,
 };
 use super::request::STRUCTURED_TOOL;
-use crate::cost::{line_end, rest_of_line_end, Estimate, Usage, SAMPLE_BYTES};
+use crate::cost::{line_end, rest_of_line_end, Estimate, ServiceTier, Usage, SAMPLE_BYTES};
 use bytes::{Buf, Bytes, BytesMut};
 use serde_json::{json, Value};
 
@@ -23,6 +24,8 @@ pub struct StreamTranslator {
     created: u64,
     include_usage: bool,
     usage: Usage,
+    /// The tier the stream's usage reports said it was served at.
+    tier: Option<ServiceTier>,
     saw_usage: bool,
     /// The provider reported usage the gateway cannot bill by (see
     /// `usage_of`): none of it is, and the gateway counts.
@@ -101,6 +104,7 @@ impl StreamTranslator {
             sample: String::new(),
             estimate: None,
             counted: std::sync::OnceLock::new(),
+            tier: None,
             data: String::new(),
             cut: false,
             malformed: 0,
@@ -117,7 +121,10 @@ impl StreamTranslator {
 
     /// Usage reported so far (cache tokens included), if any.
     pub fn usage(&self) -> Option<Usage> {
-        (self.saw_usage && !self.untrusted).then_some(self.usage)
+        (self.saw_usage && !self.untrusted).then_some(Usage {
+            tier: self.tier,
+            ..self.usage
+        })
     }
 
     /// What the answer used: the provider's report when it gave a usable
@@ -142,7 +149,10 @@ impl StreamTranslator {
             .saturating_sub(self.sample.len() as u64);
         let reported_prompt = (self.prompt_known && !self.untrusted).then_some(&self.usage);
         let estimate = self.estimate.as_ref().map(|(e, model)| (e, model.as_str()));
-        counted(reported_prompt, estimate, &self.sample, unsampled)
+        Usage {
+            tier: self.tier,
+            ..counted(reported_prompt, estimate, &self.sample, unsampled)
+        }
     }
 
     /// Whether the client's usage chunk may come with `chunk` and the
@@ -339,6 +349,9 @@ impl StreamTranslator {
                         }
                         None => self.untrusted = true,
                     }
+                    // Kept for the gateway's count too, should the
+                    // stream break or its counts be unusable.
+                    self.tier = message["usage"].as_object().and_then(reported_tier);
                 }
                 // Content is null until some comes: a tool-only answer keeps it so.
                 let chunk = self.chunk(json!({"role": "assistant", "content": null}), None);
@@ -402,7 +415,7 @@ impl StreamTranslator {
                     match usage_of(&event["usage"], false) {
                         Some(update) => {
                             self.usage.completion_tokens = update.completion_tokens;
-                            self.usage.tier = update.tier.or(self.usage.tier);
+                            self.tier = update.tier.or(self.tier);
                             if update.prompt_tokens > 0 {
                                 self.usage.prompt_tokens = update.prompt_tokens;
                                 self.usage.cached_tokens = update.cached_tokens;

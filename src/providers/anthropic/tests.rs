@@ -691,6 +691,11 @@ fn every_chat_completions_field_is_translated_or_refused() {
             json!("auto"),
             Ok(|b| b.get("service_tier").is_none()),
         ),
+        (
+            "service_tier",
+            json!("default"),
+            Ok(|b| b["service_tier"] == "standard_only"),
+        ),
         ("service_tier", json!("flex"), Err("service_tier")),
         (
             "modalities",
@@ -974,4 +979,20 @@ fn the_tier_anthropic_reports_is_the_usage_tier() {
     );
     let (_, _, translator) = run(false, 7);
     assert_eq!(translator.usage().unwrap().tier, None);
+    // Broken off before its final delta, the gateway counts: at the tier
+    // the start named.
+    let cut = &stream[..stream.find("event: message_delta").unwrap()];
+    let (_, _, translator) = run_stream(cut, false, 5);
+    assert!(translator.usage().is_none());
+    let counted = translator.billed_usage();
+    assert!(counted.estimated);
+    assert_eq!(counted.tier, Some(ServiceTier::Priority));
+    // An answer whose counts cannot be billed by is counted at its tier.
+    let (_, usage) = answer_of(&json!({
+        "id": "msg_1", "type": "message", "role": "assistant", "model": "claude-x",
+        "content": [{"type": "text", "text": "Hello"}], "stop_reason": "end_turn",
+        "usage": {"input_tokens": -1, "output_tokens": 5, "service_tier": "priority"},
+    }));
+    assert!(usage.estimated);
+    assert_eq!(usage.tier, Some(ServiceTier::Priority));
 }
