@@ -257,6 +257,14 @@ impl Gateway {
             attributes.push(("gen_ai.usage.output_tokens", int(usage.completion_tokens)));
             attributes.push(("runestone.usage_estimated", Value::Bool(usage.estimated)));
         }
+        // The OpenAI conventions' processing tiers: asked for (`auto` is
+        // none), and what the answer said served it.
+        if let Some(tier) = report.requested_tier {
+            attributes.push(("openai.request.service_tier", Value::Static(tier.name())));
+        }
+        if let Some(tier) = report.usage.and_then(|u| u.tier) {
+            attributes.push(("openai.response.service_tier", Value::Static(tier.name())));
+        }
         attributes.push((
             "runestone.cost_usd",
             Value::Float(ctx.cost_pusd as f64 / PICO_PER_USD),

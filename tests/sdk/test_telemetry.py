@@ -195,6 +195,7 @@ def test_a_json_chat_is_a_server_span_with_an_attempt_under_it(gateway, collecto
     assert a["runestone.tenant"] == "acme"
     assert a["runestone.attempts"] == 1
     assert a["runestone.usage_estimated"] is False
+    assert "openai.request.service_tier" not in a and "openai.response.service_tier" not in a
     expected = (completion.usage.prompt_tokens * 1.0 + completion.usage.completion_tokens * 2.0) / 1e6
     assert a["runestone.cost_usd"] == pytest.approx(expected)
     assert "error.type" not in a
@@ -225,7 +226,8 @@ def test_a_json_chat_is_a_server_span_with_an_attempt_under_it(gateway, collecto
 def test_a_stream_has_its_usage_and_first_token(gateway, collector):
     raw = gateway.client().chat.completions.with_raw_response.create(
         model="gpt-4o-mini", messages=[{"role": "user", "content": "stream please"}],
-        stream=True, stream_options={"include_usage": True})
+        stream=True, stream_options={"include_usage": True},
+        service_tier="fast", extra_body={"mock_service_tier": "default"})
     request_id = raw.headers["x-request-id"]
     chunks = list(raw.parse())
     usage = chunks[-1].usage
@@ -235,6 +237,9 @@ def test_a_stream_has_its_usage_and_first_token(gateway, collector):
     assert a["gen_ai.usage.output_tokens"] == usage.completion_tokens
     assert a["gen_ai.response.model"] == chunks[0].model
     assert a["gen_ai.response.finish_reasons"] == ["stop"]
+    # Asked for fast (priority), served at the standard tier.
+    assert a["openai.request.service_tier"] == "priority"
+    assert a["openai.response.service_tier"] == "default"
     [first] = [e for e in server.events if e.name == "runestone.first_token"]
     assert server.start_time_unix_nano < first.time_unix_nano <= server.end_time_unix_nano
 

@@ -39,7 +39,10 @@ pub const FIELDS: &[(&str, &str)] = &[
     ("verbosity", "refused"),
     ("store", "`false` accepted; `true` refused"),
     ("metadata", "refused"),
-    ("service_tier", "`auto` accepted; `default` translated to `standard_only`; others refused"),
+    (
+        "service_tier",
+        "`auto` accepted; `default` translated to `standard_only` (no Priority Tier); others refused",
+    ),
     ("modalities", "`[\"text\"]` accepted; others refused"),
     ("audio", "refused"),
     ("prediction", "refused"),
