@@ -868,7 +868,14 @@ fn usage_object_closing_the_body(value: &[u8]) -> Option<Option<Usage>> {
     if !object.is_ascii() && std::str::from_utf8(object).is_err() {
         return None;
     }
-    closes_the_body(rest).then(|| wire.into_usage())
+    // The members after it are walked anyway: the answer's tier, when it
+    // comes after its usage (as OpenAI writes a chat completion), is read
+    // there at no cost.
+    let tier = closing_members(rest)?;
+    Some(wire.into_usage().map(|usage| Usage {
+        tier: tier.and_then(ServiceTier::from_json),
+        ..usage
+    }))
 }
 
 /// The top-level `usage` member's value of a JSON object (with what
@@ -942,34 +949,43 @@ fn top_level_usage_at_end(body: &[u8]) -> Option<Option<&RawValue>> {
 /// other members, its `}` and whitespace: the member belongs to the object
 /// that closes at the body's end. False for anything else and for
 /// another `usage` (a repeated key, however its name is written).
-fn closes_the_body(mut rest: &[u8]) -> bool {
+fn closes_the_body(rest: &[u8]) -> bool {
+    closing_members(rest).is_some()
+}
+
+/// [`closes_the_body`], with the last `service_tier` among those members
+/// (`Some(None)`: they close the body, and name none).
+fn closing_members(mut rest: &[u8]) -> Option<Option<&RawValue>> {
+    const TIER_KEY: &[u8] = b"\"service_tier\"";
+    let mut tier = None;
     loop {
         rest = json_ws(rest);
         match rest.split_first() {
-            Some((b'}', after)) => return json_ws(after).is_empty(),
+            Some((b'}', after)) => return json_ws(after).is_empty().then_some(tier),
             Some((b',', members)) => {
                 rest = json_ws(members);
-                let Some(key) = next_json_value(&mut rest) else {
-                    return false;
-                };
-                let key = key.get();
-                let another_usage = match key.contains('\\') {
-                    // Escapes (`"\u0075sage"` is `usage` too): read it.
-                    true => serde_json::from_str::<String>(key).map_or(true, |k| k == "usage"),
-                    false => key.as_bytes() == USAGE_KEY,
-                };
-                if !key.starts_with('"') || another_usage {
-                    return false;
+                let key = next_json_value(&mut rest)?.get();
+                if !key.starts_with('"') {
+                    return None;
                 }
-                let Some(value) = json_ws(rest).strip_prefix(b":") else {
-                    return false;
+                // Escapes (`"\u0075sage"` is `usage` too): read it.
+                let (is_usage, is_tier) = match key.contains('\\') {
+                    true => match serde_json::from_str::<String>(key) {
+                        Ok(key) => (key == "usage", key == "service_tier"),
+                        Err(_) => return None,
+                    },
+                    false => (key.as_bytes() == USAGE_KEY, key.as_bytes() == TIER_KEY),
                 };
-                rest = value;
-                if next_json_value(&mut rest).is_none() {
-                    return false;
+                if is_usage {
+                    return None;
+                }
+                rest = json_ws(rest).strip_prefix(b":")?;
+                let value = next_json_value(&mut rest)?;
+                if is_tier {
+                    tier = Some(value);
                 }
             }
-            _ => return false,
+            _ => return None,
         }
     }
 }

@@ -1577,6 +1577,24 @@ fn a_json_answers_tier_is_its_own_top_level_member_only() {
         ),
         None
     );
+    // The usage read from the end of a chat completion has it already
+    // (no second pass); one before its usage is left to the whole read.
+    let chat = r#"{"id":"c","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2},"service_tier":"priority","system_fingerprint":null}"#;
+    let usage = reported_usage_in_json(chat.as_bytes()).unwrap();
+    assert_eq!(
+        (usage.completion_tokens, usage.tier),
+        (2, Some(ServiceTier::Priority))
+    );
+    let escaped = chat.replace("\"service_tier\"", "\"service_t\\u0069er\"");
+    assert_ne!(escaped, chat);
+    assert_eq!(
+        reported_usage_in_json(escaped.as_bytes()).unwrap().tier,
+        Some(ServiceTier::Priority)
+    );
+    assert_eq!(
+        reported_usage_in_json(response.as_bytes()).unwrap().tier,
+        None
+    );
     assert_eq!(tier(r#"{"service_tier":"auto"}"#), None);
     assert_eq!(tier(r#"{"service_tier":null}"#), None);
     // Given twice, the last (as JSON readers, the SDKs' among them, take
