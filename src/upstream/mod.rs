@@ -21,7 +21,8 @@ mod discovery;
 pub mod failover;
 pub mod health;
 
-use crate::config::{Config, ModelRoute, ProviderSettings, Strategy};
+use crate::config::{Config, ModelRoute, Price, ProviderSettings, Strategy};
+use crate::cost::ServiceTier;
 use crate::metrics;
 use breaker::{BreakerView, Outcome, Transition};
 use health::{Domain, Health, Permits};
@@ -233,8 +234,8 @@ struct RouteState {
     /// Moving average of time to first byte per target, in microseconds
     /// (0 = no sample yet, tried first by `least_latency`).
     ttfb_us: Vec<AtomicU64>,
-    /// Price per token (input + output, pUSD) per target, for `cheapest`.
-    prices: Vec<Option<i64>>,
+    /// Each target's price, for `cheapest`.
+    prices: Vec<Option<Price>>,
     /// Each target's model slot within its provider.
     slots: Vec<usize>,
 }
@@ -282,11 +283,7 @@ impl Upstreams {
             .map(|route| RouteState {
                 cursor: AtomicUsize::new(0),
                 ttfb_us: route.targets.iter().map(|_| AtomicU64::new(0)).collect(),
-                prices: route
-                    .targets
-                    .iter()
-                    .map(|t| t.price.map(|p| p.input + p.output))
-                    .collect(),
+                prices: route.targets.iter().map(|t| t.price).collect(),
                 slots: route
                     .targets
                     .iter()
@@ -363,12 +360,14 @@ impl Upstreams {
     }
 
     /// Picks a backend for the `route_index`-th route, skipping what
-    /// `tried` rules out.
+    /// `tried` rules out; `tier`, the processing tier asked for, is what
+    /// `cheapest` compares prices at.
     pub fn choose_backend(
         &self,
         route_index: usize,
         route: &ModelRoute,
         tried: &Tried,
+        tier: Option<ServiceTier>,
     ) -> Result<Backend, NoBackend> {
         let now = Instant::now();
         let slots = &self.routes[route_index].slots;
@@ -390,7 +389,7 @@ impl Upstreams {
                     .collect();
                 &several
             };
-            let Some(target) = self.pick_target(route_index, route, eligible) else {
+            let Some(target) = self.pick_target(route_index, route, eligible, tier) else {
                 return Err(self.no_backend(route_index, route, now));
             };
             let (p, slot) = (route.targets[target].provider, slots[target]);
@@ -452,6 +451,7 @@ impl Upstreams {
         route_index: usize,
         route: &ModelRoute,
         eligible: &[usize],
+        tier: Option<ServiceTier>,
     ) -> Option<usize> {
         let state = &self.routes[route_index];
         match route.strategy {
@@ -480,10 +480,12 @@ impl Upstreams {
                 .copied()
                 .min_by_key(|&t| state.ttfb_us[t].load(Ordering::Relaxed)),
             Strategy::Priority => eligible.first().copied(),
-            Strategy::Cheapest => eligible
-                .iter()
-                .copied()
-                .min_by_key(|&t| state.prices[t].unwrap_or(i64::MAX)),
+            Strategy::Cheapest => eligible.iter().copied().min_by_key(|&t| {
+                state.prices[t].map_or(i64::MAX, |price| {
+                    let tokens = price.tokens_at(tier);
+                    tokens.input.saturating_add(tokens.output)
+                })
+            }),
         }
     }
 
@@ -613,7 +615,7 @@ tenants: []
         (0..n)
             .map(|_| {
                 upstreams
-                    .choose_backend(0, &config.models[0], &Tried::default())
+                    .choose_backend(0, &config.models[0], &Tried::default(), None)
                     .unwrap()
                     .provider
             })
@@ -644,13 +646,13 @@ tenants: []
         let upstreams = Upstreams::new(&config);
         let route = &config.models[0];
         let mut tried = Tried::default();
-        let first = upstreams.choose_backend(0, route, &tried).unwrap();
+        let first = upstreams.choose_backend(0, route, &tried, None).unwrap();
         assert_eq!(first.target, 0);
         tried.deployment(&first);
-        let second = upstreams.choose_backend(0, route, &tried).unwrap();
+        let second = upstreams.choose_backend(0, route, &tried, None).unwrap();
         assert_eq!(second.target, 2);
         tried.deployment(&second);
-        assert!(upstreams.choose_backend(0, route, &tried).is_err());
+        assert!(upstreams.choose_backend(0, route, &tried, None).is_err());
     }
 
     #[test]
@@ -664,19 +666,41 @@ tenants: []
     }
 
     #[test]
+    fn cheapest_compares_prices_at_the_tier_asked_for() {
+        // b's priority costs more than a's.
+        let tiered = config(
+            "cheapest",
+            "pricing:\n  a/m: { input: 5, output: 5, service_tiers: { priority: { input: 6, output: 6 } } }\n  b/m: { input: 1, output: 1, service_tiers: { priority: { input: 20, output: 20 } } }\n",
+        );
+        let upstreams = Upstreams::new(&tiered);
+        let route = &tiered.models[0];
+        let at = |tier| {
+            upstreams
+                .choose_backend(0, route, &Tried::default(), tier)
+                .unwrap()
+                .provider
+        };
+        assert_eq!(at(None), 1);
+        assert_eq!(at(Some(ServiceTier::Default)), 1);
+        assert_eq!(at(Some(ServiceTier::Priority)), 0);
+        // A tier neither prices: their standard prices.
+        assert_eq!(at(Some(ServiceTier::Flex)), 1);
+    }
+
+    #[test]
     fn least_latency_prefers_the_fastest_target() {
         let config = config("least_latency", "");
         let upstreams = Upstreams::new(&config);
         let route = &config.models[0];
         let none = Tried::default();
-        let a = upstreams.choose_backend(0, route, &none).unwrap();
+        let a = upstreams.choose_backend(0, route, &none, None).unwrap();
         upstreams.record_outcome(
             &a,
             Outcome::Success,
             Domain::Deployment,
             Some(Duration::from_millis(50)),
         );
-        let b = upstreams.choose_backend(0, route, &none).unwrap();
+        let b = upstreams.choose_backend(0, route, &none, None).unwrap();
         assert_eq!(b.provider, 1, "an unmeasured target is tried first");
         upstreams.record_outcome(
             &b,
@@ -697,15 +721,15 @@ tenants: []
         let route = &config.models[0];
         let none = Tried::default();
         for _ in 0..2 {
-            let a = upstreams.choose_backend(0, route, &none).unwrap();
+            let a = upstreams.choose_backend(0, route, &none, None).unwrap();
             assert_eq!(a.provider, 0);
             upstreams.record_outcome(&a, Outcome::Failure, Domain::Deployment, None);
         }
-        let next = upstreams.choose_backend(0, route, &none).unwrap();
+        let next = upstreams.choose_backend(0, route, &none, None).unwrap();
         assert_eq!(next.provider, 1, "a is open");
         upstreams.record_outcome(&next, Outcome::Failure, Domain::Deployment, None);
         upstreams.record_outcome(&next, Outcome::Failure, Domain::Deployment, None);
-        let none = upstreams.choose_backend(0, route, &none).unwrap_err();
+        let none = upstreams.choose_backend(0, route, &none, None).unwrap_err();
         let wait = none.retry_after.unwrap();
         assert!(
             wait > Duration::from_secs(28) && wait <= Duration::from_secs(30),
@@ -729,7 +753,7 @@ circuit_breaker: { consecutive_failures: 1 }
         let upstreams = Upstreams::new(&config);
         let none = Tried::default();
         let big = upstreams
-            .choose_backend(0, &config.models[0], &none)
+            .choose_backend(0, &config.models[0], &none, None)
             .unwrap();
         upstreams.record_outcome(
             &big,
@@ -739,12 +763,12 @@ circuit_breaker: { consecutive_failures: 1 }
         );
         assert!(
             upstreams
-                .choose_backend(0, &config.models[0], &none)
+                .choose_backend(0, &config.models[0], &none, None)
                 .is_err(),
             "big cools down"
         );
         let small = upstreams
-            .choose_backend(1, &config.models[1], &none)
+            .choose_backend(1, &config.models[1], &none, None)
             .unwrap();
         assert_eq!(
             (small.provider, small.addr),
@@ -754,7 +778,7 @@ circuit_breaker: { consecutive_failures: 1 }
         upstreams.record_outcome(&small, Outcome::Failure, Domain::Transport, None);
         assert!(
             upstreams
-                .choose_backend(1, &config.models[1], &none)
+                .choose_backend(1, &config.models[1], &none, None)
                 .is_err(),
             "a transport failure takes the address out for every model"
         );

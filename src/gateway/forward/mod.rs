@@ -341,9 +341,11 @@ impl Forwarder {
                 .is_some_and(|(_, r)| r.resume_streams);
         let client = &mut Resumable::new(client, resumable).masking(self.upstreams.providers());
         let mut continuation = None;
+        let tier = report.requested_tier;
         loop {
-            let next = failover
-                .next(|index, route, tried| self.upstreams.choose_backend(index, route, tried));
+            let next = failover.next(|index, route, tried| {
+                self.upstreams.choose_backend(index, route, tried, tier)
+            });
             let ((route_index, route), mut backend) = match next {
                 Next::Try { route, backend } => (route, backend),
                 Next::Wait(wait) => {
