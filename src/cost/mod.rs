@@ -298,6 +298,15 @@ struct ResponseProbe<'a> {
     usage: Option<&'a RawValue>,
 }
 
+/// Whether a Responses stream event of type `kind` ends it, its response
+/// saying what served it (`response.completed`, `incomplete`, `failed`).
+fn ends_a_response(kind: &str) -> bool {
+    matches!(
+        kind,
+        "response.completed" | "response.incomplete" | "response.failed"
+    )
+}
+
 /// A struct read with its `service_tier` member kept aside, the last one
 /// given (as JSON readers take a repeated key): read as a field, a
 /// provider that repeats it in every chunk would have its events dropped
@@ -333,10 +342,13 @@ impl<'de: 'a, 'a, T: Deserialize<'de>> serde::de::Visitor<'de> for TieredVisitor
     }
 
     fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
-        let object: Object<'a, T> = ObjectVisitor(std::marker::PhantomData).visit_map(map)?;
+        // Only the tier: an `index` or `refusal` here is skipped unread, as
+        // before (read aside, its bytes would have to be UTF-8).
+        let mut aside = Aside::new(map, true);
+        let value = T::deserialize(serde::de::value::MapAccessDeserializer::new(&mut aside))?;
         Ok(Tiered {
-            value: object.value,
-            tier: object.tier,
+            value,
+            tier: aside.tier,
         })
     }
 
@@ -362,8 +374,6 @@ struct Object<'a, T> {
     index: Option<&'a RawValue>,
     refusal: Option<&'a RawValue>,
     twice: bool,
-    /// Its last `service_tier`, also kept aside (see [`Tiered`]).
-    tier: Option<&'a RawValue>,
 }
 
 impl<T> std::ops::Deref for Object<'_, T> {
@@ -391,32 +401,39 @@ impl<'de: 'a, 'a, T: Deserialize<'de>> serde::de::Visitor<'de> for ObjectVisitor
     }
 
     fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
-        let mut aside = Aside {
-            map,
-            index: None,
-            refusal: None,
-            twice: false,
-            tier: None,
-        };
+        let mut aside = Aside::new(map, false);
         let value = T::deserialize(serde::de::value::MapAccessDeserializer::new(&mut aside))?;
         Ok(Object {
             value,
             index: aside.index,
             refusal: aside.refusal,
             twice: aside.twice,
-            tier: aside.tier,
         })
     }
 }
 
-/// An object's members with `index`, `refusal` and `service_tier` kept
-/// aside (see [`Object`]).
+/// An object's members with `index` and `refusal` kept aside (see
+/// [`Object`]), or (`only_tier`) its `service_tier` alone ([`Tiered`]).
 struct Aside<'a, A> {
     map: A,
     index: Option<&'a RawValue>,
     refusal: Option<&'a RawValue>,
     twice: bool,
     tier: Option<&'a RawValue>,
+    only_tier: bool,
+}
+
+impl<A> Aside<'_, A> {
+    fn new(map: A, only_tier: bool) -> Self {
+        Aside {
+            map,
+            index: None,
+            refusal: None,
+            twice: false,
+            tier: None,
+            only_tier,
+        }
+    }
 }
 
 impl<'de, A: serde::de::MapAccess<'de>> serde::de::MapAccess<'de> for &mut Aside<'de, A> {
@@ -436,9 +453,9 @@ impl<'de, A: serde::de::MapAccess<'de>> serde::de::MapAccess<'de> for &mut Aside
                 Key::Owned(name) => name.as_str(),
             };
             let slot = match name {
-                "index" => &mut self.index,
-                "refusal" => &mut self.refusal,
-                "service_tier" => {
+                "index" if !self.only_tier => &mut self.index,
+                "refusal" if !self.only_tier => &mut self.refusal,
+                "service_tier" if self.only_tier => {
                     self.tier = Some(self.map.next_value::<&'de RawValue>()?);
                     continue;
                 }
@@ -523,17 +540,29 @@ struct MessageProbe<'a> {
 }
 
 impl Probe<'_> {
-    /// The processing tier the object says it was served at: its own
-    /// `service_tier`, or its response's (a Responses stream's event).
+    /// The processing tier a stream's event says the answer was served
+    /// at: its own `service_tier` (a chat chunk's), or the response's of a
+    /// Responses event that ends the stream (`response.created` and the
+    /// like only echo the request's).
     fn tier(&self) -> Option<ServiceTier> {
-        let response = self.response.as_ref().and_then(|r| r.tier);
+        let ends = self.event_type().is_some_and(ends_a_response);
+        let response = self.response.as_ref().and_then(|r| r.tier).filter(|_| ends);
         self.tier.or(response).and_then(ServiceTier::from_json)
     }
 
-    /// The usage the object reports, with the tier it names.
+    /// The usage a stream's event reports, with the tier it names.
     fn usage(&self) -> Option<Usage> {
         Some(Usage {
             tier: self.tier(),
+            ..self.value.usage()?
+        })
+    }
+
+    /// The usage a whole JSON answer reports, with the tier of its own
+    /// top-level `service_tier` (not one nested in a member).
+    fn answer_usage(&self) -> Option<Usage> {
+        Some(Usage {
+            tier: self.tier.and_then(ServiceTier::from_json),
             ..self.value.usage()?
         })
     }
@@ -826,9 +855,38 @@ pub fn reported_usage_in_tail(tail: &[u8]) -> Option<Usage> {
 }
 
 /// The usage the top-level object reports in the end of a JSON body too
-/// large to parse whole ([`usage_member_in_json_tail`]).
+/// large to parse whole ([`usage_member_in_json_tail`]), with the tier a
+/// `service_tier` among the members after it names (a chat completion's
+/// place for it; one before the usage cannot be told from a nested one).
 pub fn reported_usage_in_json_tail(tail: &[u8]) -> Option<Usage> {
-    usage_member_in_json_tail(tail).and_then(reported_usage)
+    let (usage, tier) = usage_members_in_tail(tail)
+        .find_map(|(usage, after)| Some((usage, closing_members(after)?)))?;
+    Some(Usage {
+        tier: tier.and_then(ServiceTier::from_json),
+        ..reported_usage(usage)?
+    })
+}
+
+/// The dearest tier a `"service_tier"` member names in the end of an event
+/// too long to hold (`flex`, a discount, never: a client's `metadata`
+/// echoed there may name it, and what the answer's own member says cannot
+/// be told apart in a tail). Used where the answer's tier would otherwise
+/// be lost, so that it is never billed below what it names.
+pub(crate) fn dearest_tier_in_tail(tail: &[u8]) -> Option<ServiceTier> {
+    const KEY: &[u8] = b"\"service_tier\"";
+    let rank = |tier: &ServiceTier| match tier {
+        ServiceTier::Flex => 0,
+        ServiceTier::Default => 1,
+        ServiceTier::Scale => 2,
+        ServiceTier::Priority => 3,
+    };
+    memchr::memmem::find_iter(tail, KEY)
+        .filter_map(|at| {
+            let mut value = json_ws(&tail[at + KEY.len()..]).strip_prefix(b":")?;
+            ServiceTier::from_json(next_json_value(&mut value)?)
+        })
+        .filter(|tier| *tier != ServiceTier::Flex)
+        .max_by_key(rank)
 }
 
 /// The usage a complete JSON response body reports, if any. Read from the
@@ -1038,12 +1096,12 @@ pub fn usage_from_json(body: &[u8], prompt_estimate: u64) -> Usage {
         return usage;
     }
     match serde_json::from_slice::<Probe>(body) {
-        Ok(probe) => probe.usage().unwrap_or(Usage {
+        Ok(probe) => probe.answer_usage().unwrap_or(Usage {
             prompt_tokens: prompt_estimate,
             completion_tokens: probe.generated_bytes().div_ceil(4),
             cached_tokens: 0,
             estimated: true,
-            tier: probe.tier(),
+            tier: probe.tier.and_then(ServiceTier::from_json),
             ..Default::default()
         }),
         Err(_) => Usage {

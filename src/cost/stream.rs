@@ -490,6 +490,13 @@ impl StreamMeter {
         if let Some(usage) = super::reported_usage_in_tail(&tail) {
             self.usage = Some(usage);
         }
+        // The tier it names, unread with it: a chat chunk's, or a
+        // Responses stream's end's (a `response.created` only echoes the
+        // request's).
+        let ends = event_kind(&head).is_none_or(super::ends_a_response);
+        if let Some(tier) = super::dearest_tier_in_tail(&tail).filter(|_| ends) {
+            self.tier = Some(tier);
+        }
     }
 
     /// Notes a Responses stream event's type (`payload`, the event):

@@ -1688,3 +1688,85 @@ fn a_stream_is_billed_at_the_tier_its_events_name() {
     assert_eq!(run(&mut meter, "data: []\n\n", 4), "data: []\n\n");
     assert_eq!(meter.malformed(), 0);
 }
+
+#[test]
+fn a_responses_tier_is_the_ending_events_even_when_too_long_to_hold() {
+    // `response.created` echoes the request's tier: not what served it.
+    let run_responses = |created: &str, completed: &str| {
+        let stream = format!(
+            "event: response.created\ndata: {{\"type\":\"response.created\",\"sequence_number\":0,\"response\":{{\"id\":\"resp_1\",\"service_tier\":\"{created}\",\"usage\":null}}}}\n\n\
+             event: response.output_text.delta\ndata: {{\"type\":\"response.output_text.delta\",\"sequence_number\":1,\"delta\":\"Hi\"}}\n\n{completed}"
+        );
+        let mut meter = StreamMeter::new(false);
+        let mut out = Vec::new();
+        for chunk in stream.as_bytes().chunks(64 * 1024) {
+            out.extend_from_slice(&meter.feed(Bytes::copy_from_slice(chunk)));
+        }
+        out.extend_from_slice(&meter.finish());
+        assert_eq!(out, stream.as_bytes(), "passed through whole");
+        meter.usage(0).tier
+    };
+    let completed = |tier: &str, text_len: usize, metadata: &str| {
+        let text = "x".repeat(text_len);
+        format!(
+            "event: response.completed\ndata: {{\"type\":\"response.completed\",\"sequence_number\":2,\"response\":{{\"id\":\"resp_1\",\"output\":[{{\"type\":\"message\",\"content\":[{{\"type\":\"output_text\",\"text\":\"{text}\"}}]}}],{tier}\"usage\":{{\"input_tokens\":10,\"output_tokens\":50}},\"metadata\":{metadata}}}}}\n\n"
+        )
+    };
+    // Cut after its start: the echo is no tier.
+    assert_eq!(run_responses("flex", ""), None);
+    // Ending without naming one: none either.
+    assert_eq!(run_responses("flex", &completed("", 10, "{}")), None);
+    let big = MAX_LINE_BYTES + MAX_LINE_BYTES / 2;
+    for size in [10, big] {
+        let named = |tier| format!("\"service_tier\":\"{tier}\",");
+        assert_eq!(
+            run_responses("auto", &completed(&named("priority"), size, "{}")),
+            Some(ServiceTier::Priority),
+            "{size}"
+        );
+        assert_eq!(
+            run_responses("flex", &completed(&named("default"), size, "{}")),
+            Some(ServiceTier::Default),
+            "{size}"
+        );
+    }
+    // Too long to hold, its tail is read for the dearest tier it names, a
+    // discount never (a client's metadata echoed there may name one).
+    let flex_metadata = r#"{"service_tier":"flex"}"#;
+    let priority = "\"service_tier\":\"priority\",";
+    assert_eq!(
+        run_responses("auto", &completed(priority, big, flex_metadata)),
+        Some(ServiceTier::Priority)
+    );
+    assert_eq!(
+        run_responses("auto", &completed("\"service_tier\":\"flex\",", big, "{}")),
+        None
+    );
+}
+
+#[test]
+fn a_json_answers_tier_is_read_from_its_tail_and_its_own_member_only() {
+    // Too large to keep whole: the tier after its usage, from the tail.
+    let tail = br#"xxxx"}}],"usage":{"prompt_tokens":5,"completion_tokens":7},"service_tier":"priority","system_fingerprint":null}"#;
+    let usage = reported_usage_in_json_tail(tail).unwrap();
+    assert_eq!(
+        (usage.completion_tokens, usage.tier),
+        (7, Some(ServiceTier::Priority))
+    );
+    // A usage nested in another member is taken (as before), but not the
+    // tier nested with it: only the answer's own.
+    let nested = br#"{"id":"x","object":"chat.completion","response":{"usage":{"prompt_tokens":1000,"completion_tokens":1000},"service_tier":"flex"}}"#;
+    assert_eq!(usage_from_json(nested, 0).tier, None);
+    let own = br#"{"id":"x","choices":[{"message":{"content":"hi"}}],"service_tier":"priority"}"#;
+    let usage = usage_from_json(own, 3);
+    assert!(usage.estimated);
+    assert_eq!(usage.tier, Some(ServiceTier::Priority));
+    // Bytes that are not UTF-8 in an `index` or `refusal` of the answer
+    // itself are skipped unread, as before: counted by its text.
+    let mut body = br#"{"id":"x","choices":[{"message":{"content":"hi"}}],"x":""#.to_vec();
+    body.extend_from_slice(&b"a".repeat(4000));
+    body.extend_from_slice(b"\",\"refusal\":\"\xff\"}");
+    let usage = usage_from_json(&body, 3);
+    assert!(usage.estimated);
+    assert_eq!(usage.completion_tokens, 1, "{usage:?}");
+}
