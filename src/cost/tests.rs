@@ -1698,12 +1698,11 @@ fn a_responses_tier_is_the_ending_events_even_when_too_long_to_hold() {
              event: response.output_text.delta\ndata: {{\"type\":\"response.output_text.delta\",\"sequence_number\":1,\"delta\":\"Hi\"}}\n\n{completed}"
         );
         let mut meter = StreamMeter::new(false);
-        let mut out = Vec::new();
-        for chunk in stream.as_bytes().chunks(64 * 1024) {
-            out.extend_from_slice(&meter.feed(Bytes::copy_from_slice(chunk)));
-        }
-        out.extend_from_slice(&meter.finish());
-        assert_eq!(out, stream.as_bytes(), "passed through whole");
+        assert_eq!(
+            run(&mut meter, &stream, 64 * 1024),
+            stream,
+            "passed through whole"
+        );
         meter.usage(0).tier
     };
     let completed = |tier: &str, text_len: usize, metadata: &str| {

@@ -10,8 +10,8 @@ import httpx
 import openai
 import pytest
 
-from conftest import (PROVIDER_KEY, TENANT_KEY, Llmock, LocalServer, Mock,
-                      Runestone, server_yaml)
+from conftest import (PROVIDER_KEY, TENANT_KEY, Llmock, LocalServer, Runestone,
+                      server_yaml)
 
 # USD per 1M tokens: (input, output) by tier.
 PRICES = {"default": (1.0, 8.0), "flex": (0.5, 4.0), "priority": (2.0, 16.0)}
@@ -44,13 +44,6 @@ pricing:
   spill: {{ input: 1.0, output: 8.0 }}
 """
     return config
-
-
-@pytest.fixture(scope="module")
-def mock():
-    m = Mock("--api-key", PROVIDER_KEY)
-    yield m
-    m.stop()
 
 
 @pytest.fixture(scope="module")
