@@ -204,6 +204,26 @@ pub(super) fn validate_limits(
     }
 }
 
+/// A price at `path` in pico-dollars: USD per 1M units (`per_million`)
+/// to pico-dollars per unit, or USD per unit to pico-dollars; zero when
+/// none is given, or when it is out of bounds (a problem then).
+fn price_pusd(usd: Option<f64>, path: &str, per_million: bool, problems: &mut Vec<Problem>) -> i64 {
+    let Some(usd) = usd else { return 0 };
+    let (bound, unit) = if per_million {
+        (100_000.0, "USD per 1M")
+    } else {
+        (1_000.0, "USD")
+    };
+    if !(usd.is_finite() && (0.0..bound).contains(&usd)) {
+        problems.push(problem(
+            path,
+            format!("must be a non-negative price in {unit} (below {bound})"),
+        ));
+        return 0;
+    }
+    (usd * if per_million { 1e6 } else { 1e12 }).round() as i64
+}
+
 /// The token prices of `pricing.<model>.service_tiers` (at `path`): a
 /// mapping of `flex`, `priority` or `scale` to `input` and `output` (and
 /// `cached_input`), USD per 1M tokens. A tier's `cached_input` defaults to
@@ -246,17 +266,8 @@ fn tier_prices(
             problems.push(problem(&path, "give input and output (USD per 1M tokens)"));
             continue;
         };
-        let mut usd = |usd: f64, key: &str| {
-            if usd.is_finite() && (0.0..100_000.0).contains(&usd) {
-                (usd * 1e6).round() as i64
-            } else {
-                problems.push(problem(
-                    &join(&path, key),
-                    "must be a non-negative price in USD per 1M (below 100000)",
-                ));
-                0
-            }
-        };
+        let mut usd =
+            |usd: f64, key: &str| price_pusd(Some(usd), &join(&path, key), true, problems);
         let input = usd(input, "input");
         let output = usd(output, "output");
         let cached_input = match raw.cached_input {
@@ -337,23 +348,8 @@ pub(super) fn validate_pricing(
             ));
             continue;
         }
-        // USD per 1M units -> pico-dollars per unit; USD per unit ->
-        // pico-dollars.
         let mut price_of = |usd: Option<f64>, key: &str, per_million: bool| {
-            let Some(usd) = usd else { return 0 };
-            let (bound, unit) = if per_million {
-                (100_000.0, "USD per 1M")
-            } else {
-                (1_000.0, "USD")
-            };
-            if !(usd.is_finite() && (0.0..bound).contains(&usd)) {
-                problems.push(problem(
-                    &join(&path, key),
-                    format!("must be a non-negative price in {unit} (below {bound})"),
-                ));
-                return 0;
-            }
-            (usd * if per_million { 1e6 } else { 1e12 }).round() as i64
+            price_pusd(usd, &join(&path, key), per_million, problems)
         };
         let mut price = Price {
             input: price_of(raw.input, "input", true),

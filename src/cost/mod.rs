@@ -805,9 +805,13 @@ pub(crate) fn usage_member_in_tail(tail: &[u8]) -> Option<&RawValue> {
 /// some other member is not the answer's, as a whole parse would not
 /// take it.
 pub(crate) fn usage_member_in_json_tail(tail: &[u8]) -> Option<&RawValue> {
-    usage_members_in_tail(tail)
-        .find(|(_, after)| closes_the_body(after))
-        .map(|(usage, _)| usage)
+    usage_and_tier_in_json_tail(tail).map(|(usage, _)| usage)
+}
+
+/// [`usage_member_in_json_tail`], with the last `service_tier` among the
+/// members after it ([`closing_members`]).
+fn usage_and_tier_in_json_tail(tail: &[u8]) -> Option<(&RawValue, Option<&RawValue>)> {
+    usage_members_in_tail(tail).find_map(|(usage, after)| Some((usage, closing_members(after)?)))
 }
 
 /// The `"usage":` members in `tail` whose values are whole JSON objects,
@@ -844,6 +848,8 @@ const USAGE_TRIES: usize = 64;
 
 /// A `usage` key as providers write it.
 const USAGE_KEY: &[u8] = b"\"usage\"";
+/// A `service_tier` key as providers write it.
+const TIER_KEY: &[u8] = b"\"service_tier\"";
 // Searchers built once: their set-up costs more than a short body's search.
 static LAST_USAGE_KEY: LazyLock<FinderRev<'static>> = LazyLock::new(|| FinderRev::new(USAGE_KEY));
 static FIRST_USAGE_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(USAGE_KEY));
@@ -859,8 +865,7 @@ pub fn reported_usage_in_tail(tail: &[u8]) -> Option<Usage> {
 /// `service_tier` among the members after it names (a chat completion's
 /// place for it; one before the usage cannot be told from a nested one).
 pub fn reported_usage_in_json_tail(tail: &[u8]) -> Option<Usage> {
-    let (usage, tier) = usage_members_in_tail(tail)
-        .find_map(|(usage, after)| Some((usage, closing_members(after)?)))?;
+    let (usage, tier) = usage_and_tier_in_json_tail(tail)?;
     Some(Usage {
         tier: tier.and_then(ServiceTier::from_json),
         ..reported_usage(usage)?
@@ -873,16 +878,15 @@ pub fn reported_usage_in_json_tail(tail: &[u8]) -> Option<Usage> {
 /// be told apart in a tail). Used where the answer's tier would otherwise
 /// be lost, so that it is never billed below what it names.
 pub(crate) fn dearest_tier_in_tail(tail: &[u8]) -> Option<ServiceTier> {
-    const KEY: &[u8] = b"\"service_tier\"";
     let rank = |tier: &ServiceTier| match tier {
         ServiceTier::Flex => 0,
         ServiceTier::Default => 1,
         ServiceTier::Scale => 2,
         ServiceTier::Priority => 3,
     };
-    memchr::memmem::find_iter(tail, KEY)
+    memchr::memmem::find_iter(tail, TIER_KEY)
         .filter_map(|at| {
-            let mut value = json_ws(&tail[at + KEY.len()..]).strip_prefix(b":")?;
+            let mut value = json_ws(&tail[at + TIER_KEY.len()..]).strip_prefix(b":")?;
             ServiceTier::from_json(next_json_value(&mut value)?)
         })
         .filter(|tier| *tier != ServiceTier::Flex)
@@ -1014,7 +1018,6 @@ fn closes_the_body(rest: &[u8]) -> bool {
 /// [`closes_the_body`], with the last `service_tier` among those members
 /// (`Some(None)`: they close the body, and name none).
 fn closing_members(mut rest: &[u8]) -> Option<Option<&RawValue>> {
-    const TIER_KEY: &[u8] = b"\"service_tier\"";
     let mut tier = None;
     loop {
         rest = json_ws(rest);

@@ -315,7 +315,8 @@ impl Gateway {
             return Ok(());
         };
         let name = serde_json::from_str::<String>(given).ok();
-        let tier = fields.requested_tier();
+        // As `fields.requested_tier()` reads it, from the name decoded here.
+        let tier = name.as_deref().and_then(cost::ServiceTier::asked);
         if name.as_deref() == Some("auto") || tier == Some(cost::ServiceTier::Default) {
             return Ok(());
         }
