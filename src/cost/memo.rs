@@ -24,7 +24,7 @@ use std::ops::Range;
 
 /// Readings kept per thread (one read from a provider may hold several
 /// events).
-const SLOTS: usize = 4;
+pub(crate) const SLOTS: usize = 4;
 
 /// Events longer than this are left to the record to read (they are rare,
 /// and a slot keeps its buffer).

@@ -422,10 +422,7 @@ impl Attempt<'_> {
         if !head.status.is_success() || (translated && !event_stream) {
             // An error answer, or a translated JSON one: read whole, then
             // decided on.
-            let mut body = UpstreamBody {
-                session: &mut answer.upstream,
-                decoder,
-            };
+            let mut body = UpstreamBody::new(&mut answer.upstream, decoder);
             let until = (answer.started + provider.timeouts.first_token).min(answer.deadline);
             let whole = self.read_whole(&mut body, until, client).await?;
             drop(body);
@@ -449,10 +446,7 @@ impl Attempt<'_> {
                 &self.route.targets[self.backend.target].model,
             )
         };
-        let mut body = UpstreamBody {
-            session: &mut answer.upstream,
-            decoder,
-        };
+        let mut body = UpstreamBody::new(&mut answer.upstream, decoder);
         // The head is held until the first content is in: a provider that
         // answers at once but starts only much later fails over with
         // nothing sent to the client.

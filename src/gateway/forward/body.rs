@@ -902,7 +902,7 @@ impl Copy<'_> {
             let read_or_stall = async {
                 tokio::select! {
                     biased;
-                    read = upstream.read() => Ok(read),
+                    read = upstream.read_ready() => Ok(read),
                     gap = stall.stalled() => Err(gap),
                 }
             };

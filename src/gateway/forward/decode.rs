@@ -203,18 +203,83 @@ impl Decoder {
     }
 }
 
+/// The size of a piece at which [`UpstreamBody::read_ready`] stops joining.
+const MAX_JOINED_BYTES: usize = 64 * 1024;
+
+/// The most reads [`UpstreamBody::read_ready`] joins: as many events (a
+/// provider's read holds one, nearly always) as the stream meter keeps
+/// its readings of for the resumable record, which would otherwise read
+/// the first ones again.
+const MAX_JOINED_READS: usize = crate::cost::memo::SLOTS;
+
 /// The upstream body as the gateway reads it: decoded when the provider
 /// encoded it.
 pub(super) struct UpstreamBody<'a> {
     pub(super) session: &'a mut pingora::protocols::http::client::HttpSession,
     /// Boxed: rarely there, and large, in every request's state.
     pub(super) decoder: Option<Box<Decoder>>,
+    /// How the body went on after the pieces the last
+    /// [`UpstreamBody::read_ready`] joined (its end, or its failure): told
+    /// by the next read.
+    then: Option<pingora::Result<Option<Bytes>>>,
 }
 
-impl UpstreamBody<'_> {
+impl<'a> UpstreamBody<'a> {
+    /// The body of `session`, decoded by `decoder`.
+    pub(super) fn new(
+        session: &'a mut pingora::protocols::http::client::HttpSession,
+        decoder: Option<Box<Decoder>>,
+    ) -> Self {
+        UpstreamBody {
+            session,
+            decoder,
+            then: None,
+        }
+    }
+
+    /// [`UpstreamBody::read`], joined with the pieces that are already
+    /// there behind it (at most [`MAX_JOINED_READS`] reads, and none once
+    /// [`MAX_JOINED_BYTES`] are in): a provider's events that arrived
+    /// together go to the client in one write, as a plain proxy forwards
+    /// them, rather than a write (and a system call) each. Nothing waits
+    /// for more: what is not there yet is read next time.
+    pub(super) async fn read_ready(&mut self) -> pingora::Result<Option<Bytes>> {
+        let Some(first) = self.read().await? else {
+            return Ok(None);
+        };
+        let mut joined: Option<bytes::BytesMut> = None;
+        for _ in 1..MAX_JOINED_READS {
+            if joined.as_ref().map_or(first.len(), |j| j.len()) >= MAX_JOINED_BYTES {
+                break;
+            }
+            // A read that has to wait is dropped unfinished: the body's
+            // readers keep their place across that (they are cancel-safe).
+            match futures_util::FutureExt::now_or_never(self.read()) {
+                None => break,
+                Some(Ok(Some(more))) => joined
+                    .get_or_insert_with(|| {
+                        // A provider's events are of a size: room for all.
+                        let room = (first.len() + more.len()) * MAX_JOINED_READS / 2;
+                        let mut all = bytes::BytesMut::with_capacity(room.min(MAX_JOINED_BYTES));
+                        all.extend_from_slice(&first);
+                        all
+                    })
+                    .extend_from_slice(&more),
+                Some(then) => {
+                    self.then = Some(then);
+                    break;
+                }
+            }
+        }
+        Ok(Some(joined.map_or(first, bytes::BytesMut::freeze)))
+    }
+
     /// The next piece of the (decoded) body; `None` at its end. A body that
     /// does not decode is a read error (the provider's failure).
     pub(super) async fn read(&mut self) -> pingora::Result<Option<Bytes>> {
+        if let Some(then) = self.then.take() {
+            return then;
+        }
         let failed = |e: io::Error, encoding: &str| {
             pingora::Error::explain(
                 pingora::ErrorType::ReadError,
@@ -324,6 +389,100 @@ mod tests {
         );
         head.clear();
         assert_eq!(named_codings(&head, http::header::TRANSFER_ENCODING), "");
+    }
+
+    /// A client session over loopback whose answer the returned socket
+    /// writes: the head is read, the body left to the test.
+    async fn answered(
+        head: &[u8],
+    ) -> (
+        pingora::protocols::http::client::HttpSession,
+        tokio::net::TcpStream,
+    ) {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap());
+        let (client, accepted) = tokio::join!(client, listener.accept());
+        let (mut provider, _) = accepted.unwrap();
+        let stream = pingora::protocols::l4::stream::Stream::from(client.unwrap());
+        let mut session = pingora::protocols::http::client::HttpSession::H1(
+            pingora::protocols::http::v1::client::HttpSession::new(Box::new(stream)),
+        );
+        let request = pingora::http::RequestHeader::build("GET", b"/", None).unwrap();
+        session
+            .write_request_header(Box::new(request))
+            .await
+            .unwrap();
+        provider.write_all(head).await.unwrap();
+        session.read_response_header().await.unwrap();
+        (session, provider)
+    }
+
+    const CHUNKED: &[u8] = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n";
+
+    #[tokio::test]
+    async fn what_is_there_is_joined_and_a_read_that_would_wait_loses_nothing() {
+        use tokio::io::AsyncWriteExt;
+        let (mut session, mut provider) = answered(CHUNKED).await;
+        // Six whole chunks and the start of a seventh's head: the reads
+        // joined stop at the most, then at what would have to wait.
+        let mut sent = Vec::new();
+        for word in ["one ", "two ", "three ", "four ", "five ", "six "] {
+            sent.extend_from_slice(format!("{:x}\r\n{word}\r\n", word.len()).as_bytes());
+        }
+        provider.write_all(&sent).await.unwrap();
+        provider.write_all(b"5\r").await.unwrap();
+        let mut body = UpstreamBody::new(&mut session, None);
+        let first = body.read_ready().await.unwrap().unwrap();
+        assert_eq!(&first[..], b"one two three four ");
+        let second = body.read_ready().await.unwrap().unwrap();
+        assert_eq!(&second[..], b"five six ");
+        // The rest of the head, its chunk and the end.
+        let rest = async {
+            provider.write_all(b"\nseven\r\n0\r\n\r\n").await.unwrap();
+            provider
+        };
+        let (third, _provider) = tokio::join!(body.read_ready(), rest);
+        assert_eq!(&third.unwrap().unwrap()[..], b"seven");
+        assert!(body.read_ready().await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_break_behind_what_was_joined_is_told_by_the_next_read() {
+        use tokio::io::AsyncWriteExt;
+        let (mut session, mut provider) = answered(CHUNKED).await;
+        provider
+            .write_all(b"5\r\nhello\r\n6\r\n world\r\n9\r\ncut sh")
+            .await
+            .unwrap();
+        drop(provider);
+        let mut body = UpstreamBody::new(&mut session, None);
+        // What came before the break is whole; the break comes after it.
+        let mut got = Vec::new();
+        let broke = loop {
+            match body.read_ready().await {
+                Ok(Some(piece)) => got.extend_from_slice(&piece),
+                Ok(None) => break false,
+                Err(_) => break true,
+            }
+        };
+        assert!(broke, "a body cut inside a chunk is a read error");
+        assert!(got.starts_with(b"hello world"), "{got:?}");
+    }
+
+    #[tokio::test]
+    async fn a_whole_body_and_its_end_come_in_one_read() {
+        use tokio::io::AsyncWriteExt;
+        let (mut session, mut provider) =
+            answered(b"HTTP/1.1 200 OK\r\ncontent-length: 11\r\n\r\n").await;
+        provider.write_all(b"hello world").await.unwrap();
+        let mut body = UpstreamBody::new(&mut session, None);
+        assert_eq!(
+            &body.read_ready().await.unwrap().unwrap()[..],
+            b"hello world"
+        );
+        assert!(body.read_ready().await.unwrap().is_none());
+        assert!(body.read().await.unwrap().is_none());
     }
 
     #[test]
