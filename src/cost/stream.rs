@@ -50,6 +50,10 @@ pub struct StreamMeter {
     after_cr: bool,
     /// The complete lines of the event being read, until its blank line.
     pub(super) event: BytesMut,
+    /// The bytes of those lines as they came (its `id` lines, left out of
+    /// `event`, too): an event is too long to hold by its own length,
+    /// however its bytes were split between reads.
+    event_bytes: usize,
     /// Inside an event too long to hold: passed through until its end.
     oversized: bool,
     /// Its first and last bytes, kept to read its type (a Responses
@@ -193,6 +197,7 @@ impl StreamMeter {
             scanned: 0,
             after_cr: false,
             event: BytesMut::new(),
+            event_bytes: 0,
             oversized: false,
             oversized_head: Vec::new(),
             oversized_tail: Vec::new(),
@@ -316,14 +321,8 @@ impl StreamMeter {
             self.partial = partial;
         }
         self.scanned = self.partial.len();
-        if !self.oversized && self.event.len() + self.partial.len() > MAX_LINE_BYTES {
-            // An event too long to hold: what there is goes on unread, and
-            // the rest of it after.
-            self.oversized = true;
-            self.generated_bytes += self.event.len() as u64;
-            let event = std::mem::take(&mut self.event);
-            self.keep_oversized(&event);
-            out.extend_from_slice(&event);
+        if self.too_long_to_hold(self.partial.len()) {
+            self.go_oversized(&mut out);
         }
         if self.oversized {
             self.generated_bytes += self.partial.len() as u64;
@@ -333,6 +332,23 @@ impl StreamMeter {
             self.scanned = 0;
         }
         self.hand_out(out)
+    }
+
+    /// Whether the event being read, with `more` bytes of a line not yet
+    /// ended, is longer than [`MAX_LINE_BYTES`] (and not already passing
+    /// through as one).
+    fn too_long_to_hold(&self, more: usize) -> bool {
+        !self.oversized && self.event_bytes + more > MAX_LINE_BYTES
+    }
+
+    /// The event being read is too long to hold: what there is of it goes
+    /// on unread (into `out`), and the rest of it as it comes.
+    fn go_oversized(&mut self, out: &mut BytesMut) {
+        self.oversized = true;
+        self.generated_bytes += self.event.len() as u64;
+        let event = std::mem::take(&mut self.event);
+        self.keep_oversized(&event);
+        out.extend_from_slice(&event);
     }
 
     /// What was written in `out`, to go on; the buffer is kept for the
@@ -380,6 +396,7 @@ impl StreamMeter {
             out.extend_from_slice(line);
             if blank {
                 self.oversized = false;
+                self.event_bytes = 0;
                 self.judge_oversized();
             } else {
                 self.generated_bytes += line.len() as u64;
@@ -391,11 +408,20 @@ impl StreamMeter {
             // An `id` is left out: the gateway takes no `Last-Event-ID`,
             // and the Python SDK, once given one, reads every blank line
             // after as an event (and fails on it).
+            // Past the bound is too long whether the line that takes it
+            // there ended in this read or will in a later one; that line
+            // goes on as the rest of the event will.
+            self.event_bytes += line.len();
+            if self.too_long_to_hold(0) {
+                self.go_oversized(out);
+                return self.line(line, out);
+            }
             if !is_id(line) {
                 self.event.extend_from_slice(line);
             }
             return;
         }
+        self.event_bytes = 0;
         let mut event = std::mem::take(&mut self.event);
         match self.judge(&event) {
             Verdict::Keep(cut) => {
@@ -739,6 +765,10 @@ impl StreamMeter {
         }
         let rest = std::mem::take(&mut self.partial);
         self.scanned = 0;
+        if self.too_long_to_hold(rest.len()) {
+            self.go_oversized(&mut out);
+        }
+        self.event_bytes = 0;
         if self.oversized {
             self.generated_bytes += rest.len() as u64;
             self.keep_oversized(&rest);

@@ -519,6 +519,59 @@ fn the_next_responses_event_is_numbered_past_every_one_seen() {
 }
 
 #[test]
+fn an_event_too_long_to_hold_is_judged_by_its_length_however_it_is_read() {
+    // Past the bound by its data line, or only by its last line (an `id`
+    // after its data); naming flex, which an event too long to hold is
+    // never billed at.
+    for filler in [MAX_LINE_BYTES, MAX_LINE_BYTES - 90] {
+        judged_alike_however_read(&"y".repeat(filler));
+    }
+}
+
+fn judged_alike_however_read(filler: &str) {
+    let long = format!(
+        "data: {{\"id\":\"c\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{filler}\"}}}}],\"service_tier\":\"flex\"}}\nid: 7\n\n",
+    );
+    assert!(long.len() - "\n\n".len() > MAX_LINE_BYTES);
+    let usage = "data: {\"id\":\"c\",\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":7,\"total_tokens\":12}}\n\n";
+    let text = [
+        stream_events(false)[0].as_str(),
+        &long,
+        usage,
+        "data: [DONE]\n\n",
+    ]
+    .concat();
+    let read = |piece: usize| {
+        let mut meter = StreamMeter::new(false);
+        let sent = run(&mut meter, &text, piece);
+        (sent, meter.usage(0))
+    };
+    let whole = read(text.len());
+    assert!(whole.0.contains("id: 7\n"), "passed on as it came, unread");
+    assert_ne!(whole.1.tier, Some(ServiceTier::Flex));
+    assert_eq!(whole.1.completion_tokens, 7);
+    // Split anywhere: inside the long line, at its end, between reads of
+    // every size the gateway makes.
+    for piece in [
+        64 * 1024,
+        256 * 1024,
+        MAX_LINE_BYTES - 40,
+        MAX_LINE_BYTES + 17,
+    ] {
+        assert!(read(piece) == whole, "pieces of {piece}");
+    }
+    // The body ends inside it, without its blank line: the same.
+    let unended = &text[..text.find("id: 7").unwrap() + 5];
+    let mut at_once = StreamMeter::new(false);
+    let mut split = StreamMeter::new(false);
+    assert_eq!(
+        run(&mut at_once, unended, unended.len()),
+        run(&mut split, unended, 64 * 1024)
+    );
+    assert_eq!(at_once.usage(0), split.usage(0));
+}
+
+#[test]
 fn an_event_the_client_has_only_part_of_is_ended_before_the_gateways() {
     let feed = |meter: &mut StreamMeter, text: &str| meter.feed(Bytes::from(text.to_owned()));
     let mut meter = StreamMeter::new(false);

@@ -241,6 +241,9 @@ impl<'c> Resumable<'c> {
     /// Takes note of a line of the first attempt, which goes out as it
     /// came.
     fn note(&mut self, line: &[u8]) {
+        if self.too_long(line) {
+            return;
+        }
         match data_payload(line) {
             Some(payload) if payload.starts_with(b"[DONE]") => {
                 self.record.final_ = true;
@@ -251,8 +254,23 @@ impl<'c> Resumable<'c> {
         }
     }
 
+    /// Whether `line` is longer than a line is held: the stream is then
+    /// passed on unread from it on (and cannot be continued), as when its
+    /// read stops inside it, however its bytes were split between reads.
+    fn too_long(&mut self, line: &[u8]) -> bool {
+        if line.len() > MAX_LINE_BYTES {
+            self.passthrough = true;
+            self.record.final_ = true;
+        }
+        self.passthrough
+    }
+
     /// One line of the stream.
     fn line(&mut self, line: &[u8], out: &mut BytesMut) {
+        if self.too_long(line) {
+            out.extend_from_slice(line);
+            return;
+        }
         let Some(splice) = &mut self.splice else {
             self.note(line);
             out.extend_from_slice(line);
@@ -990,6 +1008,31 @@ mod tests {
         assert!(!client.resumable());
         drop(client);
         assert!(collected.body.len() >= sent, "passed through");
+    }
+
+    #[test]
+    fn a_line_too_long_to_hold_ends_resumability_however_it_came() {
+        // A JSON event a client could read, longer than a line is held:
+        // in pieces that stop inside it, or whole in one.
+        let long = format!(
+            "data: {{\"id\":\"b\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{}\"}}}}]}}\n\n",
+            "y".repeat(MAX_LINE_BYTES)
+        );
+        for piece in [64 * 1024, long.len()] {
+            let mut collected = Collected::default();
+            let mut client = Resumable::new(&mut collected, true);
+            block_on(client.send_header(Box::new(ResponseHeader::build(200, None).unwrap())));
+            run(&mut client, &[chunk("a", Some("Hi"), true, None)]);
+            for bytes in long.as_bytes().chunks(piece) {
+                block_on(client.send_body(Bytes::copy_from_slice(bytes), false));
+            }
+            assert!(!client.resumable(), "pieces of {piece}");
+            drop(client);
+            assert!(
+                collected.body.ends_with(long.as_bytes()),
+                "passed on as it came"
+            );
+        }
     }
 
     #[test]
