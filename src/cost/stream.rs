@@ -56,6 +56,10 @@ pub struct StreamMeter {
     event_bytes: usize,
     /// Inside an event too long to hold: passed through until its end.
     oversized: bool,
+    /// Part of a line of it went through unended (or, after the last
+    /// event, was let go unread): the next line end is that line's, not a
+    /// blank line ending the event.
+    oversized_mid_line: bool,
     /// Its first and last bytes, kept to read its type (a Responses
     /// stream's `response.completed` may be longer than the bound: it
     /// carries the whole output again), its usage (last in it), and
@@ -199,6 +203,7 @@ impl StreamMeter {
             event: BytesMut::new(),
             event_bytes: 0,
             oversized: false,
+            oversized_mid_line: false,
             oversized_head: Vec::new(),
             oversized_tail: Vec::new(),
             usage: None,
@@ -329,6 +334,7 @@ impl StreamMeter {
             let partial = std::mem::take(&mut self.partial);
             self.keep_oversized(&partial);
             out.extend_from_slice(&partial);
+            self.oversized_mid_line |= !partial.is_empty();
             self.scanned = 0;
         }
         self.hand_out(out)
@@ -394,7 +400,10 @@ impl StreamMeter {
         let blank = line.len() == 1;
         if self.oversized {
             out.extend_from_slice(line);
-            if blank {
+            // A line end after part of a line that went through ends that
+            // line, however it was split from it.
+            let ends_a_line = std::mem::take(&mut self.oversized_mid_line);
+            if blank && !ends_a_line {
                 self.oversized = false;
                 self.event_bytes = 0;
                 self.judge_oversized();
@@ -405,9 +414,6 @@ impl StreamMeter {
             return;
         }
         if !blank {
-            // An `id` is left out: the gateway takes no `Last-Event-ID`,
-            // and the Python SDK, once given one, reads every blank line
-            // after as an event (and fails on it).
             // Past the bound is too long whether the line that takes it
             // there ended in this read or will in a later one; that line
             // goes on as the rest of the event will.
@@ -416,6 +422,9 @@ impl StreamMeter {
                 self.go_oversized(out);
                 return self.line(line, out);
             }
+            // An `id` is left out: the gateway takes no `Last-Event-ID`,
+            // and the Python SDK, once given one, reads every blank line
+            // after as an event (and fails on it).
             if !is_id(line) {
                 self.event.extend_from_slice(line);
             }
@@ -455,6 +464,11 @@ impl StreamMeter {
         // A `\r\n` cut between reads leaves an empty line: read as nothing.
         while let Some(end) = line_end(&self.partial) {
             let line = self.partial.split_to(end.next);
+            // A line too long to hold is not read, whole in one read or
+            // not (its start was let go, below).
+            if std::mem::take(&mut self.oversized_mid_line) || end.at > MAX_LINE_BYTES {
+                continue;
+            }
             let probe = data_payload(&line).and_then(|p| serde_json::from_slice::<Probe>(p).ok());
             if let Some(usage) = probe.and_then(|p| p.usage()) {
                 self.usage = Some(usage);
@@ -462,6 +476,7 @@ impl StreamMeter {
         }
         if self.partial.len() > MAX_LINE_BYTES {
             self.partial.clear();
+            self.oversized_mid_line = true;
         }
     }
 
@@ -773,6 +788,7 @@ impl StreamMeter {
             self.generated_bytes += rest.len() as u64;
             self.keep_oversized(&rest);
             self.oversized = false;
+            self.oversized_mid_line = false;
             self.judge_oversized();
             // An unended `id` line is left out here too, when it is one
             // (the client is at a line's start, not inside one).

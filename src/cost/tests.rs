@@ -560,6 +560,23 @@ fn judged_alike_however_read(filler: &str) {
     ] {
         assert!(read(piece) == whole, "pieces of {piece}");
     }
+    // Or a read ends just before a line end of it, or just after: the
+    // line end ends that line, not the event (a blank line would).
+    let data_end = text.find("\nid: 7").unwrap();
+    let id_end = data_end + "\nid: 7".len();
+    for cut in [data_end, data_end + 1, id_end, id_end + 1] {
+        let mut meter = StreamMeter::new(false);
+        let mut sent = Vec::new();
+        for piece in text.as_bytes()[..cut].chunks(64 * 1024) {
+            sent.extend_from_slice(&meter.feed(Bytes::copy_from_slice(piece)));
+        }
+        sent.extend_from_slice(&meter.feed(Bytes::copy_from_slice(&text.as_bytes()[cut..])));
+        sent.extend_from_slice(&meter.finish());
+        assert!(
+            (String::from_utf8(sent).unwrap(), meter.usage(0)) == whole,
+            "a read ending at {cut}"
+        );
+    }
     // The body ends inside it, without its blank line: the same.
     let unended = &text[..text.find("id: 7").unwrap() + 5];
     let mut at_once = StreamMeter::new(false);
@@ -569,6 +586,27 @@ fn judged_alike_however_read(filler: &str) {
         run(&mut split, unended, 64 * 1024)
     );
     assert_eq!(at_once.usage(0), split.usage(0));
+}
+
+#[test]
+fn a_usage_line_too_long_to_hold_after_the_last_event_is_not_read_however_it_came() {
+    let pad = "p".repeat(MAX_LINE_BYTES);
+    let text = [
+        stream_events(false)[0].as_str(),
+        "data: [DONE]\n\n",
+        &format!("data: {{\"pad\":\"{pad}\",\"choices\":[],\"usage\":{{\"prompt_tokens\":11,\"completion_tokens\":22,\"total_tokens\":33}}}}\n\n"),
+    ]
+    .concat();
+    let usage = |piece: usize| {
+        let mut meter = StreamMeter::new(false);
+        run(&mut meter, &text, piece);
+        meter.usage(5)
+    };
+    let whole = usage(text.len());
+    assert!(whole.estimated, "not read: {whole:?}");
+    for piece in [64 * 1024, MAX_LINE_BYTES - 3] {
+        assert_eq!(usage(piece), whole, "pieces of {piece}");
+    }
 }
 
 #[test]

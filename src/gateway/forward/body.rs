@@ -1416,6 +1416,12 @@ impl FirstContent {
         while let Some(at) = memchr::memchr(b'\n', &self.partial[consumed..]) {
             let line = &self.partial[consumed..consumed + at];
             consumed += at + 1;
+            if line.len() > crate::cost::MAX_LINE_BYTES {
+                // As one that has not ended yet (below), however the
+                // reads fell.
+                self.found = true;
+                break;
+            }
             let line = line.strip_suffix(b"\r").unwrap_or(line);
             let Some(payload) = line.strip_prefix(b"data:") else {
                 continue;
@@ -1696,5 +1702,21 @@ mod tests {
         let mut json = FirstContent::new(false);
         json.scan(b"{\"choices\":[]}");
         assert!(!json.found(), "a JSON answer is held whole");
+    }
+
+    #[test]
+    fn a_line_too_long_to_hold_ends_the_wait_for_content_however_it_came() {
+        // An error event longer than a line is held, before any content.
+        let long = format!(
+            "data: {{\"error\":{{\"message\":\"{}\"}}}}\n\n",
+            "x".repeat(cost::MAX_LINE_BYTES)
+        );
+        for piece in [64 * 1024, long.len()] {
+            let mut first = FirstContent::new(true);
+            for bytes in long.as_bytes().chunks(piece) {
+                first.scan(bytes);
+            }
+            assert!(first.found(), "pieces of {piece}");
+        }
     }
 }

@@ -195,6 +195,19 @@ impl<'c> Resumable<'c> {
         if self.passthrough {
             return bytes;
         }
+        let out = self.process_lines(bytes, end);
+        // A line too long to hold went by: what waited behind it (the
+        // start of the next line) goes on unread with it.
+        if self.passthrough && !self.partial.is_empty() {
+            let mut all = BytesMut::from(&out[..]);
+            all.extend_from_slice(&std::mem::take(&mut self.partial));
+            return all.freeze();
+        }
+        out
+    }
+
+    /// [`Resumable::process`] until a line too long to hold goes by.
+    fn process_lines(&mut self, bytes: Bytes, end: bool) -> Bytes {
         if self.splice.is_none() && self.partial.is_empty() && bytes.ends_with(b"\n") {
             // Whole lines of the first attempt (the meter sends whole
             // events): read, and sent on as they are.
@@ -1018,20 +1031,28 @@ mod tests {
             "data: {{\"id\":\"b\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{}\"}}}}]}}\n\n",
             "y".repeat(MAX_LINE_BYTES)
         );
-        for piece in [64 * 1024, long.len()] {
-            let mut collected = Collected::default();
-            let mut client = Resumable::new(&mut collected, true);
-            block_on(client.send_header(Box::new(ResponseHeader::build(200, None).unwrap())));
-            run(&mut client, &[chunk("a", Some("Hi"), true, None)]);
-            for bytes in long.as_bytes().chunks(piece) {
-                block_on(client.send_body(Bytes::copy_from_slice(bytes), false));
+        // Then the next event, whose first line may begin in the piece the
+        // long line ends in (the meter's pieces through such an event are
+        // cut wherever the provider's reads were).
+        let long = long + "data: {\"id\":\"b\",\"choices\":[]}\n\n";
+        let line_end = long.find('\n').unwrap();
+        for cut in [line_end + 1, line_end + 2, line_end + 4, long.len() - 1] {
+            for piece in [64 * 1024, long.len()] {
+                let mut collected = Collected::default();
+                let mut client = Resumable::new(&mut collected, true);
+                block_on(client.send_header(Box::new(ResponseHeader::build(200, None).unwrap())));
+                run(&mut client, &[chunk("a", Some("Hi"), true, None)]);
+                let (head, tail) = long.as_bytes().split_at(cut);
+                for bytes in head.chunks(piece).chain([tail]) {
+                    block_on(client.send_body(Bytes::copy_from_slice(bytes), false));
+                }
+                assert!(!client.resumable(), "pieces of {piece}, cut at {cut}");
+                drop(client);
+                assert!(
+                    collected.body.ends_with(long.as_bytes()),
+                    "passed on as it came: pieces of {piece}, cut at {cut}"
+                );
             }
-            assert!(!client.resumable(), "pieces of {piece}");
-            drop(client);
-            assert!(
-                collected.body.ends_with(long.as_bytes()),
-                "passed on as it came"
-            );
         }
     }
 

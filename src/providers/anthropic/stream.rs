@@ -203,9 +203,12 @@ impl StreamTranslator {
                 break;
             }
             self.after_cr = end.cr_last;
+            // Its bytes without its line end, as an unended one's below
+            // (a `\r\n` split between reads ends it at the `\r`).
+            let content = scan_from + end.at;
             let line = self.partial.split_to(scan_from + end.next);
             scan_from = 0;
-            if line.len() + self.data.len() > crate::cost::MAX_LINE_BYTES {
+            if content + self.data.len() > crate::cost::MAX_LINE_BYTES {
                 // Whole in one chunk (a decoded one may be megabytes), but
                 // over the bound all the same: not parsed.
                 self.generated_bytes += line.len() as u64;

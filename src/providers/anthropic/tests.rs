@@ -434,6 +434,36 @@ fn an_event_over_the_bound_is_cut_even_when_it_comes_whole() {
 }
 
 #[test]
+fn a_line_at_the_bound_is_judged_by_its_bytes_not_its_line_end() {
+    // A data line of exactly the bound, ended by `\r\n`: whole in one
+    // read, or split between its `\r` and `\n`.
+    let start = STREAM.split("event: ping").next().unwrap();
+    let line = |text: String| {
+        let data = json!({"type": "content_block_delta", "index": 0,
+                          "delta": {"type": "text_delta", "text": text}});
+        format!("data: {data}")
+    };
+    let pad = crate::cost::MAX_LINE_BYTES - line(String::new()).len();
+    let huge = format!(
+        "event: content_block_delta\r\n{}\r\n\r\n",
+        line("x".repeat(pad))
+    );
+    let text = format!("{start}{huge}{STREAM}");
+    let at_cr = text.find("\r\n\r\n").unwrap() + 1;
+    let mut outcomes = Vec::new();
+    for pieces in [vec![&text[..]], vec![&text[..at_cr], &text[at_cr..]]] {
+        let mut translator = StreamTranslator::new("p", false);
+        let mut out = Vec::new();
+        for piece in pieces {
+            out.extend_from_slice(&translator.feed(piece.as_bytes()));
+        }
+        outcomes.push((translator.cut(), out.len(), translator.billed_usage()));
+    }
+    assert!(!outcomes[0].0, "not over the bound: translated");
+    assert_eq!(outcomes[0], outcomes[1]);
+}
+
+#[test]
 fn an_event_over_the_bound_after_the_final_delta_ends_the_whole_answer() {
     let (head, _) = STREAM.split_once("event: message_stop").unwrap();
     let huge = format!(
