@@ -1416,13 +1416,13 @@ impl FirstContent {
         while let Some(at) = memchr::memchr(b'\n', &self.partial[consumed..]) {
             let line = &self.partial[consumed..consumed + at];
             consumed += at + 1;
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
             if line.len() > crate::cost::MAX_LINE_BYTES {
                 // As one that has not ended yet (below), however the
                 // reads fell.
                 self.found = true;
                 break;
             }
-            let line = line.strip_suffix(b"\r").unwrap_or(line);
             let Some(payload) = line.strip_prefix(b"data:") else {
                 continue;
             };

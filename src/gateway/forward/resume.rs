@@ -271,7 +271,10 @@ impl<'c> Resumable<'c> {
     /// passed on unread from it on (and cannot be continued), as when its
     /// read stops inside it, however its bytes were split between reads.
     fn too_long(&mut self, line: &[u8]) -> bool {
-        if line.len() > MAX_LINE_BYTES {
+        // Its bytes without its line end, as an unended one's are counted.
+        let bytes = line.strip_suffix(b"\n").unwrap_or(line);
+        let bytes = bytes.strip_suffix(b"\r").unwrap_or(bytes);
+        if bytes.len() > MAX_LINE_BYTES {
             self.passthrough = true;
             self.record.final_ = true;
         }
