@@ -272,9 +272,7 @@ impl<'c> Resumable<'c> {
     /// read stops inside it, however its bytes were split between reads.
     fn too_long(&mut self, line: &[u8]) -> bool {
         // Its bytes without its line end, as an unended one's are counted.
-        let bytes = line.strip_suffix(b"\n").unwrap_or(line);
-        let bytes = bytes.strip_suffix(b"\r").unwrap_or(bytes);
-        if bytes.len() > MAX_LINE_BYTES {
+        if unended(line).len() > MAX_LINE_BYTES {
             self.passthrough = true;
             self.record.final_ = true;
         }
@@ -292,8 +290,7 @@ impl<'c> Resumable<'c> {
             out.extend_from_slice(line);
             return;
         };
-        let body = line.strip_suffix(b"\n").unwrap_or(line);
-        let body = body.strip_suffix(b"\r").unwrap_or(body);
+        let body = unended(line);
         if body.is_empty() {
             if !std::mem::take(&mut self.skip_blank_line) {
                 out.extend_from_slice(line);
@@ -337,11 +334,15 @@ impl<'c> Resumable<'c> {
     }
 }
 
+/// A line without its line end (`\n`, `\r\n` or `\r`).
+fn unended(line: &[u8]) -> &[u8] {
+    let body = line.strip_suffix(b"\n").unwrap_or(line);
+    body.strip_suffix(b"\r").unwrap_or(body)
+}
+
 /// The payload of a `data:` line, its spaces and line end trimmed.
 fn data_payload(line: &[u8]) -> Option<&[u8]> {
-    let body = line.strip_suffix(b"\n").unwrap_or(line);
-    let body = body.strip_suffix(b"\r").unwrap_or(body);
-    body.strip_prefix(b"data:").map(<[u8]>::trim_ascii)
+    unended(line).strip_prefix(b"data:").map(<[u8]>::trim_ascii)
 }
 
 /// What [`Record::observe`] reads of a chunk, borrowed from its text and
