@@ -1204,6 +1204,76 @@ fn a_stream_resumed_elsewhere_does_not_take_the_first_providers_key_there() {
 }
 
 #[test]
+fn a_continuation_passes_on_nothing_with_another_providers_key() {
+    // The second provider knows the first's key and writes it where a
+    // continuation is passed on unrewritten: in a comment, and in an event
+    // too long to hold (over 1 MiB, read unread from the line that takes it
+    // past the bound), once before the bound and once across it, each cut
+    // between two of its writes. Its own redactor masks its own key only.
+    let first_key = "sk-first-0123456789";
+    let first = concat!(
+        "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n",
+        r#"data: {"id":"c1","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"role":"assistant","content":"so far"},"finish_reason":null}]}"#,
+        "\n\n",
+    );
+    let (first_port, _) = raw_provider(first.as_bytes().to_vec());
+    let mut long = br#"data: {"id":"c2","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"content":""#.to_vec();
+    let pad = |long: &mut Vec<u8>, to: usize| long.resize(to, b'x');
+    pad(&mut long, 1000);
+    long.extend_from_slice(first_key.as_bytes());
+    pad(&mut long, (1 << 20) - 5);
+    long.extend_from_slice(first_key.as_bytes());
+    pad(&mut long, (1 << 20) + 4096);
+    long.extend_from_slice(b"\"},\"finish_reason\":\"stop\"}]}\n\ndata: [DONE]\n\n");
+    let cuts = [1000 + 7, (1 << 20) - 5 + 9];
+    let port = hand_written_provider(move |mut stream| {
+        if read_request(&mut stream) {
+            let _ = stream.set_nodelay(true);
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n: {first_key}\n\n"
+            );
+            let _ = stream.write_all(head.as_bytes());
+            let mut at = 0;
+            for cut in cuts.into_iter().chain([long.len()]) {
+                let _ = stream.write_all(&long[at..cut]);
+                let _ = stream.flush();
+                at = cut;
+            }
+        }
+    });
+    let mock = Mock::start(&[]);
+    let mut config = GatewayConfig::new(&mock);
+    config.providers = vec![
+        format!(
+            "  - {{ name: first, base_url: \"http://127.0.0.1:{first_port}/v1\", api_key: \"{first_key}\" }}"
+        ),
+        format!(
+            "  - {{ name: second, base_url: \"http://127.0.0.1:{port}/v1\", api_key: \"sk-second-0123456789\", supports_prefill: true }}"
+        ),
+    ];
+    config.models = "\n  - name: m\n    strategy: priority\n    targets: [{ provider: first }, { provider: second }]\n".into();
+    config.tenants = format!("\n  - id: acme\n    keys: [\"{TENANT_KEY}\"]\n");
+    let gw = Gateway::start(&config);
+    let resp = gw.post_json("/v1/chat/completions", TENANT_KEY, &chat("m", true));
+    assert_eq!(resp.status, 200);
+    let body = String::from_utf8_lossy(&resp.body);
+    assert!(
+        body.contains("so far") && body.ends_with("data: [DONE]\n\n") && body.len() > 1 << 20,
+        "resumed on the second and passed on whole: {}",
+        &body[..body.len().min(400)]
+    );
+    assert_eq!(
+        body.matches(&"*".repeat(first_key.len())).count(),
+        3,
+        "the comment's and the long event's keys masked where they were"
+    );
+    assert!(
+        !body.contains(first_key),
+        "the first provider's key went to the client"
+    );
+}
+
+#[test]
 fn a_refusal_whose_body_never_ends_is_not_waited_for() {
     // A 503 whose body stops short, its connection held open: the gateway
     // reads a refusal's body out to keep the connection, but only what

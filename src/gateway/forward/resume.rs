@@ -21,6 +21,7 @@
 
 use crate::cost::{lines, memo, Usage, MAX_LINE_BYTES};
 use crate::gateway::client::Client;
+use crate::redact::Redactor;
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use futures_util::future::BoxFuture;
@@ -60,6 +61,11 @@ pub(crate) struct Resumable<'c> {
     /// The providers whose keys a rewritten event is masked of (see
     /// [`Resumable::masking`]).
     providers: &'c [crate::upstream::Provider],
+    /// A continuation's output, masked of every one of `providers`' keys
+    /// as it goes out: what it passes on unrewritten (a comment, an event
+    /// that is not JSON, a line too long to hold) was masked only of its
+    /// own provider's key. Empty for the first attempt.
+    masks: Vec<Redactor<'c>>,
 }
 
 /// What the client was sent, as far as resuming needs.
@@ -115,14 +121,16 @@ impl<'c> Resumable<'c> {
             record: Record::default(),
             splice: None,
             providers: &[],
+            masks: Vec::new(),
         }
     }
 
-    /// Masks each continuation event it writes again of every one of
-    /// `providers`' keys: read out of JSON and written again (the first
-    /// attempt's `id`, `created` and `model` put in), a key's escaped
-    /// form (`\u000a` for a key's `\n`) would be the key again, and the
-    /// values put in came from another provider.
+    /// Masks what a continuation sends of every one of `providers`' keys:
+    /// an event read out of JSON and written again (the first attempt's
+    /// `id`, `created` and `model` put in) as it is written, before the
+    /// record takes its text (a key's escaped form, `\u000a` for a key's
+    /// `\n`, would be the key again, and the values put in came from
+    /// another provider), and everything else as it goes out.
     pub(crate) fn masking(mut self, providers: &'c [crate::upstream::Provider]) -> Self {
         self.providers = providers;
         self
@@ -167,7 +175,27 @@ impl<'c> Resumable<'c> {
             earlier,
             diverged: false,
         }));
+        // What an earlier continuation's masks held back is the start of a
+        // line cut short (no line end is part of a key): dropped with it.
+        self.masks = self
+            .providers
+            .iter()
+            .filter_map(|p| p.settings.redact_key.as_ref())
+            .map(|key| Redactor::new(Some(key)))
+            .collect();
         continuation
+    }
+
+    /// `out`, a continuation's, masked of every provider's key however its
+    /// pieces split one (`end`: nothing is held back).
+    fn mask(&mut self, mut out: Bytes, end: bool) -> Bytes {
+        for mask in &mut self.masks {
+            out = mask.feed(out);
+            if end {
+                out = [&out[..], &mask.finish()[..]].concat().into();
+            }
+        }
+        out
     }
 
     /// Ends the client's stream with an in-band error event (no `[DONE]`
@@ -738,6 +766,9 @@ impl Client for Resumable<'_> {
             return self.inner.send_body(body, end);
         }
         let mut out = self.process(body, end);
+        if !self.masks.is_empty() {
+            out = self.mask(out, end);
+        }
         if self.diverged() {
             // Nothing more of this attempt goes out; like a client gone,
             // it ends the copy, and the forwarder ends the stream.
