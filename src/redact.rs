@@ -64,6 +64,12 @@ impl RedactKey {
     fn bytes(&self) -> &[u8] {
         self.finder.needle()
     }
+
+    /// Whether `other` is the same key (compared when the config is
+    /// loaded, not per request).
+    pub fn same_key(&self, other: &RedactKey) -> bool {
+        self.bytes() == other.bytes()
+    }
 }
 
 /// `bytes` (JSON written again, or gathered from several providers) with

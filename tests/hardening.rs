@@ -1274,6 +1274,52 @@ fn a_continuation_passes_on_nothing_with_another_providers_key() {
 }
 
 #[test]
+fn a_continuations_error_quoting_another_providers_key_is_masked() {
+    // The first provider breaks off mid-stream; the second answers the
+    // continuation with an error event quoting the first's key. The
+    // gateway ends the client's stream with an error event of its own
+    // that carries the message: masked of every provider's key, not only
+    // of the provider that said it.
+    let first_key = "sk-first-ABCDEFGH0123456789";
+    let first = concat!(
+        "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n",
+        r#"data: {"id":"c1","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"role":"assistant","content":"Hello"},"finish_reason":null}]}"#,
+        "\n\n",
+    );
+    let (first_port, _) = raw_provider(first.as_bytes().to_vec());
+    let second = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\ndata: {{\"error\":{{\"message\":\"invalid {first_key}\",\"type\":\"invalid_request_error\",\"code\":\"bad\"}}}}\n\n"
+    );
+    let (second_port, _) = raw_provider(second.into_bytes());
+    let mock = Mock::start(&[]);
+    let mut config = GatewayConfig::new(&mock);
+    config.providers = vec![
+        format!(
+            "  - {{ name: first, base_url: \"http://127.0.0.1:{first_port}/v1\", api_key: \"{first_key}\" }}"
+        ),
+        format!(
+            "  - {{ name: second, base_url: \"http://127.0.0.1:{second_port}/v1\", api_key: \"sk-second-0123456789\" }}"
+        ),
+    ];
+    config.models = "\n  - name: m\n    strategy: priority\n    targets: [{ provider: first }, { provider: second }]\n".into();
+    config.tenants = format!("\n  - id: acme\n    keys: [\"{TENANT_KEY}\"]\n");
+    let gw = Gateway::start(&config);
+    let resp = gw.post_json("/v1/chat/completions", TENANT_KEY, &chat("m", true));
+    assert_eq!(resp.status, 200);
+    let body = String::from_utf8_lossy(&resp.body);
+    assert!(
+        body.contains("Hello")
+            && body.contains("could not be resumed")
+            && body.contains("invalid *"),
+        "the stream ended with the continuation's error, its message kept: {body}"
+    );
+    assert!(
+        !body.contains(first_key),
+        "the first provider's key went to the client: {body}"
+    );
+}
+
+#[test]
 fn a_refusal_whose_body_never_ends_is_not_waited_for() {
     // A 503 whose body stops short, its connection held open: the gateway
     // reads a refusal's body out to keep the connection, but only what

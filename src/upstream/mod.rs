@@ -254,6 +254,10 @@ pub struct NoBackend {
 /// All providers and the per-route selection state.
 pub struct Upstreams {
     providers: Vec<Provider>,
+    /// Every provider's key, each once (providers of one account share
+    /// theirs): what the gateway masks text of that several providers'
+    /// answers went into.
+    redact_keys: Vec<crate::redact::RedactKey>,
     routes: Vec<RouteState>,
     breaker: crate::config::BreakerSettings,
 }
@@ -297,6 +301,16 @@ impl Upstreams {
                     .collect(),
             })
             .collect();
+        let mut redact_keys: Vec<crate::redact::RedactKey> = Vec::new();
+        for key in config
+            .providers
+            .iter()
+            .filter_map(|p| p.redact_key.as_ref())
+        {
+            if !redact_keys.iter().any(|k| k.same_key(key)) {
+                redact_keys.push(key.clone());
+            }
+        }
         Upstreams {
             providers: config
                 .providers
@@ -305,6 +319,7 @@ impl Upstreams {
                 .zip(models)
                 .map(|(settings, models)| Provider::new(settings, models))
                 .collect(),
+            redact_keys,
             routes,
             breaker: config.breaker,
         }
@@ -326,6 +341,11 @@ impl Upstreams {
     /// All providers, in config order.
     pub fn providers(&self) -> &[Provider] {
         &self.providers
+    }
+
+    /// Every provider's key, each once, ready to be masked.
+    pub fn redact_keys(&self) -> &[crate::redact::RedactKey] {
+        &self.redact_keys
     }
 
     /// Whether some target of `route` (the `route_index`-th) could take a

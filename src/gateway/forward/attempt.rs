@@ -184,9 +184,8 @@ impl Attempt<'_> {
             let text = self
                 .forwarder
                 .upstreams
-                .providers()
+                .redact_keys()
                 .iter()
-                .filter_map(|p| p.settings.redact_key.as_ref())
                 .fold(text.clone(), |text, key| {
                     Redactor::new(Some(key)).redact_decoded(&text)
                 });

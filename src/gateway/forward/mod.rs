@@ -339,7 +339,7 @@ impl Forwarder {
                 .routes
                 .first()
                 .is_some_and(|(_, r)| r.resume_streams);
-        let client = &mut Resumable::new(client, resumable).masking(self.upstreams.providers());
+        let client = &mut Resumable::new(client, resumable).masking(self.upstreams.redact_keys());
         let mut continuation = None;
         let tier = report.requested_tier;
         loop {

@@ -21,7 +21,7 @@
 
 use crate::cost::{lines, memo, Usage, MAX_LINE_BYTES};
 use crate::gateway::client::Client;
-use crate::redact::Redactor;
+use crate::redact::{redact_every, RedactKey, Redactor};
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use futures_util::future::BoxFuture;
@@ -58,13 +58,10 @@ pub(crate) struct Resumable<'c> {
     /// Rewriting a continuation, from the second attempt that streams on
     /// (boxed: most streams never need one, and every request holds this).
     splice: Option<Box<Splice>>,
-    /// The providers whose keys a rewritten event is masked of (see
-    /// [`Resumable::masking`]).
-    providers: &'c [crate::upstream::Provider],
-    /// A continuation's output, masked of every one of `providers`' keys
-    /// as it goes out: what it passes on unrewritten (a comment, an event
-    /// that is not JSON, a line too long to hold) was masked only of its
-    /// own provider's key. Empty for the first attempt.
+    /// The keys a continuation is masked of (see [`Resumable::masking`]).
+    keys: &'c [RedactKey],
+    /// A continuation's output, masked of every one of `keys` as it goes
+    /// out. Empty for the first attempt.
     masks: Vec<Redactor<'c>>,
 }
 
@@ -120,19 +117,22 @@ impl<'c> Resumable<'c> {
             close_event: false,
             record: Record::default(),
             splice: None,
-            providers: &[],
+            keys: &[],
             masks: Vec::new(),
         }
     }
 
-    /// Masks what a continuation sends of every one of `providers`' keys:
-    /// an event read out of JSON and written again (the first attempt's
-    /// `id`, `created` and `model` put in) as it is written, before the
-    /// record takes its text (a key's escaped form, `\u000a` for a key's
-    /// `\n`, would be the key again, and the values put in came from
-    /// another provider), and everything else as it goes out.
-    pub(crate) fn masking(mut self, providers: &'c [crate::upstream::Provider]) -> Self {
-        self.providers = providers;
+    /// Masks all a continuation sends, and the error event that ends a
+    /// stream, of every one of `keys` (every provider's): a continuation's
+    /// own redactor masks its provider's key only, and what goes out in
+    /// it came from several providers. Its events are read out of JSON
+    /// and written again (the first attempt's `id`, `created` and `model`
+    /// put in), where a key's escaped form (`\u000a` for a key's `\n`)
+    /// would be the key again; its comments, events that are not JSON
+    /// and lines too long to hold pass on as they came; the error event
+    /// may quote any provider's message.
+    pub(crate) fn masking(mut self, keys: &'c [RedactKey]) -> Self {
+        self.keys = keys;
         self
     }
 
@@ -178,9 +178,8 @@ impl<'c> Resumable<'c> {
         // What an earlier continuation's masks held back is the start of a
         // line cut short (no line end is part of a key): dropped with it.
         self.masks = self
-            .providers
+            .keys
             .iter()
-            .filter_map(|p| p.settings.redact_key.as_ref())
             .map(|key| Redactor::new(Some(key)))
             .collect();
         continuation
@@ -208,7 +207,8 @@ impl<'c> Resumable<'c> {
         if !self.at_boundary {
             out.extend_from_slice(b"\n");
         }
-        out.extend_from_slice(&event);
+        // Its message may be any provider's words (a continuation's error).
+        out.extend_from_slice(&redact_every(self.keys, event.to_vec()));
         self.inner.send_body(out.freeze(), true).await;
     }
 
@@ -349,12 +349,9 @@ impl<'c> Resumable<'c> {
             self.skip_blank_line = true;
             return;
         }
-        let rewritten = crate::redact::redact_every(
-            self.providers
-                .iter()
-                .filter_map(|p| p.settings.redact_key.as_ref()),
-            serde_json::to_vec(&event).unwrap_or_default(),
-        );
+        // Masked on its way out (`masks`), with all else the continuation
+        // sends; a prefill made of the record's text is masked again.
+        let rewritten = serde_json::to_vec(&event).unwrap_or_default();
         out.extend_from_slice(b"data: ");
         out.extend_from_slice(&rewritten);
         out.extend_from_slice(b"\n");
