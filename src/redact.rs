@@ -74,13 +74,22 @@ impl RedactKey {
 
 /// `bytes` (JSON written again, or gathered from several providers) with
 /// every one of `keys` overwritten, each as [`Redactor::redact`] does.
-pub fn redact_every<'k>(
+pub fn redact_every<'k>(keys: impl IntoIterator<Item = &'k RedactKey>, bytes: Vec<u8>) -> Vec<u8> {
+    match mask_every(keys, &bytes) {
+        Cow::Owned(masked) => masked,
+        Cow::Borrowed(_) => bytes,
+    }
+}
+
+/// [`redact_every`] of borrowed bytes: borrowed back when no key is there.
+pub fn mask_every<'k, 'a>(
     keys: impl IntoIterator<Item = &'k RedactKey>,
-    mut bytes: Vec<u8>,
-) -> Vec<u8> {
+    bytes: &'a [u8],
+) -> Cow<'a, [u8]> {
+    let mut bytes = Cow::Borrowed(bytes);
     for key in keys {
         if let Cow::Owned(masked) = Redactor::new(Some(key)).redact(&bytes) {
-            bytes = masked;
+            bytes = Cow::Owned(masked);
         }
     }
     bytes

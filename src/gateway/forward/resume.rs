@@ -21,7 +21,7 @@
 
 use crate::cost::{lines, memo, Usage, MAX_LINE_BYTES};
 use crate::gateway::client::Client;
-use crate::redact::{redact_every, RedactKey, Redactor};
+use crate::redact::{mask_every, redact_every, RedactKey, Redactor};
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use futures_util::future::BoxFuture;
@@ -60,8 +60,9 @@ pub(crate) struct Resumable<'c> {
     splice: Option<Box<Splice>>,
     /// The keys a continuation is masked of (see [`Resumable::masking`]).
     keys: &'c [RedactKey],
-    /// A continuation's output, masked of every one of `keys` as it goes
-    /// out. Empty for the first attempt.
+    /// What a continuation passes on unread once a line too long to hold
+    /// went by, masked of every one of `keys` however its pieces split
+    /// one. Empty for the first attempt.
     masks: Vec<Redactor<'c>>,
 }
 
@@ -131,6 +132,12 @@ impl<'c> Resumable<'c> {
     /// would be the key again; its comments, events that are not JSON
     /// and lines too long to hold pass on as they came; the error event
     /// may quote any provider's message.
+    ///
+    /// The events it writes again are masked before the record takes their
+    /// text (the record is what the client has: a restart's repeat is
+    /// compared with it); the lines it passes on as they came are masked
+    /// whole (a key holds no line end); what goes unread after a line too
+    /// long to hold is masked as it goes (`masks`).
     pub(crate) fn masking(mut self, keys: &'c [RedactKey]) -> Self {
         self.keys = keys;
         self
@@ -175,8 +182,6 @@ impl<'c> Resumable<'c> {
             earlier,
             diverged: false,
         }));
-        // What an earlier continuation's masks held back is the start of a
-        // line cut short (no line end is part of a key): dropped with it.
         self.masks = self
             .keys
             .iter()
@@ -185,8 +190,9 @@ impl<'c> Resumable<'c> {
         continuation
     }
 
-    /// `out`, a continuation's, masked of every provider's key however its
-    /// pieces split one (`end`: nothing is held back).
+    /// `out`, what a continuation passes on unread, masked of every
+    /// provider's key however its pieces split one (`end`: nothing is held
+    /// back). A first attempt's goes as it is.
     fn mask(&mut self, mut out: Bytes, end: bool) -> Bytes {
         for mask in &mut self.masks {
             out = mask.feed(out);
@@ -221,14 +227,17 @@ impl<'c> Resumable<'c> {
     /// `bytes`; returns what to send.
     fn process(&mut self, bytes: Bytes, end: bool) -> Bytes {
         if self.passthrough {
-            return bytes;
+            return self.mask(bytes, end);
         }
         let out = self.process_lines(bytes, end);
-        // A line too long to hold went by: what waited behind it (the
-        // start of the next line) goes on unread with it.
+        // A line too long to hold went by: what waits unended (the long
+        // line's start, or the next line's behind a whole one) goes on
+        // unread, as will the rest.
         if self.passthrough && !self.partial.is_empty() {
+            let rest = std::mem::take(&mut self.partial).freeze();
+            let rest = self.mask(rest, end);
             let mut all = BytesMut::from(&out[..]);
-            all.extend_from_slice(&std::mem::take(&mut self.partial));
+            all.extend_from_slice(&rest);
             return all.freeze();
         }
         out
@@ -250,10 +259,11 @@ impl<'c> Resumable<'c> {
             Some(last) => self.partial.split_to(self.scanned + last + 1),
             None if end => std::mem::take(&mut self.partial),
             None if self.partial.len() > MAX_LINE_BYTES => {
-                // Too long to hold: passed on unread from here on.
+                // Too long to hold: passed on unread from here on (by
+                // `process`, from `partial`).
                 self.passthrough = true;
                 self.record.final_ = true;
-                return std::mem::take(&mut self.partial).freeze();
+                return Bytes::new();
             }
             None => {
                 self.scanned = self.partial.len();
@@ -309,8 +319,15 @@ impl<'c> Resumable<'c> {
 
     /// One line of the stream.
     fn line(&mut self, line: &[u8], out: &mut BytesMut) {
+        // A continuation's lines passed on as they came are masked whole.
+        let keys = if self.splice.is_some() {
+            self.keys
+        } else {
+            &[]
+        };
+        let pass = |out: &mut BytesMut| out.extend_from_slice(&mask_every(keys, line));
         if self.too_long(line) {
-            out.extend_from_slice(line);
+            pass(out);
             return;
         }
         let Some(splice) = &mut self.splice else {
@@ -326,7 +343,7 @@ impl<'c> Resumable<'c> {
             return;
         }
         let Some(payload) = data_payload(line) else {
-            out.extend_from_slice(line);
+            pass(out);
             return;
         };
         if payload.starts_with(b"[DONE]") {
@@ -337,21 +354,19 @@ impl<'c> Resumable<'c> {
             }
             self.record.final_ = true;
             self.record.done = true;
-            out.extend_from_slice(line);
+            pass(out);
             return;
         }
         let Ok(Value::Object(mut event)) = serde_json::from_slice::<Value>(payload) else {
             self.record.final_ = true;
-            out.extend_from_slice(line);
+            pass(out);
             return;
         };
         if !splice.rewrite(&mut event, &self.record) {
             self.skip_blank_line = true;
             return;
         }
-        // Masked on its way out (`masks`), with all else the continuation
-        // sends; a prefill made of the record's text is masked again.
-        let rewritten = serde_json::to_vec(&event).unwrap_or_default();
+        let rewritten = redact_every(self.keys, serde_json::to_vec(&event).unwrap_or_default());
         out.extend_from_slice(b"data: ");
         out.extend_from_slice(&rewritten);
         out.extend_from_slice(b"\n");
@@ -763,9 +778,6 @@ impl Client for Resumable<'_> {
             return self.inner.send_body(body, end);
         }
         let mut out = self.process(body, end);
-        if !self.masks.is_empty() {
-            out = self.mask(out, end);
-        }
         if self.diverged() {
             // Nothing more of this attempt goes out; like a client gone,
             // it ends the copy, and the forwarder ends the stream.
@@ -961,6 +973,83 @@ mod tests {
         );
         assert!(!sent, "the copy stops");
         assert!(client.diverged() && !client.resumable());
+    }
+
+    #[test]
+    fn a_restart_compares_its_repeat_with_what_the_client_has_masked() {
+        // The second attempt says the third provider's key; the client has
+        // it masked. The third restarts, repeating it, masked by its own
+        // redactor as the client has it: the repeat is skipped.
+        let key = RedactKey::new("sk-third-0123456789").unwrap();
+        let keys = [key];
+        let mask = "*".repeat("sk-third-0123456789".len());
+        let mut collected = Collected::default();
+        let mut client = Resumable::new(&mut collected, true).masking(&keys);
+        block_on(client.send_header(Box::new(ResponseHeader::build(200, None).unwrap())));
+        run(&mut client, &[chunk("a", Some("Hello wor"), true, None)]);
+        client.continue_with(false, Usage::default());
+        run(
+            &mut client,
+            &[
+                chunk("b", Some("Hello wor"), true, None),
+                chunk("b", Some("ld sk-third-0123456789 more"), false, None),
+            ],
+        );
+        client.continue_with(false, Usage::default());
+        run(
+            &mut client,
+            &[
+                chunk("c", Some("Hello world "), true, None),
+                chunk("c", Some(&format!("{mask} more!")), false, Some("stop")),
+                "data: [DONE]\n\n".into(),
+            ],
+        );
+        assert!(!client.diverged());
+        drop(client);
+        assert_eq!(
+            texts(&collected.body).0,
+            format!("Hello world {mask} more!")
+        );
+    }
+
+    #[test]
+    fn a_continuation_passed_on_unread_is_masked_however_it_is_cut() {
+        // Another provider's key in a comment, and in a line too long to
+        // hold before, across and after the bound; the long line's first
+        // piece ends without a line end past the bound (passed on unread
+        // from there), cut at every byte of the key across the bound.
+        let secret = "sk-first-0123456789";
+        let keys = [RedactKey::new(secret).unwrap()];
+        let mut long = format!(": {secret}\n\n");
+        let comment = long.len();
+        long.push_str("data: {\"choices\":[{\"delta\":{\"content\":\"");
+        long.push_str(secret);
+        let bound = long.len() + MAX_LINE_BYTES - 4;
+        long.extend(std::iter::repeat_n('x', bound - long.len()));
+        long.push_str(secret);
+        long.extend(std::iter::repeat_n('x', 1000));
+        long.push_str(secret);
+        long.push_str("\"}}]}\n\ndata: [DONE]\n\n");
+        for cut in bound - 1..=bound + secret.len() {
+            let mut collected = Collected::default();
+            let mut client = Resumable::new(&mut collected, true).masking(&keys);
+            block_on(client.send_header(Box::new(ResponseHeader::build(200, None).unwrap())));
+            run(&mut client, &[chunk("a", Some("Hello"), true, None)]);
+            client.continue_with(true, Usage::default());
+            for piece in [&long[..comment], &long[comment..cut]] {
+                block_on(client.send_body(Bytes::from(piece.to_owned()), false));
+            }
+            block_on(client.send_body(Bytes::from(long[cut..].to_owned()), true));
+            drop(client);
+            let body = String::from_utf8_lossy(&collected.body);
+            assert_eq!(
+                body.matches(&"*".repeat(secret.len())).count(),
+                4,
+                "cut at {cut}"
+            );
+            assert!(!body.contains(secret), "cut at {cut}");
+            assert!(body.ends_with("data: [DONE]\n\n"), "cut at {cut}");
+        }
     }
 
     #[test]
