@@ -64,12 +64,21 @@ impl RedactKey {
     fn bytes(&self) -> &[u8] {
         self.finder.needle()
     }
+}
 
-    /// Whether `other` is the same key (compared when the config is
-    /// loaded, not per request).
-    pub fn same_key(&self, other: &RedactKey) -> bool {
-        self.bytes() == other.bytes()
+/// `keys` as [`redact_every`] and [`mask_every`] take them: each once
+/// (providers of one account share theirs), the longest first, so that a
+/// key that begins another (`sk-proj-abc` of `sk-proj-abc-more`) does not
+/// mask its part of the longer one and leave the rest of it showing.
+pub fn every_key<'k>(keys: impl IntoIterator<Item = &'k RedactKey>) -> Vec<RedactKey> {
+    let mut every: Vec<RedactKey> = Vec::new();
+    for key in keys {
+        if !every.iter().any(|k| k.bytes() == key.bytes()) {
+            every.push(key.clone());
+        }
     }
+    every.sort_by_key(|key| std::cmp::Reverse(key.bytes().len()));
+    every
 }
 
 /// `bytes` (JSON written again, or gathered from several providers) with
@@ -407,6 +416,21 @@ mod tests {
     use super::*;
 
     const KEY: &str = "sk-live/abc123";
+
+    #[test]
+    fn a_key_that_begins_another_leaves_none_of_the_longer_showing() {
+        let short = "sk-proj-0123456789abcdef";
+        let long = "sk-proj-0123456789abcdef-LONGERTAIL";
+        let (a, b, again) = (prepared(short), prepared(long), prepared(short));
+        let keys = every_key([&a, &b, &again]);
+        assert_eq!(keys.len(), 2, "each key once");
+        let text = format!("{long} and {short}");
+        let masked = String::from_utf8(redact_every(&keys, text.into_bytes())).unwrap();
+        assert_eq!(
+            masked,
+            format!("{} and {}", "*".repeat(long.len()), "*".repeat(short.len()))
+        );
+    }
 
     fn prepared(key: &str) -> RedactKey {
         RedactKey::new(key).expect("a key long enough to redact")

@@ -469,10 +469,7 @@ impl Gateway {
             }
         };
         let bytes = crate::redact::redact_every(
-            self.config
-                .providers
-                .iter()
-                .filter_map(|p| p.redact_key.as_ref()),
+            self.upstreams.redact_keys(),
             serde_json::to_vec(&answer).ok()?,
         );
         Some(Entry {

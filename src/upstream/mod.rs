@@ -254,9 +254,9 @@ pub struct NoBackend {
 /// All providers and the per-route selection state.
 pub struct Upstreams {
     providers: Vec<Provider>,
-    /// Every provider's key, each once (providers of one account share
-    /// theirs): what the gateway masks text of that several providers'
-    /// answers went into.
+    /// Every provider's key, each once, longest first
+    /// ([`crate::redact::every_key`]): what the gateway masks text of that
+    /// several providers' answers went into.
     redact_keys: Vec<crate::redact::RedactKey>,
     routes: Vec<RouteState>,
     breaker: crate::config::BreakerSettings,
@@ -301,16 +301,12 @@ impl Upstreams {
                     .collect(),
             })
             .collect();
-        let mut redact_keys: Vec<crate::redact::RedactKey> = Vec::new();
-        for key in config
-            .providers
-            .iter()
-            .filter_map(|p| p.redact_key.as_ref())
-        {
-            if !redact_keys.iter().any(|k| k.same_key(key)) {
-                redact_keys.push(key.clone());
-            }
-        }
+        let redact_keys = crate::redact::every_key(
+            config
+                .providers
+                .iter()
+                .filter_map(|p| p.redact_key.as_ref()),
+        );
         Upstreams {
             providers: config
                 .providers
