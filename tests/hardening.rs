@@ -1242,18 +1242,12 @@ fn a_continuation_passes_on_nothing_with_another_providers_key() {
         }
     });
     let mock = Mock::start(&[]);
-    let mut config = GatewayConfig::new(&mock);
-    config.providers = vec![
-        format!(
-            "  - {{ name: first, base_url: \"http://127.0.0.1:{first_port}/v1\", api_key: \"{first_key}\" }}"
-        ),
-        format!(
-            "  - {{ name: second, base_url: \"http://127.0.0.1:{port}/v1\", api_key: \"sk-second-0123456789\", supports_prefill: true }}"
-        ),
-    ];
-    config.models = "\n  - name: m\n    strategy: priority\n    targets: [{ provider: first }, { provider: second }]\n".into();
-    config.tenants = format!("\n  - id: acme\n    keys: [\"{TENANT_KEY}\"]\n");
-    let gw = Gateway::start(&config);
+    let gw = Gateway::start(&first_then_second(
+        &mock,
+        (first_port, first_key),
+        port,
+        ", supports_prefill: true",
+    ));
     let resp = gw.post_json("/v1/chat/completions", TENANT_KEY, &chat("m", true));
     assert_eq!(resp.status, 200);
     let body = String::from_utf8_lossy(&resp.body);
@@ -1292,18 +1286,12 @@ fn a_continuations_error_quoting_another_providers_key_is_masked() {
     );
     let (second_port, _) = raw_provider(second.into_bytes());
     let mock = Mock::start(&[]);
-    let mut config = GatewayConfig::new(&mock);
-    config.providers = vec![
-        format!(
-            "  - {{ name: first, base_url: \"http://127.0.0.1:{first_port}/v1\", api_key: \"{first_key}\" }}"
-        ),
-        format!(
-            "  - {{ name: second, base_url: \"http://127.0.0.1:{second_port}/v1\", api_key: \"sk-second-0123456789\" }}"
-        ),
-    ];
-    config.models = "\n  - name: m\n    strategy: priority\n    targets: [{ provider: first }, { provider: second }]\n".into();
-    config.tenants = format!("\n  - id: acme\n    keys: [\"{TENANT_KEY}\"]\n");
-    let gw = Gateway::start(&config);
+    let gw = Gateway::start(&first_then_second(
+        &mock,
+        (first_port, first_key),
+        second_port,
+        "",
+    ));
     let resp = gw.post_json("/v1/chat/completions", TENANT_KEY, &chat("m", true));
     assert_eq!(resp.status, 200);
     let body = String::from_utf8_lossy(&resp.body);
@@ -1339,6 +1327,30 @@ fn a_refusal_whose_body_never_ends_is_not_waited_for() {
     let resp = gw.post_json("/v1/chat/completions", TENANT_KEY, &chat("m", false));
     assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
     assert_eq!(resp.header("x-runestone-provider"), Some("spare"));
+}
+
+/// Model `m` over `first` (a provider we wrote on the port given, with
+/// the key given) and then `second` (on `second_port`, its own key;
+/// `second_extra` goes into its flow mapping): a stream broken on the
+/// first is continued on the second.
+fn first_then_second(
+    mock: &Mock,
+    (first_port, first_key): (u16, &str),
+    second_port: u16,
+    second_extra: &str,
+) -> GatewayConfig {
+    let mut config = GatewayConfig::new(mock);
+    config.providers = vec![
+        format!(
+            "  - {{ name: first, base_url: \"http://127.0.0.1:{first_port}/v1\", api_key: \"{first_key}\" }}"
+        ),
+        format!(
+            "  - {{ name: second, base_url: \"http://127.0.0.1:{second_port}/v1\", api_key: \"sk-second-0123456789\"{second_extra} }}"
+        ),
+    ];
+    config.models = "\n  - name: m\n    strategy: priority\n    targets: [{ provider: first }, { provider: second }]\n".into();
+    config.tenants = format!("\n  - id: acme\n    keys: [\"{TENANT_KEY}\"]\n");
+    config
 }
 
 /// Model `m` over `name` alone, a provider we wrote listening on `port`
