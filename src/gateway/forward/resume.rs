@@ -357,7 +357,15 @@ impl<'c> Resumable<'c> {
             pass(out);
             return;
         }
-        let Ok(Value::Object(mut event)) = serde_json::from_slice::<Value>(payload) else {
+        // A restart's repeat is compared with what the client has, which
+        // was masked of every key: masked the same way first.
+        let repeating = splice.strict && !splice.skip.is_empty();
+        let payload = if repeating {
+            mask_every(keys, payload)
+        } else {
+            payload.into()
+        };
+        let Ok(Value::Object(mut event)) = serde_json::from_slice::<Value>(&payload) else {
             self.record.final_ = true;
             pass(out);
             return;
@@ -1001,6 +1009,45 @@ mod tests {
             &[
                 chunk("c", Some("Hello world "), true, None),
                 chunk("c", Some(&format!("{mask} more!")), false, Some("stop")),
+                "data: [DONE]\n\n".into(),
+            ],
+        );
+        assert!(!client.diverged());
+        drop(client);
+        assert_eq!(
+            texts(&collected.body).0,
+            format!("Hello world {mask} more!")
+        );
+    }
+
+    #[test]
+    fn a_restart_repeating_another_providers_key_is_compared_masked() {
+        // The second attempt says the first provider's key; the client has
+        // it masked. The third restarts and repeats it as it is (its own
+        // redactor knows only its own key): compared masked, as the client
+        // has it, the repeat is skipped.
+        let secret = "sk-first-0123456789";
+        let keys = [RedactKey::new(secret).unwrap()];
+        let mask = "*".repeat(secret.len());
+        let mut collected = Collected::default();
+        let mut client = Resumable::new(&mut collected, true).masking(&keys);
+        block_on(client.send_header(Box::new(ResponseHeader::build(200, None).unwrap())));
+        run(&mut client, &[chunk("a", Some("Hello wor"), true, None)]);
+        client.continue_with(false, Usage::default());
+        let said = format!("ld {secret} more");
+        run(
+            &mut client,
+            &[
+                chunk("b", Some("Hello wor"), true, None),
+                chunk("b", Some(&said), false, None),
+            ],
+        );
+        client.continue_with(false, Usage::default());
+        run(
+            &mut client,
+            &[
+                chunk("c", Some(&format!("Hello wor{said}")), true, None),
+                chunk("c", Some("!"), false, Some("stop")),
                 "data: [DONE]\n\n".into(),
             ],
         );
