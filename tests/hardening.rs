@@ -1211,12 +1211,6 @@ fn a_continuation_passes_on_nothing_with_another_providers_key() {
     // past the bound), once before the bound and once across it, each cut
     // between two of its writes. Its own redactor masks its own key only.
     let first_key = "sk-first-0123456789";
-    let first = concat!(
-        "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n",
-        r#"data: {"id":"c1","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"role":"assistant","content":"so far"},"finish_reason":null}]}"#,
-        "\n\n",
-    );
-    let (first_port, _) = raw_provider(first.as_bytes().to_vec());
     let mut long = br#"data: {"id":"c2","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"content":""#.to_vec();
     let pad = |long: &mut Vec<u8>, to: usize| long.resize(to, b'x');
     pad(&mut long, 1000);
@@ -1244,7 +1238,7 @@ fn a_continuation_passes_on_nothing_with_another_providers_key() {
     let mock = Mock::start(&[]);
     let gw = Gateway::start(&first_then_second(
         &mock,
-        (first_port, first_key),
+        (first_key, "so far"),
         port,
         ", supports_prefill: true",
     ));
@@ -1275,12 +1269,6 @@ fn a_continuations_error_quoting_another_providers_key_is_masked() {
     // that carries the message: masked of every provider's key, not only
     // of the provider that said it.
     let first_key = "sk-first-ABCDEFGH0123456789";
-    let first = concat!(
-        "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n",
-        r#"data: {"id":"c1","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"role":"assistant","content":"Hello"},"finish_reason":null}]}"#,
-        "\n\n",
-    );
-    let (first_port, _) = raw_provider(first.as_bytes().to_vec());
     let second = format!(
         "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\ndata: {{\"error\":{{\"message\":\"invalid {first_key}\",\"type\":\"invalid_request_error\",\"code\":\"bad\"}}}}\n\n"
     );
@@ -1288,7 +1276,7 @@ fn a_continuations_error_quoting_another_providers_key_is_masked() {
     let mock = Mock::start(&[]);
     let gw = Gateway::start(&first_then_second(
         &mock,
-        (first_port, first_key),
+        (first_key, "Hello"),
         second_port,
         "",
     ));
@@ -1329,16 +1317,22 @@ fn a_refusal_whose_body_never_ends_is_not_waited_for() {
     assert_eq!(resp.header("x-runestone-provider"), Some("spare"));
 }
 
-/// Model `m` over `first` (a provider we wrote on the port given, with
-/// the key given) and then `second` (on `second_port`, its own key;
-/// `second_extra` goes into its flow mapping): a stream broken on the
-/// first is continued on the second.
+/// Model `m` over `first` (a provider we wrote, with the key given, that
+/// streams `content` and breaks off) and then `second` (on `second_port`,
+/// its own key; `second_extra` goes into its flow mapping): the stream is
+/// continued on the second.
 fn first_then_second(
     mock: &Mock,
-    (first_port, first_key): (u16, &str),
+    (first_key, content): (&str, &str),
     second_port: u16,
     second_extra: &str,
 ) -> GatewayConfig {
+    let event = json!({"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+        "choices": [{"index": 0, "delta": {"role": "assistant", "content": content}, "finish_reason": null}]});
+    let first = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\ndata: {event}\n\n"
+    );
+    let (first_port, _) = raw_provider(first.into_bytes());
     let mut config = GatewayConfig::new(mock);
     config.providers = vec![
         format!(

@@ -214,7 +214,7 @@ impl<'c> Resumable<'c> {
             out.extend_from_slice(b"\n");
         }
         // Its message may be any provider's words (a continuation's error).
-        out.extend_from_slice(&redact_every(self.keys, event.to_vec()));
+        out.extend_from_slice(&mask_every(self.keys, &event));
         self.inner.send_body(out.freeze(), true).await;
     }
 
