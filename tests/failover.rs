@@ -552,6 +552,61 @@ fn a_malformed_event_breaks_a_resumable_stream_and_is_left_out_of_others() {
 }
 
 #[test]
+fn a_malformed_event_is_judged_alike_however_the_stream_was_read() {
+    // The same events as the mock's `malformed_after_chunks`, in one write:
+    // the first read holds the first content and the event after it.
+    let event = |delta: Value, finish: Value| {
+        let chunk = json!({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1,
+            "model": "m-small", "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
+        format!("data: {chunk}\n\n")
+    };
+    let body = |events: &[&str]| {
+        let mut body: String = events.concat();
+        body.push_str("data: [DONE]\n\n");
+        json!({"status": 200, "content_type": "text/event-stream", "error_body": body, "model": "m-small"})
+    };
+    let first = event(
+        json!({"role": "assistant", "content": "tok0 "}),
+        Value::Null,
+    );
+    let second = event(json!({"content": "tok1 "}), Value::Null);
+    let mut rest: Vec<String> = (2..6)
+        .map(|i| event(json!({"content": format!("tok{i} ")}), Value::Null))
+        .collect();
+    rest.push(event(json!({}), json!("stop")));
+    let rest: Vec<&str> = rest.iter().map(String::as_str).collect();
+    let (mock, gw) = start("", "");
+    // After content: the stream breaks there and the fallback finishes it,
+    // as when the event comes in a read of its own.
+    let after = [&[first.as_str(), &second, "data: not json\n\n"], &rest[..]].concat();
+    mock.fault(body(&after));
+    let events = stream(&gw, "small", 6);
+    let (text, _) = whole_stream(&events);
+    assert_eq!(text, mock_text(6));
+    assert_eq!(seen(&mock, "m-large").len(), 1, "continued: {events:?}");
+    assert_eq!(access_lines(&gw, 1).pop().unwrap()["resumptions"], 1);
+    // Before any content: nothing it might have carried was sent, so it is
+    // left out and the stream goes on, however it was read.
+    let before = [&["data: not json\n\n", first.as_str(), &second], &rest[..]].concat();
+    mock.fault(body(&before));
+    let (text, _) = whole_stream(&stream(&gw, "small", 6));
+    assert_eq!(text, mock_text(6));
+    assert_eq!(seen(&mock, "m-large").len(), 1, "not continued");
+    // Not resumable: left out after content too, and the stream goes on.
+    let mock = Mock::start(&[]);
+    let mut config = config(&mock, "", "");
+    config.models = config.models.replace(
+        "context_fallbacks: [large]",
+        "context_fallbacks: [large]\n    resume_streams: false",
+    );
+    let gw = Gateway::start(&config);
+    mock.fault(body(&after));
+    let (text, _) = whole_stream(&stream(&gw, "small", 6));
+    assert_eq!(text, mock_text(6));
+    assert_eq!(attempts(&mock, "m-large"), 0);
+}
+
+#[test]
 fn a_stream_that_ends_without_a_whole_event_fails_over() {
     // A 200 event stream whose one event is cut short, then ended: nothing
     // the client could be given, nothing sent, so the fallback answers.

@@ -459,6 +459,10 @@ impl Attempt<'_> {
         }
         let mut received = 0usize;
         let mut ended = false;
+        // An event that is not JSON stops the meter: before any content it
+        // is left out (nothing it may have carried was sent), after content
+        // the copy judges it as it judges one in a later read.
+        meter.halt_on_malformed(true);
         while !first.found() {
             // Not in order: what is held here is not sent yet, so a
             // provider flooding it must not keep a gone client unseen.
@@ -470,22 +474,32 @@ impl Attempt<'_> {
                 Ok(Ok(Some(chunk))) => {
                     received += chunk.len();
                     let model = &self.route.targets[self.backend.target].model;
-                    let out = redactor.feed(meter.feed_counted(chunk, model).await);
-                    // Nothing sent yet: another deployment may answer.
-                    if meter.cut() {
-                        return Err(self.deployment_failure(ApiError::upstream_error(
-                            super::body::cut_message(&provider.name),
-                        )));
+                    let mut out = redactor.feed(meter.feed_counted(chunk, model).await);
+                    loop {
+                        // Nothing sent yet: another deployment may answer.
+                        if meter.cut() {
+                            return Err(self.deployment_failure(ApiError::upstream_error(
+                                super::body::cut_message(&provider.name),
+                            )));
+                        }
+                        first.scan(&out);
+                        // An error event before any content: nothing sent
+                        // yet, so judged as the status it stands for
+                        // (another deployment may answer); after content,
+                        // the client gets the event.
+                        if let Some(error) = meter.in_band_error().filter(|_| !first.found()) {
+                            return Err(self.error_in_answer(error.clone(), &redactor));
+                        }
+                        held.push(out);
+                        if !meter.halted() || first.found() {
+                            break;
+                        }
+                        // Left out: the meter goes on with the rest of the
+                        // read, and stops again at the next such event.
+                        meter.halt_on_malformed(false);
+                        meter.halt_on_malformed(true);
+                        out = redactor.feed(meter.feed(Bytes::new()));
                     }
-                    first.scan(&out);
-                    // An error event before any content: nothing sent yet,
-                    // so judged as the status it stands for (another
-                    // deployment may answer); after content, the client
-                    // gets the event.
-                    if let Some(error) = meter.in_band_error().filter(|_| !first.found()) {
-                        return Err(self.error_in_answer(error.clone(), &redactor));
-                    }
-                    held.push(out);
                     if held.len() > MAX_METERED_JSON_BYTES {
                         break;
                     }

@@ -441,13 +441,13 @@ impl Meter {
     }
 
     /// Whether a stream stopped at an event that is not JSON.
-    fn halted(&self) -> bool {
+    pub(super) fn halted(&self) -> bool {
         matches!(self, Meter::Stream(m) if m.halted())
     }
 
     /// Whether a stream stops at an event that is not JSON (else leaves
     /// it out and goes on).
-    fn halt_on_malformed(&mut self, on: bool) {
+    pub(super) fn halt_on_malformed(&mut self, on: bool) {
         if let Meter::Stream(m) = self {
             m.halt_on_malformed(on);
         }
@@ -883,9 +883,35 @@ impl Copy<'_> {
         }
         let mut drain_until = last.then(|| self.drain(&mut stall));
         // An event that is not JSON may have carried text: a stream that
-        // can be continued elsewhere breaks there rather than lose it.
-        meter.halt_on_malformed(client.resumable());
+        // can be continued elsewhere breaks there rather than lose it. The
+        // first-content wait may have stopped at one after what it held.
+        if !meter.halted() {
+            meter.halt_on_malformed(client.resumable());
+        }
         loop {
+            if meter.halted() {
+                if client.resumable() {
+                    warn!(request_id = %self.request_id, provider = %self.provider.name, "provider sent a stream event that is not JSON");
+                    return BodyEnd::ProviderBroke(format!(
+                        "The provider '{}' sent a stream event that is not JSON.",
+                        self.provider.name
+                    ));
+                }
+                // No longer resumable (a tool call went by): leave it out
+                // and go on.
+                meter.halt_on_malformed(false);
+                let rest = redactor.feed(meter.feed(Bytes::new()));
+                // What was held may end the answer.
+                let last = self.after_last(report, settle, meter, settled).await;
+                if !rest.is_empty() {
+                    if let Err(end) = self.pass_on(client, meter, &mut stall, rest).await {
+                        return end;
+                    }
+                }
+                if last {
+                    drain_until = Some(self.drain(&mut stall));
+                }
+            }
             stall.reading();
             // Checked here too, not only when a read waits: a provider
             // whose data is always there (a runaway, a flood after `[DONE]`,
@@ -948,29 +974,6 @@ impl Copy<'_> {
                     if meter.cut() {
                         warn!(request_id = %self.request_id, provider = %self.provider.name, "provider sent a stream event too long to translate");
                         return BodyEnd::ProviderBroke(cut_message(&self.provider.name));
-                    }
-                    if meter.halted() {
-                        if client.resumable() {
-                            warn!(request_id = %self.request_id, provider = %self.provider.name, "provider sent a stream event that is not JSON");
-                            return BodyEnd::ProviderBroke(format!(
-                                "The provider '{}' sent a stream event that is not JSON.",
-                                self.provider.name
-                            ));
-                        }
-                        // No longer resumable (a tool call went by): leave
-                        // it out and go on.
-                        meter.halt_on_malformed(false);
-                        let rest = redactor.feed(meter.feed(Bytes::new()));
-                        // What was held may end the answer.
-                        let last = self.after_last(report, settle, meter, settled).await;
-                        if !rest.is_empty() {
-                            if let Err(end) = self.pass_on(client, meter, &mut stall, rest).await {
-                                return end;
-                            }
-                        }
-                        if last {
-                            drain_until = Some(self.drain(&mut stall));
-                        }
                     }
                 }
                 Ok(Ok(None)) => break,
