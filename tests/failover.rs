@@ -601,9 +601,11 @@ fn a_malformed_event_is_judged_alike_however_the_stream_was_read() {
     );
     let gw = Gateway::start(&config);
     mock.fault(body(&after));
-    let (text, _) = whole_stream(&stream(&gw, "small", 6));
+    let (text, usage) = whole_stream(&stream(&gw, "small", 6));
     assert_eq!(text, mock_text(6));
     assert_eq!(attempts(&mock, "m-large"), 0);
+    // What came after it is billed too.
+    assert_eq!(billed(&gw).1, usage["completion_tokens"].as_u64().unwrap());
 }
 
 #[test]
