@@ -51,6 +51,18 @@ fn start(provider_extra: &str, extra: &str) -> (Mock, Gateway) {
     (mock, gw)
 }
 
+/// As [`start`], with `small`'s streams not resumed (`resume_streams: false`).
+fn start_unresumed() -> (Mock, Gateway) {
+    let mock = Mock::start(&[]);
+    let mut config = config(&mock, "", "");
+    config.models = config.models.replace(
+        "context_fallbacks: [large]",
+        "context_fallbacks: [large]\n    resume_streams: false",
+    );
+    let gw = Gateway::start(&config);
+    (mock, gw)
+}
+
 /// The chat requests the provider saw for `model`, oldest first.
 fn seen(mock: &Mock, model: &str) -> Vec<Value> {
     mock.requests()
@@ -511,13 +523,7 @@ fn a_stream_that_cannot_be_resumed_ends_with_an_in_band_error() {
     });
     assert!(billed(&gw).1 > 0, "what was delivered is billed");
     // Turned off for a model: no continuation.
-    let mock = Mock::start(&[]);
-    let mut config = config(&mock, "", "");
-    config.models = config.models.replace(
-        "context_fallbacks: [large]",
-        "context_fallbacks: [large]\n    resume_streams: false",
-    );
-    let gw = Gateway::start(&config);
+    let (mock, gw) = start_unresumed();
     mock.fault(json!({"disconnect_after_chunks": 3, "model": "m-small"}));
     let events = stream(&gw, "small", 10);
     assert!(events.last().unwrap().contains("upstream_error"));
@@ -535,13 +541,7 @@ fn a_malformed_event_breaks_a_resumable_stream_and_is_left_out_of_others() {
     assert_eq!(billed(&gw).1, usage["completion_tokens"].as_u64().unwrap());
     assert_eq!(seen(&mock, "m-large").len(), 1);
     // Not resumable: left out, and the stream goes on.
-    let mock = Mock::start(&[]);
-    let mut config = config(&mock, "", "");
-    config.models = config.models.replace(
-        "context_fallbacks: [large]",
-        "context_fallbacks: [large]\n    resume_streams: false",
-    );
-    let gw = Gateway::start(&config);
+    let (mock, gw) = start_unresumed();
     mock.fault(json!({"malformed_after_chunks": 2, "model": "m-small"}));
     let events = stream(&gw, "small", 6);
     let (text, usage) = whole_stream(&events);
@@ -593,13 +593,7 @@ fn a_malformed_event_is_judged_alike_however_the_stream_was_read() {
     assert_eq!(text, mock_text(6));
     assert_eq!(seen(&mock, "m-large").len(), 1, "not continued");
     // Not resumable: left out after content too, and the stream goes on.
-    let mock = Mock::start(&[]);
-    let mut config = config(&mock, "", "");
-    config.models = config.models.replace(
-        "context_fallbacks: [large]",
-        "context_fallbacks: [large]\n    resume_streams: false",
-    );
-    let gw = Gateway::start(&config);
+    let (mock, gw) = start_unresumed();
     mock.fault(body(&after));
     let (text, usage) = whole_stream(&stream(&gw, "small", 6));
     assert_eq!(text, mock_text(6));
