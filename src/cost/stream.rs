@@ -610,6 +610,11 @@ impl StreamMeter {
                 return self.keep_like_the_last(event, payload, known);
             }
         }
+        // An empty `data:` (a keep-alive) carried nothing: left out, and no
+        // break in a stream that could be continued.
+        if payload.trim_ascii().is_empty() {
+            return Verdict::Drop;
+        }
         let Ok(probe) = crate::json::from_bytes::<Probe>(payload) else {
             return Verdict::Malformed;
         };

@@ -251,6 +251,14 @@ fn halts_at_an_event_that_is_not_json_when_asked_and_goes_on_when_told() {
     // (Nothing after `[DONE]` goes on: the comment fed while halted neither.)
     assert_eq!(rest, format!("{good}data: [DONE]\n\n").as_bytes());
     assert!(!meter.halted());
+    // An empty `data:` carried nothing: left out, not a halt.
+    let mut meter = StreamMeter::new(false);
+    meter.halt_on_malformed(true);
+    let upstream = format!("{good}data:\n\ndata: \r\n\r\n{good}data: [DONE]\n\n");
+    let out = meter.feed(Bytes::from(upstream));
+    assert_eq!(out, format!("{good}{good}data: [DONE]\n\n").as_bytes());
+    assert!(!meter.halted());
+    assert_eq!(meter.malformed(), 0);
 }
 
 #[test]
@@ -1318,8 +1326,9 @@ fn what_the_sdk_would_fail_on_is_left_out() {
         // and read every blank line after as an event).
         (format!("id: 7\n{hi}\n\n"), &*format!("{hi}\n\n"), 0),
         (format!("id\n{hi}\n\n\n"), &*format!("{hi}\n\n\n"), 0),
-        // A line that is just `data` is data, and "" is not JSON.
-        ("data\n\n".to_owned(), "", 1),
+        // A line that is just `data` is data: "" is not JSON, but nothing
+        // (a keep-alive), left out and not malformed (no break).
+        ("data\n\n".to_owned(), "", 0),
         // Comments and other fields are passed on.
         (": keep-alive\n\n".to_owned(), ": keep-alive\n\n", 0),
         (

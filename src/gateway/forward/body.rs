@@ -1519,7 +1519,10 @@ fn carries_content(payload: &[u8]) -> bool {
     }
     let present =
         |raw: Option<&serde_json::value::RawValue>| raw.is_some_and(|r| r.get() != "null");
-    present(event.usage)
+    // A usage report alone (the stream's last chunk) is something for the
+    // client; one a provider puts on every chunk (the role's included) is
+    // not content by itself.
+    (present(event.usage) && event.choices.is_empty())
         || event.choices.iter().any(|choice| {
             present(choice.finish_reason)
                 || choice.text.as_deref().is_some_and(|t| !t.is_empty())
@@ -1684,6 +1687,10 @@ mod tests {
         let mut first = FirstContent::new(true);
         first.scan(b"data: {\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}]}\n\n");
         assert!(!first.found(), "a role-only event is not content");
+        // A provider that reports usage on every chunk (vLLM's continuous
+        // usage stats): the role's chunk is still no content.
+        first.scan(b"data: {\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\"}}],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":0}}\n\n");
+        assert!(!first.found(), "usage beside a choice with nothing in it");
         first.scan(b"data: {\"choices\":[{\"delta\":{\"content\":\"Hel");
         assert!(!first.found(), "not a whole line yet");
         first.scan(b"lo\"}}]}\n\n");
