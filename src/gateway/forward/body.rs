@@ -897,8 +897,8 @@ impl Copy<'_> {
                         self.provider.name
                     ));
                 }
-                // No longer resumable (a tool call went by): leave it out
-                // and go on.
+                // Not resumable (turned off, or a tool call went by): leave
+                // it out and go on.
                 meter.halt_on_malformed(false);
                 let rest = redactor.feed(meter.feed(Bytes::new()));
                 // What was held may end the answer.
