@@ -585,6 +585,10 @@ fn a_malformed_event_is_judged_alike_however_the_stream_was_read() {
     assert_eq!(text, mock_text(6));
     assert_eq!(seen(&mock, "m-large").len(), 1, "continued: {events:?}");
     assert_eq!(access_lines(&gw, 1).pop().unwrap()["resumptions"], 1);
+    // The log says where it broke, and not that the event was left out.
+    const LEFT_OUT: &str = "left out stream events that were not JSON";
+    assert!(gw.log().contains("sent a stream event that is not JSON"));
+    assert!(!gw.log().contains(LEFT_OUT), "{}", gw.log());
     // Before any content: nothing it might have carried was sent, so it is
     // left out and the stream goes on, however it was read.
     let before = [&["data: not json\n\n", first.as_str(), &second], &rest[..]].concat();
@@ -592,6 +596,8 @@ fn a_malformed_event_is_judged_alike_however_the_stream_was_read() {
     let (text, _) = whole_stream(&stream(&gw, "small", 6));
     assert_eq!(text, mock_text(6));
     assert_eq!(seen(&mock, "m-large").len(), 1, "not continued");
+    access_lines(&gw, 2);
+    assert_eq!(gw.log().matches(LEFT_OUT).count(), 1, "{}", gw.log());
     // Not resumable: left out after content too, and the stream goes on.
     let (mock, gw) = start_unresumed();
     mock.fault(body(&after));

@@ -250,14 +250,18 @@ impl StreamMeter {
     /// With `on`, an event that is not JSON stops the meter: [`feed`]
     /// returns the events before it and holds the rest, and [`halted`] says
     /// so (a stream that may be continued elsewhere treats it as a break).
-    /// Turning it off goes on (the next `feed` returns the rest).
+    /// Turning it off goes on (the next `feed` returns the rest), and the
+    /// event it stopped at counts as left out ([`malformed`]); one a stream
+    /// broke at does not.
     ///
     /// [`feed`]: StreamMeter::feed
     /// [`halted`]: StreamMeter::halted
+    /// [`malformed`]: StreamMeter::malformed
     pub fn halt_on_malformed(&mut self, on: bool) {
         self.halt_on_malformed = on;
-        if !on {
+        if !on && self.halted {
             self.halted = false;
+            self.malformed += 1;
         }
     }
 
@@ -439,10 +443,10 @@ impl StreamMeter {
                 out.extend_from_slice(line);
             }
             Verdict::Drop => {}
-            Verdict::Malformed => {
-                self.malformed += 1;
-                self.halted = self.halt_on_malformed;
-            }
+            // Halted, it is not left out yet: the stream may break there
+            // (counted if told to go on).
+            Verdict::Malformed if self.halt_on_malformed => self.halted = true,
+            Verdict::Malformed => self.malformed += 1,
         }
         // Its buffer holds the next event, unless a large one grew it.
         if event.capacity() <= KEPT_EVENT_BYTES {

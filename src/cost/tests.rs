@@ -242,11 +242,17 @@ fn halts_at_an_event_that_is_not_json_when_asked_and_goes_on_when_told() {
     let first = meter.feed(Bytes::from(upstream.clone()));
     assert_eq!(first, good.as_bytes(), "the lines before it");
     assert!(meter.halted());
+    assert_eq!(
+        meter.malformed(),
+        0,
+        "not left out while the stream may break there"
+    );
     assert!(
         meter.feed(Bytes::from_static(b": more\n\n")).is_empty(),
         "held while halted"
     );
     meter.halt_on_malformed(false);
+    assert_eq!(meter.malformed(), 1, "told to go on: left out");
     let rest = meter.feed(Bytes::new());
     // (Nothing after `[DONE]` goes on: the comment fed while halted neither.)
     assert_eq!(rest, format!("{good}data: [DONE]\n\n").as_bytes());
