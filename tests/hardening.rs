@@ -2495,3 +2495,91 @@ fn a_usage_report_after_done_is_billed_and_an_error_event_is_not_repeated() {
     assert_eq!(errors.len(), 1, "{events:?}");
     assert!(errors[0].contains("Overloaded"), "{events:?}");
 }
+
+#[test]
+fn streamed_speech_transcriptions_and_images_reach_the_client_as_they_come() {
+    // The head is held until the first content: for these typed streams
+    // that is their first delta, not the last event (which alone carries
+    // the usage). The provider sends one delta and waits until the client
+    // has it, so a gateway holding it would run out of first_token_ms.
+    let streams = [
+        (
+            "/v1/audio/transcriptions",
+            json!({"type": "transcript.text.delta", "delta": "Hel"}),
+            json!({"type": "transcript.text.done", "text": "Hel", "usage": {"type": "tokens", "input_tokens": 20, "output_tokens": 2, "total_tokens": 22}}),
+        ),
+        (
+            "/v1/audio/speech",
+            json!({"type": "speech.audio.delta", "audio": "SUQz"}),
+            json!({"type": "speech.audio.done", "usage": {"input_tokens": 3, "output_tokens": 10, "total_tokens": 13}}),
+        ),
+        (
+            "/v1/images/generations",
+            json!({"type": "image_generation.partial_image", "b64_json": "iVBO", "partial_image_index": 0}),
+            json!({"type": "image_generation.completed", "b64_json": "iVBO", "usage": {"input_tokens": 5, "output_tokens": 50, "total_tokens": 55}}),
+        ),
+    ];
+    let client_has_it = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let provider_waits = client_has_it.clone();
+    let port = hand_written_provider(move |mut stream| {
+        let Some(request) = request_bytes(&mut stream) else {
+            return;
+        };
+        let request = String::from_utf8_lossy(&request);
+        let Some((_, first, last)) = streams.iter().find(|(path, ..)| request.contains(path))
+        else {
+            return;
+        };
+        let chunk = |event: &Value| {
+            let event = format!("data: {event}\n\n");
+            format!("{:x}\r\n{event}\r\n", event.len())
+        };
+        let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
+        let _ = stream.write_all(format!("{head}{}", chunk(first)).as_bytes());
+        wait_until(
+            Duration::from_secs(10),
+            "the client to have the delta",
+            || provider_waits.load(std::sync::atomic::Ordering::SeqCst),
+        );
+        let _ = stream.write_all(format!("{}0\r\n\r\n", chunk(last)).as_bytes());
+    });
+    let mock = Mock::start(&[]);
+    let gw = Gateway::start(&alone(
+        &mock,
+        "typed",
+        port,
+        ", timeouts: { first_token_ms: 1000 }",
+    ));
+    let form = "--b\r\ncontent-disposition: form-data; name=\"model\"\r\n\r\nm\r\n--b\r\ncontent-disposition: form-data; name=\"stream\"\r\n\r\ntrue\r\n--b\r\ncontent-disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\ncontent-type: audio/wav\r\n\r\nRIFF\r\n--b--\r\n";
+    let speech =
+        json!({"model": "m", "input": "hi", "voice": "alloy", "stream_format": "sse"}).to_string();
+    let image =
+        json!({"model": "m", "prompt": "a cat", "stream": true, "partial_images": 1}).to_string();
+    for (path, content_type, body) in [
+        (
+            "/v1/audio/transcriptions",
+            "multipart/form-data; boundary=b",
+            form.as_bytes(),
+        ),
+        ("/v1/audio/speech", "application/json", speech.as_bytes()),
+        (
+            "/v1/images/generations",
+            "application/json",
+            image.as_bytes(),
+        ),
+    ] {
+        client_has_it.store(false, std::sync::atomic::Ordering::SeqCst);
+        let mut types = Vec::new();
+        let status = read_sse_of(gw.port, path, TENANT_KEY, content_type, body, |data, _| {
+            let event: Value = serde_json::from_str(data).unwrap();
+            types.push(event["type"].as_str().unwrap_or_default().to_owned());
+            client_has_it.store(true, std::sync::atomic::Ordering::SeqCst);
+        });
+        assert_eq!(status, 200, "{path}: {types:?}");
+        assert_eq!(types.len(), 2, "{path}: {types:?}");
+        assert!(
+            types[1].ends_with("done") || types[1].ends_with("completed"),
+            "{path}: {types:?}"
+        );
+    }
+}

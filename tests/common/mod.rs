@@ -745,13 +745,34 @@ pub fn read_sse_at(
     path: &str,
     key: &str,
     body: &Value,
+    on_data: impl FnMut(&str, Duration),
+) -> u16 {
+    let body = body.to_string();
+    read_sse_of(
+        port,
+        path,
+        key,
+        "application/json",
+        body.as_bytes(),
+        on_data,
+    )
+}
+
+/// [`read_sse_at`] of a body of any `content_type` (a multipart form).
+pub fn read_sse_of(
+    port: u16,
+    path: &str,
+    key: &str,
+    content_type: &str,
+    body: &[u8],
     mut on_data: impl FnMut(&str, Duration),
 ) -> u16 {
     let started = Instant::now();
     let resp = match ureq::post(&format!("http://127.0.0.1:{port}{path}"))
         .set("authorization", &format!("Bearer {key}"))
+        .set("content-type", content_type)
         .timeout(Duration::from_secs(30))
-        .send_json(body.clone())
+        .send_bytes(body)
     {
         Ok(resp) | Err(ureq::Error::Status(_, resp)) => resp,
         Err(e) => panic!("stream request failed: {e}"),

@@ -1501,21 +1501,25 @@ fn carries_content(payload: &[u8]) -> bool {
     {
         return false;
     }
-    if let Some(kind) = event.kind.as_deref() {
-        // A Responses API stream: its opening events carry nothing yet,
-        // nor does its error.
-        if kind == "error" || kind.starts_with("response.") {
-            return !matches!(
+    if let Some(kind) = event.kind.as_deref().filter(|_| event.choices.is_empty()) {
+        // A stream of typed events (the Responses API's, a streamed
+        // transcription's `transcript.text.delta`, speech's
+        // `speech.audio.delta`, an image's `partial_image`): each carries
+        // something but the stream's error, a keep-alive, and the
+        // Responses API's opening events.
+        return !(kind == "error"
+            || kind.ends_with(".failed")
+            || kind.ends_with(".error")
+            || matches!(
                 kind,
-                "error"
-                    | "response.failed"
+                "ping"
+                    | "keepalive"
                     | "response.created"
                     | "response.in_progress"
                     | "response.queued"
                     | "response.output_item.added"
                     | "response.content_part.added"
-            );
-        }
+            ));
     }
     let present =
         |raw: Option<&serde_json::value::RawValue>| raw.is_some_and(|r| r.get() != "null");
@@ -1704,10 +1708,27 @@ mod tests {
             b"data: {\"choices\":[{\"delta\":{\"reasoning_content\":\"hmm\"}}]}\n",
             b"data: {\"choices\":[{\"delta\":{\"reasoning\":\"hmm\"}}]}\n",
             b"data: not json at all\n",
+            b"data: {\"type\":\"transcript.text.delta\",\"delta\":\"Hel\"}\n",
+            b"data: {\"type\":\"speech.audio.delta\",\"audio\":\"SUQz\"}\n",
+            b"data: {\"type\":\"image_generation.partial_image\",\"b64_json\":\"iVBO\"}\n",
+            b"data: {\"type\":\"response.output_text.delta\",\"delta\":\"Hel\"}\n",
         ] {
             let mut first = FirstContent::new(true);
             first.scan(event);
             assert!(first.found(), "{}", String::from_utf8_lossy(event));
+        }
+        // A typed stream's error, keep-alive or opening carries nothing.
+        for event in [
+            &b"data: {\"type\":\"error\",\"error\":{\"message\":\"no\"}}\n"[..],
+            b"data: {\"type\":\"response.failed\",\"response\":{}}\n",
+            b"data: {\"type\":\"ping\"}\n",
+            b"data: {\"type\":\"keepalive\"}\n",
+            b"data: {\"type\":\"response.created\",\"response\":{}}\n",
+            b"data: {\"type\":\"response.content_part.added\"}\n",
+        ] {
+            let mut first = FirstContent::new(true);
+            first.scan(event);
+            assert!(!first.found(), "{}", String::from_utf8_lossy(event));
         }
         let mut json = FirstContent::new(false);
         json.scan(b"{\"choices\":[]}");
