@@ -2521,6 +2521,9 @@ fn streamed_speech_transcriptions_and_images_reach_the_client_as_they_come() {
     ];
     let client_has_it = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let provider_waits = client_has_it.clone();
+    // Or ends the body without its last event.
+    let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let provider_cuts = cut.clone();
     let port = hand_written_provider(move |mut stream| {
         let Some(request) = request_bytes(&mut stream) else {
             return;
@@ -2541,7 +2544,11 @@ fn streamed_speech_transcriptions_and_images_reach_the_client_as_they_come() {
             "the client to have the delta",
             || provider_waits.load(std::sync::atomic::Ordering::SeqCst),
         );
-        let _ = stream.write_all(format!("{}0\r\n\r\n", chunk(last)).as_bytes());
+        let last = match provider_cuts.load(std::sync::atomic::Ordering::SeqCst) {
+            true => String::new(),
+            false => chunk(last),
+        };
+        let _ = stream.write_all(format!("{last}0\r\n\r\n").as_bytes());
     });
     let mock = Mock::start(&[]);
     let gw = Gateway::start(&alone(
@@ -2555,7 +2562,7 @@ fn streamed_speech_transcriptions_and_images_reach_the_client_as_they_come() {
         json!({"model": "m", "input": "hi", "voice": "alloy", "stream_format": "sse"}).to_string();
     let image =
         json!({"model": "m", "prompt": "a cat", "stream": true, "partial_images": 1}).to_string();
-    for (path, content_type, body) in [
+    let requests = [
         (
             "/v1/audio/transcriptions",
             "multipart/form-data; boundary=b",
@@ -2567,19 +2574,33 @@ fn streamed_speech_transcriptions_and_images_reach_the_client_as_they_come() {
             "application/json",
             image.as_bytes(),
         ),
-    ] {
-        client_has_it.store(false, std::sync::atomic::Ordering::SeqCst);
-        let mut types = Vec::new();
-        let status = read_sse_of(gw.port, path, TENANT_KEY, content_type, body, |data, _| {
-            let event: Value = serde_json::from_str(data).unwrap();
-            types.push(event["type"].as_str().unwrap_or_default().to_owned());
-            client_has_it.store(true, std::sync::atomic::Ordering::SeqCst);
-        });
-        assert_eq!(status, 200, "{path}: {types:?}");
-        assert_eq!(types.len(), 2, "{path}: {types:?}");
-        assert!(
-            types[1].ends_with("done") || types[1].ends_with("completed"),
-            "{path}: {types:?}"
-        );
+    ];
+    for cut_short in [false, true] {
+        cut.store(cut_short, std::sync::atomic::Ordering::SeqCst);
+        for (path, content_type, body) in requests {
+            client_has_it.store(false, std::sync::atomic::Ordering::SeqCst);
+            let mut events = Vec::new();
+            let status = read_sse_of(gw.port, path, TENANT_KEY, content_type, body, |data, _| {
+                events.push(serde_json::from_str::<Value>(data).unwrap());
+                client_has_it.store(true, std::sync::atomic::Ordering::SeqCst);
+            });
+            assert_eq!(status, 200, "{path}: {events:?}");
+            assert_eq!(events.len(), 2, "{path}: {events:?}");
+            let last = &events[1];
+            if cut_short {
+                // The stream is not whole: its client is told (the SDKs
+                // raise at an event with an `error`).
+                assert_eq!(
+                    last["error"]["code"], "upstream_error",
+                    "{path}: {events:?}"
+                );
+            } else {
+                let kind = last["type"].as_str().unwrap();
+                assert!(
+                    kind.ends_with("done") || kind.ends_with("completed"),
+                    "{path}: {events:?}"
+                );
+            }
+        }
     }
 }

@@ -86,6 +86,10 @@ pub struct StreamMeter {
     /// (`response.completed`, `incomplete`, `failed`, or `error`) went by.
     response_id: Option<String>,
     saw_response_end: bool,
+    /// A stream of speech, a transcription or an image (typed events),
+    /// and whether its last event (`.done`, `.completed`) went by.
+    media: bool,
+    saw_media_end: bool,
     /// The Responses stream ended with its answer (`response.completed` or
     /// `incomplete`, not a failure).
     saw_response_answer: bool,
@@ -192,6 +196,18 @@ fn ends_with_answer(kind: &str) -> bool {
     matches!(kind, "response.completed" | "response.incomplete")
 }
 
+/// Whether `kind` is an event of a streamed speech, transcription or image
+/// (`Some`), and whether it is the stream's last (the whole answer, with
+/// its usage).
+fn media_event(kind: &str) -> Option<bool> {
+    let (stream, event) = kind.rsplit_once('.')?;
+    matches!(
+        stream,
+        "speech.audio" | "transcript.text" | "image_generation" | "image_edit"
+    )
+    .then(|| matches!(event, "done" | "completed"))
+}
+
 impl StreamMeter {
     /// A meter; `strip_usage` when the client did not ask for usage.
     pub fn new(strip_usage: bool) -> Self {
@@ -216,6 +232,8 @@ impl StreamMeter {
             finish_reasons: Vec::new(),
             response_id: None,
             saw_response_end: false,
+            media: false,
+            saw_media_end: false,
             saw_response_answer: false,
             next_sequence: 0,
             event_end: b"",
@@ -547,6 +565,10 @@ impl StreamMeter {
     /// Notes a Responses stream event's type (`payload`, the event):
     /// whether it ends the stream, and with its answer or an error.
     fn note_event_kind(&mut self, kind: &str, payload: &[u8], number: Option<u64>) {
+        if let Some(ends) = media_event(kind) {
+            self.media = true;
+            self.saw_media_end |= ends;
+        }
         self.next_sequence = numbered_after(self.next_sequence, number);
         let answer = ends_with_answer(kind);
         let failure = matches!(kind, "response.failed" | "error");
@@ -861,9 +883,13 @@ impl StreamMeter {
     }
 
     /// Whether the stream finished: `[DONE]`, a `finish_reason` in a
-    /// completion stream, the response's end in a Responses API stream (a
-    /// stream of another shape counts as finished).
+    /// completion stream, the response's end in a Responses API stream,
+    /// the last event of speech, a transcription or an image (a stream of
+    /// another shape counts as finished).
     pub fn finished(&self) -> bool {
+        if self.media {
+            return self.saw_media_end;
+        }
         if self.response_id.is_some() {
             return self.saw_response_end;
         }

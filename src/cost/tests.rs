@@ -357,6 +357,32 @@ fn costs_images_characters_and_seconds_exactly() {
 }
 
 #[test]
+fn speech_transcriptions_and_images_finish_at_their_last_event() {
+    for (delta, last) in [
+        ("transcript.text.delta", "transcript.text.done"),
+        ("transcript.text.segment", "transcript.text.done"),
+        ("speech.audio.delta", "speech.audio.done"),
+        (
+            "image_generation.partial_image",
+            "image_generation.completed",
+        ),
+        ("image_edit.partial_image", "image_edit.completed"),
+    ] {
+        let mut meter = StreamMeter::new(false);
+        meter.feed(Bytes::from(format!("data: {{\"type\":\"{delta}\"}}\n\n")));
+        assert!(!meter.finished(), "cut after {delta}");
+        meter.feed(Bytes::from(format!("data: {{\"type\":\"{last}\"}}\n\n")));
+        assert!(meter.finished(), "{last}");
+    }
+    // Nor is the error of one its end.
+    let mut meter = StreamMeter::new(false);
+    meter.feed(Bytes::from_static(
+        b"data: {\"type\":\"transcript.text.delta\",\"delta\":\"hi\"}\n\ndata: {\"type\":\"error\",\"error\":{\"message\":\"no\"}}\n\n",
+    ));
+    assert!(!meter.finished() && meter.saw_error());
+}
+
+#[test]
 fn a_streamed_transcription_reports_its_seconds_in_its_last_event() {
     let mut meter = StreamMeter::new(false);
     meter.feed(Bytes::from_static(
