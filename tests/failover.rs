@@ -775,6 +775,54 @@ fn a_content_policy_rejection_is_the_answer() {
 }
 
 #[test]
+fn an_error_body_under_a_200_is_taken_as_its_status() {
+    // Proxies and routers answer 200 with an error body (OpenRouter's, a
+    // gateway in front of vLLM): it is no answer, and judged as the error
+    // it carries.
+    let (mock, gw) = start("", "");
+    let under_200 = |body: &str| json!({"status": 200, "error_body": body, "content_type": "application/json", "model": "m-small"});
+    // The provider's failure, in OpenAI's shape and vLLM's: the fallback answers.
+    for (i, body) in [
+        r#"{"error":{"message":"model overloaded","type":"server_error"}}"#,
+        r#"{"object":"error","message":"engine dead","type":"InternalServerError","code":500}"#,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        mock.fault(under_200(body));
+        let resp = ask(&gw, "small");
+        assert_eq!(resp.status, 200, "{body}");
+        let answer = resp.json();
+        assert_eq!(answer["model"], "m-large", "{body}");
+        assert_eq!(resp.header("x-runestone-attempts"), Some("2"));
+        assert_eq!(attempts(&mock, "m-large"), i as u64 + 1);
+    }
+    // Only what answered is billed.
+    let (prompt, completion, _) = billed(&gw);
+    assert_eq!(access_lines(&gw, 2).len(), 2);
+    let answered: u64 = access_lines(&gw, 2)
+        .iter()
+        .map(|l| l["prompt_tokens"].as_u64().unwrap() + l["completion_tokens"].as_u64().unwrap())
+        .sum();
+    assert_eq!(prompt + completion, answered);
+    // A fault of the request is the client's answer, with its status.
+    mock.fault(under_200(
+        r#"{"error":{"message":"bad tool","type":"invalid_request_error","code":"invalid_value"}}"#,
+    ));
+    let resp = ask(&gw, "small");
+    assert_eq!(resp.status, 400);
+    assert_eq!(resp.json()["error"]["message"], "bad tool");
+    assert_eq!(attempts(&mock, "m-large"), 2, "not failed over");
+    // An answer that merely has an `error` member (null, or empty) is one.
+    mock.fault(under_200(
+        r#"{"id":"chatcmpl-1","object":"chat.completion","created":1,"model":"m-small","error":null,"choices":[{"index":0,"message":{"role":"assistant","content":"ok"},"finish_reason":"stop"}]}"#,
+    ));
+    let resp = ask(&gw, "small");
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.json()["model"], "m-small");
+}
+
+#[test]
 fn a_redirect_is_neither_followed_nor_passed_on_and_fails_over() {
     // A deployment answering 3xx (a base URL the provider moved, plain
     // HTTP where it wants TLS): the client used to get the 307 itself,

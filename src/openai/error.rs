@@ -565,6 +565,31 @@ pub fn error_says(error: &serde_json::Value) -> bool {
     }
 }
 
+/// The provider's error in a JSON answer that came with a 200, as the
+/// gateway's error ([`ApiError::from_in_band`]): a body that is an error
+/// object (OpenAI's and OpenRouter's `{"error": {...}}`, TGI's
+/// `{"error": "..."}`, vLLM's `{"object": "error", ...}`) and not an answer
+/// (which has an `id`, as a failed Responses object read back does).
+pub fn error_in_json_answer(body: &[u8]) -> Option<ApiError> {
+    use serde_json::value::RawValue;
+    #[derive(serde::Deserialize)]
+    struct Shape<'a> {
+        #[serde(borrow)]
+        error: Option<&'a RawValue>,
+        #[serde(borrow)]
+        object: Option<&'a RawValue>,
+        id: Option<serde::de::IgnoredAny>,
+    }
+    // Looked for first: an answer is read once more only if it may be one.
+    memchr::memmem::find(body, b"\"error\"")?;
+    let shape = serde_json::from_slice::<Shape<'_>>(body).ok()?;
+    let said = shape.error.is_some_and(|error| error_said(error.get()))
+        || shape
+            .object
+            .is_some_and(|object| crate::json::is_str(object, "error"));
+    (said && shape.id.is_none()).then(|| ApiError::from_in_band(body))
+}
+
 /// [`error_says`] of an `error` member's raw JSON.
 pub fn error_said(raw: &str) -> bool {
     match raw {

@@ -15,8 +15,8 @@ mod rewrite;
 mod tests;
 
 pub use error::{
-    error_said, error_says, error_status, is_context_length_error, is_openai_error,
-    kept_event_is_error, ApiError, Reason,
+    error_in_json_answer, error_said, error_says, error_status, is_context_length_error,
+    is_openai_error, kept_event_is_error, ApiError, Reason,
 };
 pub use form::Form;
 pub use request::{RequestFields, StreamOptions, MAX_JSON_DEPTH};

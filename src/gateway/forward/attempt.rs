@@ -513,6 +513,13 @@ impl Attempt<'_> {
                     if let Some(error) = meter.in_band_error().filter(|_| !first.found()) {
                         return Err(self.error_in_answer(error.clone(), &redactor));
                     }
+                    // A JSON answer that is the provider's error, under a
+                    // 200 (a read of a stored response is passed on as it
+                    // is, whatever it holds).
+                    if let Some(error) = meter.json_error().filter(|_| exchange.bills) {
+                        warn!(request_id = %exchange.request_id, provider = %provider.name, "provider answered 200 with an error body");
+                        return Err(self.error_in_answer(error, &redactor));
+                    }
                     // Not one whole event for the client (none, only one
                     // cut short, only comments, or only the usage report
                     // the gateway asked for and takes out), or an empty

@@ -373,6 +373,17 @@ impl Meter {
         }
     }
 
+    /// A JSON answer that is the provider's error though it came with a
+    /// 200 ([`crate::openai::error_in_json_answer`]), read once it is whole.
+    pub(super) fn json_error(&self) -> Option<ApiError> {
+        match self {
+            Meter::Json { body, seen, .. } if *seen <= cost::MAX_METERED_JSON_BYTES => {
+                crate::openai::error_in_json_answer(body)
+            }
+            _ => None,
+        }
+    }
+
     /// Whether a translated stream was cut at an event too long to
     /// translate ([`StreamTranslator::cut`]).
     pub(super) fn cut(&self) -> bool {
