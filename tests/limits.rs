@@ -1224,3 +1224,86 @@ fn an_unused_grant_is_released_not_settled() {
     });
     assert_eq!(redis.cli(&["ZCARD", "runestone:{t}:inflight"]).trim(), "0");
 }
+
+/// What one instance admitted on its own while Redis was away still holds
+/// its slots and its place in the minute once Redis is back, and the slots
+/// Redis gave it count while Redis is away: however Redis comes and goes,
+/// one instance never runs more than a limit.
+#[test]
+fn what_was_admitted_on_either_side_of_a_redis_outage_counts_on_the_other() {
+    use runestone::limits::LimitKind;
+    let redis = Redis::start();
+    let runtime = runtime();
+    let leases = || {
+        redis
+            .cli(&["ZCARD", "runestone:{t}:inflight"])
+            .trim()
+            .to_string()
+    };
+    runtime.block_on(async {
+        let (limiter, _stop) = redis_limiter(&redis, "{ max_concurrent: 2 }", FROZEN_TIMEOUT_MS);
+        limiter.redis().unwrap().connect().await;
+        let by_redis = limiter.admit(0, 10).await.expect("admitted by Redis");
+        redis.freeze();
+        // The first call waits out the timeout and falls back.
+        let local = limiter.admit(0, 10).await.expect("admitted in process");
+        assert!(!limiter.redis().unwrap().is_up());
+        let refused = limiter.admit(0, 10).await.unwrap_err();
+        assert_eq!(
+            refused.limit,
+            LimitKind::Concurrency,
+            "Redis's slot counts here"
+        );
+        limiter.settle(by_redis, used(1)).await;
+        redis.thaw();
+        // Its lease is released with the flush.
+        wait_for_redis(
+            &redis,
+            &limiter,
+            "the flush",
+            &["ZCARD", "runestone:{t}:inflight"],
+            |out| out.trim() == "0",
+        )
+        .await;
+        let second = limiter.admit(0, 10).await.expect("admitted by Redis");
+        assert_eq!(leases(), "1");
+        let refused = limiter.admit(0, 10).await.unwrap_err();
+        assert_eq!(
+            refused.limit,
+            LimitKind::Concurrency,
+            "the slot taken here counts in Redis"
+        );
+        limiter.settle(local, used(1)).await;
+        let third = limiter.admit(0, 10).await.expect("freed");
+        assert_eq!(leases(), "2");
+        limiter.settle(second, used(1)).await;
+        limiter.settle(third, used(1)).await;
+    });
+    // The minute: 4 requests, 2 taken in process while Redis was away.
+    let redis = Redis::start();
+    runtime.block_on(async {
+        let (limiter, _stop) =
+            redis_limiter(&redis, "{ requests_per_minute: 4 }", FROZEN_TIMEOUT_MS);
+        limiter.redis().unwrap().connect().await;
+        redis.freeze();
+        for _ in 0..2 {
+            let grant = limiter.admit(0, 10).await.expect("admitted in process");
+            limiter.settle(grant, used(1)).await;
+        }
+        redis.thaw();
+        wait_for_redis(&redis, &limiter, "Redis to answer", &["PING"], |out| {
+            out.contains("PONG")
+        })
+        .await;
+        for _ in 0..2 {
+            let grant = limiter.admit(0, 10).await.expect("admitted by Redis");
+            limiter.settle(grant, used(1)).await;
+        }
+        let refused = limiter.admit(0, 10).await.unwrap_err();
+        assert_eq!(
+            refused.limit,
+            LimitKind::Requests,
+            "4 in the minute, whoever admitted them"
+        );
+    });
+}

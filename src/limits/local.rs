@@ -24,6 +24,17 @@ impl TenantState {
     }
 }
 
+/// What a tenant's limits count that the in-process store does not hold
+/// (while Redis is unavailable): the last known shared spend (pUSD), and
+/// this instance's requests in flight that Redis admitted.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Elsewhere {
+    /// Spend this store does not hold (pUSD).
+    pub spent: i64,
+    /// Requests in flight this store did not admit.
+    pub held: u32,
+}
+
 /// Per-tenant limit state held in this process.
 #[derive(Debug)]
 pub struct LocalStore {
@@ -46,16 +57,15 @@ impl LocalStore {
             .unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Admits one request of `tokens` tokens, all limits or none.
-    /// `spent_elsewhere` is spend this store does not hold (the last known
-    /// shared spend when Redis is unavailable).
+    /// Admits one request of `tokens` tokens, all limits or none, counting
+    /// what is held `elsewhere` too.
     pub fn admit(
         &self,
         tenant: usize,
         limits: &TenantLimits,
         tokens: u64,
         period_id: &str,
-        spent_elsewhere: i64,
+        elsewhere: Elsewhere,
         now: f64,
     ) -> Result<RateLimitState, Refusal> {
         let mut state = self.state(tenant);
@@ -74,7 +84,7 @@ impl LocalStore {
         };
 
         if let Some(budget) = limits.budget {
-            let spent = state.usage_in(period_id).map_or(0, |u| u.cost_pusd) + spent_elsewhere;
+            let spent = state.usage_in(period_id).map_or(0, |u| u.cost_pusd) + elsewhere.spent;
             if spent >= budget.amount_pusd {
                 return Err(refuse(LimitKind::Budget, None, &state));
             }
@@ -94,7 +104,7 @@ impl LocalStore {
             None => None,
         };
         if let Some(max) = limits.max_concurrent {
-            if state.inflight >= max {
+            if state.inflight.saturating_add(elsewhere.held) >= max {
                 return Err(refuse(LimitKind::Concurrency, None, &state));
             }
             state.inflight += 1;
@@ -106,6 +116,18 @@ impl LocalStore {
             state.tokens_tat = tat;
         }
         Ok(current(&state))
+    }
+
+    /// What this store decided that Redis does not know (it admits only
+    /// while Redis is unavailable), for Redis to count once it is back: the
+    /// requests in flight, and the requests and tokens TATs (Unix ms).
+    pub fn outside_redis(&self, tenant: usize) -> [u64; 3] {
+        let state = self.state(tenant);
+        [
+            u64::from(state.inflight),
+            state.requests_tat as u64,
+            state.tokens_tat as u64,
+        ]
     }
 
     /// Frees a concurrency slot taken by [`LocalStore::admit`].
@@ -181,12 +203,20 @@ mod tests {
             max_concurrent: Some(2),
             ..TenantLimits::default()
         };
-        assert!(store.admit(0, &l, 1, "p", 0, 0.0).is_ok());
-        assert!(store.admit(0, &l, 1, "p", 0, 0.0).is_ok());
-        let refusal = store.admit(0, &l, 1, "p", 0, 0.0).unwrap_err();
+        assert!(store
+            .admit(0, &l, 1, "p", Elsewhere::default(), 0.0)
+            .is_ok());
+        assert!(store
+            .admit(0, &l, 1, "p", Elsewhere::default(), 0.0)
+            .is_ok());
+        let refusal = store
+            .admit(0, &l, 1, "p", Elsewhere::default(), 0.0)
+            .unwrap_err();
         assert_eq!(refusal.limit, LimitKind::Concurrency);
         store.release(0);
-        assert!(store.admit(0, &l, 1, "p", 0, 0.0).is_ok());
+        assert!(store
+            .admit(0, &l, 1, "p", Elsewhere::default(), 0.0)
+            .is_ok());
     }
 
     #[test]
@@ -194,11 +224,17 @@ mod tests {
         let store = LocalStore::new(1);
         let l = limits();
         // 900 tokens fit, then a 200-token request is refused by TPM ...
-        assert!(store.admit(0, &l, 900, "p", 0, 0.0).is_ok());
-        let refusal = store.admit(0, &l, 200, "p", 0, 0.0).unwrap_err();
+        assert!(store
+            .admit(0, &l, 900, "p", Elsewhere::default(), 0.0)
+            .is_ok());
+        let refusal = store
+            .admit(0, &l, 200, "p", Elsewhere::default(), 0.0)
+            .unwrap_err();
         assert_eq!(refusal.limit, LimitKind::Tokens);
         // ... without having taken a request or a slot.
-        let state = store.admit(0, &l, 100, "p", 0, 0.0).unwrap();
+        let state = store
+            .admit(0, &l, 100, "p", Elsewhere::default(), 0.0)
+            .unwrap();
         assert_eq!(state.requests.unwrap().remaining, 3);
     }
 
@@ -209,13 +245,20 @@ mod tests {
             tokens_per_minute: Some(1000),
             ..TenantLimits::default()
         };
-        store.admit(0, &l, 800, "p", 0, 0.0).unwrap();
+        store
+            .admit(0, &l, 800, "p", Elsewhere::default(), 0.0)
+            .unwrap();
         store.settle_limits(0, &l, 0, -700, 0.0); // used 100
-        let state = store.admit(0, &l, 850, "p", 0, 0.0).unwrap();
+        let state = store
+            .admit(0, &l, 850, "p", Elsewhere::default(), 0.0)
+            .unwrap();
         assert_eq!(state.tokens.unwrap().remaining, 50);
         store.settle_limits(0, &l, 0, 150, 0.0); // used 1000 of 850 reserved
         assert_eq!(
-            store.admit(0, &l, 1, "p", 0, 0.0).unwrap_err().limit,
+            store
+                .admit(0, &l, 1, "p", Elsewhere::default(), 0.0)
+                .unwrap_err()
+                .limit,
             LimitKind::Tokens
         );
     }
@@ -233,7 +276,9 @@ mod tests {
                 ..Default::default()
             },
         );
-        assert!(store.admit(0, &l, 1, "d1", 0, 0.0).is_ok());
+        assert!(store
+            .admit(0, &l, 1, "d1", Elsewhere::default(), 0.0)
+            .is_ok());
         store.record(
             0,
             "d1",
@@ -244,12 +289,33 @@ mod tests {
             },
         );
         assert_eq!(
-            store.admit(0, &l, 1, "d1", 0, 0.0).unwrap_err().limit,
+            store
+                .admit(0, &l, 1, "d1", Elsewhere::default(), 0.0)
+                .unwrap_err()
+                .limit,
             LimitKind::Budget
         );
-        assert!(store.admit(0, &l, 1, "d2", 0, 0.0).is_ok(), "a new day");
+        assert!(
+            store
+                .admit(0, &l, 1, "d2", Elsewhere::default(), 0.0)
+                .is_ok(),
+            "a new day"
+        );
         assert_eq!(
-            store.admit(0, &l, 1, "d2", 1000, 0.0).unwrap_err().limit,
+            store
+                .admit(
+                    0,
+                    &l,
+                    1,
+                    "d2",
+                    Elsewhere {
+                        spent: 1000,
+                        held: 0
+                    },
+                    0.0
+                )
+                .unwrap_err()
+                .limit,
             LimitKind::Budget
         );
     }

@@ -30,8 +30,11 @@ pub(super) struct AdmitOp {
     pub(super) period_id: Arc<str>,
     /// RPM, TPM, max concurrent, budget (pUSD); 0 for none. Then the
     /// spend owed for the period that Redis refused (pUSD), which counts
-    /// against the budget.
-    pub(super) limits: [u64; 5],
+    /// against the budget, and what this instance admitted while Redis was
+    /// unavailable: its requests in flight, its requests and tokens TATs
+    /// (Unix ms; constant from one such admission to the next, so they
+    /// do not keep admissions from sharing a batch).
+    pub(super) limits: [u64; 8],
     pub(super) tokens: u64,
     /// `None` when the tenant has no concurrency limit.
     pub(super) lease: Option<Lease>,

@@ -172,6 +172,20 @@ pub struct RedisStore {
     inner: Arc<Inner>,
 }
 
+/// One admission as the limiter hands it to the store.
+#[derive(Debug, Clone, Copy)]
+pub struct AdmitRequest<'a> {
+    /// The tokens it reserves.
+    pub tokens: u64,
+    /// Its concurrency slot, when the tenant has a concurrency limit.
+    pub lease: Option<Lease>,
+    /// The accounting period it falls in.
+    pub period_id: &'a Arc<str>,
+    /// What this instance admitted while Redis was unavailable
+    /// ([`super::local::LocalStore::outside_redis`]).
+    pub outside: [u64; 3],
+}
+
 /// One settlement as the limiter hands it to the store.
 #[derive(Debug, Clone, Copy)]
 pub struct SettleRequest<'a> {
@@ -322,10 +336,14 @@ impl RedisStore {
         &self,
         tenant: usize,
         limits: &TenantLimits,
-        tokens: u64,
-        lease: Option<Lease>,
-        period_id: &Arc<str>,
+        request: AdmitRequest<'_>,
     ) -> Option<Result<RateLimitState, Refusal>> {
+        let AdmitRequest {
+            tokens,
+            lease,
+            period_id,
+            outside: [held_outside, requests_tat_outside, tokens_tat_outside],
+        } = request;
         if !self.tenant_up(tenant) {
             return None;
         }
@@ -344,6 +362,9 @@ impl RedisStore {
                 } else {
                     0
                 },
+                held_outside,
+                requests_tat_outside,
+                tokens_tat_outside,
             ],
             tokens,
             lease,
@@ -459,6 +480,14 @@ impl RedisStore {
             }
             Err(_) => {}
         }
+    }
+
+    /// This instance's requests of `tenant` in flight that Redis admitted
+    /// with a concurrency slot (the in-process store counts them while
+    /// Redis is unavailable).
+    pub fn leases_of(&self, tenant: usize) -> u32 {
+        let leases = lock(&self.inner.leases);
+        leases.values().filter(|&&t| t == tenant).count() as u32
     }
 
     /// A request that ended without settling (its task panicked): its lease

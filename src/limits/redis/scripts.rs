@@ -4,7 +4,10 @@
 /// Admissions of one tenant in one period, decided in order, each all or
 /// nothing. ARGV: rpm, tpm, max concurrent, budget (pUSD), spend this
 /// instance owes Redis for the period but Redis refused (pUSD, counted
-/// against the budget), lease TTL, then (tokens, lease) per admission.
+/// against the budget), then what this instance admitted while Redis was
+/// unavailable (its requests still in flight, counted as held slots; its
+/// requests and tokens TATs in Unix ms, which the shared ones do not fall
+/// behind), lease TTL, then (tokens, lease) per admission.
 /// Replies one string, `secs,micros,spent_pusd` (the Redis clock, as
 /// `TIME` gives it) followed by `,refused_limit_or_empty,requests_tat -
 /// now,tokens_tat - now` per admission, the differences in whole
@@ -18,17 +21,18 @@ pub(crate) const ADMIT: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
 local W, eps = 60000, 1e-6
-local rpm, tpm, maxc, budget, owed, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local rpm, tpm, maxc, budget, owed, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[9])
 local tats = redis.call('HMGET', KEYS[1], 'requests_tat', 'tokens_tat')
-local rtat, ttat = tonumber(tats[1] or '0'), tonumber(tats[2] or '0')
+local rtat = math.max(tonumber(tats[1] or '0'), tonumber(ARGV[7]))
+local ttat = math.max(tonumber(tats[2] or '0'), tonumber(ARGV[8]))
 local spent = tonumber(redis.call('HGET', KEYS[3], 'cost_pusd') or '0')
 local held = 0
 if maxc > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-  held = redis.call('ZCARD', KEYS[2])
+  held = redis.call('ZCARD', KEYS[2]) + tonumber(ARGV[6])
 end
 local reply, leases, moved = {t[1], t[2], string.format('%d', spent)}, {}, false
-for i = 7, #ARGV, 2 do
+for i = 10, #ARGV, 2 do
   local tokens, refused = tonumber(ARGV[i]), ''
   local new_r, new_t = rtat, ttat
   if budget > 0 and spent + owed >= budget then refused = 'budget' end
