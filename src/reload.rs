@@ -472,7 +472,13 @@ pub struct ReloadOnHangup {
     pid_file: String,
     upgrade_sock: String,
     listen: std::net::SocketAddr,
+    /// What the new process is told of this one's state, as environment
+    /// variables (see [`ReloadOnHangup::handing`]).
+    handover: Option<Handover>,
 }
+
+/// Writes the environment variables a reload hands the new process.
+type Handover = Box<dyn Fn() -> Vec<(&'static str, String)> + Send + Sync>;
 
 /// How long a new process has to start listening on the upgrade socket
 /// before the running one gives up on it and keeps serving.
@@ -489,7 +495,18 @@ impl ReloadOnHangup {
             pid_file: server.pid_file.clone(),
             upgrade_sock: server.upgrade_sock.clone(),
             listen: server.listen,
+            handover: None,
         }
+    }
+
+    /// Hands each new process the environment variables `handover` writes
+    /// when it is started (this process's state that it should count).
+    pub fn handing(
+        mut self,
+        handover: impl Fn() -> Vec<(&'static str, String)> + Send + Sync + 'static,
+    ) -> Self {
+        self.handover = Some(Box::new(handover));
+        self
     }
 
     /// Waits for SIGHUP until `shutdown` turns true, or until it has started
@@ -567,6 +584,9 @@ impl ReloadOnHangup {
         command.arg("--config").arg(&path).arg("--upgrade");
         if self.daemon {
             command.arg("--daemon");
+        }
+        if let Some(handover) = &self.handover {
+            command.envs(handover());
         }
         let mut child = command
             .spawn()

@@ -102,6 +102,10 @@ pub fn build(config: Config, options: RunOptions) -> Server {
         tracing::info!(mode, endpoints = ?endpoints, "Redis: limits, spend, the overflow queue and jobs are shared");
     }
     let limiter = Limiter::new(&config, redis.clone());
+    // A reload's predecessor's spend, counted until Redis is read.
+    if let Ok(handover) = std::env::var(crate::limits::HANDOVER_ENV) {
+        limiter.count_handed_over(&handover);
+    }
     let overflow = Overflow::new(&config, redis.clone());
     limiter.on_freed({
         let overflow = overflow.clone();
@@ -124,7 +128,7 @@ pub fn build(config: Config, options: RunOptions) -> Server {
     );
     let drain = Drain::new(
         overflow,
-        limiter,
+        limiter.clone(),
         upstreams.clone(),
         config.clone(),
         Arc::new(gateway.clone()),
@@ -133,11 +137,12 @@ pub fn build(config: Config, options: RunOptions) -> Server {
     if let Some(path) = options.config_path.clone() {
         server.add_service(background_service(
             "reload on SIGHUP",
-            ReloadService(crate::reload::ReloadOnHangup::new(
-                path,
-                options.daemon,
-                &config.server,
-            )),
+            ReloadService(
+                crate::reload::ReloadOnHangup::new(path, options.daemon, &config.server).handing({
+                    let limiter = limiter.clone();
+                    move || vec![(crate::limits::HANDOVER_ENV, limiter.handover())]
+                }),
+            ),
         ));
     }
 

@@ -1307,3 +1307,35 @@ fn what_was_admitted_on_either_side_of_a_redis_outage_counts_on_the_other() {
         );
     });
 }
+
+/// The spend of a settlement Redis applied counts at once in what the
+/// instance knows of it, not only from the next admission's read: a Redis
+/// that stops answering in between does not let one more request past a
+/// spent budget.
+#[test]
+fn a_budget_spent_just_before_redis_stops_answering_stays_spent() {
+    use runestone::limits::LimitKind;
+    let redis = Redis::start();
+    let runtime = runtime();
+    runtime.block_on(async {
+        // 3,000 pUSD; each settlement below spends 1,000.
+        let (limiter, _stop) = redis_limiter(
+            &redis,
+            "{ budget_usd: { amount: 0.000000003, period: daily } }",
+            FROZEN_TIMEOUT_MS,
+        );
+        limiter.redis().unwrap().connect().await;
+        for _ in 0..2 {
+            let grant = limiter.admit(0, 10).await.expect("admitted by Redis");
+            limiter.settle(grant, used(1)).await;
+        }
+        redis.freeze();
+        // The one that crosses the budget, then no more.
+        let grant = limiter.admit(0, 10).await.expect("admitted in process");
+        assert!(!limiter.redis().unwrap().is_up());
+        limiter.settle(grant, used(1)).await;
+        let refused = limiter.admit(0, 10).await.unwrap_err();
+        assert_eq!(refused.limit, LimitKind::Budget);
+        redis.thaw();
+    });
+}

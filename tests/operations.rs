@@ -938,3 +938,53 @@ fn a_stdout_nobody_reads_never_holds_up_requests_and_shutdown_loses_no_log_line(
     assert_eq!(lines, requests, "every request's line, written at shutdown");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// A reload while Redis is unavailable: the new process starts knowing the
+/// spend the old one knew, so a spent budget stays spent rather than
+/// starting afresh until Redis answers.
+#[test]
+fn a_reload_while_redis_is_away_keeps_a_spent_budget_spent() {
+    let redis = Redis::start();
+    let mock = Mock::start(&[]);
+    let mut config = GatewayConfig::new(&mock);
+    // Each request costs (7 * $1 + 16 * $2) / 1M = $0.000039: the third
+    // crosses the budget.
+    config.tenants = format!(
+        "\n  - id: other\n    keys: [\"{RESTRICTED_KEY}\"]\n  - id: acme\n    keys: [\"{TENANT_KEY}\"]\n    limits: {{ budget_usd: {{ amount: 0.0001, period: daily }} }}\n"
+    );
+    config.extra = format!(
+        "pricing:\n  gpt-4o-mini: {{ input: 1.0, output: 2.0 }}\nredis: {{ url: \"{}\", timeout_ms: 300 }}\n",
+        redis.url()
+    );
+    let mut gw = Gateway::start(&config);
+    let (path, dir) = gw.config_path();
+    let guard = PidFileGuard(dir.join("gw.pid"));
+    let first = guard.pid();
+    let port = config.port;
+    for _ in 0..3 {
+        assert_eq!(chat_status(port, TENANT_KEY), 200);
+    }
+    assert_eq!(chat_status(port, TENANT_KEY), 429, "spent");
+    redis.freeze();
+    // The tenants in another order: the spend follows the tenant's id.
+    config.tenants = format!(
+        "\n  - id: acme\n    keys: [\"{TENANT_KEY}\"]\n    limits: {{ budget_usd: {{ amount: 0.0001, period: daily }} }}\n  - id: other\n    keys: [\"{RESTRICTED_KEY}\"]\n"
+    );
+    std::fs::write(&path, config.yaml_in(&dir)).unwrap();
+    assert_eq!(runestone_reload(&path, &dir), Some(0));
+    assert_eq!(gw.wait_exit(Duration::from_secs(15)), Some(0));
+    assert_ne!(guard.pid(), first);
+    for _ in 0..3 {
+        assert_eq!(
+            chat_status(port, TENANT_KEY),
+            429,
+            "still spent, Redis away"
+        );
+    }
+    assert_eq!(
+        chat_status(port, RESTRICTED_KEY),
+        200,
+        "the other tenant has no budget"
+    );
+    redis.thaw();
+}

@@ -141,6 +141,10 @@ pub fn now_ms() -> f64 {
 
 pub use period::{accounting_period, period_at};
 
+/// The environment variable a reload hands the new process the spend in
+/// ([`Limiter::handover`]).
+pub const HANDOVER_ENV: &str = "RUNESTONE_HANDED_OVER_SPEND";
+
 /// Counters of one tenant in one period.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PeriodUsage {
@@ -323,6 +327,53 @@ impl Limiter {
     /// The Redis store, for its maintenance service.
     pub fn redis(&self) -> Option<redis::RedisStore> {
         self.inner.redis.clone()
+    }
+
+    /// What the process that takes over at a reload is handed (in
+    /// [`HANDOVER_ENV`]): each budgeted tenant's spend in its current
+    /// period as this instance knows it (the last read from Redis and what
+    /// it owes Redis), which that process counts while Redis is unavailable
+    /// ([`Limiter::count_handed_over`]). Empty without Redis.
+    pub fn handover(&self) -> String {
+        let inner = &self.inner;
+        let Some(redis) = &inner.redis else {
+            return String::new();
+        };
+        let now = now_ms();
+        let spends: Vec<(&str, String, i64)> = (0..inner.limits.len())
+            .filter(|&tenant| inner.limits[tenant].budget.is_some())
+            .filter_map(|tenant| {
+                let (period_id, _) = period_at(accounting_period(&inner.limits[tenant]), now);
+                let spent = redis.known_spend(tenant, &period_id);
+                (spent > 0).then(|| {
+                    (
+                        inner.tenant_ids[tenant].as_str(),
+                        period_id.to_string(),
+                        spent,
+                    )
+                })
+            })
+            .collect();
+        serde_json::to_string(&spends).unwrap_or_default()
+    }
+
+    /// Counts the spend a reload's predecessor knew ([`Limiter::handover`]'s
+    /// text) for the tenants of this config, by id, until Redis is read.
+    pub fn count_handed_over(&self, handover: &str) {
+        let Some(redis) = &self.inner.redis else {
+            return;
+        };
+        let Ok(spends) = serde_json::from_str::<Vec<(String, String, i64)>>(handover) else {
+            tracing::warn!(
+                "the spend handed over by the previous process cannot be read; not counted"
+            );
+            return;
+        };
+        for (id, period_id, spent) in spends {
+            if let Some(tenant) = self.inner.tenant_ids.iter().position(|t| *t == id) {
+                redis.count_known_spend(tenant, &period_id, spent);
+            }
+        }
     }
 
     /// Counts a request held back by `limit` in `runestone_rate_limited_total`:

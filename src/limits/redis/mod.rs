@@ -466,7 +466,14 @@ impl RedisStore {
         };
         match queue.send(Op::Settle(op)) {
             Ok(()) => {
-                let _ = self.answer(tenant, "settle", answer).await;
+                if self.answer(tenant, "settle", answer).await.is_some() {
+                    // Known now, not only at the next admission's read: a
+                    // Redis that stops answering before then finds it.
+                    let mut known = lock(&self.inner.known_spend[tenant]);
+                    if *known.0 == **request.period_id {
+                        known.1 = known.1.saturating_add(request.usage.cost_pusd);
+                    }
+                }
             }
             Err(mpsc::error::SendError(Op::Settle(op))) => {
                 self.inner.shared.failed(
@@ -511,6 +518,18 @@ impl RedisStore {
             }
         };
         known + lock(&self.inner.shared.ledger).owed_spend(tenant, period_id)
+    }
+
+    /// Counts `spent` pUSD of period `period_id` as the tenant's known
+    /// spend, unless more is known already: a reload's predecessor's
+    /// figure, good until Redis is read.
+    pub fn count_known_spend(&self, tenant: usize, period_id: &str, spent: i64) {
+        let mut known = lock(&self.inner.known_spend[tenant]);
+        if known.0 != period_id {
+            *known = (period_id.to_string(), spent);
+        } else {
+            known.1 = known.1.max(spent);
+        }
     }
 
     /// The period's usage: Redis's counters plus what is pending here.
