@@ -1339,3 +1339,56 @@ fn a_budget_spent_just_before_redis_stops_answering_stays_spent() {
         redis.thaw();
     });
 }
+
+/// What a reload hands the new process fits in one environment string,
+/// however many tenants have budgets: those nearest their budgets first.
+#[test]
+fn the_spend_handed_over_at_a_reload_is_bounded_nearest_budgets_first() {
+    use runestone::config::Config;
+    use runestone::limits::{Limiter, HANDOVER_BYTES};
+    let tenants: String = (0..4000)
+        .map(|i| format!("  - {{ id: tenant-{i:05}, keys: [\"sk-t{i:05}\"], limits: {{ budget_usd: {{ amount: 1, period: monthly }} }} }}\n"))
+        .collect();
+    let yaml = format!(
+        "server: {{ listen: \"127.0.0.1:1\" }}\nproviders: [{{ name: p, base_url: \"http://127.0.0.1:1/v1\" }}]\nmodels: [{{ name: m, targets: [{{ provider: p }}] }}]\ntenants:\n{tenants}redis: {{ url: \"redis://127.0.0.1:{}/0\" }}\n",
+        free_port()
+    );
+    let config = Config::from_yaml(&yaml, |_| None).expect("valid config");
+    let limiter = || {
+        Limiter::new(
+            &config,
+            runestone::redis_conn::RedisConnection::for_config(&config),
+        )
+    };
+    let period = this_month();
+    let spends: Vec<(String, String, i64)> = (0..4000)
+        .map(|i| {
+            (
+                format!("tenant-{i:05}"),
+                period.clone(),
+                1_000_000 * (i + 1),
+            )
+        })
+        .collect();
+    let old = limiter();
+    old.count_handed_over(&serde_json::to_string(&spends).unwrap());
+    let handed = old.handover();
+    assert!(handed.len() <= HANDOVER_BYTES, "{}", handed.len());
+    let kept: Vec<(String, String, i64)> = serde_json::from_str(&handed).unwrap();
+    assert!(kept.len() > 1000 && kept.len() < 4000, "{}", kept.len());
+    assert_eq!(kept[0], spends[3999], "the nearest its budget first");
+    assert!(kept.windows(2).all(|w| w[0].2 >= w[1].2));
+    // Read back by a new process, it hands over the same.
+    let new = limiter();
+    new.count_handed_over(&handed);
+    assert_eq!(new.handover(), handed);
+}
+
+/// This month's period id (`2026-12`), as the gateway names it.
+fn this_month() -> String {
+    let (period, _) = runestone::limits::period_at(
+        runestone::config::BudgetPeriod::Monthly,
+        runestone::limits::now_ms(),
+    );
+    period.to_string()
+}

@@ -145,6 +145,10 @@ pub use period::{accounting_period, period_at};
 /// ([`Limiter::handover`]).
 pub const HANDOVER_ENV: &str = "RUNESTONE_HANDED_OVER_SPEND";
 
+/// The most [`Limiter::handover`] writes: within Linux's bound on one
+/// environment string (128 KiB), or the new process could not start.
+pub const HANDOVER_BYTES: usize = 96 * 1024;
+
 /// Counters of one tenant in one period.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PeriodUsage {
@@ -333,28 +337,39 @@ impl Limiter {
     /// [`HANDOVER_ENV`]): each budgeted tenant's spend in its current
     /// period as this instance knows it (the last read from Redis and what
     /// it owes Redis), which that process counts while Redis is unavailable
-    /// ([`Limiter::count_handed_over`]). Empty without Redis.
+    /// ([`Limiter::count_handed_over`]). Empty without Redis. At most
+    /// [`HANDOVER_BYTES`] (an environment variable's bound), the tenants
+    /// nearest their budgets first.
     pub fn handover(&self) -> String {
         let inner = &self.inner;
         let Some(redis) = &inner.redis else {
             return String::new();
         };
         let now = now_ms();
-        let spends: Vec<(&str, String, i64)> = (0..inner.limits.len())
-            .filter(|&tenant| inner.limits[tenant].budget.is_some())
+        let mut spends: Vec<(f64, String)> = (0..inner.limits.len())
             .filter_map(|tenant| {
+                let budget = inner.limits[tenant].budget?;
                 let (period_id, _) = period_at(accounting_period(&inner.limits[tenant]), now);
                 let spent = redis.known_spend(tenant, &period_id);
-                (spent > 0).then(|| {
-                    (
-                        inner.tenant_ids[tenant].as_str(),
-                        period_id.to_string(),
-                        spent,
-                    )
-                })
+                let entry = (&inner.tenant_ids[tenant], &*period_id, spent);
+                let share = spent as f64 / budget.amount_pusd.max(1) as f64;
+                (spent > 0).then(|| (share, serde_json::to_string(&entry).unwrap_or_default()))
             })
             .collect();
-        serde_json::to_string(&spends).unwrap_or_default()
+        spends.sort_by(|a, b| b.0.total_cmp(&a.0));
+        let mut text = String::from("[");
+        for (_, entry) in &spends {
+            if text.len() + entry.len() + 2 > HANDOVER_BYTES {
+                tracing::warn!(tenants = spends.len(), "too many budgeted tenants to hand all their spend to the new process; those furthest from their budgets are left out");
+                break;
+            }
+            if text.len() > 1 {
+                text.push(',');
+            }
+            text.push_str(entry);
+        }
+        text.push(']');
+        text
     }
 
     /// Counts the spend a reload's predecessor knew ([`Limiter::handover`]'s
@@ -369,8 +384,12 @@ impl Limiter {
             );
             return;
         };
+        let tenants: std::collections::HashMap<&str, usize> = (self.inner.tenant_ids.iter())
+            .enumerate()
+            .map(|(tenant, id)| (id.as_str(), tenant))
+            .collect();
         for (id, period_id, spent) in spends {
-            if let Some(tenant) = self.inner.tenant_ids.iter().position(|t| *t == id) {
+            if let Some(&tenant) = tenants.get(id.as_str()) {
                 redis.count_known_spend(tenant, &period_id, spent);
             }
         }
