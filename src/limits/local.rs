@@ -184,6 +184,9 @@ mod tests {
     use super::*;
     use crate::config::{Budget, BudgetPeriod};
 
+    /// Nothing held elsewhere.
+    const NONE: Elsewhere = Elsewhere { spent: 0, held: 0 };
+
     fn limits() -> TenantLimits {
         TenantLimits {
             requests_per_minute: Some(5),
@@ -203,20 +206,12 @@ mod tests {
             max_concurrent: Some(2),
             ..TenantLimits::default()
         };
-        assert!(store
-            .admit(0, &l, 1, "p", Elsewhere::default(), 0.0)
-            .is_ok());
-        assert!(store
-            .admit(0, &l, 1, "p", Elsewhere::default(), 0.0)
-            .is_ok());
-        let refusal = store
-            .admit(0, &l, 1, "p", Elsewhere::default(), 0.0)
-            .unwrap_err();
+        assert!(store.admit(0, &l, 1, "p", NONE, 0.0).is_ok());
+        assert!(store.admit(0, &l, 1, "p", NONE, 0.0).is_ok());
+        let refusal = store.admit(0, &l, 1, "p", NONE, 0.0).unwrap_err();
         assert_eq!(refusal.limit, LimitKind::Concurrency);
         store.release(0);
-        assert!(store
-            .admit(0, &l, 1, "p", Elsewhere::default(), 0.0)
-            .is_ok());
+        assert!(store.admit(0, &l, 1, "p", NONE, 0.0).is_ok());
     }
 
     #[test]
@@ -224,17 +219,11 @@ mod tests {
         let store = LocalStore::new(1);
         let l = limits();
         // 900 tokens fit, then a 200-token request is refused by TPM ...
-        assert!(store
-            .admit(0, &l, 900, "p", Elsewhere::default(), 0.0)
-            .is_ok());
-        let refusal = store
-            .admit(0, &l, 200, "p", Elsewhere::default(), 0.0)
-            .unwrap_err();
+        assert!(store.admit(0, &l, 900, "p", NONE, 0.0).is_ok());
+        let refusal = store.admit(0, &l, 200, "p", NONE, 0.0).unwrap_err();
         assert_eq!(refusal.limit, LimitKind::Tokens);
         // ... without having taken a request or a slot.
-        let state = store
-            .admit(0, &l, 100, "p", Elsewhere::default(), 0.0)
-            .unwrap();
+        let state = store.admit(0, &l, 100, "p", NONE, 0.0).unwrap();
         assert_eq!(state.requests.unwrap().remaining, 3);
     }
 
@@ -245,20 +234,13 @@ mod tests {
             tokens_per_minute: Some(1000),
             ..TenantLimits::default()
         };
-        store
-            .admit(0, &l, 800, "p", Elsewhere::default(), 0.0)
-            .unwrap();
+        store.admit(0, &l, 800, "p", NONE, 0.0).unwrap();
         store.settle_limits(0, &l, 0, -700, 0.0); // used 100
-        let state = store
-            .admit(0, &l, 850, "p", Elsewhere::default(), 0.0)
-            .unwrap();
+        let state = store.admit(0, &l, 850, "p", NONE, 0.0).unwrap();
         assert_eq!(state.tokens.unwrap().remaining, 50);
         store.settle_limits(0, &l, 0, 150, 0.0); // used 1000 of 850 reserved
         assert_eq!(
-            store
-                .admit(0, &l, 1, "p", Elsewhere::default(), 0.0)
-                .unwrap_err()
-                .limit,
+            store.admit(0, &l, 1, "p", NONE, 0.0).unwrap_err().limit,
             LimitKind::Tokens
         );
     }
@@ -276,9 +258,7 @@ mod tests {
                 ..Default::default()
             },
         );
-        assert!(store
-            .admit(0, &l, 1, "d1", Elsewhere::default(), 0.0)
-            .is_ok());
+        assert!(store.admit(0, &l, 1, "d1", NONE, 0.0).is_ok());
         store.record(
             0,
             "d1",
@@ -289,18 +269,10 @@ mod tests {
             },
         );
         assert_eq!(
-            store
-                .admit(0, &l, 1, "d1", Elsewhere::default(), 0.0)
-                .unwrap_err()
-                .limit,
+            store.admit(0, &l, 1, "d1", NONE, 0.0).unwrap_err().limit,
             LimitKind::Budget
         );
-        assert!(
-            store
-                .admit(0, &l, 1, "d2", Elsewhere::default(), 0.0)
-                .is_ok(),
-            "a new day"
-        );
+        assert!(store.admit(0, &l, 1, "d2", NONE, 0.0).is_ok(), "a new day");
         assert_eq!(
             store
                 .admit(
