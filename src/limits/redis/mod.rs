@@ -524,6 +524,7 @@ impl RedisStore {
     /// spend, unless more is known already: a reload's predecessor's
     /// figure, good until Redis is read.
     pub fn count_known_spend(&self, tenant: usize, period_id: &str, spent: i64) {
+        let spent = spent.max(0);
         let mut known = lock(&self.inner.known_spend[tenant]);
         if known.0 != period_id {
             *known = (period_id.to_string(), spent);
