@@ -805,6 +805,12 @@ fn an_error_body_under_a_200_is_taken_as_its_status() {
         .map(|l| l["prompt_tokens"].as_u64().unwrap() + l["completion_tokens"].as_u64().unwrap())
         .sum();
     assert_eq!(prompt + completion, answered);
+    // Nor is a web page where the answer belongs.
+    mock.fault(json!({"status": 200, "error_body": "<html><body>Welcome to nginx!</body></html>", "content_type": "text/plain", "model": "m-small"}));
+    let resp = ask(&gw, "small");
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.json()["model"], "m-large");
+    assert_eq!(attempts(&mock, "m-large"), 3);
     // A fault of the request is the client's answer, with its status.
     mock.fault(under_200(
         r#"{"error":{"message":"bad tool","type":"invalid_request_error","code":"invalid_value"}}"#,
@@ -812,7 +818,7 @@ fn an_error_body_under_a_200_is_taken_as_its_status() {
     let resp = ask(&gw, "small");
     assert_eq!(resp.status, 400);
     assert_eq!(resp.json()["error"]["message"], "bad tool");
-    assert_eq!(attempts(&mock, "m-large"), 2, "not failed over");
+    assert_eq!(attempts(&mock, "m-large"), 3, "not failed over");
     // An answer that merely has an `error` member (null, or empty) is one.
     mock.fault(under_200(
         r#"{"id":"chatcmpl-1","object":"chat.completion","created":1,"model":"m-small","error":null,"choices":[{"index":0,"message":{"role":"assistant","content":"ok"},"finish_reason":"stop"}]}"#,

@@ -211,12 +211,12 @@ fn hostile_provider_catalog_gets_exact_answers_and_accounting_holds() {
     type Case = (&'static str, Value, bool, u16, &'static str, f64);
     let cases: Vec<Case> = vec![
         (
-            "a 200 that is not JSON: passed on, usage estimated",
+            "a 200 that is not JSON: the provider's failure, nothing billed",
             json!({"status": 200, "error_body": "plain words, not JSON"}),
             false,
-            200,
-            "plain words",
-            100.0,
+            502,
+            "not JSON",
+            0.0,
         ),
         (
             "a giant SSE line: passed on, not held",

@@ -122,6 +122,15 @@ impl Endpoint {
         )
     }
 
+    /// Whether a whole answer is always a JSON object (a stream aside):
+    /// not speech's audio, nor a transcription's text, SRT or VTT.
+    pub fn answers_json(self) -> bool {
+        !matches!(
+            self,
+            Endpoint::Speech | Endpoint::Transcriptions | Endpoint::Translations
+        )
+    }
+
     /// Whether the answer is text the gateway counts tokens of when the
     /// provider reports none (else only reported tokens, and the request's
     /// or answer's images, characters and seconds, are billed).

@@ -440,6 +440,7 @@ impl Attempt<'_> {
         } else {
             Meter::for_response(
                 head,
+                exchange.bills && exchange.endpoint.answers_json(),
                 exchange.strip_usage,
                 exchange.estimate,
                 &self.route.targets[self.backend.target].model,
@@ -534,6 +535,16 @@ impl Attempt<'_> {
                         };
                         return Err(self.deployment_failure(ApiError::upstream_error(format!(
                             "The provider '{}' {what}.",
+                            provider.name
+                        ))));
+                    }
+                    // Nor is a page or words where a JSON answer belongs (a
+                    // base URL that reaches a web server, say).
+                    let json_expected = exchange.bills && exchange.endpoint.answers_json();
+                    if json_expected && !may_be_empty && meter.not_an_object() {
+                        warn!(request_id = %exchange.request_id, provider = %provider.name, received, "provider answered 200 with a body that is not a JSON object");
+                        return Err(self.deployment_failure(ApiError::upstream_error(format!(
+                            "The provider '{}' answered 200 with a body that is not JSON.",
                             provider.name
                         ))));
                     }

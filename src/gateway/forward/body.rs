@@ -187,8 +187,12 @@ pub(super) enum Meter {
 impl Meter {
     /// The meter for an OpenAI-format answer with this header; `estimate`
     /// counts (as `model`'s encoding does) when the provider reports no usage.
+    /// An endpoint whose answers are JSON (`answers_json`) has them read as
+    /// JSON whatever their content type says (a page or words in their
+    /// place are then judged whole, not passed on as they come).
     pub(super) fn for_response(
         header: &ResponseHeader,
+        answers_json: bool,
         strip_usage: bool,
         estimate: &Estimate,
         model: &str,
@@ -198,7 +202,7 @@ impl Meter {
             (true, true) => Meter::Stream(Box::new(
                 StreamMeter::new(strip_usage).with_estimate(estimate.clone(), model),
             )),
-            (true, false) if is_opaque(header) => Meter::Opaque { seen: 0 },
+            (true, false) if !answers_json && is_opaque(header) => Meter::Opaque { seen: 0 },
             (true, false) => Meter::Json {
                 body: Vec::new(),
                 seen: 0,
@@ -381,6 +385,18 @@ impl Meter {
                 crate::openai::error_in_json_answer(body)
             }
             _ => None,
+        }
+    }
+
+    /// Whether a whole JSON answer (as the meter holds it) is no JSON
+    /// object: not `{` ... `}`, as an HTML page or plain words are not.
+    pub(super) fn not_an_object(&self) -> bool {
+        match self {
+            Meter::Json { body, seen, .. } if *seen <= cost::MAX_METERED_JSON_BYTES => {
+                let body = body.trim_ascii();
+                !(body.starts_with(b"{") && body.ends_with(b"}"))
+            }
+            _ => false,
         }
     }
 
