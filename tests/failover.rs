@@ -829,6 +829,22 @@ fn an_error_body_under_a_200_is_taken_as_its_status() {
 }
 
 #[test]
+fn a_chat_streams_heartbeat_is_no_content() {
+    // A router's typed keep-alive before its upstream failed: nothing for
+    // the client yet, so the fallback answers.
+    let (mock, gw) = start("", "");
+    mock.fault(json!({
+        "status": 200,
+        "content_type": "text/event-stream",
+        "error_body": "data: {\"type\":\"heartbeat\"}\n\ndata: {\"error\":{\"message\":\"overloaded\",\"type\":\"server_error\"}}\n\n",
+        "model": "m-small",
+    }));
+    let (text, _) = whole_stream(&stream(&gw, "small", 4));
+    assert_eq!(text, mock_text(4));
+    assert_eq!(attempts(&mock, "m-large"), 1, "the fallback answered");
+}
+
+#[test]
 fn a_redirect_is_neither_followed_nor_passed_on_and_fails_over() {
     // A deployment answering 3xx (a base URL the provider moved, plain
     // HTTP where it wants TLS): the client used to get the 307 itself,

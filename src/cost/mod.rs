@@ -1247,6 +1247,6 @@ mod tests;
 mod tokens;
 
 pub use media::Media;
-pub use stream::StreamMeter;
 pub(crate) use stream::{line_end, lines, rest_of_line_end, SAMPLE_BYTES};
+pub use stream::{media_event, StreamMeter};
 pub use tokens::{sample_text, Encoding, Estimate};

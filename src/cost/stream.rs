@@ -199,7 +199,7 @@ fn ends_with_answer(kind: &str) -> bool {
 /// Whether `kind` is an event of a streamed speech, transcription or image
 /// (`Some`), and whether it is the stream's last (the whole answer, with
 /// its usage).
-fn media_event(kind: &str) -> Option<bool> {
+pub fn media_event(kind: &str) -> Option<bool> {
     let (stream, event) = kind.rsplit_once('.')?;
     matches!(
         stream,
@@ -543,6 +543,13 @@ impl StreamMeter {
                 // all the same.
                 if self.response_id.is_some() {
                     self.next_sequence = numbered_after(self.next_sequence, number);
+                }
+                // The last event of an image or a transcription, its
+                // `type` after its data (a server writing its fields in
+                // alphabetical order puts `b64_json` first).
+                if kinds_in(&tail).any(|kind| media_event(kind) == Some(true)) {
+                    self.media = true;
+                    self.saw_media_end = true;
                 }
                 let kept = kept();
                 if crate::openai::kept_event_is_error(&kept) {
@@ -888,7 +895,7 @@ impl StreamMeter {
     /// another shape counts as finished).
     pub fn finished(&self) -> bool {
         if self.media {
-            return self.saw_media_end;
+            return self.saw_media_end || self.saw_done;
         }
         if self.response_id.is_some() {
             return self.saw_response_end;
@@ -1030,6 +1037,17 @@ impl StreamMeter {
         out.extend_from_slice(b"data: [DONE]\n\n");
         Bytes::from(out)
     }
+}
+
+/// The values of the `"type"` members whole in `bytes` (a part of an
+/// event), at any depth: a string holding `"type"` has its quotes escaped.
+fn kinds_in(bytes: &[u8]) -> impl Iterator<Item = &str> {
+    memchr::memmem::find_iter(bytes, b"\"type\"").filter_map(move |at| {
+        let rest = bytes[at + 6..].trim_ascii_start().strip_prefix(b":")?;
+        let rest = rest.trim_ascii_start().strip_prefix(b"\"")?;
+        let end = memchr::memchr(b'"', rest)?;
+        std::str::from_utf8(&rest[..end]).ok()
+    })
 }
 
 /// An event's type from its start: its `event:` line, else the `type` its

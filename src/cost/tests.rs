@@ -374,6 +374,28 @@ fn speech_transcriptions_and_images_finish_at_their_last_event() {
         meter.feed(Bytes::from(format!("data: {{\"type\":\"{last}\"}}\n\n")));
         assert!(meter.finished(), "{last}");
     }
+    // One whose last event is too long to hold, its `type` after its
+    // image (as a server writing fields in alphabetical order has it).
+    let mut meter = StreamMeter::new(false);
+    meter.feed(Bytes::from_static(
+        b"data: {\"type\":\"image_generation.partial_image\",\"b64_json\":\"iVBO\"}\n\n",
+    ));
+    let image = "A".repeat(2 * 1024 * 1024);
+    let last = format!("data: {{\"b64_json\":\"{image}\",\"type\": \"image_generation.completed\",\"usage\":{{\"input_tokens\":5,\"output_tokens\":50}}}}\n\n");
+    for piece in last.as_bytes().chunks(64 * 1024) {
+        meter.feed(Bytes::copy_from_slice(piece));
+    }
+    assert!(meter.finished(), "ended by its oversized last event");
+    assert_eq!(
+        meter.reported_usage().map(|u| u.completion_tokens),
+        Some(50)
+    );
+    // A `[DONE]` ends one too.
+    let mut meter = StreamMeter::new(false);
+    meter.feed(Bytes::from_static(
+        b"data: {\"type\":\"transcript.text.delta\",\"delta\":\"hi\"}\n\ndata: [DONE]\n\n",
+    ));
+    assert!(meter.finished());
     // Nor is the error of one its end.
     let mut meter = StreamMeter::new(false);
     meter.feed(Bytes::from_static(

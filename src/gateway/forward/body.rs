@@ -1528,25 +1528,25 @@ fn carries_content(payload: &[u8]) -> bool {
     {
         return false;
     }
-    if let Some(kind) = event.kind.as_deref().filter(|_| event.choices.is_empty()) {
+    if let Some(kind) = event.kind.as_deref() {
         // A stream of typed events (the Responses API's, a streamed
         // transcription's `transcript.text.delta`, speech's
         // `speech.audio.delta`, an image's `partial_image`): each carries
-        // something but the stream's error, a keep-alive, and the
-        // Responses API's opening events.
-        return !(kind == "error"
-            || kind.ends_with(".failed")
-            || kind.ends_with(".error")
-            || matches!(
+        // something but the stream's error and the Responses API's
+        // opening events. (Another `type`, as a chat stream's heartbeat,
+        // is judged by its choices.)
+        if kind == "error" || kind.starts_with("response.") || cost::media_event(kind).is_some() {
+            return !matches!(
                 kind,
-                "ping"
-                    | "keepalive"
+                "error"
+                    | "response.failed"
                     | "response.created"
                     | "response.in_progress"
                     | "response.queued"
                     | "response.output_item.added"
                     | "response.content_part.added"
-            ));
+            );
+        }
     }
     let present =
         |raw: Option<&serde_json::value::RawValue>| raw.is_some_and(|r| r.get() != "null");
@@ -1744,12 +1744,13 @@ mod tests {
             first.scan(event);
             assert!(first.found(), "{}", String::from_utf8_lossy(event));
         }
-        // A typed stream's error, keep-alive or opening carries nothing.
+        // A typed stream's error or opening carries nothing, nor does a
+        // chat stream's heartbeat.
         for event in [
             &b"data: {\"type\":\"error\",\"error\":{\"message\":\"no\"}}\n"[..],
             b"data: {\"type\":\"response.failed\",\"response\":{}}\n",
             b"data: {\"type\":\"ping\"}\n",
-            b"data: {\"type\":\"keepalive\"}\n",
+            b"data: {\"type\":\"heartbeat\"}\n",
             b"data: {\"type\":\"response.created\",\"response\":{}}\n",
             b"data: {\"type\":\"response.content_part.added\"}\n",
         ] {
