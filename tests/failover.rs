@@ -813,11 +813,20 @@ fn an_error_body_under_a_200_is_taken_as_its_status() {
     assert_eq!(attempts(&mock, "m-large"), 3);
     // A fault of the request is the client's answer, with its status.
     mock.fault(under_200(
-        r#"{"error":{"message":"bad tool","type":"invalid_request_error","code":"invalid_value"}}"#,
+        r#"{"error":{"message":"bad tool","type":"invalid_request_error","code":"invalid_value","param":"tools"}}"#,
     ));
     let resp = ask(&gw, "small");
     assert_eq!(resp.status, 400);
     assert_eq!(resp.json()["error"]["message"], "bad tool");
+    assert_eq!(resp.json()["error"]["param"], "tools");
+    // One that says nothing says so.
+    mock.fault(json!({"status": 200, "error_body": r#"{"error":true}"#, "content_type": "application/json", "model": "m-solo", "count": 10}));
+    let resp = ask(&gw, "solo");
+    assert_eq!(resp.status, 502);
+    assert_eq!(
+        resp.json()["error"]["message"],
+        "The provider answered with an error."
+    );
     assert_eq!(attempts(&mock, "m-large"), 3, "not failed over");
     // An answer that merely has an `error` member (null, or empty) is one.
     mock.fault(under_200(

@@ -587,7 +587,8 @@ pub fn error_in_json_answer(body: &[u8]) -> Option<ApiError> {
         || shape
             .object
             .is_some_and(|object| crate::json::is_str(object, "error"));
-    (said && shape.id.is_none()).then(|| ApiError::from_in_band(body))
+    (said && shape.id.is_none())
+        .then(|| ApiError::from_error_object(body, "The provider answered with an error."))
 }
 
 /// [`error_says`] of an `error` member's raw JSON.
@@ -656,13 +657,19 @@ impl ApiError {
     /// (unmasked: the caller masks
     /// the provider's key); a prompt too long as OpenAI says it.
     pub fn from_in_band(payload: &[u8]) -> Self {
+        Self::from_error_object(payload, "The provider ended the stream with an error.")
+    }
+
+    /// [`ApiError::from_in_band`] of an error `payload`, saying `unsaid`
+    /// when it has no message of its own.
+    fn from_error_object(payload: &[u8], unsaid: &str) -> Self {
         let event = read_event(payload);
         let error = error_object(&event);
         let message: String = error["message"]
             .as_str()
             .or(error["error"].as_str())
             .filter(|message| !message.trim().is_empty())
-            .unwrap_or("The provider ended the stream with an error.")
+            .unwrap_or(unsaid)
             .to_owned();
         match error_status(error) {
             429 => Self::new(429, "rate_limit_error", "upstream_rate_limited", message),
@@ -673,8 +680,11 @@ impl ApiError {
                 Self::context_length_exceeded(message)
             }
             status @ 400..=499 => {
+                let param = error["param"].as_str().map(Box::from);
                 let mut error = Self::bad_request(message);
                 error.status = status;
+                // The request field at fault, as the provider named it.
+                error.param = param;
                 error
             }
             _ => Self::upstream_error(message),
