@@ -2604,3 +2604,54 @@ fn streamed_speech_transcriptions_and_images_reach_the_client_as_they_come() {
         }
     }
 }
+
+#[test]
+fn streamed_speech_its_client_leaves_is_billed_the_usage_its_last_event_reports() {
+    // Speech priced by tokens reports them only in its last event: a client
+    // that takes the audio and leaves before it does not make it free.
+    let client_left = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let provider_waits = client_left.clone();
+    let port = hand_written_provider(move |mut stream| {
+        if request_bytes(&mut stream).is_none() {
+            return;
+        }
+        let chunk = |event: Value| {
+            let event = format!("data: {event}\n\n");
+            format!("{:x}\r\n{event}\r\n", event.len())
+        };
+        let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
+        let delta = chunk(json!({"type": "speech.audio.delta", "audio": "SUQz"}));
+        let _ = stream.write_all(format!("{head}{delta}").as_bytes());
+        wait_until(Duration::from_secs(10), "the client to leave", || {
+            provider_waits.load(std::sync::atomic::Ordering::SeqCst)
+        });
+        let done = chunk(
+            json!({"type": "speech.audio.done", "usage": {"input_tokens": 3, "output_tokens": 700, "total_tokens": 703}}),
+        );
+        let _ = stream.write_all(format!("{done}0\r\n\r\n").as_bytes());
+    });
+    let mock = Mock::start(&[]);
+    let gw = Gateway::start(&alone(&mock, "tts", port, ""));
+    let body = json!({"model": "m", "input": "hi", "voice": "alloy", "stream_format": "sse"});
+    let resp = ureq::post(&gw.url("/v1/audio/speech"))
+        .set("authorization", &format!("Bearer {TENANT_KEY}"))
+        .send_json(body)
+        .unwrap();
+    let mut reader = std::io::BufReader::new(resp.into_reader());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut reader, &mut line).unwrap();
+    assert!(line.contains("speech.audio.delta"), "{line}");
+    drop(reader);
+    client_left.store(true, std::sync::atomic::Ordering::SeqCst);
+    let completion = || {
+        metric_sum(
+            &gw.metrics(),
+            "runestone_tokens_total",
+            &["kind=\"completion\""],
+        )
+    };
+    wait_until(Duration::from_secs(10), "the request to be billed", || {
+        completion() > 0.0
+    });
+    assert_eq!(completion(), 700.0, "billed what its last event reported");
+}

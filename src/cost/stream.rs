@@ -903,6 +903,12 @@ impl StreamMeter {
         self.saw_done || self.saw_finish || !self.saw_choices
     }
 
+    /// Whether this is a stream of speech, a transcription or an image,
+    /// whose usage comes only with its last event.
+    pub fn is_media(&self) -> bool {
+        self.media
+    }
+
     /// Whether this is a completion stream (chunks with choices), which
     /// ends with `[DONE]`.
     pub fn is_completion_stream(&self) -> bool {

@@ -817,6 +817,9 @@ impl Copy<'_> {
                 held,
             )
             .await;
+        if matches!(end, BodyEnd::ClientGone) && !settled {
+            self.read_for_usage(upstream, meter).await;
+        }
         if !settled {
             // Not settled before the end (a broken or abandoned body): what
             // the meter saw is what the request used.
@@ -1220,6 +1223,32 @@ impl Copy<'_> {
             }
         }
         Ok(())
+    }
+
+    /// A streamed speech, transcription or image whose client left before
+    /// its last event: the rest is read, sent nowhere, for that event's
+    /// usage (the only count of what it used), within the attempt's time
+    /// and idle gaps. Any other stream ends at once.
+    async fn read_for_usage(&self, upstream: &mut UpstreamBody<'_>, meter: &mut Meter) {
+        let mut stall = Stall::new(self.idle, self.deadline);
+        let unfinished = |meter: &Meter| matches!(meter, Meter::Stream(m) if m.is_media() && !m.finished() && !m.saw_error());
+        while self.bills && unfinished(meter) {
+            stall.reading();
+            if stall.past(self.deadline) {
+                return;
+            }
+            let read = tokio::select! {
+                biased;
+                read = upstream.read_ready() => read,
+                _ = stall.stalled() => return,
+            };
+            match read {
+                Ok(Some(chunk)) => {
+                    meter.feed(chunk);
+                }
+                Ok(None) | Err(_) => return,
+            }
+        }
     }
 
     /// How the copy ends when its client went away: after the provider's
