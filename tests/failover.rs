@@ -835,6 +835,14 @@ fn an_error_body_under_a_200_is_taken_as_its_status() {
     let resp = ask(&gw, "small");
     assert_eq!(resp.status, 200);
     assert_eq!(resp.json()["model"], "m-small");
+    // A rate limit rests the deployment; the next one answers.
+    mock.fault(under_200(
+        r#"{"error":{"message":"slow down","type":"rate_limit_error","code":"rate_limit_exceeded"}}"#,
+    ));
+    let resp = ask(&gw, "small");
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.json()["model"], "m-large");
+    assert_eq!(resp.header("x-runestone-attempts"), Some("2"));
 }
 
 #[test]
