@@ -1392,3 +1392,45 @@ fn this_month() -> String {
     );
     period.to_string()
 }
+
+/// An outage longer than a lease's TTL lets Redis expire the leases of
+/// requests still running here (its clock runs on while it is frozen):
+/// they are put back before the tenant counts as up, so their slots are not
+/// given out twice.
+#[test]
+fn leases_redis_let_expire_in_an_outage_are_put_back_before_it_counts_again() {
+    use runestone::limits::LimitKind;
+    let redis = Redis::start();
+    let runtime = runtime();
+    let inflight = "runestone:{t}:inflight";
+    runtime.block_on(async {
+        let (limiter, _stop) = redis_limiter(&redis, "{ max_concurrent: 2 }", FROZEN_TIMEOUT_MS);
+        limiter.redis().unwrap().connect().await;
+        let held = limiter.admit(0, 10).await.expect("admitted by Redis");
+        // The lease ends in 500 ms of Redis's time, as if its renewals had
+        // been missed: gone by the time Redis answers again.
+        let lease = redis.cli(&["ZRANGE", inflight, "0", "-1"]);
+        let time = redis.cli(&["TIME"]);
+        let now_ms = time.lines().next().unwrap().trim().parse::<u64>().unwrap() * 1000;
+        let soon = (now_ms + 500).to_string();
+        redis.cli(&["ZADD", inflight, "XX", &soon, lease.trim()]);
+        redis.freeze();
+        // Down after the timeout (1 s): the in-process slot is the second.
+        let local = limiter.admit(0, 10).await.expect("admitted in process");
+        assert!(!limiter.redis().unwrap().is_up());
+        redis.thaw();
+        wait_for_redis(&redis, &limiter, "Redis to answer", &["PING"], |out| {
+            out.contains("PONG")
+        })
+        .await;
+        let refused = limiter.admit(0, 10).await.unwrap_err();
+        assert_eq!(
+            refused.limit,
+            LimitKind::Concurrency,
+            "the lease Redis lost counts again"
+        );
+        assert_eq!(redis.cli(&["ZCARD", inflight]).trim(), "1");
+        limiter.settle(held, used(1)).await;
+        limiter.settle(local, used(1)).await;
+    });
+}

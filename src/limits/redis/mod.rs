@@ -656,6 +656,7 @@ impl RedisStore {
             }
         });
         for (tenant, answered) in futures_util::future::join_all(probes).await {
+            let answered = answered && self.restore_leases(tenant).await;
             if answered && self.inner.shared.recovered(Some(tenant)) && !down.is_empty() {
                 // Every operation's error count starts at 0, so rates work at once.
                 for op in [
@@ -775,22 +776,40 @@ impl RedisStore {
             by_tenant.entry(*tenant).or_default().push(*lease);
         }
         for (tenant, leases) in by_tenant {
-            if !self.tenant_up(tenant) {
-                continue;
+            if self.tenant_up(tenant) {
+                self.renew(tenant, &leases, "XX").await;
             }
-            let key = &self.inner.keys[tenant].inflight;
-            let leases = &leases;
-            let _: Option<i64> = self
-                .call(Some(tenant), "renew", |mut conn| async move {
-                    let mut invocation = self.inner.renew.key(key);
-                    invocation.arg(LEASE_TTL_MS);
-                    for lease in leases {
-                        invocation.arg(lease);
-                    }
-                    invocation.invoke_async(&mut conn).await
-                })
-                .await;
         }
+    }
+
+    /// Renews `leases` of `tenant` (`mode` as [`scripts::RENEW`] takes it);
+    /// whether Redis answered.
+    async fn renew(&self, tenant: usize, leases: &[Lease], mode: &'static str) -> bool {
+        let key = &self.inner.keys[tenant].inflight;
+        let renewed: Option<i64> = self
+            .call(Some(tenant), "renew", |mut conn| async move {
+                let mut invocation = self.inner.renew.key(key);
+                invocation.arg(LEASE_TTL_MS).arg(mode);
+                for lease in leases {
+                    invocation.arg(lease);
+                }
+                invocation.invoke_async(&mut conn).await
+            })
+            .await;
+        renewed.is_some()
+    }
+
+    /// Puts back the leases of `tenant` this instance still holds, before
+    /// the tenant counts as up again: an outage longer than their TTL let
+    /// Redis expire them (its clock ran on), and the slots must not be
+    /// given out twice. Whether Redis took them.
+    async fn restore_leases(&self, tenant: usize) -> bool {
+        let leases: Vec<Lease> = lock(&self.inner.leases)
+            .iter()
+            .filter(|&(_, &t)| t == tenant)
+            .map(|(lease, _)| *lease)
+            .collect();
+        leases.is_empty() || self.renew(tenant, &leases, "").await
     }
 }
 

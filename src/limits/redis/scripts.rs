@@ -183,11 +183,21 @@ pub(super) const REFUSED: &str = "REFUSED";
 /// sends the copy within a probe interval of that, so minutes are ample.
 pub(super) const SETTLED_TTL_MS: u64 = 600_000;
 
-/// Renews this instance's leases of one tenant.
+/// Renews this instance's leases of one tenant. ARGV: the lease TTL, `XX`
+/// to renew only the leases Redis still holds (a lease released meanwhile
+/// stays released) or empty to put back those it lost (after an outage
+/// longer than the TTL, when the instance still holds them), then the
+/// leases.
 pub(super) const RENEW: &str = r"
 local t = redis.call('TIME')
 local expiry = math.floor(tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000 + tonumber(ARGV[1]))
-for i = 2, #ARGV do redis.call('ZADD', KEYS[1], 'XX', expiry, ARGV[i]) end
+for i = 3, #ARGV do
+  if ARGV[2] == 'XX' then
+    redis.call('ZADD', KEYS[1], 'XX', expiry, ARGV[i])
+  else
+    redis.call('ZADD', KEYS[1], expiry, ARGV[i])
+  end
+end
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[1]) * 2)
 return 1
 ";
