@@ -1744,6 +1744,12 @@ mod tests {
 
     #[test]
     fn the_first_content_is_the_first_event_with_something_in_it() {
+        /// Whether a stream's first content is found in `event`.
+        fn found_in(event: &[u8]) -> bool {
+            let mut first = FirstContent::new(true);
+            first.scan(event);
+            first.found()
+        }
         let mut first = FirstContent::new(true);
         first.scan(b"data: {\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}]}\n\n");
         assert!(!first.found(), "a role-only event is not content");
@@ -1769,9 +1775,7 @@ mod tests {
             b"data: {\"type\":\"image_generation.partial_image\",\"b64_json\":\"iVBO\"}\n",
             b"data: {\"type\":\"response.output_text.delta\",\"delta\":\"Hel\"}\n",
         ] {
-            let mut first = FirstContent::new(true);
-            first.scan(event);
-            assert!(first.found(), "{}", String::from_utf8_lossy(event));
+            assert!(found_in(event), "{}", String::from_utf8_lossy(event));
         }
         // A typed stream's error or opening carries nothing, nor does a
         // chat stream's heartbeat.
@@ -1783,9 +1787,7 @@ mod tests {
             b"data: {\"type\":\"response.created\",\"response\":{}}\n",
             b"data: {\"type\":\"response.content_part.added\"}\n",
         ] {
-            let mut first = FirstContent::new(true);
-            first.scan(event);
-            assert!(!first.found(), "{}", String::from_utf8_lossy(event));
+            assert!(!found_in(event), "{}", String::from_utf8_lossy(event));
         }
         let mut json = FirstContent::new(false);
         json.scan(b"{\"choices\":[]}");
