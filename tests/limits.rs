@@ -1434,3 +1434,49 @@ fn leases_redis_let_expire_in_an_outage_are_put_back_before_it_counts_again() {
         limiter.settle(local, used(1)).await;
     });
 }
+
+/// A gateway stopping while Redis does not answer pays what it owes Redis
+/// if Redis answers before the process ends (its grace period), rather
+/// than trying once and losing it.
+#[test]
+fn usage_owed_to_redis_is_paid_while_the_gateway_stops() {
+    let redis = Redis::start();
+    let mock = Mock::start(&[]);
+    let mut config = limited_within(&mock, "{ requests_per_minute: 1000 }", Some(&redis), 300);
+    config.grace = 10;
+    let mut gw = Gateway::start(&config);
+    let ask = || {
+        gw.post_json(
+            "/v1/chat/completions",
+            TENANT_KEY,
+            &chat("gpt-4o-mini", false),
+        )
+    };
+    for _ in 0..2 {
+        assert_eq!(ask().status, 200);
+    }
+    redis.freeze();
+    for _ in 0..3 {
+        assert_eq!(ask().status, 200, "served in process");
+    }
+    signal(gw.pid(), "TERM");
+    wait_until(
+        Duration::from_secs(10),
+        "the gateway to say it owes Redis",
+        || gw.log().contains("stopping while Redis does not answer"),
+    );
+    redis.thaw();
+    assert_eq!(gw.wait_exit(Duration::from_secs(30)), Some(0));
+    assert!(
+        gw.log().contains("paid Redis what was owed"),
+        "{}",
+        gw.log()
+    );
+    let keys = redis.cli(&["KEYS", "runestone:{acme}:usage:*"]);
+    let key = keys.lines().next().unwrap().trim().to_string();
+    assert_eq!(
+        redis.cli(&["HGET", &key, "requests"]).trim(),
+        "5",
+        "every request billed once"
+    );
+}

@@ -18,7 +18,8 @@ impl RedisMaintenance {
 }
 
 impl RedisMaintenance {
-    /// Runs until `shutdown` turns true, flushing once more then.
+    /// Runs until `shutdown` turns true, then pays what is owed while the
+    /// process drains.
     pub async fn run(&self, mut shutdown: tokio::sync::watch::Receiver<bool>) {
         self.store.connect().await;
         let mut probe = tokio::time::interval(PROBE_EVERY);
@@ -35,7 +36,7 @@ impl RedisMaintenance {
                 }
                 _ = renew.tick() => self.store.renew_leases().await,
                 _ = shutdown.changed() => {
-                    self.store.flush_pending().await;
+                    self.store.pay_before_exit().await;
                     return;
                 }
             }

@@ -769,6 +769,40 @@ impl RedisStore {
         }
     }
 
+    /// What this instance owes Redis and has not paid (pUSD): usage
+    /// recorded while it was down, and batches whose answer never came.
+    fn owed(&self) -> Option<i64> {
+        let ledger = lock(&self.inner.shared.ledger);
+        let pending = ledger.pending.values().map(|usage| usage.cost_pusd);
+        let unsettled = ledger.unsettled.iter().map(|batch| batch.usage.cost_pusd);
+        let owes = !ledger.pending.is_empty() || !ledger.unsettled.is_empty();
+        owes.then(|| pending.chain(unsettled).sum())
+    }
+
+    /// Pays what is owed at shutdown: tried again while the process
+    /// drains, since Redis may answer before it ends; said once when it
+    /// does not answer at first, for what is still owed when the process
+    /// ends is lost.
+    pub(super) async fn pay_before_exit(&self) {
+        let mut said = false;
+        loop {
+            self.flush_pending().await;
+            let Some(owed) = self.owed() else {
+                if said {
+                    info!("paid Redis what was owed before stopping");
+                }
+                return;
+            };
+            if !std::mem::replace(&mut said, true) {
+                warn!(owed_usd = owed as f64 / 1e12, "stopping while Redis does not answer: the usage owed to it is paid if it answers before this process ends, and lost if not");
+            }
+            tokio::time::sleep(PROBE_EVERY).await;
+            if !self.is_up() {
+                self.probe().await;
+            }
+        }
+    }
+
     /// Extends the leases this instance holds.
     async fn renew_leases(&self) {
         let mut by_tenant: HashMap<usize, Vec<Lease>> = HashMap::new();
