@@ -395,6 +395,19 @@ impl Limiter {
         }
     }
 
+    /// What Redis admitted that the in-process store counts while Redis is
+    /// unavailable: the last known shared spend, and this instance's
+    /// requests in flight with a Redis slot.
+    fn held_in_redis(&self, tenant: usize, period_id: &str) -> local::Elsewhere {
+        let Some(redis) = &self.inner.redis else {
+            return local::Elsewhere::default();
+        };
+        local::Elsewhere {
+            spent: redis.known_spend(tenant, period_id),
+            held: redis.leases_of(tenant),
+        }
+    }
+
     /// Counts a request held back by `limit` in `runestone_rate_limited_total`:
     /// once per request, by the caller that refused it (the overflow queue's
     /// retries for a parked request are not refusals).
@@ -421,50 +434,44 @@ impl Limiter {
             (inner.redis.is_some() && limits.max_concurrent.is_some()).then(redis::Lease::random);
         let now = now_ms();
         let (period_id, period_left_ms) = period_at(accounting_period(limits), now);
-        let decided =
-            if !limits.is_limited() {
-                Ok((Decided::Unlimited, RateLimitState::default()))
-            } else {
-                let from_redis = match &inner.redis {
-                    Some(redis) => {
-                        // What this instance admitted while Redis was away
-                        // counts there too, until it ends.
-                        let outside = inner.local.outside_redis(tenant);
-                        let ask = redis::AdmitRequest {
-                            tokens,
-                            lease,
-                            period_id: &period_id,
-                            outside,
-                        };
-                        redis.admit(tenant, limits, ask).await
-                    }
-                    None => None,
-                };
-                match from_redis {
-                    Some(result) => result.map(|state| (Decided::Redis, state)),
-                    None => {
-                        // And what Redis admitted counts here.
-                        let elsewhere = inner.redis.as_ref().map_or_else(Default::default, |r| {
-                            local::Elsewhere {
-                                spent: r.known_spend(tenant, &period_id),
-                                held: r.leases_of(tenant),
-                            }
-                        });
-                        inner
-                            .local
-                            .admit(
-                                tenant,
-                                limits,
-                                tokens,
-                                &period_id,
-                                elsewhere,
-                                // Redis may have taken a while to fail.
-                                if inner.redis.is_some() { now_ms() } else { now },
-                            )
-                            .map(|state| (Decided::Local, state))
-                    }
+        let decided = if !limits.is_limited() {
+            Ok((Decided::Unlimited, RateLimitState::default()))
+        } else {
+            let from_redis = match &inner.redis {
+                Some(redis) => {
+                    // What this instance admitted while Redis was away
+                    // counts there too, until it ends.
+                    let outside = inner.local.outside_redis(tenant);
+                    let ask = redis::AdmitRequest {
+                        tokens,
+                        lease,
+                        period_id: &period_id,
+                        outside,
+                    };
+                    redis.admit(tenant, limits, ask).await
                 }
+                None => None,
             };
+            match from_redis {
+                Some(result) => result.map(|state| (Decided::Redis, state)),
+                None => {
+                    // And what Redis admitted counts here.
+                    let elsewhere = self.held_in_redis(tenant, &period_id);
+                    inner
+                        .local
+                        .admit(
+                            tenant,
+                            limits,
+                            tokens,
+                            &period_id,
+                            elsewhere,
+                            // Redis may have taken a while to fail.
+                            if inner.redis.is_some() { now_ms() } else { now },
+                        )
+                        .map(|state| (Decided::Local, state))
+                }
+            }
+        };
         match decided {
             Ok((decided, state)) => {
                 inner.inflight[tenant].inc();
