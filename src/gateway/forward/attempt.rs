@@ -418,6 +418,9 @@ impl Attempt<'_> {
         // Whatever the provider sends on, its key never reaches the client.
         let mut redactor = Redactor::new(provider.redact_key.as_ref());
         let translated = kind.translates_answers();
+        // Whether a whole answer must be a JSON object (not a read of a
+        // stored response, whatever it holds).
+        let json_expected = exchange.bills && exchange.endpoint.answers_json();
         if !head.status.is_success() || (translated && !event_stream) {
             // An error answer, or a translated JSON one: read whole, then
             // decided on.
@@ -440,7 +443,7 @@ impl Attempt<'_> {
         } else {
             Meter::for_response(
                 head,
-                exchange.bills && exchange.endpoint.answers_json(),
+                json_expected,
                 exchange.strip_usage,
                 exchange.estimate,
                 &self.route.targets[self.backend.target].model,
@@ -540,7 +543,6 @@ impl Attempt<'_> {
                     }
                     // Nor is a page or words where a JSON answer belongs (a
                     // base URL that reaches a web server, say).
-                    let json_expected = exchange.bills && exchange.endpoint.answers_json();
                     if json_expected && !may_be_empty && meter.not_an_object() {
                         warn!(request_id = %exchange.request_id, provider = %provider.name, received, "provider answered 200 with a body that is not a JSON object");
                         return Err(self.deployment_failure(ApiError::upstream_error(format!(

@@ -493,8 +493,16 @@ impl RedisStore {
     /// with a concurrency slot (the in-process store counts them while
     /// Redis is unavailable).
     pub fn leases_of(&self, tenant: usize) -> u32 {
+        self.held_leases(tenant).len() as u32
+    }
+
+    /// The leases of `tenant` this instance holds.
+    fn held_leases(&self, tenant: usize) -> Vec<Lease> {
         let leases = lock(&self.inner.leases);
-        leases.values().filter(|&&t| t == tenant).count() as u32
+        (leases.iter())
+            .filter(|&(_, &t)| t == tenant)
+            .map(|(lease, _)| *lease)
+            .collect()
     }
 
     /// A request that ended without settling (its task panicked): its lease
@@ -838,11 +846,7 @@ impl RedisStore {
     /// Redis expire them (its clock ran on), and the slots must not be
     /// given out twice. Whether Redis took them.
     async fn restore_leases(&self, tenant: usize) -> bool {
-        let leases: Vec<Lease> = lock(&self.inner.leases)
-            .iter()
-            .filter(|&(_, &t)| t == tenant)
-            .map(|(lease, _)| *lease)
-            .collect();
+        let leases = self.held_leases(tenant);
         leases.is_empty() || self.renew(tenant, &leases, "").await
     }
 }
