@@ -170,12 +170,7 @@ impl Request {
     fn take(pid_file: &str) -> Option<Request> {
         let path = Self::file(pid_file, Pid::this());
         let meta = std::fs::symlink_metadata(&path).ok()?;
-        let owner = meta.uid();
-        let trusted = meta.is_file()
-            && (owner == 0 || owner == nix::unistd::geteuid().as_raw())
-            && meta.mode() & 0o022 == 0
-            && meta.len() < 64 * 1024;
-        if !trusted {
+        if !trusted(&meta, 64 * 1024) {
             warn!(request = %path, "ignoring a reload request that is not a file of this user's, or that others may write");
             return None;
         }
@@ -237,6 +232,17 @@ impl Request {
         let config = PathBuf::from(OsStr::from_bytes(parts.next()?));
         parts.next().is_none().then_some(Request { exe, config })
     }
+}
+
+/// Whether a file left for this process (`meta`, not followed through a
+/// symlink) may be believed: a regular file of this user's (or root's) that
+/// no one else may write, under `most` bytes.
+pub(crate) fn trusted(meta: &std::fs::Metadata, most: u64) -> bool {
+    let owner = meta.uid();
+    meta.is_file()
+        && (owner == 0 || owner == nix::unistd::geteuid().as_raw())
+        && meta.mode() & 0o022 == 0
+        && meta.len() < most
 }
 
 /// This process's binary, where it is now: an upgrade that replaced the
@@ -432,7 +438,7 @@ fn table_address(text: &str) -> Option<std::net::SocketAddr> {
 
 /// When `pid` started, in clock ticks since boot (`/proc/<pid>/stat`), or
 /// 0 when unknown.
-fn start_time(pid: Pid) -> u64 {
+pub(crate) fn start_time(pid: Pid) -> u64 {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return 0;
     };

@@ -112,6 +112,9 @@ pub fn build(config: Config, options: RunOptions) -> Server {
         move |tenant| overflow.capacity_freed(tenant)
     });
     if let Some(redis) = limiter.redis() {
+        // What a process ending while Redis does not answer still owes is
+        // left beside the pid file for the next one to pay.
+        redis.keep_debts_beside(&config.server.pid_file);
         server.add_service(background_service(
             "redis maintenance",
             MaintenanceService(RedisMaintenance::new(redis)),

@@ -1480,3 +1480,148 @@ fn usage_owed_to_redis_is_paid_while_the_gateway_stops() {
         "every request billed once"
     );
 }
+
+/// The debt files beside a gateway's pid file (`gw.pid.owed.<pid>`).
+fn debt_files(gw: &Gateway) -> Vec<std::path::PathBuf> {
+    let (_, dir) = gw.config_path();
+    let mut found: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|entry| entry.path())
+        .filter(|path| {
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            name.strip_prefix("gw.pid.owed.")
+                .is_some_and(|pid| pid.parse::<u32>().is_ok())
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+/// The requests a debt file says are owed (each debt's `SETTLE` call's
+/// sixth argument).
+fn requests_owed_in(path: &std::path::Path) -> u64 {
+    let Ok(text) = std::fs::read(path) else {
+        return 0;
+    };
+    let Ok(file) = serde_json::from_slice::<Value>(&text) else {
+        return 0;
+    };
+    file["owed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|debt| debt["args"][5].as_str().unwrap().parse::<u64>().unwrap())
+        .sum()
+}
+
+/// The tenant's requests in Redis this month.
+fn requests_in_redis(redis: &Redis) -> String {
+    let key = format!("runestone:{{acme}}:usage:{}", this_month());
+    redis.cli(&["HGET", &key, "requests"]).trim().to_string()
+}
+
+/// A gateway that ends while Redis does not answer (stopped after its grace
+/// period, or killed) leaves what it owes Redis beside its pid file, kept
+/// current while it owes: the next gateway on the pid file pays it once
+/// Redis answers, every request billed once.
+#[test]
+fn usage_owed_when_a_gateway_ends_during_an_outage_is_paid_by_the_next_one() {
+    let redis = Redis::start();
+    let mock = Mock::start(&[]);
+    let mut config = limited_within(&mock, "{ requests_per_minute: 1000 }", Some(&redis), 300);
+    config.grace = 1;
+    let mut gw = Gateway::start(&config);
+    let ask = |gw: &Gateway| {
+        let body = chat("gpt-4o-mini", false);
+        gw.post_json("/v1/chat/completions", TENANT_KEY, &body)
+            .status
+    };
+    for (ending, before) in [("TERM", 0), ("KILL", 5)] {
+        assert_eq!(ask(&gw), 200);
+        wait_until(Duration::from_secs(5), "Redis to count it", || {
+            requests_in_redis(&redis) == (before + 1).to_string()
+        });
+        redis.freeze();
+        for _ in 0..3 {
+            assert_eq!(ask(&gw), 200, "served in process");
+        }
+        // Written down while owed, before the process ends.
+        wait_until(Duration::from_secs(5), "the debt written down", || {
+            debt_files(&gw)
+                .iter()
+                .map(|f| requests_owed_in(f))
+                .sum::<u64>()
+                == 3
+        });
+        signal(gw.pid(), ending);
+        gw.wait_exit(Duration::from_secs(20));
+        redis.thaw();
+        assert_eq!(
+            requests_in_redis(&redis),
+            (before + 1).to_string(),
+            "not paid by the process that ended ({ending})"
+        );
+        assert_eq!(debt_files(&gw).len(), 1);
+        gw.start_again(&config);
+        wait_until(Duration::from_secs(10), "the debt paid", || {
+            requests_in_redis(&redis) == (before + 4).to_string()
+        });
+        wait_until(Duration::from_secs(5), "its file removed", || {
+            debt_files(&gw).is_empty()
+        });
+        assert!(
+            gw.log()
+                .contains("took over what ended processes owed Redis"),
+            "{}",
+            gw.log()
+        );
+        assert_eq!(ask(&gw), 200);
+        wait_until(
+            Duration::from_secs(5),
+            "the next request counted once",
+            || requests_in_redis(&redis) == (before + 5).to_string(),
+        );
+    }
+}
+
+/// A debt file whose batches Redis already applied (the process that wrote
+/// it paid them, or Redis ran them before their answers were lost) is paid
+/// again as it was written: Redis counts each batch once.
+#[test]
+fn a_debt_paid_already_is_not_counted_twice() {
+    let redis = Redis::start();
+    let mock = Mock::start(&[]);
+    let mut config = limited_within(&mock, "{ requests_per_minute: 1000 }", Some(&redis), 300);
+    config.grace = 10;
+    let mut gw = Gateway::start(&config);
+    let ask = |gw: &Gateway| {
+        let body = chat("gpt-4o-mini", false);
+        gw.post_json("/v1/chat/completions", TENANT_KEY, &body)
+            .status
+    };
+    assert_eq!(ask(&gw), 200);
+    redis.freeze();
+    for _ in 0..3 {
+        assert_eq!(ask(&gw), 200, "served in process");
+    }
+    wait_until(Duration::from_secs(5), "the debt written down", || {
+        debt_files(&gw).first().map(|f| requests_owed_in(f)) == Some(3)
+    });
+    let file = debt_files(&gw).remove(0);
+    let copy = std::fs::read(&file).unwrap();
+    let pid = gw.pid();
+    signal(pid, "TERM");
+    redis.thaw();
+    assert_eq!(gw.wait_exit(Duration::from_secs(30)), Some(0));
+    assert_eq!(requests_in_redis(&redis), "4", "paid while stopping");
+    assert!(debt_files(&gw).is_empty(), "removed once paid");
+    // The file as it was before the payment, left as if the answer had
+    // been lost.
+    std::fs::write(&file, &copy).unwrap();
+    gw.start_again(&config);
+    wait_until(Duration::from_secs(10), "the copy taken and sent", || {
+        debt_files(&gw).is_empty() && gw.log().contains("debts_of_ended_processes=1")
+    });
+    assert_eq!(requests_in_redis(&redis), "4", "each batch counted once");
+}

@@ -988,3 +988,89 @@ fn a_reload_while_redis_is_away_keeps_a_spent_budget_spent() {
     );
     redis.thaw();
 }
+
+/// A reload while Redis does not answer: what the old process still owed
+/// Redis when it ended is paid by its successor once Redis answers, with
+/// the successor's own, each request billed once to its tenant to the
+/// pico-dollar (the tenants reordered across the reload).
+#[test]
+fn what_a_process_reloaded_during_an_outage_owed_is_paid_by_its_successor() {
+    let redis = Redis::start();
+    let mock = Mock::start(&[]);
+    let mut config = GatewayConfig::new(&mock);
+    let tenants = |first: &str, second: &str| {
+        let tenant = |id: &str| {
+            let key = if id == "acme" {
+                TENANT_KEY
+            } else {
+                RESTRICTED_KEY
+            };
+            format!("\n  - id: {id}\n    keys: [\"{key}\"]")
+        };
+        format!("{}{}\n", tenant(first), tenant(second))
+    };
+    config.tenants = tenants("other", "acme");
+    // (7 * $1 + 16 * $2) / 1M = $0.000039 a request.
+    config.extra = format!(
+        "pricing:\n  gpt-4o-mini: {{ input: 1.0, output: 2.0 }}\nredis: {{ url: \"{}\", timeout_ms: 300 }}\n",
+        redis.url()
+    );
+    let mut gw = Gateway::start(&config);
+    let (path, dir) = gw.config_path();
+    let port = config.port;
+    let usage = |tenant: &str, field: &str| {
+        let (period, _) = runestone::limits::period_at(
+            runestone::config::BudgetPeriod::Monthly,
+            runestone::limits::now_ms(),
+        );
+        let key = format!("runestone:{{{tenant}}}:usage:{period}");
+        redis.cli(&["HGET", &key, field]).trim().to_string()
+    };
+    assert_eq!(chat_status(port, TENANT_KEY), 200);
+    wait_until(Duration::from_secs(5), "Redis to count it", || {
+        usage("acme", "requests") == "1"
+    });
+    redis.freeze();
+    for key in [
+        TENANT_KEY,
+        TENANT_KEY,
+        TENANT_KEY,
+        RESTRICTED_KEY,
+        RESTRICTED_KEY,
+    ] {
+        assert_eq!(chat_status(port, key), 200, "served in process");
+    }
+    config.tenants = tenants("acme", "other");
+    std::fs::write(&path, config.yaml_in(&dir)).unwrap();
+    assert_eq!(runestone_reload(&path, &dir), Some(0));
+    // The old process ends owing (its grace period passes with Redis
+    // frozen); the new one serves on in process.
+    assert_eq!(gw.wait_exit(Duration::from_secs(15)), Some(0));
+    for _ in 0..2 {
+        assert_eq!(chat_status(port, TENANT_KEY), 200, "served in process");
+    }
+    let guard = PidFileGuard(dir.join("gw.pid"));
+    let successor = guard.pid();
+    let log = || std::fs::read_to_string(dir.join("gateway.log")).unwrap_or_default();
+    wait_until(
+        Duration::from_secs(10),
+        "the successor to take the debts over",
+        || log().contains("took over what ended processes owed Redis"),
+    );
+    redis.thaw();
+    wait_until(Duration::from_secs(10), "everything paid", || {
+        usage("acme", "requests") == "6" && usage("other", "requests") == "2"
+    });
+    assert_eq!(usage("acme", "cost_pusd"), (6 * 39_000_000).to_string());
+    assert_eq!(usage("other", "cost_pusd"), (2 * 39_000_000).to_string());
+    let left = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains(".owed."))
+        .count();
+    assert_eq!(left, 0, "no debt file left once paid");
+    signal(successor, "TERM");
+    wait_until(Duration::from_secs(15), "the successor to stop", || {
+        exited(successor)
+    });
+}

@@ -407,6 +407,37 @@ impl Gateway {
     }
 
     fn spawn(config: &GatewayConfig, env: &[(&str, &str)], ready_url: &str) -> Gateway {
+        let dir = scratch_dir("gw");
+        std::fs::write(dir.join("runestone.yaml"), config.yaml_in(&dir)).expect("write config");
+        Self::launch(config, dir, env, ready_url)
+    }
+
+    /// Starts the gateway again on the same config file and directory (its
+    /// pid file, its access log), once this process has exited; what the
+    /// process before said moves to `gateway-before.log`.
+    pub fn start_again(&mut self, config: &GatewayConfig) {
+        assert!(
+            matches!(self.child.try_wait(), Ok(Some(_))),
+            "the gateway still runs"
+        );
+        std::fs::rename(
+            self.dir.join("gateway.log"),
+            self.dir.join("gateway-before.log"),
+        )
+        .expect("keep the log");
+        let ready = format!("http://127.0.0.1:{}/health", config.port);
+        let again = Self::launch(config, self.dir.clone(), &[], &ready);
+        // The scratch directory is the new one's now.
+        let before = std::mem::replace(self, again);
+        std::mem::forget(before);
+    }
+
+    fn launch(
+        config: &GatewayConfig,
+        dir: PathBuf,
+        env: &[(&str, &str)],
+        ready_url: &str,
+    ) -> Gateway {
         // A second instance on the same ports would wait for them while the
         // first answered for both.
         for port in [config.port, config.metrics_port] {
@@ -415,10 +446,7 @@ impl Gateway {
                 "port {port} is taken: another gateway on the same config? (GatewayConfig::another_instance)"
             );
         }
-        let dir = scratch_dir("gw");
-        let yaml = config.yaml_in(&dir);
         let config_path = dir.join("runestone.yaml");
-        std::fs::write(&config_path, yaml).expect("write config");
         let log = std::fs::File::create(dir.join("gateway.log")).expect("create log");
         let mut child = Command::new(env!("CARGO_BIN_EXE_runestone"))
             .arg("--config")

@@ -2,6 +2,7 @@
 //! to release, and settlement batches it may not have applied, each sent
 //! again under its own number until Redis confirms it.
 
+use super::debts::Debt;
 use super::scripts::{usage_ttl_seconds, REFUSED, SETTLE, SETTLED_TTL_MS};
 use super::{Keys, Lease, SettleOp};
 use crate::limits::PeriodUsage;
@@ -120,6 +121,8 @@ pub(super) struct Ledger {
     pub(super) unsettled: Vec<Unsettled>,
     /// (tenant, period) whose settlements Redis refuses, said once each.
     pub(super) refusals: HashSet<(usize, String)>,
+    /// What ended processes owed Redis, taken over from their debt files.
+    pub(super) adopted: Vec<Debt>,
 }
 
 /// Whether `error` is [`SETTLE`]'s refusal of a batch (Redis wrote none of
@@ -186,7 +189,41 @@ impl Ledger {
         }
     }
 
-    /// Spend owed for a tenant's period (pending or unconfirmed), in pUSD.
+    /// Gives the usage recorded while Redis was down its batch number, so
+    /// that it is sent (and written down) under that number only: added to
+    /// the batch of its tenant and period numbered earlier and never sent,
+    /// if there is one, so an outage leaves one batch per tenant and period.
+    pub(super) fn number_pending(&mut self, keys: &[Keys]) {
+        let Ledger {
+            pending, unsettled, ..
+        } = self;
+        for ((tenant, period_id), usage) in pending.drain() {
+            let unsent = unsettled.iter_mut().find(|u| {
+                !u.uncertain
+                    && u.tenant == tenant
+                    && u.period_id == period_id
+                    && u.corrections.is_empty()
+                    && u.leases.is_empty()
+            });
+            match unsent {
+                Some(batch) => batch.usage.add(&usage),
+                None => unsettled.push(Unsettled {
+                    batch: keys[tenant].new_batch(),
+                    tenant,
+                    period_id,
+                    rpm: 0,
+                    tpm: 0,
+                    corrections: Vec::new(),
+                    leases: Vec::new(),
+                    usage,
+                    uncertain: false,
+                }),
+            }
+        }
+    }
+
+    /// Spend owed for a tenant's period (pending, unconfirmed, or taken
+    /// over from an ended process), in pUSD.
     pub(super) fn owed_spend(&self, tenant: usize, period_id: &str) -> i64 {
         let pending = self
             .pending
@@ -198,7 +235,11 @@ impl Ledger {
             .filter(|u| u.tenant == tenant && u.period_id == period_id)
             .map(|u| u.usage.cost_pusd)
             .sum();
-        pending + unsettled
+        let adopted: i64 = (self.adopted.iter())
+            .filter(|d| d.tenant == Some(tenant) && d.owed.period == period_id)
+            .map(|d| d.owed.cost_pusd)
+            .sum();
+        pending + unsettled + adopted
     }
 }
 
@@ -444,6 +485,45 @@ mod tests {
     }
 
     #[test]
+    fn an_outage_leaves_one_unsent_batch_per_tenant_and_period() {
+        let keys = [keys(), keys()];
+        let mut ledger = Ledger::default();
+        let owe = |ledger: &mut Ledger, tenant: usize, period: &str, cost: i64| {
+            let usage = PeriodUsage {
+                requests: 1,
+                cost_pusd: cost,
+                ..PeriodUsage::default()
+            };
+            (ledger.pending.entry((tenant, period.into())).or_default()).add(&usage);
+        };
+        owe(&mut ledger, 0, "2026-12", 5);
+        ledger.number_pending(&keys);
+        owe(&mut ledger, 0, "2026-12", 7);
+        owe(&mut ledger, 1, "2026-12", 1);
+        owe(&mut ledger, 0, "2026-11", 2);
+        ledger.number_pending(&keys);
+        assert!(ledger.pending.is_empty());
+        let mut numbered: Vec<(usize, &str, u64, i64)> = (ledger.unsettled.iter())
+            .map(|u| (u.tenant, &*u.period_id, u.usage.requests, u.usage.cost_pusd))
+            .collect();
+        numbered.sort();
+        assert_eq!(
+            numbered,
+            [
+                (0, "2026-11", 1, 2),
+                (0, "2026-12", 2, 12),
+                (1, "2026-12", 1, 1)
+            ]
+        );
+        // A batch that was sent (it may have counted) is added to no more.
+        ledger.unsettled.iter_mut().for_each(|u| u.uncertain = true);
+        owe(&mut ledger, 1, "2026-12", 3);
+        ledger.number_pending(&keys);
+        assert_eq!(ledger.unsettled.len(), 4);
+        assert_eq!(ledger.owed_spend(1, "2026-12"), 4);
+    }
+
+    #[test]
     fn owed_spend_counts_pending_and_unconfirmed_batches_of_the_period() {
         let mut ledger = Ledger::default();
         ledger.pending.insert(
@@ -456,8 +536,25 @@ mod tests {
         ledger
             .unsettled
             .push(Unsettled::from_ops(&keys(), &[op(0, 0, None, 100)]));
-        assert_eq!(ledger.owed_spend(0, "2026-12"), 107);
-        assert_eq!(ledger.owed_spend(0, "2026-11"), 0);
+        let debt = |tenant: Option<usize>, period: &str| Debt {
+            tenant,
+            script: "return 1".into(),
+            owed: super::super::debts::Written {
+                tenant: "acme".into(),
+                period: period.into(),
+                cost_pusd: 1000,
+                script: 0,
+                keys: Vec::new(),
+                args: Vec::new(),
+            },
+        };
+        // What an ended process owed, for this process's tenant 0 or for
+        // a tenant it does not have.
+        ledger.adopted.push(debt(Some(0), "2026-12"));
+        ledger.adopted.push(debt(Some(0), "2026-11"));
+        ledger.adopted.push(debt(None, "2026-12"));
+        assert_eq!(ledger.owed_spend(0, "2026-12"), 1107);
+        assert_eq!(ledger.owed_spend(0, "2026-11"), 1000);
         assert_eq!(ledger.owed_spend(1, "2026-12"), 0);
     }
 }

@@ -1,8 +1,13 @@
 //! The store's upkeep in the background: connecting at start-up, probing
 //! Redis for the tenants it stopped answering for, paying what is owed to it
-//! once it answers, renewing the leases this instance holds.
+//! once it answers (with what ended processes left owing), renewing the
+//! leases this instance holds.
 
 use super::{RedisStore, PROBE_EVERY, RENEW_EVERY};
+use std::time::Duration;
+
+/// How often the debts of ended processes are looked for.
+const LOOK_FOR_DEBTS_EVERY: Duration = Duration::from_secs(5);
 
 /// The store's upkeep: probes Redis while it is down, flushes what is owed
 /// to it, renews this instance's leases (run as a background service).
@@ -24,8 +29,12 @@ impl RedisMaintenance {
         self.store.connect().await;
         let mut probe = tokio::time::interval(PROBE_EVERY);
         let mut renew = tokio::time::interval(RENEW_EVERY);
+        // A stopped gateway's successor finds its debts at once; a
+        // reload's predecessor ends a grace period after this one started.
+        let mut debts = tokio::time::interval(LOOK_FOR_DEBTS_EVERY);
         loop {
             tokio::select! {
+                _ = debts.tick() => self.store.take_over_debts(),
                 _ = probe.tick() => {
                     if !self.store.is_up() {
                         self.store.probe().await;

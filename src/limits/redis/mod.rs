@@ -22,6 +22,7 @@
 //! [`LEASE_TTL_MS`].
 
 mod batcher;
+mod debts;
 mod ledger;
 mod maintenance;
 mod scripts;
@@ -34,6 +35,7 @@ use crate::lock;
 use crate::metrics;
 use crate::redis_conn::{Conn, RedisConnection};
 use batcher::{AdmitOp, Batcher, Op, Reply};
+use debts::{Debt, DebtFile, Written};
 use ledger::{Shared, Unsettled};
 use redis::{RedisResult, Script};
 use scripts::{AdmitAnswer, ADMIT, RENEW, SETTLE};
@@ -156,6 +158,13 @@ struct Inner {
     known_spend: Vec<Mutex<(String, i64)>>,
     /// Leases this instance holds: lease id -> tenant.
     leases: Mutex<HashMap<Lease, usize>>,
+    /// The tenants' ids, by index (debts are written down by id).
+    ids: Vec<String>,
+    /// Where what is owed is written down while it is owed, when the
+    /// process keeps it beside its pid file ([`RedisStore::keep_debts_beside`]).
+    debts: OnceLock<DebtFile>,
+    /// [`SETTLE`], as debts written down carry it.
+    settle_text: Arc<str>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -243,6 +252,9 @@ impl RedisStore {
                 settle: Script::new(SETTLE),
                 known_spend: tenants.iter().map(|_| Mutex::default()).collect(),
                 leases: Mutex::default(),
+                ids: tenants.iter().map(|t| t.id.clone()).collect(),
+                debts: OnceLock::new(),
+                settle_text: Arc::from(SETTLE),
             }),
         }
     }
@@ -557,6 +569,11 @@ impl RedisStore {
                         usage.add(&unsettled.usage);
                     }
                 }
+                for debt in &ledger.adopted {
+                    if debt.tenant == Some(tenant) && debt.owed.period == period_id {
+                        usage.cost_pusd += debt.owed.cost_pusd;
+                    }
+                }
             }
             usage
         };
@@ -686,26 +703,16 @@ impl RedisStore {
 
     /// Pays what this instance owes Redis for the tenants it answers for:
     /// usage recorded while it was down, batches whose answer never came
-    /// (each under its own number, so one Redis did apply counts once), and
-    /// leases to release.
+    /// (each under its own number, so one Redis did apply counts once),
+    /// leases to release, and what ended processes left owing. What is
+    /// owed is written down first, numbered, when the process keeps its
+    /// debts beside its pid file.
     async fn flush_pending(&self) {
         let up = |tenant: usize| self.tenant_up(tenant);
-        let (batches, unreleased) = {
+        let (batches, unreleased, adopted, owed) = {
             let mut ledger = lock(&self.inner.shared.ledger);
-            let pending: Vec<((usize, String), PeriodUsage)> = ledger.pending.drain().collect();
-            for ((tenant, period_id), usage) in pending {
-                ledger.unsettled.push(Unsettled {
-                    batch: self.inner.keys[tenant].new_batch(),
-                    tenant,
-                    period_id,
-                    rpm: 0,
-                    tpm: 0,
-                    corrections: Vec::new(),
-                    leases: Vec::new(),
-                    usage,
-                    uncertain: false,
-                });
-            }
+            ledger.number_pending(&self.inner.keys);
+            let owed = self.written_down(&ledger);
             // What a tenant still down owes stays for a later flush.
             let (batches, kept) = std::mem::take(&mut ledger.unsettled)
                 .into_iter()
@@ -715,9 +722,16 @@ impl RedisStore {
                 .into_iter()
                 .partition(|(tenant, _)| up(*tenant));
             ledger.unreleased = kept;
-            (batches, unreleased)
+            let (adopted, kept) = std::mem::take(&mut ledger.adopted)
+                .into_iter()
+                .partition(|debt: &Debt| debt.tenant.map_or_else(|| self.is_up(), up));
+            ledger.adopted = kept;
+            (batches, unreleased, adopted, owed)
         };
-        if batches.is_empty() && unreleased.is_empty() {
+        self.keep_debts(owed);
+        let batches: Vec<Unsettled> = batches;
+        let adopted: Vec<Debt> = adopted;
+        if batches.is_empty() && unreleased.is_empty() && adopted.is_empty() {
             return;
         }
         // Each command touches one tenant's keys (one hash slot).
@@ -728,6 +742,7 @@ impl RedisStore {
                 (batch.tenant, batch.command(keys, &self.inner.settle, false))
             })
             .collect();
+        commands.extend(adopted.iter().map(|debt| (0, debt.command())));
         for (tenant, lease) in &unreleased {
             let mut zrem = redis::cmd("ZREM");
             zrem.arg(&self.inner.keys[*tenant].inflight).arg(lease);
@@ -741,7 +756,7 @@ impl RedisStore {
             .await;
         let mut ledger = lock(&self.inner.shared.ledger);
         match results {
-            Some(results) if results.len() == batches.len() + unreleased.len() => {
+            Some(results) if results.len() == commands.len() => {
                 let mut results = results.into_iter();
                 let mut applied = 0;
                 for batch in batches {
@@ -756,6 +771,14 @@ impl RedisStore {
                         _ => ledger.unanswered(batch),
                     }
                 }
+                let mut paid = 0;
+                for debt in adopted {
+                    match results.next() {
+                        Some(Ok(_)) => paid += 1,
+                        // Sent again, as the process that owed it would have.
+                        _ => ledger.adopted.push(debt),
+                    }
+                }
                 for lease in unreleased {
                     if !matches!(results.next(), Some(Ok(_))) {
                         ledger.unreleased.push(lease);
@@ -763,6 +786,7 @@ impl RedisStore {
                 }
                 info!(
                     batches = applied,
+                    debts_of_ended_processes = paid,
                     "flushed usage and lease releases recorded while Redis was unavailable"
                 );
             }
@@ -772,25 +796,116 @@ impl RedisStore {
                 for batch in batches {
                     ledger.unanswered(batch);
                 }
+                ledger.adopted.extend(adopted);
                 ledger.unreleased.extend(unreleased);
             }
         }
+        let owed = self.written_down(&ledger);
+        drop(ledger);
+        self.keep_debts(owed);
+    }
+
+    /// What `ledger` says is owed, as it is written down (empty when the
+    /// process does not keep its debts).
+    fn written_down(&self, ledger: &ledger::Ledger) -> Vec<(Arc<str>, Written)> {
+        if self.inner.debts.get().is_none() {
+            return Vec::new();
+        }
+        let own = ledger.unsettled.iter().map(|batch| {
+            let keys = &self.inner.keys[batch.tenant];
+            let call = batch.command(keys, &self.inner.settle, false);
+            // EVAL, the script, the number of keys, the keys, the arguments.
+            let mut args = call.args_iter().skip(2).map(|arg| match arg {
+                redis::Arg::Simple(bytes) => String::from_utf8_lossy(bytes).into_owned(),
+                _ => String::new(),
+            });
+            let count = args.next().and_then(|n| n.parse().ok()).unwrap_or(0);
+            let keys = args.by_ref().take(count).collect();
+            let written = Written {
+                tenant: self.inner.ids[batch.tenant].clone(),
+                period: batch.period_id.clone(),
+                cost_pusd: batch.usage.cost_pusd,
+                script: 0,
+                keys,
+                args: args.collect(),
+            };
+            (self.inner.settle_text.clone(), written)
+        });
+        let adopted = (ledger.adopted.iter()).map(|debt| (debt.script.clone(), debt.owed.clone()));
+        own.chain(adopted).collect()
+    }
+
+    /// Writes down `owed` (see [`DebtFile::keep`]), when the process keeps
+    /// its debts.
+    fn keep_debts(&self, owed: Vec<(Arc<str>, Written)>) -> bool {
+        self.inner.debts.get().is_none_or(|debts| debts.keep(owed))
+    }
+
+    /// Keeps what this process owes Redis written down beside `pid_file`
+    /// while it owes anything (the gateway's process, not a library user),
+    /// and has it take over what ended processes on the same pid file left
+    /// owing ([`RedisStore::take_over_debts`]).
+    pub fn keep_debts_beside(&self, pid_file: &str) {
+        let _ = self.inner.debts.set(DebtFile::beside(pid_file));
+    }
+
+    /// Takes over what processes on the same pid file that have ended left
+    /// owing Redis (a gateway stopped, reloaded or killed while Redis did
+    /// not answer): written into this process's own debt file, their files
+    /// removed, and paid by the flush once Redis answers (their batches
+    /// under their numbers, so what Redis already applied counts once).
+    pub(super) fn take_over_debts(&self) {
+        let Some(debts) = self.inner.debts.get() else {
+            return;
+        };
+        let found = debts.left_by_others(&self.inner.ids);
+        if found.is_empty() {
+            return;
+        }
+        let mut ledger = lock(&self.inner.shared.ledger);
+        let before = ledger.adopted.len();
+        for (_, taken) in &found {
+            ledger.adopted.extend(taken.iter().cloned());
+        }
+        let owed = self.written_down(&ledger);
+        drop(ledger);
+        if !self.keep_debts(owed) {
+            // Left in their files for a later try (or another process).
+            lock(&self.inner.shared.ledger).adopted.truncate(before);
+            return;
+        }
+        let usd: i64 = (found.iter())
+            .flat_map(|(_, taken)| taken.iter().map(|d| d.owed.cost_pusd))
+            .sum();
+        for (path, _) in &found {
+            let _ = std::fs::remove_file(path);
+        }
+        info!(
+            files = found.len(),
+            owed_usd = usd as f64 / 1e12,
+            "took over what ended processes owed Redis; paid once it answers"
+        );
     }
 
     /// What this instance owes Redis and has not paid (pUSD): usage
-    /// recorded while it was down, and batches whose answer never came.
+    /// recorded while it was down, batches whose answer never came, and
+    /// what it took over from ended processes.
     fn owed(&self) -> Option<i64> {
         let ledger = lock(&self.inner.shared.ledger);
         let pending = ledger.pending.values().map(|usage| usage.cost_pusd);
         let unsettled = ledger.unsettled.iter().map(|batch| batch.usage.cost_pusd);
-        let owes = !ledger.pending.is_empty() || !ledger.unsettled.is_empty();
-        owes.then(|| pending.chain(unsettled).sum())
+        let adopted = ledger.adopted.iter().map(|debt| debt.owed.cost_pusd);
+        let owes = !ledger.pending.is_empty()
+            || !ledger.unsettled.is_empty()
+            || !ledger.adopted.is_empty();
+        owes.then(|| pending.chain(unsettled).chain(adopted).sum())
     }
 
     /// Pays what is owed at shutdown: tried again while the process
     /// drains, since Redis may answer before it ends; said once when it
-    /// does not answer at first, for what is still owed when the process
-    /// ends is lost.
+    /// does not answer at first. What is still owed when the process ends is
+    /// left written down for the next process on the pid file (lost when
+    /// the process keeps no debts).
     pub(super) async fn pay_before_exit(&self) {
         let mut said = false;
         loop {
@@ -802,7 +917,10 @@ impl RedisStore {
                 return;
             };
             if !std::mem::replace(&mut said, true) {
-                warn!(owed_usd = owed as f64 / 1e12, "stopping while Redis does not answer: the usage owed to it is paid if it answers before this process ends, and lost if not");
+                match self.inner.debts.get() {
+                    Some(_) => warn!(owed_usd = owed as f64 / 1e12, "stopping while Redis does not answer: the usage owed to it is paid if it answers before this process ends, and left beside the pid file for the next process on it if not"),
+                    None => warn!(owed_usd = owed as f64 / 1e12, "stopping while Redis does not answer: the usage owed to it is paid if it answers before this process ends, and lost if not"),
+                }
             }
             tokio::time::sleep(PROBE_EVERY).await;
             if !self.is_up() {

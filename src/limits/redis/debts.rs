@@ -1,0 +1,409 @@
+//! What this process owes Redis, written down beside the pid file while it
+//! owes anything, so that a process that ends owing (stopped, reloaded or
+//! killed while Redis does not answer) leaves it to the next process on the
+//! same pid file to pay.
+//!
+//! The file, `<pid_file>.owed.<pid>` (mode 0600), holds each debt as the
+//! `SETTLE` call that pays it, with the script that runs it: the process
+//! that takes the file sends those calls as they are, so a batch Redis
+//! already applied (its answer lost) counts once, by its record (see
+//! `Keys::settled`), and a later version's script cannot change what an
+//! old batch means. A file is taken only once the process that wrote it has
+//! ended, only from a regular file of this user's (or root's) that no one
+//! else may write: whoever can leave one chooses what is written to Redis.
+
+use crate::lock;
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use tracing::warn;
+
+/// The most a debt file may hold: far above what an outage leaves (a
+/// batch per tenant and period, and the batches in flight when it began).
+const MOST_BYTES: u64 = 64 << 20;
+
+/// A debt as it is written: the tenant's id and the period (for the budget
+/// view of the process that takes it), its spend, and the call that pays it
+/// (`EVAL` of `scripts[script]` on `keys` and `args`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) struct Written {
+    pub(super) tenant: String,
+    pub(super) period: String,
+    pub(super) cost_pusd: i64,
+    pub(super) script: usize,
+    pub(super) keys: Vec<String>,
+    pub(super) args: Vec<String>,
+}
+
+/// What a debt file holds.
+#[derive(Debug, Serialize, Deserialize)]
+struct Contents {
+    /// The writer and when it started (a later process given the same pid
+    /// is not the writer).
+    pid: i32,
+    started: u64,
+    scripts: Vec<String>,
+    owed: Vec<Written>,
+}
+
+/// A debt taken over from an ended process's file, paid as that process
+/// would have paid it.
+#[derive(Debug, Clone)]
+pub(super) struct Debt {
+    /// The tenant's index in this process's config, when it has one of
+    /// that id (its budget view counts the debt until it is paid).
+    pub(super) tenant: Option<usize>,
+    pub(super) script: Arc<str>,
+    pub(super) owed: Written,
+}
+
+impl Debt {
+    /// The call that pays it.
+    pub(super) fn command(&self) -> redis::Cmd {
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(&*self.script)
+            .arg(self.owed.keys.len())
+            .arg(&self.owed.keys)
+            .arg(&self.owed.args);
+        cmd
+    }
+}
+
+/// This process's debt file, beside the pid file.
+#[derive(Debug)]
+pub(super) struct DebtFile {
+    pid_file: PathBuf,
+    /// What was last written (`None`: no file of this process's is there).
+    last: Mutex<Option<Vec<u8>>>,
+}
+
+impl DebtFile {
+    /// The debt file of this process for `pid_file`.
+    pub(super) fn beside(pid_file: &str) -> Self {
+        DebtFile {
+            pid_file: PathBuf::from(pid_file),
+            last: Mutex::new(None),
+        }
+    }
+
+    /// Where the process `pid` writes its debts.
+    fn path_of(&self, pid: i32) -> PathBuf {
+        let mut name = self.pid_file.clone().into_os_string();
+        name.push(format!(".owed.{pid}"));
+        PathBuf::from(name)
+    }
+
+    /// Writes `owed` (each with its script) as what this process owes, or
+    /// removes the file when it owes nothing; nothing is done when that is
+    /// what the file says already. Written aside and renamed, so the file is
+    /// always whole. Whether the file says so now.
+    pub(super) fn keep(&self, owed: Vec<(Arc<str>, Written)>) -> bool {
+        let me = Pid::this();
+        let path = self.path_of(me.as_raw());
+        let mut last = lock(&self.last);
+        if owed.is_empty() {
+            if last.take().is_some() {
+                if let Err(e) = std::fs::remove_file(&path) {
+                    if e.kind() != std::io::ErrorKind::NotFound {
+                        warn!(path = %path.display(), error = %e, "cannot remove the file of what was owed to Redis, paid now");
+                    }
+                }
+            }
+            return true;
+        }
+        let mut scripts: Vec<Arc<str>> = Vec::new();
+        let owed = owed
+            .into_iter()
+            .map(|(script, mut written)| {
+                written.script = match scripts.iter().position(|s| *s == script) {
+                    Some(at) => at,
+                    None => {
+                        scripts.push(script);
+                        scripts.len() - 1
+                    }
+                };
+                written
+            })
+            .collect();
+        let file = Contents {
+            pid: me.as_raw(),
+            started: crate::reload::start_time(me),
+            scripts: scripts.iter().map(|s| s.to_string()).collect(),
+            owed,
+        };
+        let text = serde_json::to_vec(&file).expect("debts serialize");
+        if last.as_ref() == Some(&text) {
+            return true;
+        }
+        match write_aside(&path, &text) {
+            Ok(()) => {
+                *last = Some(text);
+                true
+            }
+            Err(e) => {
+                warn!(path = %path.display(), error = %e, "cannot write down what is owed to Redis; it is lost if this process ends before Redis answers");
+                false
+            }
+        }
+    }
+
+    /// The debts left by processes on this pid file that have ended, with
+    /// the files they came from (removed by the caller once this process's
+    /// own file holds them). `ids` are this process's tenants' ids.
+    pub(super) fn left_by_others(&self, ids: &[String]) -> Vec<(PathBuf, Vec<Debt>)> {
+        let dir = match self.pid_file.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let Some(stem) = self.pid_file.file_name().map(|n| n.to_string_lossy()) else {
+            return Vec::new();
+        };
+        let prefix = format!("{stem}.owed.");
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return Vec::new();
+        };
+        let me = Pid::this().as_raw();
+        let started = crate::reload::start_time(Pid::this());
+        let mut found = Vec::new();
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(pid) = name
+                .to_str()
+                .and_then(|n| n.strip_prefix(&prefix))
+                .and_then(|pid| pid.parse::<i32>().ok())
+            else {
+                continue;
+            };
+            let path = entry.path();
+            let Some(file) = read(&path) else {
+                continue;
+            };
+            let mine = pid == me && file.started == started;
+            if mine || file.pid != pid || alive(file.pid, file.started) {
+                continue;
+            }
+            match debts_of(file, ids) {
+                Some(debts) => found.push((path, debts)),
+                None => {
+                    warn!(path = %path.display(), "ignoring a file of what was owed to Redis that does not read as one")
+                }
+            }
+        }
+        found
+    }
+}
+
+/// Writes `text` to `path` through a file beside it, renamed over it.
+fn write_aside(path: &Path, text: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut aside = path.as_os_str().to_owned();
+    aside.push(".new");
+    let aside = PathBuf::from(aside);
+    let _ = std::fs::remove_file(&aside);
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&aside)
+        .and_then(|mut file| {
+            file.write_all(text)?;
+            file.sync_data()
+        })
+        .and_then(|()| std::fs::rename(&aside, path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&aside);
+    }
+    written
+}
+
+/// The debt file at `path`, when it is one this process may trust.
+fn read(path: &Path) -> Option<Contents> {
+    let meta = std::fs::symlink_metadata(path).ok()?;
+    if !crate::reload::trusted(&meta, MOST_BYTES) {
+        warn!(path = %path.display(), "ignoring a file of what was owed to Redis that is not a file of this user's, or that others may write");
+        return None;
+    }
+    let text = std::fs::read(path).ok()?;
+    let file = serde_json::from_slice(&text);
+    if file.is_err() {
+        warn!(path = %path.display(), "ignoring a file of what was owed to Redis that does not read as one");
+    }
+    file.ok()
+}
+
+/// Whether the process `pid` that started at `started` still runs.
+fn alive(pid: i32, started: u64) -> bool {
+    pid > 0 && crate::reload::start_time(Pid::from_raw(pid)) == started
+}
+
+/// The debts a file holds, each with its script and this process's index
+/// for its tenant; `None` when one names a script the file lacks.
+fn debts_of(file: Contents, ids: &[String]) -> Option<Vec<Debt>> {
+    let scripts: Vec<Arc<str>> = file.scripts.into_iter().map(Arc::from).collect();
+    file.owed
+        .into_iter()
+        .map(|owed| {
+            Some(Debt {
+                tenant: ids.iter().position(|id| *id == owed.tenant),
+                script: scripts.get(owed.script)?.clone(),
+                owed,
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn written(tenant: &str, cost: i64) -> Written {
+        Written {
+            tenant: tenant.into(),
+            period: "2026-12".into(),
+            cost_pusd: cost,
+            script: 0,
+            keys: vec!["p:{t}:rate".into(), "p:{t}:usage:2026-12".into()],
+            args: vec!["1".into(), cost.to_string()],
+        }
+    }
+
+    /// A directory of the test's own, removed when dropped.
+    struct Scratch(PathBuf);
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn pid_file() -> (Scratch, String) {
+        let dir =
+            std::env::temp_dir().join(format!("runestone-debts-{}", crate::ids::random_token()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pid_file = dir.join("gw.pid").display().to_string();
+        (Scratch(dir), pid_file)
+    }
+
+    /// Leaves `file` as the debt file of `pid`, mode 0600.
+    fn leave(debts: &DebtFile, pid: i32, file: &Contents) -> PathBuf {
+        let path = debts.path_of(pid);
+        write_aside(&path, &serde_json::to_vec(file).unwrap()).unwrap();
+        path
+    }
+
+    #[test]
+    fn a_process_keeps_its_file_while_it_owes_and_removes_it_when_paid() {
+        let (_dir, pid_file) = pid_file();
+        let debts = DebtFile::beside(&pid_file);
+        let path = debts.path_of(Pid::this().as_raw());
+        let script: Arc<str> = Arc::from("return 1");
+        assert!(debts.keep(vec![(script.clone(), written("acme", 5))]));
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(meta.mode() & 0o777, 0o600);
+        let file: Contents = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(file.scripts, ["return 1"]);
+        assert_eq!(file.owed, [written("acme", 5)]);
+        // Its own file, of a running process, is nobody's to take.
+        assert!(debts.left_by_others(&[]).is_empty());
+        // Two debts with one script: written once.
+        let other = Arc::from("return 1");
+        debts.keep(vec![(script, written("acme", 5)), (other, written("b", 1))]);
+        let file: Contents = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!((file.scripts.len(), file.owed.len()), (1, 2));
+        debts.keep(Vec::new());
+        assert!(!path.exists(), "paid: no file");
+    }
+
+    #[test]
+    fn the_debts_of_an_ended_process_are_taken_with_their_tenants() {
+        let (_dir, pid_file) = pid_file();
+        let debts = DebtFile::beside(&pid_file);
+        // A pid no process has (above the kernel's largest).
+        let ended = 1 << 23;
+        let file = Contents {
+            pid: ended,
+            started: 12,
+            scripts: vec!["return 2".into()],
+            owed: vec![written("gone", 3), written("acme", 4)],
+        };
+        let path = leave(&debts, ended, &file);
+        let ids = ["other".to_string(), "acme".to_string()];
+        let found = debts.left_by_others(&ids);
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].0, path);
+        let tenants: Vec<Option<usize>> = found[0].1.iter().map(|d| d.tenant).collect();
+        assert_eq!(tenants, [None, Some(1)], "by id, not by place");
+        assert_eq!(&*found[0].1[0].script, "return 2");
+        let cmd = found[0].1[1].command();
+        let args: Vec<Vec<u8>> = cmd
+            .args_iter()
+            .map(|a| match a {
+                redis::Arg::Simple(b) => b.to_vec(),
+                _ => Vec::new(),
+            })
+            .collect();
+        let expected: [&[u8]; 7] = [
+            b"EVAL",
+            b"return 2",
+            b"2",
+            b"p:{t}:rate",
+            b"p:{t}:usage:2026-12",
+            b"1",
+            b"4",
+        ];
+        assert_eq!(args, expected);
+    }
+
+    #[test]
+    fn a_running_writer_an_untrusted_file_or_a_broken_one_is_left() {
+        let (_dir, pid_file) = pid_file();
+        let debts = DebtFile::beside(&pid_file);
+        let me = Pid::this();
+        // Another running process's (this test's own pid and start, under
+        // another name): not taken while it runs.
+        let running = Contents {
+            pid: me.as_raw(),
+            started: crate::reload::start_time(me),
+            scripts: vec!["x".into()],
+            owed: vec![written("acme", 1)],
+        };
+        let elsewhere = DebtFile::beside(&format!("{pid_file}2"));
+        leave(&elsewhere, me.as_raw(), &running);
+        assert!(elsewhere.left_by_others(&[]).is_empty());
+        // The same pid started at another time is another process: taken.
+        let reused = Contents {
+            started: 1,
+            ..running
+        };
+        leave(&elsewhere, me.as_raw(), &reused);
+        assert_eq!(elsewhere.left_by_others(&[]).len(), 1);
+        // Others may write it: ignored.
+        let ended = 1 << 23;
+        let path = leave(
+            &debts,
+            ended,
+            &Contents {
+                pid: ended,
+                ..reused
+            },
+        );
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+        assert!(debts.left_by_others(&[]).is_empty());
+        // Not a debt file, or one naming a script it lacks: ignored.
+        std::fs::write(&path, b"{\"pid\": 1").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(debts.left_by_others(&[]).is_empty());
+        let lacking = Contents {
+            pid: ended,
+            started: 1,
+            scripts: Vec::new(),
+            owed: vec![written("acme", 1)],
+        };
+        leave(&debts, ended, &lacking);
+        assert!(debts.left_by_others(&[]).is_empty());
+    }
+}
