@@ -56,6 +56,8 @@ pub(super) struct Debt {
     pub(super) tenant: Option<usize>,
     pub(super) script: Arc<str>,
     pub(super) owed: Written,
+    /// Redis refused it (said once).
+    pub(super) refused: bool,
 }
 
 impl Debt {
@@ -168,14 +170,23 @@ impl DebtFile {
         let mut found = Vec::new();
         for entry in entries.flatten() {
             let name = entry.file_name();
-            let Some(pid) = name
-                .to_str()
-                .and_then(|n| n.strip_prefix(&prefix))
-                .and_then(|pid| pid.parse::<i32>().ok())
-            else {
+            let Some(pid) = name.to_str().and_then(|n| n.strip_prefix(&prefix)) else {
                 continue;
             };
             let path = entry.path();
+            // One being written when its process was killed: removed once
+            // no process of that pid runs (the file it was to replace, if
+            // any, is whole).
+            if let Some(pid) = pid.strip_suffix(".new") {
+                let ended = pid.parse::<i32>().is_ok_and(|pid| pid > 0 && !runs(pid));
+                if ended && is_regular(&path) {
+                    let _ = std::fs::remove_file(&path);
+                }
+                continue;
+            }
+            let Ok(pid) = pid.parse::<i32>() else {
+                continue;
+            };
             let Some(file) = read(&path) else {
                 continue;
             };
@@ -238,6 +249,16 @@ fn alive(pid: i32, started: u64) -> bool {
     pid > 0 && crate::reload::start_time(Pid::from_raw(pid)) == started
 }
 
+/// Whether any process `pid` runs.
+fn runs(pid: i32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Whether `path` is a regular file of this user's (not followed).
+fn is_regular(path: &Path) -> bool {
+    std::fs::symlink_metadata(path).is_ok_and(|meta| crate::reload::trusted(&meta, u64::MAX))
+}
+
 /// The debts a file holds, each with its script and this process's index
 /// for its tenant; `None` when one names a script the file lacks.
 fn debts_of(file: Contents, ids: &[String]) -> Option<Vec<Debt>> {
@@ -249,6 +270,7 @@ fn debts_of(file: Contents, ids: &[String]) -> Option<Vec<Debt>> {
                 tenant: ids.iter().position(|id| *id == owed.tenant),
                 script: scripts.get(owed.script)?.clone(),
                 owed,
+                refused: false,
             })
         })
         .collect()
@@ -405,5 +427,12 @@ mod tests {
         };
         leave(&debts, ended, &lacking);
         assert!(debts.left_by_others(&[]).is_empty());
+        // Half-written files: removed once their process has ended.
+        let half = |pid: i32| PathBuf::from(format!("{pid_file}.owed.{pid}.new"));
+        std::fs::write(half(ended), b"{").unwrap();
+        std::fs::write(half(me.as_raw()), b"{").unwrap();
+        assert!(debts.left_by_others(&[]).is_empty());
+        assert!(!half(ended).exists());
+        assert!(half(me.as_raw()).exists(), "its process may finish it");
     }
 }

@@ -547,6 +547,7 @@ mod tests {
                 keys: Vec::new(),
                 args: Vec::new(),
             },
+            refused: false,
         };
         // What an ended process owed, for this process's tenant 0 or for
         // a tenant it does not have.

@@ -772,11 +772,19 @@ impl RedisStore {
                     }
                 }
                 let mut paid = 0;
-                for debt in adopted {
+                for mut debt in adopted {
                     match results.next() {
                         Some(Ok(_)) => paid += 1,
-                        // Sent again, as the process that owed it would have.
-                        _ => ledger.adopted.push(debt),
+                        // Sent again until Redis takes it, as the process
+                        // that owed it would have; said once.
+                        Some(Err(e)) => {
+                            metrics::REDIS_ERRORS.with_label_values(&["flush"]).inc();
+                            if !std::mem::replace(&mut debt.refused, true) {
+                                warn!(tenant = %debt.owed.tenant, period = %debt.owed.period, error = %crate::redis_conn::scrub(&e.to_string()), "Redis refuses a debt an ended process left; it is kept and sent again until Redis takes it");
+                            }
+                            ledger.adopted.push(debt);
+                        }
+                        None => ledger.adopted.push(debt),
                     }
                 }
                 for lease in unreleased {
