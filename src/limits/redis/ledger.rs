@@ -251,6 +251,8 @@ pub(super) struct Shared {
     /// tenants to in-process limits. All start down until Redis answers.
     pub(super) up: Vec<AtomicBool>,
     pub(super) ledger: Mutex<Ledger>,
+    /// Told each time a settlement is kept for the flush.
+    pub(super) deferred: tokio::sync::Notify,
 }
 
 impl Shared {
@@ -259,6 +261,7 @@ impl Shared {
         Shared {
             up: (0..tenants).map(|_| AtomicBool::new(false)).collect(),
             ledger: Mutex::default(),
+            deferred: tokio::sync::Notify::new(),
         }
     }
 
@@ -340,6 +343,8 @@ impl Shared {
                 .or_default()
                 .add(usage);
         }
+        drop(ledger);
+        self.deferred.notify_one();
     }
 }
 

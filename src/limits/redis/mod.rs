@@ -930,9 +930,18 @@ impl RedisStore {
                     None => warn!(owed_usd = owed as f64 / 1e12, "stopping while Redis does not answer: the usage owed to it is paid if it answers before this process ends, and lost if not"),
                 }
             }
-            tokio::time::sleep(PROBE_EVERY).await;
-            if !self.is_up() {
-                self.probe().await;
+            // Usage recorded meanwhile (requests ending as the process
+            // drains) is written down at once, not at the next probe: the
+            // process may end before then.
+            let deferred = self.inner.shared.deferred.notified();
+            tokio::select! {
+                _ = tokio::time::sleep(PROBE_EVERY) => {
+                    if !self.is_up() {
+                        self.probe().await;
+                    }
+                }
+                // A moment for those ending together to be written at once.
+                _ = deferred => tokio::time::sleep(Duration::from_millis(20)).await,
             }
         }
     }
