@@ -127,6 +127,10 @@ impl Keys {
     }
 }
 
+/// What this instance owes, as it is written down: its own batches, and
+/// the debts it took over.
+type Owed = (Vec<Unsettled>, Vec<Debt>);
+
 /// One settlement (or an unused grant's release), as the batched
 /// `SETTLE` takes it.
 pub(super) struct SettleOp {
@@ -712,7 +716,7 @@ impl RedisStore {
         let (batches, unreleased, adopted, owed) = {
             let mut ledger = lock(&self.inner.shared.ledger);
             ledger.number_pending(&self.inner.keys);
-            let owed = self.written_down(&ledger);
+            let owed = self.owed_now(&ledger);
             // What a tenant still down owes stays for a later flush.
             let (batches, kept) = std::mem::take(&mut ledger.unsettled)
                 .into_iter()
@@ -808,18 +812,26 @@ impl RedisStore {
                 ledger.unreleased.extend(unreleased);
             }
         }
-        let owed = self.written_down(&ledger);
+        let owed = self.owed_now(&ledger);
         drop(ledger);
         self.keep_debts(owed);
     }
 
-    /// What `ledger` says is owed, as it is written down (empty when the
-    /// process does not keep its debts).
-    fn written_down(&self, ledger: &ledger::Ledger) -> Vec<(Arc<str>, Written)> {
-        if self.inner.debts.get().is_none() {
-            return Vec::new();
-        }
-        let own = ledger.unsettled.iter().map(|batch| {
+    /// What `ledger` says is owed, to be written down (nothing when the
+    /// process does not keep its debts): copied under the ledger's lock,
+    /// written outside it.
+    fn owed_now(&self, ledger: &ledger::Ledger) -> Option<Owed> {
+        self.inner.debts.get()?;
+        Some((ledger.unsettled.clone(), ledger.adopted.clone()))
+    }
+
+    /// Writes down what is `owed` (see [`DebtFile::keep`]), when the
+    /// process keeps its debts: its own batches as the calls that pay them.
+    fn keep_debts(&self, owed: Option<Owed>) -> bool {
+        let (Some(debts), Some((own, adopted))) = (self.inner.debts.get(), owed) else {
+            return true;
+        };
+        let own = own.iter().map(|batch| {
             let keys = &self.inner.keys[batch.tenant];
             let call = batch.command(keys, &self.inner.settle, false);
             // EVAL, the script, the number of keys, the keys, the arguments.
@@ -839,14 +851,8 @@ impl RedisStore {
             };
             (self.inner.settle_text.clone(), written)
         });
-        let adopted = (ledger.adopted.iter()).map(|debt| (debt.script.clone(), debt.owed.clone()));
-        own.chain(adopted).collect()
-    }
-
-    /// Writes down `owed` (see [`DebtFile::keep`]), when the process keeps
-    /// its debts.
-    fn keep_debts(&self, owed: Vec<(Arc<str>, Written)>) -> bool {
-        self.inner.debts.get().is_none_or(|debts| debts.keep(owed))
+        let adopted = adopted.into_iter().map(|debt| (debt.script, debt.owed));
+        debts.keep(own.chain(adopted).collect())
     }
 
     /// Keeps what this process owes Redis written down beside `pid_file`
@@ -875,7 +881,7 @@ impl RedisStore {
         for (_, taken) in &found {
             ledger.adopted.extend(taken.iter().cloned());
         }
-        let owed = self.written_down(&ledger);
+        let owed = self.owed_now(&ledger);
         drop(ledger);
         if !self.keep_debts(owed) {
             // Left in their files for a later try (or another process).
