@@ -15,9 +15,11 @@
 use crate::lock;
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use tracing::warn;
+use tracing::{info, warn};
 
 /// The most a debt file may hold: far above what an outage leaves (a
 /// batch per tenant and period, and the batches in flight when it began).
@@ -78,6 +80,10 @@ pub(super) struct DebtFile {
     pid_file: PathBuf,
     /// What was last written (`None`: no file of this process's is there).
     last: Mutex<Option<Vec<u8>>>,
+    /// The last write failed (said once until one succeeds).
+    failing: AtomicBool,
+    /// Files left alone as untrusted or unreadable (said once each).
+    ignored: Mutex<HashSet<PathBuf>>,
 }
 
 impl DebtFile {
@@ -86,6 +92,8 @@ impl DebtFile {
         DebtFile {
             pid_file: PathBuf::from(pid_file),
             last: Mutex::new(None),
+            failing: AtomicBool::new(false),
+            ignored: Mutex::default(),
         }
     }
 
@@ -141,10 +149,15 @@ impl DebtFile {
         match write_aside(&path, &text) {
             Ok(()) => {
                 *last = Some(text);
+                if self.failing.swap(false, Ordering::Relaxed) {
+                    info!(path = %path.display(), "what is owed to Redis is written down again");
+                }
                 true
             }
             Err(e) => {
-                warn!(path = %path.display(), error = %e, "cannot write down what is owed to Redis; it is lost if this process ends before Redis answers");
+                if !self.failing.swap(true, Ordering::Relaxed) {
+                    warn!(path = %path.display(), error = %e, "cannot write down what is owed to Redis (tried again every 500 ms); it is lost if this process ends before Redis answers");
+                }
                 false
             }
         }
@@ -187,7 +200,7 @@ impl DebtFile {
             let Ok(pid) = pid.parse::<i32>() else {
                 continue;
             };
-            let Some(file) = read(&path) else {
+            let Some(file) = self.read(&path) else {
                 continue;
             };
             let mine = pid == me && file.started == started;
@@ -196,12 +209,34 @@ impl DebtFile {
             }
             match debts_of(file, ids) {
                 Some(debts) => found.push((path, debts)),
-                None => {
-                    warn!(path = %path.display(), "ignoring a file of what was owed to Redis that does not read as one")
-                }
+                None => self.ignore(&path, "does not read as one"),
             }
         }
         found
+    }
+
+    /// The debt file at `path`, when it is one this process may trust.
+    fn read(&self, path: &Path) -> Option<Contents> {
+        let meta = std::fs::symlink_metadata(path).ok()?;
+        if !crate::reload::trusted(&meta, MOST_BYTES) {
+            self.ignore(path, "is not a file of this user's, or others may write it");
+            return None;
+        }
+        let text = std::fs::read(path).ok()?;
+        let file = serde_json::from_slice(&text);
+        if file.is_err() {
+            self.ignore(path, "does not read as one");
+        }
+        file.ok()
+    }
+
+    /// Says once that the file at `path` is left alone, and why (for the
+    /// first thousand such files).
+    fn ignore(&self, path: &Path, why: &str) {
+        let mut ignored = lock(&self.ignored);
+        if ignored.len() < 1000 && ignored.insert(path.to_path_buf()) {
+            warn!(path = %path.display(), why, "ignoring a file of what was owed to Redis");
+        }
     }
 }
 
@@ -227,21 +262,6 @@ fn write_aside(path: &Path, text: &[u8]) -> std::io::Result<()> {
         let _ = std::fs::remove_file(&aside);
     }
     written
-}
-
-/// The debt file at `path`, when it is one this process may trust.
-fn read(path: &Path) -> Option<Contents> {
-    let meta = std::fs::symlink_metadata(path).ok()?;
-    if !crate::reload::trusted(&meta, MOST_BYTES) {
-        warn!(path = %path.display(), "ignoring a file of what was owed to Redis that is not a file of this user's, or that others may write");
-        return None;
-    }
-    let text = std::fs::read(path).ok()?;
-    let file = serde_json::from_slice(&text);
-    if file.is_err() {
-        warn!(path = %path.display(), "ignoring a file of what was owed to Redis that does not read as one");
-    }
-    file.ok()
 }
 
 /// Whether the process `pid` that started at `started` still runs.
