@@ -1481,7 +1481,7 @@ fn usage_owed_to_redis_is_paid_while_the_gateway_stops() {
     );
 }
 
-/// The debt files beside a gateway's pid file (`gw.pid.owed.<pid>`).
+/// The debt files beside a gateway's pid file (`gw.pid.owed.<pid>.<random>`).
 fn debt_files(gw: &Gateway) -> Vec<std::path::PathBuf> {
     let (_, dir) = gw.config_path();
     let mut found: Vec<_> = std::fs::read_dir(&dir)
@@ -1490,8 +1490,8 @@ fn debt_files(gw: &Gateway) -> Vec<std::path::PathBuf> {
         .map(|entry| entry.path())
         .filter(|path| {
             let name = path.file_name().unwrap().to_string_lossy().into_owned();
-            name.strip_prefix("gw.pid.owed.")
-                .is_some_and(|pid| pid.parse::<u32>().is_ok())
+            let rest = name.strip_prefix("gw.pid.owed.").unwrap_or(".new");
+            !rest.ends_with(".new")
         })
         .collect();
     found.sort();
@@ -1624,4 +1624,35 @@ fn a_debt_paid_already_is_not_counted_twice() {
         debt_files(&gw).is_empty() && gw.log().contains("debts_of_ended_processes=1")
     });
     assert_eq!(requests_in_redis(&redis), "4", "each batch counted once");
+}
+
+/// What is owed is written down as it comes to be owed, not when a call
+/// to a Redis that does not answer gives up (its timeout, here 5 s): a
+/// gateway killed a moment after serving leaves it.
+#[test]
+fn usage_owed_is_written_down_at_once_whatever_redis_keeps_waiting() {
+    let redis = Redis::start();
+    let mock = Mock::start(&[]);
+    let config = limited_within(&mock, "{ requests_per_minute: 1000 }", Some(&redis), 5000);
+    let mut gw = Gateway::start(&config);
+    redis.freeze();
+    let body = chat("gpt-4o-mini", false);
+    for _ in 0..3 {
+        let response = gw.post_json("/v1/chat/completions", TENANT_KEY, &body);
+        assert_eq!(response.status, 200, "served in process");
+    }
+    wait_until(Duration::from_secs(2), "the debt written down", || {
+        debt_files(&gw)
+            .iter()
+            .map(|f| requests_owed_in(f))
+            .sum::<u64>()
+            == 3
+    });
+    signal(gw.pid(), "KILL");
+    gw.wait_exit(Duration::from_secs(10));
+    redis.thaw();
+    gw.start_again(&config);
+    wait_until(Duration::from_secs(10), "the debt paid", || {
+        requests_in_redis(&redis) == "3"
+    });
 }

@@ -3,7 +3,9 @@
 //! killed while Redis does not answer) leaves it to the next process on the
 //! same pid file to pay.
 //!
-//! The file, `<pid_file>.owed.<pid>` (mode 0600), holds each debt as the
+//! The file, `<pid_file>.owed.<pid>.<random>` (mode 0600: a name no other
+//! process, nor a later one given the same pid, writes or can plant
+//! beforehand), holds each debt as the
 //! `SETTLE` call that pays it, with the script that runs it: the process
 //! that takes the file sends those calls as they are, so a batch Redis
 //! already applied (its answer lost) counts once, by its record (see
@@ -78,6 +80,8 @@ impl Debt {
 #[derive(Debug)]
 pub(super) struct DebtFile {
     pid_file: PathBuf,
+    /// This process's file.
+    own: PathBuf,
     /// What was last written (`None`: no file of this process's is there).
     last: Mutex<Option<Vec<u8>>>,
     /// The last write failed (said once until one succeeds).
@@ -89,32 +93,36 @@ pub(super) struct DebtFile {
 impl DebtFile {
     /// The debt file of this process for `pid_file`.
     pub(super) fn beside(pid_file: &str) -> Self {
+        let pid = Pid::this().as_raw();
+        let token = &crate::ids::random_token()[..16];
         DebtFile {
             pid_file: PathBuf::from(pid_file),
+            own: PathBuf::from(format!("{pid_file}.owed.{pid}.{token}")),
             last: Mutex::new(None),
             failing: AtomicBool::new(false),
             ignored: Mutex::default(),
         }
     }
 
-    /// Where the process `pid` writes its debts.
-    fn path_of(&self, pid: i32) -> PathBuf {
-        let mut name = self.pid_file.clone().into_os_string();
-        name.push(format!(".owed.{pid}"));
-        PathBuf::from(name)
+    /// Whether the last write succeeded (what is owed is written down).
+    pub(super) fn is_written(&self) -> bool {
+        !self.failing.load(Ordering::Relaxed)
     }
 
-    /// Writes `owed` (each with its script) as what this process owes, or
-    /// removes the file when it owes nothing; nothing is done when that is
-    /// what the file says already. Written aside and renamed, so the file is
-    /// always whole. Whether the file says so now.
-    pub(super) fn keep(&self, owed: Vec<(Arc<str>, Written)>) -> bool {
+    /// Writes what `owed` gives (each debt with its script) as what this
+    /// process owes, or removes the file when it owes nothing; nothing is
+    /// done when that is what the file says already. `owed` is read while
+    /// the file is held, so of two writers the later one's view is the one
+    /// left. Written aside and renamed, so the file is always whole.
+    /// Whether the file says so now.
+    pub(super) fn keep(&self, owed: impl FnOnce() -> Vec<(Arc<str>, Written)>) -> bool {
         let me = Pid::this();
-        let path = self.path_of(me.as_raw());
+        let path = &self.own;
         let mut last = lock(&self.last);
+        let owed = owed();
         if owed.is_empty() {
             if last.take().is_some() {
-                if let Err(e) = std::fs::remove_file(&path) {
+                if let Err(e) = std::fs::remove_file(path) {
                     if e.kind() != std::io::ErrorKind::NotFound {
                         warn!(path = %path.display(), error = %e, "cannot remove the file of what was owed to Redis, paid now");
                     }
@@ -146,7 +154,7 @@ impl DebtFile {
         if last.as_ref() == Some(&text) {
             return true;
         }
-        match write_aside(&path, &text) {
+        match write_aside(path, &text) {
             Ok(()) => {
                 *last = Some(text);
                 if self.failing.swap(false, Ordering::Relaxed) {
@@ -156,7 +164,7 @@ impl DebtFile {
             }
             Err(e) => {
                 if !self.failing.swap(true, Ordering::Relaxed) {
-                    warn!(path = %path.display(), error = %e, "cannot write down what is owed to Redis (tried again every 500 ms); it is lost if this process ends before Redis answers");
+                    warn!(path = %path.display(), error = %e, "cannot write down what is owed to Redis (tried again as it changes); it is lost if this process ends before Redis answers");
                 }
                 false
             }
@@ -178,33 +186,32 @@ impl DebtFile {
         let Ok(entries) = std::fs::read_dir(&dir) else {
             return Vec::new();
         };
-        let me = Pid::this().as_raw();
-        let started = crate::reload::start_time(Pid::this());
         let mut found = Vec::new();
         for entry in entries.flatten() {
             let name = entry.file_name();
-            let Some(pid) = name.to_str().and_then(|n| n.strip_prefix(&prefix)) else {
+            let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(&prefix)) else {
                 continue;
             };
             let path = entry.path();
+            let Some(Ok(pid)) = rest.split('.').next().map(str::parse::<i32>) else {
+                continue;
+            };
             // One being written when its process was killed: removed once
             // no process of that pid runs (the file it was to replace, if
             // any, is whole).
-            if let Some(pid) = pid.strip_suffix(".new") {
-                let ended = pid.parse::<i32>().is_ok_and(|pid| pid > 0 && !runs(pid));
-                if ended && is_regular(&path) {
+            if rest.ends_with(".new") {
+                if pid > 0 && !runs(pid) && is_regular(&path) {
                     let _ = std::fs::remove_file(&path);
                 }
                 continue;
             }
-            let Ok(pid) = pid.parse::<i32>() else {
+            if path == self.own {
                 continue;
-            };
+            }
             let Some(file) = self.read(&path) else {
                 continue;
             };
-            let mine = pid == me && file.started == started;
-            if mine || file.pid != pid || alive(file.pid, file.started) {
+            if file.pid != pid || alive(file.pid, file.started) {
                 continue;
             }
             match debts_of(file, ids) {
@@ -240,14 +247,14 @@ impl DebtFile {
     }
 }
 
-/// Writes `text` to `path` through a file beside it, renamed over it.
+/// Writes `text` to `path` through a file beside it (of a name of its
+/// own, that no one can have left there), renamed over it.
 fn write_aside(path: &Path, text: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut aside = path.as_os_str().to_owned();
-    aside.push(".new");
+    aside.push(format!(".{}.new", &crate::ids::random_token()[..8]));
     let aside = PathBuf::from(aside);
-    let _ = std::fs::remove_file(&aside);
     let written = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -330,9 +337,9 @@ mod tests {
         (Scratch(dir), pid_file)
     }
 
-    /// Leaves `file` as the debt file of `pid`, mode 0600.
-    fn leave(debts: &DebtFile, pid: i32, file: &Contents) -> PathBuf {
-        let path = debts.path_of(pid);
+    /// Leaves `file` as a debt file of `pid` beside `pid_file`, mode 0600.
+    fn leave(pid_file: &str, pid: i32, file: &Contents) -> PathBuf {
+        let path = PathBuf::from(format!("{pid_file}.owed.{pid}.0123abcd"));
         write_aside(&path, &serde_json::to_vec(file).unwrap()).unwrap();
         path
     }
@@ -341,9 +348,9 @@ mod tests {
     fn a_process_keeps_its_file_while_it_owes_and_removes_it_when_paid() {
         let (_dir, pid_file) = pid_file();
         let debts = DebtFile::beside(&pid_file);
-        let path = debts.path_of(Pid::this().as_raw());
+        let path = debts.own.clone();
         let script: Arc<str> = Arc::from("return 1");
-        assert!(debts.keep(vec![(script.clone(), written("acme", 5))]));
+        assert!(debts.keep(|| vec![(script.clone(), written("acme", 5))]));
         let meta = std::fs::metadata(&path).unwrap();
         assert_eq!(meta.mode() & 0o777, 0o600);
         let file: Contents = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
@@ -353,10 +360,10 @@ mod tests {
         assert!(debts.left_by_others(&[]).is_empty());
         // Two debts with one script: written once.
         let other = Arc::from("return 1");
-        debts.keep(vec![(script, written("acme", 5)), (other, written("b", 1))]);
+        debts.keep(|| vec![(script, written("acme", 5)), (other, written("b", 1))]);
         let file: Contents = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
         assert_eq!((file.scripts.len(), file.owed.len()), (1, 2));
-        debts.keep(Vec::new());
+        debts.keep(Vec::new);
         assert!(!path.exists(), "paid: no file");
     }
 
@@ -372,7 +379,7 @@ mod tests {
             scripts: vec!["return 2".into()],
             owed: vec![written("gone", 3), written("acme", 4)],
         };
-        let path = leave(&debts, ended, &file);
+        let path = leave(&pid_file, ended, &file);
         let ids = ["other".to_string(), "acme".to_string()];
         let found = debts.left_by_others(&ids);
         assert_eq!(found.len(), 1);
@@ -413,20 +420,27 @@ mod tests {
             scripts: vec!["x".into()],
             owed: vec![written("acme", 1)],
         };
-        let elsewhere = DebtFile::beside(&format!("{pid_file}2"));
+        let elsewhere = format!("{pid_file}2");
         leave(&elsewhere, me.as_raw(), &running);
-        assert!(elsewhere.left_by_others(&[]).is_empty());
-        // The same pid started at another time is another process: taken.
+        let later = DebtFile::beside(&elsewhere);
+        assert!(later.left_by_others(&[]).is_empty());
+        // The same pid started at another time is another process (a
+        // container's pid 1 started again): its file is taken, and this
+        // process's own, written first, is another.
         let reused = Contents {
             started: 1,
             ..running
         };
-        leave(&elsewhere, me.as_raw(), &reused);
-        assert_eq!(elsewhere.left_by_others(&[]).len(), 1);
+        let earlier = leave(&elsewhere, me.as_raw(), &reused);
+        assert!(later.keep(|| vec![(Arc::from("y"), written("acme", 2))]));
+        assert!(earlier.exists() && later.own.exists());
+        let taken = later.left_by_others(&[]);
+        assert_eq!(taken.len(), 1);
+        assert_eq!(taken[0].0, earlier);
         // Others may write it: ignored.
         let ended = 1 << 23;
         let path = leave(
-            &debts,
+            &pid_file,
             ended,
             &Contents {
                 pid: ended,
@@ -445,10 +459,10 @@ mod tests {
             scripts: Vec::new(),
             owed: vec![written("acme", 1)],
         };
-        leave(&debts, ended, &lacking);
+        leave(&pid_file, ended, &lacking);
         assert!(debts.left_by_others(&[]).is_empty());
         // Half-written files: removed once their process has ended.
-        let half = |pid: i32| PathBuf::from(format!("{pid_file}.owed.{pid}.new"));
+        let half = |pid: i32| PathBuf::from(format!("{pid_file}.owed.{pid}.01.ab.new"));
         std::fs::write(half(ended), b"{").unwrap();
         std::fs::write(half(me.as_raw()), b"{").unwrap();
         assert!(debts.left_by_others(&[]).is_empty());

@@ -123,6 +123,9 @@ pub(super) struct Ledger {
     pub(super) refusals: HashSet<(usize, String)>,
     /// What ended processes owed Redis, taken over from their debt files.
     pub(super) adopted: Vec<Debt>,
+    /// Batches and debts the flush has sent and awaits Redis's answer for.
+    pub(super) sending: Vec<Unsettled>,
+    pub(super) paying: Vec<Debt>,
 }
 
 /// Whether `error` is [`SETTLE`]'s refusal of a batch (Redis wrote none of
@@ -229,13 +232,11 @@ impl Ledger {
             .pending
             .get(&(tenant, period_id.to_string()))
             .map_or(0, |u| u.cost_pusd);
-        let unsettled: i64 = self
-            .unsettled
-            .iter()
+        let unsettled: i64 = (self.unsettled.iter().chain(&self.sending))
             .filter(|u| u.tenant == tenant && u.period_id == period_id)
             .map(|u| u.usage.cost_pusd)
             .sum();
-        let adopted: i64 = (self.adopted.iter())
+        let adopted: i64 = (self.adopted.iter().chain(&self.paying))
             .filter(|d| d.tenant == Some(tenant) && d.owed.period == period_id)
             .map(|d| d.owed.cost_pusd)
             .sum();

@@ -26,7 +26,24 @@ impl RedisMaintenance {
     /// Runs until `shutdown` turns true, then pays what is owed while the
     /// process drains.
     pub async fn run(&self, mut shutdown: tokio::sync::watch::Receiver<bool>) {
-        self.store.connect().await;
+        // What ended processes left is counted from the first request (the
+        // budgets), and what this one owes is written down as it is owed,
+        // whatever Redis's calls wait for.
+        self.store.take_over_debts();
+        let writer = tokio::spawn(self.store.clone().write_down_as_owed());
+        let stopping = tokio::select! {
+            _ = self.store.connect() => false,
+            _ = shutdown.changed() => true,
+        };
+        if !stopping {
+            self.serve(&mut shutdown).await;
+        }
+        self.store.pay_before_exit().await;
+        writer.abort();
+    }
+
+    /// The upkeep until `shutdown` turns true.
+    async fn serve(&self, shutdown: &mut tokio::sync::watch::Receiver<bool>) {
         let mut probe = tokio::time::interval(PROBE_EVERY);
         let mut renew = tokio::time::interval(RENEW_EVERY);
         // A stopped gateway's successor finds its debts at once; a
@@ -44,10 +61,7 @@ impl RedisMaintenance {
                     self.store.flush_pending().await;
                 }
                 _ = renew.tick() => self.store.renew_leases().await,
-                _ = shutdown.changed() => {
-                    self.store.pay_before_exit().await;
-                    return;
-                }
+                _ = shutdown.changed() => return,
             }
         }
     }

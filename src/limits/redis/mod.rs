@@ -127,10 +127,6 @@ impl Keys {
     }
 }
 
-/// What this instance owes, as it is written down: its own batches, and
-/// the debts it took over.
-type Owed = (Vec<Unsettled>, Vec<Debt>);
-
 /// One settlement (or an unused grant's release), as the batched
 /// `SETTLE` takes it.
 pub(super) struct SettleOp {
@@ -713,10 +709,9 @@ impl RedisStore {
     /// debts beside its pid file.
     async fn flush_pending(&self) {
         let up = |tenant: usize| self.tenant_up(tenant);
-        let (batches, unreleased, adopted, owed) = {
+        let (batches, unreleased, adopted) = {
             let mut ledger = lock(&self.inner.shared.ledger);
             ledger.number_pending(&self.inner.keys);
-            let owed = self.owed_now(&ledger);
             // What a tenant still down owes stays for a later flush.
             let (batches, kept) = std::mem::take(&mut ledger.unsettled)
                 .into_iter()
@@ -730,14 +725,19 @@ impl RedisStore {
                 .into_iter()
                 .partition(|debt: &Debt| debt.tenant.map_or_else(|| self.is_up(), up));
             ledger.adopted = kept;
-            (batches, unreleased, adopted, owed)
+            // Still owed while they are out, and written down as such.
+            ledger.sending.clone_from(&batches);
+            ledger.paying.clone_from(&adopted);
+            (batches, unreleased, adopted)
         };
-        self.keep_debts(owed);
         let batches: Vec<Unsettled> = batches;
         let adopted: Vec<Debt> = adopted;
         if batches.is_empty() && unreleased.is_empty() && adopted.is_empty() {
             return;
         }
+        // Numbered before they are written down, written down before they
+        // are sent: a batch only ever goes under its number.
+        self.keep_debts();
         // Each command touches one tenant's keys (one hash slot).
         let mut commands: Vec<(usize, redis::Cmd)> = batches
             .iter()
@@ -759,6 +759,8 @@ impl RedisStore {
             })
             .await;
         let mut ledger = lock(&self.inner.shared.ledger);
+        ledger.sending.clear();
+        ledger.paying.clear();
         match results {
             Some(results) if results.len() == commands.len() => {
                 let mut results = results.into_iter();
@@ -796,11 +798,13 @@ impl RedisStore {
                         ledger.unreleased.push(lease);
                     }
                 }
-                info!(
-                    batches = applied,
-                    debts_of_ended_processes = paid,
-                    "flushed usage and lease releases recorded while Redis was unavailable"
-                );
+                if applied + paid > 0 {
+                    info!(
+                        batches = applied,
+                        debts_of_ended_processes = paid,
+                        "flushed usage and lease releases recorded while Redis was unavailable"
+                    );
+                }
             }
             _ => {
                 // Kept with their numbers: sent again by the next flush
@@ -812,47 +816,71 @@ impl RedisStore {
                 ledger.unreleased.extend(unreleased);
             }
         }
-        let owed = self.owed_now(&ledger);
         drop(ledger);
-        self.keep_debts(owed);
+        self.keep_debts();
     }
 
-    /// What `ledger` says is owed, to be written down (nothing when the
-    /// process does not keep its debts): copied under the ledger's lock,
-    /// written outside it.
-    fn owed_now(&self, ledger: &ledger::Ledger) -> Option<Owed> {
-        self.inner.debts.get()?;
-        Some((ledger.unsettled.clone(), ledger.adopted.clone()))
-    }
-
-    /// Writes down what is `owed` (see [`DebtFile::keep`]), when the
-    /// process keeps its debts: its own batches as the calls that pay them.
-    fn keep_debts(&self, owed: Option<Owed>) -> bool {
-        let (Some(debts), Some((own, adopted))) = (self.inner.debts.get(), owed) else {
+    /// Writes down what this process owes (see [`DebtFile::keep`]), when
+    /// it keeps its debts: its own batches as the calls that pay them, and
+    /// the debts it took over. Whether the file says so now.
+    fn keep_debts(&self) -> bool {
+        let Some(debts) = self.inner.debts.get() else {
             return true;
         };
-        let own = own.iter().map(|batch| {
-            let keys = &self.inner.keys[batch.tenant];
-            let call = batch.command(keys, &self.inner.settle, false);
-            // EVAL, the script, the number of keys, the keys, the arguments.
-            let mut args = call.args_iter().skip(2).map(|arg| match arg {
-                redis::Arg::Simple(bytes) => String::from_utf8_lossy(bytes).into_owned(),
-                _ => String::new(),
-            });
-            let count = args.next().and_then(|n| n.parse().ok()).unwrap_or(0);
-            let keys = args.by_ref().take(count).collect();
-            let written = Written {
-                tenant: self.inner.ids[batch.tenant].clone(),
-                period: batch.period_id.clone(),
-                cost_pusd: batch.usage.cost_pusd,
-                script: 0,
-                keys,
-                args: args.collect(),
+        debts.keep(|| {
+            // Copied under the ledger's lock, written out of it.
+            let (own, adopted) = {
+                let ledger = lock(&self.inner.shared.ledger);
+                let own: Vec<Unsettled> =
+                    (ledger.unsettled.iter().chain(&ledger.sending).cloned()).collect();
+                let adopted: Vec<Debt> =
+                    (ledger.adopted.iter().chain(&ledger.paying).cloned()).collect();
+                (own, adopted)
             };
-            (self.inner.settle_text.clone(), written)
-        });
-        let adopted = adopted.into_iter().map(|debt| (debt.script, debt.owed));
-        debts.keep(own.chain(adopted).collect())
+            let own = own.iter().map(|batch| {
+                let keys = &self.inner.keys[batch.tenant];
+                let call = batch.command(keys, &self.inner.settle, false);
+                // EVAL, the script, the number of keys, the keys, the arguments.
+                let mut args = call.args_iter().skip(2).map(|arg| match arg {
+                    redis::Arg::Simple(bytes) => String::from_utf8_lossy(bytes).into_owned(),
+                    _ => String::new(),
+                });
+                let count = args.next().and_then(|n| n.parse().ok()).unwrap_or(0);
+                let keys = args.by_ref().take(count).collect();
+                let written = Written {
+                    tenant: self.inner.ids[batch.tenant].clone(),
+                    period: batch.period_id.clone(),
+                    cost_pusd: batch.usage.cost_pusd,
+                    script: 0,
+                    keys,
+                    args: args.collect(),
+                };
+                (self.inner.settle_text.clone(), written)
+            });
+            let adopted = adopted.into_iter().map(|debt| (debt.script, debt.owed));
+            own.chain(adopted).collect()
+        })
+    }
+
+    /// Writes down what is owed as it comes to be owed: within a tenth of a
+    /// second of a settlement kept for the flush (at most ten writes a
+    /// second), and every probe interval, whatever Redis's calls wait for
+    /// meanwhile (a frozen Redis holds a probe for its whole timeout). Runs
+    /// until aborted; only when the process keeps its debts.
+    pub(super) async fn write_down_as_owed(self) {
+        if self.inner.debts.get().is_none() {
+            return;
+        }
+        loop {
+            let deferred = self.inner.shared.deferred.notified();
+            tokio::select! {
+                _ = tokio::time::sleep(PROBE_EVERY) => {}
+                _ = deferred => {}
+            }
+            lock(&self.inner.shared.ledger).number_pending(&self.inner.keys);
+            self.keep_debts();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// Keeps what this process owes Redis written down beside `pid_file`
@@ -876,14 +904,15 @@ impl RedisStore {
         if found.is_empty() {
             return;
         }
-        let mut ledger = lock(&self.inner.shared.ledger);
-        let before = ledger.adopted.len();
-        for (_, taken) in &found {
-            ledger.adopted.extend(taken.iter().cloned());
-        }
-        let owed = self.owed_now(&ledger);
-        drop(ledger);
-        if !self.keep_debts(owed) {
+        let before = {
+            let mut ledger = lock(&self.inner.shared.ledger);
+            let before = ledger.adopted.len();
+            for (_, taken) in &found {
+                ledger.adopted.extend(taken.iter().cloned());
+            }
+            before
+        };
+        if !self.keep_debts() {
             // Left in their files for a later try (or another process).
             lock(&self.inner.shared.ledger).adopted.truncate(before);
             return;
@@ -931,23 +960,23 @@ impl RedisStore {
                 return;
             };
             if !std::mem::replace(&mut said, true) {
-                match self.inner.debts.get() {
-                    Some(_) => warn!(owed_usd = owed as f64 / 1e12, "stopping while Redis does not answer: the usage owed to it is paid if it answers before this process ends, and left beside the pid file for the next process on it if not"),
-                    None => warn!(owed_usd = owed as f64 / 1e12, "stopping while Redis does not answer: the usage owed to it is paid if it answers before this process ends, and lost if not"),
+                let owed_usd = owed as f64 / 1e12;
+                let kept = match self.inner.debts.get() {
+                    Some(debts) if debts.is_written() => {
+                        "it is left beside the pid file for the next process on it"
+                    }
+                    Some(_) => "it cannot be written down beside the pid file: lost",
+                    None => "lost",
+                };
+                if self.is_up() {
+                    warn!(owed_usd, if_not = kept, "stopping while Redis refuses some of the usage owed to it: paid if it takes it before this process ends");
+                } else {
+                    warn!(owed_usd, if_not = kept, "stopping while Redis does not answer: the usage owed to it is paid if it answers before this process ends");
                 }
             }
-            // Usage recorded meanwhile (requests ending as the process
-            // drains) is written down at once, not at the next probe: the
-            // process may end before then.
-            let deferred = self.inner.shared.deferred.notified();
-            tokio::select! {
-                _ = tokio::time::sleep(PROBE_EVERY) => {
-                    if !self.is_up() {
-                        self.probe().await;
-                    }
-                }
-                // A moment for those ending together to be written at once.
-                _ = deferred => tokio::time::sleep(Duration::from_millis(20)).await,
+            tokio::time::sleep(PROBE_EVERY).await;
+            if !self.is_up() {
+                self.probe().await;
             }
         }
     }
