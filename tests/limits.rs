@@ -1515,6 +1515,13 @@ fn requests_owed_in(path: &std::path::Path) -> u64 {
         .sum()
 }
 
+/// The status of one chat request of the tenant's.
+fn ask(gw: &Gateway) -> u16 {
+    let body = chat("gpt-4o-mini", false);
+    gw.post_json("/v1/chat/completions", TENANT_KEY, &body)
+        .status
+}
+
 /// The tenant's requests in Redis this month.
 fn requests_in_redis(redis: &Redis) -> String {
     let key = format!("runestone:{{acme}}:usage:{}", this_month());
@@ -1532,11 +1539,6 @@ fn usage_owed_when_a_gateway_ends_during_an_outage_is_paid_by_the_next_one() {
     let mut config = limited_within(&mock, "{ requests_per_minute: 1000 }", Some(&redis), 300);
     config.grace = 1;
     let mut gw = Gateway::start(&config);
-    let ask = |gw: &Gateway| {
-        let body = chat("gpt-4o-mini", false);
-        gw.post_json("/v1/chat/completions", TENANT_KEY, &body)
-            .status
-    };
     for (ending, before) in [("TERM", 0), ("KILL", 5)] {
         assert_eq!(ask(&gw), 200);
         wait_until(Duration::from_secs(5), "Redis to count it", || {
@@ -1595,11 +1597,6 @@ fn a_debt_paid_already_is_not_counted_twice() {
     let mut config = limited_within(&mock, "{ requests_per_minute: 1000 }", Some(&redis), 300);
     config.grace = 10;
     let mut gw = Gateway::start(&config);
-    let ask = |gw: &Gateway| {
-        let body = chat("gpt-4o-mini", false);
-        gw.post_json("/v1/chat/completions", TENANT_KEY, &body)
-            .status
-    };
     assert_eq!(ask(&gw), 200);
     redis.freeze();
     for _ in 0..3 {
@@ -1636,10 +1633,8 @@ fn usage_owed_is_written_down_at_once_whatever_redis_keeps_waiting() {
     let config = limited_within(&mock, "{ requests_per_minute: 1000 }", Some(&redis), 5000);
     let mut gw = Gateway::start(&config);
     redis.freeze();
-    let body = chat("gpt-4o-mini", false);
     for _ in 0..3 {
-        let response = gw.post_json("/v1/chat/completions", TENANT_KEY, &body);
-        assert_eq!(response.status, 200, "served in process");
+        assert_eq!(ask(&gw), 200, "served in process");
     }
     wait_until(Duration::from_secs(2), "the debt written down", || {
         debt_files(&gw)
