@@ -896,6 +896,17 @@ fn redis_limiter(
     limits: &str,
     timeout_ms: u64,
 ) -> (runestone::limits::Limiter, tokio::sync::watch::Sender<bool>) {
+    redis_limiter_keeping_debts(redis, limits, timeout_ms, None)
+}
+
+/// [`redis_limiter`], keeping what it owes Redis beside `pid_file` as the
+/// gateway's process does.
+fn redis_limiter_keeping_debts(
+    redis: &Redis,
+    limits: &str,
+    timeout_ms: u64,
+    pid_file: Option<&str>,
+) -> (runestone::limits::Limiter, tokio::sync::watch::Sender<bool>) {
     use runestone::config::Config;
     use runestone::limits::{redis::RedisMaintenance, Limiter};
     let yaml = format!(
@@ -915,6 +926,9 @@ redis: {{ url: "{}", timeout_ms: {timeout_ms} }}
         &config,
         runestone::redis_conn::RedisConnection::for_config(&config),
     );
+    if let Some(pid_file) = pid_file {
+        limiter.redis().unwrap().keep_debts_beside(pid_file);
+    }
     let (stop, watch) = tokio::sync::watch::channel(false);
     let maintenance = RedisMaintenance::new(limiter.redis().unwrap());
     tokio::spawn(async move { maintenance.run(watch).await });
@@ -1483,8 +1497,12 @@ fn usage_owed_to_redis_is_paid_while_the_gateway_stops() {
 
 /// The debt files beside a gateway's pid file (`gw.pid.owed.<pid>.<random>`).
 fn debt_files(gw: &Gateway) -> Vec<std::path::PathBuf> {
-    let (_, dir) = gw.config_path();
-    let mut found: Vec<_> = std::fs::read_dir(&dir)
+    debt_files_in(&gw.config_path().1)
+}
+
+/// The debt files beside `dir`'s `gw.pid`.
+fn debt_files_in(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut found: Vec<_> = std::fs::read_dir(dir)
         .unwrap()
         .flatten()
         .map(|entry| entry.path())
@@ -1650,4 +1668,56 @@ fn usage_owed_is_written_down_at_once_whatever_redis_keeps_waiting() {
     wait_until(Duration::from_secs(10), "the debt paid", || {
         requests_in_redis(&redis) == "3"
     });
+}
+
+/// What is owed when the process ends (its runtime stopped at the end of a
+/// grace period, its tasks dropped) is written down then, however lately
+/// it came to be owed.
+#[test]
+fn usage_owed_is_written_down_as_the_process_ends() {
+    let redis = Redis::start();
+    let dir = std::env::temp_dir().join(format!(
+        "runestone-debts-{}-{}",
+        std::process::id(),
+        runestone::ids::random_token()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let pid_file = dir.join("gw.pid").display().to_string();
+    redis.freeze();
+    let runtime = runtime();
+    runtime.block_on(async {
+        let (limiter, _stop) = redis_limiter_keeping_debts(
+            &redis,
+            "{ requests_per_minute: 1000 }",
+            FROZEN_TIMEOUT_MS,
+            Some(&pid_file),
+        );
+        // Down until Redis first answers: admitted in process at once.
+        let owed = || -> u64 {
+            debt_files_in(&dir)
+                .iter()
+                .map(|f| requests_owed_in(f))
+                .sum()
+        };
+        let grant = limiter.admit(0, 10).await.expect("admitted in process");
+        limiter.settle(grant, used(1)).await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while owed() != 1 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the first written down"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // The second while the writing rests after the first.
+        let grant = limiter.admit(0, 10).await.expect("admitted in process");
+        limiter.settle(grant, used(1)).await;
+    });
+    drop(runtime);
+    let owed: u64 = (debt_files_in(&dir).iter())
+        .map(|f| requests_owed_in(f))
+        .sum();
+    assert_eq!(owed, 2, "every request written down");
+    redis.thaw();
+    let _ = std::fs::remove_dir_all(&dir);
 }

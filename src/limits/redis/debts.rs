@@ -3,9 +3,10 @@
 //! killed while Redis does not answer) leaves it to the next process on the
 //! same pid file to pay.
 //!
-//! The file, `<pid_file>.owed.<pid>.<random>` (mode 0600: a name no other
-//! process, nor a later one given the same pid, writes or can plant
-//! beforehand), holds each debt as the
+//! The file, `<pid_file>.owed.<pid>.<random>` (mode 0600; named afresh each
+//! time it is created, so no other process, nor a later one given the same
+//! pid, writes it, and no one can plant a file in its way), holds each debt
+//! as the
 //! `SETTLE` call that pays it, with the script that runs it: the process
 //! that takes the file sends those calls as they are, so a batch Redis
 //! already applied (its answer lost) counts once, by its record (see
@@ -80,10 +81,9 @@ impl Debt {
 #[derive(Debug)]
 pub(super) struct DebtFile {
     pid_file: PathBuf,
-    /// This process's file.
-    own: PathBuf,
-    /// What was last written (`None`: no file of this process's is there).
-    last: Mutex<Option<Vec<u8>>>,
+    /// This process's file, and what was last written there (`None`: no
+    /// file of this process's is there, and the next is named afresh).
+    own: Mutex<(PathBuf, Option<Vec<u8>>)>,
     /// The last write failed (said once until one succeeds).
     failing: AtomicBool,
     /// Files left alone as untrusted or unreadable (said once each).
@@ -93,12 +93,9 @@ pub(super) struct DebtFile {
 impl DebtFile {
     /// The debt file of this process for `pid_file`.
     pub(super) fn beside(pid_file: &str) -> Self {
-        let pid = Pid::this().as_raw();
-        let token = &crate::ids::random_token()[..16];
         DebtFile {
             pid_file: PathBuf::from(pid_file),
-            own: PathBuf::from(format!("{pid_file}.owed.{pid}.{token}")),
-            last: Mutex::new(None),
+            own: Mutex::new((PathBuf::new(), None)),
             failing: AtomicBool::new(false),
             ignored: Mutex::default(),
         }
@@ -117,12 +114,12 @@ impl DebtFile {
     /// Whether the file says so now.
     pub(super) fn keep(&self, owed: impl FnOnce() -> Vec<(Arc<str>, Written)>) -> bool {
         let me = Pid::this();
-        let path = &self.own;
-        let mut last = lock(&self.last);
+        let mut own = lock(&self.own);
+        let (path, last) = &mut *own;
         let owed = owed();
         if owed.is_empty() {
             if last.take().is_some() {
-                if let Err(e) = std::fs::remove_file(path) {
+                if let Err(e) = std::fs::remove_file(&*path) {
                     if e.kind() != std::io::ErrorKind::NotFound {
                         warn!(path = %path.display(), error = %e, "cannot remove the file of what was owed to Redis, paid now");
                     }
@@ -153,6 +150,12 @@ impl DebtFile {
         let text = serde_json::to_vec(&file).expect("debts serialize");
         if last.as_ref() == Some(&text) {
             return true;
+        }
+        if last.is_none() {
+            let token = &crate::ids::random_token()[..16];
+            let mut name = self.pid_file.clone().into_os_string();
+            name.push(format!(".owed.{me}.{token}"));
+            *path = PathBuf::from(name);
         }
         match write_aside(path, &text) {
             Ok(()) => {
@@ -205,7 +208,7 @@ impl DebtFile {
                 }
                 continue;
             }
-            if path == self.own {
+            if path == lock(&self.own).0 {
                 continue;
             }
             let Some(file) = self.read(&path) else {
@@ -260,10 +263,10 @@ fn write_aside(path: &Path, text: &[u8]) -> std::io::Result<()> {
         .create_new(true)
         .mode(0o600)
         .open(&aside)
-        .and_then(|mut file| {
-            file.write_all(text)?;
-            file.sync_data()
-        })
+        // Not synced: it is to outlive the process, not the machine (a
+        // sync took up to 160 ms on a busy one, what a killed process
+        // then lost).
+        .and_then(|mut file| file.write_all(text))
         .and_then(|()| std::fs::rename(&aside, path));
     if written.is_err() {
         let _ = std::fs::remove_file(&aside);
@@ -348,9 +351,12 @@ mod tests {
     fn a_process_keeps_its_file_while_it_owes_and_removes_it_when_paid() {
         let (_dir, pid_file) = pid_file();
         let debts = DebtFile::beside(&pid_file);
-        let path = debts.own.clone();
         let script: Arc<str> = Arc::from("return 1");
         assert!(debts.keep(|| vec![(script.clone(), written("acme", 5))]));
+        let path = lock(&debts.own).0.clone();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        let pid = Pid::this();
+        assert!(name.starts_with(&format!("gw.pid.owed.{pid}.")), "{name}");
         let meta = std::fs::metadata(&path).unwrap();
         assert_eq!(meta.mode() & 0o777, 0o600);
         let file: Contents = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
@@ -365,6 +371,12 @@ mod tests {
         assert_eq!((file.scripts.len(), file.owed.len()), (1, 2));
         debts.keep(Vec::new);
         assert!(!path.exists(), "paid: no file");
+        // Owing again: a file of another name (one someone saw may have been
+        // taken meanwhile).
+        debts.keep(|| vec![(Arc::from("return 1"), written("acme", 1))]);
+        let again = lock(&debts.own).0.clone();
+        assert!(again.exists());
+        assert_ne!(again, path);
     }
 
     #[test]
@@ -433,7 +445,7 @@ mod tests {
         };
         let earlier = leave(&elsewhere, me.as_raw(), &reused);
         assert!(later.keep(|| vec![(Arc::from("y"), written("acme", 2))]));
-        assert!(earlier.exists() && later.own.exists());
+        assert!(earlier.exists() && lock(&later.own).0.exists());
         let taken = later.left_by_others(&[]);
         assert_eq!(taken.len(), 1);
         assert_eq!(taken[0].0, earlier);

@@ -862,25 +862,34 @@ impl RedisStore {
         })
     }
 
-    /// Writes down what is owed as it comes to be owed: within a tenth of a
-    /// second of a settlement kept for the flush (at most ten writes a
-    /// second), and every probe interval, whatever Redis's calls wait for
-    /// meanwhile (a frozen Redis holds a probe for its whole timeout). Runs
-    /// until aborted; only when the process keeps its debts.
+    /// Writes down what is owed as it comes to be owed: within a twentieth
+    /// of a second of a settlement kept for the flush (at most twenty
+    /// writes a second), and every probe interval, whatever Redis's calls
+    /// wait for meanwhile (a frozen Redis holds a probe for its whole
+    /// timeout); and once more when the task is dropped, as the runtime
+    /// stops at the end of the process (a grace period over), so what
+    /// requests ending just before then owe is written too. Runs until
+    /// aborted; only when the process keeps its debts.
     pub(super) async fn write_down_as_owed(self) {
         if self.inner.debts.get().is_none() {
             return;
         }
+        let last = WriteAtTheEnd(self);
         loop {
-            let deferred = self.inner.shared.deferred.notified();
+            let deferred = last.0.inner.shared.deferred.notified();
             tokio::select! {
                 _ = tokio::time::sleep(PROBE_EVERY) => {}
                 _ = deferred => {}
             }
-            lock(&self.inner.shared.ledger).number_pending(&self.inner.keys);
-            self.keep_debts();
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            last.0.write_down();
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// Numbers what is pending and writes down all that is owed.
+    fn write_down(&self) {
+        lock(&self.inner.shared.ledger).number_pending(&self.inner.keys);
+        self.keep_debts();
     }
 
     /// Keeps what this process owes Redis written down beside `pid_file`
@@ -1018,6 +1027,16 @@ impl RedisStore {
     async fn restore_leases(&self, tenant: usize) -> bool {
         let leases = self.held_leases(tenant);
         leases.is_empty() || self.renew(tenant, &leases, "").await
+    }
+}
+
+/// Writes down what is owed when dropped (see
+/// [`RedisStore::write_down_as_owed`]).
+struct WriteAtTheEnd(RedisStore);
+
+impl Drop for WriteAtTheEnd {
+    fn drop(&mut self) {
+        self.0.write_down();
     }
 }
 
