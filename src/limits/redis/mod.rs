@@ -709,7 +709,7 @@ impl RedisStore {
     /// debts beside its pid file.
     async fn flush_pending(&self) {
         let up = |tenant: usize| self.tenant_up(tenant);
-        let (batches, unreleased, adopted) = {
+        let (batches, unreleased, adopted): (Vec<Unsettled>, Vec<_>, Vec<Debt>) = {
             let mut ledger = lock(&self.inner.shared.ledger);
             ledger.number_pending(&self.inner.keys);
             // What a tenant still down owes stays for a later flush.
@@ -723,15 +723,13 @@ impl RedisStore {
             ledger.unreleased = kept;
             let (adopted, kept) = std::mem::take(&mut ledger.adopted)
                 .into_iter()
-                .partition(|debt: &Debt| debt.tenant.map_or_else(|| self.is_up(), up));
+                .partition(|debt| debt.tenant.map_or_else(|| self.is_up(), up));
             ledger.adopted = kept;
             // Still owed while they are out, and written down as such.
             ledger.sending.clone_from(&batches);
             ledger.paying.clone_from(&adopted);
             (batches, unreleased, adopted)
         };
-        let batches: Vec<Unsettled> = batches;
-        let adopted: Vec<Debt> = adopted;
         if batches.is_empty() && unreleased.is_empty() && adopted.is_empty() {
             return;
         }
