@@ -1721,3 +1721,32 @@ fn usage_owed_is_written_down_as_the_process_ends() {
     redis.thaw();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A gateway started without `redis:` beside the debt file an earlier
+/// process left says that only one with Redis pays it, and leaves it.
+#[test]
+fn debts_left_for_redis_are_named_by_a_gateway_without_it() {
+    let redis = Redis::start();
+    let mock = Mock::start(&[]);
+    let config = limited_within(&mock, "{ requests_per_minute: 1000 }", Some(&redis), 300);
+    let mut gw = Gateway::start(&config);
+    redis.freeze();
+    assert_eq!(ask(&gw), 200, "served in process");
+    wait_until(Duration::from_secs(5), "the debt written down", || {
+        debt_files(&gw).len() == 1
+    });
+    signal(gw.pid(), "KILL");
+    gw.wait_exit(Duration::from_secs(10));
+    redis.thaw();
+    let without = limited_within(&mock, "{ requests_per_minute: 1000 }", None, 300);
+    let (path, dir) = gw.config_path();
+    std::fs::write(path, without.yaml_in(&dir)).unwrap();
+    gw.start_again(&without);
+    assert!(
+        gw.log()
+            .contains("only a gateway with redis: configured pays it"),
+        "{}",
+        gw.log()
+    );
+    assert_eq!(debt_files(&gw).len(), 1, "left for one");
+}

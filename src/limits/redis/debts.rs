@@ -178,31 +178,12 @@ impl DebtFile {
     /// the files they came from (removed by the caller once this process's
     /// own file holds them). `ids` are this process's tenants' ids.
     pub(super) fn left_by_others(&self, ids: &[String]) -> Vec<(PathBuf, Vec<Debt>)> {
-        let dir = match self.pid_file.parent() {
-            Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        let Some(stem) = self.pid_file.file_name().map(|n| n.to_string_lossy()) else {
-            return Vec::new();
-        };
-        let prefix = format!("{stem}.owed.");
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            return Vec::new();
-        };
         let mut found = Vec::new();
-        for entry in entries.flatten() {
-            let name = entry.file_name();
-            let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(&prefix)) else {
-                continue;
-            };
-            let path = entry.path();
-            let Some(Ok(pid)) = rest.split('.').next().map(str::parse::<i32>) else {
-                continue;
-            };
+        for (path, pid, half_written) in files_beside(&self.pid_file) {
             // One being written when its process was killed: removed once
             // no process of that pid runs (the file it was to replace, if
             // any, is whole).
-            if rest.ends_with(".new") {
+            if half_written {
                 if pid > 0 && !runs(pid) && is_regular(&path) {
                     let _ = std::fs::remove_file(&path);
                 }
@@ -247,6 +228,40 @@ impl DebtFile {
         if ignored.len() < 1000 && ignored.insert(path.to_path_buf()) {
             warn!(path = %path.display(), why, "ignoring a file of what was owed to Redis");
         }
+    }
+}
+
+/// The debt files beside `pid_file`: each with the pid its name gives and
+/// whether it is one being written (`.new`).
+fn files_beside(pid_file: &Path) -> Vec<(PathBuf, i32, bool)> {
+    let dir = match pid_file.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let Some(stem) = pid_file.file_name().map(|n| n.to_string_lossy()) else {
+        return Vec::new();
+    };
+    let prefix = format!("{stem}.owed.");
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Vec::new();
+    };
+    let files = entries.flatten().filter_map(|entry| {
+        let name = entry.file_name();
+        let rest = name.to_str()?.strip_prefix(&prefix)?;
+        let pid = rest.split('.').next()?.parse().ok()?;
+        Some((entry.path(), pid, rest.ends_with(".new")))
+    });
+    files.collect()
+}
+
+/// Says, at start-up without Redis, that debt files of earlier processes
+/// are beside `pid_file`: only a gateway with Redis pays them.
+pub fn warn_of_debts_left_beside(pid_file: &str) {
+    let left = (files_beside(Path::new(pid_file)).into_iter())
+        .filter(|(_, _, half_written)| !half_written)
+        .count();
+    if left > 0 {
+        warn!(files = left, pid_file, "what earlier processes owed Redis is written down beside the pid file, and only a gateway with redis: configured pays it");
     }
 }
 

@@ -27,6 +27,7 @@ mod ledger;
 mod maintenance;
 mod scripts;
 
+pub use debts::warn_of_debts_left_beside;
 pub use maintenance::RedisMaintenance;
 
 use super::{PeriodUsage, RateLimitState, Refusal};
