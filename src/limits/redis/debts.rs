@@ -6,10 +6,9 @@
 //! The file, `<pid_file>.owed.<pid>.<random>` (mode 0600; named afresh each
 //! time it is created, so no other process, nor a later one given the same
 //! pid, writes it, and no one can plant a file in its way), holds each debt
-//! as the
-//! `SETTLE` call that pays it, with the script that runs it: the process
-//! that takes the file sends those calls as they are, so a batch Redis
-//! already applied (its answer lost) counts once, by its record (see
+//! as the `SETTLE` call that pays it, with the script that runs it: the
+//! process that takes the file sends those calls as they are, so a batch
+//! Redis already applied (its answer lost) counts once, by its record (see
 //! `Keys::settled`), and a later version's script cannot change what an
 //! old batch means. A file is taken only once the process that wrote it has
 //! ended, only from a regular file of this user's (or root's) that no one
@@ -167,7 +166,7 @@ impl DebtFile {
             }
             Err(e) => {
                 if !self.failing.swap(true, Ordering::Relaxed) {
-                    warn!(path = %path.display(), error = %e, "cannot write down what is owed to Redis (tried again as it changes); it is lost if this process ends before Redis answers");
+                    warn!(path = %path.display(), error = %e, "cannot write down what is owed to Redis (tried again every half second); it is lost if this process ends before Redis answers");
                 }
                 false
             }
