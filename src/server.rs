@@ -112,16 +112,16 @@ pub fn build(config: Config, options: RunOptions) -> Server {
         move |tenant| overflow.capacity_freed(tenant)
     });
     match limiter.redis() {
-        // What a process ending while Redis does not answer still owes is
-        // left beside the pid file for the next one to pay.
-        Some(redis) => redis.keep_debts_beside(&config.server.pid_file),
+        Some(redis) => {
+            // What a process ending while Redis does not answer still owes
+            // is left beside the pid file for the next one to pay.
+            redis.keep_debts_beside(&config.server.pid_file);
+            server.add_service(background_service(
+                "redis maintenance",
+                MaintenanceService(RedisMaintenance::new(redis)),
+            ));
+        }
         None => crate::limits::redis::warn_of_debts_left_beside(&config.server.pid_file),
-    }
-    if let Some(redis) = limiter.redis() {
-        server.add_service(background_service(
-            "redis maintenance",
-            MaintenanceService(RedisMaintenance::new(redis)),
-        ));
     }
 
     let gateway = Gateway::new(

@@ -1533,6 +1533,11 @@ fn requests_owed_in(path: &std::path::Path) -> u64 {
         .sum()
 }
 
+/// The requests the debt files beside `dir`'s `gw.pid` say are owed.
+fn requests_owed_beside(dir: &std::path::Path) -> u64 {
+    debt_files_in(dir).iter().map(|f| requests_owed_in(f)).sum()
+}
+
 /// The status of one chat request of the tenant's.
 fn ask(gw: &Gateway) -> u16 {
     let body = chat("gpt-4o-mini", false);
@@ -1568,11 +1573,7 @@ fn usage_owed_when_a_gateway_ends_during_an_outage_is_paid_by_the_next_one() {
         }
         // Written down while owed, before the process ends.
         wait_until(Duration::from_secs(5), "the debt written down", || {
-            debt_files(&gw)
-                .iter()
-                .map(|f| requests_owed_in(f))
-                .sum::<u64>()
-                == 3
+            requests_owed_beside(&gw.config_path().1) == 3
         });
         signal(gw.pid(), ending);
         gw.wait_exit(Duration::from_secs(20));
@@ -1655,11 +1656,7 @@ fn usage_owed_is_written_down_at_once_whatever_redis_keeps_waiting() {
         assert_eq!(ask(&gw), 200, "served in process");
     }
     wait_until(Duration::from_secs(2), "the debt written down", || {
-        debt_files(&gw)
-            .iter()
-            .map(|f| requests_owed_in(f))
-            .sum::<u64>()
-            == 3
+        requests_owed_beside(&gw.config_path().1) == 3
     });
     signal(gw.pid(), "KILL");
     gw.wait_exit(Duration::from_secs(10));
@@ -1693,16 +1690,10 @@ fn usage_owed_is_written_down_as_the_process_ends() {
             Some(&pid_file),
         );
         // Down until Redis first answers: admitted in process at once.
-        let owed = || -> u64 {
-            debt_files_in(&dir)
-                .iter()
-                .map(|f| requests_owed_in(f))
-                .sum()
-        };
         let grant = limiter.admit(0, 10).await.expect("admitted in process");
         limiter.settle(grant, used(1)).await;
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while owed() != 1 {
+        while requests_owed_beside(&dir) != 1 {
             assert!(
                 std::time::Instant::now() < deadline,
                 "the first written down"
@@ -1714,10 +1705,7 @@ fn usage_owed_is_written_down_as_the_process_ends() {
         limiter.settle(grant, used(1)).await;
     });
     drop(runtime);
-    let owed: u64 = (debt_files_in(&dir).iter())
-        .map(|f| requests_owed_in(f))
-        .sum();
-    assert_eq!(owed, 2, "every request written down");
+    assert_eq!(requests_owed_beside(&dir), 2, "every request written down");
     redis.thaw();
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -46,9 +46,10 @@ impl RedisMaintenance {
     async fn serve(&self, shutdown: &mut tokio::sync::watch::Receiver<bool>) {
         let mut probe = tokio::time::interval(PROBE_EVERY);
         let mut renew = tokio::time::interval(RENEW_EVERY);
-        // A stopped gateway's successor finds its debts at once; a
+        // Those left before this process started were taken in `run`; a
         // reload's predecessor ends a grace period after this one started.
-        let mut debts = tokio::time::interval(LOOK_FOR_DEBTS_EVERY);
+        let first = tokio::time::Instant::now() + LOOK_FOR_DEBTS_EVERY;
+        let mut debts = tokio::time::interval_at(first, LOOK_FOR_DEBTS_EVERY);
         loop {
             tokio::select! {
                 _ = debts.tick() => self.store.take_over_debts(),
