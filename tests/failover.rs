@@ -819,6 +819,28 @@ fn an_error_body_under_a_200_is_taken_as_its_status() {
     assert_eq!(resp.status, 400);
     assert_eq!(resp.json()["error"]["message"], "bad tool");
     assert_eq!(resp.json()["error"]["param"], "tools");
+    assert_eq!(resp.json()["error"]["code"], "invalid_value");
+    // Whatever of its error a provider names (message, field, code) is
+    // masked of its key, in an answer and in a stream's error event.
+    let echoing = format!(
+        r#"{{"error":{{"message":"no {PROVIDER_KEY}","type":"invalid_request_error","code":"c-{PROVIDER_KEY}","param":"{PROVIDER_KEY}"}}}}"#
+    );
+    let event = format!("data: {echoing}\n\n");
+    for (body, content_type, stream) in [
+        (echoing.as_str(), "application/json", false),
+        (event.as_str(), "text/event-stream", true),
+    ] {
+        mock.fault(json!({"status": 200, "error_body": body, "content_type": content_type, "model": "m-small"}));
+        let resp = gw.post_json(CHAT, TENANT_KEY, &chat("small", stream));
+        let text = String::from_utf8_lossy(&resp.body).into_owned();
+        assert_eq!(resp.status, 400, "{text}");
+        assert!(!text.contains(PROVIDER_KEY), "{text}");
+        let error = &resp.json()["error"];
+        let masked = "*".repeat(PROVIDER_KEY.len());
+        assert_eq!(error["message"], format!("no {masked}"), "{text}");
+        assert_eq!(error["param"], masked.as_str(), "{text}");
+        assert_eq!(error["code"], format!("c-{masked}"), "{text}");
+    }
     // One that says nothing says so.
     mock.fault(json!({"status": 200, "error_body": r#"{"error":true}"#, "content_type": "application/json", "model": "m-solo", "count": 10}));
     let resp = ask(&gw, "solo");

@@ -19,6 +19,12 @@ pub struct ApiError {
     pub kind: &'static str,
     /// The body's `error.code`.
     pub code: &'static str,
+    /// The provider's own `error.code` of an error it put under a 200,
+    /// sent in the body in place of `code` (its other errors reach the
+    /// client as it wrote them). Never a metric label: `code` is. A thin
+    /// pointer (boxed twice): every `Result` of the gateway carries an
+    /// `ApiError`, and one this rare should not make them all larger.
+    pub provider_code: Option<Box<String>>,
     /// The body's `error.param`, when one request field is at fault.
     pub param: Option<Box<str>>,
     /// Human-readable message; never contains a key.
@@ -62,6 +68,7 @@ impl ApiError {
             status,
             kind,
             code,
+            provider_code: None,
             param: None,
             message: message.into().into_boxed_str(),
             retry_after_ms: None,
@@ -448,6 +455,13 @@ impl ApiError {
         }
     }
 
+    /// The body's `error.code`: the provider's own when it gave one.
+    pub fn said_code(&self) -> &str {
+        self.provider_code
+            .as_deref()
+            .map_or(self.code, String::as_str)
+    }
+
     /// The JSON body: `{"error": {"message", "type", "param", "code"}}`.
     pub fn body(&self) -> Bytes {
         let body = serde_json::json!({
@@ -455,7 +469,7 @@ impl ApiError {
                 "message": self.message,
                 "type": self.kind,
                 "param": self.param,
-                "code": self.code,
+                "code": self.said_code(),
             }
         });
         Bytes::from(body.to_string())
@@ -477,7 +491,7 @@ impl ApiError {
     fn responses_sse_event(&self, sequence_number: u64) -> Bytes {
         let event = serde_json::json!({
             "type": "error",
-            "code": self.code,
+            "code": self.said_code(),
             "message": self.message,
             "param": self.param,
             "sequence_number": sequence_number,
@@ -681,10 +695,13 @@ impl ApiError {
             }
             status @ 400..=499 => {
                 let param = error["param"].as_str().map(Box::from);
+                let code = error["code"].as_str().map(|code| Box::new(code.to_owned()));
                 let mut error = Self::bad_request(message);
                 error.status = status;
-                // The request field at fault, as the provider named it.
+                // The request field at fault and the error's code, as the
+                // provider named them.
                 error.param = param;
+                error.provider_code = code;
                 error
             }
             _ => Self::upstream_error(message),

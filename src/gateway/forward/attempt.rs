@@ -35,17 +35,24 @@ use tracing::{debug, warn};
 /// its key is masked).
 const MAX_ERROR_MESSAGE_CHARS: usize = 1000;
 
-/// A provider's error (its message read out of its answer), masked of the
-/// provider's key as the client will read it (see
-/// [`Redactor::redact_decoded`]: read out of JSON and written again, a key
-/// may be the key once more) and cut to [`MAX_ERROR_MESSAGE_CHARS`].
+/// The longest `param` or `code` of a provider's error kept for the client.
+const MAX_ERROR_FIELD_CHARS: usize = 200;
+
+/// A provider's error (its message, and the `param` and `code` it named,
+/// read out of its answer), masked of the provider's key as the client
+/// will read them (see [`Redactor::redact_decoded`]: read out of JSON and
+/// written again, a key may be the key once more) and cut to
+/// [`MAX_ERROR_MESSAGE_CHARS`] and [`MAX_ERROR_FIELD_CHARS`].
 fn masked(mut error: ApiError, redactor: &Redactor<'_>) -> ApiError {
     // Cut once masked: a key cut in two would not be found.
-    error.message = redactor
-        .redact_decoded(&error.message)
-        .chars()
-        .take(MAX_ERROR_MESSAGE_CHARS)
-        .collect();
+    let mask = |text: &str, most: usize| -> String {
+        redactor.redact_decoded(text).chars().take(most).collect()
+    };
+    error.message = mask(&error.message, MAX_ERROR_MESSAGE_CHARS).into();
+    error.param = (error.param.as_deref()).map(|param| mask(param, MAX_ERROR_FIELD_CHARS).into());
+    if let Some(code) = &mut error.provider_code {
+        **code = mask(code, MAX_ERROR_FIELD_CHARS);
+    }
     error
 }
 
