@@ -868,6 +868,40 @@ fn an_error_body_under_a_200_is_taken_as_its_status() {
 }
 
 #[test]
+fn an_answer_in_the_other_form_than_asked_fails_over() {
+    // A provider (or a proxy in front of it) that answers a request for
+    // one JSON answer with a stream, or a request for a stream with one
+    // JSON answer: the SDKs read neither (a string where a completion
+    // belongs; a stream with no event and no error), so the fallback
+    // answers, and only its answer is billed.
+    let (mock, gw) = start("", "");
+    let completion = r#"{"id":"c1","object":"chat.completion","created":1,"model":"m-small","choices":[{"index":0,"message":{"role":"assistant","content":"whole"},"finish_reason":"stop"}],"usage":{"prompt_tokens":5,"completion_tokens":1,"total_tokens":6}}"#;
+    let chunk = r#"{"id":"c1","object":"chat.completion.chunk","created":1,"model":"m-small","choices":[{"index":0,"delta":{"role":"assistant","content":"streamed"},"finish_reason":"stop"}]}"#;
+    let events = format!("data: {chunk}\n\ndata: [DONE]\n\n");
+    mock.fault(json!({"status": 200, "error_body": events, "content_type": "text/event-stream", "model": "m-small"}));
+    let resp = ask(&gw, "small");
+    assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
+    assert_eq!(resp.header("x-runestone-attempts"), Some("2"));
+    let answer = resp.json();
+    assert_eq!(answer["model"], "m-large");
+    mock.fault(json!({"status": 200, "error_body": completion, "content_type": "application/json", "model": "m-small"}));
+    let (text, usage) = whole_stream(&stream(&gw, "small", 4));
+    assert_eq!(text, mock_text(4));
+    assert_eq!(attempts(&mock, "m-large"), 2, "the fallback answered both");
+    let (prompt, completion_tokens, _) = billed(&gw);
+    assert_eq!(
+        (prompt, completion_tokens),
+        (
+            answer["usage"]["prompt_tokens"].as_u64().unwrap()
+                + usage["prompt_tokens"].as_u64().unwrap(),
+            answer["usage"]["completion_tokens"].as_u64().unwrap()
+                + usage["completion_tokens"].as_u64().unwrap()
+        ),
+        "only the fallback's answers billed"
+    );
+}
+
+#[test]
 fn a_chat_streams_heartbeat_is_no_content() {
     // A router's typed keep-alive before its upstream failed: nothing for
     // the client yet, so the fallback answers.

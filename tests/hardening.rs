@@ -997,6 +997,50 @@ fn a_kept_connection_answering_garbage_is_left_for_a_fresh_one() {
 }
 
 #[test]
+fn an_answer_that_is_no_http_fails_its_model_only() {
+    // One provider account, two models: `broken` is answered with bytes
+    // that are no HTTP answer (a head that does not parse, a chunked body
+    // whose framing breaks), `fine` with an answer. `broken`'s failures
+    // open its own breaker, not the address's: `fine` is still served.
+    let body = r#"{"id":"c1","object":"chat.completion","created":1,"model":"fine","choices":[{"index":0,"message":{"role":"assistant","content":"ok"},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}"#;
+    for broken in [
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\nZZ\r\n{}\r\n".to_string(),
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: abc\r\n\r\n{}".to_string(),
+        "POISON not an answer\r\n\r\n".to_string(),
+    ] {
+        let fine = json_answer("", body.as_bytes());
+        let port = hand_written_provider(move |mut stream| {
+            while let Some(request) = request_bytes(&mut stream) {
+                let answer = if String::from_utf8_lossy(&request).contains("\"model\":\"broken\"") {
+                    broken.as_bytes()
+                } else {
+                    &fine[..]
+                };
+                if stream.write_all(answer).is_err() {
+                    return;
+                }
+            }
+        });
+        let mock = Mock::start(&[]);
+        let mut config = GatewayConfig::new(&mock);
+        config.providers = vec![format!(
+            "  - {{ name: acct, base_url: \"http://127.0.0.1:{port}/v1\" }}"
+        )];
+        config.models = "\n  - name: broken\n    targets: [{ provider: acct, model: broken }]\n  - name: fine\n    targets: [{ provider: acct, model: fine }]\n".into();
+        config.tenants = format!("\n  - id: acme\n    keys: [\"{TENANT_KEY}\"]\n");
+        config.extra = "circuit_breaker: { consecutive_failures: 2 }\n".into();
+        let gw = Gateway::start(&config);
+        for _ in 0..4 {
+            let resp = gw.post_json("/v1/chat/completions", TENANT_KEY, &chat("broken", false));
+            assert_eq!(resp.status / 100, 5, "{}", String::from_utf8_lossy(&resp.body));
+        }
+        let resp = gw.post_json("/v1/chat/completions", TENANT_KEY, &chat("fine", false));
+        assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
+        assert_eq!(resp.json()["choices"][0]["message"]["content"], "ok");
+    }
+}
+
+#[test]
 fn a_provider_answering_no_http_is_not_called_unreachable() {
     let (port, served) = raw_provider(b"POISON not an answer\r\n\r\n".to_vec());
     let mock = Mock::start(&[]);

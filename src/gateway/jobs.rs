@@ -398,6 +398,7 @@ impl JobRunner for Gateway {
                     bills: true,
                     routes: self.config.routes_for(tenant, route),
                     context_routes: self.config.context_routes_for(tenant, route),
+                    stream: false,
                     resumable: false,
                     body_for: &|provider_model| rewrite_body(&body, &fields, provider_model, false),
                     request_id,

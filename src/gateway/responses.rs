@@ -199,6 +199,7 @@ impl Gateway {
             bills: false,
             routes: vec![(route_index, &self.config.models[route_index])],
             context_routes: Vec::new(),
+            stream: false,
             resumable: false,
             body_for: &|_| Bytes::new(),
             request_id,

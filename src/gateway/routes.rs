@@ -258,6 +258,7 @@ impl Gateway {
             bills: true,
             routes: self.config.routes_for(tenant, route_index),
             context_routes: self.config.context_routes_for(tenant, route_index),
+            stream: fields.stream,
             resumable: fields.stream
                 && endpoint == Endpoint::ChatCompletions
                 && fields.one_plain_choice,

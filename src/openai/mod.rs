@@ -131,6 +131,17 @@ impl Endpoint {
         )
     }
 
+    /// Whether asking for a stream (`stream: true`) gets one: chat,
+    /// completions and the Responses API always answer it with events
+    /// (speech, transcriptions and images may answer whole: whisper-1
+    /// ignores `stream`).
+    pub fn streams_when_asked(self) -> bool {
+        matches!(
+            self,
+            Endpoint::ChatCompletions | Endpoint::Completions | Endpoint::Responses
+        )
+    }
+
     /// Whether the answer is text the gateway counts tokens of when the
     /// provider reports none (else only reported tokens, and the request's
     /// or answer's images, characters and seconds, are billed).

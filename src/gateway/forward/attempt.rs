@@ -400,6 +400,9 @@ impl Attempt<'_> {
         // acknowledgement, whatever its shape, and no other deployment to
         // ask).
         let may_be_empty = matches!(head.status.as_u16(), 204 | 205) || !exchange.bills;
+        // Whether a whole answer must be a JSON object (not a read of a
+        // stored response, whatever it holds).
+        let json_expected = exchange.bills && exchange.endpoint.answers_json();
         if self.continuation.is_some() && !(head.status.is_success() && event_stream) {
             let refused = self.continuation_refused(head);
             self.drain(answer).await;
@@ -425,9 +428,6 @@ impl Attempt<'_> {
         // Whatever the provider sends on, its key never reaches the client.
         let mut redactor = Redactor::new(provider.redact_key.as_ref());
         let translated = kind.translates_answers();
-        // Whether a whole answer must be a JSON object (not a read of a
-        // stored response, whatever it holds).
-        let json_expected = exchange.bills && exchange.endpoint.answers_json();
         if !head.status.is_success() || (translated && !event_stream) {
             // An error answer, or a translated JSON one: read whole, then
             // decided on.
@@ -557,6 +557,19 @@ impl Attempt<'_> {
                             provider.name
                         ))));
                     }
+                    // Nor is one JSON answer where a stream of events was
+                    // asked for (the SDKs would read no event, and no error).
+                    if exchange.stream
+                        && exchange.endpoint.streams_when_asked()
+                        && !event_stream
+                        && !may_be_empty
+                    {
+                        warn!(request_id = %exchange.request_id, provider = %provider.name, received, "provider answered a request for a stream with one JSON answer");
+                        return Err(self.deployment_failure(ApiError::upstream_error(format!(
+                            "The provider '{}' answered a request for a stream with one JSON answer.",
+                            provider.name
+                        ))));
+                    }
                     ended = true;
                     break;
                 }
@@ -571,6 +584,16 @@ impl Attempt<'_> {
                     ))))
                 }
             }
+        }
+        // A stream where one JSON answer was asked for is none the SDKs can
+        // read (they would hand the client a string for an object); its
+        // error before any content was judged above, as any stream's is.
+        if json_expected && !exchange.stream && event_stream {
+            warn!(request_id = %exchange.request_id, provider = %provider.name, received, "provider answered a request for one JSON answer with a stream");
+            return Err(self.deployment_failure(ApiError::upstream_error(format!(
+                "The provider '{}' answered a request for one JSON answer with a stream.",
+                provider.name
+            ))));
         }
         // The provider's head, from the session the body is read from.
         let (response, declared_len) = {
@@ -1140,8 +1163,9 @@ enum Phase {
 /// Maps a connector or I/O error to the breaker outcome, its failure
 /// domain, and how the attempt ended. Before the request reached the
 /// provider, failures (refused, reset, TLS, connect timeout) count against
-/// the address, for every deployment on it; once it was sent, a closed
-/// connection or a timeout counts against the deployment (one model's
+/// the address, for every deployment on it; once it was sent, whatever
+/// went wrong (a closed connection, a timeout, an answer that is no HTTP
+/// or whose framing breaks) counts against the deployment (one model's
 /// server dropping requests says nothing about the others). A reset is
 /// worth one more try. The client's message names the provider, not its
 /// address (the log's "attempt failed" line has that, for operators).
@@ -1189,12 +1213,23 @@ fn classify(
                 e.etype().as_str(),
             )),
         ),
-        // Reached, and what came back is no HTTP answer.
+        // Reached, and what came back is no HTTP answer (a head that does
+        // not parse, a body whose framing breaks): what the provider
+        // answered, so its deployment's, as a 5xx is. Another model behind
+        // the same address (a router's other path) may well answer.
         ErrorType::InvalidHTTPHeader if phase == Phase::Answer => failure(
-            Domain::Transport,
+            Domain::Deployment,
             false,
             ApiError::upstream_error(format!(
                 "The provider '{name}' answered with something that is not HTTP ({}).",
+                e.etype().as_str(),
+            )),
+        ),
+        _ if phase == Phase::Answer => failure(
+            Domain::Deployment,
+            false,
+            ApiError::upstream_error(format!(
+                "The provider '{name}' answered with a body that could not be read ({}).",
                 e.etype().as_str(),
             )),
         ),

@@ -102,6 +102,9 @@ pub(crate) struct Exchange<'a> {
     /// The requested route's context fallbacks the tenant may use, for a
     /// prompt too long for it.
     pub context_routes: Vec<(usize, &'a ModelRoute)>,
+    /// The client asked for a stream (`stream: true`): an answer in the
+    /// other form is none its SDK can read.
+    pub stream: bool,
     /// A chat stream of one choice without log probabilities: one that can
     /// be continued elsewhere if it breaks (when the model allows it).
     pub resumable: bool,
