@@ -351,6 +351,74 @@ fn releases_the_redis_lease_when_the_client_disconnects_mid_stream() {
     check_slot_released_on_disconnect(Some(&redis));
 }
 
+#[test]
+fn a_client_that_leaves_before_its_answer_is_billed_the_prompt_sent() {
+    // Leaving once the request went to the provider, before any answer
+    // came back (a JSON answer, a stream's first content): the provider
+    // has the prompt and works on it, so the tenant is billed it, and its
+    // tokens stay counted in the minute (else leaving early would cost
+    // nothing, past budgets and token limits).
+    let mock = Mock::start(&[]);
+    let gw = Gateway::start(&limited(&mock, "{ tokens_per_minute: 1000000 }", None));
+    mock.fault(json!({"latency_ms": 5000}));
+    for (sent, stream) in [false, true].into_iter().enumerate() {
+        let body = chat("gpt-4o-mini", stream).to_string();
+        let mut conn = TcpStream::connect(("127.0.0.1", gw.port)).unwrap();
+        write!(
+            conn,
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TENANT_KEY}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        wait_until(
+            Duration::from_secs(5),
+            "the provider to have the request",
+            || mock.requests().len() > sent,
+        );
+        conn.shutdown(std::net::Shutdown::Both).unwrap();
+    }
+    let billed = || {
+        let usage = gw.get("/v1/usage", Some(TENANT_KEY)).json();
+        (
+            usage["requests"].as_u64(),
+            usage["cost_usd"].as_f64().unwrap_or(0.0),
+        )
+    };
+    wait_until(
+        Duration::from_secs(5),
+        "both requests to be settled",
+        || billed().0 == Some(2),
+    );
+    let prompt = metric_sum(
+        &gw.metrics(),
+        "runestone_tokens_total",
+        &["kind=\"prompt\""],
+    );
+    let completion = metric_sum(
+        &gw.metrics(),
+        "runestone_tokens_total",
+        &["kind=\"completion\""],
+    );
+    assert!(prompt >= 2.0 && completion == 0.0, "{prompt} {completion}");
+    assert!(
+        (billed().1 - prompt / 1e6).abs() < 1e-12,
+        "the prompt at $1 a million: {:?}",
+        billed()
+    );
+    let lines: Vec<Value> = gw
+        .log()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|l| l["type"] == "access" && l["endpoint"] == "chat")
+        .collect();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    for line in &lines {
+        assert_eq!(line["error"], "client_closed", "{line}");
+        assert_eq!(line["usage_estimated"], true, "{line}");
+        assert_eq!(line["prompt_tokens"].as_f64(), Some(prompt / 2.0), "{line}");
+    }
+}
+
 fn check_budget(redis: Option<&Redis>) {
     let mock = Mock::start(&[]);
     // Each request costs (7 * $1 + 16 * $2) / 1M = $0.000039.

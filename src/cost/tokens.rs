@@ -220,6 +220,24 @@ impl Estimate {
         (Encoding::for_model(model).count(&text) + overhead).max(1)
     }
 
+    /// What a request sent to a provider is billed when no answer of it was
+    /// read (its client left, or it was cut off): its prompt, as `model`'s
+    /// encoding counts it (load it first: [`Encoding::ready`]), or the units a
+    /// media request asked for.
+    pub fn prompt_sent(&self, model: &str) -> super::Usage {
+        let usage = match &self.media {
+            Some(media) => media.usage(None),
+            None => super::Usage {
+                prompt_tokens: self.prompt_tokens(model),
+                ..super::Usage::default()
+            },
+        };
+        super::Usage {
+            estimated: true,
+            ..usage
+        }
+    }
+
     /// [`Estimate::completion_tokens`] of a whole generated text: its first
     /// [`super::SAMPLE_BYTES`] counted and the rest at their rate, as a
     /// stream's are (an answer of megabytes is not tokenised whole on the

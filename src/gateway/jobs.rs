@@ -431,11 +431,7 @@ impl JobRunner for Gateway {
             // is billed, as the gateway counts it (nothing generated was
             // seen).
             cost::Encoding::for_model(&job.model).ready().await;
-            ctx.exchange.usage = Some(cost::Usage {
-                prompt_tokens: estimate.prompt_tokens(&job.model),
-                estimated: true,
-                ..cost::Usage::default()
-            });
+            ctx.exchange.usage = Some(estimate.prompt_sent(&job.model));
         }
         self.settle(&mut ctx).await;
         let (result, ended) = match (stopped, outcome) {

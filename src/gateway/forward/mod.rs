@@ -470,6 +470,16 @@ impl Forwarder {
                     }
                     if matches!(attempted, Attempted::ClientGone) {
                         report.client_closed();
+                        // An attempt ends so only once its request was sent:
+                        // the provider has the prompt, and works on it, so a
+                        // client that leaves before any answer was read is
+                        // billed it (else leaving early would cost nothing,
+                        // past budgets and token limits).
+                        if report.usage.is_none() {
+                            let model = &route.targets[backend.target].model;
+                            crate::cost::Encoding::for_model(model).ready().await;
+                            report.usage = Some(exchange.estimate.prompt_sent(model));
+                        }
                     }
                     (failover.after(attempted), record)
                 };
