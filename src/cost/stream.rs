@@ -971,14 +971,17 @@ impl StreamMeter {
 
     /// The usage the provider reported, or the gateway's count of what
     /// streamed through (with the estimate given; else bytes / 4, and
-    /// `prompt_estimate` for the prompt).
+    /// `prompt_estimate` for the prompt). A stream that broke off before it
+    /// finished is counted, whatever usage went by in it (a provider that
+    /// reports usage on every chunk): what it claims there bounds nothing,
+    /// where the count is capped at the request's token limit.
     pub fn usage(&self, prompt_estimate: u64) -> Usage {
         self.with_tier(self.tokens(prompt_estimate))
     }
 
     /// [`StreamMeter::usage`]'s tokens.
     fn tokens(&self, prompt_estimate: u64) -> Usage {
-        if let Some(usage) = self.usage {
+        if let Some(usage) = self.usage.filter(|_| self.finished()) {
             return usage;
         }
         let Some((estimate, model)) = &self.estimate else {

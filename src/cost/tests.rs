@@ -162,6 +162,41 @@ fn estimates_a_stream_cut_mid_line() {
 }
 
 #[test]
+fn a_broken_stream_is_counted_whatever_usage_went_by_in_it() {
+    // A provider that reports usage on every chunk, claiming a great deal,
+    // breaks off before its stream finished: the count, not the claim.
+    let chunk = |content: &str| {
+        format!("data: {{\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{content}\"}},\"finish_reason\":null}}],\"usage\":{{\"prompt_tokens\":5000,\"completion_tokens\":90000,\"total_tokens\":95000}}}}\n\n")
+    };
+    let text = chunk("Hello") + &chunk(" there");
+    let mut meter = StreamMeter::new(false);
+    run(&mut meter, &text, 10);
+    let usage = meter.usage(40);
+    assert_eq!(
+        (
+            usage.prompt_tokens,
+            usage.completion_tokens,
+            usage.estimated
+        ),
+        (40, 4, true),
+        "{usage:?}"
+    );
+    // Finished, the same stream is billed what it reported.
+    let finished = text + "data: [DONE]\n\n";
+    let mut meter = StreamMeter::new(false);
+    run(&mut meter, &finished, 10);
+    let usage = meter.usage(40);
+    assert_eq!(
+        (
+            usage.prompt_tokens,
+            usage.completion_tokens,
+            usage.estimated
+        ),
+        (5000, 90000, false)
+    );
+}
+
+#[test]
 fn does_not_hold_an_endless_line() {
     for strip in [false, true] {
         let mut meter = StreamMeter::new(strip);
