@@ -89,6 +89,15 @@ fn main() -> ExitCode {
         },
         None => match load(cli.config.clone()) {
             Ok(config) => {
+                // A successor (`--upgrade`) takes over from the process the
+                // pid file names; anything else would orphan it.
+                let pid_file = &config.server.pid_file;
+                if let Some(pid) =
+                    runestone::reload::another_running_on(pid_file).filter(|_| !cli.upgrade)
+                {
+                    eprintln!("error: runestone already runs on the pid file {pid_file} (process {pid}); stop it first, or reload it: runestone reload --config FILE");
+                    return ExitCode::from(1);
+                }
                 init_tracing(&config.server.log_level);
                 // Before any thread starts: each inherits the mask.
                 runestone::reload::hold_hangups();

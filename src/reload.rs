@@ -295,6 +295,18 @@ fn running_pid(pid_file: &str) -> Result<Pid, ReloadError> {
     Ok(pid)
 }
 
+/// The running runestone, other than this process, that `pid_file` names:
+/// a gateway started on a pid file another one serves on would write its
+/// own pid over it (so that reloads reach the wrong process) and then wait
+/// for a port that stays taken. `None` when there is none (no file, a stale
+/// pid, another program's).
+pub fn another_running_on(pid_file: &str) -> Option<i32> {
+    running_pid(pid_file)
+        .ok()
+        .map(Pid::as_raw)
+        .filter(|pid| *pid != Pid::this().as_raw())
+}
+
 /// `runestone reload --config FILE`: validate, then have the running
 /// process (found through `server.pid_file`) hand over to a new process on
 /// the file, running this command's binary. Returns the new process once

@@ -513,6 +513,53 @@ fn reload_swaps_the_config_without_a_failed_request_and_refuses_a_broken_one() {
 }
 
 #[test]
+fn a_second_gateway_on_a_running_ones_pid_file_refuses_to_start() {
+    // Started again on the same config (a careless operator, a unit
+    // started twice): it used to write its pid over the running one's and
+    // wait for the taken port forever, so that a reload reached it and the
+    // running gateway could no longer be reloaded.
+    let mock = Mock::start(&[]);
+    let config = GatewayConfig::new(&mock);
+    let gw = Gateway::start(&config);
+    let (path, dir) = gw.config_path();
+    let pid_file = dir.join("gw.pid");
+    let guard = PidFileGuard(pid_file.clone());
+    let running = std::fs::read_to_string(&pid_file).unwrap();
+    assert_eq!(running.trim(), gw.pid().to_string());
+    let mut second = Command::new(env!("CARGO_BIN_EXE_runestone"))
+        .args(["--config"])
+        .arg(&path)
+        .current_dir(&dir)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Within 10 s (a process left waiting for the port is killed).
+    let status = (0..200).find_map(|_| {
+        let status = second.try_wait().unwrap();
+        if status.is_none() {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        status
+    });
+    if status.is_none() {
+        let _ = second.kill();
+        let _ = second.wait();
+    }
+    let mut said = String::new();
+    std::io::Read::read_to_string(&mut second.stderr.take().unwrap(), &mut said).unwrap();
+    assert_eq!(status.and_then(|s| s.code()), Some(1), "{said}");
+    assert!(said.contains("already runs"), "{said}");
+    assert!(said.contains(&gw.pid().to_string()), "{said}");
+    assert_eq!(std::fs::read_to_string(&pid_file).unwrap(), running);
+    // The running one still serves, and still reloads.
+    assert_eq!(chat_status(config.port, TENANT_KEY), 200);
+    assert_eq!(runestone_reload(&path, &dir), Some(0));
+    wait_healthy(config.port);
+    assert_eq!(chat_status(config.port, TENANT_KEY), 200);
+    assert_ne!(guard.pid(), gw.pid(), "the successor took over");
+}
+
+#[test]
 fn a_daemon_started_on_a_relative_path_reloads_itself_and_writes_where_it_did() {
     const NEW_KEY: &str = "sk-tenant-daemon-new-1";
     let mock = Mock::start(&[]);
