@@ -841,6 +841,21 @@ fn an_error_body_under_a_200_is_taken_as_its_status() {
         assert_eq!(error["param"], masked.as_str(), "{text}");
         assert_eq!(error["code"], format!("c-{masked}"), "{text}");
     }
+    // A field's or code's name holds no control characters (taken out
+    // before the mask looks: a key split by one is masked whole).
+    let (head, tail) = PROVIDER_KEY.split_at(5);
+    let split = format!(
+        r#"{{"error":{{"message":"m","type":"invalid_request_error","code":"c\u001b[31mred","param":"{head}\u0007{tail}"}}}}"#
+    );
+    mock.fault(json!({"status": 200, "error_body": split, "content_type": "application/json", "model": "m-small"}));
+    let resp = ask(&gw, "small");
+    let error = &resp.json()["error"];
+    assert_eq!(error["code"], "c[31mred", "{error}");
+    assert_eq!(
+        error["param"],
+        "*".repeat(PROVIDER_KEY.len()).as_str(),
+        "{error}"
+    );
     // One that says nothing says so.
     mock.fault(json!({"status": 200, "error_body": r#"{"error":true}"#, "content_type": "application/json", "model": "m-solo", "count": 10}));
     let resp = ask(&gw, "solo");
@@ -899,6 +914,22 @@ fn an_answer_in_the_other_form_than_asked_fails_over() {
         ),
         "only the fallback's answers billed"
     );
+    // So does one from a provider whose answers are translated (Anthropic's
+    // whole message to a request for a stream).
+    let mut config = config(&mock, "", "");
+    config.providers.push(format!(
+        "  - {{ name: claude, kind: anthropic, base_url: \"http://127.0.0.1:{}\", api_key: \"{PROVIDER_KEY}\" }}",
+        mock.port
+    ));
+    config.models.push_str(
+        "  - name: claude-a\n    targets: [{ provider: claude, model: c-a }]\n    fallbacks: [large]\n",
+    );
+    let gw = Gateway::start(&config);
+    let message = r#"{"id":"msg_1","type":"message","role":"assistant","model":"c-a","content":[{"type":"text","text":"whole"}],"stop_reason":"end_turn","usage":{"input_tokens":5,"output_tokens":1}}"#;
+    mock.fault(json!({"status": 200, "error_body": message, "content_type": "application/json", "model": "c-a"}));
+    let (text, _) = whole_stream(&stream(&gw, "claude-a", 4));
+    assert_eq!(text, mock_text(4));
+    assert_eq!(attempts(&mock, "m-large"), 3, "the fallback answered");
 }
 
 #[test]

@@ -48,10 +48,18 @@ fn masked(mut error: ApiError, redactor: &Redactor<'_>) -> ApiError {
     let mask = |text: &str, most: usize| -> String {
         redactor.redact_decoded(text).chars().take(most).collect()
     };
+    // A name (of a field, of an error) holds no control characters: a
+    // client printing one as it is would run a terminal's escapes. Taken
+    // out before the mask looks: out after, a key split by one would be
+    // whole again.
+    let name = |text: &str| -> String {
+        let text: String = text.chars().filter(|c| !c.is_control()).collect();
+        mask(&text, MAX_ERROR_FIELD_CHARS)
+    };
     error.message = mask(&error.message, MAX_ERROR_MESSAGE_CHARS).into();
-    error.param = (error.param.as_deref()).map(|param| mask(param, MAX_ERROR_FIELD_CHARS).into());
+    error.param = (error.param.as_deref()).map(|param| name(param).into());
     if let Some(code) = &mut error.provider_code {
-        **code = mask(code, MAX_ERROR_FIELD_CHARS);
+        **code = name(code);
     }
     error
 }
@@ -868,6 +876,15 @@ impl Attempt<'_> {
             let (answer, usage) = kind
                 .translate_answer(&body, &self.route.name, &self.estimate(), model)
                 .map_err(|e| self.error_in_answer(e, redactor))?;
+            // One whole answer where a stream was asked for: none the SDKs
+            // read (as in `answer`, for answers not translated).
+            if self.exchange.stream && self.exchange.endpoint.streams_when_asked() {
+                warn!(request_id = %self.exchange.request_id, provider = %provider.name, "provider answered a request for a stream with one JSON answer");
+                return Err(self.deployment_failure(ApiError::upstream_error(format!(
+                    "The provider '{}' answered a request for a stream with one JSON answer.",
+                    provider.name
+                ))));
+            }
             report.usage = Some(usage);
             if let Some(capture) = self.describes() {
                 report.answer =
