@@ -72,6 +72,15 @@ pub enum ReloadError {
         /// What the pid file named at the end.
         named: String,
     },
+    /// The config takes values from the environment that differ here from
+    /// the running process's, which its successor inherits.
+    #[error("the config takes {} from the environment, and this command's values differ from those process {pid} started with: a reload's new process is its child, with its environment, so it would not see them; restart the gateway to change them (nothing was changed)", names.join(", "))]
+    Environment {
+        /// The running process.
+        pid: Pid,
+        /// The variables whose values differ (never the values).
+        names: Vec<String>,
+    },
     /// The running process refused the request (its log says so too).
     #[error("process {pid} refused the reload and keeps serving: {reason}")]
     Refused {
@@ -340,6 +349,10 @@ pub fn reload_running(path: &Path) -> Result<Pid, ReloadError> {
                 return listening(pid, config.server.listen, deadline);
             }
             (Ok(pid), _) if asked != Some(pid) => {
+                let names = environment_differences(path, pid);
+                if !names.is_empty() {
+                    return Err(ReloadError::Environment { pid, names });
+                }
                 request.leave(pid_file, pid)?;
                 kill(pid, Signal::SIGHUP).map_err(|e| ReloadError::NotRunning {
                     path: pid_file.to_string(),
@@ -367,6 +380,40 @@ pub fn reload_running(path: &Path) -> Result<Pid, ReloadError> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// The variables the config at `path` takes from the environment
+/// (`${NAME}`) whose value in this command's environment is not the one
+/// `pid` started with (when its environment can be read: this user's
+/// process, or root's command).
+fn environment_differences(path: &Path, pid: Pid) -> Vec<String> {
+    use std::os::unix::ffi::OsStringExt;
+    let (Ok(text), Ok(environ)) = (
+        std::fs::read_to_string(path),
+        std::fs::read(format!("/proc/{pid}/environ")),
+    ) else {
+        return Vec::new();
+    };
+    let theirs: std::collections::HashMap<&[u8], &[u8]> = environ
+        .split(|&b| b == 0)
+        .filter_map(|pair| {
+            let eq = pair.iter().position(|&b| b == b'=')?;
+            Some((&pair[..eq], &pair[eq + 1..]))
+        })
+        .collect();
+    let names = std::cell::RefCell::new(std::collections::BTreeSet::new());
+    let _ = Config::from_yaml(&text, |name| {
+        names.borrow_mut().insert(name.to_string());
+        std::env::var(name).ok()
+    });
+    names
+        .into_inner()
+        .into_iter()
+        .filter(|name| {
+            let ours = std::env::var_os(name).map(OsStringExt::into_vec);
+            ours.as_deref() != theirs.get(name.as_bytes()).copied()
+        })
+        .collect()
 }
 
 /// Whether `pid` runs what `request` asked for: its binary, started with

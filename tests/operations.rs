@@ -560,6 +560,53 @@ fn a_second_gateway_on_a_running_ones_pid_file_refuses_to_start() {
 }
 
 #[test]
+fn a_reload_that_would_not_see_a_changed_environment_is_refused() {
+    // A key taken from the environment (`${VAR}`), rotated there: the
+    // command validates the config with the new value, but the new process
+    // is the running one's child, with its environment. It used to report
+    // success while the old key went on working and the new one was
+    // refused.
+    let mock = Mock::start(&[]);
+    let mut config = GatewayConfig::new(&mock);
+    config.tenants = "\n  - id: acme\n    keys: [\"${ROTATED_KEY}\"]\n".into();
+    let gw = Gateway::start_with_env(&config, &[("ROTATED_KEY", TENANT_KEY)]);
+    let (path, dir) = gw.config_path();
+    let guard = PidFileGuard(dir.join("gw.pid"));
+    let reload = |value: &str| {
+        Command::new(env!("CARGO_BIN_EXE_runestone"))
+            .args(["reload", "--config"])
+            .arg(&path)
+            .env("ROTATED_KEY", value)
+            .output()
+            .unwrap()
+    };
+    let refused = reload("sk-tenant-rotated-2");
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{said}");
+    assert!(
+        said.contains("ROTATED_KEY") && said.contains("restart"),
+        "{said}"
+    );
+    assert!(
+        !said.contains("sk-tenant-rotated-2") && !said.contains(TENANT_KEY),
+        "never a value: {said}"
+    );
+    assert_eq!(guard.pid(), gw.pid(), "nothing changed");
+    assert_eq!(chat_status(config.port, TENANT_KEY), 200);
+    // With the environment the gateway has, the reload goes ahead.
+    let reloaded = reload(TENANT_KEY);
+    assert_eq!(
+        reloaded.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&reloaded.stderr)
+    );
+    wait_healthy(config.port);
+    assert_ne!(guard.pid(), gw.pid(), "the successor took over");
+    assert_eq!(chat_status(config.port, TENANT_KEY), 200);
+}
+
+#[test]
 fn a_daemon_started_on_a_relative_path_reloads_itself_and_writes_where_it_did() {
     const NEW_KEY: &str = "sk-tenant-daemon-new-1";
     let mock = Mock::start(&[]);
