@@ -10,6 +10,16 @@ use std::io::{self, Write};
 /// The most decoded bytes one answer may come to.
 pub(super) const MAX_DECODED_BYTES: usize = 256 * 1024 * 1024;
 
+/// About the most decoded bytes one read hands on: a piece of compressed
+/// body decodes a step at a time, so that a small one inflating a
+/// thousandfold (64 KiB to 64 MiB) is never held whole, and what is sent
+/// on waits for the client like any other read.
+const DECODED_PIECE: usize = 1024 * 1024;
+
+/// Compressed bytes decoded in one step towards [`DECODED_PIECE`]: at a
+/// thousandfold, a step adds a quarter of a piece.
+const DECODE_STEP: usize = 256;
+
 /// A streaming decoder for one content encoding.
 pub(super) enum Decoder {
     Gzip(flate2::write::GzDecoder<Sink>),
@@ -174,13 +184,23 @@ impl Decoder {
         }
     }
 
-    /// Decodes the next piece of the body; what it decodes to so far.
-    pub(super) fn decode(&mut self, chunk: &[u8]) -> io::Result<Bytes> {
-        match self {
-            Decoder::Gzip(d) => d.write_all(chunk)?,
-            Decoder::Deflate(d) => d.write_all(chunk)?,
-            Decoder::Brotli(d) => d.write_all(chunk)?,
-            Decoder::Zstd(d) => d.write_all(chunk)?,
+    /// Decodes from the front of `input` until it is used up or about
+    /// [`DECODED_PIECE`] bytes came out; what came out. The rest of `input`
+    /// is left there for the next call.
+    pub(super) fn decode_some(&mut self, input: &mut Bytes) -> io::Result<Bytes> {
+        while !input.is_empty() && self.sink().out.len() < DECODED_PIECE {
+            let step = &input[..input.len().min(DECODE_STEP)];
+            let used = match self {
+                Decoder::Gzip(d) => d.write(step)?,
+                Decoder::Deflate(d) => d.write(step)?,
+                Decoder::Brotli(d) => d.write(step)?,
+                Decoder::Zstd(d) => d.write(step)?,
+            };
+            if used == 0 {
+                // Bytes past the end of the compressed stream.
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            bytes::Buf::advance(input, used);
         }
         match self {
             Decoder::Gzip(d) => d.flush()?,
@@ -222,6 +242,9 @@ pub(super) struct UpstreamBody<'a> {
     /// [`UpstreamBody::read_ready`] joined (its end, or its failure): told
     /// by the next read.
     then: Option<pingora::Result<Option<Bytes>>>,
+    /// Compressed bytes read and not decoded yet (see
+    /// [`Decoder::decode_some`]).
+    undecoded: Bytes,
 }
 
 impl<'a> UpstreamBody<'a> {
@@ -234,6 +257,7 @@ impl<'a> UpstreamBody<'a> {
             session,
             decoder,
             then: None,
+            undecoded: Bytes::new(),
         }
     }
 
@@ -287,19 +311,23 @@ impl<'a> UpstreamBody<'a> {
             )
         };
         loop {
+            if let Some(decoder) = self.decoder.as_mut() {
+                if !self.undecoded.is_empty() {
+                    let out = decoder
+                        .decode_some(&mut self.undecoded)
+                        .map_err(|e| failed(e, decoder.name()))?;
+                    if !out.is_empty() {
+                        return Ok(Some(out));
+                    }
+                    continue;
+                }
+            }
             let chunk = self.session.read_response_body().await?;
             let Some(decoder) = self.decoder.as_mut() else {
                 return Ok(chunk);
             };
             match chunk {
-                Some(chunk) => {
-                    let out = decoder
-                        .decode(&chunk)
-                        .map_err(|e| failed(e, decoder.name()))?;
-                    if !out.is_empty() {
-                        return Ok(Some(out));
-                    }
-                }
+                Some(chunk) => self.undecoded = chunk,
                 None => {
                     let rest = decoder.finish().map_err(|e| failed(e, decoder.name()))?;
                     self.decoder = None;
@@ -314,11 +342,21 @@ impl<'a> UpstreamBody<'a> {
 mod tests {
     use super::*;
 
+    /// All `piece` decodes to, a step at a time.
+    fn decode_whole(decoder: &mut Decoder, piece: &[u8]) -> io::Result<Vec<u8>> {
+        let mut input = Bytes::copy_from_slice(piece);
+        let mut out = Vec::new();
+        while !input.is_empty() {
+            out.extend_from_slice(&decoder.decode_some(&mut input)?);
+        }
+        Ok(out)
+    }
+
     fn roundtrip(encoding: &str, compressed: Vec<u8>, plain: &[u8]) {
         let mut decoder = Decoder::for_encoding(encoding.as_bytes()).unwrap().unwrap();
         let mut out = Vec::new();
         for piece in compressed.chunks(7) {
-            out.extend_from_slice(&decoder.decode(piece).unwrap());
+            out.extend_from_slice(&decode_whole(&mut decoder, piece).unwrap());
         }
         out.extend_from_slice(&decoder.finish().unwrap());
         assert_eq!(out, plain, "{encoding}");
@@ -493,7 +531,27 @@ mod tests {
         let mut decoder = Decoder::with_cap(b"zstd", 1 << 20).unwrap().unwrap();
         let result = compressed
             .chunks(4096)
-            .try_for_each(|piece| decoder.decode(piece).map(drop));
+            .try_for_each(|piece| decode_whole(&mut decoder, piece).map(drop));
         assert!(result.is_err());
+    }
+
+    #[test]
+    fn a_piece_that_inflates_a_thousandfold_is_handed_on_a_step_at_a_time() {
+        let zeros = vec![0u8; 16 << 20];
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        gz.write_all(&zeros).unwrap();
+        let compressed = Bytes::from(gz.finish().unwrap());
+        assert!(compressed.len() < 64 * 1024, "{}", compressed.len());
+        let mut decoder = Decoder::for_encoding(b"gzip").unwrap().unwrap();
+        let mut input = compressed;
+        let (mut total, mut largest) = (0, 0);
+        while !input.is_empty() {
+            let out = decoder.decode_some(&mut input).unwrap();
+            total += out.len();
+            largest = largest.max(out.len());
+        }
+        total += decoder.finish().unwrap().len();
+        assert_eq!(total, zeros.len());
+        assert!(largest <= 2 * DECODED_PIECE, "{largest}");
     }
 }
