@@ -90,10 +90,13 @@ fn main() -> ExitCode {
         None => match load(cli.config.clone()) {
             Ok(config) => {
                 // A successor (`--upgrade`) takes over from the process the
-                // pid file names; anything else would orphan it.
+                // pid file names, and so may a process started while that
+                // one drains (it listens no more); anything else would
+                // orphan it.
                 let pid_file = &config.server.pid_file;
-                if let Some(pid) =
-                    runestone::reload::another_running_on(pid_file).filter(|_| !cli.upgrade)
+                let serving = || std::net::TcpListener::bind(config.server.listen).is_err();
+                if let Some(pid) = runestone::reload::another_running_on(pid_file)
+                    .filter(|_| !cli.upgrade && serving())
                 {
                     eprintln!("error: runestone already runs on the pid file {pid_file} (process {pid}); stop it first, or reload it: runestone reload --config FILE");
                     return ExitCode::from(1);

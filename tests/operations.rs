@@ -560,6 +560,52 @@ fn a_second_gateway_on_a_running_ones_pid_file_refuses_to_start() {
 }
 
 #[test]
+fn a_gateway_started_while_the_last_one_drains_takes_over() {
+    // A restart by hand (SIGTERM, then start at once): the old process
+    // still runs its grace period, and its pid file names it, but it
+    // listens no more, so the new one starts and serves.
+    let mock = Mock::start(&["--latency-ms", "3000"]);
+    let mut config = GatewayConfig::new(&mock);
+    config.grace = 10;
+    let gw = Gateway::start(&config);
+    let (path, dir) = gw.config_path();
+    std::thread::scope(|scope| {
+        let in_flight = scope.spawn(|| chat_status(config.port, TENANT_KEY));
+        wait_until(
+            Duration::from_secs(5),
+            "the request to reach the provider",
+            || mock.request_count() == 1,
+        );
+        signal(gw.pid(), "TERM");
+        wait_until(
+            Duration::from_secs(5),
+            "the old one to stop listening",
+            || std::net::TcpListener::bind(("127.0.0.1", config.port)).is_ok(),
+        );
+        let log = std::fs::File::create(dir.join("next.log")).unwrap();
+        let mut next = Command::new(env!("CARGO_BIN_EXE_runestone"))
+            .args(["--config"])
+            .arg(&path)
+            .current_dir(&dir)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let started = (0..200).any(|_| {
+            std::thread::sleep(Duration::from_millis(50));
+            let health = format!("http://127.0.0.1:{}/health", config.port);
+            next.try_wait().unwrap().is_none() && ureq::get(&health).call().is_ok()
+        });
+        let said = std::fs::read_to_string(dir.join("next.log")).unwrap_or_default();
+        let _ = next.kill();
+        let _ = next.wait();
+        assert!(started, "the next gateway did not serve: {said}");
+        assert!(!exited(gw.pid()), "the old one was still draining");
+        assert_eq!(in_flight.join().unwrap(), 200, "and finished its request");
+    });
+}
+
+#[test]
 fn a_reload_that_would_not_see_a_changed_environment_is_refused() {
     // A key taken from the environment (`${VAR}`), rotated there: the
     // command validates the config with the new value, but the new process
