@@ -7,9 +7,10 @@
 //! itself), accepts beside it for Pingora's 5 s and drains its in-flight
 //! requests for `grace_period_seconds`. Tenants, keys, limits, pricing,
 //! routes and providers all change at once, and no request is refused or
-//! cut. In-process counters (limits without Redis, the in-process overflow
-//! queue) start afresh in the new process; with `redis:` they are shared
-//! and carry over.
+//! cut. Without Redis the new process is handed each tenant's usage in its
+//! period (budgets, `/v1/usage`); the other in-process counters (rate
+//! windows, concurrency, the in-process overflow queue) start afresh; with
+//! `redis:` they are shared and carry over.
 //!
 //! Triggers: SIGHUP to the process (its own file, its own binary), or
 //! `runestone reload --config FILE`, which finds the running process through

@@ -106,6 +106,10 @@ pub fn build(config: Config, options: RunOptions) -> Server {
     if let Ok(handover) = std::env::var(crate::limits::HANDOVER_ENV) {
         limiter.count_handed_over(&handover);
     }
+    // Without Redis, its usage: a reload keeps budgets and `/v1/usage`.
+    if let Ok(handover) = std::env::var(crate::limits::HANDOVER_USAGE_ENV) {
+        limiter.count_handed_over_usage(&handover);
+    }
     let overflow = Overflow::new(&config, redis.clone());
     limiter.on_freed({
         let overflow = overflow.clone();
@@ -146,7 +150,12 @@ pub fn build(config: Config, options: RunOptions) -> Server {
             ReloadService(
                 crate::reload::ReloadOnHangup::new(path, options.daemon, &config.server).handing({
                     let limiter = limiter.clone();
-                    move || vec![(crate::limits::HANDOVER_ENV, limiter.handover())]
+                    move || {
+                        vec![
+                            (crate::limits::HANDOVER_ENV, limiter.handover()),
+                            (crate::limits::HANDOVER_USAGE_ENV, limiter.handover_usage()),
+                        ]
+                    }
                 }),
             ),
         ));

@@ -1129,7 +1129,64 @@ fn a_reload_while_redis_is_away_keeps_a_spent_budget_spent() {
     redis.thaw();
 }
 
-/// A reload while Redis does not answer: what the old process still owed
+#[test]
+fn a_reload_without_redis_keeps_a_spent_budget_spent_and_the_usage() {
+    // In-process limits: the new process is handed each tenant's usage in
+    // its period, so a spent `total` budget stays spent (it reopened at
+    // every reload) and `/v1/usage` goes on counting, whatever the
+    // tenants' order in the new file.
+    let mock = Mock::start(&[]);
+    let mut config = GatewayConfig::new(&mock);
+    // Each request costs (7 * $1 + 16 * $2) / 1M = $0.000039: the third
+    // crosses the budget.
+    let tenants = |acme_first: bool| {
+        let acme = format!("  - id: acme\n    keys: [\"{TENANT_KEY}\"]\n    limits: {{ budget_usd: {{ amount: 0.0001, period: total }} }}\n");
+        let other = format!("  - id: other\n    keys: [\"{RESTRICTED_KEY}\"]\n");
+        match acme_first {
+            true => format!("\n{acme}{other}"),
+            false => format!("\n{other}{acme}"),
+        }
+    };
+    config.tenants = tenants(false);
+    config.extra = "pricing:\n  gpt-4o-mini: { input: 1.0, output: 2.0 }\n".into();
+    let mut gw = Gateway::start(&config);
+    let (path, dir) = gw.config_path();
+    let guard = PidFileGuard(dir.join("gw.pid"));
+    let first = guard.pid();
+    let port = config.port;
+    for _ in 0..3 {
+        assert_eq!(chat_status(port, TENANT_KEY), 200);
+    }
+    assert_eq!(chat_status(port, TENANT_KEY), 429, "spent");
+    assert_eq!(chat_status(port, RESTRICTED_KEY), 200);
+    let usage = |key: &str| {
+        let agent = ureq::AgentBuilder::new().max_idle_connections(0).build();
+        let answer: serde_json::Value = agent
+            .get(&format!("http://127.0.0.1:{port}/v1/usage"))
+            .set("authorization", &format!("Bearer {key}"))
+            .call()
+            .unwrap()
+            .into_json()
+            .unwrap();
+        (
+            answer["requests"].as_u64().unwrap(),
+            answer["cost_usd"].as_f64().unwrap(),
+        )
+    };
+    let before = (usage(TENANT_KEY), usage(RESTRICTED_KEY));
+    assert_eq!((before.0 .0, before.1 .0), (3, 1));
+    config.tenants = tenants(true);
+    std::fs::write(&path, config.yaml_in(&dir)).unwrap();
+    assert_eq!(runestone_reload(&path, &dir), Some(0));
+    assert_eq!(gw.wait_exit(Duration::from_secs(15)), Some(0));
+    assert_ne!(guard.pid(), first);
+    assert_eq!(chat_status(port, TENANT_KEY), 429, "still spent");
+    assert_eq!((usage(TENANT_KEY), usage(RESTRICTED_KEY)), before);
+    assert_eq!(chat_status(port, RESTRICTED_KEY), 200);
+    assert_eq!(usage(RESTRICTED_KEY).0, 2, "and counting on");
+}
+
+/// A reload while Redis does not answer: what the old process still owed/// A reload while Redis does not answer: what the old process still owed
 /// Redis when it ended is paid by its successor once Redis answers, with
 /// the successor's own, each request billed once to its tenant to the
 /// pico-dollar (the tenants reordered across the reload).

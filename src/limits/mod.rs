@@ -145,6 +145,10 @@ pub use period::{accounting_period, period_at};
 /// ([`Limiter::handover`]).
 pub const HANDOVER_ENV: &str = "RUNESTONE_HANDED_OVER_SPEND";
 
+/// The environment variable a reload hands the new process each tenant's
+/// usage in, without Redis ([`Limiter::handover_usage`]).
+pub const HANDOVER_USAGE_ENV: &str = "RUNESTONE_HANDED_OVER_USAGE";
+
 /// The most [`Limiter::handover`] writes: within Linux's bound on one
 /// environment string (128 KiB), or the new process could not start.
 pub const HANDOVER_BYTES: usize = 96 * 1024;
@@ -392,6 +396,100 @@ impl Limiter {
             if let Some(&tenant) = tenants.get(id.as_str()) {
                 redis.count_known_spend(tenant, &period_id, spent);
             }
+        }
+    }
+
+    /// What the process that takes over at a reload is handed without
+    /// Redis (in [`HANDOVER_USAGE_ENV`]): each tenant's usage in its current
+    /// accounting period (spend, requests, tokens), which that process
+    /// counts as its own ([`Limiter::count_handed_over_usage`]), so that a
+    /// reload neither reopens a spent budget nor empties `/v1/usage`. What
+    /// this process settles after the handover (requests in flight, those
+    /// it accepts until the new one listens) it counts alone. Empty with
+    /// Redis, which holds the usage. At most [`HANDOVER_BYTES`], the
+    /// tenants nearest their budgets, then the largest spenders, first.
+    pub fn handover_usage(&self) -> String {
+        let inner = &self.inner;
+        if inner.redis.is_some() {
+            return String::new();
+        }
+        let now = now_ms();
+        let mut usages: Vec<(f64, i64, String)> = (0..inner.limits.len())
+            .filter_map(|tenant| {
+                let limits = &inner.limits[tenant];
+                let (period_id, _) = period_at(accounting_period(limits), now);
+                let u = inner.local.usage(tenant, &period_id);
+                let counts = [
+                    u.requests as i64,
+                    u.prompt_tokens as i64,
+                    u.completion_tokens as i64,
+                    u.cost_pusd,
+                    u.estimated_requests as i64,
+                    u.cache_hits as i64,
+                    u.cache_saved_pusd,
+                ];
+                let share = limits.budget.map_or(0.0, |budget| {
+                    u.cost_pusd as f64 / budget.amount_pusd.max(1) as f64
+                });
+                let entry = (&inner.tenant_ids[tenant], &*period_id, counts);
+                (u != PeriodUsage::default()).then(|| {
+                    (
+                        share,
+                        u.cost_pusd,
+                        serde_json::to_string(&entry).unwrap_or_default(),
+                    )
+                })
+            })
+            .collect();
+        usages.sort_by(|a, b| b.0.total_cmp(&a.0).then(b.1.cmp(&a.1)));
+        let mut text = String::from("[");
+        for (_, _, entry) in &usages {
+            if text.len() + entry.len() + 2 > HANDOVER_BYTES {
+                tracing::warn!(tenants = usages.len(), "too many tenants to hand all their usage to the new process; those furthest from their budgets are left out");
+                break;
+            }
+            if text.len() > 1 {
+                text.push(',');
+            }
+            text.push_str(entry);
+        }
+        text.push(']');
+        text
+    }
+
+    /// Counts the usage a reload's predecessor held without Redis
+    /// ([`Limiter::handover_usage`]'s text) as this process's own, for the
+    /// tenants of this config, by id (a period that is not a tenant's
+    /// current one, its budget's period changed, is never read).
+    pub fn count_handed_over_usage(&self, handover: &str) {
+        if self.inner.redis.is_some() || handover.is_empty() {
+            return;
+        }
+        let Ok(usages) = serde_json::from_str::<Vec<(String, String, [i64; 7])>>(handover) else {
+            tracing::warn!(
+                "the usage handed over by the previous process cannot be read; not counted"
+            );
+            return;
+        };
+        let tenants: std::collections::HashMap<&str, usize> = (self.inner.tenant_ids.iter())
+            .enumerate()
+            .map(|(tenant, id)| (id.as_str(), tenant))
+            .collect();
+        for (id, period_id, counts) in usages {
+            let Some(&tenant) = tenants.get(id.as_str()) else {
+                continue;
+            };
+            let count = |n: i64| u64::try_from(n).unwrap_or(0);
+            let usage = PeriodUsage {
+                requests: count(counts[0]),
+                prompt_tokens: count(counts[1]),
+                completion_tokens: count(counts[2]),
+                cost_pusd: counts[3].max(0),
+                estimated_requests: count(counts[4]),
+                cache_hits: count(counts[5]),
+                cache_saved_pusd: counts[6].max(0),
+            };
+            self.inner.local.record(tenant, &period_id, &usage);
         }
     }
 
