@@ -24,7 +24,7 @@ const DECODE_STEP: usize = 256;
 pub(super) enum Decoder {
     Gzip(flate2::write::GzDecoder<Sink>),
     Deflate(flate2::write::ZlibDecoder<Sink>),
-    Brotli(Box<brotli::DecompressorWriter<Sink>>),
+    Brotli(Box<BrotliStream>),
     Zstd(zstd::stream::write::Decoder<'static, Sink>),
 }
 
@@ -49,6 +49,83 @@ impl Write for Sink {
 
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+}
+
+/// A brotli stream, decoded into a bounded buffer a call at a time: the
+/// crate's writer decodes all a write holds at once, and a few hundred
+/// bytes of brotli may inflate to hundreds of megabytes.
+pub(super) struct BrotliStream {
+    state: brotli::BrotliState<
+        brotli::HeapAlloc<u8>,
+        brotli::HeapAlloc<u32>,
+        brotli::HeapAlloc<brotli::HuffmanCode>,
+    >,
+    sink: Sink,
+    ended: bool,
+    /// Decoded bytes wait in the state for room to go to.
+    pending: bool,
+}
+
+impl BrotliStream {
+    fn new(sink: Sink) -> Self {
+        BrotliStream {
+            state: brotli::BrotliState::new(
+                brotli::HeapAlloc::new(0),
+                brotli::HeapAlloc::new(0),
+                brotli::HeapAlloc::new(brotli::HuffmanCode::default()),
+            ),
+            sink,
+            ended: false,
+            pending: false,
+        }
+    }
+
+    /// Decodes from the front of `input` into the sink until `input` is
+    /// used up, and all it decodes to is out, or [`DECODED_PIECE`] bytes
+    /// are there.
+    fn decode_some(&mut self, input: &mut Bytes) -> io::Result<()> {
+        let mut out = [0u8; 16 * 1024];
+        while (!input.is_empty() || self.pending) && self.sink.out.len() < DECODED_PIECE {
+            if self.ended {
+                // Bytes past the end of the compressed stream.
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            let (mut available_in, mut input_offset) = (input.len(), 0);
+            let (mut available_out, mut output_offset, mut total_out) = (out.len(), 0, 0);
+            let result = brotli::BrotliDecompressStream(
+                &mut available_in,
+                &mut input_offset,
+                input,
+                &mut available_out,
+                &mut output_offset,
+                &mut out,
+                &mut total_out,
+                &mut self.state,
+            );
+            bytes::Buf::advance(input, input_offset);
+            self.sink.write_all(&out[..output_offset])?;
+            self.pending = matches!(result, brotli::BrotliResult::NeedsMoreOutput);
+            match result {
+                brotli::BrotliResult::ResultSuccess => self.ended = true,
+                brotli::BrotliResult::NeedsMoreInput | brotli::BrotliResult::NeedsMoreOutput => {}
+                brotli::BrotliResult::ResultFailure => {
+                    return Err(io::Error::new(io::ErrorKind::InvalidData, "not brotli"))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The end of the body: an error unless the stream ended.
+    fn finish(&self) -> io::Result<()> {
+        if self.ended {
+            return Ok(());
+        }
+        Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "the stream was cut short",
+        ))
     }
 }
 
@@ -156,8 +233,12 @@ impl Decoder {
         Some(Ok(match encoding.to_ascii_lowercase().as_slice() {
             b"gzip" | b"x-gzip" => Decoder::Gzip(flate2::write::GzDecoder::new(sink())),
             b"deflate" => Decoder::Deflate(flate2::write::ZlibDecoder::new(sink())),
-            b"br" => Decoder::Brotli(Box::new(brotli::DecompressorWriter::new(sink(), 4096))),
-            b"zstd" => match zstd::stream::write::Decoder::new(sink()) {
+            b"br" => Decoder::Brotli(Box::new(BrotliStream::new(sink()))),
+            // A window of at most 8 MiB (what HTTP's zstd coding allows, RFC
+            // 9659): a frame asking for more, up to 2 GiB, is refused.
+            b"zstd" => match zstd::stream::write::Decoder::new(sink())
+                .and_then(|mut decoder| decoder.window_log_max(23).map(|()| decoder))
+            {
                 Ok(decoder) => Decoder::Zstd(decoder),
                 Err(e) => return Some(Err(e)),
             },
@@ -179,22 +260,33 @@ impl Decoder {
         match self {
             Decoder::Gzip(d) => d.get_mut(),
             Decoder::Deflate(d) => d.get_mut(),
-            Decoder::Brotli(d) => d.get_mut(),
+            Decoder::Brotli(d) => &mut d.sink,
             Decoder::Zstd(d) => d.get_mut(),
         }
     }
 
-    /// Decodes from the front of `input` until it is used up or about
+    /// Whether decoded bytes wait to be taken ([`Decoder::decode_some`])
+    /// although the input they came from was used up.
+    pub(super) fn has_pending(&self) -> bool {
+        matches!(self, Decoder::Brotli(stream) if stream.pending)
+    }
+
+    /// Decodes from the front of `input` until it is used up (and all it
+    /// decodes to is out: [`Decoder::has_pending`]) or about
     /// [`DECODED_PIECE`] bytes came out; what came out. The rest of `input`
     /// is left there for the next call.
     pub(super) fn decode_some(&mut self, input: &mut Bytes) -> io::Result<Bytes> {
+        if let Decoder::Brotli(stream) = self {
+            stream.decode_some(input)?;
+            return Ok(Bytes::from(std::mem::take(&mut stream.sink.out)));
+        }
         while !input.is_empty() && self.sink().out.len() < DECODED_PIECE {
             let step = &input[..input.len().min(DECODE_STEP)];
             let used = match self {
                 Decoder::Gzip(d) => d.write(step)?,
                 Decoder::Deflate(d) => d.write(step)?,
-                Decoder::Brotli(d) => d.write(step)?,
                 Decoder::Zstd(d) => d.write(step)?,
+                Decoder::Brotli(_) => unreachable!("decoded above"),
             };
             if used == 0 {
                 // Bytes past the end of the compressed stream.
@@ -205,19 +297,20 @@ impl Decoder {
         match self {
             Decoder::Gzip(d) => d.flush()?,
             Decoder::Deflate(d) => d.flush()?,
-            Decoder::Brotli(d) => d.flush()?,
             Decoder::Zstd(d) => d.flush()?,
+            Decoder::Brotli(_) => {}
         }
         Ok(Bytes::from(std::mem::take(&mut self.sink().out)))
     }
 
-    /// The end of the body: the rest, or an error when it was cut short.
+    /// The end of the body: the rest, or an error when it was cut short
+    /// (its compressed stream not ended).
     pub(super) fn finish(&mut self) -> io::Result<Bytes> {
         match self {
             Decoder::Gzip(d) => d.try_finish()?,
             Decoder::Deflate(d) => d.try_finish()?,
-            Decoder::Brotli(d) => d.flush()?,
-            Decoder::Zstd(d) => d.flush()?,
+            Decoder::Brotli(d) => d.finish()?,
+            Decoder::Zstd(d) => d.do_finish()?,
         }
         Ok(Bytes::from(std::mem::take(&mut self.sink().out)))
     }
@@ -312,7 +405,7 @@ impl<'a> UpstreamBody<'a> {
         };
         loop {
             if let Some(decoder) = self.decoder.as_mut() {
-                if !self.undecoded.is_empty() {
+                if !self.undecoded.is_empty() || decoder.has_pending() {
                     let out = decoder
                         .decode_some(&mut self.undecoded)
                         .map_err(|e| failed(e, decoder.name()))?;
@@ -346,7 +439,7 @@ mod tests {
     fn decode_whole(decoder: &mut Decoder, piece: &[u8]) -> io::Result<Vec<u8>> {
         let mut input = Bytes::copy_from_slice(piece);
         let mut out = Vec::new();
-        while !input.is_empty() {
+        while !input.is_empty() || decoder.has_pending() {
             out.extend_from_slice(&decoder.decode_some(&mut input)?);
         }
         Ok(out)
@@ -535,23 +628,66 @@ mod tests {
         assert!(result.is_err());
     }
 
+    /// `plain` in `encoding`.
+    fn encoded(encoding: &str, plain: &[u8]) -> Vec<u8> {
+        match encoding {
+            "gzip" => {
+                let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+                gz.write_all(plain).unwrap();
+                gz.finish().unwrap()
+            }
+            "br" => {
+                let mut br = brotli::CompressorWriter::new(Vec::new(), 4096, 5, 22);
+                br.write_all(plain).unwrap();
+                br.into_inner()
+            }
+            _ => zstd::encode_all(plain, 3).unwrap(),
+        }
+    }
+
     #[test]
     fn a_piece_that_inflates_a_thousandfold_is_handed_on_a_step_at_a_time() {
+        // Brotli's 16 MiB of zeros is under a hundred bytes: less than one
+        // of the other codings' steps.
         let zeros = vec![0u8; 16 << 20];
-        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
-        gz.write_all(&zeros).unwrap();
-        let compressed = Bytes::from(gz.finish().unwrap());
-        assert!(compressed.len() < 64 * 1024, "{}", compressed.len());
-        let mut decoder = Decoder::for_encoding(b"gzip").unwrap().unwrap();
-        let mut input = compressed;
-        let (mut total, mut largest) = (0, 0);
-        while !input.is_empty() {
-            let out = decoder.decode_some(&mut input).unwrap();
-            total += out.len();
-            largest = largest.max(out.len());
+        for encoding in ["gzip", "br", "zstd"] {
+            let compressed = Bytes::from(encoded(encoding, &zeros));
+            assert!(
+                compressed.len() < 128 * 1024,
+                "{encoding}: {}",
+                compressed.len()
+            );
+            let mut decoder = Decoder::for_encoding(encoding.as_bytes()).unwrap().unwrap();
+            let mut input = compressed;
+            let (mut total, mut largest) = (0, 0);
+            while !input.is_empty() || decoder.has_pending() {
+                let out = decoder.decode_some(&mut input).unwrap();
+                total += out.len();
+                largest = largest.max(out.len());
+            }
+            total += decoder.finish().unwrap().len();
+            assert_eq!(total, zeros.len(), "{encoding}");
+            assert!(largest <= 2 * DECODED_PIECE, "{encoding}: {largest}");
         }
-        total += decoder.finish().unwrap().len();
-        assert_eq!(total, zeros.len());
-        assert!(largest <= 2 * DECODED_PIECE, "{largest}");
+    }
+
+    #[test]
+    fn a_stream_cut_short_or_with_a_window_past_8_mib_does_not_decode() {
+        let plain = b"data: {\"choices\":[{\"delta\":{\"content\":\"hello\"}}]}\n\n".repeat(500);
+        for encoding in ["gzip", "br", "zstd"] {
+            let whole = encoded(encoding, &plain);
+            let cut = &whole[..whole.len() - 4];
+            let mut decoder = Decoder::for_encoding(encoding.as_bytes()).unwrap().unwrap();
+            let decoded = decode_whole(&mut decoder, cut).and_then(|_| decoder.finish());
+            assert!(decoded.is_err(), "{encoding}: a cut stream passed as whole");
+        }
+        // A zstd frame that asks for a 128 MiB window.
+        let mut encoder = zstd::stream::write::Encoder::new(Vec::new(), 3).unwrap();
+        encoder.window_log(27).unwrap();
+        encoder.long_distance_matching(true).unwrap();
+        encoder.write_all(&vec![7u8; 20 << 20]).unwrap();
+        let long = encoder.finish().unwrap();
+        let mut decoder = Decoder::for_encoding(b"zstd").unwrap().unwrap();
+        assert!(decode_whole(&mut decoder, &long).is_err());
     }
 }
