@@ -62,19 +62,23 @@ pub fn build(config: Config, options: RunOptions) -> Server {
         // shared directory (the default is in /tmp) one could be planted
         // to have this process overwrite a file of their choosing, or to
         // write another pid into it afterwards.
+        // Mode 0644 whatever the umask: one anyone may write is refused by
+        // `runestone reload` and by a second start's check.
         let written = std::fs::OpenOptions::new()
             .write(true)
             .create(true)
+            .mode(0o644)
             .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
             .open(&config.server.pid_file)
             .and_then(|mut file| {
-                use std::os::unix::fs::MetadataExt;
+                use std::os::unix::fs::{MetadataExt, PermissionsExt};
                 let owner = file.metadata()?.uid();
                 if owner != nix::unistd::geteuid().as_raw() {
                     return Err(std::io::Error::other(format!(
                         "it belongs to user {owner}, not this process's"
                     )));
                 }
+                file.set_permissions(std::fs::Permissions::from_mode(0o644))?;
                 file.set_len(0)?;
                 file.write_all(std::process::id().to_string().as_bytes())
             });

@@ -583,8 +583,16 @@ fn a_gateway_started_while_the_last_one_drains_takes_over() {
             || std::net::TcpListener::bind(("127.0.0.1", config.port)).is_ok(),
         );
         let log = std::fs::File::create(dir.join("next.log")).unwrap();
-        let mut next = Command::new(env!("CARGO_BIN_EXE_runestone"))
-            .args(["--config"])
+        // Its pid file left writable by anyone (a gateway started under
+        // umask 000 made it so), and under such a umask itself.
+        std::fs::set_permissions(
+            dir.join("gw.pid"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o666),
+        )
+        .unwrap();
+        let mut next = Command::new("sh")
+            .args(["-c", "umask 000 && exec \"$0\" --config \"$1\""])
+            .arg(env!("CARGO_BIN_EXE_runestone"))
             .arg(&path)
             .current_dir(&dir)
             .stdout(log.try_clone().unwrap())
@@ -597,9 +605,19 @@ fn a_gateway_started_while_the_last_one_drains_takes_over() {
             next.try_wait().unwrap().is_none() && ureq::get(&health).call().is_ok()
         });
         let said = std::fs::read_to_string(dir.join("next.log")).unwrap_or_default();
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(dir.join("gw.pid")).unwrap().permissions(),
+        );
+        let named = std::fs::read_to_string(dir.join("gw.pid")).unwrap_or_default();
+        assert_eq!(
+            named.trim(),
+            next.id().to_string(),
+            "the pid file is the new one's"
+        );
         let _ = next.kill();
         let _ = next.wait();
         assert!(started, "the next gateway did not serve: {said}");
+        assert_eq!(mode & 0o777, 0o644, "its pid file, whatever the umask");
         assert!(!exited(gw.pid()), "the old one was still draining");
         assert_eq!(in_flight.join().unwrap(), 200, "and finished its request");
     });
