@@ -106,13 +106,17 @@ pub fn build(config: Config, options: RunOptions) -> Server {
         tracing::info!(mode, endpoints = ?endpoints, "Redis: limits, spend, the overflow queue and jobs are shared");
     }
     let limiter = Limiter::new(&config, redis.clone());
-    // A reload's predecessor's spend, counted until Redis is read.
-    if let Ok(handover) = std::env::var(crate::limits::HANDOVER_ENV) {
-        limiter.count_handed_over(&handover);
-    }
-    // Without Redis, its usage: a reload keeps budgets and `/v1/usage`.
-    if let Ok(handover) = std::env::var(crate::limits::HANDOVER_USAGE_ENV) {
-        limiter.count_handed_over_usage(&handover);
+    // A reload's predecessor's spend, counted until Redis is read; without
+    // Redis, its usage (a reload keeps budgets and `/v1/usage`). Only in a
+    // successor (`--upgrade`): a variable left in a fresh start's
+    // environment is no predecessor's.
+    if options.upgrade {
+        if let Ok(handover) = std::env::var(crate::limits::HANDOVER_ENV) {
+            limiter.count_handed_over(&handover);
+        }
+        if let Ok(handover) = std::env::var(crate::limits::HANDOVER_USAGE_ENV) {
+            limiter.count_handed_over_usage(&handover);
+        }
     }
     let overflow = Overflow::new(&config, redis.clone());
     limiter.on_freed({

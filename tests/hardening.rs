@@ -1041,6 +1041,30 @@ fn an_answer_that_is_no_http_fails_its_model_only() {
 }
 
 #[test]
+fn a_bodiless_answer_is_not_decoded_whatever_its_encoding_says() {
+    // A 204 saying `content-encoding: br` (or zstd, or gzip) has no body to
+    // decode: passed on, not taken for a stream cut short.
+    for coding in ["br", "zstd", "gzip"] {
+        let answer = format!("HTTP/1.1 204 No Content\r\nContent-Encoding: {coding}\r\n\r\n");
+        let (port, served) = raw_provider(answer.into_bytes());
+        let mock = Mock::start(&[]);
+        let gw = Gateway::start(&alone(&mock, "bodiless", port, ""));
+        let resp = gw.post_json("/v1/chat/completions", TENANT_KEY, &chat("m", false));
+        assert_eq!(
+            resp.status,
+            204,
+            "{coding}: {}",
+            String::from_utf8_lossy(&resp.body)
+        );
+        assert_eq!(
+            served.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "{coding}: asked once"
+        );
+    }
+}
+
+#[test]
 fn a_provider_answering_no_http_is_not_called_unreachable() {
     let (port, served) = raw_provider(b"POISON not an answer\r\n\r\n".to_vec());
     let mock = Mock::start(&[]);

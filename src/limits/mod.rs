@@ -175,12 +175,16 @@ pub struct PeriodUsage {
 
 impl PeriodUsage {
     fn add(&mut self, other: &PeriodUsage) {
-        self.requests += other.requests;
-        self.prompt_tokens += other.prompt_tokens;
-        self.completion_tokens += other.completion_tokens;
+        self.requests = self.requests.saturating_add(other.requests);
+        self.prompt_tokens = self.prompt_tokens.saturating_add(other.prompt_tokens);
+        self.completion_tokens = self
+            .completion_tokens
+            .saturating_add(other.completion_tokens);
         self.cost_pusd = self.cost_pusd.saturating_add(other.cost_pusd);
-        self.estimated_requests += other.estimated_requests;
-        self.cache_hits += other.cache_hits;
+        self.estimated_requests = self
+            .estimated_requests
+            .saturating_add(other.estimated_requests);
+        self.cache_hits = self.cache_hits.saturating_add(other.cache_hits);
         self.cache_saved_pusd = self.cache_saved_pusd.saturating_add(other.cache_saved_pusd);
     }
 }
@@ -443,9 +447,9 @@ impl Limiter {
             .collect();
         usages.sort_by(|a, b| b.0.total_cmp(&a.0).then(b.1.cmp(&a.1)));
         let mut text = String::from("[");
-        for (_, _, entry) in &usages {
+        for (handed, (_, _, entry)) in usages.iter().enumerate() {
             if text.len() + entry.len() + 2 > HANDOVER_BYTES {
-                tracing::warn!(tenants = usages.len(), "too many tenants to hand all their usage to the new process; those furthest from their budgets are left out");
+                tracing::warn!(tenants = usages.len(), left_out = usages.len() - handed, "too many tenants to hand all their usage to the new process; those furthest from their budgets (then the smallest spenders) are left out");
                 break;
             }
             if text.len() > 1 {
@@ -475,10 +479,12 @@ impl Limiter {
             .enumerate()
             .map(|(tenant, id)| (id.as_str(), tenant))
             .collect();
-        for (id, period_id, counts) in usages {
+        let mut counted = 0;
+        for (id, period_id, counts) in &usages {
             let Some(&tenant) = tenants.get(id.as_str()) else {
                 continue;
             };
+            counted += 1;
             let count = |n: i64| u64::try_from(n).unwrap_or(0);
             let usage = PeriodUsage {
                 requests: count(counts[0]),
@@ -489,8 +495,13 @@ impl Limiter {
                 cache_hits: count(counts[5]),
                 cache_saved_pusd: counts[6].max(0),
             };
-            self.inner.local.record(tenant, &period_id, &usage);
+            self.inner.local.record(tenant, period_id, &usage);
         }
+        tracing::info!(
+            tenants = counted,
+            handed = usages.len(),
+            "counted the usage the previous process handed over"
+        );
     }
 
     /// What Redis admitted that the in-process store counts while Redis is

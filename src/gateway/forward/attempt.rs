@@ -418,7 +418,10 @@ impl Attempt<'_> {
         }
         // Asked for identity, a provider may compress anyway: the answer is
         // decoded, so what is metered, redacted and sent on is plain.
-        let decoder = match Decoder::for_answer(&head.headers) {
+        // A status that has no body has nothing to decode, whatever its
+        // head says.
+        let bodiless = matches!(head.status.as_u16(), 204 | 205 | 304);
+        let decoder = match Decoder::for_answer(&head.headers).map(|d| d.filter(|_| !bodiless)) {
             Ok(decoder) => decoder.map(|decoder| {
                 debug!(request_id = %exchange.request_id, provider = %provider.name, encoding = decoder.name(), "decoding an answer compressed despite accept-encoding: identity");
                 Box::new(decoder)
@@ -1242,14 +1245,17 @@ fn classify(
                 e.etype().as_str(),
             )),
         ),
-        _ if phase == Phase::Answer => failure(
-            Domain::Deployment,
-            false,
-            ApiError::upstream_error(format!(
-                "The provider '{name}' answered with a body that could not be read ({}).",
-                e.etype().as_str(),
-            )),
-        ),
+        _ if phase == Phase::Answer => {
+            warn!(provider = %name, error = %e, "the provider's answer could not be read");
+            failure(
+                Domain::Deployment,
+                false,
+                ApiError::upstream_error(format!(
+                    "The provider '{name}' answered with a body that could not be read ({}).",
+                    e.etype().as_str(),
+                )),
+            )
+        }
         _ => failure(
             Domain::Transport,
             false,

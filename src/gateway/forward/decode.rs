@@ -7,6 +7,11 @@
 use bytes::Bytes;
 use std::io::{self, Write};
 
+/// The error of an answer whose content encoding does not decode (cut
+/// short, corrupt, past the decoded bound, a zstd window over 8 MiB).
+pub(super) const DOES_NOT_DECODE: pingora::ErrorType =
+    pingora::ErrorType::new("AnswerDoesNotDecode");
+
 /// The most decoded bytes one answer may come to.
 pub(super) const MAX_DECODED_BYTES: usize = 256 * 1024 * 1024;
 
@@ -397,9 +402,11 @@ impl<'a> UpstreamBody<'a> {
         if let Some(then) = self.then.take() {
             return then;
         }
+        // Not a read error: the provider's answer is at fault, not the
+        // connection (no retry on the same deployment), and says so.
         let failed = |e: io::Error, encoding: &str| {
             pingora::Error::explain(
-                pingora::ErrorType::ReadError,
+                DOES_NOT_DECODE,
                 format!("the answer does not decode as {encoding}: {e}"),
             )
         };
