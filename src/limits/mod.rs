@@ -153,6 +153,25 @@ pub const HANDOVER_USAGE_ENV: &str = "RUNESTONE_HANDED_OVER_USAGE";
 /// environment string (128 KiB), or the new process could not start.
 pub const HANDOVER_BYTES: usize = 96 * 1024;
 
+/// `entries` (JSON texts, the most wanted first) as one JSON array of at
+/// most [`HANDOVER_BYTES`]: the text, and how many of them fit.
+fn handover_text<'a>(entries: impl IntoIterator<Item = &'a str>) -> (String, usize) {
+    let mut text = String::from("[");
+    let mut fitted = 0;
+    for entry in entries {
+        if text.len() + entry.len() + 2 > HANDOVER_BYTES {
+            break;
+        }
+        if text.len() > 1 {
+            text.push(',');
+        }
+        text.push_str(entry);
+        fitted += 1;
+    }
+    text.push(']');
+    (text, fitted)
+}
+
 /// Counters of one tenant in one period.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PeriodUsage {
@@ -365,18 +384,10 @@ impl Limiter {
             })
             .collect();
         spends.sort_by(|a, b| b.0.total_cmp(&a.0));
-        let mut text = String::from("[");
-        for (_, entry) in &spends {
-            if text.len() + entry.len() + 2 > HANDOVER_BYTES {
-                tracing::warn!(tenants = spends.len(), "too many budgeted tenants to hand all their spend to the new process; those furthest from their budgets are left out");
-                break;
-            }
-            if text.len() > 1 {
-                text.push(',');
-            }
-            text.push_str(entry);
+        let (text, fitted) = handover_text(spends.iter().map(|(_, entry)| entry.as_str()));
+        if fitted < spends.len() {
+            tracing::warn!(tenants = spends.len(), left_out = spends.len() - fitted, "too many budgeted tenants to hand all their spend to the new process; those furthest from their budgets are left out");
         }
-        text.push(']');
         text
     }
 
@@ -446,18 +457,10 @@ impl Limiter {
             })
             .collect();
         usages.sort_by(|a, b| b.0.total_cmp(&a.0).then(b.1.cmp(&a.1)));
-        let mut text = String::from("[");
-        for (handed, (_, _, entry)) in usages.iter().enumerate() {
-            if text.len() + entry.len() + 2 > HANDOVER_BYTES {
-                tracing::warn!(tenants = usages.len(), left_out = usages.len() - handed, "too many tenants to hand all their usage to the new process; those furthest from their budgets (then the smallest spenders) are left out");
-                break;
-            }
-            if text.len() > 1 {
-                text.push(',');
-            }
-            text.push_str(entry);
+        let (text, fitted) = handover_text(usages.iter().map(|(_, _, entry)| entry.as_str()));
+        if fitted < usages.len() {
+            tracing::warn!(tenants = usages.len(), left_out = usages.len() - fitted, "too many tenants to hand all their usage to the new process; those furthest from their budgets (then the smallest spenders) are left out");
         }
-        text.push(']');
         text
     }
 
