@@ -94,7 +94,10 @@ fn main() -> ExitCode {
                 // one drains (it listens no more); anything else would
                 // orphan it.
                 let pid_file = &config.server.pid_file;
-                let serving = || std::net::TcpListener::bind(config.server.listen).is_err();
+                let serving = || {
+                    std::net::TcpListener::bind(config.server.listen)
+                        .is_err_and(|e| e.kind() == std::io::ErrorKind::AddrInUse)
+                };
                 if let Some(pid) = runestone::reload::another_running_on(pid_file)
                     .filter(|_| !cli.upgrade && serving())
                 {
