@@ -568,19 +568,6 @@ impl Attempt<'_> {
                             provider.name
                         ))));
                     }
-                    // Nor is one JSON answer where a stream of events was
-                    // asked for (the SDKs would read no event, and no error).
-                    if exchange.stream
-                        && exchange.endpoint.streams_when_asked()
-                        && !event_stream
-                        && !may_be_empty
-                    {
-                        warn!(request_id = %exchange.request_id, provider = %provider.name, received, "provider answered a request for a stream with one JSON answer");
-                        return Err(self.deployment_failure(ApiError::upstream_error(format!(
-                            "The provider '{}' answered a request for a stream with one JSON answer.",
-                            provider.name
-                        ))));
-                    }
                     ended = true;
                     break;
                 }
@@ -595,6 +582,20 @@ impl Attempt<'_> {
                     ))))
                 }
             }
+        }
+        // Nor is one JSON answer where a stream of events was asked for
+        // (the SDKs would read no event, and no error): read whole above,
+        // or held past what is metered.
+        if exchange.stream
+            && exchange.endpoint.streams_when_asked()
+            && !event_stream
+            && !may_be_empty
+        {
+            warn!(request_id = %exchange.request_id, provider = %provider.name, received, "provider answered a request for a stream with one JSON answer");
+            return Err(self.deployment_failure(ApiError::upstream_error(format!(
+                "The provider '{}' answered a request for a stream with one JSON answer.",
+                provider.name
+            ))));
         }
         // A stream where one JSON answer was asked for is none the SDKs can
         // read (they would hand the client a string for an object); its
