@@ -72,7 +72,15 @@ impl Encoder {
             let _ = match self {
                 Encoder::Gzip(e) => e.try_finish(),
                 Encoder::Deflate(e) => e.try_finish(),
-                Encoder::Brotli(e) => e.flush(),
+                // Its stream's last block is written only as it is taken
+                // apart: the rest of it, ended.
+                Encoder::Brotli(e) => {
+                    let ended = std::mem::replace(
+                        e,
+                        Box::new(brotli::CompressorWriter::new(Vec::new(), 4096, 5, 22)),
+                    );
+                    return Bytes::from(ended.into_inner());
+                }
                 Encoder::Zstd(e) => e.do_finish(),
             };
         }
