@@ -168,32 +168,20 @@ fn a_broken_stream_is_counted_whatever_usage_went_by_in_it() {
     let chunk = |content: &str| {
         format!("data: {{\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{content}\"}},\"finish_reason\":null}}],\"usage\":{{\"prompt_tokens\":5000,\"completion_tokens\":90000,\"total_tokens\":95000}}}}\n\n")
     };
-    let text = chunk("Hello") + &chunk(" there");
-    let mut meter = StreamMeter::new(false);
-    run(&mut meter, &text, 10);
-    let usage = meter.usage(40);
-    assert_eq!(
-        (
-            usage.prompt_tokens,
-            usage.completion_tokens,
-            usage.estimated
-        ),
-        (40, 4, true),
-        "{usage:?}"
-    );
+    let broken = chunk("Hello") + &chunk(" there");
     // Finished, the same stream is billed what it reported.
-    let finished = text + "data: [DONE]\n\n";
-    let mut meter = StreamMeter::new(false);
-    run(&mut meter, &finished, 10);
-    let usage = meter.usage(40);
-    assert_eq!(
-        (
+    let finished = broken.clone() + "data: [DONE]\n\n";
+    for (text, billed) in [(broken, (40, 4, true)), (finished, (5000, 90000, false))] {
+        let mut meter = StreamMeter::new(false);
+        run(&mut meter, &text, 10);
+        let usage = meter.usage(40);
+        let got = (
             usage.prompt_tokens,
             usage.completion_tokens,
-            usage.estimated
-        ),
-        (5000, 90000, false)
-    );
+            usage.estimated,
+        );
+        assert_eq!(got, billed, "{text}");
+    }
 }
 
 #[test]

@@ -222,15 +222,18 @@ impl Estimate {
 
     /// What a request sent to a provider is billed when no answer of it was
     /// read (its client left, or it was cut off): its prompt, as `model`'s
-    /// encoding counts it (load it first: [`Encoding::ready`]), or the units a
-    /// media request asked for.
-    pub fn prompt_sent(&self, model: &str) -> super::Usage {
+    /// encoding counts it (loaded first, off the worker thread), or the
+    /// units a media request asked for.
+    pub async fn prompt_sent(&self, model: &str) -> super::Usage {
         let usage = match &self.media {
             Some(media) => media.usage(None),
-            None => super::Usage {
-                prompt_tokens: self.prompt_tokens(model),
-                ..super::Usage::default()
-            },
+            None => {
+                Encoding::for_model(model).ready().await;
+                super::Usage {
+                    prompt_tokens: self.prompt_tokens(model),
+                    ..super::Usage::default()
+                }
+            }
         };
         super::Usage {
             estimated: true,

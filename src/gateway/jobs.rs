@@ -430,8 +430,7 @@ impl JobRunner for Gateway {
             // Cut off before the provider's answer: the prompt it was sent
             // is billed, as the gateway counts it (nothing generated was
             // seen).
-            cost::Encoding::for_model(&job.model).ready().await;
-            ctx.exchange.usage = Some(estimate.prompt_sent(&job.model));
+            ctx.exchange.usage = Some(estimate.prompt_sent(&job.model).await);
         }
         self.settle(&mut ctx).await;
         let (result, ended) = match (stopped, outcome) {

@@ -193,6 +193,35 @@ pub struct PeriodUsage {
 }
 
 impl PeriodUsage {
+    /// The counters in a fixed order, as a reload hands them over
+    /// ([`Limiter::handover_usage`]).
+    fn counts(&self) -> [i64; 7] {
+        let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        [
+            count(self.requests),
+            count(self.prompt_tokens),
+            count(self.completion_tokens),
+            self.cost_pusd,
+            count(self.estimated_requests),
+            count(self.cache_hits),
+            self.cache_saved_pusd,
+        ]
+    }
+
+    /// [`PeriodUsage::counts`] read back; a negative one counts nothing.
+    fn from_counts(counts: &[i64; 7]) -> Self {
+        let count = |n: i64| u64::try_from(n).unwrap_or(0);
+        PeriodUsage {
+            requests: count(counts[0]),
+            prompt_tokens: count(counts[1]),
+            completion_tokens: count(counts[2]),
+            cost_pusd: counts[3].max(0),
+            estimated_requests: count(counts[4]),
+            cache_hits: count(counts[5]),
+            cache_saved_pusd: counts[6].max(0),
+        }
+    }
+
     fn add(&mut self, other: &PeriodUsage) {
         self.requests = self.requests.saturating_add(other.requests);
         self.prompt_tokens = self.prompt_tokens.saturating_add(other.prompt_tokens);
@@ -403,15 +432,21 @@ impl Limiter {
             );
             return;
         };
-        let tenants: std::collections::HashMap<&str, usize> = (self.inner.tenant_ids.iter())
-            .enumerate()
-            .map(|(tenant, id)| (id.as_str(), tenant))
-            .collect();
+        let tenants = self.tenants_by_id();
         for (id, period_id, spent) in spends {
             if let Some(&tenant) = tenants.get(id.as_str()) {
                 redis.count_known_spend(tenant, &period_id, spent);
             }
         }
+    }
+
+    /// This config's tenants by id, for what an earlier process (with its
+    /// own config, in its own order) names by id.
+    fn tenants_by_id(&self) -> std::collections::HashMap<&str, usize> {
+        (self.inner.tenant_ids.iter())
+            .enumerate()
+            .map(|(tenant, id)| (id.as_str(), tenant))
+            .collect()
     }
 
     /// What the process that takes over at a reload is handed without
@@ -434,15 +469,7 @@ impl Limiter {
                 let limits = &inner.limits[tenant];
                 let (period_id, _) = period_at(accounting_period(limits), now);
                 let u = inner.local.usage(tenant, &period_id);
-                let counts = [
-                    u.requests as i64,
-                    u.prompt_tokens as i64,
-                    u.completion_tokens as i64,
-                    u.cost_pusd,
-                    u.estimated_requests as i64,
-                    u.cache_hits as i64,
-                    u.cache_saved_pusd,
-                ];
+                let counts = u.counts();
                 let share = limits.budget.map_or(0.0, |budget| {
                     u.cost_pusd as f64 / budget.amount_pusd.max(1) as f64
                 });
@@ -478,26 +505,14 @@ impl Limiter {
             );
             return;
         };
-        let tenants: std::collections::HashMap<&str, usize> = (self.inner.tenant_ids.iter())
-            .enumerate()
-            .map(|(tenant, id)| (id.as_str(), tenant))
-            .collect();
+        let tenants = self.tenants_by_id();
         let mut counted = 0;
         for (id, period_id, counts) in &usages {
             let Some(&tenant) = tenants.get(id.as_str()) else {
                 continue;
             };
             counted += 1;
-            let count = |n: i64| u64::try_from(n).unwrap_or(0);
-            let usage = PeriodUsage {
-                requests: count(counts[0]),
-                prompt_tokens: count(counts[1]),
-                completion_tokens: count(counts[2]),
-                cost_pusd: counts[3].max(0),
-                estimated_requests: count(counts[4]),
-                cache_hits: count(counts[5]),
-                cache_saved_pusd: counts[6].max(0),
-            };
+            let usage = PeriodUsage::from_counts(counts);
             self.inner.local.record(tenant, period_id, &usage);
         }
         tracing::info!(

@@ -64,6 +64,11 @@ fn masked(mut error: ApiError, redactor: &Redactor<'_>) -> ApiError {
     error
 }
 
+/// What a provider answered in the other form than asked for: one JSON
+/// answer to a request for a stream of events, and the other way round.
+const FOR_A_STREAM_ONE_JSON_ANSWER: &str = "a request for a stream with one JSON answer";
+const FOR_ONE_JSON_ANSWER_A_STREAM: &str = "a request for one JSON answer with a stream";
+
 /// How long, and how much of, a refused answer's body is read for its
 /// connection to be kept (see [`Attempt::drain`]).
 const DRAIN_WAIT: Duration = Duration::from_millis(50);
@@ -143,6 +148,17 @@ impl Attempt<'_> {
             Domain::Deployment,
             Attempted::deployment(error),
         )
+    }
+
+    /// An answer in the other form than the client asked for (`what`, see
+    /// [`FOR_A_STREAM_ONE_JSON_ANSWER`]), `received` bytes of it read: none
+    /// its SDK can read, so a failure of the deployment.
+    fn in_the_other_form(&self, what: &str, received: usize) -> Attempted {
+        let provider = &self.provider().name;
+        warn!(request_id = %self.exchange.request_id, provider = %provider, received, "provider answered {what}");
+        self.deployment_failure(ApiError::upstream_error(format!(
+            "The provider '{provider}' answered {what}."
+        )))
     }
 
     /// Runs the attempt; how it ended.
@@ -591,21 +607,13 @@ impl Attempt<'_> {
             && !event_stream
             && !may_be_empty
         {
-            warn!(request_id = %exchange.request_id, provider = %provider.name, received, "provider answered a request for a stream with one JSON answer");
-            return Err(self.deployment_failure(ApiError::upstream_error(format!(
-                "The provider '{}' answered a request for a stream with one JSON answer.",
-                provider.name
-            ))));
+            return Err(self.in_the_other_form(FOR_A_STREAM_ONE_JSON_ANSWER, received));
         }
         // A stream where one JSON answer was asked for is none the SDKs can
         // read (they would hand the client a string for an object); its
         // error before any content was judged above, as any stream's is.
         if json_expected && !exchange.stream && event_stream {
-            warn!(request_id = %exchange.request_id, provider = %provider.name, received, "provider answered a request for one JSON answer with a stream");
-            return Err(self.deployment_failure(ApiError::upstream_error(format!(
-                "The provider '{}' answered a request for one JSON answer with a stream.",
-                provider.name
-            ))));
+            return Err(self.in_the_other_form(FOR_ONE_JSON_ANSWER_A_STREAM, received));
         }
         // The provider's head, from the session the body is read from.
         let (response, declared_len) = {
@@ -883,11 +891,7 @@ impl Attempt<'_> {
             // One whole answer where a stream was asked for: none the SDKs
             // read (as in `answer`, for answers not translated).
             if self.exchange.stream && self.exchange.endpoint.streams_when_asked() {
-                warn!(request_id = %self.exchange.request_id, provider = %provider.name, "provider answered a request for a stream with one JSON answer");
-                return Err(self.deployment_failure(ApiError::upstream_error(format!(
-                    "The provider '{}' answered a request for a stream with one JSON answer.",
-                    provider.name
-                ))));
+                return Err(self.in_the_other_form(FOR_A_STREAM_ONE_JSON_ANSWER, body.len()));
             }
             report.usage = Some(usage);
             if let Some(capture) = self.describes() {

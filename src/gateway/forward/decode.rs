@@ -465,16 +465,11 @@ mod tests {
     #[test]
     fn decodes_each_encoding_in_pieces() {
         let plain = b"data: {\"choices\":[{\"delta\":{\"content\":\"hello\"}}]}\n\n".repeat(50);
-        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-        gz.write_all(&plain).unwrap();
-        roundtrip("gzip", gz.finish().unwrap(), &plain);
-        let mut zlib = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
-        zlib.write_all(&plain).unwrap();
-        roundtrip("Deflate", zlib.finish().unwrap(), &plain);
-        let mut br = brotli::CompressorWriter::new(Vec::new(), 4096, 5, 22);
-        br.write_all(&plain).unwrap();
-        roundtrip("br", br.into_inner(), &plain);
-        roundtrip("zstd", zstd::encode_all(&plain[..], 3).unwrap(), &plain);
+        for encoding in ["gzip", "deflate", "br", "zstd"] {
+            roundtrip(encoding, encoded(encoding, &plain), &plain);
+        }
+        // The coding's name as the head gives it, in any case.
+        roundtrip("Deflate", encoded("deflate", &plain), &plain);
         assert!(Decoder::for_encoding(b"identity").is_none());
         assert!(
             Decoder::for_encoding(b"gzip, br").is_none(),
@@ -642,6 +637,12 @@ mod tests {
                 let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
                 gz.write_all(plain).unwrap();
                 gz.finish().unwrap()
+            }
+            "deflate" => {
+                let mut zlib =
+                    flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::best());
+                zlib.write_all(plain).unwrap();
+                zlib.finish().unwrap()
             }
             "br" => {
                 let mut br = brotli::CompressorWriter::new(Vec::new(), 4096, 5, 22);

@@ -477,8 +477,7 @@ impl Forwarder {
                         // past budgets and token limits).
                         if report.usage.is_none() {
                             let model = &route.targets[backend.target].model;
-                            crate::cost::Encoding::for_model(model).ready().await;
-                            report.usage = Some(exchange.estimate.prompt_sent(model));
+                            report.usage = Some(exchange.estimate.prompt_sent(model).await);
                         }
                     }
                     (failover.after(attempted), record)
