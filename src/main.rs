@@ -117,7 +117,11 @@ fn main() -> ExitCode {
                         .map(|path| std::path::absolute(&path).unwrap_or(path)),
                 };
                 tracing::info!(listen = %config.server.listen, "runestone starting");
-                server::build(config, options).run(pingora::server::RunArgs::default());
+                let (server, limiter) = server::build(config, options);
+                server.run(pingora::server::RunArgs::default());
+                // Handed over at a reload: what was settled since is left
+                // for the new process.
+                limiter.leave_tail();
                 // Stopped (shutdown or upgrade): nothing in flight any
                 // more, so every access log line is queued; write them out.
                 runestone::gateway::flush_access_log(std::time::Duration::from_secs(5));

@@ -6,7 +6,7 @@ use crate::gateway::Gateway;
 use crate::limits::{redis::RedisMaintenance, Limiter};
 use crate::metrics;
 use crate::overflow::{Drain, Overflow};
-use crate::services::{DrainService, MaintenanceService, ReloadService};
+use crate::services::{DrainService, MaintenanceService, ReloadService, TailsService};
 use crate::upstream::Upstreams;
 use pingora::connectors::ConnectorOptions;
 use pingora::listeners::{L4BufferSettings, ListenerConfig};
@@ -29,8 +29,9 @@ pub struct RunOptions {
     pub config_path: Option<std::path::PathBuf>,
 }
 
-/// Builds a ready-to-run server for `config`.
-pub fn build(config: Config, options: RunOptions) -> Server {
+/// Builds a ready-to-run server for `config`, with its limiter (see
+/// [`Limiter::leave_tail`], for when the server has stopped).
+pub fn build(config: Config, options: RunOptions) -> (Server, Limiter) {
     metrics::register_all();
     let server_conf = ServerConf {
         threads: config.server.threads,
@@ -117,6 +118,13 @@ pub fn build(config: Config, options: RunOptions) -> Server {
         if let Ok(handover) = std::env::var(crate::limits::HANDOVER_USAGE_ENV) {
             limiter.count_handed_over_usage(&handover);
         }
+        if let Ok(awaited) = std::env::var(crate::limits::AWAITED_ENV) {
+            limiter.await_tails(&awaited);
+            server.add_service(background_service(
+                "usage left at a reload",
+                TailsService(limiter.clone()),
+            ));
+        }
     }
     let overflow = Overflow::new(&config, redis.clone());
     limiter.on_freed({
@@ -162,6 +170,7 @@ pub fn build(config: Config, options: RunOptions) -> Server {
                         vec![
                             (crate::limits::HANDOVER_ENV, limiter.handover()),
                             (crate::limits::HANDOVER_USAGE_ENV, limiter.handover_usage()),
+                            (crate::limits::AWAITED_ENV, limiter.handover_awaited()),
                         ]
                     }
                 }),
@@ -202,7 +211,7 @@ pub fn build(config: Config, options: RunOptions) -> Server {
             balancer,
         ));
     }
-    server
+    (server, limiter)
 }
 
 /// Pingora's Prometheus listener, watched. Its socket is bound here (unless

@@ -4,6 +4,7 @@
 //! Pingora's `BackgroundService` trait.
 
 use crate::limits::redis::RedisMaintenance;
+use crate::limits::Limiter;
 use crate::overflow::Drain;
 use crate::reload::ReloadOnHangup;
 use async_trait::async_trait;
@@ -37,5 +38,16 @@ pub struct ReloadService(pub ReloadOnHangup);
 impl BackgroundService for ReloadService {
     async fn start(&self, shutdown: ShutdownWatch) {
         self.0.run(shutdown).await
+    }
+}
+
+/// The usage earlier processes settled after a reload's handover, taken
+/// as they leave it ([`Limiter::take_tails`]).
+pub struct TailsService(pub Limiter);
+
+#[async_trait]
+impl BackgroundService for TailsService {
+    async fn start(&self, shutdown: ShutdownWatch) {
+        self.0.take_tails(shutdown).await
     }
 }

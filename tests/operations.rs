@@ -1204,7 +1204,64 @@ fn a_reload_without_redis_keeps_a_spent_budget_spent_and_the_usage() {
     assert_eq!(usage(RESTRICTED_KEY).0, 2, "and counting on");
 }
 
-/// A reload while Redis does not answer: what the old process still owed/// A reload while Redis does not answer: what the old process still owed
+/// Without Redis, what the old process settles after a reload handed its
+/// usage over (a request in flight then) is left for the new process when
+/// the old one ends, and counted there: a budget is not overspent by it.
+#[test]
+fn a_reload_without_redis_counts_what_the_old_process_settled_after_it() {
+    // Every answer takes 2 s: a request sent just before the reload ends in
+    // the old process, after the handover.
+    let mock = Mock::start(&["--latency-ms", "2000"]);
+    let mut config = GatewayConfig::new(&mock);
+    // (7 * $1 + 16 * $2) / 1M = $0.000039 a request: the third crosses it.
+    config.tenants = format!("\n  - id: acme\n    keys: [\"{TENANT_KEY}\"]\n    limits: {{ budget_usd: {{ amount: 0.0001, period: total }} }}\n");
+    config.extra = "pricing:\n  gpt-4o-mini: { input: 1.0, output: 2.0 }\n".into();
+    let mut gw = Gateway::start(&config);
+    let (path, dir) = gw.config_path();
+    let guard = PidFileGuard(dir.join("gw.pid"));
+    let first = guard.pid();
+    let port = config.port;
+    let usage = || {
+        let agent = ureq::AgentBuilder::new().max_idle_connections(0).build();
+        let answer: serde_json::Value = agent
+            .get(&format!("http://127.0.0.1:{port}/v1/usage"))
+            .set("authorization", &format!("Bearer {TENANT_KEY}"))
+            .call()
+            .unwrap()
+            .into_json()
+            .unwrap();
+        answer["requests"].as_u64().unwrap()
+    };
+    assert_eq!(chat_status(port, TENANT_KEY), 200);
+    let in_flight = std::thread::spawn(move || chat_status(port, TENANT_KEY));
+    wait_until(Duration::from_secs(5), "the request in flight", || {
+        metric_value(
+            &gw.metrics(),
+            r#"runestone_inflight_requests{tenant="acme"}"#,
+        ) == 1.0
+    });
+    assert_eq!(runestone_reload(&path, &dir), Some(0));
+    assert_ne!(guard.pid(), first);
+    assert_eq!(usage(), 1, "the new process was handed the one settled");
+    assert_eq!(in_flight.join().unwrap(), 200, "served by the old process");
+    assert_eq!(gw.wait_exit(Duration::from_secs(20)), Some(0));
+    wait_until(
+        Duration::from_secs(5),
+        "the old process's last request counted",
+        || usage() == 2,
+    );
+    let left = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains(".usage."))
+        .count();
+    assert_eq!(left, 0, "the file is taken");
+    assert_eq!(chat_status(port, TENANT_KEY), 200, "crosses the budget");
+    assert_eq!(chat_status(port, TENANT_KEY), 429, "spent");
+    assert_eq!(usage(), 3);
+}
+
+/// A reload while Redis does not answer: what the old process still owed
 /// Redis when it ended is paid by its successor once Redis answers, with
 /// the successor's own, each request billed once to its tenant to the
 /// pico-dollar (the tenants reordered across the reload).

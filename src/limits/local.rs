@@ -14,6 +14,10 @@ struct TenantState {
     inflight: u32,
     /// Usage of the current period (its id): an older one is never read.
     usage: Option<(String, PeriodUsage)>,
+    /// What the last reload handed the new process of that usage (`None`:
+    /// nothing), so that what is settled after it is known
+    /// ([`LocalStore::tail`]).
+    handed: Option<(String, PeriodUsage)>,
 }
 
 impl TenantState {
@@ -170,6 +174,35 @@ impl LocalStore {
         }
     }
 
+    /// The period's counters, noted as handed to a reload's new process
+    /// (`handed`), or as not handed (the new process was given none of the
+    /// tenant's usage): what is settled after it is [`LocalStore::tail`].
+    pub fn hand_over(&self, tenant: usize, period_id: &str, handed: bool) -> PeriodUsage {
+        let mut state = self.state(tenant);
+        let usage = state.usage_in(period_id).cloned().unwrap_or_default();
+        state.handed = handed.then(|| (period_id.to_string(), usage.clone()));
+        usage
+    }
+
+    /// Notes that none of the tenant's usage was handed over after all
+    /// (left out at the handover's bound).
+    pub fn handed_none(&self, tenant: usize) {
+        self.state(tenant).handed = None;
+    }
+
+    /// The usage settled since the last [`LocalStore::hand_over`] (all of
+    /// it when it handed none of that period's), with its period's id;
+    /// `None` when there is none.
+    pub fn tail(&self, tenant: usize) -> Option<(String, PeriodUsage)> {
+        let state = self.state(tenant);
+        let (id, usage) = state.usage.as_ref()?;
+        let tail = match &state.handed {
+            Some((handed_id, handed)) if handed_id == id => usage.less(handed),
+            _ => usage.clone(),
+        };
+        (tail != PeriodUsage::default()).then(|| (id.clone(), tail))
+    }
+
     /// The period's counters.
     pub fn usage(&self, tenant: usize, period_id: &str) -> PeriodUsage {
         self.state(tenant)
@@ -291,4 +324,31 @@ mod tests {
             LimitKind::Budget
         );
     }
+
+    #[test]
+    fn the_tail_is_what_was_settled_after_the_handover() {
+        let store = LocalStore::new(1);
+        let spent = |cost_pusd: i64| PeriodUsage {
+            requests: 1,
+            prompt_tokens: 7,
+            cost_pusd,
+            ..Default::default()
+        };
+        assert_eq!(store.tail(0), None, "nothing settled");
+        store.record(0, "d1", &spent(10));
+        assert_eq!(store.hand_over(0, "d1", true), spent(10));
+        assert_eq!(store.tail(0), None, "all of it handed");
+        store.record(0, "d1", &spent(5));
+        assert_eq!(store.tail(0), Some(("d1".into(), spent(5))));
+        // Left out at the handover's bound: all of it goes with the tail.
+        store.handed_none(0);
+        let mut all = spent(10);
+        all.add(&spent(5));
+        assert_eq!(store.tail(0), Some(("d1".into(), all)));
+        // Handed in one period, settled in the next: all of the next's.
+        store.hand_over(0, "d1", true);
+        store.record(0, "d2", &spent(3));
+        assert_eq!(store.tail(0), Some(("d2".into(), spent(3))));
+    }
+
 }

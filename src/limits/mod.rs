@@ -30,9 +30,11 @@
 //! fails or is slow the limiter falls back to the in-process store, counts
 //! the error, and keeps the spend locally until it can be flushed.
 
+mod beside;
 pub mod local;
 mod period;
 pub mod redis;
+mod tail;
 
 use crate::config::{BudgetPeriod, Config, TenantLimits};
 use crate::cost::Usage;
@@ -140,6 +142,7 @@ pub fn now_ms() -> f64 {
 }
 
 pub use period::{accounting_period, period_at};
+pub use tail::AWAITED_ENV;
 
 /// The environment variable a reload hands the new process the spend in
 /// ([`Limiter::handover`]).
@@ -219,6 +222,25 @@ impl PeriodUsage {
             estimated_requests: count(counts[4]),
             cache_hits: count(counts[5]),
             cache_saved_pusd: counts[6].max(0),
+        }
+    }
+
+    /// What these counters hold beyond `earlier`'s (counters only grow).
+    fn less(&self, earlier: &PeriodUsage) -> PeriodUsage {
+        PeriodUsage {
+            requests: self.requests.saturating_sub(earlier.requests),
+            prompt_tokens: self.prompt_tokens.saturating_sub(earlier.prompt_tokens),
+            completion_tokens: self
+                .completion_tokens
+                .saturating_sub(earlier.completion_tokens),
+            cost_pusd: self.cost_pusd.saturating_sub(earlier.cost_pusd).max(0),
+            estimated_requests: self
+                .estimated_requests
+                .saturating_sub(earlier.estimated_requests),
+            cache_hits: self.cache_hits.saturating_sub(earlier.cache_hits),
+            cache_saved_pusd: (self.cache_saved_pusd)
+                .saturating_sub(earlier.cache_saved_pusd)
+                .max(0),
         }
     }
 
@@ -326,6 +348,9 @@ struct Inner {
     durations_ms: Vec<AtomicU64>,
     /// Told whenever a tenant's request ends ([`Limiter::on_freed`]).
     on_freed: OnceLock<OnFreed>,
+    /// Without Redis, the usage settled after a reload's handover, left
+    /// for the new process and taken from the old ([`tail`]).
+    tails: Option<tail::Tails>,
 }
 
 impl Inner {
@@ -365,6 +390,11 @@ impl Limiter {
     /// (`conn`: the process's Redis connection, [`RedisConnection::for_config`]).
     pub fn new(config: &Config, conn: Option<Arc<RedisConnection>>) -> Self {
         let n = config.tenants.len();
+        let redis = config
+            .redis
+            .as_ref()
+            .zip(conn)
+            .map(|(settings, conn)| redis::RedisStore::new(settings, &config.tenants, conn));
         Limiter {
             inner: Arc::new(Inner {
                 limits: config.tenants.iter().map(|t| t.limits.clone()).collect(),
@@ -375,9 +405,10 @@ impl Limiter {
                     .map(|t| metrics::INFLIGHT.with_label_values(&[&t.id]))
                     .collect(),
                 local: local::LocalStore::new(n),
-                redis: config.redis.as_ref().zip(conn).map(|(settings, conn)| {
-                    redis::RedisStore::new(settings, &config.tenants, conn)
-                }),
+                tails: redis
+                    .is_none()
+                    .then(|| tail::Tails::beside(&config.server.pid_file)),
+                redis,
                 durations_ms: (0..n).map(|_| AtomicU64::new(1000)).collect(),
                 on_freed: OnceLock::new(),
             }),
@@ -455,20 +486,22 @@ impl Limiter {
     /// counts as its own ([`Limiter::count_handed_over_usage`]), so that a
     /// reload neither reopens a spent budget nor empties `/v1/usage`. What
     /// this process settles after the handover (requests in flight, those
-    /// it accepts until the new one listens) it counts alone. Empty with
-    /// Redis, which holds the usage. At most [`HANDOVER_BYTES`], the
-    /// tenants nearest their budgets, then the largest spenders, first.
+    /// it accepts until the new one listens) it leaves for that process
+    /// when it ends ([`Limiter::leave_tail`]), with the usage of the tenants
+    /// left out here. Empty with Redis, which holds the usage. At most
+    /// [`HANDOVER_BYTES`], the tenants nearest their budgets, then the
+    /// largest spenders, first.
     pub fn handover_usage(&self) -> String {
         let inner = &self.inner;
         if inner.redis.is_some() {
             return String::new();
         }
         let now = now_ms();
-        let mut usages: Vec<(f64, i64, String)> = (0..inner.limits.len())
+        let mut usages: Vec<(f64, i64, String, usize)> = (0..inner.limits.len())
             .filter_map(|tenant| {
                 let limits = &inner.limits[tenant];
                 let (period_id, _) = period_at(accounting_period(limits), now);
-                let u = inner.local.usage(tenant, &period_id);
+                let u = inner.local.hand_over(tenant, &period_id, true);
                 let counts = u.counts();
                 let share = limits.budget.map_or(0.0, |budget| {
                     u.cost_pusd as f64 / budget.amount_pusd.max(1) as f64
@@ -479,12 +512,17 @@ impl Limiter {
                         share,
                         u.cost_pusd,
                         serde_json::to_string(&entry).unwrap_or_default(),
+                        tenant,
                     )
                 })
             })
             .collect();
         usages.sort_by(|a, b| b.0.total_cmp(&a.0).then(b.1.cmp(&a.1)));
-        let (text, fitted) = handover_text(usages.iter().map(|(_, _, entry)| entry.as_str()));
+        let (text, fitted) = handover_text(usages.iter().map(|(_, _, entry, _)| entry.as_str()));
+        // Those left out are handed in full with the tail.
+        for &(_, _, _, tenant) in &usages[fitted..] {
+            inner.local.handed_none(tenant);
+        }
         if fitted < usages.len() {
             tracing::warn!(tenants = usages.len(), left_out = usages.len() - fitted, "too many tenants to hand all their usage to the new process; those furthest from their budgets (then the smallest spenders) are left out");
         }
@@ -520,6 +558,82 @@ impl Limiter {
             handed = usages.len(),
             "counted the usage the previous process handed over"
         );
+    }
+
+    /// Whose usage settled after their handovers the process taking over
+    /// at a reload waits for (in [`AWAITED_ENV`]): this process's and what
+    /// it still waits for itself. Empty with Redis.
+    pub fn handover_awaited(&self) -> String {
+        self.inner
+            .tails
+            .as_ref()
+            .map_or_else(String::new, tail::Tails::handover)
+    }
+
+    /// Waits for the usage the processes a reload's predecessor named
+    /// ([`Limiter::handover_awaited`]'s text) settle after their handovers,
+    /// taken by [`Limiter::take_tails`].
+    pub fn await_tails(&self, awaited: &str) {
+        if let Some(tails) = self.inner.tails.as_ref().filter(|_| !awaited.is_empty()) {
+            tails.await_writers(awaited);
+        }
+    }
+
+    /// Takes the usage left by the processes waited for, every quarter
+    /// second until none is waited for or `shutdown` turns true, and counts
+    /// it as this process's own (a period not the tenant's current one is
+    /// not counted).
+    pub async fn take_tails(&self, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        let Some(tails) = &self.inner.tails else {
+            return;
+        };
+        while tails.awaits() {
+            let taken = tails.take();
+            if !taken.is_empty() {
+                let tenants = self.tenants_by_id();
+                let now = now_ms();
+                let mut counted = 0;
+                for (id, period_id, counts) in &taken {
+                    let Some(&tenant) = tenants.get(id.as_str()) else {
+                        continue;
+                    };
+                    let (current, _) =
+                        period_at(accounting_period(&self.inner.limits[tenant]), now);
+                    if **period_id == *current {
+                        let usage = PeriodUsage::from_counts(counts);
+                        self.inner.local.record(tenant, period_id, &usage);
+                        counted += 1;
+                    }
+                }
+                tracing::info!(
+                    tenants = counted,
+                    left = taken.len(),
+                    "counted the usage an earlier process settled after its handover"
+                );
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+
+    /// Leaves, when this process has handed its usage over at a reload,
+    /// what it settled after that for the new process (and the usage of
+    /// the tenants the handover left out). Called when the process ends,
+    /// with nothing in flight.
+    pub fn leave_tail(&self) {
+        let inner = &self.inner;
+        let Some(tails) = inner.tails.as_ref().filter(|tails| tails.handed_over()) else {
+            return;
+        };
+        let usage = (0..inner.limits.len())
+            .filter_map(|tenant| {
+                let (period_id, usage) = inner.local.tail(tenant)?;
+                Some((inner.tenant_ids[tenant].clone(), period_id, usage.counts()))
+            })
+            .collect();
+        tails.leave(usage);
     }
 
     /// What Redis admitted that the in-process store counts while Redis is

@@ -14,6 +14,9 @@
 //! ended, only from a regular file of this user's (or root's) that no one
 //! else may write: whoever can leave one chooses what is written to Redis.
 
+use crate::limits::beside::{
+    alive, files_beside, own_file, read_trusted, remove_half_written, write_aside,
+};
 use crate::lock;
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
@@ -26,6 +29,9 @@ use tracing::{info, warn};
 /// The most a debt file may hold: far above what an outage leaves (a
 /// batch per tenant and period, and the batches in flight when it began).
 const MOST_BYTES: u64 = 64 << 20;
+
+/// The files' kind (`<pid_file>.owed.<pid>.<token>`).
+const KIND: &str = "owed";
 
 /// A debt as it is written: the tenant's id and the period (for the budget
 /// view of the process that takes it), its spend, and the call that pays it
@@ -151,10 +157,7 @@ impl DebtFile {
             return true;
         }
         if last.is_none() {
-            let token = &crate::ids::random_token()[..16];
-            let mut name = self.pid_file.clone().into_os_string();
-            name.push(format!(".owed.{me}.{token}"));
-            *path = PathBuf::from(name);
+            *path = own_file(&self.pid_file, KIND);
         }
         match write_aside(path, &text) {
             Ok(()) => {
@@ -178,14 +181,12 @@ impl DebtFile {
     /// own file holds them). `ids` are this process's tenants' ids.
     pub(super) fn left_by_others(&self, ids: &[String]) -> Vec<(PathBuf, Vec<Debt>)> {
         let mut found = Vec::new();
-        for (path, pid, half_written) in files_beside(&self.pid_file) {
+        for (path, pid, half_written) in files_beside(&self.pid_file, KIND) {
             // One being written when its process was killed: removed once
             // no process of that pid runs (the file it was to replace, if
             // any, is whole).
             if half_written {
-                if pid > 0 && !runs(pid) && is_regular(&path) {
-                    let _ = std::fs::remove_file(&path);
-                }
+                remove_half_written(&path, pid);
                 continue;
             }
             if path == lock(&self.own).0 {
@@ -207,12 +208,13 @@ impl DebtFile {
 
     /// The debt file at `path`, when it is one this process may trust.
     fn read(&self, path: &Path) -> Option<Contents> {
-        let meta = std::fs::symlink_metadata(path).ok()?;
-        if !crate::reload::trusted(&meta, MOST_BYTES) {
-            self.ignore(path, "is not a file of this user's, or others may write it");
-            return None;
-        }
-        let text = std::fs::read(path).ok()?;
+        let text = match read_trusted(path, MOST_BYTES) {
+            Ok(text) => text?,
+            Err(why) => {
+                self.ignore(path, why);
+                return None;
+            }
+        };
         let file = serde_json::from_slice(&text);
         if file.is_err() {
             self.ignore(path, "does not read as one");
@@ -230,77 +232,15 @@ impl DebtFile {
     }
 }
 
-/// The debt files beside `pid_file`: each with the pid its name gives and
-/// whether it is one being written (`.new`).
-fn files_beside(pid_file: &Path) -> Vec<(PathBuf, i32, bool)> {
-    let dir = match pid_file.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let Some(stem) = pid_file.file_name().map(|n| n.to_string_lossy()) else {
-        return Vec::new();
-    };
-    let prefix = format!("{stem}.owed.");
-    let Ok(entries) = std::fs::read_dir(&dir) else {
-        return Vec::new();
-    };
-    let files = entries.flatten().filter_map(|entry| {
-        let name = entry.file_name();
-        let rest = name.to_str()?.strip_prefix(&prefix)?;
-        let pid = rest.split('.').next()?.parse().ok()?;
-        Some((entry.path(), pid, rest.ends_with(".new")))
-    });
-    files.collect()
-}
-
 /// Says, at start-up without Redis, that debt files of earlier processes
 /// are beside `pid_file`: only a gateway with Redis pays them.
 pub fn warn_of_debts_left_beside(pid_file: &str) {
-    let left = (files_beside(Path::new(pid_file)).into_iter())
+    let left = (files_beside(Path::new(pid_file), KIND).into_iter())
         .filter(|(_, _, half_written)| !half_written)
         .count();
     if left > 0 {
         warn!(files = left, pid_file, "what earlier processes owed Redis is written down beside the pid file, and only a gateway with redis: configured pays it");
     }
-}
-
-/// Writes `text` to `path` through a file beside it (of a name of its
-/// own, that no one can have left there), renamed over it.
-fn write_aside(path: &Path, text: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut aside = path.as_os_str().to_owned();
-    aside.push(format!(".{}.new", &crate::ids::random_token()[..8]));
-    let aside = PathBuf::from(aside);
-    let written = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&aside)
-        // Not synced: it is to outlive the process, not the machine (a
-        // sync took up to 160 ms on a busy one, what a killed process
-        // then lost).
-        .and_then(|mut file| file.write_all(text))
-        .and_then(|()| std::fs::rename(&aside, path));
-    if written.is_err() {
-        let _ = std::fs::remove_file(&aside);
-    }
-    written
-}
-
-/// Whether the process `pid` that started at `started` still runs.
-fn alive(pid: i32, started: u64) -> bool {
-    pid > 0 && crate::reload::start_time(Pid::from_raw(pid)) == started
-}
-
-/// Whether any process `pid` runs.
-fn runs(pid: i32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
-}
-
-/// Whether `path` is a regular file of this user's (not followed).
-fn is_regular(path: &Path) -> bool {
-    std::fs::symlink_metadata(path).is_ok_and(|meta| crate::reload::trusted(&meta, u64::MAX))
 }
 
 /// The debts a file holds, each with its script and this process's index
