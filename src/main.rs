@@ -98,8 +98,9 @@ fn main() -> ExitCode {
                     std::net::TcpListener::bind(config.server.listen)
                         .is_err_and(|e| e.kind() == std::io::ErrorKind::AddrInUse)
                 };
-                if let Some(pid) = runestone::reload::another_running_on(pid_file)
-                    .filter(|_| !cli.upgrade && serving())
+                if let Some(pid) =
+                    runestone::reload::another_running_on(pid_file, config.server.listen)
+                        .filter(|_| !cli.upgrade && serving())
                 {
                     eprintln!("error: runestone already runs on the pid file {pid_file} (process {pid}); stop it first, or reload it: runestone reload --config FILE");
                     return ExitCode::from(1);

@@ -268,8 +268,11 @@ fn own_exe() -> std::io::Result<PathBuf> {
     )
 }
 
-/// The pid the pid file names, when it is a running runestone process.
-fn running_pid(pid_file: &str) -> Result<Pid, ReloadError> {
+/// The pid the pid file names, when it is a running runestone process:
+/// one of this binary's name (see [`is_runestone`]), or one that listens
+/// on `listen`, the config's address (a versioned binary, `runestone-1.4`,
+/// that a `runestone` link pointed to until an upgrade moved it on).
+fn running_pid(pid_file: &str, listen: std::net::SocketAddr) -> Result<Pid, ReloadError> {
     let not_running = |reason: String| ReloadError::NotRunning {
         path: pid_file.to_string(),
         reason,
@@ -297,7 +300,7 @@ fn running_pid(pid_file: &str) -> Result<Pid, ReloadError> {
         return Err(not_running(format!("'{pid}' is not a pid")));
     }
     kill(pid, None).map_err(|e| not_running(format!("process {pid}: {e}")))?;
-    if !is_runestone(pid) {
+    if !is_runestone(pid) && !listens(pid, listen) {
         return Err(not_running(format!(
             "process {pid} is not runestone (a stale pid file?)"
         )));
@@ -309,9 +312,9 @@ fn running_pid(pid_file: &str) -> Result<Pid, ReloadError> {
 /// a gateway started on a pid file another one serves on would write its
 /// own pid over it (so that reloads reach the wrong process) and then wait
 /// for a port that stays taken. `None` when there is none (no file, a stale
-/// pid, another program's).
-pub fn another_running_on(pid_file: &str) -> Option<i32> {
-    running_pid(pid_file)
+/// pid, another program's); `listen` is the config's address.
+pub fn another_running_on(pid_file: &str, listen: std::net::SocketAddr) -> Option<i32> {
+    running_pid(pid_file, listen)
         .ok()
         .map(Pid::as_raw)
         .filter(|pid| *pid != Pid::this().as_raw())
@@ -338,7 +341,7 @@ pub fn reload_running(path: &Path) -> Result<Pid, ReloadError> {
     let deadline = Instant::now() + HANDOVER_WAIT;
     let mut asked: Option<Pid> = None;
     loop {
-        match (running_pid(pid_file), asked) {
+        match (running_pid(pid_file, config.server.listen), asked) {
             (Ok(pid), Some(_)) if start_time(pid) >= since => {
                 if !runs(pid, &request) {
                     return Err(ReloadError::Superseded {

@@ -526,31 +526,40 @@ fn a_second_gateway_on_a_running_ones_pid_file_refuses_to_start() {
     let guard = PidFileGuard(pid_file.clone());
     let running = std::fs::read_to_string(&pid_file).unwrap();
     assert_eq!(running.trim(), gw.pid().to_string());
-    let mut second = Command::new(env!("CARGO_BIN_EXE_runestone"))
-        .args(["--config"])
-        .arg(&path)
-        .current_dir(&dir)
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Within 10 s (a process left waiting for the port is killed).
-    let status = (0..200).find_map(|_| {
-        let status = second.try_wait().unwrap();
+    // The same binary, and another version of another name (its check
+    // knows the running one by the address it serves).
+    let versioned = dir.join("runestone-2.0");
+    std::fs::copy(env!("CARGO_BIN_EXE_runestone"), &versioned).unwrap();
+    for binary in [
+        std::path::Path::new(env!("CARGO_BIN_EXE_runestone")),
+        &versioned,
+    ] {
+        let mut second = Command::new(binary)
+            .args(["--config"])
+            .arg(&path)
+            .current_dir(&dir)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Within 10 s (a process left waiting for the port is killed).
+        let status = (0..200).find_map(|_| {
+            let status = second.try_wait().unwrap();
+            if status.is_none() {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            status
+        });
         if status.is_none() {
-            std::thread::sleep(Duration::from_millis(50));
+            let _ = second.kill();
+            let _ = second.wait();
         }
-        status
-    });
-    if status.is_none() {
-        let _ = second.kill();
-        let _ = second.wait();
+        let mut said = String::new();
+        std::io::Read::read_to_string(&mut second.stderr.take().unwrap(), &mut said).unwrap();
+        assert_eq!(status.and_then(|s| s.code()), Some(1), "{said}");
+        assert!(said.contains("already runs"), "{said}");
+        assert!(said.contains(&gw.pid().to_string()), "{said}");
+        assert_eq!(std::fs::read_to_string(&pid_file).unwrap(), running);
     }
-    let mut said = String::new();
-    std::io::Read::read_to_string(&mut second.stderr.take().unwrap(), &mut said).unwrap();
-    assert_eq!(status.and_then(|s| s.code()), Some(1), "{said}");
-    assert!(said.contains("already runs"), "{said}");
-    assert!(said.contains(&gw.pid().to_string()), "{said}");
-    assert_eq!(std::fs::read_to_string(&pid_file).unwrap(), running);
     // The running one still serves, and still reloads.
     assert_eq!(chat_status(config.port, TENANT_KEY), 200);
     assert_eq!(runestone_reload(&path, &dir), Some(0));
@@ -803,6 +812,20 @@ fn a_reload_runs_the_commands_binary_on_its_file_and_keeps_the_gateways_output()
         "the second process to exit",
         || exited(second),
     );
+    assert_eq!(chat_status(config.port, NEW_KEY), 200);
+
+    // A versioned binary (`runestone-2.0`, where a `runestone` link now
+    // points): the running process is another binary of another name, but
+    // it serves the config's address, so it is asked.
+    let versioned = dir.join("runestone-2.0");
+    std::fs::copy(env!("CARGO_BIN_EXE_runestone"), &versioned).unwrap();
+    let (code, said) = reload_with(&versioned, &dir, "other.yaml");
+    assert_eq!(code, Some(0), "{said}");
+    wait_until(Duration::from_secs(20), "the third process to exit", || {
+        exited(third)
+    });
+    let third = guard.pid();
+    assert_eq!(exe(third), versioned);
     assert_eq!(chat_status(config.port, NEW_KEY), 200);
 
     // A pid file naming a process that is not runestone is refused and

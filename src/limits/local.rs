@@ -350,5 +350,4 @@ mod tests {
         store.record(0, "d2", &spent(3));
         assert_eq!(store.tail(0), Some(("d2".into(), spent(3))));
     }
-
 }
