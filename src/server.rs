@@ -107,6 +107,7 @@ pub fn build(config: Config, options: RunOptions) -> (Server, Limiter) {
         tracing::info!(mode, endpoints = ?endpoints, "Redis: limits, spend, the overflow queue and jobs are shared");
     }
     let limiter = Limiter::new(&config, redis.clone());
+    limiter.remove_stale_tails();
     // A reload's predecessor's spend, counted until Redis is read; without
     // Redis, its usage (a reload keeps budgets and `/v1/usage`). Only in a
     // successor (`--upgrade`): a variable left in a fresh start's

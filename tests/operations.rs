@@ -920,6 +920,19 @@ fn a_successor_that_cannot_start_gets_nothing_and_the_gateway_keeps_serving() {
     assert!(!exited(pid));
     assert_eq!(chat_status(config.port, TENANT_KEY), 200);
     assert!(!log_says("SIGQUIT received"), "{}", gw.log());
+    // Stopped then, it leaves no usage for a new process (none took over;
+    // its own usage, handed to the one that died, is nobody's).
+    signal(pid, "TERM");
+    wait_until(Duration::from_secs(15), "the gateway to stop", || {
+        exited(pid)
+    });
+    let left: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.contains(".usage."))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
 }
 
 #[test]

@@ -407,7 +407,7 @@ impl Limiter {
                 local: local::LocalStore::new(n),
                 tails: redis
                     .is_none()
-                    .then(|| tail::Tails::beside(&config.server.pid_file)),
+                    .then(|| tail::Tails::beside(&config.server.pid_file, config.server.listen)),
                 redis,
                 durations_ms: (0..n).map(|_| AtomicU64::new(1000)).collect(),
                 on_freed: OnceLock::new(),
@@ -576,6 +576,14 @@ impl Limiter {
     pub fn await_tails(&self, awaited: &str) {
         if let Some(tails) = self.inner.tails.as_ref().filter(|_| !awaited.is_empty()) {
             tails.await_writers(awaited);
+        }
+    }
+
+    /// Removes the files of usage left at reloads that no process took
+    /// within ten minutes (see [`tail`]), without Redis.
+    pub fn remove_stale_tails(&self) {
+        if let Some(tails) = &self.inner.tails {
+            tails.remove_stale();
         }
     }
 

@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
+use std::time::Duration;
 use tracing::{info, warn};
 
 /// The environment variable a reload tells the new process in whose files
@@ -34,6 +35,10 @@ const MOST_BYTES: u64 = 16 << 20;
 /// The most processes waited for at once (reloads a few seconds apart
 /// under long requests).
 const MOST_AWAITED: usize = 16;
+
+/// How long a file is left for a process to take: one no process took by
+/// then (its writer's successor was stopped or killed first) is removed.
+const KEPT: Duration = Duration::from_secs(600);
 
 /// A tenant's usage in one period: its id, the period's id, and the
 /// counters ([`super::PeriodUsage::counts`]).
@@ -57,15 +62,19 @@ type Writer = (i32, u64);
 #[derive(Debug)]
 pub(super) struct Tails {
     pid_file: PathBuf,
+    /// The config's address (how a successor is known, see
+    /// [`Tails::leave`]).
+    listen: std::net::SocketAddr,
     awaited: Mutex<Vec<Writer>>,
     handed_over: AtomicBool,
 }
 
 impl Tails {
     /// The tails of processes on `pid_file`.
-    pub(super) fn beside(pid_file: &str) -> Self {
+    pub(super) fn beside(pid_file: &str, listen: std::net::SocketAddr) -> Self {
         Tails {
             pid_file: PathBuf::from(pid_file),
+            listen,
             awaited: Mutex::default(),
             handed_over: AtomicBool::new(false),
         }
@@ -106,11 +115,20 @@ impl Tails {
         self.handed_over.load(Ordering::Relaxed)
     }
 
-    /// Writes `usage` (settled after the handover) for the new process.
+    /// Writes `usage` (settled after the handover) for the new process,
+    /// when there is one: the pid file names another gateway that runs
+    /// (one whose start failed, after which this process served on,
+    /// would never take it).
     pub(super) fn leave(&self, usage: Vec<Entry>) {
-        if usage.is_empty() {
-            return;
+        let pid_file = self.pid_file.to_string_lossy();
+        if !usage.is_empty() && crate::reload::another_running_on(&pid_file, self.listen).is_some()
+        {
+            self.write(usage);
         }
+    }
+
+    /// Writes `usage` to a file of this process's.
+    fn write(&self, usage: Vec<Entry>) {
         let me = Pid::this();
         let contents = Contents {
             pid: me.as_raw(),
@@ -125,6 +143,22 @@ impl Tails {
             }
             Err(e) => {
                 warn!(path = %path.display(), error = %e, "cannot leave the usage settled after the handover; the new process does not count it")
+            }
+        }
+    }
+
+    /// Removes the files left longer than [`KEPT`]: no process waits for
+    /// them any more.
+    pub(super) fn remove_stale(&self) {
+        for (path, _, _) in files_beside(&self.pid_file, KIND) {
+            let stale = std::fs::symlink_metadata(&path).is_ok_and(|meta| {
+                crate::reload::trusted(&meta, u64::MAX)
+                    && meta
+                        .modified()
+                        .is_ok_and(|at| at.elapsed().is_ok_and(|age| age > KEPT))
+            });
+            if stale && std::fs::remove_file(&path).is_ok() {
+                info!(path = %path.display(), "removed a file of usage left at a reload that no process took");
             }
         }
     }
@@ -206,6 +240,9 @@ mod tests {
         (Scratch(dir), pid_file)
     }
 
+    const LISTEN: std::net::SocketAddr =
+        std::net::SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 1);
+
     fn entry(tenant: &str, requests: i64) -> Entry {
         (
             tenant.into(),
@@ -217,16 +254,19 @@ mod tests {
     #[test]
     fn a_tail_is_counted_by_the_one_process_that_takes_it() {
         let (_dir, pid_file) = pid_file();
-        let old = Tails::beside(&pid_file);
+        let old = Tails::beside(&pid_file, LISTEN);
         assert!(!old.handed_over());
         let awaited = old.handover();
         assert!(old.handed_over());
-        let (new, other) = (Tails::beside(&pid_file), Tails::beside(&pid_file));
+        let (new, other) = (
+            Tails::beside(&pid_file, LISTEN),
+            Tails::beside(&pid_file, LISTEN),
+        );
         new.await_writers(&awaited);
         other.await_writers(&awaited);
         assert!(new.take().is_empty(), "nothing left yet");
         assert!(new.awaits(), "its writer runs");
-        old.leave(vec![entry("acme", 2), entry("other", 1)]);
+        old.write(vec![entry("acme", 2), entry("other", 1)]);
         assert_eq!(new.take(), [entry("acme", 2), entry("other", 1)]);
         assert!(!new.awaits(), "found");
         assert!(other.take().is_empty(), "taken once");
@@ -242,17 +282,17 @@ mod tests {
     #[test]
     fn a_writer_ended_without_a_file_or_a_file_not_to_be_believed_is_not_waited_for() {
         let (_dir, pid_file) = pid_file();
-        let tails = Tails::beside(&pid_file);
+        let tails = Tails::beside(&pid_file, LISTEN);
         // A pid no process has (above the kernel's largest).
         tails.await_writers("[[2147483000, 12]]");
         assert!(tails.awaits());
         assert!(tails.take().is_empty());
         assert!(!tails.awaits(), "ended without a file");
         // A file others may write is left alone (and so is its usage).
-        let writer = Tails::beside(&pid_file);
-        let reader = Tails::beside(&pid_file);
+        let writer = Tails::beside(&pid_file, LISTEN);
+        let reader = Tails::beside(&pid_file, LISTEN);
         reader.await_writers(&writer.handover());
-        writer.leave(vec![entry("acme", 1)]);
+        writer.write(vec![entry("acme", 1)]);
         let file = (files_beside(Path::new(&pid_file), KIND).into_iter())
             .map(|(path, _, _)| path)
             .next()
@@ -269,8 +309,20 @@ mod tests {
         };
         write_aside(&file, &serde_json::to_vec(&forged).unwrap()).unwrap();
         assert!(reader.take().is_empty());
+        // Left longer than anyone waits: removed; a fresh one is kept.
+        let stale = std::fs::File::options().write(true).open(&file).unwrap();
+        stale
+            .set_modified(std::time::SystemTime::now() - KEPT * 2)
+            .unwrap();
+        writer.write(vec![entry("acme", 1)]);
+        writer.remove_stale();
+        let left: Vec<_> = (files_beside(Path::new(&pid_file), KIND).into_iter())
+            .map(|(path, _, _)| path)
+            .collect();
+        assert_eq!(left.len(), 1);
+        assert_ne!(left[0], file);
         // Nothing that does not read as a list of writers is waited for.
-        let garbled = Tails::beside(&pid_file);
+        let garbled = Tails::beside(&pid_file, LISTEN);
         garbled.await_writers("not json");
         assert!(!garbled.awaits());
     }
