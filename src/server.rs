@@ -119,6 +119,9 @@ pub fn build(config: Config, options: RunOptions) -> (Server, Limiter) {
         if let Ok(handover) = std::env::var(crate::limits::HANDOVER_USAGE_ENV) {
             limiter.count_handed_over_usage(&handover);
         }
+        if let Ok(handover) = std::env::var(crate::limits::HANDOVER_MINUTES_ENV) {
+            limiter.count_handed_over_minutes(&handover);
+        }
         if let Ok(awaited) = std::env::var(crate::limits::AWAITED_ENV) {
             limiter.await_tails(&awaited);
             server.add_service(background_service(
@@ -171,6 +174,10 @@ pub fn build(config: Config, options: RunOptions) -> (Server, Limiter) {
                         vec![
                             (crate::limits::HANDOVER_ENV, limiter.handover()),
                             (crate::limits::HANDOVER_USAGE_ENV, limiter.handover_usage()),
+                            (
+                                crate::limits::HANDOVER_MINUTES_ENV,
+                                limiter.handover_minutes(),
+                            ),
                             (crate::limits::AWAITED_ENV, limiter.handover_awaited()),
                         ]
                     }

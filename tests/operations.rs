@@ -1240,6 +1240,47 @@ fn a_reload_without_redis_keeps_a_spent_budget_spent_and_the_usage() {
     assert_eq!(usage(RESTRICTED_KEY).0, 2, "and counting on");
 }
 
+/// Without Redis, a reload hands the new process what each tenant took of
+/// its requests and tokens minutes: a reload is no fresh minute, and a
+/// limit raised by it has the rest of its minute at once.
+#[test]
+fn a_reload_without_redis_keeps_the_minutes_taken() {
+    let mock = Mock::start(&[]);
+    let mut config = GatewayConfig::new(&mock);
+    let tenant = |rpm: u32| {
+        format!("\n  - id: acme\n    keys: [\"{TENANT_KEY}\"]\n    limits: {{ requests_per_minute: {rpm} }}\n")
+    };
+    config.tenants = tenant(3);
+    let mut gw = Gateway::start(&config);
+    let (path, dir) = gw.config_path();
+    let port = config.port;
+    let served = || {
+        (0..10)
+            .map(|_| chat_status(port, TENANT_KEY))
+            .take_while(|status| *status == 200)
+            .count()
+    };
+    assert_eq!(served(), 3);
+    assert_eq!(runestone_reload(&path, &dir), Some(0));
+    assert_eq!(gw.wait_exit(Duration::from_secs(15)), Some(0));
+    assert_eq!(
+        chat_status(port, TENANT_KEY),
+        429,
+        "the minute is still taken"
+    );
+    // Raised to 6: the three taken count against it (asked once the old
+    // process, which accepts beside the new one for 5 s, has ended).
+    let guard = PidFileGuard(dir.join("gw.pid"));
+    let second = guard.pid();
+    config.tenants = tenant(6);
+    std::fs::write(&path, config.yaml_in(&dir)).unwrap();
+    assert_eq!(runestone_reload(&path, &dir), Some(0));
+    wait_until(Duration::from_secs(15), "the second process to end", || {
+        exited(second)
+    });
+    assert_eq!(served(), 3);
+}
+
 /// Without Redis, what the old process settles after a reload handed its
 /// usage over (a request in flight then) is left for the new process when
 /// the old one ends, and counted there: a budget is not overspent by it.

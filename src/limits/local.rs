@@ -134,6 +134,22 @@ impl LocalStore {
         ]
     }
 
+    /// The tenant's requests and tokens TATs (Unix ms): how far into the
+    /// future its minutes are taken, for a reload's new process.
+    pub fn minutes(&self, tenant: usize) -> [f64; 2] {
+        let state = self.state(tenant);
+        [state.requests_tat, state.tokens_tat]
+    }
+
+    /// Counts the TATs a reload's predecessor handed over
+    /// ([`LocalStore::minutes`]): each the later of its own and this
+    /// store's.
+    pub fn count_minutes(&self, tenant: usize, [requests_tat, tokens_tat]: [f64; 2]) {
+        let mut state = self.state(tenant);
+        state.requests_tat = state.requests_tat.max(requests_tat);
+        state.tokens_tat = state.tokens_tat.max(tokens_tat);
+    }
+
     /// Frees a concurrency slot taken by [`LocalStore::admit`].
     pub fn release(&self, tenant: usize) {
         let mut state = self.state(tenant);

@@ -152,6 +152,11 @@ pub const HANDOVER_ENV: &str = "RUNESTONE_HANDED_OVER_SPEND";
 /// usage in, without Redis ([`Limiter::handover_usage`]).
 pub const HANDOVER_USAGE_ENV: &str = "RUNESTONE_HANDED_OVER_USAGE";
 
+/// The environment variable a reload hands the new process each tenant's
+/// requests and tokens minutes in, without Redis
+/// ([`Limiter::handover_minutes`]).
+pub const HANDOVER_MINUTES_ENV: &str = "RUNESTONE_HANDED_OVER_MINUTES";
+
 /// The most [`Limiter::handover`] writes: within Linux's bound on one
 /// environment string (128 KiB), or the new process could not start.
 pub const HANDOVER_BYTES: usize = 96 * 1024;
@@ -558,6 +563,83 @@ impl Limiter {
             handed = usages.len(),
             "counted the usage the previous process handed over"
         );
+    }
+
+    /// What the process that takes over at a reload is handed without
+    /// Redis (in [`HANDOVER_MINUTES_ENV`]): the requests and tokens each
+    /// tenant has taken of its minutes (by its TATs), which that process
+    /// counts ([`Limiter::count_handed_over_minutes`]), so that
+    /// a reload does not give a tenant a fresh minute. Empty with Redis,
+    /// which holds them. At most [`HANDOVER_BYTES`], the minutes taken
+    /// furthest first.
+    pub fn handover_minutes(&self) -> String {
+        let inner = &self.inner;
+        if inner.redis.is_some() {
+            return String::new();
+        }
+        let now = now_ms();
+        let mut minutes: Vec<(f64, String)> = (0..inner.limits.len())
+            .filter_map(|tenant| {
+                let limits = &inner.limits[tenant];
+                let [requests, tokens] = inner.local.minutes(tenant);
+                // What is taken of each minute, as a share of it.
+                let taken = |tat: f64, limit: Option<u64>| {
+                    limit.map_or(0.0, |_| ((tat - now) / WINDOW_MS).clamp(0.0, 1.0))
+                };
+                let rpm = limits.requests_per_minute.map(u64::from);
+                let tpm = limits.tokens_per_minute;
+                let shares = (taken(requests, rpm), taken(tokens, tpm));
+                // The units taken (requests, tokens), by limit.
+                let used = |share: f64, limit: Option<u64>| share * limit.unwrap_or(0) as f64;
+                let entry = (
+                    &inner.tenant_ids[tenant],
+                    used(shares.0, rpm),
+                    used(shares.1, tpm),
+                );
+                let most = shares.0.max(shares.1);
+                (most > 0.0).then(|| (most, serde_json::to_string(&entry).unwrap_or_default()))
+            })
+            .collect();
+        minutes.sort_by(|a, b| b.0.total_cmp(&a.0));
+        let (text, fitted) = handover_text(minutes.iter().map(|(_, entry)| entry.as_str()));
+        if fitted < minutes.len() {
+            tracing::warn!(tenants = minutes.len(), left_out = minutes.len() - fitted, "too many tenants to hand all their requests and tokens minutes to the new process; those least taken start afresh");
+        }
+        text
+    }
+
+    /// Counts the minutes a reload's predecessor held without Redis
+    /// ([`Limiter::handover_minutes`]'s text) for the tenants of this
+    /// config, by id: the requests and tokens taken of each minute are
+    /// taken here too, against this config's limits (a raised limit has
+    /// the rest of its minute), never more than the whole minute.
+    pub fn count_handed_over_minutes(&self, handover: &str) {
+        if self.inner.redis.is_some() || handover.is_empty() {
+            return;
+        }
+        let Ok(minutes) = serde_json::from_str::<Vec<(String, f64, f64)>>(handover) else {
+            tracing::warn!("the requests and tokens minutes handed over by the previous process cannot be read; they start afresh");
+            return;
+        };
+        let tenants = self.tenants_by_id();
+        let now = now_ms();
+        for (id, requests, tokens) in &minutes {
+            let Some(&tenant) = tenants.get(id.as_str()) else {
+                continue;
+            };
+            let limits = &self.inner.limits[tenant];
+            // When the minute has room again for what was taken of it.
+            let tat = |used: f64, limit: Option<u64>| {
+                limit.map_or(0.0, |limit| {
+                    now + (used / limit.max(1) as f64).clamp(0.0, 1.0) * WINDOW_MS
+                })
+            };
+            let tats = [
+                tat(*requests, limits.requests_per_minute.map(u64::from)),
+                tat(*tokens, limits.tokens_per_minute),
+            ];
+            self.inner.local.count_minutes(tenant, tats);
+        }
     }
 
     /// Whose usage settled after their handovers the process taking over
