@@ -634,6 +634,12 @@ impl ReloadOnHangup {
             std::net::TcpListener::bind(config.server.listen)
                 .map_err(|e| format!("cannot listen on {}: {e}", config.server.listen))?;
         }
+        if config.server.pid_file != self.pid_file {
+            return Err(format!(
+                "server.pid_file changed ({} to {}): `runestone reload` finds the gateway, and the new process what the old one leaves, through it, so changing it needs a restart",
+                self.pid_file, config.server.pid_file
+            ));
+        }
         if config.server.upgrade_sock != self.upgrade_sock {
             return Err(format!(
                 "server.upgrade_sock changed ({} to {}): the sockets are handed over through it, so changing it needs a restart",

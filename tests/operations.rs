@@ -892,6 +892,16 @@ fn a_successor_that_cannot_start_gets_nothing_and_the_gateway_keeps_serving() {
         "{said}"
     );
 
+    // So is a moved pid file (SIGHUP alone: the command finds the gateway
+    // through the new file's path, and does not).
+    let pid_path = format!("{}/gw.pid", dir.display());
+    assert!(yaml.contains(&pid_path));
+    std::fs::write(&path, yaml.replace(&pid_path, &format!("{pid_path}2"))).unwrap();
+    signal(pid, "HUP");
+    wait_until(Duration::from_secs(10), "the refusal", || {
+        log_says("server.pid_file changed")
+    });
+
     // The API moved to an address another program holds: refused before
     // anything is handed over (the new process would serve nothing).
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

@@ -16,6 +16,7 @@ use super::beside::{
 use crate::lock;
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
+use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
@@ -32,9 +33,10 @@ const KIND: &str = "usage";
 /// The most a file may hold (a few hundred bytes a tenant).
 const MOST_BYTES: u64 = 16 << 20;
 
-/// The most processes waited for at once (reloads a few seconds apart
-/// under long requests).
-const MOST_AWAITED: usize = 16;
+/// The most processes waited for at once: each lives its grace period
+/// (30 s by default) after its handover, so a reload a second for half a
+/// minute leaves thirty to wait for.
+const MOST_AWAITED: usize = 1024;
 
 /// How long a file is left for a process to take: one no process took by
 /// then (its writer's successor was stopped or killed first) is removed.
@@ -62,6 +64,8 @@ type Writer = (i32, u64);
 #[derive(Debug)]
 pub(super) struct Tails {
     pid_file: PathBuf,
+    /// Files left alone as untrusted or unreadable (said once each).
+    ignored: Mutex<HashSet<PathBuf>>,
     /// The config's address (how a successor is known, see
     /// [`Tails::leave`]).
     listen: std::net::SocketAddr,
@@ -74,6 +78,7 @@ impl Tails {
     pub(super) fn beside(pid_file: &str, listen: std::net::SocketAddr) -> Self {
         Tails {
             pid_file: PathBuf::from(pid_file),
+            ignored: Mutex::default(),
             listen,
             awaited: Mutex::default(),
             handed_over: AtomicBool::new(false),
@@ -85,7 +90,10 @@ impl Tails {
     pub(super) fn await_writers(&self, text: &str) {
         match serde_json::from_str::<Vec<Writer>>(text) {
             Ok(mut writers) => {
-                writers.truncate(MOST_AWAITED);
+                if writers.len() > MOST_AWAITED {
+                    warn!(processes = writers.len(), waited_for = MOST_AWAITED, "too many earlier processes to wait for the usage of; the oldest are not counted");
+                    writers.truncate(MOST_AWAITED);
+                }
                 *lock(&self.awaited) = writers;
             }
             Err(e) => {
@@ -177,7 +185,7 @@ impl Tails {
             .filter(|&(pid, started)| !alive(pid, started))
             .collect();
         let mut done = ended.clone();
-        let mut taken = Vec::new();
+        let (mut counted, mut taken) = (Vec::new(), Vec::new());
         for (path, pid, half_written) in files_beside(&self.pid_file, KIND) {
             if half_written {
                 remove_half_written(&path, pid);
@@ -202,13 +210,22 @@ impl Tails {
                 }
                 Ok(_) => continue,
                 Err(why) => {
-                    warn!(path = %path.display(), why, "ignoring a file of usage left at a reload");
+                    let mut ignored = lock(&self.ignored);
+                    if ignored.len() < 1000 && ignored.insert(path.clone()) {
+                        warn!(path = %path.display(), why, "ignoring a file of usage left at a reload");
+                    }
                     continue;
                 }
             };
-            done.push((contents.pid, contents.started));
+            let writer = (contents.pid, contents.started);
+            // One file a writer: a second naming it is no one's.
+            if counted.contains(&writer) {
+                continue;
+            }
+            done.push(writer);
             // Counted by whichever process removes it.
             if std::fs::remove_file(&path).is_ok() {
+                counted.push(writer);
                 taken.extend(contents.usage);
             }
         }
