@@ -96,6 +96,15 @@ pub static INFLIGHT: Lazy<IntGaugeVec> = Lazy::new(|| {
     .expect("metric registers once")
 });
 
+/// The admitted requests in flight, all tenants' ([`INFLIGHT`]).
+pub fn inflight_total() -> i64 {
+    use prometheus::core::Collector;
+    (INFLIGHT.collect().iter())
+        .flat_map(|family| family.get_metric())
+        .map(|metric| metric.get_gauge().value() as i64)
+        .sum()
+}
+
 /// `runestone_redis_up`: 1 while Redis answers, 0 while the gateway runs on
 /// in-process counters.
 pub static REDIS_UP: Lazy<IntGauge> = Lazy::new(|| {

@@ -6,7 +6,9 @@ use crate::gateway::Gateway;
 use crate::limits::{redis::RedisMaintenance, Limiter};
 use crate::metrics;
 use crate::overflow::{Drain, Overflow};
-use crate::services::{DrainService, MaintenanceService, ReloadService, TailsService};
+use crate::services::{
+    DrainService, EndRequestsService, MaintenanceService, ReloadService, TailsService,
+};
 use crate::upstream::Upstreams;
 use pingora::connectors::ConnectorOptions;
 use pingora::listeners::{L4BufferSettings, ListenerConfig};
@@ -164,6 +166,12 @@ pub fn build(config: Config, options: RunOptions) -> (Server, Limiter) {
         Arc::new(gateway.clone()),
     );
     server.add_service(background_service("overflow drain", DrainService(drain)));
+    server.add_service(background_service(
+        "end requests before the runtimes stop",
+        EndRequestsService(std::time::Duration::from_secs(
+            config.server.grace_period_seconds,
+        )),
+    ));
     if let Some(path) = options.config_path.clone() {
         server.add_service(background_service(
             "reload on SIGHUP",

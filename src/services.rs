@@ -51,3 +51,15 @@ impl BackgroundService for TailsService {
         self.0.take_tails(shutdown).await
     }
 }
+
+/// Ends the requests still running just before the runtimes stop
+/// ([`crate::gateway::client::end_requests_before`]), after `0` of
+/// Pingora's graceful shutdown.
+pub struct EndRequestsService(pub std::time::Duration);
+
+#[async_trait]
+impl BackgroundService for EndRequestsService {
+    async fn start(&self, shutdown: ShutdownWatch) {
+        crate::gateway::client::end_requests_before(self.0, shutdown).await
+    }
+}

@@ -1291,6 +1291,68 @@ fn a_reload_without_redis_keeps_the_minutes_taken() {
     assert_eq!(served(), 3);
 }
 
+/// A stream still running when the old process's grace period ends is
+/// ended then, as if its client had left, and billed what it carried (the
+/// process dropped it unbilled with its runtimes).
+#[test]
+fn a_stream_running_past_the_grace_period_is_billed_what_it_carried() {
+    // 60 tokens at 5 a second: twelve seconds, past the old process's 5 s
+    // beside the new one and its 1 s grace period.
+    let mock = Mock::start(&["--tokens-per-second", "5"]);
+    let config = GatewayConfig::new(&mock);
+    let mut gw = Gateway::start(&config);
+    let (path, dir) = gw.config_path();
+    let port = config.port;
+    let stream = std::thread::spawn(move || {
+        let mut body = chat("gpt-4o-mini", true);
+        body["mock_tokens"] = serde_json::json!(60);
+        let mut tokens = 0;
+        let status = read_sse(port, TENANT_KEY, &body, |data, _| {
+            tokens += usize::from(data.contains("tok"));
+        });
+        (status, tokens)
+    });
+    wait_until(Duration::from_secs(5), "the stream to run", || {
+        metric_value(
+            &gw.metrics(),
+            r#"runestone_inflight_requests{tenant="acme"}"#,
+        ) == 1.0
+    });
+    assert_eq!(runestone_reload(&path, &dir), Some(0));
+    assert_eq!(gw.wait_exit(Duration::from_secs(20)), Some(0));
+    let (status, tokens) = stream.join().unwrap();
+    assert_eq!(status, 200);
+    assert!((10..60).contains(&tokens), "cut short: {tokens} tokens");
+    let usage = || {
+        let agent = ureq::AgentBuilder::new().max_idle_connections(0).build();
+        let answer: serde_json::Value = agent
+            .get(&format!("http://127.0.0.1:{port}/v1/usage"))
+            .set("authorization", &format!("Bearer {TENANT_KEY}"))
+            .call()
+            .unwrap()
+            .into_json()
+            .unwrap();
+        (
+            answer["requests"].as_u64().unwrap(),
+            answer["completion_tokens"].as_u64().unwrap(),
+        )
+    };
+    wait_until(Duration::from_secs(5), "the cut stream counted", || {
+        usage().0 == 1
+    });
+    let (_, completion) = usage();
+    assert!(
+        completion as usize >= tokens,
+        "billed {completion} completion tokens for {tokens} carried"
+    );
+    assert!(
+        gw.log()
+            .contains("the grace period ends with requests still running"),
+        "{}",
+        gw.log()
+    );
+}
+
 /// Without Redis, what the old process settles after a reload handed its
 /// usage over (a request in flight then) is left for the new process when
 /// the old one ends, and counted there: a budget is not overspent by it.

@@ -5,7 +5,56 @@ use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
+
+/// Told when the process is about to drop the requests still running
+/// (its runtimes stop at the end of its grace period): see [`end_requests`].
+static ENDING: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
+/// Set with [`ENDING`]'s notification, for the waits that begin after it.
+static ENDED: AtomicBool = AtomicBool::new(false);
+
+/// Ends the requests still running, just before the process drops them at
+/// the end of its grace period: each is ended as if its client had left,
+/// so it is billed what it used (the prompt sent, what a stream carried)
+/// and its slot freed, where the drop would have billed nothing. Their
+/// clients see their answers cut, as they would have.
+pub(crate) fn end_requests() {
+    ENDED.store(true, Ordering::Release);
+    ENDING.notify_waiters();
+}
+
+/// Resolves once [`end_requests`] was called.
+async fn ending() {
+    // Created first: `notify_waiters` wakes one created before it even
+    // when not polled yet, and the flag tells one created after.
+    let told = ENDING.notified();
+    if !ENDED.load(Ordering::Acquire) {
+        told.await;
+    }
+}
+
+/// Ends the requests still running (see [`end_requests`]) `grace` after
+/// `shutdown` turns true (Pingora's graceful shutdown begins), less a
+/// moment for them to be settled: the runtimes stop, and drop what runs
+/// on them, once `grace` has passed.
+pub(crate) async fn end_requests_before(
+    grace: Duration,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    if !*shutdown.borrow() && shutdown.changed().await.is_err() {
+        return;
+    }
+    let settling = Duration::from_secs(1).min(grace / 2);
+    tokio::time::sleep(grace - settling).await;
+    if crate::metrics::inflight_total() > 0 {
+        tracing::warn!(
+            "the grace period ends with requests still running: they are ended as if their clients had left, and billed what they used"
+        );
+    }
+    end_requests();
+}
 
 /// The receiving end of a forwarded response.
 #[async_trait]
@@ -143,7 +192,11 @@ impl Client for Session {
     }
 
     async fn gone(&mut self) {
-        let _ = self.downstream_session.read_body_or_idle(true).await;
+        tokio::select! {
+            biased;
+            _ = self.downstream_session.read_body_or_idle(true) => {}
+            _ = ending() => {}
+        }
     }
 
     async fn abort(&mut self) {
