@@ -945,6 +945,68 @@ impl Limiter {
 mod tests {
     use super::*;
 
+    /// A limiter without Redis for one tenant, `acme`, of `limits` (YAML).
+    fn limiter(limits: &str) -> Limiter {
+        let yaml = format!(
+            "server: {{ listen: \"127.0.0.1:8080\" }}\nproviders:\n  - {{ name: p, base_url: \"http://127.0.0.1:9000/v1\" }}\nmodels:\n  - {{ name: m, targets: [{{ provider: p }}] }}\ntenants:\n  - {{ id: acme, keys: [\"k-acme-1\"], limits: {limits} }}\n"
+        );
+        let config = Config::from_yaml(&yaml, |_| None).unwrap();
+        Limiter::new(&config, None)
+    }
+
+    #[test]
+    fn handed_over_minutes_count_against_the_new_limits_and_never_past_a_minute() {
+        let old = limiter("{ requests_per_minute: 3, tokens_per_minute: 1000 }");
+        let now = now_ms();
+        for _ in 0..3 {
+            old.inner
+                .local
+                .admit(
+                    0,
+                    &old.inner.limits[0],
+                    100,
+                    "p",
+                    local::Elsewhere::default(),
+                    now,
+                )
+                .unwrap();
+        }
+        let handed = old.handover_minutes();
+        let entries: Vec<(String, f64, f64)> = serde_json::from_str(&handed).unwrap();
+        assert_eq!(entries.len(), 1);
+        assert!((entries[0].1 - 3.0).abs() < 0.01, "{handed}");
+        assert!((entries[0].2 - 300.0).abs() < 1.0, "{handed}");
+        // Raised to 6 a minute: three left.
+        let new = limiter("{ requests_per_minute: 6 }");
+        new.count_handed_over_minutes(&handed);
+        let admitted = (0..10)
+            .take_while(|_| {
+                let l = &new.inner.limits[0];
+                new.inner
+                    .local
+                    .admit(0, l, 1, "p", local::Elsewhere::default(), now_ms())
+                    .is_ok()
+            })
+            .count();
+        assert_eq!(admitted, 3);
+        // Whatever a predecessor claims: never more than the whole minute,
+        // and text that does not read changes nothing.
+        for hostile in [
+            r#"[["acme", 1e308, 1e308]]"#,
+            r#"[["acme", -5, -1e308]]"#,
+            r#"[["unknown", 1e9, 1e9]]"#,
+            r#"[["acme", "NaN", 1]]"#,
+            "not json",
+            "",
+        ] {
+            let new = limiter("{ requests_per_minute: 6, tokens_per_minute: 1000 }");
+            new.count_handed_over_minutes(hostile);
+            let [requests, tokens] = new.inner.local.minutes(0);
+            let most = now_ms() + WINDOW_MS;
+            assert!(requests <= most && tokens <= most, "{hostile}");
+        }
+    }
+
     #[test]
     fn gcra_weighs_tokens() {
         let now = 0.0;
