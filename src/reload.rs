@@ -350,6 +350,11 @@ pub fn reload_running(path: &Path) -> Result<Pid, ReloadError> {
                         exe: request.exe.display().to_string(),
                     });
                 }
+                // A request of another command's left for the process that
+                // handed over (two reloads at once): no one takes it now.
+                if let Some(asked) = asked {
+                    let _ = std::fs::remove_file(Request::file(pid_file, asked));
+                }
                 return listening(pid, config.server.listen, deadline);
             }
             (Ok(pid), _) if asked != Some(pid) => {

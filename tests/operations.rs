@@ -398,6 +398,43 @@ fn runestone_reload(config: &std::path::Path, dir: &std::path::Path) -> Option<i
         .code()
 }
 
+/// Two `runestone reload` commands at once: both return once a new process
+/// serves, and no request is left beside the pid file.
+#[test]
+fn two_reloads_at_once_leave_no_request_behind() {
+    let mock = Mock::start(&[]);
+    let config = GatewayConfig::new(&mock);
+    let gw = Gateway::start(&config);
+    let (path, dir) = gw.config_path();
+    let guard = PidFileGuard(dir.join("gw.pid"));
+    for round in 0..3 {
+        let before = guard.pid();
+        let reload = || {
+            Command::new(env!("CARGO_BIN_EXE_runestone"))
+                .args(["reload", "--config"])
+                .arg(&path)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap()
+        };
+        let (mut first, mut second) = (reload(), reload());
+        assert_eq!(first.wait().unwrap().code(), Some(0), "round {round}");
+        assert_eq!(second.wait().unwrap().code(), Some(0), "round {round}");
+        assert_ne!(guard.pid(), before);
+        let left: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|name| name.contains(".reload."))
+            .collect();
+        assert!(left.is_empty(), "round {round}: {left:?}");
+        wait_until(Duration::from_secs(15), "the old process to end", || {
+            exited(before)
+        });
+    }
+}
+
 #[test]
 fn reload_swaps_the_config_without_a_failed_request_and_refuses_a_broken_one() {
     const NEW_KEY: &str = "sk-tenant-beta-rotated-1";
