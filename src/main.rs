@@ -98,10 +98,16 @@ fn main() -> ExitCode {
                     std::net::TcpListener::bind(config.server.listen)
                         .is_err_and(|e| e.kind() == std::io::ErrorKind::AddrInUse)
                 };
-                if let Some(pid) =
+                let running = || {
                     runestone::reload::another_running_on(pid_file, config.server.listen)
                         .filter(|_| !cli.upgrade && serving())
-                {
+                };
+                // Held until this process listens: another started at the
+                // same moment finds it serving, or finds none.
+                if !cli.upgrade {
+                    runestone::reload::lock_for_start(pid_file, || running().is_some());
+                }
+                if let Some(pid) = running() {
                     eprintln!("error: runestone already runs on the pid file {pid_file} (process {pid}); stop it first, or reload it: runestone reload --config FILE");
                     return ExitCode::from(1);
                 }

@@ -320,6 +320,77 @@ pub fn another_running_on(pid_file: &str, listen: std::net::SocketAddr) -> Optio
         .filter(|pid| *pid != Pid::this().as_raw())
 }
 
+/// The pid file held locked by a gateway starting afresh, from before it
+/// looks for another gateway on it ([`another_running_on`]) until it
+/// listens ([`release_start_lock_when_listening`]): two started at the same
+/// moment would both find none, and the one left waiting for the taken port
+/// could write its pid over the one that serves.
+static STARTING: std::sync::Mutex<Option<nix::fcntl::Flock<std::fs::File>>> =
+    std::sync::Mutex::new(None);
+
+/// How long a start waits for another one starting on the same pid file.
+const START_WAIT: Duration = Duration::from_secs(30);
+
+/// Locks `pid_file` (created empty when missing; never through a symlink
+/// nor one of another user's) for this start, waiting while another start
+/// holds it, for up to [`START_WAIT`], or until `refused` (another gateway
+/// serves: a daemon holds its pid file locked for its life). Without the
+/// lock the start goes on, as before there was one.
+pub fn lock_for_start(pid_file: &str, refused: impl Fn() -> bool) {
+    use nix::fcntl::{Flock, FlockArg};
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o644)
+        .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+        .open(pid_file);
+    let mut file = match file {
+        Ok(file)
+            if file
+                .metadata()
+                .is_ok_and(|m| m.uid() == nix::unistd::geteuid().as_raw()) =>
+        {
+            file
+        }
+        // Another user's, or none to open: the pid file's own write says so.
+        _ => return,
+    };
+    let deadline = Instant::now() + START_WAIT;
+    loop {
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(locked) => {
+                *crate::lock(&STARTING) = Some(locked);
+                return;
+            }
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) if refused() => return,
+            Err((back, nix::errno::Errno::EWOULDBLOCK)) if Instant::now() < deadline => {
+                file = back;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err((_, e)) => {
+                warn!(pid_file, error = %e, "cannot lock the pid file for the start; starting without it");
+                return;
+            }
+        }
+    }
+}
+
+/// Releases the lock [`lock_for_start`] took once this process listens on
+/// `listen` (or after [`START_WAIT`]: its listener is not coming).
+pub async fn release_start_lock_when_listening(listen: std::net::SocketAddr) {
+    if crate::lock(&STARTING).is_none() {
+        return;
+    }
+    let deadline = Instant::now() + START_WAIT;
+    while !listens(Pid::this(), listen) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    crate::lock(&STARTING).take();
+}
+
 /// `runestone reload --config FILE`: validate, then have the running
 /// process (found through `server.pid_file`) hand over to a new process on
 /// the file, running this command's binary. Returns the new process once

@@ -7,7 +7,8 @@ use crate::limits::{redis::RedisMaintenance, Limiter};
 use crate::metrics;
 use crate::overflow::{Drain, Overflow};
 use crate::services::{
-    DrainService, EndRequestsService, MaintenanceService, ReloadService, TailsService,
+    DrainService, EndRequestsService, MaintenanceService, ReloadService, StartLockService,
+    TailsService,
 };
 use crate::upstream::Upstreams;
 use pingora::connectors::ConnectorOptions;
@@ -166,6 +167,10 @@ pub fn build(config: Config, options: RunOptions) -> (Server, Limiter) {
         Arc::new(gateway.clone()),
     );
     server.add_service(background_service("overflow drain", DrainService(drain)));
+    server.add_service(background_service(
+        "start lock",
+        StartLockService(config.server.listen),
+    ));
     server.add_service(background_service(
         "end requests before the runtimes stop",
         EndRequestsService(std::time::Duration::from_secs(

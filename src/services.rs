@@ -63,3 +63,14 @@ impl BackgroundService for EndRequestsService {
         crate::gateway::client::end_requests_before(self.0, shutdown).await
     }
 }
+
+/// Releases the pid file's start lock once the API listens
+/// ([`crate::reload::release_start_lock_when_listening`]).
+pub struct StartLockService(pub std::net::SocketAddr);
+
+#[async_trait]
+impl BackgroundService for StartLockService {
+    async fn start(&self, _shutdown: ShutdownWatch) {
+        crate::reload::release_start_lock_when_listening(self.0).await
+    }
+}

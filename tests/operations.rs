@@ -605,6 +605,65 @@ fn a_second_gateway_on_a_running_ones_pid_file_refuses_to_start() {
     assert_ne!(guard.pid(), gw.pid(), "the successor took over");
 }
 
+/// A child process killed when dropped (a failed assertion leaves none).
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Two gateways started at the same moment on one config: one serves and
+/// the pid file names it; the other refuses to start (both found none
+/// running, and the one left waiting for the port could write its pid over
+/// the one that serves).
+#[test]
+fn two_gateways_started_at_once_leave_one_serving_and_named() {
+    let mock = Mock::start(&[]);
+    let config = GatewayConfig::new(&mock);
+    let dir = std::env::temp_dir().join(format!("runestone-test-twice-{}", config.port));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("runestone.yaml");
+    std::fs::write(&path, config.yaml_in(&dir)).unwrap();
+    let guard = PidFileGuard(dir.join("gw.pid"));
+    for round in 0..3 {
+        let start = || {
+            Command::new(env!("CARGO_BIN_EXE_runestone"))
+                .arg("--config")
+                .arg(&path)
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        };
+        let mut both = [Reaped(start()), Reaped(start())];
+        let mut refused = None;
+        wait_until(Duration::from_secs(40), "one of them to give up", || {
+            refused = (0..2).find(|&i| both[i].0.try_wait().unwrap().is_some());
+            refused.is_some()
+        });
+        let refused = refused.unwrap();
+        let serving = 1 - refused;
+        let mut said = String::new();
+        std::io::Read::read_to_string(&mut both[refused].0.stderr.take().unwrap(), &mut said)
+            .unwrap();
+        assert_eq!(
+            both[refused].0.wait().unwrap().code(),
+            Some(1),
+            "round {round}: {said}"
+        );
+        assert!(said.contains("already runs"), "round {round}: {said}");
+        wait_healthy(config.port);
+        assert_eq!(guard.pid(), both[serving].0.id(), "round {round}");
+        assert_eq!(chat_status(config.port, TENANT_KEY), 200);
+        signal(both[serving].0.id(), "TERM");
+        assert!(both[serving].0.wait().unwrap().success());
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn a_gateway_started_while_the_last_one_drains_takes_over() {
     // A restart by hand (SIGTERM, then start at once): the old process
