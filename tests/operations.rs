@@ -1441,12 +1441,12 @@ fn a_stream_running_past_the_grace_period_is_billed_what_it_carried() {
         completion as usize >= tokens,
         "billed {completion} completion tokens for {tokens} carried"
     );
+    let log = gw.log();
     assert!(
-        gw.log()
-            .contains("the grace period ends with requests still running"),
-        "{}",
-        gw.log()
+        log.contains("the grace period ends with requests still running"),
+        "{log}"
     );
+    assert!(log.contains(r#""error":"gateway_stopping""#), "{log}");
 }
 
 /// Without Redis, what the old process settles after a reload handed its

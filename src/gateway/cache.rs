@@ -9,7 +9,9 @@
 
 use super::client::{self, Client};
 use super::forward::headers::{is_event_stream, HeaderError, X_REQUEST_ID};
-use super::forward::{Report, CLIENT_CLOSED, CLIENT_TOO_SLOW};
+use super::forward::{
+    client_gone_reason, Report, CLIENT_CLOSED, CLIENT_TOO_SLOW, GATEWAY_STOPPING,
+};
 use super::{Gateway, RequestCtx};
 use crate::cache::{self, flight, Entry, Form, Join, Key, Landed};
 use crate::config::{ModelCache, PICO_PER_USD};
@@ -257,7 +259,7 @@ impl Gateway {
                 // Nothing reached the client: as one leaving while it
                 // waits for the landing.
                 flight::Followed::Abandoned => {
-                    ctx.error_reason = Some(CLIENT_CLOSED);
+                    ctx.error_reason = Some(client_gone_reason());
                     self.release(ctx).await;
                     return Ok(true);
                 }
@@ -265,7 +267,7 @@ impl Gateway {
                 // request, no tokens, as a client leaving any answer.
                 flight::Followed::ClientLeft { whole } => {
                     if !whole {
-                        ctx.error_reason = Some(CLIENT_CLOSED);
+                        ctx.error_reason = Some(client_gone_reason());
                     }
                     self.settle_hit(ctx, plan, 0, "coalesced").await;
                     return Ok(true);
@@ -419,11 +421,9 @@ impl Gateway {
                 (Some(entry), _) => Landed::Answer(entry.clone()),
                 (None, true) => Landed::Unstored(cost_pusd),
                 // Its client's leaving or slowness is not the followers'.
-                (None, false) => Landed::Failed(
-                    report
-                        .error_reason
-                        .filter(|reason| ![CLIENT_CLOSED, CLIENT_TOO_SLOW].contains(reason)),
-                ),
+                (None, false) => Landed::Failed(report.error_reason.filter(|reason| {
+                    ![CLIENT_CLOSED, CLIENT_TOO_SLOW, GATEWAY_STOPPING].contains(reason)
+                })),
             });
         }
         let (Some(cache), Some(entry)) = (&self.cache, entry) else {

@@ -25,6 +25,11 @@ pub(crate) fn end_requests() {
     ENDING.notify_waiters();
 }
 
+/// Whether [`end_requests`] was called.
+pub(crate) fn requests_ended() -> bool {
+    ENDED.load(Ordering::Acquire)
+}
+
 /// Resolves once [`end_requests`] was called.
 async fn ending() {
     // Created first: `notify_waiters` wakes one created before it even

@@ -240,7 +240,7 @@ impl Report {
     /// The client went away before its answer was whole (unless the
     /// answer had already failed otherwise).
     pub(crate) fn client_closed(&mut self) {
-        self.error_reason.get_or_insert(CLIENT_CLOSED);
+        self.error_reason.get_or_insert(client_gone_reason());
     }
 
     /// The usage of earlier attempts, summed.
@@ -255,6 +255,20 @@ impl Report {
 /// The `runestone_errors_total` reason of a request whose client went
 /// away before its answer was whole.
 pub(crate) const CLIENT_CLOSED: &str = "client_closed";
+
+/// The `runestone_errors_total` reason of a request the gateway ended as
+/// its grace period ran out (see [`crate::gateway::client::end_requests`]).
+pub(crate) const GATEWAY_STOPPING: &str = "gateway_stopping";
+
+/// Why a request's client is gone: it went away ([`CLIENT_CLOSED`]), or
+/// the gateway ended it as its grace period ran out ([`GATEWAY_STOPPING`]).
+pub(crate) fn client_gone_reason() -> &'static str {
+    if super::client::requests_ended() {
+        GATEWAY_STOPPING
+    } else {
+        CLIENT_CLOSED
+    }
+}
 
 /// The `runestone_errors_total` reason of a stream whose attempt ran out
 /// of time while its client was slow to take it.
@@ -274,7 +288,7 @@ pub(crate) trait Settle: Send {
 fn failure_reason(attempted: &Attempted) -> Option<&'static str> {
     match attempted {
         Attempted::Answered => None,
-        Attempted::ClientGone => Some(CLIENT_CLOSED),
+        Attempted::ClientGone => Some(client_gone_reason()),
         Attempted::StreamBroken(_) => Some("provider_stream_broken"),
         Attempted::Retryable { error, .. }
         | Attempted::RateLimited(error)
