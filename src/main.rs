@@ -99,7 +99,7 @@ fn main() -> ExitCode {
                         .is_err_and(|e| e.kind() == std::io::ErrorKind::AddrInUse)
                 };
                 let running = || {
-                    runestone::reload::another_running_on(pid_file, config.server.listen)
+                    runestone::reload::another_running_on(pid_file)
                         .filter(|_| !cli.upgrade && serving())
                 };
                 // Held until this process listens: another started at the

@@ -268,11 +268,9 @@ fn own_exe() -> std::io::Result<PathBuf> {
     )
 }
 
-/// The pid the pid file names, when it is a running runestone process:
-/// one of this binary's name (see [`is_runestone`]), or one that listens
-/// on `listen`, the config's address (a versioned binary, `runestone-1.4`,
-/// that a `runestone` link pointed to until an upgrade moved it on).
-fn running_pid(pid_file: &str, listen: std::net::SocketAddr) -> Result<Pid, ReloadError> {
+/// The pid the pid file names, when it is a running runestone process
+/// (see [`is_runestone`]).
+fn running_pid(pid_file: &str) -> Result<Pid, ReloadError> {
     let not_running = |reason: String| ReloadError::NotRunning {
         path: pid_file.to_string(),
         reason,
@@ -300,7 +298,7 @@ fn running_pid(pid_file: &str, listen: std::net::SocketAddr) -> Result<Pid, Relo
         return Err(not_running(format!("'{pid}' is not a pid")));
     }
     kill(pid, None).map_err(|e| not_running(format!("process {pid}: {e}")))?;
-    if !is_runestone(pid) && !listens(pid, listen) {
+    if !is_runestone(pid) {
         return Err(not_running(format!(
             "process {pid} is not runestone (a stale pid file?)"
         )));
@@ -312,9 +310,9 @@ fn running_pid(pid_file: &str, listen: std::net::SocketAddr) -> Result<Pid, Relo
 /// a gateway started on a pid file another one serves on would write its
 /// own pid over it (so that reloads reach the wrong process) and then wait
 /// for a port that stays taken. `None` when there is none (no file, a stale
-/// pid, another program's); `listen` is the config's address.
-pub fn another_running_on(pid_file: &str, listen: std::net::SocketAddr) -> Option<i32> {
-    running_pid(pid_file, listen)
+/// pid, another program's).
+pub fn another_running_on(pid_file: &str) -> Option<i32> {
+    running_pid(pid_file)
         .ok()
         .map(Pid::as_raw)
         .filter(|pid| *pid != Pid::this().as_raw())
@@ -412,7 +410,7 @@ pub fn reload_running(path: &Path) -> Result<Pid, ReloadError> {
     let deadline = Instant::now() + HANDOVER_WAIT;
     let mut asked: Option<Pid> = None;
     loop {
-        match (running_pid(pid_file, config.server.listen), asked) {
+        match (running_pid(pid_file), asked) {
             (Ok(pid), Some(_)) if start_time(pid) >= since => {
                 if !runs(pid, &request) {
                     return Err(ReloadError::Superseded {
@@ -599,11 +597,25 @@ fn exe_of(pid: &str) -> Option<PathBuf> {
 }
 
 /// Whether `pid` runs this command's program: the same binary, or one of
-/// the same name elsewhere (a new version installed beside the old). A
-/// script named like it runs its interpreter, and is not.
+/// the same name elsewhere (a new version installed beside the old), or of
+/// a name that differs only past its first `-`, `_` or `.` (a versioned
+/// binary, `runestone-1.4`, that a `runestone` link pointed to before an
+/// upgrade moved it on). A script named like it runs its interpreter, and
+/// is not.
 fn is_runestone(pid: Pid) -> bool {
+    /// A binary's name up to its first `-`, `_` or `.`.
+    fn stem(path: &Path) -> Option<&str> {
+        let name = path.file_name()?.to_str()?;
+        name.split(['-', '_', '.'])
+            .next()
+            .filter(|stem| !stem.is_empty())
+    }
     match (exe_of(&pid.to_string()), exe_of("self")) {
-        (Some(theirs), Some(ours)) => theirs == ours || theirs.file_name() == ours.file_name(),
+        (Some(theirs), Some(ours)) => {
+            theirs == ours
+                || theirs.file_name() == ours.file_name()
+                || stem(&theirs).is_some_and(|theirs| stem(&ours) == Some(theirs))
+        }
         _ => false,
     }
 }

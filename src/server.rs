@@ -38,7 +38,11 @@ pub fn build(config: Config, options: RunOptions) -> (Server, Limiter) {
     metrics::register_all();
     let server_conf = ServerConf {
         threads: config.server.threads,
-        grace_period_seconds: Some(config.server.grace_period_seconds),
+        // A second past the grace period: the requests still running at
+        // its end are ended then and settle in that second
+        // (`EndRequestsService`), before the runtimes stop and drop what
+        // runs on them.
+        grace_period_seconds: Some(config.server.grace_period_seconds + 1),
         graceful_shutdown_timeout_seconds: Some(config.server.grace_period_seconds.max(1)),
         pid_file: config.server.pid_file.clone(),
         upgrade_sock: config.server.upgrade_sock.clone(),

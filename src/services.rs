@@ -52,9 +52,9 @@ impl BackgroundService for TailsService {
     }
 }
 
-/// Ends the requests still running just before the runtimes stop
-/// ([`crate::gateway::client::end_requests_before`]), after `0` of
-/// Pingora's graceful shutdown.
+/// Ends the requests still running as the grace period (`0`) ends, a
+/// second before the runtimes stop
+/// ([`crate::gateway::client::end_requests_before`]).
 pub struct EndRequestsService(pub std::time::Duration);
 
 #[async_trait]

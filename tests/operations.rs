@@ -1388,7 +1388,7 @@ fn a_reload_without_redis_keeps_the_minutes_taken() {
 }
 
 /// A stream still running when the old process's grace period ends is
-/// ended then, as if its client had left, and billed what it carried (the
+/// ended then, its client told in-band, and billed what it carried (the
 /// process dropped it unbilled with its runtimes).
 #[test]
 fn a_stream_running_past_the_grace_period_is_billed_what_it_carried() {
@@ -1402,11 +1402,12 @@ fn a_stream_running_past_the_grace_period_is_billed_what_it_carried() {
     let stream = std::thread::spawn(move || {
         let mut body = chat("gpt-4o-mini", true);
         body["mock_tokens"] = serde_json::json!(60);
-        let mut tokens = 0;
+        let (mut tokens, mut last) = (0, String::new());
         let status = read_sse(port, TENANT_KEY, &body, |data, _| {
             tokens += usize::from(data.contains("tok"));
+            last = data.to_string();
         });
-        (status, tokens)
+        (status, tokens, last)
     });
     wait_until(Duration::from_secs(5), "the stream to run", || {
         metric_value(
@@ -1416,9 +1417,11 @@ fn a_stream_running_past_the_grace_period_is_billed_what_it_carried() {
     });
     assert_eq!(runestone_reload(&path, &dir), Some(0));
     assert_eq!(gw.wait_exit(Duration::from_secs(20)), Some(0));
-    let (status, tokens) = stream.join().unwrap();
+    let (status, tokens, last) = stream.join().unwrap();
     assert_eq!(status, 200);
     assert!((10..60).contains(&tokens), "cut short: {tokens} tokens");
+    // Told so (an error event, no `[DONE]`): the SDKs raise.
+    assert!(last.contains("gateway_stopping"), "{last}");
     let usage = || {
         let agent = ureq::AgentBuilder::new().max_idle_connections(0).build();
         let answer: serde_json::Value = agent

@@ -268,6 +268,11 @@ impl Gateway {
                 flight::Followed::ClientLeft { whole } => {
                     if !whole {
                         ctx.error_reason = Some(client_gone_reason());
+                        if crate::gateway::client::requests_ended() {
+                            // Still there: told its answer was cut.
+                            let event = ApiError::stopped_mid_answer().sse_event();
+                            let _ = session.write_response_body(Some(event), true).await;
+                        }
                     }
                     self.settle_hit(ctx, plan, 0, "coalesced").await;
                     return Ok(true);
@@ -293,8 +298,8 @@ impl Gateway {
         }
         let landed = tokio::select! {
             landed = waiting.landed() => landed,
-            _ = session.downstream_session.read_body_or_idle(true) => {
-                ctx.error_reason = Some(CLIENT_CLOSED);
+            _ = crate::gateway::client::left_or_ended(session) => {
+                ctx.error_reason = Some(client_gone_reason());
                 self.release(ctx).await;
                 return Ok(true);
             }
@@ -675,8 +680,9 @@ impl Client for Recorder<'_> {
             self.inner.gone().await;
             self.client_gone = true;
         }
-        // Followers still reading: the call goes on for them.
-        while self.followed() {
+        // Followers still reading: the call goes on for them (unless the
+        // gateway ends its requests: they are ended too).
+        while self.followed() && !crate::gateway::client::requests_ended() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -741,10 +747,6 @@ impl flight::Follower for Following<'_> {
     }
 
     async fn gone(&mut self) {
-        let _ = self
-            .session
-            .downstream_session
-            .read_body_or_idle(true)
-            .await;
+        crate::gateway::client::left_or_ended(self.session).await
     }
 }

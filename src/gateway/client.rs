@@ -30,8 +30,18 @@ pub(crate) fn requests_ended() -> bool {
     ENDED.load(Ordering::Acquire)
 }
 
+/// Resolves when the client of `session` goes away, or the gateway ends
+/// its requests ([`end_requests`]).
+pub(crate) async fn left_or_ended(session: &mut Session) {
+    tokio::select! {
+        biased;
+        _ = session.downstream_session.read_body_or_idle(true) => {}
+        _ = ending() => {}
+    }
+}
+
 /// Resolves once [`end_requests`] was called.
-async fn ending() {
+pub(crate) async fn ending() {
     // Created first: `notify_waiters` wakes one created before it even
     // when not polled yet, and the flag tells one created after.
     let told = ENDING.notified();
@@ -41,9 +51,9 @@ async fn ending() {
 }
 
 /// Ends the requests still running (see [`end_requests`]) `grace` after
-/// `shutdown` turns true (Pingora's graceful shutdown begins), less a
-/// moment for them to be settled: the runtimes stop, and drop what runs
-/// on them, once `grace` has passed.
+/// `shutdown` turns true (Pingora's graceful shutdown begins): the
+/// runtimes stop, and drop what runs on them, a second later (the server
+/// is given the grace period and that second), in which they settle.
 pub(crate) async fn end_requests_before(
     grace: Duration,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
@@ -51,11 +61,10 @@ pub(crate) async fn end_requests_before(
     if !*shutdown.borrow() && shutdown.changed().await.is_err() {
         return;
     }
-    let settling = Duration::from_secs(1).min(grace / 2);
-    tokio::time::sleep(grace - settling).await;
+    tokio::time::sleep(grace).await;
     if crate::metrics::inflight_total() > 0 {
         tracing::warn!(
-            "the grace period ends with requests still running: they are ended as if their clients had left, and billed what they used"
+            "the grace period ends with requests still running: they are ended, and billed what they used"
         );
     }
     end_requests();
@@ -197,11 +206,7 @@ impl Client for Session {
     }
 
     async fn gone(&mut self) {
-        tokio::select! {
-            biased;
-            _ = self.downstream_session.read_body_or_idle(true) => {}
-            _ = ending() => {}
-        }
+        left_or_ended(self).await
     }
 
     async fn abort(&mut self) {

@@ -416,10 +416,16 @@ impl JobRunner for Gateway {
                 };
                 // Past its deadline, or cancelled, the attempt stops: the
                 // provider call is dropped (its connection closed).
+                // So does one the gateway ends as its grace period runs
+                // out: the job is left for another attempt.
                 tokio::select! {
                     outcome = self.forwarder.forward(&mut client, &exchange, report, &mut settler) => outcome,
                     ended = control.stopped() => {
                         stopped = Some(ended);
+                        Ok(())
+                    }
+                    _ = crate::gateway::client::ending() => {
+                        stopped = Some(Ended::Retryable);
                         Ok(())
                     }
                 }
@@ -438,6 +444,13 @@ impl JobRunner for Gateway {
                 JobResult::failed(&ApiError::job_cancelled()),
                 Ended::Cancelled,
             ),
+            (Some(Ended::Retryable), _) => {
+                ctx.error_reason = Some(super::forward::GATEWAY_STOPPING);
+                (
+                    JobResult::failed(&ApiError::stopped_mid_answer()),
+                    Ended::Retryable,
+                )
+            }
             (Some(_), _) => (
                 JobResult::failed(&ApiError::job_timeout(self.config.jobs.timeout)),
                 Ended::TimedOut,

@@ -412,7 +412,7 @@ impl Limiter {
                 local: local::LocalStore::new(n),
                 tails: redis
                     .is_none()
-                    .then(|| tail::Tails::beside(&config.server.pid_file, config.server.listen)),
+                    .then(|| tail::Tails::beside(&config.server.pid_file)),
                 redis,
                 durations_ms: (0..n).map(|_| AtomicU64::new(1000)).collect(),
                 on_freed: OnceLock::new(),

@@ -66,20 +66,16 @@ pub(super) struct Tails {
     pid_file: PathBuf,
     /// Files left alone as untrusted or unreadable (said once each).
     ignored: Mutex<HashSet<PathBuf>>,
-    /// The config's address (how a successor is known, see
-    /// [`Tails::leave`]).
-    listen: std::net::SocketAddr,
     awaited: Mutex<Vec<Writer>>,
     handed_over: AtomicBool,
 }
 
 impl Tails {
     /// The tails of processes on `pid_file`.
-    pub(super) fn beside(pid_file: &str, listen: std::net::SocketAddr) -> Self {
+    pub(super) fn beside(pid_file: &str) -> Self {
         Tails {
             pid_file: PathBuf::from(pid_file),
             ignored: Mutex::default(),
-            listen,
             awaited: Mutex::default(),
             handed_over: AtomicBool::new(false),
         }
@@ -129,8 +125,7 @@ impl Tails {
     /// would never take it).
     pub(super) fn leave(&self, usage: Vec<Entry>) {
         let pid_file = self.pid_file.to_string_lossy();
-        if !usage.is_empty() && crate::reload::another_running_on(&pid_file, self.listen).is_some()
-        {
+        if !usage.is_empty() && crate::reload::another_running_on(&pid_file).is_some() {
             self.write(usage);
         }
     }
@@ -257,9 +252,6 @@ mod tests {
         (Scratch(dir), pid_file)
     }
 
-    const LISTEN: std::net::SocketAddr =
-        std::net::SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 1);
-
     fn entry(tenant: &str, requests: i64) -> Entry {
         (
             tenant.into(),
@@ -271,14 +263,11 @@ mod tests {
     #[test]
     fn a_tail_is_counted_by_the_one_process_that_takes_it() {
         let (_dir, pid_file) = pid_file();
-        let old = Tails::beside(&pid_file, LISTEN);
+        let old = Tails::beside(&pid_file);
         assert!(!old.handed_over());
         let awaited = old.handover();
         assert!(old.handed_over());
-        let (new, other) = (
-            Tails::beside(&pid_file, LISTEN),
-            Tails::beside(&pid_file, LISTEN),
-        );
+        let (new, other) = (Tails::beside(&pid_file), Tails::beside(&pid_file));
         new.await_writers(&awaited);
         other.await_writers(&awaited);
         assert!(new.take().is_empty(), "nothing left yet");
@@ -299,15 +288,15 @@ mod tests {
     #[test]
     fn a_writer_ended_without_a_file_or_a_file_not_to_be_believed_is_not_waited_for() {
         let (_dir, pid_file) = pid_file();
-        let tails = Tails::beside(&pid_file, LISTEN);
+        let tails = Tails::beside(&pid_file);
         // A pid no process has (above the kernel's largest).
         tails.await_writers("[[2147483000, 12]]");
         assert!(tails.awaits());
         assert!(tails.take().is_empty());
         assert!(!tails.awaits(), "ended without a file");
         // A file others may write is left alone (and so is its usage).
-        let writer = Tails::beside(&pid_file, LISTEN);
-        let reader = Tails::beside(&pid_file, LISTEN);
+        let writer = Tails::beside(&pid_file);
+        let reader = Tails::beside(&pid_file);
         reader.await_writers(&writer.handover());
         writer.write(vec![entry("acme", 1)]);
         let file = (files_beside(Path::new(&pid_file), KIND).into_iter())
@@ -339,7 +328,7 @@ mod tests {
         assert_eq!(left.len(), 1);
         assert_ne!(left[0], file);
         // Nothing that does not read as a list of writers is waited for.
-        let garbled = Tails::beside(&pid_file, LISTEN);
+        let garbled = Tails::beside(&pid_file);
         garbled.await_writers("not json");
         assert!(!garbled.awaits());
     }

@@ -423,6 +423,15 @@ impl ApiError {
         )
     }
 
+    /// 503 `gateway_stopping`, told in-band to a client whose answer the
+    /// gateway ended as its grace period ran out (shutdown or upgrade).
+    pub fn stopped_mid_answer() -> Self {
+        Self::unavailable_for_a_second(
+            "gateway_stopping",
+            "The gateway stopped before this answer was whole (its grace period ran out); retry.",
+        )
+    }
+
     /// 504: the provider was too slow.
     pub fn upstream_timeout(message: impl Into<String>) -> Self {
         Self::new(504, "api_error", "upstream_timeout", message)

@@ -860,6 +860,12 @@ impl Copy<'_> {
                 self.end_broken(client, meter, error).await;
                 report.error_reason = Some("provider_stream_broken");
             }
+            // Ended as the grace period runs out: its client is still
+            // there, and is told its answer was cut (it would look whole).
+            BodyEnd::ClientGone if crate::gateway::client::requests_ended() => {
+                self.end_broken(client, meter, ApiError::stopped_mid_answer())
+                    .await;
+            }
             BodyEnd::ClientTooSlow { mid_send } => {
                 settle.settle(report).await;
                 if *mid_send {
@@ -1194,6 +1200,11 @@ impl Copy<'_> {
                 tokio::select! {
                     biased;
                     sent = &mut send => break sent,
+                    // A client slow to take it when the gateway ends its
+                    // requests: billed, and cut.
+                    _ = crate::gateway::client::ending() => {
+                        return Err(BodyEnd::ClientTooSlow { mid_send: true });
+                    }
                     before = async {
                         // When the send has to wait (and again each time
                         // it is given more).

@@ -23,36 +23,38 @@ impl RedisMaintenance {
 }
 
 impl RedisMaintenance {
-    /// Runs until `shutdown` turns true, then pays what is owed while the
-    /// process drains.
+    /// Runs for the process's life: through its grace period too (the
+    /// requests still running settle then, and hold leases), until its
+    /// runtime stops and drops it, when what is still owed is written down
+    /// a last time.
     pub async fn run(&self, mut shutdown: tokio::sync::watch::Receiver<bool>) {
         // What ended processes left is counted from the first request (the
         // budgets), and what this one owes is written down as it is owed,
-        // whatever Redis's calls wait for.
+        // whatever Redis's calls wait for (to the end: the task is dropped
+        // with the runtime, not before).
         self.store.take_over_debts();
-        let writer = tokio::spawn(self.store.clone().write_down_as_owed());
+        let _writer = tokio::spawn(self.store.clone().write_down_as_owed());
         let stopping = tokio::select! {
             _ = self.store.connect() => false,
             _ = shutdown.changed() => true,
         };
-        if !stopping {
-            self.serve(&mut shutdown).await;
-        }
-        self.store.pay_before_exit().await;
-        writer.abort();
+        self.serve(&mut shutdown, stopping).await;
     }
 
-    /// The upkeep until `shutdown` turns true.
-    async fn serve(&self, shutdown: &mut tokio::sync::watch::Receiver<bool>) {
+    /// The upkeep, for as long as the process runs; once `shutdown` turns
+    /// true (`stopping`), said once if anything is owed.
+    async fn serve(&self, shutdown: &mut tokio::sync::watch::Receiver<bool>, mut stopping: bool) {
         let mut probe = tokio::time::interval(PROBE_EVERY);
         let mut renew = tokio::time::interval(RENEW_EVERY);
         // Those left before this process started were taken in `run`; a
         // reload's predecessor ends a grace period after this one started.
         let first = tokio::time::Instant::now() + LOOK_FOR_DEBTS_EVERY;
         let mut debts = tokio::time::interval_at(first, LOOK_FOR_DEBTS_EVERY);
+        // Owed as the process began to stop, and not paid yet.
+        let mut owed_at_stop = stopping && self.store.say_what_is_owed_at_stop();
         loop {
             tokio::select! {
-                _ = debts.tick() => self.store.take_over_debts(),
+                _ = debts.tick(), if !stopping => self.store.take_over_debts(),
                 _ = probe.tick() => {
                     if !self.store.is_up() {
                         self.store.probe().await;
@@ -60,9 +62,17 @@ impl RedisMaintenance {
                     // For the tenants Redis answers for (all but those of a
                     // cluster primary that is down).
                     self.store.flush_pending().await;
+                    if owed_at_stop && self.store.owes_nothing() {
+                        owed_at_stop = false;
+                        tracing::info!("paid Redis what was owed before stopping");
+                    }
                 }
                 _ = renew.tick() => self.store.renew_leases().await,
-                _ = shutdown.changed() => return,
+                _ = shutdown.changed(), if !stopping => {
+                    stopping = true;
+                    self.store.flush_pending().await;
+                    owed_at_stop = self.store.say_what_is_owed_at_stop();
+                }
             }
         }
     }

@@ -952,41 +952,35 @@ impl RedisStore {
         owes.then(|| pending.chain(unsettled).chain(adopted).sum())
     }
 
-    /// Pays what is owed at shutdown: tried again while the process
-    /// drains, since Redis may answer before it ends; said once when it
-    /// does not answer at first. What is still owed when the process ends is
-    /// left written down for the next process on the pid file (lost when
-    /// the process keeps no debts).
-    pub(super) async fn pay_before_exit(&self) {
-        let mut said = false;
-        loop {
-            self.flush_pending().await;
-            let Some(owed) = self.owed() else {
-                if said {
-                    info!("paid Redis what was owed before stopping");
-                }
-                return;
-            };
-            if !std::mem::replace(&mut said, true) {
-                let owed_usd = owed as f64 / 1e12;
-                let kept = match self.inner.debts.get() {
-                    Some(debts) if debts.is_written() => {
-                        "it is left beside the pid file for the next process on it"
-                    }
-                    Some(_) => "it cannot be written down beside the pid file: lost",
-                    None => "lost",
-                };
-                if self.is_up() {
-                    warn!(owed_usd, if_not = kept, "stopping while Redis refuses some of the usage owed to it: paid if it takes it before this process ends");
-                } else {
-                    warn!(owed_usd, if_not = kept, "stopping while Redis does not answer: the usage owed to it is paid if it answers before this process ends");
-                }
+    /// Says, as the process begins to stop, what it owes Redis and what
+    /// becomes of it: the upkeep goes on paying it while the process
+    /// drains (Redis may answer before it ends), and what is still owed at
+    /// its end is left written down for the next process on the pid file
+    /// (lost when the process keeps no debts).
+    /// Whether anything was owed.
+    pub(super) fn say_what_is_owed_at_stop(&self) -> bool {
+        let Some(owed) = self.owed() else {
+            return false;
+        };
+        let owed_usd = owed as f64 / 1e12;
+        let kept = match self.inner.debts.get() {
+            Some(debts) if debts.is_written() => {
+                "it is left beside the pid file for the next process on it"
             }
-            tokio::time::sleep(PROBE_EVERY).await;
-            if !self.is_up() {
-                self.probe().await;
-            }
+            Some(_) => "it cannot be written down beside the pid file: lost",
+            None => "lost",
+        };
+        if self.is_up() {
+            warn!(owed_usd, if_not = kept, "stopping while Redis refuses some of the usage owed to it: paid if it takes it before this process ends");
+        } else {
+            warn!(owed_usd, if_not = kept, "stopping while Redis does not answer: the usage owed to it is paid if it answers before this process ends");
         }
+        true
+    }
+
+    /// Whether this instance owes Redis nothing.
+    pub(super) fn owes_nothing(&self) -> bool {
+        self.owed().is_none()
     }
 
     /// Extends the leases this instance holds.
