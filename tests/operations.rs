@@ -348,6 +348,19 @@ fn chat_status(port: u16, key: &str) -> u16 {
     }
 }
 
+/// The `/v1/usage` answer for `key`'s tenant (on a connection of its own:
+/// after a reload, whichever process accepts it).
+fn usage_of(port: u16, key: &str) -> serde_json::Value {
+    let agent = ureq::AgentBuilder::new().max_idle_connections(0).build();
+    agent
+        .get(&format!("http://127.0.0.1:{port}/v1/usage"))
+        .set("authorization", &format!("Bearer {key}"))
+        .call()
+        .unwrap()
+        .into_json()
+        .unwrap()
+}
+
 /// Whether the process `pid` has exited (gone, or a zombie not yet reaped).
 fn exited(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |stat| stat.contains(") Z "))
@@ -1320,14 +1333,7 @@ fn a_reload_without_redis_keeps_a_spent_budget_spent_and_the_usage() {
     assert_eq!(chat_status(port, TENANT_KEY), 429, "spent");
     assert_eq!(chat_status(port, RESTRICTED_KEY), 200);
     let usage = |key: &str| {
-        let agent = ureq::AgentBuilder::new().max_idle_connections(0).build();
-        let answer: serde_json::Value = agent
-            .get(&format!("http://127.0.0.1:{port}/v1/usage"))
-            .set("authorization", &format!("Bearer {key}"))
-            .call()
-            .unwrap()
-            .into_json()
-            .unwrap();
+        let answer = usage_of(port, key);
         (
             answer["requests"].as_u64().unwrap(),
             answer["cost_usd"].as_f64().unwrap(),
@@ -1423,14 +1429,7 @@ fn a_stream_running_past_the_grace_period_is_billed_what_it_carried() {
     // Told so (an error event, no `[DONE]`): the SDKs raise.
     assert!(last.contains("gateway_stopping"), "{last}");
     let usage = || {
-        let agent = ureq::AgentBuilder::new().max_idle_connections(0).build();
-        let answer: serde_json::Value = agent
-            .get(&format!("http://127.0.0.1:{port}/v1/usage"))
-            .set("authorization", &format!("Bearer {TENANT_KEY}"))
-            .call()
-            .unwrap()
-            .into_json()
-            .unwrap();
+        let answer = usage_of(port, TENANT_KEY);
         (
             answer["requests"].as_u64().unwrap(),
             answer["completion_tokens"].as_u64().unwrap(),
@@ -1469,17 +1468,7 @@ fn a_reload_without_redis_counts_what_the_old_process_settled_after_it() {
     let guard = PidFileGuard(dir.join("gw.pid"));
     let first = guard.pid();
     let port = config.port;
-    let usage = || {
-        let agent = ureq::AgentBuilder::new().max_idle_connections(0).build();
-        let answer: serde_json::Value = agent
-            .get(&format!("http://127.0.0.1:{port}/v1/usage"))
-            .set("authorization", &format!("Bearer {TENANT_KEY}"))
-            .call()
-            .unwrap()
-            .into_json()
-            .unwrap();
-        answer["requests"].as_u64().unwrap()
-    };
+    let usage = || usage_of(port, TENANT_KEY)["requests"].as_u64().unwrap();
     assert_eq!(chat_status(port, TENANT_KEY), 200);
     let in_flight = std::thread::spawn(move || chat_status(port, TENANT_KEY));
     wait_until(Duration::from_secs(5), "the request in flight", || {

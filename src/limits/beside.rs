@@ -99,3 +99,23 @@ fn runs(pid: i32) -> bool {
 fn is_regular(path: &Path) -> bool {
     std::fs::symlink_metadata(path).is_ok_and(|meta| crate::reload::trusted(&meta, u64::MAX))
 }
+
+/// A directory of a test's own, removed when dropped.
+#[cfg(test)]
+pub(super) struct Scratch(PathBuf);
+
+#[cfg(test)]
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A pid file in a [`Scratch`] directory, for the files beside it.
+#[cfg(test)]
+pub(super) fn scratch_pid_file() -> (Scratch, String) {
+    let dir = std::env::temp_dir().join(format!("runestone-beside-{}", crate::ids::random_token()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let pid_file = dir.join("gw.pid").display().to_string();
+    (Scratch(dir), pid_file)
+}

@@ -235,22 +235,7 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
     use std::path::Path;
 
-    /// A pid file in a directory of the test's own, removed when dropped.
-    struct Scratch(PathBuf);
-
-    impl Drop for Scratch {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-
-    fn pid_file() -> (Scratch, String) {
-        let dir =
-            std::env::temp_dir().join(format!("runestone-tails-{}", crate::ids::random_token()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let pid_file = dir.join("gw.pid").display().to_string();
-        (Scratch(dir), pid_file)
-    }
+    use crate::limits::beside::scratch_pid_file as pid_file;
 
     fn entry(tenant: &str, requests: i64) -> Entry {
         (

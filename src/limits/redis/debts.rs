@@ -277,22 +277,7 @@ mod tests {
         }
     }
 
-    /// A directory of the test's own, removed when dropped.
-    struct Scratch(PathBuf);
-
-    impl Drop for Scratch {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-
-    fn pid_file() -> (Scratch, String) {
-        let dir =
-            std::env::temp_dir().join(format!("runestone-debts-{}", crate::ids::random_token()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let pid_file = dir.join("gw.pid").display().to_string();
-        (Scratch(dir), pid_file)
-    }
+    use crate::limits::beside::scratch_pid_file as pid_file;
 
     /// Leaves `file` as a debt file of `pid` beside `pid_file`, mode 0600.
     fn leave(pid_file: &str, pid: i32, file: &Contents) -> PathBuf {
