@@ -16,10 +16,10 @@ static ENDING: tokio::sync::Notify = tokio::sync::Notify::const_new();
 static ENDED: AtomicBool = AtomicBool::new(false);
 
 /// Ends the requests still running, just before the process drops them at
-/// the end of its grace period: each is ended as if its client had left,
-/// so it is billed what it used (the prompt sent, what a stream carried)
-/// and its slot freed, where the drop would have billed nothing. Their
-/// clients see their answers cut, as they would have.
+/// the end of its grace period: each ends as if its client had left, so
+/// it is billed what it used (the prompt sent, what a stream carried) and
+/// its slot freed, where the drop would have billed nothing. A stream's
+/// client is told so in-band; the others' connections close.
 pub(crate) fn end_requests() {
     ENDED.store(true, Ordering::Release);
     ENDING.notify_waiters();
