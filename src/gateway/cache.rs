@@ -678,7 +678,9 @@ impl Client for Recorder<'_> {
     async fn gone(&mut self) {
         if !self.client_gone {
             self.inner.gone().await;
-            self.client_gone = true;
+            // Ended by the gateway, not left: its client is still there,
+            // to be told so in-band.
+            self.client_gone = !crate::gateway::client::requests_ended();
         }
         // Followers still reading: the call goes on for them (unless the
         // gateway ends its requests: they are ended too).
