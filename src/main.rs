@@ -102,6 +102,7 @@ fn main() -> ExitCode {
                     runestone::reload::another_running_on(pid_file)
                         .filter(|_| !cli.upgrade && serving())
                 };
+                init_tracing(&config.server.log_level);
                 // Held until this process listens: another started at the
                 // same moment finds it serving, or finds none.
                 if !cli.upgrade {
@@ -111,7 +112,6 @@ fn main() -> ExitCode {
                     eprintln!("error: runestone already runs on the pid file {pid_file} (process {pid}); stop it first, or reload it: runestone reload --config FILE");
                     return ExitCode::from(1);
                 }
-                init_tracing(&config.server.log_level);
                 // Before any thread starts: each inherits the mask.
                 runestone::reload::hold_hangups();
                 let options = RunOptions {

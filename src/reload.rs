@@ -357,6 +357,7 @@ pub fn lock_for_start(pid_file: &str, refused: impl Fn() -> bool) {
         _ => return,
     };
     let deadline = Instant::now() + START_WAIT;
+    let mut said = false;
     loop {
         match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
             Ok(locked) => {
@@ -365,6 +366,9 @@ pub fn lock_for_start(pid_file: &str, refused: impl Fn() -> bool) {
             }
             Err((_, nix::errno::Errno::EWOULDBLOCK)) if refused() => return,
             Err((back, nix::errno::Errno::EWOULDBLOCK)) if Instant::now() < deadline => {
+                if !std::mem::replace(&mut said, true) {
+                    info!(pid_file, "another gateway is starting on the pid file (or a daemon on it drains): waiting for it, up to 30 s");
+                }
                 file = back;
                 std::thread::sleep(Duration::from_millis(20));
             }
@@ -598,26 +602,31 @@ fn exe_of(pid: &str) -> Option<PathBuf> {
 
 /// Whether `pid` runs this command's program: the same binary, or one of
 /// the same name elsewhere (a new version installed beside the old), or of
-/// a name that differs only past its first `-`, `_` or `.` (a versioned
-/// binary, `runestone-1.4`, that a `runestone` link pointed to before an
-/// upgrade moved it on). A script named like it runs its interpreter, and
+/// the same name but for a version after it (a versioned binary,
+/// `runestone-1.4`, that a `runestone` link pointed to before an upgrade
+/// moved it on). A script named like it runs its interpreter, and
 /// is not.
 fn is_runestone(pid: Pid) -> bool {
-    /// A binary's name up to its first `-`, `_` or `.`.
-    fn stem(path: &Path) -> Option<&str> {
-        let name = path.file_name()?.to_str()?;
-        name.split(['-', '_', '.'])
-            .next()
-            .filter(|stem| !stem.is_empty())
-    }
     match (exe_of(&pid.to_string()), exe_of("self")) {
         (Some(theirs), Some(ours)) => {
             theirs == ours
                 || theirs.file_name() == ours.file_name()
-                || stem(&theirs).is_some_and(|theirs| stem(&ours) == Some(theirs))
+                || program(&theirs).is_some_and(|theirs| program(&ours) == Some(theirs))
         }
         _ => false,
     }
+}
+
+/// A binary's name without a version after it (`runestone-1.4`,
+/// `runestone_v2`: `runestone`; `runestone-mock` is another program).
+fn program(path: &Path) -> Option<&str> {
+    let name = path.file_name()?.to_str()?;
+    let versioned = name.char_indices().find(|&(at, c)| {
+        let rest = &name[at + c.len_utf8()..];
+        let rest = rest.strip_prefix('v').unwrap_or(rest);
+        at > 0 && matches!(c, '-' | '_' | '.') && rest.starts_with(|c: char| c.is_ascii_digit())
+    });
+    Some(versioned.map_or(name, |(at, _)| &name[..at]))
 }
 
 /// Background service: on SIGHUP, re-read the config file (or the one a
@@ -801,6 +810,28 @@ mod tests {
     use super::{listens, table_address, Request};
     use nix::unistd::Pid;
     use std::path::PathBuf;
+
+    #[test]
+    fn a_versioned_binary_is_the_same_program_and_another_name_is_not() {
+        let program = |name: &str| super::program(std::path::Path::new(name)).map(str::to_owned);
+        for name in [
+            "/usr/bin/runestone",
+            "runestone-1.4",
+            "runestone_v2",
+            "runestone.2026.12",
+            "runestone-v1.4.2",
+        ] {
+            assert_eq!(program(name).as_deref(), Some("runestone"), "{name}");
+        }
+        for (name, is) in [
+            ("runestone-mock", "runestone-mock"),
+            ("runestone-", "runestone-"),
+            ("python3", "python3"),
+            ("-1", "-1"),
+        ] {
+            assert_eq!(program(name).as_deref(), Some(is), "{name}");
+        }
+    }
 
     #[test]
     fn a_process_listens_only_on_its_own_listening_sockets() {

@@ -312,14 +312,19 @@ async fn cut(session: &mut Session) {
     // A client that does not read cannot hold the request up: what is
     // left to write (here, and Pingora's end of the response) gets this
     // long, then the connection goes.
-    session
-        .downstream_session
-        .set_write_timeout(Some(ABORT_GRACE));
+    // Ended by the gateway, a moment before its runtimes stop: not long
+    // enough for a slow client to hold the request's end (its access line)
+    // past them.
+    let grace = match requests_ended() {
+        true => ABORT_GRACE / 10,
+        false => ABORT_GRACE,
+    };
+    session.downstream_session.set_write_timeout(Some(grace));
     // Closed before the end is framed: a chunked body then lacks its
     // last chunk, so the client sees the truncation (Pingora would
     // write it when the request finishes).
     let shutdown = session.downstream_session.shutdown();
-    if tokio::time::timeout(ABORT_GRACE, shutdown).await.is_err() {
+    if tokio::time::timeout(grace, shutdown).await.is_err() {
         // What is buffered did not go (the shutdown writes it first):
         // the socket itself is shut, so nothing more goes out, Pingora's
         // end of the body included, and a client reading later still
