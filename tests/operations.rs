@@ -1404,6 +1404,8 @@ fn a_stream_running_past_the_grace_period_is_billed_what_it_carried() {
     let config = GatewayConfig::new(&mock);
     let mut gw = Gateway::start(&config);
     let (path, dir) = gw.config_path();
+    // The successor is stopped with the test.
+    let _successor = PidFileGuard(dir.join("gw.pid"));
     let port = config.port;
     let stream = std::thread::spawn(move || {
         let mut body = chat("gpt-4o-mini", true);
