@@ -190,13 +190,12 @@ impl LocalStore {
         }
     }
 
-    /// The period's counters, noted as handed to a reload's new process
-    /// (`handed`), or as not handed (the new process was given none of the
-    /// tenant's usage): what is settled after it is [`LocalStore::tail`].
-    pub fn hand_over(&self, tenant: usize, period_id: &str, handed: bool) -> PeriodUsage {
+    /// The period's counters, noted as handed to a reload's new process:
+    /// what is settled after it is [`LocalStore::tail`].
+    pub fn hand_over(&self, tenant: usize, period_id: &str) -> PeriodUsage {
         let mut state = self.state(tenant);
         let usage = state.usage_in(period_id).cloned().unwrap_or_default();
-        state.handed = handed.then(|| (period_id.to_string(), usage.clone()));
+        state.handed = Some((period_id.to_string(), usage.clone()));
         usage
     }
 
@@ -352,7 +351,7 @@ mod tests {
         };
         assert_eq!(store.tail(0), None, "nothing settled");
         store.record(0, "d1", &spent(10));
-        assert_eq!(store.hand_over(0, "d1", true), spent(10));
+        assert_eq!(store.hand_over(0, "d1"), spent(10));
         assert_eq!(store.tail(0), None, "all of it handed");
         store.record(0, "d1", &spent(5));
         assert_eq!(store.tail(0), Some(("d1".into(), spent(5))));
@@ -362,7 +361,7 @@ mod tests {
         all.add(&spent(5));
         assert_eq!(store.tail(0), Some(("d1".into(), all)));
         // Handed in one period, settled in the next: all of the next's.
-        store.hand_over(0, "d1", true);
+        store.hand_over(0, "d1");
         store.record(0, "d2", &spent(3));
         assert_eq!(store.tail(0), Some(("d2".into(), spent(3))));
     }

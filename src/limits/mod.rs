@@ -506,7 +506,7 @@ impl Limiter {
             .filter_map(|tenant| {
                 let limits = &inner.limits[tenant];
                 let (period_id, _) = period_at(accounting_period(limits), now);
-                let u = inner.local.hand_over(tenant, &period_id, true);
+                let u = inner.local.hand_over(tenant, &period_id);
                 let counts = u.counts();
                 let share = limits.budget.map_or(0.0, |budget| {
                     u.cost_pusd as f64 / budget.amount_pusd.max(1) as f64
@@ -548,16 +548,7 @@ impl Limiter {
             );
             return;
         };
-        let tenants = self.tenants_by_id();
-        let mut counted = 0;
-        for (id, period_id, counts) in &usages {
-            let Some(&tenant) = tenants.get(id.as_str()) else {
-                continue;
-            };
-            counted += 1;
-            let usage = PeriodUsage::from_counts(counts);
-            self.inner.local.record(tenant, period_id, &usage);
-        }
+        let counted = self.count_as_own(&usages);
         tracing::info!(
             tenants = counted,
             handed = usages.len(),
@@ -680,21 +671,7 @@ impl Limiter {
         while tails.awaits() {
             let taken = tails.take();
             if !taken.is_empty() {
-                let tenants = self.tenants_by_id();
-                let now = now_ms();
-                let mut counted = 0;
-                for (id, period_id, counts) in &taken {
-                    let Some(&tenant) = tenants.get(id.as_str()) else {
-                        continue;
-                    };
-                    let (current, _) =
-                        period_at(accounting_period(&self.inner.limits[tenant]), now);
-                    if **period_id == *current {
-                        let usage = PeriodUsage::from_counts(counts);
-                        self.inner.local.record(tenant, period_id, &usage);
-                        counted += 1;
-                    }
-                }
+                let counted = self.count_as_own(&taken);
                 tracing::info!(
                     tenants = counted,
                     left = taken.len(),
@@ -706,6 +683,28 @@ impl Limiter {
                 _ = shutdown.changed() => return,
             }
         }
+    }
+
+    /// Counts usage an earlier process held (by tenant id and period, as
+    /// [`PeriodUsage::counts`]) as this process's own, for the tenants of
+    /// this config in their current period (an older one is never read):
+    /// how many entries were counted.
+    fn count_as_own(&self, usages: &[(String, String, [i64; 7])]) -> usize {
+        let tenants = self.tenants_by_id();
+        let now = now_ms();
+        let mut counted = 0;
+        for (id, period_id, counts) in usages {
+            let Some(&tenant) = tenants.get(id.as_str()) else {
+                continue;
+            };
+            let (current, _) = period_at(accounting_period(&self.inner.limits[tenant]), now);
+            if **period_id == *current {
+                let usage = PeriodUsage::from_counts(counts);
+                self.inner.local.record(tenant, period_id, &usage);
+                counted += 1;
+            }
+        }
+        counted
     }
 
     /// Leaves, when this process has handed its usage over at a reload,
