@@ -77,6 +77,19 @@ pub(super) fn read_trusted(path: &Path, most: u64) -> Result<Option<Vec<u8>>, &'
     Ok(std::fs::read(path).ok())
 }
 
+/// The files a process left alone (untrusted, unreadable), so that each is
+/// said once (the first thousand of them), however often they are seen.
+#[derive(Debug, Default)]
+pub(super) struct Ignored(std::sync::Mutex<std::collections::HashSet<PathBuf>>);
+
+impl Ignored {
+    /// Whether `path` is one not said yet (it is now).
+    pub(super) fn first(&self, path: &Path) -> bool {
+        let mut ignored = crate::lock(&self.0);
+        ignored.len() < 1000 && ignored.insert(path.to_path_buf())
+    }
+}
+
 /// Removes a half-written file (`.new`) once no process of `pid` runs
 /// (the file it was to replace, if any, is whole).
 pub(super) fn remove_half_written(path: &Path, pid: i32) {

@@ -11,12 +11,11 @@
 //! ended without a file (killed) is waited for no more.
 
 use super::beside::{
-    alive, files_beside, own_file, read_trusted, remove_half_written, write_aside,
+    alive, files_beside, own_file, read_trusted, remove_half_written, write_aside, Ignored,
 };
 use crate::lock;
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
-use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
@@ -65,7 +64,7 @@ type Writer = (i32, u64);
 pub(super) struct Tails {
     pid_file: PathBuf,
     /// Files left alone as untrusted or unreadable (said once each).
-    ignored: Mutex<HashSet<PathBuf>>,
+    ignored: Ignored,
     awaited: Mutex<Vec<Writer>>,
     handed_over: AtomicBool,
 }
@@ -75,7 +74,7 @@ impl Tails {
     pub(super) fn beside(pid_file: &str) -> Self {
         Tails {
             pid_file: PathBuf::from(pid_file),
-            ignored: Mutex::default(),
+            ignored: Ignored::default(),
             awaited: Mutex::default(),
             handed_over: AtomicBool::new(false),
         }
@@ -205,8 +204,7 @@ impl Tails {
                 }
                 Ok(_) => continue,
                 Err(why) => {
-                    let mut ignored = lock(&self.ignored);
-                    if ignored.len() < 1000 && ignored.insert(path.clone()) {
+                    if self.ignored.first(&path) {
                         warn!(path = %path.display(), why, "ignoring a file of usage left at a reload");
                     }
                     continue;

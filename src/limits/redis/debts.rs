@@ -15,12 +15,11 @@
 //! else may write: whoever can leave one chooses what is written to Redis.
 
 use crate::limits::beside::{
-    alive, files_beside, own_file, read_trusted, remove_half_written, write_aside,
+    alive, files_beside, own_file, read_trusted, remove_half_written, write_aside, Ignored,
 };
 use crate::lock;
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
-use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -92,7 +91,7 @@ pub(super) struct DebtFile {
     /// The last write failed (said once until one succeeds).
     failing: AtomicBool,
     /// Files left alone as untrusted or unreadable (said once each).
-    ignored: Mutex<HashSet<PathBuf>>,
+    ignored: Ignored,
 }
 
 impl DebtFile {
@@ -102,7 +101,7 @@ impl DebtFile {
             pid_file: PathBuf::from(pid_file),
             own: Mutex::new((PathBuf::new(), None)),
             failing: AtomicBool::new(false),
-            ignored: Mutex::default(),
+            ignored: Ignored::default(),
         }
     }
 
@@ -225,8 +224,7 @@ impl DebtFile {
     /// Says once that the file at `path` is left alone, and why (for the
     /// first thousand such files).
     fn ignore(&self, path: &Path, why: &str) {
-        let mut ignored = lock(&self.ignored);
-        if ignored.len() < 1000 && ignored.insert(path.to_path_buf()) {
+        if self.ignored.first(path) {
             warn!(path = %path.display(), why, "ignoring a file of what was owed to Redis");
         }
     }
