@@ -381,14 +381,25 @@ pub fn lock_for_start(pid_file: &str, refused: impl Fn() -> bool) {
 }
 
 /// Releases the lock [`lock_for_start`] took once this process listens on
-/// `listen` (or after [`START_WAIT`]: its listener is not coming).
-pub async fn release_start_lock_when_listening(listen: std::net::SocketAddr) {
+/// `listen`, or once it is told to stop (`shutdown`: it will not listen any
+/// more, and a gateway started in its place must not wait for it), or after
+/// [`START_WAIT`] (its listener is not coming). Looked for every 20 ms, so
+/// a process stopped moments after it began to listen (a restart by hand)
+/// could be missed listening; the stop releases it then.
+pub async fn release_start_lock_when_listening(
+    listen: std::net::SocketAddr,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
     if crate::lock(&STARTING).is_none() {
         return;
     }
     let deadline = Instant::now() + START_WAIT;
-    while !listens(Pid::this(), listen) && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    while !*shutdown.borrow() && !listens(Pid::this(), listen) && Instant::now() < deadline {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            // A closed channel: the server is going away too.
+            _ = shutdown.changed() => break,
+        }
     }
     crate::lock(&STARTING).take();
 }
@@ -850,6 +861,42 @@ mod tests {
         assert!(!listens(Pid::from_raw(1), address));
         let v6 = std::net::TcpListener::bind("[::1]:0").unwrap();
         assert!(listens(Pid::this(), v6.local_addr().unwrap()));
+    }
+
+    #[tokio::test]
+    async fn the_start_lock_is_released_when_the_process_stops_before_it_was_seen_listening() {
+        // A gateway stopped moments after it began to listen (a restart by
+        // hand) held the lock for 30 s, and the one started in its place
+        // waited for it.
+        let (_dir, pid_file) = crate::limits::beside::scratch_pid_file();
+        super::lock_for_start(&pid_file, || false);
+        assert!(
+            crate::lock(&super::STARTING).is_some(),
+            "locked for the start"
+        );
+        let other = || {
+            let file = std::fs::File::open(&pid_file).unwrap();
+            nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).is_ok()
+        };
+        assert!(!other(), "another start waits");
+        // Nothing listens there: only the stop can release it.
+        let nobody = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = nobody.local_addr().unwrap();
+        drop(nobody);
+        let (stop, shutdown) = tokio::sync::watch::channel(false);
+        let release = tokio::spawn(super::release_start_lock_when_listening(address, shutdown));
+        tokio::task::yield_now().await;
+        assert!(
+            crate::lock(&super::STARTING).is_some(),
+            "held while starting"
+        );
+        stop.send(true).unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(5), release)
+            .await
+            .expect("released at the stop, not after 30 s")
+            .unwrap();
+        assert!(crate::lock(&super::STARTING).is_none());
+        assert!(other(), "the next start takes it");
     }
 
     #[test]

@@ -64,13 +64,13 @@ impl BackgroundService for EndRequestsService {
     }
 }
 
-/// Releases the pid file's start lock once the API listens
-/// ([`crate::reload::release_start_lock_when_listening`]).
+/// Releases the pid file's start lock once the API listens, or the
+/// process stops ([`crate::reload::release_start_lock_when_listening`]).
 pub struct StartLockService(pub std::net::SocketAddr);
 
 #[async_trait]
 impl BackgroundService for StartLockService {
-    async fn start(&self, _shutdown: ShutdownWatch) {
-        crate::reload::release_start_lock_when_listening(self.0).await
+    async fn start(&self, shutdown: ShutdownWatch) {
+        crate::reload::release_start_lock_when_listening(self.0, shutdown).await
     }
 }

@@ -727,14 +727,14 @@ fn a_gateway_started_while_the_last_one_drains_takes_over() {
             &std::fs::metadata(dir.join("gw.pid")).unwrap().permissions(),
         );
         let named = std::fs::read_to_string(dir.join("gw.pid")).unwrap_or_default();
-        assert_eq!(
-            named.trim(),
-            next.id().to_string(),
-            "the pid file is the new one's"
-        );
         let _ = next.kill();
         let _ = next.wait();
         assert!(started, "the next gateway did not serve: {said}");
+        assert_eq!(
+            named.trim(),
+            next.id().to_string(),
+            "the pid file is the new one's: {said}"
+        );
         assert_eq!(mode & 0o777, 0o644, "its pid file, whatever the umask");
         assert!(!exited(gw.pid()), "the old one was still draining");
         assert_eq!(in_flight.join().unwrap(), 200, "and finished its request");

@@ -115,7 +115,7 @@ fn is_regular(path: &Path) -> bool {
 
 /// A directory of a test's own, removed when dropped.
 #[cfg(test)]
-pub(super) struct Scratch(PathBuf);
+pub(crate) struct Scratch(PathBuf);
 
 #[cfg(test)]
 impl Drop for Scratch {
@@ -126,7 +126,7 @@ impl Drop for Scratch {
 
 /// A pid file in a [`Scratch`] directory, for the files beside it.
 #[cfg(test)]
-pub(super) fn scratch_pid_file() -> (Scratch, String) {
+pub(crate) fn scratch_pid_file() -> (Scratch, String) {
     let dir = std::env::temp_dir().join(format!("runestone-beside-{}", crate::ids::random_token()));
     std::fs::create_dir_all(&dir).unwrap();
     let pid_file = dir.join("gw.pid").display().to_string();

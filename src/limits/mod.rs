@@ -30,7 +30,7 @@
 //! fails or is slow the limiter falls back to the in-process store, counts
 //! the error, and keeps the spend locally until it can be flushed.
 
-mod beside;
+pub(crate) mod beside;
 pub mod local;
 mod period;
 pub mod redis;
