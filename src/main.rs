@@ -112,6 +112,19 @@ fn main() -> ExitCode {
                     eprintln!("error: runestone already runs on the pid file {pid_file} (process {pid}); stop it first, or reload it: runestone reload --config FILE");
                     return ExitCode::from(1);
                 }
+                // Another program on the address (or one this user may not
+                // take): Pingora would retry for 30 s and then panic in its
+                // listener, leaving a process that serves nothing. A
+                // successor is handed the running one's listener instead.
+                if !cli.upgrade {
+                    if let Err(e) = std::net::TcpListener::bind(config.server.listen) {
+                        eprintln!(
+                            "error: cannot listen on server.listen {}: {e}",
+                            config.server.listen
+                        );
+                        return ExitCode::from(1);
+                    }
+                }
                 // Before any thread starts: each inherits the mask.
                 runestone::reload::hold_hangups();
                 let options = RunOptions {

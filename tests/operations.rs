@@ -628,6 +628,70 @@ impl Drop for Reaped {
     }
 }
 
+/// A gateway whose address another program holds (another service, a
+/// gateway on another pid file) says so and exits: it used to write its
+/// pid, retry the bind for 30 s, then panic in Pingora's listener and stay
+/// alive serving nothing, named in the pid file.
+#[test]
+fn a_gateway_whose_address_another_program_holds_says_so_and_exits() {
+    let mock = Mock::start(&[]);
+    let config = GatewayConfig::new(&mock);
+    let dir = std::env::temp_dir().join(format!("runestone-test-taken-{}", config.port));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("runestone.yaml");
+    std::fs::write(&path, config.yaml_in(&dir)).unwrap();
+    let _guard = PidFileGuard(dir.join("gw.pid"));
+    let holder = std::net::TcpListener::bind(("127.0.0.1", config.port)).unwrap();
+    let mut start = Command::new(env!("CARGO_BIN_EXE_runestone"))
+        .arg("--config")
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Within 10 s (one left retrying the port is killed).
+    let status = (0..200).find_map(|_| {
+        let status = start.try_wait().unwrap();
+        if status.is_none() {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        status
+    });
+    if status.is_none() {
+        let _ = start.kill();
+        let _ = start.wait();
+    }
+    let mut said = String::new();
+    start
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut said)
+        .unwrap();
+    assert_eq!(status.and_then(|s| s.code()), Some(1), "{said}");
+    assert!(said.contains("cannot listen on server.listen"), "{said}");
+    assert!(said.contains(&config.port.to_string()), "{said}");
+    let named = std::fs::read_to_string(dir.join("gw.pid")).unwrap_or_default();
+    assert!(
+        named.trim().is_empty(),
+        "the pid file names nobody: {named}"
+    );
+    // Once the port is free, the same config starts.
+    drop(holder);
+    let mut next = Command::new(env!("CARGO_BIN_EXE_runestone"))
+        .arg("--config")
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_healthy(config.port);
+    assert_eq!(chat_status(config.port, TENANT_KEY), 200);
+    signal(next.id(), "TERM");
+    assert!(next.wait().unwrap().success());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Two gateways started at the same moment on one config: one serves and
 /// the pid file names it; the other refuses to start (both found none
 /// running, and the one left waiting for the port could write its pid over
