@@ -1517,6 +1517,45 @@ fn a_stream_running_past_the_grace_period_is_billed_what_it_carried() {
     assert!(log.contains(r#""error":"gateway_stopping""#), "{log}");
 }
 
+/// A JSON request still waiting for its provider's answer when the grace
+/// period ends is told so (503 `gateway_stopping`, retryable) rather than
+/// left with its connection closed unanswered, and billed its prompt.
+#[test]
+fn a_request_waiting_past_the_grace_period_is_told_the_gateway_stopped() {
+    let mock = Mock::start(&["--latency-ms", "30000"]);
+    let config = GatewayConfig::new(&mock);
+    let mut gw = Gateway::start(&config);
+    let answer = std::thread::scope(|scope| {
+        let waiting = scope.spawn(|| {
+            gw.post_json(
+                "/v1/chat/completions",
+                TENANT_KEY,
+                &chat("gpt-4o-mini", false),
+            )
+        });
+        wait_until(
+            Duration::from_secs(5),
+            "the request to reach the provider",
+            || mock.request_count() == 1,
+        );
+        signal(gw.pid(), "TERM");
+        waiting.join().unwrap()
+    });
+    assert_eq!(answer.status, 503);
+    assert_eq!(answer.error_code(), "gateway_stopping");
+    assert_eq!(answer.header("retry-after"), Some("1"));
+    assert_eq!(gw.wait_exit(Duration::from_secs(10)), Some(0));
+    let log = gw.log();
+    let line = log
+        .lines()
+        .find(|line| line.contains(r#""endpoint":"chat""#))
+        .unwrap_or_else(|| panic!("no access log line: {log}"));
+    let line: serde_json::Value = serde_json::from_str(line).unwrap();
+    assert_eq!(line["status"], 503, "{line}");
+    assert_eq!(line["error"], "gateway_stopping", "{line}");
+    assert!(line["prompt_tokens"].as_u64().unwrap() > 0, "{line}");
+}
+
 /// Without Redis, what the old process settles after a reload handed its
 /// usage over (a request in flight then) is left for the new process when
 /// the old one ends, and counted there: a budget is not overspent by it.

@@ -19,7 +19,8 @@ static ENDED: AtomicBool = AtomicBool::new(false);
 /// the end of its grace period: each ends as if its client had left, so
 /// it is billed what it used (the prompt sent, what a stream carried) and
 /// its slot freed, where the drop would have billed nothing. A stream's
-/// client is told so in-band; the others' connections close.
+/// client is told so in-band, one that had no answer yet with a 503
+/// (`request_filter`); a slow reader's connection closes.
 pub(crate) fn end_requests() {
     ENDED.store(true, Ordering::Release);
     ENDING.notify_waiters();

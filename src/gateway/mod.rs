@@ -198,6 +198,14 @@ impl ProxyHttp for Gateway {
             .catch_unwind()
             .await;
         match served {
+            // Ended as the grace period ran out before any answer went out
+            // (a JSON request waiting for its provider's whole answer): its
+            // client is told so, rather than left with a connection closed
+            // unanswered. Billed as a client gone then (the prompt sent).
+            Ok(Ok(())) if client::requests_ended() && respond::final_answer(session).is_none() => {
+                session.set_keepalive(None);
+                respond::error(session, ctx, &ApiError::stopped_mid_answer()).await;
+            }
             Ok(Ok(())) => {}
             Ok(Err(error)) => respond::error(session, ctx, &error).await,
             Err(_) => {
