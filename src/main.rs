@@ -108,6 +108,13 @@ fn main() -> ExitCode {
                 if !cli.upgrade {
                     runestone::reload::lock_for_start(pid_file, || running().is_some());
                 }
+                // One told to stop a moment ago (`kill` then a start at
+                // once) may not have closed its listener yet: given two
+                // seconds to do so.
+                let settled = std::time::Instant::now() + std::time::Duration::from_secs(2);
+                while running().is_some() && std::time::Instant::now() < settled {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
                 if let Some(pid) = running() {
                     eprintln!("error: runestone already runs on the pid file {pid_file} (process {pid}); stop it first, or reload it: runestone reload --config FILE");
                     return ExitCode::from(1);

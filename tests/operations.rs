@@ -628,6 +628,58 @@ impl Drop for Reaped {
     }
 }
 
+/// A restart by hand (`kill` then a start at once): the old process may not
+/// have closed its listener yet when the new one looks, and the new one
+/// refused to start, leaving nothing serving once the old one drained.
+/// Here the old one is held (SIGSTOP) still listening while the new one
+/// looks, then let go and stopped.
+#[test]
+fn a_gateway_started_as_the_last_one_is_told_to_stop_waits_for_its_listener_to_close() {
+    let mock = Mock::start(&[]);
+    let config = GatewayConfig::new(&mock);
+    let gw = Gateway::start(&config);
+    let (path, dir) = gw.config_path();
+    let pid_file = dir.join("gw.pid");
+    let _guard = PidFileGuard(pid_file.clone());
+    signal(gw.pid(), "STOP");
+    let log = std::fs::File::create(dir.join("next.log")).unwrap();
+    let mut next = Command::new(env!("CARGO_BIN_EXE_runestone"))
+        .arg("--config")
+        .arg(&path)
+        .current_dir(&dir)
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    // It holds the pid file's start lock while it looks.
+    let locked_by_next = || {
+        let file = std::fs::File::open(&pid_file).unwrap();
+        nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).is_err()
+    };
+    wait_until(Duration::from_secs(10), "the next one to look", || {
+        locked_by_next() || next.try_wait().unwrap().is_some()
+    });
+    // A start that does not wait refuses within these 300 ms (it has the
+    // lock, so it is looking); one that waits is still there.
+    let _ = (0..15).any(|_| {
+        std::thread::sleep(Duration::from_millis(20));
+        next.try_wait().unwrap().is_some()
+    });
+    signal(gw.pid(), "CONT");
+    signal(gw.pid(), "TERM");
+    let started = (0..200).any(|_| {
+        std::thread::sleep(Duration::from_millis(50));
+        let health = format!("http://127.0.0.1:{}/health", config.port);
+        next.try_wait().unwrap().is_none() && ureq::get(&health).call().is_ok()
+    });
+    let said = std::fs::read_to_string(dir.join("next.log")).unwrap_or_default();
+    let named = std::fs::read_to_string(&pid_file).unwrap_or_default();
+    let _ = next.kill();
+    let _ = next.wait();
+    assert!(started, "the next gateway did not serve: {said}");
+    assert_eq!(named.trim(), next.id().to_string(), "{said}");
+}
+
 /// A gateway whose address another program holds (another service, a
 /// gateway on another pid file) says so and exits: it used to write its
 /// pid, retry the bind for 30 s, then panic in Pingora's listener and stay
