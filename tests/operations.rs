@@ -209,6 +209,18 @@ fn sigterm_lets_in_flight_requests_finish() {
     let mut config = GatewayConfig::new(&mock);
     config.grace = 5;
     let gw = Gateway::start(&config);
+    let (resp, after) = answer_in_flight_at_sigterm(&gw, &mock);
+    assert_eq!(
+        resp.status, 200,
+        "the in-flight request finished during the drain"
+    );
+    assert!(resp.json()["choices"][0]["message"]["content"].is_string());
+    assert!(after < Duration::from_secs(5));
+}
+
+/// The answer to a chat request that has reached the provider when the
+/// gateway is sent SIGTERM, and how long after the signal it came.
+fn answer_in_flight_at_sigterm(gw: &Gateway, mock: &Mock) -> (Response, Duration) {
     std::thread::scope(|scope| {
         let in_flight = scope.spawn(|| {
             gw.post_json(
@@ -222,16 +234,10 @@ fn sigterm_lets_in_flight_requests_finish() {
             "the request to reach the provider",
             || mock.request_count() == 1,
         );
-        let started = Instant::now();
+        let signalled = Instant::now();
         signal(gw.pid(), "TERM");
-        let resp = in_flight.join().unwrap();
-        assert_eq!(
-            resp.status, 200,
-            "the in-flight request finished during the drain"
-        );
-        assert!(resp.json()["choices"][0]["message"]["content"].is_string());
-        assert!(started.elapsed() < Duration::from_secs(5));
-    });
+        (in_flight.join().unwrap(), signalled.elapsed())
+    })
 }
 
 /// Sends requests on fresh connections until `stop`; counts (ok, failed).
@@ -584,28 +590,8 @@ fn a_second_gateway_on_a_running_ones_pid_file_refuses_to_start() {
         std::path::Path::new(env!("CARGO_BIN_EXE_runestone")),
         &versioned,
     ] {
-        let mut second = Command::new(binary)
-            .args(["--config"])
-            .arg(&path)
-            .current_dir(&dir)
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        // Within 10 s (a process left waiting for the port is killed).
-        let status = (0..200).find_map(|_| {
-            let status = second.try_wait().unwrap();
-            if status.is_none() {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            status
-        });
-        if status.is_none() {
-            let _ = second.kill();
-            let _ = second.wait();
-        }
-        let mut said = String::new();
-        std::io::Read::read_to_string(&mut second.stderr.take().unwrap(), &mut said).unwrap();
-        assert_eq!(status.and_then(|s| s.code()), Some(1), "{said}");
+        let (code, said) = start_refused(binary, &path, &dir);
+        assert_eq!(code, Some(1), "{said}");
         assert!(said.contains("already runs"), "{said}");
         assert!(said.contains(&gw.pid().to_string()), "{said}");
         assert_eq!(std::fs::read_to_string(&pid_file).unwrap(), running);
@@ -680,28 +666,36 @@ fn a_gateway_started_as_the_last_one_is_told_to_stop_waits_for_its_listener_to_c
     assert_eq!(named.trim(), next.id().to_string(), "{said}");
 }
 
-/// A gateway whose address another program holds (another service, a
-/// gateway on another pid file) says so and exits: it used to write its
-/// pid, retry the bind for 30 s, then panic in Pingora's listener and stay
-/// alive serving nothing, named in the pid file.
-#[test]
-fn a_gateway_whose_address_another_program_holds_says_so_and_exits() {
-    let mock = Mock::start(&[]);
-    let config = GatewayConfig::new(&mock);
-    let dir = std::env::temp_dir().join(format!("runestone-test-taken-{}", config.port));
+/// `config` written as `runestone.yaml` into a new directory of its own
+/// (`runestone-test-NAME-PORT` in the temporary directory), with its pid
+/// file and upgrade socket there: the directory and the file's path.
+fn config_in_a_dir_of_its_own(
+    config: &GatewayConfig,
+    name: &str,
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(format!("runestone-test-{name}-{}", config.port));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("runestone.yaml");
     std::fs::write(&path, config.yaml_in(&dir)).unwrap();
-    let _guard = PidFileGuard(dir.join("gw.pid"));
-    let holder = std::net::TcpListener::bind(("127.0.0.1", config.port)).unwrap();
-    let mut start = Command::new(env!("CARGO_BIN_EXE_runestone"))
+    (dir, path)
+}
+
+/// Starts `binary` on the config at `path` (in `dir`), expecting it to
+/// refuse: its exit code (`None` when it was still running after 10 s, and
+/// killed then) and what it wrote to stderr.
+fn start_refused(
+    binary: &std::path::Path,
+    path: &std::path::Path,
+    dir: &std::path::Path,
+) -> (Option<i32>, String) {
+    let mut start = Command::new(binary)
         .arg("--config")
-        .arg(&path)
+        .arg(path)
+        .current_dir(dir)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // Within 10 s (one left retrying the port is killed).
     let status = (0..200).find_map(|_| {
         let status = start.try_wait().unwrap();
         if status.is_none() {
@@ -720,7 +714,26 @@ fn a_gateway_whose_address_another_program_holds_says_so_and_exits() {
         .unwrap()
         .read_to_string(&mut said)
         .unwrap();
-    assert_eq!(status.and_then(|s| s.code()), Some(1), "{said}");
+    (status.and_then(|s| s.code()), said)
+}
+
+/// A gateway whose address another program holds (another service, a
+/// gateway on another pid file) says so and exits: it used to write its
+/// pid, retry the bind for 30 s, then panic in Pingora's listener and stay
+/// alive serving nothing, named in the pid file.
+#[test]
+fn a_gateway_whose_address_another_program_holds_says_so_and_exits() {
+    let mock = Mock::start(&[]);
+    let config = GatewayConfig::new(&mock);
+    let (dir, path) = config_in_a_dir_of_its_own(&config, "taken");
+    let _guard = PidFileGuard(dir.join("gw.pid"));
+    let holder = std::net::TcpListener::bind(("127.0.0.1", config.port)).unwrap();
+    let (code, said) = start_refused(
+        std::path::Path::new(env!("CARGO_BIN_EXE_runestone")),
+        &path,
+        &dir,
+    );
+    assert_eq!(code, Some(1), "{said}");
     assert!(said.contains("cannot listen on server.listen"), "{said}");
     assert!(said.contains(&config.port.to_string()), "{said}");
     let named = std::fs::read_to_string(dir.join("gw.pid")).unwrap_or_default();
@@ -752,10 +765,7 @@ fn a_gateway_whose_address_another_program_holds_says_so_and_exits() {
 fn two_gateways_started_at_once_leave_one_serving_and_named() {
     let mock = Mock::start(&[]);
     let config = GatewayConfig::new(&mock);
-    let dir = std::env::temp_dir().join(format!("runestone-test-twice-{}", config.port));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("runestone.yaml");
-    std::fs::write(&path, config.yaml_in(&dir)).unwrap();
+    let (dir, path) = config_in_a_dir_of_its_own(&config, "twice");
     let guard = PidFileGuard(dir.join("gw.pid"));
     for round in 0..3 {
         let start = || {
@@ -909,9 +919,7 @@ fn a_daemon_started_on_a_relative_path_reloads_itself_and_writes_where_it_did() 
     const NEW_KEY: &str = "sk-tenant-daemon-new-1";
     let mock = Mock::start(&[]);
     let mut config = GatewayConfig::new(&mock);
-    let dir = std::env::temp_dir().join(format!("runestone-test-daemon-{}", config.port));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("runestone.yaml"), config.yaml_in(&dir)).unwrap();
+    let (dir, _) = config_in_a_dir_of_its_own(&config, "daemon");
     let guard = PidFileGuard(dir.join("gw.pid"));
     // Pingora's daemon keeps the stdout it was started with.
     let out = std::fs::File::create(dir.join("daemon.out")).unwrap();
@@ -1577,22 +1585,7 @@ fn a_request_waiting_past_the_grace_period_is_told_the_gateway_stopped() {
     let mock = Mock::start(&["--latency-ms", "30000"]);
     let config = GatewayConfig::new(&mock);
     let mut gw = Gateway::start(&config);
-    let answer = std::thread::scope(|scope| {
-        let waiting = scope.spawn(|| {
-            gw.post_json(
-                "/v1/chat/completions",
-                TENANT_KEY,
-                &chat("gpt-4o-mini", false),
-            )
-        });
-        wait_until(
-            Duration::from_secs(5),
-            "the request to reach the provider",
-            || mock.request_count() == 1,
-        );
-        signal(gw.pid(), "TERM");
-        waiting.join().unwrap()
-    });
+    let (answer, _) = answer_in_flight_at_sigterm(&gw, &mock);
     assert_eq!(answer.status, 503);
     assert_eq!(answer.error_code(), "gateway_stopping");
     assert_eq!(answer.header("retry-after"), Some("1"));
