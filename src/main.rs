@@ -94,26 +94,38 @@ fn main() -> ExitCode {
                 // one drains (it listens no more); anything else would
                 // orphan it.
                 let pid_file = &config.server.pid_file;
-                let serving = || {
-                    std::net::TcpListener::bind(config.server.listen)
-                        .is_err_and(|e| e.kind() == std::io::ErrorKind::AddrInUse)
-                };
+                // Serving: listening on this config's address (another
+                // program there is not it).
                 let running = || {
-                    runestone::reload::another_running_on(pid_file)
-                        .filter(|_| !cli.upgrade && serving())
+                    runestone::reload::another_running_on(pid_file).filter(|&pid| {
+                        !cli.upgrade
+                            && runestone::reload::listens(
+                                nix::unistd::Pid::from_raw(pid),
+                                config.server.listen,
+                            )
+                    })
                 };
                 init_tracing(&config.server.log_level);
                 // Held until this process listens: another started at the
                 // same moment finds it serving, or finds none.
-                if !cli.upgrade {
-                    runestone::reload::lock_for_start(pid_file, || running().is_some());
-                }
+                use runestone::reload::{lock_for_start, StartLock};
+                let lock = if cli.upgrade {
+                    StartLock::Unavailable
+                } else {
+                    lock_for_start(pid_file, || running().is_some())
+                };
                 // One told to stop a moment ago (`kill` then a start at
                 // once) may not have closed its listener yet: given two
                 // seconds to do so.
                 let settled = std::time::Instant::now() + std::time::Duration::from_secs(2);
                 while running().is_some() && std::time::Instant::now() < settled {
                     std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                // It did, while this start waited without the lock: the
+                // lock is taken now, so that of two starts waiting so, one
+                // finds the other serving.
+                if lock == StartLock::Refused && running().is_none() {
+                    lock_for_start(pid_file, || running().is_some());
                 }
                 if let Some(pid) = running() {
                     eprintln!("error: runestone already runs on the pid file {pid_file} (process {pid}); stop it first, or reload it: runestone reload --config FILE");

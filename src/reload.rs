@@ -329,12 +329,25 @@ static STARTING: std::sync::Mutex<Option<nix::fcntl::Flock<std::fs::File>>> =
 /// How long a start waits for another one starting on the same pid file.
 const START_WAIT: Duration = Duration::from_secs(30);
 
+/// What [`lock_for_start`] got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartLock {
+    /// This process holds the lock until it listens.
+    Held,
+    /// Not taken: another gateway serves on the pid file (the start is
+    /// refused, unless that one stops: then the lock is to be taken again).
+    Refused,
+    /// Not taken, and not to be had (a pid file of another user's, a
+    /// symlink, an unwritable directory, a wait past [`START_WAIT`]): the
+    /// start goes on without it, as before there was one.
+    Unavailable,
+}
+
 /// Locks `pid_file` (created empty when missing; never through a symlink
 /// nor one of another user's) for this start, waiting while another start
 /// holds it, for up to [`START_WAIT`], or until `refused` (another gateway
-/// serves: a daemon holds its pid file locked for its life). Without the
-/// lock the start goes on, as before there was one.
-pub fn lock_for_start(pid_file: &str, refused: impl Fn() -> bool) {
+/// serves: a daemon holds its pid file locked for its life).
+pub fn lock_for_start(pid_file: &str, refused: impl Fn() -> bool) -> StartLock {
     use nix::fcntl::{Flock, FlockArg};
     use std::os::unix::fs::OpenOptionsExt;
     let file = std::fs::OpenOptions::new()
@@ -354,7 +367,7 @@ pub fn lock_for_start(pid_file: &str, refused: impl Fn() -> bool) {
             file
         }
         // Another user's, or none to open: the pid file's own write says so.
-        _ => return,
+        _ => return StartLock::Unavailable,
     };
     let deadline = Instant::now() + START_WAIT;
     let mut said = false;
@@ -362,9 +375,9 @@ pub fn lock_for_start(pid_file: &str, refused: impl Fn() -> bool) {
         match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
             Ok(locked) => {
                 *crate::lock(&STARTING) = Some(locked);
-                return;
+                return StartLock::Held;
             }
-            Err((_, nix::errno::Errno::EWOULDBLOCK)) if refused() => return,
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) if refused() => return StartLock::Refused,
             Err((back, nix::errno::Errno::EWOULDBLOCK)) if Instant::now() < deadline => {
                 if !std::mem::replace(&mut said, true) {
                     info!(pid_file, "another gateway is starting on the pid file (or a daemon on it drains): waiting for it, up to 30 s");
@@ -374,7 +387,7 @@ pub fn lock_for_start(pid_file: &str, refused: impl Fn() -> bool) {
             }
             Err((_, e)) => {
                 warn!(pid_file, error = %e, "cannot lock the pid file for the start; starting without it");
-                return;
+                return StartLock::Unavailable;
             }
         }
     }
@@ -540,7 +553,7 @@ fn listening(
 
 /// Whether one of `pid`'s own sockets listens on TCP `listen` (its
 /// descriptors' socket inodes against its network namespace's tables).
-fn listens(pid: Pid, listen: std::net::SocketAddr) -> bool {
+pub fn listens(pid: Pid, listen: std::net::SocketAddr) -> bool {
     let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
         return false;
     };

@@ -616,11 +616,13 @@ impl Drop for Reaped {
 
 /// A restart by hand (`kill` then a start at once): the old process may not
 /// have closed its listener yet when the new one looks, and the new one
-/// refused to start, leaving nothing serving once the old one drained.
-/// Here the old one is held (SIGSTOP) still listening while the new one
-/// looks, then let go and stopped.
+/// refused to start, leaving nothing serving once the old one drained. Two
+/// started so: exactly one serves, and the pid file names it (both used to
+/// start once the old one stopped, the other left retrying the port).
+/// Here the old one is held (SIGSTOP) still listening while they look,
+/// then let go and stopped.
 #[test]
-fn a_gateway_started_as_the_last_one_is_told_to_stop_waits_for_its_listener_to_close() {
+fn gateways_started_as_the_last_one_is_told_to_stop_wait_for_it_and_one_serves() {
     let mock = Mock::start(&[]);
     let config = GatewayConfig::new(&mock);
     let gw = Gateway::start(&config);
@@ -628,42 +630,72 @@ fn a_gateway_started_as_the_last_one_is_told_to_stop_waits_for_its_listener_to_c
     let pid_file = dir.join("gw.pid");
     let _guard = PidFileGuard(pid_file.clone());
     signal(gw.pid(), "STOP");
-    let log = std::fs::File::create(dir.join("next.log")).unwrap();
-    let mut next = Command::new(env!("CARGO_BIN_EXE_runestone"))
-        .arg("--config")
-        .arg(&path)
-        .current_dir(&dir)
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    // It holds the pid file's start lock while it looks.
-    let locked_by_next = || {
+    let start = |name: &str| {
+        let log = std::fs::File::create(dir.join(name)).unwrap();
+        Reaped(
+            Command::new(env!("CARGO_BIN_EXE_runestone"))
+                .arg("--config")
+                .arg(&path)
+                .current_dir(&dir)
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let mut next = [start("next-0.log"), start("next-1.log")];
+    // One holds the pid file's start lock while it looks.
+    let locked = || {
         let file = std::fs::File::open(&pid_file).unwrap();
         nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).is_err()
     };
-    wait_until(Duration::from_secs(10), "the next one to look", || {
-        locked_by_next() || next.try_wait().unwrap().is_some()
+    let ended = |next: &mut [Reaped; 2]| next.iter_mut().any(|n| n.0.try_wait().unwrap().is_some());
+    wait_until(Duration::from_secs(10), "the next ones to look", || {
+        locked() || ended(&mut next)
     });
-    // A start that does not wait refuses within these 300 ms (it has the
-    // lock, so it is looking); one that waits is still there.
+    // A start that does not wait refuses within these 300 ms; one that
+    // waits is still there.
     let _ = (0..15).any(|_| {
         std::thread::sleep(Duration::from_millis(20));
-        next.try_wait().unwrap().is_some()
+        ended(&mut next)
     });
     signal(gw.pid(), "CONT");
     signal(gw.pid(), "TERM");
-    let started = (0..200).any(|_| {
-        std::thread::sleep(Duration::from_millis(50));
-        let health = format!("http://127.0.0.1:{}/health", config.port);
-        next.try_wait().unwrap().is_none() && ureq::get(&health).call().is_ok()
+    let said =
+        |i: usize| std::fs::read_to_string(dir.join(format!("next-{i}.log"))).unwrap_or_default();
+    let mut refused = None;
+    wait_until(Duration::from_secs(15), "one of them to give up", || {
+        refused = (0..2).find(|&i| next[i].0.try_wait().unwrap().is_some());
+        refused.is_some()
     });
-    let said = std::fs::read_to_string(dir.join("next.log")).unwrap_or_default();
+    let refused = refused.unwrap();
+    let serving = 1 - refused;
+    assert_eq!(
+        next[refused].0.wait().unwrap().code(),
+        Some(1),
+        "{}",
+        said(refused)
+    );
+    assert!(said(refused).contains("already runs"), "{}", said(refused));
+    wait_healthy(config.port);
+    assert!(
+        next[serving].0.try_wait().unwrap().is_none(),
+        "{}",
+        said(serving)
+    );
     let named = std::fs::read_to_string(&pid_file).unwrap_or_default();
-    let _ = next.kill();
-    let _ = next.wait();
-    assert!(started, "the next gateway did not serve: {said}");
-    assert_eq!(named.trim(), next.id().to_string(), "{said}");
+    assert_eq!(
+        named.trim(),
+        next[serving].0.id().to_string(),
+        "{}",
+        said(serving)
+    );
+    assert!(
+        said(serving).contains("Starting service: runestone api"),
+        "{}",
+        said(serving)
+    );
+    assert_eq!(chat_status(config.port, TENANT_KEY), 200);
 }
 
 /// `config` written as `runestone.yaml` into a new directory of its own
@@ -741,6 +773,18 @@ fn a_gateway_whose_address_another_program_holds_says_so_and_exits() {
         named.trim().is_empty(),
         "the pid file names nobody: {named}"
     );
+    // The same when the pid file names a running gateway that serves on
+    // another address: it is not the one holding this one.
+    let other = Gateway::start(&GatewayConfig::new(&mock));
+    std::fs::write(dir.join("gw.pid"), other.pid().to_string()).unwrap();
+    let (code, said) = start_refused(
+        std::path::Path::new(env!("CARGO_BIN_EXE_runestone")),
+        &path,
+        &dir,
+    );
+    assert_eq!(code, Some(1), "{said}");
+    assert!(said.contains("cannot listen on server.listen"), "{said}");
+    drop(other);
     // Once the port is free, the same config starts.
     drop(holder);
     let mut next = Command::new(env!("CARGO_BIN_EXE_runestone"))
