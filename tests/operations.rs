@@ -1645,6 +1645,38 @@ fn a_request_waiting_past_the_grace_period_is_told_the_gateway_stopped() {
     assert!(line["prompt_tokens"].as_u64().unwrap() > 0, "{line}");
 }
 
+/// A client still sending its request's body when the grace period ends
+/// is told so (503 `gateway_stopping`) and logged, where the runtimes
+/// dropped it unanswered and unlogged.
+#[test]
+fn a_request_whose_body_is_still_arriving_at_the_grace_periods_end_is_told_so() {
+    let mock = Mock::start(&[]);
+    let config = GatewayConfig::new(&mock);
+    let mut gw = Gateway::start(&config);
+    let mut stream = connect(config.port);
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TENANT_KEY}\r\nContent-Type: application/json\r\nContent-Length: 1000\r\nExpect: 100-continue\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    // Asked for its body: the gateway reads it now.
+    let interim = read_head(&mut stream);
+    assert!(interim.starts_with("HTTP/1.1 100"), "{interim}");
+    stream.write_all(br#"{"model":"#).unwrap();
+    signal(gw.pid(), "TERM");
+    let mut answer = String::new();
+    let _ = stream.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains("gateway_stopping"), "{answer}");
+    assert_eq!(gw.wait_exit(Duration::from_secs(10)), Some(0));
+    let log = gw.log();
+    assert!(
+        log.lines().any(|line| line.contains(r#""endpoint":"chat""#)
+            && line.contains(r#""status":503"#)
+            && line.contains(r#""error":"gateway_stopping""#)),
+        "{log}"
+    );
+}
+
 /// Without Redis, what the old process settles after a reload handed its
 /// usage over (a request in flight then) is left for the new process when
 /// the old one ends, and counted there: a budget is not overspent by it.

@@ -93,11 +93,19 @@ pub(super) async fn read_body(session: &mut Session, limit: usize) -> Result<Byt
         downstream.set_close_on_response_before_downstream_finish(true);
     }
     let mut body = BytesMut::with_capacity(declared.unwrap_or(0));
-    while let Some(chunk) = session
-        .read_request_body()
-        .await
-        .map_err(|e| ApiError::bad_request(format!("Could not read the request body: {e}")))?
-    {
+    loop {
+        // A client still sending when the grace period ends is told so
+        // (the runtimes would drop it unanswered a second later).
+        let read = tokio::select! {
+            biased;
+            read = session.read_request_body() => read,
+            _ = super::client::ending() => return Err(ApiError::stopped_reading_request()),
+        };
+        let Some(chunk) = read
+            .map_err(|e| ApiError::bad_request(format!("Could not read the request body: {e}")))?
+        else {
+            break;
+        };
         if body.len() + chunk.len() > limit {
             return Err(ApiError::request_too_large(limit));
         }

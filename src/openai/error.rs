@@ -432,6 +432,15 @@ impl ApiError {
         )
     }
 
+    /// 503 `gateway_stopping`, to a client still sending its request's body
+    /// when the gateway's grace period ran out (shutdown or upgrade).
+    pub fn stopped_reading_request() -> Self {
+        Self::unavailable_for_a_second(
+            "gateway_stopping",
+            "The gateway stopped before the request's body arrived whole (its grace period ran out); retry.",
+        )
+    }
+
     /// 504: the provider was too slow.
     pub fn upstream_timeout(message: impl Into<String>) -> Self {
         Self::new(504, "api_error", "upstream_timeout", message)
