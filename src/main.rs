@@ -89,58 +89,13 @@ fn main() -> ExitCode {
         },
         None => match load(cli.config.clone()) {
             Ok(config) => {
-                // A successor (`--upgrade`) takes over from the process the
-                // pid file names, and so may a process started while that
-                // one drains (it listens no more); anything else would
-                // orphan it.
-                let pid_file = &config.server.pid_file;
-                // Serving: listening on this config's address (another
-                // program there is not it).
-                let running = || {
-                    runestone::reload::another_running_on(pid_file).filter(|&pid| {
-                        !cli.upgrade
-                            && runestone::reload::listens(
-                                nix::unistd::Pid::from_raw(pid),
-                                config.server.listen,
-                            )
-                    })
-                };
                 init_tracing(&config.server.log_level);
-                // Held until this process listens: another started at the
-                // same moment finds it serving, or finds none.
-                use runestone::reload::{lock_for_start, StartLock};
-                let lock = if cli.upgrade {
-                    StartLock::Unavailable
-                } else {
-                    lock_for_start(pid_file, || running().is_some())
-                };
-                // One told to stop a moment ago (`kill` then a start at
-                // once) may not have closed its listener yet: given two
-                // seconds to do so.
-                let settled = std::time::Instant::now() + std::time::Duration::from_secs(2);
-                while running().is_some() && std::time::Instant::now() < settled {
-                    std::thread::sleep(std::time::Duration::from_millis(20));
-                }
-                // It did, while this start waited without the lock: the
-                // lock is taken now, so that of two starts waiting so, one
-                // finds the other serving.
-                if lock == StartLock::Refused && running().is_none() {
-                    lock_for_start(pid_file, || running().is_some());
-                }
-                if let Some(pid) = running() {
-                    eprintln!("error: runestone already runs on the pid file {pid_file} (process {pid}); stop it first, or reload it: runestone reload --config FILE");
-                    return ExitCode::from(1);
-                }
-                // Another program on the address (or one this user may not
-                // take): Pingora would retry for 30 s and then panic in its
-                // listener, leaving a process that serves nothing. A
-                // successor is handed the running one's listener instead.
+                // A successor (`--upgrade`) takes over from the process the
+                // pid file names; any other start checks it may.
                 if !cli.upgrade {
-                    if let Err(e) = std::net::TcpListener::bind(config.server.listen) {
-                        eprintln!(
-                            "error: cannot listen on server.listen {}: {e}",
-                            config.server.listen
-                        );
+                    let server = &config.server;
+                    if let Err(e) = runestone::reload::may_start(&server.pid_file, server.listen) {
+                        eprintln!("error: {e}");
                         return ExitCode::from(1);
                     }
                 }

@@ -318,6 +318,39 @@ pub fn another_running_on(pid_file: &str) -> Option<i32> {
         .filter(|pid| *pid != Pid::this().as_raw())
 }
 
+/// Whether a gateway may start afresh (not as a reload's successor) on
+/// `pid_file`, to listen on `listen`; why not, when it may not. It may not
+/// while the gateway the pid file names serves there (it would write its
+/// own pid over that one's, so that reloads reached it, and wait for the
+/// taken port), nor when another program holds the address (Pingora would
+/// retry it for 30 s, then fail in its listener and leave a process that
+/// serves nothing). It may while that gateway drains its grace period (it
+/// listens no more). On `Ok` this process holds the pid file's start lock
+/// until it listens, so that of two started at the same moment one finds
+/// the other serving.
+pub fn may_start(pid_file: &str, listen: std::net::SocketAddr) -> Result<(), String> {
+    let running =
+        || another_running_on(pid_file).filter(|&pid| listens(Pid::from_raw(pid), listen));
+    let lock = lock_for_start(pid_file, || running().is_some());
+    // One told to stop a moment ago (`kill` then a start at once) may not
+    // have closed its listener yet: given two seconds to do so.
+    let settled = Instant::now() + Duration::from_secs(2);
+    while running().is_some() && Instant::now() < settled {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // It did, while this start waited without the lock: the lock is taken
+    // now, so that of two starts waiting so, one finds the other serving.
+    if lock == StartLock::Refused && running().is_none() {
+        lock_for_start(pid_file, || running().is_some());
+    }
+    if let Some(pid) = running() {
+        return Err(format!("runestone already runs on the pid file {pid_file} (process {pid}); stop it first, or reload it: runestone reload --config FILE"));
+    }
+    std::net::TcpListener::bind(listen)
+        .map(drop)
+        .map_err(|e| format!("cannot listen on server.listen {listen}: {e}"))
+}
+
 /// The pid file held locked by a gateway starting afresh, from before it
 /// looks for another gateway on it ([`another_running_on`]) until it
 /// listens ([`release_start_lock_when_listening`]): two started at the same
@@ -331,7 +364,7 @@ const START_WAIT: Duration = Duration::from_secs(30);
 
 /// What [`lock_for_start`] got.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StartLock {
+enum StartLock {
     /// This process holds the lock until it listens.
     Held,
     /// Not taken: another gateway serves on the pid file (the start is
@@ -347,7 +380,7 @@ pub enum StartLock {
 /// nor one of another user's) for this start, waiting while another start
 /// holds it, for up to [`START_WAIT`], or until `refused` (another gateway
 /// serves: a daemon holds its pid file locked for its life).
-pub fn lock_for_start(pid_file: &str, refused: impl Fn() -> bool) -> StartLock {
+fn lock_for_start(pid_file: &str, refused: impl Fn() -> bool) -> StartLock {
     use nix::fcntl::{Flock, FlockArg};
     use std::os::unix::fs::OpenOptionsExt;
     let file = std::fs::OpenOptions::new()
@@ -553,7 +586,7 @@ fn listening(
 
 /// Whether one of `pid`'s own sockets listens on TCP `listen` (its
 /// descriptors' socket inodes against its network namespace's tables).
-pub fn listens(pid: Pid, listen: std::net::SocketAddr) -> bool {
+fn listens(pid: Pid, listen: std::net::SocketAddr) -> bool {
     let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
         return false;
     };
