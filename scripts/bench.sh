@@ -26,6 +26,9 @@
 # Pinning (2 cores): the process under test runs alone on CPU 0; wrk, and
 # runestone-mock when it is the upstream, share CPU 1 (in the open loop,
 # "direct" is that upstream mock itself). Loopback only.
+# Profile-guided builds (scripts/pgo.sh, of the gateway and of the floor)
+# run beside the plain ones in the closed and open loops and the callgrind
+# pass, in rows of their own; PGO=0 leaves them out.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -41,6 +44,11 @@ done
 command -v oha >/dev/null || cargo install oha --locked
 cargo build --release --bins --example floor --example chunk_delay
 cargo build --release -p runestone-mock
+PGO=${PGO:-1}
+PGO_MISSING=""
+if [ "$PGO" = 1 ]; then
+  scripts/pgo.sh && scripts/pgo.sh --floor || PGO_MISSING="scripts/pgo.sh failed here (its output above says why)"
+fi
 # Each open stream costs the gateway two descriptors (client and provider).
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
@@ -146,7 +154,7 @@ run_wrk() { # $1 url [$2 wrk script] -> prints "rps p50_us p99_us"
 # The median of the numbers on stdin, one per line (blank lines ignored).
 median() { sort -g | awk 'NF {a[++n]=$1} END {print a[int((n+1)/2)]}'; }
 
-declare -A RPS P50 P99 PEAK RATIO LINES RATIOS ROUND
+declare -A RPS P50 P99 PEAK RATIO OWN_RATIO LINES RATIOS OWN_RATIOS ROUND
 
 LIMITS="    limits: { requests_per_minute: 100000000, tokens_per_minute: 100000000000, max_concurrent: 1000000 }"
 REDIS="redis: { url: \"redis://127.0.0.1:$redis_port/0\", timeout_ms: 50 }"
@@ -156,6 +164,11 @@ TELEMETRY="telemetry: { otlp_endpoint: \"http://127.0.0.1:$mock_port/_mock/otlp\
 # Every request the same: after the first, all are hits.
 CACHE="cache: { only_deterministic: false }"
 PATHS=(direct "pingora floor" "runestone, no limits" "runestone, all on, in-process" "runestone, all on, in-process, access log to a file" "runestone, all on, in-process, traces to a collector" "runestone, all on, in-process, cache hits" "runestone, all on, Redis" "runestone, all on, Redis Cluster")
+# The same binaries built by scripts/pgo.sh: the floor too, so that what a
+# profile-guided build buys any Pingora proxy is not counted as the
+# gateway's own.
+PGO_PATHS=("pingora floor, profile-guided" "runestone, all on, in-process, profile-guided" "runestone, all on, in-process, access log to a file, profile-guided" "runestone, all on, Redis, profile-guided")
+[ -n "$PGO_MISSING" ] || [ "$PGO" != 1 ] || PATHS+=("${PGO_PATHS[@]}")
 for peer in "portkey gateway (node)" "litellm proxy (1 worker)"; do
   [ -n "${PEER_MISSING[$peer]:-}" ] || PATHS+=("$peer")
 done
@@ -184,14 +197,19 @@ for _ in $(seq 1 200); do redis-cli -p "${cluster_ports[0]}" cluster info | grep
 RUN_UNDER="taskset -c 0"
 # start_path NAME: starts the process under test on CPU 0; sets PID and URL.
 start_path() {
-  local port mport
+  local port mport path=$1 gateway=target/release/runestone floor=target/release/examples/floor
   port=$(free_port)
-  case "$1" in
+  if [[ "$path" == *", profile-guided" ]]; then
+    path=${path%, profile-guided}
+    gateway=target/pgo/release/runestone
+    floor=target/pgo-floor/release/examples/floor
+  fi
+  case "$path" in
     direct)
       taskset -c 0 target/release/runestone-mock --listen "127.0.0.1:$port" >/dev/null 2>&1 &
       PID=$!; wait_http "http://127.0.0.1:$port/health" ;;
     "pingora floor")
-      $RUN_UNDER target/release/examples/floor "127.0.0.1:$port" "127.0.0.1:$mock_port" >/dev/null 2>&1 &
+      $RUN_UNDER "$floor" "127.0.0.1:$port" "127.0.0.1:$mock_port" >/dev/null 2>&1 &
       PID=$!
       for _ in $(seq 1 "${WAIT_TRIES:-300}"); do (echo >/dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.05; done ;;
     "portkey gateway (node)")
@@ -210,15 +228,15 @@ YAML
       for _ in $(seq 1 1200); do curl -fsS "http://127.0.0.1:$port/health/liveliness" >/dev/null 2>&1 && break; sleep 0.05; done ;;
     *)
       local limits="" extra="" log=false out=/dev/null
-      [[ "$1" == *"all on"* ]] && limits=$LIMITS
-      [[ "$1" == *"access log"* ]] && log=true && out="$work/access.log"
-      [[ "$1" == *Redis ]] && extra=$REDIS
-      [[ "$1" == *"Redis Cluster" ]] && extra=$REDIS_CLUSTER
-      [[ "$1" == *traces* ]] && extra=$TELEMETRY
-      [[ "$1" == *"cache hits"* ]] && extra=$CACHE
+      [[ "$path" == *"all on"* ]] && limits=$LIMITS
+      [[ "$path" == *"access log"* ]] && log=true && out="$work/access.log"
+      [[ "$path" == *Redis ]] && extra=$REDIS
+      [[ "$path" == *"Redis Cluster" ]] && extra=$REDIS_CLUSTER
+      [[ "$path" == *traces* ]] && extra=$TELEMETRY
+      [[ "$path" == *"cache hits"* ]] && extra=$CACHE
       mport=$(free_port)
       gateway_config "$port" "$mport" "$limits" "$extra" "$log" >"$work/gw.yaml"
-      $RUN_UNDER target/release/runestone --config "$work/gw.yaml" >"$out" 2>"$work/gw.log" &
+      $RUN_UNDER "$gateway" --config "$work/gw.yaml" >"$out" 2>"$work/gw.log" &
       PID=$!; wait_http "http://127.0.0.1:$port/ready"
       METRICS="http://127.0.0.1:$mport/metrics" ;;
   esac
@@ -253,6 +271,9 @@ for round in $(seq 1 "$REPEAT"); do
   done
   for name in "${PATHS[@]}"; do
     RATIOS[$name]+="$(awk -v a="${ROUND[$name]}" -v b="${ROUND[pingora floor]}" 'BEGIN {print 100 * a / b}')"$'\n'
+    own="pingora floor"
+    [[ "$name" == *", profile-guided" ]] && own="pingora floor, profile-guided"
+    OWN_RATIOS[$name]+="$(awk -v a="${ROUND[$name]}" -v b="${ROUND[$own]}" 'BEGIN {print 100 * a / b}')"$'\n'
   done
 done
 for name in "${PATHS[@]}"; do
@@ -261,6 +282,7 @@ for name in "${PATHS[@]}"; do
   P99[$name]=$(printf '%s' "${LINES[$name]}" | awk '{print $3}' | median)
   PEAK[$name]=$(printf '%s' "${LINES[$name]}" | awk '{print $4}' | median)
   RATIO[$name]=$(printf '%s' "${RATIOS[$name]}" | median)
+  OWN_RATIO[$name]=$(printf '%s' "${OWN_RATIOS[$name]}" | median)
 done
 
 # 1b. Instructions a request (callgrind): the figure this VM does not
@@ -277,6 +299,7 @@ done
 # instead of a figure.
 CG_REQUESTS=${CG_REQUESTS:-2000}
 CG_PATHS=("pingora floor" "runestone, no limits" "runestone, all on, in-process" "runestone, all on, in-process, access log to a file" "runestone, all on, in-process, cache hits" "runestone, all on, Redis")
+[ -n "$PGO_MISSING" ] || [ "$PGO" != 1 ] || CG_PATHS+=("pingora floor, profile-guided" "runestone, all on, in-process, profile-guided")
 # Streams, in the same processes after the requests: CG_STREAMS streams of
 # CG_STREAM_TOKENS tokens each (runestone-mock writes them unpaced), for
 # what forwarding a streamed token costs (the request rows are one small
@@ -520,14 +543,16 @@ done
 table=$(
   echo "Closed loop (saturation):"
   echo
-  echo "| path | requests/s | vs pingora floor (median of the rounds' ratios) | p50 (µs) | p99 (µs) | peak RSS (KiB) |"
-  echo "|---|---|---|---|---|---|"
+  echo "| path | requests/s | vs pingora floor (median of the rounds' ratios) | vs the floor built the same way | p50 (µs) | p99 (µs) | peak RSS (KiB) |"
+  echo "|---|---|---|---|---|---|---|"
   for name in "${PATHS[@]}"; do
-    echo "| $name | ${RPS[$name]} | $(printf '%.0f%%' "${RATIO[$name]}") | ${P50[$name]} | ${P99[$name]} | ${PEAK[$name]} |"
+    echo "| $name | ${RPS[$name]} | $(printf '%.0f%%' "${RATIO[$name]}") | $(printf '%.0f%%' "${OWN_RATIO[$name]}") | ${P50[$name]} | ${P99[$name]} | ${PEAK[$name]} |"
   done
   for peer in "${!PEER_MISSING[@]}"; do
-    echo "| $peer | not measured: ${PEER_MISSING[$peer]} | | | | |"
+    echo "| $peer | not measured: ${PEER_MISSING[$peer]} | | | | | |"
   done
+  [ -z "$PGO_MISSING" ] || echo "| the profile-guided rows | not measured: $PGO_MISSING | | | | | |"
+  [ "$PGO" = 1 ] || echo "| the profile-guided rows | not measured: PGO=0 | | | | | |"
   echo
   echo "Instructions a request (callgrind, $CG_REQUESTS requests at $CONNECTIONS connections after a warm-up, every thread of the process; the same binary gives the same count however busy the machine, so this is the figure to compare between runs):"
   echo
@@ -614,6 +639,10 @@ machine="$(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /pro
   echo "the in-process cache without a provider call);"
   echo "every runestone path authenticates and meters usage. The floor is benches/floor.rs: a bare"
   echo "Pingora proxy with no filters. Both use the system allocator (glibc)."
+  echo "Rows ending \"profile-guided\" are the same sources built by scripts/pgo.sh (trained on"
+  echo "scripts/pgo-mix.lua, not on the bench's request), the floor among them; their second ratio"
+  echo "is to that profile-guided floor, so what such a build gives any Pingora proxy is not counted"
+  echo "as the gateway's own."
   echo
   echo "Peers, in front of the same upstream mock and pinned the same way (alone on CPU 0): Portkey's"
   echo "gateway (\`@portkey-ai/gateway\` $PORTKEY_VERSION from npm, one Node.js $(node --version 2>/dev/null) process, told the upstream"

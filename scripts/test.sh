@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The one test command (README and .ci/run call it): installs what the machine
 # lacks, checks formatting and lints, then runs `cargo test` (unit tests and
-# integration tests against the real binaries) and the OpenAI Python and Node
-# SDK suites.
+# integration tests against the real binaries), the mix scripts/pgo.sh trains
+# its build on (to see the gateway still serves it), and the OpenAI Python and
+# Node SDK suites.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,6 +18,9 @@ fi
 
 cargo build --workspace --bins
 cargo test --workspace
+
+echo "== scripts/pgo.sh's training mix, through the debug build"
+scripts/pgo.sh --check
 
 echo "== OpenAI Python SDK suite"
 RUNESTONE_BIN_DIR="$PWD/target/debug" .venv/bin/python -m pytest tests/sdk -q
