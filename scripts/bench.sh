@@ -28,7 +28,8 @@
 # "direct" is that upstream mock itself). Loopback only.
 # Profile-guided builds (scripts/pgo.sh, of the gateway and of the floor)
 # run beside the plain ones in the closed and open loops and the callgrind
-# pass, in rows of their own; PGO=0 leaves them out.
+# pass, in rows of their own; PGO=0 leaves them out, PGO=built measures
+# target/pgo and target/pgo-floor as they are (no new builds).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -46,9 +47,16 @@ cargo build --release --bins --example floor --example chunk_delay
 cargo build --release -p runestone-mock
 PGO=${PGO:-1}
 PGO_MISSING=""
-if [ "$PGO" = 1 ]; then
-  scripts/pgo.sh && scripts/pgo.sh --floor || PGO_MISSING="scripts/pgo.sh failed here (its output above says why)"
-fi
+case "$PGO" in
+  1) scripts/pgo.sh && scripts/pgo.sh --floor || PGO_MISSING="scripts/pgo.sh failed here (its output above says why)" ;;
+  built)
+    # Only builds of these very sources (scripts/pgo.sh notes what it built from).
+    sources=$({ git rev-parse HEAD; git status --porcelain --untracked-files=no -- src crates benches Cargo.toml Cargo.lock; })
+    for built in target/pgo/built-from target/pgo-floor/built-from; do
+      [ "$(cat "$built" 2>/dev/null)" = "$sources" ] || PGO_MISSING="PGO=built, but ${built%/built-from} was not built by scripts/pgo.sh from these sources"
+    done ;;
+  *) PGO_MISSING="PGO=$PGO" ;;
+esac
 # Each open stream costs the gateway two descriptors (client and provider).
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
@@ -168,7 +176,7 @@ PATHS=(direct "pingora floor" "runestone, no limits" "runestone, all on, in-proc
 # profile-guided build buys any Pingora proxy is not counted as the
 # gateway's own.
 PGO_PATHS=("pingora floor, profile-guided" "runestone, all on, in-process, profile-guided" "runestone, all on, in-process, access log to a file, profile-guided" "runestone, all on, Redis, profile-guided")
-[ -n "$PGO_MISSING" ] || [ "$PGO" != 1 ] || PATHS+=("${PGO_PATHS[@]}")
+[ -n "$PGO_MISSING" ] || PATHS+=("${PGO_PATHS[@]}")
 for peer in "portkey gateway (node)" "litellm proxy (1 worker)"; do
   [ -n "${PEER_MISSING[$peer]:-}" ] || PATHS+=("$peer")
 done
@@ -299,7 +307,7 @@ done
 # instead of a figure.
 CG_REQUESTS=${CG_REQUESTS:-2000}
 CG_PATHS=("pingora floor" "runestone, no limits" "runestone, all on, in-process" "runestone, all on, in-process, access log to a file" "runestone, all on, in-process, cache hits" "runestone, all on, Redis")
-[ -n "$PGO_MISSING" ] || [ "$PGO" != 1 ] || CG_PATHS+=("pingora floor, profile-guided" "runestone, all on, in-process, profile-guided")
+[ -n "$PGO_MISSING" ] || CG_PATHS+=("pingora floor, profile-guided" "runestone, all on, in-process, profile-guided")
 # Streams, in the same processes after the requests: CG_STREAMS streams of
 # CG_STREAM_TOKENS tokens each (runestone-mock writes them unpaced), for
 # what forwarding a streamed token costs (the request rows are one small
@@ -470,10 +478,12 @@ done
 
 # 4. Stream latency, direct and through Runestone (every feature on).
 # stream_latency STREAMS ROUNDS [MOCK FLAGS...]: starts a stamping
-# runestone-mock on CPU 1, the floor and the gateway in front of it (both
-# on CPU 0, one idle while the other is measured), and runs
-# benches/chunk_delay.rs against the three, taking turns round after round;
-# sets DIRECT_RESULT, FLOOR_RESULT and GATEWAY_RESULT (JSON lines). The
+# runestone-mock on CPU 1, the floor and the gateway (and its
+# profile-guided build) in front of it (all on CPU 0, idle but for the one
+# measured), and runs benches/chunk_delay.rs against them, taking turns
+# round after round;
+# sets DIRECT_RESULT, FLOOR_RESULT, GATEWAY_RESULT and PGO_RESULT (the
+# profile-guided gateway's, empty without it; JSON lines). The
 # floor's row is the proxy hop's own share (its wake-ups and copies), so
 # the gateway's is what it adds to it.
 stream_latency() {
@@ -485,27 +495,37 @@ stream_latency() {
   mock_port=$port
   start_path "pingora floor"
   floor_port=$PORT floor_pid=$PID
+  local pgo_target=() pgo_pid=""
+  if [ -z "$PGO_MISSING" ]; then
+    start_path "runestone, all on, in-process, profile-guided"
+    pgo_target=("$PORT:sk-bench-tenant-key") pgo_pid=$PID
+  fi
   start_path "runestone, all on, in-process"
   results=$(taskset -c 1 target/release/examples/chunk_delay "$1" "$2" "$port:none" \
-    "$floor_port:sk-bench-tenant-key" "$PORT:sk-bench-tenant-key")
+    "$floor_port:sk-bench-tenant-key" "$PORT:sk-bench-tenant-key" "${pgo_target[@]}")
   stop_path "runestone, all on, in-process"
+  if [ -n "$pgo_pid" ]; then
+    PID=$pgo_pid
+    stop_path "runestone, all on, in-process, profile-guided"
+  fi
   PID=$floor_pid
   stop_path "pingora floor"
-  { read -r DIRECT_RESULT; read -r FLOOR_RESULT; read -r GATEWAY_RESULT; } <<<"$results"
+  PGO_RESULT=""
+  { read -r DIRECT_RESULT; read -r FLOOR_RESULT; read -r GATEWAY_RESULT; read -r PGO_RESULT || true; } <<<"$results"
 }
 # Chunk forwarding delay: 20 concurrent streams, 20 tokens/s each,
 # CHUNK_ROUNDS times over (a round is under a second a path: 40 rounds
 # give 12,800 chunks a path, so the p99 is not a handful of samples).
 CHUNK_ROUNDS=${CHUNK_ROUNDS:-40}
 stream_latency 20 "$CHUNK_ROUNDS" --tokens-per-second 20
-CHUNK_DIRECT=$DIRECT_RESULT CHUNK_FLOOR=$FLOOR_RESULT CHUNK_GATEWAY=$GATEWAY_RESULT
+CHUNK_DIRECT=$DIRECT_RESULT CHUNK_FLOOR=$FLOOR_RESULT CHUNK_GATEWAY=$GATEWAY_RESULT CHUNK_PGO=$PGO_RESULT
 # Time to first token: TTFT_STREAMS streams one after another, from a mock
 # that does not pace its tokens.
 TTFT_STREAMS=${TTFT_STREAMS:-2000}
 stream_latency 1 "$TTFT_STREAMS"
-TTFT_DIRECT=$DIRECT_RESULT TTFT_FLOOR=$FLOOR_RESULT TTFT_GATEWAY=$GATEWAY_RESULT
-echo "bench: chunk delay direct $CHUNK_DIRECT, through the floor $CHUNK_FLOOR, through runestone $CHUNK_GATEWAY" >&2
-echo "bench: first token direct $TTFT_DIRECT, through the floor $TTFT_FLOOR, through runestone $TTFT_GATEWAY" >&2
+TTFT_DIRECT=$DIRECT_RESULT TTFT_FLOOR=$FLOOR_RESULT TTFT_GATEWAY=$GATEWAY_RESULT TTFT_PGO=$PGO_RESULT
+echo "bench: chunk delay direct $CHUNK_DIRECT, through the floor $CHUNK_FLOOR, through runestone $CHUNK_GATEWAY${CHUNK_PGO:+, profile-guided $CHUNK_PGO}" >&2
+echo "bench: first token direct $TTFT_DIRECT, through the floor $TTFT_FLOOR, through runestone $TTFT_GATEWAY${TTFT_PGO:+, profile-guided $TTFT_PGO}" >&2
 
 # 5. Scaling: two threads on both cores, the load generator and the
 # upstream mock on the same two cores (nothing pinned), the floor with two
@@ -552,7 +572,6 @@ table=$(
     echo "| $peer | not measured: ${PEER_MISSING[$peer]} | | | | | |"
   done
   [ -z "$PGO_MISSING" ] || echo "| the profile-guided rows | not measured: $PGO_MISSING | | | | | |"
-  [ "$PGO" = 1 ] || echo "| the profile-guided rows | not measured: PGO=0 | | | | | |"
   echo
   echo "Instructions a request (callgrind, $CG_REQUESTS requests at $CONNECTIONS connections after a warm-up, every thread of the process; the same binary gives the same count however busy the machine, so this is the figure to compare between runs):"
   echo
@@ -598,11 +617,13 @@ table=$(
     done
   done
   echo
-  echo "Stream latency, in µs: chunk delay from the mock writing a token to the client reading it ($CHUNK_ROUNDS rounds of 20 concurrent streams, 20 tokens/s each); time to first token from sending the request ($TTFT_STREAMS streams one after another, tokens unpaced); the three paths take turns, round after round (stream after stream for the first token); added = over direct, so the floor's added is what any proxy hop costs here and Runestone's own share is its added less the floor's:"
+  echo "Stream latency, in µs: chunk delay from the mock writing a token to the client reading it ($CHUNK_ROUNDS rounds of 20 concurrent streams, 20 tokens/s each); time to first token from sending the request ($TTFT_STREAMS streams one after another, tokens unpaced); the paths take turns, round after round (stream after stream for the first token); added = over direct, so the floor's added is what any proxy hop costs here and Runestone's own share is its added less the floor's:"
   echo
   echo "| path | chunks | chunk delay p50 / p99 / p99.9 | added p50 / p99 | time to first token p50 / p99 | added p50 / p99 |"
   echo "|---|---|---|---|---|---|"
-  for row in "direct|$CHUNK_DIRECT|$TTFT_DIRECT" "pingora floor|$CHUNK_FLOOR|$TTFT_FLOOR" "runestone, all on, in-process|$CHUNK_GATEWAY|$TTFT_GATEWAY"; do
+  stream_rows=("direct|$CHUNK_DIRECT|$TTFT_DIRECT" "pingora floor|$CHUNK_FLOOR|$TTFT_FLOOR" "runestone, all on, in-process|$CHUNK_GATEWAY|$TTFT_GATEWAY")
+  [ -z "$CHUNK_PGO" ] || [ -z "$TTFT_PGO" ] || stream_rows+=("runestone, all on, in-process, profile-guided|$CHUNK_PGO|$TTFT_PGO")
+  for row in "${stream_rows[@]}"; do
     IFS='|' read -r name chunk ttft <<<"$row"
     python3 -c "
 import json, sys
@@ -656,7 +677,7 @@ machine="$(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /pro
   echo "writes CLOCK_MONOTONIC into each token; benches/chunk_delay.rs (a thread per stream) subtracts"
   echo "it on arrival, and times each stream's first token from the request; the gateway's share"
   echo "is the difference between the two rows (\"added\"). Direct is the same stamping mock on CPU 1;"
-  echo "the floor and the gateway both run (on CPU 0) and the three take turns, round after round."
+  echo "the floor and the gateways all run (on CPU 0) and the paths take turns, round after round."
   echo
   echo "$table"
   echo

@@ -11,13 +11,17 @@
 #   scripts/pgo.sh --floor    # target/pgo-floor/release/examples/floor
 #                             # (the bench's floor, trained the same way)
 #   scripts/pgo.sh --check    # no build: the debug gateway through the same
-#                             # mix, to see that it still serves it
-#                             # (scripts/test.sh)
+#                             # mix, to see that it still serves it as the
+#                             # mix expects (scripts/test.sh)
 #
-# Needs llvm-profdata of the LLVM rustc is built on (`rustc -vV`): rustup's
-# llvm-tools component, or Debian's llvm-<major>, installed when missing.
-# Takes about twice a release build's time. Loopback only; stops what it
-# starts.
+# Each state's traffic must be answered as the mix expects (its statuses in
+# their shares, no socket errors, Redis up in the Redis state), or the
+# script stops and shows the gateway's log: a build is not trained on
+# refusals. Needs llvm-profdata of the LLVM rustc is built on (`rustc
+# -vV`): rustup's llvm-tools component, or Debian's llvm-<major>, installed
+# when missing. Takes about two and a half times a release build's time.
+# One at a time in a checkout (a lock under target/). Loopback only; stops
+# what it starts.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,7 +30,14 @@ case "$mode" in
   gateway | --floor | --check) ;;
   *) echo "usage: scripts/pgo.sh [--floor | --check]" >&2; exit 2 ;;
 esac
-profiles=$PWD/target/pgo-profiles
+case "$PWD" in
+  *[[:space:]]*) echo "pgo: the checkout's path has a space, which RUSTFLAGS cannot carry: $PWD" >&2; exit 1 ;;
+esac
+target=${CARGO_TARGET_DIR:-target}
+mkdir -p "$target"
+profiles_root=$(cd "$target" && pwd)/pgo-profiles
+exec 9>"$target/pgo.lock"
+flock -n 9 || { echo "pgo: another scripts/pgo.sh runs in this checkout; waiting for it" >&2; flock 9; }
 
 sudo_cmd=""
 [ "$(id -u)" -eq 0 ] || sudo_cmd=sudo
@@ -36,7 +47,7 @@ apt_install() {
   $sudo_cmd apt-get install -y -qq --no-install-recommends "$@" >/dev/null 2>&1 \
     || { $sudo_cmd apt-get update -qq && $sudo_cmd apt-get install -y -qq --no-install-recommends "$@" >/dev/null; }
 }
-for tool in redis-server wrk curl; do
+for tool in redis-server wrk curl python3; do
   command -v "$tool" >/dev/null || apt_install "$tool"
 done
 
@@ -62,25 +73,30 @@ need_profdata() {
   }
 }
 
-# What runs through the mix, and the provider it is sent to.
+# What runs through the mix, and the provider it is sent to. The user's
+# own RUSTFLAGS are kept beside the profile's.
 case "$mode" in
   --check)
     cargo build --locked -p runestone --bin runestone
     cargo build --locked -p runestone-mock
-    trained=target/debug/runestone mock=target/debug/runestone-mock ;;
+    trained=$target/debug/runestone mock=$target/debug/runestone-mock ;;
   *)
     need_profdata
-    what=(--bin runestone) trained=target/pgo-generate/release/runestone
-    [ "$mode" = --floor ] && what=(--example floor) trained=target/pgo-generate/release/examples/floor
+    what=(--bin runestone) trained=$target/pgo-generate/release/runestone
+    dir=$target/pgo binary=release/runestone profiles=$profiles_root/gateway
+    if [ "$mode" = --floor ]; then
+      what=(--example floor) trained=$target/pgo-generate/release/examples/floor
+      dir=$target/pgo-floor binary=release/examples/floor profiles=$profiles_root/floor
+    fi
     rm -rf "$profiles"
     mkdir -p "$profiles"
-    echo "pgo: building ${what[*]} with counters (target/pgo-generate)" >&2
-    CARGO_TARGET_DIR=target/pgo-generate RUSTFLAGS="-Cprofile-generate=$profiles" \
+    echo "pgo: building ${what[*]} with counters ($target/pgo-generate)" >&2
+    CARGO_TARGET_DIR=$target/pgo-generate RUSTFLAGS="${RUSTFLAGS:-} -Cprofile-generate=$profiles" \
       cargo build --release --locked "${what[@]}"
     # Build scripts ran with counters too: only the traffic below counts.
     rm -f "$profiles"/*.profraw
     cargo build --release --locked -p runestone-mock
-    mock=target/release/runestone-mock ;;
+    mock=$target/release/runestone-mock ;;
 esac
 
 work=$(mktemp -d)
@@ -92,35 +108,47 @@ cleanup() {
 }
 trap cleanup EXIT
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() {
-  for _ in $(seq 1 600); do (echo >"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done
-  echo "pgo: nothing listened on port $1" >&2
+# fail WHAT: says what went wrong, with the gateway's log, and stops.
+fail() {
+  echo "pgo: $1" >&2
+  [ -s "$work/gw.log" ] && { echo "pgo: its log:" >&2; tail -n 40 "$work/gw.log" >&2; }
   exit 1
+}
+# wait_port PORT PID NAME: until PID listens on PORT; stops at once if it exits.
+wait_port() {
+  for _ in $(seq 1 600); do
+    (echo >"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    kill -0 "$2" 2>/dev/null || fail "$3 exited before it listened on port $1"
+    sleep 0.05
+  done
+  fail "$3 did not listen on port $1 within 30 s"
 }
 mock_port=$(free_port)
 redis_port=$(free_port)
 "$mock" --listen "127.0.0.1:$mock_port" >/dev/null 2>&1 &
 pids+=($!)
+wait_port "$mock_port" "$!" runestone-mock
 redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no >/dev/null 2>&1 &
 pids+=($!)
-wait_port "$mock_port"
-wait_port "$redis_port"
+wait_port "$redis_port" "$!" redis-server
 
 # serve_mix STATE: the binary serves the mix for a few seconds, in process,
-# with Redis or with the access log to a file, and is stopped as operators
-# stop it (a counting build writes its counters as it exits).
+# with Redis or with the access log to a file, is held to what the mix
+# expects, and is stopped as operators stop it (a counting build writes
+# its counters as it exits).
 serve_mix() {
-  local port pid extra="" log=false sent refused
-  port=$(free_port)
+  local port metrics pid extra="" log=false verdict rc
+  port=$(free_port) metrics=$(free_port)
+  : >"$work/gw.log"
   if [ "$mode" = --floor ]; then
-    "$trained" "127.0.0.1:$port" "127.0.0.1:$mock_port" >/dev/null 2>&1 &
+    "$trained" "127.0.0.1:$port" "127.0.0.1:$mock_port" >/dev/null 2>"$work/gw.log" &
   else
     [ "$1" = redis ] && extra="redis: { url: \"redis://127.0.0.1:$redis_port/0\" }"
     [ "$1" = access-log ] && log=true
     cat >"$work/gw.yaml" <<YAML
 server:
   listen: "127.0.0.1:$port"
-  metrics_listen: "127.0.0.1:$(free_port)"
+  metrics_listen: "127.0.0.1:$metrics"
   threads: 1
   access_log: $log
   grace_period_seconds: 1
@@ -152,20 +180,42 @@ YAML
   fi
   pid=$!
   pids+=("$pid")
-  wait_port "$port"
-  wrk -t1 -c16 -d"${PGO_SECONDS:-4}s" -s scripts/pgo-mix.lua "http://127.0.0.1:$port" >"$work/wrk.out"
-  kill -INT "$pid"
-  wait "$pid" || { echo "pgo: $trained did not stop cleanly ($1):" >&2; cat "$work/gw.log" >&2 2>/dev/null; exit 1; }
-  # Most of the mix is answered (3 of its 19 requests are refused), so a
-  # config the gateway no longer serves as meant is seen here.
-  sent=$(awk '/requests in/ {print $1}' "$work/wrk.out")
-  refused=$(awk '/Non-2xx or 3xx responses/ {print $5}' "$work/wrk.out")
-  echo "pgo: $1: $sent requests, ${refused:-0} refused" >&2
-  if [ "${sent:-0}" -lt 100 ] || [ $((${refused:-0} * 3)) -gt "$sent" ]; then
-    echo "pgo: $1: the mix was not served as meant" >&2
-    cat "$work/wrk.out" "$work/gw.log" >&2 2>/dev/null
-    exit 1
+  wait_port "$port" "$pid" "$trained"
+  wrk -t1 -c16 -d"${PGO_SECONDS:-4}s" -s scripts/pgo-mix.lua "http://127.0.0.1:$port" >"$work/wrk.out" 2>&1 \
+    || { cat "$work/wrk.out" >&2; fail "$1: wrk failed"; }
+  if [ "$1" = redis ] && ! curl -fsS "http://127.0.0.1:$metrics/metrics" | grep -q '^runestone_redis_up 1'; then
+    fail "$1: the gateway did not have Redis (runestone_redis_up is not 1)"
   fi
+  kill -0 "$pid" 2>/dev/null || fail "$trained exited while serving the mix ($1)"
+  kill -INT "$pid" 2>/dev/null || true
+  rc=0
+  wait "$pid" || rc=$?
+  [ "$rc" = 0 ] || fail "$trained stopped with exit code $rc ($1)"
+  # Every status in its share of the mix, give or take two points (the
+  # requests cut off at the run's end), none it does not expect (the
+  # floor forwards every request, so it is held only to answering them),
+  # and no socket errors.
+  verdict=$(awk -v floor="$([ "$mode" = --floor ] && echo 1 || echo 0)" '
+    /^mix: / {
+      for (i = 2; i <= NF; i++) {
+        split($i, kv, "="); split(kv[2], sv, "/")
+        if (kv[1] == "total") { total = kv[2]; continue }
+        seen[kv[1]] = sv[1]; share[kv[1]] = sv[2]
+      }
+    }
+    /Socket errors/ { errors = $0 }
+    END {
+      if (total < 500) { print "too few answers: " total + 0; exit }
+      if (errors != "") { print errors; exit }
+      if (floor) { exit }
+      for (s in seen) {
+        d = seen[s] / total - share[s]
+        if (d > 0.02 || d < -0.02) bad = bad sprintf(" %s: %.1f%% of the answers, %.1f%% expected;", s, 100 * seen[s] / total, 100 * share[s])
+      }
+      if (bad != "") print bad
+    }' "$work/wrk.out")
+  echo "pgo: $1: $(grep '^mix:' "$work/wrk.out" || echo 'no answers counted')" >&2
+  [ -z "$verdict" ] || { cat "$work/wrk.out" >&2; fail "$1: the mix was not answered as it expects:$verdict"; }
 }
 if [ "$mode" = --floor ]; then
   serve_mix floor
@@ -176,12 +226,13 @@ else
 fi
 [ "$mode" != --check ] || exit 0
 
-dir=target/pgo binary=release/runestone
-[ "$mode" = --floor ] && dir=target/pgo-floor binary=release/examples/floor
 "$profdata" merge -o "$profiles/merged.profdata" "$profiles"/*.profraw
 # From nothing: cargo would not see that the profile changed.
 rm -rf "$dir"
 echo "pgo: building ${what[*]} from the profile ($dir)" >&2
-CARGO_TARGET_DIR=$dir RUSTFLAGS="-Cprofile-use=$profiles/merged.profdata -Cllvm-args=-pgo-warn-missing-function=false" \
+CARGO_TARGET_DIR=$dir RUSTFLAGS="${RUSTFLAGS:-} -Cprofile-use=$profiles/merged.profdata -Cllvm-args=-pgo-warn-missing-function=false" \
   cargo build --release --locked "${what[@]}"
+# What it was built from, for scripts/bench.sh's PGO=built to check: the
+# commit, and whether the sources differed from it.
+{ git rev-parse HEAD; git status --porcelain --untracked-files=no -- src crates benches Cargo.toml Cargo.lock; } >"$dir/built-from"
 echo "pgo: $dir/$binary" >&2
