@@ -640,7 +640,7 @@ machine="$(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /pro
 {
   echo "# Benchmarks"
   echo
-  echo "Made by \`DURATION=$DURATION REPEAT=$REPEAT scripts/bench.sh\` on $(date -u +%Y-%m-%d)."
+  echo "Made by \`$([ "$PGO" = 1 ] || echo "PGO=$PGO ")DURATION=$DURATION REPEAT=$REPEAT scripts/bench.sh\` on $(date -u +%Y-%m-%d) at $(git rev-parse --short HEAD)."
   echo "Machine: $machine. $(rustc --version). wrk $(wrk -v 2>&1 | head -1 | awk '{print $2}'), $(oha --version)."
   echo
   echo "Closed loop: \`wrk -t1 -c$CONNECTIONS -d${DURATION}s --latency\` after a 2 s warm-up, one non-streaming chat request"
