@@ -51,9 +51,11 @@ case "$PGO" in
   1) scripts/pgo.sh && scripts/pgo.sh --floor || PGO_MISSING="scripts/pgo.sh failed here (its output above says why)" ;;
   built)
     # Only builds of these very sources (scripts/pgo.sh notes what it built from).
-    sources=$({ git rev-parse HEAD; git status --porcelain --untracked-files=no -- src crates benches Cargo.toml Cargo.lock; })
+    sources=$({ git rev-parse HEAD && git status --porcelain --untracked-files=no -- src crates benches Cargo.toml Cargo.lock; } 2>/dev/null) \
+      || PGO_MISSING="PGO=built, but this is not a git checkout, so what the builds were made from cannot be checked"
     for built in target/pgo/built-from target/pgo-floor/built-from; do
-      [ "$(cat "$built" 2>/dev/null)" = "$sources" ] || PGO_MISSING="PGO=built, but ${built%/built-from} was not built by scripts/pgo.sh from these sources"
+      [ -n "$PGO_MISSING" ] || [ "$(cat "$built" 2>/dev/null)" = "$sources" ] \
+        || PGO_MISSING="PGO=built, but ${built%/built-from} was not built by scripts/pgo.sh from these sources"
     done ;;
   *) PGO_MISSING="PGO=$PGO" ;;
 esac

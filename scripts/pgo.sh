@@ -234,5 +234,7 @@ CARGO_TARGET_DIR=$dir RUSTFLAGS="${RUSTFLAGS:-} -Cprofile-use=$profiles/merged.p
   cargo build --release --locked "${what[@]}"
 # What it was built from, for scripts/bench.sh's PGO=built to check: the
 # commit, and whether the sources differed from it.
-{ git rev-parse HEAD; git status --porcelain --untracked-files=no -- src crates benches Cargo.toml Cargo.lock; } >"$dir/built-from"
+# Outside a git checkout there is nothing to check it against.
+{ git rev-parse HEAD && git status --porcelain --untracked-files=no -- src crates benches Cargo.toml Cargo.lock; } >"$dir/built-from" 2>/dev/null \
+  || echo "not a git checkout" >"$dir/built-from"
 echo "pgo: $dir/$binary" >&2
