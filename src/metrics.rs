@@ -86,6 +86,17 @@ pub static RATE_LIMITED: Lazy<IntCounterVec> = Lazy::new(|| {
     .expect("metric registers once")
 });
 
+/// `runestone_leased_admissions_total{tenant}`: admissions decided against
+/// quota taken ahead from Redis (`redis.lease`), without a round trip.
+pub static LEASED_ADMISSIONS: Lazy<IntCounterVec> = Lazy::new(|| {
+    register_int_counter_vec!(
+        "runestone_leased_admissions_total",
+        "Requests admitted against quota taken ahead from Redis (redis.lease), without a round trip, by tenant.",
+        &["tenant"]
+    )
+    .expect("metric registers once")
+});
+
 /// `runestone_inflight_requests{tenant}`: admitted requests not yet settled.
 pub static INFLIGHT: Lazy<IntGaugeVec> = Lazy::new(|| {
     register_int_gauge_vec!(

@@ -564,6 +564,23 @@ pub struct RedisSettings {
     pub key_prefix: String,
     /// Bound on every Redis call.
     pub timeout: std::time::Duration,
+    /// Quota each instance takes ahead from Redis and admits against
+    /// without a round trip (`redis.lease`); `None`: every admission is
+    /// decided in Redis.
+    pub lease: Option<LeaseSettings>,
+}
+
+/// `redis.lease`: how much of each tenant's limits one instance may take
+/// from Redis ahead of its requests, and how long it keeps what it does
+/// not use.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LeaseSettings {
+    /// The share (0 to 0.5] of each of the tenant's requests and tokens
+    /// per minute and of its `max_concurrent` an instance takes at a time.
+    pub share: f64,
+    /// How long an instance keeps quota it has not used before giving it
+    /// back.
+    pub hold: std::time::Duration,
 }
 
 /// Where Redis is. URLs may hold credentials: they are [`Secret`]s, never

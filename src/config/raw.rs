@@ -290,6 +290,16 @@ pub(super) struct RawRedis {
     pub(super) key_prefix: Option<String>,
     #[serde(default)]
     pub(super) timeout_ms: Option<u64>,
+    #[serde(default)]
+    pub(super) lease: Option<RawLease>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawLease {
+    pub(super) share: f64,
+    #[serde(default)]
+    pub(super) ms: Option<u64>,
 }
 
 #[derive(Deserialize)]

@@ -152,7 +152,66 @@ fn loads_limits_pricing_and_redis() {
         (redis.key_prefix.as_str(), redis.timeout.as_millis()),
         ("runestone", 50)
     );
+    assert_eq!(redis.lease, None, "every admission in Redis unless asked");
     assert!(config.warnings().is_empty());
+
+    let leased = yaml.replace(
+        "redis: { url: \"redis://127.0.0.1:6379/0\" }",
+        "redis: { url: \"redis://127.0.0.1:6379/0\", lease: { share: 0.05 } }",
+    );
+    let lease = Config::from_yaml(&leased, env)
+        .unwrap()
+        .redis
+        .unwrap()
+        .lease;
+    assert_eq!(
+        lease,
+        Some(LeaseSettings {
+            share: 0.05,
+            hold: std::time::Duration::from_millis(1000)
+        })
+    );
+}
+
+#[test]
+fn reports_bad_redis_leases() {
+    let with = |lease: &str| {
+        VALID.to_string()
+            + &format!("redis: {{ url: \"redis://127.0.0.1:6379/0\", lease: {lease} }}\n")
+    };
+    for (lease, e) in [
+        (
+            "{ share: 0 }",
+            "redis.lease.share: must be more than 0 and at most 0.5",
+        ),
+        (
+            "{ share: 0.6 }",
+            "redis.lease.share: must be more than 0 and at most 0.5",
+        ),
+        (
+            "{ share: .nan }",
+            "redis.lease.share: must be more than 0 and at most 0.5",
+        ),
+        (
+            "{ share: 0.1, ms: 50 }",
+            "redis.lease.ms: must be between 100 and 10000",
+        ),
+        (
+            "{ share: 0.1, ms: 20000 }",
+            "redis.lease.ms: must be between 100 and 10000",
+        ),
+        ("{ ms: 500 }", "redis.lease: missing field `share`"),
+        (
+            "{ share: 0.1, hold: 5 }",
+            "redis.lease.hold: unknown field `hold`",
+        ),
+    ] {
+        let found = problems(&with(lease));
+        assert!(
+            found.iter().any(|f| f.starts_with(e)),
+            "{lease}: missing {e:?} in {found:#?}"
+        );
+    }
 }
 
 #[test]

@@ -586,6 +586,22 @@ pub(super) fn validate_redis(raw: RawRedis, problems: &mut Vec<Problem>) -> Opti
     if !(1..=10_000).contains(&timeout_ms) {
         problems.push(problem("redis.timeout_ms", "must be between 1 and 10000"));
     }
+    let lease = raw.lease.map(|lease| {
+        if !(lease.share > 0.0 && lease.share <= 0.5) {
+            problems.push(problem(
+                "redis.lease.share",
+                "must be more than 0 and at most 0.5",
+            ));
+        }
+        let ms = lease.ms.unwrap_or(1000);
+        if !(100..=10_000).contains(&ms) {
+            problems.push(problem("redis.lease.ms", "must be between 100 and 10000"));
+        }
+        LeaseSettings {
+            share: lease.share,
+            hold: std::time::Duration::from_millis(ms),
+        }
+    });
     (problems.len() == before).then(|| RedisSettings {
         target,
         tls,
@@ -593,6 +609,7 @@ pub(super) fn validate_redis(raw: RawRedis, problems: &mut Vec<Problem>) -> Opti
         password: raw.password.map(Secret),
         key_prefix,
         timeout: std::time::Duration::from_millis(timeout_ms),
+        lease,
     })
 }
 

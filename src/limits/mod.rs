@@ -765,7 +765,7 @@ impl Limiter {
         let now = now_ms();
         let (period_id, period_left_ms) = period_at(accounting_period(limits), now);
         let decided = if !limits.is_limited() {
-            Ok((Decided::Unlimited, RateLimitState::default()))
+            Ok((Decided::Unlimited, RateLimitState::default(), None))
         } else {
             let from_redis = match &inner.redis {
                 Some(redis) => {
@@ -783,7 +783,7 @@ impl Limiter {
                 None => None,
             };
             match from_redis {
-                Some(result) => result.map(|state| (Decided::Redis, state)),
+                Some(result) => result.map(|(state, slot)| (Decided::Redis, state, slot)),
                 None => {
                     // And what Redis admitted counts here.
                     let elsewhere = self.held_in_redis(tenant, &period_id);
@@ -798,12 +798,12 @@ impl Limiter {
                             // Redis may have taken a while to fail.
                             if inner.redis.is_some() { now_ms() } else { now },
                         )
-                        .map(|state| (Decided::Local, state))
+                        .map(|state| (Decided::Local, state, None))
                 }
             }
         };
         match decided {
-            Ok((decided, state)) => {
+            Ok((decided, state, lease)) => {
                 inner.inflight[tenant].inc();
                 Ok(Grant {
                     tenant,
@@ -857,7 +857,9 @@ impl Limiter {
             .await;
         if let Some(budget) = limits.budget {
             let spent = match &inner.redis {
-                Some(redis) => redis.known_spend(tenant, &period_id) + settlement.cost_pusd,
+                // The settlement is counted there already: sent (and
+                // answered, or not waited for) or owed.
+                Some(redis) => redis.known_spend(tenant, &period_id),
                 None => inner.local.usage(tenant, &period_id).cost_pusd,
             };
             metrics::BUDGET_USED

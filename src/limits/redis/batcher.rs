@@ -38,6 +38,9 @@ pub(super) struct AdmitOp {
     pub(super) tokens: u64,
     /// `None` when the tenant has no concurrency limit.
     pub(super) lease: Option<Lease>,
+    /// Requests and tokens to take ahead with it, when they fit
+    /// (`redis.lease`; 0 for none).
+    pub(super) extra: [u64; 2],
     pub(super) reply: Reply<AdmitAnswer>,
 }
 
@@ -223,7 +226,7 @@ impl Batcher {
         let first = &batch[0];
         let keys = &self.keys[first.tenant];
         // Sized up front, as the settlement's (see `Unsettled::command`).
-        let mut cmd = redis::Cmd::with_capacity(12 + 2 * batch.len(), 400 + 56 * batch.len());
+        let mut cmd = redis::Cmd::with_capacity(12 + 4 * batch.len(), 400 + 64 * batch.len());
         cmd.arg("EVALSHA")
             .arg(self.admit.get_hash())
             .arg(3)
@@ -237,6 +240,7 @@ impl Batcher {
                 Some(lease) => cmd.arg(lease),
                 None => cmd.arg(""),
             };
+            cmd.arg(op.extra[0]).arg(op.extra[1]);
         }
         cmd
     }

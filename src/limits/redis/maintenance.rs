@@ -1,7 +1,7 @@
 //! The store's upkeep in the background: connecting at start-up, probing
 //! Redis for the tenants it stopped answering for, paying what is owed to it
 //! once it answers (with what ended processes left owing), renewing the
-//! leases this instance holds.
+//! leases this instance holds, giving back quota taken ahead and not used.
 
 use super::{RedisStore, PROBE_EVERY, RENEW_EVERY};
 use std::time::Duration;
@@ -46,6 +46,12 @@ impl RedisMaintenance {
     async fn serve(&self, shutdown: &mut tokio::sync::watch::Receiver<bool>, mut stopping: bool) {
         let mut probe = tokio::time::interval(PROBE_EVERY);
         let mut renew = tokio::time::interval(RENEW_EVERY);
+        // Without `redis.lease` the pools' branch never runs.
+        let pooled = self.store.pool_tick();
+        let mut pools = tokio::time::interval(pooled.unwrap_or(RENEW_EVERY));
+        if stopping {
+            self.store.stop_pooling().await;
+        }
         // Those left before this process started were taken in `run`; a
         // reload's predecessor ends a grace period after this one started.
         let first = tokio::time::Instant::now() + LOOK_FOR_DEBTS_EVERY;
@@ -68,8 +74,10 @@ impl RedisMaintenance {
                     }
                 }
                 _ = renew.tick() => self.store.renew_leases().await,
+                _ = pools.tick(), if pooled.is_some() => self.store.give_back_unused().await,
                 _ = shutdown.changed(), if !stopping => {
                     stopping = true;
+                    self.store.stop_pooling().await;
                     self.store.flush_pending().await;
                     owed_at_stop = self.store.say_what_is_owed_at_stop();
                 }

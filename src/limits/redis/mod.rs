@@ -25,6 +25,7 @@ mod batcher;
 mod debts;
 mod ledger;
 mod maintenance;
+mod pool;
 mod scripts;
 
 pub use debts::warn_of_debts_left_beside;
@@ -38,6 +39,7 @@ use crate::redis_conn::{Conn, RedisConnection};
 use batcher::{AdmitOp, Batcher, Op, Reply};
 use debts::{Debt, DebtFile, Written};
 use ledger::{Shared, Unsettled};
+use pool::Pools;
 use redis::{RedisResult, Script};
 use scripts::{AdmitAnswer, ADMIT, RENEW, SETTLE};
 use std::collections::HashMap;
@@ -135,7 +137,8 @@ pub(super) struct SettleOp {
     pub(super) period_id: Arc<str>,
     pub(super) rpm: u64,
     pub(super) tpm: u64,
-    /// -1 to give the request back (an unused grant), else 0.
+    /// -1 to give the request back (an unused grant), -n to give back n
+    /// taken ahead and not used (`redis.lease`), else 0.
     pub(super) request_delta: i64,
     pub(super) token_delta: i64,
     /// `None` when the request held no Redis slot.
@@ -166,6 +169,8 @@ struct Inner {
     debts: OnceLock<DebtFile>,
     /// [`SETTLE`], as debts written down carry it.
     settle_text: Arc<str>,
+    /// Quota taken ahead, with `redis.lease`.
+    pools: Option<Pools>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -256,6 +261,7 @@ impl RedisStore {
                 ids: tenants.iter().map(|t| t.id.clone()).collect(),
                 debts: OnceLock::new(),
                 settle_text: Arc::from(SETTLE),
+                pools: settings.lease.map(|lease| Pools::new(lease, tenants)),
             }),
         }
     }
@@ -343,14 +349,16 @@ impl RedisStore {
         None
     }
 
-    /// Admits in Redis. `None` when Redis cannot decide (the caller falls
-    /// back to the in-process store).
+    /// Admits in Redis, or against quota taken from it ahead
+    /// (`redis.lease`): the headers' view, and the concurrency slot the
+    /// request holds (the one asked for, or one the pool kept). `None` when
+    /// Redis cannot decide (the caller falls back to the in-process store).
     pub async fn admit(
         &self,
         tenant: usize,
         limits: &TenantLimits,
         request: AdmitRequest<'_>,
-    ) -> Option<Result<RateLimitState, Refusal>> {
+    ) -> Option<Result<(RateLimitState, Option<Lease>), Refusal>> {
         let AdmitRequest {
             tokens,
             lease,
@@ -360,6 +368,24 @@ impl RedisStore {
         if !self.tenant_up(tenant) {
             return None;
         }
+        let pools = self.inner.pools.as_ref();
+        if let Some(pools) = pools {
+            // The spend last read from Redis (at most `redis.lease.ms` ago)
+            // and this instance's since: at or over the budget, Redis
+            // decides.
+            let within_budget = limits
+                .budget
+                .is_none_or(|b| self.known_spend(tenant, period_id) < b.amount_pusd);
+            if within_budget {
+                if let Some((slot, state)) = pools.take(tenant, limits, tokens, super::now_ms()) {
+                    if let Some(slot) = slot {
+                        lock(&self.inner.leases).insert(slot, tenant);
+                    }
+                    return Some(Ok((state, slot)));
+                }
+            }
+        }
+        let ask = pools.map(|pools| pools.ask(tenant));
         let queue = self.queue()?;
         let (reply, answer) = oneshot::channel();
         let op = Op::Admit(AdmitOp {
@@ -381,6 +407,7 @@ impl RedisStore {
             ],
             tokens,
             lease,
+            extra: ask.as_ref().map_or([0, 0], |ask| ask.extra),
             reply,
         });
         let answer = match queue.send(op) {
@@ -396,6 +423,7 @@ impl RedisStore {
         };
         let Some(AdmitAnswer {
             refused,
+            leased,
             now,
             requests_tat,
             tokens_tat,
@@ -418,7 +446,7 @@ impl RedisStore {
         }
         known.1 = spent;
         drop(known);
-        let state = RateLimitState {
+        let mut state = RateLimitState {
             requests: limits
                 .requests_per_minute
                 .map(|rpm| super::window(requests_tat, now, u64::from(rpm))),
@@ -426,11 +454,19 @@ impl RedisStore {
                 .tokens_per_minute
                 .map(|tpm| super::window(tokens_tat, now, tpm)),
         };
+        if let (Some(pools), Some(ask)) = (pools, ask) {
+            let read = [now, requests_tat, tokens_tat];
+            let view = pools.answered((ask, leased), limits, read, super::now_ms());
+            if refused.is_empty() {
+                // What this instance may still admit: the pool's too.
+                state = view;
+            }
+        }
         if refused.is_empty() {
             if let Some(lease) = lease {
                 lock(&self.inner.leases).insert(lease, tenant);
             }
-            return Some(Ok(state));
+            return Some(Ok((state, lease)));
         }
         let limit = super::LimitKind::from_label(&refused)?;
         let retry_after_ms = match limit {
@@ -453,8 +489,12 @@ impl RedisStore {
     /// applied once (see `SETTLE`). From the moment it is handed over the
     /// settlement is the store's: applied now, or kept and sent by the flush
     /// (under the same batch id) when Redis is down or does not answer.
+    ///
+    /// With `redis.lease` the request's slot is kept for the tenant's next
+    /// request when the pool has room, and the settlement is not waited
+    /// for: its spend counts in this instance's view at once.
     pub async fn settle(&self, tenant: usize, limits: &TenantLimits, request: SettleRequest<'_>) {
-        let lease = request.lease;
+        let mut lease = request.lease;
         if let Some(lease) = &lease {
             lock(&self.inner.leases).remove(lease);
         }
@@ -465,6 +505,12 @@ impl RedisStore {
                 .defer(tenant, request.period_id, lease, request.usage);
             return;
         };
+        let pools = (self.inner.pools.as_ref()).filter(|pools| pools.pooled(tenant));
+        if let (Some(pools), Some(slot)) = (pools, lease) {
+            if pools.keep(tenant, slot, super::now_ms()) {
+                lease = None;
+            }
+        }
         let (reply, answer) = oneshot::channel();
         let op = SettleOp {
             tenant,
@@ -477,15 +523,18 @@ impl RedisStore {
             usage: request.usage.clone(),
             reply,
         };
-        match queue.send(Op::Settle(op)) {
+        let sent = queue.send(Op::Settle(op));
+        if pools.is_some() && sent.is_ok() {
+            drop(answer);
+            self.count_spend(tenant, request.period_id, request.usage.cost_pusd);
+            return;
+        }
+        match sent {
             Ok(()) => {
                 if self.answer(tenant, "settle", answer).await.is_some() {
                     // Known now, not only at the next admission's read: a
                     // Redis that stops answering before then finds it.
-                    let mut known = lock(&self.inner.known_spend[tenant]);
-                    if *known.0 == **request.period_id {
-                        known.1 = known.1.saturating_add(request.usage.cost_pusd);
-                    }
+                    self.count_spend(tenant, request.period_id, request.usage.cost_pusd);
                 }
             }
             Err(mpsc::error::SendError(Op::Settle(op))) => {
@@ -499,6 +548,15 @@ impl RedisStore {
                     .defer(op.tenant, &op.period_id, op.lease, &op.usage);
             }
             Err(_) => {}
+        }
+    }
+
+    /// Adds `cost` pUSD to the spend last read from Redis, when it is of
+    /// period `period_id`.
+    fn count_spend(&self, tenant: usize, period_id: &str, cost: i64) {
+        let mut known = lock(&self.inner.known_spend[tenant]);
+        if known.0 == period_id {
+            known.1 = known.1.saturating_add(cost);
         }
     }
 
@@ -983,11 +1041,92 @@ impl RedisStore {
         self.owed().is_none()
     }
 
+    /// Gives Redis back what the pools have held unused for
+    /// `redis.lease.ms` (all of it once stopping, or for a tenant Redis
+    /// does not answer for): the requests and tokens to the tenant's
+    /// minutes, the slots released with the flush.
+    async fn give_back_unused(&self) {
+        let Some(pools) = &self.inner.pools else {
+            return;
+        };
+        let unused = pools.unused(super::now_ms(), |tenant| self.tenant_up(tenant));
+        if unused.is_empty() {
+            return;
+        }
+        let mut answers = Vec::new();
+        for pool::Unused {
+            tenant,
+            requests,
+            tokens,
+            slots,
+        } in unused
+        {
+            let mut ledger = lock(&self.inner.shared.ledger);
+            ledger
+                .unreleased
+                .extend(slots.into_iter().map(|slot| (tenant, slot)));
+            drop(ledger);
+            // Quota Redis does not hear of comes back with its minute.
+            let queue = self.tenant_up(tenant).then(|| self.queue()).flatten();
+            let Some(queue) = queue.filter(|_| requests > 0 || tokens > 0) else {
+                continue;
+            };
+            let limits = &pools.limits[tenant];
+            let (period_id, _) =
+                super::period::period_at(super::period::accounting_period(limits), super::now_ms());
+            let (reply, answer) = oneshot::channel();
+            let op = SettleOp {
+                tenant,
+                period_id,
+                rpm: u64::from(limits.requests_per_minute.unwrap_or(0)),
+                tpm: limits.tokens_per_minute.unwrap_or(0),
+                request_delta: -super::signed(requests),
+                token_delta: -super::signed(tokens),
+                lease: None,
+                usage: PeriodUsage::default(),
+                reply,
+            };
+            if queue.send(Op::Settle(op)).is_ok() {
+                answers.push((tenant, answer));
+            }
+        }
+        // One round trip for all of them (the batching task groups them),
+        // and the slots' release in the flush's.
+        for (tenant, answer) in answers {
+            self.answer(tenant, "settle", answer).await;
+        }
+        self.flush_pending().await;
+    }
+
+    /// Stops taking quota ahead (the process is stopping): what the pools
+    /// hold is given back, and the requests still running settle as
+    /// without `redis.lease`.
+    async fn stop_pooling(&self) {
+        if let Some(pools) = &self.inner.pools {
+            pools.stop();
+            self.give_back_unused().await;
+        }
+    }
+
+    /// How often the pools are looked at for quota to give back, with
+    /// `redis.lease`.
+    fn pool_tick(&self) -> Option<Duration> {
+        self.inner.pools.as_ref().map(Pools::tick)
+    }
+
     /// Extends the leases this instance holds.
     async fn renew_leases(&self) {
         let mut by_tenant: HashMap<usize, Vec<Lease>> = HashMap::new();
         for (lease, tenant) in lock(&self.inner.leases).iter() {
             by_tenant.entry(*tenant).or_default().push(*lease);
+        }
+        if let Some(pools) = &self.inner.pools {
+            for tenant in 0..self.inner.keys.len() {
+                let kept = pools.slots(tenant);
+                if !kept.is_empty() {
+                    by_tenant.entry(tenant).or_default().extend(kept);
+                }
+            }
         }
         for (tenant, leases) in by_tenant {
             if self.tenant_up(tenant) {

@@ -7,10 +7,14 @@
 /// against the budget), then what this instance admitted while Redis was
 /// unavailable (its requests still in flight, counted as held slots; its
 /// requests and tokens TATs in Unix ms, which the shared ones do not fall
-/// behind), lease TTL, then (tokens, lease) per admission.
+/// behind), lease TTL, then (tokens, lease, extra requests, extra tokens)
+/// per admission: the extras are quota the instance asks to take ahead
+/// (`redis.lease`), granted with the admission when they fit and left out
+/// (the admission decided alone) when they do not.
 /// Replies one string, `secs,micros,spent_pusd` (the Redis clock, as
 /// `TIME` gives it) followed by `,refused_limit_or_empty,requests_tat -
-/// now,tokens_tat - now` per admission, the differences in whole
+/// now,tokens_tat - now` per admission (`+` for the limit when admitted
+/// with its extras), the differences in whole
 /// microseconds, each number written as Redis would write it as an integer
 /// reply (`%d`; Lua's `tostring` keeps only 14 digits): one value for the
 /// client to parse rather than three an admission (redis-rs's reader took
@@ -32,17 +36,32 @@ if maxc > 0 then
   held = redis.call('ZCARD', KEYS[2]) + tonumber(ARGV[6])
 end
 local reply, leases, moved = {t[1], t[2], string.format('%d', spent)}, {}, false
-for i = 10, #ARGV, 2 do
-  local tokens, refused = tonumber(ARGV[i]), ''
+-- The TATs after taking `r` requests and `k` tokens, or nil and the limit
+-- that refuses them.
+local function take(r, k)
   local new_r, new_t = rtat, ttat
-  if budget > 0 and spent + owed >= budget then refused = 'budget' end
-  if refused == '' and rpm > 0 then
-    new_r = math.max(rtat, now) + W / rpm
-    if new_r - now - W > eps then refused = 'rpm' end
+  if rpm > 0 then
+    new_r = math.max(rtat, now) + r * W / rpm
+    if new_r - now - W > eps then return nil, 'rpm' end
   end
-  if refused == '' and tpm > 0 then
-    new_t = math.max(ttat, now) + tokens * W / tpm
-    if new_t - now - W > eps then refused = 'tpm' end
+  if tpm > 0 then
+    new_t = math.max(ttat, now) + k * W / tpm
+    if new_t - now - W > eps then return nil, 'tpm' end
+  end
+  return new_r, new_t
+end
+for i = 10, #ARGV, 4 do
+  local tokens, extra_r, extra_t = tonumber(ARGV[i]), tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
+  local refused, new_r, new_t = '', rtat, ttat
+  if budget > 0 and spent + owed >= budget then refused = 'budget' end
+  local leased = false
+  if refused == '' and (extra_r > 0 or extra_t > 0) then
+    new_r, new_t = take(1 + extra_r, tokens + extra_t)
+    leased = new_r ~= nil
+  end
+  if refused == '' and not leased then
+    new_r, new_t = take(1, tokens)
+    if new_r == nil then refused = new_t end
   end
   if refused == '' and maxc > 0 and held >= maxc then refused = 'concurrency' end
   if refused == '' then
@@ -54,7 +73,7 @@ for i = 10, #ARGV, 2 do
       leases[#leases + 1] = ARGV[i + 1]
     end
   end
-  reply[#reply + 1] = refused
+  reply[#reply + 1] = leased and refused == '' and '+' or refused
   reply[#reply + 1] = string.format('%d', math.floor((rtat - now) * 1000))
   reply[#reply + 1] = string.format('%d', math.floor((ttat - now) * 1000))
 end
@@ -215,6 +234,8 @@ pub(super) fn usage_ttl_seconds(period_id: &str) -> u64 {
 pub(super) struct AdmitAnswer {
     /// The refusing limit's label; empty when admitted.
     pub(super) refused: String,
+    /// Whether the quota asked for ahead came with the admission.
+    pub(super) leased: bool,
     /// Redis's clock, in Unix milliseconds.
     pub(super) now: f64,
     pub(super) requests_tat: f64,
@@ -236,9 +257,15 @@ pub(super) fn admit_answers(value: redis::Value, n: usize) -> Result<Vec<AdmitAn
         let spent = integer(&mut fields)?;
         let mut answers = Vec::with_capacity(n);
         for _ in 0..n {
-            let refused = fields.next()?.to_owned();
+            let refused = fields.next()?;
+            let leased = refused == "+";
             answers.push(AdmitAnswer {
-                refused,
+                refused: if leased {
+                    String::new()
+                } else {
+                    refused.to_owned()
+                },
+                leased,
                 now,
                 requests_tat: now + integer(&mut fields)? as f64 / 1000.0,
                 tokens_tat: now + integer(&mut fields)? as f64 / 1000.0,
@@ -257,10 +284,14 @@ mod tests {
 
     #[test]
     fn reads_admission_replies_in_order() {
-        let reply = Value::BulkString(b"1700000000,250000,42,,1000,0,rpm,2000,-5".to_vec());
-        let answers = admit_answers(reply, 2).unwrap();
+        let reply =
+            Value::BulkString(b"1700000000,250000,42,,1000,0,rpm,2000,-5,+,3000,0".to_vec());
+        let answers = admit_answers(reply, 3).unwrap();
         let now = 1_700_000_000_000.0 + 250.0;
         assert_eq!(answers[0].refused, "");
+        assert!(!answers[0].leased && !answers[1].leased);
+        assert_eq!(answers[2].refused, "");
+        assert!(answers[2].leased);
         assert_eq!(answers[0].now, now);
         assert_eq!(answers[0].requests_tat, now + 1.0);
         assert_eq!(answers[1].refused, "rpm");

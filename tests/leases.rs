@@ -1,0 +1,298 @@
+//! Quota taken ahead from Redis (`redis.lease`) through real processes:
+//! instances admit against what they took without a round trip, never more
+//! than the limits together, give back what they do not use (after
+//! `redis.lease.ms`, and when they stop), and bill every request once.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+use std::time::{Duration, Instant};
+
+const PRICING: &str = "pricing:\n  gpt-4o-mini: { input: 1.0, output: 2.0, cached_input: 0.5 }\n";
+
+/// A gateway whose tenant `acme` has these limits (YAML flow mapping), on
+/// `redis`, with `redis.lease` set to `lease` (YAML, `None` for none).
+fn leased(mock: &Mock, limits: &str, redis: &Redis, lease: Option<&str>) -> GatewayConfig {
+    let mut config = GatewayConfig::new(mock);
+    config.tenants =
+        format!("\n  - id: acme\n    keys: [\"{TENANT_KEY}\"]\n    limits: {limits}\n");
+    let lease = lease.map_or(String::new(), |l| format!(", lease: {l}"));
+    config.extra = format!(
+        "{PRICING}redis: {{ url: \"{}\", timeout_ms: 2000{lease} }}\n",
+        redis.url()
+    );
+    config
+}
+
+/// Sends `n` chat requests at once; returns their statuses.
+fn burst(gw: &Gateway, n: usize) -> Vec<u16> {
+    let body = chat("gpt-4o-mini", false);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..n)
+            .map(|_| scope.spawn(|| gw.post_json("/v1/chat/completions", TENANT_KEY, &body)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap().status)
+            .collect()
+    })
+}
+
+fn admitted(statuses: &[u16]) -> usize {
+    statuses.iter().filter(|&&s| s == 200).count()
+}
+
+fn one(gw: &Gateway) -> Response {
+    gw.post_json(
+        "/v1/chat/completions",
+        TENANT_KEY,
+        &chat("gpt-4o-mini", false),
+    )
+}
+
+fn leased_admissions(gw: &Gateway) -> f64 {
+    metric_value(
+        &gw.metrics(),
+        r#"runestone_leased_admissions_total{tenant="acme"}"#,
+    )
+}
+
+/// The tenant's usage counters in Redis (the current period's hash).
+fn usage_in_redis(redis: &Redis, field: &str) -> String {
+    let keys = redis.cli(&["KEYS", "runestone:{acme}:usage:*"]);
+    let key = keys.lines().next().unwrap_or_default().to_string();
+    redis.cli(&["HGET", &key, field]).trim().to_string()
+}
+
+/// Two instances taking half the minute ahead each, in bursts at once:
+/// together they admit no more than the limit (what one holds is counted
+/// in Redis already), and the provider sees only what was admitted.
+#[test]
+fn two_leasing_gateways_admit_no_more_than_the_limit() {
+    let redis = Redis::start();
+    let mock = Mock::start(&[]);
+    // 20 a minute: one more every 3 s, counted in what may be admitted.
+    let config = leased(
+        &mock,
+        "{ requests_per_minute: 20 }",
+        &redis,
+        Some("{ share: 0.25, ms: 5000 }"),
+    );
+    let gw1 = Gateway::start(&config);
+    let gw2 = Gateway::start(&config.another_instance());
+    let began = Instant::now();
+    // Each takes five more with its first request.
+    assert_eq!(one(&gw1).status, 200);
+    assert_eq!(one(&gw2).status, 200);
+    let (a, b) = std::thread::scope(|scope| {
+        let a = scope.spawn(|| burst(&gw1, 15));
+        let b = scope.spawn(|| burst(&gw2, 15));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    let refilled = (began.elapsed().as_millis() / 3000) as usize;
+    let total = 2 + admitted(&a) + admitted(&b);
+    assert!(total <= 20 + refilled, "{total} admitted of 20 a minute");
+    // Each holds at most its share (5) unused.
+    assert!(total >= 20 - 2 * 5, "{total} admitted");
+    assert_eq!(mock.request_count(), total as u64);
+    assert!(leased_admissions(&gw1) >= 1.0 && leased_admissions(&gw2) >= 1.0);
+}
+
+/// What one instance took ahead and did not use goes back to Redis after
+/// `redis.lease.ms`: another instance (deciding every request in Redis)
+/// gets it then, not a minute later.
+#[test]
+fn quota_held_unused_is_given_back_after_the_lease() {
+    let redis = Redis::start();
+    let mock = Mock::start(&[]);
+    // 4 a minute: one more every 15 s, none within this test.
+    let limits = "{ requests_per_minute: 4 }";
+    let holder = Gateway::start(&leased(
+        &mock,
+        limits,
+        &redis,
+        Some("{ share: 0.5, ms: 3000 }"),
+    ));
+    let other = Gateway::start(&leased(&mock, limits, &redis, None));
+    let began = Instant::now();
+    // One request, and two more taken ahead with it.
+    assert_eq!(one(&holder).status, 200);
+    let first = burst(&other, 4);
+    assert!(
+        began.elapsed() < Duration::from_millis(2500),
+        "too slow to tell"
+    );
+    assert_eq!(admitted(&first), 1, "the holder keeps two of the four");
+    let mut got = 1;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while got < 3 {
+        assert!(Instant::now() < deadline, "the held quota never came back");
+        match one(&other).status {
+            200 => got += 1,
+            429 => std::thread::sleep(Duration::from_millis(100)),
+            status => panic!("unexpected {status}"),
+        }
+    }
+    assert!(
+        began.elapsed() >= Duration::from_millis(2900),
+        "given back before the lease ran out"
+    );
+    assert_eq!(one(&other).status, 429, "the minute is spent");
+    assert_eq!(one(&holder).status, 429, "and the holder has nothing left");
+    assert_eq!(mock.request_count(), 4);
+}
+
+/// A stopping instance gives back what it holds before it exits.
+#[test]
+fn a_stopping_gateway_gives_back_what_it_holds() {
+    let redis = Redis::start();
+    let mock = Mock::start(&[]);
+    let limits = "{ requests_per_minute: 4 }";
+    let mut holder = Gateway::start(&leased(
+        &mock,
+        limits,
+        &redis,
+        Some("{ share: 0.5, ms: 10000 }"),
+    ));
+    let other = Gateway::start(&leased(&mock, limits, &redis, None));
+    assert_eq!(one(&holder).status, 200);
+    signal(holder.pid(), "TERM");
+    holder.wait_exit(Duration::from_secs(20));
+    assert_eq!(admitted(&burst(&other, 5)), 3, "the holder's two came back");
+}
+
+/// Slots of requests that end are kept for the instance's next requests
+/// (up to its share of `max_concurrent`): across instances no more than the
+/// limit run at once, and kept slots are released after the lease.
+#[test]
+fn kept_slots_hold_concurrency_to_the_limit_across_instances() {
+    let redis = Redis::start();
+    let mock = Mock::start(&["--latency-ms", "400"]);
+    let config = leased(
+        &mock,
+        "{ max_concurrent: 4 }",
+        &redis,
+        Some("{ share: 0.5, ms: 4000 }"),
+    );
+    let gw1 = Gateway::start(&config);
+    let gw2 = Gateway::start(&config.another_instance());
+    // Each instance runs two at once and keeps both slots.
+    assert_eq!(admitted(&burst(&gw1, 2)), 2);
+    assert_eq!(admitted(&burst(&gw2, 2)), 2);
+    let held = redis.cli(&["ZCARD", "runestone:{acme}:inflight"]);
+    assert_eq!(held.trim(), "4", "the kept slots stay held in Redis");
+    let before = mock.request_count();
+    let (a, b) = std::thread::scope(|scope| {
+        let a = scope.spawn(|| burst(&gw1, 6));
+        let b = scope.spawn(|| burst(&gw2, 6));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    assert_eq!(admitted(&a), 2, "gw1 runs its two: {a:?}");
+    assert_eq!(admitted(&b), 2, "gw2 runs its two: {b:?}");
+    assert_eq!(mock.request_count() - before, 4);
+    assert!(leased_admissions(&gw1) >= 2.0);
+    wait_until(
+        Duration::from_secs(10),
+        "the kept slots to be released after the lease",
+        || redis.cli(&["ZCARD", "runestone:{acme}:inflight"]).trim() == "0",
+    );
+}
+
+/// Admissions against the pool skip Redis, and every request still reaches
+/// Redis's usage once, with its cost; the budget holds on one instance as
+/// without leases; the headers stay within the limit.
+#[test]
+fn leased_admissions_bill_every_request_and_keep_the_budget() {
+    let redis = Redis::start();
+    let mock = Mock::start(&[]);
+    // Each request costs (7 * $1 + 16 * $2) / 1M = $0.000039: the budget
+    // admits 26 (the one that crosses it is served).
+    let gw = Gateway::start(&leased(
+        &mock,
+        "{ requests_per_minute: 600, tokens_per_minute: 1000000, max_concurrent: 10, budget_usd: { amount: 0.001, period: daily } }",
+        &redis,
+        Some("{ share: 0.5, ms: 10000 }"),
+    ));
+    let mut served = 0;
+    let mut remaining = Vec::new();
+    loop {
+        let resp = one(&gw);
+        if resp.status == 429 {
+            assert_eq!(resp.error_code(), "insufficient_quota");
+            break;
+        }
+        assert_eq!(resp.status, 200);
+        let left: u64 = resp
+            .header("x-ratelimit-remaining-requests")
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(left < 600, "{left}");
+        remaining.push(left);
+        served += 1;
+        assert!(served < 40, "budget never enforced");
+    }
+    assert_eq!(served, 26);
+    assert!(remaining.last() < remaining.first(), "{remaining:?}");
+    assert!(
+        leased_admissions(&gw) >= 20.0,
+        "most admissions skipped Redis"
+    );
+    wait_until(
+        Duration::from_secs(10),
+        "every request's usage to reach Redis",
+        || usage_in_redis(&redis, "requests") == "26",
+    );
+    assert_eq!(
+        usage_in_redis(&redis, "cost_pusd"),
+        (26 * 39_000_000).to_string()
+    );
+    let usage: Value = gw.get("/v1/usage", Some(TENANT_KEY)).json();
+    assert_eq!(usage["requests"], 26);
+    assert_eq!(
+        metric_value(
+            &gw.metrics(),
+            r#"runestone_inflight_requests{tenant="acme"}"#
+        ),
+        0.0
+    );
+}
+
+/// Redis frozen while an instance admits against its pool: it serves on,
+/// and once Redis thaws every request is counted there once (the
+/// settlements not waited for are kept and sent again under their batch
+/// numbers, as the waited ones are).
+#[test]
+fn a_frozen_redis_counts_leased_requests_once() {
+    let redis = Redis::start();
+    let mock = Mock::start(&[]);
+    let mut config = leased(
+        &mock,
+        "{ requests_per_minute: 1000, max_concurrent: 10 }",
+        &redis,
+        Some("{ share: 0.1, ms: 10000 }"),
+    );
+    config.extra = config.extra.replace("timeout_ms: 2000", "timeout_ms: 250");
+    let gw = Gateway::start(&config);
+    for _ in 0..3 {
+        assert_eq!(one(&gw).status, 200);
+    }
+    redis.freeze();
+    for _ in 0..5 {
+        assert_eq!(one(&gw).status, 200, "served while Redis is frozen");
+    }
+    redis.thaw();
+    wait_until(
+        Duration::from_secs(10),
+        "every request counted in Redis",
+        || usage_in_redis(&redis, "requests") == "8",
+    );
+    wait_until(Duration::from_secs(10), "Redis to be up", || {
+        metric_value(&gw.metrics(), "runestone_redis_up") == 1.0
+    });
+    // Later flushes send nothing more.
+    let after = gw.get("/v1/usage", Some(TENANT_KEY)).json();
+    assert_eq!(after["requests"], 8, "{after}");
+    assert_eq!(usage_in_redis(&redis, "requests"), "8");
+}
