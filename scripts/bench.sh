@@ -173,11 +173,11 @@ REDIS_CLUSTER="redis: { cluster_nodes: [\"redis://127.0.0.1:${cluster_ports[0]}\
 TELEMETRY="telemetry: { otlp_endpoint: \"http://127.0.0.1:$mock_port/_mock/otlp\" }"
 # Every request the same: after the first, all are hits.
 CACHE="cache: { only_deterministic: false }"
-PATHS=(direct "pingora floor" "runestone, no limits" "runestone, all on, in-process" "runestone, all on, in-process, access log to a file" "runestone, all on, in-process, traces to a collector" "runestone, all on, in-process, cache hits" "runestone, all on, Redis" "runestone, all on, Redis Cluster")
+PATHS=(direct "pingora floor" "runestone, no limits" "runestone, all on, in-process" "runestone, all on, in-process, access log to a file" "runestone, all on, in-process, traces to a collector" "runestone, all on, in-process, cache hits" "runestone, all on, Redis" "runestone, all on, Redis, quota taken ahead" "runestone, all on, Redis Cluster")
 # The same binaries built by scripts/pgo.sh: the floor too, so that what a
 # profile-guided build buys any Pingora proxy is not counted as the
 # gateway's own.
-PGO_PATHS=("pingora floor, profile-guided" "runestone, all on, in-process, profile-guided" "runestone, all on, in-process, access log to a file, profile-guided" "runestone, all on, Redis, profile-guided")
+PGO_PATHS=("pingora floor, profile-guided" "runestone, all on, in-process, profile-guided" "runestone, all on, in-process, access log to a file, profile-guided" "runestone, all on, Redis, profile-guided" "runestone, all on, Redis, quota taken ahead, profile-guided")
 [ -n "$PGO_MISSING" ] || PATHS+=("${PGO_PATHS[@]}")
 for peer in "portkey gateway (node)" "litellm proxy (1 worker)"; do
   [ -n "${PEER_MISSING[$peer]:-}" ] || PATHS+=("$peer")
@@ -242,6 +242,8 @@ YAML
       [[ "$path" == *"access log"* ]] && log=true && out="$work/access.log"
       [[ "$path" == *Redis ]] && extra=$REDIS
       [[ "$path" == *"Redis Cluster" ]] && extra=$REDIS_CLUSTER
+      # redis.lease: 5% of each limit taken ahead (README, "Quota taken ahead").
+      [[ "$path" == *"quota taken ahead" ]] && extra="${REDIS% \}}, lease: { share: 0.05 } }"
       [[ "$path" == *traces* ]] && extra=$TELEMETRY
       [[ "$path" == *"cache hits"* ]] && extra=$CACHE
       mport=$(free_port)
@@ -308,7 +310,7 @@ done
 # whose requests did not all succeed, or whose dump is missing, says so
 # instead of a figure.
 CG_REQUESTS=${CG_REQUESTS:-2000}
-CG_PATHS=("pingora floor" "runestone, no limits" "runestone, all on, in-process" "runestone, all on, in-process, access log to a file" "runestone, all on, in-process, cache hits" "runestone, all on, Redis")
+CG_PATHS=("pingora floor" "runestone, no limits" "runestone, all on, in-process" "runestone, all on, in-process, access log to a file" "runestone, all on, in-process, cache hits" "runestone, all on, Redis" "runestone, all on, Redis, quota taken ahead")
 [ -n "$PGO_MISSING" ] || CG_PATHS+=("pingora floor, profile-guided" "runestone, all on, in-process, profile-guided")
 # Streams, in the same processes after the requests: CG_STREAMS streams of
 # CG_STREAM_TOKENS tokens each (runestone-mock writes them unpaced), for

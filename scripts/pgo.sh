@@ -2,8 +2,8 @@
 # Profile-guided release build: the gateway is built once with counters,
 # run through a mix of traffic (scripts/pgo-mix.lua: chat, streams, a
 # failover, embeddings, Responses, refused and malformed requests; in
-# process, with Redis and with the access log to a file; runestone-mock as
-# the provider), and built again from what the counters saw. Same sources,
+# process, with Redis, with Redis and `redis.lease`, and with the access
+# log to a file; runestone-mock as the provider), and built again from what the counters saw. Same sources,
 # same behaviour: the compiler lays out and inlines for the paths that run.
 # docs/performance.md, "a profile-guided build", says what it buys.
 #
@@ -15,9 +15,9 @@
 #                             # mix expects (scripts/test.sh)
 #
 # Each state's traffic must be answered as the mix expects (its statuses in
-# their shares, no socket errors, Redis up in the Redis state), or the
-# script stops and shows the gateway's log: a build is not trained on
-# refusals. Needs llvm-profdata of the LLVM rustc is built on (`rustc
+# their shares, no socket errors, Redis up in the Redis states, admissions
+# against quota taken ahead in the lease state), or the script stops and
+# shows the gateway's log: a build is not trained on refusals. Needs llvm-profdata of the LLVM rustc is built on (`rustc
 # -vV`): rustup's llvm-tools component, or Debian's llvm-<major>, installed
 # when missing. Takes about two and a half times a release build's time.
 # One at a time in a checkout (a lock under target/). Loopback only; stops
@@ -144,6 +144,8 @@ serve_mix() {
     "$trained" "127.0.0.1:$port" "127.0.0.1:$mock_port" >/dev/null 2>"$work/gw.log" &
   else
     [ "$1" = redis ] && extra="redis: { url: \"redis://127.0.0.1:$redis_port/0\" }"
+    # redis.lease: most admissions against quota taken ahead.
+    [ "$1" = redis-lease ] && extra="redis: { url: \"redis://127.0.0.1:$redis_port/0\", lease: { share: 0.05 } }"
     [ "$1" = access-log ] && log=true
     cat >"$work/gw.yaml" <<YAML
 server:
@@ -183,8 +185,11 @@ YAML
   wait_port "$port" "$pid" "$trained"
   wrk -t1 -c16 -d"${PGO_SECONDS:-4}s" -s scripts/pgo-mix.lua "http://127.0.0.1:$port" >"$work/wrk.out" 2>&1 \
     || { cat "$work/wrk.out" >&2; fail "$1: wrk failed"; }
-  if [ "$1" = redis ] && ! curl -fsS "http://127.0.0.1:$metrics/metrics" | grep -q '^runestone_redis_up 1'; then
+  if [[ "$1" == redis* ]] && ! curl -fsS "http://127.0.0.1:$metrics/metrics" | grep -q '^runestone_redis_up 1'; then
     fail "$1: the gateway did not have Redis (runestone_redis_up is not 1)"
+  fi
+  if [ "$1" = redis-lease ] && ! curl -fsS "http://127.0.0.1:$metrics/metrics" | grep -q '^runestone_leased_admissions_total{tenant="limited"} [1-9]'; then
+    fail "$1: no admission was made against quota taken ahead"
   fi
   kill -0 "$pid" 2>/dev/null || fail "$trained exited while serving the mix ($1)"
   kill -INT "$pid" 2>/dev/null || true
@@ -222,6 +227,7 @@ if [ "$mode" = --floor ]; then
 else
   serve_mix in-process
   serve_mix redis
+  serve_mix redis-lease
   serve_mix access-log
 fi
 [ "$mode" != --check ] || exit 0
