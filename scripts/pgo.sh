@@ -17,9 +17,9 @@
 # Each state's traffic must be answered as the mix expects (its statuses in
 # their shares, no socket errors, Redis up in the Redis states, admissions
 # against quota taken ahead in the lease state), or the script stops and
-# shows the gateway's log: a build is not trained on refusals. Needs llvm-profdata of the LLVM rustc is built on (`rustc
-# -vV`): rustup's llvm-tools component, or Debian's llvm-<major>, installed
-# when missing. Takes about two and a half times a release build's time.
+# shows the gateway's log: a build is not trained on refusals. Needs
+# llvm-profdata of the LLVM rustc is built on (`rustc -vV`): rustup's
+# llvm-tools component, or Debian's llvm-<major>, installed when missing. Takes about two and a half times a release build's time.
 # One at a time in a checkout (a lock under target/). Loopback only; stops
 # what it starts.
 set -euo pipefail
