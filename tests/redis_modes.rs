@@ -1125,3 +1125,98 @@ fn a_redirected_command_on_a_cluster_runs_once() {
         "the first command ran once"
     );
 }
+
+/// `redis.lease` over a cluster: two gateways taking quota ahead keep one
+/// global limit, serve on while the tenant's primary fails over, bill
+/// exactly what the provider generated, and leave no slot held once their
+/// leases run out.
+#[test]
+fn leasing_gateways_over_a_cluster_keep_the_limit_and_bill_exactly_through_a_failover() {
+    let mut cluster = Cluster::start();
+    let mock = Mock::start(&[]);
+    let mut config = config(
+        &mock,
+        &format!("{}\n  lease: {{ share: 0.5, ms: 500 }}", cluster.seeds()),
+        6,
+    );
+    // 6 a minute: a share of 3 ahead per instance.
+    config.tenants = format!(
+        "\n  - id: acme\n    keys: [\"{TENANT_KEY}\"]\n    limits: {{ requests_per_minute: 6 }}\n  - id: busy\n    keys: [\"sk-tenant-busy-0123456789\"]\n    limits: {{ requests_per_minute: 100000, max_concurrent: 4 }}\n"
+    );
+    let gw1 = Gateway::start(&config);
+    let gw2 = Gateway::start(&config.another_instance());
+    for gw in [&gw1, &gw2] {
+        wait_until(Duration::from_secs(10), "the start-up connection", || {
+            redis_up(gw)
+        });
+    }
+    let statuses: Vec<u16> = (0..12)
+        .map(|i| ask(if i % 2 == 0 { &gw1 } else { &gw2 }))
+        .collect();
+    let admitted = statuses.iter().filter(|s| **s == 200).count();
+    // What one instance holds unused is refused to the other until given
+    // back, never admitted twice.
+    assert!((3..=6).contains(&admitted), "{statuses:?}");
+
+    let busy = |gw: &Gateway| {
+        gw.post_json(
+            CHAT,
+            "sk-tenant-busy-0123456789",
+            &chat("gpt-4o-mini", false),
+        )
+        .status
+    };
+    for gw in [&gw1, &gw2] {
+        for _ in 0..5 {
+            assert_eq!(busy(gw), 200);
+        }
+    }
+    let leased = |gw: &Gateway| {
+        metric_value(
+            &gw.metrics(),
+            r#"runestone_leased_admissions_total{tenant="busy"}"#,
+        )
+    };
+    assert!(leased(&gw1) >= 1.0 && leased(&gw2) >= 1.0);
+    let victim = cluster.primary_of("{busy}");
+    cluster.nodes[victim].kill();
+    let started = Instant::now();
+    let mut during = Vec::new();
+    while started.elapsed() < Duration::from_secs(3) {
+        let t = Instant::now();
+        let gw = if during.len() % 2 == 0 { &gw1 } else { &gw2 };
+        during.push((busy(gw), t.elapsed()));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        during
+            .iter()
+            .all(|(s, t)| *s == 200 && *t < Duration::from_secs(2)),
+        "answered within bounds while the primary was gone: {during:?}"
+    );
+    wait_until(
+        Duration::from_secs(20),
+        "both gateways to see Redis again",
+        || {
+            busy(&gw1);
+            busy(&gw2);
+            redis_up(&gw1) && redis_up(&gw2)
+        },
+    );
+    let primary = cluster.primary_of("{busy}");
+    assert_ne!(primary, victim);
+    wait_until(Duration::from_secs(10), "no slot left held", || {
+        cluster.nodes[primary]
+            .cli(&["ZCARD", "runestone:{busy}:inflight"])
+            .trim()
+            == "0"
+    });
+    let billed: f64 = [&gw1, &gw2]
+        .iter()
+        .map(|gw| metric_sum(&gw.metrics(), "runestone_tokens_total", &[]))
+        .sum();
+    let stats = mock.stats();
+    let generated =
+        stats["prompt_tokens"].as_u64().unwrap() + stats["completion_tokens"].as_u64().unwrap();
+    assert_eq!(billed, generated as f64);
+}
