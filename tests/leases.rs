@@ -296,3 +296,210 @@ fn a_frozen_redis_counts_leased_requests_once() {
     assert_eq!(after["requests"], 8, "{after}");
     assert_eq!(usage_in_redis(&redis, "requests"), "8");
 }
+
+/// A request longer than `redis.lease.ms` leaves its slot to the next
+/// request as one shorter would: the kept slot goes with a request Redis
+/// decides, counted as its own, not as another held.
+#[test]
+fn a_slot_kept_after_a_long_request_serves_the_next_ones() {
+    let redis = Redis::start();
+    let mock = Mock::start(&["--latency-ms", "700"]);
+    let gw = Gateway::start(&leased(
+        &mock,
+        "{ max_concurrent: 2 }",
+        &redis,
+        Some("{ share: 0.5, ms: 300 }"),
+    ));
+    assert_eq!(one(&gw).status, 200);
+    for round in 0..2 {
+        assert_eq!(burst(&gw, 2), [200, 200], "round {round}");
+    }
+    wait_until(Duration::from_secs(10), "the kept slot released", || {
+        redis.cli(&["ZCARD", "runestone:{acme}:inflight"]).trim() == "0"
+    });
+}
+
+/// What an instance holds does not make Redis refuse that instance: a
+/// burst of N against an idle limit of N admits exactly N, and a request
+/// larger than the pool's tokens is decided against everything but what
+/// others hold.
+#[test]
+fn what_an_instance_holds_is_its_own_to_admit() {
+    let redis = Redis::start();
+    let mock = Mock::start(&[]);
+    let gw = Gateway::start(&leased(
+        &mock,
+        "{ requests_per_minute: 10 }",
+        &redis,
+        Some("{ share: 0.5, ms: 10000 }"),
+    ));
+    assert_eq!(admitted(&burst(&gw, 14)), 10);
+    assert_eq!(mock.request_count(), 10);
+
+    let redis = Redis::start();
+    let tokens = Gateway::start(&leased(
+        &mock,
+        "{ tokens_per_minute: 10000 }",
+        &redis,
+        Some("{ share: 0.5, ms: 10000 }"),
+    ));
+    let ask = |max_tokens: u64| {
+        let mut body = chat("gpt-4o-mini", false);
+        body["max_tokens"] = max_tokens.into();
+        tokens
+            .post_json("/v1/chat/completions", TENANT_KEY, &body)
+            .status
+    };
+    assert_eq!(ask(10), 200);
+    assert_eq!(ask(6000), 200, "the pool's 5,000 tokens go back for it");
+}
+
+/// On one instance, settlements counted before the client sees the end:
+/// clients that send again at once find their slot and see the spend, as
+/// without the lease (the budget is passed by the requests in flight when
+/// it is crossed, no more).
+#[test]
+fn one_leasing_instance_frees_slots_and_counts_spend_before_the_answer_ends() {
+    let redis = Redis::start();
+    let mock = Mock::start(&["--latency-ms", "50"]);
+    // Each request costs $0.000039: the budget is crossed by the 26th.
+    let gw = Gateway::start(&leased(
+        &mock,
+        "{ requests_per_minute: 100000, max_concurrent: 2, budget_usd: { amount: 0.001, period: daily } }",
+        &redis,
+        Some("{ share: 0.5, ms: 10000 }"),
+    ));
+    let statuses: Vec<Vec<u16>> = std::thread::scope(|scope| {
+        let loops: Vec<_> = (0..2)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut seen = Vec::new();
+                    loop {
+                        let status = one(&gw).status;
+                        seen.push(status);
+                        if status != 200 || seen.len() > 40 {
+                            return seen;
+                        }
+                    }
+                })
+            })
+            .collect();
+        loops.into_iter().map(|l| l.join().unwrap()).collect()
+    });
+    let served: usize = statuses.iter().map(|s| admitted(s)).sum();
+    for seen in &statuses {
+        assert_eq!(seen.last(), Some(&429), "{statuses:?}");
+        assert!(seen.iter().all(|&s| s == 200 || s == 429), "{statuses:?}");
+    }
+    // 26 cross it; the other client's request in flight then may pass.
+    assert!((26..=27).contains(&served), "{served}: {statuses:?}");
+    assert_eq!(
+        metric_value(
+            &gw.metrics(),
+            r#"runestone_rate_limited_total{limit="concurrency",tenant="acme"}"#
+        ),
+        0.0,
+        "a slot freed before its answer ended"
+    );
+}
+
+/// Killed a moment after it answered, while Redis does not answer, an
+/// instance has written down what it owes: the next one on its pid file
+/// pays it, every request billed once.
+#[test]
+fn a_leasing_gateway_killed_during_an_outage_leaves_its_usage_to_the_next() {
+    let redis = Redis::start();
+    let mock = Mock::start(&[]);
+    let config = leased(
+        &mock,
+        "{ requests_per_minute: 1000 }",
+        &redis,
+        Some("{ share: 0.1, ms: 10000 }"),
+    );
+    let mut gw = Gateway::start(&config);
+    assert_eq!(one(&gw).status, 200);
+    wait_until(Duration::from_secs(10), "the first counted", || {
+        usage_in_redis(&redis, "requests") == "1"
+    });
+    redis.freeze();
+    for _ in 0..5 {
+        assert_eq!(one(&gw).status, 200, "admitted against the pool");
+    }
+    wait_until(Duration::from_secs(5), "the usage written down", || {
+        requests_owed_beside(&gw.config_path().1) == 5
+    });
+    signal(gw.pid(), "KILL");
+    gw.wait_exit(Duration::from_secs(10));
+    redis.thaw();
+    gw.start_again(&config);
+    wait_until(Duration::from_secs(10), "the usage paid", || {
+        usage_in_redis(&redis, "requests") == "6"
+    });
+}
+
+/// A slot Redis lost (a failover to a replica that had not seen it, the
+/// key deleted) is not used again once renewal finds it gone: instances
+/// do not run more than the limit for longer than that.
+#[test]
+fn a_kept_slot_redis_lost_is_dropped() {
+    let redis = Redis::start();
+    let mock = Mock::start(&["--latency-ms", "300"]);
+    let limits = "{ max_concurrent: 2 }";
+    let holder = Gateway::start(&leased(
+        &mock,
+        limits,
+        &redis,
+        Some("{ share: 0.5, ms: 10000 }"),
+    ));
+    let other = Gateway::start(&leased(&mock, limits, &redis, None));
+    assert_eq!(one(&holder).status, 200);
+    redis.cli(&["DEL", "runestone:{acme}:inflight"]);
+    // Renewal (every 10 s) finds the kept slot gone; from then on the
+    // holder's requests need Redis for a slot.
+    wait_until(Duration::from_secs(15), "the lost slot dropped", || {
+        std::thread::scope(|scope| {
+            let a = scope.spawn(|| one(&holder).status);
+            let b = scope.spawn(|| burst(&other, 2));
+            let (a, b) = (a.join().unwrap(), b.join().unwrap());
+            a + b.iter().sum::<u16>() != 600
+        })
+    });
+}
+
+/// While Redis does not answer, what an instance owes counts once in its
+/// view of the budget (the gauge, and the in-process fallback's refusals).
+#[test]
+fn spend_owed_during_an_outage_counts_once() {
+    let redis = Redis::start();
+    let mock = Mock::start(&[]);
+    let mut config = leased(
+        &mock,
+        "{ requests_per_minute: 100000, budget_usd: { amount: 1.0, period: daily } }",
+        &redis,
+        Some("{ share: 0.1, ms: 10000 }"),
+    );
+    config.extra = config.extra.replace("timeout_ms: 2000", "timeout_ms: 200");
+    let gw = Gateway::start(&config);
+    assert_eq!(one(&gw).status, 200);
+    redis.freeze();
+    for _ in 0..10 {
+        assert_eq!(one(&gw).status, 200);
+    }
+    // Past the pool's lease, Redis is asked, does not answer, and the
+    // in-process fallback decides.
+    wait_until(Duration::from_secs(5), "Redis marked down", || {
+        one(&gw);
+        metric_value(&gw.metrics(), "runestone_redis_up") == 0.0
+    });
+    let served = mock.request_count() as f64;
+    let ratio = metric_value(
+        &gw.metrics(),
+        r#"runestone_budget_used_ratio{tenant="acme"}"#,
+    );
+    // $0.000039 a request.
+    assert!(
+        (ratio - served * 0.000039).abs() < 1e-9,
+        "{ratio} for {served} requests"
+    );
+    redis.thaw();
+}

@@ -1110,3 +1110,41 @@ pub fn start_raw_with(
     );
     child
 }
+
+/// The debt files beside `dir`'s `gw.pid`.
+pub fn debt_files_in(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut found: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|entry| entry.path())
+        .filter(|path| {
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            let rest = name.strip_prefix("gw.pid.owed.").unwrap_or(".new");
+            !rest.ends_with(".new")
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+/// The requests a debt file says are owed (each debt's `SETTLE` call's
+/// sixth argument).
+pub fn requests_owed_in(path: &std::path::Path) -> u64 {
+    let Ok(text) = std::fs::read(path) else {
+        return 0;
+    };
+    let Ok(file) = serde_json::from_slice::<serde_json::Value>(&text) else {
+        return 0;
+    };
+    file["owed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|debt| debt["args"][5].as_str().unwrap().parse::<u64>().unwrap())
+        .sum()
+}
+
+/// The requests the debt files beside `dir`'s `gw.pid` say are owed.
+pub fn requests_owed_beside(dir: &std::path::Path) -> u64 {
+    debt_files_in(dir).iter().map(|f| requests_owed_in(f)).sum()
+}

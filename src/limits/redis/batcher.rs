@@ -29,7 +29,8 @@ pub(super) struct AdmitOp {
     pub(super) tenant: usize,
     pub(super) period_id: Arc<str>,
     /// RPM, TPM, max concurrent, budget (pUSD); 0 for none. Then the
-    /// spend owed for the period that Redis refused (pUSD), which counts
+    /// spend owed for the period that Redis has not counted (pUSD; see
+    /// `Ledger::uncounted_spend`), which counts
     /// against the budget, and what this instance admitted while Redis was
     /// unavailable: its requests in flight, its requests and tokens TATs
     /// (Unix ms; constant from one such admission to the next, so they
@@ -38,9 +39,12 @@ pub(super) struct AdmitOp {
     pub(super) tokens: u64,
     /// `None` when the tenant has no concurrency limit.
     pub(super) lease: Option<Lease>,
-    /// Requests and tokens to take ahead with it, when they fit
-    /// (`redis.lease`; 0 for none).
-    pub(super) extra: [u64; 2],
+    /// Whether `lease` is a slot this instance kept (`redis.lease`).
+    pub(super) kept: bool,
+    /// With `redis.lease`: the requests and tokens asked for ahead, and
+    /// those given back (0 for none).
+    pub(super) extra: [i64; 2],
+    pub(super) back: [i64; 2],
     pub(super) reply: Reply<AdmitAnswer>,
 }
 
@@ -226,7 +230,7 @@ impl Batcher {
         let first = &batch[0];
         let keys = &self.keys[first.tenant];
         // Sized up front, as the settlement's (see `Unsettled::command`).
-        let mut cmd = redis::Cmd::with_capacity(12 + 4 * batch.len(), 400 + 64 * batch.len());
+        let mut cmd = redis::Cmd::with_capacity(12 + 7 * batch.len(), 400 + 72 * batch.len());
         cmd.arg("EVALSHA")
             .arg(self.admit.get_hash())
             .arg(3)
@@ -240,7 +244,9 @@ impl Batcher {
                 Some(lease) => cmd.arg(lease),
                 None => cmd.arg(""),
             };
-            cmd.arg(op.extra[0]).arg(op.extra[1]);
+            cmd.arg(if op.kept { "1" } else { "0" })
+                .arg(&op.extra[..])
+                .arg(&op.back[..]);
         }
         cmd
     }

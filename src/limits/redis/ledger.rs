@@ -126,6 +126,9 @@ pub(super) struct Ledger {
     /// Batches and debts the flush has sent and awaits Redis's answer for.
     pub(super) sending: Vec<Unsettled>,
     pub(super) paying: Vec<Debt>,
+    /// Whether something was kept because Redis was away (said when the
+    /// flush pays it), not only owed with `redis.lease`.
+    pub(super) outage: bool,
 }
 
 /// Whether `error` is [`SETTLE`]'s refusal of a batch (Redis wrote none of
@@ -174,14 +177,28 @@ impl Ledger {
         });
     }
 
-    /// Spend owed for a tenant's period while Redis refuses its
-    /// settlements (0 otherwise), in pUSD: counted against the budget by
-    /// the admissions Redis decides, which see only Redis's own.
-    pub(super) fn refused_spend(&self, tenant: usize, period_id: &str) -> u64 {
-        if self.refusals.is_empty() || !self.refusals.contains(&(tenant, period_id.to_string())) {
+    /// Spend owed for a tenant's period that Redis has not counted, in
+    /// pUSD: counted against the budget by the admissions Redis decides,
+    /// which see only Redis's own. All that is owed while Redis refuses the
+    /// tenant's settlements; otherwise what was never sent (owed with
+    /// `redis.lease`, or kept through an outage): a batch sent and not yet
+    /// answered may have counted already.
+    pub(super) fn uncounted_spend(&self, tenant: usize, period_id: &str) -> u64 {
+        if !self.refusals.is_empty() && self.refusals.contains(&(tenant, period_id.to_string())) {
+            return self.owed_spend(tenant, period_id).max(0) as u64;
+        }
+        if self.pending.is_empty() && self.unsettled.is_empty() {
             return 0;
         }
-        self.owed_spend(tenant, period_id).max(0) as u64
+        let pending = self
+            .pending
+            .get(&(tenant, period_id.to_string()))
+            .map_or(0, |u| u.cost_pusd);
+        let unsent: i64 = (self.unsettled.iter())
+            .filter(|u| !u.uncertain && u.tenant == tenant && u.period_id == period_id)
+            .map(|u| u.usage.cost_pusd)
+            .sum();
+        (pending + unsent).max(0) as u64
     }
 
     /// A batch of `tenant`'s period was applied: a refusal is said again if
@@ -324,6 +341,21 @@ impl Shared {
         now_up && !was_up
     }
 
+    /// Owes a settlement's usage to Redis without an outage (`redis.lease`):
+    /// kept for the flush as [`Shared::defer`] keeps it, without saying
+    /// Redis was away when it is paid.
+    pub(super) fn owe(&self, tenant: usize, period_id: &str, usage: &PeriodUsage) {
+        if *usage == PeriodUsage::default() {
+            return;
+        }
+        lock(&self.ledger)
+            .pending
+            .entry((tenant, period_id.to_string()))
+            .or_default()
+            .add(usage);
+        self.deferred.notify_one();
+    }
+
     /// Keeps a settlement that is not sent now for the flush: its usage
     /// summed per period, its lease to release.
     pub(super) fn defer(
@@ -334,6 +366,7 @@ impl Shared {
         usage: &PeriodUsage,
     ) {
         let mut ledger = lock(&self.ledger);
+        ledger.outage = true;
         if let Some(lease) = lease {
             ledger.unreleased.push((tenant, lease));
         }
@@ -485,9 +518,9 @@ mod tests {
         assert!(ledger.pending.is_empty(), "not owed anew");
         assert_eq!(ledger.unsettled.len(), 1);
         assert_eq!(ledger.unsettled[0].batch, number, "sent again as itself");
-        assert_eq!(ledger.refused_spend(0, "2026-12"), 10);
-        assert_eq!(ledger.refused_spend(0, "2026-11"), 0);
-        assert_eq!(ledger.refused_spend(1, "2026-12"), 0);
+        assert_eq!(ledger.uncounted_spend(0, "2026-12"), 10);
+        assert_eq!(ledger.uncounted_spend(0, "2026-11"), 0);
+        assert_eq!(ledger.uncounted_spend(1, "2026-12"), 0);
     }
 
     #[test]

@@ -74,7 +74,7 @@ impl RedisMaintenance {
                     }
                 }
                 _ = renew.tick() => self.store.renew_leases().await,
-                _ = pools.tick(), if pooled.is_some() => self.store.give_back_unused().await,
+                _ = pools.tick(), if pooled.is_some() => self.store.pool_upkeep().await,
                 _ = shutdown.changed(), if !stopping => {
                     stopping = true;
                     self.store.stop_pooling().await;

@@ -377,7 +377,7 @@ impl RedisStore {
                 .budget
                 .is_none_or(|b| self.known_spend(tenant, period_id) < b.amount_pusd);
             if within_budget {
-                if let Some((slot, state)) = pools.take(tenant, limits, tokens, super::now_ms()) {
+                if let Some((slot, state)) = pools.take(tenant, limits, tokens, pool::now()) {
                     if let Some(slot) = slot {
                         lock(&self.inner.leases).insert(slot, tenant);
                     }
@@ -385,8 +385,15 @@ impl RedisStore {
                 }
             }
         }
-        let ask = pools.map(|pools| pools.ask(tenant));
         let queue = self.queue()?;
+        // A slot the pool kept goes with the request Redis decides (the
+        // pool could not admit it for another limit): Redis counts it as
+        // the request's own.
+        let kept = pools
+            .filter(|_| limits.max_concurrent.is_some())
+            .and_then(|pools| pools.kept_slot(tenant));
+        let lease = kept.or(lease);
+        let ask = pools.map(|pools| pools.ask(tenant));
         let (reply, answer) = oneshot::channel();
         let op = Op::Admit(AdmitOp {
             tenant,
@@ -397,7 +404,7 @@ impl RedisStore {
                 u64::from(limits.max_concurrent.unwrap_or(0)),
                 limits.budget.map_or(0, |b| b.amount_pusd.max(0) as u64),
                 if limits.budget.is_some() {
-                    lock(&self.inner.shared.ledger).refused_spend(tenant, period_id)
+                    lock(&self.inner.shared.ledger).uncounted_spend(tenant, period_id)
                 } else {
                     0
                 },
@@ -407,7 +414,9 @@ impl RedisStore {
             ],
             tokens,
             lease,
+            kept: kept.is_some(),
             extra: ask.as_ref().map_or([0, 0], |ask| ask.extra),
+            back: ask.as_ref().map_or([0, 0], |ask| ask.back),
             reply,
         });
         let answer = match queue.send(op) {
@@ -456,10 +465,20 @@ impl RedisStore {
         };
         if let (Some(pools), Some(ask)) = (pools, ask) {
             let read = [now, requests_tat, tokens_tat];
-            let view = pools.answered((ask, leased), limits, read, super::now_ms());
+            let view = pools.answered((ask, leased), limits, read, pool::now());
             if refused.is_empty() {
                 // What this instance may still admit: the pool's too.
                 state = view;
+            }
+        }
+        if let (Some(pools), Some(slot)) = (pools, kept.filter(|_| !refused.is_empty())) {
+            // Refused for another limit, the kept slot is still held for
+            // the next request; refused for concurrency, Redis no longer
+            // held it.
+            if refused == "concurrency" || !pools.keep(tenant, slot, pool::now()) {
+                lock(&self.inner.shared.ledger)
+                    .unreleased
+                    .push((tenant, slot));
             }
         }
         if refused.is_empty() {
@@ -490,11 +509,15 @@ impl RedisStore {
     /// settlement is the store's: applied now, or kept and sent by the flush
     /// (under the same batch id) when Redis is down or does not answer.
     ///
-    /// With `redis.lease` the request's slot is kept for the tenant's next
-    /// request when the pool has room, and the settlement is not waited
-    /// for: its spend counts in this instance's view at once.
+    /// With `redis.lease`, when the pool keeps the request's slot for the
+    /// tenant's next request (or it held none), nothing waits for Redis:
+    /// the limit corrections go to the pool, given back with what it holds,
+    /// and the usage is owed as while Redis is down (written down beside
+    /// the pid file, counted in the budget's view, sent by the flush a
+    /// quarter of `redis.lease.ms` later at most). A slot the pool has no
+    /// room for is released as without it, before the last byte.
     pub async fn settle(&self, tenant: usize, limits: &TenantLimits, request: SettleRequest<'_>) {
-        let mut lease = request.lease;
+        let lease = request.lease;
         if let Some(lease) = &lease {
             lock(&self.inner.leases).remove(lease);
         }
@@ -505,10 +528,16 @@ impl RedisStore {
                 .defer(tenant, request.period_id, lease, request.usage);
             return;
         };
-        let pools = (self.inner.pools.as_ref()).filter(|pools| pools.pooled(tenant));
-        if let (Some(pools), Some(slot)) = (pools, lease) {
-            if pools.keep(tenant, slot, super::now_ms()) {
-                lease = None;
+        if let Some(pools) = (self.inner.pools.as_ref()).filter(|pools| pools.pooled(tenant)) {
+            // The slot kept for the next request (or none held), the rest
+            // stays here: the corrections with what the pool holds, the
+            // usage owed, written down and sent with the next flush.
+            if lease.is_none_or(|slot| pools.keep(tenant, slot, pool::now())) {
+                pools.correct(tenant, -request.request_delta, -request.token_delta);
+                self.inner
+                    .shared
+                    .owe(tenant, request.period_id, request.usage);
+                return;
             }
         }
         let (reply, answer) = oneshot::channel();
@@ -523,13 +552,7 @@ impl RedisStore {
             usage: request.usage.clone(),
             reply,
         };
-        let sent = queue.send(Op::Settle(op));
-        if pools.is_some() && sent.is_ok() {
-            drop(answer);
-            self.count_spend(tenant, request.period_id, request.usage.cost_pusd);
-            return;
-        }
-        match sent {
+        match queue.send(Op::Settle(op)) {
             Ok(()) => {
                 if self.answer(tenant, "settle", answer).await.is_some() {
                     // Known now, not only at the next admission's read: a
@@ -827,6 +850,10 @@ impl RedisStore {
                         Some(Ok(_)) => {
                             applied += 1;
                             ledger.applied(batch.tenant, &batch.period_id);
+                            // No longer owed: counted as Redis's own until
+                            // the next read says so.
+                            let cost = batch.usage.cost_pusd;
+                            self.count_spend(batch.tenant, &batch.period_id, cost);
                         }
                         Some(Err(e)) if ledger::refused(&e) => {
                             ledger.refuse(batch, "flush", &e.to_string());
@@ -855,7 +882,10 @@ impl RedisStore {
                         ledger.unreleased.push(lease);
                     }
                 }
-                if applied + paid > 0 {
+                // Said for what an outage or an ended process left, not
+                // for what `redis.lease` owes as it goes.
+                let outage = applied > 0 && std::mem::take(&mut ledger.outage);
+                if outage || paid > 0 {
                     info!(
                         batches = applied,
                         debts_of_ended_processes = paid,
@@ -1049,7 +1079,7 @@ impl RedisStore {
         let Some(pools) = &self.inner.pools else {
             return;
         };
-        let unused = pools.unused(super::now_ms(), |tenant| self.tenant_up(tenant));
+        let unused = pools.unused(pool::now(), |tenant| self.tenant_up(tenant));
         if unused.is_empty() {
             return;
         }
@@ -1068,7 +1098,7 @@ impl RedisStore {
             drop(ledger);
             // Quota Redis does not hear of comes back with its minute.
             let queue = self.tenant_up(tenant).then(|| self.queue()).flatten();
-            let Some(queue) = queue.filter(|_| requests > 0 || tokens > 0) else {
+            let Some(queue) = queue.filter(|_| requests != 0 || tokens != 0) else {
                 continue;
             };
             let limits = &pools.limits[tenant];
@@ -1080,8 +1110,8 @@ impl RedisStore {
                 period_id,
                 rpm: u64::from(limits.requests_per_minute.unwrap_or(0)),
                 tpm: limits.tokens_per_minute.unwrap_or(0),
-                request_delta: -super::signed(requests),
-                token_delta: -super::signed(tokens),
+                request_delta: -requests,
+                token_delta: -tokens,
                 lease: None,
                 usage: PeriodUsage::default(),
                 reply,
@@ -1095,6 +1125,12 @@ impl RedisStore {
         for (tenant, answer) in answers {
             self.answer(tenant, "settle", answer).await;
         }
+    }
+
+    /// The pools' upkeep, every [`Pools::tick`]: what they held unused
+    /// goes back, and what their settlements owe is sent.
+    async fn pool_upkeep(&self) {
+        self.give_back_unused().await;
         self.flush_pending().await;
     }
 
@@ -1104,7 +1140,7 @@ impl RedisStore {
     async fn stop_pooling(&self) {
         if let Some(pools) = &self.inner.pools {
             pools.stop();
-            self.give_back_unused().await;
+            self.pool_upkeep().await;
         }
     }
 
@@ -1129,17 +1165,32 @@ impl RedisStore {
             }
         }
         for (tenant, leases) in by_tenant {
-            if self.tenant_up(tenant) {
-                self.renew(tenant, &leases, "XX").await;
+            if !self.tenant_up(tenant) {
+                continue;
+            }
+            let lost = self.renew(tenant, &leases, "XX").await;
+            // A kept slot Redis lost (a failover to a replica that had not
+            // seen it, the key deleted) is not used again: Redis would not
+            // count its requests.
+            if let (Some(pools), Some(lost)) = (&self.inner.pools, lost) {
+                if !lost.is_empty() {
+                    pools.forget(tenant, &lost);
+                }
             }
         }
     }
 
-    /// Renews `leases` of `tenant` (`mode` as [`scripts::RENEW`] takes it);
-    /// whether Redis answered.
-    async fn renew(&self, tenant: usize, leases: &[Lease], mode: &'static str) -> bool {
+    /// Renews `leases` of `tenant` (`mode` as [`scripts::RENEW`] takes it):
+    /// those Redis did not hold (with `XX`), or `None` when it did not
+    /// answer.
+    async fn renew(
+        &self,
+        tenant: usize,
+        leases: &[Lease],
+        mode: &'static str,
+    ) -> Option<Vec<Lease>> {
         let key = &self.inner.keys[tenant].inflight;
-        let renewed: Option<i64> = self
+        let lost: Vec<usize> = self
             .call(Some(tenant), "renew", |mut conn| async move {
                 let mut invocation = self.inner.renew.key(key);
                 invocation.arg(LEASE_TTL_MS).arg(mode);
@@ -1148,8 +1199,12 @@ impl RedisStore {
                 }
                 invocation.invoke_async(&mut conn).await
             })
-            .await;
-        renewed.is_some()
+            .await?;
+        Some(
+            lost.into_iter()
+                .filter_map(|at| leases.get(at.checked_sub(1)?).copied())
+                .collect(),
+        )
     }
 
     /// Puts back the leases of `tenant` this instance still holds, before
@@ -1158,7 +1213,7 @@ impl RedisStore {
     /// given out twice. Whether Redis took them.
     async fn restore_leases(&self, tenant: usize) -> bool {
         let leases = self.held_leases(tenant);
-        leases.is_empty() || self.renew(tenant, &leases, "").await
+        leases.is_empty() || self.renew(tenant, &leases, "").await.is_some()
     }
 }
 

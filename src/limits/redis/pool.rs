@@ -13,20 +13,29 @@ use crate::gcra::WINDOW_MS;
 use crate::limits::{window, RateLimitState};
 use crate::lock;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
+use std::time::Instant;
+
+/// Milliseconds on this process's monotonic clock: what the pools time
+/// their holdings by, so a wall clock stepped back or forth does not
+/// stretch or cut them.
+pub(super) fn now() -> f64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_secs_f64() * 1000.0
+}
 
 /// How much of a tenant's limits one instance holds at most.
 #[derive(Debug, Clone, Copy, Default)]
 struct Size {
-    requests: u64,
-    tokens: u64,
+    requests: i64,
+    tokens: i64,
     slots: usize,
 }
 
 impl Size {
     /// `share` of each limit the tenant has, rounded down.
     fn of(limits: &TenantLimits, share: f64) -> Size {
-        let part = |limit: u64| (limit as f64 * share).floor() as u64;
+        let part = |limit: u64| (limit as f64 * share).floor() as i64;
         Size {
             requests: limits.requests_per_minute.map_or(0, |rpm| part(rpm.into())),
             tokens: limits.tokens_per_minute.map_or(0, part),
@@ -46,40 +55,51 @@ impl Size {
     }
 }
 
-/// What one tenant's pool holds.
+/// What one tenant's pool holds. Times are [`now`]'s.
 #[derive(Debug, Default)]
 struct Pool {
-    /// Requests and tokens taken from Redis's minutes, not yet admitted.
-    requests: u64,
-    tokens: u64,
-    /// Until when they may be admitted against (this process's clock, Unix
-    /// ms); Redis was last read when they were taken.
+    /// Requests and tokens taken from Redis's minutes and not yet
+    /// admitted, corrected by the settlements since (a token overrun can
+    /// take them below zero: owed to Redis, charged when they go back).
+    requests: i64,
+    tokens: i64,
+    /// Until when they may be admitted against: `redis.lease.ms` after
+    /// they were last taken.
     until: f64,
+    /// Until when Redis's spend, read by the last admission it decided,
+    /// may stand for the budget: `redis.lease.ms` after that read.
+    read_until: f64,
     /// Concurrency slots (leases in Redis) kept for the next requests, each
-    /// with when it was kept (Unix ms).
+    /// with when it was kept.
     slots: Vec<(Lease, f64)>,
-    /// The TATs Redis answered with at the last take (Unix ms, Redis's
-    /// clock), and Redis's clock less this one's then: for the headers.
+    /// The last admission's read: the TATs (Unix ms, Redis's clock), and
+    /// Redis's clock then with this one's, for the headers.
     requests_tat: f64,
     tokens_tat: f64,
-    skew: f64,
+    read_at: (f64, f64),
     /// Whether an admission asking for more is on its way to Redis: the
     /// others then ask for none, or a burst would each take a share.
     asking: bool,
+    /// Slots of requests in flight that Redis lost: not kept when they end.
+    lost: Vec<Lease>,
 }
 
-/// An admission's ask for more quota, while it is on its way to Redis:
-/// dropped (answered, failed, or the request gone) the next may ask.
+/// An admission's ask for quota, while it is on its way to Redis: what the
+/// pool held goes back with it (so Redis decides the request against
+/// everything but what others hold), and a share is asked for anew. Dropped
+/// unanswered (failed, or the request gone), the next may ask.
 pub(super) struct Ask<'a> {
     pools: &'a Pools,
     tenant: usize,
     /// The requests and tokens asked for.
-    pub(super) extra: [u64; 2],
+    pub(super) extra: [i64; 2],
+    /// The requests and tokens given back (tokens below zero: charged).
+    pub(super) back: [i64; 2],
 }
 
 impl Drop for Ask<'_> {
     fn drop(&mut self) {
-        if self.extra != [0, 0] {
+        if self.extra != [0, 0] || self.back != [0, 0] {
             lock(&self.pools.pools[self.tenant]).asking = false;
         }
     }
@@ -89,8 +109,8 @@ impl Drop for Ask<'_> {
 #[derive(Debug, Default)]
 pub(super) struct Unused {
     pub(super) tenant: usize,
-    pub(super) requests: u64,
-    pub(super) tokens: u64,
+    pub(super) requests: i64,
+    pub(super) tokens: i64,
     pub(super) slots: Vec<Lease>,
 }
 
@@ -104,8 +124,8 @@ pub(super) struct Pools {
     /// The tenants' limits, for what is given back.
     pub(super) limits: Vec<TenantLimits>,
     pools: Vec<Mutex<Pool>>,
-    /// `runestone_leased_admissions_total{tenant}`, per tenant.
-    admitted: Vec<prometheus::IntCounter>,
+    /// `runestone_leased_admissions_total{tenant}`, per pooled tenant.
+    admitted: Vec<Option<prometheus::IntCounter>>,
     /// Set once the process stops: from then on every admission and
     /// settlement goes to Redis, and what the pools hold is given back.
     stopped: AtomicBool,
@@ -114,21 +134,25 @@ pub(super) struct Pools {
 impl Pools {
     /// Pools for these tenants, sized by `settings`.
     pub(super) fn new(settings: LeaseSettings, tenants: &[TenantSettings]) -> Self {
+        let sizes: Vec<Option<Size>> = tenants
+            .iter()
+            .map(|t| {
+                let size = Size::of(&t.limits, settings.share);
+                (t.limits.is_limited() && size.covers(&t.limits)).then_some(size)
+            })
+            .collect();
         Pools {
             hold_ms: settings.hold.as_secs_f64() * 1000.0,
-            sizes: tenants
-                .iter()
-                .map(|t| {
-                    let size = Size::of(&t.limits, settings.share);
-                    (t.limits.is_limited() && size.covers(&t.limits)).then_some(size)
-                })
-                .collect(),
-            limits: tenants.iter().map(|t| t.limits.clone()).collect(),
-            pools: tenants.iter().map(|_| Mutex::default()).collect(),
             admitted: tenants
                 .iter()
-                .map(|t| crate::metrics::LEASED_ADMISSIONS.with_label_values(&[&t.id]))
+                .zip(&sizes)
+                .map(|(t, size)| {
+                    size.map(|_| crate::metrics::LEASED_ADMISSIONS.with_label_values(&[&t.id]))
+                })
                 .collect(),
+            sizes,
+            limits: tenants.iter().map(|t| t.limits.clone()).collect(),
+            pools: tenants.iter().map(|_| Mutex::default()).collect(),
             stopped: AtomicBool::new(false),
         }
     }
@@ -140,13 +164,14 @@ impl Pools {
     }
 
     /// Whether `tenant`'s requests are admitted against a pool now: its
-    /// settlements are not waited for.
+    /// settlements are then kept for the flush rather than sent each.
     pub(super) fn pooled(&self, tenant: usize) -> bool {
         self.size(tenant).is_some()
     }
 
     /// Admits one request of `tokens` tokens against the pool, if it holds
-    /// enough of every limit the tenant has (the budget is the caller's to
+    /// enough of every limit the tenant has and Redis's spend was read
+    /// recently enough for the budget (its amount is the caller's to
     /// check): the slot it takes, if any, and the headers' view.
     pub(super) fn take(
         &self,
@@ -158,11 +183,13 @@ impl Pools {
         if !self.pooled(tenant) {
             return None;
         }
+        let tokens = i64::try_from(tokens).unwrap_or(i64::MAX);
         let mut pool = lock(&self.pools[tenant]);
-        let enough = now < pool.until
-            && (limits.requests_per_minute.is_none() || pool.requests >= 1)
-            && (limits.tokens_per_minute.is_none() || pool.tokens >= tokens)
-            && (limits.max_concurrent.is_none() || !pool.slots.is_empty());
+        let fresh = now < pool.until;
+        let enough = (limits.requests_per_minute.is_none() || (fresh && pool.requests >= 1))
+            && (limits.tokens_per_minute.is_none() || (fresh && pool.tokens >= tokens))
+            && (limits.max_concurrent.is_none() || !pool.slots.is_empty())
+            && (limits.budget.is_none() || now < pool.read_until);
         if !enough {
             return None;
         }
@@ -176,35 +203,51 @@ impl Pools {
         if limits.tokens_per_minute.is_some() {
             pool.tokens -= tokens;
         }
-        self.admitted[tenant].inc();
+        if let Some(admitted) = &self.admitted[tenant] {
+            admitted.inc();
+        }
         Some((lease, pool.state(limits, now)))
     }
 
-    /// The requests and tokens to ask Redis for with an admission: what
-    /// fills the pool, unless another admission is asking already.
+    /// A kept slot for an admission Redis decides (the pool could not
+    /// admit it for another limit): Redis counts it as the request's own.
+    pub(super) fn kept_slot(&self, tenant: usize) -> Option<Lease> {
+        self.pooled(tenant).then_some(())?;
+        lock(&self.pools[tenant])
+            .slots
+            .pop()
+            .map(|(lease, _)| lease)
+    }
+
+    /// What an admission going to Redis gives back and asks for: what the
+    /// pool holds and a share anew, unless another admission is asking
+    /// already.
     pub(super) fn ask(&self, tenant: usize) -> Ask<'_> {
-        let mut extra = [0, 0];
+        let mut ask = Ask {
+            pools: self,
+            tenant,
+            extra: [0, 0],
+            back: [0, 0],
+        };
         if let Some(size) = self.size(tenant) {
             let mut pool = lock(&self.pools[tenant]);
             if !pool.asking {
-                extra = [
-                    size.requests.saturating_sub(pool.requests),
-                    size.tokens.saturating_sub(pool.tokens),
+                ask.back = [
+                    std::mem::take(&mut pool.requests),
+                    std::mem::take(&mut pool.tokens),
                 ];
-                pool.asking = extra != [0, 0];
+                ask.extra = [size.requests, size.tokens];
+                pool.asking = ask.extra != [0, 0] || ask.back != [0, 0];
             }
         }
-        Ask {
-            pools: self,
-            tenant,
-            extra,
-        }
+        ask
     }
 
-    /// Records Redis's answer to an admission that made `ask`: the TATs it
-    /// read, and, when `taken` (what was asked for came with it), that
-    /// much more in the pool, good for `redis.lease.ms` from `now` (this
-    /// clock, Unix ms). The headers' view after it.
+    /// Records Redis's answer to an admission that made `ask`: its read
+    /// (`[redis_now, requests_tat, tokens_tat]`, Unix ms), and, when
+    /// `taken` (what was asked for came with it), that much more in the
+    /// pool, good for `redis.lease.ms` from `now`. The headers' view after
+    /// it.
     pub(super) fn answered(
         &self,
         (ask, taken): (Ask<'_>, bool),
@@ -216,12 +259,12 @@ impl Pools {
         if taken {
             pool.requests += ask.extra[0];
             pool.tokens += ask.extra[1];
+            pool.until = now + self.hold_ms;
         }
-        // Redis was read: the budget's view is fresh again.
-        pool.until = now + self.hold_ms;
+        pool.read_until = now + self.hold_ms;
         pool.requests_tat = requests_tat;
         pool.tokens_tat = tokens_tat;
-        pool.skew = redis_now - now;
+        pool.read_at = (redis_now, now);
         let state = pool.state(limits, now);
         drop(pool);
         // The next admission may ask.
@@ -237,11 +280,47 @@ impl Pools {
             return false;
         };
         let mut pool = lock(&self.pools[tenant]);
+        if let Some(at) = pool.lost.iter().position(|&lost| lost == lease) {
+            pool.lost.swap_remove(at);
+            return false;
+        }
         if pool.slots.len() >= size.slots {
             return false;
         }
         pool.slots.push((lease, now));
         true
+    }
+
+    /// A settlement's corrections, kept with what the pool holds and given
+    /// back with it: `requests` given back (1 for an unused grant), and
+    /// `tokens` reserved but not used (below zero: used beyond the
+    /// reservation).
+    pub(super) fn correct(&self, tenant: usize, requests: i64, tokens: i64) {
+        let limits = &self.limits[tenant];
+        let mut pool = lock(&self.pools[tenant]);
+        if limits.requests_per_minute.is_some() {
+            pool.requests = pool.requests.saturating_add(requests);
+        }
+        if limits.tokens_per_minute.is_some() {
+            pool.tokens = pool.tokens.saturating_add(tokens);
+        }
+    }
+
+    /// Drops slots Redis no longer holds (a failover to a replica that had
+    /// not seen them, a key deleted): kept ones now, those of requests in
+    /// flight when they end. Used again, they would run requests Redis
+    /// does not count.
+    pub(super) fn forget(&self, tenant: usize, lost: &[Lease]) {
+        let mut pool = lock(&self.pools[tenant]);
+        for lease in lost {
+            match pool.slots.iter().position(|(kept, _)| kept == lease) {
+                Some(at) => {
+                    pool.slots.swap_remove(at);
+                }
+                None if !pool.lost.contains(lease) => pool.lost.push(*lease),
+                None => {}
+            }
+        }
     }
 
     /// The slots the pools hold, for renewal with the leases of requests
@@ -279,7 +358,7 @@ impl Pools {
                 }
                 !stale
             });
-            if out.requests > 0 || out.tokens > 0 || !out.slots.is_empty() {
+            if out.requests != 0 || out.tokens != 0 || !out.slots.is_empty() {
                 unused.push(out);
             }
         }
@@ -292,17 +371,18 @@ impl Pools {
         self.stopped.store(true, Ordering::Relaxed);
     }
 
-    /// How often the pools are looked at for what to give back.
+    /// How often the pools are looked at for what to give back, and what
+    /// their settlements owe is sent.
     pub(super) fn tick(&self) -> std::time::Duration {
         std::time::Duration::from_secs_f64(self.hold_ms / 4000.0)
     }
 }
 
 impl Pool {
-    /// The headers' view: Redis's TATs at the last take, less what the pool
-    /// still holds (this instance may yet admit it).
+    /// The headers' view: Redis's TATs at the last read, less what the
+    /// pool still holds (this instance may yet admit it).
     fn state(&self, limits: &TenantLimits, now: f64) -> RateLimitState {
-        let redis_now = now + self.skew;
+        let redis_now = self.read_at.0 + (now - self.read_at.1);
         RateLimitState {
             requests: limits.requests_per_minute.map(|rpm| {
                 let held = self.requests as f64 * WINDOW_MS / f64::from(rpm);
@@ -348,17 +428,30 @@ tenants:
     fn a_burst_asks_for_one_share_not_one_each() {
         let (pools, limits) = pools("{ requests_per_minute: 100, tokens_per_minute: 5000 }");
         let first = pools.ask(0);
-        assert_eq!(first.extra, [10, 500]);
-        assert_eq!(pools.ask(0).extra, [0, 0], "the first is on its way");
+        assert_eq!((first.extra, first.back), ([10, 500], [0, 0]));
+        let second = pools.ask(0);
+        assert_eq!(
+            (second.extra, second.back),
+            ([0, 0], [0, 0]),
+            "the first is on its way"
+        );
         let view = pools.answered((first, true), &limits, [0.0; 3], 0.0);
         assert!(view.requests.is_some() && view.tokens.is_some());
-        assert_eq!(pools.ask(0).extra, [0, 0], "the pool is full");
-        // A request gone before its answer lets the next one ask.
         assert!(pools.take(0, &limits, 100, 1.0).is_some());
+        // The settlement gives 30 of its 100 tokens back to the pool.
+        pools.correct(0, 0, 30);
+        // One that the pool cannot admit hands back what it holds and asks
+        // for a share anew; gone before its answer, the next may ask.
+        assert!(pools.take(0, &limits, 1000, 2.0).is_none());
         let gone = pools.ask(0);
-        assert_eq!(gone.extra, [1, 100]);
+        assert_eq!((gone.extra, gone.back), ([10, 500], [9, 430]));
         drop(gone);
-        assert_eq!(pools.ask(0).extra, [1, 100]);
+        let next = pools.ask(0);
+        assert_eq!(
+            (next.extra, next.back),
+            ([10, 500], [0, 0]),
+            "given back once"
+        );
     }
 
     #[test]
@@ -382,15 +475,23 @@ tenants:
             pools.take(0, &limits, 1, 1000.0).is_none(),
             "the lease ran out"
         );
-        let unused = pools.unused(1500.0, |_| true);
-        assert_eq!(unused.len(), 1);
-        assert_eq!((unused[0].requests, unused[0].slots.len()), (8, 1));
+        // The kept slot outlives the requests' lease: a request Redis
+        // decides takes it as its own.
+        let unused = pools.unused(1200.0, |_| true);
+        assert_eq!((unused[0].requests, unused[0].slots.len()), (8, 0));
+        assert_eq!(pools.kept_slot(0), Some(slots[0]));
+        assert!(pools.keep(0, slots[0], 1300.0));
+        assert_eq!(pools.unused(2300.0, |_| true)[0].slots, [slots[0]]);
+        // A slot Redis lost is forgotten.
+        assert!(pools.keep(0, slots[1], 2400.0));
+        pools.forget(0, &[slots[1]]);
+        assert_eq!(pools.kept_slot(0), None);
         // Stopped, it takes nothing ahead and gives back everything.
-        assert!(pools.keep(0, slots[1], 1600.0));
+        assert!(pools.keep(0, slots[1], 2500.0));
         pools.stop();
         assert_eq!(pools.ask(0).extra, [0, 0]);
-        assert!(!pools.keep(0, slots[2], 1600.0));
-        assert_eq!(pools.unused(1600.0, |_| true)[0].slots, [slots[1]]);
+        assert!(!pools.keep(0, slots[2], 2500.0));
+        assert_eq!(pools.unused(2500.0, |_| true)[0].slots, [slots[1]]);
     }
 
     fn limits(rpm: Option<u32>, tpm: Option<u64>, max: Option<u32>) -> TenantLimits {

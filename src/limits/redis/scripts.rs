@@ -3,18 +3,21 @@
 
 /// Admissions of one tenant in one period, decided in order, each all or
 /// nothing. ARGV: rpm, tpm, max concurrent, budget (pUSD), spend this
-/// instance owes Redis for the period but Redis refused (pUSD, counted
-/// against the budget), then what this instance admitted while Redis was
+/// instance owes Redis for the period that Redis has not counted (pUSD,
+/// counted against the budget), then what this instance admitted while Redis was
 /// unavailable (its requests still in flight, counted as held slots; its
 /// requests and tokens TATs in Unix ms, which the shared ones do not fall
-/// behind), lease TTL, then (tokens, lease, extra requests, extra tokens)
-/// per admission: the extras are quota the instance asks to take ahead
-/// (`redis.lease`), granted with the admission when they fit and left out
-/// (the admission decided alone) when they do not.
+/// behind), lease TTL, then per admission: tokens, lease, whether the lease
+/// is a slot the instance kept (`1`: Redis counts it as the request's own
+/// while it holds it), then for `redis.lease` the requests and tokens asked
+/// for ahead and those given back (tokens below zero: charged). What is
+/// given back is counted first; the requests are decided next; what is
+/// asked for ahead is granted last, to those admitted, when it fits, so a
+/// burst's own requests come first.
 /// Replies one string, `secs,micros,spent_pusd` (the Redis clock, as
 /// `TIME` gives it) followed by `,refused_limit_or_empty,requests_tat -
 /// now,tokens_tat - now` per admission (`+` for the limit when admitted
-/// with its extras), the differences in whole
+/// with what it asked for ahead), the differences in whole
 /// microseconds, each number written as Redis would write it as an integer
 /// reply (`%d`; Lua's `tostring` keeps only 14 digits): one value for the
 /// client to parse rather than three an admission (redis-rs's reader took
@@ -36,6 +39,10 @@ if maxc > 0 then
   held = redis.call('ZCARD', KEYS[2]) + tonumber(ARGV[6])
 end
 local reply, leases, moved = {t[1], t[2], string.format('%d', spent)}, {}, false
+local function shift(tat, step)
+  if step > 0 then return math.max(tat, now) + step end
+  return math.max(tat + step, now)
+end
 -- The TATs after taking `r` requests and `k` tokens, or nil and the limit
 -- that refuses them.
 local function take(r, k)
@@ -50,32 +57,54 @@ local function take(r, k)
   end
   return new_r, new_t
 end
-for i = 10, #ARGV, 4 do
-  local tokens, extra_r, extra_t = tonumber(ARGV[i]), tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
-  local refused, new_r, new_t = '', rtat, ttat
+for i = 10, #ARGV, 7 do
+  local back_r, back_t = tonumber(ARGV[i + 5]), tonumber(ARGV[i + 6])
+  if rpm > 0 and back_r ~= 0 then rtat = shift(rtat, -back_r * W / rpm); moved = true end
+  if tpm > 0 and back_t ~= 0 then ttat = shift(ttat, -back_t * W / tpm); moved = true end
+end
+local admitted = {}
+for i = 10, #ARGV, 7 do
+  local tokens, refused = tonumber(ARGV[i]), ''
+  local new_r, new_t = rtat, ttat
   if budget > 0 and spent + owed >= budget then refused = 'budget' end
-  local leased = false
-  if refused == '' and (extra_r > 0 or extra_t > 0) then
-    new_r, new_t = take(1 + extra_r, tokens + extra_t)
-    leased = new_r ~= nil
-  end
-  if refused == '' and not leased then
+  if refused == '' then
     new_r, new_t = take(1, tokens)
     if new_r == nil then refused = new_t end
   end
-  if refused == '' and maxc > 0 and held >= maxc then refused = 'concurrency' end
+  -- A kept slot Redis still holds is the request's own: taken out of the
+  -- count, and put back (renewed) whatever the decision.
+  local own = false
+  if refused == '' and maxc > 0 then
+    own = ARGV[i + 2] == '1' and redis.call('ZREM', KEYS[2], ARGV[i + 1]) == 1
+    if own then held = held - 1 end
+    if held >= maxc then refused = 'concurrency' end
+  end
+  if maxc > 0 and (refused == '' or own) then
+    held = held + 1
+    leases[#leases + 1] = math.floor(now + ttl)
+    leases[#leases + 1] = ARGV[i + 1]
+  end
   if refused == '' then
     moved = moved or rpm > 0 or tpm > 0
     rtat, ttat = new_r, new_t
-    if maxc > 0 then
-      held = held + 1
-      leases[#leases + 1] = math.floor(now + ttl)
-      leases[#leases + 1] = ARGV[i + 1]
-    end
+    admitted[#admitted + 1] = i
   end
-  reply[#reply + 1] = leased and refused == '' and '+' or refused
+  reply[#reply + 1] = refused
   reply[#reply + 1] = string.format('%d', math.floor((rtat - now) * 1000))
   reply[#reply + 1] = string.format('%d', math.floor((ttat - now) * 1000))
+end
+for _, i in ipairs(admitted) do
+  local extra_r, extra_t = tonumber(ARGV[i + 3]), tonumber(ARGV[i + 4])
+  if extra_r > 0 or extra_t > 0 then
+    local new_r, new_t = take(extra_r, extra_t)
+    if new_r ~= nil then
+      rtat, ttat, moved = new_r, new_t, true
+      local at = 4 + (i - 10) / 7 * 3
+      reply[at] = '+'
+      reply[at + 1] = string.format('%d', math.floor((rtat - now) * 1000))
+      reply[at + 2] = string.format('%d', math.floor((ttat - now) * 1000))
+    end
+  end
 end
 if #leases > 0 then
   redis.call('ZADD', KEYS[2], unpack(leases))
@@ -206,19 +235,26 @@ pub(super) const SETTLED_TTL_MS: u64 = 600_000;
 /// to renew only the leases Redis still holds (a lease released meanwhile
 /// stays released) or empty to put back those it lost (after an outage
 /// longer than the TTL, when the instance still holds them), then the
-/// leases.
+/// leases. Replies the positions (1 for the first lease) of those Redis
+/// did not hold, with `XX` (only commands the documented ACL grants).
 pub(super) const RENEW: &str = r"
 local t = redis.call('TIME')
 local expiry = math.floor(tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000 + tonumber(ARGV[1]))
+local lost = {}
 for i = 3, #ARGV do
   if ARGV[2] == 'XX' then
-    redis.call('ZADD', KEYS[1], 'XX', expiry, ARGV[i])
+    -- Changed is held (a lease renewed in the millisecond it was last
+    -- set, which a renewal every ten seconds does not meet, would read
+    -- as lost).
+    if redis.call('ZADD', KEYS[1], 'XX', 'CH', expiry, ARGV[i]) == 0 then
+      lost[#lost + 1] = i - 2
+    end
   else
     redis.call('ZADD', KEYS[1], expiry, ARGV[i])
   end
 end
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[1]) * 2)
-return 1
+return lost
 ";
 
 /// Seconds a period's usage hash is kept after its last update.
