@@ -234,6 +234,9 @@ fn leased_admissions_bill_every_request_and_keep_the_budget() {
         assert!(served < 40, "budget never enforced");
     }
     assert_eq!(served, 26);
+    // Read at once from the same instance, what it owes Redis counts.
+    let usage: Value = gw.get("/v1/usage", Some(TENANT_KEY)).json();
+    assert_eq!(usage["requests"], 26, "{usage}");
     assert!(remaining.last() < remaining.first(), "{remaining:?}");
     assert!(
         leased_admissions(&gw) >= 20.0,
@@ -502,4 +505,38 @@ fn spend_owed_during_an_outage_counts_once() {
         "{ratio} for {served} requests"
     );
     redis.thaw();
+}
+
+/// Tokens a settlement gives back beyond the instance's share (a large
+/// reservation mostly unused) go back to Redis within a quarter lease, not
+/// held by the instance until its lease runs out.
+#[test]
+fn tokens_given_back_beyond_the_share_go_back_to_redis() {
+    let redis = Redis::start();
+    let mock = Mock::start(&[]);
+    let limits = "{ tokens_per_minute: 100000 }";
+    let holder = Gateway::start(&leased(
+        &mock,
+        limits,
+        &redis,
+        Some("{ share: 0.05, ms: 4000 }"),
+    ));
+    let other = Gateway::start(&leased(&mock, limits, &redis, None));
+    let ask = |gw: &Gateway, max_tokens: u64| {
+        let mut body = chat("gpt-4o-mini", false);
+        body["max_tokens"] = max_tokens.into();
+        gw.post_json("/v1/chat/completions", TENANT_KEY, &body)
+            .status
+    };
+    // Reserves about 90,000 tokens, uses a few dozen.
+    assert_eq!(ask(&holder, 90_000), 200);
+    let ended = Instant::now();
+    wait_until(Duration::from_secs(10), "the other admitted", || {
+        ask(&other, 50_000) == 200
+    });
+    assert!(
+        ended.elapsed() < Duration::from_millis(3000),
+        "held until the lease ran out: {:?}",
+        ended.elapsed()
+    );
 }

@@ -126,9 +126,9 @@ pub(super) struct Ledger {
     /// Batches and debts the flush has sent and awaits Redis's answer for.
     pub(super) sending: Vec<Unsettled>,
     pub(super) paying: Vec<Debt>,
-    /// Whether something was kept because Redis was away (said when the
+    /// Tenants whose usage was kept because Redis was away (said when the
     /// flush pays it), not only owed with `redis.lease`.
-    pub(super) outage: bool,
+    pub(super) outage: HashSet<usize>,
 }
 
 /// Whether `error` is [`SETTLE`]'s refusal of a batch (Redis wrote none of
@@ -366,7 +366,7 @@ impl Shared {
         usage: &PeriodUsage,
     ) {
         let mut ledger = lock(&self.ledger);
-        ledger.outage = true;
+        ledger.outage.insert(tenant);
         if let Some(lease) = lease {
             ledger.unreleased.push((tenant, lease));
         }

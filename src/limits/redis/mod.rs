@@ -373,15 +373,23 @@ impl RedisStore {
             // The spend last read from Redis (at most `redis.lease.ms` ago)
             // and this instance's since: at or over the budget, Redis
             // decides.
-            let within_budget = limits
-                .budget
-                .is_none_or(|b| self.known_spend(tenant, period_id) < b.amount_pusd);
-            if within_budget {
-                if let Some((slot, state)) = pools.take(tenant, limits, tokens, pool::now()) {
-                    if let Some(slot) = slot {
-                        lock(&self.inner.leases).insert(slot, tenant);
+            let within_budget = || {
+                (limits.budget).is_none_or(|b| self.known_spend(tenant, period_id) < b.amount_pusd)
+            };
+            for look in 0..2 {
+                if within_budget() {
+                    if let Some((slot, state)) = pools.take(tenant, limits, tokens, pool::now()) {
+                        if let Some(slot) = slot {
+                            lock(&self.inner.leases).insert(slot, tenant);
+                        }
+                        return Some(Ok((state, slot)));
                     }
-                    return Some(Ok((state, slot)));
+                }
+                if look == 0 && pools.pooled(tenant) {
+                    // Another admission is taking a share: it may be this
+                    // one's (a burst's own requests come first).
+                    let _ =
+                        tokio::time::timeout(self.inner.timeout, pools.await_refill(tenant)).await;
                 }
             }
         }
@@ -645,12 +653,19 @@ impl RedisStore {
                 .get(&(tenant, period_id.to_string()))
                 .cloned()
                 .unwrap_or_default();
-            if !self.tenant_up(tenant) {
-                for unsettled in &ledger.unsettled {
-                    if unsettled.tenant == tenant && unsettled.period_id == period_id {
-                        usage.add(&unsettled.usage);
-                    }
+            let down = !self.tenant_up(tenant);
+            for unsettled in &ledger.unsettled {
+                // Up, Redis counts what it was sent (a batch it did not
+                // answer may have counted); what was never sent is this
+                // instance's to add (`redis.lease` owes as it goes).
+                if unsettled.tenant == tenant
+                    && unsettled.period_id == period_id
+                    && (down || !unsettled.uncertain)
+                {
+                    usage.add(&unsettled.usage);
                 }
+            }
+            if down {
                 for debt in &ledger.adopted {
                     if debt.tenant == Some(tenant) && debt.owed.period == period_id {
                         usage.cost_pusd += debt.owed.cost_pusd;
@@ -818,12 +833,62 @@ impl RedisStore {
         // Numbered before they are written down, written down before they
         // are sent: a batch only ever goes under its number.
         self.keep_debts();
-        // Each command touches one tenant's keys (one hash slot).
+        // One call per tenant (on a cluster, its keys' primary), all at
+        // once: a primary that does not answer takes down only its tenants.
+        let mut parts: std::collections::BTreeMap<Option<usize>, Part> = Default::default();
+        for batch in batches {
+            parts
+                .entry(Some(batch.tenant))
+                .or_default()
+                .batches
+                .push(batch);
+        }
+        for debt in adopted {
+            parts.entry(debt.tenant).or_default().adopted.push(debt);
+        }
+        for (tenant, lease) in unreleased {
+            let part = parts.entry(Some(tenant)).or_default();
+            part.unreleased.push((tenant, lease));
+        }
+        let flushes = (parts.into_iter()).map(|(tenant, part)| self.flush_part(tenant, part));
+        let flushed = futures_util::future::join_all(flushes).await;
+        let (applied, paid) =
+            (flushed.iter()).fold((0, 0), |(a, p), f| (a + f.applied, p + f.paid));
+        // Said for what an outage or an ended process left, not for what
+        // `redis.lease` owes as it goes.
+        if flushed.iter().any(|f| f.after_outage) || paid > 0 {
+            info!(
+                batches = applied,
+                debts_of_ended_processes = paid,
+                "flushed usage and lease releases recorded while Redis was unavailable"
+            );
+        }
+        self.keep_debts();
+        if flushed.iter().any(|f| f.unknown_script) {
+            let settle = &self.inner.settle;
+            let _: Option<String> = self
+                .call(None, "flush", |mut conn| async move {
+                    settle.load_async(&mut conn).await
+                })
+                .await;
+        }
+    }
+
+    /// Sends one tenant's part of a flush (`None`: debts of tenants this
+    /// config does not name) and files the answers.
+    async fn flush_part(&self, tenant: Option<usize>, part: Part) -> Flushed {
+        let Part {
+            batches,
+            unreleased,
+            adopted,
+        } = part;
+        // By hash: with `redis.lease` this runs every quarter lease, and
+        // the script (4 KB) is sent only when Redis does not know it.
         let mut commands: Vec<(usize, redis::Cmd)> = batches
             .iter()
             .map(|batch| {
                 let keys = &self.inner.keys[batch.tenant];
-                (batch.tenant, batch.command(keys, &self.inner.settle, false))
+                (batch.tenant, batch.command(keys, &self.inner.settle, true))
             })
             .collect();
         commands.extend(adopted.iter().map(|debt| (0, debt.command())));
@@ -834,21 +899,27 @@ impl RedisStore {
         }
         let commands = &commands;
         let results: Option<Vec<RedisResult<redis::Value>>> = self
-            .call(None, "flush", |conn| async move {
+            .call(tenant, "flush", |conn| async move {
                 conn.pipeline(commands).await
             })
             .await;
+        let no_script = redis::ErrorKind::Server(redis::ServerErrorKind::NoScript);
+        let mut flushed = Flushed::default();
         let mut ledger = lock(&self.inner.shared.ledger);
-        ledger.sending.clear();
-        ledger.paying.clear();
+        // No longer out: what comes back below is owed again.
+        let numbers: Vec<u64> = batches.iter().map(|b| b.batch).collect();
+        ledger
+            .sending
+            .retain(|u| Some(u.tenant) != tenant || !numbers.contains(&u.batch));
+        ledger.paying.retain(|d| d.tenant != tenant);
         match results {
             Some(results) if results.len() == commands.len() => {
                 let mut results = results.into_iter();
-                let mut applied = 0;
                 for batch in batches {
                     match results.next() {
                         Some(Ok(_)) => {
-                            applied += 1;
+                            flushed.applied += 1;
+                            flushed.after_outage |= ledger.outage.remove(&batch.tenant);
                             ledger.applied(batch.tenant, &batch.period_id);
                             // No longer owed: counted as Redis's own until
                             // the next read says so.
@@ -858,13 +929,18 @@ impl RedisStore {
                         Some(Err(e)) if ledger::refused(&e) => {
                             ledger.refuse(batch, "flush", &e.to_string());
                         }
+                        // Not run (Redis restarted, or a replica took
+                        // over): sent again as it is once loaded.
+                        Some(Err(e)) if e.kind() == no_script => {
+                            flushed.unknown_script = true;
+                            ledger.unsettled.push(batch);
+                        }
                         _ => ledger.unanswered(batch),
                     }
                 }
-                let mut paid = 0;
                 for mut debt in adopted {
                     match results.next() {
-                        Some(Ok(_)) => paid += 1,
+                        Some(Ok(_)) => flushed.paid += 1,
                         // Sent again until Redis takes it, as the process
                         // that owed it would have; said once.
                         Some(Err(e)) => {
@@ -882,16 +958,6 @@ impl RedisStore {
                         ledger.unreleased.push(lease);
                     }
                 }
-                // Said for what an outage or an ended process left, not
-                // for what `redis.lease` owes as it goes.
-                let outage = applied > 0 && std::mem::take(&mut ledger.outage);
-                if outage || paid > 0 {
-                    info!(
-                        batches = applied,
-                        debts_of_ended_processes = paid,
-                        "flushed usage and lease releases recorded while Redis was unavailable"
-                    );
-                }
             }
             _ => {
                 // Kept with their numbers: sent again by the next flush
@@ -903,8 +969,7 @@ impl RedisStore {
                 ledger.unreleased.extend(unreleased);
             }
         }
-        drop(ledger);
-        self.keep_debts();
+        flushed
     }
 
     /// Writes down what this process owes (see [`DebtFile::keep`]), when
@@ -1173,9 +1238,7 @@ impl RedisStore {
             // seen it, the key deleted) is not used again: Redis would not
             // count its requests.
             if let (Some(pools), Some(lost)) = (&self.inner.pools, lost) {
-                if !lost.is_empty() {
-                    pools.forget(tenant, &lost);
-                }
+                pools.forget(tenant, &lost);
             }
         }
     }
@@ -1215,6 +1278,25 @@ impl RedisStore {
         let leases = self.held_leases(tenant);
         leases.is_empty() || self.renew(tenant, &leases, "").await.is_some()
     }
+}
+
+/// One tenant's part of a flush: what it owes, and what it sends for it.
+#[derive(Default)]
+struct Part {
+    batches: Vec<Unsettled>,
+    unreleased: Vec<(usize, Lease)>,
+    adopted: Vec<Debt>,
+}
+
+/// What one part of a flush did.
+#[derive(Default)]
+struct Flushed {
+    applied: usize,
+    paid: usize,
+    /// A batch kept through an outage was applied.
+    after_outage: bool,
+    /// Redis did not know `SETTLE` (restarted, or a replica took over).
+    unknown_script: bool,
 }
 
 /// Writes down what is owed when dropped (see

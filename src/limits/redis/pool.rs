@@ -66,6 +66,10 @@ struct Pool {
     /// Until when they may be admitted against: `redis.lease.ms` after
     /// they were last taken.
     until: f64,
+    /// What settlements gave back beyond the pool's share (a reservation
+    /// mostly unused): not admitted against, given back at the next
+    /// upkeep.
+    excess: [i64; 2],
     /// Until when Redis's spend, read by the last admission it decided,
     /// may stand for the budget: `redis.lease.ms` after that read.
     read_until: f64,
@@ -80,7 +84,8 @@ struct Pool {
     /// Whether an admission asking for more is on its way to Redis: the
     /// others then ask for none, or a burst would each take a share.
     asking: bool,
-    /// Slots of requests in flight that Redis lost: not kept when they end.
+    /// Slots of requests in flight that Redis lost: not kept when they end
+    /// (those of a renewal's last look only).
     lost: Vec<Lease>,
 }
 
@@ -101,6 +106,7 @@ impl Drop for Ask<'_> {
     fn drop(&mut self) {
         if self.extra != [0, 0] || self.back != [0, 0] {
             lock(&self.pools.pools[self.tenant]).asking = false;
+            self.pools.refilled[self.tenant].notify_waiters();
         }
     }
 }
@@ -124,6 +130,10 @@ pub(super) struct Pools {
     /// The tenants' limits, for what is given back.
     pub(super) limits: Vec<TenantLimits>,
     pools: Vec<Mutex<Pool>>,
+    /// Per tenant: told when an ask is answered (or given up), so the
+    /// requests that found the pool empty meanwhile look again rather than
+    /// each going to Redis against what the ask is taking.
+    refilled: Vec<tokio::sync::Notify>,
     /// `runestone_leased_admissions_total{tenant}`, per pooled tenant.
     admitted: Vec<Option<prometheus::IntCounter>>,
     /// Set once the process stops: from then on every admission and
@@ -153,6 +163,7 @@ impl Pools {
             sizes,
             limits: tenants.iter().map(|t| t.limits.clone()).collect(),
             pools: tenants.iter().map(|_| Mutex::default()).collect(),
+            refilled: tenants.iter().map(|_| tokio::sync::Notify::new()).collect(),
             stopped: AtomicBool::new(false),
         }
     }
@@ -207,6 +218,18 @@ impl Pools {
             admitted.inc();
         }
         Some((lease, pool.state(limits, now)))
+    }
+
+    /// Waits, while another admission's ask is on its way to Redis, for
+    /// its answer (or until it is given up); returns at once when none is.
+    pub(super) async fn await_refill(&self, tenant: usize) {
+        let refilled = self.refilled[tenant].notified();
+        tokio::pin!(refilled);
+        // Registered before the look, so an answer in between is not missed.
+        refilled.as_mut().enable();
+        if lock(&self.pools[tenant]).asking {
+            refilled.await;
+        }
     }
 
     /// A kept slot for an admission Redis decides (the pool could not
@@ -296,13 +319,27 @@ impl Pools {
     /// `tokens` reserved but not used (below zero: used beyond the
     /// reservation).
     pub(super) fn correct(&self, tenant: usize, requests: i64, tokens: i64) {
-        let limits = &self.limits[tenant];
+        let (limits, size) = (&self.limits[tenant], self.sizes[tenant].unwrap_or_default());
         let mut pool = lock(&self.pools[tenant]);
+        let pool = &mut *pool;
+        // The pool holds no more than its share: the rest goes back.
+        let add = |held: &mut i64, excess: &mut i64, by: i64, most: i64| {
+            *held = held.saturating_add(by);
+            if *held > most {
+                *excess = excess.saturating_add(*held - most);
+                *held = most;
+            }
+        };
         if limits.requests_per_minute.is_some() {
-            pool.requests = pool.requests.saturating_add(requests);
+            add(
+                &mut pool.requests,
+                &mut pool.excess[0],
+                requests,
+                size.requests,
+            );
         }
         if limits.tokens_per_minute.is_some() {
-            pool.tokens = pool.tokens.saturating_add(tokens);
+            add(&mut pool.tokens, &mut pool.excess[1], tokens, size.tokens);
         }
     }
 
@@ -311,7 +348,12 @@ impl Pools {
     /// flight when they end. Used again, they would run requests Redis
     /// does not count.
     pub(super) fn forget(&self, tenant: usize, lost: &[Lease]) {
+        if self.sizes[tenant].is_none() {
+            return;
+        }
         let mut pool = lock(&self.pools[tenant]);
+        // A lost slot not seen since the last renewal has ended already.
+        pool.lost.clear();
         for lease in lost {
             match pool.slots.iter().position(|(kept, _)| kept == lease) {
                 Some(at) => {
@@ -334,8 +376,8 @@ impl Pools {
     }
 
     /// Takes out what has been held unused for `redis.lease.ms` (all of
-    /// it once stopped, or for a tenant that is not `up`), to be given
-    /// back.
+    /// it once stopped, or for a tenant that is not `up`) and what
+    /// settlements gave back beyond the share, to be given back.
     pub(super) fn unused(&self, now: f64, up: impl Fn(usize) -> bool) -> Vec<Unused> {
         let stopped = self.stopped.load(Ordering::Relaxed);
         let mut unused = Vec::new();
@@ -346,9 +388,12 @@ impl Pools {
                 tenant,
                 ..Unused::default()
             };
+            let [requests, tokens] = std::mem::take(&mut pool.excess);
+            out.requests = requests;
+            out.tokens = tokens;
             if all || now >= pool.until {
-                out.requests = std::mem::take(&mut pool.requests);
-                out.tokens = std::mem::take(&mut pool.tokens);
+                out.requests += std::mem::take(&mut pool.requests);
+                out.tokens += std::mem::take(&mut pool.tokens);
             }
             let hold_ms = self.hold_ms;
             pool.slots.retain(|&(lease, kept)| {
