@@ -28,7 +28,10 @@
 //! ([`redis::RedisStore`]: Lua scripts, admissions and settlements that wait
 //! together sent in one round trip, slots as expiring leases); when Redis
 //! fails or is slow the limiter falls back to the in-process store, counts
-//! the error, and keeps the spend locally until it can be flushed.
+//! the error, and keeps the spend locally until it can be flushed. With
+//! `redis.lease` each instance takes a share of every limit ahead and
+//! admits against it without a round trip, owing its usage to the flush
+//! (the store's `pool` module).
 
 pub(crate) mod beside;
 pub mod local;
@@ -857,8 +860,8 @@ impl Limiter {
             .await;
         if let Some(budget) = limits.budget {
             let spent = match &inner.redis {
-                // The settlement is counted there already: sent (and
-                // answered, or not waited for) or owed.
+                // The settlement is counted there already: answered, or
+                // owed (kept for the flush).
                 Some(redis) => redis.known_spend(tenant, &period_id),
                 None => inner.local.usage(tenant, &period_id).cost_pusd,
             };

@@ -19,7 +19,10 @@
 //! [`RedisMaintenance`] sees Redis answer again; spend recorded meanwhile is
 //! kept here and flushed then. Leases held by this instance are renewed
 //! while their requests run; those of a crashed instance expire after
-//! [`LEASE_TTL_MS`].
+//! [`LEASE_TTL_MS`]. With `redis.lease` (`pool`), admissions mostly
+//! skip Redis: an instance takes a share of each limit ahead, keeps the
+//! slots of requests that end, owes its usage as through an outage, and
+//! gives back what it does not use.
 
 mod batcher;
 mod debts;
