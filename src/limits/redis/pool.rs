@@ -1,11 +1,15 @@
 //! Quota taken ahead from Redis (`redis.lease`). An admission that goes to
-//! Redis also takes a share of the tenant's requests and tokens per minute
-//! when they fit, and the concurrency slots of requests that end are kept
-//! rather than released, so the next requests are admitted here without a
-//! round trip. What is taken counts in Redis at once, so the instances
-//! together never admit more than the limits allow; what one holds unused
-//! is given back `redis.lease.ms` after it took it (and when it stops), so
-//! the others can have it.
+//! Redis hands back what the pool still holds and takes a share of the
+//! tenant's requests and tokens per minute anew when it fits (one such ask
+//! at a time; the requests that find the pool empty meanwhile wait for
+//! it), and the concurrency slots of requests that end are kept rather
+//! than released, so the next requests are admitted here without a round
+//! trip. Their settlements' corrections stay with the pool (what goes
+//! beyond the share goes back at the next upkeep) and their usage is owed
+//! to the ledger's flush (`RedisStore::settle`). What is taken counts in
+//! Redis at once, so the instances together never admit more than the
+//! limits allow; what one holds unused is given back `redis.lease.ms`
+//! after it took it (and when it stops), so the others can have it.
 
 use super::Lease;
 use crate::config::{LeaseSettings, TenantLimits, TenantSettings};
