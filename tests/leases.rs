@@ -51,6 +51,23 @@ fn one(gw: &Gateway) -> Response {
     )
 }
 
+/// Two gateways of tenant `acme` with `limits` on `redis`: one taking
+/// quota ahead with `lease`, one deciding every request in Redis.
+fn holder_and_other(mock: &Mock, limits: &str, redis: &Redis, lease: &str) -> (Gateway, Gateway) {
+    (
+        Gateway::start(&leased(mock, limits, redis, Some(lease))),
+        Gateway::start(&leased(mock, limits, redis, None)),
+    )
+}
+
+/// The status of a chat request of tenant `acme` asking for `max_tokens`.
+fn ask_tokens(gw: &Gateway, max_tokens: u64) -> u16 {
+    let mut body = chat("gpt-4o-mini", false);
+    body["max_tokens"] = max_tokens.into();
+    gw.post_json("/v1/chat/completions", TENANT_KEY, &body)
+        .status
+}
+
 fn leased_admissions(gw: &Gateway) -> f64 {
     metric_value(
         &gw.metrics(),
@@ -108,13 +125,7 @@ fn quota_held_unused_is_given_back_after_the_lease() {
     let mock = Mock::start(&[]);
     // 4 a minute: one more every 15 s, none within this test.
     let limits = "{ requests_per_minute: 4 }";
-    let holder = Gateway::start(&leased(
-        &mock,
-        limits,
-        &redis,
-        Some("{ share: 0.5, ms: 3000 }"),
-    ));
-    let other = Gateway::start(&leased(&mock, limits, &redis, None));
+    let (holder, other) = holder_and_other(&mock, limits, &redis, "{ share: 0.5, ms: 3000 }");
     let began = Instant::now();
     // One request, and two more taken ahead with it.
     assert_eq!(one(&holder).status, 200);
@@ -149,13 +160,7 @@ fn a_stopping_gateway_gives_back_what_it_holds() {
     let redis = Redis::start();
     let mock = Mock::start(&[]);
     let limits = "{ requests_per_minute: 4 }";
-    let mut holder = Gateway::start(&leased(
-        &mock,
-        limits,
-        &redis,
-        Some("{ share: 0.5, ms: 10000 }"),
-    ));
-    let other = Gateway::start(&leased(&mock, limits, &redis, None));
+    let (mut holder, other) = holder_and_other(&mock, limits, &redis, "{ share: 0.5, ms: 10000 }");
     assert_eq!(one(&holder).status, 200);
     signal(holder.pid(), "TERM");
     holder.wait_exit(Duration::from_secs(20));
@@ -263,9 +268,8 @@ fn leased_admissions_bill_every_request_and_keep_the_budget() {
 }
 
 /// Redis frozen while an instance admits against its pool: it serves on,
-/// and once Redis thaws every request is counted there once (the
-/// settlements not waited for are kept and sent again under their batch
-/// numbers, as the waited ones are).
+/// and once Redis thaws every request is counted there once (the usage
+/// owed is sent again under its batch numbers until Redis confirms it).
 #[test]
 fn a_frozen_redis_counts_leased_requests_once() {
     let redis = Redis::start();
@@ -346,15 +350,12 @@ fn what_an_instance_holds_is_its_own_to_admit() {
         &redis,
         Some("{ share: 0.5, ms: 10000 }"),
     ));
-    let ask = |max_tokens: u64| {
-        let mut body = chat("gpt-4o-mini", false);
-        body["max_tokens"] = max_tokens.into();
-        tokens
-            .post_json("/v1/chat/completions", TENANT_KEY, &body)
-            .status
-    };
-    assert_eq!(ask(10), 200);
-    assert_eq!(ask(6000), 200, "the pool's 5,000 tokens go back for it");
+    assert_eq!(ask_tokens(&tokens, 10), 200);
+    assert_eq!(
+        ask_tokens(&tokens, 6000),
+        200,
+        "the pool's 5,000 tokens go back for it"
+    );
 }
 
 /// On one instance, settlements counted before the client sees the end:
@@ -448,13 +449,7 @@ fn a_kept_slot_redis_lost_is_dropped() {
     let redis = Redis::start();
     let mock = Mock::start(&["--latency-ms", "300"]);
     let limits = "{ max_concurrent: 2 }";
-    let holder = Gateway::start(&leased(
-        &mock,
-        limits,
-        &redis,
-        Some("{ share: 0.5, ms: 10000 }"),
-    ));
-    let other = Gateway::start(&leased(&mock, limits, &redis, None));
+    let (holder, other) = holder_and_other(&mock, limits, &redis, "{ share: 0.5, ms: 10000 }");
     assert_eq!(one(&holder).status, 200);
     redis.cli(&["DEL", "runestone:{acme}:inflight"]);
     // Renewal (every 10 s) finds the kept slot gone; from then on the
@@ -515,24 +510,12 @@ fn tokens_given_back_beyond_the_share_go_back_to_redis() {
     let redis = Redis::start();
     let mock = Mock::start(&[]);
     let limits = "{ tokens_per_minute: 100000 }";
-    let holder = Gateway::start(&leased(
-        &mock,
-        limits,
-        &redis,
-        Some("{ share: 0.05, ms: 4000 }"),
-    ));
-    let other = Gateway::start(&leased(&mock, limits, &redis, None));
-    let ask = |gw: &Gateway, max_tokens: u64| {
-        let mut body = chat("gpt-4o-mini", false);
-        body["max_tokens"] = max_tokens.into();
-        gw.post_json("/v1/chat/completions", TENANT_KEY, &body)
-            .status
-    };
+    let (holder, other) = holder_and_other(&mock, limits, &redis, "{ share: 0.05, ms: 4000 }");
     // Reserves about 90,000 tokens, uses a few dozen.
-    assert_eq!(ask(&holder, 90_000), 200);
+    assert_eq!(ask_tokens(&holder, 90_000), 200);
     let ended = Instant::now();
     wait_until(Duration::from_secs(10), "the other admitted", || {
-        ask(&other, 50_000) == 200
+        ask_tokens(&other, 50_000) == 200
     });
     assert!(
         ended.elapsed() < Duration::from_millis(3000),
