@@ -761,10 +761,6 @@ impl Limiter {
             .tokens_per_minute
             .map_or(tokens, |tpm| tokens.min(tpm))
             .min(MAX_RESERVED_TOKENS);
-        // A lease id names a concurrency slot in Redis; in-process slots are
-        // plain counts.
-        let lease =
-            (inner.redis.is_some() && limits.max_concurrent.is_some()).then(redis::Lease::random);
         let now = now_ms();
         let (period_id, period_left_ms) = period_at(accounting_period(limits), now);
         let decided = if !limits.is_limited() {
@@ -777,7 +773,6 @@ impl Limiter {
                     let outside = inner.local.outside_redis(tenant);
                     let ask = redis::AdmitRequest {
                         tokens,
-                        lease,
                         period_id: &period_id,
                         outside,
                     };

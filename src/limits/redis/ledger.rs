@@ -9,7 +9,7 @@ use crate::limits::PeriodUsage;
 use crate::lock;
 use crate::metrics;
 use redis::Script;
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use tracing::warn;
@@ -112,7 +112,7 @@ impl Unsettled {
 pub(super) struct Ledger {
     /// Usage recorded while Redis was down, per (tenant, period): never
     /// sent, so it is given a number when the flush first sends it.
-    pub(super) pending: HashMap<(usize, String), PeriodUsage>,
+    pub(super) pending: Pending,
     /// Leases whose release could not be sent (Redis down or frozen at
     /// settlement, an admission that timed out, a request that panicked),
     /// so a tenant does not lose those slots until the leases expire.
@@ -129,6 +129,48 @@ pub(super) struct Ledger {
     /// Tenants whose usage was kept because Redis was away (said when the
     /// flush pays it), not only owed with `redis.lease`.
     pub(super) outage: HashSet<usize>,
+}
+
+/// Usage owed and never sent, per tenant and period (a tenant has one
+/// period at a time, two at a month's turn), found without building a key:
+/// `redis.lease` adds to it at every settlement.
+#[derive(Debug, Default)]
+pub(super) struct Pending(BTreeMap<usize, Vec<(String, PeriodUsage)>>);
+
+impl Pending {
+    /// What is owed for `tenant`'s period `period_id`.
+    pub(super) fn get(&self, tenant: usize, period_id: &str) -> Option<&PeriodUsage> {
+        let periods = self.0.get(&tenant)?;
+        (periods.iter().find(|(period, _)| period == period_id)).map(|(_, usage)| usage)
+    }
+
+    /// Owes `usage` for `tenant`'s period `period_id`.
+    pub(super) fn add(&mut self, tenant: usize, period_id: &str, usage: &PeriodUsage) {
+        let periods = self.0.entry(tenant).or_default();
+        match periods.iter_mut().find(|(period, _)| period == period_id) {
+            Some((_, owed)) => owed.add(usage),
+            None => periods.push((period_id.to_string(), usage.clone())),
+        }
+    }
+
+    /// Whether nothing is owed.
+    pub(super) fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// What is owed, by tenant and period.
+    pub(super) fn iter(&self) -> impl Iterator<Item = (usize, &str, &PeriodUsage)> {
+        (self.0.iter()).flat_map(|(&tenant, periods)| {
+            (periods.iter()).map(move |(period, usage)| (tenant, period.as_str(), usage))
+        })
+    }
+
+    /// Takes all that is owed, by tenant and period.
+    pub(super) fn drain(&mut self) -> impl Iterator<Item = (usize, String, PeriodUsage)> {
+        (std::mem::take(&mut self.0).into_iter()).flat_map(|(tenant, periods)| {
+            (periods.into_iter()).map(move |(period, usage)| (tenant, period, usage))
+        })
+    }
 }
 
 /// Whether `error` is [`SETTLE`]'s refusal of a batch (Redis wrote none of
@@ -161,9 +203,7 @@ impl Ledger {
             return;
         }
         self.pending
-            .entry((batch.tenant, batch.period_id))
-            .or_default()
-            .add(&batch.usage);
+            .add(batch.tenant, &batch.period_id, &batch.usage);
         self.unreleased
             .extend(batch.leases.into_iter().map(|lease| (batch.tenant, lease)));
     }
@@ -192,7 +232,7 @@ impl Ledger {
         }
         let pending = self
             .pending
-            .get(&(tenant, period_id.to_string()))
+            .get(tenant, period_id)
             .map_or(0, |u| u.cost_pusd);
         let unsent: i64 = (self.unsettled.iter())
             .filter(|u| !u.uncertain && u.tenant == tenant && u.period_id == period_id)
@@ -217,7 +257,7 @@ impl Ledger {
         let Ledger {
             pending, unsettled, ..
         } = self;
-        for ((tenant, period_id), usage) in pending.drain() {
+        for (tenant, period_id, usage) in pending.drain() {
             let unsent = unsettled.iter_mut().find(|u| {
                 !u.uncertain
                     && u.tenant == tenant
@@ -247,7 +287,7 @@ impl Ledger {
     pub(super) fn owed_spend(&self, tenant: usize, period_id: &str) -> i64 {
         let pending = self
             .pending
-            .get(&(tenant, period_id.to_string()))
+            .get(tenant, period_id)
             .map_or(0, |u| u.cost_pusd);
         let unsettled: i64 = (self.unsettled.iter().chain(&self.sending))
             .filter(|u| u.tenant == tenant && u.period_id == period_id)
@@ -348,11 +388,7 @@ impl Shared {
         if *usage == PeriodUsage::default() {
             return;
         }
-        lock(&self.ledger)
-            .pending
-            .entry((tenant, period_id.to_string()))
-            .or_default()
-            .add(usage);
+        lock(&self.ledger).pending.add(tenant, period_id, usage);
         self.deferred.notify_one();
     }
 
@@ -371,11 +407,7 @@ impl Shared {
             ledger.unreleased.push((tenant, lease));
         }
         if *usage != PeriodUsage::default() {
-            ledger
-                .pending
-                .entry((tenant, period_id.to_string()))
-                .or_default()
-                .add(usage);
+            ledger.pending.add(tenant, period_id, usage);
         }
         drop(ledger);
         self.deferred.notify_one();
@@ -497,8 +529,12 @@ mod tests {
                 "REFUSED p:{t}:usage:2026-12 cost_pusd holds 007",
             );
         }
-        assert_eq!(ledger.pending.len(), 1, "one entry per tenant and period");
-        let owed = &ledger.pending[&(0, "2026-12".to_string())];
+        assert_eq!(
+            ledger.pending.iter().count(),
+            1,
+            "one entry per tenant and period"
+        );
+        let owed = ledger.pending.get(0, "2026-12").unwrap();
         assert_eq!((owed.requests, owed.cost_pusd), (6, 90));
         assert_eq!(ledger.unreleased.len(), 6, "every lease is released");
         assert!(ledger.unsettled.is_empty(), "nothing of it was applied");
@@ -533,7 +569,7 @@ mod tests {
                 cost_pusd: cost,
                 ..PeriodUsage::default()
             };
-            (ledger.pending.entry((tenant, period.into())).or_default()).add(&usage);
+            ledger.pending.add(tenant, period, &usage);
         };
         owe(&mut ledger, 0, "2026-12", 5);
         ledger.number_pending(&keys);
@@ -565,9 +601,10 @@ mod tests {
     #[test]
     fn owed_spend_counts_pending_and_unconfirmed_batches_of_the_period() {
         let mut ledger = Ledger::default();
-        ledger.pending.insert(
-            (0, "2026-12".into()),
-            PeriodUsage {
+        ledger.pending.add(
+            0,
+            "2026-12",
+            &PeriodUsage {
                 cost_pusd: 7,
                 ..PeriodUsage::default()
             },

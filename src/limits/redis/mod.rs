@@ -163,8 +163,9 @@ struct Inner {
     settle: Script,
     /// Spend last read from Redis, per tenant: (period, pUSD).
     known_spend: Vec<Mutex<(String, i64)>>,
-    /// Leases this instance holds: lease id -> tenant.
-    leases: Mutex<HashMap<Lease, usize>>,
+    /// Leases this instance holds: lease id -> tenant (foldhash: one in
+    /// and out a request, and the ids are this process's random draws).
+    leases: Mutex<foldhash::HashMap<Lease, usize>>,
     /// The tenants' ids, by index (debts are written down by id).
     ids: Vec<String>,
     /// Where what is owed is written down while it is owed, when the
@@ -195,8 +196,6 @@ pub struct RedisStore {
 pub struct AdmitRequest<'a> {
     /// The tokens it reserves.
     pub tokens: u64,
-    /// Its concurrency slot, when the tenant has a concurrency limit.
-    pub lease: Option<Lease>,
     /// The accounting period it falls in.
     pub period_id: &'a Arc<str>,
     /// What this instance admitted while Redis was unavailable
@@ -364,7 +363,6 @@ impl RedisStore {
     ) -> Option<Result<(RateLimitState, Option<Lease>), Refusal>> {
         let AdmitRequest {
             tokens,
-            lease,
             period_id,
             outside: [held_outside, requests_tat_outside, tokens_tat_outside],
         } = request;
@@ -399,11 +397,11 @@ impl RedisStore {
         let queue = self.queue()?;
         // A slot the pool kept goes with the request Redis decides (the
         // pool could not admit it for another limit): Redis counts it as
-        // the request's own.
+        // the request's own. Otherwise a new lease id names the slot.
         let kept = pools
             .filter(|_| limits.max_concurrent.is_some())
             .and_then(|pools| pools.kept_slot(tenant));
-        let lease = kept.or(lease);
+        let lease = kept.or_else(|| limits.max_concurrent.map(|_| Lease::random()));
         let ask = pools.map(|pools| pools.ask(tenant));
         let (reply, answer) = oneshot::channel();
         let op = Op::Admit(AdmitOp {
@@ -651,9 +649,7 @@ impl RedisStore {
     pub async fn usage(&self, tenant: usize, period_id: &str) -> (PeriodUsage, bool) {
         let mut usage = {
             let ledger = lock(&self.inner.shared.ledger);
-            let mut usage = ledger
-                .pending
-                .get(&(tenant, period_id.to_string()))
+            let mut usage = (ledger.pending.get(tenant, period_id))
                 .cloned()
                 .unwrap_or_default();
             let down = !self.tenant_up(tenant);
@@ -1099,7 +1095,7 @@ impl RedisStore {
     /// what it took over from ended processes.
     fn owed(&self) -> Option<i64> {
         let ledger = lock(&self.inner.shared.ledger);
-        let pending = ledger.pending.values().map(|usage| usage.cost_pusd);
+        let pending = ledger.pending.iter().map(|(_, _, usage)| usage.cost_pusd);
         let unsettled = ledger.unsettled.iter().map(|batch| batch.usage.cost_pusd);
         let adopted = ledger.adopted.iter().map(|debt| debt.owed.cost_pusd);
         let owes = !ledger.pending.is_empty()
