@@ -3,7 +3,7 @@
 // and stops them. The Node counterpart of tests/sdk/conftest.py.
 import { spawn } from 'node:child_process';
 import { mkdtempSync, writeFileSync, rmSync, readFileSync } from 'node:fs';
-import { createServer } from 'node:net';
+import { createServer, connect } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join, resolve, dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -57,11 +57,43 @@ export class Mock {
   stop() { this.proc.kill('SIGKILL'); }
 }
 
+/** redis-server (from PATH) on a free port, answering PING. */
+export class Redis {
+  static async start() {
+    const redis = new Redis();
+    redis.port = await freePort();
+    redis.proc = spawn('redis-server', ['--port', String(redis.port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no'], { stdio: 'ignore' });
+    const deadline = Date.now() + 20000;
+    while (!(await redis.ping())) {
+      if (redis.proc.exitCode !== null) throw new Error('redis-server exited during start-up');
+      if (Date.now() > deadline) throw new Error(`redis-server not ready on port ${redis.port}`);
+      await new Promise((r) => setTimeout(r, 20));
+    }
+    return redis;
+  }
+  get url() { return `redis://127.0.0.1:${this.port}/0`; }
+  ping() {
+    return new Promise((ok) => {
+      const socket = connect(this.port, '127.0.0.1');
+      let answer = '';
+      socket.on('connect', () => socket.write('PING\r\n'));
+      socket.on('data', (data) => {
+        answer += data;
+        if (answer.includes('\r\n')) { socket.destroy(); ok(answer.startsWith('+PONG')); }
+      });
+      socket.on('error', () => ok(false));
+    });
+  }
+  stop() { this.proc.kill('SIGKILL'); }
+}
+
 /** runestone in front of `mock`: models `gpt-4o-mini` (at `price`),
  * `claude`, an embeddings model, and moderation, image, speech and
- * transcription models; tenants `acme` (all) and `other`. */
+ * transcription models; tenants `acme` (all, with `acmeLimits` as its
+ * `limits` when given) and `other`; `extra` is YAML added at the top
+ * level. */
 export class Gateway {
-  static async start(mock, extra = '', price = '{ input: 1.0, output: 2.0 }') {
+  static async start(mock, extra = '', price = '{ input: 1.0, output: 2.0 }', acmeLimits = '') {
     const gw = new Gateway();
     gw.port = await freePort();
     gw.metricsPort = await freePort();
@@ -93,7 +125,7 @@ models:
     targets: [{ provider: mock, model: whisper-prod }]
 tenants:
   - id: acme
-    keys: ["${TENANT_KEY}"]
+    keys: ["${TENANT_KEY}"]${acmeLimits ? `\n    limits: ${acmeLimits}` : ''}
   - id: other
     keys: ["${OTHER_KEY}"]
     models: [text-embedding-3-small]
@@ -111,6 +143,10 @@ ${extra}`;
     return new OpenAI({ baseURL: `http://127.0.0.1:${this.port}/v1`, apiKey: key, maxRetries: 0, timeout: 30000 });
   }
   async metrics() { return (await fetch(`http://127.0.0.1:${this.metricsPort}/metrics`)).text(); }
+  /** `/v1/usage` as `key`'s tenant sees it. */
+  async usage(key = TENANT_KEY) {
+    return (await fetch(`http://127.0.0.1:${this.port}/v1/usage`, { headers: { authorization: `Bearer ${key}` } })).json();
+  }
   stop() {
     this.proc.kill('SIGKILL');
     rmSync(this.dir, { recursive: true, force: true });
