@@ -8,7 +8,7 @@
 mod common;
 
 use common::*;
-use serde_json::json;
+use serde_json::{json, Value};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -696,21 +696,11 @@ fn two_gateways_over_a_cluster_share_limits_and_survive_a_primary_failing_over()
     let victim = cluster.primary_of(&format!("{{{b}}}"));
     let sent_before = mock.request_count();
     cluster.nodes[victim].kill();
-    let started = Instant::now();
-    let mut during = Vec::new();
-    while started.elapsed() < Duration::from_secs(3) {
-        let t = Instant::now();
-        let resp = gw1.post_json(CHAT, other_key, &chat("gpt-4o-mini", false));
-        during.push((resp.status, t.elapsed()));
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert!(
-        during
-            .iter()
-            .all(|(s, t)| *s == 200 && *t < Duration::from_secs(2)),
-        "answered within bounds while the primary was gone: {during:?}"
-    );
-    assert!(during.len() > 20);
+    let sent = answered_while_a_primary_is_gone(|_| {
+        gw1.post_json(CHAT, other_key, &chat("gpt-4o-mini", false))
+            .status
+    });
+    assert!(sent > 20);
     wait_until(Duration::from_secs(20), "a replica to take over", || {
         cluster
             .nodes
@@ -740,17 +730,7 @@ fn two_gateways_over_a_cluster_share_limits_and_survive_a_primary_failing_over()
             == "0"
     });
     // What the provider generated is what the gateways billed, exactly.
-    let billed: f64 = [&gw1, &gw2]
-        .iter()
-        .map(|gw| metric_sum(&gw.metrics(), "runestone_tokens_total", &[]))
-        .sum();
-    let stats = mock.stats();
-    let generated =
-        stats["prompt_tokens"].as_u64().unwrap() + stats["completion_tokens"].as_u64().unwrap();
-    assert_eq!(
-        billed, generated as f64,
-        "sent before the failover: {sent_before}"
-    );
+    let stats = billed_what_was_generated(&mock, &[&gw1, &gw2], sent_before);
     // And at the configured price (1 and 2 USD per 1M tokens).
     let cost: f64 = [&gw1, &gw2]
         .iter()
@@ -760,6 +740,42 @@ fn two_gateways_over_a_cluster_share_limits_and_survive_a_primary_failing_over()
         + 2.0 * stats["completion_tokens"].as_f64().unwrap())
         / 1e6;
     assert!((cost - expected).abs() < 1e-9, "{cost} != {expected}");
+}
+
+/// Sends a request (`send`, given its number) every 20 ms for three
+/// seconds, as after a cluster primary was killed: each is answered, within
+/// two seconds. How many were sent.
+fn answered_while_a_primary_is_gone(mut send: impl FnMut(usize) -> u16) -> usize {
+    let started = Instant::now();
+    let mut during = Vec::new();
+    while started.elapsed() < Duration::from_secs(3) {
+        let t = Instant::now();
+        during.push((send(during.len()), t.elapsed()));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        during
+            .iter()
+            .all(|(s, t)| *s == 200 && *t < Duration::from_secs(2)),
+        "answered within bounds while the primary was gone: {during:?}"
+    );
+    during.len()
+}
+
+/// Asserts that the tokens `gateways` billed are exactly those `mock`
+/// generated (`sent_before` a failover is said if not); the mock's stats.
+fn billed_what_was_generated(mock: &Mock, gateways: &[&Gateway], sent_before: u64) -> Value {
+    let billed: f64 = (gateways.iter())
+        .map(|gw| metric_sum(&gw.metrics(), "runestone_tokens_total", &[]))
+        .sum();
+    let stats = mock.stats();
+    let generated =
+        stats["prompt_tokens"].as_u64().unwrap() + stats["completion_tokens"].as_u64().unwrap();
+    assert_eq!(
+        billed, generated as f64,
+        "sent before the failover: {sent_before}"
+    );
+    stats
 }
 
 /// A cluster primary that loses a tenant's queue (a failover to a replica
@@ -1180,20 +1196,7 @@ fn leasing_gateways_over_a_cluster_keep_the_limit_and_bill_exactly_through_a_fai
     assert!(leased(&gw1) >= 1.0 && leased(&gw2) >= 1.0);
     let victim = cluster.primary_of("{busy}");
     cluster.nodes[victim].kill();
-    let started = Instant::now();
-    let mut during = Vec::new();
-    while started.elapsed() < Duration::from_secs(3) {
-        let t = Instant::now();
-        let gw = if during.len() % 2 == 0 { &gw1 } else { &gw2 };
-        during.push((busy(gw), t.elapsed()));
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert!(
-        during
-            .iter()
-            .all(|(s, t)| *s == 200 && *t < Duration::from_secs(2)),
-        "answered within bounds while the primary was gone: {during:?}"
-    );
+    answered_while_a_primary_is_gone(|i| busy(if i % 2 == 0 { &gw1 } else { &gw2 }));
     wait_until(
         Duration::from_secs(20),
         "both gateways to see Redis again",
@@ -1211,12 +1214,5 @@ fn leasing_gateways_over_a_cluster_keep_the_limit_and_bill_exactly_through_a_fai
             .trim()
             == "0"
     });
-    let billed: f64 = [&gw1, &gw2]
-        .iter()
-        .map(|gw| metric_sum(&gw.metrics(), "runestone_tokens_total", &[]))
-        .sum();
-    let stats = mock.stats();
-    let generated =
-        stats["prompt_tokens"].as_u64().unwrap() + stats["completion_tokens"].as_u64().unwrap();
-    assert_eq!(billed, generated as f64);
+    billed_what_was_generated(&mock, &[&gw1, &gw2], 0);
 }
