@@ -51,7 +51,7 @@ case "$PGO" in
   1) scripts/pgo.sh && scripts/pgo.sh --floor || PGO_MISSING="scripts/pgo.sh failed here (its output above says why)" ;;
   built)
     # Only builds of these very sources (scripts/pgo.sh notes what it built from).
-    sources=$({ git rev-parse HEAD && git status --porcelain --untracked-files=no -- src crates benches Cargo.toml Cargo.lock; } 2>/dev/null) \
+    sources=$(scripts/pgo.sh --sources 2>/dev/null) \
       || PGO_MISSING="PGO=built, but this is not a git checkout, so what the builds were made from cannot be checked"
     for built in target/pgo/built-from target/pgo-floor/built-from; do
       [ -n "$PGO_MISSING" ] || [ "$(cat "$built" 2>/dev/null)" = "$sources" ] \

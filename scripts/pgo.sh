@@ -13,6 +13,9 @@
 #   scripts/pgo.sh --check    # no build: the debug gateway through the same
 #                             # mix, to see that it still serves it as the
 #                             # mix expects (scripts/test.sh)
+#   scripts/pgo.sh --sources  # what a build would be stamped as built from
+#                             # (target/pgo/built-from; scripts/bench.sh's
+#                             # PGO=built compares)
 #
 # Each state's traffic must be answered as the mix expects (its statuses in
 # their shares, no socket errors, Redis up in the Redis states, admissions
@@ -25,10 +28,19 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# What the build is made from: the trees of the sources at HEAD (so a
+# commit that changes only tests or docs keeps a build good) and what the
+# checkout changed in them; fails outside a git checkout.
+sources() {
+  git rev-parse HEAD:src HEAD:crates HEAD:benches HEAD:Cargo.toml HEAD:Cargo.lock \
+    && git status --porcelain --untracked-files=no -- src crates benches Cargo.toml Cargo.lock
+}
+
 mode=${1:-gateway}
 case "$mode" in
   gateway | --floor | --check) ;;
-  *) echo "usage: scripts/pgo.sh [--floor | --check]" >&2; exit 2 ;;
+  --sources) sources; exit ;;
+  *) echo "usage: scripts/pgo.sh [--floor | --check | --sources]" >&2; exit 2 ;;
 esac
 case "$PWD" in
   *[[:space:]]*) echo "pgo: the checkout's path has a space, which RUSTFLAGS cannot carry: $PWD" >&2; exit 1 ;;
@@ -238,9 +250,7 @@ rm -rf "$dir"
 echo "pgo: building ${what[*]} from the profile ($dir)" >&2
 CARGO_TARGET_DIR=$dir RUSTFLAGS="${RUSTFLAGS:-} -Cprofile-use=$profiles/merged.profdata -Cllvm-args=-pgo-warn-missing-function=false" \
   cargo build --release --locked "${what[@]}"
-# What it was built from, for scripts/bench.sh's PGO=built to check: the
-# commit, and whether the sources differed from it.
+# What it was built from, for scripts/bench.sh's PGO=built to check.
 # Outside a git checkout there is nothing to check it against.
-{ git rev-parse HEAD && git status --porcelain --untracked-files=no -- src crates benches Cargo.toml Cargo.lock; } >"$dir/built-from" 2>/dev/null \
-  || echo "not a git checkout" >"$dir/built-from"
+sources >"$dir/built-from" 2>/dev/null || echo "not a git checkout" >"$dir/built-from"
 echo "pgo: $dir/$binary" >&2

@@ -63,8 +63,11 @@ export class Redis {
     const redis = new Redis();
     redis.port = await freePort();
     redis.proc = spawn('redis-server', ['--port', String(redis.port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no'], { stdio: 'ignore' });
+    let failed = null;
+    redis.proc.on('error', (e) => { failed = e; });
     const deadline = Date.now() + 20000;
     while (!(await redis.ping())) {
+      if (failed) throw new Error(`cannot start redis-server: ${failed.message}`);
       if (redis.proc.exitCode !== null) throw new Error('redis-server exited during start-up');
       if (Date.now() > deadline) throw new Error(`redis-server not ready on port ${redis.port}`);
       await new Promise((r) => setTimeout(r, 20));
@@ -72,16 +75,20 @@ export class Redis {
     return redis;
   }
   get url() { return `redis://127.0.0.1:${this.port}/0`; }
+  /** Whether it answers PING within half a second. */
   ping() {
     return new Promise((ok) => {
       const socket = connect(this.port, '127.0.0.1');
       let answer = '';
+      const done = (answered) => { socket.destroy(); ok(answered); };
+      socket.setTimeout(500, () => done(false));
       socket.on('connect', () => socket.write('PING\r\n'));
       socket.on('data', (data) => {
         answer += data;
-        if (answer.includes('\r\n')) { socket.destroy(); ok(answer.startsWith('+PONG')); }
+        if (answer.includes('\r\n')) done(answer.startsWith('+PONG'));
       });
-      socket.on('error', () => ok(false));
+      socket.on('error', () => done(false));
+      socket.on('close', () => done(false));
     });
   }
   stop() { this.proc.kill('SIGKILL'); }
@@ -143,6 +150,10 @@ ${extra}`;
     return new OpenAI({ baseURL: `http://127.0.0.1:${this.port}/v1`, apiKey: key, maxRetries: 0, timeout: 30000 });
   }
   async metrics() { return (await fetch(`http://127.0.0.1:${this.metricsPort}/metrics`)).text(); }
+  /** Waits until `/ready` answers 200 (with Redis: once Redis answered). */
+  async ready() {
+    await waitReady(`http://127.0.0.1:${this.port}/ready`, this.proc, 'runestone, ready');
+  }
   /** `/v1/usage` as `key`'s tenant sees it. */
   async usage(key = TENANT_KEY) {
     return (await fetch(`http://127.0.0.1:${this.port}/v1/usage`, { headers: { authorization: `Bearer ${key}` } })).json();
