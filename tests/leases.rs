@@ -523,38 +523,3 @@ fn tokens_given_back_beyond_the_share_go_back_to_redis() {
         ended.elapsed()
     );
 }
-
-/// An instance serving steadily tops up what it holds a quarter of
-/// `redis.lease.ms` before it runs out, in the background: after the
-/// first request, which takes the share, none is decided in Redis (so
-/// none waits for it) over several leases, and Redis counts each.
-#[test]
-fn a_pool_in_use_is_topped_up_before_it_runs_out() {
-    let redis = Redis::start();
-    let mock = Mock::start(&[]);
-    // A share of 300 requests a one-second lease; about 50 a second sent.
-    let config = leased(
-        &mock,
-        "{ requests_per_minute: 6000, tokens_per_minute: 10000000 }",
-        &redis,
-        Some("{ share: 0.05, ms: 1000 }"),
-    );
-    let gw = Gateway::start(&config);
-    let began = Instant::now();
-    let mut served = 0;
-    while began.elapsed() < Duration::from_millis(3500) {
-        assert_eq!(one(&gw).status, 200);
-        served += 1;
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let decided_in_redis = served as f64 - leased_admissions(&gw);
-    // Without the top-ups each lease's end sends one more (four or more);
-    // one slow round trip may let one run out.
-    assert!(
-        (1.0..=2.0).contains(&decided_in_redis),
-        "{decided_in_redis} of {served} decided in Redis"
-    );
-    wait_until(Duration::from_secs(5), "the usage in Redis", || {
-        usage_in_redis(&redis, "requests") == served.to_string()
-    });
-}

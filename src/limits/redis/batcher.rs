@@ -36,9 +36,7 @@ pub(super) struct AdmitOp {
     /// (Unix ms; constant from one such admission to the next, so they
     /// do not keep admissions from sharing a batch).
     pub(super) limits: [u64; 8],
-    /// The tokens the request reserves; `None` for no request, only quota
-    /// asked for ahead (`redis.lease` topping up its pool).
-    pub(super) tokens: Option<u64>,
+    pub(super) tokens: u64,
     /// `None` when the tenant has no concurrency limit.
     pub(super) lease: Option<Lease>,
     /// Whether `lease` is a slot this instance kept (`redis.lease`).
@@ -241,10 +239,7 @@ impl Batcher {
             .arg(keys.usage(&first.period_id));
         cmd.arg(&first.limits[..]).arg(LEASE_TTL_MS);
         for op in batch {
-            match op.tokens {
-                Some(tokens) => cmd.arg(tokens),
-                None => cmd.arg(-1),
-            };
+            cmd.arg(op.tokens);
             match op.lease {
                 Some(lease) => cmd.arg(lease),
                 None => cmd.arg(""),

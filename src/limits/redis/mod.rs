@@ -364,7 +364,7 @@ impl RedisStore {
         let AdmitRequest {
             tokens,
             period_id,
-            outside,
+            outside: [held_outside, requests_tat_outside, tokens_tat_outside],
         } = request;
         if !self.tenant_up(tenant) {
             return None;
@@ -379,14 +379,11 @@ impl RedisStore {
             };
             for look in 0..2 {
                 if within_budget() {
-                    if let Some(taken) = pools.take(tenant, limits, tokens, pool::now()) {
-                        if let Some(slot) = taken.slot {
+                    if let Some((slot, state)) = pools.take(tenant, limits, tokens, pool::now()) {
+                        if let Some(slot) = slot {
                             lock(&self.inner.leases).insert(slot, tenant);
                         }
-                        if taken.top_up {
-                            self.top_up(tenant, period_id, outside);
-                        }
-                        return Some(Ok((taken.state, taken.slot)));
+                        return Some(Ok((state, slot)));
                     }
                 }
                 if look == 0 && pools.pooled(tenant) {
@@ -410,8 +407,21 @@ impl RedisStore {
         let op = Op::Admit(AdmitOp {
             tenant,
             period_id: period_id.clone(),
-            limits: self.admit_limits(tenant, limits, period_id, outside),
-            tokens: Some(tokens),
+            limits: [
+                u64::from(limits.requests_per_minute.unwrap_or(0)),
+                limits.tokens_per_minute.unwrap_or(0),
+                u64::from(limits.max_concurrent.unwrap_or(0)),
+                limits.budget.map_or(0, |b| b.amount_pusd.max(0) as u64),
+                if limits.budget.is_some() {
+                    lock(&self.inner.shared.ledger).uncounted_spend(tenant, period_id)
+                } else {
+                    0
+                },
+                held_outside,
+                requests_tat_outside,
+                tokens_tat_outside,
+            ],
+            tokens,
             lease,
             kept: kept.is_some(),
             extra: ask.as_ref().map_or([0, 0], |ask| ask.extra),
@@ -448,7 +458,12 @@ impl RedisStore {
             }
             return None;
         };
-        self.read_spend(tenant, period_id, spent);
+        let mut known = lock(&self.inner.known_spend[tenant]);
+        if *known.0 != **period_id {
+            known.0 = period_id.to_string();
+        }
+        known.1 = spent;
+        drop(known);
         let mut state = RateLimitState {
             requests: limits
                 .requests_per_minute
@@ -496,85 +511,6 @@ impl RedisStore {
             retry_after_ms: retry_after_ms.map(|ms| ms.ceil() as u64),
             state,
         }))
-    }
-
-    /// [`ADMIT`]'s limits for an admission of `tenant` (see
-    /// [`AdmitOp::limits`]), with what this instance admitted `outside`
-    /// Redis.
-    fn admit_limits(
-        &self,
-        tenant: usize,
-        limits: &TenantLimits,
-        period_id: &str,
-        outside: [u64; 3],
-    ) -> [u64; 8] {
-        let [held_outside, requests_tat_outside, tokens_tat_outside] = outside;
-        [
-            u64::from(limits.requests_per_minute.unwrap_or(0)),
-            limits.tokens_per_minute.unwrap_or(0),
-            u64::from(limits.max_concurrent.unwrap_or(0)),
-            limits.budget.map_or(0, |b| b.amount_pusd.max(0) as u64),
-            if limits.budget.is_some() {
-                lock(&self.inner.shared.ledger).uncounted_spend(tenant, period_id)
-            } else {
-                0
-            },
-            held_outside,
-            requests_tat_outside,
-            tokens_tat_outside,
-        ]
-    }
-
-    /// Keeps the spend `ADMIT` read as the tenant's known spend.
-    fn read_spend(&self, tenant: usize, period_id: &str, spent: i64) {
-        let mut known = lock(&self.inner.known_spend[tenant]);
-        if *known.0 != *period_id {
-            known.0 = period_id.to_string();
-        }
-        known.1 = spent;
-    }
-
-    /// Tops up `tenant`'s pool in the background (`redis.lease`), a
-    /// quarter of `redis.lease.ms` before what it holds runs out, so that
-    /// no request waits for Redis then: an admission of no request asking
-    /// for what the pool used ([`Pools::top_up`]), while the pool goes on
-    /// admitting against what it holds.
-    fn top_up(&self, tenant: usize, period_id: &Arc<str>, outside: [u64; 3]) {
-        let store = self.clone();
-        let period_id = period_id.clone();
-        tokio::spawn(async move {
-            let Some(pools) = store.inner.pools.as_ref() else {
-                return;
-            };
-            let Some(ask) = pools.top_up(tenant) else {
-                return;
-            };
-            let Some(queue) = store.queue() else {
-                return;
-            };
-            let limits = &pools.limits[tenant];
-            let (reply, answer) = oneshot::channel();
-            let op = Op::Admit(AdmitOp {
-                tenant,
-                period_id: period_id.clone(),
-                limits: store.admit_limits(tenant, limits, &period_id, outside),
-                tokens: None,
-                lease: None,
-                kept: false,
-                extra: ask.extra,
-                back: ask.back,
-                reply,
-            });
-            if queue.send(op).is_err() {
-                return;
-            }
-            let Some(answer) = store.answer(tenant, "admit", answer).await else {
-                return;
-            };
-            store.read_spend(tenant, &period_id, answer.spent);
-            let read = [answer.now, answer.requests_tat, answer.tokens_tat];
-            pools.answered((ask, answer.leased), limits, read, pool::now());
-        });
     }
 
     /// Settles in Redis: limit corrections, lease release, usage counters,

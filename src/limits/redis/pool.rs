@@ -9,10 +9,7 @@
 //! to the ledger's flush (`RedisStore::settle`). What is taken counts in
 //! Redis at once, so the instances together never admit more than the
 //! limits allow; what one holds unused is given back `redis.lease.ms`
-//! after it took it (and when it stops), so the others can have it. A pool
-//! in use is topped up (what it used, asked for alone) a quarter of
-//! `redis.lease.ms` before it runs out, in the background, so that an
-//! instance serving steadily has no request wait for Redis.
+//! after it took it (and when it stops), so the others can have it.
 
 use super::Lease;
 use crate::config::{LeaseSettings, TenantLimits, TenantSettings};
@@ -91,9 +88,6 @@ struct Pool {
     /// Whether an admission asking for more is on its way to Redis: the
     /// others then ask for none, or a burst would each take a share.
     asking: bool,
-    /// Whether a top-up is due and handed to the store to send
-    /// ([`Pools::top_up`]): the admissions meanwhile do not hand it again.
-    topping: bool,
     /// Slots of requests in flight that Redis lost: not kept when they end
     /// (those of a renewal's last look only).
     lost: Vec<Lease>,
@@ -119,17 +113,6 @@ impl Drop for Ask<'_> {
             self.pools.refilled[self.tenant].notify_waiters();
         }
     }
-}
-
-/// An admission against a pool.
-pub(super) struct Taken {
-    /// The kept slot it takes, if the tenant has a concurrency limit.
-    pub(super) slot: Option<Lease>,
-    /// The headers' view.
-    pub(super) state: RateLimitState,
-    /// Whether the pool is due a top-up ([`Pools::top_up`]), for the
-    /// caller to send: said to one admission until it is sent.
-    pub(super) top_up: bool,
 }
 
 /// What a pool gives back to Redis.
@@ -204,14 +187,14 @@ impl Pools {
     /// Admits one request of `tokens` tokens against the pool, if it holds
     /// enough of every limit the tenant has and Redis's spend was read
     /// recently enough for the budget (its amount is the caller's to
-    /// check).
+    /// check): the slot it takes, if any, and the headers' view.
     pub(super) fn take(
         &self,
         tenant: usize,
         limits: &TenantLimits,
         tokens: u64,
         now: f64,
-    ) -> Option<Taken> {
+    ) -> Option<(Option<Lease>, RateLimitState)> {
         if !self.pooled(tenant) {
             return None;
         }
@@ -238,62 +221,7 @@ impl Pools {
         if let Some(admitted) = &self.admitted[tenant] {
             admitted.inc();
         }
-        // What the pool holds runs out `redis.lease.ms` after it was taken
-        // (and the spend's read as long after it was made): a quarter of
-        // that before, the store tops it up in the background, so that
-        // while the instance serves no request waits for Redis.
-        let mut runs_out = f64::INFINITY;
-        if limits.requests_per_minute.is_some() || limits.tokens_per_minute.is_some() {
-            runs_out = pool.until;
-        }
-        if limits.budget.is_some() {
-            runs_out = runs_out.min(pool.read_until);
-        }
-        let top_up = !pool.asking && !pool.topping && now >= runs_out - self.hold_ms / 4.0;
-        pool.topping |= top_up;
-        Some(Taken {
-            slot: lease,
-            state: pool.state(limits, now),
-            top_up,
-        })
-    }
-
-    /// The top-up a [`Taken`] said is due: what the pool has used of its
-    /// share asked for ahead, with no request and nothing given back, while
-    /// the pool goes on admitting against what it holds. Answered with
-    /// [`Pools::answered`], what is taken holds for `redis.lease.ms` from
-    /// then with what the pool still holds; refused (no longer fits), the
-    /// pool runs out as it would have. `None` when nothing is to be asked:
-    /// an ask is on its way already, or the pool used nothing (a tenant
-    /// with a budget has the spend read anyway).
-    pub(super) fn top_up(&self, tenant: usize) -> Option<Ask<'_>> {
-        let size = self.size(tenant)?;
-        let limits = &self.limits[tenant];
-        let mut pool = lock(&self.pools[tenant]);
-        pool.topping = false;
-        if pool.asking {
-            return None;
-        }
-        let used =
-            |limited: bool, held: i64, most: i64| if limited { (most - held).max(0) } else { 0 };
-        let extra = [
-            used(
-                limits.requests_per_minute.is_some(),
-                pool.requests,
-                size.requests,
-            ),
-            used(limits.tokens_per_minute.is_some(), pool.tokens, size.tokens),
-        ];
-        if extra == [0, 0] && limits.budget.is_none() {
-            return None;
-        }
-        pool.asking = extra != [0, 0];
-        Some(Ask {
-            pools: self,
-            tenant,
-            extra,
-            back: [0, 0],
-        })
+        Some((lease, pool.state(limits, now)))
     }
 
     /// Waits, while another admission's ask is on its way to Redis, for
@@ -361,8 +289,6 @@ impl Pools {
             pool.until = now + self.hold_ms;
         }
         pool.read_until = now + self.hold_ms;
-        // A top-up said due and never sent (its task gone) is said again.
-        pool.topping = false;
         pool.requests_tat = requests_tat;
         pool.tokens_tat = tokens_tat;
         pool.read_at = (redis_now, now);
@@ -589,7 +515,7 @@ tenants:
         assert!(pools.keep(0, slots[1], 1.0));
         assert!(!pools.keep(0, slots[2], 1.0), "a share of 20 is 2 slots");
         for _ in 0..2 {
-            assert!(pools.take(0, &limits, 1, 2.0).unwrap().slot.is_some());
+            assert!(pools.take(0, &limits, 1, 2.0).unwrap().0.is_some());
         }
         assert!(pools.take(0, &limits, 1, 2.0).is_none(), "no slot left");
         assert!(pools.keep(0, slots[0], 500.0));
@@ -615,61 +541,6 @@ tenants:
         assert_eq!(pools.ask(0).extra, [0, 0]);
         assert!(!pools.keep(0, slots[2], 2500.0));
         assert_eq!(pools.unused(2500.0, |_| true)[0].slots, [slots[1]]);
-    }
-
-    #[test]
-    fn a_pool_in_use_is_topped_up_before_it_runs_out() {
-        let (pools, limits) = pools("{ requests_per_minute: 100, tokens_per_minute: 5000 }");
-        let ask = pools.ask(0);
-        pools.answered((ask, true), &limits, [0.0; 3], 0.0);
-        // Three quarters of the second in, nothing is due yet.
-        let early = pools.take(0, &limits, 100, 700.0).unwrap();
-        assert!(!early.top_up);
-        // Then one admission is told, and only one.
-        assert!(pools.take(0, &limits, 100, 800.0).unwrap().top_up);
-        assert!(!pools.take(0, &limits, 100, 810.0).unwrap().top_up);
-        // It asks for what was used, gives nothing back, and the pool goes
-        // on admitting meanwhile; a second ask waits for it.
-        let top_up = pools.top_up(0).expect("used three of ten");
-        assert_eq!((top_up.extra, top_up.back), ([3, 300], [0, 0]));
-        assert!(pools.top_up(0).is_none());
-        assert_eq!(pools.ask(0).extra, [0, 0], "one ask at a time");
-        assert!(pools.take(0, &limits, 100, 850.0).is_some());
-        // Answered, the pool holds its share again, for a second from then.
-        pools.answered((top_up, true), &limits, [0.0; 3], 900.0);
-        assert!(pools.unused(1500.0, |_| true).is_empty());
-        assert!(pools.take(0, &limits, 100, 1850.0).is_some());
-        assert_eq!(pools.unused(1900.0, |_| true)[0].requests, 8);
-        // Refused, nothing changes: the pool runs out when it would have.
-        let ask = pools.ask(0);
-        pools.answered((ask, true), &limits, [0.0; 3], 2000.0);
-        assert!(pools.take(0, &limits, 100, 2800.0).unwrap().top_up);
-        let top_up = pools.top_up(0).unwrap();
-        pools.answered((top_up, false), &limits, [0.0; 3], 2810.0);
-        assert!(pools.take(0, &limits, 100, 3000.0).is_none());
-    }
-
-    #[test]
-    fn a_pool_tops_up_what_it_used_and_only_while_it_takes_ahead() {
-        let filled = |limits: &str| {
-            let (pools, limits) = pools(limits);
-            let ask = pools.ask(0);
-            pools.answered((ask, true), &limits, [0.0; 3], 0.0);
-            (pools, limits)
-        };
-        // One request used: one asked for.
-        let (used, limits) = filled("{ requests_per_minute: 100 }");
-        assert!(used.take(0, &limits, 1, 900.0).unwrap().top_up);
-        assert_eq!(used.top_up(0).unwrap().extra, [1, 0]);
-        // A tenant with only a concurrency limit holds slots, no minute.
-        let (slots, limits) = pools("{ max_concurrent: 20 }");
-        assert!(slots.keep(0, Lease::random(), 0.0));
-        assert!(!slots.take(0, &limits, 1, 5000.0).unwrap().top_up);
-        // Stopped, nothing is asked for.
-        let (stopped, limits) = filled("{ requests_per_minute: 100 }");
-        assert!(stopped.take(0, &limits, 1, 900.0).unwrap().top_up);
-        stopped.stop();
-        assert!(stopped.top_up(0).is_none());
     }
 
     fn limits(rpm: Option<u32>, tpm: Option<u64>, max: Option<u32>) -> TenantLimits {

@@ -7,8 +7,7 @@
 /// counted against the budget), then what this instance admitted while Redis was
 /// unavailable (its requests still in flight, counted as held slots; its
 /// requests and tokens TATs in Unix ms, which the shared ones do not fall
-/// behind), lease TTL, then per admission: tokens (`-1`: no request, only
-/// quota asked for ahead, which is granted when it fits), lease, whether the lease
+/// behind), lease TTL, then per admission: tokens, lease, whether the lease
 /// is a slot the instance kept (`1`: Redis counts it as the request's own
 /// while it holds it), then for `redis.lease` the requests and tokens asked
 /// for ahead and those given back (tokens below zero: charged). What is
@@ -66,35 +65,29 @@ end
 local admitted = {}
 for i = 10, #ARGV, 7 do
   local tokens, refused = tonumber(ARGV[i]), ''
-  if tokens < 0 then
-    -- No request: quota asked for ahead alone (`redis.lease` topping up
-    -- what an instance holds before it runs out).
+  local new_r, new_t = rtat, ttat
+  if budget > 0 and spent + owed >= budget then refused = 'budget' end
+  if refused == '' then
+    new_r, new_t = take(1, tokens)
+    if new_r == nil then refused = new_t end
+  end
+  -- A kept slot Redis still holds is the request's own: taken out of the
+  -- count, and put back (renewed) whatever the decision.
+  local own = false
+  if refused == '' and maxc > 0 then
+    own = ARGV[i + 2] == '1' and redis.call('ZREM', KEYS[2], ARGV[i + 1]) == 1
+    if own then held = held - 1 end
+    if held >= maxc then refused = 'concurrency' end
+  end
+  if maxc > 0 and (refused == '' or own) then
+    held = held + 1
+    leases[#leases + 1] = math.floor(now + ttl)
+    leases[#leases + 1] = ARGV[i + 1]
+  end
+  if refused == '' then
+    moved = moved or rpm > 0 or tpm > 0
+    rtat, ttat = new_r, new_t
     admitted[#admitted + 1] = i
-  else
-    local new_r, new_t = rtat, ttat
-    if budget > 0 and spent + owed >= budget then refused = 'budget' end
-    if refused == '' then
-      new_r, new_t = take(1, tokens)
-      if new_r == nil then refused = new_t end
-    end
-    -- A kept slot Redis still holds is the request's own: taken out of
-    -- the count, and put back (renewed) whatever the decision.
-    local own = false
-    if refused == '' and maxc > 0 then
-      own = ARGV[i + 2] == '1' and redis.call('ZREM', KEYS[2], ARGV[i + 1]) == 1
-      if own then held = held - 1 end
-      if held >= maxc then refused = 'concurrency' end
-    end
-    if maxc > 0 and (refused == '' or own) then
-      held = held + 1
-      leases[#leases + 1] = math.floor(now + ttl)
-      leases[#leases + 1] = ARGV[i + 1]
-    end
-    if refused == '' then
-      moved = moved or rpm > 0 or tpm > 0
-      rtat, ttat = new_r, new_t
-      admitted[#admitted + 1] = i
-    end
   end
   reply[#reply + 1] = refused
   reply[#reply + 1] = string.format('%d', math.floor((rtat - now) * 1000))
