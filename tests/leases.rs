@@ -523,3 +523,95 @@ fn tokens_given_back_beyond_the_share_go_back_to_redis() {
         ended.elapsed()
     );
 }
+
+/// Quota one instance holds does not age in Redis while it waits to be
+/// used: after a quiet spell, what the holder still holds and what the
+/// other instance gets from Redis together make the limit's burst, not the
+/// burst and the quiet spell's worth (GCRA forgets a request a minute's
+/// share after it was counted; a hold is counted from when it is given
+/// back, as what of it was used).
+#[test]
+fn quota_held_does_not_age_while_it_waits() {
+    let redis = Redis::start();
+    let mock = Mock::start(&[]);
+    // 240 a minute (4 a second); the holder takes 60 ahead with its
+    // first request and may admit against them for 10 s.
+    let limits = "{ requests_per_minute: 240 }";
+    let (holder, other) = holder_and_other(&mock, limits, &redis, "{ share: 0.25, ms: 10000 }");
+    assert_eq!(one(&holder).status, 200);
+    let taken = Instant::now();
+    // The quiet spell the test is about: 5 s, 20 requests' worth of the
+    // minute. Held quota that aged in Redis would be counted that much
+    // less (it was, before holds were kept beside the TATs).
+    std::thread::sleep(Duration::from_secs(5));
+    let burst_began = Instant::now();
+    let others = admitted(&burst(&other, 240));
+    let holders = admitted(&burst(&holder, 59));
+    let lasted = burst_began.elapsed();
+    assert!(
+        taken.elapsed() < Duration::from_secs(9),
+        "too slow to tell: the hold ran out"
+    );
+    assert_eq!(holders, 59, "what the holder took stays its own");
+    // Within the burst: the limit's burst (the one request before it has
+    // come back by now) and what the minute gave meanwhile.
+    let allowed = 240 + (lasted.as_millis() / 250) as usize + 1;
+    assert!(
+        others + holders <= allowed,
+        "{others} + {holders} admitted within {lasted:?} of a 240 a minute burst"
+    );
+    assert!(others + holders >= 235, "{others} + {holders} admitted");
+}
+
+/// A hold its instance never gives back (killed) counts until its expiry
+/// (twice `redis.lease.ms` and a second), then as used, once: it leaves
+/// Redis's set of holds with the next admission after it, and holds
+/// nothing further.
+#[test]
+fn a_killed_holders_hold_counts_as_used_after_its_expiry() {
+    let redis = Redis::start();
+    let mock = Mock::start(&[]);
+    let limits = "{ requests_per_minute: 600 }";
+    let (holder, other) = holder_and_other(&mock, limits, &redis, "{ share: 0.5, ms: 1000 }");
+    assert_eq!(one(&holder).status, 200);
+    let taken = Instant::now();
+    let holds = || redis.cli(&["SCARD", "runestone:{acme}:holds"]);
+    assert_eq!(holds().trim(), "1", "the holder holds 300");
+    drop(holder);
+    let first = admitted(&burst(&other, 310));
+    let gave = |since: Duration| (since.as_millis() / 100) as usize;
+    assert!(
+        first <= 299 + gave(taken.elapsed()) + 1,
+        "{first} admitted beside the 300 held"
+    );
+    assert!(
+        taken.elapsed() < Duration::from_millis(2900),
+        "too slow to tell: the hold expired"
+    );
+    // Past its expiry (3 s), the next admission counts it as used.
+    let deadline = taken + Duration::from_secs(15);
+    let mut between = 0;
+    while redis
+        .cli(&["HGET", "runestone:{acme}:rate", "holds"])
+        .trim()
+        != "0"
+    {
+        assert!(Instant::now() < deadline, "the hold was never let go");
+        between += usize::from(one(&other).status == 200);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        taken.elapsed() >= Duration::from_millis(2900),
+        "let go early"
+    );
+    assert_eq!(holds().trim(), "0");
+    // Counted as used, it comes back with the minute (10 a second), not
+    // at once: a burst now gets about what the time since gave.
+    let second = admitted(&burst(&other, 310));
+    let since = taken.elapsed();
+    let all = first + between + second;
+    assert!(
+        all <= 299 + gave(since) + 1,
+        "{first}, {between} and {second} admitted within {since:?}"
+    );
+}

@@ -36,15 +36,19 @@ pub(super) struct AdmitOp {
     /// (Unix ms; constant from one such admission to the next, so they
     /// do not keep admissions from sharing a batch).
     pub(super) limits: [u64; 8],
-    pub(super) tokens: u64,
+    /// The tokens it reserves; `None` for no request (a release only).
+    pub(super) tokens: Option<u64>,
     /// `None` when the tenant has no concurrency limit.
     pub(super) lease: Option<Lease>,
     /// Whether `lease` is a slot this instance kept (`redis.lease`).
     pub(super) kept: bool,
     /// With `redis.lease`: the requests and tokens asked for ahead, and
-    /// those given back (0 for none).
+    /// those given back (0 for none), the hold they are given back from
+    /// and the one what is asked for becomes.
     pub(super) extra: [i64; 2],
     pub(super) back: [i64; 2],
+    pub(super) release: Option<Lease>,
+    pub(super) hold: Option<Lease>,
     pub(super) reply: Reply<AdmitAnswer>,
 }
 
@@ -73,6 +77,8 @@ pub(super) struct Batcher {
     pub(super) settle: Script,
     pub(super) keys: Arc<[Keys]>,
     pub(super) timeout: Duration,
+    /// How long Redis keeps a hold of quota taken ahead (`redis.lease`).
+    pub(super) hold_ttl_ms: u64,
     pub(super) shared: Arc<Shared>,
 }
 
@@ -230,23 +236,34 @@ impl Batcher {
         let first = &batch[0];
         let keys = &self.keys[first.tenant];
         // Sized up front, as the settlement's (see `Unsettled::command`).
-        let mut cmd = redis::Cmd::with_capacity(12 + 7 * batch.len(), 400 + 72 * batch.len());
+        let mut cmd = redis::Cmd::with_capacity(14 + 9 * batch.len(), 440 + 72 * batch.len());
         cmd.arg("EVALSHA")
             .arg(self.admit.get_hash())
-            .arg(3)
+            .arg(4)
             .arg(&keys.rate)
             .arg(&keys.inflight)
-            .arg(keys.usage(&first.period_id));
-        cmd.arg(&first.limits[..]).arg(LEASE_TTL_MS);
-        for op in batch {
-            cmd.arg(op.tokens);
-            match op.lease {
-                Some(lease) => cmd.arg(lease),
+            .arg(keys.usage(&first.period_id))
+            .arg(&keys.holds);
+        cmd.arg(&first.limits[..])
+            .arg(LEASE_TTL_MS)
+            .arg(self.hold_ttl_ms);
+        let id = |cmd: &mut redis::Cmd, id: Option<Lease>| {
+            match id {
+                Some(id) => cmd.arg(id),
                 None => cmd.arg(""),
             };
+        };
+        for op in batch {
+            match op.tokens {
+                Some(tokens) => cmd.arg(tokens),
+                None => cmd.arg(-1),
+            };
+            id(&mut cmd, op.lease);
             cmd.arg(if op.kept { "1" } else { "0" })
                 .arg(&op.extra[..])
                 .arg(&op.back[..]);
+            id(&mut cmd, op.release);
+            id(&mut cmd, op.hold);
         }
         cmd
     }

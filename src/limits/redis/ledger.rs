@@ -442,6 +442,7 @@ mod tests {
         Keys {
             rate: "p:{t}:rate".into(),
             inflight: "p:{t}:inflight".into(),
+            holds: "p:{t}:holds".into(),
             usage_prefix: "p:{t}:usage:".into(),
             settled_prefix: "p:{t}:settled:i1:".into(),
             next_batch: std::sync::atomic::AtomicU64::new(0),

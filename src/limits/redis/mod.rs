@@ -2,9 +2,10 @@
 //! that uses the same Redis.
 //!
 //! Keys of one tenant share a hash tag so Redis Cluster keeps them on one
-//! slot: `{prefix}:{tenant}:rate` (hash: the two GCRA TATs),
-//! `{prefix}:{tenant}:inflight` (sorted set: concurrency leases scored by
-//! expiry), `{prefix}:{tenant}:usage:{period}` (hash: requests, tokens,
+//! slot: `{prefix}:{tenant}:rate` (hash: the two GCRA TATs and how many
+//! holds there are), `{prefix}:{tenant}:inflight` (sorted set: concurrency
+//! leases scored by expiry), `{prefix}:{tenant}:holds` (set: quota taken
+//! ahead, `redis.lease`), `{prefix}:{tenant}:usage:{period}` (hash: requests, tokens,
 //! spend). Admissions and settlements are group-committed by a `Batcher`:
 //! those queued while a round trip is out go together in the next, one
 //! `EVALSHA` of `ADMIT` or `SETTLE` per tenant and period, all in one
@@ -97,6 +98,8 @@ const PROBE_EVERY: Duration = Duration::from_millis(500);
 pub(super) struct Keys {
     pub(super) rate: String,
     pub(super) inflight: String,
+    /// Quota instances hold (`redis.lease`), a set.
+    pub(super) holds: String,
     pub(super) usage_prefix: String,
     /// The start of the keys recording which of this instance's settlement
     /// batches Redis applied: `{prefix}:{tenant}:settled:{instance}:`,
@@ -235,6 +238,7 @@ impl RedisStore {
                 Keys {
                     rate: format!("{base}:rate"),
                     inflight: format!("{base}:inflight"),
+                    holds: format!("{base}:holds"),
                     usage_prefix: format!("{base}:usage:"),
                     settled_prefix: format!("{base}:settled:{instance}:"),
                     next_batch: AtomicU64::new(0),
@@ -324,6 +328,7 @@ impl RedisStore {
                     settle: self.inner.settle.clone(),
                     keys: self.inner.keys.clone(),
                     timeout: self.inner.timeout,
+                    hold_ttl_ms: self.inner.pools.as_ref().map_or(0, |p| p.hold_ttl_ms),
                     shared: self.inner.shared.clone(),
                 };
                 tokio::spawn(batcher.run(ops));
@@ -402,7 +407,7 @@ impl RedisStore {
             .filter(|_| limits.max_concurrent.is_some())
             .and_then(|pools| pools.kept_slot(tenant));
         let lease = kept.or_else(|| limits.max_concurrent.map(|_| Lease::random()));
-        let ask = pools.map(|pools| pools.ask(tenant));
+        let ask = pools.map(|pools| pools.ask(tenant, pool::now()));
         let (reply, answer) = oneshot::channel();
         let op = Op::Admit(AdmitOp {
             tenant,
@@ -421,11 +426,13 @@ impl RedisStore {
                 requests_tat_outside,
                 tokens_tat_outside,
             ],
-            tokens,
+            tokens: Some(tokens),
             lease,
             kept: kept.is_some(),
             extra: ask.as_ref().map_or([0, 0], |ask| ask.extra),
             back: ask.as_ref().map_or([0, 0], |ask| ask.back),
+            release: ask.as_ref().and_then(|ask| ask.release),
+            hold: ask.as_ref().and_then(|ask| ask.hold),
             reply,
         });
         let answer = match queue.send(op) {
@@ -1137,8 +1144,10 @@ impl RedisStore {
 
     /// Gives Redis back what the pools have held unused for
     /// `redis.lease.ms` (all of it once stopping, or for a tenant Redis
-    /// does not answer for): the requests and tokens to the tenant's
-    /// minutes, the slots released with the flush.
+    /// does not answer for): holds released (what of them was used is
+    /// charged), what no hold holds to the tenant's minutes, the slots
+    /// released with the flush. A release Redis does not answer is sent
+    /// again with the next upkeep: Redis releases a hold once.
     async fn give_back_unused(&self) {
         let Some(pools) = &self.inner.pools else {
             return;
@@ -1147,11 +1156,13 @@ impl RedisStore {
         if unused.is_empty() {
             return;
         }
-        let mut answers = Vec::new();
+        let mut settled = Vec::new();
+        let mut released = Vec::new();
         for pool::Unused {
             tenant,
             requests,
             tokens,
+            releases,
             slots,
         } in unused
         {
@@ -1160,20 +1171,48 @@ impl RedisStore {
                 .unreleased
                 .extend(slots.into_iter().map(|slot| (tenant, slot)));
             drop(ledger);
-            // Quota Redis does not hear of comes back with its minute.
-            let queue = self.tenant_up(tenant).then(|| self.queue()).flatten();
-            let Some(queue) = queue.filter(|_| requests != 0 || tokens != 0) else {
+            let Some(queue) = self.tenant_up(tenant).then(|| self.queue()).flatten() else {
+                // Quota Redis does not hear of comes back with its minute;
+                // a hold it keeps is released once Redis answers, or
+                // counted as used whole at its expiry.
+                pools.release_again(tenant, releases);
                 continue;
             };
             let limits = &pools.limits[tenant];
+            let (rpm, tpm) = (
+                u64::from(limits.requests_per_minute.unwrap_or(0)),
+                limits.tokens_per_minute.unwrap_or(0),
+            );
             let (period_id, _) =
                 super::period::period_at(super::period::accounting_period(limits), super::now_ms());
+            for (hold, back) in releases {
+                let (reply, answer) = oneshot::channel();
+                let op = AdmitOp {
+                    tenant,
+                    period_id: period_id.clone(),
+                    limits: [rpm, tpm, 0, 0, 0, 0, 0, 0],
+                    tokens: None,
+                    lease: None,
+                    kept: false,
+                    extra: [0, 0],
+                    back,
+                    release: Some(hold),
+                    hold: None,
+                    reply,
+                };
+                if queue.send(Op::Admit(op)).is_ok() {
+                    released.push((tenant, (hold, back), answer));
+                }
+            }
+            if requests == 0 && tokens == 0 {
+                continue;
+            }
             let (reply, answer) = oneshot::channel();
             let op = SettleOp {
                 tenant,
                 period_id,
-                rpm: u64::from(limits.requests_per_minute.unwrap_or(0)),
-                tpm: limits.tokens_per_minute.unwrap_or(0),
+                rpm,
+                tpm,
                 request_delta: -requests,
                 token_delta: -tokens,
                 lease: None,
@@ -1181,12 +1220,17 @@ impl RedisStore {
                 reply,
             };
             if queue.send(Op::Settle(op)).is_ok() {
-                answers.push((tenant, answer));
+                settled.push((tenant, answer));
             }
         }
         // One round trip for all of them (the batching task groups them),
         // and the slots' release in the flush's.
-        for (tenant, answer) in answers {
+        for (tenant, release, answer) in released {
+            if self.answer(tenant, "admit", answer).await.is_none() {
+                pools.release_again(tenant, vec![release]);
+            }
+        }
+        for (tenant, answer) in settled {
             self.answer(tenant, "settle", answer).await;
         }
     }

@@ -6,10 +6,12 @@
 //! than released, so the next requests are admitted here without a round
 //! trip. Their settlements' corrections stay with the pool (what goes
 //! beyond the share goes back at the next upkeep) and their usage is owed
-//! to the ledger's flush (`RedisStore::settle`). What is taken counts in
-//! Redis at once, so the instances together never admit more than the
-//! limits allow; what one holds unused is given back `redis.lease.ms`
-//! after it took it (and when it stops), so the others can have it.
+//! to the ledger's flush (`RedisStore::settle`). What is taken is a hold in
+//! Redis, counted as taken at once and not ageing with the minute while it
+//! waits, so the instances together never admit more than the limits
+//! allow; what one holds is given back `redis.lease.ms` after it asked for
+//! it (and when it stops), what of it was used then counting in the
+//! minute, so the others can have the rest.
 
 use super::Lease;
 use crate::config::{LeaseSettings, TenantLimits, TenantSettings};
@@ -68,8 +70,16 @@ struct Pool {
     requests: i64,
     tokens: i64,
     /// Until when they may be admitted against: `redis.lease.ms` after
-    /// they were last taken.
+    /// they were last asked for.
     until: f64,
+    /// The hold Redis keeps for what was last taken: counted against the
+    /// limits as it stands until given back, when what of it was used is
+    /// charged.
+    hold: Option<Lease>,
+    /// Holds whose release went unanswered, with what was given back with
+    /// them: sent again with the next upkeep (a hold released already is
+    /// not released twice).
+    releases: Vec<(Lease, [i64; 2])>,
     /// What settlements gave back beyond the pool's share (a reservation
     /// mostly unused): not admitted against, given back at the next
     /// upkeep.
@@ -96,7 +106,9 @@ struct Pool {
 /// An admission's ask for quota, while it is on its way to Redis: what the
 /// pool held goes back with it (so Redis decides the request against
 /// everything but what others hold), and a share is asked for anew. Dropped
-/// unanswered (failed, or the request gone), the next may ask.
+/// unanswered (failed, or the request gone), the next may ask, and the
+/// holds it named are released with the next upkeep (Redis may not have
+/// seen it).
 pub(super) struct Ask<'a> {
     pools: &'a Pools,
     tenant: usize,
@@ -104,12 +116,28 @@ pub(super) struct Ask<'a> {
     pub(super) extra: [i64; 2],
     /// The requests and tokens given back (tokens below zero: charged).
     pub(super) back: [i64; 2],
+    /// The hold they are given back from, if any.
+    pub(super) release: Option<Lease>,
+    /// The hold what is asked for becomes, when it comes.
+    pub(super) hold: Option<Lease>,
+    /// When it was asked for: what comes is held from then.
+    sent: f64,
+    answered: bool,
 }
 
 impl Drop for Ask<'_> {
     fn drop(&mut self) {
         if self.extra != [0, 0] || self.back != [0, 0] {
-            lock(&self.pools.pools[self.tenant]).asking = false;
+            let mut pool = lock(&self.pools.pools[self.tenant]);
+            pool.asking = false;
+            if !self.answered {
+                let releases = [(self.release, self.back), (self.hold, self.extra)];
+                let releases = releases
+                    .into_iter()
+                    .filter_map(|(h, back)| Some((h?, back)));
+                pool.releases.extend(releases);
+            }
+            drop(pool);
             self.pools.refilled[self.tenant].notify_waiters();
         }
     }
@@ -119,8 +147,11 @@ impl Drop for Ask<'_> {
 #[derive(Debug, Default)]
 pub(super) struct Unused {
     pub(super) tenant: usize,
+    /// Given back to the TATs (no hold holds them).
     pub(super) requests: i64,
     pub(super) tokens: i64,
+    /// Holds released, each with the requests and tokens left of it.
+    pub(super) releases: Vec<(Lease, [i64; 2])>,
     pub(super) slots: Vec<Lease>,
 }
 
@@ -128,6 +159,10 @@ pub(super) struct Unused {
 #[derive(Debug)]
 pub(super) struct Pools {
     hold_ms: f64,
+    /// How long Redis keeps a hold that is not given back: twice
+    /// `redis.lease.ms` and a second, well past the upkeep that gives it
+    /// back.
+    pub(super) hold_ttl_ms: u64,
     /// Per tenant; `None` for one that is not pooled (no limits, or one
     /// whose share rounds to nothing).
     sizes: Vec<Option<Size>>,
@@ -157,6 +192,7 @@ impl Pools {
             .collect();
         Pools {
             hold_ms: settings.hold.as_secs_f64() * 1000.0,
+            hold_ttl_ms: 2 * settings.hold.as_millis() as u64 + 1000,
             admitted: tenants
                 .iter()
                 .zip(&sizes)
@@ -249,12 +285,16 @@ impl Pools {
     /// What an admission going to Redis gives back and asks for: what the
     /// pool holds and a share anew, unless another admission is asking
     /// already.
-    pub(super) fn ask(&self, tenant: usize) -> Ask<'_> {
+    pub(super) fn ask(&self, tenant: usize, now: f64) -> Ask<'_> {
         let mut ask = Ask {
             pools: self,
             tenant,
             extra: [0, 0],
             back: [0, 0],
+            release: None,
+            hold: None,
+            sent: now,
+            answered: false,
         };
         if let Some(size) = self.size(tenant) {
             let mut pool = lock(&self.pools[tenant]);
@@ -263,7 +303,9 @@ impl Pools {
                     std::mem::take(&mut pool.requests),
                     std::mem::take(&mut pool.tokens),
                 ];
+                ask.release = pool.hold.take();
                 ask.extra = [size.requests, size.tokens];
+                ask.hold = (ask.extra != [0, 0]).then(Lease::random);
                 pool.asking = ask.extra != [0, 0] || ask.back != [0, 0];
             }
         }
@@ -272,21 +314,23 @@ impl Pools {
 
     /// Records Redis's answer to an admission that made `ask`: its read
     /// (`[redis_now, requests_tat, tokens_tat]`, Unix ms), and, when
-    /// `taken` (what was asked for came with it), that much more in the
-    /// pool, good for `redis.lease.ms` from `now`. The headers' view after
-    /// it.
+    /// `taken` (what was asked for came with it, as the ask's hold), that
+    /// much more in the pool, good for `redis.lease.ms` from when it was
+    /// asked for. The headers' view after it.
     pub(super) fn answered(
         &self,
-        (ask, taken): (Ask<'_>, bool),
+        (mut ask, taken): (Ask<'_>, bool),
         limits: &TenantLimits,
         [redis_now, requests_tat, tokens_tat]: [f64; 3],
         now: f64,
     ) -> RateLimitState {
+        ask.answered = true;
         let mut pool = lock(&self.pools[ask.tenant]);
         if taken {
             pool.requests += ask.extra[0];
             pool.tokens += ask.extra[1];
-            pool.until = now + self.hold_ms;
+            pool.hold = ask.hold;
+            pool.until = ask.sent + self.hold_ms;
         }
         pool.read_until = now + self.hold_ms;
         pool.requests_tat = requests_tat;
@@ -395,9 +439,19 @@ impl Pools {
             let [requests, tokens] = std::mem::take(&mut pool.excess);
             out.requests = requests;
             out.tokens = tokens;
+            out.releases = std::mem::take(&mut pool.releases);
             if all || now >= pool.until {
-                out.requests += std::mem::take(&mut pool.requests);
-                out.tokens += std::mem::take(&mut pool.tokens);
+                let left = [
+                    std::mem::take(&mut pool.requests),
+                    std::mem::take(&mut pool.tokens),
+                ];
+                match pool.hold.take() {
+                    Some(hold) => out.releases.push((hold, left)),
+                    None => {
+                        out.requests += left[0];
+                        out.tokens += left[1];
+                    }
+                }
             }
             let hold_ms = self.hold_ms;
             pool.slots.retain(|&(lease, kept)| {
@@ -407,11 +461,21 @@ impl Pools {
                 }
                 !stale
             });
-            if out.requests != 0 || out.tokens != 0 || !out.slots.is_empty() {
+            if out.requests != 0
+                || out.tokens != 0
+                || !out.releases.is_empty()
+                || !out.slots.is_empty()
+            {
                 unused.push(out);
             }
         }
         unused
+    }
+
+    /// Holds whose release went unanswered: sent again with the next
+    /// upkeep.
+    pub(super) fn release_again(&self, tenant: usize, releases: Vec<(Lease, [i64; 2])>) {
+        lock(&self.pools[tenant]).releases.extend(releases);
     }
 
     /// Stops taking ahead: what the pools hold goes back with the next
@@ -476,9 +540,11 @@ tenants:
     #[test]
     fn a_burst_asks_for_one_share_not_one_each() {
         let (pools, limits) = pools("{ requests_per_minute: 100, tokens_per_minute: 5000 }");
-        let first = pools.ask(0);
+        let first = pools.ask(0, 0.0);
         assert_eq!((first.extra, first.back), ([10, 500], [0, 0]));
-        let second = pools.ask(0);
+        assert!(first.release.is_none() && first.hold.is_some());
+        let held = first.hold;
+        let second = pools.ask(0, 0.0);
         assert_eq!(
             (second.extra, second.back),
             ([0, 0], [0, 0]),
@@ -492,22 +558,32 @@ tenants:
         // One that the pool cannot admit hands back what it holds and asks
         // for a share anew; gone before its answer, the next may ask.
         assert!(pools.take(0, &limits, 1000, 2.0).is_none());
-        let gone = pools.ask(0);
+        let gone = pools.ask(0, 2.0);
         assert_eq!((gone.extra, gone.back), ([10, 500], [9, 430]));
+        assert_eq!(gone.release, held, "what is left goes back from its hold");
+        let asked = gone.hold.unwrap();
         drop(gone);
-        let next = pools.ask(0);
+        let next = pools.ask(0, 3.0);
         assert_eq!(
-            (next.extra, next.back),
-            ([10, 500], [0, 0]),
+            (next.extra, next.back, next.release),
+            ([10, 500], [0, 0], None),
             "given back once"
+        );
+        // Redis may or may not have seen the ask that went unanswered: both
+        // holds it named are released with the next upkeep.
+        let unused = pools.unused(4.0, |_| true);
+        assert_eq!(
+            unused[0].releases,
+            [(held.unwrap(), [9, 430]), (asked, [10, 500])]
         );
     }
 
     #[test]
     fn a_pool_admits_what_it_holds_for_the_lease_and_gives_back_the_rest() {
         let (pools, limits) = pools("{ requests_per_minute: 100, max_concurrent: 20 }");
-        let ask = pools.ask(0);
-        pools.answered((ask, true), &limits, [0.0; 3], 0.0);
+        let ask = pools.ask(0, 0.0);
+        let hold = ask.hold.unwrap();
+        pools.answered((ask, true), &limits, [0.0; 3], 5.0);
         // No slot kept yet: the first requests need Redis for theirs.
         assert!(pools.take(0, &limits, 1, 1.0).is_none());
         let slots: Vec<Lease> = (0..3).map(|_| Lease::random()).collect();
@@ -527,7 +603,8 @@ tenants:
         // The kept slot outlives the requests' lease: a request Redis
         // decides takes it as its own.
         let unused = pools.unused(1200.0, |_| true);
-        assert_eq!((unused[0].requests, unused[0].slots.len()), (8, 0));
+        assert_eq!((unused[0].requests, unused[0].slots.len()), (0, 0));
+        assert_eq!(unused[0].releases, [(hold, [8, 0])], "held from the ask");
         assert_eq!(pools.kept_slot(0), Some(slots[0]));
         assert!(pools.keep(0, slots[0], 1300.0));
         assert_eq!(pools.unused(2300.0, |_| true)[0].slots, [slots[0]]);
@@ -538,7 +615,7 @@ tenants:
         // Stopped, it takes nothing ahead and gives back everything.
         assert!(pools.keep(0, slots[1], 2500.0));
         pools.stop();
-        assert_eq!(pools.ask(0).extra, [0, 0]);
+        assert_eq!(pools.ask(0, 2500.0).extra, [0, 0]);
         assert!(!pools.keep(0, slots[2], 2500.0));
         assert_eq!(pools.unused(2500.0, |_| true)[0].slots, [slots[1]]);
     }

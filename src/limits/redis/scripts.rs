@@ -4,20 +4,25 @@
 /// Admissions of one tenant in one period, decided in order, each all or
 /// nothing. ARGV: rpm, tpm, max concurrent, budget (pUSD), spend this
 /// instance owes Redis for the period that Redis has not counted (pUSD,
-/// counted against the budget), then what this instance admitted while Redis was
-/// unavailable (its requests still in flight, counted as held slots; its
-/// requests and tokens TATs in Unix ms, which the shared ones do not fall
-/// behind), lease TTL, then per admission: tokens, lease, whether the lease
-/// is a slot the instance kept (`1`: Redis counts it as the request's own
-/// while it holds it), then for `redis.lease` the requests and tokens asked
-/// for ahead and those given back (tokens below zero: charged). What is
-/// given back is counted first; the requests are decided next; what is
-/// asked for ahead is granted last, to those admitted, when it fits, so a
-/// burst's own requests come first.
+/// counted against the budget), then what this instance admitted while
+/// Redis was unavailable (its requests still in flight, counted as held
+/// slots; its requests and tokens TATs in Unix ms, which the shared ones do
+/// not fall behind), lease TTL, how long a hold of quota taken ahead lives
+/// (ms), then per admission: tokens (-1: no request, only what it gives
+/// back), lease, whether the lease is a slot the instance kept (`1`: Redis
+/// counts it as the request's own while it holds it), then for
+/// `redis.lease` the requests and tokens asked for ahead, those given back
+/// (tokens below zero: charged), the hold they are given back from (empty
+/// for none) and the id of the hold that what is asked for ahead becomes.
+/// What is given back is counted first; the requests are decided next; what
+/// is asked for ahead is granted last, to those admitted, when it fits, so a
+/// burst's own requests come first. KEYS: the TATs' hash, the slots' sorted
+/// set, the period's usage hash, the holds' set.
 /// Replies one string, `secs,micros,spent_pusd` (the Redis clock, as
 /// `TIME` gives it) followed by `,refused_limit_or_empty,requests_tat -
 /// now,tokens_tat - now` per admission (`+` for the limit when admitted
-/// with what it asked for ahead), the differences in whole
+/// with what it asked for ahead; the TATs count what is held as taken),
+/// the differences in whole
 /// microseconds, each number written as Redis would write it as an integer
 /// reply (`%d`; Lua's `tostring` keeps only 14 digits): one value for the
 /// client to parse rather than three an admission (redis-rs's reader took
@@ -28,8 +33,8 @@ pub(crate) const ADMIT: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
 local W, eps = 60000, 1e-6
-local rpm, tpm, maxc, budget, owed, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[9])
-local tats = redis.call('HMGET', KEYS[1], 'requests_tat', 'tokens_tat')
+local rpm, tpm, maxc, budget, owed, ttl, hold_ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[9]), tonumber(ARGV[10])
+local tats = redis.call('HMGET', KEYS[1], 'requests_tat', 'tokens_tat', 'holds')
 local rtat = math.max(tonumber(tats[1] or '0'), tonumber(ARGV[7]))
 local ttat = math.max(tonumber(tats[2] or '0'), tonumber(ARGV[8]))
 local spent = tonumber(redis.call('HGET', KEYS[3], 'cost_pusd') or '0')
@@ -43,75 +48,119 @@ local function shift(tat, step)
   if step > 0 then return math.max(tat, now) + step end
   return math.max(tat + step, now)
 end
+-- Quota instances hold (`redis.lease`), each `id,requests,tokens,expiry`
+-- in the set KEYS[4] (`holds` in KEYS[1] counts them, so a tenant without
+-- any costs no read): counted against the limits beside the TATs, not in
+-- them, so it does not age with the minute while it waits to be used. A
+-- hold not given back by its expiry (its instance gone or cut off) counts
+-- as used whole, now.
+local holds, held_r, held_t, held_n = {}, 0, 0, tonumber(tats[3] or '0')
+local count = held_n
+if held_n > 0 then
+  count = 0
+  for _, m in ipairs(redis.call('SMEMBERS', KEYS[4])) do
+    local id, r, k, expiry = string.match(m, '^(%x+),(%d+),(%d+),(%d+)$')
+    if id and tonumber(expiry) <= now then
+      redis.call('SREM', KEYS[4], m)
+      if rpm > 0 then rtat = shift(rtat, tonumber(r) * W / rpm) end
+      if tpm > 0 then ttat = shift(ttat, tonumber(k) * W / tpm) end
+      moved = true
+    elseif id then
+      holds[id] = {m, tonumber(r), tonumber(k)}
+      held_r, held_t, count = held_r + tonumber(r), held_t + tonumber(k), count + 1
+    end
+  end
+end
+-- A TAT as the limit stands: what is held counts as taken.
+local function seen(tat, n, per)
+  if per > 0 then return tat + n * W / per end
+  return tat
+end
 -- The TATs after taking `r` requests and `k` tokens, or nil and the limit
 -- that refuses them.
 local function take(r, k)
   local new_r, new_t = rtat, ttat
   if rpm > 0 then
     new_r = math.max(rtat, now) + r * W / rpm
-    if new_r - now - W > eps then return nil, 'rpm' end
+    if seen(new_r, held_r, rpm) - now - W > eps then return nil, 'rpm' end
   end
   if tpm > 0 then
     new_t = math.max(ttat, now) + k * W / tpm
-    if new_t - now - W > eps then return nil, 'tpm' end
+    if seen(new_t, held_t, tpm) - now - W > eps then return nil, 'tpm' end
   end
   return new_r, new_t
 end
-for i = 10, #ARGV, 7 do
-  local back_r, back_t = tonumber(ARGV[i + 5]), tonumber(ARGV[i + 6])
-  if rpm > 0 and back_r ~= 0 then rtat = shift(rtat, -back_r * W / rpm); moved = true end
-  if tpm > 0 and back_t ~= 0 then ttat = shift(ttat, -back_t * W / tpm); moved = true end
+-- What is given back first: a hold's release takes it out of what is held
+-- and charges what of it was used (taken less given back) now; without a
+-- hold (or past its expiry, charged whole already) what is given back
+-- comes off the TATs.
+for i = 11, #ARGV, 9 do
+  local back_r, back_t, id = tonumber(ARGV[i + 5]), tonumber(ARGV[i + 6]), ARGV[i + 7]
+  local h = holds[id]
+  if h then
+    redis.call('SREM', KEYS[4], h[1])
+    holds[id], count = nil, count - 1
+    held_r, held_t = held_r - h[2], held_t - h[3]
+    back_r, back_t = back_r - h[2], back_t - h[3]
+  end
+  if id == '' or h then
+    if rpm > 0 and back_r ~= 0 then rtat = shift(rtat, -back_r * W / rpm); moved = true end
+    if tpm > 0 and back_t ~= 0 then ttat = shift(ttat, -back_t * W / tpm); moved = true end
+  end
 end
 local admitted = {}
-for i = 10, #ARGV, 7 do
+for i = 11, #ARGV, 9 do
   local tokens, refused = tonumber(ARGV[i]), ''
-  local new_r, new_t = rtat, ttat
-  if budget > 0 and spent + owed >= budget then refused = 'budget' end
-  if refused == '' then
-    new_r, new_t = take(1, tokens)
-    if new_r == nil then refused = new_t end
-  end
-  -- A kept slot Redis still holds is the request's own: taken out of the
-  -- count, and put back (renewed) whatever the decision.
-  local own = false
-  if refused == '' and maxc > 0 then
-    own = ARGV[i + 2] == '1' and redis.call('ZREM', KEYS[2], ARGV[i + 1]) == 1
-    if own then held = held - 1 end
-    if held >= maxc then refused = 'concurrency' end
-  end
-  if maxc > 0 and (refused == '' or own) then
-    held = held + 1
-    leases[#leases + 1] = math.floor(now + ttl)
-    leases[#leases + 1] = ARGV[i + 1]
-  end
-  if refused == '' then
-    moved = moved or rpm > 0 or tpm > 0
-    rtat, ttat = new_r, new_t
-    admitted[#admitted + 1] = i
+  if tokens >= 0 then
+    local new_r, new_t = rtat, ttat
+    if budget > 0 and spent + owed >= budget then refused = 'budget' end
+    if refused == '' then
+      new_r, new_t = take(1, tokens)
+      if new_r == nil then refused = new_t end
+    end
+    -- A kept slot Redis still holds is the request's own: taken out of the
+    -- count, and put back (renewed) whatever the decision.
+    local own = false
+    if refused == '' and maxc > 0 then
+      own = ARGV[i + 2] == '1' and redis.call('ZREM', KEYS[2], ARGV[i + 1]) == 1
+      if own then held = held - 1 end
+      if held >= maxc then refused = 'concurrency' end
+    end
+    if maxc > 0 and (refused == '' or own) then
+      held = held + 1
+      leases[#leases + 1] = math.floor(now + ttl)
+      leases[#leases + 1] = ARGV[i + 1]
+    end
+    if refused == '' then
+      moved = moved or rpm > 0 or tpm > 0
+      rtat, ttat = new_r, new_t
+      admitted[#admitted + 1] = i
+    end
   end
   reply[#reply + 1] = refused
-  reply[#reply + 1] = string.format('%d', math.floor((rtat - now) * 1000))
-  reply[#reply + 1] = string.format('%d', math.floor((ttat - now) * 1000))
+  reply[#reply + 1] = string.format('%d', math.floor((seen(rtat, held_r, rpm) - now) * 1000))
+  reply[#reply + 1] = string.format('%d', math.floor((seen(ttat, held_t, tpm) - now) * 1000))
 end
 for _, i in ipairs(admitted) do
-  local extra_r, extra_t = tonumber(ARGV[i + 3]), tonumber(ARGV[i + 4])
-  if extra_r > 0 or extra_t > 0 then
-    local new_r, new_t = take(extra_r, extra_t)
-    if new_r ~= nil then
-      rtat, ttat, moved = new_r, new_t, true
-      local at = 4 + (i - 10) / 7 * 3
-      reply[at] = '+'
-      reply[at + 1] = string.format('%d', math.floor((rtat - now) * 1000))
-      reply[at + 2] = string.format('%d', math.floor((ttat - now) * 1000))
-    end
+  local extra_r, extra_t, id = tonumber(ARGV[i + 3]), tonumber(ARGV[i + 4]), ARGV[i + 8]
+  if (extra_r > 0 or extra_t > 0) and id ~= '' and take(extra_r, extra_t) ~= nil then
+    redis.call('SADD', KEYS[4], string.format('%s,%d,%d,%d', id, extra_r, extra_t, math.floor(now + hold_ttl)))
+    -- As long as the TATs' hash: a hold past its expiry is still there
+    -- for the next admission to count.
+    redis.call('PEXPIRE', KEYS[4], 2 * W)
+    held_r, held_t, count = held_r + extra_r, held_t + extra_t, count + 1
+    local at = 4 + (i - 11) / 9 * 3
+    reply[at] = '+'
+    reply[at + 1] = string.format('%d', math.floor((seen(rtat, held_r, rpm) - now) * 1000))
+    reply[at + 2] = string.format('%d', math.floor((seen(ttat, held_t, tpm) - now) * 1000))
   end
 end
 if #leases > 0 then
   redis.call('ZADD', KEYS[2], unpack(leases))
   redis.call('PEXPIRE', KEYS[2], ttl * 2)
 end
-if moved then
-  redis.call('HSET', KEYS[1], 'requests_tat', string.format('%.6f', rtat), 'tokens_tat', string.format('%.6f', ttat))
+if moved or count ~= held_n then
+  redis.call('HSET', KEYS[1], 'requests_tat', string.format('%.6f', rtat), 'tokens_tat', string.format('%.6f', ttat), 'holds', count)
   redis.call('PEXPIRE', KEYS[1], 2 * W)
 end
 return table.concat(reply, ',')
