@@ -54,7 +54,7 @@ end
 -- them, so it does not age with the minute while it waits to be used. A
 -- hold not given back by its expiry (its instance gone or cut off) counts
 -- as used whole, now.
-local holds, held_r, held_t, held_n = {}, 0, 0, tonumber(tats[3] or '0')
+local holds, held_r, held_t, held_n = {}, 0, 0, tonumber(tats[3] or '0') or 1
 local count = held_n
 if held_n > 0 then
   count = 0
