@@ -53,10 +53,14 @@ end
 -- any costs no read): counted against the limits beside the TATs, not in
 -- them, so it does not age with the minute while it waits to be used. A
 -- hold not given back by its expiry (its instance gone or cut off) counts
--- as used whole, now.
+-- as used whole, now. Read too when a hold is taken or given back, before
+-- anything is written (a key of another type fails the script first).
 local holds, held_r, held_t, held_n = {}, 0, 0, tonumber(tats[3] or '0') or 1
-local count = held_n
-if held_n > 0 then
+local count, reads = held_n, held_n > 0
+for i = 11, #ARGV, 9 do
+  reads = reads or ARGV[i + 7] ~= '' or ARGV[i + 8] ~= ''
+end
+if reads then
   count = 0
   for _, m in ipairs(redis.call('SMEMBERS', KEYS[4])) do
     local id, r, k, expiry = string.match(m, '^(%x+),(%d+),(%d+),(%d+)$')
