@@ -159,7 +159,8 @@ fn hash_key() -> ExitCode {
 /// read of a body (a provider's answer echoing its key, a client's
 /// credentials), so they are dropped whatever `RUST_LOG` asks for; its errors about a
 /// client that closed or stalled its connection are the client's doing, not
-/// the gateway's, and are not logged as errors.
+/// the gateway's, and a reload's new process waiting for the sockets is no
+/// fault: neither is logged as an error.
 fn init_tracing(default_level: &str) {
     use std::io::IsTerminal;
     use tracing_subscriber::prelude::*;
@@ -176,16 +177,20 @@ fn init_tracing(default_level: &str) {
                 .with_ansi(std::io::stderr().is_terminal())
                 .with_target(false)
                 .with_filter(no_header_dumps)
-                .with_filter(NotClientCaused),
+                .with_filter(NoFaultOfOurs),
         )
         .init();
 }
 
-/// Drops Pingora's ERROR events that a client caused: it closed or reset
-/// its connection, or stopped sending, while the gateway read from it.
-struct NotClientCaused;
+/// Drops Pingora's ERROR events that are no fault of the gateway's: a
+/// client closed or reset its connection, or stopped sending, while the
+/// gateway read from it; or a reload's new process found the old one's
+/// sockets not there yet (Pingora looks once the moment it waits for them,
+/// before the old process can have sent them, and logs it as an error at
+/// every reload; giving up on them is still logged).
+struct NoFaultOfOurs;
 
-impl<S> tracing_subscriber::layer::Filter<S> for NotClientCaused {
+impl<S> tracing_subscriber::layer::Filter<S> for NoFaultOfOurs {
     fn enabled(
         &self,
         _meta: &tracing::Metadata<'_>,
@@ -215,7 +220,8 @@ impl<S> tracing_subscriber::layer::Filter<S> for NotClientCaused {
             ]
             .iter()
             .any(|cause| text.contains(cause));
-        !from_client
+        let sockets_not_yet_sent = text.starts_with("No incoming socket transfer");
+        !(from_client || sockets_not_yet_sent)
     }
 }
 

@@ -1054,6 +1054,9 @@ fn a_reload_runs_the_commands_binary_on_its_file_and_keeps_the_gateways_output()
     let _ = first.wait();
     assert_eq!(chat_status(config.port, NEW_KEY), 200);
     assert_eq!(chat_status(config.port, TENANT_KEY), 401);
+    // A reload is no fault: neither process logs an error.
+    let output = std::fs::read_to_string(dir.join("gateway.out")).unwrap();
+    assert!(!output.contains(" ERROR "), "{output}");
     let lines = access();
     assert_eq!(chat_status(config.port, NEW_KEY), 200);
     wait_until(
