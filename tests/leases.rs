@@ -564,9 +564,9 @@ fn quota_held_does_not_age_while_it_waits() {
 }
 
 /// A hold its instance never gives back (killed) counts until its expiry
-/// (twice `redis.lease.ms` and a second), then as used, once: it leaves
-/// Redis's set of holds with the next admission after it, and holds
-/// nothing further.
+/// (twice `redis.lease.ms`, `redis.timeout_ms` and a second), then as
+/// used, once: the next admission after it marks it charged (kept for a
+/// release that comes late), and it holds nothing further.
 #[test]
 fn a_killed_holders_hold_counts_as_used_after_its_expiry() {
     let redis = Redis::start();
@@ -585,26 +585,26 @@ fn a_killed_holders_hold_counts_as_used_after_its_expiry() {
         "{first} admitted beside the 300 held"
     );
     assert!(
-        taken.elapsed() < Duration::from_millis(2900),
+        taken.elapsed() < Duration::from_millis(4900),
         "too slow to tell: the hold expired"
     );
-    // Past its expiry (3 s), the next admission counts it as used.
+    // Past its expiry (5 s), the next admission counts it as used.
     let deadline = taken + Duration::from_secs(15);
     let mut between = 0;
-    while redis
-        .cli(&["HGET", "runestone:{acme}:rate", "holds"])
-        .trim()
-        != "0"
-    {
+    let charged = || {
+        let members = redis.cli(&["SMEMBERS", "runestone:{acme}:holds"]);
+        members.trim().ends_with(",c")
+    };
+    while !charged() {
         assert!(Instant::now() < deadline, "the hold was never let go");
         between += usize::from(one(&other).status == 200);
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(
-        taken.elapsed() >= Duration::from_millis(2900),
+        taken.elapsed() >= Duration::from_millis(4900),
         "let go early"
     );
-    assert_eq!(holds().trim(), "0");
+    assert_eq!(holds().trim(), "1", "kept, marked, for a late release");
     // Counted as used, it comes back with the minute (10 a second), not
     // at once: a burst now gets about what the time since gave.
     let second = admitted(&burst(&other, 310));
@@ -614,4 +614,90 @@ fn a_killed_holders_hold_counts_as_used_after_its_expiry() {
         all <= 299 + gave(since) + 1,
         "{first}, {between} and {second} admitted within {since:?}"
     );
+}
+
+/// Redis's clock, in Unix ms.
+fn redis_now(redis: &Redis) -> f64 {
+    let time = redis.cli(&["TIME"]);
+    let mut parts = time.split_whitespace().map(|p| p.parse::<f64>().unwrap());
+    parts.next().unwrap() * 1000.0 + parts.next().unwrap() / 1000.0
+}
+
+/// A killed holder's hold counts as used whole as of its expiry, not as
+/// of the admission that finds it expired later: a tenant quiet since
+/// has the minute back as the time since gave it.
+#[test]
+fn a_killed_holders_hold_is_charged_as_of_its_expiry() {
+    let redis = Redis::start();
+    let mock = Mock::start(&[]);
+    // 600 a minute (a request is 100 ms of the minute); a hold of 300.
+    let limits = "{ requests_per_minute: 600 }";
+    let mut config = leased(&mock, limits, &redis, Some("{ share: 0.5, ms: 1000 }"));
+    config.extra = config.extra.replace("timeout_ms: 2000", "timeout_ms: 250");
+    let holder = Gateway::start(&config);
+    let other = Gateway::start(&leased(&mock, limits, &redis, None));
+    assert_eq!(one(&holder).status, 200);
+    drop(holder);
+    let member = redis.cli(&["SMEMBERS", "runestone:{acme}:holds"]);
+    let fields: Vec<&str> = member.trim().split(',').collect();
+    assert_eq!(fields[1..3], ["300", "0"], "{member}");
+    let expiry: f64 = fields[3].parse().unwrap();
+    // Its expiry: twice `ms`, `timeout_ms` and a second after it was taken.
+    wait_until(
+        Duration::from_secs(15),
+        "3 s past the hold's expiry",
+        || redis_now(&redis) > expiry + 3000.0,
+    );
+    assert_eq!(one(&other).status, 200);
+    let tat: f64 = redis
+        .cli(&["HGET", "runestone:{acme}:rate", "requests_tat"])
+        .trim()
+        .parse()
+        .unwrap();
+    // 300 requests (30 s) from its expiry, then the request (100 ms).
+    let expected = expiry + 30_000.0 + 100.0;
+    assert!(
+        (tat - expected).abs() < 1000.0,
+        "requests TAT {tat:.0} where {expected:.0} was expected"
+    );
+    let marked = redis.cli(&["SMEMBERS", "runestone:{acme}:holds"]);
+    assert_eq!(marked.trim(), format!("{},c", member.trim()));
+}
+
+/// An instance cut off from Redis past its hold's expiry gives back what
+/// it did not use once Redis answers again: the hold was counted as used
+/// whole meanwhile, and the late release takes the unused part off.
+#[test]
+fn a_hold_released_after_an_outage_past_its_expiry_gives_back_the_unused() {
+    let redis = Redis::start();
+    let mock = Mock::start(&[]);
+    // 120 a minute; a hold of 60, living 3.25 s unreleased.
+    let limits = "{ requests_per_minute: 120 }";
+    let mut config = leased(&mock, limits, &redis, Some("{ share: 0.5, ms: 1000 }"));
+    config.extra = config.extra.replace("timeout_ms: 2000", "timeout_ms: 250");
+    let holder = Gateway::start(&config);
+    let other = Gateway::start(&leased(&mock, limits, &redis, None));
+    assert_eq!(one(&holder).status, 200);
+    let taken = Instant::now();
+    redis.freeze();
+    wait_until(
+        Duration::from_secs(10),
+        "the holder to see Redis gone",
+        || metric_value(&holder.metrics(), "runestone_redis_up") == 0.0,
+    );
+    // The outage the test is about: past the hold's 3.25 s.
+    std::thread::sleep(Duration::from_millis(4500).saturating_sub(taken.elapsed()));
+    redis.thaw();
+    wait_until(Duration::from_secs(10), "the hold released", || {
+        redis.cli(&["SCARD", "runestone:{acme}:holds"]).trim() == "0"
+    });
+    for gw in [&holder, &other] {
+        wait_until(Duration::from_secs(10), "Redis to be up", || {
+            metric_value(&gw.metrics(), "runestone_redis_up") == 1.0
+        });
+    }
+    // One request used of the 120 (and the time since gave some back): a
+    // hold left charged whole would leave about 60.
+    let got = admitted(&burst(&other, 130));
+    assert!(got >= 112, "{got} admitted after the outage");
 }

@@ -267,7 +267,9 @@ impl RedisStore {
                 ids: tenants.iter().map(|t| t.id.clone()).collect(),
                 debts: OnceLock::new(),
                 settle_text: Arc::from(SETTLE),
-                pools: settings.lease.map(|lease| Pools::new(lease, tenants)),
+                pools: settings
+                    .lease
+                    .map(|lease| Pools::new(lease, settings.timeout, tenants)),
             }),
         }
     }

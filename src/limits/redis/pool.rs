@@ -160,8 +160,8 @@ pub(super) struct Unused {
 pub(super) struct Pools {
     hold_ms: f64,
     /// How long Redis keeps a hold that is not given back: twice
-    /// `redis.lease.ms` and a second, well past the upkeep that gives it
-    /// back.
+    /// `redis.lease.ms`, `redis.timeout_ms` (an answer that long on its
+    /// way) and a second, well past the upkeep that gives it back.
     pub(super) hold_ttl_ms: u64,
     /// Per tenant; `None` for one that is not pooled (no limits, or one
     /// whose share rounds to nothing).
@@ -182,7 +182,11 @@ pub(super) struct Pools {
 
 impl Pools {
     /// Pools for these tenants, sized by `settings`.
-    pub(super) fn new(settings: LeaseSettings, tenants: &[TenantSettings]) -> Self {
+    pub(super) fn new(
+        settings: LeaseSettings,
+        redis_timeout: std::time::Duration,
+        tenants: &[TenantSettings],
+    ) -> Self {
         let sizes: Vec<Option<Size>> = tenants
             .iter()
             .map(|t| {
@@ -192,7 +196,7 @@ impl Pools {
             .collect();
         Pools {
             hold_ms: settings.hold.as_secs_f64() * 1000.0,
-            hold_ttl_ms: 2 * settings.hold.as_millis() as u64 + 1000,
+            hold_ttl_ms: (2 * settings.hold + redis_timeout).as_millis() as u64 + 1000,
             admitted: tenants
                 .iter()
                 .zip(&sizes)
@@ -326,11 +330,19 @@ impl Pools {
     ) -> RateLimitState {
         ask.answered = true;
         let mut pool = lock(&self.pools[ask.tenant]);
-        if taken {
-            pool.requests += ask.extra[0];
-            pool.tokens += ask.extra[1];
-            pool.hold = ask.hold;
-            pool.until = ask.sent + self.hold_ms;
+        let until = ask.sent + self.hold_ms;
+        match ask.hold {
+            Some(hold) if taken && now >= until => {
+                // Come after its lease (a slow Redis): given back unused.
+                pool.releases.push((hold, ask.extra));
+            }
+            hold if taken => {
+                pool.requests += ask.extra[0];
+                pool.tokens += ask.extra[1];
+                pool.hold = hold;
+                pool.until = until;
+            }
+            _ => {}
         }
         pool.read_until = now + self.hold_ms;
         pool.requests_tat = requests_tat;
@@ -532,7 +544,7 @@ tenants:
             hold: Duration::from_millis(1000),
         };
         (
-            Pools::new(lease, &config.tenants),
+            Pools::new(lease, Duration::from_millis(50), &config.tenants),
             config.tenants[0].limits.clone(),
         )
     }
@@ -618,6 +630,18 @@ tenants:
         assert_eq!(pools.ask(0, 2500.0).extra, [0, 0]);
         assert!(!pools.keep(0, slots[2], 2500.0));
         assert_eq!(pools.unused(2500.0, |_| true)[0].slots, [slots[1]]);
+    }
+
+    #[test]
+    fn quota_that_comes_after_its_lease_is_given_back_unused() {
+        let (pools, limits) = pools("{ requests_per_minute: 100 }");
+        let ask = pools.ask(0, 0.0);
+        let hold = ask.hold.unwrap();
+        // A slow Redis: the answer comes a lease after the ask.
+        pools.answered((ask, true), &limits, [0.0; 3], 1000.0);
+        assert!(pools.take(0, &limits, 1, 1000.0).is_none());
+        let unused = pools.unused(1000.0, |_| true);
+        assert_eq!(unused[0].releases, [(hold, [10, 0])]);
     }
 
     fn limits(rpm: Option<u32>, tpm: Option<u64>, max: Option<u32>) -> TenantLimits {

@@ -35,8 +35,8 @@ local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
 local W, eps = 60000, 1e-6
 local rpm, tpm, maxc, budget, owed, ttl, hold_ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[9]), tonumber(ARGV[10])
 local tats = redis.call('HMGET', KEYS[1], 'requests_tat', 'tokens_tat', 'holds')
-local rtat = math.max(tonumber(tats[1] or '0'), tonumber(ARGV[7]))
-local ttat = math.max(tonumber(tats[2] or '0'), tonumber(ARGV[8]))
+local rtat = math.max(tonumber(tats[1] or '0') or 0, tonumber(ARGV[7]))
+local ttat = math.max(tonumber(tats[2] or '0') or 0, tonumber(ARGV[8]))
 local spent = tonumber(redis.call('HGET', KEYS[3], 'cost_pusd') or '0')
 local held = 0
 if maxc > 0 then
@@ -49,29 +49,49 @@ local function shift(tat, step)
   return math.max(tat + step, now)
 end
 -- Quota instances hold (`redis.lease`), each `id,requests,tokens,expiry`
--- in the set KEYS[4] (`holds` in KEYS[1] counts them, so a tenant without
--- any costs no read): counted against the limits beside the TATs, not in
--- them, so it does not age with the minute while it waits to be used. A
--- hold not given back by its expiry (its instance gone or cut off) counts
--- as used whole, now. Read too when a hold is taken or given back, before
--- anything is written (a key of another type fails the script first).
-local holds, held_r, held_t, held_n = {}, 0, 0, tonumber(tats[3] or '0') or 1
-local count, reads = held_n, held_n > 0
+-- in the set KEYS[4] (`holds` in KEYS[1] counts its members, so a tenant
+-- without any costs no read): counted against the limits beside the TATs,
+-- not in them, so it does not age with the minute while it waits to be
+-- used. A hold not given back by its expiry (its instance gone, or cut off
+-- from Redis) counts as used whole from then, and stays marked (`,c`) for
+-- a release that comes later to give back what was not used; marked ones
+-- go a window after their expiry. The set is read too when a hold is
+-- taken or given back, before anything is written; one that is not a set
+-- (an operator's key) is left alone, and nothing is held in it. A member
+-- that is not one the gateway writes is removed, counts are at most the
+-- limit, and no hold lives more than a window.
+local holds, charged, held_r, held_t, held_n = {}, {}, 0, 0, tonumber(tats[3] or '0') or 1
+local count, reads, usable = held_n, held_n > 0, true
 for i = 11, #ARGV, 9 do
   reads = reads or ARGV[i + 7] ~= '' or ARGV[i + 8] ~= ''
 end
+local function at_most(n, limit)
+  if limit > 0 then return math.min(tonumber(n), limit) end
+  return 0
+end
 if reads then
+  local members = redis.pcall('SMEMBERS', KEYS[4])
+  usable = members.err == nil
+  if not usable then members = {} end
   count = 0
-  for _, m in ipairs(redis.call('SMEMBERS', KEYS[4])) do
-    local id, r, k, expiry = string.match(m, '^(%x+),(%d+),(%d+),(%d+)$')
-    if id and tonumber(expiry) <= now then
+  for _, m in ipairs(members) do
+    local id, r, k, expiry, mark = string.match(m, '^(%x+),(%d+),(%d+),(%d+)(,?c?)$')
+    expiry = tonumber(expiry or '0')
+    if id then r, k = at_most(r, rpm), at_most(k, tpm) end
+    if not id or expiry > now + 2 * W or (mark == ',c' and expiry + 2 * W <= now) then
       redis.call('SREM', KEYS[4], m)
-      if rpm > 0 then rtat = shift(rtat, tonumber(r) * W / rpm) end
-      if tpm > 0 then ttat = shift(ttat, tonumber(k) * W / tpm) end
+    elseif mark == ',c' then
+      charged[id], count = m, count + 1
+    elseif expiry <= now then
+      redis.call('SREM', KEYS[4], m)
+      redis.call('SADD', KEYS[4], m .. ',c')
+      charged[id], count = m .. ',c', count + 1
+      if r > 0 then rtat = math.max(rtat, expiry) + r * W / rpm end
+      if k > 0 then ttat = math.max(ttat, expiry) + k * W / tpm end
       moved = true
-    elseif id then
-      holds[id] = {m, tonumber(r), tonumber(k)}
-      held_r, held_t, count = held_r + tonumber(r), held_t + tonumber(k), count + 1
+    else
+      holds[id] = {m, r, k}
+      held_r, held_t, count = held_r + r, held_t + k, count + 1
     end
   end
 end
@@ -96,18 +116,21 @@ local function take(r, k)
 end
 -- What is given back first: a hold's release takes it out of what is held
 -- and charges what of it was used (taken less given back) now; without a
--- hold (or past its expiry, charged whole already) what is given back
--- comes off the TATs.
+-- hold, or from one charged whole at its expiry, what is given back comes
+-- off the TATs; a hold released already (or never taken) gives nothing.
 for i = 11, #ARGV, 9 do
   local back_r, back_t, id = tonumber(ARGV[i + 5]), tonumber(ARGV[i + 6]), ARGV[i + 7]
-  local h = holds[id]
+  local h, c = holds[id], charged[id]
   if h then
     redis.call('SREM', KEYS[4], h[1])
     holds[id], count = nil, count - 1
     held_r, held_t = held_r - h[2], held_t - h[3]
     back_r, back_t = back_r - h[2], back_t - h[3]
+  elseif c then
+    redis.call('SREM', KEYS[4], c)
+    charged[id], count = nil, count - 1
   end
-  if id == '' or h then
+  if id == '' or h or c then
     if rpm > 0 and back_r ~= 0 then rtat = shift(rtat, -back_r * W / rpm); moved = true end
     if tpm > 0 and back_t ~= 0 then ttat = shift(ttat, -back_t * W / tpm); moved = true end
   end
@@ -147,7 +170,7 @@ for i = 11, #ARGV, 9 do
 end
 for _, i in ipairs(admitted) do
   local extra_r, extra_t, id = tonumber(ARGV[i + 3]), tonumber(ARGV[i + 4]), ARGV[i + 8]
-  if (extra_r > 0 or extra_t > 0) and id ~= '' and take(extra_r, extra_t) ~= nil then
+  if (extra_r > 0 or extra_t > 0) and id ~= '' and usable and take(extra_r, extra_t) ~= nil then
     redis.call('SADD', KEYS[4], string.format('%s,%d,%d,%d', id, extra_r, extra_t, math.floor(now + hold_ttl)))
     -- As long as the TATs' hash: a hold past its expiry is still there
     -- for the next admission to count.
