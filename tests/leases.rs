@@ -701,3 +701,33 @@ fn a_hold_released_after_an_outage_past_its_expiry_gives_back_the_unused() {
     let got = admitted(&burst(&other, 130));
     assert!(got >= 112, "{got} admitted after the outage");
 }
+
+/// A request refused only because of what another instance holds, while
+/// the minute itself has room, is told when to retry (the held quota
+/// counts as taken from now, not from when the minute was last used).
+#[test]
+fn a_refusal_for_what_others_hold_says_when_to_retry() {
+    let redis = Redis::start();
+    let mock = Mock::start(&[]);
+    // 1000 tokens a minute; the holder takes 50 ahead (3 s of the minute).
+    let limits = "{ tokens_per_minute: 1000 }";
+    let (holder, other) = holder_and_other(&mock, limits, &redis, "{ share: 0.05, ms: 10000 }");
+    assert_eq!(ask_tokens(&holder, 10), 200);
+    // The minute's TAT falls more than the hold behind Redis's clock.
+    wait_until(Duration::from_secs(15), "the tokens TAT 4 s past", || {
+        let tat = redis.cli(&["HGET", "runestone:{acme}:rate", "tokens_tat"]);
+        tat.trim().parse::<f64>().unwrap() < redis_now(&redis) - 4000.0
+    });
+    // About 970 tokens: within the minute, not beside what is held.
+    let mut body = chat("gpt-4o-mini", false);
+    body["max_tokens"] = 960.into();
+    let refused = other.post_json("/v1/chat/completions", TENANT_KEY, &body);
+    assert_eq!(refused.status, 429);
+    let retry: f64 = refused
+        .header("retry-after")
+        .expect("a retry-after")
+        .parse()
+        .unwrap();
+    assert!(retry >= 1.0, "retry after {retry}");
+    assert_ne!(refused.header("x-should-retry"), Some("false"));
+}

@@ -135,7 +135,7 @@ impl Drop for Ask<'_> {
                 let releases = releases
                     .into_iter()
                     .filter_map(|(h, back)| Some((h?, back)));
-                pool.releases.extend(releases);
+                pool.release_later(releases);
             }
             drop(pool);
             self.pools.refilled[self.tenant].notify_waiters();
@@ -334,7 +334,7 @@ impl Pools {
         match ask.hold {
             Some(hold) if taken && now >= until => {
                 // Come after its lease (a slow Redis): given back unused.
-                pool.releases.push((hold, ask.extra));
+                pool.release_later([(hold, ask.extra)]);
             }
             hold if taken => {
                 pool.requests += ask.extra[0];
@@ -487,7 +487,7 @@ impl Pools {
     /// Holds whose release went unanswered: sent again with the next
     /// upkeep.
     pub(super) fn release_again(&self, tenant: usize, releases: Vec<(Lease, [i64; 2])>) {
-        lock(&self.pools[tenant]).releases.extend(releases);
+        lock(&self.pools[tenant]).release_later(releases);
     }
 
     /// Stops taking ahead: what the pools hold goes back with the next
@@ -503,7 +503,21 @@ impl Pools {
     }
 }
 
+/// The most releases a pool keeps for the next upkeep: a Redis that
+/// answers its probes but fails admissions (a key an operator broke) adds
+/// one or two an ask; past this the oldest go, and Redis counts their
+/// holds used whole at their expiry.
+const MOST_RELEASES: usize = 64;
+
 impl Pool {
+    /// Keeps `releases` for the next upkeep, the oldest dropped past
+    /// [`MOST_RELEASES`].
+    fn release_later(&mut self, releases: impl IntoIterator<Item = (Lease, [i64; 2])>) {
+        self.releases.extend(releases);
+        let over = self.releases.len().saturating_sub(MOST_RELEASES);
+        self.releases.drain(..over);
+    }
+
     /// The headers' view: Redis's TATs at the last read, less what the
     /// pool still holds (this instance may yet admit it).
     fn state(&self, limits: &TenantLimits, now: f64) -> RateLimitState {
@@ -642,6 +656,16 @@ tenants:
         assert!(pools.take(0, &limits, 1, 1000.0).is_none());
         let unused = pools.unused(1000.0, |_| true);
         assert_eq!(unused[0].releases, [(hold, [10, 0])]);
+    }
+
+    #[test]
+    fn releases_kept_for_the_upkeep_are_bounded() {
+        let (pools, _) = pools("{ requests_per_minute: 100 }");
+        for _ in 0..100 {
+            drop(pools.ask(0, 0.0));
+        }
+        let unused = pools.unused(0.0, |_| true);
+        assert_eq!(unused[0].releases.len(), MOST_RELEASES);
     }
 
     fn limits(rpm: Option<u32>, tpm: Option<u64>, max: Option<u32>) -> TenantLimits {

@@ -35,8 +35,15 @@ local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
 local W, eps = 60000, 1e-6
 local rpm, tpm, maxc, budget, owed, ttl, hold_ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[9]), tonumber(ARGV[10])
 local tats = redis.call('HMGET', KEYS[1], 'requests_tat', 'tokens_tat', 'holds')
-local rtat = math.max(tonumber(tats[1] or '0') or 0, tonumber(ARGV[7]))
-local ttat = math.max(tonumber(tats[2] or '0') or 0, tonumber(ARGV[8]))
+-- A stored number, or `default` for none or what is not one (`nan`, a
+-- word: an operator's edit).
+local function stored(v, default)
+  local n = tonumber(v or '')
+  if n == nil or n ~= n then return default end
+  return n
+end
+local rtat = math.max(stored(tats[1], 0), tonumber(ARGV[7]))
+local ttat = math.max(stored(tats[2], 0), tonumber(ARGV[8]))
 local spent = tonumber(redis.call('HGET', KEYS[3], 'cost_pusd') or '0')
 local held = 0
 if maxc > 0 then
@@ -55,13 +62,17 @@ end
 -- used. A hold not given back by its expiry (its instance gone, or cut off
 -- from Redis) counts as used whole from then, and stays marked (`,c`) for
 -- a release that comes later to give back what was not used; marked ones
--- go a window after their expiry. The set is read too when a hold is
--- taken or given back, before anything is written; one that is not a set
--- (an operator's key) is left alone, and nothing is held in it. A member
--- that is not one the gateway writes is removed, counts are at most the
--- limit, and no hold lives more than a window.
-local holds, charged, held_r, held_t, held_n = {}, {}, 0, 0, tonumber(tats[3] or '0') or 1
-local count, reads, usable = held_n, held_n > 0, true
+-- go two windows after their expiry (the set lives as long from its last
+-- write). The set is read too when a hold is taken or given back, before
+-- anything is written; one that is not a set (an operator's key) is left
+-- alone, and nothing is held in it. A member not of the gateway's form is
+-- removed, counts are at most the limit, and one expiring more than two
+-- windows ahead is removed (a hold lives at most about half a window).
+-- A count that is not one (below zero, not a number) is read and written
+-- anew.
+local holds, charged, held_r, held_t, held_n = {}, {}, 0, 0, stored(tats[3], -1)
+if not tats[3] then held_n = 0 elseif held_n < 0 then held_n = -1 end
+local count, reads, usable = held_n, held_n ~= 0, true
 for i = 11, #ARGV, 9 do
   reads = reads or ARGV[i + 7] ~= '' or ARGV[i + 8] ~= ''
 end
@@ -83,8 +94,11 @@ if reads then
     elseif mark == ',c' then
       charged[id], count = m, count + 1
     elseif expiry <= now then
-      redis.call('SREM', KEYS[4], m)
+      -- Added first: removing the last member first would drop the key
+      -- and its expiry.
       redis.call('SADD', KEYS[4], m .. ',c')
+      redis.call('SREM', KEYS[4], m)
+      redis.call('PEXPIRE', KEYS[4], 2 * W)
       charged[id], count = m .. ',c', count + 1
       if r > 0 then rtat = math.max(rtat, expiry) + r * W / rpm end
       if k > 0 then ttat = math.max(ttat, expiry) + k * W / tpm end
@@ -95,9 +109,10 @@ if reads then
     end
   end
 end
--- A TAT as the limit stands: what is held counts as taken.
+-- A TAT as the limit stands: what is held counts as taken, from now.
 local function seen(tat, n, per)
-  if per > 0 then return tat + n * W / per end
+  if per > 0 and n > 0 then return math.max(tat, now) + n * W / per end
+  if per > 0 then return tat end
   return tat
 end
 -- The TATs after taking `r` requests and `k` tokens, or nil and the limit
