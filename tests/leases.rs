@@ -623,6 +623,17 @@ fn redis_now(redis: &Redis) -> f64 {
     parts.next().unwrap() * 1000.0 + parts.next().unwrap() / 1000.0
 }
 
+/// [`holder_and_other`] with holds of half the limit that live 3.25 s
+/// unreleased (`ms: 1000`, `timeout_ms: 250`).
+fn short_lived_holder_and_other(mock: &Mock, limits: &str, redis: &Redis) -> (Gateway, Gateway) {
+    let mut config = leased(mock, limits, redis, Some("{ share: 0.5, ms: 1000 }"));
+    config.extra = config.extra.replace("timeout_ms: 2000", "timeout_ms: 250");
+    (
+        Gateway::start(&config),
+        Gateway::start(&leased(mock, limits, redis, None)),
+    )
+}
+
 /// A killed holder's hold counts as used whole as of its expiry, not as
 /// of the admission that finds it expired later: a tenant quiet since
 /// has the minute back as the time since gave it.
@@ -632,10 +643,7 @@ fn a_killed_holders_hold_is_charged_as_of_its_expiry() {
     let mock = Mock::start(&[]);
     // 600 a minute (a request is 100 ms of the minute); a hold of 300.
     let limits = "{ requests_per_minute: 600 }";
-    let mut config = leased(&mock, limits, &redis, Some("{ share: 0.5, ms: 1000 }"));
-    config.extra = config.extra.replace("timeout_ms: 2000", "timeout_ms: 250");
-    let holder = Gateway::start(&config);
-    let other = Gateway::start(&leased(&mock, limits, &redis, None));
+    let (holder, other) = short_lived_holder_and_other(&mock, limits, &redis);
     assert_eq!(one(&holder).status, 200);
     drop(holder);
     let member = redis.cli(&["SMEMBERS", "runestone:{acme}:holds"]);
@@ -673,10 +681,7 @@ fn a_hold_released_after_an_outage_past_its_expiry_gives_back_the_unused() {
     let mock = Mock::start(&[]);
     // 120 a minute; a hold of 60, living 3.25 s unreleased.
     let limits = "{ requests_per_minute: 120 }";
-    let mut config = leased(&mock, limits, &redis, Some("{ share: 0.5, ms: 1000 }"));
-    config.extra = config.extra.replace("timeout_ms: 2000", "timeout_ms: 250");
-    let holder = Gateway::start(&config);
-    let other = Gateway::start(&leased(&mock, limits, &redis, None));
+    let (holder, other) = short_lived_holder_and_other(&mock, limits, &redis);
     assert_eq!(one(&holder).status, 200);
     let taken = Instant::now();
     redis.freeze();
