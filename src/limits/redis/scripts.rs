@@ -112,7 +112,6 @@ end
 -- A TAT as the limit stands: what is held counts as taken, from now.
 local function seen(tat, n, per)
   if per > 0 and n > 0 then return math.max(tat, now) + n * W / per end
-  if per > 0 then return tat end
   return tat
 end
 -- The TATs after taking `r` requests and `k` tokens, or nil and the limit
