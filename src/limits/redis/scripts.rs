@@ -114,6 +114,11 @@ local function seen(tat, n, per)
   if per > 0 and n > 0 then return math.max(tat, now) + n * W / per end
   return tat
 end
+-- The reply's field for a TAT: how far it stands ahead of now, with what
+-- is held, in whole microseconds.
+local function ahead(tat, n, per)
+  return string.format('%d', math.floor((seen(tat, n, per) - now) * 1000))
+end
 -- The TATs after taking `r` requests and `k` tokens, or nil and the limit
 -- that refuses them.
 local function take(r, k)
@@ -179,8 +184,8 @@ for i = 11, #ARGV, 9 do
     end
   end
   reply[#reply + 1] = refused
-  reply[#reply + 1] = string.format('%d', math.floor((seen(rtat, held_r, rpm) - now) * 1000))
-  reply[#reply + 1] = string.format('%d', math.floor((seen(ttat, held_t, tpm) - now) * 1000))
+  reply[#reply + 1] = ahead(rtat, held_r, rpm)
+  reply[#reply + 1] = ahead(ttat, held_t, tpm)
 end
 for _, i in ipairs(admitted) do
   local extra_r, extra_t, id = tonumber(ARGV[i + 3]), tonumber(ARGV[i + 4]), ARGV[i + 8]
@@ -192,8 +197,8 @@ for _, i in ipairs(admitted) do
     held_r, held_t, count = held_r + extra_r, held_t + extra_t, count + 1
     local at = 4 + (i - 11) / 9 * 3
     reply[at] = '+'
-    reply[at + 1] = string.format('%d', math.floor((seen(rtat, held_r, rpm) - now) * 1000))
-    reply[at + 2] = string.format('%d', math.floor((seen(ttat, held_t, tpm) - now) * 1000))
+    reply[at + 1] = ahead(rtat, held_r, rpm)
+    reply[at + 2] = ahead(ttat, held_t, tpm)
   end
 end
 if #leases > 0 then
