@@ -29,6 +29,7 @@
 //! | [`cache`] | `cache/`: the response cache: keys (`key`), stored answers replayed as JSON or streams (`replay`), coalescing identical requests (`flight`), in process or in Redis |
 //! | [`metrics`] | every Prometheus metric handle, in one place |
 //! | [`telemetry`] | `telemetry/`: OpenTelemetry spans, W3C trace context and sampling (`context`), OTLP's wire format (`otlp`), the batch exporter (`export`) |
+//! | [`connections`] | connections to providers and outbound URLs, kept between requests in Pingora's pool (taken out without the race Pingora 0.9's connector has) |
 //! | [`outbound`] | POSTs to URLs the operator configured (job callbacks, the trace collector) |
 //! | [`admin`]  | locally answered endpoints: `/health`, `/ready`, `/v1/models`, `/v1/usage` |
 //! | [`redis_conn`] | the one Redis connection, shared by limits and the overflow queue |
@@ -42,6 +43,7 @@ pub mod admin;
 pub mod auth;
 pub mod cache;
 pub mod config;
+pub mod connections;
 pub mod cost;
 pub mod gateway;
 pub mod gcra;

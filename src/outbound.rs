@@ -2,8 +2,8 @@
 //! trace collector), through Pingora's connector and its TLS settings.
 
 use crate::config::BaseUrl;
+use crate::connections::Connections;
 use bytes::Bytes;
-use pingora::connectors::http::v1::Connector;
 use pingora::http::RequestHeader;
 use pingora::upstreams::peer::HttpPeer;
 use std::time::Duration;
@@ -18,7 +18,7 @@ const MAX_ANSWER_BYTES: usize = 64 * 1024;
 /// soon as the answer's head is in; its body is read only to reuse the
 /// connection.
 pub async fn post(
-    connector: &Connector,
+    connections: &Connections,
     base: &BaseUrl,
     path: &str,
     headers: &[(&str, &str)],
@@ -48,7 +48,7 @@ pub async fn post(
                 .insert_header(name.to_string(), value.to_string())
                 .map_err(|_| format!("to {}: the header '{name}' is not valid", base.authority))?;
         }
-        let (mut session, _) = connector.get_http_session(&peer).await.map_err(failed)?;
+        let (mut session, _) = connections.get(&peer).await.map_err(failed)?;
         session
             .write_request_header(Box::new(header))
             .await
@@ -77,7 +77,7 @@ pub async fn post(
     };
     if let Ok(true) = tokio::time::timeout_at(deadline, drained).await {
         session.respect_keepalive();
-        connector.release_http_session(session, &peer, None).await;
+        connections.release(session, &peer, None).await;
     }
     Ok(status)
 }

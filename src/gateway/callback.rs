@@ -1,9 +1,9 @@
 //! Delivering an async job's result to its callback URL, through the same
-//! connector (and TLS settings) the gateway uses for providers.
+//! connections (and TLS settings) the gateway uses for providers.
 
 use crate::config::BaseUrl;
+use crate::connections::Connections;
 use bytes::Bytes;
-use pingora::connectors::http::v1::Connector;
 use std::time::Duration;
 
 /// Bound on one delivery attempt.
@@ -11,7 +11,7 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 
 /// POSTs `body` with its signature to `url`; the answer's status.
 pub(super) async fn post(
-    connector: &Connector,
+    connections: &Connections,
     url: &str,
     body: &[u8],
     signature: &str,
@@ -22,7 +22,7 @@ pub(super) async fn post(
         ("x-runestone-signature", signature),
     ];
     crate::outbound::post(
-        connector,
+        connections,
         &base,
         &path,
         &headers,

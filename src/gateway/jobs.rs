@@ -325,7 +325,7 @@ fn fingerprint(endpoint: Endpoint, model: &str, callback: Option<&str>, body: &s
 #[async_trait]
 impl JobRunner for Gateway {
     async fn post_callback(&self, url: &str, body: &[u8], signature: &str) -> bool {
-        match callback::post(&self.forwarder.connector, url, body, signature).await {
+        match callback::post(&self.forwarder.connections, url, body, signature).await {
             Ok(status) => (200..300).contains(&status),
             Err(e) => {
                 tracing::warn!(error = %e, "callback could not be delivered");

@@ -37,6 +37,7 @@ mod trace;
 
 use crate::auth;
 use crate::config::Config;
+use crate::connections::Connections;
 use crate::limits::{Grant, Limiter};
 use crate::openai::ApiError;
 use crate::overflow::Overflow;
@@ -44,8 +45,7 @@ use crate::upstream::Upstreams;
 use async_trait::async_trait;
 use forward::{Forwarder, Report};
 use futures_util::FutureExt;
-use pingora::connectors::http::v1::Connector;
-use pingora::connectors::{ConnectorOptions, TransportConnector};
+use pingora::connectors::ConnectorOptions;
 use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use std::panic::AssertUnwindSafe;
@@ -139,8 +139,7 @@ impl Gateway {
             )),
             forwarder: Arc::new(Forwarder {
                 upstreams: upstreams.clone(),
-                connector: Arc::new(Connector::new(connector_options.clone())),
-                new_connections: TransportConnector::new(connector_options),
+                connections: Connections::new(connector_options),
                 policy: config.failover,
             }),
             config,

@@ -15,9 +15,9 @@
 
 use super::{otlp, Span};
 use crate::config::TelemetrySettings;
+use crate::connections::Connections;
 use crate::metrics;
 use bytes::Bytes;
-use pingora::connectors::http::v1::Connector;
 use pingora::connectors::ConnectorOptions;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError, TrySendError};
@@ -201,10 +201,10 @@ impl Target {
                 return;
             }
         };
-        let connector = Connector::new(self.options.clone());
+        let connections = Connections::new(self.options.clone());
         let mut sender = Sender {
             target: self,
-            connector: &connector,
+            connections: &connections,
             runtime: &runtime,
             last_warning: None,
         };
@@ -267,7 +267,7 @@ impl Batch {
 /// Sends batches from the exporter thread.
 struct Sender<'a> {
     target: &'a Target,
-    connector: &'a Connector,
+    connections: &'a Connections,
     runtime: &'a tokio::runtime::Runtime,
     last_warning: Option<Instant>,
 }
@@ -338,7 +338,7 @@ impl Sender<'_> {
             .collect();
         headers.push(("content-type", "application/x-protobuf"));
         let status = crate::outbound::post(
-            self.connector,
+            self.connections,
             url,
             &url.path,
             &headers,

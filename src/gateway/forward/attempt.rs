@@ -25,7 +25,6 @@ use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderValue};
 use pingora::http::ResponseHeader;
 use pingora::protocols::http::client::HttpSession;
-use pingora::protocols::http::v1::client::HttpSession as H1Session;
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{ErrorSource, ErrorType};
 use std::time::{Duration, Instant};
@@ -236,11 +235,10 @@ impl Attempt<'_> {
             })?;
         // Boxed: more than half a kilobyte, held for the whole answer.
         let peer = Box::new(upstreams.peer(self.backend));
-        let (mut upstream, mut reused) =
-            match self.forwarder.connector.reused_http_session(&*peer).await {
-                Some(pooled) => (HttpSession::H1(pooled), true),
-                None => self.connect(&peer, false).await?,
-            };
+        let (mut upstream, mut reused) = match self.forwarder.connections.kept(&peer).await {
+            Some(pooled) => (HttpSession::H1(pooled), true),
+            None => self.connect(&peer, false).await?,
+        };
         loop {
             match self
                 .request_on(&mut upstream, reused, body.clone(), deadline, client)
@@ -280,17 +278,15 @@ impl Attempt<'_> {
         // Boxed: connecting (TLS included) is a large future, and held
         // inline it would enlarge every request's state for the life of
         // its stream.
+        let connections = &self.forwarder.connections;
         let (fresh, reused) = match new_only {
-            false => Box::pin(self.forwarder.connector.get_http_session(peer))
+            false => Box::pin(connections.get(peer)).await,
+            // Not another kept one, which may be as stale.
+            true => Box::pin(connections.new_session(peer))
                 .await
-                .map_err(connect_error)?,
-            true => {
-                let stream = Box::pin(self.forwarder.new_connections.new_stream(peer))
-                    .await
-                    .map_err(connect_error)?;
-                (H1Session::new_with_options(stream, peer), false)
-            }
-        };
+                .map(|fresh| (fresh, false)),
+        }
+        .map_err(connect_error)?;
         Ok((HttpSession::H1(fresh), reused))
     }
 
@@ -721,11 +717,11 @@ impl Attempt<'_> {
         if let HttpSession::H1(done) = upstream {
             // Boxed: a large future, for the last moment of a request, that
             // would otherwise size its whole state.
-            Box::pin(self.forwarder.connector.release_http_session(
-                done,
-                &*peer,
-                peer.options.idle_timeout,
-            ))
+            Box::pin(
+                self.forwarder
+                    .connections
+                    .release(done, &peer, peer.options.idle_timeout),
+            )
             .await;
         }
     }

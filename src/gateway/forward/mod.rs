@@ -33,6 +33,7 @@ pub(crate) mod resume;
 use super::client::Client;
 use crate::config::FailoverSettings;
 use crate::config::ModelRoute;
+use crate::connections::Connections;
 use crate::cost::Usage;
 use crate::openai::{ApiError, Endpoint};
 use crate::telemetry::TraceContext;
@@ -41,8 +42,6 @@ use crate::upstream::Upstreams;
 use async_trait::async_trait;
 use bytes::Bytes;
 use http::HeaderValue;
-use pingora::connectors::http::v1::Connector;
-use pingora::connectors::TransportConnector;
 use resume::{Continuation, Resumable};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -53,10 +52,8 @@ use tracing::warn;
 /// the failover policy.
 pub(crate) struct Forwarder {
     pub(crate) upstreams: Arc<Upstreams>,
-    pub(crate) connector: Arc<Connector>,
-    /// Connects without looking in the pool: for a request whose kept
-    /// connection proved stale (another kept one may be as stale).
-    pub(crate) new_connections: TransportConnector,
+    /// Connections to the providers, kept between requests.
+    pub(crate) connections: Connections,
     /// The failover policy.
     pub(crate) policy: FailoverSettings,
 }
