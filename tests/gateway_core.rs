@@ -927,6 +927,66 @@ fn writes_one_access_log_line_per_request_with_allow_listed_fields() {
 }
 
 #[test]
+fn the_access_log_writer_sleeps_while_idle_and_wakes_for_the_next_line() {
+    let (_mock, gw) = setup();
+    let logged = |id: &str| {
+        let needle = format!("\"request_id\":\"{id}\"");
+        wait_until(
+            Duration::from_secs(5),
+            "the request's access log line",
+            || gw.log().contains(&needle),
+        );
+    };
+    let send = |id: &str| {
+        let body = chat("gpt-4o-mini", false).to_string();
+        let resp = gw.post_raw(
+            "/v1/chat/completions",
+            &[
+                ("authorization", &format!("Bearer {TENANT_KEY}")),
+                ("x-request-id", id),
+            ],
+            body.as_bytes(),
+        );
+        assert_eq!(resp.status, 200);
+    };
+    send("idle-1");
+    logged("idle-1");
+    // The writer's wake-ups (it wrote every 5 ms, idle or not: 60 in
+    // such a window): none in 300 ms once it sleeps.
+    let writer = std::fs::read_dir(format!("/proc/{}/task", gw.pid()))
+        .expect("the gateway's threads")
+        .filter_map(Result::ok)
+        .map(|task| task.path())
+        .find(|task| {
+            std::fs::read_to_string(task.join("comm")).is_ok_and(|name| name.trim() == "access-log")
+        })
+        .expect("the access-log thread");
+    let wakeups = || {
+        let status = std::fs::read_to_string(writer.join("status")).unwrap();
+        let line = status
+            .lines()
+            .find(|l| l.starts_with("voluntary_ctxt_switches:"))
+            .expect("the thread's context switches");
+        line.split_whitespace()
+            .nth(1)
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+    };
+    wait_until(
+        Duration::from_secs(5),
+        "the access log writer to sleep",
+        || {
+            let before = wakeups();
+            std::thread::sleep(Duration::from_millis(300));
+            wakeups() == before
+        },
+    );
+    send("idle-2");
+    logged("idle-2");
+}
+
+#[test]
 fn serves_https_with_the_configured_certificate() {
     let dir = std::env::temp_dir().join(format!("runestone-tls-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

@@ -7,7 +7,8 @@
 //! Lines are written off the request path: a request appends its line to
 //! a bounded queue (one buffer, no allocation a line), and a thread of its
 //! own takes what has queued up and writes it in one `write` every few
-//! milliseconds. A line that finds the queue full is dropped and counted
+//! milliseconds; after a second with no line it sleeps until the next one
+//! comes (an idle gateway does not wake it). A line that finds the queue full is dropped and counted
 //! (`runestone_access_log_dropped_total`) rather than making the request
 //! wait on a slow disk or a full pipe. [`flush`] writes out what is queued
 //! when the process stops (graceful shutdown or upgrade).
@@ -18,6 +19,7 @@ use std::io::{ErrorKind, Write};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
+use std::thread::Thread;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Lines that may wait for the writer (about 400 bytes each).
@@ -25,6 +27,9 @@ const QUEUE_LINES: usize = 16 * 1024;
 /// How long the writer rests between writes (a line reaches stdout at most
 /// this late).
 const PAUSE: Duration = Duration::from_millis(5);
+/// Rests with nothing written after which the writer sleeps until a line
+/// is queued: a second.
+const IDLE_PAUSES: u32 = 200;
 /// The capacity a buffer keeps after a burst made it larger.
 const KEPT_BYTES: usize = 256 * 1024;
 /// The most one `write` takes, in whole lines: what a pipe takes in one
@@ -236,15 +241,22 @@ struct Log {
     in_flight: AtomicUsize,
     /// The last write failed (said once, not every few milliseconds).
     failing: AtomicBool,
+    /// The writer sleeps until the next line: the one that queues it
+    /// wakes it.
+    asleep: AtomicBool,
+    /// The writer thread (`None` when it could not be started).
+    writer: Option<Thread>,
 }
 
 impl Log {
-    fn new() -> Self {
+    fn new(writer: Option<Thread>) -> Self {
         Log {
             queued: Mutex::new(Queued::default()),
             writing: Mutex::new(Vec::new()),
             in_flight: AtomicUsize::new(0),
             failing: AtomicBool::new(false),
+            asleep: AtomicBool::new(false),
+            writer,
         }
     }
 
@@ -255,23 +267,57 @@ impl Log {
 
     /// Queues a line; false (not queued) when [`QUEUE_LINES`] wait.
     fn queue(&self, text: &[u8]) -> bool {
-        let mut queued = lock(&self.queued);
-        if queued.lines >= QUEUE_LINES {
-            return false;
+        {
+            let mut queued = lock(&self.queued);
+            if queued.lines >= QUEUE_LINES {
+                return false;
+            }
+            queued.bytes.extend_from_slice(text);
+            queued.lines += 1;
         }
-        queued.bytes.extend_from_slice(text);
-        queued.lines += 1;
+        // Read after the line is in: a writer that went to sleep before
+        // it found the queue empty and said so first.
+        if self.asleep.load(Ordering::Relaxed) && self.asleep.swap(false, Ordering::AcqRel) {
+            if let Some(writer) = &self.writer {
+                writer.unpark();
+            }
+        }
         true
+    }
+
+    /// The writer's loop: writes out what has queued every [`PAUSE`], and
+    /// sleeps once nothing has come for [`IDLE_PAUSES`] of them.
+    fn keep_writing(&self) {
+        let mut idle = 0;
+        loop {
+            std::thread::sleep(PAUSE);
+            idle = if self.write_out() { 0 } else { idle + 1 };
+            if idle < IDLE_PAUSES {
+                continue;
+            }
+            idle = 0;
+            self.asleep.store(true, Ordering::SeqCst);
+            // A line queued before this look is written at once; one
+            // queued after it sees `asleep` and wakes the thread (an
+            // unpark before the park makes the park return at once).
+            if lock(&self.queued).lines == 0 {
+                std::thread::park();
+            }
+            self.asleep.store(false, Ordering::SeqCst);
+        }
     }
 
     /// Writes out what has queued, in pieces of whole lines. A stdout
     /// that fails (a full disk) loses the lines, counted as dropped: not
-    /// the requests' problem.
-    fn write_out(&self) {
+    /// the requests' problem. Whether there was anything to write.
+    fn write_out(&self) -> bool {
         let mut batch = lock(&self.writing);
         {
             let mut queued = lock(&self.queued);
             std::mem::swap(&mut *batch, &mut queued.bytes);
+            if queued.lines == 0 {
+                return false;
+            }
             self.in_flight.store(queued.lines, Ordering::Relaxed);
             queued.lines = 0;
         }
@@ -296,6 +342,7 @@ impl Log {
         self.in_flight.store(0, Ordering::Relaxed);
         batch.clear();
         batch.shrink_to(KEPT_BYTES);
+        true
     }
 }
 
@@ -328,22 +375,24 @@ fn write_whole(out: &mut impl Write, mut piece: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
-/// The log (its writer thread started on first use). The thread never
-/// waits on the queue, so a request queueing its line never has to wake
-/// it: the request path pays a copy into the queue, no system call.
+/// The log (its writer thread started on first use). While lines come
+/// the thread does not wait on the queue, so a request queueing its line
+/// does not wake it: the request path pays a copy into the queue, no
+/// system call (but for the first line after a second without any).
 fn log() -> &'static Log {
     static LOG: OnceLock<Log> = OnceLock::new();
     LOG.get_or_init(|| {
         let spawned = std::thread::Builder::new()
             .name("access-log".into())
-            .spawn(|| loop {
-                std::thread::sleep(PAUSE);
-                log().write_out();
-            });
-        if let Err(e) = spawned {
-            tracing::error!(error = %e, "cannot start the access log writer; lines wait for the shutdown");
-        }
-        Log::new()
+            .spawn(|| log().keep_writing());
+        let writer = match spawned {
+            Ok(handle) => Some(handle.thread().clone()),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the access log writer; lines wait for the shutdown");
+                None
+            }
+        };
+        Log::new(writer)
     })
 }
 
@@ -484,7 +533,7 @@ mod tests {
 
     #[test]
     fn a_full_queue_refuses_lines_until_written_out() {
-        let log = Log::new();
+        let log = Log::new(None);
         for _ in 0..QUEUE_LINES {
             assert!(log.queue(b"{}\n"));
         }
