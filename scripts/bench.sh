@@ -257,7 +257,9 @@ YAML
   URL="http://127.0.0.1:$port/v1/chat/completions"
 }
 stop_path() {
-  if [[ "$1" == *Redis* ]] && curl -s "$METRICS" | grep -q '^runestone_redis_up 0'; then
+  # Read whole before grep: `curl | grep -q` under pipefail fails when grep
+  # stops reading first.
+  if [[ "$1" == *Redis* ]] && grep -q '^runestone_redis_up 0' <<<"$(curl -s "$METRICS")"; then
     echo "bench: $1: Redis was down during the run" >&2
   fi
   if [[ "$1" == *traces* ]]; then

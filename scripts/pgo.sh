@@ -144,11 +144,19 @@ redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no >/d
 pids+=($!)
 wait_port "$redis_port" "$!" redis-server
 
+# reports METRICS_PORT PATTERN: whether the gateway's metrics have a line
+# matching PATTERN. Read whole first: `curl | grep -q` under pipefail fails
+# when grep stops reading before curl has written everything.
+reports() {
+  local text
+  text=$(curl -fsS "http://127.0.0.1:$1/metrics") && grep -q "$2" <<<"$text"
+}
+
 # redis_up METRICS_PORT: whether the gateway reports Redis up within 5 s.
 redis_up() {
   local _
   for _ in $(seq 50); do
-    curl -fsS "http://127.0.0.1:$1/metrics" | grep -q '^runestone_redis_up 1' && return 0
+    reports "$1" '^runestone_redis_up 1' && return 0
     sleep 0.1
   done
   return 1
@@ -213,7 +221,7 @@ YAML
   if [[ "$1" == redis* ]] && ! redis_up "$metrics"; then
     fail "$1: the gateway did not have Redis (runestone_redis_up is not 1)"
   fi
-  if [ "$1" = redis-lease ] && ! curl -fsS "http://127.0.0.1:$metrics/metrics" | grep -q '^runestone_leased_admissions_total{tenant="limited"} [1-9]'; then
+  if [ "$1" = redis-lease ] && ! reports "$metrics" '^runestone_leased_admissions_total{tenant="limited"} [1-9]'; then
     fail "$1: no admission was made against quota taken ahead"
   fi
   kill -0 "$pid" 2>/dev/null || fail "$trained exited while serving the mix ($1)"
