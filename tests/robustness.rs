@@ -146,6 +146,59 @@ fn a_flood_of_idle_connections_from_one_client_does_not_block_others() {
 }
 
 #[test]
+fn a_kept_alive_connection_left_idle_is_closed_after_the_idle_timeout() {
+    let mock = Mock::start(&[]);
+    let mut config = GatewayConfig::new(&mock);
+    config.server_extra = "  client_idle_timeout_seconds: 1\n".into();
+    let gw = Gateway::start(&config);
+    let ask = |client: &mut TcpStream, keep_alive: &str| {
+        let request = format!("GET /health HTTP/1.1\r\nHost: gw\r\n{keep_alive}\r\n");
+        client.write_all(request.as_bytes()).unwrap();
+        // The whole answer: its head, then its body by its length.
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            client.read_exact(&mut byte).unwrap();
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8(head).unwrap().to_ascii_lowercase();
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        let length: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .expect("a length")
+            .trim()
+            .parse()
+            .unwrap();
+        client.read_exact(&mut vec![0; length]).unwrap();
+    };
+    // Pingora waits for a kept-alive connection's next request for ever,
+    // or for as long as the client's `Keep-Alive: timeout=` asks: both
+    // used to stay open.
+    for keep_alive in ["", "Keep-Alive: timeout=100000\r\n"] {
+        let mut client = TcpStream::connect(("127.0.0.1", gw.port)).unwrap();
+        ask(&mut client, keep_alive);
+        // Used again within the timeout, it is still served.
+        ask(&mut client, keep_alive);
+        client
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let started = Instant::now();
+        let mut rest = Vec::new();
+        client
+            .read_to_end(&mut rest)
+            .expect("closed, not timed out");
+        assert!(rest.is_empty(), "{rest:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "closed after {:?}",
+            started.elapsed()
+        );
+    }
+    assert_healthy(&gw, "idle connections closed");
+}
+
+#[test]
 fn slow_clients_trickling_headers_do_not_starve_others() {
     let mock = Mock::start(&[]);
     let gw = Gateway::start(&GatewayConfig::new(&mock));

@@ -27,6 +27,9 @@ pub struct ServerSettings {
     /// [`crate::gateway::client::SEND_PIECE`] bytes at a time) before its
     /// connection is cut.
     pub client_send_timeout: Duration,
+    /// How long a client's kept-alive connection waits for its next
+    /// request before it is closed.
+    pub client_idle_timeout: Duration,
     /// Pingora's pid file.
     pub pid_file: String,
     /// Pingora's socket for handing listeners to a new binary on upgrade.
@@ -65,6 +68,11 @@ pub const DEFAULT_MAX_REQUEST_HEADER_BYTES: usize = 32 * 1024;
 
 /// Default for `server.client_send_timeout_seconds`: nginx's `send_timeout`.
 pub const DEFAULT_CLIENT_SEND_TIMEOUT_SECONDS: u64 = 60;
+
+/// Default for `server.client_idle_timeout_seconds`: a minute, as load
+/// balancers keep idle connections (and longer than the OpenAI SDKs keep
+/// theirs, so the client closes first).
+pub const DEFAULT_CLIENT_IDLE_TIMEOUT_SECONDS: u64 = 60;
 
 /// The API a provider speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

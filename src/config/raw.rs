@@ -23,6 +23,8 @@ pub(super) struct RawServer {
     #[serde(default)]
     pub(super) client_send_timeout_seconds: Option<u64>,
     #[serde(default)]
+    pub(super) client_idle_timeout_seconds: Option<u64>,
+    #[serde(default)]
     pub(super) pid_file: Option<String>,
     #[serde(default)]
     pub(super) upgrade_sock: Option<String>,

@@ -306,6 +306,31 @@ fn bounds_the_request_head_limit() {
 }
 
 #[test]
+fn bounds_the_client_idle_timeout() {
+    let config = Config::from_yaml(VALID, env).unwrap();
+    assert_eq!(
+        config.server.client_idle_timeout,
+        Duration::from_secs(DEFAULT_CLIENT_IDLE_TIMEOUT_SECONDS)
+    );
+    let with = |value: &str| {
+        VALID.replace(
+            "  metrics_listen: \"127.0.0.1:9464\"\n",
+            &format!(
+                "  metrics_listen: \"127.0.0.1:9464\"\n  client_idle_timeout_seconds: {value}\n"
+            ),
+        )
+    };
+    let config = Config::from_yaml(&with("5"), env).unwrap();
+    assert_eq!(config.server.client_idle_timeout, Duration::from_secs(5));
+    for bad in ["0", "3601"] {
+        assert_eq!(
+            problems(&with(bad)),
+            ["server.client_idle_timeout_seconds: must be between 1 and 3600"]
+        );
+    }
+}
+
+#[test]
 fn bounds_the_client_send_timeout() {
     let config = Config::from_yaml(VALID, env).unwrap();
     assert_eq!(

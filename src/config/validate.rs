@@ -53,6 +53,15 @@ pub(super) fn validate_server(
             "must be between 1 and 3600",
         ));
     }
+    let client_idle_timeout_seconds = raw
+        .client_idle_timeout_seconds
+        .unwrap_or(DEFAULT_CLIENT_IDLE_TIMEOUT_SECONDS);
+    if !(1..=3600).contains(&client_idle_timeout_seconds) {
+        problems.push(problem(
+            "server.client_idle_timeout_seconds",
+            "must be between 1 and 3600",
+        ));
+    }
     let tls = raw.tls.map(|tls| {
         for (key, file) in [("cert", &tls.cert), ("key", &tls.key)] {
             if let Err(e) = std::fs::metadata(file) {
@@ -123,6 +132,7 @@ pub(super) fn validate_server(
         max_request_header_bytes,
         grace_period_seconds: raw.grace_period_seconds.unwrap_or(30),
         client_send_timeout: Duration::from_secs(client_send_timeout_seconds),
+        client_idle_timeout: Duration::from_secs(client_idle_timeout_seconds),
         pid_file: raw
             .pid_file
             .unwrap_or_else(|| format!("/tmp/runestone-{}.pid", listen.port())),

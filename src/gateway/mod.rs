@@ -188,6 +188,16 @@ impl ProxyHttp for Gateway {
         // bound while it runs.
         let send_timeout = self.config.server.client_send_timeout;
         session.set_write_timeout(Some(send_timeout));
+        // A connection kept alive waits this long for the client's next
+        // request: Pingora would wait as long as the client asks
+        // (`Keep-Alive: timeout=`), for ever by default, so idle clients
+        // could hold connections (and file descriptors) without end. What
+        // closes the connection after this answer still does.
+        let downstream = session.as_downstream_mut();
+        if downstream.get_keepalive().is_some() {
+            let idle = self.config.server.client_idle_timeout.as_secs();
+            downstream.set_keepalive(Some(idle));
+        }
         ctx.request_id = respond::request_id(session);
         ctx.trace = trace::RequestTrace::for_request(session.req_header());
         // A panic anywhere below is a bug, but it must not take the
