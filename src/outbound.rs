@@ -1,16 +1,33 @@
 //! POSTs to the URLs an operator configured (an async job's callback, the
-//! trace collector), through Pingora's connector and its TLS settings.
+//! trace collector), on connections kept between them (with Pingora's TLS
+//! settings).
 
 use crate::config::BaseUrl;
 use crate::connections::Connections;
 use bytes::Bytes;
 use pingora::http::RequestHeader;
+use pingora::protocols::http::v1::client::HttpSession;
 use pingora::upstreams::peer::HttpPeer;
 use std::time::Duration;
 
 /// The most of an answer's body read (and thrown away) so that its
 /// connection can be used again; a longer one closes it.
 const MAX_ANSWER_BYTES: usize = 64 * 1024;
+
+/// Sends `header` and `body` on `session` and reads the answer's head.
+async fn send(
+    session: &mut HttpSession,
+    header: &RequestHeader,
+    body: &Bytes,
+) -> pingora::Result<()> {
+    session
+        .write_request_header(Box::new(header.clone()))
+        .await?;
+    session.write_body(body).await?;
+    session.finish_body().await?;
+    session.read_response().await?;
+    Ok(())
+}
 
 /// POSTs `body` to `path` at `base` with `headers` (besides `host` and
 /// `content-length`), within `timeout`: the answer's status, or what went
@@ -48,14 +65,17 @@ pub async fn post(
                 .insert_header(name.to_string(), value.to_string())
                 .map_err(|_| format!("to {}: the header '{name}' is not valid", base.authority))?;
         }
-        let (mut session, _) = connections.get(&peer).await.map_err(failed)?;
-        session
-            .write_request_header(Box::new(header))
-            .await
-            .map_err(failed)?;
-        session.write_body(&body).await.map_err(failed)?;
-        session.finish_body().await.map_err(failed)?;
-        session.read_response().await.map_err(failed)?;
+        let (mut session, reused) = connections.get(&peer).await.map_err(failed)?;
+        let sent = send(&mut session, &header, &body).await;
+        if let Err(e) = sent {
+            // A kept connection the other side let go of while idle: once
+            // more on a new one (as a provider's request is).
+            if !reused || !crate::connections::let_go(&e) {
+                return Err(failed(e));
+            }
+            session = connections.new_session(&peer).await.map_err(failed)?;
+            send(&mut session, &header, &body).await.map_err(failed)?;
+        }
         let status = session.get_status().map_or(0, |s| s.as_u16());
         Ok::<_, String>((session, peer, status))
     };

@@ -997,6 +997,51 @@ fn a_kept_connection_answering_garbage_is_left_for_a_fresh_one() {
 }
 
 #[test]
+fn a_kept_connection_reset_by_the_provider_is_left_for_a_fresh_one() {
+    // A provider (or the load balancer before it) that forgot its idle
+    // connections: each answers its first request, and resets itself
+    // (RST: closed with the next request unread) when another comes.
+    let resets = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = resets.clone();
+    let port = hand_written_provider(move |mut stream| {
+        let body = r#"{"id":"c1","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"fresh"},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}"#;
+        let answer = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        if !read_request(&mut stream) || stream.write_all(answer.as_bytes()).is_err() {
+            return;
+        }
+        stream.set_read_timeout(None).unwrap();
+        // The next request in, unread: dropping the socket resets it.
+        if stream.peek(&mut [0u8; 1]).is_ok_and(|n| n > 0) {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    let mock = Mock::start(&[]);
+    let mut config = alone(&mock, "forgetful", port, "");
+    // No attempt to spare: the new connection is not a retry.
+    config.extra = "failover: { max_attempts: 1 }\n".into();
+    let gw = Gateway::start(&config);
+    for _ in 0..6 {
+        let resp = gw.post_json("/v1/chat/completions", TENANT_KEY, &chat("m", false));
+        assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
+        assert_eq!(resp.header("x-runestone-attempts"), Some("1"));
+    }
+    assert!(
+        resets.load(std::sync::atomic::Ordering::SeqCst) >= 1,
+        "no request went out on a kept connection"
+    );
+    let ready = gw.get("/ready", None);
+    assert_eq!(
+        ready.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&ready.body)
+    );
+}
+
+#[test]
 fn an_answer_that_is_no_http_fails_its_model_only() {
     // One provider account, two models: `broken` is answered with bytes
     // that are no HTTP answer (a head that does not parse, a chunked body

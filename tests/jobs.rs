@@ -7,6 +7,7 @@ mod common;
 
 use common::*;
 use serde_json::{json, Value};
+use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 const CHAT: &str = "/v1/chat/completions";
@@ -719,6 +720,85 @@ fn a_callback_receiver_that_hangs_holds_no_job_slot() {
         "{:?}",
         started.elapsed()
     );
+}
+
+#[test]
+fn a_callback_on_a_connection_its_receiver_let_go_of_is_sent_again_at_once() {
+    let mock = Mock::start(&[]);
+    // Answers the first callback on each connection, then closes the
+    // connection when the next one comes (a receiver that let it go while
+    // it was idle).
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let delivered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = delivered.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let count = count.clone();
+            std::thread::spawn(move || {
+                let mut first = true;
+                while let Some(()) = read_one_request(&mut stream) {
+                    if !std::mem::take(&mut first) {
+                        return;
+                    }
+                    count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+                    if stream.write_all(answer).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let overflow = format!(
+        "{{ enabled: true, callbacks: {{ allowed_urls: [\"http://127.0.0.1:{port}/hooks/\"], secret: \"whsec-0123456789abcdef\" }} }}"
+    );
+    let gw = Gateway::start(&config(&mock, &overflow, "{}", None));
+    let client = Client::of(&gw);
+    let callback = format!("http://127.0.0.1:{port}/hooks/done");
+    for i in 1..=3 {
+        let resp = client.submit(
+            TENANT_KEY,
+            &format!("with a callback {i}"),
+            &[("x-runestone-callback", &callback)],
+        );
+        let id = resp.json()["id"].as_str().unwrap().to_string();
+        assert_eq!(
+            client
+                .result(TENANT_KEY, &id, Duration::from_secs(10))
+                .status,
+            200
+        );
+        wait_until(Duration::from_secs(10), "the callback", || {
+            delivered.load(std::sync::atomic::Ordering::SeqCst) == i
+        });
+    }
+    let log = gw.log();
+    assert!(!log.contains("could not be delivered"), "{log}");
+}
+
+/// Reads one HTTP request (its head and `content-length` body) off
+/// `stream`; `None` once it is closed.
+fn read_one_request(stream: &mut std::net::TcpStream) -> Option<()> {
+    let mut data = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = stream.read(&mut buf).ok().filter(|n| *n > 0)?;
+        data.extend_from_slice(&buf[..n]);
+        if let Some(end) = data.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&data[..end]).to_ascii_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map_or(0, |v| v.trim().parse().unwrap_or(0));
+            while data.len() < end + 4 + length {
+                let n = stream.read(&mut buf).ok().filter(|n| *n > 0)?;
+                data.extend_from_slice(&buf[..n]);
+            }
+            return Some(());
+        }
+    }
 }
 
 #[test]

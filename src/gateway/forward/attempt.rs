@@ -292,10 +292,10 @@ impl Attempt<'_> {
 
     /// Sends the request on `upstream` and reads the answer's head (past
     /// any informational `1xx`). [`Failed::Stale`]: the connection was a
-    /// kept one (`reused`) found closed, or answering with bytes that are
-    /// no answer's head, before anything of this request's answer: the
-    /// provider closed it while idle, or sent bytes after its last answer
-    /// that came in only now.
+    /// kept one (`reused`) found closed or reset, or answering with bytes
+    /// that are no answer's head, before anything of this request's
+    /// answer: the provider (or a load balancer before it) closed it while
+    /// idle, or sent bytes after its last answer that came in only now.
     async fn request_on(
         &self,
         upstream: &mut HttpSession,
@@ -360,9 +360,7 @@ impl Attempt<'_> {
                 read = tokio::time::timeout_at(header_deadline, upstream.read_response_header()) => match read {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => {
-                        let stale = reused
-                            && informational == 0
-                            && matches!(e.etype(), ErrorType::ConnectionClosed | ErrorType::InvalidHTTPHeader);
+                        let stale = reused && informational == 0 && crate::connections::let_go(&e);
                         if stale {
                             return Err(Failed::Stale);
                         }
