@@ -126,20 +126,18 @@ impl Connections {
 }
 
 /// Whether sending a request on a kept connection (or reading its answer's
-/// head) failed as one fails that the other side let go of while it was
-/// idle: closed or reset (a load balancer that forgot an idle connection
-/// answers it so), unwritable, or answering bytes that are no answer's
-/// head (sent after the answer before, come in only now). Such a request
-/// is sent again on a new connection.
+/// head) failed as one fails that the other side closed while it was
+/// idle: unwritable, closed, or answering bytes that are no answer's head
+/// (sent after the answer before, come in only now). Such a request is
+/// sent again on a new connection. A reset is not: it comes as well after
+/// the other side has read the request and worked on it, and sending it
+/// again would have it done twice unseen; it fails as an attempt does
+/// (logged, counted, within `failover.max_attempts`).
 pub fn let_go(e: &pingora::Error) -> bool {
-    match e.etype() {
-        ErrorType::ConnectionClosed | ErrorType::InvalidHTTPHeader | ErrorType::WriteError => true,
-        ErrorType::ReadError => e
-            .root_cause()
-            .downcast_ref::<std::io::Error>()
-            .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionReset),
-        _ => false,
-    }
+    matches!(
+        e.etype(),
+        ErrorType::ConnectionClosed | ErrorType::InvalidHTTPHeader | ErrorType::WriteError
+    )
 }
 
 /// Whether an idle connection has nothing to read and is not closed: the

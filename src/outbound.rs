@@ -73,6 +73,7 @@ pub async fn post(
             if !reused || !crate::connections::let_go(&e) {
                 return Err(failed(e));
             }
+            tracing::debug!(to = %base.authority, error = %e, "a kept connection was closed; sending again on a new one");
             session = connections.new_session(&peer).await.map_err(failed)?;
             send(&mut session, &header, &body).await.map_err(failed)?;
         }

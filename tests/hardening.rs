@@ -997,12 +997,14 @@ fn a_kept_connection_answering_garbage_is_left_for_a_fresh_one() {
 }
 
 #[test]
-fn a_kept_connection_reset_by_the_provider_is_left_for_a_fresh_one() {
-    // A provider (or the load balancer before it) that forgot its idle
-    // connections: each answers its first request, and resets itself
-    // (RST: closed with the next request unread) when another comes.
+fn a_kept_connection_reset_by_the_provider_is_an_attempt_not_a_silent_resend() {
+    // A provider that takes each connection's second request in (it may
+    // have worked on it) and then resets the connection (closed with the
+    // request unread). Sent again unseen, the request would be done twice
+    // whatever `max_attempts` says; it fails as an attempt instead.
+    let served = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let resets = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let count = resets.clone();
+    let (served_count, reset_count) = (served.clone(), resets.clone());
     let port = hand_written_provider(move |mut stream| {
         let body = r#"{"id":"c1","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"fresh"},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}"#;
         let answer = format!(
@@ -1012,33 +1014,45 @@ fn a_kept_connection_reset_by_the_provider_is_left_for_a_fresh_one() {
         if !read_request(&mut stream) || stream.write_all(answer.as_bytes()).is_err() {
             return;
         }
+        served_count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         stream.set_read_timeout(None).unwrap();
-        // The next request in, unread: dropping the socket resets it.
         if stream.peek(&mut [0u8; 1]).is_ok_and(|n| n > 0) {
-            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            reset_count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }
     });
     let mock = Mock::start(&[]);
-    let mut config = alone(&mock, "forgetful", port, "");
-    // No attempt to spare: the new connection is not a retry.
+    let mut config = alone(&mock, "resetting", port, "");
     config.extra = "failover: { max_attempts: 1 }\n".into();
     let gw = Gateway::start(&config);
-    for _ in 0..6 {
-        let resp = gw.post_json("/v1/chat/completions", TENANT_KEY, &chat("m", false));
-        assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
-        assert_eq!(resp.header("x-runestone-attempts"), Some("1"));
-    }
-    assert!(
-        resets.load(std::sync::atomic::Ordering::SeqCst) >= 1,
-        "no request went out on a kept connection"
-    );
-    let ready = gw.get("/ready", None);
+    let first = gw.post_json("/v1/chat/completions", TENANT_KEY, &chat("m", false));
     assert_eq!(
-        ready.status,
+        first.status,
         200,
         "{}",
-        String::from_utf8_lossy(&ready.body)
+        String::from_utf8_lossy(&first.body)
     );
+    // Once the first answer's connection is back in the pool, the next
+    // request takes it and is reset.
+    let (mut answered, mut reset) = (1, None);
+    for _ in 0..20 {
+        let resp = gw.post_json("/v1/chat/completions", TENANT_KEY, &chat("m", false));
+        if resp.status != 200 {
+            reset = Some(resp);
+            break;
+        }
+        answered += 1;
+    }
+    let reset = reset.expect("no request went out on a kept connection");
+    assert_eq!(
+        reset.status,
+        502,
+        "{}",
+        String::from_utf8_lossy(&reset.body)
+    );
+    // Sent once: no new connection was opened for it.
+    let order = std::sync::atomic::Ordering::SeqCst;
+    assert_eq!(resets.load(order), 1);
+    assert_eq!(served.load(order), answered);
 }
 
 #[test]

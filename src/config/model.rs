@@ -69,10 +69,12 @@ pub const DEFAULT_MAX_REQUEST_HEADER_BYTES: usize = 32 * 1024;
 /// Default for `server.client_send_timeout_seconds`: nginx's `send_timeout`.
 pub const DEFAULT_CLIENT_SEND_TIMEOUT_SECONDS: u64 = 60;
 
-/// Default for `server.client_idle_timeout_seconds`: a minute, as load
-/// balancers keep idle connections (and longer than the OpenAI SDKs keep
-/// theirs, so the client closes first).
-pub const DEFAULT_CLIENT_IDLE_TIMEOUT_SECONDS: u64 = 60;
+/// Default for `server.client_idle_timeout_seconds`: longer than the load
+/// balancers before a gateway keep idle connections to it (AWS's 60 s by
+/// default, Google Cloud's 600 s), and than the OpenAI SDKs keep theirs,
+/// so the client side closes first and never sends into a connection the
+/// gateway is closing.
+pub const DEFAULT_CLIENT_IDLE_TIMEOUT_SECONDS: u64 = 620;
 
 /// The API a provider speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -292,10 +292,10 @@ impl Attempt<'_> {
 
     /// Sends the request on `upstream` and reads the answer's head (past
     /// any informational `1xx`). [`Failed::Stale`]: the connection was a
-    /// kept one (`reused`) found closed or reset, or answering with bytes
-    /// that are no answer's head, before anything of this request's
-    /// answer: the provider (or a load balancer before it) closed it while
-    /// idle, or sent bytes after its last answer that came in only now.
+    /// kept one (`reused`) found closed ([`crate::connections::let_go`]),
+    /// or answering with bytes that are no answer's head, before anything
+    /// of this request's answer: the provider closed it while idle, or
+    /// sent bytes after its last answer that came in only now.
     async fn request_on(
         &self,
         upstream: &mut HttpSession,
