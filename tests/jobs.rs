@@ -105,6 +105,20 @@ impl Client {
         }
     }
 
+    /// Submits job `i` with a callback to `port`'s `/hooks/done` and waits
+    /// for its result (200).
+    fn complete_with_callback(&self, port: u16, i: usize) {
+        let callback = format!("http://127.0.0.1:{port}/hooks/done");
+        let resp = self.submit(
+            TENANT_KEY,
+            &format!("with a callback {i}"),
+            &[("x-runestone-callback", &callback)],
+        );
+        let id = resp.json()["id"].as_str().unwrap().to_string();
+        let done = self.result(TENANT_KEY, &id, Duration::from_secs(10));
+        assert_eq!(done.status, 200, "{}", String::from_utf8_lossy(&done.body));
+    }
+
     /// Polls the job object until `check` holds.
     fn wait_for(&self, key: &str, id: &str, what: &str, check: impl Fn(&Value) -> bool) -> Value {
         let mut last = Value::Null;
@@ -686,25 +700,11 @@ fn a_callback_receiver_that_hangs_holds_no_job_slot() {
             held.push(stream);
         }
     });
-    let overflow = format!(
-        "{{ enabled: true, callbacks: {{ allowed_urls: [\"http://127.0.0.1:{port}/hooks/\"], secret: \"whsec-0123456789abcdef\" }} }}"
-    );
+    let overflow = callbacks_allowed(port);
     let gw = Gateway::start(&config(&mock, &overflow, "{ concurrency: 1 }", None));
     let client = Client::of(&gw);
-    let callback = format!("http://127.0.0.1:{port}/hooks/done");
     for i in 0..2 {
-        let resp = client.submit(
-            TENANT_KEY,
-            &format!("with a callback {i}"),
-            &[("x-runestone-callback", &callback)],
-        );
-        let id = resp.json()["id"].as_str().unwrap().to_string();
-        assert_eq!(
-            client
-                .result(TENANT_KEY, &id, Duration::from_secs(10))
-                .status,
-            200
-        );
+        client.complete_with_callback(port, i);
     }
     // The one slot is free although both callbacks still hang.
     let started = Instant::now();
@@ -751,31 +751,23 @@ fn a_callback_on_a_connection_its_receiver_let_go_of_is_sent_again_at_once() {
             });
         }
     });
-    let overflow = format!(
-        "{{ enabled: true, callbacks: {{ allowed_urls: [\"http://127.0.0.1:{port}/hooks/\"], secret: \"whsec-0123456789abcdef\" }} }}"
-    );
-    let gw = Gateway::start(&config(&mock, &overflow, "{}", None));
+    let gw = Gateway::start(&config(&mock, &callbacks_allowed(port), "{}", None));
     let client = Client::of(&gw);
-    let callback = format!("http://127.0.0.1:{port}/hooks/done");
     for i in 1..=3 {
-        let resp = client.submit(
-            TENANT_KEY,
-            &format!("with a callback {i}"),
-            &[("x-runestone-callback", &callback)],
-        );
-        let id = resp.json()["id"].as_str().unwrap().to_string();
-        assert_eq!(
-            client
-                .result(TENANT_KEY, &id, Duration::from_secs(10))
-                .status,
-            200
-        );
+        client.complete_with_callback(port, i);
         wait_until(Duration::from_secs(10), "the callback", || {
             delivered.load(std::sync::atomic::Ordering::SeqCst) == i
         });
     }
     let log = gw.log();
     assert!(!log.contains("could not be delivered"), "{log}");
+}
+
+/// The overflow section with callbacks allowed to `port`'s `/hooks/`.
+fn callbacks_allowed(port: u16) -> String {
+    format!(
+        "{{ enabled: true, callbacks: {{ allowed_urls: [\"http://127.0.0.1:{port}/hooks/\"], secret: \"whsec-0123456789abcdef\" }} }}"
+    )
 }
 
 /// Reads one HTTP request (its head and `content-length` body) off
