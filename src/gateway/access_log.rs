@@ -8,9 +8,9 @@
 //! a bounded queue (one buffer, no allocation a line), and a thread of its
 //! own takes what has queued up and writes it in one `write` every few
 //! milliseconds; after a second with no line it sleeps until the next one
-//! comes (an idle gateway does not wake it). A line that finds the queue full is dropped and counted
-//! (`runestone_access_log_dropped_total`) rather than making the request
-//! wait on a slow disk or a full pipe. [`flush`] writes out what is queued
+//! comes (an idle gateway does not wake it). A line that finds the queue
+//! full is dropped and counted (`runestone_access_log_dropped_total`)
+//! rather than making the request wait on a slow disk or a full pipe. [`flush`] writes out what is queued
 //! when the process stops (graceful shutdown or upgrade).
 
 use crate::lock;
@@ -314,10 +314,10 @@ impl Log {
         let mut batch = lock(&self.writing);
         {
             let mut queued = lock(&self.queued);
-            std::mem::swap(&mut *batch, &mut queued.bytes);
             if queued.lines == 0 {
                 return false;
             }
+            std::mem::swap(&mut *batch, &mut queued.bytes);
             self.in_flight.store(queued.lines, Ordering::Relaxed);
             queued.lines = 0;
         }
